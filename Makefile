@@ -1,0 +1,68 @@
+# Spool: `make dev` runs the embedded stack, `make test` runs every test tier. Both set up what is missing.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# Lambda runs python3.12; use a 3.12 interpreter for the virtual environment (pyenv's, if that is where it is).
+PYTHON ?= $(shell for p in python3.12 $(HOME)/.pyenv/versions/3.12*/bin/python3.12; do \
+	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { echo "$$p"; break; }; done)
+VENV := .venv
+BIN := $(VENV)/bin
+ENCODINGS := .cache/tiktoken
+export TIKTOKEN_CACHE_DIR := $(CURDIR)/$(ENCODINGS)
+export SAM_CLI_TELEMETRY := 0
+
+.PHONY: help dev test unit integration e2e lint bench validate build clean encodings venv
+
+help:
+	@echo "make dev       run the embedded stack (moto + API Gateway emulator + worker) on 127.0.0.1:$${SPOOL_PORT:-8000}"
+	@echo "make test      lint, type-check and run the unit, integration and end-to-end tests with coverage"
+	@echo "make bench     print the benchmarks"
+	@echo "make validate  sam validate --lint"
+	@echo "make build     sam build (bundles the tiktoken encodings into the layer)"
+
+$(BIN)/.installed: pyproject.toml
+	@test -n "$(PYTHON)" || { echo "Python 3.12 is required (python3.12 on PATH or under pyenv)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+$(ENCODINGS)/.ready: scripts/fetch_encodings.py | $(BIN)/.installed
+	$(BIN)/python scripts/fetch_encodings.py $(ENCODINGS)
+	touch $@
+
+encodings: $(ENCODINGS)/.ready
+
+dev: venv encodings
+	$(BIN)/spool dev
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+unit: venv encodings
+	$(BIN)/pytest tests/unit -q
+
+integration: venv encodings
+	$(BIN)/pytest tests/integration -q
+
+e2e: venv encodings
+	$(BIN)/pytest tests/e2e -q
+
+test: venv encodings lint
+	$(BIN)/pytest --cov --cov-report=term
+
+validate: venv
+	$(BIN)/sam validate --lint
+
+build: venv encodings
+	PATH="$(dir $(PYTHON)):$$PATH" $(BIN)/sam build
+
+bench: venv encodings
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .cache .aws-sam .pytest_cache .mypy_cache .ruff_cache .coverage

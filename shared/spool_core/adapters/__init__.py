@@ -1,0 +1,1 @@
+"""AWS implementations of the ports. They translate ``ClientError`` codes into domain exceptions."""

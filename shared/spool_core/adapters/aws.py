@@ -1,0 +1,44 @@
+"""boto3 clients, created lazily and reused across warm invocations (clients are thread-safe)."""
+
+from __future__ import annotations
+
+import threading
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+import boto3
+from botocore.config import Config
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb import DynamoDBClient
+    from mypy_boto3_s3 import S3Client
+    from mypy_boto3_sqs import SQSClient
+
+    from spool_core.settings import Settings
+
+_lock = threading.Lock()
+# Calls made on a request path: bounded timeouts, the SDK's adaptive retries.
+_DEFAULT = Config(connect_timeout=3, read_timeout=10, retries={"mode": "standard", "max_attempts": 3})
+# Health probes: fail fast and never retry, so a probe reports what it saw.
+_PROBE = Config(connect_timeout=2, read_timeout=2, retries={"mode": "standard", "max_attempts": 1})
+
+
+@lru_cache(maxsize=32)
+def _client(service: str, region: str, endpoint_url: str | None, probe: bool) -> object:
+    with _lock:  # boto3 sessions are not thread-safe while creating clients
+        session = boto3.session.Session()
+        return session.client(  # type: ignore[call-overload]
+            service, region_name=region, endpoint_url=endpoint_url, config=_PROBE if probe else _DEFAULT
+        )
+
+
+def dynamodb(settings: Settings, *, probe: bool = False) -> DynamoDBClient:
+    return _client("dynamodb", settings.region, settings.endpoint_url, probe)  # type: ignore[return-value]
+
+
+def s3(settings: Settings, *, probe: bool = False) -> S3Client:
+    return _client("s3", settings.region, settings.endpoint_url, probe)  # type: ignore[return-value]
+
+
+def sqs(settings: Settings, *, probe: bool = False) -> SQSClient:
+    return _client("sqs", settings.region, settings.endpoint_url, probe)  # type: ignore[return-value]

@@ -1,0 +1,190 @@
+"""A DynamoDB table seen through one tenant's scope.
+
+``ScopedTable`` is the only way the stores read or write tenant data: every partition key it sends
+is built by the ``TenantScope``, so no call can name another tenant's item.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
+from botocore.exceptions import ClientError
+
+from spool_core.tenancy import TenantScope
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb import DynamoDBClient
+
+PARTITION_KEY = "pk"
+
+_serializer = TypeSerializer()
+_deserializer = TypeDeserializer()
+
+
+class ConditionFailed(Exception):
+    """A conditional write found the item in another state; ``item`` holds it when DynamoDB returned it."""
+
+    def __init__(self, item: dict[str, Any] | None = None) -> None:
+        super().__init__("conditional check failed")
+        self.item = item
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, set):
+        return {_plain(v) for v in value}
+    return value
+
+
+def _dynamo(value: Any) -> Any:
+    if isinstance(value, float):
+        return Decimal(str(value))
+    if isinstance(value, dict):
+        return {k: _dynamo(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_dynamo(v) for v in value]
+    return value
+
+
+def serialize(item: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _serializer.serialize(_dynamo(v)) for k, v in item.items()}
+
+
+def deserialize(item: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _plain(_deserializer.deserialize(v)) for k, v in item.items()}
+
+
+class ScopedTable:
+    def __init__(self, client: DynamoDBClient, table_name: str, scope: TenantScope) -> None:
+        self._client = client
+        self._table = table_name
+        self._scope = scope
+
+    @property
+    def scope(self) -> TenantScope:
+        return self._scope
+
+    def _key(self, kind: str, ident: str, sort: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        return serialize({PARTITION_KEY: self._scope.key(kind, ident), **(sort or {})})
+
+    def get(
+        self, kind: str, ident: str, *, sort: Mapping[str, Any] | None = None, consistent: bool = True
+    ) -> dict[str, Any] | None:
+        response = self._client.get_item(
+            TableName=self._table, Key=self._key(kind, ident, sort), ConsistentRead=consistent
+        )
+        item = response.get("Item")
+        return deserialize(item) if item else None
+
+    def put(
+        self,
+        kind: str,
+        ident: str,
+        attributes: Mapping[str, Any],
+        *,
+        condition: str | None = None,
+        names: Mapping[str, str] | None = None,
+        values: Mapping[str, Any] | None = None,
+    ) -> None:
+        item = {**attributes, PARTITION_KEY: self._scope.key(kind, ident)}
+        kwargs: dict[str, Any] = {"TableName": self._table, "Item": serialize(item)}
+        self._add_condition(kwargs, condition, names, values)
+        self._write(self._client.put_item, kwargs)
+
+    def update(
+        self,
+        kind: str,
+        ident: str,
+        expression: str,
+        *,
+        sort: Mapping[str, Any] | None = None,
+        condition: str | None = None,
+        names: Mapping[str, str] | None = None,
+        values: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "TableName": self._table,
+            "Key": self._key(kind, ident, sort),
+            "UpdateExpression": expression,
+            "ReturnValues": "ALL_NEW",
+        }
+        self._add_condition(kwargs, condition, names, values)
+        response = self._write(self._client.update_item, kwargs)
+        return deserialize(response.get("Attributes", {}))
+
+    def delete(
+        self, kind: str, ident: str, *, sort: Mapping[str, Any] | None = None, condition: str | None = None
+    ) -> None:
+        kwargs: dict[str, Any] = {"TableName": self._table, "Key": self._key(kind, ident, sort)}
+        self._add_condition(kwargs, condition, None, None)
+        self._write(self._client.delete_item, kwargs)
+
+    def query(
+        self,
+        kind: str,
+        ident: str,
+        *,
+        sort_condition: str | None = None,
+        names: Mapping[str, str] | None = None,
+        values: Mapping[str, Any] | None = None,
+        limit: int | None = None,
+        forward: bool = True,
+        consistent: bool = True,
+    ) -> Iterator[dict[str, Any]]:
+        """Items of one partition, in sort-key order, paginated lazily up to ``limit`` items."""
+        key_condition = "#pk = :pk" + (f" AND {sort_condition}" if sort_condition else "")
+        kwargs: dict[str, Any] = {
+            "TableName": self._table,
+            "KeyConditionExpression": key_condition,
+            "ExpressionAttributeNames": {"#pk": PARTITION_KEY, **(names or {})},
+            "ExpressionAttributeValues": serialize({":pk": self._scope.key(kind, ident), **(values or {})}),
+            "ScanIndexForward": forward,
+            "ConsistentRead": consistent,
+        }
+        remaining = limit
+        while True:
+            if remaining is not None:
+                kwargs["Limit"] = remaining
+            response = self._client.query(**kwargs)
+            for raw in response.get("Items", []):
+                yield deserialize(raw)
+            if remaining is not None:
+                remaining -= len(response.get("Items", []))
+                if remaining <= 0:
+                    return
+            if "LastEvaluatedKey" not in response:
+                return
+            kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
+
+    @staticmethod
+    def _add_condition(
+        kwargs: dict[str, Any],
+        condition: str | None,
+        names: Mapping[str, str] | None,
+        values: Mapping[str, Any] | None,
+    ) -> None:
+        if condition:
+            kwargs["ConditionExpression"] = condition
+            kwargs["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
+        if names:
+            kwargs["ExpressionAttributeNames"] = dict(names)
+        if values:
+            kwargs["ExpressionAttributeValues"] = serialize(values)
+
+    @staticmethod
+    def _write(call: Any, kwargs: dict[str, Any]) -> Any:
+        try:
+            return call(**kwargs)
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
+                old = exc.response.get("Item")
+                raise ConditionFailed(deserialize(old) if old else None) from exc
+            raise

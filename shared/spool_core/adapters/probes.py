@@ -1,0 +1,41 @@
+"""Health probes for the AWS dependencies: cheap data- or control-plane calls, no retries."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb import DynamoDBClient
+    from mypy_boto3_s3 import S3Client
+    from mypy_boto3_sqs import SQSClient
+
+
+def dynamodb_tables(client: DynamoDBClient, tables: Sequence[str]) -> Mapping[str, Any]:
+    statuses = {}
+    for table in tables:
+        status = client.describe_table(TableName=table)["Table"].get("TableStatus", "UNKNOWN")
+        if status not in {"ACTIVE", "UPDATING"}:
+            raise RuntimeError(f"table {table} is {status}")
+        statuses[table] = status
+    return {"tables": len(statuses)}
+
+
+def s3_bucket(client: S3Client, bucket: str) -> Mapping[str, Any]:
+    client.head_bucket(Bucket=bucket)
+    return {}
+
+
+_DEPTH = "ApproximateNumberOfMessages"
+_IN_FLIGHT = "ApproximateNumberOfMessagesNotVisible"
+
+
+def sqs_queues(client: SQSClient, queue_url: str, dead_letter_url: str) -> Mapping[str, Any]:
+    names: Any = [_DEPTH, _IN_FLIGHT]
+    queue = client.get_queue_attributes(QueueUrl=queue_url, AttributeNames=names)["Attributes"]
+    dead = client.get_queue_attributes(QueueUrl=dead_letter_url, AttributeNames=names)["Attributes"]
+    return {
+        "depth": int(queue.get(_DEPTH, 0)),
+        "in_flight": int(queue.get(_IN_FLIGHT, 0)),
+        "dead_letter_depth": int(dead.get(_DEPTH, 0)),
+    }

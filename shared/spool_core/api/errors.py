@@ -1,0 +1,48 @@
+"""The one place that maps domain errors to HTTP: status codes and the error envelope."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from spool_core.errors import (
+    DependencyUnavailable,
+    InternalError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    SpoolError,
+    Unauthorized,
+)
+
+STATUS_BY_ERROR: dict[type[SpoolError], int] = {
+    InvalidRequest: 400,
+    Unauthorized: 401,
+    NotFound: 404,
+    MethodNotAllowed: 405,
+    InternalError: 500,
+    DependencyUnavailable: 503,
+}
+
+
+def register_status(error: type[SpoolError], status: int) -> None:
+    """Later modules register their own error classes here, keeping this map the single source."""
+    STATUS_BY_ERROR[error] = status
+
+
+def status_for(error: SpoolError) -> int:
+    for cls in type(error).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    return 500
+
+
+def envelope(error: SpoolError, request_id: str | None) -> dict[str, Any]:
+    return {
+        "error": {
+            "code": error.code,
+            "message": error.message,
+            "details": error.details,
+            "suggestions": error.suggestions,
+            "request_id": request_id,
+        }
+    }

@@ -1,0 +1,144 @@
+"""Powertools REST resolver configured the Spool way.
+
+Every error path ends in the envelope of DESIGN.md: domain errors through their mapped status,
+schema violations and malformed JSON as 400 ``invalid_request`` with the fields in ``details``,
+unknown routes as 404 ``not_found``, known routes with another method as 405 ``method_not_allowed``,
+and anything uncaught as 500 ``internal_error`` (logged with the request id, no trace to the client).
+Every response carries ``X-Request-Id``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response, content_types
+from aws_lambda_powertools.event_handler.exceptions import NotFoundError
+from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
+from aws_lambda_powertools.logging import correlation_paths
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from spool_core.api.errors import envelope, status_for
+from spool_core.errors import InternalError, InvalidRequest, MethodNotAllowed, NotFound, SpoolError, Unauthorized
+from spool_core.observability import logger, metrics, tracer
+from spool_core.tenancy import InvalidTenantId, Tenant
+
+REQUEST_ID_HEADER = "X-Request-Id"
+Handler = Callable[[dict[str, Any], LambdaContext], dict[str, Any]]
+
+
+def request_id(app: APIGatewayRestResolver) -> str | None:
+    value: str | None = app.current_event.request_context.request_id
+    return value
+
+
+def json_response(
+    status: int, body: Any, headers: dict[str, str] | None = None, *, default: Any = None
+) -> Response[str]:
+    return Response(
+        status_code=status,
+        content_type=content_types.APPLICATION_JSON,
+        body=json.dumps(body, separators=(",", ":"), default=default),
+        headers=headers or {},
+    )
+
+
+def error_response(app: APIGatewayRestResolver, error: SpoolError, headers: dict[str, str] | None = None) -> Response[str]:
+    return json_response(status_for(error), envelope(error, request_id(app)), headers)
+
+
+def _field_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    fields = []
+    for err in exc.errors():
+        location = ".".join(str(part) for part in err.get("loc", ()))
+        fields.append({"field": location, "message": err.get("msg", "invalid"), "type": err.get("type", "")})
+    return fields
+
+
+def _allowed_methods(app: APIGatewayRestResolver, path: str) -> list[str]:
+    # Powertools keeps its routes in these lists; it has no public lookup by path.
+    routes = app._static_routes + app._dynamic_routes
+    return sorted({route.method for route in routes if route.rule.match(path)})
+
+
+def create_resolver() -> APIGatewayRestResolver:
+    app = APIGatewayRestResolver(enable_validation=True)
+
+    @app.exception_handler(SpoolError)
+    def _domain_error(exc: SpoolError) -> Response[str]:
+        if status_for(exc) >= 500:
+            logger.exception("request failed", extra={"code": exc.code})
+        return error_response(app, exc)
+
+    @app.exception_handler(RequestValidationError)
+    def _invalid(exc: RequestValidationError) -> Response[str]:
+        fields = _field_errors(exc)
+        if any(f["type"] == "json_invalid" for f in fields):
+            error = InvalidRequest(
+                "The request body is not valid JSON",
+                details={"fields": fields},
+                suggestions=["Send a JSON object with 'Content-Type: application/json'"],
+            )
+        else:
+            names = ", ".join(f["field"] for f in fields)
+            error = InvalidRequest(f"The request does not match the schema: {names}", details={"fields": fields})
+        return error_response(app, error)
+
+    @app.not_found
+    def _not_found(_: NotFoundError) -> Response[str]:
+        event = app.current_event
+        allowed = _allowed_methods(app, event.path)
+        if allowed:
+            error: SpoolError = MethodNotAllowed(
+                f"{event.http_method} is not allowed on {event.path}",
+                details={"method": event.http_method, "path": event.path, "allowed": allowed},
+                suggestions=[f"Use one of: {', '.join(allowed)}"],
+            )
+            return error_response(app, error, {"Allow": ", ".join(allowed)})
+        return error_response(
+            app, NotFound(f"No route for {event.http_method} {event.path}", details={"path": event.path})
+        )
+
+    @app.exception_handler(Exception)
+    def _uncaught(exc: Exception) -> Response[str]:
+        logger.exception("unhandled error", extra={"request_id": request_id(app)})
+        return error_response(app, InternalError("Internal error while handling the request"))
+
+    return app
+
+
+def tenant_of(app: APIGatewayRestResolver) -> Tenant:
+    """The caller's tenant, as the authorizer resolved it. Its absence is a deployment error, not a 404."""
+    context = app.current_event.request_context.authorizer.get_context() or {}
+    tenant_id = context.get("tenant_id")
+    if not tenant_id:
+        raise Unauthorized("The request carries no authenticated tenant")
+    try:
+        return Tenant(str(tenant_id))
+    except InvalidTenantId as exc:
+        raise Unauthorized("The authenticated tenant id is invalid") from exc
+
+
+def _with_request_id(response: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
+    rid = (event.get("requestContext") or {}).get("requestId")
+    if rid:
+        response.setdefault("headers", {})[REQUEST_ID_HEADER] = rid
+        if "multiValueHeaders" in response:
+            response["multiValueHeaders"][REQUEST_ID_HEADER] = [rid]
+    return response
+
+
+def api_handler(app: APIGatewayRestResolver) -> Handler:
+    """The Lambda entry point for a resolver: logging with correlation id, tracing, metrics, X-Request-Id."""
+
+    @logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_REST, clear_state=True)
+    @tracer.capture_lambda_handler
+    @metrics.log_metrics
+    def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+        return _with_request_id(app.resolve(event, context), event)
+
+    return handler
+
+
+__all__ = ["NotFound", "api_handler", "create_resolver", "json_response", "request_id", "tenant_of"]

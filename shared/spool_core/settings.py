@@ -1,0 +1,39 @@
+"""The deployment's settings, parsed from the environment at invocation (template.yaml sets them)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from spool_core.errors import ConfigurationError
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
+
+    region: str = Field(default="us-east-1", alias="AWS_REGION")
+    # Set only off AWS (the embedded stack, tests): boto3 then talks to this endpoint.
+    endpoint_url: str | None = Field(default=None, alias="AWS_ENDPOINT_URL")
+    api_keys_table: str = Field(alias="SPOOL_API_KEYS_TABLE")
+    contexts_table: str = Field(alias="SPOOL_CONTEXTS_TABLE")
+    jobs_table: str = Field(alias="SPOOL_JOBS_TABLE")
+    chunks_table: str = Field(alias="SPOOL_CHUNKS_TABLE")
+    bucket: str = Field(alias="SPOOL_BUCKET")
+    jobs_queue_url: str = Field(alias="SPOOL_JOBS_QUEUE_URL")
+    dead_letter_queue_url: str = Field(alias="SPOOL_DEAD_LETTER_QUEUE_URL")
+    websocket_url: str | None = Field(default=None, alias="SPOOL_WEBSOCKET_URL")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        source = os.environ if env is None else env
+        try:
+            return cls.model_validate(dict(source))
+        except ValidationError as exc:
+            missing = sorted(str(err["loc"][0]) for err in exc.errors())
+            raise ConfigurationError(
+                "The function is missing required settings",
+                details={"missing": missing},
+                suggestions=["Set these environment variables in template.yaml (Globals) and redeploy"],
+            ) from exc

@@ -1,0 +1,285 @@
+"""Reading template.yaml: CloudFormation tags, Globals, parameters and the intrinsic functions the
+local stack needs to resolve (Ref, GetAtt, Sub, Join, Select, If)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PSEUDO_REGION = "AWS::Region"
+PSEUDO_ACCOUNT = "AWS::AccountId"
+PSEUDO_STACK = "AWS::StackName"
+PSEUDO_PARTITION = "AWS::Partition"
+PSEUDO_URL_SUFFIX = "AWS::URLSuffix"
+
+
+class TemplateError(Exception):
+    pass
+
+
+class _CfnLoader(yaml.SafeLoader):
+    """YAML loader that turns the short-form tags (!Ref, !Sub, ...) into their long JSON form."""
+
+
+def _intrinsic(name: str) -> Callable[[yaml.Loader, yaml.Node], Any]:
+    key = "Ref" if name == "Ref" else f"Fn::{name}"
+
+    def construct(loader: yaml.Loader, node: yaml.Node) -> Any:
+        value: Any
+        if isinstance(node, yaml.ScalarNode):
+            value = loader.construct_scalar(node)
+            if name == "GetAtt":
+                value = str(value).split(".", 1)
+        elif isinstance(node, yaml.SequenceNode):
+            value = loader.construct_sequence(node, deep=True)
+        else:
+            value = loader.construct_mapping(node, deep=True)  # type: ignore[arg-type]
+        return {key: value}
+
+    return construct
+
+
+for _tag in ("Ref", "GetAtt", "Sub", "Join", "Select", "Split", "If", "Equals", "Not", "And", "Or",
+             "FindInMap", "GetAZs", "ImportValue", "Base64", "Condition", "Cidr"):
+    _CfnLoader.add_constructor(f"!{_tag}", _intrinsic(_tag))
+
+
+def parse_parameter_overrides(text: str | None) -> dict[str, str]:
+    """Parse overrides exactly as ``sam deploy --parameter-overrides`` takes them:
+    ``Key=Value Key2='a b'`` or ``ParameterKey=Key,ParameterValue=Value ...``."""
+    overrides: dict[str, str] = {}
+    for token in shlex.split(text or ""):
+        if token.startswith("ParameterKey="):
+            match = re.fullmatch(r"ParameterKey=([^,]+),ParameterValue=(.*)", token)
+            if not match:
+                raise TemplateError(f"cannot parse parameter override {token!r}")
+            overrides[match.group(1)] = match.group(2)
+        elif "=" in token:
+            key, value = token.split("=", 1)
+            overrides[key] = value
+        else:
+            raise TemplateError(f"cannot parse parameter override {token!r} (expected Key=Value)")
+    return overrides
+
+
+def samconfig_parameters(path: Path, config_env: str) -> tuple[str | None, dict[str, str]]:
+    """The stack name and parameter overrides of one samconfig.toml environment (``deploy`` section)."""
+    if not path.exists():
+        return None, {}
+    with path.open("rb") as handle:
+        config = tomllib.load(handle)
+    env = config.get(config_env, {})
+    deploy = {**env.get("global", {}).get("parameters", {}), **env.get("deploy", {}).get("parameters", {})}
+    overrides = deploy.get("parameter_overrides", "")
+    if isinstance(overrides, list):
+        overrides = " ".join(overrides)
+    return deploy.get("stack_name"), parse_parameter_overrides(overrides)
+
+
+@dataclass(frozen=True)
+class ApiEvent:
+    name: str
+    api: str
+    path: str
+    method: str
+    authorized: bool
+
+
+@dataclass(frozen=True)
+class SqsEvent:
+    name: str
+    queue: str  # logical id of the queue
+    batch_size: int
+    batching_window_seconds: int
+    report_batch_item_failures: bool
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    logical_id: str
+    code_uri: str
+    handler: str
+    timeout: int
+    memory_mb: int
+    environment: Mapping[str, Any]
+    api_events: tuple[ApiEvent, ...] = ()
+    sqs_events: tuple[SqsEvent, ...] = ()
+
+    @property
+    def module_file(self) -> str:
+        module, _, _ = self.handler.rpartition(".")
+        return str(Path(self.code_uri) / (module.replace(".", "/") + ".py"))
+
+    @property
+    def function_name(self) -> str:
+        return self.handler.rpartition(".")[2]
+
+
+@dataclass
+class Template:
+    path: Path
+    body: dict[str, Any] = field(repr=False)
+
+    @classmethod
+    def load(cls, path: Path) -> Template:
+        with path.open() as handle:
+            body = yaml.load(handle, Loader=_CfnLoader)  # noqa: S506 - SafeLoader subclass with CFN tags
+        if not isinstance(body, dict) or "Resources" not in body:
+            raise TemplateError(f"{path} is not a CloudFormation template")
+        return cls(path, body)
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    @property
+    def resources(self) -> dict[str, dict[str, Any]]:
+        resources: dict[str, dict[str, Any]] = self.body["Resources"]
+        return resources
+
+    def resources_of_type(self, *types: str) -> dict[str, dict[str, Any]]:
+        return {name: res for name, res in self.resources.items() if res.get("Type") in types}
+
+    def parameter_values(self, overrides: Mapping[str, str]) -> dict[str, str]:
+        declared = self.body.get("Parameters", {})
+        unknown = set(overrides) - set(declared)
+        if unknown:
+            raise TemplateError(f"unknown parameters in overrides: {', '.join(sorted(unknown))}")
+        values = {}
+        for name, spec in declared.items():
+            if name in overrides:
+                values[name] = str(overrides[name])
+            elif "Default" in spec:
+                values[name] = str(spec["Default"])
+            else:
+                raise TemplateError(f"parameter {name} has no default and no override")
+        return values
+
+    def functions(self) -> dict[str, FunctionSpec]:
+        globals_ = self.body.get("Globals", {}).get("Function", {})
+        specs = {}
+        for name, resource in self.resources_of_type("AWS::Serverless::Function").items():
+            props = {**globals_, **resource.get("Properties", {})}
+            env = {
+                **globals_.get("Environment", {}).get("Variables", {}),
+                **resource.get("Properties", {}).get("Environment", {}).get("Variables", {}),
+            }
+            api_events, sqs_events = [], []
+            for event_name, event in (props.get("Events") or {}).items():
+                ep = event.get("Properties", {})
+                if event["Type"] == "Api":
+                    auth = (ep.get("Auth") or {}).get("Authorizer")
+                    api_events.append(
+                        ApiEvent(event_name, _ref_name(ep.get("RestApiId")), ep["Path"], ep["Method"].upper(),
+                                 authorized=auth != "NONE")
+                    )
+                elif event["Type"] == "SQS":
+                    sqs_events.append(
+                        SqsEvent(
+                            event_name,
+                            _ref_name(ep["Queue"]),
+                            int(ep.get("BatchSize", 10)),
+                            int(ep.get("MaximumBatchingWindowInSeconds", 0)),
+                            "ReportBatchItemFailures" in (ep.get("FunctionResponseTypes") or []),
+                        )
+                    )
+            specs[name] = FunctionSpec(
+                logical_id=name,
+                code_uri=str(props["CodeUri"]).rstrip("/"),
+                handler=props["Handler"],
+                timeout=int(props.get("Timeout", 3)),
+                memory_mb=int(props.get("MemorySize", 128)),
+                environment=env,
+                api_events=tuple(api_events),
+                sqs_events=tuple(sqs_events),
+            )
+        return specs
+
+    def api(self, logical_id: str) -> dict[str, Any]:
+        props: dict[str, Any] = self.resources[logical_id].get("Properties", {})
+        return props
+
+
+def _ref_name(value: Any) -> str:
+    """The logical id named by ``!Ref X`` or ``!GetAtt X.Arn``."""
+    if isinstance(value, dict):
+        if "Ref" in value:
+            return str(value["Ref"])
+        if "Fn::GetAtt" in value:
+            return str(value["Fn::GetAtt"][0])
+    raise TemplateError(f"expected !Ref or !GetAtt, got {value!r}")
+
+
+class Resolver:
+    """Resolves intrinsic functions against parameter values and provisioned resources."""
+
+    _SUB = re.compile(r"\$\{([^}!][^}]*)\}")
+
+    def __init__(
+        self,
+        parameters: Mapping[str, str],
+        pseudo: Mapping[str, str],
+        refs: Mapping[str, str],
+        attributes: Mapping[tuple[str, str], str],
+    ) -> None:
+        self._parameters = parameters
+        self._pseudo = pseudo
+        self._refs = refs
+        self._attributes = attributes
+
+    def ref(self, name: str) -> str:
+        for table in (self._parameters, self._pseudo, self._refs):
+            if name in table:
+                return table[name]
+        raise TemplateError(f"cannot resolve !Ref {name}")
+
+    def get_att(self, name: str, attribute: str) -> str:
+        try:
+            return self._attributes[(name, attribute)]
+        except KeyError:
+            raise TemplateError(f"cannot resolve !GetAtt {name}.{attribute}") from None
+
+    def resolve(self, value: Any) -> Any:
+        if isinstance(value, list):
+            return [self.resolve(v) for v in value]
+        if not isinstance(value, dict):
+            return value
+        if len(value) == 1:
+            (key, arg), = value.items()
+            if key == "Ref":
+                return self.ref(arg)
+            if key == "Fn::GetAtt":
+                name, attribute = arg if isinstance(arg, list) else str(arg).split(".", 1)
+                return self.get_att(name, attribute)
+            if key == "Fn::Sub":
+                return self._sub(arg)
+            if key == "Fn::Join":
+                separator, items = arg
+                return separator.join(str(self.resolve(i)) for i in self.resolve(items))
+            if key == "Fn::Select":
+                index, items = arg
+                return self.resolve(items)[int(self.resolve(index))]
+            if key.startswith("Fn::"):
+                raise TemplateError(f"{key} is not supported by the local stack")
+        return {k: self.resolve(v) for k, v in value.items()}
+
+    def _sub(self, arg: Any) -> str:
+        text, variables = (arg, {}) if isinstance(arg, str) else (arg[0], arg[1])
+
+        def replace(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name in variables:
+                return str(self.resolve(variables[name]))
+            if "." in name and name.split(".", 1)[0] not in self._pseudo:
+                resource, attribute = name.split(".", 1)
+                return self.get_att(resource, attribute)
+            return self.ref(name)
+
+        return self._SUB.sub(replace, text)
