@@ -1,0 +1,236 @@
+"""The AWS side of the embedded stack: a moto server, and the template's plain resources created on
+it through moto's CloudFormation (never from a second hand-written list)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import boto3
+
+from spool.devstack.template import (
+    PSEUDO_ACCOUNT,
+    PSEUDO_PARTITION,
+    PSEUDO_REGION,
+    PSEUDO_STACK,
+    PSEUDO_URL_SUFFIX,
+    Resolver,
+    Template,
+    TemplateError,
+)
+
+# What moto's CloudFormation can create. Everything else (functions, the API, the bucket policy)
+# is either emulated by the local stack or has no local meaning.
+PROVISIONED_TYPES = ("AWS::DynamoDB::Table", "AWS::SQS::Queue", "AWS::S3::Bucket")
+ACCOUNT_ID = "123456789012"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing"}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class MotoServer:
+    """moto's server in a child process: the real AWS wire protocol on 127.0.0.1."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> MotoServer:
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"moto server exited with {self._process.returncode}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/moto-api/", timeout=1):  # noqa: S310 - loopback
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"moto server did not start on {self.url} within {timeout:g}s")
+
+    def stop(self) -> None:
+        if self._process and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+
+
+@dataclass
+class StackDescription:
+    """What the provisioning produced; enough for another process to rebuild the local stack."""
+
+    template_path: str
+    stack_name: str
+    region: str
+    endpoint_url: str
+    parameters: dict[str, str]
+    refs: dict[str, str] = field(default_factory=dict)
+    attributes: dict[str, str] = field(default_factory=dict)  # "Logical.Attribute" -> value
+    # Local values that win over the template's (as `sam local --env-vars` would pass them).
+    overrides: dict[str, str] = field(default_factory=dict)
+
+    def resolver(self) -> Resolver:
+        pseudo = {
+            PSEUDO_REGION: self.region,
+            PSEUDO_ACCOUNT: ACCOUNT_ID,
+            PSEUDO_STACK: self.stack_name,
+            PSEUDO_PARTITION: "aws",
+            PSEUDO_URL_SUFFIX: "amazonaws.com",
+        }
+        attributes = {tuple(k.split(".", 1)): v for k, v in self.attributes.items()}
+        return Resolver(self.parameters, pseudo, self.refs, attributes)  # type: ignore[arg-type]
+
+    def aws_environment(self) -> dict[str, str]:
+        """The variables that point boto3 (in any process) at the moto server."""
+        return {
+            **CREDENTIALS,
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_REGION": self.region,
+            "AWS_DEFAULT_REGION": self.region,
+        }
+
+    def function_environment(self, template: Template) -> dict[str, str]:
+        """The union of every function's resolved environment (Globals merged with its own).
+
+        The API functions run in one process, so they share one environment; a variable two
+        functions set differently is a template error here rather than a silent surprise.
+        """
+        resolver = self.resolver()
+        merged: dict[str, str] = {}
+        for spec in template.functions().values():
+            for name, value in spec.environment.items():
+                resolved = str(resolver.resolve(value))
+                if merged.get(name, resolved) != resolved:
+                    raise TemplateError(f"{name} differs between functions; the local stack needs one value")
+                merged[name] = resolved
+        return merged
+
+    def environment(self, template: Template) -> dict[str, str]:
+        """Everything a handler process needs: AWS endpoint, the functions' variables, local overrides."""
+        return {**self.aws_environment(), **self.function_environment(template), **self.overrides}
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> StackDescription:
+        return cls(**json.loads(path.read_text()))
+
+
+def _client(service: str, endpoint_url: str, region: str) -> Any:
+    return boto3.session.Session().client(
+        service,
+        endpoint_url=endpoint_url,
+        region_name=region,
+        aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        aws_session_token=CREDENTIALS["AWS_SESSION_TOKEN"],
+    )
+
+
+def provision(
+    template: Template,
+    endpoint_url: str,
+    *,
+    stack_name: str = "spool-local",
+    region: str = "us-east-1",
+    overrides: Mapping[str, str] | None = None,
+    timeout: float = 60.0,
+) -> StackDescription:
+    """Create the template's tables, queues and bucket on the moto server and describe them."""
+    parameters = template.parameter_values(overrides or {})
+    resources = template.resources_of_type(*PROVISIONED_TYPES)
+    body = {
+        "AWSTemplateFormatVersion": "2010-09-09",
+        "Parameters": template.body.get("Parameters", {}),
+        "Resources": resources,
+    }
+    cfn = _client("cloudformation", endpoint_url, region)
+    cfn.create_stack(
+        StackName=stack_name,
+        TemplateBody=json.dumps(body),
+        Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in parameters.items()],
+    )
+    deadline = time.monotonic() + timeout
+    while (status := cfn.describe_stacks(StackName=stack_name)["Stacks"][0]["StackStatus"]) != "CREATE_COMPLETE":
+        if status.endswith("FAILED") or "ROLLBACK" in status or time.monotonic() > deadline:
+            raise RuntimeError(f"local stack {stack_name} ended {status}")
+        time.sleep(0.1)
+
+    description = StackDescription(str(template.path), stack_name, region, endpoint_url, parameters)
+    physical = {
+        r["LogicalResourceId"]: r["PhysicalResourceId"]
+        for r in cfn.describe_stack_resources(StackName=stack_name)["StackResources"]
+        if "LogicalResourceId" in r
+    }
+    _describe_resources(description, resources, physical)
+    _describe_unprovisioned(description, template)
+    return description
+
+
+def _describe_resources(
+    description: StackDescription, resources: Mapping[str, Any], physical: Mapping[str, str]
+) -> None:
+    endpoint, region = description.endpoint_url, description.region
+    ddb, sqs = _client("dynamodb", endpoint, region), _client("sqs", endpoint, region)
+    for name, resource in resources.items():
+        kind, ident = resource["Type"], physical[name]
+        if kind == "AWS::DynamoDB::Table":
+            table = ddb.describe_table(TableName=ident)["Table"]
+            description.refs[name] = ident
+            description.attributes[f"{name}.Arn"] = table["TableArn"]
+            if "LatestStreamArn" in table:
+                description.attributes[f"{name}.StreamArn"] = table["LatestStreamArn"]
+        elif kind == "AWS::SQS::Queue":
+            queue_name = ident.rstrip("/").rsplit("/", 1)[-1]
+            url = sqs.get_queue_url(QueueName=queue_name)["QueueUrl"]
+            arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+            description.refs[name] = url
+            description.attributes[f"{name}.Arn"] = arn
+            description.attributes[f"{name}.QueueName"] = queue_name
+            description.attributes[f"{name}.QueueUrl"] = url
+        elif kind == "AWS::S3::Bucket":
+            description.refs[name] = ident
+            description.attributes[f"{name}.Arn"] = f"arn:aws:s3:::{ident}"
+            description.attributes[f"{name}.DomainName"] = f"{ident}.s3.amazonaws.com"
+
+
+def _describe_unprovisioned(description: StackDescription, template: Template) -> None:
+    """Names for the resources the local stack emulates itself, so references to them resolve."""
+    region = description.region
+    for name, resource in template.resources.items():
+        if name in description.refs:
+            continue
+        if resource["Type"] == "AWS::Serverless::Function":
+            function_name = f"{description.stack_name}-{name}"
+            description.refs[name] = function_name
+            description.attributes[f"{name}.Arn"] = f"arn:aws:lambda:{region}:{ACCOUNT_ID}:function:{function_name}"
+        else:
+            description.refs[name] = f"{description.stack_name}-{name}".lower()
+

@@ -1,0 +1,113 @@
+"""Lambda's SQS event source mapping, locally: long-poll the queue, invoke the function with a real
+SQS event batch, delete only the messages that succeeded. Failed messages become visible again when
+their visibility timeout ends, and SQS's redrive policy moves them to the dead-letter queue."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from spool.devstack.runtime import LocalFunction
+from spool.devstack.template import SqsEvent
+
+log = logging.getLogger("spool.devstack.worker")
+
+
+def sqs_record(message: Mapping[str, Any], queue_arn: str, region: str) -> dict[str, Any]:
+    """One record of the event Lambda builds from a received message."""
+    attributes = {
+        name: {
+            "stringValue": value.get("StringValue"),
+            "binaryValue": value.get("BinaryValue"),
+            "stringListValues": value.get("StringListValues", []),
+            "binaryListValues": value.get("BinaryListValues", []),
+            "dataType": value["DataType"],
+        }
+        for name, value in (message.get("MessageAttributes") or {}).items()
+    }
+    return {
+        "messageId": message["MessageId"],
+        "receiptHandle": message["ReceiptHandle"],
+        "body": message["Body"],
+        "attributes": dict(message.get("Attributes") or {}),
+        "messageAttributes": attributes,
+        "md5OfBody": message["MD5OfBody"],
+        "eventSource": "aws:sqs",
+        "eventSourceARN": queue_arn,
+        "awsRegion": region,
+    }
+
+
+class SqsEventSource:
+    def __init__(
+        self,
+        sqs: Any,
+        queue_url: str,
+        queue_arn: str,
+        function: LocalFunction,
+        event: SqsEvent,
+        *,
+        region: str,
+        poll_seconds: int = 1,
+    ) -> None:
+        self._sqs = sqs
+        self._queue_url = queue_url
+        self._queue_arn = queue_arn
+        self._function = function
+        self._event = event
+        self._region = region
+        self._poll_seconds = poll_seconds
+        self._stop = threading.Event()
+        self.invocations = 0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            self.poll_once()
+
+    def poll_once(self) -> int:
+        """Receive one batch and process it; returns how many messages were received."""
+        response = self._sqs.receive_message(
+            QueueUrl=self._queue_url,
+            MaxNumberOfMessages=min(self._event.batch_size, 10),
+            WaitTimeSeconds=self._poll_seconds,
+            MessageSystemAttributeNames=["All"],
+            MessageAttributeNames=["All"],
+        )
+        messages = response.get("Messages", [])
+        if messages:
+            self._process(messages)
+        return len(messages)
+
+    def _process(self, messages: list[dict[str, Any]]) -> None:
+        event = {"Records": [sqs_record(m, self._queue_arn, self._region) for m in messages]}
+        self.invocations += 1
+        try:
+            result = self._function.invoke(event)
+        except Exception:
+            # The whole batch failed: nothing is deleted, every message returns after its visibility timeout.
+            log.exception("worker invocation failed; %d message(s) return to the queue", len(messages))
+            return
+        failed = self._failed_ids(result, messages)
+        done = [m for m in messages if m["MessageId"] not in failed]
+        if done:
+            self._sqs.delete_message_batch(
+                QueueUrl=self._queue_url,
+                Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(done)],
+            )
+
+    def _failed_ids(self, result: Any, messages: list[dict[str, Any]]) -> set[str]:
+        if not self._event.report_batch_item_failures:
+            return set()
+        ids = {m["MessageId"] for m in messages}
+        failures = (result or {}).get("batchItemFailures", []) if isinstance(result, dict) else []
+        failed = {str(f.get("itemIdentifier")) for f in failures}
+        if not failed <= ids:
+            # Lambda treats an unknown identifier as a failure of the whole batch.
+            log.error("batchItemFailures names unknown messages; the whole batch fails")
+            return ids
+        return failed
