@@ -71,9 +71,10 @@ class HealthService:
         self._timeout = timeout_seconds
 
     def report(self) -> HealthReport:
-        with ThreadPoolExecutor(max_workers=max(1, len(self._probes))) as pool:
-            futures = {probe.name: pool.submit(_run, probe) for probe in self._probes}
-            wait(futures.values(), timeout=self._timeout)
+        pool = ThreadPoolExecutor(max_workers=max(1, len(self._probes)), thread_name_prefix="probe")
+        futures = {probe.name: pool.submit(_run, probe) for probe in self._probes}
+        wait(futures.values(), timeout=self._timeout)
+        pool.shutdown(wait=False)  # a hung probe must not hold the report; its client timeouts end it
         checks: dict[str, CheckResult] = {}
         for name, future in futures.items():
             if future.done():

@@ -191,7 +191,44 @@ def provision(
     }
     _describe_resources(description, resources, physical)
     _describe_unprovisioned(description, template)
+    _apply_what_moto_skips(description, resources)
     return description
+
+
+def _apply_what_moto_skips(description: StackDescription, resources: Mapping[str, Any]) -> None:
+    """moto's CloudFormation creates these resources but ignores some of their properties; apply
+    those from the same template through the service APIs, so local behaviour matches (TTL above all)."""
+    resolver = description.resolver()
+    endpoint, region = description.endpoint_url, description.region
+    ddb, s3 = _client("dynamodb", endpoint, region), _client("s3", endpoint, region)
+    for name, resource in resources.items():
+        props = resolver.resolve(resource.get("Properties", {}))
+        if resource["Type"] == "AWS::DynamoDB::Table" and "TimeToLiveSpecification" in props:
+            spec = props["TimeToLiveSpecification"]
+            ddb.update_time_to_live(
+                TableName=description.refs[name],
+                TimeToLiveSpecification={"AttributeName": spec["AttributeName"], "Enabled": bool(spec["Enabled"])},
+            )
+        elif resource["Type"] == "AWS::S3::Bucket":
+            bucket = description.refs[name]
+            if "PublicAccessBlockConfiguration" in props:
+                s3.put_public_access_block(
+                    Bucket=bucket, PublicAccessBlockConfiguration=props["PublicAccessBlockConfiguration"]
+                )
+            if "LifecycleConfiguration" in props:
+                rules = [_lifecycle_rule(rule) for rule in props["LifecycleConfiguration"]["Rules"]]
+                s3.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": rules})
+
+
+def _lifecycle_rule(rule: Mapping[str, Any]) -> dict[str, Any]:
+    """A CloudFormation lifecycle rule in the S3 API's shape (the fields the template uses)."""
+    api: dict[str, Any] = {"ID": rule.get("Id", "rule"), "Status": rule["Status"], "Filter": {"Prefix": rule.get("Prefix", "")}}
+    if "ExpirationInDays" in rule:
+        api["Expiration"] = {"Days": int(rule["ExpirationInDays"])}
+    if "AbortIncompleteMultipartUpload" in rule:
+        days = int(rule["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"])
+        api["AbortIncompleteMultipartUpload"] = {"DaysAfterInitiation": days}
+    return api
 
 
 def _describe_resources(

@@ -1,0 +1,86 @@
+"""Every function in the template, invoked with its sample event from events/ against moto."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from spool.devstack.provision import StackDescription
+from spool.devstack.template import Template
+from tests.integration.conftest import DEV_KEY, DEV_TENANT
+from tests.support import load_event, response_json
+
+
+def test_every_function_in_the_template_has_a_sample_event(template: Template) -> None:
+    samples = {"AuthorizerFunction": "authorizer", "HealthFunction": "health", "ContextsFunction": "contexts",
+               "WorkerFunction": "worker"}
+    assert set(template.functions()) <= set(samples), "add a sample event for the new function"
+    for name in template.functions():
+        assert load_event(samples[name])
+
+
+def test_authorizer_allows_a_known_key_and_names_its_tenant(invoke: Any) -> None:
+    event = load_event("authorizer")
+    event["headers"]["Authorization"] = f"Bearer {DEV_KEY}"
+    policy = invoke("AuthorizerFunction", event)
+    assert policy["policyDocument"]["Statement"][0]["Effect"] == "Allow"
+    assert policy["context"]["tenant_id"] == DEV_TENANT
+
+
+@pytest.mark.parametrize("header", [None, "Bearer sk-unknown"])
+def test_authorizer_denies_missing_and_unknown_keys(invoke: Any, header: str | None) -> None:
+    event = load_event("authorizer")
+    if header is None:
+        del event["headers"]["Authorization"]
+    else:
+        event["headers"]["Authorization"] = header
+    policy = invoke("AuthorizerFunction", event)
+    assert policy["policyDocument"]["Statement"][0]["Effect"] == "Deny"
+    assert "context" not in policy or not policy["context"]
+
+
+def test_health_reports_each_dependency_with_latency(invoke: Any) -> None:
+    response = invoke("HealthFunction", load_event("health"))
+    assert response["statusCode"] == 200
+    body = response_json(response)
+    assert body["status"] == "ok"
+    assert set(body["checks"]) == {"dynamodb", "s3", "queue"}
+    assert all(check["latency_ms"] >= 0 for check in body["checks"].values())
+    assert body["checks"]["queue"]["dead_letter_depth"] == 0
+
+
+def test_health_is_503_down_when_a_dependency_is_missing(invoke: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPOOL_BUCKET", "no-such-bucket")
+    response = invoke("HealthFunction", load_event("health"))
+    assert response["statusCode"] == 503
+    body = response_json(response)
+    assert body["status"] == "down"
+    assert body["checks"]["s3"]["status"] == "down"
+    assert body["error"]["code"] == "service_unavailable"
+    assert body["error"]["details"]["failing"] == ["s3"]
+
+
+def test_health_answers_unknown_paths_with_the_404_envelope(invoke: Any) -> None:
+    event = load_event("health")
+    event["path"] = event["requestContext"]["resourcePath"] = "/v2/nothing"
+    event["resource"] = "/{proxy+}"
+    response = invoke("HealthFunction", event)
+    assert response["statusCode"] == 404
+    assert response_json(response)["error"]["code"] == "not_found"
+
+
+def test_contexts_function_answers_its_sample_event(invoke: Any) -> None:
+    response = invoke("ContextsFunction", load_event("contexts"))
+    assert response["statusCode"] in {200, 404}
+    assert "error" in response_json(response) or "context_id" in response_json(response)
+
+
+def test_worker_reports_unparseable_messages_as_batch_item_failures(invoke: Any, stack: StackDescription) -> None:
+    event = load_event("worker")
+    good = event["Records"][0]
+    bad = {**good, "messageId": "bad-1", "body": json.dumps({"unexpected": True})}
+    event["Records"].append(bad)
+    result = invoke("WorkerFunction", event)
+    assert result == {"batchItemFailures": [{"itemIdentifier": "bad-1"}]}

@@ -1,0 +1,147 @@
+"""The HTTP edge every function shares: envelopes, status mapping, 404/405, validation, request id."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+from pydantic import BaseModel, Field
+
+from spool_core.api import api_handler, create_resolver, tenant_of
+from spool_core.api.errors import register_status, status_for
+from spool_core.errors import InvalidRequest, NotFound, SpoolError
+from tests.support import api_event, response_json
+
+
+class Widget(BaseModel):
+    name: str = Field(min_length=1)
+    size: int = Field(ge=1)
+
+
+class Teapot(SpoolError):
+    code = "teapot"
+
+
+register_status(Teapot, 418)
+
+
+class FakeContext:
+    function_name = "test"
+    memory_limit_in_mb = 128
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:test"
+    aws_request_id = "req-1"
+
+
+def build() -> Any:
+    app = create_resolver()
+
+    @app.post("/v1/widgets")
+    def create(widget: Widget) -> dict[str, Any]:
+        return {"name": widget.name, "tenant": tenant_of(app).id}
+
+    @app.get("/v1/widgets/<widget_id>")
+    def get(widget_id: str) -> dict[str, Any]:
+        if widget_id == "teapot":
+            raise Teapot("I am a teapot", details={"widget_id": widget_id}, suggestions=["Use a kettle"])
+        if widget_id == "boom":
+            raise RuntimeError("secret internals")
+        raise NotFound(f"widget {widget_id} not found")
+
+    return api_handler(app)
+
+
+@pytest.fixture
+def handler() -> Any:
+    return build()
+
+
+def call(handler: Any, *args: Any, **kwargs: Any) -> tuple[int, dict[str, str], Any]:
+    event = api_event(*args, **kwargs)
+    response = handler(event, FakeContext())
+    headers = {**(response.get("headers") or {})}
+    headers.update({k: ", ".join(v) for k, v in (response.get("multiValueHeaders") or {}).items()})
+    assert headers["X-Request-Id"] == event["requestContext"]["requestId"]
+    return response["statusCode"], headers, response_json(response)
+
+
+def assert_envelope(body: Any, code: str) -> dict[str, Any]:
+    error: dict[str, Any] = body["error"]
+    assert error["code"] == code
+    assert set(error) == {"code", "message", "details", "suggestions", "request_id"}
+    assert error["request_id"]
+    assert error["message"]
+    return error
+
+
+def test_success_carries_the_request_id_and_the_tenant(handler: Any) -> None:
+    status, _, body = call(handler, "POST", "/v1/widgets", body={"name": "a", "size": 1}, tenant="acme")
+    assert status == 200
+    assert body == {"name": "a", "tenant": "acme"}
+
+
+def test_malformed_json_is_400_invalid_request(handler: Any) -> None:
+    status, _, body = call(handler, "POST", "/v1/widgets", body="{not json")
+    assert status == 400
+    error = assert_envelope(body, "invalid_request")
+    assert "not valid JSON" in error["message"]
+    assert error["suggestions"]
+
+
+def test_schema_violations_name_every_offending_field(handler: Any) -> None:
+    status, _, body = call(handler, "POST", "/v1/widgets", body={"name": "", "size": 0})
+    assert status == 400
+    error = assert_envelope(body, "invalid_request")
+    fields = {f["field"] for f in error["details"]["fields"]}
+    assert fields == {"body.name", "body.size"}
+
+
+def test_unknown_route_is_404_not_found(handler: Any) -> None:
+    status, _, body = call(handler, "GET", "/v1/nothing")
+    assert status == 404
+    assert_envelope(body, "not_found")
+
+
+def test_known_route_with_another_method_is_405_with_allow(handler: Any) -> None:
+    status, headers, body = call(handler, "DELETE", "/v1/widgets")
+    assert status == 405
+    error = assert_envelope(body, "method_not_allowed")
+    assert error["details"]["allowed"] == ["POST"]
+    assert headers["Allow"] == "POST"
+
+
+def test_domain_errors_map_through_the_one_table(handler: Any) -> None:
+    status, _, body = call(handler, "GET", "/v1/widgets/teapot", resource="/v1/widgets/{widget_id}")
+    assert status == 418
+    error = assert_envelope(body, "teapot")
+    assert error["details"] == {"widget_id": "teapot"}
+    assert error["suggestions"] == ["Use a kettle"]
+    status, _, body = call(handler, "GET", "/v1/widgets/x")
+    assert status == 404
+    assert_envelope(body, "not_found")
+
+
+def test_uncaught_exceptions_are_500_without_internals(handler: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR)
+    status, _, body = call(handler, "GET", "/v1/widgets/boom")
+    assert status == 500
+    error = assert_envelope(body, "internal_error")
+    assert "secret" not in str(body)
+    assert "Traceback" not in str(body)
+    (record,) = [r for r in caplog.records if r.exc_info]
+    assert str(record.exc_info[1]) == "secret internals"  # the log has what the client does not
+    assert record.request_id == body["error"]["request_id"]  # type: ignore[attr-defined]
+
+
+def test_missing_tenant_is_401_not_a_crash(handler: Any) -> None:
+    status, _, body = call(handler, "POST", "/v1/widgets", body={"name": "a", "size": 1}, tenant=None)
+    assert status == 401
+    assert_envelope(body, "unauthorized")
+
+
+def test_status_lookup_follows_the_class_hierarchy() -> None:
+    class Special(InvalidRequest):
+        code = "special"
+
+    assert status_for(Special("x")) == 400
+    assert status_for(SpoolError("x")) == 500

@@ -1,0 +1,163 @@
+"""The API Gateway emulator, driven by the real template with in-memory functions."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from spool.devstack.gateway import RestApiEmulator, Route, _policy_allows
+from spool.devstack.runtime import InvocationTimeout
+from spool.devstack.template import Template, TemplateError
+from tests.support import ROOT, load_event
+
+
+class FakeFunction:
+    def __init__(self, behaviour: Any, timeout: int = 29) -> None:
+        self.behaviour = behaviour
+        self.events: list[dict[str, Any]] = []
+        self.spec = type("Spec", (), {"timeout": timeout})()
+
+    def invoke(self, event: dict[str, Any], timeout: float | None = None) -> Any:
+        self.events.append(event)
+        return self.behaviour(event)
+
+
+def allow(event: dict[str, Any]) -> dict[str, Any]:
+    key = (event["headers"] or {}).get("Authorization")
+    effect = "Allow" if key == "Bearer good" else "Deny"
+    return {
+        "principalId": "key_1",
+        "policyDocument": {
+            "Version": "2012-10-17",
+            "Statement": [{"Action": "execute-api:Invoke", "Effect": effect, "Resource": [event["methodArn"].split("/")[0] + "/*/*/*"]}],
+        },
+        "context": {"tenant_id": "acme", "admin": False},
+    }
+
+
+def echo(event: dict[str, Any]) -> dict[str, Any]:
+    return {"statusCode": 200, "multiValueHeaders": {"X-Request-Id": [event["requestContext"]["requestId"]]}, "body": json.dumps({"resource": event["resource"], "params": event["pathParameters"], "auth": event["requestContext"].get("authorizer")})}
+
+
+@pytest.fixture
+def functions() -> dict[str, FakeFunction]:
+    return {
+        "AuthorizerFunction": FakeFunction(allow),
+        "HealthFunction": FakeFunction(echo),
+        "ContextsFunction": FakeFunction(echo),
+        "WorkerFunction": FakeFunction(echo),
+    }
+
+
+@pytest.fixture
+def emulator(functions: dict[str, FakeFunction]) -> RestApiEmulator:
+    template = Template.load(ROOT / "template.yaml")
+    return RestApiEmulator(template, "SpoolApi", functions, region="us-east-1", stage="prod")  # type: ignore[arg-type]
+
+
+def body(response: Any) -> Any:
+    return json.loads(response.body)
+
+
+def test_routes_prefer_literal_segments_over_parameters_over_greedy() -> None:
+    routes = [Route.build("/{proxy+}", "ANY", "F", False), Route.build("/v1/contexts/{id}", "ANY", "C", True),
+              Route.build("/v1/contexts/uploads", "ANY", "U", True)]
+    emulator = RestApiEmulator.__new__(RestApiEmulator)
+    emulator.routes = routes
+    assert emulator.match("/v1/contexts/uploads")[0][0].function == "U"
+    assert emulator.match("/v1/contexts/ctx_1") == ([routes[1]], {"id": "ctx_1"})
+    assert emulator.match("/v1/other/thing")[1] == {"proxy": "v1/other/thing"}
+    assert emulator.match("/") == ([], {})
+
+
+def test_an_authorized_route_gets_the_authorizer_context(emulator: RestApiEmulator, functions: Any) -> None:
+    response = emulator.handle("GET", "/v1/contexts/ctx_1?x=1", {"Authorization": "Bearer good"}, b"")
+    assert response.status == 200
+    seen = body(response)
+    assert seen["resource"] == "/v1/contexts/{context_id}"
+    assert seen["params"] == {"context_id": "ctx_1"}
+    assert seen["auth"]["tenant_id"] == "acme"
+    assert seen["auth"]["admin"] == "false"  # API Gateway passes context values as strings
+    event = functions["ContextsFunction"].events[0]
+    assert event["queryStringParameters"] == {"x": "1"}
+    assert set(event) == set(load_event("contexts"))  # the emulator's events have the sample's shape
+    assert set(functions["AuthorizerFunction"].events[0]) == set(load_event("authorizer"))
+
+
+def test_a_denied_key_gets_the_templates_401_envelope(emulator: RestApiEmulator, functions: Any) -> None:
+    response = emulator.handle("GET", "/v1/contexts", {"Authorization": "Bearer bad"}, b"")
+    assert response.status == 401
+    error = body(response)["error"]
+    assert error["code"] == "unauthorized"
+    assert error["request_id"] == response.headers["X-Request-Id"]
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+    assert functions["ContextsFunction"].events == []
+
+
+def test_an_authorizer_that_raises_unauthorized_is_401_and_one_that_breaks_is_500(
+    emulator: RestApiEmulator, functions: Any
+) -> None:
+    def unauthorized(event: Any) -> Any:
+        raise Exception("Unauthorized")  # noqa: TRY002 - what Lambda authorizers raise
+
+    functions["AuthorizerFunction"].behaviour = unauthorized
+    assert emulator.handle("GET", "/v1/contexts", {}, b"").status == 401
+    functions["AuthorizerFunction"].behaviour = lambda e: {"nonsense": True}
+    response = emulator.handle("GET", "/v1/contexts", {}, b"")
+    assert response.status == 500
+    assert body(response)["error"]["code"] == "internal_error"
+
+
+def test_public_routes_skip_the_authorizer(emulator: RestApiEmulator, functions: Any) -> None:
+    assert emulator.handle("GET", "/v1/health", {}, b"").status == 200
+    assert functions["AuthorizerFunction"].events == []
+
+
+def test_handler_failures_and_timeouts_become_gateway_responses(emulator: RestApiEmulator, functions: Any) -> None:
+    def crash(event: Any) -> Any:
+        raise RuntimeError("boom")
+
+    functions["HealthFunction"].behaviour = crash
+    response = emulator.handle("GET", "/v1/health", {}, b"")
+    assert response.status == 502
+    assert body(response)["error"]["code"] == "internal_error"
+
+    def slow(event: Any) -> Any:
+        raise InvocationTimeout("late")
+
+    functions["HealthFunction"].behaviour = slow
+    assert emulator.handle("GET", "/v1/health", {}, b"").status == 504
+    functions["HealthFunction"].behaviour = lambda e: "not a proxy response"
+    assert emulator.handle("GET", "/v1/health", {}, b"").status == 502
+
+
+def test_bodies_over_api_gateways_limit_are_413(emulator: RestApiEmulator) -> None:
+    response = emulator.handle("POST", "/v1/health", {}, b"x" * (10 * 1024 * 1024 + 1))
+    assert response.status == 413
+    assert body(response)["error"]["code"] == "payload_too_large"
+
+
+def test_binary_bodies_are_base64_encoded(emulator: RestApiEmulator, functions: Any) -> None:
+    emulator.handle("POST", "/v1/health", {}, b"\xff\xfe")
+    event = functions["HealthFunction"].events[0]
+    assert event["isBase64Encoded"] is True
+    assert event["body"] == "//4="
+
+
+def test_policy_evaluation_explicit_deny_wins() -> None:
+    arn = "arn:aws:execute-api:us-east-1:1:api/prod/GET/v1/x"
+    allow_all = {"Effect": "Allow", "Resource": "arn:aws:execute-api:us-east-1:1:api/*/*/*"}
+    deny_x = {"Effect": "Deny", "Resource": [arn]}
+    assert _policy_allows({"Statement": [allow_all]}, arn)
+    assert not _policy_allows({"Statement": [allow_all, deny_x]}, arn)
+    assert not _policy_allows({"Statement": []}, arn)
+
+
+def test_an_api_without_a_default_authorizer_is_rejected_for_unknown_functions() -> None:
+    template = Template.load(ROOT / "template.yaml")
+    with pytest.raises(KeyError):
+        RestApiEmulator(template, "SpoolApi", {}, region="us-east-1", stage="prod")
+    with pytest.raises(TemplateError):
+        Template.load(ROOT / "events" / "health.json")

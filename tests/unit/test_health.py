@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from spool_core.health import HealthService, Probe
+
+
+def ok() -> Mapping[str, Any]:
+    return {"depth": 3}
+
+
+def broken() -> Mapping[str, Any]:
+    raise ConnectionError("refused")
+
+
+def test_all_answering_is_ok_with_latency_and_facts() -> None:
+    report = HealthService([Probe("dynamodb", ok), Probe("queue", ok)]).report()
+    body = report.as_dict()
+    assert body["status"] == "ok"
+    assert body["checks"]["queue"]["depth"] == 3
+    assert body["checks"]["dynamodb"]["latency_ms"] >= 0
+    assert body["checked_at"].endswith("Z")
+
+
+def test_a_failing_critical_dependency_is_down_and_says_why() -> None:
+    report = HealthService([Probe("dynamodb", broken), Probe("s3", ok)]).report()
+    assert report.status == "down"
+    assert report.checks["dynamodb"].as_dict()["error"] == "ConnectionError: refused"
+
+
+def test_a_failing_optional_dependency_degrades() -> None:
+    report = HealthService([Probe("dynamodb", ok), Probe("provider", broken, critical=False)]).report()
+    assert report.status == "degraded"
+
+
+def test_a_probe_that_hangs_is_reported_down_after_the_timeout() -> None:
+    release = threading.Event()
+
+    def hangs() -> Mapping[str, Any]:
+        release.wait(5)
+        return {}
+
+    try:
+        report = HealthService([Probe("s3", hangs)], timeout_seconds=0.05).report()
+    finally:
+        release.set()
+    assert report.status == "down"
+    assert "no answer" in (report.checks["s3"].error or "")

@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from spool.devstack.template import (
+    Resolver,
+    Template,
+    TemplateError,
+    parse_parameter_overrides,
+    samconfig_parameters,
+)
+from tests.support import ROOT
+
+
+@pytest.fixture(scope="module")
+def template() -> Template:
+    return Template.load(ROOT / "template.yaml")
+
+
+def test_parameter_overrides_in_both_sam_formats() -> None:
+    assert parse_parameter_overrides("A=1 B='two words'") == {"A": "1", "B": "two words"}
+    assert parse_parameter_overrides("ParameterKey=A,ParameterValue=1 ParameterKey=B,ParameterValue=x=y") == {
+        "A": "1",
+        "B": "x=y",
+    }
+    assert parse_parameter_overrides(None) == {}
+    with pytest.raises(TemplateError):
+        parse_parameter_overrides("novalue")
+
+
+def test_samconfig_local_environment_sets_a_short_visibility_timeout(template: Template) -> None:
+    stack_name, overrides = samconfig_parameters(ROOT / "samconfig.toml", "local")
+    assert stack_name == "spool-local"
+    assert int(overrides["WorkerVisibilityTimeoutSeconds"]) < 30
+    assert samconfig_parameters(ROOT / "missing.toml", "local") == (None, {})
+
+
+def test_parameter_values_use_defaults_and_reject_unknown_names(template: Template) -> None:
+    values = template.parameter_values({"LogLevel": "DEBUG"})
+    assert values["LogLevel"] == "DEBUG"
+    assert values["WorkerVisibilityTimeoutSeconds"] == "720"
+    with pytest.raises(TemplateError, match="Nope"):
+        template.parameter_values({"Nope": "1"})
+
+
+def test_worker_visibility_timeout_is_about_six_times_its_timeout(template: Template) -> None:
+    worker = template.functions()["WorkerFunction"]
+    visibility = int(template.parameter_values({})["WorkerVisibilityTimeoutSeconds"])
+    assert visibility == 6 * worker.timeout
+    (event,) = worker.sqs_events
+    assert event.report_batch_item_failures
+    assert event.queue == "JobsQueue"
+
+
+def test_functions_merge_globals_and_read_their_routes(template: Template) -> None:
+    functions = template.functions()
+    health = functions["HealthFunction"]
+    assert health.module_file == "functions/health/app.py"
+    assert health.function_name == "lambda_handler"
+    assert health.environment["POWERTOOLS_SERVICE_NAME"] == "spool"
+    assert {(e.path, e.authorized) for e in health.api_events} >= {("/v1/health", False), ("/{proxy+}", False)}
+    contexts = functions["ContextsFunction"]
+    assert all(e.authorized for e in contexts.api_events)
+    for spec in functions.values():
+        assert (ROOT / spec.module_file).exists(), spec.logical_id
+
+
+def test_resolver_handles_ref_getatt_sub_join_select() -> None:
+    resolver = Resolver(
+        {"Stage": "prod"},
+        {"AWS::Region": "us-east-1", "AWS::StackName": "s"},
+        {"Bucket": "b-1"},
+        {("Bucket", "Arn"): "arn:aws:s3:::b-1"},
+    )
+    assert resolver.resolve({"Ref": "Stage"}) == "prod"
+    assert resolver.resolve({"Fn::GetAtt": ["Bucket", "Arn"]}) == "arn:aws:s3:::b-1"
+    assert resolver.resolve({"Fn::Sub": "${Bucket.Arn}/t/* in ${AWS::Region} ${Stage}"}) == (
+        "arn:aws:s3:::b-1/t/* in us-east-1 prod"
+    )
+    assert resolver.resolve({"Fn::Sub": ["${X}-${AWS::StackName}", {"X": {"Ref": "Bucket"}}]}) == "b-1-s"
+    assert resolver.resolve({"Fn::Join": ["-", ["a", {"Ref": "Stage"}]]}) == "a-prod"
+    assert resolver.resolve({"Fn::Select": [1, ["a", "b"]]}) == "b"
+    assert resolver.resolve({"Nested": [{"Ref": "Stage"}]}) == {"Nested": ["prod"]}
+    with pytest.raises(TemplateError):
+        resolver.resolve({"Ref": "Missing"})
+    with pytest.raises(TemplateError):
+        resolver.resolve({"Fn::GetAtt": ["Bucket", "Nope"]})
+    with pytest.raises(TemplateError):
+        resolver.resolve({"Fn::If": ["C", 1, 2]})
+
+
+def test_load_rejects_a_file_that_is_not_a_template(tmp_path: Path) -> None:
+    bad = tmp_path / "t.yaml"
+    bad.write_text("just: text\n")
+    with pytest.raises(TemplateError):
+        Template.load(bad)
