@@ -76,8 +76,18 @@ def _from_litellm_wheel(missing: list[Encoding]) -> dict[str, bytes]:
     with tempfile.TemporaryDirectory() as tmp:
         print(f"  downloading {LITELLM_REQUIREMENT} (wheel only) to extract the encodings")
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-             "--dest", tmp, LITELLM_REQUIREMENT],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--dest",
+                tmp,
+                LITELLM_REQUIREMENT,
+            ],
             check=True,
         )
         wheel = next(Path(tmp).glob("litellm-*.whl"))

@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     dev = commands.add_parser("dev", help="run the embedded stack on this machine")
     dev.add_argument("--host", default="127.0.0.1")
     dev.add_argument("--port", type=int, default=int(os.environ.get("SPOOL_PORT", "8000")))
-    dev.add_argument("--config-env", default="local", help="samconfig.toml environment to read (default: local)")
+    dev.add_argument(
+        "--config-env", default="local", help="samconfig.toml environment to read (default: local)"
+    )
     dev.add_argument(
         "--parameter-overrides",
         default=os.environ.get("SPOOL_PARAMETER_OVERRIDES", ""),

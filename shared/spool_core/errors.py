@@ -23,7 +23,9 @@ class SpoolError(Exception):
         super().__init__(message)
         self.message = message
         self.details: dict[str, Any] = dict(details or {})
-        self.suggestions: list[str] = list(suggestions if suggestions is not None else self.default_suggestions)
+        self.suggestions: list[str] = list(
+            suggestions if suggestions is not None else self.default_suggestions
+        )
 
 
 class InternalError(SpoolError):

@@ -147,7 +147,9 @@ class RestApiEmulator:
         if route is None:
             return self.gateway_response("MISSING_AUTHENTICATION_TOKEN", request_id)
 
-        event = self._proxy_event(method, path, query, headers, body, route, path_params, request_id, source_ip)
+        event = self._proxy_event(
+            method, path, query, headers, body, route, path_params, request_id, source_ip
+        )
         if route.authorized:
             denied = self._authorize(event, route, method, path, request_id)
             if denied is not None:
@@ -230,9 +232,21 @@ class RestApiEmulator:
         auth_event = {
             "type": "REQUEST",
             "methodArn": self.method_arn(method, path),
-            **{k: event[k] for k in ("resource", "path", "httpMethod", "headers", "multiValueHeaders",
-                                     "queryStringParameters", "multiValueQueryStringParameters",
-                                     "pathParameters", "stageVariables", "requestContext")},
+            **{
+                k: event[k]
+                for k in (
+                    "resource",
+                    "path",
+                    "httpMethod",
+                    "headers",
+                    "multiValueHeaders",
+                    "queryStringParameters",
+                    "multiValueQueryStringParameters",
+                    "pathParameters",
+                    "stageVariables",
+                    "requestContext",
+                )
+            },
         }
         started = time.monotonic()
         try:
@@ -280,7 +294,11 @@ class RestApiEmulator:
             .replace("$context.error.messageString", json.dumps(message)[1:-1])
             .replace("$context.error.message", message)
         )
-        headers = {"Content-Type": "application/json", "x-amzn-ErrorType": kind, "x-amzn-RequestId": request_id}
+        headers = {
+            "Content-Type": "application/json",
+            "x-amzn-ErrorType": kind,
+            "x-amzn-RequestId": request_id,
+        }
         for name, value in ((spec.get("ResponseParameters") or {}).get("Headers") or {}).items():
             value = str(value)
             if value.startswith("'") and value.endswith("'"):
@@ -332,7 +350,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _serve  # noqa: N815
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         if self.server.access_log:
             super().log_message(format, *args)
 

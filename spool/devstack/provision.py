@@ -31,7 +31,11 @@ from spool.devstack.template import (
 # is either emulated by the local stack or has no local meaning.
 PROVISIONED_TYPES = ("AWS::DynamoDB::Table", "AWS::SQS::Queue", "AWS::S3::Bucket")
 ACCOUNT_ID = "123456789012"
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing"}
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -144,7 +148,7 @@ class StackDescription:
 
 
 def _client(service: str, endpoint_url: str, region: str) -> Any:
-    return boto3.session.Session().client(
+    return boto3.session.Session().client(  # type: ignore[call-overload]
         service,
         endpoint_url=endpoint_url,
         region_name=region,
@@ -178,7 +182,9 @@ def provision(
         Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in parameters.items()],
     )
     deadline = time.monotonic() + timeout
-    while (status := cfn.describe_stacks(StackName=stack_name)["Stacks"][0]["StackStatus"]) != "CREATE_COMPLETE":
+    while (
+        status := cfn.describe_stacks(StackName=stack_name)["Stacks"][0]["StackStatus"]
+    ) != "CREATE_COMPLETE":
         if status.endswith("FAILED") or "ROLLBACK" in status or time.monotonic() > deadline:
             raise RuntimeError(f"local stack {stack_name} ended {status}")
         time.sleep(0.1)
@@ -207,7 +213,10 @@ def _apply_what_moto_skips(description: StackDescription, resources: Mapping[str
             spec = props["TimeToLiveSpecification"]
             ddb.update_time_to_live(
                 TableName=description.refs[name],
-                TimeToLiveSpecification={"AttributeName": spec["AttributeName"], "Enabled": bool(spec["Enabled"])},
+                TimeToLiveSpecification={
+                    "AttributeName": spec["AttributeName"],
+                    "Enabled": bool(spec["Enabled"]),
+                },
             )
         elif resource["Type"] == "AWS::S3::Bucket":
             bucket = description.refs[name]
@@ -222,7 +231,11 @@ def _apply_what_moto_skips(description: StackDescription, resources: Mapping[str
 
 def _lifecycle_rule(rule: Mapping[str, Any]) -> dict[str, Any]:
     """A CloudFormation lifecycle rule in the S3 API's shape (the fields the template uses)."""
-    api: dict[str, Any] = {"ID": rule.get("Id", "rule"), "Status": rule["Status"], "Filter": {"Prefix": rule.get("Prefix", "")}}
+    api: dict[str, Any] = {
+        "ID": rule.get("Id", "rule"),
+        "Status": rule["Status"],
+        "Filter": {"Prefix": rule.get("Prefix", "")},
+    }
     if "ExpirationInDays" in rule:
         api["Expiration"] = {"Days": int(rule["ExpirationInDays"])}
     if "AbortIncompleteMultipartUpload" in rule:
@@ -247,7 +260,9 @@ def _describe_resources(
         elif kind == "AWS::SQS::Queue":
             queue_name = ident.rstrip("/").rsplit("/", 1)[-1]
             url = sqs.get_queue_url(QueueName=queue_name)["QueueUrl"]
-            arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+            arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"][
+                "QueueArn"
+            ]
             description.refs[name] = url
             description.attributes[f"{name}.Arn"] = arn
             description.attributes[f"{name}.QueueName"] = queue_name
@@ -267,7 +282,8 @@ def _describe_unprovisioned(description: StackDescription, template: Template) -
         if resource["Type"] == "AWS::Serverless::Function":
             function_name = f"{description.stack_name}-{name}"
             description.refs[name] = function_name
-            description.attributes[f"{name}.Arn"] = f"arn:aws:lambda:{region}:{ACCOUNT_ID}:function:{function_name}"
+            description.attributes[f"{name}.Arn"] = (
+                f"arn:aws:lambda:{region}:{ACCOUNT_ID}:function:{function_name}"
+            )
         else:
             description.refs[name] = f"{description.stack_name}-{name}".lower()
-

@@ -64,7 +64,9 @@ def load_handler(spec: FunctionSpec, root: Path) -> HandlerFn:
 class LocalFunction:
     """A function with a pool of warm containers; concurrent invocations use different containers."""
 
-    def __init__(self, spec: FunctionSpec, root: Path, *, region: str, name: str, max_concurrency: int = 16) -> None:
+    def __init__(
+        self, spec: FunctionSpec, root: Path, *, region: str, name: str, max_concurrency: int = 16
+    ) -> None:
         self.spec = spec
         self._root = root
         self._region = region
@@ -101,7 +103,9 @@ class LocalFunction:
         try:
             result = future.result(timeout=timeout or self.spec.timeout)
         except FutureTimeout:
-            raise InvocationTimeout(f"{self.spec.logical_id} timed out after {timeout or self.spec.timeout}s") from None
+            raise InvocationTimeout(
+                f"{self.spec.logical_id} timed out after {timeout or self.spec.timeout}s"
+            ) from None
         except BaseException:
             self._release(handler)
             raise

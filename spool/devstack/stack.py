@@ -37,13 +37,25 @@ def parse_dev_keys(text: str) -> dict[str, str]:
     return keys
 
 
-def local_overrides(environ: Mapping[str, str]) -> dict[str, str]:
+def local_overrides(environ: Mapping[str, str], template: Template) -> dict[str, str]:
+    """Local values for the handlers' environment: the encodings on this machine, tracing and metrics
+    off, and the caller's SPOOL_*/POWERTOOLS_* knobs. Variables the template computes from its
+    resources or parameters (table names, queue URLs, ...) always come from the stack; to change a
+    parameter, use --parameter-overrides as with sam deploy."""
+    computed = {
+        name
+        for spec in template.functions().values()
+        for name, value in spec.environment.items()
+        if not isinstance(value, str)
+    }
     overrides = {
         "TIKTOKEN_CACHE_DIR": environ.get("TIKTOKEN_CACHE_DIR", str(PROJECT_ROOT / ".cache" / "tiktoken")),
         "POWERTOOLS_TRACE_DISABLED": "true",
         "POWERTOOLS_METRICS_DISABLED": "true",
     }
-    overrides.update({k: v for k, v in environ.items() if k.startswith(PASSTHROUGH_PREFIXES)})
+    overrides.update(
+        {k: v for k, v in environ.items() if k.startswith(PASSTHROUGH_PREFIXES) and k not in computed}
+    )
     return overrides
 
 
@@ -103,7 +115,7 @@ class EmbeddedStack:
         description = provision(
             self.template, self.moto.url, stack_name=self.stack_name, overrides=self.overrides
         )
-        description.overrides = local_overrides(os.environ)
+        description.overrides = local_overrides(os.environ, self.template)
         description.save(self.state_path)
         self.description = description
         os.environ.update(description.environment(self.template))

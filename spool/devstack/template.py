@@ -46,8 +46,25 @@ def _intrinsic(name: str) -> Callable[[yaml.Loader, yaml.Node], Any]:
     return construct
 
 
-for _tag in ("Ref", "GetAtt", "Sub", "Join", "Select", "Split", "If", "Equals", "Not", "And", "Or",
-             "FindInMap", "GetAZs", "ImportValue", "Base64", "Condition", "Cidr"):
+for _tag in (
+    "Ref",
+    "GetAtt",
+    "Sub",
+    "Join",
+    "Select",
+    "Split",
+    "If",
+    "Equals",
+    "Not",
+    "And",
+    "Or",
+    "FindInMap",
+    "GetAZs",
+    "ImportValue",
+    "Base64",
+    "Condition",
+    "Cidr",
+):
     _CfnLoader.add_constructor(f"!{_tag}", _intrinsic(_tag))
 
 
@@ -177,8 +194,13 @@ class Template:
                 if event["Type"] == "Api":
                     auth = (ep.get("Auth") or {}).get("Authorizer")
                     api_events.append(
-                        ApiEvent(event_name, _ref_name(ep.get("RestApiId")), ep["Path"], ep["Method"].upper(),
-                                 authorized=auth != "NONE")
+                        ApiEvent(
+                            event_name,
+                            _ref_name(ep.get("RestApiId")),
+                            ep["Path"],
+                            ep["Method"].upper(),
+                            authorized=auth != "NONE",
+                        )
                     )
                 elif event["Type"] == "SQS":
                     sqs_events.append(
@@ -252,7 +274,7 @@ class Resolver:
         if not isinstance(value, dict):
             return value
         if len(value) == 1:
-            (key, arg), = value.items()
+            ((key, arg),) = value.items()
             if key == "Ref":
                 return self.ref(arg)
             if key == "Fn::GetAtt":

@@ -21,7 +21,9 @@ def event_sources(description: StackDescription, template: Template) -> list[Sqs
     import boto3
 
     resolver = description.resolver()
-    sqs = boto3.session.Session().client("sqs", endpoint_url=description.endpoint_url, region_name=description.region)
+    sqs = boto3.session.Session().client(
+        "sqs", endpoint_url=description.endpoint_url, region_name=description.region
+    )
     sources = []
     for name, spec in template.functions().items():
         if not spec.sqs_events:
@@ -44,7 +46,9 @@ def event_sources(description: StackDescription, template: Template) -> list[Sqs
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Run the template's SQS event sources against the local stack")
+    parser = argparse.ArgumentParser(
+        description="Run the template's SQS event sources against the local stack"
+    )
     parser.add_argument("--state", type=Path, required=True, help="stack description written by the stack")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="worker: %(message)s")

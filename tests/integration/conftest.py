@@ -43,7 +43,7 @@ def stack(template: Template, moto_server: MotoServer) -> Iterator[StackDescript
         stack_name="spool-it",
         overrides={"WorkerVisibilityTimeoutSeconds": "1", "MaxReceiveCount": "2"},
     )
-    description.overrides = local_overrides({})
+    description.overrides = local_overrides({}, template)
     with pytest.MonkeyPatch.context() as patch:
         for name, value in description.environment(template).items():
             patch.setenv(name, value)

@@ -14,8 +14,12 @@ from tests.support import load_event, response_json
 
 
 def test_every_function_in_the_template_has_a_sample_event(template: Template) -> None:
-    samples = {"AuthorizerFunction": "authorizer", "HealthFunction": "health", "ContextsFunction": "contexts",
-               "WorkerFunction": "worker"}
+    samples = {
+        "AuthorizerFunction": "authorizer",
+        "HealthFunction": "health",
+        "ContextsFunction": "contexts",
+        "WorkerFunction": "worker",
+    }
     assert set(template.functions()) <= set(samples), "add a sample event for the new function"
     for name in template.functions():
         assert load_event(samples[name])
@@ -51,7 +55,9 @@ def test_health_reports_each_dependency_with_latency(invoke: Any) -> None:
     assert body["checks"]["queue"]["dead_letter_depth"] == 0
 
 
-def test_health_is_503_down_when_a_dependency_is_missing(invoke: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_health_is_503_down_when_a_dependency_is_missing(
+    invoke: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("SPOOL_BUCKET", "no-such-bucket")
     response = invoke("HealthFunction", load_event("health"))
     assert response["statusCode"] == 503
@@ -77,7 +83,9 @@ def test_contexts_function_answers_its_sample_event(invoke: Any) -> None:
     assert "error" in response_json(response) or "context_id" in response_json(response)
 
 
-def test_worker_reports_unparseable_messages_as_batch_item_failures(invoke: Any, stack: StackDescription) -> None:
+def test_worker_reports_unparseable_messages_as_batch_item_failures(
+    invoke: Any, stack: StackDescription
+) -> None:
     event = load_event("worker")
     good = event["Records"][0]
     bad = {**good, "messageId": "bad-1", "body": json.dumps({"unexpected": True})}

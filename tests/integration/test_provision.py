@@ -9,7 +9,9 @@ from spool.devstack.template import Template
 from tests.integration.conftest import client
 
 
-def test_every_table_has_the_templates_key_schema_billing_and_ttl(template: Template, stack: StackDescription) -> None:
+def test_every_table_has_the_templates_key_schema_billing_and_ttl(
+    template: Template, stack: StackDescription
+) -> None:
     ddb = client("dynamodb", stack)
     for name, resource in template.resources_of_type("AWS::DynamoDB::Table").items():
         props = resource["Properties"]
@@ -28,12 +30,19 @@ def test_the_chunk_table_streams_new_images(stack: StackDescription) -> None:
     assert stack.attributes["ChunksTable.StreamArn"] == table["LatestStreamArn"]
 
 
-def test_the_queue_takes_parameter_overrides_and_redrives_to_the_dead_letter_queue(stack: StackDescription) -> None:
+def test_the_queue_takes_parameter_overrides_and_redrives_to_the_dead_letter_queue(
+    stack: StackDescription,
+) -> None:
     sqs = client("sqs", stack)
-    attributes = sqs.get_queue_attributes(QueueUrl=stack.refs["JobsQueue"], AttributeNames=["All"])["Attributes"]
+    attributes = sqs.get_queue_attributes(QueueUrl=stack.refs["JobsQueue"], AttributeNames=["All"])[
+        "Attributes"
+    ]
     assert attributes["VisibilityTimeout"] == "1"
     redrive = json.loads(attributes["RedrivePolicy"])
-    assert redrive == {"deadLetterTargetArn": stack.attributes["JobsDeadLetterQueue.Arn"], "maxReceiveCount": 2}
+    assert redrive == {
+        "deadLetterTargetArn": stack.attributes["JobsDeadLetterQueue.Arn"],
+        "maxReceiveCount": 2,
+    }
 
 
 def test_function_environment_resolves_every_reference(template: Template, stack: StackDescription) -> None:

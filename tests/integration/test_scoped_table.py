@@ -19,7 +19,12 @@ def table(stack: StackDescription, tenant: str) -> ScopedTable:
 def test_a_tenant_reads_its_own_items_and_never_anothers(stack: StackDescription) -> None:
     acme, globex = table(stack, "acme"), table(stack, "globex")
     acme.put("job", "job_1", {"status": "queued", "ratio": 0.5, "tags": ["a"]})
-    assert acme.get("job", "job_1") == {"pk": "acme#job#job_1", "status": "queued", "ratio": 0.5, "tags": ["a"]}
+    assert acme.get("job", "job_1") == {
+        "pk": "acme#job#job_1",
+        "status": "queued",
+        "ratio": 0.5,
+        "tags": ["a"],
+    }
     assert globex.get("job", "job_1") is None
     globex.delete("job", "job_1")  # a no-op on acme's item
     assert acme.get("job", "job_1") is not None
@@ -32,7 +37,12 @@ def test_conditional_writes_raise_condition_failed_with_the_current_item(stack: 
         acme.put("job", "job_2", {"status": "running"}, condition="attribute_not_exists(pk)")
     assert failed.value.item is not None and failed.value.item["status"] == "queued"
     updated = acme.update(
-        "job", "job_2", "SET #s = :s", condition="#s = :q", names={"#s": "status"}, values={":s": "running", ":q": "queued"}
+        "job",
+        "job_2",
+        "SET #s = :s",
+        condition="#s = :q",
+        names={"#s": "status"},
+        values={":s": "running", ":q": "queued"},
     )
     assert updated["status"] == "running"
 

@@ -37,15 +37,27 @@ def test_failed_messages_are_retried_then_dead_lettered(stack: StackDescription)
     for body in ("ok-1", "poison", "ok-2"):
         sqs.send_message(QueueUrl=queue, MessageBody=body)
     function = Recorder({"poison"})
-    event = SqsEvent("Jobs", "JobsQueue", batch_size=5, batching_window_seconds=0, report_batch_item_failures=True)
-    source = SqsEventSource(sqs, queue, stack.attributes["JobsQueue.Arn"], function, event,  # type: ignore[arg-type]
-                            region=stack.region, poll_seconds=0)
+    event = SqsEvent(
+        "Jobs", "JobsQueue", batch_size=5, batching_window_seconds=0, report_batch_item_failures=True
+    )
+    source = SqsEventSource(
+        sqs,
+        queue,
+        stack.attributes["JobsQueue.Arn"],
+        function,
+        event,  # type: ignore[arg-type]
+        region=stack.region,
+        poll_seconds=0,
+    )
 
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         source.poll_once()
-        dead_count = int(sqs.get_queue_attributes(QueueUrl=dead, AttributeNames=["ApproximateNumberOfMessages"])
-                         ["Attributes"]["ApproximateNumberOfMessages"])
+        dead_count = int(
+            sqs.get_queue_attributes(QueueUrl=dead, AttributeNames=["ApproximateNumberOfMessages"])[
+                "Attributes"
+            ]["ApproximateNumberOfMessages"]
+        )
         if dead_count:
             break
         time.sleep(0.2)

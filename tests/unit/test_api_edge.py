@@ -121,11 +121,14 @@ def test_domain_errors_map_through_the_one_table(handler: Any) -> None:
     assert_envelope(body, "not_found")
 
 
-def test_uncaught_exceptions_are_500_without_internals(handler: Any, caplog: pytest.LogCaptureFixture) -> None:
+def test_uncaught_exceptions_are_500_without_internals(
+    handler: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.ERROR)
     status, _, body = call(handler, "GET", "/v1/widgets/boom")
     assert status == 500
     error = assert_envelope(body, "internal_error")
+    assert error["message"] == "Internal error while handling the request"
     assert "secret" not in str(body)
     assert "Traceback" not in str(body)
     (record,) = [r for r in caplog.records if r.exc_info]

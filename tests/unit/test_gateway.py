@@ -31,14 +31,30 @@ def allow(event: dict[str, Any]) -> dict[str, Any]:
         "principalId": "key_1",
         "policyDocument": {
             "Version": "2012-10-17",
-            "Statement": [{"Action": "execute-api:Invoke", "Effect": effect, "Resource": [event["methodArn"].split("/")[0] + "/*/*/*"]}],
+            "Statement": [
+                {
+                    "Action": "execute-api:Invoke",
+                    "Effect": effect,
+                    "Resource": [event["methodArn"].split("/")[0] + "/*/*/*"],
+                }
+            ],
         },
         "context": {"tenant_id": "acme", "admin": False},
     }
 
 
 def echo(event: dict[str, Any]) -> dict[str, Any]:
-    return {"statusCode": 200, "multiValueHeaders": {"X-Request-Id": [event["requestContext"]["requestId"]]}, "body": json.dumps({"resource": event["resource"], "params": event["pathParameters"], "auth": event["requestContext"].get("authorizer")})}
+    return {
+        "statusCode": 200,
+        "multiValueHeaders": {"X-Request-Id": [event["requestContext"]["requestId"]]},
+        "body": json.dumps(
+            {
+                "resource": event["resource"],
+                "params": event["pathParameters"],
+                "auth": event["requestContext"].get("authorizer"),
+            }
+        ),
+    }
 
 
 @pytest.fixture
@@ -62,8 +78,11 @@ def body(response: Any) -> Any:
 
 
 def test_routes_prefer_literal_segments_over_parameters_over_greedy() -> None:
-    routes = [Route.build("/{proxy+}", "ANY", "F", False), Route.build("/v1/contexts/{id}", "ANY", "C", True),
-              Route.build("/v1/contexts/uploads", "ANY", "U", True)]
+    routes = [
+        Route.build("/{proxy+}", "ANY", "F", False),
+        Route.build("/v1/contexts/{id}", "ANY", "C", True),
+        Route.build("/v1/contexts/uploads", "ANY", "U", True),
+    ]
     emulator = RestApiEmulator.__new__(RestApiEmulator)
     emulator.routes = routes
     assert emulator.match("/v1/contexts/uploads")[0][0].function == "U"
@@ -100,7 +119,7 @@ def test_an_authorizer_that_raises_unauthorized_is_401_and_one_that_breaks_is_50
     emulator: RestApiEmulator, functions: Any
 ) -> None:
     def unauthorized(event: Any) -> Any:
-        raise Exception("Unauthorized")  # noqa: TRY002 - what Lambda authorizers raise
+        raise Exception("Unauthorized")
 
     functions["AuthorizerFunction"].behaviour = unauthorized
     assert emulator.handle("GET", "/v1/contexts", {}, b"").status == 401
@@ -115,7 +134,9 @@ def test_public_routes_skip_the_authorizer(emulator: RestApiEmulator, functions:
     assert functions["AuthorizerFunction"].events == []
 
 
-def test_handler_failures_and_timeouts_become_gateway_responses(emulator: RestApiEmulator, functions: Any) -> None:
+def test_handler_failures_and_timeouts_become_gateway_responses(
+    emulator: RestApiEmulator, functions: Any
+) -> None:
     def crash(event: Any) -> Any:
         raise RuntimeError("boom")
 

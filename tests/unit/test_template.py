@@ -60,7 +60,10 @@ def test_functions_merge_globals_and_read_their_routes(template: Template) -> No
     assert health.module_file == "functions/health/app.py"
     assert health.function_name == "lambda_handler"
     assert health.environment["POWERTOOLS_SERVICE_NAME"] == "spool"
-    assert {(e.path, e.authorized) for e in health.api_events} >= {("/v1/health", False), ("/{proxy+}", False)}
+    assert {(e.path, e.authorized) for e in health.api_events} >= {
+        ("/v1/health", False),
+        ("/{proxy+}", False),
+    }
     contexts = functions["ContextsFunction"]
     assert all(e.authorized for e in contexts.api_events)
     for spec in functions.values():
@@ -96,3 +99,19 @@ def test_load_rejects_a_file_that_is_not_a_template(tmp_path: Path) -> None:
     bad.write_text("just: text\n")
     with pytest.raises(TemplateError):
         Template.load(bad)
+
+
+def test_local_overrides_pass_knobs_but_never_resource_names(template: Template) -> None:
+    from spool.devstack.stack import local_overrides, parse_dev_keys
+
+    overrides = local_overrides(
+        {"SPOOL_FLUSH_MS": "50", "SPOOL_BUCKET": "elsewhere", "HOME": "/root", "POWERTOOLS_LOG_LEVEL": "DEBUG"},
+        template,
+    )
+    assert overrides["SPOOL_FLUSH_MS"] == "50"
+    assert "SPOOL_BUCKET" not in overrides
+    assert "HOME" not in overrides
+    assert overrides["POWERTOOLS_TRACE_DISABLED"] == "true"
+    assert parse_dev_keys("a:t1, b:t2") == {"a": "t1", "b": "t2"}
+    with pytest.raises(ValueError, match="key:tenant"):
+        parse_dev_keys("just-a-key")

@@ -14,7 +14,10 @@ class FakeSqs:
         self.deleted: list[str] = []
 
     def receive_message(self, **kwargs: Any) -> dict[str, Any]:
-        batch, self.messages = self.messages[: kwargs["MaxNumberOfMessages"]], self.messages[kwargs["MaxNumberOfMessages"] :]
+        batch, self.messages = (
+            self.messages[: kwargs["MaxNumberOfMessages"]],
+            self.messages[kwargs["MaxNumberOfMessages"] :],
+        )
         return {"Messages": batch}
 
     def delete_message_batch(self, QueueUrl: str, Entries: list[dict[str, str]]) -> None:  # noqa: N803
@@ -43,7 +46,9 @@ def message(n: int) -> dict[str, Any]:
 
 
 def source(sqs: FakeSqs, function: FakeFunction, report: bool = True) -> SqsEventSource:
-    event = SqsEvent("Jobs", "JobsQueue", batch_size=5, batching_window_seconds=0, report_batch_item_failures=report)
+    event = SqsEvent(
+        "Jobs", "JobsQueue", batch_size=5, batching_window_seconds=0, report_batch_item_failures=report
+    )
     return SqsEventSource(sqs, "url", "arn:aws:sqs:us-east-1:1:q", function, event, region="us-east-1")  # type: ignore[arg-type]
 
 
@@ -80,7 +85,9 @@ def test_unknown_failure_ids_fail_the_whole_batch() -> None:
 
 def test_without_report_batch_item_failures_a_returned_value_means_success() -> None:
     sqs = FakeSqs([message(1)])
-    source(sqs, FakeFunction(lambda e: {"batchItemFailures": [{"itemIdentifier": "m1"}]}), report=False).poll_once()
+    source(
+        sqs, FakeFunction(lambda e: {"batchItemFailures": [{"itemIdentifier": "m1"}]}), report=False
+    ).poll_once()
     assert sqs.deleted == ["r1"]
 
 

@@ -185,6 +185,6 @@ class ScopedTable:
             return call(**kwargs)
         except ClientError as exc:
             if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
-                old = exc.response.get("Item")
+                old: Any = exc.response.get("Item")
                 raise ConditionFailed(deserialize(old) if old else None) from exc
             raise

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
@@ -26,16 +26,17 @@ def s3_bucket(client: S3Client, bucket: str) -> Mapping[str, Any]:
     return {}
 
 
-_DEPTH = "ApproximateNumberOfMessages"
-_IN_FLIGHT = "ApproximateNumberOfMessagesNotVisible"
+_DEPTH: Final = "ApproximateNumberOfMessages"
+_IN_FLIGHT: Final = "ApproximateNumberOfMessagesNotVisible"
 
 
 def sqs_queues(client: SQSClient, queue_url: str, dead_letter_url: str) -> Mapping[str, Any]:
-    names: Any = [_DEPTH, _IN_FLIGHT]
-    queue = client.get_queue_attributes(QueueUrl=queue_url, AttributeNames=names)["Attributes"]
-    dead = client.get_queue_attributes(QueueUrl=dead_letter_url, AttributeNames=names)["Attributes"]
+    queue = client.get_queue_attributes(QueueUrl=queue_url, AttributeNames=[_DEPTH, _IN_FLIGHT])["Attributes"]
+    dead = client.get_queue_attributes(QueueUrl=dead_letter_url, AttributeNames=[_DEPTH, _IN_FLIGHT])[
+        "Attributes"
+    ]
     return {
-        "depth": int(queue.get(_DEPTH, 0)),
-        "in_flight": int(queue.get(_IN_FLIGHT, 0)),
-        "dead_letter_depth": int(dead.get(_DEPTH, 0)),
+        "depth": int(queue.get(_DEPTH, "0")),
+        "in_flight": int(queue.get(_IN_FLIGHT, "0")),
+        "dead_letter_depth": int(dead.get(_DEPTH, "0")),
     }

@@ -20,7 +20,14 @@ from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from spool_core.api.errors import envelope, status_for
-from spool_core.errors import InternalError, InvalidRequest, MethodNotAllowed, NotFound, SpoolError, Unauthorized
+from spool_core.errors import (
+    InternalError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    SpoolError,
+    Unauthorized,
+)
 from spool_core.observability import logger, metrics, tracer
 from spool_core.tenancy import InvalidTenantId, Tenant
 
@@ -44,7 +51,9 @@ def json_response(
     )
 
 
-def error_response(app: APIGatewayRestResolver, error: SpoolError, headers: dict[str, str] | None = None) -> Response[str]:
+def error_response(
+    app: APIGatewayRestResolver, error: SpoolError, headers: dict[str, str] | None = None
+) -> Response[str]:
     return json_response(status_for(error), envelope(error, request_id(app)), headers)
 
 
@@ -65,13 +74,13 @@ def _allowed_methods(app: APIGatewayRestResolver, path: str) -> list[str]:
 def create_resolver() -> APIGatewayRestResolver:
     app = APIGatewayRestResolver(enable_validation=True)
 
-    @app.exception_handler(SpoolError)
+    @app.exception_handler(SpoolError)  # type: ignore[untyped-decorator]
     def _domain_error(exc: SpoolError) -> Response[str]:
         if status_for(exc) >= 500:
             logger.exception("request failed", extra={"code": exc.code})
         return error_response(app, exc)
 
-    @app.exception_handler(RequestValidationError)
+    @app.exception_handler(RequestValidationError)  # type: ignore[untyped-decorator]
     def _invalid(exc: RequestValidationError) -> Response[str]:
         fields = _field_errors(exc)
         if any(f["type"] == "json_invalid" for f in fields):
@@ -82,7 +91,9 @@ def create_resolver() -> APIGatewayRestResolver:
             )
         else:
             names = ", ".join(f["field"] for f in fields)
-            error = InvalidRequest(f"The request does not match the schema: {names}", details={"fields": fields})
+            error = InvalidRequest(
+                f"The request does not match the schema: {names}", details={"fields": fields}
+            )
         return error_response(app, error)
 
     @app.not_found
@@ -100,7 +111,7 @@ def create_resolver() -> APIGatewayRestResolver:
             app, NotFound(f"No route for {event.http_method} {event.path}", details={"path": event.path})
         )
 
-    @app.exception_handler(Exception)
+    @app.exception_handler(Exception)  # type: ignore[untyped-decorator]
     def _uncaught(exc: Exception) -> Response[str]:
         logger.exception("unhandled error", extra={"request_id": request_id(app)})
         return error_response(app, InternalError("Internal error while handling the request"))
