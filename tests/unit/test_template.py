@@ -105,7 +105,12 @@ def test_local_overrides_pass_knobs_but_never_resource_names(template: Template)
     from spool.devstack.stack import local_overrides, parse_dev_keys
 
     overrides = local_overrides(
-        {"SPOOL_FLUSH_MS": "50", "SPOOL_BUCKET": "elsewhere", "HOME": "/root", "POWERTOOLS_LOG_LEVEL": "DEBUG"},
+        {
+            "SPOOL_FLUSH_MS": "50",
+            "SPOOL_BUCKET": "elsewhere",
+            "HOME": "/root",
+            "POWERTOOLS_LOG_LEVEL": "DEBUG",
+        },
         template,
     )
     assert overrides["SPOOL_FLUSH_MS"] == "50"
