@@ -1,9 +1,55 @@
-"""/v1/contexts: upload context once, reference it by id, update it by sending only what changed."""
+"""/v1/contexts and /v1/tokens/count: upload context once, reference it by id, update it by
+sending only what changed, and count what a request would cost in tokens."""
 
 from __future__ import annotations
 
-from spool_core.api import api_handler, create_resolver
+from aws_lambda_powertools.event_handler import Response
+
+from spool_core import bootstrap, models
+from spool_core.api import api_handler, create_resolver, json_response, tenant_of
+from spool_core.contexts.model import CreateContextRequest, PatchContextRequest, TokenCountRequest
+from spool_core.observability import logger
 
 app = create_resolver()
+
+
+@app.post("/v1/contexts")
+def create_context(request: CreateContextRequest) -> Response[str]:
+    service = bootstrap.context_service(tenant_of(app))
+    summary = service.create(request)
+    logger.info("context created", extra={"context_id": summary["context_id"], **vars(service.last_stats)})
+    return json_response(201, summary, {"Location": f"/v1/contexts/{summary['context_id']}"})
+
+
+@app.post("/v1/contexts/uploads")
+def create_upload() -> Response[str]:
+    return json_response(201, bootstrap.context_service(tenant_of(app)).begin_upload())
+
+
+@app.get("/v1/contexts/<context_id>")
+def get_context(context_id: str) -> Response[str]:
+    return json_response(200, bootstrap.context_service(tenant_of(app)).get(context_id))
+
+
+@app.patch("/v1/contexts/<context_id>")
+def patch_context(context_id: str, request: PatchContextRequest) -> Response[str]:
+    service = bootstrap.context_service(tenant_of(app))
+    summary = service.patch(context_id, request)
+    logger.info("context updated", extra={"context_id": context_id, **vars(service.last_stats)})
+    return json_response(200, summary)
+
+
+@app.delete("/v1/contexts/<context_id>")
+def delete_context(context_id: str) -> Response[str]:
+    bootstrap.context_service(tenant_of(app)).delete(context_id)
+    return Response(status_code=204, body="")
+
+
+@app.post("/v1/tokens/count")
+def count_tokens(request: TokenCountRequest) -> Response[str]:
+    model = models.registry().resolve(request.model)
+    service = bootstrap.context_service(tenant_of(app))
+    return json_response(200, service.count_tokens(model, request.context_id, request.messages))
+
 
 lambda_handler = api_handler(app)

@@ -11,9 +11,19 @@ from functools import lru_cache, partial
 
 from spool_core.adapters import aws, probes
 from spool_core.adapters.api_keys import DynamoApiKeyStore
+from spool_core.adapters.contexts import (
+    DynamoBlobIndex,
+    DynamoContextTable,
+    S3BlobStore,
+    S3ManifestStore,
+    S3UploadStore,
+)
+from spool_core.adapters.dynamodb import ScopedTable
 from spool_core.auth import ApiKeys
+from spool_core.contexts.service import DAY, ContextLimits, ContextService
 from spool_core.health import HealthService, Probe
 from spool_core.settings import Settings
+from spool_core.tenancy import Tenant, TenantScope
 
 
 def settings() -> Settings:
@@ -51,3 +61,22 @@ def _health(config: Settings) -> HealthService:
 
 def health_service(config: Settings | None = None) -> HealthService:
     return _health(config or settings())
+
+
+def context_service(tenant: Tenant, config: Settings | None = None) -> ContextService:
+    """The context store as one tenant sees it (every adapter bound to the tenant's scope)."""
+    config = config or settings()
+    scope = TenantScope(tenant)
+    s3, table = aws.s3(config), ScopedTable(aws.dynamodb(config), config.contexts_table, scope)
+    return ContextService(
+        DynamoContextTable(table),
+        S3ManifestStore(s3, config.bucket, scope),
+        S3BlobStore(s3, config.bucket, scope),
+        DynamoBlobIndex(table),
+        S3UploadStore(s3, config.bucket, scope),
+        ContextLimits(
+            max_bytes=config.max_context_bytes,
+            max_files=config.max_context_files,
+            blob_retention_seconds=config.blob_retention_days * DAY,
+        ),
+    )

@@ -64,3 +64,24 @@ class DependencyUnavailable(SpoolError):
 
     code = "service_unavailable"
     default_suggestions = ("Retry after a short wait; check GET /v1/health",)
+
+
+class Conflict(SpoolError):
+    code = "conflict"
+    default_suggestions = ("Read the resource again and retry the change",)
+
+
+class Gone(SpoolError):
+    code = "gone"
+
+
+class PayloadTooLarge(SpoolError):
+    code = "payload_too_large"
+    default_suggestions = (
+        "Upload large contexts with POST /v1/contexts/uploads and a presigned PUT",
+        "Send only what changed with PATCH /v1/contexts/{id}",
+    )
+
+
+class ModelNotFound(InvalidRequest):
+    code = "model_not_found"

@@ -24,6 +24,9 @@ class Settings(BaseModel):
     jobs_queue_url: str = Field(alias="SPOOL_JOBS_QUEUE_URL")
     dead_letter_queue_url: str = Field(alias="SPOOL_DEAD_LETTER_QUEUE_URL")
     websocket_url: str | None = Field(default=None, alias="SPOOL_WEBSOCKET_URL")
+    max_context_bytes: int = Field(default=50 * 1024 * 1024, gt=0, alias="SPOOL_MAX_CONTEXT_BYTES")
+    max_context_files: int = Field(default=10_000, gt=0, alias="SPOOL_MAX_CONTEXT_FILES")
+    blob_retention_days: int = Field(default=9, ge=8, alias="SPOOL_BLOB_RETENTION_DAYS")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

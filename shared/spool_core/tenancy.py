@@ -42,11 +42,12 @@ class TenantScope:
             raise ValueError(f"kind {kind!r} must not contain {SEPARATOR!r}")
         return f"{self.tenant.id}{SEPARATOR}{kind}{SEPARATOR}{ident}"
 
-    def object_key(self, *parts: str) -> str:
-        """S3 key under the tenant's prefix: ``t/<tenant>/<part>/<part>...``."""
+    def object_key(self, *parts: str, root: str = "t") -> str:
+        """S3 key under the tenant's prefix: ``<root>/<tenant>/<part>/<part>...`` (root ``t`` by default;
+        short-lived objects use another root so the bucket can expire them by prefix)."""
         if any(not p or "/" in p or p in {".", ".."} for p in parts):
             raise ValueError(f"invalid object key parts {parts!r}")
-        return "/".join(("t", self.tenant.id, *parts))
+        return "/".join((root, self.tenant.id, *parts))
 
     @staticmethod
     def tenant_of_key(key: str) -> Tenant:

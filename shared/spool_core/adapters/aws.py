@@ -27,8 +27,11 @@ _PROBE = Config(connect_timeout=2, read_timeout=2, retries={"mode": "standard", 
 def _client(service: str, region: str, endpoint_url: str | None, probe: bool) -> object:
     with _lock:  # boto3 sessions are not thread-safe while creating clients
         session = boto3.session.Session()
+        config = _PROBE if probe else _DEFAULT
+        if service == "s3":
+            config = config.merge(_S3_SIGNING)
         return session.client(  # type: ignore[call-overload]
-            service, region_name=region, endpoint_url=endpoint_url, config=_PROBE if probe else _DEFAULT
+            service, region_name=region, endpoint_url=endpoint_url, config=config
         )
 
 
@@ -38,6 +41,10 @@ def dynamodb(settings: Settings, *, probe: bool = False) -> DynamoDBClient:
 
 def s3(settings: Settings, *, probe: bool = False) -> S3Client:
     return _client("s3", settings.region, settings.endpoint_url, probe)  # type: ignore[return-value]
+
+
+# Presigned URLs must use Signature Version 4 (the only one new regions accept).
+_S3_SIGNING = Config(signature_version="s3v4")
 
 
 def sqs(settings: Settings, *, probe: bool = False) -> SQSClient:

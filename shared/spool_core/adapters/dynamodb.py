@@ -6,7 +6,8 @@ is built by the ``TenantScope``, so no call can name another tenant's item.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -83,6 +84,31 @@ class ScopedTable:
         )
         item = response.get("Item")
         return deserialize(item) if item else None
+
+    def get_many(
+        self, kind: str, idents: Iterable[str], *, consistent: bool = False
+    ) -> dict[str, dict[str, Any]]:
+        """Items by id (BatchGetItem, 100 keys a call, unprocessed keys retried); missing ids are absent."""
+        keys = {self._scope.key(kind, ident): ident for ident in idents}
+        pending = [serialize({PARTITION_KEY: pk}) for pk in keys]
+        found: dict[str, dict[str, Any]] = {}
+        attempts = 0
+        while pending:
+            batch, pending = pending[:100], pending[100:]
+            request: Any = {self._table: {"Keys": batch, "ConsistentRead": consistent}}
+            response = self._client.batch_get_item(RequestItems=request)
+            for raw in response.get("Responses", {}).get(self._table, []):
+                item = deserialize(raw)
+                found[keys[item[PARTITION_KEY]]] = item
+            left: Any = response.get("UnprocessedKeys") or {}
+            unprocessed = left.get(self._table, {}).get("Keys", [])
+            if unprocessed:
+                attempts += 1
+                if attempts > 8:
+                    raise RuntimeError("DynamoDB kept keys unprocessed; retry later")
+                time.sleep(min(1.0, 0.05 * 2**attempts))
+                pending.extend(unprocessed)
+        return found
 
     def put(
         self,

@@ -5,11 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from spool_core.errors import (
+    Conflict,
     DependencyUnavailable,
+    Gone,
     InternalError,
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
+    PayloadTooLarge,
     SpoolError,
     Unauthorized,
 )
@@ -19,6 +22,9 @@ STATUS_BY_ERROR: dict[type[SpoolError], int] = {
     Unauthorized: 401,
     NotFound: 404,
     MethodNotAllowed: 405,
+    Conflict: 409,
+    Gone: 410,
+    PayloadTooLarge: 413,
     InternalError: 500,
     DependencyUnavailable: 503,
 }

@@ -140,6 +140,25 @@ def _with_request_id(response: dict[str, Any], event: dict[str, Any]) -> dict[st
     return response
 
 
+_FORM = "application/x-www-form-urlencoded"
+
+
+def _as_json(event: dict[str, Any]) -> dict[str, Any]:
+    """Every body of this API is JSON. Clients such as ``curl -d`` label it form-encoded by default;
+    read such bodies (and unlabelled ones) as JSON rather than as a form."""
+    if not event.get("body"):
+        return event
+    headers = event.get("headers") or {}
+    names = [k for k in headers if k.lower() == "content-type"]
+    if names and not headers[names[0]].lower().startswith(_FORM):
+        return event
+    fixed = {k: v for k, v in headers.items() if k.lower() != "content-type"}
+    fixed["Content-Type"] = "application/json"
+    multi = {k: v for k, v in (event.get("multiValueHeaders") or {}).items() if k.lower() != "content-type"}
+    multi["Content-Type"] = ["application/json"]
+    return {**event, "headers": fixed, "multiValueHeaders": multi}
+
+
 def api_handler(app: APIGatewayRestResolver) -> Handler:
     """The Lambda entry point for a resolver: logging with correlation id, tracing, metrics, X-Request-Id."""
 
@@ -147,7 +166,7 @@ def api_handler(app: APIGatewayRestResolver) -> Handler:
     @tracer.capture_lambda_handler
     @metrics.log_metrics
     def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-        return _with_request_id(app.resolve(event, context), event)
+        return _with_request_id(app.resolve(_as_json(event), context), event)
 
     return handler
 

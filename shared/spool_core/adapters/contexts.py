@@ -1,0 +1,178 @@
+"""The context store's S3 and DynamoDB adapters, each bound to one tenant's scope."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import ClientError
+
+from spool_core.adapters.dynamodb import ConditionFailed, ScopedTable
+from spool_core.clock import rfc3339, utc_now
+from spool_core.contexts.model import BlobInfo, ContextRecord, Manifest
+from spool_core.contexts.ports import ConcurrentUpdate
+from spool_core.tenancy import TenantScope
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+CONTEXT_KIND = "ctx"
+BLOB_KIND = "blob"
+UPLOADS_ROOT = "uploads"
+_MISSING = {"NoSuchKey", "404", "NotFound"}
+
+
+def _missing(exc: ClientError) -> bool:
+    return exc.response.get("Error", {}).get("Code") in _MISSING
+
+
+class S3BlobStore:
+    def __init__(self, client: S3Client, bucket: str, scope: TenantScope) -> None:
+        self._client = client
+        self._bucket = bucket
+        self._scope = scope
+
+    def _key(self, sha256: str) -> str:
+        return self._scope.object_key("blobs", sha256)
+
+    def put(self, sha256: str, data: bytes) -> None:
+        self._client.put_object(
+            Bucket=self._bucket, Key=self._key(sha256), Body=data, ContentType="text/plain; charset=utf-8"
+        )
+
+    def get(self, sha256: str) -> bytes:
+        try:
+            body: bytes = self._client.get_object(Bucket=self._bucket, Key=self._key(sha256))["Body"].read()
+        except ClientError as exc:
+            if _missing(exc):
+                raise KeyError(sha256) from exc
+            raise
+        return body
+
+    def refresh(self, sha256: str) -> None:
+        key = self._key(sha256)
+        try:
+            self._client.copy_object(
+                Bucket=self._bucket,
+                Key=key,
+                CopySource={"Bucket": self._bucket, "Key": key},
+                MetadataDirective="REPLACE",
+                Metadata={"refreshed-at": rfc3339(utc_now())},
+                ContentType="text/plain; charset=utf-8",
+            )
+        except ClientError as exc:
+            if _missing(exc):
+                raise KeyError(sha256) from exc
+            raise
+
+
+class S3ManifestStore:
+    def __init__(self, client: S3Client, bucket: str, scope: TenantScope) -> None:
+        self._client = client
+        self._bucket = bucket
+        self._scope = scope
+
+    def put(self, manifest: Manifest) -> str:
+        key = self._scope.object_key("contexts", manifest.context_id, f"v{manifest.version}.json")
+        self._client.put_object(
+            Bucket=self._bucket,
+            Key=key,
+            Body=manifest.model_dump_json().encode(),
+            ContentType="application/json",
+        )
+        return key
+
+    def get(self, key: str) -> Manifest:
+        body = self._client.get_object(Bucket=self._bucket, Key=key)["Body"].read()
+        return Manifest.model_validate_json(body)
+
+    def delete_all(self, context_id: str) -> None:
+        prefix = self._scope.object_key("contexts", context_id) + "/"
+        paginator = self._client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self._bucket, Prefix=prefix):
+            objects: Any = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+            if objects:
+                self._client.delete_objects(Bucket=self._bucket, Delete={"Objects": objects, "Quiet": True})
+
+
+class S3UploadStore:
+    """Documents clients PUT through presigned URLs, under ``uploads/<tenant>/`` (expired after a day)."""
+
+    def __init__(self, client: S3Client, bucket: str, scope: TenantScope) -> None:
+        self._client = client
+        self._bucket = bucket
+        self._scope = scope
+
+    def _key(self, upload_id: str) -> str:
+        return self._scope.object_key(upload_id, root=UPLOADS_ROOT)
+
+    def presign_put(self, upload_id: str, expires_in: int) -> str:
+        url: str = self._client.generate_presigned_url(
+            "put_object", Params={"Bucket": self._bucket, "Key": self._key(upload_id)}, ExpiresIn=expires_in
+        )
+        return url
+
+    def size(self, upload_id: str) -> int | None:
+        try:
+            head = self._client.head_object(Bucket=self._bucket, Key=self._key(upload_id))
+        except ClientError as exc:
+            if _missing(exc):
+                return None
+            raise
+        return int(head["ContentLength"])
+
+    def read(self, upload_id: str) -> bytes:
+        body: bytes = self._client.get_object(Bucket=self._bucket, Key=self._key(upload_id))["Body"].read()
+        return body
+
+    def delete(self, upload_id: str) -> None:
+        self._client.delete_object(Bucket=self._bucket, Key=self._key(upload_id))
+
+
+class DynamoContextTable:
+    def __init__(self, table: ScopedTable) -> None:
+        self._table = table
+
+    def get(self, context_id: str) -> ContextRecord | None:
+        item = self._table.get(CONTEXT_KIND, context_id)
+        return ContextRecord.model_validate(item) if item else None
+
+    def create(self, record: ContextRecord, ttl: int) -> None:
+        self._table.put(
+            CONTEXT_KIND,
+            record.context_id,
+            {**record.model_dump(), "ttl": ttl},
+            condition="attribute_not_exists(pk)",
+        )
+
+    def replace(self, record: ContextRecord, ttl: int, expected_version: int) -> None:
+        try:
+            self._table.put(
+                CONTEXT_KIND,
+                record.context_id,
+                {**record.model_dump(), "ttl": ttl},
+                condition="version = :expected",
+                values={":expected": expected_version},
+            )
+        except ConditionFailed as exc:
+            raise ConcurrentUpdate(record.context_id) from exc
+
+    def delete(self, context_id: str) -> bool:
+        try:
+            self._table.delete(CONTEXT_KIND, context_id, condition="attribute_exists(pk)")
+        except ConditionFailed:
+            return False
+        return True
+
+
+class DynamoBlobIndex:
+    def __init__(self, table: ScopedTable) -> None:
+        self._table = table
+
+    def get_many(self, shas: Iterable[str]) -> dict[str, BlobInfo]:
+        return {
+            sha: BlobInfo.model_validate(item) for sha, item in self._table.get_many(BLOB_KIND, shas).items()
+        }
+
+    def put(self, info: BlobInfo, ttl: int) -> None:
+        self._table.put(BLOB_KIND, info.sha256, {**info.model_dump(), "ttl": ttl})

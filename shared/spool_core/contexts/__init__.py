@@ -1,0 +1,1 @@
+"""Contexts: upload once, reference by id, update by sending only what changed."""

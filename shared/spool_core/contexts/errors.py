@@ -1,0 +1,56 @@
+"""The contexts' domain errors (their statuses come from the one mapping in spool_core.api)."""
+
+from __future__ import annotations
+
+from spool_core.errors import Conflict, Gone, InvalidRequest, NotFound
+
+
+class ContextNotFound(NotFound):
+    code = "context_not_found"
+    default_suggestions = ("Check the context_id; create a context with POST /v1/contexts",)
+
+
+class ContextExpired(Gone):
+    code = "context_expired"
+    default_suggestions = (
+        "Upload the context again with POST /v1/contexts",
+        "Set a longer ttl_seconds (up to 604800) when creating or updating a context",
+    )
+
+
+class InvalidPath(InvalidRequest):
+    code = "invalid_path"
+    default_suggestions = ("Use relative '/'-separated paths without '..', a leading '/', or NUL characters",)
+
+
+class DuplicatePath(InvalidRequest):
+    code = "duplicate_path"
+    default_suggestions = ("Send each path once",)
+
+
+class InvalidContent(InvalidRequest):
+    code = "invalid_content"
+    default_suggestions = ("Send text files only (valid UTF-8, no NUL characters); skip binaries",)
+
+
+class TooManyFiles(InvalidRequest):
+    code = "too_many_files"
+    default_suggestions = ("Split the context, or leave out generated and vendored files",)
+
+
+class PathNotFound(InvalidRequest):
+    code = "path_not_found"
+    default_suggestions = ("Delete only paths the context holds; GET /v1/contexts/{id} lists them",)
+
+
+class UploadNotFound(NotFound):
+    code = "upload_not_found"
+    default_suggestions = (
+        "Create an upload with POST /v1/contexts/uploads, PUT the document to its upload_url,"
+        " then send its upload_id",
+    )
+
+
+class ContextConflict(Conflict):
+    code = "context_conflict"
+    default_suggestions = ("Another update landed first; read the context again and retry",)

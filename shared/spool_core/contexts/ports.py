@@ -1,0 +1,58 @@
+"""What the context service needs from storage. One tenant's view each: the adapters are built
+for the caller's tenant, so no method takes a tenant and none can reach another's data."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+from spool_core.contexts.model import BlobInfo, ContextRecord, Manifest
+
+
+class ConcurrentUpdate(Exception):
+    """Raised by ``ContextTable.replace`` when the stored version moved on."""
+
+
+class BlobStore(Protocol):
+    def put(self, sha256: str, data: bytes) -> None: ...
+
+    def get(self, sha256: str) -> bytes: ...
+
+    def refresh(self, sha256: str) -> None:
+        """Rewrite the blob in place so the bucket's lifecycle clock starts again."""
+
+
+class BlobIndex(Protocol):
+    def get_many(self, shas: Iterable[str]) -> dict[str, BlobInfo]: ...
+
+    def put(self, info: BlobInfo, ttl: int) -> None:
+        """Store what is known of a blob; the entry expires (``ttl``, epoch seconds) with the blob."""
+
+
+class ManifestStore(Protocol):
+    def put(self, manifest: Manifest) -> str: ...
+
+    def get(self, key: str) -> Manifest: ...
+
+    def delete_all(self, context_id: str) -> None: ...
+
+
+class ContextTable(Protocol):
+    def get(self, context_id: str) -> ContextRecord | None: ...
+
+    def create(self, record: ContextRecord, ttl: int) -> None: ...
+
+    def replace(self, record: ContextRecord, ttl: int, expected_version: int) -> None:
+        """Write ``record`` only if the stored version is still ``expected_version``."""
+
+    def delete(self, context_id: str) -> bool: ...
+
+
+class UploadStore(Protocol):
+    def presign_put(self, upload_id: str, expires_in: int) -> str: ...
+
+    def size(self, upload_id: str) -> int | None: ...
+
+    def read(self, upload_id: str) -> bytes: ...
+
+    def delete(self, upload_id: str) -> None: ...

@@ -1,0 +1,524 @@
+"""The context store's logic: validate, store content-addressed, version by manifest, expire.
+
+Write order keeps every reference valid: blobs, then their index entries, then the manifest, then
+the metadata item that points at it. A failure part-way leaves only unreferenced objects, which the
+bucket's lifecycle rule reclaims; no metadata ever points at a missing blob.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from spool_core import tokens
+from spool_core.chat import Message
+from spool_core.clock import from_epoch, rfc3339
+from spool_core.contexts.errors import (
+    ContextConflict,
+    ContextExpired,
+    ContextNotFound,
+    DuplicatePath,
+    InvalidContent,
+    InvalidPath,
+    PathNotFound,
+    TooManyFiles,
+    UploadNotFound,
+)
+from spool_core.contexts.model import (
+    BlobInfo,
+    ContextRecord,
+    CreateContextRequest,
+    FileEntry,
+    FileIn,
+    Manifest,
+    PatchContextRequest,
+)
+from spool_core.contexts.ports import (
+    BlobIndex,
+    BlobStore,
+    ConcurrentUpdate,
+    ContextTable,
+    ManifestStore,
+    UploadStore,
+)
+from spool_core.errors import InvalidRequest, PayloadTooLarge
+from spool_core.ids import new_id
+from spool_core.models import ModelSpec
+from spool_core.prompt import FILE_CLOSE, file_open, symbols_block
+
+DAY = 86_400.0
+UPLOAD_ID_PREFIX = "upl"
+
+
+@dataclass(frozen=True)
+class ContextLimits:
+    max_bytes: int = 50 * 1024 * 1024
+    max_files: int = 10_000
+    blob_retention_seconds: float = 9 * DAY  # the bucket's lifecycle expiry of context objects
+    upload_url_seconds: int = 900
+    workers: int = 8
+
+
+@dataclass
+class StoreStats:
+    """What one write did: the benchmark and the logs report it."""
+
+    files: int = 0
+    blobs_written: int = 0
+    blobs_reused: int = 0
+    blobs_refreshed: int = 0
+    files_tokenized: int = 0
+    bytes_tokenized: int = 0
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    path: str
+    sha256: str
+    size_bytes: int
+    content: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class LoadedContext:
+    record: ContextRecord
+    manifest: Manifest
+
+
+def validate_path(path: str) -> None:
+    reason = None
+    if not path:
+        reason = "is empty"
+    elif "\x00" in path:
+        reason = "contains a NUL character"
+    elif path.startswith("/"):
+        reason = "starts with '/'; paths are relative"
+    elif "\\" in path:
+        reason = "contains '\\'; use '/' as the separator"
+    elif any(segment in {"", ".", ".."} for segment in path.split("/")):
+        reason = "has an empty, '.' or '..' segment"
+    if reason:
+        raise InvalidPath(f"Invalid path {path!r}: it {reason}", details={"path": path, "reason": reason})
+
+
+class ContextService:
+    def __init__(
+        self,
+        table: ContextTable,
+        manifests: ManifestStore,
+        blobs: BlobStore,
+        index: BlobIndex,
+        uploads: UploadStore,
+        limits: ContextLimits | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._table = table
+        self._manifests = manifests
+        self._blobs = blobs
+        self._index = index
+        self._uploads = uploads
+        self.limits = limits or ContextLimits()
+        self._clock = clock
+        self.last_stats = StoreStats()
+
+    # ------------------------------------------------------------------ reads
+    def load(self, context_id: str) -> LoadedContext:
+        record = self._record(context_id)
+        return LoadedContext(record, self._manifests.get(record.manifest_key))
+
+    def get(self, context_id: str) -> dict[str, Any]:
+        loaded = self.load(context_id)
+        record, manifest = loaded.record, loaded.manifest
+        return {
+            **self._summary(record),
+            "files": [entry.model_dump() for entry in manifest.files],
+            "symbols": [s.model_dump(exclude_none=True) for s in manifest.symbols],
+            "metadata": manifest.metadata,
+            "created_at": record.created_at,
+            "updated_at": record.updated_at,
+        }
+
+    def read_file(self, entry: FileEntry) -> str:
+        return self._blobs.get(entry.sha256).decode("utf-8")
+
+    def _record(self, context_id: str) -> ContextRecord:
+        record = self._table.get(context_id)
+        if record is None:
+            raise ContextNotFound(f"Context '{context_id}' not found", details={"context_id": context_id})
+        if self._clock() >= record.expires_at:
+            expired_at = rfc3339(from_epoch(record.expires_at))
+            raise ContextExpired(
+                f"Context '{context_id}' expired at {expired_at}",
+                details={"context_id": context_id, "expired_at": expired_at},
+            )
+        return record
+
+    # ------------------------------------------------------------------ writes
+    def create(self, request: CreateContextRequest) -> dict[str, Any]:
+        if request.upload_id is not None:
+            return self.create_from_upload(request.upload_id)
+        prepared = self._prepare(request.files)
+        self._check_limits(len(prepared), sum(p.size_bytes for p in prepared))
+        now = self._clock()
+        context_id = new_id("ctx")
+        expires_at = now + request.ttl_seconds
+        entries = self._store(prepared, tokens.DEFAULT_ENCODING, expires_at, {})
+        manifest = Manifest(
+            context_id=context_id,
+            version=1,
+            encoding=tokens.DEFAULT_ENCODING,
+            files=entries,
+            symbols=request.symbols,
+            metadata=request.metadata,
+        )
+        record = self._record_for(manifest, created=now, updated=now, expires_at=expires_at)
+        self._table.create(record, self._ttl(expires_at))
+        return self._summary(record)
+
+    def patch(self, context_id: str, request: PatchContextRequest) -> dict[str, Any]:
+        loaded = self.load(context_id)
+        record, manifest = loaded.record, loaded.manifest
+        current = {entry.path: entry for entry in manifest.files}
+        upserts = self._prepare(request.upsert)
+        self._check_patch_paths(current, upserts, request.delete)
+        deleted = set(request.delete)
+        changed = [p for p in upserts if p.path not in current or current[p.path].sha256 != p.sha256]
+        changed_paths = {p.path for p in changed}
+        kept = {path: e for path, e in current.items() if path not in deleted and path not in changed_paths}
+        size = sum(e.size_bytes for e in kept.values()) + sum(p.size_bytes for p in changed)
+        self._check_limits(len(kept) + len(changed), size)
+
+        now = self._clock()
+        expires_at = now + request.ttl_seconds if request.ttl_seconds is not None else record.expires_at
+        stored = self._store(changed, manifest.encoding, expires_at, kept)
+        merged = {**kept, **{e.path: e for e in stored}}
+        ordered = [merged[path] for path in sorted(merged)]
+
+        symbols = request.symbols if request.symbols is not None else manifest.symbols
+        symbols = [s for s in symbols if s.path not in deleted]
+        metadata = (
+            _merge_patch(manifest.metadata, request.metadata)
+            if request.metadata is not None
+            else manifest.metadata
+        )
+        new_manifest = Manifest(
+            context_id=context_id,
+            version=record.version + 1,
+            encoding=manifest.encoding,
+            files=ordered,
+            symbols=symbols,
+            metadata=metadata,
+        )
+        new_record = self._record_for(new_manifest, created=None, updated=now, expires_at=expires_at)
+        new_record = new_record.model_copy(update={"created_at": record.created_at})
+        try:
+            self._table.replace(new_record, self._ttl(expires_at), expected_version=record.version)
+        except ConcurrentUpdate:
+            raise ContextConflict(
+                f"Context '{context_id}' changed while this update was applied",
+                details={"context_id": context_id, "expected_version": record.version},
+            ) from None
+        return self._summary(new_record)
+
+    def delete(self, context_id: str) -> None:
+        self._record(context_id)  # 404 / 410 as for every use
+        if not self._table.delete(context_id):
+            raise ContextNotFound(f"Context '{context_id}' not found", details={"context_id": context_id})
+        self._manifests.delete_all(context_id)
+
+    # ------------------------------------------------------------------ presigned uploads
+    def begin_upload(self) -> dict[str, Any]:
+        upload_id = new_id(UPLOAD_ID_PREFIX)
+        expires = self._clock() + self.limits.upload_url_seconds
+        return {
+            "upload_id": upload_id,
+            "upload_url": self._uploads.presign_put(upload_id, self.limits.upload_url_seconds),
+            "expires_at": rfc3339(from_epoch(expires)),
+            "max_bytes": self.limits.max_bytes,
+        }
+
+    def create_from_upload(self, upload_id: str) -> dict[str, Any]:
+        size = self._uploads.size(upload_id) if _is_upload_id(upload_id) else None
+        if size is None:
+            raise UploadNotFound(
+                f"Upload '{upload_id}' not found: never uploaded, expired, or another tenant's",
+                details={"upload_id": upload_id},
+            )
+        if size > self.limits.max_bytes:
+            self._uploads.delete(upload_id)
+            raise PayloadTooLarge(
+                f"The uploaded document is {size:,} bytes; the limit is {self.limits.max_bytes:,}",
+                details={"size_bytes": size, "limit_bytes": self.limits.max_bytes},
+            )
+        try:
+            document = CreateContextRequest.model_validate_json(self._uploads.read(upload_id))
+        except ValidationError as exc:
+            fields = [
+                {
+                    "field": ".".join(("upload", *(str(p) for p in e["loc"]))),
+                    "message": e["msg"],
+                    "type": e["type"],
+                }
+                for e in exc.errors()
+            ]
+            raise InvalidRequest(
+                "The uploaded document is not a valid context document",
+                details={"upload_id": upload_id, "fields": fields},
+            ) from None
+        if document.upload_id is not None:
+            raise InvalidRequest(
+                "An uploaded document cannot name another upload", details={"upload_id": upload_id}
+            )
+        summary = self.create(document)
+        self._uploads.delete(upload_id)
+        return summary
+
+    # ------------------------------------------------------------------ token counting
+    def prompt_tokens(self, loaded: LoadedContext, encoding: str) -> int:
+        """Tokens of the context as the prompt lays it out (files with their paths, then symbols)."""
+        manifest = loaded.manifest
+        per_file = self._content_tokens(manifest, encoding)
+        framing = sum(tokens.count(file_open(e.path), encoding) for e in manifest.files)
+        framing += len(manifest.files) * tokens.count(FILE_CLOSE, encoding)
+        symbols = tokens.count(symbols_block(s.model_dump() for s in manifest.symbols), encoding)
+        return sum(per_file) + framing + symbols
+
+    def count_tokens(
+        self, model: ModelSpec, context_id: str | None, messages: Sequence[Message]
+    ) -> dict[str, Any]:
+        family = tokens.family_tokenizer(model.family)
+        context_tokens = 0
+        if context_id:
+            context_tokens = self.prompt_tokens(self.load(context_id), family.encoding)
+        message_tokens = tokens.count_messages((m.model_dump() for m in messages), family.encoding)
+        context_tokens = tokens.calibrate(context_tokens, family.calibration)
+        message_tokens = tokens.calibrate(message_tokens, family.calibration)
+        return {
+            "input_tokens": context_tokens + message_tokens,
+            "context_tokens": context_tokens,
+            "message_tokens": message_tokens,
+            "context_window": model.context_window,
+            "max_output_tokens": model.max_output_tokens,
+        }
+
+    def _content_tokens(self, manifest: Manifest, encoding: str) -> list[int]:
+        if encoding == manifest.encoding:
+            return [e.token_count for e in manifest.files]
+        infos = self._index.get_many({e.sha256 for e in manifest.files})
+        missing = {e.sha256 for e in manifest.files if encoding not in infos.get(e.sha256, _NO_INFO).tokens}
+        if missing:
+            with ThreadPoolExecutor(self.limits.workers) as pool:
+                counted = dict(
+                    pool.map(
+                        lambda sha: (sha, tokens.count(self._blobs.get(sha).decode(), encoding)), missing
+                    )
+                )
+            for sha, count in counted.items():
+                info = infos.get(sha)
+                if info is not None:
+                    info.tokens[encoding] = count
+                    self._index.put(info, self._ttl_of_blob(info))
+                infos.setdefault(
+                    sha, BlobInfo(sha256=sha, size_bytes=0, stored_at=0, tokens={encoding: count})
+                )
+                infos[sha].tokens[encoding] = count
+        return [infos[e.sha256].tokens[encoding] for e in manifest.files]
+
+    # ------------------------------------------------------------------ internals
+    def _prepare(self, files: Iterable[FileIn]) -> list[_Prepared]:
+        files = list(files)
+        if len(files) > self.limits.max_files:
+            raise TooManyFiles(
+                f"{len(files):,} files is more than the limit of {self.limits.max_files:,}",
+                details={"file_count": len(files), "limit": self.limits.max_files},
+            )
+        seen: set[str] = set()
+        duplicates: list[str] = []
+        prepared = []
+        for file in files:
+            validate_path(file.path)
+            if file.path in seen:
+                duplicates.append(file.path)
+            seen.add(file.path)
+            if "\x00" in file.content:
+                raise InvalidContent(
+                    f"File {file.path!r} contains NUL characters (binary content)",
+                    details={"path": file.path, "reason": "contains NUL characters"},
+                )
+            try:
+                data = file.content.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidContent(
+                    f"File {file.path!r} is not valid UTF-8 text",
+                    details={"path": file.path, "reason": "not valid UTF-8"},
+                ) from None
+            prepared.append(_Prepared(file.path, hashlib.sha256(data).hexdigest(), len(data), file.content))
+            del data
+        if duplicates:
+            raise DuplicatePath(
+                f"Paths appear more than once: {', '.join(sorted(set(duplicates)))}",
+                details={"paths": sorted(set(duplicates))},
+            )
+        return prepared
+
+    def _check_limits(self, file_count: int, size_bytes: int) -> None:
+        if file_count > self.limits.max_files:
+            raise TooManyFiles(
+                f"{file_count:,} files is more than the limit of {self.limits.max_files:,}",
+                details={"file_count": file_count, "limit": self.limits.max_files},
+            )
+        if size_bytes > self.limits.max_bytes:
+            raise PayloadTooLarge(
+                f"Context size {size_bytes:,} bytes exceeds the limit of {self.limits.max_bytes:,}",
+                details={"size_bytes": size_bytes, "limit_bytes": self.limits.max_bytes},
+            )
+
+    @staticmethod
+    def _check_patch_paths(
+        current: Mapping[str, FileEntry], upserts: Sequence[_Prepared], deletes: Sequence[str]
+    ) -> None:
+        for path in deletes:
+            validate_path(path)
+        repeated = {p for p in deletes if deletes.count(p) > 1} | ({p.path for p in upserts} & set(deletes))
+        if repeated:
+            raise DuplicatePath(
+                f"Paths named twice in one update: {', '.join(sorted(repeated))}",
+                details={"paths": sorted(repeated)},
+            )
+        missing = sorted(set(deletes) - set(current))
+        if missing:
+            raise PathNotFound(
+                f"Cannot delete paths the context does not hold: {', '.join(missing)}",
+                details={"paths": missing},
+            )
+
+    def _store(
+        self, prepared: Sequence[_Prepared], encoding: str, expires_at: float, kept: Mapping[str, FileEntry]
+    ) -> list[FileEntry]:
+        """Store new content once, count each distinct content once, and make sure every blob the
+        version names (new or kept) outlives the context."""
+        stats = StoreStats(files=len(prepared))
+        unique = {p.sha256: p for p in prepared}
+        kept_shas = {e.sha256 for e in kept.values()} - set(unique)
+        known = self._index.get_many(set(unique) | kept_shas)
+
+        def store(p: _Prepared) -> tuple[BlobInfo, str, bool]:
+            """Make the blob of ``p`` exist and outlive the context; returns (info, action, tokenized)."""
+            info = known.get(p.sha256)
+            if info is not None and self._alive(info, expires_at):
+                action = "reused"
+            elif info is not None and self._blobs_refresh(info):
+                info.stored_at = self._clock()
+                action = "refreshed"
+            else:  # new content, or an index entry whose blob is gone
+                self._blobs.put(p.sha256, p.content.encode("utf-8"))
+                previous = info.tokens if info else {}
+                info = BlobInfo(
+                    sha256=p.sha256, size_bytes=p.size_bytes, stored_at=self._clock(), tokens=previous
+                )
+                action = "written"
+            tokenized = encoding not in info.tokens
+            if tokenized:
+                info.tokens[encoding] = tokens.count(p.content, encoding)
+            if tokenized or action != "reused":
+                self._index.put(info, self._ttl_of_blob(info))
+            return info, action, tokenized
+
+        def keep_alive(sha: str) -> bool:
+            """Kept files were stored before: refresh any that would expire before the context."""
+            info = known.get(sha)
+            if info is not None and self._alive(info, expires_at):
+                return False
+            if info is None or not self._blobs_refresh(info):
+                raise ContextConflict("A file of this context is no longer stored", details={"sha256": sha})
+            info.stored_at = self._clock()
+            self._index.put(info, self._ttl_of_blob(info))
+            return True
+
+        with ThreadPoolExecutor(self.limits.workers) as pool:
+            results = dict(zip(unique, pool.map(store, unique.values()), strict=True))
+            refreshed_kept = sum(pool.map(keep_alive, kept_shas))
+        infos = {sha: info for sha, (info, _, _) in results.items()}
+        actions = [action for _, action, _ in results.values()]
+        stats.blobs_written = actions.count("written")
+        stats.blobs_reused = actions.count("reused")
+        stats.blobs_refreshed = actions.count("refreshed") + refreshed_kept
+        stats.files_tokenized = sum(1 for _, _, tokenized in results.values() if tokenized)
+        stats.bytes_tokenized = sum(unique[sha].size_bytes for sha, (_, _, t) in results.items() if t)
+        self.last_stats = stats
+        return [
+            FileEntry(
+                path=p.path,
+                sha256=p.sha256,
+                size_bytes=p.size_bytes,
+                token_count=infos[p.sha256].tokens[encoding],
+            )
+            for p in prepared
+        ]
+
+    def _blobs_refresh(self, info: BlobInfo) -> bool:
+        try:
+            self._blobs.refresh(info.sha256)
+        except KeyError:
+            return False
+        return True
+
+    def _alive(self, info: BlobInfo, expires_at: float) -> bool:
+        """Will the bucket keep this blob a day beyond ``expires_at``?"""
+        return info.stored_at + self.limits.blob_retention_seconds >= expires_at + DAY
+
+    def _ttl_of_blob(self, info: BlobInfo) -> int:
+        return int(info.stored_at + self.limits.blob_retention_seconds)
+
+    def _ttl(self, expires_at: float) -> int:
+        """DynamoDB TTL of the metadata item: long after expiry, so reads keep answering 410 (not 404)
+        while it lasts; TTL deletion itself is lazy."""
+        return int(expires_at + 30 * DAY)
+
+    def _record_for(
+        self, manifest: Manifest, *, created: float | None, updated: float, expires_at: float
+    ) -> ContextRecord:
+        key = self._manifests.put(manifest)
+        return ContextRecord(
+            context_id=manifest.context_id,
+            version=manifest.version,
+            manifest_key=key,
+            encoding=manifest.encoding,
+            size_bytes=sum(e.size_bytes for e in manifest.files),
+            token_count=sum(e.token_count for e in manifest.files),
+            file_count=len(manifest.files),
+            created_at=rfc3339(from_epoch(created if created is not None else updated)),
+            updated_at=rfc3339(from_epoch(updated)),
+            expires_at=expires_at,
+        )
+
+    def _summary(self, record: ContextRecord) -> dict[str, Any]:
+        return record.summary(rfc3339(from_epoch(record.expires_at)))
+
+
+_NO_INFO = BlobInfo(sha256="", size_bytes=0, stored_at=0)
+
+
+def _is_upload_id(value: str) -> bool:
+    prefix, _, rest = value.partition("_")
+    return prefix == UPLOAD_ID_PREFIX and len(rest) == 26 and rest.isalnum() and rest.islower()
+
+
+def _merge_patch(current: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """RFC 7386 JSON merge patch at the top level: keys set to null are removed."""
+    merged = dict(current)
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    return merged
+
+
+__all__ = ["ContextLimits", "ContextService", "LoadedContext", "StoreStats", "validate_path"]
