@@ -106,8 +106,11 @@ def stop_stack(stack: RunningStack) -> int:
     return code
 
 
+E2E_MAX_CONTEXT_BYTES = 1024 * 1024
+
+
 @pytest.fixture(scope="session")
 def dev_stack() -> Iterator[RunningStack]:
-    stack = start_stack()
+    stack = start_stack({"SPOOL_MAX_CONTEXT_BYTES": str(E2E_MAX_CONTEXT_BYTES)})
     yield stack
     stop_stack(stack)

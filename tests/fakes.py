@@ -1,0 +1,105 @@
+"""In-memory implementations of the ports, for unit tests that run with the network off."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from spool_core.contexts.model import BlobInfo, ContextRecord, Manifest
+from spool_core.contexts.ports import ConcurrentUpdate
+
+
+class MemoryBlobStore:
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.puts = 0
+        self.refreshes = 0
+
+    def put(self, sha256: str, data: bytes) -> None:
+        self.puts += 1
+        self.objects[sha256] = bytes(data)
+
+    def get(self, sha256: str) -> bytes:
+        return self.objects[sha256]
+
+    def refresh(self, sha256: str) -> None:
+        if sha256 not in self.objects:
+            raise KeyError(sha256)
+        self.refreshes += 1
+
+
+class MemoryBlobIndex:
+    def __init__(self) -> None:
+        self.items: dict[str, BlobInfo] = {}
+        self.ttls: dict[str, int] = {}
+
+    def get_many(self, shas: Iterable[str]) -> dict[str, BlobInfo]:
+        return {sha: self.items[sha].model_copy(deep=True) for sha in shas if sha in self.items}
+
+    def put(self, info: BlobInfo, ttl: int) -> None:
+        self.items[info.sha256] = info.model_copy(deep=True)
+        self.ttls[info.sha256] = ttl
+
+
+class MemoryManifestStore:
+    def __init__(self) -> None:
+        self.objects: dict[str, str] = {}
+
+    def put(self, manifest: Manifest) -> str:
+        key = f"contexts/{manifest.context_id}/v{manifest.version}.json"
+        self.objects[key] = manifest.model_dump_json()
+        return key
+
+    def get(self, key: str) -> Manifest:
+        return Manifest.model_validate_json(self.objects[key])
+
+    def delete_all(self, context_id: str) -> None:
+        for key in [k for k in self.objects if k.startswith(f"contexts/{context_id}/")]:
+            del self.objects[key]
+
+
+class MemoryContextTable:
+    def __init__(self) -> None:
+        self.items: dict[str, tuple[ContextRecord, int]] = {}
+        self.before_replace: list[str] = []  # context ids to bump concurrently, once
+
+    def get(self, context_id: str) -> ContextRecord | None:
+        found = self.items.get(context_id)
+        return found[0] if found else None
+
+    def create(self, record: ContextRecord, ttl: int) -> None:
+        assert record.context_id not in self.items
+        self.items[record.context_id] = (record, ttl)
+
+    def replace(self, record: ContextRecord, ttl: int, expected_version: int) -> None:
+        if record.context_id in self.before_replace:
+            self.before_replace.remove(record.context_id)
+            current, old_ttl = self.items[record.context_id]
+            self.items[record.context_id] = (
+                current.model_copy(update={"version": current.version + 1}),
+                old_ttl,
+            )
+        current_record = self.get(record.context_id)
+        if current_record is None or current_record.version != expected_version:
+            raise ConcurrentUpdate(record.context_id)
+        self.items[record.context_id] = (record, ttl)
+
+    def delete(self, context_id: str) -> bool:
+        return self.items.pop(context_id, None) is not None
+
+
+class MemoryUploadStore:
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+
+    def presign_put(self, upload_id: str, expires_in: int) -> str:
+        return f"https://uploads.example/{upload_id}?expires={expires_in}"
+
+    def size(self, upload_id: str) -> int | None:
+        data = self.objects.get(upload_id)
+        return None if data is None else len(data)
+
+    def read(self, upload_id: str) -> bytes:
+        return self.objects[upload_id]
+
+    def delete(self, upload_id: str) -> None:
+        self.objects.pop(upload_id, None)

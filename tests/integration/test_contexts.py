@@ -1,0 +1,156 @@
+"""The contexts function against moto: real S3 objects, real DynamoDB items, real presigned PUTs."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from typing import Any
+
+import pytest
+
+from spool.devstack.provision import StackDescription
+from tests.integration.conftest import client
+from tests.support import api_event, response_json
+
+
+def call(invoke: Any, method: str, path: str, body: Any = None, tenant: str = "local") -> tuple[int, Any]:
+    resource = "/v1/contexts/{context_id}" if path.count("/") == 3 and "uploads" not in path else path
+    event = api_event(method, path, body=body, tenant=tenant, resource=resource)
+    if resource.endswith("{context_id}"):
+        event["pathParameters"] = {"context_id": path.rsplit("/", 1)[1]}
+    response = invoke("ContextsFunction", event)
+    return response["statusCode"], (response_json(response) if response.get("body") else None)
+
+
+def keys_under(stack: StackDescription, prefix: str) -> list[str]:
+    listed = client("s3", stack).list_objects_v2(Bucket=stack.refs["ContextBucket"], Prefix=prefix)
+    return [o["Key"] for o in listed.get("Contents", [])]
+
+
+def test_one_object_per_distinct_content_across_contexts_and_versions(
+    invoke: Any, stack: StackDescription
+) -> None:
+    shared = "def shared():\n    return 'same'\n"
+    files = [{"path": "a.py", "content": shared}, {"path": "b/c.py", "content": shared}]
+    status, first = call(invoke, "POST", "/v1/contexts", {"files": files}, tenant="dedupe")
+    assert status == 201
+    status, _ = call(invoke, "POST", "/v1/contexts", {"files": [files[0]]}, tenant="dedupe")
+    assert status == 201
+    status, _ = call(
+        invoke,
+        "PATCH",
+        f"/v1/contexts/{first['context_id']}",
+        {"upsert": [{"path": "new.py", "content": shared}]},
+        tenant="dedupe",
+    )
+    assert status == 200
+    assert len(keys_under(stack, "t/dedupe/blobs/")) == 1
+    manifests = keys_under(stack, f"t/dedupe/contexts/{first['context_id']}/")
+    assert sorted(k.rsplit("/", 1)[1] for k in manifests) == ["v1.json", "v2.json"]
+
+
+def test_another_tenants_context_is_404_like_an_unknown_one(invoke: Any) -> None:
+    status, created = call(
+        invoke, "POST", "/v1/contexts", {"files": [{"path": "a", "content": "x"}]}, tenant="owner"
+    )
+    assert status == 201
+    path = f"/v1/contexts/{created['context_id']}"
+    for method, body in (("GET", None), ("PATCH", {"delete": ["a"]}), ("DELETE", None)):
+        status, error = call(invoke, method, path, body, tenant="intruder")
+        assert status == 404
+        assert error["error"]["code"] == "context_not_found"
+    assert call(invoke, "GET", path, tenant="owner")[0] == 200
+
+
+def test_expired_context_answers_410_before_ttl_deletes_it(invoke: Any, stack: StackDescription) -> None:
+    status, created = call(
+        invoke, "POST", "/v1/contexts", {"files": [{"path": "a", "content": "x"}], "ttl_seconds": 1}
+    )
+    assert status == 201
+    time.sleep(1.1)
+    status, error = call(invoke, "GET", f"/v1/contexts/{created['context_id']}")
+    assert status == 410
+    assert error["error"]["code"] == "context_expired"
+    assert error["error"]["details"]["expired_at"] == created["expires_at"]
+    item = client("dynamodb", stack).get_item(
+        TableName=stack.refs["ContextsTable"], Key={"pk": {"S": f"local#ctx#{created['context_id']}"}}
+    )
+    assert "Item" in item  # still stored; the expiry is enforced on read
+
+
+def test_presigned_upload_with_a_real_http_put(invoke: Any, stack: StackDescription) -> None:
+    status, ticket = call(invoke, "POST", "/v1/contexts/uploads", tenant="uploader")
+    assert status == 201
+    document = b'{"files": [{"path": "big.txt", "content": "' + b"word " * 1000 + b'"}], "ttl_seconds": 60}'
+    put = urllib.request.Request(ticket["upload_url"], data=document, method="PUT")  # noqa: S310 - moto on loopback
+    put.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(put, timeout=10) as response:  # noqa: S310
+        assert response.status == 200
+    status, created = call(
+        invoke, "POST", "/v1/contexts", {"upload_id": ticket["upload_id"]}, tenant="uploader"
+    )
+    assert status == 201
+    assert created["size_bytes"] == 5000
+    assert keys_under(stack, "uploads/uploader/") == []  # consumed
+    status, error = call(
+        invoke, "POST", "/v1/contexts", {"upload_id": ticket["upload_id"]}, tenant="uploader"
+    )
+    assert status == 404
+    assert error["error"]["code"] == "upload_not_found"
+
+
+def test_an_upload_of_another_tenant_is_not_found(invoke: Any) -> None:
+    status, ticket = call(invoke, "POST", "/v1/contexts/uploads", tenant="alice")
+    put = urllib.request.Request(ticket["upload_url"], data=b'{"files": []}', method="PUT")  # noqa: S310
+    put.add_header("Content-Type", "application/json")
+    urllib.request.urlopen(put, timeout=10).close()  # noqa: S310
+    status, error = call(invoke, "POST", "/v1/contexts", {"upload_id": ticket["upload_id"]}, tenant="mallory")
+    assert status == 404
+    assert error["error"]["code"] == "upload_not_found"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"files": [{"path": "/etc/passwd", "content": "x"}]}, 400, "invalid_path"),
+        ({"files": [{"path": "a", "content": "1"}, {"path": "a", "content": "2"}]}, 400, "duplicate_path"),
+        ({"files": [{"path": "a", "content": "\u0000"}]}, 400, "invalid_content"),
+        ({"files": [], "ttl_seconds": 604801}, 400, "invalid_request"),
+        ({"files": [{"path": "a"}]}, 400, "invalid_request"),
+        ("{broken", 400, "invalid_request"),
+    ],
+)
+def test_bad_input_gets_a_structured_error(invoke: Any, body: Any, status: int, code: str) -> None:
+    got, error = call(invoke, "POST", "/v1/contexts", body)
+    assert got == status
+    assert error["error"]["code"] == code
+    assert error["error"]["suggestions"]
+
+
+def test_size_limit_is_413_with_the_numbers(invoke: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPOOL_MAX_CONTEXT_BYTES", "100")
+    status, error = call(invoke, "POST", "/v1/contexts", {"files": [{"path": "a", "content": "x" * 101}]})
+    assert status == 413
+    assert error["error"]["details"] == {"size_bytes": 101, "limit_bytes": 100}
+
+
+def test_token_count_and_delete(invoke: Any) -> None:
+    status, created = call(
+        invoke, "POST", "/v1/contexts", {"files": [{"path": "a.py", "content": "x = 1\n"}]}
+    )
+    status, counted = call(
+        invoke,
+        "POST",
+        "/v1/tokens/count",
+        {
+            "model": "sim-realtime",
+            "context_id": created["context_id"],
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+    )
+    assert status == 200
+    assert counted["input_tokens"] == counted["context_tokens"] + counted["message_tokens"] > 0
+    assert call(invoke, "DELETE", f"/v1/contexts/{created['context_id']}")[0] == 204
+    assert call(invoke, "GET", f"/v1/contexts/{created['context_id']}")[0] == 404
+    status, error = call(invoke, "POST", "/v1/tokens/count", {"model": "nope"})
+    assert (status, error["error"]["code"]) == (400, "model_not_found")

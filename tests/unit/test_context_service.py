@@ -1,0 +1,281 @@
+"""The context store's logic with in-memory ports: validation, dedupe, versions, expiry, diffs."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from spool_core import tokens
+from spool_core.chat import Message
+from spool_core.contexts.errors import (
+    ContextConflict,
+    ContextExpired,
+    ContextNotFound,
+    DuplicatePath,
+    InvalidContent,
+    InvalidPath,
+    PathNotFound,
+    TooManyFiles,
+    UploadNotFound,
+)
+from spool_core.contexts.model import CreateContextRequest, PatchContextRequest
+from spool_core.contexts.service import DAY, ContextLimits, ContextService
+from spool_core.errors import InvalidRequest, PayloadTooLarge
+from spool_core.models import registry
+from tests.fakes import (
+    MemoryBlobIndex,
+    MemoryBlobStore,
+    MemoryContextTable,
+    MemoryManifestStore,
+    MemoryUploadStore,
+)
+
+
+class Clock:
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Harness:
+    def __init__(self, **limits: Any) -> None:
+        self.table = MemoryContextTable()
+        self.manifests = MemoryManifestStore()
+        self.blobs = MemoryBlobStore()
+        self.index = MemoryBlobIndex()
+        self.uploads = MemoryUploadStore()
+        self.clock = Clock()
+        self.service = ContextService(
+            self.table,
+            self.manifests,
+            self.blobs,
+            self.index,
+            self.uploads,
+            ContextLimits(**limits),
+            self.clock,
+        )
+
+    def create(self, files: dict[str, str], **extra: Any) -> dict[str, Any]:
+        request = CreateContextRequest.model_validate(
+            {"files": [{"path": p, "content": c} for p, c in files.items()], **extra}
+        )
+        return self.service.create(request)
+
+    def patch(self, context_id: str, **body: Any) -> dict[str, Any]:
+        return self.service.patch(context_id, PatchContextRequest.model_validate(body))
+
+
+@pytest.fixture
+def h() -> Harness:
+    return Harness()
+
+
+def test_create_stores_each_distinct_content_once_and_counts_tokens(h: Harness) -> None:
+    summary = h.create({"a.py": "print('x')\n", "b.py": "print('x')\n", "c.md": "# title"}, ttl_seconds=60)
+    assert summary["version"] == 1
+    assert summary["file_count"] == 3
+    assert summary["size_bytes"] == 11 + 11 + 7
+    assert summary["context_id"].startswith("ctx_")
+    assert len(h.blobs.objects) == 2
+    assert summary["token_count"] == 2 * tokens.count("print('x')\n") + tokens.count("# title")
+    assert summary["expires_at"] == "2027-01-15T08:01:00.000Z"
+    detail = h.service.get(summary["context_id"])
+    assert [f["path"] for f in detail["files"]] == ["a.py", "b.py", "c.md"]
+    assert detail["files"][0]["sha256"] == detail["files"][1]["sha256"]
+    assert detail["created_at"] == detail["updated_at"]
+
+
+def test_identical_files_across_contexts_are_neither_stored_nor_tokenized_again(h: Harness) -> None:
+    h.create({"a.py": "x = 1\n" * 100})
+    assert h.service.last_stats.files_tokenized == 1
+    h.create({"renamed.py": "x = 1\n" * 100})
+    assert h.blobs.puts == 1
+    assert h.service.last_stats.blobs_reused == 1
+    assert h.service.last_stats.files_tokenized == 0
+
+
+@pytest.mark.parametrize("path", ["", "/abs.py", "a/../b", "./a", "a//b", "a/", "a\\b", "nul\x00.py"])
+def test_invalid_paths_are_rejected_before_anything_is_written(h: Harness, path: str) -> None:
+    with pytest.raises(InvalidPath) as raised:
+        h.create({"ok.py": "x", path: "y"})
+    assert raised.value.details["path"] == path
+    assert h.blobs.objects == {}
+    assert h.table.items == {}
+
+
+def test_duplicate_paths_are_named(h: Harness) -> None:
+    request = CreateContextRequest.model_validate(
+        {"files": [{"path": "a", "content": "1"}, {"path": "a", "content": "2"}]}
+    )
+    with pytest.raises(DuplicatePath) as raised:
+        h.service.create(request)
+    assert raised.value.details == {"paths": ["a"]}
+
+
+@pytest.mark.parametrize(("content", "reason"), [("bin\x00ary", "NUL"), ("lone \ud800 surrogate", "UTF-8")])
+def test_binary_and_non_utf8_content_is_rejected(h: Harness, content: str, reason: str) -> None:
+    with pytest.raises(InvalidContent) as raised:
+        h.create({"f": content})
+    assert reason in raised.value.details["reason"]
+    assert h.blobs.objects == {}
+
+
+def test_too_many_files_and_too_many_bytes() -> None:
+    h = Harness(max_files=2, max_bytes=10)
+    with pytest.raises(TooManyFiles) as many:
+        h.create({"a": "1", "b": "2", "c": "3"})
+    assert many.value.details == {"file_count": 3, "limit": 2}
+    with pytest.raises(PayloadTooLarge) as large:
+        h.create({"a": "123456", "b": "7890é"})
+    assert large.value.details == {"size_bytes": 12, "limit_bytes": 10}
+    assert h.table.items == {}
+
+
+def test_unknown_and_expired_contexts(h: Harness) -> None:
+    with pytest.raises(ContextNotFound):
+        h.service.get("ctx_missing")
+    summary = h.create({"a": "1"}, ttl_seconds=10)
+    h.clock.now += 10
+    for use in (h.service.get, h.service.load, h.service.delete):
+        with pytest.raises(ContextExpired) as expired:
+            use(summary["context_id"])
+        assert expired.value.details["expired_at"] == summary["expires_at"]
+    with pytest.raises(ContextExpired):
+        h.patch(summary["context_id"], ttl_seconds=100)
+
+
+def test_the_metadata_item_outlives_expiry_so_reads_answer_410(h: Harness) -> None:
+    summary = h.create({"a": "1"}, ttl_seconds=10)
+    _, ttl = h.table.items[summary["context_id"]]
+    assert ttl >= h.clock.now + 10 + 7 * DAY
+
+
+def test_patch_sends_only_what_changed(h: Harness) -> None:
+    files = {f"src/f{i}.py": f"value = {i}\n" * 50 for i in range(20)}
+    summary = h.create(files, metadata={"repo": "acme", "drop": 1}, symbols=[{"name": "f", "path": "old.py"}])
+    context_id = summary["context_id"]
+    h.patch(context_id, upsert=[{"path": "old.py", "content": "legacy"}])
+    puts_before = h.blobs.puts
+
+    updated = h.patch(
+        context_id,
+        upsert=[
+            {"path": "src/f3.py", "content": "changed\n"},
+            {"path": "src/f4.py", "content": files["src/f4.py"]},
+        ],
+        delete=["old.py"],
+        metadata={"team": "core", "drop": None},
+    )
+    assert updated["version"] == 3
+    assert updated["file_count"] == 20
+    assert h.blobs.puts == puts_before + 1  # only the changed file
+    assert h.service.last_stats.files_tokenized == 1
+    detail = h.service.get(context_id)
+    assert detail["metadata"] == {"repo": "acme", "team": "core"}
+    assert detail["symbols"] == []  # symbols of deleted paths go with them
+    by_path = {f["path"]: f for f in detail["files"]}
+    assert by_path["src/f3.py"]["token_count"] == tokens.count("changed\n")
+    assert "old.py" not in by_path
+    assert updated["size_bytes"] == sum(f["size_bytes"] for f in detail["files"])
+
+
+def test_patch_errors(h: Harness) -> None:
+    context_id = h.create({"a": "1", "b": "2"})["context_id"]
+    with pytest.raises(PathNotFound) as missing:
+        h.patch(context_id, delete=["nope", "a"])
+    assert missing.value.details == {"paths": ["nope"]}
+    with pytest.raises(DuplicatePath):
+        h.patch(context_id, upsert=[{"path": "a", "content": "3"}], delete=["a"])
+    with pytest.raises(InvalidPath):
+        h.patch(context_id, delete=["../a"])
+    with pytest.raises(ContextNotFound):
+        h.patch("ctx_other", delete=["a"])
+    assert h.service.get(context_id)["version"] == 1
+
+
+def test_patch_extends_the_ttl_and_keeps_blobs_alive(h: Harness) -> None:
+    context_id = h.create({"a": "1"}, ttl_seconds=int(7 * DAY))["context_id"]
+    h.clock.now += 5 * DAY  # the blob was stored 5 days ago; retention is 9 days
+    h.patch(context_id, ttl_seconds=7 * DAY)
+    assert h.blobs.refreshes == 1  # otherwise the lifecycle rule would delete it before the context expires
+    (info,) = h.index.items.values()
+    assert info.stored_at == h.clock.now
+
+
+def test_a_concurrent_update_is_a_conflict_not_a_lost_write(h: Harness) -> None:
+    context_id = h.create({"a": "1"})["context_id"]
+    h.table.before_replace.append(context_id)
+    with pytest.raises(ContextConflict) as conflict:
+        h.patch(context_id, upsert=[{"path": "b", "content": "2"}])
+    assert conflict.value.details["expected_version"] == 1
+
+
+def test_delete_removes_the_context_and_its_manifests(h: Harness) -> None:
+    context_id = h.create({"a": "1"})["context_id"]
+    h.service.delete(context_id)
+    assert h.manifests.objects == {}
+    with pytest.raises(ContextNotFound):
+        h.service.delete(context_id)
+
+
+def test_uploads_create_a_context_once(h: Harness) -> None:
+    ticket = h.service.begin_upload()
+    assert ticket["max_bytes"] == h.service.limits.max_bytes
+    document = {"files": [{"path": "big.txt", "content": "hello"}], "metadata": {"via": "upload"}}
+    h.uploads.objects[ticket["upload_id"]] = json.dumps(document).encode()
+    summary = h.service.create(CreateContextRequest(upload_id=ticket["upload_id"]))
+    assert summary["file_count"] == 1
+    assert h.uploads.objects == {}  # consumed
+    with pytest.raises(UploadNotFound):
+        h.service.create_from_upload(ticket["upload_id"])
+    with pytest.raises(UploadNotFound):
+        h.service.create_from_upload("../../t/other/blobs/x")
+
+
+def test_invalid_and_oversized_uploads() -> None:
+    h = Harness(max_bytes=100)
+    ticket = h.service.begin_upload()
+    h.uploads.objects[ticket["upload_id"]] = b'{"files": [{"path": "a"}]}'
+    with pytest.raises(InvalidRequest) as invalid:
+        h.service.create_from_upload(ticket["upload_id"])
+    assert invalid.value.details["fields"][0]["field"] == "upload.files.0.content"
+    h.uploads.objects[ticket["upload_id"]] = b"x" * 101
+    with pytest.raises(PayloadTooLarge) as large:
+        h.service.create_from_upload(ticket["upload_id"])
+    assert large.value.details == {"size_bytes": 101, "limit_bytes": 100}
+
+
+def test_upload_id_cannot_be_mixed_with_a_document() -> None:
+    with pytest.raises(ValueError, match="upload_id"):
+        CreateContextRequest.model_validate({"upload_id": "upl_x", "files": [{"path": "a", "content": "b"}]})
+
+
+def test_token_count_lays_the_context_out_as_the_prompt_does(h: Harness) -> None:
+    context_id = h.create(
+        {"src/a.py": "def f():\n    return 1\n"},
+        symbols=[{"name": "f", "kind": "function", "path": "src/a.py", "line": 1}],
+    )["context_id"]
+    model = registry().resolve("sim-fast")
+    counted = h.service.count_tokens(model, context_id, [Message(role="user", content="Explain f")])
+    from spool_core.prompt import file_block, symbols_block
+
+    prompt = file_block("src/a.py", "def f():\n    return 1\n") + symbols_block(
+        [{"name": "f", "kind": "function", "path": "src/a.py", "line": 1}]
+    )
+    assert abs(counted["context_tokens"] - tokens.count(prompt)) <= 2
+    assert counted["message_tokens"] == tokens.count_messages([{"role": "user", "content": "Explain f"}])
+    assert counted["input_tokens"] == counted["context_tokens"] + counted["message_tokens"]
+    assert counted["context_window"] == 128_000
+
+
+def test_other_encodings_are_counted_once_and_cached(h: Harness) -> None:
+    context_id = h.create({"a.txt": "héllo wörld " * 50})["context_id"]
+    loaded = h.service.load(context_id)
+    o200k = h.service.prompt_tokens(loaded, tokens.O200K)
+    (info,) = h.index.items.values()
+    assert info.tokens[tokens.O200K] == tokens.count("héllo wörld " * 50, tokens.O200K)
+    assert h.service.prompt_tokens(loaded, tokens.O200K) == o200k
