@@ -39,6 +39,10 @@ class MemoryBlobIndex:
         self.items[info.sha256] = info.model_copy(deep=True)
         self.ttls[info.sha256] = ttl
 
+    def put_many(self, entries: Iterable[tuple[BlobInfo, int]]) -> None:
+        for info, ttl in entries:
+            self.put(info, ttl)
+
 
 class MemoryManifestStore:
     def __init__(self) -> None:

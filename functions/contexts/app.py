@@ -6,15 +6,18 @@ from __future__ import annotations
 from aws_lambda_powertools.event_handler import Response
 
 from spool_core import bootstrap, models
-from spool_core.api import api_handler, create_resolver, json_response, tenant_of
+from spool_core.api import api_handler, create_resolver, json_response, parse_body, tenant_of
 from spool_core.contexts.model import CreateContextRequest, PatchContextRequest, TokenCountRequest
 from spool_core.observability import logger
 
 app = create_resolver()
 
 
+# Context bodies can be many MB: they are parsed with parse_body (JSON text straight into the model)
+# rather than by the resolver's validation, which would first build a dict copy of the payload.
 @app.post("/v1/contexts")
-def create_context(request: CreateContextRequest) -> Response[str]:
+def create_context() -> Response[str]:
+    request = parse_body(app, CreateContextRequest)
     service = bootstrap.context_service(tenant_of(app))
     summary = service.create(request)
     logger.info("context created", extra={"context_id": summary["context_id"], **vars(service.last_stats)})
@@ -32,7 +35,8 @@ def get_context(context_id: str) -> Response[str]:
 
 
 @app.patch("/v1/contexts/<context_id>")
-def patch_context(context_id: str, request: PatchContextRequest) -> Response[str]:
+def patch_context(context_id: str) -> Response[str]:
+    request = parse_body(app, PatchContextRequest)
     service = bootstrap.context_service(tenant_of(app))
     summary = service.patch(context_id, request)
     logger.info("context updated", extra={"context_id": context_id, **vars(service.last_stats)})

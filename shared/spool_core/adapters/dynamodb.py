@@ -125,6 +125,25 @@ class ScopedTable:
         self._add_condition(kwargs, condition, names, values)
         self._write(self._client.put_item, kwargs)
 
+    def put_many(self, kind: str, items: Mapping[str, Mapping[str, Any]]) -> None:
+        """Unconditional puts of many items (BatchWriteItem, 25 a call, unprocessed items retried)."""
+        pending = [
+            {"PutRequest": {"Item": serialize({**attributes, PARTITION_KEY: self._scope.key(kind, ident)})}}
+            for ident, attributes in items.items()
+        ]
+        attempts = 0
+        while pending:
+            batch, pending = pending[:25], pending[25:]
+            request: Any = {self._table: batch}
+            response = self._client.batch_write_item(RequestItems=request)
+            left: Any = response.get("UnprocessedItems") or {}
+            if left.get(self._table):
+                attempts += 1
+                if attempts > 8:
+                    raise RuntimeError("DynamoDB kept items unprocessed; retry later")
+                time.sleep(min(1.0, 0.05 * 2**attempts))
+                pending.extend(left[self._table])
+
     def update(
         self,
         kind: str,

@@ -28,6 +28,8 @@ class BlobIndex(Protocol):
     def put(self, info: BlobInfo, ttl: int) -> None:
         """Store what is known of a blob; the entry expires (``ttl``, epoch seconds) with the blob."""
 
+    def put_many(self, entries: Iterable[tuple[BlobInfo, int]]) -> None: ...
+
 
 class ManifestStore(Protocol):
     def put(self, manifest: Manifest) -> str: ...

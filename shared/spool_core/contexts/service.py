@@ -62,7 +62,7 @@ class ContextLimits:
     max_files: int = 10_000
     blob_retention_seconds: float = 9 * DAY  # the bucket's lifecycle expiry of context objects
     upload_url_seconds: int = 900
-    workers: int = 8
+    workers: int = 16  # S3 and tiktoken calls in flight (I/O-bound on AWS)
 
 
 @dataclass
@@ -426,29 +426,31 @@ class ContextService:
             tokenized = encoding not in info.tokens
             if tokenized:
                 info.tokens[encoding] = tokens.count(p.content, encoding)
-            if tokenized or action != "reused":
-                self._index.put(info, self._ttl_of_blob(info))
             return info, action, tokenized
 
-        def keep_alive(sha: str) -> bool:
+        def keep_alive(sha: str) -> BlobInfo | None:
             """Kept files were stored before: refresh any that would expire before the context."""
             info = known.get(sha)
             if info is not None and self._alive(info, expires_at):
-                return False
+                return None
             if info is None or not self._blobs_refresh(info):
                 raise ContextConflict("A file of this context is no longer stored", details={"sha256": sha})
             info.stored_at = self._clock()
-            self._index.put(info, self._ttl_of_blob(info))
-            return True
+            return info
 
         with ThreadPoolExecutor(self.limits.workers) as pool:
             results = dict(zip(unique, pool.map(store, unique.values()), strict=True))
-            refreshed_kept = sum(pool.map(keep_alive, kept_shas))
-        infos = {sha: info for sha, (info, _, _) in results.items()}
+            refreshed = [info for info in pool.map(keep_alive, kept_shas) if info is not None]
+        changed = refreshed + [
+            info for info, action, tokenized in results.values() if tokenized or action != "reused"
+        ]
+        # The index is written once every blob it describes exists, in batches.
+        self._index.put_many((info, self._ttl_of_blob(info)) for info in changed)
+
         actions = [action for _, action, _ in results.values()]
         stats.blobs_written = actions.count("written")
         stats.blobs_reused = actions.count("reused")
-        stats.blobs_refreshed = actions.count("refreshed") + refreshed_kept
+        stats.blobs_refreshed = actions.count("refreshed") + len(refreshed)
         stats.files_tokenized = sum(1 for _, _, tokenized in results.values() if tokenized)
         stats.bytes_tokenized = sum(unique[sha].size_bytes for sha, (_, _, t) in results.items() if t)
         self.last_stats = stats
@@ -457,7 +459,7 @@ class ContextService:
                 path=p.path,
                 sha256=p.sha256,
                 size_bytes=p.size_bytes,
-                token_count=infos[p.sha256].tokens[encoding],
+                token_count=results[p.sha256][0].tokens[encoding],
             )
             for p in prepared
         ]
