@@ -60,13 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("SPOOL_PARAMETER_OVERRIDES", ""),
         help="template parameters, as sam deploy takes them: 'Key=Value Key2=Value2'",
     )
-    dev.add_argument("--workers", type=int, default=int(os.environ.get("SPOOL_WORKERS", "1")))
+    dev.add_argument("--workers", type=int, default=int(os.environ.get("SPOOL_WORKERS", "2")))
     dev.set_defaults(run=_dev)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="spool: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="spool: %(message)s")  # the devstack's own loggers
     logging.getLogger("botocore").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     result: int = args.run(args)

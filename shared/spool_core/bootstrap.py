@@ -7,6 +7,7 @@ in-memory fakes instead.
 
 from __future__ import annotations
 
+import time
 from functools import lru_cache, partial
 
 from spool_core.adapters import aws, probes
@@ -19,9 +20,15 @@ from spool_core.adapters.contexts import (
     S3UploadStore,
 )
 from spool_core.adapters.dynamodb import ScopedTable
+from spool_core.adapters.jobs import DynamoChunkLog, DynamoJobStore, SqsJobQueue
 from spool_core.auth import ApiKeys
 from spool_core.contexts.service import DAY, ContextLimits, ContextService
 from spool_core.health import HealthService, Probe
+from spool_core.jobs.runner import JobRunner, RunnerSettings
+from spool_core.jobs.service import JOB_TTL_SECONDS, JobService
+from spool_core.models import ModelSpec, registry
+from spool_core.providers import Provider
+from spool_core.providers.simulated import SimulatedProvider
 from spool_core.settings import Settings
 from spool_core.tenancy import Tenant, TenantScope
 
@@ -78,5 +85,49 @@ def context_service(tenant: Tenant, config: Settings | None = None) -> ContextSe
             max_bytes=config.max_context_bytes,
             max_files=config.max_context_files,
             blob_retention_seconds=config.blob_retention_days * DAY,
+        ),
+    )
+
+
+def _job_tables(tenant: Tenant, config: Settings) -> tuple[DynamoJobStore, DynamoChunkLog]:
+    scope = TenantScope(tenant)
+    ddb = aws.dynamodb(config)
+    jobs = DynamoJobStore(ScopedTable(ddb, config.jobs_table, scope), JOB_TTL_SECONDS)
+    chunks = DynamoChunkLog(ScopedTable(ddb, config.chunks_table, scope), JOB_TTL_SECONDS, time.time)
+    return jobs, chunks
+
+
+def job_service(tenant: Tenant, config: Settings | None = None) -> JobService:
+    config = config or settings()
+    jobs, chunks = _job_tables(tenant, config)
+    return JobService(
+        tenant,
+        jobs,
+        chunks,
+        SqsJobQueue(aws.sqs(config), config.jobs_queue_url),
+        context_service(tenant, config),
+        registry(),
+        websocket_url=config.websocket_url,
+    )
+
+
+def provider_for(model: ModelSpec, config: Settings | None = None) -> Provider:
+    config = config or settings()
+    if model.provider == "simulated":
+        return SimulatedProvider(faults_enabled=config.simulator_faults)
+    raise ValueError(f"no provider named {model.provider!r}")
+
+
+def job_runner(tenant: Tenant, config: Settings | None = None) -> JobRunner:
+    config = config or settings()
+    jobs, chunks = _job_tables(tenant, config)
+    return JobRunner(
+        jobs,
+        chunks,
+        context_service(tenant, config),
+        registry(),
+        lambda model: provider_for(model, config),
+        RunnerSettings(
+            flush_ms=config.flush_ms, flush_tokens=config.flush_tokens, lease_seconds=config.lease_seconds
         ),
     )

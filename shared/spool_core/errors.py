@@ -30,7 +30,9 @@ class SpoolError(Exception):
 
 class InternalError(SpoolError):
     code = "internal_error"
-    default_suggestions = ("Retry the request; if it keeps failing, report the request_id to the operator",)
+    default_suggestions: ClassVar[tuple[str, ...]] = (
+        "Retry the request; if it keeps failing, report the request_id to the operator",
+    )
 
 
 class ConfigurationError(InternalError):
@@ -39,12 +41,12 @@ class ConfigurationError(InternalError):
 
 class InvalidRequest(SpoolError):
     code = "invalid_request"
-    default_suggestions = ("Check the request body against the API contract",)
+    default_suggestions: ClassVar[tuple[str, ...]] = ("Check the request body against the API contract",)
 
 
 class Unauthorized(SpoolError):
     code = "unauthorized"
-    default_suggestions = (
+    default_suggestions: ClassVar[tuple[str, ...]] = (
         "Send your API key as 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
         "Create a key with 'spool keys create --tenant <tenant>'",
     )
@@ -52,7 +54,9 @@ class Unauthorized(SpoolError):
 
 class NotFound(SpoolError):
     code = "not_found"
-    default_suggestions = ("Check the path; the API lives under /v1 (see GET /v1/health)",)
+    default_suggestions: ClassVar[tuple[str, ...]] = (
+        "Check the path; the API lives under /v1 (see GET /v1/health)",
+    )
 
 
 class MethodNotAllowed(SpoolError):
@@ -63,12 +67,16 @@ class DependencyUnavailable(SpoolError):
     """A backing service (DynamoDB, S3, SQS, a model provider) did not answer."""
 
     code = "service_unavailable"
-    default_suggestions = ("Retry after a short wait; check GET /v1/health",)
+    default_suggestions: ClassVar[tuple[str, ...]] = ("Retry after a short wait; check GET /v1/health",)
 
 
 class Conflict(SpoolError):
     code = "conflict"
-    default_suggestions = ("Read the resource again and retry the change",)
+    default_suggestions: ClassVar[tuple[str, ...]] = ("Read the resource again and retry the change",)
+
+
+class Unprocessable(SpoolError):
+    code = "unprocessable"
 
 
 class Gone(SpoolError):
@@ -77,7 +85,7 @@ class Gone(SpoolError):
 
 class PayloadTooLarge(SpoolError):
     code = "payload_too_large"
-    default_suggestions = (
+    default_suggestions: ClassVar[tuple[str, ...]] = (
         "Upload large contexts with POST /v1/contexts/uploads and a presigned PUT",
         "Send only what changed with PATCH /v1/contexts/{id}",
     )

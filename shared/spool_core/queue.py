@@ -10,3 +10,7 @@ class JobMessage(BaseModel):
 
     job_id: str
     tenant_id: str
+
+
+class MessageNotDone(Exception):
+    """Raised by a record handler to leave its message on the queue (reported as a batch item failure)."""

@@ -27,6 +27,11 @@ class Settings(BaseModel):
     max_context_bytes: int = Field(default=50 * 1024 * 1024, gt=0, alias="SPOOL_MAX_CONTEXT_BYTES")
     max_context_files: int = Field(default=10_000, gt=0, alias="SPOOL_MAX_CONTEXT_FILES")
     blob_retention_days: int = Field(default=9, ge=8, alias="SPOOL_BLOB_RETENTION_DAYS")
+    flush_ms: int = Field(default=200, ge=1, alias="SPOOL_FLUSH_MS")
+    flush_tokens: int = Field(default=64, ge=1, alias="SPOOL_FLUSH_TOKENS")
+    # The job lease follows the queue's visibility timeout: a crashed job's message returns as its lease ends.
+    lease_seconds: float = Field(default=30, gt=0, alias="SPOOL_LEASE_SECONDS")
+    simulator_faults: bool = Field(default=False, alias="SPOOL_SIMULATOR_FAULTS")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

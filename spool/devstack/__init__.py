@@ -5,3 +5,8 @@ created from template.yaml itself through moto's CloudFormation; an API Gateway 
 requests into REST proxy events (authorizer included) for the handlers the template names; a worker
 loop feeds the worker handler real SQS event batches. The handlers run unchanged.
 """
+
+import warnings
+
+# Locally EMF output is off, so Powertools' reminder that an invocation emitted no metrics is noise.
+warnings.filterwarnings("ignore", message="No application metrics to publish")

@@ -11,13 +11,14 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from spool.devstack.gateway import GatewayHttpServer, RestApiEmulator
 from spool.devstack.provision import MotoServer, StackDescription, provision
 from spool.devstack.runtime import LocalFunction
 from spool.devstack.template import Template, samconfig_parameters
 
-log = logging.getLogger("spool.devstack")
+log = logging.getLogger("devstack")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DEV_KEYS = "sk-local-dev:local"
@@ -46,7 +47,7 @@ def local_overrides(environ: Mapping[str, str], template: Template) -> dict[str,
         name
         for spec in template.functions().values()
         for name, value in spec.environment.items()
-        if not isinstance(value, str)
+        if _references_resource(value, template.resources)
     }
     overrides = {
         "TIKTOKEN_CACHE_DIR": environ.get("TIKTOKEN_CACHE_DIR", str(PROJECT_ROOT / ".cache" / "tiktoken")),
@@ -59,6 +60,22 @@ def local_overrides(environ: Mapping[str, str], template: Template) -> dict[str,
     return overrides
 
 
+def _references_resource(value: Any, resources: Mapping[str, Any]) -> bool:
+    """Whether a template value is computed from a resource (a table name, a queue URL, ...)."""
+    if isinstance(value, dict):
+        if "Ref" in value:
+            return str(value["Ref"]) in resources
+        if "Fn::GetAtt" in value:
+            return True
+        if "Fn::Sub" in value:
+            text = value["Fn::Sub"] if isinstance(value["Fn::Sub"], str) else value["Fn::Sub"][0]
+            return any(f"${{{name}" in text for name in resources)
+        return any(_references_resource(v, resources) for v in value.values())
+    if isinstance(value, list):
+        return any(_references_resource(v, resources) for v in value)
+    return False
+
+
 class EmbeddedStack:
     def __init__(
         self,
@@ -69,7 +86,7 @@ class EmbeddedStack:
         config_env: str = "local",
         parameter_overrides: Mapping[str, str] | None = None,
         dev_keys: str | None = None,
-        workers: int = 1,
+        workers: int = 2,
         moto_port: int | None = None,
     ) -> None:
         self.template = Template.load(template_path)

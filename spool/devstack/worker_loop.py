@@ -12,7 +12,7 @@ from typing import Any
 from spool.devstack.runtime import LocalFunction
 from spool.devstack.template import SqsEvent
 
-log = logging.getLogger("spool.devstack.worker")
+log = logging.getLogger("devstack.worker")
 
 
 def sqs_record(message: Mapping[str, Any], queue_arn: str, region: str) -> dict[str, Any]:

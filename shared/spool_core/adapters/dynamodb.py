@@ -7,7 +7,7 @@ is built by the ``TenantScope``, so no call can name another tenant's item.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -77,11 +77,23 @@ class ScopedTable:
         return serialize({PARTITION_KEY: self._scope.key(kind, ident), **(sort or {})})
 
     def get(
-        self, kind: str, ident: str, *, sort: Mapping[str, Any] | None = None, consistent: bool = True
+        self,
+        kind: str,
+        ident: str,
+        *,
+        sort: Mapping[str, Any] | None = None,
+        consistent: bool = True,
+        attributes: Sequence[str] | None = None,
     ) -> dict[str, Any] | None:
-        response = self._client.get_item(
-            TableName=self._table, Key=self._key(kind, ident, sort), ConsistentRead=consistent
-        )
+        kwargs: dict[str, Any] = {
+            "TableName": self._table,
+            "Key": self._key(kind, ident, sort),
+            "ConsistentRead": consistent,
+        }
+        if attributes:
+            kwargs["ProjectionExpression"] = ", ".join(f"#a{i}" for i in range(len(attributes)))
+            kwargs["ExpressionAttributeNames"] = {f"#a{i}": name for i, name in enumerate(attributes)}
+        response = self._client.get_item(**kwargs)
         item = response.get("Item")
         return deserialize(item) if item else None
 
@@ -124,6 +136,38 @@ class ScopedTable:
         kwargs: dict[str, Any] = {"TableName": self._table, "Item": serialize(item)}
         self._add_condition(kwargs, condition, names, values)
         self._write(self._client.put_item, kwargs)
+
+    def put_all_or_none(self, puts: Sequence[tuple[str, str, Mapping[str, Any]]]) -> None:
+        """Create several items in one transaction, each only if it does not exist yet; raises
+        ``ConditionFailed`` (without the item) if any of them does."""
+        items: Any = [
+            {
+                "Put": {
+                    "TableName": self._table,
+                    "Item": serialize({**attributes, PARTITION_KEY: self._scope.key(kind, ident)}),
+                    "ConditionExpression": "attribute_not_exists(#pk)",
+                    "ExpressionAttributeNames": {"#pk": PARTITION_KEY},
+                }
+            }
+            for kind, ident, attributes in puts
+        ]
+        try:
+            self._client.transact_write_items(TransactItems=items)
+        except ClientError as exc:
+            response: Any = exc.response
+            reasons = response.get("CancellationReasons", [])
+            if exc.response["Error"]["Code"] == "TransactionCanceledException" and any(
+                r.get("Code") == "ConditionalCheckFailed" for r in reasons
+            ):
+                raise ConditionFailed() from exc
+            raise
+
+    def delete_all(self, keys: Sequence[tuple[str, str]]) -> None:
+        """Delete several items in one transaction."""
+        items: Any = [
+            {"Delete": {"TableName": self._table, "Key": self._key(kind, ident)}} for kind, ident in keys
+        ]
+        self._client.transact_write_items(TransactItems=items)
 
     def put_many(self, kind: str, items: Mapping[str, Mapping[str, Any]]) -> None:
         """Unconditional puts of many items (BatchWriteItem, 25 a call, unprocessed items retried)."""

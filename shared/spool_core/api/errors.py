@@ -15,6 +15,7 @@ from spool_core.errors import (
     PayloadTooLarge,
     SpoolError,
     Unauthorized,
+    Unprocessable,
 )
 
 STATUS_BY_ERROR: dict[type[SpoolError], int] = {
@@ -25,6 +26,7 @@ STATUS_BY_ERROR: dict[type[SpoolError], int] = {
     Conflict: 409,
     Gone: 410,
     PayloadTooLarge: 413,
+    Unprocessable: 422,
     InternalError: 500,
     DependencyUnavailable: 503,
 }

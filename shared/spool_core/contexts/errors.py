@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from spool_core.errors import Conflict, Gone, InvalidRequest, NotFound
 
 
 class ContextNotFound(NotFound):
     code = "context_not_found"
-    default_suggestions = ("Check the context_id; create a context with POST /v1/contexts",)
+    default_suggestions: ClassVar[tuple[str, ...]] = (
+        "Check the context_id; create a context with POST /v1/contexts",
+    )
 
 
 class ContextExpired(Gone):
     code = "context_expired"
-    default_suggestions = (
+    default_suggestions: ClassVar[tuple[str, ...]] = (
         "Upload the context again with POST /v1/contexts",
         "Set a longer ttl_seconds (up to 604800) when creating or updating a context",
     )
@@ -20,32 +24,40 @@ class ContextExpired(Gone):
 
 class InvalidPath(InvalidRequest):
     code = "invalid_path"
-    default_suggestions = ("Use relative '/'-separated paths without '..', a leading '/', or NUL characters",)
+    default_suggestions: ClassVar[tuple[str, ...]] = (
+        "Use relative '/'-separated paths without '..', a leading '/', or NUL characters",
+    )
 
 
 class DuplicatePath(InvalidRequest):
     code = "duplicate_path"
-    default_suggestions = ("Send each path once",)
+    default_suggestions: ClassVar[tuple[str, ...]] = ("Send each path once",)
 
 
 class InvalidContent(InvalidRequest):
     code = "invalid_content"
-    default_suggestions = ("Send text files only (valid UTF-8, no NUL characters); skip binaries",)
+    default_suggestions: ClassVar[tuple[str, ...]] = (
+        "Send text files only (valid UTF-8, no NUL characters); skip binaries",
+    )
 
 
 class TooManyFiles(InvalidRequest):
     code = "too_many_files"
-    default_suggestions = ("Split the context, or leave out generated and vendored files",)
+    default_suggestions: ClassVar[tuple[str, ...]] = (
+        "Split the context, or leave out generated and vendored files",
+    )
 
 
 class PathNotFound(InvalidRequest):
     code = "path_not_found"
-    default_suggestions = ("Delete only paths the context holds; GET /v1/contexts/{id} lists them",)
+    default_suggestions: ClassVar[tuple[str, ...]] = (
+        "Delete only paths the context holds; GET /v1/contexts/{id} lists them",
+    )
 
 
 class UploadNotFound(NotFound):
     code = "upload_not_found"
-    default_suggestions = (
+    default_suggestions: ClassVar[tuple[str, ...]] = (
         "Create an upload with POST /v1/contexts/uploads, PUT the document to its upload_url,"
         " then send its upload_id",
     )
@@ -53,4 +65,6 @@ class UploadNotFound(NotFound):
 
 class ContextConflict(Conflict):
     code = "context_conflict"
-    default_suggestions = ("Another update landed first; read the context again and retry",)
+    default_suggestions: ClassVar[tuple[str, ...]] = (
+        "Another update landed first; read the context again and retry",
+    )

@@ -1,0 +1,84 @@
+"""/v1/jobs: create generation jobs idempotently, read their chunk log, resume, cancel."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_lambda_powertools.event_handler import Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from spool_core import bootstrap
+from spool_core.api import api_handler, create_resolver, json_response, parse_body, tenant_of
+from spool_core.errors import InvalidRequest
+from spool_core.jobs.model import JobRequest
+from spool_core.jobs.service import DEFAULT_CHUNK_LIMIT, JobService, check_idempotency_key
+
+app = create_resolver()
+
+
+class ResumeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    last_sequence_id: int = Field(default=0, ge=0)
+    limit: int = Field(default=DEFAULT_CHUNK_LIMIT, ge=1, le=1000)
+    wait: float = Field(default=0, ge=0, le=20)
+
+
+def _service() -> JobService:
+    return bootstrap.job_service(tenant_of(app))
+
+
+def _int_param(name: str, default: int) -> int:
+    raw = app.current_event.get_query_string_value(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidRequest(
+            f"Query parameter '{name}' must be an integer", details={"fields": [{"field": f"query.{name}"}]}
+        ) from None
+
+
+@app.post("/v1/jobs")
+def create_job() -> Response[str]:
+    service = _service()
+    key = check_idempotency_key(app.current_event.get_header_value("Idempotency-Key", case_sensitive=False))
+    created = service.create(key, parse_body(app, JobRequest))
+    body = service.view(created.job)
+    if created.replayed:
+        return json_response(200, body)
+    return json_response(202, body, {"Location": f"/v1/jobs/{created.job.job_id}"})
+
+
+@app.get("/v1/jobs/<job_id>")
+def get_job(job_id: str) -> Response[str]:
+    service = _service()
+    return json_response(200, service.view(service.get(job_id)))
+
+
+@app.get("/v1/jobs/<job_id>/chunks")
+def get_chunks(job_id: str) -> Response[str]:
+    page: dict[str, Any] = _service().chunks(
+        job_id,
+        after=_int_param("after", 0),
+        limit=_int_param("limit", DEFAULT_CHUNK_LIMIT),
+        wait=_int_param("wait", 0),
+    )
+    return json_response(200, page)
+
+
+@app.post("/v1/jobs/<job_id>/stream/resume")
+def resume(job_id: str) -> Response[str]:
+    request = parse_body(app, ResumeRequest)
+    page = _service().chunks(job_id, after=request.last_sequence_id, limit=request.limit, wait=request.wait)
+    return json_response(200, page)
+
+
+@app.post("/v1/jobs/<job_id>/cancel")
+def cancel(job_id: str) -> Response[str]:
+    service = _service()
+    return json_response(200, service.view(service.cancel(job_id)))
+
+
+lambda_handler = api_handler(app)

@@ -1,0 +1,1 @@
+"""Generation jobs: idempotent creation, a queue-driven worker, a durable chunk log."""

@@ -1,0 +1,101 @@
+"""Jobs as the API takes them, as stored, and the chunk log's entries."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from spool_core.chat import Message
+
+Status = Literal["queued", "running", "completed", "failed", "cancelled"]
+TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+ACTIVE: frozenset[str] = frozenset({"queued", "running"})
+
+
+class JobRequest(BaseModel):
+    """``POST /v1/jobs`` body. ``message`` is shorthand for one user message."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    context_id: str | None = Field(default=None, max_length=64)
+    messages: list[Message] = Field(default_factory=list, max_length=1000)
+    message: str | None = Field(default=None, max_length=2_000_000)
+    model: str = Field(default="default", min_length=1, max_length=128)
+    max_tokens: int = Field(default=1024, ge=1, le=1_000_000)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    fallback: bool = True
+
+    @model_validator(mode="after")
+    def _one_form_of_messages(self) -> JobRequest:
+        if self.message is not None:
+            if self.messages:
+                raise ValueError("send either 'message' or 'messages', not both")
+            self.messages = [Message(role="user", content=self.message)]
+            self.message = None
+        if not self.messages:
+            raise ValueError("send 'messages' (a list of {role, content}) or 'message' (text)")
+        return self
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the canonical body (normalized: ``message`` becomes ``messages``)."""
+        canonical = json.dumps(self.model_dump(exclude={"message"}), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class Progress(BaseModel):
+    tokens_generated: int = 0
+    last_sequence_id: int = 0
+    chunks_written: int = 0
+
+
+class Usage(BaseModel):
+    estimated_tokens: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+class Job(BaseModel):
+    """The job item. Worker-only fields (lease, attempts) stay out of the API's view."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    job_id: str
+    tenant_id: str
+    status: Status
+    request: JobRequest
+    fingerprint: str
+    model_requested: str
+    model_resolved: str
+    fallback_used: bool = False
+    progress: Progress = Field(default_factory=Progress)
+    usage: Usage = Field(default_factory=Usage)
+    cost_usd: float = 0.0
+    output: str | None = None
+    error: dict[str, Any] | None = None
+    created_at: str
+    started_at: str | None = None
+    first_token_at: str | None = None
+    completed_at: str | None = None
+    cancel_requested: bool = False
+    attempts: int = 0
+    lease_owner: str | None = None
+    lease_expires_at: float = 0.0
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+class Chunk(BaseModel):
+    sequence_id: int
+    text: str
+    created_at: str
+    tokens: int = 0
+    tokens_total: int = 0  # tokens generated up to and including this chunk: the resume point
+
+    def public(self) -> dict[str, Any]:
+        return {"sequence_id": self.sequence_id, "text": self.text, "created_at": self.created_at}

@@ -1,0 +1,66 @@
+"""Model providers behind one port: stream text, report usage, classify errors, say whether they
+can continue from a prefix."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from spool_core.chat import Message
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    provider_model_id: str
+    messages: tuple[Message, ...]
+    max_tokens: int
+    temperature: float
+    options: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a resumed generation continues: the token count and text already persisted.
+
+    ``text`` is loaded only for providers that continue from a text prefix; providers that
+    continue from a token index (``resumes_by_index``) get an empty string.
+    """
+
+    tokens: int = 0
+    text: str = ""
+    attempt: int = 1  # delivery attempt of the job (1 = first)
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+    tokens: int = 1
+
+
+@dataclass(frozen=True)
+class Finished:
+    input_tokens: int
+    output_tokens: int
+    stop_reason: str = "end_turn"
+
+
+StreamEvent = TextDelta | Finished
+
+
+class ProviderError(Exception):
+    """A provider failure, classified: retryable ones are retried with backoff, then fall back."""
+
+    def __init__(self, message: str, *, retryable: bool, code: str = "provider_error") -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.code = code
+
+
+class Provider(Protocol):
+    name: str
+    supports_prefill: bool
+    resumes_by_index: bool
+
+    def stream(self, request: GenerationRequest, resume: ResumePoint) -> Iterator[StreamEvent]: ...
