@@ -43,7 +43,7 @@ def _int_param(name: str, default: int) -> int:
 @app.post("/v1/jobs")
 def create_job() -> Response[str]:
     service = _service()
-    key = check_idempotency_key(app.current_event.get_header_value("Idempotency-Key", case_sensitive=False))
+    key = check_idempotency_key(app.current_event.headers.get("Idempotency-Key"))
     created = service.create(key, parse_body(app, JobRequest))
     body = service.view(created.job)
     if created.replayed:

@@ -111,6 +111,8 @@ E2E_MAX_CONTEXT_BYTES = 1024 * 1024
 
 @pytest.fixture(scope="session")
 def dev_stack() -> Iterator[RunningStack]:
-    stack = start_stack({"SPOOL_MAX_CONTEXT_BYTES": str(E2E_MAX_CONTEXT_BYTES)})
+    stack = start_stack(
+        {"SPOOL_MAX_CONTEXT_BYTES": str(E2E_MAX_CONTEXT_BYTES), "SPOOL_SIMULATOR_FAULTS": "1"}
+    )
     yield stack
     stop_stack(stack)

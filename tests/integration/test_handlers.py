@@ -18,6 +18,8 @@ def test_every_function_in_the_template_has_a_sample_event(template: Template) -
         "AuthorizerFunction": "authorizer",
         "HealthFunction": "health",
         "ContextsFunction": "contexts",
+        "JobsFunction": "jobs",
+        "DeadLetterFunction": "dead_letter",
         "WorkerFunction": "worker",
     }
     assert set(template.functions()) <= set(samples), "add a sample event for the new function"
@@ -81,6 +83,18 @@ def test_contexts_function_answers_its_sample_event(invoke: Any) -> None:
     response = invoke("ContextsFunction", load_event("contexts"))
     assert response["statusCode"] in {200, 404}
     assert "error" in response_json(response) or "context_id" in response_json(response)
+
+
+def test_jobs_function_creates_a_job_from_its_sample_event(invoke: Any) -> None:
+    response = invoke("JobsFunction", load_event("jobs"))
+    assert response["statusCode"] in {202, 409}  # 409 when the sample key was used before in this session
+    body = response_json(response)
+    job_id = body["job_id"] if response["statusCode"] == 202 else body["error"]["details"]["job_id"]
+    assert job_id.startswith("job_")
+
+
+def test_dead_letter_function_drops_messages_of_unknown_jobs(invoke: Any) -> None:
+    assert invoke("DeadLetterFunction", load_event("dead_letter")) == {"batchItemFailures": []}
 
 
 def test_worker_reports_unparseable_messages_as_batch_item_failures(

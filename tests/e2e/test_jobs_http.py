@@ -1,0 +1,197 @@
+"""Generation jobs through the embedded stack: idempotency, resume, cancel, crash, failure, DLQ."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from typing import Any
+
+from tests.e2e.conftest import RunningStack
+
+
+def new_key() -> str:
+    return str(uuid.uuid4())
+
+
+def create(
+    stack: RunningStack, body: dict[str, Any], key: str | None = None
+) -> tuple[int, dict[str, str], Any]:
+    return stack.request("POST", "/v1/jobs", body=body, headers={"Idempotency-Key": key or new_key()})
+
+
+def wait_terminal(stack: RunningStack, job_id: str, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, _, job = stack.request("GET", f"/v1/jobs/{job_id}")
+        assert status == 200
+        if job["status"] in {"completed", "failed", "cancelled"}:
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish within {timeout}s: {job}")
+
+
+def read_log(stack: RunningStack, job_id: str, after: int = 0) -> list[dict[str, Any]]:
+    chunks: list[dict[str, Any]] = []
+    while True:
+        status, _, page = stack.request("GET", f"/v1/jobs/{job_id}/chunks?after={after}&wait=10")
+        assert status == 200
+        chunks += page["chunks"]
+        after = page["next_after"]
+        if page["done"]:
+            return chunks
+
+
+def test_idempotency_over_http(dev_stack: RunningStack) -> None:
+    body = {"message": "Explain the worker", "model": "sim-realtime", "max_tokens": 100}
+    status, _, error = dev_stack.request("POST", "/v1/jobs", body=body)
+    assert (status, error["error"]["code"]) == (400, "idempotency_key_required")
+
+    key = new_key()
+    status, headers, job = create(dev_stack, body, key)
+    assert status == 202
+    assert headers["Location"] == f"/v1/jobs/{job['job_id']}"
+    assert job["status"] == "queued"
+    assert job["model"] == {"requested": "sim-realtime", "resolved": "sim-realtime", "fallback_used": False}
+    assert set(job["links"]) == {"self", "chunks", "subscribe"}
+
+    status, _, error = create(dev_stack, body, key)
+    assert status == 409
+    assert error["error"]["code"] == "request_in_progress"
+    assert error["error"]["details"]["job_id"] == job["job_id"]
+    assert set(error["error"]["details"]["progress"]) == {"tokens_generated", "last_sequence_id"}
+
+    status, _, error = create(dev_stack, {**body, "max_tokens": 101}, key)
+    assert (status, error["error"]["code"]) == (422, "idempotency_key_reused")
+
+    finished = wait_terminal(dev_stack, job["job_id"])
+    status, _, replay = create(dev_stack, body, key)
+    assert status == 200
+    assert replay["job_id"] == job["job_id"]
+    assert replay["output"] == finished["output"]
+
+
+def test_twenty_concurrent_first_requests_make_one_job(dev_stack: RunningStack) -> None:
+    key, body = new_key(), {"message": "concurrent", "model": "sim-fast", "max_tokens": 20}
+    barrier = threading.Barrier(20)
+    results: list[tuple[int, Any]] = []
+
+    def first() -> None:
+        barrier.wait()
+        status, _, answer = create(dev_stack, body, key)
+        results.append((status, answer))
+
+    threads = [threading.Thread(target=first) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(1 for status, _ in results if status == 202) == 1
+    job_ids = {a["job_id"] if s in {200, 202} else a["error"]["details"]["job_id"] for s, a in results}
+    assert len(job_ids) == 1
+    assert {s for s, _ in results} <= {200, 202, 409}
+
+
+def test_a_reader_that_stops_resumes_with_exactly_the_rest(dev_stack: RunningStack) -> None:
+    _, _, job = create(dev_stack, {"message": "resume me", "model": "sim-realtime", "max_tokens": 150})
+    seen: list[dict[str, Any]] = []
+    while not seen or seen[-1]["sequence_id"] < 4:
+        _, _, page = dev_stack.request(
+            "GET", f"/v1/jobs/{job['job_id']}/chunks?after={len(seen)}&wait=10&limit=1"
+        )
+        seen += page["chunks"]
+    # disconnect here; come back later with the last sequence id held
+    time.sleep(0.5)
+    status, _, page = dev_stack.request(
+        "POST", f"/v1/jobs/{job['job_id']}/stream/resume", body={"last_sequence_id": seen[-1]["sequence_id"]}
+    )
+    assert status == 200
+    assert page["chunks"][0]["sequence_id"] == seen[-1]["sequence_id"] + 1
+    rest = read_log(dev_stack, job["job_id"], after=seen[-1]["sequence_id"])
+    finished = wait_terminal(dev_stack, job["job_id"])
+    ids = [c["sequence_id"] for c in seen + rest]
+    assert ids == list(range(1, len(ids) + 1))  # nothing lost, nothing repeated
+    assert "".join(c["text"] for c in seen + rest) == finished["output"]
+    assert finished["progress"]["last_sequence_id"] == ids[-1]
+
+
+def test_cancel_mid_stream_keeps_the_partial_output(dev_stack: RunningStack) -> None:
+    _, _, job = create(dev_stack, {"message": "long answer", "model": "sim-realtime", "max_tokens": 2000})
+    read = dev_stack.request("GET", f"/v1/jobs/{job['job_id']}/chunks?after=2&wait=10")[2]
+    assert read["chunks"]
+    status, _, cancelled = dev_stack.request("POST", f"/v1/jobs/{job['job_id']}/cancel")
+    assert status == 200
+    assert cancelled["job_id"] == job["job_id"]
+    finished = wait_terminal(dev_stack, job["job_id"], timeout=5)
+    assert finished["status"] == "cancelled"
+    log = read_log(dev_stack, job["job_id"])
+    assert "".join(c["text"] for c in log) == finished["output"]
+    assert finished["usage"]["output_tokens"] < 2000
+    assert (
+        dev_stack.request("POST", f"/v1/jobs/{job['job_id']}/cancel")[2]["status"] == "cancelled"
+    )  # idempotent
+
+
+def test_a_crash_finishes_with_the_same_text_as_a_clean_run(dev_stack: RunningStack) -> None:
+    request = {"message": "crash safety", "model": "sim-fast", "max_tokens": 400}
+    _, _, clean = create(dev_stack, request)
+    faulty_body = {**request, "metadata": {"simulate": {"fault": "crash", "at_token": 150}}}
+    _, _, faulty = create(dev_stack, faulty_body)
+    clean_done = wait_terminal(dev_stack, clean["job_id"])
+    crashed_done = wait_terminal(dev_stack, faulty["job_id"], timeout=60)
+    assert crashed_done["status"] == "completed"
+    log = read_log(dev_stack, faulty["job_id"])
+    assert [c["sequence_id"] for c in log] == list(range(1, len(log) + 1))
+    assert "".join(c["text"] for c in log) == crashed_done["output"] == clean_done["output"]
+
+
+def test_a_fatal_error_fails_the_job_with_partial_output(dev_stack: RunningStack) -> None:
+    body = {
+        "message": "fatal",
+        "model": "sim-fast",
+        "max_tokens": 300,
+        "metadata": {"simulate": {"fault": "fatal", "at_token": 100}},
+    }
+    _, _, job = create(dev_stack, body)
+    failed = wait_terminal(dev_stack, job["job_id"])
+    assert failed["status"] == "failed"
+    error = failed["error"]
+    assert error["code"] == "provider_error"
+    assert error["suggestions"]
+    log = read_log(dev_stack, job["job_id"])
+    assert error["details"]["last_sequence_id"] == log[-1]["sequence_id"]
+    assert failed["output"] == "".join(c["text"] for c in log)
+    assert failed["usage"]["output_tokens"] == 100
+
+
+def test_a_poison_message_reaches_the_dead_letter_queue_and_fails_its_job(dev_stack: RunningStack) -> None:
+    body = {
+        "message": "poison",
+        "model": "sim-fast",
+        "max_tokens": 300,
+        "metadata": {"simulate": {"fault": "crash", "at_token": 10, "times": 99}},
+    }
+    _, _, job = create(dev_stack, body)
+    failed = wait_terminal(dev_stack, job["job_id"], timeout=90)
+    assert failed["status"] == "failed"
+    assert failed["error"]["code"] == "delivery_failed"
+    assert failed["error"]["details"]["attempts"] >= 3
+    status, _, health = dev_stack.request("GET", "/v1/health", key=None)
+    assert status == 200
+
+
+def test_admission_errors(dev_stack: RunningStack) -> None:
+    status, _, error = create(dev_stack, {"message": "x", "model": "gpt-nope"})
+    assert (status, error["error"]["code"]) == (400, "model_not_found")
+    assert error["error"]["details"]["available"]
+    status, _, error = create(dev_stack, {"message": "x", "context_id": "ctx_missing"})
+    assert (status, error["error"]["code"]) == (404, "context_not_found")
+    status, _, error = create(
+        dev_stack, {"message": "x " * 70_000, "max_tokens": 65_000, "model": "sim-fast"}
+    )
+    assert (status, error["error"]["code"]) == (400, "context_too_large")
+    assert {"tokens_requested", "tokens_limit", "tokens_over"} <= set(error["error"]["details"])
+    status, _, error = dev_stack.request("GET", "/v1/jobs/job_unknown")
+    assert (status, error["error"]["code"]) == (404, "job_not_found")
+    status, _, error = dev_stack.request("GET", "/v1/jobs/job_unknown/chunks?after=x")
+    assert status in {400, 404}
