@@ -5,12 +5,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import tempfile
+from pathlib import Path
 
-from bench import contexts
+from bench import contexts, jobs
 from spool.devstack.provision import free_port
 from spool.devstack.stack import EmbeddedStack
+from spool.devstack.worker_process import CALL_COUNTS_ENV
 
-SUITES = {"contexts": contexts.run}
+SUITES = ["contexts", "jobs"]
+# A 30 s lease and visibility timeout (the deployed default is 720 s): the local 5 s would add a
+# heartbeat write every ~1.7 s that no deployment makes.
+BENCH_PARAMETERS = {"WorkerVisibilityTimeoutSeconds": "30"}
 
 
 def main() -> None:
@@ -22,10 +28,16 @@ def main() -> None:
         parser.error(f"unknown suites: {', '.join(sorted(unknown))}")
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("SPOOL_DEV_KEYS", "sk-bench:bench")
-    with EmbeddedStack(port=free_port()) as stack:
-        print(f"embedded stack at {stack.base_url}\n")
-        for name in args.suites or SUITES:
-            SUITES[name](stack)
+    with tempfile.TemporaryDirectory(prefix="spool-bench-") as counts:
+        os.environ[CALL_COUNTS_ENV] = counts
+        with EmbeddedStack(port=free_port(), parameter_overrides=BENCH_PARAMETERS) as stack:
+            parameters = ", ".join(f"{k}={v}" for k, v in BENCH_PARAMETERS.items())
+            print(f"embedded stack at {stack.base_url} ({parameters})\n")
+            for name in args.suites or SUITES:
+                if name == "contexts":
+                    contexts.run(stack)
+                else:
+                    jobs.run(stack, Path(counts))
 
 
 if __name__ == "__main__":

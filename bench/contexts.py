@@ -13,6 +13,7 @@ from typing import Any
 from spool.devstack.stack import EmbeddedStack
 from spool_core import bootstrap, tokens
 from spool_core.contexts.model import PatchContextRequest
+from spool_core.observability import logger
 from spool_core.tenancy import Tenant
 
 FILES = 500
@@ -72,6 +73,7 @@ def run(stack: EmbeddedStack) -> None:
     files = corpus()
     payload = json.dumps({"files": files, "ttl_seconds": 3600}).encode()
     print("== contexts ==")
+    logger.setLevel("ERROR")  # in-process invocations below would log every request
     print(f"payload: {len(files)} files, {len(payload) / 1e6:.2f} MB of JSON")
 
     # Upload through the embedded stack; the handler runs in this process, so tracemalloc sees it.

@@ -8,6 +8,7 @@ from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, pro
 from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
+from botocore.exceptions import ClientError
 
 from spool_core import bootstrap
 from spool_core.adapters import aws
@@ -27,9 +28,14 @@ def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
     sqs = aws.sqs(settings)
 
     def extend_visibility(seconds: int) -> None:
-        sqs.change_message_visibility(
-            QueueUrl=settings.jobs_queue_url, ReceiptHandle=record.receipt_handle, VisibilityTimeout=seconds
-        )
+        try:
+            sqs.change_message_visibility(
+                QueueUrl=settings.jobs_queue_url,
+                ReceiptHandle=record.receipt_handle,
+                VisibilityTimeout=seconds,
+            )
+        except ClientError as exc:  # the lease still guards the job; a redelivery finds it leased
+            logger.warning("could not extend the message's visibility", extra={"error": str(exc)})
 
     logger.append_keys(job_id=message.job_id, tenant_id=message.tenant_id)
     runner = bootstrap.job_runner(Tenant(message.tenant_id), settings)

@@ -10,6 +10,7 @@ import signal
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from spool.devstack.provision import StackDescription
 from spool.devstack.runtime import LocalFunction
@@ -45,6 +46,32 @@ def event_sources(description: StackDescription, template: Template) -> list[Sqs
     return sources
 
 
+CALL_COUNTS_ENV = "SPOOL_DEVSTACK_CALL_COUNTS"
+
+
+def count_aws_calls(directory: Path) -> None:
+    """Benchmark instrumentation: count every AWS API call this process makes, by service and
+    operation, into ``<directory>/<pid>.json`` (rewritten after each call). Off unless asked for."""
+    import json
+    from collections import Counter
+
+    import botocore.client
+
+    counts: Counter[str] = Counter()
+    target = directory / f"{os.getpid()}.json"
+    lock = threading.Lock()
+    client_class: Any = botocore.client.BaseClient
+    original = client_class._make_api_call
+
+    def counting(self: Any, operation_name: str, api_params: dict[str, object]) -> object:
+        with lock:
+            counts[f"{self.meta.service_model.service_name}.{operation_name}"] += 1
+            target.write_text(json.dumps(counts))
+        return original(self, operation_name, api_params)
+
+    client_class._make_api_call = counting
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description="Run the template's SQS event sources against the local stack"
@@ -53,6 +80,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="worker: %(message)s")
     logging.getLogger("botocore").setLevel(logging.WARNING)
+    if os.environ.get(CALL_COUNTS_ENV):
+        count_aws_calls(Path(os.environ[CALL_COUNTS_ENV]))
     description = StackDescription.load(args.state)
     template = Template.load(Path(description.template_path))
     os.environ.update(description.environment(template))

@@ -176,7 +176,7 @@ def test_a_poison_message_reaches_the_dead_letter_queue_and_fails_its_job(dev_st
     assert failed["status"] == "failed"
     assert failed["error"]["code"] == "delivery_failed"
     assert failed["error"]["details"]["attempts"] >= 3
-    status, _, health = dev_stack.request("GET", "/v1/health", key=None)
+    status, _, _ = dev_stack.request("GET", "/v1/health", key=None)
     assert status == 200
 
 

@@ -18,7 +18,12 @@ if TYPE_CHECKING:
 
 _lock = threading.Lock()
 # Calls made on a request path: bounded timeouts, the SDK's adaptive retries.
-_DEFAULT = Config(connect_timeout=3, read_timeout=10, retries={"mode": "standard", "max_attempts": 3})
+_DEFAULT = Config(
+    connect_timeout=3,
+    read_timeout=10,
+    retries={"mode": "standard", "max_attempts": 3},
+    max_pool_connections=32,
+)
 # Health probes: fail fast and never retry, so a probe reports what it saw.
 _PROBE = Config(connect_timeout=2, read_timeout=2, retries={"mode": "standard", "max_attempts": 1})
 

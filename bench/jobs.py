@@ -1,0 +1,174 @@
+"""Generation jobs: token delivery delay, DynamoDB writes per 1,000 tokens, worker memory."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import time
+import tracemalloc
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+from spool.devstack.stack import EmbeddedStack
+from spool_core import bootstrap
+from spool_core.clock import rfc3339, utc_now
+from spool_core.jobs.model import JobRequest
+from spool_core.observability import logger
+from spool_core.queue import JobMessage
+from spool_core.tenancy import Tenant
+
+WORD = re.compile(r"[A-Za-z]+")
+WRITE_OPERATIONS = ("PutItem", "UpdateItem", "DeleteItem", "BatchWriteItem", "TransactWriteItems")
+
+
+def call(stack: EmbeddedStack, method: str, path: str, body: Any = None, key: str | None = None) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(stack.base_url + path, data=data, method=method)  # noqa: S310 - loopback
+    request.add_header("Authorization", f"Bearer {stack.api_key}")
+    request.add_header("Content-Type", "application/json")
+    if key:
+        request.add_header("Idempotency-Key", key)
+    with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
+        return json.loads(response.read())
+
+
+def epoch(text: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def wait_done(stack: EmbeddedStack, job_id: str) -> dict[str, Any]:
+    while True:
+        job: dict[str, Any] = call(stack, "GET", f"/v1/jobs/{job_id}")
+        if job["status"] in {"completed", "failed", "cancelled"}:
+            return job
+        time.sleep(0.2)
+
+
+def delivery_delay(stack: EmbeddedStack, tokens: int = 500, rate: float = 50.0) -> None:
+    """For each token: when the client holds it minus when the simulated provider emitted it.
+
+    The simulated provider paces tokens exactly (token i at start + i/rate), and a chunk is flushed
+    as its last token arrives, so token j of a chunk whose last token is k was emitted
+    (k - j) / rate before the chunk's ``created_at``.
+    """
+    job = call(
+        stack,
+        "POST",
+        "/v1/jobs",
+        {"message": "delay", "model": "sim-realtime", "max_tokens": tokens},
+        key=str(uuid.uuid4()),
+    )
+    delays, after = [], 0
+    while True:
+        page = call(stack, "GET", f"/v1/jobs/{job['job_id']}/chunks?after={after}&wait=20")
+        held = time.time()
+        for chunk in page["chunks"]:
+            flushed = epoch(chunk["created_at"])
+            n_tokens = len(WORD.findall(chunk["text"]))  # each simulated token carries one word
+            for j in range(n_tokens):
+                emitted = flushed - (n_tokens - 1 - j) / rate
+                delays.append(held - emitted)
+            after = chunk["sequence_id"]
+        if page["done"]:
+            break
+    delays.sort()
+    p50, p95 = statistics.median(delays), delays[int(0.95 * (len(delays) - 1))]
+    print(
+        f"delivery delay at sim-realtime ({len(delays)} tokens, long-poll client): "
+        f"p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms (target: p95 <= flush interval + 150 = 350 ms)"
+    )
+
+
+def writes_per_1000_tokens(stack: EmbeddedStack, counts_dir: Path, model: str, tokens: int = 1000) -> None:
+    before = _dynamodb_writes(counts_dir)
+    job = call(
+        stack,
+        "POST",
+        "/v1/jobs",
+        {"message": f"writes {model}", "model": model, "max_tokens": tokens},
+        key=str(uuid.uuid4()),
+    )
+    done = wait_done(stack, job["job_id"])
+    time.sleep(0.5)
+    writes = _dynamodb_writes(counts_dir) - before
+    per_k = writes * 1000 / done["usage"]["output_tokens"]
+    target = {"sim-realtime": 110, "sim-fast": 25}[model]
+    print(
+        f"DynamoDB writes per 1,000 output tokens at {model}: {per_k:.0f} "
+        f"({done['progress']['chunks_written']} chunks; target <= {target})"
+    )
+
+
+def _dynamodb_writes(counts_dir: Path) -> int:
+    total = 0
+    for path in counts_dir.glob("*.json"):
+        counts = json.loads(path.read_text() or "{}")
+        total += sum(n for name, n in counts.items() if name.split(".")[-1] in WRITE_OPERATIONS)
+    return total
+
+
+class _NoQueue:
+    """Jobs measured in this process are run right here, not by the stack's worker processes."""
+
+    def send(self, job_id: str, tenant_id: str) -> None:
+        return None
+
+
+def worker_memory(stack: EmbeddedStack, sizes: tuple[int, ...]) -> list[int]:
+    """Peak allocation of one worker invocation per output size (in this process, tracemalloc),
+    after a warm-up invocation so imports and clients are not counted."""
+    from spool.devstack.runtime import LocalFunction
+    from spool.devstack.worker_loop import sqs_record
+
+    tenant = Tenant(stack.dev_keys[stack.api_key])
+    service = bootstrap.job_service(tenant)
+    service._queue = _NoQueue()
+    spec = stack.template.functions()["WorkerFunction"]
+    function = LocalFunction(spec, stack.template.root, region="us-east-1", name="bench-worker")
+
+    def invoke(tokens: int) -> int:
+        request = JobRequest.model_validate(
+            {"message": f"memory {tokens}", "model": "sim-fast", "max_tokens": tokens}
+        )
+        job = service.create(str(uuid.uuid4()), request).job
+        body = JobMessage(job_id=job.job_id, tenant_id=tenant.id).model_dump_json()
+        message = {
+            "MessageId": str(uuid.uuid4()),
+            "ReceiptHandle": "bench",
+            "Body": body,
+            "MD5OfBody": "",
+            "Attributes": {"ApproximateReceiveCount": "1", "SentTimestamp": rfc3339(utc_now())},
+        }
+        event = {"Records": [sqs_record(message, "arn:aws:sqs:us-east-1:123456789012:bench", "us-east-1")]}
+        tracemalloc.start()
+        function.invoke(event, timeout=600)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        done = service.get(job.job_id)
+        assert done.status == "completed", done.status
+        assert done.usage.output_tokens == tokens
+        return peak
+
+    invoke(100)
+    peaks = [invoke(tokens) for tokens in sizes]
+    function.shutdown()
+    return peaks
+
+
+def run(stack: EmbeddedStack, counts_dir: Path) -> None:
+    print("== jobs ==")
+    logger.setLevel("ERROR")  # in-process invocations below would log every job
+    delivery_delay(stack)
+    writes_per_1000_tokens(stack, counts_dir, "sim-realtime")
+    writes_per_1000_tokens(stack, counts_dir, "sim-fast")
+    small, large = worker_memory(stack, (2_000, 50_000))
+    print(
+        f"worker peak memory (tracemalloc, one invocation): 2,000 tokens {small / 1e6:.1f} MB, "
+        f"50,000 tokens {large / 1e6:.1f} MB (ratio {large / small:.2f}; 25x the output)"
+    )
+    print()
