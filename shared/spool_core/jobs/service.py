@@ -213,8 +213,11 @@ class JobService:
     def view(self, job: Job) -> dict[str, Any]:
         """The job resource of DESIGN.md."""
         output = job.output
+        first_token_at = job.first_token_at
         if output is None:
-            output = "".join(chunk.text for chunk in self._chunks.all(job.job_id))
+            chunks = list(self._chunks.all(job.job_id))
+            output = "".join(chunk.text for chunk in chunks)
+            first_token_at = first_token_at or (chunks[0].created_at if chunks else None)
         links = {
             "self": f"/v1/jobs/{job.job_id}",
             "chunks": f"/v1/jobs/{job.job_id}/chunks",
@@ -235,7 +238,7 @@ class JobService:
             "error": job.error,
             "created_at": job.created_at,
             "started_at": job.started_at,
-            "first_token_at": job.first_token_at,
+            "first_token_at": first_token_at,
             "completed_at": job.completed_at,
             "links": links,
         }
