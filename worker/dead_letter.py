@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
-from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
-from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import ValidationError
 
 from spool_core import bootstrap
 from spool_core.jobs.runner import Outcome
-from spool_core.observability import logger, metrics, tracer
-from spool_core.queue import JobMessage, MessageNotDone
+from spool_core.observability import logger, tracer
+from spool_core.queue import JobMessage, MessageNotDone, sqs_batch_handler
 from spool_core.tenancy import Tenant
-
-# A record left for retry is a normal outcome (reported in batchItemFailures), not an invocation error.
-processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 
 
 @tracer.capture_method
@@ -36,10 +28,4 @@ def record_handler(record: SQSRecord) -> None:
     logger.warning("dead-lettered job marked failed", extra={"job_id": message.job_id})
 
 
-@logger.inject_lambda_context(clear_state=True)
-@tracer.capture_lambda_handler
-@metrics.log_metrics
-def lambda_handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:
-    return process_partial_response(
-        event=event, record_handler=record_handler, processor=processor, context=context
-    )
+lambda_handler = sqs_batch_handler(record_handler)

@@ -1,8 +1,16 @@
-"""The message the jobs API puts on the queue and the worker consumes."""
+"""The message the jobs API puts on the queue, and the entry point of its consumers."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
+from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, ConfigDict
+
+from spool_core.observability import logger, metrics, tracer
 
 
 class JobMessage(BaseModel):
@@ -14,3 +22,22 @@ class JobMessage(BaseModel):
 
 class MessageNotDone(Exception):
     """Raised by a record handler to leave its message on the queue (reported as a batch item failure)."""
+
+
+def sqs_batch_handler(
+    record_handler: Callable[..., None],
+) -> Callable[[dict[str, Any], LambdaContext], PartialItemFailureResponse]:
+    """The Lambda entry point for an SQS consumer: logging, tracing, metrics, and partial batch
+    failures. A record left for retry (``MessageNotDone`` or any error) is a normal outcome reported
+    in ``batchItemFailures``, not an invocation error, even when it is the whole batch."""
+    processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
+
+    @logger.inject_lambda_context(clear_state=True)
+    @tracer.capture_lambda_handler
+    @metrics.log_metrics
+    def handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:
+        return process_partial_response(
+            event=event, record_handler=record_handler, processor=processor, context=context
+        )
+
+    return handler
