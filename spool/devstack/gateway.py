@@ -364,6 +364,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
 class GatewayHttpServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # the listen backlog: bursts of concurrent clients must not be reset
 
     def __init__(self, address: tuple[str, int], emulator: RestApiEmulator, access_log: bool = False) -> None:
         super().__init__(address, _RequestHandler)

@@ -86,6 +86,7 @@ def test_twenty_concurrent_first_requests_make_one_job(dev_stack: RunningStack) 
         thread.start()
     for thread in threads:
         thread.join()
+    assert len(results) == 20  # every client got an answer
     assert sum(1 for status, _ in results if status == 202) == 1
     job_ids = {a["job_id"] if s in {200, 202} else a["error"]["details"]["job_id"] for s, a in results}
     assert len(job_ids) == 1
