@@ -45,40 +45,42 @@ def create_job() -> Response[str]:
     service = _service()
     key = check_idempotency_key(app.current_event.headers.get("Idempotency-Key"))
     created = service.create(key, parse_body(app, JobRequest))
-    body = service.view(created.job)
+    body, limits = service.view(created.job), service.rate_limit_headers()
     if created.replayed:
-        return json_response(200, body)
-    return json_response(202, body, {"Location": f"/v1/jobs/{created.job.job_id}"})
+        return json_response(200, body, limits)
+    return json_response(202, body, {"Location": f"/v1/jobs/{created.job.job_id}", **limits})
 
 
 @app.get("/v1/jobs/<job_id>")
 def get_job(job_id: str) -> Response[str]:
     service = _service()
-    return json_response(200, service.view(service.get(job_id)))
+    return json_response(200, service.view(service.get(job_id)), service.rate_limit_headers())
 
 
 @app.get("/v1/jobs/<job_id>/chunks")
 def get_chunks(job_id: str) -> Response[str]:
-    page: dict[str, Any] = _service().chunks(
+    service = _service()
+    page: dict[str, Any] = service.chunks(
         job_id,
         after=_int_param("after", 0),
         limit=_int_param("limit", DEFAULT_CHUNK_LIMIT),
         wait=_int_param("wait", 0),
     )
-    return json_response(200, page)
+    return json_response(200, page, service.rate_limit_headers())
 
 
 @app.post("/v1/jobs/<job_id>/stream/resume")
 def resume(job_id: str) -> Response[str]:
     request = parse_body(app, ResumeRequest)
-    page = _service().chunks(job_id, after=request.last_sequence_id, limit=request.limit, wait=request.wait)
-    return json_response(200, page)
+    service = _service()
+    page = service.chunks(job_id, after=request.last_sequence_id, limit=request.limit, wait=request.wait)
+    return json_response(200, page, service.rate_limit_headers())
 
 
 @app.post("/v1/jobs/<job_id>/cancel")
 def cancel(job_id: str) -> Response[str]:
     service = _service()
-    return json_response(200, service.view(service.cancel(job_id)))
+    return json_response(200, service.view(service.cancel(job_id)), service.rate_limit_headers())
 
 
 lambda_handler = api_handler(app)

@@ -21,11 +21,14 @@ from spool_core.adapters.contexts import (
 )
 from spool_core.adapters.dynamodb import ScopedTable
 from spool_core.adapters.jobs import DynamoChunkLog, DynamoJobStore, SqsJobQueue
+from spool_core.adapters.usage import DynamoUsageStore
 from spool_core.auth import ApiKeys
 from spool_core.contexts.service import DAY, ContextLimits, ContextService
 from spool_core.health import HealthService, Probe
 from spool_core.jobs.runner import JobRunner, RunnerSettings
 from spool_core.jobs.service import JOB_TTL_SECONDS, JobService
+from spool_core.limits.model import TenantLimits
+from spool_core.limits.service import RateLimiter
 from spool_core.models import ModelSpec, registry
 from spool_core.providers import Provider
 from spool_core.providers.simulated import SimulatedProvider
@@ -48,7 +51,13 @@ def api_keys(config: Settings | None = None) -> ApiKeys:
 
 @lru_cache(maxsize=8)
 def _health(config: Settings) -> HealthService:
-    tables = (config.api_keys_table, config.contexts_table, config.jobs_table, config.chunks_table)
+    tables = (
+        config.api_keys_table,
+        config.contexts_table,
+        config.jobs_table,
+        config.chunks_table,
+        config.usage_table,
+    )
     return HealthService(
         [
             Probe("dynamodb", partial(probes.dynamodb_tables, aws.dynamodb(config, probe=True), tables)),
@@ -107,6 +116,7 @@ def job_service(tenant: Tenant, config: Settings | None = None) -> JobService:
         SqsJobQueue(aws.sqs(config), config.jobs_queue_url),
         context_service(tenant, config),
         registry(),
+        rate_limiter(tenant, config),
         websocket_url=config.websocket_url,
     )
 
@@ -127,7 +137,27 @@ def job_runner(tenant: Tenant, config: Settings | None = None) -> JobRunner:
         context_service(tenant, config),
         registry(),
         lambda model: provider_for(model, config),
+        rate_limiter(tenant, config),
         RunnerSettings(
             flush_ms=config.flush_ms, flush_tokens=config.flush_tokens, lease_seconds=config.lease_seconds
         ),
     )
+
+
+def usage_store(tenant: Tenant, config: Settings | None = None) -> DynamoUsageStore:
+    config = config or settings()
+    return DynamoUsageStore(
+        ScopedTable(aws.dynamodb(config), config.usage_table, TenantScope(tenant)), time.time
+    )
+
+
+def rate_limiter(tenant: Tenant, config: Settings | None = None) -> RateLimiter:
+    """The tenant's limits: its own (usage table) or the deployment's defaults."""
+    config = config or settings()
+    defaults = TenantLimits(
+        tokens_per_minute=config.default_tokens_per_minute,
+        tokens_per_day=config.default_tokens_per_day,
+        max_concurrent_jobs=config.default_max_concurrent_jobs,
+        daily_budget_usd=config.default_daily_budget_usd,
+    )
+    return RateLimiter(usage_store(tenant, config), defaults)

@@ -26,6 +26,7 @@ class SpoolError(Exception):
         self.suggestions: list[str] = list(
             suggestions if suggestions is not None else self.default_suggestions
         )
+        self.headers: dict[str, str] = {}  # HTTP headers the answer should carry (Retry-After, ...)
 
 
 class InternalError(SpoolError):

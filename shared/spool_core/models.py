@@ -40,6 +40,13 @@ class ModelSpec(BaseModel):
     enabled: bool = True
     options: dict[str, Any] = Field(default_factory=dict)
 
+    def cost_usd(self, input_tokens: int, output_tokens: int) -> float:
+        return round(
+            input_tokens * self.pricing.input_per_mtok / 1e6
+            + output_tokens * self.pricing.output_per_mtok / 1e6,
+            8,
+        )
+
 
 class ModelRegistry:
     def __init__(self, models: list[ModelSpec]) -> None:

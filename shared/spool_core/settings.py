@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from spool_core.errors import ConfigurationError
 
@@ -32,6 +33,16 @@ class Settings(BaseModel):
     # The job lease follows the queue's visibility timeout: a crashed job's message returns as its lease ends.
     lease_seconds: float = Field(default=30, gt=0, alias="SPOOL_LEASE_SECONDS")
     simulator_faults: bool = Field(default=False, alias="SPOOL_SIMULATOR_FAULTS")
+    usage_table: str = Field(alias="SPOOL_USAGE_TABLE")
+    default_tokens_per_minute: int = Field(default=200_000, gt=0, alias="SPOOL_DEFAULT_TOKENS_PER_MINUTE")
+    default_tokens_per_day: int = Field(default=10_000_000, gt=0, alias="SPOOL_DEFAULT_TOKENS_PER_DAY")
+    default_max_concurrent_jobs: int = Field(default=16, gt=0, alias="SPOOL_DEFAULT_MAX_CONCURRENT_JOBS")
+    default_daily_budget_usd: float | None = Field(default=None, gt=0, alias="SPOOL_DEFAULT_DAILY_BUDGET_USD")
+
+    @field_validator("default_daily_budget_usd", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: Any) -> Any:
+        return None if value in ("", "0", "none", None) else value
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

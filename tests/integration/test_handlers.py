@@ -20,6 +20,7 @@ def test_every_function_in_the_template_has_a_sample_event(template: Template) -
         "ContextsFunction": "contexts",
         "JobsFunction": "jobs",
         "DeadLetterFunction": "dead_letter",
+        "UsageFunction": "usage",
         "WorkerFunction": "worker",
     }
     assert set(template.functions()) <= set(samples), "add a sample event for the new function"
@@ -91,6 +92,19 @@ def test_jobs_function_creates_a_job_from_its_sample_event(invoke: Any) -> None:
     body = response_json(response)
     job_id = body["job_id"] if response["statusCode"] == 202 else body["error"]["details"]["job_id"]
     assert job_id.startswith("job_")
+
+
+def test_usage_function_answers_its_sample_event(invoke: Any) -> None:
+    response = invoke("UsageFunction", load_event("usage"))
+    assert response["statusCode"] == 200
+    body = response_json(response)
+    assert (body["since"], body["until"]) == ("2026-11-20", "2026-11-26")
+    assert body["limits"]["tokens_per_minute"]["limit"] > 0
+    headers = {
+        **response.get("headers", {}),
+        **{k: v[0] for k, v in response.get("multiValueHeaders", {}).items()},
+    }
+    assert "X-RateLimit-Remaining-Tokens" in headers
 
 
 def test_dead_letter_function_drops_messages_of_unknown_jobs(invoke: Any) -> None:

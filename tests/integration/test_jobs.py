@@ -54,6 +54,7 @@ def runner_for(tenant: Tenant, *, faults: bool = True, **settings: Any) -> JobRu
         bootstrap.context_service(tenant),
         registry(),
         provider,
+        bootstrap.rate_limiter(tenant),
         RunnerSettings(**config),
         sleep=no_sleep,
     )

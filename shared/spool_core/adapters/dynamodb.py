@@ -73,6 +73,10 @@ class ScopedTable:
     def scope(self) -> TenantScope:
         return self._scope
 
+    @property
+    def client(self) -> DynamoDBClient:
+        return self._client
+
     def _key(self, kind: str, ident: str, sort: Mapping[str, Any] | None = None) -> dict[str, Any]:
         return serialize({PARTITION_KEY: self._scope.key(kind, ident), **(sort or {})})
 
@@ -137,30 +141,30 @@ class ScopedTable:
         self._add_condition(kwargs, condition, names, values)
         self._write(self._client.put_item, kwargs)
 
-    def put_all_or_none(self, puts: Sequence[tuple[str, str, Mapping[str, Any]]]) -> None:
-        """Create several items in one transaction, each only if it does not exist yet; raises
-        ``ConditionFailed`` (without the item) if any of them does."""
-        items: Any = [
-            {
-                "Put": {
-                    "TableName": self._table,
-                    "Item": serialize({**attributes, PARTITION_KEY: self._scope.key(kind, ident)}),
-                    "ConditionExpression": "attribute_not_exists(#pk)",
-                    "ExpressionAttributeNames": {"#pk": PARTITION_KEY},
-                }
-            }
-            for kind, ident, attributes in puts
-        ]
-        try:
-            self._client.transact_write_items(TransactItems=items)
-        except ClientError as exc:
-            response: Any = exc.response
-            reasons = response.get("CancellationReasons", [])
-            if exc.response["Error"]["Code"] == "TransactionCanceledException" and any(
-                r.get("Code") == "ConditionalCheckFailed" for r in reasons
-            ):
-                raise ConditionFailed() from exc
-            raise
+    def update_request(
+        self,
+        kind: str,
+        ident: str,
+        expression: str,
+        *,
+        sort: Mapping[str, Any] | None = None,
+        condition: str | None = None,
+        names: Mapping[str, str] | None = None,
+        values: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """The same update as ``update``, as one entry of a ``transact`` call."""
+        request: dict[str, Any] = {
+            "TableName": self._table,
+            "Key": self._key(kind, ident, sort),
+            "UpdateExpression": expression,
+        }
+        if condition:
+            request["ConditionExpression"] = condition
+        if names:
+            request["ExpressionAttributeNames"] = dict(names)
+        if values:
+            request["ExpressionAttributeValues"] = serialize(values)
+        return {"Update": request}
 
     def delete_all(self, keys: Sequence[tuple[str, str]]) -> None:
         """Delete several items in one transaction."""
@@ -277,3 +281,18 @@ class ScopedTable:
                 old: Any = exc.response.get("Item")
                 raise ConditionFailed(deserialize(old) if old else None) from exc
             raise
+
+
+def transact(client: DynamoDBClient, items: Sequence[Mapping[str, Any]]) -> None:
+    """All the writes or none (TransactWriteItems, any tables); ``ConditionFailed`` if a condition failed."""
+    request: Any = list(items)
+    try:
+        client.transact_write_items(TransactItems=request)
+    except ClientError as exc:
+        response: Any = exc.response
+        reasons = response.get("CancellationReasons", [])
+        if exc.response["Error"]["Code"] == "TransactionCanceledException" and any(
+            r.get("Code") == "ConditionalCheckFailed" for r in reasons
+        ):
+            raise ConditionFailed() from exc
+        raise

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from spool_core.adapters.dynamodb import ConditionFailed, ScopedTable
+from spool_core.adapters.dynamodb import ConditionFailed, ScopedTable, transact
 from spool_core.jobs.model import Chunk, Job
 from spool_core.jobs.ports import Conflict
 from spool_core.queue import JobMessage
@@ -28,26 +29,22 @@ class DynamoJobStore:
         item = self._table.get(JOB_KIND, job_id)
         return Job.model_validate(item) if item else None
 
-    def create(self, job: Job, idempotency_key: str, ttl: int) -> None:
-        record = {
-            "job_id": job.job_id,
-            "fingerprint": job.fingerprint,
-            "created_at": job.created_at,
-            "ttl": ttl,
-        }
-        job_item = {**job.model_dump(), "ttl": ttl - 24 * 3600 + self._job_ttl}
+    def claim(self, idempotency_key: str, job_id: str, fingerprint: str, created_at: str, ttl: int) -> None:
+        record = {"job_id": job_id, "fingerprint": fingerprint, "created_at": created_at, "ttl": ttl}
         try:
-            self._table.put_all_or_none(
-                [(IDEMPOTENCY_KIND, idempotency_key, record), (JOB_KIND, job.job_id, job_item)]
-            )
-        except ConditionFailed:
-            raise Conflict(self.idempotency_record(idempotency_key)) from None
+            self._table.put(IDEMPOTENCY_KIND, idempotency_key, record, condition="attribute_not_exists(pk)")
+        except ConditionFailed as exc:
+            raise Conflict(exc.item) from None
+
+    def create(self, job: Job) -> None:
+        item = {**job.model_dump(), "ttl": int(time.time()) + self._job_ttl}
+        self._table.put(JOB_KIND, job.job_id, item, condition="attribute_not_exists(pk)")
 
     def idempotency_record(self, idempotency_key: str) -> Mapping[str, Any] | None:
         return self._table.get(IDEMPOTENCY_KIND, idempotency_key)
 
-    def discard(self, job: Job, idempotency_key: str) -> None:
-        self._table.delete_all([(IDEMPOTENCY_KIND, idempotency_key), (JOB_KIND, job.job_id)])
+    def discard(self, job_id: str, idempotency_key: str) -> None:
+        self._table.delete_all([(IDEMPOTENCY_KIND, idempotency_key), (JOB_KIND, job_id)])
 
     def update(
         self,
@@ -56,18 +53,27 @@ class DynamoJobStore:
         *,
         condition: str | None = None,
         values: Mapping[str, Any] | None = None,
+        also: Sequence[Mapping[str, Any]] = (),
     ) -> Job:
         expression = "SET " + ", ".join(f"#{name} = :set_{name}" for name in changes)
         used = set(changes) | set(_NAME.findall(condition or ""))
         names = {f"#{name}": name for name in used}
         all_values = {**{f":set_{name}": value for name, value in changes.items()}, **(values or {})}
         try:
-            item = self._table.update(
+            if not also:
+                item = self._table.update(
+                    JOB_KIND, job_id, expression, condition=condition, names=names, values=all_values
+                )
+                return Job.model_validate(item)
+            request = self._table.update_request(
                 JOB_KIND, job_id, expression, condition=condition, names=names, values=all_values
             )
+            transact(self._table.client, [request, *also])
         except ConditionFailed as exc:
             raise Conflict(exc.item) from None
-        return Job.model_validate(item)
+        job = self.get(job_id)
+        assert job is not None
+        return job
 
     def cancel_requested(self, job_id: str) -> bool:
         item = self._table.get(JOB_KIND, job_id, attributes=["cancel_requested"])

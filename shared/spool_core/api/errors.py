@@ -17,6 +17,7 @@ from spool_core.errors import (
     Unauthorized,
     Unprocessable,
 )
+from spool_core.limits.errors import RateLimited
 
 STATUS_BY_ERROR: dict[type[SpoolError], int] = {
     InvalidRequest: 400,
@@ -27,6 +28,7 @@ STATUS_BY_ERROR: dict[type[SpoolError], int] = {
     Gone: 410,
     PayloadTooLarge: 413,
     Unprocessable: 422,
+    RateLimited: 429,
     InternalError: 500,
     DependencyUnavailable: 503,
 }

@@ -79,7 +79,7 @@ def create_resolver() -> APIGatewayRestResolver:
     def _domain_error(exc: SpoolError) -> Response[str]:
         if status_for(exc) >= 500:
             logger.exception("request failed", extra={"code": exc.code})
-        return error_response(app, exc)
+        return error_response(app, exc, exc.headers)
 
     @app.exception_handler(RequestValidationError)  # type: ignore[untyped-decorator]
     def _invalid(exc: RequestValidationError) -> Response[str]:

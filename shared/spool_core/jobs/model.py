@@ -80,6 +80,8 @@ class Job(BaseModel):
     started_at: str | None = None
     first_token_at: str | None = None
     completed_at: str | None = None
+    estimate: dict[str, Any] | None = None  # how admission estimated the tokens (for learning)
+    reservation: dict[str, Any] | None = None  # what admission reserved (settled when the job ends)
     cancel_requested: bool = False
     attempts: int = 0
     lease_owner: str | None = None

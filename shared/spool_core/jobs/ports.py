@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from spool_core.jobs.model import Chunk, Job
@@ -19,13 +19,16 @@ class Conflict(Exception):
 class JobStore(Protocol):
     def get(self, job_id: str) -> Job | None: ...
 
-    def create(self, job: Job, idempotency_key: str, ttl: int) -> None:
-        """Write the job and its idempotency record atomically; ``Conflict`` if the key exists."""
+    def claim(self, idempotency_key: str, job_id: str, fingerprint: str, created_at: str, ttl: int) -> None:
+        """Write the idempotency record if the key is free; ``Conflict`` (with the record) if not."""
+
+    def create(self, job: Job) -> None:
+        """Write the job item (its id must be new)."""
 
     def idempotency_record(self, idempotency_key: str) -> Mapping[str, Any] | None: ...
 
-    def discard(self, job: Job, idempotency_key: str) -> None:
-        """Undo ``create`` (the job could not be queued), so a retry with the key starts afresh."""
+    def discard(self, job_id: str, idempotency_key: str) -> None:
+        """Undo ``claim`` and ``create`` (the job was refused or not queued): a retry starts afresh."""
 
     def update(
         self,
@@ -34,8 +37,10 @@ class JobStore(Protocol):
         *,
         condition: str | None = None,
         values: Mapping[str, Any] | None = None,
+        also: Sequence[Mapping[str, Any]] = (),
     ) -> Job:
-        """Set fields; ``Conflict`` if ``condition`` (over the job's fields) is false."""
+        """Set fields; ``Conflict`` if ``condition`` (over the job's fields) is false. ``also`` are
+        writes to commit in the same transaction (the settlement of the job's reservation)."""
 
     def cancel_requested(self, job_id: str) -> bool: ...
 

@@ -22,8 +22,10 @@ from spool_core.contexts.service import ContextService
 from spool_core.errors import SpoolError
 from spool_core.jobs.model import Chunk, Job
 from spool_core.jobs.ports import ChunkLog, Conflict, JobStore
+from spool_core.limits.model import Estimate
+from spool_core.limits.service import RateLimiter, settle
 from spool_core.models import ModelRegistry, ModelSpec
-from spool_core.observability import logger
+from spool_core.observability import logger, record_usage
 from spool_core.prompt import file_block, symbols_block
 from spool_core.providers import Finished, GenerationRequest, Provider, ProviderError, ResumePoint, TextDelta
 
@@ -136,6 +138,7 @@ class JobRunner:
         contexts: ContextService,
         models: ModelRegistry,
         provider_for: Callable[[ModelSpec], Provider],
+        limiter: RateLimiter,
         settings: RunnerSettings | None = None,
         *,
         clock: Callable[[], float] = time.time,
@@ -147,6 +150,7 @@ class JobRunner:
         self._contexts = contexts
         self._models = models
         self._provider_for = provider_for
+        self._limiter = limiter
         self.settings = settings or RunnerSettings()
         self._clock = clock
         self._sleep = sleep
@@ -320,25 +324,12 @@ class JobRunner:
     def _finish(
         self, job: Job, writer: ChunkWriter, model: ModelSpec, input_tokens: int, *, status: str
     ) -> None:
-        output_tokens = writer.tokens_total
-        if not input_tokens:
-            input_tokens = max(0, job.usage.estimated_tokens - job.request.max_tokens)
-        cost = round(
-            input_tokens * model.pricing.input_per_mtok / 1e6
-            + output_tokens * model.pricing.output_per_mtok / 1e6,
-            8,
-        )
-        self._owned(
+        self._end(
             job,
+            model,
             {
                 "status": status,
                 "progress": self._progress(writer),
-                "usage": {
-                    "estimated_tokens": job.usage.estimated_tokens,
-                    "input_tokens": input_tokens,
-                    "output_tokens": output_tokens,
-                },
-                "cost_usd": cost,
                 "output": self._inline_output(job.job_id, writer),
                 "first_token_at": job.first_token_at
                 or writer.first_chunk_at
@@ -346,11 +337,65 @@ class JobRunner:
                 "completed_at": rfc3339(from_epoch(self._clock())),
                 "lease_expires_at": 0.0,
             },
+            input_reported=input_tokens,
+            output_tokens=writer.tokens_total,
+            learn=status == "completed",
         )
+
+    def _end(
+        self,
+        job: Job,
+        model: ModelSpec,
+        changes: dict[str, Any],
+        *,
+        input_reported: int,
+        output_tokens: int,
+        learn: bool = False,
+        condition: str = "#lease_owner = :me",
+        values: dict[str, Any] | None = None,
+    ) -> None:
+        """The job's final write, in one transaction with the settlement of its reservation: the
+        rate limiter is reconciled exactly once, however often the message is delivered."""
+        input_tokens = input_reported or (self._estimated_input(job) if output_tokens else 0)
+        cost = model.cost_usd(input_tokens, output_tokens)
+        changes = {
+            **changes,
+            "usage": {
+                "estimated_tokens": job.usage.estimated_tokens,
+                "input_tokens": input_tokens,
+                "output_tokens": output_tokens,
+            },
+            "cost_usd": cost,
+        }
+        settlement = settle(job, input_tokens, output_tokens, cost, self._clock())
+        try:
+            self._jobs.update(
+                job.job_id,
+                changes,
+                condition=condition,
+                values=values if values is not None else {":me": self.worker_id},
+                also=self._limiter.settlement_writes(settlement),
+            )
+        except Conflict:
+            raise LostLease(job.job_id) from None
+        record_usage(model.id, input_tokens, output_tokens, cost)
+        if learn and job.estimate and input_reported:
+            self._limiter.learn(model.id, Estimate(**job.estimate), input_reported, output_tokens)
         logger.info(
-            "job finished",
-            extra={"job_id": job.job_id, "status": status, "output_tokens": output_tokens, "cost_usd": cost},
+            "job ended",
+            extra={
+                "job_id": job.job_id,
+                "status": changes.get("status"),
+                "output_tokens": output_tokens,
+                "cost_usd": cost,
+            },
         )
+
+    @staticmethod
+    def _estimated_input(job: Job) -> int:
+        if job.estimate:
+            return int(job.estimate["input_raw"])
+        return max(0, job.usage.estimated_tokens - job.request.max_tokens)
 
     def _inline_output(self, job_id: str, writer: ChunkWriter) -> str | None:
         """The output on the job item when it is small; larger ones are read from the chunk log."""
@@ -403,24 +448,30 @@ class JobRunner:
             "suggestions": suggestions,
             "request_id": None,
         }
-        self._owned(
+        model = self._models.resolve(job.model_resolved)
+        self._end(
             job,
+            model,
             {
                 "status": "failed",
                 "error": error,
                 "progress": self._progress(writer),
-                "usage": {**job.usage.model_dump(), "output_tokens": writer.tokens_total},
                 "completed_at": rfc3339(from_epoch(self._clock())),
                 "lease_expires_at": 0.0,
             },
+            input_reported=0,
+            output_tokens=writer.tokens_total,
         )
         logger.warning("job failed", extra={"job_id": job.job_id, "code": code})
 
     def _finish_cancelled_queued(self, job: Job) -> None:
-        with contextlib.suppress(Conflict):  # it started meanwhile: the running worker sees the request
-            self._jobs.update(
-                job.job_id,
+        with contextlib.suppress(LostLease):  # it started meanwhile: the running worker sees the request
+            self._end(
+                job,
+                self._models.resolve(job.model_resolved),
                 {"status": "cancelled", "completed_at": rfc3339(from_epoch(self._clock()))},
+                input_reported=0,
+                output_tokens=0,
                 condition="#status = :queued",
                 values={":queued": "queued"},
             )
@@ -455,17 +506,20 @@ class JobRunner:
             "request_id": None,
         }
         try:
-            self._jobs.update(
-                job_id,
+            self._end(
+                job,
+                self._models.resolve(job.model_resolved),
                 {
                     "status": "failed",
                     "error": error,
                     "completed_at": rfc3339(from_epoch(now)),
                     "progress": progress,
                 },
+                input_reported=0,
+                output_tokens=progress["tokens_generated"],
                 condition="#status IN (:queued, :running) AND #lease_expires_at < :now",
                 values={":queued": "queued", ":running": "running", ":now": now},
             )
-        except Conflict:
+        except LostLease:
             return self.dead_lettered(job_id)
         return Outcome.DONE

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from spool_core import tokens
@@ -22,6 +22,8 @@ from spool_core.jobs.errors import (
 )
 from spool_core.jobs.model import ACTIVE, TERMINAL, Chunk, Job, JobRequest, Usage
 from spool_core.jobs.ports import ChunkLog, Conflict, JobQueue, JobStore
+from spool_core.limits.errors import RateLimited
+from spool_core.limits.service import RateLimiter, settle
 from spool_core.models import ModelRegistry, ModelSpec
 from spool_core.tenancy import Tenant
 
@@ -66,6 +68,7 @@ class JobService:
         queue: JobQueue,
         contexts: ContextService,
         models: ModelRegistry,
+        limiter: RateLimiter,
         *,
         websocket_url: str | None = None,
         clock: Callable[[], float] = time.time,
@@ -78,6 +81,7 @@ class JobService:
         self._queue = queue
         self._contexts = contexts
         self._models = models
+        self._limiter = limiter
         self._websocket_url = websocket_url
         self._clock = clock
         self._sleep = sleep
@@ -93,33 +97,48 @@ class JobService:
             return self._replay(existing, fingerprint)
 
         model = self._models.resolve(request.model)
-        estimated = self._admit(model, request)
+        input_tokens = self._admit(model, request)  # refusals here write nothing
         now = self._clock()
-        job = Job(
-            job_id=new_id("job"),
-            tenant_id=self._tenant.id,
-            status="queued",
-            request=request,
-            fingerprint=fingerprint,
-            model_requested=request.model,
-            model_resolved=model.id,
-            usage=Usage(estimated_tokens=estimated),
-            created_at=rfc3339(from_epoch(now)),
-        )
+        job_id, created_at = new_id("job"), rfc3339(from_epoch(now))
         try:
-            self._jobs.create(job, key_hash, int(now + IDEMPOTENCY_TTL_SECONDS))
+            # Claim the key first: of concurrent first requests exactly one gets past this write,
+            # and only that one reserves tokens, so its twins never spend the tenant's limits.
+            self._jobs.claim(key_hash, job_id, fingerprint, created_at, int(now + IDEMPOTENCY_TTL_SECONDS))
         except Conflict as lost:
-            # A concurrent first request with this key won the conditional write: answer as its retry.
             record = lost.current or self._jobs.idempotency_record(key_hash)
             if record is None:
                 raise DependencyUnavailable(
                     "The idempotency record could not be read; retry with the same key"
                 ) from None
             return self._replay(record, fingerprint)
+        estimate = self._limiter.estimate(model.id, input_tokens, request.max_tokens)
         try:
+            reservation = self._limiter.reserve(
+                estimate.total, model.cost_usd(estimate.input_tokens, estimate.output_tokens)
+            )
+        except RateLimited as limited:
+            self._jobs.discard(job_id, key_hash)
+            limited.headers.update(self._limiter.headers())
+            raise
+        job = Job(
+            job_id=job_id,
+            tenant_id=self._tenant.id,
+            status="queued",
+            request=request,
+            fingerprint=fingerprint,
+            model_requested=request.model,
+            model_resolved=model.id,
+            usage=Usage(estimated_tokens=estimate.total),
+            estimate=asdict(estimate),
+            reservation=asdict(reservation),
+            created_at=created_at,
+        )
+        try:
+            self._jobs.create(job)
             self._queue.send(job.job_id, self._tenant.id)
         except Exception as exc:
-            self._jobs.discard(job, key_hash)
+            self._jobs.discard(job_id, key_hash)
+            self._limiter.cancel(reservation)
             raise DependencyUnavailable(
                 "The job could not be queued", suggestions=["Retry with the same Idempotency-Key"]
             ) from exc
@@ -156,7 +175,11 @@ class JobService:
             )
         return Created(job, replayed=True)
 
+    def rate_limit_headers(self) -> dict[str, str]:
+        return self._limiter.headers()
+
     def _admit(self, model: ModelSpec, request: JobRequest) -> int:
+        """Check the request fits the model; returns its input tokens (tiktoken x family calibration)."""
         if request.max_tokens > model.max_output_tokens:
             raise InvalidRequest(
                 f"max_tokens {request.max_tokens:,} exceeds {model.id}'s limit ({model.max_output_tokens:,})",
@@ -188,7 +211,7 @@ class JobService:
                     "Use a model with a larger context window (GET /v1/models)",
                 ],
             )
-        return requested
+        return input_tokens
 
     # ------------------------------------------------------------------ read
     def get(self, job_id: str) -> Job:
@@ -283,6 +306,7 @@ class JobService:
                     {"status": "cancelled", "cancel_requested": True, "completed_at": now},
                     condition="#status = :queued",
                     values={":queued": "queued"},
+                    also=self._limiter.settlement_writes(settle(job, 0, 0, 0.0, self._clock())),
                 )
             return self._jobs.update(
                 job_id,
