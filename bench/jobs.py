@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from spool.devstack.instrument import AwsCallCounter
 from spool.devstack.stack import EmbeddedStack
 from spool_core import bootstrap
 from spool_core.clock import rfc3339, utc_now
@@ -163,6 +164,7 @@ def worker_memory(stack: EmbeddedStack, sizes: tuple[int, ...]) -> list[int]:
 def run(stack: EmbeddedStack, counts_dir: Path) -> None:
     print("== jobs ==")
     logger.setLevel("ERROR")  # in-process invocations below would log every job
+    admission(stack, AwsCallCounter().install())
     delivery_delay(stack)
     writes_per_1000_tokens(stack, counts_dir, "sim-realtime")
     writes_per_1000_tokens(stack, counts_dir, "sim-fast")
@@ -172,3 +174,27 @@ def run(stack: EmbeddedStack, counts_dir: Path) -> None:
         f"50,000 tokens {large / 1e6:.1f} MB (ratio {large / small:.2f}; 25x the output)"
     )
     print()
+
+
+def admission(stack: EmbeddedStack, counter: AwsCallCounter, requests: int = 100) -> None:
+    """POST /v1/jobs end to end: latency and the DynamoDB requests each admission makes."""
+    latencies, calls = [], []
+    for i in range(requests):
+        before = counter.total("dynamodb")
+        started = time.perf_counter()
+        call(
+            stack,
+            "POST",
+            "/v1/jobs",
+            {"message": f"admission {i}", "model": "sim-fast", "max_tokens": 16},
+            key=str(uuid.uuid4()),
+        )
+        latencies.append(time.perf_counter() - started)
+        calls.append(counter.total("dynamodb") - before)
+    latencies.sort()
+    p50, p95 = statistics.median(latencies), latencies[int(0.95 * (len(latencies) - 1))]
+    median_calls = statistics.median(calls)
+    print(
+        f"admission (POST /v1/jobs, {requests} sequential): p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms;"
+        f" DynamoDB requests per admission: median {median_calls:.0f} (min {min(calls)}, max {max(calls)})"
+    )

@@ -10,8 +10,8 @@ import signal
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
+from spool.devstack.instrument import AwsCallCounter
 from spool.devstack.provision import StackDescription
 from spool.devstack.runtime import LocalFunction
 from spool.devstack.template import Template
@@ -49,29 +49,6 @@ def event_sources(description: StackDescription, template: Template) -> list[Sqs
 CALL_COUNTS_ENV = "SPOOL_DEVSTACK_CALL_COUNTS"
 
 
-def count_aws_calls(directory: Path) -> None:
-    """Benchmark instrumentation: count every AWS API call this process makes, by service and
-    operation, into ``<directory>/<pid>.json`` (rewritten after each call). Off unless asked for."""
-    import json
-    from collections import Counter
-
-    import botocore.client
-
-    counts: Counter[str] = Counter()
-    target = directory / f"{os.getpid()}.json"
-    lock = threading.Lock()
-    client_class: Any = botocore.client.BaseClient
-    original = client_class._make_api_call
-
-    def counting(self: Any, operation_name: str, api_params: dict[str, object]) -> object:
-        with lock:
-            counts[f"{self.meta.service_model.service_name}.{operation_name}"] += 1
-            target.write_text(json.dumps(counts))
-        return original(self, operation_name, api_params)
-
-    client_class._make_api_call = counting
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description="Run the template's SQS event sources against the local stack"
@@ -80,8 +57,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="worker: %(message)s")
     logging.getLogger("botocore").setLevel(logging.WARNING)
-    if os.environ.get(CALL_COUNTS_ENV):
-        count_aws_calls(Path(os.environ[CALL_COUNTS_ENV]))
+    if os.environ.get(CALL_COUNTS_ENV):  # benchmarks: count this process's AWS calls into a file
+        AwsCallCounter(Path(os.environ[CALL_COUNTS_ENV]) / f"{os.getpid()}.json").install()
     description = StackDescription.load(args.state)
     template = Template.load(Path(description.template_path))
     os.environ.update(description.environment(template))
