@@ -203,13 +203,12 @@ class ScopedTable:
         names: Mapping[str, str] | None = None,
         values: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {
-            "TableName": self._table,
-            "Key": self._key(kind, ident, sort),
-            "UpdateExpression": expression,
-            "ReturnValues": "ALL_NEW",
-        }
-        self._add_condition(kwargs, condition, names, values)
+        kwargs = self.update_request(
+            kind, ident, expression, sort=sort, condition=condition, names=names, values=values
+        )["Update"]
+        kwargs["ReturnValues"] = "ALL_NEW"
+        if condition:
+            kwargs["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
         response = self._write(self._client.update_item, kwargs)
         return deserialize(response.get("Attributes", {}))
 
