@@ -12,6 +12,7 @@ from functools import lru_cache, partial
 
 from spool_core.adapters import aws, probes
 from spool_core.adapters.api_keys import DynamoApiKeyStore
+from spool_core.adapters.circuits import DynamoCircuitStore
 from spool_core.adapters.contexts import (
     DynamoBlobIndex,
     DynamoContextTable,
@@ -23,13 +24,15 @@ from spool_core.adapters.dynamodb import ScopedTable
 from spool_core.adapters.jobs import DynamoChunkLog, DynamoJobStore, SqsJobQueue
 from spool_core.adapters.usage import DynamoUsageStore
 from spool_core.auth import ApiKeys
+from spool_core.circuits import CircuitBreaker
 from spool_core.contexts.service import DAY, ContextLimits, ContextService
+from spool_core.flags import DEFAULT_FLAGS_FILE, Flags, flags
 from spool_core.health import HealthService, Probe
 from spool_core.jobs.runner import JobRunner, RunnerSettings
 from spool_core.jobs.service import JOB_TTL_SECONDS, JobService
 from spool_core.limits.model import TenantLimits
 from spool_core.limits.service import RateLimiter
-from spool_core.models import ModelSpec, registry
+from spool_core.models import ModelCatalog, ModelSpec, registry
 from spool_core.providers import Provider
 from spool_core.providers.simulated import SimulatedProvider
 from spool_core.settings import Settings
@@ -115,7 +118,7 @@ def job_service(tenant: Tenant, config: Settings | None = None) -> JobService:
         chunks,
         SqsJobQueue(aws.sqs(config), config.jobs_queue_url),
         context_service(tenant, config),
-        registry(),
+        catalog(tenant, config),
         rate_limiter(tenant, config),
         websocket_url=config.websocket_url,
     )
@@ -135,12 +138,14 @@ def job_runner(tenant: Tenant, config: Settings | None = None) -> JobRunner:
         jobs,
         chunks,
         context_service(tenant, config),
-        registry(),
+        catalog(tenant, config),
         lambda model: provider_for(model, config),
         rate_limiter(tenant, config),
         RunnerSettings(
             flush_ms=config.flush_ms, flush_tokens=config.flush_tokens, lease_seconds=config.lease_seconds
         ),
+        breaker=circuit_breaker(config),
+        flags=feature_flags(config),
     )
 
 
@@ -161,3 +166,24 @@ def rate_limiter(tenant: Tenant, config: Settings | None = None) -> RateLimiter:
         daily_budget_usd=config.default_daily_budget_usd,
     )
     return RateLimiter(usage_store(tenant, config), defaults)
+
+
+def feature_flags(config: Settings | None = None) -> Flags:
+    config = config or settings()
+    return flags(config.flags_appconfig, config.flags_file or str(DEFAULT_FLAGS_FILE))
+
+
+def catalog(tenant: Tenant | None, config: Settings | None = None) -> ModelCatalog:
+    """The models as a tenant may use them (feature flags decide rollouts)."""
+    config = config or settings()
+    return ModelCatalog(registry(), feature_flags(config), tenant.id if tenant else None)
+
+
+def circuit_breaker(config: Settings | None = None) -> CircuitBreaker:
+    config = config or settings()
+    return CircuitBreaker(
+        DynamoCircuitStore(aws.dynamodb(config), config.system_table),
+        threshold=config.circuit_threshold,
+        window_seconds=config.circuit_window_seconds,
+        cooldown_seconds=config.circuit_cooldown_seconds,
+    )

@@ -34,12 +34,18 @@ class Settings(BaseModel):
     lease_seconds: float = Field(default=30, gt=0, alias="SPOOL_LEASE_SECONDS")
     simulator_faults: bool = Field(default=False, alias="SPOOL_SIMULATOR_FAULTS")
     usage_table: str = Field(alias="SPOOL_USAGE_TABLE")
+    system_table: str = Field(alias="SPOOL_SYSTEM_TABLE")
+    flags_appconfig: str | None = Field(default=None, alias="SPOOL_FLAGS_APPCONFIG")
+    flags_file: str | None = Field(default=None, alias="SPOOL_FLAGS_FILE")
+    circuit_threshold: int = Field(default=5, ge=1, alias="SPOOL_CIRCUIT_FAILURES")
+    circuit_window_seconds: float = Field(default=60, gt=0, alias="SPOOL_CIRCUIT_WINDOW_SECONDS")
+    circuit_cooldown_seconds: float = Field(default=30, gt=0, alias="SPOOL_CIRCUIT_COOLDOWN_SECONDS")
     default_tokens_per_minute: int = Field(default=200_000, gt=0, alias="SPOOL_DEFAULT_TOKENS_PER_MINUTE")
     default_tokens_per_day: int = Field(default=10_000_000, gt=0, alias="SPOOL_DEFAULT_TOKENS_PER_DAY")
     default_max_concurrent_jobs: int = Field(default=16, gt=0, alias="SPOOL_DEFAULT_MAX_CONCURRENT_JOBS")
     default_daily_budget_usd: float | None = Field(default=None, gt=0, alias="SPOOL_DEFAULT_DAILY_BUDGET_USD")
 
-    @field_validator("default_daily_budget_usd", mode="before")
+    @field_validator("default_daily_budget_usd", "flags_appconfig", "flags_file", mode="before")
     @classmethod
     def _blank_is_none(cls, value: Any) -> Any:
         return None if value in ("", "0", "none", None) else value

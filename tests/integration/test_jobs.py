@@ -10,6 +10,7 @@ import pytest
 
 from spool.devstack.provision import StackDescription
 from spool_core import bootstrap
+from spool_core.circuits import CircuitBreaker
 from spool_core.contexts.model import CreateContextRequest
 from spool_core.errors import DependencyUnavailable
 from spool_core.jobs.errors import (
@@ -41,7 +42,10 @@ def crash() -> None:
     raise Crash
 
 
-def runner_for(tenant: Tenant, *, faults: bool = True, **settings: Any) -> JobRunner:
+def runner_for(
+    tenant: Tenant, *, faults: bool = True, breaker: CircuitBreaker | None = None, **settings: Any
+) -> JobRunner:
+    """The worker's runner with instant time (no sleeps) and a crash that raises instead of exiting."""
     jobs, chunks = bootstrap._job_tables(tenant, bootstrap.settings())
     config = {"flush_ms": 200, "flush_tokens": 64, "lease_seconds": 30.0, "backoff_seconds": 0.0, **settings}
 
@@ -52,11 +56,13 @@ def runner_for(tenant: Tenant, *, faults: bool = True, **settings: Any) -> JobRu
         jobs,
         chunks,
         bootstrap.context_service(tenant),
-        registry(),
+        bootstrap.catalog(tenant),
         provider,
         bootstrap.rate_limiter(tenant),
         RunnerSettings(**config),
         sleep=no_sleep,
+        breaker=breaker,
+        flags=bootstrap.feature_flags(),
     )
 
 
@@ -264,8 +270,10 @@ def test_exhausted_retries_and_fatal_errors_fail_with_partial_output(
     failed = service.get(throttled.job.job_id)
     assert failed.status == "failed"
     assert failed.error is not None
-    assert failed.error["code"] == "provider_unavailable"
-    assert failed.error["details"]["attempts"] == 3
+    assert failed.error["code"] == "model_unavailable"  # sim-fast has no fallback to turn to
+    assert failed.error["details"]["tried"] == [
+        {"model": "sim-fast", "error": "provider_unavailable", "retryable": True}
+    ]
 
     fatal = service.create("k2", job(metadata={"simulate": {"fault": "fatal", "at_token": 100}}))
     runner_for(tenant).run(fatal.job.job_id)

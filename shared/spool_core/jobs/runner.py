@@ -17,14 +17,16 @@ from enum import Enum
 from typing import Any
 
 from spool_core.chat import Message
+from spool_core.circuits import Circuit, CircuitBreaker
 from spool_core.clock import from_epoch, rfc3339
 from spool_core.contexts.service import ContextService
 from spool_core.errors import SpoolError
+from spool_core.flags import Flags
 from spool_core.jobs.model import Chunk, Job
 from spool_core.jobs.ports import ChunkLog, Conflict, JobStore
 from spool_core.limits.model import Estimate
 from spool_core.limits.service import RateLimiter, settle
-from spool_core.models import ModelRegistry, ModelSpec
+from spool_core.models import ModelCatalog, ModelSpec
 from spool_core.observability import logger, record_usage
 from spool_core.prompt import file_block, symbols_block
 from spool_core.providers import Finished, GenerationRequest, Provider, ProviderError, ResumePoint, TextDelta
@@ -47,6 +49,16 @@ class RunnerSettings:
     backoff_seconds: float = 0.2
     inline_output_bytes: int = 64 * 1024  # larger outputs are read from the chunk log
     time_margin_ms: int = 5000
+
+
+class _NoCircuits:
+    """A breaker store that remembers nothing (circuits off)."""
+
+    def get_many(self, model_ids: Any) -> dict[str, Circuit]:
+        return {}
+
+    def save(self, circuit: Circuit, expected_version: int) -> bool:
+        return True
 
 
 class LostLease(Exception):
@@ -136,11 +148,13 @@ class JobRunner:
         jobs: JobStore,
         chunks: ChunkLog,
         contexts: ContextService,
-        models: ModelRegistry,
+        models: ModelCatalog,
         provider_for: Callable[[ModelSpec], Provider],
         limiter: RateLimiter,
         settings: RunnerSettings | None = None,
         *,
+        breaker: CircuitBreaker | None = None,
+        flags: Flags | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         worker_id: str | None = None,
@@ -151,6 +165,8 @@ class JobRunner:
         self._models = models
         self._provider_for = provider_for
         self._limiter = limiter
+        self._breaker = breaker or CircuitBreaker(_NoCircuits())
+        self._flags = flags
         self.settings = settings or RunnerSettings()
         self._clock = clock
         self._sleep = sleep
@@ -217,8 +233,9 @@ class JobRunner:
     def _generate(
         self, job: Job, heartbeat: Callable[[int], None] | None, remaining_ms: Callable[[], int] | None
     ) -> Outcome:
-        model = self._models.resolve(job.model_resolved)
-        provider = self._provider_for(model)
+        primary = self._models.get(job.model_resolved)
+        if primary is None:
+            raise LostLease(f"model {job.model_resolved} left the registry")  # leave it for a later attempt
         last_beat = self._clock()
         writer: ChunkWriter
 
@@ -242,6 +259,47 @@ class JobRunner:
         except SpoolError as exc:  # the context expired or vanished since admission
             self._fail(job, writer, exc.code, exc.message, dict(exc.details), list(exc.suggestions))
             return Outcome.DONE
+
+        allow_fallback = job.request.fallback and self._fallback_enabled()
+        chain = self._models.chain(primary, fallback=allow_fallback)
+        tried: list[dict[str, Any]] = []
+        model = primary
+        try:
+            for model in chain:
+                if not self._breaker.allow(model.id):
+                    tried.append({"model": model.id, "skipped": "circuit open"})
+                    continue
+                if model.id != job.model_resolved:
+                    job = self._owned(
+                        job, {"model_resolved": model.id, "fallback_used": model.id != primary.id}
+                    )
+                try:
+                    input_tokens = self._stream(job, writer, model, messages)
+                except ProviderError as exc:
+                    self._breaker.record_failure(model.id)
+                    tried.append({"model": model.id, "error": exc.code, "retryable": exc.retryable})
+                    if not exc.retryable and exc.code != "provider_model_unavailable":
+                        self._fail_provider(job, writer, model, exc, tried)  # the request itself is refused
+                        return Outcome.DONE
+                    continue
+                self._finish(job, writer, model, input_tokens, status="completed")
+                return Outcome.DONE
+        except Cancelled:
+            writer.flush(notify=False)
+            self._finish(job, writer, model, 0, status="cancelled")
+            return Outcome.DONE
+        except OutOfTime:
+            writer.flush(notify=False)
+            self._release(job, writer)
+            return Outcome.YIELD
+        self._fail_unavailable(job, writer, primary, tried, allow_fallback)
+        return Outcome.DONE
+
+    def _stream(self, job: Job, writer: ChunkWriter, model: ModelSpec, messages: tuple[Message, ...]) -> int:
+        """Stream one model into the log, retrying retryable errors with exponential backoff and
+        jitter (each retry resumes from what is persisted); returns the input tokens the provider
+        reported. Raises the last ``ProviderError`` when the retries are spent."""
+        provider = self._provider_for(model)
         request = GenerationRequest(
             provider_model_id=model.provider_model_id,
             messages=messages,
@@ -250,45 +308,39 @@ class JobRunner:
             options=dict(model.options),
             metadata=dict(job.request.metadata),
         )
-        input_tokens = 0
-        calls = 0
-        try:
-            while True:
-                calls += 1
-                resume = ResumePoint(
-                    tokens=writer.tokens_total,
-                    text="" if provider.resumes_by_index else self._persisted_text(job.job_id),
-                    attempt=job.attempts,
+        input_tokens, calls = 0, 0
+        while True:
+            calls += 1
+            resume = ResumePoint(
+                tokens=writer.tokens_total,
+                text="" if provider.resumes_by_index else self._persisted_text(job.job_id),
+                attempt=job.attempts,
+            )
+            started, first_token_ms = self._clock(), None
+            try:
+                for event in provider.stream(request, resume):
+                    if isinstance(event, TextDelta):
+                        if first_token_ms is None:
+                            first_token_ms = (self._clock() - started) * 1000
+                        writer.add(event.text, event.tokens)
+                    elif isinstance(event, Finished):
+                        input_tokens += event.input_tokens
+                writer.flush()
+                self._breaker.record_success(model.id, first_token_ms)
+                return input_tokens
+            except ProviderError as exc:
+                writer.flush()  # keep every token received before the failure
+                if not exc.retryable or calls > self.settings.max_retries:
+                    exc.attempts = calls  # type: ignore[attr-defined]
+                    raise
+                delay = self.settings.backoff_seconds * 2 ** (calls - 1)
+                logger.info(
+                    "provider error; retrying", extra={"job_id": job.job_id, "code": exc.code, "delay": delay}
                 )
-                try:
-                    for event in provider.stream(request, resume):
-                        if isinstance(event, TextDelta):
-                            writer.add(event.text, event.tokens)
-                        elif isinstance(event, Finished):
-                            input_tokens += event.input_tokens
-                    writer.flush()
-                    break
-                except ProviderError as exc:
-                    writer.flush()  # keep every token received before the failure
-                    if not exc.retryable or calls > self.settings.max_retries:
-                        self._fail_provider(job, writer, model, exc, calls)
-                        return Outcome.DONE
-                    delay = self.settings.backoff_seconds * 2 ** (calls - 1)
-                    logger.info(
-                        "provider error; retrying",
-                        extra={"job_id": job.job_id, "code": exc.code, "delay": delay},
-                    )
-                    self._sleep(delay * (0.5 + random.random() / 2))  # jitter, not cryptography
-        except Cancelled:
-            writer.flush(notify=False)
-            self._finish(job, writer, model, input_tokens, status="cancelled")
-            return Outcome.DONE
-        except OutOfTime:
-            writer.flush(notify=False)
-            self._release(job, writer)
-            return Outcome.YIELD
-        self._finish(job, writer, model, input_tokens, status="completed")
-        return Outcome.DONE
+                self._sleep(delay * (0.5 + random.random() / 2))  # jitter, not cryptography
+
+    def _fallback_enabled(self) -> bool:
+        return self._flags is None or self._flags.enabled("model_fallback", default=True)
 
     def _persisted_text(self, job_id: str) -> str:
         return "".join(chunk.text for chunk in self._chunks.all(job_id))
@@ -391,6 +443,12 @@ class JobRunner:
             },
         )
 
+    def _model_of(self, job: Job) -> ModelSpec:
+        model = self._models.get(job.model_resolved)
+        if model is None:
+            raise LostLease(f"model {job.model_resolved} left the registry")
+        return model
+
     @staticmethod
     def _estimated_input(job: Job) -> int:
         if job.estimate:
@@ -409,22 +467,43 @@ class JobRunner:
         return first[0].created_at if first else None
 
     def _fail_provider(
-        self, job: Job, writer: ChunkWriter, model: ModelSpec, exc: ProviderError, calls: int
+        self, job: Job, writer: ChunkWriter, model: ModelSpec, exc: ProviderError, tried: list[dict[str, Any]]
     ) -> None:
-        suggestions = (
-            [
-                "Retry later: the provider is throttling or unavailable",
-                "Choose another model (GET /v1/models)",
-            ]
-            if exc.retryable
-            else ["The provider refused the request; check the messages and parameters", "Try another model"]
-        )
+        attempts = int(getattr(exc, "attempts", 1))
         self._fail(
             job,
             writer,
             exc.code,
-            f"Generation failed after {calls} attempt(s): {exc}",
-            {"model": model.id, "provider": model.provider, "retryable": exc.retryable, "attempts": calls},
+            f"Generation failed after {attempts} attempt(s): {exc}",
+            {
+                "model": model.id,
+                "provider": model.provider,
+                "retryable": exc.retryable,
+                "attempts": attempts,
+                "tried": tried,
+            },
+            ["The provider refused the request; check the messages and parameters", "Try another model"],
+        )
+
+    def _fail_unavailable(
+        self, job: Job, writer: ChunkWriter, primary: ModelSpec, tried: list[dict[str, Any]], fallback: bool
+    ) -> None:
+        last = tried[-1] if tried else {}
+        if fallback:
+            message = f"No model in {primary.id}'s fallback chain could serve the job"
+            suggestions = ["Retry later: the providers are throttling or unavailable", "Check GET /v1/health"]
+        else:
+            message = f"{primary.id} is unavailable and fallback is disabled for this job"
+            suggestions = [
+                'Retry later, or allow fallback (omit "fallback": false) to use the model\'s fallback chain',
+                "Check GET /v1/health for the model's circuit and error rate",
+            ]
+        self._fail(
+            job,
+            writer,
+            "model_unavailable",
+            message,
+            {"model": primary.id, "fallback": fallback, "tried": tried, "last_error": last.get("error")},
             suggestions,
         )
 
@@ -448,7 +527,7 @@ class JobRunner:
             "suggestions": suggestions,
             "request_id": None,
         }
-        model = self._models.resolve(job.model_resolved)
+        model = self._model_of(job)
         self._end(
             job,
             model,
@@ -468,7 +547,7 @@ class JobRunner:
         with contextlib.suppress(LostLease):  # it started meanwhile: the running worker sees the request
             self._end(
                 job,
-                self._models.resolve(job.model_resolved),
+                self._model_of(job),
                 {"status": "cancelled", "completed_at": rfc3339(from_epoch(self._clock()))},
                 input_reported=0,
                 output_tokens=0,
@@ -508,7 +587,7 @@ class JobRunner:
         try:
             self._end(
                 job,
-                self._models.resolve(job.model_resolved),
+                self._model_of(job),
                 {
                     "status": "failed",
                     "error": error,

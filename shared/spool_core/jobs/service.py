@@ -24,7 +24,7 @@ from spool_core.jobs.model import ACTIVE, TERMINAL, Chunk, Job, JobRequest, Usag
 from spool_core.jobs.ports import ChunkLog, Conflict, JobQueue, JobStore
 from spool_core.limits.errors import RateLimited
 from spool_core.limits.service import RateLimiter, settle
-from spool_core.models import ModelRegistry, ModelSpec
+from spool_core.models import ModelCatalog, ModelSpec
 from spool_core.tenancy import Tenant
 
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
@@ -67,7 +67,7 @@ class JobService:
         chunks: ChunkLog,
         queue: JobQueue,
         contexts: ContextService,
-        models: ModelRegistry,
+        models: ModelCatalog,
         limiter: RateLimiter,
         *,
         websocket_url: str | None = None,

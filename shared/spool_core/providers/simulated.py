@@ -93,7 +93,7 @@ class SimulatedProvider:
 
     def stream(self, request: GenerationRequest, resume: ResumePoint) -> Iterator[StreamEvent]:
         self._calls += 1
-        fault = self._fault(request.metadata)
+        fault = self._fault(request.metadata, request.provider_model_id)
         rate = float(request.options.get("tokens_per_second") or 0)
         first_token_ms = float(request.options.get("first_token_ms") or 0)
         seed = _seed(request)
@@ -113,9 +113,11 @@ class SimulatedProvider:
         # Usage of this call, as a provider bills it: the prompt, and the tokens this call produced.
         yield Finished(input_tokens, request.max_tokens - resume.tokens, stop_reason="max_tokens")
 
-    def _fault(self, metadata: dict[str, Any]) -> dict[str, Any] | None:
+    def _fault(self, metadata: dict[str, Any], model: str) -> dict[str, Any] | None:
         spec = metadata.get("simulate") if self._faults_enabled else None
         if not isinstance(spec, dict) or spec.get("fault") not in FAULTS:
+            return None
+        if spec.get("model") not in (None, model):  # a fault may target one model of a fallback chain
             return None
         return {
             "fault": spec["fault"],

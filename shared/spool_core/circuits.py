@@ -1,0 +1,121 @@
+"""Circuit breakers per model, with their state in DynamoDB so every worker and the health check
+see the same thing.
+
+closed: calls go through; ``threshold`` failures within ``window`` seconds open it.
+open: calls are skipped (the fallback chain moves on) until ``cooldown`` seconds have passed.
+half_open: after the cool-down, calls are tried again; a success closes it, a failure reopens it.
+The same item keeps the model's recent call count, error count and first-token latency.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, Protocol
+
+State = Literal["closed", "open", "half_open"]
+
+
+@dataclass
+class Circuit:
+    model_id: str
+    state: State = "closed"
+    failures: int = 0
+    calls: int = 0
+    errors: int = 0
+    latency_ms: float | None = None
+    window_started: float = 0.0
+    opened_at: float = 0.0
+    version: int = 0
+
+    def public(self, cooldown: float) -> dict[str, Any]:
+        return {
+            "circuit": self.state,
+            "recent_calls": self.calls,
+            "recent_errors": self.errors,
+            "error_rate": round(self.errors / self.calls, 3) if self.calls else 0.0,
+            "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 1),
+            "retry_at": self.opened_at + cooldown if self.state == "open" else None,
+        }
+
+
+class CircuitStore(Protocol):
+    def get_many(self, model_ids: Iterable[str]) -> dict[str, Circuit]: ...
+
+    def save(self, circuit: Circuit, expected_version: int) -> bool:
+        """Write if the stored version is still ``expected_version`` (0: not stored yet)."""
+
+
+class CircuitBreaker:
+    def __init__(
+        self,
+        store: CircuitStore,
+        *,
+        threshold: int = 5,
+        window_seconds: float = 60.0,
+        cooldown_seconds: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self.threshold = threshold
+        self.window = window_seconds
+        self.cooldown = cooldown_seconds
+        self._clock = clock
+
+    def circuit(self, model_id: str) -> Circuit:
+        return self._store.get_many([model_id]).get(model_id) or Circuit(model_id)
+
+    def circuits(self, model_ids: Iterable[str]) -> dict[str, Circuit]:
+        ids = list(model_ids)
+        found = self._store.get_many(ids)
+        return {model_id: found.get(model_id) or Circuit(model_id) for model_id in ids}
+
+    def allow(self, model_id: str) -> bool:
+        circuit = self.circuit(model_id)
+        if circuit.state != "open":
+            return True
+        if self._clock() < circuit.opened_at + self.cooldown:
+            return False
+        self._change(model_id, lambda c: setattr(c, "state", "half_open") if c.state == "open" else None)
+        return True
+
+    def record_success(self, model_id: str, latency_ms: float | None) -> None:
+        def success(circuit: Circuit) -> None:
+            self._roll_window(circuit)
+            circuit.calls += 1
+            circuit.state, circuit.failures = "closed", 0
+            if latency_ms is not None:
+                previous = circuit.latency_ms
+                circuit.latency_ms = latency_ms if previous is None else 0.7 * previous + 0.3 * latency_ms
+
+        self._change(model_id, success)
+
+    def record_failure(self, model_id: str) -> None:
+        def failure(circuit: Circuit) -> None:
+            self._roll_window(circuit)
+            circuit.calls += 1
+            circuit.errors += 1
+            circuit.failures += 1
+            if circuit.state == "half_open" or circuit.failures >= self.threshold:
+                circuit.state, circuit.opened_at = "open", self._clock()
+
+        self._change(model_id, failure)
+
+    def _roll_window(self, circuit: Circuit) -> None:
+        now = self._clock()
+        if now - circuit.window_started > self.window:
+            circuit.window_started, circuit.calls, circuit.errors, circuit.failures = now, 0, 0, 0
+
+    def _change(self, model_id: str, change: Callable[[Circuit], None]) -> None:
+        for _ in range(5):  # optimistic: re-read and re-apply when another worker wrote first
+            circuit = self.circuit(model_id)
+            version = circuit.version
+            change(circuit)
+            circuit.version = version + 1
+            if self._store.save(circuit, version):
+                return
+
+
+def circuit_item(circuit: Circuit) -> dict[str, Any]:
+    return asdict(circuit)
