@@ -1,4 +1,6 @@
-"""GET /v1/health (no key needed). Also answers every path no other function serves (404 / 405)."""
+"""GET /v1/health (no key needed): ok, degraded (a model provider failing) or 503 down (the
+database, bucket or queue). ``?deep=true`` adds a real minimal provider call, cached. Also answers
+every path no other function serves (404 / 405)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ app = create_resolver()
 
 @app.get("/v1/health")
 def health() -> Response[str]:
-    report = bootstrap.health_service().report()
+    deep = (app.current_event.get_query_string_value("deep") or "").lower() in {"1", "true", "yes"}
+    report = bootstrap.health_service(deep=deep).report()
     body = report.as_dict()
     if report.status == "down":
         failing = sorted(name for name, check in report.checks.items() if check.status == "down")

@@ -22,6 +22,7 @@ from spool_core.adapters.contexts import (
 )
 from spool_core.adapters.dynamodb import ScopedTable
 from spool_core.adapters.jobs import DynamoChunkLog, DynamoJobStore, SqsJobQueue
+from spool_core.adapters.system_cache import DynamoCache
 from spool_core.adapters.usage import DynamoUsageStore
 from spool_core.auth import ApiKeys
 from spool_core.circuits import CircuitBreaker
@@ -33,6 +34,7 @@ from spool_core.jobs.service import JOB_TTL_SECONDS, JobService
 from spool_core.limits.model import TenantLimits
 from spool_core.limits.service import RateLimiter
 from spool_core.models import ModelCatalog, ModelSpec, registry
+from spool_core.provider_health import provider_probes
 from spool_core.providers import Provider
 from spool_core.providers.simulated import SimulatedProvider
 from spool_core.settings import Settings
@@ -52,34 +54,47 @@ def api_keys(config: Settings | None = None) -> ApiKeys:
     return _api_keys(config or settings())
 
 
+def health_service(config: Settings | None = None, *, deep: bool = False) -> HealthService:
+    """Core probes (critical) plus one probe per model provider (not critical: degraded, not down)."""
+    config = config or settings()
+    core = _core_probes(config)
+    models = [m for m in registry().all() if catalog(None, config).enabled(m)]
+    deep = deep and feature_flags(config).enabled("deep_health_checks", default=True)
+    providers = provider_probes(
+        models,
+        circuit_breaker(config),
+        deep=deep,
+        provider_for=lambda model: provider_for(model, config),
+        cache=DynamoCache(aws.dynamodb(config, probe=True), config.system_table),
+        cache_seconds=config.deep_health_cache_seconds,
+    )
+    return HealthService([*core, *providers])
+
+
 @lru_cache(maxsize=8)
-def _health(config: Settings) -> HealthService:
+def _core_probes(config: Settings) -> tuple[Probe, ...]:
     tables = (
         config.api_keys_table,
         config.contexts_table,
         config.jobs_table,
         config.chunks_table,
         config.usage_table,
+        config.system_table,
     )
-    return HealthService(
-        [
-            Probe("dynamodb", partial(probes.dynamodb_tables, aws.dynamodb(config, probe=True), tables)),
-            Probe("s3", partial(probes.s3_bucket, aws.s3(config, probe=True), config.bucket)),
-            Probe(
-                "queue",
-                partial(
-                    probes.sqs_queues,
-                    aws.sqs(config, probe=True),
-                    config.jobs_queue_url,
-                    config.dead_letter_queue_url,
-                ),
+    return (
+        Probe("dynamodb", partial(probes.dynamodb_tables, aws.dynamodb(config, probe=True), tables)),
+        Probe("s3", partial(probes.s3_bucket, aws.s3(config, probe=True), config.bucket)),
+        Probe(
+            "queue",
+            partial(
+                probes.sqs_queues,
+                aws.sqs(config, probe=True),
+                config.jobs_queue_url,
+                config.dead_letter_queue_url,
+                aws.cloudwatch(config, probe=True),
             ),
-        ]
+        ),
     )
-
-
-def health_service(config: Settings | None = None) -> HealthService:
-    return _health(config or settings())
 
 
 def context_service(tenant: Tenant, config: Settings | None = None) -> ContextService:

@@ -54,10 +54,21 @@ class HealthReport:
         }
 
 
+class Unhealthy(Exception):
+    """Raised by a probe that answered but found its dependency failing; ``facts`` are still reported."""
+
+    def __init__(self, reason: str, facts: Mapping[str, Any]) -> None:
+        super().__init__(reason)
+        self.facts = facts
+
+
 def _run(probe: Probe) -> CheckResult:
     started = time.perf_counter()
     try:
         facts = probe.check()
+    except Unhealthy as exc:
+        elapsed = round((time.perf_counter() - started) * 1000, 1)
+        return CheckResult("down", elapsed, exc.facts, error=str(exc))
     except Exception as exc:  # a probe's failure is its result, whatever it was
         elapsed = round((time.perf_counter() - started) * 1000, 1)
         return CheckResult("down", elapsed, error=f"{type(exc).__name__}: {exc}")

@@ -40,6 +40,7 @@ class Settings(BaseModel):
     circuit_threshold: int = Field(default=5, ge=1, alias="SPOOL_CIRCUIT_FAILURES")
     circuit_window_seconds: float = Field(default=60, gt=0, alias="SPOOL_CIRCUIT_WINDOW_SECONDS")
     circuit_cooldown_seconds: float = Field(default=30, gt=0, alias="SPOOL_CIRCUIT_COOLDOWN_SECONDS")
+    deep_health_cache_seconds: float = Field(default=60, ge=0, alias="SPOOL_DEEP_HEALTH_CACHE_SECONDS")
     default_tokens_per_minute: int = Field(default=200_000, gt=0, alias="SPOOL_DEFAULT_TOKENS_PER_MINUTE")
     default_tokens_per_day: int = Field(default=10_000_000, gt=0, alias="SPOOL_DEFAULT_TOKENS_PER_DAY")
     default_max_concurrent_jobs: int = Field(default=16, gt=0, alias="SPOOL_DEFAULT_MAX_CONCURRENT_JOBS")

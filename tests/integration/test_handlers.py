@@ -53,7 +53,8 @@ def test_health_reports_each_dependency_with_latency(invoke: Any) -> None:
     assert response["statusCode"] == 200
     body = response_json(response)
     assert body["status"] == "ok"
-    assert set(body["checks"]) == {"dynamodb", "s3", "queue"}
+    assert set(body["checks"]) == {"dynamodb", "s3", "queue", "provider:simulated"}
+    assert body["checks"]["provider:simulated"]["models"]["sim-fast"]["circuit"] in {"closed", "half_open"}
     assert all(check["latency_ms"] >= 0 for check in body["checks"].values())
     assert body["checks"]["queue"]["dead_letter_depth"] == 0
 

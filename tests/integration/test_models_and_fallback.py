@@ -136,3 +136,40 @@ def test_flags_change_behaviour_without_a_deploy(
         max_retries=0,
     )
     assert job["status"] == "completed"
+
+
+def test_health_goes_degraded_when_a_provider_fails_and_back(invoke: Any, stack: StackDescription) -> None:
+    from tests.support import load_event, response_json
+
+    config = bootstrap.settings()  # forget what the other tests (on their own clocks) left in the circuit
+    aws.dynamodb(config).delete_item(TableName=config.system_table, Key={"pk": {"S": "circuit#sim-realtime"}})
+    shared = bootstrap.circuit_breaker()
+    for _ in range(shared.threshold):
+        shared.record_failure("sim-realtime")
+    response = invoke("HealthFunction", load_event("health"))
+    body = response_json(response)
+    assert response["statusCode"] == 200  # a failing provider degrades, it does not take Spool down
+    assert body["status"] == "degraded"
+    provider = body["checks"]["provider:simulated"]
+    assert provider["status"] == "down"
+    assert provider["models"]["sim-realtime"]["circuit"] == "open"
+    assert provider["models"]["sim-realtime"]["error_rate"] == 1.0
+    for _ in range(shared.threshold + 1):  # the provider recovers: the circuit closes, the error rate falls
+        shared.record_success("sim-realtime", 12.0)
+    body = response_json(invoke("HealthFunction", load_event("health")))
+    assert body["status"] == "ok"
+    assert body["checks"]["provider:simulated"]["models"]["sim-realtime"]["latency_ms"] == 12.0
+
+
+def test_deep_health_makes_a_real_call_and_caches_it(invoke: Any, stack: StackDescription) -> None:
+    from tests.support import load_event, response_json
+
+    event = load_event("health")
+    event["queryStringParameters"] = {"deep": "true"}
+    event["multiValueQueryStringParameters"] = {"deep": ["true"]}
+    first = response_json(invoke("HealthFunction", event))["checks"]["provider:simulated"]["deep"]
+    second = response_json(invoke("HealthFunction", event))["checks"]["provider:simulated"]["deep"]
+    assert first["status"] == "ok"
+    assert first["cached"] is False
+    assert second["cached"] is True
+    assert second["checked_at"] == first["checked_at"]

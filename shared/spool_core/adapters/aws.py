@@ -10,6 +10,7 @@ import boto3
 from botocore.config import Config
 
 if TYPE_CHECKING:
+    from mypy_boto3_cloudwatch import CloudWatchClient
     from mypy_boto3_dynamodb import DynamoDBClient
     from mypy_boto3_s3 import S3Client
     from mypy_boto3_sqs import SQSClient
@@ -46,6 +47,10 @@ def dynamodb(settings: Settings, *, probe: bool = False) -> DynamoDBClient:
 
 def s3(settings: Settings, *, probe: bool = False) -> S3Client:
     return _client("s3", settings.region, settings.endpoint_url, probe)  # type: ignore[return-value]
+
+
+def cloudwatch(settings: Settings, *, probe: bool = False) -> CloudWatchClient:
+    return _client("cloudwatch", settings.region, settings.endpoint_url, probe)  # type: ignore[return-value]
 
 
 # Presigned URLs must use Signature Version 4 (the only one new regions accept).

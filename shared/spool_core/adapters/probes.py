@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
+    from mypy_boto3_cloudwatch import CloudWatchClient
     from mypy_boto3_dynamodb import DynamoDBClient
     from mypy_boto3_s3 import S3Client
     from mypy_boto3_sqs import SQSClient
@@ -30,7 +32,9 @@ _DEPTH: Final = "ApproximateNumberOfMessages"
 _IN_FLIGHT: Final = "ApproximateNumberOfMessagesNotVisible"
 
 
-def sqs_queues(client: SQSClient, queue_url: str, dead_letter_url: str) -> Mapping[str, Any]:
+def sqs_queues(
+    client: SQSClient, queue_url: str, dead_letter_url: str, cloudwatch: CloudWatchClient | None = None
+) -> Mapping[str, Any]:
     queue = client.get_queue_attributes(QueueUrl=queue_url, AttributeNames=[_DEPTH, _IN_FLIGHT])["Attributes"]
     dead = client.get_queue_attributes(QueueUrl=dead_letter_url, AttributeNames=[_DEPTH, _IN_FLIGHT])[
         "Attributes"
@@ -39,4 +43,21 @@ def sqs_queues(client: SQSClient, queue_url: str, dead_letter_url: str) -> Mappi
         "depth": int(queue.get(_DEPTH, "0")),
         "in_flight": int(queue.get(_IN_FLIGHT, "0")),
         "dead_letter_depth": int(dead.get(_DEPTH, "0")),
+        "oldest_message_age_seconds": _oldest_age(cloudwatch, queue_url) if cloudwatch else None,
     }
+
+
+def _oldest_age(cloudwatch: CloudWatchClient, queue_url: str) -> float | None:
+    """SQS publishes the age of the oldest message only as a CloudWatch metric (none locally)."""
+    now = datetime.now(UTC)
+    stats = cloudwatch.get_metric_statistics(
+        Namespace="AWS/SQS",
+        MetricName="ApproximateAgeOfOldestMessage",
+        Dimensions=[{"Name": "QueueName", "Value": queue_url.rstrip("/").rsplit("/", 1)[-1]}],
+        StartTime=now - timedelta(minutes=5),
+        EndTime=now,
+        Period=60,
+        Statistics=["Maximum"],
+    )
+    points = sorted(stats.get("Datapoints", []), key=lambda p: p["Timestamp"])
+    return float(points[-1]["Maximum"]) if points else None
