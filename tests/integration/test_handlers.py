@@ -21,6 +21,7 @@ def test_every_function_in_the_template_has_a_sample_event(template: Template) -
         "JobsFunction": "jobs",
         "DeadLetterFunction": "dead_letter",
         "UsageFunction": "usage",
+        "ModelsFunction": "models",
         "WorkerFunction": "worker",
     }
     assert set(template.functions()) <= set(samples), "add a sample event for the new function"
@@ -106,6 +107,28 @@ def test_usage_function_answers_its_sample_event(invoke: Any) -> None:
         **{k: v[0] for k, v in response.get("multiValueHeaders", {}).items()},
     }
     assert "X-RateLimit-Remaining-Tokens" in headers
+
+
+def test_models_function_lists_what_the_tenant_may_use(invoke: Any) -> None:
+    response = invoke("ModelsFunction", load_event("models"))
+    assert response["statusCode"] == 200
+    models = {m["id"]: m for m in response_json(response)["models"]}
+    assert {"sim-fast", "sim-realtime"} <= set(models)
+    assert "gpt-4o-2024-08-06" not in models  # shipped disabled until configured
+    realtime = models["sim-realtime"]
+    assert set(realtime) == {
+        "id",
+        "aliases",
+        "provider",
+        "context_window",
+        "max_output_tokens",
+        "pricing",
+        "fallbacks",
+        "status",
+    }
+    assert realtime["fallbacks"] == ["sim-fast"]
+    assert realtime["context_window"] == 128_000
+    assert set(realtime["pricing"]) == {"input_per_mtok", "output_per_mtok"}
 
 
 def test_dead_letter_function_drops_messages_of_unknown_jobs(invoke: Any) -> None:
