@@ -7,8 +7,13 @@ in-memory fakes instead.
 
 from __future__ import annotations
 
+import os
 import time
 from functools import lru_cache, partial
+from typing import Any
+
+import openai
+from aws_lambda_powertools.utilities import parameters
 
 from spool_core.adapters import aws, probes
 from spool_core.adapters.api_keys import DynamoApiKeyStore
@@ -27,6 +32,7 @@ from spool_core.adapters.usage import DynamoUsageStore
 from spool_core.auth import ApiKeys
 from spool_core.circuits import CircuitBreaker
 from spool_core.contexts.service import DAY, ContextLimits, ContextService
+from spool_core.errors import ConfigurationError
 from spool_core.flags import DEFAULT_FLAGS_FILE, Flags, flags
 from spool_core.health import HealthService, Probe
 from spool_core.jobs.runner import JobRunner, RunnerSettings
@@ -36,6 +42,8 @@ from spool_core.limits.service import RateLimiter
 from spool_core.models import ModelCatalog, ModelSpec, registry
 from spool_core.provider_health import provider_probes
 from spool_core.providers import Provider
+from spool_core.providers.bedrock import BedrockProvider
+from spool_core.providers.openai_compatible import OpenAICompatibleProvider
 from spool_core.providers.simulated import SimulatedProvider
 from spool_core.settings import Settings
 from spool_core.tenancy import Tenant, TenantScope
@@ -143,7 +151,38 @@ def provider_for(model: ModelSpec, config: Settings | None = None) -> Provider:
     config = config or settings()
     if model.provider == "simulated":
         return SimulatedProvider(faults_enabled=config.simulator_faults)
+    if model.provider == "bedrock":
+        return BedrockProvider(aws.bedrock(config), supports_prefill=model.family == "anthropic")
+    if model.provider == "openai":
+        base_url = str(model.options.get("base_url") or config.openai_base_url)
+        key = secret(model.options.get("api_key_parameter") or config.openai_api_key_parameter)
+        return OpenAICompatibleProvider(_openai_client(base_url, key))
     raise ValueError(f"no provider named {model.provider!r}")
+
+
+@lru_cache(maxsize=8)
+def _openai_client(base_url: str, api_key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=120.0)
+
+
+def secret(reference: str | None) -> str:
+    """An API key by reference: ``ssm:/name`` (SecureString), ``secretsmanager:name`` or ``env:VAR``,
+    read through Powertools Parameters (cached five minutes). Local servers (vLLM, Ollama) need none."""
+    if not reference:
+        return "not-needed"
+    kind, _, name = reference.partition(":")
+    if kind == "ssm":
+        value: Any = parameters.get_parameter(name, decrypt=True, max_age=300)
+    elif kind == "secretsmanager":
+        value = parameters.get_secret(name, max_age=300)
+    elif kind == "env":
+        value = os.environ[name]
+    else:
+        raise ConfigurationError(
+            f"Unknown secret reference {reference!r}",
+            suggestions=["Use ssm:/parameter/name, secretsmanager:secret-name or env:VARIABLE"],
+        )
+    return str(value)
 
 
 def job_runner(tenant: Tenant, config: Settings | None = None) -> JobRunner:

@@ -40,13 +40,23 @@ class Settings(BaseModel):
     circuit_threshold: int = Field(default=5, ge=1, alias="SPOOL_CIRCUIT_FAILURES")
     circuit_window_seconds: float = Field(default=60, gt=0, alias="SPOOL_CIRCUIT_WINDOW_SECONDS")
     circuit_cooldown_seconds: float = Field(default=30, gt=0, alias="SPOOL_CIRCUIT_COOLDOWN_SECONDS")
+    bedrock_endpoint_url: str | None = Field(default=None, alias="SPOOL_BEDROCK_ENDPOINT_URL")
+    openai_base_url: str = Field(default="https://api.openai.com/v1", alias="SPOOL_OPENAI_BASE_URL")
+    openai_api_key_parameter: str | None = Field(default=None, alias="SPOOL_OPENAI_API_KEY_PARAMETER")
     deep_health_cache_seconds: float = Field(default=60, ge=0, alias="SPOOL_DEEP_HEALTH_CACHE_SECONDS")
     default_tokens_per_minute: int = Field(default=200_000, gt=0, alias="SPOOL_DEFAULT_TOKENS_PER_MINUTE")
     default_tokens_per_day: int = Field(default=10_000_000, gt=0, alias="SPOOL_DEFAULT_TOKENS_PER_DAY")
     default_max_concurrent_jobs: int = Field(default=16, gt=0, alias="SPOOL_DEFAULT_MAX_CONCURRENT_JOBS")
     default_daily_budget_usd: float | None = Field(default=None, gt=0, alias="SPOOL_DEFAULT_DAILY_BUDGET_USD")
 
-    @field_validator("default_daily_budget_usd", "flags_appconfig", "flags_file", mode="before")
+    @field_validator(
+        "default_daily_budget_usd",
+        "flags_appconfig",
+        "flags_file",
+        "openai_api_key_parameter",
+        "bedrock_endpoint_url",
+        mode="before",
+    )
     @classmethod
     def _blank_is_none(cls, value: Any) -> Any:
         return None if value in ("", "0", "none", None) else value

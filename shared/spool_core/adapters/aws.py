@@ -10,6 +10,7 @@ import boto3
 from botocore.config import Config
 
 if TYPE_CHECKING:
+    from mypy_boto3_bedrock_runtime import BedrockRuntimeClient
     from mypy_boto3_cloudwatch import CloudWatchClient
     from mypy_boto3_dynamodb import DynamoDBClient
     from mypy_boto3_s3 import S3Client
@@ -26,7 +27,7 @@ _DEFAULT = Config(
     max_pool_connections=32,
 )
 # Health probes: fail fast and never retry, so a probe reports what it saw.
-_PROBE = Config(connect_timeout=2, read_timeout=2, retries={"mode": "standard", "max_attempts": 1})
+_PROBE = Config(connect_timeout=2, read_timeout=2, retries={"mode": "standard", "total_max_attempts": 1})
 
 
 @lru_cache(maxsize=32)
@@ -36,6 +37,8 @@ def _client(service: str, region: str, endpoint_url: str | None, probe: bool) ->
         config = _PROBE if probe else _DEFAULT
         if service == "s3":
             config = config.merge(_S3_SIGNING)
+        if service == "bedrock-runtime":
+            config = config.merge(_MODEL_CALLS)
         return session.client(  # type: ignore[call-overload]
             service, region_name=region, endpoint_url=endpoint_url, config=config
         )
@@ -49,10 +52,16 @@ def s3(settings: Settings, *, probe: bool = False) -> S3Client:
     return _client("s3", settings.region, settings.endpoint_url, probe)  # type: ignore[return-value]
 
 
+def bedrock(settings: Settings) -> BedrockRuntimeClient:
+    """Model calls stream for tens of seconds: a longer read timeout, and retries left to the worker."""
+    return _client("bedrock-runtime", settings.region, settings.bedrock_endpoint_url, False)  # type: ignore[return-value]
+
+
 def cloudwatch(settings: Settings, *, probe: bool = False) -> CloudWatchClient:
     return _client("cloudwatch", settings.region, settings.endpoint_url, probe)  # type: ignore[return-value]
 
 
+_MODEL_CALLS = Config(read_timeout=120, retries={"mode": "standard", "total_max_attempts": 1})
 # Presigned URLs must use Signature Version 4 (the only one new regions accept).
 _S3_SIGNING = Config(signature_version="s3v4")
 

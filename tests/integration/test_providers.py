@@ -1,0 +1,360 @@
+"""The real providers against their real wire protocols: Bedrock's binary event stream decoded by
+botocore's own parser, and OpenAI's SSE parsed by the official client from a loopback server."""
+
+from __future__ import annotations
+
+import binascii
+import json
+import struct
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import boto3
+import openai
+import pytest
+import urllib3
+from botocore.awsrequest import AWSResponse
+from botocore.config import Config
+
+from spool_core.chat import Message
+from spool_core.providers import Finished, GenerationRequest, ProviderError, ResumePoint, TextDelta
+from spool_core.providers.bedrock import BedrockProvider
+from spool_core.providers.continuation import CONTINUE_INSTRUCTION
+from spool_core.providers.openai_compatible import OpenAICompatibleProvider
+
+REQUEST = GenerationRequest(
+    "model-x",
+    (Message(role="system", content="ctx"), Message(role="user", content="hi")),
+    max_tokens=50,
+    temperature=0.2,
+)
+
+
+def collect(provider: Any, resume: ResumePoint | None = None) -> tuple[str, Finished | None]:
+    text, finished = [], None
+    for event in provider.stream(REQUEST, resume or ResumePoint()):
+        if isinstance(event, TextDelta):
+            text.append(event.text)
+        elif isinstance(event, Finished):
+            finished = event
+    return "".join(text), finished
+
+
+# ------------------------------------------------------------------------------------------- Bedrock
+def _header(name: str, value: str) -> bytes:
+    raw_name, raw_value = name.encode(), value.encode()
+    return struct.pack("!B", len(raw_name)) + raw_name + struct.pack("!BH", 7, len(raw_value)) + raw_value
+
+
+def event_message(event_type: str, payload: dict[str, Any], *, exception: bool = False) -> bytes:
+    """One message of AWS's binary event stream: prelude, prelude CRC, headers, payload, message CRC."""
+    kind = ":exception-type" if exception else ":event-type"
+    headers = (
+        _header(kind, event_type)
+        + _header(":content-type", "application/json")
+        + _header(":message-type", "exception" if exception else "event")
+    )
+    body = json.dumps(payload).encode()
+    prelude = struct.pack("!II", 12 + len(headers) + len(body) + 4, len(headers))
+    message = prelude + struct.pack("!I", binascii.crc32(prelude)) + headers + body
+    return message + struct.pack("!I", binascii.crc32(message))
+
+
+class RawStream:
+    def __init__(self, chunks: list[bytes], cut: bool = False) -> None:
+        self._chunks, self._cut = chunks, cut
+
+    def stream(self, **_: Any) -> Iterator[bytes]:
+        yield from self._chunks
+        if self._cut:
+            raise urllib3.exceptions.ProtocolError("Connection broken: IncompleteRead")
+
+    def close(self) -> None:
+        return None
+
+
+def bedrock(
+    responses: list[tuple[int, dict[str, str], RawStream]], seen: list[dict[str, Any]]
+) -> BedrockProvider:
+    client = boto3.session.Session().client(
+        "bedrock-runtime",
+        region_name="us-east-1",
+        aws_access_key_id="x",
+        aws_secret_access_key="x",
+        config=Config(
+            retries={"mode": "standard", "total_max_attempts": 1}
+        ),  # as spool_core.adapters.aws.bedrock
+    )
+
+    def answer(request: Any, **_: Any) -> AWSResponse:  # below the parser: botocore decodes what we send
+        seen.append(json.loads(request.body))
+        status, headers, raw = responses.pop(0)
+        return AWSResponse(request.url, status, headers, raw)
+
+    client.meta.events.register("before-send.bedrock-runtime.ConverseStream", answer)
+    return BedrockProvider(client, supports_prefill=True)
+
+
+def stream_ok(words: list[str], cut: bool = False) -> tuple[int, dict[str, str], RawStream]:
+    messages = [event_message("messageStart", {"role": "assistant"})]
+    messages += [
+        event_message("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": w}}) for w in words
+    ]
+    if not cut:
+        messages += [
+            event_message("messageStop", {"stopReason": "end_turn"}),
+            event_message(
+                "metadata",
+                {
+                    "usage": {"inputTokens": 12, "outputTokens": len(words), "totalTokens": 12 + len(words)},
+                    "metrics": {"latencyMs": 5},
+                },
+            ),
+        ]
+    return 200, {"content-type": "application/vnd.amazon.eventstream"}, RawStream(messages, cut=cut)
+
+
+def error(status: int, code: str) -> tuple[int, dict[str, str], RawStream]:
+    body = json.dumps({"message": f"{code} happened"}).encode()
+    return (
+        status,
+        {"x-amzn-errortype": f"{code}:http://internal.amazon.com/", "content-type": "application/json"},
+        RawStream([body]),
+    )
+
+
+def test_bedrock_success_and_usage() -> None:
+    seen: list[dict[str, Any]] = []
+    text, finished = collect(bedrock([stream_ok(["Hello", " world"])], seen))
+    assert text == "Hello world"
+    assert finished == Finished(12, 2, "end_turn")
+    assert seen[0]["system"] == [{"text": "ctx"}]
+    assert seen[0]["messages"] == [{"role": "user", "content": [{"text": "hi"}]}]
+    assert seen[0]["inferenceConfig"]["maxTokens"] == 50
+
+
+@pytest.mark.parametrize(
+    ("response", "code", "retryable"),
+    [
+        (error(429, "ThrottlingException"), "provider_throttled", True),
+        (error(503, "ServiceUnavailableException"), "provider_unavailable", True),
+        (error(500, "InternalServerException"), "provider_unavailable", True),
+        (error(400, "ValidationException"), "provider_error", False),
+        (error(403, "AccessDeniedException"), "provider_model_unavailable", False),
+    ],
+)
+def test_bedrock_errors_are_classified(response: Any, code: str, retryable: bool) -> None:
+    with pytest.raises(ProviderError) as raised:
+        collect(bedrock([response], []))
+    assert (raised.value.code, raised.value.retryable) == (code, retryable)
+
+
+def test_bedrock_exception_events_mid_stream_and_cuts() -> None:
+    throttled_mid = stream_ok(["a"], cut=False)
+    throttled_mid[2]._chunks.insert(
+        2, event_message("throttlingException", {"message": "slow down"}, exception=True)
+    )
+    with pytest.raises(ProviderError) as raised:
+        collect(bedrock([throttled_mid], []))
+    assert (raised.value.code, raised.value.retryable) == ("provider_throttled", True)
+    with pytest.raises(ProviderError) as cut:
+        collect(bedrock([stream_ok(["a", "b"], cut=True)], []))
+    assert (cut.value.code, cut.value.retryable) == ("provider_unavailable", True)
+
+
+def test_bedrock_resumes_with_an_assistant_prefill() -> None:
+    seen: list[dict[str, Any]] = []
+    collect(bedrock([stream_ok([" rest"])], seen), ResumePoint(tokens=7, text="The first part"))
+    assert seen[0]["messages"][-1] == {"role": "assistant", "content": [{"text": "The first part"}]}
+    assert seen[0]["inferenceConfig"]["maxTokens"] == 43
+
+
+# ------------------------------------------------------------------------------------------- OpenAI
+class ChatServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), ChatHandler)
+        self.scenarios: list[str] = []
+        self.requests: list[dict[str, Any]] = []
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class ChatHandler(BaseHTTPRequestHandler):
+    server: ChatServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:
+        return None
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append(body)
+        scenario = self.server.scenarios.pop(0)
+        if scenario.isdigit():
+            payload = json.dumps(
+                {"error": {"message": f"status {scenario}", "type": "x", "code": scenario}}
+            ).encode()
+            self.send_response(int(scenario))
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        words = ["Hel", "lo", " there"]
+
+        def send(chunk: dict[str, Any]) -> None:
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.flush()
+
+        base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": body["model"]}
+        send(
+            {
+                **base,
+                "choices": [
+                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                ],
+            }
+        )
+        for i, word in enumerate(words):
+            send({**base, "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]})
+            if scenario == "cut" and i == 1:
+                self.close_connection = True
+                return  # the connection drops mid-answer: no finish, no usage, no [DONE]
+        send({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        send(
+            {
+                **base,
+                "choices": [],
+                "usage": {"prompt_tokens": 21, "completion_tokens": 3, "total_tokens": 24},
+            }
+        )
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.close_connection = True
+
+
+@pytest.fixture
+def chat_server() -> Iterator[ChatServer]:
+    server = ChatServer()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def openai_provider(server: ChatServer) -> OpenAICompatibleProvider:
+    return OpenAICompatibleProvider(openai.OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0))
+
+
+def test_openai_success_with_usage(chat_server: ChatServer) -> None:
+    chat_server.scenarios.append("ok")
+    text, finished = collect(openai_provider(chat_server))
+    assert text == "Hello there"
+    assert finished == Finished(21, 3, "stop")
+    sent = chat_server.requests[0]
+    assert sent["stream"] is True
+    assert sent["stream_options"] == {"include_usage": True}
+    assert sent["messages"] == [{"role": "system", "content": "ctx"}, {"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "retryable"),
+    [
+        ("429", "provider_throttled", True),
+        ("500", "provider_unavailable", True),
+        ("503", "provider_unavailable", True),
+        ("400", "provider_error", False),
+        ("404", "provider_model_unavailable", False),
+    ],
+)
+def test_openai_errors_are_classified(
+    chat_server: ChatServer, status: str, code: str, retryable: bool
+) -> None:
+    chat_server.scenarios.append(status)
+    with pytest.raises(ProviderError) as raised:
+        collect(openai_provider(chat_server))
+    assert (raised.value.code, raised.value.retryable) == (code, retryable)
+
+
+def test_openai_stream_cut_mid_answer_then_resumed_with_an_instruction(chat_server: ChatServer) -> None:
+    chat_server.scenarios += ["cut", "ok"]
+    provider = openai_provider(chat_server)
+    received: list[str] = []
+
+    def read_until_cut() -> None:
+        for event in provider.stream(REQUEST, ResumePoint()):
+            if isinstance(event, TextDelta):
+                received.append(event.text)
+
+    with pytest.raises(ProviderError) as cut:
+        read_until_cut()
+    assert (cut.value.code, cut.value.retryable) == ("provider_unavailable", True)
+    assert "".join(received) == "Hello"
+    collect(provider, ResumePoint(tokens=2, text="Hello"))
+    resumed = chat_server.requests[1]["messages"]
+    assert resumed[-2:] == [
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": CONTINUE_INSTRUCTION},
+    ]
+    assert chat_server.requests[1]["max_tokens"] == 48
+
+
+def test_a_job_on_an_openai_compatible_endpoint_survives_a_cut(
+    chat_server: ChatServer, stack: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the worker's own wiring: registry file, provider factory, key from a secret reference."""
+    from spool_core import bootstrap
+    from spool_core.jobs.model import JobRequest
+    from spool_core.jobs.runner import JobRunner, Outcome, RunnerSettings
+    from spool_core.tenancy import Tenant
+
+    models = {
+        "models": [
+            {
+                "id": "local-llm",
+                "provider": "openai",
+                "provider_model_id": "llama3",
+                "family": "meta-llama",
+                "context_window": 8192,
+                "max_output_tokens": 1024,
+                "pricing": {"input_per_mtok": 0, "output_per_mtok": 0},
+                "options": {"base_url": chat_server.base_url, "api_key_parameter": "env:LOCAL_LLM_KEY"},
+            }
+        ]
+    }
+    (tmp_path / "models.json").write_text(json.dumps(models))
+    monkeypatch.setenv("SPOOL_MODELS_FILE", str(tmp_path / "models.json"))
+    monkeypatch.setenv("LOCAL_LLM_KEY", "sk-local")
+    chat_server.scenarios += ["cut", "ok"]
+    tenant = Tenant("openai-job")
+    service = bootstrap.job_service(tenant)
+    created = service.create(
+        "k", JobRequest.model_validate({"message": "hi", "model": "local-llm", "max_tokens": 100})
+    )
+    jobs, chunks = bootstrap._job_tables(tenant, bootstrap.settings())
+    runner = JobRunner(
+        jobs,
+        chunks,
+        bootstrap.context_service(tenant),
+        bootstrap.catalog(tenant),
+        bootstrap.provider_for,
+        bootstrap.rate_limiter(tenant),
+        RunnerSettings(backoff_seconds=0.0),
+        sleep=lambda _: None,
+    )
+    assert runner.run(created.job.job_id) is Outcome.DONE
+    done = service.view(service.get(created.job.job_id))
+    assert done["status"] == "completed"
+    assert done["output"] == "Hello" + "Hello there"  # the partial answer kept, then the continuation
+    assert done["usage"]["input_tokens"] == 21
+    assert chat_server.requests[1]["messages"][-1]["content"] == CONTINUE_INSTRUCTION
