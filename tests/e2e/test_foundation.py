@@ -53,3 +53,14 @@ def test_sigterm_stops_the_stack_cleanly() -> None:
     assert "sk-e2e-a" in banner
     assert stop_stack(stack) == 0
     assert stack.output[-1].endswith("stopped")
+
+
+def test_models_are_listed_for_the_tenant_and_health_probes_the_provider(dev_stack: RunningStack) -> None:
+    status, _, body = dev_stack.request("GET", "/v1/models")
+    assert status == 200
+    ids = {m["id"] for m in body["models"]}
+    assert {"sim-fast", "sim-realtime"} <= ids
+    assert dev_stack.request("GET", "/v1/models", key=None)[0] == 401
+    status, _, health = dev_stack.request("GET", "/v1/health?deep=true", key=None)
+    assert status == 200
+    assert health["checks"]["provider:simulated"]["deep"]["status"] == "ok"
