@@ -1,1 +1,5 @@
-"""Spool's dev-side package: the embedded stack, the CLI, the client. Never shipped to Lambda."""
+"""Spool's dev-side package: the client, the CLI, the embedded stack. Never shipped to Lambda."""
+
+from spool.client import Client, SpoolError
+
+__all__ = ["Client", "SpoolError"]

@@ -1,15 +1,19 @@
-"""``spool``: the command line. ``spool dev`` runs the embedded stack."""
+"""``spool``: the command line. ``spool dev`` runs the embedded stack; ``spool ask`` streams an answer."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 from types import FrameType
+from typing import Any
 
+from spool.client import Client, SpoolError
 from spool.devstack.template import parse_parameter_overrides
 
 
@@ -46,6 +50,129 @@ def _dev(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.url, args.key)
+
+
+def _print(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def _ask(args: argparse.Namespace) -> int:
+    client = _client(args)
+    context_id = None
+    if args.context:
+        summary = client.sync_directory(args.context, ttl_seconds=args.ttl)
+        context_id = summary["context_id"]
+        print(
+            f"context {context_id}: {summary['file_count']} files, {summary['token_count']:,} tokens "
+            f"(version {summary['version']})",
+            file=sys.stderr,
+            flush=True,
+        )
+    job = client.create_job(
+        args.question, context_id=context_id, model=args.model, max_tokens=args.max_tokens
+    )
+    job_id = job["job_id"]
+    print(f"job {job_id} ({job['model']['resolved']})", file=sys.stderr, flush=True)
+    status = StatusLine(sys.stderr)
+    try:
+        for text in client.stream(job_id):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            status.update(text)
+    except KeyboardInterrupt:
+        cancelled = client.cancel(job_id)
+        deadline = time.monotonic() + 5  # the worker stops within one flush interval
+        while cancelled["status"] not in {"completed", "failed", "cancelled"} and time.monotonic() < deadline:
+            time.sleep(0.1)
+            cancelled = client.job(job_id)
+        status.finish(
+            f"cancelled: {cancelled['status']} after {cancelled['progress']['tokens_generated']} tokens"
+        )
+        return 130
+    final = client.job(job_id)
+    usage = final["usage"]
+    status.finish(
+        f"{final['status']}: {usage['input_tokens']:,} in, {usage['output_tokens']:,} out, "
+        f"${final['cost_usd']:.6f}"
+    )
+    return 0 if final["status"] == "completed" else 1
+
+
+class StatusLine:
+    """tokens, tokens/s and elapsed time on one line of stderr while the answer streams on stdout."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._started = time.monotonic()
+        self._tokens = 0
+        self._last = 0.0
+
+    def update(self, text: str) -> None:
+        self._tokens += max(1, len(text.split()))
+        now = time.monotonic()
+        if now - self._last >= 0.5 and self._stream.isatty():
+            rate = self._tokens / max(0.001, now - self._started)
+            self._stream.write(f"\0337\r\033[K[{self._tokens} tokens, {rate:.0f} tok/s]\0338")
+            self._stream.flush()
+            self._last = now
+
+    def finish(self, message: str) -> None:
+        elapsed = time.monotonic() - self._started
+        self._stream.write(f"\n[{message}; {elapsed:.1f} s]\n")
+        self._stream.flush()
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.action == "get":
+        _print(client.job(args.job_id))
+    elif args.action == "cancel":
+        _print(client.cancel(args.job_id))
+    else:
+        for chunk in client.stream_chunks(args.job_id, args.after):
+            _print(chunk)
+    return 0
+
+
+def _contexts(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.action == "sync":
+        _print(client.sync_directory(args.target, ttl_seconds=args.ttl))
+    elif args.action == "get":
+        _print(client.get_context(args.target))
+    else:
+        client.delete_context(args.target)
+        print(f"deleted {args.target}")
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    """Create an API key for a tenant in the key table of a stack (deployed, or the local one)."""
+    import boto3
+
+    from spool_core.adapters.api_keys import DynamoApiKeyStore
+    from spool_core.auth import ApiKeys
+    from spool_core.tenancy import Tenant
+
+    session = boto3.session.Session()
+    kwargs = {"endpoint_url": args.endpoint_url} if args.endpoint_url else {}
+    table = args.table
+    if not table:
+        cfn = session.client("cloudformation", **kwargs)
+        resource = cfn.describe_stack_resource(StackName=args.stack_name, LogicalResourceId="ApiKeysTable")
+        table = resource["StackResourceDetail"]["PhysicalResourceId"]
+    keys = ApiKeys(DynamoApiKeyStore(session.client("dynamodb", **kwargs), table))
+    key, record = keys.create(Tenant(args.tenant), args.description)
+    print(key)
+    print(
+        f"tenant {record.tenant_id}, key id {record.key_id}: store the key now, it is not shown again",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spool", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +189,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dev.add_argument("--workers", type=int, default=int(os.environ.get("SPOOL_WORKERS", "2")))
     dev.set_defaults(run=_dev)
+
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument("--url", default=None, help="Spool's base URL (SPOOL_URL, default the local stack)")
+    remote.add_argument("--key", default=None, help="API key (SPOOL_API_KEY, default the local dev key)")
+
+    ask = commands.add_parser("ask", parents=[remote], help="ask a question about a directory, streamed live")
+    ask.add_argument("question")
+    ask.add_argument("--context", help="directory to upload (or update by diff) as the context")
+    ask.add_argument("--model", default="default")
+    ask.add_argument("--max-tokens", type=int, default=1024)
+    ask.add_argument("--ttl", type=int, default=3600, help="context ttl_seconds")
+    ask.set_defaults(run=_ask)
+
+    jobs = commands.add_parser("jobs", parents=[remote], help="inspect or cancel a job")
+    jobs.add_argument("action", choices=["get", "cancel", "chunks"])
+    jobs.add_argument("job_id")
+    jobs.add_argument("--after", type=int, default=0)
+    jobs.set_defaults(run=_jobs)
+
+    contexts = commands.add_parser("contexts", parents=[remote], help="upload, read or delete contexts")
+    contexts.add_argument("action", choices=["sync", "get", "delete"])
+    contexts.add_argument("target", help="a directory (sync) or a context id")
+    contexts.add_argument("--ttl", type=int, default=3600)
+    contexts.set_defaults(run=_contexts)
+
+    keys = commands.add_parser("keys", help="manage API keys")
+    keys.add_argument("action", choices=["create"])
+    keys.add_argument("--tenant", required=True)
+    keys.add_argument(
+        "--stack-name", default="spool", help="stack whose ApiKeysTable to use (default: spool)"
+    )
+    keys.add_argument("--table", help="the key table's name, instead of looking it up in the stack")
+    keys.add_argument("--endpoint-url", help="AWS endpoint (the local stack's moto URL)")
+    keys.add_argument("--description", default="")
+    keys.set_defaults(run=_keys)
     return parser
 
 
@@ -69,7 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="spool: %(message)s")  # the devstack's own loggers
     logging.getLogger("botocore").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
-    result: int = args.run(args)
+    try:
+        result: int = args.run(args)
+    except SpoolError as exc:
+        print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+        for suggestion in exc.suggestions:
+            print(f"  - {suggestion}", file=sys.stderr)
+        return 2
     return result
 
 
