@@ -39,6 +39,7 @@ def _dev(args: argparse.Namespace) -> int:
     try:
         print(f"spool: AWS endpoint (moto)  {stack.moto.url}", flush=True)
         print(f"spool: API base URL         {stack.base_url}", flush=True)
+        print(f"spool: WebSocket URL        {stack.websocket_url}", flush=True)
         print(f"spool: dev API key          {stack.api_key}", flush=True)
         print(f"spool: try  curl -s {stack.base_url}/v1/health", flush=True)
         print(f"spool: ready on {stack.base_url} (Ctrl-C to stop)", flush=True)

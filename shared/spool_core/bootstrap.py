@@ -29,6 +29,7 @@ from spool_core.adapters.dynamodb import ScopedTable
 from spool_core.adapters.jobs import DynamoChunkLog, DynamoJobStore, SqsJobQueue
 from spool_core.adapters.system_cache import DynamoCache
 from spool_core.adapters.usage import DynamoUsageStore
+from spool_core.adapters.websocket import DynamoConnectionStore, DynamoSubscriptionStore, ManagementApiPusher
 from spool_core.auth import ApiKeys
 from spool_core.circuits import CircuitBreaker
 from spool_core.contexts.service import DAY, ContextLimits, ContextService
@@ -46,6 +47,7 @@ from spool_core.providers.bedrock import BedrockProvider
 from spool_core.providers.openai_compatible import OpenAICompatibleProvider
 from spool_core.providers.simulated import SimulatedProvider
 from spool_core.settings import Settings
+from spool_core.subscriptions import Fanout
 from spool_core.tenancy import Tenant, TenantScope
 
 
@@ -241,3 +243,18 @@ def circuit_breaker(config: Settings | None = None) -> CircuitBreaker:
         window_seconds=config.circuit_window_seconds,
         cooldown_seconds=config.circuit_cooldown_seconds,
     )
+
+
+def connections(config: Settings | None = None) -> DynamoConnectionStore:
+    config = config or settings()
+    return DynamoConnectionStore(aws.dynamodb(config), config.connections_table)
+
+
+def fanout(tenant: Tenant, config: Settings | None = None) -> Fanout:
+    """Subscriptions of one tenant's jobs, pushed through the WebSocket management API."""
+    config = config or settings()
+    jobs, chunks = _job_tables(tenant, config)
+    subscriptions = DynamoSubscriptionStore(
+        ScopedTable(aws.dynamodb(config), config.connections_table, TenantScope(tenant))
+    )
+    return Fanout(jobs, chunks, subscriptions, ManagementApiPusher(aws.websocket_management(config)))

@@ -35,6 +35,8 @@ class Settings(BaseModel):
     simulator_faults: bool = Field(default=False, alias="SPOOL_SIMULATOR_FAULTS")
     usage_table: str = Field(alias="SPOOL_USAGE_TABLE")
     system_table: str = Field(alias="SPOOL_SYSTEM_TABLE")
+    connections_table: str = Field(alias="SPOOL_CONNECTIONS_TABLE")
+    websocket_management_url: str | None = Field(default=None, alias="SPOOL_WEBSOCKET_MANAGEMENT_URL")
     flags_appconfig: str | None = Field(default=None, alias="SPOOL_FLAGS_APPCONFIG")
     flags_file: str | None = Field(default=None, alias="SPOOL_FLAGS_FILE")
     circuit_threshold: int = Field(default=5, ge=1, alias="SPOOL_CIRCUIT_FAILURES")

@@ -13,10 +13,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import boto3
+
 from spool.devstack.gateway import GatewayHttpServer, RestApiEmulator
-from spool.devstack.provision import MotoServer, StackDescription, provision
+from spool.devstack.provision import MotoServer, StackDescription, free_port, provision
 from spool.devstack.runtime import LocalFunction
+from spool.devstack.streams import StreamPoller
 from spool.devstack.template import Template, samconfig_parameters
+from spool.devstack.websocket import ManagementApiServer, WebSocketGateway
 
 log = logging.getLogger("devstack")
 
@@ -105,6 +109,9 @@ class EmbeddedStack:
         self._stopping = threading.Event()
         self._state_dir = tempfile.TemporaryDirectory(prefix="spool-dev-")
         self._supervisor: threading.Thread | None = None
+        self._websocket: WebSocketGateway | None = None
+        self._management: ManagementApiServer | None = None
+        self._pollers: list[StreamPoller] = []
         self.worker_restarts = 0
 
     @property
@@ -132,15 +139,24 @@ class EmbeddedStack:
         description = provision(
             self.template, self.moto.url, stack_name=self.stack_name, overrides=self.overrides
         )
-        description.overrides = local_overrides(os.environ, self.template)
+        stage = description.parameters.get("StageName", "prod")
+        self._websocket = WebSocketGateway({}, host=self.host, port=self._ws_port(), stage=stage)
+        self._management = ManagementApiServer(self._websocket, self.host)
+        management_url = f"http://{self.host}:{self._management.server_address[1]}/{stage}"
+        description.overrides = {
+            **local_overrides(os.environ, self.template),
+            "SPOOL_WEBSOCKET_URL": self._websocket.url,
+            "SPOOL_WEBSOCKET_MANAGEMENT_URL": management_url,
+        }
         description.save(self.state_path)
         self.description = description
         os.environ.update(description.environment(self.template))
         self._seed_keys()
 
         resolver = description.resolver()
+        ws_functions = set(self.template.websocket_routes().values())
         for name, spec in self.template.functions().items():
-            if spec.api_events or name == self._authorizer_id():
+            if spec.api_events or spec.stream_events or name in ws_functions or name == self._authorizer_id():
                 self._functions[name] = LocalFunction(
                     spec, self.template.root, region=description.region, name=resolver.ref(name)
                 )
@@ -154,10 +170,44 @@ class EmbeddedStack:
         self._server = GatewayHttpServer((self.host, self.port), emulator)
         self.port = self._server.server_address[1]
         threading.Thread(target=self._server.serve_forever, name="api-gateway", daemon=True).start()
+        self._start_websocket(description)
         for _ in range(self.workers):
             self._worker_procs.append(self._spawn_worker())
         self._supervisor = threading.Thread(target=self._supervise, name="worker-supervisor", daemon=True)
         self._supervisor.start()
+
+    def _ws_port(self) -> int:
+        configured = os.environ.get("SPOOL_WS_PORT")
+        if configured:
+            return int(configured)
+        return self.port + 1 if self.port else free_port(self.host)
+
+    @property
+    def websocket_url(self) -> str:
+        return self._websocket.url if self._websocket else ""
+
+    def _start_websocket(self, description: StackDescription) -> None:
+        """The WebSocket API, its @connections endpoint, and the stream pollers feeding the fanout."""
+        assert self._websocket is not None and self._management is not None
+        self._websocket._routes = {
+            route: self._functions[name] for route, name in self.template.websocket_routes().items()
+        }
+        self._websocket.start()
+        threading.Thread(target=self._management.serve_forever, name="ws-management", daemon=True).start()
+        streams = boto3.session.Session().client(
+            "dynamodbstreams", endpoint_url=description.endpoint_url, region_name=description.region
+        )
+        for name, spec in self.template.functions().items():
+            for event in spec.stream_events:
+                poller = StreamPoller(
+                    streams,
+                    description.attributes[f"{event.table}.StreamArn"],
+                    self._functions[name],
+                    batch_size=event.batch_size,
+                    region=description.region,
+                )
+                self._pollers.append(poller)
+                threading.Thread(target=poller.run, name=f"stream-{event.table}", daemon=True).start()
 
     def _authorizer_id(self) -> str | None:
         auth = self.template.api(API_LOGICAL_ID).get("Auth", {})
@@ -202,6 +252,13 @@ class EmbeddedStack:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        for poller in self._pollers:
+            poller.stop()
+        if self._websocket:
+            self._websocket.stop()
+        if self._management:
+            self._management.shutdown()
+            self._management.server_close()
         if self._server:
             self._server.shutdown()
             self._server.server_close()

@@ -119,6 +119,13 @@ class SqsEvent:
 
 
 @dataclass(frozen=True)
+class StreamEvent:
+    name: str
+    table: str  # logical id of the table whose stream feeds the function
+    batch_size: int
+
+
+@dataclass(frozen=True)
 class FunctionSpec:
     logical_id: str
     code_uri: str
@@ -128,6 +135,7 @@ class FunctionSpec:
     environment: Mapping[str, Any]
     api_events: tuple[ApiEvent, ...] = ()
     sqs_events: tuple[SqsEvent, ...] = ()
+    stream_events: tuple[StreamEvent, ...] = ()
 
     @property
     def module_file(self) -> str:
@@ -188,7 +196,7 @@ class Template:
                 **globals_.get("Environment", {}).get("Variables", {}),
                 **resource.get("Properties", {}).get("Environment", {}).get("Variables", {}),
             }
-            api_events, sqs_events = [], []
+            api_events, sqs_events, stream_events = [], [], []
             for event_name, event in (props.get("Events") or {}).items():
                 ep = event.get("Properties", {})
                 if event["Type"] == "Api":
@@ -201,6 +209,10 @@ class Template:
                             ep["Method"].upper(),
                             authorized=auth != "NONE",
                         )
+                    )
+                elif event["Type"] == "DynamoDB":
+                    stream_events.append(
+                        StreamEvent(event_name, _ref_name(ep["Stream"]), int(ep.get("BatchSize", 100)))
                     )
                 elif event["Type"] == "SQS":
                     sqs_events.append(
@@ -221,8 +233,28 @@ class Template:
                 environment=env,
                 api_events=tuple(api_events),
                 sqs_events=tuple(sqs_events),
+                stream_events=tuple(stream_events),
             )
         return specs
+
+    def websocket_routes(self) -> dict[str, str]:
+        """Route key -> logical id of the function its AWS_PROXY integration invokes."""
+        integrations = {}
+        for name, resource in self.resources_of_type("AWS::ApiGatewayV2::Integration").items():
+            uri = resource["Properties"]["IntegrationUri"]
+            text = uri["Fn::Sub"] if isinstance(uri, dict) else str(uri)
+            match = re.search(r"\$\{(\w+)\.Arn\}", text if isinstance(text, str) else text[0])
+            if match:
+                integrations[name] = match.group(1)
+        routes = {}
+        for resource in self.resources_of_type("AWS::ApiGatewayV2::Route").values():
+            props = resource["Properties"]
+            target = props.get("Target", {})
+            text = target.get("Fn::Sub", "") if isinstance(target, dict) else str(target)
+            match = re.search(r"\$\{(\w+)\}", text)
+            if match and match.group(1) in integrations:
+                routes[props["RouteKey"]] = integrations[match.group(1)]
+        return routes
 
     def api(self, logical_id: str) -> dict[str, Any]:
         props: dict[str, Any] = self.resources[logical_id].get("Properties", {})

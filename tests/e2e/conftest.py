@@ -63,6 +63,7 @@ def start_stack(extra_env: dict[str, str] | None = None, timeout: float = 90) ->
     env = {
         **CLEAN_ENVIRONMENT,
         "SPOOL_PORT": str(port),
+        "SPOOL_WS_PORT": str(free_port()),
         "SPOOL_DEV_KEYS": f"{DEV_KEY}:tenant-a,{OTHER_KEY}:tenant-b",
         **(extra_env or {}),
     }

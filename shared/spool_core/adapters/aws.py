@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import threading
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import boto3
 from botocore.config import Config
+
+from spool_core.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from mypy_boto3_bedrock_runtime import BedrockRuntimeClient
@@ -55,6 +57,13 @@ def s3(settings: Settings, *, probe: bool = False) -> S3Client:
 def bedrock(settings: Settings) -> BedrockRuntimeClient:
     """Model calls stream for tens of seconds: a longer read timeout, and retries left to the worker."""
     return _client("bedrock-runtime", settings.region, settings.bedrock_endpoint_url, False)  # type: ignore[return-value]
+
+
+def websocket_management(settings: Settings) -> Any:
+    """The API Gateway management API of the WebSocket API (``post_to_connection``)."""
+    if not settings.websocket_management_url:
+        raise ConfigurationError("SPOOL_WEBSOCKET_MANAGEMENT_URL is not set")
+    return _client("apigatewaymanagementapi", settings.region, settings.websocket_management_url, False)
 
 
 def cloudwatch(settings: Settings, *, probe: bool = False) -> CloudWatchClient:

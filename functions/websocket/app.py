@@ -1,0 +1,96 @@
+"""WebSocket API: $connect (authenticated by API key), $disconnect, and ``subscribe``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aws_lambda_powertools.utilities.typing import LambdaContext
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from spool_core import bootstrap
+from spool_core.adapters import aws
+from spool_core.adapters.websocket import ManagementApiPusher
+from spool_core.api.errors import envelope
+from spool_core.auth import extract_api_key
+from spool_core.errors import InvalidRequest, NotFound, SpoolError, Unauthorized
+from spool_core.observability import logger
+from spool_core.tenancy import Tenant
+
+
+class SubscribeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    action: str
+    job_id: str = Field(min_length=1, max_length=64)
+    after: int = Field(default=0, ge=0)
+
+
+def _push_error(connection_id: str, error: SpoolError, request_id: str | None) -> None:
+    pusher = ManagementApiPusher(aws.websocket_management(bootstrap.settings()))
+    pusher.send(connection_id, {"type": "error", **envelope(error, request_id)})
+
+
+def _connect(event: dict[str, Any], connection_id: str) -> dict[str, Any]:
+    query = event.get("queryStringParameters") or {}
+    key = query.get("api_key") or extract_api_key(event.get("headers"))
+    record = bootstrap.api_keys().authenticate(key)
+    if record is None:
+        error = Unauthorized("Missing or invalid API key")
+        return {
+            "statusCode": 401,
+            "body": json.dumps(envelope(error, event["requestContext"].get("requestId"))),
+        }
+    bootstrap.connections().put(connection_id, record.tenant_id)
+    return {"statusCode": 200}
+
+
+def _subscribe(event: dict[str, Any], connection_id: str) -> dict[str, Any]:
+    request_id = event["requestContext"].get("requestId")
+    try:
+        request = SubscribeRequest.model_validate_json(event.get("body") or "")
+    except ValidationError as exc:
+        fields = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
+        _push_error(
+            connection_id,
+            InvalidRequest(
+                "Invalid subscribe message",
+                details={"fields": fields},
+                suggestions=['Send {"action": "subscribe", "job_id": "...", "after": 0}'],
+            ),
+            request_id,
+        )
+        return {"statusCode": 200}
+    tenant_id = bootstrap.connections().tenant(connection_id)
+    if tenant_id is None:
+        _push_error(connection_id, Unauthorized("This connection is not authenticated"), request_id)
+        return {"statusCode": 200}
+    if bootstrap.fanout(Tenant(tenant_id)).subscribe(request.job_id, connection_id, request.after) is None:
+        _push_error(
+            connection_id,
+            NotFound(f"Job '{request.job_id}' not found", details={"job_id": request.job_id}),
+            request_id,
+        )
+    return {"statusCode": 200}
+
+
+@logger.inject_lambda_context(clear_state=True)
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    route = event["requestContext"]["routeKey"]
+    connection_id = event["requestContext"]["connectionId"]
+    if route == "$connect":
+        return _connect(event, connection_id)
+    if route == "$disconnect":
+        bootstrap.connections().delete(connection_id)
+        return {"statusCode": 200}
+    if route == "subscribe":
+        return _subscribe(event, connection_id)
+    _push_error(
+        connection_id,
+        InvalidRequest(
+            f"Unknown action for route {route}",
+            suggestions=['Send {"action": "subscribe", "job_id": "...", "after": 0}'],
+        ),
+        event["requestContext"].get("requestId"),
+    )
+    return {"statusCode": 200}
