@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pathspec
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.sync.client import connect as ws_connect
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = {"completed", "failed", "cancelled"}
@@ -252,9 +254,48 @@ class Client:
             if page["done"]:
                 return
 
-    def stream(self, job_id: str, after: int = 0) -> Iterator[str]:
-        """The job's text as it is generated."""
-        for chunk in self.stream_chunks(job_id, after):
+    def subscribe(self, job_id: str, after: int = 0, *, url: str | None = None) -> Iterator[dict[str, Any]]:
+        """Every chunk after ``after`` over the WebSocket API, in order; reconnects after a dropped
+        connection from the last sequence id received, so nothing is lost or repeated."""
+        url = url or self.job(job_id)["links"]["subscribe"]
+        if not url:
+            raise ConnectionError("this deployment has no WebSocket URL")
+        last, failures = after, 0
+        while True:
+            try:
+                with ws_connect(f"{url}?api_key={self.api_key}", open_timeout=10) as socket:
+                    socket.send(json.dumps({"action": "subscribe", "job_id": job_id, "after": last}))
+                    while True:
+                        message = json.loads(socket.recv(timeout=self.timeout + 30))
+                        failures = 0
+                        if message["type"] == "chunk":
+                            if message["sequence_id"] == last + 1:  # a duplicate or a stale one is skipped
+                                last = message["sequence_id"]
+                                yield message
+                        elif message["type"] == "done":
+                            return
+                        elif message["type"] == "error":
+                            error = message["error"]
+                            raise _error(404 if error["code"].endswith("not_found") else 400, message, {})
+            except InvalidStatus as exc:
+                if exc.response.status_code in (401, 403):
+                    raise Unauthorized(exc.response.status_code, None) from exc
+                failures += 1
+                if failures > self.max_retries:
+                    raise ConnectionError(f"the subscription kept failing: {exc}") from exc
+                self._sleep(min(4.0, 0.2 * 2**failures))
+            except (ConnectionClosed, OSError, TimeoutError, InvalidHandshake) as exc:
+                failures += 1
+                if failures > self.max_retries:
+                    raise ConnectionError(f"the subscription kept failing: {exc}") from exc
+                self._sleep(min(4.0, 0.2 * 2**failures))
+
+    def stream(self, job_id: str, after: int = 0, *, transport: str = "auto") -> Iterator[str]:
+        """The job's text as it is generated: over WebSocket when the deployment has it (``auto``,
+        ``websocket``), otherwise by long-polling the chunk log (``poll``)."""
+        url = None if transport == "poll" else self.job(job_id)["links"].get("subscribe")
+        chunks = self.subscribe(job_id, after, url=url) if url else self.stream_chunks(job_id, after)
+        for chunk in chunks:
             yield chunk["text"]
 
 

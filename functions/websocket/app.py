@@ -13,7 +13,8 @@ from spool_core.adapters import aws
 from spool_core.adapters.websocket import ManagementApiPusher
 from spool_core.api.errors import envelope
 from spool_core.auth import extract_api_key
-from spool_core.errors import InvalidRequest, NotFound, SpoolError, Unauthorized
+from spool_core.errors import InvalidRequest, SpoolError, Unauthorized
+from spool_core.jobs.errors import JobNotFound
 from spool_core.observability import logger
 from spool_core.tenancy import Tenant
 
@@ -68,7 +69,7 @@ def _subscribe(event: dict[str, Any], connection_id: str) -> dict[str, Any]:
     if bootstrap.fanout(Tenant(tenant_id)).subscribe(request.job_id, connection_id, request.after) is None:
         _push_error(
             connection_id,
-            NotFound(f"Job '{request.job_id}' not found", details={"job_id": request.job_id}),
+            JobNotFound(f"Job '{request.job_id}' not found", details={"job_id": request.job_id}),
             request_id,
         )
     return {"statusCode": 200}

@@ -73,7 +73,15 @@ class FlakyProxy:
         self.port = self._server.getsockname()[1]
         self.cut_next = 0
         self.cuts = 0
+        self._open: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def kill_all(self) -> None:
+        """Drop every open connection at once (a network failure under a live stream)."""
+        self.cuts += 1
+        for sock in list(self._open):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def _accept(self) -> None:
         while True:
@@ -82,6 +90,7 @@ class FlakyProxy:
             except OSError:
                 return
             upstream = socket.create_connection(("127.0.0.1", self._target))
+            self._open += [downstream, upstream]
             cut = self.cut_next > 0
             if cut:
                 self.cut_next -= 1

@@ -22,6 +22,8 @@ def test_every_function_in_the_template_has_a_sample_event(template: Template) -
         "DeadLetterFunction": "dead_letter",
         "UsageFunction": "usage",
         "ModelsFunction": "models",
+        "WebSocketFunction": "websocket",
+        "FanoutFunction": "fanout",
         "WorkerFunction": "worker",
     }
     assert set(template.functions()) <= set(samples), "add a sample event for the new function"
@@ -129,6 +131,23 @@ def test_models_function_lists_what_the_tenant_may_use(invoke: Any) -> None:
     assert realtime["fallbacks"] == ["sim-fast"]
     assert realtime["context_window"] == 128_000
     assert set(realtime["pricing"]) == {"input_per_mtok", "output_per_mtok"}
+
+
+def test_websocket_function_accepts_a_known_key_and_refuses_others(invoke: Any) -> None:
+    event = load_event("websocket")
+    event["queryStringParameters"] = {"api_key": DEV_KEY}
+    assert invoke("WebSocketFunction", event) == {"statusCode": 200}
+    event["queryStringParameters"] = {"api_key": "sk-nope"}
+    refused = invoke("WebSocketFunction", event)
+    assert refused["statusCode"] == 401
+    assert json.loads(refused["body"])["error"]["code"] == "unauthorized"
+    disconnect = load_event("websocket")
+    disconnect["requestContext"]["routeKey"] = "$disconnect"
+    assert invoke("WebSocketFunction", disconnect) == {"statusCode": 200}
+
+
+def test_fanout_function_takes_a_stream_batch_for_a_job_without_subscribers(invoke: Any) -> None:
+    assert invoke("FanoutFunction", load_event("fanout")) == {"batchItemFailures": []}
 
 
 def test_dead_letter_function_drops_messages_of_unknown_jobs(invoke: Any) -> None:

@@ -1,0 +1,130 @@
+"""Subscribing over WebSocket through the embedded stack: backlog then live, in order, resumable."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from websockets.sync.client import connect
+
+from spool import Client
+from spool.client import Unauthorized
+from tests.e2e.conftest import DEV_KEY, RunningStack
+from tests.e2e.test_client_and_cli import FlakyProxy
+
+
+def new_job(stack: RunningStack, max_tokens: int = 120) -> dict[str, Any]:
+    body = {"message": "subscribe to me", "model": "sim-realtime", "max_tokens": max_tokens}
+    status, _, job = stack.request(
+        "POST", "/v1/jobs", body=body, headers={"Idempotency-Key": str(uuid.uuid4())}
+    )
+    assert status == 202
+    return job
+
+
+def receive(
+    url: str, job_id: str, after: int, stop_after: int | None = None
+) -> tuple[list[dict[str, Any]], Any]:
+    """Subscribe and collect chunks until ``done`` (or until ``stop_after`` chunks, then disconnect)."""
+    chunks: list[dict[str, Any]] = []
+    with connect(f"{url}?api_key={DEV_KEY}") as socket:
+        socket.send(json.dumps({"action": "subscribe", "job_id": job_id, "after": after}))
+        while True:
+            message = json.loads(socket.recv(timeout=30))
+            if message["type"] == "done":
+                return chunks, message
+            assert message["type"] == "chunk", message
+            chunks.append(message)
+            if stop_after is not None and len(chunks) >= stop_after:
+                return chunks, None
+
+
+def final_output(stack: RunningStack, job_id: str) -> str:
+    while True:
+        job = stack.request("GET", f"/v1/jobs/{job_id}")[2]
+        if job["status"] == "completed":
+            return str(job["output"])
+
+
+def test_two_subscribers_each_receive_the_whole_text(dev_stack: RunningStack) -> None:
+    job = new_job(dev_stack)
+    url = job["links"]["subscribe"]
+    results: dict[str, Any] = {}
+    threads = [
+        threading.Thread(target=lambda n=n: results.__setitem__(n, receive(url, job["job_id"], 0)))
+        for n in ("a", "b")
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    output = final_output(dev_stack, job["job_id"])
+    for chunks, done in results.values():
+        assert [c["sequence_id"] for c in chunks] == list(range(1, len(chunks) + 1))
+        assert "".join(c["text"] for c in chunks) == output
+        assert done["status"] == "completed"
+        assert done["usage"]["output_tokens"] == 120
+
+
+def test_a_subscriber_that_reconnects_gets_exactly_the_rest(dev_stack: RunningStack) -> None:
+    job = new_job(dev_stack, max_tokens=150)
+    url = job["links"]["subscribe"]
+    first, done = receive(url, job["job_id"], 0, stop_after=3)
+    assert done is None
+    rest, done = receive(url, job["job_id"], first[-1]["sequence_id"])
+    ids = [c["sequence_id"] for c in first + rest]
+    assert ids == list(range(1, len(ids) + 1))  # backlog then live: no gap, no duplicate
+    assert "".join(c["text"] for c in first + rest) == final_output(dev_stack, job["job_id"])
+    assert done["status"] == "completed"
+
+
+def test_subscribing_to_a_finished_job_sends_the_backlog_then_done(dev_stack: RunningStack) -> None:
+    job = new_job(dev_stack, max_tokens=30)
+    output = final_output(dev_stack, job["job_id"])
+    chunks, done = receive(job["links"]["subscribe"], job["job_id"], 2)
+    assert chunks[0]["sequence_id"] == 3
+    assert done["status"] == "completed"
+    assert output.endswith("".join(c["text"] for c in chunks))
+
+
+def test_unknown_jobs_and_bad_keys(dev_stack: RunningStack) -> None:
+    url = new_job(dev_stack, max_tokens=5)["links"]["subscribe"]
+    with connect(f"{url}?api_key={DEV_KEY}") as socket:
+        socket.send(json.dumps({"action": "subscribe", "job_id": "job_unknown", "after": 0}))
+        message = json.loads(socket.recv(timeout=10))
+        assert message["type"] == "error"
+        assert message["error"]["code"] == "job_not_found"
+        socket.send(json.dumps({"action": "dance"}))
+        assert json.loads(socket.recv(timeout=10))["error"]["code"] == "invalid_request"
+    with pytest.raises(Unauthorized):
+        list(Client(dev_stack.base_url, "sk-wrong").subscribe("job_x", url=url))
+
+
+@pytest.fixture
+def ws_proxy(dev_stack: RunningStack) -> Iterator[tuple[FlakyProxy, str]]:
+    url = new_job(dev_stack, max_tokens=1)["links"]["subscribe"]
+    proxy = FlakyProxy(int(url.rsplit(":", 1)[1]))
+    yield proxy, f"ws://127.0.0.1:{proxy.port}"
+    proxy.close()
+
+
+def test_the_clients_stream_survives_a_killed_connection(
+    dev_stack: RunningStack, ws_proxy: tuple[FlakyProxy, str]
+) -> None:
+    proxy, url = ws_proxy
+    client = Client(dev_stack.base_url, DEV_KEY, sleep=lambda _: None)
+    job = new_job(dev_stack, max_tokens=150)
+    received = []
+    for index, chunk in enumerate(client.subscribe(job["job_id"], url=url)):
+        received.append(chunk)
+        if index == 2:
+            proxy.cut_next = 1
+            proxy.kill_all()  # the live connection dies now
+    assert proxy.cuts >= 1
+    ids = [c["sequence_id"] for c in received]
+    assert ids == list(range(1, len(ids) + 1))
+    assert "".join(c["text"] for c in received) == final_output(dev_stack, job["job_id"])
