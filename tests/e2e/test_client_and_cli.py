@@ -129,7 +129,7 @@ def test_stream_survives_connections_killed_mid_answer(client: Client, proxy: Fl
     through_proxy = Client(f"http://127.0.0.1:{proxy.port}", DEV_KEY, sleep=lambda _: None)
     job = direct.create_job("resume by yourself", model="sim-realtime", max_tokens=120)
     received: list[str] = []
-    for index, text in enumerate(through_proxy.stream(job["job_id"])):
+    for index, text in enumerate(through_proxy.stream(job["job_id"], transport="poll")):
         received.append(text)
         if index in (1, 3):
             proxy.cut_next = 1  # the next long-poll dies mid-answer
