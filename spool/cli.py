@@ -42,6 +42,10 @@ def _dev(args: argparse.Namespace) -> int:
         print(f"spool: WebSocket URL        {stack.websocket_url}", flush=True)
         print(f"spool: dev API key          {stack.api_key}", flush=True)
         print(f"spool: try  curl -s {stack.base_url}/v1/health", flush=True)
+        print(
+            f"spool: try  SPOOL_URL={stack.base_url} spool ask 'What does the worker do?' --context ./worker",
+            flush=True,
+        )
         print(f"spool: ready on {stack.base_url} (Ctrl-C to stop)", flush=True)
         stopped.wait()
     finally:
@@ -125,6 +129,66 @@ class StatusLine:
         self._stream.flush()
 
 
+def _demo(args: argparse.Namespace) -> int:
+    """The tour: a stack (started here unless --url is given), Spool's own source as context, an
+    answer streamed over WebSocket, the connection dropped mid-answer and resumed, usage and cost."""
+    from spool.devstack.provision import free_port
+    from spool.devstack.stack import PROJECT_ROOT, EmbeddedStack
+
+    stack = None
+    if not (args.url or os.environ.get("SPOOL_URL")):
+        print("starting the embedded stack...", file=sys.stderr, flush=True)
+        stack = EmbeddedStack(port=free_port()).start()
+        args.url, args.key = stack.base_url, stack.api_key
+    try:
+        client = _client(args)
+        summary = client.sync_directory(PROJECT_ROOT / "shared" / "spool_core", ttl_seconds=3600)
+        print(
+            f"uploaded Spool's own source: {summary['file_count']} files, {summary['token_count']:,} tokens "
+            f"-> {summary['context_id']}",
+            file=sys.stderr,
+            flush=True,
+        )
+        job = client.create_job(
+            "How does Spool keep a stream resumable?",
+            context_id=summary["context_id"],
+            model="sim-realtime",
+            max_tokens=args.max_tokens,
+        )
+        print(
+            f"job {job['job_id']} on {job['model']['resolved']}, subscribed at {job['links']['subscribe']}\n",
+            file=sys.stderr,
+            flush=True,
+        )
+        last = 0
+        for chunk in client.subscribe(job["job_id"]):
+            sys.stdout.write(chunk["text"])
+            sys.stdout.flush()
+            last = chunk["sequence_id"]
+            if last == args.drop_after:
+                break  # closing the subscription drops the connection
+        print(
+            f"\n\n[connection dropped after chunk {last}; reconnecting from sequence {last}]\n",
+            file=sys.stderr,
+            flush=True,
+        )
+        for chunk in client.subscribe(job["job_id"], last):
+            sys.stdout.write(chunk["text"])
+            sys.stdout.flush()
+        final = client.job(job["job_id"])
+        usage = final["usage"]
+        print(
+            f"\n\n[{final['status']}: {final['progress']['chunks_written']} chunks, none lost or repeated; "
+            f"{usage['input_tokens']:,} tokens in, {usage['output_tokens']:,} out, ${final['cost_usd']:.6f}]",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 0
+    finally:
+        if stack:
+            stack.stop()
+
+
 def _jobs(args: argparse.Namespace) -> int:
     client = _client(args)
     if args.action == "get":
@@ -203,6 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--ttl", type=int, default=3600, help="context ttl_seconds")
     ask.set_defaults(run=_ask)
 
+    demo = commands.add_parser(
+        "demo", parents=[remote], help="the one-command tour (starts a stack if needed)"
+    )
+    demo.add_argument("--max-tokens", type=int, default=300)
+    demo.add_argument("--drop-after", type=int, default=8, help="drop the connection after this chunk")
+    demo.set_defaults(run=_demo)
+
     jobs = commands.add_parser("jobs", parents=[remote], help="inspect or cancel a job")
     jobs.add_argument("action", choices=["get", "cancel", "chunks"])
     jobs.add_argument("job_id")
@@ -231,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="spool: %(message)s")  # the devstack's own loggers
     logging.getLogger("botocore").setLevel(logging.WARNING)
+    logging.getLogger("websockets").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:
         result: int = args.run(args)
