@@ -220,3 +220,31 @@ def test_the_cli_streams_under_a_terminal_and_cancels_on_ctrl_c(
     assert "cancelled: cancelled" in text
     job_id = text.split("job ", 1)[1].split()[0]
     assert Client(dev_stack.base_url, DEV_KEY).job(job_id)["status"] == "cancelled"
+
+
+def test_the_demo_drops_the_connection_and_resumes(dev_stack: RunningStack, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "spool.cli",
+            "demo",
+            "--url",
+            dev_stack.base_url,
+            "--key",
+            DEV_KEY,
+            "--max-tokens",
+            "80",
+            "--drop-after",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, "SPOOL_CACHE_DIR": str(tmp_path / "cache")},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "connection dropped after chunk 3" in result.stderr
+    assert "completed:" in result.stderr
+    assert len(result.stdout.split()) >= 60  # the whole answer was printed across the reconnect
