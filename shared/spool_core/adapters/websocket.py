@@ -82,28 +82,21 @@ class DynamoSubscriptionStore:
         return self._subscription(item) if item else None
 
     def advance(self, job_id: str, connection_id: str, old: int, new: int) -> bool:
-        try:
-            self._table.update(
-                JOB_KIND,
-                job_id,
-                "SET last_sent = :new",
-                sort=self._sort(connection_id),
-                condition="last_sent = :old",
-                values={":old": old, ":new": new},
-            )
-        except ConditionFailed:
-            return False
-        return True
+        return self._swap(job_id, connection_id, "last_sent", old, new)
 
     def mark_done(self, job_id: str, connection_id: str) -> bool:
+        return self._swap(job_id, connection_id, "done_sent", False, True)
+
+    def _swap(self, job_id: str, connection_id: str, attribute: str, old: Any, new: Any) -> bool:
+        """Compare-and-set of one attribute of a subscription: True if this caller made the change."""
         try:
             self._table.update(
                 JOB_KIND,
                 job_id,
-                "SET done_sent = :yes",
+                f"SET {attribute} = :new",
                 sort=self._sort(connection_id),
-                condition="done_sent = :no",
-                values={":yes": True, ":no": False},
+                condition=f"{attribute} = :old",
+                values={":old": old, ":new": new},
             )
         except ConditionFailed:
             return False
