@@ -14,6 +14,7 @@ from spool_core.observability import logger, tracer
 from spool_core.tenancy import SEPARATOR, Tenant
 
 processor = BatchProcessor(event_type=EventType.DynamoDBStreams, raise_on_entire_batch_failure=False)
+_delivered: set[tuple[str, str]] = set()  # jobs already caught up in this batch
 
 
 def record_handler(record: DynamoDBRecord) -> None:
@@ -25,12 +26,16 @@ def record_handler(record: DynamoDBRecord) -> None:
     image = record.dynamodb.new_image or {}
     if "sequence_id" not in record.dynamodb.keys and image.get("status") not in TERMINAL:
         return  # a job item change other than its end: nothing to push
+    if (tenant_id, job_id) in _delivered:
+        return  # a delivery reads everything after each cursor: once per job per batch is enough
     bootstrap.fanout(Tenant(tenant_id)).deliver(job_id)
+    _delivered.add((tenant_id, job_id))
 
 
 @logger.inject_lambda_context(clear_state=True)
 @tracer.capture_lambda_handler
 def lambda_handler(event: dict[str, object], context: LambdaContext) -> PartialItemFailureResponse:
+    _delivered.clear()
     return process_partial_response(
         event=event, record_handler=record_handler, processor=processor, context=context
     )

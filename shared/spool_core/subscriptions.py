@@ -62,10 +62,12 @@ class Fanout:
 
     def deliver(self, job_id: str, *, only: str | None = None) -> None:
         """Send each subscriber of the job what it has not had yet, then ``done`` if the job ended."""
+        subscriptions = [s for s in self._subscriptions.for_job(job_id) if only in (None, s.connection_id)]
+        if not subscriptions:
+            return  # one query per job without subscribers, nothing more
         job = self._jobs.get(job_id)  # status first: a terminal job's chunks are all written before it
-        for subscription in self._subscriptions.for_job(job_id):
-            if only is None or subscription.connection_id == only:
-                self._catch_up(subscription, job)
+        for subscription in subscriptions:
+            self._catch_up(subscription, job)
 
     def _catch_up(self, subscription: Subscription, job: Job | None) -> None:
         job_id, connection = subscription.job_id, subscription.connection_id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -9,7 +10,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +209,17 @@ class EmbeddedStack:
                 )
                 self._pollers.append(poller)
                 threading.Thread(target=poller.run, name=f"stream-{event.table}", daemon=True).start()
+
+    @contextlib.contextmanager
+    def streams_paused(self) -> Iterator[None]:
+        """Hold the stream pollers (records wait in the stream), e.g. to measure a worker alone."""
+        for poller in self._pollers:
+            poller.pause()
+        try:
+            yield
+        finally:
+            for poller in self._pollers:
+                poller.resume()
 
     def _authorizer_id(self) -> str | None:
         auth = self.template.api(API_LOGICAL_ID).get("Auth", {})

@@ -30,6 +30,8 @@ class StreamPoller:
         self._region = region
         self._interval = interval
         self._stop = threading.Event()
+        self._running = threading.Event()
+        self._running.set()
         self._iterators: dict[str, str | None] = {}
         for shard in streams.describe_stream(StreamArn=stream_arn)["StreamDescription"].get("Shards", []):
             iterator = streams.get_shard_iterator(
@@ -39,9 +41,17 @@ class StreamPoller:
 
     def stop(self) -> None:
         self._stop.set()
+        self._running.set()
+
+    def pause(self) -> None:
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
 
     def run(self) -> None:
         while not self._stop.wait(self._interval):
+            self._running.wait()
             for shard, iterator in list(self._iterators.items()):
                 if iterator is None:
                     continue
