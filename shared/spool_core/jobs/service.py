@@ -33,6 +33,7 @@ MAX_KEY_LENGTH = 255
 MAX_WAIT_SECONDS = 20
 DEFAULT_CHUNK_LIMIT = 500
 MAX_CHUNK_LIMIT = 1000
+MAX_POLL_INTERVAL = 0.15
 
 
 @dataclass(frozen=True)
@@ -220,11 +221,12 @@ class JobService:
             raise JobNotFound(f"Job '{job_id}' not found", details={"job_id": job_id})
         return job
 
-    def progress(self, job: Job) -> dict[str, int]:
-        """Current progress: the job item's once it is terminal, the chunk log's last entry before."""
+    def progress(self, job: Job, last: Chunk | None = None) -> dict[str, int]:
+        """Current progress: the job item's once it is terminal, the chunk log's last entry before
+        (``last`` when the caller already read it)."""
         if job.terminal:
             return job.progress.model_dump()
-        last = self._chunks.last(job.job_id)
+        last = last or self._chunks.last(job.job_id)
         if last is None:
             return {"tokens_generated": 0, "last_sequence_id": 0, "chunks_written": 0}
         return {
@@ -237,10 +239,12 @@ class JobService:
         """The job resource of DESIGN.md."""
         output = job.output
         first_token_at = job.first_token_at
-        if output is None:
+        last: Chunk | None = None
+        if output is None:  # running, or too large to keep on the item: the log has it
             chunks = list(self._chunks.all(job.job_id))
             output = "".join(chunk.text for chunk in chunks)
             first_token_at = first_token_at or (chunks[0].created_at if chunks else None)
+            last = chunks[-1] if chunks else None
         links = {
             "self": f"/v1/jobs/{job.job_id}",
             "chunks": f"/v1/jobs/{job.job_id}/chunks",
@@ -254,7 +258,7 @@ class JobService:
                 "resolved": job.model_resolved,
                 "fallback_used": job.fallback_used,
             },
-            "progress": self.progress(job),
+            "progress": self.progress(job, last),
             "usage": job.usage.model_dump(),
             "cost_usd": job.cost_usd,
             "output": output,
@@ -277,12 +281,15 @@ class JobService:
                 suggestions=["Use after=<last sequence_id you hold>, limit<=1000, wait<=20"],
             )
         deadline = self._clock() + wait
+        interval = self._poll_interval
         while True:
             job = self.get(job_id)  # status first: a terminal job's chunks are all written before it
             found = self._chunks.after(job_id, after, limit)
             if found or job.terminal or self._clock() >= deadline:
                 break
-            self._sleep(self._poll_interval)
+            self._sleep(interval)
+            # A waiting client costs two reads a poll: poll fast while a chunk is likely soon, slower after.
+            interval = min(interval * 1.5, MAX_POLL_INTERVAL)
         next_after = found[-1].sequence_id if found else after
         return {
             "job_id": job_id,
