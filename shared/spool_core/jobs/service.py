@@ -33,7 +33,7 @@ MAX_KEY_LENGTH = 255
 MAX_WAIT_SECONDS = 20
 DEFAULT_CHUNK_LIMIT = 500
 MAX_CHUNK_LIMIT = 1000
-MAX_POLL_INTERVAL = 0.15
+MAX_POLL_INTERVAL = 0.1
 
 
 @dataclass(frozen=True)
@@ -288,7 +288,8 @@ class JobService:
             if found or job.terminal or self._clock() >= deadline:
                 break
             self._sleep(interval)
-            # A waiting client costs two reads a poll: poll fast while a chunk is likely soon, slower after.
+            # A waiting client costs two reads a poll: fast while a chunk is likely soon, then slower
+            # (bounded so the delivery delay stays within a flush interval plus 150 ms).
             interval = min(interval * 1.5, MAX_POLL_INTERVAL)
         next_after = found[-1].sequence_id if found else after
         return {
