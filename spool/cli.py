@@ -80,7 +80,10 @@ def _ask(args: argparse.Namespace) -> int:
     )
     job_id = job["job_id"]
     print(f"job {job_id} ({job['model']['resolved']})", file=sys.stderr, flush=True)
-    status = StatusLine(sys.stderr)
+    prices = {m["id"]: m["pricing"] for m in client.request("GET", "/v1/models")[2]["models"]}
+    pricing = prices.get(job["model"]["resolved"], {"input_per_mtok": 0.0, "output_per_mtok": 0.0})
+    input_estimate = max(0, job["usage"]["estimated_tokens"] - args.max_tokens)
+    status = StatusLine(sys.stderr, pricing, input_estimate)
     try:
         for text in client.stream(job_id):
             sys.stdout.write(text)
@@ -106,10 +109,13 @@ def _ask(args: argparse.Namespace) -> int:
 
 
 class StatusLine:
-    """tokens, tokens/s and elapsed time on one line of stderr while the answer streams on stdout."""
+    """Tokens, tokens/s and the cost so far (estimated from the model's prices until the provider
+    reports usage) on one line of the terminal while the answer streams on stdout."""
 
-    def __init__(self, stream: Any) -> None:
+    def __init__(self, stream: Any, pricing: dict[str, float], input_tokens: int) -> None:
         self._stream = stream
+        self._pricing = pricing
+        self._input_cost = input_tokens * pricing["input_per_mtok"] / 1e6
         self._started = time.monotonic()
         self._tokens = 0
         self._last = 0.0
@@ -119,7 +125,8 @@ class StatusLine:
         now = time.monotonic()
         if now - self._last >= 0.5 and self._stream.isatty():
             rate = self._tokens / max(0.001, now - self._started)
-            self._stream.write(f"\0337\r\033[K[{self._tokens} tokens, {rate:.0f} tok/s]\0338")
+            cost = self._input_cost + self._tokens * self._pricing["output_per_mtok"] / 1e6
+            self._stream.write(f"\0337\r\033[K[{self._tokens} tokens, {rate:.0f} tok/s, ~${cost:.5f}]\0338")
             self._stream.flush()
             self._last = now
 

@@ -196,6 +196,7 @@ def test_the_cli_streams_under_a_terminal_and_cancels_on_ctrl_c(
                 break
     assert process.poll() is None, output.decode(errors="replace")
     assert b"job job_" in output
+    assert b"~$" in output  # the status line carries the cost so far
     os.write(leader, b"\x03")  # Ctrl-C, as a person types it: the terminal sends SIGINT
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:  # keep reading: a full terminal buffer would block the CLI's writes
