@@ -1,14 +1,17 @@
 """WebSocket subscriptions: every chunk after ``after``, in order, then ``done``; no gap, no duplicate.
 
-Each subscription keeps the last sequence id sent to its connection. Whoever sends (the subscribe
-handler with the backlog, the fanout with live chunks) first advances that cursor with a conditional
-write and only then sends the range it claimed, so two senders never send the same chunk; any sender
-reads the log after the cursor, so a chunk the stream delivered out of order or too early is still
-sent, in order, by the next one.
+Each subscription keeps the last sequence id sent to its connection and a short sending lock. A
+sender (the subscribe handler with the backlog, the fanout with live chunks) takes the lock with a
+conditional write, sends everything in the log after the cursor, advances it, releases the lock and
+looks once more: so one sender at a time sends, in order, and a chunk that arrived while another
+held the lock is sent by that holder's second look or by the next event.
 """
 
 from __future__ import annotations
 
+import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -31,7 +34,15 @@ class SubscriptionStore(Protocol):
 
     def get(self, job_id: str, connection_id: str) -> Subscription | None: ...
 
-    def advance(self, job_id: str, connection_id: str, old: int, new: int) -> bool: ...
+    def lock(
+        self, job_id: str, connection_id: str, owner: str, now: float, until: float
+    ) -> Subscription | None:
+        """Take the sending lock if it is free (or expired); returns the subscription, or None."""
+
+    def unlock(self, job_id: str, connection_id: str, owner: str) -> None: ...
+
+    def advance(self, job_id: str, connection_id: str, owner: str, new: int) -> None:
+        """Move the cursor (only while holding the lock)."""
 
     def mark_done(self, job_id: str, connection_id: str) -> bool: ...
 
@@ -45,12 +56,22 @@ class Pusher(Protocol):
 
 class Fanout:
     def __init__(
-        self, jobs: JobStore, chunks: ChunkLog, subscriptions: SubscriptionStore, pusher: Pusher
+        self,
+        jobs: JobStore,
+        chunks: ChunkLog,
+        subscriptions: SubscriptionStore,
+        pusher: Pusher,
+        *,
+        clock: Callable[[], float] = time.time,
+        lock_seconds: float = 15.0,
     ) -> None:
         self._jobs = jobs
         self._chunks = chunks
         self._subscriptions = subscriptions
         self._pusher = pusher
+        self._clock = clock
+        self._lock_seconds = lock_seconds
+        self._owner = uuid.uuid4().hex
 
     def subscribe(self, job_id: str, connection_id: str, after: int) -> Job | None:
         job = self._jobs.get(job_id)
@@ -63,40 +84,47 @@ class Fanout:
     def deliver(self, job_id: str, *, only: str | None = None) -> None:
         """Send each subscriber of the job what it has not had yet, then ``done`` if the job ended."""
         subscriptions = [s for s in self._subscriptions.for_job(job_id) if only in (None, s.connection_id)]
-        if not subscriptions:
-            return  # one query per job without subscribers, nothing more
-        job = self._jobs.get(job_id)  # status first: a terminal job's chunks are all written before it
         for subscription in subscriptions:
-            self._catch_up(subscription, job)
+            for _ in range(2):  # the second look catches what arrived while the lock was held
+                if not self._send_pending(job_id, subscription.connection_id):
+                    break
 
-    def _catch_up(self, subscription: Subscription, job: Job | None) -> None:
-        job_id, connection = subscription.job_id, subscription.connection_id
-        cursor = subscription.last_sent
-        while True:
-            chunks = self._chunks.after(job_id, cursor, 100)
-            if not chunks:
-                break
-            claimed = chunks[-1].sequence_id
-            if not self._subscriptions.advance(job_id, connection, cursor, claimed):
-                current = self._subscriptions.get(job_id, connection)
-                if current is None:
-                    return
-                cursor = current.last_sent  # another sender took that range
-                continue
-            for chunk in chunks:
-                message = {
-                    "type": "chunk",
-                    "job_id": job_id,
-                    "sequence_id": chunk.sequence_id,
-                    "text": chunk.text,
-                }
-                if not self._pusher.send(connection, message):
-                    self._subscriptions.delete(job_id, connection)
-                    return
-            cursor = claimed
-        if job is not None and job.status in TERMINAL and self._subscriptions.mark_done(job_id, connection):
-            self._pusher.send(
-                connection,
-                {"type": "done", "job_id": job_id, "status": job.status, "usage": job.usage.model_dump()},
-            )
-            self._subscriptions.delete(job_id, connection)
+    def _send_pending(self, job_id: str, connection: str) -> bool:
+        """Under the subscription's lock, send the chunks after its cursor (and ``done`` after the last
+        one when the job has ended). Returns False when there is nothing more to do here."""
+        now = self._clock()
+        subscription = self._subscriptions.lock(
+            job_id, connection, self._owner, now, now + self._lock_seconds
+        )
+        if subscription is None:
+            return False  # another sender holds it; it looks again after releasing
+        try:
+            job = self._jobs.get(job_id)  # status first: a terminal job's chunks are all written before it
+            cursor = subscription.last_sent
+            while chunks := self._chunks.after(job_id, cursor, 100):
+                for chunk in chunks:
+                    message = {
+                        "type": "chunk",
+                        "job_id": job_id,
+                        "sequence_id": chunk.sequence_id,
+                        "text": chunk.text,
+                    }
+                    if not self._pusher.send(connection, message):
+                        self._subscriptions.delete(job_id, connection)
+                        return False
+                cursor = chunks[-1].sequence_id
+                self._subscriptions.advance(job_id, connection, self._owner, cursor)
+            if (
+                job is not None
+                and job.status in TERMINAL
+                and self._subscriptions.mark_done(job_id, connection)
+            ):
+                self._pusher.send(
+                    connection,
+                    {"type": "done", "job_id": job_id, "status": job.status, "usage": job.usage.model_dump()},
+                )
+                self._subscriptions.delete(job_id, connection)
+                return False
+        finally:
+            self._subscriptions.unlock(job_id, connection, self._owner)
+        return True

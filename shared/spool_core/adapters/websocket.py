@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from typing import TYPE_CHECKING, Any
@@ -81,26 +82,55 @@ class DynamoSubscriptionStore:
         item = self._table.get(JOB_KIND, job_id, sort=self._sort(connection_id))
         return self._subscription(item) if item else None
 
-    def advance(self, job_id: str, connection_id: str, old: int, new: int) -> bool:
-        return self._swap(job_id, connection_id, "last_sent", old, new)
+    def lock(
+        self, job_id: str, connection_id: str, owner: str, now: float, until: float
+    ) -> Subscription | None:
+        try:
+            item = self._table.update(
+                JOB_KIND,
+                job_id,
+                "SET sending_until = :until, sender = :owner",
+                sort=self._sort(connection_id),
+                condition=(
+                    "attribute_exists(pk) AND (attribute_not_exists(sending_until) OR sending_until < :now)"
+                ),
+                values={":until": until, ":owner": owner, ":now": now},
+            )
+        except ConditionFailed:
+            return None
+        return self._subscription(item)
+
+    def unlock(self, job_id: str, connection_id: str, owner: str) -> None:
+        # Conditional on still owning it: never re-creates a deleted subscription (UpdateItem upserts).
+        self._held(job_id, connection_id, owner, "SET sending_until = :value", 0)
+
+    def advance(self, job_id: str, connection_id: str, owner: str, new: int) -> None:
+        self._held(job_id, connection_id, owner, "SET last_sent = :value", new)
 
     def mark_done(self, job_id: str, connection_id: str) -> bool:
-        return self._swap(job_id, connection_id, "done_sent", False, True)
-
-    def _swap(self, job_id: str, connection_id: str, attribute: str, old: Any, new: Any) -> bool:
-        """Compare-and-set of one attribute of a subscription: True if this caller made the change."""
         try:
             self._table.update(
                 JOB_KIND,
                 job_id,
-                f"SET {attribute} = :new",
+                "SET done_sent = :yes",
                 sort=self._sort(connection_id),
-                condition=f"{attribute} = :old",
-                values={":old": old, ":new": new},
+                condition="done_sent = :no",
+                values={":yes": True, ":no": False},
             )
         except ConditionFailed:
             return False
         return True
+
+    def _held(self, job_id: str, connection_id: str, owner: str, expression: str, value: Any) -> None:
+        with contextlib.suppress(ConditionFailed):  # deleted meanwhile, or the lock expired and moved on
+            self._table.update(
+                JOB_KIND,
+                job_id,
+                expression,
+                sort=self._sort(connection_id),
+                condition="sender = :owner",
+                values={":value": value, ":owner": owner},
+            )
 
     def delete(self, job_id: str, connection_id: str) -> None:
         self._table.delete(JOB_KIND, job_id, sort=self._sort(connection_id))
