@@ -4,7 +4,8 @@ Each subscription keeps the last sequence id sent to its connection and a short 
 sender (the subscribe handler with the backlog, the fanout with live chunks) takes the lock with a
 conditional write, sends everything in the log after the cursor, advances it, releases the lock and
 looks once more: so one sender at a time sends, in order, and a chunk that arrived while another
-held the lock is sent by that holder's second look or by the next event.
+held the lock is sent by that holder's second look or, at worst, with the next event (the next chunk
+or the job's end).
 """
 
 from __future__ import annotations
