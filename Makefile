@@ -11,10 +11,11 @@ ENCODINGS := .cache/tiktoken
 export TIKTOKEN_CACHE_DIR := $(CURDIR)/$(ENCODINGS)
 export SAM_CLI_TELEMETRY := 0
 
-.PHONY: help dev test unit integration e2e lint bench validate build clean encodings venv
+.PHONY: help dev demo test unit integration e2e lint bench validate build clean encodings venv
 
 help:
 	@echo "make dev       run the embedded stack (moto + API Gateway emulator + worker) on 127.0.0.1:$${SPOOL_PORT:-8000}"
+	@echo "make demo      the one-command tour: stack, context, streamed answer, dropped and resumed"
 	@echo "make test      lint, type-check and run the unit, integration and end-to-end tests with coverage"
 	@echo "make bench     print the benchmarks"
 	@echo "make validate  sam validate --lint"
@@ -37,6 +38,9 @@ encodings: $(ENCODINGS)/.ready
 
 dev: venv encodings
 	$(BIN)/spool dev
+
+demo: venv encodings
+	$(BIN)/spool demo
 
 lint: venv
 	$(BIN)/ruff check .
