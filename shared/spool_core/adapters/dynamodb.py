@@ -63,6 +63,15 @@ def deserialize(item: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _plain(_deserializer.deserialize(v)) for k, v in item.items()}
 
 
+def _back_off(attempts: int, what: str) -> int:
+    """Wait before resending what a batch call left unprocessed (throttled); give up after 8 tries."""
+    attempts += 1
+    if attempts > 8:
+        raise RuntimeError(f"DynamoDB kept {what} unprocessed; retry later")
+    time.sleep(min(1.0, 0.05 * 2**attempts))
+    return attempts
+
+
 class ScopedTable:
     def __init__(self, client: DynamoDBClient, table_name: str, scope: TenantScope) -> None:
         self._client = client
@@ -119,10 +128,7 @@ class ScopedTable:
             left: Any = response.get("UnprocessedKeys") or {}
             unprocessed = left.get(self._table, {}).get("Keys", [])
             if unprocessed:
-                attempts += 1
-                if attempts > 8:
-                    raise RuntimeError("DynamoDB kept keys unprocessed; retry later")
-                time.sleep(min(1.0, 0.05 * 2**attempts))
+                attempts = _back_off(attempts, "keys")
                 pending.extend(unprocessed)
         return found
 
@@ -186,10 +192,7 @@ class ScopedTable:
             response = self._client.batch_write_item(RequestItems=request)
             left: Any = response.get("UnprocessedItems") or {}
             if left.get(self._table):
-                attempts += 1
-                if attempts > 8:
-                    raise RuntimeError("DynamoDB kept items unprocessed; retry later")
-                time.sleep(min(1.0, 0.05 * 2**attempts))
+                attempts = _back_off(attempts, "items")
                 pending.extend(left[self._table])
 
     def update(
