@@ -113,7 +113,6 @@ class EmbeddedStack:
         self._websocket: WebSocketGateway | None = None
         self._management: ManagementApiServer | None = None
         self._pollers: list[StreamPoller] = []
-        self.worker_restarts = 0
 
     @property
     def base_url(self) -> str:
@@ -249,7 +248,6 @@ class EmbeddedStack:
             for index, proc in enumerate(self._worker_procs):
                 if proc.poll() is not None and not self._stopping.is_set():
                     log.warning("worker process exited with %s; starting a new one", proc.returncode)
-                    self.worker_restarts += 1
                     self._worker_procs[index] = self._spawn_worker()
 
     def stop(self) -> None:

@@ -114,7 +114,6 @@ class SqsEvent:
     name: str
     queue: str  # logical id of the queue
     batch_size: int
-    batching_window_seconds: int
     report_batch_item_failures: bool
 
 
@@ -220,7 +219,6 @@ class Template:
                             event_name,
                             _ref_name(ep["Queue"]),
                             int(ep.get("BatchSize", 10)),
-                            int(ep.get("MaximumBatchingWindowInSeconds", 0)),
                             "ReportBatchItemFailures" in (ep.get("FunctionResponseTypes") or []),
                         )
                     )

@@ -60,7 +60,6 @@ class SqsEventSource:
         self._region = region
         self._poll_seconds = poll_seconds
         self._stop = threading.Event()
-        self.invocations = 0
 
     def stop(self) -> None:
         self._stop.set()
@@ -85,7 +84,6 @@ class SqsEventSource:
 
     def _process(self, messages: list[dict[str, Any]]) -> None:
         event = {"Records": [sqs_record(m, self._queue_arn, self._region) for m in messages]}
-        self.invocations += 1
         try:
             result = self._function.invoke(event)
         except Exception:

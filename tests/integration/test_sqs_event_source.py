@@ -37,9 +37,7 @@ def test_failed_messages_are_retried_then_dead_lettered(stack: StackDescription)
     for body in ("ok-1", "poison", "ok-2"):
         sqs.send_message(QueueUrl=queue, MessageBody=body)
     function = Recorder({"poison"})
-    event = SqsEvent(
-        "Jobs", "JobsQueue", batch_size=5, batching_window_seconds=0, report_batch_item_failures=True
-    )
+    event = SqsEvent("Jobs", "JobsQueue", batch_size=5, report_batch_item_failures=True)
     source = SqsEventSource(
         sqs,
         queue,

@@ -46,9 +46,7 @@ def message(n: int) -> dict[str, Any]:
 
 
 def source(sqs: FakeSqs, function: FakeFunction, report: bool = True) -> SqsEventSource:
-    event = SqsEvent(
-        "Jobs", "JobsQueue", batch_size=5, batching_window_seconds=0, report_batch_item_failures=report
-    )
+    event = SqsEvent("Jobs", "JobsQueue", batch_size=5, report_batch_item_failures=report)
     return SqsEventSource(sqs, "url", "arn:aws:sqs:us-east-1:1:q", function, event, region="us-east-1")  # type: ignore[arg-type]
 
 
