@@ -36,8 +36,10 @@ $(ENCODINGS)/.ready: scripts/fetch_encodings.py | $(BIN)/.installed
 
 encodings: $(ENCODINGS)/.ready
 
+# The local state (tables, objects, queued messages) is kept in .spool/state across a clean stop and
+# start; SPOOL_STATE_DIR= (empty) runs a throwaway stack.
 dev: venv encodings
-	$(BIN)/spool dev
+	SPOOL_STATE_DIR="$${SPOOL_STATE_DIR-$(CURDIR)/.spool/state}" $(BIN)/spool dev
 
 demo: venv encodings
 	$(BIN)/spool demo
@@ -73,4 +75,4 @@ bench: venv encodings
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) .cache .aws-sam .pytest_cache .mypy_cache .ruff_cache .coverage
+	rm -rf $(VENV) .cache .spool .aws-sam .pytest_cache .mypy_cache .ruff_cache .coverage

@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -18,27 +19,42 @@ from spool.devstack.template import parse_parameter_overrides
 
 
 def _dev(args: argparse.Namespace) -> int:
+    from spool.devstack.ports import PortInUse
     from spool.devstack.stack import EmbeddedStack
 
     stack = EmbeddedStack(
         port=args.port,
+        ws_port=args.ws_port,
         host=args.host,
         config_env=args.config_env,
         parameter_overrides=parse_parameter_overrides(args.parameter_overrides),
         workers=args.workers,
+        state_dir=Path(args.state_dir) if args.state_dir else None,
     )
     stopped = threading.Event()
+    starting = True
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stopped.set()
+        if starting:
+            raise KeyboardInterrupt  # abandon the start; start() stops what it began
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     print("spool: starting the embedded stack (moto server, API Gateway emulator, worker)...", flush=True)
-    stack.start()
     try:
+        stack.start()
+    except PortInUse as exc:
+        print(f"spool: cannot start: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("spool: stopped before it was ready", flush=True)
+        return 130
+    starting = False
+    try:
+        state = f" (state kept in {stack.state_dir})" if stack.state_dir else ""
         print(f"spool: AWS endpoint (moto)  {stack.moto.url}", flush=True)
-        print(f"spool: API base URL         {stack.base_url}", flush=True)
+        print(f"spool: API base URL         {stack.base_url}{state}", flush=True)
         print(f"spool: WebSocket URL        {stack.websocket_url}", flush=True)
         print(f"spool: dev API key          {stack.api_key}", flush=True)
         print(f"spool: try  curl -s {stack.base_url}/v1/health", flush=True)
@@ -51,6 +67,13 @@ def _dev(args: argparse.Namespace) -> int:
     finally:
         print("spool: stopping...", flush=True)
         stack.stop()
+        if stack.saved is not None:
+            saved = stack.saved
+            print(
+                f"spool: saved {saved['items']} items, {saved['objects']} objects and {saved['messages']}"
+                f" queued messages to {stack.state_dir}",
+                flush=True,
+            )
         print("spool: stopped", flush=True)
     return 0
 
@@ -139,13 +162,12 @@ class StatusLine:
 def _demo(args: argparse.Namespace) -> int:
     """The tour: a stack (started here unless --url is given), Spool's own source as context, an
     answer streamed over WebSocket, the connection dropped mid-answer and resumed, usage and cost."""
-    from spool.devstack.provision import free_port
     from spool.devstack.stack import PROJECT_ROOT, EmbeddedStack
 
     stack = None
     if not (args.url or os.environ.get("SPOOL_URL")):
         print("starting the embedded stack...", file=sys.stderr, flush=True)
-        stack = EmbeddedStack(port=free_port()).start()
+        stack = EmbeddedStack(port=0, ws_port=0).start()
         args.url, args.key = stack.base_url, stack.api_key
     try:
         client = _client(args)
@@ -259,7 +281,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("SPOOL_PARAMETER_OVERRIDES", ""),
         help="template parameters, as sam deploy takes them: 'Key=Value Key2=Value2'",
     )
+    dev.add_argument(
+        "--ws-port",
+        type=int,
+        default=int(os.environ["SPOOL_WS_PORT"]) if os.environ.get("SPOOL_WS_PORT") else None,
+        help="WebSocket port (SPOOL_WS_PORT; default: the API port + 1 if free, else any free port)",
+    )
     dev.add_argument("--workers", type=int, default=int(os.environ.get("SPOOL_WORKERS", "2")))
+    dev.add_argument(
+        "--state-dir",
+        default=os.environ.get("SPOOL_STATE_DIR") or None,
+        help="keep tables, objects and queued messages here across a clean stop and start"
+        " (SPOOL_STATE_DIR; default: nothing is kept)",
+    )
     dev.set_defaults(run=_dev)
 
     remote = argparse.ArgumentParser(add_help=False)
@@ -307,7 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="spool: %(message)s")  # the devstack's own loggers
+    # The devstack's own log: one line per request and per job transition (SPOOL_LOG_LEVEL=WARNING
+    # quiets it, DEBUG adds each Lambda invocation's REPORT line).
+    level = os.environ.get("SPOOL_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(
+        level=level if level in logging.getLevelNamesMapping() else "INFO",
+        format="spool: %(asctime)s.%(msecs)03d %(message)s",
+        datefmt="%H:%M:%S",
+    )
     logging.getLogger("botocore").setLevel(logging.WARNING)
     logging.getLogger("websockets").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)

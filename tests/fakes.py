@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
+from spool.devstack.runtime import HandlerError, InvocationError
 from spool_core.contexts.model import BlobInfo, ContextRecord, Manifest
 from spool_core.contexts.ports import ConcurrentUpdate
+
+
+class FakeFunction:
+    """A function of the local runtime, in-process: what the handler raises comes back as the
+    ``HandlerError`` a container would report."""
+
+    def __init__(self, behaviour: Callable[[Any], Any], timeout: int = 29) -> None:
+        self.behaviour = behaviour
+        self.events: list[dict[str, Any]] = []
+        self.spec = type("Spec", (), {"timeout": timeout})()
+
+    def invoke(self, event: dict[str, Any], timeout: float | None = None, wait: float = 30) -> Any:
+        self.events.append(event)
+        try:
+            return self.behaviour(event)
+        except InvocationError:
+            raise
+        except Exception as exc:
+            raise HandlerError({"errorType": type(exc).__name__, "errorMessage": str(exc)}) from exc
 
 
 class MemoryBlobStore:

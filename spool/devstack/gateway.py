@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import fnmatch
 import json
+import logging
 import re
+import socket
 import time
 import uuid
 from collections.abc import Mapping
@@ -22,8 +24,16 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from spool.devstack.provision import ACCOUNT_ID
-from spool.devstack.runtime import InvocationTimeout, LocalFunction
+from spool.devstack.runtime import (
+    HandlerError,
+    InvocationError,
+    InvocationThrottled,
+    InvocationTimeout,
+    LocalFunction,
+)
 from spool.devstack.template import Template
+
+log = logging.getLogger("devstack.gateway")
 
 MAX_REQUEST_BYTES = 10 * 1024 * 1024  # API Gateway's payload limit
 MAX_LAMBDA_PAYLOAD_BYTES = 6 * 1024 * 1024  # synchronous Lambda invocation limit
@@ -37,6 +47,7 @@ DEFAULT_STATUS = {
     "AUTHORIZER_CONFIGURATION_ERROR": 500,
     "INTEGRATION_FAILURE": 504,
     "INTEGRATION_TIMEOUT": 504,
+    "THROTTLED": 429,
     "DEFAULT_4XX": 400,
     "DEFAULT_5XX": 502,
 }
@@ -137,6 +148,7 @@ class RestApiEmulator:
         source_ip: str = "127.0.0.1",
     ) -> HttpResponse:
         request_id = str(uuid.uuid4())
+        deadline = time.monotonic() + INTEGRATION_TIMEOUT_SECONDS
         split = urlsplit(target)
         path = unquote(split.path) or "/"
         query = parse_qsl(split.query, keep_blank_values=True)
@@ -151,17 +163,21 @@ class RestApiEmulator:
             method, path, query, headers, body, route, path_params, request_id, source_ip
         )
         if route.authorized:
-            denied = self._authorize(event, route, method, path, request_id)
+            denied = self._authorize(event, method, path, request_id, deadline)
             if denied is not None:
                 return denied
         if _serialized_size(event) > MAX_LAMBDA_PAYLOAD_BYTES:
             return self.gateway_response("REQUEST_TOO_LARGE", request_id)
         function = self._functions[route.function]
+        remaining = max(0.001, deadline - time.monotonic())  # the integration timeout covers it all
         try:
-            result = function.invoke(event, timeout=min(function.spec.timeout, INTEGRATION_TIMEOUT_SECONDS))
+            result = function.invoke(event, timeout=min(function.spec.timeout, remaining), wait=remaining)
         except InvocationTimeout:
             return self.gateway_response("INTEGRATION_TIMEOUT", request_id)
-        except Exception:
+        except InvocationThrottled:
+            return self.gateway_response("THROTTLED", request_id)
+        except InvocationError as exc:  # the handler raised or its container died: a Lambda function error
+            log.error("%s %s: %s", method, path, exc)
             return self.gateway_response("DEFAULT_5XX", request_id)
         return self._proxy_response(result, request_id)
 
@@ -226,7 +242,7 @@ class RestApiEmulator:
         )
 
     def _authorize(
-        self, event: dict[str, Any], route: Route, method: str, path: str, request_id: str
+        self, event: dict[str, Any], method: str, path: str, request_id: str, deadline: float
     ) -> HttpResponse | None:
         assert self._authorizer is not None
         auth_event = {
@@ -250,10 +266,14 @@ class RestApiEmulator:
         }
         started = time.monotonic()
         try:
-            result = self._authorizer.invoke(auth_event)
-        except Exception as exc:
-            if str(exc) == "Unauthorized":
+            result = self._authorizer.invoke(auth_event, wait=max(0.001, deadline - time.monotonic()))
+        except HandlerError as exc:
+            if exc.payload.get("errorMessage") == "Unauthorized":
                 return self.gateway_response("UNAUTHORIZED", request_id)
+            log.error("authorizer: %s", exc)
+            return self.gateway_response("AUTHORIZER_FAILURE", request_id)
+        except InvocationError as exc:
+            log.error("authorizer: %s", exc)
             return self.gateway_response("AUTHORIZER_FAILURE", request_id)
         if not isinstance(result, dict) or "policyDocument" not in result:
             return self.gateway_response("AUTHORIZER_FAILURE", request_id)
@@ -342,10 +362,19 @@ class _RequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def _serve(self) -> None:
+        started = time.monotonic()
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         headers = {k: v for k, v in self.headers.items()}
         response = self.server.emulator.handle(self.command, self.path, headers, body, self.client_address[0])
+        log.info(
+            "%s %s %d %.0f ms %s",
+            self.command,
+            self.path,
+            response.status,
+            (time.monotonic() - started) * 1000,
+            response.headers.get("X-Request-Id") or response.headers.get("x-amzn-RequestId", ""),
+        )
         self.send_response(response.status)
         for name, value in response.headers.items():
             if name.lower() not in {"content-length", "connection", "transfer-encoding"}:
@@ -358,15 +387,17 @@ class _RequestHandler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _serve  # noqa: N815
 
     def log_message(self, format: str, *args: Any) -> None:
-        if self.server.access_log:
-            super().log_message(format, *args)
+        return None  # one line per request is logged by _serve, through logging
 
 
 class GatewayHttpServer(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128  # the listen backlog: bursts of concurrent clients must not be reset
+    """The HTTP side, serving a socket the stack has bound (and put in listen mode) itself."""
 
-    def __init__(self, address: tuple[str, int], emulator: RestApiEmulator, access_log: bool = False) -> None:
-        super().__init__(address, _RequestHandler)
+    daemon_threads = True
+
+    def __init__(self, sock: socket.socket, emulator: RestApiEmulator) -> None:
+        super().__init__(sock.getsockname(), _RequestHandler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = sock
+        self.server_address = sock.getsockname()
         self.emulator = emulator
-        self.access_log = access_log

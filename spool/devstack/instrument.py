@@ -16,7 +16,6 @@ class AwsCallCounter:
 
     def __init__(self, dump_to: Path | None = None) -> None:
         self.counts: Counter[str] = Counter()
-        self._by_thread: Counter[tuple[str, str]] = Counter()
         self._dump_to = dump_to
         self._lock = threading.Lock()
 
@@ -27,7 +26,6 @@ class AwsCallCounter:
 
         def counting(client: Any, operation_name: str, api_params: dict[str, object]) -> object:
             counter._record(f"{client.meta.service_model.service_name}.{operation_name}")
-            counter._by_thread[(threading.current_thread().name, client.meta.service_model.service_name)] += 1
             return original(client, operation_name, api_params)
 
         client_class._make_api_call = counting
@@ -38,22 +36,3 @@ class AwsCallCounter:
             self.counts[name] += 1
             if self._dump_to is not None:
                 self._dump_to.write_text(json.dumps(self.counts))
-
-    def by_threads(self, service: str, prefix: str) -> int:
-        """Calls to ``service`` made from threads whose name starts with ``prefix`` (one function's
-        invocations: the local runtime names its threads after the function)."""
-        with self._lock:
-            return sum(
-                n
-                for (thread, svc), n in self._by_thread.items()
-                if svc == service and thread.startswith(prefix)
-            )
-
-    def total(self, service: str, operations: tuple[str, ...] | None = None) -> int:
-        with self._lock:
-            return sum(
-                n
-                for name, n in self.counts.items()
-                if name.startswith(f"{service}.")
-                and (operations is None or name.split(".", 1)[1] in operations)
-            )

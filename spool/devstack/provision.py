@@ -4,7 +4,7 @@ it through moto's CloudFormation (never from a second hand-written list)."""
 from __future__ import annotations
 
 import json
-import socket
+import os
 import subprocess
 import sys
 import time
@@ -16,6 +16,7 @@ from typing import Any
 
 import boto3
 
+from spool.devstack.ports import listen
 from spool.devstack.template import (
     PSEUDO_ACCOUNT,
     PSEUDO_PARTITION,
@@ -38,19 +39,14 @@ CREDENTIALS = {
 }
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class MotoServer:
-    """moto's server in a child process: the real AWS wire protocol on 127.0.0.1."""
+    """moto's server in a child process (``spool.devstack.moto_server``): the real AWS wire protocol on
+    127.0.0.1, with DynamoDB requests serialized as AWS's are atomic."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.host = host
-        self.port = port or free_port(host)
+        self._requested_port = port
+        self.port = port
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -58,11 +54,20 @@ class MotoServer:
         return f"http://{self.host}:{self.port}"
 
     def start(self, timeout: float = 30.0) -> MotoServer:
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        sock = listen(self.host, self._requested_port, "SPOOL_MOTO_PORT" if self._requested_port else None)
+        self.port = sock.getsockname()[1]
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "spool.devstack.moto_server", str(sock.fileno())],
+                pass_fds=[sock.fileno()],
+                # moto is not Spool's code: keep a coverage run (which traces every process) out of it.
+                env={k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_")},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,  # the terminal's Ctrl-C is for `spool dev`, which stops it
+            )
+        finally:
+            sock.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
@@ -71,7 +76,7 @@ class MotoServer:
                 with urllib.request.urlopen(f"{self.url}/moto-api/", timeout=1):  # noqa: S310 - loopback
                     return self
             except OSError:
-                time.sleep(0.1)
+                time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"moto server did not start on {self.url} within {timeout:g}s")
 
@@ -79,7 +84,7 @@ class MotoServer:
         if self._process and self._process.poll() is None:
             self._process.terminate()
             try:
-                self._process.wait(timeout=5)
+                self._process.wait(timeout=3)
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait()
@@ -120,24 +125,49 @@ class StackDescription:
         }
 
     def function_environment(self, template: Template) -> dict[str, str]:
-        """The union of every function's resolved environment (Globals merged with its own).
-
-        The API functions run in one process, so they share one environment; a variable two
-        functions set differently is a template error here rather than a silent surprise.
-        """
-        resolver = self.resolver()
+        """The union of every function's resolved environment (Globals merged with its own), for code
+        the stack runs in its own process (registering the dev keys, benchmarks); a variable two
+        functions set differently is a template error here rather than a silent surprise."""
         merged: dict[str, str] = {}
-        for spec in template.functions().values():
-            for name, value in spec.environment.items():
-                resolved = str(resolver.resolve(value))
-                if merged.get(name, resolved) != resolved:
-                    raise TemplateError(f"{name} differs between functions; the local stack needs one value")
-                merged[name] = resolved
+        for name in template.functions():
+            for variable, value in self._resolved_variables(template, name).items():
+                if merged.get(variable, value) != value:
+                    raise TemplateError(
+                        f"{variable} differs between functions; the stack process needs one value"
+                    )
+                merged[variable] = value
         return merged
 
+    def _resolved_variables(self, template: Template, logical_id: str) -> dict[str, str]:
+        resolver = self.resolver()
+        spec = template.functions()[logical_id]
+        return {name: str(resolver.resolve(value)) for name, value in spec.environment.items()}
+
     def environment(self, template: Template) -> dict[str, str]:
-        """Everything a handler process needs: AWS endpoint, the functions' variables, local overrides."""
+        """Everything code in the stack's own process needs: AWS endpoint, the functions' variables,
+        local overrides."""
         return {**self.aws_environment(), **self.function_environment(template), **self.overrides}
+
+    def environment_for(self, template: Template, logical_id: str) -> dict[str, str]:
+        """One function's environment, as Lambda gives it to each of its containers: the runtime's
+        variables, the function's own (Globals merged in), and the local overrides."""
+        spec = template.functions()[logical_id]
+        runtime = {
+            "AWS_LAMBDA_FUNCTION_NAME": self.refs.get(logical_id, logical_id),
+            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(spec.memory_mb),
+            "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
+            "AWS_EXECUTION_ENV": "AWS_Lambda_python3.12",
+            "_HANDLER": spec.handler,
+            "LAMBDA_TASK_ROOT": str(Path(self.template_path).parent / spec.code_uri),
+            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            "LANG": "en_US.UTF-8",
+        }
+        return {
+            **runtime,
+            **self.aws_environment(),
+            **self._resolved_variables(template, logical_id),
+            **self.overrides,
+        }
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
@@ -147,7 +177,7 @@ class StackDescription:
         return cls(**json.loads(path.read_text()))
 
 
-def _client(service: str, endpoint_url: str, region: str) -> Any:
+def aws_client(service: str, endpoint_url: str, region: str) -> Any:
     return boto3.session.Session().client(  # type: ignore[call-overload]
         service,
         endpoint_url=endpoint_url,
@@ -175,7 +205,7 @@ def provision(
         "Parameters": template.body.get("Parameters", {}),
         "Resources": resources,
     }
-    cfn = _client("cloudformation", endpoint_url, region)
+    cfn = aws_client("cloudformation", endpoint_url, region)
     cfn.create_stack(
         StackName=stack_name,
         TemplateBody=json.dumps(body),
@@ -206,7 +236,7 @@ def _apply_what_moto_skips(description: StackDescription, resources: Mapping[str
     those from the same template through the service APIs, so local behaviour matches (TTL above all)."""
     resolver = description.resolver()
     endpoint, region = description.endpoint_url, description.region
-    ddb, s3 = _client("dynamodb", endpoint, region), _client("s3", endpoint, region)
+    ddb, s3 = aws_client("dynamodb", endpoint, region), aws_client("s3", endpoint, region)
     for name, resource in resources.items():
         props = resolver.resolve(resource.get("Properties", {}))
         if resource["Type"] == "AWS::DynamoDB::Table" and "TimeToLiveSpecification" in props:
@@ -248,7 +278,7 @@ def _describe_resources(
     description: StackDescription, resources: Mapping[str, Any], physical: Mapping[str, str]
 ) -> None:
     endpoint, region = description.endpoint_url, description.region
-    ddb, sqs = _client("dynamodb", endpoint, region), _client("sqs", endpoint, region)
+    ddb, sqs = aws_client("dynamodb", endpoint, region), aws_client("sqs", endpoint, region)
     for name, resource in resources.items():
         kind, ident = resource["Type"], physical[name]
         if kind == "AWS::DynamoDB::Table":

@@ -1,16 +1,36 @@
-"""Running a handler the way Lambda does: loaded from the template's CodeUri and Handler, one
-invocation per container at a time, a context object, and the function's timeout."""
+"""Lambda's execution model, locally.
+
+Each warm container of a function is its own OS process: it starts with the function's environment
+from the template, imports the handler once (the init phase), then receives one event at a time and
+sends back the result. A function keeps a pool of containers that grows on demand up to its
+concurrency limit and shrinks when containers stay idle. A timed-out invocation kills its container
+(as Lambda stops a sandbox), and so does a crash; neither touches the caller's process.
+
+Containers are forked from a fork server that has already imported the heavy third-party libraries
+(boto3, Powertools, pydantic, tiktoken), so a new container costs the import of Spool's own code and
+the handler (Lambda's init phase), not a whole interpreter start. Nothing of Spool is imported before
+the fork: module-level state (Powertools' logger and resolver, cached services) is each container's own.
+"""
 
 from __future__ import annotations
 
-import importlib.util
+import contextlib
 import itertools
+import json
+import logging
+import math
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
+import traceback
 import uuid
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,12 +38,58 @@ from typing import Any
 from spool.devstack.provision import ACCOUNT_ID
 from spool.devstack.template import FunctionSpec
 
-HandlerFn = Callable[[Any, Any], Any]
-_module_counter = itertools.count(1)
+log = logging.getLogger("devstack.lambda")
+DEFAULT_CONCURRENCY = 16  # per function, where the template reserves none
+DEFAULT_WAIT_SECONDS = 30.0  # how long a caller waits for a free container (no Lambda counterpart)
+# Before a cold start, wait a little for a warm container to come free (about one warm invocation's
+# duration, within these bounds): a burst on a 2-core machine is then served by a few warm
+# containers instead of paying a cold start per request (see docs/decisions.md).
+SCALE_UP_DELAY_BOUNDS = (0.05, 0.5)
+SCALE_UP_DELAY_DEFAULT = 0.25
+IDLE_SECONDS = 120.0  # an idle container is reaped after this long (the pool keeps its last one)
+# Imported once in the fork server, so each container starts warm on them. Only third-party code:
+# Spool's own modules build state at import (Powertools' logger) from the function's environment.
+PRELOAD = (
+    "boto3",
+    "botocore.session",
+    "botocore.client",
+    "pydantic",
+    "aws_lambda_powertools.event_handler",
+    "aws_lambda_powertools.logging",
+    "aws_lambda_powertools.metrics",
+    "aws_lambda_powertools.utilities.batch",
+    "aws_lambda_powertools.utilities.data_classes",
+    "tiktoken",
+    "openai",
+    "aws_xray_sdk.core",
+)
+ENCODINGS = ("cl100k_base", "o200k_base")  # tiktoken's, as Spool's token counts use them
+CALL_COUNTS_ENV = "SPOOL_DEVSTACK_CALL_COUNTS"  # benchmarks: each container counts its AWS calls here
+TRACEMALLOC_ENV = "SPOOL_DEVSTACK_TRACEMALLOC"  # benchmarks: report each invocation's peak allocation
 
 
-class InvocationTimeout(Exception):
+class InvocationError(Exception):
+    """The invocation did not return a result (Lambda's "function error" as the caller sees it)."""
+
+
+class InvocationTimeout(InvocationError):
     pass
+
+
+class InvocationCrashed(InvocationError):
+    """The container's process died during the invocation (an out-of-memory kill, ``os._exit``)."""
+
+
+class InvocationThrottled(InvocationError):
+    """Every container the function may have is busy for longer than the caller waits."""
+
+
+class HandlerError(InvocationError):
+    """The handler raised: Lambda's ``errorType``/``errorMessage``/``stackTrace``."""
+
+    def __init__(self, payload: Mapping[str, Any]) -> None:
+        super().__init__(f"{payload.get('errorType')}: {payload.get('errorMessage')}")
+        self.payload = dict(payload)
 
 
 @dataclass
@@ -33,7 +99,7 @@ class LambdaContext:
     function_name: str
     memory_limit_in_mb: int
     invoked_function_arn: str
-    timeout_seconds: int
+    timeout_seconds: float
     aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     function_version: str = "$LATEST"
     log_group_name: str = ""
@@ -48,69 +114,510 @@ class LambdaContext:
         return max(0, int((self.timeout_seconds - elapsed) * 1000))
 
 
-def load_handler(spec: FunctionSpec, root: Path) -> HandlerFn:
-    """A fresh copy of the handler module: each local 'container' has its own module state."""
-    path = root / spec.module_file
-    module_name = f"_spool_local_{spec.logical_id}_{next(_module_counter)}"
-    module_spec = importlib.util.spec_from_file_location(module_name, path)
-    if module_spec is None or module_spec.loader is None:
-        raise ImportError(f"cannot load {path} for {spec.logical_id}")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    handler: HandlerFn = getattr(module, spec.function_name)
+@dataclass(frozen=True)
+class Report:
+    """What Lambda's ``REPORT`` log line says about one invocation."""
+
+    function: str
+    request_id: str
+    duration_ms: float
+    memory_mb: int
+    max_memory_used_mb: int
+    init_duration_ms: float | None = None  # set on a container's first invocation (a cold start)
+    outcome: str = "result"  # result | error | timeout | crash
+    peak_allocation_bytes: int | None = None  # with TRACEMALLOC_ENV (benchmarks)
+
+    def line(self) -> str:
+        billed = max(1, math.ceil(self.duration_ms))
+        text = (
+            f"REPORT RequestId: {self.request_id}\tFunction: {self.function}\t"
+            f"Duration: {self.duration_ms:.2f} ms\tBilled Duration: {billed} ms\t"
+            f"Memory Size: {self.memory_mb} MB\tMax Memory Used: {self.max_memory_used_mb} MB"
+        )
+        if self.init_duration_ms is not None:
+            text += f"\tInit Duration: {self.init_duration_ms:.2f} ms"
+        if self.outcome != "result":
+            text += f"\tStatus: {self.outcome}"
+        return text
+
+
+# ---------------------------------------------------------------------------------------- the container
+def _exit_with_parent() -> None:
+    """End this process when its parent (the fork server) ends: after a SIGKILL of the stack, the fork
+    server sees its control socket close and exits, and its containers follow."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _load_handler(spec: FunctionSpec, root: str) -> Callable[[Any, Any], Any]:
+    """Import the handler the way Lambda does: the function's code directory first on ``sys.path``."""
+    import importlib
+
+    sys.path.insert(0, str(Path(root) / spec.code_uri))
+    module_name = spec.handler.rpartition(".")[0]
+    module = importlib.import_module(module_name)
+    handler: Callable[[Any, Any], Any] = getattr(module, spec.function_name)
     return handler
 
 
+def _max_rss_mb() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def send_frame(sock: socket.socket, message: Any) -> None:
+    """One message on a container's channel: 8-byte length, then JSON (Lambda's payloads are JSON)."""
+    data = json.dumps(message, separators=(",", ":")).encode()
+    sock.sendall(len(data).to_bytes(8, "big") + data)
+
+
+def recv_frame(sock: socket.socket) -> Any:
+    """The next message; ``EOFError`` when the other side has gone."""
+    header = _recv_exactly(sock, 8)
+    return json.loads(_recv_exactly(sock, int.from_bytes(header, "big")))
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    parts, left = [], size
+    while left:
+        part = sock.recv(min(left, 1 << 20))
+        if not part:
+            raise EOFError("channel closed")
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
+
+
+def container_main(
+    channel: socket.socket, spec: FunctionSpec, environment: dict[str, str], root: str
+) -> None:
+    """One execution environment: init, then one invocation at a time until the pool closes it."""
+    os.setsid()  # the terminal's Ctrl-C goes to `spool dev`, which stops its containers itself
+    _exit_with_parent()
+    os.environ.clear()
+    os.environ.update(environment)
+    if environment.get(CALL_COUNTS_ENV):
+        from spool.devstack.instrument import AwsCallCounter
+
+        dump = Path(environment[CALL_COUNTS_ENV]) / f"{spec.logical_id}-{os.getpid()}.json"
+        AwsCallCounter(dump).install()
+    tracing = bool(environment.get(TRACEMALLOC_ENV))
+    started = time.perf_counter()
+    try:
+        handler = _load_handler(spec, root)
+    except BaseException as exc:  # an init error fails every invocation of this container, as on Lambda
+        send_frame(channel, {"kind": "init_error", "error": _error_payload(exc)})
+        return
+    send_frame(channel, {"kind": "ready", "init_ms": (time.perf_counter() - started) * 1000})
+    while True:
+        try:
+            message = recv_frame(channel)
+        except (EOFError, OSError):
+            return
+        if message["kind"] == "stop":
+            return
+        context = LambdaContext(**message["context"])
+        send_frame(channel, _invoke(handler, message["event"], context, tracing))
+
+
+def _invoke(
+    handler: Callable[[Any, Any], Any], event: Any, context: LambdaContext, tracing: bool
+) -> dict[str, Any]:
+    import tracemalloc
+
+    if tracing:
+        tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        answer: dict[str, Any] = {"kind": "result", "result": handler(event, context)}
+        json.dumps(answer)  # Lambda serializes the result; an unserializable one is a function error
+    except Exception as exc:
+        answer = {"kind": "error", "error": _error_payload(exc)}
+    answer["stats"] = {"duration_ms": (time.perf_counter() - started) * 1000, "max_rss_mb": _max_rss_mb()}
+    if tracing:
+        answer["stats"]["peak_allocation_bytes"] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return answer
+
+
+def _error_payload(exc: BaseException) -> dict[str, Any]:
+    return {
+        "errorMessage": str(exc),
+        "errorType": type(exc).__name__,
+        "stackTrace": traceback.format_exception(exc),
+    }
+
+
+class ForkServer:
+    """The process containers are forked from (``python -m spool.devstack.zygote``): it has imported
+    the third-party libraries once, and forks one child per container on request."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._control: socket.socket | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start the fork server now (its imports take a while) rather than at the first container."""
+        with self._lock:
+            self._ensure()
+
+    def _ensure(self) -> socket.socket:
+        if self._control is not None and self._process is not None and self._process.poll() is None:
+            return self._control
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "spool.devstack.zygote", str(theirs.fileno()), *PRELOAD],
+            pass_fds=[theirs.fileno()],
+            env={**os.environ, "SPOOL_DEVSTACK_ENCODINGS": ",".join(ENCODINGS)},
+            start_new_session=True,  # the terminal's Ctrl-C is for `spool dev` alone
+        )
+        theirs.close()
+        if ours.recv(16) != b"ready":
+            raise InvocationCrashed("the fork server did not start")
+        self._control = ours
+        return ours
+
+    def spawn(
+        self, spec: FunctionSpec, environment: Mapping[str, str], root: Path
+    ) -> tuple[int, socket.socket]:
+        """A new container process; returns its pid and our end of its channel."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        request = json.dumps(
+            {"spec": _spec_data(spec), "environment": dict(environment), "root": str(root)}
+        ).encode()
+        try:
+            with self._lock:
+                control = self._ensure()
+                socket.send_fds(control, [request], [theirs.fileno()])
+                reply = control.recv(1024)
+        finally:
+            theirs.close()
+        if not reply:
+            ours.close()
+            raise InvocationCrashed("the fork server exited")
+        return int(json.loads(reply)["pid"]), ours
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._control is not None:
+                self._control.close()
+                self._control = None
+            if self._process is not None:
+                try:
+                    self._process.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    self._process.kill()
+                    self._process.wait()
+                self._process = None
+
+
+def _spec_data(spec: FunctionSpec) -> dict[str, Any]:
+    return {
+        "logical_id": spec.logical_id,
+        "code_uri": spec.code_uri,
+        "handler": spec.handler,
+        "timeout": spec.timeout,
+        "memory_mb": spec.memory_mb,
+        "environment": {},
+    }
+
+
+FORK_SERVER = ForkServer()
+
+
+class Container:
+    """The caller's handle on one container process."""
+
+    def __init__(self, spec: FunctionSpec, environment: Mapping[str, str], root: Path, number: int) -> None:
+        self.pid, self._channel = FORK_SERVER.spawn(spec, environment, root)
+        self.number = number
+        self.init_duration_ms: float | None = None
+        self._fresh = True
+        self.last_used = time.monotonic()
+
+    def _receive(self, timeout: float) -> Any:
+        self._channel.settimeout(timeout)
+        try:
+            return recv_frame(self._channel)
+        except TimeoutError:
+            self.kill()
+            raise InvocationTimeout(f"no answer within {timeout:g}s") from None
+        except (EOFError, OSError):
+            self.kill()
+            raise InvocationCrashed("the container's process exited") from None
+
+    def wait_ready(self, timeout: float) -> float:
+        """Wait for the init phase; returns its duration in ms."""
+        message = self._receive(timeout)
+        if message["kind"] == "init_error":
+            self.kill()
+            raise HandlerError(message["error"])
+        self.init_duration_ms = float(message["init_ms"])
+        return self.init_duration_ms
+
+    def invoke(self, event: Any, context: LambdaContext, timeout: float) -> dict[str, Any]:
+        context_data = {
+            "function_name": context.function_name,
+            "memory_limit_in_mb": context.memory_limit_in_mb,
+            "invoked_function_arn": context.invoked_function_arn,
+            "timeout_seconds": context.timeout_seconds,
+            "aws_request_id": context.aws_request_id,
+        }
+        try:
+            send_frame(self._channel, {"kind": "invoke", "event": event, "context": context_data})
+        except OSError:
+            self.kill()
+            raise InvocationCrashed("the container's process exited") from None
+        answer: dict[str, Any] = self._receive(timeout)
+        self.last_used = time.monotonic()
+        return answer
+
+    def first_use(self) -> bool:
+        fresh, self._fresh = self._fresh, False
+        return fresh
+
+    def stop(self) -> None:
+        """Ask the container to end: it returns from its loop and exits through the interpreter (so a
+        coverage run measuring it saves its data)."""
+        with contextlib.suppress(OSError):
+            send_frame(self._channel, {"kind": "stop"})
+
+    def wait_exit(self, deadline: float) -> None:
+        """Wait for the process to end (the fork server reaps it), then make sure it has."""
+        while time.monotonic() < deadline:
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.01)
+        self.kill()
+
+    def close(self, timeout: float = 2.0) -> None:
+        self.stop()
+        self.wait_exit(time.monotonic() + timeout)
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError):
+            os.kill(self.pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            self._channel.close()
+
+
+# ---------------------------------------------------------------------------------------- the pool
 class LocalFunction:
-    """A function with a pool of warm containers; concurrent invocations use different containers."""
+    """A function: a pool of containers, one invocation per container at a time."""
 
     def __init__(
-        self, spec: FunctionSpec, root: Path, *, region: str, name: str, max_concurrency: int = 16
+        self,
+        spec: FunctionSpec,
+        root: Path,
+        *,
+        region: str,
+        name: str,
+        environment: Mapping[str, str],
+        max_concurrency: int | None = None,
+        idle_seconds: float = IDLE_SECONDS,
+        scale_up_delay: float | None = None,
     ) -> None:
         self.spec = spec
         self._root = root
         self._region = region
         self._name = name
-        self._idle: list[HandlerFn] = []
-        self._lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix=spec.logical_id)
+        self._environment = dict(environment)
+        self.max_concurrency = max_concurrency or spec.reserved_concurrency or DEFAULT_CONCURRENCY
+        self._idle_seconds = idle_seconds
+        self._scale_up_delay = scale_up_delay
+        self._idle: list[Container] = []
+        self._busy: set[Container] = set()
+        self._live = 0
+        self._numbers = itertools.count(1)
+        self._changed = threading.Condition()
+        self._closed = False
+        self.reports: deque[Report] = deque(maxlen=2000)
+        self.init_durations: deque[float] = deque(maxlen=2000)  # of every container started
+
+    @property
+    def name(self) -> str:
+        return self._name
 
     @property
     def arn(self) -> str:
         return f"arn:aws:lambda:{self._region}:{ACCOUNT_ID}:function:{self._name}"
 
-    def _acquire(self) -> HandlerFn:
-        with self._lock:
-            if self._idle:
-                return self._idle.pop()
-        return load_handler(self.spec, self._root)
+    @property
+    def containers(self) -> int:
+        with self._changed:
+            return self._live
 
-    def _release(self, handler: HandlerFn) -> None:
-        with self._lock:
-            self._idle.append(handler)
+    def context(self, timeout: float) -> LambdaContext:
+        return LambdaContext(self._name, self.spec.memory_mb, self.arn, timeout)
 
-    def context(self) -> LambdaContext:
-        return LambdaContext(self._name, self.spec.memory_mb, self.arn, self.spec.timeout)
+    # ------------------------------------------------------------------ containers
+    def _patience(self) -> float:
+        """How long to wait for a warm container before starting a new one."""
+        if self._scale_up_delay is not None:
+            return self._scale_up_delay
+        warm = sorted(r.duration_ms for r in list(self.reports)[-50:] if r.init_duration_ms is None)
+        if not warm:
+            return SCALE_UP_DELAY_DEFAULT
+        low, high = SCALE_UP_DELAY_BOUNDS
+        return min(high, max(low, warm[len(warm) // 2] / 1000))
 
-    def invoke(self, event: Any, timeout: float | None = None) -> Any:
-        """Run the handler in a container; raise ``InvocationTimeout`` past the function's timeout.
-
-        A timed-out container is discarded, as Lambda discards a sandbox it had to stop.
-        """
-        handler = self._acquire()
-        context = self.context()
-        future = self._executor.submit(handler, event, context)
+    def _acquire(self, deadline: float) -> Container:
+        """An idle container, else a new one (after a short wait for an idle one), else wait."""
+        patience = time.monotonic() + self._patience()
+        with self._changed:
+            while True:
+                if self._closed:
+                    raise InvocationError(f"{self.spec.logical_id} is shut down")
+                if self._idle:
+                    container = self._idle.pop()  # the most recently used: warm, as Lambda reuses
+                    self._busy.add(container)
+                    return container
+                now = time.monotonic()
+                room = self._live < self.max_concurrency
+                if room and now >= patience:
+                    self._live += 1
+                    break
+                if now >= deadline:
+                    raise InvocationThrottled(
+                        f"{self.spec.logical_id}: all {self.max_concurrency} containers are busy"
+                    )
+                self._changed.wait(min(patience if room else deadline, deadline) - now)
         try:
-            result = future.result(timeout=timeout or self.spec.timeout)
-        except FutureTimeout:
-            raise InvocationTimeout(
-                f"{self.spec.logical_id} timed out after {timeout or self.spec.timeout}s"
-            ) from None
+            container = self._start_container(deadline)
         except BaseException:
-            self._release(handler)
+            self._forget()
             raise
-        self._release(handler)
-        return result
+        with self._changed:
+            self._busy.add(container)
+        return container
+
+    def _start_container(self, deadline: float) -> Container:
+        container = Container(self.spec, self._environment, self._root, next(self._numbers))
+        try:
+            self.init_durations.append(container.wait_ready(max(1.0, deadline - time.monotonic())))
+        except BaseException:
+            container.kill()
+            raise
+        return container
+
+    def _release(self, container: Container) -> None:
+        with self._changed:
+            self._busy.discard(container)
+            if self._closed:
+                container.close()
+                return
+            self._idle.append(container)
+            self._changed.notify()
+
+    def _discard(self, container: Container) -> None:
+        container.kill()
+        with self._changed:
+            self._busy.discard(container)
+        self._forget()
+
+    def _forget(self) -> None:
+        with self._changed:
+            self._live -= 1
+            self._changed.notify()
+
+    def warm(self, count: int = 1) -> None:
+        """Start containers ahead of the first invocation (so it is not a cold start)."""
+        started = []
+        for _ in range(count):
+            with self._changed:
+                if self._live >= self.max_concurrency or self._closed:
+                    break
+                self._live += 1
+            try:
+                started.append(self._start_container(time.monotonic() + 60))
+            except BaseException:
+                self._forget()
+                raise
+        for container in started:
+            self._release(container)
+
+    def reap(self, keep: int = 1) -> int:
+        """Close containers idle for longer than the idle limit, keeping ``keep`` warm; returns how many."""
+        now = time.monotonic()
+        with self._changed:
+            stale = [c for c in self._idle if now - c.last_used > self._idle_seconds]
+            stale = stale[: max(0, len(self._idle) - keep)]
+            for container in stale:
+                self._idle.remove(container)
+                self._live -= 1
+        for container in stale:
+            container.close()
+        return len(stale)
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Close every container; busy ones are killed (their invocations fail)."""
+        with self._changed:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._changed.notify_all()
+        for container in idle:
+            container.stop()
+        deadline = time.monotonic() + 2.0
+        for container in idle:
+            container.wait_exit(deadline)
+        self._kill_busy()
+
+    def _kill_busy(self) -> None:
+        with self._changed:
+            busy = list(self._busy)
+        for container in busy:
+            container.kill()
+
+    # ------------------------------------------------------------------ invoke
+    def invoke(self, event: Any, timeout: float | None = None, wait: float = DEFAULT_WAIT_SECONDS) -> Any:
+        """Run the handler in a container and return its result. Raises ``HandlerError`` when the
+        handler raised, ``InvocationTimeout`` past ``timeout`` (default: the function's; the container
+        is killed), ``InvocationCrashed`` when the container died, ``InvocationThrottled`` when no
+        container became free within ``wait`` seconds. As on Lambda, a cold start's init and the wait
+        for a container are not part of the timeout."""
+        limit = float(timeout or self.spec.timeout)
+        container = self._acquire(time.monotonic() + wait)
+        context = self.context(limit)
+        cold = container.first_use()
+        started = time.monotonic()
+        outcome, stats = "crash", {"duration_ms": 0.0, "max_rss_mb": 0}
+        try:
+            answer = container.invoke(event, context, limit)
+            outcome, stats = answer["kind"], answer["stats"]
+        except InvocationError as exc:
+            stats["duration_ms"] = (time.monotonic() - started) * 1000
+            self._discard(container)
+            if isinstance(exc, InvocationTimeout):
+                outcome = "timeout"
+                raise InvocationTimeout(f"{self.spec.logical_id} timed out after {limit:g}s") from None
+            raise InvocationCrashed(f"{self.spec.logical_id}: {exc}") from None
+        finally:
+            self._report(context, container, cold, outcome, stats)
+        self._release(container)
+        if answer["kind"] == "error":
+            raise HandlerError(answer["error"])
+        return answer["result"]
+
+    def _report(
+        self, context: LambdaContext, container: Container, cold: bool, outcome: str, stats: dict[str, Any]
+    ) -> None:
+        report = Report(
+            function=self.spec.logical_id,
+            request_id=context.aws_request_id,
+            duration_ms=float(stats["duration_ms"]),
+            memory_mb=self.spec.memory_mb,
+            max_memory_used_mb=int(stats["max_rss_mb"]),
+            init_duration_ms=container.init_duration_ms if cold else None,
+            outcome=outcome,
+            peak_allocation_bytes=stats.get("peak_allocation_bytes"),
+        )
+        self.reports.append(report)
+        log.debug("%s", report.line())

@@ -1,35 +1,40 @@
-"""The embedded stack as one object: start it, use ``base_url``, stop it."""
+"""The embedded stack as one object: start it, use ``base_url``, stop it.
+
+Start order: bind every port (a busy one fails at once), start moto, provision the template's
+resources, restore the local state, start each function's first container, then serve. Stop runs
+the other way, and saves the local state once nothing runs any more.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-import subprocess
-import sys
-import tempfile
+import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import boto3
-
 from spool.devstack.gateway import GatewayHttpServer, RestApiEmulator
-from spool.devstack.provision import MotoServer, StackDescription, free_port, provision
-from spool.devstack.runtime import LocalFunction
-from spool.devstack.streams import StreamPoller
+from spool.devstack.ports import PortInUse, listen
+from spool.devstack.provision import MotoServer, StackDescription, aws_client, provision
+from spool.devstack.runtime import FORK_SERVER, LocalFunction
+from spool.devstack.state import LocalState
+from spool.devstack.streams import JobTransitions, StreamPoller
 from spool.devstack.template import Template, samconfig_parameters
 from spool.devstack.websocket import ManagementApiServer, WebSocketGateway
+from spool.devstack.worker_loop import SqsEventSource
 
-log = logging.getLogger("devstack")
+log = logging.getLogger("devstack.stack")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DEV_KEYS = "sk-local-dev:local"
 API_LOGICAL_ID = "SpoolApi"
 # Variables from the caller's environment that reach the handlers (Spool's knobs, Powertools' own).
 PASSTHROUGH_PREFIXES = ("SPOOL_", "POWERTOOLS_")
+REAP_INTERVAL_SECONDS = 10.0
 
 
 def parse_dev_keys(text: str) -> dict[str, str]:
@@ -88,31 +93,38 @@ class EmbeddedStack:
         template_path: Path = PROJECT_ROOT / "template.yaml",
         host: str = "127.0.0.1",
         port: int = 8000,
+        ws_port: int | None = None,
         config_env: str = "local",
         parameter_overrides: Mapping[str, str] | None = None,
         dev_keys: str | None = None,
         workers: int = 2,
-        moto_port: int | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         self.template = Template.load(template_path)
         self.host = host
         self.port = port
+        self._ws_port = ws_port
         self.dev_keys = parse_dev_keys(dev_keys or os.environ.get("SPOOL_DEV_KEYS") or DEFAULT_DEV_KEYS)
         stack_name, overrides = samconfig_parameters(self.template.root / "samconfig.toml", config_env)
         self.stack_name = stack_name or "spool-local"
         self.overrides = {**overrides, **(parameter_overrides or {})}
         self.workers = workers
-        self.moto = MotoServer(host, moto_port)
+        self.state_dir = state_dir
+        self.moto = MotoServer(host)
         self.description: StackDescription | None = None
+        self.functions: dict[str, LocalFunction] = {}
+        self._api_socket: socket.socket | None = None
+        self._ws_socket: socket.socket | None = None
         self._server: GatewayHttpServer | None = None
-        self._functions: dict[str, LocalFunction] = {}
-        self._worker_procs: list[subprocess.Popen[bytes]] = []
-        self._stopping = threading.Event()
-        self._state_dir = tempfile.TemporaryDirectory(prefix="spool-dev-")
-        self._supervisor: threading.Thread | None = None
         self._websocket: WebSocketGateway | None = None
         self._management: ManagementApiServer | None = None
         self._pollers: list[StreamPoller] = []
+        self._sources: list[SqsEventSource] = []
+        self._threads: list[threading.Thread] = []
+        self._served: list[Callable[[], None]] = []  # how to stop each server that was started
+        self._stopping = threading.Event()
+        self.restored: dict[str, int] | None = None
+        self.saved: dict[str, int] | None = None
 
     @property
     def base_url(self) -> str:
@@ -123,24 +135,41 @@ class EmbeddedStack:
         return next(iter(self.dev_keys))
 
     @property
-    def state_path(self) -> Path:
-        return Path(self._state_dir.name) / "stack.json"
+    def websocket_url(self) -> str:
+        return self._websocket.url if self._websocket else ""
 
+    # ------------------------------------------------------------------ start
     def start(self) -> EmbeddedStack:
-        self.moto.start()
         try:
+            self._bind()
+            preload = threading.Thread(target=FORK_SERVER.start, name="fork-server", daemon=True)
+            preload.start()  # its imports overlap with moto's start and the provisioning
+            self.moto.start()
             self._start()
         except BaseException:
-            self.stop()
+            self.stop(save=False)
             raise
         return self
 
+    def _bind(self) -> None:
+        """Every listening port first: a busy one ends the start before anything runs."""
+        self._api_socket = listen(self.host, self.port, "SPOOL_PORT")
+        self.port = self._api_socket.getsockname()[1]
+        if self._ws_port is not None:
+            self._ws_socket = listen(self.host, self._ws_port, "SPOOL_WS_PORT")
+        else:  # next to the API port if it is free, any free port otherwise
+            try:
+                self._ws_socket = listen(self.host, self.port + 1)
+            except (PortInUse, OverflowError):
+                self._ws_socket = listen(self.host, 0)
+
     def _start(self) -> None:
+        assert self._api_socket is not None and self._ws_socket is not None
         description = provision(
             self.template, self.moto.url, stack_name=self.stack_name, overrides=self.overrides
         )
         stage = description.parameters.get("StageName", "prod")
-        self._websocket = WebSocketGateway({}, host=self.host, port=self._ws_port(), stage=stage)
+        self._websocket = WebSocketGateway({}, self._ws_socket, stage=stage)
         self._management = ManagementApiServer(self._websocket, self.host)
         management_url = f"http://{self.host}:{self._management.server_address[1]}/{stage}"
         description.overrides = {
@@ -148,66 +177,122 @@ class EmbeddedStack:
             "SPOOL_WEBSOCKET_URL": self._websocket.url,
             "SPOOL_WEBSOCKET_MANAGEMENT_URL": management_url,
         }
-        description.save(self.state_path)
         self.description = description
         os.environ.update(description.environment(self.template))
-        self._seed_keys()
-
-        resolver = description.resolver()
-        ws_functions = set(self.template.websocket_routes().values())
-        for name, spec in self.template.functions().items():
-            if spec.api_events or spec.stream_events or name in ws_functions or name == self._authorizer_id():
-                self._functions[name] = LocalFunction(
-                    spec, self.template.root, region=description.region, name=resolver.ref(name)
+        if self.state_dir is not None:
+            self.restored = LocalState(self.state_dir, self.template, description).restore()
+            if self.restored:
+                log.info(
+                    "restored local state from %s: %d items, %d objects, %d messages",
+                    self.state_dir,
+                    *self.restored.values(),
                 )
+        self._seed_keys()
+        self._create_functions(description)
+        self._warm()
+
         emulator = RestApiEmulator(
-            self.template,
-            API_LOGICAL_ID,
-            self._functions,
-            region=description.region,
-            stage=description.parameters.get("StageName", "prod"),
+            self.template, API_LOGICAL_ID, self.functions, region=description.region, stage=stage
         )
-        self._server = GatewayHttpServer((self.host, self.port), emulator)
-        self.port = self._server.server_address[1]
-        threading.Thread(target=self._server.serve_forever, name="api-gateway", daemon=True).start()
-        self._start_websocket(description)
-        for _ in range(self.workers):
-            self._worker_procs.append(self._spawn_worker())
-        self._supervisor = threading.Thread(target=self._supervise, name="worker-supervisor", daemon=True)
-        self._supervisor.start()
-
-    def _ws_port(self) -> int:
-        configured = os.environ.get("SPOOL_WS_PORT")
-        if configured:
-            return int(configured)
-        return self.port + 1 if self.port else free_port(self.host)
-
-    @property
-    def websocket_url(self) -> str:
-        return self._websocket.url if self._websocket else ""
-
-    def _start_websocket(self, description: StackDescription) -> None:
-        """The WebSocket API, its @connections endpoint, and the stream pollers feeding the fanout."""
-        assert self._websocket is not None and self._management is not None
+        self._server = GatewayHttpServer(self._api_socket, emulator)
+        self._serve("api-gateway", self._server.serve_forever, self._server.shutdown)
         self._websocket._routes = {
-            route: self._functions[name] for route, name in self.template.websocket_routes().items()
+            route: self.functions[name] for route, name in self.template.websocket_routes().items()
         }
         self._websocket.start()
-        threading.Thread(target=self._management.serve_forever, name="ws-management", daemon=True).start()
-        streams = boto3.session.Session().client(
-            "dynamodbstreams", endpoint_url=description.endpoint_url, region_name=description.region
+        self._served.append(self._websocket.stop)
+        self._serve("ws-management", self._management.serve_forever, self._management.shutdown)
+        self._start_pollers(description)
+        self._start_sources(description)
+        self._spawn("reaper", self._reap)
+
+    def _create_functions(self, description: StackDescription) -> None:
+        resolver = description.resolver()
+        for name, spec in self.template.functions().items():
+            concurrency = self.workers if spec.sqs_events else None
+            self.functions[name] = LocalFunction(
+                spec,
+                self.template.root,
+                region=description.region,
+                name=resolver.ref(name),
+                environment=description.environment_for(self.template, name),
+                max_concurrency=concurrency,
+            )
+
+    def function_variant(self, name: str, environment: Mapping[str, str]) -> LocalFunction:
+        """The function ``name`` configured with some variables changed (its own containers), e.g. to
+        measure one invocation with tracemalloc; the caller shuts it down."""
+        assert self.description is not None
+        base = self.functions[name]
+        return LocalFunction(
+            base.spec,
+            self.template.root,
+            region=self.description.region,
+            name=base.name,
+            environment={**self.description.environment_for(self.template, name), **environment},
         )
+
+    def _warm(self) -> None:
+        """One container per function before `ready`, so the first requests are not cold starts."""
+        threads = [
+            threading.Thread(target=function.warm, name=f"warm-{name}", daemon=True)
+            for name, function in self.functions.items()
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def _serve(self, name: str, serve: Callable[[], None], shutdown: Callable[[], None]) -> None:
+        self._spawn(name, serve)
+        self._served.append(shutdown)  # only servers whose loop runs: shutdown() would wait forever
+
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _start_pollers(self, description: StackDescription) -> None:
+        """The DynamoDB Streams event sources (the fanout); the jobs stream also feeds the job log."""
+        streams = aws_client("dynamodbstreams", description.endpoint_url, description.region)
+        transitions = JobTransitions()
         for name, spec in self.template.functions().items():
             for event in spec.stream_events:
                 poller = StreamPoller(
                     streams,
                     description.attributes[f"{event.table}.StreamArn"],
-                    self._functions[name],
+                    self.functions[name],
                     batch_size=event.batch_size,
                     region=description.region,
+                    filters=event.filters,
+                    observers=[transitions] if event.table == "JobsTable" else [],
                 )
                 self._pollers.append(poller)
-                threading.Thread(target=poller.run, name=f"stream-{event.table}", daemon=True).start()
+                self._spawn(f"stream-{event.table}", poller.run)
+
+    def _start_sources(self, description: StackDescription) -> None:
+        """The SQS event sources: as many pollers as the function may run containers."""
+        resolver = description.resolver()
+        sqs = aws_client("sqs", description.endpoint_url, description.region)
+        for name, spec in self.template.functions().items():
+            function = self.functions[name]
+            for event in spec.sqs_events:
+                for _ in range(function.max_concurrency):
+                    source = SqsEventSource(
+                        sqs,
+                        resolver.ref(event.queue),
+                        resolver.get_att(event.queue, "Arn"),
+                        function,
+                        event,
+                        region=description.region,
+                    )
+                    self._sources.append(source)
+                    self._spawn(f"sqs-{event.queue}", source.run)
+
+    def _reap(self) -> None:
+        while not self._stopping.wait(REAP_INTERVAL_SECONDS):
+            for function in self.functions.values():
+                function.reap()
 
     @contextlib.contextmanager
     def streams_paused(self) -> Iterator[None]:
@@ -220,13 +305,6 @@ class EmbeddedStack:
             for poller in self._pollers:
                 poller.resume()
 
-    def _authorizer_id(self) -> str | None:
-        auth = self.template.api(API_LOGICAL_ID).get("Auth", {})
-        name = auth.get("DefaultAuthorizer")
-        if not name:
-            return None
-        return str(auth["Authorizers"][name]["FunctionArn"]["Fn::GetAtt"][0])
-
     def _seed_keys(self) -> None:
         """Register the dev keys the way `spool keys create` does: hashed, in the template's key table."""
         from spool_core import bootstrap
@@ -236,46 +314,35 @@ class EmbeddedStack:
         for key, tenant in self.dev_keys.items():
             keys.register(key, Tenant(tenant), description="dev key (SPOOL_DEV_KEYS)")
 
-    def _spawn_worker(self) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "spool.devstack.worker_process", "--state", str(self.state_path)],
-            env={**os.environ},
-        )
-
-    def _supervise(self) -> None:
-        """Restart a worker process that died (a crashed invocation), as Lambda starts a new sandbox."""
-        while not self._stopping.wait(0.2):
-            for index, proc in enumerate(self._worker_procs):
-                if proc.poll() is not None and not self._stopping.is_set():
-                    log.warning("worker process exited with %s; starting a new one", proc.returncode)
-                    self._worker_procs[index] = self._spawn_worker()
-
-    def stop(self) -> None:
+    # ------------------------------------------------------------------ stop
+    def stop(self, *, save: bool = True) -> None:
+        """Stop everything this stack started; with a state directory, save the state first (once
+        no function runs any more, so the snapshot is consistent)."""
+        if self._stopping.is_set():
+            return
         self._stopping.set()
-        for proc in self._worker_procs:
-            if proc.poll() is None:
-                proc.terminate()
-        deadline = time.monotonic() + 10
-        for proc in self._worker_procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        for source in self._sources:
+            source.stop()
         for poller in self._pollers:
             poller.stop()
-        if self._websocket:
-            self._websocket.stop()
-        if self._management:
-            self._management.shutdown()
-            self._management.server_close()
-        if self._server:
-            self._server.shutdown()
-            self._server.server_close()
-        for function in self._functions.values():
-            function.shutdown()
+        for shutdown in reversed(self._served):
+            with contextlib.suppress(Exception):
+                shutdown()
+        for function in self.functions.values():
+            function.shutdown()  # busy containers are killed; their SQS messages are made visible
+        deadline = time.monotonic() + 4
+        for thread in self._threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        for sock in (self._api_socket, self._ws_socket):
+            if sock is not None:
+                sock.close()
+        if save and self.state_dir is not None and self.description is not None:
+            try:
+                self.saved = LocalState(self.state_dir, self.template, self.description).save()
+            except Exception:
+                log.exception("could not save the local state to %s", self.state_dir)
+        FORK_SERVER.stop()
         self.moto.stop()
-        self._state_dir.cleanup()
 
     def __enter__(self) -> EmbeddedStack:
         return self.start()

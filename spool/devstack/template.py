@@ -3,6 +3,7 @@ local stack needs to resolve (Ref, GetAtt, Sub, Join, Select, If)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import tomllib
@@ -122,6 +123,7 @@ class StreamEvent:
     name: str
     table: str  # logical id of the table whose stream feeds the function
     batch_size: int
+    filters: tuple[Mapping[str, Any], ...] = ()  # FilterCriteria patterns (a record passes if any matches)
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,7 @@ class FunctionSpec:
     api_events: tuple[ApiEvent, ...] = ()
     sqs_events: tuple[SqsEvent, ...] = ()
     stream_events: tuple[StreamEvent, ...] = ()
+    reserved_concurrency: int | None = None
 
     @property
     def module_file(self) -> str:
@@ -210,8 +213,14 @@ class Template:
                         )
                     )
                 elif event["Type"] == "DynamoDB":
+                    patterns = ((ep.get("FilterCriteria") or {}).get("Filters")) or []
                     stream_events.append(
-                        StreamEvent(event_name, _ref_name(ep["Stream"]), int(ep.get("BatchSize", 100)))
+                        StreamEvent(
+                            event_name,
+                            _ref_name(ep["Stream"]),
+                            int(ep.get("BatchSize", 100)),
+                            tuple(json.loads(f["Pattern"]) for f in patterns),
+                        )
                     )
                 elif event["Type"] == "SQS":
                     sqs_events.append(
@@ -232,6 +241,7 @@ class Template:
                 api_events=tuple(api_events),
                 sqs_events=tuple(sqs_events),
                 stream_events=tuple(stream_events),
+                reserved_concurrency=_optional_int(props.get("ReservedConcurrentExecutions")),
             )
         return specs
 
@@ -257,6 +267,10 @@ class Template:
     def api(self, logical_id: str) -> dict[str, Any]:
         props: dict[str, Any] = self.resources[logical_id].get("Properties", {})
         return props
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None or isinstance(value, dict) else int(value)
 
 
 def _ref_name(value: Any) -> str:

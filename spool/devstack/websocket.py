@@ -8,11 +8,13 @@ import asyncio
 import json
 import logging
 import secrets
+import socket
 import threading
 import uuid
 from collections.abc import Mapping
 from concurrent.futures import Future
 from datetime import UTC, datetime
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -22,16 +24,16 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from spool.devstack.runtime import LocalFunction
+from spool.devstack.runtime import InvocationError, LocalFunction
 
 log = logging.getLogger("devstack.websocket")
 
 
 class WebSocketGateway:
-    def __init__(self, routes: Mapping[str, LocalFunction], *, host: str, port: int, stage: str) -> None:
+    def __init__(self, routes: Mapping[str, LocalFunction], sock: socket.socket, *, stage: str) -> None:
         self._routes = routes
-        self._host = host
-        self._port = port
+        self._socket = sock
+        self._host, self._port = sock.getsockname()[:2]
         self._stage = stage
         self._connections: dict[str, ServerConnection] = {}
         self._loop = asyncio.new_event_loop()
@@ -50,8 +52,7 @@ class WebSocketGateway:
         return self
 
     async def _start(self) -> None:
-        self._server = await serve(self._session, self._host, self._port, process_request=self._connect)
-        self._port = self._server.sockets[0].getsockname()[1] if self._port == 0 else self._port
+        self._server = await serve(self._session, sock=self._socket, process_request=self._connect)
 
     def stop(self) -> None:
         async def close() -> None:
@@ -86,7 +87,11 @@ class WebSocketGateway:
         function = self._routes.get(route) or self._routes.get("$default")
         if function is None:
             return {"statusCode": 200}
-        return await asyncio.get_running_loop().run_in_executor(None, function.invoke, event)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, function.invoke, event)
+        except InvocationError as exc:  # as API Gateway: the route failed, the connection stays
+            log.error("%s: %s", route, exc)
+            return {"statusCode": 500}
 
     async def _connect(self, connection: ServerConnection, request: Request) -> Response | None:
         """$connect runs before the handshake completes: a non-2xx answer refuses the connection."""
@@ -101,17 +106,13 @@ class WebSocketGateway:
             headers=dict(request.headers.raw_items()),
             queryStringParameters=query or None,
         )
-        try:
-            result = await self._invoke("$connect", event)
-        except Exception:
-            log.exception("$connect failed")
-            result = {"statusCode": 500}
+        result = await self._invoke("$connect", event)
         status = int((result or {}).get("statusCode", 200))
         if status >= 300:
             body = str((result or {}).get("body") or "").encode()
             return Response(
                 status,
-                "Forbidden" if status == 403 else "Unauthorized",
+                HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error",
                 Headers([("Content-Type", "application/json"), ("Content-Length", str(len(body)))]),
                 body,
             )
@@ -127,7 +128,7 @@ class WebSocketGateway:
                     action = json.loads(text).get("action")
                 except (ValueError, AttributeError):
                     action = None
-                route = action if action in self._routes else "$default"
+                route = action if isinstance(action, str) and action in self._routes else "$default"
                 await self._invoke(route, self._event(route, connection_id, "MESSAGE", body=text))
         except ConnectionClosed:
             pass

@@ -1,15 +1,19 @@
 """Lambda's SQS event source mapping, locally: long-poll the queue, invoke the function with a real
 SQS event batch, delete only the messages that succeeded. Failed messages become visible again when
-their visibility timeout ends, and SQS's redrive policy moves them to the dead-letter queue."""
+their visibility timeout ends, and SQS's redrive policy moves them to the dead-letter queue.
+
+Each poller runs in the stack's process and invokes the function's containers (other processes), so a
+crashed invocation fails its batch without taking the poller down."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Mapping
 from typing import Any
 
-from spool.devstack.runtime import LocalFunction
+from spool.devstack.runtime import InvocationError, LocalFunction
 from spool.devstack.template import SqsEvent
 
 log = logging.getLogger("devstack.worker")
@@ -66,7 +70,13 @@ class SqsEventSource:
 
     def run(self) -> None:
         while not self._stop.is_set():
-            self.poll_once()
+            try:
+                self.poll_once()
+            except Exception:  # the endpoint went away (the stack is stopping) or answered an error
+                if self._stop.is_set():
+                    return
+                log.exception("polling %s failed; retrying", self._queue_arn.rsplit(":", 1)[-1])
+                self._stop.wait(1.0)
 
     def poll_once(self) -> int:
         """Receive one batch and process it; returns how many messages were received."""
@@ -83,12 +93,18 @@ class SqsEventSource:
         return len(messages)
 
     def _process(self, messages: list[dict[str, Any]]) -> None:
+        if self._stop.is_set():
+            self._make_visible(messages)  # received as the stack stops: leave them for the next start
+            return
         event = {"Records": [sqs_record(m, self._queue_arn, self._region) for m in messages]}
         try:
             result = self._function.invoke(event)
-        except Exception:
+        except InvocationError as exc:
+            if self._stop.is_set():  # the stack stopped the container: the messages stay queued
+                self._make_visible(messages)
+                return
             # The whole batch failed: nothing is deleted, every message returns after its visibility timeout.
-            log.exception("worker invocation failed; %d message(s) return to the queue", len(messages))
+            log.warning("%s; %d message(s) return to the queue", exc, len(messages))
             return
         failed = self._failed_ids(result, messages)
         done = [m for m in messages if m["MessageId"] not in failed]
@@ -97,6 +113,13 @@ class SqsEventSource:
                 QueueUrl=self._queue_url,
                 Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(done)],
             )
+
+    def _make_visible(self, messages: list[dict[str, Any]]) -> None:
+        for message in messages:
+            with contextlib.suppress(Exception):
+                self._sqs.change_message_visibility(
+                    QueueUrl=self._queue_url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
+                )
 
     def _failed_ids(self, result: Any, messages: list[dict[str, Any]]) -> set[str]:
         if not self._event.report_batch_item_failures:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,6 @@ from typing import Any
 
 import pytest
 
-from spool.devstack.provision import free_port
 from tests.support import ROOT
 
 # The environment pytest started with: other tiers' fixtures point os.environ at their own moto server.
@@ -50,7 +50,7 @@ class RunningStack:
         for name, value in (headers or {}).items():
             request.add_header(name, value)
         try:
-            with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+            with urllib.request.urlopen(request, timeout=120) as response:  # noqa: S310
                 raw = response.read()
                 return response.status, dict(response.headers), json.loads(raw) if raw else None
         except urllib.error.HTTPError as error:
@@ -58,12 +58,14 @@ class RunningStack:
             return error.code, dict(error.headers), json.loads(raw) if raw else None
 
 
+READY = re.compile(r"ready on (http://\S+)")
+
+
 def start_stack(extra_env: dict[str, str] | None = None, timeout: float = 90) -> RunningStack:
-    port = free_port()
+    """`spool dev` on ports of its own choosing (SPOOL_PORT=0), read from its `ready` line."""
     env = {
         **CLEAN_ENVIRONMENT,
-        "SPOOL_PORT": str(port),
-        "SPOOL_WS_PORT": str(free_port()),
+        "SPOOL_PORT": "0",
         "SPOOL_DEV_KEYS": f"{DEV_KEY}:tenant-a,{OTHER_KEY}:tenant-b",
         **(extra_env or {}),
     }
@@ -75,14 +77,15 @@ def start_stack(extra_env: dict[str, str] | None = None, timeout: float = 90) ->
         stderr=subprocess.STDOUT,
         text=True,
     )
-    stack = RunningStack(process, f"http://127.0.0.1:{port}")
+    stack = RunningStack(process, "")
     ready = threading.Event()
 
     def pump() -> None:
         assert process.stdout is not None
         for line in process.stdout:
             stack.output.append(line.rstrip())
-            if "ready" in line:
+            if found := READY.search(line):
+                stack.base_url = found.group(1)
                 ready.set()
 
     stack.reader = threading.Thread(target=pump, daemon=True)

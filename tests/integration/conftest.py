@@ -56,20 +56,48 @@ def stack(template: Template, moto_server: MotoServer) -> Iterator[StackDescript
 
 
 @pytest.fixture(scope="session")
-def functions(template: Template, stack: StackDescription) -> dict[str, LocalFunction]:
+def functions(template: Template, stack: StackDescription) -> Iterator[dict[str, LocalFunction]]:
+    """Each function as the local runtime runs it: containers in their own processes, with the
+    function's environment from the template."""
     resolver = stack.resolver()
-    return {
-        name: LocalFunction(spec, ROOT, region=stack.region, name=resolver.ref(name))
+    functions = {
+        name: LocalFunction(
+            spec,
+            ROOT,
+            region=stack.region,
+            name=resolver.ref(name),
+            environment=stack.environment_for(template, name),
+        )
         for name, spec in template.functions().items()
     }
+    yield functions
+    for function in functions.values():
+        function.shutdown()
 
 
 @pytest.fixture
-def invoke(functions: dict[str, LocalFunction]) -> Any:
-    def run(function: str, event: dict[str, Any]) -> Any:
-        return functions[function].invoke(event)
+def invoke(functions: dict[str, LocalFunction], template: Template, stack: StackDescription) -> Iterator[Any]:
+    """Invoke a function; ``environment`` runs it as a function configured with those variables
+    changed (a new function configuration, with its own containers, as on Lambda)."""
+    configured: list[LocalFunction] = []
 
-    return run
+    def run(function: str, event: dict[str, Any], environment: dict[str, str] | None = None) -> Any:
+        if not environment:
+            return functions[function].invoke(event)
+        base = functions[function]
+        variant = LocalFunction(
+            base.spec,
+            ROOT,
+            region=stack.region,
+            name=base.name,
+            environment={**stack.environment_for(template, function), **environment},
+        )
+        configured.append(variant)
+        return variant.invoke(event)
+
+    yield run
+    for variant in configured:
+        variant.shutdown()
 
 
 def client(service: str, stack: StackDescription) -> Any:

@@ -127,9 +127,11 @@ def test_bad_input_gets_a_structured_error(invoke: Any, body: Any, status: int, 
     assert error["error"]["suggestions"]
 
 
-def test_size_limit_is_413_with_the_numbers(invoke: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SPOOL_MAX_CONTEXT_BYTES", "100")
-    status, error = call(invoke, "POST", "/v1/contexts", {"files": [{"path": "a", "content": "x" * 101}]})
+def test_size_limit_is_413_with_the_numbers(invoke: Any) -> None:
+    def limited(function: str, event: dict[str, Any]) -> Any:
+        return invoke(function, event, environment={"SPOOL_MAX_CONTEXT_BYTES": "100"})
+
+    status, error = call(limited, "POST", "/v1/contexts", {"files": [{"path": "a", "content": "x" * 101}]})
     assert status == 413
     assert error["error"]["details"] == {"size_bytes": 101, "limit_bytes": 100}
 

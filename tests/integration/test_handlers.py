@@ -62,11 +62,8 @@ def test_health_reports_each_dependency_with_latency(invoke: Any) -> None:
     assert body["checks"]["queue"]["dead_letter_depth"] == 0
 
 
-def test_health_is_503_down_when_a_dependency_is_missing(
-    invoke: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("SPOOL_BUCKET", "no-such-bucket")
-    response = invoke("HealthFunction", load_event("health"))
+def test_health_is_503_down_when_a_dependency_is_missing(invoke: Any) -> None:
+    response = invoke("HealthFunction", load_event("health"), environment={"SPOOL_BUCKET": "no-such-bucket"})
     assert response["statusCode"] == 503
     body = response_json(response)
     assert body["status"] == "down"

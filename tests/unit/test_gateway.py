@@ -10,18 +10,8 @@ import pytest
 from spool.devstack.gateway import RestApiEmulator, Route, _policy_allows
 from spool.devstack.runtime import InvocationTimeout
 from spool.devstack.template import Template, TemplateError
+from tests.fakes import FakeFunction
 from tests.support import ROOT, load_event
-
-
-class FakeFunction:
-    def __init__(self, behaviour: Any, timeout: int = 29) -> None:
-        self.behaviour = behaviour
-        self.events: list[dict[str, Any]] = []
-        self.spec = type("Spec", (), {"timeout": timeout})()
-
-    def invoke(self, event: dict[str, Any], timeout: float | None = None) -> Any:
-        self.events.append(event)
-        return self.behaviour(event)
 
 
 def allow(event: dict[str, Any]) -> dict[str, Any]:

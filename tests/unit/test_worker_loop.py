@@ -6,6 +6,7 @@ from typing import Any
 
 from spool.devstack.template import SqsEvent
 from spool.devstack.worker_loop import SqsEventSource, sqs_record
+from tests.fakes import FakeFunction
 
 
 class FakeSqs:
@@ -22,16 +23,6 @@ class FakeSqs:
 
     def delete_message_batch(self, QueueUrl: str, Entries: list[dict[str, str]]) -> None:  # noqa: N803
         self.deleted += [e["ReceiptHandle"] for e in Entries]
-
-
-class FakeFunction:
-    def __init__(self, behaviour: Any) -> None:
-        self.behaviour = behaviour
-        self.events: list[dict[str, Any]] = []
-
-    def invoke(self, event: dict[str, Any]) -> Any:
-        self.events.append(event)
-        return self.behaviour(event)
 
 
 def message(n: int) -> dict[str, Any]:

@@ -1,0 +1,177 @@
+"""The local stack's state across a clean stop and start (``SPOOL_STATE_DIR``).
+
+moto keeps everything in memory. On a clean stop, once nothing runs any more, the stack reads every
+table, object and queued message of the template's resources through the AWS APIs and writes them
+under the state directory; on the next start it writes them back through the same APIs, before
+anything is served. Resources are matched by logical id, so the physical names moto makes up each
+time do not matter. A crash (SIGKILL, power loss) loses what happened since the last clean stop.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from spool.devstack.provision import StackDescription, aws_client
+from spool.devstack.template import Template
+
+log = logging.getLogger("devstack.stack")
+FORMAT_VERSION = 1
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray):
+        return {"__bytes__": base64.b64encode(value).decode()}
+    raise TypeError(f"cannot store {type(value).__name__}")
+
+
+def _decode(value: dict[str, Any]) -> Any:
+    return base64.b64decode(value["__bytes__"]) if set(value) == {"__bytes__"} else value
+
+
+class LocalState:
+    def __init__(self, directory: Path, template: Template, description: StackDescription) -> None:
+        self.directory = directory
+        self._template = template
+        self._description = description
+
+    @property
+    def _current(self) -> Path:
+        return self.directory / "snapshot"
+
+    def _client(self, service: str) -> Any:
+        return aws_client(service, self._description.endpoint_url, self._description.region)
+
+    def _resources(self, kind: str) -> dict[str, str]:
+        """Logical id -> physical name (or queue URL) of the template's resources of one type."""
+        return {
+            name: self._description.refs[name]
+            for name in self._template.resources_of_type(kind)
+            if name in self._description.refs
+        }
+
+    # ------------------------------------------------------------------ save
+    def save(self) -> dict[str, int]:
+        """Write the snapshot (atomically: a stop interrupted half-way keeps the previous one)."""
+        staging = self.directory / "snapshot.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        counts = {"items": 0, "objects": 0, "messages": 0}
+        manifest: dict[str, Any] = {"version": FORMAT_VERSION, "saved_at": time.time()}
+        manifest["tables"] = {}
+        for logical, table in self._resources("AWS::DynamoDB::Table").items():
+            path = staging / f"table-{logical}.jsonl"
+            with path.open("w") as out:
+                for item in self._scan(table):
+                    out.write(json.dumps(item, default=_encode) + "\n")
+                    counts["items"] += 1
+            manifest["tables"][logical] = path.name
+        manifest["buckets"] = {}
+        for logical, bucket in self._resources("AWS::S3::Bucket").items():
+            folder = staging / f"bucket-{logical}"
+            folder.mkdir()
+            manifest["buckets"][logical] = entries = []
+            for index, (key, content_type, body) in enumerate(self._objects(bucket)):
+                (folder / str(index)).write_bytes(body)
+                entries.append({"key": key, "file": f"{folder.name}/{index}", "content_type": content_type})
+                counts["objects"] += 1
+        manifest["queues"] = {}
+        for logical, url in self._resources("AWS::SQS::Queue").items():
+            messages = list(self._drain(url))
+            manifest["queues"][logical] = messages
+            counts["messages"] += len(messages)
+        (staging / "manifest.json").write_text(json.dumps(manifest))
+        previous = self.directory / "snapshot.previous"
+        shutil.rmtree(previous, ignore_errors=True)
+        if self._current.exists():
+            self._current.rename(previous)
+        staging.rename(self._current)
+        shutil.rmtree(previous, ignore_errors=True)
+        return counts
+
+    def _scan(self, table: str) -> Iterator[dict[str, Any]]:
+        ddb = self._client("dynamodb")
+        kwargs: dict[str, Any] = {"TableName": table}
+        while True:
+            page = ddb.scan(**kwargs)
+            yield from page.get("Items", [])
+            if "LastEvaluatedKey" not in page:
+                return
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def _objects(self, bucket: str) -> Iterator[tuple[str, str, bytes]]:
+        s3 = self._client("s3")
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for entry in page.get("Contents", []):
+                response = s3.get_object(Bucket=bucket, Key=entry["Key"])
+                yield entry["Key"], response.get("ContentType", ""), response["Body"].read()
+
+    def _drain(self, url: str) -> Iterator[dict[str, Any]]:
+        """Every visible message (the stack has made its in-flight ones visible before saving)."""
+        sqs = self._client("sqs")
+        while True:
+            received = sqs.receive_message(
+                QueueUrl=url,
+                MaxNumberOfMessages=10,
+                VisibilityTimeout=300,
+                WaitTimeSeconds=0,
+                MessageAttributeNames=["All"],
+            ).get("Messages", [])
+            if not received:
+                return
+            for message in received:
+                yield {"body": message["Body"], "attributes": message.get("MessageAttributes") or {}}
+
+    # ------------------------------------------------------------------ restore
+    def restore(self) -> dict[str, int] | None:
+        """Write the last snapshot back (None when there is none)."""
+        path = self._current / "manifest.json"
+        if not path.exists():
+            return None
+        manifest = json.loads(path.read_text())
+        if manifest.get("version") != FORMAT_VERSION:
+            log.warning("ignoring local state in %s: written by another version", self._current)
+            return None
+        counts = {"items": 0, "objects": 0, "messages": 0}
+        tables = self._resources("AWS::DynamoDB::Table")
+        for logical, name in manifest["tables"].items():
+            if logical not in tables:
+                log.warning("local state of %s skipped: the template has no such table now", logical)
+                continue
+            with (self._current / name).open() as lines:
+                items = [json.loads(line, object_hook=_decode) for line in lines if line.strip()]
+            self._put_items(tables[logical], items)
+            counts["items"] += len(items)
+        buckets = self._resources("AWS::S3::Bucket")
+        s3 = self._client("s3")
+        for logical, entries in manifest["buckets"].items():
+            for entry in entries if logical in buckets else []:
+                body = (self._current / entry["file"]).read_bytes()
+                extra = {"ContentType": entry["content_type"]} if entry["content_type"] else {}
+                s3.put_object(Bucket=buckets[logical], Key=entry["key"], Body=body, **extra)
+                counts["objects"] += 1
+        queues = self._resources("AWS::SQS::Queue")
+        sqs = self._client("sqs")
+        for logical, messages in manifest["queues"].items():
+            for start in range(0, len(messages) if logical in queues else 0, 10):
+                entries = [
+                    {"Id": str(i), "MessageBody": m["body"], "MessageAttributes": m["attributes"]}
+                    for i, m in enumerate(messages[start : start + 10])
+                ]
+                sqs.send_message_batch(QueueUrl=queues[logical], Entries=entries)
+                counts["messages"] += len(entries)
+        return counts
+
+    def _put_items(self, table: str, items: list[dict[str, Any]]) -> None:
+        ddb = self._client("dynamodb")
+        pending = [{"PutRequest": {"Item": item}} for item in items]
+        while pending:
+            batch, pending = pending[:25], pending[25:]
+            left = ddb.batch_write_item(RequestItems={table: batch}).get("UnprocessedItems") or {}
+            pending.extend(left.get(table, []))

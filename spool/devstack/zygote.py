@@ -1,0 +1,70 @@
+"""The fork server of the local Lambda runtime (see ``runtime.py``).
+
+``python -m spool.devstack.zygote <fd> <module>...`` imports the given modules (and loads the tiktoken
+encodings named in ``SPOOL_DEVSTACK_ENCODINGS``, which every container would otherwise read and
+build on its first request), answers ``ready`` on the control socket ``fd``, then forks one container
+per request: a request carries the function's
+spec, environment and code root, plus the container's end of its channel (passed as a file
+descriptor). It ends when the control socket closes, that is when the stack that started it ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import signal
+import socket
+import sys
+import traceback
+
+ENCODINGS_ENV = "SPOOL_DEVSTACK_ENCODINGS"
+
+
+def main(argv: list[str]) -> None:
+    control = socket.socket(fileno=int(argv[0]))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # containers are reaped by the kernel
+    for module in argv[1:]:
+        importlib.import_module(module)
+    for encoding in filter(None, os.environ.get(ENCODINGS_ENV, "").split(",")):
+        with contextlib.suppress(Exception):  # a missing file: each container loads it as Lambda would
+            importlib.import_module("tiktoken").get_encoding(encoding)
+    from spool.devstack import runtime
+    from spool.devstack.template import FunctionSpec
+
+    control.send(b"ready")
+    while True:
+        try:
+            message, fds, _, _ = socket.recv_fds(control, 1 << 20, 1)
+        except OSError:
+            return
+        if not message:
+            return  # the stack has gone
+        request = json.loads(message)
+        pid = os.fork()
+        if pid == 0:
+            control.close()
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            code = 0
+            try:
+                runtime.container_main(
+                    socket.socket(fileno=fds[0]),
+                    FunctionSpec(**request["spec"]),
+                    request["environment"],
+                    request["root"],
+                )
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            # Leave through the interpreter's exit (not os._exit), so what registered an exit hook in
+            # this process (a coverage run measuring the container) gets to run it.
+            raise SystemExit(code)
+        for fd in fds:
+            os.close(fd)
+        control.send(json.dumps({"pid": pid}).encode())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,148 @@
+"""`spool dev` as a process: a busy port ends the start with one clear line, Ctrl-C and SIGTERM stop
+everything, a SIGKILL leaves no orphan, and a clean stop and start keeps the local state."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import CLEAN_ENVIRONMENT, ROOT, RunningStack, start_stack, stop_stack
+from tests.e2e.test_jobs_http import read_log, wait_terminal
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has exited (whoever adopted it reaps it)
+
+
+def wait_gone(pids: set[int], timeout: float = 20) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while (left := {p for p in pids if alive(p)}) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def run_dev(env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "spool.cli", "dev"],
+        cwd=ROOT,
+        env={**CLEAN_ENVIRONMENT, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("variable", ["SPOOL_PORT", "SPOOL_WS_PORT"])
+def test_a_busy_port_ends_the_start_with_one_clear_line(variable: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {variable: str(port)} if variable == "SPOOL_PORT" else {"SPOOL_PORT": "0", variable: str(port)}
+        result = run_dev(env)
+    assert result.returncode == 1
+    assert f"port {port}" in result.stderr
+    assert variable in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_everything_quietly(signum: signal.Signals) -> None:
+    stack = start_stack()
+    processes = descendants(stack.process.pid)
+    assert len(processes) >= 3  # moto, the fork server, containers
+    stack.process.send_signal(signum)
+    assert stack.process.wait(timeout=60) == 0
+    assert wait_gone(processes) == set()
+    assert stack.reader is not None
+    stack.reader.join(timeout=10)
+    after = stack.output[next(i for i, line in enumerate(stack.output) if "stopping" in line) :]
+    assert len(after) <= 4, after
+    assert not any("Traceback" in line for line in stack.output)
+
+
+def test_children_exit_when_spool_dev_is_killed() -> None:
+    stack = start_stack()
+    processes = descendants(stack.process.pid)
+    stack.process.kill()
+    stack.process.wait(timeout=10)
+    assert wait_gone(processes) == set()
+
+
+def test_a_clean_stop_and_start_keeps_contexts_jobs_usage_and_idempotency(tmp_path: Path) -> None:
+    env = {"SPOOL_STATE_DIR": str(tmp_path / "state")}
+    stack = start_stack(env)
+    try:
+        status, _, context = stack.request(
+            "POST", "/v1/contexts", body={"files": [{"path": "a.py", "content": "x = 1\n"}]}
+        )
+        assert status == 201
+        key = str(uuid.uuid4())
+        body = {"message": "kept", "model": "sim-fast", "max_tokens": 40, "context_id": context["context_id"]}
+        status, _, job = stack.request("POST", "/v1/jobs", body=body, headers={"Idempotency-Key": key})
+        assert status == 202
+        finished = wait_terminal(stack, job["job_id"])
+        running_body = {"message": "interrupted", "model": "sim-realtime", "max_tokens": 400}
+        status, _, running = stack.request(
+            "POST", "/v1/jobs", body=running_body, headers={"Idempotency-Key": str(uuid.uuid4())}
+        )
+        assert status == 202
+        first_chunk(stack, running["job_id"])
+        usage = stack.request("GET", "/v1/usage")[2]
+    finally:
+        assert stop_stack(stack) == 0
+    assert any("saved" in line for line in stack.output)
+
+    again = start_stack(env)
+    try:
+        assert any("restored local state" in line for line in again.output)
+        status, _, read = again.request("GET", f"/v1/contexts/{context['context_id']}")
+        assert (status, [f["path"] for f in read["files"]]) == (200, ["a.py"])
+        status, _, replay = again.request("POST", "/v1/jobs", body=body, headers={"Idempotency-Key": key})
+        assert (status, replay["job_id"], replay["output"]) == (200, job["job_id"], finished["output"])
+        assert "".join(c["text"] for c in read_log(again, job["job_id"])) == finished["output"]
+        assert again.request("GET", "/v1/usage")[2]["totals"]["jobs"] >= usage["totals"]["jobs"]
+        resumed = wait_terminal(again, running["job_id"], timeout=120)  # the interrupted job carries on
+        assert resumed["status"] == "completed"
+        assert "".join(c["text"] for c in read_log(again, running["job_id"])) == resumed["output"]
+    finally:
+        stop_stack(again)
+
+
+def first_chunk(stack: RunningStack, job_id: str) -> dict[str, Any]:
+    status, _, page = stack.request("GET", f"/v1/jobs/{job_id}/chunks?after=0&wait=20")
+    assert status == 200 and page["chunks"], page
+    chunk: dict[str, Any] = page["chunks"][0]
+    return chunk
