@@ -8,12 +8,11 @@ import os
 import tempfile
 from pathlib import Path
 
-from bench import contexts, jobs
-from spool.devstack.provision import free_port
+from bench import contexts, jobs, runtime
+from spool.devstack.runtime import CALL_COUNTS_ENV
 from spool.devstack.stack import EmbeddedStack
-from spool.devstack.worker_process import CALL_COUNTS_ENV
 
-SUITES = ["contexts", "jobs"]
+SUITES = ["contexts", "jobs", "runtime"]
 # A 30 s lease and visibility timeout (the deployed default is 720 s): the local 5 s would add a
 # heartbeat write every ~1.7 s that no deployment makes.
 BENCH_PARAMETERS = {"WorkerVisibilityTimeoutSeconds": "30"}
@@ -30,14 +29,16 @@ def main() -> None:
     os.environ.setdefault("SPOOL_DEV_KEYS", "sk-bench:bench")
     with tempfile.TemporaryDirectory(prefix="spool-bench-") as counts:
         os.environ[CALL_COUNTS_ENV] = counts
-        with EmbeddedStack(port=free_port(), parameter_overrides=BENCH_PARAMETERS) as stack:
+        with EmbeddedStack(port=0, ws_port=0, parameter_overrides=BENCH_PARAMETERS) as stack:
             parameters = ", ".join(f"{k}={v}" for k, v in BENCH_PARAMETERS.items())
             print(f"embedded stack at {stack.base_url} ({parameters})\n")
             for name in args.suites or SUITES:
                 if name == "contexts":
                     contexts.run(stack)
-                else:
+                elif name == "jobs":
                     jobs.run(stack, Path(counts))
+                else:
+                    runtime.run(stack)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,11 @@ import json
 import re
 import statistics
 import time
-import tracemalloc
 import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
-from spool.devstack.instrument import AwsCallCounter
 from spool.devstack.stack import EmbeddedStack
 from spool_core import bootstrap
 from spool_core.clock import rfc3339, utc_now
@@ -85,7 +83,28 @@ def delivery_delay(stack: EmbeddedStack, tokens: int = 500, rate: float = 50.0) 
     )
 
 
+def wait_queue_drained(stack: EmbeddedStack, timeout: float = 300) -> None:
+    """Until the worker has finished every job queued so far (their writes would count otherwise)."""
+    import boto3
+
+    assert stack.description is not None
+    sqs = boto3.session.Session().client(
+        "sqs", endpoint_url=stack.description.endpoint_url, region_name=stack.description.region
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        attributes = sqs.get_queue_attributes(
+            QueueUrl=stack.description.refs["JobsQueue"],
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )["Attributes"]
+        if not any(int(value) for value in attributes.values()):
+            return
+        time.sleep(0.2)
+    raise TimeoutError("the jobs queue did not drain")
+
+
 def writes_per_1000_tokens(stack: EmbeddedStack, counts_dir: Path, model: str, tokens: int = 1000) -> None:
+    wait_queue_drained(stack)
     before = _dynamodb_writes(counts_dir)
     job = call(
         stack,
@@ -100,16 +119,29 @@ def writes_per_1000_tokens(stack: EmbeddedStack, counts_dir: Path, model: str, t
     per_k = writes * 1000 / done["usage"]["output_tokens"]
     target = {"sim-realtime": 110, "sim-fast": 25}[model]
     print(
-        f"DynamoDB writes per 1,000 output tokens at {model}: {per_k:.0f} "
+        f"DynamoDB writes per 1,000 output tokens at {model} (worker): {per_k:.0f} "
         f"({done['progress']['chunks_written']} chunks; target <= {target})"
     )
 
 
 def _dynamodb_writes(counts_dir: Path) -> int:
+    """The worker's DynamoDB writes (the chunk log, the lease, the final transaction)."""
+    return function_calls(counts_dir, "WorkerFunction", operations=WRITE_OPERATIONS)
+
+
+def function_calls(
+    counts_dir: Path, function: str, service: str = "dynamodb", operations: tuple[str, ...] | None = None
+) -> int:
+    """AWS calls made so far by the containers of ``function`` (every function when empty): each
+    container writes its counts to ``<function>-<pid>.json``."""
     total = 0
-    for path in counts_dir.glob("*.json"):
+    for path in counts_dir.glob(f"{function}*.json"):
         counts = json.loads(path.read_text() or "{}")
-        total += sum(n for name, n in counts.items() if name.split(".")[-1] in WRITE_OPERATIONS)
+        total += sum(
+            n
+            for name, n in counts.items()
+            if name.startswith(f"{service}.") and (operations is None or name.split(".")[-1] in operations)
+        )
     return total
 
 
@@ -123,14 +155,15 @@ class _NoQueue:
 def worker_memory(stack: EmbeddedStack, sizes: tuple[int, ...]) -> list[int]:
     """Peak allocation of one worker invocation per output size (in this process, tracemalloc),
     after a warm-up invocation so imports and clients are not counted."""
-    from spool.devstack.runtime import LocalFunction
+    from spool.devstack.runtime import TRACEMALLOC_ENV
     from spool.devstack.worker_loop import sqs_record
 
     tenant = Tenant(stack.dev_keys[stack.api_key])
     service = bootstrap.job_service(tenant)
     service._queue = _NoQueue()
-    spec = stack.template.functions()["WorkerFunction"]
-    function = LocalFunction(spec, stack.template.root, region="us-east-1", name="bench-worker")
+    function = stack.function_variant(
+        "WorkerFunction", {TRACEMALLOC_ENV: "1", "POWERTOOLS_LOG_LEVEL": "ERROR"}
+    )
 
     def invoke(tokens: int) -> int:
         request = JobRequest.model_validate(
@@ -146,10 +179,9 @@ def worker_memory(stack: EmbeddedStack, sizes: tuple[int, ...]) -> list[int]:
             "Attributes": {"ApproximateReceiveCount": "1", "SentTimestamp": rfc3339(utc_now())},
         }
         event = {"Records": [sqs_record(message, "arn:aws:sqs:us-east-1:123456789012:bench", "us-east-1")]}
-        tracemalloc.start()
         function.invoke(event, timeout=600)
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
+        peak = function.reports[-1].peak_allocation_bytes
+        assert peak is not None
         done = service.get(job.job_id)
         assert done.status == "completed", done.status
         assert done.usage.output_tokens == tokens
@@ -164,7 +196,7 @@ def worker_memory(stack: EmbeddedStack, sizes: tuple[int, ...]) -> list[int]:
 def run(stack: EmbeddedStack, counts_dir: Path) -> None:
     print("== jobs ==")
     logger.setLevel("ERROR")  # in-process invocations below would log every job
-    admission(stack, AwsCallCounter().install())
+    admission(stack, counts_dir)
     delivery_delay(stack)
     writes_per_1000_tokens(stack, counts_dir, "sim-realtime")
     writes_per_1000_tokens(stack, counts_dir, "sim-fast")
@@ -177,12 +209,12 @@ def run(stack: EmbeddedStack, counts_dir: Path) -> None:
     print()
 
 
-def admission(stack: EmbeddedStack, counter: AwsCallCounter, requests: int = 100) -> None:
+def admission(stack: EmbeddedStack, counts_dir: Path, requests: int = 100) -> None:
     """POST /v1/jobs end to end: latency and the DynamoDB requests each admission makes."""
     latencies, calls, auth_calls = [], [], []
     for i in range(requests):
-        before = counter.by_threads("dynamodb", "JobsFunction")
-        auth_before = counter.by_threads("dynamodb", "AuthorizerFunction")
+        before = function_calls(counts_dir, "JobsFunction")
+        auth_before = function_calls(counts_dir, "AuthorizerFunction")
         started = time.perf_counter()
         call(
             stack,
@@ -192,8 +224,8 @@ def admission(stack: EmbeddedStack, counter: AwsCallCounter, requests: int = 100
             key=str(uuid.uuid4()),
         )
         latencies.append(time.perf_counter() - started)
-        calls.append(counter.by_threads("dynamodb", "JobsFunction") - before)
-        auth_calls.append(counter.by_threads("dynamodb", "AuthorizerFunction") - auth_before)
+        calls.append(function_calls(counts_dir, "JobsFunction") - before)
+        auth_calls.append(function_calls(counts_dir, "AuthorizerFunction") - auth_before)
     latencies.sort()
     p50, p95 = statistics.median(latencies), latencies[int(0.95 * (len(latencies) - 1))]
     median_calls = statistics.median(calls)
