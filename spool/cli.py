@@ -166,6 +166,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     stack = None
     if not (args.url or os.environ.get("SPOOL_URL")):
+        if not os.environ.get("SPOOL_LOG_LEVEL"):  # the tour's own lines, not the stack's request log
+            logging.getLogger("devstack").setLevel(logging.WARNING)
         print("starting the embedded stack...", file=sys.stderr, flush=True)
         stack = EmbeddedStack(port=0, ws_port=0).start()
         args.url, args.key = stack.base_url, stack.api_key

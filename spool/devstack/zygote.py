@@ -10,6 +10,7 @@ descriptor). It ends when the control socket closes, that is when the stack that
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import json
@@ -58,9 +59,12 @@ def main(argv: list[str]) -> None:
             except BaseException:
                 traceback.print_exc()
                 code = 1
-            # Leave through the interpreter's exit (not os._exit), so what registered an exit hook in
-            # this process (a coverage run measuring the container) gets to run it.
-            raise SystemExit(code)
+            # Run the exit hooks (a coverage run measuring the container saves its data there), then
+            # leave without the interpreter's teardown of every module: seconds of CPU per container.
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
         for fd in fds:
             os.close(fd)
         control.send(json.dumps({"pid": pid}).encode())
