@@ -12,6 +12,7 @@ from tests.support import ROOT
 os.environ.setdefault("POWERTOOLS_SERVICE_NAME", "spool")
 os.environ.setdefault("POWERTOOLS_METRICS_NAMESPACE", "Spool")
 os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "true")
+os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT / ".cache" / "tiktoken"))
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from spool.devstack.runtime import HandlerError, InvocationError
+from spool_core.circuits import Circuit
 from spool_core.contexts.model import BlobInfo, ContextRecord, Manifest
 from spool_core.contexts.ports import ConcurrentUpdate
 
@@ -128,3 +131,23 @@ class MemoryUploadStore:
 
     def delete(self, upload_id: str) -> None:
         self.objects.pop(upload_id, None)
+
+
+class MemoryCircuitStore:
+    """Circuit items with an optimistic version, as the system table keeps them."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, Circuit] = {}
+        self.lock = threading.Lock()
+
+    def get_many(self, model_ids: Iterable[str]) -> dict[str, Circuit]:
+        with self.lock:
+            return {m: dataclasses.replace(self.items[m]) for m in model_ids if m in self.items}
+
+    def save(self, circuit: Circuit, expected_version: int) -> bool:
+        with self.lock:
+            current = self.items.get(circuit.model_id)
+            if (current.version if current else 0) != expected_version:
+                return False
+            self.items[circuit.model_id] = dataclasses.replace(circuit)
+            return True

@@ -33,11 +33,14 @@ def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
     logger.append_keys(job_id=message.job_id, tenant_id=message.tenant_id)
     runner = bootstrap.job_runner(Tenant(message.tenant_id), settings)
     outcome = runner.run(
-        message.job_id, heartbeat=extend_visibility, remaining_ms=lambda_context.get_remaining_time_in_millis
+        message.job_id,
+        heartbeat=extend_visibility,
+        remaining_ms=lambda_context.get_remaining_time_in_millis,
+        continuation=message.continuation,
     )
-    if outcome is Outcome.YIELD:
-        extend_visibility(0)  # continue in a fresh invocation right away
-    if outcome is not Outcome.DONE:
+    # YIELD: a continuation message carries the job on; this one is done (a yield is not a failure,
+    # so it never spends the message's delivery budget).
+    if outcome is Outcome.RETRY:
         raise MessageNotDone(f"job {message.job_id}: {outcome.value}")
 
 

@@ -1,4 +1,6 @@
-"""Dead-letter consumer: a job whose message kept failing ends ``failed`` with a structured error."""
+"""Dead-letter consumer: a job whose message kept failing ends ``failed`` with a structured error.
+Every input ends: an unreadable message or one naming an invalid tenant is dropped with its reason
+logged (it can never succeed, and retrying it for the queue's 14 days helps nobody)."""
 
 from __future__ import annotations
 
@@ -9,23 +11,23 @@ from spool_core import bootstrap
 from spool_core.jobs.runner import Outcome
 from spool_core.observability import logger, tracer
 from spool_core.queue import JobMessage, MessageNotDone, sqs_batch_handler
-from spool_core.tenancy import Tenant
+from spool_core.tenancy import InvalidTenantId, Tenant
 
 
 @tracer.capture_method
 def record_handler(record: SQSRecord) -> None:
     try:
         message = JobMessage.model_validate_json(record.body)
-    except ValidationError:
+        tenant = Tenant(message.tenant_id)
+    except (ValidationError, InvalidTenantId) as exc:
         logger.error(
-            "unreadable dead letter dropped",
-            extra={"message_id": record.message_id, "body": record.body[:500]},
+            "unusable dead letter dropped",
+            extra={"message_id": record.message_id, "reason": str(exc)[:500], "body": record.body[:500]},
         )
         return
-    outcome = bootstrap.job_runner(Tenant(message.tenant_id)).dead_lettered(message.job_id)
+    outcome = bootstrap.dead_letters(tenant).handle(message.job_id)
     if outcome is not Outcome.DONE:
         raise MessageNotDone(f"job {message.job_id} is still leased; looking again later")
-    logger.warning("dead-lettered job marked failed", extra={"job_id": message.job_id})
 
 
 lambda_handler = sqs_batch_handler(record_handler)

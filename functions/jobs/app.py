@@ -45,10 +45,10 @@ def create_job() -> Response[str]:
     service = _service()
     key = check_idempotency_key(app.current_event.headers.get("Idempotency-Key"))
     created = service.create(key, parse_body(app, JobRequest))
-    body, limits = service.view(created.job), service.rate_limit_headers()
+    body = service.view(created.job)
     if created.replayed:
-        return json_response(200, body, limits)
-    return json_response(202, body, {"Location": f"/v1/jobs/{created.job.job_id}", **limits})
+        return json_response(200, body, created.headers)
+    return json_response(202, body, {"Location": f"/v1/jobs/{created.job.job_id}", **created.headers})
 
 
 @app.get("/v1/jobs/<job_id>")

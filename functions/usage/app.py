@@ -27,8 +27,8 @@ def _date(name: str) -> str | None:
 
 @app.get("/v1/usage")
 def usage() -> Response[str]:
-    limiter = bootstrap.rate_limiter(tenant_of(app))
-    return json_response(200, limiter.usage(_date("since"), _date("until")), limiter.headers())
+    body = bootstrap.rate_limiter(tenant_of(app)).usage(_date("since"), _date("until"))
+    return json_response(200, body, body.pop("headers"))
 
 
 lambda_handler = api_handler(app)

@@ -8,7 +8,6 @@ in-memory fakes instead.
 from __future__ import annotations
 
 import os
-import time
 from functools import lru_cache, partial
 from typing import Any
 
@@ -26,7 +25,7 @@ from spool_core.adapters.contexts import (
     S3UploadStore,
 )
 from spool_core.adapters.dynamodb import ScopedTable
-from spool_core.adapters.jobs import DynamoChunkLog, DynamoJobStore, SqsJobQueue
+from spool_core.adapters.jobs import DynamoChunkLog, DynamoJobStore, DynamoPendingJobs, SqsJobQueue
 from spool_core.adapters.system_cache import DynamoCache
 from spool_core.adapters.usage import DynamoUsageStore
 from spool_core.adapters.websocket import DynamoConnectionStore, DynamoSubscriptionStore, ManagementApiPusher
@@ -36,8 +35,10 @@ from spool_core.contexts.service import DAY, ContextLimits, ContextService
 from spool_core.errors import ConfigurationError
 from spool_core.flags import DEFAULT_FLAGS_FILE, Flags, flags
 from spool_core.health import HealthService, Probe
+from spool_core.jobs.dead_letters import DeadLetters
 from spool_core.jobs.runner import JobRunner, RunnerSettings
 from spool_core.jobs.service import JOB_TTL_SECONDS, JobService
+from spool_core.jobs.sweeper import Sweeper, SweepSettings
 from spool_core.limits.model import TenantLimits
 from spool_core.limits.service import RateLimiter
 from spool_core.models import ModelCatalog, ModelSpec, registry
@@ -49,6 +50,7 @@ from spool_core.providers.simulated import SimulatedProvider
 from spool_core.settings import Settings
 from spool_core.subscriptions import Fanout
 from spool_core.tenancy import Tenant, TenantScope
+from spool_core.units import nanos
 
 
 def settings() -> Settings:
@@ -129,9 +131,18 @@ def context_service(tenant: Tenant, config: Settings | None = None) -> ContextSe
 def _job_tables(tenant: Tenant, config: Settings) -> tuple[DynamoJobStore, DynamoChunkLog]:
     scope = TenantScope(tenant)
     ddb = aws.dynamodb(config)
-    jobs = DynamoJobStore(ScopedTable(ddb, config.jobs_table, scope), JOB_TTL_SECONDS)
-    chunks = DynamoChunkLog(ScopedTable(ddb, config.chunks_table, scope), JOB_TTL_SECONDS, time.time)
+    jobs = DynamoJobStore(
+        ScopedTable(ddb, config.jobs_table, scope),
+        ScopedTable(ddb, config.usage_table, scope),
+        JOB_TTL_SECONDS,
+    )
+    chunks = DynamoChunkLog(ScopedTable(ddb, config.chunks_table, scope), JOB_TTL_SECONDS)
     return jobs, chunks
+
+
+def job_queue(config: Settings | None = None) -> SqsJobQueue:
+    config = config or settings()
+    return SqsJobQueue(aws.sqs(config), config.jobs_queue_url)
 
 
 def job_service(tenant: Tenant, config: Settings | None = None) -> JobService:
@@ -141,7 +152,7 @@ def job_service(tenant: Tenant, config: Settings | None = None) -> JobService:
         tenant,
         jobs,
         chunks,
-        SqsJobQueue(aws.sqs(config), config.jobs_queue_url),
+        job_queue(config),
         context_service(tenant, config),
         catalog(tenant, config),
         rate_limiter(tenant, config),
@@ -198,30 +209,56 @@ def job_runner(tenant: Tenant, config: Settings | None = None) -> JobRunner:
         lambda model: provider_for(model, config),
         rate_limiter(tenant, config),
         RunnerSettings(
-            flush_ms=config.flush_ms, flush_tokens=config.flush_tokens, lease_seconds=config.lease_seconds
+            flush_ms=config.flush_ms,
+            flush_tokens=config.flush_tokens,
+            lease_ms=int(config.lease_seconds * 1000),
         ),
+        queue=job_queue(config),
         breaker=circuit_breaker(config),
         flags=feature_flags(config),
     )
 
 
+def dead_letters(tenant: Tenant, config: Settings | None = None) -> DeadLetters:
+    config = config or settings()
+    jobs, chunks = _job_tables(tenant, config)
+    return DeadLetters(jobs, chunks, catalog(tenant, config), rate_limiter(tenant, config))
+
+
+def sweeper(config: Settings | None = None) -> Sweeper:
+    """Re-queues forgotten jobs: queued for two minutes, or running with no lease for twice the
+    lease (the lease is the queue's visibility timeout) and a minute."""
+    config = config or settings()
+    lease_ms = int(config.lease_seconds * 1000)
+    return Sweeper(
+        DynamoPendingJobs(aws.dynamodb(config), config.jobs_table),
+        lambda tenant_id: _job_tables(Tenant(tenant_id), config)[0],
+        job_queue(config),
+        SweepSettings(
+            queued_grace_ms=config.requeue_queued_after_seconds * 1000, running_grace_ms=2 * lease_ms + 60_000
+        ),
+    )
+
+
 def usage_store(tenant: Tenant, config: Settings | None = None) -> DynamoUsageStore:
     config = config or settings()
-    return DynamoUsageStore(
-        ScopedTable(aws.dynamodb(config), config.usage_table, TenantScope(tenant)), time.time
+    return DynamoUsageStore(ScopedTable(aws.dynamodb(config), config.usage_table, TenantScope(tenant)))
+
+
+def default_limits(config: Settings) -> TenantLimits:
+    budget = config.default_daily_budget_usd
+    return TenantLimits(
+        tokens_per_minute=config.default_tokens_per_minute,
+        tokens_per_day=config.default_tokens_per_day,
+        max_concurrent_jobs=config.default_max_concurrent_jobs,
+        daily_budget_nanos=nanos(budget) if budget is not None else None,
     )
 
 
 def rate_limiter(tenant: Tenant, config: Settings | None = None) -> RateLimiter:
-    """The tenant's limits: its own (usage table) or the deployment's defaults."""
+    """The tenant's limits: its own (usage table, read at every admission) or the deployment's."""
     config = config or settings()
-    defaults = TenantLimits(
-        tokens_per_minute=config.default_tokens_per_minute,
-        tokens_per_day=config.default_tokens_per_day,
-        max_concurrent_jobs=config.default_max_concurrent_jobs,
-        daily_budget_usd=config.default_daily_budget_usd,
-    )
-    return RateLimiter(usage_store(tenant, config), defaults)
+    return RateLimiter(usage_store(tenant, config), default_limits(config))
 
 
 def feature_flags(config: Settings | None = None) -> Flags:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from spool_core.errors import ModelNotFound
 from spool_core.flags import Flags
+from spool_core.units import price_nanos
 
 DEFAULT_REGISTRY = Path(__file__).with_name("models.json")
 
@@ -44,11 +45,10 @@ class ModelSpec(BaseModel):
     enabled: bool = True
     options: dict[str, Any] = Field(default_factory=dict)
 
-    def cost_usd(self, input_tokens: int, output_tokens: int) -> float:
-        return round(
-            input_tokens * self.pricing.input_per_mtok / 1e6
-            + output_tokens * self.pricing.output_per_mtok / 1e6,
-            8,
+    def cost_nanos(self, input_tokens: int, output_tokens: int) -> int:
+        """The price of a call in nano-dollars (exact for prices with up to three decimals per Mtok)."""
+        return price_nanos(input_tokens, self.pricing.input_per_mtok) + price_nanos(
+            output_tokens, self.pricing.output_per_mtok
         )
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from spool_core.observability import logger, metrics, tracer
 
@@ -16,8 +17,9 @@ from spool_core.observability import logger, metrics, tracer
 class JobMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    job_id: str
-    tenant_id: str
+    job_id: str = Field(min_length=1, max_length=64)
+    tenant_id: str = Field(min_length=1, max_length=64)
+    continuation: int = Field(default=0, ge=0)  # how many invocations this job has already yielded
 
 
 class MessageNotDone(Exception):
@@ -32,12 +34,29 @@ def sqs_batch_handler(
     in ``batchItemFailures``, not an invocation error, even when it is the whole batch."""
     processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 
+    wants_context = "lambda_context" in inspect.signature(record_handler).parameters
+
+    def logged(record: Any, lambda_context: LambdaContext) -> None:
+        """BatchProcessor reports a failed record to SQS but logs nothing: say why, once per record."""
+        try:
+            if wants_context:
+                record_handler(record, lambda_context)
+            else:
+                record_handler(record)
+        except MessageNotDone:
+            raise
+        except Exception:
+            logger.exception(
+                "record failed; it returns to the queue", extra={"message_id": record.message_id}
+            )
+            raise
+
     @logger.inject_lambda_context(clear_state=True)
     @tracer.capture_lambda_handler
     @metrics.log_metrics
     def handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:
         return process_partial_response(
-            event=event, record_handler=record_handler, processor=processor, context=context
+            event=event, record_handler=logged, processor=processor, context=context
         )
 
     return handler

@@ -32,6 +32,9 @@ class Settings(BaseModel):
     flush_tokens: int = Field(default=64, ge=1, alias="SPOOL_FLUSH_TOKENS")
     # The job lease follows the queue's visibility timeout: a crashed job's message returns as its lease ends.
     lease_seconds: float = Field(default=30, gt=0, alias="SPOOL_LEASE_SECONDS")
+    # A queued job whose message never left (a crash between admission and the send) is queued again
+    # by the sweeper after this long.
+    requeue_queued_after_seconds: int = Field(default=120, ge=10, alias="SPOOL_REQUEUE_QUEUED_AFTER_SECONDS")
     simulator_faults: bool = Field(default=False, alias="SPOOL_SIMULATOR_FAULTS")
     usage_table: str = Field(alias="SPOOL_USAGE_TABLE")
     system_table: str = Field(alias="SPOOL_SYSTEM_TABLE")

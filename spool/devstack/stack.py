@@ -13,19 +13,22 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from spool.devstack.gateway import GatewayHttpServer, RestApiEmulator
 from spool.devstack.ports import PortInUse, listen
-from spool.devstack.provision import MotoServer, StackDescription, aws_client, provision
-from spool.devstack.runtime import FORK_SERVER, LocalFunction
+from spool.devstack.provision import ACCOUNT_ID, MotoServer, StackDescription, aws_client, provision
+from spool.devstack.runtime import FORK_SERVER, InvocationError, LocalFunction
 from spool.devstack.state import LocalState
 from spool.devstack.streams import JobTransitions, StreamPoller
-from spool.devstack.template import Template, samconfig_parameters
+from spool.devstack.template import ScheduleEvent, Template, samconfig_parameters
 from spool.devstack.websocket import ManagementApiServer, WebSocketGateway
 from spool.devstack.worker_loop import SqsEventSource
+from spool_core.clock import rfc3339, utc_now
 
 log = logging.getLogger("devstack.stack")
 
@@ -204,6 +207,7 @@ class EmbeddedStack:
         self._serve("ws-management", self._management.serve_forever, self._management.shutdown)
         self._start_pollers(description)
         self._start_sources(description)
+        self._start_schedules()
         self._spawn("reaper", self._reap)
 
     def _create_functions(self, description: StackDescription) -> None:
@@ -288,6 +292,30 @@ class EmbeddedStack:
                     )
                     self._sources.append(source)
                     self._spawn(f"sqs-{event.queue}", source.run)
+
+    def _start_schedules(self) -> None:
+        """EventBridge's scheduled rules: each function with a ``rate(...)`` schedule, on its rate."""
+        for name, spec in self.template.functions().items():
+            for event in spec.schedule_events:
+                self._spawn(f"schedule-{name}", partial(self._tick, self.functions[name], event))
+
+    def _tick(self, function: LocalFunction, event: ScheduleEvent) -> None:
+        while not self._stopping.wait(event.interval_seconds):
+            payload = {
+                "version": "0",
+                "id": str(uuid.uuid4()),
+                "detail-type": "Scheduled Event",
+                "source": "aws.events",
+                "account": ACCOUNT_ID,
+                "time": rfc3339(utc_now()),
+                "region": self.description.region if self.description else "us-east-1",
+                "resources": [f"arn:aws:events:::rule/{function.name}-{event.name}"],
+                "detail": {},
+            }
+            try:
+                function.invoke(payload)
+            except InvocationError as exc:
+                log.warning("scheduled %s failed: %s", function.spec.logical_id, exc)
 
     def _reap(self) -> None:
         while not self._stopping.wait(REAP_INTERVAL_SECONDS):

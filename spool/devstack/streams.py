@@ -157,8 +157,8 @@ class JobTransitions:
             return f"running (attempt {attempts})"
         usage = image.get("usage", {}).get("M", {})
         tokens = usage.get("output_tokens", {}).get("N", "0")
-        cost = image.get("cost_usd", {}).get("N", "0")
-        text = f"{status}: {tokens} tokens out, ${float(cost):.6f}"
+        cost = int(image.get("cost_nanos", {}).get("N", "0"))
+        text = f"{status}: {tokens} tokens out, ${cost / 1e9:.6f}"
         error = image.get("error", {}).get("M", {})
         if status == "failed" and error:
             text += f" ({error.get('code', {}).get('S', '')})"

@@ -127,6 +127,21 @@ class StreamEvent:
 
 
 @dataclass(frozen=True)
+class ScheduleEvent:
+    name: str
+    expression: str  # rate(1 minute), rate(5 minutes), ...
+
+    @property
+    def interval_seconds(self) -> float:
+        """The period of a ``rate(...)`` expression (cron expressions are not run locally)."""
+        match = re.fullmatch(r"rate\((\d+) (minute|minutes|hour|hours|day|days)\)", self.expression.strip())
+        if not match:
+            raise TemplateError(f"only rate(...) schedules run locally, not {self.expression!r}")
+        unit = {"minute": 60, "hour": 3600, "day": 86400}[match.group(2).rstrip("s")]
+        return int(match.group(1)) * unit
+
+
+@dataclass(frozen=True)
 class FunctionSpec:
     logical_id: str
     code_uri: str
@@ -138,6 +153,7 @@ class FunctionSpec:
     sqs_events: tuple[SqsEvent, ...] = ()
     stream_events: tuple[StreamEvent, ...] = ()
     reserved_concurrency: int | None = None
+    schedule_events: tuple[ScheduleEvent, ...] = ()
 
     @property
     def module_file(self) -> str:
@@ -198,7 +214,7 @@ class Template:
                 **globals_.get("Environment", {}).get("Variables", {}),
                 **resource.get("Properties", {}).get("Environment", {}).get("Variables", {}),
             }
-            api_events, sqs_events, stream_events = [], [], []
+            api_events, sqs_events, stream_events, schedules = [], [], [], []
             for event_name, event in (props.get("Events") or {}).items():
                 ep = event.get("Properties", {})
                 if event["Type"] == "Api":
@@ -222,6 +238,10 @@ class Template:
                             tuple(json.loads(f["Pattern"]) for f in patterns),
                         )
                     )
+                elif event["Type"] in {"Schedule", "ScheduleV2"}:
+                    schedules.append(
+                        ScheduleEvent(event_name, str(ep.get("Schedule") or ep["ScheduleExpression"]))
+                    )
                 elif event["Type"] == "SQS":
                     sqs_events.append(
                         SqsEvent(
@@ -242,6 +262,7 @@ class Template:
                 sqs_events=tuple(sqs_events),
                 stream_events=tuple(stream_events),
                 reserved_concurrency=_optional_int(props.get("ReservedConcurrentExecutions")),
+                schedule_events=tuple(schedules),
             )
         return specs
 

@@ -52,7 +52,12 @@ def test_idempotency_over_http(dev_stack: RunningStack) -> None:
     assert status == 202
     assert headers["Location"] == f"/v1/jobs/{job['job_id']}"
     assert job["status"] == "queued"
-    assert job["model"] == {"requested": "sim-realtime", "resolved": "sim-realtime", "fallback_used": False}
+    assert job["model"] == {
+        "requested": "sim-realtime",
+        "resolved": "sim-realtime",
+        "fallback_used": False,
+        "segments": [{"model": "sim-realtime", "from_sequence_id": 1, "from_tokens": 0}],
+    }
     assert set(job["links"]) == {"self", "chunks", "subscribe"}
 
     status, _, error = create(dev_stack, body, key)

@@ -25,6 +25,7 @@ def test_every_function_in_the_template_has_a_sample_event(template: Template) -
         "WebSocketFunction": "websocket",
         "FanoutFunction": "fanout",
         "WorkerFunction": "worker",
+        "SweeperFunction": "sweeper",
     }
     assert set(template.functions()) <= set(samples), "add a sample event for the new function"
     for name in template.functions():
@@ -149,6 +150,26 @@ def test_fanout_function_takes_a_stream_batch_for_a_job_without_subscribers(invo
 
 def test_dead_letter_function_drops_messages_of_unknown_jobs(invoke: Any) -> None:
     assert invoke("DeadLetterFunction", load_event("dead_letter")) == {"batchItemFailures": []}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "not json",
+        json.dumps({"job_id": "job_x"}),
+        json.dumps({"job_id": "job_x", "tenant_id": "not a valid tenant!"}),  # D5: dropped, not retried
+        json.dumps({"job_id": "job_x", "tenant_id": "t", "extra": 1}),
+    ],
+)
+def test_dead_letters_that_can_never_succeed_are_dropped(invoke: Any, body: str) -> None:
+    event = load_event("dead_letter")
+    event["Records"][0]["body"] = body
+    assert invoke("DeadLetterFunction", event) == {"batchItemFailures": []}
+
+
+def test_the_sweeper_answers_its_scheduled_event(invoke: Any) -> None:
+    result = invoke("SweeperFunction", load_event("sweeper"))
+    assert isinstance(result["requeued"], list)
 
 
 def test_worker_reports_unparseable_messages_as_batch_item_failures(

@@ -350,6 +350,7 @@ def test_a_job_on_an_openai_compatible_endpoint_survives_a_cut(
         bootstrap.provider_for,
         bootstrap.rate_limiter(tenant),
         RunnerSettings(backoff_seconds=0.0),
+        queue=bootstrap.job_queue(),
         sleep=lambda _: None,
     )
     assert runner.run(created.job.job_id) is Outcome.DONE

@@ -48,6 +48,7 @@ def test_job_transitions_are_logged_once_each(caplog: pytest.LogCaptureFixture) 
         status={"S": "failed"},
         attempts={"N": "1"},
         usage={"M": {"output_tokens": {"N": "12"}}},
+        cost_nanos={"N": "4800"},
         error={"M": {"code": {"S": "provider_error"}}},
     )
     with caplog.at_level(logging.INFO, logger="test.jobs"):
@@ -56,5 +57,5 @@ def test_job_transitions_are_logged_once_each(caplog: pytest.LogCaptureFixture) 
     assert [r.getMessage() for r in caplog.records] == [
         "job job_1 queued (tenant acme, sim-fast)",
         "job job_1 running (attempt 1)",
-        "job job_1 failed: 12 tokens out, $0.000000 (provider_error)",
+        "job job_1 failed: 12 tokens out, $0.000005 (provider_error)",
     ]

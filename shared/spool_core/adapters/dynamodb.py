@@ -26,11 +26,18 @@ _deserializer = TypeDeserializer()
 
 
 class ConditionFailed(Exception):
-    """A conditional write found the item in another state; ``item`` holds it when DynamoDB returned it."""
+    """A conditional write found the item in another state; ``item`` holds it when DynamoDB returned it.
+    For a transaction, ``reasons`` has one ``(code, item)`` per entry, in order (code ``None`` for
+    the entries that were fine)."""
 
-    def __init__(self, item: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        item: dict[str, Any] | None = None,
+        reasons: list[tuple[str, dict[str, Any] | None]] | None = None,
+    ) -> None:
         super().__init__("conditional check failed")
         self.item = item
+        self.reasons = reasons or []
 
 
 def _plain(value: Any) -> Any:
@@ -86,8 +93,46 @@ class ScopedTable:
     def client(self) -> DynamoDBClient:
         return self._client
 
-    def _key(self, kind: str, ident: str, sort: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    @property
+    def name(self) -> str:
+        return self._table
+
+    def key(self, kind: str, ident: str, sort: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The serialized key of one of the tenant's items."""
         return serialize({PARTITION_KEY: self._scope.key(kind, ident), **(sort or {})})
+
+    _key = key
+
+    def put_request(
+        self,
+        kind: str,
+        ident: str,
+        attributes: Mapping[str, Any],
+        *,
+        condition: str | None = None,
+        names: Mapping[str, str] | None = None,
+        values: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """A put as one entry of a ``transact`` call (the current item comes back if it fails)."""
+        request: dict[str, Any] = {
+            "TableName": self._table,
+            "Item": serialize({**attributes, PARTITION_KEY: self._scope.key(kind, ident)}),
+        }
+        self._add_condition(request, condition, names, values)
+        return {"Put": request}
+
+    def delete_request(
+        self,
+        kind: str,
+        ident: str,
+        *,
+        condition: str | None = None,
+        names: Mapping[str, str] | None = None,
+        values: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        request: dict[str, Any] = {"TableName": self._table, "Key": self.key(kind, ident)}
+        self._add_condition(request, condition, names, values)
+        return {"Delete": request}
 
     def get(
         self,
@@ -164,12 +209,7 @@ class ScopedTable:
             "Key": self._key(kind, ident, sort),
             "UpdateExpression": expression,
         }
-        if condition:
-            request["ConditionExpression"] = condition
-        if names:
-            request["ExpressionAttributeNames"] = dict(names)
-        if values:
-            request["ExpressionAttributeValues"] = serialize(values)
+        self._add_condition(request, condition, names, values)
         return {"Update": request}
 
     def delete_all(self, keys: Sequence[tuple[str, str]]) -> None:
@@ -210,8 +250,6 @@ class ScopedTable:
             kind, ident, expression, sort=sort, condition=condition, names=names, values=values
         )["Update"]
         kwargs["ReturnValues"] = "ALL_NEW"
-        if condition:
-            kwargs["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
         response = self._write(self._client.update_item, kwargs)
         return deserialize(response.get("Attributes", {}))
 
@@ -285,16 +323,48 @@ class ScopedTable:
             raise
 
 
+CANCELLED_BY_STATE = ("ConditionalCheckFailed", "TransactionConflict")
+
+
 def transact(client: DynamoDBClient, items: Sequence[Mapping[str, Any]]) -> None:
-    """All the writes or none (TransactWriteItems, any tables); ``ConditionFailed`` if a condition failed."""
+    """All the writes or none (TransactWriteItems, any tables). ``ConditionFailed`` (with a reason
+    per entry, and the current item where a condition failed) when a condition failed or another
+    transaction held an item; other errors propagate."""
     request: Any = list(items)
     try:
         client.transact_write_items(TransactItems=request)
     except ClientError as exc:
         response: Any = exc.response
-        reasons = response.get("CancellationReasons", [])
+        reasons = [
+            (str(r.get("Code") or "None"), deserialize(r["Item"]) if r.get("Item") else None)
+            for r in response.get("CancellationReasons", [])
+        ]
         if exc.response["Error"]["Code"] == "TransactionCanceledException" and any(
-            r.get("Code") == "ConditionalCheckFailed" for r in reasons
+            code in CANCELLED_BY_STATE for code, _ in reasons
         ):
-            raise ConditionFailed() from exc
+            raise ConditionFailed(reasons=reasons) from exc
         raise
+
+
+def batch_get(
+    client: DynamoDBClient, keys: Mapping[str, Sequence[Mapping[str, Any]]]
+) -> dict[str, list[dict[str, Any]]]:
+    """Items by key from several tables in one BatchGetItem (strongly consistent; unprocessed keys
+    retried), deserialized, by table."""
+    pending: dict[str, list[Any]] = {
+        table: list(table_keys) for table, table_keys in keys.items() if table_keys
+    }
+    found: dict[str, list[dict[str, Any]]] = {table: [] for table in keys}
+    attempts = 0
+    while pending:
+        request: Any = {
+            table: {"Keys": table_keys, "ConsistentRead": True} for table, table_keys in pending.items()
+        }
+        response = client.batch_get_item(RequestItems=request)
+        for table, items in response.get("Responses", {}).items():
+            found[table].extend(deserialize(item) for item in items)
+        left: Any = response.get("UnprocessedKeys") or {}
+        pending = {table: entry["Keys"] for table, entry in left.items() if entry.get("Keys")}
+        if pending:
+            attempts = _back_off(attempts, "keys")
+    return found

@@ -1,101 +1,358 @@
-"""The jobs' DynamoDB and SQS adapters, each bound to one tenant's scope."""
+"""The jobs' DynamoDB and SQS adapters, bound to one tenant's scope.
+
+Every conditional write here is safe to retry after a reply was lost (botocore retries timeouts and
+5xx, and a write may have been applied before its reply went missing): when a condition fails, the
+item that came back is checked for the caller's own mark (the job id in the idempotency record, the
+lease token on the job, the writer on a chunk, ``ended_by`` on an ended job), and a write found
+already applied is success.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from spool_core.adapters.dynamodb import ConditionFailed, ScopedTable, transact
-from spool_core.jobs.model import Chunk, Job
-from spool_core.jobs.ports import Conflict
+from spool_core.adapters.dynamodb import (
+    ConditionFailed,
+    ScopedTable,
+    batch_get,
+    deserialize,
+    serialize,
+    transact,
+)
+from spool_core.adapters.usage import reservation_writes, settlement_writes, state_from, state_keys
+from spool_core.jobs.model import Chunk, Job, Progress, Segment
+from spool_core.jobs.ports import AdmissionRefused, Claim, Conflict, EndGuard, JobEnd, PendingJob
+from spool_core.limits.model import ReservationPlan, Settlement, UsageState
 from spool_core.queue import JobMessage
+from spool_core.tenancy import SEPARATOR
+from spool_core.units import now_ms
 
 if TYPE_CHECKING:
+    from mypy_boto3_dynamodb import DynamoDBClient
     from mypy_boto3_sqs import SQSClient
 
+TRANSACTION_ATTEMPTS = 5  # a transaction cancelled only because another one held an item is retried
 JOB_KIND = "job"
 IDEMPOTENCY_KIND = "idem"
-_NAME = re.compile(r"#(\w+)")
+PENDING_INDEX = "PendingIndex"
+PENDING_SHARDS = 4
+_RUNNING = {":running": "running"}
+_HELD = "#lease_token = :me AND #status = :running"  # only the attempt holding the lease may write
+
+
+def pending_shard(job_id: str) -> str:
+    """Pending jobs are spread over a few index partitions, so the index has no single hot key."""
+    return f"pending#{int(hashlib.sha256(job_id.encode()).hexdigest(), 16) % PENDING_SHARDS}"
 
 
 class DynamoJobStore:
-    def __init__(self, table: ScopedTable, job_ttl_seconds: int) -> None:
-        self._table = table
+    def __init__(self, jobs: ScopedTable, usage: ScopedTable, job_ttl_seconds: int) -> None:
+        self._table = jobs
+        self._usage = usage
         self._job_ttl = job_ttl_seconds
 
     def get(self, job_id: str) -> Job | None:
         item = self._table.get(JOB_KIND, job_id)
         return Job.model_validate(item) if item else None
 
-    def claim(self, idempotency_key: str, job_id: str, fingerprint: str, created_at: str, ttl: int) -> None:
-        record = {"job_id": job_id, "fingerprint": fingerprint, "created_at": created_at, "ttl": ttl}
+    # ------------------------------------------------------------------ admission
+    def admission_state(self, key_hash: str, model_id: str, day: str) -> tuple[Claim | None, UsageState]:
+        found = batch_get(
+            self._table.client,
+            {
+                self._table.name: [self._table.key(IDEMPOTENCY_KIND, key_hash)],
+                self._usage.name: state_keys(self._usage, model_id or None, day),
+            },
+        )
+        claims = found[self._table.name]
+        return (_claim(key_hash, claims[0]) if claims else None), state_from(found[self._usage.name], day)
+
+    def admit(self, job: Job, claim: Claim, plan: ReservationPlan) -> None:
+        record = {
+            "job_id": claim.job_id,
+            "fingerprint": claim.fingerprint,
+            "created_at": claim.created_at,
+            "ttl": claim.expires_at_s,
+        }
+        writes = [
+            self._table.put_request(
+                IDEMPOTENCY_KIND, claim.key_hash, record, condition="attribute_not_exists(pk)"
+            ),
+            self._table.put_request(
+                JOB_KIND, job.job_id, self._item(job), condition="attribute_not_exists(pk)"
+            ),
+            *reservation_writes(self._usage, plan),
+        ]
         try:
-            self._table.put(IDEMPOTENCY_KIND, idempotency_key, record, condition="attribute_not_exists(pk)")
-        except ConditionFailed as exc:
-            raise Conflict(exc.item) from None
+            transact(self._table.client, writes)
+        except ConditionFailed as failed:
+            code, current = failed.reasons[0] if failed.reasons else ("None", None)
+            holder = _claim(claim.key_hash, current) if code == "ConditionalCheckFailed" and current else None
+            raise AdmissionRefused(holder) from None
 
-    def create(self, job: Job) -> None:
-        item = {**job.model_dump(), "ttl": int(time.time()) + self._job_ttl}
-        self._table.put(JOB_KIND, job.job_id, item, condition="attribute_not_exists(pk)")
-
-    def idempotency_record(self, idempotency_key: str) -> Mapping[str, Any] | None:
-        return self._table.get(IDEMPOTENCY_KIND, idempotency_key)
-
-    def discard(self, job_id: str, idempotency_key: str) -> None:
-        self._table.delete_all([(IDEMPOTENCY_KIND, idempotency_key), (JOB_KIND, job_id)])
-
-    def update(
-        self,
-        job_id: str,
-        changes: Mapping[str, Any],
-        *,
-        condition: str | None = None,
-        values: Mapping[str, Any] | None = None,
-        also: Sequence[Mapping[str, Any]] = (),
-    ) -> Job:
-        expression = "SET " + ", ".join(f"#{name} = :set_{name}" for name in changes)
-        used = set(changes) | set(_NAME.findall(condition or ""))
-        names = {f"#{name}": name for name in used}
-        all_values = {**{f":set_{name}": value for name, value in changes.items()}, **(values or {})}
+    def withdraw(self, job: Job, claim: Claim, settlement: Settlement) -> None:
+        writes = [
+            self._table.delete_request(
+                JOB_KIND,
+                job.job_id,
+                condition="#status = :queued AND attempts = :zero",
+                names={"#status": "status"},
+                values={":queued": "queued", ":zero": 0},
+            ),
+            self._table.delete_request(
+                IDEMPOTENCY_KIND, claim.key_hash, condition="job_id = :job", values={":job": job.job_id}
+            ),
+            *settlement_writes(self._usage, settlement, now_ms()),
+        ]
         try:
-            if not also:
-                item = self._table.update(
-                    JOB_KIND, job_id, expression, condition=condition, names=names, values=all_values
-                )
-                return Job.model_validate(item)
-            request = self._table.update_request(
-                JOB_KIND, job_id, expression, condition=condition, names=names, values=all_values
+            transact(self._table.client, writes)
+        except ConditionFailed:
+            raise Conflict() from None
+
+    def _item(self, job: Job) -> dict[str, Any]:
+        return {
+            **job.model_dump(exclude_none=True),
+            "ttl": now_ms() // 1000 + self._job_ttl,
+            "pending_shard": pending_shard(job.job_id),
+            "pending_since_ms": now_ms(),
+        }
+
+    # ------------------------------------------------------------------ the worker's lease
+    def take_lease(self, job_id: str, token: str, now_ms: int, until_ms: int, expected_attempts: int) -> Job:
+        try:
+            item = self._update(
+                job_id,
+                {
+                    "status": "running",
+                    "lease_token": token,
+                    "lease_expires_ms": until_ms,
+                    "attempts": expected_attempts + 1,
+                    "pending_since_ms": now_ms,
+                },
+                "#status IN (:queued, :running) AND #lease_expires_ms < :now AND #attempts = :seen",
+                {":queued": "queued", ":running": "running", ":now": now_ms, ":seen": expected_attempts},
+                extra="#started_at = if_not_exists(#started_at, :started)",
+                extra_values={":started": _rfc3339(now_ms)},
             )
-            transact(self._table.client, [request, *also])
-        except ConditionFailed as exc:
-            raise Conflict(exc.item) from None
+        except ConditionFailed as failed:
+            if failed.item and failed.item.get("lease_token") == token:
+                return Job.model_validate(failed.item)  # this very take, applied before its reply was lost
+            raise Conflict(failed.item) from None
+        return Job.model_validate(item)
+
+    def renew_lease(
+        self, job_id: str, token: str, until_ms: int, progress: Progress, first_token_at: str | None
+    ) -> None:
+        changes: dict[str, Any] = {
+            "lease_expires_ms": until_ms,
+            "progress": progress.model_dump(),
+            "pending_since_ms": now_ms(),
+        }
+        if first_token_at:
+            changes["first_token_at"] = first_token_at
+        self._owned(job_id, token, changes)
+
+    def hand_over(self, job_id: str, token: str, progress: Progress, input_reported: dict[str, int]) -> None:
+        self._owned(
+            job_id,
+            token,
+            {
+                "lease_expires_ms": 0,
+                "progress": progress.model_dump(),
+                "input_reported": input_reported,
+                "pending_since_ms": now_ms(),
+            },
+        )
+
+    def switch_model(self, job_id: str, token: str, segment: Segment, input_reported: dict[str, int]) -> Job:
+        try:
+            item = self._update(
+                job_id,
+                {"model_resolved": segment.model, "fallback_used": True, "input_reported": input_reported},
+                f"{_HELD} AND #model_resolved <> :model",
+                {":me": token, ":model": segment.model, **_RUNNING},
+                extra="#segments = list_append(#segments, :segment)",
+                extra_values={":segment": [segment.model_dump()]},
+            )
+        except ConditionFailed as failed:
+            current = failed.item or {}
+            if current.get("lease_token") == token and current.get("model_resolved") == segment.model:
+                return Job.model_validate(current)  # applied before its reply was lost
+            raise Conflict(failed.item) from None
+        return Job.model_validate(item)
+
+    def _owned(self, job_id: str, token: str, changes: dict[str, Any]) -> None:
+        """A write only the lease holder may make (idempotent: retrying it changes nothing more)."""
+        try:
+            self._update(job_id, changes, _HELD, {":me": token, **_RUNNING})
+        except ConditionFailed as failed:
+            raise Conflict(failed.item) from None
+
+    # ------------------------------------------------------------------ the end
+    def end(self, job_id: str, end: JobEnd, guard: EndGuard, settlement: Settlement) -> Job:
+        changes: dict[str, Any] = {
+            "status": end.status,
+            "progress": end.progress.model_dump(),
+            "usage": end.usage.model_dump(),
+            "cost_nanos": end.cost_nanos,
+            "completed_at": end.completed_at,
+            "input_reported": end.input_reported,
+            "lease_expires_ms": 0,
+            "ended_by": guard.token,
+        }
+        for name in ("output", "error", "first_token_at"):
+            if getattr(end, name) is not None:
+                changes[name] = getattr(end, name)
+        if end.segments is not None:
+            changes["segments"] = [s.model_dump() for s in end.segments]
+        values: dict[str, Any]
+        if guard.kind == "lease":
+            condition, values = _HELD, {":me": guard.token, **_RUNNING}
+        elif guard.kind == "queued":
+            condition, values = "#status = :queued", {":queued": "queued"}
+        else:
+            condition = "#status IN (:queued, :running) AND #lease_expires_ms < :now"
+            values = {":queued": "queued", ":now": guard.now_ms, **_RUNNING}
+        request = self._update_request(
+            job_id, changes, condition, values, remove=("pending_shard", "pending_since_ms")
+        )
+        writes = [request, *settlement_writes(self._usage, settlement, now_ms())]
+        for attempt in range(1, TRANSACTION_ATTEMPTS + 1):
+            try:
+                transact(self._table.client, writes)
+                break
+            except ConditionFailed as failed:
+                code, current = failed.reasons[0] if failed.reasons else ("None", None)
+                if code == "ConditionalCheckFailed":
+                    if current and current.get("ended_by") == guard.token:
+                        return Job.model_validate(current)  # this very end, applied before its reply was lost
+                    raise Conflict(current) from None
+                if attempt == TRANSACTION_ATTEMPTS:  # another transaction kept a usage item busy
+                    raise
+                time.sleep(0.01 * attempt)
         job = self.get(job_id)
         assert job is not None
         return job
+
+    def request_cancel(self, job_id: str) -> Job:
+        try:
+            item = self._update(job_id, {"cancel_requested": True}, "#status = :running", _RUNNING)
+        except ConditionFailed as failed:
+            raise Conflict(failed.item) from None
+        return Job.model_validate(item)
 
     def cancel_requested(self, job_id: str) -> bool:
         item = self._table.get(JOB_KIND, job_id, attributes=["cancel_requested"])
         return bool(item and item.get("cancel_requested"))
 
+    def requeue(self, job_id: str, seen_pending_ms: int, now_ms: int) -> bool:
+        try:
+            self._update(
+                job_id,
+                {"pending_since_ms": now_ms},
+                "#pending_since_ms = :seen AND #status IN (:queued, :running)",
+                {":seen": seen_pending_ms, ":queued": "queued", **_RUNNING},
+            )
+        except ConditionFailed:
+            return False
+        return True
+
+    # ------------------------------------------------------------------ update helpers
+    def _update_request(
+        self,
+        job_id: str,
+        changes: Mapping[str, Any],
+        condition: str,
+        values: Mapping[str, Any],
+        *,
+        extra: str | None = None,
+        extra_values: Mapping[str, Any] | None = None,
+        remove: tuple[str, ...] = (),
+    ) -> dict[str, Any]:
+        """``SET`` each change (plus ``extra``), ``REMOVE`` the ``remove`` attributes, if ``condition``."""
+        assignments = [f"#{name} = :set_{name}" for name in changes]
+        if extra:
+            assignments.append(extra)
+        expression = "SET " + ", ".join(assignments)
+        if remove:
+            expression += " REMOVE " + ", ".join(f"#{name}" for name in remove)
+        used = {*changes, *remove, *_names_in(condition), *_names_in(extra or "")}
+        return self._table.update_request(
+            JOB_KIND,
+            job_id,
+            expression,
+            condition=condition,
+            names={f"#{name}": name for name in used},
+            values={**{f":set_{k}": v for k, v in changes.items()}, **values, **(extra_values or {})},
+        )
+
+    def _update(
+        self,
+        job_id: str,
+        changes: Mapping[str, Any],
+        condition: str,
+        values: Mapping[str, Any],
+        *,
+        extra: str | None = None,
+        extra_values: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """The same as one UpdateItem; ``ConditionFailed`` carries the current item."""
+        request = self._update_request(
+            job_id, changes, condition, values, extra=extra, extra_values=extra_values
+        )
+        update = request["Update"]
+        return self._table.update(
+            JOB_KIND,
+            job_id,
+            update["UpdateExpression"],
+            condition=condition,
+            names=update["ExpressionAttributeNames"],
+            values={**{f":set_{k}": v for k, v in changes.items()}, **values, **(extra_values or {})},
+        )
+
+
+def _names_in(expression: str) -> set[str]:
+    return set(re.findall(r"#(\w+)", expression))
+
+
+def _claim(key_hash: str, item: Mapping[str, Any]) -> Claim:
+    return Claim(
+        key_hash=key_hash,
+        job_id=str(item["job_id"]),
+        fingerprint=str(item["fingerprint"]),
+        created_at=str(item.get("created_at", "")),
+        expires_at_s=int(item.get("ttl", 0)),
+    )
+
+
+def _rfc3339(moment_ms: int) -> str:
+    from spool_core.clock import from_epoch, rfc3339
+
+    return rfc3339(from_epoch(moment_ms / 1000))
+
 
 class DynamoChunkLog:
-    def __init__(self, table: ScopedTable, ttl_seconds: int, clock: Any) -> None:
+    def __init__(self, table: ScopedTable, ttl_seconds: int) -> None:
         self._table = table
         self._ttl = ttl_seconds
-        self._clock = clock
 
     def append(self, job_id: str, chunk: Chunk) -> None:
         try:
             self._table.put(
                 JOB_KIND,
                 job_id,
-                {**chunk.model_dump(), "ttl": int(self._clock() + self._ttl)},
+                {**chunk.model_dump(exclude_none=True), "ttl": now_ms() // 1000 + self._ttl},
                 condition="attribute_not_exists(pk)",
             )
-        except ConditionFailed:
-            raise Conflict() from None
+        except ConditionFailed as failed:
+            current = failed.item or {}
+            if current.get("writer") == chunk.writer and current.get("text") == chunk.text:
+                return  # this very chunk, written before its reply was lost
+            raise Conflict(failed.item) from None
 
     def after(self, job_id: str, after: int, limit: int) -> list[Chunk]:
         items = self._table.query(
@@ -116,6 +373,33 @@ class SqsJobQueue:
         self._client = client
         self._queue_url = queue_url
 
-    def send(self, job_id: str, tenant_id: str) -> None:
-        body = JobMessage(job_id=job_id, tenant_id=tenant_id).model_dump_json()
+    def send(self, job_id: str, tenant_id: str, *, continuation: int = 0) -> None:
+        body = JobMessage(job_id=job_id, tenant_id=tenant_id, continuation=continuation).model_dump_json()
         self._client.send_message(QueueUrl=self._queue_url, MessageBody=body)
+
+
+class DynamoPendingJobs:
+    """The pending-jobs index of the jobs table (a sparse index: only jobs not yet ended are in it).
+    A system reader, like the stream consumers: it reads every tenant's jobs, by key only."""
+
+    def __init__(self, client: DynamoDBClient, table: str) -> None:
+        self._client = client
+        self._table = table
+
+    def older_than(self, before_ms: int, limit: int) -> list[PendingJob]:
+        found: list[PendingJob] = []
+        for shard in range(PENDING_SHARDS):
+            response = self._client.query(
+                TableName=self._table,
+                IndexName=PENDING_INDEX,
+                KeyConditionExpression="pending_shard = :shard AND pending_since_ms < :before",
+                ExpressionAttributeValues=serialize({":shard": f"pending#{shard}", ":before": before_ms}),
+                Limit=limit,
+            )
+            for raw in response.get("Items", []):
+                item = deserialize(raw)
+                tenant, _, rest = str(item["pk"]).partition(SEPARATOR)
+                kind, _, job_id = rest.partition(SEPARATOR)
+                if kind == JOB_KIND:
+                    found.append(PendingJob(tenant, job_id, int(item["pending_since_ms"])))
+        return sorted(found, key=lambda p: p.pending_since_ms)[:limit]

@@ -1,15 +1,18 @@
 """The usage table: one partition per tenant holding its buckets, concurrency counter, budget,
-learned statistics and daily rollups (sort keys ``bucket#``, ``concurrency``, ``day#``, ``stats#``,
-``rollup#<date>#<model>``, ``limits``)."""
+learned statistics, limits and daily rollups (sort keys ``bucket#``, ``concurrency``, ``day#``,
+``stats#``, ``limits``, ``rollup#<date>#<model>``). Every quantity is an integer: tokens, bucket times
+in microseconds, money in nano-dollars.
+
+Admission and settlement are not written here but by the job store, in the same transaction as the
+job; this module builds their entries (``reservation_writes``, ``settlement_writes``)."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import Any
 
 from spool_core.adapters.dynamodb import ConditionFailed, ScopedTable
-from spool_core.limits.model import Bucket, Settlement, TenantLimits
+from spool_core.limits.model import ReservationPlan, Settlement, TenantLimits, UsageState
 from spool_core.limits.service import ModelStats
 
 KIND = "usage"
@@ -21,37 +24,170 @@ def _sk(value: str) -> dict[str, str]:
     return {"sk": value}
 
 
+def state_keys(table: ScopedTable, model_id: str | None, day: str) -> list[dict[str, Any]]:
+    """The items admission reads: limits, buckets, concurrency, today's budget, the model's stats."""
+    names = ["limits", "bucket#minute", "bucket#day", "concurrency", f"day#{day}"]
+    if model_id:
+        names.append(f"stats#{model_id}")
+    return [table.key(KIND, IDENT, _sk(name)) for name in names]
+
+
+def state_from(items: Iterable[dict[str, Any]], day: str) -> UsageState:
+    by_sk = {str(item["sk"]): item for item in items}
+    limits = by_sk.get("limits")
+    stats = next((item for sk, item in by_sk.items() if sk.startswith("stats#")), None)
+    return UsageState(
+        limits=_limits(limits) if limits else None,
+        tats={
+            name: int(by_sk[f"bucket#{name}"]["tat_us"])
+            if "tat_us" in by_sk.get(f"bucket#{name}", {})
+            else None
+            for name in ("minute", "day")
+        },
+        running=int(by_sk.get("concurrency", {}).get("running", 0)),
+        committed_nanos=int(by_sk.get(f"day#{day}", {}).get("committed_nanos", 0)),
+        correction_milli=int(stats["correction_milli"]) if stats else 1000,
+        outputs=tuple(int(x) for x in stats.get("outputs", [])) if stats else (),
+    )
+
+
+def _limits(item: dict[str, Any]) -> TenantLimits:
+    budget = item.get("daily_budget_nanos")
+    return TenantLimits(
+        tokens_per_minute=int(item["tokens_per_minute"]),
+        tokens_per_day=int(item["tokens_per_day"]),
+        max_concurrent_jobs=int(item["max_concurrent_jobs"]),
+        daily_budget_nanos=int(budget) if budget is not None else None,
+    )
+
+
+def reservation_writes(table: ScopedTable, plan: ReservationPlan) -> list[dict[str, Any]]:
+    """Transaction entries that take a reservation: each conditional on the state it was planned on
+    (see ``Bucket.take``), so a take that raced another is cancelled, never applied twice."""
+    writes = [
+        table.update_request(
+            KIND,
+            IDENT,
+            "SET running = if_not_exists(running, :zero) + :one",
+            sort=_sk("concurrency"),
+            condition="attribute_not_exists(running) OR running < :max",
+            values={":zero": 0, ":one": 1, ":max": plan.max_running},
+        )
+    ]
+    for take in plan.takes:
+        if take.kind == "restart":
+            writes.append(
+                table.update_request(
+                    KIND,
+                    IDENT,
+                    "SET tat_us = :start",
+                    sort=_sk(f"bucket#{take.bucket}"),
+                    condition="attribute_not_exists(tat_us) OR tat_us <= :now",
+                    values={":start": take.now_us + take.cost_us, ":now": take.now_us},
+                )
+            )
+        else:
+            writes.append(
+                table.update_request(
+                    KIND,
+                    IDENT,
+                    "SET tat_us = tat_us + :cost",
+                    sort=_sk(f"bucket#{take.bucket}"),
+                    condition="tat_us > :now AND tat_us <= :latest",
+                    values={":cost": take.cost_us, ":now": take.now_us, ":latest": take.latest},
+                )
+            )
+    if plan.budget_room_nanos is not None:
+        writes.append(
+            table.update_request(
+                KIND,
+                IDENT,
+                "SET committed_nanos = if_not_exists(committed_nanos, :zero) + :cost",
+                sort=_sk(f"day#{plan.reservation.day}"),
+                condition="attribute_not_exists(committed_nanos) OR committed_nanos <= :room",
+                values={":zero": 0, ":cost": plan.reservation.cost_nanos, ":room": plan.budget_room_nanos},
+            )
+        )
+    return writes
+
+
+def settlement_writes(table: ScopedTable, settlement: Settlement, now_ms: int) -> list[dict[str, Any]]:
+    """Transaction entries that replace a reservation with the actual usage; they go in the same
+    transaction as the job's final write, so they happen exactly once. Nothing here is conditional:
+    the job's own condition guards the whole transaction."""
+    writes = [
+        table.update_request(
+            KIND,
+            IDENT,
+            "SET tat_us = if_not_exists(tat_us, :now) + :delta",
+            sort=_sk(f"bucket#{name}"),
+            values={":now": now_ms * 1000, ":delta": delta},
+        )
+        for name, delta in settlement.bucket_deltas
+        if delta
+    ]
+    if settlement.release_slot:
+        writes.append(
+            table.update_request(
+                KIND,
+                IDENT,
+                "SET running = if_not_exists(running, :one) - :one",
+                sort=_sk("concurrency"),
+                values={":one": 1},
+            )
+        )
+    if settlement.budget is not None and settlement.budget[1]:
+        day, delta = settlement.budget
+        writes.append(
+            table.update_request(
+                KIND,
+                IDENT,
+                "SET committed_nanos = if_not_exists(committed_nanos, :zero) + :delta",
+                sort=_sk(f"day#{day}"),
+                values={":zero": 0, ":delta": delta},
+            )
+        )
+    for index, line in enumerate(settlement.usage):
+        last = index == len(settlement.usage) - 1  # the job counts once, for the model that ended it
+        writes.append(
+            table.update_request(
+                KIND,
+                IDENT,
+                "ADD jobs :jobs, input_tokens :input, output_tokens :output, cost_nanos :cost"
+                " SET #date = :date, #model = :model, #ttl = :ttl",
+                sort=_sk(f"rollup#{settlement.day}#{line.model_id}"),
+                names={"#date": "date", "#model": "model", "#ttl": "ttl"},
+                values={
+                    ":jobs": 1 if last else 0,
+                    ":input": line.input_tokens,
+                    ":output": line.output_tokens,
+                    ":cost": line.cost_nanos,
+                    ":date": settlement.day,
+                    ":model": line.model_id,
+                    ":ttl": now_ms // 1000 + ROLLUP_TTL_SECONDS,
+                },
+            )
+        )
+    return writes
+
+
 class DynamoUsageStore:
-    def __init__(self, table: ScopedTable, clock: Any) -> None:
+    def __init__(self, table: ScopedTable) -> None:
         self._table = table
-        self._clock = clock
 
     def _get(self, sk: str) -> dict[str, Any] | None:
         return self._table.get(KIND, IDENT, sort=_sk(sk))
 
-    def _update(
-        self, sk: str, expression: str, condition: str | None = None, **values: Any
-    ) -> dict[str, Any]:
-        return self._table.update(
-            KIND,
-            IDENT,
-            expression,
-            sort=_sk(sk),
-            condition=condition,
-            values={f":{k}": v for k, v in values.items()},
-        )
+    def state(self, model_id: str | None, day: str) -> UsageState:
+        from spool_core.adapters.dynamodb import batch_get
+
+        keys = state_keys(self._table, model_id, day)
+        return state_from(batch_get(self._table.client, {self._table.name: keys})[self._table.name], day)
 
     # ------------------------------------------------------------------ limits
     def limits(self) -> TenantLimits | None:
         item = self._get("limits")
-        if not item:
-            return None
-        return TenantLimits(
-            tokens_per_minute=int(item["tokens_per_minute"]),
-            tokens_per_day=int(item["tokens_per_day"]),
-            max_concurrent_jobs=int(item["max_concurrent_jobs"]),
-            daily_budget_usd=item.get("daily_budget_usd"),
-        )
+        return _limits(item) if item else None
 
     def set_limits(self, limits: TenantLimits) -> None:
         attributes: dict[str, Any] = {
@@ -60,120 +196,20 @@ class DynamoUsageStore:
             "tokens_per_day": limits.tokens_per_day,
             "max_concurrent_jobs": limits.max_concurrent_jobs,
         }
-        if limits.daily_budget_usd is not None:
-            attributes["daily_budget_usd"] = limits.daily_budget_usd
+        if limits.daily_budget_nanos is not None:
+            attributes["daily_budget_nanos"] = limits.daily_budget_nanos
         self._table.put(KIND, IDENT, attributes)
 
-    # ------------------------------------------------------------------ token buckets (GCRA)
-    def tat(self, bucket: Bucket) -> float | None:
-        item = self._get(f"bucket#{bucket.name}")
-        return float(item["tat"]) if item and "tat" in item else None
-
-    def take(self, bucket: Bucket, tokens: int, now: float) -> tuple[bool, float | None]:
-        """One conditional write per attempt, never a read-modify-write: either the bucket is not
-        full (TAT in the future: advance it if it stays within the burst) or it is full (TAT in the
-        past: restart it from now)."""
-        cost = tokens * bucket.interval
-        tat: float | None = None
-        if tokens > bucket.limit:
-            return False, self.tat(bucket)
-        for _ in range(8):
-            try:
-                item = self._update(
-                    f"bucket#{bucket.name}",
-                    "SET tat = tat + :cost",
-                    "tat > :now AND tat <= :latest",
-                    cost=cost,
-                    now=now,
-                    latest=now + bucket.period - cost,
-                )
-                return True, float(item["tat"])
-            except ConditionFailed as failed:
-                tat = float(failed.item["tat"]) if failed.item and "tat" in failed.item else None
-            if tat is not None and tat > now:
-                return False, tat  # not enough tokens left
-            try:
-                item = self._update(
-                    f"bucket#{bucket.name}",
-                    "SET tat = :start",
-                    "attribute_not_exists(tat) OR tat <= :now",
-                    start=now + cost,
-                    now=now,
-                )
-                return True, float(item["tat"])
-            except ConditionFailed:
-                continue  # another admission moved it meanwhile: look again
-        return False, tat
-
-    def give_back(self, bucket: Bucket, tokens: int) -> None:
-        with contextlib.suppress(ConditionFailed):
-            self._update(
-                f"bucket#{bucket.name}",
-                "SET tat = tat - :cost",
-                "attribute_exists(tat)",
-                cost=tokens * bucket.interval,
-            )
-
-    # ------------------------------------------------------------------ concurrency
-    def acquire_slot(self, maximum: int) -> tuple[bool, int]:
-        try:
-            item = self._update(
-                "concurrency",
-                "SET running = if_not_exists(running, :zero) + :one",
-                "attribute_not_exists(running) OR running < :max",
-                zero=0,
-                one=1,
-                max=maximum,
-            )
-        except ConditionFailed as failed:
-            return False, int((failed.item or {}).get("running", 0))
-        return True, int(item["running"])
-
-    def release_slot(self) -> None:
-        with contextlib.suppress(ConditionFailed):  # never below zero
-            self._update("concurrency", "SET running = running - :one", "running > :zero", one=1, zero=0)
-
-    def running(self) -> int:
-        item = self._get("concurrency")
-        return int(item["running"]) if item else 0
-
-    # ------------------------------------------------------------------ budget
-    def commit_budget(self, day: str, cost_usd: float, budget_usd: float) -> tuple[bool, float]:
-        try:
-            item = self._update(
-                f"day#{day}",
-                "SET committed_usd = if_not_exists(committed_usd, :zero) + :cost",
-                "attribute_not_exists(committed_usd) OR committed_usd <= :room",
-                zero=0,
-                cost=cost_usd,
-                room=budget_usd - cost_usd,
-            )
-        except ConditionFailed as failed:
-            return False, float((failed.item or {}).get("committed_usd", 0.0))
-        if budget_usd < cost_usd:  # the condition admits a first commit above the budget on an empty day
-            self.uncommit_budget(day, cost_usd)
-            return False, float(item["committed_usd"]) - cost_usd
-        return True, float(item["committed_usd"])
-
-    def uncommit_budget(self, day: str, cost_usd: float) -> None:
-        self._update(
-            f"day#{day}",
-            "SET committed_usd = if_not_exists(committed_usd, :zero) - :cost",
-            zero=0,
-            cost=cost_usd,
-        )
-
-    def committed(self, day: str) -> float:
-        item = self._get(f"day#{day}")
-        return float(item.get("committed_usd", 0.0)) if item else 0.0
+    def clear_limits(self) -> None:
+        self._table.delete(KIND, IDENT, sort=_sk("limits"))
 
     # ------------------------------------------------------------------ learned statistics
     def stats(self, model_id: str) -> ModelStats:
         item = self._get(f"stats#{model_id}")
         if not item:
-            return ModelStats()
+            return ModelStats(outputs=[])
         return ModelStats(
-            correction=float(item["correction"]),
+            correction_milli=int(item["correction_milli"]),
             outputs=[int(x) for x in item.get("outputs", [])],
             samples=int(item.get("samples", 0)),
             version=int(item["version"]),
@@ -182,8 +218,8 @@ class DynamoUsageStore:
     def save_stats(self, model_id: str, stats: ModelStats, expected_version: int) -> bool:
         attributes = {
             "sk": f"stats#{model_id}",
-            "correction": stats.correction,
-            "outputs": stats.outputs,
+            "correction_milli": stats.correction_milli,
+            "outputs": list(stats.outputs or []),
             "samples": stats.samples,
             "version": expected_version + 1,
         }
@@ -195,61 +231,7 @@ class DynamoUsageStore:
             return False
         return True
 
-    # ------------------------------------------------------------------ settlement
-    def settlement_writes(self, settlement: Settlement, buckets: Sequence[Bucket]) -> list[dict[str, Any]]:
-        """Transaction entries that replace the reservation with the actual usage: they go in the same
-        transaction as the job's final write, so they happen exactly once."""
-        now = self._clock()
-        delta_tokens = settlement.actual_tokens - settlement.reserved_tokens
-        writes = [
-            self._table.update_request(
-                KIND,
-                IDENT,
-                "SET tat = if_not_exists(tat, :now) + :delta",
-                sort=_sk(f"bucket#{bucket.name}"),
-                values={":now": now, ":delta": delta_tokens * bucket.interval},
-            )
-            for bucket in buckets
-        ]
-        writes.append(
-            self._table.update_request(
-                KIND,
-                IDENT,
-                "SET running = if_not_exists(running, :one) - :one",
-                sort=_sk("concurrency"),
-                values={":one": 1},
-            )
-        )
-        writes.append(
-            self._table.update_request(
-                KIND,
-                IDENT,
-                "SET committed_usd = if_not_exists(committed_usd, :zero) + :delta",
-                sort=_sk(f"day#{settlement.reserved_day}"),
-                values={":zero": 0, ":delta": settlement.cost_usd - settlement.reserved_cost_usd},
-            )
-        )
-        writes.append(
-            self._table.update_request(
-                KIND,
-                IDENT,
-                "ADD jobs :one, input_tokens :input, output_tokens :output, cost_usd :cost"
-                " SET #date = :date, #model = :model, #ttl = :ttl",
-                sort=_sk(f"rollup#{settlement.day}#{settlement.model_id}"),
-                names={"#date": "date", "#model": "model", "#ttl": "ttl"},
-                values={
-                    ":one": 1,
-                    ":input": settlement.input_tokens,
-                    ":output": settlement.output_tokens,
-                    ":cost": settlement.cost_usd,
-                    ":date": settlement.day,
-                    ":model": settlement.model_id,
-                    ":ttl": int(now + ROLLUP_TTL_SECONDS),
-                },
-            )
-        )
-        return writes
-
+    # ------------------------------------------------------------------ rollups
     def rollups(self, since: str, until: str) -> list[dict[str, Any]]:
         items = self._table.query(
             KIND,
@@ -264,7 +246,7 @@ class DynamoUsageStore:
                 "jobs": int(item["jobs"]),
                 "input_tokens": int(item["input_tokens"]),
                 "output_tokens": int(item["output_tokens"]),
-                "cost_usd": round(float(item["cost_usd"]), 8),
+                "cost_nanos": int(item["cost_nanos"]),
             }
             for item in items
         ]

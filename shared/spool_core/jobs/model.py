@@ -58,6 +58,15 @@ class Usage(BaseModel):
     output_tokens: int = 0
 
 
+class Segment(BaseModel):
+    """Where a model took over the job's output: its chunks start at ``from_sequence_id``, its tokens
+    after ``from_tokens`` (a job that fell back mid-stream has more than one)."""
+
+    model: str
+    from_sequence_id: int = 1
+    from_tokens: int = 0
+
+
 class Job(BaseModel):
     """The job item. Worker-only fields (lease, attempts) stay out of the API's view."""
 
@@ -71,9 +80,11 @@ class Job(BaseModel):
     model_requested: str
     model_resolved: str
     fallback_used: bool = False
+    segments: list[Segment] = Field(default_factory=list)
+    input_reported: dict[str, int] = Field(default_factory=dict)  # input tokens providers reported, by model
     progress: Progress = Field(default_factory=Progress)
     usage: Usage = Field(default_factory=Usage)
-    cost_usd: float = 0.0
+    cost_nanos: int = 0
     output: str | None = None
     error: dict[str, Any] | None = None
     created_at: str
@@ -84,20 +95,27 @@ class Job(BaseModel):
     reservation: dict[str, Any] | None = None  # what admission reserved (settled when the job ends)
     cancel_requested: bool = False
     attempts: int = 0
-    lease_owner: str | None = None
-    lease_expires_at: float = 0.0
+    lease_token: str | None = None  # the current lease (unique per take); also marks its holder's writes
+    lease_expires_ms: int = 0
+    ended_by: str | None = None  # the token of whoever wrote the end (a retried end recognizes its own)
 
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
 
+    def lease_live(self, now_ms: int) -> bool:
+        return self.lease_expires_ms > now_ms
+
 
 class Chunk(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
     sequence_id: int
     text: str
     created_at: str
     tokens: int = 0
     tokens_total: int = 0  # tokens generated up to and including this chunk: the resume point
+    writer: str | None = None  # the lease token of the attempt that wrote it
 
     def public(self) -> dict[str, Any]:
         return {"sequence_id": self.sequence_id, "text": self.text, "created_at": self.created_at}

@@ -1,53 +1,126 @@
-"""What the jobs logic needs from storage and the queue, bound to one tenant's scope."""
+"""What the jobs logic needs from storage and the queue, as named operations, each one atomic.
+
+The job store is bound to one tenant's scope. Every conditional write is safe to retry: when a write
+was applied but its reply was lost, the retry finds the record carrying the caller's own job id or
+lease token and counts as done, never as a conflict (see docs/decisions.md, "Indeterminate writes").
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
 
-from spool_core.jobs.model import Chunk, Job
+from spool_core.jobs.model import Chunk, Job, Progress, Segment, Status, Usage
+from spool_core.limits.model import ReservationPlan, Settlement, UsageState
 
 
 class Conflict(Exception):
-    """A conditional write found the item in another state."""
+    """A conditional write found the item in another state (``current``, when the store returned it)."""
 
     def __init__(self, current: Mapping[str, Any] | None = None) -> None:
         super().__init__("conditional write lost")
         self.current = current
 
 
+@dataclass(frozen=True)
+class Claim:
+    """The idempotency record: which job a tenant's key created, and the body it was created with."""
+
+    key_hash: str
+    job_id: str
+    fingerprint: str
+    created_at: str
+    expires_at_s: int  # TTL (epoch seconds)
+
+
+class AdmissionRefused(Exception):
+    """The admission transaction was cancelled. ``claim`` is the record that already held the key
+    (then nothing else matters); otherwise a limit's state moved since it was read."""
+
+    def __init__(self, claim: Claim | None = None) -> None:
+        super().__init__("admission refused by a condition")
+        self.claim = claim
+
+
+@dataclass(frozen=True)
+class JobEnd:
+    """The final state of a job, written once."""
+
+    status: Status
+    progress: Progress
+    usage: Usage
+    cost_nanos: int
+    completed_at: str
+    output: str | None = None
+    error: dict[str, Any] | None = None
+    first_token_at: str | None = None
+    segments: tuple[Segment, ...] | None = None
+    input_reported: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EndGuard:
+    """Who may write the end: the lease holder (``lease``), a cancel of a job nobody started
+    (``queued``), or the dead-letter path once no live lease holds the job (``abandoned``).
+    ``token`` is recorded as ``ended_by``, so a retry of an applied end recognizes it."""
+
+    kind: Literal["lease", "queued", "abandoned"]
+    token: str
+    now_ms: int = 0
+
+
 class JobStore(Protocol):
     def get(self, job_id: str) -> Job | None: ...
 
-    def claim(self, idempotency_key: str, job_id: str, fingerprint: str, created_at: str, ttl: int) -> None:
-        """Write the idempotency record if the key is free; ``Conflict`` (with the record) if not."""
+    # ------------------------------------------------------------------ admission
+    def admission_state(self, key_hash: str, model_id: str, day: str) -> tuple[Claim | None, UsageState]:
+        """The key's claim, if any, and the tenant's usage state: one read."""
 
-    def create(self, job: Job) -> None:
-        """Write the job item (its id must be new)."""
+    def admit(self, job: Job, claim: Claim, plan: ReservationPlan) -> None:
+        """The claim, the reservation and the job in one transaction. ``AdmissionRefused`` when a
+        condition failed; an earlier attempt of this very admission that was applied is success."""
 
-    def idempotency_record(self, idempotency_key: str) -> Mapping[str, Any] | None: ...
+    def withdraw(self, job: Job, claim: Claim, settlement: Settlement) -> None:
+        """Undo an admission whose job could not be queued: delete job and claim, give back the
+        reservation (one transaction, conditional on the job still being queued)."""
 
-    def discard(self, job_id: str, idempotency_key: str) -> None:
-        """Undo ``claim`` and ``create`` (the job was refused or not queued): a retry starts afresh."""
+    # ------------------------------------------------------------------ the worker's lease
+    def take_lease(self, job_id: str, token: str, now_ms: int, until_ms: int, expected_attempts: int) -> Job:
+        """Start an attempt: the job must be queued or running with an expired lease, and still at
+        ``expected_attempts``. ``Conflict`` otherwise."""
 
-    def update(
-        self,
-        job_id: str,
-        changes: Mapping[str, Any],
-        *,
-        condition: str | None = None,
-        values: Mapping[str, Any] | None = None,
-        also: Sequence[Mapping[str, Any]] = (),
-    ) -> Job:
-        """Set fields; ``Conflict`` if ``condition`` (over the job's fields) is false. ``also`` are
-        writes to commit in the same transaction (the settlement of the job's reservation)."""
+    def renew_lease(
+        self, job_id: str, token: str, until_ms: int, progress: Progress, first_token_at: str | None
+    ) -> None:
+        """Extend the lease (and record progress); ``Conflict`` if another attempt owns the job."""
+
+    def hand_over(self, job_id: str, token: str, progress: Progress, input_reported: dict[str, int]) -> None:
+        """Release the lease so a new invocation continues at once (a yield at the time limit)."""
+
+    def switch_model(self, job_id: str, token: str, segment: Segment, input_reported: dict[str, int]) -> Job:
+        """Record that ``segment.model`` serves the job from ``segment.from_sequence_id`` on."""
+
+    # ------------------------------------------------------------------ the end
+    def end(self, job_id: str, end: JobEnd, guard: EndGuard, settlement: Settlement) -> Job:
+        """The terminal status and the settlement in one transaction; ``Conflict`` (with the current
+        item) when the guard does not hold."""
+
+    def request_cancel(self, job_id: str) -> Job:
+        """Flag a running job for cancellation (its worker stops at its next flush); ``Conflict`` if
+        it is not running."""
 
     def cancel_requested(self, job_id: str) -> bool: ...
+
+    def requeue(self, job_id: str, seen_pending_ms: int, now_ms: int) -> bool:
+        """Claim the right to re-send a forgotten job's message (the sweeper): False when someone
+        touched the job since ``seen_pending_ms``."""
 
 
 class ChunkLog(Protocol):
     def append(self, job_id: str, chunk: Chunk) -> None:
-        """Write a chunk that must not exist yet; ``Conflict`` if its sequence id is taken."""
+        """Write a chunk that must not exist yet; ``Conflict`` if another writer holds its sequence id
+        (the same writer's earlier write of it is success)."""
 
     def after(self, job_id: str, after: int, limit: int) -> list[Chunk]: ...
 
@@ -57,4 +130,17 @@ class ChunkLog(Protocol):
 
 
 class JobQueue(Protocol):
-    def send(self, job_id: str, tenant_id: str) -> None: ...
+    def send(self, job_id: str, tenant_id: str, *, continuation: int = 0) -> None: ...
+
+
+@dataclass(frozen=True)
+class PendingJob:
+    tenant_id: str
+    job_id: str
+    pending_since_ms: int
+
+
+class PendingJobs(Protocol):
+    """The jobs not yet ended, oldest activity first, across tenants (the sweeper's view)."""
+
+    def older_than(self, before_ms: int, limit: int) -> list[PendingJob]: ...

@@ -1,13 +1,14 @@
-"""The worker's logic: lease a job, stream from the provider into the chunk log, finish it.
+"""The worker's logic: lease a job, stream from the provider into the chunk log, end it.
 
 Crash safety comes from three things: a lease with expiry on the job item (taken and renewed with
-conditional writes), chunk puts that never overwrite, and a resume point read from the log's last
-chunk, so a new attempt continues exactly where the persisted text ends.
+conditional writes, each attempt with a token of its own), chunk puts that never overwrite, and a
+resume point read from the log's last chunk, so a new attempt continues exactly where the persisted
+text ends. A job that outlives one invocation hands its lease over and queues a continuation message,
+so a long job never spends the delivery budget of its message.
 """
 
 from __future__ import annotations
 
-import contextlib
 import random
 import time
 import uuid
@@ -22,29 +23,34 @@ from spool_core.clock import from_epoch, rfc3339
 from spool_core.contexts.service import ContextService
 from spool_core.errors import SpoolError
 from spool_core.flags import Flags
-from spool_core.jobs.model import Chunk, Job
-from spool_core.jobs.ports import ChunkLog, Conflict, JobStore
-from spool_core.limits.model import Estimate
-from spool_core.limits.service import RateLimiter, settle
+from spool_core.jobs.chunk_writer import ChunkWriter, LostLease
+from spool_core.jobs.ending import error_object, job_end, model_usage
+from spool_core.jobs.model import Job, Segment
+from spool_core.jobs.ports import ChunkLog, Conflict, EndGuard, JobQueue, JobStore
+from spool_core.limits.model import Estimate, Reservation
+from spool_core.limits.service import RateLimiter
 from spool_core.models import ModelCatalog, ModelSpec
 from spool_core.observability import logger, record_usage
 from spool_core.prompt import file_block, symbols_block
 from spool_core.providers import Finished, GenerationRequest, Provider, ProviderError, ResumePoint, TextDelta
+from spool_core.units import usd
 
 CONTEXT_PREAMBLE = "Answer using the following context.\n\n"
+
+__all__ = ["JobRunner", "LostLease", "Outcome", "RunnerSettings", "build_messages"]
 
 
 class Outcome(Enum):
     DONE = "done"  # the message can be deleted
     RETRY = "retry"  # leave the message: it returns after its visibility timeout
-    YIELD = "yield"  # out of time: make the message visible again at once to continue
+    YIELD = "yield"  # out of time: a continuation message was queued; this one can be deleted
 
 
 @dataclass(frozen=True)
 class RunnerSettings:
     flush_ms: int = 200
     flush_tokens: int = 64
-    lease_seconds: float = 30.0
+    lease_ms: int = 30_000
     max_retries: int = 3
     backoff_seconds: float = 0.2
     inline_output_bytes: int = 64 * 1024  # larger outputs are read from the chunk log
@@ -61,73 +67,12 @@ class _NoCircuits:
         return True
 
 
-class LostLease(Exception):
-    """Another worker owns the job now (this one stalled past its lease)."""
-
-
 class Cancelled(Exception):
     pass
 
 
 class OutOfTime(Exception):
     pass
-
-
-class ChunkWriter:
-    """Coalesces tokens into chunks: the first token at once, then every ``flush_ms`` or
-    ``flush_tokens``, whichever comes first."""
-
-    def __init__(
-        self,
-        log: ChunkLog,
-        job_id: str,
-        last: Chunk | None,
-        settings: RunnerSettings,
-        clock: Callable[[], float],
-        on_flush: Callable[[], None],
-    ) -> None:
-        self._log = log
-        self._job_id = job_id
-        self.sequence_id = last.sequence_id if last else 0
-        self.tokens_total = last.tokens_total if last else 0
-        self.first_chunk_at: str | None = None
-        self._settings = settings
-        self._clock = clock
-        self._on_flush = on_flush
-        self._buffer: list[str] = []
-        self._buffered_tokens = 0
-        self._last_flush = clock()
-
-    def add(self, text: str, tokens: int) -> None:
-        self._buffer.append(text)
-        self._buffered_tokens += tokens
-        first = self.sequence_id == 0
-        due = (self._clock() - self._last_flush) * 1000 >= self._settings.flush_ms
-        if first or due or self._buffered_tokens >= self._settings.flush_tokens:
-            self.flush()
-
-    def flush(self, *, notify: bool = True) -> None:
-        """Write the buffered tokens as the next chunk; ``notify`` runs the flush hook (cancel
-        check, lease renewal) afterwards."""
-        if not self._buffer:
-            return
-        now = self._clock()
-        chunk = Chunk(
-            sequence_id=self.sequence_id + 1,
-            text="".join(self._buffer),
-            created_at=rfc3339(from_epoch(now)),
-            tokens=self._buffered_tokens,
-            tokens_total=self.tokens_total + self._buffered_tokens,
-        )
-        try:
-            self._log.append(self._job_id, chunk)
-        except Conflict:
-            raise LostLease(f"sequence {chunk.sequence_id} was written by another worker") from None
-        self.sequence_id, self.tokens_total = chunk.sequence_id, chunk.tokens_total
-        self.first_chunk_at = self.first_chunk_at or chunk.created_at
-        self._buffer, self._buffered_tokens, self._last_flush = [], 0, now
-        if notify:
-            self._on_flush()
 
 
 def build_messages(contexts: ContextService, job: Job) -> tuple[Message, ...]:
@@ -153,11 +98,11 @@ class JobRunner:
         limiter: RateLimiter,
         settings: RunnerSettings | None = None,
         *,
+        queue: JobQueue | None = None,
         breaker: CircuitBreaker | None = None,
         flags: Flags | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
-        worker_id: str | None = None,
     ) -> None:
         self._jobs = jobs
         self._chunks = chunks
@@ -165,12 +110,15 @@ class JobRunner:
         self._models = models
         self._provider_for = provider_for
         self._limiter = limiter
+        self._queue = queue
         self._breaker = breaker or CircuitBreaker(_NoCircuits())
         self._flags = flags
         self.settings = settings or RunnerSettings()
         self._clock = clock
         self._sleep = sleep
-        self.worker_id = worker_id or uuid.uuid4().hex
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
 
     # ------------------------------------------------------------------ entry
     def run(
@@ -179,6 +127,7 @@ class JobRunner:
         *,
         heartbeat: Callable[[int], None] | None = None,
         remaining_ms: Callable[[], int] | None = None,
+        continuation: int = 0,
     ) -> Outcome:
         job = self._jobs.get(job_id)
         if job is None:
@@ -186,120 +135,126 @@ class JobRunner:
             return Outcome.DONE
         if job.terminal:
             return Outcome.DONE
-        if job.cancel_requested and job.status == "queued":
-            self._finish_cancelled_queued(job)
-            return Outcome.DONE
-        job = self._lease(job)
-        if job is None:
+        token = uuid.uuid4().hex
+        now = self._now_ms()
+        try:
+            job = self._jobs.take_lease(job_id, token, now, now + self.settings.lease_ms, job.attempts)
+        except Conflict:
             return self._busy(job_id)
         if heartbeat:
             # The message must stay hidden at least as long as the lease, so that after a crash it
             # comes back once the lease has expired and the next attempt can take over at once.
-            heartbeat(int(self.settings.lease_seconds) + 1)
+            heartbeat(self.settings.lease_ms // 1000 + 1)
+        attempt = _Attempt(self, job, token, heartbeat, remaining_ms, continuation)
         try:
-            return self._generate(job, heartbeat, remaining_ms)
-        except LostLease:
-            logger.warning("lease lost; another worker continues the job", extra={"job_id": job_id})
-            return Outcome.RETRY
-
-    def _lease(self, job: Job) -> Job | None:
-        now = self._clock()
-        try:
-            return self._jobs.update(
-                job.job_id,
-                {
-                    "status": "running",
-                    "lease_owner": self.worker_id,
-                    "lease_expires_at": now + self.settings.lease_seconds,
-                    "attempts": job.attempts + 1,
-                    "started_at": job.started_at or rfc3339(from_epoch(now)),
-                },
-                condition=(
-                    "#status IN (:queued, :running) AND #lease_expires_at < :now AND #attempts = :attempts"
-                ),
-                values={":queued": "queued", ":running": "running", ":now": now, ":attempts": job.attempts},
+            return attempt.run()
+        except LostLease as lost:
+            logger.warning(
+                "lease lost; another attempt continues the job", extra={"job_id": job_id, "why": str(lost)}
             )
-        except Conflict:
-            return None
+            return Outcome.RETRY
 
     def _busy(self, job_id: str) -> Outcome:
         current = self._jobs.get(job_id)
         if current is None or current.terminal:
             return Outcome.DONE
-        logger.info("job leased by another worker; leaving the message", extra={"job_id": job_id})
+        logger.info("job leased by another attempt; leaving the message", extra={"job_id": job_id})
         return Outcome.RETRY
 
-    # ------------------------------------------------------------------ generation
-    def _generate(
-        self, job: Job, heartbeat: Callable[[int], None] | None, remaining_ms: Callable[[], int] | None
-    ) -> Outcome:
-        primary = self._models.get(job.model_resolved)
-        if primary is None:
-            raise LostLease(f"model {job.model_resolved} left the registry")  # leave it for a later attempt
-        last_beat = self._clock()
-        writer: ChunkWriter
+    def fallback_enabled(self) -> bool:
+        return self._flags is None or self._flags.enabled("model_fallback", default=True)
 
-        def on_flush() -> None:
-            nonlocal last_beat
-            if self._jobs.cancel_requested(job.job_id):
-                raise Cancelled
-            if remaining_ms is not None and remaining_ms() < self.settings.time_margin_ms:
-                raise OutOfTime
-            if self._clock() - last_beat >= self.settings.lease_seconds / 3:
-                self._renew(job, writer)
-                if heartbeat:
-                    heartbeat(int(self.settings.lease_seconds) + 1)
-                last_beat = self._clock()
 
-        writer = ChunkWriter(
-            self._chunks, job.job_id, self._chunks.last(job.job_id), self.settings, self._clock, on_flush
+class _Attempt:
+    """One invocation's work on one job, under its own lease token."""
+
+    def __init__(
+        self,
+        runner: JobRunner,
+        job: Job,
+        token: str,
+        heartbeat: Callable[[int], None] | None,
+        remaining_ms: Callable[[], int] | None,
+        continuation: int,
+    ) -> None:
+        self.r = runner
+        self.job = job
+        self.token = token
+        self.heartbeat = heartbeat
+        self.remaining_ms = remaining_ms
+        self.continuation = continuation
+        self.segments = list(job.segments) or [Segment(model=job.model_resolved)]
+        self.input_reported = dict(job.input_reported)
+        self.last_beat = runner._clock()
+        settings = runner.settings
+        self.writer = ChunkWriter(
+            runner._chunks,
+            job.job_id,
+            runner._chunks.last(job.job_id) if job.attempts > 1 else None,  # a first attempt has no log
+            writer=token,
+            flush_ms=settings.flush_ms,
+            flush_tokens=settings.flush_tokens,
+            clock=runner._clock,
+            on_flush=self._on_flush,
         )
-        try:
-            messages = build_messages(self._contexts, job)
-        except SpoolError as exc:  # the context expired or vanished since admission
-            self._fail(job, writer, exc.code, exc.message, dict(exc.details), list(exc.suggestions))
-            return Outcome.DONE
 
-        allow_fallback = job.request.fallback and self._fallback_enabled()
-        chain = self._models.chain(primary, fallback=allow_fallback)
-        tried: list[dict[str, Any]] = []
-        model = primary
+    # ------------------------------------------------------------------ the flow
+    def run(self) -> Outcome:
+        job, r = self.job, self.r
+        if job.cancel_requested:  # cancelled while no worker held it (a crash): never resume it
+            self._end("cancelled")
+            return Outcome.DONE
+        primary = r._models.get(job.model_resolved)
+        if primary is None:
+            self._fail(
+                "model_not_found",
+                f"The job's model {job.model_resolved} is no longer in the registry",
+                {"model": job.model_resolved},
+                ["Create a new job with a model from GET /v1/models"],
+            )
+            return Outcome.DONE
         try:
-            for model in chain:
-                if not self._breaker.allow(model.id):
+            messages = build_messages(r._contexts, job)
+        except SpoolError as exc:  # the context expired or vanished since admission
+            self._fail(exc.code, exc.message, dict(exc.details), list(exc.suggestions))
+            return Outcome.DONE
+        allow_fallback = job.request.fallback and r.fallback_enabled()
+        tried: list[dict[str, Any]] = []
+        try:
+            for model in r._models.chain(primary, fallback=allow_fallback):
+                if not r._breaker.allow(model.id):
                     tried.append({"model": model.id, "skipped": "circuit open"})
                     continue
-                if model.id != job.model_resolved:
-                    job = self._owned(
-                        job, {"model_resolved": model.id, "fallback_used": model.id != primary.id}
-                    )
+                if model.id != self.segments[-1].model:
+                    self._switch(model)
                 try:
-                    input_tokens = self._stream(job, writer, model, messages)
+                    self._stream(model, messages)
                 except ProviderError as exc:
-                    self._breaker.record_failure(model.id)
+                    if exc.retryable or exc.code == "provider_model_unavailable":
+                        r._breaker.record_failure(model.id)  # the provider's health, never a refusal
                     tried.append({"model": model.id, "error": exc.code, "retryable": exc.retryable})
                     if not exc.retryable and exc.code != "provider_model_unavailable":
-                        self._fail_provider(job, writer, model, exc, tried)  # the request itself is refused
+                        self._fail_refused(model, exc, tried)  # the request itself is refused
                         return Outcome.DONE
                     continue
-                self._finish(job, writer, model, input_tokens, status="completed")
+                self._end("completed")
                 return Outcome.DONE
         except Cancelled:
-            writer.flush(notify=False)
-            self._finish(job, writer, model, 0, status="cancelled")
+            self.writer.flush(notify=False)
+            self._end("cancelled")
             return Outcome.DONE
         except OutOfTime:
-            writer.flush(notify=False)
-            self._release(job, writer)
-            return Outcome.YIELD
-        self._fail_unavailable(job, writer, primary, tried, allow_fallback)
+            self.writer.flush(notify=False)
+            return self._yield()
+        self._fail_unavailable(primary, tried, allow_fallback)
         return Outcome.DONE
 
-    def _stream(self, job: Job, writer: ChunkWriter, model: ModelSpec, messages: tuple[Message, ...]) -> int:
+    def _stream(self, model: ModelSpec, messages: tuple[Message, ...]) -> None:
         """Stream one model into the log, retrying retryable errors with exponential backoff and
-        jitter (each retry resumes from what is persisted); returns the input tokens the provider
-        reported. Raises the last ``ProviderError`` when the retries are spent."""
-        provider = self._provider_for(model)
+        jitter (each retry resumes from what is persisted). Raises the last ``ProviderError`` when
+        the retries are spent."""
+        r, job = self.r, self.job
+        provider = r._provider_for(model)
         request = GenerationRequest(
             provider_model_id=model.provider_model_id,
             messages=messages,
@@ -308,171 +263,157 @@ class JobRunner:
             options=dict(model.options),
             metadata=dict(job.request.metadata),
         )
-        input_tokens, calls = 0, 0
+        calls = 0
         while True:
             calls += 1
             resume = ResumePoint(
-                tokens=writer.tokens_total,
-                text="" if provider.resumes_by_index else self._persisted_text(job.job_id),
+                tokens=self.writer.tokens_total,
+                text="" if provider.resumes_by_index else self._persisted_text(),
                 attempt=job.attempts,
             )
-            started, first_token_ms = self._clock(), None
+            started, first_token_ms = r._clock(), None
             try:
                 for event in provider.stream(request, resume):
                     if isinstance(event, TextDelta):
                         if first_token_ms is None:
-                            first_token_ms = (self._clock() - started) * 1000
-                        writer.add(event.text, event.tokens)
+                            first_token_ms = (r._clock() - started) * 1000
+                        self.writer.add(event.text, event.tokens)
                     elif isinstance(event, Finished):
-                        input_tokens += event.input_tokens
-                writer.flush()
-                self._breaker.record_success(model.id, first_token_ms)
-                return input_tokens
+                        self.input_reported[model.id] = (
+                            self.input_reported.get(model.id, 0) + event.input_tokens
+                        )
+                self.writer.flush()
+                r._breaker.record_success(model.id, first_token_ms)
+                return
             except ProviderError as exc:
-                writer.flush()  # keep every token received before the failure
-                if not exc.retryable or calls > self.settings.max_retries:
+                self.writer.flush()  # keep every token received before the failure
+                if not exc.retryable or calls > r.settings.max_retries:
                     exc.attempts = calls  # type: ignore[attr-defined]
                     raise
-                delay = self.settings.backoff_seconds * 2 ** (calls - 1)
+                delay = r.settings.backoff_seconds * 2 ** (calls - 1)
                 logger.info(
                     "provider error; retrying", extra={"job_id": job.job_id, "code": exc.code, "delay": delay}
                 )
-                self._sleep(delay * (0.5 + random.random() / 2))  # jitter, not cryptography
+                r._sleep(delay * (0.5 + random.random() / 2))  # jitter, not cryptography
 
-    def _fallback_enabled(self) -> bool:
-        return self._flags is None or self._flags.enabled("model_fallback", default=True)
+    def _persisted_text(self) -> str:
+        return "".join(chunk.text for chunk in self.r._chunks.all(self.job.job_id))
 
-    def _persisted_text(self, job_id: str) -> str:
-        return "".join(chunk.text for chunk in self._chunks.all(job_id))
+    # ------------------------------------------------------------------ lease upkeep (at each flush)
+    def _on_flush(self) -> None:
+        r = self.r
+        if r._jobs.cancel_requested(self.job.job_id):
+            raise Cancelled
+        if self.remaining_ms is not None and self.remaining_ms() < r.settings.time_margin_ms:
+            raise OutOfTime
+        if (r._clock() - self.last_beat) * 1000 >= r.settings.lease_ms / 3:
+            self._renew()
 
-    # ------------------------------------------------------------------ job item writes (owner only)
-    def _owned(self, job: Job, changes: dict[str, Any]) -> Job:
+    def _renew(self) -> None:
+        r = self.r
+        first = self.writer.first_chunk_at if not self.job.first_token_at else None
         try:
-            return self._jobs.update(
-                job.job_id, changes, condition="#lease_owner = :me", values={":me": self.worker_id}
+            r._jobs.renew_lease(
+                self.job.job_id, self.token, r._now_ms() + r.settings.lease_ms, self.writer.progress, first
             )
         except Conflict:
-            raise LostLease(job.job_id) from None
+            raise LostLease("renewal refused") from None
+        if first:
+            self.job = self.job.model_copy(update={"first_token_at": first})
+        if self.heartbeat:
+            self.heartbeat(r.settings.lease_ms // 1000 + 1)
+        self.last_beat = r._clock()
 
-    def _progress(self, writer: ChunkWriter) -> dict[str, int]:
-        return {
-            "tokens_generated": writer.tokens_total,
-            "last_sequence_id": writer.sequence_id,
-            "chunks_written": writer.sequence_id,
-        }
-
-    def _renew(self, job: Job, writer: ChunkWriter) -> None:
-        changes: dict[str, Any] = {
-            "lease_expires_at": self._clock() + self.settings.lease_seconds,
-            "progress": self._progress(writer),
-        }
-        if writer.first_chunk_at and not job.first_token_at:
-            changes["first_token_at"] = writer.first_chunk_at
-        self._owned(job, changes)
-
-    def _release(self, job: Job, writer: ChunkWriter) -> None:
-        self._owned(job, {"lease_expires_at": 0.0, "progress": self._progress(writer)})
-
-    def _finish(
-        self, job: Job, writer: ChunkWriter, model: ModelSpec, input_tokens: int, *, status: str
-    ) -> None:
-        self._end(
-            job,
-            model,
-            {
-                "status": status,
-                "progress": self._progress(writer),
-                "output": self._inline_output(job.job_id, writer),
-                "first_token_at": job.first_token_at
-                or writer.first_chunk_at
-                or self._first_chunk_at(job.job_id),
-                "completed_at": rfc3339(from_epoch(self._clock())),
-                "lease_expires_at": 0.0,
-            },
-            input_reported=input_tokens,
-            output_tokens=writer.tokens_total,
-            learn=status == "completed",
+    def _switch(self, model: ModelSpec) -> None:
+        """A fallback takes over: record where its output starts, so each model's tokens are priced
+        at its own rates and the log says which model wrote what."""
+        segment = Segment(
+            model=model.id, from_sequence_id=self.writer.sequence_id + 1, from_tokens=self.writer.tokens_total
         )
-
-    def _end(
-        self,
-        job: Job,
-        model: ModelSpec,
-        changes: dict[str, Any],
-        *,
-        input_reported: int,
-        output_tokens: int,
-        learn: bool = False,
-        condition: str = "#lease_owner = :me",
-        values: dict[str, Any] | None = None,
-    ) -> None:
-        """The job's final write, in one transaction with the settlement of its reservation: the
-        rate limiter is reconciled exactly once, however often the message is delivered."""
-        input_tokens = input_reported or (self._estimated_input(job) if output_tokens else 0)
-        cost = model.cost_usd(input_tokens, output_tokens)
-        changes = {
-            **changes,
-            "usage": {
-                "estimated_tokens": job.usage.estimated_tokens,
-                "input_tokens": input_tokens,
-                "output_tokens": output_tokens,
-            },
-            "cost_usd": cost,
-        }
-        settlement = settle(job, input_tokens, output_tokens, cost, self._clock())
         try:
-            self._jobs.update(
-                job.job_id,
-                changes,
-                condition=condition,
-                values=values if values is not None else {":me": self.worker_id},
-                also=self._limiter.settlement_writes(settlement),
-            )
+            self.job = self.r._jobs.switch_model(self.job.job_id, self.token, segment, self.input_reported)
         except Conflict:
-            raise LostLease(job.job_id) from None
-        record_usage(model.id, input_tokens, output_tokens, cost)
-        if learn and job.estimate and input_reported:
-            self._limiter.learn(model.id, Estimate(**job.estimate), input_reported, output_tokens)
+            raise LostLease("model switch refused") from None
+        self.segments.append(segment)
+
+    def _yield(self) -> Outcome:
+        """Out of time: release the lease, then queue a continuation (if this invocation dies in
+        between, its own message comes back and continues the job)."""
+        r = self.r
+        try:
+            r._jobs.hand_over(self.job.job_id, self.token, self.writer.progress, self.input_reported)
+        except Conflict:
+            raise LostLease("hand-over refused") from None
+        if r._queue is None:
+            return Outcome.RETRY
+        r._queue.send(self.job.job_id, self.job.tenant_id, continuation=self.continuation + 1)
+        logger.info(
+            "out of time; continuing in a new invocation",
+            extra={"job_id": self.job.job_id, "continuation": self.continuation + 1},
+        )
+        return Outcome.YIELD
+
+    # ------------------------------------------------------------------ the end
+    def _end(self, status: str, *, error: dict[str, Any] | None = None) -> None:
+        r, job, writer = self.r, self.job, self.writer
+        usage = model_usage(
+            job.model_copy(update={"segments": self.segments}),
+            writer.tokens_total,
+            self.input_reported,
+            r._models,
+        )
+        reservation = Reservation.from_item(job.reservation) if job.reservation else None
+        end = job_end(
+            job,
+            status,
+            writer.progress,
+            usage,
+            rfc3339(from_epoch(r._clock())),
+            input_reported=self.input_reported,
+            segments=self.segments,
+            output=self._inline_output(),
+            error=error,
+            first_token_at=job.first_token_at or writer.first_chunk_at or self._first_chunk_at(),
+        )
+        settlement = r._limiter.settle(job.job_id, reservation, usage)
+        try:
+            r._jobs.end(job.job_id, end, EndGuard("lease", self.token), settlement)
+        except Conflict:
+            raise LostLease("end refused") from None
+        for line in usage:
+            record_usage(line.model_id, line.input_tokens, line.output_tokens, usd(line.cost_nanos))
+        reported = sum(self.input_reported.values())
+        if status == "completed" and job.estimate and reported and len(usage) == 1:
+            estimate = Estimate(**{k: int(v) for k, v in job.estimate.items()})
+            r._limiter.learn(usage[0].model_id, estimate, reported, end.usage.output_tokens)
         logger.info(
             "job ended",
             extra={
                 "job_id": job.job_id,
-                "status": changes.get("status"),
-                "output_tokens": output_tokens,
-                "cost_usd": cost,
+                "status": status,
+                "output_tokens": end.usage.output_tokens,
+                "cost_nanos": end.cost_nanos,
             },
         )
 
-    def _model_of(self, job: Job) -> ModelSpec:
-        model = self._models.get(job.model_resolved)
-        if model is None:
-            raise LostLease(f"model {job.model_resolved} left the registry")
-        return model
-
-    @staticmethod
-    def _estimated_input(job: Job) -> int:
-        if job.estimate:
-            return int(job.estimate["input_raw"])
-        return max(0, job.usage.estimated_tokens - job.request.max_tokens)
-
-    def _inline_output(self, job_id: str, writer: ChunkWriter) -> str | None:
+    def _inline_output(self) -> str | None:
         """The output on the job item when it is small; larger ones are read from the chunk log."""
-        if writer.tokens_total * 8 > self.settings.inline_output_bytes:
+        if self.writer.tokens_total * 8 > self.r.settings.inline_output_bytes:
             return None
-        text = self._persisted_text(job_id)
-        return text if len(text.encode()) <= self.settings.inline_output_bytes else None
+        text = self._persisted_text()
+        return text if len(text.encode()) <= self.r.settings.inline_output_bytes else None
 
-    def _first_chunk_at(self, job_id: str) -> str | None:
-        first = self._chunks.after(job_id, 0, 1)
+    def _first_chunk_at(self) -> str | None:
+        first = self.r._chunks.after(self.job.job_id, 0, 1)
         return first[0].created_at if first else None
 
-    def _fail_provider(
-        self, job: Job, writer: ChunkWriter, model: ModelSpec, exc: ProviderError, tried: list[dict[str, Any]]
-    ) -> None:
+    def _fail(self, code: str, message: str, details: dict[str, Any], suggestions: list[str]) -> None:
+        self._end("failed", error=error_object(code, message, details, suggestions, self.writer.progress))
+        logger.warning("job failed", extra={"job_id": self.job.job_id, "code": code})
+
+    def _fail_refused(self, model: ModelSpec, exc: ProviderError, tried: list[dict[str, Any]]) -> None:
         attempts = int(getattr(exc, "attempts", 1))
         self._fail(
-            job,
-            writer,
             exc.code,
             f"Generation failed after {attempts} attempt(s): {exc}",
             {
@@ -485,9 +426,7 @@ class JobRunner:
             ["The provider refused the request; check the messages and parameters", "Try another model"],
         )
 
-    def _fail_unavailable(
-        self, job: Job, writer: ChunkWriter, primary: ModelSpec, tried: list[dict[str, Any]], fallback: bool
-    ) -> None:
+    def _fail_unavailable(self, primary: ModelSpec, tried: list[dict[str, Any]], fallback: bool) -> None:
         last = tried[-1] if tried else {}
         if fallback:
             message = f"No model in {primary.id}'s fallback chain could serve the job"
@@ -499,106 +438,8 @@ class JobRunner:
                 "Check GET /v1/health for the model's circuit and error rate",
             ]
         self._fail(
-            job,
-            writer,
             "model_unavailable",
             message,
             {"model": primary.id, "fallback": fallback, "tried": tried, "last_error": last.get("error")},
             suggestions,
         )
-
-    def _fail(
-        self,
-        job: Job,
-        writer: ChunkWriter,
-        code: str,
-        message: str,
-        details: dict[str, Any],
-        suggestions: list[str],
-    ) -> None:
-        error = {
-            "code": code,
-            "message": message,
-            "details": {
-                **details,
-                "last_sequence_id": writer.sequence_id,
-                "tokens_generated": writer.tokens_total,
-            },
-            "suggestions": suggestions,
-            "request_id": None,
-        }
-        model = self._model_of(job)
-        self._end(
-            job,
-            model,
-            {
-                "status": "failed",
-                "error": error,
-                "progress": self._progress(writer),
-                "completed_at": rfc3339(from_epoch(self._clock())),
-                "lease_expires_at": 0.0,
-            },
-            input_reported=0,
-            output_tokens=writer.tokens_total,
-        )
-        logger.warning("job failed", extra={"job_id": job.job_id, "code": code})
-
-    def _finish_cancelled_queued(self, job: Job) -> None:
-        with contextlib.suppress(LostLease):  # it started meanwhile: the running worker sees the request
-            self._end(
-                job,
-                self._model_of(job),
-                {"status": "cancelled", "completed_at": rfc3339(from_epoch(self._clock()))},
-                input_reported=0,
-                output_tokens=0,
-                condition="#status = :queued",
-                values={":queued": "queued"},
-            )
-
-    # ------------------------------------------------------------------ dead letters
-    def dead_lettered(self, job_id: str) -> Outcome:
-        """A message that kept failing: end its job ``failed`` unless a live worker still holds it."""
-        job = self._jobs.get(job_id)
-        if job is None or job.terminal:
-            return Outcome.DONE
-        now = self._clock()
-        if job.lease_expires_at > now:
-            return Outcome.RETRY  # still being generated; look again later
-        last = self._chunks.last(job_id)
-        progress = {
-            "tokens_generated": last.tokens_total if last else 0,
-            "last_sequence_id": last.sequence_id if last else 0,
-            "chunks_written": last.sequence_id if last else 0,
-        }
-        error = {
-            "code": "delivery_failed",
-            "message": f"The job failed on each of its {job.attempts} attempt(s) and was dead-lettered",
-            "details": {
-                "attempts": job.attempts,
-                "last_sequence_id": progress["last_sequence_id"],
-                "tokens_generated": progress["tokens_generated"],
-            },
-            "suggestions": [
-                "Create a new job (with a new Idempotency-Key)",
-                "Report the job_id if it keeps happening",
-            ],
-            "request_id": None,
-        }
-        try:
-            self._end(
-                job,
-                self._model_of(job),
-                {
-                    "status": "failed",
-                    "error": error,
-                    "completed_at": rfc3339(from_epoch(now)),
-                    "progress": progress,
-                },
-                input_reported=0,
-                output_tokens=progress["tokens_generated"],
-                condition="#status IN (:queued, :running) AND #lease_expires_at < :now",
-                values={":queued": "queued", ":running": "running", ":now": now},
-            )
-        except LostLease:
-            return self.dead_lettered(job_id)
-        return Outcome.DONE

@@ -1,9 +1,17 @@
-"""The jobs API's logic: idempotent creation with admission, reading the log, cancelling."""
+"""The jobs API's logic: idempotent creation with admission, reading the log, cancelling.
+
+Admission is one read (the key's claim and the tenant's usage state) and one transaction (the claim,
+the reservation and the job): a reservation never exists without its job, and of concurrent first
+requests with one key exactly one creates a job. A transaction cancelled because a limit's state moved
+meanwhile is decided again on a fresh read; one cancelled because the key is taken answers as a retry.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import random
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -20,12 +28,24 @@ from spool_core.jobs.errors import (
     JobNotFound,
     RequestInProgress,
 )
-from spool_core.jobs.model import ACTIVE, TERMINAL, Chunk, Job, JobRequest, Usage
-from spool_core.jobs.ports import ChunkLog, Conflict, JobQueue, JobStore
+from spool_core.jobs.model import ACTIVE, TERMINAL, Chunk, Job, JobRequest, Progress, Segment, Usage
+from spool_core.jobs.ports import (
+    AdmissionRefused,
+    ChunkLog,
+    Claim,
+    Conflict,
+    EndGuard,
+    JobEnd,
+    JobQueue,
+    JobStore,
+)
 from spool_core.limits.errors import RateLimited
-from spool_core.limits.service import RateLimiter, settle
+from spool_core.limits.model import Reservation, ReservationPlan, UsageState
+from spool_core.limits.service import RateLimiter, utc_day
 from spool_core.models import ModelCatalog, ModelSpec
+from spool_core.observability import logger
 from spool_core.tenancy import Tenant
+from spool_core.units import now_ms, usd
 
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
 JOB_TTL_SECONDS = 30 * 24 * 3600
@@ -34,6 +54,7 @@ MAX_WAIT_SECONDS = 20
 DEFAULT_CHUNK_LIMIT = 500
 MAX_CHUNK_LIMIT = 1000
 MAX_POLL_INTERVAL = 0.1
+ADMISSION_ATTEMPTS = 25  # reads and transactions, while concurrent admissions keep moving the state
 
 
 @dataclass(frozen=True)
@@ -42,6 +63,7 @@ class Created:
 
     job: Job
     replayed: bool
+    headers: dict[str, str]
 
 
 def check_idempotency_key(key: str | None) -> str:
@@ -91,93 +113,120 @@ class JobService:
     # ------------------------------------------------------------------ create
     def create(self, key: str | None, request: JobRequest) -> Created:
         key = check_idempotency_key(key)
-        fingerprint = request.fingerprint()
-        key_hash = idempotency_hash(key)
-        existing = self._jobs.idempotency_record(key_hash)
-        if existing is not None:
-            return self._replay(existing, fingerprint)
+        fingerprint, key_hash = request.fingerprint(), idempotency_hash(key)
+        known = self._models.get(request.model)
+        job: Job | None = None
+        admitted: tuple[Job, UsageState, ReservationPlan] | None = None
+        for attempt in range(ADMISSION_ATTEMPTS):
+            claim, state = self._jobs.admission_state(key_hash, known.id if known else "", utc_day(now_ms()))
+            if claim is not None:
+                if job is not None and claim.job_id == job.job_id and admitted is not None:
+                    break  # an attempt whose reply was lost had been applied
+                return self._replay(claim, fingerprint, state)
+            if job is None:
+                job = self._new_job(request, fingerprint)
+            model = self._models.resolve(job.model_resolved)
+            plan = self._plan(job, model, state)
+            job = job.model_copy(update={"reservation": plan.reservation.item()})
+            admitted = (job, state, plan)
+            claim = self._claim(key_hash, job)
+            try:
+                self._jobs.admit(job, claim, plan)
+            except AdmissionRefused as refused:
+                if refused.claim is None:
+                    self._sleep(random.uniform(0, 0.005 * (attempt + 1)))  # a limit moved: read again
+                    continue
+                if refused.claim.job_id == job.job_id:
+                    break
+                return self._replay(refused.claim, fingerprint, state)
+            except Exception:  # the reply was lost: the next read says whether it was applied
+                logger.warning("admission write failed; reading again", exc_info=True)
+                continue
+            break
+        else:
+            raise DependencyUnavailable(
+                "Too many concurrent admissions for this tenant; the job was not created",
+                suggestions=["Retry with the same Idempotency-Key"],
+            )
+        assert admitted is not None
+        job, state, plan = admitted
+        self._enqueue(job, claim, plan.reservation)
+        return Created(job, replayed=False, headers=self._limiter.headers(state, plan))
 
+    def _new_job(self, request: JobRequest, fingerprint: str) -> Job:
         model = self._models.resolve(request.model)
         input_tokens = self._admit(model, request)  # refusals here write nothing
-        now = self._clock()
-        job_id, created_at = new_id("job"), rfc3339(from_epoch(now))
-        try:
-            # Claim the key first: of concurrent first requests exactly one gets past this write,
-            # and only that one reserves tokens, so its twins never spend the tenant's limits.
-            self._jobs.claim(key_hash, job_id, fingerprint, created_at, int(now + IDEMPOTENCY_TTL_SECONDS))
-        except Conflict as lost:
-            record = lost.current or self._jobs.idempotency_record(key_hash)
-            if record is None:
-                raise DependencyUnavailable(
-                    "The idempotency record could not be read; retry with the same key"
-                ) from None
-            return self._replay(record, fingerprint)
-        estimate = self._limiter.estimate(model.id, input_tokens, request.max_tokens)
-        try:
-            reservation = self._limiter.reserve(
-                estimate.total, model.cost_usd(estimate.input_tokens, estimate.output_tokens)
-            )
-        except RateLimited as limited:
-            self._jobs.discard(job_id, key_hash)
-            limited.headers.update(self._limiter.headers())
-            raise
-        job = Job(
-            job_id=job_id,
+        created_at = rfc3339(from_epoch(self._clock()))
+        return Job(
+            job_id=new_id("job"),
             tenant_id=self._tenant.id,
             status="queued",
             request=request,
             fingerprint=fingerprint,
             model_requested=request.model,
             model_resolved=model.id,
-            usage=Usage(estimated_tokens=estimate.total),
-            estimate=asdict(estimate),
-            reservation=asdict(reservation),
+            segments=[Segment(model=model.id)],
             created_at=created_at,
+            estimate={"input_raw": input_tokens},
         )
+
+    def _plan(self, job: Job, model: ModelSpec, state: UsageState) -> ReservationPlan:
+        assert job.estimate is not None
+        estimate = self._limiter.estimate(state, int(job.estimate["input_raw"]), job.request.max_tokens)
+        cost = model.cost_nanos(estimate.input_tokens, estimate.output_tokens)
         try:
-            self._jobs.create(job)
+            plan = self._limiter.plan(state, estimate.total, cost)
+        except RateLimited as limited:
+            limited.headers.update(self._limiter.headers(state))
+            raise
+        object.__setattr__(job, "usage", Usage(estimated_tokens=estimate.total))
+        object.__setattr__(job, "estimate", asdict(estimate))
+        return plan
+
+    def _claim(self, key_hash: str, job: Job) -> Claim:
+        return Claim(
+            key_hash=key_hash,
+            job_id=job.job_id,
+            fingerprint=job.fingerprint,
+            created_at=job.created_at,
+            expires_at_s=int(self._clock()) + IDEMPOTENCY_TTL_SECONDS,
+        )
+
+    def _enqueue(self, job: Job, claim: Claim, reservation: Reservation) -> None:
+        """Queue the job; if that fails, undo the admission so a retry with the key starts afresh
+        (and if the undo fails too, the sweeper queues the job within minutes)."""
+        try:
             self._queue.send(job.job_id, self._tenant.id)
         except Exception as exc:
-            self._jobs.discard(job_id, key_hash)
-            self._limiter.cancel(reservation)
+            try:
+                self._jobs.withdraw(job, claim, self._limiter.settle(job.job_id, reservation, ()))
+            except Exception:
+                logger.exception("could not withdraw an unqueued job; the sweeper will queue it")
             raise DependencyUnavailable(
                 "The job could not be queued", suggestions=["Retry with the same Idempotency-Key"]
             ) from exc
-        return Created(job, replayed=False)
 
-    def _replay(self, record: dict[str, Any] | Any, fingerprint: str) -> Created:
-        if record["fingerprint"] != fingerprint:
+    def _replay(self, claim: Claim, fingerprint: str, state: UsageState) -> Created:
+        if claim.fingerprint != fingerprint:
             raise IdempotencyKeyReused(
                 "This Idempotency-Key was used with a different request body",
-                details={"job_id": record["job_id"]},
+                details={"job_id": claim.job_id},
             )
-        job = self._jobs.get(record["job_id"])
-        if job is None:  # the first request is between its two writes, or was discarded
+        job = self._jobs.get(claim.job_id)
+        if job is None or job.status in ACTIVE:
+            progress = self.progress(job) if job else Progress().model_dump()
             raise RequestInProgress(
-                "A request with this Idempotency-Key is being processed",
+                f"The job created with this Idempotency-Key is {job.status if job else 'queued'}",
                 details={
-                    "job_id": record["job_id"],
-                    "status": "queued",
-                    "progress": {"tokens_generated": 0, "last_sequence_id": 0},
-                },
-            )
-        if job.status in ACTIVE:
-            progress = self.progress(job)
-            raise RequestInProgress(
-                f"The job created with this Idempotency-Key is {job.status}",
-                details={
-                    "job_id": job.job_id,
-                    "status": job.status,
+                    "job_id": claim.job_id,
+                    "status": job.status if job else "queued",
                     "progress": {
                         "tokens_generated": progress["tokens_generated"],
                         "last_sequence_id": progress["last_sequence_id"],
                     },
                 },
             )
-        return Created(job, replayed=True)
-
-    def rate_limit_headers(self) -> dict[str, str]:
-        return self._limiter.headers()
+        return Created(job, replayed=True, headers=self._limiter.headers(state))
 
     def _admit(self, model: ModelSpec, request: JobRequest) -> int:
         """Check the request fits the model; returns its input tokens (tiktoken x family calibration)."""
@@ -222,25 +271,29 @@ class JobService:
         return job
 
     def progress(self, job: Job, last: Chunk | None = None) -> dict[str, int]:
-        """Current progress: the job item's once it is terminal, the chunk log's last entry before
-        (``last`` when the caller already read it)."""
+        """Current progress: the job item's once it is terminal, the chunk log's last entry while it
+        runs (``last`` when the caller already read it); a job never started has none."""
         if job.terminal:
             return job.progress.model_dump()
+        if job.status == "queued" and job.attempts == 0:
+            return Progress().model_dump()
         last = last or self._chunks.last(job.job_id)
         if last is None:
-            return {"tokens_generated": 0, "last_sequence_id": 0, "chunks_written": 0}
-        return {
-            "tokens_generated": last.tokens_total,
-            "last_sequence_id": last.sequence_id,
-            "chunks_written": last.sequence_id,
-        }
+            return Progress().model_dump()
+        return Progress(
+            tokens_generated=last.tokens_total,
+            last_sequence_id=last.sequence_id,
+            chunks_written=last.sequence_id,
+        ).model_dump()
 
     def view(self, job: Job) -> dict[str, Any]:
         """The job resource of DESIGN.md."""
         output = job.output
         first_token_at = job.first_token_at
         last: Chunk | None = None
-        if output is None:  # running, or too large to keep on the item: the log has it
+        if output is None and job.attempts == 0:
+            output = ""  # never started: nothing in the log
+        elif output is None:  # running, or too large to keep on the item: the log has it
             chunks = list(self._chunks.all(job.job_id))
             output = "".join(chunk.text for chunk in chunks)
             first_token_at = first_token_at or (chunks[0].created_at if chunks else None)
@@ -257,10 +310,11 @@ class JobService:
                 "requested": job.model_requested,
                 "resolved": job.model_resolved,
                 "fallback_used": job.fallback_used,
+                "segments": [s.model_dump() for s in job.segments],
             },
             "progress": self.progress(job, last),
             "usage": job.usage.model_dump(),
-            "cost_usd": job.cost_usd,
+            "cost_usd": usd(job.cost_nanos),
             "output": output,
             "error": job.error,
             "created_at": job.created_at,
@@ -300,30 +354,36 @@ class JobService:
             "done": job.terminal and len(found) < limit,
         }
 
+    def rate_limit_headers(self) -> dict[str, str]:
+        state, _ = self._limiter.state()
+        return self._limiter.headers(state)
+
     # ------------------------------------------------------------------ cancel
     def cancel(self, job_id: str) -> Job:
-        """Idempotent: a queued job is cancelled at once, a running one at the worker's next flush."""
-        job = self.get(job_id)
-        if job.terminal:
-            return job
-        now = rfc3339(from_epoch(self._clock()))
-        try:
-            if job.status == "queued":
-                return self._jobs.update(
-                    job_id,
-                    {"status": "cancelled", "cancel_requested": True, "completed_at": now},
-                    condition="#status = :queued",
-                    values={":queued": "queued"},
-                    also=self._limiter.settlement_writes(settle(job, 0, 0, 0.0, self._clock())),
+        """Idempotent: a queued job is cancelled at once (its reservation given back), a running one
+        at the worker's next flush."""
+        token = uuid.uuid4().hex
+        for _ in range(5):
+            job = self.get(job_id)
+            if job.terminal:
+                return job
+            try:
+                if job.status == "running":
+                    return self._jobs.request_cancel(job_id)
+                reservation = Reservation.from_item(job.reservation) if job.reservation else None
+                end = JobEnd(
+                    status="cancelled",
+                    progress=Progress(),
+                    usage=Usage(estimated_tokens=job.usage.estimated_tokens),
+                    cost_nanos=0,
+                    completed_at=rfc3339(from_epoch(self._clock())),
+                    output="",
                 )
-            return self._jobs.update(
-                job_id,
-                {"cancel_requested": True},
-                condition="#status = :running",
-                values={":running": "running"},
-            )
-        except Conflict:
-            return self.cancel(job_id)  # it moved on (started or finished) meanwhile: decide again
+                settlement = self._limiter.settle(job_id, reservation, ())
+                return self._jobs.end(job_id, end, EndGuard("queued", token), settlement)
+            except Conflict:
+                continue  # it moved on (started or finished) meanwhile: decide again
+        return self.get(job_id)
 
 
 def is_terminal(status: str) -> bool:

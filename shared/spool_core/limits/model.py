@@ -1,12 +1,14 @@
-"""Limits, reservations and settlements."""
+"""Limits, the state they are checked against, reservations and settlements (integers throughout:
+tokens, microseconds for bucket times, milliseconds for instants, nano-dollars for money)."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
-MINUTE = 60.0
-DAY = 86_400.0
+MINUTE_US = 60_000_000
+DAY_US = 86_400_000_000
 
 
 @dataclass(frozen=True)
@@ -14,39 +16,63 @@ class TenantLimits:
     tokens_per_minute: int
     tokens_per_day: int
     max_concurrent_jobs: int
-    daily_budget_usd: float | None = None
+    daily_budget_nanos: int | None = None
 
 
 @dataclass(frozen=True)
 class Bucket:
-    """A token bucket as GCRA sees it: ``limit`` tokens per ``period`` seconds, burst = ``limit``.
+    """A token bucket as GCRA sees it: ``limit`` tokens per ``period_us``, burst = ``limit``.
 
-    State is one number, the theoretical arrival time (TAT): the bucket is full when TAT <= now,
-    and holds ``(now + period - TAT) / interval`` tokens otherwise.
+    State is one number, the theoretical arrival time (TAT, epoch microseconds): the bucket is full
+    when TAT <= now, and holds ``(now + period - TAT) x limit / period`` tokens otherwise.
     """
 
     name: str
     limit: int
-    period: float
+    period_us: int
 
-    @property
-    def interval(self) -> float:
-        """Seconds one token takes to refill."""
-        return self.period / self.limit
+    def cost_us(self, tokens: int) -> int:
+        """How far ``tokens`` move the TAT (rounded up: never under-charged)."""
+        return -(-tokens * self.period_us // self.limit)
 
-    def remaining(self, tat: float | None, now: float) -> int:
+    def remaining(self, tat: int | None, now: int) -> int:
         if tat is None or tat <= now:
             return self.limit
-        return max(0, min(self.limit, math.floor((now + self.period - tat) / self.interval + 1e-9)))
+        return max(0, min(self.limit, (now + self.period_us - tat) * self.limit // self.period_us))
 
-    def reset_seconds(self, tat: float | None, now: float) -> float:
-        """Seconds until the bucket is full again."""
-        return 0.0 if tat is None else max(0.0, tat - now)
+    def reset_us(self, tat: int | None, now: int) -> int:
+        """Microseconds until the bucket is full again."""
+        return 0 if tat is None else max(0, tat - now)
 
-    def available_at(self, tat: float | None, now: float, tokens: int) -> float:
-        """When ``tokens`` will fit (epoch seconds)."""
+    def available_at(self, tat: int | None, now: int, tokens: int) -> int:
+        """When ``tokens`` will fit (epoch microseconds)."""
         base = now if tat is None else max(tat, now)
-        return max(now, base + tokens * self.interval - self.period)
+        return max(now, base + self.cost_us(tokens) - self.period_us)
+
+    def take(self, tat: int | None, now: int, tokens: int) -> BucketTake | None:
+        """The write that takes ``tokens`` from a bucket last seen at ``tat``, or None when they do not
+        fit. Its condition holds only while the bucket is in the state it was seen in, so a take that
+        raced another is refused by the store and retried, never applied twice or on a wrong base."""
+        cost = self.cost_us(tokens)
+        if tokens > self.limit:
+            return None
+        if tat is None or tat <= now:
+            return BucketTake(self.name, "restart", cost, now)
+        if tat + cost > now + self.period_us:
+            return None
+        return BucketTake(self.name, "advance", cost, now, latest=now + self.period_us - cost)
+
+
+@dataclass(frozen=True)
+class BucketTake:
+    """``restart``: the bucket was full: TAT = now + cost, if it still is (TAT <= now or unset).
+    ``advance``: it was not: TAT += cost, if TAT is still in (now, latest]."""
+
+    bucket: str
+    kind: Literal["restart", "advance"]
+    cost_us: int
+    now_us: int
+    latest: int = 0
 
 
 @dataclass(frozen=True)
@@ -54,7 +80,7 @@ class Estimate:
     """What admission reserves for a job, and how it was reached (kept on the job for learning)."""
 
     input_raw: int  # tiktoken x family calibration
-    correction: float  # the tenant's learned actual/estimated ratio for this model
+    correction_milli: int  # the tenant's learned actual/estimated ratio for this model, x 1000
     input_tokens: int  # input_raw x correction
     output_tokens: int  # max_tokens, or the tenant's recent high percentile (never below a floor)
 
@@ -64,27 +90,83 @@ class Estimate:
 
 
 @dataclass(frozen=True)
+class UsageState:
+    """What admission reads of a tenant's usage partition, in one request."""
+
+    limits: TenantLimits | None = None
+    tats: dict[str, int | None] = field(default_factory=dict)  # bucket name -> TAT
+    running: int = 0
+    committed_nanos: int = 0  # today's budget commitments
+    correction_milli: int = 1000
+    outputs: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class Reservation:
+    """What admission took for a job, kept on the job item and given back (or topped up) when it ends."""
+
     tokens: int
-    cost_usd: float
+    cost_nanos: int
     day: str  # UTC date the budget was committed on
-    concurrency: bool = True
+    reserved_at_ms: int
+    buckets: tuple[tuple[str, int, int], ...] = ()  # (name, limit, period_us) of the buckets taken from
+    budgeted: bool = False  # a daily budget applied: the settlement moves the day's commitments
+
+    def item(self) -> dict[str, Any]:
+        return {**asdict(self), "buckets": [list(b) for b in self.buckets]}
+
+    @classmethod
+    def from_item(cls, item: Mapping[str, Any]) -> Reservation:
+        return cls(
+            tokens=int(item["tokens"]),
+            cost_nanos=int(item["cost_nanos"]),
+            day=str(item["day"]),
+            reserved_at_ms=int(item["reserved_at_ms"]),
+            buckets=tuple((str(n), int(limit), int(period)) for n, limit, period in item.get("buckets", [])),
+            budgeted=bool(item.get("budgeted", False)),
+        )
+
+
+@dataclass(frozen=True)
+class ReservationPlan:
+    """The conditional writes that take a reservation, committed with the job in one transaction."""
+
+    reservation: Reservation
+    takes: tuple[BucketTake, ...]
+    max_running: int
+    budget_room_nanos: int | None = None  # commit only if today's commitments are at most this
+
+
+@dataclass(frozen=True)
+class ModelUsage:
+    """Tokens one model consumed for a job (a job that fell back mid-stream has several)."""
+
+    model_id: str
+    input_tokens: int
+    output_tokens: int
+    cost_nanos: int
 
 
 @dataclass(frozen=True)
 class Settlement:
-    """Replace a job's reservation with its actual usage (done once, with the job's final write)."""
+    """Replace a job's reservation with its actual usage: done once, in the same transaction as the
+    job's final write. The limiter computes every number; a store only applies them."""
 
     job_id: str
-    model_id: str
-    reserved_tokens: int
-    reserved_cost_usd: float
-    reserved_day: str
-    input_tokens: int
-    output_tokens: int
-    cost_usd: float
-    day: str  # UTC date of completion
+    usage: tuple[ModelUsage, ...]
+    day: str  # UTC date of the end, for the rollups
+    bucket_deltas: tuple[tuple[str, int], ...]  # (bucket, microseconds) to move each TAT by
+    budget: tuple[str, int] | None = None  # (day, nano-dollars) to move that day's commitments by
+    release_slot: bool = True
 
     @property
-    def actual_tokens(self) -> int:
-        return self.input_tokens + self.output_tokens
+    def input_tokens(self) -> int:
+        return sum(u.input_tokens for u in self.usage)
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(u.output_tokens for u in self.usage)
+
+    @property
+    def cost_nanos(self) -> int:
+        return sum(u.cost_nanos for u in self.usage)

@@ -1,91 +1,68 @@
-"""The rate limiter's logic: estimate, reserve atomically, roll back, settle, learn."""
+"""The rate limiter's logic: estimate a job, decide whether it fits, plan the conditional writes that
+reserve it, and settle it against what it used. It never writes itself: admission commits the plan
+with the job in one transaction, and the job's final write commits the settlement, so a reservation
+never exists without its job and is settled exactly once."""
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from spool_core.clock import from_epoch, rfc3339
 from spool_core.limits.errors import BudgetExceeded, TokenLimitExceeded, TooManyConcurrentJobs
-from spool_core.limits.model import DAY, MINUTE, Bucket, Estimate, Reservation, Settlement, TenantLimits
+from spool_core.limits.model import (
+    DAY_US,
+    MINUTE_US,
+    Bucket,
+    Estimate,
+    ModelUsage,
+    Reservation,
+    ReservationPlan,
+    Settlement,
+    TenantLimits,
+    UsageState,
+)
+from spool_core.units import now_ms, usd
 
 
 @dataclass
 class ModelStats:
     """What a tenant's past jobs on one model taught: the correction factor and recent outputs."""
 
-    correction: float = 1.0
-    outputs: list[int] = field(default_factory=list)
+    correction_milli: int = 1000
+    outputs: list[int] | None = None
     samples: int = 0
     version: int = 0
 
 
 class UsageStore(Protocol):
-    def limits(self) -> TenantLimits | None: ...
+    """The tenant's usage partition, for everything but admission and settlement (which the job
+    store commits together with the job)."""
 
-    def tat(self, bucket: Bucket) -> float | None: ...
-
-    def take(self, bucket: Bucket, tokens: int, now: float) -> tuple[bool, float | None]:
-        """Atomically take ``tokens`` if they fit; returns (taken, the bucket's TAT)."""
-
-    def give_back(self, bucket: Bucket, tokens: int) -> None: ...
-
-    def acquire_slot(self, maximum: int) -> tuple[bool, int]: ...
-
-    def release_slot(self) -> None: ...
-
-    def running(self) -> int: ...
-
-    def commit_budget(self, day: str, cost_usd: float, budget_usd: float) -> tuple[bool, float]: ...
-
-    def uncommit_budget(self, day: str, cost_usd: float) -> None: ...
-
-    def committed(self, day: str) -> float: ...
+    def state(self, model_id: str | None, day: str) -> UsageState:
+        """Limits, buckets, running jobs, today's commitments and the model's statistics: one read."""
 
     def stats(self, model_id: str) -> ModelStats: ...
 
     def save_stats(self, model_id: str, stats: ModelStats, expected_version: int) -> bool: ...
 
-    def settlement_writes(
-        self, settlement: Settlement, buckets: Sequence[Bucket]
-    ) -> list[dict[str, Any]]: ...
-
     def rollups(self, since: str, until: str) -> list[dict[str, Any]]: ...
 
+    def limits(self) -> TenantLimits | None: ...
 
-class _Reserved(Protocol):
-    job_id: str
-    model_resolved: str
-    reservation: dict[str, Any] | None
+    def set_limits(self, limits: TenantLimits) -> None: ...
 
 
-def settle(job: _Reserved, input_tokens: int, output_tokens: int, cost_usd: float, now: float) -> Settlement:
-    """The settlement of a job's reservation against what it actually used."""
-    reserved = job.reservation or {"tokens": 0, "cost_usd": 0.0, "day": utc_day(now)}
-    return Settlement(
-        job_id=job.job_id,
-        model_id=job.model_resolved,
-        reserved_tokens=int(reserved["tokens"]),
-        reserved_cost_usd=float(reserved["cost_usd"]),
-        reserved_day=str(reserved["day"]),
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        cost_usd=cost_usd,
-        day=utc_day(now),
-    )
+def utc_day(moment_ms: int) -> str:
+    return from_epoch(moment_ms / 1000).strftime("%Y-%m-%d")
 
 
-def utc_day(moment: float) -> str:
-    return from_epoch(moment).strftime("%Y-%m-%d")
-
-
-def next_midnight(moment: float) -> float:
-    day = from_epoch(moment).replace(hour=0, minute=0, second=0, microsecond=0)
-    return (day + timedelta(days=1)).timestamp()
+def next_midnight_ms(moment_ms: int) -> int:
+    day = from_epoch(moment_ms / 1000).replace(hour=0, minute=0, second=0, microsecond=0)
+    return int((day + timedelta(days=1)).timestamp() * 1000)
 
 
 class RateLimiter:
@@ -94,105 +71,96 @@ class RateLimiter:
         store: UsageStore,
         defaults: TenantLimits,
         *,
-        clock: Callable[[], float] = time.time,
+        clock_ms: Callable[[], int] = now_ms,
         min_output_tokens: int = 256,
-        correction_bounds: tuple[float, float] = (0.5, 2.0),
+        correction_bounds_milli: tuple[int, int] = (500, 2000),
         learning_rate: float = 0.2,
         output_window: int = 20,
         output_percentile: float = 0.9,
     ) -> None:
         self._store = store
         self._defaults = defaults
-        self._clock = clock
+        self._clock_ms = clock_ms
         self.min_output_tokens = min_output_tokens
-        self.correction_bounds = correction_bounds
+        self.correction_bounds_milli = correction_bounds_milli
         self.learning_rate = learning_rate
         self.output_window = output_window
         self.output_percentile = output_percentile
-        self._limits: TenantLimits | None = None
+
+    def now_ms(self) -> int:
+        return self._clock_ms()
 
     # ------------------------------------------------------------------ limits
-    @property
-    def limits(self) -> TenantLimits:
-        if self._limits is None:
-            self._limits = self._store.limits() or self._defaults
-        return self._limits
+    def limits(self, state: UsageState) -> TenantLimits:
+        """The tenant's own limits (read at every admission, so a change applies at the next one),
+        or the deployment's defaults."""
+        return state.limits or self._defaults
 
-    def buckets(self) -> tuple[Bucket, Bucket]:
-        return (
-            Bucket("minute", self.limits.tokens_per_minute, MINUTE),
-            Bucket("day", self.limits.tokens_per_day, DAY),
+    @staticmethod
+    def buckets(limits: TenantLimits) -> tuple[Bucket, Bucket]:
+        return Bucket("minute", limits.tokens_per_minute, MINUTE_US), Bucket(
+            "day", limits.tokens_per_day, DAY_US
         )
 
     # ------------------------------------------------------------------ estimate
-    def estimate(self, model_id: str, input_raw: int, max_tokens: int) -> Estimate:
-        stats = self._store.stats(model_id)
-        input_tokens = math.ceil(input_raw * stats.correction)
+    def estimate(self, state: UsageState, input_raw: int, max_tokens: int) -> Estimate:
+        input_tokens = -(-input_raw * state.correction_milli // 1000)
         output = max_tokens
-        if len(stats.outputs) >= 5:
-            ranked = sorted(stats.outputs)
+        if len(state.outputs) >= 5:
+            ranked = sorted(state.outputs)
             high = ranked[min(len(ranked) - 1, math.ceil(self.output_percentile * len(ranked)) - 1)]
             output = min(max_tokens, max(high, min(max_tokens, self.min_output_tokens)))
         return Estimate(
-            input_raw=input_raw, correction=stats.correction, input_tokens=input_tokens, output_tokens=output
+            input_raw=input_raw,
+            correction_milli=state.correction_milli,
+            input_tokens=input_tokens,
+            output_tokens=output,
         )
 
-    # ------------------------------------------------------------------ reserve / roll back
-    def reserve(self, tokens: int, cost_usd: float) -> Reservation:
-        """Reserve a job's slot, tokens and cost, or raise the matching 429 holding nothing."""
-        now = self._clock()
-        limits = self.limits
-        ok, running = self._store.acquire_slot(limits.max_concurrent_jobs)
-        if not ok:
+    # ------------------------------------------------------------------ reserve
+    def plan(self, state: UsageState, tokens: int, cost_nanos: int) -> ReservationPlan:
+        """The writes that reserve a job's slot, tokens and cost against the state just read, or the
+        matching 429 (nothing is written for a refusal)."""
+        now = self.now_ms()
+        now_us = now * 1000
+        limits = self.limits(state)
+        if state.running >= limits.max_concurrent_jobs:
             raise TooManyConcurrentJobs(
-                f"{running} jobs are already queued or running; the limit is {limits.max_concurrent_jobs}",
+                f"{state.running} jobs are queued or running; the limit is {limits.max_concurrent_jobs}",
                 retry_after_seconds=1,
-                details={"running": running, "limit": limits.max_concurrent_jobs},
+                details={"running": state.running, "limit": limits.max_concurrent_jobs},
             )
-        taken: list[Bucket] = []
-        try:
-            for bucket in self.buckets():
-                done, tat = self._store.take(bucket, tokens, now)
-                if not done:
-                    raise self._token_limit(bucket, tokens, tat, now)
-                taken.append(bucket)
-            day = utc_day(now)
-            if limits.daily_budget_usd is not None:
-                done, committed = self._store.commit_budget(day, cost_usd, limits.daily_budget_usd)
-                if not done:
-                    raise BudgetExceeded(
-                        f"Today's spend ({committed:.4f} USD) plus this job's estimate ({cost_usd:.4f} USD)"
-                        f" exceeds the daily budget ({limits.daily_budget_usd:.2f} USD)",
-                        retry_after_seconds=next_midnight(now) - now,
-                        details={
-                            "budget_usd": limits.daily_budget_usd,
-                            "spent_usd": round(committed, 6),
-                            "estimated_cost_usd": round(cost_usd, 6),
-                            "reset_at": rfc3339(from_epoch(next_midnight(now))),
-                        },
-                    )
-        except BaseException:
-            for bucket in taken:
-                self._store.give_back(bucket, tokens)
-            self._store.release_slot()
-            raise
-        return Reservation(tokens=tokens, cost_usd=cost_usd, day=day)
+        takes = []
+        for bucket in self.buckets(limits):
+            take = bucket.take(state.tats.get(bucket.name), now_us, tokens)
+            if take is None:
+                raise self._token_limit(bucket, tokens, state.tats.get(bucket.name), now_us)
+            takes.append(take)
+        room = None
+        budget = limits.daily_budget_nanos
+        if budget is not None:
+            room = budget - cost_nanos
+            if room < 0 or state.committed_nanos > room:
+                raise self._budget_exceeded(budget, state.committed_nanos, cost_nanos, now)
+        reservation = Reservation(
+            tokens=tokens,
+            cost_nanos=cost_nanos,
+            day=utc_day(now),
+            reserved_at_ms=now,
+            buckets=tuple((b.name, b.limit, b.period_us) for b in self.buckets(limits)),
+            budgeted=budget is not None,
+        )
+        return ReservationPlan(reservation, tuple(takes), limits.max_concurrent_jobs, room)
 
-    def cancel(self, reservation: Reservation) -> None:
-        """Undo a reservation whose job was never created."""
-        for bucket in self.buckets():
-            self._store.give_back(bucket, reservation.tokens)
-        if self.limits.daily_budget_usd is not None:
-            self._store.uncommit_budget(reservation.day, reservation.cost_usd)
-        if reservation.concurrency:
-            self._store.release_slot()
-
-    def _token_limit(self, bucket: Bucket, tokens: int, tat: float | None, now: float) -> TokenLimitExceeded:
-        remaining = bucket.remaining(tat, now)
-        reset_at = bucket.available_at(tat, now, tokens) if tokens <= bucket.limit else next_midnight(now)
-        per = "minute" if bucket.period == MINUTE else "day"
+    def _token_limit(self, bucket: Bucket, tokens: int, tat: int | None, now_us: int) -> TokenLimitExceeded:
+        remaining = bucket.remaining(tat, now_us)
+        never = tokens > bucket.limit
+        reset_us = (
+            next_midnight_ms(now_us // 1000) * 1000 if never else bucket.available_at(tat, now_us, tokens)
+        )
+        per = "minute" if bucket.period_us == MINUTE_US else "day"
         suggestions = None
-        if tokens > bucket.limit:
+        if never:
             suggestions = [
                 f"This job needs {tokens:,} tokens, more than the whole per-{per} limit:"
                 " lower max_tokens or send less context",
@@ -200,20 +168,54 @@ class RateLimiter:
             ]
         return TokenLimitExceeded(
             f"This job needs {tokens:,} tokens; {remaining:,} of {bucket.limit:,} per {per} remain",
-            retry_after_seconds=max(1.0, reset_at - now),
+            retry_after_seconds=max(1.0, (reset_us - now_us) / 1e6),
             details={
                 "tokens_requested": tokens,
                 "tokens_remaining": remaining,
                 "limit": bucket.limit,
                 "window": per,
-                "reset_at": rfc3339(from_epoch(reset_at)),
+                "reset_at": rfc3339(from_epoch(reset_us / 1e6)),
             },
             suggestions=suggestions,
         )
 
+    @staticmethod
+    def _budget_exceeded(budget: int, committed: int, cost: int, now: int) -> BudgetExceeded:
+        reset = next_midnight_ms(now)
+        return BudgetExceeded(
+            f"Today's spend ({usd(committed):.4f} USD) plus this job's estimate ({usd(cost):.4f} USD)"
+            f" exceeds the daily budget ({usd(budget):.2f} USD)",
+            retry_after_seconds=(reset - now) / 1000,
+            details={
+                "budget_usd": usd(budget),
+                "spent_usd": usd(committed),
+                "estimated_cost_usd": usd(cost),
+                "reset_at": rfc3339(from_epoch(reset / 1000)),
+            },
+        )
+
     # ------------------------------------------------------------------ settle / learn
-    def settlement_writes(self, settlement: Settlement) -> list[dict[str, Any]]:
-        return self._store.settlement_writes(settlement, self.buckets())
+    def settle(self, job_id: str, reservation: Reservation | None, usage: Sequence[ModelUsage]) -> Settlement:
+        """Replace a reservation with what the job used. Each bucket's TAT moves by the difference
+        (a charge may leave the bucket in debt); an unused part is refunded only while the bucket's
+        period since the reservation has not passed, because by then the bucket has refilled anyway
+        and a late refund would grant more than the limit. The buckets are those of the reservation
+        (a limit changed meanwhile does not change what was taken)."""
+        now = self.now_ms()
+        actual = sum(u.input_tokens + u.output_tokens for u in usage)
+        cost = sum(u.cost_nanos for u in usage)
+        if reservation is None:  # nothing was reserved
+            return Settlement(job_id, tuple(usage), utc_day(now), (), None, release_slot=False)
+        deltas = []
+        for name, limit, period in reservation.buckets:
+            bucket = Bucket(name, limit, period)
+            difference = actual - reservation.tokens
+            fresh = (now - reservation.reserved_at_ms) * 1000 < bucket.period_us
+            if difference > 0 or (difference < 0 and fresh):
+                sign = 1 if difference > 0 else -1
+                deltas.append((bucket.name, sign * bucket.cost_us(abs(difference))))
+        budget = (reservation.day, cost - reservation.cost_nanos) if reservation.budgeted else None
+        return Settlement(job_id, tuple(usage), utc_day(now), tuple(deltas), budget)
 
     def learn(self, model_id: str, estimate: Estimate, input_tokens: int, output_tokens: int) -> None:
         """Move the tenant's correction toward actual/estimated input (bounded moving average) and
@@ -221,70 +223,82 @@ class RateLimiter:
         for _ in range(3):
             stats = self._store.stats(model_id)
             if estimate.input_raw > 0 and input_tokens > 0:
-                ratio = input_tokens / estimate.input_raw
-                low, high = self.correction_bounds
-                blended = (1 - self.learning_rate) * stats.correction + self.learning_rate * ratio
-                stats.correction = min(high, max(low, blended))
-            stats.outputs = [*stats.outputs, output_tokens][-self.output_window :]
+                ratio_milli = input_tokens * 1000 / estimate.input_raw
+                low, high = self.correction_bounds_milli
+                blended = (1 - self.learning_rate) * stats.correction_milli + self.learning_rate * ratio_milli
+                stats.correction_milli = min(high, max(low, round(blended)))
+            stats.outputs = [*(stats.outputs or []), output_tokens][-self.output_window :]
             stats.samples += 1
             if self._store.save_stats(model_id, stats, stats.version):
                 return
 
     # ------------------------------------------------------------------ state
-    def headers(self) -> dict[str, str]:
-        minute, _ = self.buckets()
-        now = self._clock()
-        tat = self._store.tat(minute)
+    def headers(self, state: UsageState, plan: ReservationPlan | None = None) -> dict[str, str]:
+        """X-RateLimit-* of the per-minute bucket, after ``plan``'s take when it was committed."""
+        minute, _ = self.buckets(self.limits(state))
+        now_us = self.now_ms() * 1000
+        tat = state.tats.get("minute")
+        for take in plan.takes if plan else ():
+            if take.bucket == "minute":
+                tat = take.now_us + take.cost_us if take.kind == "restart" else (tat or 0) + take.cost_us
         return {
             "X-RateLimit-Limit-Tokens": str(minute.limit),
-            "X-RateLimit-Remaining-Tokens": str(minute.remaining(tat, now)),
-            "X-RateLimit-Reset-Tokens": str(math.ceil(minute.reset_seconds(tat, now))),
+            "X-RateLimit-Remaining-Tokens": str(minute.remaining(tat, now_us)),
+            "X-RateLimit-Reset-Tokens": str(math.ceil(minute.reset_us(tat, now_us) / 1e6)),
         }
 
-    def state(self) -> dict[str, Any]:
-        now = self._clock()
-        limits = self.limits
-        buckets = {}
-        for bucket in self.buckets():
-            tat = self._store.tat(bucket)
-            buckets[f"tokens_per_{bucket.name}"] = {
-                "limit": bucket.limit,
-                "remaining": bucket.remaining(tat, now),
-                "reset_seconds": math.ceil(bucket.reset_seconds(tat, now)),
-            }
+    def state(self) -> tuple[UsageState, dict[str, Any]]:
+        now = self.now_ms()
         today = utc_day(now)
-        return {
+        state = self._store.state(None, today)
+        limits = self.limits(state)
+        now_us = now * 1000
+        buckets = {
+            f"tokens_per_{bucket.name}": {
+                "limit": bucket.limit,
+                "remaining": bucket.remaining(state.tats.get(bucket.name), now_us),
+                "reset_seconds": math.ceil(bucket.reset_us(state.tats.get(bucket.name), now_us) / 1e6),
+            }
+            for bucket in self.buckets(limits)
+        }
+        budget = limits.daily_budget_nanos
+        return state, {
             **buckets,
-            "concurrent_jobs": {"limit": limits.max_concurrent_jobs, "running": self._store.running()},
+            "concurrent_jobs": {"limit": limits.max_concurrent_jobs, "running": state.running},
             "daily_budget": {
-                "limit_usd": limits.daily_budget_usd,
-                "committed_usd": round(self._store.committed(today), 6),
-                "reset_at": rfc3339(from_epoch(next_midnight(now))),
+                "limit_usd": usd(budget) if budget is not None else None,
+                "committed_usd": usd(state.committed_nanos),
+                "reset_at": rfc3339(from_epoch(next_midnight_ms(now) / 1000)),
             },
         }
 
     def usage(self, since: str | None, until: str | None) -> dict[str, Any]:
-        now = self._clock()
-        until = until or utc_day(now)
+        state, limits = self.state()
+        until = until or utc_day(self.now_ms())
         since = since or (datetime.fromisoformat(until).replace(tzinfo=UTC) - timedelta(days=6)).strftime(
             "%Y-%m-%d"
         )
         rows = self._store.rollups(since, until)
-        totals = {"jobs": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
-        by_model: dict[str, dict[str, Any]] = {}
+        totals = {"jobs": 0, "input_tokens": 0, "output_tokens": 0, "cost_nanos": 0}
+        by_model: dict[str, dict[str, int]] = {}
         for row in rows:
-            model = by_model.setdefault(row["model"], {k: 0 for k in totals} | {"cost_usd": 0.0})
+            model = by_model.setdefault(row["model"], dict.fromkeys(totals, 0))
             for key in totals:
                 totals[key] += row[key]
                 model[key] += row[key]
-        totals["cost_usd"] = round(totals["cost_usd"], 8)
-        for model in by_model.values():
-            model["cost_usd"] = round(model["cost_usd"], 8)
         return {
             "since": since,
             "until": until,
-            "days": rows,
-            "by_model": by_model,
-            "totals": totals,
-            "limits": self.state(),
+            "days": [_public_row(row) for row in rows],
+            "by_model": {name: _public_row(model) for name, model in by_model.items()},
+            "totals": _public_row(totals),
+            "limits": limits,
+            "headers": self.headers(state),
         }
+
+
+def _public_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A rollup as the API shows it: dollars, not nano-dollars."""
+    public = {k: v for k, v in row.items() if k != "cost_nanos"}
+    public["cost_usd"] = usd(int(row["cost_nanos"]))
+    return public

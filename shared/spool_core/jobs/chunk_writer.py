@@ -1,0 +1,86 @@
+"""Coalescing the provider's tokens into the chunk log."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from spool_core.clock import from_epoch, rfc3339
+from spool_core.jobs.model import Chunk, Progress
+from spool_core.jobs.ports import ChunkLog, Conflict
+
+
+class LostLease(Exception):
+    """Another attempt owns the job now (this one stalled past its lease, or was superseded)."""
+
+
+class ChunkWriter:
+    """Coalesces tokens into chunks: the first token at once, then every ``flush_ms`` or
+    ``flush_tokens``, whichever comes first. The interval is counted from the end of the last write,
+    so a slow store makes chunks larger, never smaller (a write that outlasts the interval used to
+    leave every later chunk one token long)."""
+
+    def __init__(
+        self,
+        log: ChunkLog,
+        job_id: str,
+        last: Chunk | None,
+        *,
+        writer: str,
+        flush_ms: int,
+        flush_tokens: int,
+        clock: Callable[[], float],
+        on_flush: Callable[[], None],
+    ) -> None:
+        self._log = log
+        self._job_id = job_id
+        self._writer = writer
+        self.sequence_id = last.sequence_id if last else 0
+        self.tokens_total = last.tokens_total if last else 0
+        self.first_chunk_at: str | None = None
+        self._flush_ms = flush_ms
+        self._flush_tokens = flush_tokens
+        self._clock = clock
+        self._on_flush = on_flush
+        self._buffer: list[str] = []
+        self._buffered_tokens = 0
+        self._last_flush = clock()
+
+    def add(self, text: str, tokens: int) -> None:
+        self._buffer.append(text)
+        self._buffered_tokens += tokens
+        first = self.sequence_id == 0
+        due = (self._clock() - self._last_flush) * 1000 >= self._flush_ms
+        if first or due or self._buffered_tokens >= self._flush_tokens:
+            self.flush()
+
+    def flush(self, *, notify: bool = True) -> None:
+        """Write the buffered tokens as the next chunk; ``notify`` runs the flush hook (cancel check,
+        time check, lease renewal) afterwards."""
+        if not self._buffer:
+            return
+        chunk = Chunk(
+            sequence_id=self.sequence_id + 1,
+            text="".join(self._buffer),
+            created_at=rfc3339(from_epoch(self._clock())),
+            tokens=self._buffered_tokens,
+            tokens_total=self.tokens_total + self._buffered_tokens,
+            writer=self._writer,
+        )
+        try:
+            self._log.append(self._job_id, chunk)
+        except Conflict:
+            raise LostLease(f"sequence {chunk.sequence_id} was written by another attempt") from None
+        self.sequence_id, self.tokens_total = chunk.sequence_id, chunk.tokens_total
+        self.first_chunk_at = self.first_chunk_at or chunk.created_at
+        self._buffer, self._buffered_tokens = [], 0
+        self._last_flush = self._clock()
+        if notify:
+            self._on_flush()
+
+    @property
+    def progress(self) -> Progress:
+        return Progress(
+            tokens_generated=self.tokens_total,
+            last_sequence_id=self.sequence_id,
+            chunks_written=self.sequence_id,
+        )

@@ -1,0 +1,91 @@
+"""How a job ends: what it used, priced per model that produced it, and the structured error of a
+failure. Shared by the worker and the dead-letter path."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from spool_core.jobs.model import Job, Progress, Segment, Usage
+from spool_core.jobs.ports import JobEnd
+from spool_core.limits.model import ModelUsage
+from spool_core.models import ModelCatalog
+from spool_core.observability import logger
+
+
+def estimated_input(job: Job) -> int:
+    if job.estimate:
+        return int(job.estimate.get("input_raw", 0))
+    return max(0, job.usage.estimated_tokens - job.request.max_tokens)
+
+
+def model_usage(
+    job: Job, tokens_total: int, input_reported: Mapping[str, int], models: ModelCatalog
+) -> tuple[ModelUsage, ...]:
+    """Per model: the output tokens of its segments of the log and the input tokens its provider
+    reported (every call re-reads the prompt), priced at that model. A model that produced output
+    without reporting its input (its call was cut short by a crash) is charged the estimate."""
+    segments = job.segments or [Segment(model=job.model_resolved)]
+    outputs: dict[str, int] = {}
+    for index, segment in enumerate(segments):
+        end = segments[index + 1].from_tokens if index + 1 < len(segments) else tokens_total
+        outputs[segment.model] = outputs.get(segment.model, 0) + max(0, end - segment.from_tokens)
+    lines = []
+    for model_id in dict.fromkeys([*(s.model for s in segments), *input_reported]):
+        output = outputs.get(model_id, 0)
+        used = input_reported.get(model_id, 0) or (estimated_input(job) if output else 0)
+        if not used and not output:
+            continue
+        spec = models.get(model_id)
+        if spec is None:
+            logger.warning("model left the registry; its tokens are not priced", extra={"model": model_id})
+        lines.append(ModelUsage(model_id, used, output, spec.cost_nanos(used, output) if spec else 0))
+    return tuple(lines)
+
+
+def job_end(
+    job: Job,
+    status: str,
+    progress: Progress,
+    usage: tuple[ModelUsage, ...],
+    completed_at: str,
+    *,
+    input_reported: Mapping[str, int],
+    segments: list[Segment] | None = None,
+    output: str | None = None,
+    error: dict[str, Any] | None = None,
+    first_token_at: str | None = None,
+) -> JobEnd:
+    return JobEnd(
+        status=status,  # type: ignore[arg-type]
+        progress=progress,
+        usage=Usage(
+            estimated_tokens=job.usage.estimated_tokens,
+            input_tokens=sum(u.input_tokens for u in usage),
+            output_tokens=sum(u.output_tokens for u in usage),
+        ),
+        cost_nanos=sum(u.cost_nanos for u in usage),
+        completed_at=completed_at,
+        output=output,
+        error=error,
+        first_token_at=first_token_at,
+        segments=tuple(segments) if segments is not None else None,
+        input_reported=dict(input_reported),
+    )
+
+
+def error_object(
+    code: str, message: str, details: Mapping[str, Any], suggestions: list[str], progress: Progress
+) -> dict[str, Any]:
+    """The error envelope's body, with where the partial output ends."""
+    return {
+        "code": code,
+        "message": message,
+        "details": {
+            **details,
+            "last_sequence_id": progress.last_sequence_id,
+            "tokens_generated": progress.tokens_generated,
+        },
+        "suggestions": suggestions,
+        "request_id": None,
+    }

@@ -1,0 +1,156 @@
+"""Admission on an atomic in-memory store: the claim, the reservation and the job in one transaction;
+a crash at every stage leaves either nothing or a job that will run; a write applied with its reply
+lost is success; concurrent admissions admit exactly what fits."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from spool_core.errors import DependencyUnavailable
+from spool_core.jobs.errors import IdempotencyKeyReused, RequestInProgress
+from spool_core.jobs.model import JobRequest
+from spool_core.limits.errors import TokenLimitExceeded, TooManyConcurrentJobs
+from spool_core.limits.model import TenantLimits
+from tests.ledger import Crash, JobWorld, running
+
+
+def job(message: str = "Explain the code", **fields: Any) -> JobRequest:
+    return JobRequest.model_validate({"message": message, "model": "sim-fast", "max_tokens": 200, **fields})
+
+
+def test_the_idempotency_table() -> None:
+    world = JobWorld()
+    service = world.service("acme")
+    created = service.create("key-1", job())
+    assert not created.replayed
+    assert created.headers["X-RateLimit-Limit-Tokens"] == "200000"
+    with pytest.raises(RequestInProgress) as in_progress:
+        service.create("key-1", job())
+    assert in_progress.value.details == {
+        "job_id": created.job.job_id,
+        "status": "queued",
+        "progress": {"tokens_generated": 0, "last_sequence_id": 0},
+    }
+    with pytest.raises(IdempotencyKeyReused):
+        service.create("key-1", job("something else"))
+    world.drain()
+    replay = service.create("key-1", job())
+    assert replay.replayed and replay.job.job_id == created.job.job_id and replay.job.status == "completed"
+    assert not world.service("other").create("key-1", job()).replayed  # keys are scoped to the tenant
+    assert len(world.ledger.jobs) == 2
+
+
+def test_concurrent_first_requests_with_one_key_create_one_job() -> None:
+    world = JobWorld()
+    barrier = threading.Barrier(20)
+    outcomes: list[Any] = []
+
+    def first() -> None:
+        barrier.wait()
+        try:
+            outcomes.append(world.service("acme").create("same", job()).job.job_id)
+        except RequestInProgress as exc:
+            outcomes.append(exc.details["job_id"])
+
+    threads = [threading.Thread(target=first) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(outcomes)) == 1
+    assert len(world.ledger.jobs) == len(world.ledger.messages) == running(world.ledger, "acme") == 1
+
+
+def test_fifty_concurrent_admissions_admit_exactly_what_fits() -> None:
+    world = JobWorld(limits=TenantLimits(1000, 1_000_000, 1000))
+    barrier = threading.Barrier(50)
+    admitted: list[str] = []
+    refused: list[TokenLimitExceeded] = []
+
+    def admit(i: int) -> None:
+        barrier.wait()
+        try:  # 56 input tokens + 14 of output: 70 reserved each
+            admitted.append(world.service("burst").create(f"k{i}", job("x " * 45, max_tokens=14)).job.job_id)
+        except TokenLimitExceeded as exc:
+            refused.append(exc)
+
+    threads = [threading.Thread(target=admit, args=(i,)) for i in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    reserved = world.ledger.jobs[("burst", admitted[0])]["usage"]["estimated_tokens"]
+    assert len(admitted) == 1000 // reserved  # everything that fits, nothing more
+    assert len(refused) == 50 - len(admitted)
+    assert all(exc.details["tokens_remaining"] < reserved for exc in refused)
+    assert running(world.ledger, "burst") == len(admitted)
+
+
+@pytest.mark.parametrize(
+    ("stage", "fault", "job_exists"),
+    [
+        ("admit", "crash", False),  # died before the transaction
+        ("admit", "lost", True),  # applied, reply lost: the retry recognizes its own claim
+        ("admit", "crash_after", True),  # applied, then died before sending the message
+        ("send", "crash", True),  # died before sending
+        ("send", "crash_after", True),  # sent, then died before answering
+    ],
+)
+def test_a_crash_at_each_stage_of_admission_leaves_nothing_or_a_job_that_runs(
+    stage: str, fault: str, job_exists: bool
+) -> None:
+    world = JobWorld()
+    world.ledger.faults.plan[stage] = [fault]
+    service = world.service("acme")
+    try:
+        created = service.create("key", job())
+    except Crash:
+        created = None
+    if not job_exists:
+        assert world.ledger.jobs == {} and world.ledger.claims == {} and running(world.ledger, "acme") == 0
+        assert not service.create("key", job()).replayed  # the retry starts afresh
+    assert len(world.ledger.jobs) == 1
+    job_id = next(iter(world.ledger.jobs))[1]
+    if created is not None:
+        assert created.job.job_id == job_id
+    world.drain()
+    if world.ledger.jobs[("acme", job_id)]["status"] != "completed":  # its message never left
+        world.clock.now += 121
+        assert world.sweeper().sweep() == [job_id]
+        world.drain()
+    assert world.ledger.jobs[("acme", job_id)]["status"] == "completed"
+    assert running(world.ledger, "acme") == 0
+    assert [s.job_id for _, s in world.ledger.settlements] == [job_id]  # settled exactly once
+
+
+def test_a_job_that_cannot_be_queued_is_withdrawn_and_its_reservation_given_back() -> None:
+    world = JobWorld()
+    world.ledger.faults.plan["send"] = ["fail"]
+    service = world.service("acme")
+    with pytest.raises(DependencyUnavailable):
+        service.create("k", job())
+    assert world.ledger.jobs == {} and world.ledger.claims == {} and running(world.ledger, "acme") == 0
+    assert not service.create("k", job()).replayed  # the key is free again
+
+
+def test_refusals_write_nothing() -> None:
+    world = JobWorld(limits=TenantLimits(200_000, 10_000_000, 1))
+    service = world.service("acme")
+    service.create("k1", job())
+    before = {k: dict(v) for k, v in world.ledger.usage["acme"].items()}
+    with pytest.raises(TooManyConcurrentJobs):
+        service.create("k2", job())
+    assert world.ledger.usage["acme"] == before
+    assert len(world.ledger.claims) == 1
+
+
+def test_a_changed_limit_applies_at_the_next_admission() -> None:
+    world = JobWorld()
+    service = world.service("acme")
+    service.create("k1", job())
+    world.ledger.tenant("acme").set_limits(TenantLimits(200_000, 10_000_000, 1))
+    with pytest.raises(TooManyConcurrentJobs):
+        service.create("k2", job())

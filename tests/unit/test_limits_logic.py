@@ -1,0 +1,98 @@
+"""The rate limiter's arithmetic in integers: GCRA buckets in microseconds, settlements that refund only
+while a bucket has not refilled, budgets in nano-dollars, learning within bounds."""
+
+from __future__ import annotations
+
+import pytest
+
+from spool_core.limits.errors import BudgetExceeded, TokenLimitExceeded, TooManyConcurrentJobs
+from spool_core.limits.model import MINUTE_US, Bucket, Estimate, ModelUsage, TenantLimits, UsageState
+from spool_core.limits.service import RateLimiter
+from tests.ledger import Clock, MemoryLedger
+
+NOW_US = 1_800_000_000_000_000
+
+
+def test_a_bucket_takes_what_fits_and_says_when_the_rest_will() -> None:
+    bucket = Bucket("minute", 1000, MINUTE_US)
+    assert bucket.cost_us(70) == 4_200_000
+    assert bucket.cost_us(1) == 60_000  # never under-charged
+    assert Bucket("minute", 7, MINUTE_US).cost_us(1) == 8_571_429  # rounded up
+    full = bucket.take(None, NOW_US, 70)
+    assert full is not None and (full.kind, full.cost_us) == ("restart", 4_200_000)
+    tat = NOW_US + 4_200_000
+    assert bucket.remaining(tat, NOW_US) == 930
+    advance = bucket.take(tat, NOW_US, 900)
+    assert (
+        advance is not None
+        and advance.kind == "advance"
+        and advance.latest == NOW_US + MINUTE_US - 54_000_000
+    )
+    assert bucket.take(tat, NOW_US, 931) is None
+    assert bucket.take(None, NOW_US, 1001) is None  # more than the whole bucket: never
+    assert bucket.available_at(tat, NOW_US, 931) == NOW_US + 60_000  # one token's refill away
+    assert bucket.remaining(NOW_US - 1, NOW_US) == 1000  # a TAT in the past is a full bucket
+
+
+def state(**fields: object) -> UsageState:
+    return UsageState(**fields)  # type: ignore[arg-type]
+
+
+def limiter(clock: Clock, **limits: int | None) -> RateLimiter:
+    settings = {"tokens_per_minute": 1000, "tokens_per_day": 1_000_000, "max_concurrent_jobs": 10, **limits}
+    return RateLimiter(MemoryLedger().tenant("t"), TenantLimits(**settings), clock_ms=clock.ms)  # type: ignore[arg-type]
+
+
+def test_a_plan_refuses_with_the_numbers_and_writes_nothing() -> None:
+    clock = Clock()
+    limits = limiter(clock, max_concurrent_jobs=2, daily_budget_nanos=1_000_000_000)
+    with pytest.raises(TooManyConcurrentJobs) as busy:
+        limits.plan(state(running=2), 10, 0)
+    assert busy.value.details == {"running": 2, "limit": 2}
+    spent = clock.ms() * 1000 + MINUTE_US  # the minute bucket is empty
+    with pytest.raises(TokenLimitExceeded) as empty:
+        limits.plan(state(tats={"minute": spent, "day": None}), 100, 0)
+    assert empty.value.details["tokens_remaining"] == 0
+    assert empty.value.details["window"] == "minute"
+    assert empty.value.headers["Retry-After"] == "6"  # 100 tokens refill in 6 s
+    with pytest.raises(BudgetExceeded) as over:
+        limits.plan(state(committed_nanos=600_000_000), 10, 500_000_000)
+    assert over.value.details["spent_usd"] == 0.6
+    assert over.value.details["estimated_cost_usd"] == 0.5
+    plan = limits.plan(state(committed_nanos=500_000_000), 10, 500_000_000)
+    assert plan.budget_room_nanos == 500_000_000
+    assert plan.reservation.budgeted
+
+
+def test_settlement_refunds_only_while_the_period_has_not_passed() -> None:
+    clock = Clock()
+    limits = limiter(clock)
+    plan = limits.plan(state(), 500, 1000)
+    used = (ModelUsage("sim-fast", 100, 100, 40),)
+    soon = limits.settle("job_1", plan.reservation, used)
+    assert dict(soon.bucket_deltas) == {"minute": -18_000_000, "day": -25_920_000}  # 300 tokens back
+    assert soon.budget is None  # no budget: nothing committed, nothing to move
+    clock.now += 61  # the minute bucket has refilled since: a refund there would exceed the limit
+    late = limits.settle("job_1", plan.reservation, used)
+    assert dict(late.bucket_deltas) == {"day": -25_920_000}
+    more = limits.settle("job_1", plan.reservation, (ModelUsage("sim-fast", 400, 300, 0),))
+    assert dict(more.bucket_deltas) == {"minute": 12_000_000, "day": 17_280_000}  # charged, always
+    budgeted = limiter(clock, daily_budget_nanos=10**9).plan(state(), 500, 1000)
+    assert limits.settle("job_2", budgeted.reservation, used).budget == (budgeted.reservation.day, 40 - 1000)
+
+
+def test_learning_moves_the_correction_within_bounds() -> None:
+    clock = Clock()
+    ledger = MemoryLedger(clock_ms=clock.ms)
+    learner = RateLimiter(ledger.tenant("learn"), TenantLimits(1000, 10**6, 10), clock_ms=clock.ms)
+    estimate = Estimate(input_raw=1000, correction_milli=1000, input_tokens=1000, output_tokens=100)
+    for _ in range(30):
+        learner.learn("sim-fast", estimate, input_tokens=3000, output_tokens=100)  # 3x the estimate
+    learned = ledger.tenant("learn").state("sim-fast", "2027-01-15")
+    assert learned.correction_milli == 2000  # bounded
+    for _ in range(3):
+        learner.learn("sim-fast", estimate, input_tokens=800, output_tokens=100)
+    moved = learner.estimate(ledger.tenant("learn").state("sim-fast", "2027-01-15"), 1000, 500)
+    assert 800 < moved.correction_milli < 2000
+    assert moved.input_tokens == -(-1000 * moved.correction_milli // 1000)
+    assert moved.output_tokens == 256  # recent outputs were 100: the floor, not max_tokens

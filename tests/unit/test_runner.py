@@ -1,0 +1,241 @@
+"""The worker's logic on an atomic in-memory store. Whatever stage an attempt dies at, and whichever
+write is applied with its reply lost, the job ends once: its log is contiguous and equal to the
+uninterrupted text, its usage is settled exactly once and its slot is released."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from spool_core.jobs.model import JobRequest
+from spool_core.jobs.runner import Outcome, build_messages
+from spool_core.providers import GenerationRequest
+from spool_core.providers.simulated import simulated_text
+from tests.ledger import JobWorld, running
+
+
+def create(world: JobWorld, tenant: str = "acme", key: str = "k", **fields: Any) -> str:
+    body = {"message": "Explain the code", "model": "sim-fast", "max_tokens": 300, **fields}
+    job_id: str = world.service(tenant).create(key, JobRequest.model_validate(body)).job.job_id
+    return job_id
+
+
+def expected_text(world: JobWorld, job_id: str, tenant: str = "acme") -> str:
+    job = world.ledger.tenant(tenant).get(job_id)
+    assert job is not None
+    model = world.catalog.resolve(job.request.model)
+    request = GenerationRequest(
+        model.provider_model_id,
+        build_messages(world._contexts, job),
+        job.request.max_tokens,
+        job.request.temperature,
+    )
+    return simulated_text(request)
+
+
+def assert_ended_once(world: JobWorld, job_id: str, status: str = "completed", tenant: str = "acme") -> Any:
+    job = world.ledger.tenant(tenant).get(job_id)
+    assert job is not None and job.status == status, job
+    log = list(world.ledger.tenant(tenant).all(job_id))
+    assert [c.sequence_id for c in log] == list(range(1, len(log) + 1))  # no gap, no duplicate
+    text = "".join(c.text for c in log)
+    assert expected_text(world, job_id, tenant).startswith(text)
+    if status == "completed":
+        assert text == expected_text(world, job_id, tenant) == job.output
+    assert [s.job_id for _, s in world.ledger.settlements].count(job_id) == 1  # settled exactly once
+    assert running(world.ledger, tenant) == 0
+    rollups = world.ledger.tenant(tenant).rollups("0000", "9999")
+    assert sum(r["jobs"] for r in rollups) == 1
+    assert (
+        sum(r["output_tokens"] for r in rollups)
+        == job.usage.output_tokens
+        == (log[-1].tokens_total if log else 0)
+    )
+    return job
+
+
+def test_a_clean_run() -> None:
+    world = JobWorld()
+    job_id = create(world, max_tokens=500)
+    assert world.drain() == ["done"]
+    job = assert_ended_once(world, job_id)
+    log = list(world.ledger.tenant("acme").all(job_id))
+    assert len(log) == 1 + -(-499 // 64)  # the first token alone, then 64-token chunks
+    assert job.cost_nanos == world.catalog.resolve("sim-fast").cost_nanos(job.usage.input_tokens, 500)
+
+
+@pytest.mark.parametrize("fault", ["crash", "crash_after", "lost"])
+@pytest.mark.parametrize(
+    ("op", "nth"),
+    [("take_lease", 1), ("append", 1), ("append", 2), ("append", 5), ("renew_lease", 1), ("end", 1)],
+)
+def test_an_attempt_that_dies_at_any_write_is_continued_to_the_same_end(
+    op: str, nth: int, fault: str
+) -> None:
+    world = JobWorld()
+    job_id = create(world, max_tokens=300)
+    world.ledger.faults.plan[op] = [None] * (nth - 1) + [fault]
+    # a clock that moves 2 s per reading makes the lease (30 s) renew every few flushes
+    world.clock.step = 2.0 if op == "renew_lease" else 0.0
+    world.drain(flush_tokens=16)
+    world.clock.step = 0.0
+    assert_ended_once(world, job_id)
+    assert op in world.ledger.faults.seen
+
+
+@pytest.mark.parametrize("at_token", [0, 1, 64, 150, 299])
+def test_a_provider_crash_at_any_token_resumes_to_the_same_text(at_token: int) -> None:
+    world = JobWorld()
+    job_id = create(world, metadata={"simulate": {"fault": "crash", "at_token": at_token, "times": 2}})
+    outcomes = world.drain()
+    assert outcomes[-1] == "done" and len(outcomes) == 3
+    job = assert_ended_once(world, job_id)
+    assert job.attempts == 3
+
+
+def test_a_long_job_yields_and_continues_without_spending_its_delivery_budget() -> None:
+    world = JobWorld()
+    job_id = create(world, max_tokens=2000)
+    budget = iter([60_000] * 4 + [1_000] + [60_000] * 4 + [1_000] + [60_000] * 1000)
+    outcomes = []
+    while (message := world.ledger.receive()) is not None:
+        runner = world.runner("acme", flush_tokens=64)
+        outcomes.append(
+            runner.run(message.job_id, remaining_ms=lambda: next(budget), continuation=message.continuation)
+        )
+    assert outcomes == [Outcome.YIELD, Outcome.YIELD, Outcome.DONE]  # never a retry: no receive is spent
+    job = assert_ended_once(world, job_id)
+    assert job.attempts == 3
+
+
+def test_cancel_after_a_crash_never_calls_the_provider_again() -> None:
+    world = JobWorld()
+    job_id = create(world, metadata={"simulate": {"fault": "crash", "at_token": 100}})
+    assert world.ledger.receive() is not None  # the first delivery, run here
+    with pytest.raises(BaseException, match="died"):
+        world.runner("acme").run(job_id)
+    assert world.service("acme").cancel(job_id).cancel_requested
+    calls = len(world.provider_calls)
+    world.clock.now += 31  # the crashed attempt's lease runs out; its message comes back
+    assert world.runner("acme").run(job_id) is Outcome.DONE
+    assert len(world.provider_calls) == calls
+    job = assert_ended_once(world, job_id, status="cancelled")
+    assert job.output == "".join(c.text for c in world.ledger.tenant("acme").all(job_id))
+    assert job.usage.output_tokens == 65  # what was persisted before the crash (tokens 65-99 were buffered)
+
+
+def test_a_fallback_mid_stream_records_where_each_model_took_over_and_prices_each() -> None:
+    world = JobWorld()
+    throttled = {"simulate": {"fault": "throttle", "at_token": 30, "times": 99, "model": "sim-realtime"}}
+    job_id = create(world, model="sim-realtime", max_tokens=100, metadata=throttled)
+    world.drain(max_retries=1)
+    job = world.ledger.tenant("acme").get(job_id)
+    assert job is not None and job.status == "completed" and job.fallback_used
+    assert [(s.model, s.from_tokens) for s in job.segments] == [("sim-realtime", 0), ("sim-fast", 30)]
+    log = list(world.ledger.tenant("acme").all(job_id))
+    assert log[job.segments[1].from_sequence_id - 2].tokens_total == 30  # the chunk before the switch
+    by_model = {r["model"]: r for r in world.ledger.tenant("acme").rollups("0000", "9999")}
+    realtime, fast = world.catalog.resolve("sim-realtime"), world.catalog.resolve("sim-fast")
+    assert by_model["sim-realtime"]["output_tokens"] == 30 and by_model["sim-fast"]["output_tokens"] == 70
+    assert by_model["sim-realtime"]["cost_nanos"] == realtime.cost_nanos(
+        by_model["sim-realtime"]["input_tokens"], 30
+    )
+    assert by_model["sim-fast"]["cost_nanos"] == fast.cost_nanos(by_model["sim-fast"]["input_tokens"], 70)
+    assert job.cost_nanos == by_model["sim-realtime"]["cost_nanos"] + by_model["sim-fast"]["cost_nanos"]
+    assert by_model["sim-fast"]["jobs"] + by_model["sim-realtime"]["jobs"] == 1
+
+
+def test_one_tenants_refused_requests_never_open_the_shared_circuit() -> None:
+    world = JobWorld()
+    for i in range(6):  # permanent errors: the request itself is refused, the provider is healthy
+        create(
+            world,
+            "noisy",
+            f"k{i}",
+            model="sim-realtime",
+            metadata={"simulate": {"fault": "fatal", "at_token": 1}},
+        )
+    world.drain()
+    assert world.breaker.circuit("sim-realtime").state == "closed"
+    clean = create(world, "quiet", model="sim-realtime", max_tokens=20)
+    world.drain()
+    job = world.ledger.tenant("quiet").get(clean)
+    assert job is not None and job.status == "completed" and job.model_resolved == "sim-realtime"
+
+
+def test_a_slow_store_makes_chunks_larger_never_one_token_each() -> None:
+    world = JobWorld()
+    job_id = create(world, max_tokens=640)
+
+    def slow_write() -> None:  # each chunk write takes 300 ms, longer than the flush interval
+        world.clock.now += 0.3
+
+    world.ledger.on_append = slow_write
+    world.drain()
+    log = list(world.ledger.tenant("acme").all(job_id))
+    assert all(c.tokens > 1 for c in log[1:-1]), [c.tokens for c in log]
+
+
+def test_dead_letters_end_every_job_once_whatever_happened() -> None:
+    world = JobWorld()
+    dead = world.dead_letters("acme")
+    leased = create(
+        world, "acme", "k1", metadata={"simulate": {"fault": "crash", "at_token": 50, "times": 9}}
+    )
+    with pytest.raises(BaseException, match="died"):
+        world.runner("acme").run(leased)
+    assert dead.handle(leased) is Outcome.RETRY  # its lease is alive: look again later
+    world.clock.now += 31
+    assert dead.handle(leased) is Outcome.DONE
+    job = world.ledger.tenant("acme").get(leased)
+    assert job is not None and job.error is not None and job.error["code"] == "delivery_failed"
+    assert job.error["details"]["last_sequence_id"] == len(list(world.ledger.tenant("acme").all(leased)))
+    assert dead.handle(leased) is Outcome.DONE  # a duplicate dead letter does nothing
+    assert dead.handle("job_missing") is Outcome.DONE
+
+    orphan = create(world, "acme", "k2")  # its model left the registry (D1): no loop, the job ends
+    world.ledger.jobs[("acme", orphan)]["model_resolved"] = "gone-model"
+    world.ledger.jobs[("acme", orphan)]["segments"] = [{"model": "gone-model"}]
+    assert dead.handle(orphan) is Outcome.DONE
+    stuck = create(world, "acme", "k3")  # its settled end is refused by the store: it still ends
+    world.ledger.faults.plan["end"] = ["error"]
+    assert dead.handle(stuck) is Outcome.DONE
+    assert {world.ledger.tenant("acme").get(j).status for j in (orphan, stuck)} == {"failed"}  # type: ignore[union-attr]
+    assert running(world.ledger, "acme") == 0
+    world.ledger.messages.clear()
+
+
+def test_a_job_whose_model_left_the_registry_fails_at_once() -> None:
+    world = JobWorld()
+    job_id = create(world)
+    world.ledger.jobs[("acme", job_id)]["model_resolved"] = "gone-model"
+    world.ledger.jobs[("acme", job_id)]["segments"] = [{"model": "gone-model"}]
+    assert world.drain() == ["done"]
+    job = world.ledger.tenant("acme").get(job_id)
+    assert job is not None and job.error is not None and job.error["code"] == "model_not_found"
+    assert running(world.ledger, "acme") == 0
+
+
+def test_the_sweeper_queues_forgotten_jobs_only() -> None:
+    world = JobWorld()
+    forgotten = create(world, key="k1")
+    world.ledger.messages.clear()  # its message never left
+    assert world.sweeper().sweep() == []  # too early: a queued job is picked up within seconds
+    world.clock.now += 121
+    assert world.sweeper().sweep() == [forgotten]
+    assert world.sweeper().sweep() == []  # touched: not again before the grace passes anew
+    world.drain()
+    assert_ended_once(world, forgotten)
+    assert world.sweeper().sweep() == []  # ended: out of the index
+
+
+def test_retryable_errors_are_retried_and_fatal_ones_fail_with_the_partial_output() -> None:
+    world = JobWorld()
+    retried = create(world, "one", metadata={"simulate": {"fault": "throttle", "at_token": 50, "times": 2}})
+    fatal = create(world, "two", metadata={"simulate": {"fault": "fatal", "at_token": 100}})
+    world.drain()
+    assert_ended_once(world, retried, tenant="one")
+    failed = assert_ended_once(world, fatal, status="failed", tenant="two")
+    assert failed.error["code"] == "provider_error"
+    assert failed.error["details"]["tokens_generated"] == 100
