@@ -233,4 +233,5 @@ def admission(stack: EmbeddedStack, counts_dir: Path, requests: int = 100) -> No
         f"admission (POST /v1/jobs, {requests} sequential): p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms;"
         f" DynamoDB requests per admission: median {median_calls:.0f} in the jobs function"
         f" (min {min(calls)}, max {max(calls)}) + {statistics.median(auth_calls):.0f} in the authorizer"
+        f" (target <= 8)"
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from spool.client import Client, SpoolError
+from spool.client import DEFAULT_URL, Client, SpoolError
 from spool.devstack.template import parse_parameter_overrides
 
 
@@ -244,27 +244,84 @@ def _contexts(args: argparse.Namespace) -> int:
     return 0
 
 
-def _keys(args: argparse.Namespace) -> int:
-    """Create an API key for a tenant in the key table of a stack (deployed, or the local one)."""
-    import boto3
+def _admin_target(args: argparse.Namespace) -> Any:
+    from spool.admin import resolve
 
+    url = args.url or os.environ.get("SPOOL_URL") or DEFAULT_URL
+    return resolve(url, args.stack_name, args.endpoint_url)
+
+
+def _keys(args: argparse.Namespace) -> int:
+    """Create an API key for a tenant in the key table of a stack (the local one, or a deployed one)."""
     from spool_core.adapters.api_keys import DynamoApiKeyStore
     from spool_core.auth import ApiKeys
     from spool_core.tenancy import Tenant
 
-    session = boto3.session.Session()
-    kwargs = {"endpoint_url": args.endpoint_url} if args.endpoint_url else {}
-    table = args.table
-    if not table:
-        cfn = session.client("cloudformation", **kwargs)
-        resource = cfn.describe_stack_resource(StackName=args.stack_name, LogicalResourceId="ApiKeysTable")
-        table = resource["StackResourceDetail"]["PhysicalResourceId"]
-    keys = ApiKeys(DynamoApiKeyStore(session.client("dynamodb", **kwargs), table))
+    target = _admin_target(args)
+    table = args.table or target.resource("ApiKeysTable")
+    keys = ApiKeys(DynamoApiKeyStore(target.client("dynamodb"), table))
     key, record = keys.create(Tenant(args.tenant), args.description)
     print(key)
     print(
-        f"tenant {record.tenant_id}, key id {record.key_id}: store the key now, it is not shown again",
+        f"tenant {record.tenant_id}, key id {record.key_id} in {target.description}:"
+        " store the key now, it is not shown again",
         file=sys.stderr,
+    )
+    return 0
+
+
+def _limits(args: argparse.Namespace) -> int:
+    """A tenant's own limits in the usage table: read at every admission, so a change applies to the
+    tenant's next job; without limits of its own, the deployment's defaults apply."""
+    from spool_core.adapters.dynamodb import ScopedTable
+    from spool_core.adapters.usage import DynamoUsageStore
+    from spool_core.limits.model import TenantLimits
+    from spool_core.tenancy import Tenant, TenantScope
+    from spool_core.units import nanos, usd
+
+    target = _admin_target(args)
+    table = ScopedTable(
+        target.client("dynamodb"), target.resource("UsageTable"), TenantScope(Tenant(args.tenant))
+    )
+    store = DynamoUsageStore(table)
+    current = store.limits()
+    if args.action == "reset":
+        store.clear_limits()
+        print(f"tenant {args.tenant} now has the deployment's default limits ({target.description})")
+        return 0
+    if args.action == "set":
+        fields = {
+            "tokens_per_minute": args.tokens_per_minute,
+            "tokens_per_day": args.tokens_per_day,
+            "max_concurrent_jobs": args.max_concurrent_jobs,
+        }
+        base = current.__dict__ if current else {}
+        missing = [name for name, value in fields.items() if value is None and name not in base]
+        if missing:
+            flags = ", ".join("--" + name.replace("_", "-") for name in missing)
+            print(f"error: a tenant's first limits need {flags}", file=sys.stderr)
+            return 2
+        budget = base.get("daily_budget_nanos")
+        if args.daily_budget_usd is not None:
+            budget = nanos(args.daily_budget_usd) if args.daily_budget_usd > 0 else None
+        current = TenantLimits(
+            **{name: value if value is not None else base[name] for name, value in fields.items()},
+            daily_budget_nanos=budget,
+        )
+        store.set_limits(current)
+    if current is None:
+        print(f"tenant {args.tenant} has no limits of its own: the deployment's defaults apply")
+        return 0
+    _print(
+        {
+            "tenant": args.tenant,
+            "tokens_per_minute": current.tokens_per_minute,
+            "tokens_per_day": current.tokens_per_day,
+            "max_concurrent_jobs": current.max_concurrent_jobs,
+            "daily_budget_usd": usd(current.daily_budget_nanos)
+            if current.daily_budget_nanos is not None
+            else None,
+        }
     )
     return 0
 
@@ -329,16 +386,27 @@ def build_parser() -> argparse.ArgumentParser:
     contexts.add_argument("--ttl", type=int, default=3600)
     contexts.set_defaults(run=_contexts)
 
-    keys = commands.add_parser("keys", help="manage API keys")
-    keys.add_argument("action", choices=["create"])
-    keys.add_argument("--tenant", required=True)
-    keys.add_argument(
-        "--stack-name", default="spool", help="stack whose ApiKeysTable to use (default: spool)"
+    admin = argparse.ArgumentParser(add_help=False)
+    admin.add_argument(
+        "--url", default=None, help="the local stack to manage (SPOOL_URL, default the local stack)"
     )
+    admin.add_argument("--stack-name", help="a deployed stack to manage instead of the local one")
+    admin.add_argument("--endpoint-url", help="AWS endpoint for --stack-name (an AWS-compatible endpoint)")
+    admin.add_argument("--tenant", required=True)
+
+    keys = commands.add_parser("keys", parents=[admin], help="manage API keys")
+    keys.add_argument("action", choices=["create"])
     keys.add_argument("--table", help="the key table's name, instead of looking it up in the stack")
-    keys.add_argument("--endpoint-url", help="AWS endpoint (the local stack's moto URL)")
     keys.add_argument("--description", default="")
     keys.set_defaults(run=_keys)
+
+    limits = commands.add_parser("limits", parents=[admin], help="read or change a tenant's limits")
+    limits.add_argument("action", choices=["get", "set", "reset"])
+    limits.add_argument("--tokens-per-minute", type=int)
+    limits.add_argument("--tokens-per-day", type=int)
+    limits.add_argument("--max-concurrent-jobs", type=int)
+    limits.add_argument("--daily-budget-usd", type=float, help="0 removes the budget")
+    limits.set_defaults(run=_limits)
     return parser
 
 

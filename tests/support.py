@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,3 +53,20 @@ def api_event(
 
 def response_json(response: dict[str, Any]) -> Any:
     return json.loads(response["body"])
+
+
+def wait_for[T](
+    condition: Callable[[], T], *, timeout: float = 60, interval: float = 0.1, what: str = ""
+) -> T:
+    """Poll ``condition`` until it returns something truthy (returned), failing after ``timeout``
+    seconds: the one way tests wait (generous deadlines: a loaded CI machine is slow, not wrong)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"timed out after {timeout:g}s waiting for {what or condition}: last {value!r}"
+            )
+        time.sleep(interval)

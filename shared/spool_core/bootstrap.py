@@ -106,6 +106,11 @@ def _core_probes(config: Settings) -> tuple[Probe, ...]:
                 aws.cloudwatch(config, probe=True),
             ),
         ),
+        Probe(
+            "dead_letters",
+            partial(probes.dead_letters, aws.sqs(config, probe=True), config.dead_letter_queue_url),
+            critical=False,
+        ),
     )
 
 

@@ -14,29 +14,34 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Protocol
 
+from spool_core.clock import from_epoch, rfc3339
+
 State = Literal["closed", "open", "half_open"]
 
 
 @dataclass
 class Circuit:
+    """One model's circuit and recent health (times in epoch milliseconds, integers)."""
+
     model_id: str
     state: State = "closed"
     failures: int = 0
     calls: int = 0
     errors: int = 0
-    latency_ms: float | None = None
-    window_started: float = 0.0
-    opened_at: float = 0.0
+    latency_ms: int | None = None
+    window_started_ms: int = 0
+    opened_at_ms: int = 0
     version: int = 0
 
-    def public(self, cooldown: float) -> dict[str, Any]:
+    def public(self, cooldown_seconds: float) -> dict[str, Any]:
+        retry_at = self.opened_at_ms + int(cooldown_seconds * 1000)
         return {
             "circuit": self.state,
             "recent_calls": self.calls,
             "recent_errors": self.errors,
             "error_rate": round(self.errors / self.calls, 3) if self.calls else 0.0,
-            "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 1),
-            "retry_at": self.opened_at + cooldown if self.state == "open" else None,
+            "latency_ms": self.latency_ms,
+            "retry_at": rfc3339(from_epoch(retry_at / 1000)) if self.state == "open" else None,
         }
 
 
@@ -71,11 +76,14 @@ class CircuitBreaker:
         found = self._store.get_many(ids)
         return {model_id: found.get(model_id) or Circuit(model_id) for model_id in ids}
 
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
     def allow(self, model_id: str) -> bool:
         circuit = self.circuit(model_id)
         if circuit.state != "open":
             return True
-        if self._clock() < circuit.opened_at + self.cooldown:
+        if self._now_ms() < circuit.opened_at_ms + int(self.cooldown * 1000):
             return False
         self._change(model_id, lambda c: setattr(c, "state", "half_open") if c.state == "open" else None)
         return True
@@ -87,7 +95,9 @@ class CircuitBreaker:
             circuit.state, circuit.failures = "closed", 0
             if latency_ms is not None:
                 previous = circuit.latency_ms
-                circuit.latency_ms = latency_ms if previous is None else 0.7 * previous + 0.3 * latency_ms
+                circuit.latency_ms = round(
+                    latency_ms if previous is None else 0.7 * previous + 0.3 * latency_ms
+                )
 
         self._change(model_id, success)
 
@@ -98,14 +108,14 @@ class CircuitBreaker:
             circuit.errors += 1
             circuit.failures += 1
             if circuit.state == "half_open" or circuit.failures >= self.threshold:
-                circuit.state, circuit.opened_at = "open", self._clock()
+                circuit.state, circuit.opened_at_ms = "open", self._now_ms()
 
         self._change(model_id, failure)
 
     def _roll_window(self, circuit: Circuit) -> None:
-        now = self._clock()
-        if now - circuit.window_started > self.window:
-            circuit.window_started, circuit.calls, circuit.errors, circuit.failures = now, 0, 0, 0
+        now = self._now_ms()
+        if now - circuit.window_started_ms > self.window * 1000:
+            circuit.window_started_ms, circuit.calls, circuit.errors, circuit.failures = now, 0, 0, 0
 
     def _change(self, model_id: str, change: Callable[[Circuit], None]) -> None:
         for _ in range(5):  # optimistic: re-read and re-apply when another worker wrote first

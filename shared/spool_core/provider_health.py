@@ -10,11 +10,15 @@ from typing import Any, Protocol
 
 from spool_core.chat import Message
 from spool_core.circuits import CircuitBreaker
+from spool_core.clock import rfc3339, utc_now
 from spool_core.health import Probe, Unhealthy
 from spool_core.models import ModelSpec
 from spool_core.providers import GenerationRequest, Provider, ProviderError, ResumePoint, TextDelta
 
-FAILING_ERROR_RATE = 0.5
+# A provider is failing (health degraded) when its recent error rate reaches this, over at least
+# MIN_CALLS calls, well before its circuit opens.
+FAILING_ERROR_RATE = 0.25
+MIN_CALLS = 2
 
 
 class DeepProbeCache(Protocol):
@@ -61,7 +65,8 @@ def _check(
         failing = [
             model_id
             for model_id, r in report.items()
-            if r["circuit"] == "open" or (r["recent_calls"] >= 3 and r["error_rate"] >= FAILING_ERROR_RATE)
+            if r["circuit"] == "open"
+            or (r["recent_calls"] >= MIN_CALLS and r["error_rate"] >= FAILING_ERROR_RATE)
         ]
         if deep and provider_for is not None:
             facts["deep"] = _deep(models[0], provider_for, cache, cache_seconds)
@@ -103,7 +108,7 @@ def _deep(
         }
     except ProviderError as exc:
         result = {"status": "down", "model": model.id, "error": exc.code}
-    result["checked_at"] = time.time()
+    result["checked_at"] = rfc3339(utc_now())
     if cache:
         cache.put(key, result, cache_seconds)
     return {**result, "cached": False}

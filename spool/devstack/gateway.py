@@ -38,6 +38,9 @@ log = logging.getLogger("devstack.gateway")
 MAX_REQUEST_BYTES = 10 * 1024 * 1024  # API Gateway's payload limit
 MAX_LAMBDA_PAYLOAD_BYTES = 6 * 1024 * 1024  # synchronous Lambda invocation limit
 INTEGRATION_TIMEOUT_SECONDS = 29
+# Not an API Gateway route: the local stack answers it, so `spool keys|limits` find its AWS endpoint
+# and tables without flags. It is served on loopback only, like the rest of the local stack.
+LOCAL_INFO_PATH = "/_spool/stack"
 DEFAULT_STATUS = {
     "UNAUTHORIZED": 401,
     "ACCESS_DENIED": 403,
@@ -117,6 +120,7 @@ class RestApiEmulator:
         if default_authorizer:
             arn = auth["Authorizers"][default_authorizer]["FunctionArn"]
             self._authorizer = functions[arn["Fn::GetAtt"][0]]
+        self.local_info: dict[str, Any] = {}  # served at LOCAL_INFO_PATH: how the CLI finds this stack
         self.routes: list[Route] = []
         for name, spec in template.functions().items():
             for event in spec.api_events:
@@ -154,6 +158,12 @@ class RestApiEmulator:
         query = parse_qsl(split.query, keep_blank_values=True)
         if len(body) > MAX_REQUEST_BYTES:
             return self.gateway_response("REQUEST_TOO_LARGE", request_id)
+        if path == LOCAL_INFO_PATH and method == "GET" and self.local_info:
+            return HttpResponse(
+                200,
+                {"Content-Type": "application/json", "X-Request-Id": request_id},
+                json.dumps(self.local_info).encode(),
+            )
         resources, path_params = self.match(path)
         route = next((r for r in resources if r.method in {method, "ANY"}), None)
         if route is None:

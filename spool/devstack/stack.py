@@ -111,6 +111,7 @@ class EmbeddedStack:
         stack_name, overrides = samconfig_parameters(self.template.root / "samconfig.toml", config_env)
         self.stack_name = stack_name or "spool-local"
         self.overrides = {**overrides, **(parameter_overrides or {})}
+        self.template.overrides = self.overrides
         self.workers = workers
         self.state_dir = state_dir
         self.moto = MotoServer(host)
@@ -197,6 +198,15 @@ class EmbeddedStack:
         emulator = RestApiEmulator(
             self.template, API_LOGICAL_ID, self.functions, region=description.region, stage=stage
         )
+        emulator.local_info = {
+            "stack_name": self.stack_name,
+            "endpoint_url": description.endpoint_url,
+            "region": description.region,
+            "resources": {
+                name: description.refs[name]
+                for name in self.template.resources_of_type("AWS::DynamoDB::Table", "AWS::SQS::Queue")
+            },
+        }
         self._server = GatewayHttpServer(self._api_socket, emulator)
         self._serve("api-gateway", self._server.serve_forever, self._server.shutdown)
         self._websocket._routes = {

@@ -169,6 +169,7 @@ class FunctionSpec:
 class Template:
     path: Path
     body: dict[str, Any] = field(repr=False)
+    overrides: dict[str, str] = field(default_factory=dict)  # parameter values, as sam deploy takes them
 
     @classmethod
     def load(cls, path: Path) -> Template:
@@ -204,6 +205,14 @@ class Template:
             else:
                 raise TemplateError(f"parameter {name} has no default and no override")
         return values
+
+    def _number(self, value: Any, default: int) -> int:
+        """A numeric property, given as a literal or as ``!Ref Parameter`` (overrides, else the default)."""
+        if value is None:
+            return default
+        if isinstance(value, dict) and "Ref" in value:
+            return int(self.parameter_values(self.overrides)[str(value["Ref"])])
+        return int(value)
 
     def functions(self) -> dict[str, FunctionSpec]:
         globals_ = self.body.get("Globals", {}).get("Function", {})
@@ -255,13 +264,17 @@ class Template:
                 logical_id=name,
                 code_uri=str(props["CodeUri"]).rstrip("/"),
                 handler=props["Handler"],
-                timeout=int(props.get("Timeout", 3)),
-                memory_mb=int(props.get("MemorySize", 128)),
+                timeout=self._number(props.get("Timeout"), 3),
+                memory_mb=self._number(props.get("MemorySize"), 128),
                 environment=env,
                 api_events=tuple(api_events),
                 sqs_events=tuple(sqs_events),
                 stream_events=tuple(stream_events),
-                reserved_concurrency=_optional_int(props.get("ReservedConcurrentExecutions")),
+                reserved_concurrency=(
+                    self._number(props["ReservedConcurrentExecutions"], 0)
+                    if "ReservedConcurrentExecutions" in props
+                    else None
+                ),
                 schedule_events=tuple(schedules),
             )
         return specs
@@ -288,10 +301,6 @@ class Template:
     def api(self, logical_id: str) -> dict[str, Any]:
         props: dict[str, Any] = self.resources[logical_id].get("Properties", {})
         return props
-
-
-def _optional_int(value: Any) -> int | None:
-    return None if value is None or isinstance(value, dict) else int(value)
 
 
 def _ref_name(value: Any) -> str:

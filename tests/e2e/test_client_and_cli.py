@@ -249,3 +249,55 @@ def test_the_demo_drops_the_connection_and_resumes(dev_stack: RunningStack, tmp_
     assert "connection dropped after chunk 3" in result.stderr
     assert "completed:" in result.stderr
     assert len(result.stdout.split()) >= 60  # the whole answer was printed across the reconnect
+
+
+def test_keys_and_limits_work_against_the_local_stack_with_no_flags(dev_stack: RunningStack) -> None:
+    env = {**os.environ, "SPOOL_URL": dev_stack.base_url}
+
+    def spool(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "spool.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            env=env,
+        )
+
+    created = spool("keys", "create", "--tenant", "cli-tenant")
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert "the local stack" in created.stderr
+    limited = spool(
+        "limits",
+        "set",
+        "--tenant",
+        "cli-tenant",
+        "--tokens-per-minute",
+        "1234",
+        "--tokens-per-day",
+        "99999",
+        "--max-concurrent-jobs",
+        "3",
+    )
+    assert limited.returncode == 0, limited.stderr
+    status, headers, _ = dev_stack.request(
+        "POST",
+        "/v1/jobs",
+        body={"message": "hi", "model": "sim-fast", "max_tokens": 5},
+        key=key,
+        headers={"Idempotency-Key": "cli-limits"},
+    )
+    assert status == 202
+    assert headers["X-RateLimit-Limit-Tokens"] == "1234"  # the new key works, with the new limits
+    nowhere = subprocess.run(
+        [sys.executable, "-m", "spool.cli", "limits", "get", "--tenant", "x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "SPOOL_URL": "http://127.0.0.1:9"},
+    )
+    assert nowhere.returncode == 2
+    assert "No local Spool stack answers at http://127.0.0.1:9" in nowhere.stderr
+    assert "Traceback" not in nowhere.stderr

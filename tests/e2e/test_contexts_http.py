@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import time
 import urllib.request
 
 from tests.e2e.conftest import E2E_MAX_CONTEXT_BYTES, OTHER_KEY, RunningStack
+from tests.support import wait_for
 
 
 def test_create_get_patch_delete(dev_stack: RunningStack) -> None:
@@ -51,8 +51,13 @@ def test_expired_context_is_410(dev_stack: RunningStack) -> None:
     _, _, created = dev_stack.request(
         "POST", "/v1/contexts", body={"files": [{"path": "a", "content": "b"}], "ttl_seconds": 1}
     )
-    time.sleep(1.1)
-    status, _, error = dev_stack.request("GET", f"/v1/contexts/{created['context_id']}")
+    status, _, error = wait_for(
+        lambda: (
+            (answer := dev_stack.request("GET", f"/v1/contexts/{created['context_id']}"))[0] == 410 and answer
+        ),
+        timeout=10,
+        what="the context to expire",
+    )
     assert status == 410
     assert error["error"]["code"] == "context_expired"
 

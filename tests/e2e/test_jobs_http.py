@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from typing import Any
 
 from tests.e2e.conftest import RunningStack
+from tests.support import wait_for
 
 
 def new_key() -> str:
@@ -20,15 +20,14 @@ def create(
     return stack.request("POST", "/v1/jobs", body=body, headers={"Idempotency-Key": key or new_key()})
 
 
-def wait_terminal(stack: RunningStack, job_id: str, timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def wait_terminal(stack: RunningStack, job_id: str, timeout: float = 120) -> dict[str, Any]:
+    def ended() -> dict[str, Any] | None:
         status, _, job = stack.request("GET", f"/v1/jobs/{job_id}")
         assert status == 200
-        if job["status"] in {"completed", "failed", "cancelled"}:
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} did not finish within {timeout}s: {job}")
+        return job if job["status"] in {"completed", "failed", "cancelled"} else None
+
+    job: dict[str, Any] = wait_for(ended, timeout=timeout, interval=0.2, what=f"job {job_id} to end")
+    return job
 
 
 def read_log(stack: RunningStack, job_id: str, after: int = 0) -> list[dict[str, Any]]:
@@ -106,10 +105,11 @@ def test_a_reader_that_stops_resumes_with_exactly_the_rest(dev_stack: RunningSta
             "GET", f"/v1/jobs/{job['job_id']}/chunks?after={len(seen)}&wait=10&limit=1"
         )
         seen += page["chunks"]
-    # disconnect here; come back later with the last sequence id held
-    time.sleep(0.5)
+    # disconnect here; come back with the last sequence id held
     status, _, page = dev_stack.request(
-        "POST", f"/v1/jobs/{job['job_id']}/stream/resume", body={"last_sequence_id": seen[-1]["sequence_id"]}
+        "POST",
+        f"/v1/jobs/{job['job_id']}/stream/resume",
+        body={"last_sequence_id": seen[-1]["sequence_id"], "wait": 10},
     )
     assert status == 200
     assert page["chunks"][0]["sequence_id"] == seen[-1]["sequence_id"] + 1

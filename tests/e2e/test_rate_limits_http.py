@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import RunningStack, start_stack, stop_stack
+from tests.support import wait_for
 
 KEYS = {"sk-limit-a": "limits-a", "sk-limit-b": "limits-b", "sk-limit-c": "limits-c"}
 RATE_HEADERS = ("X-RateLimit-Limit-Tokens", "X-RateLimit-Remaining-Tokens", "X-RateLimit-Reset-Tokens")
@@ -30,10 +30,10 @@ def small_stack() -> Iterator[RunningStack]:
 
 
 def wait_done(stack: RunningStack, key: str, job_id: str) -> None:
-    deadline = time.monotonic() + 30
-    while stack.request("GET", f"/v1/jobs/{job_id}", key=key)[2]["status"] not in {"completed", "failed"}:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_for(
+        lambda: stack.request("GET", f"/v1/jobs/{job_id}", key=key)[2]["status"] in {"completed", "failed"},
+        what=f"job {job_id} to end",
+    )
 
 
 def create(stack: RunningStack, key: str, **body: Any) -> tuple[int, dict[str, str], Any]:

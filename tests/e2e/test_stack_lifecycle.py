@@ -3,11 +3,11 @@ everything, a SIGKILL leaves no orphan, and a clean stop and start keeps the loc
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ import pytest
 
 from tests.e2e.conftest import CLEAN_ENVIRONMENT, ROOT, RunningStack, start_stack, stop_stack
 from tests.e2e.test_jobs_http import read_log, wait_terminal
+from tests.support import wait_for
 
 
 def descendants(pid: int) -> set[int]:
@@ -46,10 +47,10 @@ def alive(pid: int) -> bool:
 
 
 def wait_gone(pids: set[int], timeout: float = 20) -> set[int]:
-    deadline = time.monotonic() + timeout
-    while (left := {p for p in pids if alive(p)}) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return left
+    """The processes still alive after waiting for them all to end (empty: they all did)."""
+    with contextlib.suppress(AssertionError):
+        wait_for(lambda: not any(alive(p) for p in pids), timeout=timeout, what="the processes to end")
+    return {p for p in pids if alive(p)}
 
 
 def run_dev(env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -104,6 +104,14 @@ def client(service: str, stack: StackDescription) -> Any:
     return boto3.session.Session().client(service, endpoint_url=stack.endpoint_url, region_name=stack.region)
 
 
+def drain_dead_letters(stack: StackDescription) -> None:
+    """Delete every visible message of the dead-letter queue (PurgeQueue is allowed once a minute)."""
+    sqs, url = client("sqs", stack), stack.refs["JobsDeadLetterQueue"]
+    while messages := sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10).get("Messages", []):
+        for message in messages:
+            sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+
+
 @pytest.fixture
 def environ() -> dict[str, str]:
     return dict(os.environ)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import urllib.request
 from typing import Any
 
@@ -10,7 +9,7 @@ import pytest
 
 from spool.devstack.provision import StackDescription
 from tests.integration.conftest import client
-from tests.support import api_event, response_json
+from tests.support import api_event, response_json, wait_for
 
 
 def call(invoke: Any, method: str, path: str, body: Any = None, tenant: str = "local") -> tuple[int, Any]:
@@ -67,8 +66,11 @@ def test_expired_context_answers_410_before_ttl_deletes_it(invoke: Any, stack: S
         invoke, "POST", "/v1/contexts", {"files": [{"path": "a", "content": "x"}], "ttl_seconds": 1}
     )
     assert status == 201
-    time.sleep(1.1)
-    status, error = call(invoke, "GET", f"/v1/contexts/{created['context_id']}")
+    status, error = wait_for(
+        lambda: (answer := call(invoke, "GET", f"/v1/contexts/{created['context_id']}"))[0] == 410 and answer,
+        timeout=10,
+        what="the context to expire",
+    )
     assert status == 410
     assert error["error"]["code"] == "context_expired"
     assert error["error"]["details"]["expired_at"] == created["expires_at"]

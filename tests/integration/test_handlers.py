@@ -9,7 +9,7 @@ import pytest
 
 from spool.devstack.provision import StackDescription
 from spool.devstack.template import Template
-from tests.integration.conftest import DEV_KEY, DEV_TENANT
+from tests.integration.conftest import DEV_KEY, DEV_TENANT, client, drain_dead_letters
 from tests.support import load_event, response_json
 
 
@@ -52,15 +52,30 @@ def test_authorizer_denies_missing_and_unknown_keys(invoke: Any, header: str | N
     assert "context" not in policy or not policy["context"]
 
 
-def test_health_reports_each_dependency_with_latency(invoke: Any) -> None:
+def test_health_reports_each_dependency_with_latency(invoke: Any, stack: StackDescription) -> None:
+    drain_dead_letters(stack)
     response = invoke("HealthFunction", load_event("health"))
     assert response["statusCode"] == 200
     body = response_json(response)
     assert body["status"] == "ok"
-    assert set(body["checks"]) == {"dynamodb", "s3", "queue", "provider:simulated"}
+    assert set(body["checks"]) == {"dynamodb", "s3", "queue", "dead_letters", "provider:simulated"}
     assert body["checks"]["provider:simulated"]["models"]["sim-fast"]["circuit"] in {"closed", "half_open"}
     assert all(check["latency_ms"] >= 0 for check in body["checks"].values())
     assert body["checks"]["queue"]["dead_letter_depth"] == 0
+
+
+def test_a_dead_letter_makes_health_degraded_even_while_it_is_being_handled(
+    invoke: Any, stack: StackDescription
+) -> None:
+    sqs, dead = client("sqs", stack), stack.refs["JobsDeadLetterQueue"]
+    drain_dead_letters(stack)
+    sqs.send_message(QueueUrl=dead, MessageBody='{"job_id": "job_x", "tenant_id": "t"}')
+    (held,) = sqs.receive_message(QueueUrl=dead, VisibilityTimeout=60)["Messages"]  # in flight: being handled
+    body = response_json(invoke("HealthFunction", load_event("health")))
+    assert body["status"] == "degraded"
+    assert body["checks"]["dead_letters"] == {**body["checks"]["dead_letters"], "status": "down", "depth": 1}
+    assert body["checks"]["queue"]["dead_letter_depth"] == 1
+    sqs.delete_message(QueueUrl=dead, ReceiptHandle=held["ReceiptHandle"])
 
 
 def test_health_is_503_down_when_a_dependency_is_missing(invoke: Any) -> None:

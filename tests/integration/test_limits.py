@@ -18,6 +18,7 @@ from spool_core.limits.errors import BudgetExceeded, TokenLimitExceeded, TooMany
 from spool_core.limits.model import TenantLimits
 from spool_core.limits.service import RateLimiter
 from spool_core.tenancy import Tenant
+from tests.integration.conftest import client
 from tests.integration.test_jobs import runner_for
 from tests.ledger import Clock
 
@@ -148,3 +149,18 @@ def test_a_cancelled_queued_job_is_refunded(stack: StackDescription) -> None:
     jobs.cancel(created.job.job_id)
     assert limits.state()[1]["tokens_per_minute"]["remaining"] == 200_000
     assert limits.state()[1]["concurrent_jobs"]["running"] == 0
+
+
+def test_a_settlement_at_a_high_limit_is_written_in_integers(stack: StackDescription) -> None:
+    """A 1-token difference at 100M tokens a minute is 0.6 us: the first version wrote it as the float
+    6E-7 (seconds), which the store refused, and the job never ended."""
+    tenant = Tenant("high-limit")
+    bootstrap.usage_store(tenant).set_limits(TenantLimits(100_000_000, 1_000_000_000, 16))
+    done = run_job(tenant, "k", max_tokens=7)
+    assert done.status == "completed"
+    config = bootstrap.settings()
+    bucket = client("dynamodb", stack).get_item(
+        TableName=config.usage_table,
+        Key={"pk": {"S": "high-limit#usage#tenant"}, "sk": {"S": "bucket#minute"}},
+    )["Item"]
+    assert bucket["tat_us"]["N"].isdigit()  # an integer: no fraction, no exponent

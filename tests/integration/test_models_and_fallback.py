@@ -16,6 +16,7 @@ from spool_core.flags import tenant_context
 from spool_core.jobs.model import JobRequest
 from spool_core.jobs.runner import Outcome
 from spool_core.tenancy import Tenant
+from tests.integration.conftest import drain_dead_letters
 from tests.integration.test_jobs import runner_for
 
 
@@ -147,6 +148,7 @@ def test_flags_change_behaviour_without_a_deploy(
 def test_health_goes_degraded_when_a_provider_fails_and_back(invoke: Any, stack: StackDescription) -> None:
     from tests.support import load_event, response_json
 
+    drain_dead_letters(stack)  # other tests' dead letters
     config = bootstrap.settings()  # forget what the other tests (on their own clocks) left in the circuit
     aws.dynamodb(config).delete_item(TableName=config.system_table, Key={"pk": {"S": "circuit#sim-realtime"}})
     shared = bootstrap.circuit_breaker()
@@ -160,7 +162,7 @@ def test_health_goes_degraded_when_a_provider_fails_and_back(invoke: Any, stack:
     assert provider["status"] == "down"
     assert provider["models"]["sim-realtime"]["circuit"] == "open"
     assert provider["models"]["sim-realtime"]["error_rate"] == 1.0
-    for _ in range(shared.threshold + 1):  # the provider recovers: the circuit closes, the error rate falls
+    for _ in range(4 * shared.threshold):  # the provider recovers: the circuit closes, the error rate falls
         shared.record_success("sim-realtime", 12.0)
     body = response_json(invoke("HealthFunction", load_event("health")))
     assert body["status"] == "ok"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +20,7 @@ from spool.devstack.runtime import (
     LocalFunction,
 )
 from spool.devstack.template import FunctionSpec
+from tests.support import wait_for
 
 LAMBDAS = Path(__file__).parent / "lambdas"
 
@@ -31,15 +31,6 @@ def running(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
-
-
-def wait_until(condition: Any, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 @pytest.fixture
@@ -94,13 +85,13 @@ def test_a_crash_or_a_timeout_kills_only_its_container(probe: LocalFunction) -> 
     pid = probe.invoke({})["pid"]
     with pytest.raises(InvocationCrashed):
         probe.invoke({"exit": True})
-    assert wait_until(lambda: not running(pid))
+    wait_for(lambda: not running(pid), timeout=10)
     after_crash = probe.invoke({})
     assert after_crash["pid"] != pid
     assert after_crash["invocations"] == 1  # a fresh container: a cold start, empty module state
     with pytest.raises(InvocationTimeout):
         probe.invoke({"sleep": 30})
-    assert wait_until(lambda: not running(after_crash["pid"]))
+    wait_for(lambda: not running(after_crash["pid"]), timeout=10)
     assert probe.invoke({})["remaining_ms"] > 2000  # the timeout starts with the invocation, not the init
     assert [r.outcome for r in probe.reports][-3:] == ["result", "timeout", "result"]
 
@@ -114,7 +105,7 @@ def test_the_pool_is_bounded_and_a_caller_waits_for_a_free_container(probe: Loca
     other = threading.Thread(target=probe.invoke, args=({"sleep": 2},))
     busy.start()
     other.start()
-    assert wait_until(lambda: len(probe._busy) == 2)
+    wait_for(lambda: len(probe._busy) == 2)
     with pytest.raises(InvocationThrottled):
         probe.invoke({}, wait=0.2)
     busy.join()
@@ -129,4 +120,5 @@ def test_idle_containers_are_reaped_down_to_one_and_shutdown_ends_them(probe: Lo
     assert probe.reap(keep=1) == 1
     assert probe.containers == 1
     probe.shutdown()
-    assert all(wait_until(lambda pid=pid: not running(pid)) for pid in pids)
+    for pid in pids:
+        wait_for(lambda pid=pid: not running(pid), timeout=10)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from spool.devstack.provision import StackDescription
 from spool.devstack.template import SqsEvent
 from spool.devstack.worker_loop import SqsEventSource
 from tests.integration.conftest import client
+from tests.support import wait_for
 
 
 class Recorder:
@@ -48,23 +48,19 @@ def test_failed_messages_are_retried_then_dead_lettered(stack: StackDescription)
         poll_seconds=0,
     )
 
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
+    def dead_lettered() -> int:
         source.poll_once()
-        dead_count = int(
-            sqs.get_queue_attributes(QueueUrl=dead, AttributeNames=["ApproximateNumberOfMessages"])[
-                "Attributes"
-            ]["ApproximateNumberOfMessages"]
-        )
-        if dead_count:
-            break
-        time.sleep(0.2)
+        attributes = sqs.get_queue_attributes(QueueUrl=dead, AttributeNames=["ApproximateNumberOfMessages"])
+        return int(attributes["Attributes"]["ApproximateNumberOfMessages"])
+
+    wait_for(dead_lettered, timeout=30, interval=0.2, what="the poison message to be dead-lettered")
 
     assert function.seen.count("ok-1") == 1
     assert function.seen.count("ok-2") == 1
     assert function.seen.count("poison") == 2  # MaxReceiveCount=2, then the redrive policy moves it
     moved = sqs.receive_message(QueueUrl=dead, MaxNumberOfMessages=10)["Messages"]
     assert [m["Body"] for m in moved] == ["poison"]
+    sqs.delete_message(QueueUrl=dead, ReceiptHandle=moved[0]["ReceiptHandle"])
     attributes = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["All"])["Attributes"]
     assert attributes["ApproximateNumberOfMessages"] == "0"
     assert attributes["ApproximateNumberOfMessagesNotVisible"] == "0"

@@ -48,3 +48,26 @@ def test_a_probe_that_hangs_is_reported_down_after_the_timeout() -> None:
         release.set()
     assert report.status == "down"
     assert "no answer" in (report.checks["s3"].error or "")
+
+
+def test_a_provider_failing_half_its_calls_degrades_health_before_its_circuit_opens() -> None:
+    from spool_core.circuits import CircuitBreaker
+    from spool_core.health import HealthService
+    from spool_core.models import registry
+    from spool_core.provider_health import provider_probes
+    from tests.fakes import MemoryCircuitStore
+
+    breaker = CircuitBreaker(MemoryCircuitStore(), threshold=5, clock=lambda: 1_800_000_000.0)
+    model = registry().get("sim-realtime")
+    assert model is not None
+    breaker.record_success(model.id, 120.0)
+    breaker.record_failure(model.id)
+    assert breaker.circuit(model.id).state == "closed"  # 1 failure of 5: the circuit stays closed
+    report = HealthService(provider_probes([model], breaker)).report()
+    assert report.status == "degraded"
+    facts = report.checks["provider:simulated"].facts["models"][model.id]
+    assert (facts["error_rate"], facts["circuit"], facts["retry_at"]) == (0.5, "closed", None)
+    for _ in range(5):
+        breaker.record_failure(model.id)
+    opened = HealthService(provider_probes([model], breaker)).report().checks["provider:simulated"].facts
+    assert opened["models"][model.id]["retry_at"] == "2027-01-15T08:00:30.000Z"  # RFC 3339, not epoch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
@@ -28,7 +29,8 @@ class DynamoCircuitStore:
             for raw in response.get("Responses", {}).get(self._table, []):
                 item = deserialize(raw)
                 item.pop("pk", None)
-                circuit = Circuit(**item)
+                known = {f.name for f in fields(Circuit)}
+                circuit = Circuit(**{k: v for k, v in item.items() if k in known})  # older items: defaults
                 found[circuit.model_id] = circuit
         return found
 

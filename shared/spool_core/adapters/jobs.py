@@ -257,8 +257,8 @@ class DynamoJobStore:
                 "#pending_since_ms = :seen AND #status IN (:queued, :running)",
                 {":seen": seen_pending_ms, ":queued": "queued", **_RUNNING},
             )
-        except ConditionFailed:
-            return False
+        except ConditionFailed as failed:
+            return bool(failed.item and failed.item.get("pending_since_ms") == now_ms)  # our own touch
         return True
 
     # ------------------------------------------------------------------ update helpers

@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
+from spool_core.health import Unhealthy
+
 if TYPE_CHECKING:
     from mypy_boto3_cloudwatch import CloudWatchClient
     from mypy_boto3_dynamodb import DynamoDBClient
@@ -42,9 +44,22 @@ def sqs_queues(
     return {
         "depth": int(queue.get(_DEPTH, "0")),
         "in_flight": int(queue.get(_IN_FLIGHT, "0")),
-        "dead_letter_depth": int(dead.get(_DEPTH, "0")),
+        # Dead letters being handled are in flight, not gone: both count (a stuck one is in flight
+        # most of the time, between its retries).
+        "dead_letter_depth": int(dead.get(_DEPTH, "0")) + int(dead.get(_IN_FLIGHT, "0")),
         "oldest_message_age_seconds": _oldest_age(cloudwatch, queue_url) if cloudwatch else None,
     }
+
+
+def dead_letters(client: SQSClient, dead_letter_url: str) -> Mapping[str, Any]:
+    """Jobs whose messages failed (visible or being handled): any at all makes Spool degraded."""
+    dead = client.get_queue_attributes(QueueUrl=dead_letter_url, AttributeNames=[_DEPTH, _IN_FLIGHT])[
+        "Attributes"
+    ]
+    depth = int(dead.get(_DEPTH, "0")) + int(dead.get(_IN_FLIGHT, "0"))
+    if depth:
+        raise Unhealthy(f"{depth} job message(s) in the dead-letter queue", {"depth": depth})
+    return {"depth": 0}
 
 
 def _oldest_age(cloudwatch: CloudWatchClient, queue_url: str) -> float | None:

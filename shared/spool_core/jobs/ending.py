@@ -40,7 +40,8 @@ def model_usage(
         if spec is None:
             logger.warning("model left the registry; its tokens are not priced", extra={"model": model_id})
         lines.append(ModelUsage(model_id, used, output, spec.cost_nanos(used, output) if spec else 0))
-    return tuple(lines)
+    # A job that used nothing still ended: it counts once, under the model it ended on.
+    return tuple(lines) or (ModelUsage(segments[-1].model, 0, 0, 0),)
 
 
 def job_end(

@@ -1,0 +1,103 @@
+"""Where the admin commands (``spool keys``, ``spool limits``) write: a deployed stack, found through
+CloudFormation by its name, or the local stack, which tells its AWS endpoint and table names itself."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+from spool.client import SpoolError
+
+LOCAL_INFO_PATH = "/_spool/stack"
+LOCAL_CREDENTIALS = {
+    "aws_access_key_id": "testing",
+    "aws_secret_access_key": "testing",
+    "aws_session_token": "testing",
+}
+
+
+class AdminError(SpoolError):
+    """The admin target could not be reached or resolved."""
+
+    def __init__(self, message: str, suggestions: list[str]) -> None:
+        super().__init__(
+            400, {"error": {"code": "admin_target", "message": message, "suggestions": suggestions}}
+        )
+
+
+@dataclass
+class AdminTarget:
+    description: str
+    client_args: dict[str, Any]
+    resources: dict[str, str]
+    stack_name: str | None = None
+
+    def client(self, service: str) -> Any:
+        import boto3
+
+        return boto3.session.Session().client(service, **self.client_args)  # type: ignore[call-overload]
+
+    def resource(self, logical_id: str) -> str:
+        if logical_id in self.resources:
+            return self.resources[logical_id]
+        cloudformation = self.client("cloudformation")
+        found = cloudformation.describe_stack_resource(
+            StackName=self.stack_name, LogicalResourceId=logical_id
+        )
+        physical: str = found["StackResourceDetail"]["PhysicalResourceId"]
+        self.resources[logical_id] = physical
+        return physical
+
+
+def resolve(url: str, stack_name: str | None, endpoint_url: str | None = None) -> AdminTarget:
+    """``--stack-name`` names a deployed stack (AWS credentials and region as boto3 finds them);
+    without it, the local stack answering at ``url``."""
+    if stack_name:
+        return _deployed(stack_name, endpoint_url)
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + LOCAL_INFO_PATH, timeout=3) as response:  # noqa: S310
+            info = json.loads(response.read())
+    except (OSError, urllib.error.URLError, ValueError):
+        raise AdminError(
+            f"No local Spool stack answers at {url}",
+            [
+                "Start the local stack with `make dev` (or point --url / SPOOL_URL at it)",
+                "For a deployed stack, name it: --stack-name <stack>",
+            ],
+        ) from None
+    return AdminTarget(
+        f"the local stack at {url}",
+        {"endpoint_url": info["endpoint_url"], "region_name": info["region"], **LOCAL_CREDENTIALS},
+        dict(info["resources"]),
+        info.get("stack_name"),
+    )
+
+
+def _deployed(stack_name: str, endpoint_url: str | None) -> AdminTarget:
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
+
+    args: dict[str, Any] = {"endpoint_url": endpoint_url} if endpoint_url else {}
+    target = AdminTarget(f"stack {stack_name}", args, {}, stack_name)
+    try:
+        session = boto3.session.Session()
+        if session.region_name is None and "region_name" not in args:
+            raise NoRegionError
+        target.resource("ApiKeysTable")  # reachable, and the stack exists
+    except (NoRegionError, NoCredentialsError):
+        raise AdminError(
+            f"No AWS credentials or region to reach stack {stack_name}",
+            [
+                "Configure them (aws configure, or AWS_PROFILE / AWS_REGION)",
+                "For the local stack, omit --stack-name",
+            ],
+        ) from None
+    except (ClientError, BotoCoreError) as exc:
+        raise AdminError(
+            f"Stack {stack_name} could not be read: {exc}",
+            ["Check the stack name (sam deploy prints it) and the region"],
+        ) from None
+    return target
