@@ -27,6 +27,10 @@ def main() -> None:
         parser.error(f"unknown suites: {', '.join(sorted(unknown))}")
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("SPOOL_DEV_KEYS", "sk-bench:bench")
+    # The benchmarks measure the machinery, not the limits: room for every job they queue.
+    os.environ.setdefault("SPOOL_DEFAULT_MAX_CONCURRENT_JOBS", "1000")
+    os.environ.setdefault("SPOOL_DEFAULT_TOKENS_PER_MINUTE", "100000000")
+    os.environ.setdefault("SPOOL_DEFAULT_TOKENS_PER_DAY", "1000000000")
     with tempfile.TemporaryDirectory(prefix="spool-bench-") as counts:
         os.environ[CALL_COUNTS_ENV] = counts
         with EmbeddedStack(port=0, ws_port=0, parameter_overrides=BENCH_PARAMETERS) as stack:
