@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from spool.client import Client
 from spool.devstack.stack import EmbeddedStack
 from spool_core import bootstrap
 from spool_core.clock import rfc3339, utc_now
@@ -48,37 +49,43 @@ def wait_done(stack: EmbeddedStack, job_id: str) -> dict[str, Any]:
         time.sleep(0.2)
 
 
-def delivery_delay(stack: EmbeddedStack, tokens: int = 500, rate: float = 50.0) -> None:
-    """For each token: when the client holds it minus when the simulated provider emitted it.
+def delivery_delay(stack: EmbeddedStack, transport: str, tokens: int = 500, rate: float = 50.0) -> None:
+    """For each token: when the client holds it minus when the simulated provider emitted it, with the
+    Python client reading over ``transport`` (sse, websocket or poll: long-poll).
 
     The simulated provider paces tokens exactly (token i at start + i/rate), and a chunk is flushed
     as its last token arrives, so token j of a chunk whose last token is k was emitted
-    (k - j) / rate before the chunk's ``created_at``.
+    (k - j) / rate before the chunk's ``created_at`` (read from the log afterwards).
     """
     job = call(
         stack,
         "POST",
         "/v1/jobs",
-        {"message": "delay", "model": "sim-realtime", "max_tokens": tokens},
+        {"message": f"delay {transport}", "model": "sim-realtime", "max_tokens": tokens},
         key=str(uuid.uuid4()),
     )
-    delays, after = [], 0
-    while True:
-        page = call(stack, "GET", f"/v1/jobs/{job['job_id']}/chunks?after={after}&wait=20")
-        held = time.time()
-        for chunk in page["chunks"]:
-            flushed = epoch(chunk["created_at"])
-            n_tokens = len(WORD.findall(chunk["text"]))  # each simulated token carries one word
-            for j in range(n_tokens):
-                emitted = flushed - (n_tokens - 1 - j) / rate
-                delays.append(held - emitted)
-            after = chunk["sequence_id"]
-        if page["done"]:
-            break
+    held: dict[int, float] = {}
+    with Client(stack.base_url, stack.api_key) as client:
+        chunks = {
+            "sse": client.events,
+            "websocket": client.subscribe,
+            "poll": client.stream_chunks,
+        }[transport](job["job_id"])
+        for chunk in chunks:
+            held[chunk["sequence_id"]] = time.time()
+        log = client.chunks(job["job_id"], 0, limit=1000)["chunks"]
+    delays = []
+    for chunk in log:
+        flushed = epoch(chunk["created_at"])
+        n_tokens = len(WORD.findall(chunk["text"]))  # each simulated token carries one word
+        for j in range(n_tokens):
+            emitted = flushed - (n_tokens - 1 - j) / rate
+            delays.append(held[chunk["sequence_id"]] - emitted)
     delays.sort()
     p50, p95 = statistics.median(delays), delays[int(0.95 * (len(delays) - 1))]
+    name = {"sse": "SSE", "websocket": "WebSocket", "poll": "long-poll"}[transport]
     print(
-        f"delivery delay at sim-realtime ({len(delays)} tokens, long-poll client): "
+        f"delivery delay at sim-realtime ({len(delays)} tokens, {name} client): "
         f"p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms (target: p95 <= flush interval + 150 = 350 ms)"
     )
 
@@ -197,7 +204,8 @@ def run(stack: EmbeddedStack, counts_dir: Path) -> None:
     print("== jobs ==")
     logger.setLevel("ERROR")  # in-process invocations below would log every job
     admission(stack, counts_dir)
-    delivery_delay(stack)
+    for transport in ("poll", "websocket", "sse"):
+        delivery_delay(stack, transport)
     writes_per_1000_tokens(stack, counts_dir, "sim-realtime")
     writes_per_1000_tokens(stack, counts_dir, "sim-fast")
     with stack.streams_paused():  # the fanout runs in this process too; keep it out of the measurement

@@ -108,7 +108,7 @@ def _ask(args: argparse.Namespace) -> int:
     input_estimate = max(0, job["usage"]["estimated_tokens"] - args.max_tokens)
     status = StatusLine(sys.stderr, pricing, input_estimate)
     try:
-        for text in client.stream(job_id):
+        for text in client.stream(job_id, transport=args.transport):
             sys.stdout.write(text)
             sys.stdout.flush()
             status.update(text)
@@ -161,7 +161,8 @@ class StatusLine:
 
 def _demo(args: argparse.Namespace) -> int:
     """The tour: a stack (started here unless --url is given), Spool's own source as context, an
-    answer streamed over WebSocket, the connection dropped mid-answer and resumed, usage and cost."""
+    answer streamed as Server-Sent Events, the connection dropped mid-answer and resumed from
+    Last-Event-ID, usage and cost."""
     from spool.devstack.stack import PROJECT_ROOT, EmbeddedStack
 
     stack = None
@@ -187,23 +188,24 @@ def _demo(args: argparse.Namespace) -> int:
             max_tokens=args.max_tokens,
         )
         print(
-            f"job {job['job_id']} on {job['model']['resolved']}, subscribed at {job['links']['subscribe']}\n",
+            f"job {job['job_id']} on {job['model']['resolved']}, streaming its events (SSE) from\n"
+            f"  {client.base_url}/v1/jobs/{job['job_id']}/events\n",
             file=sys.stderr,
             flush=True,
         )
         last = 0
-        for chunk in client.subscribe(job["job_id"]):
+        for chunk in client.events(job["job_id"]):
             sys.stdout.write(chunk["text"])
             sys.stdout.flush()
             last = chunk["sequence_id"]
             if last == args.drop_after:
-                break  # closing the subscription drops the connection
+                break  # closing the stream drops the connection
         print(
-            f"\n\n[connection dropped after chunk {last}; reconnecting from sequence {last}]\n",
+            f"\n\n[connection dropped after chunk {last}; reconnecting with Last-Event-ID: {last}]\n",
             file=sys.stderr,
             flush=True,
         )
-        for chunk in client.subscribe(job["job_id"], last):
+        for chunk in client.events(job["job_id"], last):
             sys.stdout.write(chunk["text"])
             sys.stdout.flush()
         final = client.job(job["job_id"])
@@ -365,6 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--model", default="default")
     ask.add_argument("--max-tokens", type=int, default=1024)
     ask.add_argument("--ttl", type=int, default=3600, help="context ttl_seconds")
+    ask.add_argument(
+        "--transport",
+        choices=["sse", "websocket", "poll"],
+        default="sse",
+        help="how the answer streams: Server-Sent Events (default), the WebSocket API, or long-polling",
+    )
     ask.set_defaults(run=_ask)
 
     demo = commands.add_parser(

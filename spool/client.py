@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pathspec
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.sync.client import connect as ws_connect
@@ -111,6 +112,13 @@ class Client:
         self.timeout = timeout
         self.max_retries = max_retries
         self._sleep = sleep
+        self._http: httpx2.Client | None = None
+
+    def _streaming(self) -> httpx2.Client:
+        """The connection pool for event streams (pings come every 15 s; reads allow for more)."""
+        if self._http is None:
+            self._http = httpx2.Client(timeout=httpx2.Timeout(self.timeout, read=max(60.0, self.timeout)))
+        return self._http
 
     # ------------------------------------------------------------------ transport
     def request(
@@ -290,13 +298,72 @@ class Client:
                     raise ConnectionError(f"the subscription kept failing: {exc}") from exc
                 self._sleep(min(4.0, 0.2 * 2**failures))
 
-    def stream(self, job_id: str, after: int = 0, *, transport: str = "auto") -> Iterator[str]:
-        """The job's text as it is generated: over WebSocket when the deployment has it (``auto``,
-        ``websocket``), otherwise by long-polling the chunk log (``poll``)."""
-        url = None if transport == "poll" else self.job(job_id)["links"].get("subscribe")
-        chunks = self.subscribe(job_id, after, url=url) if url else self.stream_chunks(job_id, after)
+    def events(self, job_id: str, after: int = 0) -> Iterator[dict[str, Any]]:
+        """Every chunk after ``after`` over Server-Sent Events, in order. A stream that ends before
+        ``done`` (its time limit) or breaks off (the network) is reopened with ``Last-Event-ID``: nothing
+        is lost or repeated."""
+        last, failures = after, 0
+        url = f"{self.base_url}/v1/jobs/{job_id}/events"
+        while True:
+            headers = {
+                "Authorization": f"Bearer {self.api_key}",
+                "Accept": "text/event-stream",
+                "Last-Event-ID": str(last),
+            }
+            try:
+                with self._streaming().stream("GET", url, headers=headers) as response:
+                    if response.status_code >= 400:
+                        raise _error(
+                            response.status_code, _json_or_none(response.read()), dict(response.headers)
+                        )
+                    for event in httpx2.EventSource(response):
+                        failures = 0
+                        if event.event == "chunk":
+                            chunk: dict[str, Any] = event.json()  # type: ignore[assignment]
+                            if chunk["sequence_id"] == last + 1:
+                                last = chunk["sequence_id"]
+                                yield chunk
+                        elif event.event == "done":
+                            return
+                continue  # ended before `done` (the stream's time limit): reopen where it stopped
+            except (RateLimited, ServerError, httpx2.TransportError, httpx2.SSEError) as exc:
+                failures += 1
+                if failures > self.max_retries:
+                    raise ConnectionError(f"the event stream kept failing: {exc}") from exc
+                self._sleep(exc.retry_after if isinstance(exc, RateLimited) else min(4.0, 0.2 * 2**failures))
+
+    def stream(self, job_id: str, after: int = 0, *, transport: str = "sse") -> Iterator[str]:
+        """The job's text as it is generated: over Server-Sent Events (``sse``, the default), the
+        WebSocket API (``websocket``) or by long-polling the chunk log (``poll``). Each resumes by
+        itself after a dropped connection."""
+        if transport == "sse":
+            chunks = self.events(job_id, after)
+        elif transport == "websocket":
+            chunks = self.subscribe(job_id, after)
+        elif transport == "poll":
+            chunks = self.stream_chunks(job_id, after)
+        else:
+            raise ValueError(f"transport must be sse, websocket or poll, not {transport!r}")
         for chunk in chunks:
             yield chunk["text"]
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _json_or_none(raw: bytes) -> Any:
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return None
 
 
 def manifest_for(root: Path) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +70,29 @@ def wait_for[T](
                 f"timed out after {timeout:g}s waiting for {what or condition}: last {value!r}"
             )
         time.sleep(interval)
+
+
+def sse_events(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
+    """Server-Sent Events from a stream's lines, parsed as the HTML spec says: ``field: value``
+    lines, ``:`` comments, a blank line ends an event. Yields {"id", "event", "data"} per event (data
+    parsed as JSON) and {"comment": text} per comment."""
+    event: dict[str, Any] = {}
+    data: list[str] = []
+    for raw in lines:
+        line = raw.rstrip("\r\n")
+        if not line:
+            if data:
+                event["data"] = json.loads("\n".join(data))
+            if event:
+                event.setdefault("event", "message")
+                yield event
+            event, data = {}, []
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "":
+            yield {"comment": value}
+        elif name == "data":
+            data.append(value)
+        elif name in {"id", "event", "retry"}:
+            event[name] = value

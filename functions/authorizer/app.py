@@ -1,7 +1,13 @@
-"""REQUEST authorizer: API key -> tenant. The tenant travels to the API functions in the policy context."""
+"""REQUEST authorizer: API key -> tenant, or a ``links.events`` token -> one job's event stream.
+
+The tenant travels to the API functions in the policy context. An API key opens every route; an
+events token (``?token=`` on ``GET /v1/jobs/{id}/events``, what a browser's EventSource can send)
+opens that one stream of that one job, read-only, until it expires.
+"""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from aws_lambda_powertools.utilities.data_classes import event_source
@@ -16,24 +22,47 @@ from spool_core.auth import extract_api_key
 from spool_core.observability import logger
 
 ANONYMOUS = "anonymous"
+EVENTS_TOKEN_PARAMETER = "token"  # noqa: S105 - the name of a query parameter
 
 
 @logger.inject_lambda_context(clear_state=True)
 @event_source(data_class=APIGatewayAuthorizerRequestEvent)
 def lambda_handler(event: APIGatewayAuthorizerRequestEvent, context: LambdaContext) -> dict[str, Any]:
     arn = event.parsed_arn
-    record = bootstrap.api_keys().authenticate(extract_api_key(event.headers))
     policy = APIGatewayAuthorizerResponse(
-        principal_id=record.key_id if record else ANONYMOUS,
+        principal_id=ANONYMOUS,
         region=arn.region,
         aws_account_id=arn.aws_account_id,
         api_id=arn.api_id,
         stage=arn.stage,
     )
+    presented = extract_api_key(event.headers)
+    token = (event.query_string_parameters or {}).get(EVENTS_TOKEN_PARAMETER)
+    if presented is None and token:
+        return _events_token(policy, token, event.path).asdict()
+    record = bootstrap.api_keys().authenticate(presented)
     if record is None:
         logger.info("request denied: missing or unknown API key", extra={"path": event.path})
         policy.deny_all_routes()
     else:
-        policy.context = {"tenant_id": record.tenant_id, "key_id": record.key_id}
+        policy.principal_id = record.key_id
+        policy.context = {"tenant_id": record.tenant_id, "key_id": record.key_id, "scope": "*"}
         policy.allow_all_routes()
     return policy.asdict()
+
+
+def _events_token(
+    policy: APIGatewayAuthorizerResponse, token: str, path: str
+) -> APIGatewayAuthorizerResponse:
+    """Allow exactly ``GET /v1/jobs/<job>/events`` for the job the token was signed for."""
+    signer = bootstrap.events_token()
+    claims = signer.verify(token, time.time()) if signer is not None else None
+    if claims is None:
+        logger.info("request denied: events token invalid or expired", extra={"path": path})
+        policy.deny_all_routes()
+        return policy
+    tenant_id, job_id = claims
+    policy.principal_id = f"events:{job_id}"
+    policy.context = {"tenant_id": tenant_id, "scope": f"events:{job_id}"}
+    policy.allow_route("GET", f"/v1/jobs/{job_id}/events")
+    return policy

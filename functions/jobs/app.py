@@ -8,7 +8,7 @@ from aws_lambda_powertools.event_handler import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from spool_core import bootstrap
-from spool_core.api import api_handler, create_resolver, json_response, parse_body, tenant_of
+from spool_core.api import api_handler, create_resolver, json_response, parse_body, public_base_url, tenant_of
 from spool_core.errors import InvalidRequest
 from spool_core.jobs.model import JobRequest
 from spool_core.jobs.service import DEFAULT_CHUNK_LIMIT, JobService, check_idempotency_key
@@ -25,7 +25,7 @@ class ResumeRequest(BaseModel):
 
 
 def _service() -> JobService:
-    return bootstrap.job_service(tenant_of(app))
+    return bootstrap.job_service(tenant_of(app), public_url=public_base_url(app))
 
 
 def _int_param(name: str, default: int) -> int:

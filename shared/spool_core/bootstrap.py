@@ -8,6 +8,8 @@ in-memory fakes instead.
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from functools import lru_cache, partial
 from typing import Any
 
@@ -33,6 +35,7 @@ from spool_core.auth import ApiKeys
 from spool_core.circuits import CircuitBreaker
 from spool_core.contexts.service import DAY, ContextLimits, ContextService
 from spool_core.errors import ConfigurationError
+from spool_core.events import EventsToken
 from spool_core.flags import DEFAULT_FLAGS_FILE, Flags, flags
 from spool_core.health import HealthService, Probe
 from spool_core.jobs.dead_letters import DeadLetters
@@ -150,7 +153,34 @@ def job_queue(config: Settings | None = None) -> SqsJobQueue:
     return SqsJobQueue(aws.sqs(config), config.jobs_queue_url)
 
 
-def job_service(tenant: Tenant, config: Settings | None = None) -> JobService:
+def events_token(config: Settings | None = None) -> EventsToken | None:
+    """The signer of ``links.events`` tokens, with the deployment's secret (Secrets Manager, read
+    through Powertools Parameters and cached five minutes); None where no secret is configured."""
+    config = config or settings()
+    if not config.events_secret_arn:
+        return None
+    secret: Any = parameters.get_secret(config.events_secret_arn, max_age=300)
+    return EventsToken(str(secret).encode())
+
+
+def events_link(
+    tenant: Tenant, public_url: str, config: Settings | None = None
+) -> Callable[[str], str] | None:
+    """``links.events``: the job's SSE stream with a read-only token that outlives its chunk log."""
+    signer = events_token(config)
+    if signer is None:
+        return None
+    expires = int(time.time()) + JOB_TTL_SECONDS + 86_400  # the log's last chunk may be a day younger
+
+    def link(job_id: str) -> str:
+        return f"{public_url}/v1/jobs/{job_id}/events?token={signer.sign(tenant.id, job_id, expires)}"
+
+    return link
+
+
+def job_service(
+    tenant: Tenant, config: Settings | None = None, *, public_url: str | None = None
+) -> JobService:
     config = config or settings()
     jobs, chunks = _job_tables(tenant, config)
     return JobService(
@@ -162,6 +192,7 @@ def job_service(tenant: Tenant, config: Settings | None = None) -> JobService:
         catalog(tenant, config),
         rate_limiter(tenant, config),
         websocket_url=config.websocket_url,
+        events_link=events_link(tenant, public_url, config) if public_url else None,
     )
 
 

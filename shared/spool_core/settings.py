@@ -25,6 +25,9 @@ class Settings(BaseModel):
     jobs_queue_url: str = Field(alias="SPOOL_JOBS_QUEUE_URL")
     dead_letter_queue_url: str = Field(alias="SPOOL_DEAD_LETTER_QUEUE_URL")
     websocket_url: str | None = Field(default=None, alias="SPOOL_WEBSOCKET_URL")
+    events_secret_arn: str | None = Field(default=None, alias="SPOOL_EVENTS_SECRET_ARN")
+    stream_max_seconds: float = Field(default=840, gt=0, alias="SPOOL_STREAM_MAX_SECONDS")
+    stream_ping_seconds: float = Field(default=15, gt=0, alias="SPOOL_STREAM_PING_SECONDS")
     max_context_bytes: int = Field(default=50 * 1024 * 1024, gt=0, alias="SPOOL_MAX_CONTEXT_BYTES")
     max_context_files: int = Field(default=10_000, gt=0, alias="SPOOL_MAX_CONTEXT_FILES")
     blob_retention_days: int = Field(default=9, ge=8, alias="SPOOL_BLOB_RETENTION_DAYS")
@@ -60,6 +63,7 @@ class Settings(BaseModel):
         "flags_file",
         "openai_api_key_parameter",
         "bedrock_endpoint_url",
+        "events_secret_arn",
         mode="before",
     )
     @classmethod

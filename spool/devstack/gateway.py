@@ -8,28 +8,34 @@ too large, timeout, integration failure).
 from __future__ import annotations
 
 import base64
+import contextlib
 import fnmatch
+import itertools
 import json
 import logging
 import re
 import socket
+import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from spool.devstack.provision import ACCOUNT_ID
 from spool.devstack.runtime import (
+    DEFAULT_WAIT_SECONDS,
     HandlerError,
     InvocationError,
     InvocationThrottled,
     InvocationTimeout,
     LocalFunction,
+    StreamedResponse,
 )
 from spool.devstack.template import Template
 
@@ -41,6 +47,18 @@ INTEGRATION_TIMEOUT_SECONDS = 29
 # Not an API Gateway route: the local stack answers it, so `spool keys|limits` find its AWS endpoint
 # and tables without flags. It is served on loopback only, like the rest of the local stack.
 LOCAL_INFO_PATH = "/_spool/stack"
+# Also local only: cut every open stream of a job (?job_id=) or all of them, as a network failure
+# would, so a client's resume from Last-Event-ID can be seen (the playground's "drop connection").
+DROP_STREAMS_PATH = "/_spool/drop-streams"
+# The playground (plain HTML and JavaScript) is the local stack's page at `/`; not deployed.
+PLAYGROUND = Path(__file__).with_name("playground")
+STATIC_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css",
+}
+# Headers API Gateway sets itself; a client's copies never reach a function.
+GATEWAY_HEADERS = {"x-amzn-request-context", "x-amzn-lambda-context", "x-forwarded-proto", "x-forwarded-port"}
 DEFAULT_STATUS = {
     "UNAUTHORIZED": 401,
     "ACCESS_DENIED": 403,
@@ -69,6 +87,7 @@ class HttpResponse:
     status: int
     headers: dict[str, str]
     body: bytes
+    stream: StreamedResponse | None = None  # a streaming integration's body, relayed as it comes
 
 
 @dataclass(frozen=True)
@@ -79,9 +98,19 @@ class Route:
     authorized: bool
     pattern: re.Pattern[str]
     specificity: tuple[int, ...]
+    streaming: bool = False
+    timeout_seconds: float = INTEGRATION_TIMEOUT_SECONDS
 
     @classmethod
-    def build(cls, path: str, method: str, function: str, authorized: bool) -> Route:
+    def build(
+        cls,
+        path: str,
+        method: str,
+        function: str,
+        authorized: bool,
+        streaming: bool = False,
+        timeout_ms: int | None = None,
+    ) -> Route:
         parts, rank = [], []
         for segment in path.strip("/").split("/") if path.strip("/") else []:
             if segment.startswith("{") and segment.endswith("+}"):
@@ -94,7 +123,8 @@ class Route:
                 parts.append(re.escape(segment))
                 rank.append(2)
         pattern = re.compile("^/" + "/".join(parts) + "$")
-        return cls(path, method, function, authorized, pattern, tuple(rank))
+        timeout = timeout_ms / 1000 if timeout_ms else INTEGRATION_TIMEOUT_SECONDS
+        return cls(path, method, function, authorized, pattern, tuple(rank), streaming, timeout)
 
 
 class RestApiEmulator:
@@ -106,6 +136,8 @@ class RestApiEmulator:
         *,
         region: str,
         stage: str,
+        resolve: Callable[[Any], Any] = lambda value: value,
+        cors_origins: str = "*",
     ) -> None:
         self._functions = functions
         self._region = region
@@ -113,7 +145,12 @@ class RestApiEmulator:
         self._api_logical_id = api_id
         self.rest_api_id = uuid.uuid5(uuid.NAMESPACE_DNS, api_id).hex[:10]
         props = template.api(api_id)
-        self._gateway_responses: dict[str, Any] = props.get("GatewayResponses", {})
+        self._gateway_responses: dict[str, Any] = resolve(props.get("GatewayResponses", {}))
+        self._cors: dict[str, Any] | None = resolve(props["Cors"]) if "Cors" in props else None
+        self._cors_origins = [o.strip().rstrip("/") for o in cors_origins.split(",") if o.strip()] or ["*"]
+        self._streams: dict[int, tuple[str, Callable[[], None]]] = {}
+        self._stream_ids = itertools.count(1)
+        self._streams_lock = threading.Lock()
         auth = props.get("Auth", {})
         default_authorizer = auth.get("DefaultAuthorizer")
         self._authorizer: LocalFunction | None = None
@@ -126,7 +163,11 @@ class RestApiEmulator:
             for event in spec.api_events:
                 if event.api == api_id:
                     authorized = event.authorized and self._authorizer is not None
-                    self.routes.append(Route.build(event.path, event.method, name, authorized))
+                    self.routes.append(
+                        Route.build(
+                            event.path, event.method, name, authorized, event.streaming, event.timeout_ms
+                        )
+                    )
 
     # ------------------------------------------------------------------ routing
     def match(self, path: str) -> tuple[list[Route], dict[str, str]]:
@@ -152,22 +193,36 @@ class RestApiEmulator:
         source_ip: str = "127.0.0.1",
     ) -> HttpResponse:
         request_id = str(uuid.uuid4())
-        deadline = time.monotonic() + INTEGRATION_TIMEOUT_SECONDS
+        origin = _header(headers, "Origin")
+        response = self._handle(method, target, headers, body, source_ip, request_id)
+        if origin and response.status >= 400 and "x-amzn-ErrorType" in response.headers:
+            response.headers.update(self._gateway_cors(origin))  # a gateway response: the template's
+        return response
+
+    def _handle(
+        self,
+        method: str,
+        target: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        source_ip: str,
+        request_id: str,
+    ) -> HttpResponse:
         split = urlsplit(target)
         path = unquote(split.path) or "/"
         query = parse_qsl(split.query, keep_blank_values=True)
         if len(body) > MAX_REQUEST_BYTES:
             return self.gateway_response("REQUEST_TOO_LARGE", request_id)
-        if path == LOCAL_INFO_PATH and method == "GET" and self.local_info:
-            return HttpResponse(
-                200,
-                {"Content-Type": "application/json", "X-Request-Id": request_id},
-                json.dumps(self.local_info).encode(),
-            )
+        local = self._local(method, path, query, request_id)
+        if local is not None:
+            return local
         resources, path_params = self.match(path)
+        if method == "OPTIONS" and self._cors is not None:
+            return self._preflight(headers, request_id)  # a mock integration: no authorizer, no function
         route = next((r for r in resources if r.method in {method, "ANY"}), None)
         if route is None:
             return self.gateway_response("MISSING_AUTHENTICATION_TOKEN", request_id)
+        deadline = time.monotonic() + route.timeout_seconds  # the integration timeout covers it all
 
         event = self._proxy_event(
             method, path, query, headers, body, route, path_params, request_id, source_ip
@@ -179,8 +234,10 @@ class RestApiEmulator:
         if _serialized_size(event) > MAX_LAMBDA_PAYLOAD_BYTES:
             return self.gateway_response("REQUEST_TOO_LARGE", request_id)
         function = self._functions[route.function]
-        remaining = max(0.001, deadline - time.monotonic())  # the integration timeout covers it all
+        remaining = max(0.001, deadline - time.monotonic())
         try:
+            if route.streaming:
+                return self._stream(function, event, remaining)
             result = function.invoke(event, timeout=min(function.spec.timeout, remaining), wait=remaining)
         except InvocationTimeout:
             return self.gateway_response("INTEGRATION_TIMEOUT", request_id)
@@ -190,6 +247,90 @@ class RestApiEmulator:
             log.error("%s %s: %s", method, path, exc)
             return self.gateway_response("DEFAULT_5XX", request_id)
         return self._proxy_response(result, request_id)
+
+    def _stream(self, function: LocalFunction, event: dict[str, Any], remaining: float) -> HttpResponse:
+        """A streaming integration (REST response streaming, here to a function run by Lambda Web
+        Adapter): status and headers at once, the body relayed as the function writes it."""
+        stream = function.open_stream(
+            event, timeout=min(function.spec.timeout, remaining), wait=min(remaining, DEFAULT_WAIT_SECONDS)
+        )
+        response_headers = {k: v for k, v in stream.headers}
+        response_headers.setdefault("x-amzn-RequestId", event["requestContext"]["requestId"])
+        return HttpResponse(stream.status, response_headers, b"", stream)
+
+    def _local(
+        self, method: str, path: str, query: list[tuple[str, str]], request_id: str
+    ) -> HttpResponse | None:
+        """The local stack's own routes (not API Gateway's): how the CLI finds the stack, and cutting
+        streams on purpose."""
+        headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
+        if path == LOCAL_INFO_PATH and method == "GET" and self.local_info:
+            return HttpResponse(200, headers, json.dumps(self.local_info).encode())
+        if method == "GET" and (path == "/" or path.startswith("/playground/")):
+            return self._static(
+                "index.html" if path == "/" else path.removeprefix("/playground/"), request_id
+            )
+        if path == DROP_STREAMS_PATH and method == "POST":
+            job_id = dict(query).get("job_id")
+            dropped = self.drop_streams(f"/v1/jobs/{job_id}/" if job_id else "/")
+            return HttpResponse(200, headers, json.dumps({"dropped": dropped}).encode())
+        return None
+
+    def _static(self, name: str, request_id: str) -> HttpResponse | None:
+        file = (PLAYGROUND / name).resolve()
+        if file.parent != PLAYGROUND.resolve() or not file.is_file() or file.suffix not in STATIC_TYPES:
+            return None  # not a playground file: API Gateway's routing answers
+        headers = {
+            "Content-Type": STATIC_TYPES[file.suffix],
+            "X-Request-Id": request_id,
+            "Cache-Control": "no-cache",
+        }
+        return HttpResponse(200, headers, file.read_bytes())
+
+    # ------------------------------------------------------------------ open streams
+    def track_stream(self, path: str, abort: Callable[[], None]) -> int:
+        with self._streams_lock:
+            number = next(self._stream_ids)
+            self._streams[number] = (path, abort)
+        return number
+
+    def untrack_stream(self, number: int) -> None:
+        with self._streams_lock:
+            self._streams.pop(number, None)
+
+    def drop_streams(self, prefix: str = "/") -> int:
+        """Cut the client connections of the open streams under ``prefix``; returns how many."""
+        with self._streams_lock:
+            chosen = [abort for path, abort in self._streams.values() if path.startswith(prefix)]
+        for abort in chosen:
+            abort()
+        return len(chosen)
+
+    # ------------------------------------------------------------------ CORS
+    def _allowed_origin(self, origin: str) -> str | None:
+        if origin.rstrip("/") in self._cors_origins:
+            return origin
+        return "*" if "*" in self._cors_origins else None
+
+    def _preflight(self, headers: Mapping[str, str], request_id: str) -> HttpResponse:
+        """What SAM's ``Cors`` makes API Gateway answer to ``OPTIONS`` on every resource."""
+        assert self._cors is not None
+        response = {"Content-Type": "application/json", "x-amzn-RequestId": request_id}
+        allowed = self._allowed_origin(_header(headers, "Origin") or "")
+        if allowed:
+            response["Access-Control-Allow-Origin"] = allowed
+            for key, name in (
+                ("AllowMethods", "Access-Control-Allow-Methods"),
+                ("AllowHeaders", "Access-Control-Allow-Headers"),
+                ("MaxAge", "Access-Control-Max-Age"),
+            ):
+                if key in self._cors:
+                    response[name] = _literal(str(self._cors[key]))
+        return HttpResponse(200, response, b"{}")
+
+    def _gateway_cors(self, origin: str) -> dict[str, str]:
+        allowed = self._allowed_origin(origin)
+        return {"Access-Control-Allow-Origin": allowed} if allowed else {}
 
     def _proxy_event(
         self,
@@ -232,7 +373,9 @@ class RestApiEmulator:
                 "extendedRequestId": request_id,
                 "httpMethod": method,
                 "identity": {"sourceIp": source_ip, "userAgent": headers.get("User-Agent")},
-                "path": f"/{self._stage}{path}",
+                # The path as the client sent it: the local stack serves the stage at its root (as a
+                # custom domain would), so links built from it point back here.
+                "path": path,
                 "protocol": "HTTP/1.1",
                 "requestId": request_id,
                 "requestTime": now.strftime("%d/%b/%Y:%H:%M:%S +0000"),
@@ -331,11 +474,23 @@ class RestApiEmulator:
         }
         for name, value in ((spec.get("ResponseParameters") or {}).get("Headers") or {}).items():
             value = str(value)
+            if name.lower() == "access-control-allow-origin":
+                continue  # per request, from SPOOL_CORS_ORIGINS (see handle)
             if value.startswith("'") and value.endswith("'"):
-                headers[name] = value[1:-1]
+                headers[name] = _literal(value)
             elif value == "context.requestId":
                 headers[name] = request_id
         return HttpResponse(status, headers, body.encode())
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    wanted = name.lower()
+    return next((v for k, v in headers.items() if k.lower() == wanted), None)
+
+
+def _literal(value: str) -> str:
+    """A static value in API Gateway's mapping syntax (``'text'``)."""
+    return value[1:-1] if value.startswith("'") and value.endswith("'") else value
 
 
 def _serialized_size(event: dict[str, Any]) -> int:
@@ -375,24 +530,68 @@ class _RequestHandler(BaseHTTPRequestHandler):
         started = time.monotonic()
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
-        headers = {k: v for k, v in self.headers.items()}
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in GATEWAY_HEADERS}
+        forwarded_for = self.headers.get("X-Forwarded-For")
+        headers.update(  # as API Gateway adds them
+            {
+                "X-Forwarded-For": f"{forwarded_for}, {self.client_address[0]}"
+                if forwarded_for
+                else self.client_address[0],
+                "X-Forwarded-Port": str(self.server.server_address[1]),
+                "X-Forwarded-Proto": "http",
+            }
+        )
         response = self.server.emulator.handle(self.command, self.path, headers, body, self.client_address[0])
+        self.send_response(response.status)
+        for name, value in response.headers.items():
+            if name.lower() not in {"content-length", "connection", "transfer-encoding"}:
+                self.send_header(name, value)
+        if response.stream is not None:
+            outcome = self._relay(response.stream)
+        else:
+            self.send_header("Content-Length", str(len(response.body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(response.body)
+            outcome = ""
         log.info(
-            "%s %s %d %.0f ms %s",
+            "%s %s %d %.0f ms %s%s",
             self.command,
             self.path,
             response.status,
             (time.monotonic() - started) * 1000,
             response.headers.get("X-Request-Id") or response.headers.get("x-amzn-RequestId", ""),
+            outcome,
         )
-        self.send_response(response.status)
-        for name, value in response.headers.items():
-            if name.lower() not in {"content-length", "connection", "transfer-encoding"}:
-                self.send_header(name, value)
-        self.send_header("Content-Length", str(len(response.body)))
+
+    def _relay(self, stream: StreamedResponse) -> str:
+        """Send a streaming integration's body as it comes (chunked). A broken stream (the function
+        timed out or crashed) ends the connection without the final chunk, so the client can tell it
+        from a complete response; a client that goes away ends the invocation."""
+        self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(response.body)
+        self.wfile.flush()
+        tracked = self.server.emulator.track_stream(urlsplit(self.path).path, self._abort)
+        outcome = " (streamed)"
+        try:
+            for data in stream.chunks():
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.write(b"0\r\n\r\n")
+        except InvocationError as exc:
+            outcome = f" (stream broke off: {exc})"
+            self.close_connection = True
+        except OSError:
+            outcome = " (client went away)"
+            self.close_connection = True
+        finally:
+            stream.close()
+            self.server.emulator.untrack_stream(tracked)
+        return outcome
+
+    def _abort(self) -> None:
+        """Cut this connection as a network failure would (the client sees it end mid-stream)."""
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _serve  # noqa: N815
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -226,6 +227,7 @@ def provision(
         if "LogicalResourceId" in r
     }
     _describe_resources(description, resources, physical)
+    _create_secrets(description, template)
     _describe_unprovisioned(description, template)
     _apply_what_moto_skips(description, resources)
     return description
@@ -301,6 +303,22 @@ def _describe_resources(
             description.refs[name] = ident
             description.attributes[f"{name}.Arn"] = f"arn:aws:s3:::{ident}"
             description.attributes[f"{name}.DomainName"] = f"{ident}.s3.amazonaws.com"
+
+
+def _create_secrets(description: StackDescription, template: Template) -> None:
+    """Secrets Manager secrets (moto's CloudFormation does not create them): a generated value, as
+    ``GenerateSecretString`` asks; ``!Ref`` gives the ARN, as on AWS."""
+    client = aws_client("secretsmanager", description.endpoint_url, description.region)
+    for name, resource in template.resources_of_type("AWS::SecretsManager::Secret").items():
+        props = resource.get("Properties", {})
+        length = int((props.get("GenerateSecretString") or {}).get("PasswordLength", 32))
+        created = client.create_secret(
+            Name=f"{description.stack_name}-{name}",
+            Description=str(props.get("Description", "")),
+            SecretString=secrets.token_urlsafe(length)[:length],
+        )
+        description.refs[name] = created["ARN"]
+        description.attributes[f"{name}.Id"] = created["ARN"]
 
 
 def _describe_unprovisioned(description: StackDescription, template: Template) -> None:

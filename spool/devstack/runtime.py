@@ -14,7 +14,9 @@ the fork: module-level state (Powertools' logger and resolver, cached services) 
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import http.client
 import itertools
 import json
 import logging
@@ -25,15 +27,17 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
 from spool.devstack.provision import ACCOUNT_ID
 from spool.devstack.template import FunctionSpec
@@ -208,6 +212,9 @@ def container_main(
         AwsCallCounter(dump).install()
     tracing = bool(environment.get(TRACEMALLOC_ENV))
     started = time.perf_counter()
+    if spec.web_app:
+        _serve_web_app(channel, spec, root, started)
+        return
     try:
         handler = _load_handler(spec, root)
     except BaseException as exc:  # an init error fails every invocation of this container, as on Lambda
@@ -223,6 +230,80 @@ def container_main(
             return
         context = LambdaContext(**message["context"])
         send_frame(channel, _invoke(handler, message["event"], context, tracing))
+
+
+def _serve_web_app(channel: socket.socket, spec: FunctionSpec, root: str, started: float) -> None:
+    """A container of a function run by Lambda Web Adapter: the init phase imports the ASGI app and
+    starts it under uvicorn (as the function's start script does) on this container's own Unix
+    socket, then passes the adapter's readiness check; the caller sends each invocation to it as an
+    HTTP request and relays the response as it streams."""
+    import uvicorn
+
+    try:
+        module_name, _, attribute = str(spec.web_app).partition(":")
+        sys.path.insert(0, str(Path(root) / spec.code_uri))
+        import importlib
+
+        app = getattr(importlib.import_module(module_name), attribute)
+    except BaseException as exc:
+        send_frame(channel, {"kind": "init_error", "error": _error_payload(exc)})
+        return
+    path = os.path.join(tempfile.gettempdir(), f"spool-web-{os.getpid()}.sock")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    config = uvicorn.Config(app, uds=path, log_config=None, access_log=False, lifespan="off")
+    server = uvicorn.Server(config)
+    serving = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    serving.start()
+    try:
+        _wait_ready(path, spec.readiness_path, serving, time.monotonic() + 30)
+    except Exception as exc:
+        send_frame(channel, {"kind": "init_error", "error": _error_payload(exc)})
+        return
+    send_frame(channel, {"kind": "ready", "init_ms": (time.perf_counter() - started) * 1000, "socket": path})
+    while True:
+        try:
+            message = recv_frame(channel)
+        except (EOFError, OSError):
+            break
+        if message["kind"] == "stop":
+            break
+    server.should_exit = True
+    serving.join(timeout=2)
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def _wait_ready(path: str, readiness_path: str, serving: threading.Thread, deadline: float) -> None:
+    """The adapter's readiness check: GET the path until it answers below 500."""
+    while time.monotonic() < deadline:
+        if not serving.is_alive():
+            raise RuntimeError("the web app's server exited during start")
+        connection = UnixHTTPConnection(path, timeout=2)
+        try:
+            connection.request("GET", readiness_path)
+            if connection.getresponse().status < 500:
+                return
+        except OSError:
+            pass
+        finally:
+            connection.close()
+        time.sleep(0.01)
+    raise RuntimeError(f"the web app did not pass its readiness check ({readiness_path})")
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP to a server listening on a Unix socket (a web container's)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
 
 
 def _invoke(
@@ -325,6 +406,8 @@ def _spec_data(spec: FunctionSpec) -> dict[str, Any]:
         "timeout": spec.timeout,
         "memory_mb": spec.memory_mb,
         "environment": {},
+        "web_app": spec.web_app,
+        "readiness_path": spec.readiness_path,
     }
 
 
@@ -359,6 +442,7 @@ class Container:
             self.kill()
             raise HandlerError(message["error"])
         self.init_duration_ms = float(message["init_ms"])
+        self.socket_path: str | None = message.get("socket")  # a web container's server
         return self.init_duration_ms
 
     def invoke(self, event: Any, context: LambdaContext, timeout: float) -> dict[str, Any]:
@@ -606,6 +690,50 @@ class LocalFunction:
             raise HandlerError(answer["error"])
         return answer["result"]
 
+    def open_stream(
+        self, event: Mapping[str, Any], timeout: float | None = None, wait: float = DEFAULT_WAIT_SECONDS
+    ) -> StreamedResponse:
+        """Invoke a web function with an API Gateway proxy event, through response streaming: what
+        Lambda Web Adapter does with it inside the sandbox (``adapter_request``), then ``open_http``."""
+        return self.open_http(adapter_request(event), timeout, wait)
+
+    def open_http(
+        self, request: HttpRequest, timeout: float | None = None, wait: float = DEFAULT_WAIT_SECONDS
+    ) -> StreamedResponse:
+        """Invoke a web function (one run by Lambda Web Adapter) with an HTTP request, as the adapter
+        does inside the sandbox: its status and headers come back at once, its body as it is produced
+        (``StreamedResponse.chunks``). The container stays busy until the response is closed; past
+        ``timeout`` (default: the function's) it is killed, as Lambda ends an invocation."""
+        if not self.spec.web_app:
+            raise InvocationError(f"{self.spec.logical_id} is not a web app")
+        limit = float(timeout or self.spec.timeout)
+        container = self._acquire(time.monotonic() + wait)
+        context = self.context(limit)
+        cold = container.first_use()
+        assert container.socket_path is not None
+        connection = UnixHTTPConnection(container.socket_path, timeout=limit)
+        lambda_context = {
+            "request_id": context.aws_request_id,
+            "deadline": int((time.time() + limit) * 1000),
+            "invoked_function_arn": context.invoked_function_arn,
+        }
+        headers = {**request.headers, "x-amzn-lambda-context": json.dumps(lambda_context)}
+        invocation = StreamedResponse(self, container, connection, context, cold, time.monotonic() + limit)
+        try:
+            connection.request(request.method, request.target, body=request.body or None, headers=headers)
+            invocation.start(connection.getresponse())
+        except BaseException as exc:
+            invocation.fail(exc)
+            raise invocation.error(exc) from None
+        return invocation
+
+    def _finish(self, container: Container, healthy: bool) -> None:
+        if healthy:
+            container.last_used = time.monotonic()
+            self._release(container)
+        else:
+            self._discard(container)
+
     def _report(
         self, context: LambdaContext, container: Container, cold: bool, outcome: str, stats: dict[str, Any]
     ) -> None:
@@ -621,3 +749,122 @@ class LocalFunction:
         )
         self.reports.append(report)
         log.debug("%s", report.line())
+
+
+# ---------------------------------------------------------------------------------------- web functions
+@dataclass(frozen=True)
+class HttpRequest:
+    """What Lambda Web Adapter sends the web app for one invocation."""
+
+    method: str
+    target: str  # path and query string
+    headers: Mapping[str, str]
+    body: bytes = b""
+
+
+def adapter_request(event: Mapping[str, Any]) -> HttpRequest:
+    """The HTTP request Lambda Web Adapter makes of a REST proxy event: the path without the stage,
+    the query string, the headers, the body, and the request context (the authorizer's output with
+    it) as JSON in ``x-amzn-request-context`` (the adapter overwrites any copy a client sent)."""
+    query = urlencode(
+        [(k, v) for k, values in (event.get("multiValueQueryStringParameters") or {}).items() for v in values]
+    )
+    headers = {k: v for k, v in (event.get("headers") or {}).items() if not k.lower().startswith("x-amzn-")}
+    headers["x-amzn-request-context"] = json.dumps(event.get("requestContext") or {}, separators=(",", ":"))
+    body = event.get("body") or ""
+    raw = base64.b64decode(body) if event.get("isBase64Encoded") else str(body).encode()
+    target = quote(str(event["path"])) + (f"?{query}" if query else "")
+    return HttpRequest(str(event["httpMethod"]), target, headers, raw)
+
+
+class StreamedResponse:
+    """One invocation of a web function in flight: ``status`` and ``headers`` at once, the body from
+    ``chunks()`` as the app writes it. ``close()`` ends the invocation (the container is released, or
+    killed if it failed) and reports it; closing early is what a client disconnecting does."""
+
+    def __init__(
+        self,
+        function: LocalFunction,
+        container: Container,
+        connection: UnixHTTPConnection,
+        context: LambdaContext,
+        cold: bool,
+        deadline: float,
+    ) -> None:
+        self._function = function
+        self._container = container
+        self._connection = connection
+        self._context = context
+        self._cold = cold
+        self._deadline = deadline
+        self._started = time.monotonic()
+        self._response: http.client.HTTPResponse | None = None
+        self._outcome = "result"
+        self._closed = False
+        self.status = 0
+        self.headers: list[tuple[str, str]] = []
+
+    def start(self, response: http.client.HTTPResponse) -> None:
+        self._response = response
+        self.status = response.status
+        self.headers = [(k, v) for k, v in response.getheaders() if k.lower() not in _HOP_BY_HOP]
+
+    def chunks(self) -> Iterator[bytes]:
+        """The body as it streams; raises ``InvocationTimeout`` past the function's time limit and
+        ``InvocationCrashed`` when the container dies mid-response."""
+        assert self._response is not None
+        while True:
+            remaining = self._deadline - time.monotonic()
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                if self._connection.sock is not None:
+                    self._connection.sock.settimeout(remaining)
+                data = self._response.read1(65536)
+            except BaseException as exc:
+                self.fail(exc)
+                raise self.error(exc) from None
+            if not data:
+                self.close()
+                return
+            yield data
+
+    def fail(self, exc: BaseException) -> None:
+        self._outcome = "timeout" if isinstance(exc, TimeoutError) else "crash"
+        self._end(healthy=False)
+
+    def error(self, exc: BaseException) -> InvocationError:
+        name = self._function.spec.logical_id
+        if isinstance(exc, TimeoutError):
+            return InvocationTimeout(f"{name} timed out after {self._context.timeout_seconds:g}s")
+        return InvocationCrashed(f"{name}: the container's response broke off ({exc!r})")
+
+    def close(self) -> None:
+        self._end(healthy=True)
+
+    def _end(self, healthy: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._connection.close()
+        stats = {
+            "duration_ms": (time.monotonic() - self._started) * 1000,
+            "max_rss_mb": _peak_rss_mb(self._container.pid),
+        }
+        self._function._report(self._context, self._container, self._cold, self._outcome, stats)
+        self._function._finish(self._container, healthy)
+
+
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"}
+
+
+def _peak_rss_mb(pid: int) -> int:
+    """A container's peak memory (VmHWM), as Lambda's REPORT line gives it."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 0

@@ -38,6 +38,7 @@ API_LOGICAL_ID = "SpoolApi"
 # Variables from the caller's environment that reach the handlers (Spool's knobs, Powertools' own).
 PASSTHROUGH_PREFIXES = ("SPOOL_", "POWERTOOLS_")
 REAP_INTERVAL_SECONDS = 10.0
+STREAM_CONCURRENCY = 64  # open event streams at once, locally (Lambda's default account limit is 1,000)
 
 
 def parse_dev_keys(text: str) -> dict[str, str]:
@@ -196,7 +197,13 @@ class EmbeddedStack:
         self._warm()
 
         emulator = RestApiEmulator(
-            self.template, API_LOGICAL_ID, self.functions, region=description.region, stage=stage
+            self.template,
+            API_LOGICAL_ID,
+            self.functions,
+            region=description.region,
+            stage=stage,
+            resolve=description.resolver().resolve,
+            cors_origins=os.environ.get("SPOOL_CORS_ORIGINS", "*"),
         )
         emulator.local_info = {
             "stack_name": self.stack_name,
@@ -223,7 +230,9 @@ class EmbeddedStack:
     def _create_functions(self, description: StackDescription) -> None:
         resolver = description.resolver()
         for name, spec in self.template.functions().items():
-            concurrency = self.workers if spec.sqs_events else None
+            # Workers: as many as asked. A streaming function holds a container per open stream (as
+            # each invocation holds a sandbox on Lambda), so it may have many.
+            concurrency = self.workers if spec.sqs_events else STREAM_CONCURRENCY if spec.web_app else None
             self.functions[name] = LocalFunction(
                 spec,
                 self.template.root,

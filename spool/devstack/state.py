@@ -1,10 +1,11 @@
 """The local stack's state across a clean stop and start (``SPOOL_STATE_DIR``).
 
 moto keeps everything in memory. On a clean stop, once nothing runs any more, the stack reads every
-table, object and queued message of the template's resources through the AWS APIs and writes them
-under the state directory; on the next start it writes them back through the same APIs, before
-anything is served. Resources are matched by logical id, so the physical names moto makes up each
-time do not matter. A crash (SIGKILL, power loss) loses what happened since the last clean stop.
+table, object, queued message and secret of the template's resources through the AWS APIs and
+writes them under the state directory; on the next start it writes them back through the same APIs,
+before anything is served (so signed links such as links.events outlive a restart). Resources are
+matched by logical id, so the physical names moto makes up each time do not matter. A crash
+(SIGKILL, power loss) loses what happened since the last clean stop.
 """
 
 from __future__ import annotations
@@ -86,6 +87,10 @@ class LocalState:
             messages = list(self._drain(url))
             manifest["queues"][logical] = messages
             counts["messages"] += len(messages)
+        manifest["secrets"] = {}  # signed links (links.events) stay valid across a restart
+        secrets = self._client("secretsmanager")
+        for logical, arn in self._resources("AWS::SecretsManager::Secret").items():
+            manifest["secrets"][logical] = secrets.get_secret_value(SecretId=arn)["SecretString"]
         (staging / "manifest.json").write_text(json.dumps(manifest))
         previous = self.directory / "snapshot.previous"
         shutil.rmtree(previous, ignore_errors=True)
@@ -166,6 +171,11 @@ class LocalState:
                 ]
                 sqs.send_message_batch(QueueUrl=queues[logical], Entries=entries)
                 counts["messages"] += len(entries)
+        secrets = self._client("secretsmanager")
+        known = self._resources("AWS::SecretsManager::Secret")
+        for logical, value in manifest.get("secrets", {}).items():
+            if logical in known:
+                secrets.put_secret_value(SecretId=known[logical], SecretString=value)
         return counts
 
     def _put_items(self, table: str, items: list[dict[str, Any]]) -> None:

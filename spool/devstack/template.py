@@ -108,6 +108,8 @@ class ApiEvent:
     path: str
     method: str
     authorized: bool
+    streaming: bool = False  # ResponseTransferMode: RESPONSE_STREAM (the integration streams)
+    timeout_ms: int | None = None  # TimeoutInMillis (29 s when unset; up to 15 min when streaming)
 
 
 @dataclass(frozen=True)
@@ -154,10 +156,15 @@ class FunctionSpec:
     stream_events: tuple[StreamEvent, ...] = ()
     reserved_concurrency: int | None = None
     schedule_events: tuple[ScheduleEvent, ...] = ()
+    # A web app run by AWS Lambda Web Adapter (Handler is its start script): "module:attribute" of
+    # the ASGI app the script serves, and the adapter's readiness check path.
+    web_app: str | None = None
+    readiness_path: str = "/"
 
     @property
     def module_file(self) -> str:
-        module, _, _ = self.handler.rpartition(".")
+        """The Python file holding the handler (or the web app)."""
+        module = self.web_app.partition(":")[0] if self.web_app else self.handler.rpartition(".")[0]
         return str(Path(self.code_uri) / (module.replace(".", "/") + ".py"))
 
     @property
@@ -235,6 +242,10 @@ class Template:
                             ep["Path"],
                             ep["Method"].upper(),
                             authorized=auth != "NONE",
+                            streaming=ep.get("ResponseTransferMode") == "RESPONSE_STREAM",
+                            timeout_ms=(
+                                self._number(ep["TimeoutInMillis"], 0) if "TimeoutInMillis" in ep else None
+                            ),
                         )
                     )
                 elif event["Type"] == "DynamoDB":
@@ -276,8 +287,24 @@ class Template:
                     else None
                 ),
                 schedule_events=tuple(schedules),
+                **self._web_app(props, env),
             )
         return specs
+
+    def _web_app(self, props: Mapping[str, Any], env: Mapping[str, Any]) -> dict[str, Any]:
+        """For a function run by Lambda Web Adapter (its wrapper set, Handler a start script): the ASGI
+        app the script starts with ``python -m uvicorn ... module:attribute``."""
+        if env.get("AWS_LAMBDA_EXEC_WRAPPER") != "/opt/bootstrap":
+            return {}
+        script = self.root / str(props["CodeUri"]) / str(props["Handler"])
+        command = next((line for line in script.read_text().splitlines() if "uvicorn" in line), "")
+        target = re.search(r"(\S+:\S+)\s*$", command)
+        if not target:
+            raise TemplateError(f"{script}: expected a `python -m uvicorn ... module:app` line")
+        return {
+            "web_app": target.group(1),
+            "readiness_path": str(env.get("AWS_LWA_READINESS_CHECK_PATH", "/")),
+        }
 
     def websocket_routes(self) -> dict[str, str]:
         """Route key -> logical id of the function its AWS_PROXY integration invokes."""

@@ -111,12 +111,18 @@ def stop_stack(stack: RunningStack) -> int:
 
 
 E2E_MAX_CONTEXT_BYTES = 1024 * 1024
+# SSE streams end this soon (840 s on AWS), so every streaming test also crosses reconnects.
+STREAM_MAX_SECONDS = 3
 
 
 @pytest.fixture(scope="session")
 def dev_stack() -> Iterator[RunningStack]:
     stack = start_stack(
-        {"SPOOL_MAX_CONTEXT_BYTES": str(E2E_MAX_CONTEXT_BYTES), "SPOOL_SIMULATOR_FAULTS": "1"}
+        {
+            "SPOOL_MAX_CONTEXT_BYTES": str(E2E_MAX_CONTEXT_BYTES),
+            "SPOOL_SIMULATOR_FAULTS": "1",
+            "SPOOL_STREAM_MAX_SECONDS": str(STREAM_MAX_SECONDS),
+        }
     )
     yield stack
     stop_stack(stack)

@@ -139,6 +139,22 @@ def test_stream_survives_connections_killed_mid_answer(client: Client, proxy: Fl
     assert final["status"] == "completed"
 
 
+def test_the_sse_stream_survives_the_network_dropping_it_mid_answer(
+    client: Client, proxy: FlakyProxy
+) -> None:
+    through_proxy = Client(f"http://127.0.0.1:{proxy.port}", DEV_KEY, sleep=lambda _: None)
+    job = client.create_job("resume by yourself", model="sim-realtime", max_tokens=200)
+    received: list[str] = []
+    for index, text in enumerate(through_proxy.stream(job["job_id"])):  # SSE, the default transport
+        received.append(text)
+        if index in (1, 3):
+            proxy.kill_all()  # every open connection dies under the live stream
+    assert proxy.cuts >= 2
+    final = client.job(job["job_id"])
+    assert "".join(received) == final["output"]  # nothing lost, nothing repeated
+    assert final["status"] == "completed"
+
+
 def test_the_idempotency_key_is_reused_across_the_clients_own_retries(client: Client) -> None:
     job = client.create_job("once", model="sim-fast", max_tokens=5, idempotency_key="client-retry-1")
     again = client.create_job("once", model="sim-fast", max_tokens=5, idempotency_key="client-retry-1")
@@ -246,7 +262,7 @@ def test_the_demo_drops_the_connection_and_resumes(dev_stack: RunningStack, tmp_
         env={**os.environ, "SPOOL_CACHE_DIR": str(tmp_path / "cache")},
     )
     assert result.returncode == 0, result.stderr
-    assert "connection dropped after chunk 3" in result.stderr
+    assert "connection dropped after chunk 3; reconnecting with Last-Event-ID: 3" in result.stderr
     assert "completed:" in result.stderr
     assert len(result.stdout.split()) >= 60  # the whole answer was printed across the reconnect
 

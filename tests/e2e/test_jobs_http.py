@@ -57,7 +57,7 @@ def test_idempotency_over_http(dev_stack: RunningStack) -> None:
         "fallback_used": False,
         "segments": [{"model": "sim-realtime", "from_sequence_id": 1, "from_tokens": 0}],
     }
-    assert set(job["links"]) == {"self", "chunks", "subscribe"}
+    assert set(job["links"]) == {"self", "chunks", "subscribe", "events"}
 
     status, _, error = create(dev_stack, body, key)
     assert status == 409

@@ -26,6 +26,7 @@ def test_every_function_in_the_template_has_a_sample_event(template: Template) -
         "FanoutFunction": "fanout",
         "WorkerFunction": "worker",
         "SweeperFunction": "sweeper",
+        "StreamFunction": "stream",
     }
     assert set(template.functions()) <= set(samples), "add a sample event for the new function"
     for name in template.functions():

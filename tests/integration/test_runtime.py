@@ -3,6 +3,7 @@ invocation at a time; timeouts and crashes kill only their container; the pool i
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import pytest
 
 from spool.devstack.runtime import (
     HandlerError,
+    HttpRequest,
     InvocationCrashed,
     InvocationThrottled,
     InvocationTimeout,
@@ -122,3 +124,92 @@ def test_idle_containers_are_reaped_down_to_one_and_shutdown_ends_them(probe: Lo
     probe.shutdown()
     for pid in pids:
         wait_for(lambda pid=pid: not running(pid), timeout=10)
+
+
+# ---------------------------------------------------------------------------------------- web apps
+@pytest.fixture
+def web() -> Iterator[Any]:
+    made: list[LocalFunction] = []
+
+    def make(timeout: int = 10, **environment: str) -> LocalFunction:
+        spec = FunctionSpec(
+            "WebProbe",
+            "webprobe",
+            "run.sh",
+            timeout=timeout,
+            memory_mb=256,
+            environment={},
+            web_app="app:app",
+            readiness_path="/healthz",
+        )
+        function = LocalFunction(
+            spec,
+            LAMBDAS,
+            region="us-east-1",
+            name="webprobe",
+            environment={"PROBE": "web", "PATH": os.environ["PATH"], **environment},
+            max_concurrency=2,
+        )
+        made.append(function)
+        return function
+
+    yield make
+    for function in made:
+        function.shutdown()
+
+
+def get(function: LocalFunction, target: str, headers: dict[str, str] | None = None) -> Any:
+    return function.open_http(HttpRequest("GET", target, headers or {}))
+
+
+def test_a_web_container_serves_the_app_with_the_adapters_headers(web: Any) -> None:
+    function = web()
+    response = get(function, "/whoami", {"x-amzn-request-context": '{"requestId": "r-1"}'})
+    seen = json.loads(b"".join(response.chunks()))
+    assert response.status == 200
+    assert seen["pid"] != os.getpid() and seen["variable"] == "web"
+    assert json.loads(seen["context"]) == {"requestId": "r-1"}
+    assert json.loads(seen["lambda"])["invoked_function_arn"].endswith(":function:webprobe")
+    again = json.loads(b"".join(get(function, "/whoami").chunks()))
+    assert again["pid"] == seen["pid"]  # the warm container served the next request
+    assert function.reports[-1].outcome == "result"
+
+
+def test_a_stream_past_the_functions_timeout_kills_its_container(web: Any) -> None:
+    function = web(timeout=1)
+    pid = json.loads(b"".join(get(function, "/whoami").chunks()))["pid"]
+    response = get(function, "/stream?n=1000&delay=0.05")
+    with pytest.raises(InvocationTimeout):
+        for _ in response.chunks():
+            pass
+    wait_for(lambda: not running(pid), timeout=30, what="the timed-out container to be killed")
+    assert function.reports[-1].outcome == "timeout"
+    assert json.loads(b"".join(get(function, "/whoami").chunks()))["pid"] != pid  # a new container
+
+
+def test_a_container_that_dies_mid_stream_breaks_the_stream_off(web: Any) -> None:
+    function = web()
+    response = get(function, "/stream?n=5&crash_at=2")
+    received: list[bytes] = []
+    with pytest.raises(InvocationCrashed):
+        received.extend(response.chunks())
+    assert b"".join(received).startswith(b"line 0\n")
+    assert function.reports[-1].outcome == "crash"
+    assert json.loads(b"".join(get(function, "/whoami").chunks()))["variable"] == "web"  # the pool recovers
+
+
+def test_a_client_that_goes_away_frees_the_container(web: Any) -> None:
+    function = web()
+    pid = json.loads(b"".join(get(function, "/whoami").chunks()))["pid"]
+    response = get(function, "/stream?n=1000&delay=0.05")
+    next(iter(response.chunks()))
+    response.close()  # the gateway does this when the client disconnects
+    assert json.loads(b"".join(get(function, "/whoami").chunks()))["pid"] == pid  # reused, not killed
+    assert function.reports[-2].outcome == "result"
+
+
+def test_a_web_app_that_fails_to_start_is_an_init_error(web: Any) -> None:
+    function = web(PROBE_INIT_FAILS="1")
+    with pytest.raises(HandlerError) as caught:
+        get(function, "/whoami")
+    assert "failed to start" in str(caught.value)

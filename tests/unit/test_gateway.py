@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from spool.devstack.gateway import RestApiEmulator, Route, _policy_allows
-from spool.devstack.runtime import InvocationTimeout
+from spool.devstack.runtime import InvocationTimeout, adapter_request
 from spool.devstack.template import Template, TemplateError
 from tests.fakes import FakeFunction
 from tests.support import ROOT, load_event
@@ -172,3 +172,66 @@ def test_an_api_without_a_default_authorizer_is_rejected_for_unknown_functions()
         RestApiEmulator(template, "SpoolApi", {}, region="us-east-1", stage="prod")
     with pytest.raises(TemplateError):
         Template.load(ROOT / "events" / "health.json")
+
+
+def cors_emulator(functions: dict[str, FakeFunction], origins: str) -> RestApiEmulator:
+    template = Template.load(ROOT / "template.yaml")
+    return RestApiEmulator(
+        template,
+        "SpoolApi",
+        functions,  # type: ignore[arg-type]
+        region="us-east-1",
+        stage="prod",
+        cors_origins=origins,
+    )
+
+
+@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/contexts/ctx_1", "/v1/jobs/job_1/events", "/v1/nowhere"])
+def test_preflight_is_answered_from_the_template_before_the_authorizer(
+    emulator: RestApiEmulator, functions: Any, path: str
+) -> None:
+    response = emulator.handle(
+        "OPTIONS", path, {"Origin": "https://app.example.com", "Access-Control-Request-Method": "POST"}, b""
+    )
+    assert response.status == 200
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    assert "POST" in response.headers["Access-Control-Allow-Methods"]
+    assert "Last-Event-ID" in response.headers["Access-Control-Allow-Headers"]
+    assert response.headers["Access-Control-Max-Age"] == "600"
+    assert all(not f.events for f in functions.values())  # no authorizer, no function
+
+
+def test_gateway_responses_name_an_allowed_origin_only(functions: Any) -> None:
+    emulator = cors_emulator(functions, "https://app.example.com, https://admin.example.com")
+    denied = emulator.handle("GET", "/v1/contexts", {"Origin": "https://admin.example.com"}, b"")
+    assert denied.status == 401
+    assert denied.headers["Access-Control-Allow-Origin"] == "https://admin.example.com"
+    assert "X-Request-Id" in denied.headers["Access-Control-Expose-Headers"]
+    foreign = emulator.handle("GET", "/v1/contexts", {"Origin": "https://evil.example"}, b"")
+    assert "Access-Control-Allow-Origin" not in foreign.headers
+    preflight = emulator.handle("OPTIONS", "/v1/jobs", {"Origin": "https://evil.example"}, b"")
+    assert "Access-Control-Allow-Origin" not in preflight.headers
+    no_origin = emulator.handle("GET", "/v1/contexts", {}, b"")
+    assert "Access-Control-Allow-Origin" not in no_origin.headers
+
+
+def test_the_adapter_request_carries_the_request_context_and_never_the_clients_copy() -> None:
+    event = load_event("stream")
+    event["headers"]["x-amzn-request-context"] = '{"authorizer": {"tenant_id": "forged"}}'
+    event["multiValueQueryStringParameters"] = {"after": ["3"], "tag": ["a b", "c"]}
+    event["body"], event["isBase64Encoded"] = "AAEC", True
+    request = adapter_request(event)
+    assert request.method == "GET"
+    assert request.target == "/v1/jobs/job_unknown/events?after=3&tag=a+b&tag=c"  # no stage prefix
+    context = json.loads(request.headers["x-amzn-request-context"])
+    assert context["authorizer"]["tenant_id"] == "local"
+    assert request.headers["Last-Event-ID"] == "17"
+    assert request.body == b"\x00\x01\x02"
+
+
+def test_streaming_routes_come_from_the_template() -> None:
+    template = Template.load(ROOT / "template.yaml")
+    (event,) = template.functions()["StreamFunction"].api_events
+    assert (event.path, event.streaming, event.timeout_ms) == ("/v1/jobs/{job_id}/events", True, 900_000)
+    assert template.functions()["StreamFunction"].web_app == "app:app"
+    assert not any(e.streaming for e in template.functions()["JobsFunction"].api_events)

@@ -5,8 +5,17 @@ from spool_core.api.resolver import (
     create_resolver,
     json_response,
     parse_body,
+    public_base_url,
     request_id,
     tenant_of,
 )
 
-__all__ = ["api_handler", "create_resolver", "json_response", "parse_body", "request_id", "tenant_of"]
+__all__ = [
+    "api_handler",
+    "create_resolver",
+    "json_response",
+    "parse_body",
+    "public_base_url",
+    "request_id",
+    "tenant_of",
+]

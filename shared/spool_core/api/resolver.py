@@ -10,6 +10,7 @@ Every response carries ``X-Request-Id``.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, ValidationError
 
+from spool_core.api.cors import resolver_config
 from spool_core.api.errors import envelope, status_for
 from spool_core.errors import (
     InternalError,
@@ -73,7 +75,7 @@ def _allowed_methods(app: APIGatewayRestResolver, path: str) -> list[str]:
 
 
 def create_resolver() -> APIGatewayRestResolver:
-    app = APIGatewayRestResolver(enable_validation=True)
+    app = APIGatewayRestResolver(enable_validation=True, cors=resolver_config())
 
     @app.exception_handler(SpoolError)  # type: ignore[untyped-decorator]
     def _domain_error(exc: SpoolError) -> Response[str]:
@@ -139,10 +141,27 @@ def tenant_of(app: APIGatewayRestResolver) -> Tenant:
     tenant_id = context.get("tenant_id")
     if not tenant_id:
         raise Unauthorized("The request carries no authenticated tenant")
+    if context.get("scope", "*") != "*":  # an events token opens one stream, never these routes
+        raise Unauthorized("This credential only reads one job's event stream; send an API key")
     try:
         return Tenant(str(tenant_id))
     except InvalidTenantId as exc:
         raise Unauthorized("The authenticated tenant id is invalid") from exc
+
+
+def public_base_url(app: APIGatewayRestResolver) -> str:
+    """The API's own base URL as the caller reached it (``SPOOL_PUBLIC_URL`` when configured, e.g.
+    behind a custom domain): scheme and host from the forwarding headers API Gateway adds, the stage
+    prefix from the request context's path."""
+    configured = os.environ.get("SPOOL_PUBLIC_URL")
+    if configured:
+        return configured.rstrip("/")
+    event = app.current_event
+    proto = event.headers.get("X-Forwarded-Proto") or "https"
+    host = event.headers.get("Host") or event.request_context.domain_name
+    full = event.request_context.path or event.path
+    prefix = full[: -len(event.path)] if event.path and full.endswith(event.path) else ""
+    return f"{proto}://{host}{prefix}"
 
 
 def _with_request_id(response: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
@@ -185,4 +204,12 @@ def api_handler(app: APIGatewayRestResolver) -> Handler:
     return handler
 
 
-__all__ = ["NotFound", "api_handler", "create_resolver", "json_response", "request_id", "tenant_of"]
+__all__ = [
+    "NotFound",
+    "api_handler",
+    "create_resolver",
+    "json_response",
+    "public_base_url",
+    "request_id",
+    "tenant_of",
+]

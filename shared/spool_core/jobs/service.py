@@ -94,6 +94,7 @@ class JobService:
         limiter: RateLimiter,
         *,
         websocket_url: str | None = None,
+        events_link: Callable[[str], str] | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         poll_interval: float = 0.05,
@@ -106,6 +107,7 @@ class JobService:
         self._models = models
         self._limiter = limiter
         self._websocket_url = websocket_url
+        self._events_link = events_link
         self._clock = clock
         self._sleep = sleep
         self._poll_interval = poll_interval
@@ -303,6 +305,8 @@ class JobService:
             "chunks": f"/v1/jobs/{job.job_id}/chunks",
             "subscribe": self._websocket_url,
         }
+        if self._events_link is not None:
+            links["events"] = self._events_link(job.job_id)
         return {
             "job_id": job.job_id,
             "status": job.status,

@@ -1,0 +1,286 @@
+"""The streaming function (Server-Sent Events) as Lambda Web Adapter runs it: its ASGI app under
+uvicorn in a container, invoked with API Gateway proxy events (events/stream.json) against moto; and
+the authorizer's events tokens (links.events)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from spool.devstack.provision import StackDescription
+from spool.devstack.runtime import LocalFunction, StreamedResponse
+from spool.devstack.template import Template
+from spool_core import bootstrap
+from spool_core.jobs.runner import Outcome
+from spool_core.jobs.service import JobService
+from spool_core.tenancy import Tenant
+from tests.integration.test_jobs import job, runner_for
+from tests.support import ROOT, load_event
+
+
+@pytest.fixture
+def tenant(request: pytest.FixtureRequest, stack: StackDescription) -> Tenant:
+    return Tenant("s-" + request.node.name[-40:].replace("[", "-").replace("]", "").replace("_", "-"))
+
+
+@pytest.fixture
+def service(tenant: Tenant) -> JobService:
+    return bootstrap.job_service(tenant, public_url="https://api.example.com/prod")
+
+
+@pytest.fixture
+def variants(template: Template, stack: StackDescription) -> Iterator[Any]:
+    """The streaming function configured with some variables changed (its own containers)."""
+    made: list[LocalFunction] = []
+
+    def make(**environment: str) -> LocalFunction:
+        spec = template.functions()["StreamFunction"]
+        function = LocalFunction(
+            spec,
+            ROOT,
+            region=stack.region,
+            name=stack.resolver().ref("StreamFunction"),
+            environment={**stack.environment_for(template, "StreamFunction"), **environment},
+        )
+        made.append(function)
+        return function
+
+    yield make
+    for function in made:
+        function.shutdown()
+
+
+def stream_event(
+    job_id: str,
+    tenant: Tenant | None,
+    *,
+    headers: dict[str, str] | None = None,
+    query: dict[str, str] | None = None,
+    scope: str = "*",
+) -> dict[str, Any]:
+    event = load_event("stream")
+    event["path"] = f"/v1/jobs/{job_id}/events"
+    event["pathParameters"] = {"job_id": job_id}
+    event["headers"].pop("Last-Event-ID")
+    event["multiValueHeaders"].pop("Last-Event-ID")
+    for name, value in (headers or {}).items():
+        event["headers"][name] = value
+        event["multiValueHeaders"][name] = [value]
+    event["queryStringParameters"] = query
+    event["multiValueQueryStringParameters"] = {k: [v] for k, v in query.items()} if query else None
+    if tenant is None:
+        del event["requestContext"]["authorizer"]
+    else:
+        event["requestContext"]["authorizer"].update({"tenant_id": tenant.id, "scope": scope})
+    return event
+
+
+def read(response: StreamedResponse) -> tuple[list[dict[str, Any]], str]:
+    """The events of a whole response, and its raw text."""
+    text = b"".join(response.chunks()).decode()
+    events = []
+    for block in text.split("\n\n"):
+        event: dict[str, Any] = {}
+        for line in filter(None, block.split("\n")):
+            name, _, value = line.partition(": ")
+            if name == "data":
+                event["data"] = json.loads(value)
+            elif name in {"id", "event"}:
+                event[name] = value
+        if "event" in event:
+            events.append(event)
+    return events, text
+
+
+def finished_job(service: JobService, tenant: Tenant, max_tokens: int = 400) -> str:
+    created = service.create("k", job(max_tokens=max_tokens))
+    assert runner_for(tenant).run(created.job.job_id) is Outcome.DONE
+    return created.job.job_id
+
+
+def test_the_sample_event_of_an_unknown_job_is_a_404_envelope_before_any_stream(
+    functions: dict[str, LocalFunction],
+) -> None:
+    response = functions["StreamFunction"].open_stream(load_event("stream"))
+    body = json.loads(b"".join(response.chunks()))
+    assert response.status == 404
+    assert body["error"]["code"] == "job_not_found"
+    assert body["error"]["request_id"] == load_event("stream")["requestContext"]["requestId"]
+    assert dict(response.headers)["x-request-id"] == body["error"]["request_id"]
+
+
+def test_a_finished_job_streams_every_chunk_then_done_then_closes(
+    functions: dict[str, LocalFunction], service: JobService, tenant: Tenant
+) -> None:
+    job_id = finished_job(service, tenant)
+    response = functions["StreamFunction"].open_stream(stream_event(job_id, tenant))
+    assert response.status == 200
+    assert dict(response.headers)["content-type"].startswith("text/event-stream")
+    events, text = read(response)
+    assert text.startswith("retry: 1000\n")
+    chunks, done = events[:-1], events[-1]
+    assert [int(e["id"]) for e in chunks] == list(range(1, len(chunks) + 1))
+    stored = service.view(service.get(job_id))
+    assert "".join(e["data"]["text"] for e in chunks) == stored["output"]
+    assert (done["event"], done["id"]) == ("done", "done")
+    assert done["data"] == {
+        "job_id": job_id,
+        "status": "completed",
+        "usage": stored["usage"],
+        "cost_usd": stored["cost_usd"],
+        "error": None,
+        "last_sequence_id": len(chunks),
+    }
+
+
+def test_last_event_id_resumes_after_it_and_wins_over_after(
+    functions: dict[str, LocalFunction], service: JobService, tenant: Tenant
+) -> None:
+    job_id = finished_job(service, tenant, max_tokens=1500)
+    total = service.view(service.get(job_id))["progress"]["last_sequence_id"]
+    assert total > 20
+    event = stream_event(job_id, tenant, headers={"Last-Event-ID": "17"}, query={"after": "3"})
+    events, _ = read(functions["StreamFunction"].open_stream(event))
+    assert [int(e["id"]) for e in events if e["event"] == "chunk"] == list(range(18, total + 1))
+    by_query, _ = read(
+        functions["StreamFunction"].open_stream(stream_event(job_id, tenant, query={"after": "3"}))
+    )
+    assert next(int(e["id"]) for e in by_query if e["event"] == "chunk") == 4
+    # An EventSource that received `done` and reconnects anyway is told to stop (204).
+    finished = functions["StreamFunction"].open_stream(
+        stream_event(job_id, tenant, headers={"Last-Event-ID": "done"})
+    )
+    assert finished.status == 204
+    finished.close()
+
+
+def test_a_bad_resume_point_is_a_400_naming_the_header(
+    functions: dict[str, LocalFunction], service: JobService, tenant: Tenant
+) -> None:
+    job_id = finished_job(service, tenant, max_tokens=50)
+    response = functions["StreamFunction"].open_stream(
+        stream_event(job_id, tenant, headers={"Last-Event-ID": "seventeen"})
+    )
+    body = json.loads(b"".join(response.chunks()))
+    assert (response.status, body["error"]["code"]) == (400, "invalid_request")
+    assert body["error"]["details"]["fields"][0]["field"] == "Last-Event-ID"
+
+
+def test_other_tenants_and_other_jobs_tokens_see_nothing(
+    functions: dict[str, LocalFunction], service: JobService, tenant: Tenant
+) -> None:
+    job_id = finished_job(service, tenant, max_tokens=50)
+    cases = [
+        (stream_event(job_id, Tenant("someone-else")), 404),
+        (stream_event(job_id, tenant, scope="events:job_other"), 404),  # a token for another job
+        (stream_event(job_id, None), 401),  # no authorizer context: a deployment error, not a leak
+    ]
+    for event, status in cases:
+        response = functions["StreamFunction"].open_stream(event)
+        body = json.loads(b"".join(response.chunks()))
+        assert response.status == status, body
+        assert body["error"]["suggestions"] or body["error"]["code"] == "unauthorized"
+    scoped = functions["StreamFunction"].open_stream(stream_event(job_id, tenant, scope=f"events:{job_id}"))
+    assert scoped.status == 200
+    scoped.close()
+
+
+def test_a_stream_at_its_time_limit_ends_cleanly_and_the_client_resumes(
+    variants: Any, service: JobService, tenant: Tenant
+) -> None:
+    function = variants(SPOOL_STREAM_MAX_SECONDS="1", SPOOL_STREAM_PING_SECONDS="0.2")
+    created = service.create("k", job(max_tokens=300))  # queued: nobody runs it yet
+    job_id = created.job.job_id
+    events, text = read(function.open_stream(stream_event(job_id, tenant)))  # returns: it ended by itself
+    assert events == [] and ": ping\n\n" in text  # ended without `done`, pinging while idle
+    assert runner_for(tenant).run(job_id) is Outcome.DONE
+    resumed, _ = read(function.open_stream(stream_event(job_id, tenant, headers={"Last-Event-ID": "0"})))
+    assert resumed[-1]["event"] == "done"
+    assert "".join(e["data"]["text"] for e in resumed[:-1]) == service.get(job_id).output
+
+
+def test_cors_names_an_allowed_origin_and_exposes_the_headers_clients_read(
+    variants: Any, service: JobService, tenant: Tenant
+) -> None:
+    job_id = finished_job(service, tenant, max_tokens=50)
+    function = variants(SPOOL_CORS_ORIGINS="https://app.example.com,https://admin.example.com")
+    allowed = function.open_stream(
+        stream_event(job_id, tenant, headers={"Origin": "https://admin.example.com"})
+    )
+    headers = dict(allowed.headers)
+    allowed.close()
+    assert headers["access-control-allow-origin"] == "https://admin.example.com"
+    exposed = {h.strip() for h in headers["access-control-expose-headers"].split(",")}
+    assert {"X-Request-Id", "Retry-After", "X-RateLimit-Remaining-Tokens"} <= exposed
+    other = function.open_stream(stream_event(job_id, tenant, headers={"Origin": "https://evil.example"}))
+    assert "access-control-allow-origin" not in dict(other.headers)
+    other.close()
+
+
+# ---------------------------------------------------------------------------------------- authorizer
+def authorizer_event(path: str, *, token: str | None = None, key: str | None = None) -> dict[str, Any]:
+    event = load_event("authorizer")
+    method_arn = event["methodArn"].rsplit("/GET/", 1)[0]
+    event["methodArn"] = f"{method_arn}/GET{path}"
+    event["path"] = path
+    del event["headers"]["Authorization"]
+    del event["multiValueHeaders"]["Authorization"]
+    if key:
+        event["headers"]["Authorization"] = f"Bearer {key}"
+    if token is not None:
+        event["queryStringParameters"] = {"token": token}
+        event["multiValueQueryStringParameters"] = {"token": [token]}
+    return event
+
+
+def test_an_events_token_opens_exactly_its_jobs_stream(invoke: Any, stack: StackDescription) -> None:
+    signer = bootstrap.events_token()
+    assert signer is not None
+    token = signer.sign("tenant-a", "job_1", int(time.time()) + 3600)
+    policy = invoke("AuthorizerFunction", authorizer_event("/v1/jobs/job_1/events", token=token))
+    (statement,) = policy["policyDocument"]["Statement"]
+    assert statement["Effect"] == "Allow"
+    assert [r.rsplit("/prod/", 1)[1] for r in statement["Resource"]] == ["GET/v1/jobs/job_1/events"]
+    assert policy["context"] == {"tenant_id": "tenant-a", "scope": "events:job_1"}
+
+
+@pytest.mark.parametrize(
+    "make_token",
+    [
+        lambda signer: signer.sign("tenant-a", "job_1", int(time.time()) - 1),  # expired
+        lambda signer: signer.sign("tenant-a", "job_1", int(time.time()) + 60)[:-3] + "abc",  # forged
+        lambda signer: "not-a-token",
+    ],
+)
+def test_expired_forged_and_malformed_tokens_are_denied(invoke: Any, make_token: Any) -> None:
+    token = make_token(bootstrap.events_token())
+    policy = invoke("AuthorizerFunction", authorizer_event("/v1/jobs/job_1/events", token=token))
+    assert policy["policyDocument"]["Statement"][0]["Effect"] == "Deny"
+
+
+def test_an_api_key_wins_over_a_token(invoke: Any) -> None:
+    from tests.integration.conftest import DEV_KEY, DEV_TENANT
+
+    event = authorizer_event("/v1/contexts", token="not-a-token", key=DEV_KEY)
+    policy = invoke("AuthorizerFunction", event)
+    assert policy["policyDocument"]["Statement"][0]["Effect"] == "Allow"
+    assert policy["context"]["tenant_id"] == DEV_TENANT and policy["context"]["scope"] == "*"
+
+
+def test_links_events_carries_a_token_for_that_job_that_outlives_the_log(
+    service: JobService, tenant: Tenant
+) -> None:
+    created = service.create("k", job(max_tokens=10))
+    link = service.view(created.job)["links"]["events"]
+    prefix = f"https://api.example.com/prod/v1/jobs/{created.job.job_id}/events?token="
+    assert link.startswith(prefix)
+    token = link.removeprefix(prefix)
+    signer = bootstrap.events_token()
+    assert signer is not None
+    assert signer.verify(token, time.time()) == (tenant.id, created.job.job_id)
+    assert signer.verify(token, time.time() + bootstrap.JOB_TTL_SECONDS) is not None  # as long as the log
+    assert "sk-" not in link

@@ -1,0 +1,241 @@
+"""Server-Sent Events over the chunk log, and the read-only token of links.events (no network)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from spool_core.errors import InvalidRequest
+from spool_core.events import (
+    DONE_ID,
+    PING,
+    EventsToken,
+    StreamSettings,
+    Wait,
+    job_events,
+    resume_point,
+    texts,
+)
+
+pytestmark = pytest.mark.unit
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Log:
+    """The three reads the stream makes of a JobService, over a list the test appends to."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.written: list[dict[str, Any]] = []
+        self.status = "running"
+        self.writes: list[tuple[float, str]] = []  # (at time, text): appended once the clock passes
+        self.reads = 0
+
+    def _apply(self) -> None:
+        while self.writes and self.writes[0][0] <= self.clock.now:
+            _, text = self.writes.pop(0)
+            if text == "<end>":
+                self.status = "completed"
+            else:
+                self.written.append({"sequence_id": len(self.written) + 1, "text": text})
+
+    def chunks_after(self, after: int) -> list[dict[str, Any]]:
+        return [c for c in self.written if c["sequence_id"] > after]
+
+    # JobService's surface, as job_events uses it
+    def chunks(self, job_id: str, *, after: int, limit: int) -> dict[str, Any]:
+        self.reads += 1
+        self._apply()
+        page = self.chunks_after(after)[:limit]
+        done = self.status != "running" and len(self.chunks_after(after)) == len(page)
+        return {"chunks": page, "done": done}
+
+    def get(self, job_id: str) -> str:
+        return job_id
+
+    def view(self, job_id: str) -> dict[str, Any]:
+        return {
+            "job_id": job_id,
+            "status": self.status,
+            "usage": {"output_tokens": 3},
+            "cost_usd": 0.01,
+            "error": None,
+            "progress": {"last_sequence_id": len(self.written)},
+        }
+
+
+def parse(stream: Iterator[str]) -> list[dict[str, Any]]:
+    """The events as a client sees them: id, event name, data, and comments as {'comment': ...}."""
+    events = []
+    for block in "".join(stream).split("\n\n"):
+        if not block:
+            continue
+        event: dict[str, Any] = {}
+        for line in block.split("\n"):
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "":
+                event.setdefault("comment", value)
+            elif name == "data":
+                event["data"] = json.loads(value)
+            else:
+                event[name] = value
+        events.append(event)
+    return events
+
+
+def timeline(log: Log, after: int = 0, settings: StreamSettings | None = None) -> list[tuple[float, str]]:
+    """(time sent, text) of everything the stream sends, waits played on the log's clock."""
+    sent = []
+    service: Any = log
+    for item in job_events(service, "job_1", after, settings, clock=log.clock):
+        if isinstance(item, Wait):
+            log.clock.sleep(item.seconds)
+        else:
+            sent.append((log.clock.now, item))
+    return sent
+
+
+def run(log: Log, after: int = 0, settings: StreamSettings | None = None) -> list[dict[str, Any]]:
+    service: Any = log
+    return parse(texts(job_events(service, "job_1", after, settings, clock=log.clock), log.clock.sleep))
+
+
+def test_backlog_then_live_chunks_then_done_each_with_its_sequence_id() -> None:
+    clock = Clock()
+    log = Log(clock)
+    log.written = [{"sequence_id": 1, "text": "Hello"}]
+    log.writes = [(1000.2, " world"), (1000.5, "!"), (1000.6, "<end>")]
+    events = run(log)
+    assert events[0] == {"retry": "1000", "comment": "connected"}
+    chunks = [e for e in events if e.get("event") == "chunk"]
+    assert [(e["id"], e["data"]) for e in chunks] == [
+        ("1", {"sequence_id": 1, "text": "Hello"}),
+        ("2", {"sequence_id": 2, "text": " world"}),
+        ("3", {"sequence_id": 3, "text": "!"}),
+    ]
+    done = events[-1]
+    assert (done["id"], done["event"]) == (DONE_ID, "done")
+    assert done["data"] == {
+        "job_id": "job_1",
+        "status": "completed",
+        "usage": {"output_tokens": 3},
+        "cost_usd": 0.01,
+        "error": None,
+        "last_sequence_id": 3,
+    }
+
+
+def test_resuming_after_n_sends_exactly_the_rest() -> None:
+    log = Log(Clock())
+    log.written = [{"sequence_id": i, "text": f"t{i}"} for i in range(1, 21)]
+    log.status = "completed"
+    ids = [int(e["id"]) for e in run(log, after=17) if e.get("event") == "chunk"]
+    assert ids == [18, 19, 20]
+
+
+def test_an_idle_stream_sends_a_ping_at_least_every_ping_interval() -> None:
+    log = Log(Clock())
+    log.writes = [(1040.0, "late"), (1040.0, "<end>")]
+    sent = timeline(log, settings=StreamSettings(ping_seconds=15))
+    pings = [at for at, text in sent if text == PING]
+    assert len(pings) == 2
+    times = [at for at, _ in sent]
+    assert max(b - a for a, b in itertools.pairwise(times)) <= 15 + 0.1  # one poll late at most
+    assert sent[-1][1].startswith(f"id: {DONE_ID}")
+
+
+def test_a_stream_ends_cleanly_at_its_time_limit_and_a_resume_continues_without_loss() -> None:
+    clock = Clock()
+    log = Log(clock)
+    log.writes = [(1000.0 + i, f"w{i} ") for i in range(1, 31)] + [(1031.0, "<end>")]
+    first = timeline(log, settings=StreamSettings(max_seconds=10))
+    assert not any(text.startswith(f"id: {DONE_ID}") for _, text in first)
+    assert first[-1][0] <= 1000.0 + 10 + 0.2  # ends at the limit even while chunks keep coming
+    received = [e for e in parse(iter(t for _, t in first)) if e.get("event") == "chunk"]
+    last = int(received[-1]["id"])
+    rest = [e for e in run(log, after=last) if e.get("event") == "chunk"]
+    ids = [int(e["id"]) for e in received + rest]
+    assert ids == list(range(1, 31))
+    assert "".join(e["data"]["text"] for e in received + rest) == "".join(f"w{i} " for i in range(1, 31))
+
+
+def test_polling_backs_off_while_idle_and_snaps_back_when_chunks_flow() -> None:
+    log = Log(Clock())
+    log.writes = [(1005.0, "a"), (1005.0, "<end>")]
+    service: Any = log
+    waits = []
+    for item in job_events(service, "job_1", 0, clock=log.clock):
+        if isinstance(item, Wait):
+            waits.append(item.seconds)
+            log.clock.sleep(item.seconds)
+    assert waits[0] == pytest.approx(0.05)
+    assert max(waits) == pytest.approx(0.1)
+    assert log.reads < 5 / 0.05  # fewer reads than a fixed 50 ms poll would make
+
+
+@pytest.mark.parametrize(
+    ("last_event_id", "after", "expected"),
+    [
+        (None, None, 0),
+        ("", "5", 5),
+        ("17", None, 17),
+        ("17", "3", 17),  # the header (what EventSource sends on reconnect) wins over the query
+        (DONE_ID, None, None),  # the client had `done`: nothing more (204)
+    ],
+)
+def test_resume_point(last_event_id: str | None, after: str | None, expected: int | None) -> None:
+    assert resume_point(last_event_id, after) == expected
+
+
+@pytest.mark.parametrize(("last_event_id", "after"), [("abc", None), (None, "-1"), ("1" * 41, None)])
+def test_a_resume_point_that_is_not_a_sequence_id_is_a_400_naming_the_field(
+    last_event_id: str | None, after: str | None
+) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        resume_point(last_event_id, after)
+    field = "Last-Event-ID" if last_event_id else "after"
+    assert caught.value.details["fields"][0]["field"] == field
+    assert caught.value.suggestions
+
+
+def test_an_events_token_opens_its_job_until_it_expires() -> None:
+    signer = EventsToken(b"secret-one")
+    token = signer.sign("tenant-a", "job_1", expires_at_s=2000)
+    assert signer.verify(token, now_s=1999) == ("tenant-a", "job_1")
+    assert signer.verify(token, now_s=2001) is None
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda t: t[:-2] + ("AA" if not t.endswith("AA") else "BB"),  # signature changed
+        lambda t: t.split(".")[0],  # no signature
+        lambda t: "x" + t,  # payload changed
+        lambda t: "",
+        lambda t: "...",
+        lambda t: "%%%.%%%",
+    ],
+)
+def test_a_forged_or_malformed_events_token_is_refused(mangle: Any) -> None:
+    signer = EventsToken(b"secret-one")
+    assert signer.verify(mangle(signer.sign("tenant-a", "job_1", 2000)), now_s=0) is None
+
+
+def test_a_token_signed_with_another_secret_is_refused() -> None:
+    token = EventsToken(b"secret-one").sign("tenant-a", "job_1", 2000)
+    assert EventsToken(b"secret-two").verify(token, now_s=0) is None
