@@ -11,7 +11,7 @@ ENCODINGS := .cache/tiktoken
 export TIKTOKEN_CACHE_DIR := $(CURDIR)/$(ENCODINGS)
 export SAM_CLI_TELEMETRY := 0
 
-.PHONY: help dev demo test unit integration e2e lint bench validate build clean encodings venv
+.PHONY: help dev demo test unit integration e2e lint bench validate build clean encodings venv browser
 
 help:
 	@echo "make dev       run the embedded stack (moto + API Gateway emulator + worker) on 127.0.0.1:$${SPOOL_PORT:-8000}"
@@ -55,11 +55,27 @@ unit: venv encodings
 integration: venv encodings
 	$(BIN)/pytest tests/integration -q
 
-e2e: venv encodings
+e2e: venv encodings browser
 	$(BIN)/pytest tests/e2e -q
 
+# The playground's browser tests drive Debian's Chromium (Playwright's browser download is not
+# used). Installed when missing and possible (root with apt-get); otherwise those tests skip.
+CHROMIUM := /usr/bin/chromium
+browser:
+	@if [ -x $(CHROMIUM) ]; then exit 0; fi; \
+	if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing chromium (apt-get) for the playground's browser tests"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || true; \
+	fi; \
+	if [ ! -x $(CHROMIUM) ]; then \
+		echo "notice: no Chromium at $(CHROMIUM) and it could not be installed here;"; \
+		echo "notice: the playground's browser tests (tests/e2e/test_playground.py) will be skipped."; \
+		echo "notice: install it with 'apt-get install chromium' (as root) to run them."; \
+	fi
+
 # The tiers run in order, fastest first; coverage accumulates and the gate applies to the total.
-test: venv encodings lint
+test: venv encodings browser lint
 	$(BIN)/coverage erase
 	$(BIN)/pytest tests/unit --cov --cov-append --cov-report= --cov-fail-under=0
 	$(BIN)/pytest tests/integration --cov --cov-append --cov-report= --cov-fail-under=0

@@ -43,11 +43,11 @@ def lambda_handler(event: APIGatewayAuthorizerRequestEvent, context: LambdaConte
     record = bootstrap.api_keys().authenticate(presented)
     if record is None:
         logger.info("request denied: missing or unknown API key", extra={"path": event.path})
-        policy.deny_all_routes()
-    else:
-        policy.principal_id = record.key_id
-        policy.context = {"tenant_id": record.tenant_id, "key_id": record.key_id, "scope": "*"}
-        policy.allow_all_routes()
+        # API Gateway answers its UNAUTHORIZED response (401, how to send a key) to this exact error.
+        raise Exception("Unauthorized")
+    policy.principal_id = record.key_id
+    policy.context = {"tenant_id": record.tenant_id, "key_id": record.key_id, "scope": "*"}
+    policy.allow_all_routes()
     return policy.asdict()
 
 
@@ -57,7 +57,7 @@ def _events_token(
     """Allow exactly ``GET /v1/jobs/<job>/events`` for the job the token was signed for."""
     signer = bootstrap.events_token()
     claims = signer.verify(token, time.time()) if signer is not None else None
-    if claims is None:
+    if claims is None:  # a deny: API Gateway's ACCESS_DENIED response says what is wrong with a token
         logger.info("request denied: events token invalid or expired", extra={"path": path})
         policy.deny_all_routes()
         return policy

@@ -50,6 +50,7 @@ LOCAL_INFO_PATH = "/_spool/stack"
 # Also local only: cut every open stream of a job (?job_id=) or all of them, as a network failure
 # would, so a client's resume from Last-Event-ID can be seen (the playground's "drop connection").
 DROP_STREAMS_PATH = "/_spool/drop-streams"
+LOCAL_ROUTE_HEADER = "X-Spool-Local"  # marks the local stack's own answers (not API Gateway's)
 # The playground (plain HTML and JavaScript) is the local stack's page at `/`; not deployed.
 PLAYGROUND = Path(__file__).with_name("playground")
 STATIC_TYPES = {
@@ -195,8 +196,10 @@ class RestApiEmulator:
         request_id = str(uuid.uuid4())
         origin = _header(headers, "Origin")
         response = self._handle(method, target, headers, body, source_ip, request_id)
-        if origin and response.status >= 400 and "x-amzn-ErrorType" in response.headers:
-            response.headers.update(self._gateway_cors(origin))  # a gateway response: the template's
+        gateway_answered = response.status >= 400 and "x-amzn-ErrorType" in response.headers
+        local = response.headers.pop(LOCAL_ROUTE_HEADER, None)
+        if origin and (gateway_answered or local):
+            response.headers.update(self._gateway_cors(origin))  # the template's, or the local routes'
         return response
 
     def _handle(
@@ -263,7 +266,7 @@ class RestApiEmulator:
     ) -> HttpResponse | None:
         """The local stack's own routes (not API Gateway's): how the CLI finds the stack, and cutting
         streams on purpose."""
-        headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
+        headers = {"Content-Type": "application/json", "X-Request-Id": request_id, LOCAL_ROUTE_HEADER: "1"}
         if path == LOCAL_INFO_PATH and method == "GET" and self.local_info:
             return HttpResponse(200, headers, json.dumps(self.local_info).encode())
         if method == "GET" and (path == "/" or path.startswith("/playground/")):

@@ -38,8 +38,9 @@ def test_unknown_routes_are_404_and_wrong_methods_405(dev_stack: RunningStack) -
     status, headers, body = dev_stack.request("GET", "/v1/does-not-exist", key=None)
     assert status == 404
     assert_envelope(body, "not_found", headers)
-    status, headers, body = dev_stack.request("GET", "/", key=None)
+    status, headers, body = dev_stack.request("GET", "/nope", key=None)
     assert status == 404
+    assert_envelope(body, "not_found", headers)
     status, headers, body = dev_stack.request("DELETE", "/v1/health", key=None)
     assert status == 405
     assert_envelope(body, "method_not_allowed", headers)
@@ -58,7 +59,7 @@ def test_sigterm_stops_the_stack_cleanly() -> None:
 def test_models_are_listed_for_the_tenant_and_health_probes_the_provider(dev_stack: RunningStack) -> None:
     status, _, body = dev_stack.request("GET", "/v1/models")
     assert status == 200
-    ids = {m["id"] for m in body["models"]}
+    ids = {m["id"] for m in body["data"]}
     assert {"sim-fast", "sim-realtime"} <= ids
     assert dev_stack.request("GET", "/v1/models", key=None)[0] == 401
     status, _, health = dev_stack.request("GET", "/v1/health?deep=true", key=None)

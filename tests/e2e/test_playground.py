@@ -1,0 +1,276 @@
+"""The playground (the local stack's page at `/`) in a real headless browser: Debian's Chromium,
+driven by Playwright. A job streamed same-origin and cross-origin, a connection dropped and resumed
+from Last-Event-ID, a job cancelled: each time the text the page shows must be exactly the job's
+`output`. The e2e stack ends every stream after a few seconds, so every job here also crosses the
+browser's own reconnects."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import pytest
+from playwright.sync_api import Browser, ConsoleMessage, FilePayload, Page, Playwright, sync_playwright
+
+from tests.e2e.conftest import DEV_KEY, RunningStack
+
+# Playwright's own browser download is not used: Debian's package (`make browser` installs it).
+CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
+if not (CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK)):
+    pytest.skip(
+        f"no Chromium at {CHROMIUM}: the playground's browser tests are skipped "
+        "(install it with `make browser` or `apt-get install chromium`)",
+        allow_module_level=True,
+    )
+
+# Without the background-networking flags Chromium's own connections are refused on a closed network.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+# Generous: a loaded machine is slow, and waiting on page state costs nothing when it is fast.
+LOAD_MS = 60_000
+STREAM_MS = 180_000
+SOURCE = 'def handler(event, context):\n    """Answer a health check."""\n    return {"status": "ok"}\n'
+
+
+class Playground:
+    """One browser tab on the playground, with what its console said."""
+
+    def __init__(self, page: Page) -> None:
+        self.page = page
+        self.console: list[str] = []
+        page.on("console", self._console)
+        page.on("pageerror", lambda error: self.console.append(f"pageerror: {error}"))
+
+    def _console(self, message: ConsoleMessage) -> None:
+        if message.type in {"error", "warning"}:
+            self.console.append(f"{message.type}: {message.text}")
+
+    def open(self, url: str) -> None:
+        """Load the page and connect it with the e2e stack's key (the default key is not valid there)."""
+        self.page.goto(url)
+        self.page.fill("#key", DEV_KEY)
+        self.page.click("#connect")
+        self.page.wait_for_function(
+            "window.playground.modelsLoaded && document.getElementById('error').hidden"
+            " && document.querySelector('#model option[value=\"sim-realtime\"]')",
+            timeout=LOAD_MS,
+        )
+
+    def ask(self, question: str, *, max_tokens: int, model: str = "sim-realtime") -> str:
+        self.page.select_option("#model", model)
+        self.page.fill("#question", question)
+        self.page.fill("#max-tokens", str(max_tokens))
+        self.page.click("#ask")
+        self.page.wait_for_function("window.playground.jobId !== null", timeout=LOAD_MS)
+        job_id = self.state("jobId")
+        assert isinstance(job_id, str) and job_id.startswith("job_")
+        return job_id
+
+    def wait_chunks(self, count: int) -> None:
+        self.page.wait_for_function(f"window.playground.lastEventId >= {count}", timeout=STREAM_MS)
+
+    def wait_done(self) -> dict[str, Any]:
+        """Wait for the `done` event and the page's own check against the job's output."""
+        self.page.wait_for_function(
+            "window.playground.done && window.playground.verified !== null", timeout=STREAM_MS
+        )
+        state = self.page.evaluate("JSON.parse(JSON.stringify(window.playground))")
+        assert isinstance(state, dict)
+        return state
+
+    def state(self, name: str) -> Any:
+        return self.page.evaluate(f"window.playground[{name!r}]")
+
+
+@pytest.fixture(scope="module")
+def playwright() -> Iterator[Playwright]:
+    with sync_playwright() as driver:
+        yield driver
+
+
+@pytest.fixture(scope="module")
+def browser(playwright: Playwright) -> Iterator[Browser]:
+    chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+    yield chromium
+    chromium.close()
+
+
+@pytest.fixture
+def playground(browser: Browser) -> Iterator[Playground]:
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    context.set_default_timeout(LOAD_MS)
+    tab = Playground(context.new_page())
+    yield tab
+    context.close()
+
+
+def finished_job(stack: RunningStack, job_id: str) -> dict[str, Any]:
+    status, _, job = stack.request("GET", f"/v1/jobs/{job_id}")
+    assert status == 200, job
+    assert isinstance(job, dict)
+    return job
+
+
+def assert_contiguous(state: dict[str, Any]) -> None:
+    """Every chunk once, in order: no gap, no duplicate, and each resume at last id + 1."""
+    assert state["gaps"] == [], state["log"]
+    assert state["duplicates"] == [], state["log"]
+    chunk_ids = [event["id"] for event in state["events"] if event["type"] == "chunk"]
+    assert chunk_ids == list(range(1, len(chunk_ids) + 1))
+    assert chunk_ids[-1] == state["lastEventId"] == state["doneData"]["last_sequence_id"]
+    for resume in state["reconnects"]:
+        assert resume["ok"], state["log"]
+        if resume["next"] != "done":
+            assert resume["next"] == resume["after"] + 1, resume
+
+
+def other_host(base_url: str) -> str:
+    """The same server under its other loopback name: a different origin for the browser."""
+    parts = urlsplit(base_url)
+    host = "localhost" if parts.hostname == "127.0.0.1" else "127.0.0.1"
+    return urlunsplit(parts._replace(netloc=f"{host}:{parts.port}"))
+
+
+def test_same_origin_stream_with_a_context(dev_stack: RunningStack, playground: Playground) -> None:
+    page = playground.page
+    playground.open(dev_stack.base_url + "/")
+    assert page.input_value("#api") == dev_stack.base_url  # the page's own origin by default
+
+    # a context from a pasted file and a chosen one
+    page.fill("#paste-path", "src/app.py")
+    page.fill("#paste-content", SOURCE)
+    page.click("#paste-add")
+    notes: FilePayload = {"name": "NOTES.md", "mimeType": "text/markdown", "buffer": b"# Notes\nHealth.\n"}
+    page.set_input_files("#files", files=[notes])
+    page.wait_for_function("document.querySelectorAll('#context-files li').length === 2")
+
+    job_id = playground.ask("What does this handler return?", max_tokens=160)
+    state = playground.wait_done()
+
+    job = finished_job(dev_stack, job_id)
+    assert job["status"] == state["status"] == "completed"
+    assert job["output"]
+    assert state["text"] == job["output"]
+    assert page.text_content("#answer") == job["output"]
+    assert state["verified"] is True
+    assert_contiguous(state)
+
+    context_id = state["contextId"]
+    status, _, context = dev_stack.request("GET", f"/v1/contexts/{context_id}")
+    assert status == 200, context
+    assert sorted(f["path"] for f in context["files"]) == ["NOTES.md", "src/app.py"]
+
+    # the status line ends on the job's real numbers
+    usage = job["usage"]
+    assert state["doneData"]["usage"]["output_tokens"] == usage["output_tokens"] > 0
+    assert state["doneData"]["cost_usd"] == job["cost_usd"] > 0
+    assert page.text_content("#status-connection") == "closed"
+    assert page.text_content("#status-tokens") == f"tokens {usage['output_tokens']:,}"
+    cost = page.text_content("#status-cost") or ""
+    assert cost.startswith("cost $"), cost  # no longer an estimate ("cost so far ~$")
+    assert float(cost.removeprefix("cost $")) == pytest.approx(job["cost_usd"], abs=1e-6)
+
+    # the usage table has today's row for the model
+    page.wait_for_selector('#usage tbody tr[data-model="sim-realtime"]', timeout=LOAD_MS)
+    row = page.locator('#usage tbody tr[data-model="sim-realtime"]').first
+    cells = row.locator("td").all_text_contents()
+    assert cells[1] == "sim-realtime" and int(cells[2].replace(",", "")) >= 1
+    assert "Total" in (page.text_content("#usage tfoot") or "")
+
+
+def test_cross_origin_stream(dev_stack: RunningStack, playground: Playground) -> None:
+    page = playground.page
+    page_origin = other_host(dev_stack.base_url)
+    playground.open(f"{page_origin}/?api={quote(dev_stack.base_url, safe='')}")
+    assert page.evaluate("location.origin") == page_origin != dev_stack.base_url
+    assert page.input_value("#api") == dev_stack.base_url
+
+    page.fill("#paste-path", "src/app.py")
+    page.fill("#paste-content", SOURCE)  # added to the context when asking
+    job_id = playground.ask("Explain this handler.", max_tokens=200)
+    state = playground.wait_done()
+
+    job = finished_job(dev_stack, job_id)
+    assert job["status"] == state["status"] == "completed"
+    assert state["text"] == job["output"] != ""
+    assert page.text_content("#answer") == job["output"]
+    assert state["contextId"].startswith("ctx_")
+    assert urlsplit(job["links"]["events"]).netloc == urlsplit(dev_stack.base_url).netloc
+    assert_contiguous(state)
+    page.wait_for_selector('#usage tbody tr[data-model="sim-realtime"]', timeout=LOAD_MS)
+
+    cors = [line for line in playground.console if "CORS" in line or "Access-Control" in line]
+    assert cors == [], cors
+
+
+def test_drop_connection_resumes_from_last_event_id(dev_stack: RunningStack, playground: Playground) -> None:
+    page = playground.page
+    playground.open(dev_stack.base_url + "/")
+    job_id = playground.ask("Tell a long story about durable logs.", max_tokens=600)
+    playground.wait_chunks(3)
+
+    # Cut the open stream; if the browser is between two connections (the stack's stream time
+    # limit) there is nothing to cut yet, so try again.
+    for attempt in range(1, 11):
+        if playground.state("done"):
+            break
+        page.click("#drop", force=True)  # a job that just ended disables the button: then done is true
+        page.wait_for_function(
+            f"window.playground.drops.length >= {attempt} || window.playground.done", timeout=LOAD_MS
+        )
+        if any(drop["dropped"] for drop in playground.state("drops")):
+            break
+    assert any(drop["dropped"] for drop in playground.state("drops")), playground.state("log")
+
+    state = playground.wait_done()
+    job = finished_job(dev_stack, job_id)
+    assert job["status"] == state["status"] == "completed"
+    assert state["text"] == job["output"]
+    assert page.text_content("#answer") == job["output"]
+    assert_contiguous(state)
+
+    dropped = [r for r in state["reconnects"] if r["cause"] == "dropped"]
+    assert dropped, state["log"]
+    assert all(r["ok"] for r in dropped)
+    resumed = [r for r in state["reconnects"] if r["next"] != "done"]
+    assert resumed and all(r["next"] == r["after"] + 1 for r in resumed), state["reconnects"]
+    log = page.text_content("#log") or ""
+    assert "Last-Event-ID" in log and "nothing lost" in log
+
+
+def test_cancel_keeps_the_partial_output(dev_stack: RunningStack, playground: Playground) -> None:
+    page = playground.page
+    playground.open(dev_stack.base_url + "/")
+    job_id = playground.ask("Write a very long essay.", max_tokens=4000)
+    playground.wait_chunks(3)
+    page.click("#cancel")
+    state = playground.wait_done()
+
+    job = finished_job(dev_stack, job_id)
+    assert job["status"] == state["status"] == "cancelled"
+    assert state["text"] == job["output"] != ""
+    assert page.text_content("#answer") == job["output"]
+    assert job["usage"]["output_tokens"] < 4000
+    assert_contiguous(state)
+    assert page.text_content("#status-connection") == "closed"
+    assert page.is_disabled("#cancel") and page.is_disabled("#drop") and page.is_enabled("#ask")
+
+
+def test_api_errors_show_message_and_suggestions(dev_stack: RunningStack, playground: Playground) -> None:
+    page = playground.page
+    page.goto(dev_stack.base_url + "/")  # the default key is not one of the e2e stack's keys
+    page.wait_for_selector("#error:not([hidden])", timeout=LOAD_MS)
+    error = page.text_content("#error") or ""
+    assert "API key" in error and "unauthorized" in error and "HTTP 401" in error
+    suggestions = page.locator("#error .suggestions li").all_text_contents()
+    assert any("Authorization: Bearer" in s for s in suggestions), suggestions
