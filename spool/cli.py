@@ -103,7 +103,7 @@ def _ask(args: argparse.Namespace) -> int:
     )
     job_id = job["job_id"]
     print(f"job {job_id} ({job['model']['resolved']})", file=sys.stderr, flush=True)
-    prices = {m["id"]: m["pricing"] for m in client.request("GET", "/v1/models")[2]["models"]}
+    prices = {m["id"]: m["pricing"] for m in client.request("GET", "/v1/models")[2]["data"]}
     pricing = prices.get(job["model"]["resolved"], {"input_per_mtok": 0.0, "output_per_mtok": 0.0})
     input_estimate = max(0, job["usage"]["estimated_tokens"] - args.max_tokens)
     status = StatusLine(sys.stderr, pricing, input_estimate)

@@ -1,4 +1,5 @@
-"""GET /v1/models: the models this tenant may use, with windows, prices, fallbacks and status."""
+"""GET /v1/models: the models this tenant may use, with windows, prices, fallbacks and status; an
+OpenAI model list too (``object: list``, ``data`` with ``id``, ``object``, ``created``, ``owned_by``)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ def list_models() -> Response[str]:
     models = [
         {
             "id": model.id,
+            "object": "model",  # OpenAI's fields, so OpenAI clients list them too
+            "created": model.created,
+            "owned_by": model.provider,
             "aliases": list(model.aliases),
             "provider": model.provider,
             "context_window": model.context_window,
@@ -30,7 +34,7 @@ def list_models() -> Response[str]:
         }
         for model in visible
     ]
-    return json_response(200, {"models": models})
+    return json_response(200, {"object": "list", "data": models})
 
 
 lambda_handler = api_handler(app)

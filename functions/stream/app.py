@@ -1,79 +1,59 @@
-"""The streaming function: responses that flow as they are produced (Server-Sent Events).
+"""The streaming function: answers that flow as they are produced.
+
+- ``GET /v1/jobs/{job_id}/events``: a job's chunk log as Server-Sent Events (Last-Event-ID resume);
+- ``POST /v1/chat/completions`` and the Responses API (``/v1/responses...``): the OpenAI-compatible
+  surface, each request a Spool job, streamed or not.
 
 Python's managed Lambda runtime cannot stream a response, so this is a small ASGI app (Starlette)
 that AWS Lambda Web Adapter runs inside the function (``run.sh``, ``AWS_LWA_INVOKE_MODE=
 response_stream``) behind API Gateway's response streaming; the local stack runs the same app the
-way the adapter does, outside Lambda. The caller was authenticated at the edge: the authorizer's
-context arrives in ``x-amzn-request-context`` (set by the adapter from the invocation, never taken
-from the client).
+way the adapter does, outside Lambda. Routes stay thin: the logic is in ``spool_core.events`` and
+``spool_core.openai_compat``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
 from spool_core import bootstrap
-from spool_core.api import cors
-from spool_core.api.errors import envelope, status_for
-from spool_core.errors import InternalError, MethodNotAllowed, NotFound, SpoolError, Unauthorized
-from spool_core.events import StreamSettings, Wait, job_events, resume_point
-from spool_core.jobs.errors import JobNotFound
-from spool_core.observability import logger
-from spool_core.tenancy import InvalidTenantId, Tenant
+from spool_core.api import web
+from spool_core.errors import InvalidRequest
+from spool_core.events import Ended, StreamSettings, await_end, follow, job_events, resume_point
+from spool_core.jobs.errors import JobNotFound, RequestInProgress
+from spool_core.jobs.model import Job, JobRequest
+from spool_core.jobs.service import JobService, check_idempotency_key
+from spool_core.openai_compat import chat, responses
+from spool_core.openai_compat.common import JobFailed, StillRunning
+from spool_core.openai_compat.params import ChatPolicy, ResponsesPolicy, parse
 
-REQUEST_CONTEXT_HEADER = "x-amzn-request-context"  # LWA overwrites any copy the client sent
-
-
-@dataclass(frozen=True)
-class Caller:
-    tenant: Tenant
-    scope: str  # "*" for an API key, "events:<job_id>" for a links.events token
-    request_id: str
+CANCEL_WAIT = StreamSettings(max_seconds=10)  # a cancel answers once the worker has stopped (one flush)
 
 
-def _request_context(request: Request) -> dict[str, Any]:
-    try:
-        context = json.loads(request.headers.get(REQUEST_CONTEXT_HEADER) or "{}")
-    except ValueError:
-        return {}
-    return context if isinstance(context, dict) else {}
+def _settings() -> StreamSettings:
+    config = bootstrap.settings()
+    return StreamSettings(max_seconds=config.stream_max_seconds, ping_seconds=config.stream_ping_seconds)
 
 
-def _request_id(request: Request) -> str:
-    """API Gateway's request id (the one in X-Request-Id and in the logs), once per request."""
-    if not hasattr(request.state, "request_id"):
-        request.state.request_id = str(_request_context(request).get("requestId") or uuid.uuid4())
-    return str(request.state.request_id)
+def _service(request: Request) -> JobService:
+    who = web.caller(request)
+    who.require_key()
+    return bootstrap.job_service(who.tenant)
 
 
-def caller(request: Request) -> Caller:
-    context = _request_context(request)
-    authorizer = context.get("authorizer") or {}
-    request_id = _request_id(request)
-    try:
-        tenant = Tenant(str(authorizer["tenant_id"]))
-    except (KeyError, InvalidTenantId):
-        raise Unauthorized("The request carries no authenticated tenant") from None
-    return Caller(tenant, str(authorizer.get("scope") or "*"), request_id)
+def _job_headers(request: Request, job: Job, extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {"X-Request-Id": web.request_id(request), "X-Spool-Job-Id": job.job_id, **(extra or {})}
 
 
+# ---------------------------------------------------------------------------------------- native SSE
 async def job_stream(request: Request) -> Response:
     """``GET /v1/jobs/{job_id}/events``: the job's chunk log as Server-Sent Events."""
-    who = caller(request)
+    who = web.caller(request)
     job_id = request.path_params["job_id"]
     if who.scope not in {"*", f"events:{job_id}"}:  # a token opens its own job's stream, no other
         raise JobNotFound(f"Job '{job_id}' not found", details={"job_id": job_id})
@@ -83,26 +63,104 @@ async def job_stream(request: Request) -> Response:
         return Response(status_code=204, headers=headers)
     service = bootstrap.job_service(who.tenant)
     await run_in_threadpool(service.get, job_id)  # 404 before the stream starts, in the envelope
-    config = bootstrap.settings()
-    settings = StreamSettings(max_seconds=config.stream_max_seconds, ping_seconds=config.stream_ping_seconds)
-    return StreamingResponse(
-        _drive(job_events(service, job_id, resume, settings)),
-        media_type="text/event-stream",
-        headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return web.sse(job_events(service, job_id, resume, _settings()), headers)
 
 
-async def _drive(events: Iterator[str | Wait]) -> AsyncIterator[str]:
-    """Run the stream's reads (blocking DynamoDB calls) on worker threads and its waits on the event
-    loop, so an idle stream holds no thread and many streams share one process."""
-    while True:
-        item = await run_in_threadpool(next, events, None)
-        if item is None:
-            return
-        if isinstance(item, Wait):
-            await asyncio.sleep(item.seconds)
-        else:
-            yield item
+# ---------------------------------------------------------------------------------------- OpenAI
+async def _create(
+    request: Request, service: JobService, job_request: JobRequest
+) -> tuple[Job, dict[str, str]]:
+    """A job for an OpenAI request: its ``Idempotency-Key`` when sent, a fresh one otherwise. A retry
+    with the same key gets the same job, finished or still running (it is then streamed or awaited
+    from the start): the same answer, generated and paid once."""
+    key = request.headers.get("idempotency-key")
+    key = check_idempotency_key(key) if key else f"openai-{uuid.uuid4()}"
+    try:
+        created = await run_in_threadpool(service.create, key, job_request)
+    except RequestInProgress as running:
+        job = await run_in_threadpool(service.get, running.details["job_id"])
+        return job, {}
+    return created.job, created.headers
+
+
+async def chat_completions(request: Request) -> Response:
+    body = parse(chat.ChatRequest, await web.json_body(request), ChatPolicy)
+    service = _service(request)
+    job, limits = await _create(request, service, body.job_request())
+    headers = _job_headers(request, job, limits)
+    if body.stream:
+        followed = follow(service, job.job_id, 0, _settings())
+        return web.sse(chat.completion_chunks(job, followed, body.include_usage), headers)
+    ended = await web.last(await_end(service, job.job_id, _settings()))
+    if not isinstance(ended, Ended):
+        raise StillRunning(
+            f"Job {job.job_id} is still running; its answer will be at GET /v1/jobs/{job.job_id}",
+            details={"job_id": job.job_id},
+        )
+    if ended.job.status == "failed":
+        raise JobFailed(ended.job)
+    output = await run_in_threadpool(lambda: service.view(ended.job)["output"])
+    return web.json_response(chat.completion(ended.job, output), headers)
+
+
+async def create_response(request: Request) -> Response:
+    body = parse(responses.ResponsesRequest, await web.json_body(request), ResponsesPolicy)
+    service = _service(request)
+    job, limits = await _create(request, service, body.job_request())
+    headers = _job_headers(request, job, limits)
+    if body.stream:
+        return _response_stream(service, job, None, headers)
+    if not body.background:
+        ended = await web.last(await_end(service, job.job_id, _settings()))
+        if isinstance(ended, Ended):
+            job = ended.job  # else: still running, answered like a background response
+    return await _response_json(service, job, headers, background=body.background)
+
+
+async def get_response(request: Request) -> Response:
+    service = _service(request)
+    job = await run_in_threadpool(service.get, responses.job_id_of(request.path_params["response_id"]))
+    headers = _job_headers(request, job)
+    if request.query_params.get("stream", "").lower() in {"true", "1"}:
+        return _response_stream(service, job, _starting_after(request), headers)
+    return await _response_json(service, job, headers)
+
+
+async def cancel_response(request: Request) -> Response:
+    service = _service(request)
+    job = await run_in_threadpool(service.cancel, responses.job_id_of(request.path_params["response_id"]))
+    ended = await web.last(await_end(service, job.job_id, CANCEL_WAIT))
+    if isinstance(ended, Ended):
+        job = ended.job
+    return await _response_json(service, job, _job_headers(request, job))
+
+
+def _starting_after(request: Request) -> int | None:
+    raw = request.query_params.get("starting_after")
+    if raw in (None, ""):
+        return None
+    assert raw is not None
+    if not raw.isdigit() or len(raw) > 18:
+        raise InvalidRequest(
+            "starting_after must be the sequence_number of the last event received",
+            details={"param": "starting_after", "value": raw[:40]},
+        )
+    return int(raw)
+
+
+def _response_stream(
+    service: JobService, job: Job, starting_after: int | None, headers: dict[str, str]
+) -> Response:
+    followed = follow(service, job.job_id, responses.first_chunk_after(starting_after), _settings())
+    events = responses.response_events(job, followed, starting_after, lambda j: service.view(j)["output"])
+    return web.sse(events, headers)
+
+
+async def _response_json(
+    service: JobService, job: Job, headers: dict[str, str], *, background: bool | None = True
+) -> Response:
+    output = await run_in_threadpool(lambda: service.view(job)["output"])
+    return web.json_response(responses.response_object(job, output, background=background), headers)
 
 
 async def ready(request: Request) -> Response:
@@ -110,47 +168,15 @@ async def ready(request: Request) -> Response:
     return Response("ok", media_type="text/plain")
 
 
-async def http_error(request: Request, exc: Exception) -> Response:
-    """Starlette's own 404/405 in Spool's envelope (with ``Allow`` on a 405)."""
-    assert isinstance(exc, HTTPException)
-    if exc.status_code == 405:
-        allowed = (exc.headers or {}).get("Allow", "GET")
-        error: SpoolError = MethodNotAllowed(
-            f"{request.method} is not allowed on {request.url.path}",
-            details={"method": request.method, "path": request.url.path, "allowed": allowed.split(", ")},
-            suggestions=[f"Use one of: {allowed}"],
-        )
-        error.headers = {"Allow": allowed}
-    else:
-        error = NotFound(
-            f"No route for {request.method} {request.url.path}", details={"path": request.url.path}
-        )
-    return await domain_error(request, error)
-
-
-async def domain_error(request: Request, exc: Exception) -> Response:
-    error = exc if isinstance(exc, SpoolError) else InternalError("Internal error while handling the request")
-    if status_for(error) >= 500:
-        logger.exception("request failed", extra={"code": error.code})
-    request_id = _request_id(request)
-    return JSONResponse(
-        envelope(error, request_id),
-        status_code=status_for(error),
-        headers={**error.headers, "X-Request-Id": request_id},
-    )
-
-
 app = Starlette(
-    routes=[Route("/v1/jobs/{job_id}/events", job_stream, methods=["GET"]), Route("/healthz", ready)],
-    exception_handlers={SpoolError: domain_error, HTTPException: http_error, Exception: domain_error},
-    middleware=[
-        Middleware(
-            CORSMiddleware,
-            allow_origins=cors.allowed_origins(),
-            allow_methods=list(cors.ALLOWED_METHODS),
-            allow_headers=list(cors.ALLOWED_HEADERS),
-            expose_headers=list(cors.EXPOSED_HEADERS),
-            max_age=cors.MAX_AGE_SECONDS,
-        )
+    routes=[
+        Route("/v1/jobs/{job_id}/events", job_stream, methods=["GET"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/responses", create_response, methods=["POST"]),
+        Route("/v1/responses/{response_id}", get_response, methods=["GET"]),
+        Route("/v1/responses/{response_id}/cancel", cancel_response, methods=["POST"]),
+        Route("/healthz", ready),
     ],
+    exception_handlers=web.EXCEPTION_HANDLERS,
+    middleware=web.middleware(),
 )

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spool_core.errors import InvalidRequest
+from spool_core.jobs.model import Job
 from spool_core.jobs.service import JobService
 
 DONE_ID = "done"  # the done event's id: a browser reconnecting after it sends this, and gets 204
@@ -76,6 +77,85 @@ class Wait:
     seconds: float
 
 
+@dataclass(frozen=True)
+class Ping:
+    """Time to send a keep-alive: nothing was sent for ``ping_seconds``."""
+
+
+@dataclass(frozen=True)
+class Ended:
+    """The job is over and every chunk of it was followed."""
+
+    job: Job
+
+
+@dataclass(frozen=True)
+class TimeUp:
+    """The stream's time is up before the job ended: the client resumes from its last chunk."""
+
+
+Followed = dict[str, Any] | Wait | Ping | Ended | TimeUp
+
+
+def follow(
+    service: JobService,
+    job_id: str,
+    after: int,
+    settings: StreamSettings | None = None,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+) -> Iterator[Followed]:
+    """The job's chunks after ``after`` as the log has them (the backlog, then live as they are
+    written), with ``Wait`` between reads, ``Ping`` when the link has been idle, and ``Ended`` (or
+    ``TimeUp`` at ``max_seconds``) last. Every stream format (native SSE, OpenAI's) reads this."""
+    settings = settings or StreamSettings()
+    started = last_sent = clock()
+    cursor, interval = after, MIN_POLL_SECONDS
+    while True:
+        page = service.chunks(job_id, after=cursor, limit=500)
+        for chunk in page["chunks"]:
+            yield chunk
+            cursor = chunk["sequence_id"]
+        if page["done"]:
+            yield Ended(service.get(job_id))
+            return
+        now = clock()
+        if now - started >= settings.max_seconds:
+            yield TimeUp()  # before the function's time limit: the client resumes where this stopped
+            return
+        if page["chunks"]:
+            last_sent, interval = now, MIN_POLL_SECONDS
+            continue
+        if now - last_sent >= settings.ping_seconds:
+            yield Ping()
+            last_sent = now
+        yield Wait(interval)
+        interval = min(interval * 1.5, MAX_POLL_SECONDS)
+
+
+def await_end(
+    service: JobService,
+    job_id: str,
+    settings: StreamSettings | None = None,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+) -> Iterator[Wait | Ended | TimeUp]:
+    """Wait for the job to end (a non-streamed answer): one read of the job per poll, backing off to
+    half a second; ``Ended`` with the ended job, or ``TimeUp`` at ``max_seconds``."""
+    settings = settings or StreamSettings()
+    started, interval = clock(), MIN_POLL_SECONDS
+    while True:
+        job = service.get(job_id)
+        if job.terminal:
+            yield Ended(job)
+            return
+        if clock() - started >= settings.max_seconds:
+            yield TimeUp()
+            return
+        yield Wait(interval)
+        interval = min(interval * 1.5, 0.5)
+
+
 def job_events(
     service: JobService,
     job_id: str,
@@ -84,34 +164,20 @@ def job_events(
     *,
     clock: Callable[[], float] = time.monotonic,
 ) -> Iterator[str | Wait]:
-    """The job's events after ``after``: the backlog, then live chunks as they are written, then
-    ``done``. Ends early, cleanly, at ``max_seconds`` (the client reconnects with ``Last-Event-ID``).
-    Yields text to send, or ``Wait`` when there is none yet."""
-    settings = settings or StreamSettings()
-    started = last_sent = clock()
+    """The native stream: the job's events after ``after``, then ``done``; ends early, cleanly, at
+    ``max_seconds`` (the client reconnects with ``Last-Event-ID``). Yields text to send, or ``Wait``."""
     # The headers and a first byte go out at once (through every proxy); `retry` makes a browser
     # reconnect after one second instead of its default three.
     yield f"retry: {RETRY_MS}\n: connected\n\n"
-    cursor, interval = after, MIN_POLL_SECONDS
-    while True:
-        page = service.chunks(job_id, after=cursor, limit=500)
-        for chunk in page["chunks"]:
-            yield chunk_event(chunk)
-            cursor = chunk["sequence_id"]
-        if page["done"]:
-            yield done_event(service.view(service.get(job_id)))
-            return
-        now = clock()
-        if now - started >= settings.max_seconds:
-            return  # before the function's time limit: the client resumes where this stopped
-        if page["chunks"]:
-            last_sent, interval = now, MIN_POLL_SECONDS
-            continue
-        if now - last_sent >= settings.ping_seconds:
+    for item in follow(service, job_id, after, settings, clock=clock):
+        if isinstance(item, dict):
+            yield chunk_event(item)
+        elif isinstance(item, Ping):
             yield PING
-            last_sent = now
-        yield Wait(interval)
-        interval = min(interval * 1.5, MAX_POLL_SECONDS)
+        elif isinstance(item, Ended):
+            yield done_event(service.view(item.job))
+        elif isinstance(item, Wait):
+            yield item
 
 
 def texts(events: Iterator[str | Wait], sleep: Callable[[float], None] = time.sleep) -> Iterator[str]:
@@ -161,4 +227,17 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-__all__ = ["DONE_ID", "EventsToken", "StreamSettings", "Wait", "job_events", "resume_point", "texts"]
+__all__ = [
+    "DONE_ID",
+    "Ended",
+    "EventsToken",
+    "Ping",
+    "StreamSettings",
+    "TimeUp",
+    "Wait",
+    "await_end",
+    "follow",
+    "job_events",
+    "resume_point",
+    "texts",
+]

@@ -34,6 +34,7 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     id: str
+    created: int = 0  # when this pinned version joined the registry, Unix seconds (OpenAI's `created`)
     aliases: tuple[str, ...] = ()
     provider: str
     provider_model_id: str

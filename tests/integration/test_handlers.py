@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from spool.devstack.provision import StackDescription
+from spool.devstack.runtime import HandlerError
 from spool.devstack.template import Template
 from tests.integration.conftest import DEV_KEY, DEV_TENANT, client, drain_dead_letters
 from tests.support import load_event, response_json
@@ -42,15 +43,15 @@ def test_authorizer_allows_a_known_key_and_names_its_tenant(invoke: Any) -> None
 
 
 @pytest.mark.parametrize("header", [None, "Bearer sk-unknown"])
-def test_authorizer_denies_missing_and_unknown_keys(invoke: Any, header: str | None) -> None:
+def test_authorizer_refuses_missing_and_unknown_keys(invoke: Any, header: str | None) -> None:
     event = load_event("authorizer")
     if header is None:
         del event["headers"]["Authorization"]
     else:
         event["headers"]["Authorization"] = header
-    policy = invoke("AuthorizerFunction", event)
-    assert policy["policyDocument"]["Statement"][0]["Effect"] == "Deny"
-    assert "context" not in policy or not policy["context"]
+    with pytest.raises(HandlerError) as caught:  # API Gateway's signal for its UNAUTHORIZED response
+        invoke("AuthorizerFunction", event)
+    assert caught.value.payload["errorMessage"] == "Unauthorized"
 
 
 def test_health_reports_each_dependency_with_latency(invoke: Any, stack: StackDescription) -> None:
@@ -128,12 +129,17 @@ def test_usage_function_answers_its_sample_event(invoke: Any) -> None:
 def test_models_function_lists_what_the_tenant_may_use(invoke: Any) -> None:
     response = invoke("ModelsFunction", load_event("models"))
     assert response["statusCode"] == 200
-    models = {m["id"]: m for m in response_json(response)["models"]}
+    body = response_json(response)
+    assert body["object"] == "list"  # an OpenAI model list
+    models = {m["id"]: m for m in body["data"]}
     assert {"sim-fast", "sim-realtime"} <= set(models)
     assert "gpt-4o-2024-08-06" not in models  # shipped disabled until configured
     realtime = models["sim-realtime"]
     assert set(realtime) == {
         "id",
+        "object",
+        "created",
+        "owned_by",
         "aliases",
         "provider",
         "context_window",
@@ -142,6 +148,8 @@ def test_models_function_lists_what_the_tenant_may_use(invoke: Any) -> None:
         "fallbacks",
         "status",
     }
+    assert (realtime["object"], realtime["owned_by"]) == ("model", "simulated")
+    assert isinstance(realtime["created"], int) and realtime["created"] > 0
     assert realtime["fallbacks"] == ["sim-fast"]
     assert realtime["context_window"] == 128_000
     assert set(realtime["pricing"]) == {"input_per_mtok", "output_per_mtok"}

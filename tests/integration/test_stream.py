@@ -284,3 +284,12 @@ def test_links_events_carries_a_token_for_that_job_that_outlives_the_log(
     assert signer.verify(token, time.time()) == (tenant.id, created.job.job_id)
     assert signer.verify(token, time.time() + bootstrap.JOB_TTL_SECONDS) is not None  # as long as the log
     assert "sk-" not in link
+
+
+def test_an_events_token_opens_no_openai_route(functions: dict[str, LocalFunction], tenant: Tenant) -> None:
+    event = stream_event("job_x", tenant, scope="events:job_x")
+    event["path"] = event["requestContext"]["path"] = "/v1/responses/resp_x"
+    response = functions["StreamFunction"].open_stream(event)
+    body = json.loads(b"".join(response.chunks()))
+    assert (response.status, body["error"]["code"]) == (401, "unauthorized")
+    assert body["error"]["type"] == "authentication_error"  # the OpenAI routes' error shape

@@ -231,7 +231,14 @@ def test_the_adapter_request_carries_the_request_context_and_never_the_clients_c
 
 def test_streaming_routes_come_from_the_template() -> None:
     template = Template.load(ROOT / "template.yaml")
-    (event,) = template.functions()["StreamFunction"].api_events
-    assert (event.path, event.streaming, event.timeout_ms) == ("/v1/jobs/{job_id}/events", True, 900_000)
+    events = {e.path: e for e in template.functions()["StreamFunction"].api_events}
+    assert set(events) == {
+        "/v1/jobs/{job_id}/events",
+        "/v1/chat/completions",
+        "/v1/responses",
+        "/v1/responses/{response_id}",
+        "/v1/responses/{response_id}/cancel",
+    }
+    assert all((e.streaming, e.timeout_ms) == (True, 900_000) for e in events.values())
     assert template.functions()["StreamFunction"].web_app == "app:app"
     assert not any(e.streaming for e in template.functions()["JobsFunction"].api_events)

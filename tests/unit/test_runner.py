@@ -65,6 +65,34 @@ def test_a_clean_run() -> None:
     assert job.cost_nanos == world.catalog.resolve("sim-fast").cost_nanos(job.usage.input_tokens, 500)
 
 
+@pytest.mark.parametrize(
+    ("stop_reason", "finish_reason"),
+    [
+        ("end_turn", "stop"),
+        ("stop", "stop"),
+        ("max_tokens", "length"),
+        ("length", "length"),
+        ("guardrail_intervened", "content_filter"),
+    ],
+)
+def test_the_providers_stop_reason_becomes_the_jobs_finish_reason(
+    stop_reason: str, finish_reason: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from spool_core.providers import Finished, simulated
+
+    def reporting(input_tokens: int, output_tokens: int, stop_reason: str = "") -> Finished:
+        return Finished(input_tokens, output_tokens, stop_reason=reported)
+
+    reported = stop_reason  # what the provider says, whatever the simulator would
+    monkeypatch.setattr(simulated, "Finished", reporting)
+    world = JobWorld()
+    job_id = create(world, max_tokens=50)
+    assert world.drain() == ["done"]
+    job = assert_ended_once(world, job_id)
+    assert job.finish_reason == finish_reason
+    assert Finished(1, 1, stop_reason).finish_reason == finish_reason
+
+
 @pytest.mark.parametrize("fault", ["crash", "crash_after", "lost"])
 @pytest.mark.parametrize(
     ("op", "nth"),

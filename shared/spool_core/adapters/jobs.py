@@ -204,7 +204,7 @@ class DynamoJobStore:
             "lease_expires_ms": 0,
             "ended_by": guard.token,
         }
-        for name in ("output", "error", "first_token_at"):
+        for name in ("output", "error", "first_token_at", "finish_reason"):
             if getattr(end, name) is not None:
                 changes[name] = getattr(end, name)
         if end.segments is not None:

@@ -56,6 +56,7 @@ def job_end(
     output: str | None = None,
     error: dict[str, Any] | None = None,
     first_token_at: str | None = None,
+    finish_reason: str | None = None,
 ) -> JobEnd:
     return JobEnd(
         status=status,  # type: ignore[arg-type]
@@ -72,6 +73,7 @@ def job_end(
         first_token_at=first_token_at,
         segments=tuple(segments) if segments is not None else None,
         input_reported=dict(input_reported),
+        finish_reason=finish_reason,
     )
 
 

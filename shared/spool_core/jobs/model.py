@@ -87,6 +87,7 @@ class Job(BaseModel):
     cost_nanos: int = 0
     output: str | None = None
     error: dict[str, Any] | None = None
+    finish_reason: str | None = None  # a completed job's: stop | length | content_filter
     created_at: str
     started_at: str | None = None
     first_token_at: str | None = None

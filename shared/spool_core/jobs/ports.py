@@ -57,6 +57,7 @@ class JobEnd:
     first_token_at: str | None = None
     segments: tuple[Segment, ...] | None = None
     input_reported: dict[str, int] = field(default_factory=dict)
+    finish_reason: str | None = None  # of a completed job: stop | length | content_filter
 
 
 @dataclass(frozen=True)

@@ -185,6 +185,7 @@ class _Attempt:
         self.continuation = continuation
         self.segments = list(job.segments) or [Segment(model=job.model_resolved)]
         self.input_reported = dict(job.input_reported)
+        self.finish_reason: str | None = None  # the provider's, when it says why it stopped
         self.last_beat = runner._clock()
         settings = runner.settings
         self.writer = ChunkWriter(
@@ -282,6 +283,7 @@ class _Attempt:
                         self.input_reported[model.id] = (
                             self.input_reported.get(model.id, 0) + event.input_tokens
                         )
+                        self.finish_reason = event.finish_reason
                 self.writer.flush()
                 r._breaker.record_success(model.id, first_token_ms)
                 return
@@ -374,6 +376,7 @@ class _Attempt:
             output=self._inline_output(),
             error=error,
             first_token_at=job.first_token_at or writer.first_chunk_at or self._first_chunk_at(),
+            finish_reason=(self.finish_reason or "stop") if status == "completed" else None,
         )
         settlement = r._limiter.settle(job.job_id, reservation, usage)
         try:

@@ -321,6 +321,7 @@ class JobService:
             "cost_usd": usd(job.cost_nanos),
             "output": output,
             "error": job.error,
+            "finish_reason": job.finish_reason,
             "created_at": job.created_at,
             "started_at": job.started_at,
             "first_token_at": first_token_at,

@@ -43,7 +43,18 @@ class TextDelta:
 class Finished:
     input_tokens: int
     output_tokens: int
-    stop_reason: str = "end_turn"
+    stop_reason: str = "end_turn"  # the provider's own word (end_turn, stop, max_tokens, length, ...)
+
+    @property
+    def finish_reason(self) -> str:
+        """Why the answer ended, in one vocabulary: ``stop`` (the model finished), ``length`` (it
+        reached max_tokens) or ``content_filter`` (the provider withheld the rest)."""
+        reason = self.stop_reason.lower()
+        if reason in {"max_tokens", "length", "max_output_tokens", "model_context_window_exceeded"}:
+            return "length"
+        if reason in {"content_filter", "content_filtered", "guardrail_intervened"}:
+            return "content_filter"
+        return "stop"
 
 
 StreamEvent = TextDelta | Finished

@@ -111,7 +111,9 @@ class SimulatedProvider:
             yield TextDelta(token_text(seed, index))
         input_tokens = tokens.count_messages(m.model_dump() for m in request.messages)
         # Usage of this call, as a provider bills it: the prompt, and the tokens this call produced.
-        yield Finished(input_tokens, request.max_tokens - resume.tokens, stop_reason="max_tokens")
+        # The simulated answer is, by design, exactly max_tokens long: there it ends, as a model's
+        # answer ends at its last word (finish_reason "stop").
+        yield Finished(input_tokens, request.max_tokens - resume.tokens, stop_reason="end_turn")
 
     def _fault(self, metadata: dict[str, Any], model: str) -> dict[str, Any] | None:
         spec = metadata.get("simulate") if self._faults_enabled else None

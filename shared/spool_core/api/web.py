@@ -1,0 +1,187 @@
+"""The HTTP edge of the streaming function's web app (Starlette, run by AWS Lambda Web Adapter):
+who the caller is, streaming a generator without holding a thread, errors in Spool's envelope (and
+in the shape OpenAI SDKs read on the OpenAI-compatible routes), and CORS.
+
+The caller was authenticated at the edge: the authorizer's context arrives in
+``x-amzn-request-context``, set by the adapter from the invocation (never taken from the client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from spool_core.api import cors
+from spool_core.api.errors import envelope, status_for
+from spool_core.errors import (
+    InternalError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    SpoolError,
+    Unauthorized,
+)
+from spool_core.events import Wait
+from spool_core.observability import logger
+from spool_core.openai_compat.common import openai_error_body
+from spool_core.tenancy import InvalidTenantId, Tenant
+
+REQUEST_CONTEXT_HEADER = "x-amzn-request-context"  # the adapter overwrites any copy a client sent
+OPENAI_PATHS = ("/v1/chat/", "/v1/responses")
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass(frozen=True)
+class Caller:
+    tenant: Tenant
+    scope: str  # "*" for an API key, "events:<job_id>" for a links.events token
+    request_id: str
+
+    def require_key(self) -> None:
+        """Routes other than one job's event stream need an API key, not an events token."""
+        if self.scope != "*":
+            raise Unauthorized("This credential only reads one job's event stream; send an API key")
+
+
+def _request_context(request: Request) -> dict[str, Any]:
+    try:
+        context = json.loads(request.headers.get(REQUEST_CONTEXT_HEADER) or "{}")
+    except ValueError:
+        return {}
+    return context if isinstance(context, dict) else {}
+
+
+def request_id(request: Request) -> str:
+    """API Gateway's request id (the one in X-Request-Id and in the logs), once per request."""
+    if not hasattr(request.state, "request_id"):
+        request.state.request_id = str(_request_context(request).get("requestId") or uuid.uuid4())
+    return str(request.state.request_id)
+
+
+def caller(request: Request) -> Caller:
+    authorizer = _request_context(request).get("authorizer") or {}
+    rid = request_id(request)
+    try:
+        tenant = Tenant(str(authorizer["tenant_id"]))
+    except (KeyError, InvalidTenantId):
+        raise Unauthorized("The request carries no authenticated tenant") from None
+    return Caller(tenant, str(authorizer.get("scope") or "*"), rid)
+
+
+async def json_body(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw or b"null")
+    except ValueError:
+        raise InvalidRequest(
+            "The request body is not valid JSON",
+            details={"param": None},
+            suggestions=["Send a JSON object with 'Content-Type: application/json'"],
+        ) from None
+
+
+async def drive[T](items: Iterator[T | Wait]) -> AsyncIterator[T]:
+    """Run a stream's reads (blocking DynamoDB calls) on worker threads and its waits on the event
+    loop, so an idle stream holds no thread and many streams share one process."""
+    while True:
+        item = await run_in_threadpool(next, items, None)
+        if item is None:
+            return
+        if isinstance(item, Wait):
+            await asyncio.sleep(item.seconds)
+        else:
+            yield item
+
+
+async def last[T](items: Iterator[T | Wait]) -> T | None:
+    """Drive ``items`` to the end and return the last thing it yielded (a wait for a job's end)."""
+    final = None
+    async for item in drive(items):
+        final = item
+    return final
+
+
+def sse(events: Iterator[str | Wait], headers: dict[str, str]) -> StreamingResponse:
+    return StreamingResponse(
+        drive(events), media_type="text/event-stream", headers={**headers, **SSE_HEADERS}
+    )
+
+
+def json_response(body: Any, headers: dict[str, str], status: int = 200) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+# ---------------------------------------------------------------------------------------- errors
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 in Spool's envelope (with ``Allow`` on a 405)."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "GET")
+        error: SpoolError = MethodNotAllowed(
+            f"{request.method} is not allowed on {request.url.path}",
+            details={"method": request.method, "path": request.url.path, "allowed": allowed.split(", ")},
+            suggestions=[f"Use one of: {allowed}"],
+        )
+        error.headers = {"Allow": allowed}
+    else:
+        error = NotFound(
+            f"No route for {request.method} {request.url.path}", details={"path": request.url.path}
+        )
+    return await domain_error(request, error)
+
+
+async def domain_error(request: Request, exc: Exception) -> Response:
+    error = exc if isinstance(exc, SpoolError) else InternalError("Internal error while handling the request")
+    if not isinstance(exc, SpoolError):
+        logger.exception("request failed", extra={"code": error.code})
+    elif status_for(error) >= 500:
+        logger.warning("request failed", extra={"code": error.code, "error": error.message})
+    rid = request_id(request)
+    openai = request.url.path.startswith(OPENAI_PATHS)
+    body = openai_error_body(error, rid) if openai else envelope(error, rid)
+    return JSONResponse(body, status_code=status_for(error), headers={**error.headers, "X-Request-Id": rid})
+
+
+EXCEPTION_HANDLERS: dict[Any, Callable[[Request, Exception], Any]] = {
+    SpoolError: domain_error,
+    HTTPException: http_error,
+    Exception: domain_error,
+}
+
+
+def middleware() -> list[Middleware]:
+    return [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=cors.allowed_origins(),
+            allow_methods=list(cors.ALLOWED_METHODS),
+            allow_headers=list(cors.ALLOWED_HEADERS),
+            expose_headers=list(cors.EXPOSED_HEADERS),
+            max_age=cors.MAX_AGE_SECONDS,
+        )
+    ]
+
+
+__all__ = [
+    "EXCEPTION_HANDLERS",
+    "Caller",
+    "caller",
+    "drive",
+    "json_body",
+    "json_response",
+    "last",
+    "middleware",
+    "request_id",
+    "sse",
+]

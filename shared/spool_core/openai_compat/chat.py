@@ -1,0 +1,159 @@
+"""``POST /v1/chat/completions`` over a Spool job: the request becomes a job request, the job's end
+becomes a ``chat.completion``, and its chunk log becomes ``chat.completion.chunk`` events."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from spool_core.chat import Message
+from spool_core.events import Ended, Followed, Ping, TimeUp, Wait
+from spool_core.jobs.model import Job, JobRequest
+from spool_core.openai_compat.common import (
+    PING,
+    created_epoch,
+    data_line,
+    job_failure,
+    stream_time_up,
+    text_of,
+)
+
+DONE_LINE = "data: [DONE]\n\n"
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(BaseModel):
+    """The parameters Spool honours (``params.ChatPolicy`` decides about the others)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=128)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    metadata: dict[str, Any] | None = None
+    context_id: str | None = Field(default=None, max_length=64)
+    fallback: bool = True
+
+    @field_validator("messages")
+    @classmethod
+    def _text_only(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        for i, message in enumerate(messages):
+            text_of(message.content, f"messages[{i}].content")
+        return messages
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def job_request(self) -> JobRequest:
+        messages = [
+            Message(
+                role="system" if m.role == "developer" else m.role,
+                content=text_of(m.content, f"messages[{i}].content"),
+            )
+            for i, m in enumerate(self.messages)
+        ]
+        fields: dict[str, Any] = {
+            "messages": messages,
+            "model": self.model,
+            "metadata": self.metadata or {},
+            "fallback": self.fallback,
+            "context_id": self.context_id,
+        }
+        if (limit := self.max_completion_tokens or self.max_tokens) is not None:
+            fields["max_tokens"] = limit
+        if self.temperature is not None:
+            fields["temperature"] = self.temperature
+        return JobRequest.model_validate(fields)
+
+
+def completion_id(job_id: str) -> str:
+    return f"chatcmpl-{job_id}"
+
+
+def _usage(job: Job) -> dict[str, int]:
+    return {
+        "prompt_tokens": job.usage.input_tokens,
+        "completion_tokens": job.usage.output_tokens,
+        "total_tokens": job.usage.input_tokens + job.usage.output_tokens,
+    }
+
+
+def completion(job: Job, output: str) -> dict[str, Any]:
+    """The ``chat.completion`` of an ended job (completed or cancelled: the text written so far)."""
+    return {
+        "id": completion_id(job.job_id),
+        "object": "chat.completion",
+        "created": created_epoch(job),
+        "model": job.model_resolved,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": output, "refusal": None},
+                "finish_reason": job.finish_reason or "stop",
+                "logprobs": None,
+            }
+        ],
+        "usage": _usage(job),
+        "spool": {"job_id": job.job_id, "status": job.status, "cost_usd": job.cost_nanos / 1e9},
+    }
+
+
+def _chunk(job: Job, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+    return {
+        "id": completion_id(job.job_id),
+        "object": "chat.completion.chunk",
+        "created": created_epoch(job),
+        "model": job.model_resolved,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+    }
+
+
+def completion_chunks(job: Job, followed: Iterator[Followed], include_usage: bool) -> Iterator[str | Wait]:
+    """The job's log as ``chat.completion.chunk`` events, ``[DONE]`` last. A failed job ends with an
+    error event (OpenAI SDKs raise it, after the text received so far), as does a stream whose time
+    ran out (its message says how to read the rest)."""
+    yield data_line(_chunk(job, {"role": "assistant", "content": ""}))
+    last = 0
+    for item in followed:
+        if isinstance(item, Wait):
+            yield item
+        elif isinstance(item, Ping):
+            yield PING
+        elif isinstance(item, dict):
+            last = item["sequence_id"]
+            yield data_line(_chunk(job, {"content": item["text"]}))
+        elif isinstance(item, TimeUp):
+            yield data_line(stream_time_up(job.job_id, last))
+            return
+        elif isinstance(item, Ended):
+            ended = item.job
+            if ended.status == "failed":
+                yield data_line(job_failure(ended))
+                return
+            yield data_line(_chunk(ended, {}, ended.finish_reason or "stop"))
+            if include_usage:
+                yield data_line({**_chunk(ended, {}), "choices": [], "usage": _usage(ended)})
+            yield DONE_LINE
+            return
+
+
+__all__ = ["ChatRequest", "completion", "completion_chunks", "completion_id"]

@@ -1,0 +1,146 @@
+"""What the chat and Responses surfaces share: SSE data lines, text content, times, and errors in
+the shape OpenAI SDKs read (``error.message``, ``error.type``, ``error.param``, ``error.code``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, ClassVar
+
+from spool_core.api.errors import envelope, register_status, status_for
+from spool_core.errors import SpoolError
+from spool_core.jobs.model import Job
+from spool_core.openai_compat.params import UnsupportedParameter
+
+PING = ": ping\n\n"  # a comment: OpenAI SDKs skip it (an `event:` line without data would break them)
+
+
+def data_line(payload: Mapping[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+def created_epoch(job: Job) -> int:
+    return int(datetime.fromisoformat(job.created_at.replace("Z", "+00:00")).timestamp())
+
+
+def text_of(content: Any, param: str) -> str:
+    """A message's text: a string, or a list of text parts (``text``, ``input_text``, ``output_text``);
+    anything else (images, audio, files, tool results) is refused by name."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind not in {"text", "input_text", "output_text"} or not isinstance(part.get("text"), str):
+            raise UnsupportedParameter(
+                f"Content of type {kind!r} ({param}[{j}]) is not supported: Spool takes text only",
+                details={"param": f"{param}[{j}]"},
+                suggestions=["Send the message content as a string or as text parts"],
+            )
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+# ---------------------------------------------------------------------------------------- errors
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def openai_error_body(error: SpoolError, request_id: str | None) -> dict[str, Any]:
+    """Spool's envelope, with the two fields OpenAI SDKs also read: ``type`` and ``param``."""
+    body = envelope(error, request_id)
+    status = status_for(error)
+    body["error"]["type"] = ERROR_TYPES.get(
+        status, "server_error" if status >= 500 else "invalid_request_error"
+    )
+    body["error"]["param"] = error.details.get("param")
+    return body
+
+
+class JobFailed(SpoolError):
+    """The job behind a non-streamed answer failed: its own error, as a 502 (the model's side
+    failed) that SDKs must not retry blindly (each retry would be a new, paid, generation)."""
+
+    code = "job_failed"
+
+    def __init__(self, job: Job) -> None:
+        error = job.error or {}
+        super().__init__(
+            str(error.get("message") or f"Job {job.job_id} failed"),
+            details={**(error.get("details") or {}), "job_id": job.job_id, "job_error": error.get("code")},
+            suggestions=[
+                *(error.get("suggestions") or []),
+                f"The partial output stays readable at GET /v1/jobs/{job.job_id}",
+            ],
+        )
+        self.code = str(error.get("code") or self.code)  # type: ignore[misc]
+        self.headers = {"x-should-retry": "false", "X-Spool-Job-Id": job.job_id}
+
+
+register_status(JobFailed, 502)
+
+
+class StillRunning(SpoolError):
+    """A non-streamed answer whose job outlived the request's time: the job goes on."""
+
+    code = "timeout"
+    default_suggestions: ClassVar[tuple[str, ...]] = (
+        "Stream the answer instead (stream: true), or read the job at GET /v1/jobs/{id}",
+    )
+
+
+register_status(StillRunning, 504)
+
+
+def job_failure(job: Job) -> dict[str, Any]:
+    """A mid-stream error event: OpenAI SDKs raise ``APIError`` with this message."""
+    error = job.error or {}
+    return {
+        "error": {
+            "message": str(error.get("message") or "The job failed"),
+            "type": "server_error",
+            "code": error.get("code") or "job_failed",
+            "param": None,
+            "job_id": job.job_id,
+            "suggestions": error.get("suggestions") or [],
+        }
+    }
+
+
+def stream_time_up(job_id: str, last_sequence_id: int) -> dict[str, Any]:
+    """The stream reached its time limit before the job ended: how to read the rest."""
+    return {
+        "error": {
+            "message": (
+                f"The stream reached its time limit; job {job_id} goes on. Read the rest with "
+                f"GET /v1/jobs/{job_id}/events and 'Last-Event-ID: {last_sequence_id}'"
+            ),
+            "type": "server_error",
+            "code": "stream_time_limit",
+            "param": None,
+            "job_id": job_id,
+            "last_sequence_id": last_sequence_id,
+        }
+    }
+
+
+__all__ = [
+    "PING",
+    "JobFailed",
+    "StillRunning",
+    "created_epoch",
+    "data_line",
+    "job_failure",
+    "openai_error_body",
+    "stream_time_up",
+    "text_of",
+]

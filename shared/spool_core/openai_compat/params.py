@@ -1,0 +1,185 @@
+"""Which OpenAI request parameters Spool honours, which it accepts and ignores (harmless ones, each
+with its reason), and which it refuses: a parameter that would change the answer and that Spool
+cannot honour is a 400 naming it, never silently dropped."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ValidationError
+
+from spool_core.errors import InvalidRequest
+
+
+class UnsupportedParameter(InvalidRequest):
+    code = "unsupported_parameter"
+
+
+def _absent_or(*allowed: Any) -> Callable[[Any], bool]:
+    return lambda value: value is None or value in allowed
+
+
+def _empty(value: Any) -> bool:
+    return value in (None, [], {}, 0, False)
+
+
+def _text_format(value: Any) -> bool:
+    """``response_format`` / ``text``: plain text only (no JSON mode, no schema)."""
+    if value is None:
+        return True
+    if isinstance(value, Mapping) and "format" in value:  # Responses: {"format": {...}, "verbosity"}
+        value = value.get("format")
+    return value is None or (isinstance(value, Mapping) and value.get("type") == "text")
+
+
+class Policy:
+    """Parameter names -> how Spool treats them, for one endpoint."""
+
+    # Accepted and ignored, with why it is harmless (README's table lists them).
+    IGNORED: ClassVar[dict[str, str]] = {}
+    # Accepted only with values that change nothing; anything else is refused.
+    NEUTRAL: ClassVar[dict[str, Callable[[Any], bool]]] = {}
+    SUPPORTED: ClassVar[frozenset[str]] = frozenset()
+    ENDPOINT: ClassVar[str] = ""
+
+    @classmethod
+    def check(cls, body: Mapping[str, Any]) -> None:
+        for name, value in body.items():
+            if name in cls.SUPPORTED or name in cls.IGNORED:
+                continue
+            if name in cls.NEUTRAL and cls.NEUTRAL[name](value):
+                continue
+            raise UnsupportedParameter(
+                f"Parameter '{name}' is not supported by Spool's {cls.ENDPOINT}"
+                + (f" with the value {_short(value)}" if name in cls.NEUTRAL else ""),
+                details={"param": name},
+                suggestions=[
+                    f"Remove '{name}' from the request",
+                    "See the README's table of supported OpenAI parameters",
+                ],
+            )
+
+
+class ChatPolicy(Policy):
+    ENDPOINT = "/v1/chat/completions"
+    SUPPORTED = frozenset(
+        {
+            "model",
+            "messages",
+            "max_tokens",
+            "max_completion_tokens",
+            "temperature",
+            "stream",
+            "stream_options",
+            "metadata",
+            "context_id",
+            "fallback",
+        }
+    )
+    IGNORED: ClassVar[dict[str, str]] = {
+        "user": "an end-user id for abuse tracking; Spool keys tenants by API key",
+        "safety_identifier": "as user",
+        "seed": "accepted; the simulated models are deterministic anyway, real providers get no seed",
+        "top_p": "accepted and not passed on: use temperature",
+        "store": "every job is stored (GET /v1/jobs/{id}) for the life of its log",
+        "service_tier": "Spool has one tier",
+        "prompt_cache_key": "providers cache prompts by themselves",
+        "prompt_cache_retention": "as prompt_cache_key",
+        "prompt_cache_options": "as prompt_cache_key",
+    }
+    NEUTRAL: ClassVar[dict[str, Callable[[Any], bool]]] = {
+        "n": _absent_or(1),
+        "logprobs": _absent_or(False),
+        "top_logprobs": _absent_or(0),
+        "frequency_penalty": _absent_or(0, 0.0),
+        "presence_penalty": _absent_or(0, 0.0),
+        "logit_bias": _empty,
+        "tools": _empty,
+        "tool_choice": _absent_or("none", "auto"),
+        "parallel_tool_calls": lambda value: True if value is None else isinstance(value, bool),
+        "functions": _empty,
+        "function_call": _absent_or("none", "auto"),
+        "response_format": _text_format,
+        "modalities": _absent_or(["text"]),
+        "stop": _empty,
+    }
+
+
+class ResponsesPolicy(Policy):
+    ENDPOINT = "Responses API"
+    SUPPORTED = frozenset(
+        {
+            "model",
+            "input",
+            "instructions",
+            "max_output_tokens",
+            "temperature",
+            "background",
+            "stream",
+            "stream_options",
+            "metadata",
+            "context_id",
+            "fallback",
+        }
+    )
+    IGNORED: ClassVar[dict[str, str]] = {
+        "user": ChatPolicy.IGNORED["user"],
+        "safety_identifier": ChatPolicy.IGNORED["safety_identifier"],
+        "top_p": ChatPolicy.IGNORED["top_p"],
+        "store": "every response is stored for the life of its log",
+        "service_tier": ChatPolicy.IGNORED["service_tier"],
+        "prompt_cache_key": ChatPolicy.IGNORED["prompt_cache_key"],
+        "prompt_cache_retention": ChatPolicy.IGNORED["prompt_cache_key"],
+        "prompt_cache_options": ChatPolicy.IGNORED["prompt_cache_key"],
+    }
+    NEUTRAL: ClassVar[dict[str, Callable[[Any], bool]]] = {
+        "tools": _empty,
+        "tool_choice": _absent_or("none", "auto"),
+        "parallel_tool_calls": lambda value: True if value is None else isinstance(value, bool),
+        "text": _text_format,
+        "truncation": _absent_or("disabled"),
+        "include": _empty,
+        "top_logprobs": _absent_or(0),
+        "max_tool_calls": _absent_or(None),
+        "previous_response_id": _absent_or(None),
+        "conversation": _absent_or(None),
+        "prompt": _absent_or(None),
+        "reasoning": _empty,
+    }
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def parse[M: BaseModel](model: type[M], body: Any, policy: type[Policy]) -> M:
+    """The request as ``model``, after the parameter policy: a 400 names the first offending
+    parameter (``details.param``, which OpenAI SDKs expose as ``error.param``)."""
+    if not isinstance(body, Mapping):
+        raise InvalidRequest(
+            "The request body must be a JSON object",
+            details={"param": None},
+            suggestions=["Send a JSON object with 'Content-Type: application/json'"],
+        )
+    policy.check(body)
+    try:
+        return model.model_validate(dict(body))
+    except ValidationError as exc:
+        fields = [
+            {
+                "field": ".".join(str(p) for p in err["loc"]),
+                "message": err["msg"],
+                "type": err["type"],
+            }
+            for err in exc.errors(include_input=False)
+        ]
+        names = ", ".join(f["field"] for f in fields)
+        raise InvalidRequest(
+            f"The request does not match the schema: {names} ({fields[0]['message']})",
+            details={"param": fields[0]["field"], "fields": fields},
+        ) from None
+
+
+__all__ = ["ChatPolicy", "Policy", "ResponsesPolicy", "UnsupportedParameter", "parse"]

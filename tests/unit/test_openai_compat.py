@@ -1,0 +1,319 @@
+"""The OpenAI-compatible surface's logic with no network: the parameter policy, request mapping, the
+chat chunk stream, the Responses event numbering (stable under any starting_after), and how the
+official SDK reads Spool's error bodies."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx2
+import openai
+import pytest
+
+from spool_core.errors import Conflict, InvalidRequest, NotFound, SpoolError, Unauthorized, Unprocessable
+from spool_core.events import Ended, Followed, Ping, TimeUp, Wait
+from spool_core.jobs.model import Job
+from spool_core.limits.errors import RateLimited
+from spool_core.openai_compat import chat, responses
+from spool_core.openai_compat.common import JobFailed, openai_error_body
+from spool_core.openai_compat.params import ChatPolicy, ResponsesPolicy, UnsupportedParameter, parse
+
+pytestmark = pytest.mark.unit
+
+
+def job(status: str = "completed", chunks: int = 3, **fields: Any) -> Job:
+    return Job.model_validate(
+        {
+            "job_id": "job_abc",
+            "tenant_id": "t",
+            "status": status,
+            "request": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 30},
+            "fingerprint": "f",
+            "model_requested": "sim-fast",
+            "model_resolved": "sim-fast",
+            "created_at": "2026-11-27T00:00:00.000Z",
+            "progress": {"last_sequence_id": chunks, "chunks_written": chunks, "tokens_generated": 30},
+            "usage": {"input_tokens": 4, "output_tokens": 30},
+            "finish_reason": "stop" if status == "completed" else None,
+            "attempts": 1,
+            **fields,
+        }
+    )
+
+
+def log(n: int = 3, end: Job | None = None, *, after: int = 0) -> Iterator[Followed]:
+    for i in range(after + 1, n + 1):
+        if i == 2:
+            yield Wait(0.05)
+            yield Ping()
+        yield {"sequence_id": i, "text": f"t{i} ", "created_at": "x"}
+    yield Ended(end or job(chunks=n))
+
+
+def sse(lines: Iterator[str | Wait]) -> list[Any]:
+    """Data payloads (JSON, or the [DONE] marker) and comments of a stream, waits dropped."""
+    out: list[Any] = []
+    for text in lines:
+        if isinstance(text, Wait):
+            continue
+        for block in text.split("\n\n"):
+            for line in block.split("\n"):
+                if line.startswith("data: "):
+                    raw = line.removeprefix("data: ")
+                    out.append(raw if raw == "[DONE]" else json.loads(raw))
+                elif line.startswith(":"):
+                    out.append(line)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- policy
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"n": 3}, "n"),
+        ({"logprobs": True}, "logprobs"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"audio": {"voice": "x"}}, "audio"),
+        ({"stop": "END"}, "stop"),
+        ({"made_up": 1}, "made_up"),
+    ],
+)
+def test_chat_parameters_that_would_change_the_answer_are_refused_by_name(
+    extra: dict[str, Any], param: str
+) -> None:
+    body = {"model": "sim-fast", "messages": [{"role": "user", "content": "x"}], **extra}
+    with pytest.raises(UnsupportedParameter) as caught:
+        parse(chat.ChatRequest, body, ChatPolicy)
+    assert caught.value.details["param"] == param and param in caught.value.message
+
+
+def test_neutral_values_and_harmless_parameters_pass() -> None:
+    body = {
+        "model": "sim-fast",
+        "messages": [
+            {
+                "role": "developer",
+                "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief"}],
+            }
+        ],
+        "n": 1,
+        "logprobs": False,
+        "tools": [],
+        "response_format": {"type": "text"},
+        "stop": None,
+        "user": "u",
+        "seed": 1,
+        "top_p": 1,
+        "store": False,
+        "max_completion_tokens": 7,
+        "temperature": 0.5,
+        "stream_options": {"include_usage": True, "include_obfuscation": False},
+        "context_id": "ctx_1",
+    }
+    request = parse(chat.ChatRequest, body, ChatPolicy)
+    job_request = request.job_request()
+    assert [(m.role, m.content) for m in job_request.messages] == [("system", "Be brief")]
+    assert (job_request.max_tokens, job_request.temperature, job_request.context_id) == (7, 0.5, "ctx_1")
+    assert request.include_usage
+
+
+def test_non_text_content_and_other_roles_are_refused() -> None:
+    image = {
+        "model": "m",
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+    }
+    with pytest.raises(UnsupportedParameter) as caught:
+        parse(chat.ChatRequest, image, ChatPolicy)
+    assert caught.value.details["param"] == "messages[0].content[0]"
+    tool = {"model": "m", "messages": [{"role": "tool", "content": "x"}]}
+    with pytest.raises(InvalidRequest) as bad_role:
+        parse(chat.ChatRequest, tool, ChatPolicy)
+    assert bad_role.value.details["param"] == "messages.0.role"
+    with pytest.raises(InvalidRequest):
+        parse(chat.ChatRequest, ["not", "an", "object"], ChatPolicy)
+
+
+def test_responses_input_and_instructions_become_messages() -> None:
+    body = {
+        "model": "sim-fast",
+        "instructions": "Answer in French",
+        "input": [
+            {"role": "user", "content": [{"type": "input_text", "text": "Bonjour"}]},
+            {"type": "message", "role": "assistant", "content": "Salut"},
+            {"role": "user", "content": "Et alors?"},
+        ],
+        "max_output_tokens": 9,
+        "background": True,
+        "store": True,
+        "tools": [],
+        "text": {"format": {"type": "text"}},
+    }
+    request = parse(responses.ResponsesRequest, body, ResponsesPolicy)
+    job_request = request.job_request()
+    assert [m.role for m in job_request.messages] == ["system", "user", "assistant", "user"]
+    assert job_request.messages[1].content == "Bonjour" and job_request.max_tokens == 9
+    for refused in (
+        {"previous_response_id": "resp_1"},
+        {"include": ["x"]},
+        {"text": {"format": {"type": "json_schema"}}},
+    ):
+        with pytest.raises(UnsupportedParameter):
+            parse(responses.ResponsesRequest, {**body, **refused}, ResponsesPolicy)
+
+
+# ---------------------------------------------------------------------------------------- chat
+def test_chat_chunks_role_first_text_then_finish_usage_and_done() -> None:
+    out = sse(chat.completion_chunks(job(status="running"), log(3), include_usage=True))
+    data = [o for o in out if isinstance(o, dict)]
+    assert data[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(d["choices"][0]["delta"].get("content", "") for d in data if d["choices"]) == "t1 t2 t3 "
+    assert data[-2]["choices"][0]["finish_reason"] == "stop"
+    assert data[-1]["choices"] == [] and data[-1]["usage"] == {
+        "prompt_tokens": 4,
+        "completion_tokens": 30,
+        "total_tokens": 34,
+    }
+    assert out[-1] == "[DONE]" and ": ping" in out
+    assert {d["id"] for d in data} == {"chatcmpl-job_abc"} and all("error" not in d for d in data)
+
+
+def test_a_failed_job_ends_the_chat_stream_with_an_error_the_sdk_raises() -> None:
+    failed = job(
+        status="failed", error={"code": "provider_error", "message": "engine died", "suggestions": ["retry"]}
+    )
+    out = sse(chat.completion_chunks(job(status="running"), log(2, failed), include_usage=False))
+    assert out[-1]["error"]["message"] == "engine died" and out[-1]["error"]["code"] == "provider_error"
+    assert "[DONE]" not in out
+
+
+def test_a_chat_stream_out_of_time_says_how_to_read_the_rest() -> None:
+    def timed_out() -> Iterator[Followed]:
+        yield {"sequence_id": 1, "text": "a", "created_at": "x"}
+        yield TimeUp()
+
+    out = sse(chat.completion_chunks(job(status="running"), timed_out(), include_usage=False))
+    assert out[-1]["error"]["code"] == "stream_time_limit"
+    assert "Last-Event-ID: 1" in out[-1]["error"]["message"]
+
+
+def test_a_completion_of_an_ended_job() -> None:
+    body = chat.completion(job(finish_reason="length"), "the text")
+    assert body["choices"][0] == {
+        "index": 0,
+        "message": {"role": "assistant", "content": "the text", "refusal": None},
+        "finish_reason": "length",
+        "logprobs": None,
+    }
+    assert body["object"] == "chat.completion" and body["created"] == 1795737600
+
+
+# ---------------------------------------------------------------------------------------- responses
+def numbered(starting_after: int | None, end: Job | None = None, n: int = 3) -> list[dict[str, Any]]:
+    after_chunk = responses.first_chunk_after(starting_after)
+    events = responses.response_events(
+        job(status="running"),
+        log(n, end or job(chunks=n), after=after_chunk),
+        starting_after,
+        lambda j: "t1 t2 t3 ",
+    )
+    return [o for o in sse(events) if isinstance(o, dict)]
+
+
+def test_response_events_are_numbered_from_the_log_alone() -> None:
+    events = numbered(None)
+    assert [e["sequence_number"] for e in events] == list(range(11))
+    assert [e["type"] for e in events] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.delta",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert events[0]["response"]["status"] == "queued" and events[0]["response"]["output"] == []
+    assert events[7]["text"] == "t1 t2 t3 " and events[4]["logprobs"] == []
+    final = events[-1]["response"]
+    assert final["status"] == "completed" and final["output"][0]["content"][0]["text"] == "t1 t2 t3 "
+    assert final["usage"]["input_tokens_details"] == {"cached_tokens": 0, "cache_write_tokens": 0}
+
+
+@pytest.mark.parametrize("starting_after", range(-1, 11))
+def test_starting_after_any_number_resumes_exactly_after_it(starting_after: int) -> None:
+    whole = numbered(None)
+    resumed = numbered(None if starting_after < 0 else starting_after)
+    assert resumed == [e for e in whole if e["sequence_number"] > starting_after]
+
+
+def test_failed_and_cancelled_responses_end_with_their_own_event() -> None:
+    failed = job(status="failed", error={"code": "provider_error", "message": "boom"})
+    last = numbered(None, failed)[-1]
+    assert last["type"] == "response.failed"
+    assert last["response"]["error"] == {
+        "code": "server_error",
+        "message": "boom",
+        "spool_code": "provider_error",
+    }
+    cancelled = numbered(None, job(status="cancelled"))[-1]
+    assert (cancelled["type"], cancelled["response"]["status"]) == ("response.incomplete", "cancelled")
+    truncated = numbered(None, job(finish_reason="length"))[-1]
+    assert truncated["type"] == "response.incomplete"
+    assert truncated["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+
+
+def test_response_ids_map_to_jobs_and_nothing_else() -> None:
+    assert responses.response_id("job_x1") == "resp_x1" and responses.job_id_of("resp_x1") == "job_x1"
+    for bad in ("job_x1", "x", "resp_" + "a" * 100):
+        with pytest.raises(NotFound):
+            responses.job_id_of(bad)
+
+
+# ---------------------------------------------------------------------------------------- the SDK
+@pytest.mark.parametrize(
+    ("error", "exception"),
+    [
+        (InvalidRequest("bad", details={"param": "model"}), openai.BadRequestError),
+        (Unauthorized("who are you"), openai.AuthenticationError),
+        (NotFound("no such response"), openai.NotFoundError),
+        (Conflict("busy"), openai.ConflictError),
+        (Unprocessable("reused key"), openai.UnprocessableEntityError),
+        (RateLimited("slow down", retry_after_seconds=1), openai.RateLimitError),
+        (
+            JobFailed(job(status="failed", error={"code": "provider_error", "message": "engine died"})),
+            openai.InternalServerError,
+        ),
+    ],
+)
+def test_the_sdk_raises_its_own_exception_with_spools_message(
+    error: SpoolError, exception: type[Exception]
+) -> None:
+    from spool_core.api.errors import status_for
+
+    body = openai_error_body(error, "req-1")
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(
+            status_for(error), json=body, headers={"x-should-retry": "false", **error.headers}
+        )
+
+    client = openai.OpenAI(
+        base_url="http://spool.test/v1",
+        api_key="sk",
+        max_retries=0,
+        http_client=httpx2.Client(transport=httpx2.MockTransport(answer)),
+    )
+    with pytest.raises(exception) as caught:
+        client.models.list()
+    raised: Any = caught.value
+    assert raised.message.endswith(error.message)
+    assert raised.code == error.code and raised.param == error.details.get("param")
+    assert raised.body["request_id"] == "req-1" and raised.body["suggestions"] is not None
