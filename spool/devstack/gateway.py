@@ -1,8 +1,11 @@
 """API Gateway (REST) emulator: HTTP request -> REST proxy event -> authorizer -> handler -> HTTP.
 
-It follows the template: routes from the functions' ``Api`` events, the authorizer the API names,
-and the API's ``GatewayResponses`` for everything API Gateway itself answers (denied, no route,
-too large, timeout, integration failure).
+It follows the template: routes from the functions' ``Api`` events, the authorizer the API names
+(its result cached per identity as ``ReauthorizeEvery`` says), the stage's throttle and the usage
+plan's per-key throttle, and the API's ``GatewayResponses`` for everything API Gateway itself answers
+(denied, no route, too large, throttled, timeout, integration failure). The HTTP side answers what
+http.server would answer with an HTML page (a malformed request line, a body that never arrives) with
+those gateway responses too, so every answer carries Spool's envelope and X-Request-Id.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ import fnmatch
 import itertools
 import json
 import logging
+import math
 import re
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -37,13 +41,22 @@ from spool.devstack.runtime import (
     LocalFunction,
     StreamedResponse,
 )
-from spool.devstack.template import Template
+from spool.devstack.template import AuthorizerSpec, Template, Throttle
 
 log = logging.getLogger("devstack.gateway")
 
 MAX_REQUEST_BYTES = 10 * 1024 * 1024  # API Gateway's payload limit
 MAX_LAMBDA_PAYLOAD_BYTES = 6 * 1024 * 1024  # synchronous Lambda invocation limit
 INTEGRATION_TIMEOUT_SECONDS = 29
+# How long a read (the rest of the headers, the body) or a write may stall before the connection is
+# given up; about what API Gateway's front end waits for a client that stops sending.
+READ_TIMEOUT_SECONDS = 20.0
+MAX_REQUEST_LINE = 65536  # http.server's own limit; API Gateway's URL limit is lower
+MAX_CHUNK_LINE = 4096  # a chunk-size line (with its extensions) or a trailer field of a chunked body
+DRAIN_SECONDS = 2.0  # after an early answer, how long the rest of the request is read and dropped
+DRAIN_BYTES = 1024 * 1024
+# The methods a REST API has; ANY stands for these seven and no other.
+HTTP_METHODS = frozenset({"DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT"})
 # Not an API Gateway route: the local stack answers it, so `spool keys|limits` find its AWS endpoint
 # and tables without flags. It is served on loopback only, like the rest of the local stack.
 LOCAL_INFO_PATH = "/_spool/stack"
@@ -64,12 +77,14 @@ DEFAULT_STATUS = {
     "UNAUTHORIZED": 401,
     "ACCESS_DENIED": 403,
     "MISSING_AUTHENTICATION_TOKEN": 403,
+    "INVALID_API_KEY": 403,
     "REQUEST_TOO_LARGE": 413,
     "AUTHORIZER_FAILURE": 500,
     "AUTHORIZER_CONFIGURATION_ERROR": 500,
     "INTEGRATION_FAILURE": 504,
     "INTEGRATION_TIMEOUT": 504,
     "THROTTLED": 429,
+    "QUOTA_EXCEEDED": 429,
     "DEFAULT_4XX": 400,
     "DEFAULT_5XX": 502,
 }
@@ -77,7 +92,10 @@ DEFAULT_MESSAGE = {
     "UNAUTHORIZED": "Unauthorized",
     "ACCESS_DENIED": "User is not authorized to access this resource",
     "MISSING_AUTHENTICATION_TOKEN": "Missing Authentication Token",
+    "INVALID_API_KEY": "Forbidden",
     "REQUEST_TOO_LARGE": "Request Too Long",
+    "THROTTLED": "Too Many Requests",
+    "QUOTA_EXCEEDED": "Limit Exceeded",
     "INTEGRATION_TIMEOUT": "Endpoint request timed out",
     "DEFAULT_5XX": "Internal server error",
 }
@@ -91,6 +109,82 @@ class HttpResponse:
     stream: StreamedResponse | None = None  # a streaming integration's body, relayed as it comes
 
 
+class TokenBucket:
+    """API Gateway's throttling algorithm: ``rate`` tokens a second flow into a bucket that holds at
+    most ``burst``; a request takes one token or is throttled. A bucket starts full. Time comes from
+    ``clock`` (seconds, monotonic), so tests drive it instead of sleeping."""
+
+    def __init__(self, throttle: Throttle, clock: Callable[[], float]) -> None:
+        self._rate = throttle.rate
+        self._burst = float(throttle.burst)
+        self._clock = clock
+        self._tokens = self._burst
+        self._updated = clock()
+        self._lock = threading.Lock()
+
+    def take(self) -> float:
+        """Take a token: 0.0 when there was one, else the seconds until there will be one."""
+        with self._lock:
+            now = self._clock()
+            refill = max(0.0, now - self._updated) * self._rate
+            self._tokens = min(self._burst, self._tokens + refill)
+            self._updated = now
+            if self._tokens >= 1:
+                self._tokens -= 1
+                return 0.0
+            if self._rate <= 0 or self._burst < 1:
+                return math.inf  # a bucket that never holds a whole token throttles everything
+            return (1 - self._tokens) / self._rate
+
+
+class Buckets:
+    """Token buckets by key (a method, an API key, a WebSocket route), each made on first use."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._buckets: dict[Hashable, TokenBucket] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: Hashable, throttle: Throttle) -> float:
+        """Take a token from the bucket of ``key``: 0.0, or the seconds until one is there."""
+        with self._lock:
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                bucket = self._buckets[key] = TokenBucket(throttle, self._clock)
+        return bucket.take()
+
+
+def retry_after(wait: float) -> str:
+    """Whole seconds for a Retry-After header: at least 1 (and at most an hour)."""
+    return str(max(1, math.ceil(min(wait, 3600.0))))
+
+
+class AuthorizerCache:
+    """API Gateway's authorizer cache: the answer an authorizer gave for one set of identity source
+    values, reused for ``ttl`` seconds without invoking it. The cached policy is checked against each
+    request's method ARN, as on AWS (a policy naming one resource denies the others from the cache)."""
+
+    def __init__(self, ttl: float, clock: Callable[[], float]) -> None:
+        self._ttl = ttl
+        self._clock = clock
+        self._entries: dict[tuple[str, ...], tuple[float, dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, identity: tuple[str, ...]) -> dict[str, Any] | None:
+        with self._lock:
+            entry = self._entries.get(identity)
+            if entry is None or entry[0] <= self._clock():
+                self._entries.pop(identity, None)
+                return None
+            return entry[1]
+
+    def put(self, identity: tuple[str, ...], result: dict[str, Any]) -> None:
+        with self._lock:
+            now = self._clock()
+            self._entries = {key: entry for key, entry in self._entries.items() if entry[0] > now}
+            self._entries[identity] = (now + self._ttl, result)
+
+
 @dataclass(frozen=True)
 class Route:
     path: str
@@ -101,6 +195,7 @@ class Route:
     specificity: tuple[int, ...]
     streaming: bool = False
     timeout_seconds: float = INTEGRATION_TIMEOUT_SECONDS
+    api_key_required: bool = False
 
     @classmethod
     def build(
@@ -111,6 +206,7 @@ class Route:
         authorized: bool,
         streaming: bool = False,
         timeout_ms: int | None = None,
+        api_key_required: bool = False,
     ) -> Route:
         parts, rank = [], []
         for segment in path.strip("/").split("/") if path.strip("/") else []:
@@ -125,7 +221,9 @@ class Route:
                 rank.append(2)
         pattern = re.compile("^/" + "/".join(parts) + "$")
         timeout = timeout_ms / 1000 if timeout_ms else INTEGRATION_TIMEOUT_SECONDS
-        return cls(path, method, function, authorized, pattern, tuple(rank), streaming, timeout)
+        return cls(
+            path, method, function, authorized, pattern, tuple(rank), streaming, timeout, api_key_required
+        )
 
 
 class RestApiEmulator:
@@ -139,6 +237,7 @@ class RestApiEmulator:
         stage: str,
         resolve: Callable[[Any], Any] = lambda value: value,
         cors_origins: str = "*",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._functions = functions
         self._region = region
@@ -152,21 +251,37 @@ class RestApiEmulator:
         self._streams: dict[int, tuple[str, Callable[[], None]]] = {}
         self._stream_ids = itertools.count(1)
         self._streams_lock = threading.Lock()
-        auth = props.get("Auth", {})
-        default_authorizer = auth.get("DefaultAuthorizer")
+        self._spec = template.rest_api(api_id)
+        self._buckets = Buckets(clock)  # the stage's per-method buckets and the usage plan's per-key ones
         self._authorizer: LocalFunction | None = None
-        if default_authorizer:
-            arn = auth["Authorizers"][default_authorizer]["FunctionArn"]
-            self._authorizer = functions[arn["Fn::GetAtt"][0]]
+        self._authorizer_spec: AuthorizerSpec | None = None
+        self._authorizer_cache: AuthorizerCache | None = None
+        if self._spec.default_authorizer:
+            self._authorizer_spec = self._spec.authorizers[self._spec.default_authorizer]
+            self._authorizer = functions[self._authorizer_spec.function]
+            sources = self._authorizer_spec.headers + self._authorizer_spec.query_strings
+            if self._authorizer_spec.reauthorize_every > 0 and sources:
+                self._authorizer_cache = AuthorizerCache(self._authorizer_spec.reauthorize_every, clock)
         self.local_info: dict[str, Any] = {}  # served at LOCAL_INFO_PATH: how the CLI finds this stack
         self.routes: list[Route] = []
         for name, spec in template.functions().items():
             for event in spec.api_events:
                 if event.api == api_id:
                     authorized = event.authorized and self._authorizer is not None
+                    key_required = (
+                        self._spec.api_key_required
+                        if event.api_key_required is None
+                        else event.api_key_required
+                    )
                     self.routes.append(
                         Route.build(
-                            event.path, event.method, name, authorized, event.streaming, event.timeout_ms
+                            event.path,
+                            event.method,
+                            name,
+                            authorized,
+                            event.streaming,
+                            event.timeout_ms,
+                            key_required,
                         )
                     )
 
@@ -194,8 +309,21 @@ class RestApiEmulator:
         source_ip: str = "127.0.0.1",
     ) -> HttpResponse:
         request_id = str(uuid.uuid4())
+        return self._finish(self._handle(method, target, headers, body, source_ip, request_id), headers)
+
+    def refuse(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> HttpResponse:
+        """API Gateway's answer to a request it cannot take as sent (malformed, too large, or never
+        fully arrived): its REQUEST_TOO_LARGE response for 413, else its DEFAULT_4XX one with this
+        status and message."""
+        request_id = str(uuid.uuid4())
+        if status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
+            response = self.gateway_response("REQUEST_TOO_LARGE", request_id)
+        else:
+            response = self.gateway_response("DEFAULT_4XX", request_id, status=status, message=message)
+        return self._finish(response, headers or {})
+
+    def _finish(self, response: HttpResponse, headers: Mapping[str, str]) -> HttpResponse:
         origin = _header(headers, "Origin")
-        response = self._handle(method, target, headers, body, source_ip, request_id)
         gateway_answered = response.status >= 400 and "x-amzn-ErrorType" in response.headers
         local = response.headers.pop(LOCAL_ROUTE_HEADER, None)
         if origin and (gateway_answered or local):
@@ -219,21 +347,41 @@ class RestApiEmulator:
         local = self._local(method, path, query, request_id)
         if local is not None:
             return local
+        if method not in HTTP_METHODS:
+            # ANY stands for API Gateway's seven methods only, so another one (FOO, PROPFIND) matches no
+            # method of the resource; API Gateway answers that as it answers an unknown path, with
+            # MISSING_AUTHENTICATION_TOKEN (which the template makes Spool's 404 not_found). A 405 or
+            # 501 would read better, but the deployed API cannot send one, and local must not differ.
+            return self.gateway_response("MISSING_AUTHENTICATION_TOKEN", request_id)
         resources, path_params = self.match(path)
         if method == "OPTIONS" and self._cors is not None:
-            return self._preflight(headers, request_id)  # a mock integration: no authorizer, no function
+            # A mock integration: no authorizer, no function, but a method of the stage all the same.
+            refused = self._throttle(resources[0].path if resources else path, "OPTIONS", request_id)
+            return refused or self._preflight_key(headers, request_id) or self._preflight(headers, request_id)
         route = next((r for r in resources if r.method in {method, "ANY"}), None)
         if route is None:
             return self.gateway_response("MISSING_AUTHENTICATION_TOKEN", request_id)
         deadline = time.monotonic() + route.timeout_seconds  # the integration timeout covers it all
 
+        # API Gateway throttles a method (the stage's MethodSettings) before it authorizes: a throttled
+        # request never reaches the authorizer. The usage plan's per-key throttle needs the key, which
+        # (ApiKeySourceType AUTHORIZER) only the authorizer's answer carries, so it comes after it.
+        throttled = self._throttle(route.path, route.method, request_id)
+        if throttled is not None:
+            return throttled
         event = self._proxy_event(
             method, path, query, headers, body, route, path_params, request_id, source_ip
         )
+        authorization: dict[str, Any] = {}
         if route.authorized:
-            denied = self._authorize(event, method, path, request_id, deadline)
-            if denied is not None:
-                return denied
+            outcome = self._authorize(event, method, path, request_id, deadline)
+            if isinstance(outcome, HttpResponse):
+                return outcome
+            authorization = outcome
+        if route.api_key_required:
+            refused = self._usage_plan(headers, authorization, request_id)
+            if refused is not None:
+                return refused
         if _serialized_size(event) > MAX_LAMBDA_PAYLOAD_BYTES:
             return self.gateway_response("REQUEST_TOO_LARGE", request_id)
         function = self._functions[route.function]
@@ -250,6 +398,47 @@ class RestApiEmulator:
             log.error("%s %s: %s", method, path, exc)
             return self.gateway_response("DEFAULT_5XX", request_id)
         return self._proxy_response(result, request_id)
+
+    # ------------------------------------------------------------------ throttling and API keys
+    def _throttle(self, resource: str, method: str, request_id: str) -> HttpResponse | None:
+        """The stage's throttle of this method (MethodSettings): each method has its own bucket."""
+        throttle = self._spec.method_throttle(resource, method)
+        if throttle is None:
+            return None
+        wait = self._buckets.take(("method", resource, method), throttle)
+        return self._throttled(wait, request_id) if wait > 0 else None
+
+    def _usage_plan(
+        self, headers: Mapping[str, str], authorization: Mapping[str, Any], request_id: str
+    ) -> HttpResponse | None:
+        """A method that requires an API key: the key (the authorizer's usageIdentifierKey or the
+        x-api-key header, as ApiKeySourceType says), then its usage plan's throttle. API Gateway answers
+        a missing key with INVALID_API_KEY (403 Forbidden). Locally every key counts as one of the
+        plan's keys: there are no API Gateway API keys to check it against."""
+        if self._spec.api_key_source == "AUTHORIZER":
+            key = authorization.get("usageIdentifierKey")
+        else:
+            key = _header(headers, "x-api-key")
+        if not isinstance(key, str) or not key:
+            return self.gateway_response("INVALID_API_KEY", request_id)
+        throttle = self._spec.usage_plan_throttle
+        if throttle is None:
+            return None
+        wait = self._buckets.take(("usage-plan", key), throttle)
+        return self._throttled(wait, request_id) if wait > 0 else None
+
+    def _preflight_key(self, headers: Mapping[str, str], request_id: str) -> HttpResponse | None:
+        """SAM puts an API-wide key requirement on the CORS preflight too, unless the API says
+        AddApiKeyRequiredToCorsPreflight: false; a preflight meets no authorizer and carries no key,
+        so API Gateway refuses it then."""
+        if not (self._spec.api_key_required and self._spec.api_key_required_on_preflight):
+            return None
+        return self._usage_plan(headers, {}, request_id)
+
+    def _throttled(self, wait: float, request_id: str) -> HttpResponse:
+        # API Gateway's own Retry-After is whatever the template wrote; here it says when the bucket
+        # has a token again, which is never less than 1 s.
+        return self.gateway_response("THROTTLED", request_id, headers={"Retry-After": retry_after(wait)})
 
     def _stream(self, function: LocalFunction, event: dict[str, Any], remaining: float) -> HttpResponse:
         """A streaming integration (REST response streaming, here to a function run by Lambda Web
@@ -397,10 +586,23 @@ class RestApiEmulator:
             + path.lstrip("/")
         )
 
+    def _identity(self, event: Mapping[str, Any]) -> tuple[str, ...] | None:
+        """The values of the authorizer's identity sources, or None when one is missing or empty."""
+        assert self._authorizer_spec is not None
+        headers = event["headers"] or {}
+        query = event["queryStringParameters"] or {}
+        values = [_header(headers, name) for name in self._authorizer_spec.headers]
+        values += [query.get(name) for name in self._authorizer_spec.query_strings]
+        return None if any(not value for value in values) else tuple(str(value) for value in values)
+
     def _authorize(
         self, event: dict[str, Any], method: str, path: str, request_id: str, deadline: float
-    ) -> HttpResponse | None:
+    ) -> HttpResponse | dict[str, Any]:
+        """Run the authorizer (or take its cached answer): API Gateway's refusal, or the answer."""
         assert self._authorizer is not None
+        identity = self._identity(event)
+        if identity is None:  # API Gateway answers 401 without invoking the authorizer
+            return self.gateway_response("UNAUTHORIZED", request_id)
         auth_event = {
             "type": "REQUEST",
             "methodArn": self.method_arn(method, path),
@@ -421,18 +623,23 @@ class RestApiEmulator:
             },
         }
         started = time.monotonic()
-        try:
-            result = self._authorizer.invoke(auth_event, wait=max(0.001, deadline - time.monotonic()))
-        except HandlerError as exc:
-            if exc.payload.get("errorMessage") == "Unauthorized":
-                return self.gateway_response("UNAUTHORIZED", request_id)
-            log.error("authorizer: %s", exc)
-            return self.gateway_response("AUTHORIZER_FAILURE", request_id)
-        except InvocationError as exc:
-            log.error("authorizer: %s", exc)
-            return self.gateway_response("AUTHORIZER_FAILURE", request_id)
-        if not isinstance(result, dict) or "policyDocument" not in result:
-            return self.gateway_response("AUTHORIZER_FAILURE", request_id)
+        cache = self._authorizer_cache
+        result = cache.get(identity) if cache is not None else None
+        if result is None:
+            try:
+                result = self._authorizer.invoke(auth_event, wait=max(0.001, deadline - time.monotonic()))
+            except HandlerError as exc:
+                if exc.payload.get("errorMessage") == "Unauthorized":
+                    return self.gateway_response("UNAUTHORIZED", request_id)
+                log.error("authorizer: %s", exc)
+                return self.gateway_response("AUTHORIZER_FAILURE", request_id)
+            except InvocationError as exc:
+                log.error("authorizer: %s", exc)
+                return self.gateway_response("AUTHORIZER_FAILURE", request_id)
+            if not isinstance(result, dict) or "policyDocument" not in result:
+                return self.gateway_response("AUTHORIZER_FAILURE", request_id)
+            if cache is not None:
+                cache.put(identity, result)
         if not _policy_allows(result["policyDocument"], auth_event["methodArn"]):
             return self.gateway_response("ACCESS_DENIED", request_id)
         context = {k: _stringify(v) for k, v in (result.get("context") or {}).items()}
@@ -441,7 +648,7 @@ class RestApiEmulator:
             "principalId": result.get("principalId"),
             "integrationLatency": int((time.monotonic() - started) * 1000),
         }
-        return None
+        return result
 
     # ------------------------------------------------------------------ responses
     def _proxy_response(self, result: Any, request_id: str) -> HttpResponse:
@@ -455,13 +662,23 @@ class RestApiEmulator:
         headers.setdefault("x-amzn-RequestId", request_id)
         return HttpResponse(int(result["statusCode"]), headers, raw)
 
-    def gateway_response(self, kind: str, request_id: str) -> HttpResponse:
-        """Render the template's gateway response of this kind (or its DEFAULT_4XX/5XX fallback)."""
-        status = DEFAULT_STATUS.get(kind, 500)
-        family = "DEFAULT_5XX" if status >= 500 else "DEFAULT_4XX"
+    def gateway_response(
+        self,
+        kind: str,
+        request_id: str,
+        *,
+        status: int | None = None,
+        message: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> HttpResponse:
+        """Render the template's gateway response of this kind (or its DEFAULT_4XX/5XX fallback).
+        ``status`` and ``message`` replace the response's own (for DEFAULT_4XX answers to a request
+        that cannot be read); ``headers`` are added to the template's."""
+        default_status = status or DEFAULT_STATUS.get(kind, 500)
+        family = "DEFAULT_5XX" if default_status >= 500 else "DEFAULT_4XX"
         spec = self._gateway_responses.get(kind) or self._gateway_responses.get(family) or {}
-        status = int(spec.get("StatusCode", status))
-        message = DEFAULT_MESSAGE.get(kind, HTTPStatus(status).phrase)
+        status = status or int(spec.get("StatusCode", default_status))
+        message = message or DEFAULT_MESSAGE.get(kind) or _phrase(status)
         template = (spec.get("ResponseTemplates") or {}).get("application/json") or json.dumps(
             {"message": "$context.error.messageString"}
         )
@@ -470,7 +687,7 @@ class RestApiEmulator:
             .replace("$context.error.messageString", json.dumps(message)[1:-1])
             .replace("$context.error.message", message)
         )
-        headers = {
+        response_headers = {
             "Content-Type": "application/json",
             "x-amzn-ErrorType": kind,
             "x-amzn-RequestId": request_id,
@@ -480,15 +697,23 @@ class RestApiEmulator:
             if name.lower() == "access-control-allow-origin":
                 continue  # per request, from SPOOL_CORS_ORIGINS (see handle)
             if value.startswith("'") and value.endswith("'"):
-                headers[name] = _literal(value)
+                response_headers[name] = _literal(value)
             elif value == "context.requestId":
-                headers[name] = request_id
-        return HttpResponse(status, headers, body.encode())
+                response_headers[name] = request_id
+        response_headers.update(headers or {})
+        return HttpResponse(status, response_headers, body.encode())
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
     wanted = name.lower()
     return next((v for k, v in headers.items() if k.lower() == wanted), None)
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
 
 
 def _literal(value: str) -> str:
@@ -525,14 +750,61 @@ def _policy_allows(policy: Mapping[str, Any], method_arn: str) -> bool:
     return allowed
 
 
+class _Unreadable(Exception):
+    """A request whose body API Gateway would not take: answered with ``status``, then closed."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
 class _RequestHandler(BaseHTTPRequestHandler):
     server: GatewayHttpServer
     protocol_version = "HTTP/1.1"
 
+    def setup(self) -> None:
+        super().setup()
+        # Every read and write on the connection gives up after this long, so a client that stops
+        # sending (a Content-Length it never fills, headers it never ends) cannot hold a thread.
+        self.connection.settimeout(self.server.read_timeout)
+
+    def handle_one_request(self) -> None:
+        """One request: http.server's step, except that every method reaches the emulator (http.server
+        answers a method it has no do_<METHOD> for with an HTML 501) and that a request which stops
+        arriving half-way gets a 408 before the connection closes."""
+        self.command, self.path, self.headers = "", "", self.MessageClass()
+        self._responding = False
+        try:
+            self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
+        except OSError:  # an idle keep-alive connection timed out, or the client left: close quietly
+            self.close_connection = True
+            return
+        if not self.raw_requestline:
+            self.close_connection = True
+            return
+        try:
+            if len(self.raw_requestline) > MAX_REQUEST_LINE:
+                self.requestline, self.request_version = "", self.protocol_version
+                self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+            elif self.parse_request():
+                self._serve()
+            self.wfile.flush()
+        except TimeoutError:  # the headers or the body stopped coming (or the client stopped reading)
+            self._stalled()
+        except OSError:  # the client went away
+            self.close_connection = True
+
     def _serve(self) -> None:
         started = time.monotonic()
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
+        if self.request_version == "HTTP/0.9":  # `GET /path` without a version
+            self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 requests are not supported")
+            return
+        try:
+            body = self._read_body()
+        except _Unreadable as problem:
+            self._refuse(problem.status, problem.message)
+            return
         headers = {k: v for k, v in self.headers.items() if k.lower() not in GATEWAY_HEADERS}
         forwarded_for = self.headers.get("X-Forwarded-For")
         headers.update(  # as API Gateway adds them
@@ -545,11 +817,123 @@ class _RequestHandler(BaseHTTPRequestHandler):
             }
         )
         response = self.server.emulator.handle(self.command, self.path, headers, body, self.client_address[0])
+        self._send(response, started)
+
+    # ------------------------------------------------------------------ request body
+    def _content_length(self) -> int | None:
+        """The body's declared length, None when it comes chunked. Raises _Unreadable for framing API
+        Gateway refuses: a length that is not a number of bytes (400), or one over its payload limit
+        (413, answered before any of the body is read)."""
+        transfer_encoding = self.headers.get("Transfer-Encoding")
+        if transfer_encoding:
+            if transfer_encoding.split(",")[-1].strip().lower() != "chunked":
+                raise _Unreadable(HTTPStatus.BAD_REQUEST, "Transfer-Encoding must end with chunked")
+            return None
+        values = {value.strip() for value in self.headers.get_all("Content-Length") or []}
+        if not values:
+            return 0
+        if len(values) > 1:
+            raise _Unreadable(HTTPStatus.BAD_REQUEST, "Conflicting Content-Length headers")
+        (value,) = values
+        if not (value.isascii() and value.isdigit()):  # negative, empty, not a number
+            raise _Unreadable(
+                HTTPStatus.BAD_REQUEST, f"Content-Length must be a number of bytes, not {value[:40]!r}"
+            )
+        digits = value.lstrip("0") or "0"
+        if len(digits) > 15 or int(digits) > MAX_REQUEST_BYTES:
+            raise _Unreadable(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "Request Too Long")
+        return int(digits)
+
+    def _read_body(self) -> bytes:
+        length = self._content_length()
+        if length is None:
+            return self._read_chunked()
+        body = self.rfile.read(length) if length else b""
+        if len(body) < length:  # the client closed its side early
+            raise _Unreadable(HTTPStatus.BAD_REQUEST, f"The body ended after {len(body)} of {length} bytes")
+        return body
+
+    def _read_chunked(self) -> bytes:
+        """A chunked body (RFC 9112, 7.1), held to the same payload limit as a declared one."""
+        body = bytearray()
+        while True:
+            line = self.rfile.readline(MAX_CHUNK_LINE + 1)
+            size = line.split(b";", 1)[0].strip()
+            if len(line) > MAX_CHUNK_LINE or not re.fullmatch(rb"[0-9A-Fa-f]{1,15}", size):
+                raise _Unreadable(HTTPStatus.BAD_REQUEST, "Malformed chunked body")
+            length = int(size, 16)
+            if length == 0:
+                break
+            if len(body) + length > MAX_REQUEST_BYTES:
+                raise _Unreadable(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "Request Too Long")
+            chunk = self.rfile.read(length)
+            if len(chunk) < length or self.rfile.read(2) != b"\r\n":
+                raise _Unreadable(HTTPStatus.BAD_REQUEST, "Malformed chunked body")
+            body += chunk
+        while (line := self.rfile.readline(MAX_CHUNK_LINE + 1)) not in {b"\r\n", b"\n"}:  # trailers
+            if not line or len(line) > MAX_CHUNK_LINE:
+                raise _Unreadable(HTTPStatus.BAD_REQUEST, "Malformed chunked body")
+        return bytes(body)
+
+    def handle_expect_100(self) -> bool:
+        # Invite the body only when it will be read: a length API Gateway refuses is answered at once
+        # (by _serve), before the client sends any of it.
+        try:
+            self._content_length()
+        except _Unreadable:
+            return True
+        return super().handle_expect_100()
+
+    # ------------------------------------------------------------------ answers
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a malformed request line or header, an HTTP version it does not
+        speak) as API Gateway's DEFAULT_4XX response: Spool's envelope and X-Request-Id, not HTML."""
+        if self.request_version == "HTTP/0.9":  # a garbled request line: answer it in HTTP/1.1
+            self.request_version = self.protocol_version
+        self._refuse(code, message or _phrase(code))
+
+    def _refuse(self, status: int, message: str, *, drain: bool = True) -> None:
+        self.close_connection = True  # what is left of the request cannot be told from the next one
+        self._send(self.server.emulator.refuse(status, message, dict(self.headers.items())), time.monotonic())
+        if drain:
+            self._drain()
+
+    def _stalled(self) -> None:
+        """A read timed out half-way through a request: 408 if nothing was sent yet, then close."""
+        self.close_connection = True
+        if not self._responding:
+            with contextlib.suppress(OSError):
+                message = f"The request did not arrive within {self.server.read_timeout:g} s"
+                self._refuse(HTTPStatus.REQUEST_TIMEOUT, message, drain=False)
+
+    def _drain(self) -> None:
+        """After answering without reading all of the request: stop sending, then read (and drop) what
+        the client still sends for a moment, so that closing does not reset the connection before the
+        client has read the answer."""
+        with contextlib.suppress(OSError):
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(min(self.server.read_timeout, DRAIN_SECONDS))
+            deadline, drained = time.monotonic() + DRAIN_SECONDS, 0
+            while drained < DRAIN_BYTES and time.monotonic() < deadline:
+                data = self.connection.recv(65536)
+                if not data:
+                    break
+                drained += len(data)
+
+    def _send(self, response: HttpResponse, started: float) -> None:
+        self._responding = True
         self.send_response(response.status)
         for name, value in response.headers.items():
             if name.lower() not in {"content-length", "connection", "transfer-encoding"}:
                 self.send_header(name, value)
-        if response.stream is not None:
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        if response.stream is not None and self.command == "HEAD":
+            response.stream.close()  # headers only: a HEAD answer has no body, chunked or not
+            self.end_headers()
+            outcome = ""
+        elif response.stream is not None:
             outcome = self._relay(response.stream)
         else:
             self.send_header("Content-Length", str(len(response.body)))
@@ -559,8 +943,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
             outcome = ""
         log.info(
             "%s %s %d %.0f ms %s%s",
-            self.command,
-            self.path,
+            self.command or "-",
+            self.path or self.requestline[:100],
             response.status,
             (time.monotonic() - started) * 1000,
             response.headers.get("X-Request-Id") or response.headers.get("x-amzn-RequestId", ""),
@@ -583,7 +967,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
         except InvocationError as exc:
             outcome = f" (stream broke off: {exc})"
             self.close_connection = True
-        except OSError:
+        except OSError:  # a client that went away, or stopped reading for longer than the timeout
             outcome = " (client went away)"
             self.close_connection = True
         finally:
@@ -596,10 +980,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
         with contextlib.suppress(OSError):
             self.connection.shutdown(socket.SHUT_RDWR)
 
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _serve  # noqa: N815
-
     def log_message(self, format: str, *args: Any) -> None:
-        return None  # one line per request is logged by _serve, through logging
+        return None  # one line per request is logged by _send, through logging
 
 
 class GatewayHttpServer(ThreadingHTTPServer):
@@ -607,9 +989,12 @@ class GatewayHttpServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, sock: socket.socket, emulator: RestApiEmulator) -> None:
+    def __init__(
+        self, sock: socket.socket, emulator: RestApiEmulator, *, read_timeout: float = READ_TIMEOUT_SECONDS
+    ) -> None:
         super().__init__(sock.getsockname(), _RequestHandler, bind_and_activate=False)
         self.socket.close()
         self.socket = sock
         self.server_address = sock.getsockname()
         self.emulator = emulator
+        self.read_timeout = read_timeout

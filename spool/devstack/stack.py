@@ -174,7 +174,9 @@ class EmbeddedStack:
             self.template, self.moto.url, stack_name=self.stack_name, overrides=self.overrides
         )
         stage = description.parameters.get("StageName", "prod")
-        self._websocket = WebSocketGateway({}, self._ws_socket, stage=stage)
+        self._websocket = WebSocketGateway(
+            {}, self._ws_socket, stage=stage, throttles=self.template.websocket_throttles()
+        )
         self._management = ManagementApiServer(self._websocket, self.host)
         management_url = f"http://{self.host}:{self._management.server_address[1]}/{stage}"
         description.overrides = {

@@ -110,6 +110,81 @@ class ApiEvent:
     authorized: bool
     streaming: bool = False  # ResponseTransferMode: RESPONSE_STREAM (the integration streams)
     timeout_ms: int | None = None  # TimeoutInMillis (29 s when unset; up to 15 min when streaming)
+    api_key_required: bool | None = None  # Auth.ApiKeyRequired of the event (None: the API's default)
+
+
+# API Gateway's account-level throttle per Region, what a stage or route without its own settings gets.
+ACCOUNT_RATE_LIMIT = 10_000.0
+ACCOUNT_BURST_LIMIT = 5_000
+
+
+@dataclass(frozen=True)
+class Throttle:
+    """An API Gateway throttle: a token bucket refilled with ``rate`` tokens a second that holds at
+    most ``burst``; each request (or WebSocket message) takes one."""
+
+    rate: float
+    burst: int
+
+
+@dataclass(frozen=True)
+class MethodThrottle:
+    """One entry of a stage's ``MethodSettings``: the throttle of the methods it names."""
+
+    resource_path: str  # "/*" for every resource, else the resource's path (/v1/jobs)
+    http_method: str  # "*" for every method, else GET, POST, ..., ANY
+    throttle: Throttle
+
+    def matches(self, resource: str, method: str) -> bool:
+        return self.resource_path in {"/*", resource} and self.http_method in {"*", method}
+
+    @property
+    def specificity(self) -> tuple[bool, bool]:
+        """A setting for a named resource or method wins over the stage-wide ``/*`` ``*`` one."""
+        return self.resource_path != "/*", self.http_method != "*"
+
+
+@dataclass(frozen=True)
+class AuthorizerSpec:
+    """A Lambda authorizer of a REST API (SAM ``Auth.Authorizers``)."""
+
+    function: str  # logical id of the function
+    headers: tuple[str, ...] = ()  # identity sources: request headers ...
+    query_strings: tuple[str, ...] = ()  # ... and query string parameters
+    reauthorize_every: int = 0  # seconds a policy is cached per identity (0: every request is authorized)
+
+
+@dataclass(frozen=True)
+class RestApiSpec:
+    """What a REST API's properties say about who may call it how often."""
+
+    method_throttles: tuple[MethodThrottle, ...] = ()
+    # Where a method that requires an API key finds it: the x-api-key header (HEADER) or the
+    # authorizer's usageIdentifierKey (AUTHORIZER).
+    api_key_source: str = "HEADER"
+    api_key_required: bool = False  # Auth.ApiKeyRequired: the default of every method
+    # SAM adds the API key requirement to the CORS preflight (OPTIONS) too unless told not to.
+    api_key_required_on_preflight: bool = True
+    usage_plan_throttle: Throttle | None = None  # the per-key throttle of the API's usage plan
+    default_authorizer: str | None = None
+    authorizers: Mapping[str, AuthorizerSpec] = field(default_factory=dict)
+
+    def method_throttle(self, resource: str, method: str) -> Throttle | None:
+        """The stage throttle of one method: its own setting, else the stage-wide one."""
+        matching = [setting for setting in self.method_throttles if setting.matches(resource, method)]
+        return max(matching, key=lambda setting: setting.specificity).throttle if matching else None
+
+
+@dataclass(frozen=True)
+class WebSocketThrottles:
+    """A WebSocket stage's throttles: ``DefaultRouteSettings`` for every route, ``RouteSettings`` per
+    route key."""
+
+    default: Throttle | None = None
+    routes: Mapping[str, Throttle] = field(default_factory=dict)
+
+    def for_route(self, route_key: str) -> Throttle | None:
+        return self.routes.get(route_key, self.default)
 
 
 @dataclass(frozen=True)
@@ -213,13 +288,30 @@ class Template:
                 raise TemplateError(f"parameter {name} has no default and no override")
         return values
 
+    def _value(self, value: Any) -> Any:
+        """A property given as a literal or as ``!Ref Parameter`` (its override, else its default)."""
+        if isinstance(value, dict) and "Ref" in value:
+            return self.parameter_values(self.overrides)[str(value["Ref"])]
+        return value
+
     def _number(self, value: Any, default: int) -> int:
         """A numeric property, given as a literal or as ``!Ref Parameter`` (overrides, else the default)."""
+        return default if value is None else int(self._value(value))
+
+    def _flag(self, value: Any, default: bool) -> bool:
         if value is None:
             return default
-        if isinstance(value, dict) and "Ref" in value:
-            return int(self.parameter_values(self.overrides)[str(value["Ref"])])
-        return int(value)
+        value = self._value(value)
+        return value if isinstance(value, bool) else str(value).lower() == "true"
+
+    def _throttle(self, rate: Any, burst: Any) -> Throttle | None:
+        """A throttle from its two settings; one left out is API Gateway's account-level value."""
+        if rate is None and burst is None:
+            return None
+        return Throttle(
+            float(self._value(rate)) if rate is not None else ACCOUNT_RATE_LIMIT,
+            int(float(self._value(burst))) if burst is not None else ACCOUNT_BURST_LIMIT,
+        )
 
     def functions(self) -> dict[str, FunctionSpec]:
         globals_ = self.body.get("Globals", {}).get("Function", {})
@@ -234,7 +326,8 @@ class Template:
             for event_name, event in (props.get("Events") or {}).items():
                 ep = event.get("Properties", {})
                 if event["Type"] == "Api":
-                    auth = (ep.get("Auth") or {}).get("Authorizer")
+                    event_auth = ep.get("Auth") or {}
+                    auth = event_auth.get("Authorizer")
                     api_events.append(
                         ApiEvent(
                             event_name,
@@ -245,6 +338,11 @@ class Template:
                             streaming=ep.get("ResponseTransferMode") == "RESPONSE_STREAM",
                             timeout_ms=(
                                 self._number(ep["TimeoutInMillis"], 0) if "TimeoutInMillis" in ep else None
+                            ),
+                            api_key_required=(
+                                self._flag(event_auth["ApiKeyRequired"], False)
+                                if "ApiKeyRequired" in event_auth
+                                else None
                             ),
                         )
                     )
@@ -328,6 +426,78 @@ class Template:
     def api(self, logical_id: str) -> dict[str, Any]:
         props: dict[str, Any] = self.resources[logical_id].get("Properties", {})
         return props
+
+    def rest_api(self, logical_id: str) -> RestApiSpec:
+        """Throttling, API keys and authorizers of an ``AWS::Serverless::Api``; whatever is left out
+        has API Gateway's (and SAM's) default."""
+        props = self.api(logical_id)
+        auth = props.get("Auth") or {}
+        method_throttles = []
+        for setting in props.get("MethodSettings") or []:
+            throttle = self._throttle(setting.get("ThrottlingRateLimit"), setting.get("ThrottlingBurstLimit"))
+            if throttle is not None:
+                method = str(self._value(setting.get("HttpMethod", "*"))).upper()
+                path = str(self._value(setting.get("ResourcePath", "/*")))
+                method_throttles.append(MethodThrottle(_method_setting_path(path), method, throttle))
+        plan = auth.get("UsagePlan") or {}
+        usage_plan_throttle = None
+        if str(self._value(plan.get("CreateUsagePlan", "NONE"))).upper() != "NONE":
+            limits = plan.get("Throttle") or {}
+            usage_plan_throttle = self._throttle(limits.get("RateLimit"), limits.get("BurstLimit"))
+        return RestApiSpec(
+            method_throttles=tuple(method_throttles),
+            api_key_source=str(self._value(props.get("ApiKeySourceType", "HEADER"))).upper(),
+            api_key_required=self._flag(auth.get("ApiKeyRequired"), False),
+            api_key_required_on_preflight=self._flag(auth.get("AddApiKeyRequiredToCorsPreflight"), True),
+            usage_plan_throttle=usage_plan_throttle,
+            default_authorizer=auth.get("DefaultAuthorizer"),
+            authorizers={
+                name: self._authorizer(spec)
+                for name, spec in (auth.get("Authorizers") or {}).items()
+                if isinstance(spec, dict) and "FunctionArn" in spec
+            },
+        )
+
+    def _authorizer(self, spec: Mapping[str, Any]) -> AuthorizerSpec:
+        identity = spec.get("Identity") or {}
+        if str(spec.get("FunctionPayloadType", "TOKEN")).upper() == "TOKEN":
+            headers = [identity.get("Header", "Authorization")]  # a TOKEN authorizer reads one header
+        else:
+            headers = list(identity.get("Headers") or [])
+        return AuthorizerSpec(
+            function=_ref_name(spec["FunctionArn"]),
+            headers=tuple(str(h) for h in headers),
+            query_strings=tuple(str(q) for q in identity.get("QueryStrings") or []),
+            reauthorize_every=self._number(identity.get("ReauthorizeEvery"), 300),  # SAM's default TTL
+        )
+
+    def websocket_throttles(self) -> WebSocketThrottles:
+        """The throttles of the WebSocket API's stage (none declared: API Gateway's account limits)."""
+        for stage in self.resources_of_type("AWS::ApiGatewayV2::Stage").values():
+            props = stage.get("Properties", {})
+            api_id = props.get("ApiId")
+            api = self.resources.get(_ref_name(api_id), {}) if isinstance(api_id, dict) else {}
+            if api.get("Properties", {}).get("ProtocolType") != "WEBSOCKET":
+                continue
+            default = props.get("DefaultRouteSettings") or {}
+            routes = {}
+            for route_key, settings in (props.get("RouteSettings") or {}).items():
+                throttle = self._throttle(
+                    settings.get("ThrottlingRateLimit"), settings.get("ThrottlingBurstLimit")
+                )
+                if throttle is not None:
+                    routes[route_key] = throttle
+            return WebSocketThrottles(
+                self._throttle(default.get("ThrottlingRateLimit"), default.get("ThrottlingBurstLimit")),
+                routes,
+            )
+        return WebSocketThrottles()
+
+
+def _method_setting_path(path: str) -> str:
+    """A ``MethodSettings`` resource path as the resource's own: ``/~1v1~1jobs`` is /v1/jobs (the
+    slashes inside are written ~1), ``/*`` stays every resource."""
+    return path if path == "/*" else (path[1:].replace("~1", "/") or "/")
 
 
 def _ref_name(value: Any) -> str:

@@ -1,17 +1,24 @@
 """API Gateway's WebSocket API, locally: a real WebSocket server that invokes the route handlers the
 template names ($connect, $disconnect, ``subscribe``, $default) with the events API Gateway sends,
-and the ``@connections`` management API those handlers call through boto3 (post_to_connection)."""
+and the ``@connections`` management API those handlers call through boto3 (post_to_connection).
+
+It holds client input to API Gateway's rules: route selection on ``$request.body.action`` (anything
+that does not name a route goes to $default), 128 KB messages in frames of at most 32 KB (close 1009),
+no binary frames (close 1003), the stage's throttles (an error frame instead of the integration), and
+API Gateway's own error frames when an integration fails. Bad input never ends in a 1011."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
 import socket
 import threading
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -22,19 +29,39 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
-from spool.devstack.runtime import InvocationError, LocalFunction
+from spool.devstack.gateway import Buckets
+from spool.devstack.runtime import LocalFunction
+from spool.devstack.template import WebSocketThrottles
 
 log = logging.getLogger("devstack.websocket")
 
+MAX_MESSAGE_BYTES = 128 * 1024  # API Gateway's message payload limit ...
+MAX_FRAME_BYTES = 32 * 1024  # ... sent in frames of at most this; either one over closes with 1009
+ROUTE_KEY = "action"  # the template's RouteSelectionExpression, $request.body.action
+LIFECYCLE_ROUTES = {"$connect", "$disconnect"}  # never chosen for a message
+
 
 class WebSocketGateway:
-    def __init__(self, routes: Mapping[str, LocalFunction], sock: socket.socket, *, stage: str) -> None:
+    def __init__(
+        self,
+        routes: Mapping[str, LocalFunction],
+        sock: socket.socket,
+        *,
+        stage: str,
+        throttles: WebSocketThrottles | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._routes = routes
         self._socket = sock
-        self._host, self._port = sock.getsockname()[:2]
+        address = sock.getsockname()
+        # A TCP socket, or (in tests) a Unix one, whose address is a path.
+        self._host, self._port = address[:2] if isinstance(address, tuple) else ("localhost", 0)
         self._stage = stage
+        self._throttles = throttles or WebSocketThrottles()
+        self._buckets = Buckets(clock)  # one per route, shared by every connection (as on a stage)
         self._connections: dict[str, ServerConnection] = {}
         self._loop = asyncio.new_event_loop()
         self._server: Server | None = None
@@ -52,7 +79,12 @@ class WebSocketGateway:
         return self
 
     async def _start(self) -> None:
-        self._server = await serve(self._session, sock=self._socket, process_request=self._connect)
+        self._server = await serve(
+            self._session,
+            sock=self._socket,
+            process_request=self._connect,
+            max_size=(MAX_MESSAGE_BYTES, MAX_FRAME_BYTES),
+        )
 
     def stop(self) -> None:
         async def close() -> None:
@@ -84,14 +116,46 @@ class WebSocketGateway:
         }
 
     async def _invoke(self, route: str, event: dict[str, Any]) -> Any:
-        function = self._routes.get(route) or self._routes.get("$default")
+        """The route's integration; None when it failed (API Gateway: the route failed, the connection
+        stays)."""
+        function = self._routes.get(route)
         if function is None:
             return {"statusCode": 200}
         try:
             return await asyncio.get_running_loop().run_in_executor(None, function.invoke, event)
-        except InvocationError as exc:  # as API Gateway: the route failed, the connection stays
+        except Exception as exc:  # the handler raised, its container died, it timed out
             log.error("%s: %s", route, exc)
-            return {"statusCode": 500}
+            return None
+
+    def _throttled(self, route: str) -> bool:
+        throttle = self._throttles.for_route(route)
+        return throttle is not None and self._buckets.take(route, throttle) > 0
+
+    def _select_route(self, text: str) -> str | None:
+        """API Gateway's route selection on ``$request.body.action``: the action of a JSON object when
+        it is a string naming a message route; anything else (not JSON, JSON nested too deep to parse,
+        no action, an action that is not a string or names no route) goes to $default. None: no
+        route takes the message."""
+        try:
+            action = json.loads(text).get(ROUTE_KEY)
+        except (ValueError, AttributeError, RecursionError):
+            action = None
+        if isinstance(action, str) and action in self._routes and action not in LIFECYCLE_ROUTES:
+            return action
+        return "$default" if "$default" in self._routes else None
+
+    @staticmethod
+    async def _error_frame(connection: ServerConnection, message: str, event: Mapping[str, Any]) -> None:
+        """API Gateway's own error frame (not the function's, and not Spool's envelope: a deployed
+        client receives exactly this)."""
+        context = event["requestContext"]
+        frame = {
+            "message": message,
+            "connectionId": context["connectionId"],
+            "requestId": context["requestId"],
+        }
+        with contextlib.suppress(ConnectionClosed):
+            await connection.send(json.dumps(frame))
 
     async def _connect(self, connection: ServerConnection, request: Request) -> Response | None:
         """$connect runs before the handshake completes: a non-2xx answer refuses the connection."""
@@ -106,16 +170,16 @@ class WebSocketGateway:
             headers=dict(request.headers.raw_items()),
             queryStringParameters=query or None,
         )
+        if self._throttled("$connect"):  # refused before the integration runs
+            return _http_response(HTTPStatus.TOO_MANY_REQUESTS, json.dumps({"message": "Too Many Requests"}))
         result = await self._invoke("$connect", event)
+        if result is None:
+            return _http_response(
+                HTTPStatus.INTERNAL_SERVER_ERROR, json.dumps({"message": "Internal server error"})
+            )
         status = int((result or {}).get("statusCode", 200))
         if status >= 300:
-            body = str((result or {}).get("body") or "").encode()
-            return Response(
-                status,
-                HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error",
-                Headers([("Content-Type", "application/json"), ("Content-Length", str(len(body)))]),
-                body,
-            )
+            return _http_response(status, str((result or {}).get("body") or ""))
         return None
 
     async def _session(self, connection: ServerConnection) -> None:
@@ -123,18 +187,26 @@ class WebSocketGateway:
         self._connections[connection_id] = connection
         try:
             async for message in connection:
-                text = message if isinstance(message, str) else message.decode()
-                try:
-                    action = json.loads(text).get("action")
-                except (ValueError, AttributeError):
-                    action = None
-                route = action if isinstance(action, str) and action in self._routes else "$default"
-                await self._invoke(route, self._event(route, connection_id, "MESSAGE", body=text))
+                if isinstance(message, bytes):
+                    # An API without binary media types takes text frames only: API Gateway closes.
+                    await connection.close(CloseCode.UNSUPPORTED_DATA, "Binary frames are not supported")
+                    break
+                await self._message(connection, connection_id, message)
         except ConnectionClosed:
             pass
         finally:
             self._connections.pop(connection_id, None)
             await self._invoke("$disconnect", self._event("$disconnect", connection_id, "DISCONNECT"))
+
+    async def _message(self, connection: ServerConnection, connection_id: str, text: str) -> None:
+        route = self._select_route(text)
+        event = self._event(route or "$default", connection_id, "MESSAGE", body=text)
+        if route is None:  # no route matched and there is no $default
+            await self._error_frame(connection, "Forbidden", event)
+        elif self._throttled(route):
+            await self._error_frame(connection, "Too Many Requests", event)
+        elif await self._invoke(route, event) is None:
+            await self._error_frame(connection, "Internal server error", event)
 
     # ------------------------------------------------------------------ @connections
     def post(self, connection_id: str, data: bytes) -> bool:
@@ -157,6 +229,17 @@ class WebSocketGateway:
 
     def is_connected(self, connection_id: str) -> bool:
         return connection_id in self._connections
+
+
+def _http_response(status: int, body: str) -> Response:
+    """An answer to the opening handshake that refuses the connection."""
+    raw = body.encode()
+    return Response(
+        status,
+        HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error",
+        Headers([("Content-Type", "application/json"), ("Content-Length", str(len(raw)))]),
+        raw,
+    )
 
 
 class _ManagementHandler(BaseHTTPRequestHandler):

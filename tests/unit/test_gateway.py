@@ -30,6 +30,7 @@ def allow(event: dict[str, Any]) -> dict[str, Any]:
             ],
         },
         "context": {"tenant_id": "acme", "admin": False},
+        "usageIdentifierKey": "usage-key-1",  # what a method that requires an API key throttles by
     }
 
 
