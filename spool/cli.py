@@ -254,22 +254,121 @@ def _admin_target(args: argparse.Namespace) -> Any:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    """Create an API key for a tenant in the key table of a stack (the local one, or a deployed one)."""
+    """API keys in the key table of a stack (the local one, or a deployed one): create, list, revoke,
+    rotate. A key is shown once, on stdout, when it is made; the table keeps only its hash."""
     from spool_core.adapters.api_keys import DynamoApiKeyStore
-    from spool_core.auth import ApiKeys
+    from spool_core.auth import ApiKeys, KeyCache
+    from spool_core.errors import SpoolError as DomainError
     from spool_core.tenancy import Tenant
 
     target = _admin_target(args)
     table = args.table or target.resource("ApiKeysTable")
-    keys = ApiKeys(DynamoApiKeyStore(target.client("dynamodb"), table))
-    key, record = keys.create(Tenant(args.tenant), args.description)
-    print(key)
-    print(
-        f"tenant {record.tenant_id}, key id {record.key_id} in {target.description}:"
-        " store the key now, it is not shown again",
-        file=sys.stderr,
-    )
+    # No cache: an operator reads and changes the table itself, never a remembered copy.
+    keys = ApiKeys(DynamoApiKeyStore(target.client("dynamodb"), table), cache=KeyCache(0))
+    tenant = Tenant(args.tenant) if args.tenant else None
+    try:
+        if args.action == "create":
+            assert tenant is not None  # argparse requires --tenant for create
+            key, record = keys.create(tenant, args.description)
+            _ensure_usage_key(args, target, record.tenant_id)
+            print(key)
+            print(
+                f"tenant {record.tenant_id}, key id {record.key_id} in {target.description}:"
+                " store the key now, it is not shown again",
+                file=sys.stderr,
+            )
+        elif args.action == "list":
+            _print_keys(keys.summaries(tenant), as_json=args.json)
+        elif args.action == "revoke":
+            record = keys.revoke(args.key_id, tenant=tenant)
+            print(f"revoked {record.key_id} (tenant {record.tenant_id}) at {record.revoked_at}")
+            print(
+                f"requests with it are refused within {_KEY_CACHE_NOTE}; open WebSocket connections"
+                " made with it are closed within the same time. The record stays, for audit.",
+                file=sys.stderr,
+            )
+        else:
+            rotation = keys.rotate(
+                args.key_id, grace_seconds=args.grace, tenant=tenant, description=args.description
+            )
+            _ensure_usage_key(args, target, rotation.new.tenant_id)
+            print(rotation.key)
+            old = rotation.old
+            until = (
+                f"keeps working until {old.expires_at}"
+                if old.status == "active"
+                else f"was revoked (refused within {_KEY_CACHE_NOTE})"
+            )
+            print(
+                f"tenant {rotation.new.tenant_id}: new key id {rotation.new.key_id} in {target.description}"
+                f" (store the key now, it is not shown again); the old key {old.key_id} {until}",
+                file=sys.stderr,
+            )
+    except DomainError as exc:
+        print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+        for suggestion in exc.suggestions:
+            print(f"  - {suggestion}", file=sys.stderr)
+        return 2
     return 0
+
+
+_KEY_CACHE_NOTE = "the functions' key cache lifetime (SPOOL_AUTH_CACHE_SECONDS, 30 s unless configured)"
+
+
+KEY_COLUMNS = (
+    ("KEY ID", "key_id"),
+    ("TENANT", "tenant"),
+    ("STATUS", "status"),
+    ("CREATED", "created_at"),
+    ("UNTIL", "until"),
+    ("DESCRIPTION", "description"),
+)
+
+
+def _print_keys(summaries: list[dict[str, Any]], *, as_json: bool) -> None:
+    """A table for people (UNTIL: when a revoked key stopped, or a rotated one stops), JSON for scripts."""
+    if as_json:
+        _print(summaries)
+        return
+    if not summaries:
+        print("no keys", file=sys.stderr)
+        return
+    rows = [
+        {**s, "until": s["revoked_at"] if s["status"] == "revoked" else s["expires_at"] or ""}
+        for s in summaries
+    ]
+    widths = [max(len(title), *(len(str(r[field])) for r in rows)) for title, field in KEY_COLUMNS]
+    lines = [[title for title, _ in KEY_COLUMNS], *([str(r[f]) for _, f in KEY_COLUMNS] for r in rows)]
+    for line in lines:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+
+
+def _ensure_usage_key(args: argparse.Namespace, target: Any, tenant_id: str) -> None:
+    """On AWS, the tenant's API Gateway API key must be in the stack's usage plan, or API Gateway
+    refuses its requests (403): the authorizer names that key (``usageIdentifierKey``). The local
+    gateway has no usage plans, so the local stack needs nothing."""
+    if not args.stack_name:
+        return
+    from spool_core.adapters.api_keys import ApiGatewayUsageKeys
+
+    plan = args.usage_plan_id or _stack_output(target, args.stack_name, "UsagePlanId")
+    if not plan:
+        print(
+            f"note: stack {args.stack_name} has no UsagePlanId output (no usage plan): "
+            "no API Gateway usage key registered",
+            file=sys.stderr,
+        )
+        return
+    api_key_id = ApiGatewayUsageKeys(target.client("apigateway"), plan).ensure(tenant_id)
+    print(f"tenant {tenant_id}: API Gateway key {api_key_id} is in usage plan {plan}", file=sys.stderr)
+
+
+def _stack_output(target: Any, stack_name: str, name: str) -> str | None:
+    stacks = target.client("cloudformation").describe_stacks(StackName=stack_name)["Stacks"]
+    for output in stacks[0].get("Outputs", []) if stacks else []:
+        if output.get("OutputKey") == name:
+            return str(output["OutputValue"])
+    return None
 
 
 def _limits(args: argparse.Namespace) -> int:
@@ -326,6 +425,13 @@ def _limits(args: argparse.Namespace) -> int:
         }
     )
     return 0
+
+
+def _seconds(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more seconds")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -394,19 +500,61 @@ def build_parser() -> argparse.ArgumentParser:
     contexts.add_argument("--ttl", type=int, default=3600)
     contexts.set_defaults(run=_contexts)
 
-    admin = argparse.ArgumentParser(add_help=False)
-    admin.add_argument(
+    target = argparse.ArgumentParser(add_help=False)
+    target.add_argument(
         "--url", default=None, help="the local stack to manage (SPOOL_URL, default the local stack)"
     )
-    admin.add_argument("--stack-name", help="a deployed stack to manage instead of the local one")
-    admin.add_argument("--endpoint-url", help="AWS endpoint for --stack-name (an AWS-compatible endpoint)")
+    target.add_argument("--stack-name", help="a deployed stack to manage instead of the local one")
+    target.add_argument("--endpoint-url", help="AWS endpoint for --stack-name (an AWS-compatible endpoint)")
+    admin = argparse.ArgumentParser(add_help=False, parents=[target])
     admin.add_argument("--tenant", required=True)
 
-    keys = commands.add_parser("keys", parents=[admin], help="manage API keys")
-    keys.add_argument("action", choices=["create"])
-    keys.add_argument("--table", help="the key table's name, instead of looking it up in the stack")
-    keys.add_argument("--description", default="")
+    keys = commands.add_parser("keys", help="manage API keys: create, list, revoke, rotate")
     keys.set_defaults(run=_keys)
+    key_actions = keys.add_subparsers(dest="action", required=True, metavar="{create,list,revoke,rotate}")
+    key_table = argparse.ArgumentParser(add_help=False, parents=[target])
+    key_table.add_argument("--table", help="the key table's name, instead of looking it up in the stack")
+    usage_plan = argparse.ArgumentParser(add_help=False)
+    usage_plan.add_argument(
+        "--usage-plan-id",
+        help="with --stack-name: the usage plan the tenant's API Gateway key joins"
+        " (default: the stack's UsagePlanId output)",
+    )
+    create = key_actions.add_parser(
+        "create", parents=[key_table, usage_plan], help="a new key for a tenant, printed once"
+    )
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--description", default="")
+    listing = key_actions.add_parser(
+        "list", parents=[key_table], help="key id, tenant, status and times; never the key or its hash"
+    )
+    listing.add_argument("--tenant", help="only this tenant's keys (default: every tenant's)")
+    listing.add_argument("--json", action="store_true", help="JSON instead of a table")
+    revoke = key_actions.add_parser(
+        "revoke", parents=[key_table], help="stop a key (within the key cache's lifetime); the record stays"
+    )
+    revoke.add_argument("key_id")
+    revoke.add_argument(
+        "--tenant",
+        help="the key's tenant: looked up with a Query instead of a Scan; another tenant's key is refused",
+    )
+    rotate = key_actions.add_parser(
+        "rotate",
+        parents=[key_table, usage_plan],
+        help="a new key for the same tenant (printed once); the old one is revoked, or ends after --grace",
+    )
+    rotate.add_argument("key_id")
+    rotate.add_argument(
+        "--tenant",
+        help="the key's tenant: looked up with a Query instead of a Scan; another tenant's key is refused",
+    )
+    rotate.add_argument(
+        "--grace",
+        type=_seconds,
+        default=0,
+        help="seconds the old key keeps working beside the new one (default 0: revoked now)",
+    )
+    rotate.add_argument("--description", default=None, help="the new key's (default: the old key's)")
 
     limits = commands.add_parser("limits", parents=[admin], help="read or change a tenant's limits")
     limits.add_argument("action", choices=["get", "set", "reset"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 from spool.devstack.runtime import HandlerError, InvocationError
 from spool_core.circuits import Circuit
 from spool_core.contexts.model import BlobInfo, ContextRecord, Manifest
-from spool_core.contexts.ports import ConcurrentUpdate
+from spool_core.contexts.ports import ConcurrentUpdate, UploadChanged, UploadHead
 
 
 class FakeFunction:
@@ -94,6 +95,17 @@ class MemoryContextTable:
         found = self.items.get(context_id)
         return found[0] if found else None
 
+    upload_tat: float | None = None
+
+    def upload_budget(self) -> float | None:
+        return self.upload_tat
+
+    def spend_upload_budget(self, tat: float, expected: float | None) -> bool:
+        if self.upload_tat != expected:
+            return False
+        self.upload_tat = tat
+        return True
+
     def create(self, record: ContextRecord, ttl: int) -> None:
         assert record.context_id not in self.items
         self.items[record.context_id] = (record, ttl)
@@ -118,16 +130,25 @@ class MemoryContextTable:
 class MemoryUploadStore:
     def __init__(self) -> None:
         self.objects: dict[str, bytes] = {}
+        self.replace_before_read: dict[str, bytes] = {}  # another PUT lands between head and read
 
     def presign_put(self, upload_id: str, expires_in: int) -> str:
         return f"https://uploads.example/{upload_id}?expires={expires_in}"
 
-    def size(self, upload_id: str) -> int | None:
-        data = self.objects.get(upload_id)
-        return None if data is None else len(data)
+    def presign_post(self, upload_id: str, expires_in: int, max_bytes: int) -> dict[str, Any]:
+        return {"url": "https://uploads.example/", "fields": {"key": upload_id, "max": str(max_bytes)}}
 
-    def read(self, upload_id: str) -> bytes:
-        return self.objects[upload_id]
+    def head(self, upload_id: str) -> UploadHead | None:
+        data = self.objects.get(upload_id)
+        return None if data is None else UploadHead(len(data), hashlib.md5(data).hexdigest())  # noqa: S324
+
+    def read(self, upload_id: str, etag: str) -> bytes:
+        if upload_id in self.replace_before_read:
+            self.objects[upload_id] = self.replace_before_read.pop(upload_id)
+        data = self.objects.get(upload_id)
+        if data is None or hashlib.md5(data).hexdigest() != etag:  # noqa: S324 - S3's ETag
+            raise UploadChanged(upload_id)
+        return data
 
     def delete(self, upload_id: str) -> None:
         self.objects.pop(upload_id, None)
@@ -151,3 +172,47 @@ class MemoryCircuitStore:
                 return False
             self.items[circuit.model_id] = dataclasses.replace(circuit)
             return True
+
+
+from spool_core.auth import ApiKeyRecord  # noqa: E402
+
+
+class MemoryApiKeyStore:
+    """The API key table in memory: items by key hash, plus the lookups its tenant index serves (a
+    tenant's keys, a tenant's key by id). ``gets`` counts reads by hash, to see what a cache saves."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, ApiKeyRecord] = {}
+        self.gets = 0
+
+    def get(self, key_hash: str) -> ApiKeyRecord | None:
+        self.gets += 1
+        return self.items.get(key_hash)
+
+    def put(self, record: ApiKeyRecord) -> None:
+        self.items[record.key_hash] = record
+
+    def by_key_id(self, key_id: str, tenant_id: str | None = None) -> ApiKeyRecord | None:
+        return next(
+            (r for r in self.items.values() if r.key_id == key_id and tenant_id in (None, r.tenant_id)),
+            None,
+        )
+
+    def list_for_tenant(self, tenant_id: str) -> list[ApiKeyRecord]:
+        return [r for r in self.items.values() if r.tenant_id == tenant_id]
+
+    def list_all(self) -> list[ApiKeyRecord]:
+        return list(self.items.values())
+
+    def revoke(self, key_hash: str, revoked_at: str) -> ApiKeyRecord:
+        record = self.items[key_hash]
+        update = {"status": "revoked", "revoked_at": record.revoked_at or revoked_at}
+        self.items[key_hash] = record.model_copy(update=update)
+        return self.items[key_hash]
+
+    def expire(self, key_hash: str, expires_at: str, replaced_by: str) -> ApiKeyRecord:
+        record = self.items[key_hash]
+        self.items[key_hash] = record.model_copy(
+            update={"expires_at": expires_at, "replaced_by": replaced_by}
+        )
+        return self.items[key_hash]

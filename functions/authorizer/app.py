@@ -3,6 +3,11 @@
 The tenant travels to the API functions in the policy context. An API key opens every route; an
 events token (``?token=`` on ``GET /v1/jobs/{id}/events``, what a browser's EventSource can send)
 opens that one stream of that one job, read-only, until it expires.
+
+Keys are looked up through a cache kept for the life of the execution environment
+(``SPOOL_AUTH_CACHE_SECONDS``, see ``spool_core.auth.KeyCache``): a revoked or expired key is refused
+once its entry ends. Both kinds of credential return the tenant's ``usageIdentifierKey``
+(``spool_core.auth.usage_key``), which the API's usage plan meters and throttles by.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from aws_lambda_powertools.utilities.data_classes.api_gateway_authorizer_event i
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from spool_core import bootstrap
-from spool_core.auth import extract_api_key
+from spool_core.auth import extract_api_key, usage_key
 from spool_core.observability import logger
 
 ANONYMOUS = "anonymous"
@@ -42,10 +47,13 @@ def lambda_handler(event: APIGatewayAuthorizerRequestEvent, context: LambdaConte
         return _events_token(policy, token, event.path).asdict()
     record = bootstrap.api_keys().authenticate(presented)
     if record is None:
-        logger.info("request denied: missing or unknown API key", extra={"path": event.path})
+        logger.info(
+            "request denied: missing, unknown, revoked or expired API key", extra={"path": event.path}
+        )
         # API Gateway answers its UNAUTHORIZED response (401, how to send a key) to this exact error.
         raise Exception("Unauthorized")
     policy.principal_id = record.key_id
+    policy.usage_identifier_key = usage_key(record.tenant_id)
     policy.context = {"tenant_id": record.tenant_id, "key_id": record.key_id, "scope": "*"}
     policy.allow_all_routes()
     return policy.asdict()
@@ -63,6 +71,7 @@ def _events_token(
         return policy
     tenant_id, job_id = claims
     policy.principal_id = f"events:{job_id}"
+    policy.usage_identifier_key = usage_key(tenant_id)  # a stream counts against its tenant's plan
     policy.context = {"tenant_id": tenant_id, "scope": f"events:{job_id}"}
     policy.allow_route("GET", f"/v1/jobs/{job_id}/events")
     return policy

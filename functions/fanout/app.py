@@ -1,5 +1,10 @@
 """Fanout: the chunk table's and the jobs table's DynamoDB streams push new chunks, then ``done``,
-to each job's WebSocket subscribers."""
+to each job's WebSocket subscribers.
+
+Before pushing to a connection it checks that the API key the connection opened with is still
+active (through the same per-environment key cache as the authorizer, ``SPOOL_AUTH_CACHE_SECONDS``);
+a connection whose key was revoked gets a final ``unauthorized`` error frame and is closed.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +33,8 @@ def record_handler(record: DynamoDBRecord) -> None:
         return  # a job item change other than its end: nothing to push
     if (tenant_id, job_id) in _delivered:
         return  # a delivery reads everything after each cursor: once per job per batch is enough
-    bootstrap.fanout(Tenant(tenant_id)).deliver(job_id)
+    config = bootstrap.settings()
+    bootstrap.fanout(Tenant(tenant_id), config).deliver(job_id, access=bootstrap.connection_guard(config))
     _delivered.add((tenant_id, job_id))
 
 

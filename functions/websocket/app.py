@@ -1,4 +1,9 @@
-"""WebSocket API: $connect (authenticated by API key), $disconnect, and ``subscribe``."""
+"""WebSocket API: $connect (authenticated by API key), $disconnect, and ``subscribe``.
+
+A connection stays open for up to two hours after its one authentication, so it records the key it
+opened with, and ``subscribe`` checks that key again (as the fanout does before each push): a
+connection whose key was revoked gets a final ``unauthorized`` error frame and is closed.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from spool_core.api.errors import envelope
 from spool_core.auth import extract_api_key
 from spool_core.errors import InvalidRequest, SpoolError, Unauthorized
 from spool_core.jobs.errors import JobNotFound
+from spool_core.jobs.model import MAX_SEQUENCE_ID
 from spool_core.observability import logger
 from spool_core.tenancy import Tenant
 
@@ -24,7 +30,7 @@ class SubscribeRequest(BaseModel):
 
     action: str
     job_id: str = Field(min_length=1, max_length=64)
-    after: int = Field(default=0, ge=0)
+    after: int = Field(default=0, ge=0, le=MAX_SEQUENCE_ID)
 
 
 def _push_error(connection_id: str, error: SpoolError, request_id: str | None) -> None:
@@ -43,6 +49,7 @@ def _connect(event: dict[str, Any], connection_id: str) -> dict[str, Any]:
             "body": json.dumps(envelope(error, event["requestContext"].get("requestId"))),
         }
     bootstrap.connections().put(connection_id, record.tenant_id)
+    bootstrap.connection_guard().admit(connection_id, record)
     return {"statusCode": 200}
 
 
@@ -65,6 +72,11 @@ def _subscribe(event: dict[str, Any], connection_id: str) -> dict[str, Any]:
     tenant_id = bootstrap.connections().tenant(connection_id)
     if tenant_id is None:
         _push_error(connection_id, Unauthorized("This connection is not authenticated"), request_id)
+        return {"statusCode": 200}
+    guard = bootstrap.connection_guard()
+    if not guard.allowed(connection_id):
+        logger.info("closing a connection whose API key was revoked", extra={"connection_id": connection_id})
+        guard.close(connection_id)
         return {"statusCode": 200}
     if bootstrap.fanout(Tenant(tenant_id)).subscribe(request.job_id, connection_id, request.after) is None:
         _push_error(

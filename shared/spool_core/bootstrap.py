@@ -17,7 +17,7 @@ import openai
 from aws_lambda_powertools.utilities import parameters
 
 from spool_core.adapters import aws, probes
-from spool_core.adapters.api_keys import DynamoApiKeyStore
+from spool_core.adapters.api_keys import DynamoApiKeyStore, DynamoConnectionKeys, ManagementApiCloser
 from spool_core.adapters.circuits import DynamoCircuitStore
 from spool_core.adapters.contexts import (
     DynamoBlobIndex,
@@ -31,7 +31,7 @@ from spool_core.adapters.jobs import DynamoChunkLog, DynamoJobStore, DynamoPendi
 from spool_core.adapters.system_cache import DynamoCache
 from spool_core.adapters.usage import DynamoUsageStore
 from spool_core.adapters.websocket import DynamoConnectionStore, DynamoSubscriptionStore, ManagementApiPusher
-from spool_core.auth import ApiKeys
+from spool_core.auth import ApiKeys, ConnectionGuard
 from spool_core.circuits import CircuitBreaker
 from spool_core.contexts.service import DAY, ContextLimits, ContextService
 from spool_core.errors import ConfigurationError
@@ -67,6 +67,21 @@ def _api_keys(config: Settings) -> ApiKeys:
 
 def api_keys(config: Settings | None = None) -> ApiKeys:
     return _api_keys(config or settings())
+
+
+@lru_cache(maxsize=4)
+def _connection_guard(config: Settings) -> ConnectionGuard:
+    return ConnectionGuard(
+        _api_keys(config),
+        DynamoConnectionKeys(aws.dynamodb(config), config.connections_table),
+        ManagementApiCloser(aws.websocket_management(config)),
+    )
+
+
+def connection_guard(config: Settings | None = None) -> ConnectionGuard:
+    """Which WebSocket connections may still receive (their key not revoked); one per execution
+    environment, like the key cache it reads through."""
+    return _connection_guard(config or settings())
 
 
 def health_service(config: Settings | None = None, *, deep: bool = False) -> HealthService:

@@ -6,6 +6,10 @@ conditional write, sends everything in the log after the cursor, advances it, re
 looks once more: so one sender at a time sends, in order, and a chunk that arrived while another
 held the lock is sent by that holder's second look or, at worst, with the next event (the next chunk
 or the job's end).
+
+A connection authenticated once, with an API key that may since have been revoked: the fanout passes
+a ``ConnectionAccess`` (``spool_core.auth.ConnectionGuard``) to ``deliver``, and a connection it no
+longer allows is closed and its subscription dropped instead of being sent anything more.
 """
 
 from __future__ import annotations
@@ -55,6 +59,14 @@ class Pusher(Protocol):
         """Post a message to a connection; False when the connection is gone."""
 
 
+class ConnectionAccess(Protocol):
+    def allowed(self, connection_id: str) -> bool:
+        """Whether the connection may still receive (its API key is still active)."""
+
+    def close(self, connection_id: str) -> None:
+        """Tell the connection why, then close it."""
+
+
 class Fanout:
     def __init__(
         self,
@@ -82,10 +94,19 @@ class Fanout:
         self.deliver(job_id, only=connection_id)
         return job
 
-    def deliver(self, job_id: str, *, only: str | None = None) -> None:
-        """Send each subscriber of the job what it has not had yet, then ``done`` if the job ended."""
+    def deliver(
+        self, job_id: str, *, only: str | None = None, access: ConnectionAccess | None = None
+    ) -> None:
+        """Send each subscriber of the job what it has not had yet, then ``done`` if the job ended.
+
+        With ``access``, a subscriber whose connection is no longer allowed is closed and its
+        subscription deleted instead (``subscribe``'s caller checked its connection already)."""
         subscriptions = [s for s in self._subscriptions.for_job(job_id) if only in (None, s.connection_id)]
         for subscription in subscriptions:
+            if access is not None and not access.allowed(subscription.connection_id):
+                access.close(subscription.connection_id)
+                self._subscriptions.delete(job_id, subscription.connection_id)
+                continue
             for _ in range(2):  # the second look catches what arrived while the lock was held
                 if not self._send_pending(job_id, subscription.connection_id):
                     break

@@ -1,14 +1,21 @@
-"""`spool keys create` writes a hashed key into the stack's key table, found through CloudFormation."""
+"""`spool keys` against a stack on moto (found through CloudFormation, as a deployed one would be):
+create writes a hashed key (and, with a usage plan, the tenant's API Gateway key), list shows a
+tenant's keys without secrets, revoke and rotate change what authenticates."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
 from spool.cli import main
 from spool.devstack.provision import StackDescription
 from spool_core import bootstrap
+from spool_core.adapters import aws
+from spool_core.adapters.api_keys import DynamoApiKeyStore
+from spool_core.auth import ApiKeys, KeyCache, hash_api_key, usage_key
+from tests.integration.conftest import client
 
 
 def test_keys_create_finds_the_table_in_the_stack_and_the_key_works(
@@ -104,3 +111,112 @@ def test_limits_set_get_reset_and_the_next_admission_obeys(
     assert main(["limits", "reset", *target]) == 0
     assert main(["limits", "get", *target]) == 0
     assert "defaults apply" in capsys.readouterr().out
+
+
+def _keys(stack: StackDescription, *args: str) -> int:
+    return main(["keys", *args, "--stack-name", stack.stack_name, "--endpoint-url", stack.endpoint_url])
+
+
+def _uncached() -> ApiKeys:
+    """The key table as the functions read it, with no cache: what they see once theirs has expired."""
+    config = bootstrap.settings()
+    return ApiKeys(DynamoApiKeyStore(aws.dynamodb(config), config.api_keys_table), cache=KeyCache(0))
+
+
+def _created(stack: StackDescription, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[str, str]:
+    """(key, key id) of a key made with `spool keys create|rotate ...`."""
+    assert _keys(stack, *args) == 0
+    out = capsys.readouterr()
+    key = out.out.strip()
+    record = _uncached().authenticate(key)
+    assert record is not None
+    assert record.key_id in out.err
+    return key, record.key_id
+
+
+def _listed(stack: StackDescription, capsys: pytest.CaptureFixture[str], *args: str) -> list[dict[str, Any]]:
+    assert _keys(stack, "list", "--json", *args) == 0
+    listed: list[dict[str, Any]] = json.loads(capsys.readouterr().out)
+    return listed
+
+
+def test_keys_list_shows_a_tenants_keys_and_never_a_secret(
+    stack: StackDescription, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ci_key, ci = _created(stack, capsys, "create", "--tenant", "lister", "--description", "ci")
+    laptop_key, laptop = _created(stack, capsys, "create", "--tenant", "lister")
+    _created(stack, capsys, "create", "--tenant", "other-lister")
+    listed = _listed(stack, capsys, "--tenant", "lister")
+    assert [(k["key_id"], k["tenant"], k["status"], k["description"]) for k in listed] == [
+        (ci, "lister", "active", "ci"),
+        (laptop, "lister", "active", ""),
+    ]
+    assert all(k["created_at"].endswith("Z") for k in listed)
+    assert {"lister", "other-lister"} <= {k["tenant"] for k in _listed(stack, capsys)}  # every tenant's
+
+    assert _keys(stack, "list", "--tenant", "lister") == 0
+    table = capsys.readouterr().out
+    header, *rows = table.splitlines()
+    assert header.split()[:4] == ["KEY", "ID", "TENANT", "STATUS"]
+    assert [row.split()[:3] for row in rows] == [[ci, "lister", "active"], [laptop, "lister", "active"]]
+    for secret in (ci_key, laptop_key, hash_api_key(ci_key), hash_api_key(laptop_key)):
+        assert secret not in table
+
+
+def test_keys_revoke_refuses_the_key_and_keeps_its_record(
+    stack: StackDescription, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key, key_id = _created(stack, capsys, "create", "--tenant", "revoked")
+    assert _keys(stack, "revoke", key_id, "--tenant", "someone-else") == 2  # not that tenant's key
+    assert "api_key_not_found" in capsys.readouterr().err
+    assert _keys(stack, "revoke", key_id) == 0
+    assert f"revoked {key_id} (tenant revoked)" in capsys.readouterr().out
+    assert _uncached().authenticate(key) is None
+    (listed,) = _listed(stack, capsys, "--tenant", "revoked")
+    assert listed["status"] == "revoked"
+    assert listed["revoked_at"].endswith("Z")
+    assert _keys(stack, "revoke", key_id) == 0  # idempotent
+    capsys.readouterr()
+    assert _keys(stack, "revoke", "key_nope") == 2
+    assert "spool keys list" in capsys.readouterr().err
+
+
+def test_keys_rotate_issues_a_new_key_and_ends_the_old_one_now_or_after_a_grace(
+    stack: StackDescription, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old_key, old_id = _created(stack, capsys, "create", "--tenant", "rotor", "--description", "ci")
+    new_key, new_id = _created(stack, capsys, "rotate", old_id)
+    assert _uncached().authenticate(old_key) is None
+    record = _uncached().authenticate(new_key)
+    assert record is not None and (record.tenant_id, record.description) == ("rotor", "ci")
+
+    graced_key, graced_id = _created(stack, capsys, "rotate", new_id, "--grace", "3600")
+    assert _uncached().authenticate(new_key) is not None  # still works, beside its successor
+    by_id = {k["key_id"]: k for k in _listed(stack, capsys, "--tenant", "rotor")}
+    assert by_id[new_id]["status"] == "active"
+    assert by_id[new_id]["replaced_by"] == graced_id
+    assert by_id[new_id]["expires_at"] > by_id[graced_id]["created_at"]
+    assert by_id[old_id]["status"] == "revoked"
+    assert _uncached().authenticate(graced_key) is not None
+    assert _keys(stack, "rotate", old_id) == 2  # a revoked key is not rotated
+    assert "api_key_revoked" in capsys.readouterr().err
+
+
+def test_keys_create_puts_the_tenants_usage_key_in_the_usage_plan_once(
+    stack: StackDescription, capsys: pytest.CaptureFixture[str]
+) -> None:
+    apigateway = client("apigateway", stack)
+    plan = apigateway.create_usage_plan(name="spool-it-plan")["id"]
+    for _ in range(2):  # idempotent: the second key of a tenant finds its API key in the plan
+        _created(stack, capsys, "create", "--tenant", "metered", "--usage-plan-id", plan)
+    keys = [k for k in apigateway.get_api_keys(includeValues=True)["items"] if k["name"] == "spool-metered"]
+    assert [(k["value"], k["enabled"]) for k in keys] == [(usage_key("metered"), True)]
+    in_plan = apigateway.get_usage_plan_keys(usagePlanId=plan)["items"]
+    assert [(k["id"], k["type"]) for k in in_plan] == [(keys[0]["id"], "API_KEY")]
+
+
+def test_keys_create_without_a_usage_plan_output_says_so(
+    stack: StackDescription, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _keys(stack, "create", "--tenant", "unmetered") == 0
+    assert "no UsagePlanId output" in capsys.readouterr().err

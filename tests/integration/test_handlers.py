@@ -10,6 +10,7 @@ import pytest
 from spool.devstack.provision import StackDescription
 from spool.devstack.runtime import HandlerError
 from spool.devstack.template import Template
+from spool_core.auth import usage_key
 from tests.integration.conftest import DEV_KEY, DEV_TENANT, client, drain_dead_letters
 from tests.support import load_event, response_json
 
@@ -40,6 +41,7 @@ def test_authorizer_allows_a_known_key_and_names_its_tenant(invoke: Any) -> None
     policy = invoke("AuthorizerFunction", event)
     assert policy["policyDocument"]["Statement"][0]["Effect"] == "Allow"
     assert policy["context"]["tenant_id"] == DEV_TENANT
+    assert policy["usageIdentifierKey"] == usage_key(DEV_TENANT)  # the usage plan meters the tenant
 
 
 @pytest.mark.parametrize("header", [None, "Bearer sk-unknown"])

@@ -175,6 +175,7 @@ def test_deep_health_makes_a_real_call_and_caches_it(invoke: Any, stack: StackDe
     event = load_event("health")
     event["queryStringParameters"] = {"deep": "true"}
     event["multiValueQueryStringParameters"] = {"deep": ["true"]}
+    event["headers"]["Authorization"] = "Bearer sk-integration"  # a deep check needs a key
     first = response_json(invoke("HealthFunction", event))["checks"]["provider:simulated"]["deep"]
     second = response_json(invoke("HealthFunction", event))["checks"]["provider:simulated"]["deep"]
     assert first["status"] == "ok"

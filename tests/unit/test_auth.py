@@ -2,19 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from spool_core.auth import ApiKeyRecord, ApiKeys, extract_api_key, hash_api_key
+from spool_core.auth import ApiKeys, KeyCache, extract_api_key, hash_api_key
 from spool_core.tenancy import Tenant
-
-
-class MemoryKeyStore:
-    def __init__(self) -> None:
-        self.items: dict[str, ApiKeyRecord] = {}
-
-    def get(self, key_hash: str) -> ApiKeyRecord | None:
-        return self.items.get(key_hash)
-
-    def put(self, record: ApiKeyRecord) -> None:
-        self.items[record.key_hash] = record
+from tests.fakes import MemoryApiKeyStore
 
 
 @pytest.mark.parametrize(
@@ -34,8 +24,8 @@ def test_extract_api_key(headers: dict[str, str] | None, expected: str | None) -
 
 
 def test_keys_are_stored_hashed_and_resolve_to_their_tenant() -> None:
-    store = MemoryKeyStore()
-    keys = ApiKeys(store)
+    store = MemoryApiKeyStore()
+    keys = ApiKeys(store, cache=KeyCache(0))
     key, record = keys.create(Tenant("acme"), "ci")
     assert key.startswith("sk-") and len(key) > 40
     assert key not in str(store.items)  # only the hash is kept
@@ -47,8 +37,8 @@ def test_keys_are_stored_hashed_and_resolve_to_their_tenant() -> None:
 
 
 def test_disabled_keys_are_refused() -> None:
-    store = MemoryKeyStore()
-    keys = ApiKeys(store)
+    store = MemoryApiKeyStore()
+    keys = ApiKeys(store, cache=KeyCache(0))
     record = keys.register("sk-x", Tenant("acme"))
     store.put(record.model_copy(update={"disabled": True}))
     assert keys.authenticate("sk-x") is None

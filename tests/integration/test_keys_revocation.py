@@ -1,0 +1,220 @@
+"""Revoked keys through the real handlers against moto: the authorizer refuses them, the WebSocket
+function and the fanout close the connections they opened (a final error frame, then the management
+API's delete), and a deep health check needs a key. The functions run with SPOOL_AUTH_CACHE_SECONDS=0,
+so a revocation shows at the next invocation instead of after the cache lifetime."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from spool.devstack.provision import StackDescription
+from spool.devstack.runtime import HandlerError
+from spool.devstack.websocket import ManagementApiServer
+from spool_core import bootstrap
+from spool_core.adapters import aws
+from spool_core.adapters.api_keys import DynamoApiKeyStore
+from spool_core.auth import ApiKeys, KeyCache, usage_key
+from spool_core.jobs.model import Chunk, JobRequest
+from spool_core.tenancy import Tenant
+from tests.integration.conftest import DEV_KEY, client
+from tests.support import load_event, response_json
+
+NO_CACHE = {"SPOOL_AUTH_CACHE_SECONDS": "0"}
+
+
+class RecordingGateway:
+    """Stands in for the WebSocket API behind the management API server: which connections are open,
+    what each was sent, which were closed."""
+
+    def __init__(self) -> None:
+        self.open: set[str] = set()
+        self.frames: dict[str, list[dict[str, Any]]] = {}
+        self.closed: list[str] = []
+
+    def post(self, connection_id: str, data: bytes) -> bool:
+        if connection_id not in self.open:
+            return False
+        self.frames.setdefault(connection_id, []).append(json.loads(data))
+        return True
+
+    def disconnect(self, connection_id: str) -> bool:
+        if connection_id not in self.open:
+            return False
+        self.open.discard(connection_id)
+        self.closed.append(connection_id)
+        return True
+
+    def is_connected(self, connection_id: str) -> bool:
+        return connection_id in self.open
+
+
+@pytest.fixture
+def gateway() -> Iterator[tuple[RecordingGateway, dict[str, str]]]:
+    """The recording gateway and the environment that points the functions' management API at it."""
+    recording = RecordingGateway()
+    server = ManagementApiServer(recording)  # type: ignore[arg-type]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/prod"
+    yield recording, {**NO_CACHE, "SPOOL_WEBSOCKET_MANAGEMENT_URL": url}
+    server.shutdown()
+    server.server_close()
+
+
+def operator() -> ApiKeys:
+    """What `spool keys` does: the key table itself, no cache."""
+    config = bootstrap.settings()
+    return ApiKeys(DynamoApiKeyStore(aws.dynamodb(config), config.api_keys_table), cache=KeyCache(0))
+
+
+def ws_event(route: str, connection_id: str, **extra: Any) -> dict[str, Any]:
+    event = load_event("websocket")
+    event["requestContext"].update(routeKey=route, connectionId=connection_id)
+    event["queryStringParameters"] = None
+    event.update(extra)
+    return event
+
+
+def connect(
+    invoke: Any, gateway: RecordingGateway, env: dict[str, str], connection_id: str, key: str
+) -> None:
+    event = ws_event("$connect", connection_id, queryStringParameters={"api_key": key})
+    assert invoke("WebSocketFunction", event, environment=env) == {"statusCode": 200}
+    gateway.open.add(connection_id)
+
+
+def subscribe(invoke: Any, env: dict[str, str], connection_id: str, job_id: str) -> None:
+    body = json.dumps({"action": "subscribe", "job_id": job_id, "after": 0})
+    event = ws_event("subscribe", connection_id, body=body)
+    event["requestContext"]["eventType"] = "MESSAGE"
+    assert invoke("WebSocketFunction", event, environment=env) == {"statusCode": 200}
+
+
+def chunk_record(tenant: str, job_id: str, sequence_id: int) -> dict[str, Any]:
+    event = load_event("fanout")
+    record = event["Records"][0]
+    keys = {"pk": {"S": f"{tenant}#job#{job_id}"}, "sequence_id": {"N": str(sequence_id)}}
+    record["dynamodb"]["Keys"] = keys
+    record["dynamodb"]["NewImage"].update(keys)
+    return event
+
+
+def revoked_frame(frames: list[dict[str, Any]]) -> dict[str, Any]:
+    error = frames[-1]
+    assert error["type"] == "error"
+    assert error["error"]["code"] == "unauthorized"
+    assert error["error"]["message"] == "This API key was revoked"
+    assert error["error"]["suggestions"]
+    return error
+
+
+def test_the_authorizer_names_the_tenants_usage_key_and_refuses_a_revoked_key(invoke: Any) -> None:
+    key, record = operator().create(Tenant("usage"))
+    event = load_event("authorizer")
+    event["headers"]["Authorization"] = f"Bearer {key}"
+    policy = invoke("AuthorizerFunction", event, environment=NO_CACHE)
+    assert policy["usageIdentifierKey"] == usage_key("usage")
+    assert policy["context"]["key_id"] == record.key_id
+    operator().revoke(record.key_id)
+    with pytest.raises(HandlerError) as caught:
+        invoke("AuthorizerFunction", event, environment=NO_CACHE)
+    assert caught.value.payload["errorMessage"] == "Unauthorized"
+
+
+def test_the_fanout_closes_the_connection_of_a_revoked_key_and_serves_the_others(
+    invoke: Any, stack: StackDescription, gateway: tuple[RecordingGateway, dict[str, str]]
+) -> None:
+    recording, env = gateway
+    tenant = Tenant("revoker")
+    revoked_key, revoked = operator().create(tenant, "to revoke")
+    kept_key, _ = operator().create(tenant, "kept")
+    connect(invoke, recording, env, "conn-revoked", revoked_key)
+    connect(invoke, recording, env, "conn-kept", kept_key)
+    stored = client("dynamodb", stack).get_item(
+        TableName=stack.refs["ConnectionsTable"],
+        Key={"pk": {"S": "conn#conn-revoked"}, "sk": {"S": "connection"}},
+    )["Item"]
+    assert stored["key_id"] == {"S": revoked.key_id}  # the connection records its key
+
+    job = (
+        bootstrap.job_service(tenant)
+        .create(
+            "revocation", JobRequest.model_validate({"message": "x", "model": "sim-fast", "max_tokens": 10})
+        )
+        .job
+    )
+    _, chunks = bootstrap._job_tables(tenant, bootstrap.settings())
+    chunks.append(job.job_id, Chunk(sequence_id=1, text="one", created_at="t", tokens=1, tokens_total=1))
+    for connection in ("conn-revoked", "conn-kept"):
+        subscribe(invoke, env, connection, job.job_id)
+        assert [f["sequence_id"] for f in recording.frames[connection]] == [1]  # the backlog
+
+    operator().revoke(revoked.key_id)
+    chunks.append(job.job_id, Chunk(sequence_id=2, text="two", created_at="t", tokens=1, tokens_total=2))
+    result = invoke("FanoutFunction", chunk_record("revoker", job.job_id, 2), environment=env)
+    assert result == {"batchItemFailures": []}
+
+    revoked_frames = recording.frames["conn-revoked"]
+    assert [f.get("sequence_id") for f in revoked_frames] == [1, None]  # no chunk 2: the error instead
+    revoked_frame(revoked_frames)
+    assert recording.closed == ["conn-revoked"]
+    assert [f["sequence_id"] for f in recording.frames["conn-kept"]] == [1, 2]
+    subscriptions = client("dynamodb", stack).get_item(
+        TableName=stack.refs["ConnectionsTable"],
+        Key={"pk": {"S": f"revoker#job#{job.job_id}"}, "sk": {"S": "sub#conn-revoked"}},
+    )
+    assert "Item" not in subscriptions  # the closed connection's subscription is gone
+
+
+def test_subscribing_on_a_connection_whose_key_was_revoked_closes_it(
+    invoke: Any, gateway: tuple[RecordingGateway, dict[str, str]]
+) -> None:
+    recording, env = gateway
+    key, record = operator().create(Tenant("late"))
+    connect(invoke, recording, env, "conn-late", key)
+    operator().revoke(record.key_id)
+    subscribe(invoke, env, "conn-late", "job_anything")
+    revoked_frame(recording.frames["conn-late"])
+    assert recording.closed == ["conn-late"]
+
+
+def _deep_health(headers: dict[str, str] | None = None) -> dict[str, Any]:
+    event = load_event("health")
+    event["queryStringParameters"] = {"deep": "true"}
+    event["multiValueQueryStringParameters"] = {"deep": ["true"]}
+    event["headers"].update(headers or {})
+    return event
+
+
+@pytest.mark.parametrize("headers", [None, {"Authorization": "Bearer sk-unknown"}])
+def test_deep_health_needs_a_valid_key(invoke: Any, headers: dict[str, str] | None) -> None:
+    response = invoke("HealthFunction", _deep_health(headers))
+    assert response["statusCode"] == 401
+    sent = {
+        **response.get("headers", {}),
+        **{k: v[0] for k, v in response.get("multiValueHeaders", {}).items()},
+    }
+    assert sent["WWW-Authenticate"] == "Bearer"
+    error = response_json(response)["error"]
+    assert error["code"] == "unauthorized"
+    assert any("Authorization: Bearer" in s for s in error["suggestions"])
+    assert any("deep=true" in s for s in error["suggestions"])
+
+
+@pytest.mark.parametrize("header", ["Authorization", "x-api-key"])
+def test_deep_health_with_a_key_calls_the_providers(invoke: Any, header: str) -> None:
+    value = f"Bearer {DEV_KEY}" if header == "Authorization" else DEV_KEY
+    # Not cached (0 s): test_models_and_fallback expects the session's first deep call to be fresh.
+    no_reuse = {"SPOOL_DEEP_HEALTH_CACHE_SECONDS": "0"}
+    response = invoke("HealthFunction", _deep_health({header: value}), environment=no_reuse)
+    assert response["statusCode"] == 200
+    assert response_json(response)["checks"]["provider:simulated"]["deep"]["status"] == "ok"
+
+
+def test_basic_health_still_needs_no_key(invoke: Any) -> None:
+    assert invoke("HealthFunction", load_event("health"))["statusCode"] in {200, 503}

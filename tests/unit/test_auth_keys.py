@@ -1,0 +1,397 @@
+"""API keys as operators manage them (list, revoke, rotate), the per-environment key cache, the usage
+key the authorizer names, and WebSocket connections closed when their key is revoked. Clocks are
+injected: nothing here waits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from spool_core.auth import (
+    REVOKED_MESSAGE,
+    ApiKeyNotFound,
+    ApiKeyRecord,
+    ApiKeyRevoked,
+    ApiKeys,
+    ConnectionGuard,
+    KeyCache,
+    cache_seconds_from_env,
+    hash_api_key,
+    usage_key,
+)
+from spool_core.errors import ConfigurationError, SpoolError
+from spool_core.jobs.model import Chunk
+from spool_core.subscriptions import Fanout, Subscription
+from spool_core.tenancy import Tenant
+from tests.fakes import MemoryApiKeyStore
+
+ACME, GLOBEX = Tenant("acme"), Tenant("globex")
+
+
+class Clock:
+    """Monotonic seconds for the cache and wall time for revocation and expiry, moved together."""
+
+    def __init__(self) -> None:
+        self.seconds = 1_000.0
+        self.wall = datetime(2026, 11, 27, 4, 0, tzinfo=UTC)
+
+    def monotonic(self) -> float:
+        return self.seconds
+
+    def now(self) -> datetime:
+        return self.wall
+
+    def advance(self, seconds: float) -> None:
+        self.seconds += seconds
+        self.wall += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store() -> MemoryApiKeyStore:
+    return MemoryApiKeyStore()
+
+
+def api_keys(store: MemoryApiKeyStore, clock: Clock, seconds: float = 30) -> ApiKeys:
+    return ApiKeys(store, cache=KeyCache(seconds, clock=clock.monotonic), now=clock.now)
+
+
+# ---------------------------------------------------------------- the cache
+
+
+def test_a_known_key_is_read_once_per_cache_lifetime(store: MemoryApiKeyStore, clock: Clock) -> None:
+    keys = api_keys(store, clock)
+    key, _ = keys.create(ACME)
+    for _ in range(5):
+        assert keys.authenticate(key) is not None
+    assert store.gets == 1
+    clock.advance(30)
+    assert keys.authenticate(key) is not None
+    assert store.gets == 2
+
+
+def test_a_revoked_key_works_until_its_cache_entry_ends_then_is_refused(
+    store: MemoryApiKeyStore, clock: Clock
+) -> None:
+    function = api_keys(store, clock)  # an execution environment of the authorizer
+    operator = api_keys(store, clock, seconds=0)  # the CLI
+    key, record = operator.create(ACME)
+    assert function.authenticate(key) is not None
+    operator.revoke(record.key_id)
+    clock.advance(29)
+    assert function.authenticate(key) is not None  # still cached here: the price of the cache
+    clock.advance(1)
+    assert function.authenticate(key) is None
+
+
+def test_unknown_keys_are_remembered_briefly_so_a_new_key_works_within_seconds(
+    store: MemoryApiKeyStore, clock: Clock
+) -> None:
+    function = api_keys(store, clock)
+    key = "sk-made-a-moment-later"
+    assert function.authenticate(key) is None
+    api_keys(store, clock, seconds=0).register(key, ACME)
+    assert function.authenticate(key) is None  # the miss is remembered ...
+    assert store.gets == 1
+    clock.advance(5)
+    assert function.authenticate(key) is not None  # ... for 5 s, not the 30 s of a hit
+
+
+def test_zero_seconds_turns_the_cache_off(store: MemoryApiKeyStore, clock: Clock) -> None:
+    keys = api_keys(store, clock, seconds=0)
+    key, record = keys.create(ACME)
+    assert keys.authenticate(key) is not None
+    keys.revoke(record.key_id)
+    assert keys.authenticate(key) is None
+    assert store.gets == 2
+
+
+def test_the_cache_is_bounded(clock: Clock) -> None:
+    cache = KeyCache(30, max_entries=3, clock=clock.monotonic)
+    loads: list[str] = []
+
+    def load(key_hash: str) -> ApiKeyRecord | None:
+        loads.append(key_hash)
+        return None
+
+    for name in ("a", "b", "c", "d"):  # a stream of random keys
+        cache.lookup(name, load)
+    cache.lookup("d", load)
+    cache.lookup("a", load)  # evicted as the oldest
+    assert loads == ["a", "b", "c", "d", "a"]
+
+
+def test_registering_a_key_forgets_what_this_environment_remembered(
+    store: MemoryApiKeyStore, clock: Clock
+) -> None:
+    keys = api_keys(store, clock)
+    assert keys.authenticate("sk-dev") is None
+    keys.register("sk-dev", ACME)  # the local stack seeds its dev keys this way
+    assert keys.authenticate("sk-dev") is not None
+
+
+@pytest.mark.parametrize(("value", "seconds"), [(None, 30.0), ("", 30.0), ("0", 0.0), ("2.5", 2.5)])
+def test_cache_seconds_come_from_the_environment(value: str | None, seconds: float) -> None:
+    env = {} if value is None else {"SPOOL_AUTH_CACHE_SECONDS": value}
+    assert cache_seconds_from_env(env) == seconds
+
+
+@pytest.mark.parametrize("value", ["-1", "soon"])
+def test_a_bad_cache_setting_is_a_configuration_error(value: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        cache_seconds_from_env({"SPOOL_AUTH_CACHE_SECONDS": value})
+    assert caught.value.details["variable"] == "SPOOL_AUTH_CACHE_SECONDS"
+
+
+# ---------------------------------------------------------------- list, revoke, rotate
+
+
+def test_list_shows_a_tenants_keys_or_everyones_and_never_a_key_or_its_hash(
+    store: MemoryApiKeyStore, clock: Clock
+) -> None:
+    keys = api_keys(store, clock, seconds=0)
+    key1, first = keys.create(ACME, "ci")
+    clock.advance(1)
+    key2, second = keys.create(ACME, "laptop")
+    keys.create(GLOBEX)
+    keys.revoke(second.key_id)
+    acme = keys.summaries(ACME)
+    assert [s["key_id"] for s in acme] == [first.key_id, second.key_id]  # oldest first
+    assert [s["status"] for s in acme] == ["active", "revoked"]
+    assert acme[0] == {
+        "key_id": first.key_id,
+        "tenant": "acme",
+        "description": "ci",
+        "created_at": "2026-11-27T04:00:00.000Z",
+        "status": "active",
+        "revoked_at": None,
+        "expires_at": None,
+        "replaced_by": None,
+    }
+    assert acme[1]["revoked_at"] == "2026-11-27T04:00:01.000Z"
+    shown = str(keys.summaries())
+    assert {s["tenant"] for s in keys.summaries()} == {"acme", "globex"}
+    for secret in (key1, key2, first.key_hash, second.key_hash):
+        assert secret not in shown
+
+
+def test_revoke_keeps_the_record_is_idempotent_and_respects_the_tenant(
+    store: MemoryApiKeyStore, clock: Clock
+) -> None:
+    keys = api_keys(store, clock, seconds=0)
+    key, record = keys.create(ACME)
+    with pytest.raises(ApiKeyNotFound):
+        keys.revoke(record.key_id, tenant=GLOBEX)  # another tenant's key is not found
+    assert keys.authenticate(key) is not None
+    revoked = keys.revoke(record.key_id, tenant=ACME)
+    assert (revoked.status, revoked.revoked_at) == ("revoked", "2026-11-27T04:00:00.000Z")
+    clock.advance(60)
+    assert keys.revoke(record.key_id).revoked_at == revoked.revoked_at  # the first time stays
+    assert store.items[record.key_hash].tenant_id == "acme"  # kept, for audit
+    with pytest.raises(ApiKeyNotFound) as caught:
+        keys.revoke("key_unknown")
+    assert caught.value.details == {"key_id": "key_unknown"}
+
+
+def test_rotate_issues_a_new_key_for_the_tenant_and_revokes_the_old_one(
+    store: MemoryApiKeyStore, clock: Clock
+) -> None:
+    keys = api_keys(store, clock, seconds=0)
+    old_key, old = keys.create(ACME, "ci")
+    rotation = keys.rotate(old.key_id)
+    assert rotation.new.tenant_id == "acme"
+    assert rotation.new.description == "ci"
+    assert rotation.key != old_key and hash_api_key(rotation.key) == rotation.new.key_hash
+    assert rotation.old.status == "revoked"
+    assert keys.authenticate(old_key) is None
+    assert keys.authenticate(rotation.key) is not None
+    with pytest.raises(ApiKeyRevoked):  # a revoked key has nothing left to rotate
+        keys.rotate(old.key_id)
+
+
+def test_rotate_with_grace_keeps_the_old_key_working_until_the_grace_ends(
+    store: MemoryApiKeyStore, clock: Clock
+) -> None:
+    function = api_keys(store, clock)
+    operator = api_keys(store, clock, seconds=0)
+    old_key, old = operator.create(ACME)
+    assert function.authenticate(old_key) is not None  # cached in the function from here on
+    rotation = operator.rotate(old.key_id, grace_seconds=300, description="rotated")
+    assert rotation.old.expires_at == "2026-11-27T04:05:00.000Z"
+    assert rotation.old.replaced_by == rotation.new.key_id
+    assert rotation.new.description == "rotated"
+    assert [s["status"] for s in operator.summaries(ACME)] == ["active", "active"]
+    clock.advance(299)
+    assert function.authenticate(old_key) is not None
+    assert operator.authenticate(old_key) is not None
+    clock.advance(1)
+    # The expiry time travels in the record: the cached copy ends at the same moment.
+    assert function.authenticate(old_key) is None
+    assert operator.authenticate(old_key) is None
+    assert function.authenticate(rotation.key) is not None
+    status = {s["key_id"]: s["status"] for s in operator.summaries(ACME)}
+    assert status == {old.key_id: "expired", rotation.new.key_id: "active"}
+
+
+def test_a_second_rotation_never_extends_the_first_grace(store: MemoryApiKeyStore, clock: Clock) -> None:
+    keys = api_keys(store, clock, seconds=0)
+    _, old = keys.create(ACME)
+    keys.rotate(old.key_id, grace_seconds=60)
+    again = keys.rotate(old.key_id, grace_seconds=3600)
+    assert again.old.expires_at == "2026-11-27T04:01:00.000Z"
+
+
+def test_records_written_before_revocation_existed_still_read(clock: Clock) -> None:
+    legacy = ApiKeyRecord.model_validate(
+        {"key_hash": "h", "key_id": "key_1", "tenant_id": "acme", "created_at": "t", "disabled": True}
+    )
+    assert legacy.state(clock.now()) == "revoked"
+
+
+# ---------------------------------------------------------------- usage key
+
+
+def test_usage_key_is_the_tenants_stable_usage_plan_key() -> None:
+    key = usage_key("acme")
+    assert key == usage_key("acme")
+    assert key != usage_key("globex")
+    assert key.startswith("spool-usage-") and len(key) == len("spool-usage-") + 40
+    assert "acme" not in key
+    assert 20 <= len(key) <= 128  # API Gateway's bounds for an API key value
+
+
+# ---------------------------------------------------------------- connections
+
+
+class MemoryConnectionKeys:
+    def __init__(self) -> None:
+        self.keys: dict[str, str] = {}
+        self.reads = 0
+
+    def remember(self, connection_id: str, record: ApiKeyRecord) -> None:
+        self.keys[connection_id] = record.key_hash
+
+    def key_hash(self, connection_id: str) -> str | None:
+        self.reads += 1
+        return self.keys.get(connection_id)
+
+
+@dataclass
+class RecordingCloser:
+    closed: list[tuple[str, SpoolError]] = field(default_factory=list)
+
+    def close(self, connection_id: str, error: SpoolError) -> None:
+        self.closed.append((connection_id, error))
+
+
+def test_a_connection_is_closed_once_its_key_is_revoked(store: MemoryApiKeyStore, clock: Clock) -> None:
+    operator = api_keys(store, clock, seconds=0)
+    _, record = operator.create(ACME)
+    connections, closer = MemoryConnectionKeys(), RecordingCloser()
+    guard = ConnectionGuard(api_keys(store, clock), connections, closer)
+    guard.admit("conn-1", record)
+    assert guard.allowed("conn-1")
+    assert guard.allowed("conn-legacy")  # opened before connections recorded their key
+    operator.revoke(record.key_id)
+    assert guard.allowed("conn-1")  # within the cache lifetime
+    clock.advance(30)
+    assert not guard.allowed("conn-1")
+    guard.close("conn-1")
+    ((closed, error),) = closer.closed
+    assert closed == "conn-1"
+    assert (error.code, error.message) == ("unauthorized", REVOKED_MESSAGE)
+    assert error.suggestions
+    assert connections.reads == 1  # which key a connection uses is remembered (the legacy lookup)
+
+
+@dataclass
+class StubJob:
+    status: str = "running"
+
+
+class OneJobLog:
+    def __init__(self, chunks: int) -> None:
+        self.chunks = [
+            Chunk(sequence_id=n, text=f"<{n}>", created_at="t", tokens=1, tokens_total=n)
+            for n in range(1, chunks + 1)
+        ]
+
+    def get(self, job_id: str) -> StubJob:
+        return StubJob()
+
+    def after(self, job_id: str, after: int, limit: int) -> list[Chunk]:
+        return [c for c in self.chunks if c.sequence_id > after][:limit]
+
+
+class MemorySubscriptions:
+    def __init__(self) -> None:
+        self.items: dict[str, Subscription] = {}
+
+    def put(self, subscription: Subscription) -> None:
+        self.items[subscription.connection_id] = subscription
+
+    def for_job(self, job_id: str) -> list[Subscription]:
+        return list(self.items.values())
+
+    def get(self, job_id: str, connection_id: str) -> Subscription | None:
+        return self.items.get(connection_id)
+
+    def lock(
+        self, job_id: str, connection_id: str, owner: str, now: float, until: float
+    ) -> Subscription | None:
+        return self.items.get(connection_id)
+
+    def unlock(self, job_id: str, connection_id: str, owner: str) -> None:
+        return None
+
+    def advance(self, job_id: str, connection_id: str, owner: str, new: int) -> None:
+        if connection_id in self.items:
+            self.items[connection_id].last_sent = new
+
+    def mark_done(self, job_id: str, connection_id: str) -> bool:
+        return False
+
+    def delete(self, job_id: str, connection_id: str) -> None:
+        self.items.pop(connection_id, None)
+
+
+class RecordingPusher:
+    def __init__(self) -> None:
+        self.sent: dict[str, list[dict[str, Any]]] = {}
+
+    def send(self, connection_id: str, message: dict[str, Any]) -> bool:
+        self.sent.setdefault(connection_id, []).append(message)
+        return True
+
+
+def test_the_fanout_closes_a_revoked_keys_connection_and_keeps_serving_the_others(
+    store: MemoryApiKeyStore, clock: Clock
+) -> None:
+    operator = api_keys(store, clock, seconds=0)
+    _, revoked = operator.create(ACME)
+    _, kept = operator.create(ACME)
+    closer, subscriptions, pusher = RecordingCloser(), MemorySubscriptions(), RecordingPusher()
+    guard = ConnectionGuard(api_keys(store, clock), MemoryConnectionKeys(), closer)
+    guard.admit("conn-revoked", revoked)
+    guard.admit("conn-kept", kept)
+    log = OneJobLog(2)
+    fanout = Fanout(log, log, subscriptions, pusher)  # type: ignore[arg-type]
+    for connection in ("conn-revoked", "conn-kept"):
+        subscriptions.put(Subscription("job_1", connection, 0))
+    fanout.deliver("job_1", access=guard)
+    assert [m["sequence_id"] for m in pusher.sent["conn-revoked"]] == [1, 2]
+    operator.revoke(revoked.key_id)
+    clock.advance(30)
+    log.chunks.append(Chunk(sequence_id=3, text="<3>", created_at="t", tokens=1, tokens_total=3))
+    fanout.deliver("job_1", access=guard)
+    assert [m["sequence_id"] for m in pusher.sent["conn-revoked"]] == [1, 2]  # nothing more
+    assert [m["sequence_id"] for m in pusher.sent["conn-kept"]] == [1, 2, 3]
+    assert [connection for connection, _ in closer.closed] == ["conn-revoked"]
+    assert set(subscriptions.items) == {"conn-kept"}
