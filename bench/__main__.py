@@ -8,11 +8,11 @@ import os
 import tempfile
 from pathlib import Path
 
-from bench import contexts, jobs, runtime
+from bench import contexts, jobs, runtime, tenants
 from spool.devstack.runtime import CALL_COUNTS_ENV
 from spool.devstack.stack import EmbeddedStack
 
-SUITES = ["contexts", "jobs", "runtime"]
+SUITES = ["contexts", "jobs", "runtime", "tenants"]
 # A 30 s lease and visibility timeout (the deployed default is 720 s): the local 5 s would add a
 # heartbeat write every ~1.7 s that no deployment makes.
 BENCH_PARAMETERS = {"WorkerVisibilityTimeoutSeconds": "30"}
@@ -31,18 +31,23 @@ def main() -> None:
     os.environ.setdefault("SPOOL_DEFAULT_MAX_CONCURRENT_JOBS", "1000")
     os.environ.setdefault("SPOOL_DEFAULT_TOKENS_PER_MINUTE", "100000000")
     os.environ.setdefault("SPOOL_DEFAULT_TOKENS_PER_DAY", "1000000000")
+    selected = args.suites or SUITES
+    shared = [name for name in selected if name != "tenants"]
     with tempfile.TemporaryDirectory(prefix="spool-bench-") as counts:
         os.environ[CALL_COUNTS_ENV] = counts
-        with EmbeddedStack(port=0, ws_port=0, parameter_overrides=BENCH_PARAMETERS) as stack:
-            parameters = ", ".join(f"{k}={v}" for k, v in BENCH_PARAMETERS.items())
-            print(f"embedded stack at {stack.base_url} ({parameters})\n")
-            for name in args.suites or SUITES:
-                if name == "contexts":
-                    contexts.run(stack)
-                elif name == "jobs":
-                    jobs.run(stack, Path(counts))
-                else:
-                    runtime.run(stack)
+        if shared:
+            with EmbeddedStack(port=0, ws_port=0, parameter_overrides=BENCH_PARAMETERS) as stack:
+                parameters = ", ".join(f"{k}={v}" for k, v in BENCH_PARAMETERS.items())
+                print(f"embedded stack at {stack.base_url} ({parameters})\n")
+                for name in shared:
+                    if name == "contexts":
+                        contexts.run(stack)
+                    elif name == "jobs":
+                        jobs.run(stack, Path(counts))
+                    else:
+                        runtime.run(stack)
+        if "tenants" in selected:
+            tenants.run()  # a stack of its own, with the deployed per-tenant request budget
 
 
 if __name__ == "__main__":
