@@ -50,7 +50,8 @@ def delete_context(context_id: str) -> Response[str]:
 
 
 @app.post("/v1/tokens/count")
-def count_tokens(request: TokenCountRequest) -> Response[str]:
+def count_tokens() -> Response[str]:
+    request = parse_body(app, TokenCountRequest)
     model = models.registry().resolve(request.model)
     service = bootstrap.context_service(tenant_of(app))
     return json_response(200, service.count_tokens(model, request.context_id, request.messages))

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from aws_lambda_powertools.event_handler import Response
+from aws_lambda_powertools.event_handler.openapi.params import Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from spool_core import bootstrap
 from spool_core.api import api_handler, create_resolver, json_response, parse_body, public_base_url, tenant_of
-from spool_core.errors import InvalidRequest
-from spool_core.jobs.model import JobRequest
-from spool_core.jobs.service import DEFAULT_CHUNK_LIMIT, JobService, check_idempotency_key
+from spool_core.jobs.model import MAX_SEQUENCE_ID, JobRequest
+from spool_core.jobs.service import (
+    DEFAULT_CHUNK_LIMIT,
+    MAX_CHUNK_LIMIT,
+    MAX_WAIT_SECONDS,
+    JobService,
+    check_idempotency_key,
+)
 
 app = create_resolver()
 
@@ -19,25 +25,13 @@ app = create_resolver()
 class ResumeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    last_sequence_id: int = Field(default=0, ge=0)
-    limit: int = Field(default=DEFAULT_CHUNK_LIMIT, ge=1, le=1000)
-    wait: float = Field(default=0, ge=0, le=20)
+    last_sequence_id: int = Field(default=0, ge=0, le=MAX_SEQUENCE_ID)
+    limit: int = Field(default=DEFAULT_CHUNK_LIMIT, ge=1, le=MAX_CHUNK_LIMIT)
+    wait: float = Field(default=0, ge=0, le=MAX_WAIT_SECONDS)
 
 
 def _service() -> JobService:
     return bootstrap.job_service(tenant_of(app), public_url=public_base_url(app))
-
-
-def _int_param(name: str, default: int) -> int:
-    raw = app.current_event.get_query_string_value(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise InvalidRequest(
-            f"Query parameter '{name}' must be an integer", details={"fields": [{"field": f"query.{name}"}]}
-        ) from None
 
 
 @app.post("/v1/jobs")
@@ -57,15 +51,15 @@ def get_job(job_id: str) -> Response[str]:
     return json_response(200, service.view(service.get(job_id)), service.rate_limit_headers())
 
 
-@app.get("/v1/jobs/<job_id>/chunks")
-def get_chunks(job_id: str) -> Response[str]:
+@app.get("/v1/jobs/<job_id>/chunks", summary="A page of the job's chunk log (long-poll with wait)")
+def get_chunks(
+    job_id: str,
+    after: Annotated[int, Query(ge=0, le=MAX_SEQUENCE_ID, description="the last sequence_id held")] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_CHUNK_LIMIT)] = DEFAULT_CHUNK_LIMIT,
+    wait: Annotated[float, Query(ge=0, le=MAX_WAIT_SECONDS, description="seconds to wait for a chunk")] = 0,
+) -> Response[str]:
     service = _service()
-    page: dict[str, Any] = service.chunks(
-        job_id,
-        after=_int_param("after", 0),
-        limit=_int_param("limit", DEFAULT_CHUNK_LIMIT),
-        wait=_int_param("wait", 0),
-    )
+    page: dict[str, Any] = service.chunks(job_id, after=after, limit=limit, wait=wait)
     return json_response(200, page, service.rate_limit_headers())
 
 

@@ -24,7 +24,15 @@ from starlette.routing import Route
 from spool_core import bootstrap
 from spool_core.api import web
 from spool_core.errors import InvalidRequest
-from spool_core.events import Ended, StreamSettings, await_end, follow, job_events, resume_point
+from spool_core.events import (
+    Ended,
+    StreamSettings,
+    await_end,
+    follow,
+    job_events,
+    parse_cursor,
+    resume_point,
+)
 from spool_core.jobs.errors import JobNotFound, RequestInProgress
 from spool_core.jobs.model import Job, JobRequest
 from spool_core.jobs.service import JobService, check_idempotency_key
@@ -140,12 +148,13 @@ def _starting_after(request: Request) -> int | None:
     if raw in (None, ""):
         return None
     assert raw is not None
-    if not raw.isdigit() or len(raw) > 18:
+    cursor = parse_cursor(raw)
+    if cursor is None:
         raise InvalidRequest(
             "starting_after must be the sequence_number of the last event received",
             details={"param": "starting_after", "value": raw[:40]},
         )
-    return int(raw)
+    return cursor
 
 
 def _response_stream(

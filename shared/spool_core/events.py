@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spool_core.errors import InvalidRequest
-from spool_core.jobs.model import Job
+from spool_core.jobs.model import MAX_SEQUENCE_ID, Job
 from spool_core.jobs.service import JobService
 
 DONE_ID = "done"  # the done event's id: a browser reconnecting after it sends this, and gets 204
@@ -42,14 +42,23 @@ def resume_point(last_event_id: str | None, after: str | None) -> int | None:
     if raw in (None, ""):
         return 0
     assert raw is not None
-    if not raw.isdigit() or len(raw) > 18:
+    cursor = parse_cursor(raw)
+    if cursor is None:
         field = "Last-Event-ID" if last_event_id not in (None, "") else "after"
         raise InvalidRequest(
-            f"{field} must be the sequence id of the last event received (a non-negative integer)",
+            f"{field} must be the sequence id of the last event received (an integer 0..{MAX_SEQUENCE_ID})",
             details={"fields": [{"field": field, "value": raw[:40]}]},
             suggestions=["Resume with the id of the last event you received, or omit it to start at 1"],
         )
-    return int(raw)
+    return cursor
+
+
+def parse_cursor(raw: str) -> int | None:
+    """A sequence number as a client sends it back (ASCII digits, 0..MAX_SEQUENCE_ID), else None."""
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > len(str(MAX_SEQUENCE_ID)):
+        return None
+    value = int(raw)
+    return value if value <= MAX_SEQUENCE_ID else None
 
 
 def chunk_event(chunk: dict[str, Any]) -> str:

@@ -6,12 +6,21 @@ count a client sees before a job is the count of what the model is sent.
 
 from __future__ import annotations
 
+import html
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 
+def _attribute(value: str) -> str:
+    """``value`` as an attribute the model reads back as written and that cannot end the tag:
+    quotes, angle brackets, ampersands and control characters (a newline would start a line of
+    its own) become character references."""
+    escaped = html.escape(value, quote=True)
+    return "".join(f"&#{ord(c)};" if ord(c) < 0x20 or ord(c) == 0x7F else c for c in escaped)
+
+
 def file_open(path: str) -> str:
-    return f'<file path="{path}">\n'
+    return f'<file path="{_attribute(path)}">\n'
 
 
 FILE_CLOSE = "\n</file>\n"
@@ -23,7 +32,7 @@ def file_block(path: str, content: str) -> str:
 
 def symbols_block(symbols: Iterable[Mapping[str, Any]]) -> str:
     lines = [
-        f"{s['name']} ({s.get('kind') or 'symbol'}) {s.get('path') or ''}"
+        _attribute(f"{s['name']} ({s.get('kind') or 'symbol'}) {s.get('path') or ''}")
         + (f":{s['line']}" if s.get("line") is not None else "")
         for s in symbols
     ]

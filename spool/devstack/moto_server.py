@@ -67,6 +67,22 @@ def _remember_service_modules() -> None:
     backends.list_of_moto_modules = lambda: modules
 
 
+def _no_continue_without_a_body() -> None:
+    """waitress answers ``Expect: 100-continue`` with ``100 Continue`` even when ``Content-Length``
+    is 0, and then waits for a body that never comes: boto3's PutObject of an empty file (an empty
+    ``__init__.py`` in a context) hung until the client timed out. No body, nothing to continue."""
+    from waitress.parser import HTTPRequestParser
+
+    parse_header = HTTPRequestParser.parse_header
+
+    def parse_header_without_empty_continue(self: HTTPRequestParser, header_plus: bytes) -> None:
+        parse_header(self, header_plus)
+        if not self.chunked and self.content_length == 0:
+            self.expect_continue = False
+
+    HTTPRequestParser.parse_header = parse_header_without_empty_continue
+
+
 def main(argv: list[str]) -> None:
     import waitress
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
@@ -78,6 +94,7 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the stack stops this server itself
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     _remember_service_modules()
+    _no_continue_without_a_body()
     moto_patches.install()
     app = SerializedDynamoDB(DomainDispatcherApplication(create_backend_app))
     # Threads: every SQS long poll holds one for up to its wait time, so there are many.

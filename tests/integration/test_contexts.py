@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import urllib.request
 from typing import Any
 
@@ -97,8 +99,24 @@ def test_presigned_upload_with_a_real_http_put(invoke: Any, stack: StackDescript
     status, error = call(
         invoke, "POST", "/v1/contexts", {"upload_id": ticket["upload_id"]}, tenant="uploader"
     )
-    assert status == 404
-    assert error["error"]["code"] == "upload_not_found"
+    assert (status, error["context_id"]) == (201, created["context_id"])  # one context per upload
+
+
+def test_a_refused_upload_is_deleted_and_the_form_post_holds_the_size(
+    invoke: Any, stack: StackDescription
+) -> None:
+    status, ticket = call(invoke, "POST", "/v1/contexts/uploads", tenant="refused")
+    assert ["content-length-range", 1, ticket["max_bytes"]] in json.loads(
+        base64.b64decode(ticket["upload_form"]["fields"]["policy"])
+    )["conditions"]
+    document = b'{"files": [{"path": "../x", "content": "y"}]}'
+    put = urllib.request.Request(ticket["upload_url"], data=document, method="PUT")  # noqa: S310 - moto
+    put.add_header("Content-Type", "application/json")
+    urllib.request.urlopen(put, timeout=10).close()  # noqa: S310
+    assert keys_under(stack, "uploads/refused/") != []
+    status, error = call(invoke, "POST", "/v1/contexts", {"upload_id": ticket["upload_id"]}, tenant="refused")
+    assert (status, error["error"]["code"]) == (400, "invalid_path"), error
+    assert keys_under(stack, "uploads/refused/") == []  # nothing left behind
 
 
 def test_an_upload_of_another_tenant_is_not_found(invoke: Any) -> None:
@@ -158,3 +176,15 @@ def test_token_count_and_delete(invoke: Any) -> None:
     assert call(invoke, "GET", f"/v1/contexts/{created['context_id']}")[0] == 404
     status, error = call(invoke, "POST", "/v1/tokens/count", {"model": "nope"})
     assert (status, error["error"]["code"]) == (400, "model_not_found")
+
+
+def test_the_upload_budget_is_kept_in_the_table(invoke: Any) -> None:
+    """Each upload spends one conditional write on the tenant's budget item (first a create, then
+    a compare-and-set); the 101st within an hour is a 429 with Retry-After."""
+    for _ in range(100):
+        status, _ = call(invoke, "POST", "/v1/contexts/uploads", tenant="budget")
+        assert status == 201
+    status, error = call(invoke, "POST", "/v1/contexts/uploads", tenant="budget")
+    assert (status, error["error"]["code"]) == (429, "rate_limited")
+    assert error["error"]["details"] == {"limit": 100, "window": "hour"}
+    assert call(invoke, "POST", "/v1/contexts/uploads", tenant="other-budget")[0] == 201  # per tenant

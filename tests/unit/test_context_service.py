@@ -23,6 +23,7 @@ from spool_core.contexts.errors import (
 from spool_core.contexts.model import CreateContextRequest, PatchContextRequest
 from spool_core.contexts.service import DAY, ContextLimits, ContextService
 from spool_core.errors import InvalidRequest, PayloadTooLarge
+from spool_core.limits.errors import RateLimited
 from spool_core.models import registry
 from tests.fakes import (
     MemoryBlobIndex,
@@ -230,10 +231,26 @@ def test_uploads_create_a_context_once(h: Harness) -> None:
     summary = h.service.create(CreateContextRequest(upload_id=ticket["upload_id"]))
     assert summary["file_count"] == 1
     assert h.uploads.objects == {}  # consumed
-    with pytest.raises(UploadNotFound):
-        h.service.create_from_upload(ticket["upload_id"])
+    assert set(ticket["upload_form"]) == {"url", "fields"}  # the size-limited form POST
+    # the same upload again (a retry, or a second PUT to the used URL): the same context, nothing kept
+    h.uploads.objects[ticket["upload_id"]] = b'{"files": [{"path": "other.txt", "content": "x"}]}'
+    assert h.service.create_from_upload(ticket["upload_id"]) == summary
+    assert h.uploads.objects == {}
+    assert len(h.table.items) == 1
     with pytest.raises(UploadNotFound):
         h.service.create_from_upload("../../t/other/blobs/x")
+    with pytest.raises(UploadNotFound):
+        h.service.create_from_upload(h.service.begin_upload()["upload_id"])  # never uploaded
+
+
+def test_an_upload_replaced_after_its_check_is_not_read() -> None:
+    h = Harness(max_bytes=100)
+    upload_id = h.service.begin_upload()["upload_id"]
+    h.uploads.objects[upload_id] = b'{"files": [{"path": "a", "content": "small"}]}'
+    h.uploads.replace_before_read[upload_id] = b'{"files": [{"path": "a", "content": "' + b"x" * 500 + b'"}]}'
+    with pytest.raises(ContextConflict):
+        h.service.create_from_upload(upload_id)
+    assert h.table.items == {} and h.blobs.objects == {}
 
 
 def test_invalid_and_oversized_uploads() -> None:
@@ -243,10 +260,16 @@ def test_invalid_and_oversized_uploads() -> None:
     with pytest.raises(InvalidRequest) as invalid:
         h.service.create_from_upload(ticket["upload_id"])
     assert invalid.value.details["fields"][0]["field"] == "upload.files.0.content"
+    assert h.uploads.objects == {}  # a refused document is deleted at once
     h.uploads.objects[ticket["upload_id"]] = b"x" * 101
     with pytest.raises(PayloadTooLarge) as large:
         h.service.create_from_upload(ticket["upload_id"])
     assert large.value.details == {"size_bytes": 101, "limit_bytes": 100}
+    assert h.uploads.objects == {}
+    h.uploads.objects[ticket["upload_id"]] = b'{"files": [{"path": "../x", "content": "y"}]}'
+    with pytest.raises(InvalidPath):
+        h.service.create_from_upload(ticket["upload_id"])
+    assert h.uploads.objects == {} and h.table.items == {}
 
 
 def test_upload_id_cannot_be_mixed_with_a_document() -> None:
@@ -279,3 +302,32 @@ def test_other_encodings_are_counted_once_and_cached(h: Harness) -> None:
     (info,) = h.index.items.values()
     assert info.tokens[tokens.O200K] == tokens.count("héllo wörld " * 50, tokens.O200K)
     assert h.service.prompt_tokens(loaded, tokens.O200K) == o200k
+
+
+def test_each_tenant_may_open_so_many_uploads_an_hour() -> None:
+    h = Harness(uploads_per_hour=3)
+    for _ in range(3):
+        h.service.begin_upload()
+    with pytest.raises(RateLimited) as refused:
+        h.service.begin_upload()
+    assert refused.value.retry_after_seconds == pytest.approx(1200)  # one upload's share of the hour
+    assert refused.value.headers["Retry-After"] == "1200"
+    h.clock.now += 1200
+    h.service.begin_upload()
+    with pytest.raises(RateLimited):
+        h.service.begin_upload()
+
+
+def test_concurrent_upload_requests_each_spend_the_budget_once() -> None:
+    h = Harness(uploads_per_hour=2)
+    spend = h.table.spend_upload_budget
+
+    def another_request_first(tat: float, expected: float | None) -> bool:
+        h.table.spend_upload_budget = spend  # type: ignore[method-assign]
+        assert spend(tat, expected)  # the other request lands between this one's read and write
+        return spend(tat, expected)
+
+    h.table.spend_upload_budget = another_request_first  # type: ignore[method-assign]
+    h.service.begin_upload()  # re-reads and spends after the other one
+    with pytest.raises(RateLimited):
+        h.service.begin_upload()

@@ -10,7 +10,7 @@ from botocore.exceptions import ClientError
 from spool_core.adapters.dynamodb import ConditionFailed, ScopedTable
 from spool_core.clock import rfc3339, utc_now
 from spool_core.contexts.model import BlobInfo, ContextRecord, Manifest
-from spool_core.contexts.ports import ConcurrentUpdate
+from spool_core.contexts.ports import ConcurrentUpdate, UploadChanged, UploadHead
 from spool_core.tenancy import TenantScope
 
 if TYPE_CHECKING:
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 CONTEXT_KIND = "ctx"
 BLOB_KIND = "blob"
 UPLOADS_ROOT = "uploads"
+UPLOAD_BUDGET_KIND, UPLOAD_BUDGET_ID = "uploads", "budget"  # one item per tenant
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 
 
@@ -112,17 +113,33 @@ class S3UploadStore:
         )
         return url
 
-    def size(self, upload_id: str) -> int | None:
+    def presign_post(self, upload_id: str, expires_in: int, max_bytes: int) -> dict[str, Any]:
+        # S3 checks the policy's content-length-range as the form arrives: nothing larger is stored.
+        form: dict[str, Any] = self._client.generate_presigned_post(
+            Bucket=self._bucket,
+            Key=self._key(upload_id),
+            Conditions=[["content-length-range", 1, max_bytes]],
+            ExpiresIn=expires_in,
+        )
+        return form
+
+    def head(self, upload_id: str) -> UploadHead | None:
         try:
             head = self._client.head_object(Bucket=self._bucket, Key=self._key(upload_id))
         except ClientError as exc:
             if _missing(exc):
                 return None
             raise
-        return int(head["ContentLength"])
+        return UploadHead(size_bytes=int(head["ContentLength"]), etag=str(head["ETag"]))
 
-    def read(self, upload_id: str) -> bytes:
-        body: bytes = self._client.get_object(Bucket=self._bucket, Key=self._key(upload_id))["Body"].read()
+    def read(self, upload_id: str, etag: str) -> bytes:
+        try:
+            response = self._client.get_object(Bucket=self._bucket, Key=self._key(upload_id), IfMatch=etag)
+        except ClientError as exc:
+            if _missing(exc) or exc.response.get("Error", {}).get("Code") in {"PreconditionFailed", "412"}:
+                raise UploadChanged(upload_id) from exc
+            raise
+        body: bytes = response["Body"].read()
         return body
 
     def delete(self, upload_id: str) -> None:
@@ -160,6 +177,30 @@ class DynamoContextTable:
     def delete(self, context_id: str) -> bool:
         try:
             self._table.delete(CONTEXT_KIND, context_id, condition="attribute_exists(pk)")
+        except ConditionFailed:
+            return False
+        return True
+
+    def upload_budget(self) -> float | None:
+        item = self._table.get(UPLOAD_BUDGET_KIND, UPLOAD_BUDGET_ID)
+        return float(item["tat_ms"]) / 1000 if item else None
+
+    def spend_upload_budget(self, tat: float, expected: float | None) -> bool:
+        # Integer milliseconds: exact in DynamoDB and compared exactly by the condition.
+        attributes = {"tat_ms": round(tat * 1000), "ttl": int(tat) + 86_400}
+        try:
+            if expected is None:
+                self._table.put(
+                    UPLOAD_BUDGET_KIND, UPLOAD_BUDGET_ID, attributes, condition="attribute_not_exists(pk)"
+                )
+            else:
+                self._table.put(
+                    UPLOAD_BUDGET_KIND,
+                    UPLOAD_BUDGET_ID,
+                    attributes,
+                    condition="tat_ms = :expected",
+                    values={":expected": round(expected * 1000)},
+                )
         except ConditionFailed:
             return False
         return True

@@ -52,9 +52,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
+_SMALLEST_NUMBER = 1e-130  # DynamoDB's; smaller magnitudes are refused, not rounded
+
+
 def _dynamo(value: Any) -> Any:
     if isinstance(value, float):
-        return Decimal(str(value))
+        # A float that validation let through (a temperature of 1e-237) is 0 to any reader.
+        return Decimal(str(value)) if abs(value) >= _SMALLEST_NUMBER else Decimal(0)
     if isinstance(value, dict):
         return {k: _dynamo(v) for k, v in value.items()}
     if isinstance(value, list):

@@ -9,6 +9,7 @@ Every response carries ``X-Request-Id``.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from collections.abc import Callable
@@ -127,7 +128,11 @@ def parse_body[M: BaseModel](app: APIGatewayRestResolver, model: type[M]) -> M:
     intermediate dict copy of a multi-MB payload is made). Errors take the same 400 path as the
     resolver's own validation."""
     event = app.current_event
-    body: str | bytes = (event.decoded_body if event.is_base64_encoded else event.body) or ""
+    # Bytes, not text: pydantic checks the UTF-8 itself, so bad bytes are a 400 like any bad JSON
+    # (decoding first would raise outside the validation path). Nesting past its recursion limit
+    # is reported the same way.
+    raw = event.body or ""
+    body = base64.b64decode(raw) if event.is_base64_encoded else raw.encode("utf-8", "surrogateescape")
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:

@@ -83,9 +83,9 @@ async def json_body(request: Request) -> Any:
     raw = await request.body()
     try:
         return json.loads(raw or b"null")
-    except ValueError:
+    except (ValueError, RecursionError):  # bad bytes or text; nesting past the parser's stack
         raise InvalidRequest(
-            "The request body is not valid JSON",
+            "The request body is not valid JSON (or is nested too deeply)",
             details={"param": None},
             suggestions=["Send a JSON object with 'Content-Type: application/json'"],
         ) from None

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from spool_core.chat import Message
+from spool_core.metadata import Metadata
 
 MAX_TTL_SECONDS = 604_800
 DEFAULT_TTL_SECONDS = 3600
@@ -36,7 +37,7 @@ class CreateContextRequest(BaseModel):
 
     files: list[FileIn] = Field(default_factory=list)
     symbols: list[SymbolIn] = Field(default_factory=list)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
     ttl_seconds: int = Field(default=DEFAULT_TTL_SECONDS, ge=1, le=MAX_TTL_SECONDS)
     upload_id: str | None = Field(default=None, max_length=64)
 
@@ -55,16 +56,16 @@ class PatchContextRequest(BaseModel):
     upsert: list[FileIn] = Field(default_factory=list)
     delete: list[str] = Field(default_factory=list)
     symbols: list[SymbolIn] | None = None
-    metadata: dict[str, Any] | None = None
+    metadata: Metadata | None = None  # a JSON merge patch (RFC 7386) of the current metadata
     ttl_seconds: int | None = Field(default=None, ge=1, le=MAX_TTL_SECONDS)
 
 
 class TokenCountRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1)
-    context_id: str | None = None
-    messages: list[Message] = Field(default_factory=list)
+    model: str = Field(min_length=1, max_length=128)
+    context_id: str | None = Field(default=None, max_length=64)
+    messages: list[Message] = Field(default_factory=list, max_length=1000)
 
 
 # --------------------------------------------------------------------------- domain

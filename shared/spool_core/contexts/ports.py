@@ -4,7 +4,8 @@ for the caller's tenant, so no method takes a tenant and none can reach another'
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from spool_core.contexts.model import BlobInfo, ContextRecord, Manifest
 
@@ -49,12 +50,32 @@ class ContextTable(Protocol):
 
     def delete(self, context_id: str) -> bool: ...
 
+    def upload_budget(self) -> float | None:
+        """When the tenant's upload budget is next full (its GCRA theoretical arrival time), or None."""
+
+    def spend_upload_budget(self, tat: float, expected: float | None) -> bool:
+        """Store ``tat`` if the stored one is still ``expected``; False when another request moved it."""
+
+
+class UploadChanged(Exception):
+    """Raised by ``UploadStore.read`` when the object is no longer the one that was checked."""
+
+
+@dataclass(frozen=True)
+class UploadHead:
+    size_bytes: int
+    etag: str
+
 
 class UploadStore(Protocol):
     def presign_put(self, upload_id: str, expires_in: int) -> str: ...
 
-    def size(self, upload_id: str) -> int | None: ...
+    def presign_post(self, upload_id: str, expires_in: int, max_bytes: int) -> dict[str, Any]:
+        """A form upload (``url`` and ``fields``) that the store refuses above ``max_bytes``."""
 
-    def read(self, upload_id: str) -> bytes: ...
+    def head(self, upload_id: str) -> UploadHead | None: ...
+
+    def read(self, upload_id: str, etag: str) -> bytes:
+        """Exactly the object ``head`` described; ``UploadChanged`` if it was replaced since."""
 
     def delete(self, upload_id: str) -> None: ...

@@ -45,10 +45,21 @@ from spool_core.contexts.ports import (
     ConcurrentUpdate,
     ContextTable,
     ManifestStore,
+    UploadChanged,
+    UploadHead,
     UploadStore,
 )
-from spool_core.errors import InvalidRequest, PayloadTooLarge
+from spool_core.errors import (
+    DependencyUnavailable,
+    InternalError,
+    InvalidRequest,
+    PayloadTooLarge,
+    SpoolError,
+)
 from spool_core.ids import new_id
+from spool_core.limits.errors import RateLimited
+from spool_core.metadata import check as check_metadata
+from spool_core.metadata import size as metadata_size
 from spool_core.models import ModelSpec
 from spool_core.prompt import FILE_CLOSE, file_open, symbols_block
 
@@ -62,6 +73,7 @@ class ContextLimits:
     max_files: int = 10_000
     blob_retention_seconds: float = 9 * DAY  # the bucket's lifecycle expiry of context objects
     upload_url_seconds: int = 900
+    uploads_per_hour: int = 100  # presigned uploads a tenant may open (an object each, until used)
     workers: int = 16  # S3 and tiktoken calls in flight (I/O-bound on AWS)
 
 
@@ -163,10 +175,14 @@ class ContextService:
     def create(self, request: CreateContextRequest) -> dict[str, Any]:
         if request.upload_id is not None:
             return self.create_from_upload(request.upload_id)
+        return self._create(request, new_id("ctx"))
+
+    def _create(self, request: CreateContextRequest, context_id: str) -> dict[str, Any]:
         prepared = self._prepare(request.files)
-        self._check_limits(len(prepared), sum(p.size_bytes for p in prepared))
+        self._check_limits(
+            len(prepared), sum(p.size_bytes for p in prepared) + metadata_size(request.metadata)
+        )
         now = self._clock()
-        context_id = new_id("ctx")
         expires_at = now + request.ttl_seconds
         entries = self._store(prepared, tokens.DEFAULT_ENCODING, expires_at, {})
         manifest = Manifest(
@@ -191,8 +207,13 @@ class ContextService:
         changed = [p for p in upserts if p.path not in current or current[p.path].sha256 != p.sha256]
         changed_paths = {p.path for p in changed}
         kept = {path: e for path, e in current.items() if path not in deleted and path not in changed_paths}
+        metadata = (
+            check_metadata(_merge_patch(manifest.metadata, request.metadata))
+            if request.metadata is not None
+            else manifest.metadata
+        )
         size = sum(e.size_bytes for e in kept.values()) + sum(p.size_bytes for p in changed)
-        self._check_limits(len(kept) + len(changed), size)
+        self._check_limits(len(kept) + len(changed), size + metadata_size(metadata))
 
         now = self._clock()
         expires_at = now + request.ttl_seconds if request.ttl_seconds is not None else record.expires_at
@@ -202,11 +223,6 @@ class ContextService:
 
         symbols = request.symbols if request.symbols is not None else manifest.symbols
         symbols = [s for s in symbols if s.path not in deleted]
-        metadata = (
-            _merge_patch(manifest.metadata, request.metadata)
-            if request.metadata is not None
-            else manifest.metadata
-        )
         new_manifest = Manifest(
             context_id=context_id,
             version=record.version + 1,
@@ -234,30 +250,84 @@ class ContextService:
 
     # ------------------------------------------------------------------ presigned uploads
     def begin_upload(self) -> dict[str, Any]:
+        """A presigned PUT (the contract's ``upload_url``) and a presigned form POST that the bucket
+        itself holds to ``max_bytes``; either way the document is checked again when it is used.
+        Each tenant may open ``uploads_per_hour`` of them (all at once, then at that pace)."""
+        self._spend_upload_budget()
         upload_id = new_id(UPLOAD_ID_PREFIX)
         expires = self._clock() + self.limits.upload_url_seconds
+        seconds = self.limits.upload_url_seconds
         return {
             "upload_id": upload_id,
-            "upload_url": self._uploads.presign_put(upload_id, self.limits.upload_url_seconds),
+            "upload_url": self._uploads.presign_put(upload_id, seconds),
+            "upload_form": self._uploads.presign_post(upload_id, seconds, self.limits.max_bytes),
             "expires_at": rfc3339(from_epoch(expires)),
             "max_bytes": self.limits.max_bytes,
         }
 
+    def _spend_upload_budget(self) -> None:
+        """GCRA on one item: each upload moves the tenant's arrival time on by an hour's share; an
+        arrival time more than an hour ahead means the budget is spent."""
+        interval = 3600 / self.limits.uploads_per_hour
+        for _ in range(5):
+            now = self._clock()
+            stored = self._table.upload_budget()
+            tat = max(stored or now, now) + interval
+            if tat - now > 3600:
+                wait = tat - now - 3600
+                raise RateLimited(
+                    f"This tenant has opened {self.limits.uploads_per_hour} uploads in the last hour",
+                    retry_after_seconds=wait,
+                    details={"limit": self.limits.uploads_per_hour, "window": "hour"},
+                    suggestions=[
+                        "Use the uploads you have (each is valid for 15 minutes), or retry after Retry-After",
+                        "Send contexts under 6 MB directly with POST /v1/contexts",
+                    ],
+                )
+            if self._table.spend_upload_budget(tat, stored):
+                return
+        raise DependencyUnavailable("Too many concurrent upload requests for this tenant; retry")
+
     def create_from_upload(self, upload_id: str) -> dict[str, Any]:
-        size = self._uploads.size(upload_id) if _is_upload_id(upload_id) else None
-        if size is None:
+        """One context per upload: its id is derived from the upload's, so a retry (or a second
+        request naming the same upload) answers the context already made. The document read is
+        exactly the one whose size was checked (by ETag); a refused one is deleted at once."""
+        context_id = _context_of_upload(upload_id)
+        existing = self._table.get(context_id) if _is_upload_id(upload_id) else None
+        if existing is not None:
+            self._uploads.delete(upload_id)  # a second PUT to a used URL leaves nothing behind
+            return self._summary(existing)
+        head = self._uploads.head(upload_id) if _is_upload_id(upload_id) else None
+        if head is None:
             raise UploadNotFound(
                 f"Upload '{upload_id}' not found: never uploaded, expired, or another tenant's",
                 details={"upload_id": upload_id},
             )
-        if size > self.limits.max_bytes:
-            self._uploads.delete(upload_id)
-            raise PayloadTooLarge(
-                f"The uploaded document is {size:,} bytes; the limit is {self.limits.max_bytes:,}",
-                details={"size_bytes": size, "limit_bytes": self.limits.max_bytes},
-            )
         try:
-            document = CreateContextRequest.model_validate_json(self._uploads.read(upload_id))
+            if head.size_bytes > self.limits.max_bytes:
+                raise PayloadTooLarge(
+                    f"The uploaded document is {head.size_bytes:,} bytes;"
+                    f" the limit is {self.limits.max_bytes:,}",
+                    details={"size_bytes": head.size_bytes, "limit_bytes": self.limits.max_bytes},
+                )
+            document = self._uploaded_document(upload_id, head)
+            summary = self._create(document, context_id)
+        except SpoolError as refused:
+            if not isinstance(refused, DependencyUnavailable | InternalError):
+                self._uploads.delete(upload_id)  # refused for good: keep nothing (a 5xx may be retried)
+            raise
+        self._uploads.delete(upload_id)
+        return summary
+
+    def _uploaded_document(self, upload_id: str, head: UploadHead) -> CreateContextRequest:
+        try:
+            document = CreateContextRequest.model_validate_json(self._uploads.read(upload_id, head.etag))
+        except UploadChanged:
+            raise ContextConflict(
+                f"Upload '{upload_id}' was replaced while it was read",
+                details={"upload_id": upload_id},
+                suggestions=["Send the same request again: it reads the document now stored"],
+            ) from None
         except ValidationError as exc:
             fields = [
                 {
@@ -275,9 +345,7 @@ class ContextService:
             raise InvalidRequest(
                 "An uploaded document cannot name another upload", details={"upload_id": upload_id}
             )
-        summary = self.create(document)
-        self._uploads.delete(upload_id)
-        return summary
+        return document
 
     # ------------------------------------------------------------------ token counting
     def prompt_tokens(self, loaded: LoadedContext, encoding: str) -> int:
@@ -505,6 +573,11 @@ class ContextService:
 
 
 _NO_INFO = BlobInfo(sha256="", size_bytes=0, stored_at=0)
+
+
+def _context_of_upload(upload_id: str) -> str:
+    """The context an upload becomes: ``ctx_`` and the upload's own random part."""
+    return "ctx_" + upload_id.removeprefix(f"{UPLOAD_ID_PREFIX}_")
 
 
 def _is_upload_id(value: str) -> bool:

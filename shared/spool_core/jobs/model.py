@@ -9,8 +9,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from spool_core.chat import Message
+from spool_core.metadata import Metadata
 
 Status = Literal["queued", "running", "completed", "failed", "cancelled"]
+# The largest cursor a reader may send: every JSON client reads it exactly, DynamoDB keys hold it.
+MAX_SEQUENCE_ID = 2**53 - 1
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 ACTIVE: frozenset[str] = frozenset({"queued", "running"})
 
@@ -26,7 +29,7 @@ class JobRequest(BaseModel):
     model: str = Field(default="default", min_length=1, max_length=128)
     max_tokens: int = Field(default=1024, ge=1, le=1_000_000)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
     fallback: bool = True
 
     @model_validator(mode="after")

@@ -28,7 +28,17 @@ from spool_core.jobs.errors import (
     JobNotFound,
     RequestInProgress,
 )
-from spool_core.jobs.model import ACTIVE, TERMINAL, Chunk, Job, JobRequest, Progress, Segment, Usage
+from spool_core.jobs.model import (
+    ACTIVE,
+    MAX_SEQUENCE_ID,
+    TERMINAL,
+    Chunk,
+    Job,
+    JobRequest,
+    Progress,
+    Segment,
+    Usage,
+)
 from spool_core.jobs.ports import (
     AdmissionRefused,
     ChunkLog,
@@ -141,6 +151,8 @@ class JobService:
                 if refused.claim.job_id == job.job_id:
                     break
                 return self._replay(refused.claim, fingerprint, state)
+            except (TypeError, ValueError, ArithmeticError):
+                raise  # a value the store cannot take: never sent, so no reply was lost; not retryable
             except Exception:  # the reply was lost: the next read says whether it was applied
                 logger.warning("admission write failed; reading again", exc_info=True)
                 continue
@@ -333,9 +345,13 @@ class JobService:
         self, job_id: str, after: int = 0, limit: int = DEFAULT_CHUNK_LIMIT, wait: float = 0
     ) -> dict[str, Any]:
         """Chunks after ``after``; with ``wait``, long-poll until one exists or the job is terminal."""
-        if after < 0 or not 1 <= limit <= MAX_CHUNK_LIMIT or not 0 <= wait <= MAX_WAIT_SECONDS:
+        if (
+            not 0 <= after <= MAX_SEQUENCE_ID
+            or not 1 <= limit <= MAX_CHUNK_LIMIT
+            or not 0 <= wait <= MAX_WAIT_SECONDS
+        ):
             raise InvalidRequest(
-                "after must be >= 0, limit 1..1000, wait 0..20",
+                f"after must be 0..{MAX_SEQUENCE_ID}, limit 1..1000, wait 0..20",
                 details={"after": after, "limit": limit, "wait": wait},
                 suggestions=["Use after=<last sequence_id you hold>, limit<=1000, wait<=20"],
             )

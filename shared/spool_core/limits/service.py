@@ -8,10 +8,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import date, timedelta
 from typing import Any, Protocol
 
 from spool_core.clock import from_epoch, rfc3339
+from spool_core.errors import InvalidRequest
 from spool_core.limits.errors import BudgetExceeded, TokenLimitExceeded, TooManyConcurrentJobs
 from spool_core.limits.model import (
     DAY_US,
@@ -26,6 +27,9 @@ from spool_core.limits.model import (
     UsageState,
 )
 from spool_core.units import now_ms, usd
+
+DEFAULT_USAGE_DAYS = 7
+MAX_USAGE_DAYS = 366  # one query reads one rollup per model and day
 
 
 @dataclass
@@ -272,13 +276,18 @@ class RateLimiter:
             },
         }
 
-    def usage(self, since: str | None, until: str | None) -> dict[str, Any]:
+    def usage(self, since: date | None, until: date | None) -> dict[str, Any]:
+        """Rollups by day from ``since`` to ``until`` (UTC, inclusive; the last 7 days by default)."""
+        until = until or date.fromisoformat(utc_day(self.now_ms()))
+        since = since or until - timedelta(days=DEFAULT_USAGE_DAYS - 1)
+        if since > until or (until - since).days >= MAX_USAGE_DAYS:
+            raise InvalidRequest(
+                f"since must not be after until, and the range is at most {MAX_USAGE_DAYS} days",
+                details={"since": since.isoformat(), "until": until.isoformat(), "max_days": MAX_USAGE_DAYS},
+                suggestions=["Use ?since=2026-11-01&until=2026-11-30 (UTC dates); ask for a year at a time"],
+            )
         state, limits = self.state()
-        until = until or utc_day(self.now_ms())
-        since = since or (datetime.fromisoformat(until).replace(tzinfo=UTC) - timedelta(days=6)).strftime(
-            "%Y-%m-%d"
-        )
-        rows = self._store.rollups(since, until)
+        rows = self._store.rollups(since.isoformat(), until.isoformat())
         totals = {"jobs": 0, "input_tokens": 0, "output_tokens": 0, "cost_nanos": 0}
         by_model: dict[str, dict[str, int]] = {}
         for row in rows:
@@ -287,8 +296,8 @@ class RateLimiter:
                 totals[key] += row[key]
                 model[key] += row[key]
         return {
-            "since": since,
-            "until": until,
+            "since": since.isoformat(),
+            "until": until.isoformat(),
             "days": [_public_row(row) for row in rows],
             "by_model": {name: _public_row(model) for name, model in by_model.items()},
             "totals": _public_row(totals),
