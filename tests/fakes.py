@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import threading
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from spool.devstack.runtime import HandlerError, InvocationError
@@ -216,3 +217,21 @@ class MemoryApiKeyStore:
             update={"expires_at": expires_at, "replaced_by": replaced_by}
         )
         return self.items[key_hash]
+
+
+class KeyClock:
+    """Monotonic seconds for the key cache and wall time for revocation and expiry, moved together."""
+
+    def __init__(self) -> None:
+        self.seconds = 1_000.0
+        self.wall = datetime(2026, 11, 27, 4, 0, tzinfo=UTC)
+
+    def monotonic(self) -> float:
+        return self.seconds
+
+    def now(self) -> datetime:
+        return self.wall
+
+    def advance(self, seconds: float) -> None:
+        self.seconds += seconds
+        self.wall += timedelta(seconds=seconds)

@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 
+from tests.fakes import KeyClock, MemoryApiKeyStore
+
 
 class NetworkBlocked(RuntimeError):
     pass
@@ -22,3 +24,13 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
         return real_connect(self, address)
 
     monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+@pytest.fixture
+def clock() -> KeyClock:
+    return KeyClock()
+
+
+@pytest.fixture
+def store() -> MemoryApiKeyStore:
+    return MemoryApiKeyStore()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import time
-from datetime import UTC, datetime, timedelta
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
@@ -15,7 +14,7 @@ from spool_core import bootstrap
 from spool_core.auth import ApiKeys, KeyCache, usage_key
 from spool_core.events import EventsToken
 from spool_core.tenancy import Tenant
-from tests.fakes import MemoryApiKeyStore
+from tests.fakes import KeyClock, MemoryApiKeyStore
 from tests.support import ROOT, load_event
 
 CONTEXT = SimpleNamespace(
@@ -34,28 +33,8 @@ def _load(name: str, path: str) -> ModuleType:
     return module
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self.wall = datetime(2026, 11, 27, 4, 0, tzinfo=UTC)
-
-    def advance(self, seconds: float) -> None:
-        self.seconds += seconds
-        self.wall += timedelta(seconds=seconds)
-
-
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def store() -> MemoryApiKeyStore:
-    return MemoryApiKeyStore()
-
-
-@pytest.fixture
-def keys(monkeypatch: pytest.MonkeyPatch, clock: Clock, store: MemoryApiKeyStore) -> ApiKeys:
+def keys(monkeypatch: pytest.MonkeyPatch, clock: KeyClock, store: MemoryApiKeyStore) -> ApiKeys:
     """The authorizer's keys: one execution environment's cache (30 s) over an in-memory table."""
     cached = ApiKeys(store, cache=KeyCache(30, clock=lambda: clock.seconds), now=lambda: clock.wall)
     monkeypatch.setattr(bootstrap, "api_keys", lambda config=None: cached)
@@ -98,7 +77,7 @@ def test_an_events_token_is_allowed_with_its_tenants_usage_key(authorizer: Modul
 
 
 def test_a_revoked_key_is_refused_once_its_cache_entry_ends(
-    authorizer: ModuleType, keys: ApiKeys, clock: Clock, store: MemoryApiKeyStore
+    authorizer: ModuleType, keys: ApiKeys, clock: KeyClock, store: MemoryApiKeyStore
 ) -> None:
     key, record = keys.create(Tenant("acme"))
     assert authorizer.lambda_handler(_event(f"Bearer {key}"), CONTEXT)["context"]["tenant_id"] == "acme"

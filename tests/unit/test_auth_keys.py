@@ -5,7 +5,6 @@ injected: nothing here waits."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -26,47 +25,19 @@ from spool_core.errors import ConfigurationError, SpoolError
 from spool_core.jobs.model import Chunk
 from spool_core.subscriptions import Fanout, Subscription
 from spool_core.tenancy import Tenant
-from tests.fakes import MemoryApiKeyStore
+from tests.fakes import KeyClock, MemoryApiKeyStore
 
 ACME, GLOBEX = Tenant("acme"), Tenant("globex")
 
 
-class Clock:
-    """Monotonic seconds for the cache and wall time for revocation and expiry, moved together."""
-
-    def __init__(self) -> None:
-        self.seconds = 1_000.0
-        self.wall = datetime(2026, 11, 27, 4, 0, tzinfo=UTC)
-
-    def monotonic(self) -> float:
-        return self.seconds
-
-    def now(self) -> datetime:
-        return self.wall
-
-    def advance(self, seconds: float) -> None:
-        self.seconds += seconds
-        self.wall += timedelta(seconds=seconds)
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def store() -> MemoryApiKeyStore:
-    return MemoryApiKeyStore()
-
-
-def api_keys(store: MemoryApiKeyStore, clock: Clock, seconds: float = 30) -> ApiKeys:
+def api_keys(store: MemoryApiKeyStore, clock: KeyClock, seconds: float = 30) -> ApiKeys:
     return ApiKeys(store, cache=KeyCache(seconds, clock=clock.monotonic), now=clock.now)
 
 
 # ---------------------------------------------------------------- the cache
 
 
-def test_a_known_key_is_read_once_per_cache_lifetime(store: MemoryApiKeyStore, clock: Clock) -> None:
+def test_a_known_key_is_read_once_per_cache_lifetime(store: MemoryApiKeyStore, clock: KeyClock) -> None:
     keys = api_keys(store, clock)
     key, _ = keys.create(ACME)
     for _ in range(5):
@@ -78,7 +49,7 @@ def test_a_known_key_is_read_once_per_cache_lifetime(store: MemoryApiKeyStore, c
 
 
 def test_a_revoked_key_works_until_its_cache_entry_ends_then_is_refused(
-    store: MemoryApiKeyStore, clock: Clock
+    store: MemoryApiKeyStore, clock: KeyClock
 ) -> None:
     function = api_keys(store, clock)  # an execution environment of the authorizer
     operator = api_keys(store, clock, seconds=0)  # the CLI
@@ -92,7 +63,7 @@ def test_a_revoked_key_works_until_its_cache_entry_ends_then_is_refused(
 
 
 def test_unknown_keys_are_remembered_briefly_so_a_new_key_works_within_seconds(
-    store: MemoryApiKeyStore, clock: Clock
+    store: MemoryApiKeyStore, clock: KeyClock
 ) -> None:
     function = api_keys(store, clock)
     key = "sk-made-a-moment-later"
@@ -104,7 +75,7 @@ def test_unknown_keys_are_remembered_briefly_so_a_new_key_works_within_seconds(
     assert function.authenticate(key) is not None  # ... for 5 s, not the 30 s of a hit
 
 
-def test_zero_seconds_turns_the_cache_off(store: MemoryApiKeyStore, clock: Clock) -> None:
+def test_zero_seconds_turns_the_cache_off(store: MemoryApiKeyStore, clock: KeyClock) -> None:
     keys = api_keys(store, clock, seconds=0)
     key, record = keys.create(ACME)
     assert keys.authenticate(key) is not None
@@ -113,7 +84,7 @@ def test_zero_seconds_turns_the_cache_off(store: MemoryApiKeyStore, clock: Clock
     assert store.gets == 2
 
 
-def test_the_cache_is_bounded(clock: Clock) -> None:
+def test_the_cache_is_bounded(clock: KeyClock) -> None:
     cache = KeyCache(30, max_entries=3, clock=clock.monotonic)
     loads: list[str] = []
 
@@ -129,7 +100,7 @@ def test_the_cache_is_bounded(clock: Clock) -> None:
 
 
 def test_registering_a_key_forgets_what_this_environment_remembered(
-    store: MemoryApiKeyStore, clock: Clock
+    store: MemoryApiKeyStore, clock: KeyClock
 ) -> None:
     keys = api_keys(store, clock)
     assert keys.authenticate("sk-dev") is None
@@ -154,7 +125,7 @@ def test_a_bad_cache_setting_is_a_configuration_error(value: str) -> None:
 
 
 def test_list_shows_a_tenants_keys_or_everyones_and_never_a_key_or_its_hash(
-    store: MemoryApiKeyStore, clock: Clock
+    store: MemoryApiKeyStore, clock: KeyClock
 ) -> None:
     keys = api_keys(store, clock, seconds=0)
     key1, first = keys.create(ACME, "ci")
@@ -183,7 +154,7 @@ def test_list_shows_a_tenants_keys_or_everyones_and_never_a_key_or_its_hash(
 
 
 def test_revoke_keeps_the_record_is_idempotent_and_respects_the_tenant(
-    store: MemoryApiKeyStore, clock: Clock
+    store: MemoryApiKeyStore, clock: KeyClock
 ) -> None:
     keys = api_keys(store, clock, seconds=0)
     key, record = keys.create(ACME)
@@ -201,7 +172,7 @@ def test_revoke_keeps_the_record_is_idempotent_and_respects_the_tenant(
 
 
 def test_rotate_issues_a_new_key_for_the_tenant_and_revokes_the_old_one(
-    store: MemoryApiKeyStore, clock: Clock
+    store: MemoryApiKeyStore, clock: KeyClock
 ) -> None:
     keys = api_keys(store, clock, seconds=0)
     old_key, old = keys.create(ACME, "ci")
@@ -217,7 +188,7 @@ def test_rotate_issues_a_new_key_for_the_tenant_and_revokes_the_old_one(
 
 
 def test_rotate_with_grace_keeps_the_old_key_working_until_the_grace_ends(
-    store: MemoryApiKeyStore, clock: Clock
+    store: MemoryApiKeyStore, clock: KeyClock
 ) -> None:
     function = api_keys(store, clock)
     operator = api_keys(store, clock, seconds=0)
@@ -240,7 +211,7 @@ def test_rotate_with_grace_keeps_the_old_key_working_until_the_grace_ends(
     assert status == {old.key_id: "expired", rotation.new.key_id: "active"}
 
 
-def test_a_second_rotation_never_extends_the_first_grace(store: MemoryApiKeyStore, clock: Clock) -> None:
+def test_a_second_rotation_never_extends_the_first_grace(store: MemoryApiKeyStore, clock: KeyClock) -> None:
     keys = api_keys(store, clock, seconds=0)
     _, old = keys.create(ACME)
     keys.rotate(old.key_id, grace_seconds=60)
@@ -248,7 +219,7 @@ def test_a_second_rotation_never_extends_the_first_grace(store: MemoryApiKeyStor
     assert again.old.expires_at == "2026-11-27T04:01:00.000Z"
 
 
-def test_records_written_before_revocation_existed_still_read(clock: Clock) -> None:
+def test_records_written_before_revocation_existed_still_read(clock: KeyClock) -> None:
     legacy = ApiKeyRecord.model_validate(
         {"key_hash": "h", "key_id": "key_1", "tenant_id": "acme", "created_at": "t", "disabled": True}
     )
@@ -291,7 +262,7 @@ class RecordingCloser:
         self.closed.append((connection_id, error))
 
 
-def test_a_connection_is_closed_once_its_key_is_revoked(store: MemoryApiKeyStore, clock: Clock) -> None:
+def test_a_connection_is_closed_once_its_key_is_revoked(store: MemoryApiKeyStore, clock: KeyClock) -> None:
     operator = api_keys(store, clock, seconds=0)
     _, record = operator.create(ACME)
     connections, closer = MemoryConnectionKeys(), RecordingCloser()
@@ -372,7 +343,7 @@ class RecordingPusher:
 
 
 def test_the_fanout_closes_a_revoked_keys_connection_and_keeps_serving_the_others(
-    store: MemoryApiKeyStore, clock: Clock
+    store: MemoryApiKeyStore, clock: KeyClock
 ) -> None:
     operator = api_keys(store, clock, seconds=0)
     _, revoked = operator.create(ACME)

@@ -18,6 +18,7 @@ from spool_core.openai_compat.common import (
     job_failure,
     stream_time_up,
     text_of,
+    to_job,
 )
 
 DONE_LINE = "data: [DONE]\n\n"
@@ -71,18 +72,7 @@ class ChatRequest(BaseModel):
             )
             for i, m in enumerate(self.messages)
         ]
-        fields: dict[str, Any] = {
-            "messages": messages,
-            "model": self.model,
-            "metadata": self.metadata or {},
-            "fallback": self.fallback,
-            "context_id": self.context_id,
-        }
-        if (limit := self.max_completion_tokens or self.max_tokens) is not None:
-            fields["max_tokens"] = limit
-        if self.temperature is not None:
-            fields["temperature"] = self.temperature
-        return JobRequest.model_validate(fields)
+        return to_job(messages, self, self.max_completion_tokens or self.max_tokens)
 
 
 def completion_id(job_id: str) -> str:

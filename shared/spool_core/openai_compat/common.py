@@ -9,8 +9,9 @@ from datetime import datetime
 from typing import Any, ClassVar
 
 from spool_core.api.errors import envelope, register_status, status_for
+from spool_core.chat import Message
 from spool_core.errors import SpoolError
-from spool_core.jobs.model import Job
+from spool_core.jobs.model import Job, JobRequest
 from spool_core.openai_compat.params import UnsupportedParameter
 
 PING = ": ping\n\n"  # a comment: OpenAI SDKs skip it (an `event:` line without data would break them)
@@ -53,6 +54,27 @@ ERROR_TYPES = {
     422: "invalid_request_error",
     429: "rate_limit_error",
 }
+
+
+def to_job(
+    messages: list[Message],
+    request: Any,
+    max_tokens: int | None,
+) -> JobRequest:
+    """The Spool job an OpenAI request stands for: its messages, and the fields both APIs share
+    (``model``, ``temperature``, ``metadata``, and Spool's ``fallback`` and ``context_id``)."""
+    fields: dict[str, Any] = {
+        "messages": messages,
+        "model": request.model,
+        "metadata": request.metadata or {},
+        "fallback": request.fallback,
+        "context_id": request.context_id,
+    }
+    if max_tokens is not None:
+        fields["max_tokens"] = max_tokens
+    if request.temperature is not None:
+        fields["temperature"] = request.temperature
+    return JobRequest.model_validate(fields)
 
 
 def openai_error_body(error: SpoolError, request_id: str | None) -> dict[str, Any]:

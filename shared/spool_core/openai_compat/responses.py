@@ -23,7 +23,7 @@ from spool_core.chat import Message
 from spool_core.errors import NotFound
 from spool_core.events import Ended, Followed, Ping, TimeUp, Wait
 from spool_core.jobs.model import Job, JobRequest
-from spool_core.openai_compat.common import PING, created_epoch, data_line, text_of
+from spool_core.openai_compat.common import PING, created_epoch, data_line, text_of, to_job
 
 PREFIX_EVENTS = 3  # created, in_progress, output_item.added, content_part.added: numbers 0..3
 ID_PREFIX = "resp_"
@@ -69,18 +69,7 @@ class ResponsesRequest(BaseModel):
             for i, item in enumerate(self.input):
                 role = "system" if item.role == "developer" else item.role
                 messages.append(Message(role=role, content=text_of(item.content, f"input[{i}].content")))
-        fields: dict[str, Any] = {
-            "messages": messages,
-            "model": self.model,
-            "metadata": self.metadata or {},
-            "fallback": self.fallback,
-            "context_id": self.context_id,
-        }
-        if self.max_output_tokens is not None:
-            fields["max_tokens"] = self.max_output_tokens
-        if self.temperature is not None:
-            fields["temperature"] = self.temperature
-        return JobRequest.model_validate(fields)
+        return to_job(messages, self, self.max_output_tokens)
 
 
 # ---------------------------------------------------------------------------------------- ids
