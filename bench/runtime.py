@@ -17,7 +17,8 @@ def fresh_import_ms(stack: EmbeddedStack, name: str) -> float:
     assert stack.description is not None
     spec = stack.functions[name].spec
     environment = stack.description.environment_for(stack.template, name)
-    module = spec.handler.rpartition(".")[0]
+    # a web app behind the Lambda Web Adapter is imported by its server (``app:app``), not a handler
+    module = spec.web_app.partition(":")[0] if spec.web_app else spec.handler.rpartition(".")[0]
     code_dir = stack.template.root / spec.code_uri
 
     def timed(statement: str) -> float:

@@ -363,11 +363,12 @@ class RestApiEmulator:
             return self.gateway_response("MISSING_AUTHENTICATION_TOKEN", request_id)
         deadline = time.monotonic() + route.timeout_seconds  # the integration timeout covers it all
 
-        # API Gateway throttles a method (the stage's MethodSettings) before it authorizes: a throttled
-        # request never reaches the authorizer. The usage plan's per-key throttle needs the key, which
-        # (ApiKeySourceType AUTHORIZER) only the authorizer's answer carries, so it comes after it.
-        throttled = self._throttle(route.path, route.method, request_id)
-        if throttled is not None:
+        # API Gateway applies a client's usage-plan throttle first and the stage's method throttle
+        # (MethodSettings) after it, so requests a flooding client has over its own plan are refused
+        # without spending the stage's tokens that every other client shares. The per-client throttle
+        # needs the key, which (ApiKeySourceType AUTHORIZER) only the authorizer's answer carries; a
+        # method that needs no key is throttled by the stage before anything runs.
+        if not route.api_key_required and (throttled := self._throttle(route.path, route.method, request_id)):
             return throttled
         event = self._proxy_event(
             method, path, query, headers, body, route, path_params, request_id, source_ip
@@ -380,6 +381,7 @@ class RestApiEmulator:
             authorization = outcome
         if route.api_key_required:
             refused = self._usage_plan(headers, authorization, request_id)
+            refused = refused or self._throttle(route.path, route.method, request_id)
             if refused is not None:
                 return refused
         if _serialized_size(event) > MAX_LAMBDA_PAYLOAD_BYTES:

@@ -274,7 +274,7 @@ def test_a_bucket_that_never_holds_a_token_throttles_everything(clock: Clock) ->
 
 
 # ---------------------------------------------------------------------- the stage's throttle
-def test_the_stage_throttles_each_method_before_the_authorizer(
+def test_the_stage_throttles_each_method_after_the_clients_own_plan(
     emulator: RestApiEmulator, functions: dict[str, FakeFunction], clock: Clock
 ) -> None:
     # Four keys, so the usage plan (burst 2 per key) is not what throttles.
@@ -285,10 +285,20 @@ def test_the_stage_throttles_each_method_before_the_authorizer(
     assert error["code"] == "rate_limited"
     assert error["request_id"] == throttled.headers["X-Request-Id"]
     assert throttled.headers["Retry-After"] == "1"  # 2 tokens a second: the next in 0.5 s, rounded up
-    assert len(functions["AuthFunction"].events) == 4  # the throttled request never reached it
+    assert len(functions["AppFunction"].events) == 4  # the throttled request never reached the function
     assert call(emulator, "/other", key="k9").status == 200  # another method, another bucket
-    clock.now += 0.5
+    clock.now += 1  # the stage's bucket and k9's own (which both requests above spent) refill
     assert call(emulator, "/things", key="k9").status == 200
+
+
+def test_a_client_over_its_own_plan_leaves_the_stages_share_to_the_others(
+    emulator: RestApiEmulator, functions: dict[str, FakeFunction]
+) -> None:
+    """API Gateway applies the usage plan before the stage's method throttle: a flooder's refused
+    requests spend its own bucket only, so the stage (burst 4) still serves the quiet clients."""
+    flood = [call(emulator, "/things", key="flood").status for _ in range(50)]
+    assert flood.count(200) == 2 and flood.count(429) == 48  # its plan's burst, then refused
+    assert [call(emulator, "/things", key=f"quiet{i}").status for i in range(2)] == [200, 200]
 
 
 def test_a_method_setting_overrides_the_stage_wide_one(emulator: RestApiEmulator, clock: Clock) -> None:
