@@ -6,6 +6,7 @@ import json
 import random
 import statistics
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -67,11 +68,35 @@ def handler_memory(stack: EmbeddedStack, payload: bytes) -> int:
     return peak
 
 
+def most_files(stack: EmbeddedStack) -> None:
+    """A context of the most files one may hold (small distinct files: one blob each), against the
+    integration timeout it must finish within."""
+    assert stack.description is not None
+    limit = int(
+        stack.description.environment_for(stack.template, "ContextsFunction")["SPOOL_MAX_CONTEXT_FILES"]
+    )
+    files = [
+        {"path": f"src/d{i // 100}/f{i}.py", "content": f"def f{i}():\n    return {i}\n"}
+        for i in range(limit)
+    ]
+    started = time.perf_counter()
+    try:
+        status, _ = request(stack, "POST", "/v1/contexts", json.dumps({"files": files}).encode())
+    except urllib.error.HTTPError as error:
+        status = error.code
+    elapsed = time.perf_counter() - started
+    print(
+        f"upload of the most files a context holds ({limit:,} small files): {elapsed:.1f} s,"
+        f" answered {status} (target: well inside the 29 s integration timeout, <= 15 s)"
+    )
+
+
 def run(stack: EmbeddedStack) -> None:
     files = corpus()
     payload = json.dumps({"files": files, "ttl_seconds": 3600}).encode()
     print("== contexts ==")
     logger.setLevel("ERROR")  # in-process invocations below would log every request
+    most_files(stack)
     print(f"payload: {len(files)} files, {len(payload) / 1e6:.2f} MB of JSON")
 
     # Upload through the embedded stack (gateway, authorizer, the contexts function's container).

@@ -44,7 +44,9 @@ class InvalidContent(InvalidRequest):
 class TooManyFiles(InvalidRequest):
     code = "too_many_files"
     default_suggestions: ClassVar[tuple[str, ...]] = (
-        "Split the context, or leave out generated and vendored files",
+        "Split the context, or leave out generated and vendored files (the CLI honours .gitignore)",
+        "The limit keeps one upload inside the API's 29 s timeout; an operator can raise"
+        " SPOOL_MAX_CONTEXT_FILES where uploads are fast enough",
     )
 
 

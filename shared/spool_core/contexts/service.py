@@ -70,7 +70,7 @@ UPLOAD_ID_PREFIX = "upl"
 @dataclass(frozen=True)
 class ContextLimits:
     max_bytes: int = 50 * 1024 * 1024
-    max_files: int = 10_000
+    max_files: int = 2_000  # settings.max_context_files: one upload within the API's timeout
     blob_retention_seconds: float = 9 * DAY  # the bucket's lifecycle expiry of context objects
     upload_url_seconds: int = 900
     uploads_per_hour: int = 100  # presigned uploads a tenant may open (an object each, until used)
