@@ -194,6 +194,47 @@ def hand_corpus() -> list[Probe]:
         Probe("unknown method", "FOO", "/v1/jobs"),
         Probe("PROPFIND", "PROPFIND", "/v1/models"),
         Probe("TRACE", "TRACE", "/v1/jobs/{job}"),
+        Probe("context id 3 KB", "GET", "/v1/contexts/ctx_" + "c" * 3_000),
+        Probe("response id 3 KB", "GET", "/v1/responses/resp_" + "r" * 3_000),
+        # Requests the OpenAI schema accepts but a job cannot hold (found in review)
+        Probe(
+            "responses 1,001 input items",
+            "POST",
+            "/v1/responses",
+            _json({"model": "sim-fast", "input": [{"role": "user", "content": "hi"}] * 1001}),
+        ),
+        Probe(
+            "chat 2.1 MB of text parts",
+            "POST",
+            "/v1/chat/completions",
+            _json(
+                {
+                    "model": "sim-fast",
+                    "messages": [{"role": "user", "content": [{"type": "text", "text": "a" * 700_000}] * 3}],
+                }
+            ),
+        ),
+        Probe(
+            "chat lone surrogate",
+            "POST",
+            "/v1/chat/completions",
+            b'{"model": "sim-fast", "messages": [{"role": "user", "content": "\\ud800 hi"}]}',
+        ),
+        Probe(
+            "chat metadata lone surrogate",
+            "POST",
+            "/v1/chat/completions",
+            b'{"model": "sim-fast", "messages": [{"role": "user", "content": "hi"}],'
+            b' "metadata": {"k": "\\udc00"}}',
+        ),
+        Probe(
+            "job messages over what a job item holds",
+            "POST",
+            "/v1/jobs",
+            _json({"model": "sim-fast", "message": ("a" * 200 + "\n") * 2100}),
+            _key(),
+        ),
+        Probe("usage until year 1", "GET", "/v1/usage?until=0001-01-03", expect_rejected=False),
         # A HEAD answer has no body, even from a streaming route (the next request on the connection
         # read the stray end of a chunked body as its status line)
         Probe("HEAD on a streaming route", "HEAD", "/v1/chat/completions"),

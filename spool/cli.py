@@ -427,10 +427,13 @@ def _limits(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_GRACE_SECONDS = 90 * 86_400  # a rotation's overlap; beyond it the new key is stored, never shown
+
+
 def _seconds(text: str) -> int:
     value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be 0 or more seconds")
+    if not 0 <= value <= MAX_GRACE_SECONDS:
+        raise argparse.ArgumentTypeError(f"must be 0 to {MAX_GRACE_SECONDS} seconds (90 days)")
     return value
 
 

@@ -12,7 +12,13 @@ from typing import Any
 from spool.devstack.runtime import HandlerError, InvocationError
 from spool_core.circuits import Circuit
 from spool_core.contexts.model import BlobInfo, ContextRecord, Manifest
-from spool_core.contexts.ports import ConcurrentUpdate, UploadChanged, UploadHead
+from spool_core.contexts.ports import (
+    ConcurrentUpdate,
+    ContextExists,
+    UploadChanged,
+    UploadHead,
+    manifest_name,
+)
 
 
 class FakeFunction:
@@ -75,8 +81,9 @@ class MemoryManifestStore:
         self.objects: dict[str, str] = {}
 
     def put(self, manifest: Manifest) -> str:
-        key = f"contexts/{manifest.context_id}/v{manifest.version}.json"
-        self.objects[key] = manifest.model_dump_json()
+        body = manifest.model_dump_json()
+        key = f"contexts/{manifest.context_id}/{manifest_name(manifest.version, body.encode())}"
+        self.objects[key] = body
         return key
 
     def get(self, key: str) -> Manifest:
@@ -90,25 +97,23 @@ class MemoryManifestStore:
 class MemoryContextTable:
     def __init__(self) -> None:
         self.items: dict[str, tuple[ContextRecord, int]] = {}
+        self.upload_counts: dict[int, int] = {}
         self.before_replace: list[str] = []  # context ids to bump concurrently, once
 
     def get(self, context_id: str) -> ContextRecord | None:
         found = self.items.get(context_id)
         return found[0] if found else None
 
-    upload_tat: float | None = None
-
-    def upload_budget(self) -> float | None:
-        return self.upload_tat
-
-    def spend_upload_budget(self, tat: float, expected: float | None) -> bool:
-        if self.upload_tat != expected:
+    def take_upload_slot(self, hour: int, limit: int, ttl: int) -> bool:
+        counted = self.upload_counts.get(hour, 0)
+        if counted >= limit:
             return False
-        self.upload_tat = tat
+        self.upload_counts[hour] = counted + 1
         return True
 
     def create(self, record: ContextRecord, ttl: int) -> None:
-        assert record.context_id not in self.items
+        if record.context_id in self.items:
+            raise ContextExists(record.context_id)
         self.items[record.context_id] = (record, ttl)
 
     def replace(self, record: ContextRecord, ttl: int, expected_version: int) -> None:

@@ -19,7 +19,7 @@ from spool_core.errors import InvalidRequest, PayloadTooLarge
 
 MAX_BYTES = 16 * 1024  # as compact JSON; a job's item also carries its messages' summary and output
 MAX_DEPTH = 16  # DynamoDB nests 32 levels; the item itself and the envelope take some
-_MAX_INTEGER = 10**38  # 38 significant digits
+_MAX_DIGITS = 38  # significant digits
 _LARGEST = 9.99e125
 _SMALLEST = 1e-130
 
@@ -37,8 +37,9 @@ def _invalid(path: str, problem: str) -> InvalidRequest:
 
 def _check_number(path: str, value: int | float) -> None:
     if isinstance(value, int):
-        if abs(value) >= _MAX_INTEGER:
-            raise _invalid(path, "integers have at most 38 digits")
+        # DynamoDB keeps 38 significant digits up to 9.99E+125: 10**40 is fine, 10**38 + 1 is not
+        if abs(value) > _LARGEST or len(str(abs(value)).rstrip("0")) > _MAX_DIGITS:
+            raise _invalid(path, "integers have at most 38 significant digits")
         return
     if not math.isfinite(value):
         raise _invalid(path, "NaN and Infinity are not numbers JSON or DynamoDB can store")

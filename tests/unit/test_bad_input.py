@@ -30,21 +30,23 @@ def job(meta: str) -> bytes:
         ('{"x": 1e400}', "metadata.x", "Infinity"),
         ('{"x": 1e-200}', "metadata.x", "1e-130"),
         ('{"x": 1e200}', "metadata.x", "9.99e125"),
-        ('{"x": ' + "9" * 39 + "}", "metadata.x", "38 digits"),
-        ('{"x": ' + "-" + "9" * 39 + "}", "metadata.x", "38 digits"),
+        ('{"x": ' + "9" * 39 + "}", "metadata.x", "38 significant digits"),
+        ('{"x": ' + "-" + "1" * 38 + "1}", "metadata.x", "38 significant digits"),
+        ('{"x": 1' + "0" * 126 + "}", "metadata.x", "38 significant digits"),
         ('{"a": ' * 17 + "1" + "}" * 17, "metadata" + ".a" * 16, "deeper than 16"),
     ],
 )
 def test_metadata_dynamodb_cannot_store_is_a_400_naming_the_value(raw: str, where: str, why: str) -> None:
     with pytest.raises(InvalidRequest) as caught:
         JobRequest.model_validate_json(job(raw))
-    assert why in caught.value.message
+    assert why in caught.value.message, caught.value.message
     assert caught.value.details["fields"][0]["field"] == where
 
 
 def test_metadata_at_the_limits_is_stored() -> None:
     edge = {
         "int": 10**38 - 1,
+        "round": 10**40,  # 1E+40: one significant digit
         "small": 1e-130,
         "big": 9.99e125,
         "zero": 0.0,

@@ -306,28 +306,43 @@ def test_other_encodings_are_counted_once_and_cached(h: Harness) -> None:
 
 def test_each_tenant_may_open_so_many_uploads_an_hour() -> None:
     h = Harness(uploads_per_hour=3)
+    h.clock.now = 1_800_000_000.0 + 600  # ten minutes into an hour
     for _ in range(3):
         h.service.begin_upload()
     with pytest.raises(RateLimited) as refused:
         h.service.begin_upload()
-    assert refused.value.retry_after_seconds == pytest.approx(1200)  # one upload's share of the hour
-    assert refused.value.headers["Retry-After"] == "1200"
-    h.clock.now += 1200
+    assert refused.value.retry_after_seconds == pytest.approx(3000)  # the next hour
+    assert refused.value.headers["Retry-After"] == "3000"
+    h.clock.now += 3000
     h.service.begin_upload()
-    with pytest.raises(RateLimited):
-        h.service.begin_upload()
 
 
-def test_concurrent_upload_requests_each_spend_the_budget_once() -> None:
-    h = Harness(uploads_per_hour=2)
-    spend = h.table.spend_upload_budget
+def test_a_lost_race_to_make_a_context_from_one_upload_answers_the_winners_context() -> None:
+    h = Harness()
+    upload_id = h.service.begin_upload()["upload_id"]
+    h.uploads.objects[upload_id] = b'{"files": [{"path": "a.txt", "content": "mine"}]}'
+    create = h.table.create
 
-    def another_request_first(tat: float, expected: float | None) -> bool:
-        h.table.spend_upload_budget = spend  # type: ignore[method-assign]
-        assert spend(tat, expected)  # the other request lands between this one's read and write
-        return spend(tat, expected)
+    def another_request_first(record: Any, ttl: int) -> None:
+        theirs = record.model_copy(update={"size_bytes": 99})  # the other request's record lands first
+        h.table.create = create  # type: ignore[method-assign]
+        create(theirs, ttl)
+        create(record, ttl)  # raises ContextExists, as DynamoDB's conditional put would
 
-    h.table.spend_upload_budget = another_request_first  # type: ignore[method-assign]
-    h.service.begin_upload()  # re-reads and spends after the other one
-    with pytest.raises(RateLimited):
-        h.service.begin_upload()
+    h.table.create = another_request_first  # type: ignore[method-assign]
+    summary = h.service.create_from_upload(upload_id)
+    assert summary["size_bytes"] == 99  # the stored context, not a 500
+    assert h.uploads.objects == {}
+
+
+def test_two_writers_of_one_version_never_share_a_manifest_object() -> None:
+    """Two PATCHes (or two creates from one upload) racing for the same version each write their
+    own manifest; the record that wins its conditional write names its own, never the loser's."""
+    h = Harness()
+    context_id = h.create({"a.txt": "one"})["context_id"]
+    loaded = h.service.load(context_id)
+    theirs = loaded.manifest.model_copy(update={"version": 2, "metadata": {"by": "them"}})
+    ours = loaded.manifest.model_copy(update={"version": 2, "metadata": {"by": "us"}})
+    their_key, our_key = h.manifests.put(theirs), h.manifests.put(ours)
+    assert their_key != our_key
+    assert h.manifests.get(their_key).metadata == {"by": "them"}

@@ -10,7 +10,13 @@ from botocore.exceptions import ClientError
 from spool_core.adapters.dynamodb import ConditionFailed, ScopedTable
 from spool_core.clock import rfc3339, utc_now
 from spool_core.contexts.model import BlobInfo, ContextRecord, Manifest
-from spool_core.contexts.ports import ConcurrentUpdate, UploadChanged, UploadHead
+from spool_core.contexts.ports import (
+    ConcurrentUpdate,
+    ContextExists,
+    UploadChanged,
+    UploadHead,
+    manifest_name,
+)
 from spool_core.tenancy import TenantScope
 
 if TYPE_CHECKING:
@@ -19,7 +25,7 @@ if TYPE_CHECKING:
 CONTEXT_KIND = "ctx"
 BLOB_KIND = "blob"
 UPLOADS_ROOT = "uploads"
-UPLOAD_BUDGET_KIND, UPLOAD_BUDGET_ID = "uploads", "budget"  # one item per tenant
+UPLOAD_BUDGET_KIND = "uploads"  # one counter item per tenant and hour
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 
 
@@ -74,13 +80,9 @@ class S3ManifestStore:
         self._scope = scope
 
     def put(self, manifest: Manifest) -> str:
-        key = self._scope.object_key("contexts", manifest.context_id, f"v{manifest.version}.json")
-        self._client.put_object(
-            Bucket=self._bucket,
-            Key=key,
-            Body=manifest.model_dump_json().encode(),
-            ContentType="application/json",
-        )
+        body = manifest.model_dump_json().encode()
+        key = self._scope.object_key("contexts", manifest.context_id, manifest_name(manifest.version, body))
+        self._client.put_object(Bucket=self._bucket, Key=key, Body=body, ContentType="application/json")
         return key
 
     def get(self, key: str) -> Manifest:
@@ -155,12 +157,15 @@ class DynamoContextTable:
         return ContextRecord.model_validate(item) if item else None
 
     def create(self, record: ContextRecord, ttl: int) -> None:
-        self._table.put(
-            CONTEXT_KIND,
-            record.context_id,
-            {**record.model_dump(), "ttl": ttl},
-            condition="attribute_not_exists(pk)",
-        )
+        try:
+            self._table.put(
+                CONTEXT_KIND,
+                record.context_id,
+                {**record.model_dump(), "ttl": ttl},
+                condition="attribute_not_exists(pk)",
+            )
+        except ConditionFailed as exc:
+            raise ContextExists(record.context_id) from exc
 
     def replace(self, record: ContextRecord, ttl: int, expected_version: int) -> None:
         try:
@@ -181,26 +186,16 @@ class DynamoContextTable:
             return False
         return True
 
-    def upload_budget(self) -> float | None:
-        item = self._table.get(UPLOAD_BUDGET_KIND, UPLOAD_BUDGET_ID)
-        return float(item["tat_ms"]) / 1000 if item else None
-
-    def spend_upload_budget(self, tat: float, expected: float | None) -> bool:
-        # Integer milliseconds: exact in DynamoDB and compared exactly by the condition.
-        attributes = {"tat_ms": round(tat * 1000), "ttl": int(tat) + 86_400}
+    def take_upload_slot(self, hour: int, limit: int, ttl: int) -> bool:
         try:
-            if expected is None:
-                self._table.put(
-                    UPLOAD_BUDGET_KIND, UPLOAD_BUDGET_ID, attributes, condition="attribute_not_exists(pk)"
-                )
-            else:
-                self._table.put(
-                    UPLOAD_BUDGET_KIND,
-                    UPLOAD_BUDGET_ID,
-                    attributes,
-                    condition="tat_ms = :expected",
-                    values={":expected": round(expected * 1000)},
-                )
+            self._table.update(
+                UPLOAD_BUDGET_KIND,
+                str(hour),
+                "ADD uploads :one SET #ttl = :ttl",
+                condition="attribute_not_exists(uploads) OR uploads < :limit",
+                names={"#ttl": "ttl"},
+                values={":one": 1, ":limit": limit, ":ttl": ttl},
+            )
         except ConditionFailed:
             return False
         return True

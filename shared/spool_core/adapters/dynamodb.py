@@ -347,7 +347,16 @@ def transact(client: DynamoDBClient, items: Sequence[Mapping[str, Any]]) -> None
             code in CANCELLED_BY_STATE for code, _ in reasons
         ):
             raise ConditionFailed(reasons=reasons) from exc
+        if exc.response["Error"]["Code"] == "ValidationException" or any(
+            code == "ValidationError" for code, _ in reasons
+        ):
+            raise Unstorable(exc.response["Error"].get("Message", "")) from exc  # never retried
         raise
+
+
+class Unstorable(ValueError):
+    """DynamoDB refused the request itself (an item over 400 KB, a value it cannot hold): the same
+    request can never succeed, so it is not a lost reply to retry."""
 
 
 def batch_get(

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import pydantic_core
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -82,8 +83,10 @@ def caller(request: Request) -> Caller:
 async def json_body(request: Request) -> Any:
     raw = await request.body()
     try:
-        return json.loads(raw or b"null")
-    except (ValueError, RecursionError):  # bad bytes or text; nesting past the parser's stack
+        # pydantic's parser, as for every other body: it refuses invalid UTF-8, lone surrogates
+        # (json.loads lets "\ud800" through to fail later) and nesting past its recursion limit
+        return pydantic_core.from_json(raw or b"null")
+    except (ValueError, RecursionError):
         raise InvalidRequest(
             "The request body is not valid JSON (or is nested too deeply)",
             details={"param": None},

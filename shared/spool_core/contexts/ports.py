@@ -3,6 +3,7 @@ for the caller's tenant, so no method takes a tenant and none can reach another'
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -12,6 +13,10 @@ from spool_core.contexts.model import BlobInfo, ContextRecord, Manifest
 
 class ConcurrentUpdate(Exception):
     """Raised by ``ContextTable.replace`` when the stored version moved on."""
+
+
+class ContextExists(Exception):
+    """Raised by ``ContextTable.create`` when a context with that id is already stored."""
 
 
 class BlobStore(Protocol):
@@ -32,6 +37,13 @@ class BlobIndex(Protocol):
     def put_many(self, entries: Iterable[tuple[BlobInfo, int]]) -> None: ...
 
 
+def manifest_name(version: int, body: bytes) -> str:
+    """``v<version>-<digest>.json``: two writers racing for one version (concurrent PATCHes, or two
+    creates from one upload) never overwrite each other's manifest; the record that wins its
+    conditional write names its own."""
+    return f"v{version}-{hashlib.sha256(body).hexdigest()[:16]}.json"
+
+
 class ManifestStore(Protocol):
     def put(self, manifest: Manifest) -> str: ...
 
@@ -50,11 +62,9 @@ class ContextTable(Protocol):
 
     def delete(self, context_id: str) -> bool: ...
 
-    def upload_budget(self) -> float | None:
-        """When the tenant's upload budget is next full (its GCRA theoretical arrival time), or None."""
-
-    def spend_upload_budget(self, tat: float, expected: float | None) -> bool:
-        """Store ``tat`` if the stored one is still ``expected``; False when another request moved it."""
+    def take_upload_slot(self, hour: int, limit: int, ttl: int) -> bool:
+        """Count one upload in the tenant's ``hour`` (epoch hours) unless ``limit`` are counted there
+        already; one atomic conditional write. The counter expires at ``ttl`` (epoch seconds)."""
 
 
 class UploadChanged(Exception):

@@ -43,6 +43,7 @@ from spool_core.contexts.ports import (
     BlobIndex,
     BlobStore,
     ConcurrentUpdate,
+    ContextExists,
     ContextTable,
     ManifestStore,
     UploadChanged,
@@ -56,7 +57,7 @@ from spool_core.errors import (
     PayloadTooLarge,
     SpoolError,
 )
-from spool_core.ids import new_id
+from spool_core.ids import new_id, plausible
 from spool_core.limits.errors import RateLimited
 from spool_core.metadata import check as check_metadata
 from spool_core.metadata import size as metadata_size
@@ -160,7 +161,7 @@ class ContextService:
         return self._blobs.get(entry.sha256).decode("utf-8")
 
     def _record(self, context_id: str) -> ContextRecord:
-        record = self._table.get(context_id)
+        record = self._table.get(context_id) if plausible(context_id) else None
         if record is None:
             raise ContextNotFound(f"Context '{context_id}' not found", details={"context_id": context_id})
         if self._clock() >= record.expires_at:
@@ -266,27 +267,19 @@ class ContextService:
         }
 
     def _spend_upload_budget(self) -> None:
-        """GCRA on one item: each upload moves the tenant's arrival time on by an hour's share; an
-        arrival time more than an hour ahead means the budget is spent."""
-        interval = 3600 / self.limits.uploads_per_hour
-        for _ in range(5):
-            now = self._clock()
-            stored = self._table.upload_budget()
-            tat = max(stored or now, now) + interval
-            if tat - now > 3600:
-                wait = tat - now - 3600
-                raise RateLimited(
-                    f"This tenant has opened {self.limits.uploads_per_hour} uploads in the last hour",
-                    retry_after_seconds=wait,
-                    details={"limit": self.limits.uploads_per_hour, "window": "hour"},
-                    suggestions=[
-                        "Use the uploads you have (each is valid for 15 minutes), or retry after Retry-After",
-                        "Send contexts under 6 MB directly with POST /v1/contexts",
-                    ],
-                )
-            if self._table.spend_upload_budget(tat, stored):
-                return
-        raise DependencyUnavailable("Too many concurrent upload requests for this tenant; retry")
+        """One atomic conditional increment of the tenant's counter for the current hour."""
+        now = self._clock()
+        hour = int(now // 3600)
+        if not self._table.take_upload_slot(hour, self.limits.uploads_per_hour, ttl=(hour + 2) * 3600):
+            raise RateLimited(
+                f"This tenant has opened {self.limits.uploads_per_hour} uploads this hour",
+                retry_after_seconds=(hour + 1) * 3600 - now,
+                details={"limit": self.limits.uploads_per_hour, "window": "hour"},
+                suggestions=[
+                    "Use the uploads you have (each is valid for 15 minutes), or retry after Retry-After",
+                    "Send contexts under 6 MB directly with POST /v1/contexts",
+                ],
+            )
 
     def create_from_upload(self, upload_id: str) -> dict[str, Any]:
         """One context per upload: its id is derived from the upload's, so a retry (or a second
@@ -312,6 +305,8 @@ class ContextService:
                 )
             document = self._uploaded_document(upload_id, head)
             summary = self._create(document, context_id)
+        except ContextExists:  # another request made it from this upload meanwhile: the same answer
+            summary = self._summary(self._record(context_id))
         except SpoolError as refused:
             if not isinstance(refused, DependencyUnavailable | InternalError):
                 self._uploads.delete(upload_id)  # refused for good: keep nothing (a 5xx may be retried)

@@ -19,8 +19,8 @@ from typing import Any
 from spool_core import tokens
 from spool_core.clock import from_epoch, rfc3339
 from spool_core.contexts.service import ContextService
-from spool_core.errors import DependencyUnavailable, InvalidRequest
-from spool_core.ids import new_id
+from spool_core.errors import DependencyUnavailable, InvalidRequest, PayloadTooLarge
+from spool_core.ids import new_id, plausible
 from spool_core.jobs.errors import (
     ContextTooLarge,
     IdempotencyKeyRequired,
@@ -63,6 +63,7 @@ MAX_KEY_LENGTH = 255
 MAX_WAIT_SECONDS = 20
 DEFAULT_CHUNK_LIMIT = 500
 MAX_CHUNK_LIMIT = 1000
+MAX_MESSAGES_BYTES = 192 * 1024  # of a job item's 400 KB; the output takes most of the rest
 MAX_POLL_INTERVAL = 0.1
 ADMISSION_ATTEMPTS = 25  # reads and transactions, while concurrent admissions keep moving the state
 
@@ -86,6 +87,20 @@ def check_idempotency_key(key: str | None) -> str:
             details={"max_length": MAX_KEY_LENGTH},
         )
     return key
+
+
+def _check_stored_size(request: JobRequest) -> None:
+    """The job item keeps its messages (so a retry or a worker can rebuild the prompt) and, at the
+    end, its output, in one DynamoDB item of at most 400 KB; the messages get a bounded share."""
+    size = len(request.model_dump_json(include={"messages"}).encode())
+    if size > MAX_MESSAGES_BYTES:
+        raise PayloadTooLarge(
+            f"The messages are {size:,} bytes as stored; a job holds at most {MAX_MESSAGES_BYTES:,}",
+            details={"field": "messages", "size_bytes": size, "limit_bytes": MAX_MESSAGES_BYTES},
+            suggestions=[
+                "Upload large text as a context (POST /v1/contexts) and send its context_id with the job",
+            ],
+        )
 
 
 def idempotency_hash(key: str) -> str:
@@ -125,6 +140,7 @@ class JobService:
     # ------------------------------------------------------------------ create
     def create(self, key: str | None, request: JobRequest) -> Created:
         key = check_idempotency_key(key)
+        _check_stored_size(request)
         fingerprint, key_hash = request.fingerprint(), idempotency_hash(key)
         known = self._models.get(request.model)
         job: Job | None = None
@@ -279,7 +295,7 @@ class JobService:
 
     # ------------------------------------------------------------------ read
     def get(self, job_id: str) -> Job:
-        job = self._jobs.get(job_id)
+        job = self._jobs.get(job_id) if plausible(job_id) else None
         if job is None:
             raise JobNotFound(f"Job '{job_id}' not found", details={"job_id": job_id})
         return job

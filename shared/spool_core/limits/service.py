@@ -279,7 +279,9 @@ class RateLimiter:
     def usage(self, since: date | None, until: date | None) -> dict[str, Any]:
         """Rollups by day from ``since`` to ``until`` (UTC, inclusive; the last 7 days by default)."""
         until = until or date.fromisoformat(utc_day(self.now_ms()))
-        since = since or until - timedelta(days=DEFAULT_USAGE_DAYS - 1)
+        since = since or max(
+            date.min, until - timedelta(days=min(DEFAULT_USAGE_DAYS - 1, until.toordinal() - 1))
+        )
         if since > until or (until - since).days >= MAX_USAGE_DAYS:
             raise InvalidRequest(
                 f"since must not be after until, and the range is at most {MAX_USAGE_DAYS} days",

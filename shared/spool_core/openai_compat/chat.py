@@ -8,7 +8,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from spool_core.chat import Message
 from spool_core.events import Ended, Followed, Ping, TimeUp, Wait
 from spool_core.jobs.model import Job, JobRequest
 from spool_core.openai_compat.common import (
@@ -65,11 +64,11 @@ class ChatRequest(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def job_request(self) -> JobRequest:
-        messages = [
-            Message(
-                role="system" if m.role == "developer" else m.role,
-                content=text_of(m.content, f"messages[{i}].content"),
-            )
+        messages = [  # plain values: the job's model checks them, so its limits are 400s naming the field
+            {
+                "role": "system" if m.role == "developer" else m.role,
+                "content": text_of(m.content, f"messages[{i}].content"),
+            }
             for i, m in enumerate(self.messages)
         ]
         return to_job(messages, self, self.max_completion_tokens or self.max_tokens)

@@ -9,10 +9,9 @@ from datetime import datetime
 from typing import Any, ClassVar
 
 from spool_core.api.errors import envelope, register_status, status_for
-from spool_core.chat import Message
 from spool_core.errors import SpoolError
 from spool_core.jobs.model import Job, JobRequest
-from spool_core.openai_compat.params import UnsupportedParameter
+from spool_core.openai_compat.params import UnsupportedParameter, validated
 
 PING = ": ping\n\n"  # a comment: OpenAI SDKs skip it (an `event:` line without data would break them)
 
@@ -57,7 +56,7 @@ ERROR_TYPES = {
 
 
 def to_job(
-    messages: list[Message],
+    messages: list[dict[str, str]],
     request: Any,
     max_tokens: int | None,
 ) -> JobRequest:
@@ -74,7 +73,7 @@ def to_job(
         fields["max_tokens"] = max_tokens
     if request.temperature is not None:
         fields["temperature"] = request.temperature
-    return JobRequest.model_validate(fields)
+    return validated(JobRequest, fields)  # the job's own limits (1,000 messages, 2 MB of text): a 400
 
 
 def openai_error_body(error: SpoolError, request_id: str | None) -> dict[str, Any]:

@@ -164,8 +164,13 @@ def parse[M: BaseModel](model: type[M], body: Any, policy: type[Policy]) -> M:
             suggestions=["Send a JSON object with 'Content-Type: application/json'"],
         )
     policy.check(body)
+    return validated(model, dict(body))
+
+
+def validated[M: BaseModel](model: type[M], values: Mapping[str, Any]) -> M:
+    """``model`` from ``values``, or a 400 naming the first offending field as ``details.param``."""
     try:
-        return model.model_validate(dict(body))
+        return model.model_validate(values)
     except ValidationError as exc:
         fields = [
             {
@@ -182,4 +187,4 @@ def parse[M: BaseModel](model: type[M], body: Any, policy: type[Policy]) -> M:
         ) from None
 
 
-__all__ = ["ChatPolicy", "Policy", "ResponsesPolicy", "UnsupportedParameter", "parse"]
+__all__ = ["ChatPolicy", "Policy", "ResponsesPolicy", "UnsupportedParameter", "parse", "validated"]

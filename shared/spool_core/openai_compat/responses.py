@@ -15,11 +15,10 @@ resumes exactly there, for the life of the log, across worker crashes.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from spool_core.chat import Message
 from spool_core.errors import NotFound
 from spool_core.events import Ended, Followed, Ping, TimeUp, Wait
 from spool_core.jobs.model import Job, JobRequest
@@ -41,7 +40,7 @@ class ResponsesRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1, max_length=128)
-    input: str | list[InputMessage]
+    input: str | Annotated[list[InputMessage], Field(max_length=1000)]
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
@@ -62,13 +61,14 @@ class ResponsesRequest(BaseModel):
         return value
 
     def job_request(self) -> JobRequest:
-        messages = [Message(role="system", content=self.instructions)] if self.instructions else []
+        # plain values: the job's model checks them, so its limits are 400s naming the field
+        messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
         if isinstance(self.input, str):
-            messages.append(Message(role="user", content=self.input))
+            messages.append({"role": "user", "content": self.input})
         else:
             for i, item in enumerate(self.input):
                 role = "system" if item.role == "developer" else item.role
-                messages.append(Message(role=role, content=text_of(item.content, f"input[{i}].content")))
+                messages.append({"role": role, "content": text_of(item.content, f"input[{i}].content")})
         return to_job(messages, self, self.max_output_tokens)
 
 
