@@ -45,7 +45,11 @@ CANCEL_WAIT = StreamSettings(max_seconds=10)  # a cancel answers once the worker
 
 def _settings() -> StreamSettings:
     config = bootstrap.settings()
-    return StreamSettings(max_seconds=config.stream_max_seconds, ping_seconds=config.stream_ping_seconds)
+    return StreamSettings(
+        max_seconds=config.stream_max_seconds,
+        ping_seconds=config.stream_ping_seconds,
+        answer_max_seconds=config.answer_max_seconds,
+    )
 
 
 def _service(request: Request) -> JobService:

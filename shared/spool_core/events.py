@@ -32,6 +32,9 @@ RETRY_MS = 1000
 class StreamSettings:
     max_seconds: float = 840.0  # a stream ends (cleanly) before the function's time limit; clients resume
     ping_seconds: float = 15.0  # a comment at least this often keeps idle links open
+    # A non-streamed answer waits for the job this long (also within the function's time limit); it
+    # has no resume, so it is not cut short where streams are (locally, to exercise reconnects).
+    answer_max_seconds: float = 840.0
 
 
 def resume_point(last_event_id: str | None, after: str | None) -> int | None:
@@ -150,7 +153,7 @@ def await_end(
     clock: Callable[[], float] = time.monotonic,
 ) -> Iterator[Wait | Ended | TimeUp]:
     """Wait for the job to end (a non-streamed answer): one read of the job per poll, backing off to
-    half a second; ``Ended`` with the ended job, or ``TimeUp`` at ``max_seconds``."""
+    half a second; ``Ended`` with the ended job, or ``TimeUp`` at ``answer_max_seconds``."""
     settings = settings or StreamSettings()
     started, interval = clock(), MIN_POLL_SECONDS
     while True:
@@ -158,7 +161,7 @@ def await_end(
         if job.terminal:
             yield Ended(job)
             return
-        if clock() - started >= settings.max_seconds:
+        if clock() - started >= settings.answer_max_seconds:
             yield TimeUp()
             return
         yield Wait(interval)

@@ -15,7 +15,9 @@ from spool_core.events import (
     PING,
     EventsToken,
     StreamSettings,
+    TimeUp,
     Wait,
+    await_end,
     job_events,
     resume_point,
     texts,
@@ -239,3 +241,23 @@ def test_a_forged_or_malformed_events_token_is_refused(mangle: Any) -> None:
 def test_a_token_signed_with_another_secret_is_refused() -> None:
     token = EventsToken(b"secret-one").sign("tenant-a", "job_1", 2000)
     assert EventsToken(b"secret-two").verify(token, now_s=0) is None
+
+
+def test_a_non_streamed_answer_waits_its_own_time_not_the_streams() -> None:
+    """Streams are cut at ``max_seconds`` (and resumed); a plain answer has no resume, so it waits
+    ``answer_max_seconds`` for the job to end, then says it is still running."""
+    now = [0.0]
+
+    class Running:
+        def get(self, job_id: str) -> Any:
+            return type("J", (), {"terminal": False})()
+
+    settings = StreamSettings(max_seconds=3, answer_max_seconds=30)
+    waited = 0.0
+    for item in await_end(Running(), "job_x", settings, clock=lambda: now[0]):  # type: ignore[arg-type]
+        if isinstance(item, Wait):
+            now[0] += item.seconds
+            waited = now[0]
+        else:
+            assert isinstance(item, TimeUp)
+    assert 30 <= waited < 31
