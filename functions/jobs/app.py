@@ -46,9 +46,13 @@ def create_job() -> Response[str]:
 
 
 @app.get("/v1/jobs/<job_id>")
-def get_job(job_id: str) -> Response[str]:
+def get_job(
+    job_id: str,
+    output: Annotated[bool, Query(description="false: the job without its output, for status polls")] = True,
+) -> Response[str]:
     service = _service()
-    return json_response(200, service.view(service.get(job_id)), service.rate_limit_headers())
+    view = service.view(service.get(job_id), with_output=output)
+    return json_response(200, view, service.rate_limit_headers())
 
 
 @app.get("/v1/jobs/<job_id>/chunks", summary="A page of the job's chunk log (long-poll with wait)")

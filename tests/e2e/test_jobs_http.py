@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import threading
+import urllib.request
 import uuid
 from typing import Any
 
-from tests.e2e.conftest import RunningStack
+from tests.e2e.conftest import DEV_KEY, RunningStack
 from tests.support import wait_for
 
 
@@ -201,3 +203,29 @@ def test_admission_errors(dev_stack: RunningStack) -> None:
     assert (status, error["error"]["code"]) == (404, "job_not_found")
     status, _, error = dev_stack.request("GET", "/v1/jobs/job_unknown/chunks?after=x")
     assert status in {400, 404}
+
+
+def test_a_status_poll_without_the_output_stays_small(dev_stack: RunningStack) -> None:
+    """``?output=false``: the same resource without ``output``, under 2 KB whatever the output's
+    size (a 5,000-token answer here), for polling while the job runs and after it ended."""
+    status, _, job = create(dev_stack, {"message": "a long answer", "model": "sim-fast", "max_tokens": 5000})
+    assert status == 202
+    job_id = job["job_id"]
+    url = f"/v1/jobs/{job_id}?output=false"
+    request = urllib.request.Request(dev_stack.base_url + url)  # noqa: S310 - loopback
+    request.add_header("Authorization", f"Bearer {DEV_KEY}")
+
+    def raw() -> bytes:
+        with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
+            return bytes(response.read())
+
+    polled = json.loads(raw())
+    assert "output" not in polled and polled["job_id"] == job_id
+    full = wait_terminal(dev_stack, job_id)
+    assert len(full["output"]) > 10_000
+    ended = raw()
+    assert len(ended) < 2048
+    view = json.loads(ended)
+    assert "output" not in view
+    assert {k: v for k, v in full.items() if k != "output"} == view
+    assert dev_stack.request("GET", f"/v1/jobs/{job_id}?output=nope")[0] == 400

@@ -316,12 +316,17 @@ class JobService:
             chunks_written=last.sequence_id,
         ).model_dump()
 
-    def view(self, job: Job) -> dict[str, Any]:
-        """The job resource of DESIGN.md."""
+    def view(self, job: Job, *, with_output: bool = True) -> dict[str, Any]:
+        """The job resource of DESIGN.md; without ``output`` (``?output=false``) it is small and
+        costs no read of the chunk log beyond its first entry, whatever the output's size."""
         output = job.output
         first_token_at = job.first_token_at
         last: Chunk | None = None
-        if output is None and job.attempts == 0:
+        if not with_output:
+            if first_token_at is None and job.attempts:
+                first = self._chunks.after(job.job_id, 0, 1)
+                first_token_at = first[0].created_at if first else None
+        elif output is None and job.attempts == 0:
             output = ""  # never started: nothing in the log
         elif output is None:  # running, or too large to keep on the item: the log has it
             chunks = list(self._chunks.all(job.job_id))
@@ -347,7 +352,7 @@ class JobService:
             "progress": self.progress(job, last),
             "usage": job.usage.model_dump(),
             "cost_usd": usd(job.cost_nanos),
-            "output": output,
+            **({"output": output} if with_output else {}),
             "error": job.error,
             "finish_reason": job.finish_reason,
             "created_at": job.created_at,
