@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -59,7 +60,8 @@ def _dev(args: argparse.Namespace) -> int:
         print(f"spool: dev API key          {stack.api_key}", flush=True)
         print(f"spool: try  curl -s {stack.base_url}/v1/health", flush=True)
         print(
-            f"spool: try  SPOOL_URL={stack.base_url} spool ask 'What does the worker do?' --context ./worker",
+            f"spool: try  SPOOL_URL={stack.base_url} {_spool_command()} ask 'What does the worker do?'"
+            " --context ./worker",
             flush=True,
         )
         print(f"spool: ready on {stack.base_url} (Ctrl-C to stop)", flush=True)
@@ -428,6 +430,19 @@ def _limits(args: argparse.Namespace) -> int:
 
 
 MAX_GRACE_SECONDS = 90 * 86_400  # a rotation's overlap; beyond it the new key is stored, never shown
+
+
+def _spool_command() -> str:
+    """``spool`` as the user can type it: the bare name when it is on PATH, else the virtual
+    environment's script (``make dev`` does not activate the venv), relative when that is shorter."""
+    script = Path(sys.executable).with_name("spool")
+    found = shutil.which("spool")
+    if found and Path(found).resolve() == script.resolve():
+        return "spool"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
 
 
 def _seconds(text: str) -> int:
