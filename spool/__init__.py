@@ -1,5 +1,37 @@
 """Spool's dev-side package: the client, the CLI, the embedded stack. Never shipped to Lambda."""
 
-from spool.client import Client, SpoolError
+from spool.client import (
+    AsyncClient,
+    Client,
+    Conflict,
+    ConnectionFailed,
+    Gone,
+    InvalidRequest,
+    JobCancelled,
+    JobEnded,
+    JobFailed,
+    NotFound,
+    RateLimited,
+    ServerError,
+    SpoolError,
+    SyncError,
+    Unauthorized,
+)
 
-__all__ = ["Client", "SpoolError"]
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "Conflict",
+    "ConnectionFailed",
+    "Gone",
+    "InvalidRequest",
+    "JobCancelled",
+    "JobEnded",
+    "JobFailed",
+    "NotFound",
+    "RateLimited",
+    "ServerError",
+    "SpoolError",
+    "SyncError",
+    "Unauthorized",
+]

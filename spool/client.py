@@ -1,126 +1,165 @@
 """The Spool Python client: contexts from a directory, jobs with idempotency handled, and a
-``stream()`` that resumes by itself after a dropped connection, with nothing lost or repeated.
+``stream()`` that resumes by itself after a dropped connection, with nothing lost or repeated, and
+that raises ``JobFailed`` / ``JobCancelled`` when the job did not complete.
 
     from spool import Client
     client = Client("http://127.0.0.1:8000", api_key="sk-local-dev")
     context = client.sync_directory("./src")
     job = client.create_job("Explain the worker", context_id=context["context_id"])
-    for text in client.stream(job["job_id"]):
+    stream = client.stream(job["job_id"])
+    for text in stream:
         print(text, end="")
+    print(stream.result["usage"], stream.result["cost_usd"])
+
+``AsyncClient`` (in ``spool.aio``) has the same surface with async methods.
 """
 
 from __future__ import annotations
 
-import hashlib
-import http.client
 import json
-import os
-import random
 import time
-import urllib.error
-import urllib.request
-import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx2
-import pathspec
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
-DEFAULT_URL = "http://127.0.0.1:8000"
-TERMINAL = {"completed", "failed", "cancelled"}
+from spool import _core
+from spool._core import DEFAULT_URL, TERMINAL, Call, RetryPolicy, Settings, Steps, StreamState, T
+from spool.aio import AsyncClient, AsyncJobStream
+from spool.errors import (
+    Conflict,
+    ConnectionFailed,
+    Gone,
+    InvalidRequest,
+    JobCancelled,
+    JobEnded,
+    JobFailed,
+    NotFound,
+    RateLimited,
+    ServerError,
+    SpoolError,
+    SyncError,
+    Unauthorized,
+)
+from spool.sync import Progress, load_manifest, manifest_for, read_directory, snapshot
+
+ProgressCallback = Callable[[dict[str, Any]], None]
 
 
-class SpoolError(Exception):
-    """An error answer from Spool, with what it says: code, details, suggestions, request id."""
+class JobStream(StreamState):
+    """The text of a job as it is generated (an iterator of ``str``), resumed by itself after a
+    dropped connection. ``last_sequence_id``, ``tokens`` and ``chunks`` grow as it goes; at the end
+    ``result`` holds ``job_id``, ``status``, ``usage``, ``cost_usd`` and ``error``. A job that ended
+    ``failed`` or ``cancelled`` raises ``JobFailed`` / ``JobCancelled`` after its last chunk."""
 
     def __init__(
-        self, status: int, body: Mapping[str, Any] | None, headers: Mapping[str, str] | None = None
+        self, client: Client, job_id: str, after: int, transport: str, on_progress: ProgressCallback | None
     ) -> None:
-        error = (body or {}).get("error") or {}
-        self.status = status
-        self.code: str = error.get("code", "http_error")
-        self.message: str = error.get("message", f"HTTP {status}")
-        self.details: dict[str, Any] = error.get("details") or {}
-        self.suggestions: list[str] = error.get("suggestions") or []
-        self.request_id: str | None = error.get("request_id")
-        self.headers = dict(headers or {})
-        super().__init__(f"{self.code}: {self.message}")
+        super().__init__(job_id, after, on_progress)
+        self.transport = transport
+        self._texts = client._texts(self, transport)
 
+    def __iter__(self) -> JobStream:
+        return self
 
-class InvalidRequest(SpoolError):
-    pass
+    def __next__(self) -> str:
+        return next(self._texts)
 
+    def close(self) -> None:
+        """Stop reading (closes the connection)."""
+        self._texts.close()
 
-class Unauthorized(SpoolError):
-    pass
+    def __enter__(self) -> JobStream:
+        return self
 
-
-class NotFound(SpoolError):
-    pass
-
-
-class Conflict(SpoolError):
-    pass
-
-
-class Gone(SpoolError):
-    pass
-
-
-class RateLimited(SpoolError):
-    @property
-    def retry_after(self) -> float:
-        return float(self.headers.get("Retry-After", "1"))
-
-
-class ServerError(SpoolError):
-    pass
-
-
-_BY_STATUS: dict[int, type[SpoolError]] = {
-    400: InvalidRequest,
-    401: Unauthorized,
-    404: NotFound,
-    409: Conflict,
-    410: Gone,
-    413: InvalidRequest,
-    422: Conflict,
-    429: RateLimited,
-}
-
-
-def _error(status: int, body: Any, headers: Mapping[str, str]) -> SpoolError:
-    cls = _BY_STATUS.get(status, ServerError if status >= 500 else SpoolError)
-    return cls(status, body if isinstance(body, dict) else None, headers)
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class Client:
+    """One keep-alive ``httpx2.Client`` to Spool. Retries connection errors, 5xx and short 429s at
+    most ``max_retries`` times, each wait at most ``max_retry_wait`` seconds; a 429 asking for longer,
+    or ``budget_exceeded``, is raised at once."""
+
     def __init__(
         self,
         base_url: str | None = None,
         api_key: str | None = None,
         *,
         timeout: float = 30.0,
-        max_retries: int = 5,
+        max_retries: int = 2,
+        max_retry_wait: float = 8.0,
         sleep: Callable[[float], None] = time.sleep,
+        http_transport: httpx2.BaseTransport | None = None,
+        direct_upload_limit: int | None = None,
     ) -> None:
-        self.base_url = (base_url or os.environ.get("SPOOL_URL") or DEFAULT_URL).rstrip("/")
-        self.api_key = api_key or os.environ.get("SPOOL_API_KEY") or "sk-local-dev"
-        self.timeout = timeout
-        self.max_retries = max_retries
+        self.settings = Settings.resolve(base_url, api_key, timeout, direct_upload_limit)
+        self.retry = RetryPolicy(max_retries=max_retries, max_retry_wait=max_retry_wait)
         self._sleep = sleep
-        self._http: httpx2.Client | None = None
+        self._http = httpx2.Client(transport=http_transport, **self.settings.http_options())
 
-    def _streaming(self) -> httpx2.Client:
-        """The connection pool for event streams (pings come every 15 s; reads allow for more)."""
-        if self._http is None:
-            self._http = httpx2.Client(timeout=httpx2.Timeout(self.timeout, read=max(60.0, self.timeout)))
-        return self._http
+    @property
+    def base_url(self) -> str:
+        return self.settings.base_url
+
+    @property
+    def api_key(self) -> str:
+        return self.settings.api_key
+
+    @property
+    def timeout(self) -> float:
+        return self.settings.timeout
+
+    @property
+    def max_retries(self) -> int:
+        return self.retry.max_retries
 
     # ------------------------------------------------------------------ transport
+    def _exchange(self, call: Call) -> tuple[httpx2.Response, Any]:
+        """One call, retried as the policy says; the answer and its JSON body, or the typed error."""
+        attempt = 0
+        while True:
+            try:
+                response = self._send(call)
+                return response, _core.answer(call, response)
+            except _core.RETRYABLE as error:
+                attempt = self._wait_or_raise(attempt, error)
+
+    def _send(self, call: Call) -> httpx2.Response:
+        content = call.chunks() if call.progress is not None else call.body
+        request = self._http.build_request(content=content, **call.request_args(self.settings))
+        try:
+            return self._http.send(request)
+        except httpx2.TransportError as exc:
+            raise _core.unreachable(self.settings, call, exc) from exc
+
+    def _wait_or_raise(self, attempt: int, error: SpoolError) -> int:
+        delay = self.retry.delay(attempt, error)
+        if delay is None:
+            raise error
+        self._sleep(delay)
+        return attempt + 1
+
+    def _call(self, call: Call) -> Any:
+        return self._exchange(call)[1]
+
+    def _drive(self, steps: Steps[T]) -> T:
+        """Run shared steps (``spool._core``): send each call, hand back its answer or its error."""
+        answer: Any = None
+        error: SpoolError | None = None
+        while True:
+            try:
+                call = steps.throw(error) if error is not None else steps.send(answer)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            try:
+                answer, error = self._call(call), None
+            except SpoolError as exc:
+                answer, error = None, exc
+
     def request(
         self,
         method: str,
@@ -130,90 +169,41 @@ class Client:
         headers: Mapping[str, str] | None = None,
         timeout: float | None = None,
     ) -> tuple[int, dict[str, str], Any]:
-        """One call with retries: connection errors, 5xx and 429 (honouring Retry-After) are retried
-        with exponential backoff and jitter; other errors raise their typed exception."""
-        for attempt in range(self.max_retries + 1):
-            try:
-                return self._once(method, path, body, headers, timeout)
-            except (RateLimited, ServerError, ConnectionError, TimeoutError, urllib.error.URLError) as exc:
-                if attempt == self.max_retries:
-                    raise
-                delay = exc.retry_after if isinstance(exc, RateLimited) else min(8.0, 0.25 * 2**attempt)
-                self._sleep(delay * (1 + random.random() / 4))  # jitter
-        raise AssertionError("unreachable")
-
-    def _once(
-        self, method: str, path: str, body: Any, headers: Mapping[str, str] | None, timeout: float | None
-    ) -> tuple[int, dict[str, str], Any]:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.base_url + path, data=data, method=method)  # noqa: S310
-        request.add_header("Authorization", f"Bearer {self.api_key}")
-        request.add_header("Content-Type", "application/json")
-        for name, value in (headers or {}).items():
-            request.add_header(name, value)
-        try:
-            with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:  # noqa: S310
-                raw = response.read()
-                status, answer_headers = response.status, dict(response.headers)
-        except urllib.error.HTTPError as error:
-            raw = error.read()
-            try:
-                payload = json.loads(raw) if raw else None
-            except ValueError:
-                payload = None
-            raise _error(error.code, payload, dict(error.headers)) from None
-        except http.client.HTTPException as exc:  # the connection broke mid-answer
-            raise ConnectionError(f"incomplete answer: {exc!r}") from exc
-        if status == 204:
-            return status, answer_headers, None
-        try:
-            return status, answer_headers, json.loads(raw)
-        except ValueError as exc:  # cut short: a retry asks again
-            raise ConnectionError("incomplete answer body") from exc
+        """Any call to the API, with the client's retries: status, headers and JSON body."""
+        response, answer = self._exchange(Call(method, path, json=body, headers=headers, timeout=timeout))
+        return response.status_code, dict(response.headers), answer
 
     # ------------------------------------------------------------------ contexts
     def create_context(self, files: list[dict[str, str]], **fields: Any) -> dict[str, Any]:
-        return self.request("POST", "/v1/contexts", {"files": files, **fields})[2]  # type: ignore[no-any-return]
+        return self._call(Call("POST", "/v1/contexts", json={"files": files, **fields}))  # type: ignore[no-any-return]
 
     def get_context(self, context_id: str) -> dict[str, Any]:
-        return self.request("GET", f"/v1/contexts/{context_id}")[2]  # type: ignore[no-any-return]
+        return self._call(Call("GET", f"/v1/contexts/{context_id}"))  # type: ignore[no-any-return]
 
     def patch_context(self, context_id: str, **changes: Any) -> dict[str, Any]:
-        return self.request("PATCH", f"/v1/contexts/{context_id}", changes)[2]  # type: ignore[no-any-return]
+        return self._call(Call("PATCH", f"/v1/contexts/{context_id}", json=changes))  # type: ignore[no-any-return]
 
     def delete_context(self, context_id: str) -> None:
-        self.request("DELETE", f"/v1/contexts/{context_id}")
+        self._call(Call("DELETE", f"/v1/contexts/{context_id}"))
 
-    def sync_directory(self, directory: str | Path, *, ttl_seconds: int = 3600) -> dict[str, Any]:
-        """Upload a directory as a context (honouring .gitignore, skipping binaries), or, when a local
-        manifest says it was uploaded before and the context still lives, send only what changed."""
-        root = Path(directory).resolve()
-        files = read_directory(root)
-        hashes = {path: _sha256(content) for path, content in files.items()}
-        manifest_path = manifest_for(root)
-        previous = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
-        summary: dict[str, Any] | None = None
-        if previous and previous.get("base_url") == self.base_url:
-            old: dict[str, str] = previous["files"]
-            upsert = [{"path": p, "content": files[p]} for p, h in hashes.items() if old.get(p) != h]
-            delete = [p for p in old if p not in hashes]
-            try:
-                summary = self.patch_context(
-                    previous["context_id"], upsert=upsert, delete=delete, ttl_seconds=ttl_seconds
-                )
-            except (NotFound, Gone):
-                summary = None  # expired or deleted: upload afresh
-        if summary is None:
-            summary = self.create_context(
-                [{"path": p, "content": c} for p, c in files.items()], ttl_seconds=ttl_seconds
-            )
-        manifest_path.parent.mkdir(parents=True, exist_ok=True)
-        manifest_path.write_text(
-            json.dumps(
-                {"base_url": self.base_url, "context_id": summary["context_id"], "files": hashes}, indent=1
-            )
-        )
-        return summary
+    def list_contexts(self, *, limit: int = 20, cursor: str | None = None) -> dict[str, Any]:
+        return self._call(_core.list_call("contexts", limit, cursor))  # type: ignore[no-any-return]
+
+    def iter_contexts(self, *, page_size: int = 50) -> Iterator[dict[str, Any]]:
+        return self._pages(lambda cursor: _core.list_call("contexts", page_size, cursor))
+
+    def sync_directory(
+        self, directory: str | Path, *, ttl_seconds: int = 3600, progress: Progress | None = None
+    ) -> dict[str, Any]:
+        """Upload a directory as a context (honouring .gitignore; binary, too large and non-UTF-8
+        files skipped and listed in ``skipped``), or, when this directory was synced to this server
+        before and the context still lives, send only what changed (nothing at all when nothing
+        did: ``changed`` is False). A document above the direct limit goes through a presigned
+        upload (``uploaded_via``). Raises ``SyncError`` for a missing, non-directory or empty path."""
+        snap = snapshot(directory, progress=progress)
+        path = manifest_for(snap.root, self.base_url, self.api_key)
+        steps = _core.sync_steps(snap, load_manifest(path), path, self.settings, ttl_seconds, progress)
+        return self._drive(steps)
 
     # ------------------------------------------------------------------ jobs
     def create_job(
@@ -226,131 +216,133 @@ class Client:
     ) -> dict[str, Any]:
         """Create a job. The idempotency key is generated once and reused by every retry of this call,
         so a retry after a lost answer never starts a second generation."""
-        key = idempotency_key or str(uuid.uuid4())
-        body: dict[str, Any] = {k: v for k, v in fields.items() if v is not None}
-        if messages is not None:
-            body["messages"] = messages
-        else:
-            body["message"] = message
-        try:
-            return self.request("POST", "/v1/jobs", body, headers={"Idempotency-Key": key})[2]  # type: ignore[no-any-return]
-        except Conflict as exc:
-            if exc.code == "request_in_progress":  # our own earlier attempt got through
-                return self.job(exc.details["job_id"])
-            raise
+        body = _core.job_body(message, messages, fields)
+        return self._drive(_core.create_job_steps(body, idempotency_key))
 
-    def job(self, job_id: str) -> dict[str, Any]:
-        return self.request("GET", f"/v1/jobs/{job_id}")[2]  # type: ignore[no-any-return]
+    def job(self, job_id: str, *, output: bool = True) -> dict[str, Any]:
+        """The job resource; ``output=False`` leaves the output out (small, for status polls)."""
+        return self._call(_core.job_call(job_id, output=output))  # type: ignore[no-any-return]
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        return self.request("POST", f"/v1/jobs/{job_id}/cancel")[2]  # type: ignore[no-any-return]
+        return self._call(Call("POST", f"/v1/jobs/{job_id}/cancel"))  # type: ignore[no-any-return]
 
-    def chunks(self, job_id: str, after: int = 0, *, limit: int = 500, wait: int = 0) -> dict[str, Any]:
-        path = f"/v1/jobs/{job_id}/chunks?after={after}&limit={limit}&wait={wait}"
-        return self.request("GET", path, timeout=wait + self.timeout)[2]  # type: ignore[no-any-return]
+    def list_jobs(
+        self, *, status: str | None = None, limit: int = 20, cursor: str | None = None
+    ) -> dict[str, Any]:
+        return self._call(_core.list_call("jobs", limit, cursor, status))  # type: ignore[no-any-return]
 
-    def stream_chunks(self, job_id: str, after: int = 0, *, wait: int = 20) -> Iterator[dict[str, Any]]:
-        """Every chunk after ``after``, in order, as it arrives (long-poll). A dropped connection is
-        retried from the last sequence id received: nothing is lost, nothing repeated."""
-        last = after
+    def iter_jobs(self, *, status: str | None = None, page_size: int = 50) -> Iterator[dict[str, Any]]:
+        return self._pages(lambda cursor: _core.list_call("jobs", page_size, cursor, status))
+
+    def _pages(self, page: Callable[[str | None], Call]) -> Iterator[dict[str, Any]]:
+        cursor: str | None = None
         while True:
-            page = self.chunks(job_id, last, wait=wait)
-            for chunk in page["chunks"]:
-                if chunk["sequence_id"] == last + 1:
-                    last = chunk["sequence_id"]
-                    yield chunk
-            if page["done"]:
+            answer = self._call(page(cursor))
+            yield from answer["data"]
+            if not (cursor := answer.get("next_cursor")):
                 return
 
-    def subscribe(self, job_id: str, after: int = 0, *, url: str | None = None) -> Iterator[dict[str, Any]]:
-        """Every chunk after ``after`` over the WebSocket API, in order; reconnects after a dropped
-        connection from the last sequence id received, so nothing is lost or repeated."""
-        url = url or self.job(job_id)["links"]["subscribe"]
-        if not url:
-            raise ConnectionError("this deployment has no WebSocket URL")
-        last, failures = after, 0
-        while True:
-            try:
-                with ws_connect(f"{url}?api_key={self.api_key}", open_timeout=10) as socket:
-                    socket.send(json.dumps({"action": "subscribe", "job_id": job_id, "after": last}))
-                    while True:
-                        message = json.loads(socket.recv(timeout=self.timeout + 30))
-                        failures = 0
-                        if message["type"] == "chunk":
-                            if message["sequence_id"] == last + 1:  # a duplicate or a stale one is skipped
-                                last = message["sequence_id"]
-                                yield message
-                        elif message["type"] == "done":
-                            return
-                        elif message["type"] == "error":
-                            error = message["error"]
-                            raise _error(404 if error["code"].endswith("not_found") else 400, message, {})
-            except InvalidStatus as exc:
-                if exc.response.status_code in (401, 403):
-                    raise Unauthorized(exc.response.status_code, None) from exc
-                failures += 1
-                if failures > self.max_retries:
-                    raise ConnectionError(f"the subscription kept failing: {exc}") from exc
-                self._sleep(min(4.0, 0.2 * 2**failures))
-            except (ConnectionClosed, OSError, TimeoutError, InvalidHandshake) as exc:
-                failures += 1
-                if failures > self.max_retries:
-                    raise ConnectionError(f"the subscription kept failing: {exc}") from exc
-                self._sleep(min(4.0, 0.2 * 2**failures))
+    def models(self) -> dict[str, Any]:
+        return self._call(Call("GET", "/v1/models"))  # type: ignore[no-any-return]
 
-    def events(self, job_id: str, after: int = 0) -> Iterator[dict[str, Any]]:
-        """Every chunk after ``after`` over Server-Sent Events, in order. A stream that ends before
-        ``done`` (its time limit) or breaks off (the network) is reopened with ``Last-Event-ID``: nothing
-        is lost or repeated."""
-        last, failures = after, 0
-        url = f"{self.base_url}/v1/jobs/{job_id}/events"
-        while True:
-            headers = {
-                "Authorization": f"Bearer {self.api_key}",
-                "Accept": "text/event-stream",
-                "Last-Event-ID": str(last),
-            }
-            try:
-                with self._streaming().stream("GET", url, headers=headers) as response:
-                    if response.status_code >= 400:
-                        raise _error(
-                            response.status_code, _json_or_none(response.read()), dict(response.headers)
-                        )
-                    for event in httpx2.EventSource(response):
-                        failures = 0
-                        if event.event == "chunk":
-                            chunk: dict[str, Any] = event.json()  # type: ignore[assignment]
-                            if chunk["sequence_id"] == last + 1:
-                                last = chunk["sequence_id"]
-                                yield chunk
-                        elif event.event == "done":
-                            return
-                continue  # ended before `done` (the stream's time limit): reopen where it stopped
-            except (RateLimited, ServerError, httpx2.TransportError, httpx2.SSEError) as exc:
-                failures += 1
-                if failures > self.max_retries:
-                    raise ConnectionError(f"the event stream kept failing: {exc}") from exc
-                self._sleep(exc.retry_after if isinstance(exc, RateLimited) else min(4.0, 0.2 * 2**failures))
+    def usage(self, since: str | None = None, until: str | None = None) -> dict[str, Any]:
+        return self._call(_core.usage_call(since, until))  # type: ignore[no-any-return]
 
-    def stream(self, job_id: str, after: int = 0, *, transport: str = "sse") -> Iterator[str]:
+    def health(self, deep: bool = False) -> dict[str, Any]:
+        """The health report; a 503 (Spool down) is returned with its report, not raised."""
+        return self._call(_core.health_call(deep))  # type: ignore[no-any-return]
+
+    def chunks(self, job_id: str, after: int = 0, *, limit: int = 500, wait: int = 0) -> dict[str, Any]:
+        return self._call(_core.chunks_call(job_id, after, limit, wait, self.timeout))  # type: ignore[no-any-return]
+
+    # ------------------------------------------------------------------ streams
+    def stream(
+        self,
+        job_id: str,
+        after: int = 0,
+        *,
+        transport: str = "sse",
+        on_progress: ProgressCallback | None = None,
+    ) -> JobStream:
         """The job's text as it is generated: over Server-Sent Events (``sse``, the default), the
         WebSocket API (``websocket``) or by long-polling the chunk log (``poll``). Each resumes by
         itself after a dropped connection."""
-        if transport == "sse":
-            chunks = self.events(job_id, after)
-        elif transport == "websocket":
-            chunks = self.subscribe(job_id, after)
-        elif transport == "poll":
-            chunks = self.stream_chunks(job_id, after)
-        else:
-            raise ValueError(f"transport must be sse, websocket or poll, not {transport!r}")
-        for chunk in chunks:
+        _core.check_transport(transport)
+        return JobStream(self, job_id, after, transport, on_progress)
+
+    def _texts(self, state: StreamState, transport: str) -> Generator[str]:
+        for chunk in self._chunks_of(state, transport):
             yield chunk["text"]
+        summary = state.summary_call()
+        state.finish(self._call(summary) if summary is not None else None)
+
+    def _chunks_of(self, state: StreamState, transport: str) -> Iterator[dict[str, Any]]:
+        if transport == "websocket":
+            return self._websocket(state)
+        return self._poll(state) if transport == "poll" else self._events(state)
+
+    def events(self, job_id: str, after: int = 0) -> Iterator[dict[str, Any]]:
+        """Every chunk after ``after`` over Server-Sent Events, in order (ends at ``done``, whatever
+        the job's status: ``stream()`` is what raises for a failed job)."""
+        return self._events(StreamState(job_id, after))
+
+    def subscribe(self, job_id: str, after: int = 0) -> Iterator[dict[str, Any]]:
+        """Every chunk after ``after`` over the WebSocket API, in order."""
+        return self._websocket(StreamState(job_id, after))
+
+    def stream_chunks(self, job_id: str, after: int = 0) -> Iterator[dict[str, Any]]:
+        """Every chunk after ``after`` by long-polling the chunk log, in order."""
+        return self._poll(StreamState(job_id, after))
+
+    def _events(self, state: StreamState) -> Iterator[dict[str, Any]]:
+        """A stream that ends before ``done`` (its time limit) or breaks off (the network) is reopened
+        with ``Last-Event-ID``: nothing is lost or repeated."""
+        failures = 0
+        while not state.ended:
+            headers = self.settings.events_headers(state.last_sequence_id)
+            timeout = self.settings.stream_timeout()
+            try:
+                with self._http.stream(
+                    "GET", state.events_path(), headers=headers, timeout=timeout
+                ) as response:
+                    _core.raise_for_stream(response, response.read() if response.status_code >= 400 else b"")
+                    for event in httpx2.EventSource(response):
+                        failures = 0
+                        if (chunk := state.on_sse(event)) is not None:
+                            yield chunk
+            except httpx2.TransportError as exc:
+                failures = self._wait_or_raise(failures, _core.broken(self.base_url, exc))
+            except _core.RETRYABLE as error:
+                failures = self._wait_or_raise(failures, error)
+
+    def _websocket(self, state: StreamState) -> Iterator[dict[str, Any]]:
+        """A dropped connection reconnects from the last sequence id received."""
+        url = self.job(state.job_id, output=False)["links"].get("subscribe")
+        if not url:
+            raise _core.no_websocket(self.settings)
+        failures = 0
+        while not state.ended:
+            try:
+                with ws_connect(self.settings.websocket_url(url), open_timeout=10) as socket:
+                    socket.send(state.subscribe_message())
+                    while not state.ended:
+                        message = json.loads(socket.recv(timeout=self.timeout + 30))
+                        failures = 0
+                        if (chunk := state.on_websocket(message)) is not None:
+                            yield chunk
+            except InvalidStatus as exc:
+                refused = _core.websocket_refused(url, exc.response.status_code)
+                failures = self._wait_or_raise(failures, refused)
+            except (ConnectionClosed, OSError, TimeoutError, InvalidHandshake) as exc:
+                failures = self._wait_or_raise(failures, _core.broken(url, exc))
+
+    def _poll(self, state: StreamState) -> Iterator[dict[str, Any]]:
+        """Long-polls the chunk log; each page is one call with the client's retries."""
+        while not state.ended:
+            yield from state.on_page(self._call(state.page_call(self.timeout)))
 
     def close(self) -> None:
-        if self._http is not None:
-            self._http.close()
-            self._http = None
+        self._http.close()
 
     def __enter__(self) -> Client:
         return self
@@ -359,38 +351,26 @@ class Client:
         self.close()
 
 
-def _json_or_none(raw: bytes) -> Any:
-    try:
-        return json.loads(raw) if raw else None
-    except ValueError:
-        return None
-
-
-def manifest_for(root: Path) -> Path:
-    """Where the hashes of a directory's last upload are kept (outside the directory itself)."""
-    cache = Path(os.environ.get("SPOOL_CACHE_DIR") or Path.home() / ".cache" / "spool")
-    return cache / "contexts" / f"{_sha256(str(root))[:24]}.json"
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def read_directory(root: Path, *, max_file_bytes: int = 1_000_000) -> dict[str, str]:
-    """Text files under ``root`` by relative path: .gitignore'd, hidden VCS folders and binaries skipped."""
-    ignore_file = root / ".gitignore"
-    lines = ignore_file.read_text().splitlines() if ignore_file.exists() else []
-    spec = pathspec.GitIgnoreSpec.from_lines([*lines, ".git/", "__pycache__/", ".venv/"])
-    files: dict[str, str] = {}
-    for path in sorted(root.rglob("*")):
-        relative = path.relative_to(root).as_posix()
-        if not path.is_file() or spec.match_file(relative) or path.stat().st_size > max_file_bytes:
-            continue
-        data = path.read_bytes()
-        if b"\x00" in data[:8192]:
-            continue  # binary
-        try:
-            files[relative] = data.decode("utf-8")
-        except UnicodeDecodeError:
-            continue
-    return files
+__all__ = [
+    "DEFAULT_URL",
+    "TERMINAL",
+    "AsyncClient",
+    "AsyncJobStream",
+    "Client",
+    "Conflict",
+    "ConnectionFailed",
+    "Gone",
+    "InvalidRequest",
+    "JobCancelled",
+    "JobEnded",
+    "JobFailed",
+    "JobStream",
+    "NotFound",
+    "RateLimited",
+    "ServerError",
+    "SpoolError",
+    "SyncError",
+    "Unauthorized",
+    "manifest_for",
+    "read_directory",
+]

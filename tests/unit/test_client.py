@@ -1,0 +1,425 @@
+"""The Python clients against an in-memory Spool (httpx2.MockTransport): bounded retries with one
+idempotency key, streams that end as the job ended, and the directory sync's plan."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+
+from spool import AsyncClient, Client
+from spool._core import RetryPolicy
+from spool.client import (
+    ConnectionFailed,
+    InvalidRequest,
+    JobCancelled,
+    JobFailed,
+    NotFound,
+    RateLimited,
+    ServerError,
+    SyncError,
+)
+from spool.sync import LAMBDA_PAYLOAD_BYTES, serialized_size, snapshot
+
+Handler = Callable[[httpx2.Request], httpx2.Response]
+URL = "http://127.0.0.1:8000"
+
+
+def error(status: int, code: str, headers: dict[str, str] | None = None) -> httpx2.Response:
+    body = {
+        "error": {"code": code, "message": code.replace("_", " "), "details": {"n": 1}, "suggestions": ["x"]}
+    }
+    return httpx2.Response(status, json=body, headers=headers or {})
+
+
+class Recorder:
+    """Answers from a script, one a request (the last one repeated), and keeps what was sent."""
+
+    def __init__(self, *answers: httpx2.Response | Exception) -> None:
+        self.answers = list(answers)
+        self.requests: list[httpx2.Request] = []
+
+    def __call__(self, request: httpx2.Request) -> httpx2.Response:
+        self.requests.append(request)
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+class Sleeps(list[float]):
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+def client_for(handler: Handler, sleeps: Sleeps | None = None, **options: Any) -> Client:
+    return Client(
+        URL, "sk-test", sleep=sleeps if sleeps is not None else Sleeps(), http_transport=httpx2.MockTransport(handler), **options
+    )
+
+
+def created() -> httpx2.Response:
+    return httpx2.Response(202, json={"job_id": "job_1", "status": "queued"})
+
+
+# ---------------------------------------------------------------------- retries
+def test_budget_exceeded_is_raised_at_once_without_sleeping() -> None:
+    server, sleeps = Recorder(error(429, "budget_exceeded", {"Retry-After": "6000"})), Sleeps()
+    with pytest.raises(RateLimited) as raised:
+        client_for(server, sleeps).create_job("hi", model="sim-fast")
+    assert raised.value.code == "budget_exceeded"
+    assert raised.value.retry_after == 6000
+    assert sleeps == [] and len(server.requests) == 1
+
+
+def test_a_429_asking_longer_than_the_bound_is_raised_at_once() -> None:
+    server, sleeps = Recorder(error(429, "token_limit_exceeded", {"Retry-After": "45"})), Sleeps()
+    with pytest.raises(RateLimited):
+        client_for(server, sleeps, max_retry_wait=8.0).create_job("hi")
+    assert sleeps == [] and len(server.requests) == 1
+
+
+def test_short_429s_are_retried_with_the_same_idempotency_key() -> None:
+    server, sleeps = Recorder(error(429, "rate_limited", {"Retry-After": "1"}), created()), Sleeps()
+    job = client_for(server, sleeps).create_job("hi", model="sim-fast")
+    assert job["job_id"] == "job_1"
+    assert sleeps == [1.0]
+    keys = {r.headers["Idempotency-Key"] for r in server.requests}
+    assert len(server.requests) == 2 and len(keys) == 1
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [error(503, "service_unavailable"), httpx2.ConnectError("connection refused")],
+    ids=["5xx", "connection"],
+)
+def test_5xx_and_connection_errors_are_retried_at_most_max_retries(failure: Any) -> None:
+    server, sleeps = Recorder(failure), Sleeps()
+    with pytest.raises((ServerError, ConnectionFailed)):
+        client_for(server, sleeps, max_retries=3).create_job("hi", idempotency_key="k-1")
+    assert len(server.requests) == 4  # the first attempt and three retries
+    assert {r.headers["Idempotency-Key"] for r in server.requests} == {"k-1"}
+    assert len(sleeps) == 3 and all(0 < s <= 8.0 for s in sleeps)
+
+
+def test_an_unreachable_server_names_the_url_and_how_to_start_the_stack() -> None:
+    with pytest.raises(ConnectionFailed) as raised:
+        client_for(Recorder(httpx2.ConnectError("refused"))).job("job_1")
+    assert URL in raised.value.message
+    assert raised.value.code == "connection_failed"
+    assert any("make dev" in s for s in raised.value.suggestions)
+    remote = Client(
+        "https://api.example.com",
+        "k",
+        max_retries=0,
+        http_transport=httpx2.MockTransport(Recorder(httpx2.ConnectTimeout("timed out"))),
+    )
+    with pytest.raises(ConnectionFailed) as far:
+        remote.models()
+    assert not any("make dev" in s for s in far.value.suggestions)
+
+
+def test_other_4xx_are_never_retried_and_carry_the_envelope() -> None:
+    server, sleeps = Recorder(error(400, "invalid_request")), Sleeps()
+    with pytest.raises(InvalidRequest) as raised:
+        client_for(server, sleeps).create_job("hi")
+    assert (raised.value.status, raised.value.details, raised.value.suggestions) == (400, {"n": 1}, ["x"])
+    assert len(server.requests) == 1 and sleeps == []
+
+
+def test_a_retry_that_meets_its_own_earlier_attempt_answers_that_job() -> None:
+    in_progress = httpx2.Response(
+        409, json={"error": {"code": "request_in_progress", "message": "m", "details": {"job_id": "job_9"}}}
+    )
+    server = Recorder(in_progress, httpx2.Response(200, json={"job_id": "job_9", "status": "running"}))
+    assert client_for(server).create_job("hi")["job_id"] == "job_9"
+    assert server.requests[1].url.path == "/v1/jobs/job_9"
+
+
+def test_the_backoff_is_bounded_and_grows() -> None:
+    policy = RetryPolicy(max_retries=10, max_retry_wait=8.0, jitter=lambda: 0.0)
+    failure = ServerError(502, None)
+    assert [policy.delay(n, failure) for n in range(6)] == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0]
+    assert policy.delay(10, failure) is None
+    assert policy.delay(0, NotFound(404, None)) is None
+    assert policy.delay(0, RateLimited(429, None)) == 0.5  # no Retry-After: the back-off
+
+
+# ---------------------------------------------------------------------- small endpoints
+def test_job_without_output_lists_pages_and_health_503_is_returned() -> None:
+    pages = {
+        None: {"data": [{"job_id": "job_2"}, {"job_id": "job_1"}], "next_cursor": "c1"},
+        "c1": {"data": [{"job_id": "job_0"}], "next_cursor": None},
+    }
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        params = dict(request.url.params)
+        if request.url.path == "/v1/jobs":
+            assert params["limit"] == "2" and params.get("status") == "completed"
+            return httpx2.Response(200, json=pages[params.get("cursor")])
+        if request.url.path == "/v1/health":
+            return httpx2.Response(503, json={"status": "down", "checks": {}, "error": {"code": "x"}})
+        assert params == {"output": "false"}
+        return httpx2.Response(200, json={"job_id": "job_1", "status": "running"})
+
+    client = client_for(handler)
+    assert [j["job_id"] for j in client.iter_jobs(status="completed", page_size=2)] == [
+        "job_2",
+        "job_1",
+        "job_0",
+    ]
+    assert client.health()["status"] == "down"
+    assert client.job("job_1", output=False)["status"] == "running"
+
+
+# ---------------------------------------------------------------------- streams
+def sse(*events: tuple[str, dict[str, Any]]) -> httpx2.Response:
+    text = "".join(f"event: {kind}\ndata: {json.dumps(data)}\n\n" for kind, data in events)
+    return httpx2.Response(200, text=text, headers={"Content-Type": "text/event-stream"})
+
+
+FAILED = {
+    "job_id": "job_1",
+    "status": "failed",
+    "usage": {"input_tokens": 5, "output_tokens": 2, "estimated_tokens": 9},
+    "cost_usd": 0.0001,
+    "error": {"code": "provider_error", "message": "boom", "details": {"last_sequence_id": 2}},
+    "last_sequence_id": 2,
+}
+
+
+def test_sse_resumes_after_an_early_end_then_raises_job_failed_after_every_chunk() -> None:
+    server = Recorder(
+        sse(("chunk", {"sequence_id": 1, "text": "a"})),  # the stream's time limit: no done
+        sse(
+            ("chunk", {"sequence_id": 1, "text": "a"}),
+            ("chunk", {"sequence_id": 2, "text": "b"}),
+            ("done", FAILED),
+        ),
+    )
+    progress: list[dict[str, Any]] = []
+    stream = client_for(server).stream("job_1", on_progress=progress.append)
+    received = []
+    with pytest.raises(JobFailed) as raised:
+        for text in stream:
+            received.append(text)
+    assert received == ["a", "b"]  # the repeated chunk 1 is dropped
+    assert [r.headers["Last-Event-ID"] for r in server.requests] == ["0", "1"]
+    failure = raised.value
+    assert (failure.code, failure.status, failure.last_sequence_id, failure.cost_usd) == (
+        "provider_error",
+        "failed",
+        2,
+        0.0001,
+    )
+    assert failure.details == {"last_sequence_id": 2}
+    assert stream.result is not None and stream.result["usage"]["output_tokens"] == 2
+    assert stream.tokens == 2
+    assert progress[-1] == {"sequence_id": 2, "tokens_generated": None, "chunks": 2}
+
+
+def test_poll_reads_the_job_for_the_ending_and_raises_job_cancelled() -> None:
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        if request.url.path.endswith("/chunks"):
+            after = int(request.url.params["after"])
+            chunks = [{"sequence_id": after + 1, "text": f"t{after + 1}"}] if after < 2 else []
+            return httpx2.Response(200, json={"status": "cancelled", "chunks": chunks, "done": after >= 1})
+        assert request.url.params["output"] == "false"
+        return httpx2.Response(
+            200, json={**FAILED, "status": "cancelled", "error": None, "progress": {"last_sequence_id": 2}}
+        )
+
+    stream = client_for(handler).stream("job_1", transport="poll")
+    received: list[str] = []
+    with pytest.raises(JobCancelled) as raised:
+        received.extend(stream)
+    assert received == ["t1", "t2"]
+    assert raised.value.code == "job_cancelled" and raised.value.usage == FAILED["usage"]
+    with pytest.raises(ValueError, match="transport"):
+        client_for(handler).stream("job_1", transport="carrier-pigeon")
+
+
+def test_a_completed_stream_just_stops_with_its_result() -> None:
+    done = {**FAILED, "status": "completed", "error": None}
+    stream = client_for(Recorder(sse(("chunk", {"sequence_id": 1, "text": "x"}), ("done", done)))).stream(
+        "job_1"
+    )
+    assert list(stream) == ["x"]
+    assert stream.result == {k: done[k] for k in ("job_id", "status", "usage", "cost_usd", "error")}
+
+
+# ---------------------------------------------------------------------- directory sync
+class FakeContexts:
+    """Just enough of /v1/contexts and the presigned upload to follow what a sync sends."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, int]] = []
+        self.version = 0
+        self.uploaded = b""
+        self.gone = False
+
+    def __call__(self, request: httpx2.Request) -> httpx2.Response:
+        body = request.read()
+        self.requests.append((request.method, request.url.path, len(body)))
+        summary = {"context_id": "ctx_1", "version": self.version, "file_count": 1}
+        if request.method == "PUT":
+            assert "Authorization" not in request.headers  # a presigned URL carries its own
+            self.uploaded = body
+            return httpx2.Response(200)
+        if request.url.path == "/v1/contexts/uploads":
+            return httpx2.Response(
+                201,
+                json={"upload_id": "upl_1", "upload_url": "http://s3.local/up/upl_1", "max_bytes": 50 << 20},
+            )
+        if request.method == "GET":
+            if self.gone:
+                return error(410, "context_expired")
+            return httpx2.Response(200, json={**summary, "files": [{"path": "a.py"}]})
+        self.version += 1
+        return httpx2.Response(201, json={**summary, "version": self.version})
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("SPOOL_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.mark.usefixtures("cache")
+def test_a_missing_path_a_file_or_nothing_to_upload_is_a_sync_error(tmp_path: Path) -> None:
+    server = FakeContexts()
+    client = client_for(server)
+    with pytest.raises(SyncError, match="no such directory"):
+        client.sync_directory(tmp_path / "nope")
+    (tmp_path / "file.py").write_text("x = 1\n")
+    with pytest.raises(SyncError, match="not a directory"):
+        client.sync_directory(tmp_path / "file.py")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SyncError, match="empty"):
+        client.sync_directory(tmp_path / "empty")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "logo.png").write_bytes(b"\x89PNG\x00\x00")
+    (tmp_path / "bin" / "latin.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(SyncError, match=r"2 skipped \(1 binary, 1 not UTF-8 text\)"):
+        client.sync_directory(tmp_path / "bin")
+    assert server.requests == []
+
+
+@pytest.mark.usefixtures("cache")
+def test_skipped_files_are_reported_and_an_unchanged_sync_sends_only_a_read(tmp_path: Path) -> None:
+    tmp_path = tmp_path / "project"
+    tmp_path.mkdir()
+    (tmp_path / "a.py").write_text("a = 1\n")
+    (tmp_path / "logo.png").write_bytes(b"\x89PNG\x00\x00")
+    (tmp_path / "big.txt").write_text("x" * 1_000_001)
+    (tmp_path / "ignored.log").write_text("noise")
+    (tmp_path / ".gitignore").write_text("*.log\n")
+    server = FakeContexts()
+    client = client_for(server)
+    first = client.sync_directory(tmp_path)
+    assert (first["changed"], first["uploaded_via"], first["version"]) == (True, "direct", 1)
+    assert first["skipped"] == [
+        {"path": "big.txt", "reason": "too large (over 1,000,000 bytes)"},
+        {"path": "logo.png", "reason": "binary"},
+    ]
+    again = client.sync_directory(tmp_path)
+    assert (again["changed"], again["uploaded_via"], again["version"]) == (False, "none", 1)
+    assert "files" not in again
+    assert server.requests[1][:2] == ("GET", "/v1/contexts/ctx_1")
+    (tmp_path / "a.py").write_text("a = 2\n")
+    patched = client.sync_directory(tmp_path)
+    assert (patched["changed"], patched["uploaded_via"], patched["version"]) == (True, "patch", 2)
+    assert server.requests[2][:2] == ("PATCH", "/v1/contexts/ctx_1")
+    server.gone = True  # expired: a sync with no change uploads afresh
+    renewed = client.sync_directory(tmp_path)
+    assert (renewed["changed"], renewed["uploaded_via"]) == (True, "direct")
+    assert [r[0] for r in server.requests[3:]] == ["GET", "POST"]
+
+
+@pytest.mark.usefixtures("cache")
+def test_a_document_over_the_direct_limit_goes_through_the_presigned_upload(tmp_path: Path) -> None:
+    for index in range(8):  # 8 x 900 KB: over Lambda's 6 MiB as a direct body
+        (tmp_path / f"part{index}.txt").write_text(("line of text\n" * 70_000)[:900_000])
+    server = FakeContexts()
+    reports: list[tuple[str, int, int]] = []
+    summary = client_for(server).sync_directory(tmp_path, progress=lambda *r: reports.append(r))
+    assert summary["uploaded_via"] == "presigned"
+    assert [(m, p) for m, p, _ in server.requests] == [
+        ("POST", "/v1/contexts/uploads"),
+        ("PUT", "/up/upl_1"),
+        ("POST", "/v1/contexts"),
+    ]
+    document = json.loads(server.uploaded)
+    assert len(document["files"]) == 8 and document["ttl_seconds"] == 3600
+    uploads = [(done, total) for stage, done, total in reports if stage == "upload"]
+    assert uploads[-1] == (len(server.uploaded), len(server.uploaded))
+    assert [done for done, _ in uploads] == sorted(done for done, _ in uploads)
+    assert reports[:1] == [("read", 1, 8)]
+    assert serialized_size(server.uploaded) > LAMBDA_PAYLOAD_BYTES
+
+
+def test_the_direct_limit_counts_the_escaping_inside_a_lambda_event(tmp_path: Path) -> None:
+    assert serialized_size(b'{"a":"x\\n"}') == len(b'{"a":"x\\n"}') + 5
+    (tmp_path / "a.txt").write_text("a")
+    assert snapshot(tmp_path).files == {"a.txt": "a"}
+
+
+# ---------------------------------------------------------------------- AsyncClient
+def async_client_for(handler: Handler, sleeps: list[float], **options: Any) -> AsyncClient:
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    return AsyncClient(URL, "sk-test", sleep=sleep, http_transport=httpx2.MockTransport(handler), **options)
+
+
+def test_the_async_client_retries_and_raises_as_the_sync_one() -> None:
+    server, sleeps = (
+        Recorder(error(502, "bad_gateway"), error(429, "rate_limited", {"Retry-After": "2"}), created()),
+        [],
+    )
+    refused = Recorder(error(429, "budget_exceeded", {"Retry-After": "6000"}))
+
+    async def main() -> None:
+        client = async_client_for(server, sleeps)
+        assert (await client.create_job("hi"))["job_id"] == "job_1"
+        with pytest.raises(RateLimited):
+            await async_client_for(refused, sleeps).create_job("hi")
+        await client.close()
+
+    asyncio.run(main())
+    assert len({r.headers["Idempotency-Key"] for r in server.requests}) == 1
+    assert len(server.requests) == 3 and sleeps[1] == 2.0 and len(sleeps) == 2
+
+
+def test_the_async_stream_raises_job_failed_after_its_chunks() -> None:
+    server = Recorder(sse(("chunk", {"sequence_id": 1, "text": "a"}), ("done", FAILED)))
+
+    async def main() -> list[str]:
+        received: list[str] = []
+        async with async_client_for(server, []) as client:
+            with pytest.raises(JobFailed):
+                async for text in client.stream("job_1"):
+                    received.append(text)
+        return received
+
+    assert asyncio.run(main()) == ["a"]
+
+
+@pytest.mark.usefixtures("cache")
+def test_the_async_sync_plans_as_the_sync_one(tmp_path: Path) -> None:
+    tmp_path = tmp_path / "project"
+    tmp_path.mkdir()
+    (tmp_path / "a.py").write_text("a = 1\n")
+    server = FakeContexts()
+
+    async def main() -> tuple[dict[str, Any], dict[str, Any]]:
+        async with async_client_for(server, [], direct_upload_limit=10) as client:
+            return await client.sync_directory(tmp_path), await client.sync_directory(tmp_path)
+
+    first, second = asyncio.run(main())
+    assert first["uploaded_via"] == "presigned" and second["changed"] is False
