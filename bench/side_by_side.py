@@ -1,0 +1,446 @@
+"""The same loopback OpenAI-compatible upstream read directly and through Spool, side by side.
+
+A local server streams chat completions as the OpenAI API does (Server-Sent Events, one token per
+delta, usage at the end) at a rate named by the model (``loop-50``: 50 tokens/s; ``loop-0``: as fast
+as it can), with its first token immediate. It is read:
+
+- directly, with the official ``openai`` SDK;
+- through Spool, on an embedded stack whose model registry points Spool's ``openai`` provider at it
+  (``loopback-50``, ``loopback-max``): a job created with ``POST /v1/jobs`` and read over Server-Sent
+  Events, the WebSocket API and long-polling, and a streamed chat completion through Spool's
+  OpenAI-compatible surface with the same SDK.
+
+For 1 and 20 concurrent streams of 500 tokens at 50 tokens/s and of 1,000 tokens at full speed, it
+prints the time to first token, the total time, the wall time of the whole batch and the gaps
+between chunks (p50/p95), and Spool's figures as ratios to the direct ones, beside issue 16's
+targets: Spool's own share of the time to first token <= 100 ms warm; 20 concurrent full-speed
+1,000-token jobs within 4x the direct wall time; persist-to-client p95 <= 150 ms over SSE and
+WebSocket (a chunk held by the client minus the ``created_at`` the worker stored with it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from bench.readers import Held, Reader
+
+WORDS = (" the", " of", " and", " to", " in", " is", " that", " for", " it", " with")  # one token each
+DEFAULT_MODELS = Path(__file__).resolve().parents[1] / "shared" / "spool_core" / "models.json"
+SPOOL_TRANSPORTS = ("sse", "websocket", "poll", "openai")
+TRANSPORT_NAMES = {
+    "direct": "direct (openai SDK)",
+    "sse": "Spool, SSE",
+    "websocket": "Spool, WebSocket",
+    "poll": "Spool, long-poll",
+    "openai": "Spool, OpenAI-compatible",
+}
+# (tokens, tokens per second or 0 for full speed, Spool's model)
+WORKLOADS = ((500, 50, "loopback-50"), (1000, 0, "loopback-max"))
+CONCURRENCY = (1, 20)
+SIDE_PARAMETERS = {"WorkerVisibilityTimeoutSeconds": "30"}  # as bench/__main__.py's stack
+
+
+# ---------------------------------------------------------------------------------------- the upstream
+def rate_of(model: str) -> float:
+    """``loop-50`` -> 50 tokens/s; ``loop-0`` (or anything else) -> 0, as fast as possible."""
+    _, _, rate = model.rpartition("-")
+    try:
+        return max(0.0, float(rate))
+    except ValueError:
+        return 0.0
+
+
+def completion_chunk(index: int, model: str, created: int, **delta_or_usage: Any) -> bytes:
+    """One ``chat.completion.chunk`` as an SSE ``data:`` line."""
+    body: dict[str, Any] = {
+        "id": f"chatcmpl-loop{index}",
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [],
+    }
+    if "usage" in delta_or_usage:
+        body["usage"] = delta_or_usage["usage"]
+    else:
+        body["choices"] = [
+            {
+                "index": 0,
+                "delta": delta_or_usage.get("delta", {}),
+                "finish_reason": delta_or_usage.get("finish"),
+            }
+        ]
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def upstream_app(scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+    """The loopback OpenAI-compatible server (ASGI): ``POST /v1/chat/completions`` with
+    ``stream: true`` streams ``max_tokens`` one-token deltas at the model's rate, the first at once."""
+    if scope["type"] != "http":
+        return
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    if scope["method"] != "POST" or not scope["path"].endswith("/chat/completions"):
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 404,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b'{"error": {"message": "not found"}}'})
+        return
+    request = json.loads(body or b"{}")
+    model = str(request.get("model", "loop-0"))
+    tokens = int(request.get("max_tokens") or request.get("max_completion_tokens") or 16)
+    rate = rate_of(model)
+    created = int(time.time())
+    await send(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
+    )
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await send(
+        {
+            "type": "http.response.body",
+            "body": completion_chunk(0, model, created, delta={"role": "assistant", "content": ""}),
+            "more_body": True,
+        }
+    )
+    for i in range(tokens):
+        if rate:
+            await asyncio.sleep(max(0.0, started + i / rate - loop.time()))
+        else:
+            await asyncio.sleep(0)  # let the other streams go on
+        chunk = completion_chunk(i, model, created, delta={"content": WORDS[i % len(WORDS)]})
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    prompt = sum(len(str(m.get("content", "")).split()) for m in request.get("messages", []))
+    usage = {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens}
+    tail = completion_chunk(tokens, model, created, delta={}, finish="length" if tokens else "stop")
+    tail += completion_chunk(tokens, model, created, usage=usage) + b"data: [DONE]\n\n"
+    await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+
+class Upstream:
+    """The loopback server on 127.0.0.1 (a free port), served by uvicorn on its own thread."""
+
+    def __init__(self) -> None:
+        import uvicorn
+
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind(("127.0.0.1", 0))
+        self.port = self._socket.getsockname()[1]
+        config = uvicorn.Config(upstream_app, log_config=None, access_log=False, lifespan="off", backlog=256)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._socket]}, name="upstream", daemon=True
+        )
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def __enter__(self) -> Upstream:
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the loopback upstream did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=5)
+        self._socket.close()
+
+
+def loopback_models(upstream_url: str, base: Path = DEFAULT_MODELS) -> dict[str, Any]:
+    """The bundled registry plus two models served by the loopback upstream through Spool's ``openai``
+    provider: ``loopback-50`` (50 tokens/s) and ``loopback-max`` (full speed)."""
+    document: dict[str, Any] = json.loads(base.read_text())
+    for model_id, upstream_model in (("loopback-50", "loop-50"), ("loopback-max", "loop-0")):
+        document["models"].append(
+            {
+                "id": model_id,
+                "provider": "openai",
+                "provider_model_id": upstream_model,
+                "family": "openai-o200k",
+                "context_window": 128000,
+                "max_output_tokens": 65536,
+                "pricing": {"input_per_mtok": 0.0, "output_per_mtok": 0.0},
+                "enabled": True,
+                "options": {"base_url": upstream_url},
+            }
+        )
+    return document
+
+
+# ---------------------------------------------------------------------------------------- one stream
+@dataclass
+class Stream:
+    """One stream's times (``time.time()``): when it was asked for, and when each chunk arrived."""
+
+    started: float
+    arrivals: list[float] = field(default_factory=list)
+    persist_delays: list[float] = field(default_factory=list)  # Spool: held minus created_at
+
+    @property
+    def ttft(self) -> float:
+        return self.arrivals[0] - self.started
+
+    @property
+    def total(self) -> float:
+        return self.arrivals[-1] - self.started
+
+    @property
+    def gaps(self) -> list[float]:
+        return [b - a for a, b in zip(self.arrivals, self.arrivals[1:], strict=False)]
+
+
+def read_direct(upstream_url: str, model: str, tokens: int) -> Stream:
+    import openai
+
+    client = openai.OpenAI(base_url=upstream_url, api_key="loopback", max_retries=0, timeout=300)
+    try:
+        return _openai_stream(client, model, tokens)
+    finally:
+        client.close()
+
+
+def _openai_stream(client: Any, model: str, tokens: int) -> Stream:
+    stream = Stream(time.time())
+    response = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "side by side"}], max_tokens=tokens, stream=True
+    )
+    for chunk in response:
+        if any(choice.delta and choice.delta.content for choice in chunk.choices):
+            stream.arrivals.append(time.time())
+    return stream
+
+
+def read_spool(base_url: str, api_key: str, transport: str, model: str, tokens: int) -> Stream:
+    if transport == "openai":
+        import openai
+
+        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=0, timeout=600)
+        try:
+            return _openai_stream(client, model, tokens)
+        finally:
+            client.close()
+    with Reader(base_url, api_key) as reader:
+        stream = Stream(time.time())
+        job = reader.create_job(message="side by side", model=model, max_tokens=tokens)
+        held: list[Held] = list(reader.read(transport, job))
+        stream.arrivals = [h.at for h in held]
+        created = {c["sequence_id"]: epoch(c["created_at"]) for c in reader.chunk_log(job["job_id"])}
+        stream.persist_delays = [h.at - created[h.sequence_id] for h in held if h.sequence_id in created]
+        return stream
+
+
+def epoch(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def concurrently(read: Callable[[], Stream], n: int) -> tuple[list[Stream], float]:
+    """``n`` streams at once (threads); the streams and the batch's wall time."""
+    results: list[Stream | BaseException] = [RuntimeError("not run")] * n
+    barrier = threading.Barrier(n)
+
+    def one(i: int) -> None:
+        try:
+            barrier.wait(timeout=60)
+            results[i] = read()
+        except BaseException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,), name=f"stream-{i}") for i in range(n)]
+    started = time.time()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.time() - started
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {n} streams failed, first: {errors[0]!r}") from errors[0]
+    return [r for r in results if isinstance(r, Stream)], wall
+
+
+# ---------------------------------------------------------------------------------------- figures
+def quantile(values: list[float], q: float) -> float:
+    """The q-quantile by the nearest-rank rule on the sorted values (0 for none)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.999999) - 1))]
+
+
+@dataclass
+class Row:
+    transport: str
+    streams: list[Stream]
+    wall: float
+
+    def ttft(self, q: float) -> float:
+        return quantile([s.ttft for s in self.streams], q)
+
+    def total(self, q: float) -> float:
+        return quantile([s.total for s in self.streams], q)
+
+    def gap(self, q: float) -> float:
+        return quantile([g for s in self.streams for g in s.gaps], q)
+
+    def persist(self, q: float) -> float:
+        return quantile([d for s in self.streams for d in s.persist_delays], q)
+
+    def chunks(self) -> float:
+        return statistics.mean(len(s.arrivals) for s in self.streams)
+
+
+def format_row(row: Row, direct: Row | None) -> str:
+    ms = 1000
+    text = (
+        f"  {TRANSPORT_NAMES[row.transport]:<26}"
+        f" TTFT p50 {row.ttft(0.5) * ms:6.0f} ms p95 {row.ttft(0.95) * ms:6.0f} ms"
+        f" | total p50 {row.total(0.5):6.2f} s p95 {row.total(0.95):6.2f} s | wall {row.wall:6.2f} s"
+        f" | gap p50 {row.gap(0.5) * ms:5.0f} ms p95 {row.gap(0.95) * ms:5.0f} ms ({row.chunks():.0f} chunks)"
+    )
+    if direct is not None:
+        text += (
+            f" | x direct: TTFT {row.ttft(0.5) / direct.ttft(0.5):5.1f}, wall {row.wall / direct.wall:4.1f}"
+            f" | Spool's TTFT share {(row.ttft(0.5) - direct.ttft(0.5)) * ms:5.0f} ms"
+        )
+        if any(s.persist_delays for s in row.streams):
+            p50, p95 = row.persist(0.5) * ms, row.persist(0.95) * ms
+            text += f" | persist-to-client p50 {p50:4.0f} ms p95 {p95:4.0f} ms"
+    return text
+
+
+def verdicts(results: Mapping[tuple[int, int, str], Row]) -> list[str]:
+    """Issue 16's targets, each with the figure that decides it."""
+    out = []
+    tokens = WORKLOADS[0][0]
+    direct = results.get((tokens, 1, "direct"))
+    for transport in SPOOL_TRANSPORTS:
+        row = results.get((tokens, 1, transport))
+        if direct is None or row is None:
+            continue
+        share = (row.ttft(0.5) - direct.ttft(0.5)) * 1000
+        out.append(
+            _verdict(f"Spool's own share of TTFT, warm, {TRANSPORT_NAMES[row.transport]}", share, 100, "ms")
+        )
+    for transport in ("sse", "websocket"):
+        row = results.get((tokens, max(CONCURRENCY), transport)) or results.get((tokens, 1, transport))
+        if row is not None:
+            p95 = row.persist(0.95) * 1000
+            n = len(row.streams)
+            out.append(
+                _verdict(f"persist-to-client p95, {TRANSPORT_NAMES[transport]}, {n} streams", p95, 150, "ms")
+            )
+    full_tokens = WORKLOADS[1][0]
+    n = max(CONCURRENCY)
+    direct = results.get((full_tokens, n, "direct"))
+    for transport in SPOOL_TRANSPORTS:
+        row = results.get((full_tokens, n, transport))
+        if direct is None or row is None:
+            continue
+        ratio = row.wall / direct.wall
+        label = f"{n} concurrent full-speed {full_tokens:,}-token jobs, wall vs direct"
+        label += f", {TRANSPORT_NAMES[transport]}"
+        out.append(_verdict(label, ratio, 4, "x"))
+    return out
+
+
+def _verdict(label: str, value: float, target: float, unit: str) -> str:
+    figure = f"{value:.0f} {unit}" if unit == "ms" else f"{value:.1f}{unit}"
+    limit = f"{target:g} {unit}" if unit == "ms" else f"{target:g}{unit}"
+    return f"  {label}: {figure} (target <= {limit}: {'meets' if value <= target else 'misses'})"
+
+
+# ---------------------------------------------------------------------------------------- entry point
+@contextlib.contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run(
+    workloads: tuple[tuple[int, int, str], ...] = WORKLOADS,
+    concurrency: tuple[int, ...] = CONCURRENCY,
+    transports: tuple[str, ...] = SPOOL_TRANSPORTS,
+    print_: Callable[[str], None] = print,
+) -> dict[tuple[int, int, str], Row]:
+    from spool.devstack.stack import EmbeddedStack
+
+    print_("== side by side: one loopback OpenAI-compatible upstream, read directly and through Spool ==")
+    results: dict[tuple[int, int, str], Row] = {}
+    with Upstream() as upstream, tempfile.TemporaryDirectory(prefix="spool-side-") as scratch:
+        models = Path(scratch, "models.json")
+        models.write_text(json.dumps(loopback_models(upstream.base_url)))
+        with (
+            _environment({"SPOOL_MODELS_FILE": str(models)}),
+            EmbeddedStack(port=0, ws_port=0, parameter_overrides=SIDE_PARAMETERS) as stack,
+        ):
+            print_(
+                f"upstream {upstream.base_url}; embedded stack at {stack.base_url} ({stack.workers} workers)"
+            )
+            for transport in transports:  # warm: every function on each path has served a request
+                read_spool(stack.base_url, stack.api_key, transport, workloads[0][2], 8)
+            read_direct(upstream.base_url, "loop-0", 8)
+            for tokens, rate, model in workloads:
+                upstream_model = f"loop-{rate}"
+                speed = f"{rate} tokens/s" if rate else "full speed"
+                for n in concurrency:
+                    print_(f"{tokens:,} tokens at {speed}, {n} concurrent stream{'s' if n > 1 else ''}:")
+
+                    def direct_read(model: str = upstream_model, tokens: int = tokens) -> Stream:
+                        return read_direct(upstream.base_url, model, tokens)
+
+                    streams, wall = concurrently(direct_read, n)
+                    direct = results[(tokens, n, "direct")] = Row("direct", streams, wall)
+                    print_(format_row(direct, None))
+                    for transport in transports:
+
+                        def spool(
+                            transport: str = transport, model: str = model, tokens: int = tokens
+                        ) -> Stream:
+                            return read_spool(stack.base_url, stack.api_key, transport, model, tokens)
+
+                        try:
+                            streams, wall = concurrently(spool, n)
+                        except RuntimeError as exc:
+                            print_(f"  {TRANSPORT_NAMES[transport]:<26} FAILED: {exc}")
+                            continue
+                        row = results[(tokens, n, transport)] = Row(transport, streams, wall)
+                        print_(format_row(row, direct))
+    print_("targets (issue 16):")
+    for line in verdicts(results):
+        print_(line)
+    print_("")
+    return results
