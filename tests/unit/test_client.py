@@ -14,6 +14,7 @@ import pytest
 
 from spool import AsyncClient, Client
 from spool._core import RetryPolicy
+from spool.aio import AsyncJobStream
 from spool.client import (
     ConnectionFailed,
     InvalidRequest,
@@ -58,9 +59,8 @@ class Sleeps(list[float]):
 
 
 def client_for(handler: Handler, sleeps: Sleeps | None = None, **options: Any) -> Client:
-    return Client(
-        URL, "sk-test", sleep=sleeps if sleeps is not None else Sleeps(), http_transport=httpx2.MockTransport(handler), **options
-    )
+    sleep = sleeps if sleeps is not None else Sleeps()
+    return Client(URL, "sk-test", sleep=sleep, http_transport=httpx2.MockTransport(handler), **options)
 
 
 def created() -> httpx2.Response:
@@ -204,10 +204,9 @@ def test_sse_resumes_after_an_early_end_then_raises_job_failed_after_every_chunk
     )
     progress: list[dict[str, Any]] = []
     stream = client_for(server).stream("job_1", on_progress=progress.append)
-    received = []
+    received: list[str] = []
     with pytest.raises(JobFailed) as raised:
-        for text in stream:
-            received.append(text)
+        received.extend(stream)
     assert received == ["a", "b"]  # the repeated chunk 1 is dropped
     assert [r.headers["Last-Event-ID"] for r in server.requests] == ["0", "1"]
     failure = raised.value
@@ -396,6 +395,11 @@ def test_the_async_client_retries_and_raises_as_the_sync_one() -> None:
     assert len(server.requests) == 3 and sleeps[1] == 2.0 and len(sleeps) == 2
 
 
+async def drain(stream: AsyncJobStream, into: list[str]) -> None:
+    async for text in stream:
+        into.append(text)
+
+
 def test_the_async_stream_raises_job_failed_after_its_chunks() -> None:
     server = Recorder(sse(("chunk", {"sequence_id": 1, "text": "a"}), ("done", FAILED)))
 
@@ -403,8 +407,7 @@ def test_the_async_stream_raises_job_failed_after_its_chunks() -> None:
         received: list[str] = []
         async with async_client_for(server, []) as client:
             with pytest.raises(JobFailed):
-                async for text in client.stream("job_1"):
-                    received.append(text)
+                await drain(client.stream("job_1"), received)
         return received
 
     assert asyncio.run(main()) == ["a"]
