@@ -1,0 +1,312 @@
+"""make bench's cost arithmetic: DynamoDB item sizes and request units, the meter's accounting per
+call, prices times counts, and the side-by-side bench's loopback upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from bench.capacity import (
+    CapacityMeter,
+    TableShape,
+    item_size,
+    number_size,
+    read_units,
+    value_size,
+    write_units,
+)
+from bench.cost import (
+    Prices,
+    Usage,
+    add_aws_calls,
+    billed_ms,
+    capacity_delta,
+    costs,
+    counter_delta,
+    gb_seconds,
+    increments,
+    percent_of_output,
+)
+from bench.side_by_side import completion_chunk, loopback_models, quantile, rate_of, upstream_app
+
+pytestmark = pytest.mark.unit
+
+
+# ---------------------------------------------------------------------------------------- sizes and units
+def test_item_size_follows_dynamodbs_rules() -> None:
+    assert item_size(None) == 0
+    assert item_size({"pk": {"S": "abc"}}) == 2 + 3
+    assert item_size({"name": {"S": "é"}}) == 4 + 2  # UTF-8 bytes
+    assert number_size("12345") == 4  # 5 significant digits: 3 bytes + 1
+    assert number_size("1000") == 2  # trailing zeros are not significant
+    assert number_size("0") == 2
+    assert item_size({"n": {"N": "0.0012"}}) == 1 + 2
+    assert item_size({"b": {"B": base64.b64encode(b"12345").decode()}}) == 1 + 5
+    assert item_size({"f": {"BOOL": True}, "z": {"NULL": True}}) == 2 + 2
+    assert item_size({"l": {"L": [{"S": "ab"}, {"N": "1"}]}}) == 1 + 3 + (2 + 1) + (2 + 1)
+    assert item_size({"m": {"M": {"k": {"S": "v"}}}}) == 1 + 3 + (1 + 1 + 1)
+    assert item_size({"s": {"SS": ["a", "bc"]}, "t": {"NS": ["1", "22"]}}) == 1 + 3 + 1 + 4
+    assert item_size({"plain": "text"}) == 5 + 4  # a boto3 resource's plain value, serialized first
+    with pytest.raises(ValueError, match="not a DynamoDB attribute value"):
+        value_size({"Q": "1"})
+
+
+def test_write_and_read_units() -> None:
+    assert write_units(0) == 1
+    assert write_units(1024) == 1
+    assert write_units(1025) == 2
+    assert write_units(6900, transactional=True) == 14
+    assert read_units(0, consistent=False) == 0.5
+    assert read_units(4096, consistent=True) == 1.0
+    assert read_units(4097, consistent=False) == 1.0
+    assert read_units(100, consistent=True, transactional=True) == 2.0
+
+
+def test_index_writes_of_a_sparse_keys_only_index() -> None:
+    shape = TableShape(
+        {
+            "KeySchema": [{"AttributeName": "pk", "KeyType": "HASH"}],
+            "GlobalSecondaryIndexes": [
+                {
+                    "KeySchema": [{"AttributeName": "shard", "KeyType": "HASH"}],
+                    "Projection": {"ProjectionType": "KEYS_ONLY"},
+                }
+            ],
+        }
+    )
+    plain = {"pk": {"S": "j1"}, "status": {"S": "queued"}}
+    pending = {**plain, "shard": {"N": "3"}}
+    assert shape.index_write_units(None, plain) == 0  # not in the index
+    assert shape.index_write_units(None, pending) == 1  # enters it
+    assert shape.index_write_units(pending, {**pending, "status": {"S": "running"}}) == 0  # keys only: same
+    assert shape.index_write_units(pending, plain) == 1  # leaves it
+    assert shape.index_write_units(pending, {**pending, "shard": {"N": "4"}}) == 2  # moves: delete + put
+    assert shape.key_of(pending) == {"pk": {"S": "j1"}}
+
+
+# ---------------------------------------------------------------------------------------- the meter
+class FakeDynamo:
+    """Just enough of DynamoDB's low-level API (wire format) for the meter: one table keyed by pk."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, dict[str, Any]] = {}
+        self.calls: Counter[str] = Counter()
+
+    def __call__(self, client: Any, operation: str, params: dict[str, Any]) -> Any:
+        self.calls[operation] += 1
+        if operation == "DescribeTable":
+            return {"Table": {"KeySchema": [{"AttributeName": "pk", "KeyType": "HASH"}]}}
+        if operation == "GetItem":
+            item = self.items.get(params["Key"]["pk"]["S"])
+            return {"Item": item} if item else {}
+        if operation == "PutItem":
+            if params.get("ConditionExpression") and params["Item"]["pk"]["S"] in self.items:
+                raise RuntimeError("ConditionalCheckFailedException")
+            self.items[params["Item"]["pk"]["S"]] = params["Item"]
+            return {}
+        if operation == "UpdateItem":  # SET text = :text
+            key = params["Key"]["pk"]["S"]
+            self.items[key] = {
+                **self.items.get(key, params["Key"]),
+                "text": params["ExpressionAttributeValues"][":t"],
+            }
+            return {}
+        if operation == "DeleteItem":
+            self.items.pop(params["Key"]["pk"]["S"], None)
+            return {}
+        if operation == "Query":
+            return {"Items": list(self.items.values())}
+        if operation == "TransactWriteItems":
+            for entry in params["TransactItems"]:
+                if "Put" in entry:
+                    self.items[entry["Put"]["Item"]["pk"]["S"]] = entry["Put"]["Item"]
+            return {}
+        if operation == "BatchGetItem":
+            return {
+                "Responses": {"T": [self.items[k["pk"]["S"]] for k in params["RequestItems"]["T"]["Keys"]]}
+            }
+        if operation == "BatchWriteItem":
+            for request in params["RequestItems"]["T"]:
+                item = request["PutRequest"]["Item"]
+                self.items[item["pk"]["S"]] = item
+            return {}
+        raise AssertionError(operation)
+
+
+def metered() -> tuple[CapacityMeter, FakeDynamo]:
+    meter, dynamo = CapacityMeter(), FakeDynamo()
+    meter._original = dynamo
+    return meter, dynamo
+
+
+def text_of(size: int) -> dict[str, str]:
+    return {"S": "x" * size}
+
+
+def test_the_meter_bills_the_larger_item_of_a_write_and_reads_by_size(tmp_path: Any) -> None:
+    meter, dynamo = metered()
+    meter._dump_to = tmp_path / "WorkerFunction-1.json"
+    key = {"pk": {"S": "a"}}
+    meter.call(None, "PutItem", {"TableName": "T", "Item": {**key, "text": text_of(3000)}})
+    assert meter.units["T"]["write"] == 3
+    # an update that shrinks the item is billed for the item before it
+    meter.call(
+        None, "UpdateItem", {"TableName": "T", "Key": key, "ExpressionAttributeValues": {":t": text_of(10)}}
+    )
+    assert meter.units["T"]["write"] == 3 + 3
+    meter.call(None, "GetItem", {"TableName": "T", "Key": key, "ProjectionExpression": "#a0"})
+    assert meter.units["T"]["read"] == 0.5  # eventually consistent, under 4 KB
+    meter.call(None, "Query", {"TableName": "T", "ConsistentRead": True})
+    assert meter.units["T"]["read"] == 1.5
+    meter.call(None, "DeleteItem", {"TableName": "T", "Key": key})
+    assert meter.units["T"]["write"] == 7
+    # the shadow reads and the table's description are not calls the application made
+    assert dynamo.calls["DescribeTable"] == 1
+    assert json.loads((tmp_path / "WorkerFunction-1.json").read_text()) == {"T": {"write": 7, "read": 1.5}}
+
+
+def test_the_meter_bills_a_failed_condition_and_doubles_transactions() -> None:
+    meter, _ = metered()
+    item = {"pk": {"S": "b"}, "text": text_of(1500)}
+    meter.call(None, "PutItem", {"TableName": "T", "Item": item})
+    with pytest.raises(RuntimeError, match="ConditionalCheckFailed"):
+        meter.call(
+            None,
+            "PutItem",
+            {"TableName": "T", "Item": item, "ConditionExpression": "attribute_not_exists(pk)"},
+        )
+    assert meter.units["T"]["write"] == 2 + 2
+    meter.call(
+        None,
+        "TransactWriteItems",
+        {
+            "TransactItems": [
+                {"Put": {"TableName": "T", "Item": {"pk": {"S": "c"}, "text": text_of(100)}}},
+                {"ConditionCheck": {"TableName": "T", "Key": {"pk": {"S": "b"}}}},
+            ]
+        },
+    )
+    assert meter.units["T"]["write"] == 4 + 2 + 4  # a 1 KB put and a 2 KB check, each twice
+    meter.call(
+        None, "BatchWriteItem", {"RequestItems": {"T": [{"PutRequest": {"Item": {"pk": {"S": "d"}}}}]}}
+    )
+    assert meter.units["T"]["write"] == 11
+    meter.call(
+        None,
+        "BatchGetItem",
+        {"RequestItems": {"T": {"Keys": [{"pk": {"S": "b"}}, {"pk": {"S": "c"}}], "ConsistentRead": True}}},
+    )
+    assert meter.units["T"]["read"] == 2.0
+    described = meter.call(None, "DescribeTable", {"TableName": "T"})  # unmetered: passed through
+    assert described["Table"]["KeySchema"][0]["AttributeName"] == "pk"
+
+
+# ---------------------------------------------------------------------------------------- prices x counts
+def test_costs_multiply_counts_by_the_list_prices() -> None:
+    prices = Prices.load()
+    usage = Usage(rest_requests=2, websocket_messages=100, websocket_connection_minutes=1)
+    usage.lambda_requests.update({"WorkerFunction": 1, "FanoutFunction": 10})
+    usage.lambda_gb_seconds.update({"WorkerFunction": 20.0, "FanoutFunction": 0.5})
+    usage.lambda_architecture.update({"WorkerFunction": "x86_64", "FanoutFunction": "arm64"})
+    usage.write_units.update({"ChunksTable": 100.0, "JobsTable": 60.0})
+    usage.read_units.update({"JobsTable": 80.0})
+    add_aws_calls(
+        usage,
+        {
+            "sqs.SendMessage": 1,
+            "sqs.ChangeMessageVisibility": 2,
+            "s3.GetObject": 3,
+            "s3.PutObject": 1,
+            "secretsmanager.GetSecretValue": 1,
+            "apigatewaymanagementapi.PostToConnection": 50,
+            "dynamodb.PutItem": 100,
+        },
+    )
+    lines = costs(usage, prices)
+    assert lines["Lambda WorkerFunction"] == pytest.approx(0.2 / 1e6 + 20 * 0.0000166667)
+    assert lines["Lambda FanoutFunction"] == pytest.approx(10 * 0.2 / 1e6 + 0.5 * 0.0000133334)
+    assert lines["API Gateway REST requests"] == pytest.approx(2 * 3.5 / 1e6)
+    assert lines["API Gateway WebSocket messages"] == pytest.approx(150 * 1.0 / 1e6)
+    assert lines["API Gateway WebSocket connection minutes"] == pytest.approx(0.25 / 1e6)
+    assert lines["DynamoDB writes"] == pytest.approx(160 * 0.625 / 1e6)
+    assert lines["DynamoDB reads"] == pytest.approx(80 * 0.125 / 1e6)
+    assert lines["SQS requests"] == pytest.approx(3 * 0.4 / 1e6)
+    assert lines["S3 requests"] == pytest.approx(0.005 / 1e3 + 3 * 0.0004 / 1e3)
+    assert lines["Secrets Manager calls"] == pytest.approx(0.05 / 1e4)
+    assert usage.aws_calls["dynamodb.PutItem"] == 100
+    assert prices.output_price(1000) == pytest.approx(0.005)
+    assert percent_of_output(0.0001, prices, 1000) == pytest.approx(2.0)
+
+
+def test_billing_units() -> None:
+    assert billed_ms(0.2) == 1
+    assert billed_ms(20862.1) == 20863
+    assert gb_seconds(1000, 1024) == 1.0
+    assert gb_seconds(500, 256) == 0.125
+    assert increments(100, 32768) == 1
+    assert increments(65537, 65536) == 2
+
+
+def test_deltas_between_snapshots() -> None:
+    before = {"WorkerFunction-7": Counter({"dynamodb.PutItem": 5})}
+    after = {
+        "WorkerFunction-7": Counter({"dynamodb.PutItem": 8}),
+        "FanoutFunction-9": Counter({"dynamodb.Query": 2}),
+    }
+    assert counter_delta(before, after) == Counter(
+        {"WorkerFunction:dynamodb.PutItem": 3, "FanoutFunction:dynamodb.Query": 2}
+    )
+    units_before = {"w-1": {"T": {"write": 2.0, "read": 1.0}}}
+    units_after = {"w-1": {"T": {"write": 5.0, "read": 1.0}}, "f-2": {"U": {"read": 0.5}}}
+    assert capacity_delta(units_before, units_after) == {
+        "T": {"read": 0.0, "write": 3.0},
+        "U": {"read": 0.5, "write": 0.0},
+    }
+
+
+# ---------------------------------------------------------------------------------------- side by side
+def test_loopback_upstream_streams_openai_chunks() -> None:
+    sent: list[dict[str, Any]] = []
+    body = json.dumps({"model": "loop-0", "max_tokens": 3, "messages": [{"role": "user", "content": "a b"}]})
+    requests = [{"type": "http.request", "body": body.encode(), "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        return requests.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions"}
+    asyncio.run(upstream_app(scope, receive, send))
+    assert sent[0]["status"] == 200
+    stream = b"".join(m.get("body", b"") for m in sent[1:]).decode()
+    events = [line.removeprefix("data: ") for line in stream.split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    texts = [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"]]
+    assert texts == ["", " the", " of", " and", None]
+    assert chunks[-1]["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+
+    sent.clear()
+    requests.append({"type": "http.request", "body": b"", "more_body": False})
+    asyncio.run(upstream_app({"type": "http", "method": "GET", "path": "/v1/models"}, receive, send))
+    assert sent[0]["status"] == 404
+
+
+def test_side_by_side_helpers() -> None:
+    assert rate_of("loop-50") == 50
+    assert rate_of("loop-0") == 0
+    assert rate_of("gpt") == 0
+    assert quantile([], 0.5) == 0
+    assert quantile([3.0, 1.0, 2.0], 0.5) == 2.0
+    assert quantile([float(i) for i in range(1, 101)], 0.95) == 95.0
+    assert b'"usage"' in completion_chunk(1, "m", 0, usage={"completion_tokens": 1})
+    models = loopback_models("http://127.0.0.1:1/v1")
+    added = {m["id"]: m for m in models["models"] if m["id"].startswith("loopback")}
+    assert added["loopback-50"]["provider_model_id"] == "loop-50"
+    assert added["loopback-max"]["options"] == {"base_url": "http://127.0.0.1:1/v1"}
