@@ -1,6 +1,11 @@
 """Fanout: the chunk table's and the jobs table's DynamoDB streams push new chunks, then ``done``,
 to each job's WebSocket subscribers.
 
+The records carry what is pushed (``NEW_IMAGE``: a chunk's sequence id and text, the ended job's
+status, usage, cost and error), so a batch is grouped by job and each job costs one Query of its
+subscriptions, and nothing more when nobody subscribed; each message sent is one conditional write
+(``spool_core.subscriptions``).
+
 Before pushing to a connection it checks that the API key the connection opened with is still
 active (through the same per-environment key cache as the authorizer, ``SPOOL_AUTH_CACHE_SECONDS``);
 a connection whose key was revoked gets a final ``unauthorized`` error frame and is closed.
@@ -14,34 +19,32 @@ from aws_lambda_powertools.utilities.data_classes.dynamo_db_stream_event import 
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from spool_core import bootstrap
-from spool_core.jobs.model import TERMINAL
+from spool_core.fanout_batch import FanoutBatch, Group
 from spool_core.observability import logger, tracer
-from spool_core.tenancy import SEPARATOR, Tenant
+from spool_core.tenancy import Tenant
 
 processor = BatchProcessor(event_type=EventType.DynamoDBStreams, raise_on_entire_batch_failure=False)
-_delivered: set[tuple[str, str]] = set()  # jobs already caught up in this batch
+_batch = FanoutBatch([])
+
+
+def _deliver(tenant_id: str, job_id: str, group: Group) -> None:
+    config = bootstrap.settings()
+    fanout = bootstrap.fanout(Tenant(tenant_id), config)
+    fanout.deliver(job_id, chunks=group.chunks, ended=group.ended, access=bootstrap.connection_guard(config))
 
 
 def record_handler(record: DynamoDBRecord) -> None:
-    if record.dynamodb is None or not record.dynamodb.keys:
-        return
-    tenant_id, kind, job_id = str(record.dynamodb.keys["pk"]).split(SEPARATOR, 2)
-    if kind != "job":
-        return
-    image = record.dynamodb.new_image or {}
-    if "sequence_id" not in record.dynamodb.keys and image.get("status") not in TERMINAL:
-        return  # a job item change other than its end: nothing to push
-    if (tenant_id, job_id) in _delivered:
-        return  # a delivery reads everything after each cursor: once per job per batch is enough
-    config = bootstrap.settings()
-    bootstrap.fanout(Tenant(tenant_id), config).deliver(job_id, access=bootstrap.connection_guard(config))
-    _delivered.add((tenant_id, job_id))
+    """The first record of a job delivers the whole batch's records of that job; a failed delivery
+    fails each of them (Lambda retries from the first)."""
+    _batch.handle(record.raw_event, _deliver)
 
 
 @logger.inject_lambda_context(clear_state=True)
 @tracer.capture_lambda_handler
 def lambda_handler(event: dict[str, object], context: LambdaContext) -> PartialItemFailureResponse:
-    _delivered.clear()
+    global _batch
+    records = event.get("Records")
+    _batch = FanoutBatch(records if isinstance(records, list) else [])
     return process_partial_response(
         event=event, record_handler=record_handler, processor=processor, context=context
     )

@@ -15,11 +15,14 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spool_core.errors import InvalidRequest
 from spool_core.jobs.model import MAX_SEQUENCE_ID, Job
-from spool_core.jobs.service import JobService
+from spool_core.units import usd
+
+if TYPE_CHECKING:  # the fanout builds ``done`` here without loading the job service
+    from spool_core.jobs.service import JobService
 
 DONE_ID = "done"  # the done event's id: a browser reconnecting after it sends this, and gets 204
 PING = ": ping\n\n"
@@ -69,16 +72,22 @@ def chunk_event(chunk: dict[str, Any]) -> str:
     return f"id: {chunk['sequence_id']}\nevent: chunk\ndata: {data}\n\n"
 
 
-def done_event(view: dict[str, Any]) -> str:
-    data = {
-        "job_id": view["job_id"],
-        "status": view["status"],
-        "usage": view["usage"],
-        "cost_usd": view["cost_usd"],
-        "error": view["error"],
-        "last_sequence_id": view["progress"]["last_sequence_id"],
+def done_data(job: Job) -> dict[str, Any]:
+    """What ``done`` carries on every transport (the SSE event's data, the WebSocket message): how the
+    job ended, from the ended job item alone (its progress, usage and cost are final there)."""
+    return {
+        "job_id": job.job_id,
+        "status": job.status,
+        "usage": job.usage.model_dump(),
+        "cost_usd": usd(job.cost_nanos),
+        "error": job.error,
+        "last_sequence_id": job.progress.last_sequence_id,
     }
-    return f"id: {DONE_ID}\nevent: done\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def done_event(job: Job) -> str:
+    data = json.dumps(done_data(job), separators=(",", ":"))
+    return f"id: {DONE_ID}\nevent: done\ndata: {data}\n\n"
 
 
 @dataclass(frozen=True)
@@ -187,7 +196,7 @@ def job_events(
         elif isinstance(item, Ping):
             yield PING
         elif isinstance(item, Ended):
-            yield done_event(service.view(item.job))
+            yield done_event(item.job)
         elif isinstance(item, Wait):
             yield item
 
@@ -248,6 +257,8 @@ __all__ = [
     "TimeUp",
     "Wait",
     "await_end",
+    "done_data",
+    "done_event",
     "follow",
     "job_events",
     "resume_point",

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import ClientError
 
 from spool_core.adapters.dynamodb import ConditionFailed, ScopedTable, deserialize, serialize
-from spool_core.subscriptions import Subscription
+from spool_core.subscriptions import Subscription, Written
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
@@ -49,14 +49,16 @@ class DynamoConnectionStore:
 
 
 class DynamoSubscriptionStore:
-    """``<tenant>#job#<job_id>`` / ``sub#<connection>``: the tenant's subscriptions to one job."""
+    """``<tenant>#job#<job_id>`` / ``sub#<connection>``: the tenant's subscriptions to one job.
+
+    Every write is one conditional ``UpdateItem``/``DeleteItem`` that returns the item as it was
+    (``ALL_OLD``, also when its condition failed), so a sender never reads before it writes."""
 
     def __init__(self, table: ScopedTable) -> None:
         self._table = table
 
-    @staticmethod
-    def _sort(connection_id: str) -> dict[str, str]:
-        return {"sk": f"sub#{connection_id}"}
+    def _key(self, job_id: str, connection_id: str) -> dict[str, Any]:
+        return self._table.key(JOB_KIND, job_id, {"sk": f"sub#{connection_id}"})
 
     def put(self, subscription: Subscription) -> None:
         self._table.put(
@@ -67,7 +69,10 @@ class DynamoSubscriptionStore:
                 "connection_id": subscription.connection_id,
                 "job_id": subscription.job_id,
                 "last_sent": subscription.last_sent,
+                "start": subscription.start,
                 "done_sent": False,
+                "wakes": 0,
+                "served": 0,
                 "ttl": int(time.time()) + CONNECTION_TTL_SECONDS,
             },
         )
@@ -79,61 +84,110 @@ class DynamoSubscriptionStore:
         return [self._subscription(item) for item in items]
 
     def get(self, job_id: str, connection_id: str) -> Subscription | None:
-        item = self._table.get(JOB_KIND, job_id, sort=self._sort(connection_id))
+        item = self._table.get(JOB_KIND, job_id, sort={"sk": f"sub#{connection_id}"})
         return self._subscription(item) if item else None
 
-    def lock(
-        self, job_id: str, connection_id: str, owner: str, now: float, until: float
-    ) -> Subscription | None:
-        try:
-            item = self._table.update(
-                JOB_KIND,
-                job_id,
-                "SET sending_until = :until, sender = :owner",
-                sort=self._sort(connection_id),
-                condition=(
-                    "attribute_exists(pk) AND (attribute_not_exists(sending_until) OR sending_until < :now)"
-                ),
-                values={":until": until, ":owner": owner, ":now": now},
-            )
-        except ConditionFailed:
-            return None
-        return self._subscription(item)
+    def claim(
+        self, job_id: str, connection_id: str, owner: str, *, prev: int, new: int, until_ms: int
+    ) -> Written:
+        return self._update(
+            job_id,
+            connection_id,
+            "SET last_sent = :new, sender = :me, sending_until_ms = :until",
+            f"last_sent = :prev AND done_sent = :no AND {_LEASE_FREE}",
+            {":new": new, ":prev": prev, ":me": owner, ":until": until_ms, ":no": False},
+        )
 
-    def unlock(self, job_id: str, connection_id: str, owner: str) -> None:
-        # Conditional on still owning it: never re-creates a deleted subscription (UpdateItem upserts).
-        self._held(job_id, connection_id, owner, "SET sending_until = :value", 0)
+    def claim_done(self, job_id: str, connection_id: str, owner: str, *, last: int, until_ms: int) -> Written:
+        return self._update(
+            job_id,
+            connection_id,
+            "SET done_sent = :yes, sender = :me, sending_until_ms = :until",
+            f"last_sent = :last AND done_sent = :no AND {_LEASE_FREE}",
+            {":last": last, ":me": owner, ":until": until_ms, ":yes": True, ":no": False},
+        )
 
-    def advance(self, job_id: str, connection_id: str, owner: str, new: int) -> None:
-        self._held(job_id, connection_id, owner, "SET last_sent = :value", new)
+    def take_over(
+        self, job_id: str, connection_id: str, owner: str, *, holder: str, now_ms: int, until_ms: int
+    ) -> Written:
+        return self._update(
+            job_id,
+            connection_id,
+            "SET sender = :me, sending_until_ms = :until",
+            "sender = :holder AND sending_until_ms < :now",
+            {":me": owner, ":holder": holder, ":now": now_ms, ":until": until_ms},
+        )
 
-    def mark_done(self, job_id: str, connection_id: str) -> bool:
-        try:
-            self._table.update(
-                JOB_KIND,
-                job_id,
-                "SET done_sent = :yes",
-                sort=self._sort(connection_id),
-                condition="done_sent = :no",
-                values={":yes": True, ":no": False},
-            )
-        except ConditionFailed:
-            return False
-        return True
+    def release(self, job_id: str, connection_id: str, owner: str, *, wakes: int) -> Written:
+        woken = "wakes = :wakes" if wakes else "(attribute_not_exists(wakes) OR wakes = :wakes)"
+        return self._update(
+            job_id,
+            connection_id,
+            "SET served = :wakes REMOVE sender, sending_until_ms",
+            f"sender = :me AND {woken}",
+            {":me": owner, ":wakes": wakes},
+        )
 
-    def _held(self, job_id: str, connection_id: str, owner: str, expression: str, value: Any) -> None:
-        with contextlib.suppress(ConditionFailed):  # deleted meanwhile, or the lock expired and moved on
-            self._table.update(
-                JOB_KIND,
-                job_id,
-                expression,
-                sort=self._sort(connection_id),
-                condition="sender = :owner",
-                values={":value": value, ":owner": owner},
+    def abandon(self, job_id: str, connection_id: str, owner: str) -> None:
+        self._update(
+            job_id,
+            connection_id,
+            "SET done_sent = :no REMOVE sender, sending_until_ms",
+            "sender = :me",
+            {":me": owner, ":no": False},
+        )
+
+    def wake(self, job_id: str, connection_id: str, holder: str, *, now_ms: int) -> Written:
+        return self._update(
+            job_id,
+            connection_id,
+            "ADD wakes :one",
+            "sender = :holder AND sending_until_ms >= :now",
+            {":one": 1, ":holder": holder, ":now": now_ms},
+        )
+
+    def finish(self, job_id: str, connection_id: str, owner: str) -> None:
+        with contextlib.suppress(ConditionFailed):  # replaced by a new subscription meanwhile: keep that
+            self._call(
+                self._table.client.delete_item,
+                TableName=self._table.name,
+                Key=self._key(job_id, connection_id),
+                ConditionExpression="sender = :me",
+                ExpressionAttributeValues=serialize({":me": owner}),
             )
 
     def delete(self, job_id: str, connection_id: str) -> None:
-        self._table.delete(JOB_KIND, job_id, sort=self._sort(connection_id))
+        self._table.delete(JOB_KIND, job_id, sort={"sk": f"sub#{connection_id}"})
+
+    def _update(
+        self, job_id: str, connection_id: str, expression: str, condition: str, values: dict[str, Any]
+    ) -> Written:
+        """A conditional update that never creates an item (``attribute_exists``), with the item as it
+        was before, whether it applied or not."""
+        try:
+            response = self._call(
+                self._table.client.update_item,
+                TableName=self._table.name,
+                Key=self._key(job_id, connection_id),
+                UpdateExpression=expression,
+                ConditionExpression=f"attribute_exists(pk) AND {condition}",
+                ExpressionAttributeValues=serialize(values),
+                ReturnValues="ALL_OLD",
+            )
+        except ConditionFailed as failed:
+            return Written(False, self._subscription(failed.item) if failed.item else None)
+        old = response.get("Attributes")
+        return Written(True, self._subscription(deserialize(old)) if old else None)
+
+    @staticmethod
+    def _call(operation: Any, **kwargs: Any) -> Any:
+        try:
+            return operation(ReturnValuesOnConditionCheckFailure="ALL_OLD", **kwargs)
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
+                old: Any = exc.response.get("Item")
+                raise ConditionFailed(deserialize(old) if old else None) from exc
+            raise
 
     @staticmethod
     def _subscription(item: dict[str, Any]) -> Subscription:
@@ -142,7 +196,16 @@ class DynamoSubscriptionStore:
             str(item["connection_id"]),
             int(item["last_sent"]),
             bool(item.get("done_sent")),
+            str(item["sender"]) if item.get("sender") else None,
+            int(item.get("sending_until_ms", 0)),
+            int(item.get("wakes", 0)),
+            int(item.get("served", 0)),
+            int(item.get("start", 0)),
         )
+
+
+# The sending lease is free or already the caller's (one that ran out is taken over first).
+_LEASE_FREE = "(attribute_not_exists(sender) OR sender = :me)"
 
 
 class ManagementApiPusher:

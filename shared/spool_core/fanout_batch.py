@@ -1,0 +1,103 @@
+"""A fanout invocation's stream records, grouped by job.
+
+The chunk table's stream record of a new chunk carries the chunk (``NEW_IMAGE``: sequence id and
+text), the jobs table's record of an ended job carries the ended job: the fanout pushes from them and
+reads the chunk log only to fill a gap. Records are grouped by job so that a batch costs one
+delivery (one Query of the job's subscriptions) per job, whatever the number of its records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from spool_core.adapters.dynamodb import deserialize
+from spool_core.jobs.model import TERMINAL, Chunk, Job
+from spool_core.observability import logger
+from spool_core.tenancy import SEPARATOR
+
+JobKey = tuple[str, str]  # (tenant id, job id)
+
+
+class DeliveryFailed(RuntimeError):
+    """Another record of the same job failed to deliver in this batch: this one is retried with it."""
+
+
+def job_key(record: Mapping[str, Any]) -> JobKey | None:
+    """The (tenant, job) of a chunk or job record, or None for another kind of item."""
+    keys = (record.get("dynamodb") or {}).get("Keys") or {}
+    parts = str((keys.get("pk") or {}).get("S", "")).split(SEPARATOR, 2)
+    if len(parts) != 3 or parts[1] != "job":
+        return None
+    return parts[0], parts[2]
+
+
+@dataclass
+class Group:
+    """One job's records in a batch: its new chunks, in order, and its end if the batch has it.
+    ``look``: a record could not be read as a chunk or a job; the delivery reads the log instead."""
+
+    chunks: list[Chunk] = field(default_factory=list)
+    ended: Job | None = None
+    look: bool = False
+    delivered: bool = False
+    error: BaseException | None = None
+
+
+Deliver = Callable[[str, str, Group], None]
+
+
+class FanoutBatch:
+    def __init__(self, records: Sequence[Any]) -> None:
+        self._groups: dict[JobKey, Group] = {}
+        for record in records:
+            if isinstance(record, Mapping):
+                self._add(record)
+
+    @property
+    def groups(self) -> dict[JobKey, Group]:
+        return self._groups
+
+    def _add(self, record: Mapping[str, Any]) -> None:
+        key = job_key(record)
+        data = record.get("dynamodb") or {}
+        image = data.get("NewImage")
+        if key is None or not image:
+            return  # not a job's item, or a removal (a TTL expiry): nothing to push
+        chunk = "sequence_id" in (data.get("Keys") or {})
+        item = deserialize(image)
+        if not chunk and item.get("status") not in TERMINAL:
+            return  # a job item change other than its end
+        group = self._groups.setdefault(key, Group())
+        try:
+            if chunk:
+                group.chunks.append(Chunk.model_validate(item))
+            else:
+                group.ended = Job.model_validate(item)
+        except ValidationError:  # delivered from the log and the job item instead
+            logger.warning(
+                "a stream record the fanout cannot read; delivering from the log", extra={"job": key}
+            )
+            group.look = True
+
+    def handle(self, record: Mapping[str, Any], deliver: Deliver) -> None:
+        """Deliver the record's job (once per batch: its first record does it for all of them)."""
+        key = job_key(record)
+        group = self._groups.get(key) if key else None
+        if key is None or group is None:
+            return
+        if group.delivered:
+            if group.error is not None:
+                raise DeliveryFailed(f"delivery of job {key[1]} failed") from group.error
+            return
+        group.delivered = True
+        if group.look:
+            group.chunks, group.ended = [], None  # deliver() then catches up from the log and the job
+        try:
+            deliver(key[0], key[1], group)
+        except Exception as exc:
+            group.error = exc
+            raise
