@@ -91,16 +91,14 @@ class FlakyProxy:
                 return
             upstream = socket.create_connection(("127.0.0.1", self._target))
             self._open += [downstream, upstream]
-            cut = self.cut_next > 0
-            if cut:
-                self.cut_next -= 1
             threading.Thread(target=self._pipe, args=(downstream, upstream, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, downstream, cut), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, downstream, True), daemon=True).start()
 
-    def _pipe(self, source: socket.socket, sink: socket.socket, cut: bool) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
         try:
             while data := source.recv(65536):
-                if cut:  # pass a little of the answer, then drop the connection
+                if answers and self.cut_next > 0:  # the next answer, on any (kept-alive) connection:
+                    self.cut_next -= 1  # pass a little of it, then drop the connection
                     sink.sendall(data[:20])
                     self.cuts += 1
                     break
