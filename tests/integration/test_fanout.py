@@ -1,74 +1,210 @@
-"""The fanout's ordering guarantee under concurrent senders, on real DynamoDB conditional writes."""
+"""The fanout's guarantees on real DynamoDB conditional writes (moto, linearizable as the local stack
+runs it): order, no gap, no duplicate and exactly one ``done`` under concurrent senders, a job that
+ends between two chunks included; and the fanout function on stream batches."""
 
 from __future__ import annotations
 
+import json
+import os
+import random
 import threading
+import time
+import uuid
+from collections.abc import Callable
 from typing import Any
+
+import pytest
 
 from spool.devstack.provision import StackDescription
 from spool_core import bootstrap
 from spool_core.adapters import aws
-from spool_core.adapters.dynamodb import ScopedTable
+from spool_core.adapters.dynamodb import ScopedTable, serialize
 from spool_core.adapters.websocket import DynamoSubscriptionStore
-from spool_core.jobs.model import Chunk, JobRequest
+from spool_core.events import done_data
+from spool_core.jobs.model import Chunk, Job, JobRequest, Progress, Usage
 from spool_core.subscriptions import Fanout
 from spool_core.tenancy import Tenant, TenantScope
+from tests.integration.test_keys_revocation import (  # noqa: F401 - the fixture
+    RecordingGateway,
+    connect,
+    gateway,
+    subscribe,
+)
+from tests.subscription_fakes import RecordingPusher
+from tests.support import load_event
+
+# Each run is a few hundred DynamoDB calls (~1 s on a loaded machine); the in-memory twin runs 200.
+RACE_ITERATIONS = int(os.environ.get("SPOOL_FANOUT_RACE_ITERATIONS", "40"))
 
 
-class RecordingPusher:
-    def __init__(self) -> None:
-        self.messages: dict[str, list[dict[str, Any]]] = {}
-        self._lock = threading.Lock()
+class Parts:
+    """One tenant's job table, chunk log and subscriptions on the moto server."""
 
-    def send(self, connection_id: str, message: dict[str, Any]) -> bool:
-        with self._lock:
-            self.messages.setdefault(connection_id, []).append(message)
-        return True
+    def __init__(self, tenant: Tenant, pause: Callable[[], None] = lambda: None) -> None:
+        config = bootstrap.settings()
+        self.tenant = tenant
+        self.jobs, self.chunks = bootstrap._job_tables(tenant, config)
+        self.job_table = ScopedTable(aws.dynamodb(config), config.jobs_table, TenantScope(tenant))
+        self.store = DynamoSubscriptionStore(
+            ScopedTable(aws.dynamodb(config), config.connections_table, TenantScope(tenant))
+        )
+        self.pusher = RecordingPusher(pause)
+
+    def fanout(self) -> Fanout:  # each sender is its own invocation, with its own lease owner
+        return Fanout(self.jobs, self.chunks, self.store, self.pusher)
+
+    def new_job(self) -> Job:
+        job = Job(
+            job_id=f"job_{uuid.uuid4().hex[:12]}",
+            tenant_id=self.tenant.id,
+            status="running",
+            request=JobRequest.model_validate({"message": "x", "model": "sim-fast", "max_tokens": 10}),
+            fingerprint="f",
+            model_requested="sim-fast",
+            model_resolved="sim-fast",
+            created_at="2026-11-27T07:00:00Z",
+            attempts=1,
+        )
+        self.job_table.put("job", job.job_id, job.model_dump(exclude_none=True))
+        return job
+
+    def append(self, job: Job, seq: int) -> Chunk:
+        chunk = Chunk(sequence_id=seq, text=f"<{seq}>", created_at="t", tokens=1, tokens_total=seq)
+        self.chunks.append(job.job_id, chunk)
+        return chunk
+
+    def end(self, job: Job, last: int) -> Job:
+        """What the worker's end writes: the final status, progress, usage and cost."""
+        ended = job.model_copy(
+            update={
+                "status": "completed",
+                "progress": Progress(tokens_generated=last, last_sequence_id=last, chunks_written=last),
+                "usage": Usage(estimated_tokens=10, input_tokens=3, output_tokens=last),
+                "cost_nanos": 1000 * last,
+            }
+        )
+        self.job_table.put("job", job.job_id, ended.model_dump(exclude_none=True))
+        return ended
 
 
 def test_concurrent_senders_deliver_in_order_without_gaps_or_duplicates(stack: StackDescription) -> None:
-    tenant = Tenant("fanout")
-    config = bootstrap.settings()
-    jobs, chunks = bootstrap._job_tables(tenant, config)
-    service = bootstrap.job_service(tenant)
-    job = service.create(
-        "k", JobRequest.model_validate({"message": "x", "model": "sim-fast", "max_tokens": 10})
-    ).job
-    pusher = RecordingPusher()
-    store = DynamoSubscriptionStore(
-        ScopedTable(aws.dynamodb(config), config.connections_table, TenantScope(tenant))
-    )
-
-    def fanout() -> Fanout:  # each sender is its own "invocation", with its own lock owner
-        return Fanout(jobs, chunks, store, pusher)
-
+    parts = Parts(Tenant("fanout"))
+    job = parts.new_job()
     for seq in range(1, 6):
-        chunks.append(
-            job.job_id, Chunk(sequence_id=seq, text=f"<{seq}>", created_at="t", tokens=1, tokens_total=seq)
-        )
-    fanout().subscribe(job.job_id, "conn-a", 2)
+        parts.append(job, seq)
+    parts.fanout().subscribe(job.job_id, "conn-a", 2)
 
     def writer() -> None:
         for seq in range(6, 41):
-            chunks.append(
-                job.job_id,
-                Chunk(sequence_id=seq, text=f"<{seq}>", created_at="t", tokens=1, tokens_total=seq),
-            )
-            fanout().deliver(job.job_id)
+            chunk = parts.append(job, seq)
+            parts.fanout().deliver(job.job_id, chunks=[chunk])
 
     senders = [threading.Thread(target=writer)] + [
-        threading.Thread(target=lambda: [fanout().deliver(job.job_id) for _ in range(10)]) for _ in range(3)
+        threading.Thread(target=lambda: [parts.fanout().deliver(job.job_id) for _ in range(10)])
+        for _ in range(3)
     ]
     for sender in senders:
         sender.start()
     for sender in senders:
         sender.join()
-    service.cancel(job.job_id)  # the job ends (it never started)
-    fanout().deliver(job.job_id)
+    parts.fanout().deliver(job.job_id, ended=parts.end(job, 40))
 
-    received = pusher.messages["conn-a"]
+    received = parts.pusher.messages["conn-a"]
     ids = [m["sequence_id"] for m in received if m["type"] == "chunk"]
     assert ids == list(range(3, 41))  # after 2, in order, none twice, none missing
     assert received[-1]["type"] == "done"
     assert sum(1 for m in received if m["type"] == "done") == 1
-    assert store.for_job(job.job_id) == []  # the finished subscription is gone
+    assert parts.store.for_job(job.job_id) == []  # the finished subscription is gone
+
+
+@pytest.mark.parametrize("seed", range(RACE_ITERATIONS))
+def test_a_job_ending_between_two_chunks_under_concurrent_senders_ends_every_subscription_once(
+    stack: StackDescription, seed: int
+) -> None:
+    """As the in-memory race (tests/unit/test_subscriptions.py), on DynamoDB: chunk deliveries on their
+    own threads, a subscriber joining mid-job, the end's delivery racing the last chunks'."""
+    rng = random.Random(seed)
+    lock = threading.Lock()
+
+    def pause() -> None:
+        with lock:
+            delay = rng.choice((0, 0, 0.001, 0.003))
+        time.sleep(delay)
+
+    parts = Parts(Tenant("fanout-race"), pause)
+    job = parts.new_job()
+    total = rng.randint(3, 6)
+    subscribers = {"early": rng.randint(0, 1), "late": rng.randint(0, 2)}
+    parts.fanout().subscribe(job.job_id, "early", subscribers["early"])
+    threads: list[threading.Thread] = []
+
+    def start(target: Callable[[], object]) -> None:
+        threads.append(threading.Thread(target=target))
+        threads[-1].start()
+
+    late_at = rng.randint(1, total)
+    for seq in range(1, total + 1):
+        chunk = parts.append(job, seq)
+        start(lambda chunk=chunk: parts.fanout().deliver(job.job_id, chunks=[chunk]))
+        if seq == late_at:
+            start(lambda: parts.fanout().subscribe(job.job_id, "late", subscribers["late"]))
+    ended = parts.end(job, total)
+    start(lambda: parts.fanout().deliver(job.job_id, ended=ended))
+    for thread in threads:
+        thread.join(timeout=120)
+        assert not thread.is_alive()
+
+    for connection, after in subscribers.items():
+        received = parts.pusher.messages[connection]
+        assert [m["sequence_id"] for m in received if m["type"] == "chunk"] == list(
+            range(after + 1, total + 1)
+        )
+        assert [m["type"] for m in received].count("done") == 1
+        assert received[-1] == {"type": "done", **done_data(ended)}
+    assert parts.store.for_job(job.job_id) == []
+
+
+def stream_record(table: str, image: dict[str, Any], keys: dict[str, Any], seq: int) -> dict[str, Any]:
+    record = json.loads(json.dumps(load_event("fanout")["Records"][0]))
+    record["dynamodb"].update(Keys=serialize(keys), NewImage=serialize(image), SequenceNumber=str(seq))
+    record["eventSourceARN"] = record["eventSourceARN"].replace("ChunksTable", table)
+    return record
+
+
+def test_the_fanout_function_pushes_a_batch_from_its_records_then_done(
+    invoke: Any,
+    stack: StackDescription,
+    gateway: tuple[RecordingGateway, dict[str, str]],  # noqa: F811
+) -> None:
+    recording, env = gateway
+    parts = Parts(Tenant("local"))
+    from tests.integration.conftest import DEV_KEY
+
+    connect(invoke, recording, env, "conn-batch", DEV_KEY)
+    job = parts.new_job()
+    subscribe(invoke, env, "conn-batch", job.job_id)
+    pk = f"local#job#{job.job_id}"
+    chunks = [parts.append(job, seq) for seq in (1, 2, 3)]
+    records = [
+        stream_record(
+            "ChunksTable", {"pk": pk, **c.model_dump(exclude_none=True)}, {"pk": pk, "sequence_id": n}, n
+        )
+        for n, c in enumerate(chunks, start=1)
+    ]
+    other = f"local#job#job_{uuid.uuid4().hex[:12]}"  # a job nobody follows: one Query, nothing else
+    records.insert(
+        1,
+        stream_record(
+            "ChunksTable", {"pk": other, **chunks[0].model_dump()}, {"pk": other, "sequence_id": 1}, 9
+        ),
+    )
+    assert invoke("FanoutFunction", {"Records": records}, environment=env) == {"batchItemFailures": []}
+    assert [f["sequence_id"] for f in recording.frames["conn-batch"]] == [1, 2, 3]
+
+    ended = parts.end(job, 3)
+    end = stream_record("JobsTable", {"pk": pk, **ended.model_dump(exclude_none=True)}, {"pk": pk}, 10)
+    assert invoke("FanoutFunction", {"Records": [end]}, environment=env) == {"batchItemFailures": []}
+    done = recording.frames["conn-batch"][-1]
+    assert done == {"type": "done", **done_data(ended)}
+    assert set(done) == {"type", "job_id", "status", "usage", "cost_usd", "error", "last_sequence_id"}
+    assert parts.store.for_job(job.job_id) == []
