@@ -10,18 +10,140 @@ condition) without writing; a second applies them. Only the items the transactio
 copied, so an operation that still fails to apply (an update expression that cannot run on the
 stored value, say) is undone item by item, stream records included. It relies on the server
 running one DynamoDB request at a time (``moto_server.SerializedDynamoDB``).
+
+``Query``: moto sorts every item of the table (``Table.all_items``) and then keeps those of the
+queried partition, so a query cost 4.5 ms on an empty chunks table, 126 ms at 10,000 items and grew
+on (``make bench`` prints the figures). DynamoDB reads one partition. Here a query of the table hands
+moto only the partition's items, through the same code path (same ordering,
+``Limit``, ``ExclusiveStartKey``, filters and projections): its cost no longer depends on the
+table's size. A query of a global secondary index gets the items that carry the index's hash key
+value, unsorted (moto sorts the candidates by the index's keys itself): still a pass over the table,
+but without the sort of every item that dominated it.
+
+Responses: moto serializes a DynamoDB answer by walking the API model member by member, ten members
+per attribute value, which cost ~0.5 ms per item returned (a page of 100 chunks took 60 ms, most of
+a query). An attribute value moto already holds in its wire form (strings, numbers, booleans, null,
+string and number sets, lists and maps of those) is written as it is; binary values still go
+through moto's serializer. The output is the same JSON (a test compares both).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
+# The items ``Table.all_items`` returns for the query running in this context: (table, items).
+_query_scope: ContextVar[tuple[Any, list[Any]] | None] = ContextVar("query_scope", default=None)
 
-def install() -> None:
+
+def install(on_stream_record: Callable[[str], None] | None = None) -> None:
+    """Install the patches; ``on_stream_record(table_name)`` runs after each DynamoDB stream record."""
     from moto.dynamodb.models import DynamoDBBackend
+    from moto.dynamodb.models.table import StreamShard, Table
 
     DynamoDBBackend.transact_write_items = transact_write_items  # type: ignore[method-assign]
+    _install_attribute_value_serializer()
+    if on_stream_record is not None:
+        add = getattr(StreamShard.add, "_spool_original", StreamShard.add)
+
+        def add_and_notify(self: Any, old: Any, new: Any) -> None:
+            add(self, old, new)
+            on_stream_record(str(self.table.name))
+
+        add_and_notify._spool_original = add  # type: ignore[attr-defined]
+        StreamShard.add = add_and_notify  # type: ignore[method-assign]
+    if not getattr(Table.query, "_spool_scoped", False):
+        Table.all_items = _scoped_all_items(Table.all_items)  # type: ignore[method-assign, assignment]
+        Table.query = _partition_query(Table.query)  # type: ignore[method-assign]
+
+
+def _install_attribute_value_serializer() -> None:
+    from moto.core.serialize import BaseJSONSerializer
+
+    serialize = BaseJSONSerializer._serialize_type_structure
+    if getattr(serialize, "_spool_wire", False):
+        return
+
+    def serialize_structure(self: Any, serialized: Any, value: Any, shape: Any, key: str) -> None:
+        if key and shape.name == "AttributeValue" and is_wire_attribute_value(value):
+            self._default_serialize(serialized, value, shape, key)
+            return
+        serialize(self, serialized, value, shape, key)
+
+    serialize_structure._spool_wire = True  # type: ignore[attr-defined]
+    BaseJSONSerializer._serialize_type_structure = serialize_structure  # type: ignore[method-assign]
+
+
+def is_wire_attribute_value(value: Any) -> bool:
+    """Whether ``value`` is a DynamoDB attribute value already in its JSON wire form (no binary)."""
+    if not isinstance(value, dict) or len(value) != 1:
+        return False
+    ((kind, inner),) = value.items()
+    if kind in ("S", "N"):
+        return isinstance(inner, str)
+    if kind in ("BOOL", "NULL"):
+        return isinstance(inner, bool)
+    if kind in ("SS", "NS"):
+        return isinstance(inner, list) and all(isinstance(member, str) for member in inner)
+    if kind == "M":
+        return isinstance(inner, dict) and all(
+            isinstance(name, str) and is_wire_attribute_value(member) for name, member in inner.items()
+        )
+    if kind == "L":
+        return isinstance(inner, list) and all(is_wire_attribute_value(member) for member in inner)
+    return False
+
+
+def _scoped_all_items(all_items: Callable[[Any], list[Any]]) -> Callable[[Any], list[Any]]:
+    @functools.wraps(all_items)
+    def scoped(self: Any) -> list[Any]:
+        scope = _query_scope.get()
+        if scope is not None and scope[0] is self:
+            return scope[1]
+        return all_items(self)
+
+    return scoped
+
+
+def _partition_query(query: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(query)
+    def partition_query(self: Any, hash_key: Any, *args: Any, **kwargs: Any) -> Any:
+        index_name = kwargs.get("index_name")
+        token = _query_scope.set((self, query_candidates(self, hash_key, index_name, kwargs)))
+        try:
+            return query(self, hash_key, *args, **kwargs)
+        finally:
+            _query_scope.reset(token)
+
+    partition_query._spool_scoped = True  # type: ignore[attr-defined]
+    return partition_query
+
+
+def query_candidates(table: Any, hash_key: Any, index_name: str | None, kwargs: dict[str, Any]) -> list[Any]:
+    """The items a query may return (moto filters and sorts them as it does the table's)."""
+    if not index_name:
+        partition = table.items.get(hash_key) if hash_key is not None else None
+        if partition is None:
+            return []
+        if not table.range_key_attr:
+            return [partition]
+        return list(partition.values())
+    # An index: the items whose attributes carry every hash key condition's value (moto checks them
+    # again, validates the index and sorts the candidates by the index's keys).
+    conditions = list(kwargs.get("hash_key_conditions") or [])
+    items = (
+        item
+        for values in table.items.values()
+        for item in (values.values() if table.range_key_attr else [values])
+    )
+    return [item for item in items if all(_equal(item.attrs.get(name), value) for name, value in conditions)]
+
+
+def _equal(stored: Any, value: Any) -> bool:
+    return stored is not None and bool(stored == value)
 
 
 def transact_write_items(self: Any, transact_items: list[dict[str, Any]]) -> None:

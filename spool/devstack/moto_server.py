@@ -13,6 +13,11 @@ It differs from ``python -m moto.server`` in these ways:
   every connection) and writes no access log, and it remembers moto's list of service modules
   instead of listing its package directory on every request: together 2-3x less time per call.
 - **Transactions cost what they touch** (``moto_patches``): moto copied whole tables for each one.
+- **Stream readers can wait for a write** (``GET /_spool/stream-changes?after=N&timeout=S``): the
+  answer is a counter of the stream records written so far, sent as soon as it passes ``after`` (or
+  after ``timeout`` seconds). The stack's stream pollers wait on it instead of polling every 50 ms:
+  an idle stack makes one request per poller every few seconds, and a record is read as soon as it is
+  written.
 - **It ends with its parent.**
 """
 
@@ -26,8 +31,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import parse_qs
 
 SERIALIZED_TARGETS = ("DynamoDB_", "DynamoDBStreams_")
+STREAM_CHANGES_PATH = "/_spool/stream-changes"
+MAX_WAIT_SECONDS = 30.0
 
 StartResponse = Callable[..., Any]
 WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -45,6 +53,47 @@ class SerializedDynamoDB:
             with self._lock:
                 return list(self._app(environ, start_response))
         return self._app(environ, start_response)
+
+
+class StreamChanges:
+    """A counter of the DynamoDB stream records written, and a wait for it to pass a value."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self.count = 0
+
+    def record_written(self, table: str = "") -> None:
+        with self._changed:
+            self.count += 1
+            self._changed.notify_all()
+
+    def wait(self, after: int, timeout: float) -> int:
+        with self._changed:
+            self._changed.wait_for(lambda: self.count > after, timeout)
+            return self.count
+
+
+class StreamChangesRoute:
+    """WSGI middleware: ``GET /_spool/stream-changes?after=N&timeout=S`` answers the counter as soon as
+    it passes ``N`` (or after ``S`` seconds, at most 30); every other request goes to ``app``."""
+
+    def __init__(self, app: WsgiApp, changes: StreamChanges) -> None:
+        self._app = app
+        self._changes = changes
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != STREAM_CHANGES_PATH:
+            return self._app(environ, start_response)
+        query = parse_qs(str(environ.get("QUERY_STRING", "")))
+        try:
+            after = int(query.get("after", ["-1"])[0])
+            timeout = min(MAX_WAIT_SECONDS, max(0.0, float(query.get("timeout", ["0"])[0])))
+        except ValueError:
+            start_response("400 Bad Request", [("Content-Type", "text/plain")])
+            return [b"after must be an integer and timeout a number of seconds"]
+        body = str(self._changes.wait(after, timeout)).encode()
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        return [body]
 
 
 def _exit_with_parent() -> None:
@@ -95,8 +144,9 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     _remember_service_modules()
     _no_continue_without_a_body()
-    moto_patches.install()
-    app = SerializedDynamoDB(DomainDispatcherApplication(create_backend_app))
+    changes = StreamChanges()
+    moto_patches.install(on_stream_record=changes.record_written)
+    app = StreamChangesRoute(SerializedDynamoDB(DomainDispatcherApplication(create_backend_app)), changes)
     # Threads: every SQS long poll holds one for up to its wait time, so there are many.
     server = waitress.create_server(app, sockets=[sock], threads=64, connection_limit=1000, ident="moto")
     server.run()

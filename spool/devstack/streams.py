@@ -1,11 +1,18 @@
 """Lambda's DynamoDB Streams event source mapping, locally: poll the table's stream on the moto
 server and invoke the function with real stream event batches, in order, from LATEST, with the
-event's ``FilterCriteria`` applied before the function is invoked (as Lambda does)."""
+event's ``FilterCriteria`` applied before the function is invoked (as Lambda does).
+
+An idle stack should cost nothing: with ``StreamChanges`` (the moto server's count of stream records
+written, see ``moto_server``) a poller reads the stream only after a record was written, and waits
+on the server in between (one request every few seconds when nothing happens). Without it, a poller
+reads every ``interval`` while records come, and backs off to ``idle_interval`` when none do."""
 
 from __future__ import annotations
 
+import http.client
 import logging
 import threading
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -42,6 +49,37 @@ def _allowed(rule: Any, present: bool, actual: Any) -> bool:
     return present and actual == rule
 
 
+class StreamChanges:
+    """The moto server's count of stream records written (``GET /_spool/stream-changes``), over one
+    kept-alive connection per thread."""
+
+    def __init__(self, endpoint_url: str, wait_seconds: float = 2.0) -> None:
+        parsed = urllib.parse.urlsplit(endpoint_url)
+        self._host = parsed.hostname or "127.0.0.1"
+        self._port = parsed.port or 80
+        self.wait_seconds = wait_seconds
+        self._local = threading.local()
+
+    def wait(self, after: int) -> int:
+        """The count once it passes ``after``, or after ``wait_seconds``; ``OSError`` when the server
+        cannot be reached."""
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = http.client.HTTPConnection(self._host, self._port, timeout=self.wait_seconds + 10)
+            self._local.connection = connection
+        try:
+            connection.request("GET", f"/_spool/stream-changes?after={after}&timeout={self.wait_seconds:g}")
+            response = connection.getresponse()
+            body = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            connection.close()
+            self._local.connection = None
+            raise OSError(f"stream changes: {exc}") from exc
+        if response.status != 200:
+            raise OSError(f"stream changes: HTTP {response.status}")
+        return int(body)
+
+
 class StreamPoller:
     def __init__(
         self,
@@ -54,6 +92,8 @@ class StreamPoller:
         filters: Sequence[Mapping[str, Any]] = (),
         observers: Sequence[Observer] = (),
         interval: float = 0.05,
+        idle_interval: float = 1.0,
+        changes: StreamChanges | None = None,
     ) -> None:
         self._streams = streams
         self._arn = stream_arn
@@ -63,6 +103,9 @@ class StreamPoller:
         self._filters = list(filters)
         self._observers = list(observers)
         self._interval = interval
+        self._idle_interval = max(interval, idle_interval)
+        self._changes = changes
+        self.polls = 0  # GetRecords calls made (the idle cost)
         self._stop = threading.Event()
         self._running = threading.Event()
         self._running.set()
@@ -84,16 +127,47 @@ class StreamPoller:
         self._running.set()
 
     def run(self) -> None:
-        while not self._stop.wait(self._interval):
+        seen = -1  # the server's count of records written when the stream was last read
+        delay = self._interval
+        while not self._stop.is_set():
             self._running.wait()
-            for shard, iterator in list(self._iterators.items()):
-                if iterator is None or self._stop.is_set():
-                    continue
+            if self._stop.is_set():
+                return
+            if self._changes is not None:
                 try:
-                    self._iterators[shard] = self._poll(iterator)
-                except Exception:
+                    count = self._changes.wait(seen)
+                except OSError:
                     if not self._stop.is_set():
-                        log.exception("stream poll failed; retrying")
+                        log.warning("cannot wait for stream changes; polling instead")
+                    self._changes = None
+                    continue
+                if count == seen or self._stop.is_set():
+                    continue  # nothing was written
+                seen = count
+                # The count is read before the stream: a record written from now on passes it.
+                while self._poll_shards()[1] and not self._stop.is_set():
+                    pass  # a full batch: read on before waiting
+                continue
+            read, _ = self._poll_shards()
+            # Records came: read again soon. None: back off, up to idle_interval.
+            delay = self._interval if read else min(self._idle_interval, delay * 2)
+            self._stop.wait(delay)
+
+    def _poll_shards(self) -> tuple[int, bool]:
+        """Read each shard once: how many records came, and whether a batch was full (more wait)."""
+        read, full = 0, False
+        for shard, iterator in list(self._iterators.items()):
+            if iterator is None or self._stop.is_set():
+                continue
+            try:
+                self._iterators[shard], count = self._poll(iterator)
+                read += count
+                full = full or count >= self._batch
+            except Exception:
+                if not self._stop.is_set():
+                    log.exception("stream poll failed; retrying")
+                    self._stop.wait(self._interval)
+        return read, full
 
     def _record(self, record: dict[str, Any]) -> dict[str, Any]:
         """A record as Lambda passes it: boto3's datetime back to epoch seconds, the source added."""
@@ -103,9 +177,12 @@ class StreamPoller:
             data["ApproximateCreationDateTime"] = int(created.timestamp())
         return {**record, "dynamodb": data, "eventSourceARN": self._arn, "awsRegion": self._region}
 
-    def _poll(self, iterator: str) -> str | None:
+    def _poll(self, iterator: str) -> tuple[str | None, int]:
+        """Read one batch and invoke the function; the next iterator and how many records were read."""
+        self.polls += 1
         response = self._streams.get_records(ShardIterator=iterator, Limit=self._batch)
         records = [self._record(r) for r in response.get("Records", [])]
+        read = len(records)
         for observe in self._observers:
             observe(records)
         if self._filters:
@@ -115,12 +192,13 @@ class StreamPoller:
                 result = self._function.invoke({"Records": records})
             except InvocationError as exc:
                 log.warning("%s; the batch is retried", exc)
-                return iterator  # Lambda retries the batch
+                self._stop.wait(self._interval)
+                return iterator, self._batch  # Lambda retries the batch
             failures = (result or {}).get("batchItemFailures") if isinstance(result, dict) else None
             if failures:
                 log.warning("stream handler reported %d failed records", len(failures))
         next_iterator: str | None = response.get("NextShardIterator")
-        return next_iterator
+        return next_iterator, read
 
 
 class JobTransitions:

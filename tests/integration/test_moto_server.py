@@ -1,0 +1,342 @@
+"""The stack's moto server: kept-alive connections, queries and answers exactly as unpatched moto gives
+them (the server answers a query from the partition alone and writes attribute values as they are),
+and the count of stream records written that the stream pollers wait on."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import urllib.parse
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from spool.devstack.moto_patches import is_wire_attribute_value
+from spool.devstack.provision import MotoServer, StackDescription
+from spool.devstack.runtime import InvocationError
+from spool.devstack.streams import StreamChanges, StreamPoller
+from tests.integration.conftest import client
+from tests.support import wait_for
+
+TABLE = {
+    "BillingMode": "PAY_PER_REQUEST",
+    "AttributeDefinitions": [
+        {"AttributeName": "pk", "AttributeType": "S"},
+        {"AttributeName": "sk", "AttributeType": "N"},
+        {"AttributeName": "owner", "AttributeType": "S"},
+        {"AttributeName": "rank", "AttributeType": "N"},
+    ],
+    "KeySchema": [{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
+    "GlobalSecondaryIndexes": [
+        {
+            "IndexName": "ByOwner",
+            "KeySchema": [
+                {"AttributeName": "owner", "KeyType": "HASH"},
+                {"AttributeName": "rank", "KeyType": "RANGE"},
+            ],
+            "Projection": {"ProjectionType": "ALL"},
+        },
+        {
+            "IndexName": "OwnerOnly",
+            "KeySchema": [{"AttributeName": "owner", "KeyType": "HASH"}],
+            "Projection": {"ProjectionType": "KEYS_ONLY"},
+        },
+    ],
+    "StreamSpecification": {"StreamEnabled": True, "StreamViewType": "NEW_IMAGE"},
+}
+
+
+def items() -> list[dict[str, Any]]:
+    """Items over several partitions, some without the index's keys, with every attribute type."""
+    rows = []
+    for p in range(4):
+        for s in range(12):
+            item: dict[str, Any] = {
+                "pk": {"S": f"part#{p}"},
+                "sk": {"N": str(s * 3 - 5)},
+                "text": {"S": f"chunk {p}.{s}"},
+                "n": {"N": str(s % 4)},
+                "flags": {
+                    "M": {"on": {"BOOL": s % 2 == 0}, "none": {"NULL": True}, "l": {"L": [{"N": "1"}]}}
+                },
+                "tags": {"SS": ["a", f"t{s}"]},
+                "nums": {"NS": ["1", str(s + 2)]},
+                "empty": {"S": ""},
+            }
+            if s % 3:
+                item["owner"] = {"S": f"owner-{(p + s) % 2}"}
+                item["rank"] = {"N": str((s * 7) % 5)}
+            if s == 4:
+                item["blob"] = {"B": b"\x00\x01bytes"}
+                item["blobs"] = {"BS": [b"x", b"y"]}
+            rows.append(item)
+    return rows
+
+
+QUERIES: list[dict[str, Any]] = [
+    {"KeyConditionExpression": "pk = :p", "ExpressionAttributeValues": {":p": {"S": "part#1"}}},
+    {"KeyConditionExpression": "pk = :p", "ExpressionAttributeValues": {":p": {"S": "part#9"}}},
+    {
+        "KeyConditionExpression": "pk = :p AND sk > :s",
+        "ExpressionAttributeValues": {":p": {"S": "part#2"}, ":s": {"N": "4"}},
+        "ScanIndexForward": False,
+    },
+    {
+        "KeyConditionExpression": "pk = :p AND sk BETWEEN :a AND :b",
+        "ExpressionAttributeValues": {":p": {"S": "part#0"}, ":a": {"N": "-2"}, ":b": {"N": "20"}},
+        "Limit": 3,
+    },
+    {
+        "KeyConditionExpression": "pk = :p",
+        "FilterExpression": "n = :n OR attribute_exists(#b)",
+        "ExpressionAttributeValues": {":p": {"S": "part#3"}, ":n": {"N": "2"}},
+        "ProjectionExpression": "pk, sk, #t, flags.l",
+        "ExpressionAttributeNames": {"#t": "text", "#b": "blob"},
+    },
+    {
+        "IndexName": "ByOwner",
+        "KeyConditionExpression": "#o = :o AND #r >= :r",
+        "ExpressionAttributeNames": {"#o": "owner", "#r": "rank"},
+        "ExpressionAttributeValues": {":o": {"S": "owner-1"}, ":r": {"N": "1"}},
+        "Limit": 4,
+    },
+    {
+        "IndexName": "ByOwner",
+        "KeyConditionExpression": "#o = :o",
+        "ExpressionAttributeNames": {"#o": "owner"},
+        "ExpressionAttributeValues": {":o": {"S": "owner-0"}, ":n": {"N": "3"}},
+        "ScanIndexForward": False,
+        "FilterExpression": "n < :n",
+        "Limit": 5,
+    },
+    {
+        "IndexName": "OwnerOnly",
+        "KeyConditionExpression": "#o = :o",
+        "ExpressionAttributeNames": {"#o": "owner"},
+        "ExpressionAttributeValues": {":o": {"S": "owner-1"}},
+    },
+]
+
+
+def query_pages(ddb: Any, table: str, query: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every page of a query (following LastEvaluatedKey), without the request metadata."""
+    pages, start = [], None
+    while True:
+        page = ddb.query(TableName=table, **query, **({"ExclusiveStartKey": start} if start else {}))
+        page.pop("ResponseMetadata", None)
+        pages.append(page)
+        start = page.get("LastEvaluatedKey")
+        if not start:
+            return pages
+
+
+def load(ddb: Any, table: str) -> None:
+    ddb.create_table(TableName=table, **TABLE)
+    for item in items():
+        ddb.put_item(TableName=table, Item=item)
+
+
+@pytest.fixture(scope="module")
+def unpatched() -> Iterator[Any]:
+    """moto in this process, as it comes (the patches run in the server's process only)."""
+    with mock_aws():
+        ddb = boto3.client(
+            "dynamodb", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
+        )
+        load(ddb, "reference")
+        yield ddb
+
+
+def test_queries_return_what_unpatched_moto_returns(stack: StackDescription, unpatched: Any) -> None:
+    ddb, table = client("dynamodb", stack), f"query-{uuid.uuid4().hex[:8]}"
+    load(ddb, table)
+    try:
+        for query in QUERIES:
+            assert query_pages(ddb, table, query) == query_pages(unpatched, "reference", query), query
+        key = {"pk": {"S": "part#1"}, "sk": {"N": "7"}}
+        served = ddb.get_item(TableName=table, Key=key)
+        reference = unpatched.get_item(TableName="reference", Key=key)
+        assert served["Item"] == reference["Item"]
+        scanned = ddb.scan(TableName=table, Limit=7)["Items"]
+        assert scanned == unpatched.scan(TableName="reference", Limit=7)["Items"]
+    finally:
+        ddb.delete_table(TableName=table)
+
+
+def test_attribute_values_in_wire_form_are_recognized() -> None:
+    assert is_wire_attribute_value({"M": {"a": {"L": [{"S": "x"}, {"NULL": True}]}, "b": {"NS": ["1"]}}})
+    assert not is_wire_attribute_value({"B": "AAE="})
+    assert not is_wire_attribute_value({"M": {"a": {"BS": []}}})
+    assert not is_wire_attribute_value({"S": "x", "N": "1"})
+    assert not is_wire_attribute_value({"N": 1})
+    assert not is_wire_attribute_value("x")
+
+
+def test_connections_are_kept_alive(moto_server: MotoServer) -> None:
+    """Two DynamoDB calls over one connection: the server neither closes it nor asks to."""
+    host = urllib.parse.urlsplit(moto_server.url)
+    connection = http.client.HTTPConnection(host.hostname or "127.0.0.1", host.port, timeout=30)
+    headers = {
+        "Content-Type": "application/x-amz-json-1.0",
+        "X-Amz-Target": "DynamoDB_20120810.ListTables",
+        "Authorization": "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/dynamodb/aws4_request, "
+        "SignedHeaders=host, Signature=x",
+    }
+    try:
+        connection.request("POST", "/", body="{}", headers=headers)
+        first = connection.getresponse()
+        assert first.status == 200, first.read()
+        assert "TableNames" in json.loads(first.read())
+        assert (first.getheader("Connection") or "").lower() != "close"
+        sock = connection.sock
+        connection.request("POST", "/", body="{}", headers=headers)
+        second = connection.getresponse()
+        assert second.status == 200
+        second.read()
+        assert connection.sock is sock  # the same socket: nothing reconnected
+    finally:
+        connection.close()
+
+
+def test_stream_changes_count_records_and_wait_for_the_next(stack: StackDescription) -> None:
+    changes = StreamChanges(stack.endpoint_url, wait_seconds=0)
+    before = changes.wait(-1)
+    assert changes.wait(before + 10) == before  # nothing new: the answer comes at the timeout
+    ddb = client("dynamodb", stack)
+    ddb.put_item(
+        TableName=stack.refs["ChunksTable"],
+        Item={"pk": {"S": f"t#job#{uuid.uuid4().hex}"}, "sequence_id": {"N": "0"}},
+    )
+    assert changes.wait(before) > before
+
+    waiting = StreamChanges(stack.endpoint_url, wait_seconds=30)
+    answers: list[int] = []
+    now = waiting.wait(-1)
+    thread = threading.Thread(target=lambda: answers.append(waiting.wait(now)))
+    thread.start()
+    ddb.put_item(
+        TableName=stack.refs["ChunksTable"],
+        Item={"pk": {"S": f"t#job#{uuid.uuid4().hex}"}, "sequence_id": {"N": "0"}},
+    )
+    thread.join(timeout=60)
+    assert answers and answers[0] > now  # answered by the write, not the 30 s timeout
+
+
+def test_stream_changes_refuse_bad_parameters(moto_server: MotoServer) -> None:
+    host = urllib.parse.urlsplit(moto_server.url)
+    connection = http.client.HTTPConnection(host.hostname or "127.0.0.1", host.port, timeout=30)
+    try:
+        connection.request("GET", "/_spool/stream-changes?after=x")
+        response = connection.getresponse()
+        assert response.status == 400
+        assert b"integer" in response.read()
+    finally:
+        connection.close()
+    with pytest.raises(OSError, match="stream changes"):
+        StreamChanges("http://127.0.0.1:9", wait_seconds=0).wait(0)  # nothing listens on port 9
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+
+    def invoke(self, event: dict[str, Any]) -> Any:
+        self.keys += [r["dynamodb"]["Keys"]["pk"]["S"] for r in event["Records"]]
+        return None
+
+
+def test_an_idle_poller_waits_for_a_write_and_delivers_it(stack: StackDescription) -> None:
+    streams = client("dynamodbstreams", stack)
+    function = Collector()
+    poller = StreamPoller(
+        streams,
+        stack.attributes["ChunksTable.StreamArn"],
+        function,  # type: ignore[arg-type]
+        batch_size=100,
+        region=stack.region,
+        changes=StreamChanges(stack.endpoint_url, wait_seconds=0.5),
+    )
+    thread = threading.Thread(target=poller.run, daemon=True)
+    thread.start()
+    try:
+        # Idle: the poller reads the stream once at its start, then waits on the server.
+        wait_for(lambda: poller.polls >= 1, timeout=60, what="the poller's first read")
+        idle = StreamChanges(stack.endpoint_url, wait_seconds=1.5)
+        polls, written = poller.polls, idle.wait(-1)
+        idle.wait(written)  # up to 1.5 s, over which a 50 ms poller would have read 30 times
+        # One read per write at most (nothing else writes here, but another test's leftovers might).
+        assert poller.polls - polls <= idle.wait(-1) - written + 1
+        pk = f"t#job#{uuid.uuid4().hex}"
+        client("dynamodb", stack).put_item(
+            TableName=stack.refs["ChunksTable"], Item={"pk": {"S": pk}, "sequence_id": {"N": "0"}}
+        )
+        wait_for(lambda: pk in function.keys, timeout=60, what="the record written after the idle time")
+    finally:
+        poller.stop()
+        thread.join(timeout=10)
+
+
+def test_a_poller_falls_back_to_polling_when_it_cannot_wait(stack: StackDescription) -> None:
+    streams = client("dynamodbstreams", stack)
+    function = Collector()
+    poller = StreamPoller(
+        streams,
+        stack.attributes["ChunksTable.StreamArn"],
+        function,  # type: ignore[arg-type]
+        batch_size=100,
+        region=stack.region,
+        interval=0.01,
+        idle_interval=0.2,
+        changes=StreamChanges("http://127.0.0.1:9", wait_seconds=0),
+    )
+    thread = threading.Thread(target=poller.run, daemon=True)
+    thread.start()
+    try:
+        pk = f"t#job#{uuid.uuid4().hex}"
+        client("dynamodb", stack).put_item(
+            TableName=stack.refs["ChunksTable"], Item={"pk": {"S": pk}, "sequence_id": {"N": "0"}}
+        )
+        wait_for(lambda: pk in function.keys, timeout=60, what="the record, read by polling")
+    finally:
+        poller.stop()
+        thread.join(timeout=10)
+
+
+def test_a_failed_batch_is_retried(stack: StackDescription) -> None:
+    streams = client("dynamodbstreams", stack)
+    attempts: list[int] = []
+
+    class Flaky(Collector):
+        def invoke(self, event: dict[str, Any]) -> Any:
+            attempts.append(len(event["Records"]))
+            if len(attempts) == 1:
+                raise InvocationError("the first try fails")
+            return super().invoke(event)
+
+    function = Flaky()
+    poller = StreamPoller(
+        streams,
+        stack.attributes["ChunksTable.StreamArn"],
+        function,  # type: ignore[arg-type]
+        batch_size=100,
+        region=stack.region,
+        changes=StreamChanges(stack.endpoint_url, wait_seconds=0.5),
+    )
+    thread = threading.Thread(target=poller.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: poller.polls >= 1, timeout=60, what="the poller's first read")
+        pk = f"t#job#{uuid.uuid4().hex}"
+        client("dynamodb", stack).put_item(
+            TableName=stack.refs["ChunksTable"], Item={"pk": {"S": pk}, "sequence_id": {"N": "0"}}
+        )
+        wait_for(lambda: pk in function.keys, timeout=60, what="the record, after a failed try")
+        assert len(attempts) >= 2
+    finally:
+        poller.stop()
+        thread.join(timeout=10)
