@@ -1,8 +1,8 @@
 """Spool's dev-side package: the client, the CLI, the embedded stack. Never shipped to Lambda."""
 
-from spool.client import (
-    AsyncClient,
-    Client,
+from spool.aio import AsyncClient
+from spool.client import Client
+from spool.errors import (
     Conflict,
     ConnectionFailed,
     Gone,

@@ -96,6 +96,38 @@ class Settings:
         return f"{url}{'&' if '?' in url else '?'}{urlencode({'api_key': self.api_key})}"
 
 
+class ClientBase:
+    """What ``Client`` and ``AsyncClient`` hold alike: where Spool is, the key, the retry policy."""
+
+    def __init__(
+        self,
+        base_url: str | None,
+        api_key: str | None,
+        timeout: float,
+        max_retries: int,
+        max_retry_wait: float,
+        direct_upload_limit: int | None,
+    ) -> None:
+        self.settings = Settings.resolve(base_url, api_key, timeout, direct_upload_limit)
+        self.retry = RetryPolicy(max_retries=max_retries, max_retry_wait=max_retry_wait)
+
+    @property
+    def base_url(self) -> str:
+        return self.settings.base_url
+
+    @property
+    def api_key(self) -> str:
+        return self.settings.api_key
+
+    @property
+    def timeout(self) -> float:
+        return self.settings.timeout
+
+    @property
+    def max_retries(self) -> int:
+        return self.retry.max_retries
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Bounded retries, as openai-python does them: at most ``max_retries`` more attempts, each wait
@@ -244,6 +276,33 @@ def job_body(
 
 # ---------------------------------------------------------------------- steps (driven by a client)
 Steps = Generator[Call, Any, T]
+
+
+class Driver[R]:
+    """Runs steps for a client: ``next()`` is the call to make (None once the steps returned, their
+    value in ``result``); the client hands back the answer with ``answer()`` or the error with
+    ``fail()``, which the steps may catch."""
+
+    def __init__(self, steps: Steps[R]) -> None:
+        self._steps = steps
+        self._answer: Any = None
+        self._error: SpoolError | None = None
+        self.result: R
+
+    def next(self) -> Call | None:
+        try:
+            if self._error is not None:
+                return self._steps.throw(self._error)
+            return self._steps.send(self._answer)
+        except StopIteration as stop:
+            self.result = stop.value
+            return None
+
+    def answer(self, value: Any) -> None:
+        self._answer, self._error = value, None
+
+    def fail(self, error: SpoolError) -> None:
+        self._answer, self._error = None, error
 
 
 def create_job_steps(body: dict[str, Any], idempotency_key: str | None) -> Steps[dict[str, Any]]:

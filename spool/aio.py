@@ -21,7 +21,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from spool import _core
-from spool._core import Call, RetryPolicy, Settings, Steps, StreamState, T
+from spool._core import Call, ClientBase, Steps, StreamState, T
 from spool.errors import SpoolError
 from spool.sync import Progress, load_manifest, manifest_for, snapshot
 
@@ -56,7 +56,7 @@ class AsyncJobStream(StreamState):
     aclose = close
 
 
-class AsyncClient:
+class AsyncClient(ClientBase):
     """``Client`` on asyncio; see ``spool.client.Client`` for what each method does."""
 
     def __init__(
@@ -71,18 +71,9 @@ class AsyncClient:
         http_transport: httpx2.AsyncBaseTransport | None = None,
         direct_upload_limit: int | None = None,
     ) -> None:
-        self.settings = Settings.resolve(base_url, api_key, timeout, direct_upload_limit)
-        self.retry = RetryPolicy(max_retries=max_retries, max_retry_wait=max_retry_wait)
+        super().__init__(base_url, api_key, timeout, max_retries, max_retry_wait, direct_upload_limit)
         self._sleep = sleep
         self._http = httpx2.AsyncClient(transport=http_transport, **self.settings.http_options())
-
-    @property
-    def base_url(self) -> str:
-        return self.settings.base_url
-
-    @property
-    def api_key(self) -> str:
-        return self.settings.api_key
 
     # ------------------------------------------------------------------ transport
     async def _exchange(self, call: Call) -> tuple[httpx2.Response, Any]:
@@ -113,18 +104,14 @@ class AsyncClient:
         return (await self._exchange(call))[1]
 
     async def _drive(self, steps: Steps[T]) -> T:
-        """Run shared steps (``spool._core``), as ``Client._drive`` does."""
-        answer: Any = None
-        error: SpoolError | None = None
-        while True:
+        """Run shared steps (``spool._core``): send each call, hand back its answer or its error."""
+        driver = _core.Driver(steps)
+        while (call := driver.next()) is not None:
             try:
-                call = steps.throw(error) if error is not None else steps.send(answer)
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
-            try:
-                answer, error = await self._call(call), None
-            except SpoolError as exc:
-                answer, error = None, exc
+                driver.answer(await self._call(call))
+            except SpoolError as error:
+                driver.fail(error)
+        return driver.result
 
     async def request(
         self, method: str, path: str, body: Any = None, *, headers: dict[str, str] | None = None
@@ -205,7 +192,7 @@ class AsyncClient:
         return await self._call(_core.health_call(deep))  # type: ignore[no-any-return]
 
     async def chunks(self, job_id: str, after: int = 0, *, limit: int = 500, wait: int = 0) -> dict[str, Any]:
-        call = _core.chunks_call(job_id, after, limit, wait, self.settings.timeout)
+        call = _core.chunks_call(job_id, after, limit, wait, self.timeout)
         return await self._call(call)  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------------ streams
@@ -260,7 +247,7 @@ class AsyncClient:
                 async with ws_connect(self.settings.websocket_url(url), open_timeout=10) as socket:
                     await socket.send(state.subscribe_message())
                     while not state.ended:
-                        raw = await asyncio.wait_for(socket.recv(), self.settings.timeout + 30)
+                        raw = await asyncio.wait_for(socket.recv(), self.timeout + 30)
                         failures = 0
                         if (chunk := state.on_websocket(json.loads(raw))) is not None:
                             yield chunk
@@ -272,7 +259,7 @@ class AsyncClient:
 
     async def _poll(self, state: StreamState) -> AsyncIterator[dict[str, Any]]:
         while not state.ended:
-            for chunk in state.on_page(await self._call(state.page_call(self.settings.timeout))):
+            for chunk in state.on_page(await self._call(state.page_call(self.timeout))):
                 yield chunk
 
     async def close(self) -> None:

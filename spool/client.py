@@ -27,7 +27,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.sync.client import connect as ws_connect
 
 from spool import _core
-from spool._core import DEFAULT_URL, TERMINAL, Call, RetryPolicy, Settings, Steps, StreamState, T
+from spool._core import DEFAULT_URL, TERMINAL, Call, ClientBase, Steps, StreamState, T
 from spool.aio import AsyncClient, AsyncJobStream
 from spool.errors import (
     Conflict,
@@ -79,7 +79,7 @@ class JobStream(StreamState):
         self.close()
 
 
-class Client:
+class Client(ClientBase):
     """One keep-alive ``httpx2.Client`` to Spool. Retries connection errors, 5xx and short 429s at
     most ``max_retries`` times, each wait at most ``max_retry_wait`` seconds; a 429 asking for longer,
     or ``budget_exceeded``, is raised at once."""
@@ -96,26 +96,9 @@ class Client:
         http_transport: httpx2.BaseTransport | None = None,
         direct_upload_limit: int | None = None,
     ) -> None:
-        self.settings = Settings.resolve(base_url, api_key, timeout, direct_upload_limit)
-        self.retry = RetryPolicy(max_retries=max_retries, max_retry_wait=max_retry_wait)
+        super().__init__(base_url, api_key, timeout, max_retries, max_retry_wait, direct_upload_limit)
         self._sleep = sleep
         self._http = httpx2.Client(transport=http_transport, **self.settings.http_options())
-
-    @property
-    def base_url(self) -> str:
-        return self.settings.base_url
-
-    @property
-    def api_key(self) -> str:
-        return self.settings.api_key
-
-    @property
-    def timeout(self) -> float:
-        return self.settings.timeout
-
-    @property
-    def max_retries(self) -> int:
-        return self.retry.max_retries
 
     # ------------------------------------------------------------------ transport
     def _exchange(self, call: Call) -> tuple[httpx2.Response, Any]:
@@ -148,17 +131,13 @@ class Client:
 
     def _drive(self, steps: Steps[T]) -> T:
         """Run shared steps (``spool._core``): send each call, hand back its answer or its error."""
-        answer: Any = None
-        error: SpoolError | None = None
-        while True:
+        driver = _core.Driver(steps)
+        while (call := driver.next()) is not None:
             try:
-                call = steps.throw(error) if error is not None else steps.send(answer)
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
-            try:
-                answer, error = self._call(call), None
-            except SpoolError as exc:
-                answer, error = None, exc
+                driver.answer(self._call(call))
+            except SpoolError as error:
+                driver.fail(error)
+        return driver.result
 
     def request(
         self,
