@@ -133,6 +133,31 @@ def _error_components() -> dict[str, Any]:
     }
 
 
+def _listings(document: dict[str, Any]) -> None:
+    """The list routes: the status filter's values, and the page every list answers."""
+    from spool_core.jobs.service import STATUSES
+
+    for parameter in document["paths"]["/v1/jobs"]["get"]["parameters"]:
+        if parameter["name"] == "status":
+            parameter["schema"] = {"type": "string", "enum": list(STATUSES)}
+    page = {
+        "type": "object",
+        "required": ["data", "next_cursor"],
+        "properties": {
+            "data": {"type": "array", "items": {"type": "object"}},
+            "next_cursor": {
+                "type": ["string", "null"],
+                "description": "pass back as cursor; null: last page",
+            },
+        },
+    }
+    for path in ("/v1/jobs", "/v1/contexts"):
+        document["paths"][path]["get"]["responses"]["200"] = {
+            "description": "A page, newest first",
+            "content": {JSON: {"schema": page}},
+        }
+
+
 def build() -> dict[str, Any]:
     document: dict[str, Any] = {
         "openapi": "3.1.0",
@@ -206,6 +231,7 @@ def build() -> dict[str, Any]:
             responses["default"] = error
             if (path, method) not in PUBLIC:
                 operation["security"] = [{"bearer": []}, {"apiKey": []}]
+    _listings(document)
     document["paths"] = dict(sorted(document["paths"].items()))
     return document
 

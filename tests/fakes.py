@@ -15,10 +15,14 @@ from spool_core.contexts.model import BlobInfo, ContextRecord, Manifest
 from spool_core.contexts.ports import (
     ConcurrentUpdate,
     ContextExists,
+    ListedContext,
     UploadChanged,
     UploadHead,
     manifest_name,
 )
+from spool_core.jobs.model import JobSummary
+from spool_core.jobs.ports import ListedJob
+from spool_core.listing import position
 
 
 class FakeFunction:
@@ -103,6 +107,18 @@ class MemoryContextTable:
     def get(self, context_id: str) -> ContextRecord | None:
         found = self.items.get(context_id)
         return found[0] if found else None
+
+    def list_for_tenant(self, limit: int, before: str | None) -> list[ListedContext]:
+        """The list index: every record by position, newest first, strictly before ``before``."""
+        listed = sorted(
+            (
+                ListedContext(position(record.created_at, record.context_id), record)
+                for record, _ in self.items.values()
+            ),
+            key=lambda entry: entry.position,
+            reverse=True,
+        )
+        return [entry for entry in listed if before is None or entry.position < before][:limit]
 
     def take_upload_slot(self, hour: int, limit: int, ttl: int) -> bool:
         counted = self.upload_counts.get(hour, 0)
@@ -240,3 +256,29 @@ class KeyClock:
     def advance(self, seconds: float) -> None:
         self.seconds += seconds
         self.wall += timedelta(seconds=seconds)
+
+
+class ListingJobStore:
+    """One tenant's ``JobStore`` of a ``tests.ledger.MemoryLedger`` with the list indexes: every job
+    of the tenant (or those of one status) by position, newest first. Everything else is the ledger's."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def list_for_tenant(self, status: str | None, limit: int, before: str | None) -> list[ListedJob]:
+        ledger, tenant = self._store.ledger, self._store.tenant_id
+        with ledger.lock:
+            items = [item for (owner, _), item in ledger.jobs.items() if owner == tenant]
+        listed = sorted(
+            (
+                ListedJob(position(item["created_at"], item["job_id"]), JobSummary.model_validate(item))
+                for item in items
+                if status is None or item["status"] == status
+            ),
+            key=lambda entry: entry.position,
+            reverse=True,
+        )
+        return [entry for entry in listed if before is None or entry.position < before][:limit]

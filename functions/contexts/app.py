@@ -3,9 +3,12 @@ sending only what changed, and count what a request would cost in tokens."""
 
 from __future__ import annotations
 
-from aws_lambda_powertools.event_handler import Response
+from typing import Annotated
 
-from spool_core import bootstrap, models
+from aws_lambda_powertools.event_handler import Response
+from aws_lambda_powertools.event_handler.openapi.params import Query
+
+from spool_core import bootstrap, listing, models
 from spool_core.api import api_handler, create_resolver, json_response, parse_body, tenant_of
 from spool_core.contexts.model import CreateContextRequest, PatchContextRequest, TokenCountRequest
 from spool_core.observability import logger
@@ -22,6 +25,17 @@ def create_context() -> Response[str]:
     summary = service.create(request)
     logger.info("context created", extra={"context_id": summary["context_id"], **vars(service.last_stats)})
     return json_response(201, summary, {"Location": f"/v1/contexts/{summary['context_id']}"})
+
+
+@app.get("/v1/contexts", summary="The tenant's contexts, newest first, without their file lists")
+def list_contexts(
+    limit: Annotated[int, Query(ge=1, le=listing.MAX_LIMIT)] = listing.DEFAULT_LIMIT,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+) -> Response[str]:
+    tenant = tenant_of(app)
+    codec = listing.cursor_codec(bootstrap.settings())
+    page = bootstrap.context_service(tenant).list_contexts(tenant, codec, limit=limit, cursor=cursor)
+    return json_response(200, page.body())
 
 
 @app.post("/v1/contexts/uploads")

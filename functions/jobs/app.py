@@ -8,13 +8,14 @@ from aws_lambda_powertools.event_handler import Response
 from aws_lambda_powertools.event_handler.openapi.params import Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from spool_core import bootstrap
+from spool_core import bootstrap, listing
 from spool_core.api import api_handler, create_resolver, json_response, parse_body, public_base_url, tenant_of
 from spool_core.jobs.model import MAX_SEQUENCE_ID, JobRequest
 from spool_core.jobs.service import (
     DEFAULT_CHUNK_LIMIT,
     MAX_CHUNK_LIMIT,
     MAX_WAIT_SECONDS,
+    STATUSES,
     JobService,
     check_idempotency_key,
 )
@@ -43,6 +44,21 @@ def create_job() -> Response[str]:
     if created.replayed:
         return json_response(200, body, created.headers)
     return json_response(202, body, {"Location": f"/v1/jobs/{created.job.job_id}", **created.headers})
+
+
+@app.get("/v1/jobs", summary="The tenant's jobs, newest first, without their output")
+def list_jobs(
+    status: Annotated[
+        str | None, Query(description=f"only jobs of this status: {'|'.join(STATUSES)}")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=listing.MAX_LIMIT)] = listing.DEFAULT_LIMIT,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+) -> Response[str]:
+    service = _service()
+    page = service.list_jobs(
+        listing.cursor_codec(bootstrap.settings()), status=status, limit=limit, cursor=cursor
+    )
+    return json_response(200, page.body(), service.rate_limit_headers())
 
 
 @app.get("/v1/jobs/<job_id>")

@@ -8,15 +8,18 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import ClientError
 
 from spool_core.adapters.dynamodb import ConditionFailed, ScopedTable
+from spool_core.adapters.listing import LIST_INDEX, LIST_KEY, LIST_POSITION, list_attributes, query_index
 from spool_core.clock import rfc3339, utc_now
 from spool_core.contexts.model import BlobInfo, ContextRecord, Manifest
 from spool_core.contexts.ports import (
     ConcurrentUpdate,
     ContextExists,
+    ListedContext,
     UploadChanged,
     UploadHead,
     manifest_name,
 )
+from spool_core.listing import position
 from spool_core.tenancy import TenantScope
 
 if TYPE_CHECKING:
@@ -156,12 +159,24 @@ class DynamoContextTable:
         item = self._table.get(CONTEXT_KIND, context_id)
         return ContextRecord.model_validate(item) if item else None
 
+    def list_for_tenant(self, limit: int, before: str | None) -> list[ListedContext]:
+        items = query_index(self._table, LIST_INDEX, LIST_KEY, self._table.scope.tenant.id, limit, before)
+        return [ListedContext(str(item[LIST_POSITION]), ContextRecord.model_validate(item)) for item in items]
+
+    def _item(self, record: ContextRecord, ttl: int) -> dict[str, Any]:
+        """The record, its TTL, and its place in the list index (from the write that creates it)."""
+        return {
+            **record.model_dump(),
+            "ttl": ttl,
+            **list_attributes(self._table, position(record.created_at, record.context_id)),
+        }
+
     def create(self, record: ContextRecord, ttl: int) -> None:
         try:
             self._table.put(
                 CONTEXT_KIND,
                 record.context_id,
-                {**record.model_dump(), "ttl": ttl},
+                self._item(record, ttl),
                 condition="attribute_not_exists(pk)",
             )
         except ConditionFailed as exc:
@@ -172,7 +187,7 @@ class DynamoContextTable:
             self._table.put(
                 CONTEXT_KIND,
                 record.context_id,
-                {**record.model_dump(), "ttl": ttl},
+                self._item(record, ttl),
                 condition="version = :expected",
                 values={":expected": expected_version},
             )

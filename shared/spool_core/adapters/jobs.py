@@ -23,10 +23,21 @@ from spool_core.adapters.dynamodb import (
     serialize,
     transact,
 )
+from spool_core.adapters.listing import (
+    LIST_INDEX,
+    LIST_KEY,
+    LIST_POSITION,
+    STATUS_INDEX,
+    STATUS_KEY,
+    list_attributes,
+    query_index,
+    status_key,
+)
 from spool_core.adapters.usage import reservation_writes, settlement_writes, state_from, state_keys
-from spool_core.jobs.model import Chunk, Job, Progress, Segment
-from spool_core.jobs.ports import AdmissionRefused, Claim, Conflict, EndGuard, JobEnd, PendingJob
+from spool_core.jobs.model import Chunk, Job, JobSummary, Progress, Segment, Status
+from spool_core.jobs.ports import AdmissionRefused, Claim, Conflict, EndGuard, JobEnd, ListedJob, PendingJob
 from spool_core.limits.model import ReservationPlan, Settlement, UsageState
+from spool_core.listing import position
 from spool_core.queue import JobMessage
 from spool_core.tenancy import SEPARATOR
 from spool_core.units import now_ms
@@ -58,6 +69,15 @@ class DynamoJobStore:
     def get(self, job_id: str) -> Job | None:
         item = self._table.get(JOB_KIND, job_id)
         return Job.model_validate(item) if item else None
+
+    def list_for_tenant(self, status: Status | None, limit: int, before: str | None) -> list[ListedJob]:
+        """One Query of the list index (every status) or of the status index (one status)."""
+        if status is None:
+            items = query_index(self._table, LIST_INDEX, LIST_KEY, self._table.scope.tenant.id, limit, before)
+        else:
+            key = status_key(self._table, status)
+            items = query_index(self._table, STATUS_INDEX, STATUS_KEY, key, limit, before)
+        return [ListedJob(str(item[LIST_POSITION]), JobSummary.model_validate(item)) for item in items]
 
     # ------------------------------------------------------------------ admission
     def admission_state(self, key_hash: str, model_id: str, day: str) -> tuple[Claim | None, UsageState]:
@@ -119,6 +139,9 @@ class DynamoJobStore:
             "ttl": now_ms() // 1000 + self._job_ttl,
             "pending_shard": pending_shard(job.job_id),
             "pending_since_ms": now_ms(),
+            # In the list indexes from the write that creates it (the status index follows each change).
+            **list_attributes(self._table, position(job.created_at, job.job_id)),
+            STATUS_KEY: status_key(self._table, job.status),
         }
 
     # ------------------------------------------------------------------ the worker's lease
@@ -132,6 +155,7 @@ class DynamoJobStore:
                     "lease_expires_ms": until_ms,
                     "attempts": expected_attempts + 1,
                     "pending_since_ms": now_ms,
+                    STATUS_KEY: status_key(self._table, "running"),
                 },
                 "#status IN (:queued, :running) AND #lease_expires_ms < :now AND #attempts = :seen",
                 {":queued": "queued", ":running": "running", ":now": now_ms, ":seen": expected_attempts},
@@ -203,6 +227,7 @@ class DynamoJobStore:
             "input_reported": end.input_reported,
             "lease_expires_ms": 0,
             "ended_by": guard.token,
+            STATUS_KEY: status_key(self._table, end.status),
         }
         for name in ("output", "error", "first_token_at", "finish_reason"):
             if getattr(end, name) is not None:

@@ -115,6 +115,20 @@ class ContextRecord(BaseModel):
             "file_count": self.file_count,
         }
 
+    def listed(self, expires_at: str, now: float) -> dict[str, Any]:
+        """A listing's entry: the summary and its times, without the file list (which lives in the
+        manifest); ``expired`` contexts stay listed while they answer 410."""
+        return {
+            **self.summary(expires_at),
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "expired": now >= self.expires_at,
+        }
+
+
+# The context item's attributes a listing reads (the list index's projection in template.yaml).
+SUMMARY_FIELDS: tuple[str, ...] = tuple(ContextRecord.model_fields)
+
 
 class BlobInfo(BaseModel):
     """What Spool knows of one stored blob: size, when it was (re)written, token counts by encoding."""

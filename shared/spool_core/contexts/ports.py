@@ -52,8 +52,20 @@ class ManifestStore(Protocol):
     def delete_all(self, context_id: str) -> None: ...
 
 
+@dataclass(frozen=True)
+class ListedContext:
+    """A context as a listing has it: its record and its list position (creation time, then id)."""
+
+    position: str
+    record: ContextRecord
+
+
 class ContextTable(Protocol):
     def get(self, context_id: str) -> ContextRecord | None: ...
+
+    def list_for_tenant(self, limit: int, before: str | None) -> list[ListedContext]:
+        """The tenant's contexts newest first, at most ``limit``, positioned strictly before ``before``
+        (from the newest when None). Contexts stored before listing existed are not listed."""
 
     def create(self, record: ContextRecord, ttl: int) -> None: ...
 

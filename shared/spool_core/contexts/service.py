@@ -59,10 +59,12 @@ from spool_core.errors import (
 )
 from spool_core.ids import new_id, plausible
 from spool_core.limits.errors import RateLimited
+from spool_core.listing import DEFAULT_LIMIT, CursorCodec, Page, check_limit
 from spool_core.metadata import check as check_metadata
 from spool_core.metadata import size as metadata_size
 from spool_core.models import ModelSpec
 from spool_core.prompt import FILE_CLOSE, file_open, symbols_block
+from spool_core.tenancy import Tenant
 
 DAY = 86_400.0
 UPLOAD_ID_PREFIX = "upl"
@@ -156,6 +158,24 @@ class ContextService:
             "created_at": record.created_at,
             "updated_at": record.updated_at,
         }
+
+    def list_contexts(
+        self, tenant: Tenant, cursors: CursorCodec, *, limit: int = DEFAULT_LIMIT, cursor: str | None = None
+    ) -> Page:
+        """``GET /v1/contexts``: the tenant's contexts newest first, without their file lists (one
+        Query a page, ``limit`` + 1 items: the extra one says whether a next page exists). Expired
+        contexts are listed (``expired: true``) for as long as they answer 410."""
+        check_limit(limit)
+        before = cursors.decode(cursor, tenant, "contexts", "") if cursor else None
+        listed = self._table.list_for_tenant(limit + 1, before)
+        page = listed[:limit]
+        now = self._clock()
+        return Page(
+            data=[entry.record.listed(rfc3339(from_epoch(entry.record.expires_at)), now) for entry in page],
+            next_cursor=(
+                cursors.encode(tenant, "contexts", "", page[-1].position) if len(listed) > limit else None
+            ),
+        )
 
     def read_file(self, entry: FileEntry) -> str:
         return self._blobs.get(entry.sha256).decode("utf-8")

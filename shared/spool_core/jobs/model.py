@@ -70,42 +70,52 @@ class Segment(BaseModel):
     from_tokens: int = 0
 
 
-class Job(BaseModel):
-    """The job item. Worker-only fields (lease, attempts) stay out of the API's view."""
+class JobSummary(BaseModel):
+    """What a job's listing shows (the job resource without output): the fields the jobs table's
+    list indexes project, so a page of them is one Query and never reads a job's messages or output."""
 
     model_config = ConfigDict(extra="ignore")
 
     job_id: str
-    tenant_id: str
     status: Status
-    request: JobRequest
-    fingerprint: str
     model_requested: str
     model_resolved: str
     fallback_used: bool = False
     segments: list[Segment] = Field(default_factory=list)
-    input_reported: dict[str, int] = Field(default_factory=dict)  # input tokens providers reported, by model
     progress: Progress = Field(default_factory=Progress)
     usage: Usage = Field(default_factory=Usage)
     cost_nanos: int = 0
-    output: str | None = None
     error: dict[str, Any] | None = None
     finish_reason: str | None = None  # a completed job's: stop | length | content_filter
     created_at: str
     started_at: str | None = None
     first_token_at: str | None = None
     completed_at: str | None = None
-    estimate: dict[str, Any] | None = None  # how admission estimated the tokens (for learning)
-    reservation: dict[str, Any] | None = None  # what admission reserved (settled when the job ends)
-    cancel_requested: bool = False
     attempts: int = 0
-    lease_token: str | None = None  # the current lease (unique per take); also marks its holder's writes
-    lease_expires_ms: int = 0
-    ended_by: str | None = None  # the token of whoever wrote the end (a retried end recognizes its own)
 
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
+
+
+# The job item's attributes a listing reads (the list indexes' projection in template.yaml).
+SUMMARY_FIELDS: tuple[str, ...] = tuple(JobSummary.model_fields)
+
+
+class Job(JobSummary):
+    """The job item. Worker-only fields (lease, attempts) stay out of the API's view."""
+
+    tenant_id: str
+    request: JobRequest
+    fingerprint: str
+    input_reported: dict[str, int] = Field(default_factory=dict)  # input tokens providers reported, by model
+    output: str | None = None
+    estimate: dict[str, Any] | None = None  # how admission estimated the tokens (for learning)
+    reservation: dict[str, Any] | None = None  # what admission reserved (settled when the job ends)
+    cancel_requested: bool = False
+    lease_token: str | None = None  # the current lease (unique per take); also marks its holder's writes
+    lease_expires_ms: int = 0
+    ended_by: str | None = None  # the token of whoever wrote the end (a retried end recognizes its own)
 
     def lease_live(self, now_ms: int) -> bool:
         return self.lease_expires_ms > now_ms

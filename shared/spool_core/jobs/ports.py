@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from spool_core.jobs.model import Chunk, Job, Progress, Segment, Status, Usage
+from spool_core.jobs.model import Chunk, Job, JobSummary, Progress, Segment, Status, Usage
 from spool_core.limits.model import ReservationPlan, Settlement, UsageState
 
 
@@ -71,8 +71,21 @@ class EndGuard:
     now_ms: int = 0
 
 
+@dataclass(frozen=True)
+class ListedJob:
+    """A job as a listing has it: its summary and its list position (creation time, then id)."""
+
+    position: str
+    job: JobSummary
+
+
 class JobStore(Protocol):
     def get(self, job_id: str) -> Job | None: ...
+
+    def list_for_tenant(self, status: Status | None, limit: int, before: str | None) -> list[ListedJob]:
+        """The tenant's jobs (of ``status``, if given) newest first, at most ``limit``, positioned
+        strictly before ``before`` (from the newest when None). Jobs stored before listing existed
+        carry no position and are not listed."""
 
     # ------------------------------------------------------------------ admission
     def admission_state(self, key_hash: str, model_id: str, day: str) -> tuple[Claim | None, UsageState]:

@@ -35,8 +35,10 @@ from spool_core.jobs.model import (
     Chunk,
     Job,
     JobRequest,
+    JobSummary,
     Progress,
     Segment,
+    Status,
     Usage,
 )
 from spool_core.jobs.ports import (
@@ -52,6 +54,7 @@ from spool_core.jobs.ports import (
 from spool_core.limits.errors import RateLimited
 from spool_core.limits.model import Reservation, ReservationPlan, UsageState
 from spool_core.limits.service import RateLimiter, utc_day
+from spool_core.listing import DEFAULT_LIMIT, CursorCodec, Page, check_limit
 from spool_core.models import ModelCatalog, ModelSpec
 from spool_core.observability import logger
 from spool_core.tenancy import Tenant
@@ -65,6 +68,7 @@ DEFAULT_CHUNK_LIMIT = 500
 MAX_CHUNK_LIMIT = 1000
 MAX_MESSAGES_BYTES = 192 * 1024  # of a job item's 400 KB; the output takes most of the rest
 MAX_POLL_INTERVAL = 0.1
+STATUSES: tuple[Status, ...] = ("queued", "running", "completed", "failed", "cancelled")
 ADMISSION_ATTEMPTS = 25  # reads and transactions, while concurrent admissions keep moving the state
 
 
@@ -300,13 +304,17 @@ class JobService:
             raise JobNotFound(f"Job '{job_id}' not found", details={"job_id": job_id})
         return job
 
-    def progress(self, job: Job, last: Chunk | None = None) -> dict[str, int]:
+    def progress(self, job: JobSummary, last: Chunk | None = None, *, live: bool = True) -> dict[str, int]:
         """Current progress: the job item's once it is terminal, the chunk log's last entry while it
-        runs (``last`` when the caller already read it); a job never started has none."""
+        runs (``last`` when the caller already read it); a job never started has none. Not ``live``
+        (a listing), a running job's progress is the one its worker recorded at its last lease
+        renewal (at most a third of the lease old), read without touching the chunk log."""
         if job.terminal:
             return job.progress.model_dump()
         if job.status == "queued" and job.attempts == 0:
             return Progress().model_dump()
+        if not live:
+            return job.progress.model_dump()
         last = last or self._chunks.last(job.job_id)
         if last is None:
             return Progress().model_dump()
@@ -316,14 +324,16 @@ class JobService:
             chunks_written=last.sequence_id,
         ).model_dump()
 
-    def view(self, job: Job, *, with_output: bool = True) -> dict[str, Any]:
+    def view(self, job: JobSummary, *, with_output: bool = True, live: bool = True) -> dict[str, Any]:
         """The job resource of DESIGN.md; without ``output`` (``?output=false``) it is small and
-        costs no read of the chunk log beyond its first entry, whatever the output's size."""
-        output = job.output
+        costs no read of the chunk log beyond its first entry, whatever the output's size; not
+        ``live`` (a listing's entries) it reads nothing at all: the job's item says it all."""
+        with_output = with_output and isinstance(job, Job)
+        output = job.output if isinstance(job, Job) else None
         first_token_at = job.first_token_at
         last: Chunk | None = None
         if not with_output:
-            if first_token_at is None and job.attempts:
+            if first_token_at is None and job.attempts and live:
                 first = self._chunks.after(job.job_id, 0, 1)
                 first_token_at = first[0].created_at if first else None
         elif output is None and job.attempts == 0:
@@ -349,7 +359,7 @@ class JobService:
                 "fallback_used": job.fallback_used,
                 "segments": [s.model_dump() for s in job.segments],
             },
-            "progress": self.progress(job, last),
+            "progress": self.progress(job, last, live=live),
             "usage": job.usage.model_dump(),
             "cost_usd": usd(job.cost_nanos),
             **({"output": output} if with_output else {}),
@@ -361,6 +371,28 @@ class JobService:
             "completed_at": job.completed_at,
             "links": links,
         }
+
+    def list_jobs(
+        self,
+        cursors: CursorCodec,
+        *,
+        status: str | None = None,
+        limit: int = DEFAULT_LIMIT,
+        cursor: str | None = None,
+    ) -> Page:
+        """``GET /v1/jobs``: the tenant's jobs newest first, of one status if given, without output.
+        One Query a page (``limit`` + 1 items: the extra one says whether a next page exists)."""
+        wanted = _check_status(status or None)
+        check_limit(limit)
+        where = f"status={wanted}" if wanted else ""
+        before = cursors.decode(cursor, self._tenant, "jobs", where) if cursor else None
+        listed = self._jobs.list_for_tenant(wanted, limit + 1, before)
+        page = listed[:limit]
+        more = len(listed) > limit
+        return Page(
+            data=[self.view(entry.job, with_output=False, live=False) for entry in page],
+            next_cursor=cursors.encode(self._tenant, "jobs", where, page[-1].position) if more else None,
+        )
 
     def chunks(
         self, job_id: str, after: int = 0, limit: int = DEFAULT_CHUNK_LIMIT, wait: float = 0
@@ -426,6 +458,16 @@ class JobService:
             except Conflict:
                 continue  # it moved on (started or finished) meanwhile: decide again
         return self.get(job_id)
+
+
+def _check_status(status: str | None) -> Status | None:
+    if status is None or status in STATUSES:
+        return status
+    raise InvalidRequest(
+        f"Unknown status {status[:40]!r}",
+        details={"fields": [{"field": "status", "value": status[:40], "allowed": list(STATUSES)}]},
+        suggestions=[f"Use one of: {', '.join(STATUSES)}", "Omit status to list jobs of every status"],
+    )
 
 
 def is_terminal(status: str) -> bool:
