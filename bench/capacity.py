@@ -20,7 +20,8 @@ with a strongly consistent ``GetItem`` on the unwrapped call path, so they are n
 
 Installed in each container of the embedded stack when ``SPOOL_BENCH_CAPACITY`` names a directory
 (``bench/hook/sitecustomize.py``, put on the fork server's ``PYTHONPATH`` by ``bench.cost``); each
-process writes ``<function>-<pid>.json``: ``{table: {"read": units, "write": units}}``.
+process writes ``<function>-<pid>.json``: ``{table: {"read": units, "write": units}}``, and
+``{"_meter": {"shadow_seconds": s}}``, the time its own reads took.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import json
 import math
 import os
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from decimal import Decimal
@@ -38,6 +40,7 @@ from typing import Any
 
 CAPACITY_ENV = "SPOOL_BENCH_CAPACITY"
 TYPE_TAGS = frozenset({"S", "N", "B", "SS", "NS", "BS", "M", "L", "NULL", "BOOL"})
+METER_KEY = "_meter"  # the dump's entry for the meter's own time, beside the tables
 WRITE_UNIT_BYTES = 1024
 READ_UNIT_BYTES = 4096
 
@@ -167,7 +170,8 @@ Call = Callable[[Any, str, dict[str, Any]], Any]
 class CapacityMeter:
     """Request units per table for every DynamoDB call this process makes (see the module's doc)."""
 
-    def __init__(self, dump_to: Path | None = None) -> None:
+    def __init__(self, dump_to: Path | None = None, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._clock = clock
         self.units: defaultdict[str, defaultdict[str, float]] = defaultdict(lambda: defaultdict(float))
         self._dump_to = dump_to
         self._lock = threading.Lock()
@@ -213,14 +217,25 @@ class CapacityMeter:
         assert self._original is not None
         return self._original(client, operation, params)
 
+    def _shadow(self, client: Any, operation: str, params: dict[str, Any]) -> Any:
+        """A read the meter makes for itself: not a call of the application, and its time is recorded
+        (``_meter.shadow_seconds``) so the benchmark can take it out of the function's duration."""
+        started = self._clock()
+        try:
+            return self._raw(client, operation, params)
+        finally:
+            self.record(METER_KEY, "shadow_seconds", self._clock() - started)
+
     def _shape(self, client: Any, table: str) -> TableShape:
         if table not in self._shapes:
-            description = self._raw(client, "DescribeTable", {"TableName": table})["Table"]
+            description = self._shadow(client, "DescribeTable", {"TableName": table})["Table"]
             self._shapes[table] = TableShape(description)
         return self._shapes[table]
 
     def _current(self, client: Any, table: str, key: Item) -> Item | None:
-        answer = self._raw(client, "GetItem", {"TableName": table, "Key": dict(key), "ConsistentRead": True})
+        answer = self._shadow(
+            client, "GetItem", {"TableName": table, "Key": dict(key), "ConsistentRead": True}
+        )
         item: Item | None = answer.get("Item")
         return item
 

@@ -35,7 +35,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bench.capacity import CAPACITY_ENV, read_dumps
+from bench.capacity import CAPACITY_ENV, METER_KEY, read_dumps
 from bench.readers import Reader
 
 PRICES_PATH = Path(__file__).with_name("prices.json")
@@ -249,6 +249,22 @@ def counter_delta(before: Mapping[str, Counter[str]], after: Mapping[str, Counte
     return delta
 
 
+def meter_seconds(
+    before: Mapping[str, Mapping[str, Mapping[str, float]]],
+    after: Mapping[str, Mapping[str, Mapping[str, float]]],
+) -> dict[str, float]:
+    """Seconds each function's containers spent in the meter's own reads between two snapshots
+    (by the function's physical name)."""
+    seconds: dict[str, float] = {}
+    for stem, tables in after.items():
+        spent = tables.get(METER_KEY, {}).get("shadow_seconds", 0.0)
+        spent -= before.get(stem, {}).get(METER_KEY, {}).get("shadow_seconds", 0.0)
+        if spent:
+            function = stem.rsplit("-", 1)[0]
+            seconds[function] = seconds.get(function, 0.0) + spent
+    return seconds
+
+
 def capacity_delta(
     before: Mapping[str, Mapping[str, Mapping[str, float]]],
     after: Mapping[str, Mapping[str, Mapping[str, float]]],
@@ -257,6 +273,8 @@ def capacity_delta(
     delta: dict[str, dict[str, float]] = {}
     for stem, tables in after.items():
         for table, kinds in tables.items():
+            if table == METER_KEY:
+                continue
             for kind, units in kinds.items():
                 previous = before.get(stem, {}).get(table, {}).get(kind, 0.0)
                 if units - previous:
@@ -353,6 +371,8 @@ class CostBench:
             websocket_messages=reader.websocket_frames_sent,
             websocket_connection_minutes=math.ceil(reader.websocket_seconds / 60),
         )
+        capacity_after = read_dumps(self.capacity_dir)
+        shadow = meter_seconds(capacity_before, capacity_after)
         for name, function in self.stack.functions.items():
             if name not in JOB_PATH_FUNCTIONS:
                 continue
@@ -360,9 +380,10 @@ class CostBench:
             if not new:
                 continue
             usage.lambda_requests[name] += len(new)
-            usage.lambda_gb_seconds[name] = sum(
-                gb_seconds(billed_ms(r.duration_ms), r.memory_mb) for r in new
-            )
+            billed = sum(gb_seconds(billed_ms(r.duration_ms), r.memory_mb) for r in new)
+            # without the time the meter's own reads added (they are no part of the function's work)
+            metering = gb_seconds(1000 * shadow.get(function.name, 0.0), function.spec.memory_mb)
+            usage.lambda_gb_seconds[name] = max(0.0, billed - metering)
             usage.lambda_architecture[name] = self.architectures.get(name, "x86_64")
         calls = counter_delta(counts_before, _sum_counts(self.counts_dir))
         job_path_calls: Counter[str] = Counter()
@@ -373,7 +394,7 @@ class CostBench:
         add_aws_calls(usage, job_path_calls)
         # The SQS event source receives each worker message and deletes it (locally: this process).
         usage.sqs_requests += 2 * usage.lambda_requests["WorkerFunction"]
-        capacity = capacity_delta(capacity_before, read_dumps(self.capacity_dir))
+        capacity = capacity_delta(capacity_before, capacity_after)
         for physical, kinds in capacity.items():
             table = self.tables.get(physical, physical)
             usage.write_units[table] = usage.write_units.get(table, 0.0) + kinds.get("write", 0.0)

@@ -259,8 +259,8 @@ def epoch(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-def concurrently(read: Callable[[], Stream], n: int) -> tuple[list[Stream], float]:
-    """``n`` streams at once (threads); the streams and the batch's wall time."""
+def concurrently(read: Callable[[], Stream], n: int) -> list[Stream]:
+    """``n`` streams at once (threads), started together."""
     results: list[Stream | BaseException] = [RuntimeError("not run")] * n
     barrier = threading.Barrier(n)
 
@@ -272,16 +272,14 @@ def concurrently(read: Callable[[], Stream], n: int) -> tuple[list[Stream], floa
             results[i] = exc
 
     threads = [threading.Thread(target=one, args=(i,), name=f"stream-{i}") for i in range(n)]
-    started = time.time()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    wall = time.time() - started
     errors = [r for r in results if isinstance(r, BaseException)]
     if errors:
         raise RuntimeError(f"{len(errors)} of {n} streams failed, first: {errors[0]!r}") from errors[0]
-    return [r for r in results if isinstance(r, Stream)], wall
+    return [r for r in results if isinstance(r, Stream)]
 
 
 # ---------------------------------------------------------------------------------------- figures
@@ -297,7 +295,11 @@ def quantile(values: list[float], q: float) -> float:
 class Row:
     transport: str
     streams: list[Stream]
-    wall: float
+
+    @property
+    def wall(self) -> float:
+        """From the first request to the last chunk held, over every stream of the batch."""
+        return max(s.arrivals[-1] for s in self.streams) - min(s.started for s in self.streams)
 
     def ttft(self, q: float) -> float:
         return quantile([s.ttft for s in self.streams], q)
@@ -422,8 +424,7 @@ def run(
                     def direct_read(model: str = upstream_model, tokens: int = tokens) -> Stream:
                         return read_direct(upstream.base_url, model, tokens)
 
-                    streams, wall = concurrently(direct_read, n)
-                    direct = results[(tokens, n, "direct")] = Row("direct", streams, wall)
+                    direct = results[(tokens, n, "direct")] = Row("direct", concurrently(direct_read, n))
                     print_(format_row(direct, None))
                     for transport in transports:
 
@@ -433,11 +434,10 @@ def run(
                             return read_spool(stack.base_url, stack.api_key, transport, model, tokens)
 
                         try:
-                            streams, wall = concurrently(spool, n)
+                            row = results[(tokens, n, transport)] = Row(transport, concurrently(spool, n))
                         except RuntimeError as exc:
                             print_(f"  {TRANSPORT_NAMES[transport]:<26} FAILED: {exc}")
                             continue
-                        row = results[(tokens, n, transport)] = Row(transport, streams, wall)
                         print_(format_row(row, direct))
     print_("targets (issue 16):")
     for line in verdicts(results):

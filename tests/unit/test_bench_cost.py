@@ -30,6 +30,7 @@ from bench.cost import (
     counter_delta,
     gb_seconds,
     increments,
+    meter_seconds,
     percent_of_output,
 )
 from bench.side_by_side import completion_chunk, loopback_models, quantile, rate_of, upstream_app
@@ -139,7 +140,8 @@ class FakeDynamo:
 
 
 def metered() -> tuple[CapacityMeter, FakeDynamo]:
-    meter, dynamo = CapacityMeter(), FakeDynamo()
+    ticks = iter(range(1000))
+    meter, dynamo = CapacityMeter(clock=lambda: float(next(ticks))), FakeDynamo()
     meter._original = dynamo
     return meter, dynamo
 
@@ -167,7 +169,11 @@ def test_the_meter_bills_the_larger_item_of_a_write_and_reads_by_size(tmp_path: 
     assert meter.units["T"]["write"] == 7
     # the shadow reads and the table's description are not calls the application made
     assert dynamo.calls["DescribeTable"] == 1
-    assert json.loads((tmp_path / "WorkerFunction-1.json").read_text()) == {"T": {"write": 7, "read": 1.5}}
+    # 6 reads of its own (a description, 5 items), each 1 tick of the injected clock
+    assert json.loads((tmp_path / "WorkerFunction-1.json").read_text()) == {
+        "T": {"write": 7, "read": 1.5},
+        "_meter": {"shadow_seconds": 6.0},
+    }
 
 
 def test_the_meter_bills_a_failed_condition_and_doubles_transactions() -> None:
@@ -261,8 +267,12 @@ def test_deltas_between_snapshots() -> None:
     assert counter_delta(before, after) == Counter(
         {"WorkerFunction:dynamodb.PutItem": 3, "FanoutFunction:dynamodb.Query": 2}
     )
-    units_before = {"w-1": {"T": {"write": 2.0, "read": 1.0}}}
-    units_after = {"w-1": {"T": {"write": 5.0, "read": 1.0}}, "f-2": {"U": {"read": 0.5}}}
+    units_before = {"w-1": {"T": {"write": 2.0, "read": 1.0}, "_meter": {"shadow_seconds": 1.0}}}
+    units_after = {
+        "w-1": {"T": {"write": 5.0, "read": 1.0}, "_meter": {"shadow_seconds": 3.5}},
+        "f-2": {"U": {"read": 0.5}},
+    }
+    assert meter_seconds(units_before, units_after) == {"w": 2.5}
     assert capacity_delta(units_before, units_after) == {
         "T": {"read": 0.0, "write": 3.0},
         "U": {"read": 0.5, "write": 0.0},
