@@ -497,6 +497,8 @@ class Container:
 class LocalFunction:
     """A function: a pool of containers, one invocation per container at a time."""
 
+    reports_start = True  # ``invoke`` takes ``on_start`` (the SQS event source relies on it)
+
     def __init__(
         self,
         spec: FunctionSpec,
@@ -661,14 +663,23 @@ class LocalFunction:
             container.kill()
 
     # ------------------------------------------------------------------ invoke
-    def invoke(self, event: Any, timeout: float | None = None, wait: float = DEFAULT_WAIT_SECONDS) -> Any:
+    def invoke(
+        self,
+        event: Any,
+        timeout: float | None = None,
+        wait: float = DEFAULT_WAIT_SECONDS,
+        on_start: Callable[[], None] | None = None,
+    ) -> Any:
         """Run the handler in a container and return its result. Raises ``HandlerError`` when the
         handler raised, ``InvocationTimeout`` past ``timeout`` (default: the function's; the container
         is killed), ``InvocationCrashed`` when the container died, ``InvocationThrottled`` when no
         container became free within ``wait`` seconds. As on Lambda, a cold start's init and the wait
-        for a container are not part of the timeout."""
+        for a container are not part of the timeout. ``on_start`` is called once a container is
+        ready, as the event is handed to the handler (after any cold start)."""
         limit = float(timeout or self.spec.timeout)
         container = self._acquire(time.monotonic() + wait)
+        if on_start is not None:
+            on_start()
         context = self.context(limit)
         cold = container.first_use()
         started = time.monotonic()

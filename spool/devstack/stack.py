@@ -24,8 +24,8 @@ from spool.devstack.ports import PortInUse, listen
 from spool.devstack.provision import ACCOUNT_ID, MotoServer, StackDescription, aws_client, provision
 from spool.devstack.runtime import FORK_SERVER, InvocationError, LocalFunction
 from spool.devstack.state import LocalState
-from spool.devstack.streams import JobTransitions, StreamPoller
-from spool.devstack.template import ScheduleEvent, Template, samconfig_parameters
+from spool.devstack.streams import JobTransitions, StreamChanges, StreamPoller
+from spool.devstack.template import FunctionSpec, ScheduleEvent, Template, samconfig_parameters
 from spool.devstack.websocket import ManagementApiServer, WebSocketGateway
 from spool.devstack.worker_loop import SqsEventSource
 from spool_core.clock import rfc3339, utc_now
@@ -39,6 +39,22 @@ API_LOGICAL_ID = "SpoolApi"
 PASSTHROUGH_PREFIXES = ("SPOOL_", "POWERTOOLS_")
 REAP_INTERVAL_SECONDS = 10.0
 STREAM_CONCURRENCY = 64  # open event streams at once, locally (Lambda's default account limit is 1,000)
+# Queue workers per CPU when the caller does not say: a worker mostly waits (on its provider, on
+# DynamoDB), so a few per core keep the machine busy; the template's MaximumConcurrency or reserved
+# concurrency caps it (see docs/decisions.md for the figures).
+WORKERS_PER_CPU = 4
+MIN_WORKERS = 2
+
+
+def sized_workers(spec: FunctionSpec, cpus: int | None = None) -> int:
+    """Containers for a queue-fed function on this machine: ``WORKERS_PER_CPU`` per CPU, at least
+    ``MIN_WORKERS``, at most what the template lets AWS run at once (the event source's
+    MaximumConcurrency, the function's reserved concurrency)."""
+    wanted = max(MIN_WORKERS, WORKERS_PER_CPU * (cpus or os.cpu_count() or 1))
+    caps = [event.maximum_concurrency for event in spec.sqs_events if event.maximum_concurrency]
+    if spec.reserved_concurrency:
+        caps.append(spec.reserved_concurrency)
+    return min([wanted, *caps])
 
 
 def parse_dev_keys(text: str) -> dict[str, str]:
@@ -101,7 +117,7 @@ class EmbeddedStack:
         config_env: str = "local",
         parameter_overrides: Mapping[str, str] | None = None,
         dev_keys: str | None = None,
-        workers: int = 2,
+        workers: int | None = None,
         state_dir: Path | None = None,
     ) -> None:
         self.template = Template.load(template_path)
@@ -113,7 +129,10 @@ class EmbeddedStack:
         self.stack_name = stack_name or "spool-local"
         self.overrides = {**overrides, **(parameter_overrides or {})}
         self.template.overrides = self.overrides
-        self.workers = workers
+        # Queue workers: as asked, else sized to this machine (``sized_workers``), per function.
+        self._requested_workers = workers
+        queue_fed = [spec for spec in self.template.functions().values() if spec.sqs_events]
+        self.workers = workers or max((sized_workers(spec) for spec in queue_fed), default=MIN_WORKERS)
         self.state_dir = state_dir
         self.moto = MotoServer(host)
         self.description: StackDescription | None = None
@@ -232,9 +251,15 @@ class EmbeddedStack:
     def _create_functions(self, description: StackDescription) -> None:
         resolver = description.resolver()
         for name, spec in self.template.functions().items():
-            # Workers: as many as asked. A streaming function holds a container per open stream (as
-            # each invocation holds a sandbox on Lambda), so it may have many.
-            concurrency = self.workers if spec.sqs_events else STREAM_CONCURRENCY if spec.web_app else None
+            # Workers: as many as asked, else sized to the machine. A streaming function holds a
+            # container per open stream (as each invocation holds a sandbox on Lambda), so it may have many.
+            concurrency = (
+                (self._requested_workers or sized_workers(spec))
+                if spec.sqs_events
+                else STREAM_CONCURRENCY
+                if spec.web_app
+                else None
+            )
             self.functions[name] = LocalFunction(
                 spec,
                 self.template.root,
@@ -280,6 +305,7 @@ class EmbeddedStack:
     def _start_pollers(self, description: StackDescription) -> None:
         """The DynamoDB Streams event sources (the fanout); the jobs stream also feeds the job log."""
         streams = aws_client("dynamodbstreams", description.endpoint_url, description.region)
+        changes = StreamChanges(description.endpoint_url)
         transitions = JobTransitions()
         for name, spec in self.template.functions().items():
             for event in spec.stream_events:
@@ -291,6 +317,7 @@ class EmbeddedStack:
                     region=description.region,
                     filters=event.filters,
                     observers=[transitions] if event.table == "JobsTable" else [],
+                    changes=changes,
                 )
                 self._pollers.append(poller)
                 self._spawn(f"stream-{event.table}", poller.run)

@@ -193,6 +193,7 @@ class SqsEvent:
     queue: str  # logical id of the queue
     batch_size: int
     report_batch_item_failures: bool
+    maximum_concurrency: int | None = None  # ScalingConfig.MaximumConcurrency: invocations at once
 
 
 @dataclass(frozen=True)
@@ -367,6 +368,11 @@ class Template:
                             _ref_name(ep["Queue"]),
                             int(ep.get("BatchSize", 10)),
                             "ReportBatchItemFailures" in (ep.get("FunctionResponseTypes") or []),
+                            (
+                                self._number(ep["ScalingConfig"].get("MaximumConcurrency"), 0) or None
+                                if isinstance(ep.get("ScalingConfig"), Mapping)
+                                else None
+                            ),
                         )
                     )
             specs[name] = FunctionSpec(

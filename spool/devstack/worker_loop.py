@@ -3,14 +3,21 @@ SQS event batch, delete only the messages that succeeded. Failed messages become
 their visibility timeout ends, and SQS's redrive policy moves them to the dead-letter queue.
 
 Each poller runs in the stack's process and invokes the function's containers (other processes), so a
-crashed invocation fails its batch without taking the poller down."""
+crashed invocation fails its batch without taking the poller down.
+
+While an invocation waits for its container (a cold start, or a free container), the poller keeps
+the batch's messages invisible (``ChangeMessageVisibility`` every half visibility timeout), so a
+slow init cannot hand the same message to a second worker: on AWS the queue's visibility timeout
+(720 s by default) is far above any init; locally it is a few seconds. Once the handler has the
+event, keeping the message is the handler's job (the worker extends its lease as it goes)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from spool.devstack.runtime import InvocationError, LocalFunction
@@ -56,6 +63,7 @@ class SqsEventSource:
         region: str,
         poll_seconds: int = 1,
     ) -> None:
+        self._visibility: int | None = None  # the queue's visibility timeout, read once
         self._sqs = sqs
         self._queue_url = queue_url
         self._queue_arn = queue_arn
@@ -97,8 +105,14 @@ class SqsEventSource:
             self._make_visible(messages)  # received as the stack stops: leave them for the next start
             return
         event = {"Records": [sqs_record(m, self._queue_arn, self._region) for m in messages]}
+        keeper: VisibilityKeeper | None = None
         try:
-            result = self._function.invoke(event)
+            if getattr(self._function, "reports_start", False):  # it says when its handler starts
+                keeper = VisibilityKeeper(self._sqs, self._queue_url, messages, self.visibility_timeout())
+                keeper.start()
+                result = self._function.invoke(event, on_start=keeper.stop)
+            else:
+                result = self._function.invoke(event)
         except InvocationError as exc:
             if self._stop.is_set():  # the stack stopped the container: the messages stay queued
                 self._make_visible(messages)
@@ -106,6 +120,9 @@ class SqsEventSource:
             # The whole batch failed: nothing is deleted, every message returns after its visibility timeout.
             log.warning("%s; %d message(s) return to the queue", exc, len(messages))
             return
+        finally:
+            if keeper is not None:
+                keeper.stop()
         failed = self._failed_ids(result, messages)
         done = [m for m in messages if m["MessageId"] not in failed]
         if done:
@@ -113,6 +130,14 @@ class SqsEventSource:
                 QueueUrl=self._queue_url,
                 Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(done)],
             )
+
+    def visibility_timeout(self) -> int:
+        if self._visibility is None:
+            attributes = self._sqs.get_queue_attributes(
+                QueueUrl=self._queue_url, AttributeNames=["VisibilityTimeout"]
+            )["Attributes"]
+            self._visibility = int(attributes.get("VisibilityTimeout", 30))
+        return self._visibility
 
     def _make_visible(self, messages: list[dict[str, Any]]) -> None:
         for message in messages:
@@ -132,3 +157,56 @@ class SqsEventSource:
             log.error("batchItemFailures names unknown messages; the whole batch fails")
             return ids
         return failed
+
+
+class VisibilityKeeper:
+    """Keeps received messages invisible until ``stop()``: every half visibility timeout, their
+    visibility is set to the whole timeout again, and once more at ``stop()`` if a third of it has
+    gone by (so the handler starts with most of a timeout ahead, whatever its wait took)."""
+
+    def __init__(
+        self,
+        sqs: Any,
+        queue_url: str,
+        messages: list[dict[str, Any]],
+        visibility: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._sqs = sqs
+        self._queue_url = queue_url
+        self._messages = messages
+        self._visibility = visibility
+        self._clock = clock
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.extensions = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="sqs-visibility", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        refreshed = self._clock()  # when the messages were received, about
+        while not self._stopped.wait(max(0.5, self._visibility / 2)):
+            self._extend()
+            refreshed = self._clock()
+        if self._clock() - refreshed > self._visibility / 3:
+            self._extend()
+
+    def _extend(self) -> None:
+        entries = [
+            {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": self._visibility}
+            for i, m in enumerate(self._messages)
+        ]
+        try:
+            self._sqs.change_message_visibility_batch(QueueUrl=self._queue_url, Entries=entries)
+            self.extensions += 1
+        except Exception:  # the stack is stopping, or the messages are gone
+            log.debug("could not extend the visibility of %d message(s)", len(entries), exc_info=True)

@@ -83,6 +83,14 @@ def test_a_handler_error_keeps_the_container(probe: LocalFunction) -> None:
     assert [r.outcome for r in probe.reports] == ["result", "error", "result"]
 
 
+def test_on_start_is_called_once_the_container_is_up_before_the_handler_runs(probe: LocalFunction) -> None:
+    calls: list[int] = []
+    result = probe.invoke({}, on_start=lambda: calls.append(probe.containers))
+    assert calls == [1]  # after the cold start
+    assert result["invocations"] == 1
+    assert probe.reports[-1].init_duration_ms is not None
+
+
 def test_a_crash_or_a_timeout_kills_only_its_container(probe: LocalFunction) -> None:
     pid = probe.invoke({})["pid"]
     with pytest.raises(InvocationCrashed):

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from spool.devstack.template import SqsEvent
-from spool.devstack.worker_loop import SqsEventSource, sqs_record
+from spool.devstack.worker_loop import SqsEventSource, VisibilityKeeper, sqs_record
 from tests.fakes import FakeFunction
+from tests.support import wait_for
 
 
 class FakeSqs:
@@ -84,3 +85,87 @@ def test_an_empty_poll_invokes_nothing() -> None:
     function = FakeFunction(lambda e: None)
     assert source(FakeSqs([]), function).poll_once() == 0
     assert function.events == []
+
+
+class SlowStartFunction(FakeFunction):
+    """A function whose container takes a while to start: ``invoke`` waits until ``ready()`` says so,
+    then calls ``on_start`` (as ``LocalFunction`` does once its container is up)."""
+
+    reports_start = True
+
+    def __init__(self, ready: Any) -> None:
+        super().__init__(lambda e: {"batchItemFailures": []})
+        self.ready = ready
+        self.started = 0
+
+    def invoke(
+        self, event: dict[str, Any], timeout: float | None = None, wait: float = 30, on_start: Any = None
+    ) -> Any:
+        wait_for(self.ready, timeout=60, what="the container to be ready")
+        self.started += 1
+        if on_start is not None:
+            on_start()
+        return super().invoke(event)
+
+
+class VisibilitySqs(FakeSqs):
+    def __init__(self, messages: list[dict[str, Any]], visibility: int) -> None:
+        super().__init__(messages)
+        self.visibility = visibility
+        self.extended: list[list[dict[str, Any]]] = []
+
+    def get_queue_attributes(self, QueueUrl: str, AttributeNames: list[str]) -> dict[str, Any]:  # noqa: N803
+        return {"Attributes": {"VisibilityTimeout": str(self.visibility)}}
+
+    def change_message_visibility_batch(self, QueueUrl: str, Entries: list[dict[str, Any]]) -> None:  # noqa: N803
+        self.extended.append(Entries)
+
+
+def test_messages_stay_invisible_while_their_container_starts() -> None:
+    sqs = VisibilitySqs([message(1)], visibility=1)
+    function = SlowStartFunction(ready=lambda: len(sqs.extended) >= 2)
+    assert source(sqs, function).poll_once() == 1  # type: ignore[arg-type]
+    assert function.started == 1
+    assert sqs.extended[0] == [{"Id": "0", "ReceiptHandle": "r1", "VisibilityTimeout": 1}]
+    assert sqs.deleted == ["r1"]
+
+
+def test_a_warm_container_changes_no_visibility() -> None:
+    sqs = VisibilitySqs([message(1)], visibility=30)
+    function = SlowStartFunction(ready=lambda: True)
+    source(sqs, function).poll_once()  # type: ignore[arg-type]
+    assert sqs.extended == []
+    assert sqs.deleted == ["r1"]
+
+
+def test_the_keeper_refreshes_once_more_at_the_start_when_a_third_has_gone() -> None:
+    now = [0.0]
+    sqs = VisibilitySqs([], visibility=30)
+    keeper = VisibilityKeeper(sqs, "url", [message(1)], 30, clock=lambda: now[0])
+    keeper.start()
+    now[0] = 11.0  # more than a third of the timeout since the messages were received
+    keeper.stop()
+    keeper.join(timeout=60)
+    assert len(sqs.extended) == 1
+    quick = VisibilityKeeper(sqs, "url", [message(2)], 30, clock=lambda: now[0])
+    quick.start()
+    quick.stop()
+    quick.join(timeout=60)
+    assert len(sqs.extended) == 1  # started at once: nothing to refresh
+
+
+def test_a_failed_extension_is_not_fatal() -> None:
+    class Gone(VisibilitySqs):
+        def change_message_visibility_batch(self, QueueUrl: str, Entries: list[dict[str, Any]]) -> None:  # noqa: N803
+            raise RuntimeError("the queue is gone")
+
+    sqs = Gone([message(1)], visibility=1)
+    attempts = [0]
+
+    def ready() -> bool:
+        attempts[0] += 1
+        return attempts[0] > 30
+
+    function = SlowStartFunction(ready=ready)
+    source(sqs, function).poll_once()  # type: ignore[arg-type]
+    assert sqs.deleted == ["r1"]

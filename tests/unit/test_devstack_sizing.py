@@ -1,0 +1,35 @@
+"""The local stack sizes its queue workers to the machine, within what the template lets AWS run."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from spool.devstack.stack import MIN_WORKERS, WORKERS_PER_CPU, sized_workers
+from spool.devstack.template import FunctionSpec, SqsEvent, Template
+from tests.support import ROOT
+
+
+def worker(**changes: object) -> FunctionSpec:
+    spec = Template.load(ROOT / "template.yaml").functions()["WorkerFunction"]
+    return dataclasses.replace(spec, **changes)  # type: ignore[arg-type]
+
+
+def test_the_template_caps_the_jobs_queue_at_worker_max_concurrency() -> None:
+    (event,) = worker().sqs_events
+    assert event.maximum_concurrency == 50  # WorkerMaxConcurrency's default
+    template = Template.load(ROOT / "template.yaml")
+    template.overrides = {"WorkerMaxConcurrency": "3"}
+    (event,) = template.functions()["WorkerFunction"].sqs_events
+    assert event.maximum_concurrency == 3
+    (dead_letters,) = template.functions()["DeadLetterFunction"].sqs_events
+    assert dead_letters.maximum_concurrency is None
+
+
+def test_workers_grow_with_the_cpus_up_to_the_templates_caps() -> None:
+    assert sized_workers(worker(), cpus=1) == max(MIN_WORKERS, WORKERS_PER_CPU)
+    assert sized_workers(worker(), cpus=2) == 2 * WORKERS_PER_CPU
+    assert sized_workers(worker(), cpus=64) == 50
+    capped = worker(sqs_events=(SqsEvent("Jobs", "JobsQueue", 1, True, maximum_concurrency=3),))
+    assert sized_workers(capped, cpus=8) == 3
+    assert sized_workers(worker(reserved_concurrency=5), cpus=8) == 5
+    assert sized_workers(worker(), cpus=None) >= MIN_WORKERS
