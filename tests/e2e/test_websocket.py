@@ -17,8 +17,8 @@ from tests.e2e.conftest import DEV_KEY, RunningStack
 from tests.e2e.test_client_and_cli import FlakyProxy
 
 
-def new_job(stack: RunningStack, max_tokens: int = 120) -> dict[str, Any]:
-    body = {"message": "subscribe to me", "model": "sim-realtime", "max_tokens": max_tokens}
+def new_job(stack: RunningStack, max_tokens: int = 120, **extra: Any) -> dict[str, Any]:
+    body = {"message": "subscribe to me", "model": "sim-realtime", "max_tokens": max_tokens, **extra}
     status, _, job = stack.request(
         "POST", "/v1/jobs", body=body, headers={"Idempotency-Key": str(uuid.uuid4())}
     )
@@ -43,11 +43,30 @@ def receive(
                 return chunks, None
 
 
-def final_output(stack: RunningStack, job_id: str) -> str:
+def final_job(stack: RunningStack, job_id: str) -> dict[str, Any]:
     while True:
-        job = stack.request("GET", f"/v1/jobs/{job_id}")[2]
-        if job["status"] == "completed":
-            return str(job["output"])
+        job: dict[str, Any] = stack.request("GET", f"/v1/jobs/{job_id}")[2]
+        if job["status"] in {"completed", "failed", "cancelled"}:
+            return job
+
+
+def final_output(stack: RunningStack, job_id: str) -> str:
+    job = final_job(stack, job_id)
+    assert job["status"] == "completed", job
+    return str(job["output"])
+
+
+def assert_done_like_the_job(done: dict[str, Any], job: dict[str, Any]) -> None:
+    """The WebSocket ``done`` carries what the SSE ``done`` does, as the job resource has it."""
+    assert done == {
+        "type": "done",
+        "job_id": job["job_id"],
+        "status": job["status"],
+        "usage": job["usage"],
+        "cost_usd": job["cost_usd"],
+        "error": job["error"],
+        "last_sequence_id": job["progress"]["last_sequence_id"],
+    }
 
 
 def test_two_subscribers_each_receive_the_whole_text(dev_stack: RunningStack) -> None:
@@ -68,6 +87,21 @@ def test_two_subscribers_each_receive_the_whole_text(dev_stack: RunningStack) ->
         assert "".join(c["text"] for c in chunks) == output
         assert done["status"] == "completed"
         assert done["usage"]["output_tokens"] == 120
+        assert done["last_sequence_id"] == chunks[-1]["sequence_id"]
+        assert done["cost_usd"] > 0
+        assert_done_like_the_job(done, final_job(dev_stack, job["job_id"]))
+
+
+def test_a_failed_jobs_done_carries_its_error_and_cost(dev_stack: RunningStack) -> None:
+    simulate = {"simulate": {"fault": "fatal", "at_token": 40}}
+    job = new_job(dev_stack, max_tokens=120, model="sim-fast", metadata=simulate)
+    chunks, done = receive(job["links"]["subscribe"], job["job_id"], 0)
+    failed = final_job(dev_stack, job["job_id"])
+    assert failed["status"] == "failed"
+    assert_done_like_the_job(done, failed)
+    assert done["error"]["code"] == "provider_error"
+    assert [c["sequence_id"] for c in chunks] == list(range(1, done["last_sequence_id"] + 1))
+    assert "".join(c["text"] for c in chunks) == failed["output"]
 
 
 def test_a_subscriber_that_reconnects_gets_exactly_the_rest(dev_stack: RunningStack) -> None:
@@ -101,7 +135,7 @@ def test_unknown_jobs_and_bad_keys(dev_stack: RunningStack) -> None:
         socket.send(json.dumps({"action": "dance"}))
         assert json.loads(socket.recv(timeout=10))["error"]["code"] == "invalid_request"
     with pytest.raises(Unauthorized):
-        list(Client(dev_stack.base_url, "sk-wrong").subscribe("job_x", url=url))
+        list(Client(dev_stack.base_url, "sk-wrong").subscribe("job_x"))
 
 
 @pytest.fixture
@@ -112,14 +146,26 @@ def ws_proxy(dev_stack: RunningStack) -> Iterator[tuple[FlakyProxy, str]]:
     proxy.close()
 
 
+class ProxiedClient(Client):
+    """A client whose jobs' ``links.subscribe`` point at the proxy."""
+
+    def __init__(self, stack: RunningStack, url: str) -> None:
+        super().__init__(stack.base_url, DEV_KEY, sleep=lambda _: None)
+        self._url = url
+
+    def job(self, job_id: str, *, output: bool = True) -> dict[str, Any]:
+        job = super().job(job_id, output=output)
+        return {**job, "links": {**job["links"], "subscribe": self._url}}
+
+
 def test_the_clients_stream_survives_a_killed_connection(
     dev_stack: RunningStack, ws_proxy: tuple[FlakyProxy, str]
 ) -> None:
     proxy, url = ws_proxy
-    client = Client(dev_stack.base_url, DEV_KEY, sleep=lambda _: None)
+    client = ProxiedClient(dev_stack, url)
     job = new_job(dev_stack, max_tokens=150)
     received = []
-    for index, chunk in enumerate(client.subscribe(job["job_id"], url=url)):
+    for index, chunk in enumerate(client.subscribe(job["job_id"])):
         received.append(chunk)
         if index == 2:
             proxy.cut_next = 1

@@ -4,6 +4,7 @@ ends between two chunks included; and the fanout function on stream batches."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -145,7 +146,7 @@ def test_a_job_ending_between_two_chunks_under_concurrent_senders_ends_every_sub
     late_at = rng.randint(1, total)
     for seq in range(1, total + 1):
         chunk = parts.append(job, seq)
-        start(lambda chunk=chunk: parts.fanout().deliver(job.job_id, chunks=[chunk]))
+        start(functools.partial(parts.fanout().deliver, job.job_id, chunks=[chunk]))
         if seq == late_at:
             start(lambda: parts.fanout().subscribe(job.job_id, "late", subscribers["late"]))
     ended = parts.end(job, total)
@@ -165,7 +166,7 @@ def test_a_job_ending_between_two_chunks_under_concurrent_senders_ends_every_sub
 
 
 def stream_record(table: str, image: dict[str, Any], keys: dict[str, Any], seq: int) -> dict[str, Any]:
-    record = json.loads(json.dumps(load_event("fanout")["Records"][0]))
+    record: dict[str, Any] = json.loads(json.dumps(load_event("fanout")["Records"][0]))
     record["dynamodb"].update(Keys=serialize(keys), NewImage=serialize(image), SequenceNumber=str(seq))
     record["eventSourceARN"] = record["eventSourceARN"].replace("ChunksTable", table)
     return record

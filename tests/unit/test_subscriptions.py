@@ -119,9 +119,9 @@ def test_a_job_that_ends_while_another_sender_holds_the_cursor_still_gets_done(p
                 ended = log.end(JOB)  # the job ends while chunk 1 is being pushed
                 fanout(log, store, pusher).deliver(JOB, ended=ended)  # finds the lease held
                 assert "done" not in [m["type"] for m in pusher.messages.get("c", [])]
-            return pusher.send(connection_id, message)
+            return bool(pusher.send(connection_id, message))
 
-    Fanout(log, log, store, EndsDuringPush()).deliver(JOB, chunks=[first])  # type: ignore[arg-type]
+    Fanout(log, log, store, EndsDuringPush()).deliver(JOB, chunks=[first])
     assert_complete(pusher.messages["c"], 0, 1)
     assert store.calls["wake"] == 1
     assert store.items == {}
