@@ -44,11 +44,14 @@ def test_a_directory_is_uploaded_then_updated_by_diff(client: Client, tmp_path: 
 
     first = client.sync_directory(project)
     assert (first["version"], first["file_count"]) == (1, 3)
+    assert first["skipped"] == [{"path": "logo.png", "reason": "binary"}]  # build/ is ignored, not skipped
+    assert (first["changed"], first["uploaded_via"]) == (True, "direct")
     (project / "src" / "app.py").write_text("def handler():\n    return 2\n")
     (project / "src" / "util.py").unlink()
     second = client.sync_directory(project)
     assert second["context_id"] == first["context_id"]
     assert (second["version"], second["file_count"]) == (2, 2)
+    assert (second["changed"], second["uploaded_via"]) == (True, "patch")
     files = {f["path"] for f in client.get_context(first["context_id"])["files"]}
     assert files == {".gitignore", "src/app.py"}
 

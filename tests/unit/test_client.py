@@ -426,3 +426,68 @@ def test_the_async_sync_plans_as_the_sync_one(tmp_path: Path) -> None:
 
     first, second = asyncio.run(main())
     assert first["uploaded_via"] == "presigned" and second["changed"] is False
+
+
+def test_the_async_client_has_the_sync_surface() -> None:
+    seen: list[tuple[str, str, dict[str, str]]] = []
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        seen.append((request.method, request.url.path, dict(request.url.params)))
+        if request.url.path.endswith("/chunks"):
+            after = int(request.url.params["after"])
+            chunks = [{"sequence_id": 1, "text": "p"}] if after == 0 else []
+            return httpx2.Response(200, json={"status": "completed", "chunks": chunks, "done": after == 1})
+        if request.url.path in ("/v1/jobs", "/v1/contexts") and request.method == "GET":
+            cursor = request.url.params.get("cursor")
+            return httpx2.Response(
+                200, json={"data": [{"n": cursor or "0"}], "next_cursor": None if cursor else "c"}
+            )
+        if request.method == "DELETE":
+            return httpx2.Response(204)
+        return httpx2.Response(200, json={**FAILED, "status": "completed", "error": None, "ok": True})
+
+    async def main() -> list[Any]:
+        async with async_client_for(handler, []) as client:
+            stream = client.stream("job_1", transport="poll")
+            texts = []
+            await drain(stream, texts)
+            return [
+                texts,
+                stream.result and stream.result["status"],
+                [item["n"] async for item in client.iter_jobs(status="running", page_size=5)],
+                [item["n"] async for item in client.iter_contexts()],
+                (await client.list_jobs())["next_cursor"],
+                (await client.list_contexts())["next_cursor"],
+                (await client.models())["ok"],
+                (await client.usage(since="2026-11-01"))["ok"],
+                (await client.health(deep=True))["ok"],
+                (await client.get_context("ctx_1"))["ok"],
+                (await client.patch_context("ctx_1", delete=["a"]))["ok"],
+                await client.delete_context("ctx_1"),
+                (await client.create_context([{"path": "a", "content": "b"}]))["ok"],
+                (await client.cancel("job_1"))["ok"],
+                (await client.chunks("job_1", 1))["done"],
+                (await client.request("GET", "/v1/anything"))[0],
+            ]
+
+    assert asyncio.run(main()) == [
+        ["p"],
+        "completed",
+        ["0", "c"],
+        ["0", "c"],
+        "c",
+        "c",
+        True,
+        True,
+        True,
+        True,
+        True,
+        None,
+        True,
+        True,
+        True,
+        200,
+    ]
+    assert ("GET", "/v1/jobs", {"status": "running", "limit": "5"}) in seen
+    assert ("GET", "/v1/health", {"deep": "true"}) in seen
+    assert ("GET", "/v1/usage", {"since": "2026-11-01"}) in seen
