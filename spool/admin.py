@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,3 +103,47 @@ def _deployed(stack_name: str, endpoint_url: str | None) -> AdminTarget:
             ["Check the stack name (sam deploy prints it) and the region"],
         ) from None
     return target
+
+
+@contextmanager
+def aws_errors(target: AdminTarget) -> Iterator[None]:
+    """What AWS answers while an admin command works on ``target`` (missing credentials or region,
+    access denied, a table that is not there, an endpoint that does not answer), as one ``AdminError``
+    line with what to do, instead of botocore's traceback."""
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        NoRegionError,
+    )
+
+    try:
+        yield
+    except (NoRegionError, NoCredentialsError):
+        raise AdminError(
+            f"No AWS credentials or region to reach {target.description}",
+            [
+                "Configure them (aws configure, or AWS_PROFILE / AWS_REGION)",
+                "For the local stack, omit --stack-name",
+            ],
+        ) from None
+    except EndpointConnectionError as exc:
+        raise AdminError(
+            f"{target.description} could not be reached: {exc}",
+            [
+                "Is the stack running? Start the local one with `make dev`",
+                "Check --endpoint-url and the region",
+            ],
+        ) from None
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        raise AdminError(
+            f"AWS refused the change to {target.description}: {error.get('Code', 'ClientError')}: "
+            f"{error.get('Message', exc)}",
+            ["Check that your credentials may read and write the stack's tables", "Check --stack-name"],
+        ) from None
+    except BotoCoreError as exc:
+        raise AdminError(
+            f"AWS call to {target.description} failed: {exc}", ["Retry with --debug for the detail"]
+        ) from None

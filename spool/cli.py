@@ -1,8 +1,10 @@
-"""``spool``: the command line. ``spool dev`` runs the embedded stack; ``spool ask`` streams an answer."""
+"""spool: Spool's command line. Run the local stack, ask questions about a directory with the answer
+streamed live, and look at models, usage, health, jobs, contexts, API keys and limits."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import os
@@ -11,17 +13,54 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
+from datetime import date
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from spool.client import DEFAULT_URL, Client, SpoolError
-from spool.devstack.template import parse_parameter_overrides
+from rich.console import Console
+from rich_argparse import RichHelpFormatter
+
+from spool.client import (
+    DEFAULT_URL,
+    Client,
+    ConnectionFailed,
+    JobCancelled,
+    JobFailed,
+    SpoolError,
+    SyncError,
+)
+from spool.terminal import (
+    AnswerWriter,
+    JobMeter,
+    Pricing,
+    SyncProgress,
+    message_console,
+    output_console,
+    skipped_note,
+    table,
+)
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the job failed or was cancelled elsewhere; a check said unhealthy
+EXIT_ERROR = 2  # the request could not be made or was refused (and argparse's usage errors)
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+
+class CommandError(Exception):
+    """A command cannot go on, for a reason the user can fix: one line and suggestions, no traceback."""
+
+    def __init__(self, message: str, suggestions: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.suggestions = suggestions or []
 
 
 def _dev(args: argparse.Namespace) -> int:
     from spool.devstack.ports import PortInUse
     from spool.devstack.stack import EmbeddedStack
+    from spool.devstack.template import parse_parameter_overrides
 
     stack = EmbeddedStack(
         port=args.port,
@@ -84,81 +123,426 @@ def _client(args: argparse.Namespace) -> Client:
     return Client(args.url, args.key)
 
 
-def _print(value: Any) -> None:
+def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2))
 
 
+def _money(usd: float | None) -> str:
+    if usd is None:
+        return "$?"
+    return f"${usd:,.4f}" if usd >= 0.01 else f"${usd:.6f}"
+
+
+# ------------------------------------------------------------------------------------------- ask
 def _ask(args: argparse.Namespace) -> int:
     client = _client(args)
+    say = message_console()
     context_id = None
     if args.context:
-        summary = client.sync_directory(args.context, ttl_seconds=args.ttl)
-        context_id = summary["context_id"]
-        print(
-            f"context {context_id}: {summary['file_count']} files, {summary['token_count']:,} tokens "
-            f"(version {summary['version']})",
-            file=sys.stderr,
-            flush=True,
-        )
+        context_id = _sync(client, args.context, args.ttl, say)["context_id"]
     job = client.create_job(
-        args.question, context_id=context_id, model=args.model, max_tokens=args.max_tokens
+        args.question,
+        context_id=context_id,
+        model=args.model,
+        max_tokens=args.max_tokens,
+        metadata=args.metadata,
     )
     job_id = job["job_id"]
-    print(f"job {job_id} ({job['model']['resolved']})", file=sys.stderr, flush=True)
-    prices = {m["id"]: m["pricing"] for m in client.request("GET", "/v1/models")[2]["data"]}
-    pricing = prices.get(job["model"]["resolved"], {"input_per_mtok": 0.0, "output_per_mtok": 0.0})
-    input_estimate = max(0, job["usage"]["estimated_tokens"] - args.max_tokens)
-    status = StatusLine(sys.stderr, pricing, input_estimate)
-    try:
-        for text in client.stream(job_id, transport=args.transport):
-            sys.stdout.write(text)
-            sys.stdout.flush()
-            status.update(text)
-    except KeyboardInterrupt:
-        cancelled = client.cancel(job_id)
-        deadline = time.monotonic() + 5  # the worker stops within one flush interval
-        while cancelled["status"] not in {"completed", "failed", "cancelled"} and time.monotonic() < deadline:
-            time.sleep(0.1)
-            cancelled = client.job(job_id)
-        status.finish(
-            f"cancelled: {cancelled['status']} after {cancelled['progress']['tokens_generated']} tokens"
-        )
-        return 130
-    final = client.job(job_id)
-    usage = final["usage"]
-    status.finish(
-        f"{final['status']}: {usage['input_tokens']:,} in, {usage['output_tokens']:,} out, "
-        f"${final['cost_usd']:.6f}"
+    model = job["model"]
+    fallback = f" (for {model['requested']})" if model["requested"] != model["resolved"] else ""
+    say.print(f"job {job_id} on {model['resolved']}{fallback}", style="dim")
+    meter = JobMeter(
+        job_id,
+        _pricing(client, model["resolved"]),
+        max(0, job["usage"]["estimated_tokens"] - args.max_tokens),
     )
-    return 0 if final["status"] == "completed" else 1
+    return AskSession(client, job_id, meter, say, transport=args.transport).run(sys.stdout)
 
 
-class StatusLine:
-    """Tokens, tokens/s and the cost so far (estimated from the model's prices until the provider
-    reports usage) on one line of the terminal while the answer streams on stdout."""
+def _pricing(client: Client, model_id: str) -> Pricing:
+    for model in client.models()["data"]:
+        if model["id"] == model_id:
+            return Pricing(**model["pricing"])
+    return Pricing()
 
-    def __init__(self, stream: Any, pricing: dict[str, float], input_tokens: int) -> None:
-        self._stream = stream
-        self._pricing = pricing
-        self._input_cost = input_tokens * pricing["input_per_mtok"] / 1e6
-        self._started = time.monotonic()
-        self._tokens = 0
-        self._last = 0.0
 
-    def update(self, text: str) -> None:
-        self._tokens += max(1, len(text.split()))
-        now = time.monotonic()
-        if now - self._last >= 0.5 and self._stream.isatty():
-            rate = self._tokens / max(0.001, now - self._started)
-            cost = self._input_cost + self._tokens * self._pricing["output_per_mtok"] / 1e6
-            self._stream.write(f"\0337\r\033[K[{self._tokens} tokens, {rate:.0f} tok/s, ~${cost:.5f}]\0338")
-            self._stream.flush()
-            self._last = now
+class AskSession:
+    """One answer streamed to the terminal: the text, a status line with the server's token count
+    (polled at most every ``poll_seconds``), and one distinct ending for a completed, failed or
+    cancelled job, each with its tokens and cost."""
 
-    def finish(self, message: str) -> None:
-        elapsed = time.monotonic() - self._started
-        self._stream.write(f"\n[{message}; {elapsed:.1f} s]\n")
-        self._stream.flush()
+    def __init__(
+        self,
+        client: Client,
+        job_id: str,
+        meter: JobMeter,
+        say: Console,
+        *,
+        transport: str = "sse",
+        poll_seconds: float = 1.0,
+        cancel_wait_seconds: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.client = client
+        self.job_id = job_id
+        self.meter = meter
+        self.say = say
+        self.transport = transport
+        self.poll_seconds = poll_seconds
+        self.cancel_wait_seconds = cancel_wait_seconds
+        self._clock = clock
+        self._sleep = sleep
+        self._polled_at: float | None = None
+
+    def run(self, out: Any) -> int:
+        stream = self.client.stream(self.job_id, transport=self.transport, on_progress=self._progress)
+        writer = AnswerWriter(out, self.meter)
+        try:
+            with writer:
+                for text in stream:
+                    writer.write(text)
+        except KeyboardInterrupt:
+            stream.close()
+            return self._interrupted()
+        except JobFailed as failed:
+            self._failed(failed)
+            return EXIT_FAILED
+        except JobCancelled as cancelled:
+            usage, cost = self._usage_and_cost(cancelled.usage, cancelled.cost_usd)
+            self._ending("cancelled", "yellow", f"the job was cancelled elsewhere; {_tokens(usage)}", cost)
+            return EXIT_FAILED
+        result = stream.result or {}
+        usage, cost = self._usage_and_cost(result.get("usage"), result.get("cost_usd"))
+        self.meter.saw_tokens(usage.get("output_tokens"))
+        rate = self.meter.rate
+        speed = f", {rate:,.0f} tok/s" if rate else ""
+        elapsed = self._clock() - self.meter.started
+        self._ending("completed", "green", f"{_tokens(usage)} ({elapsed:.1f} s{speed})", cost)
+        return EXIT_OK
+
+    def _progress(self, progress: dict[str, Any]) -> None:
+        self.meter.saw_tokens(progress.get("tokens_generated"))
+        now = self._clock()
+        if self._polled_at is not None and now - self._polled_at < self.poll_seconds:
+            return
+        self._polled_at = now
+        try:
+            job = self.client.job(self.job_id, output=False)
+        except SpoolError:
+            return  # the status line is best effort; the stream itself retries and reports
+        self.meter.saw_tokens(job["progress"]["tokens_generated"])
+
+    def _usage_and_cost(
+        self, usage: dict[str, Any] | None, cost: float | None
+    ) -> tuple[dict[str, Any], float | None]:
+        if usage is None or cost is None:
+            job = self.client.job(self.job_id, output=False)
+            usage, cost = job["usage"], job["cost_usd"]
+        return usage, cost
+
+    def _failed(self, failed: JobFailed) -> None:
+        usage, cost = self._usage_and_cost(failed.usage, failed.cost_usd)
+        self.say.print(f"failed: {failed.code}: {failed.message}", style="bold red")
+        for suggestion in failed.suggestions:
+            self.say.print(f"  - {suggestion}")
+        partial = f" (the partial answer above ends at chunk {failed.last_sequence_id})"
+        self.say.print(
+            f"  {_tokens(usage)}, {_money(cost)}{partial if failed.last_sequence_id else ''} · {self.job_id}",
+            style="red",
+        )
+
+    def _interrupted(self) -> int:
+        """Ctrl-C: cancel the job, wait (bounded) until it has stopped, and say what it cost."""
+        self.say.print(f"cancelling {self.job_id} (Ctrl-C again to stop waiting)...", style="yellow")
+        try:
+            job = self.client.cancel(self.job_id)
+            deadline = self._clock() + self.cancel_wait_seconds
+            while job["status"] not in {"completed", "failed", "cancelled"} and self._clock() < deadline:
+                self._sleep(0.2)
+                job = self.client.job(self.job_id, output=False)
+        except KeyboardInterrupt:
+            self.say.print(
+                f"cancelled: stopped waiting; the job {self.job_id} is being cancelled", style="yellow"
+            )
+            return EXIT_INTERRUPTED
+        tokens = job["progress"]["tokens_generated"]
+        if job["status"] == "cancelled":
+            detail = f"stopped after {tokens:,} tokens; {_tokens(job['usage'])}"
+            self._ending("cancelled", "yellow", detail, job["cost_usd"])
+        else:  # it ended before the cancel reached it
+            self._ending(
+                job["status"], "yellow", f"before the cancel; {_tokens(job['usage'])}", job["cost_usd"]
+            )
+        return EXIT_INTERRUPTED
+
+    def _ending(self, status: str, style: str, detail: str, cost: float | None) -> None:
+        self.say.print(f"{status}: {detail}, {_money(cost)} · {self.job_id}", style=style)
+
+
+def _tokens(usage: dict[str, Any]) -> str:
+    return f"{usage.get('input_tokens', 0):,} tokens in, {usage.get('output_tokens', 0):,} out"
+
+
+def _sync(client: Client, directory: str, ttl: int, say: Console) -> dict[str, Any]:
+    """A directory synced as a context, with progress bars on a terminal and a line saying what
+    happened: the version, what was skipped and why, or that nothing changed."""
+    with SyncProgress(say) as progress:
+        summary = client.sync_directory(directory, ttl_seconds=ttl, progress=progress)
+    files = f"{summary['file_count']:,} files, {summary['token_count']:,} tokens"
+    if summary.get("changed") is False:
+        say.print(f"context {summary['context_id']} unchanged (version {summary['version']}: {files})")
+    else:
+        via = summary.get("uploaded_via")
+        how = f", uploaded {'by diff' if via == 'patch' else via}" if via and via != "none" else ""
+        say.print(f"context {summary['context_id']} version {summary['version']}: {files}{how}")
+    if note := skipped_note(summary.get("skipped") or []):
+        say.print(note, style="yellow")
+    return summary
+
+
+# ------------------------------------------------------------------------------------- read-only
+def _models(args: argparse.Namespace) -> int:
+    models = _client(args).models()["data"]
+    if args.json:
+        _print_json(models)
+        return EXIT_OK
+    rows = [
+        (
+            m["id"],
+            ", ".join(m.get("aliases") or []),
+            f"{m['context_window']:,}",
+            f"{m.get('max_output_tokens', 0):,}",
+            f"${m['pricing']['input_per_mtok']:g}",
+            f"${m['pricing']['output_per_mtok']:g}",
+            ", ".join(m.get("fallbacks") or []) or "-",
+            m.get("status", ""),
+        )
+        for m in models
+    ]
+    columns = [
+        "MODEL",
+        "ALIASES",
+        "CONTEXT",
+        "MAX OUTPUT",
+        "IN /MTOK",
+        "OUT /MTOK",
+        "FALLBACKS",
+        "STATUS",
+    ]
+    output_console().print(
+        table(None, columns, rows, numbers=("CONTEXT", "MAX OUTPUT", "IN /MTOK", "OUT /MTOK"))
+    )
+    return EXIT_OK
+
+
+def _usage(args: argparse.Namespace) -> int:
+    usage = _client(args).usage(
+        args.since.isoformat() if args.since else None, args.until.isoformat() if args.until else None
+    )
+    if args.json:
+        _print_json(usage)
+        return EXIT_OK
+    out = output_console()
+    rows: list[tuple[Any, ...]] = [
+        (
+            d["date"],
+            d["model"],
+            f"{d['jobs']:,}",
+            f"{d['input_tokens']:,}",
+            f"{d['output_tokens']:,}",
+            _money(d["cost_usd"]),
+        )
+        for d in usage["days"]
+    ]
+    totals = usage["totals"]
+    rows.append(
+        (
+            "total",
+            "",
+            f"{totals['jobs']:,}",
+            f"{totals['input_tokens']:,}",
+            f"{totals['output_tokens']:,}",
+            _money(totals["cost_usd"]),
+        )
+    )
+    columns = [
+        "DAY",
+        "MODEL",
+        "JOBS",
+        "TOKENS IN",
+        "TOKENS OUT",
+        "COST",
+    ]
+    out.print(
+        table(
+            f"usage {usage['since']} to {usage['until']}",
+            columns,
+            rows,
+            numbers=("JOBS", "TOKENS IN", "TOKENS OUT", "COST"),
+        )
+    )
+    out.print()
+    for line in _limit_lines(usage.get("limits") or {}):
+        out.print(line)
+    return EXIT_OK
+
+
+def _limit_lines(limits: dict[str, Any]) -> Iterator[str]:
+    for name, label in (("tokens_per_minute", "tokens per minute"), ("tokens_per_day", "tokens per day")):
+        if bucket := limits.get(name):
+            reset = f", full again in {bucket['reset_seconds']:,} s" if bucket.get("reset_seconds") else ""
+            yield f"{label}: {bucket['remaining']:,} of {bucket['limit']:,} left{reset}"
+    if jobs := limits.get("concurrent_jobs"):
+        yield f"concurrent jobs: {jobs['running']:,} running of {jobs['limit']:,}"
+    if budget := limits.get("daily_budget"):
+        cap = _money(budget["limit_usd"]) if budget.get("limit_usd") is not None else "no limit"
+        committed = _money(budget["committed_usd"])
+        yield f"daily budget: {committed} committed, {cap} (resets {budget['reset_at']})"
+
+
+def _health(args: argparse.Namespace) -> int:
+    report = _client(args).health(deep=args.deep)
+    if args.json:
+        _print_json(report)
+    else:
+        out = output_console()
+        rows = []
+        for name, check in report.get("checks", {}).items():
+            facts = {k: v for k, v in check.items() if k not in {"status", "latency_ms", "models", "error"}}
+            detail = ", ".join(f"{k}={v}" for k, v in facts.items() if v is not None)
+            if check.get("error"):
+                detail = f"{check['error']}" + (f"; {detail}" if detail else "")
+            for model, state in (check.get("models") or {}).items():
+                detail += (", " if detail else "") + f"{model}: circuit {state.get('circuit')}"
+            latency = check.get("latency_ms")
+            rows.append(
+                (name, check.get("status", ""), f"{latency:,.0f} ms" if latency is not None else "", detail)
+            )
+        out.print(f"{report.get('status', 'unknown')} (checked at {report.get('checked_at', '?')})")
+        out.print(table(None, ["CHECK", "STATUS", "LATENCY", "DETAILS"], rows, numbers={"LATENCY"}))
+    return EXIT_OK if report.get("status") == "ok" else EXIT_FAILED
+
+
+JOB_STATUSES = ("queued", "running", "completed", "failed", "cancelled")
+
+
+def _jobs_list(args: argparse.Namespace) -> int:
+    client = _client(args)
+    more = False
+    if args.all:
+        jobs = list(client.iter_jobs(status=args.status, page_size=args.limit))
+    else:
+        page = client.list_jobs(status=args.status, limit=args.limit)
+        jobs, more = page["data"], bool(page.get("next_cursor"))
+    if args.json:
+        _print_json(jobs)
+        return EXIT_OK
+    rows = []
+    for job in jobs:
+        usage = job.get("usage") or {}
+        output_tokens = usage.get("output_tokens") or (job.get("progress") or {}).get("tokens_generated", 0)
+        rows.append(
+            (
+                job["job_id"],
+                job["status"],
+                (job.get("model") or {}).get("resolved", ""),
+                f"{usage.get('input_tokens', 0):,}",
+                f"{output_tokens:,}",
+                _money(job.get("cost_usd")),
+                job.get("created_at", ""),
+            )
+        )
+    columns = ["JOB ID", "STATUS", "MODEL", "IN", "OUT", "COST", "CREATED"]
+    output_console().print(table(None, columns, rows, numbers=("IN", "OUT", "COST")))
+    if not jobs:
+        message_console().print("no jobs" + (f" {args.status}" if args.status else ""))
+    if more:
+        message_console().print(f"showing the {len(jobs)} newest; --all lists every one", style="dim")
+    return EXIT_OK
+
+
+def _jobs_get(args: argparse.Namespace) -> int:
+    _print_json(_client(args).job(args.job_id, output=not args.no_output))
+    return EXIT_OK
+
+
+def _jobs_cancel(args: argparse.Namespace) -> int:
+    job = _client(args).cancel(args.job_id)
+    message_console().print(f"{args.job_id}: {job['status']}")
+    return EXIT_OK
+
+
+def _jobs_chunks(args: argparse.Namespace) -> int:
+    for chunk in _client(args).stream_chunks(args.job_id, args.after):
+        print(json.dumps(chunk))
+    return EXIT_OK
+
+
+def _contexts_list(args: argparse.Namespace) -> int:
+    client = _client(args)
+    more = False
+    if args.all:
+        contexts = list(client.iter_contexts(page_size=args.limit))
+    else:
+        page = client.list_contexts(limit=args.limit)
+        contexts, more = page["data"], bool(page.get("next_cursor"))
+    if args.json:
+        _print_json(contexts)
+        return EXIT_OK
+    rows = [
+        (
+            c["context_id"],
+            str(c.get("version", "")),
+            f"{c.get('file_count', 0):,}",
+            f"{c.get('token_count', 0):,}",
+            _size(c.get("size_bytes", 0)),
+            c.get("updated_at") or c.get("created_at", ""),
+            c.get("expires_at", ""),
+        )
+        for c in contexts
+    ]
+    columns = [
+        "CONTEXT ID",
+        "VERSION",
+        "FILES",
+        "TOKENS",
+        "SIZE",
+        "UPDATED",
+        "EXPIRES",
+    ]
+    output_console().print(table(None, columns, rows, numbers=("VERSION", "FILES", "TOKENS", "SIZE")))
+    if not contexts:
+        message_console().print("no contexts")
+    if more:
+        message_console().print(f"showing the {len(contexts)} newest; --all lists every one", style="dim")
+    return EXIT_OK
+
+
+def _size(size: int) -> str:
+    from rich.filesize import decimal
+
+    return decimal(size)
+
+
+def _contexts_sync(args: argparse.Namespace) -> int:
+    summary = _sync(_client(args), args.directory, args.ttl, message_console())
+    if args.json:
+        _print_json(summary)
+    else:
+        print(summary["context_id"])
+    return EXIT_OK
+
+
+def _contexts_get(args: argparse.Namespace) -> int:
+    _print_json(_client(args).get_context(args.context_id))
+    return EXIT_OK
+
+
+def _contexts_delete(args: argparse.Namespace) -> int:
+    _client(args).delete_context(args.context_id)
+    message_console().print(f"deleted {args.context_id}")
+    return EXIT_OK
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -224,51 +608,26 @@ def _demo(args: argparse.Namespace) -> int:
             stack.stop()
 
 
-def _jobs(args: argparse.Namespace) -> int:
-    client = _client(args)
-    if args.action == "get":
-        _print(client.job(args.job_id))
-    elif args.action == "cancel":
-        _print(client.cancel(args.job_id))
-    else:
-        for chunk in client.stream_chunks(args.job_id, args.after):
-            _print(chunk)
-    return 0
-
-
-def _contexts(args: argparse.Namespace) -> int:
-    client = _client(args)
-    if args.action == "sync":
-        _print(client.sync_directory(args.target, ttl_seconds=args.ttl))
-    elif args.action == "get":
-        _print(client.get_context(args.target))
-    else:
-        client.delete_context(args.target)
-        print(f"deleted {args.target}")
-    return 0
-
-
 def _admin_target(args: argparse.Namespace) -> Any:
     from spool.admin import resolve
 
-    url = args.url or os.environ.get("SPOOL_URL") or DEFAULT_URL
-    return resolve(url, args.stack_name, args.endpoint_url)
+    return resolve(args.url, args.stack_name, args.endpoint_url)
 
 
 def _keys(args: argparse.Namespace) -> int:
     """API keys in the key table of a stack (the local one, or a deployed one): create, list, revoke,
     rotate. A key is shown once, on stdout, when it is made; the table keeps only its hash."""
+    from spool.admin import aws_errors
     from spool_core.adapters.api_keys import DynamoApiKeyStore
     from spool_core.auth import ApiKeys, KeyCache
-    from spool_core.errors import SpoolError as DomainError
     from spool_core.tenancy import Tenant
 
     target = _admin_target(args)
-    table = args.table or target.resource("ApiKeysTable")
-    # No cache: an operator reads and changes the table itself, never a remembered copy.
-    keys = ApiKeys(DynamoApiKeyStore(target.client("dynamodb"), table), cache=KeyCache(0))
     tenant = Tenant(args.tenant) if args.tenant else None
-    try:
+    with aws_errors(target):
+        table = args.table or target.resource("ApiKeysTable")
+        # No cache: an operator reads and changes the table itself, never a remembered copy.
+        keys = ApiKeys(DynamoApiKeyStore(target.client("dynamodb"), table), cache=KeyCache(0))
         if args.action == "create":
             assert tenant is not None  # argparse requires --tenant for create
             key, record = keys.create(tenant, args.description)
@@ -306,43 +665,34 @@ def _keys(args: argparse.Namespace) -> int:
                 f" (store the key now, it is not shown again); the old key {old.key_id} {until}",
                 file=sys.stderr,
             )
-    except DomainError as exc:
-        print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
-        for suggestion in exc.suggestions:
-            print(f"  - {suggestion}", file=sys.stderr)
-        return 2
-    return 0
+    return EXIT_OK
 
 
 _KEY_CACHE_NOTE = "the functions' key cache lifetime (SPOOL_AUTH_CACHE_SECONDS, 30 s unless configured)"
 
 
-KEY_COLUMNS = (
-    ("KEY ID", "key_id"),
-    ("TENANT", "tenant"),
-    ("STATUS", "status"),
-    ("CREATED", "created_at"),
-    ("UNTIL", "until"),
-    ("DESCRIPTION", "description"),
-)
-
-
 def _print_keys(summaries: list[dict[str, Any]], *, as_json: bool) -> None:
     """A table for people (UNTIL: when a revoked key stopped, or a rotated one stops), JSON for scripts."""
     if as_json:
-        _print(summaries)
+        _print_json(summaries)
         return
     if not summaries:
-        print("no keys", file=sys.stderr)
+        message_console().print("no keys")
         return
     rows = [
-        {**s, "until": s["revoked_at"] if s["status"] == "revoked" else s["expires_at"] or ""}
+        (
+            s["key_id"],
+            s["tenant"],
+            s["status"],
+            s["created_at"],
+            (s["revoked_at"] if s["status"] == "revoked" else s["expires_at"]) or "",
+            s["description"],
+        )
         for s in summaries
     ]
-    widths = [max(len(title), *(len(str(r[field])) for r in rows)) for title, field in KEY_COLUMNS]
-    lines = [[title for title, _ in KEY_COLUMNS], *([str(r[f]) for _, f in KEY_COLUMNS] for r in rows)]
-    for line in lines:
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+    output_console().print(
+        table(None, ["KEY ID", "TENANT", "STATUS", "CREATED", "UNTIL", "DESCRIPTION"], rows)
+    )
 
 
 def _ensure_usage_key(args: argparse.Namespace, target: Any, tenant_id: str) -> None:
@@ -376,13 +726,20 @@ def _stack_output(target: Any, stack_name: str, name: str) -> str | None:
 def _limits(args: argparse.Namespace) -> int:
     """A tenant's own limits in the usage table: read at every admission, so a change applies to the
     tenant's next job; without limits of its own, the deployment's defaults apply."""
+    from spool.admin import aws_errors
+
+    target = _admin_target(args)
+    with aws_errors(target):
+        return _tenant_limits(args, target)
+
+
+def _tenant_limits(args: argparse.Namespace, target: Any) -> int:
     from spool_core.adapters.dynamodb import ScopedTable
     from spool_core.adapters.usage import DynamoUsageStore
     from spool_core.limits.model import TenantLimits
     from spool_core.tenancy import Tenant, TenantScope
     from spool_core.units import nanos, usd
 
-    target = _admin_target(args)
     table = ScopedTable(
         target.client("dynamodb"), target.resource("UsageTable"), TenantScope(Tenant(args.tenant))
     )
@@ -415,7 +772,7 @@ def _limits(args: argparse.Namespace) -> int:
     if current is None:
         print(f"tenant {args.tenant} has no limits of its own: the deployment's defaults apply")
         return 0
-    _print(
+    _print_json(
         {
             "tenant": args.tenant,
             "tokens_per_minute": current.tokens_per_minute,
@@ -452,19 +809,101 @@ def _seconds(text: str) -> int:
     return value
 
 
+def _bounded(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {low} to {high:,}")
+        return value
+
+    return parse
+
+
+def _day(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a day as YYYY-MM-DD: {text!r}") from None
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('must be a JSON object, such as \'{"team": "web"}\'')
+    return value
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("spool")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+class HelpFormatter(RichHelpFormatter):
+    """rich-argparse's help, with each option's default (when it has a meaningful one) after its text."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" in text
+            or default in (None, False, "", argparse.SUPPRESS)
+            or not action.option_strings
+            or isinstance(action, argparse._VersionAction | argparse._HelpAction)
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spool", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    dev = commands.add_parser("dev", help="run the embedded stack on this machine")
-    dev.add_argument("--host", default="127.0.0.1")
-    dev.add_argument("--port", type=int, default=int(os.environ.get("SPOOL_PORT", "8000")))
-    dev.add_argument(
-        "--config-env", default="local", help="samconfig.toml environment to read (default: local)"
+    parser = argparse.ArgumentParser(
+        prog="spool",
+        description=__doc__,
+        formatter_class=HelpFormatter,
+        epilog="Run 'spool COMMAND --help' for a command's options. Exit codes: 0 done, 1 the job failed"
+        " or a check is unhealthy, 2 an error (the line says why), 130 interrupted (Ctrl-C).",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback of an error"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(
+        name: str, help: str, parents: list[argparse.ArgumentParser], sub: Any = commands
+    ) -> argparse.ArgumentParser:
+        made: argparse.ArgumentParser = sub.add_parser(
+            name,
+            help=help,
+            description=help[0].upper() + help[1:] + ".",
+            parents=[common, *parents],
+            formatter_class=HelpFormatter,
+        )
+        return made
+
+    dev = command("dev", "run the embedded stack on this machine (what 'make dev' runs)", [])
+    dev.add_argument("--host", default="127.0.0.1", help="address the API listens on")
+    dev.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("SPOOL_PORT", "8000")),
+        help="API port (SPOOL_PORT; 0 picks a free one)",
+    )
+    dev.add_argument("--config-env", default="local", help="samconfig.toml environment to read")
     dev.add_argument(
         "--parameter-overrides",
         default=os.environ.get("SPOOL_PARAMETER_OVERRIDES", ""),
-        help="template parameters, as sam deploy takes them: 'Key=Value Key2=Value2'",
+        help="template parameters, as sam deploy takes them: 'Key=Value Key2=Value2'"
+        " (SPOOL_PARAMETER_OVERRIDES)",
     )
     dev.add_argument(
         "--ws-port",
@@ -472,7 +911,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(os.environ["SPOOL_WS_PORT"]) if os.environ.get("SPOOL_WS_PORT") else None,
         help="WebSocket port (SPOOL_WS_PORT; default: the API port + 1 if free, else any free port)",
     )
-    dev.add_argument("--workers", type=int, default=int(os.environ.get("SPOOL_WORKERS", "2")))
+    dev.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("SPOOL_WORKERS", "2")),
+        help="worker processes taking jobs from the queue (SPOOL_WORKERS)",
+    )
     dev.add_argument(
         "--state-dir",
         default=os.environ.get("SPOOL_STATE_DIR") or None,
@@ -482,54 +926,124 @@ def build_parser() -> argparse.ArgumentParser:
     dev.set_defaults(run=_dev)
 
     remote = argparse.ArgumentParser(add_help=False)
-    remote.add_argument("--url", default=None, help="Spool's base URL (SPOOL_URL, default the local stack)")
-    remote.add_argument("--key", default=None, help="API key (SPOOL_API_KEY, default the local dev key)")
+    remote.add_argument(
+        "--url",
+        default=os.environ.get("SPOOL_URL") or DEFAULT_URL,
+        help="Spool's base URL; SPOOL_URL sets it too",
+    )
+    remote.add_argument(
+        "--key", default=None, help="API key (SPOOL_API_KEY; default: the local stack's dev key)"
+    )
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
 
-    ask = commands.add_parser("ask", parents=[remote], help="ask a question about a directory, streamed live")
-    ask.add_argument("question")
-    ask.add_argument("--context", help="directory to upload (or update by diff) as the context")
-    ask.add_argument("--model", default="default")
-    ask.add_argument("--max-tokens", type=int, default=1024)
-    ask.add_argument("--ttl", type=int, default=3600, help="context ttl_seconds")
+    ask = command(
+        "ask", "ask a question, about a directory if you give one, and watch the answer stream", [remote]
+    )
+    ask.add_argument("question", help="what to ask")
+    ask.add_argument(
+        "--context", metavar="DIR", help="directory to upload (or update by diff) as the question's context"
+    )
+    ask.add_argument("--model", default="default", help="model id or alias (see 'spool models')")
+    ask.add_argument(
+        "--max-tokens", type=_bounded(1, 1_000_000), default=1024, help="longest answer, in tokens"
+    )
+    ask.add_argument("--ttl", type=_bounded(1, 604_800), default=3600, help="seconds the context lives")
+    ask.add_argument("--metadata", type=_json_object, default=None, help="the job's metadata, a JSON object")
     ask.add_argument(
         "--transport",
         choices=["sse", "websocket", "poll"],
         default="sse",
-        help="how the answer streams: Server-Sent Events (default), the WebSocket API, or long-polling",
+        help="how the answer streams: Server-Sent Events, the WebSocket API, or long-polling",
     )
     ask.set_defaults(run=_ask)
 
-    demo = commands.add_parser(
-        "demo", parents=[remote], help="the one-command tour (starts a stack if needed)"
+    models = command(
+        "models", "the models you can use: aliases, context window, prices, fallbacks", [remote, as_json]
     )
-    demo.add_argument("--max-tokens", type=int, default=300)
+    models.set_defaults(run=_models)
+
+    usage = command("usage", "your tokens and cost by day and model, and your limits now", [remote, as_json])
+    usage.add_argument(
+        "--since", type=_day, help="first UTC day, YYYY-MM-DD (default: 6 days before --until)"
+    )
+    usage.add_argument("--until", type=_day, help="last UTC day, YYYY-MM-DD (default: today)")
+    usage.set_defaults(run=_usage)
+
+    health = command(
+        "health", "the stack's health: storage, queue and providers (exit 1 unless ok)", [remote, as_json]
+    )
+    health.add_argument(
+        "--deep", action="store_true", help="also make a real, minimal provider call (cached by the server)"
+    )
+    health.set_defaults(run=_health)
+
+    demo = command("demo", "the one-command tour (starts a stack unless --url or SPOOL_URL is given)", [])
+    demo.add_argument("--url", default=None, help="Spool's base URL (SPOOL_URL; default: start a stack)")
+    demo.add_argument("--key", default=None, help="API key (SPOOL_API_KEY; default: the stack's dev key)")
+    demo.add_argument("--max-tokens", type=int, default=300, help="longest answer, in tokens")
     demo.add_argument("--drop-after", type=int, default=8, help="drop the connection after this chunk")
     demo.set_defaults(run=_demo)
 
-    jobs = commands.add_parser("jobs", parents=[remote], help="inspect or cancel a job")
-    jobs.add_argument("action", choices=["get", "cancel", "chunks"])
-    jobs.add_argument("job_id")
-    jobs.add_argument("--after", type=int, default=0)
-    jobs.set_defaults(run=_jobs)
+    jobs = command("jobs", "list, inspect or cancel jobs", [])
+    job_actions = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = command("list", "your jobs, newest first", [remote, as_json], job_actions)
+    listing.add_argument("--status", choices=JOB_STATUSES, help="only jobs with this status")
+    listing.add_argument("--limit", type=_bounded(1, 100), default=20, help="jobs per page")
+    listing.add_argument("--all", action="store_true", help="every job, page after page")
+    listing.set_defaults(run=_jobs_list)
+    get = command("get", "one job, as JSON", [remote], job_actions)
+    get.add_argument("job_id", help="the job's id (job_...)")
+    get.add_argument("--no-output", action="store_true", help="leave the output out (a small answer)")
+    get.set_defaults(run=_jobs_get)
+    cancel = command("cancel", "cancel a job (its partial output stays)", [remote], job_actions)
+    cancel.add_argument("job_id", help="the job's id (job_...)")
+    cancel.set_defaults(run=_jobs_cancel)
+    chunks = command("chunks", "a job's chunks, one JSON line each, until it ends", [remote], job_actions)
+    chunks.add_argument("job_id", help="the job's id (job_...)")
+    chunks.add_argument("--after", type=int, default=0, help="start after this sequence id")
+    chunks.set_defaults(run=_jobs_chunks)
 
-    contexts = commands.add_parser("contexts", parents=[remote], help="upload, read or delete contexts")
-    contexts.add_argument("action", choices=["sync", "get", "delete"])
-    contexts.add_argument("target", help="a directory (sync) or a context id")
-    contexts.add_argument("--ttl", type=int, default=3600)
-    contexts.set_defaults(run=_contexts)
+    contexts = command("contexts", "list, upload, read or delete contexts", [])
+    context_actions = contexts.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = command("list", "your contexts, newest first", [remote, as_json], context_actions)
+    listing.add_argument("--limit", type=_bounded(1, 100), default=20, help="contexts per page")
+    listing.add_argument("--all", action="store_true", help="every context, page after page")
+    listing.set_defaults(run=_contexts_list)
+    sync = command(
+        "sync",
+        "upload a directory as a context, or update it by diff (prints the context id)",
+        [remote],
+        context_actions,
+    )
+    sync.add_argument("directory", help="the directory (.gitignore is honoured; binaries are skipped)")
+    sync.add_argument("--ttl", type=_bounded(1, 604_800), default=3600, help="seconds the context lives")
+    sync.add_argument("--json", action="store_true", help="print the context's summary as JSON")
+    sync.set_defaults(run=_contexts_sync)
+    get = command("get", "one context with its file list, as JSON", [remote], context_actions)
+    get.add_argument("context_id", help="the context's id (ctx_...)")
+    get.set_defaults(run=_contexts_get)
+    delete = command("delete", "delete a context", [remote], context_actions)
+    delete.add_argument("context_id", help="the context's id (ctx_...)")
+    delete.set_defaults(run=_contexts_delete)
 
     target = argparse.ArgumentParser(add_help=False)
     target.add_argument(
-        "--url", default=None, help="the local stack to manage (SPOOL_URL, default the local stack)"
+        "--url",
+        default=os.environ.get("SPOOL_URL") or DEFAULT_URL,
+        help="the local stack to manage; SPOOL_URL sets it too",
     )
-    target.add_argument("--stack-name", help="a deployed stack to manage instead of the local one")
+    target.add_argument(
+        "--stack-name",
+        help="a deployed stack to manage instead of the local one (AWS credentials as boto3 finds them)",
+    )
     target.add_argument("--endpoint-url", help="AWS endpoint for --stack-name (an AWS-compatible endpoint)")
     admin = argparse.ArgumentParser(add_help=False, parents=[target])
-    admin.add_argument("--tenant", required=True)
+    admin.add_argument("--tenant", required=True, help="the tenant")
 
-    keys = commands.add_parser("keys", help="manage API keys: create, list, revoke, rotate")
+    keys = command("keys", "manage API keys: create, list, revoke, rotate", [])
     keys.set_defaults(run=_keys)
-    key_actions = keys.add_subparsers(dest="action", required=True, metavar="{create,list,revoke,rotate}")
+    key_actions = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
     key_table = argparse.ArgumentParser(add_help=False, parents=[target])
     key_table.add_argument("--table", help="the key table's name, instead of looking it up in the stack")
     usage_plan = argparse.ArgumentParser(add_help=False)
@@ -538,30 +1052,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --stack-name: the usage plan the tenant's API Gateway key joins"
         " (default: the stack's UsagePlanId output)",
     )
-    create = key_actions.add_parser(
-        "create", parents=[key_table, usage_plan], help="a new key for a tenant, printed once"
-    )
-    create.add_argument("--tenant", required=True)
-    create.add_argument("--description", default="")
-    listing = key_actions.add_parser(
-        "list", parents=[key_table], help="key id, tenant, status and times; never the key or its hash"
+    create = command("create", "a new key for a tenant, printed once", [key_table, usage_plan], key_actions)
+    create.add_argument("--tenant", required=True, help="the tenant the key acts for")
+    create.add_argument("--description", default="", help="a note kept with the key")
+    listing = command(
+        "list", "key id, tenant, status and times; never the key or its hash", [key_table], key_actions
     )
     listing.add_argument("--tenant", help="only this tenant's keys (default: every tenant's)")
     listing.add_argument("--json", action="store_true", help="JSON instead of a table")
-    revoke = key_actions.add_parser(
-        "revoke", parents=[key_table], help="stop a key (within the key cache's lifetime); the record stays"
+    revoke = command(
+        "revoke", "stop a key (within the key cache's lifetime); the record stays", [key_table], key_actions
     )
-    revoke.add_argument("key_id")
+    revoke.add_argument("key_id", help="the key's id (not the key)")
     revoke.add_argument(
         "--tenant",
         help="the key's tenant: looked up with a Query instead of a Scan; another tenant's key is refused",
     )
-    rotate = key_actions.add_parser(
+    rotate = command(
         "rotate",
-        parents=[key_table, usage_plan],
-        help="a new key for the same tenant (printed once); the old one is revoked, or ends after --grace",
+        "a new key for the same tenant (printed once); the old one is revoked, or ends after --grace",
+        [key_table, usage_plan],
+        key_actions,
     )
-    rotate.add_argument("key_id")
+    rotate.add_argument("key_id", help="the key's id (not the key)")
     rotate.add_argument(
         "--tenant",
         help="the key's tenant: looked up with a Query instead of a Scan; another tenant's key is refused",
@@ -570,16 +1083,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--grace",
         type=_seconds,
         default=0,
-        help="seconds the old key keeps working beside the new one (default 0: revoked now)",
+        help="seconds the old key keeps working beside the new one (0: revoked now)",
     )
     rotate.add_argument("--description", default=None, help="the new key's (default: the old key's)")
 
-    limits = commands.add_parser("limits", parents=[admin], help="read or change a tenant's limits")
-    limits.add_argument("action", choices=["get", "set", "reset"])
-    limits.add_argument("--tokens-per-minute", type=int)
-    limits.add_argument("--tokens-per-day", type=int)
-    limits.add_argument("--max-concurrent-jobs", type=int)
-    limits.add_argument("--daily-budget-usd", type=float, help="0 removes the budget")
+    limits = command("limits", "read or change a tenant's limits", [admin])
+    limits.add_argument("action", choices=["get", "set", "reset"], help="what to do")
+    limits.add_argument("--tokens-per-minute", type=int, help="the tenant's token bucket per minute")
+    limits.add_argument("--tokens-per-day", type=int, help="the tenant's tokens per UTC day")
+    limits.add_argument("--max-concurrent-jobs", type=int, help="jobs queued or running at once")
+    limits.add_argument("--daily-budget-usd", type=float, help="dollars per UTC day (0 removes the budget)")
     limits.set_defaults(run=_limits)
     return parser
 
@@ -593,17 +1106,40 @@ def main(argv: list[str] | None = None) -> int:
         format="spool: %(asctime)s.%(msecs)03d %(message)s",
         datefmt="%H:%M:%S",
     )
-    logging.getLogger("botocore").setLevel(logging.WARNING)
-    logging.getLogger("websockets").setLevel(logging.WARNING)
+    for noisy in ("botocore", "websockets", "httpx2", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
     try:
         result: int = args.run(args)
-    except SpoolError as exc:
-        print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
-        for suggestion in exc.suggestions:
-            print(f"  - {suggestion}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        message_console().print("interrupted", style="yellow")
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if debug:
+            raise
+        return _report(exc)
     return result
+
+
+def _report(exc: Exception) -> int:
+    """One line for an error (what happened, then what to do), on stderr; the traceback only with --debug."""
+    from spool_core.errors import SpoolError as DomainError
+
+    say = message_console()
+    if isinstance(exc, ConnectionFailed | CommandError):
+        line, suggestions = exc.message, exc.suggestions
+    elif isinstance(exc, SpoolError | DomainError):
+        line, suggestions = f"{exc.code}: {exc.message}", list(exc.suggestions)
+    elif isinstance(exc, SyncError):
+        line, suggestions = str(exc), []
+    else:
+        line = f"unexpected {type(exc).__name__}: {exc}"
+        suggestions = ["Run again with --debug for the traceback, and report it"]
+    say.print(f"error: {line}" + (f" — {'; '.join(suggestions)}" if suggestions else ""), style="bold red")
+    return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -1,0 +1,632 @@
+"""The CLI without a stack: what it draws on a terminal (read back through a terminal emulator), how
+each ending of a job is reported with its cost, one-line errors, the help, and the tables."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from spool import cli
+from spool.admin import AdminError, AdminTarget, aws_errors
+from spool.client import ConnectionFailed, JobCancelled, JobFailed, NotFound, SyncError
+from spool.terminal import (
+    AnswerWriter,
+    JobMeter,
+    Pricing,
+    SyncProgress,
+    committable,
+    for_display,
+    skipped_note,
+)
+from tests.terminal import answer_in, screen_of
+
+ANSWER = (
+    "The worker takes a job from the queue, leases it, and streams the provider's tokens into the"
+    " chunk log, one flush at a time.\n\nA crash leaves the lease to expire; the next attempt resumes"
+    " after the last chunk written, so nothing is lost or repeated.\n\nCancelling stops it within one"
+    " flush interval, and the partial output stays readable. 終わり。"
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Tty(io.StringIO):
+    """What a terminal would receive (``isatty`` says yes)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+# ------------------------------------------------------------------------------------- terminal
+def test_text_is_handed_over_only_where_a_terminal_row_ends() -> None:
+    assert committable("abcdefghij", 10) == 0  # a full row, but nothing after it yet
+    assert committable("abcdefghijk", 10) == 10
+    assert committable("abcdefghijklmnopqrstuv", 10) == 20
+    assert committable("ab\ncd", 10) == 3  # through the newline
+    assert committable("ab\ncdefghijklmnop", 10) == 13
+    assert committable("abcdefghij\u0301x", 10) == 0  # a combining mark belongs to the row's last letter
+    assert committable("abcdefghi終x", 10) == 0  # a wide character at the row's end: wait for a newline
+    assert committable("abcdefgh終x", 10) == 9  # it fits exactly (9 characters, 10 cells)
+    assert committable("abc", 0) == 0  # no width known: newlines only
+    assert committable("abc\nd", 0) == 4
+
+
+def test_control_characters_are_shown_not_obeyed() -> None:
+    assert for_display("plain\ntext") == "plain\ntext"
+    assert for_display("a\tb\x1b[2Jc\r") == "a    b\\x1b[2Jc\\x0d"
+
+
+@pytest.mark.parametrize("columns", [23, 40, 80])
+def test_the_answer_is_written_once_and_the_status_line_never_lands_in_it(columns: int) -> None:
+    tty = Tty()
+    clock = Clock()
+    console = Console(file=tty, force_terminal=True, width=columns, color_system=None, markup=False)
+    meter = JobMeter("job_test", Pricing(1.0, 2.0), 50, clock=clock)
+    with AnswerWriter(tty, meter, console=console) as writer:
+        for start in range(0, len(ANSWER), 7):
+            clock.now += 0.1
+            meter.saw_tokens(start // 4)
+            writer.write(ANSWER[start : start + 7])
+            writer.refresh()  # a redraw of the status line between every two pieces
+    written = tty.getvalue().replace("\n", "\r\n")  # as a terminal's output processing does
+    assert "tok/s" in written  # the status line was drawn
+    plain = [line for line in screen_of(written, columns, 60) if line]
+    assert not any("tok/s" in line or "job_test" in line for line in plain)  # and it is gone
+    assert "".join("".join(plain).split()) == "".join(ANSWER.split())  # nothing mixed into the text
+    # In the byte stream, once the status line's redraws are taken out, the answer is there once,
+    # whole: the status line was only ever drawn between two rows of it.
+    assert answer_in(written) == ANSWER + "\n"
+
+
+def test_without_a_terminal_the_answer_is_the_bare_text() -> None:
+    out = io.StringIO()
+    meter = JobMeter("job_test", Pricing(), 0)
+    with AnswerWriter(out, meter) as writer:
+        writer.write("hello ")
+        writer.write("world")
+    assert out.getvalue() == "hello world\n"
+    assert not writer.live
+
+
+def test_the_meter_counts_the_servers_tokens_and_prices_them() -> None:
+    clock = Clock()
+    meter = JobMeter("job_x", Pricing(input_per_mtok=1.0, output_per_mtok=2.0), 1_000, clock=clock)
+    assert "waiting for the first token" in meter.describe()
+    meter.saw_tokens(0)
+    assert meter.rate is None
+    clock.now += 1
+    meter.saw_text()
+    clock.now += 2
+    meter.saw_tokens(100)
+    meter.saw_tokens(None)
+    meter.saw_tokens(90)  # a late, older count never goes back
+    assert meter.tokens == 100
+    assert meter.rate == pytest.approx(50)
+    assert meter.cost_usd == pytest.approx((1_000 * 1.0 + 100 * 2.0) / 1e6)
+    assert meter.describe().startswith("100 tokens · 50 tok/s · ~$0.001200")
+
+
+def test_sync_progress_draws_only_on_a_terminal() -> None:
+    quiet = Console(file=io.StringIO())
+    with SyncProgress(quiet) as progress:
+        progress("read", 1, 2)
+        progress("upload", 10, 20)
+    assert progress.stages_seen == ["read", "upload"]
+    assert quiet.file.getvalue() == ""  # type: ignore[attr-defined]
+    tty = Tty()
+    loud = Console(file=tty, force_terminal=True, width=100, color_system=None)
+    with SyncProgress(loud) as progress:
+        progress("read", 2, 2)
+        progress("upload", 7_500_000, 20_000_000)
+        progress("upload", 20_000_000, 20_000_000)
+    drawn = tty.getvalue()
+    assert "uploading" in drawn
+    assert "20.0 MB" in drawn
+    assert "━" in drawn
+
+
+def test_skipped_files_are_named_with_their_reason() -> None:
+    assert skipped_note([]) is None
+    assert skipped_note([{"path": "a.png", "reason": "binary"}]) == "skipped 1 file: a.png (binary)"
+    many = [{"path": f"f{i}.bin", "reason": "binary"} for i in range(7)]
+    assert skipped_note(many) == (
+        "skipped 7 files: f0.bin (binary), f1.bin (binary), f2.bin (binary), f3.bin (binary),"
+        " f4.bin (binary) and 2 more"
+    )
+
+
+# ---------------------------------------------------------------------------------------- a fake
+class FakeStream:
+    def __init__(self, client: FakeClient, on_progress: Callable[[dict[str, Any]], None] | None) -> None:
+        self._client = client
+        self._on_progress = on_progress
+        self.result: dict[str, Any] | None = None
+        self.closed = False
+
+    def __iter__(self) -> Iterator[str]:
+        for index, text in enumerate(self._client.texts, start=1):
+            if self._client.interrupt_at == index:
+                raise KeyboardInterrupt
+            if self._on_progress:
+                self._on_progress({"sequence_id": index, "tokens_generated": None, "chunks": index})
+            yield text
+        ending = self._client.ending
+        result = {
+            "job_id": "job_fake",
+            "status": ending,
+            "usage": {"estimated_tokens": 60, "input_tokens": 10, "output_tokens": 42},
+            "cost_usd": 0.000123,
+            "error": None,
+        }
+        if ending == "failed":
+            result["error"] = {
+                "code": "provider_error",
+                "message": "simulated permanent failure at token 20",
+                "details": {"last_sequence_id": 3},
+                "suggestions": ["Try another model"],
+            }
+            raise JobFailed(result, len(self._client.texts))
+        if ending == "cancelled":
+            raise JobCancelled(result, len(self._client.texts))
+        self.result = result
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeClient:
+    """The client's interface, as the CLI uses it, with canned answers."""
+
+    def __init__(self, ending: str = "completed", interrupt_at: int | None = None) -> None:
+        self.texts = ["The answer ", "comes in ", "pieces."]
+        self.ending = ending
+        self.interrupt_at = interrupt_at
+        self.cancelled: list[str] = []
+        self.polls = 0
+        self.job_status = "running"
+
+    def stream(
+        self, job_id: str, after: int = 0, *, transport: str = "sse", on_progress: Any = None
+    ) -> FakeStream:
+        return FakeStream(self, on_progress)
+
+    def job(self, job_id: str, *, output: bool = True) -> dict[str, Any]:
+        self.polls += 1
+        if self.cancelled and self.polls > 2:
+            self.job_status = "cancelled"
+        return {
+            "job_id": job_id,
+            "status": self.job_status,
+            "progress": {"tokens_generated": 17, "last_sequence_id": 2, "chunks_written": 2},
+            "usage": {"estimated_tokens": 60, "input_tokens": 10, "output_tokens": 17},
+            "cost_usd": 0.000044,
+        }
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        self.cancelled.append(job_id)
+        return self.job(job_id)
+
+    def create_job(self, message: str, **fields: Any) -> dict[str, Any]:
+        self.created = {"message": message, **fields}
+        return {
+            "job_id": "job_fake",
+            "model": {"requested": "default", "resolved": "sim-fast"},
+            "usage": {"estimated_tokens": 1034},
+        }
+
+    def models(self) -> dict[str, Any]:
+        return {
+            "data": [
+                {
+                    "id": "sim-fast",
+                    "aliases": ["default", "sim"],
+                    "context_window": 128000,
+                    "max_output_tokens": 65536,
+                    "pricing": {"input_per_mtok": 0.1, "output_per_mtok": 0.4},
+                    "fallbacks": [],
+                    "status": "available",
+                },
+                {
+                    "id": "sim-realtime",
+                    "aliases": ["sim-chat"],
+                    "context_window": 128000,
+                    "max_output_tokens": 65536,
+                    "pricing": {"input_per_mtok": 0.5, "output_per_mtok": 1.5},
+                    "fallbacks": ["sim-fast"],
+                    "status": "available",
+                },
+            ]
+        }
+
+    def usage(self, since: str | None = None, until: str | None = None) -> dict[str, Any]:
+        self.usage_asked = (since, until)
+        return {
+            "since": since or "2026-11-21",
+            "until": until or "2026-11-27",
+            "days": [
+                {"date": "2026-11-27", "model": "sim-fast", "jobs": 3, "input_tokens": 24,
+                 "output_tokens": 1200, "cost_usd": 0.00048},
+            ],
+            "by_model": {},
+            "totals": {"jobs": 3, "input_tokens": 24, "output_tokens": 1200, "cost_usd": 0.00048},
+            "limits": {
+                "tokens_per_minute": {"limit": 200000, "remaining": 199000, "reset_seconds": 12},
+                "tokens_per_day": {"limit": 10000000, "remaining": 9998800, "reset_seconds": 0},
+                "concurrent_jobs": {"limit": 16, "running": 1},
+                "daily_budget": {"limit_usd": 5.0, "committed_usd": 0.5,
+                                 "reset_at": "2026-11-28T00:00:00.000Z"},
+            },
+        }  # fmt: skip
+
+    def health(self, deep: bool = False) -> dict[str, Any]:
+        return {
+            "status": "degraded" if deep else "ok",
+            "checked_at": "2026-11-27T07:00:00.000Z",
+            "checks": {
+                "dynamodb": {"status": "ok", "latency_ms": 12.5, "tables": 6},
+                "queue": {"status": "ok", "latency_ms": 3.0, "depth": 0, "oldest_message_age_seconds": None},
+                "provider:simulated": {
+                    "status": "degraded" if deep else "ok",
+                    "latency_ms": 40.0,
+                    "models": {"sim-fast": {"circuit": "closed"}},
+                    **({"error": "slow"} if deep else {}),
+                },
+            },
+        }
+
+    def _jobs(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "job_id": f"job_{n}",
+                "status": "completed",
+                "model": {"resolved": "sim-fast"},
+                "usage": {"input_tokens": 10, "output_tokens": 5 * n},
+                "progress": {"tokens_generated": 5 * n},
+                "cost_usd": 0.000002 * n,
+                "created_at": f"2026-11-27T07:00:0{n}.000Z",
+            }
+            for n in range(3)
+        ]
+
+    def list_jobs(
+        self, *, status: str | None = None, limit: int = 20, cursor: str | None = None
+    ) -> dict[str, Any]:
+        return {"data": self._jobs()[:limit], "next_cursor": "c1" if limit < 3 else None}
+
+    def iter_jobs(self, *, status: str | None = None, page_size: int = 50) -> Iterator[dict[str, Any]]:
+        return iter(self._jobs())
+
+    def _contexts(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "context_id": "ctx_one",
+                "version": 2,
+                "file_count": 3,
+                "token_count": 1234,
+                "size_bytes": 2_500_000,
+                "created_at": "2026-11-27T06:00:00.000Z",
+                "updated_at": "2026-11-27T06:30:00.000Z",
+                "expires_at": "2026-11-27T07:30:00.000Z",
+            }
+        ]
+
+    def list_contexts(self, *, limit: int = 20, cursor: str | None = None) -> dict[str, Any]:
+        return {"data": self._contexts(), "next_cursor": None}
+
+    def iter_contexts(self, *, page_size: int = 50) -> Iterator[dict[str, Any]]:
+        return iter(self._contexts())
+
+    def sync_directory(
+        self, directory: str, *, ttl_seconds: int = 3600, progress: Any = None
+    ) -> dict[str, Any]:
+        if directory == "missing":
+            raise SyncError("missing: no such directory")
+        if progress:
+            progress("read", 1, 1)
+            progress("upload", 100, 100)
+        return {
+            "context_id": "ctx_one",
+            "version": 1 if directory == "fresh" else 2,
+            "file_count": 1,
+            "token_count": 4,
+            "skipped": [{"path": "logo.png", "reason": "binary"}],
+            "changed": directory == "fresh",
+            "uploaded_via": "direct" if directory == "fresh" else "none",
+        }
+
+    def get_context(self, context_id: str) -> dict[str, Any]:
+        error = {"code": "context_not_found", "message": f"Context {context_id} not found"}
+        raise NotFound(404, {"error": {**error, "suggestions": ["List yours with spool contexts list"]}})
+
+    def delete_context(self, context_id: str) -> None:
+        pass
+
+    def stream_chunks(self, job_id: str, after: int = 0) -> Iterator[dict[str, Any]]:
+        return iter([{"sequence_id": after + 1, "text": "x"}])
+
+
+def session(client: FakeClient) -> tuple[cli.AskSession, io.StringIO]:
+    said = io.StringIO()
+    clock = Clock()
+    meter = JobMeter("job_fake", Pricing(0.1, 0.4), 10, clock=clock)
+    say = Console(file=said, width=200, color_system=None)
+    ask = cli.AskSession(client, "job_fake", meter, say, clock=clock, sleep=lambda _: None)  # type: ignore[arg-type]
+    return ask, said
+
+
+def test_a_completed_answer_ends_with_its_tokens_and_cost() -> None:
+    ask, said = session(FakeClient())
+    out = io.StringIO()
+    assert ask.run(out) == 0
+    assert out.getvalue() == "The answer comes in pieces.\n"
+    assert said.getvalue().startswith("completed: 10 tokens in, 42 out")
+    assert "$0.000123" in said.getvalue()
+
+
+def test_a_failed_job_ends_with_its_error_suggestion_and_cost() -> None:
+    ask, said = session(FakeClient("failed"))
+    out = io.StringIO()
+    assert ask.run(out) == 1
+    assert out.getvalue() == "The answer comes in pieces.\n"  # what was written before it failed
+    lines = said.getvalue().splitlines()
+    assert lines[0] == "failed: provider_error: simulated permanent failure at token 20"
+    assert lines[1] == "  - Try another model"
+    assert "10 tokens in, 42 out, $0.000123 (the partial answer above ends at chunk 3)" in lines[2]
+
+
+def test_a_job_cancelled_elsewhere_says_so_with_its_cost() -> None:
+    ask, said = session(FakeClient("cancelled"))
+    assert ask.run(io.StringIO()) == 1
+    assert said.getvalue().startswith(
+        "cancelled: the job was cancelled elsewhere; 10 tokens in, 42 out, $0.000123"
+    )
+
+
+def test_ctrl_c_cancels_the_job_and_shows_what_it_cost() -> None:
+    client = FakeClient(interrupt_at=3)
+    ask, said = session(client)
+    out = io.StringIO()
+    assert ask.run(out) == 130
+    assert client.cancelled == ["job_fake"]
+    assert out.getvalue() == "The answer comes in \n"
+    assert "cancelled: stopped after 17 tokens; 10 tokens in, 17 out, $0.000044" in said.getvalue()
+
+
+def test_the_status_line_polls_the_server_at_most_once_a_second() -> None:
+    client = FakeClient()
+    client.texts = ["word "] * 10
+    ask, _ = session(client)
+    ask.run(io.StringIO())
+    assert client.polls == 1  # ten chunks within the same (frozen) second: one poll
+    assert ask.meter.tokens == 42  # then the final count
+
+
+# ------------------------------------------------------------------------------------ the commands
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeClient:
+    client = FakeClient()
+    monkeypatch.setattr(cli, "_client", lambda args: client)
+    return client
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_models_as_a_table_and_as_json(fake: FakeClient, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "models")
+    assert code == 0
+    header, fast, realtime = out.splitlines()
+    assert header.split()[:3] == ["MODEL", "ALIASES", "CONTEXT"]
+    assert fast.split()[:5] == ["sim-fast", "default,", "sim", "128,000", "65,536"]
+    assert "$0.5" in realtime and "sim-fast" in realtime.split()[-2:]
+    code, out, _ = run(capsys, "models", "--json")
+    assert [m["id"] for m in json.loads(out)] == ["sim-fast", "sim-realtime"]
+
+
+def test_usage_shows_days_totals_and_limits(fake: FakeClient, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "usage", "--since", "2026-11-20", "--until", "2026-11-27")
+    assert code == 0
+    assert fake.usage_asked == ("2026-11-20", "2026-11-27")
+    assert "usage 2026-11-20 to 2026-11-27" in out
+    assert any(line.split()[:3] == ["2026-11-27", "sim-fast", "3"] for line in out.splitlines())
+    assert any(line.split()[:4] == ["total", "3", "24", "1,200"] for line in out.splitlines())
+    assert "tokens per minute: 199,000 of 200,000 left, full again in 12 s" in out
+    assert "concurrent jobs: 1 running of 16" in out
+    assert "daily budget: $0.5000 committed, $5.0000" in out
+    assert json.loads(run(capsys, "usage", "--json")[1])["totals"]["jobs"] == 3
+    with pytest.raises(SystemExit):
+        cli.main(["usage", "--since", "yesterday"])
+    assert "not a day as YYYY-MM-DD" in capsys.readouterr().err
+
+
+def test_health_exits_non_zero_unless_ok(fake: FakeClient, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "health")
+    assert code == 0
+    assert out.startswith("ok (checked at 2026-11-27T07:00:00.000Z)")
+    assert "tables=6" in out and "sim-fast: circuit closed" in out
+    code, out, _ = run(capsys, "health", "--deep")
+    assert code == 1
+    assert "slow" in out
+    assert json.loads(run(capsys, "health", "--json")[1])["status"] == "ok"
+
+
+def test_jobs_and_contexts_list(fake: FakeClient, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "jobs", "list", "--limit", "2")
+    assert code == 0
+    header, *rows = out.splitlines()
+    assert header.split() == ["JOB", "ID", "STATUS", "MODEL", "IN", "OUT", "COST", "CREATED"]
+    assert [row.split()[0] for row in rows] == ["job_0", "job_1"]
+    assert "--all lists every one" in err
+    assert len(json.loads(run(capsys, "jobs", "list", "--all", "--json")[1])) == 3
+    code, out, _ = run(capsys, "contexts", "list")
+    assert out.splitlines()[1].split()[:5] == ["ctx_one", "2", "3", "1,234", "2.5"]
+    assert json.loads(run(capsys, "contexts", "list", "--all", "--json")[1])[0]["context_id"] == "ctx_one"
+    with pytest.raises(SystemExit):
+        cli.main(["jobs", "list", "--limit", "500"])
+    assert "must be 1 to 100" in capsys.readouterr().err
+
+
+def test_contexts_sync_reports_skipped_files_and_no_change(
+    fake: FakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(capsys, "contexts", "sync", "fresh")
+    assert (code, out) == (0, "ctx_one\n")
+    assert "context ctx_one version 1: 1 files, 4 tokens, uploaded direct" in err
+    assert "skipped 1 file: logo.png (binary)" in err
+    code, out, err = run(capsys, "contexts", "sync", "again", "--json")
+    assert json.loads(out)["changed"] is False
+    assert "context ctx_one unchanged (version 2" in err
+    code, _, err = run(capsys, "contexts", "sync", "missing")
+    assert code == 2
+    assert err == "error: missing: no such directory\n"
+
+
+def test_ask_creates_the_job_with_its_options(fake: FakeClient, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(
+        capsys, "ask", "why?", "--context", "fresh", "--model", "sim-fast", "--metadata", '{"team": "web"}'
+    )
+    assert code == 0
+    assert out == "The answer comes in pieces.\n"
+    assert fake.created["context_id"] == "ctx_one"
+    assert fake.created["metadata"] == {"team": "web"}
+    assert "job job_fake on sim-fast (for default)" in err
+    with pytest.raises(SystemExit):
+        cli.main(["ask", "x", "--metadata", "[1]"])
+    assert "must be a JSON object" in capsys.readouterr().err
+
+
+def test_other_job_and_context_commands(fake: FakeClient, capsys: pytest.CaptureFixture[str]) -> None:
+    assert json.loads(run(capsys, "jobs", "get", "job_1", "--no-output")[1])["job_id"] == "job_1"
+    assert run(capsys, "jobs", "cancel", "job_1")[2] == "job_1: running\n"
+    assert json.loads(run(capsys, "jobs", "chunks", "job_1", "--after", "4")[1]) == {
+        "sequence_id": 5,
+        "text": "x",
+    }
+    assert run(capsys, "contexts", "delete", "ctx_one")[2] == "deleted ctx_one\n"
+    code, _, err = run(capsys, "contexts", "get", "ctx_gone")
+    assert code == 2
+    assert err == (
+        "error: context_not_found: Context ctx_gone not found — List yours with spool contexts list\n"
+    )
+
+
+# ------------------------------------------------------------------------------------------ errors
+def test_an_unreachable_stack_is_one_line_and_debug_shows_the_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def unreachable(args: argparse.Namespace) -> Any:
+        raise ConnectionFailed("http://127.0.0.1:8000", "[Errno 111] Connection refused")
+
+    monkeypatch.setattr(cli, "_client", unreachable)
+    code, out, err = run(capsys, "models")
+    assert code == 2
+    assert out == ""
+    assert len(err.splitlines()) == 1
+    assert err.startswith("error: Could not reach Spool at http://127.0.0.1:8000")
+    assert "make dev" in err
+    with pytest.raises(ConnectionFailed):
+        cli.main(["--debug", "models"])
+    with pytest.raises(ConnectionFailed):
+        cli.main(["models", "--debug"])
+
+
+def test_an_unexpected_error_is_one_line_with_a_pointer_to_debug(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(args: argparse.Namespace) -> Any:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli, "_client", broken)
+    code, _, err = run(capsys, "health")
+    assert code == 2
+    assert (
+        err
+        == "error: unexpected RuntimeError: boom — Run again with --debug for the traceback, and report it\n"
+    )
+
+
+def test_keys_without_aws_credentials_or_a_local_stack_are_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Any
+) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                 "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    code, _, err = run(capsys, "keys", "create", "--tenant", "t", "--stack-name", "spool-prod")
+    assert code == 2
+    assert err.splitlines() == [
+        "error: admin_target: No AWS credentials or region to reach stack spool-prod — Configure them"
+        " (aws configure, or AWS_PROFILE / AWS_REGION); For the local stack, omit --stack-name"
+    ]
+
+
+def test_aws_errors_become_one_admin_error() -> None:
+    from botocore.exceptions import (
+        ClientError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        ParamValidationError,
+    )
+
+    target = AdminTarget("stack s", {}, {})
+    raised: list[BaseException] = [
+        NoCredentialsError(),
+        EndpointConnectionError(endpoint_url="http://x"),
+        ClientError({"Error": {"Code": "AccessDeniedException", "Message": "no"}}, "PutItem"),
+        ParamValidationError(report="bad"),
+    ]
+    messages = []
+    for error in raised:
+        with pytest.raises(AdminError) as caught, aws_errors(target):
+            raise error
+        messages.append(caught.value.message)
+    assert messages[0] == "No AWS credentials or region to reach stack s"
+    assert messages[1].startswith("stack s could not be reached")
+    assert messages[2] == "AWS refused the change to stack s: AccessDeniedException: no"
+    assert messages[3].startswith("AWS call to stack s failed")
+
+
+# ------------------------------------------------------------------------------------------ help
+def _parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                yield from _parsers(child)
+
+
+def test_every_option_has_help_and_no_help_shows_raw_backticks(capsys: pytest.CaptureFixture[str]) -> None:
+    for parser in _parsers(cli.build_parser()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                continue  # each of its commands has its own
+            assert action.help, f"{parser.prog} {action.option_strings or action.dest} has no help"
+        text = parser.format_help()
+        assert "`" not in text, parser.prog
+    ask = next(parser for parser in _parsers(cli.build_parser()) if parser.prog == "spool ask")
+    assert "longest answer, in tokens (default: 1024)" in " ".join(ask.format_help().split())
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"spool {cli._version()}"
+    assert cli._version()[0].isdigit()
