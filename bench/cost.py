@@ -360,7 +360,7 @@ class CostBench:
             if scenario == "none":
                 self._wait_finished(job["job_id"])  # read in this process, straight from the table
             else:
-                chunks = sum(1 for _ in reader.read(scenario, job))
+                chunks = sum(1 for _ in reader.read(scenario, job, within=300))
         finally:
             reader.close()
         seconds = time.monotonic() - started

@@ -76,17 +76,23 @@ class Reader:
                 if not answer["chunks"]:
                     return chunks
 
-    def read(self, transport: str, job: dict[str, Any]) -> Iterator[Held]:
+    def cancel(self, job_id: str) -> None:
+        self._http.post(f"/v1/jobs/{job_id}/cancel")
+
+    def read(self, transport: str, job: dict[str, Any], *, within: float = 600.0) -> Iterator[Held]:
+        """Every chunk of ``job`` over ``transport``; ``TimeoutError`` if ``done`` has not come
+        ``within`` seconds from now (checked at each chunk, ping or poll)."""
+        deadline = time.monotonic() + within
         if transport == "sse":
-            return self.events(job["job_id"])
+            return self.events(job["job_id"], deadline)
         if transport == "poll":
-            return self.poll(job["job_id"])
+            return self.poll(job["job_id"], deadline)
         if transport == "websocket":
-            return self.subscribe(job["job_id"], job["links"]["subscribe"])
+            return self.subscribe(job["job_id"], job["links"]["subscribe"], deadline)
         raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}")
 
     # ------------------------------------------------------------------ transports
-    def events(self, job_id: str) -> Iterator[Held]:
+    def events(self, job_id: str, deadline: float) -> Iterator[Held]:
         """``GET /v1/jobs/{id}/events``, reopened with ``Last-Event-ID`` if it ends before ``done``."""
         last = 0
         while True:
@@ -94,6 +100,7 @@ class Reader:
             with self._http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as response:
                 response.raise_for_status()
                 for event in httpx2.EventSource(response):
+                    _check(deadline, job_id)
                     if event.event == "done":
                         return
                     if event.event == "chunk":
@@ -102,10 +109,11 @@ class Reader:
                             last = chunk["sequence_id"]
                             yield Held(last, chunk["text"], time.time())
 
-    def poll(self, job_id: str, wait: int = 20) -> Iterator[Held]:
+    def poll(self, job_id: str, deadline: float, wait: int = 20) -> Iterator[Held]:
         """``GET /v1/jobs/{id}/chunks?after=N&wait=S`` until ``done``."""
         last = 0
         while True:
+            _check(deadline, job_id)
             response = self._http.get(
                 f"/v1/jobs/{job_id}/chunks", params={"after": last, "wait": wait}, timeout=wait + 60
             )
@@ -119,7 +127,7 @@ class Reader:
             if page["done"]:
                 return
 
-    def subscribe(self, job_id: str, url: str) -> Iterator[Held]:
+    def subscribe(self, job_id: str, url: str, deadline: float) -> Iterator[Held]:
         """One WebSocket connection, one subscribe frame, chunks until ``done``."""
         last = 0
         started = time.monotonic()
@@ -128,7 +136,8 @@ class Reader:
                 socket.send(json.dumps({"action": "subscribe", "job_id": job_id, "after": 0}))
                 self.websocket_frames_sent += 1
                 while True:
-                    message = json.loads(socket.recv(timeout=120))
+                    _check(deadline, job_id)
+                    message = json.loads(socket.recv(timeout=max(1.0, deadline - time.monotonic())))
                     if message.get("type") == "done":
                         return
                     if message.get("type") in ("error", None):  # Spool's error, or the gateway's
@@ -138,3 +147,8 @@ class Reader:
                         yield Held(last, message["text"], time.time())
         finally:
             self.websocket_seconds += time.monotonic() - started
+
+
+def _check(deadline: float, job_id: str) -> None:
+    if time.monotonic() > deadline:
+        raise TimeoutError(f"job {job_id} was not done in time")

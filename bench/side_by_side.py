@@ -50,6 +50,7 @@ TRANSPORT_NAMES = {
 # (tokens, tokens per second or 0 for full speed, Spool's model)
 WORKLOADS = ((500, 50, "loopback-50"), (1000, 0, "loopback-max"))
 CONCURRENCY = (1, 20)
+STREAM_DEADLINE_SECONDS = 300.0  # a stream through Spool not done by then is reported as failed
 SIDE_PARAMETERS = {"WorkerVisibilityTimeoutSeconds": "30"}  # as bench/__main__.py's stack
 
 
@@ -248,7 +249,11 @@ def read_spool(base_url: str, api_key: str, transport: str, model: str, tokens: 
     with Reader(base_url, api_key) as reader:
         stream = Stream(time.time())
         job = reader.create_job(message="side by side", model=model, max_tokens=tokens)
-        held: list[Held] = list(reader.read(transport, job))
+        try:
+            held: list[Held] = list(reader.read(transport, job, within=STREAM_DEADLINE_SECONDS))
+        except TimeoutError:
+            reader.cancel(job["job_id"])  # its worker stops; the next batch starts from a drained queue
+            raise
         stream.arrivals = [h.at for h in held]
         created = {c["sequence_id"]: epoch(c["created_at"]) for c in reader.chunk_log(job["job_id"])}
         stream.persist_delays = [h.at - created[h.sequence_id] for h in held if h.sequence_id in created]
@@ -278,7 +283,9 @@ def concurrently(read: Callable[[], Stream], n: int) -> list[Stream]:
         thread.join()
     errors = [r for r in results if isinstance(r, BaseException)]
     if errors:
-        raise RuntimeError(f"{len(errors)} of {n} streams failed, first: {errors[0]!r}") from errors[0]
+        raise RuntimeError(f"{len(errors)} of {n} streams failed, the first with {errors[0]!r}") from errors[
+            0
+        ]
     return [r for r in results if isinstance(r, Stream)]
 
 
