@@ -235,6 +235,25 @@ def hand_corpus() -> list[Probe]:
             _key(),
         ),
         Probe("usage until year 1", "GET", "/v1/usage?until=0001-01-03", expect_rejected=False),
+        # Listings: every bad limit, status or cursor is a 400, never a restart from the first page
+        Probe("jobs limit 0", "GET", "/v1/jobs?limit=0"),
+        Probe("jobs limit 101", "GET", "/v1/jobs?limit=101"),
+        Probe("jobs limit not a number", "GET", "/v1/jobs?limit=x"),
+        Probe("jobs limit 41 digits", "GET", "/v1/jobs?limit=" + HUGE),
+        Probe("jobs unknown status", "GET", "/v1/jobs?status=finished"),
+        Probe("jobs status 10 KB", "GET", "/v1/jobs?status=" + "s" * 10_000),
+        Probe("jobs cursor not base64", "GET", "/v1/jobs?cursor=!!!.***"),
+        Probe(
+            "jobs cursor forged",
+            "GET",
+            "/v1/jobs?cursor=eyJ0IjoidGVuYW50LWIiLCJsIjoiam9icyIsInciOiIiLCJwIjoiOSJ9.AAAA",
+        ),
+        Probe("jobs cursor 10 KB", "GET", "/v1/jobs?cursor=" + "c" * 10_000),
+        Probe("jobs cursor with NUL", "GET", "/v1/jobs?cursor=a%00b.c"),
+        Probe("contexts limit 0", "GET", "/v1/contexts?limit=0"),
+        Probe("contexts limit -1", "GET", "/v1/contexts?limit=-1"),
+        Probe("contexts cursor forged", "GET", "/v1/contexts?cursor=e30.e30"),
+        Probe("jobs list all defaults", "GET", "/v1/jobs?status=&cursor=", expect_rejected=False),
         # A HEAD answer has no body, even from a streaming route (the next request on the connection
         # read the stray end of a chunked body as its status line)
         Probe("HEAD on a streaming route", "HEAD", "/v1/chat/completions"),
@@ -254,6 +273,8 @@ BODY_ROUTES = [
 ]
 ROUTES = [
     *BODY_ROUTES,
+    ("GET", "/v1/jobs"),
+    ("GET", "/v1/contexts"),
     ("GET", "/v1/jobs/{job}"),
     ("GET", "/v1/jobs/{job}/chunks"),
     ("POST", "/v1/jobs/{job}/cancel"),
@@ -268,7 +289,10 @@ ROUTES = [
     ("GET", "/v1/health"),
     ("GET", "/v1/openapi.json"),
 ]
-QUERY_NAMES = ["after", "limit", "wait", "since", "until", "deep", "stream", "starting_after", "token"]
+QUERY_NAMES = [
+    "after", "limit", "wait", "since", "until", "deep", "stream", "starting_after", "token",
+    "status", "cursor",
+]  # fmt: skip
 FIELDS = [
     "model", "message", "messages", "max_tokens", "temperature", "metadata", "context_id", "fallback",
     "files", "symbols", "upload_id", "ttl_seconds", "last_sequence_id", "limit", "wait", "input",
