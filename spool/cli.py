@@ -453,10 +453,11 @@ def _jobs_list(args: argparse.Namespace) -> int:
                 job.get("created_at", ""),
             )
         )
-    columns = ["JOB ID", "STATUS", "MODEL", "IN", "OUT", "COST", "CREATED"]
-    output_console().print(table(None, columns, rows, numbers=("IN", "OUT", "COST")))
     if not jobs:
         message_console().print("no jobs" + (f" {args.status}" if args.status else ""))
+        return EXIT_OK
+    columns = ["JOB ID", "STATUS", "MODEL", "IN", "OUT", "COST", "CREATED"]
+    output_console().print(table(None, columns, rows, numbers=("IN", "OUT", "COST")))
     if more:
         message_console().print(f"showing the {len(jobs)} newest; --all lists every one", style="dim")
     return EXIT_OK
@@ -511,9 +512,10 @@ def _contexts_list(args: argparse.Namespace) -> int:
         "UPDATED",
         "EXPIRES",
     ]
-    output_console().print(table(None, columns, rows, numbers=("VERSION", "FILES", "TOKENS", "SIZE")))
     if not contexts:
         message_console().print("no contexts")
+        return EXIT_OK
+    output_console().print(table(None, columns, rows, numbers=("VERSION", "FILES", "TOKENS", "SIZE")))
     if more:
         message_console().print(f"showing the {len(contexts)} newest; --all lists every one", style="dim")
     return EXIT_OK

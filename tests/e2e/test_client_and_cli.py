@@ -1,19 +1,10 @@
-"""The Python client and the CLI against the embedded stack, as a user runs them."""
+"""The Python client against the embedded stack, as a user runs it (the CLI: tests/e2e/test_cli.py)."""
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
-import pty
-import select
-import signal
 import socket
-import subprocess
-import sys
-import termios
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +13,6 @@ import pytest
 from spool import Client
 from spool.client import InvalidRequest, NotFound, read_directory
 from tests.e2e.conftest import DEV_KEY, RunningStack
-from tests.support import ROOT
 
 
 @pytest.fixture
@@ -160,161 +150,3 @@ def test_the_idempotency_key_is_reused_across_the_clients_own_retries(client: Cl
     job = client.create_job("once", model="sim-fast", max_tokens=5, idempotency_key="client-retry-1")
     again = client.create_job("once", model="sim-fast", max_tokens=5, idempotency_key="client-retry-1")
     assert again["job_id"] == job["job_id"]
-
-
-def _controlling_terminal() -> None:
-    """In the child: a new session whose controlling terminal is the pty, so Ctrl-C becomes SIGINT."""
-    os.setsid()
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-
-def test_the_cli_streams_under_a_terminal_and_cancels_on_ctrl_c(
-    dev_stack: RunningStack, tmp_path: Path
-) -> None:
-    (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "main.py").write_text("print('hello')\n")
-    env = {
-        **os.environ,
-        "SPOOL_URL": dev_stack.base_url,
-        "SPOOL_API_KEY": DEV_KEY,
-        "SPOOL_CACHE_DIR": str(tmp_path / "cache"),
-    }
-    leader, follower = pty.openpty()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "spool.cli",
-            "ask",
-            "Explain main.py",
-            "--context",
-            str(tmp_path / "src"),
-            "--model",
-            "sim-realtime",
-            "--max-tokens",
-            "3000",
-        ],
-        stdin=follower,
-        stdout=follower,
-        stderr=follower,
-        env=env,
-        cwd=ROOT,
-        preexec_fn=_controlling_terminal,  # the child must own the terminal
-    )
-    os.close(follower)
-    output = b""
-    deadline = time.monotonic() + 30
-    while b"tok/s" not in output and time.monotonic() < deadline:  # the status line under a terminal
-        ready, _, _ = select.select([leader], [], [], 0.5)
-        if ready:
-            try:
-                output += os.read(leader, 4096)
-            except OSError:  # the CLI exited: its output says why
-                break
-    assert process.poll() is None, output.decode(errors="replace")
-    assert b"job job_" in output
-    assert b"~$" in output  # the status line carries the cost so far
-    os.write(leader, b"\x03")  # Ctrl-C, as a person types it: the terminal sends SIGINT
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:  # keep reading: a full terminal buffer would block the CLI's writes
-        ready, _, _ = select.select([leader], [], [], 0.2)
-        if not ready:
-            if process.poll() is not None:
-                break
-            continue
-        try:
-            chunk = os.read(leader, 4096)
-        except OSError:  # EIO: the CLI closed the terminal (it exited)
-            break
-        output += chunk
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        raise
-    os.close(leader)
-    assert process.returncode == 130
-    text = output.decode(errors="replace")
-    assert "cancelled: cancelled" in text
-    job_id = text.split("job ", 1)[1].split()[0]
-    assert Client(dev_stack.base_url, DEV_KEY).job(job_id)["status"] == "cancelled"
-
-
-def test_the_demo_drops_the_connection_and_resumes(dev_stack: RunningStack, tmp_path: Path) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "spool.cli",
-            "demo",
-            "--url",
-            dev_stack.base_url,
-            "--key",
-            DEV_KEY,
-            "--max-tokens",
-            "80",
-            "--drop-after",
-            "3",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-        env={**os.environ, "SPOOL_CACHE_DIR": str(tmp_path / "cache")},
-    )
-    assert result.returncode == 0, result.stderr
-    assert "connection dropped after chunk 3; reconnecting with Last-Event-ID: 3" in result.stderr
-    assert "completed:" in result.stderr
-    assert len(result.stdout.split()) >= 60  # the whole answer was printed across the reconnect
-
-
-def test_keys_and_limits_work_against_the_local_stack_with_no_flags(dev_stack: RunningStack) -> None:
-    env = {**os.environ, "SPOOL_URL": dev_stack.base_url}
-
-    def spool(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "spool.cli", *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=ROOT,
-            env=env,
-        )
-
-    created = spool("keys", "create", "--tenant", "cli-tenant")
-    assert created.returncode == 0, created.stderr
-    key = created.stdout.strip()
-    assert "the local stack" in created.stderr
-    limited = spool(
-        "limits",
-        "set",
-        "--tenant",
-        "cli-tenant",
-        "--tokens-per-minute",
-        "1234",
-        "--tokens-per-day",
-        "99999",
-        "--max-concurrent-jobs",
-        "3",
-    )
-    assert limited.returncode == 0, limited.stderr
-    status, headers, _ = dev_stack.request(
-        "POST",
-        "/v1/jobs",
-        body={"message": "hi", "model": "sim-fast", "max_tokens": 5},
-        key=key,
-        headers={"Idempotency-Key": "cli-limits"},
-    )
-    assert status == 202
-    assert headers["X-RateLimit-Limit-Tokens"] == "1234"  # the new key works, with the new limits
-    nowhere = subprocess.run(
-        [sys.executable, "-m", "spool.cli", "limits", "get", "--tenant", "x"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        env={**os.environ, "SPOOL_URL": "http://127.0.0.1:9"},
-    )
-    assert nowhere.returncode == 2
-    assert "No local Spool stack answers at http://127.0.0.1:9" in nowhere.stderr
-    assert "Traceback" not in nowhere.stderr
