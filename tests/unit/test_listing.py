@@ -330,3 +330,12 @@ def test_the_list_indexes_project_exactly_the_summary_fields() -> None:
         assert projection["ProjectionType"] == "INCLUDE"
         assert sorted(projection["NonKeyAttributes"]) == sorted(fields), (table, name)
     assert "output" not in JOB_FIELDS and "request" not in JOB_FIELDS
+
+
+def test_a_summary_has_no_output_to_show(world: JobWorld) -> None:
+    a = job_service(world, "tenant-a")
+    [job_id] = create(a, 1, world)
+    [listed] = ListingJobStore(world.ledger.tenant("tenant-a")).list_for_tenant(None, 1, None)
+    assert listed.job.job_id == job_id
+    with pytest.raises(TypeError):
+        a.view(listed.job, with_output=True)

@@ -328,7 +328,8 @@ class JobService:
         """The job resource of DESIGN.md; without ``output`` (``?output=false``) it is small and
         costs no read of the chunk log beyond its first entry, whatever the output's size; not
         ``live`` (a listing's entries) it reads nothing at all: the job's item says it all."""
-        with_output = with_output and isinstance(job, Job)
+        if with_output and not isinstance(job, Job):
+            raise TypeError("a job's output is on its item, not on its summary")
         output = job.output if isinstance(job, Job) else None
         first_token_at = job.first_token_at
         last: Chunk | None = None
