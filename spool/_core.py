@@ -12,6 +12,7 @@ import random
 import uuid
 from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlencode
@@ -176,7 +177,7 @@ class Call:
         headers: dict[str, str] = {}
         if self.auth:
             headers["Authorization"] = f"Bearer {settings.api_key}"
-        body = self.content if self.json is None else encode(self.json)
+        body = self.body
         if body is not None:
             headers["Content-Type"] = "application/json"
             headers["Content-Length"] = str(len(body))
@@ -191,7 +192,7 @@ class Call:
             "timeout": timeout,
         }
 
-    @property
+    @cached_property
     def body(self) -> bytes | None:
         return self.content if self.json is None else encode(self.json)
 
