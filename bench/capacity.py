@@ -19,7 +19,8 @@ Sizes the call itself does not show (the item before an update, after it, before
 with a strongly consistent ``GetItem`` on the unwrapped call path, so they are not counted as calls.
 
 Installed in each container of the embedded stack when ``SPOOL_BENCH_CAPACITY`` names a directory
-(``bench/hook/sitecustomize.py``, put on the fork server's ``PYTHONPATH`` by ``bench.cost``); each
+(``bench/hook/sitecustomize.py``, put on the fork server's ``PYTHONPATH`` by ``bench.cost``), it
+meters while the file ``on`` exists in that directory and passes calls straight through otherwise; each
 process writes ``<function>-<pid>.json``: ``{table: {"read": units, "write": units}}``, and
 ``{"_meter": {"shadow_seconds": s}}``, the time its own reads took.
 """
@@ -40,6 +41,7 @@ from typing import Any
 
 CAPACITY_ENV = "SPOOL_BENCH_CAPACITY"
 TYPE_TAGS = frozenset({"S", "N", "B", "SS", "NS", "BS", "M", "L", "NULL", "BOOL"})
+METER_SWITCH = "on"  # the meter counts while this file exists in its directory (bench/cost.py)
 METER_KEY = "_meter"  # the dump's entry for the meter's own time, beside the tables
 WRITE_UNIT_BYTES = 1024
 READ_UNIT_BYTES = 4096
@@ -205,8 +207,13 @@ class CapacityMeter:
     def _before_record(self) -> None:
         return None
 
+    def enabled(self) -> bool:
+        return True
+
     def call(self, client: Any, operation: str, params: dict[str, Any]) -> Any:
         """Make the call and record what it costs (also when a condition fails)."""
+        if not self.enabled():
+            return self._raw(client, operation, params)
         handler = getattr(self, f"_{_snake(operation)}", None) if operation in METERED else None
         if handler is None:
             return self._raw(client, operation, params)
@@ -383,6 +390,9 @@ class _DeferredMeter(CapacityMeter):
         super().__init__(None)
         self._directory = directory
         self._pid = 0
+
+    def enabled(self) -> bool:
+        return (self._directory / METER_SWITCH).exists()
 
     def _before_record(self) -> None:
         if self._pid != os.getpid():  # a fresh container (forked): its own counts and file

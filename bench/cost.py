@@ -9,7 +9,8 @@ suite counts what AWS would bill for it:
 - API Gateway: the REST requests the client made, the WebSocket messages (the client's frames and
   every ``PostToConnection``, in 32 KB increments) and connection minutes;
 - DynamoDB: write and read request units, from the sizes of the items each call touched
-  (``bench/capacity.py``, metered in every container);
+  (``bench/capacity.py``, metered in every container, in a second job read the same way: the
+  meter's own reads would lengthen the first job's invocations);
 - SQS (the function's calls, plus the event source's receive and delete of each message), S3 and
   Secrets Manager calls (the containers' call counts).
 
@@ -35,7 +36,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bench.capacity import CAPACITY_ENV, METER_KEY, read_dumps
+from bench.capacity import CAPACITY_ENV, METER_KEY, METER_SWITCH, read_dumps
 from bench.readers import Reader
 
 PRICES_PATH = Path(__file__).with_name("prices.json")
@@ -249,22 +250,6 @@ def counter_delta(before: Mapping[str, Counter[str]], after: Mapping[str, Counte
     return delta
 
 
-def meter_seconds(
-    before: Mapping[str, Mapping[str, Mapping[str, float]]],
-    after: Mapping[str, Mapping[str, Mapping[str, float]]],
-) -> dict[str, float]:
-    """Seconds each function's containers spent in the meter's own reads between two snapshots
-    (by the function's physical name)."""
-    seconds: dict[str, float] = {}
-    for stem, tables in after.items():
-        spent = tables.get(METER_KEY, {}).get("shadow_seconds", 0.0)
-        spent -= before.get(stem, {}).get(METER_KEY, {}).get("shadow_seconds", 0.0)
-        if spent:
-            function = stem.rsplit("-", 1)[0]
-            seconds[function] = seconds.get(function, 0.0) + spent
-    return seconds
-
-
 def capacity_delta(
     before: Mapping[str, Mapping[str, Mapping[str, float]]],
     after: Mapping[str, Mapping[str, Mapping[str, float]]],
@@ -291,6 +276,7 @@ class Measured:
     tokens: int
     chunks: int
     seconds: float
+    metered_chunks: int = 0  # read in the second job, whose request units are the ones counted
 
 
 def _architectures(template_body: Mapping[str, Any]) -> dict[str, str]:
@@ -348,7 +334,27 @@ class CostBench:
         raise TimeoutError(f"job {job_id} did not finish within {timeout:g}s")
 
     def measure(self, scenario: str, tokens: int = 1000, model: str = "sim-realtime") -> Measured:
+        """Two jobs read the same way: the first with the request-unit meter off gives the durations
+        and the call counts (the meter's own reads would lengthen the functions' invocations), the
+        second with it on gives the request units."""
+        measured = self._job(scenario, tokens, model, metered=False)
+        units = self._job(scenario, tokens, model, metered=True)
+        measured.usage.write_units = units.usage.write_units
+        measured.usage.read_units = units.usage.read_units
+        measured.metered_chunks = units.chunks
+        return measured
+
+    def _job(self, scenario: str, tokens: int, model: str, *, metered: bool) -> Measured:
+        switch = self.capacity_dir / METER_SWITCH
         self.settle()
+        if metered:
+            switch.touch()
+        try:
+            return self._measure(scenario, tokens, model)
+        finally:
+            switch.unlink(missing_ok=True)
+
+    def _measure(self, scenario: str, tokens: int, model: str) -> Measured:
         reports_before = self._reports()
         counts_before = _sum_counts(self.counts_dir)
         capacity_before = read_dumps(self.capacity_dir)
@@ -371,8 +377,6 @@ class CostBench:
             websocket_messages=reader.websocket_frames_sent,
             websocket_connection_minutes=math.ceil(reader.websocket_seconds / 60),
         )
-        capacity_after = read_dumps(self.capacity_dir)
-        shadow = meter_seconds(capacity_before, capacity_after)
         for name, function in self.stack.functions.items():
             if name not in JOB_PATH_FUNCTIONS:
                 continue
@@ -380,10 +384,9 @@ class CostBench:
             if not new:
                 continue
             usage.lambda_requests[name] += len(new)
-            billed = sum(gb_seconds(billed_ms(r.duration_ms), r.memory_mb) for r in new)
-            # without the time the meter's own reads added (they are no part of the function's work)
-            metering = gb_seconds(1000 * shadow.get(function.name, 0.0), function.spec.memory_mb)
-            usage.lambda_gb_seconds[name] = max(0.0, billed - metering)
+            usage.lambda_gb_seconds[name] = sum(
+                gb_seconds(billed_ms(r.duration_ms), r.memory_mb) for r in new
+            )
             usage.lambda_architecture[name] = self.architectures.get(name, "x86_64")
         calls = counter_delta(counts_before, _sum_counts(self.counts_dir))
         job_path_calls: Counter[str] = Counter()
@@ -394,7 +397,7 @@ class CostBench:
         add_aws_calls(usage, job_path_calls)
         # The SQS event source receives each worker message and deletes it (locally: this process).
         usage.sqs_requests += 2 * usage.lambda_requests["WorkerFunction"]
-        capacity = capacity_delta(capacity_before, capacity_after)
+        capacity = capacity_delta(capacity_before, read_dumps(self.capacity_dir))
         for physical, kinds in capacity.items():
             table = self.tables.get(physical, physical)
             usage.write_units[table] = usage.write_units.get(table, 0.0) + kinds.get("write", 0.0)
@@ -419,7 +422,8 @@ def format_report(measured: Measured, prices: Prices) -> list[str]:
     target = prices.targets_percent[measured.scenario]
     verdict = "meets" if percent <= target else "misses"
     out = [
-        f"{SCENARIO_NAMES[measured.scenario]} ({measured.tokens} tokens, {measured.chunks} chunks read, "
+        f"{SCENARIO_NAMES[measured.scenario]} ({measured.tokens} tokens, {measured.chunks} chunks read"
+        f" ({measured.metered_chunks} in the metered job), "
         f"{measured.seconds:.1f} s): ${total:.6f} per job = {percent:.1f}% of "
         f"${prices.output_price(measured.tokens):.4f} of model output (target <= {target:g}%: {verdict})"
     ]

@@ -6,16 +6,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 from collections import Counter
 from typing import Any
 
 import pytest
 
 from bench.capacity import (
+    METER_SWITCH,
     CapacityMeter,
     TableShape,
+    _DeferredMeter,
     item_size,
     number_size,
+    read_dumps,
     read_units,
     value_size,
     write_units,
@@ -30,7 +34,6 @@ from bench.cost import (
     counter_delta,
     gb_seconds,
     increments,
-    meter_seconds,
     percent_of_output,
 )
 from bench.side_by_side import completion_chunk, loopback_models, quantile, rate_of, upstream_app
@@ -272,7 +275,6 @@ def test_deltas_between_snapshots() -> None:
         "w-1": {"T": {"write": 5.0, "read": 1.0}, "_meter": {"shadow_seconds": 3.5}},
         "f-2": {"U": {"read": 0.5}},
     }
-    assert meter_seconds(units_before, units_after) == {"w": 2.5}
     assert capacity_delta(units_before, units_after) == {
         "T": {"read": 0.0, "write": 3.0},
         "U": {"read": 0.5, "write": 0.0},
@@ -320,3 +322,20 @@ def test_side_by_side_helpers() -> None:
     added = {m["id"]: m for m in models["models"] if m["id"].startswith("loopback")}
     assert added["loopback-50"]["provider_model_id"] == "loop-50"
     assert added["loopback-max"]["options"] == {"base_url": "http://127.0.0.1:1/v1"}
+
+
+def test_the_containers_meter_counts_only_while_switched_on(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "spool-local-WorkerFunction")
+    meter, dynamo = _DeferredMeter(tmp_path), FakeDynamo()
+    meter._original = dynamo
+    put = {"TableName": "T", "Item": {"pk": {"S": "a"}}}
+    meter.call(None, "PutItem", put)
+    assert dynamo.calls == Counter({"PutItem": 1})  # passed straight through: no reads of its own
+    assert read_dumps(tmp_path) == {}
+    (tmp_path / METER_SWITCH).touch()
+    meter.call(None, "PutItem", put)
+    dumps = read_dumps(tmp_path)
+    assert list(dumps) == [f"spool-local-WorkerFunction-{os.getpid()}"]
+    assert dumps[f"spool-local-WorkerFunction-{os.getpid()}"]["T"] == {"write": 1}
