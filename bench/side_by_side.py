@@ -50,6 +50,7 @@ TRANSPORT_NAMES = {
 # (tokens, tokens per second or 0 for full speed, Spool's model)
 WORKLOADS = ((500, 50, "loopback-50"), (1000, 0, "loopback-max"))
 CONCURRENCY = (1, 20)
+SINGLE_REPEATS = 3
 STREAM_DEADLINE_SECONDS = 300.0  # a stream through Spool not done by then is reported as failed
 SIDE_PARAMETERS = {"WorkerVisibilityTimeoutSeconds": "30"}  # as bench/__main__.py's stack
 
@@ -265,7 +266,10 @@ def epoch(text: str) -> float:
 
 
 def concurrently(read: Callable[[], Stream], n: int) -> list[Stream]:
-    """``n`` streams at once (threads), started together."""
+    """``n`` streams at once (threads), started together; a single stream is read
+    ``SINGLE_REPEATS`` times one after the other (its percentiles are over those)."""
+    if n == 1:
+        return [read() for _ in range(SINGLE_REPEATS)]
     results: list[Stream | BaseException] = [RuntimeError("not run")] * n
     barrier = threading.Barrier(n)
 
@@ -302,10 +306,14 @@ def quantile(values: list[float], q: float) -> float:
 class Row:
     transport: str
     streams: list[Stream]
+    sequential: bool = False
 
     @property
     def wall(self) -> float:
-        """From the first request to the last chunk held, over every stream of the batch."""
+        """From the first request to the last chunk held, over the batch's concurrent streams (the
+        median stream's total when they were read one after the other)."""
+        if self.sequential:
+            return self.total(0.5)
         return max(s.arrivals[-1] for s in self.streams) - min(s.started for s in self.streams)
 
     def ttft(self, q: float) -> float:
@@ -426,12 +434,19 @@ def run(
                 upstream_model = f"loop-{rate}"
                 speed = f"{rate} tokens/s" if rate else "full speed"
                 for n in concurrency:
-                    print_(f"{tokens:,} tokens at {speed}, {n} concurrent stream{'s' if n > 1 else ''}:")
+                    batch = (
+                        f"{n} concurrent streams"
+                        if n > 1
+                        else f"1 stream at a time ({SINGLE_REPEATS} in a row)"
+                    )
+                    print_(f"{tokens:,} tokens at {speed}, {batch}:")
 
                     def direct_read(model: str = upstream_model, tokens: int = tokens) -> Stream:
                         return read_direct(upstream.base_url, model, tokens)
 
-                    direct = results[(tokens, n, "direct")] = Row("direct", concurrently(direct_read, n))
+                    direct = results[(tokens, n, "direct")] = Row(
+                        "direct", concurrently(direct_read, n), n == 1
+                    )
                     print_(format_row(direct, None))
                     for transport in transports:
 
@@ -441,7 +456,9 @@ def run(
                             return read_spool(stack.base_url, stack.api_key, transport, model, tokens)
 
                         try:
-                            row = results[(tokens, n, transport)] = Row(transport, concurrently(spool, n))
+                            row = results[(tokens, n, transport)] = Row(
+                                transport, concurrently(spool, n), n == 1
+                            )
                         except RuntimeError as exc:
                             print_(f"  {TRANSPORT_NAMES[transport]:<26} FAILED: {exc}")
                             continue
