@@ -269,7 +269,10 @@ def concurrently(read: Callable[[], Stream], n: int) -> list[Stream]:
     """``n`` streams at once (threads), started together; a single stream is read
     ``SINGLE_REPEATS`` times one after the other (its percentiles are over those)."""
     if n == 1:
-        return [read() for _ in range(SINGLE_REPEATS)]
+        try:
+            return [read() for _ in range(SINGLE_REPEATS)]
+        except Exception as exc:
+            raise RuntimeError(f"the stream failed with {exc!r}") from exc
     results: list[Stream | BaseException] = [RuntimeError("not run")] * n
     barrier = threading.Barrier(n)
 
