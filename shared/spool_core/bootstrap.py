@@ -3,6 +3,13 @@
 Handlers ask it for a ready service at invocation. Clients are created on first use and reused by
 warm invocations; nothing touches the network at import time. Tests build the same services from
 in-memory fakes instead.
+
+Every function imports this module, so it imports almost nothing itself: each factory imports the
+adapters and services it wires, when it is first called. A function then loads only what its own
+routes use, and none loads the ``openai`` SDK, Powertools Parameters or AppConfig until a call needs
+them (see docs/decisions.md, cold start). The exception is the key lookup (a few ms), loaded with
+this module because the authorizer, which runs before every request and imports little else, uses
+it on every call. ``tests/unit/test_cold_imports.py`` keeps it so.
 """
 
 from __future__ import annotations
@@ -11,49 +18,36 @@ import os
 import time
 from collections.abc import Callable
 from functools import lru_cache, partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import openai
-from aws_lambda_powertools.utilities import parameters
-
-from spool_core.adapters import aws, probes
-from spool_core.adapters.api_keys import DynamoApiKeyStore, DynamoConnectionKeys, ManagementApiCloser
-from spool_core.adapters.circuits import DynamoCircuitStore
-from spool_core.adapters.contexts import (
-    DynamoBlobIndex,
-    DynamoContextTable,
-    S3BlobStore,
-    S3ManifestStore,
-    S3UploadStore,
-)
-from spool_core.adapters.dynamodb import ScopedTable
-from spool_core.adapters.jobs import DynamoChunkLog, DynamoJobStore, DynamoPendingJobs, SqsJobQueue
-from spool_core.adapters.system_cache import DynamoCache
-from spool_core.adapters.usage import DynamoUsageStore
-from spool_core.adapters.websocket import DynamoConnectionStore, DynamoSubscriptionStore, ManagementApiPusher
-from spool_core.auth import ApiKeys, ConnectionGuard
-from spool_core.circuits import CircuitBreaker
-from spool_core.contexts.service import DAY, ContextLimits, ContextService
+from spool_core.adapters import aws
+from spool_core.adapters.api_keys import DynamoApiKeyStore  # the key lookup: see the docstring
+from spool_core.auth import ApiKeys
 from spool_core.errors import ConfigurationError
-from spool_core.events import EventsToken
-from spool_core.flags import DEFAULT_FLAGS_FILE, Flags, flags
-from spool_core.health import HealthService, Probe
-from spool_core.jobs.dead_letters import DeadLetters
-from spool_core.jobs.runner import JobRunner, RunnerSettings
-from spool_core.jobs.service import JOB_TTL_SECONDS, JobService
-from spool_core.jobs.sweeper import Sweeper, SweepSettings
-from spool_core.limits.model import TenantLimits
-from spool_core.limits.service import RateLimiter
-from spool_core.models import ModelCatalog, ModelSpec, registry
-from spool_core.provider_health import provider_probes
-from spool_core.providers import Provider
-from spool_core.providers.bedrock import BedrockProvider
-from spool_core.providers.openai_compatible import OpenAICompatibleProvider
-from spool_core.providers.simulated import SimulatedProvider
 from spool_core.settings import Settings
-from spool_core.subscriptions import Fanout
 from spool_core.tenancy import Tenant, TenantScope
-from spool_core.units import nanos
+
+if TYPE_CHECKING:
+    import openai
+
+    from spool_core.adapters.jobs import DynamoChunkLog, DynamoJobStore, SqsJobQueue
+    from spool_core.adapters.usage import DynamoUsageStore
+    from spool_core.adapters.websocket import DynamoConnectionStore
+    from spool_core.auth import ConnectionGuard
+    from spool_core.circuits import CircuitBreaker
+    from spool_core.contexts.service import ContextService
+    from spool_core.events import EventsToken
+    from spool_core.flags import Flags
+    from spool_core.health import HealthService, Probe
+    from spool_core.jobs.dead_letters import DeadLetters
+    from spool_core.jobs.runner import JobRunner
+    from spool_core.jobs.service import JobService
+    from spool_core.jobs.sweeper import Sweeper
+    from spool_core.limits.model import TenantLimits
+    from spool_core.limits.service import RateLimiter
+    from spool_core.models import ModelCatalog, ModelSpec
+    from spool_core.providers import Provider
+    from spool_core.subscriptions import Fanout
 
 
 def settings() -> Settings:
@@ -71,6 +65,9 @@ def api_keys(config: Settings | None = None) -> ApiKeys:
 
 @lru_cache(maxsize=4)
 def _connection_guard(config: Settings) -> ConnectionGuard:
+    from spool_core.adapters.api_keys import DynamoConnectionKeys, ManagementApiCloser
+    from spool_core.auth import ConnectionGuard
+
     return ConnectionGuard(
         _api_keys(config),
         DynamoConnectionKeys(aws.dynamodb(config), config.connections_table),
@@ -86,6 +83,11 @@ def connection_guard(config: Settings | None = None) -> ConnectionGuard:
 
 def health_service(config: Settings | None = None, *, deep: bool = False) -> HealthService:
     """Core probes (critical) plus one probe per model provider (not critical: degraded, not down)."""
+    from spool_core.adapters.system_cache import DynamoCache
+    from spool_core.health import HealthService
+    from spool_core.models import registry
+    from spool_core.provider_health import provider_probes
+
     config = config or settings()
     core = _core_probes(config)
     models = [m for m in registry().all() if catalog(None, config).enabled(m)]
@@ -103,6 +105,9 @@ def health_service(config: Settings | None = None, *, deep: bool = False) -> Hea
 
 @lru_cache(maxsize=8)
 def _core_probes(config: Settings) -> tuple[Probe, ...]:
+    from spool_core.adapters import probes
+    from spool_core.health import Probe
+
     tables = (
         config.api_keys_table,
         config.contexts_table,
@@ -134,6 +139,16 @@ def _core_probes(config: Settings) -> tuple[Probe, ...]:
 
 def context_service(tenant: Tenant, config: Settings | None = None) -> ContextService:
     """The context store as one tenant sees it (every adapter bound to the tenant's scope)."""
+    from spool_core.adapters.contexts import (
+        DynamoBlobIndex,
+        DynamoContextTable,
+        S3BlobStore,
+        S3ManifestStore,
+        S3UploadStore,
+    )
+    from spool_core.adapters.dynamodb import ScopedTable
+    from spool_core.contexts.service import DAY, ContextLimits, ContextService
+
     config = config or settings()
     scope = TenantScope(tenant)
     s3, table = aws.s3(config), ScopedTable(aws.dynamodb(config), config.contexts_table, scope)
@@ -152,6 +167,10 @@ def context_service(tenant: Tenant, config: Settings | None = None) -> ContextSe
 
 
 def _job_tables(tenant: Tenant, config: Settings) -> tuple[DynamoJobStore, DynamoChunkLog]:
+    from spool_core.adapters.dynamodb import ScopedTable
+    from spool_core.adapters.jobs import DynamoChunkLog, DynamoJobStore
+    from spool_core.jobs.service import JOB_TTL_SECONDS
+
     scope = TenantScope(tenant)
     ddb = aws.dynamodb(config)
     jobs = DynamoJobStore(
@@ -164,6 +183,8 @@ def _job_tables(tenant: Tenant, config: Settings) -> tuple[DynamoJobStore, Dynam
 
 
 def job_queue(config: Settings | None = None) -> SqsJobQueue:
+    from spool_core.adapters.jobs import SqsJobQueue
+
     config = config or settings()
     return SqsJobQueue(aws.sqs(config), config.jobs_queue_url)
 
@@ -174,6 +195,10 @@ def events_token(config: Settings | None = None) -> EventsToken | None:
     config = config or settings()
     if not config.events_secret_arn:
         return None
+    from aws_lambda_powertools.utilities import parameters
+
+    from spool_core.events import EventsToken
+
     secret: Any = parameters.get_secret(config.events_secret_arn, max_age=300)
     return EventsToken(str(secret).encode())
 
@@ -182,6 +207,8 @@ def events_link(
     tenant: Tenant, public_url: str, config: Settings | None = None
 ) -> Callable[[str], str] | None:
     """``links.events``: the job's SSE stream with a read-only token that outlives its chunk log."""
+    from spool_core.jobs.service import JOB_TTL_SECONDS
+
     signer = events_token(config)
     if signer is None:
         return None
@@ -196,6 +223,8 @@ def events_link(
 def job_service(
     tenant: Tenant, config: Settings | None = None, *, public_url: str | None = None
 ) -> JobService:
+    from spool_core.jobs.service import JobService
+
     config = config or settings()
     jobs, chunks = _job_tables(tenant, config)
     return JobService(
@@ -213,11 +242,19 @@ def job_service(
 
 def provider_for(model: ModelSpec, config: Settings | None = None) -> Provider:
     config = config or settings()
+    # Each provider's module (and its SDK: ``openai`` alone is ~0.6 s) is imported by the first call
+    # that needs it, not by every function that imports this module.
     if model.provider == "simulated":
+        from spool_core.providers.simulated import SimulatedProvider
+
         return SimulatedProvider(faults_enabled=config.simulator_faults)
     if model.provider == "bedrock":
+        from spool_core.providers.bedrock import BedrockProvider
+
         return BedrockProvider(aws.bedrock(config), supports_prefill=model.family == "anthropic")
     if model.provider == "openai":
+        from spool_core.providers.openai_compatible import OpenAICompatibleProvider
+
         base_url = str(model.options.get("base_url") or config.openai_base_url)
         key = secret(model.options.get("api_key_parameter") or config.openai_api_key_parameter)
         return OpenAICompatibleProvider(_openai_client(base_url, key))
@@ -226,6 +263,8 @@ def provider_for(model: ModelSpec, config: Settings | None = None) -> Provider:
 
 @lru_cache(maxsize=8)
 def _openai_client(base_url: str, api_key: str) -> openai.OpenAI:
+    import openai
+
     return openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=120.0)
 
 
@@ -234,6 +273,8 @@ def secret(reference: str | None) -> str:
     read through Powertools Parameters (cached five minutes). Local servers (vLLM, Ollama) need none."""
     if not reference:
         return "not-needed"
+    from aws_lambda_powertools.utilities import parameters
+
     kind, _, name = reference.partition(":")
     if kind == "ssm":
         value: Any = parameters.get_parameter(name, decrypt=True, max_age=300)
@@ -250,6 +291,8 @@ def secret(reference: str | None) -> str:
 
 
 def job_runner(tenant: Tenant, config: Settings | None = None) -> JobRunner:
+    from spool_core.jobs.runner import JobRunner, RunnerSettings
+
     config = config or settings()
     jobs, chunks = _job_tables(tenant, config)
     return JobRunner(
@@ -271,6 +314,8 @@ def job_runner(tenant: Tenant, config: Settings | None = None) -> JobRunner:
 
 
 def dead_letters(tenant: Tenant, config: Settings | None = None) -> DeadLetters:
+    from spool_core.jobs.dead_letters import DeadLetters
+
     config = config or settings()
     jobs, chunks = _job_tables(tenant, config)
     return DeadLetters(jobs, chunks, catalog(tenant, config), rate_limiter(tenant, config))
@@ -279,6 +324,9 @@ def dead_letters(tenant: Tenant, config: Settings | None = None) -> DeadLetters:
 def sweeper(config: Settings | None = None) -> Sweeper:
     """Re-queues forgotten jobs: queued for two minutes, or running with no lease for twice the
     lease (the lease is the queue's visibility timeout) and a minute."""
+    from spool_core.adapters.jobs import DynamoPendingJobs
+    from spool_core.jobs.sweeper import Sweeper, SweepSettings
+
     config = config or settings()
     lease_ms = int(config.lease_seconds * 1000)
     return Sweeper(
@@ -292,11 +340,17 @@ def sweeper(config: Settings | None = None) -> Sweeper:
 
 
 def usage_store(tenant: Tenant, config: Settings | None = None) -> DynamoUsageStore:
+    from spool_core.adapters.dynamodb import ScopedTable
+    from spool_core.adapters.usage import DynamoUsageStore
+
     config = config or settings()
     return DynamoUsageStore(ScopedTable(aws.dynamodb(config), config.usage_table, TenantScope(tenant)))
 
 
 def default_limits(config: Settings) -> TenantLimits:
+    from spool_core.limits.model import TenantLimits
+    from spool_core.units import nanos
+
     budget = config.default_daily_budget_usd
     return TenantLimits(
         tokens_per_minute=config.default_tokens_per_minute,
@@ -308,22 +362,31 @@ def default_limits(config: Settings) -> TenantLimits:
 
 def rate_limiter(tenant: Tenant, config: Settings | None = None) -> RateLimiter:
     """The tenant's limits: its own (usage table, read at every admission) or the deployment's."""
+    from spool_core.limits.service import RateLimiter
+
     config = config or settings()
     return RateLimiter(usage_store(tenant, config), default_limits(config))
 
 
 def feature_flags(config: Settings | None = None) -> Flags:
+    from spool_core.flags import DEFAULT_FLAGS_FILE, flags
+
     config = config or settings()
     return flags(config.flags_appconfig, config.flags_file or str(DEFAULT_FLAGS_FILE))
 
 
 def catalog(tenant: Tenant | None, config: Settings | None = None) -> ModelCatalog:
     """The models as a tenant may use them (feature flags decide rollouts)."""
+    from spool_core.models import ModelCatalog, registry
+
     config = config or settings()
     return ModelCatalog(registry(), feature_flags(config), tenant.id if tenant else None)
 
 
 def circuit_breaker(config: Settings | None = None) -> CircuitBreaker:
+    from spool_core.adapters.circuits import DynamoCircuitStore
+    from spool_core.circuits import CircuitBreaker
+
     config = config or settings()
     return CircuitBreaker(
         DynamoCircuitStore(aws.dynamodb(config), config.system_table),
@@ -334,12 +397,18 @@ def circuit_breaker(config: Settings | None = None) -> CircuitBreaker:
 
 
 def connections(config: Settings | None = None) -> DynamoConnectionStore:
+    from spool_core.adapters.websocket import DynamoConnectionStore
+
     config = config or settings()
     return DynamoConnectionStore(aws.dynamodb(config), config.connections_table)
 
 
 def fanout(tenant: Tenant, config: Settings | None = None) -> Fanout:
     """Subscriptions of one tenant's jobs, pushed through the WebSocket management API."""
+    from spool_core.adapters.dynamodb import ScopedTable
+    from spool_core.adapters.websocket import DynamoSubscriptionStore, ManagementApiPusher
+    from spool_core.subscriptions import Fanout
+
     config = config or settings()
     jobs, chunks = _job_tables(tenant, config)
     subscriptions = DynamoSubscriptionStore(

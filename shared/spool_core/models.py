@@ -12,13 +12,15 @@ import json
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from spool_core.errors import ModelNotFound
-from spool_core.flags import Flags
 from spool_core.units import price_nanos
+
+if TYPE_CHECKING:  # feature flags (and AppConfig under them) are loaded by who evaluates them
+    from spool_core.flags import Flags
 
 DEFAULT_REGISTRY = Path(__file__).with_name("models.json")
 

@@ -12,9 +12,10 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import tiktoken
+if TYPE_CHECKING:
+    import tiktoken
 
 CL100K = "cl100k_base"
 O200K = "o200k_base"
@@ -49,6 +50,9 @@ def family_tokenizer(family: str) -> FamilyTokenizer:
 
 @lru_cache(maxsize=4)
 def encoding(name: str) -> tiktoken.Encoding:
+    """Loaded on the first count (what costs is the encoding's file, ~0.1-0.3 s, not the module)."""
+    import tiktoken
+
     return tiktoken.get_encoding(name)
 
 

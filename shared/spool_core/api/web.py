@@ -35,7 +35,6 @@ from spool_core.errors import (
 )
 from spool_core.events import Wait
 from spool_core.observability import logger
-from spool_core.openai_compat.common import openai_error_body
 from spool_core.tenancy import InvalidTenantId, Tenant
 
 REQUEST_CONTEXT_HEADER = "x-amzn-request-context"  # the adapter overwrites any copy a client sent
@@ -151,8 +150,13 @@ async def domain_error(request: Request, exc: Exception) -> Response:
     elif status_for(error) >= 500:
         logger.warning("request failed", extra={"code": error.code, "error": error.message})
     rid = request_id(request)
-    openai = request.url.path.startswith(OPENAI_PATHS)
-    body = openai_error_body(error, rid) if openai else envelope(error, rid)
+    if request.url.path.startswith(OPENAI_PATHS):
+        # the OpenAI surface's module is loaded by its routes; the rest of the app does not need it
+        from spool_core.openai_compat.common import openai_error_body
+
+        body = openai_error_body(error, rid)
+    else:
+        body = envelope(error, rid)
     return JSONResponse(body, status_code=status_for(error), headers={**error.headers, "X-Request-Id": rid})
 
 

@@ -1,12 +1,14 @@
 """Any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, Ollama, llama.cpp) through the
-official ``openai`` package, streaming with usage included."""
+official ``openai`` package, streaming with usage included.
+
+``openai`` is imported where it is used (the client is made by ``bootstrap``, the errors classified
+here), never with this module: it costs ~0.6 s, which only the functions that call a model pay.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
-
-import openai
+from typing import TYPE_CHECKING, Any
 
 from spool_core import tokens
 from spool_core.providers import (
@@ -19,8 +21,13 @@ from spool_core.providers import (
 )
 from spool_core.providers.continuation import resumed_messages
 
+if TYPE_CHECKING:
+    import openai
+
 
 def classify(exc: Exception) -> ProviderError:
+    import openai  # loaded already: the exception came from its client
+
     if isinstance(exc, openai.RateLimitError):
         return ProviderError(f"The endpoint throttled: {exc}", retryable=True, code="provider_throttled")
     if isinstance(exc, openai.NotFoundError):
