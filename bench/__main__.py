@@ -8,11 +8,11 @@ import os
 import tempfile
 from pathlib import Path
 
-from bench import contexts, cost, jobs, runtime, side_by_side, tenants
+from bench import cold, contexts, cost, jobs, runtime, side_by_side, tenants
 from spool.devstack.runtime import CALL_COUNTS_ENV
 from spool.devstack.stack import EmbeddedStack
 
-SUITES = ["contexts", "jobs", "runtime", "tenants", "cost", "side"]
+SUITES = ["contexts", "jobs", "runtime", "tenants", "cost", "side", "cold"]
 # A 30 s lease and visibility timeout (the deployed default is 720 s): the local 5 s would add a
 # heartbeat write every ~1.7 s that no deployment makes.
 BENCH_PARAMETERS = {"WorkerVisibilityTimeoutSeconds": "30"}
@@ -32,7 +32,7 @@ def main() -> None:
     os.environ.setdefault("SPOOL_DEFAULT_TOKENS_PER_MINUTE", "100000000")
     os.environ.setdefault("SPOOL_DEFAULT_TOKENS_PER_DAY", "1000000000")
     selected = args.suites or SUITES
-    own_stack = {"tenants", "cost", "side"}  # each starts a stack of its own
+    own_stack = {"tenants", "cost", "side", "cold"}  # each starts a stack of its own (cold: none)
     shared = [name for name in selected if name not in own_stack]
     with tempfile.TemporaryDirectory(prefix="spool-bench-") as counts:
         os.environ[CALL_COUNTS_ENV] = counts
@@ -47,6 +47,8 @@ def main() -> None:
                         jobs.run(stack, Path(counts))
                     else:
                         runtime.run(stack)
+        if "cold" in selected:
+            cold.run()  # fresh interpreters, no stack
         if "tenants" in selected:
             tenants.run()  # a stack of its own, with the deployed per-tenant request budget
         if "cost" in selected:

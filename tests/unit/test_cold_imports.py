@@ -1,0 +1,206 @@
+"""Cold start, structurally: importing a function's handler loads none of the heavy libraries that only
+some calls need (``openai``, the X-Ray SDK where tracing is off, tiktoken, Parameters and AppConfig),
+and the authorizer loads only the key lookup. Each check imports the handler in a fresh interpreter
+laid out as Lambda lays out the function (``bench/cold.py``); nothing here is timed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bench import cold
+from spool_core import observability
+from spool_core.observability import NoTracing
+from spool_core.providers import ProviderError
+from tests.support import ROOT
+
+HANDLERS = {handler.name: handler for handler in cold.handlers()}
+# Loaded by the first call that needs them, by no handler at import.
+NEVER_AT_IMPORT = (
+    "openai",
+    "aws_xray_sdk.core",
+    "tiktoken",
+    "spool_core.providers.bedrock",
+    "spool_core.providers.openai_compatible",
+    "spool_core.providers.simulated",
+)
+# Parameters (secrets, SSM) and AppConfig (feature flags): only where used. The SQS consumers
+# evaluate feature flags on every job (the runner's model fallback), so they may load them at init.
+CONFIG_SERVICES = (
+    "aws_lambda_powertools.utilities.parameters",
+    "aws_lambda_powertools.utilities.feature_flags",
+)
+EVERY_JOB_USES_FLAGS = {"WorkerFunction", "DeadLetterFunction"}
+# What the authorizer needs is the key store, its cache and a DynamoDB client: no job, context,
+# model registry, subscription or web machinery, and no tracer (it traces nothing, even deployed).
+NOT_FOR_THE_AUTHORIZER = (
+    *NEVER_AT_IMPORT,
+    *CONFIG_SERVICES,
+    "spool_core.jobs.model",
+    "spool_core.contexts.model",
+    "spool_core.models",
+    "spool_core.subscriptions",
+    "spool_core.events",
+    "starlette",
+)
+
+
+def _python(code: str, env: dict[str, str]) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_every_python_function_of_the_template_is_checked() -> None:
+    assert {"AuthorizerFunction", "JobsFunction", "StreamFunction", "WorkerFunction"} <= set(HANDLERS)
+    assert HANDLERS["StreamFunction"].module == "app"  # the web app, as its server imports it
+    assert HANDLERS["DeadLetterFunction"].module == "dead_letter"
+
+
+@pytest.mark.parametrize("name", sorted(HANDLERS))
+def test_a_handler_imports_no_heavy_library(name: str) -> None:
+    forbidden = NEVER_AT_IMPORT if name in EVERY_JOB_USES_FLAGS else (*NEVER_AT_IMPORT, *CONFIG_SERVICES)
+    assert cold.loaded(HANDLERS[name], forbidden) == []
+
+
+def test_the_authorizer_imports_only_the_key_lookup_even_with_tracing_on() -> None:
+    authorizer = HANDLERS["AuthorizerFunction"]
+    assert cold.loaded(authorizer, NOT_FOR_THE_AUTHORIZER, tracing=True) == []
+    assert cold.loaded(authorizer, ("spool_core.auth", "spool_core.adapters.api_keys")) == [
+        "spool_core.auth",
+        "spool_core.adapters.api_keys",
+    ]
+
+
+def test_a_function_that_traces_gets_the_x_ray_tracer_when_deployed() -> None:
+    jobs = HANDLERS["JobsFunction"]
+    assert cold.loaded(jobs, ("aws_xray_sdk.core",), tracing=True) == ["aws_xray_sdk.core"]
+    assert cold.loaded(jobs, ("aws_xray_sdk.core",), tracing=False) == []
+
+
+def test_the_tracer_is_created_on_first_use_with_the_x_ray_provider_when_tracing_is_on() -> None:
+    environment = cold.environment(HANDLERS["JobsFunction"], tracing=True)
+    probe = (
+        "import sys, json; from spool_core import observability as o; "
+        "before = 'aws_xray_sdk.core' in sys.modules; t = o.tracer; "
+        "print(json.dumps([before, t.disabled, type(t.provider).__module__, o.tracer is t]))"
+    )
+    before, disabled, provider, same = json.loads(_python(probe, environment))
+    assert (before, disabled, same) == (False, False, True)
+    assert provider.startswith("aws_xray_sdk")
+
+
+def test_with_tracing_off_the_tracer_records_nothing_and_loads_no_x_ray_recorder() -> None:
+    environment = cold.environment(HANDLERS["JobsFunction"], tracing=False)
+    probe = (
+        "import sys, json; from spool_core import observability as o; t = o.tracer; "
+        "print(json.dumps([t.disabled, type(t.provider).__name__, 'aws_xray_sdk.core' in sys.modules]))"
+    )
+    assert json.loads(_python(probe, environment)) == [True, "NoTracing", False]
+
+
+def test_the_tracer_passes_calls_through_when_tracing_is_off() -> None:
+    tracer = observability.tracer  # conftest turns tracing off, as the local stack does
+    assert isinstance(tracer.provider, NoTracing)
+
+    @tracer.capture_method
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    @tracer.capture_lambda_handler
+    def handler(event: dict[str, int], context: object) -> int:
+        tracer.put_annotation("tenant", "acme")
+        tracer.put_metadata("event", event)
+        return add(event["a"], event["b"])
+
+    assert handler({"a": 1, "b": 2}, None) == 3
+
+    @tracer.capture_method
+    def broken() -> None:
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        broken()
+
+
+def test_the_silent_provider_is_complete() -> None:
+    provider = NoTracing()
+    with provider.in_subsegment("## a") as segment:
+        segment.put_annotation("k", "v")
+        segment.put_metadata("k", {"v": 1})
+        segment.add_subsegment(object())
+        segment.remove_subsegment(object())
+        segment.add_exception(ValueError("x"), [])
+        segment.close()
+
+    async def in_async() -> None:
+        async with provider.in_subsegment_async("## b") as inner:
+            inner.put_annotation("k", 1)
+
+    asyncio.run(in_async())
+    provider.put_annotation("k", "v")
+    provider.put_metadata("k", "v")
+    provider.patch(["boto3"])
+    provider.patch_all()
+
+
+def test_observability_names_only_what_it_has() -> None:
+    with pytest.raises(AttributeError, match="no attribute 'tracker'"):
+        _ = observability.tracker  # type: ignore[attr-defined]
+
+
+def test_a_model_call_loads_its_provider_and_sdk_when_first_needed() -> None:
+    tables = ("API_KEYS", "CONTEXTS", "JOBS", "CHUNKS", "USAGE", "SYSTEM", "CONNECTIONS")
+    environment = {
+        **cold.environment(HANDLERS["WorkerFunction"]),
+        **{f"SPOOL_{table}_TABLE": table.lower() for table in tables},
+        "SPOOL_BUCKET": "bucket",
+        "SPOOL_JOBS_QUEUE_URL": "http://queue/jobs",
+        "SPOOL_DEAD_LETTER_QUEUE_URL": "http://queue/dead",
+        "SPOOL_OPENAI_API_KEY_PARAMETER": "env:TEST_OPENAI_KEY",
+        "TEST_OPENAI_KEY": "sk-test",
+    }
+    probe = (
+        "import sys, json\n"
+        "from spool_core import bootstrap\n"
+        "from spool_core.models import registry\n"
+        "before = [m for m in ('openai', 'spool_core.providers.openai_compatible') if m in sys.modules]\n"
+        "spec = registry().all()[0].model_copy(update={'provider': 'openai'})\n"
+        "provider = bootstrap.provider_for(spec, bootstrap.settings())\n"
+        "print(json.dumps([before, type(provider).__name__, 'openai' in sys.modules]))\n"
+    )
+    before, kind, after = json.loads(_python(probe, environment))
+    assert (before, kind, after) == ([], "OpenAICompatibleProvider", True)
+
+
+def test_openai_errors_are_still_classified() -> None:
+    import httpx2 as httpx
+    import openai
+
+    from spool_core.providers.openai_compatible import classify
+
+    request = httpx.Request("POST", "http://upstream/v1/chat/completions")
+
+    def status(code: int) -> openai.APIStatusError:
+        response = httpx.Response(code, request=request)
+        error_type = {429: openai.RateLimitError, 404: openai.NotFoundError}.get(code, openai.APIStatusError)
+        return error_type("upstream said no", response=response, body=None)
+
+    cases = {
+        429: ("provider_throttled", True),
+        404: ("provider_model_unavailable", False),
+        503: ("provider_unavailable", True),
+        400: ("provider_error", False),
+    }
+    for code, expected in cases.items():
+        error = classify(status(code))
+        assert isinstance(error, ProviderError)
+        assert (error.code, error.retryable) == expected
+    broken = classify(openai.APIConnectionError(request=request))
+    assert (broken.code, broken.retryable) == ("provider_unavailable", True)
