@@ -898,7 +898,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--port",
         type=int,
         default=int(os.environ.get("SPOOL_PORT", "8000")),
-        help="API port (SPOOL_PORT; 0 picks a free one)",
+        help="API port, 0 for any free one; SPOOL_PORT sets it too",
     )
     dev.add_argument("--config-env", default="local", help="samconfig.toml environment to read")
     dev.add_argument(
@@ -917,7 +917,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=int(os.environ.get("SPOOL_WORKERS", "2")),
-        help="worker processes taking jobs from the queue (SPOOL_WORKERS)",
+        help="worker processes taking jobs from the queue; SPOOL_WORKERS sets it too",
     )
     dev.add_argument(
         "--state-dir",
