@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -212,10 +212,12 @@ class AskSession:
             usage, cost = self._usage_and_cost(cancelled.usage, cancelled.cost_usd)
             self._ending("cancelled", "yellow", f"the job was cancelled elsewhere; {_tokens(usage)}", cost)
             return EXIT_FAILED
-        result = stream.result or {}
-        usage, cost = self._usage_and_cost(result.get("usage"), result.get("cost_usd"))
+        # The job as the server recorded it: its usage, cost and generation times (the rate seen here
+        # also counts the network, and a backlog read at once).
+        job = self.client.job(self.job_id, output=False)
+        usage, cost = job["usage"], job["cost_usd"]
         self.meter.saw_tokens(usage.get("output_tokens"))
-        rate = self.meter.rate
+        rate = _generation_rate(job) or self.meter.rate
         speed = f", {rate:,.0f} tok/s" if rate else ""
         elapsed = self._clock() - self.meter.started
         self._ending("completed", "green", f"{_tokens(usage)} ({elapsed:.1f} s{speed})", cost)
@@ -278,6 +280,16 @@ class AskSession:
 
     def _ending(self, status: str, style: str, detail: str, cost: float | None) -> None:
         self.say.print(f"{status}: {detail}, {_money(cost)} · {self.job_id}", style=style)
+
+
+def _generation_rate(job: dict[str, Any]) -> float | None:
+    """Output tokens per second between the job's first token and its end, by the server's clock."""
+    first, end = job.get("first_token_at"), job.get("completed_at")
+    if not first or not end:
+        return None
+    seconds = (datetime.fromisoformat(end) - datetime.fromisoformat(first)).total_seconds()
+    tokens = (job.get("usage") or {}).get("output_tokens") or 0
+    return tokens / seconds if seconds > 0 and tokens > 1 else None
 
 
 def _tokens(usage: dict[str, Any]) -> str:

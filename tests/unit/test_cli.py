@@ -181,6 +181,7 @@ class FakeStream:
         if ending == "cancelled":
             raise JobCancelled(result, len(self._client.texts))
         self.result = result
+        self._client.finished = True
 
     def close(self) -> None:
         self.closed = True
@@ -196,6 +197,7 @@ class FakeClient:
         self.cancelled: list[str] = []
         self.polls = 0
         self.job_status = "running"
+        self.finished = False
 
     def stream(
         self, job_id: str, after: int = 0, *, transport: str = "sse", on_progress: Any = None
@@ -204,6 +206,16 @@ class FakeClient:
 
     def job(self, job_id: str, *, output: bool = True) -> dict[str, Any]:
         self.polls += 1
+        if self.finished:
+            return {
+                "job_id": job_id,
+                "status": "completed",
+                "progress": {"tokens_generated": 42, "last_sequence_id": 3, "chunks_written": 3},
+                "usage": {"estimated_tokens": 60, "input_tokens": 10, "output_tokens": 42},
+                "cost_usd": 0.000123,
+                "first_token_at": "2026-11-27T07:00:00.500Z",
+                "completed_at": "2026-11-27T07:00:01.500Z",
+            }
         if self.cancelled and self.polls > 2:
             self.job_status = "cancelled"
         return {
@@ -371,7 +383,9 @@ def test_a_completed_answer_ends_with_its_tokens_and_cost() -> None:
     out = io.StringIO()
     assert ask.run(out) == 0
     assert out.getvalue() == "The answer comes in pieces.\n"
-    assert said.getvalue().startswith("completed: 10 tokens in, 42 out")
+    assert said.getvalue().startswith(
+        "completed: 10 tokens in, 42 out (0.0 s, 42 tok/s)"
+    )  # the server's times
     assert "$0.000123" in said.getvalue()
 
 
@@ -409,8 +423,8 @@ def test_the_status_line_polls_the_server_at_most_once_a_second() -> None:
     client.texts = ["word "] * 10
     ask, _ = session(client)
     ask.run(io.StringIO())
-    assert client.polls == 1  # ten chunks within the same (frozen) second: one poll
-    assert ask.meter.tokens == 42  # then the final count
+    assert client.polls == 2  # ten chunks within the same (frozen) second: one poll, then the final view
+    assert ask.meter.tokens == 42  # the final count
 
 
 # ------------------------------------------------------------------------------------ the commands
