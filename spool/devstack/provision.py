@@ -200,7 +200,10 @@ def provision(
 ) -> StackDescription:
     """Create the template's tables, queues and bucket on the moto server and describe them."""
     parameters = template.parameter_values(overrides or {})
-    resources = template.resources_of_type(*PROVISIONED_TYPES)
+    # Conditional parts (the jobs table's optional StatusIndex) decided here, as CloudFormation would.
+    resources = apply_conditions(
+        template.resources_of_type(*PROVISIONED_TYPES), template.body.get("Conditions", {}), parameters
+    )
     body = {
         "AWSTemplateFormatVersion": "2010-09-09",
         "Parameters": template.body.get("Parameters", {}),
@@ -231,6 +234,48 @@ def provision(
     _describe_unprovisioned(description, template)
     _apply_what_moto_skips(description, resources)
     return description
+
+
+_NO_VALUE = object()
+
+
+def apply_conditions(value: Any, conditions: Mapping[str, Any], parameters: Mapping[str, str]) -> Any:
+    """``value`` with every ``Fn::If`` replaced by its chosen branch (list entries and keys that come
+    out as ``AWS::NoValue`` removed), the template's conditions evaluated on the parameter values."""
+
+    def condition(name: str) -> bool:
+        return truth(conditions[name])
+
+    def truth(expression: Any) -> bool:
+        ((function, args),) = expression.items()
+        if function == "Condition":
+            return condition(args)
+        if function == "Fn::Not":
+            return not truth(args[0])
+        if function == "Fn::And":
+            return all(truth(a) for a in args)
+        if function == "Fn::Or":
+            return any(truth(a) for a in args)
+        if function == "Fn::Equals":
+            left, right = (
+                parameters.get(a["Ref"], a) if isinstance(a, dict) and "Ref" in a else a for a in args
+            )
+            return str(left) == str(right)
+        raise ValueError(f"condition function {function} is not supported by the local stack")
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, list):
+            return [v for v in (walk(item) for item in node) if v is not _NO_VALUE]
+        if not isinstance(node, dict):
+            return node
+        if node == {"Ref": "AWS::NoValue"}:
+            return _NO_VALUE
+        if len(node) == 1 and "Fn::If" in node:
+            name, when_true, when_false = node["Fn::If"]
+            return walk(when_true if condition(name) else when_false)
+        return {k: v for k, v in ((k, walk(v)) for k, v in node.items()) if v is not _NO_VALUE}
+
+    return walk(value)
 
 
 def _apply_what_moto_skips(description: StackDescription, resources: Mapping[str, Any]) -> None:

@@ -214,3 +214,38 @@ def test_contexts_list_newest_first_across_pages_and_keep_their_place_when_patch
     cursor = service_a.list_contexts(a, cursors, limit=1).next_cursor
     with pytest.raises(InvalidRequest, match="not issued for this tenant"):
         service_b.list_contexts(b, cursors, cursor=cursor)
+
+
+def test_a_status_filter_without_the_status_index_is_a_503_with_a_way_out(stack: StackDescription) -> None:
+    """A stack upgraded with JobsStatusIndex=disabled (CloudFormation adds one index per update)."""
+    from spool_core.adapters.jobs import DynamoJobStore
+    from spool_core.errors import DependencyUnavailable
+
+    settings = bootstrap.settings()
+    ddb = aws.dynamodb(settings)
+    name = f"jobs-without-status-index-{uuid.uuid4().hex[:8]}"
+    keys = [("pk", "HASH")]
+    ddb.create_table(
+        TableName=name,
+        BillingMode="PAY_PER_REQUEST",
+        AttributeDefinitions=[
+            {"AttributeName": n, "AttributeType": "S"} for n in ("pk", "list_key", "list_position")
+        ],
+        KeySchema=[{"AttributeName": n, "KeyType": k} for n, k in keys],
+        GlobalSecondaryIndexes=[
+            {
+                "IndexName": "ListIndex",
+                "KeySchema": [
+                    {"AttributeName": "list_key", "KeyType": "HASH"},
+                    {"AttributeName": "list_position", "KeyType": "RANGE"},
+                ],
+                "Projection": {"ProjectionType": "ALL"},
+            }
+        ],
+    )
+    scope = TenantScope(fresh_tenant("upgrading"))
+    store = DynamoJobStore(ScopedTable(ddb, name, scope), ScopedTable(ddb, settings.usage_table, scope), 3600)
+    assert store.list_for_tenant(None, 5, None) == []
+    with pytest.raises(DependencyUnavailable) as raised:
+        store.list_for_tenant("running", 5, None)
+    assert "List without status" in raised.value.suggestions[0]

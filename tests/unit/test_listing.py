@@ -319,7 +319,9 @@ def test_the_list_indexes_project_exactly_the_summary_fields() -> None:
 
     def index(table: str, name: str) -> dict[str, Any]:
         indexes = resources[table]["Properties"]["GlobalSecondaryIndexes"]
-        return next(i for i in indexes if i["IndexName"] == name)
+        # StatusIndex is conditional (JobsStatusIndex): {"Fn::If": [condition, index, AWS::NoValue]}
+        unwrapped = [i["Fn::If"][1] if "Fn::If" in i else i for i in indexes]
+        return next(i for i in unwrapped if i["IndexName"] == name)
 
     for table, name, fields in (
         ("JobsTable", "ListIndex", JOB_FIELDS),
@@ -339,3 +341,22 @@ def test_a_summary_has_no_output_to_show(world: JobWorld) -> None:
     assert listed.job.job_id == job_id
     with pytest.raises(TypeError):
         a.view(listed.job, with_output=True)
+
+
+@pytest.mark.parametrize("setting", ["enabled", "disabled"])
+def test_the_local_stack_decides_the_status_index_as_cloudformation_would(setting: str) -> None:
+    from spool.devstack.provision import apply_conditions
+    from spool.devstack.template import Template
+
+    template = Template.load(ROOT / "template.yaml")
+    parameters = template.parameter_values({"JobsStatusIndex": setting})
+    jobs = apply_conditions(
+        template.resources_of_type("AWS::DynamoDB::Table")["JobsTable"],
+        template.body["Conditions"],
+        parameters,
+    )["Properties"]
+    names = [i["IndexName"] for i in jobs["GlobalSecondaryIndexes"]]
+    attributes = [a["AttributeName"] for a in jobs["AttributeDefinitions"]]
+    enabled = setting == "enabled"
+    assert names == ["PendingIndex", "ListIndex", *(["StatusIndex"] if enabled else [])]
+    assert ("status_key" in attributes) is enabled

@@ -15,6 +15,8 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from botocore.exceptions import ClientError
+
 from spool_core.adapters.dynamodb import (
     ConditionFailed,
     ScopedTable,
@@ -34,6 +36,7 @@ from spool_core.adapters.listing import (
     status_key,
 )
 from spool_core.adapters.usage import reservation_writes, settlement_writes, state_from, state_keys
+from spool_core.errors import DependencyUnavailable
 from spool_core.jobs.model import Chunk, Job, JobSummary, Progress, Segment, Status
 from spool_core.jobs.ports import AdmissionRefused, Claim, Conflict, EndGuard, JobEnd, ListedJob, PendingJob
 from spool_core.limits.model import ReservationPlan, Settlement, UsageState
@@ -51,6 +54,7 @@ JOB_KIND = "job"
 IDEMPOTENCY_KIND = "idem"
 PENDING_INDEX = "PendingIndex"
 PENDING_SHARDS = 4
+_NO_INDEX = {"ValidationException", "ResourceNotFoundException"}
 _RUNNING = {":running": "running"}
 _HELD = "#lease_token = :me AND #status = :running"  # only the attempt holding the lease may write
 
@@ -76,7 +80,21 @@ class DynamoJobStore:
             items = query_index(self._table, LIST_INDEX, LIST_KEY, self._table.scope.tenant.id, limit, before)
         else:
             key = status_key(self._table, status)
-            items = query_index(self._table, STATUS_INDEX, STATUS_KEY, key, limit, before)
+            try:
+                items = query_index(self._table, STATUS_INDEX, STATUS_KEY, key, limit, before)
+            except ClientError as exc:
+                # DynamoDB answers ValidationException for an index it lacks (moto ResourceNotFound).
+                if exc.response.get("Error", {}).get("Code") not in _NO_INDEX:
+                    raise
+                # Not deployed yet (JobsStatusIndex=disabled), or still backfilling after it was enabled.
+                raise DependencyUnavailable(
+                    "Listing jobs by status is not available yet on this deployment",
+                    details={"index": STATUS_INDEX},
+                    suggestions=[
+                        "List without status (GET /v1/jobs) and filter the entries by their status",
+                        "Operators: deploy with JobsStatusIndex=enabled and wait for the index to be ACTIVE",
+                    ],
+                ) from exc
         return [ListedJob(str(item[LIST_POSITION]), JobSummary.model_validate(item)) for item in items]
 
     # ------------------------------------------------------------------ admission
