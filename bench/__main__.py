@@ -8,11 +8,11 @@ import os
 import tempfile
 from pathlib import Path
 
-from bench import cold, contexts, cost, jobs, runtime, side_by_side, tenants
+from bench import cold, contexts, cost, fanout, jobs, runtime, side_by_side, tenants
 from spool.devstack.runtime import CALL_COUNTS_ENV
 from spool.devstack.stack import EmbeddedStack
 
-SUITES = ["contexts", "jobs", "runtime", "tenants", "cost", "side", "cold"]
+SUITES = ["contexts", "jobs", "runtime", "tenants", "cost", "side", "cold", "fanout"]
 # A 30 s lease and visibility timeout (the deployed default is 720 s): the local 5 s would add a
 # heartbeat write every ~1.7 s that no deployment makes.
 BENCH_PARAMETERS = {"WorkerVisibilityTimeoutSeconds": "30"}
@@ -45,6 +45,8 @@ def main() -> None:
                         contexts.run(stack)
                     elif name == "jobs":
                         jobs.run(stack, Path(counts))
+                    elif name == "fanout":
+                        fanout.run(stack, Path(counts))
                     else:
                         runtime.run(stack)
         if "cold" in selected:

@@ -337,6 +337,11 @@ class _Sender:
         if before.wakes != before.served:
             self._look = True  # a holder failed: serve what it was asked to
 
+    def _wants_after(self, cursor: int) -> bool:
+        """Whether this sender has something to deliver past ``cursor``: a chunk, the end, or a look
+        (a holder racing ahead of the stream is not woken for chunks it already claimed)."""
+        return self._look or self._known.ended is not None or any(seq > cursor for seq in self._known.chunks)
+
     def _take_over(self, current: Subscription, now: int) -> bool:
         """The holder's lease ran out (it died): take it, push its last claimed message again, go on."""
         assert current.sender is not None
@@ -378,8 +383,8 @@ class _Sender:
             return False  # unsubscribed (or finished)
         if current.held_by_other(self._owner, now):
             assert current.sender is not None
-            if current.done_sent:
-                return False  # its holder is sending ``done``
+            if current.done_sent or not self._wants_after(current.last_sent):
+                return False  # its holder is sending ``done``, or claimed all this sender had
             woken = self._store.wake(self._job_id, self._connection, current.sender, now_ms=now)
             if woken.applied:
                 return False  # the holder looks again before it lets go

@@ -171,6 +171,21 @@ def test_a_subscription_whose_after_was_never_sent_is_taken_over_without_a_dupli
     assert chunk_ids(pusher.messages["c"]) == [3]  # chunk 2 was the client's own `after`
 
 
+def test_a_holder_ahead_of_the_stream_is_not_woken_for_what_it_already_claimed(parts: Any) -> None:
+    """The subscribe handler (or any holder) reads the log and claims chunks before their stream records
+    arrive; a record it already claimed must not keep it busy looking again (it would hold the lease,
+    and the subscribe invocation with it, for as long as the job runs)."""
+    log, store, pusher = parts
+    fanout(log, store, pusher).subscribe(JOB, "c", 0)
+    one = log.append(JOB, "a")
+    assert store.claim(JOB, "c", "holder", prev=0, new=1, until_ms=10**15).applied  # it is pushing 1
+    fanout(log, store, pusher).deliver(JOB, chunks=[one])  # chunk 1's own record, late
+    assert store.calls["wake"] == 0
+    two = log.append(JOB, "b")
+    fanout(log, store, pusher).deliver(JOB, chunks=[two])  # a chunk past its cursor: wake it
+    assert store.calls["wake"] == 1
+
+
 def test_resubscribing_starts_over_from_the_new_cursor(parts: Any) -> None:
     log, store, pusher = parts
     for text in "abc":
