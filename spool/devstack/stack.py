@@ -8,11 +8,13 @@ the other way, and saves the local state once nothing runs any more.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
@@ -27,7 +29,7 @@ from spool.devstack.state import LocalState
 from spool.devstack.streams import JobTransitions, StreamChanges, StreamPoller
 from spool.devstack.template import FunctionSpec, ScheduleEvent, Template, samconfig_parameters
 from spool.devstack.websocket import ManagementApiServer, WebSocketGateway
-from spool.devstack.worker_loop import SqsEventSource
+from spool.devstack.worker_loop import SqsEventSource, sqs_record
 from spool_core.clock import rfc3339, utc_now
 
 log = logging.getLogger("devstack.stack")
@@ -38,6 +40,7 @@ API_LOGICAL_ID = "SpoolApi"
 # Variables from the caller's environment that reach the handlers (Spool's knobs, Powertools' own).
 PASSTHROUGH_PREFIXES = ("SPOOL_", "POWERTOOLS_")
 REAP_INTERVAL_SECONDS = 10.0
+WARM_UP_JOB_ID = "job_" + "warmup" * 4 + "st"  # a job id no job has (ids are random base32)
 STREAM_CONCURRENCY = 64  # open event streams at once, locally (Lambda's default account limit is 1,000)
 # Queue workers per CPU when the caller does not say: a worker mostly waits (on its provider, on
 # DynamoDB), so a few per core keep the machine busy; the template's MaximumConcurrency or reserved
@@ -247,6 +250,7 @@ class EmbeddedStack:
         self._start_sources(description)
         self._start_schedules()
         self._spawn("reaper", self._reap)
+        self._warm_job_path()
 
     def _create_functions(self, description: StackDescription) -> None:
         resolver = description.resolver()
@@ -293,6 +297,56 @@ class EmbeddedStack:
         for thread in threads:
             thread.join()
 
+    def _warm_job_path(self) -> None:
+        """One harmless request along a job's path before `ready` (as a Lambda warmer does): a read of
+        a job that does not exist through the API (authorizer, jobs function, event stream), an SQS
+        record and a chunk stream record for it (worker, fanout). A warm container's first invocation
+        still builds its clients and loads what its handler imports lazily; this moves that out of the
+        first job (see docs/decisions.md for the figures). Failures are ignored: it is only a warm-up."""
+        tenant = self.dev_keys[self.api_key]
+        region = self.description.region if self.description else "us-east-1"
+        job_id = WARM_UP_JOB_ID
+        headers = {"Authorization": f"Bearer {self.api_key}"}
+
+        def api() -> None:
+            for path in (f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/events"):
+                request = urllib.request.Request(self.base_url + path, headers=headers)  # noqa: S310 - loopback
+                with contextlib.suppress(OSError), urllib.request.urlopen(request, timeout=60):  # noqa: S310
+                    pass
+
+        def invoke(name: str, event: dict[str, Any]) -> None:
+            with contextlib.suppress(InvocationError):
+                self.functions[name].invoke(event)
+
+        message = {
+            "MessageId": str(uuid.uuid4()),
+            "ReceiptHandle": "warm-up",
+            "Body": json.dumps({"job_id": job_id, "tenant_id": tenant}),
+            "MD5OfBody": "",
+            "Attributes": {"ApproximateReceiveCount": "1", "SentTimestamp": str(int(time.time() * 1000))},
+        }
+        chunk = {"pk": {"S": f"{tenant}#job#{job_id}"}, "sequence_id": {"N": "1"}}
+        work: list[Callable[[], None]] = [api]
+        for name, spec in self.template.functions().items():
+            for sqs_event in spec.sqs_events:
+                if sqs_event.queue == "JobsQueue":
+                    record = sqs_record(message, f"arn:aws:sqs:::{sqs_event.queue}", region)
+                    work.append(partial(invoke, name, {"Records": [record]}))
+            for stream_event in spec.stream_events:
+                if stream_event.table == "ChunksTable":
+                    change = {
+                        "eventID": "warm-up",
+                        "eventName": "INSERT",
+                        "eventSource": "aws:dynamodb",
+                        "dynamodb": {"Keys": chunk, "NewImage": {**chunk, "text": {"S": ""}}},
+                    }
+                    work.append(partial(invoke, name, {"Records": [change]}))
+        threads = [threading.Thread(target=task, name="warm-up", daemon=True) for task in work]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+
     def _serve(self, name: str, serve: Callable[[], None], shutdown: Callable[[], None]) -> None:
         self._spawn(name, serve)
         self._served.append(shutdown)  # only servers whose loop runs: shutdown() would wait forever
@@ -323,23 +377,24 @@ class EmbeddedStack:
                 self._spawn(f"stream-{event.table}", poller.run)
 
     def _start_sources(self, description: StackDescription) -> None:
-        """The SQS event sources: as many pollers as the function may run containers."""
+        """The SQS event sources: one poller per queue, as many invocations at once as the function
+        may run containers."""
         resolver = description.resolver()
         sqs = aws_client("sqs", description.endpoint_url, description.region)
         for name, spec in self.template.functions().items():
             function = self.functions[name]
             for event in spec.sqs_events:
-                for _ in range(function.max_concurrency):
-                    source = SqsEventSource(
-                        sqs,
-                        resolver.ref(event.queue),
-                        resolver.get_att(event.queue, "Arn"),
-                        function,
-                        event,
-                        region=description.region,
-                    )
-                    self._sources.append(source)
-                    self._spawn(f"sqs-{event.queue}", source.run)
+                source = SqsEventSource(
+                    sqs,
+                    resolver.ref(event.queue),
+                    resolver.get_att(event.queue, "Arn"),
+                    function,
+                    event,
+                    region=description.region,
+                    concurrency=function.max_concurrency,
+                )
+                self._sources.append(source)
+                self._spawn(f"sqs-{event.queue}", source.run)
 
     def _start_schedules(self) -> None:
         """EventBridge's scheduled rules: each function with a ``rate(...)`` schedule, on its rate."""
@@ -409,6 +464,8 @@ class EmbeddedStack:
         deadline = time.monotonic() + 4
         for thread in self._threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        for source in self._sources:  # their invocations have failed: wait for the messages' release
+            source.join(deadline)
         for sock in (self._api_socket, self._ws_socket):
             if sock is not None:
                 sock.close()

@@ -2,8 +2,10 @@
 SQS event batch, delete only the messages that succeeded. Failed messages become visible again when
 their visibility timeout ends, and SQS's redrive policy moves them to the dead-letter queue.
 
-Each poller runs in the stack's process and invokes the function's containers (other processes), so a
-crashed invocation fails its batch without taking the poller down.
+One poller per event source runs in the stack's process: it receives a batch whenever the function
+may run one more invocation (up to its concurrency) and invokes the function's containers (other
+processes) on a thread per batch, so a crashed invocation fails its batch without taking the poller
+down.
 
 While an invocation waits for its container (a cold start, or a free container), the poller keeps
 the batch's messages invisible (``ChangeMessageVisibility`` every half visibility timeout), so a
@@ -62,8 +64,13 @@ class SqsEventSource:
         *,
         region: str,
         poll_seconds: int = 1,
+        concurrency: int = 1,
     ) -> None:
         self._visibility: int | None = None  # the queue's visibility timeout, read once
+        self.concurrency = concurrency
+        self._slots = threading.BoundedSemaphore(concurrency)
+        self._lock = threading.Lock()
+        self._invocations: list[threading.Thread] = []
         self._sqs = sqs
         self._queue_url = queue_url
         self._queue_arn = queue_arn
@@ -77,17 +84,50 @@ class SqsEventSource:
         self._stop.set()
 
     def run(self) -> None:
+        """Receive batches while a container may take one, and invoke the function with each on a
+        thread of its own: up to ``concurrency`` invocations at once, one receive at a time (an idle
+        queue costs one long poll per ``poll_seconds``, however many containers the function may run)."""
         while not self._stop.is_set():
+            self._slots.acquire()
+            if self._stop.is_set():
+                self._slots.release()
+                return
             try:
-                self.poll_once()
+                messages = self._receive()
             except Exception:  # the endpoint went away (the stack is stopping) or answered an error
+                self._slots.release()
                 if self._stop.is_set():
                     return
                 log.exception("polling %s failed; retrying", self._queue_arn.rsplit(":", 1)[-1])
                 self._stop.wait(1.0)
+                continue
+            if not messages:
+                self._slots.release()
+                continue
+            invocation = threading.Thread(
+                target=self._invoke_and_release, args=(messages,), name="sqs-invoke", daemon=True
+            )
+            with self._lock:
+                self._invocations = [t for t in self._invocations if t.is_alive()]
+                self._invocations.append(invocation)
+            invocation.start()
 
-    def poll_once(self) -> int:
-        """Receive one batch and process it; returns how many messages were received."""
+    def _invoke_and_release(self, messages: list[dict[str, Any]]) -> None:
+        try:
+            self._process(messages)
+        except Exception:
+            log.exception("processing %d message(s) failed; they return to the queue", len(messages))
+        finally:
+            self._slots.release()
+
+    def join(self, deadline: float) -> None:
+        """Wait (until ``deadline``, a ``time.monotonic()``) for the invocations in flight to end."""
+        with self._lock:
+            invocations = list(self._invocations)
+        for invocation in invocations:
+            invocation.join(timeout=max(0.0, deadline - time.monotonic()))
+
+    def _receive(self) -> list[dict[str, Any]]:
         response = self._sqs.receive_message(
             QueueUrl=self._queue_url,
             MaxNumberOfMessages=min(self._event.batch_size, 10),
@@ -95,7 +135,12 @@ class SqsEventSource:
             MessageSystemAttributeNames=["All"],
             MessageAttributeNames=["All"],
         )
-        messages = response.get("Messages", [])
+        messages: list[dict[str, Any]] = response.get("Messages", [])
+        return messages
+
+    def poll_once(self) -> int:
+        """Receive one batch and process it on this thread; returns how many messages came."""
+        messages = self._receive()
         if messages:
             self._process(messages)
         return len(messages)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from spool.devstack.template import SqsEvent
@@ -169,3 +170,63 @@ def test_a_failed_extension_is_not_fatal() -> None:
     function = SlowStartFunction(ready=ready)
     source(sqs, function).poll_once()  # type: ignore[arg-type]
     assert sqs.deleted == ["r1"]
+
+
+def test_one_poller_runs_up_to_its_concurrency_of_invocations_at_once() -> None:
+    import threading
+
+    sqs = FakeSqs([message(i) for i in range(6)])
+    together = threading.Barrier(3, timeout=60)
+    running: list[int] = []
+    lock = threading.Lock()
+    peak = [0]
+
+    def work(event: Any) -> Any:
+        with lock:
+            running.append(1)
+            peak[0] = max(peak[0], len(running))
+        together.wait()  # three invocations at once, or this times out
+        with lock:
+            running.pop()
+        return {"batchItemFailures": []}
+
+    event = SqsEvent("Jobs", "JobsQueue", batch_size=1, report_batch_item_failures=True)
+    poller = SqsEventSource(
+        sqs,
+        "url",
+        "arn:aws:sqs:us-east-1:1:q",
+        FakeFunction(work),  # type: ignore[arg-type]
+        event,
+        region="us-east-1",
+        concurrency=3,
+    )
+    thread = threading.Thread(target=poller.run, daemon=True)
+    thread.start()
+    wait_for(lambda: len(sqs.deleted) == 6, timeout=60, what="every message processed")
+    poller.stop()
+    thread.join(timeout=60)
+    poller.join(deadline=time.monotonic() + 60)
+    assert sorted(sqs.deleted) == [f"r{i}" for i in range(6)]
+    assert peak[0] == 3  # never more than the concurrency
+
+
+def test_a_receive_error_is_retried_and_stop_ends_the_poller() -> None:
+    import threading
+
+    class Flaky(FakeSqs):
+        calls = 0
+
+        def receive_message(self, **kwargs: Any) -> dict[str, Any]:
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("the endpoint answered an error")
+            return super().receive_message(**kwargs)
+
+    sqs = Flaky([message(1)])
+    poller = source(sqs, FakeFunction(lambda e: {"batchItemFailures": []}))
+    thread = threading.Thread(target=poller.run, daemon=True)
+    thread.start()
+    wait_for(lambda: sqs.deleted == ["r1"], timeout=60, what="the message, after the failed receive")
+    poller.stop()
+    thread.join(timeout=60)
+    assert not thread.is_alive()
