@@ -8,11 +8,11 @@ import os
 import tempfile
 from pathlib import Path
 
-from bench import cold, contexts, cost, fanout, jobs, runtime, side_by_side, tenants
+from bench import cold, contexts, cost, fanout, jobs, local, runtime, side_by_side, tenants
 from spool.devstack.runtime import CALL_COUNTS_ENV
 from spool.devstack.stack import EmbeddedStack
 
-SUITES = ["contexts", "jobs", "runtime", "tenants", "cost", "side", "cold", "fanout"]
+SUITES = ["contexts", "jobs", "runtime", "tenants", "cost", "side", "cold", "fanout", "local"]
 # A 30 s lease and visibility timeout (the deployed default is 720 s): the local 5 s would add a
 # heartbeat write every ~1.7 s that no deployment makes.
 BENCH_PARAMETERS = {"WorkerVisibilityTimeoutSeconds": "30"}
@@ -32,7 +32,7 @@ def main() -> None:
     os.environ.setdefault("SPOOL_DEFAULT_TOKENS_PER_MINUTE", "100000000")
     os.environ.setdefault("SPOOL_DEFAULT_TOKENS_PER_DAY", "1000000000")
     selected = args.suites or SUITES
-    own_stack = {"tenants", "cost", "side", "cold"}  # each starts a stack of its own (cold: none)
+    own_stack = {"tenants", "cost", "side", "cold", "local"}  # each starts a stack of its own (cold: none)
     shared = [name for name in selected if name not in own_stack]
     with tempfile.TemporaryDirectory(prefix="spool-bench-") as counts:
         os.environ[CALL_COUNTS_ENV] = counts
@@ -57,6 +57,8 @@ def main() -> None:
             cost.run()  # a stack whose containers meter DynamoDB request units
         if "side" in selected:
             side_by_side.run()  # a stack whose registry points at a loopback upstream
+        if "local" in selected:
+            local.run()  # a moto server of its own, then a fresh stack (the first job after ready)
 
 
 if __name__ == "__main__":
