@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import socket
 import statistics
@@ -265,14 +266,18 @@ def epoch(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-def concurrently(read: Callable[[], Stream], n: int) -> list[Stream]:
+def concurrently(read: Callable[[], Stream], n: int) -> tuple[list[Stream], list[BaseException]]:
     """``n`` streams at once (threads), started together; a single stream is read
-    ``SINGLE_REPEATS`` times one after the other (its percentiles are over those)."""
+    ``SINGLE_REPEATS`` times one after the other (its percentiles are over those). Returns the
+    streams that ended and the errors of those that did not."""
     if n == 1:
-        try:
-            return [read() for _ in range(SINGLE_REPEATS)]
-        except Exception as exc:
-            raise RuntimeError(f"the stream failed with {exc!r}") from exc
+        streams: list[Stream] = []
+        for _ in range(SINGLE_REPEATS):
+            try:
+                streams.append(read())
+            except Exception as exc:
+                return streams, [exc]
+        return streams, []
     results: list[Stream | BaseException] = [RuntimeError("not run")] * n
     barrier = threading.Barrier(n)
 
@@ -289,11 +294,12 @@ def concurrently(read: Callable[[], Stream], n: int) -> list[Stream]:
     for thread in threads:
         thread.join()
     errors = [r for r in results if isinstance(r, BaseException)]
-    if errors:
-        raise RuntimeError(f"{len(errors)} of {n} streams failed, the first with {errors[0]!r}") from errors[
-            0
-        ]
-    return [r for r in results if isinstance(r, Stream)]
+    return [r for r in results if isinstance(r, Stream)], errors
+
+
+def _batch(read: Callable[[], Stream], n: int) -> tuple[list[Stream], bool, list[BaseException]]:
+    streams, errors = concurrently(read, n)
+    return streams, n == 1, errors
 
 
 # ---------------------------------------------------------------------------------------- figures
@@ -310,6 +316,7 @@ class Row:
     transport: str
     streams: list[Stream]
     sequential: bool = False
+    errors: list[BaseException] = field(default_factory=list)  # the streams that did not end
 
     @property
     def wall(self) -> float:
@@ -336,6 +343,15 @@ class Row:
 
 
 def format_row(row: Row, direct: Row | None) -> str:
+    label = f"  {TRANSPORT_NAMES[row.transport]:<26}"
+    if not row.errors:
+        return _figures(row, direct) if row.streams else f"{label} no stream"
+    total = len(row.errors) + len(row.streams)
+    failed = f"{len(row.errors)} of {total} streams failed, the first: {row.errors[0]!r}"
+    return f"{_figures(row, direct)} | {failed}" if row.streams else f"{label} FAILED: {failed}"
+
+
+def _figures(row: Row, direct: Row | None) -> str:
     ms = 1000
     text = (
         f"  {TRANSPORT_NAMES[row.transport]:<26}"
@@ -343,7 +359,7 @@ def format_row(row: Row, direct: Row | None) -> str:
         f" | total p50 {row.total(0.5):6.2f} s p95 {row.total(0.95):6.2f} s | wall {row.wall:6.2f} s"
         f" | gap p50 {row.gap(0.5) * ms:5.0f} ms p95 {row.gap(0.95) * ms:5.0f} ms ({row.chunks():.0f} chunks)"
     )
-    if direct is not None:
+    if direct is not None and direct.streams:
         text += (
             f" | x direct: TTFT {row.ttft(0.5) / direct.ttft(0.5):5.1f}, wall {row.wall / direct.wall:4.1f}"
             f" | Spool's TTFT share {(row.ttft(0.5) - direct.ttft(0.5)) * ms:5.0f} ms"
@@ -361,15 +377,17 @@ def verdicts(results: Mapping[tuple[int, int, str], Row]) -> list[str]:
     direct = results.get((tokens, 1, "direct"))
     for transport in SPOOL_TRANSPORTS:
         row = results.get((tokens, 1, transport))
-        if direct is None or row is None:
+        if direct is None or row is None or not direct.streams or not row.streams:
             continue
         share = (row.ttft(0.5) - direct.ttft(0.5)) * 1000
         out.append(
             _verdict(f"Spool's own share of TTFT, warm, {TRANSPORT_NAMES[row.transport]}", share, 100, "ms")
         )
     for transport in ("sse", "websocket"):
-        row = results.get((tokens, max(CONCURRENCY), transport)) or results.get((tokens, 1, transport))
-        if row is not None:
+        row = results.get((tokens, max(CONCURRENCY), transport))
+        if row is None or not row.streams:
+            row = results.get((tokens, 1, transport))
+        if row is not None and row.streams:
             p95 = row.persist(0.95) * 1000
             n = len(row.streams)
             out.append(
@@ -380,11 +398,14 @@ def verdicts(results: Mapping[tuple[int, int, str], Row]) -> list[str]:
     direct = results.get((full_tokens, n, "direct"))
     for transport in SPOOL_TRANSPORTS:
         row = results.get((full_tokens, n, transport))
-        if direct is None or row is None:
+        if direct is None or row is None or not direct.streams or not row.streams:
             continue
         ratio = row.wall / direct.wall
         label = f"{n} concurrent full-speed {full_tokens:,}-token jobs, wall vs direct"
         label += f", {TRANSPORT_NAMES[transport]}"
+        if row.errors:  # a stream that never ended has no wall time: the target is missed
+            label += f" ({len(row.errors)} streams did not end)"
+            ratio = math.inf
         out.append(_verdict(label, ratio, 4, "x"))
     return out
 
@@ -447,9 +468,7 @@ def run(
                     def direct_read(model: str = upstream_model, tokens: int = tokens) -> Stream:
                         return read_direct(upstream.base_url, model, tokens)
 
-                    direct = results[(tokens, n, "direct")] = Row(
-                        "direct", concurrently(direct_read, n), n == 1
-                    )
+                    direct = results[(tokens, n, "direct")] = Row("direct", *_batch(direct_read, n))
                     print_(format_row(direct, None))
                     for transport in transports:
 
@@ -458,13 +477,7 @@ def run(
                         ) -> Stream:
                             return read_spool(stack.base_url, stack.api_key, transport, model, tokens)
 
-                        try:
-                            row = results[(tokens, n, transport)] = Row(
-                                transport, concurrently(spool, n), n == 1
-                            )
-                        except RuntimeError as exc:
-                            print_(f"  {TRANSPORT_NAMES[transport]:<26} FAILED: {exc}")
-                            continue
+                        row = results[(tokens, n, transport)] = Row(transport, *_batch(spool, n))
                         print_(format_row(row, direct))
     print_("targets (issue 16):")
     for line in verdicts(results):

@@ -36,7 +36,17 @@ from bench.cost import (
     increments,
     percent_of_output,
 )
-from bench.side_by_side import completion_chunk, loopback_models, quantile, rate_of, upstream_app
+from bench.side_by_side import (
+    Row,
+    Stream,
+    completion_chunk,
+    format_row,
+    loopback_models,
+    quantile,
+    rate_of,
+    upstream_app,
+    verdicts,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -339,3 +349,32 @@ def test_the_containers_meter_counts_only_while_switched_on(
     dumps = read_dumps(tmp_path)
     assert list(dumps) == [f"spool-local-WorkerFunction-{os.getpid()}"]
     assert dumps[f"spool-local-WorkerFunction-{os.getpid()}"]["T"] == {"write": 1}
+
+
+def test_side_by_side_rows_and_targets() -> None:
+    def stream(started: float, *arrivals: float, persist: tuple[float, ...] = ()) -> Stream:
+        return Stream(started, list(arrivals), list(persist))
+
+    direct = Row("direct", [stream(0.0, 0.01, 0.03, 10.0)], sequential=True)
+    sse = Row("sse", [stream(0.0, 0.09, 0.3, 10.2, persist=(0.05, 0.12))], sequential=True)
+    assert direct.wall == pytest.approx(10.0)
+    assert sse.gap(0.5) == pytest.approx(0.21)
+    assert "Spool's TTFT share    80 ms" in format_row(sse, direct)
+    assert "persist-to-client p50   50 ms p95  120 ms" in format_row(sse, direct)
+    many = Row("direct", [stream(0.0, 0.1, 2.0), stream(0.5, 0.6, 2.5)])
+    assert many.wall == pytest.approx(2.5)
+    stuck = Row("poll", [], errors=[TimeoutError("late")])
+    assert "FAILED: 1 of 1 streams failed" in format_row(stuck, direct)
+    partly = Row("websocket", [stream(0.0, 1.0, 9.0)], errors=[TimeoutError("late")])
+    results = {
+        (500, 1, "direct"): direct,
+        (500, 1, "sse"): sse,
+        (1000, 20, "direct"): many,
+        (1000, 20, "sse"): Row("sse", [stream(0.0, 1.0, 5.0)]),
+        (1000, 20, "websocket"): partly,
+    }
+    lines = "\n".join(verdicts(results))
+    assert "Spool's own share of TTFT, warm, Spool, SSE: 80 ms (target <= 100 ms: meets)" in lines
+    assert "persist-to-client p95, Spool, SSE, 1 streams: 120 ms (target <= 150 ms: meets)" in lines
+    assert "wall vs direct, Spool, SSE: 2.0x (target <= 4x: meets)" in lines
+    assert "Spool, WebSocket (1 streams did not end): infx (target <= 4x: misses)" in lines
