@@ -297,6 +297,17 @@ def concurrently(read: Callable[[], Stream], n: int) -> tuple[list[Stream], list
     return [r for r in results if isinstance(r, Stream)], errors
 
 
+def _drained(stack: Any, print_: Callable[[str], None], timeout: float = 180) -> None:
+    from bench.jobs import wait_queue_drained
+
+    try:
+        wait_queue_drained(stack, timeout)
+    except TimeoutError:
+        print_(
+            f"  (the jobs queue still held messages after {timeout:g} s; the next batch waits behind them)"
+        )
+
+
 def _batch(read: Callable[[], Stream], n: int) -> tuple[list[Stream], bool, list[BaseException]]:
     streams, errors = concurrently(read, n)
     return streams, n == 1, errors
@@ -477,6 +488,7 @@ def run(
                         ) -> Stream:
                             return read_spool(stack.base_url, stack.api_key, transport, model, tokens)
 
+                        _drained(stack, print_)  # no batch waits behind the last one's leftovers
                         row = results[(tokens, n, transport)] = Row(transport, *_batch(spool, n))
                         print_(format_row(row, direct))
     print_("targets (issue 16):")
