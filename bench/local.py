@@ -201,10 +201,30 @@ def first_jobs(stack: Any, count: int = FIRST_JOBS) -> list[float]:
 
 
 def batch_wall(read: Callable[[], Any], n: int) -> float:
-    from bench.side_by_side import concurrently
+    """``n`` streams read at once (threads released together): from the first ask to the last chunk
+    held. Raises if any stream failed."""
+    results: list[Any] = [None] * n
+    barrier = threading.Barrier(n)
 
-    streams = concurrently(read, n)
-    return max(s.arrivals[-1] for s in streams) - min(s.started for s in streams)
+    def one(i: int) -> None:
+        try:
+            barrier.wait(timeout=60)
+            results[i] = read()
+        except BaseException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,), name=f"stream-{i}") for i in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {n} streams failed, the first with {errors[0]!r}") from errors[
+            0
+        ]
+    wall: float = max(s.arrivals[-1] for s in results) - min(s.started for s in results)
+    return wall
 
 
 @dataclass(frozen=True)
@@ -238,7 +258,7 @@ def with_long_pollers(stack: Any, jobs: int, pollers: int, tokens: int) -> Polle
             barrier.wait(timeout=60)
             at = 0.0
             try:
-                for held in client.poll(job["job_id"]):
+                for held in client.poll(job["job_id"], time.monotonic() + 600):
                     at = held.at
             except httpx2.HTTPStatusError as exc:
                 with lock:
