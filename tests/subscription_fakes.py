@@ -38,7 +38,13 @@ class MemorySubscriptionStore:
         self._op("put")
         with self._lock:
             self.items[(subscription.job_id, subscription.connection_id)] = replace(
-                subscription, done_sent=False, sender=None, sending_until_ms=0, wakes=0, served=0
+                subscription,
+                done_sent=False,
+                sender=None,
+                sending_until_ms=0,
+                wakes=0,
+                served=0,
+                claimed_from=0,
             )
 
     def for_job(self, job_id: str) -> list[Subscription]:
@@ -79,7 +85,8 @@ class MemorySubscriptionStore:
         self, job_id: str, connection_id: str, owner: str, *, prev: int, new: int, until_ms: int
     ) -> Written:
         def change(item: Subscription) -> None:
-            item.last_sent, item.sender, item.sending_until_ms = new, owner, until_ms
+            item.last_sent, item.claimed_from = new, prev + 1
+            item.sender, item.sending_until_ms = owner, until_ms
 
         return self._update(
             "claim",
@@ -123,9 +130,9 @@ class MemorySubscriptionStore:
             "release", job_id, connection_id, lambda i: i.sender == owner and i.wakes == wakes, change
         )
 
-    def abandon(self, job_id: str, connection_id: str, owner: str) -> None:
+    def abandon(self, job_id: str, connection_id: str, owner: str, *, pushed: int) -> None:
         def change(item: Subscription) -> None:
-            item.sender, item.sending_until_ms, item.done_sent = None, 0, False
+            item.sender, item.sending_until_ms, item.done_sent, item.last_sent = None, 0, False, pushed
 
         self._update("abandon", job_id, connection_id, lambda i: i.sender == owner, change)
 

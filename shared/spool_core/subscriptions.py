@@ -16,10 +16,12 @@ with the chunks and the job's end of a stream batch) never read before writing i
   it last served, so a holder that was woken cannot let go before it looked at the log and the job
   again. A holder that fails lets go without serving (``wakes`` then stays ahead of ``served``), and
   whoever takes the lease next looks first.
+- **Runs.** Consecutive chunks a sender holds (a stream batch, a page of the backlog) are claimed
+  in one write and pushed in order under the lease. A push that fails lets go with the cursor back
+  at the last message pushed, so the retry sends the rest.
 - **A sender that died holding the lease** (``LEASE_MS`` after its last claim) is taken over: the
-  new holder pushes the dead one's last claimed message again (it may not have gone out: at least
-  once, then, rather than a gap; a client drops a ``sequence_id`` it already holds) and serves what
-  it was asked.
+  new holder pushes the dead one's last claim again (it may not have gone out: at least once, then,
+  rather than a gap; a client drops a ``sequence_id`` it already holds) and serves what it was asked.
 - **``done`` exactly once.** When the job has ended and the cursor is at the end of the log (read
   after the end was known, so it holds every chunk), ``SET done_sent = true`` under the same lease
   conditions claims the end; the sender pushes ``done`` and deletes the subscription. A job that
@@ -46,7 +48,9 @@ from spool_core.jobs.model import Chunk, Job
 from spool_core.jobs.ports import ChunkLog, JobStore
 from spool_core.units import now_ms
 
-LEASE_MS = 15_000  # a sender that died holding the lease is taken over after this (each claim renews it)
+# A sender that died holding the lease is taken over after this. Each claim renews it, so it covers
+# one push: the management API client's worst case (3 attempts of a 3 s connect and a 10 s read).
+LEASE_MS = 45_000
 LOG_PAGE = 100
 
 
@@ -61,6 +65,7 @@ class Subscription:
     wakes: int = 0  # bumped by senders that found the lease held: the holder looks again before letting go
     served: int = 0  # the wakes the last holder to let go had looked after
     start: int = 0  # the ``after`` it was created with: nothing at or before it is ever pushed
+    claimed_from: int = 0  # the first message of the last claim (a run: the backlog, a stream batch)
 
     def held_by_other(self, owner: str, now_ms: int) -> bool:
         return self.sender is not None and self.sender != owner and self.sending_until_ms >= now_ms
@@ -87,8 +92,9 @@ class SubscriptionStore(Protocol):
     def claim(
         self, job_id: str, connection_id: str, owner: str, *, prev: int, new: int, until_ms: int
     ) -> Written:
-        """``last_sent = new`` and the lease to ``owner`` until ``until_ms``, if ``last_sent == prev``,
-        ``done`` was not sent, and the lease is free or already the owner's."""
+        """``last_sent = new`` (``claimed_from = prev + 1``) and the lease to ``owner`` until
+        ``until_ms``, if ``last_sent == prev``, ``done`` was not sent, and the lease is free or
+        already the owner's."""
 
     def claim_done(self, job_id: str, connection_id: str, owner: str, *, last: int, until_ms: int) -> Written:
         """``done_sent = true`` and the lease to ``owner``, under the same conditions with the cursor at
@@ -102,8 +108,9 @@ class SubscriptionStore(Protocol):
     def release(self, job_id: str, connection_id: str, owner: str, *, wakes: int) -> Written:
         """Let go of the owner's lease, unless it was woken since ``wakes`` (then ``served = wakes``)."""
 
-    def abandon(self, job_id: str, connection_id: str, owner: str) -> None:
-        """Let go after an error (``done`` unclaimed, wakes left unserved for the next holder to serve)."""
+    def abandon(self, job_id: str, connection_id: str, owner: str, *, pushed: int) -> None:
+        """Let go after an error: the cursor back to the last message pushed, ``done`` unclaimed, wakes
+        left unserved for the next holder to serve."""
 
     def wake(self, job_id: str, connection_id: str, holder: str, *, now_ms: int) -> Written:
         """Ask ``holder`` to look again before it lets go (only while its lease is live)."""
@@ -220,6 +227,7 @@ class _Sender:
         self._look = look  # read the job and the log before concluding there is nothing to send
         self._holding = False
         self._served_wakes = 0  # the wakes counter as of this holder's last look
+        self._pushed = subscription.last_sent  # the last message this sender knows went out
         self._read_at: int | None = None  # the cursor after which the log was last read
         self._log_more = False  # that read filled its page: more may follow
         self._read_since_end = False  # the log was read after the job's end was known
@@ -229,9 +237,9 @@ class _Sender:
             while self._step():
                 pass
         except Exception:
-            if self._holding:  # let the retry (or the next sender) go on at once
+            if self._holding:  # let the retry (or the next sender) go on at once, from what went out
                 with contextlib.suppress(Exception):
-                    self._store.abandon(self._job_id, self._connection, self._owner)
+                    self._store.abandon(self._job_id, self._connection, self._owner, pushed=self._pushed)
             raise
 
     def _step(self) -> bool:
@@ -276,24 +284,33 @@ class _Sender:
             self._read_since_end = True
 
     # ------------------------------------------------------------------ writes
-    def _send(self, chunk: Chunk) -> bool:
+    def _send(self, first: Chunk) -> bool:
+        """Claim the run of consecutive chunks from ``first`` this sender holds, then push them."""
+        run = [first]
+        while len(run) < LOG_PAGE and (following := self._known.chunks.get(run[-1].sequence_id + 1)):
+            run.append(following)
         now = self._f._clock_ms()
         written = self._store.claim(
             self._job_id,
             self._connection,
             self._owner,
             prev=self._cursor,
-            new=chunk.sequence_id,
+            new=run[-1].sequence_id,
             until_ms=now + self._f._lease_ms,
         )
         if not written.applied:
             return self._lost(written.before, now)
         self._acquired(written.before)
-        self._cursor = chunk.sequence_id
-        if not self._f._pusher.send(self._connection, chunk_message(self._job_id, chunk)):
-            self._holding = False
-            self._store.delete(self._job_id, self._connection)  # the connection is gone
-            return False
+        self._cursor = run[-1].sequence_id
+        return self._push(run)
+
+    def _push(self, chunks: list[Chunk]) -> bool:
+        for chunk in chunks:
+            if not self._f._pusher.send(self._connection, chunk_message(self._job_id, chunk)):
+                self._holding = False
+                self._store.delete(self._job_id, self._connection)  # the connection is gone
+                return False
+            self._pushed = chunk.sequence_id
         return True
 
     def _send_done(self) -> bool:
@@ -363,18 +380,15 @@ class _Sender:
             if ended is not None and ended.terminal:
                 self._push_done(ended)
                 return False
-        elif before.last_sent > before.start:
-            again = self._known.chunks.get(before.last_sent)
-            found = [again] if again else self._f._chunks.after(self._job_id, before.last_sent - 1, 1)
-            if (
-                found
-                and found[0].sequence_id == before.last_sent
-                and not self._f._pusher.send(self._connection, chunk_message(self._job_id, found[0]))
-            ):
-                self._holding = False
-                self._store.delete(self._job_id, self._connection)
-                return False
-        return True
+            return True
+        first = max(before.claimed_from, before.start + 1)
+        if first > before.last_sent:
+            return True
+        known = [self._known.chunks.get(seq) for seq in range(first, before.last_sent + 1)]
+        again = [chunk for chunk in known if chunk is not None]
+        if len(again) < len(known):  # read what the batch does not have
+            again = self._f._chunks.after(self._job_id, first - 1, before.last_sent - first + 1)
+        return self._push(again)
 
     def _lost(self, current: Subscription | None, now: int) -> bool:
         """A claim's condition failed. True when this sender should go on (from the current cursor)."""

@@ -209,7 +209,7 @@ def test_a_job_without_subscribers_costs_one_query_per_batch(parts: Any) -> None
     assert pusher.messages == {}
 
 
-def test_each_live_chunk_is_one_claim_and_the_burst_one_release_without_reads(parts: Any) -> None:
+def test_a_batch_is_one_claim_and_one_release_without_reads(parts: Any) -> None:
     log, store, pusher = parts
     fanout(log, store, pusher).subscribe(JOB, "c", 0)
     store.calls.clear()
@@ -218,7 +218,7 @@ def test_each_live_chunk_is_one_claim_and_the_burst_one_release_without_reads(pa
     fanout(log, store, pusher).deliver(JOB, chunks=[one])
     batch = [log.append(JOB, text) for text in "bcd"]
     fanout(log, store, pusher).deliver(JOB, chunks=batch)
-    assert store.calls == {"for_job": 2, "claim": 4, "release": 2}
+    assert store.calls == {"for_job": 2, "claim": 2, "release": 2}  # a run of chunks is one claim
     assert log.reads == {}  # pushed from the records themselves
     ended = log.end(JOB)
     store.calls.clear()
@@ -239,13 +239,45 @@ def test_a_gap_before_the_batch_is_filled_from_the_log(parts: Any) -> None:
     assert log.reads["log"] == 2  # the subscribe's backlog read, then the gap
 
 
-def test_a_long_backlog_is_read_in_pages(parts: Any) -> None:
+def test_a_long_backlog_is_read_and_claimed_in_pages(parts: Any) -> None:
     log, store, pusher = parts
     for n in range(250):
         log.append(JOB, str(n))
     log.end(JOB)
     fanout(log, store, pusher).subscribe(JOB, "c", 0)
     assert_complete(pusher.messages["c"], 0, 250)
+    assert store.calls["claim"] == 3  # one write per page of 100
+
+
+def test_a_push_failing_mid_run_resumes_after_the_last_message_that_went_out(parts: Any) -> None:
+    log, store, pusher = parts
+    fanout(log, store, pusher).subscribe(JOB, "c", 0)
+    batch = [log.append(JOB, text) for text in "abcd"]
+
+    class FailsOnThird(RecordingPusher):
+        def send(self, connection_id: str, message: dict[str, Any]) -> bool:
+            if message.get("sequence_id") == 3:
+                raise ConnectionError("the management API failed")
+            return bool(pusher.send(connection_id, message))
+
+    with pytest.raises(ConnectionError):
+        Fanout(log, log, store, FailsOnThird()).deliver(JOB, chunks=batch)
+    assert store.items[(JOB, "c")].last_sent == 2
+    fanout(log, store, pusher).deliver(JOB, chunks=batch)  # the batch's retry
+    fanout(log, store, pusher).deliver(JOB, ended=log.end(JOB))
+    assert_complete(pusher.messages["c"], 0, 4)
+
+
+def test_a_dead_senders_whole_run_is_pushed_again(parts: Any) -> None:
+    log, store, pusher = parts
+    clock = Clock()
+    fanout(log, store, pusher, clock).subscribe(JOB, "c", 1)
+    for text in "abcd":
+        log.append(JOB, text)
+    assert store.claim(JOB, "c", "dead", prev=1, new=3, until_ms=clock.now).applied  # claimed 2..3, died
+    clock.now += 1
+    fanout(log, store, pusher, clock).deliver(JOB, ended=log.end(JOB))
+    assert_complete(pusher.messages["c"], 1, 4)
 
 
 def test_a_chunk_already_sent_costs_nothing_more(parts: Any) -> None:
@@ -283,8 +315,8 @@ def test_a_failed_push_lets_go_at_once_and_the_retry_sends_it(parts: Any) -> Non
     assert store.items[(JOB, "c")].done_sent is False  # the failed done is unclaimed
     pusher.failing.clear()
     fanout(log, store, pusher).deliver(JOB, ended=ended)
-    # Chunk 1 was claimed before its push failed: claims are at most once, so the client resumes it.
-    assert [m["type"] for m in pusher.messages["c"]] == ["done"]
+    # The failed push let go with the cursor back before chunk 1: the end's delivery sends it first.
+    assert_complete(pusher.messages["c"], 0, 1)
     assert store.items == {}
 
 

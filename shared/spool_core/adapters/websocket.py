@@ -93,9 +93,9 @@ class DynamoSubscriptionStore:
         return self._update(
             job_id,
             connection_id,
-            "SET last_sent = :new, sender = :me, sending_until_ms = :until",
+            "SET last_sent = :new, claimed_from = :from, sender = :me, sending_until_ms = :until",
             f"last_sent = :prev AND done_sent = :no AND {_LEASE_FREE}",
-            {":new": new, ":prev": prev, ":me": owner, ":until": until_ms, ":no": False},
+            {":new": new, ":from": prev + 1, ":prev": prev, ":me": owner, ":until": until_ms, ":no": False},
         )
 
     def claim_done(self, job_id: str, connection_id: str, owner: str, *, last: int, until_ms: int) -> Written:
@@ -128,13 +128,13 @@ class DynamoSubscriptionStore:
             {":me": owner, ":wakes": wakes},
         )
 
-    def abandon(self, job_id: str, connection_id: str, owner: str) -> None:
+    def abandon(self, job_id: str, connection_id: str, owner: str, *, pushed: int) -> None:
         self._update(
             job_id,
             connection_id,
-            "SET done_sent = :no REMOVE sender, sending_until_ms",
+            "SET done_sent = :no, last_sent = :pushed REMOVE sender, sending_until_ms",
             "sender = :me",
-            {":me": owner, ":no": False},
+            {":me": owner, ":no": False, ":pushed": pushed},
         )
 
     def wake(self, job_id: str, connection_id: str, holder: str, *, now_ms: int) -> Written:
@@ -201,6 +201,7 @@ class DynamoSubscriptionStore:
             int(item.get("wakes", 0)),
             int(item.get("served", 0)),
             int(item.get("start", 0)),
+            int(item.get("claimed_from", 0)),
         )
 
 
