@@ -111,7 +111,8 @@ def _scoped_all_items(all_items: Callable[[Any], list[Any]]) -> Callable[[Any], 
 def _partition_query(query: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(query)
     def partition_query(self: Any, hash_key: Any, *args: Any, **kwargs: Any) -> Any:
-        index_name = kwargs.get("index_name")
+        # moto's backend passes index_name positionally (the 7th argument after the hash key).
+        index_name = kwargs.get("index_name", args[6] if len(args) > 6 else None)
         token = _query_scope.set((self, query_candidates(self, hash_key, index_name, kwargs)))
         try:
             return query(self, hash_key, *args, **kwargs)
