@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
+from aws_lambda_powertools.event_handler.openapi.params import Query
 from pydantic import BaseModel, Field
 
 from spool_core.api import api_handler, create_resolver, tenant_of
@@ -39,6 +40,10 @@ def build() -> Any:
     @app.post("/v1/widgets")
     def create(widget: Widget) -> dict[str, Any]:
         return {"name": widget.name, "tenant": tenant_of(app).id}
+
+    @app.get("/v1/gadgets")
+    def listing(limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict[str, Any]:
+        return {"limit": limit}
 
     @app.get("/v1/widgets/<widget_id>")
     def get(widget_id: str) -> dict[str, Any]:
@@ -94,6 +99,18 @@ def test_schema_violations_name_every_offending_field(handler: Any) -> None:
     error = assert_envelope(body, "invalid_request")
     fields = {f["field"] for f in error["details"]["fields"]}
     assert fields == {"body.name", "body.size"}
+    assert any("body field 'name'" in s for s in error["suggestions"])
+    assert any("body field 'size'" in s for s in error["suggestions"])
+
+
+def test_a_bad_query_parameter_is_named_as_one_in_the_suggestions(handler: Any) -> None:
+    status, _, body = call(handler, "GET", "/v1/gadgets", query={"limit": "x"})
+    assert status == 400
+    error = assert_envelope(body, "invalid_request")
+    assert [f["field"] for f in error["details"]["fields"]] == ["query.limit"]
+    assert error["suggestions"][0].startswith("Fix the query parameter 'limit': ")
+    assert "body" not in error["suggestions"][0]
+    assert any("/v1/openapi.json" in s for s in error["suggestions"])
 
 
 def test_unknown_route_is_404_not_found(handler: Any) -> None:

@@ -69,6 +69,20 @@ def _field_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     return fields
 
 
+def _field_suggestions(fields: list[dict[str, Any]]) -> list[str]:
+    """One suggestion per field, naming where it goes (query parameter, path or body), then the
+    document that describes every operation."""
+    places = {"query": "query parameter", "path": "path parameter", "header": "header", "body": "body field"}
+    suggestions = []
+    for field in fields[:5]:
+        place, _, name = field["field"].partition(".")
+        where = places.get(place)
+        label = f"{where} '{name}'" if where and name else f"'{field['field']}'"
+        suggestions.append(f"Fix the {label}: {field['message']}")
+    suggestions.append("Every operation's parameters and body are described in GET /v1/openapi.json")
+    return suggestions
+
+
 def _allowed_methods(app: APIGatewayRestResolver, path: str) -> list[str]:
     # Powertools keeps its routes in these lists; it has no public lookup by path.
     routes = app._static_routes + app._dynamic_routes
@@ -96,7 +110,9 @@ def create_resolver() -> APIGatewayRestResolver:
         else:
             names = ", ".join(f["field"] for f in fields)
             error = InvalidRequest(
-                f"The request does not match the schema: {names}", details={"fields": fields}
+                f"The request does not match the schema: {names}",
+                details={"fields": fields},
+                suggestions=_field_suggestions(fields),
             )
         return error_response(app, error)
 
