@@ -141,7 +141,7 @@ def report_moto(costs: list[CallCost], print_: PrintFn) -> None:
     )
     print_(
         f"  at {largest.items:,} items vs empty: at most {ratio:.2f}x per call "
-        f"(target: flat, <= 1.5x; before: Query 4.5 ms empty, 39 ms at 10k, 80 ms at 20k)"
+        f"(target: flat, <= 1.5x; issue 16 measured Query at 4.5 ms empty, 39 ms at 10k, 80 ms at 20k)"
     )
 
 
