@@ -26,6 +26,7 @@ from spool_core.jobs.model import Chunk
 from spool_core.subscriptions import Fanout, Subscription
 from spool_core.tenancy import Tenant
 from tests.fakes import KeyClock, MemoryApiKeyStore
+from tests.subscription_fakes import MemorySubscriptionStore
 
 ACME, GLOBEX = Tenant("acme"), Tenant("globex")
 
@@ -285,6 +286,7 @@ def test_a_connection_is_closed_once_its_key_is_revoked(store: MemoryApiKeyStore
 @dataclass
 class StubJob:
     status: str = "running"
+    terminal: bool = False
 
 
 class OneJobLog:
@@ -299,38 +301,6 @@ class OneJobLog:
 
     def after(self, job_id: str, after: int, limit: int) -> list[Chunk]:
         return [c for c in self.chunks if c.sequence_id > after][:limit]
-
-
-class MemorySubscriptions:
-    def __init__(self) -> None:
-        self.items: dict[str, Subscription] = {}
-
-    def put(self, subscription: Subscription) -> None:
-        self.items[subscription.connection_id] = subscription
-
-    def for_job(self, job_id: str) -> list[Subscription]:
-        return list(self.items.values())
-
-    def get(self, job_id: str, connection_id: str) -> Subscription | None:
-        return self.items.get(connection_id)
-
-    def lock(
-        self, job_id: str, connection_id: str, owner: str, now: float, until: float
-    ) -> Subscription | None:
-        return self.items.get(connection_id)
-
-    def unlock(self, job_id: str, connection_id: str, owner: str) -> None:
-        return None
-
-    def advance(self, job_id: str, connection_id: str, owner: str, new: int) -> None:
-        if connection_id in self.items:
-            self.items[connection_id].last_sent = new
-
-    def mark_done(self, job_id: str, connection_id: str) -> bool:
-        return False
-
-    def delete(self, job_id: str, connection_id: str) -> None:
-        self.items.pop(connection_id, None)
 
 
 class RecordingPusher:
@@ -348,7 +318,7 @@ def test_the_fanout_closes_a_revoked_keys_connection_and_keeps_serving_the_other
     operator = api_keys(store, clock, seconds=0)
     _, revoked = operator.create(ACME)
     _, kept = operator.create(ACME)
-    closer, subscriptions, pusher = RecordingCloser(), MemorySubscriptions(), RecordingPusher()
+    closer, subscriptions, pusher = RecordingCloser(), MemorySubscriptionStore(), RecordingPusher()
     guard = ConnectionGuard(api_keys(store, clock), MemoryConnectionKeys(), closer)
     guard.admit("conn-revoked", revoked)
     guard.admit("conn-kept", kept)
@@ -365,4 +335,4 @@ def test_the_fanout_closes_a_revoked_keys_connection_and_keeps_serving_the_other
     assert [m["sequence_id"] for m in pusher.sent["conn-revoked"]] == [1, 2]  # nothing more
     assert [m["sequence_id"] for m in pusher.sent["conn-kept"]] == [1, 2, 3]
     assert [connection for connection, _ in closer.closed] == ["conn-revoked"]
-    assert set(subscriptions.items) == {"conn-kept"}
+    assert set(subscriptions.items) == {("job_1", "conn-kept")}

@@ -22,6 +22,7 @@ from spool_core.events import (
     resume_point,
     texts,
 )
+from spool_core.jobs.model import Job
 
 pytestmark = pytest.mark.unit
 
@@ -66,18 +67,23 @@ class Log:
         done = self.status != "running" and len(self.chunks_after(after)) == len(page)
         return {"chunks": page, "done": done}
 
-    def get(self, job_id: str) -> str:
-        return job_id
-
-    def view(self, job_id: str) -> dict[str, Any]:
-        return {
-            "job_id": job_id,
-            "status": self.status,
-            "usage": {"output_tokens": 3},
-            "cost_usd": 0.01,
-            "error": None,
-            "progress": {"last_sequence_id": len(self.written)},
-        }
+    def get(self, job_id: str) -> Job:
+        """The job item as ``done`` is built from it (status, progress, usage, cost, error)."""
+        return Job.model_validate(
+            {
+                "job_id": job_id,
+                "tenant_id": "t",
+                "status": self.status,
+                "request": {"message": "x", "model": "sim-fast"},
+                "fingerprint": "f",
+                "model_requested": "sim-fast",
+                "model_resolved": "sim-fast",
+                "created_at": "2026-11-27T07:00:00Z",
+                "usage": {"output_tokens": 3},
+                "cost_nanos": 10_000_000,
+                "progress": {"last_sequence_id": len(self.written)},
+            }
+        )
 
 
 def parse(stream: Iterator[str]) -> list[dict[str, Any]]:
@@ -135,7 +141,7 @@ def test_backlog_then_live_chunks_then_done_each_with_its_sequence_id() -> None:
     assert done["data"] == {
         "job_id": "job_1",
         "status": "completed",
-        "usage": {"output_tokens": 3},
+        "usage": {"estimated_tokens": 0, "input_tokens": 0, "output_tokens": 3},
         "cost_usd": 0.01,
         "error": None,
         "last_sequence_id": 3,
