@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from spool_core.jobs.model import Chunk, Job, Progress, Segment
+from spool_core.jobs.model import Chunk, Job, Progress, Segment, Status
 from spool_core.jobs.ports import AdmissionRefused, Claim, Conflict, EndGuard, JobEnd, PendingJob
 from spool_core.limits.model import ReservationPlan, Settlement, TenantLimits, UsageState
 from spool_core.limits.service import ModelStats
@@ -325,6 +325,11 @@ class TenantLedger:
         with self.ledger.lock:
             item = self._job(job_id)
             return bool(item and item.get("cancel_requested"))
+
+    def status(self, job_id: str) -> Status | None:
+        with self.ledger.lock:
+            item = self._job(job_id)
+            return item["status"] if item else None  # type: ignore[no-any-return]
 
     def requeue(self, job_id: str, seen_pending_ms: int, now_ms: int) -> bool:
         def write() -> bool:

@@ -289,8 +289,12 @@ class DynamoJobStore:
         return Job.model_validate(item)
 
     def cancel_requested(self, job_id: str) -> bool:
-        item = self._table.get(JOB_KIND, job_id, attributes=["cancel_requested"])
+        item = self._table.get(JOB_KIND, job_id, attributes=["cancel_requested"], consistent=False)
         return bool(item and item.get("cancel_requested"))
+
+    def status(self, job_id: str) -> Status | None:
+        item = self._table.get(JOB_KIND, job_id, attributes=["status"], consistent=False)
+        return item["status"] if item else None  # type: ignore[no-any-return]
 
     def requeue(self, job_id: str, seen_pending_ms: int, now_ms: int) -> bool:
         try:

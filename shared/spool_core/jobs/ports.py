@@ -124,7 +124,13 @@ class JobStore(Protocol):
         """Flag a running job for cancellation (its worker stops at its next flush); ``Conflict`` if
         it is not running."""
 
-    def cancel_requested(self, job_id: str) -> bool: ...
+    def cancel_requested(self, job_id: str) -> bool:
+        """Whether a cancel was requested: a light read (eventually consistent, one attribute), made
+        by the worker once per flush; a cancel it misses by replication lag is seen a flush later."""
+
+    def status(self, job_id: str) -> Status | None:
+        """The job's status alone (``None``: no such job), eventually consistent: a terminal status
+        it returns is final; a stale ``queued``/``running`` only delays the reader's ``done``."""
 
     def requeue(self, job_id: str, seen_pending_ms: int, now_ms: int) -> bool:
         """Claim the right to re-send a forgotten job's message (the sweeper): False when someone

@@ -409,24 +409,36 @@ class JobService:
                 details={"after": after, "limit": limit, "wait": wait},
                 suggestions=["Use after=<last sequence_id you hold>, limit<=1000, wait<=20"],
             )
+        if not plausible(job_id):
+            raise JobNotFound(f"Job '{job_id}' not found", details={"job_id": job_id})
         deadline = self._clock() + wait
         interval = self._poll_interval
         while True:
-            job = self.get(job_id)  # status first: a terminal job's chunks are all written before it
+            # The log first: a page of chunks needs only the job's status beside it (a light read);
+            # a waiting poll that finds nothing reads the status to know whether to keep waiting.
             found = self._chunks.after(job_id, after, limit)
-            if found or job.terminal or self._clock() >= deadline:
+            status = self._jobs.status(job_id)
+            if status is None:
+                raise JobNotFound(f"Job '{job_id}' not found", details={"job_id": job_id})
+            terminal = status in TERMINAL
+            if terminal and len(found) < limit:
+                # Chunks written between the two reads: the end is written after every chunk, so
+                # the log read now holds them all.
+                since = found[-1].sequence_id if found else after
+                found += self._chunks.after(job_id, since, limit - len(found))
+            if found or terminal or self._clock() >= deadline:
                 break
             self._sleep(interval)
-            # A waiting client costs two reads a poll: fast while a chunk is likely soon, then slower
-            # (bounded so the delivery delay stays within a flush interval plus 150 ms).
+            # A waiting client costs a query and a status read a poll: fast while a chunk is likely
+            # soon, then slower (bounded so the delivery delay stays within a flush interval + 150 ms).
             interval = min(interval * 1.5, MAX_POLL_INTERVAL)
         next_after = found[-1].sequence_id if found else after
         return {
             "job_id": job_id,
-            "status": job.status,
+            "status": status,
             "chunks": [chunk.public() for chunk in found],
             "next_after": next_after,
-            "done": job.terminal and len(found) < limit,
+            "done": terminal and len(found) < limit,
         }
 
     def rate_limit_headers(self) -> dict[str, str]:
