@@ -1,0 +1,135 @@
+"""Pages of the chunk log (``GET /v1/jobs/{id}/chunks``, resume, and the SSE/OpenAI streams that
+follow the log): the log is read first and only the job's status beside it, never the whole job item;
+a page that sees the job ended holds every chunk written before the end."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from spool_core.jobs.errors import JobNotFound
+from spool_core.jobs.model import Chunk, Job, JobRequest, Status
+from spool_core.jobs.service import JobService
+from spool_core.tenancy import Tenant
+from tests.ledger import JobWorld
+
+
+class CountingStore:
+    """The tenant's store, counting the reads a page makes; ``hold_back`` makes the first log query
+    miss the chunks after that sequence id (as if they were written just after it)."""
+
+    def __init__(self, store: Any, hold_back: int | None = None) -> None:
+        self._store = store
+        self.hold_back = hold_back
+        self.reads: list[str] = []
+
+    def get(self, job_id: str) -> Job | None:
+        self.reads.append("get")
+        job: Job | None = self._store.get(job_id)
+        return job
+
+    def status(self, job_id: str) -> Status | None:
+        self.reads.append("status")
+        status: Status | None = self._store.status(job_id)
+        return status
+
+    def after(self, job_id: str, after: int, limit: int) -> list[Chunk]:
+        self.reads.append("after")
+        found: list[Chunk] = self._store.after(job_id, after, limit)
+        if self.hold_back is not None:
+            found = [c for c in found if c.sequence_id <= self.hold_back]
+            self.hold_back = None
+        return found
+
+    def last(self, job_id: str) -> Chunk | None:
+        last: Chunk | None = self._store.last(job_id)
+        return last
+
+    def all(self, job_id: str) -> Iterator[Chunk]:
+        chunks: Iterator[Chunk] = self._store.all(job_id)
+        return chunks
+
+
+def service(world: JobWorld, store: CountingStore, tenant: str = "acme") -> JobService:
+    def sleep(seconds: float) -> None:
+        world.clock.now += seconds
+
+    return JobService(
+        Tenant(tenant),
+        store,  # type: ignore[arg-type]
+        store,  # type: ignore[arg-type]
+        world.ledger.tenant(tenant),
+        world._contexts,
+        world.catalog,
+        world.limiter(tenant),
+        clock=world.clock,
+        sleep=sleep,
+    )
+
+
+def create(world: JobWorld, key: str = "k", tenant: str = "acme") -> str:
+    request = JobRequest.model_validate({"message": "Explain", "model": "sim-fast", "max_tokens": 200})
+    job_id: str = world.service(tenant).create(key, request).job.job_id
+    return job_id
+
+
+def test_a_page_reads_the_log_and_the_status_never_the_job_item() -> None:
+    world = JobWorld()
+    job_id = create(world)
+    world.runner().run(job_id)
+    store = CountingStore(world.ledger.tenant("acme"))
+    page = service(world, store).chunks(job_id, after=0, limit=2)
+    assert [c["sequence_id"] for c in page["chunks"]] == [1, 2]
+    assert (page["status"], page["done"], page["next_after"]) == ("completed", False, 2)  # more remain
+    assert "get" not in store.reads
+    rest = service(world, store).chunks(job_id, after=2, limit=1000)
+    assert rest["done"] and rest["chunks"][-1]["sequence_id"] == rest["next_after"] > 2
+
+
+def test_chunks_written_between_the_log_query_and_the_status_read_are_on_the_page() -> None:
+    world = JobWorld()
+    job_id = create(world)
+    world.runner().run(job_id)
+    everything = list(world.ledger.tenant("acme").all(job_id))
+    store = CountingStore(world.ledger.tenant("acme"), hold_back=2)  # the query ran before chunk 3
+    page = service(world, store).chunks(job_id, after=0, limit=1000)
+    assert [c["sequence_id"] for c in page["chunks"]] == [c.sequence_id for c in everything]
+    assert page["done"] and page["next_after"] == everything[-1].sequence_id
+    assert store.reads == ["after", "status", "after"]
+
+
+def test_an_ended_job_seen_on_an_empty_poll_answers_every_chunk_then_done() -> None:
+    world = JobWorld()
+    job_id = create(world)
+    world.runner().run(job_id)
+    store = CountingStore(world.ledger.tenant("acme"), hold_back=0)  # the query saw nothing yet
+    page = service(world, store).chunks(job_id, after=0, limit=1000, wait=5)
+    assert page["done"] and len(page["chunks"]) == len(list(world.ledger.tenant("acme").all(job_id)))
+
+
+def test_a_waiting_poll_of_a_queued_job_ends_at_its_deadline_empty() -> None:
+    world = JobWorld()
+    job_id = create(world)
+    store = CountingStore(world.ledger.tenant("acme"))
+    started = world.clock.now
+    page = service(world, store).chunks(job_id, after=0, wait=2)
+    assert (page["status"], page["chunks"], page["done"], page["next_after"]) == ("queued", [], False, 0)
+    assert world.clock.now - started >= 2
+    assert "get" not in store.reads and store.reads.count("after") == store.reads.count("status") > 1
+
+
+@pytest.mark.parametrize("job_id", ["job_" + "x" * 26, "not-an-id"])
+def test_an_unknown_job_is_not_found(job_id: str) -> None:
+    world = JobWorld()
+    with pytest.raises(JobNotFound):
+        service(world, CountingStore(world.ledger.tenant("acme"))).chunks(job_id)
+
+
+def test_another_tenants_job_is_not_found() -> None:
+    world = JobWorld()
+    job_id = create(world, tenant="other")
+    world.runner("other").run(job_id)
+    with pytest.raises(JobNotFound):
+        service(world, CountingStore(world.ledger.tenant("acme"))).chunks(job_id)
