@@ -928,8 +928,9 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument(
         "--workers",
         type=int,
-        default=int(os.environ.get("SPOOL_WORKERS", "2")),
-        help="worker processes taking jobs from the queue; SPOOL_WORKERS sets it too",
+        default=int(os.environ["SPOOL_WORKERS"]) if os.environ.get("SPOOL_WORKERS") else None,
+        help="jobs the local worker runs at once (SPOOL_WORKERS sets it too; default: 4 per CPU,"
+        " at most the template's WorkerMaxConcurrency)",
     )
     dev.add_argument(
         "--state-dir",

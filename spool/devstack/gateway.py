@@ -764,6 +764,9 @@ class _Unreadable(Exception):
 class _RequestHandler(BaseHTTPRequestHandler):
     server: GatewayHttpServer
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes; with Nagle on, the body waits for the client's
+    # delayed ACK (~40 ms a request on a kept-alive connection: 50 polls took 6 s instead of 2 s).
+    disable_nagle_algorithm = True
 
     def setup(self) -> None:
         super().setup()
