@@ -48,16 +48,11 @@ SCENARIO_NAMES = {
     "sse": "SSE reader",
     "poll": "long-polling reader",
 }
-# Functions billed per job. The sweeper runs every minute whatever the jobs; health, models and
-# usage are not on a job's path.
-JOB_PATH_FUNCTIONS = (
-    "AuthorizerFunction",
-    "JobsFunction",
-    "StreamFunction",
-    "WorkerFunction",
-    "FanoutFunction",
-    "WebSocketFunction",
-    "DeadLetterFunction",
+# Functions not billed per job: the sweeper runs every minute whatever the jobs; health, models,
+# usage and contexts are not on a job's path. Every other function that runs during a job is (a
+# function added later, such as one serving chunk pages, is counted without a change here).
+NOT_PER_JOB_FUNCTIONS = frozenset(
+    {"SweeperFunction", "HealthFunction", "ModelsFunction", "UsageFunction", "ContextsFunction"}
 )
 # As bench/__main__.py's stack: a 30 s lease (the deployed default is 720 s), not the local 5 s,
 # whose heartbeat every ~1.7 s no deployment makes.
@@ -378,7 +373,7 @@ class CostBench:
             websocket_connection_minutes=math.ceil(reader.websocket_seconds / 60),
         )
         for name, function in self.stack.functions.items():
-            if name not in JOB_PATH_FUNCTIONS:
+            if name in NOT_PER_JOB_FUNCTIONS:
                 continue
             new = [r for r in list(function.reports) if r.request_id not in reports_before.get(name, set())]
             if not new:
@@ -390,9 +385,11 @@ class CostBench:
             usage.lambda_architecture[name] = self.architectures.get(name, "x86_64")
         calls = counter_delta(counts_before, _sum_counts(self.counts_dir))
         job_path_calls: Counter[str] = Counter()
+        physical_names = {f.name: logical for logical, f in self.stack.functions.items()}
         for key, n in calls.items():
             function, _, name = key.partition(":")
-            if any(function == self.stack.functions[f].name or function == f for f in JOB_PATH_FUNCTIONS):
+            logical = physical_names.get(function, function)
+            if logical not in NOT_PER_JOB_FUNCTIONS:
                 job_path_calls[name] += n
         add_aws_calls(usage, job_path_calls)
         # The SQS event source receives each worker message and deletes it (locally: this process).
