@@ -329,7 +329,7 @@ class TenantLedger:
     def status(self, job_id: str) -> Status | None:
         with self.ledger.lock:
             item = self._job(job_id)
-            return item["status"] if item else None  # type: ignore[no-any-return]
+            return item["status"] if item else None
 
     def requeue(self, job_id: str, seen_pending_ms: int, now_ms: int) -> bool:
         def write() -> bool:

@@ -294,7 +294,7 @@ class DynamoJobStore:
 
     def status(self, job_id: str) -> Status | None:
         item = self._table.get(JOB_KIND, job_id, attributes=["status"], consistent=False)
-        return item["status"] if item else None  # type: ignore[no-any-return]
+        return item["status"] if item else None
 
     def requeue(self, job_id: str, seen_pending_ms: int, now_ms: int) -> bool:
         try:
