@@ -11,7 +11,7 @@ import pytest
 
 from spool_core.jobs.errors import JobNotFound
 from spool_core.jobs.model import Chunk, Job, JobRequest, Status
-from spool_core.jobs.service import JobService
+from spool_core.jobs.service import STATUS_FRESH_SECONDS, JobService
 from spool_core.tenancy import Tenant
 from tests.ledger import JobWorld
 
@@ -109,15 +109,43 @@ def test_an_ended_job_seen_on_an_empty_poll_answers_every_chunk_then_done() -> N
     assert page["done"] and len(page["chunks"]) == len(list(world.ledger.tenant("acme").all(job_id)))
 
 
-def test_a_waiting_poll_of_a_queued_job_ends_at_its_deadline_empty() -> None:
+def test_a_waiting_poll_of_a_silent_job_ends_at_its_deadline_empty() -> None:
     world = JobWorld()
     job_id = create(world)
+    now = world.clock.ms()
+    world.ledger.tenant("acme").take_lease(job_id, "a-worker", now, now + 30_000, 0)  # started, silent
     store = CountingStore(world.ledger.tenant("acme"))
     started = world.clock.now
     page = service(world, store).chunks(job_id, after=0, wait=2)
-    assert (page["status"], page["chunks"], page["done"], page["next_after"]) == ("queued", [], False, 0)
+    assert (page["status"], page["chunks"], page["done"], page["next_after"]) == ("running", [], False, 0)
     assert world.clock.now - started >= 2
-    assert "get" not in store.reads and store.reads.count("after") == store.reads.count("status") > 1
+    assert "get" not in store.reads
+    # The log at every poll (50-100 ms apart); the status at most every STATUS_FRESH_SECONDS.
+    assert store.reads.count("after") > store.reads.count("status") > 1
+    assert store.reads.count("status") <= 2 / STATUS_FRESH_SECONDS + 1
+
+
+def test_a_job_that_ends_while_a_poll_waits_answers_its_chunks_and_done() -> None:
+    world = JobWorld()
+    job_id = create(world)
+    store = CountingStore(world.ledger.tenant("acme"))
+    reader = service(world, store)
+
+    def sleep(seconds: float) -> None:
+        if world.clock.now - started > 0.3:  # the worker runs the whole job while the poll waits
+            world.runner().run(job_id)
+        world.clock.now += seconds
+
+    reader._sleep = sleep
+    started = world.clock.now
+    pages = [reader.chunks(job_id, after=0, limit=1000, wait=20)]
+    while not pages[-1]["done"]:
+        pages.append(reader.chunks(job_id, after=pages[-1]["next_after"], limit=1000, wait=20))
+    everything = list(world.ledger.tenant("acme").all(job_id))
+    assert pages[-1]["status"] == "completed" and len(pages) <= 2
+    assert pages[0]["status"] in {"running", "completed"}  # never "queued" beside chunks
+    assert [c["sequence_id"] for p in pages for c in p["chunks"]] == [c.sequence_id for c in everything]
+    assert world.clock.now - started < 1  # the end was seen within a status read's freshness
 
 
 @pytest.mark.parametrize("job_id", ["job_" + "x" * 26, "not-an-id"])

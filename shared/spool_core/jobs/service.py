@@ -68,6 +68,9 @@ DEFAULT_CHUNK_LIMIT = 500
 MAX_CHUNK_LIMIT = 1000
 MAX_MESSAGES_BYTES = 192 * 1024  # of a job item's 400 KB; the output takes most of the rest
 MAX_POLL_INTERVAL = 0.1
+# A running job's status, once read, serves the pages of the next quarter second (a stream polls the
+# log every 50-100 ms): an end is seen that much later, never missed, and a terminal status is final.
+STATUS_FRESH_SECONDS = 0.25
 STATUSES: tuple[Status, ...] = ("queued", "running", "completed", "failed", "cancelled")
 ADMISSION_ATTEMPTS = 25  # reads and transactions, while concurrent admissions keep moving the state
 
@@ -140,6 +143,7 @@ class JobService:
         self._clock = clock
         self._sleep = sleep
         self._poll_interval = poll_interval
+        self._statuses: dict[str, tuple[float, Status]] = {}  # job id -> (read at, status)
 
     # ------------------------------------------------------------------ create
     def create(self, key: str | None, request: JobRequest) -> Created:
@@ -417,9 +421,7 @@ class JobService:
             # The log first: a page of chunks needs only the job's status beside it (a light read);
             # a waiting poll that finds nothing reads the status to know whether to keep waiting.
             found = self._chunks.after(job_id, after, limit)
-            status = self._jobs.status(job_id)
-            if status is None:
-                raise JobNotFound(f"Job '{job_id}' not found", details={"job_id": job_id})
+            status = self._status(job_id)
             terminal = status in TERMINAL
             if terminal and len(found) < limit:
                 # Chunks written between the two reads: the end is written after every chunk, so
@@ -440,6 +442,20 @@ class JobService:
             "next_after": next_after,
             "done": terminal and len(found) < limit,
         }
+
+    def _status(self, job_id: str) -> Status:
+        """The job's status for a page: read (eventually consistent, one attribute) unless a read of
+        it that said ``running`` is under ``STATUS_FRESH_SECONDS`` old (a queued job is read each
+        time: a page with chunks never says ``queued``)."""
+        now = self._clock()
+        seen = self._statuses.get(job_id)
+        if seen is not None and seen[1] == "running" and now - seen[0] < STATUS_FRESH_SECONDS:
+            return seen[1]
+        status = self._jobs.status(job_id)
+        if status is None:
+            raise JobNotFound(f"Job '{job_id}' not found", details={"job_id": job_id})
+        self._statuses[job_id] = (now, status)
+        return status
 
     def rate_limit_headers(self) -> dict[str, str]:
         state, _ = self._limiter.state()
