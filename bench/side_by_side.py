@@ -423,6 +423,8 @@ def verdicts(results: Mapping[tuple[int, int, str], Row]) -> list[str]:
 
 def _verdict(label: str, value: float, target: float, unit: str) -> str:
     figure = f"{value:.0f} {unit}" if unit == "ms" else f"{value:.1f}{unit}"
+    if math.isinf(value):
+        figure = "not all ended"
     limit = f"{target:g} {unit}" if unit == "ms" else f"{target:g}{unit}"
     return f"  {label}: {figure} (target <= {limit}: {'meets' if value <= target else 'misses'})"
 

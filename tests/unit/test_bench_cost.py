@@ -377,4 +377,4 @@ def test_side_by_side_rows_and_targets() -> None:
     assert "Spool's own share of TTFT, warm, Spool, SSE: 80 ms (target <= 100 ms: meets)" in lines
     assert "persist-to-client p95, Spool, SSE, 1 streams: 120 ms (target <= 150 ms: meets)" in lines
     assert "wall vs direct, Spool, SSE: 2.0x (target <= 4x: meets)" in lines
-    assert "Spool, WebSocket (1 streams did not end): infx (target <= 4x: misses)" in lines
+    assert "Spool, WebSocket (1 streams did not end): not all ended (target <= 4x: misses)" in lines
