@@ -1,0 +1,35 @@
+"""ChunksFunction: the chunk log's pages, from the jobs function's code at a reader's size."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.support import load_event, response_json
+
+
+def _headers(response: dict[str, Any]) -> dict[str, str]:
+    return {
+        **response.get("headers", {}),
+        **{k: v[0] for k, v in (response.get("multiValueHeaders") or {}).items()},
+    }
+
+
+def test_a_chunk_page_of_a_created_job_carries_no_rate_limit_headers(invoke: Any) -> None:
+    created = invoke("JobsFunction", load_event("jobs"))
+    body = response_json(created)
+    job_id = body["job_id"] if created["statusCode"] == 202 else body["error"]["details"]["job_id"]
+    event = load_event("chunks")
+    event["path"] = f"/v1/jobs/{job_id}/chunks"
+    event["pathParameters"] = {"job_id": job_id}
+    response = invoke("ChunksFunction", event)
+    assert response["statusCode"] == 200, response
+    page = response_json(response)
+    assert page["job_id"] == job_id and page["next_after"] >= 0
+    assert page["status"] in {"queued", "running", "completed"}
+    assert not any(h.startswith("X-RateLimit") for h in _headers(response))
+
+
+def test_the_sample_event_names_a_job_that_does_not_exist(invoke: Any) -> None:
+    response = invoke("ChunksFunction", load_event("chunks"))
+    assert response["statusCode"] == 404
+    assert response_json(response)["error"]["code"] == "job_not_found"
