@@ -66,7 +66,7 @@ MAX_KEY_LENGTH = 255
 MAX_WAIT_SECONDS = 20
 DEFAULT_CHUNK_LIMIT = 500
 MAX_CHUNK_LIMIT = 1000
-MAX_MESSAGES_BYTES = 192 * 1024  # of a job item's 400 KB; the output takes most of the rest
+MAX_MESSAGES_BYTES = 192 * 1024  # of a job item's 400 KB (the output is in the chunk log, not the item)
 MAX_POLL_INTERVAL = 0.1
 # A running job's status, once read, serves the pages of the next quarter second (a stream polls the
 # log every 50-100 ms): an end is seen that much later, never missed, and a terminal status is final.
@@ -97,8 +97,9 @@ def check_idempotency_key(key: str | None) -> str:
 
 
 def _check_stored_size(request: JobRequest) -> None:
-    """The job item keeps its messages (so a retry or a worker can rebuild the prompt) and, at the
-    end, its output, in one DynamoDB item of at most 400 KB; the messages get a bounded share."""
+    """The job item keeps its messages (so a retry or a worker can rebuild the prompt) in one DynamoDB
+    item of at most 400 KB; the messages get a bounded share (every later write of the item, the
+    lease's and the end's, is billed by its size)."""
     size = len(request.model_dump_json(include={"messages"}).encode())
     if size > MAX_MESSAGES_BYTES:
         raise PayloadTooLarge(
