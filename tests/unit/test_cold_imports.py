@@ -34,7 +34,7 @@ CONFIG_SERVICES = (
     "aws_lambda_powertools.utilities.parameters",
     "aws_lambda_powertools.utilities.feature_flags",
 )
-EVERY_JOB_USES_FLAGS = {"WorkerFunction", "DeadLetterFunction"}
+EVERY_JOB_USES_FLAGS: set[str] = set()  # flags load with the first job that reads them
 # What the authorizer needs is the key store, its cache and a DynamoDB client: no job, context,
 # model registry, subscription or web machinery, and no tracer (it traces nothing, even deployed).
 NOT_FOR_THE_AUTHORIZER = (

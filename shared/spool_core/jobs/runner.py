@@ -15,14 +15,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spool_core.chat import Message
 from spool_core.circuits import Circuit, CircuitBreaker
 from spool_core.clock import from_epoch, rfc3339
 from spool_core.contexts.service import ContextService
 from spool_core.errors import SpoolError
-from spool_core.flags import Flags
 from spool_core.jobs.chunk_writer import ChunkWriter, LostLease
 from spool_core.jobs.ending import error_object, job_end, model_usage
 from spool_core.jobs.model import Job, Segment
@@ -34,6 +33,9 @@ from spool_core.observability import logger, record_usage
 from spool_core.prompt import file_block, symbols_block
 from spool_core.providers import Finished, GenerationRequest, Provider, ProviderError, ResumePoint, TextDelta
 from spool_core.units import usd
+
+if TYPE_CHECKING:
+    from spool_core.flags import Flags
 
 CONTEXT_PREAMBLE = "Answer using the following context.\n\n"
 
