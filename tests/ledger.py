@@ -64,6 +64,10 @@ class MemoryLedger:
         with self.lock:
             self.messages.append(JobMessage(job_id=job_id, tenant_id=tenant_id, continuation=continuation))
 
+    def waiting(self) -> int:
+        with self.lock:
+            return len(self.messages)
+
     def receive(self) -> JobMessage | None:
         with self.lock:
             return self.messages.pop(0) if self.messages else None
@@ -443,6 +447,9 @@ class TenantLedger:
         self.ledger.send(job_id, tenant_id, continuation=continuation)
         if fault == "crash_after":
             raise Crash("crash after send")
+
+    def waiting(self) -> int:
+        return self.ledger.waiting()
 
 
 def running(ledger: MemoryLedger, tenant: str) -> int:

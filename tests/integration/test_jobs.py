@@ -42,6 +42,9 @@ class RecordingQueue:
     def send(self, job_id: str, tenant_id: str, *, continuation: int = 0) -> None:
         self.sent.append((job_id, continuation))
 
+    def waiting(self) -> int:
+        return 0
+
 
 def crash() -> None:
     raise Crash("the worker's process died")
@@ -391,3 +394,20 @@ def test_every_conditional_write_retried_after_a_lost_reply_counts_once(
             },
         ),
     ).replayed
+
+
+def test_the_queue_counts_the_messages_waiting_in_it() -> None:
+    """The sweeper's backlog check, against SQS as moto serves it (a queue of this test's own)."""
+    from spool_core.adapters.jobs import SqsJobQueue
+
+    client = aws.sqs(bootstrap.settings())
+    url = client.create_queue(QueueName=f"waiting-{threading.get_ident()}")["QueueUrl"]
+    queue = SqsJobQueue(client, url)
+    assert queue.waiting() == 0
+    queue.send("job_a", "acme")
+    queue.send("job_b", "acme")
+    assert queue.waiting() == 2
+    for message in client.receive_message(QueueUrl=url, MaxNumberOfMessages=10).get("Messages", []):
+        client.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+    assert queue.waiting() == 0
+    client.delete_queue(QueueUrl=url)

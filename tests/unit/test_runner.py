@@ -248,6 +248,24 @@ def test_a_job_whose_model_left_the_registry_fails_at_once() -> None:
     assert running(world.ledger, "acme") == 0
 
 
+def test_the_sweeper_sends_nothing_while_messages_wait_in_the_queue() -> None:
+    world = JobWorld()
+    forgotten = create(world, key="k1")
+    world.ledger.messages.clear()  # its message never left
+    waiting = create(world, key="k2")  # its message waits behind busy workers
+    world.clock.now += 121
+    assert world.sweeper().sweep() == []  # the backlog may hold any queued job's message
+    assert [m.job_id for m in world.ledger.messages] == [waiting]  # nothing added to it
+    world.drain()
+    assert world.sweeper().sweep() == [forgotten]  # drained: the lost one is sent again
+    world.drain()
+    store = world.ledger.tenant("acme")
+    assert [store.get(j).status for j in (waiting, forgotten)] == ["completed", "completed"]  # type: ignore[union-attr]
+    settled = [s.job_id for _, s in world.ledger.settlements]
+    assert settled.count(waiting) == settled.count(forgotten) == 1
+    assert running(world.ledger, "acme") == 0
+
+
 def test_the_sweeper_queues_forgotten_jobs_only() -> None:
     world = JobWorld()
     forgotten = create(world, key="k1")

@@ -424,6 +424,15 @@ class SqsJobQueue:
         body = JobMessage(job_id=job_id, tenant_id=tenant_id, continuation=continuation).model_dump_json()
         self._client.send_message(QueueUrl=self._queue_url, MessageBody=body)
 
+    def waiting(self) -> int:
+        answer = self._client.get_queue_attributes(
+            QueueUrl=self._queue_url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesDelayed"],
+        )
+        attributes = answer.get("Attributes", {})
+        visible = attributes.get("ApproximateNumberOfMessages", "0")
+        return int(visible) + int(attributes.get("ApproximateNumberOfMessagesDelayed", "0"))
+
 
 class DynamoPendingJobs:
     """The pending-jobs index of the jobs table (a sparse index: only jobs not yet ended are in it).

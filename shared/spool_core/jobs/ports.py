@@ -153,6 +153,13 @@ class JobQueue(Protocol):
     def send(self, job_id: str, tenant_id: str, *, continuation: int = 0) -> None: ...
 
 
+class SweptQueue(JobQueue, Protocol):
+    """The queue as the sweeper sees it: it sends, and it tells how many messages wait."""
+
+    def waiting(self) -> int:
+        """Messages waiting to be received (visible or delayed; approximate, as SQS counts them)."""
+
+
 @dataclass(frozen=True)
 class PendingJob:
     tenant_id: str
