@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from spool_core.jobs.model import Chunk, Job, Progress, Segment, Status
-from spool_core.jobs.ports import AdmissionRefused, Claim, Conflict, EndGuard, JobEnd, PendingJob
+from spool_core.jobs.ports import AdmissionRefused, Claim, Conflict, EndGuard, JobEnd, PendingJob, Signals
 from spool_core.limits.model import ReservationPlan, Settlement, TenantLimits, UsageState
 from spool_core.limits.service import ModelStats
 from spool_core.queue import JobMessage
@@ -325,10 +325,21 @@ class TenantLedger:
         result: Job = self.ledger._apply("request_cancel", write)
         return result
 
-    def cancel_requested(self, job_id: str) -> bool:
+    def signals(self, job_id: str) -> Signals:
         with self.ledger.lock:
+            item = self._job(job_id) or {}
+            return Signals(cancel=bool(item.get("cancel_requested")), subscribed=bool(item.get("subscribed")))
+
+    def mark_subscribed(self, job_id: str) -> Job:
+        def write() -> Job:
             item = self._job(job_id)
-            return bool(item and item.get("cancel_requested"))
+            if item is None:
+                raise Conflict(None)
+            item["subscribed"] = True
+            return Job.model_validate(item)
+
+        result: Job = self.ledger._apply("mark_subscribed", write)
+        return result
 
     def status(self, job_id: str) -> Status | None:
         with self.ledger.lock:
@@ -365,7 +376,7 @@ class TenantLedger:
 
         self.ledger._apply("append", write)
 
-    def after(self, job_id: str, after: int, limit: int) -> list[Chunk]:
+    def after(self, job_id: str, after: int, limit: int, *, consistent: bool = True) -> list[Chunk]:
         with self.ledger.lock:
             log = self.ledger.chunks.get((self.tenant_id, job_id), {})
             return [log[seq] for seq in sorted(log) if seq > after][:limit]
@@ -541,10 +552,11 @@ class JobWorld:
         )
 
     def runner(self, tenant: str = "acme", **settings: Any) -> Any:
+        """The worker's runner; ``flush_tokens`` / ``flush_ms`` / ``flush_max_ms`` set its cadence."""
         from spool_core.jobs.runner import JobRunner, RunnerSettings
 
         store = self.ledger.tenant(tenant)
-        config = {"lease_ms": 30_000, "backoff_seconds": 0.0, **settings}
+        config = {"lease_ms": 30_000, "backoff_seconds": 0.0, **cadence_setting(settings)}
         return JobRunner(
             store,
             store,
@@ -597,3 +609,15 @@ class JobWorld:
                 self.clock.now += lease_ms / 1000 + 1  # the visibility timeout (= the lease) passes
                 self.ledger.send(message.job_id, message.tenant_id, continuation=message.continuation)
         raise AssertionError(f"the queue did not drain: {outcomes}")
+
+
+def cadence_setting(settings: dict[str, Any]) -> dict[str, Any]:
+    """``RunnerSettings`` keywords, with ``flush_tokens`` / ``flush_ms`` / ``flush_max_ms`` made a Cadence."""
+    from spool_core.jobs.cadence import Cadence
+
+    rest = dict(settings)
+    names = {"flush_tokens": "tokens", "flush_ms": "first_ms", "flush_max_ms": "max_ms"}
+    chosen = {field: rest.pop(name) for name, field in names.items() if name in rest}
+    if chosen:
+        rest["cadence"] = Cadence(**chosen)
+    return rest

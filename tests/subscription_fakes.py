@@ -217,7 +217,14 @@ class MemoryJobLog:
         with self._lock:
             return self.jobs.get(job_id)
 
-    def after(self, job_id: str, after: int, limit: int) -> list[Chunk]:
+    def mark_subscribed(self, job_id: str) -> Job:
+        self._pause()
+        with self._lock:
+            job = self.jobs[job_id].model_copy(update={"subscribed": True})
+            self.jobs[job_id] = job
+            return job
+
+    def after(self, job_id: str, after: int, limit: int, *, consistent: bool = True) -> list[Chunk]:
         self._pause()
         self.reads["log"] += 1
         with self._lock:

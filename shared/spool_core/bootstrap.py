@@ -237,6 +237,7 @@ def job_service(
         rate_limiter(tenant, config),
         websocket_url=config.websocket_url,
         events_link=events_link(tenant, public_url, config) if public_url else None,
+        cadence=config.cadence,
     )
 
 
@@ -303,8 +304,7 @@ def job_runner(tenant: Tenant, config: Settings | None = None) -> JobRunner:
         lambda model: provider_for(model, config),
         rate_limiter(tenant, config),
         RunnerSettings(
-            flush_ms=config.flush_ms,
-            flush_tokens=config.flush_tokens,
+            cadence=config.cadence,
             lease_ms=int(config.lease_seconds * 1000),
         ),
         queue=job_queue(config),

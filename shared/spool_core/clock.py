@@ -16,3 +16,11 @@ def rfc3339(moment: datetime) -> str:
 
 def from_epoch(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, UTC)
+
+
+def epoch_ms(text: str) -> int | None:
+    """Milliseconds since the epoch of an RFC 3339 time as written here; None if it is not one."""
+    try:
+        return int(datetime.fromisoformat(text).timestamp() * 1000)
+    except (TypeError, ValueError):
+        return None

@@ -17,9 +17,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from spool_core.clock import epoch_ms
 from spool_core.errors import InvalidRequest
+from spool_core.jobs.cadence import Watch
 from spool_core.jobs.model import MAX_SEQUENCE_ID, Job
-from spool_core.units import usd
+from spool_core.units import now_ms, usd
 
 if TYPE_CHECKING:  # the fanout builds ``done`` here without loading the job service
     from spool_core.jobs.service import JobService
@@ -27,7 +29,7 @@ if TYPE_CHECKING:  # the fanout builds ``done`` here without loading the job ser
 DONE_ID = "done"  # the done event's id: a browser reconnecting after it sends this, and gets 204
 PING = ": ping\n\n"
 MIN_POLL_SECONDS = 0.05
-MAX_POLL_SECONDS = 0.1
+PAGE = 500
 RETRY_MS = 1000
 
 
@@ -125,18 +127,21 @@ def follow(
     settings: StreamSettings | None = None,
     *,
     clock: Callable[[], float] = time.monotonic,
+    wall_ms: Callable[[], int] = now_ms,
 ) -> Iterator[Followed]:
     """The job's chunks after ``after`` as the log has them (the backlog, then live as they are
     written), with ``Wait`` between reads, ``Ping`` when the link has been idle, and ``Ended`` (or
     ``TimeUp`` at ``max_seconds``) last. Every stream format (native SSE, OpenAI's) reads this."""
     settings = settings or StreamSettings()
+    watch = Watch(service.cadence)  # look for the next chunk when it is due, not every 50-100 ms
     started = last_sent = clock()
-    cursor, interval = after, MIN_POLL_SECONDS
+    cursor = after
     while True:
-        page = service.chunks(job_id, after=cursor, limit=500)
+        page = service.chunks(job_id, after=cursor, limit=PAGE)
         for chunk in page["chunks"]:
             yield chunk
             cursor = chunk["sequence_id"]
+            watch.saw(cursor, epoch_ms(chunk["created_at"]))
         if page["done"]:
             yield Ended(service.get(job_id))
             return
@@ -145,13 +150,15 @@ def follow(
             yield TimeUp()  # before the function's time limit: the client resumes where this stopped
             return
         if page["chunks"]:
-            last_sent, interval = now, MIN_POLL_SECONDS
-            continue
-        if now - last_sent >= settings.ping_seconds:
+            last_sent = now
+            if len(page["chunks"]) == PAGE:
+                continue  # more of the backlog
+        elif now - last_sent >= settings.ping_seconds:
             yield Ping()
             last_sent = now
-        yield Wait(interval)
-        interval = min(interval * 1.5, MAX_POLL_SECONDS)
+        wait = watch.wait_ms(wall_ms()) / 1000  # never past the time limit, nor a ping that is due
+        until_ping = settings.ping_seconds - (now - last_sent)
+        yield Wait(max(0.0, min(wait, started + settings.max_seconds - now, until_ping)))
 
 
 def await_end(
@@ -184,13 +191,14 @@ def job_events(
     settings: StreamSettings | None = None,
     *,
     clock: Callable[[], float] = time.monotonic,
+    wall_ms: Callable[[], int] = now_ms,
 ) -> Iterator[str | Wait]:
     """The native stream: the job's events after ``after``, then ``done``; ends early, cleanly, at
     ``max_seconds`` (the client reconnects with ``Last-Event-ID``). Yields text to send, or ``Wait``."""
     # The headers and a first byte go out at once (through every proxy); `retry` makes a browser
     # reconnect after one second instead of its default three.
     yield f"retry: {RETRY_MS}\n: connected\n\n"
-    for item in follow(service, job_id, after, settings, clock=clock):
+    for item in follow(service, job_id, after, settings, clock=clock, wall_ms=wall_ms):
         if isinstance(item, dict):
             yield chunk_event(item)
         elif isinstance(item, Ping):

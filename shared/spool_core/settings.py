@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from spool_core.errors import ConfigurationError
+from spool_core.jobs.cadence import Cadence
 
 
 class Settings(BaseModel):
@@ -33,7 +34,11 @@ class Settings(BaseModel):
     # 2,000 small files take ~10 s locally (moto), 10,000 outlived the 29 s integration timeout
     max_context_files: int = Field(default=2_000, gt=0, alias="SPOOL_MAX_CONTEXT_FILES")
     blob_retention_days: int = Field(default=9, ge=8, alias="SPOOL_BLOB_RETENTION_DAYS")
+    # The chunk cadence (spool_core.jobs.cadence): 200 ms after the first chunk, doubling up to 1.5 s,
+    # or 64 tokens, whichever first. Writers and readers (which look for the next chunk when it is due)
+    # read the same settings.
     flush_ms: int = Field(default=200, ge=1, alias="SPOOL_FLUSH_MS")
+    flush_max_ms: int = Field(default=1500, ge=1, alias="SPOOL_FLUSH_MAX_MS")
     flush_tokens: int = Field(default=64, ge=1, alias="SPOOL_FLUSH_TOKENS")
     # The job lease follows the queue's visibility timeout: a crashed job's message returns as its lease ends.
     lease_seconds: float = Field(default=30, gt=0, alias="SPOOL_LEASE_SECONDS")
@@ -71,6 +76,12 @@ class Settings(BaseModel):
     @classmethod
     def _blank_is_none(cls, value: Any) -> Any:
         return None if value in ("", "0", "none", None) else value
+
+    @property
+    def cadence(self) -> Cadence:
+        return Cadence(
+            first_ms=self.flush_ms, max_ms=max(self.flush_max_ms, self.flush_ms), tokens=self.flush_tokens
+        )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

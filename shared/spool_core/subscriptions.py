@@ -172,14 +172,19 @@ class Fanout:
         self._owner = uuid.uuid4().hex  # one per sender: each invocation builds its own Fanout
 
     def subscribe(self, job_id: str, connection_id: str, after: int) -> Job | None:
-        """Record the subscription, then send the backlog (and ``done`` if the job has ended). The job is
-        read again after the subscription is stored: a job that ends in between, whose end the fanout
-        handled before it could see this subscription, is seen ending here."""
+        """Record the subscription, mark the job subscribed (its worker then marks its chunks ``live``,
+        the only ones the fanout is invoked for), then send the backlog (and ``done`` if the job has
+        ended). The job is read again after the subscription is stored: a job that ends in between,
+        whose end the fanout handled before it could see this subscription, is seen ending here. A
+        chunk written before the worker saw the mark reaches the subscriber with the next live chunk
+        or the job's end (each delivery reads the log from the subscriber's cursor)."""
         job = self._jobs.get(job_id)
         if job is None:
             return None
         subscription = Subscription(job_id, connection_id, after, start=after)
         self._subscriptions.put(subscription)
+        if not job.terminal and not job.subscribed:
+            job = self._jobs.mark_subscribed(job_id)
         known = _Known(ended=job if job.terminal else None)
         _Sender(self, subscription, known, look=True).run()
         return job

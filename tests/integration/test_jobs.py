@@ -20,13 +20,14 @@ from spool_core.contexts.model import CreateContextRequest
 from spool_core.errors import DependencyUnavailable
 from spool_core.jobs.errors import ContextTooLarge, IdempotencyKeyReused, JobNotFound, RequestInProgress
 from spool_core.jobs.model import JobRequest
+from spool_core.jobs.ports import Conflict, Signals
 from spool_core.jobs.runner import JobRunner, Outcome, RunnerSettings, build_messages
 from spool_core.jobs.service import JobService
 from spool_core.models import ModelSpec, registry
 from spool_core.providers import GenerationRequest
 from spool_core.providers.simulated import SimulatedProvider, simulated_text
 from spool_core.tenancy import Tenant
-from tests.ledger import Crash
+from tests.ledger import Crash, cadence_setting
 
 
 def no_sleep(_: float) -> None:
@@ -55,7 +56,7 @@ def runner_for(
 ) -> JobRunner:
     """The worker's runner with instant time (no sleeps) and a crash that raises instead of exiting."""
     jobs, chunks = bootstrap._job_tables(tenant, bootstrap.settings())
-    config = {"flush_ms": 200, "flush_tokens": 64, "lease_ms": 30_000, "backoff_seconds": 0.0, **settings}
+    config = {"lease_ms": 30_000, "backoff_seconds": 0.0, **cadence_setting(settings)}
 
     def provider(model: ModelSpec) -> SimulatedProvider:
         return SimulatedProvider(faults_enabled=faults, sleep=no_sleep, crash=crash)
@@ -250,21 +251,39 @@ def test_cancel_queued_and_running(service: JobService, tenant: Tenant) -> None:
 
     started = service.create("k2", job(max_tokens=2000))
     runner = runner_for(tenant, flush_tokens=16)
-    original = runner._jobs.cancel_requested
+    original = runner._jobs.signals
     calls = {"n": 0}
 
-    def cancel_on_fifth_flush(job_id: str) -> bool:
+    def cancel_on_fifth_flush(job_id: str) -> Signals:
         calls["n"] += 1
         if calls["n"] == 5:
             service.cancel(job_id)
         return original(job_id)
 
-    runner._jobs.cancel_requested = cancel_on_fifth_flush  # type: ignore[method-assign]
+    runner._jobs.signals = cancel_on_fifth_flush  # type: ignore[method-assign]
     assert runner.run(started.job.job_id) is Outcome.DONE
     cancelled = service.get(started.job.job_id)
     assert cancelled.status == "cancelled"
     assert len(log_of(service, cancelled.job_id)) == 5  # stopped at the flush that saw the request
     assert running(tenant) == 0
+
+
+def test_a_subscribed_jobs_chunks_are_live_in_the_table(service: JobService, tenant: Tenant) -> None:
+    """The mark a WebSocket subscribe leaves on the job, as DynamoDB stores it: the worker's per-flush
+    read sees it and writes the next chunks with ``live`` (the chunk stream's filter in template.yaml)."""
+    jobs, chunks = bootstrap._job_tables(tenant, bootstrap.settings())
+    alone = service.create("alone", job(max_tokens=300)).job.job_id
+    watched = service.create("watched", job(max_tokens=300)).job.job_id
+    assert jobs.signals(watched) == Signals(cancel=False, subscribed=False)
+    assert jobs.mark_subscribed(watched).subscribed
+    assert jobs.mark_subscribed(watched).subscribed  # idempotent
+    assert jobs.signals(watched) == Signals(cancel=False, subscribed=True)
+    for job_id in (alone, watched):
+        assert runner_for(tenant, flush_tokens=16).run(job_id) is Outcome.DONE
+    assert not any(c.live for c in chunks.all(alone))
+    assert all(c.live for c in chunks.all(watched))
+    with pytest.raises(Conflict):
+        jobs.mark_subscribed("job_doesnotexistdoesnotexistdoe")
 
 
 def test_dead_letters_end_the_job_unless_still_leased(service: JobService, tenant: Tenant) -> None:

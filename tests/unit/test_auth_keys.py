@@ -299,7 +299,7 @@ class OneJobLog:
     def get(self, job_id: str) -> StubJob:
         return StubJob()
 
-    def after(self, job_id: str, after: int, limit: int) -> list[Chunk]:
+    def after(self, job_id: str, after: int, limit: int, *, consistent: bool = True) -> list[Chunk]:
         return [c for c in self.chunks if c.sequence_id > after][:limit]
 
 

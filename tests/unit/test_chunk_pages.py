@@ -35,7 +35,7 @@ class CountingStore:
         status: Status | None = self._store.status(job_id)
         return status
 
-    def after(self, job_id: str, after: int, limit: int) -> list[Chunk]:
+    def after(self, job_id: str, after: int, limit: int, *, consistent: bool = True) -> list[Chunk]:
         self.reads.append("after")
         found: list[Chunk] = self._store.after(job_id, after, limit)
         if self.hold_back is not None:

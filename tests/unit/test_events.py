@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from spool_core.clock import from_epoch, rfc3339
 from spool_core.errors import InvalidRequest
 from spool_core.events import (
     DONE_ID,
@@ -22,6 +23,7 @@ from spool_core.events import (
     resume_point,
     texts,
 )
+from spool_core.jobs.cadence import Cadence
 from spool_core.jobs.model import Job
 
 pytestmark = pytest.mark.unit
@@ -37,9 +39,14 @@ class Clock:
     def sleep(self, seconds: float) -> None:
         self.now += seconds
 
+    def ms(self) -> int:
+        return int(self.now * 1000)
+
 
 class Log:
     """The three reads the stream makes of a JobService, over a list the test appends to."""
+
+    cadence = Cadence()
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
@@ -50,11 +57,14 @@ class Log:
 
     def _apply(self) -> None:
         while self.writes and self.writes[0][0] <= self.clock.now:
-            _, text = self.writes.pop(0)
+            at, text = self.writes.pop(0)
             if text == "<end>":
                 self.status = "completed"
             else:
-                self.written.append({"sequence_id": len(self.written) + 1, "text": text})
+                created_at = rfc3339(from_epoch(at))
+                self.written.append(
+                    {"sequence_id": len(self.written) + 1, "text": text, "created_at": created_at}
+                )
 
     def chunks_after(self, after: int) -> list[dict[str, Any]]:
         return [c for c in self.written if c["sequence_id"] > after]
@@ -110,7 +120,7 @@ def timeline(log: Log, after: int = 0, settings: StreamSettings | None = None) -
     """(time sent, text) of everything the stream sends, waits played on the log's clock."""
     sent = []
     service: Any = log
-    for item in job_events(service, "job_1", after, settings, clock=log.clock):
+    for item in job_events(service, "job_1", after, settings, clock=log.clock, wall_ms=log.clock.ms):
         if isinstance(item, Wait):
             log.clock.sleep(item.seconds)
         else:
@@ -120,13 +130,14 @@ def timeline(log: Log, after: int = 0, settings: StreamSettings | None = None) -
 
 def run(log: Log, after: int = 0, settings: StreamSettings | None = None) -> list[dict[str, Any]]:
     service: Any = log
-    return parse(texts(job_events(service, "job_1", after, settings, clock=log.clock), log.clock.sleep))
+    events = job_events(service, "job_1", after, settings, clock=log.clock, wall_ms=log.clock.ms)
+    return parse(texts(events, log.clock.sleep))
 
 
 def test_backlog_then_live_chunks_then_done_each_with_its_sequence_id() -> None:
     clock = Clock()
     log = Log(clock)
-    log.written = [{"sequence_id": 1, "text": "Hello"}]
+    log.written = [{"sequence_id": 1, "text": "Hello", "created_at": "1970-01-01T00:16:39.900Z"}]
     log.writes = [(1000.2, " world"), (1000.5, "!"), (1000.6, "<end>")]
     events = run(log)
     assert events[0] == {"retry": "1000", "comment": "connected"}
@@ -150,7 +161,9 @@ def test_backlog_then_live_chunks_then_done_each_with_its_sequence_id() -> None:
 
 def test_resuming_after_n_sends_exactly_the_rest() -> None:
     log = Log(Clock())
-    log.written = [{"sequence_id": i, "text": f"t{i}"} for i in range(1, 21)]
+    log.written = [
+        {"sequence_id": i, "text": f"t{i}", "created_at": "1970-01-01T00:16:39.000Z"} for i in range(1, 21)
+    ]
     log.status = "completed"
     ids = [int(e["id"]) for e in run(log, after=17) if e.get("event") == "chunk"]
     assert ids == [18, 19, 20]
@@ -194,6 +207,24 @@ def test_polling_backs_off_while_idle_and_snaps_back_when_chunks_flow() -> None:
     assert waits[0] == pytest.approx(0.05)
     assert max(waits) == pytest.approx(0.1)
     assert log.reads < 5 / 0.05  # fewer reads than a fixed 50 ms poll would make
+
+
+def test_a_stream_looks_for_each_chunk_when_it_is_due() -> None:
+    """Chunks written on the cadence (each a little after it was due, as a worker writes at the next
+    token): the stream reads about once per chunk and sends each within a poll of its write."""
+    log = Log(Clock())
+    cadence, at, written = Cadence(), 1000.0, {}
+    for seq in range(1, 31):
+        log.writes.append((at, f"c{seq} "))
+        written[seq] = at
+        at += cadence.interval_ms(seq) / 1000 + 0.02
+    log.writes.append((at, "<end>"))
+    sent = timeline(log)
+    chunks = [(at, e) for at, text in sent for e in parse(iter([text])) if e.get("event") == "chunk"]
+    assert [int(e["id"]) for _, e in chunks] == list(range(1, 31))
+    delays = [sent_at - written[int(e["id"])] for sent_at, e in chunks]
+    assert max(delays) <= 0.1
+    assert log.reads <= 30 * 1.5  # a flat 50-100 ms poll would read ~300 times over these 39 s
 
 
 @pytest.mark.parametrize(

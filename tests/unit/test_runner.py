@@ -288,3 +288,41 @@ def test_retryable_errors_are_retried_and_fatal_ones_fail_with_the_partial_outpu
     failed = assert_ended_once(world, fatal, status="failed", tenant="two")
     assert failed.error["code"] == "provider_error"
     assert failed.error["details"]["tokens_generated"] == 100
+
+
+def test_a_job_nobody_subscribed_to_writes_no_live_chunk() -> None:
+    """Only live chunks reach the fanout (the chunk stream's filter in template.yaml)."""
+    world = JobWorld()
+    job_id = create(world, max_tokens=640)
+    world.drain(flush_tokens=64)
+    assert_ended_once(world, job_id)
+    assert not any(c.live for c in world.ledger.tenant("acme").all(job_id))
+
+
+def test_a_subscribed_job_writes_every_chunk_live_from_its_first() -> None:
+    world = JobWorld()
+    job_id = create(world, max_tokens=300)
+    world.ledger.tenant("acme").mark_subscribed(job_id)
+    world.drain(flush_tokens=64)
+    assert_ended_once(world, job_id)
+    log = list(world.ledger.tenant("acme").all(job_id))
+    assert log and all(c.live for c in log)
+
+
+def test_a_job_subscribed_mid_run_goes_live_from_the_next_flush() -> None:
+    world = JobWorld()
+    job_id = create(world, max_tokens=640)
+    store = world.ledger.tenant("acme")
+    appended: list[int] = []
+
+    def subscribe_at_the_third_chunk() -> None:
+        appended.append(1)
+        if len(appended) == 3:
+            store.mark_subscribed(job_id)
+
+    world.ledger.on_append = subscribe_at_the_third_chunk
+    world.drain(flush_tokens=64)
+    assert_ended_once(world, job_id)
+    live = [bool(c.live) for c in store.all(job_id)]
+    assert live[:3] == [False, False, False]  # the third was written before the worker looked
+    assert all(live[3:]) and len(live) > 3

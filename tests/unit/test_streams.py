@@ -18,13 +18,16 @@ def record(pk: str, **image: Any) -> dict[str, Any]:
     return {"eventName": "MODIFY", "dynamodb": {"Keys": {"pk": {"S": pk}}, "NewImage": image}}
 
 
-def test_the_templates_filter_passes_job_ends_only() -> None:
-    (event,) = [
-        e
-        for e in Template.load(ROOT / "template.yaml").functions()["FanoutFunction"].stream_events
-        if e.filters
-    ]
-    assert event.filters == (TERMINAL,)
+LIVE = {"dynamodb": {"NewImage": {"live": {"BOOL": [True]}}}}
+
+
+def test_the_templates_filters_pass_job_ends_and_live_chunks_only() -> None:
+    events = Template.load(ROOT / "template.yaml").functions()["FanoutFunction"].stream_events
+    assert [e.filters for e in events] == [(LIVE,), (TERMINAL,)]  # chunks, job ends
+    chunk = {"sequence_id": {"N": "3"}, "text": {"S": "x"}}
+    assert matches(LIVE, record("t#job#1", **chunk, live={"BOOL": True}))
+    assert not matches(LIVE, record("t#job#1", **chunk))  # a job nobody subscribed to: no invocation
+    assert not matches(LIVE, record("t#job#1", **chunk, live={"BOOL": False}))
     assert matches(TERMINAL, record("t#job#1", status={"S": "completed"}))
     assert not matches(TERMINAL, record("t#job#1", status={"S": "running"}))
     assert not matches(TERMINAL, record("t#job#1"))

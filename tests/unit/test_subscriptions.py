@@ -104,6 +104,65 @@ def test_concurrent_senders_and_an_end_between_two_chunks_deliver_everything_onc
     assert store.items == {}
 
 
+@pytest.mark.parametrize("seed", range(100))
+def test_only_live_chunks_invoke_the_fanout_and_subscribers_still_get_everything(seed: int) -> None:
+    """As deployed: the chunk stream's filter passes only chunks the worker marked live, which it does
+    from the flush after it saw the job's ``subscribed`` mark (set by the first subscribe). Chunks
+    written before that reach the subscribers with the next live chunk or the job's end, whose record
+    always invokes the fanout. Subscribers join at random points, while senders run concurrently."""
+    rng = random.Random(seed)
+    rng_lock = threading.Lock()
+
+    def pause() -> None:
+        with rng_lock:
+            delay = rng.choice((0, 0, 0, 0.0001, 0.0004))
+        time.sleep(delay)
+
+    log, store, pusher = MemoryJobLog(pause), MemorySubscriptionStore(pause), RecordingPusher(pause)
+    log.create(JOB)
+    total = rng.randint(3, 9)
+    joins = {f"c{n}": (rng.randint(1, total), rng.randint(0, 2)) for n in range(2)}
+    threads: list[threading.Thread] = []
+
+    def start(target: Any) -> None:
+        thread = threading.Thread(target=target)
+        threads.append(thread)
+        thread.start()
+
+    live, invoked = False, 0  # what the worker saw at its last flush; fanout invocations for chunks
+    for seq in range(1, total + 1):
+        chunk = log.append(JOB, f"<{seq}>")
+        if live:
+            invoked += 1
+            start(lambda chunk=chunk: fanout(log, store, pusher).deliver(JOB, chunks=[chunk]))
+        for connection, (at, after) in joins.items():
+            if at == seq:
+                start(lambda c=connection, a=after: fanout(log, store, pusher).subscribe(JOB, c, a))
+        live = live or log.get(JOB).subscribed  # type: ignore[union-attr]  # the worker's check
+    ended = log.end(JOB)
+    start(lambda: fanout(log, store, pusher).deliver(JOB, ended=ended))
+    for thread in threads:
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+
+    for connection, (_, after) in joins.items():
+        assert_complete(pusher.messages[connection], after, total)
+    assert store.items == {}
+    assert invoked < total  # the chunks before the first subscribe invoked nothing
+
+
+def test_a_subscribe_marks_the_job_once_and_an_ended_job_not_at_all(parts: Any) -> None:
+    log, store, pusher = parts
+    assert log.get(JOB).subscribed is False  # type: ignore[union-attr]
+    fanout(log, store, pusher).subscribe(JOB, "a", 0)
+    assert log.get(JOB).subscribed is True  # type: ignore[union-attr]
+    log.create("job_2")
+    log.end("job_2")
+    fanout(log, store, pusher).subscribe("job_2", "b", 0)
+    assert log.get("job_2").subscribed is False  # type: ignore[union-attr]  # nothing more will be written
+    assert_complete(pusher.messages["b"], 0, 0)
+
+
 def test_a_job_that_ends_while_another_sender_holds_the_cursor_still_gets_done(parts: Any) -> None:
     """The verified lost ``done``: the end's delivery finds the lease held (a chunk being pushed); it
     wakes the holder, which cannot let go before it looked again, and sends ``done`` itself."""

@@ -38,7 +38,16 @@ from spool_core.adapters.listing import (
 from spool_core.adapters.usage import reservation_writes, settlement_writes, state_from, state_keys
 from spool_core.errors import DependencyUnavailable
 from spool_core.jobs.model import Chunk, Job, JobSummary, Progress, Segment, Status
-from spool_core.jobs.ports import AdmissionRefused, Claim, Conflict, EndGuard, JobEnd, ListedJob, PendingJob
+from spool_core.jobs.ports import (
+    AdmissionRefused,
+    Claim,
+    Conflict,
+    EndGuard,
+    JobEnd,
+    ListedJob,
+    PendingJob,
+    Signals,
+)
 from spool_core.limits.model import ReservationPlan, Settlement, UsageState
 from spool_core.listing import position
 from spool_core.queue import JobMessage
@@ -288,9 +297,19 @@ class DynamoJobStore:
             raise Conflict(failed.item) from None
         return Job.model_validate(item)
 
-    def cancel_requested(self, job_id: str) -> bool:
-        item = self._table.get(JOB_KIND, job_id, attributes=["cancel_requested"], consistent=False)
-        return bool(item and item.get("cancel_requested"))
+    def signals(self, job_id: str) -> Signals:
+        item = self._table.get(
+            JOB_KIND, job_id, attributes=["cancel_requested", "subscribed"], consistent=False
+        )
+        item = item or {}
+        return Signals(cancel=bool(item.get("cancel_requested")), subscribed=bool(item.get("subscribed")))
+
+    def mark_subscribed(self, job_id: str) -> Job:
+        try:
+            item = self._update(job_id, {"subscribed": True}, "attribute_exists(#pk)", {})
+        except ConditionFailed as failed:
+            raise Conflict(failed.item) from None
+        return Job.model_validate(item)
 
     def status(self, job_id: str) -> Status | None:
         item = self._table.get(JOB_KIND, job_id, attributes=["status"], consistent=False)
@@ -401,9 +420,14 @@ class DynamoChunkLog:
                 return  # this very chunk, written before its reply was lost
             raise Conflict(failed.item) from None
 
-    def after(self, job_id: str, after: int, limit: int) -> list[Chunk]:
+    def after(self, job_id: str, after: int, limit: int, *, consistent: bool = True) -> list[Chunk]:
         items = self._table.query(
-            JOB_KIND, job_id, sort_condition="sequence_id > :after", values={":after": after}, limit=limit
+            JOB_KIND,
+            job_id,
+            sort_condition="sequence_id > :after",
+            values={":after": after},
+            limit=limit,
+            consistent=consistent,
         )
         return [Chunk.model_validate(item) for item in items]
 

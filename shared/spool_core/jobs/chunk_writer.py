@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from spool_core.clock import from_epoch, rfc3339
+from spool_core.jobs.cadence import Cadence
 from spool_core.jobs.model import Chunk, Progress
 from spool_core.jobs.ports import ChunkLog, Conflict
 
@@ -14,10 +15,10 @@ class LostLease(Exception):
 
 
 class ChunkWriter:
-    """Coalesces tokens into chunks: the first token at once, then every ``flush_ms`` or
-    ``flush_tokens``, whichever comes first. The interval is counted from the end of the last write,
-    so a slow store makes chunks larger, never smaller (a write that outlasts the interval used to
-    leave every later chunk one token long)."""
+    """Coalesces tokens into chunks as the ``Cadence`` says: an attempt's first token at once, then at
+    growing intervals or every ``cadence.tokens`` tokens, whichever comes first. The interval is
+    counted from the end of the last write, so a slow store makes chunks larger, never smaller (a
+    write that outlasts the interval used to leave every later chunk one token long)."""
 
     def __init__(
         self,
@@ -26,10 +27,10 @@ class ChunkWriter:
         last: Chunk | None,
         *,
         writer: str,
-        flush_ms: int,
-        flush_tokens: int,
+        cadence: Cadence,
         clock: Callable[[], float],
         on_flush: Callable[[], None],
+        live: bool = False,
     ) -> None:
         self._log = log
         self._job_id = job_id
@@ -37,8 +38,10 @@ class ChunkWriter:
         self.sequence_id = last.sequence_id if last else 0
         self.tokens_total = last.tokens_total if last else 0
         self.first_chunk_at: str | None = None
-        self._flush_ms = flush_ms
-        self._flush_tokens = flush_tokens
+        self._cadence = cadence
+        # Chunks are marked live once the job has a WebSocket subscriber: only those reach the fanout.
+        self.live = live
+        self._written = 0  # chunks this attempt wrote
         self._clock = clock
         self._on_flush = on_flush
         self._buffer: list[str] = []
@@ -48,9 +51,9 @@ class ChunkWriter:
     def add(self, text: str, tokens: int) -> None:
         self._buffer.append(text)
         self._buffered_tokens += tokens
-        first = self.sequence_id == 0
-        due = (self._clock() - self._last_flush) * 1000 >= self._flush_ms
-        if first or due or self._buffered_tokens >= self._flush_tokens:
+        first = self._written == 0  # a reader that waited for this attempt sees it start at once
+        due = (self._clock() - self._last_flush) * 1000 >= self._cadence.interval_ms(self.sequence_id)
+        if first or due or self._buffered_tokens >= self._cadence.tokens:
             self.flush()
 
     def flush(self, *, notify: bool = True) -> None:
@@ -65,6 +68,7 @@ class ChunkWriter:
             tokens=self._buffered_tokens,
             tokens_total=self.tokens_total + self._buffered_tokens,
             writer=self._writer,
+            live=True if self.live else None,
         )
         try:
             self._log.append(self._job_id, chunk)
@@ -73,6 +77,7 @@ class ChunkWriter:
         self.sequence_id, self.tokens_total = chunk.sequence_id, chunk.tokens_total
         self.first_chunk_at = self.first_chunk_at or chunk.created_at
         self._buffer, self._buffered_tokens = [], 0
+        self._written += 1
         self._last_flush = self._clock()
         if notify:
             self._on_flush()

@@ -113,6 +113,9 @@ class Job(JobSummary):
     estimate: dict[str, Any] | None = None  # how admission estimated the tokens (for learning)
     reservation: dict[str, Any] | None = None  # what admission reserved (settled when the job ends)
     cancel_requested: bool = False
+    # A WebSocket client subscribed: from then on the worker marks its chunks ``live``, and only live
+    # chunks reach the fanout (the chunk stream's filter), so a job nobody subscribes to costs no fanout.
+    subscribed: bool = False
     lease_token: str | None = None  # the current lease (unique per take); also marks its holder's writes
     lease_expires_ms: int = 0
     ended_by: str | None = None  # the token of whoever wrote the end (a retried end recognizes its own)
@@ -130,6 +133,7 @@ class Chunk(BaseModel):
     tokens: int = 0
     tokens_total: int = 0  # tokens generated up to and including this chunk: the resume point
     writer: str | None = None  # the lease token of the attempt that wrote it
+    live: bool | None = None  # written while the job had a WebSocket subscriber (stored only when true)
 
     def public(self) -> dict[str, Any]:
         return {"sequence_id": self.sequence_id, "text": self.text, "created_at": self.created_at}

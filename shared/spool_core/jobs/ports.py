@@ -61,6 +61,14 @@ class JobEnd:
 
 
 @dataclass(frozen=True)
+class Signals:
+    """What a worker learns at each flush from the job item."""
+
+    cancel: bool = False
+    subscribed: bool = False
+
+
+@dataclass(frozen=True)
 class EndGuard:
     """Who may write the end: the lease holder (``lease``), a cancel of a job nobody started
     (``queued``), or the dead-letter path once no live lease holds the job (``abandoned``).
@@ -124,9 +132,14 @@ class JobStore(Protocol):
         """Flag a running job for cancellation (its worker stops at its next flush); ``Conflict`` if
         it is not running."""
 
-    def cancel_requested(self, job_id: str) -> bool:
-        """Whether a cancel was requested: a light read (eventually consistent, one attribute), made
-        by the worker once per flush; a cancel it misses by replication lag is seen a flush later."""
+    def signals(self, job_id: str) -> Signals:
+        """What the worker checks once per flush: whether a cancel was requested and whether a
+        WebSocket client subscribed. A light read (eventually consistent, two attributes); what it
+        misses by replication lag is seen a flush later."""
+
+    def mark_subscribed(self, job_id: str) -> Job:
+        """Record that the job has a WebSocket subscriber (idempotent); the job as it is then.
+        ``Conflict`` if there is no such job."""
 
     def status(self, job_id: str) -> Status | None:
         """The job's status alone (``None``: no such job), eventually consistent: a terminal status
@@ -142,7 +155,9 @@ class ChunkLog(Protocol):
         """Write a chunk that must not exist yet; ``Conflict`` if another writer holds its sequence id
         (the same writer's earlier write of it is success)."""
 
-    def after(self, job_id: str, after: int, limit: int) -> list[Chunk]: ...
+    def after(self, job_id: str, after: int, limit: int, *, consistent: bool = True) -> list[Chunk]:
+        """Up to ``limit`` chunks after ``after``, in order. ``consistent=False``: an eventually
+        consistent read (half the cost), for polls whose next look catches what this one missed."""
 
     def last(self, job_id: str) -> Chunk | None: ...
 

@@ -13,7 +13,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,7 @@ from spool_core.circuits import Circuit, CircuitBreaker
 from spool_core.clock import from_epoch, rfc3339
 from spool_core.contexts.service import ContextService
 from spool_core.errors import SpoolError
+from spool_core.jobs.cadence import Cadence
 from spool_core.jobs.chunk_writer import ChunkWriter, LostLease
 from spool_core.jobs.ending import error_object, job_end, model_usage
 from spool_core.jobs.model import Job, Segment
@@ -50,8 +51,7 @@ class Outcome(Enum):
 
 @dataclass(frozen=True)
 class RunnerSettings:
-    flush_ms: int = 200
-    flush_tokens: int = 64
+    cadence: Cadence = field(default_factory=Cadence)
     lease_ms: int = 30_000
     max_retries: int = 3
     backoff_seconds: float = 0.2
@@ -198,10 +198,10 @@ class _Attempt:
             job.job_id,
             runner._chunks.last(job.job_id) if job.attempts > 1 else None,  # a first attempt has no log
             writer=token,
-            flush_ms=settings.flush_ms,
-            flush_tokens=settings.flush_tokens,
+            cadence=settings.cadence,
             clock=runner._clock,
             on_flush=self._on_flush,
+            live=job.subscribed,
         )
 
     # ------------------------------------------------------------------ the flow
@@ -309,8 +309,10 @@ class _Attempt:
     # ------------------------------------------------------------------ lease upkeep (at each flush)
     def _on_flush(self) -> None:
         r = self.r
-        if r._jobs.cancel_requested(self.job.job_id):
+        signals = r._jobs.signals(self.job.job_id)
+        if signals.cancel:
             raise Cancelled
+        self.writer.live = self.writer.live or signals.subscribed
         if self.remaining_ms is not None and self.remaining_ms() < r.settings.time_margin_ms:
             raise OutOfTime
         if (r._clock() - self.last_beat) * 1000 >= r.settings.lease_ms / 3:

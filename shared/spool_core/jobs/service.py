@@ -17,10 +17,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from spool_core import tokens
-from spool_core.clock import from_epoch, rfc3339
+from spool_core.clock import epoch_ms, from_epoch, rfc3339
 from spool_core.contexts.service import ContextService
 from spool_core.errors import DependencyUnavailable, InvalidRequest, PayloadTooLarge
 from spool_core.ids import new_id, plausible
+from spool_core.jobs.cadence import Cadence, Watch
 from spool_core.jobs.errors import (
     ContextTooLarge,
     IdempotencyKeyRequired,
@@ -67,7 +68,6 @@ MAX_WAIT_SECONDS = 20
 DEFAULT_CHUNK_LIMIT = 500
 MAX_CHUNK_LIMIT = 1000
 MAX_MESSAGES_BYTES = 192 * 1024  # of a job item's 400 KB (the output is in the chunk log, not the item)
-MAX_POLL_INTERVAL = 0.1
 # A running job's status, once read, serves the pages of the next quarter second (a stream polls the
 # log every 50-100 ms): an end is seen that much later, never missed, and a terminal status is final.
 STATUS_FRESH_SECONDS = 0.25
@@ -130,7 +130,7 @@ class JobService:
         events_link: Callable[[str], str] | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
-        poll_interval: float = 0.05,
+        cadence: Cadence | None = None,
     ) -> None:
         self._tenant = tenant
         self._jobs = jobs
@@ -143,8 +143,13 @@ class JobService:
         self._events_link = events_link
         self._clock = clock
         self._sleep = sleep
-        self._poll_interval = poll_interval
+        self._cadence = cadence or Cadence()
         self._statuses: dict[str, tuple[float, Status]] = {}  # job id -> (read at, status)
+
+    @property
+    def cadence(self) -> Cadence:
+        """The chunk log's cadence: readers look for the next chunk when it is due."""
+        return self._cadence
 
     # ------------------------------------------------------------------ create
     def create(self, key: str | None, request: JobRequest) -> Created:
@@ -417,24 +422,25 @@ class JobService:
         if not plausible(job_id):
             raise JobNotFound(f"Job '{job_id}' not found", details={"job_id": job_id})
         deadline = self._clock() + wait
-        interval = self._poll_interval
+        # A waiting poll looks again when the next chunk is due (the cadence says when, from the
+        # write times of the chunks the client holds, which the first look reads too), then every
+        # 50-100 ms: a long poll costs a few reads per chunk, not one every 100 ms.
+        watch = Watch(self._cadence) if wait else None
         while True:
             # The log first: a page of chunks needs only the job's status beside it (a light read);
             # a waiting poll that finds nothing reads the status to know whether to keep waiting.
-            found = self._chunks.after(job_id, after, limit)
+            found = self._look(job_id, after, limit, watch)
             status = self._status(job_id)
             terminal = status in TERMINAL
             if terminal and len(found) < limit:
                 # Chunks written between the two reads: the end is written after every chunk, so
-                # the log read now holds them all.
+                # a strongly consistent read of the log now holds them all.
                 since = found[-1].sequence_id if found else after
                 found += self._chunks.after(job_id, since, limit - len(found))
-            if found or terminal or self._clock() >= deadline:
+            remaining = deadline - self._clock()
+            if found or terminal or remaining <= 0 or watch is None:
                 break
-            self._sleep(interval)
-            # A waiting client costs a query and a status read a poll: fast while a chunk is likely
-            # soon, then slower (bounded so the delivery delay stays within a flush interval + 150 ms).
-            interval = min(interval * 1.5, MAX_POLL_INTERVAL)
+            self._sleep(min(watch.wait_ms(int(self._clock() * 1000)) / 1000, remaining))
         next_after = found[-1].sequence_id if found else after
         return {
             "job_id": job_id,
@@ -443,6 +449,25 @@ class JobService:
             "next_after": next_after,
             "done": terminal and len(found) < limit,
         }
+
+    def _look(self, job_id: str, after: int, limit: int, watch: Watch | None) -> list[Chunk]:
+        """The contiguous chunks after ``after`` (an eventually consistent read: a chunk it misses is
+        seen at the next look). The first look of a waiting poll also reads the two chunks up to
+        ``after``, whose write times tell ``watch`` when the next one is due."""
+        start = max(0, after - 2) if watch is not None and not watch.started else after
+        page = self._chunks.after(job_id, start, limit + after - start, consistent=False)
+        found: list[Chunk] = []
+        for chunk in page:
+            if chunk.sequence_id <= after:
+                if watch is not None:
+                    watch.saw(chunk.sequence_id, epoch_ms(chunk.created_at))
+            elif chunk.sequence_id == after + len(found) + 1:
+                found.append(chunk)
+            else:
+                break  # never past a gap a lagging replica could show
+        if watch is not None:
+            watch.started = True
+        return found
 
     def _status(self, job_id: str) -> Status:
         """The job's status for a page: read (eventually consistent, one attribute) unless a read of

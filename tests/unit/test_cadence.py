@@ -1,0 +1,109 @@
+"""The chunk cadence: when the worker writes, and when a reader looks for the next chunk."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from spool_core.jobs.cadence import LOOK_AFTER_MS, MAX_POLL_MS, MIN_POLL_MS, Cadence, next_poll_ms
+from spool_core.jobs.chunk_writer import ChunkWriter
+from spool_core.jobs.model import Chunk
+
+
+class ListLog:
+    def __init__(self) -> None:
+        self.chunks: list[Chunk] = []
+
+    def append(self, job_id: str, chunk: Chunk) -> None:
+        assert chunk.sequence_id == (self.chunks[-1].sequence_id if self.chunks else 0) + 1
+        self.chunks.append(chunk)
+
+    def after(self, job_id: str, after: int, limit: int, *, consistent: bool = True) -> list[Chunk]:
+        return [c for c in self.chunks if c.sequence_id > after][:limit]
+
+    def last(self, job_id: str) -> Chunk | None:
+        return self.chunks[-1] if self.chunks else None
+
+    def all(self, job_id: str) -> Iterator[Chunk]:
+        return iter(self.chunks)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+DEFAULT = Cadence()
+
+
+def stream(
+    tokens: int, per_second: float, *, cadence: Cadence = DEFAULT, last: Chunk | None = None
+) -> ListLog:
+    """``tokens`` one-token deltas at ``per_second`` through a writer; the log it wrote."""
+    log, clock = ListLog(), Clock()
+    if last is not None:
+        log.chunks = [last]
+    writer = ChunkWriter(log, "job_x", last, writer="w", cadence=cadence, clock=clock, on_flush=lambda: None)
+    for index in range(tokens):
+        clock.now += 1 / per_second
+        writer.add(f"t{index} ", 1)
+    writer.flush()
+    return log
+
+
+def test_intervals_double_from_the_first_to_the_longest() -> None:
+    cadence = Cadence(first_ms=200, max_ms=1500, tokens=64)
+    assert [cadence.interval_ms(n) for n in range(7)] == [0, 200, 400, 800, 1500, 1500, 1500]
+    assert Cadence(first_ms=200, max_ms=200).interval_ms(9) == 200  # a flat cadence, if configured
+    assert Cadence().interval_ms(10**6) == 1500  # no overflow however long the job
+
+
+def test_a_thousand_tokens_at_fifty_per_second_make_about_twenty_chunks() -> None:
+    log = stream(1000, 50.0)
+    assert 17 <= len(log.chunks) <= 21  # about 100 at a flat 200 ms
+    assert log.chunks[0].tokens == 1  # the first token at once
+    assert [c.sequence_id for c in log.chunks] == list(range(1, len(log.chunks) + 1))
+    assert "".join(c.text for c in log.chunks) == "".join(f"t{i} " for i in range(1000))
+    assert max(c.tokens for c in log.chunks) <= 64
+    assert log.chunks[-1].tokens_total == 1000
+
+
+def test_a_fast_model_is_cut_by_the_token_cap() -> None:
+    log = stream(1000, 5000.0)
+    assert all(c.tokens <= 64 for c in log.chunks)
+    assert len(log.chunks) >= 1000 // 64
+
+
+def test_a_flat_cadence_still_writes_every_interval() -> None:
+    log = stream(200, 50.0, cadence=Cadence(first_ms=200, max_ms=200))
+    assert 19 <= len(log.chunks) <= 22  # 4 s at 200 ms
+
+
+def test_a_resumed_attempt_writes_its_first_token_at_once() -> None:
+    previous = Chunk(sequence_id=9, text="before ", created_at="x", tokens=40, tokens_total=300)
+    log = stream(100, 50.0, last=previous)
+    assert log.chunks[1].sequence_id == 10 and log.chunks[1].tokens == 1
+    assert log.chunks[-1].tokens_total == 400
+
+
+def test_a_reader_looks_just_after_the_next_chunk_is_due() -> None:
+    cadence = Cadence(first_ms=200, max_ms=1500, tokens=64)
+    written = 1_000_000
+    due = cadence.next_due_ms(5, written, written - 1500)
+    assert due == written + 1500
+    assert cadence.first_look_ms(due, written + 40) == 1500 + LOOK_AFTER_MS - 40
+    # a chunk the token cap wrote early: the next is expected as soon
+    assert cadence.next_due_ms(5, written, written - 300) == written + 300
+    # chunk 2, on the cadence 200 ms after the first: the next is due 400 ms after it
+    assert cadence.next_due_ms(2, written, written - 210) == written + 400
+    # late already, or a clock that disagrees: look at once (at least the shortest poll), never stall
+    assert cadence.first_look_ms(due, due + 5_000) == MIN_POLL_MS
+    assert cadence.first_look_ms(due + 10**9, written) == cadence.max_ms
+
+
+def test_polls_after_an_empty_one_back_off_within_bounds() -> None:
+    assert next_poll_ms(MIN_POLL_MS) == 75
+    assert next_poll_ms(75) == MAX_POLL_MS
+    assert next_poll_ms(1500) == MAX_POLL_MS
