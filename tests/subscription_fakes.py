@@ -27,6 +27,7 @@ class MemorySubscriptionStore:
     def __init__(self, pause: Pause = _nothing) -> None:
         self.items: dict[tuple[str, str], Subscription] = {}
         self.calls: Counter[str] = Counter()
+        self.consistent_queries: list[bool] = []  # each for_job's consistency
         self._lock = threading.Lock()
         self._pause = pause
 
@@ -47,8 +48,9 @@ class MemorySubscriptionStore:
                 claimed_from=0,
             )
 
-    def for_job(self, job_id: str) -> list[Subscription]:
+    def for_job(self, job_id: str, *, consistent: bool = True) -> list[Subscription]:
         self._op("for_job")
+        self.consistent_queries.append(consistent)
         with self._lock:
             return [replace(s) for (job, _), s in sorted(self.items.items()) if job == job_id]
 

@@ -84,8 +84,10 @@ class SubscriptionStore(Protocol):
     def put(self, subscription: Subscription) -> None:
         """Create or replace (a resubscription starts over from its ``after``)."""
 
-    def for_job(self, job_id: str) -> list[Subscription]:
-        """Every subscription to the job (one strongly consistent Query)."""
+    def for_job(self, job_id: str, *, consistent: bool = True) -> list[Subscription]:
+        """Every subscription to the job (one Query). ``consistent=False`` (half the cost) may miss a
+        subscription made a moment ago: fine for new chunks, which its own backlog or the next
+        delivery brings it; never for a job's end, whose ``done`` nobody else would send."""
 
     def get(self, job_id: str, connection_id: str) -> Subscription | None: ...
 
@@ -203,11 +205,11 @@ class Fanout:
 
         With ``access``, a subscriber whose connection is no longer allowed is closed and its
         subscription deleted instead. Returns the number of subscriptions served."""
-        subscriptions = self._subscriptions.for_job(job_id)
-        if not subscriptions:
-            return 0
         batch = {chunk.sequence_id: chunk for chunk in chunks}
         look = not batch and ended is None
+        subscriptions = self._subscriptions.for_job(job_id, consistent=not batch or ended is not None)
+        if not subscriptions:
+            return 0
         for subscription in subscriptions:
             if access is not None and not access.allowed(subscription.connection_id):
                 access.close(subscription.connection_id)

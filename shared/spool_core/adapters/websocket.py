@@ -77,9 +77,13 @@ class DynamoSubscriptionStore:
             },
         )
 
-    def for_job(self, job_id: str) -> list[Subscription]:
+    def for_job(self, job_id: str, *, consistent: bool = True) -> list[Subscription]:
         items = self._table.query(
-            JOB_KIND, job_id, sort_condition="begins_with(sk, :sub)", values={":sub": "sub#"}
+            JOB_KIND,
+            job_id,
+            sort_condition="begins_with(sk, :sub)",
+            values={":sub": "sub#"},
+            consistent=consistent,
         )
         return [self._subscription(item) for item in items]
 
