@@ -37,7 +37,7 @@ def call(stack: EmbeddedStack, method: str, path: str, body: Any = None) -> Any:
 
 
 def test_the_job_path_is_warm_before_ready(stack: EmbeddedStack) -> None:
-    for name in ("AuthorizerFunction", "JobsFunction", "WorkerFunction", "FanoutFunction", "StreamFunction"):
+    for name in ("AuthorizerFunction", "JobsFunction", "WorkerFunction", "FanoutFunction", "EventsFunction"):
         assert stack.functions[name].reports, f"{name} served nothing before ready"
 
 

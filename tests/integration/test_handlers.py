@@ -29,6 +29,7 @@ def test_every_function_in_the_template_has_a_sample_event(template: Template) -
         "WorkerFunction": "worker",
         "SweeperFunction": "sweeper",
         "StreamFunction": "stream",
+        "EventsFunction": "stream",
         "ChunksFunction": "chunks",
     }
     assert set(template.functions()) <= set(samples), "add a sample event for the new function"

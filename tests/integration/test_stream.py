@@ -38,13 +38,13 @@ def variants(template: Template, stack: StackDescription) -> Iterator[Any]:
     made: list[LocalFunction] = []
 
     def make(**environment: str) -> LocalFunction:
-        spec = template.functions()["StreamFunction"]
+        spec = template.functions()["EventsFunction"]
         function = LocalFunction(
             spec,
             ROOT,
             region=stack.region,
-            name=stack.resolver().ref("StreamFunction"),
-            environment={**stack.environment_for(template, "StreamFunction"), **environment},
+            name=stack.resolver().ref("EventsFunction"),
+            environment={**stack.environment_for(template, "EventsFunction"), **environment},
         )
         made.append(function)
         return function
@@ -105,7 +105,7 @@ def finished_job(service: JobService, tenant: Tenant, max_tokens: int = 400) -> 
 def test_the_sample_event_of_an_unknown_job_is_a_404_envelope_before_any_stream(
     functions: dict[str, LocalFunction],
 ) -> None:
-    response = functions["StreamFunction"].open_stream(load_event("stream"))
+    response = functions["EventsFunction"].open_stream(load_event("stream"))
     body = json.loads(b"".join(response.chunks()))
     assert response.status == 404
     assert body["error"]["code"] == "job_not_found"
@@ -117,7 +117,7 @@ def test_a_finished_job_streams_every_chunk_then_done_then_closes(
     functions: dict[str, LocalFunction], service: JobService, tenant: Tenant
 ) -> None:
     job_id = finished_job(service, tenant)
-    response = functions["StreamFunction"].open_stream(stream_event(job_id, tenant))
+    response = functions["EventsFunction"].open_stream(stream_event(job_id, tenant))
     assert response.status == 200
     assert dict(response.headers)["content-type"].startswith("text/event-stream")
     events, text = read(response)
@@ -144,14 +144,14 @@ def test_last_event_id_resumes_after_it_and_wins_over_after(
     total = service.view(service.get(job_id))["progress"]["last_sequence_id"]
     assert total > 20
     event = stream_event(job_id, tenant, headers={"Last-Event-ID": "17"}, query={"after": "3"})
-    events, _ = read(functions["StreamFunction"].open_stream(event))
+    events, _ = read(functions["EventsFunction"].open_stream(event))
     assert [int(e["id"]) for e in events if e["event"] == "chunk"] == list(range(18, total + 1))
     by_query, _ = read(
-        functions["StreamFunction"].open_stream(stream_event(job_id, tenant, query={"after": "3"}))
+        functions["EventsFunction"].open_stream(stream_event(job_id, tenant, query={"after": "3"}))
     )
     assert next(int(e["id"]) for e in by_query if e["event"] == "chunk") == 4
     # An EventSource that received `done` and reconnects anyway is told to stop (204).
-    finished = functions["StreamFunction"].open_stream(
+    finished = functions["EventsFunction"].open_stream(
         stream_event(job_id, tenant, headers={"Last-Event-ID": "done"})
     )
     assert finished.status == 204
@@ -162,7 +162,7 @@ def test_a_bad_resume_point_is_a_400_naming_the_header(
     functions: dict[str, LocalFunction], service: JobService, tenant: Tenant
 ) -> None:
     job_id = finished_job(service, tenant, max_tokens=50)
-    response = functions["StreamFunction"].open_stream(
+    response = functions["EventsFunction"].open_stream(
         stream_event(job_id, tenant, headers={"Last-Event-ID": "seventeen"})
     )
     body = json.loads(b"".join(response.chunks()))
@@ -180,11 +180,11 @@ def test_other_tenants_and_other_jobs_tokens_see_nothing(
         (stream_event(job_id, None), 401),  # no authorizer context: a deployment error, not a leak
     ]
     for event, status in cases:
-        response = functions["StreamFunction"].open_stream(event)
+        response = functions["EventsFunction"].open_stream(event)
         body = json.loads(b"".join(response.chunks()))
         assert response.status == status, body
         assert body["error"]["suggestions"] or body["error"]["code"] == "unauthorized"
-    scoped = functions["StreamFunction"].open_stream(stream_event(job_id, tenant, scope=f"events:{job_id}"))
+    scoped = functions["EventsFunction"].open_stream(stream_event(job_id, tenant, scope=f"events:{job_id}"))
     assert scoped.status == 200
     scoped.close()
 

@@ -233,6 +233,7 @@ def test_the_adapter_request_carries_the_request_context_and_never_the_clients_c
 def test_streaming_routes_come_from_the_template() -> None:
     template = Template.load(ROOT / "template.yaml")
     events = {e.path: e for e in template.functions()["StreamFunction"].api_events}
+    events |= {e.path: e for e in template.functions()["EventsFunction"].api_events}
     assert set(events) == {
         "/v1/jobs/{job_id}/events",
         "/v1/chat/completions",
@@ -242,4 +243,6 @@ def test_streaming_routes_come_from_the_template() -> None:
     }
     assert all((e.streaming, e.timeout_ms) == (True, 900_000) for e in events.values())
     assert template.functions()["StreamFunction"].web_app == "app:app"
+    assert template.functions()["EventsFunction"].web_app == "app:app"
+    assert [e.path for e in template.functions()["EventsFunction"].api_events] == ["/v1/jobs/{job_id}/events"]
     assert not any(e.streaming for e in template.functions()["JobsFunction"].api_events)
