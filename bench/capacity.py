@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 CAPACITY_ENV = "SPOOL_BENCH_CAPACITY"
+# A file each metered call appends "function operation table kind units" to: what a figure is made of.
+TRACE_ENV = "SPOOL_BENCH_CAPACITY_TRACE"
 TYPE_TAGS = frozenset({"S", "N", "B", "SS", "NS", "BS", "M", "L", "NULL", "BOOL"})
 METER_SWITCH = "on"  # the meter counts while this file exists in its directory (bench/cost.py)
 METER_KEY = "_meter"  # the dump's entry for the meter's own time, beside the tables
@@ -179,6 +181,7 @@ class CapacityMeter:
         self._lock = threading.Lock()
         self._shapes: dict[str, TableShape] = {}
         self._original: Call | None = None
+        self._operation = ""  # the call being metered (for the trace)
 
     def install(self) -> CapacityMeter:
         import botocore.client
@@ -198,6 +201,11 @@ class CapacityMeter:
 
     # -------------------------------------------------------------- accounting
     def record(self, table: str, kind: str, units: float) -> None:
+        trace = os.environ.get(TRACE_ENV)
+        if trace and table != METER_KEY:
+            with open(trace, "a") as out:  # one line per call, to find what a figure is made of
+                name = os.environ.get("AWS_LAMBDA_FUNCTION_NAME", "process")
+                out.write(f"{name} {self._operation} {table} {kind} {units}\n")
         with self._lock:
             self._before_record()
             self.units[table][kind] += units
@@ -214,6 +222,7 @@ class CapacityMeter:
         """Make the call and record what it costs (also when a condition fails)."""
         if not self.enabled():
             return self._raw(client, operation, params)
+        self._operation = operation
         handler = getattr(self, f"_{_snake(operation)}", None) if operation in METERED else None
         if handler is None:
             return self._raw(client, operation, params)

@@ -130,6 +130,10 @@ class Report:
     init_duration_ms: float | None = None  # set on a container's first invocation (a cold start)
     outcome: str = "result"  # result | error | timeout | crash
     peak_allocation_bytes: int | None = None  # with TRACEMALLOC_ENV (benchmarks)
+    # The container's CPU time in the invocation (not in Lambda's REPORT): on AWS a function gets a
+    # share of a vCPU proportional to its memory, so CPU-bound work runs longer there than here
+    # (bench/cost.py estimates the billed duration from both).
+    cpu_ms: float | None = None
 
     def line(self) -> str:
         billed = max(1, math.ceil(self.duration_ms))
@@ -313,13 +317,17 @@ def _invoke(
 
     if tracing:
         tracemalloc.start()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     try:
         answer: dict[str, Any] = {"kind": "result", "result": handler(event, context)}
         json.dumps(answer)  # Lambda serializes the result; an unserializable one is a function error
     except Exception as exc:
         answer = {"kind": "error", "error": _error_payload(exc)}
-    answer["stats"] = {"duration_ms": (time.perf_counter() - started) * 1000, "max_rss_mb": _max_rss_mb()}
+    answer["stats"] = {
+        "duration_ms": (time.perf_counter() - started) * 1000,
+        "max_rss_mb": _max_rss_mb(),
+        "cpu_ms": (time.process_time() - cpu_started) * 1000,
+    }
     if tracing:
         answer["stats"]["peak_allocation_bytes"] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
@@ -757,6 +765,7 @@ class LocalFunction:
             init_duration_ms=container.init_duration_ms if cold else None,
             outcome=outcome,
             peak_allocation_bytes=stats.get("peak_allocation_bytes"),
+            cpu_ms=stats.get("cpu_ms"),
         )
         self.reports.append(report)
         log.debug("%s", report.line())
@@ -809,6 +818,7 @@ class StreamedResponse:
         self._cold = cold
         self._deadline = deadline
         self._started = time.monotonic()
+        self._cpu_started = _cpu_ms(container.pid)
         self._response: http.client.HTTPResponse | None = None
         self._outcome = "result"
         self._closed = False
@@ -861,12 +871,23 @@ class StreamedResponse:
         stats = {
             "duration_ms": (time.monotonic() - self._started) * 1000,
             "max_rss_mb": _peak_rss_mb(self._container.pid),
+            "cpu_ms": _cpu_ms(self._container.pid) - self._cpu_started,
         }
         self._function._report(self._context, self._container, self._cold, self._outcome, stats)
         self._function._finish(self._container, healthy)
 
 
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"}
+
+
+def _cpu_ms(pid: int) -> float:
+    """A process's CPU time so far (user and system, all threads), in ms; 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
 
 
 def _peak_rss_mb(pid: int) -> int:

@@ -28,6 +28,7 @@ from bench.cost import (
     Prices,
     Usage,
     add_aws_calls,
+    aws_duration_ms,
     billed_ms,
     capacity_delta,
     costs,
@@ -269,6 +270,13 @@ def test_billing_units() -> None:
     assert gb_seconds(500, 256) == 0.125
     assert increments(100, 32768) == 1
     assert increments(65537, 65536) == 2
+
+
+def test_cpu_bound_work_runs_longer_at_a_smaller_share_of_a_vcpu() -> None:
+    assert aws_duration_ms(15.0, 10.0, 128) == pytest.approx(10.0 * 1769 / 128)  # a push at 128 MB
+    assert aws_duration_ms(15.0, 10.0, 1769) == 15.0  # a whole vCPU: as measured
+    assert aws_duration_ms(20_000.0, 380.0, 192) == 20_000.0  # paced by its provider: its CPU fits
+    assert aws_duration_ms(15.0, None, 128) == 15.0  # a report without CPU time
 
 
 def test_deltas_between_snapshots() -> None:
