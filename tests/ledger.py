@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from spool_core.jobs.model import Chunk, Job, Progress, Segment, Status
+from spool_core.jobs.model import Chunk, EndMark, Job, Progress, Segment, Status
 from spool_core.jobs.ports import AdmissionRefused, Claim, Conflict, EndGuard, JobEnd, PendingJob, Signals
 from spool_core.limits.model import ReservationPlan, Settlement, TenantLimits, UsageState
 from spool_core.limits.service import ModelStats
@@ -54,6 +54,7 @@ class MemoryLedger:
         self.messages: list[JobMessage] = []
         self.faults = Faults()
         self.settlements: list[tuple[str, Settlement]] = []
+        self.end_marks: dict[tuple[str, str], EndMark] = {}  # (tenant, job) -> a subscribed job's end mark
         self.on_append: Callable[[], None] = lambda: None  # e.g. let time pass: a slow store
 
     def tenant(self, tenant_id: str) -> TenantLedger:
@@ -278,6 +279,8 @@ class TenantLedger:
                 changes["segments"] = [s.model_dump() for s in end.segments]
             item.update(changes)
             item.pop("pending_since_ms", None)
+            if item.get("subscribed"):  # as the store does: with the end, atomically
+                self.ledger.end_marks[(self.tenant_id, job_id)] = EndMark.of(Job.model_validate(item))
             self._settle(settlement)
             self.ledger.settlements.append((self.tenant_id, settlement))
             return Job.model_validate(item)

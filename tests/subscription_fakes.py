@@ -41,11 +41,11 @@ class MemorySubscriptionStore:
             self.items[(subscription.job_id, subscription.connection_id)] = replace(
                 subscription,
                 done_sent=False,
-                sender=None,
-                sending_until_ms=0,
                 wakes=0,
                 served=0,
                 claimed_from=0,
+                claimed_by=None,
+                claimed_for=0,
             )
 
     def for_job(self, job_id: str, *, consistent: bool = True) -> list[Subscription]:
@@ -84,10 +84,19 @@ class MemorySubscriptionStore:
         return item.sender is None or item.sender == owner
 
     def claim(
-        self, job_id: str, connection_id: str, owner: str, *, prev: int, new: int, until_ms: int
+        self,
+        job_id: str,
+        connection_id: str,
+        owner: str,
+        *,
+        prev: int,
+        new: int,
+        until_ms: int,
+        made_for: int = 0,
     ) -> Written:
         def change(item: Subscription) -> None:
             item.last_sent, item.claimed_from = new, prev + 1
+            item.claimed_by, item.claimed_for = owner, made_for
             item.sender, item.sending_until_ms = owner, until_ms
 
         return self._update(
@@ -98,9 +107,12 @@ class MemorySubscriptionStore:
             change,
         )
 
-    def claim_done(self, job_id: str, connection_id: str, owner: str, *, last: int, until_ms: int) -> Written:
+    def claim_done(
+        self, job_id: str, connection_id: str, owner: str, *, last: int, until_ms: int, made_for: int = 0
+    ) -> Written:
         def change(item: Subscription) -> None:
             item.done_sent, item.sender, item.sending_until_ms = True, owner, until_ms
+            item.claimed_by, item.claimed_for = owner, made_for
 
         return self._update(
             "claim_done",
@@ -135,6 +147,7 @@ class MemorySubscriptionStore:
     def abandon(self, job_id: str, connection_id: str, owner: str, *, pushed: int) -> None:
         def change(item: Subscription) -> None:
             item.sender, item.sending_until_ms, item.done_sent, item.last_sent = None, 0, False, pushed
+            item.claimed_by, item.claimed_for = None, 0  # what went out is behind the cursor: no claim left
 
         self._update("abandon", job_id, connection_id, lambda i: i.sender == owner, change)
 

@@ -1,10 +1,11 @@
-"""Fanout: the chunk table's and the jobs table's DynamoDB streams push new chunks, then ``done``,
-to each job's WebSocket subscribers.
+"""Fanout: the chunk table's DynamoDB stream pushes new chunks, then ``done``, to each job's WebSocket
+subscribers.
 
-The records carry what is pushed (``NEW_IMAGE``: a chunk's sequence id and text, the ended job's
-status, usage, cost and error), so a batch is grouped by job and each job costs one Query of its
-subscriptions, and nothing more when nobody subscribed; each message sent is one conditional write
-(``spool_core.subscriptions``).
+The stream's filter passes only chunks written while the job had a subscriber (``live``) and the end
+mark a subscribed job's end writes behind its last chunk. The records carry what is pushed
+(``NEW_IMAGE``: a chunk's sequence id and text; the end mark's status, usage, cost and error), so a
+batch is grouped by job and each job costs one Query of its subscriptions; each message sent is one
+conditional write (``spool_core.subscriptions``).
 
 Before pushing to a connection it checks that the API key the connection opened with is still
 active (through the same per-environment key cache as the authorizer, ``SPOOL_AUTH_CACHE_SECONDS``);
@@ -29,8 +30,14 @@ _batch = FanoutBatch([])
 
 def _deliver(tenant_id: str, job_id: str, group: Group) -> None:
     config = bootstrap.settings()
-    fanout = bootstrap.fanout(Tenant(tenant_id), config)
-    fanout.deliver(job_id, chunks=group.chunks, ended=group.ended, access=bootstrap.connection_guard(config))
+    bootstrap.fanout(Tenant(tenant_id), config).deliver(
+        job_id,
+        chunks=group.chunks,
+        ended=group.ended,
+        until=group.until,
+        end_unread=group.end_unread,
+        access=bootstrap.connection_guard(config),
+    )
 
 
 def record_handler(record: DynamoDBRecord) -> None:

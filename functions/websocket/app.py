@@ -78,7 +78,7 @@ def _subscribe(event: dict[str, Any], connection_id: str) -> dict[str, Any]:
         logger.info("closing a connection whose API key was revoked", extra={"connection_id": connection_id})
         guard.close(connection_id)
         return {"statusCode": 200}
-    if bootstrap.fanout(Tenant(tenant_id)).subscribe(request.job_id, connection_id, request.after) is None:
+    if not bootstrap.fanout(Tenant(tenant_id)).subscribe(request.job_id, connection_id, request.after):
         _push_error(
             connection_id,
             JobNotFound(f"Job '{request.job_id}' not found", details={"job_id": request.job_id}),

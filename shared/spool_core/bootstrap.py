@@ -173,12 +173,14 @@ def _job_tables(tenant: Tenant, config: Settings) -> tuple[DynamoJobStore, Dynam
 
     scope = TenantScope(tenant)
     ddb = aws.dynamodb(config)
+    chunk_table = ScopedTable(ddb, config.chunks_table, scope)
     jobs = DynamoJobStore(
         ScopedTable(ddb, config.jobs_table, scope),
         ScopedTable(ddb, config.usage_table, scope),
         JOB_TTL_SECONDS,
+        chunk_table,
     )
-    chunks = DynamoChunkLog(ScopedTable(ddb, config.chunks_table, scope), JOB_TTL_SECONDS)
+    chunks = DynamoChunkLog(chunk_table, JOB_TTL_SECONDS)
     return jobs, chunks
 
 

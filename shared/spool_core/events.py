@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from spool_core.clock import epoch_ms
 from spool_core.errors import InvalidRequest
 from spool_core.jobs.cadence import Watch
-from spool_core.jobs.model import MAX_SEQUENCE_ID, Job
+from spool_core.jobs.model import MAX_SEQUENCE_ID, EndMark, Job
 from spool_core.units import now_ms, usd
 
 if TYPE_CHECKING:  # the fanout builds ``done`` here without loading the job service
@@ -74,16 +74,17 @@ def chunk_event(chunk: dict[str, Any]) -> str:
     return f"id: {chunk['sequence_id']}\nevent: chunk\ndata: {data}\n\n"
 
 
-def done_data(job: Job) -> dict[str, Any]:
+def done_data(ended: Job | EndMark) -> dict[str, Any]:
     """What ``done`` carries on every transport (the SSE event's data, the WebSocket message): how the
-    job ended, from the ended job item alone (its progress, usage and cost are final there)."""
+    job ended, from the ended job item or its end mark alone (progress, usage and cost are final)."""
+    mark = ended if isinstance(ended, EndMark) else EndMark.of(ended)
     return {
-        "job_id": job.job_id,
-        "status": job.status,
-        "usage": job.usage.model_dump(),
-        "cost_usd": usd(job.cost_nanos),
-        "error": job.error,
-        "last_sequence_id": job.progress.last_sequence_id,
+        "job_id": mark.job_id,
+        "status": mark.status,
+        "usage": mark.usage.model_dump(),
+        "cost_usd": usd(mark.cost_nanos),
+        "error": mark.error,
+        "last_sequence_id": mark.last_sequence_id,
     }
 
 

@@ -1,9 +1,9 @@
-"""A fanout invocation's stream records, grouped by job.
+"""A fanout invocation's chunk-stream records, grouped by job.
 
-The chunk table's stream record of a new chunk carries the chunk (``NEW_IMAGE``: sequence id and
-text), the jobs table's record of an ended job carries the ended job: the fanout pushes from them and
-reads the chunk log only to fill a gap. Records are grouped by job so that a batch costs one
-delivery (one Query of the job's subscriptions) per job, whatever the number of its records.
+The chunk table's stream record of a new live chunk carries the chunk (``NEW_IMAGE``: sequence id and
+text); the record of a job's end mark carries how the job ended. The fanout pushes from them and reads
+the chunk log only to fill a gap. Records are grouped by job so that a batch costs one delivery (one
+Query of the job's subscriptions) per job, whatever the number of its records.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from spool_core.adapters.dynamodb import deserialize
-from spool_core.jobs.model import TERMINAL, Chunk, Job
+from spool_core.jobs.model import END_SEQUENCE_ID, Chunk, EndMark
 from spool_core.observability import logger
 from spool_core.tenancy import SEPARATOR
 
@@ -27,10 +27,10 @@ class DeliveryFailed(RuntimeError):
 
 
 def job_key(record: Mapping[str, Any]) -> JobKey | None:
-    """The (tenant, job) of a chunk or job record, or None for another kind of item."""
+    """The (tenant, job) of a chunk-table record, or None for another kind of item."""
     keys = (record.get("dynamodb") or {}).get("Keys") or {}
     parts = str((keys.get("pk") or {}).get("S", "")).split(SEPARATOR, 2)
-    if len(parts) != 3 or parts[1] != "job":
+    if len(parts) != 3 or parts[1] != "job" or "sequence_id" not in keys:
         return None
     return parts[0], parts[2]
 
@@ -38,11 +38,14 @@ def job_key(record: Mapping[str, Any]) -> JobKey | None:
 @dataclass
 class Group:
     """One job's records in a batch: its new chunks, in order, and its end if the batch has it.
-    ``look``: a record could not be read as a chunk or a job; the delivery reads the log instead."""
+    ``until``: the highest sequence id its records named (those that could not be read as a chunk are
+    delivered from the log up to there); ``end_unread``: the end mark's record could not be read (the
+    delivery reads how the job ended from the job)."""
 
     chunks: list[Chunk] = field(default_factory=list)
-    ended: Job | None = None
-    look: bool = False
+    ended: EndMark | None = None
+    until: int = 0
+    end_unread: bool = False
     delivered: bool = False
     error: BaseException | None = None
 
@@ -66,22 +69,24 @@ class FanoutBatch:
         data = record.get("dynamodb") or {}
         image = data.get("NewImage")
         if key is None or not image:
-            return  # not a job's item, or a removal (a TTL expiry): nothing to push
-        chunk = "sequence_id" in (data.get("Keys") or {})
-        item = deserialize(image)
-        if not chunk and item.get("status") not in TERMINAL:
-            return  # a job item change other than its end
+            return  # not a chunk or an end mark, or a removal (a TTL expiry): nothing to push
+        sequence = int((data.get("Keys") or {})["sequence_id"].get("N", 0))
         group = self._groups.setdefault(key, Group())
         try:
-            if chunk:
-                group.chunks.append(Chunk.model_validate(item))
+            item = deserialize(image)
+            if sequence == END_SEQUENCE_ID:
+                group.ended = EndMark.model_validate(item)
             else:
-                group.ended = Job.model_validate(item)
-        except ValidationError:  # delivered from the log and the job item instead
+                group.chunks.append(Chunk.model_validate(item))
+                group.until = max(group.until, sequence)
+        except (ValidationError, ValueError, TypeError):  # delivered from the log and the job instead
             logger.warning(
                 "a stream record the fanout cannot read; delivering from the log", extra={"job": key}
             )
-            group.look = True
+            if sequence == END_SEQUENCE_ID:
+                group.end_unread = True
+            else:
+                group.until = max(group.until, sequence)
 
     def handle(self, record: Mapping[str, Any], deliver: Deliver) -> None:
         """Deliver the record's job (once per batch: its first record does it for all of them)."""
@@ -94,8 +99,6 @@ class FanoutBatch:
                 raise DeliveryFailed(f"delivery of job {key[1]} failed") from group.error
             return
         group.delivered = True
-        if group.look:
-            group.chunks, group.ended = [], None  # deliver() then catches up from the log and the job
         try:
             deliver(key[0], key[1], group)
         except Exception as exc:

@@ -1,34 +1,30 @@
 """WebSocket subscriptions: every chunk after ``after``, in order, then ``done``; no gap, no duplicate.
 
-A subscription item holds the last sequence id sent to its connection (``last_sent``) and a sending
-lease (``sender``, ``sending_until``). Senders (the subscribe handler with the backlog, the fanout
-with the chunks and the job's end of a stream batch) never read before writing in the common case:
+A subscription item holds the last sequence id sent to its connection (``last_sent``), who claimed
+the last run of messages (``claimed_by``, ``claimed_from``) and a sending lease (``sender``,
+``sending_until``). Two kinds of sender push to it:
 
-- **One conditional write per message.** A sender claims chunk ``n`` with
-  ``SET last_sent = n WHERE last_sent = n - 1`` (and the lease free or its own), then pushes it. The
-  condition orders the messages and makes each one sent once; holding the lease while it pushes
-  keeps a second sender from overtaking with ``n + 1`` before ``n`` is out. A condition that fails
-  returns the item as it is (``ALL_OLD``), so the loser knows at once whether the message was sent
-  already, whether there is a gap to fill from the chunk log, or who holds the lease.
-- **Letting go.** The holder releases the lease with one more conditional write at the end of its
-  burst. A sender that finds the lease held does not wait: it bumps the item's ``wakes`` counter
-  (only while that holder's lease is live), and the holder's release is conditional on the counter
-  it last served, so a holder that was woken cannot let go before it looked at the log and the job
-  again. A holder that fails lets go without serving (``wakes`` then stays ahead of ``served``), and
-  whoever takes the lease next looks first.
-- **Runs.** Consecutive chunks a sender holds (a stream batch, a page of the backlog) are claimed
-  in one write and pushed in order under the lease. A push that fails lets go with the cursor back
-  at the last message pushed, so the retry sends the rest.
-- **A sender that died holding the lease** (``LEASE_MS`` after its last claim) is taken over: the
-  new holder pushes the dead one's last claim again (it may not have gone out: at least once, then,
-  rather than a gap; a client drops a ``sequence_id`` it already holds) and serves what it was asked.
-- **``done`` exactly once.** When the job has ended and the cursor is at the end of the log (read
-  after the end was known, so it holds every chunk), ``SET done_sent = true`` under the same lease
-  conditions claims the end; the sender pushes ``done`` and deletes the subscription. A job that
-  ends while another sender holds the cursor wakes that sender, which then sends the rest and
-  ``done`` itself: the end is never dropped between two chunks.
-- **Nothing for jobs nobody follows.** ``deliver`` starts with one Query of the job's subscriptions
-  (by partition key); with none, that Query is all a stream batch costs for the job.
+- **The subscribe handler**, once: it stores the subscription already holding its own lease, sends
+  the backlog (and ``done`` if the job has ended), then lets go.
+- **The chunk stream** (the fanout, from the records of live chunks and of the job's end mark). Lambda
+  reads a stream shard one batch at a time, in order, and a job's chunks and its end mark share a
+  partition key, so a job's stream deliveries never overlap and ``done`` comes after every chunk.
+  They all send as one owner, ``STREAM``: a delivery claims the run of chunks it holds with **one
+  conditional write** (``SET last_sent = n WHERE last_sent = prev``), pushes it, and never lets go
+  (the next delivery is the same owner). A delivery claims no further than its own records: what
+  the chunk stream claimed past them can only be an earlier attempt of the same batch, which died
+  after its claim, so it is pushed again (at least once, then, rather than a gap; a client drops a
+  ``sequence_id`` it already holds).
+
+Between the two, the lease: a stream delivery that finds the handler's lease live bumps the item's
+``wakes`` counter instead of sending, and the handler's release is conditional on the counter it
+last served, so a handler that was woken cannot let go before it looked at the log and the job
+again. A handler that died holding its lease is taken over once it runs out (``LEASE_MS``): its last
+claim is pushed again.
+
+``done`` is claimed (``SET done_sent``) under the same conditions once the cursor is at the job's last
+chunk, pushed, and the subscription deleted. Nothing is pushed for jobs nobody follows: the worker
+marks chunks ``live`` only once a client subscribed, and the chunk stream's filter passes nothing else.
 
 A connection authenticated once, with an API key that may since have been revoked: the fanout passes
 a ``ConnectionAccess`` (``spool_core.auth.ConnectionGuard``) to ``deliver``, and a connection it no
@@ -44,14 +40,15 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from spool_core.events import done_data
-from spool_core.jobs.model import Chunk, Job
+from spool_core.jobs.model import END_SEQUENCE_ID, Chunk, EndMark, Job
 from spool_core.jobs.ports import ChunkLog, JobStore
 from spool_core.units import now_ms
 
-# A sender that died holding the lease is taken over after this. Each claim renews it, so it covers
+# A handler that died holding the lease is taken over after this. Each claim renews it, so it covers
 # one push: the management API client's worst case (3 attempts of a 3 s connect and a 10 s read).
 LEASE_MS = 45_000
 LOG_PAGE = 100
+STREAM = "stream"  # the owner every delivery from the chunk stream sends as
 
 
 @dataclass
@@ -62,10 +59,12 @@ class Subscription:
     done_sent: bool = False
     sender: str | None = None  # who holds the sending lease, if anyone
     sending_until_ms: int = 0
-    wakes: int = 0  # bumped by senders that found the lease held: the holder looks again before letting go
-    served: int = 0  # the wakes the last holder to let go had looked after
+    wakes: int = 0  # bumped by stream deliveries that found the handler sending: it looks again
+    served: int = 0  # the wakes the handler had looked after when it let go
     start: int = 0  # the ``after`` it was created with: nothing at or before it is ever pushed
     claimed_from: int = 0  # the first message of the last claim (a run: the backlog, a stream batch)
+    claimed_by: str | None = None  # who made the last claim
+    claimed_for: int = 0  # a stream delivery's last claim: the highest record it was made for
 
     def held_by_other(self, owner: str, now_ms: int) -> bool:
         return self.sender is not None and self.sender != owner and self.sending_until_ms >= now_ms
@@ -82,7 +81,7 @@ class Written:
 
 class SubscriptionStore(Protocol):
     def put(self, subscription: Subscription) -> None:
-        """Create or replace (a resubscription starts over from its ``after``)."""
+        """Create or replace (a resubscription starts over from its ``after``), with the lease it names."""
 
     def for_job(self, job_id: str, *, consistent: bool = True) -> list[Subscription]:
         """Every subscription to the job (one Query). ``consistent=False`` (half the cost) may miss a
@@ -92,15 +91,25 @@ class SubscriptionStore(Protocol):
     def get(self, job_id: str, connection_id: str) -> Subscription | None: ...
 
     def claim(
-        self, job_id: str, connection_id: str, owner: str, *, prev: int, new: int, until_ms: int
+        self,
+        job_id: str,
+        connection_id: str,
+        owner: str,
+        *,
+        prev: int,
+        new: int,
+        until_ms: int,
+        made_for: int = 0,
     ) -> Written:
-        """``last_sent = new`` (``claimed_from = prev + 1``) and the lease to ``owner`` until
-        ``until_ms``, if ``last_sent == prev``, ``done`` was not sent, and the lease is free or
-        already the owner's."""
+        """``last_sent = new`` (``claimed_from = prev + 1``, ``claimed_by = owner``, ``claimed_for =
+        made_for``) and the lease to ``owner`` until ``until_ms``, if ``last_sent == prev``, ``done``
+        was not sent, and the lease is free or already the owner's."""
 
-    def claim_done(self, job_id: str, connection_id: str, owner: str, *, last: int, until_ms: int) -> Written:
-        """``done_sent = true`` and the lease to ``owner``, under the same conditions with the cursor at
-        ``last``."""
+    def claim_done(
+        self, job_id: str, connection_id: str, owner: str, *, last: int, until_ms: int, made_for: int = 0
+    ) -> Written:
+        """``done_sent = true`` (``claimed_by``, ``claimed_for`` as a claim's) and the lease to
+        ``owner``, under the same conditions with the cursor at ``last``."""
 
     def take_over(
         self, job_id: str, connection_id: str, owner: str, *, holder: str, now_ms: int, until_ms: int
@@ -111,8 +120,8 @@ class SubscriptionStore(Protocol):
         """Let go of the owner's lease, unless it was woken since ``wakes`` (then ``served = wakes``)."""
 
     def abandon(self, job_id: str, connection_id: str, owner: str, *, pushed: int) -> None:
-        """Let go after an error: the cursor back to the last message pushed, ``done`` unclaimed, wakes
-        left unserved for the next holder to serve."""
+        """Let go after an error: the cursor back to the last message pushed, ``done`` unclaimed, no
+        claim left outstanding, wakes left unserved for the next holder to serve."""
 
     def wake(self, job_id: str, connection_id: str, holder: str, *, now_ms: int) -> Written:
         """Ask ``holder`` to look again before it lets go (only while its lease is live)."""
@@ -140,9 +149,9 @@ def chunk_message(job_id: str, chunk: Chunk) -> dict[str, Any]:
     return {"type": "chunk", "job_id": job_id, "sequence_id": chunk.sequence_id, "text": chunk.text}
 
 
-def done_message(job: Job) -> dict[str, Any]:
+def done_message(ended: EndMark) -> dict[str, Any]:
     """The WebSocket ``done``: what the SSE ``done`` event carries (one builder for both)."""
-    return {"type": "done", **done_data(job)}
+    return {"type": "done", **done_data(ended)}
 
 
 @dataclass
@@ -151,7 +160,7 @@ class _Known:
     known, how it ended. Shared by the job's subscribers within one delivery."""
 
     chunks: MutableMapping[int, Chunk] = field(default_factory=dict)
-    ended: Job | None = None
+    ended: EndMark | None = None
 
 
 class Fanout:
@@ -171,76 +180,115 @@ class Fanout:
         self._pusher = pusher
         self._clock_ms = clock_ms
         self._lease_ms = lease_ms
-        self._owner = uuid.uuid4().hex  # one per sender: each invocation builds its own Fanout
+        self._owner = uuid.uuid4().hex  # one per handler: each invocation builds its own Fanout
 
-    def subscribe(self, job_id: str, connection_id: str, after: int) -> Job | None:
-        """Record the subscription, mark the job subscribed (its worker then marks its chunks ``live``,
-        the only ones the fanout is invoked for), then send the backlog (and ``done`` if the job has
-        ended). The job is read again after the subscription is stored: a job that ends in between,
-        whose end the fanout handled before it could see this subscription, is seen ending here. A
-        chunk written before the worker saw the mark reaches the subscriber with the next live chunk
-        or the job's end (each delivery reads the log from the subscriber's cursor)."""
+    def subscribe(self, job_id: str, connection_id: str, after: int) -> bool:
+        """Record the subscription (holding the lease: no stream delivery pushes before the backlog),
+        mark the job subscribed (its worker then marks its chunks ``live``, the only ones the chunk
+        stream delivers), then send the backlog, and ``done`` if the job has ended.
+
+        A chunk written before the worker saw the mark reaches the subscriber with the next live chunk
+        or the job's end mark (each delivery reads the log from the subscriber's cursor); a job that
+        ends before the mark has no end mark, and is seen ending here (the mark returns the job). False:
+        there is no such job (nothing is stored)."""
         job = self._jobs.get(job_id)
         if job is None:
-            return None
-        subscription = Subscription(job_id, connection_id, after, start=after)
+            return False
+        subscription = Subscription(
+            job_id,
+            connection_id,
+            after,
+            start=after,
+            sender=self._owner,
+            sending_until_ms=self._clock_ms() + self._lease_ms,
+        )
         self._subscriptions.put(subscription)
         if not job.terminal and not job.subscribed:
             job = self._jobs.mark_subscribed(job_id)
-        known = _Known(ended=job if job.terminal else None)
-        _Sender(self, subscription, known, look=True).run()
-        return job
+        known = _Known(ended=EndMark.of(job) if job.terminal else None)
+        _Sender(self, subscription, known, owner=self._owner, look=True).run()
+        return True
 
     def deliver(
         self,
         job_id: str,
         *,
         chunks: Iterable[Chunk] = (),
-        ended: Job | None = None,
+        ended: EndMark | Job | None = None,
+        until: int | None = None,
+        end_unread: bool = False,
         access: ConnectionAccess | None = None,
     ) -> int:
-        """Send the job's subscribers what they have not had yet: ``chunks`` (a stream batch's new
-        chunks; the log fills any gap before them), then ``done`` if ``ended`` (the job's terminal
-        record). With neither, each subscriber is caught up from the log and the job as stored.
+        """A delivery from the chunk stream: send the job's subscribers ``chunks`` (a batch's live
+        chunks; the log fills any gap before them), then ``done`` if ``ended`` (the job's end mark).
+        ``until``: the highest sequence id the batch's records named (records that could not be read
+        are delivered from the log up to there); ``end_unread``: the end mark's record could not be
+        read (how the job ended is read from the job). Returns the number of subscriptions served.
 
         With ``access``, a subscriber whose connection is no longer allowed is closed and its
-        subscription deleted instead. Returns the number of subscriptions served."""
+        subscription deleted instead."""
+        if isinstance(ended, Job):
+            ended = EndMark.of(ended)
+        if end_unread and ended is None:
+            job = self._jobs.get(job_id)
+            ended = EndMark.of(job) if job is not None and job.terminal else None
         batch = {chunk.sequence_id: chunk for chunk in chunks}
-        look = not batch and ended is None
-        subscriptions = self._subscriptions.for_job(job_id, consistent=not batch or ended is not None)
-        if not subscriptions:
-            return 0
+        reach = max([*batch, until or 0, ended.last_sequence_id if ended else 0])
+        made_for = END_SEQUENCE_ID if ended is not None else reach
+        subscriptions = self._subscriptions.for_job(job_id, consistent=ended is not None)
         for subscription in subscriptions:
             if access is not None and not access.allowed(subscription.connection_id):
                 access.close(subscription.connection_id)
                 self._subscriptions.delete(job_id, subscription.connection_id)
                 continue
             known = _Known(dict(batch), ended)
-            _Sender(self, subscription, known, look=look).run()
+            _Sender(self, subscription, known, owner=STREAM, look=False, reach=(reach, made_for)).run()
         return len(subscriptions)
 
 
 class _Sender:
-    """One sender's pass over one subscription: claim, push, repeat; then ``done``, or let go."""
+    """One sender's pass over one subscription: claim, push, repeat; then ``done``, or stop (the chunk
+    stream) or let go (the handler)."""
 
-    def __init__(self, fanout: Fanout, subscription: Subscription, known: _Known, *, look: bool) -> None:
+    def __init__(
+        self,
+        fanout: Fanout,
+        subscription: Subscription,
+        known: _Known,
+        *,
+        owner: str,
+        look: bool,
+        reach: tuple[int, int] | None = None,
+    ) -> None:
         self._f = fanout
         self._store = fanout._subscriptions
-        self._owner = fanout._owner
+        self._owner = owner
+        self._stream = owner == STREAM
+        # A stream delivery claims no chunk past its records (``_cap``) and marks its claims with the
+        # highest record it was made for (``_made_for``: END_SEQUENCE_ID for a job's end mark).
+        self._cap: int | None = reach[0] if reach is not None else None
+        self._made_for = reach[1] if reach is not None else 0
         self._job_id = subscription.job_id
         self._connection = subscription.connection_id
         self._cursor = subscription.last_sent
         self._known = known
-        self._look = look  # read the job and the log before concluding there is nothing to send
-        self._holding = False
+        self._look = look  # (the handler) read the job and the log before concluding
+        self._holding = subscription.sender == owner  # the handler holds its lease from the start
         self._served_wakes = 0  # the wakes counter as of this holder's last look
         self._pushed = subscription.last_sent  # the last message this sender knows went out
         self._read_at: int | None = None  # the cursor after which the log was last read
         self._log_more = False  # that read filled its page: more may follow
         self._read_since_end = False  # the log was read after the job's end was known
+        self._first_seen = subscription
 
     def run(self) -> None:
         try:
+            seen = self._first_seen
+            if self._stream and seen.claimed_by == STREAM and self._retried(seen):
+                # an earlier attempt of this delivery claimed its messages and died before they went out
+                self._cursor = seen.last_sent
+                if not self._push_again(seen):
+                    return
             while self._step():
                 pass
         except Exception:
@@ -254,12 +302,20 @@ class _Sender:
         chunk = self._next_chunk()
         if chunk is not None:
             return self._send(chunk)
-        if self._known.ended is not None and self._read_since_end and not self._log_more:
+        ended = self._known.ended
+        if ended is not None and self._cursor >= ended.last_sequence_id and self._complete():
             return self._send_done()
         return self._let_go()
 
+    def _complete(self) -> bool:
+        """Whether every chunk of the ended job was seen: a handler read the log after the end was known;
+        a stream delivery needs no read (the end mark follows every chunk of the job in the stream)."""
+        return self._stream or (self._read_since_end and not self._log_more)
+
     # ------------------------------------------------------------------ what to send next
     def _next_chunk(self) -> Chunk | None:
+        if self._cap is not None and self._cursor >= self._cap:
+            return None
         chunk = self._known.chunks.get(self._cursor + 1)
         if chunk is None and self._should_read():
             self._read()
@@ -267,6 +323,8 @@ class _Sender:
         return chunk
 
     def _should_read(self) -> bool:
+        if self._stream:  # a gap before what it has to send: the log fills it, never past its records
+            return self._read_at != self._cursor
         ended = self._known.ended
         if self._look or (ended is not None and not self._read_since_end):
             return True
@@ -274,19 +332,21 @@ class _Sender:
             return False  # read from here already and found nothing more
         return (
             self._log_more
-            or any(seq > self._cursor for seq in self._known.chunks)  # a gap before what the batch has
-            or (ended is not None and self._cursor < ended.progress.last_sequence_id)
+            or any(seq > self._cursor for seq in self._known.chunks)
+            or (ended is not None and self._cursor < ended.last_sequence_id)
         )
 
     def _read(self) -> None:
-        """The job first, then the log: every chunk of a job that has ended was written before its end."""
+        """The job first (the handler), then the log: every chunk of a job that ended was written
+        before its end."""
         if self._look and self._known.ended is None:
             job = self._f._jobs.get(self._job_id)
             if job is not None and job.terminal:
-                self._known.ended = job
-        page = self._f._chunks.after(self._job_id, self._cursor, LOG_PAGE)
-        self._known.chunks.update((c.sequence_id, c) for c in page)
-        self._read_at, self._log_more, self._look = self._cursor, len(page) == LOG_PAGE, False
+                self._known.ended = EndMark.of(job)
+        page = LOG_PAGE if self._cap is None else min(LOG_PAGE, self._cap - self._cursor)
+        found = self._f._chunks.after(self._job_id, self._cursor, page)
+        self._known.chunks.update((c.sequence_id, c) for c in found)
+        self._read_at, self._log_more, self._look = self._cursor, len(found) == page, False
         if self._known.ended is not None:
             self._read_since_end = True
 
@@ -295,6 +355,8 @@ class _Sender:
         """Claim the run of consecutive chunks from ``first`` this sender holds, then push them."""
         run = [first]
         while len(run) < LOG_PAGE and (following := self._known.chunks.get(run[-1].sequence_id + 1)):
+            if self._cap is not None and following.sequence_id > self._cap:
+                break
             run.append(following)
         now = self._f._clock_ms()
         written = self._store.claim(
@@ -304,6 +366,7 @@ class _Sender:
             prev=self._cursor,
             new=run[-1].sequence_id,
             until_ms=now + self._f._lease_ms,
+            made_for=self._made_for,
         )
         if not written.applied:
             return self._lost(written.before, now)
@@ -330,6 +393,7 @@ class _Sender:
             self._owner,
             last=self._cursor,
             until_ms=now + self._f._lease_ms,
+            made_for=self._made_for,
         )
         if not written.applied:
             return self._lost(written.before, now)  # go on from the cursor it found, if at all
@@ -337,14 +401,15 @@ class _Sender:
         self._push_done(ended)
         return False
 
-    def _push_done(self, ended: Job) -> None:
+    def _push_done(self, ended: EndMark) -> None:
         self._f._pusher.send(self._connection, done_message(ended))  # a gone connection: deleted below
         self._holding = False
         self._store.finish(self._job_id, self._connection, self._owner)
 
     def _let_go(self) -> bool:
-        """Nothing more to send now: release the lease. True when woken meanwhile (look again)."""
-        if not self._holding:
+        """Nothing more to send now. The chunk stream keeps its lease (its next delivery is the same
+        owner); the handler releases it. True when the handler was woken meanwhile (look again)."""
+        if not self._holding or self._stream:
             return False
         written = self._store.release(self._job_id, self._connection, self._owner, wakes=self._served_wakes)
         current = written.before
@@ -358,7 +423,7 @@ class _Sender:
         if self._holding or before is None:
             return
         self._holding, self._served_wakes = True, before.wakes
-        if before.wakes != before.served:
+        if before.wakes != before.served and not self._stream:
             self._look = True  # a holder failed: serve what it was asked to
 
     def _wants_after(self, cursor: int) -> bool:
@@ -380,21 +445,31 @@ class _Sender:
         before = written.before
         if not written.applied or before is None:
             return before is not None  # someone else took it, or it is gone
-        self._holding, self._served_wakes, self._look = True, before.wakes, True
+        self._holding, self._served_wakes = True, before.wakes
+        self._look = not self._stream
         self._cursor, self._read_at = before.last_sent, None
-        if before.done_sent:
-            ended = self._known.ended or self._f._jobs.get(self._job_id)
-            if ended is not None and ended.terminal:
+        return self._push_again(before)
+
+    def _push_again(self, claim: Subscription) -> bool:
+        """Push the last claim of ``claim`` again (its sender may have died before it went out): its
+        run of chunks, or ``done``. True when this sender should go on."""
+        if claim.done_sent:
+            ended = self._known.ended
+            if ended is None:
+                job = self._f._jobs.get(self._job_id)
+                ended = EndMark.of(job) if job is not None and job.terminal else None
+            if ended is not None:
+                self._holding = True
                 self._push_done(ended)
                 return False
             return True
-        first = max(before.claimed_from, before.start + 1)
-        if first > before.last_sent:
+        first, last = max(claim.claimed_from, claim.start + 1), claim.last_sent
+        if first > last:
             return True
-        known = [self._known.chunks.get(seq) for seq in range(first, before.last_sent + 1)]
+        known = [self._known.chunks.get(seq) for seq in range(first, last + 1)]
         again = [chunk for chunk in known if chunk is not None]
         if len(again) < len(known):  # read what the batch does not have
-            again = self._f._chunks.after(self._job_id, first - 1, before.last_sent - first + 1)
+            again = self._f._chunks.after(self._job_id, first - 1, last - first + 1)
         return self._push(again)
 
     def _lost(self, current: Subscription | None, now: int) -> bool:
@@ -404,19 +479,29 @@ class _Sender:
             return False  # unsubscribed (or finished)
         if current.held_by_other(self._owner, now):
             assert current.sender is not None
-            if current.done_sent or not self._wants_after(current.last_sent):
-                return False  # its holder is sending ``done``, or claimed all this sender had
+            if not self._stream or current.done_sent or not self._wants_after(current.last_sent):
+                return False  # the chunk stream carries on; or the holder sends done, or has it all
             woken = self._store.wake(self._job_id, self._connection, current.sender, now_ms=now)
             if woken.applied:
-                return False  # the holder looks again before it lets go
+                return False  # the handler looks again before it lets go
             current = woken.before  # it let go meanwhile: go on from where it left the cursor
             if current is None or current.held_by_other(self._owner, now):
                 return current is not None  # gone; or held by another already: try again
         if current.sender not in (None, self._owner):
             return self._take_over(current, now)  # its lease ran out
+        self._holding = current.sender == self._owner
+        if self._stream and current.claimed_by == STREAM and self._retried(current):
+            self._cursor, self._read_at = current.last_sent, None
+            return self._push_again(current)  # an earlier attempt of this batch claimed it, then died
         if current.done_sent:
             return False
-        self._holding = current.sender == self._owner
         if current.last_sent != self._cursor:
             self._cursor, self._read_at = current.last_sent, None
         return True
+
+    def _retried(self, current: Subscription) -> bool:
+        """Whether the chunk stream's last claim is this delivery's own, from an earlier attempt that
+        died before its pushes went out: the stream's deliveries come in order, and each claims nothing
+        past its records, so a claim made for records at or past this delivery's was made for them (by
+        this batch, or by the larger batch it was split from after a failure)."""
+        return current.claimed_for >= self._made_for

@@ -357,24 +357,31 @@ class EmbeddedStack:
         self._threads.append(thread)
 
     def _start_pollers(self, description: StackDescription) -> None:
-        """The DynamoDB Streams event sources (the fanout); the jobs stream also feeds the job log."""
+        """The DynamoDB Streams event sources (the fanout), and a reader of the jobs stream for the job
+        log (one line per job transition)."""
         streams = aws_client("dynamodbstreams", description.endpoint_url, description.region)
         changes = StreamChanges(description.endpoint_url)
-        transitions = JobTransitions()
-        for name, spec in self.template.functions().items():
-            for event in spec.stream_events:
-                poller = StreamPoller(
-                    streams,
-                    description.attributes[f"{event.table}.StreamArn"],
-                    self.functions[name],
-                    batch_size=event.batch_size,
-                    region=description.region,
-                    filters=event.filters,
-                    observers=[transitions] if event.table == "JobsTable" else [],
-                    changes=changes,
-                )
-                self._pollers.append(poller)
-                self._spawn(f"stream-{event.table}", poller.run)
+        sources: list[tuple[str, LocalFunction | None, Any]] = [
+            (event.table, self.functions[name], event)
+            for name, spec in self.template.functions().items()
+            for event in spec.stream_events
+        ]
+        jobs_stream = "JobsTable.StreamArn"
+        if jobs_stream in description.attributes:
+            sources.append(("JobsTable", None, None))
+        for table, function, event in sources:
+            poller = StreamPoller(
+                streams,
+                description.attributes[f"{table}.StreamArn"],
+                function,
+                batch_size=event.batch_size if event else 100,
+                region=description.region,
+                filters=event.filters if event else (),
+                observers=[JobTransitions()] if function is None else [],
+                changes=changes,
+            )
+            self._pollers.append(poller)
+            self._spawn(f"stream-{table}", poller.run)
 
     def _start_sources(self, description: StackDescription) -> None:
         """The SQS event sources: one poller per queue, as many invocations at once as the function

@@ -85,7 +85,7 @@ class StreamPoller:
         self,
         streams: Any,
         stream_arn: str,
-        function: LocalFunction,
+        function: LocalFunction | None,
         *,
         batch_size: int,
         region: str,
@@ -187,7 +187,7 @@ class StreamPoller:
             observe(records)
         if self._filters:
             records = [r for r in records if any(matches(p, r) for p in self._filters)]
-        if records:
+        if records and self._function is not None:
             try:
                 result = self._function.invoke({"Records": records})
             except InvocationError as exc:

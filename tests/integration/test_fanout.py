@@ -4,7 +4,6 @@ ends between two chunks included; and the fanout function on stream batches."""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import random
@@ -22,7 +21,7 @@ from spool_core.adapters import aws
 from spool_core.adapters.dynamodb import ScopedTable, serialize
 from spool_core.adapters.websocket import DynamoSubscriptionStore
 from spool_core.events import done_data
-from spool_core.jobs.model import Chunk, Job, JobRequest, Progress, Usage
+from spool_core.jobs.model import END_SEQUENCE_ID, Chunk, EndMark, Job, JobRequest, Progress, Usage
 from spool_core.subscriptions import Fanout
 from spool_core.tenancy import Tenant, TenantScope
 from tests.integration.test_keys_revocation import (  # noqa: F401 - the fixture
@@ -75,8 +74,11 @@ class Parts:
         return chunk
 
     def end(self, job: Job, last: int) -> Job:
-        """What the worker's end writes: the final status, progress, usage and cost."""
-        ended = job.model_copy(
+        """What the worker's end writes: the final status, progress, usage and cost (on the job as it
+        is then: a subscribe may have marked it)."""
+        current = self.jobs.get(job.job_id)
+        assert current is not None
+        ended = current.model_copy(
             update={
                 "status": "completed",
                 "progress": Progress(tokens_generated=last, last_sequence_id=last, chunks_written=last),
@@ -88,27 +90,24 @@ class Parts:
         return ended
 
 
-def test_concurrent_senders_deliver_in_order_without_gaps_or_duplicates(stack: StackDescription) -> None:
+def test_the_chunk_stream_and_a_handler_deliver_in_order_without_gaps_or_duplicates(
+    stack: StackDescription,
+) -> None:
     parts = Parts(Tenant("fanout"))
     job = parts.new_job()
     for seq in range(1, 6):
         parts.append(job, seq)
-    parts.fanout().subscribe(job.job_id, "conn-a", 2)
 
-    def writer() -> None:
+    def stream() -> None:  # one delivery at a time, in order, as Lambda reads a shard
         for seq in range(6, 41):
             chunk = parts.append(job, seq)
             parts.fanout().deliver(job.job_id, chunks=[chunk])
 
-    senders = [threading.Thread(target=writer)] + [
-        threading.Thread(target=lambda: [parts.fanout().deliver(job.job_id) for _ in range(10)])
-        for _ in range(3)
-    ]
-    for sender in senders:
-        sender.start()
-    for sender in senders:
-        sender.join()
-    parts.fanout().deliver(job.job_id, ended=parts.end(job, 40))
+    sender = threading.Thread(target=stream)
+    sender.start()
+    parts.fanout().subscribe(job.job_id, "conn-a", 2)  # while the stream delivers
+    sender.join()
+    parts.fanout().deliver(job.job_id, ended=EndMark.of(parts.end(job, 40)))
 
     received = parts.pusher.messages["conn-a"]
     ids = [m["sequence_id"] for m in received if m["type"] == "chunk"]
@@ -119,11 +118,13 @@ def test_concurrent_senders_deliver_in_order_without_gaps_or_duplicates(stack: S
 
 
 @pytest.mark.parametrize("seed", range(RACE_ITERATIONS))
-def test_a_job_ending_between_two_chunks_under_concurrent_senders_ends_every_subscription_once(
+def test_a_job_ending_while_subscribers_join_ends_every_subscription_once(
     stack: StackDescription, seed: int
 ) -> None:
-    """As the in-memory race (tests/unit/test_subscriptions.py), on DynamoDB: chunk deliveries on their
-    own threads, a subscriber joining mid-job, the end's delivery racing the last chunks'."""
+    """As the in-memory race (tests/unit/test_subscriptions.py), on DynamoDB: the chunk stream's
+    deliveries in order on one thread, the worker marking chunks live from the flush after it saw a
+    subscriber, subscribers joining before, during and after the job, the end mark behind the last
+    chunk."""
     rng = random.Random(seed)
     lock = threading.Lock()
 
@@ -135,27 +136,34 @@ def test_a_job_ending_between_two_chunks_under_concurrent_senders_ends_every_sub
     parts = Parts(Tenant("fanout-race"), pause)
     job = parts.new_job()
     total = rng.randint(3, 6)
-    subscribers = {"early": rng.randint(0, 1), "late": rng.randint(0, 2)}
-    parts.fanout().subscribe(job.job_id, "early", subscribers["early"])
-    threads: list[threading.Thread] = []
+    joins = {"early": (0, rng.randint(0, 1)), "late": (rng.randint(1, total + 1), rng.randint(0, 2))}
+    handlers: list[threading.Thread] = []
 
-    def start(target: Callable[[], object]) -> None:
-        threads.append(threading.Thread(target=target))
-        threads[-1].start()
+    def join(connection: str, after: int) -> None:
+        handlers.append(
+            threading.Thread(target=lambda: parts.fanout().subscribe(job.job_id, connection, after))
+        )
+        handlers[-1].start()
 
-    late_at = rng.randint(1, total)
+    join("early", joins["early"][1])
+    live = False
     for seq in range(1, total + 1):
+        if joins["late"][0] == seq:
+            join("late", joins["late"][1])
         chunk = parts.append(job, seq)
-        start(functools.partial(parts.fanout().deliver, job.job_id, chunks=[chunk]))
-        if seq == late_at:
-            start(lambda: parts.fanout().subscribe(job.job_id, "late", subscribers["late"]))
+        if live:
+            parts.fanout().deliver(job.job_id, chunks=[chunk])
+        live = live or bool(parts.jobs.signals(job.job_id).subscribed)  # the worker's check
     ended = parts.end(job, total)
-    start(lambda: parts.fanout().deliver(job.job_id, ended=ended))
-    for thread in threads:
+    if ended.subscribed:
+        parts.fanout().deliver(job.job_id, ended=EndMark.of(ended))
+    if joins["late"][0] > total:
+        join("late", joins["late"][1])
+    for thread in handlers:
         thread.join(timeout=120)
         assert not thread.is_alive()
 
-    for connection, after in subscribers.items():
+    for connection, (_, after) in joins.items():
         received = parts.pusher.messages[connection]
         assert [m["sequence_id"] for m in received if m["type"] == "chunk"] == list(
             range(after + 1, total + 1)
@@ -203,7 +211,8 @@ def test_the_fanout_function_pushes_a_batch_from_its_records_then_done(
     assert [f["sequence_id"] for f in recording.frames["conn-batch"]] == [1, 2, 3]
 
     ended = parts.end(job, 3)
-    end = stream_record("JobsTable", {"pk": pk, **ended.model_dump(exclude_none=True)}, {"pk": pk}, 10)
+    mark = {"pk": pk, **EndMark.of(ended).model_dump(exclude_none=True), "live": True}
+    end = stream_record("ChunksTable", mark, {"pk": pk, "sequence_id": END_SEQUENCE_ID}, 10)
     assert invoke("FanoutFunction", {"Records": [end]}, environment=env) == {"batchItemFailures": []}
     done = recording.frames["conn-batch"][-1]
     assert done == {"type": "done", **done_data(ended)}

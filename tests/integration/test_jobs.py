@@ -430,3 +430,35 @@ def test_the_queue_counts_the_messages_waiting_in_it() -> None:
         client.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
     assert queue.waiting() == 0
     client.delete_queue(QueueUrl=url)
+
+
+def test_an_end_whose_writer_missed_a_subscribe_still_writes_the_end_mark(
+    service: JobService, tenant: Tenant
+) -> None:
+    """The worker's last look saw no subscriber; a client subscribes before the end is written: the end,
+    conditional on there still being none, is refused and written again with the job's end mark."""
+    jobs, chunks = bootstrap._job_tables(tenant, bootstrap.settings())
+    job_id = service.create("late", job(max_tokens=100)).job.job_id
+    runner = runner_for(tenant, flush_tokens=16)
+    original = runner._jobs.end
+
+    def subscribed_just_before(job_id: str, *args: Any) -> Any:
+        jobs.mark_subscribed(job_id)
+        return original(job_id, *args)
+
+    runner._jobs.end = subscribed_just_before  # type: ignore[method-assign]
+    assert runner.run(job_id) is Outcome.DONE
+    ended = service.get(job_id)
+    table = aws.dynamodb(bootstrap.settings())
+    marks = table.query(
+        TableName=bootstrap.settings().chunks_table,
+        KeyConditionExpression="pk = :pk AND sequence_id = :end",
+        ExpressionAttributeValues={":pk": {"S": f"{tenant.id}#job#{job_id}"}, ":end": {"N": str(2**53)}},
+    )["Items"]
+    assert len(marks) == 1 and marks[0]["live"] == {"BOOL": True}
+    assert marks[0]["status"] == {"S": "completed"}
+    assert int(marks[0]["last_sequence_id"]["N"]) == ended.progress.last_sequence_id
+    log = list(chunks.all(job_id))  # the end mark is never read as a chunk
+    assert [c.sequence_id for c in log] == list(range(1, ended.progress.last_sequence_id + 1))
+    assert chunks.last(job_id).sequence_id == ended.progress.last_sequence_id  # type: ignore[union-attr]
+    assert len(chunks.after(job_id, 0, 1000)) == len(log)

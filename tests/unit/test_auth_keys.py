@@ -326,12 +326,12 @@ def test_the_fanout_closes_a_revoked_keys_connection_and_keeps_serving_the_other
     fanout = Fanout(log, log, subscriptions, pusher)  # type: ignore[arg-type]
     for connection in ("conn-revoked", "conn-kept"):
         subscriptions.put(Subscription("job_1", connection, 0))
-    fanout.deliver("job_1", access=guard)
+    fanout.deliver("job_1", chunks=log.chunks, access=guard)
     assert [m["sequence_id"] for m in pusher.sent["conn-revoked"]] == [1, 2]
     operator.revoke(revoked.key_id)
     clock.advance(30)
     log.chunks.append(Chunk(sequence_id=3, text="<3>", created_at="t", tokens=1, tokens_total=3))
-    fanout.deliver("job_1", access=guard)
+    fanout.deliver("job_1", chunks=log.chunks[-1:], access=guard)
     assert [m["sequence_id"] for m in pusher.sent["conn-revoked"]] == [1, 2]  # nothing more
     assert [m["sequence_id"] for m in pusher.sent["conn-kept"]] == [1, 2, 3]
     assert [connection for connection, _ in closer.closed] == ["conn-revoked"]

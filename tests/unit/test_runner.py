@@ -326,3 +326,21 @@ def test_a_job_subscribed_mid_run_goes_live_from_the_next_flush() -> None:
     live = [bool(c.live) for c in store.all(job_id)]
     assert live[:3] == [False, False, False]  # the third was written before the worker looked
     assert all(live[3:]) and len(live) > 3
+
+
+def test_a_subscribed_jobs_end_writes_its_end_mark_and_an_unsubscribed_ones_none() -> None:
+    """The end mark goes with the end, in the same step, for a job with a WebSocket subscriber: the
+    chunk stream then carries ``done`` behind the job's last chunk."""
+    world = JobWorld()
+    alone, watched = create(world, "beta", key="alone"), create(world, key="watched")
+    world.ledger.tenant("acme").mark_subscribed(watched)
+    world.drain()
+    assert_ended_once(world, alone, tenant="beta")
+    assert ("beta", alone) not in world.ledger.end_marks
+    job = assert_ended_once(world, watched)
+    mark = world.ledger.end_marks[("acme", watched)]
+    assert (mark.status, mark.last_sequence_id, mark.cost_nanos) == (
+        "completed",
+        job.progress.last_sequence_id,
+        job.cost_nanos,
+    )

@@ -11,27 +11,24 @@ from spool.devstack.streams import JobTransitions, matches
 from spool.devstack.template import Template
 from tests.support import ROOT
 
-TERMINAL = {"dynamodb": {"NewImage": {"status": {"S": ["completed", "failed", "cancelled"]}}}}
+LIVE = {"dynamodb": {"NewImage": {"live": {"BOOL": [True]}}}}
 
 
 def record(pk: str, **image: Any) -> dict[str, Any]:
     return {"eventName": "MODIFY", "dynamodb": {"Keys": {"pk": {"S": pk}}, "NewImage": image}}
 
 
-LIVE = {"dynamodb": {"NewImage": {"live": {"BOOL": [True]}}}}
-
-
-def test_the_templates_filters_pass_job_ends_and_live_chunks_only() -> None:
-    events = Template.load(ROOT / "template.yaml").functions()["FanoutFunction"].stream_events
-    assert [e.filters for e in events] == [(LIVE,), (TERMINAL,)]  # chunks, job ends
+def test_the_fanout_reads_the_chunk_stream_in_order_and_only_live_records() -> None:
+    (event,) = Template.load(ROOT / "template.yaml").functions()["FanoutFunction"].stream_events
+    assert event.table == "ChunksTable" and event.filters == (LIVE,)
     chunk = {"sequence_id": {"N": "3"}, "text": {"S": "x"}}
     assert matches(LIVE, record("t#job#1", **chunk, live={"BOOL": True}))
     assert not matches(LIVE, record("t#job#1", **chunk))  # a job nobody subscribed to: no invocation
     assert not matches(LIVE, record("t#job#1", **chunk, live={"BOOL": False}))
-    assert matches(TERMINAL, record("t#job#1", status={"S": "completed"}))
-    assert not matches(TERMINAL, record("t#job#1", status={"S": "running"}))
-    assert not matches(TERMINAL, record("t#job#1"))
-    assert not matches(TERMINAL, {"eventName": "REMOVE", "dynamodb": {"Keys": {}}})
+    assert not matches(LIVE, {"eventName": "REMOVE", "dynamodb": {"Keys": {}}})
+    resources = Template.load(ROOT / "template.yaml").body["Resources"]
+    properties = resources["FanoutFunction"]["Properties"]["Events"]["Chunks"]["Properties"]
+    assert properties["ParallelizationFactor"] == 1  # one batch of a shard at a time, in order
 
 
 def test_exists_and_prefix_rules() -> None:

@@ -1,5 +1,6 @@
-"""WebSocket subscriptions: order, no gap, no duplicate and exactly one ``done`` under concurrent
-senders; what a delivery costs; the stream records the fanout pushes from."""
+"""WebSocket subscriptions: order, no gap, no duplicate and exactly one ``done`` while the chunk stream
+delivers in order and subscribe handlers run at any moment; at least once, never a gap, when a sender
+dies; what a delivery costs; the stream records the fanout pushes from."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from typing import Any
 
 import pytest
 
+from spool_core.adapters.dynamodb import serialize
 from spool_core.events import done_data
 from spool_core.fanout_batch import DeliveryFailed, FanoutBatch, Group
-from spool_core.subscriptions import Fanout, Subscription
+from spool_core.jobs.model import END_SEQUENCE_ID, Chunk, EndMark, Job
+from spool_core.subscriptions import STREAM, Fanout, Subscription
 from tests.subscription_fakes import MemoryJobLog, MemorySubscriptionStore, RecordingPusher
 
 JOB = "job_1"
@@ -26,11 +29,19 @@ class Clock:
         return self.now
 
 
+class Killed(BaseException):
+    """The invocation dies where it stands (a timeout, an out-of-memory kill): no cleanup runs."""
+
+
 def fanout(
     log: MemoryJobLog, store: MemorySubscriptionStore, pusher: RecordingPusher, clock: Any = None
 ) -> Fanout:
-    """A sender (an invocation: its own lease owner)."""
+    """An invocation of the subscribe handler or the fanout (a handler is its own lease owner)."""
     return Fanout(log, log, store, pusher, **({"clock_ms": clock} if clock else {}))  # type: ignore[arg-type]
+
+
+def end_of(job: Job) -> EndMark:
+    return EndMark.of(job)
 
 
 def chunk_ids(messages: list[dict[str, Any]]) -> list[int]:
@@ -44,6 +55,22 @@ def assert_complete(messages: list[dict[str, Any]], after: int, last: int) -> No
     assert messages[-1]["type"] == "done"
 
 
+def assert_complete_at_least_once(messages: list[dict[str, Any]], after: int, last: int) -> None:
+    """What a client that drops a ``sequence_id`` it already holds sees: every chunk after ``after`` up
+    to ``last``, in order, then ``done`` (after a sender died, a message may come twice, never missing)."""
+    kept, seen = [], after
+    for message in messages:
+        if message["type"] == "chunk":
+            assert kept[-1:] != ["done"], "a chunk after done"
+            if message["sequence_id"] > seen:
+                assert message["sequence_id"] == seen + 1, f"a gap before {message['sequence_id']}"
+                seen = message["sequence_id"]
+                kept.append(seen)
+        else:
+            kept.append("done")
+    assert kept[-1] == "done" and [k for k in kept if k != "done"] == list(range(after + 1, last + 1))
+
+
 @pytest.fixture
 def parts() -> tuple[MemoryJobLog, MemorySubscriptionStore, RecordingPusher]:
     log = MemoryJobLog()
@@ -52,13 +79,13 @@ def parts() -> tuple[MemoryJobLog, MemorySubscriptionStore, RecordingPusher]:
 
 
 # ---------------------------------------------------------------------------------------- races
-@pytest.mark.parametrize("seed", range(200))
-def test_concurrent_senders_and_an_end_between_two_chunks_deliver_everything_once(seed: int) -> None:
-    """The worker writes chunks; each chunk's stream record is delivered by its own invocation
-    (several at once); the job ends while some of them still run; subscribers join before and during
-    the job (their backlog sent while live chunks arrive). Random pauses before every store call and
-    push shuffle the interleavings. Each subscriber gets every chunk after its ``after`` in order, once,
-    then exactly one ``done``; no subscription is left behind."""
+def race(seed: int, *, kills: bool) -> None:
+    """The worker writes a job's chunks; it marks them live from the flush after a client subscribed;
+    the chunk stream delivers each live chunk's record, then the job's end mark (written with the end
+    when the job was subscribed by then), in order, one delivery at a time, as Lambda reads a shard;
+    subscribe handlers run at random moments (before, during and after the job), concurrently with the
+    stream. Random pauses before every store call and push shuffle the interleavings. With ``kills``, a
+    stream delivery may die between its claim and its push, and Lambda runs it again."""
     rng = random.Random(seed)
     rng_lock = threading.Lock()
 
@@ -67,177 +94,181 @@ def test_concurrent_senders_and_an_end_between_two_chunks_deliver_everything_onc
             delay = rng.choice((0, 0, 0, 0.0001, 0.0004))
         time.sleep(delay)
 
-    log, store, pusher = MemoryJobLog(pause), MemorySubscriptionStore(pause), RecordingPusher(pause)
+    log, store = MemoryJobLog(pause), MemorySubscriptionStore(pause)
     log.create(JOB)
-    total = rng.randint(3, 9)
-    early = {f"early-{n}": rng.randint(0, 2) for n in range(2)}
-    late_after = rng.randint(0, 2)
-    for connection, after in early.items():
-        fanout(log, store, pusher).subscribe(JOB, connection, after)
+    total = rng.randint(2, 9)
+    joins = {f"c{n}": (rng.randint(0, total + 1), rng.randint(0, 2)) for n in range(3)}
+    pushes, killed = [0], set()
 
-    threads: list[threading.Thread] = []
+    class MayDie(RecordingPusher):
+        def send(self, connection_id: str, message: dict[str, Any]) -> bool:
+            with rng_lock:
+                pushes[0] += 1
+                die = kills and threading.current_thread().name == "stream" and rng.random() < 0.15
+            if die:
+                killed.add(pushes[0])
+                raise Killed
+            return super().send(connection_id, message)
 
-    def start(target: Any) -> None:
-        thread = threading.Thread(target=target)
-        threads.append(thread)
+    pusher = MayDie(pause)
+    handlers: list[threading.Thread] = []
+
+    def join(connection: str, after: int) -> None:
+        thread = threading.Thread(target=lambda: fanout(log, store, pusher).subscribe(JOB, connection, after))
+        handlers.append(thread)
         thread.start()
 
-    late_at = rng.randint(1, total)
-    end_at = rng.randint(total - 1, total)  # the end's record races the last one or two chunks'
-    for seq in range(1, total + 1):
-        chunk = log.append(JOB, f"<{seq}>")
-        start(lambda chunk=chunk: fanout(log, store, pusher).deliver(JOB, chunks=[chunk]))
-        if seq == late_at:
-            start(lambda: fanout(log, store, pusher).subscribe(JOB, "late", late_after))
-        if seq == end_at and seq < total:
-            start(lambda: fanout(log, store, pusher).deliver(JOB))  # a redelivery: catch up from the log
-    ended = log.end(JOB)
-    start(lambda: fanout(log, store, pusher).deliver(JOB, ended=ended))
-    for thread in threads:
-        thread.join(timeout=60)
-        assert not thread.is_alive()
+    def stream(**delivery: Any) -> None:
+        for _ in range(20):  # Lambda retries a batch whose invocation died
+            try:
+                fanout(log, store, pusher).deliver(JOB, **delivery)
+                return
+            except Killed:
+                continue
+        raise AssertionError("the delivery kept dying")
 
-    for connection, after in {**early, "late": late_after}.items():
-        messages = pusher.messages[connection]
-        assert_complete(messages, after, total)
-        assert messages[-1] == {"type": "done", **done_data(ended)}
-    assert store.items == {}
-
-
-@pytest.mark.parametrize("seed", range(100))
-def test_only_live_chunks_invoke_the_fanout_and_subscribers_still_get_everything(seed: int) -> None:
-    """As deployed: the chunk stream's filter passes only chunks the worker marked live, which it does
-    from the flush after it saw the job's ``subscribed`` mark (set by the first subscribe). Chunks
-    written before that reach the subscribers with the next live chunk or the job's end, whose record
-    always invokes the fanout. Subscribers join at random points, while senders run concurrently."""
-    rng = random.Random(seed)
-    rng_lock = threading.Lock()
-
-    def pause() -> None:
-        with rng_lock:
-            delay = rng.choice((0, 0, 0, 0.0001, 0.0004))
-        time.sleep(delay)
-
-    log, store, pusher = MemoryJobLog(pause), MemorySubscriptionStore(pause), RecordingPusher(pause)
-    log.create(JOB)
-    total = rng.randint(3, 9)
-    joins = {f"c{n}": (rng.randint(1, total), rng.randint(0, 2)) for n in range(2)}
-    threads: list[threading.Thread] = []
-
-    def start(target: Any) -> None:
-        thread = threading.Thread(target=target)
-        threads.append(thread)
-        thread.start()
-
-    live, invoked = False, 0  # what the worker saw at its last flush; fanout invocations for chunks
-    for seq in range(1, total + 1):
-        chunk = log.append(JOB, f"<{seq}>")
-        if live:
-            invoked += 1
-            start(lambda chunk=chunk: fanout(log, store, pusher).deliver(JOB, chunks=[chunk]))
+    threading.current_thread().name = "stream"
+    try:
+        live, invoked = False, 0  # what the worker saw at its last flush; deliveries of chunk records
         for connection, (at, after) in joins.items():
-            if at == seq:
-                start(lambda c=connection, a=after: fanout(log, store, pusher).subscribe(JOB, c, a))
-        live = live or log.get(JOB).subscribed  # type: ignore[union-attr]  # the worker's check
-    ended = log.end(JOB)
-    start(lambda: fanout(log, store, pusher).deliver(JOB, ended=ended))
-    for thread in threads:
+            if at == 0:  # before the job wrote anything
+                join(connection, after)
+        for seq in range(1, total + 1):
+            for connection, (at, after) in joins.items():
+                if at == seq:
+                    join(connection, after)
+            chunk = log.append(JOB, f"<{seq}>")
+            if live:
+                invoked += 1
+                stream(chunks=[chunk])
+            live = live or log.get(JOB).subscribed  # type: ignore[union-attr]  # the worker's check
+        ended = log.end(JOB)
+        if ended.subscribed:  # the end mark, written with the end
+            stream(ended=end_of(ended))
+        for connection, (at, after) in joins.items():
+            if at > total:
+                join(connection, after)
+    finally:
+        threading.current_thread().name = "MainThread"
+    for thread in handlers:
         thread.join(timeout=60)
         assert not thread.is_alive()
 
     for connection, (_, after) in joins.items():
-        assert_complete(pusher.messages[connection], after, total)
+        messages = pusher.messages[connection]
+        if kills:
+            assert_complete_at_least_once(messages, after, total)
+        else:
+            assert_complete(messages, after, total)
+        assert messages[-1] == {"type": "done", **done_data(ended)}
     assert store.items == {}
     assert invoked < total  # the chunks before the first subscribe invoked nothing
 
 
-def test_a_subscribe_marks_the_job_once_and_an_ended_job_not_at_all(parts: Any) -> None:
-    log, store, pusher = parts
-    assert log.get(JOB).subscribed is False  # type: ignore[union-attr]
-    fanout(log, store, pusher).subscribe(JOB, "a", 0)
-    assert log.get(JOB).subscribed is True  # type: ignore[union-attr]
-    log.create("job_2")
-    log.end("job_2")
-    fanout(log, store, pusher).subscribe("job_2", "b", 0)
-    assert log.get("job_2").subscribed is False  # type: ignore[union-attr]  # nothing more will be written
-    assert_complete(pusher.messages["b"], 0, 0)
+@pytest.mark.parametrize("seed", range(200))
+def test_the_stream_in_order_and_handlers_at_any_moment_deliver_everything_once(seed: int) -> None:
+    race(seed, kills=False)
 
 
-def test_a_job_that_ends_while_another_sender_holds_the_cursor_still_gets_done(parts: Any) -> None:
-    """The verified lost ``done``: the end's delivery finds the lease held (a chunk being pushed); it
-    wakes the holder, which cannot let go before it looked again, and sends ``done`` itself."""
+@pytest.mark.parametrize("seed", range(100))
+def test_a_stream_delivery_that_dies_is_run_again_and_nothing_is_missing(seed: int) -> None:
+    race(seed, kills=True)
+
+
+def test_a_job_that_ends_while_the_handler_sends_its_backlog_still_gets_done(parts: Any) -> None:
+    """The end mark's delivery finds the handler's lease live (it is pushing the backlog): it wakes the
+    handler, which cannot let go before it looked again, and sends the rest and ``done`` itself."""
     log, store, pusher = parts
-    fanout(log, store, pusher).subscribe(JOB, "c", 0)
-    first = log.append(JOB, "a")
+    log.append(JOB, "a")
     ended_during_push: list[bool] = []
 
     class EndsDuringPush(RecordingPusher):
         def send(self, connection_id: str, message: dict[str, Any]) -> bool:
             if message.get("sequence_id") == 1 and not ended_during_push:
                 ended_during_push.append(True)
-                ended = log.end(JOB)  # the job ends while chunk 1 is being pushed
-                fanout(log, store, pusher).deliver(JOB, ended=ended)  # finds the lease held
-                assert "done" not in [m["type"] for m in pusher.messages.get("c", [])]
+                two = log.append(JOB, "b")
+                fanout(log, store, pusher).deliver(JOB, chunks=[two])  # finds the lease held: wakes
+                ended = log.end(JOB)
+                fanout(log, store, pusher).deliver(JOB, ended=end_of(ended))  # likewise
+                assert pusher.messages.get("c") == []
             return bool(pusher.send(connection_id, message))
 
-    Fanout(log, log, store, EndsDuringPush()).deliver(JOB, chunks=[first])
-    assert_complete(pusher.messages["c"], 0, 1)
-    assert store.calls["wake"] == 1
+    pusher.messages["c"] = []
+    Fanout(log, log, store, EndsDuringPush()).subscribe(JOB, "c", 0)  # type: ignore[arg-type]
+    assert_complete(pusher.messages["c"], 0, 2)
+    assert store.calls["wake"] >= 1
     assert store.items == {}
 
 
-def test_a_sender_whose_lease_ran_out_is_taken_over_and_its_last_message_sent_again(parts: Any) -> None:
+def test_a_handler_that_died_holding_its_lease_is_taken_over_and_its_claim_sent_again(parts: Any) -> None:
     log, store, pusher = parts
     clock = Clock()
-    fanout(log, store, pusher, clock).subscribe(JOB, "c", 0)
     log.append(JOB, "a")
-    # A sender claims chunk 1 and dies before pushing it or letting go.
-    assert store.claim(JOB, "c", "dead", prev=0, new=1, until_ms=clock.now + 15_000).applied
+    # The handler stored the subscription, claimed chunk 1 and died before pushing it or letting go.
+    store.put(Subscription(JOB, "c", 0, sender="dead", sending_until_ms=clock.now + 45_000))
+    assert store.claim(JOB, "c", "dead", prev=0, new=1, until_ms=clock.now + 45_000).applied
     two = log.append(JOB, "b")
     fanout(log, store, pusher, clock).deliver(JOB, chunks=[two])  # the lease is live: it wakes the dead one
     assert pusher.messages.get("c") is None
-    clock.now += 15_001
+    clock.now += 45_001
     ended = log.end(JOB)
-    fanout(log, store, pusher, clock).deliver(JOB, ended=ended)
+    fanout(log, store, pusher, clock).deliver(JOB, ended=end_of(ended))
     assert_complete(pusher.messages["c"], 0, 2)  # chunk 1 pushed again: at least once, never a gap
     assert store.calls["take_over"] == 1
     assert store.items == {}
 
 
-def test_a_sender_that_died_sending_done_is_taken_over_and_done_sent_again(parts: Any) -> None:
+def test_a_stream_delivery_that_died_after_its_claim_pushes_its_run_again(parts: Any) -> None:
     log, store, pusher = parts
-    clock = Clock()
-    fanout(log, store, pusher, clock).subscribe(JOB, "c", 0)
+    fanout(log, store, pusher).subscribe(JOB, "c", 0)
+    batch = [log.append(JOB, text) for text in "ab"]
+    # The delivery of chunks 1-2 claimed them and died before pushing: Lambda runs the batch again.
+    assert store.claim(JOB, "c", STREAM, prev=0, new=2, until_ms=10**15, made_for=2).applied
+    fanout(log, store, pusher).deliver(JOB, chunks=batch)
+    assert chunk_ids(pusher.messages["c"]) == [1, 2]
+    three = log.append(JOB, "c")
+    fanout(log, store, pusher).deliver(JOB, chunks=[three])  # the next batch: only its own chunk
     ended = log.end(JOB)
-    assert store.claim_done(JOB, "c", "dead", last=0, until_ms=clock.now + 15_000).applied
-    fanout(log, store, pusher, clock).deliver(JOB, ended=ended)  # its holder is sending it
-    assert pusher.messages.get("c") is None
-    clock.now += 15_001
-    fanout(log, store, pusher, clock).deliver(JOB, ended=ended)  # a retry of the end's record
-    assert [m["type"] for m in pusher.messages["c"]] == ["done"]
+    assert store.claim_done(JOB, "c", STREAM, last=3, until_ms=10**15, made_for=END_SEQUENCE_ID).applied
+    fanout(log, store, pusher).deliver(JOB, ended=end_of(ended))  # the end's delivery died after its claim
+    assert_complete(pusher.messages["c"], 0, 3)
     assert store.items == {}
+
+
+def test_a_delivery_that_read_a_stale_cursor_never_sends_an_earlier_deliverys_chunks(parts: Any) -> None:
+    """A chunk's delivery queries subscriptions eventually consistent: the cursor it starts from may be
+    behind the chunk stream's last claim, made for earlier records; it moves on, sending nothing twice."""
+    log, store, pusher = parts
+    fanout(log, store, pusher).subscribe(JOB, "c", 0)
+    one, two = log.append(JOB, "a"), log.append(JOB, "b")
+    fanout(log, store, pusher).deliver(JOB, chunks=[one])
+    stale = [Subscription(JOB, "c", 0)]
+    original = store.for_job
+    store.for_job = lambda job_id, consistent=True: stale if not consistent else original(job_id)  # type: ignore[method-assign]
+    fanout(log, store, pusher).deliver(JOB, chunks=[two])
+    store.for_job = original  # type: ignore[method-assign]
+    fanout(log, store, pusher).deliver(JOB, ended=end_of(log.end(JOB)))
+    assert_complete(pusher.messages["c"], 0, 2)
 
 
 def test_a_subscription_whose_after_was_never_sent_is_taken_over_without_a_duplicate(parts: Any) -> None:
     log, store, pusher = parts
     clock = Clock()
-    for text in "abc":
-        log.append(JOB, text)
-    store.put(Subscription(JOB, "c", 2, start=2))
-    store.items[(JOB, "c")].sender, store.items[(JOB, "c")].sending_until_ms = "dead", clock.now
+    chunks = [log.append(JOB, text) for text in "abc"]
+    store.put(Subscription(JOB, "c", 2, start=2, sender="dead", sending_until_ms=clock.now))
     clock.now += 1
-    fanout(log, store, pusher, clock).deliver(JOB)
+    fanout(log, store, pusher, clock).deliver(JOB, chunks=chunks[2:])
     assert chunk_ids(pusher.messages["c"]) == [3]  # chunk 2 was the client's own `after`
 
 
-def test_a_holder_ahead_of_the_stream_is_not_woken_for_what_it_already_claimed(parts: Any) -> None:
-    """The subscribe handler (or any holder) reads the log and claims chunks before their stream records
-    arrive; a record it already claimed must not keep it busy looking again (it would hold the lease,
-    and the subscribe invocation with it, for as long as the job runs)."""
+def test_a_handler_ahead_of_the_stream_is_not_woken_for_what_it_already_claimed(parts: Any) -> None:
+    """The subscribe handler reads the log and claims chunks before their stream records arrive; a
+    record it already claimed must not keep it looking again (it would hold the lease, and the
+    subscribe invocation with it, for as long as the job runs)."""
     log, store, pusher = parts
-    fanout(log, store, pusher).subscribe(JOB, "c", 0)
     one = log.append(JOB, "a")
-    assert store.claim(JOB, "c", "holder", prev=0, new=1, until_ms=10**15).applied  # it is pushing 1
+    store.put(Subscription(JOB, "c", 0, sender="handler", sending_until_ms=10**15))
+    assert store.claim(JOB, "c", "handler", prev=0, new=1, until_ms=10**15).applied  # it is pushing 1
     fanout(log, store, pusher).deliver(JOB, chunks=[one])  # chunk 1's own record, late
     assert store.calls["wake"] == 0
     two = log.append(JOB, "b")
@@ -252,9 +283,20 @@ def test_resubscribing_starts_over_from_the_new_cursor(parts: Any) -> None:
     fanout(log, store, pusher).subscribe(JOB, "c", 0)
     fanout(log, store, pusher).subscribe(JOB, "c", 1)
     assert chunk_ids(pusher.messages["c"]) == [1, 2, 3, 2, 3]  # what the client asked for, twice
-    log.end(JOB)
-    fanout(log, store, pusher).deliver(JOB)
+    fanout(log, store, pusher).deliver(JOB, ended=end_of(log.end(JOB)))
     assert pusher.messages["c"][-1]["type"] == "done"
+
+
+def test_a_subscribe_marks_the_job_once_and_an_ended_job_not_at_all(parts: Any) -> None:
+    log, store, pusher = parts
+    assert log.get(JOB).subscribed is False  # type: ignore[union-attr]
+    fanout(log, store, pusher).subscribe(JOB, "a", 0)
+    assert log.get(JOB).subscribed is True  # type: ignore[union-attr]
+    log.create("job_2")
+    log.end("job_2")
+    fanout(log, store, pusher).subscribe("job_2", "b", 0)
+    assert log.get("job_2").subscribed is False  # type: ignore[union-attr]  # nothing more will be written
+    assert_complete(pusher.messages["b"], 0, 0)
 
 
 # ---------------------------------------------------------------------------------------- cost
@@ -262,13 +304,13 @@ def test_a_job_without_subscribers_costs_one_query_per_batch(parts: Any) -> None
     log, store, pusher = parts
     chunks = [log.append(JOB, text) for text in "abc"]
     assert fanout(log, store, pusher).deliver(JOB, chunks=chunks) == 0
-    assert fanout(log, store, pusher).deliver(JOB, ended=log.end(JOB)) == 0
+    assert fanout(log, store, pusher).deliver(JOB, ended=end_of(log.end(JOB))) == 0
     assert store.calls == {"for_job": 2}
     assert log.reads == {}
     assert pusher.messages == {}
 
 
-def test_a_batch_is_one_claim_and_one_release_without_reads(parts: Any) -> None:
+def test_a_stream_delivery_is_one_claim_pushed_from_its_records(parts: Any) -> None:
     log, store, pusher = parts
     fanout(log, store, pusher).subscribe(JOB, "c", 0)
     store.calls.clear()
@@ -277,28 +319,38 @@ def test_a_batch_is_one_claim_and_one_release_without_reads(parts: Any) -> None:
     fanout(log, store, pusher).deliver(JOB, chunks=[one])
     batch = [log.append(JOB, text) for text in "bcd"]
     fanout(log, store, pusher).deliver(JOB, chunks=batch)
-    assert store.calls == {"for_job": 2, "claim": 2, "release": 2}  # a run of chunks is one claim
+    assert store.calls == {"for_job": 2, "claim": 2}  # one write per delivery; nothing to let go
     assert log.reads == {}  # pushed from the records themselves
     ended = log.end(JOB)
     store.calls.clear()
-    fanout(log, store, pusher).deliver(JOB, ended=ended)
+    fanout(log, store, pusher).deliver(JOB, ended=end_of(ended))
     assert store.calls == {"for_job": 1, "claim_done": 1, "finish": 1}
-    assert log.reads == {"log": 1}  # the log is read once after the end, for any chunk not yet sent
+    assert log.reads == {}  # the end mark follows every chunk in the stream: no read of the log
     assert_complete(pusher.messages["c"], 0, 4)
     # a chunk's delivery may miss a subscription made a moment ago (its backlog or the next delivery
     # brings it the chunk): half the cost; the end's delivery, which nobody else makes, never may
     assert store.consistent_queries == [False, False, True]
 
 
-def test_a_gap_before_the_batch_is_filled_from_the_log(parts: Any) -> None:
+def test_a_gap_before_the_batch_is_filled_from_the_log_never_past_it(parts: Any) -> None:
     log, store, pusher = parts
     fanout(log, store, pusher).subscribe(JOB, "c", 0)
     for text in "abc":
-        log.append(JOB, text)  # their records were lost (or their delivery failed)
+        log.append(JOB, text)  # written before the worker saw the subscription: no records
     four = log.append(JOB, "d")
+    log.append(JOB, "e")  # written already, but its record comes in the next batch
     fanout(log, store, pusher).deliver(JOB, chunks=[four])
     assert chunk_ids(pusher.messages["c"]) == [1, 2, 3, 4]
     assert log.reads["log"] == 2  # the subscribe's backlog read, then the gap
+
+
+def test_the_end_mark_brings_the_chunks_that_had_no_record(parts: Any) -> None:
+    log, store, pusher = parts
+    fanout(log, store, pusher).subscribe(JOB, "c", 0)
+    for text in "ab":
+        log.append(JOB, text)  # the worker had not seen the subscription yet
+    fanout(log, store, pusher).deliver(JOB, ended=end_of(log.end(JOB)))
+    assert_complete(pusher.messages["c"], 0, 2)
 
 
 def test_a_long_backlog_is_read_and_claimed_in_pages(parts: Any) -> None:
@@ -323,23 +375,11 @@ def test_a_push_failing_mid_run_resumes_after_the_last_message_that_went_out(par
             return bool(pusher.send(connection_id, message))
 
     with pytest.raises(ConnectionError):
-        Fanout(log, log, store, FailsOnThird()).deliver(JOB, chunks=batch)
+        Fanout(log, log, store, FailsOnThird()).deliver(JOB, chunks=batch)  # type: ignore[arg-type]
     assert store.items[(JOB, "c")].last_sent == 2
     fanout(log, store, pusher).deliver(JOB, chunks=batch)  # the batch's retry
-    fanout(log, store, pusher).deliver(JOB, ended=log.end(JOB))
+    fanout(log, store, pusher).deliver(JOB, ended=end_of(log.end(JOB)))
     assert_complete(pusher.messages["c"], 0, 4)
-
-
-def test_a_dead_senders_whole_run_is_pushed_again(parts: Any) -> None:
-    log, store, pusher = parts
-    clock = Clock()
-    fanout(log, store, pusher, clock).subscribe(JOB, "c", 1)
-    for text in "abcd":
-        log.append(JOB, text)
-    assert store.claim(JOB, "c", "dead", prev=1, new=3, until_ms=clock.now).applied  # claimed 2..3, died
-    clock.now += 1
-    fanout(log, store, pusher, clock).deliver(JOB, ended=log.end(JOB))
-    assert_complete(pusher.messages["c"], 1, 4)
 
 
 def test_a_chunk_already_sent_costs_nothing_more(parts: Any) -> None:
@@ -370,7 +410,7 @@ def test_a_failed_push_lets_go_at_once_and_the_retry_sends_it(parts: Any) -> Non
         fanout(log, store, pusher).deliver(JOB, chunks=[one])
     assert store.items[(JOB, "c")].sender is None  # abandoned: no lease to wait out
     pusher.failing.clear()
-    ended = log.end(JOB)
+    ended = end_of(log.end(JOB))
     pusher.failing.add("c")
     with pytest.raises(ConnectionError):
         fanout(log, store, pusher).deliver(JOB, ended=ended)
@@ -384,7 +424,7 @@ def test_a_failed_push_lets_go_at_once_and_the_retry_sends_it(parts: Any) -> Non
 
 def test_subscribing_to_an_unknown_job_stores_nothing(parts: Any) -> None:
     log, store, pusher = parts
-    assert fanout(log, store, pusher).subscribe("job_unknown", "c", 0) is None
+    assert fanout(log, store, pusher).subscribe("job_unknown", "c", 0) is False
     assert store.items == {}
 
 
@@ -404,16 +444,12 @@ def test_a_finished_job_sends_the_backlog_then_done_with_what_sse_carries(parts:
         "error": {"code": "provider_error", "message": "upstream failed"},
         "last_sequence_id": 2,
     }
-    assert done == {"type": "done", **done_data(ended)}
+    assert done == {"type": "done", **done_data(ended)} == {"type": "done", **done_data(end_of(ended))}
 
 
 # ---------------------------------------------------------------------------------------- records
-def record(
-    pk: str, image: dict[str, Any] | None, *, sequence_id: int | None = None, seq: str = "1"
-) -> dict[str, Any]:
-    keys: dict[str, Any] = {"pk": {"S": pk}}
-    if sequence_id is not None:
-        keys["sequence_id"] = {"N": str(sequence_id)}
+def record(pk: str, image: dict[str, Any] | None, *, sequence_id: int, seq: str = "1") -> dict[str, Any]:
+    keys: dict[str, Any] = {"pk": {"S": pk}, "sequence_id": {"N": str(sequence_id)}}
     data: dict[str, Any] = {"Keys": keys, "SequenceNumber": seq}
     if image is not None:
         data["NewImage"] = {**keys, **image}
@@ -426,19 +462,17 @@ def chunk_record(tenant: str, job: str, n: int) -> dict[str, Any]:
         "created_at": {"S": "t"},
         "tokens": {"N": "1"},
         "tokens_total": {"N": str(n)},
+        "live": {"BOOL": True},
     }
     return record(f"{tenant}#job#{job}", image, sequence_id=n, seq=f"{job}-{n}")
 
 
-def job_record(tenant: str, job: str, status: str) -> dict[str, Any]:
+def end_record(tenant: str, job: str, status: str) -> dict[str, Any]:
     log = MemoryJobLog()
     log.create(job)
-    item = (
-        log.end(job, status) if status in {"completed", "failed", "cancelled"} else log.jobs[job]
-    ).model_dump()
-    from spool_core.adapters.dynamodb import serialize
-
-    return record(f"{tenant}#job#{job}", serialize(item), seq=f"{job}-end")
+    mark = end_of(log.end(job, status)).model_dump()
+    image = serialize({**mark, "live": True})
+    return record(f"{tenant}#job#{job}", image, sequence_id=END_SEQUENCE_ID, seq=f"{job}-end")
 
 
 def test_a_batch_is_grouped_by_job_with_its_chunks_in_order_and_its_end() -> None:
@@ -447,10 +481,9 @@ def test_a_batch_is_grouped_by_job_with_its_chunks_in_order_and_its_end() -> Non
             chunk_record("t1", "job_a", 1),
             chunk_record("t1", "job_b", 7),
             chunk_record("t1", "job_a", 2),
-            job_record("t1", "job_c", "running"),  # not an end: nothing to push
-            job_record("t2", "job_c", "cancelled"),
+            end_record("t2", "job_c", "cancelled"),
             record("t1#job#job_a", None, sequence_id=1),  # a TTL removal
-            record("t1#ctx#x", {"x": {"S": "y"}}),  # another kind of item
+            {"dynamodb": {"Keys": {"pk": {"S": "t1#job#job_d"}}, "NewImage": {"status": {"S": "x"}}}},
             "not a record",
         ]
     )
@@ -459,7 +492,7 @@ def test_a_batch_is_grouped_by_job_with_its_chunks_in_order_and_its_end() -> Non
     assert [c.sequence_id for c in groups[("t1", "job_a")].chunks] == [1, 2]
     assert groups[("t1", "job_a")].chunks[1].text == "<2>"
     ended = groups[("t2", "job_c")].ended
-    assert ended is not None and ended.status == "cancelled"
+    assert ended is not None and ended.status == "cancelled" and ended.last_sequence_id == 0
 
 
 def test_each_job_is_delivered_once_per_batch_and_a_failure_fails_all_its_records() -> None:
@@ -477,14 +510,32 @@ def test_each_job_is_delivered_once_per_batch_and_a_failure_fails_all_its_record
     batch.handle(records[1], deliver)
     with pytest.raises(DeliveryFailed):
         batch.handle(records[2], deliver)
-    batch.handle(record("t#ctx#x", {"x": {"S": "y"}}), deliver)
+    batch.handle(record("t#ctx#x", {"x": {"S": "y"}}, sequence_id=1), deliver)
     assert delivered == ["job_a", "job_b"]
 
 
-def test_a_record_that_cannot_be_read_is_delivered_from_the_log() -> None:
-    bad = record("t#job#job_a", {"text": {"S": "no sequence"}}, sequence_id=3)
-    bad["dynamodb"]["NewImage"].pop("sequence_id")
-    batch = FanoutBatch([chunk_record("t", "job_a", 2), bad])
+def test_records_that_cannot_be_read_are_delivered_from_the_log_and_the_job(parts: Any) -> None:
+    bad = record("t#job#job_a", {"text": {"S": "no created_at"}}, sequence_id=3)
+    bad_end = record("t#job#job_a", {"status": {"S": "nonsense"}}, sequence_id=END_SEQUENCE_ID)
+    batch = FanoutBatch([chunk_record("t", "job_a", 2), bad, bad_end])
     seen: list[Group] = []
     batch.handle(bad, lambda tenant, job, group: seen.append(group))
-    assert seen[0].chunks == [] and seen[0].ended is None  # deliver() catches up from the log
+    assert [c.sequence_id for c in seen[0].chunks] == [2]
+    assert seen[0].until == 3 and seen[0].end_unread and seen[0].ended is None
+    # deliver() then reads chunk 3 from the log, and how the job ended from the job
+    log, store, pusher = parts
+    fanout(log, store, pusher).subscribe(JOB, "c", 0)
+    chunks = [log.append(JOB, text) for text in "abc"]
+    log.end(JOB)
+    fanout(log, store, pusher).deliver(JOB, chunks=chunks[1:2], until=3, end_unread=True)
+    assert_complete(pusher.messages["c"], 0, 3)
+
+
+def test_chunks_in_a_batch_are_pushed_as_written(parts: Any) -> None:
+    log, store, pusher = parts
+    fanout(log, store, pusher).subscribe(JOB, "c", 0)
+    chunk = Chunk(sequence_id=1, text="from the record", created_at="t", tokens=1, tokens_total=1)
+    fanout(log, store, pusher).deliver(JOB, chunks=[chunk])
+    assert pusher.messages["c"] == [
+        {"type": "chunk", "job_id": JOB, "sequence_id": 1, "text": "from the record"}
+    ]

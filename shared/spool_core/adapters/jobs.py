@@ -37,7 +37,17 @@ from spool_core.adapters.listing import (
 )
 from spool_core.adapters.usage import reservation_writes, settlement_writes, state_from, state_keys
 from spool_core.errors import DependencyUnavailable
-from spool_core.jobs.model import Chunk, Job, JobSummary, Progress, Segment, Status
+from spool_core.jobs.model import (
+    END_SEQUENCE_ID,
+    MAX_SEQUENCE_ID,
+    Chunk,
+    EndMark,
+    Job,
+    JobSummary,
+    Progress,
+    Segment,
+    Status,
+)
 from spool_core.jobs.ports import (
     AdmissionRefused,
     Claim,
@@ -74,10 +84,13 @@ def pending_shard(job_id: str) -> str:
 
 
 class DynamoJobStore:
-    def __init__(self, jobs: ScopedTable, usage: ScopedTable, job_ttl_seconds: int) -> None:
+    def __init__(
+        self, jobs: ScopedTable, usage: ScopedTable, job_ttl_seconds: int, chunks: ScopedTable | None = None
+    ) -> None:
         self._table = jobs
         self._usage = usage
         self._job_ttl = job_ttl_seconds
+        self._chunks = chunks  # where a subscribed job's end mark goes (with its end)
 
     def get(self, job_id: str) -> Job | None:
         item = self._table.get(JOB_KIND, job_id)
@@ -269,11 +282,21 @@ class DynamoJobStore:
         else:
             condition = "#status IN (:queued, :running) AND #lease_expires_ms < :now"
             values = {":queued": "queued", ":now": guard.now_ms, **_RUNNING}
-        request = self._update_request(
-            job_id, changes, condition, values, remove=("pending_shard", "pending_since_ms")
-        )
-        writes = [request, *settlement_writes(self._usage, settlement, now_ms())]
+        subscribed = end.subscribed
+        settled = settlement_writes(self._usage, settlement, now_ms())
         for attempt in range(1, TRANSACTION_ATTEMPTS + 1):
+            # A job with a WebSocket subscriber gets its end mark in the same transaction; a writer that
+            # saw none writes on condition that there still is none (a subscribe may come at any time).
+            guarded, checked = condition, values
+            if not subscribed:
+                guarded = (
+                    f"({condition}) AND (attribute_not_exists(#subscribed) OR #subscribed = :unsubscribed)"
+                )
+                checked = {**values, ":unsubscribed": False}
+            request = self._update_request(
+                job_id, changes, guarded, checked, remove=("pending_shard", "pending_since_ms")
+            )
+            writes = [request, *settled, *([self._end_mark(job_id, end)] if subscribed else [])]
             try:
                 transact(self._table.client, writes)
                 break
@@ -282,6 +305,9 @@ class DynamoJobStore:
                 if code == "ConditionalCheckFailed":
                     if current and current.get("ended_by") == guard.token:
                         return Job.model_validate(current)  # this very end, applied before its reply was lost
+                    if current and current.get("subscribed") and not subscribed:
+                        subscribed = True  # a client subscribed since: the end comes with its mark
+                        continue
                     raise Conflict(current) from None
                 if attempt == TRANSACTION_ATTEMPTS:  # another transaction kept a usage item busy
                     raise
@@ -289,6 +315,26 @@ class DynamoJobStore:
         job = self.get(job_id)
         assert job is not None
         return job
+
+    def _end_mark(self, job_id: str, end: JobEnd) -> dict[str, Any]:
+        """The end mark's put (see ``EndMark``): ``live``, so the chunk stream's filter passes it."""
+        if self._chunks is None:
+            raise RuntimeError("this job store was built without the chunk table")
+        mark = EndMark(
+            job_id=job_id,
+            status=end.status,
+            usage=end.usage,
+            cost_nanos=end.cost_nanos,
+            error=end.error,
+            last_sequence_id=end.progress.last_sequence_id,
+        )
+        item = {
+            **mark.model_dump(exclude_none=True),
+            "sequence_id": END_SEQUENCE_ID,
+            "live": True,
+            "ttl": now_ms() // 1000 + self._job_ttl,
+        }
+        return self._chunks.put_request(JOB_KIND, job_id, item)
 
     def request_cancel(self, job_id: str) -> Job:
         try:
@@ -420,23 +466,36 @@ class DynamoChunkLog:
                 return  # this very chunk, written before its reply was lost
             raise Conflict(failed.item) from None
 
+    # Every read stops at MAX_SEQUENCE_ID: the job's end mark (END_SEQUENCE_ID) is not a chunk.
     def after(self, job_id: str, after: int, limit: int, *, consistent: bool = True) -> list[Chunk]:
         items = self._table.query(
             JOB_KIND,
             job_id,
-            sort_condition="sequence_id > :after",
-            values={":after": after},
+            sort_condition="sequence_id BETWEEN :first AND :max",
+            values={":first": after + 1, ":max": MAX_SEQUENCE_ID},
             limit=limit,
             consistent=consistent,
         )
         return [Chunk.model_validate(item) for item in items]
 
     def last(self, job_id: str) -> Chunk | None:
-        items = list(self._table.query(JOB_KIND, job_id, limit=1, forward=False))
+        items = list(
+            self._table.query(
+                JOB_KIND,
+                job_id,
+                sort_condition="sequence_id <= :max",
+                values={":max": MAX_SEQUENCE_ID},
+                limit=1,
+                forward=False,
+            )
+        )
         return Chunk.model_validate(items[0]) if items else None
 
     def all(self, job_id: str) -> Iterator[Chunk]:
-        return (Chunk.model_validate(item) for item in self._table.query(JOB_KIND, job_id))
+        items = self._table.query(
+            JOB_KIND, job_id, sort_condition="sequence_id <= :max", values={":max": MAX_SEQUENCE_ID}
+        )
+        return (Chunk.model_validate(item) for item in items)
 
 
 class SqsJobQueue:

@@ -61,6 +61,11 @@ class DynamoSubscriptionStore:
         return self._table.key(JOB_KIND, job_id, {"sk": f"sub#{connection_id}"})
 
     def put(self, subscription: Subscription) -> None:
+        lease = (
+            {"sender": subscription.sender, "sending_until_ms": subscription.sending_until_ms}
+            if subscription.sender
+            else {}
+        )
         self._table.put(
             JOB_KIND,
             subscription.job_id,
@@ -73,6 +78,7 @@ class DynamoSubscriptionStore:
                 "done_sent": False,
                 "wakes": 0,
                 "served": 0,
+                **lease,
                 "ttl": int(time.time()) + CONNECTION_TTL_SECONDS,
             },
         )
@@ -92,23 +98,41 @@ class DynamoSubscriptionStore:
         return self._subscription(item) if item else None
 
     def claim(
-        self, job_id: str, connection_id: str, owner: str, *, prev: int, new: int, until_ms: int
+        self,
+        job_id: str,
+        connection_id: str,
+        owner: str,
+        *,
+        prev: int,
+        new: int,
+        until_ms: int,
+        made_for: int = 0,
     ) -> Written:
         return self._update(
             job_id,
             connection_id,
-            "SET last_sent = :new, claimed_from = :from, sender = :me, sending_until_ms = :until",
+            "SET last_sent = :new, claimed_from = :from, " + _CLAIM,
             f"last_sent = :prev AND done_sent = :no AND {_LEASE_FREE}",
-            {":new": new, ":from": prev + 1, ":prev": prev, ":me": owner, ":until": until_ms, ":no": False},
+            {
+                ":new": new,
+                ":from": prev + 1,
+                ":prev": prev,
+                ":me": owner,
+                ":until": until_ms,
+                ":for": made_for,
+                ":no": False,
+            },
         )
 
-    def claim_done(self, job_id: str, connection_id: str, owner: str, *, last: int, until_ms: int) -> Written:
+    def claim_done(
+        self, job_id: str, connection_id: str, owner: str, *, last: int, until_ms: int, made_for: int = 0
+    ) -> Written:
         return self._update(
             job_id,
             connection_id,
-            "SET done_sent = :yes, sender = :me, sending_until_ms = :until",
+            "SET done_sent = :yes, " + _CLAIM,
             f"last_sent = :last AND done_sent = :no AND {_LEASE_FREE}",
-            {":last": last, ":me": owner, ":until": until_ms, ":yes": True, ":no": False},
+            {":last": last, ":me": owner, ":until": until_ms, ":for": made_for, ":yes": True, ":no": False},
         )
 
     def take_over(
@@ -136,7 +160,8 @@ class DynamoSubscriptionStore:
         self._update(
             job_id,
             connection_id,
-            "SET done_sent = :no, last_sent = :pushed REMOVE sender, sending_until_ms",
+            "SET done_sent = :no, last_sent = :pushed"
+            " REMOVE sender, sending_until_ms, claimed_by, claimed_for",
             "sender = :me",
             {":me": owner, ":no": False, ":pushed": pushed},
         )
@@ -206,11 +231,15 @@ class DynamoSubscriptionStore:
             int(item.get("served", 0)),
             int(item.get("start", 0)),
             int(item.get("claimed_from", 0)),
+            str(item["claimed_by"]) if item.get("claimed_by") else None,
+            int(item.get("claimed_for", 0)),
         )
 
 
 # The sending lease is free or already the caller's (one that ran out is taken over first).
 _LEASE_FREE = "(attribute_not_exists(sender) OR sender = :me)"
+# What every claim records besides its message: who made it, for which record, and the lease.
+_CLAIM = "claimed_by = :me, claimed_for = :for, sender = :me, sending_until_ms = :until"
 
 
 class ManagementApiPusher:

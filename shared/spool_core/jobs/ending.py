@@ -57,6 +57,7 @@ def job_end(
     error: dict[str, Any] | None = None,
     first_token_at: str | None = None,
     finish_reason: str | None = None,
+    subscribed: bool = False,
 ) -> JobEnd:
     return JobEnd(
         status=status,  # type: ignore[arg-type]
@@ -74,6 +75,7 @@ def job_end(
         segments=tuple(segments) if segments is not None else None,
         input_reported=dict(input_reported),
         finish_reason=finish_reason,
+        subscribed=subscribed or job.subscribed,
     )
 
 

@@ -14,6 +14,8 @@ from spool_core.metadata import Metadata
 Status = Literal["queued", "running", "completed", "failed", "cancelled"]
 # The largest cursor a reader may send: every JSON client reads it exactly, DynamoDB keys hold it.
 MAX_SEQUENCE_ID = 2**53 - 1
+# The sort key of a job's end mark in the chunk table: after every chunk, never read as one.
+END_SEQUENCE_ID = MAX_SEQUENCE_ID + 1
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 ACTIVE: frozenset[str] = frozenset({"queued", "running"})
 
@@ -137,3 +139,29 @@ class Chunk(BaseModel):
 
     def public(self) -> dict[str, Any]:
         return {"sequence_id": self.sequence_id, "text": self.text, "created_at": self.created_at}
+
+
+class EndMark(BaseModel):
+    """How a job ended, as ``done`` tells it: written in the chunk table after the job's last chunk,
+    in the same transaction as its end, when the job has a WebSocket subscriber. The chunk stream
+    then carries the end behind every chunk, so the fanout sends ``done`` in order, from the record."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    job_id: str
+    status: Status
+    usage: Usage
+    cost_nanos: int = 0
+    error: dict[str, Any] | None = None
+    last_sequence_id: int = 0
+
+    @classmethod
+    def of(cls, job: Job) -> EndMark:
+        return cls(
+            job_id=job.job_id,
+            status=job.status,
+            usage=job.usage,
+            cost_nanos=job.cost_nanos,
+            error=job.error,
+            last_sequence_id=job.progress.last_sequence_id,
+        )

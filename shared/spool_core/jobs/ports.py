@@ -58,6 +58,9 @@ class JobEnd:
     segments: tuple[Segment, ...] | None = None
     input_reported: dict[str, int] = field(default_factory=dict)
     finish_reason: str | None = None  # of a completed job: stop | length | content_filter
+    # Whether the writer knows of a WebSocket subscriber: the end then writes the job's end mark. A
+    # writer that knows of none is refused if one subscribed meanwhile, and the store retries with it.
+    subscribed: bool = False
 
 
 @dataclass(frozen=True)

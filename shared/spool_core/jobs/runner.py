@@ -384,6 +384,7 @@ class _Attempt:
             error=error,
             first_token_at=job.first_token_at or writer.first_chunk_at or self._first_chunk_at(),
             finish_reason=(self.finish_reason or "stop") if status == "completed" else None,
+            subscribed=writer.live,
         )
         settlement = r._limiter.settle(job.job_id, reservation, usage)
         try:

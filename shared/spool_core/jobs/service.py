@@ -507,6 +507,7 @@ class JobService:
                     cost_nanos=0,
                     completed_at=rfc3339(from_epoch(self._clock())),
                     output="",
+                    subscribed=job.subscribed,
                 )
                 settlement = self._limiter.settle(job_id, reservation, ())
                 return self._jobs.end(job_id, end, EndGuard("queued", token), settlement)
