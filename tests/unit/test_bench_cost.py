@@ -108,14 +108,23 @@ def test_index_writes_of_a_sparse_keys_only_index() -> None:
 class FakeDynamo:
     """Just enough of DynamoDB's low-level API (wire format) for the meter: one table keyed by pk."""
 
-    def __init__(self) -> None:
+    def __init__(self, index: bool = False) -> None:
         self.items: dict[str, dict[str, Any]] = {}
         self.calls: Counter[str] = Counter()
+        self.index = index  # a sparse keys-only global index on "shard"
 
     def __call__(self, client: Any, operation: str, params: dict[str, Any]) -> Any:
         self.calls[operation] += 1
         if operation == "DescribeTable":
-            return {"Table": {"KeySchema": [{"AttributeName": "pk", "KeyType": "HASH"}]}}
+            table: dict[str, Any] = {"KeySchema": [{"AttributeName": "pk", "KeyType": "HASH"}]}
+            if self.index:
+                table["GlobalSecondaryIndexes"] = [
+                    {
+                        "KeySchema": [{"AttributeName": "shard", "KeyType": "HASH"}],
+                        "Projection": {"ProjectionType": "KEYS_ONLY"},
+                    }
+                ]
+            return {"Table": table}
         if operation == "GetItem":
             item = self.items.get(params["Key"]["pk"]["S"])
             return {"Item": item} if item else {}
@@ -153,9 +162,9 @@ class FakeDynamo:
         raise AssertionError(operation)
 
 
-def metered() -> tuple[CapacityMeter, FakeDynamo]:
+def metered(index: bool = False) -> tuple[CapacityMeter, FakeDynamo]:
     ticks = iter(range(1000))
-    meter, dynamo = CapacityMeter(clock=lambda: float(next(ticks))), FakeDynamo()
+    meter, dynamo = CapacityMeter(clock=lambda: float(next(ticks))), FakeDynamo(index)
     meter._original = dynamo
     return meter, dynamo
 
@@ -224,6 +233,15 @@ def test_the_meter_bills_a_failed_condition_and_doubles_transactions() -> None:
     assert meter.units["T"]["read"] == 2.0
     described = meter.call(None, "DescribeTable", {"TableName": "T"})  # unmetered: passed through
     assert described["Table"]["KeySchema"][0]["AttributeName"] == "pk"
+
+
+def test_a_transaction_doubles_the_table_write_not_the_index_write() -> None:
+    meter, _ = metered(index=True)
+    item = {"pk": {"S": "j"}, "shard": {"N": "1"}, "text": text_of(100)}
+    meter.call(None, "TransactWriteItems", {"TransactItems": [{"Put": {"TableName": "T", "Item": item}}]})
+    assert meter.units["T"]["write"] == 2 + 1  # the index is updated after the transaction, as outside one
+    meter.call(None, "PutItem", {"TableName": "T", "Item": {**item, "pk": {"S": "k"}}})
+    assert meter.units["T"]["write"] == 3 + 1 + 1
 
 
 # ---------------------------------------------------------------------------------------- prices x counts
