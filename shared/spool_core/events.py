@@ -138,21 +138,21 @@ def follow(
     started = last_sent = clock()
     cursor = after
     while True:
-        page = service.chunks(job_id, after=cursor, limit=PAGE)
-        for chunk in page["chunks"]:
-            yield chunk
-            cursor = chunk["sequence_id"]
-            watch.saw(cursor, epoch_ms(chunk["created_at"]))
-        if page["done"]:
+        page = service.chunk_page(job_id, after=cursor, limit=PAGE)
+        for chunk in page.chunks:
+            yield chunk.public()
+            cursor = chunk.sequence_id
+            watch.saw(cursor, epoch_ms(chunk.created_at), chunk.tokens)
+        if page.done:
             yield Ended(service.get(job_id))
             return
         now = clock()
         if now - started >= settings.max_seconds:
             yield TimeUp()  # before the function's time limit: the client resumes where this stopped
             return
-        if page["chunks"]:
+        if page.chunks:
             last_sent = now
-            if len(page["chunks"]) == PAGE:
+            if len(page.chunks) == PAGE:
                 continue  # more of the backlog
         elif now - last_sent >= settings.ping_seconds:
             yield Ping()

@@ -98,6 +98,9 @@ def test_a_reader_looks_just_after_the_next_chunk_is_due() -> None:
     assert cadence.next_due_ms(5, written, written - 300) == written + 300
     # chunk 2, on the cadence 200 ms after the first: the next is due 400 ms after it
     assert cadence.next_due_ms(2, written, written - 210) == written + 400
+    # with its token count: 40 tokens in 800 ms, so 64 come in 1,280 ms, before the 1.5 s interval
+    assert cadence.next_due_ms(4, written, written - 800, tokens=40) == written + 1280
+    assert cadence.next_due_ms(4, written, written - 800, tokens=10) == written + 1500  # a slow model
     # late already, or a clock that disagrees: look at once (at least the shortest poll), never stall
     assert cadence.first_look_ms(due, due + 5_000) == MIN_POLL_MS
     assert cadence.first_look_ms(due + 10**9, written) == cadence.max_ms

@@ -24,7 +24,8 @@ from spool_core.events import (
     texts,
 )
 from spool_core.jobs.cadence import Cadence
-from spool_core.jobs.model import Job
+from spool_core.jobs.model import Chunk, Job
+from spool_core.jobs.service import ChunkPage
 
 pytestmark = pytest.mark.unit
 
@@ -70,12 +71,14 @@ class Log:
         return [c for c in self.written if c["sequence_id"] > after]
 
     # JobService's surface, as job_events uses it
-    def chunks(self, job_id: str, *, after: int, limit: int) -> dict[str, Any]:
+    def chunk_page(self, job_id: str, *, after: int, limit: int) -> ChunkPage:
         self.reads += 1
         self._apply()
         page = self.chunks_after(after)[:limit]
         done = self.status != "running" and len(self.chunks_after(after)) == len(page)
-        return {"chunks": page, "done": done}
+        chunks = [Chunk.model_validate({"tokens": 0, **chunk}) for chunk in page]
+        status = "running" if self.status == "running" else "completed"
+        return ChunkPage(job_id, status, chunks, chunks[-1].sequence_id if chunks else after, done)
 
     def get(self, job_id: str) -> Job:
         """The job item as ``done`` is built from it (status, progress, usage, cost, error)."""
@@ -225,6 +228,29 @@ def test_a_stream_looks_for_each_chunk_when_it_is_due() -> None:
     delays = [sent_at - written[int(e["id"])] for sent_at, e in chunks]
     assert max(delays) <= 0.1
     assert log.reads <= 30 * 1.5  # a flat 50-100 ms poll would read ~300 times over these 39 s
+
+
+def test_a_stream_sees_when_the_token_cap_writes_before_the_interval() -> None:
+    """50 tokens/s: the ramp's chunks (200, 400, 800 ms), then 64-token chunks every 1.28 s, before the
+    1.5 s interval; the stream learns the rate from the token counts and looks in time for each."""
+    log = Log(Clock())
+    at, written = 1000.0, {}
+    schedule = [(0.0, 1), (0.2, 10), (0.4, 20), (0.8, 40)] + [(1.28, 64)] * 12
+    for seq, (gap, tokens) in enumerate(schedule, start=1):
+        at += gap
+        log.writes.append((at, f"c{seq} "))
+        written[seq] = (at, tokens)
+    log.writes.append((at + 0.5, "<end>"))
+    tokens_of = {seq: tokens for seq, (_, tokens) in written.items()}
+    original = log.chunks_after
+    log.chunks_after = lambda after: [  # type: ignore[method-assign]
+        {**c, "tokens": tokens_of[c["sequence_id"]]} for c in original(after)
+    ]
+    sent = timeline(log)
+    chunks = [(at, e) for at, text in sent for e in parse(iter([text])) if e.get("event") == "chunk"]
+    delays = [sent_at - written[int(e["id"])][0] for sent_at, e in chunks]
+    assert len(delays) == len(schedule) and max(delays) <= 0.1, delays
+    assert log.reads <= len(schedule) * 2
 
 
 @pytest.mark.parametrize(

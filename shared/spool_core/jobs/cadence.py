@@ -37,14 +37,20 @@ class Cadence:
             return 0
         return min(self.max_ms, self.first_ms << min(sequence_id - 1, 16))
 
-    def next_due_ms(self, sequence_id: int, created_ms: int, previous_created_ms: int | None) -> int:
+    def next_due_ms(
+        self, sequence_id: int, created_ms: int, previous_created_ms: int | None, tokens: int = 0
+    ) -> int:
         """When chunk ``sequence_id + 1`` is expected (epoch ms), from when ``sequence_id`` was written
-        and, if known, the chunk before it: a gap shorter than the cadence's interval for it means the
-        token cap wrote it (a fast model), and the next one will likely come as quick."""
+        and, if known, the chunk before it: ``tokens`` tokens came in that gap, so the token cap's worth
+        comes in ``gap * cap / tokens`` (the cap may write the next chunk before the interval ends);
+        without a token count, a gap shorter than the cadence's interval for it means the cap wrote
+        it, and the next one will likely come as quick."""
         interval = self.interval_ms(sequence_id)
         if previous_created_ms is not None:
             gap = created_ms - previous_created_ms
-            if 0 < gap < self.interval_ms(sequence_id - 1):  # the token cap wrote it early
+            if gap > 0 and tokens > 0:
+                interval = min(interval, gap * self.tokens // tokens)
+            elif 0 < gap < self.interval_ms(sequence_id - 1):
                 interval = min(interval, gap)
         return created_ms + interval
 
@@ -71,14 +77,15 @@ class Watch:
         self._poll_ms = MIN_POLL_MS
         self.started = False  # whether the reader has looked at the log yet
 
-    def saw(self, sequence_id: int, created_ms: int | None) -> None:
-        """A chunk arrived (in order). ``created_ms``: when it was written (None: unknown)."""
+    def saw(self, sequence_id: int, created_ms: int | None, tokens: int = 0) -> None:
+        """A chunk arrived (in order). ``created_ms``: when it was written (None: unknown); ``tokens``:
+        how many it holds (0: unknown)."""
         if created_ms is None:
             self._last = self._previous_ms = self._due_ms = None
         else:
             previous = self._last[1] if self._last and self._last[0] == sequence_id - 1 else None
             self._last, self._previous_ms = (sequence_id, created_ms), previous
-            self._due_ms = self._cadence.next_due_ms(sequence_id, created_ms, previous)
+            self._due_ms = self._cadence.next_due_ms(sequence_id, created_ms, previous, tokens)
         self._poll_ms = MIN_POLL_MS
 
     def wait_ms(self, now_ms: int) -> int:

@@ -76,6 +76,27 @@ ADMISSION_ATTEMPTS = 25  # reads and transactions, while concurrent admissions k
 
 
 @dataclass(frozen=True)
+class ChunkPage:
+    """A page of the chunk log: the chunks after a cursor, and whether the job's log ends there."""
+
+    job_id: str
+    status: Status
+    chunks: list[Chunk]
+    next_after: int
+    done: bool
+
+    def view(self) -> dict[str, Any]:
+        """The page as the API shows it."""
+        return {
+            "job_id": self.job_id,
+            "status": self.status,
+            "chunks": [chunk.public() for chunk in self.chunks],
+            "next_after": self.next_after,
+            "done": self.done,
+        }
+
+
+@dataclass(frozen=True)
 class Created:
     """The outcome of ``POST /v1/jobs``: a new job (202) or the replay of a finished one (200)."""
 
@@ -409,6 +430,12 @@ class JobService:
         self, job_id: str, after: int = 0, limit: int = DEFAULT_CHUNK_LIMIT, wait: float = 0
     ) -> dict[str, Any]:
         """Chunks after ``after``; with ``wait``, long-poll until one exists or the job is terminal."""
+        return self.chunk_page(job_id, after, limit, wait).view()
+
+    def chunk_page(
+        self, job_id: str, after: int = 0, limit: int = DEFAULT_CHUNK_LIMIT, wait: float = 0
+    ) -> ChunkPage:
+        """``chunks`` as the log has them (a stream reads their token counts to pace itself)."""
         if (
             not 0 <= after <= MAX_SEQUENCE_ID
             or not 1 <= limit <= MAX_CHUNK_LIMIT
@@ -441,14 +468,9 @@ class JobService:
             if found or terminal or remaining <= 0 or watch is None:
                 break
             self._sleep(min(watch.wait_ms(int(self._clock() * 1000)) / 1000, remaining))
-        next_after = found[-1].sequence_id if found else after
-        return {
-            "job_id": job_id,
-            "status": status,
-            "chunks": [chunk.public() for chunk in found],
-            "next_after": next_after,
-            "done": terminal and len(found) < limit,
-        }
+        return ChunkPage(
+            job_id, status, found, found[-1].sequence_id if found else after, terminal and len(found) < limit
+        )
 
     def _look(self, job_id: str, after: int, limit: int, watch: Watch | None) -> list[Chunk]:
         """The contiguous chunks after ``after`` (an eventually consistent read: a chunk it misses is
@@ -460,7 +482,7 @@ class JobService:
         for chunk in page:
             if chunk.sequence_id <= after:
                 if watch is not None:
-                    watch.saw(chunk.sequence_id, epoch_ms(chunk.created_at))
+                    watch.saw(chunk.sequence_id, epoch_ms(chunk.created_at), chunk.tokens)
             elif chunk.sequence_id == after + len(found) + 1:
                 found.append(chunk)
             else:
