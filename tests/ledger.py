@@ -13,7 +13,16 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from spool_core.jobs.model import Chunk, EndMark, Job, Progress, Segment, Status
-from spool_core.jobs.ports import AdmissionRefused, Claim, Conflict, EndGuard, JobEnd, PendingJob, Signals
+from spool_core.jobs.ports import (
+    AdmissionRefused,
+    Claim,
+    Conflict,
+    EndGuard,
+    JobEnd,
+    LogPage,
+    PendingJob,
+    Signals,
+)
 from spool_core.limits.model import ReservationPlan, Settlement, TenantLimits, UsageState
 from spool_core.limits.service import ModelStats
 from spool_core.queue import JobMessage
@@ -54,7 +63,8 @@ class MemoryLedger:
         self.messages: list[JobMessage] = []
         self.faults = Faults()
         self.settlements: list[tuple[str, Settlement]] = []
-        self.end_marks: dict[tuple[str, str], EndMark] = {}  # (tenant, job) -> a subscribed job's end mark
+        self.end_marks: dict[tuple[str, str], EndMark] = {}  # (tenant, job) -> its end mark
+        self.live_end_marks: set[tuple[str, str]] = set()  # those of subscribed jobs (for the fanout)
         self.on_append: Callable[[], None] = lambda: None  # e.g. let time pass: a slow store
 
     def tenant(self, tenant_id: str) -> TenantLedger:
@@ -279,8 +289,10 @@ class TenantLedger:
                 changes["segments"] = [s.model_dump() for s in end.segments]
             item.update(changes)
             item.pop("pending_since_ms", None)
-            if item.get("subscribed"):  # as the store does: with the end, atomically
-                self.ledger.end_marks[(self.tenant_id, job_id)] = EndMark.of(Job.model_validate(item))
+            # As the store does, atomically with the end: the end mark, live if the job is subscribed.
+            self.ledger.end_marks[(self.tenant_id, job_id)] = EndMark.of(Job.model_validate(item))
+            if item.get("subscribed"):
+                self.ledger.live_end_marks.add((self.tenant_id, job_id))
             self._settle(settlement)
             self.ledger.settlements.append((self.tenant_id, settlement))
             return Job.model_validate(item)
@@ -383,6 +395,12 @@ class TenantLedger:
         with self.ledger.lock:
             log = self.ledger.chunks.get((self.tenant_id, job_id), {})
             return [log[seq] for seq in sorted(log) if seq > after][:limit]
+
+    def page(self, job_id: str, after: int, limit: int, *, consistent: bool = True) -> LogPage:
+        with self.ledger.lock:
+            chunks = self.after(job_id, after, limit + 1)
+            end = self.ledger.end_marks.get((self.tenant_id, job_id))
+            return LogPage(chunks[:limit], end if end is not None and len(chunks) <= limit else None)
 
     def last(self, job_id: str) -> Chunk | None:
         with self.ledger.lock:

@@ -74,8 +74,9 @@ async def job_stream(request: Request) -> Response:
     if resume is None:  # the client received `done` already: 204 tells an EventSource to stop
         return Response(status_code=204, headers=headers)
     service = bootstrap.job_service(who.tenant)
-    await run_in_threadpool(service.get, job_id)  # 404 before the stream starts, in the envelope
-    return web.sse(job_events(service, job_id, resume, _settings()), headers)
+    job = await run_in_threadpool(service.get, job_id)  # 404 before the stream starts, in the envelope
+    events = job_events(service, job_id, resume, _settings(), budget=job.request.max_tokens)
+    return web.sse(events, headers)
 
 
 # ---------------------------------------------------------------------------------------- OpenAI
@@ -101,7 +102,7 @@ async def chat_completions(request: Request) -> Response:
     job, limits = await _create(request, service, body.job_request())
     headers = _job_headers(request, job, limits)
     if body.stream:
-        followed = follow(service, job.job_id, 0, _settings())
+        followed = follow(service, job.job_id, 0, _settings(), budget=job.request.max_tokens)
         return web.sse(chat.completion_chunks(job, followed, body.include_usage), headers)
     ended = await web.last(await_end(service, job.job_id, _settings()))
     if not isinstance(ended, Ended):
@@ -164,7 +165,13 @@ def _starting_after(request: Request) -> int | None:
 def _response_stream(
     service: JobService, job: Job, starting_after: int | None, headers: dict[str, str]
 ) -> Response:
-    followed = follow(service, job.job_id, responses.first_chunk_after(starting_after), _settings())
+    followed = follow(
+        service,
+        job.job_id,
+        responses.first_chunk_after(starting_after),
+        _settings(),
+        budget=job.request.max_tokens,
+    )
     events = responses.response_events(job, followed, starting_after, lambda j: service.view(j)["output"])
     return web.sse(events, headers)
 

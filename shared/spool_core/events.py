@@ -127,14 +127,16 @@ def follow(
     after: int,
     settings: StreamSettings | None = None,
     *,
+    budget: int | None = None,
     clock: Callable[[], float] = time.monotonic,
     wall_ms: Callable[[], int] = now_ms,
 ) -> Iterator[Followed]:
     """The job's chunks after ``after`` as the log has them (the backlog, then live as they are
     written), with ``Wait`` between reads, ``Ping`` when the link has been idle, and ``Ended`` (or
-    ``TimeUp`` at ``max_seconds``) last. Every stream format (native SSE, OpenAI's) reads this."""
+    ``TimeUp`` at ``max_seconds``) last. Every stream format (native SSE, OpenAI's) reads this.
+    ``budget``: the job's ``max_tokens`` (its last chunk is then expected when it is due)."""
     settings = settings or StreamSettings()
-    watch = Watch(service.cadence)  # look for the next chunk when it is due, not every 50-100 ms
+    watch = Watch(service.cadence, budget)  # look for the next chunk when it is due
     started = last_sent = clock()
     cursor = after
     while True:
@@ -142,7 +144,7 @@ def follow(
         for chunk in page.chunks:
             yield chunk.public()
             cursor = chunk.sequence_id
-            watch.saw(cursor, epoch_ms(chunk.created_at), chunk.tokens)
+            watch.saw(cursor, epoch_ms(chunk.created_at), chunk.tokens, chunk.tokens_total)
         if page.done:
             yield Ended(service.get(job_id))
             return
@@ -191,6 +193,7 @@ def job_events(
     after: int,
     settings: StreamSettings | None = None,
     *,
+    budget: int | None = None,
     clock: Callable[[], float] = time.monotonic,
     wall_ms: Callable[[], int] = now_ms,
 ) -> Iterator[str | Wait]:
@@ -199,7 +202,7 @@ def job_events(
     # The headers and a first byte go out at once (through every proxy); `retry` makes a browser
     # reconnect after one second instead of its default three.
     yield f"retry: {RETRY_MS}\n: connected\n\n"
-    for item in follow(service, job_id, after, settings, clock=clock, wall_ms=wall_ms):
+    for item in follow(service, job_id, after, settings, budget=budget, clock=clock, wall_ms=wall_ms):
         if isinstance(item, dict):
             yield chunk_event(item)
         elif isinstance(item, Ping):

@@ -462,3 +462,20 @@ def test_an_end_whose_writer_missed_a_subscribe_still_writes_the_end_mark(
     assert [c.sequence_id for c in log] == list(range(1, ended.progress.last_sequence_id + 1))
     assert chunks.last(job_id).sequence_id == ended.progress.last_sequence_id  # type: ignore[union-attr]
     assert len(chunks.after(job_id, 0, 1000)) == len(log)
+
+
+def test_every_end_leaves_an_end_mark_after_the_last_chunk(service: JobService, tenant: Tenant) -> None:
+    """A reader learns that a job ended from the read that brings its last chunks: the end mark."""
+    _, chunks = bootstrap._job_tables(tenant, bootstrap.settings())
+    job_id = service.create("marked", job(max_tokens=200)).job.job_id
+    assert chunks.page(job_id, 0, 10).end is None  # queued: nothing yet
+    assert runner_for(tenant, flush_tokens=16).run(job_id) is Outcome.DONE
+    last = service.get(job_id).progress.last_sequence_id
+    whole = chunks.page(job_id, 0, 1000, consistent=False)
+    assert [c.sequence_id for c in whole.chunks] == list(range(1, last + 1))
+    assert whole.end is not None and (whole.end.status, whole.end.last_sequence_id) == ("completed", last)
+    assert chunks.page(job_id, 0, 2).end is None  # more than a page remains
+    tail = chunks.page(job_id, last - 1, 1)
+    assert [c.sequence_id for c in tail.chunks] == [last] and tail.end is not None
+    page = service.chunks(job_id, after=last - 1, limit=1)
+    assert (page["done"], page["status"], page["next_after"]) == (True, "completed", last)

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from spool_core.jobs.cadence import LOOK_AFTER_MS, MAX_POLL_MS, MIN_POLL_MS, Cadence, next_poll_ms
+from spool_core.jobs.cadence import (
+    FIRST_POLL_FOR_MS,
+    FIRST_POLL_MS,
+    LOOK_AFTER_MS,
+    LOOK_CEILING_MS,
+    MAX_POLL_MS,
+    MIN_POLL_MS,
+    Cadence,
+    Watch,
+    next_poll_ms,
+)
 from spool_core.jobs.chunk_writer import ChunkWriter
 from spool_core.jobs.model import Chunk
 
@@ -88,12 +98,10 @@ def test_a_resumed_attempt_writes_its_first_token_at_once() -> None:
     assert log.chunks[-1].tokens_total == 400
 
 
-def test_a_reader_looks_just_after_the_next_chunk_is_due() -> None:
+def test_when_the_next_chunk_is_due() -> None:
     cadence = Cadence(first_ms=200, max_ms=1500, tokens=64)
     written = 1_000_000
-    due = cadence.next_due_ms(5, written, written - 1500)
-    assert due == written + 1500
-    assert cadence.first_look_ms(due, written + 40) == 1500 + LOOK_AFTER_MS - 40
+    assert cadence.next_due_ms(5, written, written - 1500) == written + 1500
     # a chunk the token cap wrote early: the next is expected as soon
     assert cadence.next_due_ms(5, written, written - 300) == written + 300
     # chunk 2, on the cadence 200 ms after the first: the next is due 400 ms after it
@@ -101,9 +109,28 @@ def test_a_reader_looks_just_after_the_next_chunk_is_due() -> None:
     # with its token count: 40 tokens in 800 ms, so 64 come in 1,280 ms, before the 1.5 s interval
     assert cadence.next_due_ms(4, written, written - 800, tokens=40) == written + 1280
     assert cadence.next_due_ms(4, written, written - 800, tokens=10) == written + 1500  # a slow model
-    # late already, or a clock that disagrees: look at once (at least the shortest poll), never stall
-    assert cadence.first_look_ms(due, due + 5_000) == MIN_POLL_MS
-    assert cadence.first_look_ms(due + 10**9, written) == cadence.max_ms
+    # 20 tokens left of the job's budget: its last chunk comes in 400 ms
+    assert cadence.next_due_ms(4, written, written - 800, tokens=40, remaining=20) == written + 400
+
+
+def test_a_reader_looks_when_a_chunk_is_due_and_at_least_every_quarter_second() -> None:
+    watch = Watch(Cadence())
+    start = 1_000_000
+    assert watch.wait_ms(start) == FIRST_POLL_MS  # nothing yet: the first token is written at once
+    assert watch.wait_ms(start + FIRST_POLL_FOR_MS) == MIN_POLL_MS  # then backs off
+    watch.saw(1, start, 1, 1)
+    assert watch.wait_ms(start + 10) == 200 + LOOK_AFTER_MS - 10  # chunk 2 is due 200 ms after 1
+    watch.saw(2, start + 200, 10, 11)
+    watch.saw(3, start + 600, 20, 31)
+    watch.saw(4, start + 1400, 40, 71)  # 64 more come 1,280 ms after it
+    assert watch.wait_ms(start + 1410) == LOOK_CEILING_MS  # never longer than the ceiling
+    assert watch.wait_ms(start + 2500) == 1400 + 1280 + LOOK_AFTER_MS - 2500
+    assert watch.wait_ms(start + 2711) == MIN_POLL_MS  # past due: poll, backing off
+    assert watch.wait_ms(start + 2761) == 75
+    budgeted = Watch(Cadence(), budget=80)
+    budgeted.saw(3, start, 20, 31)
+    budgeted.saw(4, start + 800, 40, 71)
+    assert budgeted.wait_ms(start + 800) == 180 + LOOK_AFTER_MS  # 9 tokens left: 180 ms
 
 
 def test_polls_after_an_empty_one_back_off_within_bounds() -> None:

@@ -198,16 +198,16 @@ def test_a_stream_ends_cleanly_at_its_time_limit_and_a_resume_continues_without_
     assert "".join(e["data"]["text"] for e in received + rest) == "".join(f"w{i} " for i in range(1, 31))
 
 
-def test_polling_backs_off_while_idle_and_snaps_back_when_chunks_flow() -> None:
+def test_before_the_first_chunk_polling_is_fast_then_backs_off() -> None:
     log = Log(Clock())
     log.writes = [(1005.0, "a"), (1005.0, "<end>")]
     service: Any = log
     waits = []
-    for item in job_events(service, "job_1", 0, clock=log.clock):
+    for item in job_events(service, "job_1", 0, clock=log.clock, wall_ms=log.clock.ms):
         if isinstance(item, Wait):
             waits.append(item.seconds)
             log.clock.sleep(item.seconds)
-    assert waits[0] == pytest.approx(0.05)
+    assert waits[0] == pytest.approx(0.04)  # the first token is written at once: look often for it
     assert max(waits) == pytest.approx(0.1)
     assert log.reads < 5 / 0.05  # fewer reads than a fixed 50 ms poll would make
 
@@ -227,7 +227,54 @@ def test_a_stream_looks_for_each_chunk_when_it_is_due() -> None:
     assert [int(e["id"]) for _, e in chunks] == list(range(1, 31))
     delays = [sent_at - written[int(e["id"])] for sent_at, e in chunks]
     assert max(delays) <= 0.1
-    assert log.reads <= 30 * 1.5  # a flat 50-100 ms poll would read ~300 times over these 39 s
+    # at most a look every 250 ms (an answer may end early) and one when each chunk is due: a flat
+    # 50-100 ms poll would read ~500 times over these 39 s
+    assert log.reads <= (at - 1000.0) / 0.25 + 30
+
+
+def test_an_answer_that_ends_before_its_budget_is_seen_within_a_quarter_second() -> None:
+    log = Log(Clock())
+    log.writes = [
+        (1000.0, "a"),
+        (1000.2, "b"),
+        (1000.6, "c"),
+        (1001.4, "d"),
+        (1001.5, "e"),
+        (1001.5, "<end>"),
+    ]
+    sent = timeline(log)
+    chunks = [(at, e) for at, text in sent for e in parse(iter([text])) if e.get("event") == "chunk"]
+    assert chunks[-1][1]["id"] == "5" and chunks[-1][0] - 1001.5 <= 0.25 + 0.05  # not when 6 was due
+
+
+def test_the_last_chunk_of_a_budget_is_expected_when_it_is_due() -> None:
+    """A job's budget (max_tokens) tells a stream its last chunk comes sooner than the cadence's."""
+    log = Log(Clock())
+    log.writes = [
+        (1000.0, "a"),
+        (1000.2, "b"),
+        (1000.6, "c"),
+        (1001.4, "d"),
+        (1001.7, "e"),
+        (1001.7, "<end>"),
+    ]
+    tokens = {1: 1, 2: 10, 3: 20, 4: 40, 5: 15}
+    totals = {n: sum(tokens[k] for k in tokens if k <= n) for n in tokens}
+    original = log.chunks_after
+    log.chunks_after = lambda after: [  # type: ignore[method-assign]
+        {**c, "tokens": tokens[c["sequence_id"]], "tokens_total": totals[c["sequence_id"]]}
+        for c in original(after)
+    ]
+    sent = []
+    service: Any = log
+    for item in job_events(service, "job_1", 0, clock=log.clock, wall_ms=log.clock.ms, budget=86):
+        if isinstance(item, Wait):
+            log.clock.sleep(item.seconds)
+        else:
+            sent.append((log.clock.now, item))
+    chunks = [(at, e) for at, text in sent for e in parse(iter([text])) if e.get("event") == "chunk"]
+    # 40 tokens in 800 ms, 15 left of 86: due 300 ms after chunk 4, not when 64 would be
+    assert chunks[-1][1]["id"] == "5" and chunks[-1][0] - 1001.7 <= 0.05
 
 
 def test_a_stream_sees_when_the_token_cap_writes_before_the_interval() -> None:
@@ -250,7 +297,7 @@ def test_a_stream_sees_when_the_token_cap_writes_before_the_interval() -> None:
     chunks = [(at, e) for at, text in sent for e in parse(iter([text])) if e.get("event") == "chunk"]
     delays = [sent_at - written[int(e["id"])][0] for sent_at, e in chunks]
     assert len(delays) == len(schedule) and max(delays) <= 0.1, delays
-    assert log.reads <= len(schedule) * 2
+    assert log.reads <= (at - 1000.0) / 0.25 + len(schedule)
 
 
 @pytest.mark.parametrize(

@@ -328,16 +328,18 @@ def test_a_job_subscribed_mid_run_goes_live_from_the_next_flush() -> None:
     assert all(live[3:]) and len(live) > 3
 
 
-def test_a_subscribed_jobs_end_writes_its_end_mark_and_an_unsubscribed_ones_none() -> None:
-    """The end mark goes with the end, in the same step, for a job with a WebSocket subscriber: the
-    chunk stream then carries ``done`` behind the job's last chunk."""
+def test_every_end_writes_its_end_mark_live_for_a_subscribed_job() -> None:
+    """The end mark goes with the end, in the same step: readers of the log see the end in the read
+    that sees the last chunks, and for a job with a WebSocket subscriber (live) the chunk stream
+    carries ``done`` behind the last chunk."""
     world = JobWorld()
     alone, watched = create(world, "beta", key="alone"), create(world, key="watched")
     world.ledger.tenant("acme").mark_subscribed(watched)
     world.drain()
     assert_ended_once(world, alone, tenant="beta")
-    assert ("beta", alone) not in world.ledger.end_marks
+    assert ("beta", alone) in world.ledger.end_marks and ("beta", alone) not in world.ledger.live_end_marks
     job = assert_ended_once(world, watched)
+    assert ("acme", watched) in world.ledger.live_end_marks
     mark = world.ledger.end_marks[("acme", watched)]
     assert (mark.status, mark.last_sequence_id, mark.cost_nanos) == (
         "completed",

@@ -55,6 +55,7 @@ from spool_core.jobs.ports import (
     EndGuard,
     JobEnd,
     ListedJob,
+    LogPage,
     PendingJob,
     Signals,
 )
@@ -285,8 +286,9 @@ class DynamoJobStore:
         subscribed = end.subscribed
         settled = settlement_writes(self._usage, settlement, now_ms())
         for attempt in range(1, TRANSACTION_ATTEMPTS + 1):
-            # A job with a WebSocket subscriber gets its end mark in the same transaction; a writer that
-            # saw none writes on condition that there still is none (a subscribe may come at any time).
+            # The end mark goes in the same transaction, live (for the fanout) when the job has a
+            # WebSocket subscriber; a writer that saw none writes on condition that there still is none
+            # (a subscribe may come at any time).
             guarded, checked = condition, values
             if not subscribed:
                 guarded = (
@@ -296,7 +298,7 @@ class DynamoJobStore:
             request = self._update_request(
                 job_id, changes, guarded, checked, remove=("pending_shard", "pending_since_ms")
             )
-            writes = [request, *settled, *([self._end_mark(job_id, end)] if subscribed else [])]
+            writes = [request, *settled, self._end_mark(job_id, end, live=subscribed)]
             try:
                 transact(self._table.client, writes)
                 break
@@ -306,7 +308,7 @@ class DynamoJobStore:
                     if current and current.get("ended_by") == guard.token:
                         return Job.model_validate(current)  # this very end, applied before its reply was lost
                     if current and current.get("subscribed") and not subscribed:
-                        subscribed = True  # a client subscribed since: the end comes with its mark
+                        subscribed = True  # a client subscribed since: the end mark goes live
                         continue
                     raise Conflict(current) from None
                 if attempt == TRANSACTION_ATTEMPTS:  # another transaction kept a usage item busy
@@ -316,8 +318,9 @@ class DynamoJobStore:
         assert job is not None
         return job
 
-    def _end_mark(self, job_id: str, end: JobEnd) -> dict[str, Any]:
-        """The end mark's put (see ``EndMark``): ``live``, so the chunk stream's filter passes it."""
+    def _end_mark(self, job_id: str, end: JobEnd, *, live: bool) -> dict[str, Any]:
+        """The end mark's put (see ``EndMark``); ``live`` for a subscribed job, so the chunk stream's
+        filter passes it to the fanout."""
         if self._chunks is None:
             raise RuntimeError("this job store was built without the chunk table")
         mark = EndMark(
@@ -331,7 +334,7 @@ class DynamoJobStore:
         item = {
             **mark.model_dump(exclude_none=True),
             "sequence_id": END_SEQUENCE_ID,
-            "live": True,
+            **({"live": True} if live else {}),
             "ttl": now_ms() // 1000 + self._job_ttl,
         }
         return self._chunks.put_request(JOB_KIND, job_id, item)
@@ -477,6 +480,23 @@ class DynamoChunkLog:
             consistent=consistent,
         )
         return [Chunk.model_validate(item) for item in items]
+
+    def page(self, job_id: str, after: int, limit: int, *, consistent: bool = True) -> LogPage:
+        items = self._table.query(
+            JOB_KIND,
+            job_id,
+            sort_condition="sequence_id > :after",
+            values={":after": after},
+            limit=limit + 1,  # the end mark, if no more than ``limit`` chunks remain
+            consistent=consistent,
+        )
+        chunks: list[Chunk] = []
+        for item in items:
+            if int(item["sequence_id"]) == END_SEQUENCE_ID:
+                return LogPage(chunks, EndMark.model_validate(item))
+            if len(chunks) < limit:
+                chunks.append(Chunk.model_validate(item))
+        return LogPage(chunks)
 
     def last(self, job_id: str) -> Chunk | None:
         items = list(

@@ -9,8 +9,10 @@ token is written at once (time to first token is what a reader feels most); the 
 fast, then comes a sentence or two at a time (see docs/decisions.md, "Chunk cadence").
 
 Readers poll the log (a Server-Sent Events stream, a long-polling chunk page): knowing the cadence,
-they look for chunk ``n + 1`` when it is due instead of every 50-100 ms, so a 20 s answer
-costs a few reads per chunk, not hundreds, with the same delivery delay.
+they look for chunk ``n + 1`` when it is due (from the write times and sizes of the chunks they hold,
+and the job's token budget when they know it: the last chunk comes early) and at least every 250 ms
+(an answer may end before its budget), instead of every 50-100 ms: a 20 s answer costs a few reads
+per chunk, not hundreds. Before the first chunk they poll every 40 ms (time to first token).
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ from dataclasses import dataclass
 LOOK_AFTER_MS = 30
 MIN_POLL_MS = 50
 MAX_POLL_MS = 100
+# A reader never waits longer than this between looks (an answer that ends early is seen as soon).
+LOOK_CEILING_MS = 250
+# Before the first chunk a reader polls this often for a while: the first token is written at once.
+FIRST_POLL_MS = 40
+FIRST_POLL_FOR_MS = 1500
 
 
 @dataclass(frozen=True)
@@ -38,26 +45,28 @@ class Cadence:
         return min(self.max_ms, self.first_ms << min(sequence_id - 1, 16))
 
     def next_due_ms(
-        self, sequence_id: int, created_ms: int, previous_created_ms: int | None, tokens: int = 0
+        self,
+        sequence_id: int,
+        created_ms: int,
+        previous_created_ms: int | None,
+        tokens: int = 0,
+        remaining: int | None = None,
     ) -> int:
         """When chunk ``sequence_id + 1`` is expected (epoch ms), from when ``sequence_id`` was written
         and, if known, the chunk before it: ``tokens`` tokens came in that gap, so the token cap's worth
-        comes in ``gap * cap / tokens`` (the cap may write the next chunk before the interval ends);
-        without a token count, a gap shorter than the cadence's interval for it means the cap wrote
-        it, and the next one will likely come as quick."""
+        (or the ``remaining`` tokens of the job's budget, if fewer: its last chunk) comes in
+        ``gap * cap / tokens``, maybe before the interval ends. Without a token count, a gap shorter
+        than the cadence's interval for it means the cap wrote it, and the next one will likely come
+        as quick."""
         interval = self.interval_ms(sequence_id)
         if previous_created_ms is not None:
             gap = created_ms - previous_created_ms
             if gap > 0 and tokens > 0:
-                interval = min(interval, gap * self.tokens // tokens)
+                coming = self.tokens if remaining is None else max(1, min(self.tokens, remaining))
+                interval = min(interval, gap * coming // tokens)
             elif 0 < gap < self.interval_ms(sequence_id - 1):
                 interval = min(interval, gap)
         return created_ms + interval
-
-    def first_look_ms(self, due_ms: int, now_ms: int) -> int:
-        """How long a reader waits before looking for a chunk due at ``due_ms`` (at least the shortest
-        poll, at most the cadence's longest interval: a clock that disagrees cannot stall a reader)."""
-        return max(MIN_POLL_MS, min(due_ms + LOOK_AFTER_MS - now_ms, self.max_ms))
 
 
 def next_poll_ms(previous_ms: int) -> int:
@@ -66,32 +75,39 @@ def next_poll_ms(previous_ms: int) -> int:
 
 
 class Watch:
-    """A reader's pacing over one job's log: after a chunk, the first look comes just after the next
-    one is due; then, and before any chunk was seen, polls back off from 50 to 100 ms."""
+    """A reader's pacing over one job's log: after a chunk, it looks just after the next one is due, and
+    at least every ``LOOK_CEILING_MS``; once that time has passed, it polls, backing off from 50 to
+    100 ms. Before the first chunk it polls every 40 ms for a while, then backs off likewise.
+    ``budget``: the job's token budget (``max_tokens``), when the reader knows it."""
 
-    def __init__(self, cadence: Cadence) -> None:
+    def __init__(self, cadence: Cadence, budget: int | None = None) -> None:
         self._cadence = cadence
+        self._budget = budget
         self._last: tuple[int, int] | None = None  # (sequence id, written at ms) of the newest chunk seen
-        self._previous_ms: int | None = None  # when the chunk before it was written
-        self._due_ms: int | None = None  # when the next one is expected, until the first look for it
+        self._due_ms: int | None = None  # when the next one is expected
         self._poll_ms = MIN_POLL_MS
+        self._first_polls_until: int | None = None  # before any chunk: fast polls until then
         self.started = False  # whether the reader has looked at the log yet
 
-    def saw(self, sequence_id: int, created_ms: int | None, tokens: int = 0) -> None:
+    def saw(self, sequence_id: int, created_ms: int | None, tokens: int = 0, tokens_total: int = 0) -> None:
         """A chunk arrived (in order). ``created_ms``: when it was written (None: unknown); ``tokens``:
-        how many it holds (0: unknown)."""
+        how many it holds, ``tokens_total``: how many the job had then (0: unknown)."""
         if created_ms is None:
-            self._last = self._previous_ms = self._due_ms = None
+            self._last = self._due_ms = None
         else:
             previous = self._last[1] if self._last and self._last[0] == sequence_id - 1 else None
-            self._last, self._previous_ms = (sequence_id, created_ms), previous
-            self._due_ms = self._cadence.next_due_ms(sequence_id, created_ms, previous, tokens)
+            self._last = (sequence_id, created_ms)
+            remaining = self._budget - tokens_total if self._budget and tokens_total else None
+            self._due_ms = self._cadence.next_due_ms(sequence_id, created_ms, previous, tokens, remaining)
         self._poll_ms = MIN_POLL_MS
 
     def wait_ms(self, now_ms: int) -> int:
         """How long to wait before the next look."""
-        if self._due_ms is not None:
-            due, self._due_ms = self._due_ms, None
-            return self._cadence.first_look_ms(due, now_ms)
+        if self._due_ms is not None and now_ms < self._due_ms + LOOK_AFTER_MS:
+            return max(MIN_POLL_MS, min(self._due_ms + LOOK_AFTER_MS - now_ms, LOOK_CEILING_MS))
+        if self._last is None:  # no chunk yet: the first token is written at once
+            self._first_polls_until = self._first_polls_until or now_ms + FIRST_POLL_FOR_MS
+            if now_ms < self._first_polls_until:
+                return FIRST_POLL_MS
         wait, self._poll_ms = self._poll_ms, next_poll_ms(self._poll_ms)
         return wait

@@ -57,10 +57,15 @@ class ChunkWriter:
             self.flush()
 
     def flush(self, *, notify: bool = True) -> None:
-        """Write the buffered tokens as the next chunk; ``notify`` runs the flush hook (cancel check,
-        time check, lease renewal) afterwards."""
+        """Write the buffered tokens as the next chunk. ``notify`` runs the flush hook (cancel check,
+        time check, lease renewal, whether the job has a subscriber) first, so the chunk is written
+        knowing what the job's item said just before (a job subscribed to before its first token has
+        a live first chunk); the hook may raise instead (the caller then writes the buffer with
+        ``notify=False``)."""
         if not self._buffer:
             return
+        if notify:
+            self._on_flush()
         chunk = Chunk(
             sequence_id=self.sequence_id + 1,
             text="".join(self._buffer),
@@ -79,8 +84,6 @@ class ChunkWriter:
         self._buffer, self._buffered_tokens = [], 0
         self._written += 1
         self._last_flush = self._clock()
-        if notify:
-            self._on_flush()
 
     @property
     def progress(self) -> Progress:

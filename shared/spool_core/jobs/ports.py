@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from spool_core.jobs.model import Chunk, Job, JobSummary, Progress, Segment, Status, Usage
+from spool_core.jobs.model import Chunk, EndMark, Job, JobSummary, Progress, Segment, Status, Usage
 from spool_core.limits.model import ReservationPlan, Settlement, UsageState
 
 
@@ -58,8 +58,9 @@ class JobEnd:
     segments: tuple[Segment, ...] | None = None
     input_reported: dict[str, int] = field(default_factory=dict)
     finish_reason: str | None = None  # of a completed job: stop | length | content_filter
-    # Whether the writer knows of a WebSocket subscriber: the end then writes the job's end mark. A
-    # writer that knows of none is refused if one subscribed meanwhile, and the store retries with it.
+    # Whether the writer knows of a WebSocket subscriber: the end mark (written with every end) is then
+    # marked live, for the fanout. A writer that knows of none is refused if one subscribed meanwhile,
+    # and the store retries knowing it.
     subscribed: bool = False
 
 
@@ -153,6 +154,15 @@ class JobStore(Protocol):
         touched the job since ``seen_pending_ms``."""
 
 
+@dataclass(frozen=True)
+class LogPage:
+    """Chunks after a cursor, in order, and the job's end mark when the page reaches it (every chunk
+    of the job comes before it)."""
+
+    chunks: list[Chunk]
+    end: EndMark | None = None
+
+
 class ChunkLog(Protocol):
     def append(self, job_id: str, chunk: Chunk) -> None:
         """Write a chunk that must not exist yet; ``Conflict`` if another writer holds its sequence id
@@ -161,6 +171,10 @@ class ChunkLog(Protocol):
     def after(self, job_id: str, after: int, limit: int, *, consistent: bool = True) -> list[Chunk]:
         """Up to ``limit`` chunks after ``after``, in order. ``consistent=False``: an eventually
         consistent read (half the cost), for polls whose next look catches what this one missed."""
+
+    def page(self, job_id: str, after: int, limit: int, *, consistent: bool = True) -> LogPage:
+        """As ``after``, and the end mark if the job has ended and no more than ``limit`` chunks remain:
+        a reader learns that the job ended from the same read."""
 
     def last(self, job_id: str) -> Chunk | None: ...
 

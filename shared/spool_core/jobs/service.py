@@ -51,6 +51,7 @@ from spool_core.jobs.ports import (
     JobEnd,
     JobQueue,
     JobStore,
+    LogPage,
 )
 from spool_core.limits.errors import RateLimited
 from spool_core.limits.model import Reservation, ReservationPlan, UsageState
@@ -68,9 +69,10 @@ MAX_WAIT_SECONDS = 20
 DEFAULT_CHUNK_LIMIT = 500
 MAX_CHUNK_LIMIT = 1000
 MAX_MESSAGES_BYTES = 192 * 1024  # of a job item's 400 KB (the output is in the chunk log, not the item)
-# A running job's status, once read, serves the pages of the next quarter second (a stream polls the
-# log every 50-100 ms): an end is seen that much later, never missed, and a terminal status is final.
-STATUS_FRESH_SECONDS = 0.25
+# A running job's status, once read, serves the empty pages of the next two seconds: a job's end is
+# seen from its end mark in the log; only a job that ended before end marks existed is seen ending
+# that much later (never missed), and a terminal status is final.
+STATUS_FRESH_SECONDS = 2.0
 STATUSES: tuple[Status, ...] = ("queued", "running", "completed", "failed", "cancelled")
 ADMISSION_ATTEMPTS = 25  # reads and transactions, while concurrent admissions keep moving the state
 
@@ -450,46 +452,48 @@ class JobService:
             raise JobNotFound(f"Job '{job_id}' not found", details={"job_id": job_id})
         deadline = self._clock() + wait
         # A waiting poll looks again when the next chunk is due (the cadence says when, from the
-        # write times of the chunks the client holds, which the first look reads too), then every
-        # 50-100 ms: a long poll costs a few reads per chunk, not one every 100 ms.
+        # write times and sizes of the chunks the client holds, which the first look reads too), and
+        # at least every 120 ms (an answer may end early).
         watch = Watch(self._cadence) if wait else None
         while True:
-            # The log first: a page of chunks needs only the job's status beside it (a light read);
-            # a waiting poll that finds nothing reads the status to know whether to keep waiting.
+            # One read of the log tells what a page needs: new chunks, and whether the job ended (its
+            # end mark, written with its end after every chunk: a read that shows it shows them). The
+            # job's status beside it is a light read, and a running job's serves the pages of the next
+            # two seconds.
             found = self._look(job_id, after, limit, watch)
+            if found.end is not None:
+                return ChunkPage(job_id, found.end.status, found.chunks, _next(found.chunks, after), True)
             status = self._status(job_id)
-            terminal = status in TERMINAL
-            if terminal and len(found) < limit:
-                # Chunks written between the two reads: the end is written after every chunk, so
-                # a strongly consistent read of the log now holds them all.
-                since = found[-1].sequence_id if found else after
-                found += self._chunks.after(job_id, since, limit - len(found))
+            if status in TERMINAL:
+                # Ended, and this read missed the end mark (or the job ended before marks existed): a
+                # strongly consistent read from here holds every chunk written before the end.
+                again = self._chunks.page(job_id, after, limit)
+                done = again.end is not None or len(again.chunks) < limit
+                return ChunkPage(job_id, status, again.chunks, _next(again.chunks, after), done)
             remaining = deadline - self._clock()
-            if found or terminal or remaining <= 0 or watch is None:
-                break
+            if found.chunks or remaining <= 0 or watch is None:
+                running = "running" if found.chunks else status  # a page with chunks never says queued
+                return ChunkPage(job_id, running, found.chunks, _next(found.chunks, after), False)
             self._sleep(min(watch.wait_ms(int(self._clock() * 1000)) / 1000, remaining))
-        return ChunkPage(
-            job_id, status, found, found[-1].sequence_id if found else after, terminal and len(found) < limit
-        )
 
-    def _look(self, job_id: str, after: int, limit: int, watch: Watch | None) -> list[Chunk]:
-        """The contiguous chunks after ``after`` (an eventually consistent read: a chunk it misses is
-        seen at the next look). The first look of a waiting poll also reads the two chunks up to
-        ``after``, whose write times tell ``watch`` when the next one is due."""
+    def _look(self, job_id: str, after: int, limit: int, watch: Watch | None) -> LogPage:
+        """The contiguous chunks after ``after``, and the end mark if the page reaches it (an eventually
+        consistent read: what it misses is seen at the next look). The first look of a waiting poll also
+        reads the two chunks up to ``after``, whose write times tell ``watch`` when the next is due."""
         start = max(0, after - 2) if watch is not None and not watch.started else after
-        page = self._chunks.after(job_id, start, limit + after - start, consistent=False)
+        page = self._chunks.page(job_id, start, limit + after - start, consistent=False)
         found: list[Chunk] = []
-        for chunk in page:
+        for chunk in page.chunks:
             if chunk.sequence_id <= after:
                 if watch is not None:
-                    watch.saw(chunk.sequence_id, epoch_ms(chunk.created_at), chunk.tokens)
+                    watch.saw(chunk.sequence_id, epoch_ms(chunk.created_at), chunk.tokens, chunk.tokens_total)
             elif chunk.sequence_id == after + len(found) + 1:
                 found.append(chunk)
             else:
-                break  # never past a gap a lagging replica could show
+                return LogPage(found)  # never past a gap a lagging replica could show
         if watch is not None:
             watch.started = True
-        return found
+        return LogPage(found, page.end)
 
     def _status(self, job_id: str) -> Status:
         """The job's status for a page: read (eventually consistent, one attribute) unless a read of
@@ -536,6 +540,10 @@ class JobService:
             except Conflict:
                 continue  # it moved on (started or finished) meanwhile: decide again
         return self.get(job_id)
+
+
+def _next(chunks: list[Chunk], after: int) -> int:
+    return chunks[-1].sequence_id if chunks else after
 
 
 def _check_status(status: str | None) -> Status | None:
