@@ -18,6 +18,7 @@ from spool_core.adapters import aws
 from spool_core.circuits import CircuitBreaker
 from spool_core.contexts.model import CreateContextRequest
 from spool_core.errors import DependencyUnavailable
+from spool_core.jobs import runner as runner_module
 from spool_core.jobs.errors import ContextTooLarge, IdempotencyKeyReused, JobNotFound, RequestInProgress
 from spool_core.jobs.model import JobRequest
 from spool_core.jobs.ports import Conflict, Signals
@@ -242,7 +243,9 @@ def test_out_of_time_hands_over_and_queues_a_continuation(service: JobService, t
     assert service.view(ended)["output"] == expected_text(service, created.job.job_id)
 
 
-def test_cancel_queued_and_running(service: JobService, tenant: Tenant) -> None:
+def test_cancel_queued_and_running(
+    service: JobService, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
     queued = service.create("k1", job())
     assert service.cancel(queued.job.job_id).status == "cancelled"
     assert runner_for(tenant).run(queued.job.job_id) is Outcome.DONE
@@ -250,6 +253,9 @@ def test_cancel_queued_and_running(service: JobService, tenant: Tenant) -> None:
     assert running(tenant) == 0
 
     started = service.create("k2", job(max_tokens=2000))
+    # sim-fast flushes every few ms: read the signals at every flush (not once per 100 ms), so the
+    # flush that sees the cancel is the fifth
+    monkeypatch.setattr(runner_module, "SIGNALS_FRESH_SECONDS", 0.0)
     runner = runner_for(tenant, flush_tokens=16)
     original = runner._jobs.signals
     calls = {"n": 0}

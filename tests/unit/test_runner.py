@@ -4,15 +4,17 @@ uninterrupted text, its usage is settled exactly once and its slot is released."
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
 
 from spool_core.jobs.model import JobRequest
+from spool_core.jobs.ports import Signals
 from spool_core.jobs.runner import Outcome, build_messages
 from spool_core.providers import GenerationRequest
 from spool_core.providers.simulated import simulated_text
-from tests.ledger import JobWorld, running
+from tests.ledger import JobWorld, TenantLedger, running
 
 
 def create(world: JobWorld, tenant: str = "acme", key: str = "k", **fields: Any) -> str:
@@ -290,6 +292,33 @@ def test_retryable_errors_are_retried_and_fatal_ones_fail_with_the_partial_outpu
     assert failed.error["details"]["tokens_generated"] == 100
 
 
+def test_the_signals_are_read_at_most_once_per_freshness_window() -> None:
+    """A fast model flushes often: the worker reads the job's signals once per 100 ms, not per flush
+    (and not before a first token written right after the lease's take, which read them)."""
+    world = JobWorld()
+    reads: list[float] = []
+    original = TenantLedger.signals
+
+    def counted(self: TenantLedger, job_id: str) -> Signals:
+        reads.append(world.clock.now)
+        return original(self, job_id)
+
+    TenantLedger.signals = counted  # type: ignore[method-assign]
+    try:
+        still = create(world, max_tokens=640)
+        world.drain(flush_tokens=16)
+        assert_ended_once(world, still)
+        assert reads == []  # the clock did not move: the lease's own read serves every flush
+        world.clock.step = 0.03
+        moving = create(world, "beta", max_tokens=640)
+        world.drain(flush_tokens=16)
+        world.clock.step = 0.0
+        assert_ended_once(world, moving, tenant="beta")
+    finally:
+        TenantLedger.signals = original  # type: ignore[method-assign]
+    assert len(reads) > 1 and all(b - a >= 0.1 for a, b in itertools.pairwise(reads))
+
+
 def test_a_job_nobody_subscribed_to_writes_no_live_chunk() -> None:
     """Only live chunks reach the fanout (the chunk stream's filter in template.yaml)."""
     world = JobWorld()
@@ -321,7 +350,9 @@ def test_a_job_subscribed_mid_run_goes_live_from_the_next_flush() -> None:
             store.mark_subscribed(job_id)
 
     world.ledger.on_append = subscribe_at_the_third_chunk
+    world.clock.step = 0.2  # flushes further apart than the signals' freshness: each one reads them
     world.drain(flush_tokens=64)
+    world.clock.step = 0.0
     assert_ended_once(world, job_id)
     live = [bool(c.live) for c in store.all(job_id)]
     assert live[:3] == [False, False, False]  # the third was written before the worker looked

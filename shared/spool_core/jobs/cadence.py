@@ -12,7 +12,7 @@ Readers poll the log (a Server-Sent Events stream, a long-polling chunk page): k
 they look for chunk ``n + 1`` when it is due (from the write times and sizes of the chunks they hold,
 and the job's token budget when they know it: the last chunk comes early) and at least every 250 ms
 (an answer may end before its budget), instead of every 50-100 ms: a 20 s answer costs a few reads
-per chunk, not hundreds. Before the first chunk they poll every 40 ms (time to first token).
+per chunk, not hundreds. Before the first chunk they poll every 25 ms (time to first token).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ MAX_POLL_MS = 100
 # A reader never waits longer than this between looks (an answer that ends early is seen as soon).
 LOOK_CEILING_MS = 250
 # Before the first chunk a reader polls this often for a while: the first token is written at once.
-FIRST_POLL_MS = 40
-FIRST_POLL_FOR_MS = 1500
+FIRST_POLL_MS = 25
+FIRST_POLL_FOR_MS = 1000
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def next_poll_ms(previous_ms: int) -> int:
 class Watch:
     """A reader's pacing over one job's log: after a chunk, it looks just after the next one is due, and
     at least every ``LOOK_CEILING_MS``; once that time has passed, it polls, backing off from 50 to
-    100 ms. Before the first chunk it polls every 40 ms for a while, then backs off likewise.
+    100 ms. Before the first chunk it polls every 25 ms for a while, then backs off likewise.
     ``budget``: the job's token budget (``max_tokens``), when the reader knows it."""
 
     def __init__(self, cadence: Cadence, budget: int | None = None) -> None:

@@ -72,6 +72,10 @@ class _NoCircuits:
         return True
 
 
+# What the worker knows of a job's cancel and subscribers serves the flushes of the next 100 ms.
+SIGNALS_FRESH_SECONDS = 0.1
+
+
 class Cancelled(Exception):
     pass
 
@@ -192,6 +196,7 @@ class _Attempt:
         self.input_reported = dict(job.input_reported)
         self.finish_reason: str | None = None  # the provider's, when it says why it stopped
         self.last_beat = runner._clock()
+        self.signals_at = runner._clock()  # the lease's take read the job's cancel and subscribed
         settings = runner.settings
         self.writer = ChunkWriter(
             runner._chunks,
@@ -309,10 +314,15 @@ class _Attempt:
     # ------------------------------------------------------------------ lease upkeep (at each flush)
     def _on_flush(self) -> None:
         r = self.r
-        signals = r._jobs.signals(self.job.job_id)
-        if signals.cancel:
-            raise Cancelled
-        self.writer.live = self.writer.live or signals.subscribed
+        now = r._clock()
+        # The job's signals, unless what the worker knows is under SIGNALS_FRESH_SECONDS old (the lease
+        # it just took, or the last read): a first token is written without another round trip.
+        if now - self.signals_at >= SIGNALS_FRESH_SECONDS:
+            signals = r._jobs.signals(self.job.job_id)
+            self.signals_at = now
+            if signals.cancel:
+                raise Cancelled
+            self.writer.live = self.writer.live or signals.subscribed
         if self.remaining_ms is not None and self.remaining_ms() < r.settings.time_margin_ms:
             raise OutOfTime
         if (r._clock() - self.last_beat) * 1000 >= r.settings.lease_ms / 3:
