@@ -23,7 +23,7 @@ from spool_core.events import (
     resume_point,
     texts,
 )
-from spool_core.jobs.cadence import Cadence
+from spool_core.jobs.cadence import FIRST_POLL_MS, Cadence
 from spool_core.jobs.model import Chunk, Job
 from spool_core.jobs.service import ChunkPage
 
@@ -207,7 +207,7 @@ def test_before_the_first_chunk_polling_is_fast_then_backs_off() -> None:
         if isinstance(item, Wait):
             waits.append(item.seconds)
             log.clock.sleep(item.seconds)
-    assert waits[0] == pytest.approx(0.04)  # the first token is written at once: look often for it
+    assert waits[0] == pytest.approx(FIRST_POLL_MS / 1000)  # the first token is written at once: look often
     assert max(waits) == pytest.approx(0.1)
     assert log.reads < 5 / 0.05  # fewer reads than a fixed 50 ms poll would make
 
