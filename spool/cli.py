@@ -929,7 +929,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=int(os.environ["SPOOL_WORKERS"]) if os.environ.get("SPOOL_WORKERS") else None,
-        help="jobs the local worker runs at once (SPOOL_WORKERS sets it too; default: 4 per CPU,"
+        help="jobs the local worker runs at once (SPOOL_WORKERS sets it too; default: 16 per CPU,"
         " at most the template's WorkerMaxConcurrency)",
     )
     dev.add_argument(

@@ -42,10 +42,11 @@ PASSTHROUGH_PREFIXES = ("SPOOL_", "POWERTOOLS_")
 REAP_INTERVAL_SECONDS = 10.0
 WARM_UP_JOB_ID = "job_" + "warmup" * 4 + "st"  # a job id no job has (ids are random base32)
 STREAM_CONCURRENCY = 64  # open event streams at once, locally (Lambda's default account limit is 1,000)
-# Queue workers per CPU when the caller does not say: a worker mostly waits (on its provider, on
-# DynamoDB), so a few per core keep the machine busy; the template's MaximumConcurrency or reserved
+# Queue workers per CPU when the caller does not say: a worker mostly waits on its provider (a job at
+# 50 tok/s uses ~0.02 cores), so a core serves many; with 4 per CPU, 20 streams at 50 tok/s waited
+# in the queue (time to first token 12-23 s); the template's MaximumConcurrency or reserved
 # concurrency caps it (see docs/decisions.md for the figures).
-WORKERS_PER_CPU = 4
+WORKERS_PER_CPU = 16
 MIN_WORKERS = 2
 
 
