@@ -347,6 +347,11 @@ class EmbeddedStack:
             thread.start()
         for thread in threads:
             thread.join(timeout=120)
+        # A web function's invocation ends after its client has the answer (the gateway closes it):
+        # wait for it, or the first real request would find that container busy and start another.
+        for function in self.functions.values():
+            if function.spec.web_app:
+                function.wait_idle(timeout=30)
 
     def _serve(self, name: str, serve: Callable[[], None], shutdown: Callable[[], None]) -> None:
         self._spawn(name, serve)

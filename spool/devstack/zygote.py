@@ -47,7 +47,10 @@ def main(argv: list[str]) -> None:
 
 
 def serve(control: socket.socket, runtime: Any, FunctionSpec: Any) -> None:  # noqa: N803 - a class
-    """Fork one container per request until the control socket closes."""
+    """Fork one child per request until the control socket closes: a container (its channel is the
+    passed file descriptor), or (``kind: function``) a function's own fork server, which imports the
+    function's handler with its environment and then forks that function's containers (its control
+    socket is the passed file descriptor)."""
     while True:
         try:
             message, fds, _, _ = socket.recv_fds(control, 1 << 20, 1)
@@ -59,15 +62,19 @@ def serve(control: socket.socket, runtime: Any, FunctionSpec: Any) -> None:  # n
         pid = os.fork()
         if pid == 0:
             control.close()
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             code = 0
             try:
-                runtime.container_main(
-                    socket.socket(fileno=fds[0]),
-                    FunctionSpec(**request["spec"]),
-                    request["environment"],
-                    request["root"],
-                )
+                spec = FunctionSpec(**request["spec"])
+                if request.get("kind") == "function":
+                    runtime.preload_function(spec, request["environment"], request["root"])
+                    own = socket.socket(fileno=fds[0])
+                    own.send(b"ready")
+                    serve(own, runtime, FunctionSpec)
+                else:
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    runtime.container_main(
+                        socket.socket(fileno=fds[0]), spec, request["environment"], request["root"]
+                    )
             except BaseException:
                 traceback.print_exc()
                 code = 1
@@ -79,6 +86,8 @@ def serve(control: socket.socket, runtime: Any, FunctionSpec: Any) -> None:  # n
             os._exit(code)
         for fd in fds:
             os.close(fd)
+        if request.get("kind") != "function":
+            runtime.forked_container()  # the next container of a function's fork server starts warm
         control.send(json.dumps({"pid": pid}).encode())
 
 

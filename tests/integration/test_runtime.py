@@ -73,6 +73,41 @@ def test_each_container_has_its_own_process_module_state_and_environment(
     assert all(report.max_memory_used_mb > 0 for report in probe.reports)
 
 
+def test_a_functions_containers_start_from_one_init_done_with_its_environment(probe: LocalFunction) -> None:
+    barrier = threading.Barrier(2)
+
+    def concurrent(_: int) -> dict[str, Any]:
+        barrier.wait()
+        answer: dict[str, Any] = probe.invoke({"sleep": 0.3})
+        return answer
+
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(concurrent, range(2)))
+    assert len({a["pid"] for a in answers}) == 2
+    # Both were forked from one process that imported the handler once, with the function's
+    # environment (not the caller's, not the shared fork server's), as a pool of warm sandboxes.
+    assert len({a["imported_by"] for a in answers}) == 1
+    assert answers[0]["imported_by"] not in {os.getpid(), *(a["pid"] for a in answers)}
+    assert {a["imported_with"] for a in answers} == {"configured"}
+    assert all(report.init_duration_ms is not None for report in probe.reports)
+
+
+def test_a_function_with_another_environment_has_its_own_init(probe: LocalFunction) -> None:
+    other = LocalFunction(
+        probe.spec,
+        LAMBDAS,
+        region="us-east-1",
+        name="probe",
+        environment={"PROBE": "other", "PATH": os.environ["PATH"]},
+    )
+    try:
+        mine, theirs = probe.invoke({}), other.invoke({})
+    finally:
+        other.shutdown()
+    assert (mine["imported_with"], theirs["imported_with"]) == ("configured", "other")
+    assert mine["imported_by"] != theirs["imported_by"]
+
+
 def test_a_handler_error_keeps_the_container(probe: LocalFunction) -> None:
     pid = probe.invoke({})["pid"]
     with pytest.raises(HandlerError) as raised:

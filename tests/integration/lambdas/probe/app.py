@@ -6,6 +6,8 @@ import time
 from typing import Any
 
 INVOCATIONS = 0  # module state: per container, as on Lambda
+IMPORTED_BY = os.getpid()  # the process that ran the init (the function's fork server)
+IMPORTED_WITH = os.environ.get("PROBE")
 
 
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
@@ -22,4 +24,6 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         "variable": os.environ.get(event.get("variable", "PROBE"), None),
         "remaining_ms": context.get_remaining_time_in_millis(),
         "request_id": context.aws_request_id,
+        "imported_by": IMPORTED_BY,
+        "imported_with": IMPORTED_WITH,
     }
