@@ -48,6 +48,18 @@ NOT_FOR_THE_AUTHORIZER = (
     "starlette",
 )
 
+# Functions that serve REST routes through Powertools' resolver; the others (the authorizer, the
+# WebSocket handler, the streaming web app, the queue and stream consumers) never load it (~50 ms).
+REST_FUNCTIONS = {
+    "ChunksFunction",
+    "ContextsFunction",
+    "HealthFunction",
+    "JobsFunction",
+    "ModelsFunction",
+    "UsageFunction",
+}
+REST_RESOLVER = "aws_lambda_powertools.event_handler.api_gateway"
+
 
 def _python(code: str, env: dict[str, str]) -> str:
     done = subprocess.run(
@@ -67,6 +79,12 @@ def test_every_python_function_of_the_template_is_checked() -> None:
 def test_a_handler_imports_no_heavy_library(name: str) -> None:
     forbidden = NEVER_AT_IMPORT if name in EVERY_JOB_USES_FLAGS else (*NEVER_AT_IMPORT, *CONFIG_SERVICES)
     assert cold.loaded(HANDLERS[name], forbidden) == []
+
+
+@pytest.mark.parametrize("name", sorted(HANDLERS))
+def test_only_the_rest_functions_load_the_rest_resolver(name: str) -> None:
+    expected = [REST_RESOLVER] if name in REST_FUNCTIONS else []
+    assert cold.loaded(HANDLERS[name], (REST_RESOLVER,)) == expected
 
 
 def test_the_authorizer_imports_only_the_key_lookup_even_with_tracing_on() -> None:
