@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+# Powertools' batch utilities, before pydantic: see spool_core/queue.py
+import aws_lambda_powertools.utilities.batch  # noqa: F401
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError

@@ -4,6 +4,8 @@ logged (it can never succeed, and retrying it for the queue's 14 days helps nobo
 
 from __future__ import annotations
 
+# Powertools' batch utilities, before pydantic: see spool_core/queue.py
+import aws_lambda_powertools.utilities.batch  # noqa: F401
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from pydantic import ValidationError
 

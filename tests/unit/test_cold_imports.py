@@ -28,6 +28,9 @@ NEVER_AT_IMPORT = (
     "spool_core.providers.bedrock",
     "spool_core.providers.openai_compatible",
     "spool_core.providers.simulated",
+    # Powertools' parser models: its batch utilities load them for type hints when pydantic is
+    # already imported (spool_core/queue.py); the consumers import the batch utilities first.
+    "aws_lambda_powertools.utilities.parser",
 )
 # Parameters (secrets, SSM) and AppConfig (feature flags): only where used. The SQS consumers
 # evaluate feature flags on every job (the runner's model fallback), so they may load them at init.
