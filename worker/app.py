@@ -10,7 +10,7 @@ from botocore.exceptions import ClientError
 
 from spool_core import bootstrap
 from spool_core.adapters import aws
-from spool_core.jobs.runner import Outcome
+from spool_core.jobs.runner import Outcome  # the runner at init: every invocation runs a job
 from spool_core.observability import logger, tracer
 from spool_core.queue import JobMessage, MessageNotDone, sqs_batch_handler
 from spool_core.tenancy import Tenant

@@ -10,7 +10,7 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from pydantic import ValidationError
 
 from spool_core import bootstrap
-from spool_core.jobs.runner import Outcome
+from spool_core.jobs.outcome import Outcome
 from spool_core.observability import logger, tracer
 from spool_core.queue import JobMessage, MessageNotDone, sqs_batch_handler
 from spool_core.tenancy import InvalidTenantId, Tenant

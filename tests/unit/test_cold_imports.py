@@ -113,6 +113,23 @@ def test_the_authorizer_imports_only_the_key_lookup_even_with_tracing_on() -> No
     ]
 
 
+def test_the_dead_letter_consumer_never_loads_the_runner() -> None:
+    """It ends jobs without running them: no runner, context service, circuits or providers."""
+    machinery = (
+        "spool_core.jobs.runner",
+        "spool_core.contexts.service",
+        "spool_core.circuits",
+        "spool_core.providers",
+    )
+    assert cold.loaded(HANDLERS["DeadLetterFunction"], machinery) == []
+
+
+def test_the_worker_loads_the_runner_at_init() -> None:
+    """Every worker invocation runs a job: loading the runner later would only move its cost from
+    the function's init to its first job, and out of what bench/cold.py measures."""
+    assert cold.loaded(HANDLERS["WorkerFunction"], ("spool_core.jobs.runner",)) == ["spool_core.jobs.runner"]
+
+
 def test_a_function_that_traces_gets_the_x_ray_tracer_when_deployed() -> None:
     jobs = HANDLERS["JobsFunction"]
     assert cold.loaded(jobs, ("aws_xray_sdk.core",), tracing=True) == ["aws_xray_sdk.core"]
