@@ -104,6 +104,16 @@ def test_importing_a_handler_runs_no_full_garbage_collection(name: str) -> None:
     assert (frozen, full_collections) == (True, 0)
 
 
+@pytest.mark.parametrize("name", sorted(HANDLERS))
+def test_the_key_lookup_loads_at_init_only_where_every_call_uses_it(name: str) -> None:
+    """The authorizer uses it on every call and the fanout on every delivery (is the subscriber's
+    key still valid?); the others never authenticate a key, or do it on some calls only (WebSocket
+    $connect and subscribe, the deep health check): they load it on that call."""
+    every_call = {"AuthorizerFunction", "FanoutFunction"}
+    expected = ["spool_core.adapters.api_keys"] if name in every_call else []
+    assert cold.loaded(HANDLERS[name], ("spool_core.adapters.api_keys",)) == expected
+
+
 def test_the_authorizer_imports_only_the_key_lookup_even_with_tracing_on() -> None:
     authorizer = HANDLERS["AuthorizerFunction"]
     assert cold.loaded(authorizer, NOT_FOR_THE_AUTHORIZER, tracing=True) == []
