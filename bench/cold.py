@@ -48,6 +48,7 @@ HEAVY_MODULES = (
     "tiktoken",  # token counting: the module, and the encoding file (~0.1-0.3 s) on the first count
     "spool_core.providers.bedrock",
     "spool_core.providers.openai_compatible",
+    "aws_lambda_powertools.utilities.parser",  # ~25 ms: its event models, never used (spool_core/queue.py)
 )
 DEFAULT_RUNS = 5
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+# Powertools' batch utilities, before pydantic: see spool_core/queue.py
+import aws_lambda_powertools.utilities.batch  # noqa: F401
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
 
 from spool_core import bootstrap
 from spool_core.adapters import aws
-from spool_core.jobs.runner import Outcome
+from spool_core.jobs.runner import Outcome  # the runner at init: every invocation runs a job
 from spool_core.observability import logger, tracer
 from spool_core.queue import JobMessage, MessageNotDone, sqs_batch_handler
 from spool_core.tenancy import Tenant

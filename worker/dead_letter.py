@@ -4,11 +4,13 @@ logged (it can never succeed, and retrying it for the queue's 14 days helps nobo
 
 from __future__ import annotations
 
+# Powertools' batch utilities, before pydantic: see spool_core/queue.py
+import aws_lambda_powertools.utilities.batch  # noqa: F401
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from pydantic import ValidationError
 
 from spool_core import bootstrap
-from spool_core.jobs.runner import Outcome
+from spool_core.jobs.outcome import Outcome
 from spool_core.observability import logger, tracer
 from spool_core.queue import JobMessage, MessageNotDone, sqs_batch_handler
 from spool_core.tenancy import InvalidTenantId, Tenant

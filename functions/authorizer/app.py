@@ -23,6 +23,7 @@ from aws_lambda_powertools.utilities.data_classes.api_gateway_authorizer_event i
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from spool_core import bootstrap
+from spool_core.adapters import api_keys  # noqa: F401 - the key lookup at init: every call uses it
 from spool_core.auth import extract_api_key, usage_key
 from spool_core.observability import logger
 

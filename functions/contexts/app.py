@@ -9,7 +9,7 @@ from aws_lambda_powertools.event_handler import Response
 from aws_lambda_powertools.event_handler.openapi.params import Query
 
 from spool_core import bootstrap, listing, models
-from spool_core.api import api_handler, create_resolver, json_response, parse_body, tenant_of
+from spool_core.api.resolver import api_handler, create_resolver, json_response, parse_body, tenant_of
 from spool_core.contexts.model import CreateContextRequest, PatchContextRequest, TokenCountRequest
 from spool_core.observability import logger
 

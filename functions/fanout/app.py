@@ -20,6 +20,7 @@ from aws_lambda_powertools.utilities.data_classes.dynamo_db_stream_event import 
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from spool_core import bootstrap
+from spool_core.adapters import api_keys  # noqa: F401 - the key lookup at init: every delivery checks keys
 from spool_core.fanout_batch import FanoutBatch, Group
 from spool_core.observability import logger, tracer
 from spool_core.tenancy import Tenant

@@ -10,8 +10,8 @@ from aws_lambda_powertools.event_handler import Response, content_types
 
 import spool_core
 from spool_core import bootstrap
-from spool_core.api import api_handler, create_resolver, json_response, request_id
 from spool_core.api.errors import envelope
+from spool_core.api.resolver import api_handler, create_resolver, json_response, request_id
 from spool_core.auth import extract_api_key
 from spool_core.errors import DependencyUnavailable, Unauthorized
 

@@ -9,7 +9,14 @@ from aws_lambda_powertools.event_handler.openapi.params import Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from spool_core import bootstrap, listing
-from spool_core.api import api_handler, create_resolver, json_response, parse_body, public_base_url, tenant_of
+from spool_core.api.resolver import (
+    api_handler,
+    create_resolver,
+    json_response,
+    parse_body,
+    public_base_url,
+    tenant_of,
+)
 from spool_core.jobs.model import MAX_SEQUENCE_ID, JobRequest
 from spool_core.jobs.service import (
     DEFAULT_CHUNK_LIMIT,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from aws_lambda_powertools.event_handler import Response
 
 from spool_core import bootstrap
-from spool_core.api import api_handler, create_resolver, json_response, tenant_of
+from spool_core.api.resolver import api_handler, create_resolver, json_response, tenant_of
 
 app = create_resolver()
 

@@ -7,9 +7,9 @@ in-memory fakes instead.
 Every function imports this module, so it imports almost nothing itself: each factory imports the
 adapters and services it wires, when it is first called. A function then loads only what its own
 routes use, and none loads the ``openai`` SDK, Powertools Parameters or AppConfig until a call needs
-them (see docs/decisions.md, cold start). The exception is the key lookup (a few ms), loaded with
-this module because the authorizer, which runs before every request and imports little else, uses
-it on every call. ``tests/unit/test_cold_imports.py`` keeps it so.
+them (see docs/decisions.md, cold start). The key lookup too: most functions never authenticate a
+key; the authorizer and the fanout, which use it on every call, import it themselves.
+``tests/unit/test_cold_imports.py`` keeps it so.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ from functools import lru_cache, partial
 from typing import TYPE_CHECKING, Any
 
 from spool_core.adapters import aws
-from spool_core.adapters.api_keys import DynamoApiKeyStore  # the key lookup: see the docstring
-from spool_core.auth import ApiKeys
 from spool_core.errors import ConfigurationError
 from spool_core.settings import Settings
 from spool_core.tenancy import Tenant, TenantScope
@@ -33,7 +31,7 @@ if TYPE_CHECKING:
     from spool_core.adapters.jobs import DynamoChunkLog, DynamoJobStore, SqsJobQueue
     from spool_core.adapters.usage import DynamoUsageStore
     from spool_core.adapters.websocket import DynamoConnectionStore
-    from spool_core.auth import ConnectionGuard
+    from spool_core.auth import ApiKeys, ConnectionGuard
     from spool_core.circuits import CircuitBreaker
     from spool_core.contexts.service import ContextService
     from spool_core.events import EventsToken
@@ -56,6 +54,9 @@ def settings() -> Settings:
 
 @lru_cache(maxsize=8)
 def _api_keys(config: Settings) -> ApiKeys:
+    from spool_core.adapters.api_keys import DynamoApiKeyStore
+    from spool_core.auth import ApiKeys
+
     return ApiKeys(DynamoApiKeyStore(aws.dynamodb(config), config.api_keys_table))
 
 

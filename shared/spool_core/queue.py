@@ -1,4 +1,11 @@
-"""The message the jobs API puts on the queue, and the entry point of its consumers."""
+"""The message the jobs API puts on the queue, and the entry point of its consumers.
+
+Import order matters for a consumer's cold start: Powertools' batch utilities import every event
+model of Powertools' parser (over a hundred pydantic models, ~130 M instructions, 25 ms) if pydantic
+is already loaded when they are first imported, only for their type hints; we never pass a model.
+A consumer therefore imports ``aws_lambda_powertools.utilities.batch`` before anything that loads
+pydantic (``spool_core.bootstrap`` does): see worker/app.py (tests/unit/test_cold_imports.py).
+"""
 
 from __future__ import annotations
 

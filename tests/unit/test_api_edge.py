@@ -9,8 +9,8 @@ import pytest
 from aws_lambda_powertools.event_handler.openapi.params import Query
 from pydantic import BaseModel, Field
 
-from spool_core.api import api_handler, create_resolver, tenant_of
 from spool_core.api.errors import register_status, status_for
+from spool_core.api.resolver import api_handler, create_resolver, tenant_of
 from spool_core.errors import InvalidRequest, NotFound, SpoolError
 from tests.support import api_event, response_json
 

@@ -9,6 +9,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +28,9 @@ NEVER_AT_IMPORT = (
     "spool_core.providers.bedrock",
     "spool_core.providers.openai_compatible",
     "spool_core.providers.simulated",
+    # Powertools' parser models: its batch utilities load them for type hints when pydantic is
+    # already imported (spool_core/queue.py); the consumers import the batch utilities first.
+    "aws_lambda_powertools.utilities.parser",
 )
 # Parameters (secrets, SSM) and AppConfig (feature flags): only where used. The SQS consumers
 # evaluate feature flags on every job (the runner's model fallback), so they may load them at init.
@@ -48,10 +52,22 @@ NOT_FOR_THE_AUTHORIZER = (
     "starlette",
 )
 
+# Functions that serve REST routes through Powertools' resolver; the others (the authorizer, the
+# WebSocket handler, the streaming web app, the queue and stream consumers) never load it (~50 ms).
+REST_FUNCTIONS = {
+    "ChunksFunction",
+    "ContextsFunction",
+    "HealthFunction",
+    "JobsFunction",
+    "ModelsFunction",
+    "UsageFunction",
+}
+REST_RESOLVER = "aws_lambda_powertools.event_handler.api_gateway"
 
-def _python(code: str, env: dict[str, str]) -> str:
+
+def _python(code: str, env: dict[str, str], cwd: Path = ROOT) -> str:
     done = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout.strip().splitlines()[-1]
@@ -69,6 +85,35 @@ def test_a_handler_imports_no_heavy_library(name: str) -> None:
     assert cold.loaded(HANDLERS[name], forbidden) == []
 
 
+@pytest.mark.parametrize("name", sorted(HANDLERS))
+def test_only_the_rest_functions_load_the_rest_resolver(name: str) -> None:
+    expected = [REST_RESOLVER] if name in REST_FUNCTIONS else []
+    assert cold.loaded(HANDLERS[name], (REST_RESOLVER,)) == expected
+
+
+@pytest.mark.parametrize("name", sorted(HANDLERS))
+def test_importing_a_handler_runs_no_full_garbage_collection(name: str) -> None:
+    """The layer freezes what was imported before it (spool_core/__init__.py), so the collector's
+    first full pass, which walks every object loaded so far (25-30 ms), does not run at import."""
+    handler = HANDLERS[name]
+    probe = (
+        f"import gc, json; import {handler.module}; "
+        "print(json.dumps([gc.get_freeze_count() > 0, gc.get_stats()[2]['collections']]))"
+    )
+    frozen, full_collections = json.loads(_python(probe, cold.environment(handler), handler.code_dir))
+    assert (frozen, full_collections) == (True, 0)
+
+
+@pytest.mark.parametrize("name", sorted(HANDLERS))
+def test_the_key_lookup_loads_at_init_only_where_every_call_uses_it(name: str) -> None:
+    """The authorizer uses it on every call and the fanout on every delivery (is the subscriber's
+    key still valid?); the others never authenticate a key, or do it on some calls only (WebSocket
+    $connect and subscribe, the deep health check): they load it on that call."""
+    every_call = {"AuthorizerFunction", "FanoutFunction"}
+    expected = ["spool_core.adapters.api_keys"] if name in every_call else []
+    assert cold.loaded(HANDLERS[name], ("spool_core.adapters.api_keys",)) == expected
+
+
 def test_the_authorizer_imports_only_the_key_lookup_even_with_tracing_on() -> None:
     authorizer = HANDLERS["AuthorizerFunction"]
     assert cold.loaded(authorizer, NOT_FOR_THE_AUTHORIZER, tracing=True) == []
@@ -76,6 +121,23 @@ def test_the_authorizer_imports_only_the_key_lookup_even_with_tracing_on() -> No
         "spool_core.auth",
         "spool_core.adapters.api_keys",
     ]
+
+
+def test_the_dead_letter_consumer_never_loads_the_runner() -> None:
+    """It ends jobs without running them: no runner, context service, circuits or providers."""
+    machinery = (
+        "spool_core.jobs.runner",
+        "spool_core.contexts.service",
+        "spool_core.circuits",
+        "spool_core.providers",
+    )
+    assert cold.loaded(HANDLERS["DeadLetterFunction"], machinery) == []
+
+
+def test_the_worker_loads_the_runner_at_init() -> None:
+    """Every worker invocation runs a job: loading the runner later would only move its cost from
+    the function's init to its first job, and out of what bench/cold.py measures."""
+    assert cold.loaded(HANDLERS["WorkerFunction"], ("spool_core.jobs.runner",)) == ["spool_core.jobs.runner"]
 
 
 def test_a_function_that_traces_gets_the_x_ray_tracer_when_deployed() -> None:

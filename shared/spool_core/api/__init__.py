@@ -1,21 +1,6 @@
-"""HTTP edge shared by every API function: resolver, error envelope, request id, tenant."""
+"""HTTP edge: the REST functions' resolver (``spool_core.api.resolver``), the streaming function's
+web app edge (``spool_core.api.web``), the one error-to-HTTP map (``spool_core.api.errors``) and CORS.
 
-from spool_core.api.resolver import (
-    api_handler,
-    create_resolver,
-    json_response,
-    parse_body,
-    public_base_url,
-    request_id,
-    tenant_of,
-)
-
-__all__ = [
-    "api_handler",
-    "create_resolver",
-    "json_response",
-    "parse_body",
-    "public_base_url",
-    "request_id",
-    "tenant_of",
-]
+Nothing is imported here: the WebSocket function reads the error map and the streaming function its
+web edge, and neither should load Powertools' REST resolver with them (~50 ms at a cold start).
+"""

@@ -9,8 +9,10 @@ client acts on: the request id, ``Retry-After`` and the rate-limit headers.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-from aws_lambda_powertools.event_handler.api_gateway import CORSConfig
+if TYPE_CHECKING:
+    from aws_lambda_powertools.event_handler.api_gateway import CORSConfig
 
 ORIGINS_ENV = "SPOOL_CORS_ORIGINS"
 EXPOSED_HEADERS = (
@@ -40,7 +42,10 @@ def allowed_origins() -> list[str]:
 
 
 def resolver_config() -> CORSConfig:
-    """For Powertools' resolvers: every route's response (errors included) carries the headers."""
+    """For Powertools' resolvers: every route's response (errors included) carries the headers.
+    (Imported here: the streaming app reads this module and never loads Powertools' resolver.)"""
+    from aws_lambda_powertools.event_handler.api_gateway import CORSConfig
+
     first, *extra = allowed_origins()
     return CORSConfig(
         allow_origin=first,

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from spool_core.clock import from_epoch, rfc3339
 from spool_core.jobs.ending import error_object, job_end, model_usage
 from spool_core.jobs.model import Job, Progress
+from spool_core.jobs.outcome import Outcome
 from spool_core.jobs.ports import ChunkLog, Conflict, EndGuard, JobStore
-from spool_core.jobs.runner import Outcome
 from spool_core.limits.model import Reservation, Settlement
 from spool_core.limits.service import RateLimiter, utc_day
 from spool_core.models import ModelCatalog

@@ -14,7 +14,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from spool_core.chat import Message
@@ -26,6 +25,7 @@ from spool_core.jobs.cadence import Cadence
 from spool_core.jobs.chunk_writer import ChunkWriter, LostLease
 from spool_core.jobs.ending import error_object, job_end, model_usage
 from spool_core.jobs.model import Job, Segment
+from spool_core.jobs.outcome import Outcome
 from spool_core.jobs.ports import ChunkLog, Conflict, EndGuard, JobQueue, JobStore
 from spool_core.limits.model import Estimate, Reservation
 from spool_core.limits.service import RateLimiter
@@ -41,12 +41,6 @@ if TYPE_CHECKING:
 CONTEXT_PREAMBLE = "Answer using the following context.\n\n"
 
 __all__ = ["JobRunner", "LostLease", "Outcome", "RunnerSettings", "build_messages"]
-
-
-class Outcome(Enum):
-    DONE = "done"  # the message can be deleted
-    RETRY = "retry"  # leave the message: it returns after its visibility timeout
-    YIELD = "yield"  # out of time: a continuation message was queued; this one can be deleted
 
 
 @dataclass(frozen=True)
