@@ -339,7 +339,10 @@ class EmbeddedStack:
                         "eventID": "warm-up",
                         "eventName": "INSERT",
                         "eventSource": "aws:dynamodb",
-                        "dynamodb": {"Keys": chunk, "NewImage": {**chunk, "text": {"S": ""}}},
+                        "dynamodb": {
+                            "Keys": chunk,
+                            "NewImage": {**chunk, "text": {"S": ""}, "created_at": {"S": rfc3339(utc_now())}},
+                        },
                     }
                     work.append(partial(invoke, name, {"Records": [change]}))
         threads = [threading.Thread(target=task, name="warm-up", daemon=True) for task in work]
