@@ -8,7 +8,7 @@ from aws_lambda_powertools.event_handler import Response
 from aws_lambda_powertools.event_handler.openapi.params import Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from spool_core import bootstrap, listing
+from spool_core import bootstrap, listing, snapshot
 from spool_core.api.resolver import (
     api_handler,
     create_resolver,
@@ -28,6 +28,19 @@ from spool_core.jobs.service import (
 )
 
 app = create_resolver()
+# What creating the first job loads (the stores, the queue, flags, the secret's provider): before a
+# snapshot, not on each new container's first request (see spool_core.snapshot).
+snapshot.load_before_snapshot(
+    "spool_core.adapters.jobs",
+    "spool_core.adapters.contexts",
+    "spool_core.adapters.listing",
+    "spool_core.adapters.usage",
+    "spool_core.events",
+    "spool_core.flags",
+    "aws_lambda_powertools.utilities.parameters",
+    "aws_lambda_powertools.utilities.feature_flags",
+    "tiktoken",
+)
 
 
 class ResumeRequest(BaseModel):

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from functools import lru_cache, partial
 from typing import TYPE_CHECKING, Any
 
+from spool_core import snapshot  # noqa: F401 - registers the SnapStart hooks (none runs at import)
 from spool_core.adapters import aws
 from spool_core.errors import ConfigurationError
 from spool_core.settings import Settings

@@ -46,6 +46,7 @@ from spool.devstack.template import AuthorizerSpec, Template, Throttle
 log = logging.getLogger("devstack.gateway")
 
 MAX_REQUEST_BYTES = 10 * 1024 * 1024  # API Gateway's payload limit
+WARM_UP_AGENT = "spool-warm-up"  # the stack's own requests before ready: logged at DEBUG only
 MAX_LAMBDA_PAYLOAD_BYTES = 6 * 1024 * 1024  # synchronous Lambda invocation limit
 INTEGRATION_TIMEOUT_SECONDS = 29
 # How long a read (the rest of the headers, the body) or a write may stall before the connection is
@@ -948,7 +949,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
             if self.command != "HEAD":
                 self.wfile.write(response.body)
             outcome = ""
-        log.info(
+        warm_up = self.headers.get("User-Agent") == WARM_UP_AGENT  # the stack's own, before ready
+        log.log(
+            logging.DEBUG if warm_up else logging.INFO,
             "%s %s %d %.0f ms %s%s",
             self.command or "-",
             self.path or self.requestline[:100],

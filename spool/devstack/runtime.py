@@ -207,7 +207,19 @@ def preload_function(spec: FunctionSpec, environment: Mapping[str, str], root: s
         _PRELOADED = _load_web_app(spec, root) if spec.web_app else _load_handler(spec, root)
     except BaseException:  # each container imports it again, and reports the init error
         _PRELOADED = None
+    else:
+        with contextlib.suppress(Exception):  # a hook that fails leaves its work to the first call
+            _run_snapshot_hooks("_before_snapshot_registry")
     _PRELOAD_MS = (time.perf_counter() - started) * 1000
+
+
+def _run_snapshot_hooks(registry: str) -> None:
+    """Run the SnapStart runtime hooks the function registered (``snapshot_restore_py``), as Lambda
+    does around a snapshot: a function fork server is this stack's snapshot of an initialized
+    function. The library keeps its hooks in these lists; Lambda's runtime reads them the same way."""
+    hooks = sys.modules.get("snapshot_restore_py")
+    for hook, args, kwargs in getattr(hooks, registry, ()):
+        hook(*args, **kwargs)
 
 
 def forked_container() -> None:
@@ -260,6 +272,8 @@ def container_main(
     global _PRELOAD_MS
     started = time.perf_counter() - _PRELOAD_MS / 1000  # the first container of a fork server paid it
     _PRELOAD_MS = 0.0
+    if _PRELOADED is not None:  # restored from the fork server's snapshot
+        _run_snapshot_hooks("_after_restore_registry")
     if spec.web_app:
         _serve_web_app(channel, spec, root, started)
         return
@@ -394,10 +408,13 @@ class ForkServer:
         self._control: socket.socket | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._functions: dict[str, tuple[socket.socket, threading.Lock]] = {}
+        self._environment: dict[str, str] = {}
 
-    def start(self) -> None:
-        """Start the fork server now (its imports take a while) rather than at the first container."""
+    def start(self, environment: Mapping[str, str] | None = None) -> None:
+        """Start the fork server now (its imports take a while) rather than at the first container;
+        ``environment``: variables its imports read (where tiktoken's encodings are)."""
         with self._lock:
+            self._environment.update(environment or {})
             self._ensure()
 
     def _ensure(self) -> socket.socket:
@@ -407,7 +424,7 @@ class ForkServer:
         self._process = subprocess.Popen(
             [sys.executable, "-m", "spool.devstack.zygote", str(theirs.fileno()), *PRELOAD],
             pass_fds=[theirs.fileno()],
-            env={**os.environ, "SPOOL_DEVSTACK_ENCODINGS": ",".join(ENCODINGS)},
+            env={**os.environ, **self._environment, "SPOOL_DEVSTACK_ENCODINGS": ",".join(ENCODINGS)},
             start_new_session=True,  # the terminal's Ctrl-C is for `spool dev` alone
         )
         theirs.close()

@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from spool.devstack.gateway import GatewayHttpServer, RestApiEmulator
+from spool.devstack.gateway import WARM_UP_AGENT, GatewayHttpServer, RestApiEmulator
 from spool.devstack.ports import PortInUse, listen
 from spool.devstack.provision import ACCOUNT_ID, MotoServer, StackDescription, aws_client, provision
 from spool.devstack.runtime import FORK_SERVER, InvocationError, LocalFunction
@@ -29,7 +29,7 @@ from spool.devstack.state import LocalState
 from spool.devstack.streams import JobTransitions, StreamChanges, StreamPoller
 from spool.devstack.template import FunctionSpec, ScheduleEvent, Template, samconfig_parameters
 from spool.devstack.websocket import ManagementApiServer, WebSocketGateway
-from spool.devstack.worker_loop import SqsEventSource, sqs_record
+from spool.devstack.worker_loop import SqsEventSource
 from spool_core.clock import rfc3339, utc_now
 
 log = logging.getLogger("devstack.stack")
@@ -41,6 +41,7 @@ API_LOGICAL_ID = "SpoolApi"
 PASSTHROUGH_PREFIXES = ("SPOOL_", "POWERTOOLS_")
 REAP_INTERVAL_SECONDS = 10.0
 WARM_UP_JOB_ID = "job_" + "warmup" * 4 + "st"  # a job id no job has (ids are random base32)
+WARM_UP_TENANT = "spool-warm-up"  # the warm-up job's tenant: no key reads it once it has run
 STREAM_CONCURRENCY = 64  # open event streams at once, locally (Lambda's default account limit is 1,000)
 # Queue workers per CPU when the caller does not say: a worker mostly waits on its provider (a job at
 # 50 tok/s uses ~0.02 cores), so a core serves many; with 4 per CPU, 20 streams at 50 tok/s waited
@@ -72,6 +73,11 @@ def parse_dev_keys(text: str) -> dict[str, str]:
     return keys
 
 
+def tiktoken_cache_dir(environ: Mapping[str, str]) -> str:
+    """Where the functions read tiktoken's encodings (offline: see docs/decisions.md)."""
+    return environ.get("TIKTOKEN_CACHE_DIR", str(PROJECT_ROOT / ".cache" / "tiktoken"))
+
+
 def local_overrides(environ: Mapping[str, str], template: Template) -> dict[str, str]:
     """Local values for the handlers' environment: the encodings on this machine, tracing and metrics
     off, and the caller's SPOOL_*/POWERTOOLS_* knobs. Variables the template computes from its
@@ -84,7 +90,7 @@ def local_overrides(environ: Mapping[str, str], template: Template) -> dict[str,
         if _references_resource(value, template.resources)
     }
     overrides = {
-        "TIKTOKEN_CACHE_DIR": environ.get("TIKTOKEN_CACHE_DIR", str(PROJECT_ROOT / ".cache" / "tiktoken")),
+        "TIKTOKEN_CACHE_DIR": tiktoken_cache_dir(environ),
         "POWERTOOLS_TRACE_DISABLED": "true",
         "POWERTOOLS_METRICS_DISABLED": "true",
     }
@@ -170,7 +176,11 @@ class EmbeddedStack:
     def start(self) -> EmbeddedStack:
         try:
             self._bind()
-            preload = threading.Thread(target=FORK_SERVER.start, name="fork-server", daemon=True)
+            # The fork server loads tiktoken's encodings from where the functions read them.
+            environment = {"TIKTOKEN_CACHE_DIR": tiktoken_cache_dir(os.environ)}
+            preload = threading.Thread(
+                target=FORK_SERVER.start, args=(environment,), name="fork-server", daemon=True
+            )
             preload.start()  # its imports overlap with moto's start and the provisioning
             self.moto.start()
             self._start()
@@ -299,62 +309,88 @@ class EmbeddedStack:
             thread.join()
 
     def _warm_job_path(self) -> None:
-        """One harmless request along a job's path before `ready` (as a Lambda warmer does): a read of
-        a job that does not exist through the API (authorizer, jobs function, event stream), an SQS
-        record and a chunk stream record for it (worker, fanout). A warm container's first invocation
-        still builds its clients and loads what its handler imports lazily; this moves that out of the
-        first job (see docs/decisions.md for the figures). Failures are ignored: it is only a warm-up."""
+        """One real job along a job's path before `ready` (as a Lambda warmer does), so the first job
+        of the developer is not the one that loads what each function loads on its first call: a
+        short job on a simulated model for a tenant of its own, created, run, read to its end over
+        SSE and read back (authorizer, jobs function, worker, events function), with a key created
+        for it and deleted once it ended; and a chunk stream record (the fanout, which a job nobody
+        subscribed to does not invoke). The job stays in that tenant's history, which no key reads.
+        Failures are ignored: it is only a warm-up."""
         tenant = self.dev_keys[self.api_key]
-        region = self.description.region if self.description else "us-east-1"
-        job_id = WARM_UP_JOB_ID
-        headers = {"Authorization": f"Bearer {self.api_key}"}
-
-        def api() -> None:
-            for path in (f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/events"):
-                request = urllib.request.Request(self.base_url + path, headers=headers)  # noqa: S310 - loopback
-                with contextlib.suppress(OSError), urllib.request.urlopen(request, timeout=60):  # noqa: S310
-                    pass
-
-        def invoke(name: str, event: dict[str, Any]) -> None:
-            with contextlib.suppress(InvocationError):
-                self.functions[name].invoke(event)
-
-        message = {
-            "MessageId": str(uuid.uuid4()),
-            "ReceiptHandle": "warm-up",
-            "Body": json.dumps({"job_id": job_id, "tenant_id": tenant}),
-            "MD5OfBody": "",
-            "Attributes": {"ApproximateReceiveCount": "1", "SentTimestamp": str(int(time.time() * 1000))},
-        }
-        chunk = {"pk": {"S": f"{tenant}#job#{job_id}"}, "sequence_id": {"N": "1"}}
-        work: list[Callable[[], None]] = [api]
+        chunk = {"pk": {"S": f"{tenant}#job#{WARM_UP_JOB_ID}"}, "sequence_id": {"N": "1"}}
+        work: list[Callable[[], None]] = [self._warm_up_job]
         for name, spec in self.template.functions().items():
-            for sqs_event in spec.sqs_events:
-                if sqs_event.queue == "JobsQueue":
-                    record = sqs_record(message, f"arn:aws:sqs:::{sqs_event.queue}", region)
-                    work.append(partial(invoke, name, {"Records": [record]}))
             for stream_event in spec.stream_events:
                 if stream_event.table == "ChunksTable":
+                    image = {**chunk, "text": {"S": ""}, "created_at": {"S": rfc3339(utc_now())}}
                     change = {
                         "eventID": "warm-up",
                         "eventName": "INSERT",
                         "eventSource": "aws:dynamodb",
-                        "dynamodb": {
-                            "Keys": chunk,
-                            "NewImage": {**chunk, "text": {"S": ""}, "created_at": {"S": rfc3339(utc_now())}},
-                        },
+                        "dynamodb": {"Keys": chunk, "NewImage": image},
                     }
-                    work.append(partial(invoke, name, {"Records": [change]}))
+                    work.append(partial(self._invoke_quietly, name, {"Records": [change]}))
+        started = time.monotonic()
         threads = [threading.Thread(target=task, name="warm-up", daemon=True) for task in work]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join(timeout=120)
+        log.info("warmed up the job path with a job of its own in %.1f s", time.monotonic() - started)
         # A web function's invocation ends after its client has the answer (the gateway closes it):
         # wait for it, or the first real request would find that container busy and start another.
         for function in self.functions.values():
             if function.spec.web_app:
                 function.wait_idle(timeout=30)
+
+    def _invoke_quietly(self, name: str, event: dict[str, Any]) -> None:
+        with contextlib.suppress(InvocationError):
+            self.functions[name].invoke(event)
+
+    def _warm_up_job(self) -> None:
+        from spool_core import bootstrap
+        from spool_core.auth import hash_api_key
+        from spool_core.models import registry
+        from spool_core.tenancy import Tenant
+
+        simulated = [m.id for m in registry().all() if m.provider == "simulated" and m.enabled]
+        if not simulated:
+            return  # a registry of real models only: a warm-up must not pay a provider
+        key = f"sk-warm-up-{uuid.uuid4().hex}"
+        keys = bootstrap.api_keys()
+        keys.register(key, Tenant(WARM_UP_TENANT), description="local stack warm-up")
+        try:
+            headers = {
+                "Authorization": f"Bearer {key}",
+                "Content-Type": "application/json",
+                "User-Agent": WARM_UP_AGENT,
+            }
+            body = {"message": "warm-up", "model": simulated[0], "max_tokens": 4}
+            job = self._warm_up_call("POST", "/v1/jobs", {**headers, "Idempotency-Key": key}, body)
+            if job:
+                self._warm_up_call("GET", f"/v1/jobs/{job['job_id']}/events", headers)  # to its end
+                self._warm_up_call("GET", f"/v1/jobs/{job['job_id']}?output=false", headers)
+        finally:
+            assert self.description is not None
+            dynamodb = aws_client("dynamodb", self.description.endpoint_url, self.description.region)
+            table = bootstrap.settings().api_keys_table
+            dynamodb.delete_item(TableName=table, Key={"key_hash": {"S": hash_api_key(key)}})
+
+    def _warm_up_call(
+        self, method: str, path: str, headers: Mapping[str, str], body: Any = None
+    ) -> dict[str, Any] | None:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.base_url + path, data, dict(headers), method=method)  # noqa: S310
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310 - loopback
+                raw = response.read()
+        except OSError as exc:
+            log.debug("warm-up %s %s: %s", method, path, exc)
+            return None
+        if not response.headers.get("Content-Type", "").startswith("application/json"):
+            return None
+        answer: dict[str, Any] = json.loads(raw)
+        return answer
 
     def _serve(self, name: str, serve: Callable[[], None], shutdown: Callable[[], None]) -> None:
         self._spawn(name, serve)
@@ -386,7 +422,9 @@ class EmbeddedStack:
                 batch_size=event.batch_size if event else 100,
                 region=description.region,
                 filters=event.filters if event else (),
-                observers=[JobTransitions()] if function is None else [],
+                observers=[JobTransitions(quiet_tenants=frozenset({WARM_UP_TENANT}))]
+                if function is None
+                else [],
                 changes=changes,
             )
             self._pollers.append(poller)

@@ -205,8 +205,11 @@ class JobTransitions:
     """An observer of the jobs table's stream that logs each job's status changes (queued, running,
     then how it ended), so `make dev` shows what the worker does without reading its logs."""
 
-    def __init__(self, logger: logging.Logger | None = None) -> None:
+    def __init__(
+        self, logger: logging.Logger | None = None, quiet_tenants: frozenset[str] = frozenset()
+    ) -> None:
         self._log = logger or logging.getLogger("devstack.jobs")
+        self._quiet = quiet_tenants  # their jobs are logged at DEBUG (the stack's warm-up job)
         self._last: dict[str, tuple[str, int]] = {}
 
     def __call__(self, records: list[dict[str, Any]]) -> None:
@@ -222,7 +225,8 @@ class JobTransitions:
             if self._last.get(job_id) == (status, attempts):
                 continue
             self._last[job_id] = (status, attempts)
-            self._log.info("job %s %s", job_id, self._describe(status, attempts, image, tenant))
+            level = logging.DEBUG if tenant in self._quiet else logging.INFO
+            self._log.log(level, "job %s %s", job_id, self._describe(status, attempts, image, tenant))
             if status in {"completed", "failed", "cancelled"}:
                 self._last.pop(job_id, None)
 

@@ -41,6 +41,26 @@ def test_the_job_path_is_warm_before_ready(stack: EmbeddedStack) -> None:
         assert stack.functions[name].reports, f"{name} served nothing before ready"
 
 
+def test_the_warm_up_ran_a_real_job_of_its_own_tenant_and_left_no_key(stack: EmbeddedStack) -> None:
+    from spool.devstack.stack import WARM_UP_TENANT
+    from spool_core import bootstrap
+    from spool_core.tenancy import Tenant
+
+    keys = bootstrap.api_keys()
+    assert keys.list_keys(Tenant(WARM_UP_TENANT)) == []  # the key it ran with is gone
+    assert call(stack, "GET", "/v1/jobs?limit=100")["data"] == []  # nothing in the developer's history
+    key, record = keys.create(Tenant(WARM_UP_TENANT), description="test: read the warm-up's job")
+    try:
+        request = urllib.request.Request(  # noqa: S310 - loopback
+            stack.base_url + "/v1/jobs", headers={"Authorization": f"Bearer {key}"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
+            jobs = json.loads(response.read())["data"]
+    finally:
+        keys.revoke(record.key_id)
+    assert [job["status"] for job in jobs] == ["completed"]
+
+
 def test_one_poller_per_queue_with_the_functions_concurrency(stack: EmbeddedStack) -> None:
     queues = sorted(source._queue_arn.rsplit(":", 1)[-1] for source in stack._sources)
     assert len(queues) == len(set(queues))  # one per queue

@@ -266,3 +266,29 @@ def test_openai_errors_are_still_classified() -> None:
         assert (error.code, error.retryable) == expected
     broken = classify(openai.APIConnectionError(request=request))
     assert (broken.code, broken.retryable) == ("provider_unavailable", True)
+
+
+def test_the_snapshot_hooks_do_a_first_calls_loading_without_a_request() -> None:
+    """Before a snapshot (SnapStart; the local fork servers) the jobs function creates its AWS clients,
+    builds its routes' validation models and loads what creating a job imports, with no endpoint to
+    call (the hooks make no request: a snapshot must hold no connection)."""
+    jobs = HANDLERS["JobsFunction"]
+    probe = (
+        f"import sys, json, snapshot_restore_py as hooks; import {jobs.module}; "
+        "from spool_core.adapters import aws; "
+        "before = 'spool_core.adapters.jobs' in sys.modules; "
+        "[hook(*args, **kwargs) for hook, args, kwargs in hooks._before_snapshot_registry]; "
+        "after = 'spool_core.adapters.jobs' in sys.modules; "
+        "print(json.dumps([before, after, aws._client.cache_info().currsize]))"
+    )
+    names = ("API_KEYS", "CONTEXTS", "JOBS", "CHUNKS", "USAGE", "SYSTEM", "CONNECTIONS")
+    environment = {
+        **cold.environment(jobs),
+        **{f"SPOOL_{name}_TABLE": name.lower() for name in names},
+        "SPOOL_BUCKET": "bucket",
+        "SPOOL_JOBS_QUEUE_URL": "http://127.0.0.1:9/queue/jobs",
+        "SPOOL_DEAD_LETTER_QUEUE_URL": "http://127.0.0.1:9/queue/dead",
+        "SPOOL_ENDPOINT_URL": "http://127.0.0.1:9",  # nothing listens there
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    assert json.loads(cold._run(jobs.code_dir, probe, environment)) == [False, True, 3]
