@@ -49,6 +49,19 @@ def probe() -> Iterator[LocalFunction]:
     function.shutdown()
 
 
+def two_at_once(probe: LocalFunction) -> list[dict[str, Any]]:
+    """Two invocations released together, each long enough to hold its container meanwhile."""
+    barrier = threading.Barrier(2)
+
+    def concurrent(_: int) -> dict[str, Any]:
+        barrier.wait()
+        answer: dict[str, Any] = probe.invoke({"sleep": 0.3})
+        return answer
+
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(concurrent, range(2)))
+
+
 def test_each_container_has_its_own_process_module_state_and_environment(
     probe: LocalFunction, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -57,15 +70,7 @@ def test_each_container_has_its_own_process_module_state_and_environment(
     assert first["variable"] == "configured"
     assert probe.invoke({"variable": "CALLER_ONLY"})["variable"] is None  # only the function's environment
     assert first["pid"] != os.getpid()
-    barrier = threading.Barrier(2)
-
-    def concurrent(_: int) -> dict[str, Any]:
-        barrier.wait()
-        answer: dict[str, Any] = probe.invoke({"sleep": 0.3})
-        return answer
-
-    with ThreadPoolExecutor(2) as pool:
-        answers = list(pool.map(concurrent, range(2)))
+    answers = two_at_once(probe)
     assert len({a["pid"] for a in answers}) == 2  # concurrent invocations never share a container
     assert len({first["request_id"], *(a["request_id"] for a in answers)}) == 3
     assert probe.reports[0].init_duration_ms is not None  # the first invocation was a cold start
@@ -74,15 +79,7 @@ def test_each_container_has_its_own_process_module_state_and_environment(
 
 
 def test_a_functions_containers_start_from_one_init_done_with_its_environment(probe: LocalFunction) -> None:
-    barrier = threading.Barrier(2)
-
-    def concurrent(_: int) -> dict[str, Any]:
-        barrier.wait()
-        answer: dict[str, Any] = probe.invoke({"sleep": 0.3})
-        return answer
-
-    with ThreadPoolExecutor(2) as pool:
-        answers = list(pool.map(concurrent, range(2)))
+    answers = two_at_once(probe)
     assert len({a["pid"] for a in answers}) == 2
     # Both were forked from one process that imported the handler once, with the function's
     # environment (not the caller's, not the shared fork server's), as a pool of warm sandboxes.
