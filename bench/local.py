@@ -330,9 +330,13 @@ def run(print_: PrintFn = print, moto_sizes: tuple[int, ...] = MOTO_SIZES) -> No
     report_moto(moto_per_call(Template.load(PROJECT_ROOT / "template.yaml"), moto_sizes), print_)
     with _loopback_stack() as (stack, upstream_url, ready):
         jobs = first_jobs(stack)
+        # One warm job varies by the readers' pacing (0.15-0.35 s here): the first is compared with
+        # the tenth and with the median of the second to the tenth.
+        warm = statistics.median(jobs[1:])
         print_(
             f"jobs of {JOB_TOKENS} tokens right after ready (ready in {ready:.1f} s): first {jobs[0]:.2f} s, "
-            f"tenth {jobs[-1]:.2f} s = {jobs[0] / jobs[-1]:.1f}x (target: <= 2x; before: 2.8-18 s)"
+            f"tenth {jobs[-1]:.2f} s = {jobs[0] / jobs[-1]:.1f}x, median of 2nd-10th {warm:.2f} s = "
+            f"{jobs[0] / warm:.1f}x (target: <= 2x; before: 2.8-18 s)"
         )
         time.sleep(2)  # the last job's stream records and releases settle
         cores = idle_cores()

@@ -8,12 +8,25 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
 
-from spool_core import bootstrap
+from spool_core import bootstrap, snapshot
 from spool_core.adapters import aws
 from spool_core.jobs.runner import Outcome  # the runner at init: every invocation runs a job
 from spool_core.observability import logger, tracer
 from spool_core.queue import JobMessage, MessageNotDone, sqs_batch_handler
 from spool_core.tenancy import Tenant
+
+# What a first job loads, before a snapshot rather than in each new container (spool_core.snapshot).
+snapshot.load_before_snapshot(
+    "spool_core.adapters.jobs",
+    "spool_core.adapters.contexts",
+    "spool_core.adapters.usage",
+    "spool_core.adapters.circuits",
+    "spool_core.flags",
+    "spool_core.providers.simulated",
+    "spool_core.providers.openai_compatible",
+    "spool_core.providers.bedrock",
+)
+snapshot.register_before_snapshot(snapshot.create_openai_client)
 
 
 @tracer.capture_method
