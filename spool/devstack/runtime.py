@@ -210,6 +210,11 @@ def preload_function(spec: FunctionSpec, environment: Mapping[str, str], root: s
     else:
         with contextlib.suppress(Exception):  # a hook that fails leaves its work to the first call
             _run_snapshot_hooks("_before_snapshot_registry")
+        if spec.web_app:  # what uvicorn imports as it starts (its protocols, its loop), once here
+            with contextlib.suppress(Exception):
+                _uvicorn_config(
+                    _PRELOADED, os.path.join(tempfile.gettempdir(), "spool-web-preload.sock")
+                ).load()
     _PRELOAD_MS = (time.perf_counter() - started) * 1000
 
 
@@ -309,8 +314,7 @@ def _serve_web_app(channel: socket.socket, spec: FunctionSpec, root: str, starte
     path = os.path.join(tempfile.gettempdir(), f"spool-web-{os.getpid()}.sock")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    config = uvicorn.Config(app, uds=path, log_config=None, access_log=False, lifespan="off")
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(_uvicorn_config(app, path))
     serving = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     serving.start()
     try:
@@ -330,6 +334,12 @@ def _serve_web_app(channel: socket.socket, spec: FunctionSpec, root: str, starte
     serving.join(timeout=2)
     with contextlib.suppress(OSError):
         os.unlink(path)
+
+
+def _uvicorn_config(app: Any, path: str) -> Any:
+    import uvicorn
+
+    return uvicorn.Config(app, uds=path, log_config=None, access_log=False, lifespan="off")
 
 
 def _wait_ready(path: str, readiness_path: str, serving: threading.Thread, deadline: float) -> None:
