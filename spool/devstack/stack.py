@@ -420,6 +420,8 @@ class EmbeddedStack:
                 description.attributes[f"{table}.StreamArn"],
                 function,
                 batch_size=event.batch_size if event else 100,
+                parallelization=event.parallelization if event else 1,
+                partition_key=self.template.partition_key(table),
                 region=description.region,
                 filters=event.filters if event else (),
                 observers=[JobTransitions(quiet_tenants=frozenset({WARM_UP_TENANT}))]

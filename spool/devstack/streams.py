@@ -9,11 +9,14 @@ reads every ``interval`` while records come, and backs off to ``idle_interval`` 
 
 from __future__ import annotations
 
+import hashlib
 import http.client
+import json
 import logging
 import threading
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
@@ -89,6 +92,8 @@ class StreamPoller:
         *,
         batch_size: int,
         region: str,
+        parallelization: int = 1,
+        partition_key: str = "pk",
         filters: Sequence[Mapping[str, Any]] = (),
         observers: Sequence[Observer] = (),
         interval: float = 0.05,
@@ -99,6 +104,8 @@ class StreamPoller:
         self._arn = stream_arn
         self._function = function
         self._batch = batch_size
+        self._lanes = max(1, parallelization)
+        self._partition_key = partition_key
         self._region = region
         self._filters = list(filters)
         self._observers = list(observers)
@@ -188,17 +195,42 @@ class StreamPoller:
         if self._filters:
             records = [r for r in records if any(matches(p, r) for p in self._filters)]
         if records and self._function is not None:
-            try:
-                result = self._function.invoke({"Records": records})
-            except InvocationError as exc:
-                log.warning("%s; the batch is retried", exc)
+            lanes = self._lanes_of(records)
+            if len(lanes) == 1:
+                failed = not self._deliver(lanes[0])
+            else:
+                with ThreadPoolExecutor(len(lanes), thread_name_prefix="stream-lane") as pool:
+                    failed = not all(pool.map(self._deliver, lanes))
+            if failed:
                 self._stop.wait(self._interval)
                 return iterator, self._batch  # Lambda retries the batch
-            failures = (result or {}).get("batchItemFailures") if isinstance(result, dict) else None
-            if failures:
-                log.warning("stream handler reported %d failed records", len(failures))
         next_iterator: str | None = response.get("NextShardIterator")
         return next_iterator, read
+
+    def _lanes_of(self, records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        """The records split as Lambda splits a shard with a ParallelizationFactor: by partition key,
+        so the records of one key stay in one batch, in order (a job's chunks, then its end)."""
+        if self._lanes == 1:
+            return [records]
+        lanes: dict[int, list[dict[str, Any]]] = {}
+        for record in records:
+            keys = (record.get("dynamodb") or {}).get("Keys") or {}
+            key = json.dumps(keys.get(self._partition_key), sort_keys=True)
+            lane = int(hashlib.sha256(key.encode()).hexdigest(), 16) % self._lanes
+            lanes.setdefault(lane, []).append(record)
+        return list(lanes.values())
+
+    def _deliver(self, records: list[dict[str, Any]]) -> bool:
+        assert self._function is not None
+        try:
+            result = self._function.invoke({"Records": records})
+        except InvocationError as exc:
+            log.warning("%s; the batch is retried", exc)
+            return False
+        failures = (result or {}).get("batchItemFailures") if isinstance(result, dict) else None
+        if failures:
+            log.warning("stream handler reported %d failed records", len(failures))
+        return True
 
 
 class JobTransitions:

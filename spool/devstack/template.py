@@ -202,6 +202,8 @@ class StreamEvent:
     table: str  # logical id of the table whose stream feeds the function
     batch_size: int
     filters: tuple[Mapping[str, Any], ...] = ()  # FilterCriteria patterns (a record passes if any matches)
+    # Batches of one shard processed at once; records of one partition key stay in order, in one batch
+    parallelization: int = 1
 
 
 @dataclass(frozen=True)
@@ -270,6 +272,11 @@ class Template:
     def resources(self) -> dict[str, dict[str, Any]]:
         resources: dict[str, dict[str, Any]] = self.body["Resources"]
         return resources
+
+    def partition_key(self, table: str) -> str:
+        """The attribute name of a table's partition (HASH) key."""
+        schema = self.resources[table].get("Properties", {}).get("KeySchema", [])
+        return next(str(k["AttributeName"]) for k in schema if k.get("KeyType") == "HASH")
 
     def resources_of_type(self, *types: str) -> dict[str, dict[str, Any]]:
         return {name: res for name, res in self.resources.items() if res.get("Type") in types}
@@ -355,6 +362,7 @@ class Template:
                             _ref_name(ep["Stream"]),
                             int(ep.get("BatchSize", 100)),
                             tuple(json.loads(f["Pattern"]) for f in patterns),
+                            int(ep.get("ParallelizationFactor", 1)),
                         )
                     )
                 elif event["Type"] in {"Schedule", "ScheduleV2"}:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import pytest
 
-from spool.devstack.streams import JobTransitions, matches
+from spool.devstack.streams import JobTransitions, StreamPoller, matches
 from spool.devstack.template import Template
 from tests.support import ROOT
 
@@ -28,7 +29,61 @@ def test_the_fanout_reads_the_chunk_stream_in_order_and_only_live_records() -> N
     assert not matches(LIVE, {"eventName": "REMOVE", "dynamodb": {"Keys": {}}})
     resources = Template.load(ROOT / "template.yaml").body["Resources"]
     properties = resources["FanoutFunction"]["Properties"]["Events"]["Chunks"]["Properties"]
-    assert properties["ParallelizationFactor"] == 1  # one batch of a shard at a time, in order
+    # Batches of a shard at once, each job's records in one of them, in order (see the test below)
+    assert properties["ParallelizationFactor"] == event.parallelization == 10
+
+
+class Streams:
+    """One shard whose single read returns ``records`` (the stream client the poller calls)."""
+
+    def __init__(self, records: list[dict[str, Any]]) -> None:
+        self.records = records
+
+    def describe_stream(self, StreamArn: str) -> dict[str, Any]:  # noqa: N803 - boto3's names
+        return {"StreamDescription": {"Shards": [{"ShardId": "shard-1"}]}}
+
+    def get_shard_iterator(self, **_: Any) -> dict[str, Any]:
+        return {"ShardIterator": "it-0"}
+
+    def get_records(self, ShardIterator: str, Limit: int) -> dict[str, Any]:  # noqa: N803
+        return {"Records": self.records if ShardIterator == "it-0" else [], "NextShardIterator": "it-1"}
+
+
+class Fanout:
+    """A function that holds each batch until ``release``: how many ran at once, and what each got."""
+
+    def __init__(self, expected_at_once: int) -> None:
+        self.batches: list[list[tuple[str, int]]] = []
+        self.barrier = threading.Barrier(expected_at_once, timeout=30)
+        self.lock = threading.Lock()
+
+    def invoke(self, event: dict[str, Any]) -> dict[str, Any]:
+        batch = [
+            (r["dynamodb"]["Keys"]["pk"]["S"], int(r["dynamodb"]["Keys"]["sequence_id"]["N"]))
+            for r in event["Records"]
+        ]
+        with self.lock:
+            self.batches.append(batch)
+        self.barrier.wait()  # every lane's batch is in flight at the same time, or this times out
+        return {"batchItemFailures": []}
+
+
+def test_a_shard_is_read_in_parallel_lanes_with_each_jobs_records_in_one_lane_in_order() -> None:
+    jobs = [f"t#job#{n}" for n in range(40)]
+    records = [
+        {"eventName": "INSERT", "dynamodb": {"Keys": {"pk": {"S": job}, "sequence_id": {"N": str(seq)}}}}
+        for seq in range(1, 4)
+        for job in jobs
+    ]
+    poller = StreamPoller(Streams(records), "arn", None, batch_size=1000, region="r", parallelization=4)
+    lanes = poller._lanes_of(records)
+    fanout = Fanout(len(lanes))
+    poller._function = fanout  # type: ignore[assignment]
+    assert poller._poll("it-0") == ("it-1", len(records))
+    assert 1 < len(fanout.batches) <= 4  # several batches at once, at most the factor
+    for job in jobs:
+        (holding,) = [batch for batch in fanout.batches if any(pk == job for pk, _ in batch)]
+        assert [seq for pk, seq in holding if pk == job] == [1, 2, 3]  # one lane, in order
 
 
 def test_exists_and_prefix_rules() -> None:
