@@ -119,16 +119,27 @@ def parse(stream: Iterator[str]) -> list[dict[str, Any]]:
     return events
 
 
-def timeline(log: Log, after: int = 0, settings: StreamSettings | None = None) -> list[tuple[float, str]]:
+def timeline(
+    log: Log, after: int = 0, settings: StreamSettings | None = None, budget: int | None = None
+) -> list[tuple[float, str]]:
     """(time sent, text) of everything the stream sends, waits played on the log's clock."""
     sent = []
     service: Any = log
-    for item in job_events(service, "job_1", after, settings, clock=log.clock, wall_ms=log.clock.ms):
+    events = job_events(
+        service, "job_1", after, settings, clock=log.clock, wall_ms=log.clock.ms, budget=budget
+    )
+    for item in events:
         if isinstance(item, Wait):
             log.clock.sleep(item.seconds)
         else:
             sent.append((log.clock.now, item))
     return sent
+
+
+def sent_chunks(log: Log, budget: int | None = None) -> list[tuple[float, dict[str, Any]]]:
+    """(time sent, event) of each chunk event the stream sends."""
+    sent = timeline(log, budget=budget)
+    return [(at, e) for at, text in sent for e in parse(iter([text])) if e.get("event") == "chunk"]
 
 
 def run(log: Log, after: int = 0, settings: StreamSettings | None = None) -> list[dict[str, Any]]:
@@ -222,8 +233,7 @@ def test_a_stream_looks_for_each_chunk_when_it_is_due() -> None:
         written[seq] = at
         at += cadence.interval_ms(seq) / 1000 + 0.02
     log.writes.append((at, "<end>"))
-    sent = timeline(log)
-    chunks = [(at, e) for at, text in sent for e in parse(iter([text])) if e.get("event") == "chunk"]
+    chunks = sent_chunks(log)
     assert [int(e["id"]) for _, e in chunks] == list(range(1, 31))
     delays = [sent_at - written[int(e["id"])] for sent_at, e in chunks]
     assert max(delays) <= 0.1
@@ -242,8 +252,7 @@ def test_an_answer_that_ends_before_its_budget_is_seen_within_a_quarter_second()
         (1001.5, "e"),
         (1001.5, "<end>"),
     ]
-    sent = timeline(log)
-    chunks = [(at, e) for at, text in sent for e in parse(iter([text])) if e.get("event") == "chunk"]
+    chunks = sent_chunks(log)
     assert chunks[-1][1]["id"] == "5" and chunks[-1][0] - 1001.5 <= 0.25 + 0.05  # not when 6 was due
 
 
@@ -265,14 +274,7 @@ def test_the_last_chunk_of_a_budget_is_expected_when_it_is_due() -> None:
         {**c, "tokens": tokens[c["sequence_id"]], "tokens_total": totals[c["sequence_id"]]}
         for c in original(after)
     ]
-    sent = []
-    service: Any = log
-    for item in job_events(service, "job_1", 0, clock=log.clock, wall_ms=log.clock.ms, budget=86):
-        if isinstance(item, Wait):
-            log.clock.sleep(item.seconds)
-        else:
-            sent.append((log.clock.now, item))
-    chunks = [(at, e) for at, text in sent for e in parse(iter([text])) if e.get("event") == "chunk"]
+    chunks = sent_chunks(log, budget=86)
     # 40 tokens in 800 ms, 15 left of 86: due 300 ms after chunk 4, not when 64 would be
     assert chunks[-1][1]["id"] == "5" and chunks[-1][0] - 1001.7 <= 0.05
 
@@ -293,8 +295,7 @@ def test_a_stream_sees_when_the_token_cap_writes_before_the_interval() -> None:
     log.chunks_after = lambda after: [  # type: ignore[method-assign]
         {**c, "tokens": tokens_of[c["sequence_id"]]} for c in original(after)
     ]
-    sent = timeline(log)
-    chunks = [(at, e) for at, text in sent for e in parse(iter([text])) if e.get("event") == "chunk"]
+    chunks = sent_chunks(log)
     delays = [sent_at - written[int(e["id"])][0] for sent_at, e in chunks]
     assert len(delays) == len(schedule) and max(delays) <= 0.1, delays
     assert log.reads <= (at - 1000.0) / 0.25 + len(schedule)
