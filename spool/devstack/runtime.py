@@ -274,9 +274,7 @@ def container_main(
         dump = Path(environment[CALL_COUNTS_ENV]) / f"{spec.logical_id}-{os.getpid()}.json"
         AwsCallCounter(dump).install()
     tracing = bool(environment.get(TRACEMALLOC_ENV))
-    global _PRELOAD_MS
     started = time.perf_counter() - _PRELOAD_MS / 1000  # the first container of a fork server paid it
-    _PRELOAD_MS = 0.0
     if _PRELOADED is not None:  # restored from the fork server's snapshot
         _run_snapshot_hooks("_after_restore_registry")
     if spec.web_app:
@@ -406,6 +404,14 @@ def _error_payload(exc: BaseException) -> dict[str, Any]:
     }
 
 
+@dataclass
+class _FunctionServer:
+    """A function's fork server: its control socket once started; its lock orders the requests."""
+
+    control: socket.socket | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
 class ForkServer:
     """The process containers are forked from (``python -m spool.devstack.zygote``): it has imported
     the third-party libraries once. For each function (and environment) it forks a fork server of its
@@ -417,7 +423,7 @@ class ForkServer:
         self._lock = threading.Lock()
         self._control: socket.socket | None = None
         self._process: subprocess.Popen[bytes] | None = None
-        self._functions: dict[str, tuple[socket.socket, threading.Lock]] = {}
+        self._functions: dict[str, _FunctionServer] = {}
         self._environment: dict[str, str] = {}
 
     def start(self, environment: Mapping[str, str] | None = None) -> None:
@@ -450,53 +456,54 @@ class ForkServer:
         request = json.dumps(
             {"spec": _spec_data(spec), "environment": dict(environment), "root": str(root)}
         ).encode()
-        key = hashlib.sha256(request).hexdigest()
-        control, lock = self._function_server(key, spec, request)
+        server = self._function_server(hashlib.sha256(request).hexdigest(), spec, request)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            with lock:
-                socket.send_fds(control, [request], [theirs.fileno()])
-                reply = control.recv(1024)
-        except OSError:
-            reply = b""
+            with server.lock:
+                reply = b""
+                if server.control is not None:
+                    with contextlib.suppress(OSError):
+                        socket.send_fds(server.control, [request], [theirs.fileno()])
+                        reply = server.control.recv(1024)
+                    if not reply:  # the next container of this function starts a new fork server
+                        server.control.close()
+                        server.control = None
         finally:
             theirs.close()
         if not reply:
             ours.close()
-            with self._lock:  # the next container of this function starts a new fork server
-                if self._functions.get(key, (None,))[0] is control:
-                    del self._functions[key]
-                    control.close()
             raise InvocationCrashed("the fork server exited")
         return int(json.loads(reply)["pid"]), ours
 
-    def _function_server(
-        self, key: str, spec: FunctionSpec, request: bytes
-    ) -> tuple[socket.socket, threading.Lock]:
+    def _function_server(self, key: str, spec: FunctionSpec, request: bytes) -> _FunctionServer:
         """The fork server of this function and environment, started (from the shared one) the first
-        time a container of it is wanted."""
+        time a container of it is wanted. Only the request to the shared one holds the shared lock:
+        functions' fork servers import their handlers at once, each in its own process."""
         with self._lock:
-            known = self._functions.get(key)
-            if known is not None:
-                return known
-            control = self._ensure()
+            server = self._functions.setdefault(key, _FunctionServer())
+        with server.lock:
+            if server.control is not None:
+                return server
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
-                server = json.dumps({"kind": "function", **json.loads(request)}).encode()
-                socket.send_fds(control, [server], [theirs.fileno()])
-                reply = control.recv(1024)
+                with self._lock:
+                    control = self._ensure()
+                    started = json.dumps({"kind": "function", **json.loads(request)}).encode()
+                    socket.send_fds(control, [started], [theirs.fileno()])
+                    reply = control.recv(1024)
             finally:
                 theirs.close()
             if not reply or ours.recv(16) != b"ready":
                 ours.close()
                 raise InvocationCrashed(f"the fork server of {spec.logical_id} did not start")
-            self._functions[key] = (ours, threading.Lock())
-            return self._functions[key]
+            server.control = ours
+            return server
 
     def stop(self) -> None:
         with self._lock:
-            for control, _ in self._functions.values():
-                control.close()
+            for server in self._functions.values():
+                if server.control is not None:
+                    server.control.close()
             self._functions.clear()
             if self._control is not None:
                 self._control.close()
