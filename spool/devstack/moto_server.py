@@ -13,11 +13,11 @@ It differs from ``python -m moto.server`` in these ways:
   every connection) and writes no access log, and it remembers moto's list of service modules
   instead of listing its package directory on every request: together 2-3x less time per call.
 - **Transactions cost what they touch** (``moto_patches``): moto copied whole tables for each one.
-- **Stream readers can wait for a write** (``GET /_spool/stream-changes?after=N&timeout=S``): the
-  answer is a counter of the stream records written so far, sent as soon as it passes ``after`` (or
-  after ``timeout`` seconds). The stack's stream pollers wait on it instead of polling every 50 ms:
-  an idle stack makes one request per poller every few seconds, and a record is read as soon as it is
-  written.
+- **Stream readers can wait for a write** (``GET /_spool/stream-changes?after=N&timeout=S&table=T``):
+  the answer is a counter of the stream records written so far to table ``T`` (or to any table),
+  sent as soon as it passes ``after`` (or after ``timeout`` seconds). The stack's stream pollers wait
+  on it instead of polling every 50 ms: an idle stack makes one request per poller every few seconds,
+  a record is read as soon as it is written, and a write wakes only the poller of its table's stream.
 - **It ends with its parent.**
 """
 
@@ -56,26 +56,35 @@ class SerializedDynamoDB:
 
 
 class StreamChanges:
-    """A counter of the DynamoDB stream records written, and a wait for it to pass a value."""
+    """Counters of the DynamoDB stream records written, per table and in all, and a wait for one to
+    pass a value."""
 
     def __init__(self) -> None:
         self._changed = threading.Condition()
+        self.counts: dict[str, int] = {}
         self.count = 0
 
     def record_written(self, table: str = "") -> None:
         with self._changed:
             self.count += 1
+            self.counts[table] = self.counts.get(table, 0) + 1
             self._changed.notify_all()
 
-    def wait(self, after: int, timeout: float) -> int:
+    def wait(self, after: int, timeout: float, table: str | None = None) -> int:
+        """The count (of ``table``'s records, or of all) once it passes ``after``, or at ``timeout``."""
+
+        def now() -> int:
+            return self.count if table is None else self.counts.get(table, 0)
+
         with self._changed:
-            self._changed.wait_for(lambda: self.count > after, timeout)
-            return self.count
+            self._changed.wait_for(lambda: now() > after, timeout)
+            return now()
 
 
 class StreamChangesRoute:
-    """WSGI middleware: ``GET /_spool/stream-changes?after=N&timeout=S`` answers the counter as soon as
-    it passes ``N`` (or after ``S`` seconds, at most 30); every other request goes to ``app``."""
+    """WSGI middleware: ``GET /_spool/stream-changes?after=N&timeout=S[&table=T]`` answers the count
+    of records written (to table ``T``, or to any) as soon as it passes ``N`` (or after ``S`` seconds,
+    at most 30); every other request goes to ``app``."""
 
     def __init__(self, app: WsgiApp, changes: StreamChanges) -> None:
         self._app = app
@@ -91,7 +100,8 @@ class StreamChangesRoute:
         except ValueError:
             start_response("400 Bad Request", [("Content-Type", "text/plain")])
             return [b"after must be an integer and timeout a number of seconds"]
-        body = str(self._changes.wait(after, timeout)).encode()
+        table = query.get("table", [None])[0]
+        body = str(self._changes.wait(after, timeout, table)).encode()
         start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
         return [body]
 

@@ -406,7 +406,6 @@ class EmbeddedStack:
         """The DynamoDB Streams event sources (the fanout), and a reader of the jobs stream for the job
         log (one line per job transition)."""
         streams = aws_client("dynamodbstreams", description.endpoint_url, description.region)
-        changes = StreamChanges(description.endpoint_url)
         sources: list[tuple[str, LocalFunction | None, Any]] = [
             (event.table, self.functions[name], event)
             for name, spec in self.template.functions().items()
@@ -428,7 +427,8 @@ class EmbeddedStack:
                 observers=[JobTransitions(quiet_tenants=frozenset({WARM_UP_TENANT}))]
                 if function is None
                 else [],
-                changes=changes,
+                # Woken by a write to its own table only (a job's writes do not wake the chunk poller).
+                changes=StreamChanges(description.endpoint_url, table=description.refs[table]),
             )
             self._pollers.append(poller)
             self._spawn(f"stream-{table}", poller.run)

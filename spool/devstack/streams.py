@@ -53,14 +53,15 @@ def _allowed(rule: Any, present: bool, actual: Any) -> bool:
 
 
 class StreamChanges:
-    """The moto server's count of stream records written (``GET /_spool/stream-changes``), over one
-    kept-alive connection per thread."""
+    """The moto server's count of stream records written (``GET /_spool/stream-changes``) to ``table``
+    (a table's name; None: to any), over one kept-alive connection per thread."""
 
-    def __init__(self, endpoint_url: str, wait_seconds: float = 2.0) -> None:
+    def __init__(self, endpoint_url: str, wait_seconds: float = 2.0, table: str | None = None) -> None:
         parsed = urllib.parse.urlsplit(endpoint_url)
         self._host = parsed.hostname or "127.0.0.1"
         self._port = parsed.port or 80
         self.wait_seconds = wait_seconds
+        self._query = f"&table={urllib.parse.quote(table)}" if table else ""
         self._local = threading.local()
 
     def wait(self, after: int) -> int:
@@ -71,7 +72,9 @@ class StreamChanges:
             connection = http.client.HTTPConnection(self._host, self._port, timeout=self.wait_seconds + 10)
             self._local.connection = connection
         try:
-            connection.request("GET", f"/_spool/stream-changes?after={after}&timeout={self.wait_seconds:g}")
+            connection.request(
+                "GET", f"/_spool/stream-changes?after={after}&timeout={self.wait_seconds:g}{self._query}"
+            )
             response = connection.getresponse()
             body = response.read()
         except (OSError, http.client.HTTPException) as exc:

@@ -232,6 +232,31 @@ def test_stream_changes_count_records_and_wait_for_the_next(stack: StackDescript
     assert answers and answers[0] > now  # answered by the write, not the 30 s timeout
 
 
+def test_stream_changes_of_one_table_are_not_woken_by_another(stack: StackDescription) -> None:
+    """A job's writes (the jobs table) do not wake the chunk stream's poller, and the other way round."""
+    chunks = StreamChanges(stack.endpoint_url, wait_seconds=0, table=stack.refs["ChunksTable"])
+    jobs = StreamChanges(stack.endpoint_url, wait_seconds=0, table=stack.refs["JobsTable"])
+    chunks_before, jobs_before = chunks.wait(-1), jobs.wait(-1)
+    ddb = client("dynamodb", stack)
+    ddb.put_item(
+        TableName=stack.refs["JobsTable"],
+        Item={"pk": {"S": f"t#job#{uuid.uuid4().hex}"}, "sk": {"S": "job"}},
+    )
+    assert jobs.wait(jobs_before) == jobs_before + 1
+    assert chunks.wait(chunks_before) == chunks_before  # answered at its timeout, unchanged
+
+    waiting = StreamChanges(stack.endpoint_url, wait_seconds=30, table=stack.refs["ChunksTable"])
+    answers: list[int] = []
+    thread = threading.Thread(target=lambda: answers.append(waiting.wait(chunks_before)))
+    thread.start()
+    ddb.put_item(
+        TableName=stack.refs["ChunksTable"],
+        Item={"pk": {"S": f"t#job#{uuid.uuid4().hex}"}, "sequence_id": {"N": "0"}},
+    )
+    thread.join(timeout=60)
+    assert answers == [chunks_before + 1]  # answered by the chunk write, not the 30 s timeout
+
+
 def test_stream_changes_refuse_bad_parameters(moto_server: MotoServer) -> None:
     host = urllib.parse.urlsplit(moto_server.url)
     connection = http.client.HTTPConnection(host.hostname or "127.0.0.1", host.port, timeout=30)
