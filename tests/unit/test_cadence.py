@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from spool_core.jobs.cadence import (
     FIRST_POLL_FOR_MS,
     FIRST_POLL_MS,
+    FIRST_POLL_SOON_FOR_MS,
+    LATER_FIRST_POLL_MS,
     LOOK_AFTER_MS,
     LOOK_CEILING_MS,
     MAX_POLL_MS,
@@ -117,6 +119,8 @@ def test_a_reader_looks_when_a_chunk_is_due_and_at_least_every_quarter_second() 
     watch = Watch(Cadence())
     start = 1_000_000
     assert watch.wait_ms(start) == FIRST_POLL_MS  # nothing yet: the first token is written at once
+    assert watch.wait_ms(start + FIRST_POLL_SOON_FOR_MS - 1) == FIRST_POLL_MS
+    assert watch.wait_ms(start + FIRST_POLL_SOON_FOR_MS) == LATER_FIRST_POLL_MS  # less often
     assert watch.wait_ms(start + FIRST_POLL_FOR_MS) == MIN_POLL_MS  # then backs off
     watch.saw(1, start, 1, 1)
     assert watch.wait_ms(start + 10) == 200 + LOOK_AFTER_MS - 10  # chunk 2 is due 200 ms after 1

@@ -12,7 +12,8 @@ Readers poll the log (a Server-Sent Events stream, a long-polling chunk page): k
 they look for chunk ``n + 1`` when it is due (from the write times and sizes of the chunks they hold,
 and the job's token budget when they know it: the last chunk comes early) and at least every 250 ms
 (an answer may end before its budget), instead of every 50-100 ms: a 20 s answer costs a few reads
-per chunk, not hundreds. Before the first chunk they poll every 25 ms (time to first token).
+per chunk, not hundreds. Before the first chunk they poll every 10 ms, then every 25 ms (time to
+first token).
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ MAX_POLL_MS = 100
 # A reader never waits longer than this between looks (an answer that ends early is seen as soon).
 LOOK_CEILING_MS = 250
 # Before the first chunk a reader polls this often for a while: the first token is written at once.
-FIRST_POLL_MS = 25
+# Every 10 ms for the first 200 ms (a warm job's first token comes within ~100 ms of its creation),
+# then every 25 ms until a second has gone by: at most ~50 looks, each a small eventually
+# consistent query.
+FIRST_POLL_MS = 10
+FIRST_POLL_SOON_FOR_MS = 200
+LATER_FIRST_POLL_MS = 25
 FIRST_POLL_FOR_MS = 1000
 
 
@@ -77,7 +83,8 @@ def next_poll_ms(previous_ms: int) -> int:
 class Watch:
     """A reader's pacing over one job's log: after a chunk, it looks just after the next one is due, and
     at least every ``LOOK_CEILING_MS``; once that time has passed, it polls, backing off from 50 to
-    100 ms. Before the first chunk it polls every 25 ms for a while, then backs off likewise.
+    100 ms. Before the first chunk it polls every 10 ms, then every 25 ms, for a while, then backs off
+    likewise.
     ``budget``: the job's token budget (``max_tokens``), when the reader knows it."""
 
     def __init__(self, cadence: Cadence, budget: int | None = None) -> None:
@@ -86,7 +93,7 @@ class Watch:
         self._last: tuple[int, int] | None = None  # (sequence id, written at ms) of the newest chunk seen
         self._due_ms: int | None = None  # when the next one is expected
         self._poll_ms = MIN_POLL_MS
-        self._first_polls_until: int | None = None  # before any chunk: fast polls until then
+        self._first_wait_ms: int | None = None  # when it first waited for a first chunk
         self.started = False  # whether the reader has looked at the log yet
 
     def saw(self, sequence_id: int, created_ms: int | None, tokens: int = 0, tokens_total: int = 0) -> None:
@@ -106,8 +113,11 @@ class Watch:
         if self._due_ms is not None and now_ms < self._due_ms + LOOK_AFTER_MS:
             return max(MIN_POLL_MS, min(self._due_ms + LOOK_AFTER_MS - now_ms, LOOK_CEILING_MS))
         if self._last is None:  # no chunk yet: the first token is written at once
-            self._first_polls_until = self._first_polls_until or now_ms + FIRST_POLL_FOR_MS
-            if now_ms < self._first_polls_until:
+            self._first_wait_ms = now_ms if self._first_wait_ms is None else self._first_wait_ms
+            waited = now_ms - self._first_wait_ms
+            if waited < FIRST_POLL_SOON_FOR_MS:
                 return FIRST_POLL_MS
+            if waited < FIRST_POLL_FOR_MS:
+                return LATER_FIRST_POLL_MS
         wait, self._poll_ms = self._poll_ms, next_poll_ms(self._poll_ms)
         return wait

@@ -73,6 +73,9 @@ MAX_MESSAGES_BYTES = 192 * 1024  # of a job item's 400 KB (the output is in the 
 # seen from its end mark in the log; only a job that ended before end marks existed is seen ending
 # that much later (never missed), and a terminal status is final.
 STATUS_FRESH_SECONDS = 2.0
+# A queued job's, for a quarter of a second: a stream waiting for the first token looks at the log
+# every few ms, and need not read the job each time (a queued job's cancel is seen that much later).
+QUEUED_FRESH_SECONDS = 0.25
 STATUSES: tuple[Status, ...] = ("queued", "running", "completed", "failed", "cancelled")
 ADMISSION_ATTEMPTS = 25  # reads and transactions, while concurrent admissions keep moving the state
 
@@ -497,11 +500,12 @@ class JobService:
 
     def _status(self, job_id: str) -> Status:
         """The job's status for a page: read (eventually consistent, one attribute) unless a read of
-        it that said ``running`` is under ``STATUS_FRESH_SECONDS`` old (a queued job is read each
-        time: a page with chunks never says ``queued``)."""
+        it that said ``running`` is under ``STATUS_FRESH_SECONDS`` old, or ``queued`` under
+        ``QUEUED_FRESH_SECONDS`` (a page with chunks never says ``queued``)."""
         now = self._clock()
         seen = self._statuses.get(job_id)
-        if seen is not None and seen[1] == "running" and now - seen[0] < STATUS_FRESH_SECONDS:
+        fresh = {"running": STATUS_FRESH_SECONDS, "queued": QUEUED_FRESH_SECONDS}
+        if seen is not None and now - seen[0] < fresh.get(seen[1], 0):
             return seen[1]
         status = self._jobs.status(job_id)
         if status is None:
