@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from spool_core.jobs.model import Chunk, EndMark, Job, Progress, Segment, Status
+from spool_core.jobs.model import TERMINAL, Chunk, EndMark, Job, Progress, Segment, Status
 from spool_core.jobs.ports import (
     AdmissionRefused,
     Claim,
@@ -184,14 +184,13 @@ class TenantLedger:
 
         self.ledger._apply("withdraw", write)
 
-    def take_lease(self, job_id: str, token: str, now_ms: int, until_ms: int, expected_attempts: int) -> Job:
+    def take_lease(self, job_id: str, token: str, now_ms: int, until_ms: int) -> Job:
         def write() -> Job:
             item = self._job(job_id)
             if (
                 item is None
                 or item["status"] not in {"queued", "running"}
                 or item.get("lease_expires_ms", 0) >= now_ms
-                or item.get("attempts", 0) != expected_attempts
             ):
                 if item is not None and item.get("lease_token") == token:
                     return Job.model_validate(item)
@@ -200,7 +199,7 @@ class TenantLedger:
                 status="running",
                 lease_token=token,
                 lease_expires_ms=until_ms,
-                attempts=expected_attempts + 1,
+                attempts=item.get("attempts", 0) + 1,
                 pending_since_ms=now_ms,
             )
             item.setdefault("started_at", "2026-01-01T00:00:00.000Z")
@@ -350,7 +349,8 @@ class TenantLedger:
             item = self._job(job_id)
             if item is None:
                 raise Conflict(None)
-            item["subscribed"] = True
+            if item["status"] not in TERMINAL:
+                item["subscribed"] = True
             return Job.model_validate(item)
 
         result: Job = self.ledger._apply("mark_subscribed", write)

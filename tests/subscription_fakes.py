@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from spool_core.jobs.model import Chunk, Job, JobRequest, Progress, Usage
+from spool_core.jobs.ports import Conflict
 from spool_core.subscriptions import Subscription, Written
 
 Pause = Callable[[], None]
@@ -235,6 +236,10 @@ class MemoryJobLog:
     def mark_subscribed(self, job_id: str) -> Job:
         self._pause()
         with self._lock:
+            if job_id not in self.jobs:
+                raise Conflict(None)
+            if self.jobs[job_id].terminal:
+                return self.jobs[job_id]  # ended: nothing to mark
             job = self.jobs[job_id].model_copy(update={"subscribed": True})
             self.jobs[job_id] = job
             return job

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 # Powertools' batch utilities, before pydantic: see spool_core/queue.py
 import aws_lambda_powertools.utilities.batch  # noqa: F401
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
@@ -46,13 +48,22 @@ def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
             logger.warning("could not extend the message's visibility", extra={"error": str(exc)})
 
     logger.append_keys(job_id=message.job_id, tenant_id=message.tenant_id)
-    runner = bootstrap.job_runner(Tenant(message.tenant_id), settings)
-    outcome = runner.run(
-        message.job_id,
-        heartbeat=extend_visibility,
-        remaining_ms=lambda_context.get_remaining_time_in_millis,
-        continuation=message.continuation,
-    )
+    # The message stays hidden at least as long as the lease the runner is about to take, so that
+    # after a crash it comes back once that lease has expired and the next attempt takes over at once
+    # (the runner extends it again with each renewal). Asked for while the runner takes the lease, not
+    # before: nothing waits for it but the end of this record.
+    hidden = threading.Thread(target=extend_visibility, args=(int(settings.lease_seconds) + 1,), daemon=True)
+    hidden.start()
+    try:
+        runner = bootstrap.job_runner(Tenant(message.tenant_id), settings)
+        outcome = runner.run(
+            message.job_id,
+            heartbeat=extend_visibility,
+            remaining_ms=lambda_context.get_remaining_time_in_millis,
+            continuation=message.continuation,
+        )
+    finally:
+        hidden.join()
     # YIELD: a continuation message carries the job on; this one is done (a yield is not a failure,
     # so it never spends the message's delivery budget).
     if outcome is Outcome.RETRY:

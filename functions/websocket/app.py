@@ -48,7 +48,7 @@ def _connect(event: dict[str, Any], connection_id: str) -> dict[str, Any]:
             "statusCode": 401,
             "body": json.dumps(envelope(error, event["requestContext"].get("requestId"))),
         }
-    bootstrap.connections().put(connection_id, record.tenant_id)
+    bootstrap.connections().put(connection_id, record)  # the tenant and the key, in one write
     bootstrap.connection_guard().admit(connection_id, record)
     return {"statusCode": 200}
 

@@ -334,9 +334,6 @@ class ApiKeys:
 
 
 class ConnectionKeyStore(Protocol):
-    def remember(self, connection_id: str, record: ApiKeyRecord) -> None:
-        """Record which key the connection authenticated with."""
-
     def key_hash(self, connection_id: str) -> str | None:
         """The hash of the connection's key; None for an unknown connection, or one that recorded none."""
 
@@ -373,7 +370,8 @@ class ConnectionGuard:
         self._key_of: OrderedDict[str, str | None] = OrderedDict()
 
     def admit(self, connection_id: str, record: ApiKeyRecord) -> None:
-        self._connections.remember(connection_id, record)
+        """A connection opened with ``record``'s key (which the connection's own item records, in the
+        one write that stores it at ``$connect``)."""
         self._memo(connection_id, record.key_hash)
 
     def allowed(self, connection_id: str) -> bool:

@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 from spool_core.events import done_data
 from spool_core.jobs.model import END_SEQUENCE_ID, Chunk, EndMark, Job
-from spool_core.jobs.ports import ChunkLog, JobStore
+from spool_core.jobs.ports import ChunkLog, Conflict, JobStore
 from spool_core.units import now_ms
 
 # A handler that died holding the lease is taken over after this. Each claim renews it, so it covers
@@ -183,16 +183,20 @@ class Fanout:
         self._owner = uuid.uuid4().hex  # one per handler: each invocation builds its own Fanout
 
     def subscribe(self, job_id: str, connection_id: str, after: int) -> bool:
-        """Record the subscription (holding the lease: no stream delivery pushes before the backlog),
-        mark the job subscribed (its worker then marks its chunks ``live``, the only ones the chunk
-        stream delivers), then send the backlog, and ``done`` if the job has ended.
+        """Mark the job subscribed (its worker then marks its chunks ``live``, the only ones the chunk
+        stream delivers, and its end writes an end mark behind its last chunk), record the subscription
+        (holding the lease: no stream delivery pushes before the backlog), then send the backlog, and
+        ``done`` if the job has ended.
 
-        A chunk written before the worker saw the mark reaches the subscriber with the next live chunk
-        or the job's end mark (each delivery reads the log from the subscriber's cursor); a job that
-        ends before the mark has no end mark, and is seen ending here (the mark returns the job). False:
-        there is no such job (nothing is stored)."""
-        job = self._jobs.get(job_id)
-        if job is None:
+        The mark comes first and returns the job (one request instead of a read and a write): a live
+        chunk the stream delivers before the subscription exists is in the backlog, read after it is
+        stored. A chunk written before the worker saw the mark reaches the subscriber with the next live
+        chunk or the job's end mark (each delivery reads the log from the subscriber's cursor); a job
+        that ended before the mark has no end mark, and is seen ending here (the mark returns the job).
+        False: there is no such job (nothing is stored)."""
+        try:
+            job = self._jobs.mark_subscribed(job_id)
+        except Conflict:
             return False
         subscription = Subscription(
             job_id,
@@ -203,8 +207,6 @@ class Fanout:
             sending_until_ms=self._clock_ms() + self._lease_ms,
         )
         self._subscriptions.put(subscription)
-        if not job.terminal and not job.subscribed:
-            job = self._jobs.mark_subscribed(job_id)
         known = _Known(ended=EndMark.of(job) if job.terminal else None)
         _Sender(self, subscription, known, owner=self._owner, look=True).run()
         return True

@@ -147,7 +147,7 @@ def test_the_status_index_follows_every_status_change(stack: StackDescription, c
     ]
     store = bootstrap._job_tables(tenant, bootstrap.settings())[0]
     now = int(time.time() * 1000)
-    store.take_lease(ids[0], "lease-0", now, now + 30_000, 0)
+    store.take_lease(ids[0], "lease-0", now, now + 30_000)
     store.renew_lease(
         ids[0],
         "lease-0",

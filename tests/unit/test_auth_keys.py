@@ -247,9 +247,6 @@ class MemoryConnectionKeys:
         self.keys: dict[str, str] = {}
         self.reads = 0
 
-    def remember(self, connection_id: str, record: ApiKeyRecord) -> None:
-        self.keys[connection_id] = record.key_hash
-
     def key_hash(self, connection_id: str) -> str | None:
         self.reads += 1
         return self.keys.get(connection_id)

@@ -129,7 +129,7 @@ def test_a_waiting_poll_of_a_silent_job_ends_at_its_deadline_empty() -> None:
     world = JobWorld()
     job_id = create(world)
     now = world.clock.ms()
-    world.ledger.tenant("acme").take_lease(job_id, "a-worker", now, now + 30_000, 0)  # started, silent
+    world.ledger.tenant("acme").take_lease(job_id, "a-worker", now, now + 30_000)  # started, silent
     store = CountingStore(world.ledger.tenant("acme"))
     started = world.clock.now
     page = service(world, store).chunks(job_id, after=0, wait=2)

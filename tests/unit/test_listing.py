@@ -111,7 +111,7 @@ def test_an_entry_is_the_job_resource_without_output_and_reads_no_chunk(world: J
     a = job_service(world, "tenant-a")
     [job_id] = create(a, 1, world)
     store = world.ledger.tenant("tenant-a")
-    job = store.take_lease(job_id, "lease-1", world.clock.ms(), world.clock.ms() + 30_000, 0)
+    job = store.take_lease(job_id, "lease-1", world.clock.ms(), world.clock.ms() + 30_000)
     store.renew_lease(
         job_id,
         "lease-1",

@@ -140,6 +140,24 @@ def test_a_long_job_yields_and_continues_without_spending_its_delivery_budget() 
     assert job.attempts == 3
 
 
+def test_a_refused_lease_says_what_to_do_with_the_message_without_calling_the_provider() -> None:
+    world = JobWorld()
+    runner = world.runner("acme")
+    assert runner.run("job_missing") is Outcome.DONE  # no such job: the message is dropped
+    held = create(world, key="held")
+    now = world.clock.ms()
+    world.ledger.tenant("acme").take_lease(held, "another-worker", now, now + 30_000)
+    assert runner.run(held) is Outcome.RETRY  # another attempt holds it: the message waits
+    ended = create(world, key="ended")
+    assert runner.run(ended) is Outcome.DONE
+    attempts = world.ledger.tenant("acme").get(ended).attempts
+    calls = len(world.provider_calls)
+    assert runner.run(ended) is Outcome.DONE  # a redelivery of an ended job: done, nothing written
+    assert world.ledger.tenant("acme").get(ended).attempts == attempts
+    assert len(world.provider_calls) == calls
+    assert world.ledger.tenant("acme").get(held).attempts == 1  # only the other worker's take counted
+
+
 def test_cancel_after_a_crash_never_calls_the_provider_again() -> None:
     world = JobWorld()
     job_id = create(world, metadata={"simulate": {"fault": "crash", "at_token": 100}})
@@ -319,13 +337,15 @@ def test_the_signals_are_read_at_most_once_per_freshness_window() -> None:
     assert len(reads) > 1 and all(b - a >= 0.1 for a, b in itertools.pairwise(reads))
 
 
-def test_a_job_nobody_subscribed_to_writes_no_live_chunk() -> None:
-    """Only live chunks reach the fanout (the chunk stream's filter in template.yaml)."""
+def test_a_job_nobody_subscribed_to_writes_only_its_first_chunk_live() -> None:
+    """Only live chunks reach the fanout (the chunk stream's filter in template.yaml): one fanout per
+    job for the first chunk, which a client subscribing as the job starts may otherwise miss."""
     world = JobWorld()
     job_id = create(world, max_tokens=640)
     world.drain(flush_tokens=64)
     assert_ended_once(world, job_id)
-    assert not any(c.live for c in world.ledger.tenant("acme").all(job_id))
+    log = list(world.ledger.tenant("acme").all(job_id))
+    assert len(log) > 2 and [c.live for c in log] == [True] + [None] * (len(log) - 1)
 
 
 def test_a_subscribed_job_writes_every_chunk_live_from_its_first() -> None:
@@ -355,7 +375,7 @@ def test_a_job_subscribed_mid_run_goes_live_from_the_next_flush() -> None:
     world.clock.step = 0.0
     assert_ended_once(world, job_id)
     live = [bool(c.live) for c in store.all(job_id)]
-    assert live[:3] == [False, False, False]  # the third was written before the worker looked
+    assert live[:3] == [True, False, False]  # the first always; the third before the worker looked
     assert all(live[3:]) and len(live) > 3
 
 

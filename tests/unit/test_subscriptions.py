@@ -290,7 +290,9 @@ def test_resubscribing_starts_over_from_the_new_cursor(parts: Any) -> None:
 def test_a_subscribe_marks_the_job_once_and_an_ended_job_not_at_all(parts: Any) -> None:
     log, store, pusher = parts
     assert log.get(JOB).subscribed is False  # type: ignore[union-attr]
+    reads = log.reads["job"]
     fanout(log, store, pusher).subscribe(JOB, "a", 0)
+    assert log.reads["job"] - reads == 1  # the sender's look; the mark returned the job, unread
     assert log.get(JOB).subscribed is True  # type: ignore[union-attr]
     log.create("job_2")
     log.end("job_2")

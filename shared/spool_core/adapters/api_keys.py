@@ -117,7 +117,7 @@ class DynamoApiKeyStore:
 class DynamoConnectionKeys:
     """The key a WebSocket connection opened with: ``key_id`` and ``key_hash`` on the connection's own
     item (``conn#<id>`` / ``connection`` in the connections table, which the connection store writes
-    at ``$connect``), so the item's deletion at ``$disconnect`` takes them along."""
+    with them at ``$connect``), so the item's deletion at ``$disconnect`` takes them along."""
 
     def __init__(self, client: DynamoDBClient, table_name: str) -> None:
         self._client = client
@@ -126,19 +126,6 @@ class DynamoConnectionKeys:
     @staticmethod
     def _key(connection_id: str) -> dict[str, Any]:
         return serialize({"pk": f"conn#{connection_id}", "sk": "connection"})
-
-    def remember(self, connection_id: str, record: ApiKeyRecord) -> None:
-        try:
-            self._client.update_item(
-                TableName=self._table,
-                Key=self._key(connection_id),
-                UpdateExpression="SET key_id = :key_id, key_hash = :key_hash",
-                ConditionExpression="attribute_exists(pk)",  # never re-create a connection that left
-                ExpressionAttributeValues=serialize({":key_id": record.key_id, ":key_hash": record.key_hash}),
-            )
-        except ClientError as exc:
-            if _error_code(exc) != "ConditionalCheckFailedException":
-                raise
 
     def key_hash(self, connection_id: str) -> str | None:
         response = self._client.get_item(

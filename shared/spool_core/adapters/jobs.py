@@ -186,7 +186,7 @@ class DynamoJobStore:
         }
 
     # ------------------------------------------------------------------ the worker's lease
-    def take_lease(self, job_id: str, token: str, now_ms: int, until_ms: int, expected_attempts: int) -> Job:
+    def take_lease(self, job_id: str, token: str, now_ms: int, until_ms: int) -> Job:
         try:
             item = self._update(
                 job_id,
@@ -194,14 +194,15 @@ class DynamoJobStore:
                     "status": "running",
                     "lease_token": token,
                     "lease_expires_ms": until_ms,
-                    "attempts": expected_attempts + 1,
                     "pending_since_ms": now_ms,
                     STATUS_KEY: status_key(self._table, "running"),
                 },
-                "#status IN (:queued, :running) AND #lease_expires_ms < :now AND #attempts = :seen",
-                {":queued": "queued", ":running": "running", ":now": now_ms, ":seen": expected_attempts},
-                extra="#started_at = if_not_exists(#started_at, :started)",
-                extra_values={":started": _rfc3339(now_ms)},
+                "#status IN (:queued, :running) AND #lease_expires_ms < :now",
+                {":queued": "queued", ":running": "running", ":now": now_ms},
+                # Counted by the write that takes the lease: a retry of it (a lost reply) finds the
+                # lease live and changes nothing.
+                extra="#attempts = #attempts + :one, #started_at = if_not_exists(#started_at, :started)",
+                extra_values={":one": 1, ":started": _rfc3339(now_ms)},
             )
         except ConditionFailed as failed:
             if failed.item and failed.item.get("lease_token") == token:
@@ -355,9 +356,16 @@ class DynamoJobStore:
 
     def mark_subscribed(self, job_id: str) -> Job:
         try:
-            item = self._update(job_id, {"subscribed": True}, "attribute_exists(#pk)", {})
+            item = self._update(
+                job_id,
+                {"subscribed": True},
+                "attribute_exists(#pk) AND NOT #status IN (:completed, :failed, :cancelled)",
+                {":completed": "completed", ":failed": "failed", ":cancelled": "cancelled"},
+            )
         except ConditionFailed as failed:
-            raise Conflict(failed.item) from None
+            if failed.item is None:
+                raise Conflict(None) from None
+            return Job.model_validate(failed.item)  # ended: nothing to mark
         return Job.model_validate(item)
 
     def status(self, job_id: str) -> Status | None:

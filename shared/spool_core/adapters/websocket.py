@@ -15,6 +15,8 @@ from spool_core.subscriptions import Subscription, Written
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
 
+    from spool_core.auth import ApiKeyRecord
+
 CONNECTION_TTL_SECONDS = 2 * 3600  # API Gateway closes WebSocket connections after two hours
 JOB_KIND = "job"
 
@@ -26,11 +28,14 @@ class DynamoConnectionStore:
         self._client = client
         self._table = table
 
-    def put(self, connection_id: str, tenant_id: str) -> None:
+    def put(self, connection_id: str, key: ApiKeyRecord) -> None:
+        """The connection, with the tenant and the key it authenticated with (one write)."""
         item = {
             "pk": f"conn#{connection_id}",
             "sk": "connection",
-            "tenant_id": tenant_id,
+            "tenant_id": key.tenant_id,
+            "key_id": key.key_id,
+            "key_hash": key.key_hash,
             "ttl": int(time.time()) + CONNECTION_TTL_SECONDS,
         }
         self._client.put_item(TableName=self._table, Item=serialize(item))

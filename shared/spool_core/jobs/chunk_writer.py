@@ -39,7 +39,8 @@ class ChunkWriter:
         self.tokens_total = last.tokens_total if last else 0
         self.first_chunk_at: str | None = None
         self._cadence = cadence
-        # Chunks are marked live once the job has a WebSocket subscriber: only those reach the fanout.
+        # Chunks are marked live once the job has a WebSocket subscriber (and the first chunk always):
+        # only those reach the fanout.
         self.live = live
         self._written = 0  # chunks this attempt wrote
         self._clock = clock
@@ -73,7 +74,11 @@ class ChunkWriter:
             tokens=self._buffered_tokens,
             tokens_total=self.tokens_total + self._buffered_tokens,
             writer=self._writer,
-            live=True if self.live else None,
+            # A job's first chunk is always live: a client that subscribes as the job starts (the usual
+            # case) may do so between the worker's last look and this write, and would otherwise get
+            # its first token only with the next live chunk, a cadence interval later. It costs one
+            # fanout invocation per job, which finds no subscription when there is none.
+            live=True if self.live or self.sequence_id == 0 else None,
         )
         try:
             self._log.append(self._job_id, chunk)

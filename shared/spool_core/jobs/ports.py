@@ -112,9 +112,9 @@ class JobStore(Protocol):
         reservation (one transaction, conditional on the job still being queued)."""
 
     # ------------------------------------------------------------------ the worker's lease
-    def take_lease(self, job_id: str, token: str, now_ms: int, until_ms: int, expected_attempts: int) -> Job:
-        """Start an attempt: the job must be queued or running with an expired lease, and still at
-        ``expected_attempts``. ``Conflict`` otherwise."""
+    def take_lease(self, job_id: str, token: str, now_ms: int, until_ms: int) -> Job:
+        """Start an attempt (counted in ``attempts``): the job must be queued, or running with an
+        expired lease. ``Conflict`` otherwise, with the job as it is (``None`` if there is none)."""
 
     def renew_lease(
         self, job_id: str, token: str, until_ms: int, progress: Progress, first_token_at: str | None
@@ -142,8 +142,8 @@ class JobStore(Protocol):
         misses by replication lag is seen a flush later."""
 
     def mark_subscribed(self, job_id: str) -> Job:
-        """Record that the job has a WebSocket subscriber (idempotent); the job as it is then.
-        ``Conflict`` if there is no such job."""
+        """Record that the job has a WebSocket subscriber (idempotent), unless it has ended; the job as
+        it is then. ``Conflict`` if there is no such job."""
 
     def status(self, job_id: str) -> Status | None:
         """The job's status alone (``None``: no such job), eventually consistent: a terminal status

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +24,7 @@ from spool_core.errors import SpoolError
 from spool_core.jobs.cadence import Cadence
 from spool_core.jobs.chunk_writer import ChunkWriter, LostLease
 from spool_core.jobs.ending import error_object, job_end, model_usage
-from spool_core.jobs.model import Job, Segment
+from spool_core.jobs.model import TERMINAL, Job, Segment
 from spool_core.jobs.outcome import Outcome
 from spool_core.jobs.ports import ChunkLog, Conflict, EndGuard, JobQueue, JobStore
 from spool_core.limits.model import Estimate, Reservation
@@ -132,22 +132,14 @@ class JobRunner:
         remaining_ms: Callable[[], int] | None = None,
         continuation: int = 0,
     ) -> Outcome:
-        job = self._jobs.get(job_id)
-        if job is None:
-            logger.warning("job not found; dropping its message", extra={"job_id": job_id})
-            return Outcome.DONE
-        if job.terminal:
-            return Outcome.DONE
+        # The lease is the first request: its condition refuses a job that ended or that another
+        # attempt holds, and its answer is the job (no read before it: a first token sooner).
         token = uuid.uuid4().hex
         now = self._now_ms()
         try:
-            job = self._jobs.take_lease(job_id, token, now, now + self.settings.lease_ms, job.attempts)
-        except Conflict:
-            return self._busy(job_id)
-        if heartbeat:
-            # The message must stay hidden at least as long as the lease, so that after a crash it
-            # comes back once the lease has expired and the next attempt can take over at once.
-            heartbeat(self.settings.lease_ms // 1000 + 1)
+            job = self._jobs.take_lease(job_id, token, now, now + self.settings.lease_ms)
+        except Conflict as refused:
+            return self._not_taken(job_id, refused.current)
         attempt = _Attempt(self, job, token, heartbeat, remaining_ms, continuation)
         try:
             return attempt.run()
@@ -157,9 +149,13 @@ class JobRunner:
             )
             return Outcome.RETRY
 
-    def _busy(self, job_id: str) -> Outcome:
-        current = self._jobs.get(job_id)
-        if current is None or current.terminal:
+    def _not_taken(self, job_id: str, current: Mapping[str, Any] | None) -> Outcome:
+        """The lease was refused: the job is gone (its message is dropped), it ended (its message is
+        done), or another attempt holds it (its message waits for that lease to end)."""
+        if current is None:
+            logger.warning("job not found; dropping its message", extra={"job_id": job_id})
+            return Outcome.DONE
+        if current.get("status") in TERMINAL:
             return Outcome.DONE
         logger.info("job leased by another attempt; leaving the message", extra={"job_id": job_id})
         return Outcome.RETRY
