@@ -229,7 +229,7 @@ class _Attempt:
                 if model.id != self.segments[-1].model:
                     self._switch(model)
                 try:
-                    self._stream(model, messages)
+                    first_token_ms = self._stream(model, messages)
                 except ProviderError as exc:
                     if exc.retryable or exc.code == "provider_model_unavailable":
                         r._breaker.record_failure(model.id)  # the provider's health, never a refusal
@@ -239,6 +239,8 @@ class _Attempt:
                         return Outcome.DONE
                     continue
                 self._end("completed")
+                # The provider's health after the job's end, not before: its reader gets `done` sooner.
+                r._breaker.record_success(model.id, first_token_ms)
                 return Outcome.DONE
         except Cancelled:
             self.writer.flush(notify=False)
@@ -250,10 +252,10 @@ class _Attempt:
         self._fail_unavailable(primary, tried, allow_fallback)
         return Outcome.DONE
 
-    def _stream(self, model: ModelSpec, messages: tuple[Message, ...]) -> None:
+    def _stream(self, model: ModelSpec, messages: tuple[Message, ...]) -> float | None:
         """Stream one model into the log, retrying retryable errors with exponential backoff and
-        jitter (each retry resumes from what is persisted). Raises the last ``ProviderError`` when
-        the retries are spent."""
+        jitter (each retry resumes from what is persisted); the time to its first token (ms). Raises
+        the last ``ProviderError`` when the retries are spent."""
         r, job = self.r, self.job
         provider = r._provider_for(model)
         request = GenerationRequest(
@@ -285,8 +287,7 @@ class _Attempt:
                         )
                         self.finish_reason = event.finish_reason
                 self.writer.flush()
-                r._breaker.record_success(model.id, first_token_ms)
-                return
+                return first_token_ms
             except ProviderError as exc:
                 self.writer.flush()  # keep every token received before the failure
                 if not exc.retryable or calls > r.settings.max_retries:
