@@ -51,11 +51,13 @@ def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
     # The message stays hidden at least as long as the lease the runner is about to take, so that
     # after a crash it comes back once that lease has expired and the next attempt takes over at once
     # (the runner extends it again with each renewal). Asked for while the runner takes the lease, not
-    # before: nothing waits for it but the end of this record.
+    # before: nothing waits for it but the end of this record. Asked for once the runner is built
+    # (reading the model registry can take seconds on a cold container), so it lands within the
+    # extra second of the lease's start.
+    runner = bootstrap.job_runner(Tenant(message.tenant_id), settings)
     hidden = threading.Thread(target=extend_visibility, args=(int(settings.lease_seconds) + 1,), daemon=True)
     hidden.start()
     try:
-        runner = bootstrap.job_runner(Tenant(message.tenant_id), settings)
         outcome = runner.run(
             message.job_id,
             heartbeat=extend_visibility,

@@ -201,8 +201,11 @@ class DynamoJobStore:
                 {":queued": "queued", ":running": "running", ":now": now_ms},
                 # Counted by the write that takes the lease: a retry of it (a lost reply) finds the
                 # lease live and changes nothing.
-                extra="#attempts = #attempts + :one, #started_at = if_not_exists(#started_at, :started)",
-                extra_values={":one": 1, ":started": _rfc3339(now_ms)},
+                extra=(
+                    "#attempts = if_not_exists(#attempts, :zero) + :one,"
+                    " #started_at = if_not_exists(#started_at, :started)"
+                ),
+                extra_values={":zero": 0, ":one": 1, ":started": _rfc3339(now_ms)},
             )
         except ConditionFailed as failed:
             if failed.item and failed.item.get("lease_token") == token:
