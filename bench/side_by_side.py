@@ -209,6 +209,9 @@ class Stream:
     started: float
     arrivals: list[float] = field(default_factory=list)
     persist_delays: list[float] = field(default_factory=list)  # Spool: held minus created_at
+    # Spool: what ``settle`` needs to fill ``persist_delays`` from the job's log once the batch is over
+    # (base URL, API key, job id, and each chunk held: its sequence id and when it arrived).
+    unsettled: tuple[str, str, str, list[tuple[int, float]]] | None = None
 
     @property
     def ttft(self) -> float:
@@ -262,9 +265,22 @@ def read_spool(base_url: str, api_key: str, transport: str, model: str, tokens: 
             reader.cancel(job["job_id"])  # its worker stops; the next batch starts from a drained queue
             raise
         stream.arrivals = [h.at for h in held]
-        created = {c["sequence_id"]: epoch(c["created_at"]) for c in reader.chunk_log(job["job_id"])}
-        stream.persist_delays = [h.at - created[h.sequence_id] for h in held if h.sequence_id in created]
+        stream.unsettled = (base_url, api_key, job["job_id"], [(h.sequence_id, h.at) for h in held])
         return stream
+
+
+def settle(streams: list[Stream]) -> None:
+    """Each stream's persist-to-client delays, from its job's log (the ``created_at`` of each chunk),
+    read once the whole batch is over: reading them as each stream ended put those reads beside the
+    chunks the other streams of the batch were still being sent."""
+    for stream in streams:
+        if stream.unsettled is None:
+            continue
+        base_url, api_key, job_id, held = stream.unsettled
+        with Reader(base_url, api_key) as reader:
+            created = {c["sequence_id"]: epoch(c["created_at"]) for c in reader.chunk_log(job_id)}
+        stream.persist_delays = [at - created[seq] for seq, at in held if seq in created]
+        stream.unsettled = None
 
 
 def epoch(text: str) -> float:
@@ -315,6 +331,7 @@ def _drained(stack: Any, print_: Callable[[str], None], timeout: float = 180) ->
 
 def _batch(read: Callable[[], Stream], n: int) -> tuple[list[Stream], bool, list[BaseException]]:
     streams, errors = concurrently(read, n)
+    settle(streams)
     return streams, n == 1, errors
 
 
@@ -490,6 +507,7 @@ def _one_after_another(read: Callable[[], Stream], n: int) -> tuple[list[Stream]
             streams.append(read())
         except Exception as exc:
             errors.append(exc)
+    settle(streams)
     return streams, True, errors
 
 
