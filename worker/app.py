@@ -55,7 +55,9 @@ def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
     # (reading the model registry can take seconds on a cold container), so it lands within the
     # extra second of the lease's start.
     runner = bootstrap.job_runner(Tenant(message.tenant_id), settings)
-    hidden = threading.Thread(target=extend_visibility, args=(int(settings.lease_seconds) + 1,), daemon=True)
+    hidden = threading.Thread(
+        target=extend_visibility, args=(runner.settings.visibility_seconds,), daemon=True
+    )
     hidden.start()
     try:
         outcome = runner.run(

@@ -13,6 +13,7 @@ import pytest
 from spool_core import bootstrap
 from spool_core.adapters import aws
 from spool_core.jobs.outcome import Outcome
+from spool_core.jobs.runner import RunnerSettings
 from tests.support import ROOT, load_event
 
 DEADLINE_SECONDS = 30.0
@@ -52,6 +53,7 @@ class Runner:
     """Takes the lease while the message's visibility is being extended: waits until it was asked."""
 
     def __init__(self, queue: Queue) -> None:
+        self.settings = RunnerSettings(lease_ms=30_000)
         self.queue = queue
         self.saw_request_while_running = False
 
@@ -64,7 +66,7 @@ class Runner:
 def test_the_message_is_hidden_for_the_lease_while_the_lease_is_taken(
     worker: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = SimpleNamespace(jobs_queue_url="https://sqs.local/jobs", lease_seconds=30.0)
+    config = SimpleNamespace(jobs_queue_url="https://sqs.local/jobs")
     queue = Queue()
     runner = Runner(queue)
     monkeypatch.setattr(bootstrap, "settings", lambda: config)

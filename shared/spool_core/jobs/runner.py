@@ -55,6 +55,12 @@ class RunnerSettings:
     inline_output_bytes: int = 0
     time_margin_ms: int = 5000
 
+    @property
+    def visibility_seconds(self) -> int:
+        """How long the job's message stays hidden from each extension: the lease and a second, so that
+        after a crash it comes back once the lease has expired."""
+        return self.lease_ms // 1000 + 1
+
 
 class _NoCircuits:
     """A breaker store that remembers nothing (circuits off)."""
@@ -331,7 +337,7 @@ class _Attempt:
         if first:
             self.job = self.job.model_copy(update={"first_token_at": first})
         if self.heartbeat:
-            self.heartbeat(r.settings.lease_ms // 1000 + 1)
+            self.heartbeat(r.settings.visibility_seconds)
         self.last_beat = r._clock()
 
     def _switch(self, model: ModelSpec) -> None:

@@ -76,6 +76,7 @@ STATUS_FRESH_SECONDS = 2.0
 # A queued job's, for a quarter of a second: a stream waiting for the first token looks at the log
 # every few ms, and need not read the job each time (a queued job's cancel is seen that much later).
 QUEUED_FRESH_SECONDS = 0.25
+FRESH_SECONDS: dict[str, float] = {"running": STATUS_FRESH_SECONDS, "queued": QUEUED_FRESH_SECONDS}
 STATUSES: tuple[Status, ...] = ("queued", "running", "completed", "failed", "cancelled")
 ADMISSION_ATTEMPTS = 25  # reads and transactions, while concurrent admissions keep moving the state
 
@@ -504,8 +505,7 @@ class JobService:
         ``QUEUED_FRESH_SECONDS`` (a page with chunks never says ``queued``)."""
         now = self._clock()
         seen = self._statuses.get(job_id)
-        fresh = {"running": STATUS_FRESH_SECONDS, "queued": QUEUED_FRESH_SECONDS}
-        if seen is not None and now - seen[0] < fresh.get(seen[1], 0):
+        if seen is not None and now - seen[0] < FRESH_SECONDS.get(seen[1], 0):
             return seen[1]
         status = self._jobs.status(job_id)
         if status is None:
