@@ -208,27 +208,35 @@ def test_connections_are_kept_alive(moto_server: MotoServer) -> None:
         connection.close()
 
 
+def put_chunk(stack: StackDescription) -> str:
+    """A chunk item of a new job, written to the chunk table (its stream records it); its key."""
+    pk = f"t#job#{uuid.uuid4().hex}"
+    client("dynamodb", stack).put_item(
+        TableName=stack.refs["ChunksTable"], Item={"pk": {"S": pk}, "sequence_id": {"N": "0"}}
+    )
+    return pk
+
+
+def answers_to_a_chunk_write(waiting: StreamChanges, after: int, stack: StackDescription) -> list[int]:
+    """What ``waiting.wait(after)``, started on a thread, answers once a chunk is written."""
+    answers: list[int] = []
+    thread = threading.Thread(target=lambda: answers.append(waiting.wait(after)))
+    thread.start()
+    put_chunk(stack)
+    thread.join(timeout=60)
+    return answers
+
+
 def test_stream_changes_count_records_and_wait_for_the_next(stack: StackDescription) -> None:
     changes = StreamChanges(stack.endpoint_url, wait_seconds=0)
     before = changes.wait(-1)
     assert changes.wait(before + 10) == before  # nothing new: the answer comes at the timeout
-    ddb = client("dynamodb", stack)
-    ddb.put_item(
-        TableName=stack.refs["ChunksTable"],
-        Item={"pk": {"S": f"t#job#{uuid.uuid4().hex}"}, "sequence_id": {"N": "0"}},
-    )
+    put_chunk(stack)
     assert changes.wait(before) > before
 
     waiting = StreamChanges(stack.endpoint_url, wait_seconds=30)
-    answers: list[int] = []
     now = waiting.wait(-1)
-    thread = threading.Thread(target=lambda: answers.append(waiting.wait(now)))
-    thread.start()
-    ddb.put_item(
-        TableName=stack.refs["ChunksTable"],
-        Item={"pk": {"S": f"t#job#{uuid.uuid4().hex}"}, "sequence_id": {"N": "0"}},
-    )
-    thread.join(timeout=60)
+    answers = answers_to_a_chunk_write(waiting, now, stack)
     assert answers and answers[0] > now  # answered by the write, not the 30 s timeout
 
 
@@ -246,14 +254,7 @@ def test_stream_changes_of_one_table_are_not_woken_by_another(stack: StackDescri
     assert chunks.wait(chunks_before) == chunks_before  # answered at its timeout, unchanged
 
     waiting = StreamChanges(stack.endpoint_url, wait_seconds=30, table=stack.refs["ChunksTable"])
-    answers: list[int] = []
-    thread = threading.Thread(target=lambda: answers.append(waiting.wait(chunks_before)))
-    thread.start()
-    ddb.put_item(
-        TableName=stack.refs["ChunksTable"],
-        Item={"pk": {"S": f"t#job#{uuid.uuid4().hex}"}, "sequence_id": {"N": "0"}},
-    )
-    thread.join(timeout=60)
+    answers = answers_to_a_chunk_write(waiting, chunks_before, stack)
     assert answers == [chunks_before + 1]  # answered by the chunk write, not the 30 s timeout
 
 
@@ -301,10 +302,7 @@ def test_an_idle_poller_waits_for_a_write_and_delivers_it(stack: StackDescriptio
         idle.wait(written)  # up to 1.5 s, over which a 50 ms poller would have read 30 times
         # One read per write at most (nothing else writes here, but another test's leftovers might).
         assert poller.polls - polls <= idle.wait(-1) - written + 1
-        pk = f"t#job#{uuid.uuid4().hex}"
-        client("dynamodb", stack).put_item(
-            TableName=stack.refs["ChunksTable"], Item={"pk": {"S": pk}, "sequence_id": {"N": "0"}}
-        )
+        pk = put_chunk(stack)
         wait_for(lambda: pk in function.keys, timeout=60, what="the record written after the idle time")
     finally:
         poller.stop()
@@ -327,10 +325,7 @@ def test_a_poller_falls_back_to_polling_when_it_cannot_wait(stack: StackDescript
     thread = threading.Thread(target=poller.run, daemon=True)
     thread.start()
     try:
-        pk = f"t#job#{uuid.uuid4().hex}"
-        client("dynamodb", stack).put_item(
-            TableName=stack.refs["ChunksTable"], Item={"pk": {"S": pk}, "sequence_id": {"N": "0"}}
-        )
+        pk = put_chunk(stack)
         wait_for(lambda: pk in function.keys, timeout=60, what="the record, read by polling")
     finally:
         poller.stop()
@@ -361,10 +356,7 @@ def test_a_failed_batch_is_retried(stack: StackDescription) -> None:
     thread.start()
     try:
         wait_for(lambda: poller.polls >= 1, timeout=60, what="the poller's first read")
-        pk = f"t#job#{uuid.uuid4().hex}"
-        client("dynamodb", stack).put_item(
-            TableName=stack.refs["ChunksTable"], Item={"pk": {"S": pk}, "sequence_id": {"N": "0"}}
-        )
+        pk = put_chunk(stack)
         wait_for(lambda: pk in function.keys, timeout=60, what="the record, after a failed try")
         assert len(attempts) >= 2
     finally:
