@@ -397,3 +397,40 @@ def test_every_end_writes_its_end_mark_live_for_a_subscribed_job() -> None:
         job.progress.last_sequence_id,
         job.cost_nanos,
     )
+
+
+def test_a_provider_that_resumes_from_text_gets_what_was_persisted_and_no_read_before_the_first_chunk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A provider that cannot continue from a token index (an OpenAI-compatible or Bedrock model) is
+    given the persisted text on a retry; before an attempt's first chunk nothing is persisted, and the
+    log is not read (a first token sooner)."""
+    from spool_core.providers.simulated import SimulatedProvider
+
+    resumed: list[tuple[int, str]] = []
+    reads: list[str] = []
+
+    class FromText(SimulatedProvider):
+        resumes_by_index = False
+
+        def stream(self, request: GenerationRequest, resume: Any) -> Any:
+            resumed.append((resume.tokens, resume.text))
+            return super().stream(request, resume)
+
+    world = JobWorld()
+    world.provider_for = lambda model: FromText(faults_enabled=True, sleep=lambda _: None)
+    reading = TenantLedger.all
+
+    def counted(self: TenantLedger, job_id: str) -> Any:
+        reads.append(job_id)
+        return reading(self, job_id)
+
+    monkeypatch.setattr(TenantLedger, "all", counted)
+    job_id = create(world, max_tokens=300, metadata={"simulate": {"fault": "throttle", "at_token": 150}})
+    assert world.drain(flush_tokens=16) == ["done"]
+    log = list(reading(world.ledger.tenant("acme"), job_id))
+    assert len(resumed) == 2 and resumed[0] == (0, "")
+    tokens, text = resumed[1]  # the retry after the throttle: every token before it was persisted
+    assert tokens == 150 and text == "".join(c.text for c in log if c.tokens_total <= tokens)
+    assert len(reads) == 1  # once, for the retry: never for the first call
+    assert_ended_once(world, job_id)

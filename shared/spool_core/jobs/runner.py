@@ -277,7 +277,7 @@ class _Attempt:
             calls += 1
             resume = ResumePoint(
                 tokens=self.writer.tokens_total,
-                text="" if provider.resumes_by_index else self._persisted_text(),
+                text=self._persisted_text() if self._resumes_from_text(provider) else "",
                 attempt=job.attempts,
             )
             started, first_token_ms = r._clock(), None
@@ -304,6 +304,11 @@ class _Attempt:
                     "provider error; retrying", extra={"job_id": job.job_id, "code": exc.code, "delay": delay}
                 )
                 r._sleep(delay * (0.5 + random.random() / 2))  # jitter, not cryptography
+
+    def _resumes_from_text(self, provider: Provider) -> bool:
+        """Whether the provider continues from the persisted text: it cannot continue from a token index,
+        and something was persisted (nothing before an attempt's first chunk: no read of the log)."""
+        return not provider.resumes_by_index and self.writer.sequence_id > 0
 
     def _persisted_text(self) -> str:
         return "".join(chunk.text for chunk in self.r._chunks.all(self.job.job_id))
