@@ -312,7 +312,7 @@ def job_runner(tenant: Tenant, config: Settings | None = None) -> JobRunner:
             lease_ms=int(config.lease_seconds * 1000),
         ),
         queue=job_queue(config),
-        breaker=circuit_breaker(config),
+        breaker=_worker_circuit_breaker(config),
         flags=feature_flags(config),
     )
 
@@ -387,7 +387,7 @@ def catalog(tenant: Tenant | None, config: Settings | None = None) -> ModelCatal
     return ModelCatalog(registry(), feature_flags(config), tenant.id if tenant else None)
 
 
-def circuit_breaker(config: Settings | None = None) -> CircuitBreaker:
+def circuit_breaker(config: Settings | None = None, *, fresh_seconds: float = 0.0) -> CircuitBreaker:
     from spool_core.adapters.circuits import DynamoCircuitStore
     from spool_core.circuits import CircuitBreaker
 
@@ -397,7 +397,18 @@ def circuit_breaker(config: Settings | None = None) -> CircuitBreaker:
         threshold=config.circuit_threshold,
         window_seconds=config.circuit_window_seconds,
         cooldown_seconds=config.circuit_cooldown_seconds,
+        fresh_seconds=fresh_seconds,
     )
+
+
+# The worker's breaker lives as long as its container and trusts what it last read or wrote for this
+# long: back-to-back jobs then skip the circuit read before their first token (spool_core.circuits).
+WORKER_CIRCUIT_FRESH_SECONDS = 1.0
+
+
+@lru_cache(maxsize=8)
+def _worker_circuit_breaker(config: Settings) -> CircuitBreaker:
+    return circuit_breaker(config, fresh_seconds=WORKER_CIRCUIT_FRESH_SECONDS)
 
 
 def connections(config: Settings | None = None) -> DynamoConnectionStore:

@@ -5,10 +5,17 @@ closed: calls go through; ``threshold`` failures within ``window`` seconds open 
 open: calls are skipped (the fallback chain moves on) until ``cooldown`` seconds have passed.
 half_open: after the cool-down, calls are tried again; a success closes it, a failure reopens it.
 The same item keeps the model's recent call count, error count and first-token latency.
+
+A breaker may trust what it last read or wrote for ``fresh_seconds`` (the worker's does, for a second):
+a busy worker then asks whether a model is allowed without a read before each job's first token, and
+records each job's result with one conditional write (the version it knows; a re-read only when another
+worker wrote since). What it risks is a circuit another worker opened within that second: one more call
+to a failing provider, which the breaker counts as it would any other.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -61,15 +68,32 @@ class CircuitBreaker:
         window_seconds: float = 60.0,
         cooldown_seconds: float = 30.0,
         clock: Callable[[], float] = time.time,
+        fresh_seconds: float = 0.0,
     ) -> None:
         self._store = store
         self.threshold = threshold
         self.window = window_seconds
         self.cooldown = cooldown_seconds
         self._clock = clock
+        self.fresh_seconds = fresh_seconds
+        self._known: dict[str, tuple[Circuit, float]] = {}  # what this breaker last read or wrote, and when
 
     def circuit(self, model_id: str) -> Circuit:
-        return self._store.get_many([model_id]).get(model_id) or Circuit(model_id)
+        """The stored circuit (a read)."""
+        circuit = self._store.get_many([model_id]).get(model_id) or Circuit(model_id)
+        self._remember(circuit)
+        return dataclasses.replace(circuit)
+
+    def _remember(self, circuit: Circuit) -> None:
+        if self.fresh_seconds > 0:
+            self._known[circuit.model_id] = (dataclasses.replace(circuit), self._clock())
+
+    def _recent(self, model_id: str) -> Circuit:
+        """What this breaker last read or wrote, if within ``fresh_seconds``; else the stored circuit."""
+        known = self._known.get(model_id)
+        if known is not None and self._clock() - known[1] < self.fresh_seconds:
+            return dataclasses.replace(known[0])
+        return self.circuit(model_id)
 
     def circuits(self, model_ids: Iterable[str]) -> dict[str, Circuit]:
         ids = list(model_ids)
@@ -80,7 +104,7 @@ class CircuitBreaker:
         return int(self._clock() * 1000)
 
     def allow(self, model_id: str) -> bool:
-        circuit = self.circuit(model_id)
+        circuit = self._recent(model_id)
         if circuit.state != "open":
             return True
         if self._now_ms() < circuit.opened_at_ms + int(self.cooldown * 1000):
@@ -118,13 +142,15 @@ class CircuitBreaker:
             circuit.window_started_ms, circuit.calls, circuit.errors, circuit.failures = now, 0, 0, 0
 
     def _change(self, model_id: str, change: Callable[[Circuit], None]) -> None:
+        circuit = self._recent(model_id)
         for _ in range(5):  # optimistic: re-read and re-apply when another worker wrote first
-            circuit = self.circuit(model_id)
             version = circuit.version
             change(circuit)
             circuit.version = version + 1
             if self._store.save(circuit, version):
+                self._remember(circuit)
                 return
+            circuit = self.circuit(model_id)
 
 
 def circuit_item(circuit: Circuit) -> dict[str, Any]:

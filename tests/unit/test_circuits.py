@@ -1,0 +1,67 @@
+"""The circuit breaker's memory: a worker's breaker trusts what it last read or wrote for
+``fresh_seconds``, so back-to-back jobs skip a read before their first token, and its writes stay
+conditional on the version, so two workers never lose each other's counts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from spool_core.circuits import Circuit, CircuitBreaker
+from tests.fakes import MemoryCircuitStore
+
+
+class CountedStore(MemoryCircuitStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def get_many(self, model_ids: Iterable[str]) -> dict[str, Circuit]:
+        self.reads += 1
+        return super().get_many(model_ids)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_fresh_breaker_asks_without_a_read_after_its_own_write_until_the_memory_ages() -> None:
+    store, clock = CountedStore(), Clock()
+    breaker = CircuitBreaker(store, clock=clock, fresh_seconds=1.0)
+    breaker.record_success("m", 100.0)  # the first: one read, one write
+    assert store.reads == 1
+    clock.now += 0.5
+    assert breaker.allow("m") and store.reads == 1  # what it wrote half a second ago
+    breaker.record_success("m", 100.0)  # written on the version it knows: no read
+    assert store.reads == 1 and store.items["m"].calls == 2
+    clock.now += 1.0
+    assert breaker.allow("m") and store.reads == 2  # a second on: read again
+
+
+def test_without_freshness_every_question_is_a_read() -> None:
+    store = CountedStore()
+    breaker = CircuitBreaker(store, clock=Clock())
+    breaker.record_success("m", 100.0)
+    breaker.allow("m")
+    breaker.allow("m")
+    assert store.reads == 3
+
+
+def test_two_workers_with_memories_lose_no_count_and_see_an_open_circuit_once_their_memory_ages() -> None:
+    store, clock = CountedStore(), Clock()
+    one = CircuitBreaker(store, clock=clock, threshold=3, fresh_seconds=1.0)
+    two = CircuitBreaker(store, clock=clock, threshold=3, fresh_seconds=1.0)
+    one.record_success("m", 100.0)
+    two.record_success("m", 100.0)
+    one.record_success("m", 100.0)  # its known version is stale: the write is refused, re-read, applied
+    assert store.items["m"].calls == 3
+    for _ in range(3):
+        two.record_failure("m")
+    assert store.items["m"].state == "open"
+    assert one.allow("m")  # within its second, the worker that did not see it open still calls once
+    clock.now += 1.0
+    assert not one.allow("m")  # then it reads the open circuit and skips the model
+    assert store.items["m"].calls == 6 and store.items["m"].errors == 3
