@@ -69,11 +69,11 @@ def _subscribe(event: dict[str, Any], connection_id: str) -> dict[str, Any]:
             request_id,
         )
         return {"statusCode": 200}
-    tenant_id = bootstrap.connections().tenant(connection_id)
+    guard = bootstrap.connection_guard()  # remembers the tenant of a connection this container admitted
+    tenant_id = guard.tenant(connection_id)
     if tenant_id is None:
         _push_error(connection_id, Unauthorized("This connection is not authenticated"), request_id)
         return {"statusCode": 200}
-    guard = bootstrap.connection_guard()
     if not guard.allowed(connection_id):
         logger.info("closing a connection whose API key was revoked", extra={"connection_id": connection_id})
         guard.close(connection_id)

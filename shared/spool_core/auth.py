@@ -333,9 +333,18 @@ class ApiKeys:
         return Rotation(key, new, old)
 
 
+@dataclass(frozen=True)
+class ConnectionIdentity:
+    """Who a WebSocket connection authenticated as at ``$connect``: its tenant, and the hash of its key
+    (None for a connection opened before connections recorded their key)."""
+
+    tenant_id: str
+    key_hash: str | None
+
+
 class ConnectionKeyStore(Protocol):
-    def key_hash(self, connection_id: str) -> str | None:
-        """The hash of the connection's key; None for an unknown connection, or one that recorded none."""
+    def identity(self, connection_id: str) -> ConnectionIdentity | None:
+        """The connection's tenant and key, from its own item (one read); None for an unknown connection."""
 
 
 class ConnectionCloser(Protocol):
@@ -351,8 +360,9 @@ class ConnectionGuard:
     connection's key is recorded at ``$connect``; before pushing to a connection (the fanout) or
     serving one of its messages (``subscribe``), ``allowed`` checks that key through the same cache as
     the authorizer, and ``close`` ends a connection whose key is no longer active: a final
-    ``unauthorized`` error frame, then the connection is closed. Which key a connection uses never
-    changes, so that is remembered here for the environment's life (bounded).
+    ``unauthorized`` error frame, then the connection is closed. Which tenant and key a connection uses
+    never change, so they are remembered here for the environment's life (bounded): a ``subscribe``
+    served where its ``$connect`` was reads nothing to know its tenant.
     """
 
     def __init__(
@@ -367,27 +377,35 @@ class ConnectionGuard:
         self._connections = connections
         self._closer = closer
         self._max_entries = max_entries
-        self._key_of: OrderedDict[str, str | None] = OrderedDict()
+        self._known: OrderedDict[str, ConnectionIdentity | None] = OrderedDict()
 
     def admit(self, connection_id: str, record: ApiKeyRecord) -> None:
         """A connection opened with ``record``'s key (which the connection's own item records, in the
         one write that stores it at ``$connect``)."""
-        self._memo(connection_id, record.key_hash)
+        self._memo(connection_id, ConnectionIdentity(record.tenant_id, record.key_hash))
+
+    def tenant(self, connection_id: str) -> str | None:
+        """The tenant the connection authenticated as; None for a connection that never did."""
+        identity = self._identity(connection_id)
+        return identity.tenant_id if identity is not None else None
 
     def allowed(self, connection_id: str) -> bool:
-        if connection_id in self._key_of:
-            key_hash = self._key_of[connection_id]
-        else:
-            key_hash = self._connections.key_hash(connection_id)
-            self._memo(connection_id, key_hash)
-        if key_hash is None:
+        identity = self._identity(connection_id)
+        if identity is None or identity.key_hash is None:
             return True  # opened before connections recorded their key; API Gateway ends it within 2 h
-        return self._keys.check(key_hash) is not None
+        return self._keys.check(identity.key_hash) is not None
 
     def close(self, connection_id: str) -> None:
         self._closer.close(connection_id, revoked_key_error())
 
-    def _memo(self, connection_id: str, key_hash: str | None) -> None:
-        self._key_of[connection_id] = key_hash
-        while len(self._key_of) > self._max_entries:
-            self._key_of.popitem(last=False)
+    def _identity(self, connection_id: str) -> ConnectionIdentity | None:
+        if connection_id in self._known:
+            return self._known[connection_id]
+        identity = self._connections.identity(connection_id)
+        self._memo(connection_id, identity)
+        return identity
+
+    def _memo(self, connection_id: str, identity: ConnectionIdentity | None) -> None:
+        self._known[connection_id] = identity
+        while len(self._known) > self._max_entries:
+            self._known.popitem(last=False)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -339,17 +340,24 @@ class _Sender:
         )
 
     def _read(self) -> None:
-        """The job first (the handler), then the log: every chunk of a job that ended was written
-        before its end."""
-        if self._look and self._known.ended is None:
-            job = self._f._jobs.get(self._job_id)
-            if job is not None and job.terminal:
-                self._known.ended = EndMark.of(job)
+        """The log, and (a handler's look) the job beside it, at once: a first chunk sooner. Every chunk
+        of a job that ended was written before its end, so only a log read that began once the end was
+        known holds them all: a look that finds the job ended reads the log again."""
+        end_known = self._known.ended is not None
         page = LOG_PAGE if self._cap is None else min(LOG_PAGE, self._cap - self._cursor)
-        found = self._f._chunks.after(self._job_id, self._cursor, page)
+        if self._look and not end_known:
+            with ThreadPoolExecutor(1, thread_name_prefix="subscribe-look") as beside:
+                looked = beside.submit(self._f._jobs.get, self._job_id)
+                found = self._f._chunks.after(self._job_id, self._cursor, page)
+                job = looked.result()
+            if job is not None and job.terminal:
+                self._known.ended, end_known = EndMark.of(job), True
+                found = self._f._chunks.after(self._job_id, self._cursor, page)
+        else:
+            found = self._f._chunks.after(self._job_id, self._cursor, page)
         self._known.chunks.update((c.sequence_id, c) for c in found)
         self._read_at, self._log_more, self._look = self._cursor, len(found) == page, False
-        if self._known.ended is not None:
+        if end_known:
             self._read_since_end = True
 
     # ------------------------------------------------------------------ writes

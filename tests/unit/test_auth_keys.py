@@ -16,6 +16,7 @@ from spool_core.auth import (
     ApiKeyRevoked,
     ApiKeys,
     ConnectionGuard,
+    ConnectionIdentity,
     KeyCache,
     cache_seconds_from_env,
     hash_api_key,
@@ -244,12 +245,12 @@ def test_usage_key_is_the_tenants_stable_usage_plan_key() -> None:
 
 class MemoryConnectionKeys:
     def __init__(self) -> None:
-        self.keys: dict[str, str] = {}
+        self.items: dict[str, ConnectionIdentity] = {}
         self.reads = 0
 
-    def key_hash(self, connection_id: str) -> str | None:
+    def identity(self, connection_id: str) -> ConnectionIdentity | None:
         self.reads += 1
-        return self.keys.get(connection_id)
+        return self.items.get(connection_id)
 
 
 @dataclass
@@ -278,6 +279,26 @@ def test_a_connection_is_closed_once_its_key_is_revoked(store: MemoryApiKeyStore
     assert (error.code, error.message) == ("unauthorized", REVOKED_MESSAGE)
     assert error.suggestions
     assert connections.reads == 1  # which key a connection uses is remembered (the legacy lookup)
+
+
+def test_a_connection_tenant_is_known_without_a_read_where_it_was_admitted(
+    store: MemoryApiKeyStore, clock: KeyClock
+) -> None:
+    operator = api_keys(store, clock, seconds=0)
+    _, record = operator.create(ACME)
+    connections = MemoryConnectionKeys()
+    connections.items["conn-elsewhere"] = ConnectionIdentity(record.tenant_id, record.key_hash)
+    guard = ConnectionGuard(api_keys(store, clock), connections, RecordingCloser())
+    guard.admit("conn-here", record)
+    assert guard.tenant("conn-here") == record.tenant_id and guard.allowed("conn-here")
+    assert connections.reads == 0  # $connect and subscribe in the same environment: nothing read
+    assert guard.tenant("conn-elsewhere") == record.tenant_id and guard.allowed("conn-elsewhere")
+    assert connections.reads == 1  # admitted by another environment: one read tells tenant and key
+    assert guard.tenant("conn-never") is None and guard.allowed("conn-never")
+    operator.revoke(record.key_id)
+    clock.advance(30)
+    assert guard.tenant("conn-elsewhere") == record.tenant_id and not guard.allowed("conn-elsewhere")
+    assert connections.reads == 2
 
 
 @dataclass

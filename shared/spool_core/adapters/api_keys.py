@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from botocore.exceptions import ClientError
 
 from spool_core.adapters.dynamodb import deserialize, serialize
-from spool_core.auth import ApiKeyRecord, usage_key
+from spool_core.auth import ApiKeyRecord, ConnectionIdentity, usage_key
 from spool_core.errors import SpoolError
 
 if TYPE_CHECKING:
@@ -115,8 +115,8 @@ class DynamoApiKeyStore:
 
 
 class DynamoConnectionKeys:
-    """The key a WebSocket connection opened with: ``key_id`` and ``key_hash`` on the connection's own
-    item (``conn#<id>`` / ``connection`` in the connections table, which the connection store writes
+    """The tenant and key a WebSocket connection opened with: ``tenant_id``, ``key_id`` and ``key_hash``
+    on the connection's own item (``conn#<id>`` / ``connection`` in the connections table, which the connection store writes
     with them at ``$connect``), so the item's deletion at ``$disconnect`` takes them along."""
 
     def __init__(self, client: DynamoDBClient, table_name: str) -> None:
@@ -127,12 +127,14 @@ class DynamoConnectionKeys:
     def _key(connection_id: str) -> dict[str, Any]:
         return serialize({"pk": f"conn#{connection_id}", "sk": "connection"})
 
-    def key_hash(self, connection_id: str) -> str | None:
+    def identity(self, connection_id: str) -> ConnectionIdentity | None:
         response = self._client.get_item(
             TableName=self._table, Key=self._key(connection_id), ConsistentRead=True
         )
         item = deserialize(response.get("Item") or {})
-        return str(item["key_hash"]) if item.get("key_hash") else None
+        if not item.get("tenant_id"):
+            return None
+        return ConnectionIdentity(str(item["tenant_id"]), str(item["key_hash"]) if item.get("key_hash") else None)
 
 
 class ManagementApiCloser:

@@ -22,7 +22,8 @@ JOB_KIND = "job"
 
 
 class DynamoConnectionStore:
-    """``conn#<id>``: which tenant a connection authenticated as (not tenant-scoped: looked up by id)."""
+    """``conn#<id>``: which tenant a connection authenticated as, and with which key (not tenant-scoped:
+    looked up by id, by ``spool_core.adapters.api_keys.DynamoConnectionKeys``)."""
 
     def __init__(self, client: DynamoDBClient, table: str) -> None:
         self._client = client
@@ -39,13 +40,6 @@ class DynamoConnectionStore:
             "ttl": int(time.time()) + CONNECTION_TTL_SECONDS,
         }
         self._client.put_item(TableName=self._table, Item=serialize(item))
-
-    def tenant(self, connection_id: str) -> str | None:
-        response = self._client.get_item(
-            TableName=self._table, Key=serialize({"pk": f"conn#{connection_id}", "sk": "connection"})
-        )
-        item = response.get("Item")
-        return str(deserialize(item)["tenant_id"]) if item else None
 
     def delete(self, connection_id: str) -> None:
         self._client.delete_item(
