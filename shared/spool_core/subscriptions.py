@@ -341,8 +341,9 @@ class _Sender:
 
     def _read(self) -> None:
         """The log, and (a handler's look) the job beside it, at once: a first chunk sooner. Every chunk
-        of a job that ended was written before its end, so only a log read that began once the end was
-        known holds them all: a look that finds the job ended reads the log again."""
+        of a job that ended was written before its end, so a log read that began once the end was known
+        holds them all; a look that finds the job ended reads the log again unless the read beside it
+        already reached the job's last chunk (the log has no gap)."""
         end_known = self._known.ended is not None
         page = LOG_PAGE if self._cap is None else min(LOG_PAGE, self._cap - self._cursor)
         if self._look and not end_known:
@@ -351,8 +352,11 @@ class _Sender:
                 found = self._f._chunks.after(self._job_id, self._cursor, page)
                 job = looked.result()
             if job is not None and job.terminal:
-                self._known.ended, end_known = EndMark.of(job), True
-                found = self._f._chunks.after(self._job_id, self._cursor, page)
+                ended = self._known.ended = EndMark.of(job)
+                reached = found[-1].sequence_id if found else self._cursor
+                if reached < ended.last_sequence_id and len(found) < page:
+                    found = self._f._chunks.after(self._job_id, self._cursor, page)
+                end_known = True
         else:
             found = self._f._chunks.after(self._job_id, self._cursor, page)
         self._known.chunks.update((c.sequence_id, c) for c in found)

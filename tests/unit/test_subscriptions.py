@@ -200,6 +200,41 @@ def test_a_job_that_ends_while_the_handler_sends_its_backlog_still_gets_done(par
     assert store.items == {}
 
 
+@pytest.mark.parametrize("written_before_the_read", [0, 1, 2])
+def test_a_job_that_ends_between_the_handlers_log_read_and_its_look_at_the_job_still_gets_done(
+    parts: Any, written_before_the_read: int
+) -> None:
+    """The handler reads the log and the job at once. When the job writes its last chunks and ends
+    between the two (the end mark's delivery finds the lease held and wakes the handler), the look
+    sees the end while the log read missed the last chunks: the handler reads on and sends them and
+    ``done`` itself, with nothing else to come from the stream."""
+    log, store, pusher = parts
+    for n in range(written_before_the_read):
+        log.append(JOB, f"<{n + 1}>")
+    log_read = threading.Event()
+    reading, looking = log.after, log.get
+
+    def after(job_id: str, after: int, limit: int, **kwargs: Any) -> list[Chunk]:
+        found = reading(job_id, after, limit, **kwargs)
+        log_read.set()
+        return found
+
+    def get(job_id: str) -> Job | None:
+        if not log_read.is_set():  # the look waits for the log read, then the job ends
+            assert log_read.wait(10)
+            for n in range(written_before_the_read, 3):
+                chunk = log.append(JOB, f"<{n + 1}>")
+                fanout(log, store, pusher).deliver(JOB, chunks=[chunk])  # finds the lease held: wakes
+            ended = log.end(JOB)
+            fanout(log, store, pusher).deliver(JOB, ended=end_of(ended))  # likewise
+        return looking(job_id)
+
+    log.after, log.get = after, get
+    fanout(log, store, pusher).subscribe(JOB, "c", 0)
+    assert_complete(pusher.messages["c"], 0, 3)
+    assert store.items == {}
+
+
 def test_a_handler_that_died_holding_its_lease_is_taken_over_and_its_claim_sent_again(parts: Any) -> None:
     log, store, pusher = parts
     clock = Clock()
