@@ -13,10 +13,11 @@ import hashlib
 import http.client
 import json
 import logging
+import queue
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
@@ -120,6 +121,8 @@ class StreamPoller:
         self._running = threading.Event()
         self._running.set()
         self._iterators: dict[str, str | None] = {}
+        self._lane_workers: dict[int, _Lane] = {}
+        self._lanes_lock = threading.Lock()
         for shard in streams.describe_stream(StreamArn=stream_arn)["StreamDescription"].get("Shards", []):
             iterator = streams.get_shard_iterator(
                 StreamArn=stream_arn, ShardId=shard["ShardId"], ShardIteratorType="LATEST"
@@ -198,30 +201,39 @@ class StreamPoller:
         if self._filters:
             records = [r for r in records if any(matches(p, r) for p in self._filters)]
         if records and self._function is not None:
-            lanes = self._lanes_of(records)
-            if len(lanes) == 1:
-                failed = not self._deliver(lanes[0])
+            if self._lanes == 1:
+                if not self._deliver(records):
+                    self._stop.wait(self._interval)
+                    return iterator, self._batch  # Lambda retries the batch
             else:
-                with ThreadPoolExecutor(len(lanes), thread_name_prefix="stream-lane") as pool:
-                    failed = not all(pool.map(self._deliver, lanes))
-            if failed:
-                self._stop.wait(self._interval)
-                return iterator, self._batch  # Lambda retries the batch
+                for lane, batch in self._lanes_of(records).items():
+                    self._lane(lane).put(batch)
         next_iterator: str | None = response.get("NextShardIterator")
         return next_iterator, read
 
-    def _lanes_of(self, records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    def _lane(self, number: int) -> _Lane:
+        with self._lanes_lock:
+            if number not in self._lane_workers:
+                self._lane_workers[number] = _Lane(
+                    self._deliver, self._stop, self._interval, f"stream-lane-{number}"
+                )
+            return self._lane_workers[number]
+
+    def idle(self, timeout: float) -> bool:
+        """Whether every lane delivered what it was given, within ``timeout`` seconds (tests)."""
+        deadline = time.monotonic() + timeout
+        return all(lane.idle(max(0.0, deadline - time.monotonic())) for lane in list(self._lane_workers.values()))
+
+    def _lanes_of(self, records: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
         """The records split as Lambda splits a shard with a ParallelizationFactor: by partition key,
-        so the records of one key stay in one batch, in order (a job's chunks, then its end)."""
-        if self._lanes == 1:
-            return [records]
+        so the records of one key stay in one lane, in order (a job's chunks, then its end)."""
         lanes: dict[int, list[dict[str, Any]]] = {}
         for record in records:
             keys = (record.get("dynamodb") or {}).get("Keys") or {}
             key = json.dumps(keys.get(self._partition_key), sort_keys=True)
             lane = int(hashlib.sha256(key.encode()).hexdigest(), 16) % self._lanes
             lanes.setdefault(lane, []).append(record)
-        return list(lanes.values())
+        return lanes
 
     def _deliver(self, records: list[dict[str, Any]]) -> bool:
         assert self._function is not None
@@ -234,6 +246,47 @@ class StreamPoller:
         if failures:
             log.warning("stream handler reported %d failed records", len(failures))
         return True
+
+
+class _Lane:
+    """One of a shard's concurrent batches (a ParallelizationFactor above 1), as Lambda runs them: each
+    lane invokes the function with its records in order, one batch at a time, and retries a failed
+    batch until it goes through, while the other lanes go on (a slow or cold invocation holds back
+    only the keys of its own lane). The poller reads on and hands each lane its share."""
+
+    def __init__(
+        self, deliver: Callable[[list[dict[str, Any]]], bool], stop: threading.Event, interval: float, name: str
+    ) -> None:
+        self._deliver = deliver
+        self._stop = stop
+        self._interval = interval
+        self._batches: queue.SimpleQueue[list[dict[str, Any]] | None] = queue.SimpleQueue()
+        self._pending = 0
+        self._settled = threading.Condition()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def put(self, records: list[dict[str, Any]]) -> None:
+        with self._settled:
+            self._pending += 1
+        self._batches.put(records)
+
+    def idle(self, timeout: float) -> bool:
+        with self._settled:
+            return self._settled.wait_for(lambda: self._pending == 0, timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                records = self._batches.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if records is None:
+                return
+            while not self._deliver(records) and not self._stop.is_set():
+                self._stop.wait(self._interval)  # Lambda retries the batch, before the lane's next
+            with self._settled:
+                self._pending -= 1
+                self._settled.notify_all()
 
 
 class JobTransitions:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import pytest
 
+from spool.devstack.runtime import InvocationError
 from spool.devstack.streams import JobTransitions, StreamPoller, matches
 from spool.devstack.template import Template
 from tests.support import ROOT
@@ -80,10 +82,74 @@ def test_a_shard_is_read_in_parallel_lanes_with_each_jobs_records_in_one_lane_in
     fanout = Fanout(len(lanes))
     poller._function = fanout  # type: ignore[assignment]
     assert poller._poll("it-0") == ("it-1", len(records))
+    assert poller.idle(60)
     assert 1 < len(fanout.batches) <= 4  # several batches at once, at most the factor
     for job in jobs:
         (holding,) = [batch for batch in fanout.batches if any(pk == job for pk, _ in batch)]
         assert [seq for pk, seq in holding if pk == job] == [1, 2, 3]  # one lane, in order
+
+
+class OneLaneStuck:
+    """A function whose first invocation for ``stuck`` hangs until released, and whose first for
+    ``failing`` fails (Lambda retries it): what each invocation got, in order."""
+
+    def __init__(self, stuck: str, failing: str) -> None:
+        self.stuck, self.failing = stuck, failing
+        self.release = threading.Event()
+        self.calls: list[list[tuple[str, int]]] = []
+        self.lock = threading.Lock()
+
+    def invoke(self, event: dict[str, Any]) -> dict[str, Any]:
+        batch = [
+            (r["dynamodb"]["Keys"]["pk"]["S"], int(r["dynamodb"]["Keys"]["sequence_id"]["N"]))
+            for r in event["Records"]
+        ]
+        with self.lock:
+            self.calls.append(batch)
+            first_failing = sum(any(pk == self.failing for pk, _ in b) for b in self.calls) == 1
+        if any(pk == self.stuck for pk, _ in batch):
+            assert self.release.wait(30)
+        if first_failing and any(pk == self.failing for pk, _ in batch):
+            raise InvocationError("the invocation timed out")
+        return {"batchItemFailures": []}
+
+
+def test_a_slow_lane_holds_back_only_its_own_keys_and_a_failed_batch_is_retried_in_its_lane() -> None:
+    def records(seq: int, *jobs: str) -> list[dict[str, Any]]:
+        return [
+            {"eventName": "INSERT", "dynamodb": {"Keys": {"pk": {"S": j}, "sequence_id": {"N": str(seq)}}}}
+            for j in jobs
+        ]
+
+    poller = StreamPoller(Streams([]), "arn", None, batch_size=100, region="r", parallelization=4, interval=0.01)
+    jobs = [f"t#job#{n}" for n in range(40)]
+    lane_of = {job: next(iter(poller._lanes_of(records(1, job)))) for job in jobs}
+    stuck = jobs[0]
+    failing = next(j for j in jobs if lane_of[j] not in (lane_of[stuck],))
+    other = next(j for j in jobs if lane_of[j] not in (lane_of[stuck], lane_of[failing]))
+    function = OneLaneStuck(stuck, failing)
+    poller._function = function  # type: ignore[assignment]
+    poller._streams = Streams(records(1, stuck, failing, other))
+    poller._poll("it-0")
+    poller._streams = Streams(records(2, stuck, failing, other))
+    poller._poll("it-0")
+    # the stuck lane holds its invocation; the others deliver both batches meanwhile, the failing
+    # one retrying its first before its second
+    deadline = time.monotonic() + 30
+    def delivered(job: str) -> int:
+        with function.lock:
+            return sum(pk == job for call in function.calls for pk, _ in call)
+
+    while time.monotonic() < deadline and (delivered(other) < 2 or delivered(failing) < 3):
+        time.sleep(0.01)
+    seen = [[(pk, seq) for pk, seq in call if pk in (failing, other)] for call in function.calls]
+    assert [seq for call in seen for pk, seq in call if pk == other] == [1, 2]
+    assert [seq for call in seen for pk, seq in call if pk == failing] == [1, 1, 2]
+    assert [seq for call in function.calls for pk, seq in call if pk == stuck] == [1]
+    function.release.set()
+    assert poller.idle(30)
+    assert [seq for call in function.calls for pk, seq in call if pk == stuck] == [1, 2]
+    poller.stop()
 
 
 def test_exists_and_prefix_rules() -> None:
