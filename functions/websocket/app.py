@@ -69,16 +69,17 @@ def _subscribe(event: dict[str, Any], connection_id: str) -> dict[str, Any]:
             request_id,
         )
         return {"statusCode": 200}
-    guard = bootstrap.connection_guard()  # remembers the tenant of a connection this container admitted
-    tenant_id = guard.tenant(connection_id)
-    if tenant_id is None:
+    guard = bootstrap.connection_guard()  # remembers who a connection this container admitted is
+    identity = guard.identity(connection_id)
+    if identity is None:
         _push_error(connection_id, Unauthorized("This connection is not authenticated"), request_id)
         return {"statusCode": 200}
-    if not guard.allowed(connection_id):
+    if not guard.allowed(connection_id, identity.key_hash):
         logger.info("closing a connection whose API key was revoked", extra={"connection_id": connection_id})
         guard.close(connection_id)
         return {"statusCode": 200}
-    if not bootstrap.fanout(Tenant(tenant_id)).subscribe(request.job_id, connection_id, request.after):
+    fanout = bootstrap.fanout(Tenant(identity.tenant_id))
+    if not fanout.subscribe(request.job_id, connection_id, request.after, key_hash=identity.key_hash):
         _push_error(
             connection_id,
             JobNotFound(f"Job '{request.job_id}' not found", details={"job_id": request.job_id}),

@@ -384,26 +384,26 @@ class ConnectionGuard:
         one write that stores it at ``$connect``)."""
         self._memo(connection_id, ConnectionIdentity(record.tenant_id, record.key_hash))
 
-    def tenant(self, connection_id: str) -> str | None:
-        """The tenant the connection authenticated as; None for a connection that never did."""
-        identity = self._identity(connection_id)
-        return identity.tenant_id if identity is not None else None
-
-    def allowed(self, connection_id: str) -> bool:
-        identity = self._identity(connection_id)
-        if identity is None or identity.key_hash is None:
-            return True  # opened before connections recorded their key; API Gateway ends it within 2 h
-        return self._keys.check(identity.key_hash) is not None
-
-    def close(self, connection_id: str) -> None:
-        self._closer.close(connection_id, revoked_key_error())
-
-    def _identity(self, connection_id: str) -> ConnectionIdentity | None:
+    def identity(self, connection_id: str) -> ConnectionIdentity | None:
+        """The tenant and key the connection authenticated with; None for a connection that never did."""
         if connection_id in self._known:
             return self._known[connection_id]
         identity = self._connections.identity(connection_id)
         self._memo(connection_id, identity)
         return identity
+
+    def allowed(self, connection_id: str, key_hash: str | None = None) -> bool:
+        """Whether the connection's key is still active: ``key_hash`` when the caller knows it (a
+        subscription records it), else the connection's own (remembered, or one read)."""
+        if key_hash is None:
+            identity = self.identity(connection_id)
+            key_hash = identity.key_hash if identity is not None else None
+        if key_hash is None:
+            return True  # opened before connections recorded their key; API Gateway ends it within 2 h
+        return self._keys.check(key_hash) is not None
+
+    def close(self, connection_id: str) -> None:
+        self._closer.close(connection_id, revoked_key_error())
 
     def _memo(self, connection_id: str, identity: ConnectionIdentity | None) -> None:
         self._known[connection_id] = identity

@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -66,6 +66,7 @@ class Subscription:
     claimed_from: int = 0  # the first message of the last claim (a run: the backlog, a stream batch)
     claimed_by: str | None = None  # who made the last claim
     claimed_for: int = 0  # a stream delivery's last claim: the highest record it was made for
+    key_hash: str | None = None  # the key the connection opened with: each delivery checks it is active
 
     def held_by_other(self, owner: str, now_ms: int) -> bool:
         return self.sender is not None and self.sender != owner and self.sending_until_ms >= now_ms
@@ -139,8 +140,9 @@ class Pusher(Protocol):
 
 
 class ConnectionAccess(Protocol):
-    def allowed(self, connection_id: str) -> bool:
-        """Whether the connection may still receive (its API key is still active)."""
+    def allowed(self, connection_id: str, key_hash: str | None = None) -> bool:
+        """Whether the connection may still receive (its API key, ``key_hash`` when the subscription
+        recorded it, is still active)."""
 
     def close(self, connection_id: str) -> None:
         """Tell the connection why, then close it."""
@@ -183,22 +185,21 @@ class Fanout:
         self._lease_ms = lease_ms
         self._owner = uuid.uuid4().hex  # one per handler: each invocation builds its own Fanout
 
-    def subscribe(self, job_id: str, connection_id: str, after: int) -> bool:
+    def subscribe(self, job_id: str, connection_id: str, after: int, *, key_hash: str | None = None) -> bool:
         """Mark the job subscribed (its worker then marks its chunks ``live``, the only ones the chunk
-        stream delivers, and its end writes an end mark behind its last chunk), record the subscription
-        (holding the lease: no stream delivery pushes before the backlog), then send the backlog, and
-        ``done`` if the job has ended.
+        stream delivers, and its end writes an end mark behind its last chunk) and record the
+        subscription (holding the lease: no stream delivery pushes before the backlog), both at once;
+        then send the backlog, and ``done`` if the job has ended.
 
-        The mark comes first and returns the job (one request instead of a read and a write): a live
-        chunk the stream delivers before the subscription exists is in the backlog, read after it is
-        stored. A chunk written before the worker saw the mark reaches the subscriber with the next live
-        chunk or the job's end mark (each delivery reads the log from the subscriber's cursor); a job
-        that ended before the mark has no end mark, and is seen ending here (the mark returns the job).
-        False: there is no such job (nothing is stored)."""
-        try:
-            job = self._jobs.mark_subscribed(job_id)
-        except Conflict:
-            return False
+        The mark returns the job (one request instead of a read and a write). Nothing is read before
+        both writes are done: a live chunk the stream delivers before the subscription exists is in the
+        backlog; a job that ended before the mark has no end mark, and is seen ending here (the mark
+        returns it); one that ends after the mark but before the subscription exists is seen by the
+        sender's look. A chunk written before the worker saw the mark reaches the subscriber with the
+        next live chunk or the job's end mark (each delivery reads the log from the subscriber's cursor).
+        False: there is no such job (the subscription, stored beside the mark under the tenant's own key
+        where no other tenant's job can reach it, is deleted). ``key_hash``: the key the connection
+        opened with, recorded on the subscription so each delivery checks it without a read."""
         subscription = Subscription(
             job_id,
             connection_id,
@@ -206,8 +207,18 @@ class Fanout:
             start=after,
             sender=self._owner,
             sending_until_ms=self._clock_ms() + self._lease_ms,
+            key_hash=key_hash,
         )
-        self._subscriptions.put(subscription)
+        with ThreadPoolExecutor(1, thread_name_prefix="subscribe-put") as beside:
+            stored = beside.submit(self._subscriptions.put, subscription)
+            try:
+                job = self._jobs.mark_subscribed(job_id)
+            except Conflict:
+                job = None
+            stored.result()
+        if job is None:
+            self._subscriptions.delete(job_id, connection_id)
+            return False
         known = _Known(ended=EndMark.of(job) if job.terminal else None)
         _Sender(self, subscription, known, owner=self._owner, look=True).run()
         return True
@@ -240,7 +251,7 @@ class Fanout:
         made_for = END_SEQUENCE_ID if ended is not None else reach
         subscriptions = self._subscriptions.for_job(job_id, consistent=ended is not None)
         for subscription in subscriptions:
-            if access is not None and not access.allowed(subscription.connection_id):
+            if access is not None and not access.allowed(subscription.connection_id, subscription.key_hash):
                 access.close(subscription.connection_id)
                 self._subscriptions.delete(job_id, subscription.connection_id)
                 continue

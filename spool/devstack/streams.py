@@ -222,7 +222,9 @@ class StreamPoller:
     def idle(self, timeout: float) -> bool:
         """Whether every lane delivered what it was given, within ``timeout`` seconds (tests)."""
         deadline = time.monotonic() + timeout
-        return all(lane.idle(max(0.0, deadline - time.monotonic())) for lane in list(self._lane_workers.values()))
+        return all(
+            lane.idle(max(0.0, deadline - time.monotonic())) for lane in list(self._lane_workers.values())
+        )
 
     def _lanes_of(self, records: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
         """The records split as Lambda splits a shard with a ParallelizationFactor: by partition key,
@@ -255,7 +257,11 @@ class _Lane:
     only the keys of its own lane). The poller reads on and hands each lane its share."""
 
     def __init__(
-        self, deliver: Callable[[list[dict[str, Any]]], bool], stop: threading.Event, interval: float, name: str
+        self,
+        deliver: Callable[[list[dict[str, Any]]], bool],
+        stop: threading.Event,
+        interval: float,
+        name: str,
     ) -> None:
         self._deliver = deliver
         self._stop = stop

@@ -281,23 +281,27 @@ def test_a_connection_is_closed_once_its_key_is_revoked(store: MemoryApiKeyStore
     assert connections.reads == 1  # which key a connection uses is remembered (the legacy lookup)
 
 
-def test_a_connection_tenant_is_known_without_a_read_where_it_was_admitted(
+def test_who_a_connection_is_is_known_without_a_read_where_it_was_admitted(
     store: MemoryApiKeyStore, clock: KeyClock
 ) -> None:
     operator = api_keys(store, clock, seconds=0)
     _, record = operator.create(ACME)
+    identity = ConnectionIdentity(record.tenant_id, record.key_hash)
     connections = MemoryConnectionKeys()
-    connections.items["conn-elsewhere"] = ConnectionIdentity(record.tenant_id, record.key_hash)
+    connections.items["conn-elsewhere"] = identity
     guard = ConnectionGuard(api_keys(store, clock), connections, RecordingCloser())
     guard.admit("conn-here", record)
-    assert guard.tenant("conn-here") == record.tenant_id and guard.allowed("conn-here")
+    assert guard.identity("conn-here") == identity and guard.allowed("conn-here")
     assert connections.reads == 0  # $connect and subscribe in the same environment: nothing read
-    assert guard.tenant("conn-elsewhere") == record.tenant_id and guard.allowed("conn-elsewhere")
+    assert guard.identity("conn-elsewhere") == identity and guard.allowed("conn-elsewhere")
     assert connections.reads == 1  # admitted by another environment: one read tells tenant and key
-    assert guard.tenant("conn-never") is None and guard.allowed("conn-never")
+    assert guard.allowed("conn-a-subscription-names", record.key_hash)  # its key given: nothing read
+    assert connections.reads == 1
+    assert guard.identity("conn-never") is None and guard.allowed("conn-never")
     operator.revoke(record.key_id)
     clock.advance(30)
-    assert guard.tenant("conn-elsewhere") == record.tenant_id and not guard.allowed("conn-elsewhere")
+    assert guard.identity("conn-elsewhere") == identity and not guard.allowed("conn-elsewhere")
+    assert not guard.allowed("conn-a-subscription-names", record.key_hash)
     assert connections.reads == 2
 
 
@@ -315,6 +319,9 @@ class OneJobLog:
         ]
 
     def get(self, job_id: str) -> StubJob:
+        return StubJob()
+
+    def mark_subscribed(self, job_id: str) -> StubJob:
         return StubJob()
 
     def after(self, job_id: str, after: int, limit: int, *, consistent: bool = True) -> list[Chunk]:
@@ -354,3 +361,26 @@ def test_the_fanout_closes_a_revoked_keys_connection_and_keeps_serving_the_other
     assert [m["sequence_id"] for m in pusher.sent["conn-kept"]] == [1, 2, 3]
     assert [connection for connection, _ in closer.closed] == ["conn-revoked"]
     assert set(subscriptions.items) == {("job_1", "conn-kept")}
+
+
+def test_a_subscription_names_its_key_so_a_fanout_elsewhere_checks_it_without_reading_the_connection(
+    store: MemoryApiKeyStore, clock: KeyClock
+) -> None:
+    operator = api_keys(store, clock, seconds=0)
+    _, revoked = operator.create(ACME)
+    _, kept = operator.create(ACME)
+    connections, closer = MemoryConnectionKeys(), RecordingCloser()
+    # a fanout environment that admitted neither connection (their $connect ran elsewhere)
+    guard = ConnectionGuard(api_keys(store, clock), connections, closer)
+    subscriptions, pusher, log = MemorySubscriptionStore(), RecordingPusher(), OneJobLog(1)
+    subscribing = Fanout(log, log, subscriptions, RecordingPusher())  # type: ignore[arg-type]
+    for connection, record in (("conn-revoked", revoked), ("conn-kept", kept)):
+        subscribing.subscribe("job_1", connection, 1, key_hash=record.key_hash)
+    operator.revoke(revoked.key_id)
+    clock.advance(30)
+    log.chunks.append(Chunk(sequence_id=2, text="<2>", created_at="t", tokens=1, tokens_total=2))
+    Fanout(log, log, subscriptions, pusher).deliver("job_1", chunks=log.chunks[-1:], access=guard)  # type: ignore[arg-type]
+    assert [m["sequence_id"] for m in pusher.sent["conn-kept"]] == [2]
+    assert "conn-revoked" not in pusher.sent
+    assert [connection for connection, _ in closer.closed] == ["conn-revoked"]
+    assert connections.reads == 0

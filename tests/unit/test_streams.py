@@ -121,7 +121,9 @@ def test_a_slow_lane_holds_back_only_its_own_keys_and_a_failed_batch_is_retried_
             for j in jobs
         ]
 
-    poller = StreamPoller(Streams([]), "arn", None, batch_size=100, region="r", parallelization=4, interval=0.01)
+    poller = StreamPoller(
+        Streams([]), "arn", None, batch_size=100, region="r", parallelization=4, interval=0.01
+    )
     jobs = [f"t#job#{n}" for n in range(40)]
     lane_of = {job: next(iter(poller._lanes_of(records(1, job)))) for job in jobs}
     stuck = jobs[0]
@@ -136,6 +138,7 @@ def test_a_slow_lane_holds_back_only_its_own_keys_and_a_failed_batch_is_retried_
     # the stuck lane holds its invocation; the others deliver both batches meanwhile, the failing
     # one retrying its first before its second
     deadline = time.monotonic() + 30
+
     def delivered(job: str) -> int:
         with function.lock:
             return sum(pk == job for call in function.calls for pk, _ in call)

@@ -115,9 +115,10 @@ class DynamoApiKeyStore:
 
 
 class DynamoConnectionKeys:
-    """The tenant and key a WebSocket connection opened with: ``tenant_id``, ``key_id`` and ``key_hash``
-    on the connection's own item (``conn#<id>`` / ``connection`` in the connections table, which the connection store writes
-    with them at ``$connect``), so the item's deletion at ``$disconnect`` takes them along."""
+    """The tenant and key a WebSocket connection opened with: ``tenant_id``, ``key_id`` and
+    ``key_hash`` on the connection's own item (``conn#<id>`` / ``connection`` in the connections table,
+    which the connection store writes with them at ``$connect``), so the item's deletion at
+    ``$disconnect`` takes them along."""
 
     def __init__(self, client: DynamoDBClient, table_name: str) -> None:
         self._client = client
@@ -134,7 +135,9 @@ class DynamoConnectionKeys:
         item = deserialize(response.get("Item") or {})
         if not item.get("tenant_id"):
             return None
-        return ConnectionIdentity(str(item["tenant_id"]), str(item["key_hash"]) if item.get("key_hash") else None)
+        return ConnectionIdentity(
+            str(item["tenant_id"]), str(item["key_hash"]) if item.get("key_hash") else None
+        )
 
 
 class ManagementApiCloser:

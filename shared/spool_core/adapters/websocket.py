@@ -78,6 +78,7 @@ class DynamoSubscriptionStore:
                 "wakes": 0,
                 "served": 0,
                 **lease,
+                **({"key_hash": subscription.key_hash} if subscription.key_hash else {}),
                 "ttl": int(time.time()) + CONNECTION_TTL_SECONDS,
             },
         )
@@ -232,6 +233,7 @@ class DynamoSubscriptionStore:
             int(item.get("claimed_from", 0)),
             str(item["claimed_by"]) if item.get("claimed_by") else None,
             int(item.get("claimed_for", 0)),
+            str(item["key_hash"]) if item.get("key_hash") else None,
         )
 
 
