@@ -107,13 +107,23 @@ class CircuitBreaker:
         circuit = self._recent(model_id)
         if circuit.state != "open":
             return True
-        if self._now_ms() < circuit.opened_at_ms + int(self.cooldown * 1000):
+        if not self._cooled(circuit):
             return False
-        self._change(model_id, lambda c: setattr(c, "state", "half_open") if c.state == "open" else None)
+        # Cooled down: try the model again (half-open). The write is conditional: when another worker
+        # wrote meanwhile, its circuit decides, and one its failed probe re-opened is not cooled.
+        return self._change(model_id, self._half_open).state != "open"
+
+    def _cooled(self, circuit: Circuit) -> bool:
+        return self._now_ms() >= circuit.opened_at_ms + int(self.cooldown * 1000)
+
+    def _half_open(self, circuit: Circuit) -> bool:
+        if circuit.state != "open" or not self._cooled(circuit):
+            return False  # half-open or closed already; or re-opened since: nothing to write
+        circuit.state = "half_open"
         return True
 
     def record_success(self, model_id: str, latency_ms: float | None) -> None:
-        def success(circuit: Circuit) -> None:
+        def success(circuit: Circuit) -> bool:
             self._roll_window(circuit)
             circuit.calls += 1
             circuit.state, circuit.failures = "closed", 0
@@ -122,17 +132,19 @@ class CircuitBreaker:
                 circuit.latency_ms = round(
                     latency_ms if previous is None else 0.7 * previous + 0.3 * latency_ms
                 )
+            return True
 
         self._change(model_id, success)
 
     def record_failure(self, model_id: str) -> None:
-        def failure(circuit: Circuit) -> None:
+        def failure(circuit: Circuit) -> bool:
             self._roll_window(circuit)
             circuit.calls += 1
             circuit.errors += 1
             circuit.failures += 1
             if circuit.state == "half_open" or circuit.failures >= self.threshold:
                 circuit.state, circuit.opened_at_ms = "open", self._now_ms()
+            return True
 
         self._change(model_id, failure)
 
@@ -141,16 +153,20 @@ class CircuitBreaker:
         if now - circuit.window_started_ms > self.window * 1000:
             circuit.window_started_ms, circuit.calls, circuit.errors, circuit.failures = now, 0, 0, 0
 
-    def _change(self, model_id: str, change: Callable[[Circuit], None]) -> None:
+    def _change(self, model_id: str, change: Callable[[Circuit], bool]) -> Circuit:
+        """Apply ``change`` (False: nothing to write) and write it if the stored version is still the
+        one it was applied to; else re-read and apply again. The circuit as written (or as found)."""
         circuit = self._recent(model_id)
-        for _ in range(5):  # optimistic: re-read and re-apply when another worker wrote first
+        for _ in range(6):  # optimistic: the first try may be on a remembered circuit, then five reads
             version = circuit.version
-            change(circuit)
+            if not change(circuit):
+                return circuit
             circuit.version = version + 1
             if self._store.save(circuit, version):
                 self._remember(circuit)
-                return
+                return circuit
             circuit = self.circuit(model_id)
+        return circuit
 
 
 def circuit_item(circuit: Circuit) -> dict[str, Any]:

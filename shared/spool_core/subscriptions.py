@@ -198,8 +198,9 @@ class Fanout:
         sender's look. A chunk written before the worker saw the mark reaches the subscriber with the
         next live chunk or the job's end mark (each delivery reads the log from the subscriber's cursor).
         False: there is no such job (the subscription, stored beside the mark under the tenant's own key
-        where no other tenant's job can reach it, is deleted). ``key_hash``: the key the connection
-        opened with, recorded on the subscription so each delivery checks it without a read."""
+        where no other tenant's job can reach it, is deleted, as it is when either write fails).
+        ``key_hash``: the key the connection opened with, recorded on the subscription so each delivery
+        checks it without a read."""
         subscription = Subscription(
             job_id,
             connection_id,
@@ -209,13 +210,18 @@ class Fanout:
             sending_until_ms=self._clock_ms() + self._lease_ms,
             key_hash=key_hash,
         )
-        with ThreadPoolExecutor(1, thread_name_prefix="subscribe-put") as beside:
-            stored = beside.submit(self._subscriptions.put, subscription)
-            try:
-                job = self._jobs.mark_subscribed(job_id)
-            except Conflict:
-                job = None
-            stored.result()
+        try:
+            with ThreadPoolExecutor(1, thread_name_prefix="subscribe-put") as beside:
+                stored = beside.submit(self._subscriptions.put, subscription)
+                try:
+                    job: Job | None = self._jobs.mark_subscribed(job_id)
+                except Conflict:
+                    job = None
+                stored.result()
+        except BaseException:  # a failed subscribe leaves no subscription (nor a lease nobody serves)
+            with contextlib.suppress(Exception):
+                self._subscriptions.delete(job_id, connection_id)
+            raise
         if job is None:
             self._subscriptions.delete(job_id, connection_id)
             return False

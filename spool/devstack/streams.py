@@ -132,6 +132,10 @@ class StreamPoller:
     def stop(self) -> None:
         self._stop.set()
         self._running.set()
+        with self._lanes_lock:
+            lanes = list(self._lane_workers.values())
+        for lane in lanes:
+            lane.close(timeout=5.0)
 
     def pause(self) -> None:
         self._running.clear()
@@ -205,7 +209,7 @@ class StreamPoller:
                 if not self._deliver(records):
                     self._stop.wait(self._interval)
                     return iterator, self._batch  # Lambda retries the batch
-            else:
+            elif not self._stop.is_set():
                 for lane, batch in self._lanes_of(records).items():
                     self._lane(lane).put(batch)
         next_iterator: str | None = response.get("NextShardIterator")
@@ -215,7 +219,7 @@ class StreamPoller:
         with self._lanes_lock:
             if number not in self._lane_workers:
                 self._lane_workers[number] = _Lane(
-                    self._deliver, self._stop, self._interval, f"stream-lane-{number}"
+                    self._deliver, self._running, self._stop, self._interval, f"stream-lane-{number}"
                 )
             return self._lane_workers[number]
 
@@ -254,25 +258,34 @@ class _Lane:
     """One of a shard's concurrent batches (a ParallelizationFactor above 1), as Lambda runs them: each
     lane invokes the function with its records in order, one batch at a time, and retries a failed
     batch until it goes through, while the other lanes go on (a slow or cold invocation holds back
-    only the keys of its own lane). The poller reads on and hands each lane its share."""
+    only the keys of its own lane). The poller reads on and hands each lane its share, up to
+    ``MAX_PENDING`` batches ahead (then it waits for the lane); a paused poller's lanes hold their
+    batches too (records wait, as in the stream)."""
+
+    MAX_PENDING = 16
 
     def __init__(
         self,
         deliver: Callable[[list[dict[str, Any]]], bool],
+        running: threading.Event,
         stop: threading.Event,
         interval: float,
         name: str,
     ) -> None:
         self._deliver = deliver
+        self._running = running
         self._stop = stop
         self._interval = interval
         self._batches: queue.SimpleQueue[list[dict[str, Any]] | None] = queue.SimpleQueue()
         self._pending = 0
         self._settled = threading.Condition()
-        threading.Thread(target=self._run, name=name, daemon=True).start()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
 
     def put(self, records: list[dict[str, Any]]) -> None:
         with self._settled:
+            while self._pending >= self.MAX_PENDING and not self._stop.is_set():
+                self._settled.wait(self._interval)
             self._pending += 1
         self._batches.put(records)
 
@@ -280,19 +293,30 @@ class _Lane:
         with self._settled:
             return self._settled.wait_for(lambda: self._pending == 0, timeout)
 
+    def close(self, timeout: float) -> None:
+        self._batches.put(None)
+        self._thread.join(timeout)
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                records = self._batches.get(timeout=1.0)
-            except queue.Empty:
-                continue
+            records = self._batches.get()
             if records is None:
                 return
-            while not self._deliver(records) and not self._stop.is_set():
+            while not self._stop.is_set():
+                self._running.wait()  # paused: the batch waits
+                if self._stop.is_set() or self._delivered(records):
+                    break
                 self._stop.wait(self._interval)  # Lambda retries the batch, before the lane's next
             with self._settled:
                 self._pending -= 1
                 self._settled.notify_all()
+
+    def _delivered(self, records: list[dict[str, Any]]) -> bool:
+        try:
+            return self._deliver(records)
+        except Exception:  # whatever failed (a container that could not start): the batch is retried
+            log.exception("stream delivery failed; the batch is retried")
+            return False
 
 
 class JobTransitions:

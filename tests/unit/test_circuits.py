@@ -4,6 +4,7 @@ conditional on the version, so two workers never lose each other's counts."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 from spool_core.circuits import Circuit, CircuitBreaker
@@ -65,3 +66,25 @@ def test_two_workers_with_memories_lose_no_count_and_see_an_open_circuit_once_th
     clock.now += 1.0
     assert not one.allow("m")  # then it reads the open circuit and skips the model
     assert store.items["m"].calls == 6 and store.items["m"].errors == 3
+
+
+def test_a_worker_remembering_a_cooled_open_circuit_does_not_undo_a_failed_probe_of_another() -> None:
+    """W remembers the circuit open and cooling down; V then probes after the cool-down and the probe
+    fails (open again, a new cool-down). W's memory says the cool-down is over: its conditional write
+    fails on the version, it re-reads, and the re-opened circuit keeps it out."""
+    store, clock = CountedStore(), Clock()
+    w = CircuitBreaker(store, clock=clock, threshold=3, cooldown_seconds=30.0, fresh_seconds=1.0)
+    v = CircuitBreaker(store, clock=clock, threshold=3, cooldown_seconds=30.0, fresh_seconds=1.0)
+    for _ in range(3):
+        v.record_failure("m")
+    clock.now += 29.5
+    assert not w.allow("m")  # W reads it: open, cooling down
+    clock.now += 0.6
+    assert v.allow("m") and store.items["m"].state == "half_open"  # V's probe...
+    v.record_failure("m")  # ...fails: open again
+    reopened = dataclasses.replace(store.items["m"])
+    clock.now += 0.2  # within W's memory, and 0.2 s into the new cool-down
+    assert not w.allow("m")
+    assert store.items["m"] == reopened  # nothing written over it
+    clock.now += 30.0
+    assert w.allow("m") and store.items["m"].state == "half_open"  # its own cool-down over: a probe

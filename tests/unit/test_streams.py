@@ -83,6 +83,8 @@ def test_a_shard_is_read_in_parallel_lanes_with_each_jobs_records_in_one_lane_in
     poller._function = fanout  # type: ignore[assignment]
     assert poller._poll("it-0") == ("it-1", len(records))
     assert poller.idle(60)
+    poller.stop()
+    assert not any(lane._thread.is_alive() for lane in poller._lane_workers.values())
     assert 1 < len(fanout.batches) <= 4  # several batches at once, at most the factor
     for job in jobs:
         (holding,) = [batch for batch in fanout.batches if any(pk == job for pk, _ in batch)]
@@ -152,6 +154,75 @@ def test_a_slow_lane_holds_back_only_its_own_keys_and_a_failed_batch_is_retried_
     function.release.set()
     assert poller.idle(30)
     assert [seq for call in function.calls for pk, seq in call if pk == stuck] == [1, 2]
+    poller.stop()
+    assert not any(lane._thread.is_alive() for lane in poller._lane_workers.values())
+
+
+class Recording:
+    """A function that records what it got; its first invocation raises ``first_raises`` (a failure
+    that is not an invocation error: a container that could not start)."""
+
+    def __init__(self, first_raises: BaseException | None = None) -> None:
+        self.first_raises = first_raises
+        self.calls: list[list[tuple[str, int]]] = []
+        self.lock = threading.Lock()
+
+    def invoke(self, event: dict[str, Any]) -> dict[str, Any]:
+        with self.lock:
+            raising, self.first_raises = self.first_raises, None
+            if raising is None:
+                self.calls.append(
+                    [
+                        (r["dynamodb"]["Keys"]["pk"]["S"], int(r["dynamodb"]["Keys"]["sequence_id"]["N"]))
+                        for r in event["Records"]
+                    ]
+                )
+        if raising is not None:
+            raise raising
+        return {"batchItemFailures": []}
+
+    def delivered(self, job: str) -> list[int]:
+        with self.lock:
+            return [seq for call in self.calls for pk, seq in call if pk == job]
+
+
+def keyed(seq: int, *jobs: str) -> list[dict[str, Any]]:
+    return [
+        {"eventName": "INSERT", "dynamodb": {"Keys": {"pk": {"S": j}, "sequence_id": {"N": str(seq)}}}}
+        for j in jobs
+    ]
+
+
+def test_a_lane_whose_invocation_fails_unexpectedly_retries_its_batch_and_loses_nothing() -> None:
+    poller = StreamPoller(
+        Streams([]), "arn", None, batch_size=100, region="r", parallelization=4, interval=0.01
+    )
+    function = Recording(first_raises=OSError("Too many open files"))
+    poller._function = function  # type: ignore[assignment]
+    for seq in (1, 2, 3):
+        poller._streams = Streams(keyed(seq, "t#job#a"))
+        poller._poll("it-0")
+    assert poller.idle(30)
+    poller.stop()
+    assert function.delivered("t#job#a") == [1, 2, 3]
+
+
+def test_a_paused_poller_holds_what_its_lanes_were_given_until_it_resumes() -> None:
+    poller = StreamPoller(
+        Streams([]), "arn", None, batch_size=100, region="r", parallelization=4, interval=0.01
+    )
+    function = Recording()
+    poller._function = function  # type: ignore[assignment]
+    poller._streams = Streams(keyed(1, "t#job#a"))
+    poller._poll("it-0")
+    assert poller.idle(30) and function.delivered("t#job#a") == [1]
+    poller.pause()
+    poller._streams = Streams(keyed(2, "t#job#a"))
+    poller._poll("it-0")  # read before the pause took hold: handed to the lane, which holds it
+    assert not poller.idle(0.2)
+    assert function.delivered("t#job#a") == [1]
+    poller.resume()
+    assert poller.idle(30) and function.delivered("t#job#a") == [1, 2]
     poller.stop()
 
 

@@ -235,6 +235,26 @@ def test_a_job_that_ends_between_the_handlers_log_read_and_its_look_at_the_job_s
     assert store.items == {}
 
 
+def test_a_short_job_that_ended_as_it_was_subscribed_costs_one_log_read(parts: Any) -> None:
+    """The usual subscribe to a short job: it is running when marked and has ended, every chunk
+    written, by the look. The log read beside the look already holds the last chunk: not read again."""
+    log, store, pusher = parts
+    marking = log.mark_subscribed
+
+    def mark_then_end(job_id: str) -> Job:
+        job = marking(job_id)
+        for n in range(3):
+            log.append(JOB, f"<{n + 1}>")
+        log.end(JOB)
+        return job
+
+    log.mark_subscribed = mark_then_end
+    reads = log.reads["log"]
+    fanout(log, store, pusher).subscribe(JOB, "c", 0)
+    assert_complete(pusher.messages["c"], 0, 3)
+    assert log.reads["log"] - reads == 1
+
+
 def test_a_handler_that_died_holding_its_lease_is_taken_over_and_its_claim_sent_again(parts: Any) -> None:
     log, store, pusher = parts
     clock = Clock()
@@ -463,6 +483,31 @@ def test_subscribing_to_an_unknown_job_stores_nothing(parts: Any) -> None:
     log, store, pusher = parts
     assert fanout(log, store, pusher).subscribe("job_unknown", "c", 0) is False
     assert store.items == {}
+
+
+class Throttled(Exception):
+    """A write refused for another reason than its condition (throughput, a timeout)."""
+
+
+@pytest.mark.parametrize("failing", ["mark_subscribed", "put"])
+def test_a_subscribe_whose_mark_or_subscription_fails_leaves_no_subscription(
+    parts: Any, failing: str
+) -> None:
+    """The mark and the subscription are written at once; when either fails, the handler fails (the
+    client subscribes again) and leaves nothing that would later send to it under a dead lease."""
+    log, store, pusher = parts
+    log.append(JOB, "<1>")
+    target = log if failing == "mark_subscribed" else store
+    write = getattr(target, failing)
+
+    def reply_lost(*args: Any) -> Any:  # applied, but the handler hears an error
+        write(*args)
+        raise Throttled("the write's reply was lost")
+
+    setattr(target, failing, reply_lost)
+    with pytest.raises(Throttled):
+        fanout(log, store, pusher).subscribe(JOB, "c", 0)
+    assert store.items == {} and "c" not in pusher.messages
 
 
 def test_a_finished_job_sends_the_backlog_then_done_with_what_sse_carries(parts: Any) -> None:
