@@ -13,10 +13,10 @@ import hashlib
 import http.client
 import json
 import logging
-import queue
 import threading
 import time
 import urllib.parse
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -219,7 +219,12 @@ class StreamPoller:
         with self._lanes_lock:
             if number not in self._lane_workers:
                 self._lane_workers[number] = _Lane(
-                    self._deliver, self._running, self._stop, self._interval, f"stream-lane-{number}"
+                    self._deliver,
+                    self._batch,
+                    self._running,
+                    self._stop,
+                    self._interval,
+                    f"stream-lane-{number}",
                 )
             return self._lane_workers[number]
 
@@ -258,58 +263,71 @@ class _Lane:
     """One of a shard's concurrent batches (a ParallelizationFactor above 1), as Lambda runs them: each
     lane invokes the function with its records in order, one batch at a time, and retries a failed
     batch until it goes through, while the other lanes go on (a slow or cold invocation holds back
-    only the keys of its own lane). The poller reads on and hands each lane its share, up to
-    ``MAX_PENDING`` batches ahead (then it waits for the lane); a paused poller's lanes hold their
-    batches too (records wait, as in the stream)."""
+    only the keys of its own lane). Its next batch is what came to it meanwhile, in order, up to the
+    batch size. The poller reads on and hands each lane its share, up to ``MAX_PENDING`` reads ahead
+    (then it waits for the lane); a paused poller's lanes hold their records too (records wait, as
+    in the stream)."""
 
     MAX_PENDING = 16
 
     def __init__(
         self,
         deliver: Callable[[list[dict[str, Any]]], bool],
+        batch_size: int,
         running: threading.Event,
         stop: threading.Event,
         interval: float,
         name: str,
     ) -> None:
         self._deliver = deliver
+        self._batch_size = max(1, batch_size)
         self._running = running
         self._stop = stop
         self._interval = interval
-        self._batches: queue.SimpleQueue[list[dict[str, Any]] | None] = queue.SimpleQueue()
-        self._pending = 0
-        self._settled = threading.Condition()
+        self._waiting: deque[list[dict[str, Any]]] = deque()  # the records of each read, in order
+        self._pending = 0  # reads waiting or in flight
+        self._closed = False
+        self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def put(self, records: list[dict[str, Any]]) -> None:
-        with self._settled:
+        with self._changed:
             while self._pending >= self.MAX_PENDING and not self._stop.is_set():
-                self._settled.wait(self._interval)
+                self._changed.wait(self._interval)
+            self._waiting.append(records)
             self._pending += 1
-        self._batches.put(records)
+            self._changed.notify_all()
 
     def idle(self, timeout: float) -> bool:
-        with self._settled:
-            return self._settled.wait_for(lambda: self._pending == 0, timeout)
+        with self._changed:
+            return self._changed.wait_for(lambda: self._pending == 0, timeout)
 
     def close(self, timeout: float) -> None:
-        self._batches.put(None)
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            records = self._batches.get()
-            if records is None:
-                return
+        while True:
+            with self._changed:
+                while not (self._waiting or self._closed or self._stop.is_set()):
+                    self._changed.wait(1.0)
+                if self._stop.is_set() or not self._waiting:
+                    return
+                batch, taken = list(self._waiting.popleft()), 1
+                while self._waiting and len(batch) + len(self._waiting[0]) <= self._batch_size:
+                    batch.extend(self._waiting.popleft())
+                    taken += 1
             while not self._stop.is_set():
                 self._running.wait()  # paused: the batch waits
-                if self._stop.is_set() or self._delivered(records):
+                if self._stop.is_set() or self._delivered(batch):
                     break
                 self._stop.wait(self._interval)  # Lambda retries the batch, before the lane's next
-            with self._settled:
-                self._pending -= 1
-                self._settled.notify_all()
+            with self._changed:
+                self._pending -= taken
+                self._changed.notify_all()
 
     def _delivered(self, records: list[dict[str, Any]]) -> bool:
         try:
