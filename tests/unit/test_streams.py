@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -51,6 +52,44 @@ class Streams:
         return {"Records": self.records if ShardIterator == "it-0" else [], "NextShardIterator": "it-1"}
 
 
+def keyed(seq: int, *jobs: str) -> list[dict[str, Any]]:
+    """The stream records of chunk ``seq`` of each job, in order."""
+    return [
+        {"eventName": "INSERT", "dynamodb": {"Keys": {"pk": {"S": j}, "sequence_id": {"N": str(seq)}}}}
+        for j in jobs
+    ]
+
+
+def held(event: dict[str, Any]) -> list[tuple[str, int]]:
+    """What an invocation got: each record's job and sequence id."""
+    return [
+        (r["dynamodb"]["Keys"]["pk"]["S"], int(r["dynamodb"]["Keys"]["sequence_id"]["N"]))
+        for r in event["Records"]
+    ]
+
+
+def lanes_poller(batch_size: int = 100, parallelization: int = 4) -> StreamPoller:
+    return StreamPoller(
+        Streams([]),
+        "arn",
+        None,
+        batch_size=batch_size,
+        region="r",
+        parallelization=parallelization,
+        interval=0.01,
+    )
+
+
+def lanes_ended(poller: StreamPoller) -> bool:
+    return not any(lane._thread.is_alive() for lane in poller._lane_workers.values())
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 class Fanout:
     """A function that holds each batch until ``release``: how many ran at once, and what each got."""
 
@@ -60,10 +99,7 @@ class Fanout:
         self.lock = threading.Lock()
 
     def invoke(self, event: dict[str, Any]) -> dict[str, Any]:
-        batch = [
-            (r["dynamodb"]["Keys"]["pk"]["S"], int(r["dynamodb"]["Keys"]["sequence_id"]["N"]))
-            for r in event["Records"]
-        ]
+        batch = held(event)
         with self.lock:
             self.batches.append(batch)
         self.barrier.wait()  # every lane's batch is in flight at the same time, or this times out
@@ -72,11 +108,7 @@ class Fanout:
 
 def test_a_shard_is_read_in_parallel_lanes_with_each_jobs_records_in_one_lane_in_order() -> None:
     jobs = [f"t#job#{n}" for n in range(40)]
-    records = [
-        {"eventName": "INSERT", "dynamodb": {"Keys": {"pk": {"S": job}, "sequence_id": {"N": str(seq)}}}}
-        for seq in range(1, 4)
-        for job in jobs
-    ]
+    records = [record for seq in range(1, 4) for record in keyed(seq, *jobs)]
     poller = StreamPoller(Streams(records), "arn", None, batch_size=1000, region="r", parallelization=4)
     lanes = poller._lanes_of(records)
     fanout = Fanout(len(lanes))
@@ -84,7 +116,7 @@ def test_a_shard_is_read_in_parallel_lanes_with_each_jobs_records_in_one_lane_in
     assert poller._poll("it-0") == ("it-1", len(records))
     assert poller.idle(60)
     poller.stop()
-    assert not any(lane._thread.is_alive() for lane in poller._lane_workers.values())
+    assert lanes_ended(poller)
     assert 1 < len(fanout.batches) <= 4  # several batches at once, at most the factor
     for job in jobs:
         (holding,) = [batch for batch in fanout.batches if any(pk == job for pk, _ in batch)]
@@ -102,10 +134,7 @@ class OneLaneStuck:
         self.lock = threading.Lock()
 
     def invoke(self, event: dict[str, Any]) -> dict[str, Any]:
-        batch = [
-            (r["dynamodb"]["Keys"]["pk"]["S"], int(r["dynamodb"]["Keys"]["sequence_id"]["N"]))
-            for r in event["Records"]
-        ]
+        batch = held(event)
         with self.lock:
             self.calls.append(batch)
             first_failing = sum(any(pk == self.failing for pk, _ in b) for b in self.calls) == 1
@@ -117,36 +146,26 @@ class OneLaneStuck:
 
 
 def test_a_slow_lane_holds_back_only_its_own_keys_and_a_failed_batch_is_retried_in_its_lane() -> None:
-    def records(seq: int, *jobs: str) -> list[dict[str, Any]]:
-        return [
-            {"eventName": "INSERT", "dynamodb": {"Keys": {"pk": {"S": j}, "sequence_id": {"N": str(seq)}}}}
-            for j in jobs
-        ]
-
-    poller = StreamPoller(
-        Streams([]), "arn", None, batch_size=100, region="r", parallelization=4, interval=0.01
-    )
+    poller = lanes_poller()
     jobs = [f"t#job#{n}" for n in range(40)]
-    lane_of = {job: next(iter(poller._lanes_of(records(1, job)))) for job in jobs}
+    lane_of = {job: next(iter(poller._lanes_of(keyed(1, job)))) for job in jobs}
     stuck = jobs[0]
     failing = next(j for j in jobs if lane_of[j] not in (lane_of[stuck],))
     other = next(j for j in jobs if lane_of[j] not in (lane_of[stuck], lane_of[failing]))
     function = OneLaneStuck(stuck, failing)
     poller._function = function  # type: ignore[assignment]
-    poller._streams = Streams(records(1, stuck, failing, other))
+    poller._streams = Streams(keyed(1, stuck, failing, other))
     poller._poll("it-0")
-    poller._streams = Streams(records(2, stuck, failing, other))
+    poller._streams = Streams(keyed(2, stuck, failing, other))
     poller._poll("it-0")
+
     # the stuck lane holds its invocation; the others deliver both batches meanwhile, the failing
     # one retrying its first before its second
-    deadline = time.monotonic() + 30
-
     def delivered(job: str) -> int:
         with function.lock:
             return sum(pk == job for call in function.calls for pk, _ in call)
 
-    while time.monotonic() < deadline and (delivered(other) < 2 or delivered(failing) < 3):
-        time.sleep(0.01)
+    wait_for(lambda: delivered(other) >= 2 and delivered(failing) >= 3)
     seen = [[(pk, seq) for pk, seq in call if pk in (failing, other)] for call in function.calls]
     assert [seq for call in seen for pk, seq in call if pk == other] == [1, 2]
     # the failed batch again, then the rest (or both reads in one batch, failed and retried whole)
@@ -156,7 +175,7 @@ def test_a_slow_lane_holds_back_only_its_own_keys_and_a_failed_batch_is_retried_
     assert poller.idle(30)
     assert [seq for call in function.calls for pk, seq in call if pk == stuck] == [1, 2]
     poller.stop()
-    assert not any(lane._thread.is_alive() for lane in poller._lane_workers.values())
+    assert lanes_ended(poller)
 
 
 class Recording:
@@ -172,12 +191,7 @@ class Recording:
         with self.lock:
             raising, self.first_raises = self.first_raises, None
             if raising is None:
-                self.calls.append(
-                    [
-                        (r["dynamodb"]["Keys"]["pk"]["S"], int(r["dynamodb"]["Keys"]["sequence_id"]["N"]))
-                        for r in event["Records"]
-                    ]
-                )
+                self.calls.append(held(event))
         if raising is not None:
             raise raising
         return {"batchItemFailures": []}
@@ -187,17 +201,8 @@ class Recording:
             return [seq for call in self.calls for pk, seq in call if pk == job]
 
 
-def keyed(seq: int, *jobs: str) -> list[dict[str, Any]]:
-    return [
-        {"eventName": "INSERT", "dynamodb": {"Keys": {"pk": {"S": j}, "sequence_id": {"N": str(seq)}}}}
-        for j in jobs
-    ]
-
-
 def test_a_lane_whose_invocation_fails_unexpectedly_retries_its_batch_and_loses_nothing() -> None:
-    poller = StreamPoller(
-        Streams([]), "arn", None, batch_size=100, region="r", parallelization=4, interval=0.01
-    )
+    poller = lanes_poller()
     function = Recording(first_raises=OSError("Too many open files"))
     poller._function = function  # type: ignore[assignment]
     for seq in (1, 2, 3):
@@ -209,9 +214,7 @@ def test_a_lane_whose_invocation_fails_unexpectedly_retries_its_batch_and_loses_
 
 
 def test_a_paused_poller_holds_what_its_lanes_were_given_until_it_resumes() -> None:
-    poller = StreamPoller(
-        Streams([]), "arn", None, batch_size=100, region="r", parallelization=4, interval=0.01
-    )
+    poller = lanes_poller()
     function = Recording()
     poller._function = function  # type: ignore[assignment]
     poller._streams = Streams(keyed(1, "t#job#a"))
@@ -230,16 +233,12 @@ def test_a_paused_poller_holds_what_its_lanes_were_given_until_it_resumes() -> N
 def test_what_comes_to_a_lane_while_it_invokes_is_its_next_batch_up_to_the_batch_size() -> None:
     """As Lambda fills a lane's next batch: the reads that came while an invocation ran go in one
     invocation, in order, never more than the batch size."""
-    poller = StreamPoller(
-        Streams([]), "arn", None, batch_size=4, region="r", parallelization=2, interval=0.01
-    )
+    poller = lanes_poller(batch_size=4, parallelization=2)
     function = OneLaneStuck(stuck="t#job#a", failing="none")
     poller._function = function  # type: ignore[assignment]
     poller._streams = Streams(keyed(1, "t#job#a"))
     poller._poll("it-0")
-    deadline = time.monotonic() + 30
-    while not function.calls and time.monotonic() < deadline:  # the first invocation holds the lane
-        time.sleep(0.01)
+    wait_for(lambda: bool(function.calls))  # the first invocation holds the lane
     for seq in range(2, 8):
         poller._streams = Streams(keyed(seq, "t#job#a"))
         poller._poll("it-0")
