@@ -82,9 +82,10 @@ class CircuitBreaker:
         """The stored circuit (a read)."""
         circuit = self._store.get_many([model_id]).get(model_id) or Circuit(model_id)
         self._remember(circuit)
-        return dataclasses.replace(circuit)
+        return circuit
 
     def _remember(self, circuit: Circuit) -> None:
+        """Keep a copy (the caller may change its own) of what was just read or written."""
         if self.fresh_seconds > 0:
             self._known[circuit.model_id] = (dataclasses.replace(circuit), self._clock())
 
