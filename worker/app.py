@@ -19,6 +19,7 @@ from spool_core.tenancy import Tenant
 
 # What a first job loads, before a snapshot rather than in each new container (spool_core.snapshot).
 snapshot.load_before_snapshot(
+    "spool_core.jobs.service",
     "spool_core.adapters.jobs",
     "spool_core.adapters.contexts",
     "spool_core.adapters.usage",

@@ -19,12 +19,22 @@ from aws_lambda_powertools.utilities.batch.types import PartialItemFailureRespon
 from aws_lambda_powertools.utilities.data_classes.dynamo_db_stream_event import DynamoDBRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from spool_core import bootstrap
+from spool_core import bootstrap, snapshot
 from spool_core.adapters import api_keys  # noqa: F401 - the key lookup at init: every delivery checks keys
 from spool_core.fanout_batch import FanoutBatch, Group
 from spool_core.observability import logger, tracer
 from spool_core.tenancy import Tenant
 
+# What a first delivery loads (the subscriptions, the pusher, the job service and its stores): before a
+# snapshot, not on each new container's first batch (see spool_core.snapshot).
+snapshot.load_before_snapshot(
+    "spool_core.subscriptions",
+    "spool_core.adapters.websocket",
+    "spool_core.jobs.service",
+    "spool_core.adapters.jobs",
+    "spool_core.adapters.usage",
+    "spool_core.events",
+)
 processor = BatchProcessor(event_type=EventType.DynamoDBStreams, raise_on_entire_batch_failure=False)
 _batch = FanoutBatch([])
 

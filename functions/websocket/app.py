@@ -13,7 +13,7 @@ from typing import Any
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from spool_core import bootstrap
+from spool_core import bootstrap, snapshot
 from spool_core.adapters import aws
 from spool_core.adapters.websocket import ManagementApiPusher
 from spool_core.api.errors import envelope
@@ -23,6 +23,19 @@ from spool_core.jobs.errors import JobNotFound
 from spool_core.jobs.model import MAX_SEQUENCE_ID
 from spool_core.observability import logger
 from spool_core.tenancy import Tenant
+
+# What a first $connect and subscribe load (the key lookup, the job service and its stores): before
+# a snapshot, not on each new container's first message (see spool_core.snapshot).
+snapshot.load_before_snapshot(
+    "spool_core.adapters.api_keys",
+    "spool_core.jobs.service",
+    "spool_core.adapters.jobs",
+    "spool_core.adapters.contexts",
+    "spool_core.adapters.usage",
+    "spool_core.adapters.listing",
+    "spool_core.flags",
+    "aws_lambda_powertools.utilities.feature_flags",
+)
 
 
 class SubscribeRequest(BaseModel):

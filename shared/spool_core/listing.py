@@ -112,10 +112,9 @@ def cursor_codec(config: Settings) -> CursorCodec:
             "SPOOL_EVENTS_SECRET_ARN is not set: list cursors cannot be signed",
             suggestions=["Set SPOOL_EVENTS_SECRET_ARN (template.yaml Globals) and redeploy"],
         )
-    from aws_lambda_powertools.utilities import parameters
+    from spool_core import bootstrap
 
-    secret: Any = parameters.get_secret(config.events_secret_arn, max_age=300)
-    return CursorCodec(str(secret).encode())
+    return CursorCodec(bootstrap.secret_value(config.events_secret_arn, config).encode())
 
 
 def _bad_cursor(message: str, cursor: str, suggestions: Sequence[str] | None = None) -> InvalidRequest:

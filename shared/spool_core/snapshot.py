@@ -19,14 +19,20 @@ __all__ = ["create_aws_clients", "create_openai_client", "load_before_snapshot",
 
 
 def create_aws_clients() -> None:
-    """The DynamoDB, SQS and S3 clients (~0.2 s of CPU on a first call; no request is made: a
-    client opens its connections on its first request, so none is in the snapshot)."""
+    """The DynamoDB, SQS and S3 clients (~0.2 s of CPU on a first call), Secrets Manager's (through
+    Parameters' provider) where the deployment signs with a secret, and the WebSocket API's management
+    client where the function pushes to connections. No request is made: a client opens its
+    connections on its first request, so none is in the snapshot, and no secret is read into it."""
     from spool_core import bootstrap
     from spool_core.adapters import aws
 
     config = bootstrap.settings()
     for client in (aws.dynamodb, aws.sqs, aws.s3):
         client(config)
+    if config.events_secret_arn:
+        bootstrap.secrets(config)
+    if config.websocket_management_url:
+        aws.websocket_management(config)
 
 
 register_before_snapshot(create_aws_clients)
@@ -44,10 +50,23 @@ def _import(modules: tuple[str, ...]) -> None:
 
 
 def create_openai_client() -> None:
-    """An ``openai`` client made and dropped: the SDK imports its client and chat resources on the
-    first one (~50 ms of CPU), which a worker's first job on an OpenAI-compatible model would pay.
-    The providers' own clients are not made here: a real provider's key is a secret, read over the
-    network."""
+    """The HTTP client the OpenAI-compatible providers share (its TLS context loads the CA bundle,
+    ~30 ms of CPU), and an ``openai`` client on it made and dropped: the SDK imports its client and
+    chat resources on the first one (~50 ms of CPU), which a worker's first job on an
+    OpenAI-compatible model would pay. The models a streamed chat completion is read into are built
+    too: the SDK defers their build to the first chunk (``defer_build``). The providers' own clients
+    are not made here: a real provider's key is a secret, read over the network."""
     import openai
+    from openai.types.chat.chat_completion_chunk import ChatCompletionChunk, Choice, ChoiceDelta
 
-    openai.OpenAI(base_url="http://127.0.0.1:9/v1", api_key="snapshot", max_retries=0).chat.completions.create  # noqa: B018
+    from spool_core import bootstrap
+
+    client = openai.OpenAI(
+        base_url="http://127.0.0.1:9/v1",
+        api_key="snapshot",
+        max_retries=0,
+        http_client=bootstrap.provider_http(),
+    )
+    client.chat.completions.create  # noqa: B018
+    for model in (ChatCompletionChunk, Choice, ChoiceDelta):
+        model.model_rebuild()

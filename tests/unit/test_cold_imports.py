@@ -292,3 +292,56 @@ def test_the_snapshot_hooks_do_a_first_calls_loading_without_a_request() -> None
         "AWS_DEFAULT_REGION": "us-east-1",
     }
     assert json.loads(cold._run(jobs.code_dir, probe, environment)) == [False, True, 3]
+
+
+# A new container's first call, as each function makes it: the services it wires (no request is made
+# building them). After the snapshot hooks, none of this may import a module or create a client:
+# containers are forked from the snapshot, and each used to repeat 70-110 ms of CPU on its first call.
+FIRST_CALLS = {
+    "JobsFunction": "bootstrap.job_service(tenant); bootstrap.secrets(config)",
+    "WebSocketFunction": (
+        "bootstrap.job_service(tenant); bootstrap.connection_guard(config); aws.websocket_management(config)"
+    ),
+    "FanoutFunction": "bootstrap.fanout(tenant, config); bootstrap.connection_guard(config)",
+    "WorkerFunction": (
+        "bootstrap.job_runner(tenant, config); bootstrap._openai_client('http://127.0.0.1:9/v1', 'sk-x'); "
+        "ChatCompletionChunk.model_validate({'id': 'c', 'object': 'chat.completion.chunk', 'created': 1, "
+        "'model': 'm', 'choices': [{'index': 0, 'delta': {'content': 'hi'}}]})"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FIRST_CALLS))
+def test_after_the_snapshot_hooks_a_first_call_loads_nothing(name: str) -> None:
+    handler = HANDLERS[name]
+    first_call = FIRST_CALLS[name]
+    if name == "WorkerFunction":
+        first_call = f"from openai.types.chat import ChatCompletionChunk; {first_call}"
+    probe = (
+        f"import sys, json, snapshot_restore_py as hooks; import {handler.module}; "
+        "from spool_core import bootstrap; from spool_core.adapters import aws; "
+        "from spool_core.tenancy import Tenant; "
+        "[hook(*args, **kwargs) for hook, args, kwargs in hooks._before_snapshot_registry]; "
+        "config = bootstrap.settings(); tenant = Tenant('t1'); "
+        "modules, clients = set(sys.modules), aws._client.cache_info().misses; "
+        "http = bootstrap.provider_http.cache_info().misses; "
+        f"{first_call}; "
+        "print(json.dumps([sorted(set(sys.modules) - modules), aws._client.cache_info().misses - clients, "
+        "bootstrap.provider_http.cache_info().misses - http]))"
+    )
+    names = ("API_KEYS", "CONTEXTS", "JOBS", "CHUNKS", "USAGE", "SYSTEM", "CONNECTIONS")
+    environment = {
+        **cold.environment(handler),
+        **{f"SPOOL_{name}_TABLE": name.lower() for name in names},
+        "SPOOL_BUCKET": "bucket",
+        "SPOOL_JOBS_QUEUE_URL": "http://127.0.0.1:9/queue/jobs",
+        "SPOOL_DEAD_LETTER_QUEUE_URL": "http://127.0.0.1:9/queue/dead",
+        "SPOOL_EVENTS_SECRET_ARN": "arn:aws:secretsmanager:us-east-1:123456789012:secret:events",
+        "SPOOL_WEBSOCKET_MANAGEMENT_URL": "http://127.0.0.1:9/local",
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9",  # nothing listens there
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    loaded, clients, http_clients = json.loads(cold._run(handler.code_dir, probe, environment))
+    ours = [m for m in loaded if m.startswith(("spool_core", "openai", "aws_lambda_powertools"))]
+    assert ours == [], ", ".join(ours)
+    assert (clients, http_clients) == (0, 0)

@@ -84,3 +84,8 @@ _S3_SIGNING = Config(signature_version="s3v4")
 
 def sqs(settings: Settings, *, probe: bool = False) -> SQSClient:
     return _client("sqs", settings.region, settings.endpoint_url, probe)  # type: ignore[return-value]
+
+
+def secretsmanager(settings: Settings) -> Any:
+    """Secrets Manager, for Powertools Parameters' provider (``bootstrap.secrets``)."""
+    return _client("secretsmanager", settings.region, settings.endpoint_url, False)
