@@ -37,7 +37,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench.readers import Held, Reader
+from bench.readers import Held, Reader, tls
 
 WORDS = (" the", " of", " and", " to", " in", " is", " that", " for", " it", " with")  # one token each
 DEFAULT_MODELS = Path(__file__).resolve().parents[1] / "shared" / "spool_core" / "models.json"
@@ -229,7 +229,13 @@ class Stream:
 def read_direct(upstream_url: str, model: str, tokens: int) -> Stream:
     import openai
 
-    client = openai.OpenAI(base_url=upstream_url, api_key="loopback", max_retries=0, timeout=300)
+    client = openai.OpenAI(
+        base_url=upstream_url,
+        api_key="loopback",
+        max_retries=0,
+        timeout=300,
+        http_client=openai.DefaultHttpxClient(verify=tls()),
+    )
     try:
         return _openai_stream(client, model, tokens)
     finally:
@@ -251,7 +257,13 @@ def read_spool(base_url: str, api_key: str, transport: str, model: str, tokens: 
     if transport == "openai":
         import openai
 
-        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=0, timeout=600)
+        client = openai.OpenAI(
+            base_url=f"{base_url}/v1",
+            api_key=api_key,
+            max_retries=0,
+            timeout=600,
+            http_client=openai.DefaultHttpxClient(verify=tls()),
+        )
         try:
             return _openai_stream(client, model, tokens)
         finally:
