@@ -51,6 +51,16 @@ WORKERS_PER_CPU = 16
 MIN_WORKERS = 2
 
 
+def holds_container(spec: FunctionSpec) -> bool:
+    """Whether an invocation holds its container for a whole job or stream (a queue-fed worker runs its
+    job to the end; a streaming web function serves one open stream): none comes free within the
+    runtime's short wait for a warm container, so such a function starts a container at once, as
+    Lambda would. A 20-job burst over SSE waited 0.1-0.3 s per job and per stream for nothing: its
+    persist-to-client p95 went from 580-680 ms to 210-330 ms without the wait. Request/response and
+    stream-batch functions (the fanout's invocations take ~60 ms) keep it (docs/decisions.md)."""
+    return bool(spec.sqs_events or spec.web_app)
+
+
 def sized_workers(spec: FunctionSpec, cpus: int | None = None) -> int:
     """Containers for a queue-fed function on this machine: ``WORKERS_PER_CPU`` per CPU, at least
     ``MIN_WORKERS``, at most what the template lets AWS run at once (the event source's
@@ -282,6 +292,7 @@ class EmbeddedStack:
                 name=resolver.ref(name),
                 environment=description.environment_for(self.template, name),
                 max_concurrency=concurrency,
+                scale_up_delay=0.0 if holds_container(spec) else None,
             )
 
     def function_variant(self, name: str, environment: Mapping[str, str]) -> LocalFunction:

@@ -1,10 +1,11 @@
-"""The local stack sizes its queue workers to the machine, within what the template lets AWS run."""
+"""The local stack sizes its queue workers to the machine, within what the template lets AWS run, and
+starts a container at once for a function whose invocation holds it for a job or a stream."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from spool.devstack.stack import MIN_WORKERS, WORKERS_PER_CPU, sized_workers
+from spool.devstack.stack import MIN_WORKERS, WORKERS_PER_CPU, holds_container, sized_workers
 from spool.devstack.template import FunctionSpec, SqsEvent, Template
 from tests.support import ROOT
 
@@ -33,3 +34,10 @@ def test_workers_grow_with_the_cpus_up_to_the_templates_caps() -> None:
     assert sized_workers(capped, cpus=8) == 3
     assert sized_workers(worker(reserved_concurrency=5), cpus=8) == 5
     assert sized_workers(worker(), cpus=None) >= MIN_WORKERS
+
+
+def test_only_functions_that_hold_a_container_per_job_or_stream_skip_the_wait_for_a_warm_one() -> None:
+    functions = Template.load(ROOT / "template.yaml").functions()
+    holding = {name for name, spec in functions.items() if holds_container(spec)}
+    # The queue consumers (a job each), the SSE and OpenAI-compatible web apps (a stream each).
+    assert holding == {"WorkerFunction", "DeadLetterFunction", "EventsFunction", "StreamFunction"}
