@@ -27,7 +27,8 @@ from spool_core.settings import Settings
 from spool_core.tenancy import Tenant, TenantScope
 
 if TYPE_CHECKING:
-    import httpx2
+    import ssl
+
     import openai
     from aws_lambda_powertools.utilities.parameters import SecretsProvider
 
@@ -270,19 +271,23 @@ def _openai_client(base_url: str, api_key: str) -> openai.OpenAI:
     import openai
 
     return openai.OpenAI(
-        base_url=base_url, api_key=api_key, max_retries=0, timeout=120.0, http_client=provider_http()
+        base_url=base_url,
+        api_key=api_key,
+        max_retries=0,
+        timeout=120.0,
+        http_client=openai.DefaultHttpxClient(verify=provider_tls()),
     )
 
 
 @lru_cache(maxsize=1)
-def provider_http() -> httpx2.Client:
-    """The HTTP client every OpenAI-compatible provider of this process sends through, with the SDK's
-    defaults: one TLS context for all (each client loaded the CA bundle, ~30 ms of CPU, on every new
-    container's first job) and a pool of connections per upstream. Made before a snapshot
-    (``spool_core.snapshot``); never closed, as the clients it serves live as long as the process."""
-    import openai
+def provider_tls() -> ssl.SSLContext:
+    """The TLS context of every OpenAI-compatible provider's HTTP client in this process: each client
+    loaded the CA bundle for its own (~30 ms of CPU, on every new container's first job). Made before
+    a snapshot (``spool_core.snapshot``). Only the context is shared: each client keeps its own
+    connections and cookies, so one upstream's cookies never reach another."""
+    import httpx2
 
-    return openai.DefaultHttpxClient()
+    return httpx2.create_ssl_context()
 
 
 @lru_cache(maxsize=8)

@@ -50,12 +50,12 @@ def _import(modules: tuple[str, ...]) -> None:
 
 
 def create_openai_client() -> None:
-    """The HTTP client the OpenAI-compatible providers share (its TLS context loads the CA bundle,
-    ~30 ms of CPU), and an ``openai`` client on it made and dropped: the SDK imports its client and
-    chat resources on the first one (~50 ms of CPU), which a worker's first job on an
-    OpenAI-compatible model would pay. The models a streamed chat completion is read into are built
-    too: the SDK defers their build to the first chunk (``defer_build``). The providers' own clients
-    are not made here: a real provider's key is a secret, read over the network."""
+    """The TLS context the OpenAI-compatible providers' clients share (it loads the CA bundle, ~30 ms
+    of CPU), and an ``openai`` client made and dropped: the SDK imports its client and chat resources
+    on the first one (~50 ms of CPU), which a worker's first job on an OpenAI-compatible model would
+    pay. The models a streamed chat completion is read into are built too: the SDK defers their build
+    to the first chunk (``defer_build``). The providers' own clients are not made here: a real
+    provider's key is a secret, read over the network."""
     import openai
     from openai.types.chat.chat_completion_chunk import ChatCompletionChunk, Choice, ChoiceDelta
 
@@ -65,8 +65,9 @@ def create_openai_client() -> None:
         base_url="http://127.0.0.1:9/v1",
         api_key="snapshot",
         max_retries=0,
-        http_client=bootstrap.provider_http(),
+        http_client=openai.DefaultHttpxClient(verify=bootstrap.provider_tls()),
     )
     client.chat.completions.create  # noqa: B018
+    client.close()
     for model in (ChatCompletionChunk, Choice, ChoiceDelta):
         model.model_rebuild()

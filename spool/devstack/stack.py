@@ -52,12 +52,13 @@ MIN_WORKERS = 2
 
 
 def holds_container(spec: FunctionSpec) -> bool:
-    """Whether an invocation holds its container for a whole job or stream (a queue-fed worker runs its
-    job to the end; a streaming web function serves one open stream): none comes free within the
-    runtime's short wait for a warm container, so such a function starts a container at once, as
-    Lambda would. A 20-job burst over SSE waited 0.1-0.3 s per job and per stream for nothing: its
-    persist-to-client p95 went from 580-680 ms to 210-330 ms without the wait. Request/response and
-    stream-batch functions (the fanout's invocations take ~60 ms) keep it (docs/decisions.md)."""
+    """Whether an invocation may hold its container for a whole job or stream (the worker, a queue
+    consumer, runs its job to the end; a streaming web function serves one open stream): none comes
+    free within the runtime's short wait for a warm container, so such a function starts a container
+    at once, as Lambda would (the dead-letter consumer, a queue consumer too, is rarely busy). A
+    20-job burst over SSE waited 0.1-0.3 s per job and per stream for nothing: its persist-to-client
+    p95 went from 580-680 ms to 210-330 ms without the wait. Request/response and stream-batch
+    functions (the fanout's invocations take ~60 ms) keep it (docs/decisions.md)."""
     return bool(spec.sqs_events or spec.web_app)
 
 

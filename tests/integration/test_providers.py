@@ -18,6 +18,7 @@ import urllib3
 from botocore.awsrequest import AWSResponse
 from botocore.config import Config
 
+from spool_core import bootstrap
 from spool_core.chat import Message
 from spool_core.providers import Finished, GenerationRequest, ProviderError, ResumePoint, TextDelta
 from spool_core.providers.bedrock import BedrockProvider
@@ -179,6 +180,7 @@ class ChatServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), ChatHandler)
         self.scenarios: list[str] = []
         self.requests: list[dict[str, Any]] = []
+        self.credentials: list[tuple[str | None, str | None]] = []  # (Authorization, Cookie) of each
 
     @property
     def base_url(self) -> str:
@@ -195,6 +197,7 @@ class ChatHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.requests.append(body)
+        self.server.credentials.append((self.headers.get("Authorization"), self.headers.get("Cookie")))
         scenario = self.server.scenarios.pop(0)
         if scenario.isdigit():
             payload = json.dumps(
@@ -208,6 +211,7 @@ class ChatHandler(BaseHTTPRequestHandler):
             return
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Set-Cookie", f"session=from-{self.server.server_address[1]}; Path=/")
         self.send_header("Connection", "close")
         self.end_headers()
         words = ["Hel", "lo", " there"]
@@ -242,14 +246,23 @@ class ChatHandler(BaseHTTPRequestHandler):
         self.close_connection = True
 
 
-@pytest.fixture
-def chat_server() -> Iterator[ChatServer]:
+def _serving() -> Iterator[ChatServer]:
     server = ChatServer()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def chat_server() -> Iterator[ChatServer]:
+    yield from _serving()
+
+
+@pytest.fixture
+def other_chat_server() -> Iterator[ChatServer]:
+    yield from _serving()
 
 
 def openai_provider(server: ChatServer) -> OpenAICompatibleProvider:
@@ -359,3 +372,19 @@ def test_a_job_on_an_openai_compatible_endpoint_survives_a_cut(
     assert done["output"] == "Hello" + "Hello there"  # the partial answer kept, then the continuation
     assert done["usage"]["input_tokens"] == 21
     assert chat_server.requests[1]["messages"][-1]["content"] == CONTINUE_INSTRUCTION
+
+
+def test_the_providers_clients_share_no_cookies_across_upstreams(
+    chat_server: ChatServer, other_chat_server: ChatServer
+) -> None:
+    """The provider clients the worker makes share one TLS context (one CA bundle load per process),
+    never their connections or cookies: each upstream sees its own key and only its own cookie."""
+    first = OpenAICompatibleProvider(bootstrap._openai_client(chat_server.base_url, "sk-first"))
+    second = OpenAICompatibleProvider(bootstrap._openai_client(other_chat_server.base_url, "sk-second"))
+    chat_server.scenarios += ["ok", "ok"]
+    other_chat_server.scenarios.append("ok")
+    for provider in (first, second, first):
+        assert collect(provider)[0] == "Hello there"
+    own = f"session=from-{chat_server.server_address[1]}"
+    assert chat_server.credentials == [("Bearer sk-first", None), ("Bearer sk-first", own)]
+    assert other_chat_server.credentials == [("Bearer sk-second", None)]

@@ -324,10 +324,10 @@ def test_after_the_snapshot_hooks_a_first_call_loads_nothing(name: str) -> None:
         "[hook(*args, **kwargs) for hook, args, kwargs in hooks._before_snapshot_registry]; "
         "config = bootstrap.settings(); tenant = Tenant('t1'); "
         "modules, clients = set(sys.modules), aws._client.cache_info().misses; "
-        "http = bootstrap.provider_http.cache_info().misses; "
+        "http = bootstrap.provider_tls.cache_info().misses; "
         f"{first_call}; "
         "print(json.dumps([sorted(set(sys.modules) - modules), aws._client.cache_info().misses - clients, "
-        "bootstrap.provider_http.cache_info().misses - http]))"
+        "bootstrap.provider_tls.cache_info().misses - http]))"
     )
     names = ("API_KEYS", "CONTEXTS", "JOBS", "CHUNKS", "USAGE", "SYSTEM", "CONNECTIONS")
     environment = {
