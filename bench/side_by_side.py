@@ -226,16 +226,21 @@ class Stream:
         return [b - a for a, b in zip(self.arrivals, self.arrivals[1:], strict=False)]
 
 
-def read_direct(upstream_url: str, model: str, tokens: int) -> Stream:
+def sdk_client(base_url: str, api_key: str, *, timeout: float) -> Any:
+    """An ``openai`` client as a reader uses it: no retries, on the benchmarks' one TLS context."""
     import openai
 
-    client = openai.OpenAI(
-        base_url=upstream_url,
-        api_key="loopback",
+    return openai.OpenAI(
+        base_url=base_url,
+        api_key=api_key,
         max_retries=0,
-        timeout=300,
+        timeout=timeout,
         http_client=openai.DefaultHttpxClient(verify=tls()),
     )
+
+
+def read_direct(upstream_url: str, model: str, tokens: int) -> Stream:
+    client = sdk_client(upstream_url, "loopback", timeout=300)
     try:
         return _openai_stream(client, model, tokens)
     finally:
@@ -255,15 +260,7 @@ def _openai_stream(client: Any, model: str, tokens: int) -> Stream:
 
 def read_spool(base_url: str, api_key: str, transport: str, model: str, tokens: int) -> Stream:
     if transport == "openai":
-        import openai
-
-        client = openai.OpenAI(
-            base_url=f"{base_url}/v1",
-            api_key=api_key,
-            max_retries=0,
-            timeout=600,
-            http_client=openai.DefaultHttpxClient(verify=tls()),
-        )
+        client = sdk_client(f"{base_url}/v1", api_key, timeout=600)
         try:
             return _openai_stream(client, model, tokens)
         finally:

@@ -56,17 +56,12 @@ def create_openai_client() -> None:
     pay. The models a streamed chat completion is read into are built too: the SDK defers their build
     to the first chunk (``defer_build``). The providers' own clients are not made here: a real
     provider's key is a secret, read over the network."""
-    import openai
     from openai.types.chat.chat_completion_chunk import ChatCompletionChunk, Choice, ChoiceDelta
 
     from spool_core import bootstrap
 
-    client = openai.OpenAI(
-        base_url="http://127.0.0.1:9/v1",
-        api_key="snapshot",
-        max_retries=0,
-        http_client=openai.DefaultHttpxClient(verify=bootstrap.provider_tls()),
-    )
+    # The providers' client as bootstrap makes it (its TLS context included), not kept in its cache.
+    client = bootstrap._openai_client.__wrapped__("http://127.0.0.1:9/v1", "snapshot")
     client.chat.completions.create  # noqa: B018
     client.close()
     for model in (ChatCompletionChunk, Choice, ChoiceDelta):

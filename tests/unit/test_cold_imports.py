@@ -268,6 +268,26 @@ def test_openai_errors_are_still_classified() -> None:
     assert (broken.code, broken.retryable) == ("provider_unavailable", True)
 
 
+# Runs the SnapStart before-snapshot hooks the handler's import registered, as Lambda (and a local
+# function fork server) does before a snapshot; ``snapshot_restore_py`` is imported as ``hooks``.
+RUN_HOOKS = "[hook(*args, **kwargs) for hook, args, kwargs in hooks._before_snapshot_registry]"
+
+
+def configured(handler: cold.Handler, **variables: str) -> dict[str, str]:
+    """``handler``'s environment with the settings the template resolves at deploy time (tables,
+    bucket, queues), pointing at nothing, and ``variables``."""
+    tables = ("API_KEYS", "CONTEXTS", "JOBS", "CHUNKS", "USAGE", "SYSTEM", "CONNECTIONS")
+    return {
+        **cold.environment(handler),
+        **{f"SPOOL_{table}_TABLE": table.lower() for table in tables},
+        "SPOOL_BUCKET": "bucket",
+        "SPOOL_JOBS_QUEUE_URL": "http://127.0.0.1:9/queue/jobs",
+        "SPOOL_DEAD_LETTER_QUEUE_URL": "http://127.0.0.1:9/queue/dead",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        **variables,
+    }
+
+
 def test_the_snapshot_hooks_do_a_first_calls_loading_without_a_request() -> None:
     """Before a snapshot (SnapStart; the local fork servers) the jobs function creates its AWS clients,
     builds its routes' validation models and loads what creating a job imports, with no endpoint to
@@ -277,20 +297,11 @@ def test_the_snapshot_hooks_do_a_first_calls_loading_without_a_request() -> None
         f"import sys, json, snapshot_restore_py as hooks; import {jobs.module}; "
         "from spool_core.adapters import aws; "
         "before = 'spool_core.adapters.jobs' in sys.modules; "
-        "[hook(*args, **kwargs) for hook, args, kwargs in hooks._before_snapshot_registry]; "
+        f"{RUN_HOOKS}; "
         "after = 'spool_core.adapters.jobs' in sys.modules; "
         "print(json.dumps([before, after, aws._client.cache_info().currsize]))"
     )
-    names = ("API_KEYS", "CONTEXTS", "JOBS", "CHUNKS", "USAGE", "SYSTEM", "CONNECTIONS")
-    environment = {
-        **cold.environment(jobs),
-        **{f"SPOOL_{name}_TABLE": name.lower() for name in names},
-        "SPOOL_BUCKET": "bucket",
-        "SPOOL_JOBS_QUEUE_URL": "http://127.0.0.1:9/queue/jobs",
-        "SPOOL_DEAD_LETTER_QUEUE_URL": "http://127.0.0.1:9/queue/dead",
-        "SPOOL_ENDPOINT_URL": "http://127.0.0.1:9",  # nothing listens there
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
+    environment = configured(jobs, SPOOL_ENDPOINT_URL="http://127.0.0.1:9")  # nothing listens there
     assert json.loads(cold._run(jobs.code_dir, probe, environment)) == [False, True, 3]
 
 
@@ -321,27 +332,21 @@ def test_after_the_snapshot_hooks_a_first_call_loads_nothing(name: str) -> None:
         f"import sys, json, snapshot_restore_py as hooks; import {handler.module}; "
         "from spool_core import bootstrap; from spool_core.adapters import aws; "
         "from spool_core.tenancy import Tenant; "
-        "[hook(*args, **kwargs) for hook, args, kwargs in hooks._before_snapshot_registry]; "
+        f"{RUN_HOOKS}; "
         "config = bootstrap.settings(); tenant = Tenant('t1'); "
         "modules, clients = set(sys.modules), aws._client.cache_info().misses; "
-        "http = bootstrap.provider_tls.cache_info().misses; "
+        "tls = bootstrap.provider_tls.cache_info().misses; "
         f"{first_call}; "
         "print(json.dumps([sorted(set(sys.modules) - modules), aws._client.cache_info().misses - clients, "
-        "bootstrap.provider_tls.cache_info().misses - http]))"
+        "bootstrap.provider_tls.cache_info().misses - tls]))"
     )
-    names = ("API_KEYS", "CONTEXTS", "JOBS", "CHUNKS", "USAGE", "SYSTEM", "CONNECTIONS")
-    environment = {
-        **cold.environment(handler),
-        **{f"SPOOL_{name}_TABLE": name.lower() for name in names},
-        "SPOOL_BUCKET": "bucket",
-        "SPOOL_JOBS_QUEUE_URL": "http://127.0.0.1:9/queue/jobs",
-        "SPOOL_DEAD_LETTER_QUEUE_URL": "http://127.0.0.1:9/queue/dead",
-        "SPOOL_EVENTS_SECRET_ARN": "arn:aws:secretsmanager:us-east-1:123456789012:secret:events",
-        "SPOOL_WEBSOCKET_MANAGEMENT_URL": "http://127.0.0.1:9/local",
-        "AWS_ENDPOINT_URL": "http://127.0.0.1:9",  # nothing listens there
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    loaded, clients, http_clients = json.loads(cold._run(handler.code_dir, probe, environment))
+    environment = configured(
+        handler,
+        SPOOL_EVENTS_SECRET_ARN="arn:aws:secretsmanager:us-east-1:123456789012:secret:events",
+        SPOOL_WEBSOCKET_MANAGEMENT_URL="http://127.0.0.1:9/local",
+        AWS_ENDPOINT_URL="http://127.0.0.1:9",  # nothing listens there
+    )
+    loaded, clients, tls_contexts = json.loads(cold._run(handler.code_dir, probe, environment))
     ours = [m for m in loaded if m.startswith(("spool_core", "openai", "aws_lambda_powertools"))]
     assert ours == [], ", ".join(ours)
-    assert (clients, http_clients) == (0, 0)
+    assert (clients, tls_contexts) == (0, 0)

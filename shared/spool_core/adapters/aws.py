@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from mypy_boto3_cloudwatch import CloudWatchClient
     from mypy_boto3_dynamodb import DynamoDBClient
     from mypy_boto3_s3 import S3Client
+    from mypy_boto3_secretsmanager import SecretsManagerClient
     from mypy_boto3_sqs import SQSClient
 
     from spool_core.settings import Settings
@@ -86,6 +87,6 @@ def sqs(settings: Settings, *, probe: bool = False) -> SQSClient:
     return _client("sqs", settings.region, settings.endpoint_url, probe)  # type: ignore[return-value]
 
 
-def secretsmanager(settings: Settings) -> Any:
+def secretsmanager(settings: Settings) -> SecretsManagerClient:
     """Secrets Manager, for Powertools Parameters' provider (``bootstrap.secrets``)."""
-    return _client("secretsmanager", settings.region, settings.endpoint_url, False)
+    return _client("secretsmanager", settings.region, settings.endpoint_url, False)  # type: ignore[return-value]
