@@ -111,6 +111,16 @@ class ClientBase:
     ) -> None:
         self.settings = Settings.resolve(base_url, api_key, timeout, direct_upload_limit)
         self.retry = RetryPolicy(max_retries=max_retries, max_retry_wait=max_retry_wait)
+        # The deployment's WebSocket URL (every job's ``links.subscribe`` is the same), once a job's
+        # answer named it: a WebSocket stream then connects at once, without first reading its job.
+        self.subscribe_url: str | None = None
+
+    def seen(self, answer: Any) -> Any:
+        """An answer of the API, passed through; a job's ``links.subscribe`` is remembered."""
+        links = answer.get("links") if isinstance(answer, dict) else None
+        if isinstance(links, dict) and isinstance(links.get("subscribe"), str) and links["subscribe"]:
+            self.subscribe_url = links["subscribe"]
+        return answer
 
     @property
     def base_url(self) -> str:

@@ -101,7 +101,7 @@ class AsyncClient(ClientBase):
         return attempt + 1
 
     async def _call(self, call: Call) -> Any:
-        return (await self._exchange(call))[1]
+        return self.seen((await self._exchange(call))[1])
 
     async def _drive(self, steps: Steps[T]) -> T:
         """Run shared steps (``spool._core``): send each call, hand back its answer or its error."""
@@ -238,7 +238,7 @@ class AsyncClient(ClientBase):
                 failures = await self._wait_or_raise(failures, error)
 
     async def _websocket(self, state: StreamState) -> AsyncIterator[dict[str, Any]]:
-        url = (await self.job(state.job_id, output=False))["links"].get("subscribe")
+        url = self.subscribe_url or (await self.job(state.job_id, output=False))["links"].get("subscribe")
         if not url:
             raise _core.no_websocket(self.settings)
         failures = 0

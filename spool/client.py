@@ -127,7 +127,7 @@ class Client(ClientBase):
         return attempt + 1
 
     def _call(self, call: Call) -> Any:
-        return self._exchange(call)[1]
+        return self.seen(self._exchange(call)[1])
 
     def _drive(self, steps: Steps[T]) -> T:
         """Run shared steps (``spool._core``): send each call, hand back its answer or its error."""
@@ -296,7 +296,7 @@ class Client(ClientBase):
 
     def _websocket(self, state: StreamState) -> Iterator[dict[str, Any]]:
         """A dropped connection reconnects from the last sequence id received."""
-        url = self.job(state.job_id, output=False)["links"].get("subscribe")
+        url = self.subscribe_url or self.job(state.job_id, output=False)["links"].get("subscribe")
         if not url:
             raise _core.no_websocket(self.settings)
         failures = 0
