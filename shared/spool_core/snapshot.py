@@ -51,18 +51,16 @@ def _import(modules: tuple[str, ...]) -> None:
 
 def create_openai_client() -> None:
     """The TLS context the OpenAI-compatible providers' clients share (it loads the CA bundle, ~30 ms
-    of CPU), and an ``openai`` client made and dropped: the SDK imports its client and chat resources
-    on the first one (~50 ms of CPU), which a worker's first job on an OpenAI-compatible model would
-    pay. The models a streamed chat completion is read into are built too: the SDK defers their build
-    to the first chunk (``defer_build``). The providers' own clients are not made here: a real
-    provider's key is a secret, read over the network."""
-    from openai.types.chat.chat_completion_chunk import ChatCompletionChunk, Choice, ChoiceDelta
-
+    of CPU), and an ``openai`` client made and dropped: the SDK imports its client and resources on
+    the first one (~50 ms of CPU), which a worker's first job on an OpenAI-compatible model would pay.
+    The provider's module, and the model a streamed event is read into, are loaded and used once too.
+    The providers' own clients are not made here: a real provider's key is a secret, read over the
+    network."""
     from spool_core import bootstrap
+    from spool_core.providers.openai_compatible import StreamedChunk
 
     # The providers' client as bootstrap makes it (its TLS context included), not kept in its cache.
     client = bootstrap._openai_client.__wrapped__("http://127.0.0.1:9/v1", "snapshot")
     client.chat.completions.create  # noqa: B018
     client.close()
-    for model in (ChatCompletionChunk, Choice, ChoiceDelta):
-        model.model_rebuild()
+    StreamedChunk.model_validate({"choices": [{"delta": {"content": "hi"}}], "usage": None})

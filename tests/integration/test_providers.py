@@ -229,11 +229,19 @@ class ChatHandler(BaseHTTPRequestHandler):
                 ],
             }
         )
+        if scenario == "sparse":  # what some servers send: no choices, a choice without a delta, extras
+            send({**base, "choices": None, "system_fingerprint": "fp"})
+            send({**base, "choices": [{"index": 0, "finish_reason": None, "logprobs": {"content": []}}]})
         for i, word in enumerate(words):
             send({**base, "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]})
             if scenario == "cut" and i == 1:
                 self.close_connection = True
                 return  # the connection drops mid-answer: no finish, no usage, no [DONE]
+            if scenario == "error-event" and i == 1:
+                send({"error": {"message": "The server is overloaded", "type": "server_error"}})
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.close_connection = True
+                return
         send({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
         send(
             {
@@ -297,6 +305,27 @@ def test_openai_errors_are_classified(
     with pytest.raises(ProviderError) as raised:
         collect(openai_provider(chat_server))
     assert (raised.value.code, raised.value.retryable) == (code, retryable)
+
+
+def test_openai_events_without_choices_or_deltas_are_read_past(chat_server: ChatServer) -> None:
+    chat_server.scenarios.append("sparse")
+    assert collect(openai_provider(chat_server)) == ("Hello there", Finished(21, 3, "stop"))
+
+
+def test_an_error_event_mid_stream_is_a_retryable_provider_error(chat_server: ChatServer) -> None:
+    chat_server.scenarios.append("error-event")
+    received: list[str] = []
+
+    def read() -> None:
+        for event in openai_provider(chat_server).stream(REQUEST, ResumePoint()):
+            if isinstance(event, TextDelta):
+                received.append(event.text)
+
+    with pytest.raises(ProviderError) as raised:
+        read()
+    assert (raised.value.code, raised.value.retryable) == ("provider_unavailable", True)
+    assert "overloaded" in str(raised.value)
+    assert "".join(received) == "Hello"  # what came before the error is kept
 
 
 def test_openai_stream_cut_mid_answer_then_resumed_with_an_instruction(chat_server: ChatServer) -> None:
