@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import httpx2
+from websockets.exceptions import InvalidStatus
 
 from spool.errors import (
     Conflict,
@@ -496,10 +497,23 @@ def check_transport(transport: str) -> None:
         raise ValueError(f"transport must be sse, websocket or poll, not {transport!r}")
 
 
-def websocket_refused(url: str, status: int) -> SpoolError:
+def websocket_failed(url: str, exc: Exception) -> SpoolError:
+    """What a WebSocket connection's failure means: a refused handshake (for the key: raised at once),
+    or a broken link (retried)."""
+    if not isinstance(exc, InvalidStatus):
+        return broken(url, exc)
+    status = exc.response.status_code
     if status in (401, 403):
         return Unauthorized(status, None)
     return ConnectionFailed(url, f"the WebSocket handshake was refused with HTTP {status}")
+
+
+def link_gone(remembered: bool, exc: Exception) -> bool:
+    """Whether a WebSocket link the client remembered should be read again from the job: it could
+    not be connected to (refused, unreachable, or not a WebSocket endpoint), and not for the key."""
+    if not remembered:
+        return False
+    return not (isinstance(exc, InvalidStatus) and exc.response.status_code in (401, 403))
 
 
 def no_websocket(settings: Settings) -> ConnectionFailed:

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx2
 from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from spool import _core
 from spool._core import Call, ClientBase, Steps, StreamState, T
@@ -238,24 +238,33 @@ class AsyncClient(ClientBase):
                 failures = await self._wait_or_raise(failures, error)
 
     async def _websocket(self, state: StreamState) -> AsyncIterator[dict[str, Any]]:
-        url = self.subscribe_url or (await self.job(state.job_id, output=False))["links"].get("subscribe")
+        """``Client._websocket``: the link it remembers, else (or when that is gone) the job's."""
+        url, remembered = self.subscribe_url, True
         if not url:
-            raise _core.no_websocket(self.settings)
+            url, remembered = await self._subscribe_link(state.job_id), False
         failures = 0
         while not state.ended:
             try:
                 async with ws_connect(self.settings.websocket_url(url), open_timeout=10) as socket:
+                    remembered = False  # it answers: keep it
                     await socket.send(state.subscribe_message())
                     while not state.ended:
                         raw = await asyncio.wait_for(socket.recv(), self.timeout + 30)
                         failures = 0
                         if (chunk := state.on_websocket(json.loads(raw))) is not None:
                             yield chunk
-            except InvalidStatus as exc:
-                refused = _core.websocket_refused(url, exc.response.status_code)
-                failures = await self._wait_or_raise(failures, refused)
             except (ConnectionClosed, OSError, TimeoutError, InvalidHandshake) as exc:
-                failures = await self._wait_or_raise(failures, _core.broken(url, exc))
+                if _core.link_gone(remembered, exc):
+                    url, remembered = await self._subscribe_link(state.job_id), False
+                    continue
+                failures = await self._wait_or_raise(failures, _core.websocket_failed(url, exc))
+
+    async def _subscribe_link(self, job_id: str) -> str:
+        self.subscribe_url = None
+        url: str | None = (await self.job(job_id, output=False))["links"].get("subscribe")
+        if not url:
+            raise _core.no_websocket(self.settings)
+        return url
 
     async def _poll(self, state: StreamState) -> AsyncIterator[dict[str, Any]]:
         while not state.ended:

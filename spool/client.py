@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.sync.client import connect as ws_connect
 
 from spool import _core
@@ -295,25 +295,35 @@ class Client(ClientBase):
                 failures = self._wait_or_raise(failures, error)
 
     def _websocket(self, state: StreamState) -> Iterator[dict[str, Any]]:
-        """A dropped connection reconnects from the last sequence id received."""
-        url = self.subscribe_url or self.job(state.job_id, output=False)["links"].get("subscribe")
+        """A dropped connection reconnects from the last sequence id received. The link is the one
+        the client remembers (``subscribe_url``); read from the job when it has none, or when the one
+        it remembers cannot be reached (the stack restarted on another port)."""
+        url, remembered = self.subscribe_url, True
         if not url:
-            raise _core.no_websocket(self.settings)
+            url, remembered = self._subscribe_link(state.job_id), False
         failures = 0
         while not state.ended:
             try:
                 with ws_connect(self.settings.websocket_url(url), open_timeout=10) as socket:
+                    remembered = False  # it answers: keep it
                     socket.send(state.subscribe_message())
                     while not state.ended:
                         message = json.loads(socket.recv(timeout=self.timeout + 30))
                         failures = 0
                         if (chunk := state.on_websocket(message)) is not None:
                             yield chunk
-            except InvalidStatus as exc:
-                refused = _core.websocket_refused(url, exc.response.status_code)
-                failures = self._wait_or_raise(failures, refused)
             except (ConnectionClosed, OSError, TimeoutError, InvalidHandshake) as exc:
-                failures = self._wait_or_raise(failures, _core.broken(url, exc))
+                if _core.link_gone(remembered, exc):
+                    url, remembered = self._subscribe_link(state.job_id), False
+                    continue
+                failures = self._wait_or_raise(failures, _core.websocket_failed(url, exc))
+
+    def _subscribe_link(self, job_id: str) -> str:
+        self.subscribe_url = None
+        url: str | None = self.job(job_id, output=False)["links"].get("subscribe")
+        if not url:
+            raise _core.no_websocket(self.settings)
+        return url
 
     def _poll(self, state: StreamState) -> Iterator[dict[str, Any]]:
         """Long-polls the chunk log; each page is one call with the client's retries."""

@@ -51,16 +51,13 @@ def _import(modules: tuple[str, ...]) -> None:
 
 def create_openai_client() -> None:
     """The TLS context the OpenAI-compatible providers' clients share (it loads the CA bundle, ~30 ms
-    of CPU), and an ``openai`` client made and dropped: the SDK imports its client and resources on
-    the first one (~50 ms of CPU), which a worker's first job on an OpenAI-compatible model would pay.
-    The provider's module, and the model a streamed event is read into, are loaded and used once too.
-    The providers' own clients are not made here: a real provider's key is a secret, read over the
-    network."""
+    of CPU), and an ``openai`` client made and dropped, as a worker's first job on such a model would
+    make one; the provider's module is loaded, and the model each streamed event is read into is used
+    once. The providers' own clients are not made here: a real provider's key is a secret, read over
+    the network."""
     from spool_core import bootstrap
     from spool_core.providers.openai_compatible import StreamedChunk
 
     # The providers' client as bootstrap makes it (its TLS context included), not kept in its cache.
-    client = bootstrap._openai_client.__wrapped__("http://127.0.0.1:9/v1", "snapshot")
-    client.chat.completions.create  # noqa: B018
-    client.close()
+    bootstrap._openai_client.__wrapped__("http://127.0.0.1:9/v1", "snapshot").close()
     StreamedChunk.model_validate({"choices": [{"delta": {"content": "hi"}}], "usage": None})

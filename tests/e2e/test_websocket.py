@@ -132,6 +132,9 @@ def test_unknown_jobs_and_bad_keys(dev_stack: RunningStack) -> None:
         message = json.loads(socket.recv(timeout=10))
         assert message["type"] == "error"
         assert message["error"]["code"] == "job_not_found"
+        too_long = "j" * 65  # no id is that long: not found, as GET /v1/jobs/{id} answers it
+        socket.send(json.dumps({"action": "subscribe", "job_id": too_long, "after": 0}))
+        assert json.loads(socket.recv(timeout=10))["error"]["code"] == "job_not_found"
         socket.send(json.dumps({"action": "dance"}))
         assert json.loads(socket.recv(timeout=10))["error"]["code"] == "invalid_request"
     with pytest.raises(Unauthorized):
@@ -156,6 +159,12 @@ class ProxiedClient(Client):
     def job(self, job_id: str, *, output: bool = True) -> dict[str, Any]:
         job = super().job(job_id, output=output)
         return {**job, "links": {**job["links"], "subscribe": self._url}}
+
+    def seen(self, answer: Any) -> Any:
+        super().seen(answer)
+        if self.subscribe_url is not None:
+            self.subscribe_url = self._url  # the link it remembers is the proxy's too
+        return answer
 
 
 def test_the_clients_stream_survives_a_killed_connection(

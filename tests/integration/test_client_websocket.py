@@ -36,6 +36,7 @@ class WebSocketSpool:
         self.sent: list[str] = []  # HTTP requests and subscribe frames, in the order they came
         self._server = ws_serve(self._serve, "127.0.0.1", 0)
         self.url = f"ws://127.0.0.1:{self._server.socket.getsockname()[1]}"
+        self.link = self.url  # what its jobs' links.subscribe name
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def _serve(self, socket: ServerConnection) -> None:
@@ -52,7 +53,7 @@ class WebSocketSpool:
 
     def http(self, request: httpx2.Request) -> httpx2.Response:
         self.sent.append(f"{request.method} {request.url.path}")
-        job = {"job_id": "job_1", "status": "queued", "links": {"subscribe": self.url}}
+        job = {"job_id": "job_1", "status": "queued", "links": {"subscribe": self.link}}
         if request.url.path == "/v1/jobs/job_2":
             return httpx2.Response(404, json={"error": {"code": "job_not_found", "message": "no"}})
         return httpx2.Response(202 if request.method == "POST" else 200, json=job)
@@ -94,3 +95,32 @@ def test_the_async_websocket_stream_uses_the_link_it_already_has(websocket_spool
 
     assert asyncio.run(main()) == ["x"]
     assert websocket_spool.sent == ["POST /v1/jobs", "subscribe job_1"]
+
+
+def test_a_remembered_link_that_is_gone_is_read_again_from_the_job(websocket_spool: WebSocketSpool) -> None:
+    """The stack restarted with its WebSocket endpoint on another port: the stream reads the job's link
+    once more and goes on; the client then remembers the new link."""
+    gone = WebSocketSpool()
+    client = Client(URL, "sk-test", http_transport=httpx2.MockTransport(gone.http))
+    client.create_job("hi")  # remembers the first endpoint
+    gone.close()
+    gone.link = websocket_spool.url  # the deployment's answers now name the other one
+    assert list(client.stream("job_1", transport="websocket")) == ["x"]
+    assert gone.sent == ["POST /v1/jobs", "GET /v1/jobs/job_1"]
+    assert websocket_spool.sent == ["subscribe job_1"]
+    assert client.subscribe_url == websocket_spool.url
+
+
+def test_the_async_client_reads_a_gone_link_again(websocket_spool: WebSocketSpool) -> None:
+    gone = WebSocketSpool()
+
+    async def main() -> list[str]:
+        async with AsyncClient(URL, "sk-test", http_transport=httpx2.MockTransport(gone.http)) as spool:
+            await spool.create_job("hi")
+            gone.close()
+            gone.link = websocket_spool.url
+            return [text async for text in spool.stream("job_1", transport="websocket")]
+
+    assert asyncio.run(main()) == ["x"]
+    assert gone.sent == ["POST /v1/jobs", "GET /v1/jobs/job_1"]
+    assert websocket_spool.sent == ["subscribe job_1"]

@@ -307,6 +307,21 @@ def test_openai_errors_are_classified(
     assert (raised.value.code, raised.value.retryable) == (code, retryable)
 
 
+def test_the_request_carries_the_providers_key_and_never_the_environments_admin_key(
+    chat_server: ChatServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_ADMIN_KEY", "sk-admin-secret")
+    chat_server.scenarios += ["ok", "ok"]
+    collect(openai_provider(chat_server))
+    assert chat_server.credentials[0][0] == "Bearer sk-test"
+    keyless = OpenAICompatibleProvider(
+        openai.OpenAI(base_url=chat_server.base_url, api_key="", max_retries=0)
+    )
+    with pytest.raises(ProviderError):  # no key for this endpoint: refused here, not sent another's
+        collect(keyless)
+    assert [auth for auth, _ in chat_server.credentials] == ["Bearer sk-test"]
+
+
 def test_openai_events_without_choices_or_deltas_are_read_past(chat_server: ChatServer) -> None:
     chat_server.scenarios.append("sparse")
     assert collect(openai_provider(chat_server)) == ("Hello there", Finished(21, 3, "stop"))
