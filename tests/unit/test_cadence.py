@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from spool_core.jobs.cadence import (
+    EARLY_LOOK_MS,
     FIRST_POLL_FOR_MS,
     FIRST_POLL_MS,
     FIRST_POLL_SOON_FOR_MS,
@@ -123,7 +124,10 @@ def test_a_reader_looks_when_a_chunk_is_due_and_at_least_every_quarter_second() 
     assert watch.wait_ms(start + FIRST_POLL_SOON_FOR_MS) == LATER_FIRST_POLL_MS  # less often
     assert watch.wait_ms(start + FIRST_POLL_FOR_MS) == MIN_POLL_MS  # then backs off
     watch.saw(1, start, 1, 1)
-    assert watch.wait_ms(start + 10) == 200 + LOOK_AFTER_MS - 10  # chunk 2 is due 200 ms after 1
+    assert watch.wait_ms(start + 10) == EARLY_LOOK_MS - 10  # once soon: a fast model's chunk 2
+    assert watch.wait_ms(start + 50) == 200 + LOOK_AFTER_MS - 50  # then when chunk 2 is due
+    watch.saw(1, start, 1, 1)
+    assert watch.wait_ms(start + 60) == 200 + LOOK_AFTER_MS - 60  # seen late: no early look to make
     watch.saw(2, start + 200, 10, 11)
     watch.saw(3, start + 600, 20, 31)
     watch.saw(4, start + 1400, 40, 71)  # 64 more come 1,280 ms after it

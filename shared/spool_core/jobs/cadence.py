@@ -13,7 +13,7 @@ they look for chunk ``n + 1`` when it is due (from the write times and sizes of 
 and the job's token budget when they know it: the last chunk comes early) and at least every 250 ms
 (an answer may end before its budget), instead of every 50-100 ms: a 20 s answer costs a few reads
 per chunk, not hundreds. Before the first chunk they poll every 10 ms, then every 25 ms (time to
-first token).
+first token); after it, they look once more 50 ms later (a fast model's next chunks are written by then).
 """
 
 from __future__ import annotations
@@ -27,6 +27,11 @@ MIN_POLL_MS = 50
 MAX_POLL_MS = 100
 # A reader never waits longer than this between looks (an answer that ends early is seen as soon).
 LOOK_CEILING_MS = 250
+# After a chunk whose pace it cannot tell (a first chunk: one token, written at once), a reader looks
+# once more this soon before it waits for the cadence: a fast model fills the token cap in tens of
+# ms, and a short answer is then all written long before the next interval ends (it waited ~200 ms
+# for a 200-token answer written in 30 ms).
+EARLY_LOOK_MS = 50
 # Before the first chunk a reader polls this often for a while: the first token is written at once.
 # Every 10 ms for the first 200 ms (a warm job's first token comes within ~100 ms of its creation),
 # then every 25 ms until a second has gone by: at most ~50 looks, each a small eventually
@@ -92,6 +97,7 @@ class Watch:
         self._budget = budget
         self._last: tuple[int, int] | None = None  # (sequence id, written at ms) of the newest chunk seen
         self._due_ms: int | None = None  # when the next one is expected
+        self._early_ms: int | None = None  # a look before that, when the pace is not known yet
         self._poll_ms = MIN_POLL_MS
         self._first_wait_ms: int | None = None  # when it first waited for a first chunk
         self.started = False  # whether the reader has looked at the log yet
@@ -100,16 +106,20 @@ class Watch:
         """A chunk arrived (in order). ``created_ms``: when it was written (None: unknown); ``tokens``:
         how many it holds, ``tokens_total``: how many the job had then (0: unknown)."""
         if created_ms is None:
-            self._last = self._due_ms = None
+            self._last = self._due_ms = self._early_ms = None
         else:
             previous = self._last[1] if self._last and self._last[0] == sequence_id - 1 else None
             self._last = (sequence_id, created_ms)
             remaining = self._budget - tokens_total if self._budget and tokens_total else None
             self._due_ms = self._cadence.next_due_ms(sequence_id, created_ms, previous, tokens, remaining)
+            self._early_ms = created_ms + EARLY_LOOK_MS if previous is None else None
         self._poll_ms = MIN_POLL_MS
 
     def wait_ms(self, now_ms: int) -> int:
         """How long to wait before the next look."""
+        early, self._early_ms = self._early_ms, None
+        if early is not None and now_ms < early and (self._due_ms is None or early < self._due_ms):
+            return max(FIRST_POLL_MS, early - now_ms)
         if self._due_ms is not None and now_ms < self._due_ms + LOOK_AFTER_MS:
             return max(MIN_POLL_MS, min(self._due_ms + LOOK_AFTER_MS - now_ms, LOOK_CEILING_MS))
         if self._last is None:  # no chunk yet: the first token is written at once
