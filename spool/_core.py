@@ -508,12 +508,11 @@ def websocket_failed(url: str, exc: Exception) -> SpoolError:
     return ConnectionFailed(url, f"the WebSocket handshake was refused with HTTP {status}")
 
 
-def link_gone(remembered: bool, exc: Exception) -> bool:
+def link_gone(remembered: bool, failure: SpoolError) -> bool:
     """Whether a WebSocket link the client remembered should be read again from the job: it could
-    not be connected to (refused, unreachable, or not a WebSocket endpoint), and not for the key."""
-    if not remembered:
-        return False
-    return not (isinstance(exc, InvalidStatus) and exc.response.status_code in (401, 403))
+    not be connected to (``websocket_failed``: refused, unreachable, or not a WebSocket endpoint),
+    and not for the key."""
+    return remembered and not isinstance(failure, Unauthorized)
 
 
 def no_websocket(settings: Settings) -> ConnectionFailed:

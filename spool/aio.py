@@ -254,10 +254,11 @@ class AsyncClient(ClientBase):
                         if (chunk := state.on_websocket(json.loads(raw))) is not None:
                             yield chunk
             except (ConnectionClosed, OSError, TimeoutError, InvalidHandshake) as exc:
-                if _core.link_gone(remembered, exc):
+                failure = _core.websocket_failed(url, exc)
+                if _core.link_gone(remembered, failure):
                     url, remembered = await self._subscribe_link(state.job_id), False
                     continue
-                failures = await self._wait_or_raise(failures, _core.websocket_failed(url, exc))
+                failures = await self._wait_or_raise(failures, failure)
 
     async def _subscribe_link(self, job_id: str) -> str:
         self.subscribe_url = None

@@ -313,10 +313,11 @@ class Client(ClientBase):
                         if (chunk := state.on_websocket(message)) is not None:
                             yield chunk
             except (ConnectionClosed, OSError, TimeoutError, InvalidHandshake) as exc:
-                if _core.link_gone(remembered, exc):
+                failure = _core.websocket_failed(url, exc)
+                if _core.link_gone(remembered, failure):
                     url, remembered = self._subscribe_link(state.job_id), False
                     continue
-                failures = self._wait_or_raise(failures, _core.websocket_failed(url, exc))
+                failures = self._wait_or_raise(failures, failure)
 
     def _subscribe_link(self, job_id: str) -> str:
         self.subscribe_url = None

@@ -19,7 +19,6 @@ from spool_core.adapters.websocket import ManagementApiPusher
 from spool_core.api.errors import envelope
 from spool_core.auth import extract_api_key
 from spool_core.errors import InvalidRequest, SpoolError, Unauthorized
-from spool_core.ids import plausible
 from spool_core.jobs.errors import JobNotFound
 from spool_core.jobs.model import MAX_SEQUENCE_ID
 from spool_core.observability import logger
@@ -43,7 +42,7 @@ class SubscribeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     action: str
-    job_id: str = Field(min_length=1)  # one no job could have is not found (spool_core.ids.plausible)
+    job_id: str = Field(min_length=1)  # one no job could have is not found (Fanout.subscribe)
     after: int = Field(default=0, ge=0, le=MAX_SEQUENCE_ID)
 
 
@@ -93,9 +92,7 @@ def _subscribe(event: dict[str, Any], connection_id: str) -> dict[str, Any]:
         guard.close(connection_id)
         return {"statusCode": 200}
     fanout = bootstrap.fanout(Tenant(identity.tenant_id))
-    if not plausible(request.job_id) or not fanout.subscribe(
-        request.job_id, connection_id, request.after, key_hash=identity.key_hash
-    ):
+    if not fanout.subscribe(request.job_id, connection_id, request.after, key_hash=identity.key_hash):
         _push_error(
             connection_id,
             JobNotFound(f"Job '{request.job_id}' not found", details={"job_id": request.job_id}),

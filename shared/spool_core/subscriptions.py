@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from spool_core.events import done_data
+from spool_core.ids import plausible
 from spool_core.jobs.model import END_SEQUENCE_ID, Chunk, EndMark, Job
 from spool_core.jobs.ports import ChunkLog, Conflict, JobStore
 from spool_core.units import now_ms
@@ -200,7 +201,10 @@ class Fanout:
         False: there is no such job (the subscription, stored beside the mark under the tenant's own key
         where no other tenant's job can reach it, is deleted, as it is when either write fails).
         ``key_hash``: the key the connection opened with, recorded on the subscription so each delivery
-        checks it without a read."""
+        checks it without a read. An id no job could have is not found without a write (as a job read
+        answers it, ``spool_core.ids.plausible``)."""
+        if not plausible(job_id):
+            return False
         subscription = Subscription(
             job_id,
             connection_id,

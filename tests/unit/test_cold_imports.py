@@ -315,6 +315,7 @@ FIRST_CALLS = {
     ),
     "FanoutFunction": "bootstrap.fanout(tenant, config); bootstrap.connection_guard(config)",
     "WorkerFunction": (
+        "from openai import Stream; from spool_core.providers.openai_compatible import StreamedChunk; "
         "bootstrap.job_runner(tenant, config); bootstrap._openai_client('http://127.0.0.1:9/v1', 'sk-x'); "
         "Stream[object]; StreamedChunk.model_validate({'id': 'c', 'object': 'chat.completion.chunk', "
         "'created': 1, 'model': 'm', 'choices': [{'index': 0, 'delta': {'content': 'hi'}}]})"
@@ -326,11 +327,6 @@ FIRST_CALLS = {
 def test_after_the_snapshot_hooks_a_first_call_loads_nothing(name: str) -> None:
     handler = HANDLERS[name]
     first_call = FIRST_CALLS[name]
-    if name == "WorkerFunction":
-        first_call = (
-            "from openai import Stream; "
-            f"from spool_core.providers.openai_compatible import StreamedChunk; {first_call}"
-        )
     probe = (
         f"import sys, json, snapshot_restore_py as hooks; import {handler.module}; "
         "from spool_core import bootstrap; from spool_core.adapters import aws; "

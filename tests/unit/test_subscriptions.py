@@ -621,3 +621,14 @@ def test_chunks_in_a_batch_are_pushed_as_written(parts: Any) -> None:
     assert pusher.messages["c"] == [
         {"type": "chunk", "job_id": JOB, "sequence_id": 1, "text": "from the record"}
     ]
+
+
+def test_an_id_no_job_could_have_is_not_found_without_a_write(parts: Any) -> None:
+    log, store, pusher = parts
+    marked: list[str] = []
+    marking = log.mark_subscribed
+    log.mark_subscribed = lambda job_id: marked.append(job_id) or marking(job_id)
+    assert fanout(log, store, pusher).subscribe("j" * 65, "c", 0) is False
+    assert (marked, store.items, pusher.messages) == ([], {}, {})
+    assert fanout(log, store, pusher).subscribe(JOB, "c", 0) is True  # a job's own id still subscribes
+    assert marked == [JOB]
