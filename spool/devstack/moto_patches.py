@@ -25,12 +25,23 @@ per attribute value, which cost ~0.5 ms per item returned (a page of 100 chunks 
 a query). An attribute value moto already holds in its wire form (strings, numbers, booleans, null,
 string and number sets, lists and maps of those) is written as it is; binary values still go
 through moto's serializer. The output is the same JSON (a test compares both).
+
+Parsing: moto parses an ``UpdateExpression`` and lexes a ``ConditionExpression`` from scratch on every
+request (twice per ``UpdateItem``: once to validate the request, once to apply it), and lists its
+handler's methods with ``inspect.getmembers`` on every request to check the action exists. Spool
+sends the same few dozen expression strings over and over with different values, so the parsed
+update expression (moto's validator works on a deep copy of it, never on it) and the condition's
+tokens (values and names are substituted after lexing) are kept per expression string, and the
+method list per class: a conditional ``UpdateItem`` cost 2.7 ms of moto's CPU and costs 1.9 ms; a
+``GetItem`` 0.64 ms and 0.57 ms. Expressions that fail to parse are not kept (each request raises
+moto's own error, as before).
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+from collections import deque
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
@@ -46,6 +57,7 @@ def install(on_stream_record: Callable[[str], None] | None = None) -> None:
 
     DynamoDBBackend.transact_write_items = transact_write_items  # type: ignore[method-assign]
     _install_attribute_value_serializer()
+    _install_parse_caches()
     if on_stream_record is not None:
         add = getattr(StreamShard.add, "_spool_original", StreamShard.add)
 
@@ -58,6 +70,40 @@ def install(on_stream_record: Callable[[str], None] | None = None) -> None:
     if not getattr(Table.query, "_spool_scoped", False):
         Table.all_items = _scoped_all_items(Table.all_items)  # type: ignore[method-assign, assignment]
         Table.query = _partition_query(Table.query)  # type: ignore[method-assign]
+
+
+PARSED_EXPRESSIONS = 1024  # distinct expression strings kept (Spool uses a few dozen)
+
+
+def _install_parse_caches() -> None:
+    import moto.core.responses
+    import moto.dynamodb.parsing.expressions
+    from moto.dynamodb.comparisons import ConditionExpressionParser
+
+    responses: Any = moto.core.responses  # moto's modules declare no exports
+    parser: Any = moto.dynamodb.parsing.expressions.UpdateExpressionParser  # type: ignore[attr-defined]
+    if getattr(parser.make, "_spool_cached", False):
+        return
+    make = parser.make.__func__
+    parsed = functools.lru_cache(maxsize=PARSED_EXPRESSIONS)(functools.partial(make, parser))
+
+    def cached_make(cls: Any, expression: str) -> Any:
+        return parsed(expression) if cls is parser else make(cls, expression)
+
+    cached_make._spool_cached = True  # type: ignore[attr-defined]
+    parser.make = classmethod(cached_make)
+
+    lex = ConditionExpressionParser._lex_condition_expression
+
+    @functools.lru_cache(maxsize=PARSED_EXPRESSIONS)
+    def tokens(expression: str) -> tuple[Any, ...]:
+        return tuple(lex(ConditionExpressionParser(expression, None, None)))
+
+    def cached_lex(self: Any) -> deque[Any]:
+        return deque(tokens(self.condition_expression))
+
+    ConditionExpressionParser._lex_condition_expression = cached_lex  # type: ignore[method-assign]
+    responses.method_names_from_class = functools.lru_cache(maxsize=None)(responses.method_names_from_class)
 
 
 def _install_attribute_value_serializer() -> None:

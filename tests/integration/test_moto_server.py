@@ -362,3 +362,94 @@ def test_a_failed_batch_is_retried(stack: StackDescription) -> None:
     finally:
         poller.stop()
         thread.join(timeout=10)
+
+
+# The same expression strings again and again with other names and values, as Spool sends them, and
+# expressions that fail: the server keeps parsed expressions per string (moto_patches).
+COUNT = "SET #c = if_not_exists(#c, :zero) + :one, #t = :t"
+COUNT_BELOW = "attribute_not_exists(#c) OR #c < :max"
+TAKE = "SET sender = :me, queue = list_append(if_not_exists(queue, :empty), :tag) REMOVE label"
+TAKE_IF_FREE = "attribute_exists(pk) AND (attribute_not_exists(sender) OR sender = :me)"
+MOVE = "REMOVE sender, queue[0] SET nested.deep = :x"
+
+
+def count(names: dict[str, str], zero: str, one: str, text: str) -> dict[str, Any]:
+    values = {":zero": {"N": zero}, ":one": {"N": one}, ":max": {"N": "2"}, ":t": {"S": text}}
+    return {
+        "UpdateExpression": COUNT,
+        "ConditionExpression": COUNT_BELOW,
+        "ExpressionAttributeNames": names,
+        "ExpressionAttributeValues": values,
+    }
+
+
+def take(sender: str, tag: str) -> dict[str, Any]:
+    values = {":me": {"S": sender}, ":empty": {"L": []}, ":tag": {"L": [{"S": tag}]}}
+    return {
+        "UpdateExpression": TAKE,
+        "ConditionExpression": TAKE_IF_FREE,
+        "ExpressionAttributeValues": values,
+    }
+
+
+def plain(expression: str, **values: Any) -> dict[str, Any]:
+    return {
+        "UpdateExpression": expression,
+        "ExpressionAttributeValues": {f":{k}": v for k, v in values.items()},
+    }
+
+
+NAMES = {"#c": "count", "#t": "text"}
+UPDATES: list[dict[str, Any]] = [
+    count(NAMES, "0", "1", "a"),
+    count(NAMES, "0", "5", "b"),
+    count(NAMES, "0", "1", "c"),  # the same strings: the condition now fails (count is 6)
+    count({"#c": "other", "#t": "label"}, "10", "1", "d"),  # the same strings naming other attributes
+    take("w1", "x"),
+    take("w2", "y"),  # another sender holds it
+    plain("ADD wakes :one", one={"N": "1"}),
+    plain("ADD wakes :one", one={"N": "2"}),
+    plain("SET = :x", x={"N": "1"}),  # does not parse
+    plain("SET = :x", x={"N": "1"}),  # nor the second time
+    {**plain("SET a = :x", x={"N": "1"}), "ConditionExpression": "attribute_exists(pk) AND AND b = :x"},
+    count({"#c": "count"}, "0", "1", "a"),  # a name the expression uses is missing: moto's own answer
+    plain(MOVE, x={"S": "v"}),
+    plain("SET nested = :m", m={"M": {"deep": {"S": "v"}}}),
+    plain(MOVE, x={"S": "w"}),
+]
+
+
+def outcome(ddb: Any, table: str, update: dict[str, Any]) -> dict[str, Any]:
+    key = {"pk": {"S": "part#1"}, "sk": {"N": "7"}}
+    try:
+        answer = ddb.update_item(
+            TableName=table,
+            Key=key,
+            ReturnValues="ALL_NEW",
+            ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            **update,
+        )
+    except ddb.exceptions.ClientError as exc:
+        return {"error": exc.response["Error"].get("Code"), "item": exc.response.get("Item")}
+    return {"attributes": answer.get("Attributes")}
+
+
+def test_repeated_expressions_update_as_unpatched_moto_does(stack: StackDescription, unpatched: Any) -> None:
+    ddb, table = client("dynamodb", stack), f"update-{uuid.uuid4().hex[:8]}"
+    reference = f"reference-{table}"
+    load(ddb, table)
+    load(unpatched, reference)
+    try:
+        outcomes: list[dict[str, Any]] = []
+        for update in UPDATES:
+            served = outcome(ddb, table, update)
+            assert served == outcome(unpatched, reference, update), update
+            outcomes.append(served)
+        # Each kind of answer came: applied updates, failed conditions, expressions that do not parse
+        assert "attributes" in outcomes[0] and outcomes[2]["error"] == "ConditionalCheckFailedException"
+        assert "attributes" in outcomes[4] and outcomes[5]["error"] == "ConditionalCheckFailedException"
+        assert outcomes[8]["error"] == outcomes[9]["error"] == "ValidationException"
+        assert "error" in outcomes[10] and "error" in outcomes[11]  # moto's own answers, whatever they are
+    finally:
+        ddb.delete_table(TableName=table)
+        unpatched.delete_table(TableName=reference)
