@@ -123,6 +123,12 @@ class ClientBase:
             self.subscribe_url = links["subscribe"]
         return answer
 
+    def remembered_link(self) -> str:
+        """The WebSocket link the last answer that named one gave (``seen``)."""
+        if not self.subscribe_url:
+            raise no_websocket(self.settings)
+        return self.subscribe_url
+
     @property
     def base_url(self) -> str:
         return self.settings.base_url

@@ -261,11 +261,10 @@ class AsyncClient(ClientBase):
                 failures = await self._wait_or_raise(failures, failure)
 
     async def _subscribe_link(self, job_id: str) -> str:
+        """The job's link, read again: its answer is ``seen``, which remembers the link."""
         self.subscribe_url = None
-        url: str | None = (await self.job(job_id, output=False))["links"].get("subscribe")
-        if not url:
-            raise _core.no_websocket(self.settings)
-        return url
+        await self.job(job_id, output=False)
+        return self.remembered_link()
 
     async def _poll(self, state: StreamState) -> AsyncIterator[dict[str, Any]]:
         while not state.ended:

@@ -320,11 +320,10 @@ class Client(ClientBase):
                 failures = self._wait_or_raise(failures, failure)
 
     def _subscribe_link(self, job_id: str) -> str:
+        """The job's link, read again: its answer is ``seen``, which remembers the link."""
         self.subscribe_url = None
-        url: str | None = self.job(job_id, output=False)["links"].get("subscribe")
-        if not url:
-            raise _core.no_websocket(self.settings)
-        return url
+        self.job(job_id, output=False)
+        return self.remembered_link()
 
     def _poll(self, state: StreamState) -> Iterator[dict[str, Any]]:
         """Long-polls the chunk log; each page is one call with the client's retries."""
