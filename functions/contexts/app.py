@@ -8,7 +8,7 @@ from typing import Annotated
 from aws_lambda_powertools.event_handler import Response
 from aws_lambda_powertools.event_handler.openapi.params import Query
 
-from spool_core import bootstrap, listing, models
+from spool_core import bootstrap, listing
 from spool_core.api.resolver import api_handler, create_resolver, json_response, parse_body, tenant_of
 from spool_core.contexts.model import CreateContextRequest, PatchContextRequest, TokenCountRequest
 from spool_core.observability import logger
@@ -66,8 +66,9 @@ def delete_context(context_id: str) -> Response[str]:
 @app.post("/v1/tokens/count")
 def count_tokens() -> Response[str]:
     request = parse_body(app, TokenCountRequest)
-    model = models.registry().resolve(request.model)
-    service = bootstrap.context_service(tenant_of(app))
+    tenant = tenant_of(app)
+    model = bootstrap.catalog(tenant).resolve(request.model)  # only the models this tenant may use
+    service = bootstrap.context_service(tenant)
     return json_response(200, service.count_tokens(model, request.context_id, request.messages))
 
 

@@ -109,6 +109,31 @@ def test_contexts_function_answers_its_sample_event(invoke: Any) -> None:
     assert "error" in response_json(response) or "context_id" in response_json(response)
 
 
+def test_token_counts_know_only_the_models_the_tenant_may_use(invoke: Any) -> None:
+    """``sim-preview`` is rolled out by a flag to a few tenants: the local tenant is not one of them, so
+    counting for it answers as creating a job with it does (``model_not_found``, not listed)."""
+
+    def count(model: str) -> tuple[int, dict[str, Any]]:
+        event = load_event("contexts")
+        event.update(
+            resource="/v1/tokens/count",
+            path="/v1/tokens/count",
+            httpMethod="POST",
+            pathParameters=None,
+            body=json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        event["requestContext"]["httpMethod"] = "POST"
+        event["requestContext"]["resourcePath"] = "/v1/tokens/count"
+        response = invoke("ContextsFunction", event)
+        return response["statusCode"], response_json(response)
+
+    status, counted = count("sim-fast")
+    assert status == 200 and counted["input_tokens"] > 0
+    status, refused = count("sim-preview")
+    assert (status, refused["error"]["code"]) == (400, "model_not_found")
+    assert "sim-preview" not in refused["error"]["details"]["available"]
+
+
 def test_jobs_function_creates_a_job_from_its_sample_event(invoke: Any) -> None:
     response = invoke("JobsFunction", load_event("jobs"))
     assert response["statusCode"] in {202, 409}  # 409 when the sample key was used before in this session

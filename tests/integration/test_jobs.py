@@ -17,7 +17,7 @@ from spool_core import bootstrap
 from spool_core.adapters import aws
 from spool_core.circuits import CircuitBreaker
 from spool_core.contexts.model import CreateContextRequest
-from spool_core.errors import DependencyUnavailable
+from spool_core.errors import DependencyUnavailable, InvalidRequest, PayloadTooLarge
 from spool_core.jobs import runner as runner_module
 from spool_core.jobs.errors import ContextTooLarge, IdempotencyKeyReused, JobNotFound, RequestInProgress
 from spool_core.jobs.model import JobRequest
@@ -190,6 +190,26 @@ def test_admission_counts_context_and_messages_against_the_window(
         service.create("k2", job(context_id=ctx["context_id"], max_tokens=65_536, message="x " * 70_000))
     details = too_large.value.details
     assert details["tokens_over"] == details["tokens_requested"] - details["tokens_limit"] > 0
+
+
+def test_a_request_over_the_window_is_context_too_large_whatever_else_it_exceeds(
+    service: JobService, tenant: Tenant
+) -> None:
+    """DESIGN.md names one error for input + max_tokens over the window: it comes before the model's
+    output limit (a max_tokens past both) and before the job item's size (messages too long for both)."""
+    window = registry().resolve("sim-fast").context_window
+    with pytest.raises(ContextTooLarge) as past_both:
+        service.create("k1", job(max_tokens=window))
+    assert past_both.value.details["tokens_over"] > 0
+    with pytest.raises(ContextTooLarge) as too_long:
+        service.create("k2", job(message="word " * (window + 10), max_tokens=10))
+    assert too_long.value.details["tokens_limit"] == window
+    with pytest.raises(InvalidRequest):  # within the window, past the output limit
+        service.create("k3", job(max_tokens=registry().resolve("sim-fast").max_output_tokens + 1))
+    with pytest.raises(PayloadTooLarge) as too_big:  # within the window, too large for a job item
+        service.create("k4", job(message="a" * 200_000, max_tokens=10))
+    assert too_big.value.details["size_bytes"] > too_big.value.details["limit_bytes"]
+    assert running(tenant) == 0
 
 
 # ---------------------------------------------------------------------------------------- worker

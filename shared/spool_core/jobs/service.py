@@ -123,19 +123,20 @@ def check_idempotency_key(key: str | None) -> str:
     return key
 
 
-def _check_stored_size(request: JobRequest) -> None:
+def _stored_size_error(request: JobRequest) -> PayloadTooLarge | None:
     """The job item keeps its messages (so a retry or a worker can rebuild the prompt) in one DynamoDB
     item of at most 400 KB; the messages get a bounded share (every later write of the item, the
-    lease's and the end's, is billed by its size)."""
+    lease's and the end's, is billed by its size). The refusal when they do not fit, else None."""
     size = len(request.model_dump_json(include={"messages"}).encode())
-    if size > MAX_MESSAGES_BYTES:
-        raise PayloadTooLarge(
-            f"The messages are {size:,} bytes as stored; a job holds at most {MAX_MESSAGES_BYTES:,}",
-            details={"field": "messages", "size_bytes": size, "limit_bytes": MAX_MESSAGES_BYTES},
-            suggestions=[
-                "Upload large text as a context (POST /v1/contexts) and send its context_id with the job",
-            ],
-        )
+    if size <= MAX_MESSAGES_BYTES:
+        return None
+    return PayloadTooLarge(
+        f"The messages are {size:,} bytes as stored; a job holds at most {MAX_MESSAGES_BYTES:,}",
+        details={"field": "messages", "size_bytes": size, "limit_bytes": MAX_MESSAGES_BYTES},
+        suggestions=[
+            "Upload large text as a context (POST /v1/contexts) and send its context_id with the job",
+        ],
+    )
 
 
 def idempotency_hash(key: str) -> str:
@@ -181,7 +182,12 @@ class JobService:
     # ------------------------------------------------------------------ create
     def create(self, key: str | None, request: JobRequest) -> Created:
         key = check_idempotency_key(key)
-        _check_stored_size(request)
+        too_large = _stored_size_error(request)
+        if too_large is not None:
+            # Messages longer than the model's window are told so (context_too_large) before being
+            # told they do not fit a job item: the window is what the caller has to change first.
+            self._admit(self._models.resolve(request.model), request)
+            raise too_large
         fingerprint, key_hash = request.fingerprint(), idempotency_hash(key)
         known = self._models.get(request.model)
         job: Job | None = None
@@ -300,13 +306,9 @@ class JobService:
         return Created(job, replayed=True, headers=self._limiter.headers(state))
 
     def _admit(self, model: ModelSpec, request: JobRequest) -> int:
-        """Check the request fits the model; returns its input tokens (tiktoken x family calibration)."""
-        if request.max_tokens > model.max_output_tokens:
-            raise InvalidRequest(
-                f"max_tokens {request.max_tokens:,} exceeds {model.id}'s limit ({model.max_output_tokens:,})",
-                details={"max_tokens": request.max_tokens, "limit": model.max_output_tokens},
-                suggestions=[f"Set max_tokens to at most {model.max_output_tokens}"],
-            )
+        """Check the request fits the model; returns its input tokens (tiktoken x family calibration).
+        The window (input + ``max_tokens``) is checked before the model's output limit, as DESIGN.md
+        names ``context_too_large`` for any request over the window."""
         family = tokens.family_tokenizer(model.family)
         context_tokens = 0
         if request.context_id:
@@ -331,6 +333,12 @@ class JobService:
                     "Reduce max_tokens or drop older messages",
                     "Use a model with a larger context window (GET /v1/models)",
                 ],
+            )
+        if request.max_tokens > model.max_output_tokens:
+            raise InvalidRequest(
+                f"max_tokens {request.max_tokens:,} exceeds {model.id}'s limit ({model.max_output_tokens:,})",
+                details={"max_tokens": request.max_tokens, "limit": model.max_output_tokens},
+                suggestions=[f"Set max_tokens to at most {model.max_output_tokens}"],
             )
         return input_tokens
 
