@@ -1,6 +1,7 @@
 """GET /v1/health (no key needed): ok, degraded (a model provider failing) or 503 down (the
-database, bucket or queue). ``?deep=true`` adds a real minimal provider call, cached, and needs an API
-key. Also answers every path no other function serves (404 / 405)."""
+database, bucket or queue). ``?deep=true`` adds a real minimal provider call (one token), cached for
+``SPOOL_DEEP_HEALTH_CACHE_SECONDS`` across all callers, so probes, keyed or not, cannot burn money
+(DESIGN.md: no key needed). Also answers every path no other function serves (404 / 405)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,7 @@ import spool_core
 from spool_core import bootstrap
 from spool_core.api.errors import envelope
 from spool_core.api.resolver import api_handler, create_resolver, json_response, request_id
-from spool_core.auth import extract_api_key
-from spool_core.errors import DependencyUnavailable, Unauthorized
+from spool_core.errors import DependencyUnavailable
 
 app = create_resolver()
 OPENAPI = Path(spool_core.__file__).with_name("openapi.json")
@@ -22,8 +22,6 @@ OPENAPI = Path(spool_core.__file__).with_name("openapi.json")
 @app.get("/v1/health")
 def health() -> Response[str]:
     deep = (app.current_event.get_query_string_value("deep") or "").lower() in {"1", "true", "yes"}
-    if deep:
-        _require_api_key()
     report = bootstrap.health_service(deep=deep).report()
     body = report.as_dict()
     if report.status == "down":
@@ -41,27 +39,6 @@ def health() -> Response[str]:
 def openapi() -> Response[str]:
     """Built from the functions' routes and models by ``make openapi`` and shipped with the layer."""
     return Response(status_code=200, content_type=content_types.APPLICATION_JSON, body=OPENAPI.read_text())
-
-
-def _require_api_key() -> None:
-    """A deep check calls each enabled provider for real (cached, but a first call costs money), so
-    it needs a valid API key. The route has no authorizer, because the basic check stays public for
-    load balancers and uptime probes: this function checks the key itself, as the authorizer would."""
-    presented = extract_api_key(app.current_event.headers)
-    if bootstrap.api_keys().authenticate(presented) is not None:
-        return
-    error = Unauthorized(
-        "A deep health check (?deep=true) needs an API key"
-        if presented is None
-        else "Missing or invalid API key",
-        details={"deep": True},
-        suggestions=[
-            *Unauthorized.default_suggestions,
-            "Leave out ?deep=true for the basic check, which needs no key",
-        ],
-    )
-    error.headers["WWW-Authenticate"] = "Bearer"
-    raise error
 
 
 lambda_handler = api_handler(app)

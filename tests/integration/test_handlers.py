@@ -134,6 +134,30 @@ def test_token_counts_know_only_the_models_the_tenant_may_use(invoke: Any) -> No
     assert "sim-preview" not in refused["error"]["details"]["available"]
 
 
+def test_answers_that_name_one_of_several_origins_vary_by_origin(invoke: Any) -> None:
+    """With a list of allowed origins an answer names the request's (or none): shared caches must key
+    it by ``Origin``. With ``*`` every answer is the same, and says nothing."""
+    origins = {"SPOOL_CORS_ORIGINS": "https://a.example,https://b.example"}
+
+    def answer(origin: str | None, environment: dict[str, str] | None) -> dict[str, str]:
+        event = load_event("contexts")
+        if origin:
+            event["headers"]["Origin"] = origin
+            event["multiValueHeaders"]["Origin"] = [origin]
+        response = invoke("ContextsFunction", event, environment)
+        headers = {
+            **response.get("headers", {}),
+            **{k: v[0] for k, v in response.get("multiValueHeaders", {}).items()},
+        }
+        return {k.lower(): v for k, v in headers.items()}
+
+    named = answer("https://b.example", origins)
+    assert named["access-control-allow-origin"] == "https://b.example"
+    assert named["vary"] == "Origin" and named["x-request-id"]
+    assert answer(None, origins)["vary"] == "Origin"  # cached without an origin, it must not serve one
+    assert "vary" not in answer("https://b.example", None)
+
+
 def test_jobs_function_creates_a_job_from_its_sample_event(invoke: Any) -> None:
     response = invoke("JobsFunction", load_event("jobs"))
     assert response["statusCode"] in {202, 409}  # 409 when the sample key was used before in this session

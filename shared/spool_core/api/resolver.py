@@ -23,7 +23,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, ValidationError
 from snapshot_restore_py import register_before_snapshot
 
-from spool_core.api.cors import resolver_config
+from spool_core.api.cors import allowed_origins, resolver_config
 from spool_core.api.errors import envelope, status_for
 from spool_core.errors import (
     InternalError,
@@ -190,11 +190,19 @@ def public_base_url(app: APIGatewayRestResolver) -> str:
 
 
 def _with_request_id(response: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
+    """The request id on every response; and ``Vary: Origin`` where the allowed origin a response
+    names depends on the request's (a list of origins), so no cache hands one origin's answer to
+    another."""
+    added: dict[str, str] = {}
     rid = (event.get("requestContext") or {}).get("requestId")
     if rid:
-        response.setdefault("headers", {})[REQUEST_ID_HEADER] = rid
+        added[REQUEST_ID_HEADER] = rid
+    if allowed_origins() != ["*"]:
+        added["Vary"] = "Origin"
+    for name, value in added.items():
+        response.setdefault("headers", {})[name] = value
         if "multiValueHeaders" in response:
-            response["multiValueHeaders"][REQUEST_ID_HEADER] = [rid]
+            response["multiValueHeaders"][name] = [value]
     return response
 
 
