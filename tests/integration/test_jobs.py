@@ -242,6 +242,8 @@ def test_a_crash_mid_stream_resumes_to_the_same_text(service: JobService, tenant
     assert runner_for(tenant).run(faulty.job.job_id) is Outcome.DONE
     done = service.get(faulty.job.job_id)
     assert (done.status, done.attempts) == ("completed", 2)
+    # the first token is the first attempt's, which died before recording it on the job's item
+    assert done.first_token_at == log_of(service, done.job_id)[0]["created_at"]
     assert (
         service.view(done)["output"]
         == expected_text(service, done.job_id)
@@ -325,6 +327,7 @@ def test_dead_letters_end_the_job_unless_still_leased(service: JobService, tenan
         failed.status == "failed" and failed.error is not None and failed.error["code"] == "delivery_failed"
     )
     assert failed.error["details"]["last_sequence_id"] == len(log_of(service, failed.job_id)) > 0
+    assert failed.first_token_at == log_of(service, failed.job_id)[0]["created_at"]  # it was written
     assert running(tenant) == 0
 
 

@@ -85,7 +85,8 @@ class ChunkWriter:
         except Conflict:
             raise LostLease(f"sequence {chunk.sequence_id} was written by another attempt") from None
         self.sequence_id, self.tokens_total = chunk.sequence_id, chunk.tokens_total
-        self.first_chunk_at = self.first_chunk_at or chunk.created_at
+        if chunk.sequence_id == 1:  # the job's first token (an attempt resuming after a crash has none)
+            self.first_chunk_at = chunk.created_at
         self._buffer, self._buffered_tokens = [], 0
         self._written += 1
         self._last_flush = self._clock()

@@ -54,6 +54,12 @@ class DeadLetters:
             return Outcome.DONE
         return Outcome.RETRY
 
+    def _first_chunk_at(self, job_id: str) -> str | None:
+        """When the job's first token was written (an attempt that died before recording it on the
+        job's item still wrote it to the log)."""
+        first = self._chunks.after(job_id, 0, 1)
+        return first[0].created_at if first else None
+
     def _end(self, job: Job, token: str, now: int) -> None:
         last = self._chunks.last(job.job_id) if job.attempts else None
         progress = Progress(
@@ -77,6 +83,7 @@ class DeadLetters:
             rfc3339(from_epoch(now / 1000)),
             input_reported=job.input_reported,
             error=error,
+            first_token_at=job.first_token_at or (self._first_chunk_at(job.job_id) if last else None),
         )
         reservation = Reservation.from_item(job.reservation) if job.reservation else None
         guard = EndGuard("abandoned", token, now)
