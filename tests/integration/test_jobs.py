@@ -296,6 +296,64 @@ def test_cancel_queued_and_running(
     assert running(tenant) == 0
 
 
+def test_cancelling_a_job_whose_worker_died_ends_it_once_its_lease_ran_out(
+    service: JobService, tenant: Tenant
+) -> None:
+    """DESIGN.md: a cancelled job ends ``cancelled`` within a flush interval. With its worker dead no
+    flush comes until its message returns (12 minutes on AWS): while the dead attempt's lease is live
+    the cancel is a request (a live worker would see it), once it ran out the cancel ends the job
+    itself, with what was written, settled; the message's next delivery finds it ended."""
+    crashed = service.create(
+        "k", job(max_tokens=300, metadata={"simulate": {"fault": "crash", "at_token": 100}})
+    )
+    job_id = crashed.job.job_id
+    with pytest.raises(Crash):
+        runner_for(tenant).run(job_id)
+    assert service.cancel(job_id).status == "running"  # the lease may still be a live worker's
+    expire_lease(tenant, job_id)
+    cancelled = service.cancel(job_id)
+    written = log_of(service, job_id)
+    assert cancelled.status == "cancelled" and written
+    view = service.view(service.get(job_id))
+    assert view["output"] == "".join(c["text"] for c in written)  # the partial output is kept
+    assert view["progress"]["last_sequence_id"] == len(written)
+    assert view["first_token_at"] == written[0]["created_at"]
+    assert cancelled.usage.output_tokens == view["progress"]["tokens_generated"] > 0
+    assert running(tenant) == 0  # its slot is given back
+    assert runner_for(tenant).run(job_id) is Outcome.DONE  # the message's return does nothing
+    assert len(log_of(service, job_id)) == len(written)
+    assert service.cancel(job_id).status == "cancelled"  # idempotent
+
+
+def test_a_cancel_racing_a_new_attempt_for_an_unheld_job_leaves_it_to_the_attempt(
+    service: JobService, tenant: Tenant
+) -> None:
+    """The cancel read the job unheld, then an attempt took its lease before the cancel's end: the
+    end's guard refuses, and the cancel becomes a request the new attempt sees at its next flush."""
+    crashed = service.create(
+        "k", job(max_tokens=300, metadata={"simulate": {"fault": "crash", "at_token": 100}})
+    )
+    job_id = crashed.job.job_id
+    with pytest.raises(Crash):
+        runner_for(tenant).run(job_id)
+    expire_lease(tenant, job_id)
+    unheld = service.get(job_id)
+    config = bootstrap.settings()
+    aws.dynamodb(config).update_item(  # the new attempt's lease, taken after the cancel's read
+        TableName=config.jobs_table,
+        Key={"pk": {"S": f"{tenant.id}#job#{job_id}"}},
+        UpdateExpression="SET lease_expires_ms = :later",
+        ExpressionAttributeValues={":later": {"N": str(10**15)}},
+    )
+    reads = iter([unheld])
+    original_get = service.get
+    service.get = lambda wanted: next(reads, None) or original_get(wanted)  # type: ignore[method-assign]
+    assert service.cancel(job_id).status == "running"
+    assert original_get(job_id).status == "running"
+    jobs, _ = bootstrap._job_tables(tenant, config)
+    assert jobs.signals(job_id).cancel  # what the new attempt will see
+
+
 def test_a_subscribed_jobs_chunks_are_live_in_the_table(service: JobService, tenant: Tenant) -> None:
     """The mark a WebSocket subscribe leaves on the job, as DynamoDB stores it: the worker's per-flush
     read sees it and writes the next chunks with ``live`` (the chunk stream's filter in template.yaml)."""

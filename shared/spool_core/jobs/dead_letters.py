@@ -8,9 +8,10 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 from spool_core.clock import from_epoch, rfc3339
-from spool_core.jobs.ending import error_object, job_end, model_usage
+from spool_core.jobs.ending import end_from_log, error_object
 from spool_core.jobs.model import Job, Progress
 from spool_core.jobs.outcome import Outcome
 from spool_core.jobs.ports import ChunkLog, Conflict, EndGuard, JobStore
@@ -54,36 +55,18 @@ class DeadLetters:
             return Outcome.DONE
         return Outcome.RETRY
 
-    def _first_chunk_at(self, job_id: str) -> str | None:
-        """When the job's first token was written (an attempt that died before recording it on the
-        job's item still wrote it to the log)."""
-        first = self._chunks.after(job_id, 0, 1)
-        return first[0].created_at if first else None
-
     def _end(self, job: Job, token: str, now: int) -> None:
-        last = self._chunks.last(job.job_id) if job.attempts else None
-        progress = Progress(
-            tokens_generated=last.tokens_total if last else 0,
-            last_sequence_id=last.sequence_id if last else 0,
-            chunks_written=last.sequence_id if last else 0,
-        )
-        error = error_object(
-            "delivery_failed",
-            f"The job could not be processed after {job.attempts} attempt(s) and was dead-lettered",
-            {"attempts": job.attempts},
-            ["Create a new job (with a new Idempotency-Key)", "Report the job_id if it keeps happening"],
-            progress,
-        )
-        usage = model_usage(job, progress.tokens_generated, job.input_reported, self._models)
-        end = job_end(
-            job,
-            "failed",
-            progress,
-            usage,
-            rfc3339(from_epoch(now / 1000)),
-            input_reported=job.input_reported,
-            error=error,
-            first_token_at=job.first_token_at or (self._first_chunk_at(job.job_id) if last else None),
+        def error(progress: Progress) -> dict[str, Any]:
+            return error_object(
+                "delivery_failed",
+                f"The job could not be processed after {job.attempts} attempt(s) and was dead-lettered",
+                {"attempts": job.attempts},
+                ["Create a new job (with a new Idempotency-Key)", "Report the job_id if it keeps happening"],
+                progress,
+            )
+
+        end, usage = end_from_log(
+            job, "failed", self._chunks, self._models, rfc3339(from_epoch(now / 1000)), error=error
         )
         reservation = Reservation.from_item(job.reservation) if job.reservation else None
         guard = EndGuard("abandoned", token, now)

@@ -1,13 +1,13 @@
 """How a job ends: what it used, priced per model that produced it, and the structured error of a
-failure. Shared by the worker and the dead-letter path."""
+failure. Shared by the worker, the dead-letter path and a cancel of a job no worker holds."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from spool_core.jobs.model import Job, Progress, Segment, Usage
-from spool_core.jobs.ports import JobEnd
+from spool_core.jobs.ports import ChunkLog, JobEnd
 from spool_core.limits.model import ModelUsage
 from spool_core.models import ModelCatalog
 from spool_core.observability import logger
@@ -77,6 +77,42 @@ def job_end(
         finish_reason=finish_reason,
         subscribed=subscribed or job.subscribed,
     )
+
+
+def end_from_log(
+    job: Job,
+    status: str,
+    chunks: ChunkLog,
+    models: ModelCatalog,
+    completed_at: str,
+    *,
+    error: Callable[[Progress], dict[str, Any]] | None = None,
+) -> tuple[JobEnd, tuple[ModelUsage, ...]]:
+    """The end of a job no attempt holds any more (dead-lettered, or cancelled after its worker died
+    or handed it over): what it wrote, read from its chunk log, where its output stays; its first
+    token's time from the log too when no attempt lived to record it. Also the usage to settle."""
+    last = chunks.last(job.job_id) if job.attempts else None
+    progress = Progress(
+        tokens_generated=last.tokens_total if last else 0,
+        last_sequence_id=last.sequence_id if last else 0,
+        chunks_written=last.sequence_id if last else 0,
+    )
+    first_token_at = job.first_token_at
+    if first_token_at is None and last is not None:
+        first = chunks.after(job.job_id, 0, 1)
+        first_token_at = first[0].created_at if first else None
+    usage = model_usage(job, progress.tokens_generated, job.input_reported, models)
+    end = job_end(
+        job,
+        status,
+        progress,
+        usage,
+        completed_at,
+        input_reported=job.input_reported,
+        error=error(progress) if error else None,
+        first_token_at=first_token_at,
+    )
+    return end, usage
 
 
 def error_object(

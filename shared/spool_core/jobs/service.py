@@ -22,6 +22,7 @@ from spool_core.contexts.service import ContextService
 from spool_core.errors import DependencyUnavailable, InvalidRequest, PayloadTooLarge
 from spool_core.ids import new_id, plausible
 from spool_core.jobs.cadence import Cadence, Watch
+from spool_core.jobs.ending import end_from_log
 from spool_core.jobs.errors import (
     ContextTooLarge,
     IdempotencyKeyRequired,
@@ -528,15 +529,20 @@ class JobService:
     # ------------------------------------------------------------------ cancel
     def cancel(self, job_id: str) -> Job:
         """Idempotent: a queued job is cancelled at once (its reservation given back), a running one
-        at the worker's next flush."""
+        at its worker's next flush. A running job no live lease holds (its worker died, or handed it
+        over to a continuation still queued) is ended here, with what it wrote, as the dead-letter
+        path would: no worker may flush for minutes (until its message comes back)."""
         token = uuid.uuid4().hex
         for _ in range(5):
             job = self.get(job_id)
             if job.terminal:
                 return job
+            now = int(self._clock() * 1000)
             try:
-                if job.status == "running":
+                if job.status == "running" and job.lease_live(now):
                     return self._jobs.request_cancel(job_id)
+                if job.status == "running":
+                    return self._end_unheld(job, token, now)
                 reservation = Reservation.from_item(job.reservation) if job.reservation else None
                 end = JobEnd(
                     status="cancelled",
@@ -552,6 +558,18 @@ class JobService:
             except Conflict:
                 continue  # it moved on (started or finished) meanwhile: decide again
         return self.get(job_id)
+
+    def _end_unheld(self, job: Job, token: str, now: int) -> Job:
+        """Cancel a running job whose lease ran out: only while no attempt took it meanwhile (the
+        ``abandoned`` guard), its partial output kept in the log and what it used settled."""
+        end, usage = end_from_log(
+            job, "cancelled", self._chunks, self._models, rfc3339(from_epoch(now / 1000))
+        )
+        reservation = Reservation.from_item(job.reservation) if job.reservation else None
+        settlement = self._limiter.settle(job.job_id, reservation, usage)
+        ended = self._jobs.end(job.job_id, end, EndGuard("abandoned", token, now), settlement)
+        logger.info("cancelled a job no worker held", extra={"job_id": job.job_id})
+        return ended
 
 
 def _next(chunks: list[Chunk], after: int) -> int:
