@@ -213,6 +213,38 @@ def test_cross_origin_stream(dev_stack: RunningStack, playground: Playground) ->
     assert cors == [], cors
 
 
+def test_a_page_on_another_origin_may_send_the_openai_sdks_own_headers(
+    dev_stack: RunningStack, playground: Playground
+) -> None:
+    """The official OpenAI JS SDK, run in a browser, adds ``x-stainless-*`` headers to each request:
+    the preflight must allow them, or the browser refuses the call before it is sent."""
+    page = playground.page
+    page_origin = other_host(dev_stack.base_url)
+    playground.open(f"{page_origin}/?api={quote(dev_stack.base_url, safe='')}")
+    answer = page.evaluate(
+        """async ([api, key]) => {
+            const response = await fetch(api + "/v1/chat/completions", {
+                method: "POST",
+                headers: {
+                    "Authorization": "Bearer " + key,
+                    "Content-Type": "application/json",
+                    "X-Stainless-Lang": "js",
+                    "X-Stainless-OS": "Linux",
+                    "X-Stainless-Retry-Count": "0",
+                },
+                body: JSON.stringify({
+                    model: "sim-fast", max_tokens: 5, messages: [{role: "user", content: "hi"}],
+                }),
+            });
+            return [response.status, (await response.json()).choices[0].message.content,
+                    response.headers.get("X-Request-Id")];
+        }""",
+        [dev_stack.base_url, DEV_KEY],
+    )
+    status, content, request_id = answer
+    assert status == 200 and content and request_id  # the exposed header is readable too
+
+
 def test_drop_connection_resumes_from_last_event_id(dev_stack: RunningStack, playground: Playground) -> None:
     page = playground.page
     playground.open(dev_stack.base_url + "/")

@@ -23,7 +23,10 @@ EXPOSED_HEADERS = (
     "X-RateLimit-Reset-Tokens",
     "X-Spool-Job-Id",
 )
-# Request headers a browser may send beyond the CORS-safelisted ones.
+# Request headers a browser may send beyond the CORS-safelisted ones: Spool's own by name, then any
+# other (``*``: the official OpenAI JS SDK sends its own ``x-stainless-*`` headers, and "existing
+# clients work by changing only base_url" holds in a browser too). A wildcard never covers
+# ``Authorization``, which is named; Spool's answers carry no cookies, so the wildcard applies.
 ALLOWED_HEADERS = (
     "Authorization",
     "Content-Type",
@@ -31,6 +34,7 @@ ALLOWED_HEADERS = (
     "Idempotency-Key",
     "Last-Event-ID",
     "X-Request-Id",
+    "*",
 )
 ALLOWED_METHODS = ("GET", "POST", "PATCH", "PUT", "DELETE", "OPTIONS")
 MAX_AGE_SECONDS = 600
