@@ -513,6 +513,9 @@ class _Sender:
         first, last = max(claim.claimed_from, claim.start + 1), claim.last_sent
         if first > last:
             return True
+        # The claim may never have gone out: until it is pushed again, what went out ends before it (a
+        # push failing on the way lets go with the cursor there, and the next sender pushes it again).
+        self._pushed = min(self._pushed, first - 1)
         known = [self._known.chunks.get(seq) for seq in range(first, last + 1)]
         again = [chunk for chunk in known if chunk is not None]
         if len(again) < len(known):  # read what the batch does not have

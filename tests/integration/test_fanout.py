@@ -33,7 +33,7 @@ from tests.integration.test_keys_revocation import (  # noqa: F401 - the fixture
 )
 from tests.subscription_fakes import RecordingPusher
 from tests.support import load_event
-from tests.unit.test_fanout_recovery import DiesOnce
+from tests.unit.test_fanout_recovery import DiesOnce, FailsOnce
 from tests.unit.test_subscriptions import Killed, assert_complete_at_least_once
 
 # Each run is a few hundred DynamoDB calls (~1 s on a loaded machine); the in-memory twin runs 200.
@@ -180,6 +180,7 @@ def test_a_job_ending_while_subscribers_join_ends_every_subscription_once(
     "breaks",
     [
         pytest.param(lambda target: DiesOnce(target, at=2), id="dies-mid-push-again"),
+        pytest.param(lambda target: FailsOnce(target, at=1), id="push-again-fails"),
     ],
 )
 def test_a_stream_delivery_that_took_over_a_dead_claim_and_broke_leaves_no_gap(
