@@ -340,6 +340,30 @@ def test_a_record_that_always_fails_is_given_up_after_the_retry_limit_and_the_po
     assert function.invocations[4:] == [["4"]]
 
 
+class FailsThenTimesOut(ReportsFailed):
+    """Reports its batch's second record failed, then times out once (an invocation error)."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda invocation, numbers: [numbers[1]] if invocation == 1 else [])
+
+    def invoke(self, event: dict[str, Any]) -> dict[str, Any]:
+        result = super().invoke(event)
+        if len(self.invocations) == 2:
+            raise InvocationError("the invocation timed out")
+        return result
+
+
+def test_a_failed_invocation_retries_what_was_left_to_deliver_as_it_is() -> None:
+    function = FailsThenTimesOut()
+    poller = single_lane(numbered("10", "20", "30"), function, retries=1)
+    poller._poll_shards()
+    # from the record reported failed, whole, until it goes through (a timeout is not counted against
+    # the record's retries)
+    assert function.invocations == [["10", "20", "30"], ["20", "30"], ["20", "30"]]
+    poller._poll_shards()
+    assert len(function.invocations) == 3  # nothing read twice
+
+
 def test_a_lane_retries_from_the_lowest_record_reported_failed() -> None:
     poller = StreamPoller(
         OneShardStream([]), "arn", None, batch_size=100, region="r", parallelization=2, interval=0.001
