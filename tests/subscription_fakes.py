@@ -124,10 +124,19 @@ class MemorySubscriptionStore:
         )
 
     def take_over(
-        self, job_id: str, connection_id: str, owner: str, *, holder: str, now_ms: int, until_ms: int
+        self,
+        job_id: str,
+        connection_id: str,
+        owner: str,
+        *,
+        holder: str,
+        now_ms: int,
+        until_ms: int,
+        made_for: int = 0,
     ) -> Written:
         def change(item: Subscription) -> None:
             item.sender, item.sending_until_ms = owner, until_ms
+            item.claimed_by, item.claimed_for = owner, made_for  # the holder's last claim is the taker's
 
         return self._update(
             "take_over",

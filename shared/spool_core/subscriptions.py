@@ -20,7 +20,8 @@ Between the two, the lease: a stream delivery that finds the handler's lease liv
 ``wakes`` counter instead of sending, and the handler's release is conditional on the counter it
 last served, so a handler that was woken cannot let go before it looked at the log and the job
 again. A handler that died holding its lease is taken over once it runs out (``LEASE_MS``): its last
-claim is pushed again.
+claim becomes the taker's (a stream delivery that dies pushing it is retried and pushes it again) and
+is pushed again.
 
 ``done`` is claimed (``SET done_sent``) under the same conditions once the cursor is at the job's last
 chunk, pushed, and the subscription deleted. Nothing is pushed for jobs nobody follows: the worker
@@ -115,9 +116,19 @@ class SubscriptionStore(Protocol):
         ``owner``, under the same conditions with the cursor at ``last``."""
 
     def take_over(
-        self, job_id: str, connection_id: str, owner: str, *, holder: str, now_ms: int, until_ms: int
+        self,
+        job_id: str,
+        connection_id: str,
+        owner: str,
+        *,
+        holder: str,
+        now_ms: int,
+        until_ms: int,
+        made_for: int = 0,
     ) -> Written:
-        """The lease to ``owner`` if ``holder``'s ran out (cursor and ``done_sent`` as they are)."""
+        """The lease to ``owner`` if ``holder``'s ran out (cursor, ``claimed_from`` and ``done_sent`` as
+        they are), and the holder's last claim made the taker's (``claimed_by = owner``, ``claimed_for =
+        made_for``): the taker pushes it again, and a retry of the taker, if it dies, pushes it again."""
 
     def release(self, job_id: str, connection_id: str, owner: str, *, wakes: int) -> Written:
         """Let go of the owner's lease, unless it was woken since ``wakes`` (then ``served = wakes``)."""
@@ -476,6 +487,7 @@ class _Sender:
             holder=current.sender,
             now_ms=now,
             until_ms=now + self._f._lease_ms,
+            made_for=self._made_for,
         )
         before = written.before
         if not written.applied or before is None:
@@ -501,6 +513,9 @@ class _Sender:
         first, last = max(claim.claimed_from, claim.start + 1), claim.last_sent
         if first > last:
             return True
+        # The claim may never have gone out: until it is pushed again, what went out ends before it (a
+        # push failing on the way lets go with the cursor there, and the next sender pushes it again).
+        self._pushed = min(self._pushed, first - 1)
         known = [self._known.chunks.get(seq) for seq in range(first, last + 1)]
         again = [chunk for chunk in known if chunk is not None]
         if len(again) < len(known):  # read what the batch does not have

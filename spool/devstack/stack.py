@@ -433,6 +433,7 @@ class EmbeddedStack:
                 function,
                 batch_size=event.batch_size if event else 100,
                 parallelization=event.parallelization if event else 1,
+                max_retry_attempts=event.maximum_retry_attempts if event else None,
                 partition_key=self.template.partition_key(table),
                 region=description.region,
                 filters=event.filters if event else (),

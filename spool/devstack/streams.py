@@ -2,6 +2,12 @@
 server and invoke the function with real stream event batches, in order, from LATEST, with the
 event's ``FilterCriteria`` applied before the function is invoked (as Lambda does).
 
+A batch whose invocation fails is retried as it is until it goes through. Records the function
+reports failed (``batchItemFailures``, ReportBatchItemFailures) are retried as Lambda retries them:
+the records before the lowest failed one are done, the batch goes on from it; a record that still
+fails after ``max_retry_attempts`` retries (the event's MaximumRetryAttempts) is skipped (logged: on
+AWS it goes to the OnFailure destination) and the rest of its batch delivered.
+
 An idle stack should cost nothing: with ``StreamChanges`` (the moto server's count of stream records
 written, see ``moto_server``) a poller reads the stream only after a record was written, and waits
 on the server in between (one request every few seconds when nothing happens). Without it, a poller
@@ -103,6 +109,7 @@ class StreamPoller:
         interval: float = 0.05,
         idle_interval: float = 1.0,
         changes: StreamChanges | None = None,
+        max_retry_attempts: int | None = None,
     ) -> None:
         self._streams = streams
         self._arn = stream_arn
@@ -116,6 +123,7 @@ class StreamPoller:
         self._interval = interval
         self._idle_interval = max(interval, idle_interval)
         self._changes = changes
+        self._max_retries = max_retry_attempts  # of a record reported failed (None: until it goes through)
         self.polls = 0  # GetRecords calls made (the idle cost)
         self._stop = threading.Event()
         self._running = threading.Event()
@@ -206,9 +214,7 @@ class StreamPoller:
             records = [r for r in records if any(matches(p, r) for p in self._filters)]
         if records and self._function is not None:
             if self._lanes == 1:
-                if not self._deliver(records):
-                    self._stop.wait(self._interval)
-                    return iterator, self._batch  # Lambda retries the batch
+                self._deliver_all(records)
             elif not self._stop.is_set():
                 for lane, batch in self._lanes_of(records).items():
                     self._lane(lane).put(batch)
@@ -219,12 +225,7 @@ class StreamPoller:
         with self._lanes_lock:
             if number not in self._lane_workers:
                 self._lane_workers[number] = _Lane(
-                    self._deliver,
-                    self._batch,
-                    self._running,
-                    self._stop,
-                    self._interval,
-                    f"stream-lane-{number}",
+                    self._deliver_all, self._batch, self._stop, self._interval, f"stream-lane-{number}"
                 )
             return self._lane_workers[number]
 
@@ -246,42 +247,87 @@ class StreamPoller:
             lanes.setdefault(lane, []).append(record)
         return lanes
 
-    def _deliver(self, records: list[dict[str, Any]]) -> bool:
+    def _deliver_all(self, records: list[dict[str, Any]]) -> None:
+        """Invoke the function with ``records`` until each went through or was given up, as Lambda
+        does: a failed invocation retries the batch as it is (until it goes through); records reported
+        failed retry the batch from the lowest of them, whose retries are counted and bounded by
+        ``max_retry_attempts``. Waits ``interval`` between attempts, and while the poller is paused."""
+        failures = 0  # how many times the first of ``records`` was reported failed
+        while records and not self._stop.is_set():
+            self._running.wait()  # paused: the batch waits
+            if self._stop.is_set():
+                return
+            try:
+                left = self._deliver(records)
+            except Exception:  # whatever failed (a container that could not start): the batch is retried
+                log.exception("stream delivery failed; the batch is retried")
+                left = None
+            if left is not None:
+                failures = failures + 1 if left and left[0] is records[0] else 1
+                records = left
+                if not records:
+                    return
+                if self._max_retries is not None and failures > self._max_retries:
+                    log.warning(
+                        "stream record %s still failed after %d retries; skipped",
+                        _sequence_number(records[0]),
+                        self._max_retries,
+                    )
+                    records, failures = records[1:], 0
+                    continue
+            self._stop.wait(self._interval)
+
+    def _deliver(self, records: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+        """One invocation: the records left to deliver (none when all went through; from the lowest
+        one reported failed), or None when the invocation failed (the batch is retried as it is)."""
         assert self._function is not None
         try:
             result = self._function.invoke({"Records": records})
         except InvocationError as exc:
             log.warning("%s; the batch is retried", exc)
-            return False
+            return None
         failures = (result or {}).get("batchItemFailures") if isinstance(result, dict) else None
-        if failures:
-            log.warning("stream handler reported %d failed records", len(failures))
-        return True
+        if not failures:
+            return []
+        numbers = [_sequence_number(record) for record in records]
+        failed = [f.get("itemIdentifier") if isinstance(f, Mapping) else None for f in failures]
+        # An identifier that names no record of the batch fails the whole batch (as on Lambda).
+        named = all(isinstance(i, str) and i in numbers for i in failed)
+        lowest = min(numbers.index(i) for i in failed) if named else 0
+        log.warning(
+            "stream handler reported %d failed records; retrying from %s",
+            len(failures),
+            _sequence_number(records[lowest]),
+        )
+        return records[lowest:]
+
+
+def _sequence_number(record: Mapping[str, Any]) -> str | None:
+    number = (record.get("dynamodb") or {}).get("SequenceNumber")
+    return str(number) if number is not None else None
 
 
 class _Lane:
     """One of a shard's concurrent batches (a ParallelizationFactor above 1), as Lambda runs them: each
     lane invokes the function with its records in order, one batch at a time, and retries a failed
-    batch until it goes through, while the other lanes go on (a slow or cold invocation holds back
-    only the keys of its own lane). Its next batch is what came to it meanwhile, in order, up to the
-    batch size. The poller reads on and hands each lane its share, up to ``MAX_PENDING`` reads ahead
-    (then it waits for the lane); a paused poller's lanes hold their records too (records wait, as
-    in the stream)."""
+    batch (``deliver``, the poller's retries) before its next, while the other lanes go on (a slow or
+    cold invocation holds back only the keys of its own lane). Its next batch is what came to it
+    meanwhile, in order, up to the batch size. The poller reads on and hands each lane its share, up
+    to ``MAX_PENDING`` reads ahead (then it waits for the lane); a paused poller's lanes hold their
+    records too (records wait, as in the stream)."""
 
     MAX_PENDING = 16
 
     def __init__(
         self,
-        deliver: Callable[[list[dict[str, Any]]], bool],
+        deliver: Callable[[list[dict[str, Any]]], None],
         batch_size: int,
-        running: threading.Event,
         stop: threading.Event,
         interval: float,
         name: str,
     ) -> None:
         self._deliver = deliver
         self._batch_size = max(1, batch_size)
-        self._running = running
         self._stop = stop
         self._interval = interval
         self._waiting: deque[list[dict[str, Any]]] = deque()  # the records of each read, in order
@@ -320,21 +366,10 @@ class _Lane:
                 while self._waiting and len(batch) + len(self._waiting[0]) <= self._batch_size:
                     batch.extend(self._waiting.popleft())
                     taken += 1
-            while not self._stop.is_set():
-                self._running.wait()  # paused: the batch waits
-                if self._stop.is_set() or self._delivered(batch):
-                    break
-                self._stop.wait(self._interval)  # Lambda retries the batch, before the lane's next
+            self._deliver(batch)  # retried until it went through or was given up, before the lane's next
             with self._changed:
                 self._pending -= taken
                 self._changed.notify_all()
-
-    def _delivered(self, records: list[dict[str, Any]]) -> bool:
-        try:
-            return self._deliver(records)
-        except Exception:  # whatever failed (a container that could not start): the batch is retried
-            log.exception("stream delivery failed; the batch is retried")
-            return False
 
 
 class JobTransitions:

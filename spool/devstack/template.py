@@ -204,6 +204,8 @@ class StreamEvent:
     filters: tuple[Mapping[str, Any], ...] = ()  # FilterCriteria patterns (a record passes if any matches)
     # Batches of one shard processed at once; records of one partition key stay in order, in one batch
     parallelization: int = 1
+    # MaximumRetryAttempts: retries of a record reported failed before it is skipped (None: -1, forever)
+    maximum_retry_attempts: int | None = None
 
 
 @dataclass(frozen=True)
@@ -363,6 +365,7 @@ class Template:
                             int(ep.get("BatchSize", 100)),
                             tuple(json.loads(f["Pattern"]) for f in patterns),
                             int(ep.get("ParallelizationFactor", 1)),
+                            _retry_attempts(ep.get("MaximumRetryAttempts", -1)),
                         )
                     )
                 elif event["Type"] in {"Schedule", "ScheduleV2"}:
@@ -590,3 +593,9 @@ class Resolver:
             return self.ref(name)
 
         return self._SUB.sub(replace, text)
+
+
+def _retry_attempts(value: Any) -> int | None:
+    """An event source mapping's MaximumRetryAttempts (-1, the default: until the record expires)."""
+    attempts = int(value)
+    return None if attempts < 0 else attempts

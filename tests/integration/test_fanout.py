@@ -22,8 +22,9 @@ from spool_core.adapters.dynamodb import ScopedTable, serialize
 from spool_core.adapters.websocket import DynamoSubscriptionStore
 from spool_core.events import done_data
 from spool_core.jobs.model import END_SEQUENCE_ID, Chunk, EndMark, Job, JobRequest, Progress, Usage
-from spool_core.subscriptions import Fanout
+from spool_core.subscriptions import Fanout, Subscription
 from spool_core.tenancy import Tenant, TenantScope
+from spool_core.units import now_ms
 from tests.integration.test_keys_revocation import (  # noqa: F401 - the fixture
     RecordingGateway,
     connect,
@@ -32,6 +33,8 @@ from tests.integration.test_keys_revocation import (  # noqa: F401 - the fixture
 )
 from tests.subscription_fakes import RecordingPusher
 from tests.support import load_event
+from tests.unit.test_fanout_recovery import DiesOnce, FailsOnce
+from tests.unit.test_subscriptions import Killed, assert_complete_at_least_once
 
 # Each run is a few hundred DynamoDB calls (~1 s on a loaded machine); the in-memory twin runs 200.
 RACE_ITERATIONS = int(os.environ.get("SPOOL_FANOUT_RACE_ITERATIONS", "40"))
@@ -170,6 +173,56 @@ def test_a_job_ending_while_subscribers_join_ends_every_subscription_once(
         )
         assert [m["type"] for m in received].count("done") == 1
         assert received[-1] == {"type": "done", **done_data(ended)}
+    assert parts.store.for_job(job.job_id) == []
+
+
+@pytest.mark.parametrize(
+    "breaks",
+    [
+        pytest.param(lambda target: DiesOnce(target, at=2), id="dies-mid-push-again"),
+        pytest.param(lambda target: FailsOnce(target, at=1), id="push-again-fails"),
+    ],
+)
+def test_a_stream_delivery_that_took_over_a_dead_claim_and_broke_leaves_no_gap(
+    stack: StackDescription, breaks: Callable[[RecordingPusher], RecordingPusher]
+) -> None:
+    """A handler claimed 1..3 and died; chunk 4's delivery takes over and pushes the claim again, and
+    dies (or its push fails) on the way: its retry, then the end, still bring every chunk and done."""
+    parts = Parts(Tenant("fanout-takeover"))
+    job = parts.new_job()
+    for seq in (1, 2, 3):
+        parts.append(job, seq)
+    ran_out = now_ms() - 1  # the dead handler's lease
+    parts.store.put(Subscription(job.job_id, "conn-t", 0, sender="dead", sending_until_ms=ran_out))
+    assert parts.store.claim(job.job_id, "conn-t", "dead", prev=0, new=3, until_ms=ran_out).applied
+    four = parts.append(job, 4)
+    broken = Fanout(parts.jobs, parts.chunks, parts.store, breaks(parts.pusher))
+    with pytest.raises((Killed, ConnectionError)):
+        broken.deliver(job.job_id, chunks=[four])
+    parts.fanout().deliver(job.job_id, chunks=[four])  # Lambda runs the batch again
+    parts.fanout().deliver(job.job_id, ended=EndMark.of(parts.end(job, 4)))
+    assert_complete_at_least_once(parts.pusher.messages["conn-t"], 0, 4)
+    assert parts.store.for_job(job.job_id) == []
+
+
+def test_a_stream_delivery_that_took_over_a_dead_done_claim_and_died_still_sends_done(
+    stack: StackDescription,
+) -> None:
+    parts = Parts(Tenant("fanout-takeover"))
+    job = parts.new_job()
+    parts.append(job, 1)
+    ended = EndMark.of(parts.end(job, 1))
+    ran_out = now_ms() - 1
+    parts.store.put(Subscription(job.job_id, "conn-d", 0, sender="dead", sending_until_ms=ran_out))
+    assert parts.store.claim(job.job_id, "conn-d", "dead", prev=0, new=1, until_ms=ran_out).applied
+    parts.pusher.send("conn-d", {"type": "chunk", "job_id": job.job_id, "sequence_id": 1, "text": "<1>"})
+    assert parts.store.claim_done(job.job_id, "conn-d", "dead", last=1, until_ms=ran_out).applied
+    with pytest.raises(Killed):  # the end's delivery takes over and dies pushing done
+        Fanout(parts.jobs, parts.chunks, parts.store, DiesOnce(parts.pusher, at=1)).deliver(
+            job.job_id, ended=ended
+        )
+    parts.fanout().deliver(job.job_id, ended=ended)
+    assert_complete_at_least_once(parts.pusher.messages["conn-d"], 0, 1)
     assert parts.store.for_job(job.job_id) == []
 
 

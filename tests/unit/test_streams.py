@@ -248,6 +248,143 @@ def test_what_comes_to_a_lane_while_it_invokes_is_its_next_batch_up_to_the_batch
     assert [[seq for _, seq in call] for call in function.calls] == [[1], [2, 3, 4, 5], [6, 7]]
 
 
+class OneShardStream:
+    """One shard holding ``records``; an iterator is the position of the next record to read."""
+
+    def __init__(self, records: list[dict[str, Any]]) -> None:
+        self.records = records
+
+    def describe_stream(self, StreamArn: str) -> dict[str, Any]:  # noqa: N803 - boto3's names
+        return {"StreamDescription": {"Shards": [{"ShardId": "s"}]}}
+
+    def get_shard_iterator(self, **_: Any) -> dict[str, Any]:
+        return {"ShardIterator": "0"}
+
+    def get_records(self, ShardIterator: str, Limit: int) -> dict[str, Any]:  # noqa: N803
+        start = int(ShardIterator)
+        batch = self.records[start : start + Limit]
+        return {"Records": batch, "NextShardIterator": str(start + len(batch))}
+
+
+def numbered(*numbers: str, job: str = "t#job#j") -> list[dict[str, Any]]:
+    """Stream records of one job with the sequence numbers ``itemIdentifier`` names."""
+    return [
+        {"eventName": "INSERT", "dynamodb": {"Keys": {"pk": {"S": job}}, "SequenceNumber": n}}
+        for n in numbers
+    ]
+
+
+class ReportsFailed:
+    """A fanout that reports ``failing(invocation, numbers)`` of each batch failed: what each got."""
+
+    def __init__(self, failing: Callable[[int, list[str]], list[str]]) -> None:
+        self.failing = failing
+        self.invocations: list[list[str]] = []
+        self.lock = threading.Lock()
+
+    def invoke(self, event: dict[str, Any]) -> dict[str, Any]:
+        numbers = [r["dynamodb"]["SequenceNumber"] for r in event["Records"]]
+        with self.lock:
+            self.invocations.append(numbers)
+            failed = self.failing(len(self.invocations), numbers)
+        return {"batchItemFailures": [{"itemIdentifier": n} for n in failed]}
+
+
+def single_lane(records: list[dict[str, Any]], function: Any, retries: int | None = 10) -> StreamPoller:
+    return StreamPoller(
+        OneShardStream(records),
+        "arn",
+        function,
+        batch_size=100,
+        region="r",
+        interval=0.001,
+        max_retry_attempts=retries,
+    )
+
+
+def test_records_the_fanout_reports_failed_are_delivered_again() -> None:
+    function = ReportsFailed(lambda invocation, numbers: numbers if invocation == 1 else [])
+    poller = StreamPoller(
+        OneShardStream(numbered("1")), "arn", function, batch_size=100, region="r", interval=0.001
+    )
+    for _ in range(3):
+        poller._poll_shards()
+    assert function.invocations == [["1"], ["1"]]
+
+
+def test_the_records_before_the_lowest_failed_one_are_not_delivered_again() -> None:
+    # reported out of order: the batch goes on from the lowest of them
+    function = ReportsFailed(lambda invocation, numbers: ["40", "30"] if invocation == 1 else [])
+    poller = single_lane(numbered("10", "20", "30", "40"), function)
+    poller._poll_shards()
+    poller._poll_shards()
+    assert function.invocations == [["10", "20", "30", "40"], ["30", "40"]]
+
+
+def test_a_failure_naming_no_record_of_the_batch_retries_the_whole_batch() -> None:
+    function = ReportsFailed(lambda invocation, numbers: ["99"] if invocation == 1 else [])
+    poller = single_lane(numbered("10", "20"), function)
+    poller._poll_shards()
+    assert function.invocations == [["10", "20"], ["10", "20"]]
+
+
+def test_a_record_that_always_fails_is_given_up_after_the_retry_limit_and_the_poller_moves_on() -> None:
+    function = ReportsFailed(lambda invocation, numbers: ["2"] if "2" in numbers else [])
+    records = numbered("1", "2", "3")
+    poller = single_lane(records, function, retries=2)
+    poller._poll_shards()
+    # once, then its two retries; then skipped, and the rest of its batch delivered
+    assert function.invocations == [["1", "2", "3"], ["2", "3"], ["2", "3"], ["3"]]
+    records.extend(numbered("4"))
+    poller._poll_shards()
+    assert function.invocations[4:] == [["4"]]
+
+
+class FailsThenTimesOut(ReportsFailed):
+    """Reports its batch's second record failed, then times out once (an invocation error)."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda invocation, numbers: [numbers[1]] if invocation == 1 else [])
+
+    def invoke(self, event: dict[str, Any]) -> dict[str, Any]:
+        result = super().invoke(event)
+        if len(self.invocations) == 2:
+            raise InvocationError("the invocation timed out")
+        return result
+
+
+def test_a_failed_invocation_retries_what_was_left_to_deliver_as_it_is() -> None:
+    function = FailsThenTimesOut()
+    poller = single_lane(numbered("10", "20", "30"), function, retries=1)
+    poller._poll_shards()
+    # from the record reported failed, whole, until it goes through (a timeout is not counted against
+    # the record's retries)
+    assert function.invocations == [["10", "20", "30"], ["20", "30"], ["20", "30"]]
+    poller._poll_shards()
+    assert len(function.invocations) == 3  # nothing read twice
+
+
+def test_a_lane_retries_from_the_lowest_record_reported_failed() -> None:
+    poller = StreamPoller(
+        OneShardStream([]), "arn", None, batch_size=100, region="r", parallelization=2, interval=0.001
+    )
+    function = ReportsFailed(lambda invocation, numbers: ["2"] if invocation == 1 else [])
+    poller._function = function  # type: ignore[assignment]
+    poller._streams = OneShardStream(numbered("1", "2", "3"))
+    poller._poll("0")
+    assert poller.idle(30)
+    poller.stop()
+    assert lanes_ended(poller)
+    assert function.invocations == [["1", "2", "3"], ["2", "3"]]
+
+
+def test_the_fanout_retries_a_failed_record_as_often_as_the_template_says() -> None:
+    (event,) = Template.load(ROOT / "template.yaml").functions()["FanoutFunction"].stream_events
+    resources = Template.load(ROOT / "template.yaml").body["Resources"]
+    properties = resources["FanoutFunction"]["Properties"]["Events"]["Chunks"]["Properties"]
+    assert event.maximum_retry_attempts == properties["MaximumRetryAttempts"] == 10
+
+
 def test_exists_and_prefix_rules() -> None:
     assert matches({"dynamodb": {"Keys": {"pk": {"S": [{"prefix": "t#job#"}]}}}}, record("t#job#1"))
     assert not matches({"dynamodb": {"Keys": {"pk": {"S": [{"prefix": "t#idem#"}]}}}}, record("t#job#1"))

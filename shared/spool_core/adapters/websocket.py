@@ -136,14 +136,22 @@ class DynamoSubscriptionStore:
         )
 
     def take_over(
-        self, job_id: str, connection_id: str, owner: str, *, holder: str, now_ms: int, until_ms: int
+        self,
+        job_id: str,
+        connection_id: str,
+        owner: str,
+        *,
+        holder: str,
+        now_ms: int,
+        until_ms: int,
+        made_for: int = 0,
     ) -> Written:
         return self._update(
             job_id,
             connection_id,
-            "SET sender = :me, sending_until_ms = :until",
+            "SET " + _CLAIM,  # the holder's last claim (its run, or done) becomes the taker's
             "sender = :holder AND sending_until_ms < :now",
-            {":me": owner, ":holder": holder, ":now": now_ms, ":until": until_ms},
+            {":me": owner, ":holder": holder, ":now": now_ms, ":until": until_ms, ":for": made_for},
         )
 
     def release(self, job_id: str, connection_id: str, owner: str, *, wakes: int) -> Written:

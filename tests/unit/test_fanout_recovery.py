@@ -1,0 +1,112 @@
+"""Recovery after a sender dies or fails mid-push: a take-over records the taker's claim (so a retry of
+the taker pushes it again), and a re-push that fails does not mark what it never pushed as sent."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from spool_core.subscriptions import STREAM, Fanout, Subscription
+from tests.subscription_fakes import MemoryJobLog, MemorySubscriptionStore, RecordingPusher
+from tests.unit.test_subscriptions import JOB, Clock, Killed, assert_complete_at_least_once, end_of, fanout
+
+
+@pytest.fixture
+def parts() -> tuple[MemoryJobLog, MemorySubscriptionStore, RecordingPusher]:
+    log = MemoryJobLog()
+    log.create(JOB)
+    return log, MemorySubscriptionStore(), RecordingPusher()
+
+
+class DiesOnce(RecordingPusher):
+    """Passes pushes to ``target``; the ``at``-th push kills the invocation (no cleanup runs)."""
+
+    def __init__(self, target: RecordingPusher, at: int) -> None:
+        super().__init__()
+        self.target, self.at, self.count = target, at, 0
+
+    def send(self, connection_id: str, message: dict[str, Any]) -> bool:
+        self.count += 1
+        if self.count == self.at:
+            raise Killed
+        return self.target.send(connection_id, message)
+
+
+class FailsOnce(RecordingPusher):
+    """Passes pushes to ``target``; the ``at``-th push fails (the management API)."""
+
+    def __init__(self, target: RecordingPusher, at: int) -> None:
+        super().__init__()
+        self.target, self.at, self.count = target, at, 0
+
+    def send(self, connection_id: str, message: dict[str, Any]) -> bool:
+        self.count += 1
+        if self.count == self.at:
+            raise ConnectionError("the management API failed")
+        return self.target.send(connection_id, message)
+
+
+def test_a_stream_delivery_that_took_over_and_died_mid_push_again_leaves_no_gap(parts: Any) -> None:
+    log, store, pusher = parts
+    clock = Clock()
+    for t in "abc":
+        log.append(JOB, t)
+    # A handler claimed 1..3 and died before pushing them or letting go.
+    store.put(Subscription(JOB, "c", 0, sender="dead", sending_until_ms=clock.now + 45_000))
+    assert store.claim(JOB, "c", "dead", prev=0, new=3, until_ms=clock.now + 45_000).applied
+    clock.now += 45_001
+    four = log.append(JOB, "d")
+    # Chunk 4's delivery takes over, pushes chunk 1 again and dies: Lambda runs the batch again.
+    dying = Fanout(log, log, store, DiesOnce(pusher, at=2), clock_ms=clock)
+    with pytest.raises(Killed):
+        dying.deliver(JOB, chunks=[four])
+    fanout(log, store, pusher, clock).deliver(JOB, chunks=[four])
+    fanout(log, store, pusher, clock).deliver(JOB, ended=end_of(log.end(JOB)))
+    assert_complete_at_least_once(pusher.messages["c"], 0, 4)
+
+
+def test_a_stream_delivery_that_took_over_a_done_claim_and_died_still_sends_done(parts: Any) -> None:
+    log, store, pusher = parts
+    clock = Clock()
+    log.append(JOB, "a")
+    ended = log.end(JOB)
+    # A handler pushed chunk 1, claimed done and died before pushing it.
+    store.put(Subscription(JOB, "c", 0, sender="dead", sending_until_ms=clock.now + 45_000))
+    assert store.claim(JOB, "c", "dead", prev=0, new=1, until_ms=clock.now + 45_000).applied
+    pusher.send("c", {"type": "chunk", "job_id": JOB, "sequence_id": 1, "text": "a"})
+    assert store.claim_done(JOB, "c", "dead", last=1, until_ms=clock.now + 45_000).applied
+    clock.now += 45_001
+    with pytest.raises(Killed):  # the end's delivery takes over and dies pushing done
+        Fanout(log, log, store, DiesOnce(pusher, at=1), clock_ms=clock).deliver(JOB, ended=end_of(ended))
+    fanout(log, store, pusher, clock).deliver(JOB, ended=end_of(ended))
+    assert_complete_at_least_once(pusher.messages["c"], 0, 1)
+
+
+def test_a_retry_whose_push_again_fails_does_not_mark_the_unpushed_claim_as_sent(parts: Any) -> None:
+    log, store, pusher = parts
+    fanout(log, store, pusher).subscribe(JOB, "c", 0)
+    batch = [log.append(JOB, t) for t in "abc"]
+    # The delivery of 1..3 claimed them and died; its retry fails pushing chunk 1 again.
+    assert store.claim(JOB, "c", STREAM, prev=0, new=3, until_ms=10**15, made_for=3).applied
+    with pytest.raises(ConnectionError):
+        Fanout(log, log, store, FailsOnce(pusher, at=1)).deliver(JOB, chunks=batch)
+    fanout(log, store, pusher).deliver(JOB, chunks=batch)
+    fanout(log, store, pusher).deliver(JOB, ended=end_of(log.end(JOB)))
+    assert_complete_at_least_once(pusher.messages["c"], 0, 3)
+
+
+def test_a_take_over_whose_push_again_fails_does_not_mark_the_dead_claim_as_sent(parts: Any) -> None:
+    log, store, pusher = parts
+    clock = Clock()
+    for t in "abc":
+        log.append(JOB, t)
+    store.put(Subscription(JOB, "c", 0, sender="dead", sending_until_ms=clock.now + 45_000))
+    assert store.claim(JOB, "c", "dead", prev=0, new=3, until_ms=clock.now + 45_000).applied
+    clock.now += 45_001
+    four = log.append(JOB, "d")
+    with pytest.raises(ConnectionError):
+        Fanout(log, log, store, FailsOnce(pusher, at=1), clock_ms=clock).deliver(JOB, chunks=[four])
+    fanout(log, store, pusher, clock).deliver(JOB, chunks=[four])
+    fanout(log, store, pusher, clock).deliver(JOB, ended=end_of(log.end(JOB)))
+    assert_complete_at_least_once(pusher.messages["c"], 0, 4)
