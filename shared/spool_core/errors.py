@@ -94,3 +94,9 @@ class PayloadTooLarge(SpoolError):
 
 class ModelNotFound(InvalidRequest):
     code = "model_not_found"
+
+
+class UnknownModel(NotFound):
+    """A model asked for by its path (``GET /v1/models/{id}``): 404, as OpenAI answers it."""
+
+    code = "model_not_found"

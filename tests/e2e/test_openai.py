@@ -41,6 +41,20 @@ def test_models_list_as_an_openai_list(sdk: openai.OpenAI) -> None:
     )  # Spool's fields
 
 
+def test_a_model_retrieved_by_id_or_alias_as_the_sdk_reads_it(sdk: openai.OpenAI) -> None:
+    fast = sdk.models.retrieve("sim-fast")
+    assert (fast.id, fast.object, fast.owned_by) == ("sim-fast", "model", "simulated")
+    assert fast.model_extra is not None and fast.model_extra["context_window"] > 0
+    assert sdk.models.retrieve("sim-chat").id == next(
+        m.id for m in sdk.models.list() if "sim-chat" in (m.model_extra or {}).get("aliases", [])
+    )
+    with pytest.raises(openai.NotFoundError) as unknown:
+        sdk.models.retrieve("gpt-nope")
+    assert "not available" in str(unknown.value)
+    with pytest.raises(openai.NotFoundError):
+        sdk.models.retrieve("sim-preview")  # rolled out to other tenants only
+
+
 def test_a_streamed_chat_completion_equals_the_plain_one_and_both_are_jobs(
     sdk: openai.OpenAI, dev_stack: RunningStack
 ) -> None:

@@ -180,6 +180,7 @@ def test_links_events_needs_no_header_and_opens_nothing_else(dev_stack: RunningS
 ROUTES = [
     ("GET", "/v1/health"),
     ("GET", "/v1/models"),
+    ("GET", "/v1/models/sim-fast"),
     ("POST", "/v1/jobs"),
     ("GET", "/v1/jobs/job_x"),
     ("GET", "/v1/jobs/job_x/events"),
