@@ -14,6 +14,7 @@ way the adapter does, outside Lambda. Routes stay thin: the logic is in ``spool_
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -130,9 +131,19 @@ async def create_response(request: Request) -> Response:
     return await _response_json(service, job, headers, background=body.background)
 
 
+async def _response_job(request: Request, read: Callable[[str], Job]) -> Job:
+    """The job behind the path's response id, read (or cancelled) by ``read``; a 404 names the
+    response the caller asked for, not the job behind it."""
+    response_id = request.path_params["response_id"]
+    try:
+        return await run_in_threadpool(read, responses.job_id_of(response_id))
+    except JobNotFound:
+        raise responses.not_found(response_id) from None
+
+
 async def get_response(request: Request) -> Response:
     service = _service(request)
-    job = await run_in_threadpool(service.get, responses.job_id_of(request.path_params["response_id"]))
+    job = await _response_job(request, service.get)
     headers = _job_headers(request, job)
     if request.query_params.get("stream", "").lower() in {"true", "1"}:
         return _response_stream(service, job, _starting_after(request), headers)
@@ -141,7 +152,7 @@ async def get_response(request: Request) -> Response:
 
 async def cancel_response(request: Request) -> Response:
     service = _service(request)
-    job = await run_in_threadpool(service.cancel, responses.job_id_of(request.path_params["response_id"]))
+    job = await _response_job(request, service.cancel)
     ended = await web.last(await_end(service, job.job_id, CANCEL_WAIT))
     if isinstance(ended, Ended):
         job = ended.job

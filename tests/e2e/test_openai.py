@@ -230,7 +230,10 @@ def test_harmless_parameters_are_accepted(sdk: openai.OpenAI) -> None:
 def test_sdk_exceptions_carry_spools_messages(sdk: openai.OpenAI, dev_stack: RunningStack) -> None:
     with pytest.raises(openai.NotFoundError) as missing:
         sdk.responses.retrieve("resp_nothinghere")
-    assert "not found" in missing.value.message
+    assert "Response 'resp_nothinghere' not found" in missing.value.message  # not the job behind it
+    with pytest.raises(openai.NotFoundError) as missing:
+        sdk.responses.cancel("resp_nothinghere")
+    assert "Response 'resp_nothinghere' not found" in missing.value.message
     with pytest.raises(openai.AuthenticationError) as unauthorized:
         openai.OpenAI(base_url=f"{dev_stack.base_url}/v1", api_key="sk-wrong", max_retries=0).models.list()
     assert "API key" in unauthorized.value.message

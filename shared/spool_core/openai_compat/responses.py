@@ -81,13 +81,18 @@ def message_id(job_id: str) -> str:
     return "msg_" + job_id.removeprefix("job_")
 
 
+def not_found(response: str) -> NotFound:
+    """The 404 of a response id that names no response of the tenant (told by the id it asked for)."""
+    return NotFound(
+        f"Response '{response[:80]}' not found",
+        details={"response_id": response[:80]},
+        suggestions=["Use the id returned by POST /v1/responses (resp_...)"],
+    )
+
+
 def job_id_of(response: str) -> str:
     if not response.startswith(ID_PREFIX) or len(response) > 80:
-        raise NotFound(
-            f"Response '{response[:80]}' not found",
-            details={"response_id": response[:80]},
-            suggestions=["Use the id returned by POST /v1/responses (resp_...)"],
-        )
+        raise not_found(response)
     return "job_" + response.removeprefix(ID_PREFIX)
 
 
