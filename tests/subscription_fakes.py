@@ -193,6 +193,7 @@ class MemoryJobLog:
         self.jobs: dict[str, Job] = {}
         self.chunks: dict[str, dict[int, Chunk]] = {}
         self.reads: Counter[str] = Counter()
+        self.redelivered: list[str] = []  # jobs whose end mark was touched for the stream (EndMarks)
         self._lock = threading.Lock()
         self._pause = pause
 
@@ -263,6 +264,14 @@ class MemoryJobLog:
     def last(self, job_id: str) -> Chunk | None:
         found = self.after(job_id, 0, 10**9)
         return found[-1] if found else None
+
+    def redeliver_end(self, job_id: str) -> bool:
+        """``EndMarks``: records the request (the tests play the chunk stream's delivery of it)."""
+        with self._lock:
+            ended = job_id in self.jobs and self.jobs[job_id].terminal
+            if ended:
+                self.redelivered.append(job_id)
+            return ended
 
     def all(self, job_id: str) -> Iterator[Chunk]:
         return iter(self.after(job_id, 0, 10**9))

@@ -23,6 +23,11 @@ from spool_core.jobs.errors import JobNotFound
 from spool_core.jobs.model import MAX_SEQUENCE_ID
 from spool_core.observability import logger
 from spool_core.tenancy import Tenant
+from spool_core.units import now_ms
+
+# Time kept before the invocation's timeout when a long backlog is left to the chunk stream: a push
+# takes tens of milliseconds, the hand-back two writes.
+HAND_BACK_MARGIN_MS = 5_000
 
 # What a first $connect and subscribe load (the key lookup, the job service and its stores): before
 # a snapshot, not on each new container's first message (see spool_core.snapshot).
@@ -66,7 +71,7 @@ def _connect(event: dict[str, Any], connection_id: str) -> dict[str, Any]:
     return {"statusCode": 200}
 
 
-def _subscribe(event: dict[str, Any], connection_id: str) -> dict[str, Any]:
+def _subscribe(event: dict[str, Any], connection_id: str, context: LambdaContext) -> dict[str, Any]:
     request_id = event["requestContext"].get("requestId")
     try:
         request = SubscribeRequest.model_validate_json(event.get("body") or "")
@@ -92,7 +97,12 @@ def _subscribe(event: dict[str, Any], connection_id: str) -> dict[str, Any]:
         guard.close(connection_id)
         return {"statusCode": 200}
     fanout = bootstrap.fanout(Tenant(identity.tenant_id))
-    if not fanout.subscribe(request.job_id, connection_id, request.after, key_hash=identity.key_hash):
+    # A backlog longer than the invocation can push is left to the chunk stream before the timeout.
+    deadline = now_ms() + context.get_remaining_time_in_millis() - HAND_BACK_MARGIN_MS
+    subscribed = fanout.subscribe(
+        request.job_id, connection_id, request.after, key_hash=identity.key_hash, deadline_ms=deadline
+    )
+    if not subscribed:
         _push_error(
             connection_id,
             JobNotFound(f"Job '{request.job_id}' not found", details={"job_id": request.job_id}),
@@ -111,7 +121,7 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
         bootstrap.connections().delete(connection_id)
         return {"statusCode": 200}
     if route == "subscribe":
-        return _subscribe(event, connection_id)
+        return _subscribe(event, connection_id, context)
     _push_error(
         connection_id,
         InvalidRequest(

@@ -463,4 +463,5 @@ def fanout(tenant: Tenant, config: Settings | None = None) -> Fanout:
     subscriptions = DynamoSubscriptionStore(
         ScopedTable(aws.dynamodb(config), config.connections_table, TenantScope(tenant))
     )
-    return Fanout(jobs, chunks, subscriptions, ManagementApiPusher(aws.websocket_management(config)))
+    pusher = ManagementApiPusher(aws.websocket_management(config))
+    return Fanout(jobs, chunks, subscriptions, pusher, ends=chunks)

@@ -146,6 +146,16 @@ class SubscriptionStore(Protocol):
     def delete(self, job_id: str, connection_id: str) -> None: ...
 
 
+class EndMarks(Protocol):
+    def redeliver_end(self, job_id: str) -> bool:
+        """Touch the job's end mark (and make it live) so the chunk stream delivers the job's end to
+        its subscribers once more; False when the job has no end mark (it has not ended)."""
+
+
+class HandedOver(Exception):  # not an error: the handler's time is up, the stream goes on
+    """The handler stops before its invocation's deadline, leaving the rest to the chunk stream."""
+
+
 class Pusher(Protocol):
     def send(self, connection_id: str, message: dict[str, Any]) -> bool:
         """Post a message to a connection; False when the connection is gone."""
@@ -188,6 +198,7 @@ class Fanout:
         *,
         clock_ms: Callable[[], int] = now_ms,
         lease_ms: int = LEASE_MS,
+        ends: EndMarks | None = None,
     ) -> None:
         self._jobs = jobs
         self._chunks = chunks
@@ -195,9 +206,18 @@ class Fanout:
         self._pusher = pusher
         self._clock_ms = clock_ms
         self._lease_ms = lease_ms
+        self._ends = ends  # where a handler that stops early hands an ended job's delivery back
         self._owner = uuid.uuid4().hex  # one per handler: each invocation builds its own Fanout
 
-    def subscribe(self, job_id: str, connection_id: str, after: int, *, key_hash: str | None = None) -> bool:
+    def subscribe(
+        self,
+        job_id: str,
+        connection_id: str,
+        after: int,
+        *,
+        key_hash: str | None = None,
+        deadline_ms: int | None = None,
+    ) -> bool:
         """Mark the job subscribed (its worker then marks its chunks ``live``, the only ones the chunk
         stream delivers, and its end writes an end mark behind its last chunk) and record the
         subscription (holding the lease: no stream delivery pushes before the backlog), both at once;
@@ -213,7 +233,12 @@ class Fanout:
         where no other tenant's job can reach it, is deleted, as it is when either write fails).
         ``key_hash``: the key the connection opened with, recorded on the subscription so each delivery
         checks it without a read. An id no job could have is not found without a write (as a job read
-        answers it, ``spool_core.ids.plausible``)."""
+        answers it, ``spool_core.ids.plausible``).
+
+        ``deadline_ms``: when the handler must have stopped (its invocation's timeout, less a margin).
+        A backlog too long to push by then is left to the chunk stream (``_hand_back``), as is what a
+        failed push leaves: no stream record follows a job's end, so the handler touches the end mark
+        for the stream to deliver it again."""
         if not plausible(job_id):
             return False
         subscription = Subscription(
@@ -241,7 +266,8 @@ class Fanout:
             self._subscriptions.delete(job_id, connection_id)
             return False
         known = _Known(ended=EndMark.of(job) if job.terminal else None)
-        _Sender(self, subscription, known, owner=self._owner, look=True).run()
+        with contextlib.suppress(HandedOver):
+            _Sender(self, subscription, known, owner=self._owner, look=True, deadline_ms=deadline_ms).run()
         return True
 
     def deliver(
@@ -294,8 +320,10 @@ class _Sender:
         owner: str,
         look: bool,
         reach: tuple[int, int] | None = None,
+        deadline_ms: int | None = None,
     ) -> None:
         self._f = fanout
+        self._deadline_ms = deadline_ms  # (a handler) stop pushing by then, and hand back
         self._store = fanout._subscriptions
         self._owner = owner
         self._stream = owner == STREAM
@@ -330,7 +358,22 @@ class _Sender:
             if self._holding:  # let the retry (or the next sender) go on at once, from what went out
                 with contextlib.suppress(Exception):
                     self._store.abandon(self._job_id, self._connection, self._owner, pushed=self._pushed)
+                    if not self._stream:
+                        self._hand_back()
             raise
+
+    def _hand_back(self) -> None:
+        """A handler let go early (out of time, or a push failed), having released its lease: if the
+        job has ended, no stream record will follow, and a stream delivery that found the lease since
+        only woke the handler, so the end mark is touched for the chunk stream to deliver the end (the
+        rest of the log, then ``done``) once more. A job still running needs nothing: its next chunk's
+        delivery goes on from the cursor. The release comes first, so an end written after this read
+        finds no lease and is delivered as usual."""
+        if self._f._ends is None:
+            return
+        job = self._f._jobs.get(self._job_id)
+        if job is not None and job.terminal:
+            self._f._ends.redeliver_end(self._job_id)
 
     def _step(self) -> bool:
         """One message (a chunk, or ``done``), or letting go. False when this pass is over."""
@@ -422,6 +465,8 @@ class _Sender:
 
     def _push(self, chunks: list[Chunk]) -> bool:
         for chunk in chunks:
+            if self._deadline_ms is not None and self._f._clock_ms() >= self._deadline_ms:
+                raise HandedOver(f"out of time at {chunk.sequence_id} of {self._job_id}")
             if not self._f._pusher.send(self._connection, chunk_message(self._job_id, chunk)):
                 self._holding = False
                 self._store.delete(self._job_id, self._connection)  # the connection is gone

@@ -271,3 +271,26 @@ def test_the_fanout_function_pushes_a_batch_from_its_records_then_done(
     assert done == {"type": "done", **done_data(ended)}
     assert set(done) == {"type", "job_id", "status", "usage", "cost_usd", "error", "last_sequence_id"}
     assert parts.store.for_job(job.job_id) == []
+
+
+def test_an_end_mark_touched_for_the_stream_goes_live_and_a_missing_one_is_not_made(
+    stack: StackDescription,
+) -> None:
+    """``redeliver_end`` (a subscribe handler that stopped early hands an ended job back to the chunk
+    stream): the existing end mark, even one written while nobody was subscribed, becomes live (the
+    fanout's stream filter passes it) and changes (a new stream record); a job with no end mark gets
+    none."""
+    parts = Parts(Tenant("fanout"))
+    job = parts.new_job()
+    parts.append(job, 1)
+    assert parts.chunks.redeliver_end(job.job_id) is False
+    config = bootstrap.settings()
+    marks = ScopedTable(aws.dynamodb(config), config.chunks_table, TenantScope(parts.tenant))
+    assert marks.get("job", job.job_id, sort={"sequence_id": END_SEQUENCE_ID}) is None
+    ended = EndMark.of(parts.end(job, 1))
+    marks.put("job", job.job_id, {**ended.model_dump(exclude_none=True), "sequence_id": END_SEQUENCE_ID})
+    assert parts.chunks.redeliver_end(job.job_id) is True
+    assert parts.chunks.redeliver_end(job.job_id) is True
+    mark = marks.get("job", job.job_id, sort={"sequence_id": END_SEQUENCE_ID})
+    assert mark is not None and mark["live"] is True and mark["redeliveries"] == 2
+    assert EndMark.model_validate(mark) == ended  # what the fanout reads from it is unchanged

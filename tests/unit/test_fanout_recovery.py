@@ -110,3 +110,82 @@ def test_a_take_over_whose_push_again_fails_does_not_mark_the_dead_claim_as_sent
     fanout(log, store, pusher, clock).deliver(JOB, chunks=[four])
     fanout(log, store, pusher, clock).deliver(JOB, ended=end_of(log.end(JOB)))
     assert_complete_at_least_once(pusher.messages["c"], 0, 4)
+
+
+# ------------------------------------------------------------------ a handler that stops early hands back
+def sent(messages: list[dict[str, Any]]) -> list[int | str]:
+    return [m["sequence_id"] if m["type"] == "chunk" else m["type"] for m in messages]
+
+
+class SlowPushes(RecordingPusher):
+    """Each push to ``target`` takes a second of ``clock``'s time (a long backlog, a slow API)."""
+
+    def __init__(self, target: RecordingPusher, clock: Clock) -> None:
+        super().__init__()
+        self.target, self.clock = target, clock
+
+    def send(self, connection_id: str, message: dict[str, Any]) -> bool:
+        self.clock.now += 1_000
+        return self.target.send(connection_id, message)
+
+
+def test_a_handler_out_of_time_leaves_an_ended_jobs_backlog_to_the_chunk_stream(parts: Any) -> None:
+    """The subscribe handler would time out before its backlog went out (and, dead holding its lease,
+    leave it to nobody: no stream record follows a job's end). It stops before its deadline, lets go
+    at what it pushed and touches the end mark; the stream's delivery of it sends the rest and done."""
+    log, store, pusher = parts
+    clock = Clock()
+    for text in "abcde":
+        log.append(JOB, text)
+    ended = log.end(JOB)
+    handler = Fanout(log, log, store, SlowPushes(pusher, clock), clock_ms=clock, ends=log)
+    assert handler.subscribe(JOB, "c", 0, deadline_ms=clock.now + 2_500)  # answered, not failed
+    assert sent(pusher.messages["c"]) == [1, 2, 3]
+    assert log.redelivered == [JOB]
+    fanout(log, store, pusher, clock).deliver(JOB, ended=end_of(ended))  # the touched mark's record
+    assert sent(pusher.messages["c"]) == [1, 2, 3, 4, 5, "done"]  # each once
+
+
+def test_a_handler_out_of_time_on_a_running_job_leaves_the_rest_to_its_next_chunk(parts: Any) -> None:
+    log, store, pusher = parts
+    clock = Clock()
+    for text in "abcde":
+        log.append(JOB, text)
+    handler = Fanout(log, log, store, SlowPushes(pusher, clock), clock_ms=clock, ends=log)
+    assert handler.subscribe(JOB, "c", 0, deadline_ms=clock.now + 2_500)
+    assert log.redelivered == []  # running: its next chunk's record comes anyway
+    six = log.append(JOB, "f")
+    fanout(log, store, pusher, clock).deliver(JOB, chunks=[six])
+    fanout(log, store, pusher, clock).deliver(JOB, ended=end_of(log.end(JOB)))
+    assert sent(pusher.messages["c"]) == [1, 2, 3, 4, 5, 6, "done"]
+
+
+def test_a_handler_whose_push_failed_after_the_end_woke_it_hands_the_end_back(parts: Any) -> None:
+    """The end's stream delivery found the handler's lease and woke it; then the handler's push failed
+    (the management API): it lets go with its wake unserved, so it touches the end mark, and the
+    stream's delivery of it sends what the handler could not, and done."""
+    log, store, pusher = parts
+    log.append(JOB, "a")
+
+    class EndsThenFails(RecordingPusher):
+        def send(self, connection_id: str, message: dict[str, Any]) -> bool:
+            fanout(log, store, pusher).deliver(JOB, ended=end_of(log.end(JOB)))  # finds the lease: wakes
+            raise ConnectionError("the management API failed")
+
+    with pytest.raises(ConnectionError):
+        Fanout(log, log, store, EndsThenFails(), ends=log).subscribe(JOB, "c", 0)
+    assert pusher.messages.get("c") is None and log.redelivered == [JOB]
+    fanout(log, store, pusher).deliver(JOB, ended=end_of(log.jobs[JOB]))  # the touched mark's record
+    assert sent(pusher.messages["c"]) == [1, "done"]
+
+
+def test_a_handler_that_fails_on_a_running_job_touches_nothing(parts: Any) -> None:
+    log, store, pusher = parts
+    log.append(JOB, "a")
+    with pytest.raises(ConnectionError):
+        Fanout(log, log, store, FailsOnce(pusher, at=1), ends=log).subscribe(JOB, "c", 0)
+    assert log.redelivered == []
+    two = log.append(JOB, "b")
+    fanout(log, store, pusher).deliver(JOB, chunks=[two])  # the next chunk's delivery goes on
+    fanout(log, store, pusher).deliver(JOB, ended=end_of(log.end(JOB)))
+    assert sent(pusher.messages["c"]) == [1, 2, "done"]

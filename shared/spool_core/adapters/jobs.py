@@ -528,6 +528,22 @@ class DynamoChunkLog:
         )
         return (Chunk.model_validate(item) for item in items)
 
+    def redeliver_end(self, job_id: str) -> bool:
+        """The end mark touched and made live (a MODIFY record the fanout's filter passes): the chunk
+        stream delivers the job's end again. Only an existing mark: a job that has not ended has none."""
+        try:
+            self._table.update(
+                JOB_KIND,
+                job_id,
+                "SET live = :yes ADD redeliveries :one",
+                sort={"sequence_id": END_SEQUENCE_ID},
+                condition="attribute_exists(pk)",
+                values={":yes": True, ":one": 1},
+            )
+        except ConditionFailed:
+            return False
+        return True
+
 
 class SqsJobQueue:
     def __init__(self, client: SQSClient, queue_url: str) -> None:
