@@ -181,7 +181,8 @@ def hand_corpus() -> list[Probe]:
             expect_rejected=False,
         ),
         Probe("no key", "GET", "/v1/models", key=False),
-        Probe("deep health without a key", "GET", "/v1/health?deep=true", key=False),
+        # DESIGN.md: no key needed; the probe's shared cache keeps it from burning money
+        Probe("deep health without a key", "GET", "/v1/health?deep=true", key=False, expect_rejected=False),
         # Paths
         Probe(
             "path traversal in context",
