@@ -48,7 +48,8 @@ class SubscribeRequest(BaseModel):
 
     action: str
     job_id: str = Field(min_length=1)  # one no job could have is not found (Fanout.subscribe)
-    after: int = Field(default=0, ge=0, le=MAX_SEQUENCE_ID)
+    # A JSON number: true (read as 1) or "3" is refused, not guessed at
+    after: int = Field(default=0, ge=0, le=MAX_SEQUENCE_ID, strict=True)
 
 
 def _push_error(connection_id: str, error: SpoolError, request_id: str | None) -> None:

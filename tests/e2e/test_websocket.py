@@ -137,6 +137,12 @@ def test_unknown_jobs_and_bad_keys(dev_stack: RunningStack) -> None:
         assert json.loads(socket.recv(timeout=10))["error"]["code"] == "job_not_found"
         socket.send(json.dumps({"action": "dance"}))
         assert json.loads(socket.recv(timeout=10))["error"]["code"] == "invalid_request"
+        job_id = new_job(dev_stack, max_tokens=5)["job_id"]
+        for after in (True, "3", 1.5, -1):  # `after` is a sequence id: a non-negative JSON integer
+            socket.send(json.dumps({"action": "subscribe", "job_id": job_id, "after": after}))
+            refused = json.loads(socket.recv(timeout=10))
+            assert refused["error"]["code"] == "invalid_request", (after, refused)
+            assert refused["error"]["details"]["fields"][0]["field"] == "after"
     with pytest.raises(Unauthorized):
         list(Client(dev_stack.base_url, "sk-wrong").subscribe("job_x"))
 
