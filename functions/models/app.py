@@ -5,7 +5,7 @@ GET /v1/models/{id}: one of them (by id or alias), as the OpenAI SDKs' ``models.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Any
 
 from aws_lambda_powertools.event_handler import Response
@@ -37,8 +37,7 @@ def get_model(model_id: str) -> Response[str]:
     return json_response(200, _entries(catalog, [model])[0])
 
 
-def _entries(catalog: ModelCatalog, models: Iterable[ModelSpec]) -> list[dict[str, Any]]:
-    models = list(models)
+def _entries(catalog: ModelCatalog, models: Sequence[ModelSpec]) -> list[dict[str, Any]]:
     circuits = bootstrap.circuit_breaker().circuits(m.id for m in models)
     return [
         {

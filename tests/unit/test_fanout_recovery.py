@@ -3,6 +3,7 @@ the taker pushes it again), and a re-push that fails does not mark what it never
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -19,8 +20,10 @@ def parts() -> tuple[MemoryJobLog, MemorySubscriptionStore, RecordingPusher]:
     return log, MemorySubscriptionStore(), RecordingPusher()
 
 
-class DiesOnce(RecordingPusher):
-    """Passes pushes to ``target``; the ``at``-th push kills the invocation (no cleanup runs)."""
+class BreaksOnce(RecordingPusher):
+    """Passes pushes to ``target``; the ``at``-th push raises ``breaking()``."""
+
+    breaking: Callable[[], BaseException]
 
     def __init__(self, target: RecordingPusher, at: int) -> None:
         super().__init__()
@@ -29,22 +32,22 @@ class DiesOnce(RecordingPusher):
     def send(self, connection_id: str, message: dict[str, Any]) -> bool:
         self.count += 1
         if self.count == self.at:
-            raise Killed
+            raise self.breaking()
         return self.target.send(connection_id, message)
 
 
-class FailsOnce(RecordingPusher):
-    """Passes pushes to ``target``; the ``at``-th push fails (the management API)."""
+class DiesOnce(BreaksOnce):
+    """The ``at``-th push kills the invocation (no cleanup runs)."""
 
-    def __init__(self, target: RecordingPusher, at: int) -> None:
-        super().__init__()
-        self.target, self.at, self.count = target, at, 0
+    breaking = Killed
 
-    def send(self, connection_id: str, message: dict[str, Any]) -> bool:
-        self.count += 1
-        if self.count == self.at:
-            raise ConnectionError("the management API failed")
-        return self.target.send(connection_id, message)
+
+class FailsOnce(BreaksOnce):
+    """The ``at``-th push fails (the management API)."""
+
+    @staticmethod
+    def breaking() -> BaseException:
+        return ConnectionError("the management API failed")
 
 
 def test_a_stream_delivery_that_took_over_and_died_mid_push_again_leaves_no_gap(parts: Any) -> None:

@@ -11,11 +11,11 @@ from collections.abc import Callable
 from typing import Any
 
 from spool_core.clock import from_epoch, rfc3339
-from spool_core.jobs.ending import end_from_log, error_object
+from spool_core.jobs.ending import end_from_log, error_object, reservation_of
 from spool_core.jobs.model import Job, Progress
 from spool_core.jobs.outcome import Outcome
 from spool_core.jobs.ports import ChunkLog, Conflict, EndGuard, JobStore
-from spool_core.limits.model import Reservation, Settlement
+from spool_core.limits.model import Settlement
 from spool_core.limits.service import RateLimiter, utc_day
 from spool_core.models import ModelCatalog
 from spool_core.observability import logger
@@ -68,7 +68,7 @@ class DeadLetters:
         end, usage = end_from_log(
             job, "failed", self._chunks, self._models, rfc3339(from_epoch(now / 1000)), error=error
         )
-        reservation = Reservation.from_item(job.reservation) if job.reservation else None
+        reservation = reservation_of(job)
         guard = EndGuard("abandoned", token, now)
         try:
             self._jobs.end(job.job_id, end, guard, self._limiter.settle(job.job_id, reservation, usage))

@@ -8,9 +8,20 @@ from typing import Any
 
 from spool_core.jobs.model import Job, Progress, Segment, Usage
 from spool_core.jobs.ports import ChunkLog, JobEnd
-from spool_core.limits.model import ModelUsage
+from spool_core.limits.model import ModelUsage, Reservation
 from spool_core.models import ModelCatalog
 from spool_core.observability import logger
+
+
+def reservation_of(job: Job) -> Reservation | None:
+    """What the job's admission reserved (its tokens, cost and slot), for its end to settle."""
+    return Reservation.from_item(job.reservation) if job.reservation else None
+
+
+def first_chunk_at(chunks: ChunkLog, job_id: str) -> str | None:
+    """When the job's first chunk (its first token) was written, read from its log."""
+    first = chunks.after(job_id, 0, 1)
+    return first[0].created_at if first else None
 
 
 def estimated_input(job: Job) -> int:
@@ -99,8 +110,7 @@ def end_from_log(
     )
     first_token_at = job.first_token_at
     if first_token_at is None and last is not None:
-        first = chunks.after(job.job_id, 0, 1)
-        first_token_at = first[0].created_at if first else None
+        first_token_at = first_chunk_at(chunks, job.job_id)
     usage = model_usage(job, progress.tokens_generated, job.input_reported, models)
     end = job_end(
         job,

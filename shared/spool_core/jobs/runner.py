@@ -23,11 +23,11 @@ from spool_core.contexts.service import ContextService
 from spool_core.errors import SpoolError
 from spool_core.jobs.cadence import Cadence
 from spool_core.jobs.chunk_writer import ChunkWriter, LostLease
-from spool_core.jobs.ending import error_object, job_end, model_usage
+from spool_core.jobs.ending import error_object, first_chunk_at, job_end, model_usage, reservation_of
 from spool_core.jobs.model import TERMINAL, Job, Segment
 from spool_core.jobs.outcome import Outcome
 from spool_core.jobs.ports import ChunkLog, Conflict, EndGuard, JobQueue, JobStore
-from spool_core.limits.model import Estimate, Reservation
+from spool_core.limits.model import Estimate
 from spool_core.limits.service import RateLimiter
 from spool_core.models import ModelCatalog, ModelSpec
 from spool_core.observability import logger, record_usage
@@ -383,7 +383,7 @@ class _Attempt:
             self.input_reported,
             r._models,
         )
-        reservation = Reservation.from_item(job.reservation) if job.reservation else None
+        reservation = reservation_of(job)
         end = job_end(
             job,
             status,
@@ -394,7 +394,9 @@ class _Attempt:
             segments=self.segments,
             output=self._inline_output(),
             error=error,
-            first_token_at=job.first_token_at or writer.first_chunk_at or self._first_chunk_at(),
+            first_token_at=job.first_token_at
+            or writer.first_chunk_at
+            or first_chunk_at(r._chunks, job.job_id),
             finish_reason=(self.finish_reason or "stop") if status == "completed" else None,
             subscribed=writer.live,
         )
@@ -427,10 +429,6 @@ class _Attempt:
             return None
         text = self._persisted_text()
         return text if len(text.encode()) <= limit else None
-
-    def _first_chunk_at(self) -> str | None:
-        first = self.r._chunks.after(self.job.job_id, 0, 1)
-        return first[0].created_at if first else None
 
     def _fail(self, code: str, message: str, details: dict[str, Any], suggestions: list[str]) -> None:
         self._end("failed", error=error_object(code, message, details, suggestions, self.writer.progress))

@@ -22,7 +22,7 @@ from spool_core.contexts.service import ContextService
 from spool_core.errors import DependencyUnavailable, InvalidRequest, PayloadTooLarge
 from spool_core.ids import new_id, plausible
 from spool_core.jobs.cadence import Cadence, Watch
-from spool_core.jobs.ending import end_from_log
+from spool_core.jobs.ending import end_from_log, first_chunk_at, reservation_of
 from spool_core.jobs.errors import (
     ContextTooLarge,
     IdempotencyKeyRequired,
@@ -381,8 +381,7 @@ class JobService:
         last: Chunk | None = None
         if not with_output:
             if first_token_at is None and job.attempts and live:
-                first = self._chunks.after(job.job_id, 0, 1)
-                first_token_at = first[0].created_at if first else None
+                first_token_at = first_chunk_at(self._chunks, job.job_id)
         elif output is None and job.attempts == 0:
             output = ""  # never started: nothing in the log
         elif output is None:  # running, or too large to keep on the item: the log has it
@@ -539,11 +538,11 @@ class JobService:
                 return job
             now = int(self._clock() * 1000)
             try:
-                if job.status == "running" and job.lease_live(now):
-                    return self._jobs.request_cancel(job_id)
-                if job.status == "running":
+                if job.status == "running":  # a live lease's worker stops itself; else nobody will
+                    if job.lease_live(now):
+                        return self._jobs.request_cancel(job_id)
                     return self._end_unheld(job, token, now)
-                reservation = Reservation.from_item(job.reservation) if job.reservation else None
+                reservation = reservation_of(job)
                 end = JobEnd(
                     status="cancelled",
                     progress=Progress(),
@@ -565,7 +564,7 @@ class JobService:
         end, usage = end_from_log(
             job, "cancelled", self._chunks, self._models, rfc3339(from_epoch(now / 1000))
         )
-        reservation = Reservation.from_item(job.reservation) if job.reservation else None
+        reservation = reservation_of(job)
         settlement = self._limiter.settle(job.job_id, reservation, usage)
         ended = self._jobs.end(job.job_id, end, EndGuard("abandoned", token, now), settlement)
         logger.info("cancelled a job no worker held", extra={"job_id": job.job_id})
