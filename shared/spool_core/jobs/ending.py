@@ -103,11 +103,7 @@ def end_from_log(
     or handed it over): what it wrote, read from its chunk log, where its output stays; its first
     token's time from the log too when no attempt lived to record it. Also the usage to settle."""
     last = chunks.last(job.job_id) if job.attempts else None
-    progress = Progress(
-        tokens_generated=last.tokens_total if last else 0,
-        last_sequence_id=last.sequence_id if last else 0,
-        chunks_written=last.sequence_id if last else 0,
-    )
+    progress = Progress.up_to(last)
     first_token_at = job.first_token_at
     if first_token_at is None and last is not None:
         first_token_at = first_chunk_at(chunks, job.job_id)

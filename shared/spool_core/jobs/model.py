@@ -56,6 +56,17 @@ class Progress(BaseModel):
     last_sequence_id: int = 0
     chunks_written: int = 0
 
+    @classmethod
+    def up_to(cls, last: Chunk | None) -> Progress:
+        """A job's progress as its log says it, up to its last chunk (None: nothing written)."""
+        if last is None:
+            return cls()
+        return cls(
+            tokens_generated=last.tokens_total,
+            last_sequence_id=last.sequence_id,
+            chunks_written=last.sequence_id,
+        )
+
 
 class Usage(BaseModel):
     estimated_tokens: int = 0

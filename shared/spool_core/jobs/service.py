@@ -361,14 +361,7 @@ class JobService:
             return Progress().model_dump()
         if not live:
             return job.progress.model_dump()
-        last = last or self._chunks.last(job.job_id)
-        if last is None:
-            return Progress().model_dump()
-        return Progress(
-            tokens_generated=last.tokens_total,
-            last_sequence_id=last.sequence_id,
-            chunks_written=last.sequence_id,
-        ).model_dump()
+        return Progress.up_to(last or self._chunks.last(job.job_id)).model_dump()
 
     def view(self, job: JobSummary, *, with_output: bool = True, live: bool = True) -> dict[str, Any]:
         """The job resource of DESIGN.md; without ``output`` (``?output=false``) it is small and
