@@ -189,15 +189,15 @@ def public_base_url(app: APIGatewayRestResolver) -> str:
     return f"{proto}://{host}{prefix}"
 
 
-def _with_request_id(response: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
-    """The request id on every response; and ``Vary: Origin`` where the allowed origin a response
-    names depends on the request's (a list of origins), so no cache hands one origin's answer to
-    another."""
+def _with_request_id(response: dict[str, Any], event: dict[str, Any], *, vary: bool) -> dict[str, Any]:
+    """The request id on every response; and, with ``vary``, ``Vary: Origin``: where the allowed
+    origin a response names depends on the request's (a list of origins), so no cache hands one
+    origin's answer to another."""
     added: dict[str, str] = {}
     rid = (event.get("requestContext") or {}).get("requestId")
     if rid:
         added[REQUEST_ID_HEADER] = rid
-    if allowed_origins() != ["*"]:
+    if vary:
         added["Vary"] = "Origin"
     for name, value in added.items():
         response.setdefault("headers", {})[name] = value
@@ -227,12 +227,13 @@ def _as_json(event: dict[str, Any]) -> dict[str, Any]:
 
 def api_handler(app: APIGatewayRestResolver) -> Handler:
     """The Lambda entry point for a resolver: logging with correlation id, tracing, metrics, X-Request-Id."""
+    vary = allowed_origins() != ["*"]  # read once, as the resolver's CORS configuration was
 
     @logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_REST, clear_state=True)
     @tracer.capture_lambda_handler
     @metrics.log_metrics
     def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-        return _with_request_id(app.resolve(_as_json(event), context), event)
+        return _with_request_id(app.resolve(_as_json(event), context), event, vary=vary)
 
     return handler
 
