@@ -170,7 +170,10 @@ def test_a_slow_lane_holds_back_only_its_own_keys_and_a_failed_batch_is_retried_
     assert [seq for call in seen for pk, seq in call if pk == other] == [1, 2]
     # the failed batch again, then the rest (or both reads in one batch, failed and retried whole)
     assert [seq for call in seen for pk, seq in call if pk == failing] in ([1, 1, 2], [1, 2, 1, 2])
-    assert [seq for call in function.calls for pk, seq in call if pk == stuck] == [1]
+    # one invocation holds the stuck job: its first read, or both if the lane had not started yet
+    (holding,) = [[seq for pk, seq in call if pk == stuck] for call in function.calls if (stuck, 1) in call]
+    assert holding in ([1], [1, 2])
+    assert sum(pk == stuck for call in function.calls for pk, _ in call) == len(holding)
     function.release.set()
     assert poller.idle(30)
     assert [seq for call in function.calls for pk, seq in call if pk == stuck] == [1, 2]
