@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
+from spool_core.due_ends import DueEnd
 from spool_core.jobs.model import Chunk, Job, JobRequest, Progress, Usage
 from spool_core.jobs.ports import Conflict
 from spool_core.subscriptions import Subscription, Written
@@ -47,6 +48,7 @@ class MemorySubscriptionStore:
                 claimed_from=0,
                 claimed_by=None,
                 claimed_for=0,
+                end_due_ms=subscription.sending_until_ms if subscription.sender else None,
             )
 
     def for_job(self, job_id: str, *, consistent: bool = True) -> list[Subscription]:
@@ -148,7 +150,7 @@ class MemorySubscriptionStore:
 
     def release(self, job_id: str, connection_id: str, owner: str, *, wakes: int) -> Written:
         def change(item: Subscription) -> None:
-            item.sender, item.sending_until_ms, item.served = None, 0, wakes
+            item.sender, item.sending_until_ms, item.served, item.end_due_ms = None, 0, wakes, None
 
         return self._update(
             "release", job_id, connection_id, lambda i: i.sender == owner and i.wakes == wakes, change
@@ -158,12 +160,17 @@ class MemorySubscriptionStore:
         def change(item: Subscription) -> None:
             item.sender, item.sending_until_ms, item.done_sent, item.last_sent = None, 0, False, pushed
             item.claimed_by, item.claimed_for = None, 0  # what went out is behind the cursor: no claim left
+            item.end_due_ms = None
 
         self._update("abandon", job_id, connection_id, lambda i: i.sender == owner, change)
 
-    def wake(self, job_id: str, connection_id: str, holder: str, *, now_ms: int) -> Written:
+    def wake(
+        self, job_id: str, connection_id: str, holder: str, *, now_ms: int, end: bool = False
+    ) -> Written:
         def change(item: Subscription) -> None:
             item.wakes += 1
+            if end:
+                item.end_due_ms = item.sending_until_ms
 
         return self._update(
             "wake",
@@ -184,6 +191,33 @@ class MemorySubscriptionStore:
         self._op("delete")
         with self._lock:
             self.items.pop((job_id, connection_id), None)
+
+
+class MemoryDueEnds:
+    """The due subscriptions of ``store`` (one tenant's), as the sweeper's index serves them."""
+
+    def __init__(self, store: MemorySubscriptionStore, tenant_id: str = "t") -> None:
+        self.store, self.tenant_id = store, tenant_id
+
+    def due_before(self, now_ms: int, limit: int) -> list[DueEnd]:
+        with self.store._lock:
+            due = [
+                DueEnd(self.tenant_id, job, connection, s.end_due_ms)
+                for (job, connection), s in self.store.items.items()
+                if s.end_due_ms is not None and s.end_due_ms < now_ms
+            ]
+        return sorted(due, key=lambda d: d.due_ms)[:limit]
+
+    def lease_of(self, end: DueEnd) -> int | None:
+        with self.store._lock:
+            item = self.store.items.get((end.job_id, end.connection_id))
+            return None if item is None else item.sending_until_ms
+
+    def postpone(self, end: DueEnd, until_ms: int | None) -> None:
+        with self.store._lock:
+            item = self.store.items.get((end.job_id, end.connection_id))
+            if item is not None:
+                item.end_due_ms = until_ms
 
 
 class MemoryJobLog:

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from spool_core.auth import ApiKeys, ConnectionGuard
     from spool_core.circuits import CircuitBreaker
     from spool_core.contexts.service import ContextService
+    from spool_core.due_ends import DueEndSweeper
     from spool_core.events import EventsToken
     from spool_core.flags import Flags
     from spool_core.health import HealthService, Probe
@@ -374,6 +375,18 @@ def sweeper(config: Settings | None = None) -> Sweeper:
         SweepSettings(
             queued_grace_ms=config.requeue_queued_after_seconds * 1000, running_grace_ms=2 * lease_ms + 60_000
         ),
+    )
+
+
+def due_end_sweeper(config: Settings | None = None) -> DueEndSweeper:
+    """Has the end of a job delivered again to a subscriber whose subscribe handler died holding it."""
+    from spool_core.adapters.websocket import DynamoDueEnds
+    from spool_core.due_ends import DueEndSweeper
+
+    config = config or settings()
+    return DueEndSweeper(
+        DynamoDueEnds(aws.dynamodb(config), config.connections_table),
+        lambda tenant_id: _job_tables(Tenant(tenant_id), config)[1],
     )
 
 

@@ -21,7 +21,9 @@ Between the two, the lease: a stream delivery that finds the handler's lease liv
 last served, so a handler that was woken cannot let go before it looked at the log and the job
 again. A handler that died holding its lease is taken over once it runs out (``LEASE_MS``): its last
 claim becomes the taker's (a stream delivery that dies pushing it is retried and pushes it again) and
-is pushed again.
+is pushed again: by the next chunk's delivery, or, when the job's end was what woke a holder that died
+(no record follows the end), by the end's delivery once the sweeper touches the end mark again
+(``spool_core.due_ends``).
 
 ``done`` is claimed (``SET done_sent``) under the same conditions once the cursor is at the job's last
 chunk, pushed, and the subscription deleted. Nothing is pushed for jobs nobody follows: the worker
@@ -69,6 +71,7 @@ class Subscription:
     claimed_by: str | None = None  # who made the last claim
     claimed_for: int = 0  # a stream delivery's last claim: the highest record it was made for
     key_hash: str | None = None  # the key the connection opened with: each delivery checks it is active
+    end_due_ms: int | None = None  # while a handler holds it, or the end woke a holder (``due_ends``)
 
     def held_by_other(self, owner: str, now_ms: int) -> bool:
         return self.sender is not None and self.sender != owner and self.sending_until_ms >= now_ms
@@ -85,7 +88,8 @@ class Written:
 
 class SubscriptionStore(Protocol):
     def put(self, subscription: Subscription) -> None:
-        """Create or replace (a resubscription starts over from its ``after``), with the lease it names."""
+        """Create or replace (a resubscription starts over from its ``after``), with the lease it names
+        (then due by that lease, ``end_due_ms``, until the holder lets go: ``release``, ``abandon``)."""
 
     def for_job(self, job_id: str, *, consistent: bool = True) -> list[Subscription]:
         """Every subscription to the job (one Query). ``consistent=False`` (half the cost) may miss a
@@ -137,8 +141,13 @@ class SubscriptionStore(Protocol):
         """Let go after an error: the cursor back to the last message pushed, ``done`` unclaimed, no
         claim left outstanding, wakes left unserved for the next holder to serve."""
 
-    def wake(self, job_id: str, connection_id: str, holder: str, *, now_ms: int) -> Written:
-        """Ask ``holder`` to look again before it lets go (only while its lease is live)."""
+    def wake(
+        self, job_id: str, connection_id: str, holder: str, *, now_ms: int, end: bool = False
+    ) -> Written:
+        """Ask ``holder`` to look again before it lets go (only while its lease is live). ``end``: the
+        wake is the job's end, which no later record brings again: the subscription is also marked due
+        (``end_due_ms``, the holder's lease as it stands) for the sweeper, which redelivers the end if
+        the holder dies without serving it (``spool_core.due_ends``)."""
 
     def finish(self, job_id: str, connection_id: str, owner: str) -> None:
         """Delete the subscription after its ``done`` (unless replaced by a new subscription meanwhile)."""
@@ -576,7 +585,9 @@ class _Sender:
             assert current.sender is not None
             if not self._stream or current.done_sent or not self._wants_after(current.last_sent):
                 return False  # the chunk stream carries on; or the holder sends done, or has it all
-            woken = self._store.wake(self._job_id, self._connection, current.sender, now_ms=now)
+            woken = self._store.wake(
+                self._job_id, self._connection, current.sender, now_ms=now, end=self._known.ended is not None
+            )
             if woken.applied:
                 return False  # the handler looks again before it lets go
             current = woken.before  # it let go meanwhile: go on from where it left the cursor

@@ -50,6 +50,14 @@ class TenantScope:
         return "/".join((root, self.tenant.id, *parts))
 
     @staticmethod
+    def parts_of_key(key: str) -> tuple[str, str, str]:
+        """A partition key's tenant id, kind and id (for system readers of indexes across tenants; the
+        tenant id is not validated)."""
+        tenant_id, _, rest = key.partition(SEPARATOR)
+        kind, _, ident = rest.partition(SEPARATOR)
+        return tenant_id, kind, ident
+
+    @staticmethod
     def tenant_of_key(key: str) -> Tenant:
         """The tenant a partition key belongs to (for system readers such as stream consumers)."""
         return Tenant(key.split(SEPARATOR, 1)[0])

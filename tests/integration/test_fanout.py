@@ -19,10 +19,11 @@ from spool.devstack.provision import StackDescription
 from spool_core import bootstrap
 from spool_core.adapters import aws
 from spool_core.adapters.dynamodb import ScopedTable, serialize
-from spool_core.adapters.websocket import DynamoSubscriptionStore
+from spool_core.adapters.websocket import DynamoDueEnds, DynamoSubscriptionStore
+from spool_core.due_ends import DueEnd
 from spool_core.events import done_data
 from spool_core.jobs.model import END_SEQUENCE_ID, Chunk, EndMark, Job, JobRequest, Progress, Usage
-from spool_core.subscriptions import Fanout, Subscription
+from spool_core.subscriptions import LEASE_MS, Fanout, Subscription
 from spool_core.tenancy import Tenant, TenantScope
 from spool_core.units import now_ms
 from tests.integration.test_keys_revocation import (  # noqa: F401 - the fixture
@@ -34,7 +35,7 @@ from tests.integration.test_keys_revocation import (  # noqa: F401 - the fixture
 from tests.subscription_fakes import RecordingPusher
 from tests.support import load_event
 from tests.unit.test_fanout_recovery import DiesOnce, FailsOnce
-from tests.unit.test_subscriptions import Killed, assert_complete_at_least_once
+from tests.unit.test_subscriptions import Clock, Killed, assert_complete_at_least_once
 
 # Each run is a few hundred DynamoDB calls (~1 s on a loaded machine); the in-memory twin runs 200.
 RACE_ITERATIONS = int(os.environ.get("SPOOL_FANOUT_RACE_ITERATIONS", "40"))
@@ -294,3 +295,68 @@ def test_an_end_mark_touched_for_the_stream_goes_live_and_a_missing_one_is_not_m
     mark = marks.get("job", job.job_id, sort={"sequence_id": END_SEQUENCE_ID})
     assert mark is not None and mark["live"] is True and mark["redeliveries"] == 2
     assert EndMark.model_validate(mark) == ended  # what the fanout reads from it is unchanged
+
+
+def test_an_end_held_back_by_a_killed_handler_is_swept_from_the_index_and_delivered_again(
+    stack: StackDescription,
+) -> None:
+    """On DynamoDB (moto): a subscription is in the due index from its creation; its handler dies
+    outright mid-backlog of an ended job. Once the lease has run out the sweeper finds it in the index
+    (which tenant, job and connection), touches the job's end mark, and the end's delivery takes the
+    lease over and sends the rest and done; then nothing is due."""
+    parts = Parts(Tenant("fanout-due"))
+    job = parts.new_job()
+    for seq in (1, 2, 3):
+        parts.append(job, seq)
+    ended = EndMark.of(parts.end(job, 3))
+    config = bootstrap.settings()
+    marks = ScopedTable(aws.dynamodb(config), config.chunks_table, TenantScope(parts.tenant))
+    marks.put("job", job.job_id, {**ended.model_dump(exclude_none=True), "sequence_id": END_SEQUENCE_ID})
+    clock = Clock()
+    clock.now = now_ms()
+    dying = Fanout(parts.jobs, parts.chunks, parts.store, DiesOnce(parts.pusher, at=2), clock_ms=clock)
+    with pytest.raises(Killed):
+        dying.subscribe(job.job_id, "conn-due", 0)
+    (subscription,) = parts.store.for_job(job.job_id)
+    lease = subscription.sending_until_ms
+    assert subscription.end_due_ms == lease
+
+    sweeper = bootstrap.due_end_sweeper()
+    sweeper._clock_ms = clock
+    assert sweeper.sweep() == []  # the lease is live: a live holder would serve it
+    clock.now = lease + 1
+    due = DynamoDueEnds(aws.dynamodb(config), config.connections_table).due_before(clock.now, 100)
+    assert DueEnd("fanout-due", job.job_id, "conn-due", lease) in due
+    assert job.job_id in sweeper.sweep()
+    assert job.job_id not in sweeper.sweep()  # looked at again a lease later
+    mark = marks.get("job", job.job_id, sort={"sequence_id": END_SEQUENCE_ID})
+    assert mark is not None and mark["live"] is True and mark["redeliveries"] == 1
+
+    Fanout(parts.jobs, parts.chunks, parts.store, parts.pusher, clock_ms=clock).deliver(
+        job.job_id, ended=ended
+    )
+    assert_complete_at_least_once(parts.pusher.messages["conn-due"], 0, 3)
+    assert parts.store.for_job(job.job_id) == []
+    clock.now += 10 * LEASE_MS
+    assert job.job_id not in sweeper.sweep()
+
+
+def test_only_a_held_subscription_or_one_the_end_woke_is_due(stack: StackDescription) -> None:
+    parts = Parts(Tenant("fanout-due"))
+    job = parts.new_job()
+    store, now = parts.store, now_ms()
+    store.put(Subscription(job.job_id, "conn-free", 0))  # nobody holds it: not due
+    (free,) = store.for_job(job.job_id)
+    assert free.end_due_ms is None
+    store.put(Subscription(job.job_id, "conn-held", 0, sender="h", sending_until_ms=now + 1_000))
+    assert store.get(job.job_id, "conn-held").end_due_ms == now + 1_000  # type: ignore[union-attr]
+    assert store.release(job.job_id, "conn-held", "h", wakes=0).applied  # let go: no longer due
+    assert store.get(job.job_id, "conn-held").end_due_ms is None  # type: ignore[union-attr]
+    # the end wakes a holder: due by its lease as it stands in that write
+    assert store.claim(job.job_id, "conn-held", "h", prev=0, new=0, until_ms=now + 5_000).applied
+    assert store.wake(job.job_id, "conn-held", "h", now_ms=now).applied  # a chunk's wake: not due
+    assert store.get(job.job_id, "conn-held").end_due_ms is None  # type: ignore[union-attr]
+    assert store.wake(job.job_id, "conn-held", "h", now_ms=now, end=True).applied
+    assert store.get(job.job_id, "conn-held").end_due_ms == now + 5_000  # type: ignore[union-attr]
+    store.abandon(job.job_id, "conn-held", "h", pushed=0)
+    assert store.get(job.job_id, "conn-held").end_due_ms is None  # type: ignore[union-attr]

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from spool_core.due_ends import DueEndSweeper
 from spool_core.subscriptions import STREAM, Fanout, Subscription
-from tests.subscription_fakes import MemoryJobLog, MemorySubscriptionStore, RecordingPusher
+from tests.subscription_fakes import MemoryDueEnds, MemoryJobLog, MemorySubscriptionStore, RecordingPusher
 from tests.unit.test_subscriptions import JOB, Clock, Killed, assert_complete_at_least_once, end_of, fanout
 
 
@@ -192,3 +193,99 @@ def test_a_handler_that_fails_on_a_running_job_touches_nothing(parts: Any) -> No
     fanout(log, store, pusher).deliver(JOB, chunks=[two])  # the next chunk's delivery goes on
     fanout(log, store, pusher).deliver(JOB, ended=end_of(log.end(JOB)))
     assert sent(pusher.messages["c"]) == [1, 2, "done"]
+
+
+# ------------------------------------------------------------------ an end that woke a dead handler
+def test_a_handler_killed_holding_its_lease_as_the_job_ends_gets_its_end_redelivered(parts: Any) -> None:
+    """The subscribe handler dies outright (nothing runs to let go) with its backlog claimed; the job's
+    end finds its lease live and only wakes it, and no record follows the end. The wake marks the end
+    due; once the dead holder's lease runs out, the sweeper touches the end mark, and the end's
+    delivery takes the lease over and sends the rest and done."""
+    log, store, pusher = parts
+    clock = Clock()
+    due = MemoryDueEnds(store)
+    sweeper = DueEndSweeper(due, lambda tenant: log, clock_ms=clock)
+    for text in "abc":
+        log.append(JOB, text)
+    with pytest.raises(Killed):
+        Fanout(log, log, store, DiesOnce(pusher, at=2), clock_ms=clock, ends=log).subscribe(JOB, "c", 0)
+    ended = end_of(log.end(JOB))
+    fanout(log, store, pusher, clock).deliver(JOB, ended=ended)  # the end's record: wakes the dead holder
+    assert sent(pusher.messages["c"]) == [1]
+    assert sweeper.sweep() == [] and log.redelivered == []  # due only once the holder's lease is out
+    clock.now += 45_001
+    assert sweeper.sweep() == [JOB] and log.redelivered == [JOB]
+    assert sweeper.sweep() == []  # looked at again a lease later, not on every sweep
+    fanout(log, store, pusher, clock).deliver(JOB, ended=ended)  # the touched mark's record
+    assert_complete_at_least_once(pusher.messages["c"], 0, 3)
+    assert sent(pusher.messages["c"]).count("done") == 1
+    clock.now += 10 * 45_001
+    assert sweeper.sweep() == [] and store.items == {}  # done: nothing left due
+
+
+def test_a_live_handler_woken_by_the_end_sends_done_itself_and_leaves_nothing_due(parts: Any) -> None:
+    log, store, pusher = parts
+    clock = Clock()
+    log.append(JOB, "a")
+
+    class EndArrivesMidPush(RecordingPusher):
+        def send(self, connection_id: str, message: dict[str, Any]) -> bool:
+            if not log.jobs[JOB].terminal:  # the end's delivery finds the lease: wakes the handler
+                fanout(log, store, pusher, clock).deliver(JOB, ended=end_of(log.end(JOB)))
+            return pusher.send(connection_id, message)
+
+    assert Fanout(log, log, store, EndArrivesMidPush(), clock_ms=clock, ends=log).subscribe(JOB, "c", 0)
+    assert sent(pusher.messages["c"]) == [1, "done"]
+    clock.now += 10 * 45_001
+    assert DueEndSweeper(MemoryDueEnds(store), lambda tenant: log, clock_ms=clock).sweep() == []
+    assert log.redelivered == []
+
+
+def test_a_due_end_is_left_to_a_live_holder_and_dropped_without_an_end_mark(parts: Any) -> None:
+    log, store, _ = parts
+    clock = Clock()
+    due = MemoryDueEnds(store)
+    sweeper = DueEndSweeper(due, lambda tenant: log, clock_ms=clock)
+    log.append(JOB, "a")
+    store.put(Subscription(JOB, "c", 0, sender="holder", sending_until_ms=clock.now + 90_000))
+    assert store.wake(JOB, "c", "holder", now_ms=clock.now, end=True).applied
+    assert store.items[(JOB, "c")].end_due_ms == clock.now + 90_000  # the lease as it stood
+    assert not store.wake(JOB, "c", "other", now_ms=clock.now, end=True).applied
+    clock.now += 60_000  # due, but the holder's lease (renewed, say) is live: it serves the wake
+    store.items[(JOB, "c")].end_due_ms = clock.now - 1
+    assert sweeper.sweep() == []
+    clock.now += 45_001  # the lease is out, but the job never ended (no end mark): nothing to deliver
+    assert sweeper.sweep() == [] and log.redelivered == []
+    assert store.items[(JOB, "c")].end_due_ms is None
+    assert store.wake(JOB, "c", "holder", now_ms=0).before is not None  # a plain wake marks nothing
+    assert store.items[(JOB, "c")].end_due_ms is None
+
+
+def test_a_handler_killed_sending_the_backlog_of_an_ended_job_gets_its_end_redelivered(parts: Any) -> None:
+    """The job had ended before the subscribe (its end's record went by with nobody to send to); the
+    handler dies outright mid-backlog. Its subscription was due from its creation: the sweeper has the
+    end delivered again once the lease runs out."""
+    log, store, pusher = parts
+    clock = Clock()
+    sweeper = DueEndSweeper(MemoryDueEnds(store), lambda tenant: log, clock_ms=clock)
+    for text in "abc":
+        log.append(JOB, text)
+    ended = end_of(log.end(JOB))
+    with pytest.raises(Killed):
+        Fanout(log, log, store, DiesOnce(pusher, at=3), clock_ms=clock, ends=log).subscribe(JOB, "c", 0)
+    assert sent(pusher.messages["c"]) == [1, 2]
+    assert sweeper.sweep() == []
+    clock.now += 45_001
+    assert sweeper.sweep() == [JOB]
+    fanout(log, store, pusher, clock).deliver(JOB, ended=ended)
+    assert sent(pusher.messages["c"]) == [1, 2, 1, 2, 3, "done"]  # its claim again (at least once)
+
+
+def test_a_handler_that_lets_go_is_no_longer_due(parts: Any) -> None:
+    log, store, pusher = parts
+    clock = Clock()
+    log.append(JOB, "a")
+    assert fanout(log, store, pusher, clock).subscribe(JOB, "c", 0)  # running: pushes 1, lets go
+    assert store.items[(JOB, "c")].end_due_ms is None
+    clock.now += 10 * 45_001
+    assert DueEndSweeper(MemoryDueEnds(store), lambda tenant: log, clock_ms=clock).sweep() == []

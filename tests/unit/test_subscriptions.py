@@ -4,6 +4,7 @@ dies; what a delivery costs; the stream records the fanout pushes from."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -12,11 +13,13 @@ from typing import Any
 import pytest
 
 from spool_core.adapters.dynamodb import serialize
+from spool_core.due_ends import DueEndSweeper
 from spool_core.events import done_data
 from spool_core.fanout_batch import DeliveryFailed, FanoutBatch, Group
 from spool_core.jobs.model import END_SEQUENCE_ID, Chunk, EndMark, Job
-from spool_core.subscriptions import STREAM, Fanout, Subscription
-from tests.subscription_fakes import MemoryJobLog, MemorySubscriptionStore, RecordingPusher
+from spool_core.subscriptions import LEASE_MS, STREAM, Fanout, Subscription
+from spool_core.units import now_ms
+from tests.subscription_fakes import MemoryDueEnds, MemoryJobLog, MemorySubscriptionStore, RecordingPusher
 
 JOB = "job_1"
 
@@ -79,13 +82,15 @@ def parts() -> tuple[MemoryJobLog, MemorySubscriptionStore, RecordingPusher]:
 
 
 # ---------------------------------------------------------------------------------------- races
-def race(seed: int, *, kills: bool) -> None:
+def race(seed: int, *, kills: bool, handler_kills: bool = False) -> None:
     """The worker writes a job's chunks; it marks them live from the flush after a client subscribed;
     the chunk stream delivers each live chunk's record, then the job's end mark (written with the end
     when the job was subscribed by then), in order, one delivery at a time, as Lambda reads a shard;
     subscribe handlers run at random moments (before, during and after the job), concurrently with the
     stream. Random pauses before every store call and push shuffle the interleavings. With ``kills``, a
-    stream delivery may die between its claim and its push, and Lambda runs it again."""
+    stream delivery may die between its claim and its push, and Lambda runs it again. With
+    ``handler_kills``, a subscribe handler may die at any push (holding its lease; nothing runs to let
+    go): once the leases have run out, the sweeper has the end of each job it stranded delivered again."""
     rng = random.Random(seed)
     rng_lock = threading.Lock()
 
@@ -104,7 +109,10 @@ def race(seed: int, *, kills: bool) -> None:
         def send(self, connection_id: str, message: dict[str, Any]) -> bool:
             with rng_lock:
                 pushes[0] += 1
-                die = kills and threading.current_thread().name == "stream" and rng.random() < 0.15
+                name = threading.current_thread().name
+                die = ((kills and name == "stream") or (handler_kills and name.startswith("handler"))) and (
+                    rng.random() < 0.15
+                )
             if die:
                 killed.add(pushes[0])
                 raise Killed
@@ -113,15 +121,19 @@ def race(seed: int, *, kills: bool) -> None:
     pusher = MayDie(pause)
     handlers: list[threading.Thread] = []
 
+    def subscribe(connection: str, after: int) -> None:
+        with contextlib.suppress(Killed):  # the invocation died: its client gets nothing more from it
+            fanout(log, store, pusher).subscribe(JOB, connection, after)
+
     def join(connection: str, after: int) -> None:
-        thread = threading.Thread(target=lambda: fanout(log, store, pusher).subscribe(JOB, connection, after))
+        thread = threading.Thread(target=subscribe, args=(connection, after), name=f"handler-{connection}")
         handlers.append(thread)
         thread.start()
 
-    def stream(**delivery: Any) -> None:
+    def stream(clock: Any = None, **delivery: Any) -> None:
         for _ in range(20):  # Lambda retries a batch whose invocation died
             try:
-                fanout(log, store, pusher).deliver(JOB, **delivery)
+                fanout(log, store, pusher, clock).deliver(JOB, **delivery)
                 return
             except Killed:
                 continue
@@ -153,10 +165,19 @@ def race(seed: int, *, kills: bool) -> None:
     for thread in handlers:
         thread.join(timeout=60)
         assert not thread.is_alive()
+    if handler_kills:  # a lease later: the sweeper, and the chunk stream's delivery of each touched mark
+        later = Clock()
+        later.now = now_ms() + LEASE_MS + 1
+        for job_id in DueEndSweeper(MemoryDueEnds(store), lambda tenant: log, clock_ms=later).sweep():
+            threading.current_thread().name = "stream"
+            try:
+                stream(later, ended=end_of(log.jobs[job_id]))
+            finally:
+                threading.current_thread().name = "MainThread"
 
     for connection, (_, after) in joins.items():
         messages = pusher.messages[connection]
-        if kills:
+        if kills or handler_kills:
             assert_complete_at_least_once(messages, after, total)
         else:
             assert_complete(messages, after, total)
@@ -173,6 +194,11 @@ def test_the_stream_in_order_and_handlers_at_any_moment_deliver_everything_once(
 @pytest.mark.parametrize("seed", range(100))
 def test_a_stream_delivery_that_dies_is_run_again_and_nothing_is_missing(seed: int) -> None:
     race(seed, kills=True)
+
+
+@pytest.mark.parametrize("seed", range(100))
+def test_a_handler_that_dies_at_any_push_strands_nothing_the_sweeper_cannot_redeliver(seed: int) -> None:
+    race(seed, kills=False, handler_kills=True)
 
 
 def test_a_job_that_ends_while_the_handler_sends_its_backlog_still_gets_done(parts: Any) -> None:

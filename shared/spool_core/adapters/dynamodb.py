@@ -6,6 +6,7 @@ is built by the ``TenantScope``, so no call can name another tenant's item.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from decimal import Decimal
@@ -72,6 +73,12 @@ def serialize(item: Mapping[str, Any]) -> dict[str, Any]:
 
 def deserialize(item: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _plain(_deserializer.deserialize(v)) for k, v in item.items()}
+
+
+def index_shard(prefix: str, ident: str, shards: int) -> str:
+    """The partition of a sparse index that ``ident`` goes in: such an index is spread over a few
+    partitions (``<prefix>#<n>``), so it has no single hot key; its readers query each."""
+    return f"{prefix}#{int(hashlib.sha256(ident.encode()).hexdigest(), 16) % shards}"
 
 
 def _back_off(attempts: int, what: str) -> int:

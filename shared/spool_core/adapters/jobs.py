@@ -9,7 +9,6 @@ already applied is success.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 from collections.abc import Iterator, Mapping
@@ -22,6 +21,7 @@ from spool_core.adapters.dynamodb import (
     ScopedTable,
     batch_get,
     deserialize,
+    index_shard,
     serialize,
     transact,
 )
@@ -62,7 +62,7 @@ from spool_core.jobs.ports import (
 from spool_core.limits.model import ReservationPlan, Settlement, UsageState
 from spool_core.listing import position
 from spool_core.queue import JobMessage
-from spool_core.tenancy import SEPARATOR
+from spool_core.tenancy import TenantScope
 from spool_core.units import now_ms
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ _HELD = "#lease_token = :me AND #status = :running"  # only the attempt holding 
 
 def pending_shard(job_id: str) -> str:
     """Pending jobs are spread over a few index partitions, so the index has no single hot key."""
-    return f"pending#{int(hashlib.sha256(job_id.encode()).hexdigest(), 16) % PENDING_SHARDS}"
+    return index_shard("pending", job_id, PENDING_SHARDS)
 
 
 class DynamoJobStore:
@@ -584,8 +584,7 @@ class DynamoPendingJobs:
             )
             for raw in response.get("Items", []):
                 item = deserialize(raw)
-                tenant, _, rest = str(item["pk"]).partition(SEPARATOR)
-                kind, _, job_id = rest.partition(SEPARATOR)
+                tenant, kind, job_id = TenantScope.parts_of_key(str(item["pk"]))
                 if kind == JOB_KIND:
                     found.append(PendingJob(tenant, job_id, int(item["pending_since_ms"])))
         return sorted(found, key=lambda p: p.pending_since_ms)[:limit]

@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
-from spool_core.adapters.dynamodb import ConditionFailed, ScopedTable, deserialize, serialize
+from spool_core.adapters.dynamodb import ConditionFailed, ScopedTable, deserialize, index_shard, serialize
+from spool_core.due_ends import DueEnd
 from spool_core.subscriptions import Subscription, Written
+from spool_core.tenancy import Tenant, TenantScope
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
@@ -19,6 +21,12 @@ if TYPE_CHECKING:
 
 CONNECTION_TTL_SECONDS = 2 * 3600  # API Gateway closes WebSocket connections after two hours
 JOB_KIND = "job"
+END_DUE_INDEX = "EndDueIndex"
+END_DUE_SHARDS = 4
+
+
+def due_shard(connection_id: str) -> str:
+    return index_shard("due", connection_id, END_DUE_SHARDS)
 
 
 class DynamoConnectionStore:
@@ -60,8 +68,13 @@ class DynamoSubscriptionStore:
         return self._table.key(JOB_KIND, job_id, {"sk": f"sub#{connection_id}"})
 
     def put(self, subscription: Subscription) -> None:
-        lease = (
-            {"sender": subscription.sender, "sending_until_ms": subscription.sending_until_ms}
+        lease = (  # held by its handler: due (``spool_core.due_ends``) until the handler lets go
+            {
+                "sender": subscription.sender,
+                "sending_until_ms": subscription.sending_until_ms,
+                "end_due_shard": due_shard(subscription.connection_id),
+                "end_due_ms": subscription.sending_until_ms,
+            }
             if subscription.sender
             else {}
         )
@@ -159,7 +172,7 @@ class DynamoSubscriptionStore:
         return self._update(
             job_id,
             connection_id,
-            "SET served = :wakes REMOVE sender, sending_until_ms",
+            "SET served = :wakes REMOVE sender, sending_until_ms, " + _NOT_DUE,
             f"sender = :me AND {woken}",
             {":me": owner, ":wakes": wakes},
         )
@@ -169,18 +182,22 @@ class DynamoSubscriptionStore:
             job_id,
             connection_id,
             "SET done_sent = :no, last_sent = :pushed"
-            " REMOVE sender, sending_until_ms, claimed_by, claimed_for",
+            " REMOVE sender, sending_until_ms, claimed_by, claimed_for, " + _NOT_DUE,
             "sender = :me",
             {":me": owner, ":no": False, ":pushed": pushed},
         )
 
-    def wake(self, job_id: str, connection_id: str, holder: str, *, now_ms: int) -> Written:
+    def wake(
+        self, job_id: str, connection_id: str, holder: str, *, now_ms: int, end: bool = False
+    ) -> Written:
+        due = {":due": due_shard(connection_id)} if end else {}
         return self._update(
             job_id,
             connection_id,
-            "ADD wakes :one",
+            # due by the lease as it stands in this very write (copied, not as the caller last saw it)
+            ("SET end_due_shard = :due, end_due_ms = sending_until_ms " if end else "") + "ADD wakes :one",
             "sender = :holder AND sending_until_ms >= :now",
-            {":one": 1, ":holder": holder, ":now": now_ms},
+            {":one": 1, ":holder": holder, ":now": now_ms, **due},
         )
 
     def finish(self, job_id: str, connection_id: str, owner: str) -> None:
@@ -242,11 +259,75 @@ class DynamoSubscriptionStore:
             str(item["claimed_by"]) if item.get("claimed_by") else None,
             int(item.get("claimed_for", 0)),
             str(item["key_hash"]) if item.get("key_hash") else None,
+            int(item["end_due_ms"]) if "end_due_ms" in item else None,
         )
+
+
+class DynamoDueEnds:
+    """The due subscriptions (``spool_core.due_ends``), every tenant's: a sparse index of the
+    connections table (a subscription is in it while its handler holds it, and again when the job's
+    end wakes a holder), spread over a few partitions. A system reader, as the sweeper's pending jobs
+    are: keys and the due time from the index, the lease from the item."""
+
+    def __init__(self, client: DynamoDBClient, table: str) -> None:
+        self._client = client
+        self._table = table
+
+    def _key(self, end: DueEnd) -> dict[str, Any]:
+        pk = TenantScope(Tenant(end.tenant_id)).key(JOB_KIND, end.job_id)
+        return serialize({"pk": pk, "sk": f"sub#{end.connection_id}"})
+
+    def due_before(self, now_ms: int, limit: int) -> list[DueEnd]:
+        found = []
+        for shard in range(END_DUE_SHARDS):
+            response = self._client.query(
+                TableName=self._table,
+                IndexName=END_DUE_INDEX,
+                KeyConditionExpression="end_due_shard = :due AND end_due_ms < :now",
+                ExpressionAttributeValues=serialize({":due": f"due#{shard}", ":now": now_ms}),
+                Limit=limit,
+            )
+            for raw in response.get("Items", []):
+                item = deserialize(raw)
+                tenant_id, kind, job_id = TenantScope.parts_of_key(str(item["pk"]))
+                connection_id = str(item["sk"]).removeprefix("sub#")
+                if kind == JOB_KIND:
+                    found.append(DueEnd(tenant_id, job_id, connection_id, int(item["end_due_ms"])))
+        return sorted(found, key=lambda end: end.due_ms)[:limit]
+
+    def lease_of(self, end: DueEnd) -> int | None:
+        item = self._client.get_item(
+            TableName=self._table,
+            Key=self._key(end),
+            ConsistentRead=True,
+            ProjectionExpression="sending_until_ms, sk",
+        ).get("Item")
+        if item is None:
+            return None
+        return int(deserialize(item).get("sending_until_ms", 0))
+
+    def postpone(self, end: DueEnd, until_ms: int | None) -> None:
+        change: dict[str, Any] = (
+            {
+                "UpdateExpression": "SET end_due_ms = :until",
+                "ExpressionAttributeValues": serialize({":until": until_ms}),
+            }
+            if until_ms is not None
+            else {"UpdateExpression": "REMOVE " + _NOT_DUE}
+        )
+        with contextlib.suppress(self._client.exceptions.ConditionalCheckFailedException):
+            self._client.update_item(
+                TableName=self._table,
+                Key=self._key(end),
+                ConditionExpression="attribute_exists(pk)",
+                **change,
+            )
 
 
 # The sending lease is free or already the caller's (one that ran out is taken over first).
 _LEASE_FREE = "(attribute_not_exists(sender) OR sender = :me)"
+# Out of the due subscriptions' index (its handler let go: the chunk stream sends the rest)
+_NOT_DUE = "end_due_shard, end_due_ms"
 # What every claim records besides its message: who made it, for which record, and the lease.
 _CLAIM = "claimed_by = :me, claimed_for = :for, sender = :me, sending_until_ms = :until"
 
