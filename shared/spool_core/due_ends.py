@@ -11,11 +11,15 @@ or had been delivered before the subscription existed), and the subscriber would
 So a subscription is due (``end_due_ms``, in a sparse index of every tenant's subscriptions) from its
 creation until its handler lets go, and again whenever the job's end wakes a holder: due by the
 holder's lease as it then stood. The sweeper, every minute, looks at each due subscription (a
-consistent read): one whose lease is still live is left to its holder; one whose job has ended is
-delivered its end again (the end mark touched: its delivery takes the lease over and sends the rest
-and ``done`` once, as after any take-over), and looked at a lease later if it is still there; one
-whose job is still running is no longer due (its next chunk's delivery takes the lease over, and its
-end's delivery too)."""
+consistent read): one whose lease is still live is left to its holder until that lease ends (the
+holder's invocation times out before its lease does); one whose job has ended is delivered its end
+again (the end mark touched, even one written while nobody was subscribed: its delivery takes the
+lease over and sends the rest and ``done``, as after any take-over); one whose job is still running
+is looked at again a lease later (its live chunks take the lease over; but a handler killed before
+its mark on the job applied leaves chunks nobody marks live, and only the end's redelivery sends
+them). A subscription leaves the index when its handler lets go, or with the subscription (``done``
+sent, the connection gone); the sweeper only ever postpones. After a take-over the dead holder's last
+claim goes out again, ``done`` included: a client keeps the first ``done`` it gets."""
 
 from __future__ import annotations
 
@@ -70,20 +74,22 @@ class DueEndSweeper:
         now = self._clock_ms()
         redelivered: list[str] = []
         for end in self._due.due_before(now, self._batch):
-            lease = self._due.lease_of(end)
-            if lease is None or lease >= now:
-                continue  # gone; or its holder is alive (it serves what woke it, then lets go)
             try:
                 marks = self._end_marks(end.tenant_id)
+                lease = self._due.lease_of(end)
             except InvalidTenantId:
-                logger.error(
-                    "due subscription with an invalid tenant id skipped", extra={"job_id": end.job_id}
-                )
+                logger.error("due subscription with an invalid tenant id", extra={"job_id": end.job_id})
                 continue
+            if lease is None:
+                continue  # gone (done, or unsubscribed)
+            if lease >= now:  # its holder is alive: it serves what woke it; looked at when its lease ends
+                self._due.postpone(end, lease)
+                continue
+            self._due.postpone(end, now + self._lease_ms)  # looked at again a lease later, if still there
             if not marks.redeliver_end(end.job_id):
-                self._due.postpone(end, None)  # running: the stream's next record takes the lease over
+                # Running. Its live chunks take the lease over; but a handler killed before its mark on
+                # the job applied left a job whose chunks nobody marks live: the end's redelivery will.
                 continue
-            self._due.postpone(end, now + self._lease_ms)  # its delivery takes the lease and sends done
             redelivered.append(end.job_id)
             logger.warning(
                 "a job's end held back by a dead subscribe handler delivered again",

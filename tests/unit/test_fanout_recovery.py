@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from spool_core.adapters.websocket import DynamoDueEnds
 from spool_core.due_ends import DueEndSweeper
 from spool_core.subscriptions import STREAM, Fanout, Subscription
 from tests.subscription_fakes import MemoryDueEnds, MemoryJobLog, MemorySubscriptionStore, RecordingPusher
@@ -241,24 +242,87 @@ def test_a_live_handler_woken_by_the_end_sends_done_itself_and_leaves_nothing_du
     assert log.redelivered == []
 
 
-def test_a_due_end_is_left_to_a_live_holder_and_dropped_without_an_end_mark(parts: Any) -> None:
+def test_a_due_end_is_left_to_a_live_holder_until_its_lease_ends(parts: Any) -> None:
     log, store, _ = parts
     clock = Clock()
-    due = MemoryDueEnds(store)
-    sweeper = DueEndSweeper(due, lambda tenant: log, clock_ms=clock)
+    sweeper = DueEndSweeper(MemoryDueEnds(store), lambda tenant: log, clock_ms=clock)
     log.append(JOB, "a")
-    store.put(Subscription(JOB, "c", 0, sender="holder", sending_until_ms=clock.now + 90_000))
+    log.end(JOB)
+    store.put(Subscription(JOB, "c", 0, sender="holder", sending_until_ms=clock.now + 45_000))
+    assert store.items[(JOB, "c")].end_due_ms == clock.now + 45_000  # due by the lease it holds
+    assert store.claim(JOB, "c", "holder", prev=0, new=1, until_ms=clock.now + 90_000).applied
     assert store.wake(JOB, "c", "holder", now_ms=clock.now, end=True).applied
     assert store.items[(JOB, "c")].end_due_ms == clock.now + 90_000  # the lease as it stood
     assert not store.wake(JOB, "c", "other", now_ms=clock.now, end=True).applied
-    clock.now += 60_000  # due, but the holder's lease (renewed, say) is live: it serves the wake
-    store.items[(JOB, "c")].end_due_ms = clock.now - 1
-    assert sweeper.sweep() == []
-    clock.now += 45_001  # the lease is out, but the job never ended (no end mark): nothing to deliver
+    store.items[(JOB, "c")].end_due_ms = clock.now - 1  # due; the holder's lease is live
     assert sweeper.sweep() == [] and log.redelivered == []
+    assert store.items[(JOB, "c")].end_due_ms == clock.now + 90_000  # looked at when the lease ends
+    clock.now += 90_001
+    assert sweeper.sweep() == [JOB]
+    store.items[(JOB, "c")].end_due_ms = None
+    assert store.wake(JOB, "c", "holder", now_ms=0).applied  # a chunk's wake marks nothing
     assert store.items[(JOB, "c")].end_due_ms is None
-    assert store.wake(JOB, "c", "holder", now_ms=0).before is not None  # a plain wake marks nothing
-    assert store.items[(JOB, "c")].end_due_ms is None
+
+
+def test_live_holders_due_first_do_not_starve_a_stranded_subscription_behind_them(parts: Any) -> None:
+    log, store, _ = parts
+    clock = Clock()
+    for n in range(3):  # due first, their holders alive (renewing their leases)
+        store.put(Subscription(JOB, f"live{n}", 0, sender=f"h{n}", sending_until_ms=clock.now + 1))
+    log.create("job_2")
+    log.append("job_2", "a")
+    log.end("job_2")
+    clock.now += 10
+    store.put(Subscription("job_2", "dead", 0, sender="dead", sending_until_ms=clock.now + 45_000))
+    sweeper = DueEndSweeper(MemoryDueEnds(store), lambda tenant: log, clock_ms=clock, batch=3)
+    for _ in range(3):  # a sweep a minute
+        clock.now += 60_000
+        for n in range(3):
+            store.items[(JOB, f"live{n}")].sending_until_ms = clock.now + 45_000
+        sweeper.sweep()
+    assert log.redelivered == ["job_2"]
+
+
+def test_a_handler_killed_before_its_mark_on_the_job_applied_gets_the_job_at_its_end(parts: Any) -> None:
+    """The subscription is stored beside the job's mark; the handler dies after the store and before
+    the mark (nothing runs to delete it): the job's chunks are never marked live, nor is its end mark,
+    so no record would ever reach the subscriber. The sweeper keeps looking while the job runs, and
+    once it has ended has its end delivered: every chunk and done."""
+    log, store, pusher = parts
+    clock = Clock()
+    sweeper = DueEndSweeper(MemoryDueEnds(store), lambda tenant: log, clock_ms=clock)
+    log.append(JOB, "a")
+    store.put(Subscription(JOB, "c", 0, sender="dead", sending_until_ms=clock.now + 45_000))
+    clock.now += 45_001
+    assert sweeper.sweep() == []  # running
+    log.append(JOB, "b")
+    ended = log.end(JOB)
+    assert not ended.subscribed  # its end mark is not live: the stream would deliver nothing
+    clock.now += 60_000
+    assert sweeper.sweep() == [JOB]
+    fanout(log, store, pusher, clock).deliver(JOB, ended=end_of(ended))
+    assert sent(pusher.messages["c"]) == [1, 2, "done"]
+
+
+def test_a_due_subscription_under_an_invalid_tenant_id_is_skipped() -> None:
+    class Client:
+        """A DynamoDB client with one due item under a partition key no tenant could have."""
+
+        class exceptions:  # noqa: N801 - boto3's name
+            ConditionalCheckFailedException = KeyError
+
+        def query(self, **call: Any) -> dict[str, Any]:
+            if call["ExpressionAttributeValues"][":due"]["S"] != "due#0":
+                return {"Items": []}
+            return {
+                "Items": [{"pk": {"S": "bad tenant!#job#j1"}, "sk": {"S": "sub#c"}, "end_due_ms": {"N": "1"}}]
+            }
+
+        def get_item(self, **call: Any) -> dict[str, Any]:
+            return {"Item": {"sk": {"S": "sub#c"}, "sending_until_ms": {"N": "1"}}}
+
+    due = DynamoDueEnds(Client(), "connections")  # type: ignore[arg-type]
+    assert DueEndSweeper(due, lambda tenant: MemoryJobLog(), clock_ms=lambda: 10**13).sweep() == []
 
 
 def test_a_handler_killed_sending_the_backlog_of_an_ended_job_gets_its_end_redelivered(parts: Any) -> None:

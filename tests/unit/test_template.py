@@ -54,6 +54,15 @@ def test_worker_visibility_timeout_is_about_six_times_its_timeout(template: Temp
     assert event.queue == "JobsQueue"
 
 
+def test_a_subscribe_handler_never_outlives_the_lease_of_its_last_claim(template: Template) -> None:
+    """A subscription's lease is taken over (by the next stream delivery, or the sweeper's redelivered
+    end) once it runs out: the handler that holds it must be gone by then, whatever it was pushing.
+    Its invocation's timeout, which kills it, is shorter than the lease its claims take."""
+    from spool_core.subscriptions import LEASE_MS
+
+    assert template.functions()["WebSocketFunction"].timeout * 1000 < LEASE_MS
+
+
 def test_functions_merge_globals_and_read_their_routes(template: Template) -> None:
     functions = template.functions()
     health = functions["HealthFunction"]
