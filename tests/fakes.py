@@ -93,6 +93,9 @@ class MemoryManifestStore:
     def get(self, key: str) -> Manifest:
         return Manifest.model_validate_json(self.objects[key])
 
+    def find(self, key: str) -> Manifest | None:
+        return self.get(key) if key in self.objects else None
+
     def delete_all(self, context_id: str) -> None:
         for key in [k for k in self.objects if k.startswith(f"contexts/{context_id}/")]:
             del self.objects[key]

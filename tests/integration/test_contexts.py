@@ -192,3 +192,30 @@ def test_the_upload_budget_is_kept_in_the_table(invoke: Any) -> None:
     assert (status, error["error"]["code"]) == (429, "rate_limited")
     assert error["error"]["details"] == {"limit": 100, "window": "hour"}
     assert call(invoke, "POST", "/v1/contexts/uploads", tenant="other-budget")[0] == 201  # per tenant
+
+
+def test_a_version_a_job_pinned_is_read_after_a_patch_and_gone_after_a_delete(
+    stack: StackDescription,
+) -> None:
+    """On S3 (moto): the manifest a job was accepted with stays readable after a PATCH made another
+    version current; after a DELETE it is gone (``find``: None, not an S3 error)."""
+    from spool_core import bootstrap
+    from spool_core.contexts.errors import ContextNotFound
+    from spool_core.contexts.model import CreateContextRequest, PatchContextRequest
+    from spool_core.tenancy import Tenant
+
+    service = bootstrap.context_service(Tenant("local"))
+    created = service.create(
+        CreateContextRequest.model_validate({"files": [{"path": "a.py", "content": "A = 1\n"}]})
+    )
+    context_id = created["context_id"]
+    pinned = service.load(context_id).record.manifest_key
+    service.patch(
+        context_id, PatchContextRequest.model_validate({"upsert": [{"path": "a.py", "content": "A = 2\n"}]})
+    )
+    assert service.load(context_id).record.manifest_key != pinned
+    (entry,) = service.load_version(context_id, pinned).files
+    assert service.read_file(entry) == "A = 1\n"
+    service.delete(context_id)
+    with pytest.raises(ContextNotFound):
+        service.load_version(context_id, pinned)

@@ -154,3 +154,23 @@ def test_a_changed_limit_applies_at_the_next_admission() -> None:
     world.ledger.tenant("acme").set_limits(TenantLimits(200_000, 10_000_000, 1))
     with pytest.raises(TooManyConcurrentJobs):
         service.create("k2", job())
+
+
+def test_the_rate_limit_headers_describe_the_tighter_bucket_as_its_429_does() -> None:
+    """A tenant whose day has fewer tokens left than its minute: the headers of a 202 and of the
+    day's 429 describe the day (they described the minute's full bucket beside a 429 that waited for
+    the day's)."""
+    world = JobWorld(
+        limits=TenantLimits(tokens_per_minute=100_000, tokens_per_day=1_000, max_concurrent_jobs=16)
+    )
+    service = world.service("acme")
+    created = service.create("first", job(max_tokens=400))
+    assert created.headers["X-RateLimit-Limit-Tokens"] == "1000"
+    remaining = int(created.headers["X-RateLimit-Remaining-Tokens"])
+    assert 0 < remaining < 1_000 - 400
+    with pytest.raises(TokenLimitExceeded) as refused:
+        service.create("second", job(max_tokens=900))
+    headers = refused.value.headers
+    assert refused.value.details["window"] == "day" and headers["X-RateLimit-Limit-Tokens"] == "1000"
+    assert int(headers["X-RateLimit-Remaining-Tokens"]) == refused.value.details["tokens_remaining"]
+    assert int(headers["X-RateLimit-Reset-Tokens"]) > 60  # the day's refill, not the minute's

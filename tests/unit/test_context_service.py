@@ -21,7 +21,7 @@ from spool_core.contexts.errors import (
     UploadNotFound,
 )
 from spool_core.contexts.model import CreateContextRequest, PatchContextRequest
-from spool_core.contexts.service import DAY, ContextLimits, ContextService
+from spool_core.contexts.service import DAY, PATCH_ATTEMPTS, ContextLimits, ContextService
 from spool_core.errors import InvalidRequest, PayloadTooLarge
 from spool_core.limits.errors import RateLimited
 from spool_core.models import registry
@@ -207,12 +207,18 @@ def test_patch_extends_the_ttl_and_keeps_blobs_alive(h: Harness) -> None:
     assert info.stored_at == h.clock.now
 
 
-def test_a_concurrent_update_is_a_conflict_not_a_lost_write(h: Harness) -> None:
+def test_a_patch_that_loses_to_a_concurrent_one_applies_again_and_then_is_a_conflict(h: Harness) -> None:
+    """Never a lost write: a PATCH whose conditional write lost to a concurrent one applies its diff
+    to the version that one made; one that keeps losing gets 409 (nothing it sent is lost either)."""
     context_id = h.create({"a": "1"})["context_id"]
-    h.table.before_replace.append(context_id)
+    h.table.before_replace.append(context_id)  # another PATCH lands first (version 2)
+    patched = h.patch(context_id, upsert=[{"path": "b", "content": "2"}])
+    assert patched["version"] == 3
+    assert {f["path"] for f in h.service.get(context_id)["files"]} == {"a", "b"}
+    h.table.before_replace.extend([context_id] * PATCH_ATTEMPTS)
     with pytest.raises(ContextConflict) as conflict:
-        h.patch(context_id, upsert=[{"path": "b", "content": "2"}])
-    assert conflict.value.details["expected_version"] == 1
+        h.patch(context_id, upsert=[{"path": "c", "content": "3"}])
+    assert conflict.value.details["expected_version"] == 3 + PATCH_ATTEMPTS - 1
 
 
 def test_delete_removes_the_context_and_its_manifests(h: Harness) -> None:
@@ -346,3 +352,17 @@ def test_two_writers_of_one_version_never_share_a_manifest_object() -> None:
     their_key, our_key = h.manifests.put(theirs), h.manifests.put(ours)
     assert their_key != our_key
     assert h.manifests.get(their_key).metadata == {"by": "them"}
+
+
+@pytest.mark.parametrize("ttl", [True, "60", 60.5])
+def test_ttl_seconds_must_be_a_json_integer(ttl: Any) -> None:
+    """``true`` used to be read as a one-second context, ``"60"`` as 60."""
+    from pydantic import ValidationError
+
+    from spool_core.contexts.model import CreateContextRequest, PatchContextRequest
+
+    with pytest.raises(ValidationError):
+        CreateContextRequest.model_validate({"files": [{"path": "a", "content": "x"}], "ttl_seconds": ttl})
+    with pytest.raises(ValidationError):
+        PatchContextRequest.model_validate({"ttl_seconds": ttl})
+    assert CreateContextRequest.model_validate({"files": [{"path": "a", "content": "x"}], "ttl_seconds": 60})

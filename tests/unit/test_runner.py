@@ -434,3 +434,54 @@ def test_a_provider_that_resumes_from_text_gets_what_was_persisted_and_no_read_b
     assert tokens == 150 and text == "".join(c.text for c in log if c.tokens_total <= tokens)
     assert len(reads) == 1  # once, for the retry: never for the first call
     assert_ended_once(world, job_id)
+
+
+# ------------------------------------------------------------------ the context a job was accepted with
+def context_job(world: JobWorld) -> tuple[str, str]:
+    from spool_core.contexts.model import CreateContextRequest
+
+    created = world._contexts.create(
+        CreateContextRequest.model_validate(
+            {"files": [{"path": "a.py", "content": "ORIGINAL = 1\n"}], "ttl_seconds": 60}
+        )
+    )
+    return created["context_id"], create(world, max_tokens=300, context_id=created["context_id"])
+
+
+def prompt_of(world: JobWorld, job_id: str) -> str:
+    job = world.ledger.tenant("acme").get(job_id)
+    assert job is not None
+    return "".join(m.content for m in build_messages(world._contexts, job))
+
+
+def test_a_job_reads_the_context_it_was_accepted_with_after_a_patch_or_its_expiry() -> None:
+    """Every attempt of a job (a retry, a continuation after a hand-off) reads the version admission
+    counted: a PATCH after the job was accepted, or the context's expiry, changes nothing of it."""
+    from spool_core.contexts.model import PatchContextRequest
+
+    world = JobWorld()
+    context_id, job_id = context_job(world)
+    world._contexts.patch(
+        context_id,
+        PatchContextRequest.model_validate({"upsert": [{"path": "a.py", "content": "PATCHED = 2\n"}]}),
+    )
+    assert "ORIGINAL = 1" in prompt_of(world, job_id) and "PATCHED" not in prompt_of(world, job_id)
+    later = create(world, key="after-the-patch", max_tokens=300, context_id=context_id)
+    assert "PATCHED = 2" in prompt_of(world, later)  # a job accepted after the PATCH reads it
+    world.clock.now += 3_600  # the context expired (ttl 60 s)
+    assert "ORIGINAL = 1" in prompt_of(world, job_id)
+    assert world.drain() == ["done", "done"]
+    job = world.ledger.tenant("acme").get(job_id)
+    assert job is not None and job.status == "completed", job
+    assert "".join(c.text for c in world.ledger.tenant("acme").all(job_id)) == expected_text(world, job_id)
+
+
+def test_a_job_whose_context_was_deleted_fails_saying_so() -> None:
+    world = JobWorld()
+    context_id, job_id = context_job(world)
+    world._contexts.delete(context_id)
+    assert world.drain() == ["done"]
+    job = world.ledger.tenant("acme").get(job_id)
+    assert job is not None and job.status == "failed"
+    assert job.error is not None and job.error["code"] == "context_not_found"
+    assert "deleted" in job.error["message"]

@@ -92,6 +92,12 @@ class S3ManifestStore:
         body = self._client.get_object(Bucket=self._bucket, Key=key)["Body"].read()
         return Manifest.model_validate_json(body)
 
+    def find(self, key: str) -> Manifest | None:
+        try:
+            return self.get(key)
+        except self._client.exceptions.NoSuchKey:
+            return None
+
     def delete_all(self, context_id: str) -> None:
         prefix = self._scope.object_key("contexts", context_id) + "/"
         paginator = self._client.get_paginator("list_objects_v2")

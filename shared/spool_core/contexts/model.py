@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from spool_core.chat import Message
 from spool_core.metadata import Metadata
@@ -30,6 +30,16 @@ class SymbolIn(BaseModel):
     line: int | None = Field(default=None, ge=0)
 
 
+def _a_json_number(value: Any) -> Any:
+    """A JSON number, as the contract says: ``true`` is not one second, nor ``"60"`` sixty."""
+    if isinstance(value, bool | str):
+        raise ValueError("must be a whole number of seconds (a JSON number, not a string or boolean)")
+    return value
+
+
+Seconds = Annotated[int, BeforeValidator(_a_json_number), Field(ge=1, le=MAX_TTL_SECONDS)]
+
+
 class CreateContextRequest(BaseModel):
     """Either the document itself, or ``upload_id`` naming a document PUT to a presigned URL."""
 
@@ -38,7 +48,7 @@ class CreateContextRequest(BaseModel):
     files: list[FileIn] = Field(default_factory=list)
     symbols: list[SymbolIn] = Field(default_factory=list)
     metadata: Metadata = Field(default_factory=dict)
-    ttl_seconds: int = Field(default=DEFAULT_TTL_SECONDS, ge=1, le=MAX_TTL_SECONDS)
+    ttl_seconds: Seconds = DEFAULT_TTL_SECONDS
     upload_id: str | None = Field(default=None, max_length=64)
 
     @model_validator(mode="after")
@@ -57,7 +67,7 @@ class PatchContextRequest(BaseModel):
     delete: list[str] = Field(default_factory=list)
     symbols: list[SymbolIn] | None = None
     metadata: Metadata | None = None  # a JSON merge patch (RFC 7386) of the current metadata
-    ttl_seconds: int | None = Field(default=None, ge=1, le=MAX_TTL_SECONDS)
+    ttl_seconds: Seconds | None = None
 
 
 class TokenCountRequest(BaseModel):

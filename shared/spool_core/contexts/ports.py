@@ -49,6 +49,9 @@ class ManifestStore(Protocol):
 
     def get(self, key: str) -> Manifest: ...
 
+    def find(self, key: str) -> Manifest | None:
+        """The manifest at ``key``; None when there is none (its context was deleted)."""
+
     def delete_all(self, context_id: str) -> None: ...
 
 

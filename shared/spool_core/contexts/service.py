@@ -68,6 +68,7 @@ from spool_core.tenancy import Tenant
 
 DAY = 86_400.0
 UPLOAD_ID_PREFIX = "upl"
+PATCH_ATTEMPTS = 5  # a PATCH that lost its conditional write to a concurrent one applies again
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,19 @@ class ContextService:
         record = self._record(context_id)
         return LoadedContext(record, self._manifests.get(record.manifest_key))
 
+    def load_version(self, context_id: str, manifest_key: str) -> Manifest:
+        """The version of the context a job was accepted with (``Job.context_manifest``), whatever
+        happened to the context since (a PATCH, its expiry): its manifest and blobs outlive it (the
+        bucket's lifecycle keeps them for days). Gone only when the context was deleted."""
+        manifest = self._manifests.find(manifest_key)
+        if manifest is None or manifest.context_id != context_id:
+            raise ContextNotFound(
+                f"Context '{context_id}' was deleted while the job used it",
+                details={"context_id": context_id},
+                suggestions=["Create the context again and send a new job with its context_id"],
+            )
+        return manifest
+
     def get(self, context_id: str) -> dict[str, Any]:
         loaded = self.load(context_id)
         record, manifest = loaded.record, loaded.manifest
@@ -219,6 +233,18 @@ class ContextService:
         return self._summary(record)
 
     def patch(self, context_id: str, request: PatchContextRequest) -> dict[str, Any]:
+        """Apply the diff to the current version. A concurrent PATCH that landed first makes it apply
+        again to the version that one made (a diff of other files merges; one that no longer fits,
+        say a delete of a file already deleted, says so), up to ``PATCH_ATTEMPTS`` times; then 409."""
+        for attempt in range(1, PATCH_ATTEMPTS + 1):
+            try:
+                return self._patch_once(context_id, request)
+            except ContextConflict:
+                if attempt == PATCH_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _patch_once(self, context_id: str, request: PatchContextRequest) -> dict[str, Any]:
         loaded = self.load(context_id)
         record, manifest = loaded.record, loaded.manifest
         current = {entry.path: entry for entry in manifest.files}

@@ -124,6 +124,9 @@ class Job(JobSummary):
     input_reported: dict[str, int] = Field(default_factory=dict)  # input tokens providers reported, by model
     output: str | None = None
     estimate: dict[str, Any] | None = None  # how admission estimated the tokens (for learning)
+    # The context version admission counted (its manifest's key): every attempt of the job reads this
+    # one, so a PATCH or the context's expiry after the job was accepted changes nothing of it.
+    context_manifest: str | None = None
     reservation: dict[str, Any] | None = None  # what admission reserved (settled when the job ends)
     cancel_requested: bool = False
     # A WebSocket client subscribed: from then on the worker marks its chunks ``live``, and only live

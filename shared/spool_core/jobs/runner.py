@@ -85,13 +85,20 @@ class OutOfTime(Exception):
 
 
 def build_messages(contexts: ContextService, job: Job) -> tuple[Message, ...]:
-    """The prompt: the context's files with their paths, its symbols, then the request's messages."""
+    """The prompt: the context's files with their paths, its symbols, then the request's messages. The
+    context as admission counted it (``Job.context_manifest``), for every attempt; a job accepted
+    before jobs recorded it reads the context's current version."""
     messages = list(job.request.messages)
     if job.request.context_id:
-        loaded = contexts.load(job.request.context_id)
+        context_id = job.request.context_id
+        manifest = (
+            contexts.load_version(context_id, job.context_manifest)
+            if job.context_manifest
+            else contexts.load(context_id).manifest
+        )
         parts = [CONTEXT_PREAMBLE]
-        parts += [file_block(entry.path, contexts.read_file(entry)) for entry in loaded.manifest.files]
-        parts.append(symbols_block(s.model_dump() for s in loaded.manifest.symbols))
+        parts += [file_block(entry.path, contexts.read_file(entry)) for entry in manifest.files]
+        parts.append(symbols_block(s.model_dump() for s in manifest.symbols))
         messages.insert(0, Message(role="system", content="".join(parts)))
     return tuple(messages)
 

@@ -233,7 +233,7 @@ class JobService:
 
     def _new_job(self, request: JobRequest, fingerprint: str) -> Job:
         model = self._models.resolve(request.model)
-        input_tokens = self._admit(model, request)  # refusals here write nothing
+        input_tokens, manifest = self._admit(model, request)  # refusals here write nothing
         created_at = rfc3339(from_epoch(self._clock()))
         return Job(
             job_id=new_id("job"),
@@ -246,6 +246,7 @@ class JobService:
             segments=[Segment(model=model.id)],
             created_at=created_at,
             estimate={"input_raw": input_tokens},
+            context_manifest=manifest,
         )
 
     def _plan(self, job: Job, model: ModelSpec, state: UsageState) -> ReservationPlan:
@@ -306,15 +307,17 @@ class JobService:
             )
         return Created(job, replayed=True, headers=self._limiter.headers(state))
 
-    def _admit(self, model: ModelSpec, request: JobRequest) -> int:
-        """Check the request fits the model; returns its input tokens (tiktoken x family calibration).
+    def _admit(self, model: ModelSpec, request: JobRequest) -> tuple[int, str | None]:
+        """Check the request fits the model; returns its input tokens (tiktoken x family calibration)
+        and the key of the context version it counted (the version the job will read).
         The window (input + ``max_tokens``) is checked before the model's output limit, as DESIGN.md
         names ``context_too_large`` for any request over the window."""
         family = tokens.family_tokenizer(model.family)
-        context_tokens = 0
+        context_tokens, manifest = 0, None
         if request.context_id:
             loaded = self._contexts.load(request.context_id)  # 404 / 410
             context_tokens = self._contexts.prompt_tokens(loaded, family.encoding)
+            manifest = loaded.record.manifest_key
         message_tokens = tokens.count_messages((m.model_dump() for m in request.messages), family.encoding)
         input_tokens = tokens.calibrate(context_tokens + message_tokens, family.calibration)
         requested = input_tokens + request.max_tokens
@@ -341,7 +344,7 @@ class JobService:
                 details={"max_tokens": request.max_tokens, "limit": model.max_output_tokens},
                 suggestions=[f"Set max_tokens to at most {model.max_output_tokens}"],
             )
-        return input_tokens
+        return input_tokens, manifest
 
     # ------------------------------------------------------------------ read
     def get(self, job_id: str) -> Job:

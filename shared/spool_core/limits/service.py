@@ -238,17 +238,25 @@ class RateLimiter:
 
     # ------------------------------------------------------------------ state
     def headers(self, state: UsageState, plan: ReservationPlan | None = None) -> dict[str, str]:
-        """X-RateLimit-* of the per-minute bucket, after ``plan``'s take when it was committed."""
-        minute, _ = self.buckets(self.limits(state))
+        """X-RateLimit-* of the bucket with the fewest tokens left (the one a job would hit first: the
+        per-minute bucket, or the per-day one once it is the tighter, as a 429 it refused says), after
+        ``plan``'s takes when it was committed."""
         now_us = self.now_ms() * 1000
-        tat = state.tats.get("minute")
-        for take in plan.takes if plan else ():
-            if take.bucket == "minute":
-                tat = take.now_us + take.cost_us if take.kind == "restart" else (tat or 0) + take.cost_us
+        tightest: tuple[int, int, int] | None = None  # remaining, limit, reset seconds
+        for bucket in self.buckets(self.limits(state)):
+            tat = state.tats.get(bucket.name)
+            for take in plan.takes if plan else ():
+                if take.bucket == bucket.name:
+                    tat = take.now_us + take.cost_us if take.kind == "restart" else (tat or 0) + take.cost_us
+            remaining = bucket.remaining(tat, now_us)
+            if tightest is None or remaining < tightest[0]:
+                tightest = (remaining, bucket.limit, math.ceil(bucket.reset_us(tat, now_us) / 1e6))
+        assert tightest is not None
+        remaining, limit, reset = tightest
         return {
-            "X-RateLimit-Limit-Tokens": str(minute.limit),
-            "X-RateLimit-Remaining-Tokens": str(minute.remaining(tat, now_us)),
-            "X-RateLimit-Reset-Tokens": str(math.ceil(minute.reset_us(tat, now_us) / 1e6)),
+            "X-RateLimit-Limit-Tokens": str(limit),
+            "X-RateLimit-Remaining-Tokens": str(remaining),
+            "X-RateLimit-Reset-Tokens": str(reset),
         }
 
     def state(self) -> tuple[UsageState, dict[str, Any]]:
