@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -75,10 +76,36 @@ def deserialize(item: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _plain(_deserializer.deserialize(v)) for k, v in item.items()}
 
 
-def index_shard(prefix: str, ident: str, shards: int) -> str:
-    """The partition of a sparse index that ``ident`` goes in: such an index is spread over a few
-    partitions (``<prefix>#<n>``), so it has no single hot key; its readers query each."""
-    return f"{prefix}#{int(hashlib.sha256(ident.encode()).hexdigest(), 16) % shards}"
+@dataclass(frozen=True)
+class ShardedIndex:
+    """A sparse global index spread over a few partitions (``<prefix>#<n>`` in ``hash_key``), so it
+    has no single hot key, and ordered by a number (``sort_key``): what a sweeper reads across
+    tenants (the pending jobs, the due subscriptions)."""
+
+    name: str
+    prefix: str
+    shards: int
+    hash_key: str
+    sort_key: str
+
+    def shard(self, ident: str) -> str:
+        """The partition ``ident``'s item goes in."""
+        return f"{self.prefix}#{int(hashlib.sha256(ident.encode()).hexdigest(), 16) % self.shards}"
+
+    def before(self, client: DynamoDBClient, table: str, bound: int, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` items of each partition with ``sort_key`` below ``bound`` (one Query a
+        partition), lowest first across them, as plain values."""
+        found = []
+        for n in range(self.shards):
+            response = client.query(
+                TableName=table,
+                IndexName=self.name,
+                KeyConditionExpression=f"{self.hash_key} = :shard AND {self.sort_key} < :bound",
+                ExpressionAttributeValues=serialize({":shard": f"{self.prefix}#{n}", ":bound": bound}),
+                Limit=limit,
+            )
+            found += [deserialize(raw) for raw in response.get("Items", [])]
+        return sorted(found, key=lambda item: int(item[self.sort_key]))
 
 
 def _back_off(attempts: int, what: str) -> int:

@@ -19,10 +19,8 @@ from botocore.exceptions import ClientError
 from spool_core.adapters.dynamodb import (
     ConditionFailed,
     ScopedTable,
+    ShardedIndex,
     batch_get,
-    deserialize,
-    index_shard,
-    serialize,
     transact,
 )
 from spool_core.adapters.listing import (
@@ -72,8 +70,7 @@ if TYPE_CHECKING:
 TRANSACTION_ATTEMPTS = 5  # a transaction cancelled only because another one held an item is retried
 JOB_KIND = "job"
 IDEMPOTENCY_KIND = "idem"
-PENDING_INDEX = "PendingIndex"
-PENDING_SHARDS = 4
+PENDING = ShardedIndex("PendingIndex", "pending", 4, "pending_shard", "pending_since_ms")
 _NO_INDEX = {"ValidationException", "ResourceNotFoundException"}
 _RUNNING = {":running": "running"}
 _HELD = "#lease_token = :me AND #status = :running"  # only the attempt holding the lease may write
@@ -81,7 +78,7 @@ _HELD = "#lease_token = :me AND #status = :running"  # only the attempt holding 
 
 def pending_shard(job_id: str) -> str:
     """Pending jobs are spread over a few index partitions, so the index has no single hot key."""
-    return index_shard("pending", job_id, PENDING_SHARDS)
+    return PENDING.shard(job_id)
 
 
 class DynamoJobStore:
@@ -574,17 +571,8 @@ class DynamoPendingJobs:
 
     def older_than(self, before_ms: int, limit: int) -> list[PendingJob]:
         found: list[PendingJob] = []
-        for shard in range(PENDING_SHARDS):
-            response = self._client.query(
-                TableName=self._table,
-                IndexName=PENDING_INDEX,
-                KeyConditionExpression="pending_shard = :shard AND pending_since_ms < :before",
-                ExpressionAttributeValues=serialize({":shard": f"pending#{shard}", ":before": before_ms}),
-                Limit=limit,
-            )
-            for raw in response.get("Items", []):
-                item = deserialize(raw)
-                tenant, kind, job_id = TenantScope.parts_of_key(str(item["pk"]))
-                if kind == JOB_KIND:
-                    found.append(PendingJob(tenant, job_id, int(item["pending_since_ms"])))
-        return sorted(found, key=lambda p: p.pending_since_ms)[:limit]
+        for item in PENDING.before(self._client, self._table, before_ms, limit):
+            tenant, kind, job_id = TenantScope.parts_of_key(str(item["pk"]))
+            if kind == JOB_KIND:
+                found.append(PendingJob(tenant, job_id, int(item["pending_since_ms"])))
+        return found[:limit]

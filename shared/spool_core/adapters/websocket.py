@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
-from spool_core.adapters.dynamodb import ConditionFailed, ScopedTable, deserialize, index_shard, serialize
+from spool_core.adapters.dynamodb import ConditionFailed, ScopedTable, ShardedIndex, deserialize, serialize
 from spool_core.due_ends import DueEnd
 from spool_core.subscriptions import Subscription, Written
 from spool_core.tenancy import Tenant, TenantScope
@@ -21,12 +21,8 @@ if TYPE_CHECKING:
 
 CONNECTION_TTL_SECONDS = 2 * 3600  # API Gateway closes WebSocket connections after two hours
 JOB_KIND = "job"
-END_DUE_INDEX = "EndDueIndex"
-END_DUE_SHARDS = 4
-
-
-def due_shard(connection_id: str) -> str:
-    return index_shard("due", connection_id, END_DUE_SHARDS)
+# the due subscriptions (spool_core/due_ends.py), in the partition their connection's id picks
+END_DUE = ShardedIndex("EndDueIndex", "due", 4, "end_due_shard", "end_due_ms")
 
 
 class DynamoConnectionStore:
@@ -72,7 +68,7 @@ class DynamoSubscriptionStore:
             {
                 "sender": subscription.sender,
                 "sending_until_ms": subscription.sending_until_ms,
-                "end_due_shard": due_shard(subscription.connection_id),
+                "end_due_shard": END_DUE.shard(subscription.connection_id),
                 "end_due_ms": subscription.sending_until_ms,
             }
             if subscription.sender
@@ -190,7 +186,7 @@ class DynamoSubscriptionStore:
     def wake(
         self, job_id: str, connection_id: str, holder: str, *, now_ms: int, end: bool = False
     ) -> Written:
-        due = {":due": due_shard(connection_id)} if end else {}
+        due = {":due": END_DUE.shard(connection_id)} if end else {}
         return self._update(
             job_id,
             connection_id,
@@ -279,21 +275,12 @@ class DynamoDueEnds:
 
     def due_before(self, now_ms: int, limit: int) -> list[DueEnd]:
         found = []
-        for shard in range(END_DUE_SHARDS):
-            response = self._client.query(
-                TableName=self._table,
-                IndexName=END_DUE_INDEX,
-                KeyConditionExpression="end_due_shard = :due AND end_due_ms < :now",
-                ExpressionAttributeValues=serialize({":due": f"due#{shard}", ":now": now_ms}),
-                Limit=limit,
-            )
-            for raw in response.get("Items", []):
-                item = deserialize(raw)
-                tenant_id, kind, job_id = TenantScope.parts_of_key(str(item["pk"]))
+        for item in END_DUE.before(self._client, self._table, now_ms, limit):
+            tenant_id, kind, job_id = TenantScope.parts_of_key(str(item["pk"]))
+            if kind == JOB_KIND:
                 connection_id = str(item["sk"]).removeprefix("sub#")
-                if kind == JOB_KIND:
-                    found.append(DueEnd(tenant_id, job_id, connection_id, int(item["end_due_ms"])))
-        return sorted(found, key=lambda end: end.due_ms)[:limit]
+                found.append(DueEnd(tenant_id, job_id, connection_id, int(item["end_due_ms"])))
+        return found[:limit]
 
     def lease_of(self, end: DueEnd) -> int | None:
         item = self._client.get_item(

@@ -7,6 +7,7 @@ bucket's lifecycle rule reclaims; no metadata ever points at a missing blob.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -236,13 +237,10 @@ class ContextService:
         """Apply the diff to the current version. A concurrent PATCH that landed first makes it apply
         again to the version that one made (a diff of other files merges; one that no longer fits,
         say a delete of a file already deleted, says so), up to ``PATCH_ATTEMPTS`` times; then 409."""
-        for attempt in range(1, PATCH_ATTEMPTS + 1):
-            try:
+        for _ in range(PATCH_ATTEMPTS - 1):
+            with contextlib.suppress(ContextConflict):
                 return self._patch_once(context_id, request)
-            except ContextConflict:
-                if attempt == PATCH_ATTEMPTS:
-                    raise
-        raise AssertionError("unreachable")
+        return self._patch_once(context_id, request)  # the last attempt's conflict is the answer
 
     def _patch_once(self, context_id: str, request: PatchContextRequest) -> dict[str, Any]:
         loaded = self.load(context_id)
