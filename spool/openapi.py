@@ -19,21 +19,29 @@ from pydantic import BaseModel
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "shared" / "spool_core" / "openapi.json"
-POWERTOOLS_FUNCTIONS = ["jobs", "contexts", "models", "usage", "health"]
+# Each Powertools resolver's module: (its directory under functions/, its file)
+POWERTOOLS_FUNCTIONS = [
+    ("jobs", "app"),
+    ("jobs", "chunks"),
+    ("contexts", "app"),
+    ("models", "app"),
+    ("usage", "app"),
+    ("health", "app"),
+]
 TITLE = "Spool"
 VERSION = "1"
 PUBLIC = {("/v1/health", "get"), ("/v1/openapi.json", "get")}
 JSON = "application/json"
 
 
-def _load(name: str) -> Any:
+def _load(name: str, module: str = "app") -> Any:
     spec = importlib.util.spec_from_file_location(
-        f"spool_function_{name}", ROOT / "functions" / name / "app.py"
+        f"spool_function_{name}_{module}", ROOT / "functions" / name / f"{module}.py"
     )
     assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded
 
 
 def _bodies() -> dict[tuple[str, str], type[BaseModel]]:
@@ -43,10 +51,10 @@ def _bodies() -> dict[tuple[str, str], type[BaseModel]]:
     from spool_core.openai_compat.chat import ChatRequest
     from spool_core.openai_compat.responses import ResponsesRequest
 
-    jobs = _load("jobs")
+    chunks = _load("jobs", "chunks")
     return {
         ("/v1/jobs", "post"): JobRequest,
-        ("/v1/jobs/{job_id}/stream/resume", "post"): jobs.ResumeRequest,
+        ("/v1/jobs/{job_id}/stream/resume", "post"): chunks.ResumeRequest,
         ("/v1/contexts", "post"): CreateContextRequest,
         ("/v1/contexts/{context_id}", "patch"): PatchContextRequest,
         ("/v1/tokens/count", "post"): TokenCountRequest,
@@ -176,8 +184,8 @@ def build() -> dict[str, Any]:
             },
         },
     }
-    for name in POWERTOOLS_FUNCTIONS:
-        schema = _load(name).app.get_openapi_schema(title=TITLE, version=VERSION)
+    for name, module in POWERTOOLS_FUNCTIONS:
+        schema = _load(name, module).app.get_openapi_schema(title=TITLE, version=VERSION)
         generated = json.loads(schema.model_dump_json(by_alias=True, exclude_none=True))
         for path, operations in generated.get("paths", {}).items():
             document["paths"].setdefault(path, {}).update(operations)

@@ -1,12 +1,12 @@
-"""/v1/jobs: create generation jobs idempotently, read their chunk log, resume, cancel."""
+"""/v1/jobs: create generation jobs idempotently, read and list them, cancel (``JobsFunction``). The
+chunk log's pages are ``chunks.py``'s (``ChunksFunction``)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from aws_lambda_powertools.event_handler import Response
 from aws_lambda_powertools.event_handler.openapi.params import Query
-from pydantic import BaseModel, ConfigDict, Field
 
 from spool_core import bootstrap, listing, snapshot
 from spool_core.api.resolver import (
@@ -17,11 +17,8 @@ from spool_core.api.resolver import (
     public_base_url,
     tenant_of,
 )
-from spool_core.jobs.model import MAX_SEQUENCE_ID, JobRequest
+from spool_core.jobs.model import JobRequest
 from spool_core.jobs.service import (
-    DEFAULT_CHUNK_LIMIT,
-    MAX_CHUNK_LIMIT,
-    MAX_WAIT_SECONDS,
     STATUSES,
     JobService,
     check_idempotency_key,
@@ -43,21 +40,8 @@ snapshot.load_before_snapshot(
 )
 
 
-class ResumeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    last_sequence_id: int = Field(default=0, ge=0, le=MAX_SEQUENCE_ID)
-    limit: int = Field(default=DEFAULT_CHUNK_LIMIT, ge=1, le=MAX_CHUNK_LIMIT)
-    wait: float = Field(default=0, ge=0, le=MAX_WAIT_SECONDS)
-
-
 def _service() -> JobService:
     return bootstrap.job_service(tenant_of(app), public_url=public_base_url(app))
-
-
-def _reader() -> JobService:
-    """The service for chunk pages (ChunksFunction): no job resource, so no links.events to sign."""
-    return bootstrap.job_service(tenant_of(app))
 
 
 @app.post("/v1/jobs")
@@ -94,27 +78,6 @@ def get_job(
     service = _service()
     view = service.view(service.get(job_id), with_output=output)
     return json_response(200, view, service.rate_limit_headers())
-
-
-@app.get("/v1/jobs/<job_id>/chunks", summary="A page of the job's chunk log (long-poll with wait)")
-def get_chunks(
-    job_id: str,
-    after: Annotated[int, Query(ge=0, le=MAX_SEQUENCE_ID, description="the last sequence_id held")] = 0,
-    limit: Annotated[int, Query(ge=1, le=MAX_CHUNK_LIMIT)] = DEFAULT_CHUNK_LIMIT,
-    wait: Annotated[float, Query(ge=0, le=MAX_WAIT_SECONDS, description="seconds to wait for a chunk")] = 0,
-) -> Response[str]:
-    # A chunk page carries no X-RateLimit-* headers (DESIGN.md gives them to POST /v1/jobs' 202, 200
-    # and 429): a long-polling reader asks for one page per chunk, and each would cost a read of the
-    # tenant's usage items.
-    page: dict[str, Any] = _reader().chunks(job_id, after=after, limit=limit, wait=wait)
-    return json_response(200, page)
-
-
-@app.post("/v1/jobs/<job_id>/stream/resume")
-def resume(job_id: str) -> Response[str]:
-    request = parse_body(app, ResumeRequest)
-    page = _reader().chunks(job_id, after=request.last_sequence_id, limit=request.limit, wait=request.wait)
-    return json_response(200, page)
 
 
 @app.post("/v1/jobs/<job_id>/cancel")

@@ -1,8 +1,6 @@
-"""The streaming function: answers that flow as they are produced.
-
-- ``GET /v1/jobs/{job_id}/events``: a job's chunk log as Server-Sent Events (Last-Event-ID resume);
-- ``POST /v1/chat/completions`` and the Responses API (``/v1/responses...``): the OpenAI-compatible
-  surface, each request a Spool job, streamed or not.
+"""The streaming function: the OpenAI-compatible surface (``POST /v1/chat/completions`` and the
+Responses API, ``/v1/responses...``), each request a Spool job, its answer streamed as it is produced
+or returned whole. A job's native Server-Sent Events are ``events.py``'s (``EventsFunction``).
 
 Python's managed Lambda runtime cannot stream a response, so this is a small ASGI app (Starlette)
 that AWS Lambda Web Adapter runs inside the function (``run.sh``, ``AWS_LWA_INVOKE_MODE=
@@ -30,9 +28,7 @@ from spool_core.events import (
     StreamSettings,
     await_end,
     follow,
-    job_events,
     parse_cursor,
-    resume_point,
 )
 from spool_core.jobs.errors import JobNotFound, RequestInProgress
 from spool_core.jobs.model import Job, JobRequest
@@ -45,12 +41,7 @@ CANCEL_WAIT = StreamSettings(max_seconds=10)  # a cancel answers once the worker
 
 
 def _settings() -> StreamSettings:
-    config = bootstrap.settings()
-    return StreamSettings(
-        max_seconds=config.stream_max_seconds,
-        ping_seconds=config.stream_ping_seconds,
-        answer_max_seconds=config.answer_max_seconds,
-    )
+    return StreamSettings.of(bootstrap.settings())
 
 
 def _service(request: Request) -> JobService:
@@ -61,23 +52,6 @@ def _service(request: Request) -> JobService:
 
 def _job_headers(request: Request, job: Job, extra: dict[str, str] | None = None) -> dict[str, str]:
     return {"X-Request-Id": web.request_id(request), "X-Spool-Job-Id": job.job_id, **(extra or {})}
-
-
-# ---------------------------------------------------------------------------------------- native SSE
-async def job_stream(request: Request) -> Response:
-    """``GET /v1/jobs/{job_id}/events``: the job's chunk log as Server-Sent Events."""
-    who = web.caller(request)
-    job_id = request.path_params["job_id"]
-    if who.scope not in {"*", f"events:{job_id}"}:  # a token opens its own job's stream, no other
-        raise JobNotFound(f"Job '{job_id}' not found", details={"job_id": job_id})
-    resume = resume_point(request.headers.get("last-event-id"), request.query_params.get("after"))
-    headers = {"X-Request-Id": who.request_id}
-    if resume is None:  # the client received `done` already: 204 tells an EventSource to stop
-        return Response(status_code=204, headers=headers)
-    service = bootstrap.job_service(who.tenant)
-    job = await run_in_threadpool(service.get, job_id)  # 404 before the stream starts, in the envelope
-    events = job_events(service, job_id, resume, _settings(), budget=job.request.max_tokens)
-    return web.sse(events, headers)
 
 
 # ---------------------------------------------------------------------------------------- OpenAI
@@ -201,7 +175,6 @@ async def ready(request: Request) -> Response:
 
 app = Starlette(
     routes=[
-        Route("/v1/jobs/{job_id}/events", job_stream, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/responses", create_response, methods=["POST"]),
         Route("/v1/responses/{response_id}", get_response, methods=["GET"]),

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from spool_core.flags import Flags
     from spool_core.health import HealthService, Probe
     from spool_core.jobs.dead_letters import DeadLetters
+    from spool_core.jobs.pages import ChunkPages
     from spool_core.jobs.runner import JobRunner
     from spool_core.jobs.service import JobService
     from spool_core.jobs.sweeper import Sweeper
@@ -175,7 +176,7 @@ def context_service(tenant: Tenant, config: Settings | None = None) -> ContextSe
 def _job_tables(tenant: Tenant, config: Settings) -> tuple[DynamoJobStore, DynamoChunkLog]:
     from spool_core.adapters.dynamodb import ScopedTable
     from spool_core.adapters.jobs import DynamoChunkLog, DynamoJobStore
-    from spool_core.jobs.service import JOB_TTL_SECONDS
+    from spool_core.jobs.model import JOB_TTL_SECONDS
 
     scope = TenantScope(tenant)
     ddb = aws.dynamodb(config)
@@ -212,7 +213,7 @@ def events_link(
     tenant: Tenant, public_url: str, config: Settings | None = None
 ) -> Callable[[str], str] | None:
     """``links.events``: the job's SSE stream with a read-only token that outlives its chunk log."""
-    from spool_core.jobs.service import JOB_TTL_SECONDS
+    from spool_core.jobs.model import JOB_TTL_SECONDS
 
     signer = events_token(config)
     if signer is None:
@@ -223,6 +224,15 @@ def events_link(
         return f"{public_url}/v1/jobs/{job_id}/events?token={signer.sign(tenant.id, job_id, expires)}"
 
     return link
+
+
+def chunk_pages(tenant: Tenant, config: Settings | None = None) -> ChunkPages:
+    """The tenant's chunk log read a page at a time, and nothing else (``ChunksFunction``)."""
+    from spool_core.jobs.pages import ChunkPages
+
+    config = config or settings()
+    jobs, chunks = _job_tables(tenant, config)
+    return ChunkPages(jobs, chunks, cadence=config.cadence)
 
 
 def job_service(

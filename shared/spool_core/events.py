@@ -15,7 +15,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from spool_core.clock import epoch_ms
 from spool_core.errors import InvalidRequest
@@ -24,13 +24,27 @@ from spool_core.jobs.model import MAX_SEQUENCE_ID, EndMark, Job
 from spool_core.units import now_ms, usd
 
 if TYPE_CHECKING:  # the fanout builds ``done`` here without loading the job service
-    from spool_core.jobs.service import JobService
+    from spool_core.jobs.cadence import Cadence
+    from spool_core.jobs.pages import ChunkPage
+    from spool_core.settings import Settings
 
 DONE_ID = "done"  # the done event's id: a browser reconnecting after it sends this, and gets 204
 PING = ": ping\n\n"
 MIN_POLL_SECONDS = 0.05
 PAGE = 500
 RETRY_MS = 1000
+
+
+class JobLog(Protocol):
+    """What a stream reads: the job's log a page at a time, and the job at its end
+    (``spool_core.jobs.pages.ChunkPages``, or the job service, which reads its log through one)."""
+
+    @property
+    def cadence(self) -> Cadence: ...
+
+    def chunk_page(self, job_id: str, after: int = 0, limit: int = ..., wait: float = 0) -> ChunkPage: ...
+
+    def get(self, job_id: str) -> Job: ...
 
 
 @dataclass(frozen=True)
@@ -40,6 +54,14 @@ class StreamSettings:
     # A non-streamed answer waits for the job this long (also within the function's time limit); it
     # has no resume, so it is not cut short where streams are (locally, to exercise reconnects).
     answer_max_seconds: float = 840.0
+
+    @classmethod
+    def of(cls, config: Settings) -> StreamSettings:
+        return cls(
+            max_seconds=config.stream_max_seconds,
+            ping_seconds=config.stream_ping_seconds,
+            answer_max_seconds=config.answer_max_seconds,
+        )
 
 
 def resume_point(last_event_id: str | None, after: str | None) -> int | None:
@@ -122,7 +144,7 @@ Followed = dict[str, Any] | Wait | Ping | Ended | TimeUp
 
 
 def follow(
-    service: JobService,
+    service: JobLog,
     job_id: str,
     after: int,
     settings: StreamSettings | None = None,
@@ -165,7 +187,7 @@ def follow(
 
 
 def await_end(
-    service: JobService,
+    service: JobLog,
     job_id: str,
     settings: StreamSettings | None = None,
     *,
@@ -188,7 +210,7 @@ def await_end(
 
 
 def job_events(
-    service: JobService,
+    service: JobLog,
     job_id: str,
     after: int,
     settings: StreamSettings | None = None,

@@ -156,6 +156,8 @@ def test_every_call_of_a_users_tour_is_allowed_by_the_functions_role(
                 refused.add(f"{function}: {what}")
     assert {
         "JobsFunction",
+        "ChunksFunction",
+        "EventsFunction",
         "WorkerFunction",
         "WebSocketFunction",
         "FanoutFunction",

@@ -1,4 +1,4 @@
-"""ChunksFunction: the chunk log's pages, from the jobs function's code at a reader's size."""
+"""ChunksFunction: the chunk log's pages, from its own module beside the jobs function's code."""
 
 from __future__ import annotations
 

@@ -15,8 +15,9 @@ from spool.devstack.provision import StackDescription
 from spool.devstack.runtime import LocalFunction, StreamedResponse
 from spool.devstack.template import Template
 from spool_core import bootstrap
+from spool_core.jobs.model import JOB_TTL_SECONDS
 from spool_core.jobs.runner import Outcome
-from spool_core.jobs.service import JOB_TTL_SECONDS, JobService
+from spool_core.jobs.service import JobService
 from spool_core.tenancy import Tenant
 from tests.integration.test_jobs import job, runner_for
 from tests.support import ROOT, load_event

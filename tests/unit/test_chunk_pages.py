@@ -11,9 +11,8 @@ import pytest
 
 from spool_core.jobs.errors import JobNotFound
 from spool_core.jobs.model import Chunk, Job, JobRequest, Status
+from spool_core.jobs.pages import STATUS_FRESH_SECONDS, ChunkPages
 from spool_core.jobs.ports import LogPage
-from spool_core.jobs.service import STATUS_FRESH_SECONDS, JobService
-from spool_core.tenancy import Tenant
 from tests.ledger import JobWorld
 
 
@@ -58,21 +57,11 @@ class CountingStore:
         return chunks
 
 
-def service(world: JobWorld, store: CountingStore, tenant: str = "acme") -> JobService:
+def service(world: JobWorld, store: CountingStore) -> ChunkPages:
     def sleep(seconds: float) -> None:
         world.clock.now += seconds
 
-    return JobService(
-        Tenant(tenant),
-        store,  # type: ignore[arg-type]
-        store,  # type: ignore[arg-type]
-        world.ledger.tenant(tenant),
-        world._contexts,
-        world.catalog,
-        world.limiter(tenant),
-        clock=world.clock,
-        sleep=sleep,
-    )
+    return ChunkPages(store, store, clock=world.clock, sleep=sleep)  # type: ignore[arg-type]
 
 
 def create(world: JobWorld, key: str = "k", tenant: str = "acme") -> str:

@@ -123,6 +123,21 @@ def test_the_authorizer_imports_only_the_key_lookup_even_with_tracing_on() -> No
     ]
 
 
+def test_the_chunk_reader_loads_no_admission() -> None:
+    """ChunksFunction serves pages of the log: it loads the log's reader, and none of what creating a
+    job needs (the job service, contexts, limits, the model registry)."""
+    chunks = HANDLERS["ChunksFunction"]
+    admission = (
+        "spool_core.jobs.service",
+        "spool_core.contexts.service",
+        "spool_core.limits.model",
+        "spool_core.limits.service",
+        "spool_core.models",
+    )
+    assert cold.loaded(chunks, admission) == []
+    assert cold.loaded(chunks, ("spool_core.jobs.pages",)) == ["spool_core.jobs.pages"]
+
+
 def test_the_dead_letter_consumer_never_loads_the_runner() -> None:
     """It ends jobs without running them: no runner, context service, circuits or providers."""
     machinery = (

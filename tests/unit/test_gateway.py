@@ -243,6 +243,6 @@ def test_streaming_routes_come_from_the_template() -> None:
     }
     assert all((e.streaming, e.timeout_ms) == (True, 900_000) for e in events.values())
     assert template.functions()["StreamFunction"].web_app == "app:app"
-    assert template.functions()["EventsFunction"].web_app == "app:app"
+    assert template.functions()["EventsFunction"].web_app == "events:app"
     assert [e.path for e in template.functions()["EventsFunction"].api_events] == ["/v1/jobs/{job_id}/events"]
     assert not any(e.streaming for e in template.functions()["JobsFunction"].api_events)

@@ -19,7 +19,8 @@ def test_chunk_pages_are_served_by_a_small_function_of_their_own(template: Templ
     paths = {e.path for e in chunks.api_events}
     assert paths == {"/v1/jobs/{job_id}/chunks", "/v1/jobs/{job_id}/stream/resume"}
     assert not paths & {e.path for e in jobs.api_events}  # each route has one function
-    assert chunks.module_file == jobs.module_file  # the same app, sized for a reader that waits
+    assert chunks.code_uri == jobs.code_uri  # beside the jobs function's code, in a module of its own
+    assert chunks.module_file != jobs.module_file
     assert chunks.memory_mb == 128 < jobs.memory_mb <= 512
 
 
@@ -27,8 +28,9 @@ def test_event_streams_are_served_by_the_smallest_function_that_holds_a_reader(t
     functions = template.functions()
     events, openai = functions["EventsFunction"], functions["StreamFunction"]
     assert [e.path for e in events.api_events] == ["/v1/jobs/{job_id}/events"]
-    assert events.module_file == openai.module_file  # the same app; creating jobs needs tiktoken's memory
-    assert events.memory_mb == 128 < openai.memory_mb
+    assert events.code_uri == openai.code_uri  # beside the OpenAI surface's app, in an app of its own
+    assert (events.web_app, openai.web_app) == ("events:app", "app:app")
+    assert events.memory_mb == 128 < openai.memory_mb  # creating jobs needs tiktoken's memory
 
 
 def test_every_function_runs_on_arm64(template: Template) -> None:

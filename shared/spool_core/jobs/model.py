@@ -16,6 +16,7 @@ Status = Literal["queued", "running", "completed", "failed", "cancelled"]
 MAX_SEQUENCE_ID = 2**53 - 1
 # The sort key of a job's end mark in the chunk table: after every chunk, never read as one.
 END_SEQUENCE_ID = MAX_SEQUENCE_ID + 1
+JOB_TTL_SECONDS = 30 * 24 * 3600  # a job, its log and its idempotency record are kept this long
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 ACTIVE: frozenset[str] = frozenset({"queued", "running"})
 

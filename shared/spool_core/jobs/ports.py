@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from spool_core.jobs.model import Chunk, EndMark, Job, JobSummary, Progress, Segment, Status, Usage
-from spool_core.limits.model import ReservationPlan, Settlement, UsageState
+
+if TYPE_CHECKING:  # in annotations only: a reader of the log loads none of the limits
+    from spool_core.limits.model import ReservationPlan, Settlement, UsageState
 
 
 class Conflict(Exception):
