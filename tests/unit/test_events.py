@@ -25,7 +25,7 @@ from spool_core.events import (
 )
 from spool_core.jobs.cadence import FIRST_POLL_MS, Cadence
 from spool_core.jobs.model import Chunk, Job
-from spool_core.jobs.service import ChunkPage
+from spool_core.jobs.pages import ChunkPage
 
 pytestmark = pytest.mark.unit
 

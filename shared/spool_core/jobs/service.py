@@ -20,14 +20,13 @@ from spool_core import tokens
 from spool_core.clock import from_epoch, rfc3339
 from spool_core.contexts.service import ContextService
 from spool_core.errors import DependencyUnavailable, InvalidRequest, PayloadTooLarge
-from spool_core.ids import new_id, plausible
+from spool_core.ids import new_id
 from spool_core.jobs.cadence import Cadence
 from spool_core.jobs.ending import end_from_log, first_chunk_at, reservation_of
 from spool_core.jobs.errors import (
     ContextTooLarge,
     IdempotencyKeyRequired,
     IdempotencyKeyReused,
-    JobNotFound,
     RequestInProgress,
 )
 from spool_core.jobs.model import (
@@ -317,10 +316,7 @@ class JobService:
 
     # ------------------------------------------------------------------ read
     def get(self, job_id: str) -> Job:
-        job = self._jobs.get(job_id) if plausible(job_id) else None
-        if job is None:
-            raise JobNotFound(f"Job '{job_id}' not found", details={"job_id": job_id})
-        return job
+        return self._pages.get(job_id)
 
     def progress(self, job: JobSummary, last: Chunk | None = None, *, live: bool = True) -> dict[str, int]:
         """Current progress: the job item's once it is terminal, the chunk log's last entry while it
