@@ -34,11 +34,15 @@ LAYER = ROOT / "shared"
 TARGET_RATIO = 1.3
 BASELINE = "import boto3; from aws_lambda_powertools.event_handler import APIGatewayRestResolver"
 # The floor of a function that reads its settings (a pydantic model, as every function here does):
-# the baseline plus pydantic's import and first model (pydantic builds much of itself on first use).
+# the baseline plus pydantic's import and first model (pydantic builds much of itself on first use),
+# with pydantic's plugins off as every function runs (the template's Globals): a first model otherwise
+# scans every installed package's entry points, ~50 ms in this checkout's virtualenv, which holds
+# the whole toolchain where a function holds its own dependencies.
 PYDANTIC_FLOOR = (
     f"{BASELINE}; from pydantic import BaseModel; "
     "type('First', (BaseModel,), {'__annotations__': {'x': int}})"
 )
+FLOOR_ENVIRONMENT = {"PYDANTIC_DISABLE_PLUGINS": "__all__"}
 # Loaded by a call that needs them, never by importing a handler (tests/unit/test_cold_imports.py)
 HEAVY_MODULES = (
     "openai",  # ~0.6 s: the OpenAI-compatible provider's client, made by the first call to such a model
@@ -147,7 +151,7 @@ def measure(selected: Sequence[Handler], runs: int, *, tracing: bool = False) ->
         import_ms(handler.code_dir, f"import {handler.module}", environment(handler, tracing=tracing))
     for _ in range(runs):
         baseline.append(import_ms(LAYER, BASELINE, environment(None)))
-        floor.append(import_ms(LAYER, PYDANTIC_FLOOR, environment(None)))
+        floor.append(import_ms(LAYER, PYDANTIC_FLOOR, {**environment(None), **FLOOR_ENVIRONMENT}))
         for handler in selected:
             env = environment(handler, tracing=tracing)
             samples[handler.name].append(import_ms(handler.code_dir, f"import {handler.module}", env))

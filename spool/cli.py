@@ -1104,8 +1104,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     limits = command("limits", "read or change a tenant's limits", [admin])
     limits.add_argument("action", choices=["get", "set", "reset"], help="what to do")
-    limits.add_argument("--tokens-per-minute", type=int, help="the tenant's token bucket per minute")
-    limits.add_argument("--tokens-per-day", type=int, help="the tenant's tokens per UTC day")
+    limits.add_argument(
+        "--tokens-per-minute", type=int, help="the tenant's token bucket per minute (refills continuously)"
+    )
+    limits.add_argument(
+        "--tokens-per-day", type=int, help="the tenant's token bucket per day (refills over any 24 hours)"
+    )
     limits.add_argument("--max-concurrent-jobs", type=int, help="jobs queued or running at once")
     limits.add_argument("--daily-budget-usd", type=float, help="dollars per UTC day (0 removes the budget)")
     limits.set_defaults(run=_limits)

@@ -79,6 +79,12 @@ def test_every_python_function_of_the_template_is_checked() -> None:
     assert HANDLERS["DeadLetterFunction"].module == "dead_letter"
 
 
+def test_the_benchmarks_pydantic_floor_runs_as_every_function_does() -> None:
+    """The floor leaves out what the functions' environment leaves out (pydantic's plugin scan)."""
+    for handler in HANDLERS.values():
+        assert cold.FLOOR_ENVIRONMENT.items() <= handler.spec.environment.items(), handler.name
+
+
 @pytest.mark.parametrize("name", sorted(HANDLERS))
 def test_a_handler_imports_no_heavy_library(name: str) -> None:
     forbidden = NEVER_AT_IMPORT if name in EVERY_JOB_USES_FLAGS else (*NEVER_AT_IMPORT, *CONFIG_SERVICES)

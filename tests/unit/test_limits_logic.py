@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from spool_core.clock import from_epoch, rfc3339
 from spool_core.limits.errors import BudgetExceeded, TokenLimitExceeded, TooManyConcurrentJobs
 from spool_core.limits.model import MINUTE_US, Bucket, Estimate, ModelUsage, TenantLimits, UsageState
 from spool_core.limits.service import RateLimiter
@@ -62,6 +63,26 @@ def test_a_plan_refuses_with_the_numbers_and_writes_nothing() -> None:
     plan = limits.plan(state(committed_nanos=500_000_000), 10, 500_000_000)
     assert plan.budget_room_nanos == 500_000_000
     assert plan.reservation.budgeted
+
+
+def test_a_job_larger_than_a_whole_bucket_says_waiting_will_not_help() -> None:
+    clock = Clock()
+    limits = limiter(clock)
+    now_us = clock.ms() * 1000
+    with pytest.raises(TokenLimitExceeded) as fresh:  # a full bucket: whole again at once
+        limits.plan(state(), 1500, 0)
+    assert "more than the whole limit of 1,000 per minute" in fresh.value.message
+    assert fresh.value.details["reset_at"] == rfc3339(from_epoch(now_us / 1e6))
+    assert fresh.value.headers["Retry-After"] == "1"
+    assert "at most 1,000 tokens fit" in fresh.value.suggestions[0]
+    half = now_us + MINUTE_US // 2  # half the minute bucket taken: whole again in 30 s, not at midnight
+    with pytest.raises(TokenLimitExceeded) as used:
+        limits.plan(state(tats={"minute": half, "day": None}), 1500, 0)
+    assert used.value.details["reset_at"] == rfc3339(from_epoch(half / 1e6))
+    assert used.value.headers["Retry-After"] == "30"
+    with pytest.raises(TokenLimitExceeded) as daily:  # past the day's bucket too: it names the day
+        limiter(clock, tokens_per_minute=10**7, tokens_per_day=5000).plan(state(), 6000, 0)
+    assert daily.value.details["window"] == "day" and "per day" in daily.value.message
 
 
 def test_settlement_refunds_only_while_the_period_has_not_passed() -> None:

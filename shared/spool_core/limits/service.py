@@ -158,20 +158,26 @@ class RateLimiter:
 
     def _token_limit(self, bucket: Bucket, tokens: int, tat: int | None, now_us: int) -> TokenLimitExceeded:
         remaining = bucket.remaining(tat, now_us)
-        never = tokens > bucket.limit
-        reset_us = (
-            next_midnight_ms(now_us // 1000) * 1000 if never else bucket.available_at(tat, now_us, tokens)
-        )
         per = "minute" if bucket.period_us == MINUTE_US else "day"
+        message = f"This job needs {tokens:,} tokens; {remaining:,} of {bucket.limit:,} per {per} remain"
         suggestions = None
-        if never:
+        if tokens > bucket.limit:
+            # It never fits, however long the caller waits: the reset named is when the bucket is
+            # whole again (the buckets refill continuously), and the suggestions say what would fit.
+            reset_us = now_us + bucket.reset_us(tat, now_us)
+            message = (
+                f"This job needs {tokens:,} tokens, more than the whole limit of {bucket.limit:,}"
+                f" per {per}: waiting will not help"
+            )
             suggestions = [
-                f"This job needs {tokens:,} tokens, more than the whole per-{per} limit:"
-                " lower max_tokens or send less context",
+                f"Lower max_tokens or send less context: at most {bucket.limit:,} tokens fit in the"
+                f" per-{per} limit",
                 "Ask for a higher limit",
             ]
+        else:
+            reset_us = bucket.available_at(tat, now_us, tokens)
         return TokenLimitExceeded(
-            f"This job needs {tokens:,} tokens; {remaining:,} of {bucket.limit:,} per {per} remain",
+            message,
             retry_after_seconds=max(1.0, (reset_us - now_us) / 1e6),
             details={
                 "tokens_requested": tokens,
