@@ -67,13 +67,24 @@ class ConnectionFailed(SpoolError):
     the client's retries."""
 
     def __init__(self, url: str, reason: str) -> None:
-        host = urlsplit(url).hostname or ""
+        parts = urlsplit(url)
+        host = parts.hostname or ""
         local = host in {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
-        suggestions = (
-            ["Is the stack running? Start it with `make dev`", "Or point SPOOL_URL at a running stack"]
-            if local
-            else ["Check SPOOL_URL and your network", "Retry in a moment: the server may be restarting"]
-        )
+        if parts.scheme not in ("http", "https") or not host:  # retrying cannot fix the address
+            suggestions = [
+                "SPOOL_URL (or --url) must be an http:// or https:// URL with a host,"
+                " such as http://127.0.0.1:8000 or your stack's ApiUrl output"
+            ]
+        elif local:
+            suggestions = [
+                "Is the stack running? Start it with `make dev`",
+                "Or point SPOOL_URL at a running stack",
+            ]
+        else:
+            suggestions = [
+                "Check SPOOL_URL and your network",
+                "Retry in a moment: the server may be restarting",
+            ]
         body = {
             "error": {
                 "code": "connection_failed",

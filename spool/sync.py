@@ -49,7 +49,8 @@ def snapshot(
     directory: str | Path, *, max_file_bytes: int = MAX_FILE_BYTES, progress: Progress | None = None
 ) -> Snapshot:
     """Read ``directory``'s text files (honouring its .gitignore, leaving out VCS and cache folders);
-    a binary, too large or non-UTF-8 file is skipped and reported. Raises ``SyncError`` for a missing
+    a binary, too large, non-UTF-8 or unreadable file, a link to a file outside the directory and a
+    directory that cannot be listed are skipped and reported. Raises ``SyncError`` for a missing
     path, a file, or a directory with nothing to upload."""
     root = Path(directory).expanduser()
     if not root.exists():
@@ -60,13 +61,17 @@ def snapshot(
     ignore_file = root / ".gitignore"
     lines = ignore_file.read_text(errors="replace").splitlines() if ignore_file.exists() else []
     spec = pathspec.GitIgnoreSpec.from_lines([*lines, *ALWAYS_IGNORED])
-    candidates = [
-        (path, relative)
-        for path in sorted(root.rglob("*"))
-        if path.is_file() and not spec.match_file(relative := path.relative_to(root).as_posix())
-    ]
     files: dict[str, str] = {}
     skipped: list[dict[str, str]] = []
+    candidates = []
+    for path in _walk(root, spec, skipped):
+        relative = path.relative_to(root).as_posix()
+        if not path.is_file():  # a dangling link, a socket
+            continue
+        if not path.resolve().is_relative_to(root):  # a link out of the directory: never uploaded
+            skipped.append({"path": relative, "reason": "a link to a file outside the directory"})
+            continue
+        candidates.append((path, relative))
     for done, (path, relative) in enumerate(candidates, 1):
         reason = _read(path, max_file_bytes, files, relative)
         if reason is not None:
@@ -78,11 +83,35 @@ def snapshot(
     return Snapshot(root, files, skipped)
 
 
+def _walk(root: Path, spec: pathspec.GitIgnoreSpec, skipped: list[dict[str, str]]) -> list[Path]:
+    """The files under ``root`` that ``spec`` does not ignore, sorted, without following linked
+    directories or entering ignored ones; a directory that cannot be listed is reported as skipped,
+    not left out silently."""
+
+    def unlisted(error: OSError) -> None:
+        relative = Path(error.filename).relative_to(root).as_posix() + "/"
+        skipped.append({"path": relative, "reason": f"unreadable directory ({error.strerror})"})
+
+    found: list[Path] = []
+    for directory, folders, names in os.walk(root, onerror=unlisted):
+        base = Path(directory)
+        folders[:] = [
+            f for f in folders if not spec.match_file((base / f).relative_to(root).as_posix() + "/")
+        ]
+        found.extend(
+            path for name in names if not spec.match_file((path := base / name).relative_to(root).as_posix())
+        )
+    return sorted(found)
+
+
 def _read(path: Path, max_file_bytes: int, files: dict[str, str], relative: str) -> str | None:
     """Add the file's text to ``files``, or say why it is skipped."""
-    if path.stat().st_size > max_file_bytes:
-        return f"too large (over {max_file_bytes:,} bytes)"
-    data = path.read_bytes()
+    try:
+        if path.stat().st_size > max_file_bytes:
+            return f"too large (over {max_file_bytes:,} bytes)"
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
     if b"\x00" in data[:8192]:
         return "binary"
     try:

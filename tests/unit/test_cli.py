@@ -540,6 +540,17 @@ def test_other_job_and_context_commands(fake: FakeClient, capsys: pytest.Capture
 
 
 # ------------------------------------------------------------------------------------------ errors
+@pytest.mark.parametrize("url", ["ftp://x", "notaurl", "http://"])
+def test_a_malformed_url_is_told_to_be_fixed_not_retried(url: str) -> None:
+    error = ConnectionFailed(url, "Request URL is missing an 'http://' or 'https://' protocol.")
+    assert error.suggestions == [
+        "SPOOL_URL (or --url) must be an http:// or https:// URL with a host,"
+        " such as http://127.0.0.1:8000 or your stack's ApiUrl output"
+    ]
+    reachable = ConnectionFailed("https://api.example.com", "[Errno 111] Connection refused")
+    assert "Retry in a moment: the server may be restarting" in reachable.suggestions
+
+
 def test_an_unreachable_stack_is_one_line_and_debug_shows_the_traceback(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

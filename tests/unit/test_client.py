@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -366,6 +367,47 @@ def test_the_direct_limit_counts_the_escaping_inside_a_lambda_event(tmp_path: Pa
     assert serialized_size(b'{"a":"x\\n"}') == len(b'{"a":"x\\n"}') + 5
     (tmp_path / "a.txt").write_text("a")
     assert snapshot(tmp_path).files == {"a.txt": "a"}
+
+
+def test_unreadable_files_and_folders_and_links_out_are_skipped_and_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a user cannot read, or what only links out of the directory, is listed as skipped; the
+    rest still uploads (one unreadable file aborted the whole sync, a folder was left out unsaid, and
+    a link to a secret elsewhere was uploaded as a file)."""
+    secret = tmp_path / "elsewhere" / "credentials"
+    secret.parent.mkdir()
+    secret.write_text("aws_secret_access_key = x")
+    root = tmp_path / "repo"
+    (root / "locked").mkdir(parents=True)
+    (root / "locked" / "b.txt").write_text("hidden")
+    (root / "ok.txt").write_text("ok")
+    (root / "x.txt").write_text("x")
+    (root / "inside").symlink_to(root / "ok.txt")
+    (root / "out").symlink_to(secret)
+    (root / ".git").mkdir()  # ignored folders are not entered
+    denied = {root / "x.txt", root / "locked", root / ".git"}  # as a user without read permission
+    read_bytes, scandir = Path.read_bytes, os.scandir
+
+    def guarded_read(path: Path) -> bytes:
+        if path in denied:
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    def guarded_scandir(path: Any = ".") -> Any:
+        if Path(path) in denied:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(Path, "read_bytes", guarded_read)
+    monkeypatch.setattr(os, "scandir", guarded_scandir)
+    snap = snapshot(root)
+    assert snap.files == {"inside": "ok", "ok.txt": "ok"}
+    assert sorted(snap.skipped, key=lambda s: s["path"]) == [
+        {"path": "locked/", "reason": "unreadable directory (Permission denied)"},
+        {"path": "out", "reason": "a link to a file outside the directory"},
+        {"path": "x.txt", "reason": "unreadable (Permission denied)"},
+    ]
 
 
 # ---------------------------------------------------------------------- AsyncClient
