@@ -64,8 +64,7 @@ def snapshot(
     files: dict[str, str] = {}
     skipped: list[dict[str, str]] = []
     candidates = []
-    for path in _walk(root, spec, skipped):
-        relative = path.relative_to(root).as_posix()
+    for path, relative in _walk(root, spec, skipped):
         if not path.is_file():  # a dangling link, a socket
             continue
         if not path.resolve().is_relative_to(root):  # a link out of the directory: never uploaded
@@ -83,23 +82,22 @@ def snapshot(
     return Snapshot(root, files, skipped)
 
 
-def _walk(root: Path, spec: pathspec.GitIgnoreSpec, skipped: list[dict[str, str]]) -> list[Path]:
-    """The files under ``root`` that ``spec`` does not ignore, sorted, without following linked
-    directories or entering ignored ones; a directory that cannot be listed is reported as skipped,
-    not left out silently."""
+def _walk(root: Path, spec: pathspec.GitIgnoreSpec, skipped: list[dict[str, str]]) -> list[tuple[Path, str]]:
+    """The files under ``root`` that ``spec`` does not ignore, with their relative paths, sorted,
+    without following linked directories or entering ignored ones; a directory that cannot be listed
+    is reported as skipped, not left out silently."""
 
     def unlisted(error: OSError) -> None:
         relative = Path(error.filename).relative_to(root).as_posix() + "/"
         skipped.append({"path": relative, "reason": f"unreadable directory ({error.strerror})"})
 
-    found: list[Path] = []
+    found: list[tuple[Path, str]] = []
     for directory, folders, names in os.walk(root, onerror=unlisted):
         base = Path(directory)
-        folders[:] = [
-            f for f in folders if not spec.match_file((base / f).relative_to(root).as_posix() + "/")
-        ]
+        prefix = base.relative_to(root).as_posix() + "/" if base != root else ""
+        folders[:] = [f for f in folders if not spec.match_file(f"{prefix}{f}/")]
         found.extend(
-            path for name in names if not spec.match_file((path := base / name).relative_to(root).as_posix())
+            (base / name, f"{prefix}{name}") for name in names if not spec.match_file(f"{prefix}{name}")
         )
     return sorted(found)
 
