@@ -388,6 +388,9 @@ class Generator:
         )
 
 
+BINARY_FRAME_CLOSE = 1003  # API Gateway takes text frames only and closes with this code
+
+
 def websocket_frames() -> list[str | bytes]:
     return [
         '{"action": {}}',
@@ -412,6 +415,7 @@ def websocket_frames() -> list[str | bytes]:
 class Outcome:
     sent: int = 0
     statuses: Counter[int] = field(default_factory=Counter)
+    closes: Counter[int] = field(default_factory=Counter)  # WebSocket close codes, expected ones
     failures: list[str] = field(default_factory=list)
 
     def fail(self, probe: str, problem: str) -> None:
@@ -498,8 +502,10 @@ class Fuzzer:
             outcome.fail(probe.name, problem)
 
     def send_frames(self, frames: list[str | bytes], outcome: Outcome) -> None:
-        """Each frame on a fresh connection: an answer (an error frame, or nothing for a frame the
-        API ignores) and an open connection afterwards; never a close for bad input."""
+        """Each frame on a fresh connection. A bad text frame gets an answer (an error frame, or
+        nothing for a frame the API ignores) and an open connection afterwards, never a close; a
+        binary frame closes the connection with 1003, as API Gateway does (it takes text frames
+        only), and nothing else."""
         if not self.ws_url:
             return
         for index, frame in enumerate(frames):
@@ -512,10 +518,18 @@ class Fuzzer:
                     f"{self.ws_url}?api_key={self.api_key}", open_timeout=self.timeout, max_size=2**22
                 ) as ws:
                     ws.send(frame)
+                    if isinstance(frame, bytes):
+                        ws.recv(self.timeout)  # only the close may come: anything else is a failure
+                        outcome.fail(name, "a binary frame was answered instead of closed with 1003")
+                        continue
                     ws.ping().wait(self.timeout)  # still open: answered in order, not closed
                     outcome.statuses[101] += 1
             except ConnectionClosed as exc:
-                outcome.fail(name, f"connection closed {exc.rcvd.code if exc.rcvd else '?'}")
+                code = exc.rcvd.code if exc.rcvd else None
+                if isinstance(frame, bytes) and code == BINARY_FRAME_CLOSE:
+                    outcome.closes[BINARY_FRAME_CLOSE] += 1
+                else:
+                    outcome.fail(name, f"connection closed {code if code is not None else '?'}")
             except TimeoutError:
                 outcome.fail(name, "no answer")
             except OSError as exc:
@@ -604,6 +618,9 @@ def report(base_url: str, key: str, ws_url: str | None, requests: int, seed: int
     elapsed = time.monotonic() - started
     print(f"fuzz: {outcome.sent} requests and frames in {elapsed:.0f} s (seed {seed})")
     print("  statuses: " + ", ".join(f"{s}: {n}" for s, n in sorted(outcome.statuses.items())))
+    if outcome.closes:
+        closes = ", ".join(f"{code}: {n}" for code, n in sorted(outcome.closes.items()))
+        print(f"  closes as API Gateway closes: {closes}")
     print(f"  failures: {len(outcome.failures)} (target 0: no 5xx, no hang, every error in the envelope)")
     for failure in outcome.failures[:50]:
         print("   - " + failure)

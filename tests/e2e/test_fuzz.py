@@ -12,7 +12,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import Case
 
-from bench.fuzz import Fuzzer, envelope_problem
+from bench.fuzz import BINARY_FRAME_CLOSE, Fuzzer, envelope_problem, websocket_frames
 from tests.e2e.conftest import DEV_KEY, RunningStack, start_stack, stop_stack
 
 
@@ -33,6 +33,9 @@ def test_bad_input_gets_a_4xx_envelope_and_leaves_nothing_stored(quiet_stack: Ru
     assert outcome.failures == []
     assert not any(status >= 500 for status in outcome.statuses)
     assert outcome.statuses[400] > 50  # the corpus reached the validation it is meant to test
+    binary = sum(isinstance(frame, bytes) for frame in websocket_frames())
+    assert outcome.closes[BINARY_FRAME_CLOSE] == binary  # closed as API Gateway closes them
+    assert outcome.statuses[101] == len(websocket_frames()) - binary  # the rest left the connection open
 
 
 def test_generated_requests_from_the_openapi_document(quiet_stack: RunningStack) -> None:
