@@ -43,7 +43,11 @@ def cli_env(base_url: str, tmp_path: Path) -> dict[str, str]:
 
 
 def _controlling_terminal() -> None:
-    """In the child: a new session whose controlling terminal is the pty, so Ctrl-C becomes SIGINT."""
+    """In the child: a new session whose controlling terminal is the pty, so Ctrl-C becomes SIGINT,
+    with SIGINT's default action as a shell gives a program it runs in the foreground (a test run in
+    the background, ``make test &``, inherits SIGINT ignored, and Python then never raises
+    KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.setsid()
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
