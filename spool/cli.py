@@ -119,8 +119,8 @@ def _dev(args: argparse.Namespace) -> int:
     return 0
 
 
-def _client(args: argparse.Namespace) -> Client:
-    return Client(args.url, args.key)
+def _client(args: argparse.Namespace, **options: Any) -> Client:
+    return Client(args.url, args.key, **options)
 
 
 def _print_json(value: Any) -> None:
@@ -414,7 +414,10 @@ def _limit_lines(limits: dict[str, Any]) -> Iterator[str]:
 
 
 def _health(args: argparse.Namespace) -> int:
-    report = _client(args).health(deep=args.deep)
+    # One attempt, bounded: a check answers within its own few seconds (the health function's probes
+    # have 3 s, its timeout is 10 s), so a stack that does not answer in --timeout is reported as
+    # unreachable instead of being waited on through the usual retries (~90 s on a hung server).
+    report = _client(args, timeout=args.timeout, max_retries=0).health(deep=args.deep)
     if args.json:
         _print_json(report)
     else:
@@ -986,10 +989,18 @@ def build_parser() -> argparse.ArgumentParser:
     usage.set_defaults(run=_usage)
 
     health = command(
-        "health", "the stack's health: storage, queue and providers (exit 1 unless ok)", [remote, as_json]
+        "health",
+        "the stack's health: storage, queue and providers (exit 1 unless ok, 2 if it cannot be asked)",
+        [remote, as_json],
     )
     health.add_argument(
         "--deep", action="store_true", help="also make a real, minimal provider call (cached by the server)"
+    )
+    health.add_argument(
+        "--timeout",
+        type=_bounded(1, 600),
+        default=15,
+        help="seconds to wait for the report, in one attempt (no retries)",
     )
     health.set_defaults(run=_health)
 

@@ -431,7 +431,7 @@ def test_the_status_line_polls_the_server_at_most_once_a_second() -> None:
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> FakeClient:
     client = FakeClient()
-    monkeypatch.setattr(cli, "_client", lambda args: client)
+    monkeypatch.setattr(cli, "_client", lambda args, **options: client)
     return client
 
 
@@ -554,7 +554,7 @@ def test_a_malformed_url_is_told_to_be_fixed_not_retried(url: str) -> None:
 def test_an_unreachable_stack_is_one_line_and_debug_shows_the_traceback(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def unreachable(args: argparse.Namespace) -> Any:
+    def unreachable(args: argparse.Namespace, **options: Any) -> Any:
         raise ConnectionFailed("http://127.0.0.1:8000", "[Errno 111] Connection refused")
 
     monkeypatch.setattr(cli, "_client", unreachable)
@@ -573,7 +573,7 @@ def test_an_unreachable_stack_is_one_line_and_debug_shows_the_traceback(
 def test_an_unexpected_error_is_one_line_with_a_pointer_to_debug(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def broken(args: argparse.Namespace) -> Any:
+    def broken(args: argparse.Namespace, **options: Any) -> Any:
         raise RuntimeError("boom")
 
     monkeypatch.setattr(cli, "_client", broken)
