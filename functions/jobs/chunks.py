@@ -24,9 +24,11 @@ snapshot.load_before_snapshot("spool_core.adapters.jobs")
 class ResumeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    last_sequence_id: int = Field(default=0, ge=0, le=MAX_SEQUENCE_ID)
-    limit: int = Field(default=DEFAULT_CHUNK_LIMIT, ge=1, le=MAX_CHUNK_LIMIT)
-    wait: float = Field(default=0, ge=0, le=MAX_WAIT_SECONDS)
+    # JSON numbers, as the WebSocket's subscribe takes them: true (read as 1), "3" or 3.5 is refused,
+    # not guessed at (a cursor guessed wrong repeats or skips chunks)
+    last_sequence_id: int = Field(default=0, ge=0, le=MAX_SEQUENCE_ID, strict=True)
+    limit: int = Field(default=DEFAULT_CHUNK_LIMIT, ge=1, le=MAX_CHUNK_LIMIT, strict=True)
+    wait: float = Field(default=0, ge=0, le=MAX_WAIT_SECONDS, strict=True)
 
 
 def _pages() -> ChunkPages:

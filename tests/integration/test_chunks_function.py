@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+import pytest
 
 from tests.support import load_event, response_json
 
@@ -33,3 +36,34 @@ def test_the_sample_event_names_a_job_that_does_not_exist(invoke: Any) -> None:
     response = invoke("ChunksFunction", load_event("chunks"))
     assert response["statusCode"] == 404
     assert response_json(response)["error"]["code"] == "job_not_found"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"last_sequence_id": True}, "last_sequence_id"),
+        ({"last_sequence_id": "3"}, "last_sequence_id"),
+        ({"last_sequence_id": 3.5}, "last_sequence_id"),
+        ({"last_sequence_id": -1}, "last_sequence_id"),
+        ({"limit": "10"}, "limit"),
+        ({"wait": False}, "wait"),
+    ],
+)
+def test_a_resume_cursor_is_a_json_number_never_guessed_at(
+    invoke: Any, body: dict[str, Any], field: str
+) -> None:
+    event = load_event("chunks")
+    job_id = event["pathParameters"]["job_id"]
+    event.update(
+        httpMethod="POST",
+        resource="/v1/jobs/{job_id}/stream/resume",
+        path=f"/v1/jobs/{job_id}/stream/resume",
+        body=json.dumps(body),
+        queryStringParameters=None,
+        multiValueQueryStringParameters=None,
+    )
+    response = invoke("ChunksFunction", event)
+    assert response["statusCode"] == 400, response
+    error = response_json(response)["error"]
+    assert error["code"] == "invalid_request"
+    assert any(f["field"].endswith(field) for f in error["details"]["fields"]), error
