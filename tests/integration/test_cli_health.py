@@ -3,9 +3,7 @@ that swallows the reply): one attempt, bounded by --timeout, reported as an erro
 
 from __future__ import annotations
 
-import contextlib
 import socket
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -14,30 +12,33 @@ from spool.cli import main
 
 
 @pytest.fixture
-def silent_server() -> Iterator[tuple[str, list[socket.socket]]]:
-    """A server that accepts connections and never answers: its URL and what it accepted."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    accepted: list[socket.socket] = []
+def silent_server() -> Iterator[socket.socket]:
+    """A listening socket nobody accepts on: the kernel completes each connection into its backlog,
+    and no request is ever answered."""
+    with socket.create_server(("127.0.0.1", 0), backlog=16) as listener:
+        yield listener
 
-    def accept() -> None:
-        with contextlib.suppress(OSError):  # the listener closed
-            while True:
-                accepted.append(listener.accept()[0])
 
-    threading.Thread(target=accept, daemon=True).start()
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}", accepted
-    listener.close()
-    for connection in accepted:
+def _connections_made(listener: socket.socket) -> int:
+    """The connections waiting in the backlog (closed ones too), taken without blocking."""
+    listener.setblocking(False)
+    made = 0
+    while True:
+        try:
+            connection, _ = listener.accept()
+        except BlockingIOError:
+            return made
         connection.close()
+        made += 1
 
 
 def test_health_of_a_stack_that_never_answers_is_one_bounded_attempt(
-    silent_server: tuple[str, list[socket.socket]], capsys: pytest.CaptureFixture[str]
+    silent_server: socket.socket, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    url, accepted = silent_server
+    url = f"http://127.0.0.1:{silent_server.getsockname()[1]}"
     code = main(["health", "--url", url, "--key", "sk-x", "--timeout", "1"])
     out, err = capsys.readouterr()
     assert code == 2  # it could not be asked: an error, not "unhealthy" (1)
     assert out == ""
     assert err.startswith(f"error: Could not reach Spool at {url}")
-    assert len(accepted) == 1  # no retries: --timeout bounds the whole check
+    assert _connections_made(silent_server) == 1  # no retries: --timeout bounds the whole check
