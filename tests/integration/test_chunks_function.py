@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
 
-from tests.support import load_event, response_json
+from tests.support import api_event, load_event, response_json
 
 
 def _headers(response: dict[str, Any]) -> dict[str, str]:
@@ -52,15 +51,9 @@ def test_the_sample_event_names_a_job_that_does_not_exist(invoke: Any) -> None:
 def test_a_resume_cursor_is_a_json_number_never_guessed_at(
     invoke: Any, body: dict[str, Any], field: str
 ) -> None:
-    event = load_event("chunks")
-    job_id = event["pathParameters"]["job_id"]
-    event.update(
-        httpMethod="POST",
-        resource="/v1/jobs/{job_id}/stream/resume",
-        path=f"/v1/jobs/{job_id}/stream/resume",
-        body=json.dumps(body),
-        queryStringParameters=None,
-        multiValueQueryStringParameters=None,
+    job_id = load_event("chunks")["pathParameters"]["job_id"]
+    event = api_event(
+        "POST", f"/v1/jobs/{job_id}/stream/resume", body=body, resource="/v1/jobs/{job_id}/stream/resume"
     )
     response = invoke("ChunksFunction", event)
     assert response["statusCode"] == 400, response
