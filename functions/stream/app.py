@@ -34,7 +34,7 @@ from spool_core.jobs.errors import JobNotFound, RequestInProgress
 from spool_core.jobs.model import Job, JobRequest
 from spool_core.jobs.service import JobService, check_idempotency_key
 from spool_core.openai_compat import chat, responses
-from spool_core.openai_compat.common import JobFailed, StillRunning
+from spool_core.openai_compat.common import JobCancelled, JobFailed, StillRunning
 from spool_core.openai_compat.params import ChatPolicy, ResponsesPolicy, parse
 
 CANCEL_WAIT = StreamSettings(max_seconds=10)  # a cancel answers once the worker has stopped (one flush)
@@ -81,12 +81,11 @@ async def chat_completions(request: Request) -> Response:
         return web.sse(chat.completion_chunks(job, followed, body.include_usage), headers)
     ended = await web.last(await_end(service, job.job_id, _settings()))
     if not isinstance(ended, Ended):
-        raise StillRunning(
-            f"Job {job.job_id} is still running; its answer will be at GET /v1/jobs/{job.job_id}",
-            details={"job_id": job.job_id},
-        )
+        raise StillRunning(job.job_id)
     if ended.job.status == "failed":
         raise JobFailed(ended.job)
+    if ended.job.status == "cancelled":
+        raise JobCancelled(ended.job)
     output = await run_in_threadpool(lambda: service.view(ended.job)["output"])
     return web.json_response(chat.completion(ended.job, output), headers)
 

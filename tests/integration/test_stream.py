@@ -5,6 +5,7 @@ the authorizer's events tokens (links.events)."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 from spool.devstack.provision import StackDescription
 from spool.devstack.runtime import LocalFunction, StreamedResponse
 from spool.devstack.template import Template
-from spool_core import bootstrap
+from spool_core import bootstrap, listing
 from spool_core.jobs.model import JOB_TTL_SECONDS
 from spool_core.jobs.runner import Outcome
 from spool_core.jobs.service import JobService
@@ -35,17 +36,18 @@ def service(tenant: Tenant) -> JobService:
 
 @pytest.fixture
 def variants(template: Template, stack: StackDescription) -> Iterator[Any]:
-    """The streaming function configured with some variables changed (its own containers)."""
+    """A streaming function (the event stream's, unless ``function_name`` says the OpenAI surface's)
+    configured with some variables changed (its own containers)."""
     made: list[LocalFunction] = []
 
-    def make(**environment: str) -> LocalFunction:
-        spec = template.functions()["EventsFunction"]
+    def make(function_name: str = "EventsFunction", **environment: str) -> LocalFunction:
+        spec = template.functions()[function_name]
         function = LocalFunction(
             spec,
             ROOT,
             region=stack.region,
-            name=stack.resolver().ref("EventsFunction"),
-            environment={**stack.environment_for(template, "EventsFunction"), **environment},
+            name=stack.resolver().ref(function_name),
+            environment={**stack.environment_for(template, function_name), **environment},
         )
         made.append(function)
         return function
@@ -294,3 +296,67 @@ def test_an_events_token_opens_no_openai_route(functions: dict[str, LocalFunctio
     body = json.loads(b"".join(response.chunks()))
     assert (response.status, body["error"]["code"]) == (401, "unauthorized")
     assert body["error"]["type"] == "authentication_error"  # the OpenAI routes' error shape
+
+
+def chat_event(tenant: Tenant, body: dict[str, Any]) -> dict[str, Any]:
+    """``POST /v1/chat/completions`` with ``body``, as the gateway hands it to the OpenAI surface."""
+    event = stream_event("job_x", tenant)
+    event.update(
+        resource="/v1/chat/completions",
+        path="/v1/chat/completions",
+        httpMethod="POST",
+        pathParameters=None,
+        body=json.dumps(body),
+    )
+    event["requestContext"].update(path="/v1/chat/completions", httpMethod="POST")
+    event["headers"]["Content-Type"] = "application/json"
+    event["multiValueHeaders"]["Content-Type"] = ["application/json"]
+    return event
+
+
+def answered(response: StreamedResponse) -> tuple[int, dict[str, str], dict[str, Any]]:
+    body = json.loads(b"".join(response.chunks()))
+    response.close()
+    return response.status, {k.lower(): v for k, v in response.headers}, body
+
+
+CHAT = {"model": "sim-fast", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_a_chat_answer_out_of_time_names_its_job_and_tells_sdks_not_to_retry(
+    variants: Any, service: JobService, tenant: Tenant
+) -> None:
+    """An SDK retries a 504 by itself (twice by default), and with no Idempotency-Key each retry was a
+    new job, generated and paid again (three for one call, the first two unnamed)."""
+    function = variants("StreamFunction", SPOOL_ANSWER_MAX_SECONDS="1")
+    status, headers, body = answered(function.open_stream(chat_event(tenant, CHAT)))  # nobody runs it
+    job_id = body["error"]["details"]["job_id"]
+    assert (status, body["error"]["code"]) == (504, "timeout")
+    assert headers["x-should-retry"] == "false" and headers["x-spool-job-id"] == job_id
+    assert service.get(job_id).status == "queued"  # it goes on
+    assert any(f"/v1/jobs/{job_id}" in s for s in body["error"]["suggestions"])
+
+
+def test_a_cancelled_job_behind_a_chat_answer_is_an_error_not_a_complete_answer(
+    functions: dict[str, LocalFunction], service: JobService, tenant: Tenant
+) -> None:
+    """Cancelled from elsewhere (``POST /v1/jobs/{id}/cancel``) while a non-streamed chat awaits it,
+    the answer was a 200 with ``finish_reason: "stop"``: cut short, and looking complete."""
+    outcome: list[tuple[int, dict[str, str], dict[str, Any]]] = []
+    waiting = threading.Thread(
+        target=lambda: outcome.append(
+            answered(functions["StreamFunction"].open_stream(chat_event(tenant, CHAT)))
+        )
+    )
+    waiting.start()
+    codec = listing.cursor_codec(bootstrap.settings())
+    deadline = time.monotonic() + 60
+    while not (queued := service.list_jobs(codec).data) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert queued, "the chat request made no job"
+    service.cancel(queued[0]["job_id"])
+    waiting.join(timeout=120)
+    status, headers, body = outcome[0]
+    assert (status, body["error"]["code"]) == (409, "job_cancelled")
+    assert headers["x-should-retry"] == "false" and headers["x-spool-job-id"] == queued[0]["job_id"]
+    assert body["error"]["details"] == {"job_id": queued[0]["job_id"], "output_tokens": 0}

@@ -12,12 +12,20 @@ import httpx2
 import openai
 import pytest
 
-from spool_core.errors import Conflict, InvalidRequest, NotFound, SpoolError, Unauthorized, Unprocessable
+from spool_core.errors import (
+    Conflict,
+    DependencyUnavailable,
+    InvalidRequest,
+    NotFound,
+    SpoolError,
+    Unauthorized,
+    Unprocessable,
+)
 from spool_core.events import Ended, Followed, Ping, TimeUp, Wait
 from spool_core.jobs.model import Job
 from spool_core.limits.errors import RateLimited
 from spool_core.openai_compat import chat, responses
-from spool_core.openai_compat.common import JobFailed, openai_error_body
+from spool_core.openai_compat.common import JobCancelled, JobFailed, StillRunning, openai_error_body
 from spool_core.openai_compat.params import ChatPolicy, ResponsesPolicy, UnsupportedParameter, parse
 
 pytestmark = pytest.mark.unit
@@ -138,6 +146,66 @@ def test_non_text_content_and_other_roles_are_refused() -> None:
         parse(chat.ChatRequest, ["not", "an", "object"], ChatPolicy)
 
 
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "text", "text": 5},
+        {"type": "text"},
+        {"type": "input_text", "text": None},
+        {"type": "text", "text": []},
+    ],
+)
+def test_a_text_part_without_a_string_is_a_schema_error_naming_its_text(part: dict[str, Any]) -> None:
+    """It was refused as "Content of type 'text' is not supported", which no one can act on."""
+    body = {"model": "m", "messages": [{"role": "user", "content": [part]}]}
+    with pytest.raises(InvalidRequest) as caught:
+        parse(chat.ChatRequest, body, ChatPolicy)
+    assert not isinstance(caught.value, UnsupportedParameter)
+    assert caught.value.details["param"] == "messages[0].content[0].text"
+    assert "must be a string" in caught.value.message and "not supported" not in caught.value.message
+
+
+def test_a_parameter_sent_as_null_is_left_out_as_openai_reads_it() -> None:
+    """The SDKs send ``null`` for ``param=None``: it changes nothing, so it is no 400."""
+    chat_body = {
+        "model": "sim-fast",
+        "messages": [{"role": "user", "content": "x"}],
+        **dict.fromkeys(("stream", "reasoning_effort", "audio", "prediction", "web_search_options")),
+        **dict.fromkeys(("max_tokens", "temperature", "metadata", "stream_options", "tools")),
+    }
+    request = parse(chat.ChatRequest, chat_body, ChatPolicy)
+    assert request.stream is False and request.job_request().max_tokens == 1024
+    responses_body = {"model": "sim-fast", "input": "x", "stream": None, "background": None, "fallback": None}
+    assert parse(responses.ResponsesRequest, responses_body, ResponsesPolicy).background is False
+    with pytest.raises(InvalidRequest) as caught:
+        parse(chat.ChatRequest, {**chat_body, "messages": None}, ChatPolicy)  # required: still required
+    assert caught.value.details["param"] == "messages"
+
+
+@pytest.mark.parametrize(
+    ("text", "accepted"),
+    [
+        ({}, True),
+        ({"format": {"type": "text"}}, True),
+        ({"verbosity": "medium"}, True),
+        ({"format": None, "verbosity": None}, True),
+        ({"format": {"type": "text"}, "verbosity": "high"}, False),  # was accepted and ignored
+        ({"verbosity": "low"}, False),
+        ({"format": {"type": "json_object"}}, False),
+        ({"other": 1}, False),
+        ("text", False),
+    ],
+)
+def test_responses_text_options_pass_only_when_they_change_nothing(text: Any, accepted: bool) -> None:
+    body = {"model": "sim-fast", "input": "x", "text": text}
+    if accepted:
+        parse(responses.ResponsesRequest, body, ResponsesPolicy)
+    else:
+        with pytest.raises(UnsupportedParameter) as caught:
+            parse(responses.ResponsesRequest, body, ResponsesPolicy)
+        assert caught.value.details["param"] == "text"
+
+
 def test_responses_input_and_instructions_become_messages() -> None:
     body = {
         "model": "sim-fast",
@@ -189,6 +257,19 @@ def test_a_failed_job_ends_the_chat_stream_with_an_error_the_sdk_raises() -> Non
     out = sse(chat.completion_chunks(job(status="running"), log(2, failed), include_usage=False))
     assert out[-1]["error"]["message"] == "engine died" and out[-1]["error"]["code"] == "provider_error"
     assert "[DONE]" not in out
+
+
+def test_a_cancelled_job_ends_the_chat_stream_with_an_error_not_a_finish() -> None:
+    """It ended with ``finish_reason: "stop"`` and ``[DONE]``: a cut-off answer looked complete."""
+    cancelled = job(status="cancelled", usage={"input_tokens": 4, "output_tokens": 2})
+    out = sse(chat.completion_chunks(job(status="running"), log(2, cancelled), include_usage=True))
+    texts = [d["choices"][0]["delta"].get("content") for d in out if isinstance(d, dict) and d.get("choices")]
+    assert texts == ["", "t1 ", "t2 "]  # the text so far, then the error
+    assert out[-1]["error"]["code"] == "job_cancelled" and out[-1]["error"]["job_id"] == "job_abc"
+    assert "after 2 output tokens" in out[-1]["error"]["message"]
+    assert "[DONE]" not in out and not any(
+        isinstance(d, dict) and d.get("choices") and d["choices"][0]["finish_reason"] for d in out
+    )
 
 
 def test_a_chat_stream_out_of_time_says_how_to_read_the_rest() -> None:
@@ -291,6 +372,8 @@ def test_response_ids_map_to_jobs_and_nothing_else() -> None:
             JobFailed(job(status="failed", error={"code": "provider_error", "message": "engine died"})),
             openai.InternalServerError,
         ),
+        (JobCancelled(job(status="cancelled")), openai.ConflictError),
+        (StillRunning("job_abc"), openai.InternalServerError),
     ],
 )
 def test_the_sdk_raises_its_own_exception_with_spools_message(
@@ -317,3 +400,59 @@ def test_the_sdk_raises_its_own_exception_with_spools_message(
     assert raised.message.endswith(error.message)
     assert raised.code == error.code and raised.param == error.details.get("param")
     assert raised.body["request_id"] == "req-1" and raised.body["suggestions"] is not None
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        JobFailed(job(status="failed", error={"code": "provider_error", "message": "engine died"})),
+        JobCancelled(job(status="cancelled")),
+        StillRunning("job_abc"),
+    ],
+    ids=["failed", "cancelled", "still-running"],
+)
+def test_the_sdk_does_not_retry_an_answer_whose_job_was_made(error: SpoolError) -> None:
+    """With its default retries the SDK asked again after a 504 (and would after a 409): each retry,
+    without an Idempotency-Key, was a new job generated and paid again. The job is named instead."""
+    from spool_core.api.errors import status_for
+
+    calls: list[httpx2.Request] = []
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        calls.append(request)
+        return httpx2.Response(status_for(error), json=openai_error_body(error, "r"), headers=error.headers)
+
+    client = openai.OpenAI(
+        base_url="http://spool.test/v1",
+        api_key="sk",
+        max_retries=2,
+        http_client=httpx2.Client(transport=httpx2.MockTransport(answer)),
+    )
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(model="sim-fast", messages=[{"role": "user", "content": "x"}])
+    assert len(calls) == 1
+    assert caught.value.response.headers["X-Spool-Job-Id"] == "job_abc"
+
+
+def test_the_sdk_retries_an_error_that_made_no_job() -> None:
+    """The control: the same client retries a 503 sent without the header (so the test above can fail)."""
+    from spool_core.api.errors import status_for
+
+    calls: list[httpx2.Request] = []
+    error = DependencyUnavailable("the table is busy")
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        calls.append(request)
+        return httpx2.Response(
+            status_for(error), json=openai_error_body(error, "r"), headers={"retry-after": "0"}
+        )
+
+    client = openai.OpenAI(
+        base_url="http://spool.test/v1",
+        api_key="sk",
+        max_retries=1,
+        http_client=httpx2.Client(transport=httpx2.MockTransport(answer)),
+    )
+    with pytest.raises(openai.APIStatusError):
+        client.chat.completions.create(model="sim-fast", messages=[{"role": "user", "content": "x"}])
+    assert len(calls) == 2

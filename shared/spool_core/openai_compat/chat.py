@@ -87,7 +87,7 @@ def _usage(job: Job) -> dict[str, int]:
 
 
 def completion(job: Job, output: str) -> dict[str, Any]:
-    """The ``chat.completion`` of an ended job (completed or cancelled: the text written so far)."""
+    """The ``chat.completion`` of a completed job (a failed or cancelled one is an error instead)."""
     return {
         "id": completion_id(job.job_id),
         "object": "chat.completion",
@@ -117,9 +117,9 @@ def _chunk(job: Job, delta: dict[str, Any], finish_reason: str | None = None) ->
 
 
 def completion_chunks(job: Job, followed: Iterator[Followed], include_usage: bool) -> Iterator[str | Wait]:
-    """The job's log as ``chat.completion.chunk`` events, ``[DONE]`` last. A failed job ends with an
-    error event (OpenAI SDKs raise it, after the text received so far), as does a stream whose time
-    ran out (its message says how to read the rest)."""
+    """The job's log as ``chat.completion.chunk`` events, ``[DONE]`` last. A failed or cancelled job
+    ends with an error event (OpenAI SDKs raise it, after the text received so far), as does a stream
+    whose time ran out (its message says how to read the rest)."""
     yield data_line(_chunk(job, {"role": "assistant", "content": ""}))
     last = 0
     for item in followed:
@@ -135,7 +135,7 @@ def completion_chunks(job: Job, followed: Iterator[Followed], include_usage: boo
             return
         elif isinstance(item, Ended):
             ended = item.job
-            if ended.status == "failed":
+            if ended.status in ("failed", "cancelled"):
                 yield data_line(job_failure(ended))
                 return
             yield data_line(_chunk(ended, {}, ended.finish_reason or "stop"))

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any
 
 from spool_core.api.errors import envelope, register_status, status_for
-from spool_core.errors import SpoolError
+from spool_core.errors import InvalidRequest, SpoolError
 from spool_core.jobs.model import Job, JobRequest
 from spool_core.openai_compat.params import UnsupportedParameter, validated
 
@@ -26,7 +26,8 @@ def created_epoch(job: Job) -> int:
 
 def text_of(content: Any, param: str) -> str:
     """A message's text: a string, or a list of text parts (``text``, ``input_text``, ``output_text``);
-    anything else (images, audio, files, tool results) is refused by name."""
+    anything else (images, audio, files, tool results) is refused by name, and a text part whose
+    ``text`` is not a string is a schema error naming that field."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -34,14 +35,29 @@ def text_of(content: Any, param: str) -> str:
     texts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, Mapping) else None
-        if kind not in {"text", "input_text", "output_text"} or not isinstance(part.get("text"), str):
+        if kind not in {"text", "input_text", "output_text"}:
             raise UnsupportedParameter(
                 f"Content of type {kind!r} ({param}[{j}]) is not supported: Spool takes text only",
                 details={"param": f"{param}[{j}]"},
                 suggestions=["Send the message content as a string or as text parts"],
             )
-        texts.append(part["text"])
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise InvalidRequest(
+                f"{param}[{j}].text must be a string (the part's text), not {_json_type(text)}",
+                details={"param": f"{param}[{j}].text"},
+                suggestions=[f'Send the part as {{"type": "{kind}", "text": "..."}}'],
+            )
+        texts.append(text)
     return "".join(texts)
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "missing or null"
+    return {bool: "a boolean", int: "a number", float: "a number", list: "an array", dict: "an object"}.get(
+        type(value), type(value).__name__
+    )
 
 
 # ---------------------------------------------------------------------------------------- errors
@@ -110,29 +126,79 @@ class JobFailed(SpoolError):
 register_status(JobFailed, 502)
 
 
+class JobCancelled(SpoolError):
+    """The job behind a non-streamed answer was cancelled (``POST /v1/jobs/{id}/cancel``) before it
+    ended: its text is cut short, so it is not answered as a complete ``chat.completion``. Not to be
+    retried blindly either (a retry is a new, paid, generation)."""
+
+    code = "job_cancelled"
+
+    def __init__(self, job: Job) -> None:
+        super().__init__(
+            cancelled_message(job),
+            details={"job_id": job.job_id, "output_tokens": job.usage.output_tokens},
+            suggestions=[
+                f"The partial output stays readable at GET /v1/jobs/{job.job_id}",
+                "Send the request again for a whole answer",
+            ],
+        )
+        self.headers = {"x-should-retry": "false", "X-Spool-Job-Id": job.job_id}
+
+
+register_status(JobCancelled, 409)
+
+
+def cancelled_message(job: Job) -> str:
+    return (
+        f"Job {job.job_id} was cancelled after {job.usage.output_tokens} output tokens; "
+        "the answer is incomplete"
+    )
+
+
 class StillRunning(SpoolError):
-    """A non-streamed answer whose job outlived the request's time: the job goes on."""
+    """A non-streamed answer whose job outlived the request's time: the job goes on. Like a failure,
+    not one to retry blindly: a retry without the same ``Idempotency-Key`` is a new, paid, job."""
 
     code = "timeout"
-    default_suggestions: ClassVar[tuple[str, ...]] = (
-        "Stream the answer instead (stream: true), or read the job at GET /v1/jobs/{id}",
-    )
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(
+            f"Job {job_id} is still running; its answer will be at GET /v1/jobs/{job_id}",
+            details={"job_id": job_id},
+            suggestions=[
+                f"Read the answer when the job ends at GET /v1/jobs/{job_id}, or follow it with "
+                f"GET /v1/jobs/{job_id}/events",
+                "Stream long answers instead (stream: true)",
+            ],
+        )
+        self.headers = {"x-should-retry": "false", "X-Spool-Job-Id": job_id}
 
 
 register_status(StillRunning, 504)
 
 
 def job_failure(job: Job) -> dict[str, Any]:
-    """A mid-stream error event: OpenAI SDKs raise ``APIError`` with this message."""
-    error = job.error or {}
+    """A mid-stream error event for a job that failed or was cancelled: OpenAI SDKs raise ``APIError``
+    with this message, after the text received so far."""
+    if job.status == "cancelled":
+        code, message, suggestions = (
+            "job_cancelled",
+            cancelled_message(job),
+            [f"The partial output stays readable at GET /v1/jobs/{job.job_id}"],
+        )
+    else:
+        error = job.error or {}
+        code = error.get("code") or "job_failed"
+        message = str(error.get("message") or "The job failed")
+        suggestions = error.get("suggestions") or []
     return {
         "error": {
-            "message": str(error.get("message") or "The job failed"),
+            "message": message,
             "type": "server_error",
-            "code": error.get("code") or "job_failed",
+            "code": code,
             "param": None,
             "job_id": job.job_id,
-            "suggestions": error.get("suggestions") or [],
+            "suggestions": suggestions,
         }
     }
 
@@ -156,6 +222,7 @@ def stream_time_up(job_id: str, last_sequence_id: int) -> dict[str, Any]:
 
 __all__ = [
     "PING",
+    "JobCancelled",
     "JobFailed",
     "StillRunning",
     "created_epoch",

@@ -25,12 +25,17 @@ def _empty(value: Any) -> bool:
 
 
 def _text_format(value: Any) -> bool:
-    """``response_format`` / ``text``: plain text only (no JSON mode, no schema)."""
-    if value is None:
-        return True
-    if isinstance(value, Mapping) and "format" in value:  # Responses: {"format": {...}, "verbosity"}
-        value = value.get("format")
+    """Chat's ``response_format``: plain text only (no JSON mode, no schema)."""
     return value is None or (isinstance(value, Mapping) and value.get("type") == "text")
+
+
+def _text_options(value: Any) -> bool:
+    """The Responses API's ``text``: its ``format`` plain text (or left out), and ``verbosity`` the
+    default (``medium``) or left out: another verbosity would change the answer, and no provider
+    here takes one."""
+    if not isinstance(value, Mapping) or not set(value) <= {"format", "verbosity"}:
+        return False
+    return _text_format(value.get("format")) and value.get("verbosity") in (None, "medium")
 
 
 class Policy:
@@ -137,7 +142,7 @@ class ResponsesPolicy(Policy):
         "tools": _empty,
         "tool_choice": _absent_or("none", "auto"),
         "parallel_tool_calls": lambda value: True if value is None else isinstance(value, bool),
-        "text": _text_format,
+        "text": _text_options,
         "truncation": _absent_or("disabled"),
         "include": _empty,
         "top_logprobs": _absent_or(0),
@@ -156,15 +161,17 @@ def _short(value: Any) -> str:
 
 def parse[M: BaseModel](model: type[M], body: Any, policy: type[Policy]) -> M:
     """The request as ``model``, after the parameter policy: a 400 names the first offending
-    parameter (``details.param``, which OpenAI SDKs expose as ``error.param``)."""
+    parameter (``details.param``, which OpenAI SDKs expose as ``error.param``). A parameter sent as
+    ``null`` is read as left out, as OpenAI reads it (the SDKs send ``null`` for ``param=None``)."""
     if not isinstance(body, Mapping):
         raise InvalidRequest(
             "The request body must be a JSON object",
             details={"param": None},
             suggestions=["Send a JSON object with 'Content-Type: application/json'"],
         )
-    policy.check(body)
-    return validated(model, dict(body))
+    given = {name: value for name, value in body.items() if value is not None}
+    policy.check(given)
+    return validated(model, given)
 
 
 def validated[M: BaseModel](model: type[M], values: Mapping[str, Any]) -> M:
