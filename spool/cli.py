@@ -200,11 +200,13 @@ class AskSession:
         writer = AnswerWriter(out, self.meter)
         try:
             with writer:
-                for text in stream:
-                    writer.write(text)
-        except KeyboardInterrupt:
-            stream.close()
-            return self._interrupted()
+                try:
+                    for text in stream:
+                        writer.write(text)
+                except KeyboardInterrupt:
+                    stream.close()
+                    writer.pause()
+                    return self._interrupted(writer, stream.last_sequence_id)
         except JobFailed as failed:
             self._failed(failed)
             return EXIT_FAILED
@@ -254,8 +256,9 @@ class AskSession:
             style="red",
         )
 
-    def _interrupted(self) -> int:
-        """Ctrl-C: cancel the job, wait (bounded) until it has stopped, and say what it cost."""
+    def _interrupted(self, writer: AnswerWriter, after: int) -> int:
+        """Ctrl-C: cancel the job, wait (bounded) until it has stopped, print the text it wrote until
+        then (the partial answer it keeps, whole), and say what it cost."""
         self.say.print(f"cancelling {self.job_id} (Ctrl-C again to stop waiting)...", style="yellow")
         try:
             job = self.client.cancel(self.job_id)
@@ -263,11 +266,15 @@ class AskSession:
             while job["status"] not in {"completed", "failed", "cancelled"} and self._clock() < deadline:
                 self._sleep(0.2)
                 job = self.client.job(self.job_id, output=False)
+            if job["status"] in {"completed", "failed", "cancelled"}:
+                self._write_rest(writer, after)
         except KeyboardInterrupt:
+            writer.finish()
             self.say.print(
                 f"cancelled: stopped waiting; the job {self.job_id} is being cancelled", style="yellow"
             )
             return EXIT_INTERRUPTED
+        writer.finish()
         tokens = job["progress"]["tokens_generated"]
         if job["status"] == "cancelled":
             detail = f"stopped after {tokens:,} tokens; {_tokens(job['usage'])}"
@@ -277,6 +284,20 @@ class AskSession:
                 job["status"], "yellow", f"before the cancel; {_tokens(job['usage'])}", job["cost_usd"]
             )
         return EXIT_INTERRUPTED
+
+    def _write_rest(self, writer: AnswerWriter, after: int) -> None:
+        """The chunks after ``after`` of the ended job: what the worker wrote between the interrupt
+        and its stop (the read is best effort: the answer's end is also at ``spool jobs get``)."""
+        try:
+            while True:
+                page = self.client.chunks(self.job_id, after)
+                for chunk in page["chunks"]:
+                    writer.write(chunk["text"])
+                if page["done"] or not page["chunks"]:
+                    return
+                after = page["next_after"]
+        except SpoolError:
+            return
 
     def _ending(self, status: str, style: str, detail: str, cost: float | None) -> None:
         self.say.print(f"{status}: {detail}, {_money(cost)} · {self.job_id}", style=style)

@@ -208,6 +208,20 @@ class AnswerWriter:
         if self._live is not None:
             self._live.refresh()
 
+    def pause(self) -> None:
+        """Remove the status line and show the text so far, so that messages can follow it; ``write``
+        goes on after them (on a terminal on a new row, piped exactly where the text stopped, so the
+        text piped stays the answer's own)."""
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+        if self._pending:
+            self._emit(self._pending)
+            self._pending = ""
+        if self.live and self._wrote_any and not self._ended_with_newline:
+            self._emit("\n")
+            self._ended_with_newline = True
+
     def finish(self) -> None:
         """Remove the status line, write the last partial row, and end the answer's line."""
         if self._live is not None:

@@ -240,6 +240,36 @@ def test_ctrl_c_cancels_the_job_and_ends_with_its_tokens_and_cost(
     assert "completed:" not in terminal.text and "failed:" not in terminal.text
 
 
+def test_ctrl_c_with_stdout_piped_leaves_exactly_the_partial_answer_the_job_keeps(
+    env: dict[str, str], client: Client
+) -> None:
+    """The chunk the worker wrote between the interrupt and its stop was kept in the job's output
+    but never printed: piped, stdout held ~450 of its ~830 characters."""
+    args = ["ask", "Count slowly", "--model", "sim-realtime", "--max-tokens", "3000"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "spool.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=ROOT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a foreground program
+    )
+    assert process.stdout is not None and process.stderr is not None
+    deadline = time.monotonic() + 60
+    printed = b""
+    while len(printed) < 40 and time.monotonic() < deadline:  # the answer is on its way
+        if select.select([process.stdout], [], [], 1)[0]:
+            printed += os.read(process.stdout.fileno(), 4096)
+    assert printed, "no answer within 60 s"
+    process.send_signal(signal.SIGINT)
+    rest, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    job = client.job(job_id_in(err.decode()), output=True)
+    assert job["status"] == "cancelled"
+    ended = "" if job["output"].endswith("\n") else "\n"  # piped: the text, and a final newline
+    assert (printed + rest).decode() == job["output"] + ended
+
+
 # ---------------------------------------------------------------------------------------- errors
 def test_a_stack_that_is_down_is_one_line_and_debug_shows_the_traceback(tmp_path: Path) -> None:
     env = cli_env("http://127.0.0.1:9", tmp_path)  # nothing listens on the discard port

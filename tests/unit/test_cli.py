@@ -154,11 +154,13 @@ class FakeStream:
         self._on_progress = on_progress
         self.result: dict[str, Any] | None = None
         self.closed = False
+        self.last_sequence_id = 0
 
     def __iter__(self) -> Iterator[str]:
         for index, text in enumerate(self._client.texts, start=1):
             if self._client.interrupt_at == index:
                 raise KeyboardInterrupt
+            self.last_sequence_id = index
             if self._on_progress:
                 self._on_progress({"sequence_id": index, "tokens_generated": None, "chunks": index})
             yield text
@@ -368,6 +370,11 @@ class FakeClient:
     def stream_chunks(self, job_id: str, after: int = 0) -> Iterator[dict[str, Any]]:
         return iter([{"sequence_id": after + 1, "text": "x"}])
 
+    def chunks(self, job_id: str, after: int = 0) -> dict[str, Any]:
+        """The log, a chunk a page: all of ``texts`` was written (a cancelled job's up to its stop)."""
+        rest = [{"sequence_id": i, "text": t} for i, t in enumerate(self.texts, start=1) if i > after]
+        return {"chunks": rest[:1], "next_after": after + min(1, len(rest)), "done": len(rest) <= 1}
+
 
 def session(client: FakeClient) -> tuple[cli.AskSession, io.StringIO]:
     said = io.StringIO()
@@ -414,7 +421,9 @@ def test_ctrl_c_cancels_the_job_and_shows_what_it_cost() -> None:
     out = io.StringIO()
     assert ask.run(out) == 130
     assert client.cancelled == ["job_fake"]
-    assert out.getvalue() == "The answer comes in \n"
+    # The text up to the interrupt, then what the worker wrote until it stopped: the partial answer
+    # the job keeps, whole (the chunk written after the interrupt was never printed).
+    assert out.getvalue() == "The answer comes in pieces.\n"
     assert "cancelled: stopped after 17 tokens; 10 tokens in, 17 out, $0.000044" in said.getvalue()
 
 
