@@ -190,6 +190,7 @@ def test_admission_counts_context_and_messages_against_the_window(
         service.create("k2", job(context_id=ctx["context_id"], max_tokens=65_536, message="x " * 70_000))
     details = too_large.value.details
     assert details["tokens_over"] == details["tokens_requested"] - details["tokens_limit"] > 0
+    assert any(f"PATCH /v1/contexts/{ctx['context_id']}" in s for s in too_large.value.suggestions)
 
 
 def test_a_request_over_the_window_is_context_too_large_whatever_else_it_exceeds(
@@ -201,6 +202,12 @@ def test_a_request_over_the_window_is_context_too_large_whatever_else_it_exceeds
     with pytest.raises(ContextTooLarge) as past_both:
         service.create("k1", job(max_tokens=window))
     assert past_both.value.details["tokens_over"] > 0
+    # No context to remove: the first fix named is the max_tokens that fits (both limits).
+    room = min(
+        window - past_both.value.details["input_tokens"], registry().resolve("sim-fast").max_output_tokens
+    )
+    assert past_both.value.suggestions[0].startswith(f"Set max_tokens to at most {room:,} ")
+    assert not any("context" in s and "PATCH" in s for s in past_both.value.suggestions)
     with pytest.raises(ContextTooLarge) as too_long:
         service.create("k2", job(message="word " * (window + 10), max_tokens=10))
     assert too_long.value.details["tokens_limit"] == window

@@ -174,3 +174,6 @@ def test_the_rate_limit_headers_describe_the_tighter_bucket_as_its_429_does() ->
     assert refused.value.details["window"] == "day" and headers["X-RateLimit-Limit-Tokens"] == "1000"
     assert int(headers["X-RateLimit-Remaining-Tokens"]) == refused.value.details["tokens_remaining"]
     assert int(headers["X-RateLimit-Reset-Tokens"]) > 60  # the day's refill, not the minute's
+    # The suggestion names the wait in seconds (it said "the number of seconds in Retry-After").
+    assert refused.value.suggestions[0].startswith(f"Retry in {int(headers['Retry-After']):,} s ")
+    assert refused.value.details["reset_at"] in refused.value.suggestions[0]

@@ -81,6 +81,26 @@ class Created:
     headers: dict[str, str]
 
 
+def _window_suggestions(
+    request: JobRequest, model: ModelSpec, input_tokens: int, context_tokens: int, over: int
+) -> list[str]:
+    """What would make a request fit the model's window, the change that fits first: a smaller
+    ``max_tokens`` where the input leaves room, then less context (only a request with one), fewer
+    messages, a larger model."""
+    suggestions = []
+    room = min(model.context_window - input_tokens, model.max_output_tokens)
+    if room >= 1:
+        suggestions.append(f"Set max_tokens to at most {room:,} (the room {model.id}'s window leaves)")
+    if context_tokens:
+        suggestions.append(
+            f"Remove about {over:,} tokens of context (PATCH /v1/contexts/{request.context_id} with 'delete')"
+        )
+    if len(request.messages) > 1:
+        suggestions.append("Drop older messages")
+    suggestions.append("Use a model with a larger context window (GET /v1/models)")
+    return suggestions
+
+
 def check_idempotency_key(key: str | None) -> str:
     """The key itself, or ``idempotency_key_required`` when it is missing or longer than 255 characters."""
     if not key or len(key) > MAX_KEY_LENGTH:
@@ -300,11 +320,7 @@ class JobService:
                     "input_tokens": input_tokens,
                     "max_tokens": request.max_tokens,
                 },
-                suggestions=[
-                    f"Remove about {over:,} tokens of context (PATCH /v1/contexts/{{id}} with 'delete')",
-                    "Reduce max_tokens or drop older messages",
-                    "Use a model with a larger context window (GET /v1/models)",
-                ],
+                suggestions=_window_suggestions(request, model, input_tokens, context_tokens, over),
             )
         if request.max_tokens > model.max_output_tokens:
             raise InvalidRequest(
