@@ -4,6 +4,7 @@ streamed live, and look at models, usage, health, jobs, contexts, API keys and l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import logging
@@ -43,6 +44,7 @@ from spool.terminal import (
 )
 
 EXIT_OK = 0
+EXIT_BROKEN_PIPE = 141  # stdout's reader went away: as a program that SIGPIPE ends, quietly
 EXIT_FAILED = 1  # the job failed or was cancelled elsewhere; a check said unhealthy
 EXIT_ERROR = 2  # the request could not be made or was refused (and argparse's usage errors)
 EXIT_INTERRUPTED = 130  # Ctrl-C
@@ -207,6 +209,20 @@ class AskSession:
                     stream.close()
                     writer.pause()
                     return self._interrupted(writer, stream.last_sequence_id)
+        except BrokenPipeError:
+            # Whoever read the answer stopped (``spool ask ... | head``): nobody reads the rest, so it
+            # is not paid for either, as with Ctrl-C; the cancel is sent, not waited for.
+            stream.close()
+            _stdout_closed()
+            try:
+                self.client.cancel(self.job_id)
+            except SpoolError as exc:
+                self.say.print(f"output closed; {self.job_id} was not cancelled: {exc}", style="yellow")
+            else:
+                self.say.print(
+                    f"output closed: cancelled {self.job_id} (its partial output stays)", style="yellow"
+                )
+            return EXIT_BROKEN_PIPE
         except JobFailed as failed:
             self._failed(failed)
             return EXIT_FAILED
@@ -493,7 +509,18 @@ def _jobs_list(args: argparse.Namespace) -> int:
         message_console().print("no jobs" + (f" {args.status}" if args.status else ""))
         return EXIT_OK
     columns = ["JOB ID", "STATUS", "MODEL", "IN", "OUT", "COST", "CREATED"]
-    output_console().print(table(None, columns, rows, numbers=("IN", "OUT", "COST")))
+    out = output_console()
+    out.print(
+        table(
+            None,
+            columns,
+            rows,
+            numbers=("IN", "OUT", "COST"),
+            width=out.width,
+            keep=("JOB ID",),
+            drop=("CREATED", "MODEL", "IN", "COST", "OUT"),
+        )
+    )
     if more:
         message_console().print(f"showing the {len(jobs)} newest; --all lists every one", style="dim")
     return EXIT_OK
@@ -551,7 +578,18 @@ def _contexts_list(args: argparse.Namespace) -> int:
     if not contexts:
         message_console().print("no contexts")
         return EXIT_OK
-    output_console().print(table(None, columns, rows, numbers=("VERSION", "FILES", "TOKENS", "SIZE")))
+    out = output_console()
+    out.print(
+        table(
+            None,
+            columns,
+            rows,
+            numbers=("VERSION", "FILES", "TOKENS", "SIZE"),
+            width=out.width,
+            keep=("CONTEXT ID",),
+            drop=("EXPIRES", "UPDATED", "SIZE", "FILES", "VERSION"),
+        )
+    )
     if more:
         message_console().print(f"showing the {len(contexts)} newest; --all lists every one", style="dim")
     return EXIT_OK
@@ -1168,11 +1206,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         message_console().print("interrupted", style="yellow")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # ``spool jobs list | head``: the reader has what it wanted
+        _stdout_closed()
+        return EXIT_BROKEN_PIPE
     except Exception as exc:
         if debug:
             raise
         return _report(exc)
     return result
+
+
+def _stdout_closed() -> None:
+    """Point stdout at /dev/null: what was buffered for a closed pipe cannot be written, and Python
+    would report it again as it exits."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _report(exc: Exception) -> int:

@@ -316,14 +316,37 @@ def skipped_note(skipped: Sequence[dict[str, str]], shown: int = 5) -> str | Non
 
 # ----------------------------------------------------------------------------------------- tables
 def table(
-    title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]], *, numbers: Collection[str] = ()
+    title: str | None,
+    columns: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    *,
+    numbers: Collection[str] = (),
+    width: int | None = None,
+    keep: Collection[str] = (),
+    drop: Sequence[str] = (),
 ) -> Table:
-    """A plain rich table (no box, a bold header); the columns named in ``numbers`` align right."""
+    """A plain rich table (no box, a bold header); the columns named in ``numbers`` align right.
+    Within ``width`` (a terminal's), the columns in ``drop`` are left out in that order until the
+    rows fit, and those in ``keep`` (ids a reader copies into the next command) are never cut."""
+    cells = [["" if cell is None else str(cell) for cell in row] for row in rows]
+    shown = list(columns)
+    natural = {name: max([len(name), *(len(row[i]) for row in cells)]) for i, name in enumerate(columns)}
+    if width is not None:
+        for name in drop:
+            if sum(natural[c] for c in shown) + 2 * (len(shown) - 1) <= width:
+                break
+            shown.remove(name)
     grid = Table(title=title, title_justify="left", header_style="bold", box=None, pad_edge=False)
-    for name in columns:
-        grid.add_column(name, justify="right" if name in numbers else "left", no_wrap=True)
-    for row in rows:
-        grid.add_row(*("" if cell is None else str(cell) for cell in row))
+    for name in shown:
+        grid.add_column(
+            name,
+            justify="right" if name in numbers else "left",
+            no_wrap=True,
+            min_width=natural[name] if name in keep else None,
+        )
+    index = [columns.index(name) for name in shown]
+    for row in cells:
+        grid.add_row(*(row[i] for i in index))
     return grid
 
 

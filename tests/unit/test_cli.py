@@ -23,6 +23,7 @@ from spool.terminal import (
     committable,
     for_display,
     skipped_note,
+    table,
 )
 from tests.terminal import answer_in, screen_of
 
@@ -427,6 +428,31 @@ def test_ctrl_c_cancels_the_job_and_shows_what_it_cost() -> None:
     assert "cancelled: stopped after 17 tokens; 10 tokens in, 17 out, $0.000044" in said.getvalue()
 
 
+class ClosedAfter(io.StringIO):
+    """stdout piped into ``head -c N``: the reader goes away after ``n`` characters."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def write(self, text: str) -> int:
+        if self.tell() >= self.n:
+            raise BrokenPipeError(32, "Broken pipe")
+        return super().write(text)
+
+
+def test_a_reader_that_goes_away_cancels_the_job_quietly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``spool ask ... | head -c 40`` ended with "error: unexpected BrokenPipeError ... report it",
+    exit 2, and the job generating (and billed) to its end for nobody."""
+    monkeypatch.setattr(cli, "_stdout_closed", lambda: None)  # the test's own stdout stays
+    client = FakeClient()
+    ask, said = session(client)
+    assert ask.run(ClosedAfter(5)) == cli.EXIT_BROKEN_PIPE == 141
+    assert client.cancelled == ["job_fake"]
+    assert said.getvalue().startswith("output closed: cancelled job_fake")
+    assert "error" not in said.getvalue()
+
+
 def test_the_status_line_polls_the_server_at_most_once_a_second() -> None:
     client = FakeClient()
     client.texts = ["word "] * 10
@@ -664,3 +690,27 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert done.value.code == 0
     assert capsys.readouterr().out.strip() == f"spool {cli._version()}"
     assert cli._version()[0].isdigit()
+
+
+@pytest.mark.parametrize("width", [40, 80, 100, 200])
+def test_a_listing_on_a_narrow_terminal_drops_columns_never_the_ids(width: int) -> None:
+    """At 80 columns ``spool jobs list`` showed ``job_drsjunhzpp4djggfxi2ube…``: an id nobody could
+    copy into ``spool jobs get``. The least useful columns go first; the ids stay whole."""
+    ids = [f"job_{c * 26}" for c in "ab"]
+    rows = [
+        (i, "completed", "sim-realtime", "1,234", "5,678", "$0.001234", "2026-12-05T18:00:00.000Z")
+        for i in ids
+    ]
+    columns = ["JOB ID", "STATUS", "MODEL", "IN", "OUT", "COST", "CREATED"]
+    shown = io.StringIO()
+    Console(file=shown, width=width, color_system=None).print(
+        table(
+            None, columns, rows, width=width, keep=("JOB ID",), drop=("CREATED", "MODEL", "IN", "COST", "OUT")
+        )
+    )
+    lines = shown.getvalue().splitlines()
+    assert all(job_id in text for job_id, text in zip(ids, lines[1:], strict=True))
+    assert all(len(line) <= width for line in lines)
+    natural = 30 + 9 + 12 + 5 + 5 + 9 + 24 + 2 * 6  # every column whole, two spaces between
+    assert ("CREATED" in lines[0]) is (width >= natural) and "STATUS" in lines[0]
+    assert ("MODEL" in lines[0]) is (width >= natural - 26)
