@@ -229,6 +229,11 @@ def _query_value(value: Any) -> str:
 
 def unreachable(settings: Settings, call: Call, error: Exception) -> ConnectionFailed:
     url = call.path if call.path.startswith(("http://", "https://")) else settings.base_url
+    if isinstance(error, httpx2.TimeoutException) and not isinstance(error, httpx2.ConnectTimeout):
+        # Connected, and no answer: the server is there but busy or hung ("timed out" and "is the
+        # stack running?" sent people looking for a stack that was running).
+        waited = call.timeout if call.timeout is not None else settings.timeout
+        return ConnectionFailed(url, f"no answer within {waited:g} s", answered=False)
     return broken(url, error)
 
 

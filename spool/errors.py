@@ -66,11 +66,17 @@ class ConnectionFailed(SpoolError):
     """Spool could not be reached: connection refused, DNS, a timeout or a broken answer, after
     the client's retries."""
 
-    def __init__(self, url: str, reason: str) -> None:
+    def __init__(self, url: str, reason: str, *, answered: bool = True) -> None:
+        """``answered=False``: the server took the connection and did not answer in time."""
         parts = urlsplit(url)
         host = parts.hostname or ""
         local = host in {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
-        if parts.scheme not in ("http", "https") or not host:  # retrying cannot fix the address
+        if not answered:
+            suggestions = [
+                "The server is there but did not answer: it may be busy or hung (its log says which)",
+                "`spool health --timeout 5` asks once, for at most 5 s",
+            ]
+        elif parts.scheme not in ("http", "https") or not host:  # retrying cannot fix the address
             suggestions = [
                 "SPOOL_URL (or --url) must be an http:// or https:// URL with a host,"
                 " such as http://127.0.0.1:8000 or your stack's ApiUrl output"

@@ -40,5 +40,8 @@ def test_health_of_a_stack_that_never_answers_is_one_bounded_attempt(
     out, err = capsys.readouterr()
     assert code == 2  # it could not be asked: an error, not "unhealthy" (1)
     assert out == ""
-    assert err.startswith(f"error: Could not reach Spool at {url}")
+    assert err.startswith(f"error: Could not reach Spool at {url}: no answer within 1 s")
+    # It was there, and hung: not "is the stack running? start it" (a person went looking for a
+    # stack that was running).
+    assert "make dev" not in err and "did not answer" in err
     assert _connections_made(silent_server) == 1  # no retries: --timeout bounds the whole check
