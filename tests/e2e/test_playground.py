@@ -188,6 +188,34 @@ def test_same_origin_stream_with_a_context(dev_stack: RunningStack, playground: 
     assert "Total" in (page.text_content("#usage tfoot") or "")
 
 
+def test_a_context_larger_than_a_request_goes_through_a_presigned_upload(
+    dev_stack: RunningStack, playground: Playground
+) -> None:
+    """Two 4 MB files: the page sent them in one POST, which no Lambda takes (413, with a suggestion
+    to use the upload flow that the page could not follow). It now uploads a context too large for a
+    request as the CLI does. Here the page's threshold is lowered (this stack takes contexts of 1 MiB
+    at most) so that the upload's context also fits a model's window and is answered."""
+    page = playground.page
+    playground.open(dev_stack.base_url + "/")
+    page.evaluate("window.playground.directUploadBytes = 100000")
+    line = "def handler(event, context):  # returns the status\n"
+    content = (line * (150_000 // len(line))).encode()
+    big = [FilePayload(name=f"big{i}.py", mimeType="text/x-python", buffer=content) for i in range(2)]
+    page.set_input_files("#files", files=big)
+    page.wait_for_function("document.querySelectorAll('#context-files li').length === 2")
+    job_id = playground.ask("Summarize", max_tokens=20, model="sim-fast")
+    state = playground.wait_done()
+    assert state["status"] == "completed" and state["verified"] is True, state["log"]
+    assert finished_job(dev_stack, job_id)["output"] == state["text"]
+    assert any("presigned" in entry["message"] for entry in state["log"]), state["log"]
+    status, _, context = dev_stack.request("GET", f"/v1/contexts/{state['contextId']}")
+    assert status == 200, context
+    assert sorted((f["path"], f["size_bytes"]) for f in context["files"]) == [
+        ("big0.py", len(content)),
+        ("big1.py", len(content)),
+    ]
+
+
 def test_cross_origin_stream(dev_stack: RunningStack, playground: Playground) -> None:
     page = playground.page
     page_origin = other_host(dev_stack.base_url)

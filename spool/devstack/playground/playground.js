@@ -36,6 +36,9 @@
     inputTokens: null,
     modelsLoaded: false,
     log: [],
+    // A context whose POST would be larger than this goes through a presigned upload instead: what a
+    // Lambda invocation takes (6 MiB, the body escaped inside the event), less room for the rest.
+    directUploadBytes: 6 * 1024 * 1024 - 64 * 1024,
   };
   window.playground = state;
 
@@ -335,10 +338,46 @@
     log(`context: ${files.length - before} file(s) added, ${files.length} in all`);
   }
 
+  // A context in one POST, or (too large for a request) through a presigned upload, as the CLI does.
+  async function createContext(doc) {
+    const text = JSON.stringify(doc);
+    if (new Blob([JSON.stringify(text)]).size <= state.directUploadBytes) {
+      return api("POST", "/v1/contexts", { body: doc });
+    }
+    const upload = await api("POST", "/v1/contexts/uploads");
+    const size = new Blob([text]).size;
+    if (upload.max_bytes && size > upload.max_bytes) {
+      throw new ApiError({
+        code: "payload_too_large",
+        message: `The context is ${fmtInt(size)} bytes; a context takes at most ${fmtInt(upload.max_bytes)}`,
+        suggestions: ["Remove files from the context"],
+      });
+    }
+    log(`context: ${fmtInt(size)} bytes, uploading to its presigned URL`);
+    let put;
+    try {
+      put = await fetch(upload.upload_url, { method: "PUT", body: text });
+    } catch (exc) {
+      throw new ApiError({
+        code: "network_error",
+        message: `Could not upload the context (${exc.message})`,
+        suggestions: ["Check that the page's origin may reach the bucket (CORS)"],
+      });
+    }
+    if (!put.ok) {
+      throw new ApiError({
+        code: `http_${put.status}`,
+        message: `The context's upload answered ${put.status} ${put.statusText}`,
+        suggestions: ["Ask again: the upload URL may have expired"],
+      });
+    }
+    return api("POST", "/v1/contexts", { body: { upload_id: upload.upload_id } });
+  }
+
   async function ensureContext() {
     const sig = signature();
     if (uploaded && uploaded.signature === sig) return uploaded.context.context_id;
-    const context = await api("POST", "/v1/contexts", { body: { files: files.map(({ path, content }) => ({ path, content })) } });
+    const context = await createContext({ files: files.map(({ path, content }) => ({ path, content })) });
     uploaded = { signature: sig, context };
     log(`context ${context.context_id} v${context.version}: ${context.file_count} file(s), ${fmtInt(context.token_count)} tokens`);
     describeContext();
