@@ -140,6 +140,26 @@ def test_a_long_job_yields_and_continues_without_spending_its_delivery_budget() 
     assert job.attempts == 3
 
 
+def test_a_job_whose_answer_ends_inside_the_time_margin_ends_instead_of_yielding() -> None:
+    """The last flush came after the provider's end, with under the margin left: the job was handed
+    over, and the continuation called the provider again for nothing, billing its input twice."""
+    world = JobWorld()
+    job_id = create(world, max_tokens=300)
+    calls = itertools.count(1)
+    # Flushes at tokens 1, 65, 129, 193 and 257 while the answer streams, then its last chunk (300)
+    # after the provider's end: only that one sees under the margin (5 s) left.
+    remaining = lambda: 60_000 if next(calls) < 6 else 1_000  # noqa: E731
+    message = world.ledger.receive()
+    assert message is not None
+    outcome = world.runner("acme", flush_tokens=64).run(job_id, remaining_ms=remaining)
+    assert outcome is Outcome.DONE and world.ledger.receive() is None  # no continuation
+    # The five flushes while it streamed looked at the time left; the sixth, its end, wrote at once.
+    assert next(calls) == 6 and len(list(world.ledger.tenant("acme").all(job_id))) == 6
+    assert len(world.provider_calls) == 1
+    job = assert_ended_once(world, job_id)
+    assert job.attempts == 1 and job.usage.input_tokens == job.input_reported["sim-fast"]
+
+
 def test_a_refused_lease_says_what_to_do_with_the_message_without_calling_the_provider() -> None:
     world = JobWorld()
     runner = world.runner("acme")

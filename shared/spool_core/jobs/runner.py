@@ -198,6 +198,7 @@ class _Attempt:
         self.segments = list(job.segments) or [Segment(model=job.model_resolved)]
         self.input_reported = dict(job.input_reported)
         self.finish_reason: str | None = None  # the provider's, when it says why it stopped
+        self.answered = False  # the provider finished its answer: what is left is writing it down
         self.last_beat = runner._clock()
         self.signals_at = runner._clock()  # the lease's take read the job's cancel and subscribed
         settings = runner.settings
@@ -299,6 +300,9 @@ class _Attempt:
                             self.input_reported.get(model.id, 0) + event.input_tokens
                         )
                         self.finish_reason = event.finish_reason
+                # The answer is whole: its last chunk is written whatever time is left (handing it
+                # over would call the provider again, for nothing, and bill its input twice).
+                self.answered = True
                 self.writer.flush()
                 return first_token_ms
             except ProviderError as exc:
@@ -332,7 +336,11 @@ class _Attempt:
             if signals.cancel:
                 raise Cancelled
             self.writer.live = self.writer.live or signals.subscribed
-        if self.remaining_ms is not None and self.remaining_ms() < r.settings.time_margin_ms:
+        if (
+            not self.answered
+            and self.remaining_ms is not None
+            and self.remaining_ms() < r.settings.time_margin_ms
+        ):
             raise OutOfTime
         if (r._clock() - self.last_beat) * 1000 >= r.settings.lease_ms / 3:
             self._renew()
