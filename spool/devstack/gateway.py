@@ -937,8 +937,10 @@ class _RequestHandler(BaseHTTPRequestHandler):
                 self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
-        if response.stream is not None and self.command == "HEAD":
-            response.stream.close()  # headers only: a HEAD answer has no body, chunked or not
+        if response.stream is not None and (self.command == "HEAD" or response.status in (204, 304)):
+            # Headers only: a HEAD answer, a 204 and a 304 have no body, chunked or not (a 204 sent
+            # chunked left its "0" chunk to be read as the next answer's status line).
+            response.stream.close()
             self.end_headers()
             outcome = ""
         elif response.stream is not None:

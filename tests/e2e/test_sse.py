@@ -113,6 +113,23 @@ def test_a_killed_reader_resumes_from_last_event_id(dev_stack: RunningStack) -> 
     assert_whole(upto + resumed.chunks, finished)
 
 
+def test_a_reconnect_after_done_is_a_204_without_a_body_and_the_connection_goes_on(
+    dev_stack: RunningStack,
+) -> None:
+    """The 204 came chunked, and its final "0" chunk was read as the next answer's status line on the
+    same kept-alive connection (browsers, requests.Session and httpx reuse it)."""
+    _, _, job = create(dev_stack, {"message": "stop here", "model": "sim-fast", "max_tokens": 20})
+    wait_terminal(dev_stack, job["job_id"])
+    with httpx2.Client(timeout=30, limits=httpx2.Limits(max_connections=1)) as one_connection:
+        done = {**AUTH, "Last-Event-ID": "done"}  # an EventSource that had `done` and reconnects anyway
+        ended = one_connection.get(events_url(dev_stack, job["job_id"]), headers=done)
+        assert ended.status_code == 204 and ended.content == b""
+        assert "transfer-encoding" not in ended.headers and "content-length" not in ended.headers
+        for _ in range(3):  # the same connection, as a client's next requests use it
+            again = one_connection.get(f"{dev_stack.base_url}/v1/jobs/{job['job_id']}", headers=AUTH)
+            assert again.status_code == 200 and again.json()["status"] == "completed"
+
+
 def test_a_stream_cut_by_the_network_resumes_without_loss(dev_stack: RunningStack) -> None:
     _, _, job = create(dev_stack, {"message": "cut me", "model": "sim-realtime", "max_tokens": 1000})
     chunks: list[dict[str, Any]] = []
