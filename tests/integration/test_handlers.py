@@ -12,7 +12,7 @@ from spool.devstack.runtime import HandlerError
 from spool.devstack.template import Template
 from spool_core.auth import usage_key
 from tests.integration.conftest import DEV_KEY, DEV_TENANT, client, drain_dead_letters
-from tests.support import load_event, response_json
+from tests.support import api_event, load_event, response_json
 
 
 def test_every_function_in_the_template_has_a_sample_event(template: Template) -> None:
@@ -164,6 +164,30 @@ def test_jobs_function_creates_a_job_from_its_sample_event(invoke: Any) -> None:
     body = response_json(response)
     job_id = body["job_id"] if response["statusCode"] == 202 else body["error"]["details"]["job_id"]
     assert job_id.startswith("job_")
+
+
+@pytest.mark.parametrize(
+    ("field", "sent", "meant"),
+    [
+        ("max_tokens", True, 1),  # was a job of 1 token
+        ("max_tokens", 200.0, 200),
+        ("max_tokens", "200", 200),
+        ("fallback", "no", False),  # was fallback off
+        ("temperature", "0.5", 0.5),
+    ],
+)
+def test_a_job_body_is_json_as_written_never_coerced(invoke: Any, field: str, sent: Any, meant: Any) -> None:
+    """A body is read in pydantic's strict mode: a boolean is not a number, nor a string a boolean."""
+    body = {"message": "hi", "model": "sim-fast", "max_tokens": 20}
+    key = {"Idempotency-Key": f"strict-{field}-{json.dumps(sent)}"}
+    response = invoke("JobsFunction", api_event("POST", "/v1/jobs", body={**body, field: sent}, headers=key))
+    assert response["statusCode"] == 400, response
+    error = response_json(response)["error"]
+    assert error["code"] == "invalid_request"
+    assert [f["field"] for f in error["details"]["fields"]] == [f"body.{field}"], error
+    # Nothing was stored for the refused body: the same key then creates the job meant.
+    created = invoke("JobsFunction", api_event("POST", "/v1/jobs", body={**body, field: meant}, headers=key))
+    assert created["statusCode"] == 202, created
 
 
 def test_usage_function_answers_its_sample_event(invoke: Any) -> None:
