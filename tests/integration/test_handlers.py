@@ -170,16 +170,17 @@ def test_jobs_function_creates_a_job_from_its_sample_event(invoke: Any) -> None:
     ("field", "sent", "meant"),
     [
         ("max_tokens", True, 1),  # was a job of 1 token
-        ("max_tokens", 200.0, 200),
         ("max_tokens", "200", 200),
         ("fallback", "no", False),  # was fallback off
+        ("fallback", 0, False),
         ("temperature", "0.5", 0.5),
     ],
 )
 def test_a_job_body_is_json_as_written_never_coerced(invoke: Any, field: str, sent: Any, meant: Any) -> None:
-    """A body is read in pydantic's strict mode: a boolean is not a number, nor a string a boolean."""
+    """A number is a JSON number and a boolean a JSON boolean (spool_core.json_values): pydantic's lax
+    mode had read ``true`` as 1 and ``"no"`` as false."""
     body = {"message": "hi", "model": "sim-fast", "max_tokens": 20}
-    key = {"Idempotency-Key": f"strict-{field}-{json.dumps(sent)}"}
+    key = {"Idempotency-Key": f"json-{field}-{json.dumps(sent)}"}
     response = invoke("JobsFunction", api_event("POST", "/v1/jobs", body={**body, field: sent}, headers=key))
     assert response["statusCode"] == 400, response
     error = response_json(response)["error"]
@@ -188,6 +189,21 @@ def test_a_job_body_is_json_as_written_never_coerced(invoke: Any, field: str, se
     # Nothing was stored for the refused body: the same key then creates the job meant.
     created = invoke("JobsFunction", api_event("POST", "/v1/jobs", body={**body, field: meant}, headers=key))
     assert created["statusCode"] == 202, created
+
+
+def test_a_whole_number_is_a_number_however_json_writes_it(invoke: Any) -> None:
+    """``200.0`` is what Python's json.dumps writes for a float holding 200 (``total_seconds()``):
+    JSON has one number type, so it is 200, as a context's ``ttl_seconds`` always read it."""
+    body = {"message": "hi", "model": "sim-fast", "max_tokens": 20.0, "temperature": 1}
+    response = invoke(
+        "JobsFunction", api_event("POST", "/v1/jobs", body=body, headers={"Idempotency-Key": "whole"})
+    )
+    assert response["statusCode"] in {202, 409}, response
+    half = invoke(
+        "JobsFunction",
+        api_event("POST", "/v1/jobs", body={**body, "max_tokens": 20.5}, headers={"Idempotency-Key": "half"}),
+    )
+    assert half["statusCode"] == 400, half
 
 
 def test_usage_function_answers_its_sample_event(invoke: Any) -> None:

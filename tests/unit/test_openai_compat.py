@@ -183,6 +183,25 @@ def test_a_parameter_sent_as_null_is_left_out_as_openai_reads_it() -> None:
 
 
 @pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"max_tokens": True}, "max_tokens"),
+        ({"max_completion_tokens": "50"}, "max_completion_tokens"),
+        ({"temperature": "0.2"}, "temperature"),
+        ({"stream": "false"}, "stream"),  # a non-empty string was a stream
+        ({"stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
+    ],
+)
+def test_chat_numbers_and_booleans_are_json_as_written(extra: dict[str, Any], param: str) -> None:
+    body = {"model": "sim-fast", "messages": [{"role": "user", "content": "x"}], **extra}
+    with pytest.raises(InvalidRequest) as caught:
+        parse(chat.ChatRequest, body, ChatPolicy)
+    assert caught.value.details["param"] == param
+    whole = parse(chat.ChatRequest, {**body, **{param.split(".")[0]: None}, "max_tokens": 50.0}, ChatPolicy)
+    assert whole.job_request().max_tokens == 50  # a whole number, however JSON writes it
+
+
+@pytest.mark.parametrize(
     ("text", "accepted"),
     [
         ({}, True),

@@ -154,7 +154,7 @@ def parse_body[M: BaseModel](app: APIGatewayRestResolver, model: type[M]) -> M:
     raw = event.body or ""
     body = base64.b64decode(raw) if event.is_base64_encoded else raw.encode("utf-8", "surrogateescape")
     try:
-        return model.model_validate_json(body, strict=True)
+        return model.model_validate_json(body)
     except ValidationError as exc:
         errors = [{**err, "loc": ("body", *err["loc"])} for err in exc.errors(include_input=False)]
         raise RequestValidationError(errors) from None
