@@ -200,15 +200,19 @@ class AskSession:
     def run(self, out: Any) -> int:
         stream = self.client.stream(self.job_id, transport=self.transport, on_progress=self._progress)
         writer = AnswerWriter(out, self.meter)
+        printed = stream.last_sequence_id  # the last chunk written out (the stream counts one earlier)
         try:
             with writer:
                 try:
                     for text in stream:
                         writer.write(text)
+                        printed = stream.last_sequence_id
                 except KeyboardInterrupt:
+                    # The stream takes a chunk before it hands its text over (and may poll the job in
+                    # between): the rest is read from the last chunk printed, never from the stream's.
                     stream.close()
                     writer.pause()
-                    return self._interrupted(writer, stream.last_sequence_id)
+                    return self._interrupted(writer, printed)
         except BrokenPipeError:
             # Whoever read the answer stopped (``spool ask ... | head``): nobody reads the rest, so it
             # is not paid for either, as with Ctrl-C; the cancel is sent, not waited for.

@@ -164,6 +164,8 @@ class FakeStream:
             self.last_sequence_id = index
             if self._on_progress:
                 self._on_progress({"sequence_id": index, "tokens_generated": None, "chunks": index})
+            if self._client.interrupt_after_taking == index:  # Ctrl-C while the status line polls
+                raise KeyboardInterrupt
             yield text
         ending = self._client.ending
         result = {
@@ -193,10 +195,16 @@ class FakeStream:
 class FakeClient:
     """The client's interface, as the CLI uses it, with canned answers."""
 
-    def __init__(self, ending: str = "completed", interrupt_at: int | None = None) -> None:
+    def __init__(
+        self,
+        ending: str = "completed",
+        interrupt_at: int | None = None,
+        interrupt_after_taking: int | None = None,
+    ) -> None:
         self.texts = ["The answer ", "comes in ", "pieces."]
         self.ending = ending
         self.interrupt_at = interrupt_at
+        self.interrupt_after_taking = interrupt_after_taking
         self.cancelled: list[str] = []
         self.polls = 0
         self.job_status = "running"
@@ -439,6 +447,17 @@ class ClosedAfter(io.StringIO):
         if self.tell() >= self.n:
             raise BrokenPipeError(32, "Broken pipe")
         return super().write(text)
+
+
+def test_ctrl_c_between_taking_a_chunk_and_printing_it_loses_nothing() -> None:
+    """The stream counts a chunk as taken before its text reaches the writer, and the status line's
+    poll runs in between: a Ctrl-C there dropped that chunk from the middle of the answer, the rest
+    being read after it."""
+    client = FakeClient(interrupt_after_taking=2)
+    ask, _ = session(client)
+    out = io.StringIO()
+    assert ask.run(out) == 130
+    assert out.getvalue() == "The answer comes in pieces.\n"
 
 
 def test_a_reader_that_goes_away_cancels_the_job_quietly(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -140,24 +140,47 @@ def test_a_long_job_yields_and_continues_without_spending_its_delivery_budget() 
     assert job.attempts == 3
 
 
-def test_a_job_whose_answer_ends_inside_the_time_margin_ends_instead_of_yielding() -> None:
-    """The last flush came after the provider's end, with under the margin left: the job was handed
-    over, and the continuation called the provider again for nothing, billing its input twice."""
+@pytest.mark.parametrize(
+    ("max_tokens", "last_flush"),
+    [
+        (300, 6),  # chunks at tokens 1, 65, 129, 193, 257, then 300 after the provider's end
+        (257, 5),  # the last token's own flush (64 buffered), before the provider's end is read
+    ],
+)
+def test_a_job_whose_answer_ends_inside_the_time_margin_ends_instead_of_yielding(
+    max_tokens: int, last_flush: int
+) -> None:
+    """A flush with under the margin (5 s) left handed the job over at once, even when it wrote the
+    answer's last tokens: the continuation called the provider again for nothing and billed its
+    input twice. The hand-over now waits for a next token, which a finished answer never has."""
     world = JobWorld()
-    job_id = create(world, max_tokens=300)
+    job_id = create(world, max_tokens=max_tokens)
     calls = itertools.count(1)
-    # Flushes at tokens 1, 65, 129, 193 and 257 while the answer streams, then its last chunk (300)
-    # after the provider's end: only that one sees under the margin (5 s) left.
-    remaining = lambda: 60_000 if next(calls) < 6 else 1_000  # noqa: E731
+    remaining = lambda: 60_000 if next(calls) < last_flush else 1_000  # noqa: E731
     message = world.ledger.receive()
     assert message is not None
     outcome = world.runner("acme", flush_tokens=64).run(job_id, remaining_ms=remaining)
     assert outcome is Outcome.DONE and world.ledger.receive() is None  # no continuation
-    # The five flushes while it streamed looked at the time left; the sixth, its end, wrote at once.
-    assert next(calls) == 6 and len(list(world.ledger.tenant("acme").all(job_id))) == 6
+    # Every flush looked at the time left, the one that wrote the end included.
+    assert next(calls) == last_flush + 1 and len(list(world.ledger.tenant("acme").all(job_id))) == last_flush
     assert len(world.provider_calls) == 1
     job = assert_ended_once(world, job_id)
     assert job.attempts == 1 and job.usage.input_tokens == job.input_reported["sim-fast"]
+
+
+def test_a_job_out_of_time_is_handed_over_before_its_next_token() -> None:
+    """The other side: under the margin with more answer to come, the job yields with what it wrote,
+    and the continuation goes on from there to the same text."""
+    world = JobWorld()
+    job_id = create(world, max_tokens=300)
+    calls = itertools.count(1)
+    remaining = lambda: 60_000 if next(calls) != 3 else 1_000  # noqa: E731 - short at the third flush
+    outcomes = []
+    while (message := world.ledger.receive()) is not None:
+        runner = world.runner("acme", flush_tokens=64)
+        outcomes.append(runner.run(message.job_id, remaining_ms=remaining, continuation=message.continuation))
+    assert outcomes == [Outcome.YIELD, Outcome.DONE]
+    assert_ended_once(world, job_id)
 
 
 def test_a_refused_lease_says_what_to_do_with_the_message_without_calling_the_provider() -> None:

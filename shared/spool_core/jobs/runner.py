@@ -198,7 +198,9 @@ class _Attempt:
         self.segments = list(job.segments) or [Segment(model=job.model_resolved)]
         self.input_reported = dict(job.input_reported)
         self.finish_reason: str | None = None  # the provider's, when it says why it stopped
-        self.answered = False  # the provider finished its answer: what is left is writing it down
+        # Under the time margin at a flush: the job is handed over before its next token is taken
+        # (an answer that ends first is ended instead: a hand-over would ask the provider again).
+        self.time_up = False
         self.last_beat = runner._clock()
         self.signals_at = runner._clock()  # the lease's take read the job's cancel and subscribed
         settings = runner.settings
@@ -283,6 +285,8 @@ class _Attempt:
         calls = 0
         while True:
             calls += 1
+            if self.time_up:  # a retry would start a new call with no time left for it
+                raise OutOfTime
             resume = ResumePoint(
                 tokens=self.writer.tokens_total,
                 text=self._persisted_text() if self._resumes_from_text(provider) else "",
@@ -292,6 +296,8 @@ class _Attempt:
             try:
                 for event in provider.stream(request, resume):
                     if isinstance(event, TextDelta):
+                        if self.time_up:
+                            raise OutOfTime
                         if first_token_ms is None:
                             first_token_ms = (r._clock() - started) * 1000
                         self.writer.add(event.text, event.tokens)
@@ -300,9 +306,6 @@ class _Attempt:
                             self.input_reported.get(model.id, 0) + event.input_tokens
                         )
                         self.finish_reason = event.finish_reason
-                # The answer is whole: its last chunk is written whatever time is left (handing it
-                # over would call the provider again, for nothing, and bill its input twice).
-                self.answered = True
                 self.writer.flush()
                 return first_token_ms
             except ProviderError as exc:
@@ -336,12 +339,8 @@ class _Attempt:
             if signals.cancel:
                 raise Cancelled
             self.writer.live = self.writer.live or signals.subscribed
-        if (
-            not self.answered
-            and self.remaining_ms is not None
-            and self.remaining_ms() < r.settings.time_margin_ms
-        ):
-            raise OutOfTime
+        if self.remaining_ms is not None and not self.time_up:
+            self.time_up = self.remaining_ms() < r.settings.time_margin_ms
         if (r._clock() - self.last_beat) * 1000 >= r.settings.lease_ms / 3:
             self._renew()
 
