@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from spool_core.chat import Message
-from spool_core.json_values import JsonInt
+from spool_core.json_values import json_numbers
 from spool_core.metadata import Metadata
 
 MAX_TTL_SECONDS = 604_800
@@ -28,7 +28,9 @@ class SymbolIn(BaseModel):
     name: str = Field(min_length=1, max_length=512)
     kind: str | None = Field(default=None, max_length=64)
     path: str | None = Field(default=None, max_length=1024)
-    line: JsonInt | None = Field(default=None, ge=0)
+    line: int | None = Field(default=None, ge=0)
+
+    _numbers = json_numbers("line")
 
 
 def _a_json_number(value: Any) -> Any:

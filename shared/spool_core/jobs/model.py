@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from spool_core.chat import Message
-from spool_core.json_values import JsonBool, JsonFloat, JsonInt
+from spool_core.json_values import JsonBool, json_numbers
 from spool_core.metadata import Metadata
 
 Status = Literal["queued", "running", "completed", "failed", "cancelled"]
@@ -31,10 +31,12 @@ class JobRequest(BaseModel):
     messages: list[Message] = Field(default_factory=list, max_length=1000)
     message: str | None = Field(default=None, max_length=2_000_000)
     model: str = Field(default="default", min_length=1, max_length=128)
-    max_tokens: JsonInt = Field(default=1024, ge=1, le=1_000_000)
-    temperature: JsonFloat = Field(default=1.0, ge=0.0, le=2.0)
+    max_tokens: int = Field(default=1024, ge=1, le=1_000_000)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     metadata: Metadata = Field(default_factory=dict)
     fallback: JsonBool = True
+
+    _numbers = json_numbers("max_tokens", "temperature")
 
     @model_validator(mode="after")
     def _one_form_of_messages(self) -> JobRequest:

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from spool_core.events import Ended, Followed, Ping, TimeUp, Wait
 from spool_core.jobs.model import Job, JobRequest
-from spool_core.json_values import JsonBool, JsonFloat, JsonInt
+from spool_core.json_values import JsonBool, json_numbers
 from spool_core.openai_compat.common import (
     PING,
     created_epoch,
@@ -44,14 +44,16 @@ class ChatRequest(BaseModel):
 
     model: str = Field(min_length=1, max_length=128)
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
-    max_tokens: JsonInt | None = Field(default=None, ge=1, le=1_000_000)
-    max_completion_tokens: JsonInt | None = Field(default=None, ge=1, le=1_000_000)
-    temperature: JsonFloat | None = Field(default=None, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     stream: JsonBool = False
     stream_options: StreamOptions | None = None
     metadata: dict[str, Any] | None = None
     context_id: str | None = Field(default=None, max_length=64)
     fallback: JsonBool = True
+
+    _numbers = json_numbers("max_tokens", "max_completion_tokens", "temperature")
 
     @field_validator("messages")
     @classmethod

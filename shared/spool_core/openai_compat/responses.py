@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from spool_core.errors import NotFound
 from spool_core.events import Ended, Followed, Ping, TimeUp, Wait
 from spool_core.jobs.model import Job, JobRequest
-from spool_core.json_values import JsonBool, JsonFloat, JsonInt
+from spool_core.json_values import JsonBool, json_numbers
 from spool_core.openai_compat.common import PING, created_epoch, data_line, text_of, to_job
 
 PREFIX_EVENTS = 3  # created, in_progress, output_item.added, content_part.added: numbers 0..3
@@ -43,13 +43,15 @@ class ResponsesRequest(BaseModel):
     model: str = Field(min_length=1, max_length=128)
     input: str | Annotated[list[InputMessage], Field(max_length=1000)]
     instructions: str | None = None
-    max_output_tokens: JsonInt | None = Field(default=None, ge=1, le=1_000_000)
-    temperature: JsonFloat | None = Field(default=None, ge=0.0, le=2.0)
+    max_output_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     background: JsonBool = False
     stream: JsonBool = False
     metadata: dict[str, Any] | None = None
     context_id: str | None = Field(default=None, max_length=64)
     fallback: JsonBool = True
+
+    _numbers = json_numbers("max_output_tokens", "temperature")
 
     @field_validator("input")
     @classmethod
