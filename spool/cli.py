@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import date, datetime
 from pathlib import Path
 from types import FrameType
@@ -308,16 +308,9 @@ class AskSession:
     def _write_rest(self, writer: AnswerWriter, after: int) -> None:
         """The chunks after ``after`` of the ended job: what the worker wrote between the interrupt
         and its stop (the read is best effort: the answer's end is also at ``spool jobs get``)."""
-        try:
-            while True:
-                page = self.client.chunks(self.job_id, after)
-                for chunk in page["chunks"]:
-                    writer.write(chunk["text"])
-                if page["done"] or not page["chunks"]:
-                    return
-                after = page["next_after"]
-        except SpoolError:
-            return
+        with contextlib.suppress(SpoolError):
+            for chunk in self.client.stream_chunks(self.job_id, after):
+                writer.write(chunk["text"])
 
     def _ending(self, status: str, style: str, detail: str, cost: float | None) -> None:
         self.say.print(f"{status}: {detail}, {_money(cost)} · {self.job_id}", style=style)
@@ -513,17 +506,8 @@ def _jobs_list(args: argparse.Namespace) -> int:
         message_console().print("no jobs" + (f" {args.status}" if args.status else ""))
         return EXIT_OK
     columns = ["JOB ID", "STATUS", "MODEL", "IN", "OUT", "COST", "CREATED"]
-    out = output_console()
-    out.print(
-        table(
-            None,
-            columns,
-            rows,
-            numbers=("IN", "OUT", "COST"),
-            width=out.width,
-            keep=("JOB ID",),
-            drop=("CREATED", "MODEL", "IN", "COST", "OUT"),
-        )
+    _print_listing(
+        columns, rows, numbers=("IN", "OUT", "COST"), drop=("CREATED", "MODEL", "IN", "COST", "OUT")
     )
     if more:
         message_console().print(f"showing the {len(jobs)} newest; --all lists every one", style="dim")
@@ -582,21 +566,24 @@ def _contexts_list(args: argparse.Namespace) -> int:
     if not contexts:
         message_console().print("no contexts")
         return EXIT_OK
-    out = output_console()
-    out.print(
-        table(
-            None,
-            columns,
-            rows,
-            numbers=("VERSION", "FILES", "TOKENS", "SIZE"),
-            width=out.width,
-            keep=("CONTEXT ID",),
-            drop=("EXPIRES", "UPDATED", "SIZE", "FILES", "VERSION"),
-        )
+    _print_listing(
+        columns,
+        rows,
+        numbers=("VERSION", "FILES", "TOKENS", "SIZE"),
+        drop=("EXPIRES", "UPDATED", "SIZE", "FILES", "VERSION"),
     )
     if more:
         message_console().print(f"showing the {len(contexts)} newest; --all lists every one", style="dim")
     return EXIT_OK
+
+
+def _print_listing(
+    columns: list[str], rows: Sequence[Sequence[Any]], *, numbers: tuple[str, ...], drop: tuple[str, ...]
+) -> None:
+    """A listing on stdout, its first column the ids: never cut, whatever the terminal's width (the
+    columns in ``drop`` are left out first, in that order)."""
+    out = output_console()
+    out.print(table(None, columns, rows, numbers=numbers, width=out.width, keep=(columns[0],), drop=drop))
 
 
 def _size(size: int) -> str:

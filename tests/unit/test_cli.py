@@ -377,12 +377,10 @@ class FakeClient:
         pass
 
     def stream_chunks(self, job_id: str, after: int = 0) -> Iterator[dict[str, Any]]:
-        return iter([{"sequence_id": after + 1, "text": "x"}])
-
-    def chunks(self, job_id: str, after: int = 0) -> dict[str, Any]:
-        """The log, a chunk a page: all of ``texts`` was written (a cancelled job's up to its stop)."""
+        """The log after ``after``: all of ``texts`` was written (a cancelled job's up to its stop);
+        past them, one more chunk ``x`` (what ``spool jobs chunks`` is shown printing)."""
         rest = [{"sequence_id": i, "text": t} for i, t in enumerate(self.texts, start=1) if i > after]
-        return {"chunks": rest[:1], "next_after": after + min(1, len(rest)), "done": len(rest) <= 1}
+        return iter(rest or [{"sequence_id": after + 1, "text": "x"}])
 
 
 def session(client: FakeClient) -> tuple[cli.AskSession, io.StringIO]:
