@@ -103,7 +103,21 @@ def openai_error_body(error: SpoolError, request_id: str | None) -> dict[str, An
     return body
 
 
-class JobFailed(SpoolError):
+class _JobNotAnswered(SpoolError):
+    """An error behind which a job was made: it names the job (``X-Spool-Job-Id``), and SDKs must not
+    retry it by themselves (``x-should-retry: false``): a retry without the same ``Idempotency-Key``
+    is a new, paid, generation."""
+
+    def __init__(self, job_id: str, message: str, *, details: dict[str, Any], suggestions: list[str]) -> None:
+        super().__init__(message, details=details, suggestions=suggestions)
+        self.headers = {"x-should-retry": "false", "X-Spool-Job-Id": job_id}
+
+
+def partial_output_at(job_id: str) -> str:
+    return f"The partial output stays readable at GET /v1/jobs/{job_id}"
+
+
+class JobFailed(_JobNotAnswered):
     """The job behind a non-streamed answer failed: its own error, as a 502 (the model's side
     failed) that SDKs must not retry blindly (each retry would be a new, paid, generation)."""
 
@@ -112,21 +126,18 @@ class JobFailed(SpoolError):
     def __init__(self, job: Job) -> None:
         error = job.error or {}
         super().__init__(
+            job.job_id,
             str(error.get("message") or f"Job {job.job_id} failed"),
             details={**(error.get("details") or {}), "job_id": job.job_id, "job_error": error.get("code")},
-            suggestions=[
-                *(error.get("suggestions") or []),
-                f"The partial output stays readable at GET /v1/jobs/{job.job_id}",
-            ],
+            suggestions=[*(error.get("suggestions") or []), partial_output_at(job.job_id)],
         )
         self.code = str(error.get("code") or self.code)  # type: ignore[misc]
-        self.headers = {"x-should-retry": "false", "X-Spool-Job-Id": job.job_id}
 
 
 register_status(JobFailed, 502)
 
 
-class JobCancelled(SpoolError):
+class JobCancelled(_JobNotAnswered):
     """The job behind a non-streamed answer was cancelled (``POST /v1/jobs/{id}/cancel``) before it
     ended: its text is cut short, so it is not answered as a complete ``chat.completion``. Not to be
     retried blindly either (a retry is a new, paid, generation)."""
@@ -135,14 +146,11 @@ class JobCancelled(SpoolError):
 
     def __init__(self, job: Job) -> None:
         super().__init__(
+            job.job_id,
             cancelled_message(job),
             details={"job_id": job.job_id, "output_tokens": job.usage.output_tokens},
-            suggestions=[
-                f"The partial output stays readable at GET /v1/jobs/{job.job_id}",
-                "Send the request again for a whole answer",
-            ],
+            suggestions=[partial_output_at(job.job_id), "Send the request again for a whole answer"],
         )
-        self.headers = {"x-should-retry": "false", "X-Spool-Job-Id": job.job_id}
 
 
 register_status(JobCancelled, 409)
@@ -155,7 +163,7 @@ def cancelled_message(job: Job) -> str:
     )
 
 
-class StillRunning(SpoolError):
+class StillRunning(_JobNotAnswered):
     """A non-streamed answer whose job outlived the request's time: the job goes on. Like a failure,
     not one to retry blindly: a retry without the same ``Idempotency-Key`` is a new, paid, job."""
 
@@ -163,6 +171,7 @@ class StillRunning(SpoolError):
 
     def __init__(self, job_id: str) -> None:
         super().__init__(
+            job_id,
             f"Job {job_id} is still running; its answer will be at GET /v1/jobs/{job_id}",
             details={"job_id": job_id},
             suggestions=[
@@ -171,7 +180,6 @@ class StillRunning(SpoolError):
                 "Stream long answers instead (stream: true)",
             ],
         )
-        self.headers = {"x-should-retry": "false", "X-Spool-Job-Id": job_id}
 
 
 register_status(StillRunning, 504)
@@ -184,7 +192,7 @@ def job_failure(job: Job) -> dict[str, Any]:
         code, message, suggestions = (
             "job_cancelled",
             cancelled_message(job),
-            [f"The partial output stays readable at GET /v1/jobs/{job.job_id}"],
+            [partial_output_at(job.job_id)],
         )
     else:
         error = job.error or {}
