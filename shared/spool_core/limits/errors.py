@@ -23,15 +23,26 @@ class RateLimited(SpoolError):
         super().__init__(message, details=details, suggestions=suggestions)
         self.retry_after_seconds = retry_after_seconds
         self.headers["Retry-After"] = str(max(1, math.ceil(retry_after_seconds)))
+        if suggestions is None:
+            self.suggestions[:0] = self._leading_suggestions()
+
+    def _leading_suggestions(self) -> list[str]:
+        """Suggestions of the error's own, before its kind's defaults (none here)."""
+        return []
 
 
 class TokenLimitExceeded(RateLimited):
     code = "token_limit_exceeded"
     default_suggestions: ClassVar[tuple[str, ...]] = (
-        "Retry after the number of seconds in Retry-After",
         "Lower max_tokens: the reservation includes the output you allow",
         "Send less context (PATCH the context to drop files you do not need)",
     )
+
+    def _leading_suggestions(self) -> list[str]:
+        """The wait, as the Retry-After header says it, and when it ends."""
+        at = f", at {self.details['reset_at']}" if "reset_at" in self.details else ""
+        wait = f"Retry in {int(self.headers['Retry-After']):,} s (the Retry-After header){at},"
+        return [f"{wait} when the limit has room for this job"]
 
 
 class TooManyConcurrentJobs(RateLimited):

@@ -176,12 +176,6 @@ class RateLimiter:
             ]
         else:
             reset_us = bucket.available_at(tat, now_us, tokens)
-            wait = max(1, math.ceil((reset_us - now_us) / 1e6))
-            suggestions = [
-                f"Retry in {wait:,} s (the Retry-After header), at {rfc3339(from_epoch(reset_us / 1e6))},"
-                " when the limit has room for this job",
-                *TokenLimitExceeded.default_suggestions[1:],
-            ]
         return TokenLimitExceeded(
             message,
             retry_after_seconds=max(1.0, (reset_us - now_us) / 1e6),
