@@ -205,8 +205,9 @@ class AskSession:
             with writer:
                 try:
                     for text in stream:
-                        writer.write(text)
-                        printed = stream.last_sequence_id
+                        with _ctrl_c_held():  # a chunk is printed and counted, or neither
+                            writer.write(text)
+                            printed = stream.last_sequence_id
                 except KeyboardInterrupt:
                     # The stream takes a chunk before it hands its text over (and may poll the job in
                     # between): the rest is read from the last chunk printed, never from the stream's.
@@ -314,6 +315,26 @@ class AskSession:
 
     def _ending(self, status: str, style: str, detail: str, cost: float | None) -> None:
         self.say.print(f"{status}: {detail}, {_money(cost)} · {self.job_id}", style=style)
+
+
+@contextlib.contextmanager
+def _ctrl_c_held() -> Iterator[None]:
+    """Ctrl-C held back until the block has run: raised after it, not in it. A SIGINT arriving as a
+    chunk's text had gone out, before it was counted as printed, printed that chunk twice once the
+    rest was read. Only where Ctrl-C raises (the main thread, SIGINT not ignored)."""
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
 
 
 def _generation_rate(job: dict[str, Any]) -> float | None:
