@@ -539,6 +539,7 @@ class JobWorld:
             ContextLimits(),
             self.clock,
         )
+        self.context_stores_made = 0  # how often the services made the tenant's context store
 
         def provider(model: Any) -> SimulatedProvider:
             self.provider_calls.append(model.id)
@@ -555,6 +556,10 @@ class JobWorld:
 
         return RateLimiter(self.ledger.tenant(tenant), self.limits, clock_ms=self.clock.ms)
 
+    def _context_store(self) -> Any:
+        self.context_stores_made += 1
+        return self._contexts
+
     def service(self, tenant: str = "acme") -> Any:
         from spool_core.jobs.service import JobService
         from spool_core.tenancy import Tenant
@@ -565,7 +570,7 @@ class JobWorld:
             store,
             store,
             store,
-            self._contexts,
+            self._context_store,
             self.catalog,
             self.limiter(tenant),
             clock=self.clock,
@@ -581,7 +586,7 @@ class JobWorld:
         return JobRunner(
             store,
             store,
-            self._contexts,
+            self._context_store,
             self.catalog,
             self.provider_for,
             self.limiter(tenant),

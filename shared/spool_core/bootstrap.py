@@ -247,7 +247,7 @@ def job_service(
         jobs,
         chunks,
         job_queue(config),
-        context_service(tenant, config),
+        partial(context_service, tenant, config),
         catalog(tenant, config),
         rate_limiter(tenant, config),
         websocket_url=config.websocket_url,
@@ -348,7 +348,7 @@ def job_runner(tenant: Tenant, config: Settings | None = None) -> JobRunner:
     return JobRunner(
         jobs,
         chunks,
-        context_service(tenant, config),
+        partial(context_service, tenant, config),
         catalog(tenant, config),
         lambda model: provider_for(model, config),
         rate_limiter(tenant, config),

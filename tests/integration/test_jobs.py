@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import pytest
@@ -65,7 +66,7 @@ def runner_for(
     return JobRunner(
         jobs,
         chunks,
-        bootstrap.context_service(tenant),
+        partial(bootstrap.context_service, tenant),
         bootstrap.catalog(tenant),
         provider,
         bootstrap.rate_limiter(tenant),
@@ -96,7 +97,7 @@ def expected_text(service: JobService, job_id: str) -> str:
     model = registry().resolve(stored.model_resolved)
     request = GenerationRequest(
         model.provider_model_id,
-        build_messages(bootstrap.context_service(Tenant(stored.tenant_id)), stored),
+        build_messages(partial(bootstrap.context_service, Tenant(stored.tenant_id)), stored),
         stored.request.max_tokens,
         stored.request.temperature,
     )

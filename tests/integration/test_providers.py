@@ -8,6 +8,7 @@ import json
 import struct
 import threading
 from collections.abc import Iterator
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -402,7 +403,7 @@ def test_a_job_on_an_openai_compatible_endpoint_survives_a_cut(
     runner = JobRunner(
         jobs,
         chunks,
-        bootstrap.context_service(tenant),
+        partial(bootstrap.context_service, tenant),
         bootstrap.catalog(tenant),
         bootstrap.provider_for,
         bootstrap.rate_limiter(tenant),

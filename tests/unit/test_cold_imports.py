@@ -111,6 +111,15 @@ def test_importing_a_handler_runs_no_full_garbage_collection(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(HANDLERS))
+def test_only_the_contexts_function_loads_the_context_store(name: str) -> None:
+    """A job loads the context store only when it names a context (admission counts it, the worker
+    reads it): the functions that create, run or stream jobs do not load it at import."""
+    store = ("spool_core.contexts.model", "spool_core.contexts.service")
+    expected = ["spool_core.contexts.model"] if name == "ContextsFunction" else []  # its request bodies
+    assert cold.loaded(HANDLERS[name], store) == expected
+
+
+@pytest.mark.parametrize("name", sorted(HANDLERS))
 def test_the_key_lookup_loads_at_init_only_where_every_call_uses_it(name: str) -> None:
     """The authorizer uses it on every call and the fanout on every delivery (is the subscriber's
     key still valid?); the others never authenticate a key, or do it on some calls only (WebSocket

@@ -41,7 +41,7 @@ def job_service(world: JobWorld, tenant: str) -> JobService:
         ListingJobStore(store),  # type: ignore[arg-type]
         store,  # type: ignore[arg-type]
         store,  # type: ignore[arg-type]
-        world._contexts,
+        lambda: world._contexts,
         world.catalog,
         world.limiter(tenant),
         clock=world.clock,

@@ -29,7 +29,7 @@ def expected_text(world: JobWorld, job_id: str, tenant: str = "acme") -> str:
     model = world.catalog.resolve(job.request.model)
     request = GenerationRequest(
         model.provider_model_id,
-        build_messages(world._contexts, job),
+        build_messages(lambda: world._contexts, job),
         job.request.max_tokens,
         job.request.temperature,
     )
@@ -494,7 +494,7 @@ def context_job(world: JobWorld) -> tuple[str, str]:
 def prompt_of(world: JobWorld, job_id: str) -> str:
     job = world.ledger.tenant("acme").get(job_id)
     assert job is not None
-    return "".join(m.content for m in build_messages(world._contexts, job))
+    return "".join(m.content for m in build_messages(lambda: world._contexts, job))
 
 
 def test_a_job_reads_the_context_it_was_accepted_with_after_a_patch_or_its_expiry() -> None:
@@ -517,6 +517,19 @@ def test_a_job_reads_the_context_it_was_accepted_with_after_a_patch_or_its_expir
     job = world.ledger.tenant("acme").get(job_id)
     assert job is not None and job.status == "completed", job
     assert "".join(c.text for c in world.ledger.tenant("acme").all(job_id)) == expected_text(world, job_id)
+
+
+def test_the_context_store_is_made_only_for_a_job_that_names_a_context() -> None:
+    """Admission and the worker make the tenant's context store (and load its models: ~12 ms of a cold
+    start) only for a job with a ``context_id``; a job without one never does."""
+    world = JobWorld()
+    create(world, key="no-context", max_tokens=300)
+    assert world.drain() == ["done"]
+    assert world.context_stores_made == 0
+    context_job(world)  # admission counts the context's tokens
+    assert world.context_stores_made == 1
+    assert world.drain() == ["done"]  # the worker reads its files
+    assert world.context_stores_made == 2
 
 
 def test_a_job_whose_context_was_deleted_fails_saying_so() -> None:

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 from spool_core.chat import Message
 from spool_core.circuits import Circuit, CircuitBreaker
 from spool_core.clock import from_epoch, rfc3339
-from spool_core.contexts.service import ContextService
 from spool_core.errors import SpoolError
 from spool_core.jobs.cadence import Cadence
 from spool_core.jobs.chunk_writer import ChunkWriter, LostLease
@@ -36,6 +35,7 @@ from spool_core.providers import Finished, GenerationRequest, Provider, Provider
 from spool_core.units import usd
 
 if TYPE_CHECKING:
+    from spool_core.contexts.service import ContextService  # made only for a job that names one
     from spool_core.flags import Flags
 
 CONTEXT_PREAMBLE = "Answer using the following context.\n\n"
@@ -84,20 +84,21 @@ class OutOfTime(Exception):
     pass
 
 
-def build_messages(contexts: ContextService, job: Job) -> tuple[Message, ...]:
+def build_messages(contexts: Callable[[], ContextService], job: Job) -> tuple[Message, ...]:
     """The prompt: the context's files with their paths, its symbols, then the request's messages. The
     context as admission counted it (``Job.context_manifest``), for every attempt; a job accepted
-    before jobs recorded it reads the context's current version."""
+    before jobs recorded it reads the context's current version. ``contexts`` makes the tenant's
+    context store, for a job that names a context."""
     messages = list(job.request.messages)
     if job.request.context_id:
-        context_id = job.request.context_id
+        context_id, store = job.request.context_id, contexts()
         manifest = (
-            contexts.load_version(context_id, job.context_manifest)
+            store.load_version(context_id, job.context_manifest)
             if job.context_manifest
-            else contexts.load(context_id).manifest
+            else store.load(context_id).manifest
         )
         parts = [CONTEXT_PREAMBLE]
-        parts += [file_block(entry.path, contexts.read_file(entry)) for entry in manifest.files]
+        parts += [file_block(entry.path, store.read_file(entry)) for entry in manifest.files]
         parts.append(symbols_block(s.model_dump() for s in manifest.symbols))
         messages.insert(0, Message(role="system", content="".join(parts)))
     return tuple(messages)
@@ -108,7 +109,7 @@ class JobRunner:
         self,
         jobs: JobStore,
         chunks: ChunkLog,
-        contexts: ContextService,
+        contexts: Callable[[], ContextService],
         models: ModelCatalog,
         provider_for: Callable[[ModelSpec], Provider],
         limiter: RateLimiter,

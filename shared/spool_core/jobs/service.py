@@ -14,11 +14,10 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spool_core import tokens
 from spool_core.clock import from_epoch, rfc3339
-from spool_core.contexts.service import ContextService
 from spool_core.errors import DependencyUnavailable, InvalidRequest, PayloadTooLarge
 from spool_core.ids import new_id
 from spool_core.jobs.cadence import Cadence
@@ -64,6 +63,11 @@ from spool_core.models import ModelCatalog, ModelSpec
 from spool_core.observability import logger
 from spool_core.tenancy import Tenant
 from spool_core.units import now_ms, usd
+
+if TYPE_CHECKING:
+    # Made only for a job that names a context: importing the context store's models is ~12 ms of
+    # every cold start of the functions that create or read jobs (docs/decisions.md, cold start).
+    from spool_core.contexts.service import ContextService
 
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
 MAX_KEY_LENGTH = 255
@@ -140,7 +144,7 @@ class JobService:
         jobs: JobStore,
         chunks: ChunkLog,
         queue: JobQueue,
-        contexts: ContextService,
+        contexts: Callable[[], ContextService],
         models: ModelCatalog,
         limiter: RateLimiter,
         *,
@@ -303,8 +307,9 @@ class JobService:
         family = tokens.family_tokenizer(model.family)
         context_tokens, manifest = 0, None
         if request.context_id:
-            loaded = self._contexts.load(request.context_id)  # 404 / 410
-            context_tokens = self._contexts.prompt_tokens(loaded, family.encoding)
+            contexts = self._contexts()
+            loaded = contexts.load(request.context_id)  # 404 / 410
+            context_tokens = contexts.prompt_tokens(loaded, family.encoding)
             manifest = loaded.record.manifest_key
         message_tokens = tokens.count_messages((m.model_dump() for m in request.messages), family.encoding)
         input_tokens = tokens.calibrate(context_tokens + message_tokens, family.calibration)
