@@ -843,7 +843,7 @@ def _tenant_limits(args: argparse.Namespace, target: Any) -> int:
             "tokens_per_day": args.tokens_per_day,
             "max_concurrent_jobs": args.max_concurrent_jobs,
         }
-        base = current.__dict__ if current else {}
+        base = current._asdict() if current else {}
         missing = [name for name, value in fields.items() if value is None and name not in base]
         if missing:
             flags = ", ".join("--" + name.replace("_", "-") for name in missing)

@@ -19,9 +19,8 @@ import hashlib
 import hmac
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from spool_core.errors import ConfigurationError, InvalidRequest
 from spool_core.settings import Settings
@@ -49,8 +48,7 @@ def check_limit(limit: int) -> int:
     return limit
 
 
-@dataclass(frozen=True)
-class Page:
+class Page(NamedTuple):
     """One page of a listing: ``next_cursor`` is None on the last page."""
 
     data: list[dict[str, Any]]

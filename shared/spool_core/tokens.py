@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     import tiktoken
@@ -26,8 +25,7 @@ TOKENS_PER_MESSAGE = 3
 TOKENS_PER_REPLY = 3
 
 
-@dataclass(frozen=True)
-class FamilyTokenizer:
+class FamilyTokenizer(NamedTuple):
     encoding: str
     calibration: float
 

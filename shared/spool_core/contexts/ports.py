@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from spool_core.contexts.model import BlobInfo, ContextRecord, Manifest
 
@@ -55,8 +54,7 @@ class ManifestStore(Protocol):
     def delete_all(self, context_id: str) -> None: ...
 
 
-@dataclass(frozen=True)
-class ListedContext:
+class ListedContext(NamedTuple):
     """A context as a listing has it: its record and its list position (creation time, then id)."""
 
     position: str
@@ -86,8 +84,7 @@ class UploadChanged(Exception):
     """Raised by ``UploadStore.read`` when the object is no longer the one that was checked."""
 
 
-@dataclass(frozen=True)
-class UploadHead:
+class UploadHead(NamedTuple):
     size_bytes: int
     etag: str
 

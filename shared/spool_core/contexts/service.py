@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import ValidationError
 
@@ -72,8 +72,7 @@ UPLOAD_ID_PREFIX = "upl"
 PATCH_ATTEMPTS = 5  # a PATCH that lost its conditional write to a concurrent one applies again
 
 
-@dataclass(frozen=True)
-class ContextLimits:
+class ContextLimits(NamedTuple):
     max_bytes: int = 50 * 1024 * 1024
     max_files: int = 2_000  # settings.max_context_files: one upload within the API's timeout
     blob_retention_seconds: float = 9 * DAY  # the bucket's lifecycle expiry of context objects
@@ -102,8 +101,7 @@ class _Prepared:
     content: str = field(repr=False)
 
 
-@dataclass(frozen=True)
-class LoadedContext:
+class LoadedContext(NamedTuple):
     record: ContextRecord
     manifest: Manifest
 

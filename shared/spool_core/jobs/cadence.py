@@ -18,7 +18,7 @@ first token); after it, they look once more 50 ms later (a fast model's next chu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 # A reader first looks this long after a chunk is due (the worker writes at the first token after the
 # interval, and the write takes a few ms), then polls between these bounds until it comes.
@@ -42,8 +42,7 @@ LATER_FIRST_POLL_MS = 25
 FIRST_POLL_FOR_MS = 1000
 
 
-@dataclass(frozen=True)
-class Cadence:
+class Cadence(NamedTuple):
     first_ms: int = 200  # SPOOL_FLUSH_MS: from the first chunk to the second
     max_ms: int = 1500  # SPOOL_FLUSH_MAX_MS: the longest interval
     tokens: int = 64  # SPOOL_FLUSH_TOKENS: a chunk is written once this many tokens wait

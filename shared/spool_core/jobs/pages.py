@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from spool_core.clock import epoch_ms
 from spool_core.errors import InvalidRequest
@@ -34,8 +33,7 @@ QUEUED_FRESH_SECONDS = 0.25
 FRESH_SECONDS: dict[str, float] = {"running": STATUS_FRESH_SECONDS, "queued": QUEUED_FRESH_SECONDS}
 
 
-@dataclass(frozen=True)
-class ChunkPage:
+class ChunkPage(NamedTuple):
     """A page of the chunk log: the chunks after a cursor, and whether the job's log ends there."""
 
     job_id: str

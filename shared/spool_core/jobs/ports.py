@@ -8,8 +8,8 @@ lease token and counts as done, never as a conflict (see docs/decisions.md, "Ind
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
 from spool_core.jobs.model import Chunk, EndMark, Job, JobSummary, Progress, Segment, Status, Usage
 
@@ -25,8 +25,7 @@ class Conflict(Exception):
         self.current = current
 
 
-@dataclass(frozen=True)
-class Claim:
+class Claim(NamedTuple):
     """The idempotency record: which job a tenant's key created, and the body it was created with."""
 
     key_hash: str
@@ -45,8 +44,7 @@ class AdmissionRefused(Exception):
         self.claim = claim
 
 
-@dataclass(frozen=True)
-class JobEnd:
+class JobEnd(NamedTuple):
     """The final state of a job, written once."""
 
     status: Status
@@ -58,7 +56,7 @@ class JobEnd:
     error: dict[str, Any] | None = None
     first_token_at: str | None = None
     segments: tuple[Segment, ...] | None = None
-    input_reported: dict[str, int] = field(default_factory=dict)
+    input_reported: Mapping[str, int] = MappingProxyType({})
     finish_reason: str | None = None  # of a completed job: stop | length | content_filter
     # Whether the writer knows of a WebSocket subscriber: the end mark (written with every end) is then
     # marked live, for the fanout. A writer that knows of none is refused if one subscribed meanwhile,
@@ -66,16 +64,14 @@ class JobEnd:
     subscribed: bool = False
 
 
-@dataclass(frozen=True)
-class Signals:
+class Signals(NamedTuple):
     """What a worker learns at each flush from the job item."""
 
     cancel: bool = False
     subscribed: bool = False
 
 
-@dataclass(frozen=True)
-class EndGuard:
+class EndGuard(NamedTuple):
     """Who may write the end: the lease holder (``lease``), a cancel of a job nobody started
     (``queued``), or the dead-letter path once no live lease holds the job (``abandoned``).
     ``token`` is recorded as ``ended_by``, so a retry of an applied end recognizes it."""
@@ -85,8 +81,7 @@ class EndGuard:
     now_ms: int = 0
 
 
-@dataclass(frozen=True)
-class ListedJob:
+class ListedJob(NamedTuple):
     """A job as a listing has it: its summary and its list position (creation time, then id)."""
 
     position: str
@@ -156,8 +151,7 @@ class JobStore(Protocol):
         touched the job since ``seen_pending_ms``."""
 
 
-@dataclass(frozen=True)
-class LogPage:
+class LogPage(NamedTuple):
     """Chunks after a cursor, in order, and the job's end mark when the page reaches it (every chunk
     of the job comes before it)."""
 
@@ -194,8 +188,7 @@ class SweptQueue(JobQueue, Protocol):
         """Messages waiting to be received (visible or delayed; approximate, as SQS counts them)."""
 
 
-@dataclass(frozen=True)
-class PendingJob:
+class PendingJob(NamedTuple):
     tenant_id: str
     job_id: str
     pending_since_ms: int

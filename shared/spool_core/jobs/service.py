@@ -13,8 +13,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from spool_core import tokens
 from spool_core.clock import from_epoch, rfc3339
@@ -76,8 +75,7 @@ STATUSES: tuple[Status, ...] = ("queued", "running", "completed", "failed", "can
 ADMISSION_ATTEMPTS = 25  # reads and transactions, while concurrent admissions keep moving the state
 
 
-@dataclass(frozen=True)
-class Created:
+class Created(NamedTuple):
     """The outcome of ``POST /v1/jobs``: a new job (202) or the replay of a finished one (200)."""
 
     job: Job
@@ -251,7 +249,7 @@ class JobService:
             limited.headers.update(self._limiter.headers(state))
             raise
         object.__setattr__(job, "usage", Usage(estimated_tokens=estimate.total))
-        object.__setattr__(job, "estimate", asdict(estimate))
+        object.__setattr__(job, "estimate", estimate._asdict())
         return plan
 
     def _claim(self, key_hash: str, job: Job) -> Claim:

@@ -4,23 +4,21 @@ tokens, microseconds for bucket times, milliseconds for instants, nano-dollars f
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from types import MappingProxyType
+from typing import Any, Literal, NamedTuple
 
 MINUTE_US = 60_000_000
 DAY_US = 86_400_000_000
 
 
-@dataclass(frozen=True)
-class TenantLimits:
+class TenantLimits(NamedTuple):
     tokens_per_minute: int
     tokens_per_day: int
     max_concurrent_jobs: int
     daily_budget_nanos: int | None = None
 
 
-@dataclass(frozen=True)
-class Bucket:
+class Bucket(NamedTuple):
     """A token bucket as GCRA sees it: ``limit`` tokens per ``period_us``, burst = ``limit``.
 
     State is one number, the theoretical arrival time (TAT, epoch microseconds): the bucket is full
@@ -63,8 +61,7 @@ class Bucket:
         return BucketTake(self.name, "advance", cost, now, latest=now + self.period_us - cost)
 
 
-@dataclass(frozen=True)
-class BucketTake:
+class BucketTake(NamedTuple):
     """``restart``: the bucket was full: TAT = now + cost, if it still is (TAT <= now or unset).
     ``advance``: it was not: TAT += cost, if TAT is still in (now, latest]."""
 
@@ -75,8 +72,7 @@ class BucketTake:
     latest: int = 0
 
 
-@dataclass(frozen=True)
-class Estimate:
+class Estimate(NamedTuple):
     """What admission reserves for a job, and how it was reached (kept on the job for learning)."""
 
     input_raw: int  # tiktoken x family calibration
@@ -89,20 +85,18 @@ class Estimate:
         return self.input_tokens + self.output_tokens
 
 
-@dataclass(frozen=True)
-class UsageState:
+class UsageState(NamedTuple):
     """What admission reads of a tenant's usage partition, in one request."""
 
     limits: TenantLimits | None = None
-    tats: dict[str, int | None] = field(default_factory=dict)  # bucket name -> TAT
+    tats: Mapping[str, int | None] = MappingProxyType({})  # bucket name -> TAT
     running: int = 0
     committed_nanos: int = 0  # today's budget commitments
     correction_milli: int = 1000
     outputs: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True)
-class Reservation:
+class Reservation(NamedTuple):
     """What admission took for a job, kept on the job item and given back (or topped up) when it ends."""
 
     tokens: int
@@ -113,7 +107,7 @@ class Reservation:
     budgeted: bool = False  # a daily budget applied: the settlement moves the day's commitments
 
     def item(self) -> dict[str, Any]:
-        return {**asdict(self), "buckets": [list(b) for b in self.buckets]}
+        return {**self._asdict(), "buckets": [list(b) for b in self.buckets]}
 
     @classmethod
     def from_item(cls, item: Mapping[str, Any]) -> Reservation:
@@ -127,8 +121,7 @@ class Reservation:
         )
 
 
-@dataclass(frozen=True)
-class ReservationPlan:
+class ReservationPlan(NamedTuple):
     """The conditional writes that take a reservation, committed with the job in one transaction."""
 
     reservation: Reservation
@@ -137,8 +130,7 @@ class ReservationPlan:
     budget_room_nanos: int | None = None  # commit only if today's commitments are at most this
 
 
-@dataclass(frozen=True)
-class ModelUsage:
+class ModelUsage(NamedTuple):
     """Tokens one model consumed for a job (a job that fell back mid-stream has several)."""
 
     model_id: str
@@ -147,8 +139,7 @@ class ModelUsage:
     cost_nanos: int
 
 
-@dataclass(frozen=True)
-class Settlement:
+class Settlement(NamedTuple):
     """Replace a job's reservation with its actual usage: done once, in the same transaction as the
     job's final write. The limiter computes every number; a store only applies them."""
 
