@@ -8,7 +8,6 @@ lease token and counts as done, never as a conflict (see docs/decisions.md, "Ind
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
 from spool_core.jobs.model import Chunk, EndMark, Job, JobSummary, Progress, Segment, Status, Usage
@@ -56,7 +55,7 @@ class JobEnd(NamedTuple):
     error: dict[str, Any] | None = None
     first_token_at: str | None = None
     segments: tuple[Segment, ...] | None = None
-    input_reported: Mapping[str, int] = MappingProxyType({})
+    input_reported: Mapping[str, int] = {}  # one shared default: a Mapping, so never written to
     finish_reason: str | None = None  # of a completed job: stop | length | content_filter
     # Whether the writer knows of a WebSocket subscriber: the end mark (written with every end) is then
     # marked live, for the fanout. A writer that knows of none is refused if one subscribed meanwhile,

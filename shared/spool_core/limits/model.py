@@ -4,7 +4,6 @@ tokens, microseconds for bucket times, milliseconds for instants, nano-dollars f
 from __future__ import annotations
 
 from collections.abc import Mapping
-from types import MappingProxyType
 from typing import Any, Literal, NamedTuple
 
 MINUTE_US = 60_000_000
@@ -89,7 +88,7 @@ class UsageState(NamedTuple):
     """What admission reads of a tenant's usage partition, in one request."""
 
     limits: TenantLimits | None = None
-    tats: Mapping[str, int | None] = MappingProxyType({})  # bucket name -> TAT
+    tats: Mapping[str, int | None] = {}  # bucket name -> TAT (a shared default: read-only, Mapping)
     running: int = 0
     committed_nanos: int = 0  # today's budget commitments
     correction_milli: int = 1000
