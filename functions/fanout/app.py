@@ -55,8 +55,8 @@ def _deliver(tenant_id: str, job_id: str, group: Group) -> None:
 
 
 def record_handler(record: DynamoDBRecord) -> None:
-    """The first record of a job delivers the whole batch's records of that job; a failed delivery
-    fails each of them (Lambda retries from the first)."""
+    """Each record reports its job's delivery (made for the whole batch by ``deliver_all``): a failed
+    delivery fails each of the job's records (Lambda retries from the first)."""
     _batch.handle(record.raw_event, _deliver)
 
 
@@ -66,6 +66,7 @@ def lambda_handler(event: dict[str, object], context: LambdaContext) -> PartialI
     global _batch
     records = event.get("Records")
     _batch = FanoutBatch(records if isinstance(records, list) else [])
+    _batch.deliver_all(_deliver)  # every job of the batch at once; each record then reports its job's
     return process_partial_response(
         event=event, record_handler=record_handler, processor=processor, context=context
     )

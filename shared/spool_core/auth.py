@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -203,6 +204,7 @@ class KeyCache:
         self._max_entries = max_entries  # random keys sprayed at the API must not grow it without end
         self._clock = clock
         self._entries: OrderedDict[str, tuple[ApiKeyRecord | None, float]] = OrderedDict()
+        self._lock = threading.Lock()  # the fanout checks keys from several threads at once
 
     def lookup(self, key_hash: str, load: Callable[[str], ApiKeyRecord | None]) -> ApiKeyRecord | None:
         if self._seconds <= 0:
@@ -213,14 +215,16 @@ class KeyCache:
             return entry[0]
         record = load(key_hash)
         lifetime = self._seconds if record is not None else self._negative_seconds
-        self._entries[key_hash] = (record, now + lifetime)
-        self._entries.move_to_end(key_hash)
-        while len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
+        with self._lock:
+            self._entries[key_hash] = (record, now + lifetime)
+            self._entries.move_to_end(key_hash)
+            while len(self._entries) > self._max_entries:
+                self._entries.popitem(last=False)
         return record
 
     def forget(self, key_hash: str) -> None:
-        self._entries.pop(key_hash, None)
+        with self._lock:
+            self._entries.pop(key_hash, None)
 
 
 @dataclass(frozen=True)
@@ -378,6 +382,7 @@ class ConnectionGuard:
         self._closer = closer
         self._max_entries = max_entries
         self._known: OrderedDict[str, ConnectionIdentity | None] = OrderedDict()
+        self._lock = threading.Lock()  # the fanout delivers several jobs at once
 
     def admit(self, connection_id: str, record: ApiKeyRecord) -> None:
         """A connection opened with ``record``'s key (which the connection's own item records, in the
@@ -386,8 +391,9 @@ class ConnectionGuard:
 
     def identity(self, connection_id: str) -> ConnectionIdentity | None:
         """The tenant and key the connection authenticated with; None for a connection that never did."""
-        if connection_id in self._known:
-            return self._known[connection_id]
+        with self._lock:
+            if connection_id in self._known:
+                return self._known[connection_id]
         identity = self._connections.identity(connection_id)
         self._memo(connection_id, identity)
         return identity
@@ -406,6 +412,7 @@ class ConnectionGuard:
         self._closer.close(connection_id, revoked_key_error())
 
     def _memo(self, connection_id: str, identity: ConnectionIdentity | None) -> None:
-        self._known[connection_id] = identity
-        while len(self._known) > self._max_entries:
-            self._known.popitem(last=False)
+        with self._lock:
+            self._known[connection_id] = identity
+            while len(self._known) > self._max_entries:
+                self._known.popitem(last=False)

@@ -4,11 +4,18 @@ The chunk table's stream record of a new live chunk carries the chunk (``NEW_IMA
 text); the record of a job's end mark carries how the job ended. The fanout pushes from them and reads
 the chunk log only to fill a gap. Records are grouped by job so that a batch costs one delivery (one
 Query of the job's subscriptions) per job, whatever the number of its records.
+
+The jobs of a batch are delivered at the same time (``deliver_all``): a batch holds the records of
+every job its lane of the shard got meanwhile (partition keys are hashed to the ParallelizationFactor's
+lanes, so several jobs share one), and each delivery is a few DynamoDB calls and pushes in a row,
+waiting on the network; one after another, the last job of a batch waited for all the others'.
+A job's own records stay in one delivery, in order.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +27,8 @@ from spool_core.observability import logger
 from spool_core.tenancy import SEPARATOR
 
 JobKey = tuple[str, str]  # (tenant id, job id)
+# Jobs of one batch delivered at once (each holds a DynamoDB connection of the client's pool of 32).
+DELIVERIES_AT_ONCE = 8
 
 
 class DeliveryFailed(RuntimeError):
@@ -87,6 +96,27 @@ class FanoutBatch:
                 group.end_unread = True
             else:
                 group.until = max(group.until, sequence)
+
+    def deliver_all(self, deliver: Deliver, *, at_once: int = DELIVERIES_AT_ONCE) -> None:
+        """Deliver every job of the batch, up to ``at_once`` at a time; a delivery that fails is kept
+        for ``handle`` to fail each of that job's records."""
+        pending = [(key, group) for key, group in self._groups.items() if not group.delivered]
+        if len(pending) <= 1 or at_once <= 1:
+            for key, group in pending:
+                self._deliver(key, group, deliver)
+            return
+        with ThreadPoolExecutor(max_workers=min(at_once, len(pending)), thread_name_prefix="fanout") as pool:
+            futures = [pool.submit(self._deliver, key, group, deliver) for key, group in pending]
+        for future in futures:
+            future.result()  # what is not an Exception (the process dying, say) ends the invocation
+
+    @staticmethod
+    def _deliver(key: JobKey, group: Group, deliver: Deliver) -> None:
+        group.delivered = True
+        try:
+            deliver(key[0], key[1], group)
+        except Exception as exc:  # reported by handle(), record by record
+            group.error = exc
 
     def handle(self, record: Mapping[str, Any], deliver: Deliver) -> None:
         """Deliver the record's job (once per batch: its first record does it for all of them)."""

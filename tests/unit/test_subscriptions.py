@@ -622,6 +622,50 @@ def test_each_job_is_delivered_once_per_batch_and_a_failure_fails_all_its_record
     assert delivered == ["job_a", "job_b"]
 
 
+def test_the_jobs_of_a_batch_are_delivered_at_once_and_each_record_reports_its_own() -> None:
+    """Two jobs of one batch are delivered at the same time: each delivery waits for the other to
+    have started (one after another, the first would wait for ever: the barrier breaks after 30 s).
+    A failed job fails each of its records, and only those."""
+    records = [
+        chunk_record("t", "job_a", 1),
+        chunk_record("t", "job_b", 1),
+        chunk_record("t", "job_c", 1),
+        chunk_record("t", "job_a", 2),
+    ]
+    batch = FanoutBatch(records)
+    both_started = threading.Barrier(2, timeout=30)
+    delivered: list[str] = []
+
+    def deliver(tenant: str, job: str, group: Group) -> None:
+        if job in ("job_a", "job_b"):
+            both_started.wait()
+        delivered.append(job)
+        if job == "job_c":
+            raise RuntimeError("throttled")
+
+    batch.deliver_all(deliver, at_once=2)
+    assert sorted(delivered) == ["job_a", "job_b", "job_c"]
+    assert batch.groups[("t", "job_a")].error is None and batch.groups[("t", "job_b")].error is None
+    for each in (records[0], records[1], records[3]):
+        batch.handle(each, deliver)  # delivered: nothing more
+    with pytest.raises(DeliveryFailed):
+        batch.handle(records[2], deliver)
+    assert sorted(delivered) == ["job_a", "job_b", "job_c"]
+
+
+def test_a_delivery_that_kills_the_process_is_not_taken_for_a_failed_record() -> None:
+    """What is not an Exception (a SystemExit in a delivery thread) ends the invocation, as it does
+    one delivering alone: Lambda then retries the whole batch."""
+    records = [chunk_record("t", "job_a", 1), chunk_record("t", "job_b", 1)]
+
+    def deliver(tenant: str, job: str, group: Group) -> None:
+        if job == "job_b":
+            raise SystemExit(1)
+
+    with pytest.raises(SystemExit):
+        FanoutBatch(records).deliver_all(deliver)
+
+
 def test_records_that_cannot_be_read_are_delivered_from_the_log_and_the_job(parts: Any) -> None:
     bad = record("t#job#job_a", {"text": {"S": "no created_at"}}, sequence_id=3)
     bad_end = record("t#job#job_a", {"status": {"S": "nonsense"}}, sequence_id=END_SEQUENCE_ID)
