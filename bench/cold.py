@@ -43,9 +43,6 @@ PYDANTIC_FLOOR = (
     "type('First', (BaseModel,), {'__annotations__': {'x': int}})"
 )
 FLOOR_ENVIRONMENT = {"PYDANTIC_DISABLE_PLUGINS": "__all__"}
-# The baseline loaded as Spool's functions load: with the cyclic collector off (spool_core/__init__.py).
-# Printed beside the target, which is against the baseline as a bare function loads.
-QUIET_BASELINE = f"import gc; gc.disable(); {BASELINE}"
 # Loaded by a call that needs them, never by importing a handler (tests/unit/test_cold_imports.py)
 HEAVY_MODULES = (
     "openai",  # ~0.6 s: the OpenAI-compatible provider's client, made by the first call to such a model
@@ -139,7 +136,6 @@ class Figures:
     baseline_ms: float
     floor_ms: float
     handlers_ms: dict[str, float]
-    quiet_baseline_ms: float = 0.0
 
     def ratio(self, name: str) -> float:
         return self.handlers_ms[name] / self.baseline_ms
@@ -151,13 +147,11 @@ def measure(selected: Sequence[Handler], runs: int, *, tracing: bool = False) ->
     samples: dict[str, list[float]] = {h.name: [] for h in selected}
     baseline: list[float] = []
     floor: list[float] = []
-    quiet: list[float] = []
     for handler in selected:
         import_ms(handler.code_dir, f"import {handler.module}", environment(handler, tracing=tracing))
     for _ in range(runs):
         baseline.append(import_ms(LAYER, BASELINE, environment(None)))
         floor.append(import_ms(LAYER, PYDANTIC_FLOOR, {**environment(None), **FLOOR_ENVIRONMENT}))
-        quiet.append(import_ms(LAYER, QUIET_BASELINE, environment(None)))
         for handler in selected:
             env = environment(handler, tracing=tracing)
             samples[handler.name].append(import_ms(handler.code_dir, f"import {handler.module}", env))
@@ -165,7 +159,6 @@ def measure(selected: Sequence[Handler], runs: int, *, tracing: bool = False) ->
         statistics.median(baseline),
         statistics.median(floor),
         {name: statistics.median(times) for name, times in samples.items()},
-        statistics.median(quiet),
     )
 
 
@@ -198,9 +191,6 @@ def run(runs: int | None = None) -> bool:
     print(
         f"worst: {worst.name} {off.ratio(worst.name):.2f}x of the baseline (target <= {TARGET_RATIO}x):"
         f" {'met' if met else 'NOT met'}\n"
-        f"  for comparison, the baseline loaded with the collector off, as Spool's functions load:"
-        f" {off.quiet_baseline_ms:.0f} ms; {worst.name} is"
-        f" {off.handlers_ms[worst.name] / off.quiet_baseline_ms:.2f}x of that\n"
     )
     return met
 

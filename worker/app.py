@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import spool_core  # noqa: F401 - first: no garbage collection while the handler loads (spool_core)
-
-# isort: split
 import threading
 
 # Powertools' batch utilities, before pydantic: see spool_core/queue.py
@@ -13,7 +10,7 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
 
-from spool_core import bootstrap, initialized, snapshot
+from spool_core import bootstrap, snapshot
 from spool_core.adapters import aws
 from spool_core.jobs.runner import Outcome  # the runner at init: every invocation runs a job
 from spool_core.observability import logger, tracer
@@ -79,5 +76,3 @@ def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
 
 
 lambda_handler = sqs_batch_handler(record_handler)
-
-initialized()  # the last line of a handler's import: the collector runs again (spool_core)

@@ -4,15 +4,12 @@ logged (it can never succeed, and retrying it for the queue's 14 days helps nobo
 
 from __future__ import annotations
 
-import spool_core  # noqa: F401 - first: no garbage collection while the handler loads (spool_core)
-
-# isort: split
 # Powertools' batch utilities, before pydantic: see spool_core/queue.py
 import aws_lambda_powertools.utilities.batch  # noqa: F401
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from pydantic import ValidationError
 
-from spool_core import bootstrap, initialized
+from spool_core import bootstrap
 from spool_core.jobs.outcome import Outcome
 from spool_core.observability import logger, tracer
 from spool_core.queue import JobMessage, MessageNotDone, sqs_batch_handler
@@ -36,5 +33,3 @@ def record_handler(record: SQSRecord) -> None:
 
 
 lambda_handler = sqs_batch_handler(record_handler)
-
-initialized()  # the last line of a handler's import: the collector runs again (spool_core)

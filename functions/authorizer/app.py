@@ -12,9 +12,6 @@ once its entry ends. Both kinds of credential return the tenant's ``usageIdentif
 
 from __future__ import annotations
 
-import spool_core  # noqa: F401 - first: no garbage collection while the handler loads (spool_core)
-
-# isort: split
 import time
 from typing import Any
 
@@ -25,7 +22,7 @@ from aws_lambda_powertools.utilities.data_classes.api_gateway_authorizer_event i
 )
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from spool_core import bootstrap, initialized
+from spool_core import bootstrap
 from spool_core.adapters import api_keys  # noqa: F401 - the key lookup at init: every call uses it
 from spool_core.auth import extract_api_key, usage_key
 from spool_core.observability import logger
@@ -79,6 +76,3 @@ def _events_token(
     policy.context = {"tenant_id": tenant_id, "scope": f"events:{job_id}"}
     policy.allow_route("GET", f"/v1/jobs/{job_id}/events")
     return policy
-
-
-initialized()  # the last line of a handler's import: the collector runs again (spool_core)

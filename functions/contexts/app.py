@@ -3,15 +3,12 @@ sending only what changed, and count what a request would cost in tokens."""
 
 from __future__ import annotations
 
-import spool_core  # noqa: F401 - first: no garbage collection while the handler loads (spool_core)
-
-# isort: split
 from typing import Annotated
 
 from aws_lambda_powertools.event_handler import Response
 from aws_lambda_powertools.event_handler.openapi.params import Query
 
-from spool_core import bootstrap, initialized, listing
+from spool_core import bootstrap, listing
 from spool_core.api.resolver import api_handler, create_resolver, json_response, parse_body, tenant_of
 from spool_core.contexts.model import CreateContextRequest, PatchContextRequest, TokenCountRequest
 from spool_core.observability import logger
@@ -76,5 +73,3 @@ def count_tokens() -> Response[str]:
 
 
 lambda_handler = api_handler(app)
-
-initialized()  # the last line of a handler's import: the collector runs again (spool_core)

@@ -14,15 +14,12 @@ a connection whose key was revoked gets a final ``unauthorized`` error frame and
 
 from __future__ import annotations
 
-import spool_core  # noqa: F401 - first: no garbage collection while the handler loads (spool_core)
-
-# isort: split
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
 from aws_lambda_powertools.utilities.data_classes.dynamo_db_stream_event import DynamoDBRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from spool_core import bootstrap, initialized, snapshot
+from spool_core import bootstrap, snapshot
 from spool_core.adapters import api_keys  # noqa: F401 - the key lookup at init: every delivery checks keys
 from spool_core.fanout_batch import FanoutBatch, Group
 from spool_core.observability import logger, tracer
@@ -70,6 +67,3 @@ def lambda_handler(event: dict[str, object], context: LambdaContext) -> PartialI
     return process_partial_response(
         event=event, record_handler=record_handler, processor=processor, context=context
     )
-
-
-initialized()  # the last line of a handler's import: the collector runs again (spool_core)

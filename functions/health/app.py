@@ -5,14 +5,12 @@ database, bucket or queue). ``?deep=true`` adds a real minimal provider call (on
 
 from __future__ import annotations
 
-import spool_core  # first: no garbage collection while the handler loads (spool_core)
-
-# isort: split
 from pathlib import Path
 
 from aws_lambda_powertools.event_handler import Response, content_types
 
-from spool_core import bootstrap, initialized
+import spool_core
+from spool_core import bootstrap
 from spool_core.api.errors import envelope
 from spool_core.api.resolver import api_handler, create_resolver, json_response, request_id
 from spool_core.errors import DependencyUnavailable
@@ -44,5 +42,3 @@ def openapi() -> Response[str]:
 
 
 lambda_handler = api_handler(app)
-
-initialized()  # the last line of a handler's import: the collector runs again (spool_core)

@@ -3,15 +3,12 @@ chunk log's pages are ``chunks.py``'s (``ChunksFunction``)."""
 
 from __future__ import annotations
 
-import spool_core  # noqa: F401 - first: no garbage collection while the handler loads (spool_core)
-
-# isort: split
 from typing import Annotated
 
 from aws_lambda_powertools.event_handler import Response
 from aws_lambda_powertools.event_handler.openapi.params import Query
 
-from spool_core import bootstrap, initialized, listing, snapshot
+from spool_core import bootstrap, listing, snapshot
 from spool_core.api.resolver import (
     api_handler,
     create_resolver,
@@ -90,5 +87,3 @@ def cancel(job_id: str) -> Response[str]:
 
 
 lambda_handler = api_handler(app)
-
-initialized()  # the last line of a handler's import: the collector runs again (spool_core)

@@ -5,16 +5,13 @@ reads per page."""
 
 from __future__ import annotations
 
-import spool_core  # noqa: F401 - first: no garbage collection while the handler loads (spool_core)
-
-# isort: split
 from typing import Annotated, Any
 
 from aws_lambda_powertools.event_handler import Response
 from aws_lambda_powertools.event_handler.openapi.params import Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from spool_core import bootstrap, initialized, snapshot
+from spool_core import bootstrap, snapshot
 from spool_core.api.resolver import api_handler, create_resolver, json_response, parse_body, tenant_of
 from spool_core.jobs.model import MAX_SEQUENCE_ID
 from spool_core.jobs.pages import DEFAULT_CHUNK_LIMIT, MAX_CHUNK_LIMIT, MAX_WAIT_SECONDS, ChunkPages
@@ -60,5 +57,3 @@ def resume(job_id: str) -> Response[str]:
 
 
 lambda_handler = api_handler(app)
-
-initialized()  # the last line of a handler's import: the collector runs again (spool_core)

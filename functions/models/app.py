@@ -5,15 +5,12 @@ GET /v1/models/{id}: one of them (by id or alias), as the OpenAI SDKs' ``models.
 
 from __future__ import annotations
 
-import spool_core  # noqa: F401 - first: no garbage collection while the handler loads (spool_core)
-
-# isort: split
 from collections.abc import Sequence
 from typing import Any
 
 from aws_lambda_powertools.event_handler import Response
 
-from spool_core import bootstrap, initialized
+from spool_core import bootstrap
 from spool_core.api.resolver import api_handler, create_resolver, json_response, tenant_of
 from spool_core.errors import ModelNotFound, UnknownModel
 from spool_core.models import ModelCatalog, ModelSpec
@@ -63,5 +60,3 @@ def _entries(catalog: ModelCatalog, models: Sequence[ModelSpec]) -> list[dict[st
 
 
 lambda_handler = api_handler(app)
-
-initialized()  # the last line of a handler's import: the collector runs again (spool_core)

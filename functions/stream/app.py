@@ -11,9 +11,6 @@ way the adapter does, outside Lambda. Routes stay thin: the logic is in ``spool_
 
 from __future__ import annotations
 
-import spool_core  # noqa: F401 - first: no garbage collection while the handler loads (spool_core)
-
-# isort: split
 import uuid
 from collections.abc import Callable
 
@@ -23,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from spool_core import bootstrap, initialized
+from spool_core import bootstrap
 from spool_core.api import web
 from spool_core.errors import InvalidRequest
 from spool_core.events import (
@@ -186,5 +183,3 @@ app = Starlette(
     exception_handlers=web.EXCEPTION_HANDLERS,
     middleware=web.middleware(),
 )
-
-initialized()  # the last line of a handler's import: the collector runs again (spool_core)

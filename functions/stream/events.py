@@ -8,16 +8,13 @@ stream holds its function for the whole answer, so every stream's cold start pay
 
 from __future__ import annotations
 
-import spool_core  # noqa: F401 - first: no garbage collection while the handler loads (spool_core)
-
-# isort: split
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from spool_core import bootstrap, initialized
+from spool_core import bootstrap
 from spool_core.api import web
 from spool_core.events import StreamSettings, job_events, resume_point
 from spool_core.jobs.errors import JobNotFound
@@ -49,5 +46,3 @@ app = Starlette(
     exception_handlers=web.EXCEPTION_HANDLERS,
     middleware=web.middleware(),
 )
-
-initialized()  # the last line of a handler's import: the collector runs again (spool_core)

@@ -4,14 +4,11 @@ again to a subscriber whose subscribe handler died holding it (``spool_core.due_
 
 from __future__ import annotations
 
-import spool_core  # noqa: F401 - first: no garbage collection while the handler loads (spool_core)
-
-# isort: split
 from typing import Any
 
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from spool_core import bootstrap, initialized
+from spool_core import bootstrap
 from spool_core.observability import logger
 
 
@@ -22,6 +19,3 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
     finally:  # one sweep failing (a table throttled, say) does not stop the other
         requeued = bootstrap.sweeper().sweep()
     return {"requeued": requeued, "ends_redelivered": redelivered}
-
-
-initialized()  # the last line of a handler's import: the collector runs again (spool_core)

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import spool_core  # noqa: F401 - first: no garbage collection while the handler loads (spool_core)
-
-# isort: split
 from datetime import date
 from typing import Annotated
 
 from aws_lambda_powertools.event_handler import Response
 from aws_lambda_powertools.event_handler.openapi.params import Query
 
-from spool_core import bootstrap, initialized
+from spool_core import bootstrap
 from spool_core.api.resolver import api_handler, create_resolver, json_response, tenant_of
 
 app = create_resolver()
@@ -29,5 +26,3 @@ def usage(
 
 
 lambda_handler = api_handler(app)
-
-initialized()  # the last line of a handler's import: the collector runs again (spool_core)

@@ -7,16 +7,13 @@ connection whose key was revoked gets a final ``unauthorized`` error frame and i
 
 from __future__ import annotations
 
-import spool_core  # noqa: F401 - first: no garbage collection while the handler loads (spool_core)
-
-# isort: split
 import json
 from typing import Any
 
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from spool_core import bootstrap, initialized, snapshot
+from spool_core import bootstrap, snapshot
 from spool_core.adapters import aws
 from spool_core.adapters.websocket import ManagementApiPusher
 from spool_core.api.errors import envelope
@@ -135,6 +132,3 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
         event["requestContext"].get("requestId"),
     )
     return {"statusCode": 200}
-
-
-initialized()  # the last line of a handler's import: the collector runs again (spool_core)
