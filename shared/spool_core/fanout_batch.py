@@ -119,18 +119,13 @@ class FanoutBatch:
             group.error = exc
 
     def handle(self, record: Mapping[str, Any], deliver: Deliver) -> None:
-        """Deliver the record's job (once per batch: its first record does it for all of them)."""
+        """Report the record's job's delivery, delivering it first if ``deliver_all`` has not (once per
+        batch): a failed delivery fails each of the job's records."""
         key = job_key(record)
         group = self._groups.get(key) if key else None
         if key is None or group is None:
             return
-        if group.delivered:
-            if group.error is not None:
-                raise DeliveryFailed(f"delivery of job {key[1]} failed") from group.error
-            return
-        group.delivered = True
-        try:
-            deliver(key[0], key[1], group)
-        except Exception as exc:
-            group.error = exc
-            raise
+        if not group.delivered:
+            self._deliver(key, group, deliver)
+        if group.error is not None:
+            raise DeliveryFailed(f"delivery of job {key[1]} failed") from group.error
