@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.readers import Held, Reader, tls
+from spool.devstack import processes
 
 WORDS = (" the", " of", " and", " to", " in", " is", " that", " for", " it", " with")  # one token each
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,12 +199,7 @@ class Upstream:
 
     def __exit__(self, *exc: object) -> None:
         if self._process is not None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+            processes.stop(self._process, timeout=5)
         self._socket.close()
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import boto3
 
+from spool.devstack import processes
 from spool.devstack.ports import listen
 from spool.devstack.template import (
     PSEUDO_ACCOUNT,
@@ -83,12 +84,7 @@ class MotoServer:
 
     def stop(self) -> None:
         if self._process and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+            processes.stop(self._process, timeout=3)
 
 
 @dataclass
