@@ -22,7 +22,7 @@ help:
 	@echo "make openapi   rebuild shared/spool_core/openapi.json (served at /v1/openapi.json)"
 	@echo "make checkov   checkov on the SAM-expanded template (skips justified in docs/decisions.md)"
 	@echo "make validate  sam validate --lint"
-	@echo "make build     sam build (bundles the tiktoken encodings into the layer)"
+	@echo "make build     sam build (bundles the tiktoken encodings and every module's bytecode into the layer)"
 
 $(BIN)/.installed: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.12 is required (python3.12 on PATH or under pyenv)"; exit 1; }
@@ -89,6 +89,7 @@ validate: venv
 
 build: venv encodings
 	PATH="$(dir $(PYTHON)):$$PATH" $(BIN)/sam build
+	$(BIN)/python scripts/layer_bytecode.py .aws-sam/build/SharedLayer/python
 
 bench: venv encodings
 	$(BIN)/python -m bench

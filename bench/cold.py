@@ -7,6 +7,8 @@ template's plain environment variables, ``LAMBDA_TASK_ROOT`` set. Only the impor
 the interpreter (its own start is left out on both sides), and in CPU time: an import is CPU-bound
 work, and its CPU time stays the same on a machine busy with other things, where wall time would
 measure the other things. Runs of all handlers are interleaved, and each figure is the median of N.
+Every module's bytecode is there, as in the layer ``sam build`` makes (``shared/Makefile`` compiles
+it; Lambda's /opt is read-only, and without it each import compiled the layer's modules: 1.0-1.25 s).
 
 The goal (issue 16): every handler's import <= 1.3x the baseline, with tracing off as the local
 stack runs (``POWERTOOLS_TRACE_DISABLED``). A second column runs as deployed (``Tracing: Active``),

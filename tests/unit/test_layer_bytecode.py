@@ -1,0 +1,99 @@
+"""The layer ships bytecode Lambda can use (scripts/layer_bytecode.py; `make build` checks the layer it
+builds): compiled by this Python, with unchecked hashes, so a read-only layer whose files' times
+changed in the zip still imports without compiling."""
+
+from __future__ import annotations
+
+import compileall
+import importlib.util
+import os
+import py_compile
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support import ROOT
+
+spec = importlib.util.spec_from_file_location("layer_bytecode", ROOT / "scripts" / "layer_bytecode.py")
+assert spec is not None and spec.loader is not None
+layer_bytecode = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(layer_bytecode)
+
+
+def _layer(tmp_path: Path) -> Path:
+    root = tmp_path / "python"
+    (root / "pkg").mkdir(parents=True)
+    (root / "pkg" / "__init__.py").write_text("")
+    (root / "pkg" / "value.py").write_text("X = 1\n")
+    return root
+
+
+def _compile(root: Path, mode: py_compile.PycInvalidationMode) -> None:
+    assert compileall.compile_dir(str(root), quiet=1, invalidation_mode=mode)
+
+
+def _imported_value(root: Path) -> str:
+    """``pkg.value.X`` as a fresh interpreter that cannot write bytecode (a read-only layer) imports it."""
+    done = subprocess.run(
+        [sys.executable, "-B", "-c", "import pkg.value; print(pkg.value.X)"],
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+def test_modules_without_bytecode_are_reported(tmp_path: Path) -> None:
+    root = _layer(tmp_path)
+    assert layer_bytecode.problems(root) == {
+        Path("pkg/__init__.py"): "no bytecode",
+        Path("pkg/value.py"): "no bytecode",
+    }
+    assert layer_bytecode.main([str(root)]) == 1
+
+
+def test_bytecode_checked_against_the_files_is_reported(tmp_path: Path) -> None:
+    root = _layer(tmp_path)
+    _compile(root, py_compile.PycInvalidationMode.TIMESTAMP)
+    assert set(layer_bytecode.problems(root).values()) == {"bytecode checked against the file's time or hash"}
+
+
+def test_bytecode_of_another_python_is_reported(tmp_path: Path) -> None:
+    root = _layer(tmp_path)
+    _compile(root, py_compile.PycInvalidationMode.UNCHECKED_HASH)
+    cached = Path(importlib.util.cache_from_source(str(root / "pkg" / "value.py")))
+    cached.write_bytes(b"\x00\x00\r\n" + cached.read_bytes()[4:])
+    this = f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert layer_bytecode.problems(root) == {Path("pkg/value.py"): f"bytecode of another Python than {this}"}
+
+
+def test_unchecked_bytecode_passes_and_is_used_whatever_the_files_times(tmp_path: Path) -> None:
+    root = _layer(tmp_path)
+    _compile(root, py_compile.PycInvalidationMode.UNCHECKED_HASH)
+    assert layer_bytecode.problems(root) == {}
+    assert layer_bytecode.main([str(root)]) == 0
+    # The source changes after the build, its time too (as a zip's 2-second times would): the
+    # interpreter still imports the bytecode, without compiling (it would have read X = 2).
+    source = root / "pkg" / "value.py"
+    source.write_text("X = 2\n")
+    os.utime(source, (1, 1))
+    assert _imported_value(root) == "1"
+
+
+def test_checked_bytecode_is_not_used_once_the_files_times_change(tmp_path: Path) -> None:
+    """Why the build does not keep pip's bytecode: checked against the files' times, it is compiled
+    again when they differ, on every cold start of a read-only layer."""
+    root = _layer(tmp_path)
+    _compile(root, py_compile.PycInvalidationMode.TIMESTAMP)
+    source = root / "pkg" / "value.py"
+    source.write_text("X = 2\n")
+    os.utime(source, (1, 1))
+    assert _imported_value(root) == "2"
+
+
+def test_the_layer_build_compiles_what_the_check_accepts() -> None:
+    makefile = (ROOT / "shared" / "Makefile").read_text()
+    assert "-m compileall" in makefile and "--invalidation-mode unchecked-hash" in makefile
+    build = (ROOT / "Makefile").read_text()
+    assert "scripts/layer_bytecode.py .aws-sam/build/SharedLayer/python" in build
