@@ -35,6 +35,17 @@ tokens (values and names are substituted after lexing) are kept per expression s
 method list per class: a conditional ``UpdateItem`` cost 2.7 ms of moto's CPU and costs 1.9 ms; a
 ``GetItem`` 0.64 ms and 0.57 ms. Expressions that fail to parse are not kept (each request raises
 moto's own error, as before).
+
+Validation: moto checks an update expression on every request with ten passes over (a deep copy of)
+its tree. Three of them look at nothing but the expression, its attribute names and the table's key
+(one ``SET`` per clause kind, no two actions on one path, no key attribute updated), and the first of
+them walks the whole tree again at every node: for the 12-action ``SET`` that ends a job they were a
+fifth of the settlement transaction, which holds the server's DynamoDB lock while every other request
+waits. Those three are skipped for an expression, names and key that passed every pass before (only a
+success is kept: a failing request fails as it did); the seven that read the values and the item run
+every time. Timed in one process (moto and its boto3 client), the settlement transaction (three
+updates and a put) took 9.6-10.4 ms and takes 7.8-8.2 ms; the fanout's claim (a conditional
+``UpdateItem``) took 2.8-2.9 ms and takes 2.5 ms.
 """
 
 from __future__ import annotations
@@ -58,6 +69,7 @@ def install(on_stream_record: Callable[[str], None] | None = None) -> None:
     DynamoDBBackend.transact_write_items = transact_write_items  # type: ignore[method-assign]
     _install_attribute_value_serializer()
     _install_parse_caches()
+    _install_validation_cache()
     if on_stream_record is not None:
         add = getattr(StreamShard.add, "_spool_original", StreamShard.add)
 
@@ -104,6 +116,46 @@ def _install_parse_caches() -> None:
 
     ConditionExpressionParser._lex_condition_expression = cached_lex  # type: ignore[method-assign]
     responses.method_names_from_class = functools.lru_cache(maxsize=None)(responses.method_names_from_class)
+
+
+VALIDATED_EXPRESSIONS = 4096  # (expression, names, key) combinations that passed, kept at most
+
+
+def _install_validation_cache() -> None:
+    from moto.dynamodb.parsing import validators
+
+    validator: Any = validators.UpdateExpressionValidator
+    if getattr(validator.validate, "_spool_cached", False):
+        return
+    static = (
+        validators.ActionCountValidator,
+        validators.OverlappingPathsValidator,
+        validators.UpdateHashRangeKeyValidator,
+    )
+    # Keyed by the parsed expression's identity (the parse cache hands out one tree per string); the
+    # value holds the tree, so no other object can take its identity while the key is kept.
+    passed: dict[tuple[int, tuple[tuple[str, str], ...], tuple[str, ...]], Any] = {}
+    init, validate = validator.__init__, validator.validate
+
+    def remembering_init(self: Any, expression: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, expression, *args, **kwargs)
+        names = tuple(sorted((self.expression_attribute_names or {}).items()))
+        self._spool_passed = (id(expression), names, tuple(self.table.table_key_attrs)), expression
+        if self._spool_passed[0] in passed:
+            self.processors = [p for p in self.processors if not isinstance(p, static)]
+
+    def remembering_validate(self: Any) -> Any:
+        validated = validate(self)  # raises moto's own error when the expression does not pass
+        key, expression = self._spool_passed
+        if key not in passed:
+            if len(passed) >= VALIDATED_EXPRESSIONS:
+                passed.clear()
+            passed[key] = expression
+        return validated
+
+    remembering_validate._spool_cached = True  # type: ignore[attr-defined]
+    validator.__init__ = remembering_init
+    validator.validate = remembering_validate
 
 
 def _install_attribute_value_serializer() -> None:

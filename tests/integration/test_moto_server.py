@@ -399,6 +399,14 @@ def plain(expression: str, **values: Any) -> dict[str, Any]:
     }
 
 
+def named(expression: str, names: dict[str, str]) -> dict[str, Any]:
+    return {**plain(expression, x={"N": "1"}), "ExpressionAttributeNames": names}
+
+
+# Checks of the expression alone are skipped for an expression, names and key that passed before:
+# the same strings with names that make them fail must still fail.
+TWO_PATHS = "SET #a = :x, #b = :x"
+ONE_PATH = "SET #k = :x"
 NAMES = {"#c": "count", "#t": "text"}
 UPDATES: list[dict[str, Any]] = [
     count(NAMES, "0", "1", "a"),
@@ -416,6 +424,13 @@ UPDATES: list[dict[str, Any]] = [
     plain(MOVE, x={"S": "v"}),
     plain("SET nested = :m", m={"M": {"deep": {"S": "v"}}}),
     plain(MOVE, x={"S": "w"}),
+    named(TWO_PATHS, {"#a": "p", "#b": "q"}),
+    named(TWO_PATHS, {"#a": "p", "#b": "p"}),  # the same string: two actions on one path
+    named(ONE_PATH, {"#k": "v"}),
+    named(ONE_PATH, {"#k": "sk"}),  # the same string updating the key
+    plain("SET a = :x SET b = :x", x={"N": "1"}),  # two SET clauses
+    plain("SET a = :x SET b = :x", x={"N": "1"}),
+    named(TWO_PATHS, {"#a": "p", "#b": "q"}),
 ]
 
 
@@ -450,6 +465,8 @@ def test_repeated_expressions_update_as_unpatched_moto_does(stack: StackDescript
         assert "attributes" in outcomes[4] and outcomes[5]["error"] == "ConditionalCheckFailedException"
         assert outcomes[8]["error"] == outcomes[9]["error"] == "ValidationException"
         assert "error" in outcomes[10] and "error" in outcomes[11]  # moto's own answers, whatever they are
+        assert "attributes" in outcomes[15] and "attributes" in outcomes[17] and "attributes" in outcomes[21]
+        assert [outcomes[i]["error"] for i in (16, 18, 19, 20)] == ["ValidationException"] * 4
     finally:
         ddb.delete_table(TableName=table)
         unpatched.delete_table(TableName=reference)
