@@ -5,8 +5,9 @@ Each import runs in a new interpreter laid out as Lambda lays out a function: it
 first on ``sys.path`` (the working directory), the layer's code (``shared/``) on ``PYTHONPATH``, the
 template's plain environment variables, ``LAMBDA_TASK_ROOT`` set. Only the import is timed, inside
 the interpreter (its own start is left out on both sides), and in CPU time: an import is CPU-bound
-work, and its CPU time stays the same on a machine busy with other things, where wall time would
-measure the other things. Runs of all handlers are interleaved, and each figure is the median of N.
+work, and its CPU time moves far less than its wall time on a machine busy with other things. It
+still moves: the pydantic floor below measured 1.14-1.24x on a quiet machine and 1.38x in one full
+`make bench`. Runs of all handlers are interleaved, and each figure is the median of N.
 Every module's bytecode is there, as in the layer ``sam build`` makes (``shared/Makefile`` compiles
 it; Lambda's /opt is read-only, and without it each import compiled the layer's modules: 1.0-1.25 s).
 
