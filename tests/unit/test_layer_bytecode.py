@@ -78,7 +78,7 @@ def test_unchecked_bytecode_passes_and_is_used_whatever_the_files_times(tmp_path
     _compile(root)
     assert layer_bytecode.problems(root) == {}
     assert layer_bytecode.main([str(root)]) == 0
-    # The source changes after the build, its time too (as a zip's 2-second times would): the
+    # The source changes after the build, its time too (as SAM's zip, which dates every file 1980, does): the
     # interpreter still imports the bytecode, without compiling (it would have read X = 2).
     source = root / "pkg" / "value.py"
     source.write_text("X = 2\n")
