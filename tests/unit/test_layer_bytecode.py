@@ -39,9 +39,9 @@ def _compile(root: Path, mode: str = "unchecked-hash", *, isolated: bool = True,
 
 def _imported_value(root: Path) -> str:
     """``pkg.value.X`` as a fresh interpreter that cannot write bytecode (a read-only layer) imports it."""
+    code = f"import sys; sys.path.insert(0, {str(root)!r}); import pkg.value; print(pkg.value.X)"
     done = subprocess.run(
-        [sys.executable, "-B", "-c", "import pkg.value; print(pkg.value.X)"],
-        env={**os.environ, "PYTHONPATH": str(root)},
+        [sys.executable, "-E", "-B", "-c", code],  # -E: as Lambda, no PYTHONPYCACHEPREFIX of the caller's
         capture_output=True,
         text=True,
         check=True,
