@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 UNCHECKED_HASH = 0b01  # PEP 552 flags: hash-based (bit 0), not checked against the source (bit 1 clear)
@@ -51,10 +51,11 @@ def problem(source: Path) -> str | None:
     return None
 
 
-def problems(root: Path) -> dict[Path, str]:
-    """Every module under ``root`` whose bytecode Lambda could not use, and why."""
+def problems(root: Path, sources: Iterable[Path] | None = None) -> dict[Path, str]:
+    """Every module under ``root`` (or of ``sources``, found there) whose bytecode Lambda could not
+    use, and why."""
     found = {}
-    for source in _modules(root):
+    for source in _modules(root) if sources is None else sources:
         reason = problem(source)
         if reason is not None:
             found[source.relative_to(root)] = reason
@@ -69,19 +70,19 @@ def main(argv: list[str]) -> int:
     if not root.is_dir():
         print(f"{root}: no such directory (run `make build` first)", file=sys.stderr)
         return 2
-    found = problems(root)
-    total = sum(1 for _ in _modules(root))
+    sources = list(_modules(root))
+    found = problems(root, sources)
     if found:
         for path, reason in list(found.items())[:20]:
             print(f"{path}: {reason}", file=sys.stderr)
         print(
-            f"{len(found)} of {total} modules in {root} would be compiled at every cold start"
-            " (shared/Makefile compiles them: python -m compileall --invalidation-mode unchecked-hash)",
+            f"{len(found)} of {len(sources)} modules in {root} would be compiled at every cold start"
+            " (shared/Makefile's build-SharedLayer compiles them)",
             file=sys.stderr,
         )
         return 1
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    print(f"{root}: bytecode for all {total} modules, Python {version}")
+    print(f"{root}: bytecode for all {len(sources)} modules, Python {version}")
     return 0
 
 
