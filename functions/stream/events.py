@@ -14,10 +14,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from spool_core import bootstrap
+from spool_core import bootstrap, snapshot
 from spool_core.api import web
 from spool_core.events import StreamSettings, job_events, resume_point
 from spool_core.jobs.errors import JobNotFound
+
+# What the first stream loads (the log's reader and its stores): before a snapshot (see
+# spool_core.snapshot).
+snapshot.load_before_snapshot("spool_core.jobs.pages", "spool_core.adapters.jobs")
 
 
 async def job_stream(request: Request) -> Response:

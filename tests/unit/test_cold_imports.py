@@ -338,8 +338,12 @@ def test_the_snapshot_hooks_do_a_first_calls_loading_without_a_request() -> None
 # A new container's first call, as each function makes it: the services it wires (no request is made
 # building them). After the snapshot hooks, none of this may import a module or create a client:
 # containers are forked from the snapshot, and each used to repeat 70-110 ms of CPU on its first call.
+# The web apps' first request also starts Starlette's thread pool, which imports anyio's backend.
+THREAD_POOL = "from anyio._core._eventloop import get_async_backend; get_async_backend('asyncio')"
 FIRST_CALLS = {
     "JobsFunction": "bootstrap.job_service(tenant); bootstrap.secrets(config)",
+    "EventsFunction": f"{THREAD_POOL}; bootstrap.chunk_pages(tenant)",
+    "StreamFunction": f"{THREAD_POOL}; bootstrap.job_service(tenant)",
     "WebSocketFunction": (
         "bootstrap.job_service(tenant); bootstrap.connection_guard(config); aws.websocket_management(config)"
     ),
@@ -376,6 +380,6 @@ def test_after_the_snapshot_hooks_a_first_call_loads_nothing(name: str) -> None:
         AWS_ENDPOINT_URL="http://127.0.0.1:9",  # nothing listens there
     )
     loaded, clients, tls_contexts = json.loads(cold._run(handler.code_dir, probe, environment))
-    ours = [m for m in loaded if m.startswith(("spool_core", "openai", "aws_lambda_powertools"))]
+    ours = [m for m in loaded if m.startswith(("spool_core", "openai", "aws_lambda_powertools", "anyio"))]
     assert ours == [], ", ".join(ours)
     assert (clients, tls_contexts) == (0, 0)

@@ -23,6 +23,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from spool_core import snapshot
 from spool_core.api import cors
 from spool_core.api.errors import envelope, status_for
 from spool_core.errors import (
@@ -40,6 +41,9 @@ from spool_core.tenancy import InvalidTenantId, Tenant
 REQUEST_CONTEXT_HEADER = "x-amzn-request-context"  # the adapter overwrites any copy a client sent
 OPENAI_PATHS = ("/v1/chat/", "/v1/responses")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# anyio's asyncio backend, which Starlette's first `run_in_threadpool` imports (~10 ms of CPU; its
+# name is what `anyio` itself imports for asyncio): before a snapshot (see spool_core.snapshot).
+snapshot.load_before_snapshot("anyio._backends._asyncio")
 
 
 @dataclass(frozen=True)
