@@ -7,6 +7,7 @@ the other way, and saves the local state once nothing runs any more.
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import json
 import logging
@@ -60,6 +61,27 @@ def holds_container(spec: FunctionSpec) -> bool:
     p95 went from 580-680 ms to 210-330 ms without the wait. Request/response and stream-batch
     functions (the fanout's invocations take ~60 ms) keep it (docs/decisions.md)."""
     return bool(spec.sqs_events or spec.web_app)
+
+
+def code_directories(template: Template) -> list[Path]:
+    """Where the template's functions run Python from: each layer's content and each function's code,
+    and this runtime's own (its fork server imports it)."""
+    layers = template.resources_of_type("AWS::Serverless::LayerVersion").values()
+    found = {template.root / str(layer["Properties"]["ContentUri"]) for layer in layers}
+    found |= {template.root / spec.code_uri for spec in template.functions().values()}
+    found.add(Path(__file__).resolve().parent)
+    return sorted(found)
+
+
+def compile_code(template: Template) -> None:
+    """Write the bytecode of the code the functions run, where it is missing or out of date, as the
+    layer ``sam build`` makes carries its own (shared/Makefile). Python writes it on import unless
+    ``PYTHONDONTWRITEBYTECODE`` is set, as it is in many containers and CI images: then every function
+    fork server compiled Spool's modules from source, and so did every container, for each module its
+    first request loads (~22 ms of CPU for the job stores alone, per SSE stream in a burst). Up to
+    date, this takes a few milliseconds; a checkout that cannot be written is left as it is."""
+    for directory in code_directories(template):
+        compileall.compile_dir(directory, quiet=2)
 
 
 def sized_workers(spec: FunctionSpec, cpus: int | None = None) -> int:
@@ -189,6 +211,7 @@ class EmbeddedStack:
             self._bind()
             # The fork server loads tiktoken's encodings from where the functions read them.
             environment = {"TIKTOKEN_CACHE_DIR": tiktoken_cache_dir(os.environ)}
+            compile_code(self.template)  # before any handler is imported
             preload = threading.Thread(
                 target=FORK_SERVER.start, args=(environment,), name="fork-server", daemon=True
             )
