@@ -9,6 +9,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -383,3 +384,58 @@ def test_after_the_snapshot_hooks_a_first_call_loads_nothing(name: str) -> None:
     ours = [m for m in loaded if m.startswith(("spool_core", "openai", "aws_lambda_powertools", "anyio"))]
     assert ours == [], ", ".join(ours)
     assert (clients, tls_contexts) == (0, 0)
+
+
+class _Body:
+    def stream(self, **_: object) -> Iterator[bytes]:
+        yield b"{}"
+
+
+@pytest.mark.parametrize("load_models", [True, False])
+def test_after_the_snapshot_hooks_a_first_request_builds_no_shapes(
+    load_models: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """botocore builds an operation's request and response shapes on its first call; the hooks build
+    them all before the snapshot, so a new container's first `PutItem` (answered here without a
+    network, from botocore's own `before-send` event) resolves none. Without them it resolves many."""
+    import boto3
+    from botocore.awsrequest import AWSResponse
+    from botocore.model import ShapeResolver
+
+    from spool_core.snapshot import load_operation_models
+
+    client = boto3.Session().client(
+        "dynamodb",
+        region_name="us-east-1",
+        endpoint_url="http://127.0.0.1:9",
+        aws_access_key_id="x",
+        aws_secret_access_key="y",
+    )
+    client.meta.events.register(
+        "before-send.dynamodb.*", lambda request, **_: AWSResponse(request.url, 200, {}, _Body())
+    )
+    if load_models:
+        load_operation_models(client)
+    resolved: list[str] = []
+    original = ShapeResolver.get_shape_by_name
+
+    def counting(self: ShapeResolver, name: str, member_traits: object = None) -> object:
+        resolved.append(name)
+        return original(self, name, member_traits)
+
+    monkeypatch.setattr(ShapeResolver, "get_shape_by_name", counting)
+    client.put_item(TableName="t", Item={"pk": {"S": "a"}, "n": {"M": {"l": {"N": "1"}}}})
+    client.transact_write_items(
+        TransactItems=[
+            {
+                "Update": {
+                    "TableName": "t",
+                    "Key": {"pk": {"S": "a"}},
+                    "UpdateExpression": "SET #a = :a",
+                    "ExpressionAttributeNames": {"#a": "a"},
+                    "ExpressionAttributeValues": {":a": {"S": "b"}},
+                }
+            }
+        ]
+    )
+    assert (resolved == []) == load_models, resolved
