@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from spool.devstack.stack import MIN_WORKERS, WORKERS_PER_CPU, holds_container, sized_workers
+from spool.devstack.stack import MIN_WORKERS, WORKERS_PER_CPU, sized_workers, starts_at_once
 from spool.devstack.template import FunctionSpec, SqsEvent, Template
 from tests.support import ROOT
 
@@ -36,8 +36,15 @@ def test_workers_grow_with_the_cpus_up_to_the_templates_caps() -> None:
     assert sized_workers(worker(), cpus=None) >= MIN_WORKERS
 
 
-def test_only_functions_that_hold_a_container_per_job_or_stream_skip_the_wait_for_a_warm_one() -> None:
+def test_only_functions_that_hold_a_container_and_the_fanout_skip_the_wait_for_a_warm_one() -> None:
     functions = Template.load(ROOT / "template.yaml").functions()
-    holding = {name for name, spec in functions.items() if holds_container(spec)}
-    # The queue consumers (a job each), the SSE and OpenAI-compatible web apps (a stream each).
-    assert holding == {"WorkerFunction", "DeadLetterFunction", "EventsFunction", "StreamFunction"}
+    at_once = {name for name, spec in functions.items() if starts_at_once(spec)}
+    # The queue consumers (a job each), the SSE and OpenAI-compatible web apps (a stream each), and the
+    # fanout (its records wait behind its lane's invocations).
+    assert at_once == {
+        "WorkerFunction",
+        "DeadLetterFunction",
+        "EventsFunction",
+        "StreamFunction",
+        "FanoutFunction",
+    }
