@@ -49,10 +49,13 @@ def load_operation_models(client: Any, depth: int = 2) -> None:
     """Build every operation's request and response shapes of ``client``'s service model, which botocore
     builds lazily on each operation's first call (each new container's first ``PutItem``,
     ``TransactWriteItems``, ``Query``... resolved hundreds of shapes: ~10 ms of CPU in a worker's first
-    job). The model is shared by every client of the service made from the same session. A recursive
-    shape (DynamoDB's ``AttributeValue``: a map or a list of them) is a new object at each level, each
-    built on first use: ``depth`` levels of it are built (an item's attributes, and the values of a
-    map or list among them). All of DynamoDB's, SQS's and S3's: ~80 ms of CPU, once per snapshot."""
+    job), and its error classes (built on a first error, a failed condition say). Each client has a
+    model of its own: this serves the clients ``spool_core.adapters.aws`` keeps and hands every call.
+    A recursive shape (DynamoDB's ``AttributeValue``: a map or a list of them) is a new object at each
+    level, each built on first use: ``depth`` levels of it are built (an item's attributes, and the
+    values of a map or list among them). All of DynamoDB's, SQS's and S3's: ~80 ms of CPU, once per
+    snapshot."""
+    client.exceptions  # noqa: B018 - a property that builds the error classes
     model = client.meta.service_model
     for name in model.operation_names:
         operation = model.operation_model(name)

@@ -12,12 +12,13 @@ import contextlib
 import json
 import logging
 import os
+import py_compile
 import socket
 import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -68,23 +69,31 @@ def starts_at_once(spec: FunctionSpec) -> bool:
 
 def code_directories(template: Template) -> list[Path]:
     """Where the template's functions run Python from: each layer's content and each function's code,
-    and this runtime's own (its fork server imports it)."""
+    and this runtime's own package (its fork server imports it)."""
     layers = template.resources_of_type("AWS::Serverless::LayerVersion").values()
-    found = {template.root / str(layer["Properties"]["ContentUri"]) for layer in layers}
+    found = {
+        template.root / str(uri) for layer in layers if (uri := layer.get("Properties", {}).get("ContentUri"))
+    }
     found |= {template.root / spec.code_uri for spec in template.functions().values()}
-    found.add(Path(__file__).resolve().parent)
+    found.add(Path(__file__).resolve().parents[1])
     return sorted(found)
 
 
-def compile_code(template: Template) -> None:
-    """Write the bytecode of the code the functions run, where it is missing or out of date, as the
-    layer ``sam build`` makes carries its own (shared/Makefile). Python writes it on import unless
-    ``PYTHONDONTWRITEBYTECODE`` is set, as it is in many containers and CI images: then every function
-    fork server compiled Spool's modules from source, and so did every container, for each module its
-    first request loads (~22 ms of CPU for the job stores alone, per SSE stream in a burst). Up to
-    date, this takes a few milliseconds; a checkout that cannot be written is left as it is."""
-    for directory in code_directories(template):
-        compileall.compile_dir(directory, quiet=2)
+def compile_code(directories: Iterable[Path]) -> None:
+    """Write the bytecode of the code the functions run (``code_directories``) where it is missing or
+    out of date, as the layer ``sam build`` makes carries its own (shared/Makefile). Python writes it
+    on import unless ``PYTHONDONTWRITEBYTECODE`` is set, as it is in many containers and CI images:
+    then every function fork server compiled Spool's modules from source, and so did every container,
+    for each module its first request loads (~22 ms of CPU for the job stores alone, per SSE stream in
+    a burst). Up to date, this takes a few milliseconds. Bytecode checked by the source's time, as
+    Python writes it itself (``SOURCE_DATE_EPOCH`` would make compileall write hashed bytecode, which
+    it then never counts as up to date); a directory that cannot be written is left as it is (each
+    process compiles its modules then, as before)."""
+    for directory in directories:
+        if os.access(directory, os.W_OK):
+            compileall.compile_dir(
+                directory, quiet=2, invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP
+            )
 
 
 def sized_workers(spec: FunctionSpec, cpus: int | None = None) -> int:
@@ -214,7 +223,7 @@ class EmbeddedStack:
             self._bind()
             # The fork server loads tiktoken's encodings from where the functions read them.
             environment = {"TIKTOKEN_CACHE_DIR": tiktoken_cache_dir(os.environ)}
-            compile_code(self.template)  # before any handler is imported
+            compile_code(code_directories(self.template))  # before any handler is imported
             preload = threading.Thread(
                 target=FORK_SERVER.start, args=(environment,), name="fork-server", daemon=True
             )

@@ -38,7 +38,7 @@ def test_the_stack_compiles_every_layer_and_function_of_the_template() -> None:
     assert ROOT / "shared" in found
     for spec in template.functions().values():
         assert Path(os.path.abspath(template.root / spec.code_uri)) in found
-    assert ROOT / "spool" / "devstack" in found  # its fork server imports the runtime
+    assert ROOT / "spool" in found  # its fork server imports the runtime
 
 
 def _project(tmp_path: Path) -> Template:
@@ -49,6 +49,11 @@ def _project(tmp_path: Path) -> Template:
     (tmp_path / "fn").mkdir()
     (tmp_path / "fn" / "app.py").write_text("from pkg.mod import VALUE\n")
     return Template.load(tmp_path / "template.yaml")
+
+
+def _code(template: Template, tmp_path: Path) -> list[Path]:
+    """The template's code directories, without the runtime's own (in this checkout)."""
+    return [d for d in code_directories(template) if Path(d).is_relative_to(tmp_path)]
 
 
 def _valid_bytecode(source: Path) -> bool:
@@ -74,16 +79,41 @@ def test_it_writes_what_is_missing_even_where_python_would_not(
     sources = [tmp_path / "lib" / "pkg" / "__init__.py", tmp_path / "lib" / "pkg" / "mod.py"]
     sources.append(tmp_path / "fn" / "app.py")
     assert not any(_valid_bytecode(source) for source in sources)
-    compile_code(template)
+    compile_code(_code(template, tmp_path))
     assert all(_valid_bytecode(source) for source in sources)
+
+
+def test_a_directory_it_may_not_write_is_left_as_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python compiles a file before it finds it cannot write it: such a directory would be compiled
+    in full at every start for nothing. (Asked of ``os.access``, which root's permissions bypass.)"""
+    template = _project(tmp_path)
+    read_only = tmp_path / "lib"
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != read_only and real_access(path, mode))
+    compile_code(_code(template, tmp_path))
+    assert not _valid_bytecode(read_only / "pkg" / "mod.py")
+    assert _valid_bytecode(tmp_path / "fn" / "app.py")
+
+
+def test_it_writes_bytecode_checked_by_time_even_with_source_date_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``SOURCE_DATE_EPOCH`` set, compileall writes hashed bytecode by default and rewrites it at
+    every start, never counting it as up to date."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1")
+    template = _project(tmp_path)
+    compile_code(_code(template, tmp_path))
+    assert _valid_bytecode(tmp_path / "lib" / "pkg" / "mod.py")
 
 
 def test_a_changed_module_is_compiled_again(tmp_path: Path) -> None:
     template = _project(tmp_path)
-    compile_code(template)
+    compile_code(_code(template, tmp_path))
     module = tmp_path / "lib" / "pkg" / "mod.py"
     module.write_text("VALUE = 22\n")
     os.utime(module, (module.stat().st_atime, module.stat().st_mtime + 5))
     assert not _valid_bytecode(module)
-    compile_code(template)
+    compile_code(_code(template, tmp_path))
     assert _valid_bytecode(module)
