@@ -28,15 +28,10 @@ app = create_resolver()
 # What creating the first job loads (the stores, the queue, flags, the secret's provider): before a
 # snapshot, not on each new container's first request (see spool_core.snapshot).
 snapshot.load_before_snapshot(
-    "spool_core.adapters.jobs",
-    "spool_core.adapters.contexts",
+    *snapshot.JOB_CREATION_MODULES,
     "spool_core.adapters.listing",
-    "spool_core.adapters.usage",
     "spool_core.events",
-    "spool_core.flags",
     "aws_lambda_powertools.utilities.parameters",
-    "aws_lambda_powertools.utilities.feature_flags",
-    "tiktoken",
 )
 
 

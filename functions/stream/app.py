@@ -37,16 +37,9 @@ from spool_core.openai_compat import chat, responses
 from spool_core.openai_compat.common import JobCancelled, JobFailed, StillRunning
 from spool_core.openai_compat.params import ChatPolicy, ResponsesPolicy, parse
 
-# What the first request loads (creating a job: the stores, the queue, flags, token counting): before a
-# snapshot, not on each new container's first request (see spool_core.snapshot).
-snapshot.load_before_snapshot(
-    "spool_core.adapters.jobs",
-    "spool_core.adapters.contexts",
-    "spool_core.adapters.usage",
-    "spool_core.flags",
-    "aws_lambda_powertools.utilities.feature_flags",
-    "tiktoken",
-)
+# What the first request loads (creating a job): before a snapshot, not on each new container's first
+# request (see spool_core.snapshot).
+snapshot.load_before_snapshot(*snapshot.JOB_CREATION_MODULES)
 
 CANCEL_WAIT = StreamSettings(max_seconds=10)  # a cancel answers once the worker has stopped (one flush)
 

@@ -17,6 +17,7 @@ from typing import Any
 from snapshot_restore_py import register_before_snapshot
 
 __all__ = [
+    "JOB_CREATION_MODULES",
     "create_aws_clients",
     "create_openai_client",
     "load_before_snapshot",
@@ -71,6 +72,18 @@ def load_operation_models(client: Any, depth: int = 2) -> None:
             children = [*getattr(shape, "members", {}).values()]  # a structure's
             children += [getattr(shape, attribute, None) for attribute in ("member", "key", "value")]
             pending.extend((child, inner) for child in children)
+
+
+# What creating a job loads on its first call (the stores, the queue's, flags, token counting), in
+# every function that creates one (the jobs function, the OpenAI-compatible surface).
+JOB_CREATION_MODULES = (
+    "spool_core.adapters.jobs",
+    "spool_core.adapters.contexts",
+    "spool_core.adapters.usage",
+    "spool_core.flags",
+    "aws_lambda_powertools.utilities.feature_flags",
+    "tiktoken",
+)
 
 
 def load_before_snapshot(*modules: str) -> None:
