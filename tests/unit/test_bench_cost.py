@@ -409,6 +409,28 @@ def test_side_by_side_rows_and_targets() -> None:
     assert "Spool, WebSocket (1 streams did not end): not all ended (target <= 4x: misses)" in lines
 
 
+def test_streams_started_together_show_their_delays_by_when_each_chunk_was_written() -> None:
+    # Two streams started at 100 s: chunks written in the batch's first 2 s, its last 2 s (the last
+    # chunk written at 112 s) and between; the p95 target is decided over all of them as before.
+    one = Stream(100.0, [100.6, 106.05, 111.52], [0.5, 0.05, 0.02], written=[100.1, 106.0, 111.5])
+    two = Stream(100.0, [101.9, 107.03, 112.4], [0.8, 0.03, 0.4], written=[101.1, 107.0, 112.0])
+    together = Row("websocket", [one, two])
+    assert together.persist_by_phase() == {
+        "first": [0.5, 0.8],
+        "between": [0.05, 0.03],
+        "last": [0.02, 0.4],
+    }
+    lines = verdicts({(500, 20, "websocket"): together})
+    assert lines[0].endswith("WebSocket, 2 streams: 800 ms (target <= 150 ms: misses)")
+    assert lines[1] == (
+        "    (information) the batch's chunks by when they were written: in its first 2 s p95 800 ms of 2;"
+        " between p95 50 ms of 2; in its last 2 s p95 400 ms of 2"
+    )
+    # Streams read one at a time, or a batch whose chunks were not matched to the log: no such line.
+    assert len(verdicts({(500, 1, "websocket"): Row("websocket", [one], sequential=True)})) == 1
+    assert Row("websocket", [Stream(0.0, [1.0], [0.1])]).persist_by_phase() == {}
+
+
 def test_the_first_token_target_is_decided_by_the_short_warm_jobs_when_they_ran() -> None:
     def stream(ttft: float) -> Stream:
         return Stream(0.0, [ttft, ttft + 0.01])
