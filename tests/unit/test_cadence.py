@@ -133,8 +133,8 @@ def test_a_reader_looks_when_a_chunk_is_due_and_at_least_every_quarter_second() 
     watch.saw(4, start + 1400, 40, 71)  # 64 more come 1,280 ms after it
     assert watch.wait_ms(start + 1410) == LOOK_CEILING_MS  # never longer than the ceiling
     assert watch.wait_ms(start + 2500) == 1400 + 1280 + LOOK_AFTER_MS - 2500
-    assert watch.wait_ms(start + 2711) == MIN_POLL_MS  # past due: poll, backing off
-    assert watch.wait_ms(start + 2761) == 75
+    assert watch.wait_ms(start + 2711) == MIN_POLL_MS == 25  # past due: poll soon, then backing off
+    assert [watch.wait_ms(start + 2736) for _ in range(4)] == [37, 55, 82, MAX_POLL_MS]
     budgeted = Watch(Cadence(), budget=80)
     budgeted.saw(3, start, 20, 31)
     budgeted.saw(4, start + 800, 40, 71)
@@ -142,6 +142,6 @@ def test_a_reader_looks_when_a_chunk_is_due_and_at_least_every_quarter_second() 
 
 
 def test_polls_after_an_empty_one_back_off_within_bounds() -> None:
-    assert next_poll_ms(MIN_POLL_MS) == 75
+    assert next_poll_ms(MIN_POLL_MS) == 37
     assert next_poll_ms(75) == MAX_POLL_MS
     assert next_poll_ms(1500) == MAX_POLL_MS

@@ -21,9 +21,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 # A reader first looks this long after a chunk is due (the worker writes at the first token after the
-# interval, and the write takes a few ms), then polls between these bounds until it comes.
+# interval, and the write takes a few ms), then polls between these bounds until it comes. A look that
+# misses is most often a write a little late (a busy worker): the first poll after it comes soon.
 LOOK_AFTER_MS = 30
-MIN_POLL_MS = 50
+MIN_POLL_MS = 25
 MAX_POLL_MS = 100
 # A reader never waits longer than this between looks (an answer that ends early is seen as soon).
 LOOK_CEILING_MS = 250
@@ -86,7 +87,7 @@ def next_poll_ms(previous_ms: int) -> int:
 
 class Watch:
     """A reader's pacing over one job's log: after a chunk, it looks just after the next one is due, and
-    at least every ``LOOK_CEILING_MS``; once that time has passed, it polls, backing off from 50 to
+    at least every ``LOOK_CEILING_MS``; once that time has passed, it polls, backing off from 25 to
     100 ms. Before the first chunk it polls every 10 ms, then every 25 ms, for a while, then backs off
     likewise.
     ``budget``: the job's token budget (``max_tokens``), when the reader knows it."""
