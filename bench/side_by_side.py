@@ -317,8 +317,9 @@ def settle(streams: list[Stream]) -> None:
         base_url, api_key, job_id, held = stream.unsettled
         with Reader(base_url, api_key) as reader:
             created = {c["sequence_id"]: epoch(c["created_at"]) for c in reader.chunk_log(job_id)}
-        stream.written = [created[seq] for seq, _ in held if seq in created]
-        stream.persist_delays = [at - created[seq] for seq, at in held if seq in created]
+        persisted = [(created[seq], at) for seq, at in held if seq in created]
+        stream.written = [written for written, _ in persisted]
+        stream.persist_delays = [at - written for written, at in persisted]
         stream.unsettled = None
 
 
@@ -483,8 +484,9 @@ def verdicts(results: Mapping[tuple[int, int, str], Row]) -> list[str]:
             out.append(
                 _verdict(f"persist-to-client p95, {TRANSPORT_NAMES[transport]}, {streams}", p95, 150, "ms")
             )
-            if concurrency > 1 and row.persist_by_phase():
-                out.append(_phases(row))
+            phases = row.persist_by_phase() if concurrency > 1 else {}
+            if phases:
+                out.append(_phases(phases))
     full_tokens = WORKLOADS[1][0]
     n = max(CONCURRENCY)
     direct = results.get((full_tokens, n, "direct"))
@@ -502,9 +504,10 @@ def verdicts(results: Mapping[tuple[int, int, str], Row]) -> list[str]:
     return out
 
 
-def _phases(row: Row) -> str:
+def _phases(phases: Mapping[str, list[float]]) -> str:
     """Where a batch's persist-to-client p95 comes from (information, not a target): its start and
-    end, when all its streams do the same work at once, against the stretch between."""
+    end, when all its streams do the same work at once, against the stretch between
+    (``Row.persist_by_phase``)."""
     names = {
         "first": f"in its first {PHASE_SECONDS:g} s",
         "between": "between",
@@ -512,7 +515,7 @@ def _phases(row: Row) -> str:
     }
     parts = [
         f"{names[phase]} p95 {quantile(delays, 0.95) * 1000:.0f} ms of {len(delays)}"
-        for phase, delays in row.persist_by_phase().items()
+        for phase, delays in phases.items()
         if delays
     ]
     return f"    (information) the batch's chunks by when they were written: {'; '.join(parts)}"
