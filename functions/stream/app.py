@@ -54,6 +54,11 @@ def _service(request: Request) -> JobService:
     return bootstrap.job_service(who.tenant)
 
 
+def _access(request: Request) -> Callable[[], bool] | None:
+    """Whether the request's key is still active: a stream ends once it is revoked."""
+    return web.caller(request).access(bootstrap.api_keys())
+
+
 def _job_headers(request: Request, job: Job, extra: dict[str, str] | None = None) -> dict[str, str]:
     return {"X-Request-Id": web.request_id(request), "X-Spool-Job-Id": job.job_id, **(extra or {})}
 
@@ -81,7 +86,9 @@ async def chat_completions(request: Request) -> Response:
     job, limits = await _create(request, service, body.job_request())
     headers = _job_headers(request, job, limits)
     if body.stream:
-        followed = follow(service, job.job_id, 0, _settings(), budget=job.request.max_tokens)
+        followed = follow(
+            service, job.job_id, 0, _settings(), budget=job.request.max_tokens, allowed=_access(request)
+        )
         return web.sse(chat.completion_chunks(job, followed, body.include_usage), headers)
     ended = await web.last(await_end(service, job.job_id, _settings()))
     if not isinstance(ended, Ended):
@@ -100,7 +107,7 @@ async def create_response(request: Request) -> Response:
     job, limits = await _create(request, service, body.job_request())
     headers = _job_headers(request, job, limits)
     if body.stream:
-        return _response_stream(service, job, None, headers)
+        return _response_stream(request, service, job, None, headers)
     if not body.background:
         ended = await web.last(await_end(service, job.job_id, _settings()))
         if isinstance(ended, Ended):
@@ -123,7 +130,7 @@ async def get_response(request: Request) -> Response:
     job = await _response_job(request, service.get)
     headers = _job_headers(request, job)
     if request.query_params.get("stream", "").lower() in {"true", "1"}:
-        return _response_stream(service, job, _starting_after(request), headers)
+        return _response_stream(request, service, job, _starting_after(request), headers)
     return await _response_json(service, job, headers)
 
 
@@ -151,7 +158,7 @@ def _starting_after(request: Request) -> int | None:
 
 
 def _response_stream(
-    service: JobService, job: Job, starting_after: int | None, headers: dict[str, str]
+    request: Request, service: JobService, job: Job, starting_after: int | None, headers: dict[str, str]
 ) -> Response:
     followed = follow(
         service,
@@ -159,6 +166,7 @@ def _response_stream(
         responses.first_chunk_after(starting_after),
         _settings(),
         budget=job.request.max_tokens,
+        allowed=_access(request),
     )
     events = responses.response_events(job, followed, starting_after, lambda j: service.view(j)["output"])
     return web.sse(events, headers)

@@ -37,7 +37,15 @@ async def job_stream(request: Request) -> Response:
     pages = bootstrap.chunk_pages(who.tenant)
     job = await run_in_threadpool(pages.get, job_id)  # 404 before the stream starts, in the envelope
     settings = StreamSettings.of(bootstrap.settings())
-    return web.sse(job_events(pages, job_id, resume, settings, budget=job.request.max_tokens), headers)
+    events = job_events(
+        pages,
+        job_id,
+        resume,
+        settings,
+        budget=job.request.max_tokens,
+        allowed=who.access(bootstrap.api_keys()),  # the stream ends once its key is revoked
+    )
+    return web.sse(events, headers)
 
 
 async def ready(request: Request) -> Response:

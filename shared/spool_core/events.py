@@ -54,6 +54,9 @@ class StreamSettings:
     # A non-streamed answer waits for the job this long (also within the function's time limit); it
     # has no resume, so it is not cut short where streams are (locally, to exercise reconnects).
     answer_max_seconds: float = 840.0
+    # How often a stream asks whether the key it was opened with is still active (``follow``'s
+    # ``allowed``, answered from the key cache: one read per cache period, SPOOL_AUTH_CACHE_SECONDS).
+    access_seconds: float = 5.0
 
     @classmethod
     def of(cls, config: Settings) -> StreamSettings:
@@ -140,7 +143,13 @@ class TimeUp:
     """The stream's time is up before the job ended: the client resumes from its last chunk."""
 
 
-Followed = dict[str, Any] | Wait | Ping | Ended | TimeUp
+@dataclass(frozen=True)
+class Revoked:
+    """The key the stream was opened with is no longer active (revoked or expired): the stream ends,
+    and a reconnect is refused (401) as any request with that key is."""
+
+
+Followed = dict[str, Any] | Wait | Ping | Ended | TimeUp | Revoked
 
 
 def follow(
@@ -150,18 +159,26 @@ def follow(
     settings: StreamSettings | None = None,
     *,
     budget: int | None = None,
+    allowed: Callable[[], bool] | None = None,
     clock: Callable[[], float] = time.monotonic,
     wall_ms: Callable[[], int] = now_ms,
 ) -> Iterator[Followed]:
     """The job's chunks after ``after`` as the log has them (the backlog, then live as they are
     written), with ``Wait`` between reads, ``Ping`` when the link has been idle, and ``Ended`` (or
     ``TimeUp`` at ``max_seconds``) last. Every stream format (native SSE, OpenAI's) reads this.
-    ``budget``: the job's ``max_tokens`` (its last chunk is then expected when it is due)."""
+    ``budget``: the job's ``max_tokens`` (its last chunk is then expected when it is due).
+    ``allowed``: whether the stream's credential is still good, asked every ``access_seconds``;
+    when it is not, ``Revoked`` comes last (a stream must not outlive its revoked key)."""
     settings = settings or StreamSettings()
     watch = Watch(service.cadence, budget)  # look for the next chunk when it is due
-    started = last_sent = clock()
+    started = last_sent = checked = clock()
     cursor = after
     while True:
+        if allowed is not None and clock() - checked >= settings.access_seconds:
+            checked = clock()
+            if not allowed():
+                yield Revoked()
+                return
         page = service.chunk_page(job_id, after=cursor, limit=PAGE)
         for chunk in page.chunks:
             yield chunk.public()
@@ -183,7 +200,8 @@ def follow(
             last_sent = now
         wait = watch.wait_ms(wall_ms()) / 1000  # never past the time limit, nor a ping that is due
         until_ping = settings.ping_seconds - (now - last_sent)
-        yield Wait(max(0.0, min(wait, started + settings.max_seconds - now, until_ping)))
+        until_check = settings.access_seconds - (now - checked) if allowed is not None else until_ping
+        yield Wait(max(0.0, min(wait, started + settings.max_seconds - now, until_ping, until_check)))
 
 
 def await_end(
@@ -216,15 +234,21 @@ def job_events(
     settings: StreamSettings | None = None,
     *,
     budget: int | None = None,
+    allowed: Callable[[], bool] | None = None,
     clock: Callable[[], float] = time.monotonic,
     wall_ms: Callable[[], int] = now_ms,
 ) -> Iterator[str | Wait]:
     """The native stream: the job's events after ``after``, then ``done``; ends early, cleanly, at
-    ``max_seconds`` (the client reconnects with ``Last-Event-ID``). Yields text to send, or ``Wait``."""
+    ``max_seconds`` (the client reconnects with ``Last-Event-ID``), or when the key it was opened
+    with stops being active (``allowed``: the reconnect is refused with 401, in Spool's envelope, as
+    the contract has errors before a stream starts). Yields text to send, or ``Wait``."""
     # The headers and a first byte go out at once (through every proxy); `retry` makes a browser
     # reconnect after one second instead of its default three.
     yield f"retry: {RETRY_MS}\n: connected\n\n"
-    for item in follow(service, job_id, after, settings, budget=budget, clock=clock, wall_ms=wall_ms):
+    followed = follow(
+        service, job_id, after, settings, budget=budget, allowed=allowed, clock=clock, wall_ms=wall_ms
+    )
+    for item in followed:  # TimeUp and Revoked end it without `done`
         if isinstance(item, dict):
             yield chunk_event(item)
         elif isinstance(item, Ping):

@@ -21,6 +21,7 @@ from spool_core.jobs.runner import Outcome
 from spool_core.jobs.service import JobService
 from spool_core.tenancy import Tenant
 from tests.integration.test_jobs import job, runner_for
+from tests.integration.test_keys_revocation import operator
 from tests.support import ROOT, load_event
 
 
@@ -84,7 +85,10 @@ def stream_event(
 
 def read(response: StreamedResponse) -> tuple[list[dict[str, Any]], str]:
     """The events of a whole response, and its raw text."""
-    text = b"".join(response.chunks()).decode()
+    return read_text(b"".join(response.chunks()).decode())
+
+
+def read_text(text: str) -> tuple[list[dict[str, Any]], str]:
     events = []
     for block in text.split("\n\n"):
         event: dict[str, Any] = {}
@@ -298,9 +302,9 @@ def test_an_events_token_opens_no_openai_route(functions: dict[str, LocalFunctio
     assert body["error"]["type"] == "authentication_error"  # the OpenAI routes' error shape
 
 
-def chat_event(tenant: Tenant, body: dict[str, Any]) -> dict[str, Any]:
+def chat_event(tenant: Tenant, body: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
     """``POST /v1/chat/completions`` with ``body``, as the gateway hands it to the OpenAI surface."""
-    event = stream_event("job_x", tenant)
+    event = stream_event("job_x", tenant, headers=headers)
     event.update(
         resource="/v1/chat/completions",
         path="/v1/chat/completions",
@@ -360,3 +364,46 @@ def test_a_cancelled_job_behind_a_chat_answer_is_an_error_not_a_complete_answer(
     assert (status, body["error"]["code"]) == (409, "job_cancelled")
     assert headers["x-should-retry"] == "false" and headers["x-spool-job-id"] == queued[0]["job_id"]
     assert body["error"]["details"] == {"job_id": queued[0]["job_id"], "output_tokens": 0}
+
+
+@pytest.mark.parametrize("route", ["events", "chat"])
+def test_a_stream_ends_once_the_key_it_was_opened_with_is_revoked(
+    variants: Any, service: JobService, tenant: Tenant, route: str
+) -> None:
+    """A stream can hold its function for the whole of a long job; it used to run to the job's end
+    after its key was revoked, where a WebSocket opened with that key was closed. Now it asks through
+    the key cache (off here) every few seconds: the native stream ends without ``done`` (the client's
+    reconnect is refused, 401), an OpenAI stream with an error SDKs raise. The job goes on."""
+    keys = operator()
+    key, record = keys.create(tenant, "to revoke")
+    bearer = {"Authorization": f"Bearer {key}"}
+    settings = {"SPOOL_AUTH_CACHE_SECONDS": "0", "SPOOL_STREAM_PING_SECONDS": "0.2"}
+    if route == "events":
+        job_id = service.create("k", job(max_tokens=300)).job.job_id  # queued: nobody runs it
+        response = variants(**settings).open_stream(stream_event(job_id, tenant, headers=bearer))
+    else:
+        body = {**CHAT, "stream": True}  # its job stays queued too: the stream waits, pinging
+        response = variants("StreamFunction", **settings).open_stream(chat_event(tenant, body, bearer))
+    assert response.status == 200
+    chunks = response.chunks()
+    received = [next(chunks)]  # the stream is open
+    keys.revoke(record.key_id)
+    ended = threading.Event()
+
+    def rest() -> None:
+        received.extend(chunks)
+        ended.set()
+
+    threading.Thread(target=rest, daemon=True).start()
+    assert ended.wait(60), "the stream went on after its key was revoked"
+    text = b"".join(received).decode()
+    if route == "events":
+        events, _ = read_text(text)
+        assert events == []  # no `done`: the job goes on
+        assert service.get(job_id).status == "queued"
+        return
+    datas = [json.loads(line[6:]) for line in text.split("\n") if line.startswith("data: ")]
+    error = datas[-1]["error"]
+    assert (error["code"], error["type"]) == ("unauthorized", "authentication_error")
+    assert "revoked" in error["message"] and error["suggestions"]
+    assert service.get(error["job_id"]).status == "queued"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -120,13 +120,24 @@ def parse(stream: Iterator[str]) -> list[dict[str, Any]]:
 
 
 def timeline(
-    log: Log, after: int = 0, settings: StreamSettings | None = None, budget: int | None = None
+    log: Log,
+    after: int = 0,
+    settings: StreamSettings | None = None,
+    budget: int | None = None,
+    allowed: Callable[[], bool] | None = None,
 ) -> list[tuple[float, str]]:
     """(time sent, text) of everything the stream sends, waits played on the log's clock."""
     sent = []
     service: Any = log
     events = job_events(
-        service, "job_1", after, settings, clock=log.clock, wall_ms=log.clock.ms, budget=budget
+        service,
+        "job_1",
+        after,
+        settings,
+        clock=log.clock,
+        wall_ms=log.clock.ms,
+        budget=budget,
+        allowed=allowed,
     )
     for item in events:
         if isinstance(item, Wait):
@@ -207,6 +218,53 @@ def test_a_stream_ends_cleanly_at_its_time_limit_and_a_resume_continues_without_
     ids = [int(e["id"]) for e in received + rest]
     assert ids == list(range(1, 31))
     assert "".join(e["data"]["text"] for e in received + rest) == "".join(f"w{i} " for i in range(1, 31))
+
+
+class Key:
+    """A stream's key as its check sees it (through the key cache): revoked from ``revoked_at`` on."""
+
+    def __init__(self, clock: Clock, revoked_at: float) -> None:
+        self.clock = clock
+        self.revoked_at = revoked_at
+        self.asked: list[float] = []
+
+    def __call__(self) -> bool:
+        self.asked.append(self.clock.now)
+        return self.clock.now < self.revoked_at
+
+
+@pytest.mark.parametrize("idle", [False, True], ids=["chunks-coming", "job-still-queued"])
+def test_a_stream_ends_within_its_check_interval_once_its_key_is_revoked(idle: bool) -> None:
+    clock = Clock()
+    log = Log(clock)
+    first = 1100.0 if idle else 1000.5  # a queued job: the stream waits (pings) with nothing to send
+    log.writes = [(first + i, f"w{i} ") for i in range(60)] + [(first + 60, "<end>")]
+    key = Key(clock, revoked_at=1020.0)
+    settings = StreamSettings(ping_seconds=15, access_seconds=5)
+    sent = timeline(log, settings=settings, allowed=key)
+    events = parse(iter(t for _, t in sent))
+    assert not any(e.get("event") == "done" for e in events)  # ended early: a reconnect gets 401
+    assert 1020.0 <= clock.now <= 1020.0 + 5  # within one check interval of the revocation
+    chunks = [e for e in events if e.get("event") == "chunk"]
+    assert [int(e["id"]) for e in chunks] == list(range(1, len(chunks) + 1))  # nothing skipped
+    assert len(chunks) == (0 if idle else 20)  # everything written while the key was good
+    # asked once per interval, not on every look at the log (the cache makes a miss one read)
+    assert key.asked == pytest.approx([1005.0, 1010.0, 1015.0, 1020.0], abs=0.2)
+
+
+def test_a_stream_whose_key_stays_active_runs_to_done_and_one_without_a_check_never_asks() -> None:
+    clock = Clock()
+    log = Log(clock)
+    log.writes = [(1000.5 + i, f"w{i} ") for i in range(12)] + [(1012.5, "<end>")]
+    key = Key(clock, revoked_at=float("inf"))
+    sent = timeline(log, settings=StreamSettings(access_seconds=5), allowed=key)
+    events = parse(iter(t for _, t in sent))
+    assert events[-1]["event"] == "done"
+    assert len([e for e in events if e.get("event") == "chunk"]) == 12
+    assert len(key.asked) == 2  # at 1005 and 1010
+    log = Log(clock)
+    log.writes = [(clock.now + 1, "w "), (clock.now + 2, "<end>")]
+    assert parse(iter(t for _, t in timeline(log)))[-1]["event"] == "done"  # an events token: no check
 
 
 def test_before_the_first_chunk_polling_is_fast_then_backs_off() -> None:

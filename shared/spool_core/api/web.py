@@ -13,7 +13,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydantic_core
 from starlette.concurrency import run_in_threadpool
@@ -38,12 +38,18 @@ from spool_core.events import Wait
 from spool_core.observability import logger
 from spool_core.tenancy import InvalidTenantId, Tenant
 
+if TYPE_CHECKING:
+    from spool_core.auth import ApiKeys
+
 REQUEST_CONTEXT_HEADER = "x-amzn-request-context"  # the adapter overwrites any copy a client sent
 OPENAI_PATHS = ("/v1/chat/", "/v1/responses")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # anyio's asyncio backend, which Starlette's first `run_in_threadpool` imports (~10 ms of CPU; its
 # name is what `anyio` itself imports for asyncio): before a snapshot (see spool_core.snapshot).
 snapshot.load_before_snapshot("anyio._backends._asyncio")
+# The key check of every caller and of a stream as it goes (``Caller.access``), which the first
+# request loads.
+snapshot.load_before_snapshot("spool_core.auth", "spool_core.adapters.api_keys")
 
 
 @dataclass(frozen=True)
@@ -51,11 +57,20 @@ class Caller:
     tenant: Tenant
     scope: str  # "*" for an API key, "events:<job_id>" for a links.events token
     request_id: str
+    key_hash: str | None = None  # the hash of the API key the request came with (None: a token)
 
     def require_key(self) -> None:
         """Routes other than one job's event stream need an API key, not an events token."""
         if self.scope != "*":
             raise Unauthorized("This credential only reads one job's event stream; send an API key")
+
+    def access(self, keys: ApiKeys) -> Callable[[], bool] | None:
+        """Whether the request's API key is still active, for a stream to ask as it goes (through the
+        key cache, as the authorizer does); None for an events token, which expires by itself."""
+        key_hash = self.key_hash
+        if key_hash is None:
+            return None
+        return lambda: keys.check(key_hash) is not None
 
 
 def _request_context(request: Request) -> dict[str, Any]:
@@ -80,7 +95,12 @@ def caller(request: Request) -> Caller:
         tenant = Tenant(str(authorizer["tenant_id"]))
     except (KeyError, InvalidTenantId):
         raise Unauthorized("The request carries no authenticated tenant") from None
-    return Caller(tenant, str(authorizer.get("scope") or "*"), rid)
+    scope = str(authorizer.get("scope") or "*")
+    # loaded by the first request (and before a snapshot, below), not with the web app
+    from spool_core.auth import extract_api_key, hash_api_key
+
+    key = extract_api_key(dict(request.headers)) if scope == "*" else None
+    return Caller(tenant, scope, rid, hash_api_key(key) if key else None)
 
 
 async def json_body(request: Request) -> Any:

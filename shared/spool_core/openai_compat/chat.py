@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from spool_core.events import Ended, Followed, Ping, TimeUp, Wait
+from spool_core.events import Ended, Followed, Ping, Revoked, TimeUp, Wait
 from spool_core.jobs.model import Job, JobRequest
 from spool_core.json_values import JsonBool, json_numbers
 from spool_core.openai_compat.common import (
@@ -16,6 +16,7 @@ from spool_core.openai_compat.common import (
     created_epoch,
     data_line,
     job_failure,
+    key_revoked,
     stream_time_up,
     text_of,
     to_job,
@@ -122,7 +123,7 @@ def _chunk(job: Job, delta: dict[str, Any], finish_reason: str | None = None) ->
 def completion_chunks(job: Job, followed: Iterator[Followed], include_usage: bool) -> Iterator[str | Wait]:
     """The job's log as ``chat.completion.chunk`` events, ``[DONE]`` last. A failed or cancelled job
     ends with an error event (OpenAI SDKs raise it, after the text received so far), as does a stream
-    whose time ran out (its message says how to read the rest)."""
+    whose time ran out (its message says how to read the rest) or whose key was revoked."""
     yield data_line(_chunk(job, {"role": "assistant", "content": ""}))
     last = 0
     for item in followed:
@@ -135,6 +136,9 @@ def completion_chunks(job: Job, followed: Iterator[Followed], include_usage: boo
             yield data_line(_chunk(job, {"content": item["text"]}))
         elif isinstance(item, TimeUp):
             yield data_line(stream_time_up(job.job_id, last))
+            return
+        elif isinstance(item, Revoked):
+            yield data_line(key_revoked(job.job_id, last))
             return
         elif isinstance(item, Ended):
             ended = item.job

@@ -211,6 +211,25 @@ def job_failure(job: Job) -> dict[str, Any]:
     }
 
 
+def key_revoked(job_id: str, last_sequence_id: int) -> dict[str, Any]:
+    """The key the stream was opened with was revoked (or expired) while it ran: OpenAI SDKs raise
+    ``APIError`` with this, after the text received so far; the job goes on."""
+    from spool_core.auth import revoked_key_error  # loaded by the stream's key check already
+
+    error = revoked_key_error()
+    return {
+        "error": {
+            "message": error.message,
+            "type": ERROR_TYPES[401],
+            "code": error.code,
+            "param": None,
+            "job_id": job_id,
+            "last_sequence_id": last_sequence_id,
+            "suggestions": error.suggestions,
+        }
+    }
+
+
 def stream_time_up(job_id: str, last_sequence_id: int) -> dict[str, Any]:
     """The stream reached its time limit before the job ended: how to read the rest."""
     return {
@@ -236,6 +255,7 @@ __all__ = [
     "created_epoch",
     "data_line",
     "job_failure",
+    "key_revoked",
     "openai_error_body",
     "stream_time_up",
     "text_of",

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from spool_core.errors import NotFound
-from spool_core.events import Ended, Followed, Ping, TimeUp, Wait
+from spool_core.events import Ended, Followed, Ping, Revoked, TimeUp, Wait
 from spool_core.jobs.model import Job, JobRequest
 from spool_core.json_values import JsonBool, json_numbers
 from spool_core.openai_compat.common import PING, created_epoch, data_line, text_of, to_job
@@ -219,8 +219,8 @@ def response_events(
             yield item
         elif isinstance(item, Ping):
             yield PING
-        elif isinstance(item, TimeUp):
-            return
+        elif isinstance(item, TimeUp | Revoked):
+            return  # the client resumes with `starting_after` (refused with 401 once its key is revoked)
         elif isinstance(item, dict):
             number = PREFIX_EVENTS + item["sequence_id"]
             if texts is not None:
