@@ -825,6 +825,7 @@ def _tenant_limits(args: argparse.Namespace, target: Any) -> int:
     from spool_core.adapters.dynamodb import ScopedTable
     from spool_core.adapters.usage import DynamoUsageStore
     from spool_core.limits.model import TenantLimits
+    from spool_core.limits.service import set_tenant_limits
     from spool_core.tenancy import Tenant, TenantScope
     from spool_core.units import nanos, usd
 
@@ -856,7 +857,7 @@ def _tenant_limits(args: argparse.Namespace, target: Any) -> int:
             **{name: value if value is not None else base[name] for name, value in fields.items()},
             daily_budget_nanos=budget,
         )
-        store.set_limits(current)
+        set_tenant_limits(store, current)  # a budget that starts now counts today's spend so far
     if current is None:
         print(f"tenant {args.tenant} has no limits of its own: the deployment's defaults apply")
         return 0

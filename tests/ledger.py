@@ -469,6 +469,11 @@ class TenantLedger:
                 "daily_budget_nanos": limits.daily_budget_nanos,
             }
 
+    def count_spend(self, day: str, spent_nanos: int) -> None:
+        with self.ledger.lock:
+            item = self._usage.setdefault(f"day#{day}", {})
+            item["committed_nanos"] = max(item.get("committed_nanos", 0), spent_nanos)
+
     # ------------------------------------------------------------------ JobQueue
     def send(self, job_id: str, tenant_id: str, *, continuation: int = 0) -> None:
         fault = self.ledger.faults.next("send")

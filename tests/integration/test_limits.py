@@ -16,7 +16,7 @@ from spool_core.jobs.runner import Outcome
 from spool_core.jobs.service import JobService
 from spool_core.limits.errors import BudgetExceeded, TokenLimitExceeded, TooManyConcurrentJobs
 from spool_core.limits.model import TenantLimits
-from spool_core.limits.service import RateLimiter
+from spool_core.limits.service import RateLimiter, set_tenant_limits
 from spool_core.tenancy import Tenant
 from tests.integration.conftest import client
 from tests.integration.test_jobs import runner_for
@@ -164,3 +164,31 @@ def test_a_settlement_at_a_high_limit_is_written_in_integers(stack: StackDescrip
         Key={"pk": {"S": "high-limit#usage#tenant"}, "sk": {"S": "bucket#minute"}},
     )["Item"]
     assert bucket["tat_us"]["N"].isdigit()  # an integer: no fraction, no exponent
+
+
+def test_a_budget_set_during_the_day_counts_what_the_tenant_already_spent(stack: StackDescription) -> None:
+    """Jobs admitted without a budget add nothing to the day's commitments: a budget set after them
+    allowed its whole amount again, and its refusal said "Today's spend (0.0000 USD)"."""
+    tenant = Tenant("late-budget")
+    spent = sum(run_job(tenant, f"k{i}").cost_nanos for i in range(2))  # no budget yet
+    store = bootstrap.usage_store(tenant)
+    limits = TenantLimits(1_000_000, 10_000_000, 16, daily_budget_nanos=spent + spent // 4)
+    set_tenant_limits(store, limits)
+    another = JobRequest.model_validate({"message": "usage", "model": "sim-fast", "max_tokens": 300})
+    with pytest.raises(BudgetExceeded) as over:  # a job like them does not fit what is left
+        bootstrap.job_service(tenant).create("k2", another)
+    assert over.value.details["spent_usd"] == spent / 1e9
+
+    def committed() -> float:
+        return float(
+            bootstrap.rate_limiter(tenant).usage(None, None)["limits"]["daily_budget"]["committed_usd"]
+        )
+
+    assert committed() == spent / 1e9
+    set_tenant_limits(store, limits._replace(daily_budget_nanos=10 * spent))  # a new amount: still counting
+    assert committed() == spent / 1e9
+    bootstrap.job_service(tenant).create("k3", another)
+    assert committed() > spent / 1e9  # its reservation
+    set_tenant_limits(store, limits._replace(daily_budget_nanos=None))
+    set_tenant_limits(store, limits)  # started again the same day: what it counts already is kept
+    assert committed() > spent / 1e9

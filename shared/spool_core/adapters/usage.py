@@ -8,6 +8,7 @@ job; this module builds their entries (``reservation_writes``, ``settlement_writ
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -199,6 +200,17 @@ class DynamoUsageStore:
         if limits.daily_budget_nanos is not None:
             attributes["daily_budget_nanos"] = limits.daily_budget_nanos
         self._table.put(KIND, IDENT, attributes)
+
+    def count_spend(self, day: str, spent_nanos: int) -> None:
+        with contextlib.suppress(ConditionFailed):  # it counts more already: kept
+            self._table.update(
+                KIND,
+                IDENT,
+                "SET committed_nanos = :spent",
+                sort=_sk(f"day#{day}"),
+                condition="attribute_not_exists(committed_nanos) OR committed_nanos < :spent",
+                values={":spent": spent_nanos},
+            )
 
     def clear_limits(self) -> None:
         self._table.delete(KIND, IDENT, sort=_sk("limits"))

@@ -59,6 +59,25 @@ class UsageStore(Protocol):
 
     def set_limits(self, limits: TenantLimits) -> None: ...
 
+    def count_spend(self, day: str, spent_nanos: int) -> None:
+        """Make ``day``'s budget count at least ``spent_nanos`` (what it counts already is kept when
+        larger: spend and reservations of budgeted jobs)."""
+
+
+def set_tenant_limits(store: UsageStore, limits: TenantLimits, now: int | None = None) -> None:
+    """A tenant's own limits. A daily budget that starts now (the tenant had none) counts what the
+    tenant already spent today: a job admitted without a budget adds nothing to the day's
+    commitments, so a budget set after $3 of spend would otherwise allow its whole amount again."""
+    previous = store.limits()
+    store.set_limits(limits)
+    had_budget = previous is not None and previous.daily_budget_nanos is not None
+    if limits.daily_budget_nanos is None or had_budget:
+        return
+    today = utc_day(now_ms() if now is None else now)
+    spent = sum(int(row["cost_nanos"]) for row in store.rollups(today, today))
+    if spent:
+        store.count_spend(today, spent)
+
 
 def utc_day(moment_ms: int) -> str:
     return from_epoch(moment_ms / 1000).strftime("%Y-%m-%d")
