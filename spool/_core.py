@@ -151,7 +151,7 @@ class RetryPolicy:
     """Bounded retries, as openai-python does them: at most ``max_retries`` more attempts, each wait
     at most ``max_retry_wait`` seconds (exponential from ``initial_wait``, with jitter, or the
     server's ``Retry-After``). A 429 asking for longer than the bound, or about a budget, is raised
-    at once; so is every 4xx other than 429."""
+    at once; so is every 4xx other than 429, and an error sent with ``x-should-retry: false``."""
 
     max_retries: int = 2
     max_retry_wait: float = 8.0
@@ -162,6 +162,8 @@ class RetryPolicy:
         """Seconds to wait before retry number ``attempt + 1``, or None: raise ``error`` now."""
         if attempt >= self.max_retries or not isinstance(error, RETRYABLE):
             return None
+        if any(k.lower() == "x-should-retry" and v == "false" for k, v in error.headers.items()):
+            return None  # the server says a retry cannot succeed (a job larger than the whole limit)
         if isinstance(error, RateLimited):
             if error.code in NEVER_RETRIED:
                 return None

@@ -85,6 +85,16 @@ def test_a_429_asking_longer_than_the_bound_is_raised_at_once() -> None:
     assert sleeps == [] and len(server.requests) == 1
 
 
+def test_a_429_that_says_a_retry_cannot_succeed_is_raised_at_once() -> None:
+    """A job larger than the whole per-minute limit: Retry-After is 1 s (the bucket is whole), but
+    waiting will not help, and the server says so with ``x-should-retry: false``."""
+    never = error(429, "token_limit_exceeded", {"Retry-After": "1", "x-should-retry": "false"})
+    server, sleeps = Recorder(never), Sleeps()
+    with pytest.raises(RateLimited):
+        client_for(server, sleeps).create_job("hi", max_tokens=300_000)
+    assert sleeps == [] and len(server.requests) == 1
+
+
 def test_short_429s_are_retried_with_the_same_idempotency_key() -> None:
     server, sleeps = Recorder(error(429, "rate_limited", {"Retry-After": "1"}), created()), Sleeps()
     job = client_for(server, sleeps).create_job("hi", model="sim-fast")

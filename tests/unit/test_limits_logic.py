@@ -74,6 +74,7 @@ def test_a_job_larger_than_a_whole_bucket_says_waiting_will_not_help() -> None:
     assert "more than the whole limit of 1,000 per minute" in fresh.value.message
     assert fresh.value.details["reset_at"] == rfc3339(from_epoch(now_us / 1e6))
     assert fresh.value.headers["Retry-After"] == "1"
+    assert fresh.value.headers["x-should-retry"] == "false"  # SDKs that retry by themselves stop
     assert "at most 1,000 tokens fit" in fresh.value.suggestions[0]
     half = now_us + MINUTE_US // 2  # half the minute bucket taken: whole again in 30 s, not at midnight
     with pytest.raises(TokenLimitExceeded) as used:
@@ -83,6 +84,9 @@ def test_a_job_larger_than_a_whole_bucket_says_waiting_will_not_help() -> None:
     with pytest.raises(TokenLimitExceeded) as daily:  # past the day's bucket too: it names the day
         limiter(clock, tokens_per_minute=10**7, tokens_per_day=5000).plan(state(), 6000, 0)
     assert daily.value.details["window"] == "day" and "per day" in daily.value.message
+    with pytest.raises(TokenLimitExceeded) as fits_later:  # one that fits once the bucket refills
+        limits.plan(state(tats={"minute": half, "day": None}), 900, 0)
+    assert "x-should-retry" not in fits_later.value.headers
 
 
 def test_settlement_refunds_only_while_the_period_has_not_passed() -> None:

@@ -195,7 +195,7 @@ class RateLimiter:
             ]
         else:
             reset_us = bucket.available_at(tat, now_us, tokens)
-        return TokenLimitExceeded(
+        error = TokenLimitExceeded(
             message,
             retry_after_seconds=max(1.0, (reset_us - now_us) / 1e6),
             details={
@@ -207,6 +207,11 @@ class RateLimiter:
             },
             suggestions=suggestions,
         )
+        if tokens > bucket.limit:
+            # The contract's Retry-After is still sent (when the bucket is whole again); this tells
+            # clients that retry by themselves (OpenAI SDKs, Spool's) that a retry cannot succeed.
+            error.headers["x-should-retry"] = "false"
+        return error
 
     @staticmethod
     def _budget_exceeded(budget: int, committed: int, cost: int, now: int) -> BudgetExceeded:
