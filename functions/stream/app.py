@@ -110,8 +110,8 @@ async def create_response(request: Request) -> Response:
         return _response_stream(request, service, job, None, headers)
     if not body.background:
         ended = await web.last(await_end(service, job.job_id, _settings()))
-        if isinstance(ended, Ended):
-            job = ended.job  # else: still running, answered like a background response
+        # else still running, answered like a background response: as it stands now, not as created
+        job = ended.job if isinstance(ended, Ended) else await run_in_threadpool(service.get, job.job_id)
     return await _response_json(service, job, headers, background=body.background)
 
 

@@ -16,7 +16,8 @@ from spool.devstack.provision import StackDescription
 from spool.devstack.runtime import LocalFunction, StreamedResponse
 from spool.devstack.template import Template
 from spool_core import bootstrap, listing
-from spool_core.jobs.model import JOB_TTL_SECONDS
+from spool_core.clock import from_epoch, rfc3339
+from spool_core.jobs.model import JOB_TTL_SECONDS, Chunk
 from spool_core.jobs.runner import Outcome
 from spool_core.jobs.service import JobService
 from spool_core.tenancy import Tenant
@@ -407,3 +408,34 @@ def test_a_stream_ends_once_the_key_it_was_opened_with_is_revoked(
     assert (error["code"], error["type"]) == ("unauthorized", "authentication_error")
     assert "revoked" in error["message"] and error["suggestions"]
     assert service.get(error["job_id"]).status == "queued"
+
+
+def test_a_response_out_of_time_is_answered_as_its_job_stands_then_not_as_created(
+    variants: Any, service: JobService, tenant: Tenant
+) -> None:
+    """A non-background ``POST /v1/responses`` that waits out its time is answered like a background
+    one: it said ``queued`` with no output, from the job read at its creation, while the worker had
+    taken the job and written part of its answer."""
+    function = variants("StreamFunction", SPOOL_ANSWER_MAX_SECONDS="3")
+    outcome: list[tuple[int, dict[str, str], dict[str, Any]]] = []
+    body = {"model": "sim-fast", "input": "hi", "max_output_tokens": 50}
+    event = chat_event(tenant, body)
+    event["path"] = event["resource"] = event["requestContext"]["path"] = "/v1/responses"
+    waiting = threading.Thread(target=lambda: outcome.append(answered(function.open_stream(event))))
+    waiting.start()
+    codec = listing.cursor_codec(bootstrap.settings())
+    deadline = time.monotonic() + 60
+    while not (queued := service.list_jobs(codec).data) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert queued, "the request made no job"
+    job_id = queued[0]["job_id"]
+    jobs, chunks = bootstrap._job_tables(tenant, bootstrap.settings())
+    now = int(time.time() * 1000)
+    jobs.take_lease(job_id, "lease-1", now, now + 60_000)  # the worker takes it and writes a chunk
+    written = rfc3339(from_epoch(now / 1000))
+    chunks.append(job_id, Chunk(sequence_id=1, text="Half an", tokens=2, tokens_total=2, created_at=written))
+    waiting.join(timeout=120)
+    status, _, answer = outcome[0]
+    assert status == 200
+    assert (answer["status"], answer["spool"]["status"]) == ("in_progress", "running")
+    assert answer["output"][0]["content"][0]["text"] == "Half an"
