@@ -249,6 +249,18 @@ def test_uploads_create_a_context_once(h: Harness) -> None:
         h.service.create_from_upload(h.service.begin_upload()["upload_id"])  # never uploaded
 
 
+def test_an_upload_named_again_after_its_context_expired_is_a_410(h: Harness) -> None:
+    """A retry naming the upload answered the context already made, even once it had expired (201
+    with an ``expires_at`` in the past); an expired context answers 410 for every use."""
+    ticket = h.service.begin_upload()
+    h.uploads.objects[ticket["upload_id"]] = b'{"files": [{"path": "a", "content": "x"}], "ttl_seconds": 60}'
+    summary = h.service.create_from_upload(ticket["upload_id"])
+    h.clock.now += 61
+    with pytest.raises(ContextExpired) as expired:
+        h.service.create_from_upload(ticket["upload_id"])
+    assert expired.value.details["context_id"] == summary["context_id"]
+
+
 def test_an_upload_replaced_after_its_check_is_not_read() -> None:
     h = Harness(max_bytes=100)
     upload_id = h.service.begin_upload()["upload_id"]

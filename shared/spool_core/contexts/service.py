@@ -197,11 +197,15 @@ class ContextService:
         record = self._table.get(context_id) if plausible(context_id) else None
         if record is None:
             raise ContextNotFound(f"Context '{context_id}' not found", details={"context_id": context_id})
+        return self._live(record)
+
+    def _live(self, record: ContextRecord) -> ContextRecord:
+        """The record, or ``context_expired`` (410) once its time is up."""
         if self._clock() >= record.expires_at:
             expired_at = rfc3339(from_epoch(record.expires_at))
             raise ContextExpired(
-                f"Context '{context_id}' expired at {expired_at}",
-                details={"context_id": context_id, "expired_at": expired_at},
+                f"Context '{record.context_id}' expired at {expired_at}",
+                details={"context_id": record.context_id, "expired_at": expired_at},
             )
         return record
 
@@ -331,7 +335,7 @@ class ContextService:
         existing = self._table.get(context_id) if _is_upload_id(upload_id) else None
         if existing is not None:
             self._uploads.delete(upload_id)  # a second PUT to a used URL leaves nothing behind
-            return self._summary(existing)
+            return self._summary(self._live(existing))  # expired since: 410, as every use of it
         head = self._uploads.head(upload_id) if _is_upload_id(upload_id) else None
         if head is None:
             raise UploadNotFound(
