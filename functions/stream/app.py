@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from spool_core import bootstrap, snapshot
 from spool_core.api import web
-from spool_core.errors import InvalidRequest
+from spool_core.errors import InvalidRequest, SpoolError
 from spool_core.events import (
     Ended,
     StreamSettings,
@@ -104,7 +104,10 @@ async def chat_completions(request: Request) -> Response:
 async def create_response(request: Request) -> Response:
     body = parse(responses.ResponsesRequest, await web.json_body(request), ResponsesPolicy)
     service = _service(request)
-    job, limits = await _create(request, service, body.job_request())
+    try:
+        job, limits = await _create(request, service, body.job_request())
+    except SpoolError as refused:  # admission speaks of the job's max_tokens
+        raise responses.in_responses_terms(refused) from None
     headers = _job_headers(request, job, limits)
     if body.stream:
         return _response_stream(request, service, job, None, headers)

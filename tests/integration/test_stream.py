@@ -439,3 +439,18 @@ def test_a_response_out_of_time_is_answered_as_its_job_stands_then_not_as_create
     assert status == 200
     assert (answer["status"], answer["spool"]["status"]) == ("in_progress", "running")
     assert answer["output"][0]["content"][0]["text"] == "Half an"
+
+
+def test_a_responses_refusal_names_max_output_tokens_not_the_jobs_max_tokens(
+    functions: dict[str, LocalFunction], tenant: Tenant
+) -> None:
+    event = chat_event(tenant, {"model": "sim-fast", "input": "hi", "max_output_tokens": 100_000})
+    event["path"] = event["resource"] = event["requestContext"]["path"] = "/v1/responses"
+    status, _, body = answered(functions["StreamFunction"].open_stream(event))
+    error = body["error"]
+    assert (status, error["code"], error["param"]) == (400, "invalid_request", "max_output_tokens")
+    assert "max_output_tokens 100,000 exceeds" in error["message"] and "max_tokens" not in error["message"]
+    assert all("max_tokens" not in s for s in error["suggestions"])
+    chat = chat_event(tenant, {**CHAT, "max_tokens": 100_000})  # the chat surface's own name stays
+    _, _, refused = answered(functions["StreamFunction"].open_stream(chat))
+    assert (refused["error"]["param"], refused["error"]["message"].split()[0]) == ("max_tokens", "max_tokens")

@@ -328,7 +328,11 @@ class JobService:
         if request.max_tokens > model.max_output_tokens:
             raise InvalidRequest(
                 f"max_tokens {request.max_tokens:,} exceeds {model.id}'s limit ({model.max_output_tokens:,})",
-                details={"max_tokens": request.max_tokens, "limit": model.max_output_tokens},
+                details={
+                    "param": "max_tokens",
+                    "max_tokens": request.max_tokens,
+                    "limit": model.max_output_tokens,
+                },
                 suggestions=[f"Set max_tokens to at most {model.max_output_tokens}"],
             )
         return input_tokens, manifest

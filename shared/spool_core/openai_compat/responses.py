@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from spool_core.errors import NotFound
+from spool_core.errors import NotFound, SpoolError
 from spool_core.events import Ended, Followed, Ping, Revoked, TimeUp, Wait
 from spool_core.jobs.model import Job, JobRequest
 from spool_core.json_values import JsonBool, json_numbers
@@ -175,6 +175,17 @@ def response_object(job: Job, output: str | None, *, background: bool | None = T
         "store": True,
         "spool": {"job_id": job.job_id, "status": job.status, "cost_usd": job.cost_nanos / 1e9},
     }
+
+
+def in_responses_terms(error: SpoolError) -> SpoolError:
+    """An admission error as the Responses API names things: the job's ``max_tokens`` is the
+    request's ``max_output_tokens`` (in the message, the suggestions and ``param``)."""
+    error.message = error.message.replace("max_tokens", "max_output_tokens")
+    error.args = (error.message,)
+    error.suggestions = [s.replace("max_tokens", "max_output_tokens") for s in error.suggestions]
+    if error.details.get("param") == "max_tokens":
+        error.details["param"] = "max_output_tokens"
+    return error
 
 
 # ---------------------------------------------------------------------------------------- events
