@@ -20,6 +20,15 @@ def usd(nanos: int) -> float:
     return round(nanos / NANOS_PER_USD, 9)
 
 
+def usd_text(nanos: int) -> str:
+    """Nano-dollars for a message: cents when they say it all ("5.00"), else the significant
+    digits (a budget of $0.0004 is not "0.00")."""
+    amount = usd(nanos)
+    if nanos % (NANOS_PER_USD // 100) == 0:
+        return f"{amount:,.2f}"
+    return f"{amount:,.9f}".rstrip("0")  # exact: amounts are whole nano-dollars
+
+
 def nanos(dollars: float | str | Decimal) -> int:
     """Dollars (as configured or sent) to nano-dollars, rounded half up."""
     return int((Decimal(str(dollars)) * NANOS_PER_USD).to_integral_value(ROUND_HALF_UP))

@@ -9,6 +9,7 @@ from spool_core.clock import from_epoch, rfc3339
 from spool_core.limits.errors import BudgetExceeded, TokenLimitExceeded, TooManyConcurrentJobs
 from spool_core.limits.model import MINUTE_US, Bucket, Estimate, ModelUsage, TenantLimits, UsageState
 from spool_core.limits.service import RateLimiter
+from spool_core.units import usd_text
 from tests.ledger import Clock, MemoryLedger
 
 NOW_US = 1_800_000_000_000_000
@@ -60,6 +61,9 @@ def test_a_plan_refuses_with_the_numbers_and_writes_nothing() -> None:
         limits.plan(state(committed_nanos=600_000_000), 10, 500_000_000)
     assert over.value.details["spent_usd"] == 0.6
     assert over.value.details["estimated_cost_usd"] == 0.5
+    assert "(0.60 USD) plus this job's estimate (0.50 USD) exceeds the daily budget (1.00 USD)" in (
+        over.value.message
+    )
     plan = limits.plan(state(committed_nanos=500_000_000), 10, 500_000_000)
     assert plan.budget_room_nanos == 500_000_000
     assert plan.reservation.budgeted
@@ -121,3 +125,19 @@ def test_learning_moves_the_correction_within_bounds() -> None:
     assert 800 < moved.correction_milli < 2000
     assert moved.input_tokens == -(-1000 * moved.correction_milli // 1000)
     assert moved.output_tokens == 256  # recent outputs were 100: the floor, not max_tokens
+
+
+@pytest.mark.parametrize(
+    ("nanos", "text"),
+    [
+        (5_000_000_000, "5.00"),
+        (1_234_560_000_000, "1,234.56"),
+        (400_000, "0.0004"),
+        (362_700, "0.0003627"),
+        (1, "0.000000001"),
+        (0, "0.00"),
+    ],
+)
+def test_amounts_in_messages_keep_their_significant_digits(nanos: int, text: str) -> None:
+    """A budget of $0.0004 read "exceeds the daily budget (0.00 USD)"."""
+    assert usd_text(nanos) == text

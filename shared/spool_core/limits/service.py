@@ -26,7 +26,7 @@ from spool_core.limits.model import (
     TenantLimits,
     UsageState,
 )
-from spool_core.units import now_ms, usd
+from spool_core.units import now_ms, usd, usd_text
 
 DEFAULT_USAGE_DAYS = 7
 MAX_USAGE_DAYS = 366  # one query reads one rollup per model and day
@@ -217,8 +217,8 @@ class RateLimiter:
     def _budget_exceeded(budget: int, committed: int, cost: int, now: int) -> BudgetExceeded:
         reset = next_midnight_ms(now)
         return BudgetExceeded(
-            f"Today's spend ({usd(committed):.4f} USD) plus this job's estimate ({usd(cost):.4f} USD)"
-            f" exceeds the daily budget ({usd(budget):.2f} USD)",
+            f"Today's spend ({usd_text(committed)} USD) plus this job's estimate ({usd_text(cost)} USD)"
+            f" exceeds the daily budget ({usd_text(budget)} USD)",
             retry_after_seconds=(reset - now) / 1000,
             details={
                 "budget_usd": usd(budget),
