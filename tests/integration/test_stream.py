@@ -406,7 +406,7 @@ def test_a_stream_ends_once_the_key_it_was_opened_with_is_revoked(
     datas = [json.loads(line[6:]) for line in text.split("\n") if line.startswith("data: ")]
     error = datas[-1]["error"]
     assert (error["code"], error["type"]) == ("unauthorized", "authentication_error")
-    assert "revoked" in error["message"] and error["suggestions"]
+    assert "revoked" in error["message"] and f"/v1/jobs/{error['job_id']}/events" in error["suggestions"][0]
     assert service.get(error["job_id"]).status == "queued"
 
 

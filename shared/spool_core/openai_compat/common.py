@@ -225,7 +225,11 @@ def key_revoked(job_id: str, last_sequence_id: int) -> dict[str, Any]:
             "param": None,
             "job_id": job_id,
             "last_sequence_id": last_sequence_id,
-            "suggestions": error.suggestions,
+            "suggestions": [
+                f"Job {job_id} goes on: read the rest with an active key, GET /v1/jobs/{job_id}/events"
+                f" and 'Last-Event-ID: {last_sequence_id}'",
+                *error.suggestions[1:],
+            ],
         }
     }
 
