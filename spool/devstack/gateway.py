@@ -513,7 +513,7 @@ class RestApiEmulator:
         response = {"Content-Type": "application/json", "x-amzn-RequestId": request_id}
         allowed = self._allowed_origin(_header(headers, "Origin") or "")
         if allowed:
-            response["Access-Control-Allow-Origin"] = allowed
+            response.update(self._gateway_cors(_header(headers, "Origin") or ""))
             for key, name in (
                 ("AllowMethods", "Access-Control-Allow-Methods"),
                 ("AllowHeaders", "Access-Control-Allow-Headers"),
@@ -524,8 +524,12 @@ class RestApiEmulator:
         return HttpResponse(200, response, b"{}")
 
     def _gateway_cors(self, origin: str) -> dict[str, str]:
+        """The allowed origin, and ``Vary: Origin`` where it names the request's (a list of origins):
+        no shared cache may hand one origin's answer to another."""
         allowed = self._allowed_origin(origin)
-        return {"Access-Control-Allow-Origin": allowed} if allowed else {}
+        if not allowed:
+            return {}
+        return {"Access-Control-Allow-Origin": allowed, **({"Vary": "Origin"} if allowed != "*" else {})}
 
     def _proxy_event(
         self,

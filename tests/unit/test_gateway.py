@@ -196,6 +196,7 @@ def test_preflight_is_answered_from_the_template_before_the_authorizer(
     )
     assert response.status == 200
     assert response.headers["Access-Control-Allow-Origin"] == "*"
+    assert "Vary" not in response.headers  # the same for every origin
     assert "POST" in response.headers["Access-Control-Allow-Methods"]
     assert "Last-Event-ID" in response.headers["Access-Control-Allow-Headers"]
     assert response.headers["Access-Control-Max-Age"] == "600"
@@ -207,7 +208,18 @@ def test_gateway_responses_name_an_allowed_origin_only(functions: Any) -> None:
     denied = emulator.handle("GET", "/v1/contexts", {"Origin": "https://admin.example.com"}, b"")
     assert denied.status == 401
     assert denied.headers["Access-Control-Allow-Origin"] == "https://admin.example.com"
+    assert denied.headers["Vary"] == "Origin"  # it names the request's origin: no cache may share it
     assert "X-Request-Id" in denied.headers["Access-Control-Expose-Headers"]
+    allowed = emulator.handle(
+        "OPTIONS",
+        "/v1/jobs",
+        {"Origin": "https://app.example.com", "Access-Control-Request-Method": "POST"},
+        b"",
+    )
+    assert (allowed.headers["Access-Control-Allow-Origin"], allowed.headers["Vary"]) == (
+        "https://app.example.com",
+        "Origin",
+    )
     foreign = emulator.handle("GET", "/v1/contexts", {"Origin": "https://evil.example"}, b"")
     assert "Access-Control-Allow-Origin" not in foreign.headers
     preflight = emulator.handle("OPTIONS", "/v1/jobs", {"Origin": "https://evil.example"}, b"")
