@@ -72,6 +72,14 @@ def tour(stack: RunningStack) -> None:
             "Explain a.py", model="sim-fast", max_tokens=40, context_id=context["context_id"]
         )
         assert "".join(client.stream(job["job_id"], transport=transport))
+    # streams longer than their key check's interval (5 s), which reads the key table
+    slow = client.create_job("Read for a while", model="sim-realtime", max_tokens=350)
+    assert "".join(client.stream(slow["job_id"], transport="sse"))
+    chat = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=DEV_KEY, max_retries=0)
+    streamed = chat.chat.completions.create(
+        model="sim-realtime", messages=[{"role": "user", "content": "hi"}], max_tokens=350, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
     long = client.create_job("A long answer", model="sim-realtime", max_tokens=400)
     client.chunks(long["job_id"], wait=5)
     client.cancel(long["job_id"])
