@@ -308,9 +308,10 @@ class TenantLedger:
         if settlement.release_slot:
             slot = usage.setdefault("concurrency", {})
             slot["running"] = slot.get("running", 1) - 1
-        if settlement.budget is not None and settlement.budget[1]:
+        if settlement.budget is not None:
             day = usage.setdefault(f"day#{settlement.budget[0]}", {})
             day["committed_nanos"] = day.get("committed_nanos", 0) + settlement.budget[1]
+            day["counted_nanos"] = day.get("counted_nanos", 0) + settlement.cost_nanos
         for index, line in enumerate(settlement.usage):
             rollup = usage.setdefault(
                 f"rollup#{settlement.day}#{line.model_id}",
@@ -469,10 +470,14 @@ class TenantLedger:
                 "daily_budget_nanos": limits.daily_budget_nanos,
             }
 
-    def count_spend(self, day: str, spent_nanos: int) -> None:
+    def count_spend(self, day: str) -> None:
         with self.ledger.lock:
             item = self._usage.setdefault(f"day#{day}", {})
-            item["committed_nanos"] = max(item.get("committed_nanos", 0), spent_nanos)
+            settled = sum(r["cost_nanos"] for sk, r in self._usage.items() if sk.startswith(f"rollup#{day}#"))
+            uncounted = settled - item.get("counted_nanos", 0)
+            if uncounted > 0:
+                item["committed_nanos"] = item.get("committed_nanos", 0) + uncounted
+                item["counted_nanos"] = settled
 
     # ------------------------------------------------------------------ JobQueue
     def send(self, job_id: str, tenant_id: str, *, continuation: int = 0) -> None:

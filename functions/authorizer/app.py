@@ -55,7 +55,14 @@ def lambda_handler(event: APIGatewayAuthorizerRequestEvent, context: LambdaConte
         raise Exception("Unauthorized")
     policy.principal_id = record.key_id
     policy.usage_identifier_key = usage_key(record.tenant_id)
-    policy.context = {"tenant_id": record.tenant_id, "key_id": record.key_id, "scope": "*"}
+    # The key's hash: what a stream asks about as it goes (the key that was checked here, whichever
+    # of several key headers a function would read).
+    policy.context = {
+        "tenant_id": record.tenant_id,
+        "key_id": record.key_id,
+        "key_hash": record.key_hash,
+        "scope": "*",
+    }
     policy.allow_all_routes()
     return policy.asdict()
 

@@ -23,10 +23,11 @@ def usd(nanos: int) -> float:
 def usd_text(nanos: int) -> str:
     """Nano-dollars for a message: cents when they say it all ("5.00"), else the significant
     digits (a budget of $0.0004 is not "0.00")."""
-    amount = usd(nanos)
-    if nanos % (NANOS_PER_USD // 100) == 0:
-        return f"{amount:,.2f}"
-    return f"{amount:,.9f}".rstrip("0")  # exact: amounts are whole nano-dollars
+    dollars, rest = divmod(abs(nanos), NANOS_PER_USD)  # in integers: exact at any size
+    sign = "-" if nanos < 0 else ""
+    if rest % (NANOS_PER_USD // 100) == 0:
+        return f"{sign}{dollars:,}.{rest // (NANOS_PER_USD // 100):02d}"
+    return f"{sign}{dollars:,}.{rest:09d}".rstrip("0")
 
 
 def nanos(dollars: float | str | Decimal) -> int:

@@ -168,7 +168,8 @@ def test_a_settlement_at_a_high_limit_is_written_in_integers(stack: StackDescrip
 
 def test_a_budget_set_during_the_day_counts_what_the_tenant_already_spent(stack: StackDescription) -> None:
     """Jobs admitted without a budget add nothing to the day's commitments: a budget set after them
-    allowed its whole amount again, and its refusal said "Today's spend (0.0000 USD)"."""
+    allowed its whole amount again, and its refusal said "Today's spend (0.0000 USD)". Counting adds,
+    never sets: a reservation made under an earlier budget is kept (a hostile review's case)."""
     tenant = Tenant("late-budget")
     spent = sum(run_job(tenant, f"k{i}").cost_nanos for i in range(2))  # no budget yet
     store = bootstrap.usage_store(tenant)
@@ -179,16 +180,23 @@ def test_a_budget_set_during_the_day_counts_what_the_tenant_already_spent(stack:
         bootstrap.job_service(tenant).create("k2", another)
     assert over.value.details["spent_usd"] == spent / 1e9
 
-    def committed() -> float:
-        return float(
-            bootstrap.rate_limiter(tenant).usage(None, None)["limits"]["daily_budget"]["committed_usd"]
-        )
+    def committed() -> int:
+        state = bootstrap.rate_limiter(tenant).usage(None, None)
+        return round(state["limits"]["daily_budget"]["committed_usd"] * 1e9)
 
-    assert committed() == spent / 1e9
+    assert committed() == spent
     set_tenant_limits(store, limits._replace(daily_budget_nanos=10 * spent))  # a new amount: still counting
-    assert committed() == spent / 1e9
-    bootstrap.job_service(tenant).create("k3", another)
-    assert committed() > spent / 1e9  # its reservation
+    assert committed() == spent
+    bootstrap.job_service(tenant).create("k3", another)  # stays queued: its reservation is held
+    reserved = committed() - spent
+    assert reserved > 0
+    set_tenant_limits(store, limits._replace(daily_budget_nanos=None))  # no budget for a while
+    later = run_job(tenant, "k4").cost_nanos
+    set_tenant_limits(store, limits._replace(daily_budget_nanos=10 * spent))  # again, the same day
+    assert committed() == spent + reserved + later  # what it held, and what was spent without it
+    budgeted = run_job(tenant, "k5").cost_nanos  # settled under the budget: its reservation replaced
+    held = committed()
+    assert held == spent + reserved + later + budgeted
     set_tenant_limits(store, limits._replace(daily_budget_nanos=None))
-    set_tenant_limits(store, limits)  # started again the same day: what it counts already is kept
-    assert committed() > spent / 1e9
+    set_tenant_limits(store, limits._replace(daily_budget_nanos=10 * spent))
+    assert committed() == held  # nothing counted twice

@@ -377,14 +377,19 @@ def test_a_stream_ends_once_the_key_it_was_opened_with_is_revoked(
     reconnect is refused, 401), an OpenAI stream with an error SDKs raise. The job goes on."""
     keys = operator()
     key, record = keys.create(tenant, "to revoke")
-    bearer = {"Authorization": f"Bearer {key}"}
+    other, _ = keys.create(tenant, "kept")
+    # The key the authorizer checked is the one its context names; a second key header (which the
+    # authorizer did not read) must not decide the stream's fate.
+    headers = {"Authorization": f"Bearer {key}", "x-api-key": other}
     settings = {"SPOOL_AUTH_CACHE_SECONDS": "0", "SPOOL_STREAM_PING_SECONDS": "0.2"}
     if route == "events":
         job_id = service.create("k", job(max_tokens=300)).job.job_id  # queued: nobody runs it
-        response = variants(**settings).open_stream(stream_event(job_id, tenant, headers=bearer))
+        event, function = stream_event(job_id, tenant, headers=headers), variants(**settings)
     else:
         body = {**CHAT, "stream": True}  # its job stays queued too: the stream waits, pinging
-        response = variants("StreamFunction", **settings).open_stream(chat_event(tenant, body, bearer))
+        event, function = chat_event(tenant, body, headers), variants("StreamFunction", **settings)
+    event["requestContext"]["authorizer"]["key_hash"] = record.key_hash  # as the authorizer passes it
+    response = function.open_stream(event)
     assert response.status == 200
     chunks = response.chunks()
     received = [next(chunks)]  # the stream is open
@@ -451,6 +456,7 @@ def test_a_responses_refusal_names_max_output_tokens_not_the_jobs_max_tokens(
     assert (status, error["code"], error["param"]) == (400, "invalid_request", "max_output_tokens")
     assert "max_output_tokens 100,000 exceeds" in error["message"] and "max_tokens" not in error["message"]
     assert all("max_tokens" not in s for s in error["suggestions"])
+    assert error["details"]["max_output_tokens"] == 100_000 and "max_tokens" not in error["details"]
     chat = chat_event(tenant, {**CHAT, "max_tokens": 100_000})  # the chat surface's own name stays
     _, _, refused = answered(functions["StreamFunction"].open_stream(chat))
     assert (refused["error"]["param"], refused["error"]["message"].split()[0]) == ("max_tokens", "max_tokens")

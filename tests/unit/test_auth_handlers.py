@@ -66,7 +66,12 @@ def test_an_api_key_is_allowed_with_its_tenants_usage_key(authorizer: ModuleType
     policy = authorizer.lambda_handler(_event(f"Bearer {key}"), CONTEXT)
     assert policy["policyDocument"]["Statement"][0]["Effect"] == "Allow"
     assert policy["usageIdentifierKey"] == usage_key("acme")
-    assert policy["context"] == {"tenant_id": "acme", "key_id": record.key_id, "scope": "*"}
+    assert policy["context"] == {
+        "tenant_id": "acme",
+        "key_id": record.key_id,
+        "key_hash": record.key_hash,
+        "scope": "*",
+    }
 
 
 def test_an_events_token_is_allowed_with_its_tenants_usage_key(authorizer: ModuleType, keys: ApiKeys) -> None:

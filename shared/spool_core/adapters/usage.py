@@ -8,17 +8,18 @@ job; this module builds their entries (``reservation_writes``, ``settlement_writ
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable
 from typing import Any
 
 from spool_core.adapters.dynamodb import ConditionFailed, ScopedTable
+from spool_core.errors import Conflict
 from spool_core.limits.model import ReservationPlan, Settlement, TenantLimits, UsageState
 from spool_core.limits.service import ModelStats
 
 KIND = "usage"
 IDENT = "tenant"
 ROLLUP_TTL_SECONDS = 400 * 86_400
+COUNT_ATTEMPTS = 5  # of counting a day's spend (a budget's start) against jobs settling meanwhile
 
 
 def _sk(value: str) -> dict[str, str]:
@@ -137,15 +138,17 @@ def settlement_writes(table: ScopedTable, settlement: Settlement, now_ms: int) -
                 values={":one": 1},
             )
         )
-    if settlement.budget is not None and settlement.budget[1]:
+    if settlement.budget is not None:
         day, delta = settlement.budget
+        # ``counted_nanos``: the day's settled spend its commitments hold (``count_spend``)
         writes.append(
             table.update_request(
                 KIND,
                 IDENT,
-                "SET committed_nanos = if_not_exists(committed_nanos, :zero) + :delta",
+                "SET committed_nanos = if_not_exists(committed_nanos, :zero) + :delta,"
+                " counted_nanos = if_not_exists(counted_nanos, :zero) + :cost",
                 sort=_sk(f"day#{day}"),
-                values={":zero": 0, ":delta": delta},
+                values={":zero": 0, ":delta": delta, ":cost": settlement.cost_nanos},
             )
         )
     for index, line in enumerate(settlement.usage):
@@ -201,16 +204,36 @@ class DynamoUsageStore:
             attributes["daily_budget_nanos"] = limits.daily_budget_nanos
         self._table.put(KIND, IDENT, attributes)
 
-    def count_spend(self, day: str, spent_nanos: int) -> None:
-        with contextlib.suppress(ConditionFailed):  # it counts more already: kept
-            self._table.update(
-                KIND,
-                IDENT,
-                "SET committed_nanos = :spent",
-                sort=_sk(f"day#{day}"),
-                condition="attribute_not_exists(committed_nanos) OR committed_nanos < :spent",
-                values={":spent": spent_nanos},
-            )
+    def count_spend(self, day: str) -> None:
+        for _ in range(COUNT_ATTEMPTS):
+            # the count first, then the rollups: a budgeted job settling in between changes the count,
+            # and the write below, conditional on it, is tried again
+            counted = int((self._get(f"day#{day}") or {}).get("counted_nanos", 0))
+            settled = sum(row["cost_nanos"] for row in self.rollups(day, day))
+            if settled <= counted:
+                return
+            try:
+                self._table.update(
+                    KIND,
+                    IDENT,
+                    "SET committed_nanos = if_not_exists(committed_nanos, :zero) + :uncounted,"
+                    " counted_nanos = :settled",
+                    sort=_sk(f"day#{day}"),
+                    condition="attribute_not_exists(counted_nanos) OR counted_nanos = :counted",
+                    values={
+                        ":zero": 0,
+                        ":uncounted": settled - counted,
+                        ":settled": settled,
+                        ":counted": counted,
+                    },
+                )
+                return
+            except ConditionFailed:
+                continue
+        raise Conflict(
+            f"Could not count {day}'s spend: jobs kept settling meanwhile",
+            suggestions=["Run the command again"],
+        )
 
     def clear_limits(self) -> None:
         self._table.delete(KIND, IDENT, sort=_sk("limits"))

@@ -22,6 +22,7 @@ EXPOSED_HEADERS = (
     "X-RateLimit-Remaining-Tokens",
     "X-RateLimit-Reset-Tokens",
     "X-Spool-Job-Id",
+    "x-should-retry",  # a 429 no retry can fix (OpenAI SDKs read it, in a browser too)
 )
 # Request headers a browser may send beyond the CORS-safelisted ones: Spool's own by name, then any
 # other (``*``: the official OpenAI JS SDK sends its own ``x-stainless-*`` headers, and "existing

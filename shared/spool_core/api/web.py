@@ -47,8 +47,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # anyio's asyncio backend, which Starlette's first `run_in_threadpool` imports (~10 ms of CPU; its
 # name is what `anyio` itself imports for asyncio): before a snapshot (see spool_core.snapshot).
 snapshot.load_before_snapshot("anyio._backends._asyncio")
-# The key check of every caller and of a stream as it goes (``Caller.access``), which the first
-# request loads.
+# A stream's key check as it goes (``Caller.access``), which the first stream loads.
 snapshot.load_before_snapshot("spool_core.auth", "spool_core.adapters.api_keys")
 
 
@@ -57,7 +56,7 @@ class Caller:
     tenant: Tenant
     scope: str  # "*" for an API key, "events:<job_id>" for a links.events token
     request_id: str
-    key_hash: str | None = None  # the hash of the API key the request came with (None: a token)
+    key_hash: str | None = None  # the hash of the API key the authorizer checked (None: a token)
 
     def require_key(self) -> None:
         """Routes other than one job's event stream need an API key, not an events token."""
@@ -96,11 +95,8 @@ def caller(request: Request) -> Caller:
     except (KeyError, InvalidTenantId):
         raise Unauthorized("The request carries no authenticated tenant") from None
     scope = str(authorizer.get("scope") or "*")
-    # loaded by the first request (and before a snapshot, below), not with the web app
-    from spool_core.auth import extract_api_key, hash_api_key
-
-    key = extract_api_key(dict(request.headers)) if scope == "*" else None
-    return Caller(tenant, scope, rid, hash_api_key(key) if key else None)
+    key_hash = authorizer.get("key_hash") if scope == "*" else None  # the key the authorizer checked
+    return Caller(tenant, scope, rid, str(key_hash) if key_hash else None)
 
 
 async def json_body(request: Request) -> Any:

@@ -59,24 +59,21 @@ class UsageStore(Protocol):
 
     def set_limits(self, limits: TenantLimits) -> None: ...
 
-    def count_spend(self, day: str, spent_nanos: int) -> None:
-        """Make ``day``'s budget count at least ``spent_nanos`` (what it counts already is kept when
-        larger: spend and reservations of budgeted jobs)."""
+    def count_spend(self, day: str) -> None:
+        """Make ``day``'s budget commitments hold what was spent that day and they do not hold yet:
+        the settled spend (the rollups) beyond the part budgeted jobs settled into them."""
 
 
 def set_tenant_limits(store: UsageStore, limits: TenantLimits, now: int | None = None) -> None:
-    """A tenant's own limits. A daily budget that starts now (the tenant had none) counts what the
-    tenant already spent today: a job admitted without a budget adds nothing to the day's
-    commitments, so a budget set after $3 of spend would otherwise allow its whole amount again."""
+    """A tenant's own limits. A daily budget that starts now (the tenant had none of its own) counts
+    what the tenant already spent today: a job admitted without a budget adds nothing to the day's
+    commitments, so a budget set after $3 of spend would otherwise allow its whole amount again.
+    Counted before the budget applies, and added, never set: a reservation made meanwhile is kept."""
     previous = store.limits()
-    store.set_limits(limits)
     had_budget = previous is not None and previous.daily_budget_nanos is not None
-    if limits.daily_budget_nanos is None or had_budget:
-        return
-    today = utc_day(now_ms() if now is None else now)
-    spent = sum(int(row["cost_nanos"]) for row in store.rollups(today, today))
-    if spent:
-        store.count_spend(today, spent)
+    if limits.daily_budget_nanos is not None and not had_budget:
+        store.count_spend(utc_day(now_ms() if now is None else now))
+    store.set_limits(limits)
 
 
 def utc_day(moment_ms: int) -> str:

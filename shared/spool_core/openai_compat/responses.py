@@ -185,6 +185,8 @@ def in_responses_terms(error: SpoolError) -> SpoolError:
     error.suggestions = [s.replace("max_tokens", "max_output_tokens") for s in error.suggestions]
     if error.details.get("param") == "max_tokens":
         error.details["param"] = "max_output_tokens"
+    if "max_tokens" in error.details:
+        error.details["max_output_tokens"] = error.details.pop("max_tokens")
     return error
 
 
