@@ -133,6 +133,7 @@ def test_too_many_files_and_too_many_bytes() -> None:
     with pytest.raises(PayloadTooLarge) as large:
         h.create({"a": "123456", "b": "7890é"})
     assert large.value.details == {"size_bytes": 12, "limit_bytes": 10}
+    assert not any("uploads" in s for s in large.value.suggestions)  # an upload has the same limit
     assert h.table.items == {}
 
 

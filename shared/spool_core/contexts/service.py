@@ -486,6 +486,12 @@ class ContextService:
             raise PayloadTooLarge(
                 f"Context size {size_bytes:,} bytes exceeds the limit of {self.limits.max_bytes:,}",
                 details={"size_bytes": size_bytes, "limit_bytes": self.limits.max_bytes},
+                # the limit is the context's, however it is sent: an upload or a PATCH does not help
+                suggestions=[
+                    "Leave out files the model does not need (PATCH with 'delete' drops them)",
+                    "Split the material into several contexts, one per job's need",
+                    "Ask the operator for a larger SPOOL_MAX_CONTEXT_BYTES",
+                ],
             )
 
     @staticmethod
