@@ -165,3 +165,31 @@ def test_status_lookup_follows_the_class_hierarchy() -> None:
 
     assert status_for(Special("x")) == 400
     assert status_for(SpoolError("x")) == 500
+
+
+class Keys:
+    """``ApiKeys.check`` as a stream's key check sees it: the record, None (revoked), or a failure."""
+
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+
+    def check(self, key_hash: str) -> Any:
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def test_a_streams_key_check_asks_for_the_key_the_authorizer_checked_and_survives_a_failed_read(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from spool_core.api.web import Caller
+    from spool_core.tenancy import Tenant
+
+    caller = Caller(Tenant("acme"), "*", "r-1", key_hash="h" * 64)
+    assert caller.access(Keys(object()))() is True  # active
+    assert caller.access(Keys(None))() is False  # revoked or expired: the stream ends
+    with caplog.at_level(logging.WARNING):
+        # the key table throttled or unreachable: the stream goes on, and is asked again later
+        assert caller.access(Keys(ConnectionError("unreachable")))() is True
+    assert "stream key check failed" in caplog.text
+    assert Caller(Tenant("acme"), "events:job_1", "r-2").access(Keys(None)) is None  # a token
