@@ -311,7 +311,8 @@ class TenantLedger:
         if settlement.budget is not None:
             day = usage.setdefault(f"day#{settlement.budget[0]}", {})
             day["committed_nanos"] = day.get("committed_nanos", 0) + settlement.budget[1]
-            day["counted_nanos"] = day.get("counted_nanos", 0) + settlement.cost_nanos
+            settled = usage.setdefault(f"day#{settlement.day}", {})  # the rollups' day
+            settled["counted_nanos"] = settled.get("counted_nanos", 0) + settlement.cost_nanos
         for index, line in enumerate(settlement.usage):
             rollup = usage.setdefault(
                 f"rollup#{settlement.day}#{line.model_id}",

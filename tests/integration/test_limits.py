@@ -4,6 +4,7 @@ an injected clock, refusals that write nothing, settlement exactly once, usage t
 from __future__ import annotations
 
 import threading
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -200,3 +201,27 @@ def test_a_budget_set_during_the_day_counts_what_the_tenant_already_spent(stack:
     set_tenant_limits(store, limits._replace(daily_budget_nanos=None))
     set_tenant_limits(store, limits._replace(daily_budget_nanos=10 * spent))
     assert committed() == held  # nothing counted twice
+
+
+def test_a_budgeted_job_that_ends_after_midnight_is_counted_on_the_day_it_settled(
+    stack: StackDescription,
+) -> None:
+    """The rollups are the settlement's day's; the count of what a day's commitments hold went to the
+    reservation's day, so a budget starting the next day counted the job's cost a second time."""
+    tenant = Tenant("midnight")
+    store = bootstrap.usage_store(tenant)
+    before = Clock(now=datetime(2027, 1, 1, 23, 59, 50, tzinfo=UTC).timestamp())
+    after = Clock(now=datetime(2027, 1, 2, 0, 0, 10, tzinfo=UTC).timestamp())
+    budget = TenantLimits(1_000_000, 10_000_000, 16, daily_budget_nanos=10**9)  # the deployment's
+    created = service("midnight", before, daily_budget_nanos=10**9).create("k1", job())
+    runner = runner_for(tenant)
+    runner._limiter = RateLimiter(store, budget, clock_ms=after.ms)  # it settles after midnight
+    assert runner.run(created.job.job_id) is Outcome.DONE
+    cost = bootstrap.job_service(tenant).get(created.job.job_id).cost_nanos
+
+    def committed(day: str) -> int:
+        return int((store._get(f"day#{day}") or {}).get("committed_nanos", 0))
+
+    assert committed("2027-01-01") == cost  # its reservation's day holds it
+    set_tenant_limits(store, budget, now=int(after.ms()) + 1000)  # its own budget, the next day
+    assert committed("2027-01-02") == 0  # nothing to count: the job is held by the day before

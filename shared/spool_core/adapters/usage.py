@@ -139,18 +139,38 @@ def settlement_writes(table: ScopedTable, settlement: Settlement, now_ms: int) -
             )
         )
     if settlement.budget is not None:
+        # The reservation's day moves by the difference; ``counted_nanos``, the settled spend a day's
+        # commitments hold (``count_spend``), goes to the day of the rollups, the settlement's: the
+        # same item but for a job that ends after midnight UTC.
         day, delta = settlement.budget
-        # ``counted_nanos``: the day's settled spend its commitments hold (``count_spend``)
-        writes.append(
-            table.update_request(
-                KIND,
-                IDENT,
-                "SET committed_nanos = if_not_exists(committed_nanos, :zero) + :delta,"
-                " counted_nanos = if_not_exists(counted_nanos, :zero) + :cost",
-                sort=_sk(f"day#{day}"),
-                values={":zero": 0, ":delta": delta, ":cost": settlement.cost_nanos},
+        counted = "counted_nanos = if_not_exists(counted_nanos, :zero) + :cost"
+        values = {":zero": 0, ":delta": delta, ":cost": settlement.cost_nanos}
+        committed = "committed_nanos = if_not_exists(committed_nanos, :zero) + :delta"
+        if day == settlement.day:
+            writes.append(
+                table.update_request(
+                    KIND, IDENT, f"SET {committed}, {counted}", sort=_sk(f"day#{day}"), values=values
+                )
             )
-        )
+        else:
+            writes.append(
+                table.update_request(
+                    KIND,
+                    IDENT,
+                    f"SET {committed}",
+                    sort=_sk(f"day#{day}"),
+                    values={":zero": 0, ":delta": delta},
+                )
+            )
+            writes.append(
+                table.update_request(
+                    KIND,
+                    IDENT,
+                    f"SET {counted}",
+                    sort=_sk(f"day#{settlement.day}"),
+                    values={":zero": 0, ":cost": settlement.cost_nanos},
+                )
+            )
     for index, line in enumerate(settlement.usage):
         last = index == len(settlement.usage) - 1  # the job counts once, for the model that ended it
         writes.append(
