@@ -2,7 +2,8 @@
 
 The tenant travels to the API functions in the policy context. An API key opens every route; an
 events token (``?token=`` on ``GET /v1/jobs/{id}/events``, what a browser's EventSource can send)
-opens that one stream of that one job, read-only, until it expires.
+opens that one stream of that one job, read-only, until it expires or the key it was handed to is
+revoked.
 
 Keys are looked up through a cache kept for the life of the execution environment
 (``SPOOL_AUTH_CACHE_SECONDS``, see ``spool_core.auth.KeyCache``): a revoked or expired key is refused
@@ -77,9 +78,17 @@ def _events_token(
         logger.info("request denied: events token invalid or expired", extra={"path": path})
         policy.deny_all_routes()
         return policy
-    tenant_id, job_id = claims
+    tenant_id, job_id, key_id = claims
+    context = {"tenant_id": tenant_id, "scope": f"events:{job_id}"}
+    if key_id is not None:  # the key it was handed to must still be active, and the stream asks as it goes
+        record = bootstrap.api_keys().check_id(key_id, tenant_id)
+        if record is None:
+            logger.info("request denied: the events token's key was revoked or expired", extra={"path": path})
+            policy.deny_all_routes()
+            return policy
+        context["key_hash"] = record.key_hash
     policy.principal_id = f"events:{job_id}"
     policy.usage_identifier_key = usage_key(tenant_id)  # a stream counts against its tenant's plan
-    policy.context = {"tenant_id": tenant_id, "scope": f"events:{job_id}"}
+    policy.context = context
     policy.allow_route("GET", f"/v1/jobs/{job_id}/events")
     return policy

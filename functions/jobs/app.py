@@ -13,6 +13,7 @@ from spool_core.api.resolver import (
     api_handler,
     create_resolver,
     json_response,
+    key_id_of,
     parse_body,
     public_base_url,
     tenant_of,
@@ -36,7 +37,7 @@ snapshot.load_before_snapshot(
 
 
 def _service() -> JobService:
-    return bootstrap.job_service(tenant_of(app), public_url=public_base_url(app))
+    return bootstrap.job_service(tenant_of(app), public_url=public_base_url(app), key_id=key_id_of(app))
 
 
 @app.post("/v1/jobs")

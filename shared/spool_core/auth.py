@@ -264,6 +264,16 @@ class ApiKeys:
             return None
         return record
 
+    def check_id(self, key_id: str, tenant_id: str) -> ApiKeyRecord | None:
+        """As ``check``, for a key known by its id within its tenant (an events token names the key it
+        was handed to), through the same cache."""
+        record = self._cache.lookup(
+            f"id:{tenant_id}:{key_id}", lambda _: self._store.by_key_id(key_id, tenant_id)
+        )
+        if record is None or record.state(self._now()) != "active":
+            return None
+        return record
+
     def register(self, key: str, tenant: Tenant, description: str = "") -> ApiKeyRecord:
         """Store a key the caller chose (dev keys) or generated; returns the stored record."""
         record = ApiKeyRecord(

@@ -210,9 +210,10 @@ def events_token(config: Settings | None = None) -> EventsToken | None:
 
 
 def events_link(
-    tenant: Tenant, public_url: str, config: Settings | None = None
+    tenant: Tenant, public_url: str, config: Settings | None = None, key_id: str | None = None
 ) -> Callable[[str], str] | None:
-    """``links.events``: the job's SSE stream with a read-only token that outlives its chunk log."""
+    """``links.events``: the job's SSE stream with a read-only token that outlives its chunk log, or
+    the key it is handed to (``key_id``, the caller's: revoking it ends the token too)."""
     from spool_core.jobs.model import JOB_TTL_SECONDS
 
     signer = events_token(config)
@@ -221,7 +222,8 @@ def events_link(
     expires = int(time.time()) + JOB_TTL_SECONDS + 86_400  # the log's last chunk may be a day younger
 
     def link(job_id: str) -> str:
-        return f"{public_url}/v1/jobs/{job_id}/events?token={signer.sign(tenant.id, job_id, expires)}"
+        token = signer.sign(tenant.id, job_id, expires, key_id)
+        return f"{public_url}/v1/jobs/{job_id}/events?token={token}"
 
     return link
 
@@ -236,7 +238,11 @@ def chunk_pages(tenant: Tenant, config: Settings | None = None) -> ChunkPages:
 
 
 def job_service(
-    tenant: Tenant, config: Settings | None = None, *, public_url: str | None = None
+    tenant: Tenant,
+    config: Settings | None = None,
+    *,
+    public_url: str | None = None,
+    key_id: str | None = None,
 ) -> JobService:
     from spool_core.jobs.service import JobService
 
@@ -251,7 +257,7 @@ def job_service(
         catalog(tenant, config),
         rate_limiter(tenant, config),
         websocket_url=config.websocket_url,
-        events_link=events_link(tenant, public_url, config) if public_url else None,
+        events_link=events_link(tenant, public_url, config, key_id) if public_url else None,
         cadence=config.cadence,
     )
 

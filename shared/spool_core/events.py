@@ -15,7 +15,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from spool_core.clock import epoch_ms
 from spool_core.errors import InvalidRequest
@@ -269,21 +269,29 @@ def texts(events: Iterator[str | Wait], sleep: Callable[[float], None] = time.sl
 
 
 # ---------------------------------------------------------------------------------------- links.events
+class EventsClaims(NamedTuple):
+    tenant_id: str
+    job_id: str
+    key_id: str | None  # the API key it was handed to (None: a token made before tokens named one)
+
+
 class EventsToken:
     """A read-only credential for one job's event stream, for ``links.events``: it carries the tenant,
-    the job and an expiry, signed with the deployment's secret (HMAC-SHA256). Never the API key."""
+    the job, the id of the API key it was handed to (a revoked key's tokens stop working with it) and
+    an expiry, signed with the deployment's secret (HMAC-SHA256). Never the API key."""
 
     def __init__(self, secret: bytes) -> None:
         self._secret = secret
 
-    def sign(self, tenant_id: str, job_id: str, expires_at_s: int) -> str:
-        payload = _b64(
-            json.dumps({"t": tenant_id, "j": job_id, "e": expires_at_s}, separators=(",", ":")).encode()
-        )
+    def sign(self, tenant_id: str, job_id: str, expires_at_s: int, key_id: str | None = None) -> str:
+        claims: dict[str, Any] = {"t": tenant_id, "j": job_id, "e": expires_at_s}
+        if key_id is not None:
+            claims["k"] = key_id
+        payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
         return f"{payload}.{_b64(self._mac(payload))}"
 
-    def verify(self, token: str, now_s: float) -> tuple[str, str] | None:
-        """(tenant id, job id), or None for a token that is forged, malformed or expired."""
+    def verify(self, token: str, now_s: float) -> EventsClaims | None:
+        """What a token says, or None for a token that is forged, malformed or expired."""
         payload, _, signature = token.partition(".")
         try:
             valid = hmac.compare_digest(_unb64(signature), self._mac(payload))
@@ -292,7 +300,8 @@ class EventsToken:
             return None
         if not isinstance(claims, dict) or int(claims.get("e", 0)) < now_s:
             return None
-        return str(claims["t"]), str(claims["j"])
+        key_id = claims.get("k")
+        return EventsClaims(str(claims["t"]), str(claims["j"]), str(key_id) if key_id is not None else None)
 
     def _mac(self, payload: str) -> bytes:
         return hmac.new(self._secret, payload.encode(), hashlib.sha256).digest()

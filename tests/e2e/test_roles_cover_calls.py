@@ -80,6 +80,10 @@ def tour(stack: RunningStack) -> None:
         model="sim-realtime", messages=[{"role": "user", "content": "hi"}], max_tokens=350, stream=True
     )
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    linked = client.create_job("Read by its link", model="sim-fast", max_tokens=20)
+    # links.events: no key, a token whose key the authorizer looks up by its id
+    with urllib.request.urlopen(linked["links"]["events"], timeout=60) as response:  # noqa: S310 - loopback
+        assert b"event: done" in response.read()
     long = client.create_job("A long answer", model="sim-realtime", max_tokens=400)
     client.chunks(long["job_id"], wait=5)
     client.cancel(long["job_id"])

@@ -5,6 +5,8 @@ answers a page on another origin."""
 
 from __future__ import annotations
 
+import base64
+import json
 import threading
 from typing import Any
 
@@ -182,6 +184,9 @@ def test_links_events_needs_no_header_and_opens_nothing_else(dev_stack: RunningS
     reader = Reader(link).wait()  # no Authorization header: what `new EventSource(link)` does
     assert_whole(reader.chunks, wait_terminal(dev_stack, job["job_id"]))
     token = link.split("token=", 1)[1]
+    payload = token.split(".", 1)[0]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    assert claims["k"].startswith("key_")  # handed to the caller's key: revoking it ends the token
     for path in (
         f"/v1/jobs/{other['job_id']}/events?token={token}",  # another job's stream
         f"/v1/jobs/{job['job_id']}?token={token}",  # the job itself (output, cancel...): API key only

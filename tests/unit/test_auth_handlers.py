@@ -91,3 +91,28 @@ def test_a_revoked_key_is_refused_once_its_cache_entry_ends(
     clock.advance(30)
     with pytest.raises(Exception, match=r"^Unauthorized$"):  # API Gateway's UNAUTHORIZED (401)
         authorizer.lambda_handler(_event(f"Bearer {key}"), CONTEXT)
+
+
+def test_an_events_token_works_while_the_key_it_was_handed_to_is_active(
+    authorizer: ModuleType, keys: ApiKeys, clock: KeyClock, store: MemoryApiKeyStore
+) -> None:
+    """A token listed with a key outlived that key's revocation by a month (its own expiry): revoking a
+    leaked key must end what it was handed too."""
+    _, record = keys.create(Tenant("acme"))
+    token = EventsToken(b"s" * 32).sign("acme", "job_1", int(time.time()) + 3600, record.key_id)
+    policy = authorizer.lambda_handler(_event(query={"token": token}), CONTEXT)
+    assert policy["policyDocument"]["Statement"][0]["Effect"] == "Allow"
+    assert policy["context"]["key_hash"] == record.key_hash  # its stream asks about that key as it goes
+    ApiKeys(store, cache=KeyCache(0), now=lambda: clock.wall).revoke(record.key_id)
+    clock.advance(30)  # the key cache's time
+    denied = authorizer.lambda_handler(_event(query={"token": token}), CONTEXT)
+    assert denied["policyDocument"]["Statement"][0]["Effect"] == "Deny"
+    other = EventsToken(b"s" * 32).sign("other", "job_1", int(time.time()) + 3600, record.key_id)
+    assert (
+        authorizer.lambda_handler(_event(query={"token": other}), CONTEXT)["policyDocument"]["Statement"][0][
+            "Effect"
+        ]
+        == "Deny"
+    )  # the key is looked up within the token's tenant
+    legacy = EventsToken(b"s" * 32).sign("acme", "job_1", int(time.time()) + 3600)  # names no key
+    assert "key_hash" not in authorizer.lambda_handler(_event(query={"token": legacy}), CONTEXT)["context"]

@@ -387,8 +387,10 @@ def test_a_resume_point_that_is_not_a_sequence_id_is_a_400_naming_the_field(
 def test_an_events_token_opens_its_job_until_it_expires() -> None:
     signer = EventsToken(b"secret-one")
     token = signer.sign("tenant-a", "job_1", expires_at_s=2000)
-    assert signer.verify(token, now_s=1999) == ("tenant-a", "job_1")
+    assert signer.verify(token, now_s=1999) == ("tenant-a", "job_1", None)
     assert signer.verify(token, now_s=2001) is None
+    handed = signer.sign("tenant-a", "job_1", expires_at_s=2000, key_id="key_abc")  # to a caller's key
+    assert signer.verify(handed, now_s=1999) == ("tenant-a", "job_1", "key_abc")
 
 
 @pytest.mark.parametrize(

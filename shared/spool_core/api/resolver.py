@@ -174,6 +174,12 @@ def tenant_of(app: APIGatewayRestResolver) -> Tenant:
         raise Unauthorized("The authenticated tenant id is invalid") from exc
 
 
+def key_id_of(app: APIGatewayRestResolver) -> str | None:
+    """The id of the API key the authorizer checked (what ``links.events`` tokens are handed to)."""
+    key_id = (app.current_event.request_context.authorizer.get_context() or {}).get("key_id")
+    return str(key_id) if key_id else None
+
+
 def public_base_url(app: APIGatewayRestResolver) -> str:
     """The API's own base URL as the caller reached it (``SPOOL_PUBLIC_URL`` when configured, e.g.
     behind a custom domain): scheme and host from the forwarding headers API Gateway adds, the stage
@@ -243,6 +249,7 @@ __all__ = [
     "api_handler",
     "create_resolver",
     "json_response",
+    "key_id_of",
     "public_base_url",
     "request_id",
     "tenant_of",

@@ -56,7 +56,7 @@ class Caller:
     tenant: Tenant
     scope: str  # "*" for an API key, "events:<job_id>" for a links.events token
     request_id: str
-    key_hash: str | None = None  # the hash of the API key the authorizer checked (None: a token)
+    key_hash: str | None = None  # the API key the authorizer checked, or an events token's key
 
     def require_key(self) -> None:
         """Routes other than one job's event stream need an API key, not an events token."""
@@ -64,8 +64,9 @@ class Caller:
             raise Unauthorized("This credential only reads one job's event stream; send an API key")
 
     def access(self, keys: ApiKeys) -> Callable[[], bool] | None:
-        """Whether the request's API key is still active, for a stream to ask as it goes (through the
-        key cache, as the authorizer does); None for an events token, which expires by itself."""
+        """Whether the request's API key (or the key its events token was handed to) is still active,
+        for a stream to ask as it goes (through the key cache, as the authorizer does); None when the
+        request names no key (an events token made before tokens named one: it expires by itself)."""
         key_hash = self.key_hash
         if key_hash is None:
             return None
@@ -105,7 +106,7 @@ def caller(request: Request) -> Caller:
     except (KeyError, InvalidTenantId):
         raise Unauthorized("The request carries no authenticated tenant") from None
     scope = str(authorizer.get("scope") or "*")
-    key_hash = authorizer.get("key_hash") if scope == "*" else None  # the key the authorizer checked
+    key_hash = authorizer.get("key_hash")  # the key the authorizer checked (or an events token's key)
     return Caller(tenant, scope, rid, str(key_hash) if key_hash else None)
 
 
