@@ -634,9 +634,10 @@ def _contexts_delete(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """The tour: a stack (started here unless --url is given), Spool's own source as context, an
-    answer streamed as Server-Sent Events, the connection dropped mid-answer and resumed from
-    Last-Event-ID, usage and cost."""
+    """The tour: a stack (started here unless --url is given), Spool's own job engine as context (the
+    code the question is about; the whole of ``spool_core`` outgrew the simulated models' 128,000-token
+    window as the project grew), an answer streamed as Server-Sent Events, the connection dropped
+    mid-answer and resumed from Last-Event-ID, usage and cost."""
     from spool.devstack.stack import PROJECT_ROOT, EmbeddedStack
 
     stack = None
@@ -648,9 +649,10 @@ def _demo(args: argparse.Namespace) -> int:
         args.url, args.key = stack.base_url, stack.api_key
     try:
         client = _client(args)
-        summary = client.sync_directory(PROJECT_ROOT / "shared" / "spool_core", ttl_seconds=3600)
+        summary = client.sync_directory(PROJECT_ROOT / "shared" / "spool_core" / "jobs", ttl_seconds=3600)
         print(
-            f"uploaded Spool's own source: {summary['file_count']} files, {summary['token_count']:,} tokens "
+            f"uploaded Spool's job engine (shared/spool_core/jobs): {summary['file_count']} files,"
+            f" {summary['token_count']:,} tokens "
             f"-> {summary['context_id']}",
             file=sys.stderr,
             flush=True,
