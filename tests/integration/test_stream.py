@@ -319,6 +319,23 @@ def chat_event(tenant: Tenant, body: dict[str, Any], headers: dict[str, str] | N
     return event
 
 
+def responses_event(tenant: Tenant, body: dict[str, Any]) -> dict[str, Any]:
+    """``POST /v1/responses`` with ``body``, as the gateway hands it to the OpenAI surface."""
+    event = chat_event(tenant, body)
+    event["path"] = event["resource"] = event["requestContext"]["path"] = "/v1/responses"
+    return event
+
+
+def made_job(service: JobService) -> str:
+    """The job an OpenAI request in flight made (it is the tenant's only one), once it exists."""
+    codec = listing.cursor_codec(bootstrap.settings())
+    deadline = time.monotonic() + 60
+    while not (queued := service.list_jobs(codec).data) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert queued, "the request made no job"
+    return str(queued[0]["job_id"])
+
+
 def answered(response: StreamedResponse) -> tuple[int, dict[str, str], dict[str, Any]]:
     body = json.loads(b"".join(response.chunks()))
     response.close()
@@ -354,17 +371,13 @@ def test_a_cancelled_job_behind_a_chat_answer_is_an_error_not_a_complete_answer(
         )
     )
     waiting.start()
-    codec = listing.cursor_codec(bootstrap.settings())
-    deadline = time.monotonic() + 60
-    while not (queued := service.list_jobs(codec).data) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert queued, "the chat request made no job"
-    service.cancel(queued[0]["job_id"])
+    job_id = made_job(service)
+    service.cancel(job_id)
     waiting.join(timeout=120)
     status, headers, body = outcome[0]
     assert (status, body["error"]["code"]) == (409, "job_cancelled")
-    assert headers["x-should-retry"] == "false" and headers["x-spool-job-id"] == queued[0]["job_id"]
-    assert body["error"]["details"] == {"job_id": queued[0]["job_id"], "output_tokens": 0}
+    assert headers["x-should-retry"] == "false" and headers["x-spool-job-id"] == job_id
+    assert body["error"]["details"] == {"job_id": job_id, "output_tokens": 0}
 
 
 @pytest.mark.parametrize("route", ["events", "chat"])
@@ -424,16 +437,10 @@ def test_a_response_out_of_time_is_answered_as_its_job_stands_then_not_as_create
     function = variants("StreamFunction", SPOOL_ANSWER_MAX_SECONDS="3")
     outcome: list[tuple[int, dict[str, str], dict[str, Any]]] = []
     body = {"model": "sim-fast", "input": "hi", "max_output_tokens": 50}
-    event = chat_event(tenant, body)
-    event["path"] = event["resource"] = event["requestContext"]["path"] = "/v1/responses"
+    event = responses_event(tenant, body)
     waiting = threading.Thread(target=lambda: outcome.append(answered(function.open_stream(event))))
     waiting.start()
-    codec = listing.cursor_codec(bootstrap.settings())
-    deadline = time.monotonic() + 60
-    while not (queued := service.list_jobs(codec).data) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert queued, "the request made no job"
-    job_id = queued[0]["job_id"]
+    job_id = made_job(service)
     jobs, chunks = bootstrap._job_tables(tenant, bootstrap.settings())
     now = int(time.time() * 1000)
     jobs.take_lease(job_id, "lease-1", now, now + 60_000)  # the worker takes it and writes a chunk
@@ -449,8 +456,7 @@ def test_a_response_out_of_time_is_answered_as_its_job_stands_then_not_as_create
 def test_a_responses_refusal_names_max_output_tokens_not_the_jobs_max_tokens(
     functions: dict[str, LocalFunction], tenant: Tenant
 ) -> None:
-    event = chat_event(tenant, {"model": "sim-fast", "input": "hi", "max_output_tokens": 100_000})
-    event["path"] = event["resource"] = event["requestContext"]["path"] = "/v1/responses"
+    event = responses_event(tenant, {"model": "sim-fast", "input": "hi", "max_output_tokens": 100_000})
     status, _, body = answered(functions["StreamFunction"].open_stream(event))
     error = body["error"]
     assert (status, error["code"], error["param"]) == (400, "invalid_request", "max_output_tokens")
