@@ -894,7 +894,10 @@ def _spool_command() -> str:
 
 
 def _seconds(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of seconds: {text!r}") from None
     if not 0 <= value <= MAX_GRACE_SECONDS:
         raise argparse.ArgumentTypeError(f"must be 0 to {MAX_GRACE_SECONDS} seconds (90 days)")
     return value
@@ -979,6 +982,7 @@ def build_parser() -> argparse.ArgumentParser:
             parents=[common, *parents],
             formatter_class=HelpFormatter,
         )
+        made.set_defaults(parser=made)  # an unknown option is reported with this command's usage
         return made
 
     dev = command("dev", "run the embedded stack on this machine (what 'make dev' runs)", [])
@@ -1212,7 +1216,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("botocore", "websockets", "httpx2", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would report it with the top-level usage, not the command's
+        getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     debug = bool(getattr(args, "debug", False))
     try:
         result: int = args.run(args)

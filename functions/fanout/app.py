@@ -37,6 +37,7 @@ snapshot.load_before_snapshot(
 )
 processor = BatchProcessor(event_type=EventType.DynamoDBStreams, raise_on_entire_batch_failure=False)
 _batch = FanoutBatch([])
+_request_id: str | None = None  # the invocation's: named in the error frame a revoked key's connection gets
 
 
 def _deliver(tenant_id: str, job_id: str, group: Group) -> None:
@@ -48,6 +49,7 @@ def _deliver(tenant_id: str, job_id: str, group: Group) -> None:
         until=group.until,
         end_unread=group.end_unread,
         access=bootstrap.connection_guard(config),
+        request_id=_request_id,
     )
 
 
@@ -60,7 +62,8 @@ def record_handler(record: DynamoDBRecord) -> None:
 @logger.inject_lambda_context(clear_state=True)
 @tracer.capture_lambda_handler
 def lambda_handler(event: dict[str, object], context: LambdaContext) -> PartialItemFailureResponse:
-    global _batch
+    global _batch, _request_id
+    _request_id = context.aws_request_id
     records = event.get("Records")
     _batch = FanoutBatch(records if isinstance(records, list) else [])
     _batch.deliver_all(_deliver)  # every job of the batch at once; each record then reports its job's

@@ -28,6 +28,8 @@ from spool_core.units import now_ms
 # Time kept before the invocation's timeout when a long backlog is left to the chunk stream: a push
 # takes tens of milliseconds, the hand-back two writes.
 HAND_BACK_MARGIN_MS = 5_000
+ACTIONS = ["subscribe"]  # the routes a client sends (besides $connect and $disconnect)
+MAX_ECHOED_ACTION = 64  # an unknown action longer than this (or not a string) is not echoed back
 
 # What a first $connect and subscribe load (the key lookup, the job service and its stores): before
 # a snapshot, not on each new container's first message (see spool_core.snapshot).
@@ -95,7 +97,7 @@ def _subscribe(event: dict[str, Any], connection_id: str, context: LambdaContext
         return {"statusCode": 200}
     if not guard.allowed(connection_id, identity.key_hash):
         logger.info("closing a connection whose API key was revoked", extra={"connection_id": connection_id})
-        guard.close(connection_id)
+        guard.close(connection_id, request_id)
         return {"statusCode": 200}
     fanout = bootstrap.fanout(Tenant(identity.tenant_id))
     # A backlog longer than the invocation can push is left to the chunk stream before the timeout.
@@ -123,12 +125,36 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
         return {"statusCode": 200}
     if route == "subscribe":
         return _subscribe(event, connection_id, context)
-    _push_error(
-        connection_id,
-        InvalidRequest(
-            f"Unknown action for route {route}",
-            suggestions=['Send {"action": "subscribe", "job_id": "...", "after": 0}'],
-        ),
-        event["requestContext"].get("requestId"),
-    )
+    _push_error(connection_id, _unroutable(event.get("body")), event["requestContext"].get("requestId"))
     return {"statusCode": 200}
+
+
+def _unroutable(body: str | None) -> InvalidRequest:
+    """What a message no route took ($default) is told: why its frame could not be read as an action."""
+    suggestions = ['Send {"action": "subscribe", "job_id": "...", "after": 0}']
+    try:
+        message = json.loads(body or "")
+    except json.JSONDecodeError as exc:
+        return InvalidRequest(
+            "The message is not valid JSON",
+            details={"fields": [{"field": "body", "message": f"{exc.msg} at character {exc.pos}"}]},
+            suggestions=suggestions,
+        )
+    action = message.get("action") if isinstance(message, dict) else None
+    if action is None:
+        problem = "a JSON object with an 'action'" if isinstance(message, dict) else "a JSON object"
+        return InvalidRequest(
+            f"The message must be {problem}",
+            details={"fields": [{"field": "action", "message": "Field required"}], "actions": ACTIONS},
+            suggestions=suggestions,
+        )
+    named = isinstance(action, str) and len(action) <= MAX_ECHOED_ACTION
+    return InvalidRequest(
+        f"Unknown action {json.dumps(action)}" if named else "Unknown action",
+        details={
+            "fields": [{"field": "action", "message": "Unknown action"}],
+            **({"action": action} if named else {}),
+            "actions": ACTIONS,
+        },
+        suggestions=suggestions,
+    )

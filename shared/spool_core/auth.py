@@ -362,8 +362,9 @@ class ConnectionKeyStore(Protocol):
 
 
 class ConnectionCloser(Protocol):
-    def close(self, connection_id: str, error: SpoolError) -> None:
-        """Send ``error`` as the connection's last frame, then close it (one already gone is fine)."""
+    def close(self, connection_id: str, error: SpoolError, request_id: str | None) -> None:
+        """Send ``error`` (with the request that found it) as the connection's last frame, then close
+        it (one already gone is fine)."""
 
 
 class ConnectionGuard:
@@ -418,8 +419,10 @@ class ConnectionGuard:
             return True  # opened before connections recorded their key; API Gateway ends it within 2 h
         return self._keys.check(key_hash) is not None
 
-    def close(self, connection_id: str) -> None:
-        self._closer.close(connection_id, revoked_key_error())
+    def close(self, connection_id: str, request_id: str | None) -> None:
+        """Tell the connection its key was revoked, naming the request (a message's or the fanout
+        invocation's) whose check found it, then close it."""
+        self._closer.close(connection_id, revoked_key_error(), request_id)
 
     def _memo(self, connection_id: str, identity: ConnectionIdentity | None) -> None:
         with self._lock:

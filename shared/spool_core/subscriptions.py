@@ -175,8 +175,9 @@ class ConnectionAccess(Protocol):
         """Whether the connection may still receive (its API key, ``key_hash`` when the subscription
         recorded it, is still active)."""
 
-    def close(self, connection_id: str) -> None:
-        """Tell the connection why, then close it."""
+    def close(self, connection_id: str, request_id: str | None) -> None:
+        """Tell the connection why (naming ``request_id``, the request whose check found it), then
+        close it."""
 
 
 def chunk_message(job_id: str, chunk: Chunk) -> dict[str, Any]:
@@ -288,6 +289,7 @@ class Fanout:
         until: int | None = None,
         end_unread: bool = False,
         access: ConnectionAccess | None = None,
+        request_id: str | None = None,
     ) -> int:
         """A delivery from the chunk stream: send the job's subscribers ``chunks`` (a batch's live
         chunks; the log fills any gap before them), then ``done`` if ``ended`` (the job's end mark).
@@ -295,8 +297,8 @@ class Fanout:
         are delivered from the log up to there); ``end_unread``: the end mark's record could not be
         read (how the job ended is read from the job). Returns the number of subscriptions served.
 
-        With ``access``, a subscriber whose connection is no longer allowed is closed and its
-        subscription deleted instead."""
+        With ``access``, a subscriber whose connection is no longer allowed is closed (its last frame
+        naming ``request_id``, the invocation delivering) and its subscription deleted instead."""
         if isinstance(ended, Job):
             ended = EndMark.of(ended)
         if end_unread and ended is None:
@@ -308,7 +310,7 @@ class Fanout:
         subscriptions = self._subscriptions.for_job(job_id, consistent=ended is not None)
         for subscription in subscriptions:
             if access is not None and not access.allowed(subscription.connection_id, subscription.key_hash):
-                access.close(subscription.connection_id)
+                access.close(subscription.connection_id, request_id)
                 self._subscriptions.delete(job_id, subscription.connection_id)
                 continue
             known = _Known(dict(batch), ended)

@@ -111,6 +111,7 @@ def revoked_frame(frames: list[dict[str, Any]]) -> dict[str, Any]:
     assert error["error"]["code"] == "unauthorized"
     assert error["error"]["message"] == "This API key was revoked"
     assert error["error"]["suggestions"]
+    assert error["error"]["request_id"]  # the message's, or the fanout invocation's: a log to look up
     return error
 
 
@@ -180,8 +181,38 @@ def test_subscribing_on_a_connection_whose_key_was_revoked_closes_it(
     connect(invoke, recording, env, "conn-late", key)
     operator().revoke(record.key_id)
     subscribe(invoke, env, "conn-late", "job_anything")
-    revoked_frame(recording.frames["conn-late"])
+    error = revoked_frame(recording.frames["conn-late"])
+    assert error["error"]["request_id"] == load_event("websocket")["requestContext"]["requestId"]
     assert recording.closed == ["conn-late"]
+
+
+@pytest.mark.parametrize(
+    ("body", "message", "field"),
+    [
+        ("hello", "The message is not valid JSON", "body"),
+        ('{"action": "subscribe"', "The message is not valid JSON", "body"),
+        ("[1, 2]", "The message must be a JSON object", "action"),
+        ('{"job_id": "job_x"}', "The message must be a JSON object with an 'action'", "action"),
+        ('{"action": "dance"}', 'Unknown action "dance"', "action"),
+        (json.dumps({"action": "x" * 65}), "Unknown action", "action"),  # not echoed back
+    ],
+)
+def test_a_message_no_route_takes_is_told_what_is_wrong_with_it(
+    invoke: Any, gateway: tuple[RecordingGateway, dict[str, str]], body: str, message: str, field: str
+) -> None:
+    recording, env = gateway
+    key, _ = operator().create(Tenant("talker"))
+    connect(invoke, recording, env, "conn-talker", key)
+    event = ws_event("$default", "conn-talker", body=body)
+    event["requestContext"]["eventType"] = "MESSAGE"
+    assert invoke("WebSocketFunction", event, environment=env) == {"statusCode": 200}
+    ((frame,),) = [recording.frames["conn-talker"]]
+    assert frame["type"] == "error"
+    error = frame["error"]
+    assert (error["code"], error["message"]) == ("invalid_request", message)
+    assert error["details"]["fields"][0]["field"] == field and error["details"]["fields"][0]["message"]
+    assert error["suggestions"] and error["request_id"] == event["requestContext"]["requestId"]
+    assert "conn-talker" in recording.open  # told, not closed
 
 
 def _deep_health(headers: dict[str, str] | None = None) -> dict[str, Any]:

@@ -255,10 +255,10 @@ class MemoryConnectionKeys:
 
 @dataclass
 class RecordingCloser:
-    closed: list[tuple[str, SpoolError]] = field(default_factory=list)
+    closed: list[tuple[str, SpoolError, str | None]] = field(default_factory=list)
 
-    def close(self, connection_id: str, error: SpoolError) -> None:
-        self.closed.append((connection_id, error))
+    def close(self, connection_id: str, error: SpoolError, request_id: str | None) -> None:
+        self.closed.append((connection_id, error, request_id))
 
 
 def test_a_connection_is_closed_once_its_key_is_revoked(store: MemoryApiKeyStore, clock: KeyClock) -> None:
@@ -273,9 +273,9 @@ def test_a_connection_is_closed_once_its_key_is_revoked(store: MemoryApiKeyStore
     assert guard.allowed("conn-1")  # within the cache lifetime
     clock.advance(30)
     assert not guard.allowed("conn-1")
-    guard.close("conn-1")
-    ((closed, error),) = closer.closed
-    assert closed == "conn-1"
+    guard.close("conn-1", "req-1")
+    ((closed, error, request_id),) = closer.closed
+    assert (closed, request_id) == ("conn-1", "req-1")
     assert (error.code, error.message) == ("unauthorized", REVOKED_MESSAGE)
     assert error.suggestions
     assert connections.reads == 1  # which key a connection uses is remembered (the legacy lookup)
@@ -356,10 +356,12 @@ def test_the_fanout_closes_a_revoked_keys_connection_and_keeps_serving_the_other
     operator.revoke(revoked.key_id)
     clock.advance(30)
     log.chunks.append(Chunk(sequence_id=3, text="<3>", created_at="t", tokens=1, tokens_total=3))
-    fanout.deliver("job_1", chunks=log.chunks[-1:], access=guard)
+    fanout.deliver("job_1", chunks=log.chunks[-1:], access=guard, request_id="invocation-2")
     assert [m["sequence_id"] for m in pusher.sent["conn-revoked"]] == [1, 2]  # nothing more
     assert [m["sequence_id"] for m in pusher.sent["conn-kept"]] == [1, 2, 3]
-    assert [connection for connection, _ in closer.closed] == ["conn-revoked"]
+    assert [(connection, request_id) for connection, _, request_id in closer.closed] == [
+        ("conn-revoked", "invocation-2")
+    ]
     assert set(subscriptions.items) == {("job_1", "conn-kept")}
 
 
@@ -382,5 +384,5 @@ def test_a_subscription_names_its_key_so_a_fanout_elsewhere_checks_it_without_re
     Fanout(log, log, subscriptions, pusher).deliver("job_1", chunks=log.chunks[-1:], access=guard)  # type: ignore[arg-type]
     assert [m["sequence_id"] for m in pusher.sent["conn-kept"]] == [2]
     assert "conn-revoked" not in pusher.sent
-    assert [connection for connection, _ in closer.closed] == ["conn-revoked"]
+    assert [connection for connection, _, _ in closer.closed] == ["conn-revoked"]
     assert connections.reads == 0

@@ -547,6 +547,28 @@ def test_jobs_and_contexts_list(fake: FakeClient, capsys: pytest.CaptureFixture[
     assert "must be 1 to 100" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "usage", "says"),
+    [
+        (["ask", "hi", "--bogus", "1"], "spool ask ", "unrecognized arguments: --bogus 1"),
+        (["keys", "rotate", "k1", "--nope"], "spool keys rotate ", "unrecognized arguments: --nope"),
+        (
+            ["keys", "rotate", "k1", "--grace", "abc"],
+            "spool keys rotate ",
+            "not a whole number of seconds: 'abc'",
+        ),
+    ],
+)
+def test_a_bad_option_is_reported_with_its_commands_usage(
+    argv: list[str], usage: str, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert usage in err.splitlines()[0] and says in err
+
+
 def test_contexts_sync_reports_skipped_files_and_no_change(
     fake: FakeClient, capsys: pytest.CaptureFixture[str]
 ) -> None:

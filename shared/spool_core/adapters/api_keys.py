@@ -148,10 +148,10 @@ class ManagementApiCloser:
     def __init__(self, client: Any) -> None:
         self._client = client
 
-    def close(self, connection_id: str, error: SpoolError) -> None:
+    def close(self, connection_id: str, error: SpoolError, request_id: str | None) -> None:
         from spool_core.api.errors import envelope  # the one wire shape of errors (a heavier import)
 
-        frame = json.dumps({"type": "error", **envelope(error, None)}).encode()
+        frame = json.dumps({"type": "error", **envelope(error, request_id)}).encode()
         try:
             self._client.post_to_connection(ConnectionId=connection_id, Data=frame)
             self._client.delete_connection(ConnectionId=connection_id)
