@@ -432,3 +432,16 @@ def test_a_non_streamed_answer_waits_its_own_time_not_the_streams() -> None:
         else:
             assert isinstance(item, TimeUp)
     assert 30 <= waited < 31
+
+
+def test_a_non_streamed_answer_gives_up_before_the_openai_sdks_default_timeout() -> None:
+    """An SDK that times out first sends the request again, without an Idempotency-Key: a new, paid
+    job. Spool's 504 (``x-should-retry: false``) must come first, deployed and locally."""
+    import openai
+
+    from spool_core.settings import Settings
+
+    sdk_timeout = openai.DEFAULT_TIMEOUT.read
+    assert sdk_timeout is not None
+    assert StreamSettings().answer_max_seconds < sdk_timeout
+    assert Settings.model_fields["answer_max_seconds"].default < sdk_timeout
