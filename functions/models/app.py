@@ -15,7 +15,7 @@ from spool_core.api.resolver import api_handler, create_resolver, json_response,
 from spool_core.errors import ModelNotFound, UnknownModel
 from spool_core.models import ModelCatalog, ModelSpec
 
-app = create_resolver()
+app = create_resolver(openai_errors=True)  # OpenAI SDKs list and read models here
 
 
 @app.get("/v1/models")

@@ -31,10 +31,10 @@ from spool_core.events import (
     parse_cursor,
 )
 from spool_core.jobs.errors import JobNotFound, RequestInProgress
-from spool_core.jobs.model import Job, JobRequest
+from spool_core.jobs.model import Job
 from spool_core.jobs.service import JobService, check_idempotency_key
 from spool_core.openai_compat import chat, responses
-from spool_core.openai_compat.common import JobCancelled, JobFailed, StillRunning
+from spool_core.openai_compat.common import JobCancelled, JobFailed, StillRunning, in_request_terms
 from spool_core.openai_compat.params import ChatPolicy, ResponsesPolicy, parse
 
 # What the first request loads (creating a job): before a snapshot, not on each new container's first
@@ -65,25 +65,29 @@ def _job_headers(request: Request, job: Job, extra: dict[str, str] | None = None
 
 # ---------------------------------------------------------------------------------------- OpenAI
 async def _create(
-    request: Request, service: JobService, job_request: JobRequest
+    request: Request, service: JobService, body: chat.ChatRequest | responses.ResponsesRequest
 ) -> tuple[Job, dict[str, str]]:
     """A job for an OpenAI request: its ``Idempotency-Key`` when sent, a fresh one otherwise. A retry
     with the same key gets the same job, finished or still running (it is then streamed or awaited
-    from the start): the same answer, generated and paid once."""
+    from the start): the same answer, generated and paid once. Refusals name the job's ``max_tokens``
+    as the request did."""
     key = request.headers.get("idempotency-key")
     key = check_idempotency_key(key) if key else f"openai-{uuid.uuid4()}"
+    job_request = body.job_request()
     try:
-        created = await run_in_threadpool(service.create, key, job_request)
-    except RequestInProgress as running:
-        job = await run_in_threadpool(service.get, running.details["job_id"])
-        return job, {}
+        created = await run_in_threadpool(lambda: service.create(key, job_request, echo=body.echo()))
+    except SpoolError as refused:
+        if isinstance(refused, RequestInProgress):
+            job = await run_in_threadpool(service.get, refused.details["job_id"])
+            return job, {}
+        raise in_request_terms(refused, body.max_tokens_name) from None
     return created.job, created.headers
 
 
 async def chat_completions(request: Request) -> Response:
     body = parse(chat.ChatRequest, await web.json_body(request), ChatPolicy)
     service = _service(request)
-    job, limits = await _create(request, service, body.job_request())
+    job, limits = await _create(request, service, body)
     headers = _job_headers(request, job, limits)
     if body.stream:
         followed = follow(
@@ -104,10 +108,7 @@ async def chat_completions(request: Request) -> Response:
 async def create_response(request: Request) -> Response:
     body = parse(responses.ResponsesRequest, await web.json_body(request), ResponsesPolicy)
     service = _service(request)
-    try:
-        job, limits = await _create(request, service, body.job_request())
-    except SpoolError as refused:  # admission speaks of the job's max_tokens
-        raise responses.in_responses_terms(refused) from None
+    job, limits = await _create(request, service, body)
     headers = _job_headers(request, job, limits)
     if body.stream:
         return _response_stream(request, service, job, None, headers)
@@ -115,7 +116,7 @@ async def create_response(request: Request) -> Response:
         ended = await web.last(await_end(service, job.job_id, _settings()))
         # else still running, answered like a background response: as it stands now, not as created
         job = ended.job if isinstance(ended, Ended) else await run_in_threadpool(service.get, job.job_id)
-    return await _response_json(service, job, headers, background=body.background)
+    return await _response_json(service, job, headers)
 
 
 async def _response_job(request: Request, read: Callable[[str], Job]) -> Job:
@@ -175,11 +176,9 @@ def _response_stream(
     return web.sse(events, headers)
 
 
-async def _response_json(
-    service: JobService, job: Job, headers: dict[str, str], *, background: bool | None = True
-) -> Response:
+async def _response_json(service: JobService, job: Job, headers: dict[str, str]) -> Response:
     output = await run_in_threadpool(lambda: service.view(job)["output"])
-    return web.json_response(responses.response_object(job, output, background=background), headers)
+    return web.json_response(responses.response_object(job, output), headers)
 
 
 async def ready(request: Request) -> Response:

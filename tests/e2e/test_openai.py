@@ -134,6 +134,32 @@ def assert_contiguous(events: list[Any], final: Any) -> None:
     assert done.text == final.output_text
 
 
+def test_a_response_reads_back_as_it_was_asked_for(sdk: openai.OpenAI) -> None:
+    """``background`` and ``instructions`` as the request sent them, whenever the response is read:
+    created, retrieved, streamed or cancelled (a system message in ``input`` is not instructions)."""
+    plain = sdk.responses.create(
+        model="sim-fast",
+        input=[{"role": "system", "content": "SYS"}, {"role": "user", "content": "hi"}],
+        max_output_tokens=3,
+    )
+    assert (plain.background, plain.instructions) == (False, None)
+    again = sdk.responses.retrieve(plain.id)
+    assert (again.background, again.instructions) == (False, None)
+    events = read_events(sdk.responses.create(model="sim-fast", input="hi", max_output_tokens=3, stream=True))
+    assert [
+        e.response.background for e in events if e.type in {"response.created", "response.completed"}
+    ] == [
+        False,
+        False,
+    ]
+    asked = sdk.responses.create(
+        model="sim-realtime", input="hi", instructions="Be brief", background=True, max_output_tokens=500
+    )
+    cancelled = sdk.responses.cancel(asked.id)
+    assert (asked.background, asked.instructions) == (True, "Be brief")
+    assert (cancelled.background, cancelled.instructions) == (True, "Be brief")
+
+
 def test_a_background_response_broken_off_resumes_with_starting_after(sdk: openai.OpenAI) -> None:
     created = sdk.responses.create(
         model="sim-realtime", input="Tell me about durable logs", background=True, max_output_tokens=150

@@ -219,6 +219,21 @@ def test_usage_function_answers_its_sample_event(invoke: Any) -> None:
     assert "X-RateLimit-Remaining-Tokens" in headers
 
 
+def test_an_unknown_model_is_an_openai_not_found(invoke: Any) -> None:
+    """``GET /v1/models/{id}`` is called by OpenAI's SDKs: its errors carry their ``type`` and
+    ``param`` besides Spool's envelope."""
+    event = load_event("models")
+    event.update(
+        resource="/v1/models/{model_id}", path="/v1/models/gpt-nope", pathParameters={"model_id": "gpt-nope"}
+    )
+    event["requestContext"].update(resourcePath="/v1/models/{model_id}", path="/v1/models/gpt-nope")
+    response = invoke("ModelsFunction", event)
+    error = response_json(response)["error"]
+    assert response["statusCode"] == 404
+    assert (error["code"], error["type"], error["param"]) == ("model_not_found", "not_found_error", None)
+    assert error["suggestions"] and error["request_id"]
+
+
 def test_models_function_lists_what_the_tenant_may_use(invoke: Any) -> None:
     response = invoke("ModelsFunction", load_event("models"))
     assert response["statusCode"] == 200

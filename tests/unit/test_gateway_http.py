@@ -121,6 +121,8 @@ def assert_envelope(
     assert body["error"]["code"] == code
     assert body["error"]["request_id"] == headers["X-Request-Id"]
     assert body["error"]["suggestions"]
+    # the fields OpenAI's SDKs read beside code (error.type, error.param): these answers reach them too
+    assert body["error"]["type"].endswith("_error") and body["error"]["param"] is None
 
 
 # ---------------------------------------------------------------------- methods

@@ -188,6 +188,8 @@ def test_a_parameter_sent_as_null_is_left_out_as_openai_reads_it() -> None:
         ({"max_tokens": True}, "max_tokens"),
         ({"max_completion_tokens": "50"}, "max_completion_tokens"),
         ({"temperature": "0.2"}, "temperature"),
+        ({"top_p": 5}, "top_p"),  # ignored, but not whatever it is: OpenAI takes 0 to 1
+        ({"top_p": "0.5"}, "top_p"),
         ({"stream": "false"}, "stream"),  # a non-empty string was a stream
         ({"stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
     ],
@@ -251,6 +253,46 @@ def test_responses_input_and_instructions_become_messages() -> None:
     ):
         with pytest.raises(UnsupportedParameter):
             parse(responses.ResponsesRequest, {**body, **refused}, ResponsesPolicy)
+
+
+TOO_LONG = "w" * 2_000_001  # over the job's 2,000,000 characters of a message
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "says"),
+    [
+        ({"input": "x", "instructions": TOO_LONG}, "instructions", "at most 2000000 characters"),
+        ({"input": TOO_LONG}, "input", "at most 2000000 characters"),
+        (
+            {
+                "instructions": "y",
+                "input": [{"role": "user", "content": "a"}, {"role": "user", "content": TOO_LONG}],
+            },
+            "input[1].content",
+            "at most 2000000 characters",
+        ),
+        ({"input": [{"role": "user", "content": "a"}] * 1001}, "input", "at most 1000 items"),
+        (
+            {"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]},
+            "input.0",
+            "items of type 'function_call_output' are not supported",
+        ),
+        ({"input": [{"role": "tool", "content": "a"}]}, "input.0.role", "'system', 'developer', 'user'"),
+        ({"input": 5}, "input", "valid string"),
+    ],
+)
+def test_a_responses_refusal_names_the_field_the_request_sent(
+    body: dict[str, Any], param: str, says: str
+) -> None:
+    """Not the job's ``messages.N`` (``instructions`` comes first there), and not every member of
+    ``input``'s union: only the form the client sent."""
+    given = {"model": "sim-fast", **body}
+    with pytest.raises(InvalidRequest) as refused:
+        parse(responses.ResponsesRequest, given, ResponsesPolicy).job_request()
+    error = refused.value
+    assert error.details["param"] == param, error.message
+    assert says in error.message and "messages." not in error.message and "input.str" not in error.message
+    assert {f["field"] for f in error.details["fields"]} == {param}
 
 
 # ---------------------------------------------------------------------------------------- chat
@@ -475,3 +517,17 @@ def test_the_sdk_retries_an_error_that_made_no_job() -> None:
     with pytest.raises(openai.APIStatusError):
         client.chat.completions.create(model="sim-fast", messages=[{"role": "user", "content": "x"}])
     assert len(calls) == 2
+
+
+def test_an_idempotency_key_too_long_is_a_bad_request_naming_the_header_not_a_missing_one() -> None:
+    from spool_core.jobs.errors import IdempotencyKeyRequired
+    from spool_core.jobs.service import check_idempotency_key
+
+    assert check_idempotency_key("k" * 255) == "k" * 255
+    with pytest.raises(IdempotencyKeyRequired):
+        check_idempotency_key("")
+    with pytest.raises(InvalidRequest) as refused:
+        check_idempotency_key("k" * 256)
+    assert refused.value.code == "invalid_request"
+    assert refused.value.details == {"field": "Idempotency-Key", "length": 256, "max_length": 255}
+    assert refused.value.suggestions

@@ -56,3 +56,25 @@ def envelope(error: SpoolError, request_id: str | None) -> dict[str, Any]:
             "request_id": request_id,
         }
     }
+
+
+# The ``type`` OpenAI's SDKs read beside ``code`` and ``param`` (``error.type``), by status.
+OPENAI_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def openai_envelope(error: SpoolError, request_id: str | None) -> dict[str, Any]:
+    """Spool's envelope, with the two fields OpenAI SDKs also read: ``type`` and ``param``."""
+    body = envelope(error, request_id)
+    status = status_for(error)
+    body["error"]["type"] = OPENAI_ERROR_TYPES.get(
+        status, "server_error" if status >= 500 else "invalid_request_error"
+    )
+    body["error"]["param"] = error.details.get("param")
+    return body

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 from snapshot_restore_py import register_before_snapshot
 
 from spool_core.api.cors import allowed_origins, resolver_config
-from spool_core.api.errors import envelope, status_for
+from spool_core.api.errors import envelope, openai_envelope, status_for
 from spool_core.errors import (
     InternalError,
     InvalidRequest,
@@ -59,7 +59,8 @@ def json_response(
 def error_response(
     app: APIGatewayRestResolver, error: SpoolError, headers: dict[str, str] | None = None
 ) -> Response[str]:
-    return json_response(status_for(error), envelope(error, request_id(app)), headers)
+    shape = openai_envelope if getattr(app, OPENAI_ERRORS, False) else envelope
+    return json_response(status_for(error), shape(error, request_id(app)), headers)
 
 
 def _field_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
@@ -90,8 +91,14 @@ def _allowed_methods(app: APIGatewayRestResolver, path: str) -> list[str]:
     return sorted({route.method for route in routes if route.rule.match(path)})
 
 
-def create_resolver() -> APIGatewayRestResolver:
+OPENAI_ERRORS = "spool_openai_errors"  # set on an app whose routes are OpenAI's (errors add type, param)
+
+
+def create_resolver(*, openai_errors: bool = False) -> APIGatewayRestResolver:
+    """The resolver of a function's routes, its errors in Spool's envelope (with OpenAI's ``type``
+    and ``param`` besides when ``openai_errors``: routes OpenAI's SDKs call, such as /v1/models)."""
     app = APIGatewayRestResolver(enable_validation=True, cors=resolver_config())
+    setattr(app, OPENAI_ERRORS, openai_errors)
     # Every route's models and validators, built once before a snapshot (see spool_core.snapshot)
     # instead of on each new container's first request.
     register_before_snapshot(app.get_openapi_schema)

@@ -139,6 +139,9 @@ class Job(JobSummary):
     lease_token: str | None = None  # the current lease (unique per take); also marks its holder's writes
     lease_expires_ms: int = 0
     ended_by: str | None = None  # the token of whoever wrote the end (a retried end recognizes its own)
+    # What the OpenAI surface that made the job shows of its request and the job does not keep (the
+    # Responses API's ``background``, and whether its first system message was ``instructions``).
+    echo: dict[str, Any] | None = None
 
     def lease_live(self, now_ms: int) -> bool:
         return self.lease_expires_ms > now_ms

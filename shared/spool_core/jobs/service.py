@@ -104,13 +104,18 @@ def _window_suggestions(
 
 
 def check_idempotency_key(key: str | None) -> str:
-    """The key itself, or ``idempotency_key_required`` when it is missing or longer than 255 characters."""
-    if not key or len(key) > MAX_KEY_LENGTH:
+    """The key itself; ``idempotency_key_required`` when it is missing, ``invalid_request`` (naming
+    the header) when it is longer than 255 characters."""
+    if not key:
         raise IdempotencyKeyRequired(
-            "The 'Idempotency-Key' header is required (1-255 characters)"
-            if not key
-            else f"The 'Idempotency-Key' header has {len(key)} characters (at most {MAX_KEY_LENGTH})",
+            "The 'Idempotency-Key' header is required (1-255 characters)",
             details={"max_length": MAX_KEY_LENGTH},
+        )
+    if len(key) > MAX_KEY_LENGTH:
+        raise InvalidRequest(
+            f"The 'Idempotency-Key' header has {len(key)} characters (at most {MAX_KEY_LENGTH})",
+            details={"field": "Idempotency-Key", "length": len(key), "max_length": MAX_KEY_LENGTH},
+            suggestions=["Send a shorter key, e.g. a UUID generated once per logical request"],
         )
     return key
 
@@ -171,7 +176,9 @@ class JobService:
         return self._pages.cadence
 
     # ------------------------------------------------------------------ create
-    def create(self, key: str | None, request: JobRequest) -> Created:
+    def create(self, key: str | None, request: JobRequest, *, echo: dict[str, Any] | None = None) -> Created:
+        """Admit ``request`` once per ``key``. ``echo``: what the OpenAI surface that made the job
+        shows of its request and the job does not keep (kept on the job as it is)."""
         key = check_idempotency_key(key)
         too_large = _stored_size_error(request)
         if too_large is not None:
@@ -190,7 +197,7 @@ class JobService:
                     break  # an attempt whose reply was lost had been applied
                 return self._replay(claim, fingerprint, state)
             if job is None:
-                job = self._new_job(request, fingerprint)
+                job = self._new_job(request, fingerprint, echo)
             model = self._models.resolve(job.model_resolved)
             plan = self._plan(job, model, state)
             job = job.model_copy(update={"reservation": plan.reservation.item()})
@@ -221,7 +228,7 @@ class JobService:
         self._enqueue(job, claim, plan.reservation)
         return Created(job, replayed=False, headers=self._limiter.headers(state, plan))
 
-    def _new_job(self, request: JobRequest, fingerprint: str) -> Job:
+    def _new_job(self, request: JobRequest, fingerprint: str, echo: dict[str, Any] | None = None) -> Job:
         model = self._models.resolve(request.model)
         input_tokens, manifest = self._admit(model, request)  # refusals here write nothing
         created_at = rfc3339(from_epoch(self._clock()))
@@ -237,6 +244,7 @@ class JobService:
             created_at=created_at,
             estimate={"input_raw": input_tokens},
             context_manifest=manifest,
+            echo=echo,
         )
 
     def _plan(self, job: Job, model: ModelSpec, state: UsageState) -> ReservationPlan:

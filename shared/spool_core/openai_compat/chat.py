@@ -48,13 +48,16 @@ class ChatRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(
+        default=None, ge=0.0, le=1.0
+    )  # not passed on; a value OpenAI refuses is refused
     stream: JsonBool = False
     stream_options: StreamOptions | None = None
     metadata: dict[str, Any] | None = None
     context_id: str | None = Field(default=None, max_length=64)
     fallback: JsonBool = True
 
-    _numbers = json_numbers("max_tokens", "max_completion_tokens", "temperature")
+    _numbers = json_numbers("max_tokens", "max_completion_tokens", "temperature", "top_p")
 
     @field_validator("messages")
     @classmethod
@@ -67,6 +70,10 @@ class ChatRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def echo(self) -> None:
+        """A completion shows nothing of its request that the job does not keep."""
+        return None
+
     def job_request(self) -> JobRequest:
         messages = [  # plain values: the job's model checks them, so its limits are 400s naming the field
             {
@@ -76,6 +83,11 @@ class ChatRequest(BaseModel):
             for i, m in enumerate(self.messages)
         ]
         return to_job(messages, self, self.max_completion_tokens or self.max_tokens)
+
+    @property
+    def max_tokens_name(self) -> str:
+        """What this request called the job's ``max_tokens`` (the name its refusals use)."""
+        return "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
 
 
 def completion_id(job_id: str) -> str:

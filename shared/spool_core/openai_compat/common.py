@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from spool_core.api.errors import envelope, register_status, status_for
+from spool_core.api.errors import OPENAI_ERROR_TYPES, openai_envelope, register_status
 from spool_core.errors import InvalidRequest, SpoolError
 from spool_core.jobs.model import Job, JobRequest
 from spool_core.openai_compat.params import UnsupportedParameter, validated
@@ -61,14 +61,7 @@ def _json_type(value: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------- errors
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "not_found_error",
-    409: "conflict_error",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-}
+ERROR_TYPES = OPENAI_ERROR_TYPES
 
 
 def to_job(
@@ -92,15 +85,25 @@ def to_job(
     return validated(JobRequest, fields)  # the job's own limits (1,000 messages, 2 MB of text): a 400
 
 
+def in_request_terms(error: SpoolError, name: str) -> SpoolError:
+    """An admission error as the request named the job's ``max_tokens`` (``max_output_tokens`` on the
+    Responses API, ``max_completion_tokens`` when a chat request sent that): in the message, the
+    suggestions and ``param``."""
+    if name == "max_tokens":
+        return error
+    error.message = error.message.replace("max_tokens", name)
+    error.args = (error.message,)
+    error.suggestions = [s.replace("max_tokens", name) for s in error.suggestions]
+    if error.details.get("param") == "max_tokens":
+        error.details["param"] = name
+    if "max_tokens" in error.details:
+        error.details[name] = error.details.pop("max_tokens")
+    return error
+
+
 def openai_error_body(error: SpoolError, request_id: str | None) -> dict[str, Any]:
     """Spool's envelope, with the two fields OpenAI SDKs also read: ``type`` and ``param``."""
-    body = envelope(error, request_id)
-    status = status_for(error)
-    body["error"]["type"] = ERROR_TYPES.get(
-        status, "server_error" if status >= 500 else "invalid_request_error"
-    )
-    body["error"]["param"] = error.details.get("param")
-    return body
+    return openai_envelope(error, request_id)
 
 
 class _JobNotAnswered(SpoolError):

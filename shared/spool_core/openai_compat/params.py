@@ -181,17 +181,37 @@ def validated[M: BaseModel](model: type[M], values: Mapping[str, Any]) -> M:
     except ValidationError as exc:
         fields = [
             {
-                "field": ".".join(str(p) for p in err["loc"]),
+                "field": ".".join(str(p) for p in err["loc"] if not _union_member(p)),
                 "message": err["msg"],
                 "type": err["type"],
             }
-            for err in exc.errors(include_input=False)
+            for err in _in_the_sent_form(exc.errors(include_input=False))
         ]
-        names = ", ".join(f["field"] for f in fields)
+        names = ", ".join(dict.fromkeys(f["field"] for f in fields))
         raise InvalidRequest(
             f"The request does not match the schema: {names} ({fields[0]['message']})",
             details={"param": fields[0]["field"], "fields": fields},
         ) from None
+
+
+def _union_member(segment: Any) -> bool:
+    """A ``loc`` segment pydantic adds for a union's member (``str``, ``list[InputMessage]``), which
+    names no field of the request."""
+    return isinstance(segment, str) and (segment in {"str", "int", "float", "bool"} or "[" in segment)
+
+
+def _in_the_sent_form(errors: list[Any]) -> list[Any]:
+    """A value that fits no member of a union fails once per member: for a list of 1,001 items, "Input
+    should be a valid string" beside "at most 1000 items". Where a member's errors say more than that
+    the value is of another type, that member is the form the client sent, and its errors are kept."""
+
+    def member(err: Any) -> tuple[Any, ...] | None:
+        loc = err["loc"]
+        at = next((i for i, segment in enumerate(loc) if _union_member(segment)), None)
+        return None if at is None else tuple(loc[:at])
+
+    told = {member(err) for err in errors if member(err) is not None and not err["type"].endswith("_type")}
+    return [err for err in errors if not (member(err) in told and err["type"].endswith("_type"))]
 
 
 __all__ = ["ChatPolicy", "Policy", "ResponsesPolicy", "UnsupportedParameter", "parse", "validated"]

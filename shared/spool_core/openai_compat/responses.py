@@ -15,11 +15,11 @@ resumes exactly there, for the life of the log, across worker crashes.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from spool_core.errors import NotFound, SpoolError
+from spool_core.errors import InvalidRequest, NotFound
 from spool_core.events import Ended, Followed, Ping, Revoked, TimeUp, Wait
 from spool_core.jobs.model import Job, JobRequest
 from spool_core.json_values import JsonBool, json_numbers
@@ -36,22 +36,37 @@ class InputMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[dict[str, Any]]
 
+    @model_validator(mode="before")
+    @classmethod
+    def _messages_only(cls, value: Any) -> Any:
+        kind = value.get("type") if isinstance(value, dict) else None
+        if kind not in (None, "message"):
+            raise ValueError(
+                f"input items of type {str(kind)[:40]!r} are not supported: Spool takes messages"
+                " ({role, content}) with text"
+            )
+        return value
+
 
 class ResponsesRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
+    max_tokens_name: ClassVar[str] = "max_output_tokens"  # what the job's max_tokens is called here
 
     model: str = Field(min_length=1, max_length=128)
     input: str | Annotated[list[InputMessage], Field(max_length=1000)]
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(
+        default=None, ge=0.0, le=1.0
+    )  # not passed on; a value OpenAI refuses is refused
     background: JsonBool = False
     stream: JsonBool = False
     metadata: dict[str, Any] | None = None
     context_id: str | None = Field(default=None, max_length=64)
     fallback: JsonBool = True
 
-    _numbers = json_numbers("max_output_tokens", "temperature")
+    _numbers = json_numbers("max_output_tokens", "temperature", "top_p")
 
     @field_validator("input")
     @classmethod
@@ -63,6 +78,10 @@ class ResponsesRequest(BaseModel):
                 text_of(item.content, f"input[{i}].content")
         return value
 
+    def echo(self) -> dict[str, Any]:
+        """What a response shows of this request and its job does not keep."""
+        return {"background": self.background, "instructions": self.instructions is not None}
+
     def job_request(self) -> JobRequest:
         # plain values: the job's model checks them, so its limits are 400s naming the field
         messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
@@ -72,7 +91,35 @@ class ResponsesRequest(BaseModel):
             for i, item in enumerate(self.input):
                 role = "system" if item.role == "developer" else item.role
                 messages.append({"role": role, "content": text_of(item.content, f"input[{i}].content")})
-        return to_job(messages, self, self.max_output_tokens)
+        try:
+            return to_job(messages, self, self.max_output_tokens)
+        except InvalidRequest as error:
+            raise self._in_request_terms(error) from None
+
+    def _in_request_terms(self, error: InvalidRequest) -> InvalidRequest:
+        """The job's limits named as this request sent the text: the job's ``messages.0`` is
+        ``instructions`` when given, then ``input`` (a string) or ``input[i]``."""
+        given = 1 if self.instructions else 0
+
+        def param(field: str) -> str:
+            parts = field.split(".")
+            if parts[0] != "messages" or len(parts) < 2 or not parts[1].isdigit():
+                return field
+            index, rest = int(parts[1]), [p for p in parts[2:] if p != "content"]
+            if index < given:
+                return ".".join(["instructions", *rest])
+            name = "input" if isinstance(self.input, str) else f"input[{index - given}].content"
+            return ".".join([name, *rest])
+
+        fields = [{**f, "field": param(str(f["field"]))} for f in error.details.get("fields", [])]
+        if not fields:
+            return error
+        names = ", ".join(dict.fromkeys(f["field"] for f in fields))
+        return InvalidRequest(
+            f"The request does not match the schema: {names} ({fields[0]['message']})",
+            details={**error.details, "param": fields[0]["field"], "fields": fields},
+            suggestions=error.suggestions,
+        )
 
 
 # ---------------------------------------------------------------------------------------- ids
@@ -146,17 +193,21 @@ def message_item(job: Job, text: str, done: bool) -> dict[str, Any]:
     }
 
 
-def response_object(job: Job, output: str | None, *, background: bool | None = True) -> dict[str, Any]:
-    """The response resource of a job; ``output`` is the text so far (None: not read yet)."""
+def response_object(job: Job, output: str | None) -> dict[str, Any]:
+    """The response resource of a job; ``output`` is the text so far (None: not read yet). A job made
+    by another route (``POST /v1/jobs``), or before jobs kept what a response echoes, reads as a
+    background response whose leading system message is its instructions."""
     terminal = job.terminal
-    instructions = next((m.content for m in job.request.messages[:1] if m.role == "system"), None)
+    echo = job.echo or {"background": True, "instructions": True}
+    first = job.request.messages[0] if job.request.messages else None
+    instructions = first.content if echo.get("instructions") and first and first.role == "system" else None
     items = [message_item(job, output or "", terminal)] if terminal or output else []
     return {
         "id": response_id(job.job_id),
         "object": "response",
         "created_at": created_epoch(job),
         "status": _status(job),
-        "background": background,
+        "background": bool(echo.get("background")),
         "model": job.model_resolved,
         "output": items,
         "usage": _usage(job) if terminal else None,
@@ -175,19 +226,6 @@ def response_object(job: Job, output: str | None, *, background: bool | None = T
         "store": True,
         "spool": {"job_id": job.job_id, "status": job.status, "cost_usd": job.cost_nanos / 1e9},
     }
-
-
-def in_responses_terms(error: SpoolError) -> SpoolError:
-    """An admission error as the Responses API names things: the job's ``max_tokens`` is the
-    request's ``max_output_tokens`` (in the message, the suggestions and ``param``)."""
-    error.message = error.message.replace("max_tokens", "max_output_tokens")
-    error.args = (error.message,)
-    error.suggestions = [s.replace("max_tokens", "max_output_tokens") for s in error.suggestions]
-    if error.details.get("param") == "max_tokens":
-        error.details["param"] = "max_output_tokens"
-    if "max_tokens" in error.details:
-        error.details["max_output_tokens"] = error.details.pop("max_tokens")
-    return error
 
 
 # ---------------------------------------------------------------------------------------- events
