@@ -86,6 +86,8 @@ def sse(lines: Iterator[str | Wait]) -> list[Any]:
         ({"n": 3}, "n"),
         ({"logprobs": True}, "logprobs"),
         ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"presence_penalty": False}, "presence_penalty"),  # JSON's false is not the number 0
+        ({"n": True}, "n"),
         ({"audio": {"voice": "x"}}, "audio"),
         ({"stop": "END"}, "stop"),
         ({"made_up": 1}, "made_up"),
@@ -98,6 +100,18 @@ def test_chat_parameters_that_would_change_the_answer_are_refused_by_name(
     with pytest.raises(UnsupportedParameter) as caught:
         parse(chat.ChatRequest, body, ChatPolicy)
     assert caught.value.details["param"] == param and param in caught.value.message
+
+
+@pytest.mark.parametrize("name", ["tool_calls", "function_call"])
+def test_an_earlier_tool_call_in_the_conversation_is_refused_not_dropped(name: str) -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, name: [call]}]
+    with pytest.raises(UnsupportedParameter) as caught:
+        parse(chat.ChatRequest, {"model": "sim-fast", "messages": messages}, ChatPolicy)
+    assert caught.value.details["param"] == f"messages[1].{name}"
+    empty = [{"role": "assistant", "content": "y", "tool_calls": [], "name": "bot"}]  # nothing dropped
+    request = parse(chat.ChatRequest, {"model": "sim-fast", "messages": empty}, ChatPolicy)
+    assert [(m.role, m.content) for m in request.job_request().messages] == [("assistant", "y")]
 
 
 def test_neutral_values_and_harmless_parameters_pass() -> None:

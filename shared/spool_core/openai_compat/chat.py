@@ -21,6 +21,7 @@ from spool_core.openai_compat.common import (
     text_of,
     to_job,
 )
+from spool_core.openai_compat.params import UnsupportedParameter
 
 DONE_LINE = "data: [DONE]\n\n"
 
@@ -32,7 +33,7 @@ class StreamOptions(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # kept to be looked at (tool calls), never passed on
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[dict[str, Any]] | None = None
@@ -64,6 +65,13 @@ class ChatRequest(BaseModel):
     def _text_only(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
         for i, message in enumerate(messages):
             text_of(message.content, f"messages[{i}].content")
+            for name in ("tool_calls", "function_call"):  # dropped, the conversation would change
+                if (message.model_extra or {}).get(name):
+                    raise UnsupportedParameter(
+                        f"messages[{i}].{name} is not supported: Spool's models take text only",
+                        details={"param": f"messages[{i}].{name}"},
+                        suggestions=["Send the conversation as text messages, without tool calls"],
+                    )
         return messages
 
     @property

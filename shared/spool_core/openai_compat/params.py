@@ -17,7 +17,11 @@ class UnsupportedParameter(InvalidRequest):
 
 
 def _absent_or(*allowed: Any) -> Callable[[Any], bool]:
-    return lambda value: value is None or value in allowed
+    """None, or one of ``allowed`` as JSON has it: ``false`` is not the number 0 (Python's ``==`` says
+    it is)."""
+    return lambda value: (
+        value is None or any(value == a and isinstance(value, bool) == isinstance(a, bool) for a in allowed)
+    )
 
 
 def _empty(value: Any) -> bool:
