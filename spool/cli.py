@@ -62,6 +62,7 @@ class CommandError(Exception):
 def _dev(args: argparse.Namespace) -> int:
     from spool.devstack.ports import PortInUse
     from spool.devstack.stack import EmbeddedStack
+    from spool.devstack.state import StateUnusable
     from spool.devstack.template import parse_parameter_overrides
 
     stack = EmbeddedStack(
@@ -86,11 +87,12 @@ def _dev(args: argparse.Namespace) -> int:
     print("spool: starting the embedded stack (moto server, API Gateway emulator, worker)...", flush=True)
     try:
         stack.start()
-    except PortInUse as exc:
+    except (PortInUse, StateUnusable) as exc:
         print(f"spool: cannot start: {exc}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
-        print("spool: stopped before it was ready", flush=True)
+        _tell(_saved_line(stack))
+        _tell("spool: stopped before it was ready")
         return 130
     starting = False
     try:
@@ -108,17 +110,32 @@ def _dev(args: argparse.Namespace) -> int:
         print(f"spool: ready on {stack.base_url} (Ctrl-C to stop)", flush=True)
         stopped.wait()
     finally:
-        print("spool: stopping...", flush=True)
-        stack.stop()
-        if stack.saved is not None:
-            saved = stack.saved
-            print(
-                f"spool: saved {saved['items']} items, {saved['objects']} objects and {saved['messages']}"
-                f" queued messages to {stack.state_dir}",
-                flush=True,
-            )
-        print("spool: stopped", flush=True)
+        _tell("spool: stopping...")
+        stack.stop()  # saves the state: nothing said before it may keep it from happening
+        _tell(_saved_line(stack))
+        _tell("spool: stopped")
     return 0
+
+
+def _saved_line(stack: Any) -> str | None:
+    saved = stack.saved
+    if saved is None:
+        return None
+    return (
+        f"spool: saved {saved['items']} items, {saved['objects']} objects and {saved['messages']}"
+        f" queued messages to {stack.state_dir}"
+    )
+
+
+def _tell(line: str | None) -> None:
+    """A line of the stack's own, said if anyone still reads it: Ctrl-C in `make dev | tee log` ends
+    the tee too, and the stack must still stop and save its state."""
+    if line is None:
+        return
+    try:
+        print(line, flush=True)
+    except (BrokenPipeError, ValueError):  # ValueError: stdout was closed after the last broken pipe
+        _stdout_closed()
 
 
 def _client(args: argparse.Namespace, **options: Any) -> Client:

@@ -287,6 +287,15 @@ class ApiKeys:
         self._cache.forget(record.key_hash)
         return record
 
+    def ensure(self, key: str, tenant: Tenant, description: str = "") -> ApiKeyRecord:
+        """A key the caller chose (dev keys), active for ``tenant``: its record as it is when it
+        already is (same id, so what names the key, such as links.events tokens, keeps working),
+        else registered anew (a new id)."""
+        stored = self._store.get(hash_api_key(key))
+        if stored is not None and stored.tenant_id == tenant.id and stored.state(self._now()) == "active":
+            return stored
+        return self.register(key, tenant, description)
+
     def create(self, tenant: Tenant, description: str = "") -> tuple[str, ApiKeyRecord]:
         key = generate_api_key()
         return key, self.register(key, tenant, description)

@@ -27,7 +27,7 @@ from spool.devstack.gateway import WARM_UP_AGENT, GatewayHttpServer, RestApiEmul
 from spool.devstack.ports import PortInUse, listen
 from spool.devstack.provision import ACCOUNT_ID, MotoServer, StackDescription, aws_client, provision
 from spool.devstack.runtime import FORK_SERVER, InvocationError, LocalFunction
-from spool.devstack.state import LocalState
+from spool.devstack.state import LocalState, StateLock, lock_state_dir
 from spool.devstack.streams import JobTransitions, StreamChanges, StreamPoller
 from spool.devstack.template import FunctionSpec, ScheduleEvent, Template, samconfig_parameters
 from spool.devstack.websocket import ManagementApiServer, WebSocketGateway
@@ -204,6 +204,8 @@ class EmbeddedStack:
         self._stopping = threading.Event()
         self.restored: dict[str, int] | None = None
         self.saved: dict[str, int] | None = None
+        self._state_lock: StateLock | None = None
+        self._state_loaded = False  # the state directory's snapshot is in moto, whole
 
     @property
     def base_url(self) -> str:
@@ -220,6 +222,8 @@ class EmbeddedStack:
     # ------------------------------------------------------------------ start
     def start(self) -> EmbeddedStack:
         try:
+            if self.state_dir is not None:  # before anything runs: another stack's, or not writable
+                self._state_lock = lock_state_dir(self.state_dir)
             self._bind()
             # The fork server loads tiktoken's encodings from where the functions read them.
             environment = {"TIKTOKEN_CACHE_DIR": tiktoken_cache_dir(os.environ)}
@@ -231,7 +235,10 @@ class EmbeddedStack:
             self.moto.start()
             self._start()
         except BaseException:
-            self.stop(save=False)
+            # Stopped (Ctrl-C) or failed after the state was restored: what ran since is saved, as at
+            # any stop (a restored backlog can keep the start busy for minutes). Not before: a half
+            # restored state would replace the whole one.
+            self.stop(save=self._state_loaded)
             raise
         return self
 
@@ -267,6 +274,7 @@ class EmbeddedStack:
         os.environ.update(description.environment(self.template))
         if self.state_dir is not None:
             self.restored = LocalState(self.state_dir, self.template, description).restore()
+            self._state_loaded = True
             if self.restored:
                 log.info(
                     "restored local state from %s: %d items, %d objects, %d messages",
@@ -274,6 +282,7 @@ class EmbeddedStack:
                     *self.restored.values(),
                 )
         self._seed_keys()
+        self._state_loaded = True  # (so without a state directory too: nothing is saved then)
         self._create_functions(description)
         self._warm()
 
@@ -365,7 +374,10 @@ class EmbeddedStack:
         Failures are ignored: it is only a warm-up."""
         tenant = self.dev_keys[self.api_key]
         chunk = {"pk": {"S": f"{tenant}#job#{WARM_UP_JOB_ID}"}, "sequence_id": {"N": "1"}}
-        work: list[Callable[[], None]] = [self._warm_up_job]
+        # Behind a restored backlog, the warm-up job would wait for all of it (and `ready` with it);
+        # the backlog's own jobs warm the path.
+        backlog = bool(self.restored and self.restored["messages"])
+        work: list[Callable[[], None]] = [] if backlog else [self._warm_up_job]
         for name, spec in self.template.functions().items():
             for stream_event in spec.stream_events:
                 if stream_event.table == "ChunksTable":
@@ -547,8 +559,8 @@ class EmbeddedStack:
         from spool_core.tenancy import Tenant
 
         keys = bootstrap.api_keys()
-        for key, tenant in self.dev_keys.items():
-            keys.register(key, Tenant(tenant), description="dev key (SPOOL_DEV_KEYS)")
+        for key, tenant in self.dev_keys.items():  # kept as restored: links.events name its id
+            keys.ensure(key, Tenant(tenant), description="dev key (SPOOL_DEV_KEYS)")
 
     # ------------------------------------------------------------------ stop
     def stop(self, *, save: bool = True) -> None:
@@ -581,6 +593,8 @@ class EmbeddedStack:
                 log.exception("could not save the local state to %s", self.state_dir)
         FORK_SERVER.stop()
         self.moto.stop()
+        if self._state_lock is not None:
+            self._state_lock.release()
 
     def __enter__(self) -> EmbeddedStack:
         return self.start()

@@ -11,8 +11,11 @@ matched by logical id, so the physical names moto makes up each time do not matt
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -20,12 +23,60 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+from botocore.exceptions import ClientError, ParamValidationError
 
 from spool.devstack.provision import CREDENTIALS, StackDescription
 from spool.devstack.template import Template
 
 log = logging.getLogger("devstack.stack")
 FORMAT_VERSION = 1
+
+
+class StateUnusable(Exception):
+    """The state directory cannot be used (another stack holds it, it cannot be written, or its
+    snapshot is damaged): said before anything runs, with what to do."""
+
+
+class StateLock:
+    """An exclusive lock on a state directory for a stack's life: two stacks on one directory would
+    each save over the other's work."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    def release(self) -> None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+        self._handle.close()
+
+
+def lock_state_dir(directory: Path) -> StateLock:
+    """Create ``directory`` if needed and hold its lock (a file in it, so a directory that cannot be
+    written is found here, at the start, not at the stop that would have saved the work)."""
+    path = directory / ".lock"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle = path.open("a+")
+    except OSError as exc:
+        raise StateUnusable(
+            f"cannot keep the local state in {directory}: {exc.strerror or exc}; set SPOOL_STATE_DIR"
+            " to a directory you can write (or to nothing, to keep no state)"
+        ) from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise StateUnusable(
+            f"another local stack ({holder}) keeps its state in {directory}; stop it first, or set"
+            " SPOOL_STATE_DIR to another directory (two stacks would each save over the other's work)"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return StateLock(handle)
 
 
 def _encode(value: Any) -> Any:
@@ -45,6 +96,7 @@ class LocalState:
         self._description = description
         self._clients: dict[str, Any] = {}
         self._session: boto3.session.Session | None = None
+        self._reading = directory
 
     @property
     def _current(self) -> Path:
@@ -151,10 +203,23 @@ class LocalState:
 
     # ------------------------------------------------------------------ restore
     def restore(self) -> dict[str, int] | None:
-        """Write the last snapshot back (None when there is none)."""
-        path = self._current / "manifest.json"
-        if not path.exists():
+        """Write the last snapshot back (None when there is none); ``StateUnusable`` naming the file
+        when the snapshot cannot be read (a file missing, cut short or not JSON)."""
+        reading = self._current / "manifest.json"
+        if not reading.exists():
             return None
+        try:
+            return self._restore(reading)
+        except (OSError, ValueError, KeyError, TypeError, ClientError, ParamValidationError) as exc:
+            damaged = self._current.with_name("snapshot.damaged")
+            raise StateUnusable(
+                f"the local state in {self._current} is damaged ({self._reading.name}: {exc}); move it"
+                f" aside to start without it (mv {self._current} {damaged}), or set SPOOL_STATE_DIR to"
+                " another directory"
+            ) from exc
+
+    def _restore(self, path: Path) -> dict[str, int] | None:
+        self._reading = path  # the file a damaged snapshot is reported by
         manifest = json.loads(path.read_text())
         if manifest.get("version") != FORMAT_VERSION:
             log.warning("ignoring local state in %s: written by another version", self._current)
@@ -165,7 +230,8 @@ class LocalState:
             if logical not in tables:
                 log.warning("local state of %s skipped: the template has no such table now", logical)
                 continue
-            with (self._current / name).open() as lines:
+            self._reading = self._current / name
+            with self._reading.open() as lines:
                 items = [json.loads(line, object_hook=_decode) for line in lines if line.strip()]
             self._put_items(tables[logical], items)
             counts["items"] += len(items)
@@ -173,7 +239,8 @@ class LocalState:
         s3 = self._client("s3")
         for logical, entries in manifest["buckets"].items():
             for entry in entries if logical in buckets else []:
-                body = (self._current / entry["file"]).read_bytes()
+                self._reading = self._current / entry["file"]
+                body = self._reading.read_bytes()
                 extra = {"ContentType": entry["content_type"]} if entry["content_type"] else {}
                 s3.put_object(Bucket=buckets[logical], Key=entry["key"], Body=body, **extra)
                 counts["objects"] += 1

@@ -4,17 +4,20 @@ everything, a SIGKILL leaves no orphan, and a clean stop and start keeps the loc
 from __future__ import annotations
 
 import contextlib
+import json
+import re
 import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import CLEAN_ENVIRONMENT, ROOT, RunningStack, start_stack, stop_stack
+from tests.e2e.conftest import CLEAN_ENVIRONMENT, DEV_KEY, ROOT, RunningStack, start_stack, stop_stack
 from tests.e2e.test_jobs_http import read_log, wait_terminal
 from tests.support import wait_for
 
@@ -122,6 +125,12 @@ def test_a_clean_stop_and_start_keeps_contexts_jobs_usage_and_idempotency(tmp_pa
         assert status == 202
         first_chunk(stack, running["job_id"])
         usage = stack.request("GET", "/v1/usage")[2]
+        events_link = stack.request("GET", f"/v1/jobs/{job['job_id']}?output=false")[2]["links"]["events"]
+        # the directory is this stack's while it runs: a second stack on it is refused at once
+        second = run_dev({**env, "SPOOL_PORT": "0"})
+        assert second.returncode == 1, second.stderr
+        assert "another local stack (pid " in second.stderr and "SPOOL_STATE_DIR" in second.stderr
+        assert "Traceback" not in second.stdout + second.stderr
     finally:
         assert stop_stack(stack) == 0
     assert any("saved" in line for line in stack.output)
@@ -135,6 +144,10 @@ def test_a_clean_stop_and_start_keeps_contexts_jobs_usage_and_idempotency(tmp_pa
         assert (status, replay["job_id"], replay["output"]) == (200, job["job_id"], finished["output"])
         assert "".join(c["text"] for c in read_log(again, job["job_id"])) == finished["output"]
         assert again.request("GET", "/v1/usage")[2]["totals"]["jobs"] >= usage["totals"]["jobs"]
+        # a links.events URL handed out before the restart still opens its stream (its token names
+        # the dev key's id, which a restart keeps)
+        with urllib.request.urlopen(events_link.replace(stack.base_url, again.base_url), timeout=60) as sse:  # noqa: S310
+            assert sse.status == 200 and b"event: done" in sse.read()
         resumed = wait_terminal(again, running["job_id"], timeout=120)  # the interrupted job carries on
         assert resumed["status"] == "completed"
         assert "".join(c["text"] for c in read_log(again, running["job_id"])) == resumed["output"]
@@ -147,3 +160,92 @@ def first_chunk(stack: RunningStack, job_id: str) -> dict[str, Any]:
     assert status == 200 and page["chunks"], page
     chunk: dict[str, Any] = page["chunks"][0]
     return chunk
+
+
+def test_a_state_directory_that_cannot_be_used_is_said_at_the_start(tmp_path: Path) -> None:
+    """Not at the stop that would have saved the work: a path under a file, or a damaged snapshot
+    (named, with what to do)."""
+    (tmp_path / "a-file").write_text("")
+    result = run_dev({"SPOOL_PORT": "0", "SPOOL_STATE_DIR": str(tmp_path / "a-file" / "state")})
+    assert result.returncode == 1
+    assert "cannot keep the local state in" in result.stderr and "Traceback" not in result.stderr
+    state = tmp_path / "state"
+    snapshot = state / "snapshot"
+    snapshot.mkdir(parents=True)
+    (snapshot / "manifest.json").write_text(
+        json.dumps({"version": 1, "tables": {"JobsTable": "table-JobsTable.jsonl"}})
+    )
+    (snapshot / "table-JobsTable.jsonl").write_text('{"pk": {"S": "cut sh')
+    result = run_dev({"SPOOL_PORT": "0", "SPOOL_STATE_DIR": str(state)})
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "is damaged (table-JobsTable.jsonl:" in result.stderr and f"mv {snapshot}" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_a_stop_saves_the_state_though_nobody_reads_its_output_any_more(tmp_path: Path) -> None:
+    """`make dev | tee log`, then Ctrl-C: the terminal's SIGINT ends tee too, and the stack's lines
+    about stopping go to a closed pipe. It must still stop and save."""
+    state = tmp_path / "state"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "spool.cli", "dev"],
+        cwd=ROOT,
+        env={
+            **CLEAN_ENVIRONMENT,
+            "SPOOL_PORT": "0",
+            "SPOOL_DEV_KEYS": f"{DEV_KEY}:tenant-a",
+            "SPOOL_STATE_DIR": str(state),
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:  # until ready (the test's deadline bounds the wait)
+            if found := re.search(r"ready on (http://\S+)", line):
+                stack = RunningStack(process, found.group(1))
+                break
+        key = str(uuid.uuid4())
+        body = {"message": "kept", "model": "sim-fast", "max_tokens": 10}
+        status, _, job = stack.request("POST", "/v1/jobs", body=body, headers={"Idempotency-Key": key})
+        assert status == 202
+        process.stdout.close()  # the reader goes away
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    saved = (state / "snapshot" / "table-JobsTable.jsonl").read_text()
+    assert job["job_id"] in saved
+
+
+def test_a_stop_before_ready_saves_what_the_restored_state_has_become(tmp_path: Path) -> None:
+    """A restored backlog can keep the start busy for minutes: Ctrl-C then saves, as any stop does
+    (it used to throw away everything since the restart, and the next start ran the same jobs)."""
+    env = {"SPOOL_STATE_DIR": str(tmp_path / "state")}
+    assert stop_stack(start_stack(env)) == 0
+    manifest = tmp_path / "state" / "snapshot" / "manifest.json"
+    first = json.loads(manifest.read_text())["saved_at"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "spool.cli", "dev"],
+        cwd=ROOT,
+        env={**CLEAN_ENVIRONMENT, "SPOOL_PORT": "0", **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if "restored local state" in line:
+                process.send_signal(signal.SIGINT)
+                break
+            assert "ready on" not in line, "the start was over before the test could stop it"
+        rest = process.stdout.read()
+        assert process.wait(timeout=60) == 130
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "stopped before it was ready" in rest and "spool: saved" in rest, rest
+    assert "Traceback" not in rest
+    assert json.loads(manifest.read_text())["saved_at"] > first

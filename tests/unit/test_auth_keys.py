@@ -261,6 +261,21 @@ class RecordingCloser:
         self.closed.append((connection_id, error, request_id))
 
 
+def test_a_chosen_key_already_stored_keeps_its_record_and_id(
+    store: MemoryApiKeyStore, clock: KeyClock
+) -> None:
+    """Dev keys are ensured at each start of the local stack: the same id each time (links.events
+    tokens name it), unless the stored key is not this tenant's active key."""
+    keys = api_keys(store, clock, seconds=0)
+    first = keys.ensure("sk-dev", ACME, "dev key")
+    assert keys.ensure("sk-dev", ACME, "dev key") == first
+    other = keys.ensure("sk-dev", Tenant("other"), "dev key")
+    assert (other.tenant_id, other.key_id != first.key_id) == ("other", True)
+    keys.revoke(other.key_id)
+    again = keys.ensure("sk-dev", Tenant("other"), "dev key")
+    assert again.key_id != other.key_id and keys.authenticate("sk-dev") == again
+
+
 def test_a_connection_is_closed_once_its_key_is_revoked(store: MemoryApiKeyStore, clock: KeyClock) -> None:
     operator = api_keys(store, clock, seconds=0)
     _, record = operator.create(ACME)
