@@ -49,9 +49,8 @@ class ChatRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(
-        default=None, ge=0.0, le=1.0
-    )  # not passed on; a value OpenAI refuses is refused
+    # not passed on (README), but a value OpenAI refuses is refused
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     stream: JsonBool = False
     stream_options: StreamOptions | None = None
     metadata: dict[str, Any] | None = None

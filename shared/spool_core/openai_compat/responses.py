@@ -57,9 +57,8 @@ class ResponsesRequest(BaseModel):
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(
-        default=None, ge=0.0, le=1.0
-    )  # not passed on; a value OpenAI refuses is refused
+    # not passed on (README), but a value OpenAI refuses is refused
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     background: JsonBool = False
     stream: JsonBool = False
     metadata: dict[str, Any] | None = None
@@ -80,7 +79,7 @@ class ResponsesRequest(BaseModel):
 
     def echo(self) -> dict[str, Any]:
         """What a response shows of this request and its job does not keep."""
-        return {"background": self.background, "instructions": self.instructions is not None}
+        return {"background": self.background, "instructions": bool(self.instructions)}
 
     def job_request(self) -> JobRequest:
         # plain values: the job's model checks them, so its limits are 400s naming the field
