@@ -81,8 +81,10 @@ def _dev(args: argparse.Namespace) -> int:
     starting = True
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal starting
         stopped.set()
         if starting:
+            starting = False  # once: a second signal must not cut short the stop (and its save)
             raise KeyboardInterrupt  # abandon the start; start() stops what it began
 
     signal.signal(signal.SIGINT, on_signal)

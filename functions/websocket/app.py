@@ -140,6 +140,12 @@ def _unroutable(body: str | None) -> InvalidRequest:
             details={"fields": [{"field": "body", "message": f"{exc.msg} at character {exc.pos}"}]},
             suggestions=suggestions,
         )
+    except (ValueError, RecursionError):  # a number past Python's digit limit, nesting past its depth
+        return InvalidRequest(
+            "The message is not JSON Spool can read",
+            details={"fields": [{"field": "body", "message": "Too deeply nested, or a number too long"}]},
+            suggestions=suggestions,
+        )
     action = message.get("action") if isinstance(message, dict) else None
     if action is None:
         problem = "a JSON object with an 'action'" if isinstance(message, dict) else "a JSON object"

@@ -688,10 +688,10 @@ class RestApiEmulator:
         message = message or DEFAULT_MESSAGE.get(kind) or _phrase(status)
         template = (spec.get("ResponseTemplates") or {}).get("application/json") or json.dumps(
             {"message": "$context.error.messageString"}
-        )
+        ).replace('"$context.error.messageString"', "$context.error.messageString")
         body = (
             template.replace("$context.requestId", request_id)
-            .replace("$context.error.messageString", json.dumps(message)[1:-1])
+            .replace("$context.error.messageString", json.dumps(message))  # quoted, as AWS writes it
             .replace("$context.error.message", message)
         )
         response_headers = {

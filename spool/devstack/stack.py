@@ -376,8 +376,7 @@ class EmbeddedStack:
         chunk = {"pk": {"S": f"{tenant}#job#{WARM_UP_JOB_ID}"}, "sequence_id": {"N": "1"}}
         # Behind a restored backlog, the warm-up job would wait for all of it (and `ready` with it);
         # the backlog's own jobs warm the path.
-        backlog = bool(self.restored and self.restored["messages"])
-        work: list[Callable[[], None]] = [] if backlog else [self._warm_up_job]
+        work: list[Callable[[], None]] = [] if self._backlog() else [self._warm_up_job]
         for name, spec in self.template.functions().items():
             for stream_event in spec.stream_events:
                 if stream_event.table == "ChunksTable":
@@ -401,6 +400,21 @@ class EmbeddedStack:
         for function in self.functions.values():
             if function.spec.web_app:
                 function.wait_idle(timeout=30)
+
+    def _backlog(self) -> bool:
+        """Whether a queue a function reads holds restored messages (a queue nothing reads, such as
+        the stream failures', does not count: nothing would wait behind it)."""
+        if not (self.restored and self.restored["messages"]) or self.description is None:
+            return False
+        sqs = aws_client("sqs", self.description.endpoint_url, self.description.region)
+        read = {event.queue for spec in self.template.functions().values() for event in spec.sqs_events}
+        for queue in read:
+            attributes = sqs.get_queue_attributes(
+                QueueUrl=self.description.refs[queue], AttributeNames=["ApproximateNumberOfMessages"]
+            )["Attributes"]
+            if int(attributes.get("ApproximateNumberOfMessages", 0)):
+                return True
+        return False
 
     def _invoke_quietly(self, name: str, event: dict[str, Any]) -> None:
         with contextlib.suppress(InvocationError):

@@ -210,13 +210,17 @@ class LocalState:
             return None
         try:
             return self._restore(reading)
-        except (OSError, ValueError, KeyError, TypeError, ClientError, ParamValidationError) as exc:
-            damaged = self._current.with_name("snapshot.damaged")
-            raise StateUnusable(
-                f"the local state in {self._current} is damaged ({self._reading.name}: {exc}); move it"
-                f" aside to start without it (mv {self._current} {damaged}), or set SPOOL_STATE_DIR to"
-                " another directory"
-            ) from exc
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise self._unusable(f"is damaged ({self._reading.name}: {exc})") from exc
+        except (ClientError, ParamValidationError) as exc:  # the template's tables changed since
+            raise self._unusable(f"does not fit this template's resources ({exc})") from exc
+
+    def _unusable(self, why: str) -> StateUnusable:
+        aside = self._current.with_name("snapshot.unused")
+        return StateUnusable(
+            f"the local state in {self._current} {why}; move it aside to start without it"
+            f" (mv {self._current} {aside}), or set SPOOL_STATE_DIR to another directory"
+        )
 
     def _restore(self, path: Path) -> dict[str, int] | None:
         self._reading = path  # the file a damaged snapshot is reported by

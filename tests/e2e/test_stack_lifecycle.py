@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -238,6 +239,8 @@ def test_a_stop_before_ready_saves_what_the_restored_state_has_become(tmp_path: 
         assert process.stdout is not None
         for line in process.stdout:
             if "restored local state" in line:
+                process.send_signal(signal.SIGINT)
+                time.sleep(0.2)  # a user pressing Ctrl-C twice: the second must not cut the save short
                 process.send_signal(signal.SIGINT)
                 break
             assert "ready on" not in line, "the start was over before the test could stop it"

@@ -192,6 +192,8 @@ def test_subscribing_on_a_connection_whose_key_was_revoked_closes_it(
         ("hello", "The message is not valid JSON", "body"),
         ('{"action": "subscribe"', "The message is not valid JSON", "body"),
         ("[1, 2]", "The message must be a JSON object", "action"),
+        ("1" * 5000, "The message is not JSON Spool can read", "body"),  # past Python's digit limit
+        ("[" * 100_000, "The message is not JSON Spool can read", "body"),  # past its nesting depth
         ('{"job_id": "job_x"}', "The message must be a JSON object with an 'action'", "action"),
         ('{"action": "dance"}', 'Unknown action "dance"', "action"),
         (json.dumps({"action": "x" * 65}), "Unknown action", "action"),  # not echoed back

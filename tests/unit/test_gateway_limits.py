@@ -75,7 +75,7 @@ Resources:
               X-Request-Id: context.requestId
           ResponseTemplates:
             application/json: |-
-              {"error": {"code": "invalid_request", "message": "$context.error.messageString",
+              {"error": {"code": "invalid_request", "message": $context.error.messageString,
                 "details": {}, "suggestions": ["Check the request"], "request_id": "$context.requestId"}}
   AuthFunction:
     Type: AWS::Serverless::Function

@@ -293,6 +293,8 @@ TOO_LONG = "w" * 2_000_001  # over the job's 2,000,000 characters of a message
         ),
         ({"input": [{"role": "tool", "content": "a"}]}, "input.0.role", "'system', 'developer', 'user'"),
         ({"input": 5}, "input", "valid string"),
+        ({"input": [{"role": "user", "content": 5}]}, "input.0.content", "valid string"),  # a list sent
+        ({"instructions": "i", "input": [{"role": "user", "content": "a"}] * 1000}, "input", "at most 1000"),
     ],
 )
 def test_a_responses_refusal_names_the_field_the_request_sent(

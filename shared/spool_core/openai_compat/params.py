@@ -189,7 +189,7 @@ def validated[M: BaseModel](model: type[M], values: Mapping[str, Any]) -> M:
                 "message": err["msg"],
                 "type": err["type"],
             }
-            for err in _in_the_sent_form(exc.errors(include_input=False))
+            for err in _in_the_sent_form(exc.errors(include_input=False), values)
         ]
         names = ", ".join(dict.fromkeys(f["field"] for f in fields))
         raise InvalidRequest(
@@ -204,18 +204,46 @@ def _union_member(segment: Any) -> bool:
     return isinstance(segment, str) and (segment in {"str", "int", "float", "bool"} or "[" in segment)
 
 
-def _in_the_sent_form(errors: list[Any]) -> list[Any]:
+def _in_the_sent_form(errors: list[Any], values: Mapping[str, Any]) -> list[Any]:
     """A value that fits no member of a union fails once per member: for a list of 1,001 items, "Input
-    should be a valid string" beside "at most 1000 items". Where a member's errors say more than that
-    the value is of another type, that member is the form the client sent, and its errors are kept."""
+    should be a valid string" beside "at most 1000 items". At each union on an error's path, an error
+    under a member whose form the sent value does not have is dropped when another member's form is
+    the value's (a list's errors, for a list); when no member's form is the value's, all are kept."""
 
-    def member(err: Any) -> tuple[Any, ...] | None:
-        loc = err["loc"]
-        at = next((i for i, segment in enumerate(loc) if _union_member(segment)), None)
-        return None if at is None else tuple(loc[:at])
+    def decisions(err: Any) -> list[tuple[tuple[Any, ...], str, Any]]:
+        made, node, loc = [], values, err["loc"]
+        for at, segment in enumerate(loc):
+            if _union_member(segment):
+                made.append((tuple(loc[:at]), segment, node))
+            elif (isinstance(node, Mapping) and segment in node) or (
+                isinstance(node, list) and isinstance(segment, int) and 0 <= segment < len(node)
+            ):
+                node = node[segment]
+            else:
+                break  # past what was sent (a missing field): nothing left to tell apart
+        return made
 
-    told = {member(err) for err in errors if member(err) is not None and not err["type"].endswith("_type")}
-    return [err for err in errors if not (member(err) in told and err["type"].endswith("_type"))]
+    made = [decisions(err) for err in errors]
+    members: dict[tuple[Any, ...], set[str]] = {}
+    for prefix, member, _ in (d for err in made for d in err):
+        members.setdefault(prefix, set()).add(member)
+
+    def wrong(prefix: tuple[Any, ...], member: str, value: Any) -> bool:
+        return not _of_form(member, value) and any(_of_form(m, value) for m in members[prefix])
+
+    return [err for err, chosen in zip(errors, made, strict=True) if not any(wrong(*d) for d in chosen)]
+
+
+def _of_form(member: str, value: Any) -> bool:
+    if member == "str":
+        return isinstance(value, str)
+    if member == "bool":
+        return isinstance(value, bool)
+    if member in {"int", "float"}:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if member.startswith("list["):
+        return isinstance(value, list)
+    return isinstance(value, Mapping) if member.startswith("dict[") else True
 
 
 __all__ = ["ChatPolicy", "Policy", "ResponsesPolicy", "UnsupportedParameter", "parse", "validated"]

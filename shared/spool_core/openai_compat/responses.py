@@ -102,6 +102,8 @@ class ResponsesRequest(BaseModel):
 
         def param(field: str) -> str:
             parts = field.split(".")
+            if parts == ["messages"]:  # the whole list (too many): the input's
+                return "input"
             if parts[0] != "messages" or len(parts) < 2 or not parts[1].isdigit():
                 return field
             index, rest = int(parts[1]), [p for p in parts[2:] if p != "content"]
