@@ -76,10 +76,10 @@ async def _create(
     job_request = body.job_request()
     try:
         created = await run_in_threadpool(lambda: service.create(key, job_request, echo=body.echo()))
+    except RequestInProgress as running:
+        job = await run_in_threadpool(service.get, running.details["job_id"])
+        return job, {}
     except SpoolError as refused:
-        if isinstance(refused, RequestInProgress):
-            job = await run_in_threadpool(service.get, refused.details["job_id"])
-            return job, {}
         raise in_request_terms(refused, body.max_tokens_name) from None
     return created.job, created.headers
 

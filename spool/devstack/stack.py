@@ -282,7 +282,6 @@ class EmbeddedStack:
                     *self.restored.values(),
                 )
         self._seed_keys()
-        self._state_loaded = True  # (so without a state directory too: nothing is saved then)
         self._create_functions(description)
         self._warm()
 

@@ -12,6 +12,7 @@ import httpx2
 import openai
 import pytest
 
+from spool_core.api.errors import openai_envelope
 from spool_core.errors import (
     Conflict,
     DependencyUnavailable,
@@ -25,7 +26,7 @@ from spool_core.events import Ended, Followed, Ping, TimeUp, Wait
 from spool_core.jobs.model import Job
 from spool_core.limits.errors import RateLimited
 from spool_core.openai_compat import chat, responses
-from spool_core.openai_compat.common import JobCancelled, JobFailed, StillRunning, openai_error_body
+from spool_core.openai_compat.common import JobCancelled, JobFailed, StillRunning
 from spool_core.openai_compat.params import ChatPolicy, ResponsesPolicy, UnsupportedParameter, parse
 
 pytestmark = pytest.mark.unit
@@ -458,7 +459,7 @@ def test_the_sdk_raises_its_own_exception_with_spools_message(
 ) -> None:
     from spool_core.api.errors import status_for
 
-    body = openai_error_body(error, "req-1")
+    body = openai_envelope(error, "req-1")
 
     def answer(request: httpx2.Request) -> httpx2.Response:
         return httpx2.Response(
@@ -497,7 +498,7 @@ def test_the_sdk_does_not_retry_an_answer_whose_job_was_made(error: SpoolError) 
 
     def answer(request: httpx2.Request) -> httpx2.Response:
         calls.append(request)
-        return httpx2.Response(status_for(error), json=openai_error_body(error, "r"), headers=error.headers)
+        return httpx2.Response(status_for(error), json=openai_envelope(error, "r"), headers=error.headers)
 
     client = openai.OpenAI(
         base_url="http://spool.test/v1",
@@ -521,7 +522,7 @@ def test_the_sdk_retries_an_error_that_made_no_job() -> None:
     def answer(request: httpx2.Request) -> httpx2.Response:
         calls.append(request)
         return httpx2.Response(
-            status_for(error), json=openai_error_body(error, "r"), headers={"retry-after": "0"}
+            status_for(error), json=openai_envelope(error, "r"), headers={"retry-after": "0"}
         )
 
     client = openai.OpenAI(

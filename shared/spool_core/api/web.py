@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from spool_core import snapshot
 from spool_core.api import cors
-from spool_core.api.errors import envelope, status_for
+from spool_core.api.errors import envelope, openai_envelope, status_for
 from spool_core.errors import (
     InternalError,
     InvalidRequest,
@@ -181,13 +181,8 @@ async def domain_error(request: Request, exc: Exception) -> Response:
     elif status_for(error) >= 500:
         logger.warning("request failed", extra={"code": error.code, "error": error.message})
     rid = request_id(request)
-    if request.url.path.startswith(OPENAI_PATHS):
-        # the OpenAI surface's module is loaded by its routes; the rest of the app does not need it
-        from spool_core.openai_compat.common import openai_error_body
-
-        body = openai_error_body(error, rid)
-    else:
-        body = envelope(error, rid)
+    shape = openai_envelope if request.url.path.startswith(OPENAI_PATHS) else envelope
+    body = shape(error, rid)
     return JSONResponse(body, status_code=status_for(error), headers={**error.headers, "X-Request-Id": rid})
 
 

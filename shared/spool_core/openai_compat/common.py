@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from spool_core.api.errors import OPENAI_ERROR_TYPES, openai_envelope, register_status
+from spool_core.api.errors import OPENAI_ERROR_TYPES, register_status
 from spool_core.errors import InvalidRequest, SpoolError
 from spool_core.jobs.model import Job, JobRequest
 from spool_core.openai_compat.params import UnsupportedParameter, validated
@@ -61,7 +61,6 @@ def _json_type(value: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------- errors
-ERROR_TYPES = OPENAI_ERROR_TYPES
 
 
 def to_job(
@@ -99,11 +98,6 @@ def in_request_terms(error: SpoolError, name: str) -> SpoolError:
     if "max_tokens" in error.details:
         error.details[name] = error.details.pop("max_tokens")
     return error
-
-
-def openai_error_body(error: SpoolError, request_id: str | None) -> dict[str, Any]:
-    """Spool's envelope, with the two fields OpenAI SDKs also read: ``type`` and ``param``."""
-    return openai_envelope(error, request_id)
 
 
 class _JobNotAnswered(SpoolError):
@@ -223,7 +217,7 @@ def key_revoked(job_id: str, last_sequence_id: int) -> dict[str, Any]:
     return {
         "error": {
             "message": error.message,
-            "type": ERROR_TYPES[401],
+            "type": OPENAI_ERROR_TYPES[401],
             "code": error.code,
             "param": None,
             "job_id": job_id,
@@ -263,7 +257,6 @@ __all__ = [
     "data_line",
     "job_failure",
     "key_revoked",
-    "openai_error_body",
     "stream_time_up",
     "text_of",
 ]

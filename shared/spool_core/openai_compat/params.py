@@ -191,11 +191,21 @@ def validated[M: BaseModel](model: type[M], values: Mapping[str, Any]) -> M:
             }
             for err in _in_the_sent_form(exc.errors(include_input=False), values)
         ]
-        names = ", ".join(dict.fromkeys(f["field"] for f in fields))
-        raise InvalidRequest(
-            f"The request does not match the schema: {names} ({fields[0]['message']})",
-            details={"param": fields[0]["field"], "fields": fields},
-        ) from None
+        raise schema_error(fields) from None
+
+
+def schema_error(
+    fields: list[dict[str, Any]],
+    details: Mapping[str, Any] | None = None,
+    suggestions: list[str] | None = None,
+) -> InvalidRequest:
+    """The 400 of fields that do not match the schema, naming the first as ``details.param``."""
+    names = ", ".join(dict.fromkeys(f["field"] for f in fields))
+    return InvalidRequest(
+        f"The request does not match the schema: {names} ({fields[0]['message']})",
+        details={**(details or {}), "param": fields[0]["field"], "fields": fields},
+        suggestions=suggestions,
+    )
 
 
 def _union_member(segment: Any) -> bool:
@@ -246,4 +256,12 @@ def _of_form(member: str, value: Any) -> bool:
     return isinstance(value, Mapping) if member.startswith("dict[") else True
 
 
-__all__ = ["ChatPolicy", "Policy", "ResponsesPolicy", "UnsupportedParameter", "parse", "validated"]
+__all__ = [
+    "ChatPolicy",
+    "Policy",
+    "ResponsesPolicy",
+    "UnsupportedParameter",
+    "parse",
+    "schema_error",
+    "validated",
+]

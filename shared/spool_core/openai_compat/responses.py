@@ -24,6 +24,7 @@ from spool_core.events import Ended, Followed, Ping, Revoked, TimeUp, Wait
 from spool_core.jobs.model import Job, JobRequest
 from spool_core.json_values import JsonBool, json_numbers
 from spool_core.openai_compat.common import PING, created_epoch, data_line, text_of, to_job
+from spool_core.openai_compat.params import schema_error
 
 PREFIX_EVENTS = 3  # created, in_progress, output_item.added, content_part.added: numbers 0..3
 ID_PREFIX = "resp_"
@@ -115,12 +116,7 @@ class ResponsesRequest(BaseModel):
         fields = [{**f, "field": param(str(f["field"]))} for f in error.details.get("fields", [])]
         if not fields:
             return error
-        names = ", ".join(dict.fromkeys(f["field"] for f in fields))
-        return InvalidRequest(
-            f"The request does not match the schema: {names} ({fields[0]['message']})",
-            details={**error.details, "param": fields[0]["field"], "fields": fields},
-            suggestions=error.suggestions,
-        )
+        return schema_error(fields, error.details, error.suggestions)
 
 
 # ---------------------------------------------------------------------------------------- ids
