@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -33,7 +33,7 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from spool.devstack.gateway import Buckets
-from spool.devstack.runtime import LocalFunction
+from spool.devstack.runtime import DEFAULT_CONCURRENCY, LocalFunction
 from spool.devstack.template import WebSocketThrottles
 
 log = logging.getLogger("devstack.websocket")
@@ -42,6 +42,9 @@ MAX_MESSAGE_BYTES = 128 * 1024  # API Gateway's message payload limit ...
 MAX_FRAME_BYTES = 32 * 1024  # ... sent in frames of at most this; either one over closes with 1009
 ROUTE_KEY = "action"  # the template's RouteSelectionExpression, $request.body.action
 LIFECYCLE_ROUTES = {"$connect", "$disconnect"}  # never chosen for a message
+# Invocations waiting for a container, beyond those running, before the gateway itself makes callers
+# wait: the runtime's own wait and throttle decide (as Lambda's concurrency does on AWS).
+WAITING_PER_CONTAINER = 3
 
 
 class WebSocketGateway:
@@ -66,6 +69,15 @@ class WebSocketGateway:
         self._loop = asyncio.new_event_loop()
         self._server: Server | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, name="websocket-gateway", daemon=True)
+        # API Gateway bounds no route's integrations but by the function's concurrency. asyncio's
+        # default executor would (min(32, CPUs + 4): 6 threads on 2 cores), and a burst of $connects
+        # and subscribes, each holding a thread while it pushes, queued behind it for 0.4-0.7 s.
+        concurrency = sum(
+            getattr(function, "max_concurrency", DEFAULT_CONCURRENCY)
+            for function in {id(f): f for f in routes.values()}.values()
+        )
+        threads = max(1, concurrency) * (1 + WAITING_PER_CONTAINER)
+        self._invocations = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="websocket-route")
         self.api_id = "wslocal"
 
     @property
@@ -96,6 +108,7 @@ class WebSocketGateway:
             asyncio.run_coroutine_threadsafe(close(), self._loop).result(timeout=10)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
+        self._invocations.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ events
     def _event(self, route: str, connection_id: str, kind: str, **extra: Any) -> dict[str, Any]:
@@ -122,7 +135,7 @@ class WebSocketGateway:
         if function is None:
             return {"statusCode": 200}
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, function.invoke, event)
+            return await asyncio.get_running_loop().run_in_executor(self._invocations, function.invoke, event)
         except Exception as exc:  # the handler raised, its container died, it timed out
             log.error("%s: %s", route, exc)
             return None

@@ -4,10 +4,12 @@ codes, its own error frames, and the stage's throttles. Served on a Unix socket 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ class Stage:
     def __init__(self, path: Path, throttles: WebSocketThrottles | None, routes: tuple[str, ...]) -> None:
         self.clock = Clock()
         self.fail = False
+        self.hold: threading.Barrier | None = None  # messages wait here for one another
         self.function = FakeFunction(self._handle)
         self.path = path
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -56,6 +59,8 @@ class Stage:
         if context["eventType"] == "MESSAGE":
             if self.fail:
                 raise InvocationTimeout("the function timed out")
+            if self.hold is not None:
+                self.hold.wait()
             ack = {"route": context["routeKey"], "size": len(event["body"])}
             self.gateway.post(context["connectionId"], json.dumps(ack).encode())
         return {"statusCode": 200}
@@ -162,6 +167,20 @@ def test_messages_over_128_kb_or_frames_over_32_kb_close_with_1009(stage: Callab
         assert (
             close_code_of_sending(client, ["a" * 30_000 for _ in range(5)]) == 1009
         )  # 150 KB in small frames
+
+
+def test_a_burst_of_messages_is_not_queued_behind_the_gateways_threads(stage: Callable[..., Stage]) -> None:
+    """API Gateway bounds a route's integrations only by the function's concurrency: 40 subscribes
+    that each wait until all 40 are running all go through (asyncio's default executor ran at most
+    32, 6 on two cores, and the rest waited behind them)."""
+    served = stage()
+    clients = 40
+    served.hold = threading.Barrier(clients, timeout=60)
+    with contextlib.ExitStack() as open_:
+        connections = [open_.enter_context(served.connect()) for _ in range(clients)]
+        for client in connections:
+            client.send('{"action": "subscribe"}')
+        assert [receive(client) for client in connections] == [{"route": "subscribe", "size": 23}] * clients
 
 
 def test_a_failing_integration_answers_api_gateways_error_frame(stage: Callable[..., Stage]) -> None:
