@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from spool_core.errors import DependencyUnavailable
+from spool_core.errors import DependencyUnavailable, InvalidRequest
 from spool_core.jobs.errors import IdempotencyKeyReused, RequestInProgress
 from spool_core.jobs.model import JobRequest
 from spool_core.limits.errors import TokenLimitExceeded, TooManyConcurrentJobs
@@ -177,3 +177,15 @@ def test_the_rate_limit_headers_describe_the_tighter_bucket_as_its_429_does() ->
     # The suggestion names the wait in seconds (it said "the number of seconds in Retry-After").
     assert refused.value.suggestions[0].startswith(f"Retry in {int(headers['Retry-After']):,} s ")
     assert refused.value.details["reset_at"] in refused.value.suggestions[0]
+
+
+def test_an_empty_context_id_is_refused_by_name_and_writes_nothing() -> None:
+    """A client whose context id came out empty meant a context: running without it would change the
+    answer. A stored job's request that holds one still reads back (only admission refuses it)."""
+    world = JobWorld()
+    with pytest.raises(InvalidRequest) as refused:
+        world.service("acme").create("k1", job(context_id=""))
+    assert refused.value.details["param"] == "context_id"
+    assert refused.value.details["fields"][0]["field"] == "context_id"
+    assert not world.ledger.jobs and not world.ledger.claims
+    assert job(context_id="").context_id == ""

@@ -115,6 +115,16 @@ def test_an_earlier_tool_call_in_the_conversation_is_refused_not_dropped(name: s
     assert [(m.role, m.content) for m in request.job_request().messages] == [("assistant", "y")]
 
 
+def test_stream_options_without_a_stream_is_refused_as_openai_does() -> None:
+    body = {"model": "sim-fast", "messages": [{"role": "user", "content": "x"}]}
+    with pytest.raises(InvalidRequest) as caught:
+        parse(chat.ChatRequest, {**body, "stream_options": {"include_usage": True}}, ChatPolicy)
+    assert caught.value.details["param"] == "stream_options" and "stream" in caught.value.message
+    streamed = parse(chat.ChatRequest, {**body, "stream": True, "stream_options": {"include_usage": True}}, ChatPolicy)
+    assert streamed.include_usage
+    assert not parse(chat.ChatRequest, {**body, "stream_options": None}, ChatPolicy).include_usage
+
+
 def test_neutral_values_and_harmless_parameters_pass() -> None:
     body = {
         "model": "sim-fast",
@@ -135,6 +145,7 @@ def test_neutral_values_and_harmless_parameters_pass() -> None:
         "store": False,
         "max_completion_tokens": 7,
         "temperature": 0.5,
+        "stream": True,
         "stream_options": {"include_usage": True, "include_obfuscation": False},
         "context_id": "ctx_1",
     }

@@ -6,8 +6,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from spool_core.errors import InvalidRequest
 from spool_core.events import Ended, Followed, Ping, Revoked, TimeUp, Wait
 from spool_core.jobs.model import Job, JobRequest
 from spool_core.json_values import JsonBool, json_numbers
@@ -72,6 +73,17 @@ class ChatRequest(BaseModel):
                         suggestions=["Send the conversation as text messages, without tool calls"],
                     )
         return messages
+
+    @model_validator(mode="after")
+    def _stream_options_with_a_stream(self) -> ChatRequest:
+        """As OpenAI answers: a request that is not streamed has no stream to set options of."""
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequest(
+                "stream_options is only allowed when stream is true",
+                details={"param": "stream_options"},
+                suggestions=["Send stream: true, or leave stream_options out"],
+            )
+        return self
 
     @property
     def include_usage(self) -> bool:
