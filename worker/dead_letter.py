@@ -7,6 +7,7 @@ from __future__ import annotations
 # Powertools' batch utilities, before pydantic: see spool_core/queue.py
 import aws_lambda_powertools.utilities.batch  # noqa: F401
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import ValidationError
 
 from spool_core import bootstrap
@@ -17,7 +18,7 @@ from spool_core.tenancy import InvalidTenantId, Tenant
 
 
 @tracer.capture_method
-def record_handler(record: SQSRecord) -> None:
+def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
     try:
         message = JobMessage.model_validate_json(record.body)
         tenant = Tenant(message.tenant_id)
@@ -27,7 +28,7 @@ def record_handler(record: SQSRecord) -> None:
             extra={"message_id": record.message_id, "reason": str(exc)[:500], "body": record.body[:500]},
         )
         return
-    outcome = bootstrap.dead_letters(tenant).handle(message.job_id)
+    outcome = bootstrap.dead_letters(tenant).handle(message.job_id, request_id=lambda_context.aws_request_id)
     if outcome is not Outcome.DONE:
         raise MessageNotDone(f"job {message.job_id} is still leased; looking again later")
 

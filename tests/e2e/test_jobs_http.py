@@ -166,6 +166,7 @@ def test_a_fatal_error_fails_the_job_with_partial_output(dev_stack: RunningStack
     error = failed["error"]
     assert error["code"] == "provider_error"
     assert error["suggestions"]
+    assert error["request_id"]  # the worker invocation that failed it: its log says what happened
     log = read_log(dev_stack, job["job_id"])
     assert error["details"]["last_sequence_id"] == log[-1]["sequence_id"]
     assert failed["output"] == "".join(c["text"] for c in log)
@@ -184,6 +185,7 @@ def test_a_poison_message_reaches_the_dead_letter_queue_and_fails_its_job(dev_st
     assert failed["status"] == "failed"
     assert failed["error"]["code"] == "delivery_failed"
     assert failed["error"]["details"]["attempts"] >= 3
+    assert failed["error"]["request_id"]  # the dead-letter consumer's invocation
     status, _, _ = dev_stack.request("GET", "/v1/health", key=None)
     assert status == 200
 

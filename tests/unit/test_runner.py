@@ -281,9 +281,10 @@ def test_dead_letters_end_every_job_once_whatever_happened() -> None:
         world.runner("acme").run(leased)
     assert dead.handle(leased) is Outcome.RETRY  # its lease is alive: look again later
     world.clock.now += 31
-    assert dead.handle(leased) is Outcome.DONE
+    assert dead.handle(leased, request_id="dlq-req-1") is Outcome.DONE
     job = world.ledger.tenant("acme").get(leased)
     assert job is not None and job.error is not None and job.error["code"] == "delivery_failed"
+    assert job.error["request_id"] == "dlq-req-1"  # the invocation whose log tells what happened
     assert job.error["details"]["last_sequence_id"] == len(list(world.ledger.tenant("acme").all(leased)))
     assert dead.handle(leased) is Outcome.DONE  # a duplicate dead letter does nothing
     assert dead.handle("job_missing") is Outcome.DONE
@@ -305,9 +306,10 @@ def test_a_job_whose_model_left_the_registry_fails_at_once() -> None:
     job_id = create(world)
     world.ledger.jobs[("acme", job_id)]["model_resolved"] = "gone-model"
     world.ledger.jobs[("acme", job_id)]["segments"] = [{"model": "gone-model"}]
-    assert world.drain() == ["done"]
+    assert world.runner("acme").run(job_id, request_id="worker-req-1") is Outcome.DONE
     job = world.ledger.tenant("acme").get(job_id)
     assert job is not None and job.error is not None and job.error["code"] == "model_not_found"
+    assert job.error["request_id"] == "worker-req-1"  # the invocation that failed it
     assert running(world.ledger, "acme") == 0
 
 

@@ -37,9 +37,10 @@ class DeadLetters:
         self._limiter = limiter
         self._clock = clock
 
-    def handle(self, job_id: str) -> Outcome:
+    def handle(self, job_id: str, *, request_id: str | None = None) -> Outcome:
         """End the job ``failed`` unless a live lease says an attempt still holds it (then look again
-        later: the dead letter returns after its visibility timeout)."""
+        later: the dead letter returns after its visibility timeout). ``request_id``: the invocation's,
+        named in the job's error."""
         token = uuid.uuid4().hex
         for _ in range(3):
             job = self._jobs.get(job_id)
@@ -49,13 +50,13 @@ class DeadLetters:
             if job.lease_live(now):
                 return Outcome.RETRY
             try:
-                self._end(job, token, now)
+                self._end(job, token, now, request_id)
             except Conflict:
                 continue  # it moved (a late attempt ended it, or took it): decide again
             return Outcome.DONE
         return Outcome.RETRY
 
-    def _end(self, job: Job, token: str, now: int) -> None:
+    def _end(self, job: Job, token: str, now: int, request_id: str | None) -> None:
         def error(progress: Progress) -> dict[str, Any]:
             return error_object(
                 "delivery_failed",
@@ -63,6 +64,7 @@ class DeadLetters:
                 {"attempts": job.attempts},
                 ["Create a new job (with a new Idempotency-Key)", "Report the job_id if it keeps happening"],
                 progress,
+                request_id,
             )
 
         end, usage = end_from_log(

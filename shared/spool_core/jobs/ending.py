@@ -122,9 +122,15 @@ def end_from_log(
 
 
 def error_object(
-    code: str, message: str, details: Mapping[str, Any], suggestions: list[str], progress: Progress
+    code: str,
+    message: str,
+    details: Mapping[str, Any],
+    suggestions: list[str],
+    progress: Progress,
+    request_id: str | None = None,
 ) -> dict[str, Any]:
-    """The error envelope's body, with where the partial output ends."""
+    """The error envelope's body, with where the partial output ends. ``request_id``: the invocation
+    that ended the job (a worker's or the dead-letter consumer's), whose log says what happened."""
     return {
         "code": code,
         "message": message,
@@ -134,5 +140,5 @@ def error_object(
             "tokens_generated": progress.tokens_generated,
         },
         "suggestions": suggestions,
-        "request_id": None,
+        "request_id": request_id,
     }

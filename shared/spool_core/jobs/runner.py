@@ -145,7 +145,9 @@ class JobRunner:
         heartbeat: Callable[[int], None] | None = None,
         remaining_ms: Callable[[], int] | None = None,
         continuation: int = 0,
+        request_id: str | None = None,
     ) -> Outcome:
+        """``request_id``: the invocation's, named in the error of a job it fails."""
         # The lease is the first request: its condition refuses a job that ended or that another
         # attempt holds, and its answer is the job (no read before it: a first token sooner).
         token = uuid.uuid4().hex
@@ -154,7 +156,7 @@ class JobRunner:
             job = self._jobs.take_lease(job_id, token, now, now + self.settings.lease_ms)
         except Conflict as refused:
             return self._not_taken(job_id, refused.current)
-        attempt = _Attempt(self, job, token, heartbeat, remaining_ms, continuation)
+        attempt = _Attempt(self, job, token, heartbeat, remaining_ms, continuation, request_id)
         try:
             return attempt.run()
         except LostLease as lost:
@@ -189,8 +191,10 @@ class _Attempt:
         heartbeat: Callable[[int], None] | None,
         remaining_ms: Callable[[], int] | None,
         continuation: int,
+        request_id: str | None = None,
     ) -> None:
         self.r = runner
+        self.request_id = request_id
         self.job = job
         self.token = token
         self.heartbeat = heartbeat
@@ -446,7 +450,8 @@ class _Attempt:
         return text if len(text.encode()) <= limit else None
 
     def _fail(self, code: str, message: str, details: dict[str, Any], suggestions: list[str]) -> None:
-        self._end("failed", error=error_object(code, message, details, suggestions, self.writer.progress))
+        error = error_object(code, message, details, suggestions, self.writer.progress, self.request_id)
+        self._end("failed", error=error)
         logger.warning("job failed", extra={"job_id": self.job.job_id, "code": code})
 
     def _fail_refused(self, model: ModelSpec, exc: ProviderError, tried: list[dict[str, Any]]) -> None:
