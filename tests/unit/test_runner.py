@@ -543,3 +543,29 @@ def test_a_job_whose_context_was_deleted_fails_saying_so() -> None:
     assert job is not None and job.status == "failed"
     assert job.error is not None and job.error["code"] == "context_not_found"
     assert "deleted" in job.error["message"]
+
+
+@pytest.mark.parametrize(
+    ("simulate", "named"),
+    [
+        ({"fault": "crsh", "at_token": 5}, "fault 'crsh' is not one of crash, throttle, server_error, fatal"),
+        ({"fault": "fatal", "at_token": "ten"}, "at_token must be a whole number >= 0, not 'ten'"),
+        ({"fault": "fatal", "times": True}, "times must be a whole number >= 0"),
+        ({"fault": "fatal", "model": 3}, "model must be a model's id"),
+        ("crash", "must be an object such as"),
+    ],
+)
+def test_a_fault_the_simulator_cannot_read_fails_the_job_naming_it(simulate: Any, named: str) -> None:
+    """Ignored, a mistyped fault would let a test that meant to see one pass; with faults off,
+    ``metadata.simulate`` is plain metadata."""
+    world = JobWorld()
+    job_id = create(world, metadata={"simulate": simulate})
+    world.drain()
+    job = world.ledger.tenant("acme").get(job_id)
+    assert job is not None and job.status == "failed" and job.error is not None
+    assert job.error["code"] == "provider_error" and named in job.error["message"]
+    assert world.breaker.circuit("sim-fast").state == "closed"
+    plain = JobWorld(faults_enabled=False)
+    job_id = create(plain, metadata={"simulate": simulate})
+    plain.drain()
+    assert plain.ledger.tenant("acme").get(job_id).status == "completed"  # type: ignore[union-attr]

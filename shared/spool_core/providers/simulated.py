@@ -64,6 +64,22 @@ def token_text(seed: bytes, index: int) -> str:
     return " " + word
 
 
+def _fault_problem(spec: Any) -> str | None:
+    """What makes ``spec`` no fault (DESIGN, Models), or None when it is one."""
+    example = '{"fault": "crash", "at_token": 10, "times": 1}'
+    if not isinstance(spec, dict):
+        return f"must be an object such as {example}"
+    if spec.get("fault") not in FAULTS:
+        return f"fault {str(spec.get('fault'))[:40]!r} is not one of {', '.join(FAULTS)}"
+    for name, least in (("at_token", 0), ("times", 0)):
+        value = spec.get(name, least)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            return f"{name} must be a whole number >= {least}, not {str(value)[:40]!r}"
+    if not isinstance(spec.get("model", ""), str):
+        return "model must be a model's id (a string)"
+    return None
+
+
 def simulated_text(request: GenerationRequest, start: int = 0, stop: int | None = None) -> str:
     seed = _seed(request)
     return "".join(token_text(seed, i) for i in range(start, request.max_tokens if stop is None else stop))
@@ -116,9 +132,14 @@ class SimulatedProvider:
         yield Finished(input_tokens, request.max_tokens - resume.tokens, stop_reason="end_turn")
 
     def _fault(self, metadata: dict[str, Any], model: str) -> dict[str, Any] | None:
-        spec = metadata.get("simulate") if self._faults_enabled else None
-        if not isinstance(spec, dict) or spec.get("fault") not in FAULTS:
+        """The fault ``metadata.simulate`` asks for (faults on), None for none. One it cannot read
+        fails the job naming what is wrong: ignored, it would pass a test that meant to see a fault."""
+        if not self._faults_enabled or "simulate" not in metadata:
             return None
+        spec = metadata["simulate"]
+        problem = _fault_problem(spec)
+        if problem is not None:
+            raise ProviderError(f"metadata.simulate: {problem}", retryable=False, code="provider_error")
         if spec.get("model") not in (None, model):  # a fault may target one model of a fallback chain
             return None
         return {
