@@ -273,8 +273,13 @@ class EmbeddedStack:
         self.description = description
         os.environ.update(description.environment(self.template))
         if self.state_dir is not None:
-            self.restored = LocalState(self.state_dir, self.template, description).restore()
+            state = LocalState(self.state_dir, self.template, description)
+            self.restored = state.restore()
             self._state_loaded = True
+            previous = self._state_lock.previous if self._state_lock is not None else None
+            lost = previous.lost_since(state.saved_at) if previous is not None else None
+            if lost:
+                log.warning("%s", lost)
             if self.restored:
                 log.info(
                     "restored local state from %s: %d items, %d objects, %d messages",
@@ -599,15 +604,17 @@ class EmbeddedStack:
         for sock in (self._api_socket, self._ws_socket):
             if sock is not None:
                 sock.close()
+        unsaved = False  # work this stack did that no snapshot holds
         if save and self.state_dir is not None and self.description is not None:
             try:
                 self.saved = LocalState(self.state_dir, self.template, self.description).save()
             except Exception:
+                unsaved = True
                 log.exception("could not save the local state to %s", self.state_dir)
         FORK_SERVER.stop()
         self.moto.stop()
         if self._state_lock is not None:
-            self._state_lock.release()
+            self._state_lock.release(stopped=not unsaved, loaded=self._state_loaded)
 
     def __enter__(self) -> EmbeddedStack:
         return self.start()

@@ -20,7 +20,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import boto3
 from botocore.exceptions import ClientError, ParamValidationError
@@ -37,17 +37,81 @@ class StateUnusable(Exception):
     snapshot is damaged): said before anything runs, with what to do."""
 
 
+STOPPED = "stopped"  # what the lock file holds once its stack stopped with nothing left unsaved
+
+
 class StateLock:
     """An exclusive lock on a state directory for a stack's life: two stacks on one directory would
-    each save over the other's work."""
+    each save over the other's work. The file names its holder (``pid N``) while it runs, and says
+    ``stopped`` once it stopped with its work saved: a holder's name found at the next start is a
+    stack that did not stop (killed, crashed, the machine went down)."""
 
-    def __init__(self, handle: Any) -> None:
+    def __init__(self, handle: Any, previous: Unclean | None = None) -> None:
         self._handle = handle
+        self.previous = previous  # the last stack on this directory, when it did not stop
 
-    def release(self) -> None:
+    def release(self, *, stopped: bool = True, loaded: bool = True) -> None:
+        """``stopped``: nothing this stack did is left unsaved. ``loaded``: it read the directory's
+        snapshot (and said what a stack before it lost); one that stopped before passes the word on."""
+        mark = STOPPED if stopped else None
+        if not loaded and self.previous is not None:
+            mark = self.previous.line()
+        with contextlib.suppress(OSError):
+            if mark is not None:
+                self._handle.seek(0)
+                self._handle.truncate()
+                self._handle.write(mark)
+                self._handle.flush()
         with contextlib.suppress(OSError):
             fcntl.flock(self._handle, fcntl.LOCK_UN)
         self._handle.close()
+
+
+class Unclean(NamedTuple):
+    """A stack that held a state directory and never stopped: its name, and when it started."""
+
+    holder: str
+    started: float
+
+    @classmethod
+    def parse(cls, line: str, written: float) -> Unclean | None:
+        """The lock file's ``pid N started T`` (``pid N`` from an older Spool: started when the file
+        was written), or None for a stack that stopped."""
+        if not line.startswith("pid "):
+            return None
+        holder, _, started = line.partition(" started ")
+        try:
+            return cls(holder, float(started)) if started else cls(holder, written)
+        except ValueError:
+            return cls(holder, written)
+
+    def line(self) -> str:
+        return f"{self.holder} started {self.started!r}"
+
+    def lost_since(self, saved_at: float | None) -> str | None:
+        """What the next start should say, restoring a snapshot saved at ``saved_at`` (None: there is
+        none); None when that snapshot holds this stack's work after all (a stop by an older Spool,
+        which left no mark)."""
+        if saved_at is not None and saved_at >= self.started:
+            return None
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
+        kept = (
+            f"restored the snapshot saved {_age(time.time() - saved_at)} ago, before it started"
+            if saved_at is not None
+            else "no snapshot was ever saved here"
+        )
+        return (
+            f"the last local stack here ({self.holder}, started {started}) did not stop: {kept};"
+            " what it did is lost"
+        )
+
+
+def _age(seconds: float) -> str:
+    minutes = max(0, int(seconds // 60))
+    if minutes < 60:
+        return f"{minutes} min"
+    hours = minutes // 60
+    return f"{hours} h {minutes % 60} min" if hours < 48 else f"{hours // 24} days"
 
 
 def lock_state_dir(directory: Path) -> StateLock:
@@ -66,17 +130,20 @@ def lock_state_dir(directory: Path) -> StateLock:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
-        holder = handle.read().strip() or "another process"
+        running = Unclean.parse(handle.read().strip(), 0)
+        holder = running.holder if running is not None else "another process"
         handle.close()
         raise StateUnusable(
             f"another local stack ({holder}) keeps its state in {directory}; stop it first, or set"
             " SPOOL_STATE_DIR to another directory (two stacks would each save over the other's work)"
         ) from None
     handle.seek(0)
+    previous = Unclean.parse(handle.read().strip(), os.fstat(handle.fileno()).st_mtime)
+    handle.seek(0)
     handle.truncate()
-    handle.write(f"pid {os.getpid()}")
+    handle.write(Unclean(f"pid {os.getpid()}", time.time()).line())
     handle.flush()
-    return StateLock(handle)
+    return StateLock(handle, previous)
 
 
 def _encode(value: Any) -> Any:
@@ -97,6 +164,7 @@ class LocalState:
         self._clients: dict[str, Any] = {}
         self._session: boto3.session.Session | None = None
         self._reading = directory
+        self.saved_at: float | None = None  # when the snapshot restore() read was saved
 
     @property
     def _current(self) -> Path:
@@ -225,6 +293,8 @@ class LocalState:
     def _restore(self, path: Path) -> dict[str, int] | None:
         self._reading = path  # the file a damaged snapshot is reported by
         manifest = json.loads(path.read_text())
+        saved_at = manifest.get("saved_at")
+        self.saved_at = float(saved_at) if isinstance(saved_at, int | float) else None
         if manifest.get("version") != FORMAT_VERSION:
             log.warning("ignoring local state in %s: written by another version", self._current)
             return None

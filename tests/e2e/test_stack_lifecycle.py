@@ -252,3 +252,28 @@ def test_a_stop_before_ready_saves_what_the_restored_state_has_become(tmp_path: 
     assert "stopped before it was ready" in rest and "spool: saved" in rest, rest
     assert "Traceback" not in rest
     assert json.loads(manifest.read_text())["saved_at"] > first
+
+
+def test_a_start_after_a_stack_that_never_stopped_says_what_was_lost(tmp_path: Path) -> None:
+    """A killed stack saves nothing: the next start rolls back to the last snapshot (here, none), and
+    says so rather than in silence."""
+    env = {"SPOOL_STATE_DIR": str(tmp_path / "state")}
+    killed = start_stack(env)
+    body = {"message": "lost", "model": "sim-fast", "max_tokens": 10}
+    status, _, job = killed.request("POST", "/v1/jobs", body=body, headers={"Idempotency-Key": "k-lost"})
+    assert status == 202
+    killed.process.kill()
+    killed.process.wait(timeout=10)
+    again = start_stack(env)
+    try:
+        said = [line for line in again.output if "did not stop" in line]
+        assert len(said) == 1 and f"(pid {killed.process.pid}, started " in said[0], again.output
+        assert "no snapshot was ever saved here" in said[0] and "what it did is lost" in said[0]
+        assert again.request("GET", f"/v1/jobs/{job['job_id']}")[0] == 404
+    finally:
+        assert stop_stack(again) == 0
+    third = start_stack(env)  # that stop saved: nothing more to say
+    try:
+        assert not any("did not stop" in line for line in third.output)
+    finally:
+        stop_stack(third)
