@@ -1,14 +1,16 @@
-"""How a context is laid out in the prompt: each file with its path, then the symbols.
+"""How a context is laid out in the prompt: one system message, a preamble, each file with its path,
+then the symbols.
 
 The worker renders prompts with these functions and the token counter counts with them, so the
-count a client sees before a job is the count of what the model is sent.
+count a client sees before a job is the count of what the model is sent (each file's tokens counted
+on their own: a few tokens more than the joined text, never fewer in practice).
 """
 
 from __future__ import annotations
 
 import html
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Final
 
 
 def _attribute(value: str) -> str:
@@ -24,6 +26,8 @@ def file_open(path: str) -> str:
 
 
 FILE_CLOSE = "\n</file>\n"
+CONTEXT_ROLE: Final = "system"  # the context is one message of this role, before the request's messages
+CONTEXT_PREAMBLE = "Answer using the following context.\n\n"
 
 
 def file_block(path: str, content: str) -> str:

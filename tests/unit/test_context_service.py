@@ -23,6 +23,8 @@ from spool_core.contexts.errors import (
 from spool_core.contexts.model import CreateContextRequest, PatchContextRequest
 from spool_core.contexts.service import DAY, PATCH_ATTEMPTS, ContextLimits, ContextService
 from spool_core.errors import InvalidRequest, PayloadTooLarge
+from spool_core.jobs.model import Job
+from spool_core.jobs.runner import build_messages
 from spool_core.limits.errors import RateLimited
 from spool_core.models import registry
 from tests.fakes import (
@@ -296,22 +298,43 @@ def test_upload_id_cannot_be_mixed_with_a_document() -> None:
         CreateContextRequest.model_validate({"upload_id": "upl_x", "files": [{"path": "a", "content": "b"}]})
 
 
+def job_fields() -> dict[str, Any]:
+    return {
+        "job_id": "job_abc",
+        "tenant_id": "t",
+        "status": "queued",
+        "fingerprint": "f",
+        "model_requested": "sim-fast",
+        "model_resolved": "sim-fast",
+        "created_at": "2026-12-06T00:00:00.000Z",
+    }
+
+
 def test_token_count_lays_the_context_out_as_the_prompt_does(h: Harness) -> None:
     context_id = h.create(
         {"src/a.py": "def f():\n    return 1\n"},
         symbols=[{"name": "f", "kind": "function", "path": "src/a.py", "line": 1}],
     )["context_id"]
     model = registry().resolve("sim-fast")
-    counted = h.service.count_tokens(model, context_id, [Message(role="user", content="Explain f")])
-    from spool_core.prompt import file_block, symbols_block
-
-    prompt = file_block("src/a.py", "def f():\n    return 1\n") + symbols_block(
-        [{"name": "f", "kind": "function", "path": "src/a.py", "line": 1}]
+    question = Message(role="user", content="Explain f")
+    counted = h.service.count_tokens(model, context_id, [question])
+    job = Job.model_validate(
+        {**job_fields(), "request": {"context_id": context_id, "messages": [question.model_dump()]}}
     )
-    assert abs(counted["context_tokens"] - tokens.count(prompt)) <= 2
-    assert counted["message_tokens"] == tokens.count_messages([{"role": "user", "content": "Explain f"}])
+    sent = build_messages(lambda: h.service, job)  # what the worker sends, and the simulator bills
+    billed = tokens.count_messages(m.model_dump() for m in sent)
+    # each file counted on its own (a token or two over the joined text), never under
+    assert 0 <= counted["input_tokens"] - billed <= 2, (counted, billed)
+    assert counted["message_tokens"] == tokens.count_messages([question.model_dump()])
     assert counted["input_tokens"] == counted["context_tokens"] + counted["message_tokens"]
     assert counted["context_window"] == 128_000
+    empty = h.create({})["context_id"]  # no files: still a message of its own, with the preamble
+    request = {"context_id": empty, "messages": [question.model_dump()]}
+    job = Job.model_validate({**job_fields(), "request": request})
+    billed = tokens.count_messages(m.model_dump() for m in build_messages(lambda: h.service, job))
+    assert h.service.count_tokens(model, empty, [question])["input_tokens"] == billed
+    alone = h.service.count_tokens(model, empty, [])["input_tokens"]  # the context alone, as sent alone
+    assert alone == tokens.count_messages(m.model_dump() for m in build_messages(lambda: h.service, job)[:1])
 
 
 def test_other_encodings_are_counted_once_and_cached(h: Harness) -> None:

@@ -64,7 +64,7 @@ from spool_core.listing import DEFAULT_LIMIT, CursorCodec, Page, check_limit
 from spool_core.metadata import check as check_metadata
 from spool_core.metadata import size as metadata_size
 from spool_core.models import ModelSpec
-from spool_core.prompt import FILE_CLOSE, file_open, symbols_block
+from spool_core.prompt import CONTEXT_PREAMBLE, CONTEXT_ROLE, FILE_CLOSE, file_open, symbols_block
 from spool_core.tenancy import Tenant
 
 DAY = 86_400.0
@@ -390,10 +390,13 @@ class ContextService:
 
     # ------------------------------------------------------------------ token counting
     def prompt_tokens(self, loaded: LoadedContext, encoding: str) -> int:
-        """Tokens of the context as the prompt lays it out (files with their paths, then symbols)."""
+        """Tokens of the context as the prompt lays it out: its own message (the role's and the
+        message's tokens, the preamble), files with their paths, then symbols."""
         manifest = loaded.manifest
         per_file = self._content_tokens(manifest, encoding)
-        framing = sum(tokens.count(file_open(e.path), encoding) for e in manifest.files)
+        framing = tokens.count_messages([{"role": CONTEXT_ROLE, "content": CONTEXT_PREAMBLE}], encoding)
+        framing -= tokens.TOKENS_PER_REPLY  # counted once, with the request's messages
+        framing += sum(tokens.count(file_open(e.path), encoding) for e in manifest.files)
         framing += len(manifest.files) * tokens.count(FILE_CLOSE, encoding)
         symbols = tokens.count(symbols_block(s.model_dump() for s in manifest.symbols), encoding)
         return sum(per_file) + framing + symbols
@@ -405,6 +408,8 @@ class ContextService:
         context_tokens = 0
         if context_id:
             context_tokens = self.prompt_tokens(self.load(context_id), family.encoding)
+            if not messages:  # the reply's tokens, which the messages' count would otherwise hold
+                context_tokens += tokens.TOKENS_PER_REPLY
         message_tokens = tokens.count_messages((m.model_dump() for m in messages), family.encoding)
         context_tokens = tokens.calibrate(context_tokens, family.calibration)
         message_tokens = tokens.calibrate(message_tokens, family.calibration)

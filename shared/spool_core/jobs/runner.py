@@ -30,7 +30,7 @@ from spool_core.limits.model import Estimate
 from spool_core.limits.service import RateLimiter
 from spool_core.models import ModelCatalog, ModelSpec
 from spool_core.observability import logger, record_usage
-from spool_core.prompt import file_block, symbols_block
+from spool_core.prompt import CONTEXT_PREAMBLE, CONTEXT_ROLE, file_block, symbols_block
 from spool_core.providers import Finished, GenerationRequest, Provider, ProviderError, ResumePoint, TextDelta
 from spool_core.units import usd
 
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     from spool_core.contexts.service import ContextService  # made only for a job that names one
     from spool_core.flags import Flags
 
-CONTEXT_PREAMBLE = "Answer using the following context.\n\n"
 
 __all__ = ["JobRunner", "LostLease", "Outcome", "RunnerSettings", "build_messages"]
 
@@ -100,7 +99,7 @@ def build_messages(contexts: Callable[[], ContextService], job: Job) -> tuple[Me
         parts = [CONTEXT_PREAMBLE]
         parts += [file_block(entry.path, store.read_file(entry)) for entry in manifest.files]
         parts.append(symbols_block(s.model_dump() for s in manifest.symbols))
-        messages.insert(0, Message(role="system", content="".join(parts)))
+        messages.insert(0, Message(role=CONTEXT_ROLE, content="".join(parts)))
     return tuple(messages)
 
 
