@@ -18,6 +18,7 @@ from spool_core.contexts.errors import (
     InvalidPath,
     PathNotFound,
     TooManyFiles,
+    TooManySymbols,
     UploadNotFound,
 )
 from spool_core.contexts.model import CreateContextRequest, PatchContextRequest
@@ -27,6 +28,7 @@ from spool_core.jobs.model import Job
 from spool_core.jobs.runner import build_messages
 from spool_core.limits.errors import RateLimited
 from spool_core.models import registry
+from spool_core.prompt import symbols_block
 from tests.fakes import (
     MemoryBlobIndex,
     MemoryBlobStore,
@@ -99,6 +101,29 @@ def test_identical_files_across_contexts_are_neither_stored_nor_tokenized_again(
     assert h.blobs.puts == 1
     assert h.service.last_stats.blobs_reused == 1
     assert h.service.last_stats.files_tokenized == 0
+
+
+def test_symbols_count_toward_the_context_and_its_limits() -> None:
+    """Symbols are sent with the files: their size and tokens are the context's, under its limits,
+    and their paths follow the files' rules."""
+    h = Harness(max_bytes=2_000, max_symbols=30)
+    symbols = [{"name": f"f{i}", "kind": "function", "path": "a.py", "line": i} for i in range(20)]
+    summary = h.create({"a.py": "x = 1\n"}, symbols=symbols)
+    block = symbols_block(symbols)
+    assert summary["size_bytes"] == 6 + len(block.encode())
+    assert summary["token_count"] == tokens.count("x = 1\n") + tokens.count(block)
+    with pytest.raises(TooManySymbols) as many:
+        h.create({"a.py": "x"}, symbols=symbols * 2)
+    assert many.value.details == {"symbol_count": 40, "limit": 30}
+    with pytest.raises(PayloadTooLarge):  # 1 byte of files, the rest in symbols
+        h.create({"a.py": "x"}, symbols=[{"name": "n" * 500, "path": "a.py"}] * 5)
+    with pytest.raises(InvalidPath) as bad:
+        h.create({"a.py": "x"}, symbols=[{"name": "f", "path": "../../etc/passwd"}])
+    assert bad.value.details["path"] == "../../etc/passwd"
+    with pytest.raises(PayloadTooLarge):
+        h.patch(summary["context_id"], symbols=[{"name": "n" * 500, "path": "a.py"}] * 5)
+    patched = h.patch(summary["context_id"], symbols=[])
+    assert (patched["size_bytes"], patched["token_count"]) == (6, tokens.count("x = 1\n"))
 
 
 @pytest.mark.parametrize("path", ["", "/abs.py", "a/../b", "./a", "a//b", "a/", "a\\b", "nul\x00.py"])

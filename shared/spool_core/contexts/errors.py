@@ -50,6 +50,13 @@ class TooManyFiles(InvalidRequest):
     )
 
 
+class TooManySymbols(InvalidRequest):
+    code = "too_many_symbols"
+    default_suggestions: ClassVar[tuple[str, ...]] = (
+        "Send the symbols a model needs to find its way (definitions), not every reference",
+    )
+
+
 class PathNotFound(InvalidRequest):
     code = "path_not_found"
     default_suggestions: ClassVar[tuple[str, ...]] = (

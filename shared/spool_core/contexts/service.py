@@ -29,6 +29,7 @@ from spool_core.contexts.errors import (
     InvalidPath,
     PathNotFound,
     TooManyFiles,
+    TooManySymbols,
     UploadNotFound,
 )
 from spool_core.contexts.model import (
@@ -39,6 +40,7 @@ from spool_core.contexts.model import (
     FileIn,
     Manifest,
     PatchContextRequest,
+    SymbolIn,
 )
 from spool_core.contexts.ports import (
     BlobIndex,
@@ -75,6 +77,7 @@ PATCH_ATTEMPTS = 5  # a PATCH that lost its conditional write to a concurrent on
 class ContextLimits(NamedTuple):
     max_bytes: int = 50 * 1024 * 1024
     max_files: int = 2_000  # settings.max_context_files: one upload within the API's timeout
+    max_symbols: int = 10_000  # a context's list read back whole with it (GET) within Lambda's 6 MB
     blob_retention_seconds: float = 9 * DAY  # the bucket's lifecycle expiry of context objects
     upload_url_seconds: int = 900
     uploads_per_hour: int = 100  # presigned uploads a tenant may open (an object each, until used)
@@ -217,8 +220,10 @@ class ContextService:
 
     def _create(self, request: CreateContextRequest, context_id: str) -> dict[str, Any]:
         prepared = self._prepare(request.files)
+        symbols_bytes = self._check_symbols(request.symbols)
         self._check_limits(
-            len(prepared), sum(p.size_bytes for p in prepared) + metadata_size(request.metadata)
+            len(prepared),
+            sum(p.size_bytes for p in prepared) + symbols_bytes + metadata_size(request.metadata),
         )
         now = self._clock()
         expires_at = now + request.ttl_seconds
@@ -259,7 +264,10 @@ class ContextService:
             if request.metadata is not None
             else manifest.metadata
         )
+        symbols = request.symbols if request.symbols is not None else manifest.symbols
+        symbols = [s for s in symbols if s.path not in deleted]
         size = sum(e.size_bytes for e in kept.values()) + sum(p.size_bytes for p in changed)
+        size += self._check_symbols(symbols)
         self._check_limits(len(kept) + len(changed), size + metadata_size(metadata))
 
         now = self._clock()
@@ -268,8 +276,6 @@ class ContextService:
         merged = {**kept, **{e.path: e for e in stored}}
         ordered = [merged[path] for path in sorted(merged)]
 
-        symbols = request.symbols if request.symbols is not None else manifest.symbols
-        symbols = [s for s in symbols if s.path not in deleted]
         new_manifest = Manifest(
             context_id=context_id,
             version=record.version + 1,
@@ -398,7 +404,7 @@ class ContextService:
         framing -= tokens.TOKENS_PER_REPLY  # counted once, with the request's messages
         framing += sum(tokens.count(file_open(e.path), encoding) for e in manifest.files)
         framing += len(manifest.files) * tokens.count(FILE_CLOSE, encoding)
-        symbols = tokens.count(symbols_block(s.model_dump() for s in manifest.symbols), encoding)
+        symbols = tokens.count(_symbols_text(manifest.symbols), encoding)
         return sum(per_file) + framing + symbols
 
     def count_tokens(
@@ -480,6 +486,19 @@ class ContextService:
                 details={"paths": sorted(set(duplicates))},
             )
         return prepared
+
+    def _check_symbols(self, symbols: Sequence[SymbolIn]) -> int:
+        """Check the symbols (as many as the limit, each path a valid one) and return their size in the
+        prompt, which counts toward the context's."""
+        if len(symbols) > self.limits.max_symbols:
+            raise TooManySymbols(
+                f"{len(symbols):,} symbols is more than the limit of {self.limits.max_symbols:,}",
+                details={"symbol_count": len(symbols), "limit": self.limits.max_symbols},
+            )
+        for symbol in symbols:
+            if symbol.path is not None:
+                validate_path(symbol.path)
+        return _symbols_bytes(symbols)
 
     def _check_limits(self, file_count: int, size_bytes: int) -> None:
         if file_count > self.limits.max_files:
@@ -612,8 +631,9 @@ class ContextService:
             version=manifest.version,
             manifest_key=key,
             encoding=manifest.encoding,
-            size_bytes=sum(e.size_bytes for e in manifest.files),
-            token_count=sum(e.token_count for e in manifest.files),
+            size_bytes=sum(e.size_bytes for e in manifest.files) + _symbols_bytes(manifest.symbols),
+            token_count=sum(e.token_count for e in manifest.files)
+            + tokens.count(_symbols_text(manifest.symbols), manifest.encoding),
             file_count=len(manifest.files),
             created_at=rfc3339(from_epoch(created if created is not None else updated)),
             updated_at=rfc3339(from_epoch(updated)),
@@ -625,6 +645,14 @@ class ContextService:
 
 
 _NO_INFO = BlobInfo(sha256="", size_bytes=0, stored_at=0)
+
+
+def _symbols_text(symbols: Iterable[SymbolIn]) -> str:
+    return symbols_block(s.model_dump() for s in symbols)
+
+
+def _symbols_bytes(symbols: Iterable[SymbolIn]) -> int:
+    return len(_symbols_text(symbols).encode("utf-8"))
 
 
 def _context_of_upload(upload_id: str) -> str:
