@@ -362,6 +362,13 @@ def test_token_count_lays_the_context_out_as_the_prompt_does(h: Harness) -> None
     assert alone == tokens.count_messages(m.model_dump() for m in build_messages(lambda: h.service, job)[:1])
 
 
+def test_an_empty_context_id_is_refused_by_the_count_as_by_admission(h: Harness) -> None:
+    model = registry().resolve("sim-fast")
+    with pytest.raises(InvalidRequest) as refused:
+        h.service.count_tokens(model, "", [Message(role="user", content="hi")])
+    assert refused.value.details["param"] == "context_id"
+
+
 def test_other_encodings_are_counted_once_and_cached(h: Harness) -> None:
     context_id = h.create({"a.txt": "héllo wörld " * 50})["context_id"]
     loaded = h.service.load(context_id)

@@ -7,6 +7,18 @@ from typing import ClassVar
 from spool_core.errors import Conflict, Gone, InvalidRequest, NotFound
 
 
+def refuse_empty_context_id(context_id: str | None) -> None:
+    """An empty ``context_id`` is a client's missing value, not "no context": counted or run without
+    the context it meant, the answer would change."""
+    if context_id == "":
+        message = "context_id is empty"
+        raise InvalidRequest(
+            f"The request does not match the schema: context_id ({message})",
+            details={"param": "context_id", "fields": [{"field": "context_id", "message": message}]},
+            suggestions=["Send the context_id that POST /v1/contexts returned, or leave context_id out"],
+        )
+
+
 class ContextNotFound(NotFound):
     code = "context_not_found"
     default_suggestions: ClassVar[tuple[str, ...]] = (

@@ -31,6 +31,7 @@ from spool_core.contexts.errors import (
     TooManyFiles,
     TooManySymbols,
     UploadNotFound,
+    refuse_empty_context_id,
 )
 from spool_core.contexts.model import (
     BlobInfo,
@@ -410,6 +411,7 @@ class ContextService:
     def count_tokens(
         self, model: ModelSpec, context_id: str | None, messages: Sequence[Message]
     ) -> dict[str, Any]:
+        refuse_empty_context_id(context_id)
         family = tokens.family_tokenizer(model.family)
         context_tokens = 0
         if context_id:

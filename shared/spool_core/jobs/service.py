@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from spool_core import tokens
 from spool_core.clock import from_epoch, rfc3339
+from spool_core.contexts.errors import refuse_empty_context_id
 from spool_core.errors import DependencyUnavailable, InvalidRequest, PayloadTooLarge
 from spool_core.ids import new_id
 from spool_core.jobs.cadence import Cadence
@@ -103,21 +104,6 @@ def _window_suggestions(
     return suggestions
 
 
-def _check_context_id(request: JobRequest) -> None:
-    """An empty ``context_id`` is a client's missing value, not "no context": run without the context
-    it meant, the answer would change. (Checked at admission, not in the model: a stored job's request
-    is read back as it was written.)"""
-    if request.context_id == "":
-        message = "context_id is empty"
-        raise InvalidRequest(
-            f"The request does not match the schema: context_id ({message})",
-            details={"param": "context_id", "fields": [{"field": "context_id", "message": message}]},
-            suggestions=[
-                "Send the context_id that POST /v1/contexts returned, or leave context_id out",
-            ],
-        )
-
-
 def check_idempotency_key(key: str | None) -> str:
     """The key itself; ``idempotency_key_required`` when it is missing, ``invalid_request`` (naming
     the header) when it is longer than 255 characters."""
@@ -195,7 +181,7 @@ class JobService:
         """Admit ``request`` once per ``key``. ``echo``: what the OpenAI surface that made the job
         shows of its request and the job does not keep (kept on the job as it is)."""
         key = check_idempotency_key(key)
-        _check_context_id(request)
+        refuse_empty_context_id(request.context_id)  # at admission: a stored request reads back as it was
         too_large = _stored_size_error(request)
         if too_large is not None:
             # Messages longer than the model's window are told so (context_too_large) before being
