@@ -105,6 +105,7 @@ class MemoryContextTable:
     def __init__(self) -> None:
         self.items: dict[str, tuple[ContextRecord, int]] = {}
         self.upload_counts: dict[int, int] = {}
+        self.used_uploads: dict[str, str] = {}
         self.before_replace: list[str] = []  # context ids to bump concurrently, once
 
     def get(self, context_id: str) -> ContextRecord | None:
@@ -122,6 +123,12 @@ class MemoryContextTable:
             reverse=True,
         )
         return [entry for entry in listed if before is None or entry.position < before][:limit]
+
+    def record_upload_used(self, upload_id: str, context_id: str, ttl: int) -> None:
+        self.used_uploads[upload_id] = context_id
+
+    def upload_used_for(self, upload_id: str) -> str | None:
+        return self.used_uploads.get(upload_id)
 
     def take_upload_slot(self, hour: int, limit: int, ttl: int) -> bool:
         counted = self.upload_counts.get(hour, 0)

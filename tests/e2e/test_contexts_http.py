@@ -86,7 +86,7 @@ def test_bad_input(dev_stack: RunningStack) -> None:
 def test_presigned_upload_flow(dev_stack: RunningStack) -> None:
     status, _, ticket = dev_stack.request("POST", "/v1/contexts/uploads")
     assert status == 201
-    assert ticket["max_bytes"] == E2E_MAX_CONTEXT_BYTES
+    assert ticket["max_bytes"] == 2 * E2E_MAX_CONTEXT_BYTES  # the document: the context, as JSON
     document = b'{"files": [{"path": "notes.txt", "content": "uploaded out of band"}]}'
     put = urllib.request.Request(ticket["upload_url"], data=document, method="PUT")  # noqa: S310 - loopback moto
     put.add_header("Content-Type", "application/json")

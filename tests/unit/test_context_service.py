@@ -259,7 +259,7 @@ def test_delete_removes_the_context_and_its_manifests(h: Harness) -> None:
 
 def test_uploads_create_a_context_once(h: Harness) -> None:
     ticket = h.service.begin_upload()
-    assert ticket["max_bytes"] == h.service.limits.max_bytes
+    assert ticket["max_bytes"] == h.service.limits.max_document_bytes
     document = {"files": [{"path": "big.txt", "content": "hello"}], "metadata": {"via": "upload"}}
     h.uploads.objects[ticket["upload_id"]] = json.dumps(document).encode()
     summary = h.service.create(CreateContextRequest(upload_id=ticket["upload_id"]))
@@ -275,6 +275,22 @@ def test_uploads_create_a_context_once(h: Harness) -> None:
         h.service.create_from_upload("../../t/other/blobs/x")
     with pytest.raises(UploadNotFound):
         h.service.create_from_upload(h.service.begin_upload()["upload_id"])  # never uploaded
+
+
+def test_an_upload_whose_context_was_deleted_never_makes_it_again(h: Harness) -> None:
+    """Its URL still takes a PUT for a while: finishing it again must not bring the deleted id back
+    with other content (an id clients and jobs knew would name different data)."""
+    ticket = h.service.begin_upload()
+    h.uploads.objects[ticket["upload_id"]] = b'{"files": [{"path": "a.txt", "content": "first"}]}'
+    context_id = h.service.create_from_upload(ticket["upload_id"])["context_id"]
+    h.service.delete(context_id)
+    h.uploads.objects[ticket["upload_id"]] = b'{"files": [{"path": "b.txt", "content": "second"}]}'
+    with pytest.raises(UploadNotFound) as used:
+        h.service.create_from_upload(ticket["upload_id"])
+    assert "used up" in used.value.message and used.value.details["context_id"] == context_id
+    assert h.table.items == {} and h.uploads.objects == {}
+    with pytest.raises(ContextNotFound):
+        h.service.get(context_id)
 
 
 def test_an_upload_named_again_after_its_context_expired_is_a_410(h: Harness) -> None:
@@ -307,10 +323,12 @@ def test_invalid_and_oversized_uploads() -> None:
         h.service.create_from_upload(ticket["upload_id"])
     assert invalid.value.details["fields"][0]["field"] == "upload.files.0.content"
     assert h.uploads.objects == {}  # a refused document is deleted at once
-    h.uploads.objects[ticket["upload_id"]] = b"x" * 101
+    assert "used up" in invalid.value.message and "new upload" in invalid.value.suggestions[0]
+    h.uploads.objects[ticket["upload_id"]] = b"x" * 201
     with pytest.raises(PayloadTooLarge) as large:
         h.service.create_from_upload(ticket["upload_id"])
-    assert large.value.details == {"size_bytes": 101, "limit_bytes": 100}
+    assert large.value.details == {"size_bytes": 201, "limit_bytes": 200, "context_limit_bytes": 100}
+    assert not any("upload" in s for s in large.value.suggestions)  # the caller just did
     assert h.uploads.objects == {}
     h.uploads.objects[ticket["upload_id"]] = b'{"files": [{"path": "../x", "content": "y"}]}'
     with pytest.raises(InvalidPath):
@@ -318,9 +336,24 @@ def test_invalid_and_oversized_uploads() -> None:
     assert h.uploads.objects == {} and h.table.items == {}
 
 
-def test_upload_id_cannot_be_mixed_with_a_document() -> None:
-    with pytest.raises(ValueError, match="upload_id"):
-        CreateContextRequest.model_validate({"upload_id": "upl_x", "files": [{"path": "a", "content": "b"}]})
+def test_a_context_at_the_limit_fits_an_upload_though_its_json_is_larger() -> None:
+    """The limit is the context's: a document at it is larger (JSON's quotes and escapes), and fits."""
+    h = Harness(max_bytes=100)
+    ticket = h.service.begin_upload()
+    assert ticket["max_bytes"] == 200  # what the upload may hold
+    document = json.dumps({"files": [{"path": "q", "content": "a\n" * 49 + "b"}]}).encode()
+    assert len(document) > 100
+    h.uploads.objects[ticket["upload_id"]] = document
+    assert h.service.create_from_upload(ticket["upload_id"])["size_bytes"] == 99
+
+
+@pytest.mark.parametrize(
+    "extra", [{"files": [{"path": "a", "content": "b"}]}, {"ttl_seconds": 5}, {"metadata": {"a": 1}}]
+)
+def test_upload_id_cannot_be_mixed_with_a_document(extra: dict[str, Any]) -> None:
+    """Dropped, it would be a setting the caller thinks took effect (the document holds it)."""
+    with pytest.raises(ValueError, match="upload_id is used alone"):
+        CreateContextRequest.model_validate({"upload_id": "upl_x", **extra})
 
 
 def job_fields() -> dict[str, Any]:

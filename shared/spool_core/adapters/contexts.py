@@ -29,6 +29,7 @@ CONTEXT_KIND = "ctx"
 BLOB_KIND = "blob"
 UPLOADS_ROOT = "uploads"
 UPLOAD_BUDGET_KIND = "uploads"  # one counter item per tenant and hour
+USED_UPLOAD_KIND = "upload"  # an upload that made a context, while its URL could still be used
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 
 
@@ -206,6 +207,13 @@ class DynamoContextTable:
         except ConditionFailed:
             return False
         return True
+
+    def record_upload_used(self, upload_id: str, context_id: str, ttl: int) -> None:
+        self._table.put(USED_UPLOAD_KIND, upload_id, {"context_id": context_id, "ttl": ttl})
+
+    def upload_used_for(self, upload_id: str) -> str | None:
+        item = self._table.get(USED_UPLOAD_KIND, upload_id)
+        return str(item["context_id"]) if item else None
 
     def take_upload_slot(self, hour: int, limit: int, ttl: int) -> bool:
         try:

@@ -56,9 +56,12 @@ class CreateContextRequest(BaseModel):
 
     @model_validator(mode="after")
     def _upload_alone(self) -> CreateContextRequest:
-        if self.upload_id is not None and (self.files or self.symbols or self.metadata):
+        if self.upload_id is not None and (
+            self.files or self.symbols or self.metadata or "ttl_seconds" in self.model_fields_set
+        ):
             raise ValueError(
-                "upload_id is used alone: the uploaded document holds files, symbols and metadata"
+                "upload_id is used alone: the uploaded document holds files, symbols, metadata and"
+                " ttl_seconds"
             )
         return self
 

@@ -79,6 +79,12 @@ class ContextTable(Protocol):
         """Count one upload in the tenant's ``hour`` (epoch hours) unless ``limit`` are counted there
         already; one atomic conditional write. The counter expires at ``ttl`` (epoch seconds)."""
 
+    def record_upload_used(self, upload_id: str, context_id: str, ttl: int) -> None:
+        """Note that ``upload_id`` made ``context_id`` (kept until ``ttl``, epoch seconds)."""
+
+    def upload_used_for(self, upload_id: str) -> str | None:
+        """The context ``upload_id`` made, if it made one (None once the note expired)."""
+
 
 class UploadChanged(Exception):
     """Raised by ``UploadStore.read`` when the object is no longer the one that was checked."""

@@ -71,6 +71,14 @@ from spool_core.prompt import CONTEXT_PREAMBLE, CONTEXT_ROLE, FILE_CLOSE, file_o
 from spool_core.tenancy import Tenant
 
 DAY = 86_400.0
+TOO_LARGE_SUGGESTIONS = [
+    "Leave out files the model does not need (PATCH with 'delete' drops them)",
+    "Split the material into several contexts, one per job's need",
+    "Ask the operator for a larger SPOOL_MAX_CONTEXT_BYTES",
+]
+FIX_AND_UPLOAD_AGAIN = (
+    "Fix the fields named in details, then PUT the document to a new upload (POST /v1/contexts/uploads)"
+)
 UPLOAD_ID_PREFIX = "upl"
 PATCH_ATTEMPTS = 5  # a PATCH that lost its conditional write to a concurrent one applies again
 
@@ -83,6 +91,12 @@ class ContextLimits(NamedTuple):
     upload_url_seconds: int = 900
     uploads_per_hour: int = 100  # presigned uploads a tenant may open (an object each, until used)
     workers: int = 16  # S3 and tiktoken calls in flight (I/O-bound on AWS)
+
+    @property
+    def max_document_bytes(self) -> int:
+        """The most an uploaded document may hold: a context at the limit, written as JSON (escaped
+        newlines, quotes and backslashes: source code's JSON runs 1.05-1.5x its size)."""
+        return 2 * self.max_bytes
 
 
 @dataclass
@@ -314,9 +328,9 @@ class ContextService:
         return {
             "upload_id": upload_id,
             "upload_url": self._uploads.presign_put(upload_id, seconds),
-            "upload_form": self._uploads.presign_post(upload_id, seconds, self.limits.max_bytes),
+            "upload_form": self._uploads.presign_post(upload_id, seconds, self.limits.max_document_bytes),
             "expires_at": rfc3339(from_epoch(expires)),
-            "max_bytes": self.limits.max_bytes,
+            "max_bytes": self.limits.max_document_bytes,
         }
 
     def _spend_upload_budget(self) -> None:
@@ -343,18 +357,30 @@ class ContextService:
         if existing is not None:
             self._uploads.delete(upload_id)  # a second PUT to a used URL leaves nothing behind
             return self._summary(self._live(existing))  # expired since: 410, as every use of it
+        if _is_upload_id(upload_id) and self._table.upload_used_for(upload_id) is not None:
+            self._uploads.delete(upload_id)  # its context was deleted: never made again, from anything
+            raise UploadNotFound(
+                f"Upload '{upload_id}' is used up: it made context '{context_id}', which was deleted",
+                details={"upload_id": upload_id, "context_id": context_id},
+            )
         head = self._uploads.head(upload_id) if _is_upload_id(upload_id) else None
         if head is None:
             raise UploadNotFound(
-                f"Upload '{upload_id}' not found: never uploaded, expired, or another tenant's",
+                f"Upload '{upload_id}' not found: never uploaded, expired, already refused, or another"
+                " tenant's",
                 details={"upload_id": upload_id},
             )
         try:
-            if head.size_bytes > self.limits.max_bytes:
+            if head.size_bytes > self.limits.max_document_bytes:
                 raise PayloadTooLarge(
-                    f"The uploaded document is {head.size_bytes:,} bytes;"
-                    f" the limit is {self.limits.max_bytes:,}",
-                    details={"size_bytes": head.size_bytes, "limit_bytes": self.limits.max_bytes},
+                    f"The uploaded document is {head.size_bytes:,} bytes; an upload holds at most"
+                    f" {self.limits.max_document_bytes:,} (a context's limit is {self.limits.max_bytes:,})",
+                    details={
+                        "size_bytes": head.size_bytes,
+                        "limit_bytes": self.limits.max_document_bytes,
+                        "context_limit_bytes": self.limits.max_bytes,
+                    },
+                    suggestions=TOO_LARGE_SUGGESTIONS,
                 )
             document = self._uploaded_document(upload_id, head)
             summary = self._create(document, context_id)
@@ -364,6 +390,9 @@ class ContextService:
             if not isinstance(refused, DependencyUnavailable | InternalError):
                 self._uploads.delete(upload_id)  # refused for good: keep nothing (a 5xx may be retried)
             raise
+        # Its URL may still take a PUT: once the context is deleted, the upload must not make it again.
+        used_until = self._clock() + self.limits.upload_url_seconds + DAY
+        self._table.record_upload_used(upload_id, context_id, int(used_until))
         self._uploads.delete(upload_id)
         return summary
 
@@ -386,12 +415,18 @@ class ContextService:
                 for e in exc.errors()
             ]
             raise InvalidRequest(
-                "The uploaded document is not a valid context document",
+                "The uploaded document is not a valid context document; this upload is used up",
                 details={"upload_id": upload_id, "fields": fields},
+                suggestions=[FIX_AND_UPLOAD_AGAIN],
             ) from None
         if document.upload_id is not None:
             raise InvalidRequest(
-                "An uploaded document cannot name another upload", details={"upload_id": upload_id}
+                "An uploaded document cannot name another upload; this upload is used up",
+                details={
+                    "upload_id": upload_id,
+                    "fields": [{"field": "upload.upload_id", "message": "not allowed in a document"}],
+                },
+                suggestions=[FIX_AND_UPLOAD_AGAIN],
             )
         return document
 
@@ -513,11 +548,7 @@ class ContextService:
                 f"Context size {size_bytes:,} bytes exceeds the limit of {self.limits.max_bytes:,}",
                 details={"size_bytes": size_bytes, "limit_bytes": self.limits.max_bytes},
                 # the limit is the context's, however it is sent: an upload or a PATCH does not help
-                suggestions=[
-                    "Leave out files the model does not need (PATCH with 'delete' drops them)",
-                    "Split the material into several contexts, one per job's need",
-                    "Ask the operator for a larger SPOOL_MAX_CONTEXT_BYTES",
-                ],
+                suggestions=TOO_LARGE_SUGGESTIONS,
             )
 
     @staticmethod
