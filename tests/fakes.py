@@ -79,6 +79,10 @@ class MemoryBlobIndex:
         for info, ttl in entries:
             self.put(info, ttl)
 
+    def forget(self, sha256: str) -> None:
+        self.items.pop(sha256, None)
+        self.ttls.pop(sha256, None)
+
 
 class MemoryManifestStore:
     def __init__(self) -> None:

@@ -215,7 +215,7 @@ def test_a_version_a_job_pinned_is_read_after_a_patch_and_gone_after_a_delete(
     )
     assert service.load(context_id).record.manifest_key != pinned
     (entry,) = service.load_version(context_id, pinned).files
-    assert service.read_file(entry) == "A = 1\n"
+    assert service.read_file(entry, created["context_id"]) == "A = 1\n"
     service.delete(context_id)
     with pytest.raises(ContextNotFound):
         service.load_version(context_id, pinned)

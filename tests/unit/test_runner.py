@@ -545,6 +545,31 @@ def test_a_job_whose_context_was_deleted_fails_saying_so() -> None:
     assert "deleted" in job.error["message"]
 
 
+def test_a_job_whose_context_lost_a_file_fails_once_saying_so_and_a_new_upload_heals_it() -> None:
+    """A blob gone from the bucket (a lifecycle rule changed, a hand in the console) is no reason to
+    retry: the job fails at once, naming the file, and the index forgets the blob, so that creating
+    the context again stores the content again."""
+    from spool_core.contexts.model import CreateContextRequest
+
+    world = JobWorld()
+    _, job_id = context_job(world)
+    blobs, index = world._contexts._blobs, world._contexts._index
+    (sha,) = blobs.objects  # type: ignore[attr-defined]
+    del blobs.objects[sha]  # type: ignore[attr-defined]
+    assert world.drain() == ["done"]
+    job = world.ledger.tenant("acme").get(job_id)
+    assert job is not None and job.status == "failed" and job.attempts == 1
+    assert job.error is not None and job.error["code"] == "context_file_missing"
+    assert job.error["details"]["path"] == "a.py" and "a.py" in job.error["message"]
+    assert sha not in index.items  # type: ignore[attr-defined]
+    again = world._contexts.create(
+        CreateContextRequest.model_validate({"files": [{"path": "a.py", "content": "ORIGINAL = 1\n"}]})
+    )
+    job_id = create(world, "acme", "k-healed", max_tokens=300, context_id=again["context_id"])
+    assert world.drain() == ["done"]
+    assert world.ledger.tenant("acme").get(job_id).status == "completed"  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize(
     ("simulate", "named"),
     [

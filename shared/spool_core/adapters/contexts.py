@@ -242,6 +242,9 @@ class DynamoBlobIndex:
     def put(self, info: BlobInfo, ttl: int) -> None:
         self._table.put(BLOB_KIND, info.sha256, {**info.model_dump(), "ttl": ttl})
 
+    def forget(self, sha256: str) -> None:
+        self._table.delete(BLOB_KIND, sha256)
+
     def put_many(self, entries: Iterable[tuple[BlobInfo, int]]) -> None:
         self._table.put_many(
             BLOB_KIND, {info.sha256: {**info.model_dump(), "ttl": ttl} for info, ttl in entries}

@@ -34,6 +34,14 @@ class ContextExpired(Gone):
     )
 
 
+class ContextFileMissing(Gone):
+    code = "context_file_missing"
+    default_suggestions: ClassVar[tuple[str, ...]] = (
+        "Create the context again (POST /v1/contexts stores the missing content again) and send a new"
+        " job with its context_id",
+    )
+
+
 class InvalidPath(InvalidRequest):
     code = "invalid_path"
     default_suggestions: ClassVar[tuple[str, ...]] = (

@@ -35,6 +35,9 @@ class BlobIndex(Protocol):
 
     def put_many(self, entries: Iterable[tuple[BlobInfo, int]]) -> None: ...
 
+    def forget(self, sha256: str) -> None:
+        """Drop what is known of a blob found missing, so that the next upload of it stores it again."""
+
 
 def manifest_name(version: int, body: bytes) -> str:
     """``v<version>-<digest>.json``: two writers racing for one version (concurrent PATCHes, or two

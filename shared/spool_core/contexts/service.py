@@ -23,6 +23,7 @@ from spool_core.clock import from_epoch, rfc3339
 from spool_core.contexts.errors import (
     ContextConflict,
     ContextExpired,
+    ContextFileMissing,
     ContextNotFound,
     DuplicatePath,
     InvalidContent,
@@ -208,8 +209,18 @@ class ContextService:
             ),
         )
 
-    def read_file(self, entry: FileEntry) -> str:
-        return self._blobs.get(entry.sha256).decode("utf-8")
+    def read_file(self, entry: FileEntry, context_id: str) -> str:
+        """A file's content; ``context_file_missing`` (for good, not retried) when its blob is gone,
+        which the index then forgets, so that uploading the content again stores it again."""
+        try:
+            return self._blobs.get(entry.sha256).decode("utf-8")
+        except KeyError:
+            with contextlib.suppress(Exception):
+                self._index.forget(entry.sha256)
+            raise ContextFileMissing(
+                f"File {entry.path!r} of context '{context_id}' is no longer stored",
+                details={"context_id": context_id, "path": entry.path, "sha256": entry.sha256},
+            ) from None
 
     def _record(self, context_id: str) -> ContextRecord:
         record = self._table.get(context_id) if plausible(context_id) else None

@@ -97,7 +97,7 @@ def build_messages(contexts: Callable[[], ContextService], job: Job) -> tuple[Me
             else store.load(context_id).manifest
         )
         parts = [CONTEXT_PREAMBLE]
-        parts += [file_block(entry.path, store.read_file(entry)) for entry in manifest.files]
+        parts += [file_block(entry.path, store.read_file(entry, context_id)) for entry in manifest.files]
         parts.append(symbols_block(s.model_dump() for s in manifest.symbols))
         messages.insert(0, Message(role=CONTEXT_ROLE, content="".join(parts)))
     return tuple(messages)
