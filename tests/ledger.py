@@ -424,17 +424,14 @@ class TenantLedger:
                 running=int(usage.get("concurrency", {}).get("running", 0)),
                 committed_nanos=int(usage.get(f"day#{day}", {}).get("committed_nanos", 0)),
                 correction_milli=int(stats["correction_milli"]) if stats else 1000,
-                outputs=tuple(stats["outputs"]) if stats else (),
             )
 
     def stats(self, model_id: str) -> ModelStats:
         with self.ledger.lock:
             item = self._usage.get(f"stats#{model_id}")
             if not item:
-                return ModelStats(outputs=[])
-            return ModelStats(
-                item["correction_milli"], list(item["outputs"]), item["samples"], item["version"]
-            )
+                return ModelStats()
+            return ModelStats(item["correction_milli"], item["samples"], item["version"])
 
     def save_stats(self, model_id: str, stats: ModelStats, expected_version: int) -> bool:
         with self.ledger.lock:
@@ -443,7 +440,6 @@ class TenantLedger:
                 return False
             self._usage[f"stats#{model_id}"] = {
                 "correction_milli": stats.correction_milli,
-                "outputs": list(stats.outputs or []),
                 "samples": stats.samples,
                 "version": expected_version + 1,
             }

@@ -189,3 +189,40 @@ def test_an_empty_context_id_is_refused_by_name_and_writes_nothing() -> None:
     assert refused.value.details["fields"][0]["field"] == "context_id"
     assert not world.ledger.jobs and not world.ledger.claims
     assert job(context_id="").context_id == ""
+
+
+def test_the_limits_and_the_daily_budget_are_caps_whatever_past_jobs_used() -> None:
+    """A tenant whose jobs were all short: a large max_tokens is reserved whole, so it cannot run
+    past the per-minute limit or the day's budget (a reservation of typical output let one job spend
+    26 times the budget, and ten concurrent ones 67 times the day's tokens)."""
+    world = JobWorld(limits=TenantLimits(tokens_per_minute=10_000, tokens_per_day=10**9, max_concurrent_jobs=50))
+    service = world.service("acme")
+    for i in range(6):  # short answers, as the tenant's usual jobs are
+        service.create(f"short-{i}", job(max_tokens=5))
+        world.drain()
+    world.clock.now += 120  # the minute's bucket is whole again
+    admitted = service.create("big", job(max_tokens=6_000))
+    assert admitted.job.usage.estimated_tokens >= 6_000
+    with pytest.raises(TokenLimitExceeded):
+        service.create("big-2", job(max_tokens=6_000))  # 12,000 would not fit 10,000 a minute
+
+
+def test_a_job_cancelled_while_queued_counts_once_in_the_usage() -> None:
+    world = JobWorld()
+    service = world.service("acme")
+    created = service.create("k1", job())
+    service.cancel(created.job.job_id)
+    (row,) = world.ledger.tenant("acme").rollups("0000", "9999")
+    assert (row["jobs"], row["input_tokens"], row["output_tokens"], row["cost_nanos"]) == (1, 0, 0, 0)
+
+
+def test_a_429_waits_for_every_bucket_not_only_the_first_that_refused() -> None:
+    """Both buckets short: Retry-After is the longer wait (the day's), so a client that obeys it is
+    not refused again by the other bucket."""
+    world = JobWorld(limits=TenantLimits(tokens_per_minute=1_000, tokens_per_day=1_100, max_concurrent_jobs=16))
+    service = world.service("acme")
+    service.create("one", job(max_tokens=590))
+    with pytest.raises(TokenLimitExceeded) as refused:
+        service.create("two", job(max_tokens=590))
+    assert refused.value.details["window"] == "day"
+    assert refused.value.retry_after_seconds > 3_600  # the day's refill, not the minute's ~36 s

@@ -106,6 +106,10 @@ def test_settlement_refunds_only_while_the_period_has_not_passed() -> None:
     assert dict(late.bucket_deltas) == {"day": -25_920_000}
     more = limits.settle("job_1", plan.reservation, (ModelUsage("sim-fast", 400, 300, 0),))
     assert dict(more.bucket_deltas) == {"minute": 12_000_000, "day": 17_280_000}  # charged, always
+    # a debt of at most one period, however far a job ran over: the tenant is out for a minute at
+    # most on the minute's bucket (a 66-day lockout outlived any change of limits)
+    huge = limits.settle("job_1", plan.reservation, (ModelUsage("sim-fast", 100, 10**7, 0),))
+    assert dict(huge.bucket_deltas)["minute"] == 60_000_000
     budgeted = limiter(clock, daily_budget_nanos=10**9).plan(state(), 500, 1000)
     assert limits.settle("job_2", budgeted.reservation, used).budget == (budgeted.reservation.day, 40 - 1000)
 
@@ -116,15 +120,15 @@ def test_learning_moves_the_correction_within_bounds() -> None:
     learner = RateLimiter(ledger.tenant("learn"), TenantLimits(1000, 10**6, 10), clock_ms=clock.ms)
     estimate = Estimate(input_raw=1000, correction_milli=1000, input_tokens=1000, output_tokens=100)
     for _ in range(30):
-        learner.learn("sim-fast", estimate, input_tokens=3000, output_tokens=100)  # 3x the estimate
+        learner.learn("sim-fast", estimate, input_tokens=3000)  # 3x the estimate
     learned = ledger.tenant("learn").state("sim-fast", "2027-01-15")
     assert learned.correction_milli == 2000  # bounded
     for _ in range(3):
-        learner.learn("sim-fast", estimate, input_tokens=800, output_tokens=100)
+        learner.learn("sim-fast", estimate, input_tokens=800)
     moved = learner.estimate(ledger.tenant("learn").state("sim-fast", "2027-01-15"), 1000, 500)
     assert 800 < moved.correction_milli < 2000
     assert moved.input_tokens == -(-1000 * moved.correction_milli // 1000)
-    assert moved.output_tokens == 256  # recent outputs were 100: the floor, not max_tokens
+    assert moved.output_tokens == 500  # all of max_tokens, whatever past jobs used: limits are caps
 
 
 @pytest.mark.parametrize(

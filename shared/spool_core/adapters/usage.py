@@ -49,7 +49,6 @@ def state_from(items: Iterable[dict[str, Any]], day: str) -> UsageState:
         running=int(by_sk.get("concurrency", {}).get("running", 0)),
         committed_nanos=int(by_sk.get(f"day#{day}", {}).get("committed_nanos", 0)),
         correction_milli=int(stats["correction_milli"]) if stats else 1000,
-        outputs=tuple(int(x) for x in stats.get("outputs", [])) if stats else (),
     )
 
 
@@ -262,10 +261,9 @@ class DynamoUsageStore:
     def stats(self, model_id: str) -> ModelStats:
         item = self._get(f"stats#{model_id}")
         if not item:
-            return ModelStats(outputs=[])
+            return ModelStats()
         return ModelStats(
             correction_milli=int(item["correction_milli"]),
-            outputs=[int(x) for x in item.get("outputs", [])],
             samples=int(item.get("samples", 0)),
             version=int(item["version"]),
         )
@@ -274,7 +272,6 @@ class DynamoUsageStore:
         attributes = {
             "sk": f"stats#{model_id}",
             "correction_milli": stats.correction_milli,
-            "outputs": list(stats.outputs or []),
             "samples": stats.samples,
             "version": expected_version + 1,
         }

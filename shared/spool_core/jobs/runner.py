@@ -428,7 +428,7 @@ class _Attempt:
         reported = sum(self.input_reported.values())
         if status == "completed" and job.estimate and reported and len(usage) == 1:
             estimate = Estimate(**{k: int(v) for k, v in job.estimate.items()})
-            r._limiter.learn(usage[0].model_id, estimate, reported, end.usage.output_tokens)
+            r._limiter.learn(usage[0].model_id, estimate, reported)
         logger.info(
             "job ended",
             extra={

@@ -56,7 +56,7 @@ from spool_core.jobs.ports import (
     JobStore,
 )
 from spool_core.limits.errors import RateLimited
-from spool_core.limits.model import Reservation, ReservationPlan, UsageState
+from spool_core.limits.model import ModelUsage, Reservation, ReservationPlan, UsageState
 from spool_core.limits.service import RateLimiter, utc_day
 from spool_core.listing import DEFAULT_LIMIT, CursorCodec, Page, check_limit
 from spool_core.models import ModelCatalog, ModelSpec
@@ -477,7 +477,9 @@ class JobService:
                     output="",
                     subscribed=job.subscribed,
                 )
-                settlement = self._limiter.settle(job_id, reservation, ())
+                # It used nothing, and still counts once in the usage, as every job that ended does.
+                nothing = (ModelUsage(job.model_resolved, 0, 0, 0),)
+                settlement = self._limiter.settle(job_id, reservation, nothing)
                 return self._jobs.end(job_id, end, EndGuard("queued", token), settlement)
             except Conflict:
                 continue  # it moved on (started or finished) meanwhile: decide again

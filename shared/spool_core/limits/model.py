@@ -92,7 +92,6 @@ class UsageState(NamedTuple):
     running: int = 0
     committed_nanos: int = 0  # today's budget commitments
     correction_milli: int = 1000
-    outputs: tuple[int, ...] = ()
 
 
 class Reservation(NamedTuple):

@@ -34,10 +34,9 @@ MAX_USAGE_DAYS = 366  # one query reads one rollup per model and day
 
 @dataclass
 class ModelStats:
-    """What a tenant's past jobs on one model taught: the correction factor and recent outputs."""
+    """What a tenant's past jobs on one model taught: the correction of its input estimate."""
 
     correction_milli: int = 1000
-    outputs: list[int] | None = None
     samples: int = 0
     version: int = 0
 
@@ -92,20 +91,14 @@ class RateLimiter:
         defaults: TenantLimits,
         *,
         clock_ms: Callable[[], int] = now_ms,
-        min_output_tokens: int = 256,
         correction_bounds_milli: tuple[int, int] = (500, 2000),
         learning_rate: float = 0.2,
-        output_window: int = 20,
-        output_percentile: float = 0.9,
     ) -> None:
         self._store = store
         self._defaults = defaults
         self._clock_ms = clock_ms
-        self.min_output_tokens = min_output_tokens
         self.correction_bounds_milli = correction_bounds_milli
         self.learning_rate = learning_rate
-        self.output_window = output_window
-        self.output_percentile = output_percentile
 
     def now_ms(self) -> int:
         return self._clock_ms()
@@ -124,12 +117,12 @@ class RateLimiter:
 
     # ------------------------------------------------------------------ estimate
     def estimate(self, state: UsageState, input_raw: int, max_tokens: int) -> Estimate:
+        """The input as counted, corrected by what this tenant's jobs on the model reported, and the
+        whole ``max_tokens`` of output: a job can use all of it, and the limits and the daily budget
+        are caps (a reservation of typical output let a tenant trained on short answers run 26 times
+        its budget, and 67 times its daily tokens, with a few large ``max_tokens``)."""
         input_tokens = -(-input_raw * state.correction_milli // 1000)
         output = max_tokens
-        if len(state.outputs) >= 5:
-            ranked = sorted(state.outputs)
-            high = ranked[min(len(ranked) - 1, math.ceil(self.output_percentile * len(ranked)) - 1)]
-            output = min(max_tokens, max(high, min(max_tokens, self.min_output_tokens)))
         return Estimate(
             input_raw=input_raw,
             correction_milli=state.correction_milli,
@@ -150,12 +143,17 @@ class RateLimiter:
                 retry_after_seconds=1,
                 details={"running": state.running, "limit": limits.max_concurrent_jobs},
             )
-        takes = []
+        takes, refusals = [], []
         for bucket in self.buckets(limits):
             take = bucket.take(state.tats.get(bucket.name), now_us, tokens)
             if take is None:
-                raise self._token_limit(bucket, tokens, state.tats.get(bucket.name), now_us)
-            takes.append(take)
+                refusals.append(self._token_limit(bucket, tokens, state.tats.get(bucket.name), now_us))
+            else:
+                takes.append(take)
+        if refusals:
+            # The bucket that decides: one the job never fits, else the one with the longest wait (a
+            # client that waits for the first to have room would be refused by the other).
+            raise max(refusals, key=_deciding)
         room = None
         budget = limits.daily_budget_nanos
         if budget is not None:
@@ -242,15 +240,16 @@ class RateLimiter:
             bucket = Bucket(name, limit, period)
             difference = actual - reservation.tokens
             fresh = (now - reservation.reserved_at_ms) * 1000 < bucket.period_us
-            if difference > 0 or (difference < 0 and fresh):
-                sign = 1 if difference > 0 else -1
-                deltas.append((bucket.name, sign * bucket.cost_us(abs(difference))))
+            if difference > 0:  # a debt of at most one period: the bucket is never out for longer
+                deltas.append((bucket.name, min(bucket.cost_us(difference), bucket.period_us)))
+            elif difference < 0 and fresh:
+                deltas.append((bucket.name, -bucket.cost_us(-difference)))
         budget = (reservation.day, cost - reservation.cost_nanos) if reservation.budgeted else None
         return Settlement(job_id, tuple(usage), utc_day(now), tuple(deltas), budget)
 
-    def learn(self, model_id: str, estimate: Estimate, input_tokens: int, output_tokens: int) -> None:
-        """Move the tenant's correction toward actual/estimated input (bounded moving average) and
-        remember the output size. Best effort: losing a race skips one sample."""
+    def learn(self, model_id: str, estimate: Estimate, input_tokens: int) -> None:
+        """Move the tenant's correction toward actual/estimated input (bounded moving average). Best
+        effort: losing a race skips one sample."""
         for _ in range(3):
             stats = self._store.stats(model_id)
             if estimate.input_raw > 0 and input_tokens > 0:
@@ -258,7 +257,6 @@ class RateLimiter:
                 low, high = self.correction_bounds_milli
                 blended = (1 - self.learning_rate) * stats.correction_milli + self.learning_rate * ratio_milli
                 stats.correction_milli = min(high, max(low, round(blended)))
-            stats.outputs = [*(stats.outputs or []), output_tokens][-self.output_window :]
             stats.samples += 1
             if self._store.save_stats(model_id, stats, stats.version):
                 return
@@ -341,6 +339,10 @@ class RateLimiter:
             "limits": limits,
             "headers": self.headers(state),
         }
+
+
+def _deciding(refusal: TokenLimitExceeded) -> tuple[bool, float]:
+    return refusal.headers.get("x-should-retry") == "false", refusal.retry_after_seconds
 
 
 def _public_row(row: dict[str, Any]) -> dict[str, Any]:
