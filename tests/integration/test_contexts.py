@@ -219,3 +219,43 @@ def test_a_version_a_job_pinned_is_read_after_a_patch_and_gone_after_a_delete(
     service.delete(context_id)
     with pytest.raises(ContextNotFound):
         service.load_version(context_id, pinned)
+
+
+def test_if_match_makes_exactly_one_of_two_edits_of_a_version_win(invoke: Any) -> None:
+    """Every answer names its version as an ETag; a PATCH with If-Match applies to that version only,
+    so two clients that read version 1 cannot both write over the same file."""
+
+    def patch(context_id: str, content: str, if_match: str | None) -> tuple[int, Any, dict[str, str]]:
+        event = api_event(
+            "PATCH",
+            f"/v1/contexts/{context_id}",
+            body={"upsert": [{"path": "shared.py", "content": content}]},
+            tenant="etag",
+            resource="/v1/contexts/{context_id}",
+            headers={"If-Match": if_match} if if_match is not None else None,
+        )
+        event["pathParameters"] = {"context_id": context_id}
+        response = invoke("ContextsFunction", event)
+        headers = {name: values[-1] for name, values in (response.get("multiValueHeaders") or {}).items()}
+        return response["statusCode"], response_json(response), headers
+
+    created_event = api_event(
+        "POST", "/v1/contexts", body={"files": [{"path": "shared.py", "content": "0"}]}, tenant="etag"
+    )
+    created = invoke("ContextsFunction", created_event)
+    assert created["statusCode"] == 201 and created["multiValueHeaders"]["ETag"] == ['"1"']
+    context_id = response_json(created)["context_id"]
+    status, first, headers = patch(context_id, "mine", '"1"')
+    assert (status, first["version"], headers["ETag"]) == (200, 2, '"2"')
+    status, lost, _ = patch(context_id, "theirs", 'W/"1"')  # the other client, also from version 1
+    assert status == 409 and lost["error"]["code"] == "context_conflict"
+    assert (
+        lost["error"]["details"]["current_version"] == 2
+        and 'If-Match: "2"' in lost["error"]["suggestions"][0]
+    )
+    status, bad, _ = patch(context_id, "x", "abc")
+    assert status == 400 and bad["error"]["details"]["field"] == "If-Match"
+    status, merged, _ = patch(context_id, "last", None)  # no If-Match: applied to the current version
+    assert (status, merged["version"]) == (200, 3)
+    status, read = call(invoke, "GET", f"/v1/contexts/{context_id}", tenant="etag")
+    assert status == 200 and read["version"] == 3

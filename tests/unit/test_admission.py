@@ -195,7 +195,7 @@ def test_the_limits_and_the_daily_budget_are_caps_whatever_past_jobs_used() -> N
     """A tenant whose jobs were all short: a large max_tokens is reserved whole, so it cannot run
     past the per-minute limit or the day's budget (a reservation of typical output let one job spend
     26 times the budget, and ten concurrent ones 67 times the day's tokens)."""
-    world = JobWorld(limits=TenantLimits(tokens_per_minute=10_000, tokens_per_day=10**9, max_concurrent_jobs=50))
+    world = JobWorld(limits=TenantLimits(10_000, 10**9, 5))  # 10,000 a minute
     service = world.service("acme")
     for i in range(6):  # short answers, as the tenant's usual jobs are
         service.create(f"short-{i}", job(max_tokens=5))
@@ -219,7 +219,7 @@ def test_a_job_cancelled_while_queued_counts_once_in_the_usage() -> None:
 def test_a_429_waits_for_every_bucket_not_only_the_first_that_refused() -> None:
     """Both buckets short: Retry-After is the longer wait (the day's), so a client that obeys it is
     not refused again by the other bucket."""
-    world = JobWorld(limits=TenantLimits(tokens_per_minute=1_000, tokens_per_day=1_100, max_concurrent_jobs=16))
+    world = JobWorld(limits=TenantLimits(1_000, 1_100, 9))  # 1,000 a minute, 1,100 a day
     service = world.service("acme")
     service.create("one", job(max_tokens=590))
     with pytest.raises(TokenLimitExceeded) as refused:

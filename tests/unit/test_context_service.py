@@ -249,6 +249,22 @@ def test_a_patch_that_loses_to_a_concurrent_one_applies_again_and_then_is_a_conf
     assert conflict.value.details["expected_version"] == 3 + PATCH_ATTEMPTS - 1
 
 
+def test_a_patch_with_if_match_never_applies_to_another_version(h: Harness) -> None:
+    """One that loses its conditional write to a concurrent PATCH is a 409 at once (applied again to
+    the newer version, it would write over the other client's edit)."""
+    context_id = h.create({"a": "1"})["context_id"]
+    h.table.before_replace.append(context_id)  # another PATCH of version 1 lands first
+    with pytest.raises(ContextConflict) as lost:
+        h.service.patch(
+            context_id, PatchContextRequest(upsert=[{"path": "a", "content": "mine"}]), if_version=1
+        )
+    assert lost.value.details == {"context_id": context_id, "expected_version": 1, "current_version": 2}
+    assert h.service.get(context_id)["version"] == 2  # the other one's, and nothing of this one
+    with pytest.raises(ContextConflict):  # a stale version is refused before anything is stored
+        h.service.patch(context_id, PatchContextRequest(delete=["a"]), if_version=1)
+    assert h.service.patch(context_id, PatchContextRequest(delete=["a"]), if_version=2)["version"] == 3
+
+
 def test_delete_removes_the_context_and_its_manifests(h: Harness) -> None:
     context_id = h.create({"a": "1"})["context_id"]
     h.service.delete(context_id)

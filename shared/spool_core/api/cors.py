@@ -3,7 +3,7 @@ streaming app, and (in template.yaml) API Gateway's preflight and gateway respon
 
 ``SPOOL_CORS_ORIGINS`` is a comma-separated list of allowed origins, ``*`` for any. A response to an
 allowed origin names that origin (so a page on another origin can read it), and exposes the headers a
-client acts on: the request id, ``Retry-After`` and the rate-limit headers.
+client acts on: the request id, ``Retry-After``, the rate-limit headers and a context's ``ETag``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ EXPOSED_HEADERS = (
     "X-RateLimit-Reset-Tokens",
     "X-Spool-Job-Id",
     "x-should-retry",  # a 429 no retry can fix (OpenAI SDKs read it, in a browser too)
+    "ETag",  # a context's version, which a PATCH's If-Match names
 )
 # Request headers a browser may send beyond the CORS-safelisted ones: Spool's own by name, then any
 # other (``*``: the official OpenAI JS SDK sends its own ``x-stainless-*`` headers, and "existing

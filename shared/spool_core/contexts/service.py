@@ -266,18 +266,30 @@ class ContextService:
         self._table.create(record, self._ttl(expires_at))
         return self._summary(record)
 
-    def patch(self, context_id: str, request: PatchContextRequest) -> dict[str, Any]:
+    def patch(
+        self, context_id: str, request: PatchContextRequest, *, if_version: int | None = None
+    ) -> dict[str, Any]:
         """Apply the diff to the current version. A concurrent PATCH that landed first makes it apply
         again to the version that one made (a diff of other files merges; one that no longer fits,
-        say a delete of a file already deleted, says so), up to ``PATCH_ATTEMPTS`` times; then 409."""
+        say a delete of a file already deleted, says so), up to ``PATCH_ATTEMPTS`` times; then 409.
+
+        ``if_version`` (the request's ``If-Match``): apply only to that version, never to another;
+        409 naming the current one otherwise, so that of two clients editing one version exactly one
+        wins and the other reads what changed before it sends its diff again."""
+        if if_version is not None:
+            return self._patch_once(context_id, request, if_version)
         for _ in range(PATCH_ATTEMPTS - 1):
             with contextlib.suppress(ContextConflict):
                 return self._patch_once(context_id, request)
         return self._patch_once(context_id, request)  # the last attempt's conflict is the answer
 
-    def _patch_once(self, context_id: str, request: PatchContextRequest) -> dict[str, Any]:
+    def _patch_once(
+        self, context_id: str, request: PatchContextRequest, if_version: int | None = None
+    ) -> dict[str, Any]:
         loaded = self.load(context_id)
         record, manifest = loaded.record, loaded.manifest
+        if if_version is not None and record.version != if_version:
+            raise self._not_that_version(context_id, if_version, record.version)
         current = {entry.path: entry for entry in manifest.files}
         upserts = self._prepare(request.upsert)
         self._check_patch_paths(current, upserts, request.delete)
@@ -315,11 +327,26 @@ class ContextService:
         try:
             self._table.replace(new_record, self._ttl(expires_at), expected_version=record.version)
         except ConcurrentUpdate:
+            if if_version is not None:
+                now_at = self._table.get(context_id)
+                now_version = now_at.version if now_at else None
+                raise self._not_that_version(context_id, if_version, now_version) from None
             raise ContextConflict(
                 f"Context '{context_id}' changed while this update was applied",
                 details={"context_id": context_id, "expected_version": record.version},
             ) from None
         return self._summary(new_record)
+
+    @staticmethod
+    def _not_that_version(context_id: str, expected: int, current: int | None) -> ContextConflict:
+        return ContextConflict(
+            f"Context '{context_id}' is at version {current}, not {expected} (If-Match): nothing was changed",
+            details={"context_id": context_id, "expected_version": expected, "current_version": current},
+            suggestions=[
+                f"Read the context (GET /v1/contexts/{context_id}), apply your change to version"
+                f' {current}, and send it with If-Match: "{current}"',
+            ],
+        )
 
     def delete(self, context_id: str) -> None:
         self._record(context_id)  # 404 / 410 as for every use
