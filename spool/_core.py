@@ -443,6 +443,8 @@ class StreamState:
             return self.take(_object(event.data))
         if event.event == "done":
             self.end(_object(event.data))
+        elif event.event == "error":  # the stream's key was revoked while it ran
+            _raise_streamed(_object(event.data))
         return None
 
     def on_websocket(self, message: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -452,9 +454,7 @@ class StreamState:
         if kind == "done":
             self.end({k: v for k, v in message.items() if k != "type"})
         elif kind == "error":
-            error = message.get("error") or {}
-            status = 404 if str(error.get("code", "")).endswith("not_found") else 400
-            raise error_for(status, dict(message), {})
+            _raise_streamed(message)
         return None
 
     def on_page(self, page: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -503,6 +503,14 @@ def ending_error(result: Mapping[str, Any], last_sequence_id: int) -> JobEnded |
 def _object(data: str) -> dict[str, Any]:
     value = json.loads(data)
     return value if isinstance(value, dict) else {}
+
+
+def _raise_streamed(body: Mapping[str, Any]) -> None:
+    """An error a stream sent (WebSocket frame, SSE ``error`` event) in Spool's envelope, raised as
+    the status its code would have had (a revoked key: ``Unauthorized``, never retried)."""
+    code = str((body.get("error") or {}).get("code", ""))
+    status = 401 if code == "unauthorized" else 404 if code.endswith("not_found") else 400
+    raise error_for(status, dict(body), {})
 
 
 def check_transport(transport: str) -> None:

@@ -44,6 +44,7 @@ async def job_stream(request: Request) -> Response:
         settings,
         budget=job.request.max_tokens,
         allowed=who.access(bootstrap.api_keys()),  # the stream ends once its key is revoked
+        request_id=who.request_id,
     )
     return web.sse(events, headers)
 

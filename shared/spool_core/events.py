@@ -237,28 +237,50 @@ def job_events(
     *,
     budget: int | None = None,
     allowed: Callable[[], bool] | None = None,
+    request_id: str | None = None,
     clock: Callable[[], float] = time.monotonic,
     wall_ms: Callable[[], int] = now_ms,
 ) -> Iterator[str | Wait]:
     """The native stream: the job's events after ``after``, then ``done``; ends early, cleanly, at
     ``max_seconds`` (the client reconnects with ``Last-Event-ID``), or when the key it was opened
-    with stops being active (``allowed``: the reconnect is refused with 401, in Spool's envelope, as
-    the contract has errors before a stream starts). Yields text to send, or ``Wait``."""
+    with stops being active (``allowed``): then an ``error`` event in Spool's envelope says so (a
+    browser's EventSource would otherwise reconnect, unknowing, until its reconnect is refused), and
+    the reconnect is refused with 401. Yields text to send, or ``Wait``."""
     # The headers and a first byte go out at once (through every proxy); `retry` makes a browser
     # reconnect after one second instead of its default three.
     yield f"retry: {RETRY_MS}\n: connected\n\n"
     followed = follow(
         service, job_id, after, settings, budget=budget, allowed=allowed, clock=clock, wall_ms=wall_ms
     )
+    last = after
     for item in followed:  # TimeUp and Revoked end it without `done`
         if isinstance(item, dict):
+            last = item["sequence_id"]
             yield chunk_event(item)
         elif isinstance(item, Ping):
             yield PING
         elif isinstance(item, Ended):
             yield done_event(item.job)
+        elif isinstance(item, Revoked):
+            yield revoked_event(job_id, last, request_id)
         elif isinstance(item, Wait):
             yield item
+
+
+def revoked_event(job_id: str, last_sequence_id: int, request_id: str | None) -> str:
+    """The stream's key was revoked (or expired) while it ran: why it ends, and how to read the rest.
+    No ``id``: a reconnect resumes after the last chunk."""
+    from spool_core.api.errors import envelope  # loaded by the stream's web app already
+    from spool_core.auth import revoked_key_error  # loaded by the stream's key check already
+
+    error = revoked_key_error()
+    error.details.update(job_id=job_id, last_sequence_id=last_sequence_id)
+    error.suggestions[:1] = [
+        f"Job {job_id} goes on: read the rest with an active key's links.events"
+        f" (GET /v1/jobs/{job_id}), with 'Last-Event-ID: {last_sequence_id}'"
+    ]
+    data = json.dumps(envelope(error, request_id), separators=(",", ":"))
+    return f"event: error\ndata: {data}\n\n"
 
 
 def texts(events: Iterator[str | Wait], sleep: Callable[[float], None] = time.sleep) -> Iterator[str]:

@@ -61,8 +61,9 @@ HTTP_METHODS = frozenset({"DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "
 # Not an API Gateway route: the local stack answers it, so `spool keys|limits` find its AWS endpoint
 # and tables without flags. It is served on loopback only, like the rest of the local stack.
 LOCAL_INFO_PATH = "/_spool/stack"
-# Also local only: cut every open stream of a job (?job_id=) or all of them, as a network failure
-# would, so a client's resume from Last-Event-ID can be seen (the playground's "drop connection").
+# Also local only: cut every open stream of a job (?job_id=), as a network failure would, so a
+# client's resume from Last-Event-ID can be seen (the playground's "drop connection"). It needs no
+# key (a page on another origin uses it), so it needs the job's id: a page that knows none cuts nothing.
 DROP_STREAMS_PATH = "/_spool/drop-streams"
 LOCAL_ROUTE_HEADER = "X-Spool-Local"  # marks the local stack's own answers (not API Gateway's)
 # The playground (plain HTML and JavaScript) is the local stack's page at `/`; not deployed.
@@ -466,8 +467,13 @@ class RestApiEmulator:
                 "index.html" if path == "/" else path.removeprefix("/playground/"), request_id
             )
         if path == DROP_STREAMS_PATH and method == "POST":
-            job_id = dict(query).get("job_id")
-            dropped = self.drop_streams(f"/v1/jobs/{job_id}/" if job_id else "/")
+            job_id = dict(query).get("job_id") or ""
+            if not job_id.startswith("job_") or "/" in job_id:
+                message = "Name the job whose streams to cut: POST /_spool/drop-streams?job_id=job_..."
+                refused = self.gateway_response("DEFAULT_4XX", request_id, status=400, message=message)
+                refused.headers[LOCAL_ROUTE_HEADER] = "1"
+                return refused
+            dropped = self.drop_streams(f"/v1/jobs/{job_id}/")
             return HttpResponse(200, headers, json.dumps({"dropped": dropped}).encode())
         return None
 
@@ -960,7 +966,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
             logging.DEBUG if warm_up else logging.INFO,
             "%s %s %d %.0f ms %s%s",
             self.command or "-",
-            self.path or self.requestline[:100],
+            _redacted(self.path or self.requestline[:100]),
             response.status,
             (time.monotonic() - started) * 1000,
             response.headers.get("X-Request-Id") or response.headers.get("x-amzn-RequestId", ""),
@@ -998,6 +1004,15 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         return None  # one line per request is logged by _send, through logging
+
+
+_SECRET_QUERY = re.compile(r"((?:^|[?&])(?:token|api_key)=)[^&#]+", re.IGNORECASE)
+
+
+def _redacted(path: str) -> str:
+    """A request's path as the log shows it: an events token (a year's read access to a job) or a
+    key in the query is a credential, and logs are read by more people than keys are."""
+    return _SECRET_QUERY.sub(r"\1…", path)
 
 
 class GatewayHttpServer(ThreadingHTTPServer):

@@ -152,6 +152,11 @@ def test_a_stream_cut_by_the_network_resumes_without_loss(dev_stack: RunningStac
     assert cut is not None and cut.error is not None  # the client saw the connection break off
     rest, _ = follow(dev_stack, job["job_id"], chunks[-1]["id"])
     assert_whole(chunks + rest, wait_terminal(dev_stack, job["job_id"]))
+    # it needs no key (a page on another origin uses it), so it cuts only a job it is told: a page
+    # that knows no job id cuts nothing of anyone's
+    for blind in ("/_spool/drop-streams", "/_spool/drop-streams?job_id=", "/_spool/drop-streams?job_id=x/"):
+        status, _, refused = dev_stack.request("POST", blind, key=None)
+        assert status == 400 and "job_id" in refused["error"]["message"], blind
 
 
 def test_streams_end_at_their_time_limit_and_resume_to_the_whole_answer(dev_stack: RunningStack) -> None:
@@ -197,6 +202,9 @@ def test_links_events_needs_no_header_and_opens_nothing_else(dev_stack: RunningS
         assert body["error"]["suggestions"]
     other_tenant = dev_stack.request("GET", f"/v1/jobs/{job['job_id']}/events", key=OTHER_KEY)
     assert other_tenant[0] == 404
+    # the stack's request log names the stream, never its token (a year's read access to the job)
+    logged = [line for line in list(dev_stack.output) if f"/v1/jobs/{job['job_id']}/events?token=" in line]
+    assert logged and not any(token in line for line in logged)
 
 
 ROUTES = [

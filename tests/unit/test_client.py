@@ -25,6 +25,7 @@ from spool.client import (
     RateLimited,
     ServerError,
     SyncError,
+    Unauthorized,
 )
 from spool.sync import LAMBDA_PAYLOAD_BYTES, serialized_size, snapshot
 
@@ -231,6 +232,25 @@ def test_sse_resumes_after_an_early_end_then_raises_job_failed_after_every_chunk
     assert stream.result is not None and stream.result["usage"]["output_tokens"] == 2
     assert stream.tokens == 2
     assert progress[-1] == {"sequence_id": 2, "tokens_generated": None, "chunks": 2}
+
+
+def test_a_stream_whose_key_was_revoked_raises_unauthorized_after_its_chunks_without_reconnecting() -> None:
+    revoked = {
+        "error": {
+            "code": "unauthorized",
+            "message": "This API key was revoked",
+            "details": {"job_id": "job_1", "last_sequence_id": 1},
+            "suggestions": ["Job job_1 goes on: read the rest with an active key"],
+            "request_id": "req-1",
+        }
+    }
+    server = Recorder(sse(("chunk", {"sequence_id": 1, "text": "a"}), ("error", revoked)))
+    stream = client_for(server).stream("job_1")
+    received: list[str] = []
+    with pytest.raises(Unauthorized) as raised:
+        received.extend(stream)
+    assert received == ["a"] and len(server.requests) == 1  # no reconnect with the revoked key
+    assert raised.value.details["last_sequence_id"] == 1
 
 
 def test_poll_reads_the_job_for_the_ending_and_raises_job_cancelled() -> None:

@@ -246,6 +246,13 @@ def test_a_stream_ends_within_its_check_interval_once_its_key_is_revoked(idle: b
     assert not any(e.get("event") == "done" for e in events)  # ended early: a reconnect gets 401
     assert 1020.0 <= clock.now <= 1020.0 + 5  # within one check interval of the revocation
     chunks = [e for e in events if e.get("event") == "chunk"]
+    # the last event says why, in Spool's envelope, and where to go on from (an EventSource would
+    # otherwise reconnect, unknowing, while another container's key cache still admits it)
+    assert events[-1]["event"] == "error" and "id" not in events[-1]
+    error = events[-1]["data"]["error"]
+    assert error["code"] == "unauthorized" and "revoked" in error["message"]
+    assert error["details"] == {"job_id": "job_1", "last_sequence_id": len(chunks)}
+    assert f"'Last-Event-ID: {len(chunks)}'" in error["suggestions"][0]
     assert [int(e["id"]) for e in chunks] == list(range(1, len(chunks) + 1))  # nothing skipped
     assert len(chunks) == (0 if idle else 20)  # everything written while the key was good
     # asked once per interval, not on every look at the log (the cache makes a miss one read)

@@ -549,12 +549,26 @@
       lostCause = null;
       setConnection("open");
     };
-    es.onerror = () => {
+    es.onerror = (event) => {
       if (es !== stream) return;
+      if (event.data !== undefined) {
+        // Spool's own `event: error` (the stream's key was revoked): say why, and stop here; the
+        // browser would otherwise reconnect until a reconnect is refused.
+        es.close();
+        stream = null;
+        const body = JSON.parse(event.data);
+        setConnection("closed");
+        showError(new ApiError({ ...body.error, status: 401 }), "Stream ended");
+        log(`the server ended the stream: ${body.error.message}`, "bad");
+        stopPolling();
+        setRunning(false);
+        return;
+      }
       if (es.readyState === EventSource.CONNECTING) {
         lostCause = dropPending ? "dropped" : "ended";
         dropPending = false;
-        const why = lostCause === "dropped" ? "dropped" : "ended by the server (stream time limit)";
+        // The page cannot tell a time limit from a network failure: both end the connection.
+        const why = lostCause === "dropped" ? "dropped" : "ended by the server or the network";
         log(`connection ${why} after id ${state.lastEventId}; the browser reconnects by itself`, "warn");
         state.events.push({ type: "lost", id: state.lastEventId });
         setConnection("reconnecting");
