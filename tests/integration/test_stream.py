@@ -386,8 +386,9 @@ def test_a_stream_ends_once_the_key_it_was_opened_with_is_revoked(
 ) -> None:
     """A stream can hold its function for the whole of a long job; it used to run to the job's end
     after its key was revoked, where a WebSocket opened with that key was closed. Now it asks through
-    the key cache (off here) every few seconds: the native stream ends without ``done`` (the client's
-    reconnect is refused, 401), an OpenAI stream with an error SDKs raise. The job goes on."""
+    the key cache (off here) every few seconds: the native stream ends without ``done``, with an
+    ``error`` event saying why (the client's reconnect is refused, 401), an OpenAI stream with an
+    error SDKs raise. The job goes on."""
     keys = operator()
     key, record = keys.create(tenant, "to revoke")
     other, _ = keys.create(tenant, "kept")
@@ -418,7 +419,11 @@ def test_a_stream_ends_once_the_key_it_was_opened_with_is_revoked(
     text = b"".join(received).decode()
     if route == "events":
         events, _ = read_text(text)
-        assert events == []  # no `done`: the job goes on
+        (revoked,) = events  # no `done` (the job goes on): why the stream ends, in Spool's envelope
+        assert revoked["event"] == "error" and "id" not in revoked
+        error = revoked["data"]["error"]
+        assert error["code"] == "unauthorized" and error["details"]["job_id"] == job_id
+        assert error["request_id"] == event["requestContext"]["requestId"]
         assert service.get(job_id).status == "queued"
         return
     datas = [json.loads(line[6:]) for line in text.split("\n") if line.startswith("data: ")]
