@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,9 @@ EVENT_ROOM_BYTES = 64 * 1024
 DIRECT_UPLOAD_LIMIT = LAMBDA_PAYLOAD_BYTES - EVENT_ROOM_BYTES
 MAX_FILE_BYTES = 1_000_000
 ALWAYS_IGNORED = [".git/", "__pycache__/", ".venv/"]
+# Characters the server refuses in a path (spool_core.contexts.service: the client does not import
+# the server's code): bidirectional controls, which show a name other than the one stored.
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 Progress = Callable[[str, int, int], None]
 
@@ -69,6 +73,10 @@ def snapshot(
             continue
         if not path.resolve().is_relative_to(root):  # a link out of the directory: never uploaded
             skipped.append({"path": relative, "reason": "a link to a file outside the directory"})
+            continue
+        if any(unicodedata.category(c) == "Cc" or c in BIDI_CONTROLS for c in relative):
+            # the server refuses such a path (it would show one name and hold another)
+            skipped.append({"path": repr(relative), "reason": "a name with a control character"})
             continue
         candidates.append((path, relative))
     for done, (path, relative) in enumerate(candidates, 1):

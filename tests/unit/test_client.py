@@ -335,7 +335,10 @@ def test_a_missing_path_a_file_or_nothing_to_upload_is_a_sync_error(tmp_path: Pa
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "logo.png").write_bytes(b"\x89PNG\x00\x00")
     (tmp_path / "bin" / "latin.txt").write_bytes("café".encode("latin-1"))
-    with pytest.raises(SyncError, match=r"2 skipped \(1 binary, 1 not UTF-8 text\)"):
+    (tmp_path / "bin" / "two\nlines.py").write_text("x = 1\n")  # the server refuses such a name
+    (tmp_path / "bin" / "evil\u202egnp.py").write_text("x = 1\n")
+    expected = r"4 skipped \(2 a name with a control character, 1 binary, 1 not UTF-8 text\)"
+    with pytest.raises(SyncError, match=expected):
         client.sync_directory(tmp_path / "bin")
     assert server.requests == []
 

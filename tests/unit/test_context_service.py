@@ -126,7 +126,22 @@ def test_symbols_count_toward_the_context_and_its_limits() -> None:
     assert (patched["size_bytes"], patched["token_count"]) == (6, tokens.count("x = 1\n"))
 
 
-@pytest.mark.parametrize("path", ["", "/abs.py", "a/../b", "./a", "a//b", "a/", "a\\b", "nul\x00.py"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "",
+        "/abs.py",
+        "a/../b",
+        "./a",
+        "a//b",
+        "a/",
+        "a\\b",
+        "nul\x00.py",
+        "two\nlines.py",
+        "evil\u202egnp.py",
+        "tab\t.py",
+    ],
+)
 def test_invalid_paths_are_rejected_before_anything_is_written(h: Harness, path: str) -> None:
     with pytest.raises(InvalidPath) as raised:
         h.create({"ok.py": "x", path: "y"})

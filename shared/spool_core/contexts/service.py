@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ from spool_core.prompt import CONTEXT_PREAMBLE, CONTEXT_ROLE, FILE_CLOSE, file_o
 from spool_core.tenancy import Tenant
 
 DAY = 86_400.0
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 TOO_LARGE_SUGGESTIONS = [
     "Leave out files the model does not need (PATCH with 'delete' drops them)",
     "Split the material into several contexts, one per job's need",
@@ -131,6 +133,10 @@ def validate_path(path: str) -> None:
         reason = "is empty"
     elif "\x00" in path:
         reason = "contains a NUL character"
+    elif any(unicodedata.category(c) == "Cc" or c in BIDI_CONTROLS for c in path):
+        # a newline starts a line of its own in a listing; a bidi control shows a name other than
+        # the one stored (the "Trojan Source" trick)
+        reason = "contains a control or bidirectional-override character"
     elif path.startswith("/"):
         reason = "starts with '/'; paths are relative"
     elif "\\" in path:
