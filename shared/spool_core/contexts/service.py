@@ -600,7 +600,8 @@ class ContextService:
         current: Mapping[str, FileEntry], upserts: Sequence[_Prepared], deletes: Sequence[str]
     ) -> None:
         for path in deletes:
-            validate_path(path)
+            if path not in current:  # one the context holds is deleted whatever rules it was stored under
+                validate_path(path)
         repeated = {p for p in deletes if deletes.count(p) > 1} | ({p.path for p in upserts} & set(deletes))
         if repeated:
             raise DuplicatePath(
