@@ -27,7 +27,9 @@ MAX_FILE_BYTES = 1_000_000
 ALWAYS_IGNORED = [".git/", "__pycache__/", ".venv/"]
 # Characters the server refuses in a path (spool_core.contexts.service: the client does not import
 # the server's code): bidirectional controls, which show a name other than the one stored.
-BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2028\u2029\u200b\ufeff"
+)
 
 Progress = Callable[[str, int, int], None]
 

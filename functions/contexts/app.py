@@ -87,7 +87,7 @@ def _if_match(header: str | None) -> int | None:
     if header is None or header.strip() == "*":
         return None
     tag = header.strip().removeprefix("W/").strip('"')
-    if not tag.isdigit() or len(tag) > 15:
+    if not (tag.isascii() and tag.isdecimal()) or len(tag) > 15:
         raise InvalidRequest(
             f"If-Match {header[:40]!r} names no version of a context",
             details={"field": "If-Match", "fields": [{"field": "If-Match", "message": "not a version"}]},

@@ -33,7 +33,7 @@ CACHE_SECONDS_ENV = "SPOOL_AUTH_CACHE_SECONDS"
 DEFAULT_CACHE_SECONDS = 30.0
 NEGATIVE_CACHE_SECONDS = 5.0
 CACHE_MAX_ENTRIES = 10_000
-REVOKED_MESSAGE = "This API key was revoked"
+REVOKED_MESSAGE = "This API key was revoked or has expired"
 
 KeyState = Literal["active", "revoked", "expired"]
 

@@ -69,15 +69,7 @@ class WebSocketGateway:
         self._loop = asyncio.new_event_loop()
         self._server: Server | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, name="websocket-gateway", daemon=True)
-        # API Gateway bounds no route's integrations but by the function's concurrency. asyncio's
-        # default executor would (min(32, CPUs + 4): 6 threads on 2 cores), and a burst of $connects
-        # and subscribes, each holding a thread while it pushes, queued behind it for 0.4-0.7 s.
-        concurrency = sum(
-            getattr(function, "max_concurrency", DEFAULT_CONCURRENCY)
-            for function in {id(f): f for f in routes.values()}.values()
-        )
-        threads = max(1, concurrency) * (1 + WAITING_PER_CONTAINER)
-        self._invocations = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="websocket-route")
+        self._invocations: ThreadPoolExecutor | None = None  # made at start, for the routes it serves
         self.api_id = "wslocal"
 
     @property
@@ -85,6 +77,16 @@ class WebSocketGateway:
         return f"ws://{self._host}:{self._port}"
 
     def start(self) -> WebSocketGateway:
+        # API Gateway bounds no route's integrations but by the function's concurrency. asyncio's
+        # default executor would (min(32, CPUs + 4): 6 threads on 2 cores), and a burst of $connects
+        # and subscribes, each holding a thread while it pushes, queued behind it for 0.4-0.7 s.
+        # Sized here, not in __init__: the stack gives the gateway its routes once the functions exist.
+        concurrency = sum(
+            getattr(function, "max_concurrency", DEFAULT_CONCURRENCY)
+            for function in {id(f): f for f in self._routes.values()}.values()
+        )
+        threads = max(DEFAULT_CONCURRENCY, concurrency) * (1 + WAITING_PER_CONTAINER)
+        self._invocations = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="websocket-route")
         self._thread.start()
         future = asyncio.run_coroutine_threadsafe(self._start(), self._loop)
         future.result(timeout=10)
@@ -108,7 +110,8 @@ class WebSocketGateway:
             asyncio.run_coroutine_threadsafe(close(), self._loop).result(timeout=10)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
-        self._invocations.shutdown(wait=False, cancel_futures=True)
+        if self._invocations is not None:
+            self._invocations.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ events
     def _event(self, route: str, connection_id: str, kind: str, **extra: Any) -> dict[str, Any]:

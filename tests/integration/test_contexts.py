@@ -253,8 +253,9 @@ def test_if_match_makes_exactly_one_of_two_edits_of_a_version_win(invoke: Any) -
         lost["error"]["details"]["current_version"] == 2
         and 'If-Match: "2"' in lost["error"]["suggestions"][0]
     )
-    status, bad, _ = patch(context_id, "x", "abc")
-    assert status == 400 and bad["error"]["details"]["field"] == "If-Match"
+    for odd in ("abc", '"²"', '"-1"', '"1.0"'):  # "²" is a digit to str.isdigit, not to int()
+        status, bad, _ = patch(context_id, "x", odd)
+        assert status == 400 and bad["error"]["details"]["field"] == "If-Match", odd
     status, merged, _ = patch(context_id, "last", None)  # no If-Match: applied to the current version
     assert (status, merged["version"]) == (200, 3)
     status, read = call(invoke, "GET", f"/v1/contexts/{context_id}", tenant="etag")

@@ -109,7 +109,7 @@ def revoked_frame(frames: list[dict[str, Any]]) -> dict[str, Any]:
     error = frames[-1]
     assert error["type"] == "error"
     assert error["error"]["code"] == "unauthorized"
-    assert error["error"]["message"] == "This API key was revoked"
+    assert error["error"]["message"] == "This API key was revoked or has expired"
     assert error["error"]["suggestions"]
     assert error["error"]["request_id"]  # the message's, or the fanout invocation's: a log to look up
     return error

@@ -191,6 +191,20 @@ def test_an_empty_context_id_is_refused_by_name_and_writes_nothing() -> None:
     assert job(context_id="").context_id == ""
 
 
+def test_a_retry_of_a_job_accepted_before_empty_context_ids_were_refused_answers_that_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from spool_core.jobs import service as jobs_service
+
+    world = JobWorld()
+    with monkeypatch.context() as before:  # the previous version admitted it
+        before.setattr(jobs_service, "refuse_empty_context_id", lambda _: None)
+        first = world.service("acme").create("k-old", job(context_id=""))
+    with pytest.raises(RequestInProgress) as retried:  # its retry is a retry, not a new request
+        world.service("acme").create("k-old", job(context_id=""))
+    assert retried.value.details["job_id"] == first.job.job_id
+
+
 def test_the_limits_and_the_daily_budget_are_caps_whatever_past_jobs_used() -> None:
     """A tenant whose jobs were all short: a large max_tokens is reserved whole, so it cannot run
     past the per-minute limit or the day's budget (a reservation of typical output let one job spend
@@ -226,3 +240,7 @@ def test_a_429_waits_for_every_bucket_not_only_the_first_that_refused() -> None:
         service.create("two", job(max_tokens=590))
     assert refused.value.details["window"] == "day"
     assert refused.value.retry_after_seconds > 3_600  # the day's refill, not the minute's ~36 s
+    headers = refused.value.headers  # and its headers describe that bucket, as its body does
+    assert headers["X-RateLimit-Limit-Tokens"] == "1100"
+    assert int(headers["X-RateLimit-Remaining-Tokens"]) == refused.value.details["tokens_remaining"]
+    assert int(headers["X-RateLimit-Reset-Tokens"]) > 3_600

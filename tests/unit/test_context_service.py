@@ -12,6 +12,7 @@ from spool_core.chat import Message
 from spool_core.contexts.errors import (
     ContextConflict,
     ContextExpired,
+    ContextFileMissing,
     ContextNotFound,
     DuplicatePath,
     InvalidContent,
@@ -124,6 +125,22 @@ def test_symbols_count_toward_the_context_and_its_limits() -> None:
         h.patch(summary["context_id"], symbols=[{"name": "n" * 500, "path": "a.py"}] * 5)
     patched = h.patch(summary["context_id"], symbols=[])
     assert (patched["size_bytes"], patched["token_count"]) == (6, tokens.count("x = 1\n"))
+
+
+def test_a_context_stored_under_looser_limits_stays_editable_down_to_them() -> None:
+    """Limits lowered after a context was stored (or symbols counted since): a PATCH that does not
+    grow it is never refused, so it can still be edited, and made to fit; growth is refused."""
+    h = Harness()
+    symbols = [{"name": f"f{i}", "path": "a.py"} for i in range(40)]
+    context_id = h.create({"a.py": "x" * 500, "b.py": "y" * 500}, symbols=symbols)["context_id"]
+    h.service.limits = ContextLimits(max_bytes=600, max_files=1, max_symbols=10)
+    same_size = h.patch(context_id, upsert=[{"path": "a.py", "content": "z" * 500}])  # over every limit
+    assert same_size["version"] == 2
+    assert h.patch(context_id, delete=["b.py"])["file_count"] == 1  # smaller, still over in size
+    with pytest.raises(PayloadTooLarge):
+        h.patch(context_id, upsert=[{"path": "a.py", "content": "x" * 501}])  # grows
+    with pytest.raises(TooManySymbols):  # new symbols are held to the rules
+        h.patch(context_id, symbols=symbols)
 
 
 @pytest.mark.parametrize(
@@ -440,6 +457,11 @@ def test_other_encodings_are_counted_once_and_cached(h: Harness) -> None:
     (info,) = h.index.items.values()
     assert info.tokens[tokens.O200K] == tokens.count("héllo wörld " * 50, tokens.O200K)
     assert h.service.prompt_tokens(loaded, tokens.O200K) == o200k
+    gone = h.create({"b.txt": "never counted in o200k"})["context_id"]
+    (sha,) = [e.sha256 for e in h.service.load(gone).manifest.files]
+    del h.blobs.objects[sha]  # a blob the bucket lost: said as such, never a bare KeyError (a 500)
+    with pytest.raises(ContextFileMissing):
+        h.service.prompt_tokens(h.service.load(gone), tokens.O200K)
 
 
 def test_each_tenant_may_open_so_many_uploads_an_hour() -> None:

@@ -594,3 +594,11 @@ def test_a_fault_the_simulator_cannot_read_fails_the_job_naming_it(simulate: Any
     job_id = create(plain, metadata={"simulate": simulate})
     plain.drain()
     assert plain.ledger.tenant("acme").get(job_id).status == "completed"  # type: ignore[union-attr]
+
+
+def test_a_fault_for_any_model_may_say_so_with_a_null_model() -> None:
+    world = JobWorld()
+    job_id = create(world, metadata={"simulate": {"fault": "fatal", "at_token": 3, "model": None}})
+    world.drain()
+    job = world.ledger.tenant("acme").get(job_id)
+    assert job is not None and job.error is not None and "simulated permanent failure" in job.error["message"]

@@ -46,13 +46,10 @@ class Stage:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(path))
         listener.listen()
-        self.gateway = WebSocketGateway(
-            dict.fromkeys(routes, self.function),  # type: ignore[arg-type]
-            listener,
-            stage="prod",
-            throttles=throttles,
-            clock=self.clock,
-        ).start()
+        self.gateway = WebSocketGateway({}, listener, stage="prod", throttles=throttles, clock=self.clock)
+        # routed after it is made and before it starts, as the stack does (its functions come later)
+        self.gateway._routes = dict.fromkeys(routes, self.function)  # type: ignore[assignment]
+        self.gateway.start()
 
     def _handle(self, event: dict[str, Any]) -> dict[str, Any]:
         context = event["requestContext"]

@@ -73,7 +73,11 @@ from spool_core.prompt import CONTEXT_PREAMBLE, CONTEXT_ROLE, FILE_CLOSE, file_o
 from spool_core.tenancy import Tenant
 
 DAY = 86_400.0
-BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# Bidirectional controls show a name other than the one stored; line and paragraph separators start a
+# line of their own; a zero-width space or BOM makes two names that look alike.
+BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2028\u2029\u200b\ufeff"
+)
 TOO_LARGE_SUGGESTIONS = [
     "Leave out files the model does not need (PATCH with 'delete' drops them)",
     "Split the material into several contexts, one per job's need",
@@ -308,11 +312,18 @@ class ContextService:
             if request.metadata is not None
             else manifest.metadata
         )
+        # New symbols are checked; kept ones are as they were stored (under rules that may have been
+        # looser), and a PATCH that does not grow the context is never refused for its size: a context
+        # stored before a limit changed must stay editable, and deletable down to it.
+        if request.symbols is not None:
+            self._check_symbols(request.symbols)
         symbols = request.symbols if request.symbols is not None else manifest.symbols
         symbols = [s for s in symbols if s.path not in deleted]
         size = sum(e.size_bytes for e in kept.values()) + sum(p.size_bytes for p in changed)
-        size += self._check_symbols(symbols)
-        self._check_limits(len(kept) + len(changed), size + metadata_size(metadata))
+        size += _symbols_bytes(symbols) + metadata_size(metadata)
+        before = sum(e.size_bytes for e in manifest.files) + _symbols_bytes(manifest.symbols)
+        before += metadata_size(manifest.metadata)
+        self._check_limits(len(kept) + len(changed), size, before=(len(manifest.files), before))
 
         now = self._clock()
         expires_at = now + request.ttl_seconds if request.ttl_seconds is not None else record.expires_at
@@ -514,12 +525,13 @@ class ContextService:
         infos = self._index.get_many({e.sha256 for e in manifest.files})
         missing = {e.sha256 for e in manifest.files if encoding not in infos.get(e.sha256, _NO_INFO).tokens}
         if missing:
+            entries = {e.sha256: e for e in manifest.files}
+
+            def tokenize(sha: str) -> tuple[str, int]:  # a blob gone is context_file_missing, not a 500
+                return sha, tokens.count(self.read_file(entries[sha], manifest.context_id), encoding)
+
             with ThreadPoolExecutor(self.limits.workers) as pool:
-                counted = dict(
-                    pool.map(
-                        lambda sha: (sha, tokens.count(self._blobs.get(sha).decode(), encoding)), missing
-                    )
-                )
+                counted = dict(pool.map(tokenize, missing))
             for sha, count in counted.items():
                 info = infos.get(sha)
                 if info is not None:
@@ -581,13 +593,19 @@ class ContextService:
                 validate_path(symbol.path)
         return _symbols_bytes(symbols)
 
-    def _check_limits(self, file_count: int, size_bytes: int) -> None:
-        if file_count > self.limits.max_files:
+    def _check_limits(
+        self, file_count: int, size_bytes: int, *, before: tuple[int, int] | None = None
+    ) -> None:
+        """The file count and size of a context against the limits; with ``before`` (an update's
+        count and size of the version it changes), only growth past a limit is refused."""
+        more_files = before is None or file_count > before[0]
+        larger = before is None or size_bytes > before[1]
+        if more_files and file_count > self.limits.max_files:
             raise TooManyFiles(
                 f"{file_count:,} files is more than the limit of {self.limits.max_files:,}",
                 details={"file_count": file_count, "limit": self.limits.max_files},
             )
-        if size_bytes > self.limits.max_bytes:
+        if larger and size_bytes > self.limits.max_bytes:
             raise PayloadTooLarge(
                 f"Context size {size_bytes:,} bytes exceeds the limit of {self.limits.max_bytes:,}",
                 details={"size_bytes": size_bytes, "limit_bytes": self.limits.max_bytes},

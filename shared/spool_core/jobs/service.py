@@ -55,7 +55,7 @@ from spool_core.jobs.ports import (
     JobQueue,
     JobStore,
 )
-from spool_core.limits.errors import RateLimited
+from spool_core.limits.errors import RateLimited, TokenLimitExceeded
 from spool_core.limits.model import ModelUsage, Reservation, ReservationPlan, UsageState
 from spool_core.limits.service import RateLimiter, utc_day
 from spool_core.listing import DEFAULT_LIMIT, CursorCodec, Page, check_limit
@@ -181,7 +181,6 @@ class JobService:
         """Admit ``request`` once per ``key``. ``echo``: what the OpenAI surface that made the job
         shows of its request and the job does not keep (kept on the job as it is)."""
         key = check_idempotency_key(key)
-        refuse_empty_context_id(request.context_id)  # at admission: a stored request reads back as it was
         too_large = _stored_size_error(request)
         if too_large is not None:
             # Messages longer than the model's window are told so (context_too_large) before being
@@ -199,6 +198,9 @@ class JobService:
                     break  # an attempt whose reply was lost had been applied
                 return self._replay(claim, fingerprint, state)
             if job is None:
+                # a new job only (a replay of one accepted before this check answers as before); here,
+                # not in the model: a stored request reads back as it was written
+                refuse_empty_context_id(request.context_id)
                 job = self._new_job(request, fingerprint, echo)
             model = self._models.resolve(job.model_resolved)
             plan = self._plan(job, model, state)
@@ -256,7 +258,8 @@ class JobService:
         try:
             plan = self._limiter.plan(state, estimate.total, cost)
         except RateLimited as limited:
-            limited.headers.update(self._limiter.headers(state))
+            refused = limited.details.get("window") if isinstance(limited, TokenLimitExceeded) else None
+            limited.headers.update(self._limiter.headers(state, window=refused))
             raise
         object.__setattr__(job, "usage", Usage(estimated_tokens=estimate.total))
         object.__setattr__(job, "estimate", estimate._asdict())

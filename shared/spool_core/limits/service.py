@@ -262,13 +262,17 @@ class RateLimiter:
                 return
 
     # ------------------------------------------------------------------ state
-    def headers(self, state: UsageState, plan: ReservationPlan | None = None) -> dict[str, str]:
+    def headers(
+        self, state: UsageState, plan: ReservationPlan | None = None, *, window: str | None = None
+    ) -> dict[str, str]:
         """X-RateLimit-* of the bucket with the fewest tokens left (the one a job would hit first: the
-        per-minute bucket, or the per-day one once it is the tighter, as a 429 it refused says), after
-        ``plan``'s takes when it was committed."""
+        per-minute bucket, or the per-day one once it is the tighter), after ``plan``'s takes when it
+        was committed; of ``window``'s bucket when a 429 named it (its body and headers agree)."""
         now_us = self.now_ms() * 1000
         tightest: tuple[int, int, int] | None = None  # remaining, limit, reset seconds
         for bucket in self.buckets(self.limits(state)):
+            if window is not None and bucket.name != window:
+                continue
             tat = state.tats.get(bucket.name)
             for take in plan.takes if plan else ():
                 if take.bucket == bucket.name:

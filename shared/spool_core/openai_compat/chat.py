@@ -80,7 +80,10 @@ class ChatRequest(BaseModel):
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest(
                 "stream_options is only allowed when stream is true",
-                details={"param": "stream_options"},
+                details={
+                    "param": "stream_options",
+                    "fields": [{"field": "stream_options", "message": "only with stream: true"}],
+                },
                 suggestions=["Send stream: true, or leave stream_options out"],
             )
         return self

@@ -75,8 +75,8 @@ def _fault_problem(spec: Any) -> str | None:
         value = spec.get(name, least)
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             return f"{name} must be a whole number >= {least}, not {str(value)[:40]!r}"
-    if not isinstance(spec.get("model", ""), str):
-        return "model must be a model's id (a string)"
+    if spec.get("model") is not None and not isinstance(spec["model"], str):
+        return "model must be a model's id (a string), or null for any model"
     return None
 
 

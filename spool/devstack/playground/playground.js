@@ -349,7 +349,7 @@
     if (upload.max_bytes && size > upload.max_bytes) {
       throw new ApiError({
         code: "payload_too_large",
-        message: `The context is ${fmtInt(size)} bytes; a context takes at most ${fmtInt(upload.max_bytes)}`,
+        message: `The context document is ${fmtInt(size)} bytes; an upload holds at most ${fmtInt(upload.max_bytes)}`,
         suggestions: ["Remove files from the context"],
       });
     }
