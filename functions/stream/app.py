@@ -148,7 +148,7 @@ async def cancel_response(request: Request) -> Response:
 
 
 def _starting_after(request: Request) -> int | None:
-    raw = request.query_params.get("starting_after")
+    raw = web.query(request, "starting_after")
     if raw in (None, ""):
         return None
     assert raw is not None

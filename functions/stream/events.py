@@ -30,7 +30,7 @@ async def job_stream(request: Request) -> Response:
     job_id = request.path_params["job_id"]
     if who.scope not in {"*", f"events:{job_id}"}:  # a token opens its own job's stream, no other
         raise JobNotFound(f"Job '{job_id}' not found", details={"job_id": job_id})
-    resume = resume_point(request.headers.get("last-event-id"), request.query_params.get("after"))
+    resume = resume_point(request.headers.get("last-event-id"), web.query(request, "after"))
     headers = {"X-Request-Id": who.request_id}
     if resume is None:  # the client received `done` already: 204 tells an EventSource to stop
         return Response(status_code=204, headers=headers)

@@ -178,6 +178,17 @@ def test_a_bad_resume_point_is_a_400_naming_the_header(
     assert body["error"]["details"]["fields"][0]["field"] == "Last-Event-ID"
 
 
+def test_a_resume_point_sent_twice_is_a_400_as_the_chunks_route_answers(
+    functions: dict[str, LocalFunction], service: JobService, tenant: Tenant
+) -> None:
+    job_id = finished_job(service, tenant, max_tokens=50)
+    event = stream_event(job_id, tenant, query={"after": "2"})
+    event["multiValueQueryStringParameters"] = {"after": ["1", "2"]}  # ?after=1&after=2
+    response = functions["EventsFunction"].open_stream(event)
+    body = json.loads(b"".join(response.chunks()))
+    assert (response.status, body["error"]["details"]["param"]) == (400, "after")
+
+
 def test_other_tenants_and_other_jobs_tokens_see_nothing(
     functions: dict[str, LocalFunction], service: JobService, tenant: Tenant
 ) -> None:

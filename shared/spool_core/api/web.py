@@ -98,6 +98,19 @@ def request_id(request: Request) -> str:
     return str(request.state.request_id)
 
 
+def query(request: Request, name: str) -> str | None:
+    """One query parameter, sent at most once: a repeated one is refused, as the REST routes'
+    validation refuses it (a stream read the last and a page read none)."""
+    values = request.query_params.getlist(name)
+    if len(values) > 1:
+        raise InvalidRequest(
+            f"The query parameter '{name}' was sent {len(values)} times; send it once",
+            details={"param": name, "fields": [{"field": f"query.{name}", "message": "sent more than once"}]},
+            suggestions=[f"Send '{name}' once"],
+        )
+    return values[0] if values else None
+
+
 def caller(request: Request) -> Caller:
     authorizer = _request_context(request).get("authorizer") or {}
     rid = request_id(request)
