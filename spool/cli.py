@@ -79,6 +79,7 @@ def _dev(args: argparse.Namespace) -> int:
     )
     stopped = threading.Event()
     starting = True
+    moto_exit: int | None = None  # moto's exit code, when it died under the stack
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         nonlocal starting
@@ -117,13 +118,23 @@ def _dev(args: argparse.Namespace) -> int:
         # in that wait for good (2 stops in ~15; py-spy: no handler frame). A handler that is due runs
         # when the main thread next wakes, and the handler's Event.set can never meet the event's
         # lock held by this thread (a wait holds it on its way in and out).
-        while not stopped.is_set():
+        while not stopped.is_set() and (moto_exit := stack.moto.exited()) is None:
             time.sleep(STOP_CHECK_SECONDS)
     finally:
         _tell("spool: stopping...")
-        stack.stop()  # saves the state: nothing said before it may keep it from happening
+        stack.stop(save=moto_exit is None)  # saves the state: nothing said before may keep it from happening
         _tell(_saved_line(stack))
         _tell("spool: stopped")
+    if moto_exit is not None:
+        # Every table, object and queue lived in it: nothing can go on, and nothing can be saved.
+        print(
+            f"spool: the local AWS endpoint (moto, {stack.moto.url}) exited with code {moto_exit}; every"
+            " request would fail, so the stack stopped. What it held since the last save is lost;"
+            " start it again with make dev",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
     return 0
 
 

@@ -82,6 +82,10 @@ class MotoServer:
         self.stop()
         raise RuntimeError(f"moto server did not start on {self.url} within {timeout:g}s")
 
+    def exited(self) -> int | None:
+        """The server's exit code once it has exited (killed, crashed), None while it runs."""
+        return self._process.poll() if self._process is not None else None
+
     def stop(self) -> None:
         if self._process and self._process.poll() is None:
             processes.stop(self._process, timeout=3)

@@ -604,13 +604,12 @@ class EmbeddedStack:
         for sock in (self._api_socket, self._ws_socket):
             if sock is not None:
                 sock.close()
-        unsaved = False  # work this stack did that no snapshot holds
         if save and self.state_dir is not None and self.description is not None:
             try:
                 self.saved = LocalState(self.state_dir, self.template, self.description).save()
             except Exception:
-                unsaved = True
                 log.exception("could not save the local state to %s", self.state_dir)
+        unsaved = self._state_loaded and self.saved is None  # work since the restore no snapshot holds
         FORK_SERVER.stop()
         self.moto.stop()
         if self._state_lock is not None:

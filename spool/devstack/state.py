@@ -185,6 +185,29 @@ class LocalState:
             )
         return self._clients[service]
 
+    def _await_in_flight(self) -> None:
+        """Wait for messages still hidden to come back to their queues, at most each queue's visibility
+        timeout: a message whose invocation died (a crashed worker) stays hidden until then, and a
+        snapshot taken before would not hold it (its job would sit `running` until the sweeper)."""
+        sqs = self._client("sqs")
+        names = ["ApproximateNumberOfMessagesNotVisible", "VisibilityTimeout"]
+        for url in self._resources("AWS::SQS::Queue").values():
+            deadline: float | None = None
+            while True:
+                attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=names)["Attributes"]
+                hidden = int(attributes.get("ApproximateNumberOfMessagesNotVisible", 0))
+                if hidden == 0:
+                    break
+                if deadline is None:
+                    deadline = time.monotonic() + int(attributes.get("VisibilityTimeout", 30)) + 1
+                    log.info(
+                        "waiting for %d message(s) in flight to return to %s", hidden, url.rsplit("/", 1)[-1]
+                    )
+                elif time.monotonic() >= deadline:
+                    log.warning("%d message(s) still in flight are not in the snapshot", hidden)
+                    break
+                time.sleep(0.2)
+
     def _resources(self, kind: str) -> dict[str, str]:
         """Logical id -> physical name (or queue URL) of the template's resources of one type."""
         return {
@@ -196,6 +219,7 @@ class LocalState:
     # ------------------------------------------------------------------ save
     def save(self) -> dict[str, int]:
         """Write the snapshot (atomically: a stop interrupted half-way keeps the previous one)."""
+        self._await_in_flight()
         staging = self.directory / "snapshot.partial"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)

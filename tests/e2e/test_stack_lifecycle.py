@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import signal
 import socket
@@ -277,3 +278,45 @@ def test_a_start_after_a_stack_that_never_stopped_says_what_was_lost(tmp_path: P
         assert not any("did not stop" in line for line in third.output)
     finally:
         stop_stack(third)
+
+
+def test_a_stop_keeps_the_message_of_a_job_whose_worker_just_crashed(tmp_path: Path) -> None:
+    """The crashed worker's message is hidden until its visibility timeout: a snapshot taken at
+    once held no message, and the job sat `running` after the restart until the sweeper found it."""
+    env = {"SPOOL_STATE_DIR": str(tmp_path / "state"), "SPOOL_SIMULATOR_FAULTS": "1"}
+    stack = start_stack(env)
+    body = {
+        "message": "crash, then stop",
+        "model": "sim-realtime",
+        "max_tokens": 300,
+        "metadata": {"simulate": {"fault": "crash", "at_token": 20}},
+    }
+    status, _, job = stack.request("POST", "/v1/jobs", body=body, headers={"Idempotency-Key": "k-crash"})
+    assert status == 202
+    wait_for(
+        lambda: any("return to the queue" in line for line in list(stack.output)),
+        timeout=60,
+        what="the worker's crash",
+    )
+    assert stop_stack(stack) == 0
+    manifest = json.loads((tmp_path / "state" / "snapshot" / "manifest.json").read_text())
+    assert any(job["job_id"] in message["body"] for message in manifest["queues"]["JobsQueue"]), manifest[
+        "queues"
+    ]
+
+
+def test_a_stack_whose_aws_endpoint_died_says_so_and_ends() -> None:
+    """moto killed under the stack: every request would fail, and the pollers logged tracebacks for
+    good while the stack still said it was ready. It now ends with one line naming the endpoint."""
+    stack = start_stack()
+    (moto,) = [
+        pid
+        for pid in descendants(stack.process.pid)
+        if b"spool.devstack.moto_server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    os.kill(moto, signal.SIGKILL)
+    assert stack.process.wait(timeout=60) == 1
+    assert stack.reader is not None
+    stack.reader.join(timeout=10)
+    said = [line for line in stack.output if "the local AWS endpoint (moto" in line]
+    assert len(said) == 1 and "exited with code -9" in said[0] and "make dev" in said[0], stack.output[-10:]
