@@ -580,7 +580,10 @@ def _jobs_get(args: argparse.Namespace) -> int:
 
 def _jobs_cancel(args: argparse.Namespace) -> int:
     job = _client(args).cancel(args.job_id)
-    message_console().print(f"{args.job_id}: {job['status']}")
+    status = job["status"]
+    if status in {"queued", "running"}:  # its worker stops at its next flush, keeping what it wrote
+        status = f"cancel requested ({status}; its worker stops within a flush, the output so far kept)"
+    message_console().print(f"{args.job_id}: {status}")
     return EXIT_OK
 
 
@@ -719,9 +722,24 @@ def _demo(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
+        dropped_at, resumed = last, []
         for chunk in client.events(job["job_id"], last):
             sys.stdout.write(chunk["text"])
             sys.stdout.flush()
+            resumed.append(chunk["sequence_id"])
+        if resumed:
+            print(
+                f"\n\n[resumed at chunk {resumed[0]}: {len(resumed)} more chunks after the reconnect]",
+                file=sys.stderr,
+                flush=True,
+            )
+        else:
+            print(
+                f"\n\n[the answer had ended before the drop after chunk {dropped_at}: nothing to resume;"
+                " a smaller --drop-after shows one]",
+                file=sys.stderr,
+                flush=True,
+            )
         final = client.job(job["job_id"])
         usage = final["usage"]
         print(
@@ -1124,7 +1142,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--url", default=None, help="Spool's base URL (SPOOL_URL; default: start a stack)")
     demo.add_argument("--key", default=None, help="API key (SPOOL_API_KEY; default: the stack's dev key)")
     demo.add_argument("--max-tokens", type=int, default=300, help="longest answer, in tokens")
-    demo.add_argument("--drop-after", type=int, default=8, help="drop the connection after this chunk")
+    demo.add_argument(
+        "--drop-after", type=int, default=3, help="drop the connection after this chunk (of ~8 at 300 tokens)"
+    )
     demo.set_defaults(run=_demo)
 
     jobs = command("jobs", "list, inspect or cancel jobs", [])

@@ -412,6 +412,7 @@ def test_the_demo_drops_the_connection_and_resumes(dev_stack: RunningStack, tmp_
     )
     assert result.returncode == 0, result.stderr
     assert "connection dropped after chunk 3; reconnecting with Last-Event-ID: 3" in result.stderr
+    assert "[resumed at chunk 4: " in result.stderr  # something came after the reconnect
     assert "completed:" in result.stderr
     assert len(result.stdout.split()) >= 60  # the whole answer was printed across the reconnect
 
