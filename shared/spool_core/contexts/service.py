@@ -69,6 +69,7 @@ from spool_core.listing import DEFAULT_LIMIT, CursorCodec, Page, check_limit
 from spool_core.metadata import check as check_metadata
 from spool_core.metadata import size as metadata_size
 from spool_core.models import ModelSpec
+from spool_core.observability import logger
 from spool_core.prompt import CONTEXT_PREAMBLE, CONTEXT_ROLE, FILE_CLOSE, file_open, symbols_block
 from spool_core.tenancy import Tenant
 
@@ -225,8 +226,12 @@ class ContextService:
         try:
             return self._blobs.get(entry.sha256).decode("utf-8")
         except KeyError:
-            with contextlib.suppress(Exception):
+            try:
                 self._index.forget(entry.sha256)
+            except Exception:  # the job still fails as it should; a forgotten blob only heals sooner
+                logger.warning(
+                    "could not forget a missing blob", exc_info=True, extra={"sha256": entry.sha256}
+                )
             raise ContextFileMissing(
                 f"File {entry.path!r} of context '{context_id}' is no longer stored",
                 details={"context_id": context_id, "path": entry.path, "sha256": entry.sha256},
@@ -256,10 +261,12 @@ class ContextService:
 
     def _create(self, request: CreateContextRequest, context_id: str) -> dict[str, Any]:
         prepared = self._prepare(request.files)
-        symbols_bytes = self._check_symbols(request.symbols)
+        self._check_symbols(request.symbols)
         self._check_limits(
             len(prepared),
-            sum(p.size_bytes for p in prepared) + symbols_bytes + metadata_size(request.metadata),
+            sum(p.size_bytes for p in prepared)
+            + _symbols_bytes(request.symbols)
+            + metadata_size(request.metadata),
         )
         now = self._clock()
         expires_at = now + request.ttl_seconds
@@ -580,9 +587,9 @@ class ContextService:
             )
         return prepared
 
-    def _check_symbols(self, symbols: Sequence[SymbolIn]) -> int:
-        """Check the symbols (as many as the limit, each path a valid one) and return their size in the
-        prompt, which counts toward the context's."""
+    def _check_symbols(self, symbols: Sequence[SymbolIn]) -> None:
+        """New symbols: as many as the limit, each path a valid one (their size in the prompt counts
+        toward the context's, ``_symbols_bytes``)."""
         if len(symbols) > self.limits.max_symbols:
             raise TooManySymbols(
                 f"{len(symbols):,} symbols is more than the limit of {self.limits.max_symbols:,}",
@@ -591,7 +598,6 @@ class ContextService:
         for symbol in symbols:
             if symbol.path is not None:
                 validate_path(symbol.path)
-        return _symbols_bytes(symbols)
 
     def _check_limits(
         self, file_count: int, size_bytes: int, *, before: tuple[int, int] | None = None

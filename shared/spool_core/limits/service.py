@@ -122,12 +122,11 @@ class RateLimiter:
         are caps (a reservation of typical output let a tenant trained on short answers run 26 times
         its budget, and 67 times its daily tokens, with a few large ``max_tokens``)."""
         input_tokens = -(-input_raw * state.correction_milli // 1000)
-        output = max_tokens
         return Estimate(
             input_raw=input_raw,
             correction_milli=state.correction_milli,
             input_tokens=input_tokens,
-            output_tokens=output,
+            output_tokens=max_tokens,
         )
 
     # ------------------------------------------------------------------ reserve
