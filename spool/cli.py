@@ -518,7 +518,7 @@ def _health(args: argparse.Namespace) -> int:
         rows = []
         for name, check in report.get("checks", {}).items():
             facts = {k: v for k, v in check.items() if k not in {"status", "latency_ms", "models", "error"}}
-            detail = ", ".join(f"{k}={v}" for k, v in facts.items() if v is not None)
+            detail = ", ".join(_health_fact(k, v) for k, v in facts.items() if v is not None)
             if check.get("error"):
                 detail = f"{check['error']}" + (f"; {detail}" if detail else "")
             for model, state in (check.get("models") or {}).items():
@@ -530,6 +530,22 @@ def _health(args: argparse.Namespace) -> int:
         out.print(f"{report.get('status', 'unknown')} (checked at {report.get('checked_at', '?')})")
         out.print(table(None, ["CHECK", "STATUS", "LATENCY", "DETAILS"], rows, numbers={"LATENCY"}))
     return EXIT_OK if report.get("status") == "ok" else EXIT_FAILED
+
+
+def _health_fact(name: str, value: Any) -> str:
+    """One fact of a check as a reader wants it: the deep probe as a sentence, not a raw mapping."""
+    if name == "deep" and isinstance(value, dict):
+        latency = value.get("latency_ms")
+        said = [f"probe of {value.get('model', '?')} {value.get('status', '?')}"]
+        said += [f"{latency:,.0f} ms"] if latency is not None else []
+        said += [value["error"]] if value.get("error") else []
+        said += (
+            [f"cached from {value['checked_at']}"] if value.get("cached") and value.get("checked_at") else []
+        )
+        return " ".join(said[:1]) + (f" ({', '.join(said[1:])})" if said[1:] else "")
+    if isinstance(value, dict):
+        return f"{name}: " + ", ".join(f"{k}={v}" for k, v in value.items() if v is not None)
+    return f"{name}={value}"
 
 
 JOB_STATUSES = ("queued", "running", "completed", "failed", "cancelled")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import fnmatch
+import html
 import itertools
 import json
 import logging
@@ -68,6 +69,7 @@ DROP_STREAMS_PATH = "/_spool/drop-streams"
 LOCAL_ROUTE_HEADER = "X-Spool-Local"  # marks the local stack's own answers (not API Gateway's)
 # The playground (plain HTML and JavaScript) is the local stack's page at `/`; not deployed.
 PLAYGROUND = Path(__file__).with_name("playground")
+PLAYGROUND_DEFAULT_KEY = b'id="key" value="sk-local-dev"'  # index.html's key field, as a file opened alone
 STATIC_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -265,6 +267,9 @@ class RestApiEmulator:
             if self._authorizer_spec.reauthorize_every > 0 and sources:
                 self._authorizer_cache = AuthorizerCache(self._authorizer_spec.reauthorize_every, clock)
         self.local_info: dict[str, Any] = {}  # served at LOCAL_INFO_PATH: how the CLI finds this stack
+        # The key the playground's page starts with: the stack's first dev key (SPOOL_DEV_KEYS), which
+        # the terminal printed at the start; the page as a file keeps its own default.
+        self.playground_key: str | None = None
         self.routes: list[Route] = []
         for name, spec in template.functions().items():
             for event in spec.api_events:
@@ -486,7 +491,11 @@ class RestApiEmulator:
             "X-Request-Id": request_id,
             "Cache-Control": "no-cache",
         }
-        return HttpResponse(200, headers, file.read_bytes())
+        body = file.read_bytes()
+        if name == "index.html" and self.playground_key:
+            key = html.escape(self.playground_key, quote=True)
+            body = body.replace(PLAYGROUND_DEFAULT_KEY, f'id="key" value="{key}"'.encode(), 1)
+        return HttpResponse(200, headers, body)
 
     # ------------------------------------------------------------------ open streams
     def track_stream(self, path: str, abort: Callable[[], None]) -> int:

@@ -299,6 +299,7 @@ class EmbeddedStack:
             resolve=description.resolver().resolve,
             cors_origins=os.environ.get("SPOOL_CORS_ORIGINS", "*"),
         )
+        emulator.playground_key = self.api_key
         emulator.local_info = {
             "stack_name": self.stack_name,
             "endpoint_url": description.endpoint_url,

@@ -56,9 +56,9 @@ class Playground:
             self.console.append(f"{message.type}: {message.text}")
 
     def open(self, url: str) -> None:
-        """Load the page and connect it with the e2e stack's key (the default key is not valid there)."""
+        """Load the page, which starts with the stack's first dev key (SPOOL_DEV_KEYS), and connect."""
         self.page.goto(url)
-        self.page.fill("#key", DEV_KEY)
+        assert self.page.input_value("#key") == DEV_KEY  # not the page's own default, sk-local-dev
         self.page.click("#connect")
         self.page.wait_for_function(
             "window.playground.modelsLoaded && document.getElementById('error').hidden"
@@ -328,7 +328,9 @@ def test_cancel_keeps_the_partial_output(dev_stack: RunningStack, playground: Pl
 
 def test_api_errors_show_message_and_suggestions(dev_stack: RunningStack, playground: Playground) -> None:
     page = playground.page
-    page.goto(dev_stack.base_url + "/")  # the default key is not one of the e2e stack's keys
+    playground.open(dev_stack.base_url + "/")
+    page.fill("#key", "sk-not-a-key-of-this-stack")
+    page.click("#connect")
     page.wait_for_selector("#error:not([hidden])", timeout=LOAD_MS)
     error = page.text_content("#error") or ""
     assert "API key" in error and "unauthorized" in error and "HTTP 401" in error

@@ -305,6 +305,19 @@ class FakeClient:
                     "latency_ms": 40.0,
                     "models": {"sim-fast": {"circuit": "closed"}},
                     **({"error": "slow"} if deep else {}),
+                    **(
+                        {
+                            "deep": {
+                                "status": "down",
+                                "model": "sim-fast",
+                                "error": "provider_timeout",
+                                "checked_at": "2026-11-27T06:59:30.000Z",
+                                "cached": True,
+                            }
+                        }
+                        if deep
+                        else {}
+                    ),
                 },
             },
         }
@@ -528,6 +541,9 @@ def test_health_exits_non_zero_unless_ok(fake: FakeClient, capsys: pytest.Captur
     code, out, _ = run(capsys, "health", "--deep")
     assert code == 1
     assert "slow" in out
+    # the deep probe as a sentence, not a raw mapping
+    assert "probe of sim-fast down (provider_timeout, cached from 2026-11-27T06:59:30.000Z)" in out
+    assert "{" not in out
     assert json.loads(run(capsys, "health", "--json")[1])["status"] == "ok"
 
 
