@@ -6,8 +6,8 @@ the chunk log only to fill a gap. Records are grouped by job so that a batch cos
 Query of the job's subscriptions) per job, whatever the number of its records.
 
 The jobs of a batch are delivered at the same time (``deliver_all``): a batch holds the records of
-every job its lane of the shard got meanwhile (partition keys are hashed to the ParallelizationFactor's
-lanes, so several jobs share one), and each delivery is a few DynamoDB calls and pushes in a row,
+every job whose chunks its shard got meanwhile (the stream is read one batch of a shard at a time, so
+that a job's records come in order), and each delivery is a few DynamoDB calls and pushes in a row,
 waiting on the network; one after another, the last job of a batch waited for all the others'.
 A job's own records stay in one delivery, in order.
 """
@@ -28,7 +28,7 @@ from spool_core.tenancy import SEPARATOR
 
 JobKey = tuple[str, str]  # (tenant id, job id)
 # Jobs of one batch delivered at once (each holds a DynamoDB connection of the client's pool of 32).
-DELIVERIES_AT_ONCE = 8
+DELIVERIES_AT_ONCE = 16
 
 
 class DeliveryFailed(RuntimeError):

@@ -7,8 +7,10 @@ the last run of messages (``claimed_by``, ``claimed_from``) and a sending lease 
 - **The subscribe handler**, once: it stores the subscription already holding its own lease, sends
   the backlog (and ``done`` if the job has ended), then lets go.
 - **The chunk stream** (the fanout, from the records of live chunks and of the job's end mark). Lambda
-  reads a stream shard one batch at a time, in order, and a job's chunks and its end mark share a
-  partition key, so a job's stream deliveries never overlap and ``done`` comes after every chunk.
+  reads a stream shard one batch at a time, in order (the fanout's ``ParallelizationFactor`` is 1:
+  above it, order is kept per item only, and each chunk is an item), and a job's chunks and its end
+  mark share a partition key, hence a shard, so a job's stream deliveries never overlap and ``done``
+  comes after every chunk.
   They all send as one owner, ``STREAM``: a delivery claims the run of chunks it holds with **one
   conditional write** (``SET last_sent = n WHERE last_sent = prev``), pushes it, and never lets go
   (the next delivery is the same owner). A delivery claims no further than its own records: what

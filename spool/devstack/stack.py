@@ -500,7 +500,6 @@ class EmbeddedStack:
                 batch_size=event.batch_size if event else 100,
                 parallelization=event.parallelization if event else 1,
                 max_retry_attempts=event.maximum_retry_attempts if event else None,
-                partition_key=self.template.partition_key(table),
                 region=description.region,
                 filters=event.filters if event else (),
                 observers=[JobTransitions(quiet_tenants=frozenset({WARM_UP_TENANT}))]

@@ -103,7 +103,6 @@ class StreamPoller:
         batch_size: int,
         region: str,
         parallelization: int = 1,
-        partition_key: str = "pk",
         filters: Sequence[Mapping[str, Any]] = (),
         observers: Sequence[Observer] = (),
         interval: float = 0.05,
@@ -116,7 +115,6 @@ class StreamPoller:
         self._function = function
         self._batch = batch_size
         self._lanes = max(1, parallelization)
-        self._partition_key = partition_key
         self._region = region
         self._filters = list(filters)
         self._observers = list(observers)
@@ -237,13 +235,15 @@ class StreamPoller:
         )
 
     def _lanes_of(self, records: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
-        """The records split as Lambda splits a shard with a ParallelizationFactor: by partition key,
-        so the records of one key stay in one lane, in order (a job's chunks, then its end)."""
+        """The records split as Lambda may split a shard with a ParallelizationFactor: it keeps order
+        only "at the item (partition and sort key) level" (the Lambda guide, with-ddb), so one item's
+        records stay in one lane, in order, and the items of one partition key may be spread over
+        lanes and delivered out of order, at once."""
         lanes: dict[int, list[dict[str, Any]]] = {}
         for record in records:
             keys = (record.get("dynamodb") or {}).get("Keys") or {}
-            key = json.dumps(keys.get(self._partition_key), sort_keys=True)
-            lane = int(hashlib.sha256(key.encode()).hexdigest(), 16) % self._lanes
+            item = json.dumps(keys, sort_keys=True)
+            lane = int(hashlib.sha256(item.encode()).hexdigest(), 16) % self._lanes
             lanes.setdefault(lane, []).append(record)
         return lanes
 

@@ -275,11 +275,6 @@ class Template:
         resources: dict[str, dict[str, Any]] = self.body["Resources"]
         return resources
 
-    def partition_key(self, table: str) -> str:
-        """The attribute name of a table's partition (HASH) key."""
-        schema = self.resources[table].get("Properties", {}).get("KeySchema", [])
-        return next(str(k["AttributeName"]) for k in schema if k.get("KeyType") == "HASH")
-
     def resources_of_type(self, *types: str) -> dict[str, dict[str, Any]]:
         return {name: res for name, res in self.resources.items() if res.get("Type") in types}
 

@@ -21,7 +21,7 @@ from spool_core.contexts.model import CreateContextRequest
 from spool_core.errors import DependencyUnavailable, InvalidRequest, PayloadTooLarge
 from spool_core.jobs import runner as runner_module
 from spool_core.jobs.errors import ContextTooLarge, IdempotencyKeyReused, JobNotFound, RequestInProgress
-from spool_core.jobs.model import JobRequest
+from spool_core.jobs.model import MAX_SEQUENCE_ID, JobRequest
 from spool_core.jobs.ports import Conflict, Signals
 from spool_core.jobs.runner import JobRunner, Outcome, RunnerSettings, build_messages
 from spool_core.jobs.service import JobService
@@ -557,6 +557,34 @@ def test_an_end_whose_writer_missed_a_subscribe_still_writes_the_end_mark(
     assert [c.sequence_id for c in log] == list(range(1, ended.progress.last_sequence_id + 1))
     assert chunks.last(job_id).sequence_id == ended.progress.last_sequence_id  # type: ignore[union-attr]
     assert len(chunks.after(job_id, 0, 1000)) == len(log)
+
+
+def test_reading_after_the_largest_sequence_id_sends_no_query_with_reversed_bounds(
+    service: JobService, tenant: Tenant
+) -> None:
+    """DynamoDB refuses a BETWEEN whose lower bound is above its upper one (moto answers it empty):
+    a subscribe with the largest ``after`` must not send one."""
+    _, chunks = bootstrap._job_tables(tenant, bootstrap.settings())
+    job_id = service.create("at the end", job(max_tokens=20)).job.job_id
+    assert runner_for(tenant).run(job_id) is Outcome.DONE
+    sent: list[dict[str, Any]] = []
+
+    def as_dynamodb_checks(params: dict[str, Any], **_: Any) -> None:
+        values = params.get("ExpressionAttributeValues") or {}
+        if "BETWEEN" in (params.get("KeyConditionExpression") or ""):
+            sent.append(params)
+            if int(values[":first"]["N"]) > int(values[":max"]["N"]):
+                raise AssertionError("ValidationException: BETWEEN bounds reversed")
+
+    events = chunks._table.client.meta.events
+    events.register("provide-client-params.dynamodb.Query", as_dynamodb_checks)
+    try:
+        assert [c.sequence_id for c in chunks.after(job_id, 0, 100)] != []
+        assert chunks.after(job_id, MAX_SEQUENCE_ID, 100) == []
+        assert chunks.after(job_id, MAX_SEQUENCE_ID - 1, 100) == []
+    finally:
+        events.unregister("provide-client-params.dynamodb.Query", as_dynamodb_checks)
+    assert len(sent) == 2  # from 0 and from the largest but one; none from the largest
 
 
 def test_every_end_leaves_an_end_mark_after_the_last_chunk(service: JobService, tenant: Tenant) -> None:

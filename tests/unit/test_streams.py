@@ -32,8 +32,8 @@ def test_the_fanout_reads_the_chunk_stream_in_order_and_only_live_records() -> N
     assert not matches(LIVE, {"eventName": "REMOVE", "dynamodb": {"Keys": {}}})
     resources = Template.load(ROOT / "template.yaml").body["Resources"]
     properties = resources["FanoutFunction"]["Properties"]["Events"]["Chunks"]["Properties"]
-    # Batches of a shard at once, each job's records in one of them, in order (see the test below)
-    assert properties["ParallelizationFactor"] == event.parallelization == 10
+    # One batch of the shard at a time, so each job's records come in order (see the test below)
+    assert properties["ParallelizationFactor"] == event.parallelization == 1
 
 
 class Streams:
@@ -52,8 +52,16 @@ class Streams:
         return {"Records": self.records if ShardIterator == "it-0" else [], "NextShardIterator": "it-1"}
 
 
-def keyed(seq: int, *jobs: str) -> list[dict[str, Any]]:
-    """The stream records of chunk ``seq`` of each job, in order."""
+def keyed(seq: int, *items: str) -> list[dict[str, Any]]:
+    """The ``seq``-th change of each item (one key each), in order: what a lane keeps in order."""
+    return [
+        {"eventName": "MODIFY", "dynamodb": {"Keys": {"pk": {"S": i}}, "NewImage": {"n": {"N": str(seq)}}}}
+        for i in items
+    ]
+
+
+def chunks(seq: int, *jobs: str) -> list[dict[str, Any]]:
+    """The stream records of chunk ``seq`` of each job: items of their own, under the job's key."""
     return [
         {"eventName": "INSERT", "dynamodb": {"Keys": {"pk": {"S": j}, "sequence_id": {"N": str(seq)}}}}
         for j in jobs
@@ -61,9 +69,12 @@ def keyed(seq: int, *jobs: str) -> list[dict[str, Any]]:
 
 
 def held(event: dict[str, Any]) -> list[tuple[str, int]]:
-    """What an invocation got: each record's job and sequence id."""
+    """What an invocation got: each record's key and change (or chunk) number."""
     return [
-        (r["dynamodb"]["Keys"]["pk"]["S"], int(r["dynamodb"]["Keys"]["sequence_id"]["N"]))
+        (
+            r["dynamodb"]["Keys"]["pk"]["S"],
+            int((r["dynamodb"]["Keys"].get("sequence_id") or r["dynamodb"]["NewImage"]["n"])["N"]),
+        )
         for r in event["Records"]
     ]
 
@@ -106,7 +117,7 @@ class Fanout:
         return {"batchItemFailures": []}
 
 
-def test_a_shard_is_read_in_parallel_lanes_with_each_jobs_records_in_one_lane_in_order() -> None:
+def test_a_shard_is_read_in_parallel_lanes_with_each_items_records_in_one_lane_in_order() -> None:
     jobs = [f"t#job#{n}" for n in range(40)]
     records = [record for seq in range(1, 4) for record in keyed(seq, *jobs)]
     poller = StreamPoller(Streams(records), "arn", None, batch_size=1000, region="r", parallelization=4)
@@ -121,6 +132,17 @@ def test_a_shard_is_read_in_parallel_lanes_with_each_jobs_records_in_one_lane_in
     for job in jobs:
         (holding,) = [batch for batch in fanout.batches if any(pk == job for pk, _ in batch)]
         assert [seq for pk, seq in holding if pk == job] == [1, 2, 3]  # one lane, in order
+
+
+def test_lanes_keep_order_per_item_only_so_the_fanout_reads_one_lane() -> None:
+    """Lambda keeps order "at the item (partition and sort key) level" above a ParallelizationFactor
+    of 1, and each chunk is an item of its own: the chunks of one job land in several lanes, which
+    deliver them at once and out of order. So the fanout's stream runs one lane (the template)."""
+    poller = StreamPoller(Streams([]), "arn", None, batch_size=100, region="r", parallelization=10)
+    lanes = poller._lanes_of([record for seq in range(1, 11) for record in chunks(seq, "t#job#1")])
+    assert len(lanes) > 1
+    (event,) = Template.load(ROOT / "template.yaml").functions()["FanoutFunction"].stream_events
+    assert event.parallelization == 1
 
 
 class OneLaneStuck:

@@ -479,6 +479,8 @@ class DynamoChunkLog:
 
     # Every read stops at MAX_SEQUENCE_ID: the job's end mark (END_SEQUENCE_ID) is not a chunk.
     def after(self, job_id: str, after: int, limit: int, *, consistent: bool = True) -> list[Chunk]:
+        if after >= MAX_SEQUENCE_ID:
+            return []  # nothing can follow; DynamoDB refuses a BETWEEN whose bounds are reversed
         items = self._table.query(
             JOB_KIND,
             job_id,
