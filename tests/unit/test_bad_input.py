@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from spool_core import metadata
+from spool_core.adapters.dynamodb import deserialize, serialize
 from spool_core.contexts.model import CreateContextRequest, PatchContextRequest
 from spool_core.errors import InvalidRequest, PayloadTooLarge
 from spool_core.jobs.model import JobRequest
@@ -54,6 +55,18 @@ def test_metadata_at_the_limits_is_stored() -> None:
         "flags": [True, None, "text"],
     }
     assert JobRequest(message="hi", metadata=edge).metadata == edge
+    # and boto3 writes them: it keeps every digit of an int, so 10**38 (39 digits) raised
+    # decimal.Rounded, a 500, until trailing zeros went to the exponent
+    whole = {
+        "int": 10**38 - 1,
+        "round": 10**40,
+        "tens": 10**38,
+        "minus": -(12 * 10**60),
+        "flags": [True, None],
+    }
+    item = serialize({"metadata": whole})
+    assert item["metadata"]["M"]["tens"] == {"N": "1E+38"}
+    assert deserialize(item)["metadata"] == whole
 
 
 def test_metadata_over_16_kb_is_a_413_with_the_limit() -> None:

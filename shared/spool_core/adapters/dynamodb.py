@@ -55,9 +55,16 @@ def _plain(value: Any) -> Any:
 
 
 _SMALLEST_NUMBER = 1e-130  # DynamoDB's; smaller magnitudes are refused, not rounded
+_BOTO3_WHOLE_DIGITS = 10**38  # ints from here on have more digits than boto3's context holds
 
 
 def _dynamo(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= _BOTO3_WHOLE_DIGITS:
+        # boto3 keeps every digit of an int (10**38 is 39 digits: refused, decimal.Rounded), where
+        # DynamoDB keeps 38 significant ones: trailing zeros go in the exponent (1E+38), exactly.
+        digits = str(abs(value))
+        significant = digits.rstrip("0")
+        return Decimal(f"{'-' if value < 0 else ''}{significant}E{len(digits) - len(significant)}")
     if isinstance(value, float):
         # A float that validation let through (a temperature of 1e-237) is 0 to any reader.
         return Decimal(str(value)) if abs(value) >= _SMALLEST_NUMBER else Decimal(0)
