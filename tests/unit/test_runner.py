@@ -602,3 +602,49 @@ def test_a_fault_for_any_model_may_say_so_with_a_null_model() -> None:
     world.drain()
     job = world.ledger.tenant("acme").get(job_id)
     assert job is not None and job.error is not None and "simulated permanent failure" in job.error["message"]
+
+
+# ------------------------------------------------------------------ usage as the provider reports it
+class HalfReported:
+    """A simulated model whose provider reports producing half the tokens the worker counts for its
+    text (a tokenizer other than the worker's: an OpenAI-compatible server, vLLM, llama.cpp)."""
+
+    def __init__(self) -> None:
+        from spool_core.providers.simulated import SimulatedProvider
+
+        self.inner = SimulatedProvider(faults_enabled=True, sleep=lambda _: None)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def stream(self, request: GenerationRequest, resume: Any) -> Any:
+        from spool_core.providers import Finished
+
+        for event in self.inner.stream(request, resume):
+            if isinstance(event, Finished):
+                event = Finished(event.input_tokens, event.output_tokens // 2, event.stop_reason)
+            yield event
+
+
+@pytest.mark.parametrize(
+    ("simulate", "billed"),
+    [
+        (None, 250),  # one call: its report
+        # a call cut at 150 (its tokens counted), then its retry's report: half of the other 350
+        ({"fault": "throttle", "at_token": 150}, 150 + 175),
+    ],
+)
+def test_output_usage_is_what_the_provider_reported_and_the_count_only_where_no_report_came(
+    simulate: dict[str, Any] | None, billed: int
+) -> None:
+    world = JobWorld()
+    world.provider_for = lambda model: HalfReported()  # type: ignore[assignment,return-value]
+    job_id = create(world, max_tokens=500, metadata={"simulate": simulate} if simulate else {})
+    assert world.drain(flush_tokens=16) == ["done"]
+    job = world.ledger.tenant("acme").get(job_id)
+    assert job is not None and job.status == "completed"
+    assert job.progress.tokens_generated == 500  # the log's own count, the position a resume uses
+    assert job.usage.output_tokens == billed
+    assert job.cost_nanos == world.catalog.resolve("sim-fast").cost_nanos(job.usage.input_tokens, billed)
+    rollups = world.ledger.tenant("acme").rollups("0000", "9999")
+    assert sum(r["output_tokens"] for r in rollups) == billed

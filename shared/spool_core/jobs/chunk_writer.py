@@ -49,6 +49,11 @@ class ChunkWriter:
         self._buffered_tokens = 0
         self._last_flush = clock()
 
+    @property
+    def tokens_received(self) -> int:
+        """Every token given to ``add``: the written ones and those waiting for the next flush."""
+        return self.tokens_total + self._buffered_tokens
+
     def add(self, text: str, tokens: int) -> None:
         self._buffer.append(text)
         self._buffered_tokens += tokens

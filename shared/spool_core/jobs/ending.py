@@ -31,16 +31,25 @@ def estimated_input(job: Job) -> int:
 
 
 def model_usage(
-    job: Job, tokens_total: int, input_reported: Mapping[str, int], models: ModelCatalog
+    job: Job,
+    tokens_total: int,
+    input_reported: Mapping[str, int],
+    models: ModelCatalog,
+    *,
+    output_correction: Mapping[str, int] | None = None,
 ) -> tuple[ModelUsage, ...]:
     """Per model: the output tokens of its segments of the log and the input tokens its provider
     reported (every call re-reads the prompt), priced at that model. A model that produced output
-    without reporting its input (its call was cut short by a crash) is charged the estimate."""
+    without reporting its input (its call was cut short by a crash) is charged the estimate. The
+    output is the worker's count of the log's tokens, moved by ``output_correction`` to what the
+    provider reported for the calls whose report came (the runner's)."""
     segments = job.segments or [Segment(model=job.model_resolved)]
     outputs: dict[str, int] = {}
     for index, segment in enumerate(segments):
         end = segments[index + 1].from_tokens if index + 1 < len(segments) else tokens_total
         outputs[segment.model] = outputs.get(segment.model, 0) + max(0, end - segment.from_tokens)
+    for model_id, correction in (output_correction or {}).items():
+        outputs[model_id] = max(0, outputs.get(model_id, 0) + correction)
     lines = []
     for model_id in dict.fromkeys([*(s.model for s in segments), *input_reported]):
         output = outputs.get(model_id, 0)

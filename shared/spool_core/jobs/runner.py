@@ -201,6 +201,11 @@ class _Attempt:
         self.continuation = continuation
         self.segments = list(job.segments) or [Segment(model=job.model_resolved)]
         self.input_reported = dict(job.input_reported)
+        # Per model: what its finished calls in this invocation reported producing, less the tokens
+        # the worker counted for their text (its tokenizer need not be the model's). Usage is what
+        # the provider reported; the count stands for calls cut short (a crash, a hand-over), whose
+        # report never came.
+        self.output_correction: dict[str, int] = {}
         self.finish_reason: str | None = None  # the provider's, when it says why it stopped
         # Under the time margin at a flush: the job is handed over before its next token is taken
         # (an answer that ends first is ended instead: a hand-over would ask the provider again).
@@ -297,6 +302,7 @@ class _Attempt:
                 attempt=job.attempts,
             )
             started, first_token_ms = r._clock(), None
+            counted_before = self.writer.tokens_received
             try:
                 for event in provider.stream(request, resume):
                     if isinstance(event, TextDelta):
@@ -308,6 +314,10 @@ class _Attempt:
                     elif isinstance(event, Finished):
                         self.input_reported[model.id] = (
                             self.input_reported.get(model.id, 0) + event.input_tokens
+                        )
+                        counted = self.writer.tokens_received - counted_before
+                        self.output_correction[model.id] = (
+                            self.output_correction.get(model.id, 0) + event.output_tokens - counted
                         )
                         self.finish_reason = event.finish_reason
                 self.writer.flush()
@@ -400,6 +410,7 @@ class _Attempt:
             writer.tokens_total,
             self.input_reported,
             r._models,
+            output_correction=self.output_correction,
         )
         reservation = reservation_of(job)
         end = job_end(
