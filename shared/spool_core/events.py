@@ -55,7 +55,7 @@ class StreamSettings:
     # has no resume, so it is not cut short where streams are (locally, to exercise reconnects). It
     # answers before the OpenAI SDKs' default timeout (600 s): an SDK that gave up first would send
     # the request again without an Idempotency-Key, a new paid job, where the 504 tells it not to.
-    answer_max_seconds: float = 570.0
+    answer_max_seconds: float = 270.0
     # How often a stream asks whether the key it was opened with is still active (``follow``'s
     # ``allowed``, answered from the key cache: one read per cache period, SPOOL_AUTH_CACHE_SECONDS).
     access_seconds: float = 5.0

@@ -28,8 +28,9 @@ class Settings(BaseModel):
     websocket_url: str | None = Field(default=None, alias="SPOOL_WEBSOCKET_URL")
     events_secret_arn: str | None = Field(default=None, alias="SPOOL_EVENTS_SECRET_ARN")
     stream_max_seconds: float = Field(default=840, gt=0, alias="SPOOL_STREAM_MAX_SECONDS")
-    # under the OpenAI SDKs' default 600 s timeout: a client that gave up first would retry, a new job
-    answer_max_seconds: float = Field(default=570, gt=0, alias="SPOOL_ANSWER_MAX_SECONDS")
+    # under the OpenAI SDKs' default 600 s timeout (a client that gave up first would retry: a new job)
+    # and under API Gateway's 5-minute idle timeout of a streamed response (nothing is sent meanwhile)
+    answer_max_seconds: float = Field(default=270, gt=0, alias="SPOOL_ANSWER_MAX_SECONDS")
     stream_ping_seconds: float = Field(default=15, gt=0, alias="SPOOL_STREAM_PING_SECONDS")
     max_context_bytes: int = Field(default=50 * 1024 * 1024, gt=0, alias="SPOOL_MAX_CONTEXT_BYTES")
     # 2,000 small files take ~10 s locally (moto), 10,000 outlived the 29 s integration timeout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -441,14 +442,20 @@ def test_a_non_streamed_answer_waits_its_own_time_not_the_streams() -> None:
     assert 30 <= waited < 31
 
 
-def test_a_non_streamed_answer_gives_up_before_the_openai_sdks_default_timeout() -> None:
+def test_a_non_streamed_answer_gives_up_before_the_openai_sdks_timeout_and_the_gateways() -> None:
     """An SDK that times out first sends the request again, without an Idempotency-Key: a new, paid
-    job. Spool's 504 (``x-should-retry: false``) must come first, deployed and locally."""
+    job. Spool's 504 (``x-should-retry: false``) must come first, deployed and locally. So must it
+    before API Gateway closes a streamed response that sent nothing for 5 minutes (a regional
+    endpoint; an edge-optimized one closes it after 30 s, so the API is regional)."""
     import openai
 
+    from spool.devstack.template import Template
     from spool_core.settings import Settings
 
     sdk_timeout = openai.DEFAULT_TIMEOUT.read
     assert sdk_timeout is not None
-    assert StreamSettings().answer_max_seconds < sdk_timeout
-    assert Settings.model_fields["answer_max_seconds"].default < sdk_timeout
+    idle_timeout = 300
+    for waited in (StreamSettings().answer_max_seconds, Settings.model_fields["answer_max_seconds"].default):
+        assert waited < min(sdk_timeout, idle_timeout)
+    api = Template.load(Path(__file__).resolve().parents[2] / "template.yaml").resources["SpoolApi"]
+    assert api["Properties"]["EndpointConfiguration"] == {"Type": "REGIONAL"}
