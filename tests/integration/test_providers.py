@@ -118,8 +118,8 @@ def stream_ok(words: list[str], cut: bool = False) -> tuple[int, dict[str, str],
     return 200, {"content-type": "application/vnd.amazon.eventstream"}, RawStream(messages, cut=cut)
 
 
-def error(status: int, code: str) -> tuple[int, dict[str, str], RawStream]:
-    body = json.dumps({"message": f"{code} happened"}).encode()
+def error(status: int, code: str, message: str | None = None) -> tuple[int, dict[str, str], RawStream]:
+    body = json.dumps({"message": message or f"{code} happened"}).encode()
     return (
         status,
         {"x-amzn-errortype": f"{code}:http://internal.amazon.com/", "content-type": "application/json"},
@@ -145,6 +145,19 @@ def test_bedrock_success_and_usage() -> None:
         (error(500, "InternalServerException"), "provider_unavailable", True),
         (error(400, "ValidationException"), "provider_error", False),
         (error(403, "AccessDeniedException"), "provider_model_unavailable", False),
+        # Bedrock's refusal of a model id it serves only through an inference profile: the registry's
+        # id is wrong here, not the request, so the fallbacks are tried
+        (
+            error(
+                400,
+                "ValidationException",
+                "Invocation of model ID anthropic.claude-sonnet-4-20250514-v1:0 with on-demand throughput "
+                "isn't supported. Retry your request with the ID or ARN of an inference profile that "
+                "contains this model.",
+            ),
+            "provider_model_unavailable",
+            False,
+        ),
     ],
 )
 def test_bedrock_errors_are_classified(response: Any, code: str, retryable: bool) -> None:
@@ -171,6 +184,29 @@ def test_bedrock_resumes_with_an_assistant_prefill() -> None:
     collect(bedrock([stream_ok([" rest"])], seen), ResumePoint(tokens=7, text="The first part"))
     assert seen[0]["messages"][-1] == {"role": "assistant", "content": [{"text": "The first part"}]}
     assert seen[0]["inferenceConfig"]["maxTokens"] == 43
+
+
+@pytest.mark.parametrize(
+    ("persisted", "deltas", "written"),
+    [
+        # the model writes again the whitespace the prefill left out: not written twice
+        ("def f():\n    ", ["\n", "    return", " 1"], "return 1"),
+        ("Hello ", [" world"], "world"),
+        # it goes on otherwise: kept as it comes
+        ("Hello ", ["world"], "world"),
+        ("Items:\n\n", ["\n- one"], "- one"),
+        ("Items:\n\n", ["\n", "\t- one"], "\t- one"),
+    ],
+)
+def test_bedrock_prefill_leaves_out_trailing_whitespace_which_claude_refuses(
+    persisted: str, deltas: list[str], written: str
+) -> None:
+    """Claude on Bedrock answers ValidationException "final assistant content cannot end with trailing
+    whitespace", and a persisted chunk often ends with some: each hand-over and crash retry failed."""
+    seen: list[dict[str, Any]] = []
+    text, finished = collect(bedrock([stream_ok(deltas)], seen), ResumePoint(tokens=7, text=persisted))
+    assert seen[0]["messages"][-1] == {"role": "assistant", "content": [{"text": persisted.rstrip()}]}
+    assert text == written and finished is not None
 
 
 # ------------------------------------------------------------------------------------------- OpenAI

@@ -36,6 +36,9 @@ UNAVAILABLE = {
     "RequestTimeout",
 }
 MODEL_UNAVAILABLE = {"AccessDeniedException", "ResourceNotFoundException"}
+# A model Bedrock serves only through an inference profile, called by its model id: a refusal of the
+# registry's id, not of the request, so the job moves on to its fallbacks.
+NEEDS_PROFILE = ("on-demand throughput", "inference profile")
 
 
 def classify(code: str, message: str) -> ProviderError:
@@ -45,7 +48,9 @@ def classify(code: str, message: str) -> ProviderError:
         return ProviderError(
             f"Bedrock unavailable ({code}): {message}", retryable=True, code="provider_unavailable"
         )
-    if code in MODEL_UNAVAILABLE:
+    if code in MODEL_UNAVAILABLE or (
+        code == "ValidationException" and any(words in message for words in NEEDS_PROFILE)
+    ):
         return ProviderError(
             f"The model is not available here ({code}): {message}",
             retryable=False,
@@ -64,6 +69,14 @@ class BedrockProvider:
         self.supports_prefill = supports_prefill
 
     def stream(self, request: GenerationRequest, resume: ResumePoint) -> Iterator[StreamEvent]:
+        # Claude refuses a prefill that ends in whitespace ("final assistant content cannot end with
+        # trailing whitespace"), and a chunk often does (a line's end, a space): the prefill goes
+        # without it, and the continuation's text that repeats it is not written again.
+        held = ""
+        if self.supports_prefill and resume.text.rstrip():
+            kept = resume.text.rstrip()
+            held = resume.text[len(kept) :]
+            resume = ResumePoint(tokens=resume.tokens, text=kept, attempt=resume.attempt)
         conversation = resumed_messages(request.messages, resume, prefill=self.supports_prefill)
         system = [{"text": m.content} for m in conversation if m.role == "system"]
         messages = [
@@ -85,6 +98,8 @@ class BedrockProvider:
             for event in response["stream"]:
                 if "contentBlockDelta" in event:
                     text = event["contentBlockDelta"]["delta"].get("text", "")
+                    if held and text:
+                        text, held = _without_repeat(text, held)
                     if text:
                         yield TextDelta(text, max(1, tokens.count(text)))
                 elif "messageStop" in event:
@@ -107,3 +122,12 @@ class BedrockProvider:
                 "The Bedrock stream ended without its metadata", retryable=True, code="provider_unavailable"
             )
         yield Finished(int(usage["inputTokens"]), int(usage["outputTokens"]), stop_reason)
+
+
+def _without_repeat(text: str, held: str) -> tuple[str, str]:
+    """``text`` less what it repeats of ``held`` (the whitespace already written that the prefill left
+    out) from its start, and what of ``held`` a next delta may still repeat ("" once it differs)."""
+    same = 0
+    while same < min(len(text), len(held)) and text[same] == held[same]:
+        same += 1
+    return text[same:], (held[same:] if same == len(text) else "")
