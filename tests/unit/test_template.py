@@ -63,6 +63,16 @@ def test_a_subscribe_handler_never_outlives_the_lease_of_its_last_claim(template
     assert template.functions()["WebSocketFunction"].timeout * 1000 < LEASE_MS
 
 
+def test_the_websocket_stage_deploys_every_change_itself(template: Template) -> None:
+    """A Deployment resource is created once: a stack update that changed a route or an integration
+    left the stage on the old deployment. The stage deploys each change (AutoDeploy) instead."""
+    (stage,) = template.resources_of_type("AWS::ApiGatewayV2::Stage").values()
+    assert stage["Properties"]["AutoDeploy"] is True and "DeploymentId" not in stage["Properties"]
+    assert not template.resources_of_type("AWS::ApiGatewayV2::Deployment")
+    routes = set(template.resources_of_type("AWS::ApiGatewayV2::Route"))
+    assert routes and routes <= set(stage["DependsOn"])  # the first deployment has every route
+
+
 def test_functions_merge_globals_and_read_their_routes(template: Template) -> None:
     functions = template.functions()
     health = functions["HealthFunction"]
