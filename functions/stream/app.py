@@ -75,7 +75,9 @@ async def _create(
     key = check_idempotency_key(key) if key else f"openai-{uuid.uuid4()}"
     job_request = body.job_request()
     try:
-        created = await run_in_threadpool(lambda: service.create(key, job_request, echo=body.echo()))
+        created = await run_in_threadpool(
+            lambda: service.create(key, job_request, surface=body.SURFACE, echo=body.echo())
+        )
     except RequestInProgress as running:
         job = await run_in_threadpool(service.get, running.details["job_id"])
         return job, {}

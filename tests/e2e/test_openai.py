@@ -96,6 +96,17 @@ def test_the_same_idempotency_key_gets_the_same_job(sdk: openai.OpenAI) -> None:
     again = sdk.chat.completions.with_raw_response.create(**request, extra_headers=key)
     assert first.headers["x-spool-job-id"] == again.headers["x-spool-job-id"]
     assert first.parse().choices[0].message.content == again.parse().choices[0].message.content
+    # the same messages under the same key by another surface, or as a response that echoes the
+    # request differently, are other requests: a 422, never the chat job read back as a response
+    same = {"model": "sim-fast", "input": "once", "max_output_tokens": 20}
+    with pytest.raises(openai.UnprocessableEntityError) as reused:
+        sdk.responses.create(**same, extra_headers=key)
+    assert reused.value.code == "idempotency_key_reused"
+    other = {"Idempotency-Key": str(uuid.uuid4())}
+    response = sdk.responses.create(**same, background=True, extra_headers=other)
+    assert sdk.responses.create(**same, background=True, extra_headers=other).id == response.id
+    with pytest.raises(openai.UnprocessableEntityError):
+        sdk.responses.create(**same, background=False, extra_headers=other)
 
 
 def finished(sdk: openai.OpenAI, response_id: str) -> Any:

@@ -49,9 +49,14 @@ class JobRequest(BaseModel):
             raise ValueError("send 'messages' (a list of {role, content}) or 'message' (text)")
         return self
 
-    def fingerprint(self) -> str:
-        """SHA-256 of the canonical body (normalized: ``message`` becomes ``messages``)."""
-        canonical = json.dumps(self.model_dump(exclude={"message"}), sort_keys=True, separators=(",", ":"))
+    def fingerprint(self, surface: str | None = None, echo: dict[str, Any] | None = None) -> str:
+        """SHA-256 of the canonical body (normalized: ``message`` becomes ``messages``), and for a job
+        an OpenAI surface made, of that surface and what its answer echoes of the request: the same
+        messages sent as a chat completion and as a response (or as a background one and not) are
+        different requests under one key. ``POST /v1/jobs`` (no surface) keeps the body's alone."""
+        body = self.model_dump(exclude={"message"})
+        document = body if surface is None else {"body": body, "surface": surface, "echo": echo}
+        canonical = json.dumps(document, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -177,9 +177,17 @@ class JobService:
         return self._pages.cadence
 
     # ------------------------------------------------------------------ create
-    def create(self, key: str | None, request: JobRequest, *, echo: dict[str, Any] | None = None) -> Created:
-        """Admit ``request`` once per ``key``. ``echo``: what the OpenAI surface that made the job
-        shows of its request and the job does not keep (kept on the job as it is)."""
+    def create(
+        self,
+        key: str | None,
+        request: JobRequest,
+        *,
+        surface: str | None = None,
+        echo: dict[str, Any] | None = None,
+    ) -> Created:
+        """Admit ``request`` once per ``key``. ``surface``: the OpenAI surface that made the job;
+        ``echo``: what it shows of its request and the job does not keep (kept on the job as it is).
+        Both belong to the request a key names (``JobRequest.fingerprint``)."""
         key = check_idempotency_key(key)
         too_large = _stored_size_error(request)
         if too_large is not None:
@@ -187,7 +195,7 @@ class JobService:
             # told they do not fit a job item: the window is what the caller has to change first.
             self._admit(self._models.resolve(request.model), request)
             raise too_large
-        fingerprint, key_hash = request.fingerprint(), idempotency_hash(key)
+        fingerprint, key_hash = request.fingerprint(surface, echo), idempotency_hash(key)
         known = self._models.get(request.model)
         job: Job | None = None
         admitted: tuple[Job, UsageState, ReservationPlan] | None = None

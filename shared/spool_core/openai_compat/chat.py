@@ -4,7 +4,7 @@ becomes a ``chat.completion``, and its chunk log becomes ``chat.completion.chunk
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -91,6 +91,8 @@ class ChatRequest(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    SURFACE: ClassVar[str] = "chat.completions"
 
     def echo(self) -> None:
         """A completion shows nothing of its request that the job does not keep."""

@@ -78,6 +78,8 @@ class ResponsesRequest(BaseModel):
                 text_of(item.content, f"input[{i}].content")
         return value
 
+    SURFACE: ClassVar[str] = "responses"
+
     def echo(self) -> dict[str, Any]:
         """What a response shows of this request and its job does not keep."""
         return {"background": self.background, "instructions": bool(self.instructions)}
