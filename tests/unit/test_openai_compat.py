@@ -435,9 +435,12 @@ def test_failed_and_cancelled_responses_end_with_their_own_event() -> None:
     }
     cancelled = numbered(None, job(status="cancelled"))[-1]
     assert (cancelled["type"], cancelled["response"]["status"]) == ("response.incomplete", "cancelled")
-    truncated = numbered(None, job(finish_reason="length"))[-1]
+    *_, item_done, truncated = numbered(None, job(finish_reason="length"))
     assert truncated["type"] == "response.incomplete"
     assert truncated["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+    # its message as the response itself says: cut at max_output_tokens, not completed
+    assert item_done["type"] == "response.output_item.done" and item_done["item"]["status"] == "incomplete"
+    assert truncated["response"]["output"][0]["status"] == "incomplete"
 
 
 def test_response_ids_map_to_jobs_and_nothing_else() -> None:

@@ -182,7 +182,8 @@ def _text_part(text: str) -> dict[str, Any]:
 
 
 def message_item(job: Job, text: str, done: bool) -> dict[str, Any]:
-    status = "in_progress" if not done else "completed" if job.status == "completed" else "incomplete"
+    # as the response's own: an answer cut at max_output_tokens is incomplete, not completed
+    status = "in_progress" if not done else "completed" if _status(job) == "completed" else "incomplete"
     return {
         "type": "message",
         "id": message_id(job.job_id),
