@@ -64,13 +64,14 @@ def snapshot(
     if not root.is_dir():
         raise SyncError(f"{root}: not a directory (sync a directory, not a single file)")
     root = root.resolve()
-    ignore_file = root / ".gitignore"
-    lines = ignore_file.read_text(errors="replace").splitlines() if ignore_file.exists() else []
-    spec = pathspec.GitIgnoreSpec.from_lines([*lines, *ALWAYS_IGNORED])
     files: dict[str, str] = {}
     skipped: list[dict[str, str]] = []
     candidates = []
-    for path, relative in _walk(root, spec, skipped):
+    for path, relative in _walk(root, skipped):
+        if not _utf8(relative):  # the server could not even be told its name
+            shown = relative.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            skipped.append({"path": shown, "reason": "a name that is not UTF-8"})
+            continue
         if not path.is_file():  # a dangling link, a socket
             continue
         if not path.resolve().is_relative_to(root):  # a link out of the directory: never uploaded
@@ -92,22 +93,59 @@ def snapshot(
     return Snapshot(root, files, skipped)
 
 
-def _walk(root: Path, spec: pathspec.GitIgnoreSpec, skipped: list[dict[str, str]]) -> list[tuple[Path, str]]:
-    """The files under ``root`` that ``spec`` does not ignore, with their relative paths, sorted,
-    without following linked directories or entering ignored ones; a directory that cannot be listed
-    is reported as skipped, not left out silently."""
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a file name's bytes that were not UTF-8 (os.fsdecode's surrogates)
+        return False
+    return True
+
+
+class _Ignores:
+    """A tree's .gitignore files as git reads them: each one's patterns relative to its own directory,
+    and a deeper one's decision over those above it (a ``!pattern`` there brings a file back)."""
+
+    def __init__(self) -> None:
+        self._always = pathspec.GitIgnoreSpec.from_lines(ALWAYS_IGNORED)  # whatever the files say
+        self._specs: list[tuple[str, pathspec.GitIgnoreSpec]] = []
+
+    def read(self, directory: Path, prefix: str) -> None:
+        """Add ``directory``'s own .gitignore, if it has one (``prefix``: its path under the root)."""
+        try:
+            lines = (directory / ".gitignore").read_text(errors="replace").splitlines()
+        except OSError:  # none (or unreadable: git would not read it either)
+            return
+        self._specs.append((prefix, pathspec.GitIgnoreSpec.from_lines(lines)))
+
+    def ignored(self, relative: str) -> bool:
+        if self._always.match_file(relative):
+            return True
+        decision = False
+        for prefix, spec in self._specs:  # from the root down: walked top-down, ancestors come first
+            if relative.startswith(prefix):
+                found = spec.check_file(relative[len(prefix) :]).include
+                decision = decision if found is None else found
+        return decision
+
+
+def _walk(root: Path, skipped: list[dict[str, str]]) -> list[tuple[Path, str]]:
+    """The files under ``root`` that no .gitignore on their way ignores, with their relative paths,
+    sorted, without following linked directories or entering ignored ones; a directory that cannot
+    be listed is reported as skipped, not left out silently."""
 
     def unlisted(error: OSError) -> None:
         relative = Path(error.filename).relative_to(root).as_posix() + "/"
         skipped.append({"path": relative, "reason": f"unreadable directory ({error.strerror})"})
 
+    ignores = _Ignores()
     found: list[tuple[Path, str]] = []
     for directory, folders, names in os.walk(root, onerror=unlisted):
         base = Path(directory)
         prefix = base.relative_to(root).as_posix() + "/" if base != root else ""
-        folders[:] = [f for f in folders if not spec.match_file(f"{prefix}{f}/")]
+        ignores.read(base, prefix)
+        folders[:] = [f for f in folders if not ignores.ignored(f"{prefix}{f}/")]
         found.extend(
-            (base / name, f"{prefix}{name}") for name in names if not spec.match_file(f"{prefix}{name}")
+            (base / name, f"{prefix}{name}") for name in names if not ignores.ignored(f"{prefix}{name}")
         )
     return sorted(found)
 

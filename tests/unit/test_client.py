@@ -402,6 +402,43 @@ def test_the_direct_limit_counts_the_escaping_inside_a_lambda_event(tmp_path: Pa
     assert snapshot(tmp_path).files == {"a.txt": "a"}
 
 
+def test_every_gitignore_of_the_tree_is_honoured_as_git_honours_it(tmp_path: Path) -> None:
+    """A .gitignore in a subfolder (only the top one was read: a package's secrets were uploaded):
+    its patterns are relative to its folder, and a deeper file decides over the ones above it."""
+    (tmp_path / ".gitignore").write_text("*.log\n/top-only.txt\n")
+    (tmp_path / "app.py").write_text("a")
+    (tmp_path / "top-only.txt").write_text("t")
+    pkg = tmp_path / "pkg"
+    (pkg / "secrets").mkdir(parents=True)
+    (pkg / ".gitignore").write_text("*.env\nsecrets/\n!keep.log\n")
+    (pkg / "prod.env").write_text("PASSWORD=x")
+    (pkg / "secrets" / "pw.txt").write_text("x")
+    (pkg / "keep.log").write_text("kept")
+    (pkg / "other.log").write_text("ignored from above")
+    (pkg / "top-only.txt").write_text("anchored to the top: kept here")
+    (pkg / "mod.py").write_text("m")
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "dev.env").write_text("not under pkg: kept")
+    assert sorted(snapshot(tmp_path).files) == [
+        ".gitignore",
+        "app.py",
+        "lib/dev.env",
+        "pkg/.gitignore",
+        "pkg/keep.log",
+        "pkg/mod.py",
+        "pkg/top-only.txt",
+    ]
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_and_said(tmp_path: Path) -> None:
+    """One such name crashed the whole sync with a UnicodeEncodeError."""
+    (tmp_path / "ok.txt").write_text("ok")
+    (tmp_path / os.fsdecode(b"caf\xe9.txt")).write_text("latin-1 name")
+    snap = snapshot(tmp_path)
+    assert snap.files == {"ok.txt": "ok"}
+    assert snap.skipped == [{"path": "caf\ufffd.txt", "reason": "a name that is not UTF-8"}]
+
+
 def test_unreadable_files_and_folders_and_links_out_are_skipped_and_said(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
