@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import httpx2
 from websockets.exceptions import InvalidStatus
@@ -45,6 +45,14 @@ from spool.sync import (
     plan_sync,
     save_manifest,
 )
+
+
+def segment(value: object) -> str:
+    """An id as one segment of a path: ``../contexts`` or ``job_x?output=false`` names nothing else
+    (and ``..`` alone is not a step up, which an HTTP client would resolve before sending)."""
+    text = quote(str(value), safe="")
+    return text.replace(".", "%2E") if text in {".", ".."} else text
+
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_KEY = "sk-local-dev"
@@ -268,12 +276,12 @@ def _json_or_none(raw: bytes) -> Any:
 
 # ---------------------------------------------------------------------- the calls of the API
 def job_call(job_id: str, *, output: bool = True) -> Call:
-    return Call("GET", f"/v1/jobs/{job_id}", params=None if output else {"output": False})
+    return Call("GET", f"/v1/jobs/{segment(job_id)}", params=None if output else {"output": False})
 
 
 def chunks_call(job_id: str, after: int, limit: int, wait: int, timeout: float) -> Call:
     params = {"after": after, "limit": limit, "wait": wait}
-    return Call("GET", f"/v1/jobs/{job_id}/chunks", params=params, timeout=wait + timeout)
+    return Call("GET", f"/v1/jobs/{segment(job_id)}/chunks", params=params, timeout=wait + timeout)
 
 
 def list_call(resource: str, limit: int, cursor: str | None, status: str | None = None) -> Call:
@@ -357,13 +365,13 @@ def sync_steps(
     summary: dict[str, Any] | None = None
     if plan.action == "none":
         try:  # nothing changed: a cheap read confirms the context still lives
-            context = yield Call("GET", f"/v1/contexts/{plan.context_id}")
+            context = yield Call("GET", f"/v1/contexts/{segment(plan.context_id)}")
             summary = {k: v for k, v in context.items() if k != "files"}
         except (NotFound, Gone):
             plan = plan_create(snap, ttl_seconds, settings.direct_upload_limit)
     elif plan.action == "patch":
         try:
-            summary = yield _upload_call("PATCH", f"/v1/contexts/{plan.context_id}", plan, progress)
+            summary = yield _upload_call("PATCH", f"/v1/contexts/{segment(plan.context_id)}", plan, progress)
         except (NotFound, Gone):  # expired or deleted: upload afresh
             plan = plan_create(snap, ttl_seconds, settings.direct_upload_limit)
     if summary is None:
@@ -467,7 +475,7 @@ class StreamState:
         return json.dumps({"action": "subscribe", "job_id": self.job_id, "after": self.last_sequence_id})
 
     def events_path(self) -> str:
-        return f"/v1/jobs/{self.job_id}/events"
+        return f"/v1/jobs/{segment(self.job_id)}/events"
 
     def page_call(self, timeout: float, wait: int = 20) -> Call:
         return chunks_call(self.job_id, self.last_sequence_id, 500, wait, timeout)

@@ -124,13 +124,13 @@ class AsyncClient(ClientBase):
         return await self._call(Call("POST", "/v1/contexts", json={"files": files, **fields}))  # type: ignore[no-any-return]
 
     async def get_context(self, context_id: str) -> dict[str, Any]:
-        return await self._call(Call("GET", f"/v1/contexts/{context_id}"))  # type: ignore[no-any-return]
+        return await self._call(Call("GET", f"/v1/contexts/{_core.segment(context_id)}"))  # type: ignore[no-any-return]
 
     async def patch_context(self, context_id: str, **changes: Any) -> dict[str, Any]:
-        return await self._call(Call("PATCH", f"/v1/contexts/{context_id}", json=changes))  # type: ignore[no-any-return]
+        return await self._call(Call("PATCH", f"/v1/contexts/{_core.segment(context_id)}", json=changes))  # type: ignore[no-any-return]
 
     async def delete_context(self, context_id: str) -> None:
-        await self._call(Call("DELETE", f"/v1/contexts/{context_id}"))
+        await self._call(Call("DELETE", f"/v1/contexts/{_core.segment(context_id)}"))
 
     async def list_contexts(self, *, limit: int = 20, cursor: str | None = None) -> dict[str, Any]:
         return await self._call(_core.list_call("contexts", limit, cursor))  # type: ignore[no-any-return]
@@ -163,7 +163,7 @@ class AsyncClient(ClientBase):
         return await self._call(_core.job_call(job_id, output=output))  # type: ignore[no-any-return]
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
-        return await self._call(Call("POST", f"/v1/jobs/{job_id}/cancel"))  # type: ignore[no-any-return]
+        return await self._call(Call("POST", f"/v1/jobs/{_core.segment(job_id)}/cancel"))  # type: ignore[no-any-return]
 
     async def list_jobs(
         self, *, status: str | None = None, limit: int = 20, cursor: str | None = None

@@ -157,13 +157,13 @@ class Client(ClientBase):
         return self._call(Call("POST", "/v1/contexts", json={"files": files, **fields}))  # type: ignore[no-any-return]
 
     def get_context(self, context_id: str) -> dict[str, Any]:
-        return self._call(Call("GET", f"/v1/contexts/{context_id}"))  # type: ignore[no-any-return]
+        return self._call(Call("GET", f"/v1/contexts/{_core.segment(context_id)}"))  # type: ignore[no-any-return]
 
     def patch_context(self, context_id: str, **changes: Any) -> dict[str, Any]:
-        return self._call(Call("PATCH", f"/v1/contexts/{context_id}", json=changes))  # type: ignore[no-any-return]
+        return self._call(Call("PATCH", f"/v1/contexts/{_core.segment(context_id)}", json=changes))  # type: ignore[no-any-return]
 
     def delete_context(self, context_id: str) -> None:
-        self._call(Call("DELETE", f"/v1/contexts/{context_id}"))
+        self._call(Call("DELETE", f"/v1/contexts/{_core.segment(context_id)}"))
 
     def list_contexts(self, *, limit: int = 20, cursor: str | None = None) -> dict[str, Any]:
         return self._call(_core.list_call("contexts", limit, cursor))  # type: ignore[no-any-return]
@@ -203,7 +203,7 @@ class Client(ClientBase):
         return self._call(_core.job_call(job_id, output=output))  # type: ignore[no-any-return]
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        return self._call(Call("POST", f"/v1/jobs/{job_id}/cancel"))  # type: ignore[no-any-return]
+        return self._call(Call("POST", f"/v1/jobs/{_core.segment(job_id)}/cancel"))  # type: ignore[no-any-return]
 
     def list_jobs(
         self, *, status: str | None = None, limit: int = 20, cursor: str | None = None

@@ -603,3 +603,37 @@ def test_the_async_client_has_the_sync_surface() -> None:
     assert ("GET", "/v1/jobs", {"status": "running", "limit": "5"}) in seen
     assert ("GET", "/v1/health", {"deep": "true"}) in seen
     assert ("GET", "/v1/usage", {"since": "2026-11-01"}) in seen
+
+
+def test_an_id_is_one_path_segment_whatever_it_holds() -> None:
+    """``spool jobs get ../contexts`` printed the tenant's context listing as a job, and an id holding
+    ``?`` sent a query of its own: every id is escaped as one segment of the path."""
+    requests: list[httpx2.Request] = []
+
+    def server(request: httpx2.Request) -> httpx2.Response:
+        requests.append(request)
+        return httpx2.Response(200, json={"job_id": "x", "status": "queued"})
+
+    client = client_for(server)
+    client.job("../contexts")
+    client.job("job_x?output=false")
+    client.cancel("job_a/../../contexts")
+    client.get_context("ctx_1#frag")
+    sent = [(r.url.raw_path.decode(), r.url.query.decode()) for r in requests]
+    assert sent == [
+        ("/v1/jobs/..%2Fcontexts", ""),
+        ("/v1/jobs/job_x%3Foutput%3Dfalse", ""),
+        ("/v1/jobs/job_a%2F..%2F..%2Fcontexts/cancel", ""),
+        ("/v1/contexts/ctx_1%23frag", ""),
+    ]
+
+    async def each() -> None:
+        async with async_client_for(server, []) as aclient:
+            await aclient.cancel("../x")
+            await aclient.get_context("..")
+
+    asyncio.run(each())
+    assert [r.url.raw_path.decode() for r in requests[-2:]] == [
+        "/v1/jobs/..%2Fx/cancel",
+        "/v1/contexts/%2E%2E",
+    ]
