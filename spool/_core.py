@@ -24,6 +24,7 @@ from spool.errors import (
     Conflict,
     ConnectionFailed,
     Gone,
+    InvalidRequest,
     JobCancelled,
     JobEnded,
     JobFailed,
@@ -373,6 +374,12 @@ def sync_steps(
         try:
             summary = yield _upload_call("PATCH", f"/v1/contexts/{segment(plan.context_id)}", plan, progress)
         except (NotFound, Gone):  # expired or deleted: upload afresh
+            plan = plan_create(snap, ttl_seconds, settings.direct_upload_limit)
+        except InvalidRequest as exc:
+            # It no longer holds what was last sent: that PATCH went through but its answer was lost
+            # (its retry deletes paths already gone), or someone else changed it. Afresh, then.
+            if exc.code != "path_not_found":
+                raise
             plan = plan_create(snap, ttl_seconds, settings.direct_upload_limit)
     if summary is None:
         summary = yield from _create_steps(plan, progress)

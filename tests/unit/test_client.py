@@ -375,6 +375,37 @@ def test_skipped_files_are_reported_and_an_unchanged_sync_sends_only_a_read(tmp_
 
 
 @pytest.mark.usefixtures("cache")
+def test_a_patch_whose_answer_was_lost_is_not_retried_into_a_stuck_sync(tmp_path: Path) -> None:
+    """The PATCH went through, its answer was lost, and its retry deleted a path already gone: a 400
+    path_not_found, and every later sync of the directory failed the same way. The context no longer
+    holds what the client last sent, so it uploads afresh."""
+    tmp_path = tmp_path / "project"  # beside the cache
+    tmp_path.mkdir()
+    (tmp_path / "a.py").write_text("a")
+    (tmp_path / "b.py").write_text("b")
+    server = FakeContexts()
+    client = client_for(server)
+    client.sync_directory(tmp_path)
+    (tmp_path / "b.py").unlink()
+    lost = {"first": True}
+
+    def patch_lost_once(request: httpx2.Request) -> httpx2.Response:
+        if request.method == "PATCH":
+            server.requests.append((request.method, request.url.path, 0))
+            if lost.pop("first", False):
+                raise httpx2.ReadTimeout("the answer was lost")
+            return error(400, "path_not_found")
+        return server(request)
+
+    client = client_for(patch_lost_once)
+    result = client.sync_directory(tmp_path)
+    assert (result["changed"], result["uploaded_via"]) == (True, "direct")
+    assert [r[0] for r in server.requests[1:]] == ["PATCH", "PATCH", "POST"]
+    again = client_for(server).sync_directory(tmp_path)  # and the next sync finds nothing to send
+    assert (again["changed"], again["uploaded_via"]) == (False, "none")
+
+
+@pytest.mark.usefixtures("cache")
 def test_a_document_over_the_direct_limit_goes_through_the_presigned_upload(tmp_path: Path) -> None:
     for index in range(8):  # 8 x 900 KB: over Lambda's 6 MiB as a direct body
         (tmp_path / f"part{index}.txt").write_text(("line of text\n" * 70_000)[:900_000])
