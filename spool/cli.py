@@ -8,6 +8,7 @@ import contextlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -912,6 +913,11 @@ def _tenant_limits(args: argparse.Namespace, target: Any) -> int:
         store.clear_limits()
         print(f"tenant {args.tenant} now has the deployment's default limits ({target.description})")
         return 0
+    changes = ("tokens_per_minute", "tokens_per_day", "max_concurrent_jobs", "daily_budget_usd")
+    given = ["--" + name.replace("_", "-") for name in changes if getattr(args, name) is not None]
+    if args.action != "set" and given:
+        print(f"error: {', '.join(given)} only go with 'limits set' (nothing was changed)", file=sys.stderr)
+        return 2
     if args.action == "set":
         fields = {
             "tokens_per_minute": args.tokens_per_minute,
@@ -950,6 +956,8 @@ def _tenant_limits(args: argparse.Namespace, target: Any) -> int:
 
 
 MAX_GRACE_SECONDS = 90 * 86_400  # a rotation's overlap; beyond it the new key is stored, never shown
+MAX_LIMIT = 10**15  # a tenant's token bucket or concurrent jobs: far above any real use, still exact
+MAX_DAILY_BUDGET_USD = 10**9
 
 
 def _spool_command() -> str:
@@ -986,6 +994,18 @@ def _bounded(low: int, high: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _dollars(text: str) -> float:
+    """A daily budget: 0 (none) or a positive, finite number of dollars (``nan`` removed a budget
+    without a word, ``inf`` crashed, ``-3`` removed it too)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of dollars: {text!r}") from None
+    if not math.isfinite(value) or value < 0 or value > MAX_DAILY_BUDGET_USD:
+        raise argparse.ArgumentTypeError(f"must be 0 (no budget) to {MAX_DAILY_BUDGET_USD:,} dollars")
+    return value
 
 
 def _day(text: str) -> date:
@@ -1268,13 +1288,21 @@ def build_parser() -> argparse.ArgumentParser:
     limits = command("limits", "read or change a tenant's limits", [admin])
     limits.add_argument("action", choices=["get", "set", "reset"], help="what to do")
     limits.add_argument(
-        "--tokens-per-minute", type=int, help="the tenant's token bucket per minute (refills continuously)"
+        "--tokens-per-minute",
+        type=_bounded(1, MAX_LIMIT),
+        help="the tenant's token bucket per minute (refills continuously)",
     )
     limits.add_argument(
-        "--tokens-per-day", type=int, help="the tenant's token bucket per day (refills over any 24 hours)"
+        "--tokens-per-day",
+        type=_bounded(1, MAX_LIMIT),
+        help="the tenant's token bucket per day (refills over any 24 hours)",
     )
-    limits.add_argument("--max-concurrent-jobs", type=int, help="jobs queued or running at once")
-    limits.add_argument("--daily-budget-usd", type=float, help="dollars per UTC day (0 removes the budget)")
+    limits.add_argument(
+        "--max-concurrent-jobs", type=_bounded(1, MAX_LIMIT), help="jobs queued or running at once"
+    )
+    limits.add_argument(
+        "--daily-budget-usd", type=_dollars, help="dollars per UTC day (0 removes the budget)"
+    )
     limits.set_defaults(run=_limits)
     return parser
 

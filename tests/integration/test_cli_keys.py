@@ -108,6 +108,24 @@ def test_limits_set_get_reset_and_the_next_admission_obeys(
     assert main(["limits", "set", *target, "--max-concurrent-jobs", "2"]) == 0  # later sets merge
     assert json.loads(capsys.readouterr().out)["tokens_per_minute"] == 50000
     jobs.create("k2", request)
+    # bad values are refused before anything is written: nan and -3 removed the budget without a
+    # word, inf crashed, a concurrency of -1 refused every job; and an option beside get is refused
+    capsys.readouterr()
+    for bad in (
+        ["--daily-budget-usd", "nan"],
+        ["--daily-budget-usd", "-3"],
+        ["--daily-budget-usd", "inf"],
+        ["--max-concurrent-jobs", "-1"],
+        ["--tokens-per-minute", "0"],
+    ):
+        with pytest.raises(SystemExit) as refused:
+            main(["limits", "set", *target, *bad])
+        assert refused.value.code == 2
+        assert "must be" in capsys.readouterr().err
+    assert main(["limits", "get", *target, "--tokens-per-minute", "5"]) == 2
+    assert "only go with 'limits set'" in capsys.readouterr().err
+    assert main(["limits", "get", *target]) == 0
+    assert json.loads(capsys.readouterr().out)["daily_budget_usd"] == 2.5  # unchanged
     assert main(["limits", "reset", *target]) == 0
     assert main(["limits", "get", *target]) == 0
     assert "defaults apply" in capsys.readouterr().out
