@@ -1356,6 +1356,12 @@ def _report(exc: Exception) -> int:
         line, suggestions = exc.message, exc.suggestions
     elif isinstance(exc, SpoolError | DomainError):
         line, suggestions = f"{exc.code}: {exc.message}", list(exc.suggestions)
+        if isinstance(exc, SpoolError):
+            headers = {k.lower(): v for k, v in exc.headers.items()}
+            request_id = exc.request_id or headers.get("x-request-id")
+            line += f" (request {request_id})" if request_id else ""  # what a report needs
+            if exc.code == "http_error" and not suggestions:  # no Spool envelope: not Spool answering
+                suggestions = ["Check that SPOOL_URL (or --url) is a Spool API: GET /v1/health answers it"]
     elif isinstance(exc, SyncError):
         line, suggestions = str(exc), []
     else:

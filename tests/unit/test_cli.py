@@ -383,7 +383,13 @@ class FakeClient:
         }
 
     def get_context(self, context_id: str) -> dict[str, Any]:
-        error = {"code": "context_not_found", "message": f"Context {context_id} not found"}
+        error = {
+            "code": "context_not_found",
+            "message": f"Context {context_id} not found",
+            "request_id": "r-1",
+        }
+        if context_id == "ctx_elsewhere":  # not Spool answering: no envelope, its own request id header
+            raise NotFound(404, None, {"X-Request-Id": "r-2"})
         raise NotFound(404, {"error": {**error, "suggestions": ["List yours with spool contexts list"]}})
 
     def delete_context(self, context_id: str) -> None:
@@ -626,7 +632,12 @@ def test_other_job_and_context_commands(fake: FakeClient, capsys: pytest.Capture
     code, _, err = run(capsys, "contexts", "get", "ctx_gone")
     assert code == 2
     assert err == (
-        "error: context_not_found: Context ctx_gone not found — List yours with spool contexts list\n"
+        "error: context_not_found: Context ctx_gone not found (request r-1)"
+        " — List yours with spool contexts list\n"
+    )
+    err = run(capsys, "contexts", "get", "ctx_elsewhere")[2]
+    assert err.startswith(
+        "error: http_error: HTTP 404 (request r-2) — Check that SPOOL_URL (or --url) is a Spool"
     )
 
 
