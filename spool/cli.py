@@ -436,8 +436,11 @@ def _models(args: argparse.Namespace) -> int:
         "FALLBACKS",
         "STATUS",
     ]
-    output_console().print(
-        table(None, columns, rows, numbers=("CONTEXT", "MAX OUTPUT", "IN /MTOK", "OUT /MTOK"))
+    _print_listing(
+        columns,
+        rows,
+        numbers=("CONTEXT", "MAX OUTPUT", "IN /MTOK", "OUT /MTOK"),
+        drop=("FALLBACKS", "ALIASES", "MAX OUTPUT", "OUT /MTOK", "IN /MTOK", "CONTEXT"),
     )
     return EXIT_OK
 
@@ -529,7 +532,13 @@ def _health(args: argparse.Namespace) -> int:
                 (name, check.get("status", ""), f"{latency:,.0f} ms" if latency is not None else "", detail)
             )
         out.print(f"{report.get('status', 'unknown')} (checked at {report.get('checked_at', '?')})")
-        out.print(table(None, ["CHECK", "STATUS", "LATENCY", "DETAILS"], rows, numbers={"LATENCY"}))
+        _print_listing(
+            ["CHECK", "STATUS", "LATENCY", "DETAILS"],
+            rows,
+            numbers=("LATENCY",),
+            drop=("DETAILS", "LATENCY"),
+            keep=("CHECK", "STATUS"),
+        )
     return EXIT_OK if report.get("status") == "ok" else EXIT_FAILED
 
 
@@ -649,7 +658,7 @@ def _contexts_list(args: argparse.Namespace) -> int:
         columns,
         rows,
         numbers=("VERSION", "FILES", "TOKENS", "SIZE"),
-        drop=("EXPIRES", "UPDATED", "SIZE", "FILES", "VERSION"),
+        drop=("EXPIRES", "UPDATED", "SIZE", "FILES", "VERSION", "TOKENS"),
     )
     if more:
         message_console().print(f"showing the {len(contexts)} newest; --all lists every one", style="dim")
@@ -657,12 +666,18 @@ def _contexts_list(args: argparse.Namespace) -> int:
 
 
 def _print_listing(
-    columns: list[str], rows: Sequence[Sequence[Any]], *, numbers: tuple[str, ...], drop: tuple[str, ...]
+    columns: list[str],
+    rows: Sequence[Sequence[Any]],
+    *,
+    numbers: tuple[str, ...],
+    drop: tuple[str, ...],
+    keep: tuple[str, ...] = (),
 ) -> None:
-    """A listing on stdout, its first column the ids: never cut, whatever the terminal's width (the
-    columns in ``drop`` are left out first, in that order)."""
+    """A listing on stdout, its first column the ids (and the columns in ``keep``): never cut,
+    whatever the terminal's width (the columns in ``drop`` are left out first, in that order)."""
     out = output_console()
-    out.print(table(None, columns, rows, numbers=numbers, width=out.width, keep=(columns[0],), drop=drop))
+    keep = keep or (columns[0],)
+    out.print(table(None, columns, rows, numbers=numbers, width=out.width, keep=keep, drop=drop))
 
 
 def _size(size: int) -> str:
@@ -853,8 +868,12 @@ def _print_keys(summaries: list[dict[str, Any]], *, as_json: bool) -> None:
         )
         for s in summaries
     ]
-    output_console().print(
-        table(None, ["KEY ID", "TENANT", "STATUS", "CREATED", "UNTIL", "DESCRIPTION"], rows)
+    _print_listing(
+        ["KEY ID", "TENANT", "STATUS", "CREATED", "UNTIL", "DESCRIPTION"],
+        rows,
+        numbers=(),
+        drop=("DESCRIPTION", "CREATED", "UNTIL"),
+        keep=("KEY ID", "TENANT", "STATUS"),
     )
 
 

@@ -781,3 +781,26 @@ def test_a_listing_on_a_narrow_terminal_drops_columns_never_the_ids(width: int) 
     natural = 30 + 9 + 12 + 5 + 5 + 9 + 24 + 2 * 6  # every column whole, two spaces between
     assert ("CREATED" in lines[0]) is (width >= natural) and "STATUS" in lines[0]
     assert ("MODEL" in lines[0]) is (width >= natural - 26)
+
+
+@pytest.mark.parametrize("width", [30, 50, 80])
+def test_models_and_health_on_a_narrow_terminal_keep_their_names_and_statuses(
+    fake: FakeClient, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, width: int
+) -> None:
+    """At 60 columns ``spool health`` left STATUS out, at 80 it showed ``ST…``, and ``spool models``
+    cut the model ids (``sim-f…``): the names and statuses stay whole, other columns go first."""
+    shown = io.StringIO()
+    monkeypatch.setattr(cli, "output_console", lambda: Console(file=shown, width=width, color_system=None))
+    assert run(capsys, "models")[0] == 0
+    models = shown.getvalue().splitlines()
+    assert [line.split()[0] for line in models[1:]] == ["sim-fast", "sim-realtime"]
+    assert all(len(line) <= width for line in models)
+    shown.seek(0), shown.truncate()
+    assert run(capsys, "health")[0] == 0
+    lines = shown.getvalue().splitlines()
+    rows = lines[[line.split()[:1] for line in lines].index(["CHECK"]) + 1 :]
+    assert [line.split()[:2] for line in rows] == [
+        ["dynamodb", "ok"],
+        ["queue", "ok"],
+        ["provider:simulated", "ok"],
+    ]
