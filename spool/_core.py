@@ -47,6 +47,10 @@ from spool.sync import (
     save_manifest,
 )
 
+# A WebSocket with no message for the client's timeout and this long is asked again (a new connection,
+# the same subscribe): the job may only be queued or slow to its first token, so that is no failure.
+QUIET_SECONDS = 30.0
+
 
 def segment(value: object) -> str:
     """An id as one segment of a path: ``../contexts`` or ``job_x?output=false`` names nothing else

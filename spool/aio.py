@@ -249,7 +249,10 @@ class AsyncClient(ClientBase):
                     remembered = False  # it answers: keep it
                     await socket.send(state.subscribe_message())
                     while not state.ended:
-                        raw = await asyncio.wait_for(socket.recv(), self.timeout + 30)
+                        try:
+                            raw = await asyncio.wait_for(socket.recv(), self.timeout + _core.QUIET_SECONDS)
+                        except TimeoutError:
+                            break  # quiet, not broken: subscribe again, and count no failure
                         failures = 0
                         if (chunk := state.on_websocket(json.loads(raw))) is not None:
                             yield chunk

@@ -308,7 +308,10 @@ class Client(ClientBase):
                     remembered = False  # it answers: keep it
                     socket.send(state.subscribe_message())
                     while not state.ended:
-                        message = json.loads(socket.recv(timeout=self.timeout + 30))
+                        try:
+                            message = json.loads(socket.recv(timeout=self.timeout + _core.QUIET_SECONDS))
+                        except TimeoutError:
+                            break  # quiet, not broken: subscribe again, and count no failure
                         failures = 0
                         if (chunk := state.on_websocket(message)) is not None:
                             yield chunk

@@ -34,6 +34,7 @@ class WebSocketSpool:
 
     def __init__(self) -> None:
         self.sent: list[str] = []  # HTTP requests and subscribe frames, in the order they came
+        self.quiet = 0  # the next subscribes answered with nothing at all (a job still queued)
         self._server = ws_serve(self._serve, "127.0.0.1", 0)
         self.url = f"ws://127.0.0.1:{self._server.socket.getsockname()[1]}"
         self.link = self.url  # what its jobs' links.subscribe name
@@ -43,6 +44,9 @@ class WebSocketSpool:
         for frame in socket:
             request = json.loads(frame)
             self.sent.append(f"subscribe {request['job_id']}")
+            if self.quiet:
+                self.quiet -= 1
+                continue
             if request["job_id"] != "job_1":
                 socket.send(
                     json.dumps({"type": "error", "error": {"code": "job_not_found", "message": "no"}})
@@ -124,3 +128,34 @@ def test_the_async_client_reads_a_gone_link_again(websocket_spool: WebSocketSpoo
     assert asyncio.run(main()) == ["x"]
     assert gone.sent == ["POST /v1/jobs", "GET /v1/jobs/job_1"]
     assert websocket_spool.sent == ["subscribe job_1"]
+
+
+def test_a_quiet_subscription_is_asked_again_and_never_counted_as_a_failure(
+    websocket_spool: WebSocketSpool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job queued for minutes sends nothing: the client gave up after three quiet periods with
+    ``ConnectionFailed ... timed out``, where SSE and long-polling waited on. Quiet is not broken."""
+    from spool import _core
+
+    monkeypatch.setattr(_core, "QUIET_SECONDS", 0.0)
+    websocket_spool.quiet = 4
+    client = Client(
+        URL, "sk-test", timeout=0.2, max_retries=0, http_transport=httpx2.MockTransport(websocket_spool.http)
+    )
+    job = client.create_job("hi")
+    assert list(client.stream(job["job_id"], transport="websocket")) == ["x"]
+    assert websocket_spool.sent.count("subscribe job_1") == 5
+
+    async def stream() -> list[str]:
+        async with AsyncClient(
+            URL,
+            "sk-test",
+            timeout=0.2,
+            max_retries=0,
+            http_transport=httpx2.MockTransport(websocket_spool.http),
+        ) as aclient:
+            created = await aclient.create_job("hi")
+            return [text async for text in aclient.stream(created["job_id"], transport="websocket")]
+
+    websocket_spool.quiet = 3
+    assert asyncio.run(stream()) == ["x"]
