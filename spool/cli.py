@@ -334,6 +334,14 @@ class AskSession:
                 f"cancelled: stopped waiting; the job {self.job_id} is being cancelled", style="yellow"
             )
             return EXIT_INTERRUPTED
+        except SpoolError as exc:  # the cancel did not get through (Spool unreachable, say)
+            writer.finish()
+            self.say.print(
+                f"not cancelled: {exc}; the job {self.job_id} may still run and be billed —"
+                f" cancel it with spool jobs cancel {self.job_id}",
+                style="bold red",
+            )
+            return EXIT_INTERRUPTED
         writer.finish()
         tokens = job["progress"]["tokens_generated"]
         if job["status"] == "cancelled":

@@ -453,6 +453,24 @@ def test_ctrl_c_cancels_the_job_and_shows_what_it_cost() -> None:
     assert "cancelled: stopped after 17 tokens; 10 tokens in, 17 out, $0.000044" in said.getvalue()
 
 
+def test_ctrl_c_whose_cancel_cannot_get_through_says_the_job_may_still_run() -> None:
+    """With the stack down, Ctrl-C printed ``cancelling`` then ``Could not reach Spool`` and exited 2;
+    the job ran on to its end, billed, and nothing had said it was not cancelled."""
+    from spool.errors import ConnectionFailed
+
+    client = FakeClient(interrupt_at=3)
+
+    def unreachable(job_id: str) -> dict[str, Any]:
+        raise ConnectionFailed("http://127.0.0.1:9", "Connection refused")
+
+    client.cancel = unreachable  # type: ignore[method-assign]
+    ask, said = session(client)
+    assert ask.run(io.StringIO()) == 130
+    shown = said.getvalue()
+    assert "not cancelled: connection_failed" in shown
+    assert "job_fake may still run and be billed — cancel it with spool jobs cancel job_fake" in shown
+
+
 class ClosedAfter(io.StringIO):
     """stdout piped into ``head -c N``: the reader goes away after ``n`` characters."""
 
