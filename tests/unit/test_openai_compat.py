@@ -156,6 +156,39 @@ def test_neutral_values_and_harmless_parameters_pass() -> None:
     assert request.include_usage
 
 
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"seed": "x"}, "seed"),
+        ({"seed": True}, "seed"),
+        ({"user": 5}, "user"),
+        ({"store": "yes"}, "store"),
+        ({"service_tier": "bogus"}, "service_tier"),
+        ({"top_p": 2}, "top_p"),
+        ({"tools": False}, "tools"),
+    ],
+)
+def test_an_ignored_parameter_with_a_value_openai_refuses_is_refused_too(
+    extra: dict[str, Any], param: str
+) -> None:
+    """They change nothing here, but a client's bug that OpenAI would answer with a 400 was accepted."""
+    for model, policy, body in (
+        (chat.ChatRequest, ChatPolicy, {"messages": [{"role": "user", "content": "x"}]}),
+        (responses.ResponsesRequest, ResponsesPolicy, {"input": "x"}),
+    ):
+        if param not in policy.IGNORED and param not in policy.NEUTRAL:
+            continue
+        with pytest.raises(InvalidRequest) as caught:
+            parse(model, {"model": "sim-fast", **body, **extra}, policy)
+        assert caught.value.details["param"] == param and param in caught.value.message
+    fine = {"seed": 7, "user": "u", "store": True, "service_tier": "auto", "top_p": 0.5, "tools": None}
+    parse(
+        chat.ChatRequest,
+        {"model": "sim-fast", "messages": [{"role": "user", "content": "x"}], **fine},
+        ChatPolicy,
+    )
+
+
 def test_non_text_content_and_other_roles_are_refused() -> None:
     image = {
         "model": "m",

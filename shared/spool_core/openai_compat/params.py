@@ -28,6 +28,42 @@ def _empty(value: Any) -> bool:
     return value in (None, [], {}, 0, False)
 
 
+def _no_list(value: Any) -> bool:
+    """A list parameter left empty: ``null`` or ``[]`` (``false`` is no list: OpenAI refuses it)."""
+    return value is None or value == []
+
+
+def _of(*types: type, low: float | None = None, high: float | None = None) -> Callable[[Any], bool]:
+    """An ignored parameter's value as OpenAI checks it: one of ``types`` (a bool is no number), within
+    ``low``-``high`` for a number; ``null`` always."""
+
+    def check(value: Any) -> bool:
+        if value is None:
+            return True
+        if isinstance(value, bool) != (bool in types) or not isinstance(value, types):
+            return False
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return (low is None or value >= low) and (high is None or value <= high)
+        return True
+
+    return check
+
+
+# What an ignored parameter may hold: it changes nothing, but a value OpenAI refuses is refused here
+# too (``seed="x"`` or ``store="yes"`` was accepted, so a client's bug showed only against OpenAI).
+_IGNORED_VALUES: dict[str, Callable[[Any], bool]] = {
+    "user": _of(str),
+    "safety_identifier": _of(str),
+    "seed": _of(int),
+    "top_p": _of(int, float, low=0, high=1),
+    "store": _of(bool),
+    "service_tier": lambda value: value in (None, "auto", "default", "flex", "scale", "priority"),
+    "prompt_cache_key": _of(str),
+    "prompt_cache_retention": _of(str),
+    "prompt_cache_options": _of(dict),
+}
+
+
 def _text_format(value: Any) -> bool:
     """Chat's ``response_format``: plain text only (no JSON mode, no schema)."""
     return value is None or (isinstance(value, Mapping) and value.get("type") == "text")
@@ -55,6 +91,12 @@ class Policy:
     @classmethod
     def check(cls, body: Mapping[str, Any]) -> None:
         for name, value in body.items():
+            if name in cls.IGNORED and not _IGNORED_VALUES.get(name, lambda _: True)(value):
+                raise InvalidRequest(
+                    f"Parameter '{name}' has a value OpenAI refuses: {_short(value)}",
+                    details={"param": name},
+                    suggestions=[f"Send '{name}' as the OpenAI API reference types it, or leave it out"],
+                )
             if name in cls.SUPPORTED or name in cls.IGNORED:
                 continue
             if name in cls.NEUTRAL and cls.NEUTRAL[name](value):
@@ -104,10 +146,10 @@ class ChatPolicy(Policy):
         "frequency_penalty": _absent_or(0, 0.0),
         "presence_penalty": _absent_or(0, 0.0),
         "logit_bias": _empty,
-        "tools": _empty,
+        "tools": _no_list,
         "tool_choice": _absent_or("none", "auto"),
         "parallel_tool_calls": lambda value: True if value is None else isinstance(value, bool),
-        "functions": _empty,
+        "functions": _no_list,
         "function_call": _absent_or("none", "auto"),
         "response_format": _text_format,
         "modalities": _absent_or(["text"]),
@@ -143,7 +185,7 @@ class ResponsesPolicy(Policy):
         "prompt_cache_options": ChatPolicy.IGNORED["prompt_cache_key"],
     }
     NEUTRAL: ClassVar[dict[str, Callable[[Any], bool]]] = {
-        "tools": _empty,
+        "tools": _no_list,
         "tool_choice": _absent_or("none", "auto"),
         "parallel_tool_calls": lambda value: True if value is None else isinstance(value, bool),
         "text": _text_options,
