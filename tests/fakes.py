@@ -63,6 +63,23 @@ class MemoryBlobStore:
         self.refreshes += 1
 
 
+class MemoryRequestStore:
+    """``spool_core.jobs.ports.RequestStore`` in memory: one tenant's messages too large for a job item."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.gets = 0
+
+    def put(self, data: bytes) -> str:
+        sha256 = hashlib.sha256(data).hexdigest()
+        self.objects[sha256] = bytes(data)
+        return sha256
+
+    def get(self, sha256: str) -> bytes:
+        self.gets += 1
+        return self.objects[sha256]
+
+
 class MemoryBlobIndex:
     def __init__(self) -> None:
         self.items: dict[str, BlobInfo] = {}

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from spool_core.jobs.model import TERMINAL, Chunk, EndMark, Job, Progress, Segment, Status
+from spool_core.jobs.model import STORED, TERMINAL, Chunk, EndMark, Job, Progress, Segment, Status
 from spool_core.jobs.ports import (
     AdmissionRefused,
     Claim,
@@ -127,7 +127,7 @@ class TenantLedger:
     def get(self, job_id: str) -> Job | None:
         with self.ledger.lock:
             item = self._job(job_id)
-            return Job.model_validate(item) if item else None
+            return Job.model_validate(item, context=STORED) if item else None
 
     def admission_state(self, key_hash: str, model_id: str, day: str) -> tuple[Claim | None, UsageState]:
         with self.ledger.lock:
@@ -193,7 +193,7 @@ class TenantLedger:
                 or item.get("lease_expires_ms", 0) >= now_ms
             ):
                 if item is not None and item.get("lease_token") == token:
-                    return Job.model_validate(item)
+                    return Job.model_validate(item, context=STORED)
                 raise Conflict(item)
             item.update(
                 status="running",
@@ -203,7 +203,7 @@ class TenantLedger:
                 pending_since_ms=now_ms,
             )
             item.setdefault("started_at", "2026-01-01T00:00:00.000Z")
-            return Job.model_validate(item)
+            return Job.model_validate(item, context=STORED)
 
         result: Job = self.ledger._apply("take_lease", write)
         return result
@@ -245,11 +245,11 @@ class TenantLedger:
         def write() -> Job:
             item = self._job(job_id)
             if item and item.get("lease_token") == token and item.get("model_resolved") == segment.model:
-                return Job.model_validate(item)
+                return Job.model_validate(item, context=STORED)
             item = self._held(job_id, token)
             item.update(model_resolved=segment.model, fallback_used=True, input_reported=dict(input_reported))
             item["segments"] = [*item.get("segments", []), segment.model_dump()]
-            return Job.model_validate(item)
+            return Job.model_validate(item, context=STORED)
 
         result: Job = self.ledger._apply("switch_model", write)
         return result
@@ -258,7 +258,7 @@ class TenantLedger:
         def write() -> Job:
             item = self._job(job_id)
             if item is not None and item.get("ended_by") == guard.token:
-                return Job.model_validate(item)
+                return Job.model_validate(item, context=STORED)
             if item is None:
                 raise Conflict(None)
             if guard.kind == "lease":
@@ -289,12 +289,14 @@ class TenantLedger:
             item.update(changes)
             item.pop("pending_since_ms", None)
             # As the store does, atomically with the end: the end mark, live if the job is subscribed.
-            self.ledger.end_marks[(self.tenant_id, job_id)] = EndMark.of(Job.model_validate(item))
+            self.ledger.end_marks[(self.tenant_id, job_id)] = EndMark.of(
+                Job.model_validate(item, context=STORED)
+            )
             if item.get("subscribed"):
                 self.ledger.live_end_marks.add((self.tenant_id, job_id))
             self._settle(settlement)
             self.ledger.settlements.append((self.tenant_id, settlement))
-            return Job.model_validate(item)
+            return Job.model_validate(item, context=STORED)
 
         result: Job = self.ledger._apply("end", write)
         return result
@@ -336,7 +338,7 @@ class TenantLedger:
             if item is None or item["status"] != "running":
                 raise Conflict(item)
             item["cancel_requested"] = True
-            return Job.model_validate(item)
+            return Job.model_validate(item, context=STORED)
 
         result: Job = self.ledger._apply("request_cancel", write)
         return result
@@ -353,7 +355,7 @@ class TenantLedger:
                 raise Conflict(None)
             if item["status"] not in TERMINAL:
                 item["subscribed"] = True
-            return Job.model_validate(item)
+            return Job.model_validate(item, context=STORED)
 
         result: Job = self.ledger._apply("mark_subscribed", write)
         return result
@@ -527,9 +529,11 @@ class JobWorld:
             MemoryCircuitStore,
             MemoryContextTable,
             MemoryManifestStore,
+            MemoryRequestStore,
             MemoryUploadStore,
         )
 
+        self._new_request_store = MemoryRequestStore
         self.clock = Clock()
         self.ledger = MemoryLedger(clock_ms=self.clock.ms)
         self.limits = limits or TenantLimits(200_000, 10_000_000, 16)
@@ -547,6 +551,7 @@ class JobWorld:
             self.clock,
         )
         self.context_stores_made = 0  # how often the services made the tenant's context store
+        self.requests: dict[str, MemoryRequestStore] = {}  # each tenant's messages too large for an item
 
         def provider(model: Any) -> SimulatedProvider:
             self.provider_calls.append(model.id)
@@ -567,6 +572,9 @@ class JobWorld:
         self.context_stores_made += 1
         return self._contexts
 
+    def request_store(self, tenant: str) -> Any:
+        return self.requests.setdefault(tenant, self._new_request_store())
+
     def service(self, tenant: str = "acme") -> Any:
         from spool_core.jobs.service import JobService
         from spool_core.tenancy import Tenant
@@ -582,6 +590,7 @@ class JobWorld:
             self.limiter(tenant),
             clock=self.clock,
             sleep=lambda _: None,
+            requests=lambda: self.request_store(tenant),
         )
 
     def runner(self, tenant: str = "acme", **settings: Any) -> Any:
@@ -600,6 +609,7 @@ class JobWorld:
             RunnerSettings(**config),
             queue=store,
             breaker=self.breaker,
+            requests=lambda: self.request_store(tenant),
             clock=self.clock,
             sleep=lambda _: None,
         )

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from spool_core.health import HealthService, Probe
     from spool_core.jobs.dead_letters import DeadLetters
     from spool_core.jobs.pages import ChunkPages
+    from spool_core.jobs.ports import RequestStore
     from spool_core.jobs.runner import JobRunner
     from spool_core.jobs.service import JobService
     from spool_core.jobs.sweeper import Sweeper
@@ -173,6 +174,14 @@ def context_service(tenant: Tenant, config: Settings | None = None) -> ContextSe
     )
 
 
+def request_store(tenant: Tenant, config: Settings | None = None) -> RequestStore:
+    """Where the tenant's messages too large for a job item go (S3), made by the first such job."""
+    from spool_core.adapters.contexts import S3RequestStore
+
+    config = config or settings()
+    return S3RequestStore(aws.s3(config), config.bucket, TenantScope(tenant))
+
+
 def _job_tables(tenant: Tenant, config: Settings) -> tuple[DynamoJobStore, DynamoChunkLog]:
     from spool_core.adapters.dynamodb import ScopedTable
     from spool_core.adapters.jobs import DynamoChunkLog, DynamoJobStore
@@ -259,6 +268,7 @@ def job_service(
         websocket_url=config.websocket_url,
         events_link=events_link(tenant, public_url, config, key_id) if public_url else None,
         cadence=config.cadence,
+        requests=partial(request_store, tenant, config),
     )
 
 
@@ -365,6 +375,7 @@ def job_runner(tenant: Tenant, config: Settings | None = None) -> JobRunner:
         queue=job_queue(config),
         breaker=_worker_circuit_breaker(config),
         flags=feature_flags(config),
+        requests=partial(request_store, tenant, config),
     )
 
 

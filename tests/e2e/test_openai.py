@@ -320,3 +320,25 @@ def test_a_tenant_over_its_token_limit_gets_a_rate_limit_error(dev_stack: Runnin
         )
     assert caught.value.code == "token_limit_exceeded"
     assert "retry-after" in caught.value.response.headers
+
+
+def test_a_long_prompt_is_answered_its_messages_kept_out_of_the_job_item(
+    sdk: openai.OpenAI, dev_stack: RunningStack
+) -> None:
+    """A 300 KB prompt (~60,000 tokens of a 128,000-token window) was a 413: a job item held at most
+    192 KB of messages. They go to S3 now, and the worker reads them from there."""
+    long = "word " * 60_000
+    completion = sdk.chat.completions.with_raw_response.create(
+        model="sim-fast",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": long}],
+        max_tokens=12,
+    )
+    answer = completion.parse()
+    assert answer.usage is not None and answer.usage.prompt_tokens > 60_000
+    assert answer.choices[0].message.content
+    status, _, job = dev_stack.request("GET", f"/v1/jobs/{completion.headers['x-spool-job-id']}")
+    assert status == 200 and job["status"] == "completed"
+    response = sdk.responses.create(
+        model="sim-fast", instructions="Be brief.", input=long, max_output_tokens=12
+    )
+    assert response.status == "completed" and response.instructions == "Be brief."

@@ -29,7 +29,7 @@ def expected_text(world: JobWorld, job_id: str, tenant: str = "acme") -> str:
     model = world.catalog.resolve(job.request.model)
     request = GenerationRequest(
         model.provider_model_id,
-        build_messages(lambda: world._contexts, job),
+        build_messages(lambda: world._contexts, job, lambda: world.request_store(tenant)),
         job.request.max_tokens,
         job.request.temperature,
     )
@@ -648,3 +648,41 @@ def test_output_usage_is_what_the_provider_reported_and_the_count_only_where_no_
     assert job.cost_nanos == world.catalog.resolve("sim-fast").cost_nanos(job.usage.input_tokens, billed)
     rollups = world.ledger.tenant("acme").rollups("0000", "9999")
     assert sum(r["output_tokens"] for r in rollups) == billed
+
+
+# ------------------------------------------------------------------ messages too large for a job item
+@pytest.mark.parametrize("size", [20_000, 300_000])
+def test_messages_too_large_for_the_item_go_to_the_store_and_the_worker_reads_them(size: int) -> None:
+    """A job item is written at admission, at each lease and at the end, billed by its size: messages
+    over 8 KB go to S3 once, and the item keeps their SHA-256 (a 192 KB prompt was refused with 413)."""
+    world = JobWorld()
+    system = {"role": "system", "content": "Be brief."}
+    long = {"role": "user", "content": "word " * (size // 5)}
+    job_id = create(world, message=None, messages=[system, long], max_tokens=200, key="big")
+    stored = world.ledger.tenant("acme").get(job_id)
+    assert stored is not None and stored.messages_blob is not None
+    assert [m.content for m in stored.request.messages] == ["Be brief."]  # the instructions, not the rest
+    assert world.drain() == ["done"]
+    assert world.request_store("acme").gets == 1  # the worker's one read
+    assert_ended_once(world, job_id)  # the simulated answer is seeded by the whole prompt
+    again = world.service("acme").create(
+        "big", JobRequest.model_validate({"messages": [system, long], "model": "sim-fast", "max_tokens": 200})
+    )
+    assert again.job.job_id == job_id and again.replayed  # the same request under its key
+    small = create(world, message="short", key="small")
+    assert world.ledger.tenant("acme").get(small).messages_blob is None  # kept on the item
+
+
+def test_without_a_store_messages_over_what_an_item_holds_are_a_413_naming_them() -> None:
+    """(With one, a model's window is reached long before its 4 MB: 200,000 tokens are ~0.8 MB.)"""
+    from spool_core.errors import PayloadTooLarge
+    from spool_core.jobs.stored import MAX_INLINE_ONLY_BYTES
+
+    world = JobWorld()
+    service = world.service()
+    service._requests = None
+    body = {"message": "word " * (MAX_INLINE_ONLY_BYTES // 5 + 1), "model": "sim-fast", "max_tokens": 10}
+    with pytest.raises(PayloadTooLarge) as caught:
+        service.create("k", JobRequest.model_validate(body))
+    assert caught.value.details["param"] == "messages"
+    assert caught.value.details["limit_bytes"] == MAX_INLINE_ONLY_BYTES

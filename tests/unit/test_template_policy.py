@@ -60,6 +60,12 @@ ALLOWED = (
         "the bucket expires each prefix on its own schedule",
     ),
     Allowed(
+        r"s3:PutObject",
+        r"\$\{ContextBucket\.Arn\}/t/\*/requests/\*",
+        "a job's messages too large for its item, written by the functions that create jobs: any "
+        "tenant's (the key carries it), and nothing else under the tenants' prefix",
+    ),
+    Allowed(
         r"ssm:GetParameter",
         PARTITION_REGION_ACCOUNT.replace(r"(\w+)", "ssm") + r"parameter/spool/\*",
         "the operator names the registry and key parameters (ModelsParameter, OpenAIApiKeyParameter); "

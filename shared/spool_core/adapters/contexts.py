@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +76,33 @@ class S3BlobStore:
             if _missing(exc):
                 raise KeyError(sha256) from exc
             raise
+
+
+class S3RequestStore:
+    """A job's messages too large for its item (``spool_core.jobs.stored``), by their SHA-256, under
+    the tenant's prefix (``t/``: kept as long as the bucket keeps context blobs, days past any job's
+    last attempt)."""
+
+    def __init__(self, client: S3Client, bucket: str, scope: TenantScope) -> None:
+        self._client = client
+        self._bucket = bucket
+        self._scope = scope
+
+    def put(self, data: bytes) -> str:
+        sha256 = hashlib.sha256(data).hexdigest()
+        key = self._scope.object_key("requests", sha256)
+        self._client.put_object(Bucket=self._bucket, Key=key, Body=data, ContentType="application/json")
+        return sha256
+
+    def get(self, sha256: str) -> bytes:
+        key = self._scope.object_key("requests", sha256)
+        try:
+            body: bytes = self._client.get_object(Bucket=self._bucket, Key=key)["Body"].read()
+        except ClientError as exc:
+            if _missing(exc):
+                raise KeyError(sha256) from exc
+            raise
+        return body
 
 
 class S3ManifestStore:

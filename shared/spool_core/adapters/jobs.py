@@ -38,6 +38,7 @@ from spool_core.errors import DependencyUnavailable
 from spool_core.jobs.model import (
     END_SEQUENCE_ID,
     MAX_SEQUENCE_ID,
+    STORED,
     Chunk,
     EndMark,
     Job,
@@ -92,7 +93,7 @@ class DynamoJobStore:
 
     def get(self, job_id: str) -> Job | None:
         item = self._table.get(JOB_KIND, job_id)
-        return Job.model_validate(item) if item else None
+        return Job.model_validate(item, context=STORED) if item else None
 
     def list_for_tenant(self, status: Status | None, limit: int, before: str | None) -> list[ListedJob]:
         """One Query of the list index (every status) or of the status index (one status)."""
@@ -206,9 +207,11 @@ class DynamoJobStore:
             )
         except ConditionFailed as failed:
             if failed.item and failed.item.get("lease_token") == token:
-                return Job.model_validate(failed.item)  # this very take, applied before its reply was lost
+                return Job.model_validate(
+                    failed.item, context=STORED
+                )  # this very take, applied before its reply was lost
             raise Conflict(failed.item) from None
-        return Job.model_validate(item)
+        return Job.model_validate(item, context=STORED)
 
     def renew_lease(
         self, job_id: str, token: str, until_ms: int, progress: Progress, first_token_at: str | None
@@ -247,9 +250,9 @@ class DynamoJobStore:
         except ConditionFailed as failed:
             current = failed.item or {}
             if current.get("lease_token") == token and current.get("model_resolved") == segment.model:
-                return Job.model_validate(current)  # applied before its reply was lost
+                return Job.model_validate(current, context=STORED)  # applied before its reply was lost
             raise Conflict(failed.item) from None
-        return Job.model_validate(item)
+        return Job.model_validate(item, context=STORED)
 
     def _owned(self, job_id: str, token: str, changes: dict[str, Any]) -> None:
         """A write only the lease holder may make (idempotent: retrying it changes nothing more)."""
@@ -307,7 +310,9 @@ class DynamoJobStore:
                 code, current = failed.reasons[0] if failed.reasons else ("None", None)
                 if code == "ConditionalCheckFailed":
                     if current and current.get("ended_by") == guard.token:
-                        return Job.model_validate(current)  # this very end, applied before its reply was lost
+                        return Job.model_validate(
+                            current, context=STORED
+                        )  # this very end, applied before its reply was lost
                     if current and current.get("subscribed") and not subscribed:
                         subscribed = True  # a client subscribed since: the end mark goes live
                         continue
@@ -345,7 +350,7 @@ class DynamoJobStore:
             item = self._update(job_id, {"cancel_requested": True}, "#status = :running", _RUNNING)
         except ConditionFailed as failed:
             raise Conflict(failed.item) from None
-        return Job.model_validate(item)
+        return Job.model_validate(item, context=STORED)
 
     def signals(self, job_id: str) -> Signals:
         item = self._table.get(
@@ -365,8 +370,8 @@ class DynamoJobStore:
         except ConditionFailed as failed:
             if failed.item is None:
                 raise Conflict(None) from None
-            return Job.model_validate(failed.item)  # ended: nothing to mark
-        return Job.model_validate(item)
+            return Job.model_validate(failed.item, context=STORED)  # ended: nothing to mark
+        return Job.model_validate(item, context=STORED)
 
     def status(self, job_id: str) -> Status | None:
         item = self._table.get(JOB_KIND, job_id, attributes=["status"], consistent=False)

@@ -6,7 +6,7 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 from spool_core.chat import Message
 from spool_core.json_values import JsonBool, json_numbers
@@ -18,6 +18,9 @@ MAX_SEQUENCE_ID = 2**53 - 1
 # The sort key of a job's end mark in the chunk table: after every chunk, never read as one.
 END_SEQUENCE_ID = MAX_SEQUENCE_ID + 1
 JOB_TTL_SECONDS = 30 * 24 * 3600  # a job, its log and its idempotency record are kept this long
+# How a stored job item is read (``Job.model_validate(item, context=STORED)``): its request may hold
+# no messages, the job's ``messages_blob`` naming where they are (spool_core.jobs.stored).
+STORED: dict[str, bool] = {"stored": True}
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 ACTIVE: frozenset[str] = frozenset({"queued", "running"})
 
@@ -39,13 +42,13 @@ class JobRequest(BaseModel):
     _numbers = json_numbers("max_tokens", "temperature")
 
     @model_validator(mode="after")
-    def _one_form_of_messages(self) -> JobRequest:
+    def _one_form_of_messages(self, info: ValidationInfo) -> JobRequest:
         if self.message is not None:
             if self.messages:
                 raise ValueError("send either 'message' or 'messages', not both")
             self.messages = [Message(role="user", content=self.message)]
             self.message = None
-        if not self.messages:
+        if not self.messages and not (info.context or {}).get("stored"):
             raise ValueError("send 'messages' (a list of {role, content}) or 'message' (text)")
         return self
 
@@ -147,6 +150,11 @@ class Job(JobSummary):
     # What the OpenAI surface that made the job shows of its request and the job does not keep (the
     # Responses API's ``background``, and whether its first system message was ``instructions``).
     echo: dict[str, Any] | None = None
+    # The SHA-256 of the request's messages, kept in S3 when they are too large for the item (every
+    # write of which is billed by its size): ``request.messages`` then holds at most the first, a
+    # short system message (what a response shows as its ``instructions``), and the worker reads
+    # them all from S3 (spool_core.jobs.stored).
+    messages_blob: str | None = None
 
     def lease_live(self, now_ms: int) -> bool:
         return self.lease_expires_ms > now_ms

@@ -197,3 +197,14 @@ class PendingJobs(Protocol):
     """The jobs not yet ended, oldest activity first, across tenants (the sweeper's view)."""
 
     def older_than(self, before_ms: int, limit: int) -> list[PendingJob]: ...
+
+
+class RequestStore(Protocol):
+    """Where the messages of a job too large for its item go (S3, under the tenant's prefix), by the
+    SHA-256 of their bytes: a retried create writes the same object again."""
+
+    def put(self, data: bytes) -> str:
+        """Store ``data``; its SHA-256 (hex)."""
+
+    def get(self, sha256: str) -> bytes:
+        """The bytes stored under ``sha256``; ``KeyError`` when there are none (expired)."""

@@ -25,7 +25,8 @@ from spool_core.jobs.chunk_writer import ChunkWriter, LostLease
 from spool_core.jobs.ending import error_object, first_chunk_at, job_end, model_usage, reservation_of
 from spool_core.jobs.model import TERMINAL, Job, Segment
 from spool_core.jobs.outcome import Outcome
-from spool_core.jobs.ports import ChunkLog, Conflict, EndGuard, JobQueue, JobStore
+from spool_core.jobs.ports import ChunkLog, Conflict, EndGuard, JobQueue, JobStore, RequestStore
+from spool_core.jobs.stored import messages_of
 from spool_core.limits.model import Estimate
 from spool_core.limits.service import RateLimiter
 from spool_core.models import ModelCatalog, ModelSpec
@@ -83,12 +84,15 @@ class OutOfTime(Exception):
     pass
 
 
-def build_messages(contexts: Callable[[], ContextService], job: Job) -> tuple[Message, ...]:
-    """The prompt: the context's files with their paths, its symbols, then the request's messages. The
+def build_messages(
+    contexts: Callable[[], ContextService], job: Job, requests: Callable[[], RequestStore] | None = None
+) -> tuple[Message, ...]:
+    """The prompt: the context's files with their paths, its symbols, then the request's messages
+    (from S3 when they were too large for the job item: ``requests`` makes that store). The
     context as admission counted it (``Job.context_manifest``), for every attempt; a job accepted
     before jobs recorded it reads the context's current version. ``contexts`` makes the tenant's
     context store, for a job that names a context."""
-    messages = list(job.request.messages)
+    messages = list(messages_of(job, requests))
     if job.request.context_id:
         context_id, store = job.request.context_id, contexts()
         manifest = (
@@ -117,10 +121,12 @@ class JobRunner:
         queue: JobQueue | None = None,
         breaker: CircuitBreaker | None = None,
         flags: Flags | None = None,
+        requests: Callable[[], RequestStore] | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._jobs = jobs
+        self._requests = requests  # where messages too large for a job item are (S3)
         self._chunks = chunks
         self._contexts = contexts
         self._models = models
@@ -240,7 +246,7 @@ class _Attempt:
             )
             return Outcome.DONE
         try:
-            messages = build_messages(r._contexts, job)
+            messages = build_messages(r._contexts, job, r._requests)
         except SpoolError as exc:  # the context expired or vanished since admission
             self._fail(exc.code, exc.message, dict(exc.details), list(exc.suggestions))
             return Outcome.DONE

@@ -54,6 +54,14 @@ from spool_core.jobs.ports import (
     JobEnd,
     JobQueue,
     JobStore,
+    RequestStore,
+)
+from spool_core.jobs.stored import (
+    MAX_INLINE_ONLY_BYTES,
+    MAX_MESSAGES_BYTES,
+    messages_of,
+    messages_size,
+    offload,
 )
 from spool_core.limits.errors import RateLimited, TokenLimitExceeded
 from spool_core.limits.model import ModelUsage, Reservation, ReservationPlan, UsageState
@@ -65,13 +73,14 @@ from spool_core.tenancy import Tenant
 from spool_core.units import now_ms, usd
 
 if TYPE_CHECKING:
+    from spool_core.chat import Message
+
     # Made only for a job that names a context: importing the context store's models is ~12 ms of
     # every cold start of the functions that create or read jobs (docs/decisions.md, cold start).
     from spool_core.contexts.service import ContextService
 
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
 MAX_KEY_LENGTH = 255
-MAX_MESSAGES_BYTES = 192 * 1024  # of a job item's 400 KB (the output is in the chunk log, not the item)
 STATUSES: tuple[Status, ...] = ("queued", "running", "completed", "failed", "cancelled")
 ADMISSION_ATTEMPTS = 25  # reads and transactions, while concurrent admissions keep moving the state
 
@@ -121,16 +130,16 @@ def check_idempotency_key(key: str | None) -> str:
     return key
 
 
-def _stored_size_error(request: JobRequest) -> PayloadTooLarge | None:
-    """The job item keeps its messages (so a retry or a worker can rebuild the prompt) in one DynamoDB
-    item of at most 400 KB; the messages get a bounded share (every later write of the item, the
-    lease's and the end's, is billed by its size). The refusal when they do not fit, else None."""
-    size = len(request.model_dump_json(include={"messages"}).encode())
-    if size <= MAX_MESSAGES_BYTES:
+def _stored_size_error(request: JobRequest, limit: int) -> PayloadTooLarge | None:
+    """A job keeps its messages (so a retry or a worker can rebuild the prompt): on its item when they
+    are small, in S3 otherwise (spool_core.jobs.stored), up to ``limit`` bytes. The refusal when they
+    are larger, else None."""
+    size = messages_size(request)
+    if size <= limit:
         return None
     return PayloadTooLarge(
-        f"The messages are {size:,} bytes as stored; a job holds at most {MAX_MESSAGES_BYTES:,}",
-        details={"field": "messages", "size_bytes": size, "limit_bytes": MAX_MESSAGES_BYTES},
+        f"The messages are {size:,} bytes as stored; a job holds at most {limit:,}",
+        details={"field": "messages", "param": "messages", "size_bytes": size, "limit_bytes": limit},
         suggestions=[
             "Upload large text as a context (POST /v1/contexts) and send its context_id with the job",
         ],
@@ -157,8 +166,10 @@ class JobService:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         cadence: Cadence | None = None,
+        requests: Callable[[], RequestStore] | None = None,
     ) -> None:
         self._tenant = tenant
+        self._requests = requests  # where messages too large for a job item go (S3)
         self._jobs = jobs
         self._chunks = chunks
         self._queue = queue
@@ -189,7 +200,9 @@ class JobService:
         ``echo``: what it shows of its request and the job does not keep (kept on the job as it is).
         Both belong to the request a key names (``JobRequest.fingerprint``)."""
         key = check_idempotency_key(key)
-        too_large = _stored_size_error(request)
+        too_large = _stored_size_error(
+            request, MAX_MESSAGES_BYTES if self._requests is not None else MAX_INLINE_ONLY_BYTES
+        )
         if too_large is not None:
             # Messages longer than the model's window are told so (context_too_large) before being
             # told they do not fit a job item: the window is what the caller has to change first.
@@ -244,11 +257,13 @@ class JobService:
         model = self._models.resolve(request.model)
         input_tokens, manifest = self._admit(model, request)  # refusals here write nothing
         created_at = rfc3339(from_epoch(self._clock()))
+        kept, messages_blob = offload(request, self._requests)  # before any write that names it
         return Job(
             job_id=new_id("job"),
             tenant_id=self._tenant.id,
             status="queued",
-            request=request,
+            request=kept,
+            messages_blob=messages_blob,
             fingerprint=fingerprint,
             model_requested=request.model,
             model_resolved=model.id,
@@ -361,6 +376,10 @@ class JobService:
     # ------------------------------------------------------------------ read
     def get(self, job_id: str) -> Job:
         return self._pages.get(job_id)
+
+    def messages(self, job: Job) -> tuple[Message, ...]:
+        """The job's messages as its request sent them (from S3 when they were too large for its item)."""
+        return messages_of(job, self._requests)
 
     def progress(self, job: JobSummary, last: Chunk | None = None, *, live: bool = True) -> dict[str, int]:
         """Current progress: the job item's once it is terminal, the chunk log's last entry while it
