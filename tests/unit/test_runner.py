@@ -671,6 +671,11 @@ def test_messages_too_large_for_the_item_go_to_the_store_and_the_worker_reads_th
     assert again.job.job_id == job_id and again.replayed  # the same request under its key
     small = create(world, message="short", key="small")
     assert world.ledger.tenant("acme").get(small).messages_blob is None  # kept on the item
+    lone = JobWorld()  # no system message: the item keeps none of them
+    alone = create(lone, message="word " * (size // 5), max_tokens=50, key="alone")
+    assert lone.ledger.tenant("acme").get(alone).request.messages == []
+    assert lone.drain() == ["done"]
+    assert_ended_once(lone, alone)
 
 
 def test_without_a_store_messages_over_what_an_item_holds_are_a_413_naming_them() -> None:

@@ -30,6 +30,7 @@ from spool_core.jobs.errors import (
 )
 from spool_core.jobs.model import (
     ACTIVE,
+    STORED,
     TERMINAL,
     Chunk,
     Job,
@@ -258,21 +259,22 @@ class JobService:
         input_tokens, manifest = self._admit(model, request)  # refusals here write nothing
         created_at = rfc3339(from_epoch(self._clock()))
         kept, messages_blob = offload(request, self._requests)  # before any write that names it
-        return Job(
-            job_id=new_id("job"),
-            tenant_id=self._tenant.id,
-            status="queued",
-            request=kept,
-            messages_blob=messages_blob,
-            fingerprint=fingerprint,
-            model_requested=request.model,
-            model_resolved=model.id,
-            segments=[Segment(model=model.id)],
-            created_at=created_at,
-            estimate={"input_raw": input_tokens},
-            context_manifest=manifest,
-            echo=echo,
-        )
+        fields = {
+            "job_id": new_id("job"),
+            "tenant_id": self._tenant.id,
+            "status": "queued",
+            "request": kept,
+            "messages_blob": messages_blob,
+            "fingerprint": fingerprint,
+            "model_requested": request.model,
+            "model_resolved": model.id,
+            "segments": [Segment(model=model.id)],
+            "created_at": created_at,
+            "estimate": {"input_raw": input_tokens},
+            "context_manifest": manifest,
+            "echo": echo,
+        }
+        return Job.model_validate(fields, context=STORED)  # as stored: its messages may be in S3
 
     def _plan(self, job: Job, model: ModelSpec, state: UsageState) -> ReservationPlan:
         assert job.estimate is not None
