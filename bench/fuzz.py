@@ -229,10 +229,10 @@ def hand_corpus() -> list[Probe]:
             b' "metadata": {"k": "\\udc00"}}',
         ),
         Probe(
-            "job messages over what a job item holds",
+            "job messages over what a job holds (4 MB, past any model's window too)",
             "POST",
             "/v1/jobs",
-            _json({"model": "sim-fast", "message": ("a" * 200 + "\n") * 2100}),
+            _json({"model": "sim-fast", "message": ("a" * 200 + "\n") * 21_000}),
             _key(),
         ),
         Probe("usage until year 1", "GET", "/v1/usage?until=0001-01-03", expect_rejected=False),

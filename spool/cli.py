@@ -1030,8 +1030,9 @@ def _dollars(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of dollars: {text!r}") from None
-    if not math.isfinite(value) or value < 0 or value > MAX_DAILY_BUDGET_USD:
-        raise argparse.ArgumentTypeError(f"must be 0 (no budget) to {MAX_DAILY_BUDGET_USD:,} dollars")
+    if not math.isfinite(value) or value < 0 or value > MAX_DAILY_BUDGET_USD or 0 < value < 1e-9:
+        # (under a billionth of a dollar, a nano-dollar budget is 0: every job refused)
+        raise argparse.ArgumentTypeError(f"must be 0 (no budget) or $0.000000001 to {MAX_DAILY_BUDGET_USD:,}")
     return value
 
 

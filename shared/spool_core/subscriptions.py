@@ -52,7 +52,8 @@ from spool_core.jobs.ports import ChunkLog, Conflict, JobStore
 from spool_core.units import now_ms
 
 # A handler that died holding the lease is taken over after this. Each claim renews it, so it covers
-# one push: the management API client's worst case (3 attempts of a 3 s connect and a 10 s read).
+# one push with room to spare: the management API client's worst case is 2 attempts of a 2 s connect
+# and a 3 s read (spool_core.adapters.aws).
 LEASE_MS = 45_000
 LOG_PAGE = 100
 STREAM = "stream"  # the owner every delivery from the chunk stream sends as

@@ -115,6 +115,7 @@ def test_limits_set_get_reset_and_the_next_admission_obeys(
         ["--daily-budget-usd", "nan"],
         ["--daily-budget-usd", "-3"],
         ["--daily-budget-usd", "inf"],
+        ["--daily-budget-usd", "1e-10"],  # 0 nano-dollars: every job refused
         ["--max-concurrent-jobs", "-1"],
         ["--tokens-per-minute", "0"],
     ):

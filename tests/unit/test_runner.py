@@ -12,6 +12,7 @@ import pytest
 from spool_core.jobs.model import JobRequest
 from spool_core.jobs.ports import Signals
 from spool_core.jobs.runner import Outcome, build_messages
+from spool_core.limits.model import TenantLimits
 from spool_core.providers import GenerationRequest
 from spool_core.providers.simulated import simulated_text
 from tests.ledger import JobWorld, TenantLedger, running
@@ -607,12 +608,14 @@ def test_a_fault_for_any_model_may_say_so_with_a_null_model() -> None:
 # ------------------------------------------------------------------ usage as the provider reports it
 class HalfReported:
     """A simulated model whose provider reports producing half the tokens the worker counts for its
-    text (a tokenizer other than the worker's: an OpenAI-compatible server, vLLM, llama.cpp)."""
+    text (a tokenizer other than the worker's: an OpenAI-compatible server, vLLM, llama.cpp), or
+    (``silent``) no output count at all."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, silent: bool = False) -> None:
         from spool_core.providers.simulated import SimulatedProvider
 
         self.inner = SimulatedProvider(faults_enabled=True, sleep=lambda _: None)
+        self.silent = silent
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -622,7 +625,8 @@ class HalfReported:
 
         for event in self.inner.stream(request, resume):
             if isinstance(event, Finished):
-                event = Finished(event.input_tokens, event.output_tokens // 2, event.stop_reason)
+                reported = None if self.silent or event.output_tokens is None else event.output_tokens // 2
+                event = Finished(event.input_tokens, reported, event.stop_reason)
             yield event
 
 
@@ -650,6 +654,16 @@ def test_output_usage_is_what_the_provider_reported_and_the_count_only_where_no_
     assert sum(r["output_tokens"] for r in rollups) == billed
 
 
+def test_a_provider_that_reports_no_output_count_is_billed_the_workers_count() -> None:
+    """A usage chunk without completion_tokens read as 0: the job was billed no output at all."""
+    world = JobWorld()
+    world.provider_for = lambda model: HalfReported(silent=True)  # type: ignore[assignment,return-value]
+    job_id = create(world, max_tokens=300)
+    assert world.drain() == ["done"]
+    job = world.ledger.tenant("acme").get(job_id)
+    assert job is not None and job.usage.output_tokens == job.progress.tokens_generated == 300
+
+
 # ------------------------------------------------------------------ messages too large for a job item
 @pytest.mark.parametrize("size", [20_000, 300_000])
 def test_messages_too_large_for_the_item_go_to_the_store_and_the_worker_reads_them(size: int) -> None:
@@ -661,7 +675,8 @@ def test_messages_too_large_for_the_item_go_to_the_store_and_the_worker_reads_th
     job_id = create(world, message=None, messages=[system, long], max_tokens=200, key="big")
     stored = world.ledger.tenant("acme").get(job_id)
     assert stored is not None and stored.messages_blob is not None
-    assert [m.content for m in stored.request.messages] == ["Be brief."]  # the instructions, not the rest
+    # none on the item: code that does not know messages_blob refuses it, never runs on part of it
+    assert stored.request.messages == []
     assert world.drain() == ["done"]
     assert world.request_store("acme").gets == 1  # the worker's one read
     assert_ended_once(world, job_id)  # the simulated answer is seeded by the whole prompt
@@ -671,7 +686,7 @@ def test_messages_too_large_for_the_item_go_to_the_store_and_the_worker_reads_th
     assert again.job.job_id == job_id and again.replayed  # the same request under its key
     small = create(world, message="short", key="small")
     assert world.ledger.tenant("acme").get(small).messages_blob is None  # kept on the item
-    lone = JobWorld()  # no system message: the item keeps none of them
+    lone = JobWorld()  # one user message alone
     alone = create(lone, message="word " * (size // 5), max_tokens=50, key="alone")
     assert lone.ledger.tenant("acme").get(alone).request.messages == []
     assert lone.drain() == ["done"]
@@ -691,3 +706,31 @@ def test_without_a_store_messages_over_what_an_item_holds_are_a_413_naming_them(
         service.create("k", JobRequest.model_validate(body))
     assert caught.value.details["param"] == "messages"
     assert caught.value.details["limit_bytes"] == MAX_INLINE_ONLY_BYTES
+
+
+def test_stored_messages_that_cannot_be_stored_or_read_are_clear_errors_and_a_refusal_stores_none() -> None:
+    from spool_core.errors import DependencyUnavailable
+    from spool_core.limits.errors import RateLimited
+
+    long = "word " * 4_000
+    world = JobWorld(limits=TenantLimits(200_000, 10_000_000, 1))
+    create(world, message="one at a time", key="first")
+    with pytest.raises(RateLimited):  # refused by a limit: nothing put in S3
+        create(world, message=long, key="second")
+    assert world.request_store("acme").objects == {}
+
+    broken = JobWorld()
+    store = broken.request_store("acme")
+    store.put = lambda data: (_ for _ in ()).throw(OSError("S3 is down"))  # type: ignore[method-assign]
+    with pytest.raises(DependencyUnavailable) as unavailable:  # a 503: retry with the same key
+        create(broken, message=long, key="k")
+    assert "Idempotency-Key" in unavailable.value.suggestions[0]
+    assert running(broken.ledger, "acme") == 0
+
+    expired = JobWorld()
+    job_id = create(expired, message=long, max_tokens=20, key="k")
+    expired.request_store("acme").objects.clear()  # the bucket's expiry of the tenants' prefix
+    assert expired.drain() == ["done"]  # at once, not at each delivery until the dead letters
+    job = expired.ledger.tenant("acme").get(job_id)
+    assert job is not None and job.status == "failed" and job.error is not None
+    assert job.error["code"] == "job_messages_missing"

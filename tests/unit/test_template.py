@@ -139,3 +139,26 @@ def test_local_overrides_pass_knobs_but_never_resource_names(template: Template)
     assert parse_dev_keys("a:t1, b:t2") == {"a": "t1", "b": "t2"}
     with pytest.raises(ValueError, match="key:tenant"):
         parse_dev_keys("just-a-key")
+
+
+def test_a_push_to_a_connection_gives_up_well_before_a_subscription_lease_runs_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fanout reads a shard one batch at a time, so a stuck push holds every subscribed job of the
+    shard: a push is bounded to a few seconds, far under the lease a claim takes."""
+    from spool_core.adapters import aws
+    from spool_core.settings import Settings
+    from spool_core.subscriptions import LEASE_MS
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")  # no credential lookup on the network
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    env = {name: "x" for name in ("SPOOL_API_KEYS_TABLE", "SPOOL_CONTEXTS_TABLE", "SPOOL_JOBS_TABLE")}
+    env |= {
+        n: "x" for n in ("SPOOL_CHUNKS_TABLE", "SPOOL_BUCKET", "SPOOL_JOBS_QUEUE_URL", "SPOOL_USAGE_TABLE")
+    }
+    env |= {n: "x" for n in ("SPOOL_DEAD_LETTER_QUEUE_URL", "SPOOL_SYSTEM_TABLE", "SPOOL_CONNECTIONS_TABLE")}
+    env["SPOOL_WEBSOCKET_MANAGEMENT_URL"] = "https://example.execute-api.us-east-1.amazonaws.com/v1"
+    config = aws.websocket_management(Settings.from_env(env)).meta.config
+    attempts = config.retries["total_max_attempts"]
+    assert attempts == 2 and config.read_timeout == 3 and config.connect_timeout == 2
+    assert attempts * (config.connect_timeout + config.read_timeout) * 1000 < LEASE_MS / 4

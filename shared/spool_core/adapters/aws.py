@@ -31,6 +31,10 @@ _DEFAULT = Config(
 )
 # Health probes: fail fast and never retry, so a probe reports what it saw.
 _PROBE = Config(connect_timeout=2, read_timeout=2, retries={"mode": "standard", "total_max_attempts": 1})
+# A push to a WebSocket connection answers in milliseconds; the fanout reads a shard one batch at a
+# time (its records in order), so a stuck push holds every subscribed job of the shard: at most
+# 2 attempts of a 2 s connect and a 3 s read, then the batch's record fails and Lambda retries it.
+_PUSHES = Config(connect_timeout=2, read_timeout=3, retries={"mode": "standard", "total_max_attempts": 2})
 
 
 @lru_cache(maxsize=1)
@@ -49,6 +53,8 @@ def _client(service: str, region: str, endpoint_url: str | None, probe: bool) ->
             config = config.merge(_S3_SIGNING)
         if service == "bedrock-runtime":
             config = config.merge(_MODEL_CALLS)
+        if service == "apigatewaymanagementapi":
+            config = config.merge(_PUSHES)
         return session.client(  # type: ignore[call-overload]
             service, region_name=region, endpoint_url=endpoint_url, config=config
         )

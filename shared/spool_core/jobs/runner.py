@@ -321,10 +321,11 @@ class _Attempt:
                         self.input_reported[model.id] = (
                             self.input_reported.get(model.id, 0) + event.input_tokens
                         )
-                        counted = self.writer.tokens_received - counted_before
-                        self.output_correction[model.id] = (
-                            self.output_correction.get(model.id, 0) + event.output_tokens - counted
-                        )
+                        if event.output_tokens is not None:  # else the count stands
+                            counted = self.writer.tokens_received - counted_before
+                            self.output_correction[model.id] = (
+                                self.output_correction.get(model.id, 0) + event.output_tokens - counted
+                            )
                         self.finish_reason = event.finish_reason
                 self.writer.flush()
                 return first_token_ms

@@ -30,7 +30,6 @@ from spool_core.jobs.errors import (
 )
 from spool_core.jobs.model import (
     ACTIVE,
-    STORED,
     TERMINAL,
     Chunk,
     Job,
@@ -227,6 +226,8 @@ class JobService:
             model = self._models.resolve(job.model_resolved)
             plan = self._plan(job, model, state)
             job = job.model_copy(update={"reservation": plan.reservation.item()})
+            if job.messages_blob is None:  # once admission would take it: a refusal stores nothing
+                job = offload(job, self._requests)
             admitted = (job, state, plan)
             claim = self._claim(key_hash, job)
             try:
@@ -258,23 +259,20 @@ class JobService:
         model = self._models.resolve(request.model)
         input_tokens, manifest = self._admit(model, request)  # refusals here write nothing
         created_at = rfc3339(from_epoch(self._clock()))
-        kept, messages_blob = offload(request, self._requests)  # before any write that names it
-        fields = {
-            "job_id": new_id("job"),
-            "tenant_id": self._tenant.id,
-            "status": "queued",
-            "request": kept,
-            "messages_blob": messages_blob,
-            "fingerprint": fingerprint,
-            "model_requested": request.model,
-            "model_resolved": model.id,
-            "segments": [Segment(model=model.id)],
-            "created_at": created_at,
-            "estimate": {"input_raw": input_tokens},
-            "context_manifest": manifest,
-            "echo": echo,
-        }
-        return Job.model_validate(fields, context=STORED)  # as stored: its messages may be in S3
+        return Job(
+            job_id=new_id("job"),
+            tenant_id=self._tenant.id,
+            status="queued",
+            request=request,
+            fingerprint=fingerprint,
+            model_requested=request.model,
+            model_resolved=model.id,
+            segments=[Segment(model=model.id)],
+            created_at=created_at,
+            estimate={"input_raw": input_tokens},
+            context_manifest=manifest,
+            echo=echo,
+        )
 
     def _plan(self, job: Job, model: ModelSpec, state: UsageState) -> ReservationPlan:
         assert job.estimate is not None

@@ -14,6 +14,7 @@ import json
 from collections.abc import Callable
 
 from spool_core.chat import Message
+from spool_core.errors import DependencyUnavailable, Gone
 from spool_core.jobs.model import Job, JobRequest
 from spool_core.jobs.ports import RequestStore
 
@@ -28,17 +29,28 @@ def messages_size(request: JobRequest) -> int:
     return len(_encoded(request.messages))
 
 
-def offload(request: JobRequest, store: Callable[[], RequestStore] | None) -> tuple[JobRequest, str | None]:
-    """The request as the job item keeps it, and the SHA-256 of its messages when they went to S3.
-    The item keeps the first message when it is a system message of at most ``INLINE_MESSAGES_BYTES``:
-    a response shows it as its ``instructions`` (longer ones show as null) without a read of S3."""
-    data = _encoded(request.messages)
+def offload(job: Job, store: Callable[[], RequestStore] | None) -> Job:
+    """The job as its item keeps it: its messages in S3 when they are too large for the item (``job``
+    itself otherwise). The item then holds no message at all, so that a reader that does not know
+    ``messages_blob`` (code from before it, during a deploy or after a rollback) refuses the item
+    rather than run the job on part of its prompt; a response's ``instructions`` (a first system
+    message of at most ``INLINE_MESSAGES_BYTES``) are kept in its ``echo``. ``DependencyUnavailable``
+    when S3 cannot take them (the create is retried with its key)."""
+    data = _encoded(job.request.messages)
     if store is None or len(data) <= INLINE_MESSAGES_BYTES:
-        return request, None
-    sha256 = store().put(data)
-    first = request.messages[0]
-    head = [first] if first.role == "system" and len(first.content.encode()) <= INLINE_MESSAGES_BYTES else []
-    return request.model_copy(update={"messages": head}), sha256
+        return job
+    try:
+        sha256 = store().put(data)
+    except Exception as exc:
+        raise DependencyUnavailable(
+            "The job's messages could not be stored", suggestions=["Retry with the same Idempotency-Key"]
+        ) from exc
+    echo, first = job.echo, job.request.messages[0]
+    short = len(first.content.encode()) <= INLINE_MESSAGES_BYTES
+    if echo and echo.get("instructions") and first.role == "system" and short:
+        echo = {**echo, "instructions_text": first.content}
+    request = job.request.model_copy(update={"messages": []})
+    return job.model_copy(update={"request": request, "messages_blob": sha256, "echo": echo})
 
 
 def messages_of(job: Job, store: Callable[[], RequestStore] | None) -> tuple[Message, ...]:
@@ -47,7 +59,22 @@ def messages_of(job: Job, store: Callable[[], RequestStore] | None) -> tuple[Mes
         return tuple(job.request.messages)
     if store is None:
         raise RuntimeError(f"job {job.job_id} keeps its messages in S3, and no store was given to read them")
-    return tuple(Message.model_validate(m) for m in json.loads(store().get(job.messages_blob)))
+    try:
+        data = store().get(job.messages_blob)
+    except KeyError:
+        raise JobMessagesMissing(
+            f"The messages of job {job.job_id} are no longer stored",
+            details={"job_id": job.job_id},
+            suggestions=["Create the job again with its messages"],
+        ) from None
+    return tuple(Message.model_validate(m) for m in json.loads(data))
+
+
+class JobMessagesMissing(Gone):
+    """A job's messages kept in S3 are gone (the bucket's expiry of the tenants' prefix, days after
+    any job's last attempt): the job fails at once, naming why, rather than at each delivery."""
+
+    code = "job_messages_missing"
 
 
 def _encoded(messages: list[Message]) -> bytes:

@@ -201,6 +201,8 @@ def response_object(job: Job, output: str | None) -> dict[str, Any]:
     echo = job.echo or {"background": True, "instructions": True}
     first = job.request.messages[0] if job.request.messages else None
     instructions = first.content if echo.get("instructions") and first and first.role == "system" else None
+    if job.messages_blob:  # the messages are in S3: the instructions, when short, kept beside them
+        instructions = echo.get("instructions_text")
     items = [message_item(job, output or "", terminal)] if terminal or output else []
     return {
         "id": response_id(job.job_id),

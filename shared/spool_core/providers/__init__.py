@@ -42,7 +42,7 @@ class TextDelta:
 @dataclass(frozen=True)
 class Finished:
     input_tokens: int
-    output_tokens: int
+    output_tokens: int | None  # None: the provider did not say (the worker's own count stands)
     stop_reason: str = "end_turn"  # the provider's own word (end_turn, stop, max_tokens, length, ...)
 
     @property

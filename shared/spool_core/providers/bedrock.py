@@ -73,8 +73,8 @@ class BedrockProvider:
         # trailing whitespace"), and a chunk often does (a line's end, a space): the prefill goes
         # without it, and the continuation's text that repeats it is not written again.
         held = ""
-        if self.supports_prefill and resume.text.rstrip():
-            kept = resume.text.rstrip()
+        if self.supports_prefill and resume.text:
+            kept = resume.text.rstrip()  # all of it, when nothing but whitespace was written: no prefill
             held = resume.text[len(kept) :]
             resume = ResumePoint(tokens=resume.tokens, text=kept, attempt=resume.attempt)
         conversation = resumed_messages(request.messages, resume, prefill=self.supports_prefill)

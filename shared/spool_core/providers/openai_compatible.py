@@ -69,7 +69,7 @@ class _Usage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     prompt_tokens: int = 0
-    completion_tokens: int = 0
+    completion_tokens: int | None = None  # a server that leaves it out: the worker's count is billed
 
 
 class StreamedChunk(BaseModel):
@@ -130,4 +130,5 @@ class OpenAICompatibleProvider:
                 retryable=True,
                 code="provider_unavailable",
             )
-        yield Finished(int(usage.prompt_tokens), int(usage.completion_tokens), stop_reason)
+        output = None if usage.completion_tokens is None else int(usage.completion_tokens)
+        yield Finished(int(usage.prompt_tokens), output, stop_reason)
