@@ -82,6 +82,11 @@ def pending_shard(job_id: str) -> str:
     return PENDING.shard(job_id)
 
 
+def _stored_job(item: Mapping[str, Any]) -> Job:
+    """A job item as stored: its request may hold no messages (``Job.messages_blob`` names them)."""
+    return Job.model_validate(item, context=STORED)
+
+
 class DynamoJobStore:
     def __init__(
         self, jobs: ScopedTable, usage: ScopedTable, job_ttl_seconds: int, chunks: ScopedTable | None = None
@@ -93,7 +98,7 @@ class DynamoJobStore:
 
     def get(self, job_id: str) -> Job | None:
         item = self._table.get(JOB_KIND, job_id)
-        return Job.model_validate(item, context=STORED) if item else None
+        return _stored_job(item) if item else None
 
     def list_for_tenant(self, status: Status | None, limit: int, before: str | None) -> list[ListedJob]:
         """One Query of the list index (every status) or of the status index (one status)."""
@@ -207,11 +212,9 @@ class DynamoJobStore:
             )
         except ConditionFailed as failed:
             if failed.item and failed.item.get("lease_token") == token:
-                return Job.model_validate(
-                    failed.item, context=STORED
-                )  # this very take, applied before its reply was lost
+                return _stored_job(failed.item)  # this very take, applied before its reply was lost
             raise Conflict(failed.item) from None
-        return Job.model_validate(item, context=STORED)
+        return _stored_job(item)
 
     def renew_lease(
         self, job_id: str, token: str, until_ms: int, progress: Progress, first_token_at: str | None
@@ -250,9 +253,9 @@ class DynamoJobStore:
         except ConditionFailed as failed:
             current = failed.item or {}
             if current.get("lease_token") == token and current.get("model_resolved") == segment.model:
-                return Job.model_validate(current, context=STORED)  # applied before its reply was lost
+                return _stored_job(current)  # applied before its reply was lost
             raise Conflict(failed.item) from None
-        return Job.model_validate(item, context=STORED)
+        return _stored_job(item)
 
     def _owned(self, job_id: str, token: str, changes: dict[str, Any]) -> None:
         """A write only the lease holder may make (idempotent: retrying it changes nothing more)."""
@@ -310,9 +313,7 @@ class DynamoJobStore:
                 code, current = failed.reasons[0] if failed.reasons else ("None", None)
                 if code == "ConditionalCheckFailed":
                     if current and current.get("ended_by") == guard.token:
-                        return Job.model_validate(
-                            current, context=STORED
-                        )  # this very end, applied before its reply was lost
+                        return _stored_job(current)  # this very end, applied before its reply was lost
                     if current and current.get("subscribed") and not subscribed:
                         subscribed = True  # a client subscribed since: the end mark goes live
                         continue
@@ -350,7 +351,7 @@ class DynamoJobStore:
             item = self._update(job_id, {"cancel_requested": True}, "#status = :running", _RUNNING)
         except ConditionFailed as failed:
             raise Conflict(failed.item) from None
-        return Job.model_validate(item, context=STORED)
+        return _stored_job(item)
 
     def signals(self, job_id: str) -> Signals:
         item = self._table.get(
@@ -370,8 +371,8 @@ class DynamoJobStore:
         except ConditionFailed as failed:
             if failed.item is None:
                 raise Conflict(None) from None
-            return Job.model_validate(failed.item, context=STORED)  # ended: nothing to mark
-        return Job.model_validate(item, context=STORED)
+            return _stored_job(failed.item)  # ended: nothing to mark
+        return _stored_job(item)
 
     def status(self, job_id: str) -> Status | None:
         item = self._table.get(JOB_KIND, job_id, attributes=["status"], consistent=False)

@@ -151,9 +151,8 @@ class Job(JobSummary):
     # Responses API's ``background``, and whether its first system message was ``instructions``).
     echo: dict[str, Any] | None = None
     # The SHA-256 of the request's messages, kept in S3 when they are too large for the item (every
-    # write of which is billed by its size): ``request.messages`` then holds at most the first, a
-    # short system message (what a response shows as its ``instructions``), and the worker reads
-    # them all from S3 (spool_core.jobs.stored).
+    # write of which is billed by its size): ``request.messages`` is then empty, and the worker reads
+    # them from S3 (spool_core.jobs.stored).
     messages_blob: str | None = None
 
     def lease_live(self, now_ms: int) -> bool:

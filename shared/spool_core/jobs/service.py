@@ -59,8 +59,7 @@ from spool_core.jobs.ports import (
 from spool_core.jobs.stored import (
     MAX_INLINE_ONLY_BYTES,
     MAX_MESSAGES_BYTES,
-    messages_of,
-    messages_size,
+    encoded_messages,
     offload,
 )
 from spool_core.limits.errors import RateLimited, TokenLimitExceeded
@@ -73,8 +72,6 @@ from spool_core.tenancy import Tenant
 from spool_core.units import now_ms, usd
 
 if TYPE_CHECKING:
-    from spool_core.chat import Message
-
     # Made only for a job that names a context: importing the context store's models is ~12 ms of
     # every cold start of the functions that create or read jobs (docs/decisions.md, cold start).
     from spool_core.contexts.service import ContextService
@@ -130,11 +127,10 @@ def check_idempotency_key(key: str | None) -> str:
     return key
 
 
-def _stored_size_error(request: JobRequest, limit: int) -> PayloadTooLarge | None:
+def _stored_size_error(size: int, limit: int) -> PayloadTooLarge | None:
     """A job keeps its messages (so a retry or a worker can rebuild the prompt): on its item when they
     are small, in S3 otherwise (spool_core.jobs.stored), up to ``limit`` bytes. The refusal when they
-    are larger, else None."""
-    size = messages_size(request)
+    (``size`` bytes as stored) are larger, else None."""
     if size <= limit:
         return None
     return PayloadTooLarge(
@@ -200,8 +196,9 @@ class JobService:
         ``echo``: what it shows of its request and the job does not keep (kept on the job as it is).
         Both belong to the request a key names (``JobRequest.fingerprint``)."""
         key = check_idempotency_key(key)
+        messages = encoded_messages(request)  # once: their size here, the S3 object once admitted
         too_large = _stored_size_error(
-            request, MAX_MESSAGES_BYTES if self._requests is not None else MAX_INLINE_ONLY_BYTES
+            len(messages), MAX_MESSAGES_BYTES if self._requests is not None else MAX_INLINE_ONLY_BYTES
         )
         if too_large is not None:
             # Messages longer than the model's window are told so (context_too_large) before being
@@ -227,7 +224,7 @@ class JobService:
             plan = self._plan(job, model, state)
             job = job.model_copy(update={"reservation": plan.reservation.item()})
             if job.messages_blob is None:  # once admission would take it: a refusal stores nothing
-                job = offload(job, self._requests)
+                job = offload(job, self._requests, messages)
             admitted = (job, state, plan)
             claim = self._claim(key_hash, job)
             try:
@@ -376,10 +373,6 @@ class JobService:
     # ------------------------------------------------------------------ read
     def get(self, job_id: str) -> Job:
         return self._pages.get(job_id)
-
-    def messages(self, job: Job) -> tuple[Message, ...]:
-        """The job's messages as its request sent them (from S3 when they were too large for its item)."""
-        return messages_of(job, self._requests)
 
     def progress(self, job: JobSummary, last: Chunk | None = None, *, live: bool = True) -> dict[str, int]:
         """Current progress: the job item's once it is terminal, the chunk log's last entry while it

@@ -24,19 +24,21 @@ MAX_MESSAGES_BYTES = 4 * 1024 * 1024
 MAX_INLINE_ONLY_BYTES = 192 * 1024
 
 
-def messages_size(request: JobRequest) -> int:
-    """The messages' size as stored (their JSON)."""
-    return len(_encoded(request.messages))
+def encoded_messages(request: JobRequest) -> bytes:
+    """The messages as stored (their JSON): in S3 as they are, their length what a job may hold."""
+    return json.dumps(
+        [m.model_dump() for m in request.messages], separators=(",", ":"), ensure_ascii=False
+    ).encode()
 
 
-def offload(job: Job, store: Callable[[], RequestStore] | None) -> Job:
+def offload(job: Job, store: Callable[[], RequestStore] | None, data: bytes) -> Job:
     """The job as its item keeps it: its messages in S3 when they are too large for the item (``job``
     itself otherwise). The item then holds no message at all, so that a reader that does not know
     ``messages_blob`` (code from before it, during a deploy or after a rollback) refuses the item
     rather than run the job on part of its prompt; a response's ``instructions`` (a first system
     message of at most ``INLINE_MESSAGES_BYTES``) are kept in its ``echo``. ``DependencyUnavailable``
-    when S3 cannot take them (the create is retried with its key)."""
-    data = _encoded(job.request.messages)
+    when S3 cannot take them (the create is retried with its key). ``data``: the job's messages as
+    ``encoded_messages`` gives them."""
     if store is None or len(data) <= INLINE_MESSAGES_BYTES:
         return job
     try:
@@ -75,7 +77,3 @@ class JobMessagesMissing(Gone):
     any job's last attempt): the job fails at once, naming why, rather than at each delivery."""
 
     code = "job_messages_missing"
-
-
-def _encoded(messages: list[Message]) -> bytes:
-    return json.dumps([m.model_dump() for m in messages], separators=(",", ":"), ensure_ascii=False).encode()
