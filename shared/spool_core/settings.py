@@ -48,6 +48,9 @@ class Settings(BaseModel):
     # by the sweeper after this long.
     requeue_queued_after_seconds: int = Field(default=120, ge=10, alias="SPOOL_REQUEUE_QUEUED_AFTER_SECONDS")
     simulator_faults: bool = Field(default=False, alias="SPOOL_SIMULATOR_FAULTS")
+    # A provider's stream that sends nothing for this long is retried from what was persisted (a model's
+    # first token after a long prompt included: a 128k-token prefill takes seconds, not a minute).
+    provider_stall_seconds: float = Field(default=60, gt=0, alias="SPOOL_PROVIDER_STALL_SECONDS")
     usage_table: str = Field(alias="SPOOL_USAGE_TABLE")
     system_table: str = Field(alias="SPOOL_SYSTEM_TABLE")
     connections_table: str = Field(alias="SPOOL_CONNECTIONS_TABLE")

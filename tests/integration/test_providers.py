@@ -226,6 +226,7 @@ class ChatServer(ThreadingHTTPServer):
         self.scenarios: list[str] = []
         self.requests: list[dict[str, Any]] = []
         self.credentials: list[tuple[str | None, str | None]] = []  # (Authorization, Cookie) of each
+        self.release = threading.Event()  # what a "stall" answer waits for after its second word
 
     @property
     def base_url(self) -> str:
@@ -279,6 +280,10 @@ class ChatHandler(BaseHTTPRequestHandler):
             send({**base, "choices": [{"index": 0, "finish_reason": None, "logprobs": {"content": []}}]})
         for i, word in enumerate(words):
             send({**base, "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]})
+            if scenario == "stall" and i == 1:  # the upstream stops sending, the connection open
+                self.server.release.wait(60)
+                self.close_connection = True
+                return
             if scenario == "cut" and i == 1:
                 self.close_connection = True
                 return  # the connection drops mid-answer: no finish, no usage, no [DONE]
@@ -304,6 +309,7 @@ def _serving() -> Iterator[ChatServer]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
+    server.release.set()
     server.shutdown()
     server.server_close()
 
@@ -411,10 +417,13 @@ def test_openai_stream_cut_mid_answer_then_resumed_with_an_instruction(chat_serv
     assert chat_server.requests[1]["max_tokens"] == 48
 
 
+@pytest.mark.parametrize("scenario", ["cut", "stall"])
 def test_a_job_on_an_openai_compatible_endpoint_survives_a_cut(
-    chat_server: ChatServer, stack: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+    chat_server: ChatServer, stack: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, scenario: str
 ) -> None:
-    """Through the worker's own wiring: registry file, provider factory, key from a secret reference."""
+    """Through the worker's own wiring: registry file, provider factory, key from a secret reference.
+    A stall (the upstream stops sending and keeps the connection) is a cut once the stall limit has
+    passed: before, it held the worker until the HTTP client's timeout, the invocation's whole time."""
     from spool_core import bootstrap
     from spool_core.jobs.model import JobRequest
     from spool_core.jobs.runner import JobRunner, Outcome, RunnerSettings
@@ -437,8 +446,9 @@ def test_a_job_on_an_openai_compatible_endpoint_survives_a_cut(
     (tmp_path / "models.json").write_text(json.dumps(models))
     monkeypatch.setenv("SPOOL_MODELS_FILE", str(tmp_path / "models.json"))
     monkeypatch.setenv("LOCAL_LLM_KEY", "sk-local")
-    chat_server.scenarios += ["cut", "ok"]
-    tenant = Tenant("openai-job")
+    chat_server.scenarios += [scenario, "ok"]
+    monkeypatch.setenv("SPOOL_PROVIDER_STALL_SECONDS", "0.5")
+    tenant = Tenant(f"openai-job-{scenario}")
     service = bootstrap.job_service(tenant)
     created = service.create(
         "k", JobRequest.model_validate({"message": "hi", "model": "local-llm", "max_tokens": 100})
@@ -451,11 +461,20 @@ def test_a_job_on_an_openai_compatible_endpoint_survives_a_cut(
         bootstrap.catalog(tenant),
         bootstrap.provider_for,
         bootstrap.rate_limiter(tenant),
-        RunnerSettings(backoff_seconds=0.0),
+        RunnerSettings(backoff_seconds=0.0, stall_seconds=bootstrap.settings().provider_stall_seconds),
         queue=bootstrap.job_queue(),
         sleep=lambda _: None,
     )
-    assert runner.run(created.job.job_id) is Outcome.DONE
+    outcomes: list[Outcome] = []
+    worker = threading.Thread(
+        target=lambda: outcomes.append(runner.run(created.job.job_id, remaining_ms=lambda: 600_000)),
+        daemon=True,
+    )
+    worker.start()
+    # A deadline under the provider client's own read timeout (120 s), which ends a stall without the
+    # watch: the stall limit here is 0.5 s.
+    worker.join(100)
+    assert outcomes == [Outcome.DONE]
     done = service.view(service.get(created.job.job_id))
     assert done["status"] == "completed"
     assert done["output"] == "Hello" + "Hello there"  # the partial answer kept, then the continuation

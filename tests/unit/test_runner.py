@@ -157,13 +157,14 @@ def test_a_job_whose_answer_ends_inside_the_time_margin_ends_instead_of_yielding
     world = JobWorld()
     job_id = create(world, max_tokens=max_tokens)
     calls = itertools.count(1)
-    remaining = lambda: 60_000 if next(calls) < last_flush else 1_000  # noqa: E731
+    # The time left is read before the provider's call, then at each flush.
+    remaining = lambda: 60_000 if next(calls) <= last_flush else 1_000  # noqa: E731
     message = world.ledger.receive()
     assert message is not None
     outcome = world.runner("acme", flush_tokens=64).run(job_id, remaining_ms=remaining)
     assert outcome is Outcome.DONE and world.ledger.receive() is None  # no continuation
     # Every flush looked at the time left, the one that wrote the end included.
-    assert next(calls) == last_flush + 1 and len(list(world.ledger.tenant("acme").all(job_id))) == last_flush
+    assert next(calls) == last_flush + 2 and len(list(world.ledger.tenant("acme").all(job_id))) == last_flush
     assert len(world.provider_calls) == 1
     job = assert_ended_once(world, job_id)
     assert job.attempts == 1 and job.usage.input_tokens == job.input_reported["sim-fast"]
@@ -175,7 +176,7 @@ def test_a_job_out_of_time_is_handed_over_before_its_next_token() -> None:
     world = JobWorld()
     job_id = create(world, max_tokens=300)
     calls = itertools.count(1)
-    remaining = lambda: 60_000 if next(calls) != 3 else 1_000  # noqa: E731 - short at the third flush
+    remaining = lambda: 60_000 if next(calls) != 4 else 1_000  # noqa: E731 - the call's, then 3rd flush
     outcomes = []
     while (message := world.ledger.receive()) is not None:
         runner = world.runner("acme", flush_tokens=64)
@@ -734,3 +735,78 @@ def test_stored_messages_that_cannot_be_stored_or_read_are_clear_errors_and_a_re
     job = expired.ledger.tenant("acme").get(job_id)
     assert job is not None and job.status == "failed" and job.error is not None
     assert job.error["code"] == "job_messages_missing"
+
+
+class _StallsOnce:
+    """The simulated provider, whose first call stops sending after ``at_token`` tokens (a provider
+    stream that hangs) until the test ends; later calls answer normally."""
+
+    def __init__(self, world: JobWorld, at_token: int) -> None:
+        import threading
+
+        self.inner = world.provider_for
+        self.at_token = at_token
+        self.calls = 0
+        self.release = threading.Event()
+
+    def __call__(self, model: Any) -> Any:
+        provider = self.inner(model)
+        stalls = self
+
+        class Provider:
+            name, supports_prefill, resumes_by_index = "simulated", True, True
+
+            def stream(self, request: Any, resume: Any) -> Any:
+                stalls.calls += 1
+                first = stalls.calls == 1
+                for index, event in enumerate(provider.stream(request, resume)):
+                    if first and index == stalls.at_token:
+                        stalls.release.wait(30)
+                        return
+                    yield event
+
+        return Provider()
+
+
+@pytest.mark.parametrize("remaining", [None, 600_000])
+def test_a_provider_that_stops_sending_is_retried_from_what_was_persisted(remaining: int | None) -> None:
+    """A stalled stream held the read until the HTTP client's timeout, the worker's whole time limit,
+    so the invocation died mid-read and the job waited out its message's visibility. After the stall
+    limit the call is now a retryable error, and the retry goes on from the persisted text."""
+    world = JobWorld()
+    world.provider_for = stalls = _StallsOnce(world, at_token=100)
+    job_id = create(world, max_tokens=300)
+    assert world.ledger.receive() is not None
+    runner = world.runner("acme", flush_tokens=64, stall_seconds=0.05)
+    try:
+        outcome = runner.run(job_id, remaining_ms=None if remaining is None else lambda: remaining)
+    finally:
+        stalls.release.set()
+    assert outcome is Outcome.DONE and world.ledger.receive() is None
+    assert stalls.calls == 2
+    job = assert_ended_once(world, job_id)
+    assert job.attempts == 1
+
+
+def test_a_provider_stalled_at_the_time_limit_hands_the_job_over_instead_of_dying_with_it() -> None:
+    """Stalled with less time left than the stall limit: the invocation hands the job over before
+    its time runs out, and the continuation finishes it."""
+    world = JobWorld()
+    world.provider_for = stalls = _StallsOnce(world, at_token=100)
+    job_id = create(world, max_tokens=300)
+    margin = world.runner("acme").settings.time_margin_ms
+    left = iter([margin + 50])  # the first call's: 50 ms before the margin, then plenty
+    outcomes = []
+    try:
+        while (message := world.ledger.receive()) is not None:
+            runner = world.runner("acme", flush_tokens=64, stall_seconds=60)
+            remaining = lambda: next(left, 600_000)  # noqa: E731
+            outcomes.append(
+                runner.run(message.job_id, remaining_ms=remaining, continuation=message.continuation)
+            )
+    finally:
+        stalls.release.set()
+    assert outcomes == [Outcome.YIELD, Outcome.DONE]
+    assert stalls.calls == 2
+    job = assert_ended_once(world, job_id)
+    assert job.attempts == 2

@@ -27,6 +27,7 @@ from spool_core.jobs.model import TERMINAL, Job, Segment
 from spool_core.jobs.outcome import Outcome
 from spool_core.jobs.ports import ChunkLog, Conflict, EndGuard, JobQueue, JobStore, RequestStore
 from spool_core.jobs.stored import messages_of
+from spool_core.jobs.watch import OutOfTime, WatchedStream
 from spool_core.limits.model import Estimate
 from spool_core.limits.service import RateLimiter
 from spool_core.models import ModelCatalog, ModelSpec
@@ -54,6 +55,9 @@ class RunnerSettings:
     # 1,000-token output inline made it ~24 write units instead of ~6).
     inline_output_bytes: int = 0
     time_margin_ms: int = 5000
+    # A provider that sends nothing for this long is a retryable error (each retry resumes from what is
+    # persisted), not a read that outlives the invocation (spool_core.jobs.watch).
+    stall_seconds: float = 60.0
 
     @property
     def visibility_seconds(self) -> int:
@@ -77,10 +81,6 @@ SIGNALS_FRESH_SECONDS = 0.1
 
 
 class Cancelled(Exception):
-    pass
-
-
-class OutOfTime(Exception):
     pass
 
 
@@ -300,7 +300,8 @@ class _Attempt:
         calls = 0
         while True:
             calls += 1
-            if self.time_up:  # a retry would start a new call with no time left for it
+            left = self._seconds_left()
+            if self.time_up or (left is not None and left <= 0):  # no time left for a new call
                 raise OutOfTime
             resume = ResumePoint(
                 tokens=self.writer.tokens_total,
@@ -310,23 +311,28 @@ class _Attempt:
             started, first_token_ms = r._clock(), None
             counted_before = self.writer.tokens_received
             try:
-                for event in provider.stream(request, resume):
-                    if isinstance(event, TextDelta):
-                        if self.time_up:
-                            raise OutOfTime
-                        if first_token_ms is None:
-                            first_token_ms = (r._clock() - started) * 1000
-                        self.writer.add(event.text, event.tokens)
-                    elif isinstance(event, Finished):
-                        self.input_reported[model.id] = (
-                            self.input_reported.get(model.id, 0) + event.input_tokens
-                        )
-                        if event.output_tokens is not None:  # else the count stands
-                            counted = self.writer.tokens_received - counted_before
-                            self.output_correction[model.id] = (
-                                self.output_correction.get(model.id, 0) + event.output_tokens - counted
+                with WatchedStream(
+                    provider.stream(request, resume),
+                    stall_seconds=r.settings.stall_seconds,
+                    seconds_left=left,
+                ) as events:
+                    for event in events:
+                        if isinstance(event, TextDelta):
+                            if self.time_up:
+                                raise OutOfTime
+                            if first_token_ms is None:
+                                first_token_ms = (r._clock() - started) * 1000
+                            self.writer.add(event.text, event.tokens)
+                        elif isinstance(event, Finished):
+                            self.input_reported[model.id] = (
+                                self.input_reported.get(model.id, 0) + event.input_tokens
                             )
-                        self.finish_reason = event.finish_reason
+                            if event.output_tokens is not None:  # else the count stands
+                                counted = self.writer.tokens_received - counted_before
+                                self.output_correction[model.id] = (
+                                    self.output_correction.get(model.id, 0) + event.output_tokens - counted
+                                )
+                            self.finish_reason = event.finish_reason
                 self.writer.flush()
                 return first_token_ms
             except ProviderError as exc:
@@ -339,6 +345,12 @@ class _Attempt:
                     "provider error; retrying", extra={"job_id": job.job_id, "code": exc.code, "delay": delay}
                 )
                 r._sleep(delay * (0.5 + random.random() / 2))  # jitter, not cryptography
+
+    def _seconds_left(self) -> float | None:
+        """The invocation's time before it must hand the job over (None: no limit)."""
+        if self.remaining_ms is None:
+            return None
+        return (self.remaining_ms() - self.r.settings.time_margin_ms) / 1000
 
     def _resumes_from_text(self, provider: Provider) -> bool:
         """Whether the provider continues from the persisted text: it cannot continue from a token index,

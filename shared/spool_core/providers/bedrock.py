@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import closing
 from typing import TYPE_CHECKING, Any
 
 import urllib3
@@ -95,17 +96,18 @@ class BedrockProvider:
         try:
             response = self._client.converse_stream(**kwargs)
             stop_reason, usage = "end_turn", None
-            for event in response["stream"]:
-                if "contentBlockDelta" in event:
-                    text = event["contentBlockDelta"]["delta"].get("text", "")
-                    if held and text:
-                        text, held = _without_repeat(text, held)
-                    if text:
-                        yield TextDelta(text, max(1, tokens.count(text)))
-                elif "messageStop" in event:
-                    stop_reason = event["messageStop"].get("stopReason", stop_reason)
-                elif "metadata" in event:
-                    usage = event["metadata"].get("usage")
+            with closing(response["stream"]) as stream:  # however the reading ends (spool_core.jobs.watch)
+                for event in stream:
+                    if "contentBlockDelta" in event:
+                        text = event["contentBlockDelta"]["delta"].get("text", "")
+                        if held and text:
+                            text, held = _without_repeat(text, held)
+                        if text:
+                            yield TextDelta(text, max(1, tokens.count(text)))
+                    elif "messageStop" in event:
+                        stop_reason = event["messageStop"].get("stopReason", stop_reason)
+                    elif "metadata" in event:
+                        usage = event["metadata"].get("usage")
         except ClientError as exc:  # EventStreamError (an exception event mid-stream) is a ClientError too
             error = exc.response.get("Error", {})
             raise classify(str(error.get("Code", "")), str(error.get("Message", exc))) from exc

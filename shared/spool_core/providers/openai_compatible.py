@@ -113,15 +113,16 @@ class OpenAICompatibleProvider:
                 stream_cls=Stream[object],
             )
             usage, stop_reason = None, "stop"
-            for event in events:
-                chunk = StreamedChunk.model_validate(event)
-                for choice in chunk.choices or ():
-                    if choice.delta and choice.delta.content:
-                        yield TextDelta(choice.delta.content, max(1, tokens.count(choice.delta.content)))
-                    if choice.finish_reason:
-                        stop_reason = choice.finish_reason
-                if chunk.usage is not None:
-                    usage = chunk.usage
+            with events:  # its response closed however the reading ends (spool_core.jobs.watch)
+                for event in events:
+                    chunk = StreamedChunk.model_validate(event)
+                    for choice in chunk.choices or ():
+                        if choice.delta and choice.delta.content:
+                            yield TextDelta(choice.delta.content, max(1, tokens.count(choice.delta.content)))
+                        if choice.finish_reason:
+                            stop_reason = choice.finish_reason
+                    if chunk.usage is not None:
+                        usage = chunk.usage
         except Exception as exc:
             raise classify(exc) from exc
         if usage is None:

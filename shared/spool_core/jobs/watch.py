@@ -1,0 +1,114 @@
+"""A provider's stream, read with a deadline: a stalled provider is a retryable error, and an
+invocation whose time runs out while it waits hands its job over instead of dying with it.
+
+Without this, the worker looked at the clock only when a token arrived. A provider that stopped
+sending held the read until the HTTP client's own timeout (120 s, the worker's whole time limit), so
+the invocation was killed mid-read and the job waited out its message's visibility (~12 minutes on
+AWS) before anything tried again.
+
+The stream is read by a thread of its own and handed over through a queue, so the waiting side can
+give up at a deadline whatever the provider's client is blocked in (an HTTP read, an event stream,
+a simulated delay); no client exposes a read that can be interrupted from outside. When the waiting
+side gives up, the reader is told to stop: it closes the provider's stream at its next event, or
+leaves with its call when the client's own timeout ends it.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from types import TracebackType
+
+from spool_core.providers import ProviderError
+
+_END = object()
+
+
+class OutOfTime(Exception):
+    """The invocation's time is up: the job is handed over to a new one."""
+
+
+class WatchedStream[T]:
+    """Iterate ``events`` (a provider's stream), raising ``ProviderError`` (retryable) when nothing
+    comes for ``stall_seconds`` and ``OutOfTime`` when the ``seconds_left`` (None: no limit) run out
+    first. Use it as a
+    context manager, so the reader is told to stop however the iteration ends."""
+
+    def __init__(
+        self,
+        events: Iterable[T],
+        *,
+        stall_seconds: float,
+        seconds_left: float | None = None,
+    ) -> None:
+        self._events = events
+        self._stall_seconds = stall_seconds
+        self._deadline = None if seconds_left is None else time.monotonic() + seconds_left
+        self._queue: queue.SimpleQueue[tuple[object, BaseException | None]] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._done = False
+        self._reader = threading.Thread(target=self._read, name="provider-stream", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        events = iter(self._events)
+        try:
+            for event in events:
+                if self._stop.is_set():
+                    break
+                self._queue.put((event, None))
+            else:
+                self._queue.put((_END, None))
+        except BaseException as exc:  # the provider's error (or a simulated crash) is the reader's to raise
+            self._queue.put((_END, exc))
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
+
+    def __iter__(self) -> Iterator[T]:
+        return self
+
+    def __next__(self) -> T:
+        if self._done:
+            raise StopIteration
+        wait, deadline = self._stall_seconds, False
+        left = None if self._deadline is None else self._deadline - time.monotonic()
+        if left is not None and left <= 0:
+            self.close()
+            raise OutOfTime
+        if left is not None and left < wait:
+            wait, deadline = left, True
+        try:
+            item, error = self._queue.get(timeout=wait)
+        except queue.Empty:
+            self.close()
+            if deadline:
+                raise OutOfTime from None
+            raise ProviderError(
+                f"The provider sent nothing for {self._stall_seconds:g} s",
+                retryable=True,
+                code="provider_unavailable",
+            ) from None
+        if error is not None:
+            self._done = True
+            raise error
+        if item is _END:
+            self._done = True
+            raise StopIteration
+        return item  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Tell the reader to stop (it closes the provider's stream at its next event)."""
+        self._done = True
+        self._stop.set()
+
+    def __enter__(self) -> WatchedStream[T]:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
