@@ -416,10 +416,12 @@ def test_a_completion_of_an_ended_job() -> None:
 
 
 # ---------------------------------------------------------------------------------------- responses
-def numbered(starting_after: int | None, end: Job | None = None, n: int = 3) -> list[dict[str, Any]]:
+def numbered(
+    starting_after: int | None, end: Job | None = None, n: int = 3, **fields: Any
+) -> list[dict[str, Any]]:
     after_chunk = responses.first_chunk_after(starting_after)
     events = responses.response_events(
-        job(status="running"),
+        job(status="running", **fields),
         log(n, end or job(chunks=n), after=after_chunk),
         starting_after,
         lambda j: "t1 t2 t3 ",
@@ -444,6 +446,15 @@ def test_response_events_are_numbered_from_the_log_alone() -> None:
         "response.completed",
     ]
     assert events[0]["response"]["status"] == "queued" and events[0]["response"]["output"] == []
+    assert events[0]["response"]["background"]  # a job of another route reads as a background response
+
+
+def test_a_streamed_response_that_is_not_in_the_background_is_created_in_progress() -> None:
+    """As OpenAI's: only a background response is ever queued (the SDK tester saw `queued` on a
+    plain `stream=True` response, which OpenAI never sends)."""
+    events = numbered(None, echo={"background": False, "instructions": False})
+    assert [e["response"]["status"] for e in events[:2]] == ["in_progress", "in_progress"]
+    assert not events[0]["response"]["background"]
     assert events[7]["text"] == "t1 t2 t3 " and events[4]["logprobs"] == []
     final = events[-1]["response"]
     assert final["status"] == "completed" and final["output"][0]["content"][0]["text"] == "t1 t2 t3 "

@@ -254,11 +254,13 @@ def response_events(
         payload = {"type": kind, "sequence_number": number, **fields}
         return f"event: {kind}\n{data_line(payload)}"
 
-    # The opening events show the response as it was when it started, however late they are read.
+    # The opening events show the response as it was when it started, however late they are read: a
+    # background response is created queued, another (the request waits for it) in progress, as OpenAI's.
     opening = {**response_object(job, None), "output": [], "usage": None, "error": None}
     opening["incomplete_details"] = None
+    created = "queued" if opening["background"] else "in_progress"
     prefix: list[tuple[str, dict[str, Any]]] = [
-        ("response.created", {"response": {**opening, "status": "queued"}}),
+        ("response.created", {"response": {**opening, "status": created}}),
         ("response.in_progress", {"response": {**opening, "status": "in_progress"}}),
         ("response.output_item.added", {"output_index": 0, "item": message_item(job, "", False)}),
         ("response.content_part.added", {**where, "part": _text_part("")}),
