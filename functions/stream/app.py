@@ -113,7 +113,7 @@ async def create_response(request: Request) -> Response:
     job, limits = await _create(request, service, body)
     headers = _job_headers(request, job, limits)
     if body.stream:
-        return _response_stream(request, service, job, None, headers)
+        return await _response_stream(request, service, job, None, headers)
     if not body.background:
         ended = await web.last(await_end(service, job.job_id, _settings()))
         # else still running, answered like a background response: as it stands now, not as created
@@ -136,7 +136,7 @@ async def get_response(request: Request) -> Response:
     job = await _response_job(request, service.get)
     headers = _job_headers(request, job)
     if request.query_params.get("stream", "").lower() in {"true", "1"}:
-        return _response_stream(request, service, job, _starting_after(request), headers)
+        return await _response_stream(request, service, job, _starting_after(request), headers)
     return await _response_json(service, job, headers)
 
 
@@ -163,7 +163,7 @@ def _starting_after(request: Request) -> int | None:
     return cursor
 
 
-def _response_stream(
+async def _response_stream(
     request: Request, service: JobService, job: Job, starting_after: int | None, headers: dict[str, str]
 ) -> Response:
     followed = follow(
@@ -174,13 +174,17 @@ def _response_stream(
         budget=job.request.max_tokens,
         allowed=_access(request),
     )
-    events = responses.response_events(job, followed, starting_after, lambda j: service.view(j)["output"])
+    instructions = await run_in_threadpool(responses.instructions_of, job, service.messages)
+    events = responses.response_events(
+        job, followed, starting_after, lambda j: service.view(j)["output"], instructions
+    )
     return web.sse(events, headers)
 
 
 async def _response_json(service: JobService, job: Job, headers: dict[str, str]) -> Response:
     output = await run_in_threadpool(lambda: service.view(job)["output"])
-    return web.json_response(responses.response_object(job, output), headers)
+    instructions = await run_in_threadpool(responses.instructions_of, job, service.messages)
+    return web.json_response(responses.response_object(job, output, instructions), headers)
 
 
 async def ready(request: Request) -> Response:

@@ -425,6 +425,7 @@ def numbered(
         log(n, end or job(chunks=n), after=after_chunk),
         starting_after,
         lambda j: "t1 t2 t3 ",
+        None,
     )
     return [o for o in sse(events) if isinstance(o, dict)]
 
@@ -606,3 +607,31 @@ def test_an_idempotency_key_too_long_is_a_bad_request_naming_the_header_not_a_mi
     assert refused.value.code == "invalid_request"
     assert refused.value.details == {"field": "Idempotency-Key", "length": 256, "max_length": 255}
     assert refused.value.suggestions
+
+
+def test_a_responses_instructions_are_read_from_where_its_messages_are() -> None:
+    from spool_core.chat import Message
+    from spool_core.jobs.stored import JobMessagesMissing
+
+    stored = (Message(role="system", content="long rules"), Message(role="user", content="hi"))
+    reads: list[str] = []
+
+    def messages(j: Job) -> tuple[Message, ...]:
+        reads.append(j.job_id)
+        return stored
+
+    def gone(j: Job) -> tuple[Message, ...]:
+        raise JobMessagesMissing("expired")
+
+    asked = {"background": False, "instructions": True}
+    in_item = job(request={"messages": [m.model_dump() for m in stored], "max_tokens": 30}, echo=asked)
+    assert responses.instructions_of(in_item, messages) == "long rules" and reads == []
+    emptied = in_item.request.model_copy(update={"messages": []})  # as offload leaves the item
+    in_s3 = in_item.model_copy(update={"request": emptied, "messages_blob": "ab" * 32})
+    assert responses.instructions_of(in_s3, messages) == "long rules" and reads == ["job_abc"]
+    assert responses.instructions_of(in_s3, gone) is None  # expired with the request: null, not a 500
+    kept = in_s3.model_copy(update={"echo": {**asked, "instructions_text": "short"}})
+    assert responses.instructions_of(kept, gone) == "short"
+    none = in_s3.model_copy(update={"echo": {"background": False, "instructions": False}})
+    assert responses.instructions_of(none, gone) is None
+    assert responses.response_object(in_s3, "x", "long rules")["instructions"] == "long rules"

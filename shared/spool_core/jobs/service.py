@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from spool_core import tokens
+from spool_core.chat import Message
 from spool_core.clock import from_epoch, rfc3339
 from spool_core.contexts.errors import refuse_empty_context_id
 from spool_core.errors import DependencyUnavailable, InvalidRequest, PayloadTooLarge
@@ -60,6 +61,7 @@ from spool_core.jobs.stored import (
     MAX_INLINE_ONLY_BYTES,
     MAX_MESSAGES_BYTES,
     encoded_messages,
+    messages_of,
     offload,
 )
 from spool_core.limits.errors import RateLimited, TokenLimitExceeded
@@ -373,6 +375,10 @@ class JobService:
     # ------------------------------------------------------------------ read
     def get(self, job_id: str) -> Job:
         return self._pages.get(job_id)
+
+    def messages(self, job: Job) -> tuple[Message, ...]:
+        """The job's messages, from its item or from S3 (a read of the whole request there)."""
+        return messages_of(job, self._requests)
 
     def progress(self, job: JobSummary, last: Chunk | None = None, *, live: bool = True) -> dict[str, int]:
         """Current progress: the job item's once it is terminal, the chunk log's last entry while it

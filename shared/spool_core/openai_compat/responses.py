@@ -14,12 +14,13 @@ resumes exactly there, for the life of the log, across worker crashes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from spool_core.errors import InvalidRequest, NotFound
+from spool_core.chat import Message
+from spool_core.errors import Gone, InvalidRequest, NotFound
 from spool_core.events import Ended, Followed, Ping, Revoked, TimeUp, Wait
 from spool_core.jobs.model import Job, JobRequest
 from spool_core.json_values import JsonBool, json_numbers
@@ -193,16 +194,35 @@ def message_item(job: Job, text: str, done: bool) -> dict[str, Any]:
     }
 
 
-def response_object(job: Job, output: str | None) -> dict[str, Any]:
-    """The response resource of a job; ``output`` is the text so far (None: not read yet). A job made
-    by another route (``POST /v1/jobs``), or before jobs kept what a response echoes, reads as a
-    background response whose leading system message is its instructions."""
+def _echo(job: Job) -> dict[str, Any]:
+    """What the response echoes of its request. A job made by another route (``POST /v1/jobs``), or
+    before jobs kept it, reads as a background response whose leading system message is its
+    instructions."""
+    return job.echo or {"background": True, "instructions": True}
+
+
+def instructions_of(job: Job, messages: Callable[[Job], Sequence[Message]]) -> str | None:
+    """The response's ``instructions``: its first message, a system one, when the request had them.
+    When the messages are in S3, short instructions are kept beside them (``echo``), and longer ones
+    are read from there with ``messages`` (the job's messages); gone from there, they read as null."""
+    echo = _echo(job)
+    if not echo.get("instructions"):
+        return None
+    if job.messages_blob and "instructions_text" in echo:
+        return str(echo["instructions_text"])
+    try:
+        stored = messages(job) if job.messages_blob else job.request.messages
+    except Gone:  # the request's object expired (days after the job's end)
+        return None
+    first = stored[0] if stored else None
+    return first.content if first and first.role == "system" else None
+
+
+def response_object(job: Job, output: str | None, instructions: str | None) -> dict[str, Any]:
+    """The response resource of a job; ``output`` is the text so far (None: not read yet), and
+    ``instructions`` as ``instructions_of`` gives them."""
     terminal = job.terminal
-    echo = job.echo or {"background": True, "instructions": True}
-    first = job.request.messages[0] if job.request.messages else None
-    instructions = first.content if echo.get("instructions") and first and first.role == "system" else None
-    if job.messages_blob:  # the messages are in S3: the instructions, when short, kept beside them
-        instructions = echo.get("instructions_text")
+    echo = _echo(job)
     items = [message_item(job, output or "", terminal)] if terminal or output else []
     return {
         "id": response_id(job.job_id),
@@ -241,11 +261,13 @@ def response_events(
     followed: Iterator[Followed],
     starting_after: int | None,
     output_of: Callable[[Job], str],
+    instructions: str | None,
 ) -> Iterator[str | Wait]:
     """The response's events with ``sequence_number`` > ``starting_after`` (all when None), from
     ``followed`` (the log read from ``first_chunk_after(starting_after)``). Ends after the terminal
     event, or early at the stream's time limit (the client resumes with ``starting_after``).
-    ``output_of`` reads an ended job's whole text when the stream did not read it all."""
+    ``output_of`` reads an ended job's whole text when the stream did not read it all;
+    ``instructions`` as ``instructions_of`` gives them."""
     after = -1 if starting_after is None else starting_after
     item_id = message_id(job.job_id)
     where: dict[str, Any] = {"item_id": item_id, "output_index": 0, "content_index": 0}
@@ -256,7 +278,7 @@ def response_events(
 
     # The opening events show the response as it was when it started, however late they are read: a
     # background response is created queued, another (the request waits for it) in progress, as OpenAI's.
-    opening = {**response_object(job, None), "output": [], "usage": None, "error": None}
+    opening = {**response_object(job, None, instructions), "output": [], "usage": None, "error": None}
     opening["incomplete_details"] = None
     created = "queued" if opening["background"] else "in_progress"
     prefix: list[tuple[str, dict[str, Any]]] = [
@@ -284,13 +306,15 @@ def response_events(
                 yield event(number, "response.output_text.delta", **where, delta=item["text"], logprobs=[])
         elif isinstance(item, Ended):
             text = "".join(texts) if texts is not None else output_of(item.job)
-            yield from _ending(item.job, after, text, event, where)
+            yield from _ending(item.job, after, text, instructions, event, where)
             return
 
 
-def _ending(job: Job, after: int, text: str, event: Any, where: dict[str, Any]) -> Iterator[str]:
+def _ending(
+    job: Job, after: int, text: str, instructions: str | None, event: Any, where: dict[str, Any]
+) -> Iterator[str]:
     base = PREFIX_EVENTS + job.progress.last_sequence_id
-    final = response_object(job, text)
+    final = response_object(job, text, instructions)
     terminal = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(
         final["status"], "response.failed" if job.status == "failed" else "response.incomplete"
     )
@@ -308,6 +332,7 @@ def _ending(job: Job, after: int, text: str, event: Any, where: dict[str, Any]) 
 __all__ = [
     "ResponsesRequest",
     "first_chunk_after",
+    "instructions_of",
     "job_id_of",
     "message_item",
     "response_events",
