@@ -523,9 +523,16 @@ class RestApiEmulator:
         return "*" if "*" in self._cors_origins else None
 
     def _preflight(self, headers: Mapping[str, str], request_id: str) -> HttpResponse:
-        """What SAM's ``Cors`` makes API Gateway answer to ``OPTIONS`` on every resource."""
+        """What SAM's ``Cors`` makes API Gateway answer to ``OPTIONS`` on every resource, with the
+        ``X-Request-Id`` DESIGN.md puts on every response. SAM's preflight (a mock integration whose
+        headers SAM writes) cannot carry it on AWS, where ``x-amzn-RequestId`` names the request; a
+        page never sees a preflight's headers either way (docs/decisions.md)."""
         assert self._cors is not None
-        response = {"Content-Type": "application/json", "x-amzn-RequestId": request_id}
+        response = {
+            "Content-Type": "application/json",
+            "x-amzn-RequestId": request_id,
+            "X-Request-Id": request_id,
+        }
         allowed = self._allowed_origin(_header(headers, "Origin") or "")
         if allowed:
             response.update(self._gateway_cors(_header(headers, "Origin") or ""))

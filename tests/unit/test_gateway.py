@@ -200,6 +200,7 @@ def test_preflight_is_answered_from_the_template_before_the_authorizer(
     assert "POST" in response.headers["Access-Control-Allow-Methods"]
     assert "Last-Event-ID" in response.headers["Access-Control-Allow-Headers"]
     assert response.headers["Access-Control-Max-Age"] == "600"
+    assert response.headers["X-Request-Id"] == response.headers["x-amzn-RequestId"]  # as every response
     assert all(not f.events for f in functions.values())  # no authorizer, no function
 
 

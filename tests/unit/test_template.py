@@ -162,3 +162,18 @@ def test_a_push_to_a_connection_gives_up_well_before_a_subscription_lease_runs_o
     attempts = config.retries["total_max_attempts"]
     assert attempts == 2 and config.read_timeout == 3 and config.connect_timeout == 2
     assert attempts * (config.connect_timeout + config.read_timeout) * 1000 < LEASE_MS / 4
+
+
+def test_the_gateways_own_answers_expose_what_the_functions_do(template: Template) -> None:
+    """DESIGN: browsers are exposed X-Request-Id, Retry-After and the rate-limit headers. The
+    gateway's own answers (401, 403, 413, 429, 504...) exposed only the first two."""
+    from spool_core.api.cors import ALLOWED_HEADERS, EXPOSED_HEADERS
+
+    (api,) = template.resources_of_type("AWS::Serverless::Api").values()
+    answers = api["Properties"]["GatewayResponses"]
+    assert len(answers) >= 10
+    for kind, answer in answers.items():
+        headers = answer["ResponseParameters"]["Headers"]
+        assert headers["Access-Control-Expose-Headers"] == f"'{','.join(EXPOSED_HEADERS)}'", kind
+        assert headers["X-Request-Id"] == "context.requestId", kind
+    assert api["Properties"]["Cors"]["AllowHeaders"] == f"'{','.join(ALLOWED_HEADERS)}'"
