@@ -526,27 +526,45 @@ def metered_stack(counts_dir: Path, capacity_dir: Path) -> Iterator[Any]:
         yield stack
 
 
-def run(scenarios: tuple[str, ...] = SCENARIOS, print_: Callable[[str], None] = print) -> list[Measured]:
+# The chunk cadences measured: DESIGN.md's (every 200 ms or 64 tokens, the default), and the ramp a
+# deployment may opt into (each interval twice the last, up to 1.5 s): most of a job's cost is its
+# chunks (a write each, and for a WebSocket subscriber a message and a fanout invocation).
+CADENCES: dict[str, dict[str, str]] = {
+    "DESIGN.md's cadence, every 200 ms or 64 tokens (the default)": {},
+    "SPOOL_FLUSH_MAX_MS=1500 (each interval twice the last, up to 1.5 s)": {"SPOOL_FLUSH_MAX_MS": "1500"},
+}
+
+
+def run(
+    scenarios: tuple[str, ...] = SCENARIOS,
+    print_: Callable[[str], None] = print,
+    cadences: Mapping[str, Mapping[str, str]] = CADENCES,
+) -> list[Measured]:
     prices = Prices.load()
     print_(
         f"== cost: infrastructure per 1,000-token job at 50 tok/s (sim-realtime), {prices.region} list prices"
         f" of {prices.read_on}, vs ${prices.output_price(1000):.4f} of model output =="
     )
     results = []
-    with tempfile.TemporaryDirectory(prefix="spool-cost-") as scratch:
-        counts_dir, capacity_dir = Path(scratch, "calls"), Path(scratch, "units")
-        counts_dir.mkdir()
-        capacity_dir.mkdir()
-        with metered_stack(counts_dir, capacity_dir) as stack:
-            bench = CostBench(stack, counts_dir, capacity_dir)
-            for scenario in scenarios:
-                # A short job read the same way first: every function on the path has a warm
-                # container that has loaded what it loads on first use (a job's path is warm on AWS).
-                bench.measure(scenario, tokens=16, model="sim-fast")
-                measured = bench.measure(scenario)
-                results.append(measured)
-                for line in format_report(measured, prices):
-                    print_(line)
-                print_(calls_line(measured.usage))
+    for cadence, environment in cadences.items():
+        print_(f"-- {cadence}")
+        with (
+            _environment(environment),
+            tempfile.TemporaryDirectory(prefix="spool-cost-") as scratch,
+        ):
+            counts_dir, capacity_dir = Path(scratch, "calls"), Path(scratch, "units")
+            counts_dir.mkdir()
+            capacity_dir.mkdir()
+            with metered_stack(counts_dir, capacity_dir) as stack:
+                bench = CostBench(stack, counts_dir, capacity_dir)
+                for scenario in scenarios:
+                    # A short job read the same way first: every function on the path has a warm
+                    # container that has loaded what it loads on first use (a job's path is warm on AWS).
+                    bench.measure(scenario, tokens=16, model="sim-fast")
+                    measured = bench.measure(scenario)
+                    results.append(measured)
+                    for line in format_report(measured, prices):
+                        print_(line)
+                    print_(calls_line(measured.usage))
     print_("")
     return results

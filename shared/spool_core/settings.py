@@ -36,11 +36,12 @@ class Settings(BaseModel):
     # 2,000 small files take ~10 s locally (moto), 10,000 outlived the 29 s integration timeout
     max_context_files: int = Field(default=2_000, gt=0, alias="SPOOL_MAX_CONTEXT_FILES")
     blob_retention_days: int = Field(default=9, ge=8, alias="SPOOL_BLOB_RETENTION_DAYS")
-    # The chunk cadence (spool_core.jobs.cadence): 200 ms after the first chunk, doubling up to 1.5 s,
-    # or 64 tokens, whichever first. Writers and readers (which look for the next chunk when it is due)
-    # read the same settings.
+    # The chunk cadence (spool_core.jobs.cadence): the first token at once, then every 200 ms or 64
+    # tokens, whichever first (DESIGN.md). Writers and readers (which look for the next chunk when it
+    # is due) read the same settings.
     flush_ms: int = Field(default=200, ge=1, alias="SPOOL_FLUSH_MS")
-    flush_max_ms: int = Field(default=1500, ge=1, alias="SPOOL_FLUSH_MAX_MS")
+    # None: a flat cadence, every SPOOL_FLUSH_MS (DESIGN.md). Set above it, the interval doubles up to it.
+    flush_max_ms: int | None = Field(default=None, ge=1, alias="SPOOL_FLUSH_MAX_MS")
     flush_tokens: int = Field(default=64, ge=1, alias="SPOOL_FLUSH_TOKENS")
     # The job lease follows the queue's visibility timeout: a crashed job's message returns as its lease ends.
     lease_seconds: float = Field(default=30, gt=0, alias="SPOOL_LEASE_SECONDS")
@@ -85,7 +86,9 @@ class Settings(BaseModel):
     @property
     def cadence(self) -> Cadence:
         return Cadence(
-            first_ms=self.flush_ms, max_ms=max(self.flush_max_ms, self.flush_ms), tokens=self.flush_tokens
+            first_ms=self.flush_ms,
+            max_ms=max(self.flush_max_ms or 0, self.flush_ms),
+            tokens=self.flush_tokens,
         )
 
     @classmethod

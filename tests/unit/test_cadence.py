@@ -48,7 +48,8 @@ class Clock:
         return self.now
 
 
-DEFAULT = Cadence()
+DEFAULT = Cadence()  # DESIGN.md's: every 200 ms or 64 tokens
+RAMP = Cadence(first_ms=200, max_ms=1500, tokens=64)  # SPOOL_FLUSH_MAX_MS=1500
 
 
 def stream(
@@ -70,11 +71,20 @@ def test_intervals_double_from_the_first_to_the_longest() -> None:
     cadence = Cadence(first_ms=200, max_ms=1500, tokens=64)
     assert [cadence.interval_ms(n) for n in range(7)] == [0, 200, 400, 800, 1500, 1500, 1500]
     assert Cadence(first_ms=200, max_ms=200).interval_ms(9) == 200  # a flat cadence, if configured
-    assert Cadence().interval_ms(10**6) == 1500  # no overflow however long the job
+    assert cadence._replace(max_ms=1500).interval_ms(10**6) == 1500  # no overflow however long the job
+    assert [Cadence().interval_ms(n) for n in range(4)] == [0, 200, 200, 200]  # DESIGN.md's, by default
 
 
-def test_a_thousand_tokens_at_fifty_per_second_make_about_twenty_chunks() -> None:
+def test_by_default_a_chunk_every_200_ms_as_design_md_says() -> None:
     log = stream(1000, 50.0)
+    assert 88 <= len(log.chunks) <= 102 and log.chunks[0].tokens == 1
+    # 200 ms of tokens at 50 per second, written with the first token past the interval
+    assert {c.tokens for c in log.chunks[1:-1]} <= {10, 11}
+    assert "".join(c.text for c in log.chunks) == "".join(f"t{i} " for i in range(1000))
+
+
+def test_with_the_ramp_a_thousand_tokens_at_fifty_per_second_make_about_twenty_chunks() -> None:
+    log = stream(1000, 50.0, cadence=RAMP)
     assert 17 <= len(log.chunks) <= 21  # about 100 at a flat 200 ms
     assert log.chunks[0].tokens == 1  # the first token at once
     assert [c.sequence_id for c in log.chunks] == list(range(1, len(log.chunks) + 1))
@@ -117,7 +127,7 @@ def test_when_the_next_chunk_is_due() -> None:
 
 
 def test_a_reader_looks_when_a_chunk_is_due_and_at_least_every_quarter_second() -> None:
-    watch = Watch(Cadence())
+    watch = Watch(RAMP)
     start = 1_000_000
     assert watch.wait_ms(start) == FIRST_POLL_MS  # nothing yet: the first token is written at once
     assert watch.wait_ms(start + FIRST_POLL_SOON_FOR_MS - 1) == FIRST_POLL_MS
@@ -135,7 +145,7 @@ def test_a_reader_looks_when_a_chunk_is_due_and_at_least_every_quarter_second() 
     assert watch.wait_ms(start + 2500) == 1400 + 1280 + LOOK_AFTER_MS - 2500
     assert watch.wait_ms(start + 2711) == MIN_POLL_MS == 25  # past due: poll soon, then backing off
     assert [watch.wait_ms(start + 2736) for _ in range(4)] == [37, 55, 82, MAX_POLL_MS]
-    budgeted = Watch(Cadence(), budget=80)
+    budgeted = Watch(RAMP, budget=80)
     budgeted.saw(3, start, 20, 31)
     budgeted.saw(4, start + 800, 40, 71)
     assert budgeted.wait_ms(start + 800) == 180 + LOOK_AFTER_MS  # 9 tokens left: 180 ms

@@ -48,7 +48,7 @@ class Clock:
 class Log:
     """The three reads the stream makes of a JobService, over a list the test appends to."""
 
-    cadence = Cadence()
+    cadence = Cadence(first_ms=200, max_ms=1500, tokens=64)  # the ramp (SPOOL_FLUSH_MAX_MS=1500)
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
@@ -293,7 +293,7 @@ def test_a_stream_looks_for_each_chunk_when_it_is_due() -> None:
     """Chunks written on the cadence (each a little after it was due, as a worker writes at the next
     token): the stream reads about once per chunk and sends each within a poll of its write."""
     log = Log(Clock())
-    cadence, at, written = Cadence(), 1000.0, {}
+    cadence, at, written = Log.cadence, 1000.0, {}
     for seq in range(1, 31):
         log.writes.append((at, f"c{seq} "))
         written[seq] = at

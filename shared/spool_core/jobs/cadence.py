@@ -4,9 +4,11 @@ Every chunk costs a write (and, for a WebSocket subscriber, a message and a fano
 log's cadence is most of what a job costs in infrastructure beyond the worker's own time. The first
 token is written at once (time to first token is what a reader feels most); the next chunk follows
 ``first_ms`` later, and each interval after that is twice the last, up to ``max_ms``, unless
-``tokens`` tokens are waiting first. At 50 tokens/s with the defaults (200 ms, 1.5 s, 64 tokens) a
-1,000-token answer is about 19 chunks instead of about 100 at a flat 200 ms: the answer starts as
-fast, then comes a sentence or two at a time (see docs/decisions.md, "Chunk cadence").
+``tokens`` tokens are waiting first. The defaults are DESIGN.md's: every 200 ms or 64 tokens
+(``max_ms`` equal to ``first_ms``, a flat cadence), about 100 chunks for a 1,000-token answer at 50
+tokens/s. With ``max_ms`` at 1.5 s (``SPOOL_FLUSH_MAX_MS``) the same answer is about 19 chunks, at
+about half the infrastructure cost: it starts as fast, then comes a sentence or two at a time (see
+docs/decisions.md, "Chunk cadence").
 
 Readers poll the log (a Server-Sent Events stream, a long-polling chunk page): knowing the cadence,
 they look for chunk ``n + 1`` when it is due (from the write times and sizes of the chunks they hold,
@@ -45,7 +47,7 @@ FIRST_POLL_FOR_MS = 1000
 
 class Cadence(NamedTuple):
     first_ms: int = 200  # SPOOL_FLUSH_MS: from the first chunk to the second
-    max_ms: int = 1500  # SPOOL_FLUSH_MAX_MS: the longest interval
+    max_ms: int = 200  # SPOOL_FLUSH_MAX_MS: the longest interval (as first_ms: a flat cadence)
     tokens: int = 64  # SPOOL_FLUSH_TOKENS: a chunk is written once this many tokens wait
 
     def interval_ms(self, sequence_id: int) -> int:
