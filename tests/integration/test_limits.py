@@ -136,7 +136,8 @@ def test_settlement_happens_once_and_totals_equal_the_jobs(stack: StackDescripti
     assert usage["limits"]["concurrent_jobs"]["running"] == 0  # every slot released, once
     used = sum(j.usage.input_tokens + j.usage.output_tokens for j in jobs)
     assert usage["limits"]["tokens_per_minute"]["remaining"] >= 200_000 - used  # actual, not the reservation
-    assert usage["limits"]["daily_budget"]["committed_usd"] == 0  # no budget: nothing committed
+    # no budget: nothing was reserved against one, and the day's spend is counted for a budget set later
+    assert usage["limits"]["daily_budget"]["committed_usd"] == totals["cost_usd"]
 
 
 def test_a_cancelled_queued_job_is_refunded(stack: StackDescription) -> None:
@@ -225,3 +226,23 @@ def test_a_budgeted_job_that_ends_after_midnight_is_counted_on_the_day_it_settle
     assert committed("2027-01-01") == cost  # its reservation's day holds it
     set_tenant_limits(store, budget, now=int(after.ms()) + 1000)  # its own budget, the next day
     assert committed("2027-01-02") == 0  # nothing to count: the job is held by the day before
+
+
+def test_a_budget_set_while_jobs_run_counts_them_once_they_settle(stack: StackDescription) -> None:
+    """The billing tester set a $0.001 budget while five unbudgeted jobs ran: they settled $0.0023
+    and the day's commitments never moved, so the tenant, three times over its budget, was still
+    admitted. Every settlement now counts the day's spend, budgeted or not, exactly once."""
+    tenant = Tenant("budget-while-running")
+    created = bootstrap.job_service(tenant).create("k1", job(tokens=300))  # admitted without a budget
+    store = bootstrap.usage_store(tenant)
+    set_tenant_limits(store, TenantLimits(1_000_000, 10_000_000, 16, daily_budget_nanos=10))  # $1e-8
+    assert runner_for(tenant).run(created.job.job_id) is Outcome.DONE
+    cost = bootstrap.job_service(tenant).get(created.job.job_id).cost_nanos
+    state = bootstrap.rate_limiter(tenant).usage(None, None)
+    assert cost > 10 and round(state["limits"]["daily_budget"]["committed_usd"] * 1e9) == cost
+    with pytest.raises(BudgetExceeded):
+        bootstrap.job_service(tenant).create("k2", job(tokens=7))
+    set_tenant_limits(store, TenantLimits(1_000_000, 10_000_000, 16, daily_budget_nanos=None))
+    set_tenant_limits(store, TenantLimits(1_000_000, 10_000_000, 16, daily_budget_nanos=10 * cost))
+    state = bootstrap.rate_limiter(tenant).usage(None, None)
+    assert round(state["limits"]["daily_budget"]["committed_usd"] * 1e9) == cost  # not counted twice

@@ -93,17 +93,24 @@ def test_a_job_larger_than_a_whole_bucket_says_waiting_will_not_help() -> None:
     assert "x-should-retry" not in fits_later.value.headers
 
 
-def test_settlement_refunds_only_while_the_period_has_not_passed() -> None:
+def test_settlement_refunds_only_what_is_still_outstanding() -> None:
+    """The bucket refills as time passes: a refund of what has refilled since the reservation would
+    grant more than the limit. The billing tester reserved 900 of 1,000 a minute, reserved another
+    900 a minute later and refunded the first one unused: a third 900 went in, 1,800 tokens in 1 s."""
     clock = Clock()
     limits = limiter(clock)
-    plan = limits.plan(state(), 500, 1000)
+    plan = limits.plan(state(), 500, 1000)  # 30 s of the minute's bucket, 43.2 s of the day's
     used = (ModelUsage("sim-fast", 100, 100, 40),)
     soon = limits.settle("job_1", plan.reservation, used)
     assert dict(soon.bucket_deltas) == {"minute": -18_000_000, "day": -25_920_000}  # 300 tokens back
-    assert soon.budget is None  # no budget: nothing committed, nothing to move
-    clock.now += 61  # the minute bucket has refilled since: a refund there would exceed the limit
+    # no budget: nothing was committed, and the day's spend counts the job (a budget set meanwhile)
+    assert soon.budget == (plan.reservation.day, 40)
+    clock.now += 35  # the minute's 30 s have refilled; 8.2 s of the day's are still out
+    later = limits.settle("job_1", plan.reservation, used)
+    assert dict(later.bucket_deltas) == {"day": -8_200_000}
+    clock.now += 26
     late = limits.settle("job_1", plan.reservation, used)
-    assert dict(late.bucket_deltas) == {"day": -25_920_000}
+    assert dict(late.bucket_deltas) == {}
     more = limits.settle("job_1", plan.reservation, (ModelUsage("sim-fast", 400, 300, 0),))
     assert dict(more.bucket_deltas) == {"minute": 12_000_000, "day": 17_280_000}  # charged, always
     # a debt of at most one period, however far a job ran over: the tenant is out for a minute at

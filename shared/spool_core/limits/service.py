@@ -225,10 +225,12 @@ class RateLimiter:
     # ------------------------------------------------------------------ settle / learn
     def settle(self, job_id: str, reservation: Reservation | None, usage: Sequence[ModelUsage]) -> Settlement:
         """Replace a reservation with what the job used. Each bucket's TAT moves by the difference
-        (a charge may leave the bucket in debt); an unused part is refunded only while the bucket's
-        period since the reservation has not passed, because by then the bucket has refilled anyway
-        and a late refund would grant more than the limit. The buckets are those of the reservation
-        (a limit changed meanwhile does not change what was taken)."""
+        (a charge may leave the bucket in debt); an unused part is refunded only as far as the
+        reservation is still outstanding: the bucket refills as time passes, and a refund of what
+        has refilled since would grant more than the limit (900 of 1,000 a minute reserved, unused
+        and refunded a minute later, let another 900 in beside the next reservation's 900). The
+        buckets are those of the reservation (a limit changed meanwhile does not change what was
+        taken)."""
         now = self.now_ms()
         actual = sum(u.input_tokens + u.output_tokens for u in usage)
         cost = sum(u.cost_nanos for u in usage)
@@ -238,13 +240,17 @@ class RateLimiter:
         for name, limit, period in reservation.buckets:
             bucket = Bucket(name, limit, period)
             difference = actual - reservation.tokens
-            fresh = (now - reservation.reserved_at_ms) * 1000 < bucket.period_us
+            outstanding = bucket.cost_us(reservation.tokens) - (now - reservation.reserved_at_ms) * 1000
             if difference > 0:  # a debt of at most one period: the bucket is never out for longer
                 deltas.append((bucket.name, min(bucket.cost_us(difference), bucket.period_us)))
-            elif difference < 0 and fresh:
-                deltas.append((bucket.name, -bucket.cost_us(-difference)))
-        budget = (reservation.day, cost - reservation.cost_nanos) if reservation.budgeted else None
-        return Settlement(job_id, tuple(usage), utc_day(now), tuple(deltas), budget)
+            elif difference < 0 and outstanding > 0:
+                deltas.append((bucket.name, -min(bucket.cost_us(-difference), outstanding)))
+        # The day's spend, budgeted or not: a budget set while this job ran counts it once it settles
+        # (set_tenant_limits counts only what had settled; this job's reservation committed nothing).
+        committed = reservation.cost_nanos if reservation.budgeted else 0
+        return Settlement(
+            job_id, tuple(usage), utc_day(now), tuple(deltas), (reservation.day, cost - committed)
+        )
 
     def learn(self, model_id: str, estimate: Estimate, input_tokens: int) -> None:
         """Move the tenant's correction toward actual/estimated input (bounded moving average). Best
