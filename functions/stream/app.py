@@ -95,7 +95,8 @@ async def chat_completions(request: Request) -> Response:
         followed = follow(
             service, job.job_id, 0, _settings(), budget=job.request.max_tokens, allowed=_access(request)
         )
-        return web.sse(chat.completion_chunks(job, followed, body.include_usage), headers)
+        chunks = chat.completion_chunks(job, followed, body.include_usage, web.request_id(request))
+        return web.sse(chunks, headers)
     ended = await web.last(await_end(service, job.job_id, _settings()))
     if not isinstance(ended, Ended):
         raise StillRunning(job.job_id)

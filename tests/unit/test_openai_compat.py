@@ -376,9 +376,16 @@ def test_a_failed_job_ends_the_chat_stream_with_an_error_the_sdk_raises() -> Non
     failed = job(
         status="failed", error={"code": "provider_error", "message": "engine died", "suggestions": ["retry"]}
     )
-    out = sse(chat.completion_chunks(job(status="running"), log(2, failed), include_usage=False))
-    assert out[-1]["error"]["message"] == "engine died" and out[-1]["error"]["code"] == "provider_error"
+    out = sse(
+        chat.completion_chunks(job(status="running"), log(2, failed), include_usage=False, request_id="r1")
+    )
+    error = out[-1]["error"]
+    assert error["message"] == "engine died" and error["code"] == "provider_error"
     assert "[DONE]" not in out
+    # Spool's envelope, as every error: the contract checker found no details and no request_id
+    assert error["request_id"] == "r1" and error["details"]["job_id"] == error["job_id"] == "job_abc"
+    assert error["suggestions"][0] == "retry" and "job_abc" in error["suggestions"][-1]
+    assert error["details"]["last_sequence_id"] == 3 and error["type"] == "server_error"
 
 
 def test_a_cancelled_job_ends_the_chat_stream_with_an_error_not_a_finish() -> None:
@@ -402,6 +409,8 @@ def test_a_chat_stream_out_of_time_says_how_to_read_the_rest() -> None:
     out = sse(chat.completion_chunks(job(status="running"), timed_out(), include_usage=False))
     assert out[-1]["error"]["code"] == "stream_time_limit"
     assert "Last-Event-ID: 1" in out[-1]["error"]["message"]
+    assert out[-1]["error"]["details"] == {"job_id": "job_abc", "last_sequence_id": 1}
+    assert out[-1]["error"]["suggestions"] and "request_id" in out[-1]["error"]
 
 
 def test_a_completion_of_an_ended_job() -> None:

@@ -156,10 +156,14 @@ def _chunk(job: Job, delta: dict[str, Any], finish_reason: str | None = None) ->
     }
 
 
-def completion_chunks(job: Job, followed: Iterator[Followed], include_usage: bool) -> Iterator[str | Wait]:
+def completion_chunks(
+    job: Job, followed: Iterator[Followed], include_usage: bool, request_id: str | None = None
+) -> Iterator[str | Wait]:
     """The job's log as ``chat.completion.chunk`` events, ``[DONE]`` last. A failed or cancelled job
-    ends with an error event (OpenAI SDKs raise it, after the text received so far), as does a stream
-    whose time ran out (its message says how to read the rest) or whose key was revoked."""
+    ends with an error event in Spool's envelope (OpenAI SDKs raise it, after the text received so
+    far) and no ``[DONE]``, which a client could take for a finished answer; so does a stream whose
+    time ran out (its message says how to read the rest) or whose key was revoked. ``request_id``:
+    the stream's request, named in its error."""
     yield data_line(_chunk(job, {"role": "assistant", "content": ""}))
     last = 0
     for item in followed:
@@ -171,15 +175,15 @@ def completion_chunks(job: Job, followed: Iterator[Followed], include_usage: boo
             last = item["sequence_id"]
             yield data_line(_chunk(job, {"content": item["text"]}))
         elif isinstance(item, TimeUp):
-            yield data_line(stream_time_up(job.job_id, last))
+            yield data_line(stream_time_up(job.job_id, last, request_id))
             return
         elif isinstance(item, Revoked):
-            yield data_line(key_revoked(job.job_id, last))
+            yield data_line(key_revoked(job.job_id, last, request_id))
             return
         elif isinstance(item, Ended):
             ended = item.job
             if ended.status in ("failed", "cancelled"):
-                yield data_line(job_failure(ended))
+                yield data_line(job_failure(ended, request_id))
                 return
             yield data_line(_chunk(ended, {}, ended.finish_reason or "stop"))
             if include_usage:

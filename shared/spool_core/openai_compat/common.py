@@ -182,70 +182,72 @@ class StillRunning(_JobNotAnswered):
 register_status(StillRunning, 504)
 
 
-def job_failure(job: Job) -> dict[str, Any]:
-    """A mid-stream error event for a job that failed or was cancelled: OpenAI SDKs raise ``APIError``
-    with this message, after the text received so far."""
+def _stream_error(
+    code: str,
+    message: str,
+    kind: str,
+    details: dict[str, Any],
+    suggestions: list[str],
+    request_id: str | None,
+) -> dict[str, Any]:
+    """A mid-stream error event in Spool's envelope (``code``, ``message``, ``details``,
+    ``suggestions``, ``request_id``) with OpenAI's ``type`` and ``param``: OpenAI SDKs raise
+    ``APIError`` with its message, after the text received so far. The job's id and the last chunk
+    read are also at the top, where the first version put them."""
+    top = {k: details[k] for k in ("job_id", "last_sequence_id") if k in details}
+    return {
+        "error": {
+            "code": code,
+            "message": message,
+            "details": details,
+            "suggestions": suggestions,
+            "request_id": request_id,
+            "type": kind,
+            "param": None,
+            **top,
+        }
+    }
+
+
+def job_failure(job: Job, request_id: str | None = None) -> dict[str, Any]:
+    """The error event of a job that failed or was cancelled."""
+    details: dict[str, Any] = {"job_id": job.job_id, "last_sequence_id": job.progress.last_sequence_id}
     if job.status == "cancelled":
-        code, message, suggestions = (
-            "job_cancelled",
-            cancelled_message(job),
-            [partial_output_at(job.job_id)],
-        )
+        code, message, suggestions = "job_cancelled", cancelled_message(job), [partial_output_at(job.job_id)]
     else:
         error = job.error or {}
         code = error.get("code") or "job_failed"
         message = str(error.get("message") or "The job failed")
-        suggestions = error.get("suggestions") or []
-    return {
-        "error": {
-            "message": message,
-            "type": "server_error",
-            "code": code,
-            "param": None,
-            "job_id": job.job_id,
-            "suggestions": suggestions,
-        }
-    }
+        suggestions = [*(error.get("suggestions") or []), partial_output_at(job.job_id)]
+        details = {**(error.get("details") or {}), **details}
+    return _stream_error(code, message, "server_error", details, list(suggestions), request_id)
 
 
-def key_revoked(job_id: str, last_sequence_id: int) -> dict[str, Any]:
-    """The key the stream was opened with was revoked (or expired) while it ran: OpenAI SDKs raise
-    ``APIError`` with this, after the text received so far; the job goes on."""
+def key_revoked(job_id: str, last_sequence_id: int, request_id: str | None = None) -> dict[str, Any]:
+    """The key the stream was opened with was revoked (or expired) while it ran; the job goes on."""
     from spool_core.auth import revoked_key_error  # loaded by the stream's key check already
 
     error = revoked_key_error()
-    return {
-        "error": {
-            "message": error.message,
-            "type": OPENAI_ERROR_TYPES[401],
-            "code": error.code,
-            "param": None,
-            "job_id": job_id,
-            "last_sequence_id": last_sequence_id,
-            "suggestions": [
-                f"Job {job_id} goes on: read the rest with an active key, GET /v1/jobs/{job_id}/events"
-                f" and 'Last-Event-ID: {last_sequence_id}'",
-                *error.suggestions[1:],
-            ],
-        }
-    }
+    suggestions = [
+        f"Job {job_id} goes on: read the rest with an active key, GET /v1/jobs/{job_id}/events"
+        f" and 'Last-Event-ID: {last_sequence_id}'",
+        *error.suggestions[1:],
+    ]
+    details = {"job_id": job_id, "last_sequence_id": last_sequence_id}
+    return _stream_error(error.code, error.message, OPENAI_ERROR_TYPES[401], details, suggestions, request_id)
 
 
-def stream_time_up(job_id: str, last_sequence_id: int) -> dict[str, Any]:
+def stream_time_up(job_id: str, last_sequence_id: int, request_id: str | None = None) -> dict[str, Any]:
     """The stream reached its time limit before the job ended: how to read the rest."""
-    return {
-        "error": {
-            "message": (
-                f"The stream reached its time limit; job {job_id} goes on. Read the rest with "
-                f"GET /v1/jobs/{job_id}/events and 'Last-Event-ID: {last_sequence_id}'"
-            ),
-            "type": "server_error",
-            "code": "stream_time_limit",
-            "param": None,
-            "job_id": job_id,
-            "last_sequence_id": last_sequence_id,
-        }
-    }
+    read_rest = f"GET /v1/jobs/{job_id}/events and 'Last-Event-ID: {last_sequence_id}'"
+    return _stream_error(
+        "stream_time_limit",
+        f"The stream reached its time limit; job {job_id} goes on. Read the rest with {read_rest}",
+        "server_error",
+        {"job_id": job_id, "last_sequence_id": last_sequence_id},
+        [f"Read the rest with {read_rest}"],
+        request_id,
+    )
 
 
 __all__ = [
