@@ -478,6 +478,14 @@ class TenantLedger:
                 item["committed_nanos"] = item.get("committed_nanos", 0) + uncounted
                 item["counted_nanos"] = settled
 
+    def move_bucket(self, name: str, seen_tat: int, tat: int) -> bool:
+        with self.ledger.lock:
+            bucket = self._usage.get(f"bucket#{name}", {})
+            if bucket.get("tat_us") != seen_tat:
+                return False
+            bucket["tat_us"] = tat
+            return True
+
     # ------------------------------------------------------------------ JobQueue
     def send(self, job_id: str, tenant_id: str, *, continuation: int = 0) -> None:
         fault = self.ledger.faults.next("send")

@@ -246,3 +246,20 @@ def test_a_budget_set_while_jobs_run_counts_them_once_they_settle(stack: StackDe
     set_tenant_limits(store, TenantLimits(1_000_000, 10_000_000, 16, daily_budget_nanos=10 * cost))
     state = bootstrap.rate_limiter(tenant).usage(None, None)
     assert round(state["limits"]["daily_budget"]["committed_usd"] * 1e9) == cost  # not counted twice
+
+
+def test_a_raised_daily_limit_keeps_what_the_day_used(stack: StackDescription) -> None:
+    tenant = Tenant("raised-limit")
+    store = bootstrap.usage_store(tenant)
+    set_tenant_limits(store, TenantLimits(1_000_000, 5_000, 16))
+    used = run_job(tenant, "k1", max_tokens=300)
+    spent = used.usage.input_tokens + used.usage.output_tokens
+
+    def day_remaining() -> int:
+        return int(bootstrap.rate_limiter(tenant).usage(None, None)["limits"]["tokens_per_day"]["remaining"])
+
+    assert 5_000 - spent - 1 <= day_remaining() <= 5_000 - spent + 1  # the day refills meanwhile
+    set_tenant_limits(store, TenantLimits(1_000_000, 10_000_000, 16))
+    # what the day used still counts (it refills at 116 tokens a second now); read at the old scale,
+    # the bucket said 2,000 times what it had used
+    assert 10_000_000 - spent - 1 <= day_remaining() <= 10_000_000

@@ -154,3 +154,38 @@ def test_learning_moves_the_correction_within_bounds() -> None:
 def test_amounts_in_messages_keep_their_significant_digits(nanos: int, text: str) -> None:
     """A budget of $0.0004 read "exceeds the daily budget (0.00 USD)"."""
     assert usd_text(nanos) == text
+
+
+def test_a_changed_token_limit_keeps_what_is_outstanding_in_its_bucket() -> None:
+    """The billing tester had used 4,046 of 5,000 tokens a day; raised to 10 million a day, the
+    bucket read as 5,984,350 remaining: the TAT is time, and a token's share of the period depends
+    on the limit. Lowered, the same scaling let the day's spend shrink with the limit."""
+    from spool_core.limits.service import set_tenant_limits
+
+    clock = Clock()
+    ledger = MemoryLedger(clock_ms=clock.ms)
+    store = ledger.tenant("acme")
+    before = TenantLimits(tokens_per_minute=100_000, tokens_per_day=5_000, max_concurrent_jobs=4)
+    set_tenant_limits(store, before, now=clock.ms())
+    limiter = RateLimiter(store, before, clock_ms=clock.ms)
+    now_us = clock.ms() * 1000
+    day = store.state(None, "x").tats  # nothing taken yet
+    assert day == {"minute": None, "day": None}
+    taken = Bucket("day", 5_000, 86_400_000_000).take(None, now_us, 4_046)
+    assert taken is not None
+    ledger.usage["acme"]["bucket#day"] = {"tat_us": taken.now_us + taken.cost_us}
+
+    def remaining(limits: TenantLimits) -> int:
+        return limiter.buckets(limits)[1].remaining(store.state(None, "x").tats["day"], clock.ms() * 1000)
+
+    assert remaining(before) == 5_000 - 4_046
+    raised = before._replace(tokens_per_day=10_000_000)
+    set_tenant_limits(store, raised, now=clock.ms())
+    assert remaining(raised) == 10_000_000 - 4_046
+    lowered = before._replace(tokens_per_day=6_000)
+    set_tenant_limits(store, lowered, now=clock.ms())
+    assert remaining(lowered) == 6_000 - 4_046
+    tiny = before._replace(tokens_per_day=1_000)  # under what is outstanding: a day's debt at most
+    set_tenant_limits(store, tiny, now=clock.ms())
+    assert remaining(tiny) == 0 and store.state(None, "x").tats["day"] == clock.ms() * 1000 + 86_400_000_000
+    assert Bucket("minute", 10, MINUTE_US).rescaled(None, 5, 20) is None  # nothing outstanding: untouched

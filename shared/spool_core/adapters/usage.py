@@ -254,6 +254,20 @@ class DynamoUsageStore:
             suggestions=["Run the command again"],
         )
 
+    def move_bucket(self, name: str, seen_tat: int, tat: int) -> bool:
+        try:
+            self._table.update(
+                KIND,
+                IDENT,
+                "SET tat_us = :tat",
+                sort=_sk(f"bucket#{name}"),
+                condition="tat_us = :seen",
+                values={":tat": tat, ":seen": seen_tat},
+            )
+        except ConditionFailed:
+            return False
+        return True
+
     def clear_limits(self) -> None:
         self._table.delete(KIND, IDENT, sort=_sk("limits"))
 

@@ -12,7 +12,7 @@ from datetime import date, timedelta
 from typing import Any, Protocol
 
 from spool_core.clock import from_epoch, rfc3339
-from spool_core.errors import InvalidRequest
+from spool_core.errors import Conflict, InvalidRequest
 from spool_core.limits.errors import BudgetExceeded, TokenLimitExceeded, TooManyConcurrentJobs
 from spool_core.limits.model import (
     DAY_US,
@@ -62,17 +62,43 @@ class UsageStore(Protocol):
         """Make ``day``'s budget commitments hold what was spent that day and they do not hold yet:
         the settled spend (the rollups) beyond the part budgeted jobs settled into them."""
 
+    def move_bucket(self, name: str, seen_tat: int, tat: int) -> bool:
+        """Set bucket ``name``'s TAT to ``tat`` if it is still ``seen_tat``; whether it was."""
+
+
+RESCALE_ATTEMPTS = 5  # of moving a bucket's TAT against admissions and settlements meanwhile
+
 
 def set_tenant_limits(store: UsageStore, limits: TenantLimits, now: int | None = None) -> None:
     """A tenant's own limits. A daily budget that starts now (the tenant had none of its own) counts
     what the tenant already spent today: a job admitted without a budget adds nothing to the day's
     commitments, so a budget set after $3 of spend would otherwise allow its whole amount again.
-    Counted before the budget applies, and added, never set: a reservation made meanwhile is kept."""
+    Counted before the budget applies, and added, never set: a reservation made meanwhile is kept.
+    A token limit that changes keeps the tokens outstanding in its bucket (``Bucket.rescaled``); a
+    tenant on the deployment's defaults starts its own limits from its buckets as they stand."""
+    now = now_ms() if now is None else now
     previous = store.limits()
     had_budget = previous is not None and previous.daily_budget_nanos is not None
     if limits.daily_budget_nanos is not None and not had_budget:
-        store.count_spend(utc_day(now_ms() if now is None else now))
+        store.count_spend(utc_day(now))
+    if previous is not None:
+        changed = zip(RateLimiter.buckets(previous), RateLimiter.buckets(limits), strict=True)
+        for old, new in changed:
+            if old.limit != new.limit:
+                _rescale(store, old, new.limit, now * 1000, utc_day(now))
     store.set_limits(limits)
+
+
+def _rescale(store: UsageStore, bucket: Bucket, limit: int, now_us: int, day: str) -> None:
+    for _ in range(RESCALE_ATTEMPTS):
+        seen = store.state(None, day).tats.get(bucket.name)
+        tat = bucket.rescaled(seen, now_us, limit)
+        if seen is None or tat is None or store.move_bucket(bucket.name, seen, tat):
+            return
+    raise Conflict(
+        f"Could not carry the {bucket.name}'s bucket over to the new limit: jobs kept starting meanwhile",
+        suggestions=["Run the command again"],
+    )
 
 
 def utc_day(moment_ms: int) -> str:
