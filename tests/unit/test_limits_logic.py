@@ -64,9 +64,18 @@ def test_a_plan_refuses_with_the_numbers_and_writes_nothing() -> None:
     assert "(0.60 USD) plus this job's estimate (0.50 USD) exceeds the daily budget (1.00 USD)" in (
         over.value.message
     )
+    assert "x-should-retry" not in over.value.headers  # it fits tomorrow
+    assert over.value.suggestions[0].startswith("Retry after the budget resets")
     plan = limits.plan(state(committed_nanos=500_000_000), 10, 500_000_000)
     assert plan.budget_room_nanos == 500_000_000
     assert plan.reservation.budgeted
+    # More than the whole budget: a retry at midnight is refused again (it said to retry then)
+    with pytest.raises(BudgetExceeded) as never:
+        limits.plan(state(), 10, 1_500_000_000)
+    assert "more than the whole daily budget (1.00 USD): waiting will not help" in never.value.message
+    assert never.value.headers["x-should-retry"] == "false" and "Retry-After" in never.value.headers
+    assert not any("midnight" in s for s in never.value.suggestions)
+    assert never.value.suggestions[0].startswith("Lower max_tokens")
 
 
 def test_a_job_larger_than_a_whole_bucket_says_waiting_will_not_help() -> None:

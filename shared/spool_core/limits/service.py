@@ -236,9 +236,26 @@ class RateLimiter:
     @staticmethod
     def _budget_exceeded(budget: int, committed: int, cost: int, now: int) -> BudgetExceeded:
         reset = next_midnight_ms(now)
-        return BudgetExceeded(
+        message = (
             f"Today's spend ({usd_text(committed)} USD) plus this job's estimate ({usd_text(cost)} USD)"
-            f" exceeds the daily budget ({usd_text(budget)} USD)",
+            f" exceeds the daily budget ({usd_text(budget)} USD)"
+        )
+        suggestions = None
+        if cost > budget:
+            # It never fits, whatever the day's spend: a retry after midnight is refused again. As for
+            # a job over a whole token limit, Retry-After stays (the contract's), and x-should-retry
+            # tells clients that retry by themselves not to.
+            message = (
+                f"This job's estimate ({usd_text(cost)} USD) is more than the whole daily budget"
+                f" ({usd_text(budget)} USD): waiting will not help"
+            )
+            suggestions = [
+                "Lower max_tokens (the estimate prices all of it) or send less context",
+                "Use a cheaper model (GET /v1/models lists prices)",
+                "Ask for a higher daily budget",
+            ]
+        error = BudgetExceeded(
+            message,
             retry_after_seconds=(reset - now) / 1000,
             details={
                 "budget_usd": usd(budget),
@@ -246,7 +263,11 @@ class RateLimiter:
                 "estimated_cost_usd": usd(cost),
                 "reset_at": rfc3339(from_epoch(reset / 1000)),
             },
+            suggestions=suggestions,
         )
+        if cost > budget:
+            error.headers["x-should-retry"] = "false"
+        return error
 
     # ------------------------------------------------------------------ settle / learn
     def settle(self, job_id: str, reservation: Reservation | None, usage: Sequence[ModelUsage]) -> Settlement:
