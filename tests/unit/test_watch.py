@@ -85,12 +85,15 @@ def test_out_of_time_while_waiting() -> None:
     assert stream.closed.wait(WAIT)
 
 
-def test_no_time_left_gives_up_before_waiting() -> None:
+def test_no_time_left_gives_up_without_waiting() -> None:
+    stream = Stalling(before=0)
     with (
-        WatchedStream(iter(range(3)), stall_seconds=WAIT, seconds_left=0) as events,
+        WatchedStream(iter(stream), stall_seconds=WAIT, seconds_left=0) as events,
         pytest.raises(OutOfTime),
     ):
         next(events)
+    stream.release.set()
+    assert stream.closed.wait(WAIT)
 
 
 def test_leaving_early_closes_the_stream_at_its_next_event() -> None:
@@ -99,3 +102,13 @@ def test_leaving_early_closes_the_stream_at_its_next_event() -> None:
         assert next(events) == 0
     stream.release.set()
     assert stream.closed.wait(WAIT)
+
+
+def test_what_has_come_is_taken_past_the_deadline() -> None:
+    """An answer read to its end is ended, not handed over: the reviewer's job had its last event
+    waiting when the deadline passed, and it was asked for again in a new invocation."""
+    with WatchedStream(iter(range(3)), stall_seconds=WAIT, seconds_left=WAIT) as events:
+        assert next(events) == 0
+        events._reader.join(WAIT)  # the provider has sent everything
+        events._deadline = 0.0  # long past
+        assert list(events) == [1, 2]

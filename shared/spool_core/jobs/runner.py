@@ -27,7 +27,7 @@ from spool_core.jobs.model import TERMINAL, Job, Segment
 from spool_core.jobs.outcome import Outcome
 from spool_core.jobs.ports import ChunkLog, Conflict, EndGuard, JobQueue, JobStore, RequestStore
 from spool_core.jobs.stored import messages_of
-from spool_core.jobs.watch import OutOfTime, WatchedStream
+from spool_core.jobs.watch import OutOfTime, Stalled, WatchedStream
 from spool_core.limits.model import Estimate
 from spool_core.limits.service import RateLimiter
 from spool_core.models import ModelCatalog, ModelSpec
@@ -216,6 +216,7 @@ class _Attempt:
         # Under the time margin at a flush: the job is handed over before its next token is taken
         # (an answer that ends first is ended instead: a hand-over would ask the provider again).
         self.time_up = False
+        self.stalled = False  # a call of this invocation sent nothing for the stall limit
         self.last_beat = runner._clock()
         self.signals_at = runner._clock()  # the lease's take read the job's cancel and subscribed
         settings = runner.settings
@@ -229,6 +230,7 @@ class _Attempt:
             on_flush=self._on_flush,
             live=job.subscribed,
         )
+        self.tokens_at_start = self.writer.tokens_total
 
     # ------------------------------------------------------------------ the flow
     def run(self) -> Outcome:
@@ -279,6 +281,11 @@ class _Attempt:
             return Outcome.DONE
         except OutOfTime:
             self.writer.flush(notify=False)
+            if self.stalled and self.writer.tokens_total == self.tokens_at_start:
+                # A stall, then nothing until the time ran out: handed over, the next invocation
+                # would wait the same way, and the next, each a new message (never dead-lettered).
+                self._fail_stalled(self.segments[-1].model)
+                return Outcome.DONE
             return self._yield()
         self._fail_unavailable(primary, tried, allow_fallback)
         return Outcome.DONE
@@ -337,6 +344,7 @@ class _Attempt:
                 return first_token_ms
             except ProviderError as exc:
                 self.writer.flush()  # keep every token received before the failure
+                self.stalled = self.stalled or isinstance(exc, Stalled)
                 if not exc.retryable or calls > r.settings.max_retries:
                     exc.attempts = calls  # type: ignore[attr-defined]
                     raise
@@ -496,6 +504,16 @@ class _Attempt:
                 "tried": tried,
             },
             ["The provider refused the request; check the messages and parameters", "Try another model"],
+        )
+
+    def _fail_stalled(self, model_id: str) -> None:
+        self.r._breaker.record_failure(model_id)
+        stall = self.r.settings.stall_seconds
+        self._fail(
+            "model_unavailable",
+            f"{model_id} sent nothing for {stall:g} s, and nothing more until the worker's time ran out",
+            {"model": model_id, "stall_seconds": stall, "last_error": "provider_stalled"},
+            ["Retry later: the provider is not answering", "Check GET /v1/health for the model's circuit"],
         )
 
     def _fail_unavailable(self, primary: ModelSpec, tried: list[dict[str, Any]], fallback: bool) -> None:

@@ -30,6 +30,15 @@ class OutOfTime(Exception):
     """The invocation's time is up: the job is handed over to a new one."""
 
 
+class Stalled(ProviderError):
+    """The provider sent nothing for the stall limit: retryable, from what was persisted."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            f"The provider sent nothing for {seconds:g} s", retryable=True, code="provider_unavailable"
+        )
+
+
 class WatchedStream[T]:
     """Iterate ``events`` (a provider's stream), raising ``ProviderError`` (retryable) when nothing
     comes for ``stall_seconds`` and ``OutOfTime`` when the ``seconds_left`` (None: no limit) run out
@@ -76,22 +85,17 @@ class WatchedStream[T]:
             raise StopIteration
         wait, deadline = self._stall_seconds, False
         left = None if self._deadline is None else self._deadline - time.monotonic()
-        if left is not None and left <= 0:
-            self.close()
-            raise OutOfTime
         if left is not None and left < wait:
-            wait, deadline = left, True
+            wait, deadline = max(0.0, left), True
         try:
-            item, error = self._queue.get(timeout=wait)
+            # What has come is taken first, however late: an answer read to its end (its usage
+            # included) is ended, never handed over to be asked for again.
+            item, error = self._queue.get_nowait() if wait <= 0 else self._queue.get(timeout=wait)
         except queue.Empty:
             self.close()
             if deadline:
                 raise OutOfTime from None
-            raise ProviderError(
-                f"The provider sent nothing for {self._stall_seconds:g} s",
-                retryable=True,
-                code="provider_unavailable",
-            ) from None
+            raise Stalled(self._stall_seconds) from None
         if error is not None:
             self._done = True
             raise error
