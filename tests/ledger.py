@@ -8,7 +8,7 @@ applied with its reply lost (the caller sees an error, the store has the write).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -478,12 +478,26 @@ class TenantLedger:
                 item["committed_nanos"] = item.get("committed_nanos", 0) + uncounted
                 item["counted_nanos"] = settled
 
-    def move_bucket(self, name: str, seen_tat: int, tat: int) -> bool:
+    def change_limits(
+        self, previous: TenantLimits | None, limits: TenantLimits, moves: Sequence[tuple[str, int, int]]
+    ) -> bool:
         with self.ledger.lock:
-            bucket = self._usage.get(f"bucket#{name}", {})
-            if bucket.get("tat_us") != seen_tat:
+            current = self.limits()
+            same = (
+                (current is None)
+                if previous is None
+                else (current is not None and current[:2] == previous[:2])
+            )
+            buckets = [self._usage.get(f"bucket#{name}", {}) for name, _, _ in moves]
+            if not same or any(
+                b.get("tat_us") != seen for b, (_, seen, _) in zip(buckets, moves, strict=True)
+            ):
                 return False
-            bucket["tat_us"] = tat
+            for bucket, (_, _, tat) in zip(buckets, moves, strict=True):
+                bucket["tat_us"] = tat
+            for (name, _, _), bucket in zip(moves, buckets, strict=True):
+                self._usage[f"bucket#{name}"] = bucket
+            self.set_limits(limits)
             return True
 
     # ------------------------------------------------------------------ JobQueue

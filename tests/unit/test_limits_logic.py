@@ -198,3 +198,37 @@ def test_a_changed_token_limit_keeps_what_is_outstanding_in_its_bucket() -> None
     set_tenant_limits(store, tiny, now=clock.ms())
     assert remaining(tiny) == 0 and store.state(None, "x").tats["day"] == clock.ms() * 1000 + 86_400_000_000
     assert Bucket("minute", 10, MINUTE_US).rescaled(None, 5, 20) is None  # nothing outstanding: untouched
+
+
+def test_a_limit_change_that_loses_every_race_changes_nothing_and_can_be_run_again() -> None:
+    """The limits and the bucket moves are one write: the first version moved the minute's bucket,
+    lost the day's race five times, and the command run again (as its error said) rescaled the
+    minute's bucket a second time."""
+    from spool_core.errors import Conflict
+    from spool_core.limits.service import set_tenant_limits
+
+    clock = Clock()
+    ledger = MemoryLedger(clock_ms=clock.ms)
+    store = ledger.tenant("acme")
+    before = TenantLimits(tokens_per_minute=1_000, tokens_per_day=10_000, max_concurrent_jobs=4)
+    set_tenant_limits(store, before, now=clock.ms())
+    now_us = clock.ms() * 1000
+    ledger.usage["acme"]["bucket#minute"] = {"tat_us": now_us + 30_000_000}  # 500 of 1,000 used
+    ledger.usage["acme"]["bucket#day"] = {"tat_us": now_us + 8_640_000_000}  # 1,000 of 10,000 used
+    after = before._replace(tokens_per_minute=100_000, tokens_per_day=1_000_000)
+    racing = store.change_limits
+
+    def lose(*args: object) -> bool:  # another job's take moves the day's bucket first
+        ledger.usage["acme"]["bucket#day"]["tat_us"] += 1
+        return False
+
+    store.change_limits = lose  # type: ignore[method-assign]
+    with pytest.raises(Conflict):
+        set_tenant_limits(store, after, now=clock.ms())
+    assert store.limits() == before and ledger.usage["acme"]["bucket#minute"]["tat_us"] == now_us + 30_000_000
+    store.change_limits = racing  # type: ignore[method-assign]
+    set_tenant_limits(store, after, now=clock.ms())
+    minute, day = RateLimiter.buckets(after)
+    tats = store.state(None, "x").tats
+    assert minute.remaining(tats["minute"], now_us) == 100_000 - 500  # rescaled once
+    assert day.remaining(tats["day"], now_us) in (1_000_000 - 1_001, 1_000_000 - 1_000)

@@ -810,3 +810,79 @@ def test_a_provider_stalled_at_the_time_limit_hands_the_job_over_instead_of_dyin
     assert stalls.calls == 2
     job = assert_ended_once(world, job_id)
     assert job.attempts == 2
+
+
+def test_a_provider_that_never_sends_fails_the_job_instead_of_handing_it_over_forever() -> None:
+    """Scaled down (a 0.1 s stall limit, 0.15 s of an invocation's time): the call stalls, its retry
+    waits until the time runs out, and a hand-over would have done the same in the next invocation,
+    and the next, each a new message that never reaches the dead letters. A hand-over with nothing
+    written in the invocation after a stall now fails the job, naming the stall."""
+    import threading
+    import time
+
+    release = threading.Event()
+    calls: list[int] = []
+
+    class Silent:
+        name, supports_prefill, resumes_by_index = "simulated", True, True
+
+        def stream(self, request: Any, resume: Any) -> Any:
+            calls.append(1)
+            release.wait(30)
+            yield from ()
+
+    world = JobWorld()
+    world.provider_for = lambda model: Silent()
+    job_id = create(world, max_tokens=50)
+    assert world.ledger.receive() is not None
+    runner = world.runner("acme", stall_seconds=0.1)
+    ends_at = time.monotonic() + (runner.settings.time_margin_ms + 150) / 1000
+    try:
+        outcome = runner.run(job_id, remaining_ms=lambda: int((ends_at - time.monotonic()) * 1000))
+    finally:
+        release.set()
+    assert outcome is Outcome.DONE and world.ledger.receive() is None  # no continuation
+    assert len(calls) == 2  # the stalled call, and its retry that the time ran out on
+    job = assert_ended_once(world, job_id, status="failed")
+    assert (
+        job.error["code"] == "model_unavailable" and job.error["details"]["last_error"] == "provider_stalled"
+    )
+    assert "sent nothing for 0.1 s" in job.error["message"]
+
+
+def test_an_answer_read_to_its_end_as_the_time_runs_out_is_ended_not_handed_over() -> None:
+    """Its last event was waiting to be read when the deadline passed (each write of the log taking
+    half a second here): it was handed over, and a continuation would have asked the provider
+    again."""
+    import time
+
+    world = JobWorld()
+    job_id = create(world, max_tokens=3)
+    world.ledger.on_append = lambda: time.sleep(0.5)
+    assert world.ledger.receive() is not None
+    runner = world.runner("acme", flush_tokens=1, flush_ms=1)
+    ends_at = time.monotonic() + (runner.settings.time_margin_ms + 1000) / 1000  # during the 3rd write
+    outcome = runner.run(job_id, remaining_ms=lambda: int((ends_at - time.monotonic()) * 1000))
+    assert outcome is Outcome.DONE and world.ledger.receive() is None
+    assert_ended_once(world, job_id)
+
+
+def test_a_job_settled_after_its_tenants_limit_changed_moves_the_bucket_at_the_new_scale() -> None:
+    """Raised from 5,000 to 100,000 a day while a 4,000-token reservation was out, then 80,000 more
+    reserved: the first job's refund, at the old limit's scale, freed ~76,000 tokens the others held."""
+    from spool_core.limits.service import RateLimiter, set_tenant_limits
+
+    world = JobWorld()
+    store = world.ledger.tenant("acme")
+    small = TenantLimits(tokens_per_minute=100_000_000, tokens_per_day=5_000, max_concurrent_jobs=50)
+    set_tenant_limits(store, small, now=world.clock.ms())
+    first = create(world, key="first", max_tokens=4_000)
+    big = small._replace(tokens_per_day=100_000)
+    set_tenant_limits(store, big, now=world.clock.ms())
+    others = [create(world, key=f"other{i}", max_tokens=4_000) for i in range(20)]
+    held = sum(world.ledger.tenant("acme").get(j).reservation["tokens"] for j in others)
+    world.service("acme").cancel(first)  # nothing used: its reservation comes back
+
+    day = RateLimiter.buckets(big)[1]
+    left = day.remaining(store.state(None, "x").tats["day"], world.clock.ms() * 1000)
+    assert left == 100_000 - held

@@ -8,10 +8,10 @@ job; this module builds their entries (``reservation_writes``, ``settlement_writ
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from spool_core.adapters.dynamodb import ConditionFailed, ScopedTable
+from spool_core.adapters.dynamodb import ConditionFailed, ScopedTable, transact
 from spool_core.errors import Conflict
 from spool_core.limits.model import ReservationPlan, Settlement, TenantLimits, UsageState
 from spool_core.limits.service import ModelStats
@@ -50,6 +50,18 @@ def state_from(items: Iterable[dict[str, Any]], day: str) -> UsageState:
         committed_nanos=int(by_sk.get(f"day#{day}", {}).get("committed_nanos", 0)),
         correction_milli=int(stats["correction_milli"]) if stats else 1000,
     )
+
+
+def _limits_item(limits: TenantLimits) -> dict[str, Any]:
+    attributes: dict[str, Any] = {
+        "sk": "limits",
+        "tokens_per_minute": limits.tokens_per_minute,
+        "tokens_per_day": limits.tokens_per_day,
+        "max_concurrent_jobs": limits.max_concurrent_jobs,
+    }
+    if limits.daily_budget_nanos is not None:
+        attributes["daily_budget_nanos"] = limits.daily_budget_nanos
+    return attributes
 
 
 def _limits(item: dict[str, Any]) -> TenantLimits:
@@ -213,15 +225,7 @@ class DynamoUsageStore:
         return _limits(item) if item else None
 
     def set_limits(self, limits: TenantLimits) -> None:
-        attributes: dict[str, Any] = {
-            "sk": "limits",
-            "tokens_per_minute": limits.tokens_per_minute,
-            "tokens_per_day": limits.tokens_per_day,
-            "max_concurrent_jobs": limits.max_concurrent_jobs,
-        }
-        if limits.daily_budget_nanos is not None:
-            attributes["daily_budget_nanos"] = limits.daily_budget_nanos
-        self._table.put(KIND, IDENT, attributes)
+        self._table.put(KIND, IDENT, _limits_item(limits))
 
     def count_spend(self, day: str) -> None:
         for _ in range(COUNT_ATTEMPTS):
@@ -254,16 +258,30 @@ class DynamoUsageStore:
             suggestions=["Run the command again"],
         )
 
-    def move_bucket(self, name: str, seen_tat: int, tat: int) -> bool:
-        try:
-            self._table.update(
+    def change_limits(
+        self, previous: TenantLimits | None, limits: TenantLimits, moves: Sequence[tuple[str, int, int]]
+    ) -> bool:
+        if previous is None:
+            condition, values = "attribute_not_exists(tokens_per_minute)", {}
+        else:
+            condition = "tokens_per_minute = :minute AND tokens_per_day = :day"
+            values = {":minute": previous.tokens_per_minute, ":day": previous.tokens_per_day}
+        writes = [
+            self._table.put_request(KIND, IDENT, _limits_item(limits), condition=condition, values=values)
+        ]
+        writes += [
+            self._table.update_request(
                 KIND,
                 IDENT,
                 "SET tat_us = :tat",
                 sort=_sk(f"bucket#{name}"),
                 condition="tat_us = :seen",
-                values={":tat": tat, ":seen": seen_tat},
+                values={":tat": tat, ":seen": seen},
             )
+            for name, seen, tat in moves
+        ]
+        try:
+            transact(self._table.client, writes)
         except ConditionFailed:
             return False
         return True

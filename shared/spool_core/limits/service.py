@@ -62,8 +62,12 @@ class UsageStore(Protocol):
         """Make ``day``'s budget commitments hold what was spent that day and they do not hold yet:
         the settled spend (the rollups) beyond the part budgeted jobs settled into them."""
 
-    def move_bucket(self, name: str, seen_tat: int, tat: int) -> bool:
-        """Set bucket ``name``'s TAT to ``tat`` if it is still ``seen_tat``; whether it was."""
+    def change_limits(
+        self, previous: TenantLimits | None, limits: TenantLimits, moves: Sequence[tuple[str, int, int]]
+    ) -> bool:
+        """Set the tenant's limits, and each ``(bucket, seen TAT, TAT)`` of ``moves``, all or none: if
+        the token limits are still ``previous`` (None: the tenant has none of its own) and each
+        bucket's TAT is still the one seen. Whether they were."""
 
 
 RESCALE_ATTEMPTS = 5  # of moving a bucket's TAT against admissions and settlements meanwhile
@@ -81,22 +85,22 @@ def set_tenant_limits(store: UsageStore, limits: TenantLimits, now: int | None =
     had_budget = previous is not None and previous.daily_budget_nanos is not None
     if limits.daily_budget_nanos is not None and not had_budget:
         store.count_spend(utc_day(now))
-    if previous is not None:
-        changed = zip(RateLimiter.buckets(previous), RateLimiter.buckets(limits), strict=True)
-        for old, new in changed:
-            if old.limit != new.limit:
-                _rescale(store, old, new.limit, now * 1000, utc_day(now))
-    store.set_limits(limits)
-
-
-def _rescale(store: UsageStore, bucket: Bucket, limit: int, now_us: int, day: str) -> None:
+    # The limits and the buckets they rescale in one write: a change applied in part and run again
+    # would rescale a bucket twice.
     for _ in range(RESCALE_ATTEMPTS):
-        seen = store.state(None, day).tats.get(bucket.name)
-        tat = bucket.rescaled(seen, now_us, limit)
-        if seen is None or tat is None or store.move_bucket(bucket.name, seen, tat):
+        moves = []
+        if previous is not None:
+            tats = store.state(None, utc_day(now)).tats
+            for old, new in zip(RateLimiter.buckets(previous), RateLimiter.buckets(limits), strict=True):
+                seen = tats.get(old.name)
+                tat = old.rescaled(seen, now * 1000, new.limit) if old.limit != new.limit else None
+                if seen is not None and tat is not None:
+                    moves.append((old.name, seen, tat))
+        if store.change_limits(previous, limits, moves):
             return
+        previous = store.limits()
     raise Conflict(
-        f"Could not carry the {bucket.name}'s bucket over to the new limit: jobs kept starting meanwhile",
+        "Could not carry the tenant's buckets over to its new limits: jobs kept starting meanwhile",
         suggestions=["Run the command again"],
     )
 
@@ -276,16 +280,19 @@ class RateLimiter:
         reservation is still outstanding: the bucket refills as time passes, and a refund of what
         has refilled since would grant more than the limit (900 of 1,000 a minute reserved, unused
         and refunded a minute later, let another 900 in beside the next reservation's 900). The
-        buckets are those of the reservation (a limit changed meanwhile does not change what was
-        taken)."""
+        buckets are those the tenant has now."""
         now = self.now_ms()
         actual = sum(u.input_tokens + u.output_tokens for u in usage)
         cost = sum(u.cost_nanos for u in usage)
         if reservation is None:  # nothing was reserved
             return Settlement(job_id, tuple(usage), utc_day(now), (), None, release_slot=False)
+        # The differences in the buckets' current units: a limit changed since the reservation moved
+        # its bucket's TAT to the new limit's scale (set_tenant_limits), and a refund at the old
+        # scale freed what other jobs held (raised 5,000 -> 100,000 a day: 76,000 tokens too many).
+        current = {b.name: b for b in self.buckets(self._store.limits() or self._defaults)}
         deltas = []
         for name, limit, period in reservation.buckets:
-            bucket = Bucket(name, limit, period)
+            bucket = current.get(name) or Bucket(name, limit, period)
             difference = actual - reservation.tokens
             outstanding = bucket.cost_us(reservation.tokens) - (now - reservation.reserved_at_ms) * 1000
             if difference > 0:  # a debt of at most one period: the bucket is never out for longer
