@@ -114,9 +114,9 @@ def test_settlement_refunds_only_what_is_still_outstanding() -> None:
     assert dict(soon.bucket_deltas) == {"minute": -18_000_000, "day": -25_920_000}  # 300 tokens back
     # no budget: nothing was committed, and the day's spend counts the job (a budget set meanwhile)
     assert soon.budget == (plan.reservation.day, 40)
-    clock.now += 35  # the minute's 30 s have refilled; 8.2 s of the day's are still out
+    clock.now += 35  # the minute's 500 tokens have refilled; 95 of the day's are still out
     later = limits.settle("job_1", plan.reservation, used)
-    assert dict(later.bucket_deltas) == {"day": -8_200_000}
+    assert dict(later.bucket_deltas) == {"day": -8_208_000}  # 95 tokens back
     clock.now += 26
     late = limits.settle("job_1", plan.reservation, used)
     assert dict(late.bucket_deltas) == {}

@@ -4,6 +4,7 @@ uninterrupted text, its usage is settled exactly once and its slot is released."
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import Any
 
@@ -886,3 +887,62 @@ def test_a_job_settled_after_its_tenants_limit_changed_moves_the_bucket_at_the_n
     day = RateLimiter.buckets(big)[1]
     left = day.remaining(store.state(None, "x").tats["day"], world.clock.ms() * 1000)
     assert left == 100_000 - held
+
+
+def _live_reservations(world: JobWorld, job_ids: list[str]) -> int:
+    jobs = [world.ledger.tenant("acme").get(j) for j in job_ids]
+    return sum(j.reservation["tokens"] for j in jobs if j.status in ("queued", "running"))
+
+
+def _fill(world: JobWorld, prefix: str, tokens: int) -> list[str]:
+    """Jobs of ``tokens`` until the limits refuse one."""
+    from spool_core.limits.errors import RateLimited
+
+    made = []
+    with contextlib.suppress(RateLimited):
+        for i in range(100):
+            made.append(create(world, key=f"{prefix}{i}", max_tokens=tokens))
+    return made
+
+
+@pytest.mark.parametrize(
+    ("defaults_per_day", "before_per_day", "after_per_day", "seconds_between"),
+    [
+        (100_000, None, 5_000, 0),  # from the deployment's defaults to lower limits of its own
+        (10_000_000, 100_000, 5_000, 1_000),  # its own limit lowered long after the reservation
+    ],
+)
+def test_a_refund_after_a_limit_change_never_lets_reservations_past_the_new_limit(
+    defaults_per_day: int, before_per_day: int | None, after_per_day: int, seconds_between: int
+) -> None:
+    """A second reviewer: a refund at the current limit's scale after a move from the defaults
+    (which moves no bucket) gave back 20 times too much, and a refund counting the time since the
+    reservation at the new, slower rate gave back what had refilled at the old one."""
+    from spool_core.limits.service import set_tenant_limits
+
+    world = JobWorld(limits=TenantLimits(100_000_000, defaults_per_day, 50))
+    store = world.ledger.tenant("acme")
+    if before_per_day is not None:
+        set_tenant_limits(store, TenantLimits(100_000_000, before_per_day, 50), now=world.clock.ms())
+    first = create(world, key="first", max_tokens=4_000)
+    world.clock.now += seconds_between
+    set_tenant_limits(store, TenantLimits(100_000_000, after_per_day, 50), now=world.clock.ms())
+    others = _fill(world, "before", 400)
+    world.service("acme").cancel(first)  # nothing used
+    others += _fill(world, "after", 400)
+    assert _live_reservations(world, others) <= after_per_day
+
+
+def test_a_refund_after_a_reset_to_the_defaults_gives_the_reservation_back() -> None:
+    """Reset from 5,000 a day of its own to the defaults' 10 million with a job out: its refund at
+    the defaults' scale left ~8 million tokens held by nothing for most of the day."""
+    from spool_core.limits.service import RateLimiter, set_tenant_limits
+
+    world = JobWorld(limits=TenantLimits(100_000_000, 10_000_000, 50))
+    store = world.ledger.tenant("acme")
+    set_tenant_limits(store, TenantLimits(100_000_000, 5_000, 50), now=world.clock.ms())
+    first = create(world, key="first", max_tokens=4_000)
+    del world.ledger.usage["acme"]["limits"]  # `spool limits reset` (DynamoUsageStore.clear_limits)
+    world.service("acme").cancel(first)
+    day = RateLimiter.buckets(world.limits)[1]
+    assert day.remaining(store.state(None, "x").tats["day"], world.clock.ms() * 1000) == 10_000_000

@@ -196,6 +196,7 @@ class RateLimiter:
             reserved_at_ms=now,
             buckets=tuple((b.name, b.limit, b.period_us) for b in self.buckets(limits)),
             budgeted=budget is not None,
+            own=state.limits is not None,
         )
         return ReservationPlan(reservation, tuple(takes), limits.max_concurrent_jobs, room)
 
@@ -286,25 +287,36 @@ class RateLimiter:
         cost = sum(u.cost_nanos for u in usage)
         if reservation is None:  # nothing was reserved
             return Settlement(job_id, tuple(usage), utc_day(now), (), None, release_slot=False)
-        # The differences in the buckets' current units: a limit changed since the reservation moved
-        # its bucket's TAT to the new limit's scale (set_tenant_limits), and a refund at the old
-        # scale freed what other jobs held (raised 5,000 -> 100,000 a day: 76,000 tokens too many).
-        current = {b.name: b for b in self.buckets(self._store.limits() or self._defaults)}
         deltas = []
+        scales = self._scales(reservation)
+        elapsed_us = (now - reservation.reserved_at_ms) * 1000
         for name, limit, period in reservation.buckets:
-            bucket = current.get(name) or Bucket(name, limit, period)
+            bucket = scales.get(name) or Bucket(name, limit, period)
             difference = actual - reservation.tokens
-            outstanding = bucket.cost_us(reservation.tokens) - (now - reservation.reserved_at_ms) * 1000
+            # What of the reservation has not refilled since, at the faster of the two rates: a
+            # refund never gives back what the bucket has given back already.
+            outstanding = reservation.tokens - elapsed_us * max(limit, bucket.limit) // period
             if difference > 0:  # a debt of at most one period: the bucket is never out for longer
                 deltas.append((bucket.name, min(bucket.cost_us(difference), bucket.period_us)))
             elif difference < 0 and outstanding > 0:
-                deltas.append((bucket.name, -min(bucket.cost_us(-difference), outstanding)))
+                deltas.append((bucket.name, -bucket.cost_us(min(-difference, outstanding))))
         # The day's spend, budgeted or not: a budget set while this job ran counts it once it settles
         # (set_tenant_limits counts only what had settled; this job's reservation committed nothing).
         committed = reservation.cost_nanos if reservation.budgeted else 0
         return Settlement(
             job_id, tuple(usage), utc_day(now), tuple(deltas), (reservation.day, cost - committed)
         )
+
+    def _scales(self, reservation: Reservation) -> dict[str, Bucket]:
+        """The buckets whose scale a settlement's differences are in: the tenant's own limits now,
+        when the reservation was made under its own limits too (a change of them moved each bucket's
+        TAT to the new limit's scale: ``set_tenant_limits``; at the old scale, a refund after a raise
+        from 5,000 to 100,000 a day freed 76,000 tokens other jobs held); else the reservation's
+        (a move from the deployment's defaults, or back to them, moves no bucket)."""
+        if not reservation.own:
+            return {}
+        current = self._store.limits()
+        return {b.name: b for b in self.buckets(current)} if current is not None else {}
 
     def learn(self, model_id: str, estimate: Estimate, input_tokens: int) -> None:
         """Move the tenant's correction toward actual/estimated input (bounded moving average). Best
