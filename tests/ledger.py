@@ -71,9 +71,11 @@ class MemoryLedger:
         return TenantLedger(self, tenant_id)
 
     # the queue
-    def send(self, job_id: str, tenant_id: str, *, continuation: int = 0) -> None:
+    def send(self, job_id: str, tenant_id: str, *, continuation: int = 0, stalled: bool = False) -> None:
         with self.lock:
-            self.messages.append(JobMessage(job_id=job_id, tenant_id=tenant_id, continuation=continuation))
+            self.messages.append(
+                JobMessage(job_id=job_id, tenant_id=tenant_id, continuation=continuation, stalled=stalled)
+            )
 
     def waiting(self) -> int:
         with self.lock:
@@ -501,13 +503,13 @@ class TenantLedger:
             return True
 
     # ------------------------------------------------------------------ JobQueue
-    def send(self, job_id: str, tenant_id: str, *, continuation: int = 0) -> None:
+    def send(self, job_id: str, tenant_id: str, *, continuation: int = 0, stalled: bool = False) -> None:
         fault = self.ledger.faults.next("send")
         if fault == "crash":
             raise Crash("crash before send")
         if fault == "fail":
             raise ConnectionError("the queue is unreachable")
-        self.ledger.send(job_id, tenant_id, continuation=continuation)
+        self.ledger.send(job_id, tenant_id, continuation=continuation, stalled=stalled)
         if fault == "crash_after":
             raise Crash("crash after send")
 
@@ -664,7 +666,7 @@ class JobWorld:
             try:
                 outcome = (
                     self.runner(message.tenant_id, lease_ms=lease_ms, **runner)
-                    .run(message.job_id, continuation=message.continuation)
+                    .run(message.job_id, continuation=message.continuation, stalled=message.stalled)
                     .value
                 )
             except (Crash, ReplyLost, RuntimeError) as exc:
@@ -672,7 +674,12 @@ class JobWorld:
             outcomes.append(outcome)
             if outcome not in {"done", "yield"}:
                 self.clock.now += lease_ms / 1000 + 1  # the visibility timeout (= the lease) passes
-                self.ledger.send(message.job_id, message.tenant_id, continuation=message.continuation)
+                self.ledger.send(
+                    message.job_id,
+                    message.tenant_id,
+                    continuation=message.continuation,
+                    stalled=message.stalled,
+                )
         raise AssertionError(f"the queue did not drain: {outcomes}")
 
 

@@ -813,42 +813,82 @@ def test_a_provider_stalled_at_the_time_limit_hands_the_job_over_instead_of_dyin
     assert job.attempts == 2
 
 
-def test_a_provider_that_never_sends_fails_the_job_instead_of_handing_it_over_forever() -> None:
-    """Scaled down (a 0.1 s stall limit, 0.15 s of an invocation's time): the call stalls, its retry
-    waits until the time runs out, and a hand-over would have done the same in the next invocation,
-    and the next, each a new message that never reaches the dead letters. A hand-over with nothing
-    written in the invocation after a stall now fails the job, naming the stall."""
-    import threading
+class _Hangs:
+    """A provider whose first ``hangs`` calls accept the request and send nothing (until the test
+    ends); later calls answer as the simulated provider does."""
+
+    def __init__(self, world: JobWorld, hangs: int) -> None:
+        import threading
+
+        self.inner, self.hangs, self.calls = world.provider_for, hangs, 0
+        self.release = threading.Event()
+
+    def __call__(self, model: Any) -> Any:
+        inner, outer = self.inner(model), self
+
+        class Provider:
+            name, supports_prefill, resumes_by_index = "simulated", True, True
+
+            def stream(self, request: Any, resume: Any) -> Any:
+                outer.calls += 1
+                if outer.calls <= outer.hangs:
+                    outer.release.wait(30)
+                    return
+                yield from inner.stream(request, resume)
+
+        return Provider()
+
+
+def _invocations(world: JobWorld, provider: _Hangs, invocations: int) -> list[Outcome]:
+    """Up to ``invocations`` of the worker, each with 1 s before its time margin (scaled down, with
+    a 0.6 s stall limit: 60 s of a 105 s invocation)."""
     import time
 
-    release = threading.Event()
-    calls: list[int] = []
-
-    class Silent:
-        name, supports_prefill, resumes_by_index = "simulated", True, True
-
-        def stream(self, request: Any, resume: Any) -> Any:
-            calls.append(1)
-            release.wait(30)
-            yield from ()
-
-    world = JobWorld()
-    world.provider_for = lambda model: Silent()
-    job_id = create(world, max_tokens=50)
-    assert world.ledger.receive() is not None
-    runner = world.runner("acme", stall_seconds=0.1)
-    ends_at = time.monotonic() + (runner.settings.time_margin_ms + 150) / 1000
+    outcomes = []
     try:
-        outcome = runner.run(job_id, remaining_ms=lambda: int((ends_at - time.monotonic()) * 1000))
+        for _ in range(invocations):
+            message = world.ledger.receive()
+            if message is None:
+                break
+            runner = world.runner("acme", stall_seconds=0.6)
+            ends_at = time.monotonic() + (runner.settings.time_margin_ms + 1000) / 1000
+            outcomes.append(
+                runner.run(
+                    message.job_id,
+                    remaining_ms=lambda: int((ends_at - time.monotonic()) * 1000),  # noqa: B023
+                    continuation=message.continuation,
+                    stalled=message.stalled,
+                )
+            )
     finally:
-        release.set()
-    assert outcome is Outcome.DONE and world.ledger.receive() is None  # no continuation
-    assert len(calls) == 2  # the stalled call, and its retry that the time ran out on
+        provider.release.set()
+    return outcomes
+
+
+def test_a_provider_that_never_sends_fails_the_job_instead_of_handing_it_over_forever() -> None:
+    """The call stalls, its retry waits until the time runs out, and each hand-over did the same in
+    the next invocation, a new message each time that never reached the dead letters: the job held
+    its slot forever. Twice in a row, the job now fails, naming the stall."""
+    world = JobWorld()
+    world.provider_for = hangs = _Hangs(world, hangs=100)
+    job_id = create(world, max_tokens=50)
+    assert _invocations(world, hangs, 5) == [Outcome.YIELD, Outcome.DONE]
+    assert hangs.calls == 4  # each invocation's stalled call, and its retry that the time ran out on
     job = assert_ended_once(world, job_id, status="failed")
     assert (
         job.error["code"] == "model_unavailable" and job.error["details"]["last_error"] == "provider_stalled"
     )
-    assert "sent nothing for 0.1 s" in job.error["message"]
+    assert "sent nothing for 0.6 s" in job.error["message"]
+
+
+def test_a_provider_that_stalls_once_gets_a_whole_invocation_after_it() -> None:
+    """A transient stall, and a retry that would have answered a little after the time ran out: the
+    job failed after a single stall. Once is handed over, and the next invocation finishes it."""
+    world = JobWorld()
+    world.provider_for = hangs = _Hangs(world, hangs=2)
+    job_id = create(world, max_tokens=50)
+    assert _invocations(world, hangs, 5) == [Outcome.YIELD, Outcome.DONE]
+    assert_ended_once(world, job_id)
 
 
 def test_an_answer_read_to_its_end_as_the_time_runs_out_is_ended_not_handed_over() -> None:

@@ -93,3 +93,24 @@ def test_the_message_is_hidden_for_the_lease_while_the_lease_is_taken(
             "VisibilityTimeout": 31,
         }
     ]
+
+
+def test_a_continuation_says_it_stalled_only_when_it_did() -> None:
+    """A message of the worker before ``stalled`` existed refuses a field it does not know (its
+    model forbids extras): the field is sent only on the rare hand-over after a stall."""
+    import json
+
+    from spool_core.adapters.jobs import SqsJobQueue
+    from spool_core.queue import JobMessage
+
+    sent: list[str] = []
+
+    class Client:
+        def send_message(self, QueueUrl: str, MessageBody: str) -> None:  # noqa: N803 - boto3's names
+            sent.append(MessageBody)
+
+    queue = SqsJobQueue(Client(), "url")  # type: ignore[arg-type]
+    queue.send("job_1", "acme", continuation=2)
+    queue.send("job_1", "acme", continuation=3, stalled=True)
+    assert json.loads(sent[0]) == {"job_id": "job_1", "tenant_id": "acme", "continuation": 2}
+    assert JobMessage.model_validate_json(sent[1]).stalled

@@ -177,7 +177,7 @@ class ChunkLog(Protocol):
 
 
 class JobQueue(Protocol):
-    def send(self, job_id: str, tenant_id: str, *, continuation: int = 0) -> None: ...
+    def send(self, job_id: str, tenant_id: str, *, continuation: int = 0, stalled: bool = False) -> None: ...
 
 
 class SweptQueue(JobQueue, Protocol):

@@ -150,9 +150,12 @@ class JobRunner:
         heartbeat: Callable[[int], None] | None = None,
         remaining_ms: Callable[[], int] | None = None,
         continuation: int = 0,
+        stalled: bool = False,
         request_id: str | None = None,
     ) -> Outcome:
-        """``request_id``: the invocation's, named in the error of a job it fails."""
+        """``request_id``: the invocation's, named in the error of a job it fails; ``stalled``: the
+        invocation before this one handed the job over after its provider stalled, with nothing
+        written (its message says so)."""
         # The lease is the first request: its condition refuses a job that ended or that another
         # attempt holds, and its answer is the job (no read before it: a first token sooner).
         token = uuid.uuid4().hex
@@ -161,7 +164,7 @@ class JobRunner:
             job = self._jobs.take_lease(job_id, token, now, now + self.settings.lease_ms)
         except Conflict as refused:
             return self._not_taken(job_id, refused.current)
-        attempt = _Attempt(self, job, token, heartbeat, remaining_ms, continuation, request_id)
+        attempt = _Attempt(self, job, token, heartbeat, remaining_ms, continuation, request_id, stalled)
         try:
             return attempt.run()
         except LostLease as lost:
@@ -197,8 +200,10 @@ class _Attempt:
         remaining_ms: Callable[[], int] | None,
         continuation: int,
         request_id: str | None = None,
+        stalled_before: bool = False,
     ) -> None:
         self.r = runner
+        self.stalled_before = stalled_before
         self.request_id = request_id
         self.job = job
         self.token = token
@@ -281,12 +286,15 @@ class _Attempt:
             return Outcome.DONE
         except OutOfTime:
             self.writer.flush(notify=False)
-            if self.stalled and self.writer.tokens_total == self.tokens_at_start:
-                # A stall, then nothing until the time ran out: handed over, the next invocation
-                # would wait the same way, and the next, each a new message (never dead-lettered).
+            stalled = self.stalled and self.writer.tokens_total == self.tokens_at_start
+            if stalled and self.stalled_before:
+                # A stall, then nothing until the time ran out, twice in a row: handed over again,
+                # the next invocation would wait the same way, and the next, each a new message that
+                # never reaches the dead letters. Once is handed over: a provider slow after a
+                # transient stall gets a whole invocation.
                 self._fail_stalled(self.segments[-1].model)
                 return Outcome.DONE
-            return self._yield()
+            return self._yield(stalled=stalled)
         self._fail_unavailable(primary, tried, allow_fallback)
         return Outcome.DONE
 
@@ -412,9 +420,10 @@ class _Attempt:
             raise LostLease("model switch refused") from None
         self.segments.append(segment)
 
-    def _yield(self) -> Outcome:
+    def _yield(self, *, stalled: bool = False) -> Outcome:
         """Out of time: release the lease, then queue a continuation (if this invocation dies in
-        between, its own message comes back and continues the job)."""
+        between, its own message comes back and continues the job); ``stalled``: it wrote nothing
+        after a stall."""
         r = self.r
         try:
             r._jobs.hand_over(self.job.job_id, self.token, self.writer.progress, self.input_reported)
@@ -422,7 +431,9 @@ class _Attempt:
             raise LostLease("hand-over refused") from None
         if r._queue is None:
             return Outcome.RETRY
-        r._queue.send(self.job.job_id, self.job.tenant_id, continuation=self.continuation + 1)
+        r._queue.send(
+            self.job.job_id, self.job.tenant_id, continuation=self.continuation + 1, stalled=stalled
+        )
         logger.info(
             "out of time; continuing in a new invocation",
             extra={"job_id": self.job.job_id, "continuation": self.continuation + 1},
@@ -511,7 +522,8 @@ class _Attempt:
         stall = self.r.settings.stall_seconds
         self._fail(
             "model_unavailable",
-            f"{model_id} sent nothing for {stall:g} s, and nothing more until the worker's time ran out",
+            f"{model_id} sent nothing for {stall:g} s, then nothing more until the worker's time ran out,"
+            " in two invocations in a row",
             {"model": model_id, "stall_seconds": stall, "last_error": "provider_stalled"},
             ["Retry later: the provider is not answering", "Check GET /v1/health for the model's circuit"],
         )
