@@ -221,7 +221,9 @@ def function_calls(
 class _NoQueue:
     """Jobs measured in this process are run right here, not by the stack's worker processes."""
 
-    def send(self, job_id: str, tenant_id: str, *, continuation: int = 0, stalled: bool = False) -> None:
+    def send(
+        self, job_id: str, tenant_id: str, *, continuation: int = 0, stalled_at: int | None = None
+    ) -> None:
         return None
 
 

@@ -71,10 +71,14 @@ class MemoryLedger:
         return TenantLedger(self, tenant_id)
 
     # the queue
-    def send(self, job_id: str, tenant_id: str, *, continuation: int = 0, stalled: bool = False) -> None:
+    def send(
+        self, job_id: str, tenant_id: str, *, continuation: int = 0, stalled_at: int | None = None
+    ) -> None:
         with self.lock:
             self.messages.append(
-                JobMessage(job_id=job_id, tenant_id=tenant_id, continuation=continuation, stalled=stalled)
+                JobMessage(
+                    job_id=job_id, tenant_id=tenant_id, continuation=continuation, stalled_at=stalled_at
+                )
             )
 
     def waiting(self) -> int:
@@ -503,13 +507,15 @@ class TenantLedger:
             return True
 
     # ------------------------------------------------------------------ JobQueue
-    def send(self, job_id: str, tenant_id: str, *, continuation: int = 0, stalled: bool = False) -> None:
+    def send(
+        self, job_id: str, tenant_id: str, *, continuation: int = 0, stalled_at: int | None = None
+    ) -> None:
         fault = self.ledger.faults.next("send")
         if fault == "crash":
             raise Crash("crash before send")
         if fault == "fail":
             raise ConnectionError("the queue is unreachable")
-        self.ledger.send(job_id, tenant_id, continuation=continuation, stalled=stalled)
+        self.ledger.send(job_id, tenant_id, continuation=continuation, stalled_at=stalled_at)
         if fault == "crash_after":
             raise Crash("crash after send")
 
@@ -666,7 +672,7 @@ class JobWorld:
             try:
                 outcome = (
                     self.runner(message.tenant_id, lease_ms=lease_ms, **runner)
-                    .run(message.job_id, continuation=message.continuation, stalled=message.stalled)
+                    .run(message.job_id, continuation=message.continuation, stalled_at=message.stalled_at)
                     .value
                 )
             except (Crash, ReplyLost, RuntimeError) as exc:
@@ -678,7 +684,7 @@ class JobWorld:
                     message.job_id,
                     message.tenant_id,
                     continuation=message.continuation,
-                    stalled=message.stalled,
+                    stalled_at=message.stalled_at,
                 )
         raise AssertionError(f"the queue did not drain: {outcomes}")
 

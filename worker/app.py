@@ -66,7 +66,7 @@ def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
             heartbeat=extend_visibility,
             remaining_ms=lambda_context.get_remaining_time_in_millis,
             continuation=message.continuation,
-            stalled=message.stalled,
+            stalled_at=message.stalled_at,
             request_id=lambda_context.aws_request_id,
         )
     finally:

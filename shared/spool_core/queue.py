@@ -27,10 +27,11 @@ class JobMessage(BaseModel):
     job_id: str = Field(min_length=1, max_length=64)
     tenant_id: str = Field(min_length=1, max_length=64)
     continuation: int = Field(default=0, ge=0)  # how many invocations this job has already yielded
-    # The invocation that sent it handed over after its provider stalled, with nothing written: if
-    # this one does the same, the job fails (sent only when true: older workers refuse fields they
-    # do not know, and read every other message as before).
-    stalled: bool = False
+    # The invocation that sent it handed over after its provider stalled with nothing written, the
+    # job's log then this many tokens long: if this one does the same from there, the job fails (a
+    # redelivery after a later invocation wrote more does not). Sent only then: older workers refuse
+    # fields they do not know, and read every other message as before.
+    stalled_at: int | None = Field(default=None, ge=0)
 
 
 class MessageNotDone(Exception):

@@ -42,7 +42,9 @@ class RecordingQueue:
     def __init__(self) -> None:
         self.sent: list[tuple[str, int]] = []
 
-    def send(self, job_id: str, tenant_id: str, *, continuation: int = 0, stalled: bool = False) -> None:
+    def send(
+        self, job_id: str, tenant_id: str, *, continuation: int = 0, stalled_at: int | None = None
+    ) -> None:
         self.sent.append((job_id, continuation))
 
     def waiting(self) -> int:
@@ -168,7 +170,9 @@ def test_a_job_that_cannot_be_queued_is_withdrawn(tenant: Tenant) -> None:
     service = bootstrap.job_service(tenant)
 
     class BrokenQueue:
-        def send(self, job_id: str, tenant_id: str, *, continuation: int = 0, stalled: bool = False) -> None:
+        def send(
+            self, job_id: str, tenant_id: str, *, continuation: int = 0, stalled_at: int | None = None
+        ) -> None:
             raise ConnectionError("queue down")
 
     service._queue = BrokenQueue()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+from collections.abc import Iterable
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ from spool_core.jobs.runner import Outcome, build_messages
 from spool_core.limits.model import TenantLimits
 from spool_core.providers import GenerationRequest
 from spool_core.providers.simulated import simulated_text
-from tests.ledger import JobWorld, TenantLedger, running
+from tests.ledger import Crash, JobWorld, TenantLedger, running
 
 
 def create(world: JobWorld, tenant: str = "acme", key: str = "k", **fields: Any) -> str:
@@ -814,13 +815,13 @@ def test_a_provider_stalled_at_the_time_limit_hands_the_job_over_instead_of_dyin
 
 
 class _Hangs:
-    """A provider whose first ``hangs`` calls accept the request and send nothing (until the test
-    ends); later calls answer as the simulated provider does."""
+    """A provider whose calls numbered in ``hangs`` (from 1) accept the request and send nothing
+    (until the test ends); the others answer as the simulated provider does."""
 
-    def __init__(self, world: JobWorld, hangs: int) -> None:
+    def __init__(self, world: JobWorld, hangs: Iterable[int]) -> None:
         import threading
 
-        self.inner, self.hangs, self.calls = world.provider_for, hangs, 0
+        self.inner, self.hangs, self.calls = world.provider_for, set(hangs), 0
         self.release = threading.Event()
 
     def __call__(self, model: Any) -> Any:
@@ -831,7 +832,7 @@ class _Hangs:
 
             def stream(self, request: Any, resume: Any) -> Any:
                 outer.calls += 1
-                if outer.calls <= outer.hangs:
+                if outer.calls in outer.hangs:
                     outer.release.wait(30)
                     return
                 yield from inner.stream(request, resume)
@@ -839,7 +840,7 @@ class _Hangs:
         return Provider()
 
 
-def _invocations(world: JobWorld, provider: _Hangs, invocations: int) -> list[Outcome]:
+def _invocations(world: JobWorld, provider: _Hangs, invocations: int) -> list[Outcome | str]:
     """Up to ``invocations`` of the worker, each with 1 s before its time margin (scaled down, with
     a 0.6 s stall limit: 60 s of a 105 s invocation)."""
     import time
@@ -852,14 +853,19 @@ def _invocations(world: JobWorld, provider: _Hangs, invocations: int) -> list[Ou
                 break
             runner = world.runner("acme", stall_seconds=0.6)
             ends_at = time.monotonic() + (runner.settings.time_margin_ms + 1000) / 1000
-            outcomes.append(
-                runner.run(
-                    message.job_id,
-                    remaining_ms=lambda: int((ends_at - time.monotonic()) * 1000),  # noqa: B023
-                    continuation=message.continuation,
-                    stalled=message.stalled,
+            try:
+                outcomes.append(
+                    runner.run(
+                        message.job_id,
+                        remaining_ms=lambda: int((ends_at - time.monotonic()) * 1000),  # noqa: B023
+                        continuation=message.continuation,
+                        stalled_at=message.stalled_at,
+                    )
                 )
-            )
+            except Crash:  # the invocation died: its message comes back as it was
+                outcomes.append("crash")
+                world.clock.now += 31  # the lease (30 s) runs out
+                world.ledger.messages.insert(0, message)
     finally:
         provider.release.set()
     return outcomes
@@ -870,7 +876,7 @@ def test_a_provider_that_never_sends_fails_the_job_instead_of_handing_it_over_fo
     the next invocation, a new message each time that never reached the dead letters: the job held
     its slot forever. Twice in a row, the job now fails, naming the stall."""
     world = JobWorld()
-    world.provider_for = hangs = _Hangs(world, hangs=100)
+    world.provider_for = hangs = _Hangs(world, hangs=range(1, 100))
     job_id = create(world, max_tokens=50)
     assert _invocations(world, hangs, 5) == [Outcome.YIELD, Outcome.DONE]
     assert hangs.calls == 4  # each invocation's stalled call, and its retry that the time ran out on
@@ -885,7 +891,7 @@ def test_a_provider_that_stalls_once_gets_a_whole_invocation_after_it() -> None:
     """A transient stall, and a retry that would have answered a little after the time ran out: the
     job failed after a single stall. Once is handed over, and the next invocation finishes it."""
     world = JobWorld()
-    world.provider_for = hangs = _Hangs(world, hangs=2)
+    world.provider_for = hangs = _Hangs(world, hangs=[1, 2])
     job_id = create(world, max_tokens=50)
     assert _invocations(world, hangs, 5) == [Outcome.YIELD, Outcome.DONE]
     assert_ended_once(world, job_id)
@@ -986,3 +992,34 @@ def test_a_refund_after_a_reset_to_the_defaults_gives_the_reservation_back() -> 
     world.service("acme").cancel(first)
     day = RateLimiter.buckets(world.limits)[1]
     assert day.remaining(store.state(None, "x").tats["day"], world.clock.ms() * 1000) == 10_000_000
+
+
+def test_a_stalled_continuation_redelivered_after_progress_does_not_fail_the_job() -> None:
+    """A third reviewer: invocation 1 stalled and handed over; invocation 2 wrote tokens and died;
+    its message, saying the job had stalled, came back, and invocation 3's single transient stall
+    failed the job "in two invocations in a row". The message now says from which log length the
+    stall was, and a job that wrote since is not failed for it."""
+    world = JobWorld()
+    world.provider_for = hangs = _Hangs(world, hangs=[1, 2, 4, 5])
+    job_id = create(
+        world, max_tokens=50, metadata={"simulate": {"fault": "crash", "at_token": 20, "times": 2}}
+    )
+    assert _invocations(world, hangs, 6) == [Outcome.YIELD, "crash", Outcome.YIELD, Outcome.DONE]
+    assert_ended_once(world, job_id)
+
+
+def test_a_reservation_kept_before_it_said_whose_limits_applied_settles_as_the_tenants_own() -> None:
+    """A job admitted before reservations recorded ``own`` and settled after a raise of its tenant's
+    limits: read as the defaults', its refund at the old scale freed ~72,000 tokens others held."""
+    from spool_core.limits.service import set_tenant_limits
+
+    world = JobWorld()
+    store = world.ledger.tenant("acme")
+    set_tenant_limits(store, TenantLimits(100_000_000, 5_000, 50), now=world.clock.ms())
+    first = create(world, key="first", max_tokens=4_000)
+    del world.ledger.jobs[("acme", first)]["reservation"]["own"]  # as an item from before it
+    set_tenant_limits(store, TenantLimits(100_000_000, 100_000, 50), now=world.clock.ms())
+    others = _fill(world, "before", 4_000)
+    world.service("acme").cancel(first)
+    others += _fill(world, "after", 4_000)
+    assert _live_reservations(world, others) <= 100_000

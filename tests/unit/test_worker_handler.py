@@ -111,6 +111,6 @@ def test_a_continuation_says_it_stalled_only_when_it_did() -> None:
 
     queue = SqsJobQueue(Client(), "url")  # type: ignore[arg-type]
     queue.send("job_1", "acme", continuation=2)
-    queue.send("job_1", "acme", continuation=3, stalled=True)
+    queue.send("job_1", "acme", continuation=3, stalled_at=0)
     assert json.loads(sent[0]) == {"job_id": "job_1", "tenant_id": "acme", "continuation": 2}
-    assert JobMessage.model_validate_json(sent[1]).stalled
+    assert JobMessage.model_validate_json(sent[1]).stalled_at == 0

@@ -555,9 +555,13 @@ class SqsJobQueue:
         self._client = client
         self._queue_url = queue_url
 
-    def send(self, job_id: str, tenant_id: str, *, continuation: int = 0, stalled: bool = False) -> None:
-        message = JobMessage(job_id=job_id, tenant_id=tenant_id, continuation=continuation, stalled=stalled)
-        body = message.model_dump_json(exclude=None if stalled else {"stalled"})
+    def send(
+        self, job_id: str, tenant_id: str, *, continuation: int = 0, stalled_at: int | None = None
+    ) -> None:
+        message = JobMessage(
+            job_id=job_id, tenant_id=tenant_id, continuation=continuation, stalled_at=stalled_at
+        )
+        body = message.model_dump_json(exclude=None if stalled_at is not None else {"stalled_at"})
         self._client.send_message(QueueUrl=self._queue_url, MessageBody=body)
 
     def waiting(self) -> int:

@@ -177,7 +177,9 @@ class ChunkLog(Protocol):
 
 
 class JobQueue(Protocol):
-    def send(self, job_id: str, tenant_id: str, *, continuation: int = 0, stalled: bool = False) -> None: ...
+    def send(
+        self, job_id: str, tenant_id: str, *, continuation: int = 0, stalled_at: int | None = None
+    ) -> None: ...
 
 
 class SweptQueue(JobQueue, Protocol):

@@ -150,12 +150,12 @@ class JobRunner:
         heartbeat: Callable[[int], None] | None = None,
         remaining_ms: Callable[[], int] | None = None,
         continuation: int = 0,
-        stalled: bool = False,
+        stalled_at: int | None = None,
         request_id: str | None = None,
     ) -> Outcome:
-        """``request_id``: the invocation's, named in the error of a job it fails; ``stalled``: the
-        invocation before this one handed the job over after its provider stalled, with nothing
-        written (its message says so)."""
+        """``request_id``: the invocation's, named in the error of a job it fails; ``stalled_at``: an
+        invocation handed the job over after its provider stalled with nothing written, its log then
+        this many tokens long (its message says so)."""
         # The lease is the first request: its condition refuses a job that ended or that another
         # attempt holds, and its answer is the job (no read before it: a first token sooner).
         token = uuid.uuid4().hex
@@ -164,7 +164,7 @@ class JobRunner:
             job = self._jobs.take_lease(job_id, token, now, now + self.settings.lease_ms)
         except Conflict as refused:
             return self._not_taken(job_id, refused.current)
-        attempt = _Attempt(self, job, token, heartbeat, remaining_ms, continuation, request_id, stalled)
+        attempt = _Attempt(self, job, token, heartbeat, remaining_ms, continuation, request_id, stalled_at)
         try:
             return attempt.run()
         except LostLease as lost:
@@ -200,10 +200,10 @@ class _Attempt:
         remaining_ms: Callable[[], int] | None,
         continuation: int,
         request_id: str | None = None,
-        stalled_before: bool = False,
+        stalled_at: int | None = None,
     ) -> None:
         self.r = runner
-        self.stalled_before = stalled_before
+        self.stalled_at = stalled_at
         self.request_id = request_id
         self.job = job
         self.token = token
@@ -287,14 +287,14 @@ class _Attempt:
         except OutOfTime:
             self.writer.flush(notify=False)
             stalled = self.stalled and self.writer.tokens_total == self.tokens_at_start
-            if stalled and self.stalled_before:
+            if stalled and self.stalled_at == self.tokens_at_start:
                 # A stall, then nothing until the time ran out, twice in a row: handed over again,
                 # the next invocation would wait the same way, and the next, each a new message that
                 # never reaches the dead letters. Once is handed over: a provider slow after a
                 # transient stall gets a whole invocation.
                 self._fail_stalled(self.segments[-1].model)
                 return Outcome.DONE
-            return self._yield(stalled=stalled)
+            return self._yield(stalled_at=self.tokens_at_start if stalled else None)
         self._fail_unavailable(primary, tried, allow_fallback)
         return Outcome.DONE
 
@@ -420,10 +420,10 @@ class _Attempt:
             raise LostLease("model switch refused") from None
         self.segments.append(segment)
 
-    def _yield(self, *, stalled: bool = False) -> Outcome:
+    def _yield(self, *, stalled_at: int | None = None) -> Outcome:
         """Out of time: release the lease, then queue a continuation (if this invocation dies in
-        between, its own message comes back and continues the job); ``stalled``: it wrote nothing
-        after a stall."""
+        between, its own message comes back and continues the job); ``stalled_at``: it wrote nothing
+        after a stall, from a log this many tokens long."""
         r = self.r
         try:
             r._jobs.hand_over(self.job.job_id, self.token, self.writer.progress, self.input_reported)
@@ -432,7 +432,7 @@ class _Attempt:
         if r._queue is None:
             return Outcome.RETRY
         r._queue.send(
-            self.job.job_id, self.job.tenant_id, continuation=self.continuation + 1, stalled=stalled
+            self.job.job_id, self.job.tenant_id, continuation=self.continuation + 1, stalled_at=stalled_at
         )
         logger.info(
             "out of time; continuing in a new invocation",

@@ -313,7 +313,7 @@ class RateLimiter:
         TAT to the new limit's scale: ``set_tenant_limits``; at the old scale, a refund after a raise
         from 5,000 to 100,000 a day freed 76,000 tokens other jobs held); else the reservation's
         (a move from the deployment's defaults, or back to them, moves no bucket)."""
-        if not reservation.own:
+        if reservation.own is False:
             return {}
         current = self._store.limits()
         return {b.name: b for b in self.buckets(current)} if current is not None else {}
