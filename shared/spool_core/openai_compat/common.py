@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from spool_core.api.errors import OPENAI_ERROR_TYPES, register_status
+from spool_core.api.errors import openai_envelope, register_status
 from spool_core.errors import InvalidRequest, SpoolError
 from spool_core.jobs.model import Job, JobRequest
 from spool_core.openai_compat.params import UnsupportedParameter, validated
@@ -182,31 +182,21 @@ class StillRunning(_JobNotAnswered):
 register_status(StillRunning, 504)
 
 
-def _stream_error(
-    code: str,
-    message: str,
-    kind: str,
-    details: dict[str, Any],
-    suggestions: list[str],
-    request_id: str | None,
-) -> dict[str, Any]:
-    """A mid-stream error event in Spool's envelope (``code``, ``message``, ``details``,
-    ``suggestions``, ``request_id``) with OpenAI's ``type`` and ``param``: OpenAI SDKs raise
-    ``APIError`` with its message, after the text received so far. The job's id and the last chunk
-    read are also at the top, where the first version put them."""
-    top = {k: details[k] for k in ("job_id", "last_sequence_id") if k in details}
-    return {
-        "error": {
-            "code": code,
-            "message": message,
-            "details": details,
-            "suggestions": suggestions,
-            "request_id": request_id,
-            "type": kind,
-            "param": None,
-            **top,
-        }
-    }
+class _StreamError(SpoolError):
+    """An error met after a stream's status line was sent: written as its last event."""
+
+    def __init__(self, code: str, message: str, details: dict[str, Any], suggestions: list[str]) -> None:
+        super().__init__(message, details=details, suggestions=suggestions)
+        self.code = code  # type: ignore[misc]
+
+
+def _stream_error(error: SpoolError, request_id: str | None) -> dict[str, Any]:
+    """A mid-stream error event: the envelope of any other error OpenAI SDKs read (``openai_envelope``:
+    they raise ``APIError`` with its message, after the text received so far), the job's id and the
+    last chunk read also at the top, where the first version put them."""
+    body = openai_envelope(error, request_id)
+    body["error"].update({k: error.details[k] for k in ("job_id", "last_sequence_id") if k in error.details})
+    return body
 
 
 def job_failure(job: Job, request_id: str | None = None) -> dict[str, Any]:
@@ -220,7 +210,7 @@ def job_failure(job: Job, request_id: str | None = None) -> dict[str, Any]:
         message = str(error.get("message") or "The job failed")
         suggestions = [*(error.get("suggestions") or []), partial_output_at(job.job_id)]
         details = {**(error.get("details") or {}), **details}
-    return _stream_error(code, message, "server_error", details, list(suggestions), request_id)
+    return _stream_error(_StreamError(code, message, details, list(suggestions)), request_id)
 
 
 def key_revoked(job_id: str, last_sequence_id: int, request_id: str | None = None) -> dict[str, Any]:
@@ -228,26 +218,25 @@ def key_revoked(job_id: str, last_sequence_id: int, request_id: str | None = Non
     from spool_core.auth import revoked_key_error  # loaded by the stream's key check already
 
     error = revoked_key_error()
-    suggestions = [
+    error.suggestions = [
         f"Job {job_id} goes on: read the rest with an active key, GET /v1/jobs/{job_id}/events"
         f" and 'Last-Event-ID: {last_sequence_id}'",
         *error.suggestions[1:],
     ]
-    details = {"job_id": job_id, "last_sequence_id": last_sequence_id}
-    return _stream_error(error.code, error.message, OPENAI_ERROR_TYPES[401], details, suggestions, request_id)
+    error.details = {"job_id": job_id, "last_sequence_id": last_sequence_id}
+    return _stream_error(error, request_id)
 
 
 def stream_time_up(job_id: str, last_sequence_id: int, request_id: str | None = None) -> dict[str, Any]:
     """The stream reached its time limit before the job ended: how to read the rest."""
     read_rest = f"GET /v1/jobs/{job_id}/events and 'Last-Event-ID: {last_sequence_id}'"
-    return _stream_error(
+    error = _StreamError(
         "stream_time_limit",
         f"The stream reached its time limit; job {job_id} goes on. Read the rest with {read_rest}",
-        "server_error",
         {"job_id": job_id, "last_sequence_id": last_sequence_id},
         [f"Read the rest with {read_rest}"],
-        request_id,
     )
+    return _stream_error(error, request_id)
 
 
 __all__ = [
