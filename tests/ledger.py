@@ -466,7 +466,7 @@ class TenantLedger:
             item = self._usage.get("limits")
             return TenantLimits(**item) if item else None
 
-    def set_limits(self, limits: TenantLimits) -> None:
+    def _set_limits(self, limits: TenantLimits) -> None:
         with self.ledger.lock:
             self._usage["limits"] = {
                 "tokens_per_minute": limits.tokens_per_minute,
@@ -503,7 +503,7 @@ class TenantLedger:
                 bucket["tat_us"] = tat
             for (name, _, _), bucket in zip(moves, buckets, strict=True):
                 self._usage[f"bucket#{name}"] = bucket
-            self.set_limits(limits)
+            self._set_limits(limits)
             return True
 
     # ------------------------------------------------------------------ JobQueue

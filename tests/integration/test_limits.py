@@ -157,7 +157,7 @@ def test_a_settlement_at_a_high_limit_is_written_in_integers(stack: StackDescrip
     """A 1-token difference at 100M tokens a minute is 0.6 us: the first version wrote it as the float
     6E-7 (seconds), which the store refused, and the job never ended."""
     tenant = Tenant("high-limit")
-    bootstrap.usage_store(tenant).set_limits(TenantLimits(100_000_000, 1_000_000_000, 16))
+    set_tenant_limits(bootstrap.usage_store(tenant), TenantLimits(100_000_000, 1_000_000_000, 16))
     done = run_job(tenant, "k", max_tokens=7)
     assert done.status == "completed"
     config = bootstrap.settings()

@@ -14,6 +14,7 @@ from spool_core.jobs.errors import IdempotencyKeyReused, RequestInProgress
 from spool_core.jobs.model import JobRequest
 from spool_core.limits.errors import TokenLimitExceeded, TooManyConcurrentJobs
 from spool_core.limits.model import TenantLimits
+from spool_core.limits.service import set_tenant_limits
 from tests.ledger import Crash, JobWorld, running
 
 
@@ -151,7 +152,7 @@ def test_a_changed_limit_applies_at_the_next_admission() -> None:
     world = JobWorld()
     service = world.service("acme")
     service.create("k1", job())
-    world.ledger.tenant("acme").set_limits(TenantLimits(200_000, 10_000_000, 1))
+    set_tenant_limits(world.ledger.tenant("acme"), TenantLimits(200_000, 10_000_000, 1))
     with pytest.raises(TooManyConcurrentJobs):
         service.create("k2", job())
 

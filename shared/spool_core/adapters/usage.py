@@ -224,9 +224,6 @@ class DynamoUsageStore:
         item = self._get("limits")
         return _limits(item) if item else None
 
-    def set_limits(self, limits: TenantLimits) -> None:
-        self._table.put(KIND, IDENT, _limits_item(limits))
-
     def count_spend(self, day: str) -> None:
         for _ in range(COUNT_ATTEMPTS):
             # the count first, then the rollups: a budgeted job settling in between changes the count,

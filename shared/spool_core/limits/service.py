@@ -56,8 +56,6 @@ class UsageStore(Protocol):
 
     def limits(self) -> TenantLimits | None: ...
 
-    def set_limits(self, limits: TenantLimits) -> None: ...
-
     def count_spend(self, day: str) -> None:
         """Make ``day``'s budget commitments hold what was spent that day and they do not hold yet:
         the settled spend (the rollups) beyond the part budgeted jobs settled into them."""
@@ -81,24 +79,25 @@ def set_tenant_limits(store: UsageStore, limits: TenantLimits, now: int | None =
     A token limit that changes keeps the tokens outstanding in its bucket (``Bucket.rescaled``); a
     tenant on the deployment's defaults starts its own limits from its buckets as they stand."""
     now = now_ms() if now is None else now
-    previous = store.limits()
-    had_budget = previous is not None and previous.daily_budget_nanos is not None
+    day = utc_day(now)
+    state = store.state(None, day)
+    had_budget = state.limits is not None and state.limits.daily_budget_nanos is not None
     if limits.daily_budget_nanos is not None and not had_budget:
-        store.count_spend(utc_day(now))
+        store.count_spend(day)
     # The limits and the buckets they rescale in one write: a change applied in part and run again
     # would rescale a bucket twice.
     for _ in range(RESCALE_ATTEMPTS):
         moves = []
+        previous = state.limits
         if previous is not None:
-            tats = store.state(None, utc_day(now)).tats
             for old, new in zip(RateLimiter.buckets(previous), RateLimiter.buckets(limits), strict=True):
-                seen = tats.get(old.name)
+                seen = state.tats.get(old.name)
                 tat = old.rescaled(seen, now * 1000, new.limit) if old.limit != new.limit else None
                 if seen is not None and tat is not None:
                     moves.append((old.name, seen, tat))
         if store.change_limits(previous, limits, moves):
             return
-        previous = store.limits()
+        state = store.state(None, day)
     raise Conflict(
         "Could not carry the tenant's buckets over to its new limits: jobs kept starting meanwhile",
         suggestions=["Run the command again"],
@@ -281,7 +280,7 @@ class RateLimiter:
         reservation is still outstanding: the bucket refills as time passes, and a refund of what
         has refilled since would grant more than the limit (900 of 1,000 a minute reserved, unused
         and refunded a minute later, let another 900 in beside the next reservation's 900). The
-        buckets are those the tenant has now."""
+        differences are in the scale ``_scales`` names for each bucket."""
         now = self.now_ms()
         actual = sum(u.input_tokens + u.output_tokens for u in usage)
         cost = sum(u.cost_nanos for u in usage)
@@ -290,9 +289,9 @@ class RateLimiter:
         deltas = []
         scales = self._scales(reservation)
         elapsed_us = (now - reservation.reserved_at_ms) * 1000
+        difference = actual - reservation.tokens
         for name, limit, period in reservation.buckets:
             bucket = scales.get(name) or Bucket(name, limit, period)
-            difference = actual - reservation.tokens
             # What of the reservation has not refilled since, at the faster of the two rates: a
             # refund never gives back what the bucket has given back already.
             outstanding = reservation.tokens - elapsed_us * max(limit, bucket.limit) // period
