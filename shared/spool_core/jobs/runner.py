@@ -388,8 +388,9 @@ class _Attempt:
             if signals.cancel:
                 raise Cancelled
             self.writer.live = self.writer.live or signals.subscribed
-        if self.remaining_ms is not None and not self.time_up:
-            self.time_up = self.remaining_ms() < r.settings.time_margin_ms
+        if not self.time_up:
+            left = self._seconds_left()
+            self.time_up = left is not None and left < 0
         if (r._clock() - self.last_beat) * 1000 >= r.settings.lease_ms / 3:
             self._renew()
 

@@ -40,10 +40,10 @@ class Stalled(ProviderError):
 
 
 class WatchedStream[T]:
-    """Iterate ``events`` (a provider's stream), raising ``ProviderError`` (retryable) when nothing
-    comes for ``stall_seconds`` and ``OutOfTime`` when the ``seconds_left`` (None: no limit) run out
-    first. Use it as a
-    context manager, so the reader is told to stop however the iteration ends."""
+    """Iterate ``events`` (a provider's stream), raising ``Stalled`` (a retryable ``ProviderError``)
+    when nothing comes for ``stall_seconds`` and ``OutOfTime`` when the ``seconds_left`` (None: no
+    limit) run out first. Use it as a context manager, so the reader is told to stop however the
+    iteration ends."""
 
     def __init__(
         self,
