@@ -9,11 +9,22 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spool.client import SpoolError
 
+if TYPE_CHECKING:
+    from spool_core.limits.model import TenantLimits
+
 LOCAL_INFO_PATH = "/_spool/stack"
+# The template's parameters that set the default limits (in TenantLimits' order)
+LIMIT_PARAMETERS = (
+    "DefaultTokensPerMinute",
+    "DefaultTokensPerDay",
+    "DefaultMaxConcurrentJobs",
+    "DefaultDailyBudgetUsd",
+)
+LIMITS_FUNCTION = "JobsFunction"  # admission's function: the local stack reads its environment
 LOCAL_CREDENTIALS = {
     "aws_access_key_id": "testing",
     "aws_secret_access_key": "testing",
@@ -36,6 +47,32 @@ class AdminTarget:
     client_args: dict[str, Any]
     resources: dict[str, str]
     stack_name: str | None = None
+    defaults: TenantLimits | None = None  # the local stack says them; a deployed stack's are read once
+
+    def limit_defaults(self) -> TenantLimits:
+        """The deployment's default limits: what a tenant without limits of its own has, and what
+        `spool limits` moves a tenant from or back to. A deployed stack's are its parameters (the
+        template passes them to every function's environment)."""
+        if self.defaults is None:
+            from spool_core.limits.model import TenantLimits
+            from spool_core.settings import blank_is_none
+            from spool_core.units import nanos
+
+            stacks = self.client("cloudformation").describe_stacks(StackName=self.stack_name)["Stacks"]
+            values = {p["ParameterKey"]: p.get("ParameterValue", "") for p in stacks[0].get("Parameters", [])}
+            missing = [name for name in LIMIT_PARAMETERS if name not in values]
+            if missing:
+                raise AdminError(
+                    f"{self.description} has no {', '.join(missing)} parameter: it was deployed from an"
+                    " older template, and its default limits cannot be read",
+                    ["Deploy this version of the template (sam build && sam deploy), then run this again"],
+                )
+            per_minute, per_day, concurrent, budget = (values[name] for name in LIMIT_PARAMETERS)
+            budget = blank_is_none(budget)
+            self.defaults = TenantLimits(
+                int(per_minute), int(per_day), int(concurrent), nanos(float(budget)) if budget else None
+            )
+        return self.defaults
 
     def client(self, service: str) -> Any:
         import boto3
@@ -70,11 +107,14 @@ def resolve(url: str, stack_name: str | None, endpoint_url: str | None = None) -
                 "For a deployed stack, name it: --stack-name <stack>",
             ],
         ) from None
+    from spool_core.limits.model import TenantLimits
+
     return AdminTarget(
         f"the local stack at {url}",
         {"endpoint_url": info["endpoint_url"], "region_name": info["region"], **LOCAL_CREDENTIALS},
         dict(info["resources"]),
         info.get("stack_name"),
+        TenantLimits(**info["limit_defaults"]),
     )
 
 

@@ -937,7 +937,8 @@ def _tenant_limits(args: argparse.Namespace, target: Any) -> int:
     store = DynamoUsageStore(table)
     current = store.limits()
     if args.action == "reset":
-        store.clear_limits()
+        # the buckets carried over to the defaults, as any change of limits carries them over
+        set_tenant_limits(store, None, defaults=target.limit_defaults())
         print(f"tenant {args.tenant} now has the deployment's default limits ({target.description})")
         return 0
     changes = ("tokens_per_minute", "tokens_per_day", "max_concurrent_jobs", "daily_budget_usd")
@@ -964,7 +965,8 @@ def _tenant_limits(args: argparse.Namespace, target: Any) -> int:
             **{name: value if value is not None else base[name] for name, value in fields.items()},
             daily_budget_nanos=budget,
         )
-        set_tenant_limits(store, current)  # a budget that starts now counts today's spend so far
+        # a budget that starts now counts today's spend so far; the buckets are carried over
+        set_tenant_limits(store, current, defaults=target.limit_defaults())
     if current is None:
         print(f"tenant {args.tenant} has no limits of its own: the deployment's defaults apply")
         return 0

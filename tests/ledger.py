@@ -485,7 +485,10 @@ class TenantLedger:
                 item["counted_nanos"] = settled
 
     def change_limits(
-        self, previous: TenantLimits | None, limits: TenantLimits, moves: Sequence[tuple[str, int, int]]
+        self,
+        previous: TenantLimits | None,
+        limits: TenantLimits | None,
+        moves: Sequence[tuple[str, int, int]],
     ) -> bool:
         with self.ledger.lock:
             current = self.limits()
@@ -503,7 +506,10 @@ class TenantLedger:
                 bucket["tat_us"] = tat
             for (name, _, _), bucket in zip(moves, buckets, strict=True):
                 self._usage[f"bucket#{name}"] = bucket
-            self._set_limits(limits)
+            if limits is None:
+                self._usage.pop("limits", None)
+            else:
+                self._set_limits(limits)
             return True
 
     # ------------------------------------------------------------------ JobQueue

@@ -12,6 +12,12 @@ from spool_core.errors import ConfigurationError
 from spool_core.jobs.cadence import Cadence
 
 
+def blank_is_none(value: Any) -> Any:
+    """An optional setting's value, None when it is blank, 0 or "none" (how a template's empty
+    parameter reaches a function)."""
+    return None if value in ("", "0", "none", None) else value
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
 
@@ -81,7 +87,7 @@ class Settings(BaseModel):
     )
     @classmethod
     def _blank_is_none(cls, value: Any) -> Any:
-        return None if value in ("", "0", "none", None) else value
+        return blank_is_none(value)
 
     @property
     def cadence(self) -> Cadence:

@@ -23,6 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from spool.admin import LIMITS_FUNCTION
 from spool.devstack.gateway import WARM_UP_AGENT, GatewayHttpServer, RestApiEmulator
 from spool.devstack.ports import PortInUse, listen
 from spool.devstack.provision import ACCOUNT_ID, MotoServer, StackDescription, aws_client, provision
@@ -32,7 +33,9 @@ from spool.devstack.streams import JobTransitions, StreamChanges, StreamPoller
 from spool.devstack.template import FunctionSpec, ScheduleEvent, Template, samconfig_parameters
 from spool.devstack.websocket import ManagementApiServer, WebSocketGateway
 from spool.devstack.worker_loop import SqsEventSource
+from spool_core.bootstrap import default_limits
 from spool_core.clock import rfc3339, utc_now
+from spool_core.settings import Settings
 
 log = logging.getLogger("devstack.stack")
 
@@ -308,6 +311,10 @@ class EmbeddedStack:
                 name: description.refs[name]
                 for name in self.template.resources_of_type("AWS::DynamoDB::Table", "AWS::SQS::Queue")
             },
+            # what `spool limits` moves a tenant from and back to
+            "limit_defaults": default_limits(
+                Settings.from_env(description.environment_for(self.template, LIMITS_FUNCTION))
+            )._asdict(),
         }
         self._server = GatewayHttpServer(self._api_socket, emulator)
         self._serve("api-gateway", self._server.serve_forever, self._server.shutdown)

@@ -448,6 +448,12 @@ def test_keys_and_limits_work_against_the_local_stack_with_no_flags(dev_stack: R
     assert headers["X-RateLimit-Limit-Tokens"] == "1234"  # the new key works, with the new limits
     listed = json.loads(spool(env, "keys", "list", "--tenant", "cli-tenant", "--json").stdout)
     assert [k["status"] for k in listed] == ["active"]
+    # back to the defaults, which the stack tells the CLI (it carries the buckets over to them)
+    reset = spool(env, "limits", "reset", "--tenant", "cli-tenant")
+    assert reset.returncode == 0, reset.stderr
+    assert "default limits" in reset.stdout
+    usage = dev_stack.request("GET", "/v1/usage", key=key)[2]
+    assert usage["limits"]["tokens_per_minute"]["limit"] == 200_000
 
     nowhere = {**os.environ, "SPOOL_URL": "http://127.0.0.1:9"}
     for args in (["limits", "get", "--tenant", "x"], ["keys", "list"]):

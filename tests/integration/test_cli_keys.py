@@ -132,6 +132,35 @@ def test_limits_set_get_reset_and_the_next_admission_obeys(
     assert "defaults apply" in capsys.readouterr().out
 
 
+def test_limits_moved_from_and_back_to_the_defaults_carry_the_buckets_over(
+    stack: StackDescription, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A move from the deployment's defaults to limits of a tenant's own, or back (`limits reset`),
+    moved no bucket: the CLI did not know the defaults. From 10 million a day to 5,000, a day's
+    ~3,000 tokens read as ~1; reset, 5,000 a day's ~3,000 read as ~6 million. The CLI reads the
+    defaults off the stack's parameters and carries the buckets over in the change's transaction."""
+    from spool_core.tenancy import Tenant
+    from tests.integration.test_limits import run_job
+
+    tenant = Tenant("moved")
+    target = ["--stack-name", stack.stack_name, "--endpoint-url", stack.endpoint_url, "--tenant", "moved"]
+    used = run_job(tenant, "k1", max_tokens=3_000)  # under the defaults
+    spent = used.usage.input_tokens + used.usage.output_tokens
+    assert spent > 3_000
+
+    def day_remaining() -> int:
+        limits = bootstrap.rate_limiter(tenant).usage(None, None)["limits"]
+        return int(limits["tokens_per_day"]["remaining"])
+
+    own = ["--tokens-per-minute", "1000000", "--tokens-per-day", "5000", "--max-concurrent-jobs", "16"]
+    assert main(["limits", "set", *target, *own]) == 0
+    # what refilled at the defaults' rate before the change (116 tokens a second) is not owed
+    assert 5_000 - spent - 1 <= day_remaining() <= 5_000 - spent // 2
+    assert main(["limits", "reset", *target]) == 0
+    assert "default limits" in capsys.readouterr().out
+    assert 10_000_000 - spent - 1 <= day_remaining() <= 10_000_000 - spent // 2
+
+
 def _keys(stack: StackDescription, *args: str) -> int:
     return main(["keys", *args, "--stack-name", stack.stack_name, "--endpoint-url", stack.endpoint_url])
 

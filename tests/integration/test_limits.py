@@ -42,6 +42,11 @@ def job(tokens: int = 14, message: str = "x " * 45) -> JobRequest:
     return JobRequest.model_validate({"message": message, "model": "sim-fast", "max_tokens": tokens})
 
 
+def defaults() -> TenantLimits:
+    """The deployment's default limits, as admission reads them."""
+    return bootstrap.default_limits(bootstrap.settings())
+
+
 def test_fifty_concurrent_admissions_admit_exactly_what_fits(stack: StackDescription) -> None:
     jobs = service("burst", Clock())  # time stands still: nothing refills during the burst
     barrier = threading.Barrier(50)
@@ -157,7 +162,9 @@ def test_a_settlement_at_a_high_limit_is_written_in_integers(stack: StackDescrip
     """A 1-token difference at 100M tokens a minute is 0.6 us: the first version wrote it as the float
     6E-7 (seconds), which the store refused, and the job never ended."""
     tenant = Tenant("high-limit")
-    set_tenant_limits(bootstrap.usage_store(tenant), TenantLimits(100_000_000, 1_000_000_000, 16))
+    set_tenant_limits(
+        bootstrap.usage_store(tenant), TenantLimits(100_000_000, 1_000_000_000, 16), defaults=defaults()
+    )
     done = run_job(tenant, "k", max_tokens=7)
     assert done.status == "completed"
     config = bootstrap.settings()
@@ -176,7 +183,7 @@ def test_a_budget_set_during_the_day_counts_what_the_tenant_already_spent(stack:
     spent = sum(run_job(tenant, f"k{i}").cost_nanos for i in range(2))  # no budget yet
     store = bootstrap.usage_store(tenant)
     limits = TenantLimits(1_000_000, 10_000_000, 16, daily_budget_nanos=spent + spent // 4)
-    set_tenant_limits(store, limits)
+    set_tenant_limits(store, limits, defaults=defaults())
     another = JobRequest.model_validate({"message": "usage", "model": "sim-fast", "max_tokens": 300})
     with pytest.raises(BudgetExceeded) as over:  # a job like them does not fit what is left
         bootstrap.job_service(tenant).create("k2", another)
@@ -187,20 +194,26 @@ def test_a_budget_set_during_the_day_counts_what_the_tenant_already_spent(stack:
         return round(state["limits"]["daily_budget"]["committed_usd"] * 1e9)
 
     assert committed() == spent
-    set_tenant_limits(store, limits._replace(daily_budget_nanos=10 * spent))  # a new amount: still counting
+    set_tenant_limits(
+        store, limits._replace(daily_budget_nanos=10 * spent), defaults=defaults()
+    )  # a new amount: still counting
     assert committed() == spent
     bootstrap.job_service(tenant).create("k3", another)  # stays queued: its reservation is held
     reserved = committed() - spent
     assert reserved > 0
-    set_tenant_limits(store, limits._replace(daily_budget_nanos=None))  # no budget for a while
+    set_tenant_limits(
+        store, limits._replace(daily_budget_nanos=None), defaults=defaults()
+    )  # no budget for a while
     later = run_job(tenant, "k4").cost_nanos
-    set_tenant_limits(store, limits._replace(daily_budget_nanos=10 * spent))  # again, the same day
+    set_tenant_limits(
+        store, limits._replace(daily_budget_nanos=10 * spent), defaults=defaults()
+    )  # again, the same day
     assert committed() == spent + reserved + later  # what it held, and what was spent without it
     budgeted = run_job(tenant, "k5").cost_nanos  # settled under the budget: its reservation replaced
     held = committed()
     assert held == spent + reserved + later + budgeted
-    set_tenant_limits(store, limits._replace(daily_budget_nanos=None))
-    set_tenant_limits(store, limits._replace(daily_budget_nanos=10 * spent))
+    set_tenant_limits(store, limits._replace(daily_budget_nanos=None), defaults=defaults())
+    set_tenant_limits(store, limits._replace(daily_budget_nanos=10 * spent), defaults=defaults())
     assert committed() == held  # nothing counted twice
 
 
@@ -224,7 +237,9 @@ def test_a_budgeted_job_that_ends_after_midnight_is_counted_on_the_day_it_settle
         return int((store._get(f"day#{day}") or {}).get("committed_nanos", 0))
 
     assert committed("2027-01-01") == cost  # its reservation's day holds it
-    set_tenant_limits(store, budget, now=int(after.ms()) + 1000)  # its own budget, the next day
+    set_tenant_limits(
+        store, budget, defaults=defaults(), now=int(after.ms()) + 1000
+    )  # its own budget, the next day
     assert committed("2027-01-02") == 0  # nothing to count: the job is held by the day before
 
 
@@ -235,15 +250,21 @@ def test_a_budget_set_while_jobs_run_counts_them_once_they_settle(stack: StackDe
     tenant = Tenant("budget-while-running")
     created = bootstrap.job_service(tenant).create("k1", job(tokens=300))  # admitted without a budget
     store = bootstrap.usage_store(tenant)
-    set_tenant_limits(store, TenantLimits(1_000_000, 10_000_000, 16, daily_budget_nanos=10))  # $1e-8
+    set_tenant_limits(
+        store, TenantLimits(1_000_000, 10_000_000, 16, daily_budget_nanos=10), defaults=defaults()
+    )  # $1e-8
     assert runner_for(tenant).run(created.job.job_id) is Outcome.DONE
     cost = bootstrap.job_service(tenant).get(created.job.job_id).cost_nanos
     state = bootstrap.rate_limiter(tenant).usage(None, None)
     assert cost > 10 and round(state["limits"]["daily_budget"]["committed_usd"] * 1e9) == cost
     with pytest.raises(BudgetExceeded):
         bootstrap.job_service(tenant).create("k2", job(tokens=7))
-    set_tenant_limits(store, TenantLimits(1_000_000, 10_000_000, 16, daily_budget_nanos=None))
-    set_tenant_limits(store, TenantLimits(1_000_000, 10_000_000, 16, daily_budget_nanos=10 * cost))
+    set_tenant_limits(
+        store, TenantLimits(1_000_000, 10_000_000, 16, daily_budget_nanos=None), defaults=defaults()
+    )
+    set_tenant_limits(
+        store, TenantLimits(1_000_000, 10_000_000, 16, daily_budget_nanos=10 * cost), defaults=defaults()
+    )
     state = bootstrap.rate_limiter(tenant).usage(None, None)
     assert round(state["limits"]["daily_budget"]["committed_usd"] * 1e9) == cost  # not counted twice
 
@@ -251,7 +272,7 @@ def test_a_budget_set_while_jobs_run_counts_them_once_they_settle(stack: StackDe
 def test_a_raised_daily_limit_keeps_what_the_day_used(stack: StackDescription) -> None:
     tenant = Tenant("raised-limit")
     store = bootstrap.usage_store(tenant)
-    set_tenant_limits(store, TenantLimits(1_000_000, 5_000, 16))
+    set_tenant_limits(store, TenantLimits(1_000_000, 5_000, 16), defaults=defaults())
     used = run_job(tenant, "k1", max_tokens=300)
     spent = used.usage.input_tokens + used.usage.output_tokens
 
@@ -259,7 +280,7 @@ def test_a_raised_daily_limit_keeps_what_the_day_used(stack: StackDescription) -
         return int(bootstrap.rate_limiter(tenant).usage(None, None)["limits"]["tokens_per_day"]["remaining"])
 
     assert 5_000 - spent - 1 <= day_remaining() <= 5_000 - spent + 1  # the day refills meanwhile
-    set_tenant_limits(store, TenantLimits(1_000_000, 10_000_000, 16))
+    set_tenant_limits(store, TenantLimits(1_000_000, 10_000_000, 16), defaults=defaults())
     # what the day used still counts (it refills at 116 tokens a second now); read at the old scale,
     # the bucket said 2,000 times what it had used
     assert 10_000_000 - spent - 1 <= day_remaining() <= 10_000_000

@@ -152,7 +152,9 @@ def test_a_changed_limit_applies_at_the_next_admission() -> None:
     world = JobWorld()
     service = world.service("acme")
     service.create("k1", job())
-    set_tenant_limits(world.ledger.tenant("acme"), TenantLimits(200_000, 10_000_000, 1))
+    set_tenant_limits(
+        world.ledger.tenant("acme"), TenantLimits(200_000, 10_000_000, 1), defaults=world.limits
+    )
     with pytest.raises(TooManyConcurrentJobs):
         service.create("k2", job())
 

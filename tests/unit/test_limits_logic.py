@@ -13,6 +13,7 @@ from spool_core.units import usd_text
 from tests.ledger import Clock, MemoryLedger
 
 NOW_US = 1_800_000_000_000_000
+DEFAULTS = TenantLimits(tokens_per_minute=200_000, tokens_per_day=10_000_000, max_concurrent_jobs=16)
 
 
 def test_a_bucket_takes_what_fits_and_says_when_the_rest_will() -> None:
@@ -175,7 +176,7 @@ def test_a_changed_token_limit_keeps_what_is_outstanding_in_its_bucket() -> None
     ledger = MemoryLedger(clock_ms=clock.ms)
     store = ledger.tenant("acme")
     before = TenantLimits(tokens_per_minute=100_000, tokens_per_day=5_000, max_concurrent_jobs=4)
-    set_tenant_limits(store, before, now=clock.ms())
+    set_tenant_limits(store, before, defaults=DEFAULTS, now=clock.ms())
     limiter = RateLimiter(store, before, clock_ms=clock.ms)
     now_us = clock.ms() * 1000
     day = store.state(None, "x").tats  # nothing taken yet
@@ -189,13 +190,13 @@ def test_a_changed_token_limit_keeps_what_is_outstanding_in_its_bucket() -> None
 
     assert remaining(before) == 5_000 - 4_046
     raised = before._replace(tokens_per_day=10_000_000)
-    set_tenant_limits(store, raised, now=clock.ms())
+    set_tenant_limits(store, raised, defaults=DEFAULTS, now=clock.ms())
     assert remaining(raised) == 10_000_000 - 4_046
     lowered = before._replace(tokens_per_day=6_000)
-    set_tenant_limits(store, lowered, now=clock.ms())
+    set_tenant_limits(store, lowered, defaults=DEFAULTS, now=clock.ms())
     assert remaining(lowered) == 6_000 - 4_046
     tiny = before._replace(tokens_per_day=1_000)  # under what is outstanding: a day's debt at most
-    set_tenant_limits(store, tiny, now=clock.ms())
+    set_tenant_limits(store, tiny, defaults=DEFAULTS, now=clock.ms())
     assert remaining(tiny) == 0 and store.state(None, "x").tats["day"] == clock.ms() * 1000 + 86_400_000_000
     assert Bucket("minute", 10, MINUTE_US).rescaled(None, 5, 20) is None  # nothing outstanding: untouched
 
@@ -211,7 +212,7 @@ def test_a_limit_change_that_loses_every_race_changes_nothing_and_can_be_run_aga
     ledger = MemoryLedger(clock_ms=clock.ms)
     store = ledger.tenant("acme")
     before = TenantLimits(tokens_per_minute=1_000, tokens_per_day=10_000, max_concurrent_jobs=4)
-    set_tenant_limits(store, before, now=clock.ms())
+    set_tenant_limits(store, before, defaults=DEFAULTS, now=clock.ms())
     now_us = clock.ms() * 1000
     ledger.usage["acme"]["bucket#minute"] = {"tat_us": now_us + 30_000_000}  # 500 of 1,000 used
     ledger.usage["acme"]["bucket#day"] = {"tat_us": now_us + 8_640_000_000}  # 1,000 of 10,000 used
@@ -224,10 +225,10 @@ def test_a_limit_change_that_loses_every_race_changes_nothing_and_can_be_run_aga
 
     store.change_limits = lose  # type: ignore[method-assign]
     with pytest.raises(Conflict):
-        set_tenant_limits(store, after, now=clock.ms())
+        set_tenant_limits(store, after, defaults=DEFAULTS, now=clock.ms())
     assert store.limits() == before and ledger.usage["acme"]["bucket#minute"]["tat_us"] == now_us + 30_000_000
     store.change_limits = racing  # type: ignore[method-assign]
-    set_tenant_limits(store, after, now=clock.ms())
+    set_tenant_limits(store, after, defaults=DEFAULTS, now=clock.ms())
     minute, day = RateLimiter.buckets(after)
     tats = store.state(None, "x").tats
     assert minute.remaining(tats["minute"], now_us) == 100_000 - 500  # rescaled once

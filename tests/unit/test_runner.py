@@ -922,10 +922,10 @@ def test_a_job_settled_after_its_tenants_limit_changed_moves_the_bucket_at_the_n
     world = JobWorld()
     store = world.ledger.tenant("acme")
     small = TenantLimits(tokens_per_minute=100_000_000, tokens_per_day=5_000, max_concurrent_jobs=50)
-    set_tenant_limits(store, small, now=world.clock.ms())
+    set_tenant_limits(store, small, defaults=world.limits, now=world.clock.ms())
     first = create(world, key="first", max_tokens=4_000)
     big = small._replace(tokens_per_day=100_000)
-    set_tenant_limits(store, big, now=world.clock.ms())
+    set_tenant_limits(store, big, defaults=world.limits, now=world.clock.ms())
     others = [create(world, key=f"other{i}", max_tokens=4_000) for i in range(20)]
     held = sum(world.ledger.tenant("acme").get(j).reservation["tokens"] for j in others)
     world.service("acme").cancel(first)  # nothing used: its reservation comes back
@@ -969,10 +969,14 @@ def test_a_refund_after_a_limit_change_never_lets_reservations_past_the_new_limi
     world = JobWorld(limits=TenantLimits(100_000_000, defaults_per_day, 50))
     store = world.ledger.tenant("acme")
     if before_per_day is not None:
-        set_tenant_limits(store, TenantLimits(100_000_000, before_per_day, 50), now=world.clock.ms())
+        set_tenant_limits(
+            store, TenantLimits(100_000_000, before_per_day, 50), defaults=world.limits, now=world.clock.ms()
+        )
     first = create(world, key="first", max_tokens=4_000)
     world.clock.now += seconds_between
-    set_tenant_limits(store, TenantLimits(100_000_000, after_per_day, 50), now=world.clock.ms())
+    set_tenant_limits(
+        store, TenantLimits(100_000_000, after_per_day, 50), defaults=world.limits, now=world.clock.ms()
+    )
     others = _fill(world, "before", 400)
     world.service("acme").cancel(first)  # nothing used
     others += _fill(world, "after", 400)
@@ -986,9 +990,11 @@ def test_a_refund_after_a_reset_to_the_defaults_gives_the_reservation_back() -> 
 
     world = JobWorld(limits=TenantLimits(100_000_000, 10_000_000, 50))
     store = world.ledger.tenant("acme")
-    set_tenant_limits(store, TenantLimits(100_000_000, 5_000, 50), now=world.clock.ms())
+    set_tenant_limits(
+        store, TenantLimits(100_000_000, 5_000, 50), defaults=world.limits, now=world.clock.ms()
+    )
     first = create(world, key="first", max_tokens=4_000)
-    del world.ledger.usage["acme"]["limits"]  # `spool limits reset` (DynamoUsageStore.clear_limits)
+    set_tenant_limits(store, None, defaults=world.limits, now=world.clock.ms())  # `spool limits reset`
     world.service("acme").cancel(first)
     day = RateLimiter.buckets(world.limits)[1]
     assert day.remaining(store.state(None, "x").tats["day"], world.clock.ms() * 1000) == 10_000_000
@@ -1008,18 +1014,35 @@ def test_a_stalled_continuation_redelivered_after_progress_does_not_fail_the_job
     assert_ended_once(world, job_id)
 
 
-def test_a_reservation_kept_before_it_said_whose_limits_applied_settles_as_the_tenants_own() -> None:
-    """A job admitted before reservations recorded ``own`` and settled after a raise of its tenant's
-    limits: read as the defaults', its refund at the old scale freed ~72,000 tokens others held."""
+@pytest.mark.parametrize(
+    "history",
+    [
+        (5_000, 100_000),  # from the defaults to limits of its own, then raised
+        (None, 5_000),  # back to the defaults, then limits of its own
+        (5_000, None, 100_000),
+        (100_000, None),  # from the defaults down, and back
+    ],
+)
+def test_a_reservation_across_changes_through_the_defaults_never_lets_reservations_past_the_limit(
+    history: tuple[int | None, ...],
+) -> None:
+    """A third reviewer: a move between the deployment's defaults and limits of the tenant's own moved
+    no bucket, so a job in flight across defaults -> own -> own (or own -> reset -> own) settled at
+    a scale its bucket was not in and over-granted. Every change carries the buckets over now, the
+    defaults included, and a settlement is at the scale of the limits that apply."""
     from spool_core.limits.service import set_tenant_limits
 
-    world = JobWorld()
+    world = JobWorld(limits=TenantLimits(100_000_000, 200_000, 200))
     store = world.ledger.tenant("acme")
-    set_tenant_limits(store, TenantLimits(100_000_000, 5_000, 50), now=world.clock.ms())
+    if history[0] is None:  # the reset needs limits of its own to leave
+        set_tenant_limits(store, TenantLimits(100_000_000, 20_000, 200), defaults=world.limits)
     first = create(world, key="first", max_tokens=4_000)
-    del world.ledger.jobs[("acme", first)]["reservation"]["own"]  # as an item from before it
-    set_tenant_limits(store, TenantLimits(100_000_000, 100_000, 50), now=world.clock.ms())
+    for per_day in history:
+        world.clock.now += 60
+        own = None if per_day is None else TenantLimits(100_000_000, per_day, 200)
+        set_tenant_limits(store, own, defaults=world.limits, now=world.clock.ms())
+    limit = history[-1] or world.limits.tokens_per_day
     others = _fill(world, "before", 4_000)
-    world.service("acme").cancel(first)
+    world.service("acme").cancel(first)  # nothing used: what is outstanding comes back
     others += _fill(world, "after", 4_000)
-    assert _live_reservations(world, others) <= 100_000
+    assert _live_reservations(world, others) <= limit

@@ -171,11 +171,12 @@ class ScopedTable:
         kind: str,
         ident: str,
         *,
+        sort: Mapping[str, Any] | None = None,
         condition: str | None = None,
         names: Mapping[str, str] | None = None,
         values: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        request: dict[str, Any] = {"TableName": self._table, "Key": self.key(kind, ident)}
+        request: dict[str, Any] = {"TableName": self._table, "Key": self.key(kind, ident, sort)}
         self._add_condition(request, condition, names, values)
         return {"Delete": request}
 

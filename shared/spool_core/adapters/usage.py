@@ -256,7 +256,10 @@ class DynamoUsageStore:
         )
 
     def change_limits(
-        self, previous: TenantLimits | None, limits: TenantLimits, moves: Sequence[tuple[str, int, int]]
+        self,
+        previous: TenantLimits | None,
+        limits: TenantLimits | None,
+        moves: Sequence[tuple[str, int, int]],
     ) -> bool:
         if previous is None:
             condition, values = "attribute_not_exists(tokens_per_minute)", {}
@@ -265,6 +268,10 @@ class DynamoUsageStore:
             values = {":minute": previous.tokens_per_minute, ":day": previous.tokens_per_day}
         writes = [
             self._table.put_request(KIND, IDENT, _limits_item(limits), condition=condition, values=values)
+            if limits is not None
+            else self._table.delete_request(
+                KIND, IDENT, sort=_sk("limits"), condition=condition, values=values
+            )
         ]
         writes += [
             self._table.update_request(
@@ -282,9 +289,6 @@ class DynamoUsageStore:
         except ConditionFailed:
             return False
         return True
-
-    def clear_limits(self) -> None:
-        self._table.delete(KIND, IDENT, sort=_sk("limits"))
 
     # ------------------------------------------------------------------ learned statistics
     def stats(self, model_id: str) -> ModelStats:

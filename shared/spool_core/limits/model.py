@@ -113,9 +113,6 @@ class Reservation(NamedTuple):
     reserved_at_ms: int
     buckets: tuple[tuple[str, int, int], ...] = ()  # (name, limit, period_us) of the buckets taken from
     budgeted: bool = False  # a daily budget applied: the settlement moves the day's commitments
-    # The tenant's own limits applied (not the deployment's defaults); None: a reservation from before
-    # this was kept, settled as the tenant's own (the usual case: a change of its own limits)
-    own: bool | None = None
 
     def item(self) -> dict[str, Any]:
         return {**self._asdict(), "buckets": [list(b) for b in self.buckets]}
@@ -129,7 +126,6 @@ class Reservation(NamedTuple):
             reserved_at_ms=int(item["reserved_at_ms"]),
             buckets=tuple((str(n), int(limit), int(period)) for n, limit, period in item.get("buckets", [])),
             budgeted=bool(item.get("budgeted", False)),
-            own=None if item.get("own") is None else bool(item["own"]),
         )
 
 

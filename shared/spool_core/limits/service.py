@@ -61,41 +61,52 @@ class UsageStore(Protocol):
         the settled spend (the rollups) beyond the part budgeted jobs settled into them."""
 
     def change_limits(
-        self, previous: TenantLimits | None, limits: TenantLimits, moves: Sequence[tuple[str, int, int]]
+        self,
+        previous: TenantLimits | None,
+        limits: TenantLimits | None,
+        moves: Sequence[tuple[str, int, int]],
     ) -> bool:
-        """Set the tenant's limits, and each ``(bucket, seen TAT, TAT)`` of ``moves``, all or none: if
-        the token limits are still ``previous`` (None: the tenant has none of its own) and each
-        bucket's TAT is still the one seen. Whether they were."""
+        """Set the tenant's own limits (None: remove them, the deployment's defaults apply), and each
+        ``(bucket, seen TAT, TAT)`` of ``moves``, all or none: if the token limits are still
+        ``previous`` (None: the tenant has none of its own) and each bucket's TAT is still the one
+        seen. Whether they were."""
 
 
 RESCALE_ATTEMPTS = 5  # of moving a bucket's TAT against admissions and settlements meanwhile
 
 
-def set_tenant_limits(store: UsageStore, limits: TenantLimits, now: int | None = None) -> None:
-    """A tenant's own limits. A daily budget that starts now (the tenant had none of its own) counts
-    what the tenant already spent today: a job admitted without a budget adds nothing to the day's
-    commitments, so a budget set after $3 of spend would otherwise allow its whole amount again.
-    Counted before the budget applies, and added, never set: a reservation made meanwhile is kept.
-    A token limit that changes keeps the tokens outstanding in its bucket (``Bucket.rescaled``); a
-    tenant on the deployment's defaults starts its own limits from its buckets as they stand."""
+def set_tenant_limits(
+    store: UsageStore, limits: TenantLimits | None, *, defaults: TenantLimits, now: int | None = None
+) -> None:
+    """A tenant's own limits, or (``limits`` None) back to the deployment's ``defaults``.
+
+    A daily budget that starts now counts what the tenant already spent today: a job admitted
+    without a budget adds nothing to the day's commitments, so a budget set after $3 of spend would
+    otherwise allow its whole amount again. Counted before the budget applies, and added, never set:
+    a reservation made meanwhile is kept. A token limit that changes keeps the tokens outstanding in
+    its bucket (``Bucket.rescaled``), whichever limits apply before and after, the defaults included:
+    a bucket is always in the scale of the limits that apply, which is the scale a job's settlement
+    uses (``RateLimiter.settle``). A change of the defaults themselves (a redeploy) rescales nothing."""
     now = now_ms() if now is None else now
     day = utc_day(now)
     state = store.state(None, day)
-    had_budget = state.limits is not None and state.limits.daily_budget_nanos is not None
-    if limits.daily_budget_nanos is not None and not had_budget:
+    if limits is None and state.limits is None:
+        return  # on the defaults already
+    if (limits or defaults).daily_budget_nanos is not None and (
+        state.limits or defaults
+    ).daily_budget_nanos is None:
         store.count_spend(day)
     # The limits and the buckets they rescale in one write: a change applied in part and run again
     # would rescale a bucket twice.
     for _ in range(RESCALE_ATTEMPTS):
         moves = []
-        previous = state.limits
-        if previous is not None:
-            for old, new in zip(RateLimiter.buckets(previous), RateLimiter.buckets(limits), strict=True):
-                seen = state.tats.get(old.name)
-                tat = old.rescaled(seen, now * 1000, new.limit) if old.limit != new.limit else None
-                if seen is not None and tat is not None:
-                    moves.append((old.name, seen, tat))
-        if store.change_limits(previous, limits, moves):
+        before, after = RateLimiter.buckets(state.limits or defaults), RateLimiter.buckets(limits or defaults)
+        for old, new in zip(before, after, strict=True):
+            seen = state.tats.get(old.name)
+            tat = old.rescaled(seen, now * 1000, new.limit) if old.limit != new.limit else None
+            if seen is not None and tat is not None:
+                moves.append((old.name, seen, tat))
+        if store.change_limits(state.limits, limits, moves):
             return
         state = store.state(None, day)
     raise Conflict(
@@ -195,7 +206,6 @@ class RateLimiter:
             reserved_at_ms=now,
             buckets=tuple((b.name, b.limit, b.period_us) for b in self.buckets(limits)),
             budgeted=budget is not None,
-            own=state.limits is not None,
         )
         return ReservationPlan(reservation, tuple(takes), limits.max_concurrent_jobs, room)
 
@@ -280,14 +290,17 @@ class RateLimiter:
         reservation is still outstanding: the bucket refills as time passes, and a refund of what
         has refilled since would grant more than the limit (900 of 1,000 a minute reserved, unused
         and refunded a minute later, let another 900 in beside the next reservation's 900). The
-        differences are in the scale ``_scales`` names for each bucket."""
+        differences are in the scale of the limits that apply now, the tenant's own or the
+        deployment's defaults: every change of a tenant's limits moves each bucket's TAT to the new
+        limits' scale in the same write (``set_tenant_limits``); at the reservation's scale, a refund
+        after a raise from 5,000 to 100,000 a day freed 76,000 tokens other jobs held."""
         now = self.now_ms()
         actual = sum(u.input_tokens + u.output_tokens for u in usage)
         cost = sum(u.cost_nanos for u in usage)
         if reservation is None:  # nothing was reserved
             return Settlement(job_id, tuple(usage), utc_day(now), (), None, release_slot=False)
         deltas = []
-        scales = self._scales(reservation)
+        scales = {b.name: b for b in self.buckets(self._store.limits() or self._defaults)}
         elapsed_us = (now - reservation.reserved_at_ms) * 1000
         difference = actual - reservation.tokens
         for name, limit, period in reservation.buckets:
@@ -305,17 +318,6 @@ class RateLimiter:
         return Settlement(
             job_id, tuple(usage), utc_day(now), tuple(deltas), (reservation.day, cost - committed)
         )
-
-    def _scales(self, reservation: Reservation) -> dict[str, Bucket]:
-        """The buckets whose scale a settlement's differences are in: the tenant's own limits now,
-        when the reservation was made under its own limits too (a change of them moved each bucket's
-        TAT to the new limit's scale: ``set_tenant_limits``; at the old scale, a refund after a raise
-        from 5,000 to 100,000 a day freed 76,000 tokens other jobs held); else the reservation's
-        (a move from the deployment's defaults, or back to them, moves no bucket)."""
-        if reservation.own is False:
-            return {}
-        current = self._store.limits()
-        return {b.name: b for b in self.buckets(current)} if current is not None else {}
 
     def learn(self, model_id: str, estimate: Estimate, input_tokens: int) -> None:
         """Move the tenant's correction toward actual/estimated input (bounded moving average). Best
