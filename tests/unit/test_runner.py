@@ -816,13 +816,15 @@ def test_a_provider_stalled_at_the_time_limit_hands_the_job_over_instead_of_dyin
 
 class _Hangs:
     """A provider whose calls numbered in ``hangs`` (from 1) accept the request and send nothing
-    (until the test ends); the others answer as the simulated provider does."""
+    (until the test ends); the others answer as the simulated provider does. With ``model``, only
+    that model's calls are counted and hang."""
 
-    def __init__(self, world: JobWorld, hangs: Iterable[int]) -> None:
+    def __init__(self, world: JobWorld, hangs: Iterable[int], model: str | None = None) -> None:
         import threading
 
-        self.inner, self.hangs, self.calls = world.provider_for, set(hangs), 0
+        self.inner, self.hangs, self.calls, self.model = world.provider_for, set(hangs), 0, model
         self.release = threading.Event()
+        self.models: list[str] = []  # each call's model
 
     def __call__(self, model: Any) -> Any:
         inner, outer = self.inner(model), self
@@ -831,10 +833,12 @@ class _Hangs:
             name, supports_prefill, resumes_by_index = "simulated", True, True
 
             def stream(self, request: Any, resume: Any) -> Any:
-                outer.calls += 1
-                if outer.calls in outer.hangs:
-                    outer.release.wait(30)
-                    return
+                outer.models.append(model.id)
+                if outer.model in (None, model.id):
+                    outer.calls += 1
+                    if outer.calls in outer.hangs:
+                        outer.release.wait(30)
+                        return
                 yield from inner.stream(request, resume)
 
         return Provider()
@@ -879,12 +883,46 @@ def test_a_provider_that_never_sends_fails_the_job_instead_of_handing_it_over_fo
     world.provider_for = hangs = _Hangs(world, hangs=range(1, 100))
     job_id = create(world, max_tokens=50)
     assert _invocations(world, hangs, 5) == [Outcome.YIELD, Outcome.DONE]
-    assert hangs.calls == 4  # each invocation's stalled call, and its retry that the time ran out on
+    assert hangs.calls == 3  # a stalled call and its retry the time ran out on; a stall again
     job = assert_ended_once(world, job_id, status="failed")
     assert (
         job.error["code"] == "model_unavailable" and job.error["details"]["last_error"] == "provider_stalled"
     )
-    assert "sent nothing for 0.6 s" in job.error["message"]
+    assert "sim-fast sent nothing for 0.6 s, in two invocations in a row" in job.error["message"]
+
+
+def test_a_model_that_stalls_in_two_invocations_hands_the_job_to_its_fallback() -> None:
+    """A stall, a hand-over, and a stall again from the same log failed the job without trying its
+    model's fallbacks: the fallback takes over now, within the invocation."""
+    world = JobWorld()
+    world.provider_for = hangs = _Hangs(world, hangs=range(1, 100), model="sim-realtime")
+    job_id = create(world, model="sim-realtime", max_tokens=50)
+    assert _invocations(world, hangs, 5) == [Outcome.YIELD, Outcome.DONE]
+    assert hangs.models == ["sim-realtime", "sim-realtime", "sim-realtime", "sim-fast"]
+    _assert_served_by(world, job_id, ["sim-realtime", "sim-fast"])
+
+
+def _assert_served_by(world: JobWorld, job_id: str, models: list[str]) -> None:
+    job = world.ledger.tenant("acme").get(job_id)
+    assert job is not None and job.status == "completed" and job.fallback_used
+    assert [s.model for s in job.segments] == models
+    log = list(world.ledger.tenant("acme").all(job_id))
+    assert [c.sequence_id for c in log] == list(range(1, len(log) + 1))  # no gap, no duplicate
+    assert sum(c.tokens for c in log) == job.usage.output_tokens
+
+
+def test_a_continuation_goes_on_with_the_fallback_that_took_over() -> None:
+    """Handed over while its fallback was serving it: the next invocation goes on with the fallback
+    (the job's resolved model), never back to the model that failed it."""
+    world = JobWorld()
+    throttled = {"simulate": {"fault": "throttle", "at_token": 10, "times": 99, "model": "sim-realtime"}}
+    job_id = create(world, model="sim-realtime", max_tokens=200, metadata=throttled)
+    # the fallback sends nothing until the invocation's time runs out (a stall, and its retry)
+    world.provider_for = hangs = _Hangs(world, hangs=[1, 2], model="sim-fast")
+    assert _invocations(world, hangs, 5) == [Outcome.YIELD, Outcome.DONE]
+    _assert_served_by(world, job_id, ["sim-realtime", "sim-fast"])
+    handed_over = hangs.models.index("sim-fast")
+    assert hangs.models[handed_over:] == ["sim-fast", "sim-fast", "sim-fast"]
 
 
 def test_a_provider_that_stalls_once_gets_a_whole_invocation_after_it() -> None:

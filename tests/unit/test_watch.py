@@ -69,7 +69,7 @@ def test_a_stall_is_a_retryable_provider_error_and_the_stream_is_closed() -> Non
         with pytest.raises(ProviderError) as raised:
             next(events)
         assert list(events) == []  # given up: nothing more is read from it
-    assert raised.value.retryable and raised.value.code == "provider_unavailable"
+    assert raised.value.retryable and raised.value.code == "provider_stalled"
     assert "sent nothing for 0.05 s" in str(raised.value)
     stream.release.set()  # the provider's next event: the reader stops there and closes it
     assert stream.closed.wait(WAIT)

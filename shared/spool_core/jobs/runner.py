@@ -260,6 +260,7 @@ class _Attempt:
         allow_fallback = job.request.fallback and r.fallback_enabled()
         tried: list[dict[str, Any]] = []
         try:
+            # model_resolved is the model serving the job: a fallback that took over goes on with it
             for model in r._models.chain(primary, fallback=allow_fallback):
                 if not r._breaker.allow(model.id):
                     tried.append({"model": model.id, "skipped": "circuit open"})
@@ -287,13 +288,6 @@ class _Attempt:
         except OutOfTime:
             self.writer.flush(notify=False)
             stalled = self.stalled and self.writer.tokens_total == self.tokens_at_start
-            if stalled and self.stalled_at == self.tokens_at_start:
-                # A stall, then nothing until the time ran out, twice in a row: handed over again,
-                # the next invocation would wait the same way, and the next, each a new message that
-                # never reaches the dead letters. Once is handed over: a provider slow after a
-                # transient stall gets a whole invocation.
-                self._fail_stalled(self.segments[-1].model)
-                return Outcome.DONE
             return self._yield(stalled_at=self.tokens_at_start if stalled else None)
         self._fail_unavailable(primary, tried, allow_fallback)
         return Outcome.DONE
@@ -352,8 +346,17 @@ class _Attempt:
                 return first_token_ms
             except ProviderError as exc:
                 self.writer.flush()  # keep every token received before the failure
-                self.stalled = self.stalled or isinstance(exc, Stalled)
-                if not exc.retryable or calls > r.settings.max_retries:
+                stalled = isinstance(exc, Stalled)
+                self.stalled = self.stalled or stalled
+                # A stall, and the invocation before this one ran out of time after a stall from the
+                # same log: the model is not waited on a third time, the next in the chain takes over
+                # (or the job fails). Handed over again, the next invocation would wait the same way,
+                # and the next, each a new message that never reaches the dead letters. Once is
+                # handed over: a provider slow after a transient stall gets a whole invocation.
+                stalled_again = stalled and self.stalled_at == self.writer.tokens_total
+                if stalled_again:
+                    self.stalled_at = None  # the next model in the chain gets its retries
+                if not exc.retryable or calls > r.settings.max_retries or stalled_again:
                     exc.attempts = calls  # type: ignore[attr-defined]
                     raise
                 delay = r.settings.backoff_seconds * 2 ** (calls - 1)
@@ -518,19 +521,9 @@ class _Attempt:
             ["The provider refused the request; check the messages and parameters", "Try another model"],
         )
 
-    def _fail_stalled(self, model_id: str) -> None:
-        self.r._breaker.record_failure(model_id)
-        stall = self.r.settings.stall_seconds
-        self._fail(
-            "model_unavailable",
-            f"{model_id} sent nothing for {stall:g} s, then nothing more until the worker's time ran out,"
-            " in two invocations in a row",
-            {"model": model_id, "stall_seconds": stall, "last_error": "provider_stalled"},
-            ["Retry later: the provider is not answering", "Check GET /v1/health for the model's circuit"],
-        )
-
     def _fail_unavailable(self, primary: ModelSpec, tried: list[dict[str, Any]], fallback: bool) -> None:
         last = tried[-1] if tried else {}
+        details = {"model": primary.id, "fallback": fallback, "tried": tried, "last_error": last.get("error")}
         if fallback:
             message = f"No model in {primary.id}'s fallback chain could serve the job"
             suggestions = ["Retry later: the providers are throttling or unavailable", "Check GET /v1/health"]
@@ -540,9 +533,8 @@ class _Attempt:
                 'Retry later, or allow fallback (omit "fallback": false) to use the model\'s fallback chain',
                 "Check GET /v1/health for the model's circuit and error rate",
             ]
-        self._fail(
-            "model_unavailable",
-            message,
-            {"model": primary.id, "fallback": fallback, "tried": tried, "last_error": last.get("error")},
-            suggestions,
-        )
+        if last.get("error") == Stalled.CODE:
+            stall = self.r.settings.stall_seconds
+            message += f": {last['model']} sent nothing for {stall:g} s, in two invocations in a row"
+            details["stall_seconds"] = stall
+        self._fail("model_unavailable", message, details, suggestions)

@@ -33,10 +33,10 @@ class OutOfTime(Exception):
 class Stalled(ProviderError):
     """The provider sent nothing for the stall limit: retryable, from what was persisted."""
 
+    CODE = "provider_stalled"
+
     def __init__(self, seconds: float) -> None:
-        super().__init__(
-            f"The provider sent nothing for {seconds:g} s", retryable=True, code="provider_unavailable"
-        )
+        super().__init__(f"The provider sent nothing for {seconds:g} s", retryable=True, code=self.CODE)
 
 
 class WatchedStream[T]:
