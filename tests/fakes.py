@@ -128,6 +128,7 @@ class MemoryContextTable:
         self.upload_counts: dict[int, int] = {}
         self.used_uploads: dict[str, str] = {}
         self.before_replace: list[str] = []  # context ids to bump concurrently, once
+        self.lock = threading.Lock()  # each conditional write one atomic step, as DynamoDB's
 
     def get(self, context_id: str) -> ContextRecord | None:
         found = self.items.get(context_id)
@@ -159,9 +160,10 @@ class MemoryContextTable:
         return True
 
     def create(self, record: ContextRecord, ttl: int) -> None:
-        if record.context_id in self.items:
-            raise ContextExists(record.context_id)
-        self.items[record.context_id] = (record, ttl)
+        with self.lock:
+            if record.context_id in self.items:
+                raise ContextExists(record.context_id)
+            self.items[record.context_id] = (record, ttl)
 
     def replace(self, record: ContextRecord, ttl: int, expected_version: int) -> None:
         if record.context_id in self.before_replace:
@@ -171,13 +173,15 @@ class MemoryContextTable:
                 current.model_copy(update={"version": current.version + 1}),
                 old_ttl,
             )
-        current_record = self.get(record.context_id)
-        if current_record is None or current_record.version != expected_version:
-            raise ConcurrentUpdate(record.context_id)
-        self.items[record.context_id] = (record, ttl)
+        with self.lock:
+            current_record = self.get(record.context_id)
+            if current_record is None or current_record.version != expected_version:
+                raise ConcurrentUpdate(record.context_id)
+            self.items[record.context_id] = (record, ttl)
 
     def delete(self, context_id: str) -> bool:
-        return self.items.pop(context_id, None) is not None
+        with self.lock:
+            return self.items.pop(context_id, None) is not None
 
 
 class MemoryUploadStore:

@@ -14,6 +14,8 @@ from spool.devstack.provision import StackDescription
 from tests.integration.conftest import client
 from tests.support import api_event, response_json, wait_for
 
+RETRIES = 12
+
 
 def call(invoke: Any, method: str, path: str, body: Any = None, tenant: str = "local") -> tuple[int, Any]:
     resource = "/v1/contexts/{context_id}" if path.count("/") == 3 and "uploads" not in path else path
@@ -260,3 +262,35 @@ def test_if_match_makes_exactly_one_of_two_edits_of_a_version_win(invoke: Any) -
     assert (status, merged["version"]) == (200, 3)
     status, read = call(invoke, "GET", f"/v1/contexts/{context_id}", tenant="etag")
     assert status == 200 and read["version"] == 3
+
+
+def test_concurrent_retries_of_one_upload_all_answer_its_one_context(stack: StackDescription) -> None:
+    """Requests naming one upload while another of them makes its context, as a client's retries do,
+    on S3 and DynamoDB (moto): each answers the one context the upload makes (201). Their starts are
+    spread over the time one takes, so that some read while another creates, notes the upload used
+    and deletes its document."""
+    from spool_core import bootstrap
+    from spool_core.contexts.model import CreateContextRequest
+    from spool_core.tenancy import Tenant
+    from tests.integration.test_atomic_dynamodb import run_together
+
+    document = json.dumps({"files": [{"path": f"f{i}", "content": f"c{i}" * 100} for i in range(20)]})
+    started = time.monotonic()
+    bootstrap.context_service(Tenant("retries")).create(CreateContextRequest.model_validate_json(document))
+    one_create = time.monotonic() - started
+    for _ in range(8):
+        services = [bootstrap.context_service(Tenant("retries")) for _ in range(RETRIES)]
+        upload_id = services[0].begin_upload()["upload_id"]
+        client("s3", stack).put_object(
+            Bucket=stack.refs["ContextBucket"], Key=f"uploads/retries/{upload_id}", Body=document.encode()
+        )
+
+        def retry(i: int) -> Any:
+            time.sleep(one_create * i / RETRIES)
+            return services[i].create_from_upload(upload_id)  # noqa: B023
+
+        answers = run_together(RETRIES, retry)
+        assert [a for a in answers if not isinstance(a, dict)] == []
+        assert {a["context_id"] for a in answers} == {services[0].create_from_upload(upload_id)["context_id"]}
+        assert services[0].get(answers[0]["context_id"])["file_count"] == 20
+        assert keys_under(stack, f"uploads/retries/{upload_id}") == []

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -358,9 +360,13 @@ def test_an_upload_replaced_after_its_check_is_not_read() -> None:
     upload_id = h.service.begin_upload()["upload_id"]
     h.uploads.objects[upload_id] = b'{"files": [{"path": "a", "content": "small"}]}'
     h.uploads.replace_before_read[upload_id] = b'{"files": [{"path": "a", "content": "' + b"x" * 500 + b'"}]}'
-    with pytest.raises(ContextConflict):
+    with pytest.raises(ContextConflict) as conflict:
         h.service.create_from_upload(upload_id)
     assert h.table.items == {} and h.blobs.objects == {}
+    # The document now stored is kept, so that the retry the conflict suggests reads it.
+    assert "again" in conflict.value.suggestions[0] and len(h.uploads.objects[upload_id]) > 200
+    with pytest.raises(PayloadTooLarge):
+        h.service.create_from_upload(upload_id)
 
 
 def test_invalid_and_oversized_uploads() -> None:
@@ -493,6 +499,102 @@ def test_a_lost_race_to_make_a_context_from_one_upload_answers_the_winners_conte
     summary = h.service.create_from_upload(upload_id)
     assert summary["size_bytes"] == 99  # the stored context, not a 500
     assert h.uploads.objects == {}
+
+
+class Interleaving:
+    """Two requests naming one upload, interleaved at one chosen point: just before the first
+    request's ``at``-th call to a wrapped port, the second runs on its own thread to its end."""
+
+    def __init__(self, at: int, meanwhile: Callable[[], Any]) -> None:
+        self.at = at
+        self.calls = 0
+        self.meanwhile = meanwhile
+        self.answer: Any = None
+        self.ran = False
+
+    def wrap(self, port: Any) -> Any:
+        interleaving = self
+
+        class Paused:
+            def __getattr__(self, name: str) -> Any:
+                method = getattr(port, name)
+
+                def call(*args: Any, **kwargs: Any) -> Any:
+                    interleaving.step()
+                    return method(*args, **kwargs)
+
+                return call
+
+        return Paused()
+
+    def step(self) -> None:
+        if self.calls == self.at:
+            self.run()
+        self.calls += 1
+
+    def run(self) -> None:
+        def other() -> None:
+            try:
+                self.answer = self.meanwhile()
+            except Exception as exc:
+                self.answer = exc
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+        self.ran = True
+
+
+@pytest.mark.parametrize("at", range(8))
+def test_a_retry_of_an_upload_answers_the_context_another_made_while_it_read(at: int) -> None:
+    """At every point of one request, another naming the same upload may make the context, note the
+    upload used and delete its document; each answers that context. The upload_not_found "which was
+    deleted" (the context made between the check of the context and the check of the note), the
+    upload_not_found "not found" (the document deleted before the head) and the conflict (deleted
+    before the read) were answers of such a retry."""
+    h = Harness()
+    upload_id = h.service.begin_upload()["upload_id"]
+    h.uploads.objects[upload_id] = b'{"files": [{"path": "a.txt", "content": "once"}]}'
+    interleaving = Interleaving(at, lambda: h.service.create_from_upload(upload_id))
+    retry = ContextService(
+        interleaving.wrap(h.table),
+        h.manifests,
+        h.blobs,
+        h.index,
+        interleaving.wrap(h.uploads),
+        h.service.limits,
+        h.clock,
+    )
+    answer = retry.create_from_upload(upload_id)
+    if not interleaving.ran:  # this request finished first: the other one comes after it
+        interleaving.run()
+    assert interleaving.answer == answer
+    assert answer["context_id"] in h.table.items and len(h.table.items) == 1
+    assert h.uploads.objects == {}
+    assert h.table.upload_used_for(upload_id) == answer["context_id"]
+
+
+def test_a_retry_notes_the_upload_its_maker_did_not_note() -> None:
+    """The maker of a context failed after its create, before its note: the retry that answers the
+    context notes the upload used, so that deleting the context does not let the upload make it again."""
+    h = Harness()
+    upload_id = h.service.begin_upload()["upload_id"]
+    h.uploads.objects[upload_id] = b'{"files": [{"path": "a.txt", "content": "first"}]}'
+    record_upload_used = h.table.record_upload_used
+
+    def fails_once(*args: Any) -> None:
+        h.table.record_upload_used = record_upload_used  # type: ignore[method-assign]
+        raise ConnectionError("DynamoDB did not answer")
+
+    h.table.record_upload_used = fails_once  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        h.service.create_from_upload(upload_id)
+    context_id = h.service.create_from_upload(upload_id)["context_id"]  # the client's retry
+    h.service.delete(context_id)
+    h.uploads.objects[upload_id] = b'{"files": [{"path": "b.txt", "content": "second"}]}'
+    with pytest.raises(UploadNotFound):
+        h.service.create_from_upload(upload_id)
+    assert h.table.items == {}
 
 
 def test_two_writers_of_one_version_never_share_a_manifest_object() -> None:

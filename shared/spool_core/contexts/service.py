@@ -412,61 +412,95 @@ class ContextService:
 
     def create_from_upload(self, upload_id: str) -> dict[str, Any]:
         """One context per upload: its id is derived from the upload's, so a retry (or a second
-        request naming the same upload) answers the context already made. The document read is
-        exactly the one whose size was checked (by ETag); a refused one is deleted at once."""
+        request naming the same upload) answers the context already made, also while another request
+        is making it. The document read is exactly the one whose size was checked (by ETag); a refused
+        one is deleted at once."""
         context_id = _context_of_upload(upload_id)
-        existing = self._table.get(context_id) if _is_upload_id(upload_id) else None
-        if existing is not None:
-            self._uploads.delete(upload_id)  # a second PUT to a used URL leaves nothing behind
-            return self._summary(self._live(existing))  # expired since: 410, as every use of it
-        if _is_upload_id(upload_id) and self._table.upload_used_for(upload_id) is not None:
-            self._uploads.delete(upload_id)  # its context was deleted: never made again, from anything
-            raise UploadNotFound(
-                f"Upload '{upload_id}' is used up: it made context '{context_id}', which was deleted",
-                details={"upload_id": upload_id, "context_id": context_id},
-            )
-        head = self._uploads.head(upload_id) if _is_upload_id(upload_id) else None
+        if not _is_upload_id(upload_id):
+            raise self._no_upload(upload_id)
+        made = self._made_from_upload(upload_id, context_id)
+        if made is not None:
+            return made
+        head = self._uploads.head(upload_id)
         if head is None:
-            raise UploadNotFound(
-                f"Upload '{upload_id}' not found: never uploaded, expired, already refused, or another"
-                " tenant's",
-                details={"upload_id": upload_id},
-            )
+            made = self._made_from_upload(upload_id, context_id)  # its maker deleted the document since
+            if made is not None:
+                return made
+            raise self._no_upload(upload_id)
         try:
-            if head.size_bytes > self.limits.max_document_bytes:
-                raise PayloadTooLarge(
-                    f"The uploaded document is {head.size_bytes:,} bytes; an upload holds at most"
-                    f" {self.limits.max_document_bytes:,} (a context's limit is {self.limits.max_bytes:,})",
-                    details={
-                        "size_bytes": head.size_bytes,
-                        "limit_bytes": self.limits.max_document_bytes,
-                        "context_limit_bytes": self.limits.max_bytes,
-                    },
-                    suggestions=TOO_LARGE_SUGGESTIONS,
-                )
             document = self._uploaded_document(upload_id, head)
             summary = self._create(document, context_id)
+        except UploadChanged:
+            made = self._made_from_upload(upload_id, context_id)  # its maker deleted the document since
+            if made is not None:
+                return made
+            # Not deleted: the document now stored is the one the client means, and a retry reads it.
+            raise ContextConflict(
+                f"Upload '{upload_id}' was replaced while it was read",
+                details={"upload_id": upload_id},
+                suggestions=["Send the same request again: it reads the document now stored"],
+            ) from None
         except ContextExists:  # another request made it from this upload meanwhile: the same answer
             summary = self._summary(self._record(context_id))
         except SpoolError as refused:
             if not isinstance(refused, DependencyUnavailable | InternalError):
                 self._uploads.delete(upload_id)  # refused for good: keep nothing (a 5xx may be retried)
             raise
-        # Its URL may still take a PUT: once the context is deleted, the upload must not make it again.
-        used_until = self._clock() + self.limits.upload_url_seconds + DAY
-        self._table.record_upload_used(upload_id, context_id, int(used_until))
+        self._note_used(upload_id, context_id)
         self._uploads.delete(upload_id)
         return summary
 
+    def _made_from_upload(self, upload_id: str, context_id: str) -> dict[str, Any] | None:
+        """The context the upload made (its summary), ``upload_not_found`` if that context was deleted
+        since, or None when it made none yet.
+
+        The note is read before the context: its maker writes them in the other order (the context,
+        then the note), so a note read first means the context was made before the read that follows,
+        and missing from that read only because it was deleted. Read the other way round, a request
+        that made the context between the two reads looked like one whose context was deleted."""
+        noted = self._table.upload_used_for(upload_id)
+        record = self._table.get(context_id)
+        if record is not None:
+            if noted is None:  # its maker has not noted it yet (or failed to): a deletion must see it
+                self._note_used(upload_id, context_id)
+            self._uploads.delete(upload_id)  # a second PUT to a used URL leaves nothing behind
+            return self._summary(self._live(record))  # expired since: 410, as every use of it
+        if noted is not None:
+            self._uploads.delete(upload_id)  # its context was deleted: never made again, from anything
+            raise UploadNotFound(
+                f"Upload '{upload_id}' is used up: it made context '{context_id}', which was deleted",
+                details={"upload_id": upload_id, "context_id": context_id},
+            )
+        return None
+
+    def _note_used(self, upload_id: str, context_id: str) -> None:
+        """Its URL may still take a PUT: once the context is deleted, the upload must not make it again."""
+        used_until = self._clock() + self.limits.upload_url_seconds + DAY
+        self._table.record_upload_used(upload_id, context_id, int(used_until))
+
+    @staticmethod
+    def _no_upload(upload_id: str) -> UploadNotFound:
+        return UploadNotFound(
+            f"Upload '{upload_id}' not found: never uploaded, expired, already refused, or another tenant's",
+            details={"upload_id": upload_id},
+        )
+
     def _uploaded_document(self, upload_id: str, head: UploadHead) -> CreateContextRequest:
+        """The document ``head`` described, refused when it is too large or not a context document;
+        ``UploadChanged`` when the object is no longer that one."""
+        if head.size_bytes > self.limits.max_document_bytes:
+            raise PayloadTooLarge(
+                f"The uploaded document is {head.size_bytes:,} bytes; an upload holds at most"
+                f" {self.limits.max_document_bytes:,} (a context's limit is {self.limits.max_bytes:,})",
+                details={
+                    "size_bytes": head.size_bytes,
+                    "limit_bytes": self.limits.max_document_bytes,
+                    "context_limit_bytes": self.limits.max_bytes,
+                },
+                suggestions=TOO_LARGE_SUGGESTIONS,
+            )
         try:
             document = CreateContextRequest.model_validate_json(self._uploads.read(upload_id, head.etag))
-        except UploadChanged:
-            raise ContextConflict(
-                f"Upload '{upload_id}' was replaced while it was read",
-                details={"upload_id": upload_id},
-                suggestions=["Send the same request again: it reads the document now stored"],
-            ) from None
         except ValidationError as exc:
             fields = [
                 {
