@@ -105,7 +105,7 @@ def test_presigned_upload_with_a_real_http_put(invoke: Any, stack: StackDescript
     assert (status, error["context_id"]) == (201, created["context_id"])  # one context per upload
 
 
-def test_a_refused_upload_is_deleted_and_the_form_post_holds_the_size(
+def test_a_refused_upload_is_deleted_takes_a_corrected_one_and_the_form_post_holds_the_size(
     invoke: Any, stack: StackDescription
 ) -> None:
     status, ticket = call(invoke, "POST", "/v1/contexts/uploads", tenant="refused")
@@ -120,6 +120,16 @@ def test_a_refused_upload_is_deleted_and_the_form_post_holds_the_size(
     status, error = call(invoke, "POST", "/v1/contexts", {"upload_id": ticket["upload_id"]}, tenant="refused")
     assert (status, error["error"]["code"]) == (400, "invalid_path"), error
     assert keys_under(stack, "uploads/refused/") == []  # nothing left behind
+    assert "same upload_url" in error["error"]["suggestions"][-1]
+    # As the refusal says, the URL takes a corrected document, and the same upload_id makes the context.
+    corrected = b'{"files": [{"path": "x", "content": "y"}]}'
+    put = urllib.request.Request(ticket["upload_url"], data=corrected, method="PUT")  # noqa: S310 - moto
+    put.add_header("Content-Type", "application/json")
+    urllib.request.urlopen(put, timeout=10).close()  # noqa: S310
+    status, created = call(
+        invoke, "POST", "/v1/contexts", {"upload_id": ticket["upload_id"]}, tenant="refused"
+    )
+    assert (status, created.get("file_count")) == (201, 1), created
 
 
 def test_an_upload_of_another_tenant_is_not_found(invoke: Any) -> None:

@@ -377,17 +377,38 @@ def test_invalid_and_oversized_uploads() -> None:
         h.service.create_from_upload(ticket["upload_id"])
     assert invalid.value.details["fields"][0]["field"] == "upload.files.0.content"
     assert h.uploads.objects == {}  # a refused document is deleted at once
-    assert "used up" in invalid.value.message and "new upload" in invalid.value.suggestions[0]
+    assert "used up" not in invalid.value.message and "takes a corrected one" in invalid.value.message
+    assert "same upload_url" in invalid.value.suggestions[-1]
     h.uploads.objects[ticket["upload_id"]] = b"x" * 201
     with pytest.raises(PayloadTooLarge) as large:
         h.service.create_from_upload(ticket["upload_id"])
     assert large.value.details == {"size_bytes": 201, "limit_bytes": 200, "context_limit_bytes": 100}
-    assert not any("upload" in s for s in large.value.suggestions)  # the caller just did
+    assert not any("/v1/contexts/uploads" in s for s in large.value.suggestions)  # the caller just did
     assert h.uploads.objects == {}
     h.uploads.objects[ticket["upload_id"]] = b'{"files": [{"path": "../x", "content": "y"}]}'
     with pytest.raises(InvalidPath):
         h.service.create_from_upload(ticket["upload_id"])
     assert h.uploads.objects == {} and h.table.items == {}
+
+
+def test_a_refused_upload_takes_a_corrected_document_as_its_answers_say() -> None:
+    """A refused document is deleted; the upload is not used up: its URL, valid until it expires,
+    takes a corrected document, and the same upload_id makes the context from it. Every answer on
+    the way says so (they used to say the upload was used up, and sent the client to a new one)."""
+    h = Harness()
+    upload_id = h.service.begin_upload()["upload_id"]
+    for refused in (b"garbage", b'{"files": [{"path": "../x", "content": "y"}]}', b'{"ttl_seconds": 0}'):
+        h.uploads.objects[upload_id] = refused
+        with pytest.raises(InvalidRequest) as error:
+            h.service.create_from_upload(upload_id)
+        assert "used up" not in error.value.message and "a new upload" not in str(error.value.suggestions)
+        assert "PUT a corrected document to the same upload_url" in error.value.suggestions[-1]
+        with pytest.raises(UploadNotFound) as missing:  # sent again before the corrected PUT
+            h.service.create_from_upload(upload_id)
+        assert "refused" in missing.value.message and "used up" not in missing.value.message
+        assert "same upload_url" in missing.value.suggestions[0]
+    h.uploads.objects[upload_id] = b'{"files": [{"path": "ok", "content": "fine"}]}'
+    assert h.service.create_from_upload(upload_id)["file_count"] == 1
 
 
 def test_a_context_at_the_limit_fits_an_upload_though_its_json_is_larger() -> None:

@@ -84,9 +84,13 @@ TOO_LARGE_SUGGESTIONS = [
     "Split the material into several contexts, one per job's need",
     "Ask the operator for a larger SPOOL_MAX_CONTEXT_BYTES",
 ]
-FIX_AND_UPLOAD_AGAIN = (
-    "Fix the fields named in details, then PUT the document to a new upload (POST /v1/contexts/uploads)"
+# A refused document is deleted, not the upload: its URL takes a corrected document until it expires
+# (the expires_at POST /v1/contexts/uploads answered), and the same upload_id then makes the context.
+PUT_AGAIN = (
+    "PUT a corrected document to the same upload_url while it is valid (until the upload's"
+    " expires_at), then send the same upload_id again"
 )
+REFUSED = "it was deleted, and the upload takes a corrected one until its upload_url expires"
 UPLOAD_ID_PREFIX = "upl"
 PATCH_ATTEMPTS = 5  # a PATCH that lost its conditional write to a concurrent one applies again
 
@@ -414,7 +418,7 @@ class ContextService:
         """One context per upload: its id is derived from the upload's, so a retry (or a second
         request naming the same upload) answers the context already made, also while another request
         is making it. The document read is exactly the one whose size was checked (by ETag); a refused
-        one is deleted at once."""
+        one is deleted at once, and the upload's URL takes a corrected one until it expires."""
         context_id = _context_of_upload(upload_id)
         if not _is_upload_id(upload_id):
             raise self._no_upload(upload_id)
@@ -443,8 +447,11 @@ class ContextService:
         except ContextExists:  # another request made it from this upload meanwhile: the same answer
             summary = self._summary(self._record(context_id))
         except SpoolError as refused:
-            if not isinstance(refused, DependencyUnavailable | InternalError):
-                self._uploads.delete(upload_id)  # refused for good: keep nothing (a 5xx may be retried)
+            if not isinstance(refused, DependencyUnavailable | InternalError):  # a 5xx may be retried
+                # The document is refused for good and deleted; the upload is not: its URL takes a
+                # corrected document, which the same upload_id makes the context of.
+                self._uploads.delete(upload_id)
+                refused.suggestions = [*refused.suggestions, PUT_AGAIN]
             raise
         self._note_used(upload_id, context_id)
         self._uploads.delete(upload_id)
@@ -481,8 +488,13 @@ class ContextService:
     @staticmethod
     def _no_upload(upload_id: str) -> UploadNotFound:
         return UploadNotFound(
-            f"Upload '{upload_id}' not found: never uploaded, expired, already refused, or another tenant's",
+            f"Upload '{upload_id}' holds no document: none was PUT to its upload_url yet, the upload"
+            " expired, its document was refused (and deleted), or it is another tenant's",
             details={"upload_id": upload_id},
+            suggestions=[
+                f"If its document was refused, {PUT_AGAIN[0].lower()}{PUT_AGAIN[1:]}",
+                *UploadNotFound.default_suggestions,
+            ],
         )
 
     def _uploaded_document(self, upload_id: str, head: UploadHead) -> CreateContextRequest:
@@ -511,18 +523,18 @@ class ContextService:
                 for e in exc.errors()
             ]
             raise InvalidRequest(
-                "The uploaded document is not a valid context document; this upload is used up",
+                f"The uploaded document is not a valid context document; {REFUSED}",
                 details={"upload_id": upload_id, "fields": fields},
-                suggestions=[FIX_AND_UPLOAD_AGAIN],
+                suggestions=["Fix the fields named in details"],
             ) from None
         if document.upload_id is not None:
             raise InvalidRequest(
-                "An uploaded document cannot name another upload; this upload is used up",
+                f"An uploaded document cannot name another upload; {REFUSED}",
                 details={
                     "upload_id": upload_id,
                     "fields": [{"field": "upload.upload_id", "message": "not allowed in a document"}],
                 },
-                suggestions=[FIX_AND_UPLOAD_AGAIN],
+                suggestions=["Fix the fields named in details"],
             )
         return document
 
