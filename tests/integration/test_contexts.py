@@ -304,3 +304,52 @@ def test_concurrent_retries_of_one_upload_all_answer_its_one_context(stack: Stac
         assert {a["context_id"] for a in answers} == {services[0].create_from_upload(upload_id)["context_id"]}
         assert services[0].get(answers[0]["context_id"])["file_count"] == 20
         assert keys_under(stack, f"uploads/retries/{upload_id}") == []
+
+
+def test_a_context_at_the_listing_bound_answers_its_get_within_lambdas_6_mb(invoke: Any) -> None:
+    """Through the function: symbols up to the default ``max_listing_bytes`` (long paths) make a GET
+    whose whole Lambda response (status, headers, the body as a JSON string) is under 6 MB; one symbol
+    more is refused. The tester's 10,000 symbols of 512-character names answered a 15.6 MB GET."""
+    from spool_core import bootstrap
+    from spool_core.contexts.errors import ListingTooLarge
+    from spool_core.contexts.model import CreateContextRequest
+    from spool_core.tenancy import Tenant
+
+    service = bootstrap.context_service(Tenant("listing"))
+    limit = service.limits.max_listing_bytes
+    path = "d/" * 500 + "f.py"
+
+    def document(count: int) -> CreateContextRequest:
+        symbols = [
+            {"name": f"s{i:05d}", "kind": "function", "path": path, "line": 10_000 + i} for i in range(count)
+        ]
+        return CreateContextRequest.model_validate(
+            {"files": [{"path": path, "content": "x"}], "symbols": symbols}
+        )
+
+    def refused_at(count: int) -> int:
+        with pytest.raises(ListingTooLarge) as refused:
+            service.create(document(count))
+        assert refused.value.details["limit_bytes"] == limit
+        return int(refused.value.details["listing_bytes"])
+
+    # Every symbol lists the same bytes (and a comma): the most that fit follow from two refusals.
+    per_symbol = (refused_at(10_000) - refused_at(9_000)) // 1_000
+    fitting = (limit - (refused_at(10_000) - 10_000 * per_symbol)) // per_symbol
+    refused_at(fitting + 1)
+    created = service.create(document(fitting))
+    response = invoke(
+        "ContextsFunction",
+        {
+            **api_event(
+                "GET",
+                f"/v1/contexts/{created['context_id']}",
+                tenant="listing",
+                resource="/v1/contexts/{context_id}",
+            ),
+            "pathParameters": {"context_id": created["context_id"]},
+        },
+    )
+    assert response["statusCode"] == 200
+    assert len(response_json(response)["symbols"]) == fitting
+    assert limit - per_symbol < len(json.dumps(response)) < 6 * 1024 * 1024

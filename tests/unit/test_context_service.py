@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from spool_core import tokens
+from spool_core.api.resolver import json_response
 from spool_core.chat import Message
 from spool_core.contexts.errors import (
     ContextConflict,
@@ -19,6 +20,7 @@ from spool_core.contexts.errors import (
     DuplicatePath,
     InvalidContent,
     InvalidPath,
+    ListingTooLarge,
     PathNotFound,
     TooManyFiles,
     TooManySymbols,
@@ -143,6 +145,93 @@ def test_a_context_stored_under_looser_limits_stays_editable_down_to_them() -> N
         h.patch(context_id, upsert=[{"path": "a.py", "content": "x" * 501}])  # grows
     with pytest.raises(TooManySymbols):  # new symbols are held to the rules
         h.patch(context_id, symbols=symbols)
+
+
+# Files whose token count is their size (one character, one token), symbols and metadata whose
+# JSON escapes quotes, backslashes, non-ASCII and a line separator: GET's listing of them is counted
+# exactly, so its size is a boundary a test can stand on.
+LISTED = {
+    "files": [{"path": f"src/{i}/mod\u00e9.py", "content": "x"} for i in range(3)],
+    "symbols": [
+        {
+            "name": 'say "hi" \\ caf\u00e9 \u2028 \U0001f600',
+            "kind": "function",
+            "path": "src/0/mod\u00e9.py",
+            "line": 7,
+        },
+        {"name": "bare"},
+    ],
+    "metadata": {"repo": 'acme/"web"', "n": 1},
+}
+
+
+def create_listed(h: Harness) -> dict[str, Any]:
+    return h.service.create(CreateContextRequest.model_validate(LISTED))
+
+
+def listing_in_lambda_response(h: Harness, context_id: str) -> int:
+    """The bytes GET's files, symbols and metadata take in Lambda's response, measured on the answer
+    itself: the body as the function writes it, then as the invocation's JSON carries that string."""
+    body = json_response(200, h.service.get(context_id)).body
+    assert isinstance(body, str)
+    listing = body[body.index(',"files":') + 1 : body.index(',"created_at":')]
+    return len(json.dumps(listing)) - len('""')
+
+
+def test_a_get_listing_one_byte_over_its_bound_is_refused_and_one_at_it_answers() -> None:
+    at_bound = listing_in_lambda_response(h := Harness(), create_listed(h)["context_id"])
+    h = Harness(max_listing_bytes=at_bound)
+    created = create_listed(h)
+    assert listing_in_lambda_response(h, created["context_id"]) == at_bound
+    h = Harness(max_listing_bytes=at_bound - 1)
+    with pytest.raises(ListingTooLarge) as refused:
+        create_listed(h)
+    details = refused.value.details
+    assert (details["listing_bytes"], details["limit_bytes"]) == (at_bound, at_bound - 1)
+    assert details["files_bytes"] + details["symbols_bytes"] + details["metadata_bytes"] == at_bound
+    assert refused.value.suggestions and h.table.items == {} and h.blobs.objects == {}
+
+
+def test_a_listing_bound_is_never_under_what_get_answers() -> None:
+    """A file's token count is taken as its size (a token is at least a byte): larger files list
+    fewer bytes than counted, never more."""
+    h = Harness()
+    context_id = h.create({"a.py": "def handler(event, context):\n    return event\n" * 40})["context_id"]
+    answered = listing_in_lambda_response(h, context_id)
+    with pytest.raises(ListingTooLarge) as refused:
+        Harness(max_listing_bytes=answered).create(
+            {"a.py": "def handler(event, context):\n    return event\n" * 40}
+        )
+    assert answered < refused.value.details["listing_bytes"] <= answered + 3
+
+
+def test_a_patch_may_not_grow_a_listing_past_its_bound_but_may_shrink_one_over_it() -> None:
+    at_bound = listing_in_lambda_response(h := Harness(), create_listed(h)["context_id"])
+    h = Harness(max_listing_bytes=at_bound)
+    context_id = create_listed(h)["context_id"]
+    with pytest.raises(ListingTooLarge):
+        h.patch(context_id, symbols=[*LISTED["symbols"], {"name": "one more"}])
+    with pytest.raises(ListingTooLarge):
+        h.patch(context_id, metadata={"more": True})
+    assert h.patch(context_id, upsert=[{"path": LISTED["files"][0]["path"], "content": "y"}])["version"] == 2
+    h.service.limits = h.service.limits._replace(max_listing_bytes=100)  # a context stored before the bound
+    assert h.patch(context_id, delete=[LISTED["files"][1]["path"]])["file_count"] == 2
+    with pytest.raises(ListingTooLarge):
+        h.patch(context_id, upsert=[{"path": "new.py", "content": "z"}])
+
+
+def test_ten_thousand_long_symbols_are_refused_before_anything_is_stored(h: Harness) -> None:
+    """10,000 symbols of 512-character names on 1,000-character paths were accepted, and GET then
+    answered 15.6 MB (Lambda's limit is 6 MB): refused now, before anything is tokenized or written."""
+    path = "d/" * 500 + "f.py"
+    symbols = [
+        {"name": f"s{i:05d}_" + "x" * 500, "kind": "function", "path": path, "line": i} for i in range(10_000)
+    ]
+    with pytest.raises(ListingTooLarge) as refused:
+        h.create({path: "def f(): pass\n"}, symbols=symbols)
+    assert refused.value.details["symbols_bytes"] > 15_000_000
+    assert refused.value.details["limit_bytes"] == 5 * 1024 * 1024 < 6_000_000
+    assert h.table.items == {} and h.blobs.objects == {}
 
 
 @pytest.mark.parametrize(

@@ -77,6 +77,14 @@ class TooManySymbols(InvalidRequest):
     )
 
 
+class ListingTooLarge(InvalidRequest):
+    code = "listing_too_large"
+    default_suggestions: ClassVar[tuple[str, ...]] = (
+        "Send fewer symbols (the definitions a model needs to find its way), with shorter names",
+        "Split the context into several, one per job's need",
+    )
+
+
 class PathNotFound(InvalidRequest):
     code = "path_not_found"
     default_suggestions: ClassVar[tuple[str, ...]] = (

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import time
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -29,6 +30,7 @@ from spool_core.contexts.errors import (
     DuplicatePath,
     InvalidContent,
     InvalidPath,
+    ListingTooLarge,
     PathNotFound,
     TooManyFiles,
     TooManySymbols,
@@ -98,7 +100,11 @@ PATCH_ATTEMPTS = 5  # a PATCH that lost its conditional write to a concurrent on
 class ContextLimits(NamedTuple):
     max_bytes: int = 50 * 1024 * 1024
     max_files: int = 2_000  # settings.max_context_files: one upload within the API's timeout
-    max_symbols: int = 10_000  # a context's list read back whole with it (GET) within Lambda's 6 MB
+    max_symbols: int = 10_000  # what a model finds its way by; max_listing_bytes holds the GET's size
+    # GET /v1/contexts/{id} answers files, symbols and metadata whole, in one Lambda response (at most
+    # 6 MB, 6,291,456 bytes, as the invocation's JSON); the rest of it (the summary, its times, the
+    # headers) is a few hundred bytes, so 5 MiB of listing leaves a margin of most of a megabyte.
+    max_listing_bytes: int = 5 * 1024 * 1024
     blob_retention_seconds: float = 9 * DAY  # the bucket's lifecycle expiry of context objects
     upload_url_seconds: int = 900
     uploads_per_hour: int = 100  # presigned uploads a tenant may open (an object each, until used)
@@ -129,6 +135,55 @@ class _Prepared:
     sha256: str
     size_bytes: int
     content: str = field(repr=False)
+
+    def listed(self) -> dict[str, Any]:
+        return _listed(self.path, self.sha256, self.size_bytes)
+
+
+def _listed(path: str, sha256: str, size_bytes: int) -> dict[str, Any]:
+    """A file as GET lists it (``FileEntry``), with its token count taken as its size in bytes: a token
+    is at least one byte, so the count is never under the real one, and it is known before the
+    content is tokenized (a refusal costs no tokenizing and writes nothing). Kept files are counted
+    the same way, so that an update's growth is measured on one scale."""
+    return {"path": path, "sha256": sha256, "size_bytes": size_bytes, "token_count": size_bytes}
+
+
+_COMPACT = json.JSONEncoder(separators=(",", ":"))  # json_response's json.dumps, built once, not per call
+
+
+def _carried(value: Any) -> int:
+    """Bytes of ``value`` in Lambda's response: written as ``json_response`` writes a body (compact,
+    ASCII), then carried as a JSON string in the invocation's answer, where each quote and backslash
+    is escaped once more."""
+    text = _COMPACT.encode(value)
+    return len(text) + text.count('"') + text.count("\\")
+
+
+class _Listing(NamedTuple):
+    """The bytes of GET's ``"files":[...],"symbols":[...],"metadata":{...}`` in Lambda's response,
+    counted one entry at a time (no copy of the whole listing is built) and by part, for the error."""
+
+    files: int
+    symbols: int
+    metadata: int
+
+    @property
+    def total(self) -> int:
+        return self.files + self.symbols + self.metadata
+
+    @classmethod
+    def of(
+        cls, files: Sequence[Mapping[str, Any]], symbols: Sequence[SymbolIn], metadata: Mapping[str, Any]
+    ) -> _Listing:
+        def members(name: str, items: Iterable[Any]) -> int:
+            counted = [_carried(item) for item in items]  # each entry, then "name":[ , , ] around them
+            return _carried(name) + len(":[]") + sum(counted) + max(len(counted) - 1, 0)
+
+        return cls(
+            files=members("files", files),
+            symbols=members("symbols", (s.model_dump(exclude_none=True) for s in symbols)) + len(","),
+            metadata=_carried("metadata") + len(":") + _carried(metadata) + len(","),
+        )
 
 
 class LoadedContext(NamedTuple):
@@ -272,6 +327,7 @@ class ContextService:
             + _symbols_bytes(request.symbols)
             + metadata_size(request.metadata),
         )
+        self._check_listing(_Listing.of([p.listed() for p in prepared], request.symbols, request.metadata))
         now = self._clock()
         expires_at = now + request.ttl_seconds
         entries = self._store(prepared, tokens.DEFAULT_ENCODING, expires_at, {})
@@ -335,6 +391,18 @@ class ContextService:
         before = sum(e.size_bytes for e in manifest.files) + _symbols_bytes(manifest.symbols)
         before += metadata_size(manifest.metadata)
         self._check_limits(len(kept) + len(changed), size, before=(len(manifest.files), before))
+        listed = [
+            *(_listed(e.path, e.sha256, e.size_bytes) for e in kept.values()),
+            *(p.listed() for p in changed),
+        ]
+        self._check_listing(
+            _Listing.of(listed, symbols, metadata),
+            before=_Listing.of(
+                [_listed(e.path, e.sha256, e.size_bytes) for e in manifest.files],
+                manifest.symbols,
+                manifest.metadata,
+            ),
+        )
 
         now = self._clock()
         expires_at = now + request.ttl_seconds if request.ttl_seconds is not None else record.expires_at
@@ -664,6 +732,23 @@ class ContextService:
                 # the limit is the context's, however it is sent: an upload or a PATCH does not help
                 suggestions=TOO_LARGE_SUGGESTIONS,
             )
+
+    def _check_listing(self, listing: _Listing, *, before: _Listing | None = None) -> None:
+        """What GET /v1/contexts/{id} would answer against ``max_listing_bytes``; with ``before`` (the
+        version an update changes), only growth past the limit is refused, as for the other limits."""
+        if listing.total <= self.limits.max_listing_bytes or (before and listing.total <= before.total):
+            return
+        raise ListingTooLarge(
+            f"The context's files, symbols and metadata would take {listing.total:,} bytes in the answer"
+            f" of GET /v1/contexts/{{id}}; it holds at most {self.limits.max_listing_bytes:,}",
+            details={
+                "listing_bytes": listing.total,
+                "limit_bytes": self.limits.max_listing_bytes,
+                "files_bytes": listing.files,
+                "symbols_bytes": listing.symbols,
+                "metadata_bytes": listing.metadata,
+            },
+        )
 
     @staticmethod
     def _check_patch_paths(
