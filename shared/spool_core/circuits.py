@@ -97,9 +97,23 @@ class CircuitBreaker:
         return self.circuit(model_id)
 
     def circuits(self, model_ids: Iterable[str]) -> dict[str, Circuit]:
+        """Each model's circuit as a call now would find it, for health and the model list: the stored
+        item changes only when a worker calls the model, so read as stored, a circuit whose cool-down
+        had passed still said open (with a ``retry_at`` in the past) until a job happened to probe it."""
         ids = list(model_ids)
         found = self._store.get_many(ids)
-        return {model_id: found.get(model_id) or Circuit(model_id) for model_id in ids}
+        return {model_id: self._as_now(found.get(model_id) or Circuit(model_id)) for model_id in ids}
+
+    def _as_now(self, circuit: Circuit) -> Circuit:
+        """A copy of ``circuit`` as the next call would see it: cooled, an open circuit is half-open (that
+        call probes the model); past its window, its counts are of no recent call (that call starts a new
+        window). Nothing is written: the call that comes makes the same changes."""
+        seen = dataclasses.replace(circuit)
+        if seen.state == "open" and self._cooled(seen):
+            seen.state = "half_open"
+        if seen.window_started_ms and self._now_ms() - seen.window_started_ms > self.window * 1000:
+            seen.calls, seen.errors, seen.failures = 0, 0, 0
+        return seen
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)

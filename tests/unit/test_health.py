@@ -71,3 +71,38 @@ def test_a_provider_failing_half_its_calls_degrades_health_before_its_circuit_op
         breaker.record_failure(model.id)
     opened = HealthService(provider_probes([model], breaker)).report().checks["provider:simulated"].facts
     assert opened["models"][model.id]["retry_at"] == "2027-01-15T08:00:30.000Z"  # RFC 3339, not epoch
+
+
+def test_a_cooled_circuit_is_reported_as_a_call_would_find_it_not_open_until_the_next_call() -> None:
+    """Health read the stored circuit: once its cool-down had passed it still said ``open``, with a
+    ``retry_at`` in the past and the provider down, until a job happened to call the model."""
+    from spool_core.circuits import CircuitBreaker
+    from spool_core.models import registry
+    from spool_core.provider_health import provider_probes
+    from tests.fakes import MemoryCircuitStore
+
+    now = [1_800_000_000.0]
+    breaker = CircuitBreaker(MemoryCircuitStore(), threshold=5, cooldown_seconds=30, clock=lambda: now[0])
+    model = registry().get("sim-realtime")
+    assert model is not None
+    for _ in range(5):
+        breaker.record_failure(model.id)
+
+    def provider() -> Any:
+        return HealthService(provider_probes([model], breaker)).report().checks["provider:simulated"]
+
+    assert provider().status == "down" and provider().facts["models"][model.id]["circuit"] == "open"
+    now[0] += 31  # cooled: the next call probes the model
+    cooled = provider().facts["models"][model.id]
+    assert (cooled["circuit"], cooled["retry_at"]) == ("half_open", None)
+    assert cooled["error_rate"] == 1.0  # its window (60 s) still holds the failures that opened it
+    now[0] += 30  # the window has ended too: nothing recent is known of the model
+    report = HealthService(provider_probes([model], breaker)).report()
+    facts = report.checks["provider:simulated"].facts["models"][model.id]
+    assert (report.status, facts["circuit"], facts["recent_calls"], facts["error_rate"]) == (
+        "ok",
+        "half_open",
+        0,
+        0.0,
+    )
+    assert breaker.circuit(model.id).state == "open"  # reporting it changed nothing stored
