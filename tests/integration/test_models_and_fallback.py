@@ -171,6 +171,32 @@ def test_health_goes_degraded_when_a_provider_fails_and_back(invoke: Any, stack:
     assert body["checks"]["provider:simulated"]["models"]["sim-realtime"]["latency_ms"] == 12.0
 
 
+def test_health_and_models_report_a_cooled_circuit_as_half_open(invoke: Any, stack: StackDescription) -> None:
+    """A circuit that opened ten minutes ago (30 s cool-down, 60 s window), with no call since: the
+    functions read it from the system table as the next call would find it, not as it was stored."""
+    import time
+
+    from tests.support import load_event, response_json
+
+    config = bootstrap.settings()
+    key = {"pk": {"S": "circuit#sim-realtime"}}
+    aws.dynamodb(config).delete_item(TableName=config.system_table, Key=key)
+    clock = Clock()
+    clock.now = time.time() - 600
+    opened = breaker(clock, threshold=5)
+    try:
+        for _ in range(opened.threshold):
+            opened.record_failure("sim-realtime")
+        assert opened.circuit("sim-realtime").state == "open"  # as stored, until a call probes it
+        body = response_json(invoke("HealthFunction", load_event("health")))
+        reported = body["checks"]["provider:simulated"]["models"]["sim-realtime"]
+        assert (reported["circuit"], reported["retry_at"], reported["recent_errors"]) == ("half_open", None, 0)
+        listed = response_json(invoke("ModelsFunction", load_event("models")))
+        assert {m["id"]: m["status"] for m in listed["data"]}["sim-realtime"] == "available"
+    finally:  # other tests read this circuit on their own clocks
+        aws.dynamodb(config).delete_item(TableName=config.system_table, Key=key)
+
+
 def forget_deep_probes(stack: StackDescription) -> None:
     """Delete the deep health checks' shared cache entries (one per model, in the system table)."""
     dynamodb = boto3.client("dynamodb", endpoint_url=stack.endpoint_url, region_name=stack.region)
