@@ -190,7 +190,11 @@ def test_health_and_models_report_a_cooled_circuit_as_half_open(invoke: Any, sta
         assert opened.circuit("sim-realtime").state == "open"  # as stored, until a call probes it
         body = response_json(invoke("HealthFunction", load_event("health")))
         reported = body["checks"]["provider:simulated"]["models"]["sim-realtime"]
-        assert (reported["circuit"], reported["retry_at"], reported["recent_errors"]) == ("half_open", None, 0)
+        assert (reported["circuit"], reported["retry_at"], reported["recent_errors"]) == (
+            "half_open",
+            None,
+            0,
+        )
         listed = response_json(invoke("ModelsFunction", load_event("models")))
         assert {m["id"]: m["status"] for m in listed["data"]}["sim-realtime"] == "available"
     finally:  # other tests read this circuit on their own clocks
