@@ -221,9 +221,7 @@ def function_calls(
 class _NoQueue:
     """Jobs measured in this process are run right here, not by the stack's worker processes."""
 
-    def send(
-        self, job_id: str, tenant_id: str, *, continuation: int = 0, stalled_at: int | None = None
-    ) -> None:
+    def send(self, job_id: str, tenant_id: str, *, continuation: int = 0, **message: Any) -> None:
         return None
 
 

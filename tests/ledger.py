@@ -61,6 +61,8 @@ class MemoryLedger:
         self.chunks: dict[tuple[str, str], dict[int, Chunk]] = {}
         self.usage: dict[str, dict[str, dict[str, Any]]] = {}
         self.messages: list[JobMessage] = []
+        # Messages sent with a delay, with the time (ms) they become visible: as SQS's DelaySeconds.
+        self.delayed: list[tuple[int, JobMessage]] = []
         self.faults = Faults()
         self.settlements: list[tuple[str, Settlement]] = []
         self.end_marks: dict[tuple[str, str], EndMark] = {}  # (tenant, job) -> its end mark
@@ -72,22 +74,45 @@ class MemoryLedger:
 
     # the queue
     def send(
-        self, job_id: str, tenant_id: str, *, continuation: int = 0, stalled_at: int | None = None
+        self,
+        job_id: str,
+        tenant_id: str,
+        *,
+        continuation: int = 0,
+        stalled_at: int | None = None,
+        circuit_wait_since_ms: int | None = None,
+        delay_seconds: int = 0,
     ) -> None:
+        message = JobMessage(
+            job_id=job_id,
+            tenant_id=tenant_id,
+            continuation=continuation,
+            stalled_at=stalled_at,
+            circuit_wait_since_ms=circuit_wait_since_ms,
+        )
         with self.lock:
-            self.messages.append(
-                JobMessage(
-                    job_id=job_id, tenant_id=tenant_id, continuation=continuation, stalled_at=stalled_at
-                )
-            )
+            if delay_seconds > 0:
+                self.delayed.append((self.clock_ms() + delay_seconds * 1000, message))
+            else:
+                self.messages.append(message)
 
     def waiting(self) -> int:
+        """Visible and delayed messages, as the SQS adapter counts them."""
         with self.lock:
-            return len(self.messages)
+            return len(self.messages) + len(self.delayed)
 
     def receive(self) -> JobMessage | None:
         with self.lock:
+            now = self.clock_ms()
+            due = [entry for entry in self.delayed if entry[0] <= now]
+            self.delayed = [entry for entry in self.delayed if entry[0] > now]
+            self.messages.extend(message for _, message in sorted(due, key=lambda entry: entry[0]))
             return self.messages.pop(0) if self.messages else None
+
+    def next_visible_ms(self) -> int | None:
+        """When the first delayed message becomes visible (None: none is delayed)."""
+        with self.lock:
+            return min((at for at, _ in self.delayed), default=None)
 
     # the sweeper's index
     def older_than(self, before_ms: int, limit: int) -> list[PendingJob]:
@@ -514,14 +539,28 @@ class TenantLedger:
 
     # ------------------------------------------------------------------ JobQueue
     def send(
-        self, job_id: str, tenant_id: str, *, continuation: int = 0, stalled_at: int | None = None
+        self,
+        job_id: str,
+        tenant_id: str,
+        *,
+        continuation: int = 0,
+        stalled_at: int | None = None,
+        circuit_wait_since_ms: int | None = None,
+        delay_seconds: int = 0,
     ) -> None:
         fault = self.ledger.faults.next("send")
         if fault == "crash":
             raise Crash("crash before send")
         if fault == "fail":
             raise ConnectionError("the queue is unreachable")
-        self.ledger.send(job_id, tenant_id, continuation=continuation, stalled_at=stalled_at)
+        self.ledger.send(
+            job_id,
+            tenant_id,
+            continuation=continuation,
+            stalled_at=stalled_at,
+            circuit_wait_since_ms=circuit_wait_since_ms,
+            delay_seconds=delay_seconds,
+        )
         if fault == "crash_after":
             raise Crash("crash after send")
 
@@ -674,11 +713,20 @@ class JobWorld:
         for _ in range(rounds):
             message = self.ledger.receive()
             if message is None:
-                return outcomes
+                visible_at = self.ledger.next_visible_ms()
+                if visible_at is None:
+                    return outcomes
+                self.clock.now = max(self.clock.now, visible_at / 1000)  # a delayed message's time comes
+                continue
             try:
                 outcome = (
                     self.runner(message.tenant_id, lease_ms=lease_ms, **runner)
-                    .run(message.job_id, continuation=message.continuation, stalled_at=message.stalled_at)
+                    .run(
+                        message.job_id,
+                        continuation=message.continuation,
+                        stalled_at=message.stalled_at,
+                        circuit_wait_since_ms=message.circuit_wait_since_ms,
+                    )
                     .value
                 )
             except (Crash, ReplyLost, RuntimeError) as exc:
@@ -691,6 +739,7 @@ class JobWorld:
                     message.tenant_id,
                     continuation=message.continuation,
                     stalled_at=message.stalled_at,
+                    circuit_wait_since_ms=message.circuit_wait_since_ms,
                 )
         raise AssertionError(f"the queue did not drain: {outcomes}")
 

@@ -67,6 +67,7 @@ def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
             remaining_ms=lambda_context.get_remaining_time_in_millis,
             continuation=message.continuation,
             stalled_at=message.stalled_at,
+            circuit_wait_since_ms=message.circuit_wait_since_ms,
             request_id=lambda_context.aws_request_id,
         )
     finally:

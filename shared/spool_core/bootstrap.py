@@ -372,6 +372,7 @@ def job_runner(tenant: Tenant, config: Settings | None = None) -> JobRunner:
             cadence=config.cadence,
             lease_ms=int(config.lease_seconds * 1000),
             stall_seconds=config.provider_stall_seconds,
+            circuit_wait_seconds=config.circuit_wait_seconds,
         ),
         queue=job_queue(config),
         breaker=_worker_circuit_breaker(config),

@@ -128,8 +128,17 @@ class CircuitBreaker:
         # wrote meanwhile, its circuit decides, and one its failed probe re-opened is not cooled.
         return self._change(model_id, self._half_open).state != "open"
 
+    def probe_at_ms(self, model_id: str) -> int | None:
+        """When the model's open circuit may be probed (epoch ms), from what this breaker last read or
+        wrote; None when it is not open (another worker half-opened or closed it since)."""
+        circuit = self._recent(model_id)
+        return self._cools_at_ms(circuit) if circuit.state == "open" else None
+
+    def _cools_at_ms(self, circuit: Circuit) -> int:
+        return circuit.opened_at_ms + int(self.cooldown * 1000)
+
     def _cooled(self, circuit: Circuit) -> bool:
-        return self._now_ms() >= circuit.opened_at_ms + int(self.cooldown * 1000)
+        return self._now_ms() >= self._cools_at_ms(circuit)
 
     def _half_open(self, circuit: Circuit) -> bool:
         if circuit.state != "open" or not self._cooled(circuit):

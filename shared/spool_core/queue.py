@@ -32,6 +32,10 @@ class JobMessage(BaseModel):
     # redelivery after a later invocation wrote more does not). Sent only then: older workers refuse
     # fields they do not know, and read every other message as before.
     stalled_at: int | None = Field(default=None, ge=0)
+    # Since when (epoch ms) the job has waited for open circuits, every model of its chain skipped by
+    # each invocation since then: the wait ends in failure once it is longer than the runner's bound.
+    # Sent only then, as ``stalled_at`` is.
+    circuit_wait_since_ms: int | None = Field(default=None, ge=0)
 
 
 class MessageNotDone(Exception):

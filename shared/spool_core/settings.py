@@ -67,6 +67,9 @@ class Settings(BaseModel):
     circuit_threshold: int = Field(default=5, ge=1, alias="SPOOL_CIRCUIT_FAILURES")
     circuit_window_seconds: float = Field(default=60, gt=0, alias="SPOOL_CIRCUIT_WINDOW_SECONDS")
     circuit_cooldown_seconds: float = Field(default=30, gt=0, alias="SPOOL_CIRCUIT_COOLDOWN_SECONDS")
+    # How long a job whose every model has its circuit open waits for a probe before it fails (0: it
+    # fails at once, as it did before jobs waited).
+    circuit_wait_seconds: float = Field(default=300, ge=0, alias="SPOOL_CIRCUIT_WAIT_SECONDS")
     bedrock_endpoint_url: str | None = Field(default=None, alias="SPOOL_BEDROCK_ENDPOINT_URL")
     openai_base_url: str = Field(default="https://api.openai.com/v1", alias="SPOOL_OPENAI_BASE_URL")
     openai_api_key_parameter: str | None = Field(default=None, alias="SPOOL_OPENAI_API_KEY_PARAMETER")

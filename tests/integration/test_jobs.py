@@ -42,9 +42,7 @@ class RecordingQueue:
     def __init__(self) -> None:
         self.sent: list[tuple[str, int]] = []
 
-    def send(
-        self, job_id: str, tenant_id: str, *, continuation: int = 0, stalled_at: int | None = None
-    ) -> None:
+    def send(self, job_id: str, tenant_id: str, *, continuation: int = 0, **message: Any) -> None:
         self.sent.append((job_id, continuation))
 
     def waiting(self) -> int:
@@ -170,9 +168,7 @@ def test_a_job_that_cannot_be_queued_is_withdrawn(tenant: Tenant) -> None:
     service = bootstrap.job_service(tenant)
 
     class BrokenQueue:
-        def send(
-            self, job_id: str, tenant_id: str, *, continuation: int = 0, stalled_at: int | None = None
-        ) -> None:
+        def send(self, job_id: str, tenant_id: str, *, continuation: int = 0, **message: Any) -> None:
             raise ConnectionError("queue down")
 
     service._queue = BrokenQueue()
@@ -532,6 +528,52 @@ def test_the_queue_counts_the_messages_waiting_in_it() -> None:
         client.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
     assert queue.waiting() == 0
     client.delete_queue(QueueUrl=url)
+
+
+def test_a_job_whose_every_circuit_is_open_waits_in_the_queue_for_the_probe(
+    service: JobService, tenant: Tenant
+) -> None:
+    """The job is handed over on the jobs table and its message delayed on SQS (DelaySeconds, as moto
+    serves it) to the circuit's probe; the delayed message carries when the wait began and runs it."""
+    from spool_core.adapters.jobs import SqsJobQueue
+    from spool_core.queue import JobMessage
+    from tests.fakes import MemoryCircuitStore
+
+    client = aws.sqs(bootstrap.settings())
+    url = client.create_queue(QueueName=f"circuit-wait-{threading.get_ident()}")["QueueUrl"]
+    try:
+        shared = CircuitBreaker(MemoryCircuitStore(), threshold=1, cooldown_seconds=3)  # the real clock
+        shared.record_failure("sim-fast")
+        created = service.create("k", job(max_tokens=20))
+        runner = runner_for(tenant, breaker=shared)
+        runner._queue = SqsJobQueue(client, url)
+        assert runner.run(created.job.job_id) is Outcome.YIELD
+        held = service.get(created.job.job_id)
+        assert held.status == "running" and held.lease_expires_ms == 0 and running(tenant) == 1
+        attributes = client.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+        assert (
+            attributes["ApproximateNumberOfMessagesDelayed"],
+            attributes["ApproximateNumberOfMessages"],
+        ) == (
+            "1",
+            "0",
+        )
+        received: list[Any] = []
+        while not received:  # long polls until the delay has passed
+            received = client.receive_message(QueueUrl=url, WaitTimeSeconds=5).get("Messages", [])
+        message = JobMessage.model_validate_json(received[0]["Body"])
+        assert message.job_id == created.job.job_id and message.circuit_wait_since_ms is not None
+        assert (
+            runner_for(tenant, breaker=shared).run(
+                message.job_id, circuit_wait_since_ms=message.circuit_wait_since_ms
+            )
+            is Outcome.DONE
+        )
+        done = service.get(created.job.job_id)
+        assert (done.status, done.model_resolved) == ("completed", "sim-fast") and running(tenant) == 0
+        assert shared.circuit("sim-fast").state == "closed"
+    finally:
+        client.delete_queue(QueueUrl=url)
 
 
 def test_an_end_whose_writer_missed_a_subscribe_still_writes_the_end_mark(

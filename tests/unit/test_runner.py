@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from spool_core.clock import from_epoch, rfc3339
 from spool_core.jobs.model import JobRequest
 from spool_core.jobs.ports import Signals
 from spool_core.jobs.runner import Outcome, build_messages
@@ -260,6 +261,107 @@ def test_one_tenants_refused_requests_never_open_the_shared_circuit() -> None:
     world.drain()
     job = world.ledger.tenant("quiet").get(clean)
     assert job is not None and job.status == "completed" and job.model_resolved == "sim-realtime"
+
+
+SERVER_ERRORS = {"simulate": {"fault": "server_error", "at_token": 0, "times": 50}}
+
+
+def _open_the_circuit_of_sim_fast(world: JobWorld) -> None:
+    """Another tenant's jobs fail on sim-fast's 5xx until its shared circuit opens."""
+    for i in range(world.breaker.threshold):
+        create(world, "noisy", f"bad{i}", max_tokens=20, metadata=SERVER_ERRORS)
+    world.drain()
+    assert world.breaker.circuit("sim-fast").state == "open"
+
+
+def test_a_job_whose_every_circuit_is_open_waits_for_the_cool_down_instead_of_failing() -> None:
+    """A queued job whose chain had every circuit open when a worker picked it up failed at once,
+    model_unavailable with no call made: it waits for the earliest circuit's probe instead."""
+    world = JobWorld()
+    _open_the_circuit_of_sim_fast(world)
+    opened_at = world.breaker.circuit("sim-fast").opened_at_ms
+    calls_before = len(world.provider_calls)
+    job_id = create(world, "quiet", max_tokens=20)
+    assert world.drain() == ["yield", "done"]
+    job = assert_ended_once(world, job_id, tenant="quiet")
+    assert job.model_resolved == "sim-fast" and job.attempts == 2
+    assert world.provider_calls[calls_before:] == ["sim-fast"]  # called once, after the cool-down
+    assert world.clock.ms() >= opened_at + world.breaker.cooldown * 1000
+    assert world.breaker.circuit("sim-fast").state == "closed"  # its probe succeeded
+
+
+def test_a_job_held_by_open_circuits_keeps_its_slot_and_its_message_is_delayed_to_the_probe() -> None:
+    world = JobWorld()
+    _open_the_circuit_of_sim_fast(world)
+    probe_at = world.breaker.circuit("sim-fast").opened_at_ms + int(world.breaker.cooldown * 1000)
+    world.clock.now += 10  # the job is picked up 10 s into the 30 s cool-down
+    job_id = create(world, "quiet", max_tokens=20)
+    message = world.ledger.receive()
+    assert message is not None
+    outcome = world.runner("quiet").run(message.job_id)
+    assert outcome is Outcome.YIELD
+    job = world.ledger.tenant("quiet").get(job_id)
+    assert job is not None and job.status == "running" and job.lease_expires_ms == 0  # handed over
+    assert running(world.ledger, "quiet") == 1  # its slot (and its reservation) stay held
+    assert world.ledger.messages == []
+    [(visible_at, delayed)] = world.ledger.delayed
+    assert visible_at == probe_at  # 20 s: the rest of the cool-down
+    assert delayed.job_id == job_id and delayed.circuit_wait_since_ms == world.clock.ms()
+
+
+def test_a_job_waits_on_open_circuits_only_up_to_its_bound_then_fails_naming_them() -> None:
+    world = JobWorld()
+    _open_the_circuit_of_sim_fast(world)
+    world.breaker.cooldown = 600  # longer than the job may wait
+    calls_before = len(world.provider_calls)
+    job_id = create(world, "quiet", max_tokens=20)
+    started = world.clock.ms()
+    assert world.drain(circuit_wait_seconds=120) == ["yield", "done"]
+    assert world.clock.ms() == started + 120_000  # picked up again at its bound, not at the probe
+    assert world.provider_calls[calls_before:] == []
+    job = assert_ended_once(world, job_id, status="failed", tenant="quiet")
+    error = job.error
+    assert error is not None and error["code"] == "model_unavailable"
+    probe_at = world.breaker.circuit("sim-fast").opened_at_ms + 600_000
+    closes = rfc3339(from_epoch(probe_at / 1000))
+    assert f"sim-fast (circuit open until {closes})" in error["message"]
+    assert "waited 120 s" in error["message"]
+    assert error["details"]["tried"] == [{"model": "sim-fast", "skipped": "circuit open", "retry_at": closes}]
+    assert error["details"]["circuit_wait_seconds"] == 120
+
+
+def test_a_crash_between_the_circuit_hand_over_and_its_message_loses_nothing() -> None:
+    """As a yield: the lease is released before the delayed message is sent, and a worker that dies in
+    between leaves its own message, which comes back and runs the job."""
+    world = JobWorld()
+    _open_the_circuit_of_sim_fast(world)
+    job_id = create(world, "quiet", max_tokens=20)
+    world.ledger.faults.plan["send"] = ["crash"]
+    outcomes = world.drain()
+    assert outcomes[0] == "failed: crash before send" and outcomes[-1] == "done"
+    assert_ended_once(world, job_id, tenant="quiet")
+
+
+def test_a_job_waiting_for_open_circuits_is_cancelled_at_once_and_its_message_then_dropped() -> None:
+    world = JobWorld()
+    _open_the_circuit_of_sim_fast(world)
+    job_id = create(world, "quiet", max_tokens=20)
+    message = world.ledger.receive()
+    assert message is not None and world.runner("quiet").run(message.job_id) is Outcome.YIELD
+    assert world.service("quiet").cancel(job_id).status == "cancelled"  # no worker holds it
+    assert world.drain() == ["done"]  # the delayed message finds it ended
+    assert_ended_once(world, job_id, status="cancelled", tenant="quiet")
+
+
+def test_a_job_whose_fallback_was_called_fails_as_before_when_every_circuit_is_open_after() -> None:
+    """Only a chain that nothing of was called waits: a call that failed is the job's answer."""
+    world = JobWorld()
+    _open_the_circuit_of_sim_fast(world)
+    job_id = create(world, "quiet", model="sim-realtime", max_tokens=20, metadata=SERVER_ERRORS)
+    assert world.drain() == ["done"]
+    job = assert_ended_once(world, job_id, status="failed", tenant="quiet")
+    assert job.error is not None and job.error["code"] == "model_unavailable"
+    assert [t["model"] for t in job.error["details"]["tried"]] == ["sim-realtime", "sim-fast"]
 
 
 def test_a_slow_store_makes_chunks_larger_never_one_token_each() -> None:

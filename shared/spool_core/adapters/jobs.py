@@ -556,13 +556,27 @@ class SqsJobQueue:
         self._queue_url = queue_url
 
     def send(
-        self, job_id: str, tenant_id: str, *, continuation: int = 0, stalled_at: int | None = None
+        self,
+        job_id: str,
+        tenant_id: str,
+        *,
+        continuation: int = 0,
+        stalled_at: int | None = None,
+        circuit_wait_since_ms: int | None = None,
+        delay_seconds: int = 0,
     ) -> None:
         message = JobMessage(
-            job_id=job_id, tenant_id=tenant_id, continuation=continuation, stalled_at=stalled_at
+            job_id=job_id,
+            tenant_id=tenant_id,
+            continuation=continuation,
+            stalled_at=stalled_at,
+            circuit_wait_since_ms=circuit_wait_since_ms,
         )
-        body = message.model_dump_json(exclude=None if stalled_at is not None else {"stalled_at"})
-        self._client.send_message(QueueUrl=self._queue_url, MessageBody=body)
+        body = message.model_dump_json(exclude_none=True)  # optional fields only when set (JobMessage)
+        if delay_seconds > 0:
+            self._client.send_message(QueueUrl=self._queue_url, MessageBody=body, DelaySeconds=delay_seconds)
+        else:
+            self._client.send_message(QueueUrl=self._queue_url, MessageBody=body)
 
     def waiting(self) -> int:
         answer = self._client.get_queue_attributes(

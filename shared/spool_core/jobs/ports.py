@@ -178,8 +178,17 @@ class ChunkLog(Protocol):
 
 class JobQueue(Protocol):
     def send(
-        self, job_id: str, tenant_id: str, *, continuation: int = 0, stalled_at: int | None = None
-    ) -> None: ...
+        self,
+        job_id: str,
+        tenant_id: str,
+        *,
+        continuation: int = 0,
+        stalled_at: int | None = None,
+        circuit_wait_since_ms: int | None = None,
+        delay_seconds: int = 0,
+    ) -> None:
+        """Queue the job's message, received no sooner than ``delay_seconds`` from now (0..900, as SQS
+        allows); the other fields are the message's (spool_core.queue.JobMessage)."""
 
 
 class SweptQueue(JobQueue, Protocol):

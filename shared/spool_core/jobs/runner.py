@@ -9,6 +9,7 @@ so a long job never spends the delivery budget of its message.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 import uuid
@@ -58,6 +59,9 @@ class RunnerSettings:
     # A provider that sends nothing for this long is a retryable error (each retry resumes from what is
     # persisted), not a read that outlives the invocation (spool_core.jobs.watch).
     stall_seconds: float = 60.0
+    # A job whose every model had its circuit open waits (handed back to the queue, its slot and
+    # reservation kept) until one may be probed; it fails once it has waited this long.
+    circuit_wait_seconds: float = 300.0
 
     @property
     def visibility_seconds(self) -> int:
@@ -78,6 +82,10 @@ class _NoCircuits:
 
 # What the worker knows of a job's cancel and subscribers serves the flushes of the next 100 ms.
 SIGNALS_FRESH_SECONDS = 0.1
+
+# The longest an SQS message may be delayed (DelaySeconds): a job waiting longer for a circuit is
+# picked up, finds it still open and waits again.
+MAX_QUEUE_DELAY_SECONDS = 900
 
 
 class Cancelled(Exception):
@@ -152,10 +160,12 @@ class JobRunner:
         continuation: int = 0,
         stalled_at: int | None = None,
         request_id: str | None = None,
+        circuit_wait_since_ms: int | None = None,
     ) -> Outcome:
         """``request_id``: the invocation's, named in the error of a job it fails; ``stalled_at``: an
         invocation handed the job over after its provider stalled with nothing written, its log then
-        this many tokens long (its message says so)."""
+        this many tokens long (its message says so); ``circuit_wait_since_ms``: the job has waited
+        for open circuits since then (its message says so)."""
         # The lease is the first request: its condition refuses a job that ended or that another
         # attempt holds, and its answer is the job (no read before it: a first token sooner).
         token = uuid.uuid4().hex
@@ -164,7 +174,17 @@ class JobRunner:
             job = self._jobs.take_lease(job_id, token, now, now + self.settings.lease_ms)
         except Conflict as refused:
             return self._not_taken(job_id, refused.current)
-        attempt = _Attempt(self, job, token, heartbeat, remaining_ms, continuation, request_id, stalled_at)
+        attempt = _Attempt(
+            self,
+            job,
+            token,
+            heartbeat,
+            remaining_ms,
+            continuation,
+            request_id,
+            stalled_at,
+            circuit_wait_since_ms,
+        )
         try:
             return attempt.run()
         except LostLease as lost:
@@ -201,9 +221,12 @@ class _Attempt:
         continuation: int,
         request_id: str | None = None,
         stalled_at: int | None = None,
+        circuit_wait_since_ms: int | None = None,
     ) -> None:
         self.r = runner
         self.stalled_at = stalled_at
+        self.circuit_wait_since_ms = circuit_wait_since_ms
+        self.probes: dict[str, int] = {}  # per model skipped for its open circuit: when it may be probed
         self.request_id = request_id
         self.job = job
         self.token = token
@@ -263,7 +286,7 @@ class _Attempt:
             # model_resolved is the model serving the job: a fallback that took over goes on with it
             for model in r._models.chain(primary, fallback=allow_fallback):
                 if not r._breaker.allow(model.id):
-                    tried.append({"model": model.id, "skipped": "circuit open"})
+                    tried.append(self._skipped(model))
                     continue
                 if model.id != self.segments[-1].model:
                     self._switch(model)
@@ -289,8 +312,52 @@ class _Attempt:
             self.writer.flush(notify=False)
             stalled = self.stalled and self.writer.tokens_total == self.tokens_at_start
             return self._yield(stalled_at=self.tokens_at_start if stalled else None)
+        if all("skipped" in entry for entry in tried):  # no model was called: every circuit was open
+            return self._wait_for_circuits(primary, tried, allow_fallback)
         self._fail_unavailable(primary, tried, allow_fallback)
         return Outcome.DONE
+
+    def _skipped(self, model: ModelSpec) -> dict[str, Any]:
+        """The chain's entry for a model skipped for its open circuit, with when it may be probed (now,
+        if another worker half-opened it since the skip)."""
+        probe_at = self.r._breaker.probe_at_ms(model.id)
+        self.probes[model.id] = self.r._now_ms() if probe_at is None else probe_at
+        return {
+            "model": model.id,
+            "skipped": "circuit open",
+            "retry_at": rfc3339(from_epoch(self.probes[model.id] / 1000)),
+        }
+
+    def _wait_for_circuits(self, primary: ModelSpec, tried: list[dict[str, Any]], fallback: bool) -> Outcome:
+        """No model of the chain could be called, each skipped for its open circuit: the job is not
+        failed for the providers' state at the moment it was picked up. It waits for the earliest probe,
+        handed back to the queue as ``_yield`` hands it (the lease released, then a message delayed to
+        that probe), so it keeps its slot and reservation. The wait counts from the first invocation
+        that found every circuit open (its messages carry that time): the job fails once it has waited
+        ``circuit_wait_seconds``, and a delay never passes that bound, so every wait ends."""
+        r = self.r
+        now = r._now_ms()
+        since = now if self.circuit_wait_since_ms is None else self.circuit_wait_since_ms
+        bound_ms = int(r.settings.circuit_wait_seconds * 1000)
+        if r._queue is None or now - since >= bound_ms:  # no queue to wait in, or waited long enough
+            self._fail_unavailable(primary, tried, fallback, waited_ms=now - since)
+            return Outcome.DONE
+        until = min(min(self.probes.values()), since + bound_ms)
+        delay = min(max(math.ceil((until - now) / 1000), 1), MAX_QUEUE_DELAY_SECONDS)
+        self._hand_over()
+        r._queue.send(
+            self.job.job_id,
+            self.job.tenant_id,
+            continuation=self.continuation,
+            stalled_at=self.stalled_at,
+            circuit_wait_since_ms=since,
+            delay_seconds=delay,
+        )
+        logger.info(
+            "every circuit of the job's chain is open; it waits for the earliest probe",
+            extra={"job_id": self.job.job_id, "delay_seconds": delay, "waited_ms": now - since},
+        )
+        return Outcome.YIELD
 
     def _stream(self, model: ModelSpec, messages: tuple[Message, ...]) -> float | None:
         """Stream one model into the log, retrying retryable errors with exponential backoff and
@@ -429,10 +496,7 @@ class _Attempt:
         between, its own message comes back and continues the job); ``stalled_at``: it wrote nothing
         after a stall, from a log this many tokens long."""
         r = self.r
-        try:
-            r._jobs.hand_over(self.job.job_id, self.token, self.writer.progress, self.input_reported)
-        except Conflict:
-            raise LostLease("hand-over refused") from None
+        self._hand_over()
         if r._queue is None:
             return Outcome.RETRY
         r._queue.send(
@@ -443,6 +507,13 @@ class _Attempt:
             extra={"job_id": self.job.job_id, "continuation": self.continuation + 1},
         )
         return Outcome.YIELD
+
+    def _hand_over(self) -> None:
+        """Release the lease, keeping what was written: a new invocation continues the job at once."""
+        try:
+            self.r._jobs.hand_over(self.job.job_id, self.token, self.writer.progress, self.input_reported)
+        except Conflict:
+            raise LostLease("hand-over refused") from None
 
     # ------------------------------------------------------------------ the end
     def _end(self, status: str, *, error: dict[str, Any] | None = None) -> None:
@@ -521,7 +592,11 @@ class _Attempt:
             ["The provider refused the request; check the messages and parameters", "Try another model"],
         )
 
-    def _fail_unavailable(self, primary: ModelSpec, tried: list[dict[str, Any]], fallback: bool) -> None:
+    def _fail_unavailable(
+        self, primary: ModelSpec, tried: list[dict[str, Any]], fallback: bool, *, waited_ms: int | None = None
+    ) -> None:
+        """``waited_ms``: no model was called, each skipped for its open circuit, and the job has waited
+        this long for them."""
         last = tried[-1] if tried else {}
         details = {"model": primary.id, "fallback": fallback, "tried": tried, "last_error": last.get("error")}
         if fallback:
@@ -537,4 +612,14 @@ class _Attempt:
             stall = self.r.settings.stall_seconds
             message += f": {last['model']} sent nothing for {stall:g} s, in two invocations in a row"
             details["stall_seconds"] = stall
+        if waited_ms is not None:
+            bound = self.r.settings.circuit_wait_seconds
+            circuits = ", ".join(f"{t['model']} (circuit open until {t['retry_at']})" for t in tried)
+            message += (
+                f": every circuit of its chain is open, {circuits}; the job waited {waited_ms / 1000:g} s"
+            )
+            message += f" for them (at most {bound:g} s, SPOOL_CIRCUIT_WAIT_SECONDS)"
+            details["waited_seconds"] = round(waited_ms / 1000, 3)
+            details["circuit_wait_seconds"] = bound
+            suggestions.insert(0, "Retry after the circuits' retry_at, when the providers are probed again")
         self._fail("model_unavailable", message, details, suggestions)
