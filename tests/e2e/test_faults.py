@@ -81,3 +81,20 @@ def test_worker_processes_killed_mid_stream_lose_nothing(short_worker: RunningSt
     assert status == 200
     assert usage["totals"]["jobs"] == len(jobs) + 2  # each settled once (with the long job above)
     assert usage["limits"]["concurrent_jobs"]["running"] == 0
+
+
+def test_a_worker_killed_at_every_delivery_keeps_what_each_wrote_before(short_worker: RunningStack) -> None:
+    """Killed at token 40 at each of its MaxReceiveCount deliveries, on a model that sends its tokens
+    at once: the job dead-lettered with nothing in its log, though each attempt's first token is
+    written at once. The provider's stream was read ahead of the worker, so the simulated crash (the
+    provider's own code ending the process) came before the worker had taken the first token."""
+    fault = {"fault": "crash", "at_token": 40, "times": 3}
+    job_id = create(
+        short_worker,
+        {"message": "kill me", "model": "sim-fast", "max_tokens": 200, "metadata": {"simulate": fault}},
+    )
+    job = wait_terminal(short_worker, job_id, timeout=180)
+    assert job["status"] == "failed"
+    log = read_log(short_worker, job_id)
+    assert log and [c["sequence_id"] for c in log] == list(range(1, len(log) + 1))
+    assert job["first_token_at"] is not None

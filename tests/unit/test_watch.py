@@ -104,11 +104,27 @@ def test_leaving_early_closes_the_stream_at_its_next_event() -> None:
     assert stream.closed.wait(WAIT)
 
 
-def test_what_has_come_is_taken_past_the_deadline() -> None:
+def test_what_is_ready_is_taken_past_the_deadline() -> None:
     """An answer read to its end is ended, not handed over: the reviewer's job had its last event
     waiting when the deadline passed, and it was asked for again in a new invocation."""
     with WatchedStream(iter(range(3)), stall_seconds=WAIT, seconds_left=WAIT) as events:
         assert next(events) == 0
-        events._reader.join(WAIT)  # the provider has sent everything
-        events._deadline = 0.0  # long past
+        events._deadline = 0.0  # long past; the provider has the rest ready
         assert list(events) == [1, 2]
+
+
+def test_the_provider_is_read_only_as_far_as_asked() -> None:
+    """A reader that ran ahead let a simulated crash at token 40 (the provider's own code ending the
+    process) come before the worker had written the first token, which it writes at once."""
+    produced: list[int] = []
+
+    def provider() -> Iterator[int]:
+        for index in range(100):
+            produced.append(index)
+            yield index
+
+    with WatchedStream(provider(), stall_seconds=WAIT) as events:
+        assert [next(events) for _ in range(3)] == [0, 1, 2]
+        events._reader.join(0.2)  # time to run ahead, were it to: it is still waiting to be asked
+        assert events._reader.is_alive() and produced == [0, 1, 2]
+        assert next(events) == 3 and produced == [0, 1, 2, 3]

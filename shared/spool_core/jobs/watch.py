@@ -11,6 +11,12 @@ give up at a deadline whatever the provider's client is blocked in (an HTTP read
 a simulated delay); no client exposes a read that can be interrupted from outside. When the waiting
 side gives up, the reader is told to stop: it closes the provider's stream at its next event, or
 leaves with its call when the client's own timeout ends it.
+
+The reader reads an event only when the waiting side asks for one, as a generator iterated in place
+would: the provider is never ahead of what the worker has taken. A reader that ran ahead let a
+simulated crash at token 40 (which ends the process from the provider's own code, as a Lambda kill
+would end it anywhere) come before the worker had written even the first token, which is written at
+once: a job crashed three times that way dead-lettered with nothing in its log.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ from types import TracebackType
 from spool_core.providers import ProviderError
 
 _END = object()
+# Past the deadline, what the provider has ready when asked is still taken (an answer read to its end
+# is ended, never handed over to be asked for again); this long is given to read it.
+READY_SECONDS = 0.1
 
 
 class OutOfTime(Exception):
@@ -56,6 +65,8 @@ class WatchedStream[T]:
         self._stall_seconds = stall_seconds
         self._deadline = None if seconds_left is None else time.monotonic() + seconds_left
         self._queue: queue.SimpleQueue[tuple[object, BaseException | None]] = queue.SimpleQueue()
+        self._asked = threading.Semaphore(0)  # released once per event the waiting side asks for
+        self._pending = False  # an event was asked for and has not come yet
         self._stop = threading.Event()
         self._done = False
         self._reader = threading.Thread(target=self._read, name="provider-stream", daemon=True)
@@ -64,12 +75,16 @@ class WatchedStream[T]:
     def _read(self) -> None:
         events = iter(self._events)
         try:
-            for event in events:
+            while True:
+                self._asked.acquire()
                 if self._stop.is_set():
                     break
+                try:
+                    event = next(events)
+                except StopIteration:
+                    self._queue.put((_END, None))
+                    break
                 self._queue.put((event, None))
-            else:
-                self._queue.put((_END, None))
         except BaseException as exc:  # the provider's error (or a simulated crash) is the reader's to raise
             self._queue.put((_END, exc))
         finally:
@@ -86,16 +101,20 @@ class WatchedStream[T]:
         wait, deadline = self._stall_seconds, False
         left = None if self._deadline is None else self._deadline - time.monotonic()
         if left is not None and left < wait:
-            wait, deadline = max(0.0, left), True
+            # What is ready is taken however late: an answer read to its end (its usage included) is
+            # ended, never handed over to be asked for again.
+            wait, deadline = max(READY_SECONDS, left), True
+        if not self._pending:
+            self._pending = True
+            self._asked.release()
         try:
-            # What has come is taken first, however late: an answer read to its end (its usage
-            # included) is ended, never handed over to be asked for again.
-            item, error = self._queue.get_nowait() if wait <= 0 else self._queue.get(timeout=wait)
+            item, error = self._queue.get(timeout=wait)
         except queue.Empty:
             self.close()
             if deadline:
                 raise OutOfTime from None
             raise Stalled(self._stall_seconds) from None
+        self._pending = False
         if error is not None:
             self._done = True
             raise error
@@ -108,6 +127,7 @@ class WatchedStream[T]:
         """Tell the reader to stop (it closes the provider's stream at its next event)."""
         self._done = True
         self._stop.set()
+        self._asked.release()  # a reader waiting to be asked leaves (and closes the stream) at once
 
     def __enter__(self) -> WatchedStream[T]:
         return self
