@@ -1186,3 +1186,35 @@ def test_a_reservation_across_changes_through_the_defaults_never_lets_reservatio
     world.service("acme").cancel(first)  # nothing used: what is outstanding comes back
     others += _fill(world, "after", 4_000)
     assert _live_reservations(world, others) <= limit
+
+
+def test_a_fallback_that_never_stalled_gets_its_retries_after_the_stalled_models_hand_over() -> None:
+    """A reviewer: invocation 1's model stalled and was handed over; its circuit opened meanwhile, and
+    invocation 2's first stall of the fallback, which had never stalled, ended the fallback's turn as
+    a stall "again", failing a job its retry would have finished."""
+    world = JobWorld()
+    # calls 1 and 2: sim-realtime's (invocation 1); call 3: sim-fast's first, in invocation 2
+    world.provider_for = hangs = _Hangs(world, hangs=[1, 2, 3])
+    job_id = create(world, model="sim-realtime", max_tokens=50)
+    assert _invocations(world, hangs, 1) == [Outcome.YIELD]
+    for _ in range(world.breaker.threshold):  # other tenants' 5xx open sim-realtime's circuit
+        world.breaker.record_failure("sim-realtime")
+    hangs.release.clear()
+    assert _invocations(world, hangs, 5) == [Outcome.DONE]
+    assert hangs.models == ["sim-realtime", "sim-realtime", "sim-fast", "sim-fast"]
+    _assert_served_by(world, job_id, ["sim-realtime", "sim-fast"])
+
+
+def test_a_model_that_stalls_at_each_retry_of_one_invocation_is_not_said_to_have_stalled_twice() -> None:
+    """With no time limit every retry stalled within one invocation, and the error said the model sent
+    nothing "in two invocations in a row"."""
+    world = JobWorld()
+    world.provider_for = hangs = _Hangs(world, hangs=range(1, 100))
+    job_id = create(world, max_tokens=50, fallback=False)
+    assert world.ledger.receive() is not None
+    try:
+        assert world.runner("acme", stall_seconds=0.05).run(job_id) is Outcome.DONE
+    finally:
+        hangs.release.set()
+    job = assert_ended_once(world, job_id, status="failed")
+    assert "sim-fast sent nothing for 0.05 s, at each of its calls" in job.error["message"]

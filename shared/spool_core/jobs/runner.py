@@ -244,7 +244,10 @@ class _Attempt:
         # Under the time margin at a flush: the job is handed over before its next token is taken
         # (an answer that ends first is ended instead: a hand-over would ask the provider again).
         self.time_up = False
-        self.stalled = False  # a call of this invocation sent nothing for the stall limit
+        # The model whose call last sent nothing for the stall limit in this invocation, and the models
+        # that did so again from the log the invocation before this one stalled on (their turn ended).
+        self.stalled_model: str | None = None
+        self.stalled_again_by: set[str] = set()
         self.last_beat = runner._clock()
         self.signals_at = runner._clock()  # the lease's take read the job's cancel and subscribed
         settings = runner.settings
@@ -259,6 +262,7 @@ class _Attempt:
             live=job.subscribed,
         )
         self.tokens_at_start = self.writer.tokens_total
+        self.serving_at_start = self.segments[-1].model  # the model a stalled hand-over left serving
 
     # ------------------------------------------------------------------ the flow
     def run(self) -> Outcome:
@@ -310,7 +314,11 @@ class _Attempt:
             return Outcome.DONE
         except OutOfTime:
             self.writer.flush(notify=False)
-            stalled = self.stalled and self.writer.tokens_total == self.tokens_at_start
+            # Said to have stalled only when the model serving it now did, and nothing was written
+            stalled = (
+                self.stalled_model == self.segments[-1].model
+                and self.writer.tokens_total == self.tokens_at_start
+            )
             return self._yield(stalled_at=self.tokens_at_start if stalled else None)
         if all("skipped" in entry for entry in tried):  # no model was called: every circuit was open
             return self._wait_for_circuits(primary, tried, allow_fallback)
@@ -414,15 +422,22 @@ class _Attempt:
             except ProviderError as exc:
                 self.writer.flush()  # keep every token received before the failure
                 stalled = isinstance(exc, Stalled)
-                self.stalled = self.stalled or stalled
-                # A stall, and the invocation before this one ran out of time after a stall from the
-                # same log: the model is not waited on a third time, the next in the chain takes over
-                # (or the job fails). Handed over again, the next invocation would wait the same way,
-                # and the next, each a new message that never reaches the dead letters. Once is
-                # handed over: a provider slow after a transient stall gets a whole invocation.
-                stalled_again = stalled and self.stalled_at == self.writer.tokens_total
+                if stalled:
+                    self.stalled_model = model.id
+                # A stall of the model that stalled when the invocation before this one ran out of
+                # time, from the same log: it is not waited on a third time, the next in the chain
+                # takes over (or the job fails). Handed over again, the next invocation would wait the
+                # same way, and the next, each a new message that never reaches the dead letters. Once
+                # is handed over: a provider slow after a transient stall gets a whole invocation. A
+                # model that did not stall before (a fallback) gets its retries.
+                stalled_again = (
+                    stalled
+                    and model.id == self.serving_at_start
+                    and self.stalled_at == self.writer.tokens_total
+                )
                 if stalled_again:
-                    self.stalled_at = None  # the next model in the chain gets its retries
+                    self.stalled_at = None
+                    self.stalled_again_by.add(model.id)
                 if not exc.retryable or calls > r.settings.max_retries or stalled_again:
                     exc.attempts = calls  # type: ignore[attr-defined]
                     raise
@@ -610,7 +625,9 @@ class _Attempt:
             ]
         if last.get("error") == Stalled.CODE:
             stall = self.r.settings.stall_seconds
-            message += f": {last['model']} sent nothing for {stall:g} s, in two invocations in a row"
+            again = last["model"] in self.stalled_again_by
+            when = "in two invocations in a row" if again else "at each of its calls"
+            message += f": {last['model']} sent nothing for {stall:g} s, {when}"
             details["stall_seconds"] = stall
         if waited_ms is not None:
             bound = self.r.settings.circuit_wait_seconds
