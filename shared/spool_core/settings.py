@@ -13,9 +13,14 @@ from spool_core.jobs.cadence import Cadence
 
 
 def blank_is_none(value: Any) -> Any:
-    """An optional setting's value, None when it is blank, 0 or "none" (how a template's empty
-    parameter reaches a function)."""
-    return None if value in ("", "0", "none", None) else value
+    """An optional setting's value, None when it is blank, "none" or a zero ("0", "0.0", "00": how a
+    template's empty or zero parameter reaches a function)."""
+    if value is None or (isinstance(value, str) and value.strip() in ("", "none")):
+        return None
+    try:
+        return None if float(value) == 0 else value
+    except (TypeError, ValueError):
+        return value
 
 
 class Settings(BaseModel):

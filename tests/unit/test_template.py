@@ -177,3 +177,36 @@ def test_the_gateways_own_answers_expose_what_the_functions_do(template: Templat
         assert headers["Access-Control-Expose-Headers"] == f"'{','.join(EXPOSED_HEADERS)}'", kind
         assert headers["X-Request-Id"] == "context.requestId", kind
     assert api["Properties"]["Cors"]["AllowHeaders"] == f"'{','.join(ALLOWED_HEADERS)}'"
+
+
+@pytest.mark.parametrize(
+    ("parameter", "accepted", "refused"),
+    [
+        ("DefaultTokensPerMinute", ["200000", "1"], ["1.5", "0", "-3", ""]),
+        ("DefaultMaxConcurrentJobs", ["16"], ["1.5", "0"]),
+        ("DefaultDailyBudgetUsd", ["", "2.5", "10", "0", "0.0", "00"], ["-1", "1e3", "abc"]),
+    ],
+)
+def test_the_default_limits_parameters_take_only_what_every_function_reads(
+    template: Template, parameter: str, accepted: list[str], refused: list[str]
+) -> None:
+    """A reviewer: "0.0" passed DefaultDailyBudgetUsd's pattern and every function then refused its
+    settings at start (a budget must be above 0), and a Number parameter took 1.5 tokens a minute.
+    What the pattern takes, a function reads (a zero budget is none); what it refuses, CloudFormation
+    refuses at deploy."""
+    import re
+
+    from spool_core.bootstrap import default_limits
+    from spool_core.settings import Settings
+
+    pattern = re.compile(template.body["Parameters"][parameter]["AllowedPattern"])
+    globals_ = template.body["Globals"]["Function"]["Environment"]["Variables"]
+    (variable,) = [name for name, value in globals_.items() if value == {"Ref": parameter}]
+    required = {f.alias: "x" for f in Settings.model_fields.values() if f.is_required() and f.alias}
+    for value in accepted:
+        assert pattern.fullmatch(value), value
+        limits = default_limits(Settings.from_env({**required, variable: value}))  # starts
+        if parameter == "DefaultDailyBudgetUsd" and not value.strip("0."):
+            assert limits.daily_budget_nanos is None  # a zero budget is none, as "0" always was
+    for value in refused:
+        assert not pattern.fullmatch(value), value

@@ -560,7 +560,7 @@ class ContextService:
             " expired, its document was refused (and deleted), or it is another tenant's",
             details={"upload_id": upload_id},
             suggestions=[
-                f"If its document was refused, {PUT_AGAIN[0].lower()}{PUT_AGAIN[1:]}",
+                f"If its document was refused: {PUT_AGAIN}",
                 *UploadNotFound.default_suggestions,
             ],
         )
