@@ -114,7 +114,8 @@ def resolve(url: str, stack_name: str | None, endpoint_url: str | None = None) -
         {"endpoint_url": info["endpoint_url"], "region_name": info["region"], **LOCAL_CREDENTIALS},
         dict(info["resources"]),
         info.get("stack_name"),
-        TenantLimits(**info["limit_defaults"]),
+        # a stack started before it said its defaults: read off its local CloudFormation stack instead
+        TenantLimits(**info["limit_defaults"]) if "limit_defaults" in info else None,
     )
 
 

@@ -952,7 +952,13 @@ def _tenant_limits(args: argparse.Namespace, target: Any) -> int:
             "tokens_per_day": args.tokens_per_day,
             "max_concurrent_jobs": args.max_concurrent_jobs,
         }
-        base = current._asdict() if current else {}
+        # A first set starts from the deployment's default budget (the token limits it must name):
+        # a tenant's own limits that dropped it would lift a budget nobody meant to lift.
+        base = (
+            current._asdict()
+            if current
+            else {"daily_budget_nanos": target.limit_defaults().daily_budget_nanos}
+        )
         missing = [name for name, value in fields.items() if value is None and name not in base]
         if missing:
             flags = ", ".join("--" + name.replace("_", "-") for name in missing)

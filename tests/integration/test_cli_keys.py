@@ -268,3 +268,22 @@ def test_keys_create_without_a_usage_plan_output_says_so(
 ) -> None:
     assert _keys(stack, "create", "--tenant", "unmetered") == 0
     assert "no UsagePlanId output" in capsys.readouterr().err
+
+
+def test_a_first_limits_set_keeps_the_deployments_default_budget(
+    stack: StackDescription, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reviewer: a tenant on defaults that hold a daily budget lost it to its first `limits set`
+    of token limits alone (its own limits had no budget). It starts from the defaults' budget now;
+    `--daily-budget-usd 0` removes it."""
+    from spool.admin import AdminTarget
+    from spool_core.limits.model import TenantLimits
+
+    budgeted = TenantLimits(200_000, 10_000_000, 16, daily_budget_nanos=3_000_000_000)  # $3 a day
+    monkeypatch.setattr(AdminTarget, "limit_defaults", lambda self: budgeted)
+    target = ["--stack-name", stack.stack_name, "--endpoint-url", stack.endpoint_url, "--tenant", "budgeted"]
+    tokens = ["--tokens-per-minute", "1000", "--tokens-per-day", "9000", "--max-concurrent-jobs", "2"]
+    assert main(["limits", "set", *target, *tokens]) == 0
+    assert json.loads(capsys.readouterr().out)["daily_budget_usd"] == 3.0
+    assert main(["limits", "set", *target, "--daily-budget-usd", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["daily_budget_usd"] is None
