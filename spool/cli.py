@@ -98,6 +98,7 @@ def _dev(args: argparse.Namespace) -> int:
         print(f"spool: cannot start: {exc}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
+        _ignore_stop_signals()
         _tell(_saved_line(stack))
         _tell("spool: stopped before it was ready")
         return 130
@@ -124,6 +125,7 @@ def _dev(args: argparse.Namespace) -> int:
     finally:
         _tell("spool: stopping...")
         stack.stop(save=moto_exit is None)  # saves the state: nothing said before may keep it from happening
+        _ignore_stop_signals()
         _tell(_saved_line(stack))
         _tell("spool: stopped")
     if moto_exit is not None:
@@ -137,6 +139,15 @@ def _dev(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _ignore_stop_signals() -> None:
+    """Stopped and saved: a Ctrl-C pressed again (or a SIGTERM) while the process exits is ignored.
+    Python puts the default action back on its own handlers as the interpreter finalizes, so such a
+    signal killed the stopped process (exit -2 instead of 130: an end-to-end test's second Ctrl-C,
+    0.2 s after the first, came that late twice on a loaded machine)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _saved_line(stack: Any) -> str | None:
