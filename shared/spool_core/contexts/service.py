@@ -397,7 +397,7 @@ class ContextService:
         ]
         self._check_listing(
             _Listing.of(listed, symbols, metadata),
-            before=_Listing.of(
+            before=lambda: _Listing.of(
                 [_listed(e.path, e.sha256, e.size_bytes) for e in manifest.files],
                 manifest.symbols,
                 manifest.metadata,
@@ -733,10 +733,12 @@ class ContextService:
                 suggestions=TOO_LARGE_SUGGESTIONS,
             )
 
-    def _check_listing(self, listing: _Listing, *, before: _Listing | None = None) -> None:
+    def _check_listing(self, listing: _Listing, *, before: Callable[[], _Listing] | None = None) -> None:
         """What GET /v1/contexts/{id} would answer against ``max_listing_bytes``; with ``before`` (the
-        version an update changes), only growth past the limit is refused, as for the other limits."""
-        if listing.total <= self.limits.max_listing_bytes or (before and listing.total <= before.total):
+        version an update changes, counted only for a listing over the limit: a PATCH within it does
+        not serialize the whole stored listing a second time), only growth past the limit is refused,
+        as for the other limits."""
+        if listing.total <= self.limits.max_listing_bytes or (before and listing.total <= before().total):
             return
         raise ListingTooLarge(
             f"The context's files, symbols and metadata would take {listing.total:,} bytes in the answer"
