@@ -24,7 +24,6 @@ LIMIT_PARAMETERS = (
     "DefaultMaxConcurrentJobs",
     "DefaultDailyBudgetUsd",
 )
-LIMITS_FUNCTION = "JobsFunction"  # admission's function: the local stack reads its environment
 LOCAL_CREDENTIALS = {
     "aws_access_key_id": "testing",
     "aws_secret_access_key": "testing",

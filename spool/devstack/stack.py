@@ -23,7 +23,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from spool.admin import LIMITS_FUNCTION
 from spool.devstack.gateway import WARM_UP_AGENT, GatewayHttpServer, RestApiEmulator
 from spool.devstack.ports import PortInUse, listen
 from spool.devstack.provision import ACCOUNT_ID, MotoServer, StackDescription, aws_client, provision
@@ -54,6 +53,7 @@ STREAM_CONCURRENCY = 64  # open event streams at once, locally (Lambda's default
 # concurrency caps it (see docs/decisions.md for the figures).
 WORKERS_PER_CPU = 16
 MIN_WORKERS = 2
+LIMITS_FUNCTION = "JobsFunction"  # admission's function: its environment holds the default limits
 
 
 def starts_at_once(spec: FunctionSpec) -> bool:
