@@ -97,9 +97,11 @@ class MemoryLedger:
                 self.messages.append(message)
 
     def waiting(self) -> int:
-        """Visible and delayed messages, as the SQS adapter counts them."""
+        """Messages a worker could receive now (a delayed one once its delay is over), as the SQS
+        adapter counts them."""
         with self.lock:
-            return len(self.messages) + len(self.delayed)
+            now = self.clock_ms()
+            return len(self.messages) + sum(1 for at, _ in self.delayed if at <= now)
 
     def receive(self) -> JobMessage | None:
         with self.lock:

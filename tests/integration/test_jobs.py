@@ -558,6 +558,7 @@ def test_a_job_whose_every_circuit_is_open_waits_in_the_queue_for_the_probe(
             "1",
             "0",
         )
+        assert SqsJobQueue(client, url).waiting() == 0  # a delayed message is no backlog for the sweeper
         received: list[Any] = []
         while not received:  # long polls until the delay has passed
             received = client.receive_message(QueueUrl=url, WaitTimeSeconds=5).get("Messages", [])

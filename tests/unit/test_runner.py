@@ -309,6 +309,28 @@ def test_a_job_held_by_open_circuits_keeps_its_slot_and_its_message_is_delayed_t
     assert delayed.job_id == job_id and delayed.circuit_wait_since_ms == world.clock.ms()
 
 
+def test_a_job_waiting_on_open_circuits_never_waits_past_its_lease_and_holds_up_no_lost_message() -> None:
+    """Its delayed message is no backlog for the sweeper (which re-sent nothing while it waited, so a
+    lost message of another job waited for the circuits too), and it is never delayed past the lease,
+    so the sweeper never takes the waiting job itself for a forgotten one."""
+    world = JobWorld()
+    _open_the_circuit_of_sim_fast(world)
+    world.breaker.cooldown = 600
+    waiting = create(world, "quiet", max_tokens=20)
+    lost = create(world, "other", max_tokens=20, model="sim-realtime")
+    message = world.ledger.receive()
+    assert message is not None and message.job_id == waiting
+    world.ledger.messages.clear()  # the other job's message is lost
+    runner = world.runner("quiet", lease_ms=200_000, circuit_wait_seconds=900)
+    assert runner.run(waiting) is Outcome.YIELD
+    [(visible_at, _)] = world.ledger.delayed
+    assert visible_at == world.clock.ms() + 200_000  # the lease, not the 600 s cool-down
+    world.clock.now += 121
+    assert world.sweeper(running_grace_ms=2 * 200_000 + 60_000).sweep() == [lost]
+    world.clock.now += 80  # the waiting job's message is due: a backlog again
+    assert world.ledger.waiting() == 2 and world.sweeper().sweep() == []
+
+
 def test_a_job_waits_on_open_circuits_only_up_to_its_bound_then_fails_naming_them() -> None:
     world = JobWorld()
     _open_the_circuit_of_sim_fast(world)
@@ -316,8 +338,9 @@ def test_a_job_waits_on_open_circuits_only_up_to_its_bound_then_fails_naming_the
     calls_before = len(world.provider_calls)
     job_id = create(world, "quiet", max_tokens=20)
     started = world.clock.ms()
-    assert world.drain(circuit_wait_seconds=120) == ["yield", "done"]
-    assert world.clock.ms() == started + 120_000  # picked up again at its bound, not at the probe
+    # Picked up every lease (30 s) to find the circuit still open, and last at its bound, not at the probe.
+    assert world.drain(circuit_wait_seconds=120) == ["yield"] * 4 + ["done"]
+    assert world.clock.ms() == started + 120_000
     assert world.provider_calls[calls_before:] == []
     job = assert_ended_once(world, job_id, status="failed", tenant="quiet")
     error = job.error

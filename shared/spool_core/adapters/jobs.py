@@ -581,11 +581,9 @@ class SqsJobQueue:
     def waiting(self) -> int:
         answer = self._client.get_queue_attributes(
             QueueUrl=self._queue_url,
-            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesDelayed"],
+            AttributeNames=["ApproximateNumberOfMessages"],
         )
-        attributes = answer.get("Attributes", {})
-        visible = attributes.get("ApproximateNumberOfMessages", "0")
-        return int(visible) + int(attributes.get("ApproximateNumberOfMessagesDelayed", "0"))
+        return int(answer.get("Attributes", {}).get("ApproximateNumberOfMessages", "0"))
 
 
 class DynamoPendingJobs:

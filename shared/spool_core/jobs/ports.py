@@ -195,7 +195,8 @@ class SweptQueue(JobQueue, Protocol):
     """The queue as the sweeper sees it: it sends, and it tells how many messages wait."""
 
     def waiting(self) -> int:
-        """Messages waiting to be received (visible or delayed; approximate, as SQS counts them)."""
+        """Messages a worker could receive now (approximate, as SQS counts them): not those in
+        flight, nor those delayed (a job waiting on open circuits is no backlog)."""
 
 
 class PendingJob(NamedTuple):

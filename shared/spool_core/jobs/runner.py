@@ -351,7 +351,10 @@ class _Attempt:
             self._fail_unavailable(primary, tried, fallback, waited_ms=now - since)
             return Outcome.DONE
         until = min(min(self.probes.values()), since + bound_ms)
-        delay = min(max(math.ceil((until - now) / 1000), 1), MAX_QUEUE_DELAY_SECONDS)
+        # Never longer than the lease: the sweeper takes a running job idle for twice the lease and a
+        # minute for a forgotten one, and this job's hand-over is its last activity.
+        longest = min(MAX_QUEUE_DELAY_SECONDS, max(1, r.settings.lease_ms // 1000))
+        delay = min(max(math.ceil((until - now) / 1000), 1), longest)
         self._hand_over()
         r._queue.send(
             self.job.job_id,

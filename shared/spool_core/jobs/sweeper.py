@@ -7,7 +7,9 @@ re-sends the message of each one idle for longer than any healthy job can be.
 Not while messages wait in the queue: a job queued behind a backlog (the workers busy at their
 concurrency limit) still has its message, and re-sending it would only lengthen the backlog (20 jobs
 behind 2 busy workers got 98 messages for 28 jobs). A lost message is re-sent once the queue has
-drained."""
+drained. Delayed messages are no backlog: a job waiting on open circuits holds one for up to its
+wait, and counting it kept every lost message of other jobs waiting as long. Such a job is not taken
+for a forgotten one either: its delay is never longer than the lease, and its hand-over is activity."""
 
 from __future__ import annotations
 
