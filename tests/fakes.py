@@ -317,3 +317,17 @@ class ListingJobStore:
             reverse=True,
         )
         return [entry for entry in listed if before is None or entry.position < before][:limit]
+
+
+class MemoryRetryKeys:
+    """Keys by request digest with their expiry, as the jobs table keeps them (TTL read on get)."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, tuple[str, int]] = {}
+
+    def remember(self, digest: str, key: str, expires_at_s: int) -> None:
+        self.items[digest] = (key, expires_at_s)
+
+    def recall(self, digest: str, now_s: int) -> str | None:
+        key, expires = self.items.get(digest, ("", 0))
+        return key if expires > now_s else None

@@ -11,7 +11,7 @@ way the adapter does, outside Lambda. Routes stay thin: the logic is in ``spool_
 
 from __future__ import annotations
 
-import uuid
+import time
 from collections.abc import Callable
 
 from starlette.applications import Starlette
@@ -32,8 +32,8 @@ from spool_core.events import (
 )
 from spool_core.jobs.errors import JobNotFound, RequestInProgress
 from spool_core.jobs.model import Job
-from spool_core.jobs.service import JobService, check_idempotency_key
-from spool_core.openai_compat import chat, responses
+from spool_core.jobs.service import JobService
+from spool_core.openai_compat import chat, responses, retries
 from spool_core.openai_compat.common import JobCancelled, JobFailed, StillRunning, in_request_terms
 from spool_core.openai_compat.params import ChatPolicy, ResponsesPolicy, parse
 
@@ -65,14 +65,24 @@ def _job_headers(request: Request, job: Job, extra: dict[str, str] | None = None
 
 # ---------------------------------------------------------------------------------------- OpenAI
 async def _create(
-    request: Request, service: JobService, body: chat.ChatRequest | responses.ResponsesRequest
+    request: Request,
+    service: JobService,
+    body: chat.ChatRequest | responses.ResponsesRequest,
+    *,
+    awaited: bool,
 ) -> tuple[Job, dict[str, str]]:
-    """A job for an OpenAI request: its ``Idempotency-Key`` when sent, a fresh one otherwise. A retry
-    with the same key gets the same job, finished or still running (it is then streamed or awaited
-    from the start): the same answer, generated and paid once. Refusals name the job's ``max_tokens``
-    as the request did."""
-    key = request.headers.get("idempotency-key")
-    key = check_idempotency_key(key) if key else f"openai-{uuid.uuid4()}"
+    """A job for an OpenAI request: its ``Idempotency-Key`` when sent; when an SDK retries a request
+    sent without one, the key that request was given (``retries``); a fresh one otherwise, remembered
+    for those retries when the whole answer is ``awaited``. A retry with the same key gets the same
+    job, finished or still running (it is then streamed or awaited from the start): the same answer,
+    generated and paid once. Refusals name the job's ``max_tokens`` as the request did."""
+    keys = bootstrap.retry_keys(web.caller(request).tenant)
+    digest = retries.digest(request.url.path, await request.body())
+    now_s = int(time.time())
+    sent, count = request.headers.get("idempotency-key"), request.headers.get(retries.RETRY_COUNT_HEADER)
+    key, new = await run_in_threadpool(retries.key_for, sent, count, digest, keys, now_s)
+    if new and awaited:  # before the job: a retry after the shortest timeout finds it
+        await run_in_threadpool(retries.remember, keys, digest, key, now_s)
     job_request = body.job_request()
     try:
         created = await run_in_threadpool(
@@ -89,7 +99,7 @@ async def _create(
 async def chat_completions(request: Request) -> Response:
     body = parse(chat.ChatRequest, await web.json_body(request), ChatPolicy)
     service = _service(request)
-    job, limits = await _create(request, service, body)
+    job, limits = await _create(request, service, body, awaited=not body.stream)
     headers = _job_headers(request, job, limits)
     if body.stream:
         followed = follow(
@@ -111,7 +121,7 @@ async def chat_completions(request: Request) -> Response:
 async def create_response(request: Request) -> Response:
     body = parse(responses.ResponsesRequest, await web.json_body(request), ResponsesPolicy)
     service = _service(request)
-    job, limits = await _create(request, service, body)
+    job, limits = await _create(request, service, body, awaited=not (body.stream or body.background))
     headers = _job_headers(request, job, limits)
     if body.stream:
         return await _response_stream(request, service, job, None, headers)

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     import openai
     from aws_lambda_powertools.utilities.parameters import SecretsProvider
 
-    from spool_core.adapters.jobs import DynamoChunkLog, DynamoJobStore, SqsJobQueue
+    from spool_core.adapters.jobs import DynamoChunkLog, DynamoJobStore, DynamoRetryKeys, SqsJobQueue
     from spool_core.adapters.usage import DynamoUsageStore
     from spool_core.adapters.websocket import DynamoConnectionStore
     from spool_core.auth import ApiKeys, ConnectionGuard
@@ -198,6 +198,15 @@ def _job_tables(tenant: Tenant, config: Settings) -> tuple[DynamoJobStore, Dynam
     )
     chunks = DynamoChunkLog(chunk_table, JOB_TTL_SECONDS)
     return jobs, chunks
+
+
+def retry_keys(tenant: Tenant, config: Settings | None = None) -> DynamoRetryKeys:
+    """The keys given to the tenant's OpenAI requests without one, for the SDK's retries of them."""
+    from spool_core.adapters.dynamodb import ScopedTable
+    from spool_core.adapters.jobs import DynamoRetryKeys
+
+    config = config or settings()
+    return DynamoRetryKeys(ScopedTable(aws.dynamodb(config), config.jobs_table, TenantScope(tenant)))
 
 
 def job_queue(config: Settings | None = None) -> SqsJobQueue:

@@ -10,6 +10,7 @@ import sys
 import uuid
 from typing import Any
 
+import httpx2
 import openai
 import pytest
 
@@ -107,6 +108,90 @@ def test_the_same_idempotency_key_gets_the_same_job(sdk: openai.OpenAI) -> None:
     assert sdk.responses.create(**same, background=True, extra_headers=other).id == response.id
     with pytest.raises(openai.UnprocessableEntityError):
         sdk.responses.create(**same, background=False, extra_headers=other)
+
+
+def jobs_since(dev_stack: RunningStack, newest_before: str | None) -> list[str]:
+    """The tenant's jobs created after ``newest_before`` (the list is newest first)."""
+    status, _, page = dev_stack.request("GET", "/v1/jobs?limit=100")
+    assert status == 200
+    ids = [entry["job_id"] for entry in page["data"]]
+    return ids[: ids.index(newest_before)] if newest_before in ids else ids
+
+
+def newest_job(dev_stack: RunningStack) -> str | None:
+    status, _, page = dev_stack.request("GET", "/v1/jobs?limit=1")
+    assert status == 200
+    return page["data"][0]["job_id"] if page["data"] else None
+
+
+class LosesTheFirstReply(httpx2.HTTPTransport):
+    """The first answer is read whole, then lost: the SDK sees a timeout, as after a dropped reply."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lost: list[str] = []
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        response = super().handle_request(request)
+        if self.lost:
+            return response
+        response.read()
+        self.lost.append(response.headers["x-spool-job-id"])
+        response.close()
+        raise httpx2.ReadTimeout("the reply was lost", request=request)
+
+
+def test_an_sdk_retry_after_a_lost_reply_gets_the_same_job(dev_stack: RunningStack) -> None:
+    """OpenAI's SDKs send no Idempotency-Key and retry a request whose reply did not come: each retry
+    was a new job, generated and paid again. A retry (``x-stainless-retry-count``) of the same bytes
+    takes the key its request was given; a request the caller sends again itself is a new job."""
+    transport = LosesTheFirstReply()
+    sdk = openai.OpenAI(
+        base_url=f"{dev_stack.base_url}/v1",
+        api_key=DEV_KEY,
+        max_retries=2,
+        http_client=httpx2.Client(transport=transport),
+    )
+    sdk._calculate_retry_timeout = lambda *args, **kwargs: 0.0  # type: ignore[method-assign]
+    request: dict[str, Any] = {
+        "model": "sim-fast",
+        "messages": [{"role": "user", "content": f"once only {uuid.uuid4()}"}],
+        "max_tokens": 30,
+    }
+    before = newest_job(dev_stack)
+    answer = sdk.chat.completions.with_raw_response.create(**request)
+    assert transport.lost == [answer.headers["x-spool-job-id"]]
+    assert jobs_since(dev_stack, before) == transport.lost
+    assert job_of(dev_stack, transport.lost[0])["output"] == answer.parse().choices[0].message.content
+    again = sdk.chat.completions.with_raw_response.create(**request)  # the caller's own second request
+    assert again.headers["x-spool-job-id"] != transport.lost[0]
+
+
+def test_sdk_retries_after_its_timeout_wait_for_the_one_job(dev_stack: RunningStack) -> None:
+    """A client timeout shorter than the answer: every retry waits for the job the first attempt
+    made. Whether the last retry saw the answer depends on the machine's speed; the job count does not."""
+    sent: list[httpx2.Request] = []
+    sdk = openai.OpenAI(
+        base_url=f"{dev_stack.base_url}/v1",
+        api_key=DEV_KEY,
+        timeout=1.0,
+        max_retries=4,
+        http_client=httpx2.Client(event_hooks={"request": [sent.append]}),
+    )
+    before = newest_job(dev_stack)
+    try:
+        answer = sdk.chat.completions.with_raw_response.create(
+            model="sim-realtime",  # 50 tokens a second: 150 tokens outlive the first attempt
+            messages=[{"role": "user", "content": f"take your time {uuid.uuid4()}"}],
+            max_tokens=150,
+        )
+        answered = answer.headers["x-spool-job-id"]
+    except openai.APITimeoutError:
+        answered = None
+    assert len(sent) >= 2  # the first attempt timed out, and was retried
+    made = jobs_since(dev_stack, before)
+    assert len(made) == 1 and answered in (None, made[0])
+    wait_for(lambda: job_of(dev_stack, made[0])["status"] == "completed", timeout=120)
 
 
 def finished(sdk: openai.OpenAI, response_id: str) -> Any:

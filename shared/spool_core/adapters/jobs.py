@@ -550,6 +550,24 @@ class DynamoChunkLog:
         return True
 
 
+RETRY_KIND = "retry"
+
+
+class DynamoRetryKeys:
+    """The keys given to a tenant's OpenAI requests sent without one, by request digest, on the jobs
+    table (``spool_core.openai_compat.retries``); expired by DynamoDB's TTL, and on read until then."""
+
+    def __init__(self, table: ScopedTable) -> None:
+        self._table = table
+
+    def remember(self, digest: str, key: str, expires_at_s: int) -> None:
+        self._table.put(RETRY_KIND, digest, {"key": key, "ttl": expires_at_s})
+
+    def recall(self, digest: str, now_s: int) -> str | None:
+        item = self._table.get(RETRY_KIND, digest)
+        return str(item["key"]) if item is not None and int(item.get("ttl", 0)) > now_s else None
+
+
 class SqsJobQueue:
     def __init__(self, client: SQSClient, queue_url: str) -> None:
         self._client = client
