@@ -3,7 +3,10 @@ see the same thing.
 
 closed: calls go through; ``threshold`` failures within ``window`` seconds open it.
 open: calls are skipped (the fallback chain moves on) until ``cooldown`` seconds have passed.
-half_open: after the cool-down, calls are tried again; a success closes it, a failure reopens it.
+half_open: after the cool-down, one call probes the model (taken with a conditional write, for
+``probe_seconds``; then another may): its first token or success closes the circuit, a failure reopens
+it. Other calls are skipped meanwhile, as while open: the jobs that waited for the cool-down all came
+at once, and into a provider still down each spent its retries and failed.
 The same item keeps the model's recent call count, error count and first-token latency.
 
 A breaker may trust what it last read or wrote for ``fresh_seconds`` (the worker's does, for a second):
@@ -38,6 +41,7 @@ class Circuit:
     latency_ms: int | None = None
     window_started_ms: int = 0
     opened_at_ms: int = 0
+    probe_until_ms: int = 0  # half-open: the probing call's time; others are skipped until then
     version: int = 0
 
     def public(self, cooldown_seconds: float) -> dict[str, Any]:
@@ -69,14 +73,17 @@ class CircuitBreaker:
         cooldown_seconds: float = 30.0,
         clock: Callable[[], float] = time.time,
         fresh_seconds: float = 0.0,
+        probe_seconds: float = 10.0,
     ) -> None:
         self._store = store
         self.threshold = threshold
         self.window = window_seconds
         self.cooldown = cooldown_seconds
+        self.probe_seconds = probe_seconds
         self._clock = clock
         self.fresh_seconds = fresh_seconds
         self._known: dict[str, tuple[Circuit, float]] = {}  # what this breaker last read or wrote, and when
+        self._probing: set[str] = set()  # the models whose probe this breaker's callers took
 
     def circuit(self, model_id: str) -> Circuit:
         """The stored circuit (a read)."""
@@ -120,19 +127,37 @@ class CircuitBreaker:
 
     def allow(self, model_id: str) -> bool:
         circuit = self._recent(model_id)
-        if circuit.state != "open":
-            return True
-        if not self._cooled(circuit):
-            return False
-        # Cooled down: try the model again (half-open). The write is conditional: when another worker
-        # wrote meanwhile, its circuit decides, and one its failed probe re-opened is not cooled.
-        return self._change(model_id, self._half_open).state != "open"
+        if circuit.state == "closed" or not self._probe_due(circuit):
+            return circuit.state == "closed"
+        # Cooled down, or the last probe's time is over: this call probes the model. The write is
+        # conditional: when another caller wrote meanwhile, its circuit decides (its probe is taken,
+        # or closed, or its failed probe re-opened it).
+        circuit, taken = self._change(model_id, self._take_probe)
+        if taken:
+            self._probing.add(model_id)
+        return taken or circuit.state == "closed"
+
+    def probed(self, model_id: str) -> None:
+        """The model sent a first token: a probe this breaker's caller took closes the circuit (no call
+        is counted: the call's success or failure is, when it ends)."""
+        if model_id in self._probing:
+            self._probing.discard(model_id)
+
+            def close(circuit: Circuit) -> bool:
+                if circuit.state != "half_open":
+                    return False  # closed already, or re-opened since
+                circuit.state, circuit.failures, circuit.probe_until_ms = "closed", 0, 0
+                return True
+
+            self._change(model_id, close)
 
     def probe_at_ms(self, model_id: str) -> int | None:
-        """When the model's open circuit may be probed (epoch ms), from what this breaker last read or
-        wrote; None when it is not open (another worker half-opened or closed it since)."""
+        """When the model's circuit may be probed (epoch ms), from what this breaker last read or wrote:
+        the end of its cool-down, or of the probe under way; None when it is closed."""
         circuit = self._recent(model_id)
-        return self._cools_at_ms(circuit) if circuit.state == "open" else None
+        if circuit.state == "closed":
+            return None
+        return self._cools_at_ms(circuit) if circuit.state == "open" else circuit.probe_until_ms
 
     def _cools_at_ms(self, circuit: Circuit) -> int:
         return circuit.opened_at_ms + int(self.cooldown * 1000)
@@ -140,17 +165,25 @@ class CircuitBreaker:
     def _cooled(self, circuit: Circuit) -> bool:
         return self._now_ms() >= self._cools_at_ms(circuit)
 
-    def _half_open(self, circuit: Circuit) -> bool:
-        if circuit.state != "open" or not self._cooled(circuit):
-            return False  # half-open or closed already; or re-opened since: nothing to write
-        circuit.state = "half_open"
+    def _probe_due(self, circuit: Circuit) -> bool:
+        """Whether a call may probe the circuit now: open and cooled, or half-open with no probe under way."""
+        if circuit.state == "open":
+            return self._cooled(circuit)
+        return circuit.state == "half_open" and self._now_ms() >= circuit.probe_until_ms
+
+    def _take_probe(self, circuit: Circuit) -> bool:
+        if not self._probe_due(circuit):
+            return False  # another caller took the probe, or closed or re-opened the circuit
+        circuit.state, circuit.probe_until_ms = "half_open", self._now_ms() + int(self.probe_seconds * 1000)
         return True
 
     def record_success(self, model_id: str, latency_ms: float | None) -> None:
+        self._probing.discard(model_id)
+
         def success(circuit: Circuit) -> bool:
             self._roll_window(circuit)
             circuit.calls += 1
-            circuit.state, circuit.failures = "closed", 0
+            circuit.state, circuit.failures, circuit.probe_until_ms = "closed", 0, 0
             if latency_ms is not None:
                 previous = circuit.latency_ms
                 circuit.latency_ms = round(
@@ -161,6 +194,8 @@ class CircuitBreaker:
         self._change(model_id, success)
 
     def record_failure(self, model_id: str) -> None:
+        self._probing.discard(model_id)
+
         def failure(circuit: Circuit) -> bool:
             self._roll_window(circuit)
             circuit.calls += 1
@@ -177,20 +212,21 @@ class CircuitBreaker:
         if now - circuit.window_started_ms > self.window * 1000:
             circuit.window_started_ms, circuit.calls, circuit.errors, circuit.failures = now, 0, 0, 0
 
-    def _change(self, model_id: str, change: Callable[[Circuit], bool]) -> Circuit:
+    def _change(self, model_id: str, change: Callable[[Circuit], bool]) -> tuple[Circuit, bool]:
         """Apply ``change`` (False: nothing to write) and write it if the stored version is still the
-        one it was applied to; else re-read and apply again. The circuit as written (or as found)."""
+        one it was applied to; else re-read and apply again. The circuit as written (or as found), and
+        whether this call wrote it."""
         circuit = self._recent(model_id)
         for _ in range(6):  # optimistic: the first try may be on a remembered circuit, then five reads
             version = circuit.version
             if not change(circuit):
-                return circuit
+                return circuit, False
             circuit.version = version + 1
             if self._store.save(circuit, version):
                 self._remember(circuit)
-                return circuit
+                return circuit, True
             circuit = self.circuit(model_id)
-        return circuit
+        return circuit, False
 
 
 def circuit_item(circuit: Circuit) -> dict[str, Any]:

@@ -88,3 +88,39 @@ def test_a_worker_remembering_a_cooled_open_circuit_does_not_undo_a_failed_probe
     assert store.items["m"] == reopened  # nothing written over it
     clock.now += 30.0
     assert w.allow("m") and store.items["m"].state == "half_open"  # its own cool-down over: a probe
+
+
+def test_a_cooled_circuit_lets_one_probe_through_at_a_time() -> None:
+    """The jobs that waited for the cool-down all came at once: the half-open circuit let each through,
+    and into a provider still down each spent its retries. One call probes; the others are skipped
+    until its first token closes the circuit, its failure re-opens it, or its time is over."""
+    store, clock = CountedStore(), Clock()
+    one, two = (CircuitBreaker(store, clock=clock, threshold=1, cooldown_seconds=30.0) for _ in range(2))
+    one.record_failure("m")
+    clock.now += 30.0
+    assert one.allow("m") and store.items["m"].state == "half_open"  # the probe
+    probe_until = store.items["m"].probe_until_ms
+    assert probe_until == int(clock.now * 1000) + 10_000
+    assert not two.allow("m") and not one.allow("m")  # anyone else meanwhile, this worker included
+    assert two.probe_at_ms("m") == probe_until  # when a job skipped for it may come back
+    one.probed("m")  # its first token
+    assert store.items["m"].state == "closed" and two.allow("m") and two.probe_at_ms("m") is None
+    assert store.items["m"].calls == 1  # a first token is no call: the call counts when it ends
+
+
+def test_a_failed_probe_reopens_and_a_probe_that_never_answers_is_taken_over() -> None:
+    store, clock = CountedStore(), Clock()
+    one, two = (CircuitBreaker(store, clock=clock, threshold=1, cooldown_seconds=30.0) for _ in range(2))
+    one.record_failure("m")
+    clock.now += 30.0
+    assert one.allow("m")
+    one.record_failure("m")  # the provider is still down
+    assert store.items["m"].state == "open" and not two.allow("m")
+    clock.now += 30.0
+    assert two.allow("m")  # the next probe, after a cool-down of its own
+    clock.now += 9.9
+    assert not one.allow("m")
+    clock.now += 0.1  # the probe's time is over (its worker died, or waits long for a first token)
+    assert one.allow("m") and not two.allow("m")  # another takes it
+    one.record_success("m", 50.0)
+    assert store.items["m"].state == "closed" and store.items["m"].probe_until_ms == 0

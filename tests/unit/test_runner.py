@@ -331,6 +331,40 @@ def test_a_job_waiting_on_open_circuits_never_waits_past_its_lease_and_holds_up_
     assert world.ledger.waiting() == 2 and world.sweeper().sweep() == []
 
 
+def test_the_jobs_waiting_on_a_circuit_send_one_probe_and_the_others_wait_for_it() -> None:
+    """All were delayed to the same probe time: each was let through the half-open circuit, and into
+    a provider still down each would have spent its retries and failed. The others are skipped while
+    the probe is under way, delayed to its end, and run once its first token closed the circuit."""
+    world = JobWorld()
+    _open_the_circuit_of_sim_fast(world)
+    jobs = [create(world, "quiet", f"w{i}", max_tokens=20) for i in range(3)]
+    for _ in jobs:  # each finds the circuit open and waits for its probe
+        message = world.ledger.receive()
+        assert message is not None and world.runner("quiet").run(message.job_id) is Outcome.YIELD
+    world.clock.now = world.ledger.next_visible_ms() / 1000  # type: ignore[operator]
+    probe, *others = [world.ledger.receive() for _ in jobs]
+    assert probe is not None and all(others)
+    calls_before, during_probe = len(world.provider_calls), []
+    make_provider = world.provider_for
+
+    def provider(model: Any) -> Any:  # the others are picked up while the probe's call is under way
+        if not during_probe:
+            during_probe.extend(world.runner("quiet").run(m.job_id) for m in others)  # type: ignore[union-attr]
+        return make_provider(model)
+
+    world.provider_for = provider
+    assert world.runner("quiet").run(probe.job_id) is Outcome.DONE
+    assert during_probe == [Outcome.YIELD, Outcome.YIELD]  # skipped, not called
+    assert world.provider_calls[calls_before:] == ["sim-fast"]
+    assert world.breaker.circuit("sim-fast").state == "closed"
+    world.drain()
+    store = world.ledger.tenant("quiet")
+    assert [store.get(j).status for j in jobs] == ["completed"] * 3  # type: ignore[union-attr]
+    settled = [s.job_id for _, s in world.ledger.settlements]
+    assert [settled.count(j) for j in jobs] == [1, 1, 1] and running(world.ledger, "quiet") == 0
+    assert world.provider_calls[calls_before:] == ["sim-fast"] * 3
+
+
 def test_a_job_waits_on_open_circuits_only_up_to_its_bound_then_fails_naming_them() -> None:
     world = JobWorld()
     _open_the_circuit_of_sim_fast(world)

@@ -326,8 +326,8 @@ class _Attempt:
         return Outcome.DONE
 
     def _skipped(self, model: ModelSpec) -> dict[str, Any]:
-        """The chain's entry for a model skipped for its open circuit, with when it may be probed (now,
-        if another worker half-opened it since the skip)."""
+        """The chain's entry for a model skipped for its open circuit, with when it may be probed: when
+        its cool-down or the probe under way ends (now, if another worker closed it since the skip)."""
         probe_at = self.r._breaker.probe_at_ms(model.id)
         self.probes[model.id] = self.r._now_ms() if probe_at is None else probe_at
         return {
@@ -409,6 +409,7 @@ class _Attempt:
                                 raise OutOfTime
                             if first_token_ms is None:
                                 first_token_ms = (r._clock() - started) * 1000
+                                r._breaker.probed(model.id)  # a probe this job made closes the circuit
                             self.writer.add(event.text, event.tokens)
                         elif isinstance(event, Finished):
                             self.input_reported[model.id] = (
