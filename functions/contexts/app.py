@@ -9,7 +9,14 @@ from aws_lambda_powertools.event_handler import Response
 from aws_lambda_powertools.event_handler.openapi.params import Query
 
 from spool_core import bootstrap, listing
-from spool_core.api.resolver import api_handler, create_resolver, json_response, parse_body, tenant_of
+from spool_core.api.resolver import (
+    api_handler,
+    create_resolver,
+    json_response,
+    parse_body,
+    refuse_body,
+    tenant_of,
+)
 from spool_core.contexts.model import CreateContextRequest, PatchContextRequest, TokenCountRequest
 from spool_core.errors import InvalidRequest
 from spool_core.observability import logger
@@ -43,6 +50,7 @@ def list_contexts(
 
 @app.post("/v1/contexts/uploads")
 def create_upload() -> Response[str]:
+    refuse_body(app)
     return json_response(201, bootstrap.context_service(tenant_of(app)).begin_upload())
 
 

@@ -16,6 +16,7 @@ from spool_core.api.resolver import (
     key_id_of,
     parse_body,
     public_base_url,
+    refuse_body,
     tenant_of,
 )
 from spool_core.jobs.model import JobRequest
@@ -78,6 +79,7 @@ def get_job(
 
 @app.post("/v1/jobs/<job_id>/cancel")
 def cancel(job_id: str) -> Response[str]:
+    refuse_body(app)
     service = _service()
     return json_response(200, service.view(service.cancel(job_id)), service.rate_limit_headers())
 

@@ -152,6 +152,7 @@ async def get_response(request: Request) -> Response:
 
 
 async def cancel_response(request: Request) -> Response:
+    await web.no_body(request)
     service = _service(request)
     job = await _response_job(request, service.cancel)
     ended = await web.last(await_end(service, job.job_id, CANCEL_WAIT))

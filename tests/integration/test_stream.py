@@ -487,3 +487,33 @@ def test_a_responses_refusal_names_max_output_tokens_not_the_jobs_max_tokens(
     error = refused["error"]
     assert (error["param"], error["message"].split()[0]) == ("max_completion_tokens", "max_completion_tokens")
     assert all("max_tokens" not in s for s in error["suggestions"])
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ("", 404, "not_found"),
+        ("{}", 404, "not_found"),
+        ("{bad", 400, "invalid_request"),
+        ('{"reason": "x"}', 400, "invalid_request"),
+    ],
+    ids=["none", "empty", "malformed", "a-field"],
+)
+def test_a_cancel_takes_no_body_and_a_malformed_one_is_named(
+    functions: dict[str, LocalFunction], tenant: Tenant, body: str, status: int, code: str
+) -> None:
+    """A cancel answered 200 to `{bad` and to fields it does not take; a malformed chat body named no
+    field. (An unknown response id: the cancel that takes its body answers 404.)"""
+    event = chat_event(tenant, {})
+    event["path"] = event["resource"] = event["requestContext"]["path"] = "/v1/responses/resp_x/cancel"
+    event["body"] = body
+    answer = json.loads(b"".join(functions["StreamFunction"].open_stream(event).chunks()))
+    assert answer["error"]["code"] == code
+    if status == 400:
+        assert answer["error"]["details"]["fields"][0]["field"] in {"body", "body.reason"}
+    chat = chat_event(tenant, {})
+    chat["body"] = "{bad"
+    malformed = json.loads(b"".join(functions["StreamFunction"].open_stream(chat).chunks()))
+    assert malformed["error"]["details"]["fields"] == [
+        {"field": "body", "message": malformed["error"]["message"], "type": "json_invalid"}
+    ]

@@ -10,7 +10,7 @@ from aws_lambda_powertools.event_handler.openapi.params import Query
 from pydantic import BaseModel, Field
 
 from spool_core.api.errors import register_status, status_for
-from spool_core.api.resolver import api_handler, create_resolver, tenant_of
+from spool_core.api.resolver import api_handler, create_resolver, refuse_body, tenant_of
 from spool_core.errors import InvalidRequest, NotFound, SpoolError
 from tests.support import api_event, response_json
 
@@ -40,6 +40,11 @@ def build() -> Any:
     @app.post("/v1/widgets")
     def create(widget: Widget) -> dict[str, Any]:
         return {"name": widget.name, "tenant": tenant_of(app).id}
+
+    @app.post("/v1/widgets/<widget_id>/polish")
+    def polish(widget_id: str) -> dict[str, Any]:
+        refuse_body(app)
+        return {"polished": widget_id}
 
     @app.get("/v1/gadgets")
     def listing(limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict[str, Any]:
@@ -193,3 +198,23 @@ def test_a_streams_key_check_asks_for_the_key_the_authorizer_checked_and_survive
         assert caller.access(Keys(ConnectionError("unreachable")))() is True
     assert "stream key check failed" in caplog.text
     assert Caller(Tenant("acme"), "events:job_1", "r-2").access(Keys(None)) is None  # a token
+
+
+@pytest.mark.parametrize("body", [None, "", "  ", "{}", "null"])
+def test_an_operation_without_a_body_takes_none_or_an_empty_object(handler: Any, body: Any) -> None:
+    status, _, answer = call(handler, "POST", "/v1/widgets/w1/polish", body=body)
+    assert (status, answer) == (200, {"polished": "w1"})
+
+
+@pytest.mark.parametrize(
+    ("body", "fields"),
+    [("{bad", ["body"]), ('{"bogus": 1, "force": true}', ["body.bogus", "body.force"]), ("[1]", ["body"])],
+)
+def test_an_operation_without_a_body_refuses_one_naming_what_was_sent(
+    handler: Any, body: str, fields: list[str]
+) -> None:
+    """A cancel or an upload's creation answered 201 or 200 to `{bad` and to fields it does not take."""
+    status, _, answer = call(handler, "POST", "/v1/widgets/w1/polish", body=body)
+    assert status == 400
+    error = assert_envelope(answer, "invalid_request")
+    assert [f["field"] for f in error["details"]["fields"]] == fields

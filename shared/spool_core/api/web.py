@@ -130,11 +130,37 @@ async def json_body(request: Request) -> Any:
         # (json.loads lets "\ud800" through to fail later) and nesting past its recursion limit
         return pydantic_core.from_json(raw or b"null")
     except (ValueError, RecursionError):
+        message = "The request body is not valid JSON (or is nested too deeply)"
         raise InvalidRequest(
-            "The request body is not valid JSON (or is nested too deeply)",
-            details={"param": None},
+            message,
+            details={
+                "param": None,
+                "fields": [{"field": "body", "message": message, "type": "json_invalid"}],
+            },
             suggestions=["Send a JSON object with 'Content-Type: application/json'"],
         ) from None
+
+
+async def no_body(request: Request) -> None:
+    """An operation that takes no body takes nothing, ``{}`` or ``null``; anything else is a 400 naming
+    what was sent (as ``spool_core.api.resolver.refuse_body`` for the functions' own routes)."""
+    if not (await request.body()).strip():
+        return
+    value = await json_body(request)
+    if value is None or value == {}:
+        return
+    names = [f"body.{name}" for name in value] if isinstance(value, dict) else ["body"]
+    raise InvalidRequest(
+        f"This operation takes no body; it was sent {', '.join(names)[:200]}",
+        details={
+            "param": names[0].removeprefix("body.") if isinstance(value, dict) else None,
+            "fields": [
+                {"field": name, "message": "This operation takes no body", "type": "extra_forbidden"}
+                for name in names[:20]
+            ],
+        },
+        suggestions=["Send the request with no body"],
+    )
 
 
 async def drive[T](items: Iterator[T | Wait]) -> AsyncIterator[T]:
