@@ -63,15 +63,15 @@ def _connect(event: dict[str, Any], connection_id: str) -> dict[str, Any]:
     query = event.get("queryStringParameters") or {}
     key = query.get("api_key") or extract_api_key(event.get("headers"))
     record = bootstrap.api_keys().authenticate(key)
+    request_id = event["requestContext"].get("requestId")
+    # The handshake's answer carries the integration's headers (as a subprotocol is agreed on $connect)
+    headers = {"X-Request-Id": str(request_id)} if request_id else {}
     if record is None:
         error = Unauthorized("Missing or invalid API key")
-        return {
-            "statusCode": 401,
-            "body": json.dumps(envelope(error, event["requestContext"].get("requestId"))),
-        }
+        return {"statusCode": 401, "headers": headers, "body": json.dumps(envelope(error, request_id))}
     bootstrap.connections().put(connection_id, record)  # the tenant and the key, in one write
     bootstrap.connection_guard().admit(connection_id, record)
-    return {"statusCode": 200}
+    return {"statusCode": 200, "headers": headers}
 
 
 def _subscribe(event: dict[str, Any], connection_id: str, context: LambdaContext) -> dict[str, Any]:

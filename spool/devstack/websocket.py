@@ -97,6 +97,7 @@ class WebSocketGateway:
             self._session,
             sock=self._socket,
             process_request=self._connect,
+            process_response=self._accepted,
             max_size=(MAX_MESSAGE_BYTES, MAX_FRAME_BYTES),
         )
 
@@ -186,17 +187,29 @@ class WebSocketGateway:
             headers=dict(request.headers.raw_items()),
             queryStringParameters=query or None,
         )
+        own = {"X-Request-Id": event["requestContext"]["requestId"]}  # the gateway's own answers'
         if self._throttled("$connect"):  # refused before the integration runs
-            return _http_response(HTTPStatus.TOO_MANY_REQUESTS, json.dumps({"message": "Too Many Requests"}))
+            return _http_response(
+                HTTPStatus.TOO_MANY_REQUESTS, json.dumps({"message": "Too Many Requests"}), own
+            )
         result = await self._invoke("$connect", event)
         if result is None:
             return _http_response(
-                HTTPStatus.INTERNAL_SERVER_ERROR, json.dumps({"message": "Internal server error"})
+                HTTPStatus.INTERNAL_SERVER_ERROR, json.dumps({"message": "Internal server error"}), own
             )
         status = int((result or {}).get("statusCode", 200))
+        headers = {str(k): str(v) for k, v in ((result or {}).get("headers") or {}).items()}
         if status >= 300:
-            return _http_response(status, str((result or {}).get("body") or ""))
+            return _http_response(status, str((result or {}).get("body") or ""), headers)
+        connection.handshake_headers = headers  # type: ignore[attr-defined]
         return None
+
+    @staticmethod
+    def _accepted(connection: ServerConnection, request: Request, response: Response) -> Response:
+        """The 101 carries the headers $connect's integration answered with (API Gateway's does)."""
+        for name, value in getattr(connection, "handshake_headers", {}).items():
+            response.headers[name] = value
+        return response
 
     async def _session(self, connection: ServerConnection) -> None:
         connection_id: str = connection.connection_id  # type: ignore[attr-defined]
@@ -247,13 +260,19 @@ class WebSocketGateway:
         return connection_id in self._connections
 
 
-def _http_response(status: int, body: str) -> Response:
+def _http_response(status: int, body: str, headers: Mapping[str, str] | None = None) -> Response:
     """An answer to the opening handshake that refuses the connection."""
     raw = body.encode()
     return Response(
         status,
         HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error",
-        Headers([("Content-Type", "application/json"), ("Content-Length", str(len(raw)))]),
+        Headers(
+            [
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(raw))),
+                *(headers or {}).items(),
+            ]
+        ),
         raw,
     )
 

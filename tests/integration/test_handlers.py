@@ -266,10 +266,11 @@ def test_models_function_lists_what_the_tenant_may_use(invoke: Any) -> None:
 def test_websocket_function_accepts_a_known_key_and_refuses_others(invoke: Any) -> None:
     event = load_event("websocket")
     event["queryStringParameters"] = {"api_key": DEV_KEY}
-    assert invoke("WebSocketFunction", event) == {"statusCode": 200}
+    request_id = {"X-Request-Id": event["requestContext"]["requestId"]}  # on the handshake's answer
+    assert invoke("WebSocketFunction", event) == {"statusCode": 200, "headers": request_id}
     event["queryStringParameters"] = {"api_key": "sk-nope"}
     refused = invoke("WebSocketFunction", event)
-    assert refused["statusCode"] == 401
+    assert refused["statusCode"] == 401 and refused["headers"] == request_id
     assert json.loads(refused["body"])["error"]["code"] == "unauthorized"
     disconnect = load_event("websocket")
     disconnect["requestContext"]["routeKey"] = "$disconnect"

@@ -40,6 +40,7 @@ class Stage:
     def __init__(self, path: Path, throttles: WebSocketThrottles | None, routes: tuple[str, ...]) -> None:
         self.clock = Clock()
         self.fail = False
+        self.refuse = False  # $connect answers 401
         self.hold: threading.Barrier | None = None  # messages wait here for one another
         self.function = FakeFunction(self._handle)
         self.path = path
@@ -60,6 +61,9 @@ class Stage:
                 self.hold.wait()
             ack = {"route": context["routeKey"], "size": len(event["body"])}
             self.gateway.post(context["connectionId"], json.dumps(ack).encode())
+        if context["eventType"] == "CONNECT":
+            status = 401 if self.refuse else 200
+            return {"statusCode": status, "headers": {"X-Request-Id": context["requestId"]}, "body": "{}"}
         return {"statusCode": 200}
 
     def connect(self) -> ClientConnection:
@@ -222,6 +226,25 @@ def test_messages_over_the_route_throttle_get_an_error_frame_without_the_integra
     assert served.routes_seen().count("$default") == 3
 
 
+def test_the_handshake_carries_the_connect_integrations_headers_accepted_or_refused(
+    stage: Callable[..., Stage],
+) -> None:
+    """Every response carries X-Request-Id (DESIGN.md): the handshake's too, as $connect answers it."""
+    served = stage()
+    with served.connect() as client:
+        assert client.response is not None and client.response.status_code == 101
+        assert (
+            client.response.headers["X-Request-Id"]
+            == served.function.events[-1]["requestContext"]["requestId"]
+        )
+    served.refuse = True
+    with pytest.raises(InvalidStatus) as refused:
+        served.connect()
+    assert refused.value.response.status_code == 401
+    request_id = served.function.events[-1]["requestContext"]["requestId"]
+    assert refused.value.response.headers["X-Request-Id"] == request_id
+
+
 def test_a_throttled_connect_is_refused_with_429(stage: Callable[..., Stage]) -> None:
     served = stage(WebSocketThrottles(routes={"$connect": Throttle(rate=1.0, burst=1)}))
     with served.connect() as client:
@@ -231,6 +254,7 @@ def test_a_throttled_connect_is_refused_with_429(stage: Callable[..., Stage]) ->
         served.connect()
     assert refused.value.response.status_code == 429
     assert json.loads(refused.value.response.body or b"{}") == {"message": "Too Many Requests"}
+    assert refused.value.response.headers["X-Request-Id"]  # the gateway's own answer names itself too
     served.clock.now += 1.0
     with served.connect() as client:
         client.send("x")
