@@ -216,6 +216,27 @@ def test_a_context_larger_than_a_request_goes_through_a_presigned_upload(
     ]
 
 
+def test_files_the_page_does_not_add_are_named_beside_the_context(
+    dev_stack: RunningStack, playground: Playground
+) -> None:
+    """A file over the page's 5 MB was skipped with one line in the stream's log at the bottom of the
+    page, while the context panel said "No context" and Ask went on without it."""
+    page = playground.page
+    playground.open(dev_stack.base_url + "/")
+    huge = FilePayload(name="huge.txt", mimeType="text/plain", buffer=b"x" * (5 * 1024 * 1024 + 1))
+    binary = FilePayload(name="logo.png", mimeType="image/png", buffer=b"\x89PNG\x00\x01")
+    small = FilePayload(name="app.py", mimeType="text/x-python", buffer=b"print('hi')\n")
+    page.set_input_files("#files", files=[huge, binary])
+    page.wait_for_function("document.querySelector('#context').textContent.includes('Not added')")
+    said = page.text_content("#context") or ""
+    assert said.startswith("No context") and "huge.txt (5,242,881 bytes, more than" in said, said
+    assert "logo.png (binary)" in said, said
+    page.set_input_files("#files", files=[small])  # a new batch: only what it skipped is said
+    page.wait_for_function("document.querySelectorAll('#context-files li').length === 1")
+    said = page.text_content("#context") or ""
+    assert said.startswith("1 file(s)") and "Not added" not in said, said
+
+
 def test_cross_origin_stream(dev_stack: RunningStack, playground: Playground) -> None:
     page = playground.page
     page_origin = other_host(dev_stack.base_url)

@@ -44,6 +44,7 @@
 
   let models = new Map();
   let files = []; // {path, content, size}
+  let skipped = []; // {path, reason}: the files of the last batch this page did not add
   let uploaded = null; // {signature, context}: the context made from the current files
   let stream = null;
   let pollTimer = null;
@@ -278,14 +279,30 @@
 
   function describeContext() {
     const el = $("context");
+    const notAdded = skipped.length
+      ? ` Not added: ${skipped.map((s) => `${s.path} (${s.reason})`).join(", ")}.`
+      : "";
     if (!files.length) {
-      el.textContent = "No context: the question is sent on its own.";
+      el.textContent = `No context: the question is sent on its own.${notAdded}`;
     } else if (uploaded && uploaded.signature === signature()) {
       const c = uploaded.context;
       el.textContent = `Context ${c.context_id} v${c.version}: ${fmtInt(c.file_count)} file(s), ${fmtInt(c.token_count)} tokens, ${fmtInt(c.size_bytes)} bytes.`;
     } else {
       const bytes = files.reduce((n, f) => n + f.size, 0);
-      el.textContent = `${files.length} file(s), ${fmtInt(bytes)} bytes: uploaded as a context when you ask.`;
+      el.textContent = `${files.length} file(s), ${fmtInt(bytes)} bytes: uploaded as a context when you ask.${notAdded}`;
+    }
+    el.classList.toggle("warn", skipped.length > 0);
+  }
+
+  // A new batch of files (chosen or dropped): what it skips is said beside the context, not only in
+  // the stream's log at the bottom of the page (a file too large was dropped and the question asked
+  // without it, the context panel saying "No context").
+  async function addBatch(add) {
+    skipped = [];
+    try {
+      await add();
+    } finally {
+      describeContext();
     }
   }
 
@@ -299,12 +316,15 @@
 
   async function addBrowserFile(file, path) {
     if (file.size > MAX_FILE_BYTES) {
-      log(`skipped ${path}: ${fmtInt(file.size)} bytes is more than this page reads`, "warn");
+      const reason = `${fmtInt(file.size)} bytes, more than the ${fmtInt(MAX_FILE_BYTES)} this page reads; use the spool CLI`;
+      log(`skipped ${path}: ${reason}`, "warn");
+      skipped.push({ path, reason });
       return;
     }
     const content = await file.text();
     if (content.includes("\u0000")) {
       log(`skipped ${path}: binary file`, "warn");
+      skipped.push({ path, reason: "binary" });
       return;
     }
     addFile(path, content);
@@ -892,7 +912,9 @@
     });
     $("files").addEventListener("change", async (event) => {
       const chosen = [...event.target.files];
-      for (const file of chosen) await addBrowserFile(file, file.webkitRelativePath || file.name);
+      await addBatch(async () => {
+        for (const file of chosen) await addBrowserFile(file, file.webkitRelativePath || file.name);
+      });
       event.target.value = "";
     });
     const zone = $("context-panel");
@@ -906,7 +928,8 @@
     zone.addEventListener("drop", (event) => {
       event.preventDefault();
       $("dropzone").classList.remove("over");
-      addDropped(event.dataTransfer).catch((exc) => showError(exc, "Reading dropped files"));
+      const dropped = event.dataTransfer;
+      addBatch(() => addDropped(dropped)).catch((exc) => showError(exc, "Reading dropped files"));
     });
     window.setInterval(() => {
       if (stream) renderStatus(); // keep tokens/s moving between chunks
