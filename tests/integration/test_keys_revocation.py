@@ -85,7 +85,8 @@ def connect(
     invoke: Any, gateway: RecordingGateway, env: dict[str, str], connection_id: str, key: str
 ) -> None:
     event = ws_event("$connect", connection_id, queryStringParameters={"api_key": key})
-    assert invoke("WebSocketFunction", event, environment=env) == {"statusCode": 200}
+    request_id = {"X-Request-Id": event["requestContext"]["requestId"]}  # on the handshake's answer
+    assert invoke("WebSocketFunction", event, environment=env) == {"statusCode": 200, "headers": request_id}
     gateway.open.add(connection_id)
 
 
