@@ -30,6 +30,7 @@ from spool.client import (
     ConnectionFailed,
     JobCancelled,
     JobFailed,
+    JobStream,
     SpoolError,
     SyncError,
 )
@@ -199,16 +200,18 @@ def _ask(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         metadata=args.metadata,
     )
-    job_id = job["job_id"]
-    model = job["model"]
-    fallback = f" (for {model['requested']})" if model["requested"] != model["resolved"] else ""
-    say.print(f"job {job_id} on {model['resolved']}{fallback}", style="dim")
-    meter = JobMeter(
-        job_id,
-        _pricing(client, model["resolved"]),
-        max(0, job["usage"]["estimated_tokens"] - args.max_tokens),
-    )
-    return AskSession(client, job_id, meter, say, transport=args.transport).run(sys.stdout)
+    # From here on the job exists and is billed: a Ctrl-C at any point cancels it, as mid-answer (it
+    # left the job running when it came during the prices' request, before the stream began).
+    meter = JobMeter(job["job_id"], Pricing(), max(0, job["usage"]["estimated_tokens"] - args.max_tokens))
+    session = AskSession(client, job["job_id"], meter, say, transport=args.transport)
+    try:
+        model = job["model"]
+        fallback = f" (for {model['requested']})" if model["requested"] != model["resolved"] else ""
+        say.print(f"job {job['job_id']} on {model['resolved']}{fallback}", style="dim")
+        meter.pricing = _pricing(client, model["resolved"])
+    except KeyboardInterrupt:
+        return session.interrupted(sys.stdout)
+    return session.run(sys.stdout)
 
 
 def _pricing(client: Client, model_id: str) -> Pricing:
@@ -248,12 +251,15 @@ class AskSession:
         self._polled_at: float | None = None
 
     def run(self, out: Any) -> int:
-        stream = self.client.stream(self.job_id, transport=self.transport, on_progress=self._progress)
         writer = AnswerWriter(out, self.meter)
-        printed = stream.last_sequence_id  # the last chunk written out (the stream counts one earlier)
+        stream: JobStream | None = None
+        printed = 0  # the last chunk written out (the stream counts one earlier)
         try:
             with writer:
                 try:
+                    stream = self.client.stream(
+                        self.job_id, transport=self.transport, on_progress=self._progress
+                    )
                     for text in stream:
                         with _ctrl_c_held():  # a chunk is printed and counted, or neither
                             writer.write(text)
@@ -261,13 +267,15 @@ class AskSession:
                 except KeyboardInterrupt:
                     # The stream takes a chunk before it hands its text over (and may poll the job in
                     # between): the rest is read from the last chunk printed, never from the stream's.
-                    stream.close()
+                    if stream is not None:
+                        stream.close()
                     writer.pause()
                     return self._interrupted(writer, printed)
         except BrokenPipeError:
             # Whoever read the answer stopped (``spool ask ... | head``): nobody reads the rest, so it
             # is not paid for either, as with Ctrl-C; the cancel is sent, not waited for.
-            stream.close()
+            if stream is not None:
+                stream.close()
             _stdout_closed()
             try:
                 self.client.cancel(self.job_id)
@@ -326,6 +334,11 @@ class AskSession:
             f"  {_tokens(usage)}, {_money(cost)}{partial if failed.last_sequence_id else ''} · {self.job_id}",
             style="red",
         )
+
+    def interrupted(self, out: Any) -> int:
+        """Ctrl-C after the job was made, before its answer began to stream: cancelled all the same,
+        with the same ending (and what it wrote until it stopped)."""
+        return self._interrupted(AnswerWriter(out, self.meter), 0)
 
     def _interrupted(self, writer: AnswerWriter, after: int) -> int:
         """Ctrl-C: cancel the job, wait (bounded) until it has stopped, print the text it wrote until

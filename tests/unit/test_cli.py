@@ -638,6 +638,26 @@ def test_ask_creates_the_job_with_its_options(fake: FakeClient, capsys: pytest.C
     assert "must be a JSON object" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("where", ["models", "stream"])
+def test_ctrl_c_once_the_job_exists_cancels_it_before_the_answer_streams(
+    where: str, fake: FakeClient, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C just after ``job job_... on ...`` (while the prices were asked for) printed only
+    ``interrupted`` and left the job running, billed."""
+    monkeypatch.setattr(cli.time, "sleep", lambda _: None)  # the cancel's wait for the job to stop
+
+    def interrupt(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fake, where, interrupt)
+    code, out, err = run(capsys, "ask", "why?")
+    assert code == 130
+    assert fake.cancelled == ["job_fake"]
+    assert "cancelling job_fake" in err
+    assert "cancelled: stopped after 17 tokens; 10 tokens in, 17 out, $0.000044 · job_fake" in err
+    assert out == "The answer comes in pieces.\n"  # what the job wrote until it stopped
+
+
 def test_other_job_and_context_commands(fake: FakeClient, capsys: pytest.CaptureFixture[str]) -> None:
     assert json.loads(run(capsys, "jobs", "get", "job_1", "--no-output")[1])["job_id"] == "job_1"
     cancelled = run(capsys, "jobs", "cancel", "job_1")[2]  # a running job: its cancel is on its way
