@@ -39,6 +39,7 @@ from spool.terminal import (
     JobMeter,
     Pricing,
     SyncProgress,
+    is_terminal,
     message_console,
     output_console,
     skipped_note,
@@ -188,6 +189,11 @@ def _money(usd: float | None) -> str:
 
 # ------------------------------------------------------------------------------------------- ask
 def _ask(args: argparse.Namespace) -> int:
+    with _stops_as_ctrl_c():
+        return _ask_job(args)
+
+
+def _ask_job(args: argparse.Namespace) -> int:
     client = _client(args)
     say = message_console()
     context_id = None
@@ -406,6 +412,39 @@ def _ctrl_c_held() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
     if held:
         raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _stops_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM and SIGHUP (the terminal closed) taken as a Ctrl-C: the job is cancelled, not left
+    running and billed for nobody. Passed on to SIGINT's own handler, so that ``_ctrl_c_held`` holds
+    it back mid-write as it does a Ctrl-C. After a hangup the terminal is gone and a write to it
+    fails (EIO): what was a terminal is pointed at /dev/null, so that the cancel is still sent.
+    Only in the main thread, and not for a signal ignored on purpose (``nohup`` ignores SIGHUP)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    terminals = [stream for stream in (sys.stdout, sys.stderr) if is_terminal(stream)]
+
+    def as_ctrl_c(signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            for stream in terminals:
+                _to_devnull(stream)
+        ctrl_c = signal.getsignal(signal.SIGINT)
+        if not callable(ctrl_c):  # SIGINT ignored (a background job's): raised all the same
+            raise KeyboardInterrupt
+        ctrl_c(signal.SIGINT, frame)
+
+    previous = {
+        signum: signal.signal(signum, as_ctrl_c)
+        for signum in (signal.SIGTERM, signal.SIGHUP)
+        if signal.getsignal(signum) == signal.SIG_DFL
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _generation_rate(job: dict[str, Any]) -> float | None:
@@ -1403,8 +1442,12 @@ def main(argv: list[str] | None = None) -> int:
 def _stdout_closed() -> None:
     """Point stdout at /dev/null: what was buffered for a closed pipe cannot be written, and Python
     would report it again as it exits."""
+    _to_devnull(sys.stdout)
+
+
+def _to_devnull(stream: Any) -> None:
     with contextlib.suppress(OSError, ValueError):
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 def _report(exc: Exception) -> int:

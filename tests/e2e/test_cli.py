@@ -270,6 +270,32 @@ def test_ctrl_c_with_stdout_piped_leaves_exactly_the_partial_answer_the_job_keep
     assert (printed + rest).decode() == job["output"] + ended
 
 
+@pytest.mark.parametrize("stop", ["sigterm", "hangup"])
+def test_sigterm_or_a_closed_terminal_cancels_the_job(env: dict[str, str], client: Client, stop: str) -> None:
+    """SIGTERM, or the terminal closing under it (SIGHUP, then every write fails with EIO), ended
+    `spool ask` at once and left the job running to its end, billed."""
+    terminal = Terminal(["ask", "Count slowly", "--model", "sim-realtime", "--max-tokens", "3000"], env)
+    assert terminal.read_until(lambda text: "tok/s" in text, timeout=60), terminal.text
+    job_id = job_id_in(terminal.text)
+    if stop == "sigterm":
+        terminal.process.send_signal(signal.SIGTERM)
+        assert terminal.finish() == 130, terminal.text
+        assert "cancelled: stopped after" in terminal.text
+    else:
+        os.close(terminal.leader)  # the terminal's window closed: the kernel sends SIGHUP
+        try:
+            assert terminal.process.wait(timeout=120) == 130
+        except subprocess.TimeoutExpired:
+            os.killpg(terminal.process.pid, signal.SIGKILL)
+            raise
+    deadline = time.monotonic() + 60  # the CLI waits for the stop at most 10 s; a busy machine is slower
+    job = client.job(job_id, output=False)
+    while job["status"] not in {"completed", "failed", "cancelled"} and time.monotonic() < deadline:
+        time.sleep(0.2)
+        job = client.job(job_id, output=False)
+    assert job["status"] == "cancelled"
+
+
 # ---------------------------------------------------------------------------------------- errors
 def test_a_stack_that_is_down_is_one_line_and_debug_shows_the_traceback(tmp_path: Path) -> None:
     env = cli_env("http://127.0.0.1:9", tmp_path)  # nothing listens on the discard port

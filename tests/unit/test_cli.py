@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -656,6 +657,37 @@ def test_ctrl_c_once_the_job_exists_cancels_it_before_the_answer_streams(
     assert "cancelling job_fake" in err
     assert "cancelled: stopped after 17 tokens; 10 tokens in, 17 out, $0.000044 · job_fake" in err
     assert out == "The answer comes in pieces.\n"  # what the job wrote until it stopped
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_or_a_closed_terminal_cancels_the_job_as_ctrl_c_does(
+    signum: int, fake: FakeClient, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM, or SIGHUP as the terminal closed, ended ``spool ask`` at once (exit 143, 129) and left
+    the job running and billed: Ctrl-C and a closed pipe cancelled it."""
+    monkeypatch.setattr(cli.time, "sleep", lambda _: None)
+    saved = signal.signal(signum, signal.SIG_DFL)  # as a shell starts a program (unless under nohup)
+
+    class Signalled(FakeStream):
+        def __iter__(self) -> Iterator[str]:
+            for index, text in enumerate(self._client.texts, start=1):
+                if index == 3:
+                    # without a handler of the CLI's, the signal would end this test run itself
+                    assert callable(signal.getsignal(signum)), "the signal would end spool ask as it is"
+                    signal.raise_signal(signum)
+                self.last_sequence_id = index
+                yield text
+
+    monkeypatch.setattr(fake, "stream", lambda *args, on_progress=None, **kw: Signalled(fake, on_progress))
+    try:
+        code, out, err = run(capsys, "ask", "why?")
+        assert signal.getsignal(signum) == signal.SIG_DFL  # as it was before
+    finally:
+        signal.signal(signum, saved)
+    assert code == 130
+    assert fake.cancelled == ["job_fake"]
+    assert "cancelled: stopped after 17 tokens; 10 tokens in, 17 out, $0.000044 · job_fake" in err
+    assert out == "The answer comes in pieces.\n"
 
 
 def test_other_job_and_context_commands(fake: FakeClient, capsys: pytest.CaptureFixture[str]) -> None:
