@@ -1107,6 +1107,17 @@ def _dollars(text: str) -> float:
     return value
 
 
+def _tenant(text: str) -> str:
+    """A tenant id as the key and usage tables take it (an empty one listed every tenant's keys, a
+    malformed one crashed as an unexpected error)."""
+    from spool_core.tenancy import InvalidTenantId, Tenant
+
+    try:
+        return Tenant(text).id
+    except InvalidTenantId as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _day(text: str) -> date:
     try:
         return date.fromisoformat(text)
@@ -1336,7 +1347,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     target.add_argument("--endpoint-url", help="AWS endpoint for --stack-name (an AWS-compatible endpoint)")
     admin = argparse.ArgumentParser(add_help=False, parents=[target])
-    admin.add_argument("--tenant", required=True, help="the tenant")
+    admin.add_argument("--tenant", type=_tenant, required=True, help="the tenant")
 
     keys = command("keys", "manage API keys: create, list, revoke, rotate", [])
     keys.set_defaults(run=_keys)
@@ -1350,12 +1361,12 @@ def build_parser() -> argparse.ArgumentParser:
         " (default: the stack's UsagePlanId output)",
     )
     create = command("create", "a new key for a tenant, printed once", [key_table, usage_plan], key_actions)
-    create.add_argument("--tenant", required=True, help="the tenant the key acts for")
+    create.add_argument("--tenant", type=_tenant, required=True, help="the tenant the key acts for")
     create.add_argument("--description", default="", help="a note kept with the key")
     listing = command(
         "list", "key id, tenant, status and times; never the key or its hash", [key_table], key_actions
     )
-    listing.add_argument("--tenant", help="only this tenant's keys (default: every tenant's)")
+    listing.add_argument("--tenant", type=_tenant, help="only this tenant's keys (default: every tenant's)")
     listing.add_argument("--json", action="store_true", help="JSON instead of a table")
     revoke = command(
         "revoke", "stop a key (within the key cache's lifetime); the record stays", [key_table], key_actions
@@ -1363,6 +1374,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("key_id", help="the key's id (not the key)")
     revoke.add_argument(
         "--tenant",
+        type=_tenant,
         help="the key's tenant: looked up with a Query instead of a Scan; another tenant's key is refused",
     )
     rotate = command(
@@ -1374,6 +1386,7 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.add_argument("key_id", help="the key's id (not the key)")
     rotate.add_argument(
         "--tenant",
+        type=_tenant,
         help="the key's tenant: looked up with a Query instead of a Scan; another tenant's key is refused",
     )
     rotate.add_argument(

@@ -26,7 +26,8 @@ class Tenant:
     def __post_init__(self) -> None:
         if not _TENANT_ID.match(self.id):
             raise InvalidTenantId(
-                f"tenant id {self.id!r} must be 1-64 characters of letters, digits, '_', '.', '-'"
+                f"tenant id {self.id!r} must be 1-64 characters of letters, digits, '_', '.', '-',"
+                " starting with a letter or digit"
             )
 
 

@@ -774,6 +774,37 @@ def test_keys_without_aws_credentials_or_a_local_stack_are_one_line(
     ]
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["keys", "create", "--tenant", ""],
+        ["keys", "list", "--tenant", ""],
+        ["keys", "list", "--tenant", "a b"],
+        ["keys", "revoke", "key_1", "--tenant", "a/b"],
+        ["keys", "rotate", "key_1", "--tenant", "_x"],
+        ["limits", "get", "--tenant", "a b"],
+        ["limits", "set", "--tenant", "a" * 65, "--tokens-per-minute", "5"],
+    ],
+)
+def test_a_malformed_tenant_is_a_usage_error_naming_the_rule(
+    argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--tenant ''`` crashed as an unexpected AssertionError (keys create) or listed every tenant's
+    keys (keys list); ``'a b'`` was an ``unexpected InvalidTenantId ... report it``."""
+
+    def no_stack(*args: Any) -> Any:
+        raise AssertionError("the command ran")
+
+    monkeypatch.setattr(cli, "_admin_target", no_stack)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "--tenant" in err and "must be 1-64 characters of letters, digits" in err
+    assert "starting with a letter or digit" in err
+    assert "unexpected" not in err
+
+
 def test_aws_errors_become_one_admin_error() -> None:
     from botocore.exceptions import (
         ClientError,
