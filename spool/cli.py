@@ -1476,8 +1476,7 @@ def _report(exc: Exception) -> int:
             headers = {k.lower(): v for k, v in exc.headers.items()}
             request_id = exc.request_id or headers.get("x-request-id")
             line += f" (request {request_id})" if request_id else ""  # what a report needs
-            if exc.code == "http_error" and not suggestions:  # no Spool envelope: not Spool answering
-                suggestions = ["Check that SPOOL_URL (or --url) is a Spool API: GET /v1/health answers it"]
+            suggestions = _cli_suggestions(exc, suggestions)
     elif isinstance(exc, SyncError):
         line, suggestions = str(exc), []
     else:
@@ -1485,6 +1484,27 @@ def _report(exc: Exception) -> int:
         suggestions = ["Run again with --debug for the traceback, and report it"]
     say.print(f"error: {line}" + (f" — {'; '.join(suggestions)}" if suggestions else ""), style="bold red")
     return EXIT_ERROR
+
+
+def _cli_suggestions(exc: SpoolError, suggestions: list[str]) -> list[str]:
+    """The server's suggestions, as the CLI's user can follow them: the server tells an HTTP client
+    which header carries the key, the CLI's user needs its option (and the dev key, which is not the
+    default one when SPOOL_DEV_KEYS is set); an API URL given with its /v1, as an OpenAI client takes
+    it, doubles the /v1 of every path the CLI asks for."""
+    if exc.code == "http_error" and not suggestions:  # no Spool envelope: not Spool answering
+        return ["Check that SPOOL_URL (or --url) is a Spool API: GET /v1/health answers it"]
+    if exc.status == 401:
+        return [
+            "Give your API key with --key or SPOOL_API_KEY (without them the CLI sends sk-local-dev,"
+            " the local stack's default dev key; with SPOOL_DEV_KEYS set, make dev prints the dev key)",
+            *(s for s in suggestions if "Authorization:" not in s),  # the header: the CLI sends it
+        ]
+    if exc.status == 404 and str(exc.details.get("path", "")).startswith("/v1/v1/"):
+        return [
+            "Drop the /v1 at the end of SPOOL_URL (or --url): the CLI adds it to every path"
+            f" (such as {DEFAULT_URL})"
+        ]
+    return suggestions
 
 
 if __name__ == "__main__":

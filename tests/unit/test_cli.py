@@ -15,7 +15,7 @@ from rich.console import Console
 
 from spool import cli
 from spool.admin import AdminError, AdminTarget, aws_errors
-from spool.client import ConnectionFailed, JobCancelled, JobFailed, NotFound, SyncError
+from spool.client import ConnectionFailed, JobCancelled, JobFailed, NotFound, SyncError, Unauthorized
 from spool.terminal import (
     AnswerWriter,
     JobMeter,
@@ -740,6 +740,49 @@ def test_an_unreachable_stack_is_one_line_and_debug_shows_the_traceback(
         cli.main(["--debug", "models"])
     with pytest.raises(ConnectionFailed):
         cli.main(["models", "--debug"])
+
+
+def test_a_refused_key_or_a_doubled_v1_says_what_to_change_in_the_cli(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 401 said only how to send the key as an HTTP header, never --key or SPOOL_API_KEY; a URL
+    ending in /v1 (as OpenAI clients take it) answered "No route for GET /v1/v1/models" and pointed
+    at /v1, which the URL already had."""
+    from spool_core import errors
+
+    refused = {
+        "error": {
+            "code": "unauthorized",
+            "message": "Missing or invalid API key",
+            "suggestions": list(errors.Unauthorized.default_suggestions),
+            "request_id": "r-1",
+        }
+    }
+    no_route = {
+        "error": {
+            "code": "not_found",
+            "message": "No route for GET /v1/v1/models",
+            "details": {"path": "/v1/v1/models"},
+            "suggestions": list(errors.NotFound.default_suggestions),
+        }
+    }
+    answer: dict[str, Any] = {}
+
+    def failing(args: argparse.Namespace, **options: Any) -> Any:
+        raise answer["error"]
+
+    monkeypatch.setattr(cli, "_client", failing)
+    answer["error"] = Unauthorized(401, refused)
+    code, _, err = run(capsys, "models")
+    assert code == 2
+    assert err.startswith("error: unauthorized: Missing or invalid API key (request r-1) — ")
+    assert "--key or SPOOL_API_KEY" in err and "make dev prints the dev key" in err
+    assert "Authorization: Bearer" not in err  # the CLI sends the header itself
+    assert "spool keys create --tenant" in err
+    answer["error"] = NotFound(404, no_route)
+    err = run(capsys, "models")[2]
+    assert "Drop the /v1 at the end of SPOOL_URL (or --url)" in err
+    assert "the API lives under /v1" not in err
 
 
 def test_an_unexpected_error_is_one_line_with_a_pointer_to_debug(
