@@ -523,7 +523,6 @@ def _usage(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(usage)
         return EXIT_OK
-    out = output_console()
     rows: list[tuple[Any, ...]] = [
         (
             d["date"],
@@ -554,14 +553,15 @@ def _usage(args: argparse.Namespace) -> int:
         "TOKENS OUT",
         "COST",
     ]
-    out.print(
-        table(
-            f"usage {usage['since']} to {usage['until']}",
-            columns,
-            rows,
-            numbers=("JOBS", "TOKENS IN", "TOKENS OUT", "COST"),
-        )
+    _print_listing(
+        columns,
+        rows,
+        title=f"usage {usage['since']} to {usage['until']}",
+        numbers=("JOBS", "TOKENS IN", "TOKENS OUT", "COST"),
+        drop=("JOBS", "TOKENS IN", "TOKENS OUT", "MODEL"),
+        keep=("DAY", "COST"),
     )
+    out = output_console()
     out.print()
     for line in _limit_lines(usage.get("limits") or {}):
         out.print(line)
@@ -743,12 +743,13 @@ def _print_listing(
     numbers: tuple[str, ...],
     drop: tuple[str, ...],
     keep: tuple[str, ...] = (),
+    title: str | None = None,
 ) -> None:
     """A listing on stdout, its first column the ids (and the columns in ``keep``): never cut,
     whatever the terminal's width (the columns in ``drop`` are left out first, in that order)."""
     out = output_console()
     keep = keep or (columns[0],)
-    out.print(table(None, columns, rows, numbers=numbers, width=out.width, keep=keep, drop=drop))
+    out.print(table(title, columns, rows, numbers=numbers, width=out.width, keep=keep, drop=drop))
 
 
 def _size(size: int) -> str:

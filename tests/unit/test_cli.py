@@ -927,6 +927,34 @@ def test_a_listing_on_a_narrow_terminal_drops_columns_never_the_ids(width: int) 
     assert ("MODEL" in lines[0]) is (width >= natural - 26)
 
 
+@pytest.mark.parametrize("width", [40, 60, 100])
+def test_usage_on_a_narrow_terminal_drops_columns_and_never_cuts_a_number(
+    fake: FakeClient, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, width: int
+) -> None:
+    """At 60 columns ``spool usage`` showed the day as ``2026-12-…`` and the cost as ``$0.0064…``, at
+    40 the tokens as ``182,2…``: numbers that look real. Columns go whole instead, as in listings."""
+    day = {"date": "2026-12-06", "model": "sim-realtime", "jobs": 1234, "input_tokens": 1822345,
+           "output_tokens": 182234, "cost_usd": 0.00641234}  # fmt: skip
+    usage = fake.usage()
+    usage["days"] = [day]
+    usage["totals"] = {k: day[k] for k in ("jobs", "input_tokens", "output_tokens", "cost_usd")}
+    monkeypatch.setattr(fake, "usage", lambda since=None, until=None: usage)
+    shown = io.StringIO()
+    monkeypatch.setattr(cli, "output_console", lambda: Console(file=shown, width=width, color_system=None))
+    assert run(capsys, "usage")[0] == 0
+    lines = shown.getvalue().splitlines()
+    assert "…" not in shown.getvalue()
+    assert all(len(line) <= width for line in lines)
+    header = lines.index(next(line for line in lines if line.startswith("DAY")))
+    names = lines[header].split("  ")
+    row, total = lines[header + 1].split(), lines[header + 2].split()
+    assert row[0] == "2026-12-06" and row[-1] == "$0.006412"
+    assert total[0] == "total" and total[-1] == "$0.006412"
+    whole = {"1,234", "1,822,345", "182,234", "sim-realtime"}
+    assert set(row[1:-1]) <= whole  # the columns shown between the day and the cost, whole
+    assert ("JOBS" in names) is (width >= 100)
+
+
 @pytest.mark.parametrize("width", [30, 50, 80])
 def test_models_and_health_on_a_narrow_terminal_keep_their_names_and_statuses(
     fake: FakeClient, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, width: int
