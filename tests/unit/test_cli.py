@@ -7,6 +7,9 @@ import argparse
 import io
 import json
 import signal
+import subprocess
+import sys
+import tomllib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,6 +29,7 @@ from spool.terminal import (
     skipped_note,
     table,
 )
+from tests.support import ROOT
 from tests.terminal import answer_in, screen_of
 
 ANSWER = (
@@ -893,6 +897,35 @@ def test_every_option_has_help_and_no_help_shows_raw_backticks(capsys: pytest.Ca
         assert "`" not in text, parser.prog
     ask = next(parser for parser in _parsers(cli.build_parser()) if parser.prog == "spool ask")
     assert "longest answer, in tokens (default: 1024)" in " ".join(ask.format_help().split())
+
+
+CTRL_C_AS_IT_LOADS = """
+import sys
+
+
+class CtrlC:  # a Ctrl-C as the client's HTTP library loads
+    def find_spec(self, name, path=None, target=None):
+        if name == "httpx2":
+            raise KeyboardInterrupt
+        return None
+
+
+sys.meta_path.insert(0, CtrlC())
+sys.argv = ["spool", "models"]
+from {module} import {function} as main
+
+sys.exit(main())
+"""
+
+
+def test_ctrl_c_while_the_command_loads_ends_it_quietly() -> None:
+    """A Ctrl-C in the command's first few tenths of a second, while its libraries load, printed a
+    KeyboardInterrupt traceback from inside an import."""
+    script = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["spool"]
+    module, _, function = script.partition(":")  # what the installed ``spool`` runs
+    code = CTRL_C_AS_IT_LOADS.format(module=module, function=function)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert (done.returncode, done.stderr) == (cli.EXIT_INTERRUPTED, "")
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
