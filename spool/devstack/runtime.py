@@ -905,6 +905,9 @@ class HttpRequest:
     body: bytes = b""
 
 
+_FRAMING = {"transfer-encoding", "content-length", "connection", "keep-alive"}
+
+
 def adapter_request(event: Mapping[str, Any]) -> HttpRequest:
     """The HTTP request Lambda Web Adapter makes of a REST proxy event: the path without the stage,
     the query string, the headers, the body, and the request context (the authorizer's output with
@@ -912,7 +915,13 @@ def adapter_request(event: Mapping[str, Any]) -> HttpRequest:
     query = urlencode(
         [(k, v) for k, values in (event.get("multiValueQueryStringParameters") or {}).items() for v in values]
     )
-    headers = {k: v for k, v in (event.get("headers") or {}).items() if not k.lower().startswith("x-amzn-")}
+    # The body is whole in the event: its framing is the adapter's own (a length), never the client's
+    # (a chunked one forwarded with the bytes already read left the app waiting for chunks).
+    headers = {
+        k: v
+        for k, v in (event.get("headers") or {}).items()
+        if not k.lower().startswith("x-amzn-") and k.lower() not in _FRAMING
+    }
     headers["x-amzn-request-context"] = json.dumps(event.get("requestContext") or {}, separators=(",", ":"))
     body = event.get("body") or ""
     raw = base64.b64decode(body) if event.get("isBase64Encoded") else str(body).encode()

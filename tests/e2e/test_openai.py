@@ -194,6 +194,20 @@ def test_sdk_retries_after_its_timeout_wait_for_the_one_job(dev_stack: RunningSt
     wait_for(lambda: job_of(dev_stack, made[0])["status"] == "completed", timeout=120)
 
 
+def test_a_chunked_body_reaches_a_streaming_route(dev_stack: RunningStack) -> None:
+    """The local stack forwarded the client's Transfer-Encoding with the body already read: the app
+    waited for chunks that never came, and the request hung until the client gave up."""
+    for path, body in (("/v1/responses/resp_x/cancel", b""), ("/v1/chat/completions", b"{bad")):
+        answer = httpx2.post(
+            f"{dev_stack.base_url}{path}",
+            content=iter([body]),  # a generator: sent chunked
+            headers={"Authorization": f"Bearer {DEV_KEY}", "Content-Type": "application/json"},
+            timeout=60,
+        )
+        assert answer.request.headers["transfer-encoding"] == "chunked"
+        assert answer.status_code in {400, 404}, answer.text
+
+
 def finished(sdk: openai.OpenAI, response_id: str) -> Any:
     return wait_for(
         lambda: (r := sdk.responses.retrieve(response_id)).status not in {"queued", "in_progress"} and r,

@@ -241,6 +241,9 @@ def test_the_adapter_request_carries_the_request_context_and_never_the_clients_c
     assert context["authorizer"]["tenant_id"] == "local"
     assert request.headers["Last-Event-ID"] == "17"
     assert request.body == b"\x00\x01\x02"
+    event["headers"].update({"Transfer-Encoding": "chunked", "Content-Length": "99", "Connection": "close"})
+    framed = {name.lower() for name in adapter_request(event).headers}
+    assert not framed & {"transfer-encoding", "content-length", "connection"}  # the body is whole
 
 
 def test_streaming_routes_come_from_the_template() -> None:
