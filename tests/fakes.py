@@ -320,14 +320,16 @@ class ListingJobStore:
 
 
 class MemoryRetryKeys:
-    """Keys by request digest with their expiry, as the jobs table keeps them (TTL read on get)."""
+    """Keys by request digest with their expiry, as the jobs table keeps them (TTL read on get; a
+    second key while one is remembered makes the digest ambiguous)."""
 
     def __init__(self) -> None:
-        self.items: dict[str, tuple[str, int]] = {}
+        self.items: dict[str, tuple[str | None, int]] = {}  # digest -> (key, None: ambiguous; expiry)
 
-    def remember(self, digest: str, key: str, expires_at_s: int) -> None:
-        self.items[digest] = (key, expires_at_s)
+    def remember(self, digest: str, key: str, now_s: int, expires_at_s: int) -> None:
+        known = self.items.get(digest)
+        self.items[digest] = (key if known is None or known[1] <= now_s else None, expires_at_s)
 
     def recall(self, digest: str, now_s: int) -> str | None:
-        key, expires = self.items.get(digest, ("", 0))
+        key, expires = self.items.get(digest, (None, 0))
         return key if expires > now_s else None

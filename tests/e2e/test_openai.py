@@ -7,7 +7,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx2
@@ -125,11 +127,13 @@ def newest_job(dev_stack: RunningStack) -> str | None:
 
 
 class LosesTheFirstReply(httpx2.HTTPTransport):
-    """The first answer is read whole, then lost: the SDK sees a timeout, as after a dropped reply."""
+    """The first answer is read whole, then lost: the SDK sees a timeout, as after a dropped reply
+    (once every client sharing ``together`` has lost its own)."""
 
-    def __init__(self) -> None:
+    def __init__(self, together: threading.Barrier | None = None) -> None:
         super().__init__()
         self.lost: list[str] = []
+        self.together = together
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         response = super().handle_request(request)
@@ -138,14 +142,12 @@ class LosesTheFirstReply(httpx2.HTTPTransport):
         response.read()
         self.lost.append(response.headers["x-spool-job-id"])
         response.close()
+        if self.together is not None:
+            self.together.wait(timeout=120)
         raise httpx2.ReadTimeout("the reply was lost", request=request)
 
 
-def test_an_sdk_retry_after_a_lost_reply_gets_the_same_job(dev_stack: RunningStack) -> None:
-    """OpenAI's SDKs send no Idempotency-Key and retry a request whose reply did not come: each retry
-    was a new job, generated and paid again. A retry (``x-stainless-retry-count``) of the same bytes
-    takes the key its request was given; a request the caller sends again itself is a new job."""
-    transport = LosesTheFirstReply()
+def lossy_sdk(dev_stack: RunningStack, transport: httpx2.HTTPTransport) -> openai.OpenAI:
     sdk = openai.OpenAI(
         base_url=f"{dev_stack.base_url}/v1",
         api_key=DEV_KEY,
@@ -153,6 +155,15 @@ def test_an_sdk_retry_after_a_lost_reply_gets_the_same_job(dev_stack: RunningSta
         http_client=httpx2.Client(transport=transport),
     )
     sdk._calculate_retry_timeout = lambda *args, **kwargs: 0.0  # type: ignore[method-assign]
+    return sdk
+
+
+def test_an_sdk_retry_after_a_lost_reply_gets_the_same_job(dev_stack: RunningStack) -> None:
+    """OpenAI's SDKs send no Idempotency-Key and retry a request whose reply did not come: each retry
+    was a new job, generated and paid again. A retry (``x-stainless-retry-count``) of the same bytes
+    takes the key its request was given; a request the caller sends again itself is a new job."""
+    transport = LosesTheFirstReply()
+    sdk = lossy_sdk(dev_stack, transport)
     request: dict[str, Any] = {
         "model": "sim-fast",
         "messages": [{"role": "user", "content": f"once only {uuid.uuid4()}"}],
@@ -165,6 +176,29 @@ def test_an_sdk_retry_after_a_lost_reply_gets_the_same_job(dev_stack: RunningSta
     assert job_of(dev_stack, transport.lost[0])["output"] == answer.parse().choices[0].message.content
     again = sdk.chat.completions.with_raw_response.create(**request)  # the caller's own second request
     assert again.headers["x-spool-job-id"] != transport.lost[0]
+
+
+def test_retries_of_the_same_bytes_sent_at_once_are_not_folded_into_one_job(dev_stack: RunningStack) -> None:
+    """Three callers send the same request at once (samples of one prompt) and each loses its reply:
+    every retry took the key of the last first attempt, and all three got that one job's answer. A
+    retry cannot say whose it is, so none is folded: each caller gets a job of its own."""
+    together = threading.Barrier(3)
+    transports = [LosesTheFirstReply(together) for _ in range(3)]
+    request: dict[str, Any] = {
+        "model": "sim-fast",
+        "messages": [{"role": "user", "content": f"a sample {uuid.uuid4()}"}],
+        "max_tokens": 30,
+    }
+
+    def ask(transport: LosesTheFirstReply) -> str:
+        answer = lossy_sdk(dev_stack, transport).chat.completions.with_raw_response.create(**request)
+        return str(answer.headers["x-spool-job-id"])
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        delivered = list(pool.map(ask, transports))
+    assert len(set(delivered)) == 3, delivered
+    first_attempts = {t.lost[0] for t in transports}
+    assert len(first_attempts) == 3 and not first_attempts & set(delivered)  # retries are new jobs
 
 
 def test_sdk_retries_after_its_timeout_wait_for_the_one_job(dev_stack: RunningStack) -> None:

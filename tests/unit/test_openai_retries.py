@@ -55,14 +55,14 @@ def test_the_sdk_numbers_its_retries_and_sends_the_same_bytes_without_a_key() ->
 
 def test_a_key_sent_is_the_key_and_nothing_is_remembered_for_it() -> None:
     keys = MemoryRetryKeys()
-    keys.remember("d", "openai-first", NOW + 60)
+    keys.remember("d", "openai-first", NOW, NOW + 60)
     assert retries.key_for("mine", "1", "d", keys, NOW) == ("mine", False)
 
 
 def test_a_first_attempt_gets_a_new_key_even_when_the_same_request_was_remembered() -> None:
     """Two identical requests a caller sent as two are two jobs: only a retry takes the key."""
     keys = MemoryRetryKeys()
-    keys.remember("d", "openai-first", NOW + 60)
+    keys.remember("d", "openai-first", NOW, NOW + 60)
     for count in (None, "0", "not-a-number", "-1"):
         key, new = retries.key_for(None, count, "d", keys, NOW)
         assert new and key.startswith("openai-") and key != "openai-first"
@@ -80,8 +80,23 @@ def test_a_retry_takes_the_key_of_the_request_it_retries_until_it_expires() -> N
     assert new and key != "openai-first"
 
 
+def test_a_retry_of_bytes_sent_as_two_first_attempts_is_not_folded() -> None:
+    """Nothing in a retry names its first attempt: with two first attempts of the same bytes within
+    the hour (samples of one prompt), every retry took the key of the last of them, and its callers
+    all got that one job's answer. Ambiguous, a retry is a new job, as without the memory."""
+    keys = MemoryRetryKeys()
+    retries.remember(keys, "d", "openai-first", NOW)
+    retries.remember(keys, "d", "openai-second", NOW + 5)
+    key, new = retries.key_for(None, "1", "d", keys, NOW + 10)
+    assert new and key not in {"openai-first", "openai-second"}
+    last = NOW + 5 + retries.REMEMBERED_SECONDS
+    assert retries.key_for(None, "1", "d", keys, last - 1)[1]  # ambiguous as long as either may retry
+    retries.remember(keys, "d", "openai-third", last)  # both expired: the digest is one request's again
+    assert retries.key_for(None, "1", "d", keys, last + 1) == ("openai-third", False)
+
+
 class Broken:
-    def remember(self, digest: str, key: str, expires_at_s: int) -> None:
+    def remember(self, digest: str, key: str, now_s: int, expires_at_s: int) -> None:
         raise ConnectionError("the table is away")
 
     def recall(self, digest: str, now_s: int) -> str | None:

@@ -560,12 +560,30 @@ class DynamoRetryKeys:
     def __init__(self, table: ScopedTable) -> None:
         self._table = table
 
-    def remember(self, digest: str, key: str, expires_at_s: int) -> None:
-        self._table.put(RETRY_KIND, digest, {"key": key, "ttl": expires_at_s})
+    def remember(self, digest: str, key: str, now_s: int, expires_at_s: int) -> None:
+        try:
+            self._table.put(
+                RETRY_KIND,
+                digest,
+                {"key": key, "ttl": expires_at_s},
+                condition="attribute_not_exists(pk) OR #ttl <= :now",
+                names={"#ttl": "ttl"},
+                values={":now": now_s},
+            )
+        except ConditionFailed:  # another request with these bytes is remembered: neither is folded
+            self._table.update(
+                RETRY_KIND,
+                digest,
+                "SET ambiguous = :yes, #ttl = :ttl",
+                names={"#ttl": "ttl"},
+                values={":yes": True, ":ttl": expires_at_s},
+            )
 
     def recall(self, digest: str, now_s: int) -> str | None:
         item = self._table.get(RETRY_KIND, digest)
-        return str(item["key"]) if item is not None and int(item.get("ttl", 0)) > now_s else None
+        if item is None or int(item.get("ttl", 0)) <= now_s or item.get("ambiguous"):
+            return None
+        return str(item["key"])
 
 
 class SqsJobQueue:

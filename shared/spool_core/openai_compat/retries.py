@@ -9,7 +9,12 @@ Stainless generates (Python's and Node's included) says in each request how many
 is remembered for an hour, the SHA-256 of its path and body -> the key it was given; a retry (a count of
 1 or more) with the same digest takes that key, and the idempotency of job creation does the rest: the
 same job, finished or still running. A first attempt always gets a job of its own, so two identical
-requests a caller meant as two are two jobs; only what an SDK re-sent itself is folded. A streamed
+requests a caller meant as two are two jobs; only what an SDK re-sent itself is folded, and only when
+it can be told whose retry it is: nothing in a retry names its first attempt, so when the same bytes
+were sent as another first attempt within the hour (samples of one prompt, an evaluation's fan-out),
+the digest is ambiguous and no retry of it is folded (a new job, as before), rather than every retry
+folded into the job of the last of them (its callers all got one answer, and the other jobs were
+generated for nobody). A streamed
 answer is not remembered: its status line is sent once the job exists, and an SDK does not retry a
 stream that broke after it."""
 
@@ -29,10 +34,12 @@ REMEMBERED_SECONDS = 3600  # past an SDK's retries of a request: 3 x its default
 class RetryKeys(Protocol):
     """The keys given to requests without one, by the digest of the request (the tenant's own)."""
 
-    def remember(self, digest: str, key: str, expires_at_s: int) -> None: ...
+    def remember(self, digest: str, key: str, now_s: int, expires_at_s: int) -> None:
+        """Remember ``key`` for ``digest`` until ``expires_at_s``; when another key is remembered for it
+        and not yet expired, mark the digest ambiguous instead (until ``expires_at_s``)."""
 
     def recall(self, digest: str, now_s: int) -> str | None:
-        """The key remembered for ``digest`` and not yet expired, or None."""
+        """The key remembered for ``digest``, not expired, not ambiguous; else None."""
 
 
 def digest(path: str, body: bytes) -> str:
@@ -70,6 +77,6 @@ def remember(keys: RetryKeys, request_digest: str, key: str, now_s: int) -> None
     """Best effort: a request whose key was not remembered is answered all the same, and only an SDK
     retry of it would be a new job."""
     try:
-        keys.remember(request_digest, key, now_s + REMEMBERED_SECONDS)
+        keys.remember(request_digest, key, now_s, now_s + REMEMBERED_SECONDS)
     except Exception:
         logger.warning("could not remember the request's key for its retries", exc_info=True)
