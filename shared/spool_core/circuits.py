@@ -5,8 +5,9 @@ closed: calls go through; ``threshold`` failures within ``window`` seconds open 
 open: calls are skipped (the fallback chain moves on) until ``cooldown`` seconds have passed.
 half_open: after the cool-down, one call probes the model (taken with a conditional write, for
 ``probe_seconds``; then another may): its first token or success closes the circuit, a failure reopens
-it. Other calls are skipped meanwhile, as while open: the jobs that waited for the cool-down all came
-at once, and into a provider still down each spent its retries and failed.
+it, even after its first token (a provider that breaks mid-answer). Other calls are skipped meanwhile,
+as while open: the jobs that waited for the cool-down all came at once, and into a provider still
+down each spent its retries and failed.
 The same item keeps the model's recent call count, error count and first-token latency.
 
 A breaker may trust what it last read or wrote for ``fresh_seconds`` (the worker's does, for a second):
@@ -45,14 +46,18 @@ class Circuit:
     version: int = 0
 
     def public(self, cooldown_seconds: float) -> dict[str, Any]:
-        retry_at = self.opened_at_ms + int(cooldown_seconds * 1000)
+        """As health and the model list show it: ``retry_at`` is when calls may come back, the end of
+        the cool-down, or of a probe under way (none: the next call probes it, or it is closed)."""
+        retry_at = self.opened_at_ms + int(cooldown_seconds * 1000) if self.state == "open" else None
+        if self.state == "half_open" and self.probe_until_ms:
+            retry_at = self.probe_until_ms
         return {
             "circuit": self.state,
             "recent_calls": self.calls,
             "recent_errors": self.errors,
             "error_rate": round(self.errors / self.calls, 3) if self.calls else 0.0,
             "latency_ms": self.latency_ms,
-            "retry_at": rfc3339(from_epoch(retry_at / 1000)) if self.state == "open" else None,
+            "retry_at": rfc3339(from_epoch(retry_at / 1000)) if retry_at is not None else None,
         }
 
 
@@ -84,6 +89,7 @@ class CircuitBreaker:
         self.fresh_seconds = fresh_seconds
         self._known: dict[str, tuple[Circuit, float]] = {}  # what this breaker last read or wrote, and when
         self._probing: set[str] = set()  # the models whose probe this breaker's callers took
+        self._probation: set[str] = set()  # ... and whose probe closed the circuit at its first token
 
     def circuit(self, model_id: str) -> Circuit:
         """The stored circuit (a read)."""
@@ -117,7 +123,9 @@ class CircuitBreaker:
         window). Nothing is written: the call that comes makes the same changes."""
         seen = dataclasses.replace(circuit)
         if seen.state == "open" and self._cooled(seen):
-            seen.state = "half_open"
+            seen.state, seen.probe_until_ms = "half_open", 0
+        if seen.state == "half_open" and self._now_ms() >= seen.probe_until_ms:
+            seen.probe_until_ms = 0  # no probe under way: the next call probes it
         if seen.window_started_ms and self._now_ms() - seen.window_started_ms > self.window * 1000:
             seen.calls, seen.errors, seen.failures = 0, 0, 0
         return seen
@@ -127,6 +135,10 @@ class CircuitBreaker:
 
     def allow(self, model_id: str) -> bool:
         circuit = self._recent(model_id)
+        if circuit.state == "half_open" and not self._probe_due(circuit) and self.fresh_seconds > 0:
+            # Remembered with a probe under way, which may have closed it since: a skip reads it again
+            # (a job skipped on memory was delayed to the end of a probe that had answered).
+            circuit = self.circuit(model_id)
         if circuit.state == "closed" or not self._probe_due(circuit):
             return circuit.state == "closed"
         # Cooled down, or the last probe's time is over: this call probes the model. The write is
@@ -139,9 +151,11 @@ class CircuitBreaker:
 
     def probed(self, model_id: str) -> None:
         """The model sent a first token: a probe this breaker's caller took closes the circuit (no call
-        is counted: the call's success or failure is, when it ends)."""
+        is counted: the call's success or failure is, when it ends, and its failure opens the circuit
+        again as a failed probe does)."""
         if model_id in self._probing:
             self._probing.discard(model_id)
+            self._probation.add(model_id)
 
             def close(circuit: Circuit) -> bool:
                 if circuit.state != "half_open":
@@ -150,6 +164,11 @@ class CircuitBreaker:
                 return True
 
             self._change(model_id, close)
+
+    def probe_under_way(self, model_id: str) -> bool:
+        """Whether the model is skipped for another caller's probe (from what this breaker knows)."""
+        circuit = self._recent(model_id)
+        return circuit.state == "half_open" and not self._probe_due(circuit)
 
     def probe_at_ms(self, model_id: str) -> int | None:
         """When the model's circuit may be probed (epoch ms), from what this breaker last read or wrote:
@@ -179,6 +198,7 @@ class CircuitBreaker:
 
     def record_success(self, model_id: str, latency_ms: float | None) -> None:
         self._probing.discard(model_id)
+        self._probation.discard(model_id)
 
         def success(circuit: Circuit) -> bool:
             self._roll_window(circuit)
@@ -195,13 +215,15 @@ class CircuitBreaker:
 
     def record_failure(self, model_id: str) -> None:
         self._probing.discard(model_id)
+        probe = model_id in self._probation  # the probe's call, failed after its first token
+        self._probation.discard(model_id)
 
         def failure(circuit: Circuit) -> bool:
             self._roll_window(circuit)
             circuit.calls += 1
             circuit.errors += 1
             circuit.failures += 1
-            if circuit.state == "half_open" or circuit.failures >= self.threshold:
+            if circuit.state == "half_open" or probe or circuit.failures >= self.threshold:
                 circuit.state, circuit.opened_at_ms = "open", self._now_ms()
             return True
 

@@ -66,6 +66,7 @@ def _check(
             model_id
             for model_id, r in report.items()
             if r["circuit"] == "open"
+            or (r["circuit"] == "half_open" and r["retry_at"])  # calls skipped: a probe under way
             or (r["recent_calls"] >= MIN_CALLS and r["error_rate"] >= FAILING_ERROR_RATE)
         ]
         if deep and provider_for is not None:

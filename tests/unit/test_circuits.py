@@ -124,3 +124,53 @@ def test_a_failed_probe_reopens_and_a_probe_that_never_answers_is_taken_over() -
     assert one.allow("m") and not two.allow("m")  # another takes it
     one.record_success("m", 50.0)
     assert store.items["m"].state == "closed" and store.items["m"].probe_until_ms == 0
+
+
+def test_a_probe_that_fails_after_its_first_token_opens_the_circuit_again() -> None:
+    """Its first token closed the circuit; its failure mid-answer then counted 1 of 5, and every job
+    that waited went into a provider that breaks mid-answer."""
+    store, clock = CountedStore(), Clock()
+    one, two = (CircuitBreaker(store, clock=clock, threshold=5, cooldown_seconds=30.0) for _ in range(2))
+    for _ in range(5):
+        one.record_failure("m")
+    clock.now += 30.0
+    assert one.allow("m")
+    one.probed("m")
+    assert store.items["m"].state == "closed" and two.allow("m")
+    one.record_failure("m")  # the probe's call breaks mid-answer
+    assert store.items["m"].state == "open" and not two.allow("m")
+    two.record_failure("m")  # another call's failure counts as before: no probe of its own
+    clock.now += 30.0
+    assert one.allow("m")
+    one.probed("m")
+    one.record_success("m", 40.0)
+    two.record_failure("m")
+    assert store.items["m"].state == "closed"  # the probe answered whole: one failure counts as one
+
+
+def test_a_worker_remembering_a_probe_under_way_reads_again_before_skipping() -> None:
+    """A worker's breaker trusts what it read for a second: remembering a probe under way, it skipped a
+    model another worker's probe had closed meanwhile, and the job waited for the probe's end."""
+    store, clock = CountedStore(), Clock()
+    worker = CircuitBreaker(store, clock=clock, threshold=1, cooldown_seconds=30.0, fresh_seconds=1.0)
+    other = CircuitBreaker(store, clock=clock, threshold=1, cooldown_seconds=30.0)
+    other.record_failure("m")
+    clock.now += 30.0
+    assert other.allow("m") and not worker.allow("m")  # the worker remembers the probe under way
+    other.probed("m")
+    clock.now += 0.1
+    assert worker.allow("m") and worker.probe_at_ms("m") is None
+
+
+def test_health_shows_when_calls_come_back_while_a_probe_is_under_way() -> None:
+    store, clock = CountedStore(), Clock()
+    breaker = CircuitBreaker(store, clock=clock, threshold=1, cooldown_seconds=30.0)
+    breaker.record_failure("m")
+    clock.now += 30.0
+    shown = breaker.circuits(["m"])["m"].public(breaker.cooldown)
+    assert (shown["circuit"], shown["retry_at"]) == ("half_open", None)  # the next call probes it
+    assert breaker.allow("m")
+    shown = breaker.circuits(["m"])["m"].public(breaker.cooldown)
+    assert shown["circuit"] == "half_open" and shown["retry_at"] is not None  # calls skipped until then
+    clock.now += 10.0
+    assert breaker.circuits(["m"])["m"].public(breaker.cooldown)["retry_at"] is None  # its time is over

@@ -365,6 +365,40 @@ def test_the_jobs_waiting_on_a_circuit_send_one_probe_and_the_others_wait_for_it
     assert world.provider_calls[calls_before:] == ["sim-fast"] * 3
 
 
+def test_a_job_at_its_wait_bound_during_another_jobs_probe_waits_for_the_probes_answer() -> None:
+    """Skipped for a probe under way, a job whose bound had come failed model_unavailable beside a
+    provider that was back (the probe's first token came a moment later): it hears the probe out."""
+    world = JobWorld()
+    _open_the_circuit_of_sim_fast(world)
+    cools_at = world.breaker.circuit("sim-fast").opened_at_ms + 30_000
+    prober, late = create(world, "quiet", "p", max_tokens=20), create(world, "quiet", "j", max_tokens=20)
+    world.clock.now = (cools_at - 20_000) / 1000
+    for _ in range(2):  # both wait for the cool-down; the late one may wait 22 s, up to 2 s past it
+        m = world.ledger.receive()
+        assert m is not None and world.runner("quiet", circuit_wait_seconds=22).run(m.job_id) is Outcome.YIELD
+    world.clock.now = cools_at / 1000
+    messages = {m.job_id: m for m in (world.ledger.receive() for _ in range(2)) if m}
+    make_provider, during_probe = world.provider_for, []
+
+    def provider(model: Any) -> Any:  # the late job is picked up at its bound, the probe's call under way
+        if not during_probe:
+            world.clock.now += 2
+            since = messages[late].circuit_wait_since_ms
+            during_probe.append(
+                world.runner("quiet", circuit_wait_seconds=22).run(late, circuit_wait_since_ms=since)
+            )
+        return make_provider(model)
+
+    world.provider_for = provider
+    assert world.runner("quiet").run(prober) is Outcome.DONE
+    assert during_probe == [Outcome.YIELD]  # not failed: delayed to the probe's end
+    [(visible_at, _)] = world.ledger.delayed
+    assert visible_at == cools_at + 10_000
+    world.drain(circuit_wait_seconds=22)
+    store = world.ledger.tenant("quiet")
+    assert [store.get(j).status for j in (prober, late)] == ["completed", "completed"]  # type: ignore[union-attr]
+
+
 def test_a_job_waits_on_open_circuits_only_up_to_its_bound_then_fails_naming_them() -> None:
     world = JobWorld()
     _open_the_circuit_of_sim_fast(world)

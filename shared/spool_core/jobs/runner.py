@@ -342,15 +342,21 @@ class _Attempt:
         handed back to the queue as ``_yield`` hands it (the lease released, then a message delayed to
         that probe), so it keeps its slot and reservation. The wait counts from the first invocation
         that found every circuit open (its messages carry that time): the job fails once it has waited
-        ``circuit_wait_seconds``, and a delay never passes that bound, so every wait ends."""
+        ``circuit_wait_seconds``, and a delay never passes that bound, so every wait ends; except to
+        hear a probe under way answer (a few seconds: its first token, failure or time)."""
         r = self.r
         now = r._now_ms()
         since = now if self.circuit_wait_since_ms is None else self.circuit_wait_since_ms
         bound_ms = int(r.settings.circuit_wait_seconds * 1000)
-        if r._queue is None or now - since >= bound_ms:  # no queue to wait in, or waited long enough
+        # A model skipped for another job's probe is not down: the probe says so within its few
+        # seconds, and a job at its bound waits for that answer rather than fail beside it.
+        probing = any(r._breaker.probe_under_way(model_id) for model_id in self.probes)
+        waited_enough = now - since >= bound_ms and not probing
+        if r._queue is None or waited_enough:  # no queue to wait in, or waited long enough
             self._fail_unavailable(primary, tried, fallback, waited_ms=now - since)
             return Outcome.DONE
-        until = min(min(self.probes.values()), since + bound_ms)
+        soonest = min(self.probes.values())
+        until = soonest if probing else min(soonest, since + bound_ms)
         # Never longer than the lease: the sweeper takes a running job idle for twice the lease and a
         # minute for a forgotten one, and this job's hand-over is its last activity.
         longest = min(MAX_QUEUE_DELAY_SECONDS, max(1, r.settings.lease_ms // 1000))
