@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib.metadata
 import json
 import logging
@@ -292,6 +293,15 @@ class AskSession:
                     f"output closed: cancelled {self.job_id} (its partial output stays)", style="yellow"
                 )
             return EXIT_BROKEN_PIPE
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            # The terminal closed under the answer, and a write failed before SIGHUP's handler ran
+            # (the kernel sends both at once): as after a hangup, the job is cancelled.
+            _terminal_gone([out, sys.stderr])
+            if stream is not None:
+                stream.close()
+            return self._interrupted(writer, printed)
         except JobFailed as failed:
             self._failed(failed)
             return EXIT_FAILED
@@ -420,7 +430,9 @@ def _stops_as_ctrl_c() -> Iterator[None]:
     running and billed for nobody. Passed on to SIGINT's own handler, so that ``_ctrl_c_held`` holds
     it back mid-write as it does a Ctrl-C. After a hangup the terminal is gone and a write to it
     fails (EIO): what was a terminal is pointed at /dev/null, so that the cancel is still sent.
-    Only in the main thread, and not for a signal ignored on purpose (``nohup`` ignores SIGHUP)."""
+    Only in the main thread, and not for a signal ignored on purpose (``nohup`` ignores SIGHUP); a
+    handler of someone else's (coverage's, which saves its data on SIGTERM and then dies by it) is
+    replaced for the command's time and given back after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -428,8 +440,7 @@ def _stops_as_ctrl_c() -> Iterator[None]:
 
     def as_ctrl_c(signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
-            for stream in terminals:
-                _to_devnull(stream)
+            _terminal_gone(terminals)
         ctrl_c = signal.getsignal(signal.SIGINT)
         if not callable(ctrl_c):  # SIGINT ignored (a background job's): raised all the same
             raise KeyboardInterrupt
@@ -438,13 +449,20 @@ def _stops_as_ctrl_c() -> Iterator[None]:
     previous = {
         signum: signal.signal(signum, as_ctrl_c)
         for signum in (signal.SIGTERM, signal.SIGHUP)
-        if signal.getsignal(signum) == signal.SIG_DFL
+        if signal.getsignal(signum) != signal.SIG_IGN
     }
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _terminal_gone(terminals: list[Any] | None = None) -> None:
+    """Point what was a terminal at /dev/null: once it closed, every write to it fails (EIO)."""
+    streams = (sys.stdout, sys.stderr) if terminals is None else terminals
+    for stream in streams:
+        _to_devnull(stream)
 
 
 def _generation_rate(job: dict[str, Any]) -> float | None:

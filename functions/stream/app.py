@@ -81,8 +81,6 @@ async def _create(
     now_s = int(time.time())
     sent, count = request.headers.get("idempotency-key"), request.headers.get(retries.RETRY_COUNT_HEADER)
     key, new = await run_in_threadpool(retries.key_for, sent, count, digest, keys, now_s)
-    if new and awaited:  # before the job: a retry after the shortest timeout finds it
-        await run_in_threadpool(retries.remember, keys, digest, key, now_s)
     job_request = body.job_request()
     try:
         created = await run_in_threadpool(
@@ -93,6 +91,8 @@ async def _create(
         return job, {}
     except SpoolError as refused:
         raise in_request_terms(refused, body.max_tokens_name) from None
+    if new and awaited:  # once the job exists: a refused request stores nothing, and has no job to fold into
+        await run_in_threadpool(retries.remember, keys, digest, key, now_s)
     return created.job, created.headers
 
 

@@ -4,6 +4,7 @@ each ending of a job is reported with its cost, one-line errors, the help, and t
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import json
 import signal
@@ -512,6 +513,36 @@ def test_a_reader_that_goes_away_cancels_the_job_quietly(monkeypatch: pytest.Mon
     assert "error" not in said.getvalue()
 
 
+class HungUpAfter(ClosedAfter):
+    """A terminal that closed: every write fails with EIO (before SIGHUP's handler has run), until
+    it is pointed at /dev/null."""
+
+    devnull = False
+
+    def write(self, text: str) -> int:
+        if self.devnull:
+            return len(text)
+        if self.tell() >= self.n:
+            raise OSError(errno.EIO, "Input/output error")
+        return super().write(text)
+
+
+def test_a_terminal_that_closes_under_the_answer_cancels_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write to the closed terminal failed before SIGHUP's handler ran (the kernel sends both at
+    once, and a loaded machine runs the write first): "unexpected OSError", exit 1, the job billed."""
+    terminal = HungUpAfter(5)
+
+    def to_devnull(streams: list[Any]) -> None:  # the test's own stdout and stderr stay
+        assert terminal in streams
+        terminal.devnull = True
+
+    monkeypatch.setattr(cli, "_terminal_gone", to_devnull)
+    client = FakeClient()
+    ask, _ = session(client)
+    assert ask.run(terminal) == cli.EXIT_INTERRUPTED
+    assert client.cancelled == ["job_fake"] and terminal.devnull
+
+
 def test_the_status_line_polls_the_server_at_most_once_a_second() -> None:
     client = FakeClient()
     client.texts = ["word "] * 10
@@ -664,13 +695,24 @@ def test_ctrl_c_once_the_job_exists_cancels_it_before_the_answer_streams(
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("handler", ["default", "another"])
 def test_sigterm_or_a_closed_terminal_cancels_the_job_as_ctrl_c_does(
-    signum: int, fake: FakeClient, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    signum: int,
+    handler: str,
+    fake: FakeClient,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """SIGTERM, or SIGHUP as the terminal closed, ended ``spool ask`` at once (exit 143, 129) and left
-    the job running and billed: Ctrl-C and a closed pipe cancelled it."""
+    the job running and billed: Ctrl-C and a closed pipe cancelled it. Also under a handler of
+    someone else's (coverage's, in CI, saves its data on SIGTERM and dies by it: exit -15)."""
     monkeypatch.setattr(cli.time, "sleep", lambda _: None)
-    saved = signal.signal(signum, signal.SIG_DFL)  # as a shell starts a program (unless under nohup)
+
+    def anothers(signum: int, frame: Any) -> None:
+        raise AssertionError("the handler of someone else's ran instead of the CLI's")
+
+    initial: Any = signal.SIG_DFL if handler == "default" else anothers  # as a shell starts a program
+    saved = signal.signal(signum, initial)
 
     class Signalled(FakeStream):
         def __iter__(self) -> Iterator[str]:
@@ -685,7 +727,7 @@ def test_sigterm_or_a_closed_terminal_cancels_the_job_as_ctrl_c_does(
     monkeypatch.setattr(fake, "stream", lambda *args, on_progress=None, **kw: Signalled(fake, on_progress))
     try:
         code, out, err = run(capsys, "ask", "why?")
-        assert signal.getsignal(signum) == signal.SIG_DFL  # as it was before
+        assert signal.getsignal(signum) == initial  # as it was before
     finally:
         signal.signal(signum, saved)
     assert code == 130

@@ -5,18 +5,18 @@ OpenAI's SDKs send no idempotency key, and they retry a request whose answer did
 ``timeout``, whose connection dropped, or that met a 5xx: each retry of a non-streamed chat completion
 was a new job, the same answer generated and paid up to three times with ``max_retries=2``. Every SDK
 Stainless generates (Python's and Node's included) says in each request how many times it was retried
-(``x-stainless-retry-count``) and re-sends the same bytes. So a request that waits for its whole answer
-is remembered for an hour, the SHA-256 of its path and body -> the key it was given; a retry (a count of
-1 or more) with the same digest takes that key, and the idempotency of job creation does the rest: the
-same job, finished or still running. A first attempt always gets a job of its own, so two identical
-requests a caller meant as two are two jobs; only what an SDK re-sent itself is folded, and only when
-it can be told whose retry it is: nothing in a retry names its first attempt, so when the same bytes
-were sent as another first attempt within the hour (samples of one prompt, an evaluation's fan-out),
-the digest is ambiguous and no retry of it is folded (a new job, as before), rather than every retry
-folded into the job of the last of them (its callers all got one answer, and the other jobs were
-generated for nobody). A streamed
-answer is not remembered: its status line is sent once the job exists, and an SDK does not retry a
-stream that broke after it."""
+(``x-stainless-retry-count``) and re-sends the same bytes. So a request that waits for its whole
+answer is remembered for an hour once its job is made (a refused one stores nothing, and made no
+job): the SHA-256 of its path and body -> the key it was given. A retry (a count of 1 or more) with
+the same digest takes that key, and the idempotency of job creation does the rest: the same job,
+finished or still running. A first attempt always gets a job of its own, so two identical requests a
+caller meant as two are two jobs; only what an SDK re-sent itself is folded, and only when it can be
+told whose retry it is: nothing in a retry names its first attempt, so when the same bytes were sent
+as another first attempt within the hour (samples of one prompt, an evaluation's fan-out), the digest
+is ambiguous and no retry of it is folded (a new job, as before), rather than every retry folded into
+the job of the last of them (its callers all got one answer, and the other jobs were generated for
+nobody). A streamed answer is not remembered: its status line is sent once the job exists, and an SDK
+does not retry a stream that broke after it."""
 
 from __future__ import annotations
 
