@@ -149,7 +149,7 @@ async def no_body(request: Request) -> None:
     value = await json_body(request)
     if value is None or value == {}:
         return
-    names = [f"body.{name}" for name in value] if isinstance(value, dict) else ["body"]
+    names = [f"body.{name}"[:200] for name in value] if isinstance(value, dict) else ["body"]
     raise InvalidRequest(
         f"This operation takes no body; it was sent {', '.join(names)[:200]}",
         details={
