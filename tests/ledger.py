@@ -23,7 +23,7 @@ from spool_core.jobs.ports import (
     PendingJob,
     Signals,
 )
-from spool_core.limits.model import ReservationPlan, Settlement, TenantLimits, UsageState
+from spool_core.limits.model import ReservationPlan, Settlement, SettlementStale, TenantLimits, UsageState
 from spool_core.limits.service import ModelStats
 from spool_core.queue import JobMessage
 from spool_core.units import now_ms
@@ -211,6 +211,7 @@ class TenantLedger:
                 raise Conflict(item)
             if holder.job_id != job.job_id:
                 raise Conflict(item)
+            self._check(settlement)
             del self.ledger.jobs[(self.tenant_id, job.job_id)]
             del self.ledger.claims[(self.tenant_id, claim.key_hash)]
             self._settle(settlement)
@@ -304,6 +305,7 @@ class TenantLedger:
                 )
             if not holds:
                 raise Conflict(dict(item))
+            self._check(settlement)
             changes: dict[str, Any] = {
                 "status": end.status,
                 "progress": end.progress.model_dump(),
@@ -334,12 +336,31 @@ class TenantLedger:
         result: Job = self.ledger._apply("end", write)
         return result
 
+    def _check(self, settlement: Settlement) -> None:
+        """As the store's conditions: the limits and refund counters the settlement counted on."""
+        limits = self._usage.get("limits")
+        scale = settlement.scale
+        if scale is not None and (
+            (limits is not None) != scale.own
+            or (
+                limits is not None
+                and (limits["tokens_per_minute"], limits["tokens_per_day"])
+                != (scale.tokens_per_minute, scale.tokens_per_day)
+            )
+        ):
+            raise SettlementStale()
+        for name, seen in settlement.refunds_seen:
+            if self._usage.get(f"bucket#{name}", {}).get("refunded_us", 0) != seen:
+                raise SettlementStale()
+
     def _settle(self, settlement: Settlement) -> None:
         usage = self._usage
         now_us = self.ledger.clock_ms() * 1000
         for name, delta in settlement.bucket_deltas:
             bucket = usage.setdefault(f"bucket#{name}", {})
             bucket["tat_us"] = bucket.get("tat_us", now_us) + delta
+            if delta < 0:
+                bucket["refunded_us"] = bucket.get("refunded_us", 0) - delta
         if settlement.release_slot:
             slot = usage.setdefault("concurrency", {})
             slot["running"] = slot.get("running", 1) - 1
@@ -459,6 +480,8 @@ class TenantLedger:
                 running=int(usage.get("concurrency", {}).get("running", 0)),
                 committed_nanos=int(usage.get(f"day#{day}", {}).get("committed_nanos", 0)),
                 correction_milli=int(stats["correction_milli"]) if stats else 1000,
+                refunded={n: usage.get(f"bucket#{n}", {}).get("refunded_us", 0) for n in ("minute", "day")},
+                rescales={n: usage.get(f"bucket#{n}", {}).get("rescales", 0) for n in ("minute", "day")},
             )
 
     def stats(self, model_id: str) -> ModelStats:
@@ -531,6 +554,7 @@ class TenantLedger:
                 return False
             for bucket, (_, _, tat) in zip(buckets, moves, strict=True):
                 bucket["tat_us"] = tat
+                bucket["rescales"] = bucket.get("rescales", 0) + 1
             for (name, _, _), bucket in zip(moves, buckets, strict=True):
                 self._usage[f"bucket#{name}"] = bucket
             if limits is None:

@@ -12,6 +12,7 @@ import pytest
 from spool.devstack.provision import StackDescription
 from spool_core import bootstrap
 from spool_core.clock import from_epoch, rfc3339
+from spool_core.errors import DependencyUnavailable
 from spool_core.jobs.model import JobRequest
 from spool_core.jobs.runner import Outcome
 from spool_core.jobs.service import JobService
@@ -284,3 +285,89 @@ def test_a_raised_daily_limit_keeps_what_the_day_used(stack: StackDescription) -
     # what the day used still counts (it refills at 116 tokens a second now); read at the old scale,
     # the bucket said 2,000 times what it had used
     assert 10_000_000 - spent - 1 <= day_remaining() <= 10_000_000
+
+
+def test_jobs_reserved_together_and_cancelled_in_order_leave_the_bucket_whole(
+    stack: StackDescription,
+) -> None:
+    """Sixteen jobs reserved together, cancelled 30 s later before their first token: had they
+    reserved what they used (nothing) the bucket would be whole. Each refund counted only what of its
+    reservation had not refilled since its own take, and the bucket stayed 6,848 tokens short."""
+    clock = Clock()
+    jobs = service("queued-behind", clock, tokens_per_minute=20_000)
+    created = [jobs.create(f"k{i}", job(tokens=1_000)).job for i in range(16)]
+    reserved = sum(made.usage.estimated_tokens for made in created)  # 1,053 each
+    limits = jobs._limiter
+    assert limits.state()[1]["tokens_per_minute"]["remaining"] == 20_000 - reserved
+    clock.now += 30  # 10,000 refill
+    for made in created:
+        assert jobs.cancel(made.job_id).status == "cancelled"
+    assert limits.state()[1]["tokens_per_minute"]["remaining"] == 20_000
+    assert limits.state()[1]["concurrent_jobs"]["running"] == 0
+
+
+@pytest.mark.parametrize("own", [True, False], ids=["own-limits", "defaults"])
+def test_a_settlement_raced_by_a_change_of_limits_is_settled_again_at_the_new_scale(
+    stack: StackDescription, own: bool
+) -> None:
+    """A change of limits that lands between a settlement's read of the limits and its write: the
+    settlement, converted at the scale the bucket had left, gave back 225 of 4,500 tokens after a
+    lowering from 100,000 to 5,000 a day. The job's end transaction now holds only while the limits
+    it was computed against apply, and it is settled again when they do not, on the tenant's own
+    limits as on the deployment's defaults (no limits item at all)."""
+    tenant = Tenant(f"raced-{'own' if own else 'defaults'}")
+    jobs = service(tenant.id, Clock(), tokens_per_minute=1_000_000, tokens_per_day=100_000)
+    store = bootstrap.usage_store(tenant)
+    deployment = TenantLimits(1_000_000, 100_000, 1000)
+    if own:
+        set_tenant_limits(store, TenantLimits(1_000_000, 100_000, 500), defaults=deployment)
+    made = jobs.create("k", job(tokens=4_447)).job  # 4,500 tokens
+    lowered = TenantLimits(1_000_000, 5_000, 1000)
+    real_end = jobs._jobs.end
+    ends: list[str] = []
+
+    def end_after_the_change(*args: Any) -> Any:
+        ends.append("end")
+        if len(ends) == 1:  # the operator's command lands between the settlement's read and write
+            set_tenant_limits(store, lowered, defaults=deployment)
+        return real_end(*args)
+
+    jobs._jobs.end = end_after_the_change  # type: ignore[method-assign]
+    assert jobs.cancel(made.job_id).status == "cancelled"
+    assert len(ends) == 2  # refused once (nothing written), settled again
+    assert jobs._limiter.state()[1]["tokens_per_day"] == {
+        "limit": 5_000,
+        "remaining": 5_000,
+        "reset_seconds": 0,
+    }
+    rollups = jobs._limiter.usage(None, None)["totals"]
+    assert rollups["jobs"] == 1  # counted once
+
+
+def test_a_withdrawal_raced_by_a_change_of_limits_is_settled_again(stack: StackDescription) -> None:
+    """The undo of an admission whose job could not be queued settles its reservation as a job's end
+    does, on the same condition."""
+    tenant = Tenant("withdraw-raced")
+    jobs = service(tenant.id, Clock(), tokens_per_minute=1_000_000, tokens_per_day=100_000)
+    store = bootstrap.usage_store(tenant)
+    deployment = TenantLimits(1_000_000, 100_000, 1000)
+    real_withdraw = jobs._jobs.withdraw
+    calls: list[str] = []
+
+    class BrokenQueue:
+        def send(self, job_id: str, tenant_id: str, **message: Any) -> None:
+            raise ConnectionError("queue down")
+
+    def withdraw_after_the_change(*args: Any) -> Any:
+        calls.append("withdraw")
+        if len(calls) == 1:
+            set_tenant_limits(store, TenantLimits(1_000_000, 5_000, 1000), defaults=deployment)
+        return real_withdraw(*args)
+
+    jobs._queue = BrokenQueue()  # type: ignore[assignment]
+    jobs._jobs.withdraw = withdraw_after_the_change  # type: ignore[method-assign]
+    with pytest.raises(DependencyUnavailable):
+        jobs.create("k", job(tokens=4_447))
+    assert calls == ["withdraw", "withdraw"]
+    state = jobs._limiter.state()[1]
+    assert state["tokens_per_day"]["remaining"] == 5_000 and state["concurrent_jobs"]["running"] == 0

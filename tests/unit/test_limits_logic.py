@@ -3,11 +3,23 @@ while a bucket has not refilled, budgets in nano-dollars, learning within bounds
 
 from __future__ import annotations
 
+import random
+from collections.abc import Callable
+
 import pytest
 
 from spool_core.clock import from_epoch, rfc3339
 from spool_core.limits.errors import BudgetExceeded, TokenLimitExceeded, TooManyConcurrentJobs
-from spool_core.limits.model import MINUTE_US, Bucket, Estimate, ModelUsage, TenantLimits, UsageState
+from spool_core.limits.model import (
+    MINUTE_US,
+    Bucket,
+    Estimate,
+    ModelUsage,
+    Reservation,
+    Settlement,
+    TenantLimits,
+    UsageState,
+)
 from spool_core.limits.service import RateLimiter
 from spool_core.units import usd_text
 from tests.ledger import Clock, MemoryLedger
@@ -233,3 +245,175 @@ def test_a_limit_change_that_loses_every_race_changes_nothing_and_can_be_run_aga
     tats = store.state(None, "x").tats
     assert minute.remaining(tats["minute"], now_us) == 100_000 - 500  # rescaled once
     assert day.remaining(tats["day"], now_us) in (1_000_000 - 1_001, 1_000_000 - 1_000)
+
+
+# ---------------------------------------------------------------------- refunds among other jobs
+class Bucketed:
+    """One tenant's buckets in the in-memory ledger, admitted and settled as the stores do it: the
+    plan's takes applied as their conditional writes would, a settlement checked and applied in one
+    step under the ledger's lock (``SettlementStale`` when what it counted on moved)."""
+
+    def __init__(self, limits: TenantLimits, clock: Clock) -> None:
+        self.ledger = MemoryLedger(clock_ms=clock.ms)
+        self.store = self.ledger.tenant("acme")
+        self.limiter = RateLimiter(self.store, limits, clock_ms=clock.ms)
+        self.before_commit: list[Callable[[], None]] = []  # what lands between a read and a write
+        self.attempts: list[Settlement] = []  # every settlement tried, written or found stale
+
+    def admit(self, tokens: int) -> Reservation:
+        plan = self.limiter.plan(self.store.state(None, "x"), tokens, 0)
+        with self.ledger.lock:
+            for take in plan.takes:
+                bucket = self.store._usage.setdefault(f"bucket#{take.bucket}", {})
+                restart = take.kind == "restart"
+                bucket["tat_us"] = take.now_us + take.cost_us if restart else bucket["tat_us"] + take.cost_us
+        return plan.reservation
+
+    def settle(self, reservation: Reservation, used: int) -> None:
+        def commit(settlement: Settlement) -> None:
+            self.attempts.append(settlement)
+            if self.before_commit:
+                self.before_commit.pop(0)()
+            with self.ledger.lock:
+                self.store._check(settlement)
+                self.store._settle(settlement)
+
+        self.limiter.settled("job", reservation, (ModelUsage("sim-fast", used, 0, 0),), commit)
+
+    def remaining(self, name: str = "minute") -> int:
+        bucket = {b.name: b for b in self.limiter.buckets(self.limiter.limits(self.store.state(None, "x")))}[
+            name
+        ]
+        return bucket.remaining(self.store.state(None, "x").tats[name], self.limiter.now_ms() * 1000)
+
+
+def exact_remaining(bucket: Bucket, takes: list[tuple[int, int]], now_us: int) -> int:
+    """The bucket had each job taken only what it used, when it was admitted: GCRA replayed."""
+    tat: int | None = None
+    for at_us, tokens in takes:
+        tat = max(tat or at_us, at_us) + bucket.cost_us(tokens)
+    return bucket.remaining(tat, now_us)
+
+
+def test_jobs_reserved_together_and_ended_in_order_get_back_what_is_queued_behind_the_others() -> None:
+    """A tester's 16 concurrent 12,000-token jobs, cancelled after 30 s having used little, left the
+    per-minute bucket 54,082 tokens short of what it would hold had they reserved only what they
+    used: each refund was capped at what of its reservation had not refilled since its own take,
+    though the bucket refills its whole backlog first and each was queued behind the ones before."""
+    minute = RateLimiter.buckets(DEFAULTS)[0]  # 200,000 a minute
+
+    def settled_in_order(used: int, *, placed: bool = True) -> tuple[int, int]:
+        clock = Clock()
+        world = Bucketed(DEFAULTS, clock)
+        reservations = [world.admit(12_000) for _ in range(16)]
+        assert world.remaining() == 200_000 - 192_000
+        clock.now += 30  # 100,000 tokens refill
+        for reservation in reservations:
+            world.settle(reservation if placed else reservation._replace(places=()), used)
+        taken_at = reservations[0].reserved_at_ms * 1000
+        return world.remaining(), exact_remaining(minute, [(taken_at, used)] * 16, clock.ms() * 1000)
+
+    # Cancelled before their first token: exactly what the bucket would hold (it is whole again),
+    # where the count from each job's own take gave nothing back and left it 92,000 short.
+    assert settled_in_order(0) == (200_000, 200_000)
+    assert settled_in_order(0, placed=False) == (108_000, 200_000)
+    # 1,551 used each: the first eight jobs' places have passed (their 12,000 are counted as used,
+    # the bucket refilling from the front), so 10,857 short of exact, not 92,000.
+    assert settled_in_order(1_551) == (189_143, 200_000)
+    assert settled_in_order(1_551, placed=False) == (108_000, 200_000)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_refund_among_other_jobs_never_grants_more_than_the_limit(seed: int) -> None:
+    """Jobs admitted, settled in any order with any use (under, at or over what they reserved) and
+    time passing between: after every settlement the bucket holds at most what it would hold had
+    each job reserved what it used (GCRA replayed), to the rounding of one token a job."""
+    rng = random.Random(seed)
+    clock = Clock()
+    limits = TenantLimits(tokens_per_minute=1_000, tokens_per_day=1_000_000, max_concurrent_jobs=100)
+    world = Bucketed(limits, clock)
+    minute = RateLimiter.buckets(limits)[0]
+    admitted: list[tuple[int, int]] = []  # (admitted at, tokens counted: reserved, then used)
+    open_jobs: dict[int, Reservation] = {}
+    for _ in range(60):
+        clock.now += rng.choice([0, 0, 0.5, 2, 7, 20, 45])
+        if open_jobs and rng.random() < 0.45:
+            index = rng.choice(sorted(open_jobs))
+            reservation = open_jobs.pop(index)
+            used = rng.choice([0, reservation.tokens // 3, reservation.tokens, reservation.tokens + 40])
+            world.settle(reservation, used)
+            admitted[index] = (admitted[index][0], used)
+            exact = exact_remaining(minute, admitted, clock.ms() * 1000)
+            assert world.remaining() <= exact + len(admitted), (seed, world.remaining(), exact)
+        else:
+            tokens = rng.choice([50, 120, 300, 600])
+            try:
+                reservation = world.admit(tokens)
+            except TokenLimitExceeded:
+                continue
+            open_jobs[len(admitted)] = reservation
+            admitted.append((reservation.reserved_at_ms * 1000, tokens))
+
+
+def test_a_settlement_raced_by_a_change_of_limits_is_settled_again_at_the_new_scale() -> None:
+    """A settlement read the limits, then wrote its bucket moves: a change that landed between the
+    two (an operator's command in the job's last milliseconds) was converted at the scale the
+    bucket had just left. Raised from 5,000 to 100,000 a day, a refund of 4,000 tokens at the old
+    scale gave back 80,000 at the new one."""
+    from spool_core.limits.service import set_tenant_limits
+
+    clock = Clock()
+    before = TenantLimits(tokens_per_minute=100_000, tokens_per_day=5_000, max_concurrent_jobs=4)
+    world = Bucketed(DEFAULTS, clock)
+    set_tenant_limits(world.store, before, defaults=DEFAULTS, now=clock.ms())
+    reservation = world.admit(4_500)
+    assert world.remaining("day") == 500
+    raised = before._replace(tokens_per_day=100_000)
+    world.before_commit.append(
+        lambda: set_tenant_limits(world.store, raised, defaults=DEFAULTS, now=clock.ms())
+    )
+    world.settle(reservation, 500)
+    assert world.store.limits() == raised
+    assert world.remaining("day") == 100_000 - 500  # 4,000 back, as tokens: not 80,000
+
+
+def test_a_refund_counts_the_refunds_of_the_jobs_ahead_of_it_since_its_take() -> None:
+    """The jobs ahead of a reservation that were refunded since moved it forward in the bucket's
+    queue of time: what of it is still ahead of now is that much less. Counted from where it was
+    taken, the refund below gave back 433 tokens the bucket had refilled already."""
+    clock = Clock()
+    limits = TenantLimits(tokens_per_minute=1_000, tokens_per_day=1_000_000, max_concurrent_jobs=10)
+    world = Bucketed(limits, clock)
+    ahead, reservation = world.admit(500), world.admit(500)  # 0-30 s and 30-60 s of the minute
+    world.settle(ahead, 0)  # the reservation now holds 0-30 s
+    clock.now += 25
+    later = world.admit(500)
+    clock.now += 1
+    world.settle(reservation, 0)
+    taken = [
+        (ahead.reserved_at_ms * 1000, 0),
+        (reservation.reserved_at_ms * 1000, 0),
+        (later.reserved_at_ms * 1000, 500),
+    ]
+    exact = exact_remaining(RateLimiter.buckets(limits)[0], taken, clock.ms() * 1000)
+    assert exact == 516 and world.remaining() == 500  # never more than exact: 4 s of it refunded
+
+
+def test_a_refund_whose_counter_moved_before_it_was_written_is_settled_again() -> None:
+    """A refund that counted on the bucket's refund counter is written only if the counter has not
+    moved since it was read: another refund landing in between is counted by a second attempt."""
+    clock = Clock()
+    limits = TenantLimits(tokens_per_minute=1_000, tokens_per_day=1_000_000, max_concurrent_jobs=10)
+    world = Bucketed(limits, clock)
+    world.admit(333)  # 20 s, ahead of the two below
+    reservation, behind = world.admit(500), world.admit(166)  # 20-50 s, 50-60 s
+    clock.now += 25
+    world.before_commit.append(lambda: world.settle(behind, 0))
+    world.settle(reservation, 0)
+    first, _, second = world.attempts  # the one behind it settled in between
+    assert (
+        dict(first.refunds_seen)["minute"] == 0 and dict(first.bucket_deltas)["minute"] == -24_960_000
+    )  # 416 tokens
+    assert dict(second.refunds_seen)["minute"] == 9_960_000  # the refund behind it, 10 s, counted
+    assert dict(second.bucket_deltas)["minute"] == -15_000_000  # 250 tokens
+    assert world.store._usage["bucket#minute"]["refunded_us"] == 9_960_000 + 15_000_000

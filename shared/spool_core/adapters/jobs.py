@@ -33,7 +33,13 @@ from spool_core.adapters.listing import (
     query_index,
     status_key,
 )
-from spool_core.adapters.usage import reservation_writes, settlement_writes, state_from, state_keys
+from spool_core.adapters.usage import (
+    reservation_writes,
+    settlement_writes,
+    stale_settlement,
+    state_from,
+    state_keys,
+)
 from spool_core.errors import DependencyUnavailable
 from spool_core.jobs.model import (
     END_SEQUENCE_ID,
@@ -58,7 +64,7 @@ from spool_core.jobs.ports import (
     PendingJob,
     Signals,
 )
-from spool_core.limits.model import ReservationPlan, Settlement, UsageState
+from spool_core.limits.model import ReservationPlan, Settlement, SettlementStale, UsageState
 from spool_core.listing import position
 from spool_core.queue import JobMessage
 from spool_core.tenancy import TenantScope
@@ -174,7 +180,10 @@ class DynamoJobStore:
         ]
         try:
             transact(self._table.client, writes)
-        except ConditionFailed:
+        except ConditionFailed as failed:
+            job_or_claim = any(code == "ConditionalCheckFailed" for code, _ in failed.reasons[:2])
+            if not job_or_claim and stale_settlement(failed, 2, len(writes) - 2):
+                raise SettlementStale() from None
             raise Conflict() from None
 
     def _item(self, job: Job) -> dict[str, Any]:
@@ -318,6 +327,8 @@ class DynamoJobStore:
                         subscribed = True  # a client subscribed since: the end mark goes live
                         continue
                     raise Conflict(current) from None
+                if stale_settlement(failed, 1, len(settled)):
+                    raise SettlementStale() from None
                 if attempt == TRANSACTION_ATTEMPTS:  # another transaction kept a usage item busy
                     raise
                 time.sleep(0.01 * attempt)

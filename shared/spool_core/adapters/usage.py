@@ -49,6 +49,12 @@ def state_from(items: Iterable[dict[str, Any]], day: str) -> UsageState:
         running=int(by_sk.get("concurrency", {}).get("running", 0)),
         committed_nanos=int(by_sk.get(f"day#{day}", {}).get("committed_nanos", 0)),
         correction_milli=int(stats["correction_milli"]) if stats else 1000,
+        refunded={
+            name: int(by_sk.get(f"bucket#{name}", {}).get("refunded_us", 0)) for name in ("minute", "day")
+        },
+        rescales={
+            name: int(by_sk.get(f"bucket#{name}", {}).get("rescales", 0)) for name in ("minute", "day")
+        },
     )
 
 
@@ -126,19 +132,35 @@ def reservation_writes(table: ScopedTable, plan: ReservationPlan) -> list[dict[s
 
 def settlement_writes(table: ScopedTable, settlement: Settlement, now_ms: int) -> list[dict[str, Any]]:
     """Transaction entries that replace a reservation with the actual usage; they go in the same
-    transaction as the job's final write, so they happen exactly once. Nothing here is conditional:
-    the job's own condition guards the whole transaction."""
-    writes = [
-        table.update_request(
-            KIND,
-            IDENT,
-            "SET tat_us = if_not_exists(tat_us, :now) + :delta",
-            sort=_sk(f"bucket#{name}"),
-            values={":now": now_ms * 1000, ":delta": delta},
+    transaction as the job's final write, so they happen exactly once (the job's own condition
+    guards the whole transaction). The bucket moves also hold only while what they were computed
+    against does (``stale_settlement`` tells that failure from the job's): the tenant's token
+    limits, and the refund counter of each bucket whose refund counted on it. A refund adds to its
+    bucket's counter."""
+    writes: list[dict[str, Any]] = []
+    if settlement.scale is not None:
+        if settlement.scale.own:
+            scale = "tokens_per_minute = :minute AND tokens_per_day = :day"
+            limits = {":minute": settlement.scale.tokens_per_minute, ":day": settlement.scale.tokens_per_day}
+        else:
+            scale, limits = "attribute_not_exists(tokens_per_minute)", {}
+        writes.append(table.condition_request(KIND, IDENT, scale, sort=_sk("limits"), values=limits))
+    seen = dict(settlement.refunds_seen)
+    for name, delta in settlement.bucket_deltas:
+        expression = "SET tat_us = if_not_exists(tat_us, :now) + :delta"
+        values: dict[str, Any] = {":now": now_ms * 1000, ":delta": delta}
+        if delta < 0:
+            expression += " ADD refunded_us :refund"
+            values[":refund"] = -delta
+        condition = None
+        if name in seen:
+            condition = "refunded_us = :seen" if seen[name] else "attribute_not_exists(refunded_us)"
+            values.update({":seen": seen[name]} if seen[name] else {})
+        writes.append(
+            table.update_request(
+                KIND, IDENT, expression, sort=_sk(f"bucket#{name}"), condition=condition, values=values
+            )
         )
-        for name, delta in settlement.bucket_deltas
-        if delta
-    ]
     if settlement.release_slot:
         writes.append(
             table.update_request(
@@ -204,6 +226,12 @@ def settlement_writes(table: ScopedTable, settlement: Settlement, now_ms: int) -
             )
         )
     return writes
+
+
+def stale_settlement(failed: ConditionFailed, first: int, count: int) -> bool:
+    """Whether a transaction failed on a condition of its settlement's entries (``count`` of them,
+    from index ``first``): what the settlement was computed against moved meanwhile."""
+    return any(code == "ConditionalCheckFailed" for code, _ in failed.reasons[first : first + count])
 
 
 class DynamoUsageStore:
@@ -277,10 +305,11 @@ class DynamoUsageStore:
             self._table.update_request(
                 KIND,
                 IDENT,
-                "SET tat_us = :tat",
+                # counted: a reservation's place in the bucket is in the old scale (``Place``)
+                "SET tat_us = :tat ADD rescales :one",
                 sort=_sk(f"bucket#{name}"),
                 condition="tat_us = :seen",
-                values={":tat": tat, ":seen": seen},
+                values={":tat": tat, ":seen": seen, ":one": 1},
             )
             for name, seen, tat in moves
         ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from spool_core.clock import from_epoch, rfc3339
@@ -73,7 +74,9 @@ class DeadLetters:
         reservation = reservation_of(job)
         guard = EndGuard("abandoned", token, now)
         try:
-            self._jobs.end(job.job_id, end, guard, self._limiter.settle(job.job_id, reservation, usage))
+            self._limiter.settled(
+                job.job_id, reservation, usage, partial(self._jobs.end, job.job_id, end, guard)
+            )
         except Conflict:
             raise
         except Exception:

@@ -105,7 +105,8 @@ class JobStore(Protocol):
 
     def withdraw(self, job: Job, claim: Claim, settlement: Settlement) -> None:
         """Undo an admission whose job could not be queued: delete job and claim, give back the
-        reservation (one transaction, conditional on the job still being queued)."""
+        reservation (one transaction, conditional on the job still being queued; ``SettlementStale``
+        when only what the settlement was computed against moved)."""
 
     # ------------------------------------------------------------------ the worker's lease
     def take_lease(self, job_id: str, token: str, now_ms: int, until_ms: int) -> Job:
@@ -126,7 +127,8 @@ class JobStore(Protocol):
     # ------------------------------------------------------------------ the end
     def end(self, job_id: str, end: JobEnd, guard: EndGuard, settlement: Settlement) -> Job:
         """The terminal status and the settlement in one transaction; ``Conflict`` (with the current
-        item) when the guard does not hold."""
+        item) when the guard does not hold, ``SettlementStale`` (nothing written) when it does but the
+        limits or a refund counter the settlement was computed against moved."""
 
     def request_cancel(self, job_id: str) -> Job:
         """Flag a running job for cancellation (its worker stops at its next flush); ``Conflict`` if

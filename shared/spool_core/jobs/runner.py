@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from spool_core.chat import Message
@@ -567,9 +568,9 @@ class _Attempt:
             finish_reason=(self.finish_reason or "stop") if status == "completed" else None,
             subscribed=writer.live,
         )
-        settlement = r._limiter.settle(job.job_id, reservation, usage)
+        guard = EndGuard("lease", self.token)
         try:
-            r._jobs.end(job.job_id, end, EndGuard("lease", self.token), settlement)
+            r._limiter.settled(job.job_id, reservation, usage, partial(r._jobs.end, job.job_id, end, guard))
         except Conflict:
             raise LostLease("end refused") from None
         for line in usage:

@@ -13,6 +13,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from spool_core import tokens
@@ -303,7 +304,7 @@ class JobService:
             self._queue.send(job.job_id, self._tenant.id)
         except Exception as exc:
             try:
-                self._jobs.withdraw(job, claim, self._limiter.settle(job.job_id, reservation, ()))
+                self._limiter.settled(job.job_id, reservation, (), partial(self._jobs.withdraw, job, claim))
             except Exception:
                 logger.exception("could not withdraw an unqueued job; the sweeper will queue it")
             raise DependencyUnavailable(
@@ -508,8 +509,10 @@ class JobService:
                 )
                 # It used nothing, and still counts once in the usage, as every job that ended does.
                 nothing = (ModelUsage(job.model_resolved, 0, 0, 0),)
-                settlement = self._limiter.settle(job_id, reservation, nothing)
-                return self._jobs.end(job_id, end, EndGuard("queued", token), settlement)
+                guard = EndGuard("queued", token)
+                return self._limiter.settled(
+                    job_id, reservation, nothing, partial(self._jobs.end, job_id, end, guard)
+                )
             except Conflict:
                 continue  # it moved on (started or finished) meanwhile: decide again
         return self.get(job_id)
@@ -521,8 +524,10 @@ class JobService:
             job, "cancelled", self._chunks, self._models, rfc3339(from_epoch(now / 1000))
         )
         reservation = reservation_of(job)
-        settlement = self._limiter.settle(job.job_id, reservation, usage)
-        ended = self._jobs.end(job.job_id, end, EndGuard("abandoned", token, now), settlement)
+        guard = EndGuard("abandoned", token, now)
+        ended = self._limiter.settled(
+            job.job_id, reservation, usage, partial(self._jobs.end, job.job_id, end, guard)
+        )
         logger.info("cancelled a job no worker held", extra={"job_id": job.job_id})
         return ended
 

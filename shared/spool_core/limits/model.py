@@ -102,6 +102,24 @@ class UsageState(NamedTuple):
     running: int = 0
     committed_nanos: int = 0  # today's budget commitments
     correction_milli: int = 1000
+    # bucket name -> its refund counter (microseconds refunded since the counter began, at the
+    # bucket's scale) and how many times a change of limits rescaled it: see ``Place``
+    refunded: Mapping[str, int] = {}
+    rescales: Mapping[str, int] = {}
+
+
+class Place(NamedTuple):
+    """Where a reservation stands in one bucket, for the exact cap of its refund: GCRA refills the
+    bucket's whole backlog, not each reservation's share, so what of a reservation is still ahead of
+    now is bounded by ``end_us`` (the TAT right after its take, or a lower bound of it) less now,
+    less what the bucket refunded since (``refunded_us`` seen before the take). Takes after it only
+    push the backlog further; a refill that emptied the bucket since leaves nothing of it ahead.
+    Valid while the bucket was not rescaled (``rescales`` unchanged)."""
+
+    bucket: str
+    end_us: int
+    refunded_us: int
+    rescales: int
 
 
 class Reservation(NamedTuple):
@@ -113,9 +131,14 @@ class Reservation(NamedTuple):
     reserved_at_ms: int
     buckets: tuple[tuple[str, int, int], ...] = ()  # (name, limit, period_us) of the buckets taken from
     budgeted: bool = False  # a daily budget applied: the settlement moves the day's commitments
+    places: tuple[Place, ...] = ()  # none on jobs admitted before places were kept
 
     def item(self) -> dict[str, Any]:
-        return {**self._asdict(), "buckets": [list(b) for b in self.buckets]}
+        return {
+            **self._asdict(),
+            "buckets": [list(b) for b in self.buckets],
+            "places": [list(p) for p in self.places],
+        }
 
     @classmethod
     def from_item(cls, item: Mapping[str, Any]) -> Reservation:
@@ -126,6 +149,10 @@ class Reservation(NamedTuple):
             reserved_at_ms=int(item["reserved_at_ms"]),
             buckets=tuple((str(n), int(limit), int(period)) for n, limit, period in item.get("buckets", [])),
             budgeted=bool(item.get("budgeted", False)),
+            places=tuple(
+                Place(str(name), int(end), int(refunded), int(rescales))
+                for name, end, refunded, rescales in item.get("places", [])
+            ),
         )
 
 
@@ -147,6 +174,14 @@ class ModelUsage(NamedTuple):
     cost_nanos: int
 
 
+class Scale(NamedTuple):
+    """The token limits a settlement's bucket moves are in."""
+
+    own: bool  # the tenant's own limits; False: it has none, the deployment's defaults apply
+    tokens_per_minute: int
+    tokens_per_day: int
+
+
 class Settlement(NamedTuple):
     """Replace a job's reservation with its actual usage: done once, in the same transaction as the
     job's final write. The limiter computes every number; a store only applies them."""
@@ -157,6 +192,12 @@ class Settlement(NamedTuple):
     bucket_deltas: tuple[tuple[str, int], ...]  # (bucket, microseconds) to move each TAT by
     budget: tuple[str, int] | None = None  # (day, nano-dollars) to move that day's commitments by
     release_slot: bool = True
+    # What the bucket moves were computed against, for the store to write them only if it still
+    # holds (else ``SettlementStale`` and the limiter settles again): the tenant's token limits
+    # (None: no condition; ``Scale.own`` False: the deployment's defaults, no limits of its own)...
+    scale: Scale | None = None
+    # ...and, per bucket whose refund counted on it, the bucket's refund counter as read.
+    refunds_seen: tuple[tuple[str, int], ...] = ()
 
     @property
     def input_tokens(self) -> int:
@@ -169,3 +210,8 @@ class Settlement(NamedTuple):
     @property
     def cost_nanos(self) -> int:
         return sum(u.cost_nanos for u in self.usage)
+
+
+class SettlementStale(Exception):
+    """The store did not write a settlement: the limits or a bucket's refund counter it was computed
+    against changed meanwhile (nothing was written; the limiter settles again)."""

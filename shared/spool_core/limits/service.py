@@ -9,7 +9,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from spool_core.clock import from_epoch, rfc3339
 from spool_core.errors import Conflict, InvalidRequest
@@ -20,15 +20,20 @@ from spool_core.limits.model import (
     Bucket,
     Estimate,
     ModelUsage,
+    Place,
     Reservation,
     ReservationPlan,
+    Scale,
     Settlement,
+    SettlementStale,
     TenantLimits,
     UsageState,
 )
 from spool_core.units import now_ms, usd, usd_text
 
+T = TypeVar("T")
 DEFAULT_USAGE_DAYS = 7
+SETTLE_ATTEMPTS = 5  # of settling against limits and refund counters that moved meanwhile
 MAX_USAGE_DAYS = 366  # one query reads one rollup per model and day
 
 
@@ -182,13 +187,26 @@ class RateLimiter:
                 retry_after_seconds=1,
                 details={"running": state.running, "limit": limits.max_concurrent_jobs},
             )
-        takes, refusals = [], []
+        takes, refusals, places = [], [], []
         for bucket in self.buckets(limits):
-            take = bucket.take(state.tats.get(bucket.name), now_us, tokens)
+            tat = state.tats.get(bucket.name)
+            take = bucket.take(tat, now_us, tokens)
             if take is None:
-                refusals.append(self._token_limit(bucket, tokens, state.tats.get(bucket.name), now_us))
-            else:
-                takes.append(take)
+                refusals.append(self._token_limit(bucket, tokens, tat, now_us))
+                continue
+            takes.append(take)
+            # The TAT after the take, at least: an advance lands on the TAT as it is then, which
+            # takes since the read only raised (refunds since the read are counted from the
+            # counter read with it, a rescale since ends the place's use: see ``Place``).
+            start = now_us if take.kind == "restart" or tat is None else tat
+            places.append(
+                Place(
+                    bucket.name,
+                    start + take.cost_us,
+                    state.refunded.get(bucket.name, 0),
+                    state.rescales.get(bucket.name, 0),
+                )
+            )
         if refusals:
             # The bucket that decides: one the job never fits, else the one with the longest wait (a
             # client that waits for the first to have room would be refused by the other).
@@ -206,6 +224,7 @@ class RateLimiter:
             reserved_at_ms=now,
             buckets=tuple((b.name, b.limit, b.period_us) for b in self.buckets(limits)),
             budgeted=budget is not None,
+            places=tuple(places),
         )
         return ReservationPlan(reservation, tuple(takes), limits.max_concurrent_jobs, room)
 
@@ -284,30 +303,60 @@ class RateLimiter:
         return error
 
     # ------------------------------------------------------------------ settle / learn
-    def settle(self, job_id: str, reservation: Reservation | None, usage: Sequence[ModelUsage]) -> Settlement:
+    def settle(
+        self,
+        job_id: str,
+        reservation: Reservation | None,
+        usage: Sequence[ModelUsage],
+        *,
+        placed: bool = True,
+    ) -> Settlement:
         """Replace a reservation with what the job used. Each bucket's TAT moves by the difference
         (a charge may leave the bucket in debt); an unused part is refunded only as far as the
         reservation is still outstanding: the bucket refills as time passes, and a refund of what
         has refilled since would grant more than the limit (900 of 1,000 a minute reserved, unused
-        and refunded a minute later, let another 900 in beside the next reservation's 900). The
-        differences are in the scale of the limits that apply now, the tenant's own or the
-        deployment's defaults: every change of a tenant's limits moves each bucket's TAT to the new
-        limits' scale in the same write (``set_tenant_limits``); at the reservation's scale, a refund
-        after a raise from 5,000 to 100,000 a day freed 76,000 tokens other jobs held."""
+        and refunded a minute later, let another 900 in beside the next reservation's 900).
+
+        What is outstanding is at least what of the reservation has not refilled since its own take,
+        whatever other jobs did. With others in the bucket before it, more is: GCRA refills the whole
+        backlog, and the reservation's tokens were queued behind theirs (16 jobs reserving 12,000
+        together and cancelled after 30 s were refunded nothing on the first count, the bucket
+        54,000 tokens short). ``placed``: count that too, from the reservation's ``Place`` and the
+        bucket's refund counter, on condition that the counter has not moved when the settlement is
+        written (``settled`` settles again when it has).
+
+        The differences are in the scale of the limits that apply now, the tenant's own or the
+        deployment's defaults, on condition that they still apply when it is written: every change of
+        a tenant's limits moves each bucket's TAT to the new limits' scale in the same write
+        (``set_tenant_limits``); at the reservation's scale, a refund after a raise from 5,000 to
+        100,000 a day freed 76,000 tokens other jobs held."""
         now = self.now_ms()
         actual = sum(u.input_tokens + u.output_tokens for u in usage)
         cost = sum(u.cost_nanos for u in usage)
         if reservation is None:  # nothing was reserved
             return Settlement(job_id, tuple(usage), utc_day(now), (), None, release_slot=False)
-        deltas = []
-        scales = {b.name: b for b in self.buckets(self._store.limits() or self._defaults)}
-        elapsed_us = (now - reservation.reserved_at_ms) * 1000
+        state = self._store.state(None, utc_day(now))
+        limits = self.limits(state)
+        scales = {b.name: b for b in self.buckets(limits)}
+        places = {p.bucket: p for p in reservation.places} if placed else {}
+        now_us = now * 1000
+        elapsed_us = now_us - reservation.reserved_at_ms * 1000
         difference = actual - reservation.tokens
+        deltas, seen = [], []
         for name, limit, period in reservation.buckets:
             bucket = scales.get(name) or Bucket(name, limit, period)
-            # What of the reservation has not refilled since, at the faster of the two rates: a
-            # refund never gives back what the bucket has given back already.
+            # What of the reservation has not refilled since its take, at the faster of the two
+            # rates: a refund never gives back what the bucket has given back already.
             outstanding = reservation.tokens - elapsed_us * max(limit, bucket.limit) // period
+            place = places.get(name)
+            if difference < 0 and -difference > outstanding and place and bucket.limit == limit:
+                refunded = state.refunded.get(name, 0)
+                if place.rescales == state.rescales.get(name, 0):
+                    ahead_us = place.end_us - now_us - (refunded - place.refunded_us)
+                    queued = min(reservation.tokens, ahead_us * bucket.limit // bucket.period_us)
+                    if queued > outstanding:
+                        outstanding = queued
+                        seen.append((name, refunded))
             if difference > 0:  # a debt of at most one period: the bucket is never out for longer
                 deltas.append((bucket.name, min(bucket.cost_us(difference), bucket.period_us)))
             elif difference < 0 and outstanding > 0:
@@ -315,9 +364,37 @@ class RateLimiter:
         # The day's spend, budgeted or not: a budget set while this job ran counts it once it settles
         # (set_tenant_limits counts only what had settled; this job's reservation committed nothing).
         committed = reservation.cost_nanos if reservation.budgeted else 0
+        moves = tuple((name, delta) for name, delta in deltas if delta)
         return Settlement(
-            job_id, tuple(usage), utc_day(now), tuple(deltas), (reservation.day, cost - committed)
+            job_id,
+            tuple(usage),
+            utc_day(now),
+            moves,
+            (reservation.day, cost - committed),
+            scale=Scale(state.limits is not None, limits.tokens_per_minute, limits.tokens_per_day)
+            if moves
+            else None,
+            refunds_seen=tuple(seen),
         )
+
+    def settled(
+        self,
+        job_id: str,
+        reservation: Reservation | None,
+        usage: Sequence[ModelUsage],
+        commit: Callable[[Settlement], T],
+    ) -> T:
+        """``commit(settlement)``, settled again each time the store finds what it was computed
+        against moved meanwhile (``SettlementStale``): the last attempt does without the refunds'
+        places, so only a change of limits at each attempt could refuse it."""
+        for attempt in range(1, SETTLE_ATTEMPTS + 1):
+            settlement = self.settle(job_id, reservation, usage, placed=attempt < SETTLE_ATTEMPTS)
+            try:
+                return commit(settlement)
+            except SettlementStale:
+                if attempt == SETTLE_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
 
     def learn(self, model_id: str, estimate: Estimate, input_tokens: int) -> None:
         """Move the tenant's correction toward actual/estimated input (bounded moving average). Best
