@@ -517,3 +517,20 @@ def test_a_cancel_takes_no_body_and_a_malformed_one_is_named(
     assert malformed["error"]["details"]["fields"] == [
         {"field": "body", "message": malformed["error"]["message"], "type": "json_invalid"}
     ]
+
+
+def test_a_cancel_sent_many_fields_names_at_most_twenty_as_the_other_functions_do(
+    functions: dict[str, LocalFunction], tenant: Tenant
+) -> None:
+    """The streaming function's no-body rule and caps are the other functions' (one rule): a long
+    name is cut, twenty are named and the rest counted."""
+    event = chat_event(tenant, {})
+    event["path"] = event["resource"] = event["requestContext"]["path"] = "/v1/responses/resp_x/cancel"
+    event["body"] = json.dumps({"x" * 100_000: 1} | {f"k{i}": 1 for i in range(5000)})
+    raw = b"".join(functions["StreamFunction"].open_stream(event).chunks())
+    error = json.loads(raw)["error"]
+    assert error["code"] == "invalid_request" and len(raw) < 10_000
+    fields = error["details"]["fields"]
+    assert len(fields) == 20 and error["details"]["more_fields"] == 4981
+    assert fields[0]["field"] == ("body." + "x" * 100_000)[:200] and fields[1]["field"] == "body.k0"
+    assert error["message"].endswith("and 4,981 more")

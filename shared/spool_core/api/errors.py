@@ -78,3 +78,20 @@ def openai_envelope(error: SpoolError, request_id: str | None) -> dict[str, Any]
     )
     body["error"]["param"] = error.details.get("param")
     return body
+
+
+# What a 400 names of a body's fields: a body of 300,000 unknown keys answered 31 MB (Lambda: 6 MB).
+MAX_FIELD_ERRORS = 20  # fields named; the rest are counted
+MAX_FIELD_NAME = 200  # characters of each name (a key may be megabytes long)
+TAKES_NO_BODY = "This operation takes no body"
+
+
+def unwanted_body(value: Any) -> list[tuple[str, ...]]:
+    """Where a parsed body sent to an operation that takes none holds something it refuses: nothing
+    for ``{}`` or ``null``; each key of any other object (fields a client meant for another
+    operation); the body itself for anything else. The rule of every function's no-body routes."""
+    if value is None or value == {}:
+        return []
+    if isinstance(value, dict):
+        return [("body", str(name)) for name in value]
+    return [("body",)]

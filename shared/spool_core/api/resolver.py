@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pydantic_core
@@ -25,7 +25,15 @@ from pydantic import BaseModel, ValidationError
 from snapshot_restore_py import register_before_snapshot
 
 from spool_core.api.cors import allowed_origins, resolver_config
-from spool_core.api.errors import envelope, openai_envelope, status_for
+from spool_core.api.errors import (
+    MAX_FIELD_ERRORS,
+    MAX_FIELD_NAME,
+    TAKES_NO_BODY,
+    envelope,
+    openai_envelope,
+    status_for,
+    unwanted_body,
+)
 from spool_core.errors import (
     InternalError,
     InvalidRequest,
@@ -64,13 +72,9 @@ def error_response(
     return json_response(status_for(error), shape(error, request_id(app)), headers)
 
 
-MAX_FIELD_ERRORS = 20  # named in a 400; a body of 300,000 unknown keys answered 31 MB (Lambda: 6 MB)
-MAX_FIELD_NAME = 200  # characters of each name (a key may be megabytes long)
-
-
-def _field_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+def _field_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
     fields = []
-    for err in exc.errors()[:MAX_FIELD_ERRORS]:
+    for err in errors[:MAX_FIELD_ERRORS]:
         location = ".".join(str(part) for part in err.get("loc", ()))[:MAX_FIELD_NAME]
         fields.append({"field": location, "message": err.get("msg", "invalid"), "type": err.get("type", "")})
     return fields
@@ -116,7 +120,8 @@ def create_resolver(*, openai_errors: bool = False) -> APIGatewayRestResolver:
 
     @app.exception_handler(RequestValidationError)  # type: ignore[untyped-decorator]
     def _invalid(exc: RequestValidationError) -> Response[str]:
-        fields = _field_errors(exc)
+        errors = exc.errors()
+        fields = _field_errors(errors)
         if any(f["type"] == "json_invalid" for f in fields):
             error = InvalidRequest(
                 "The request body is not valid JSON",
@@ -125,7 +130,7 @@ def create_resolver(*, openai_errors: bool = False) -> APIGatewayRestResolver:
             )
         else:
             names = ", ".join(f["field"] for f in fields)
-            more = len(exc.errors()) - len(fields)
+            more = len(errors) - len(fields)
             error = InvalidRequest(
                 f"The request does not match the schema: {names}"
                 + (f" and {more:,} more" if more > 0 else ""),
@@ -189,14 +194,18 @@ def refuse_body(app: APIGatewayRestResolver) -> None:
         raise RequestValidationError(
             [{"loc": ("body",), "msg": "Invalid JSON", "type": "json_invalid"}]
         ) from None
-    if value is None or value == {}:
-        return
-    takes_none = "This operation takes no body"
-    if isinstance(value, dict):
-        errors = [{"loc": ("body", name), "msg": takes_none, "type": "extra_forbidden"} for name in value]
-    else:
-        errors = [{"loc": ("body",), "msg": f"{takes_none} (at most {{}})", "type": "extra_forbidden"}]
-    raise RequestValidationError(errors)
+    unwanted = unwanted_body(value)
+    if unwanted:
+        raise RequestValidationError(
+            [
+                {
+                    "loc": loc,
+                    "msg": TAKES_NO_BODY if len(loc) > 1 else f"{TAKES_NO_BODY} (at most {{}})",
+                    "type": "extra_forbidden",
+                }
+                for loc in unwanted
+            ]
+        )
 
 
 def tenant_of(app: APIGatewayRestResolver) -> Tenant:

@@ -25,7 +25,15 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from spool_core import snapshot
 from spool_core.api import cors
-from spool_core.api.errors import envelope, openai_envelope, status_for
+from spool_core.api.errors import (
+    MAX_FIELD_ERRORS,
+    MAX_FIELD_NAME,
+    TAKES_NO_BODY,
+    envelope,
+    openai_envelope,
+    status_for,
+    unwanted_body,
+)
 from spool_core.errors import (
     InternalError,
     InvalidRequest,
@@ -143,21 +151,23 @@ async def json_body(request: Request) -> Any:
 
 async def no_body(request: Request) -> None:
     """An operation that takes no body takes nothing, ``{}`` or ``null``; anything else is a 400 naming
-    what was sent (as ``spool_core.api.resolver.refuse_body`` for the functions' own routes)."""
+    what was sent (the rule and its caps are ``spool_core.api.errors``', as the other functions')."""
     if not (await request.body()).strip():
         return
-    value = await json_body(request)
-    if value is None or value == {}:
+    unwanted = unwanted_body(await json_body(request))
+    if not unwanted:
         return
-    names = [f"body.{name}"[:200] for name in value] if isinstance(value, dict) else ["body"]
+    names = [".".join(loc)[:MAX_FIELD_NAME] for loc in unwanted[:MAX_FIELD_ERRORS]]
+    more = len(unwanted) - len(names)
     raise InvalidRequest(
-        f"This operation takes no body; it was sent {', '.join(names)[:200]}",
+        f"{TAKES_NO_BODY}; it was sent {', '.join(names)[:MAX_FIELD_NAME]}"
+        + (f" and {more:,} more" if more > 0 else ""),
         details={
-            "param": names[0].removeprefix("body.") if isinstance(value, dict) else None,
+            "param": unwanted[0][1][:MAX_FIELD_NAME] if len(unwanted[0]) > 1 else None,
             "fields": [
-                {"field": name, "message": "This operation takes no body", "type": "extra_forbidden"}
-                for name in names[:20]
+                {"field": name, "message": TAKES_NO_BODY, "type": "extra_forbidden"} for name in names
             ],
+            **({"more_fields": more} if more > 0 else {}),
         },
         suggestions=["Send the request with no body"],
     )
