@@ -23,7 +23,14 @@ from spool_core.jobs.ports import (
     PendingJob,
     Signals,
 )
-from spool_core.limits.model import ReservationPlan, Settlement, SettlementStale, TenantLimits, UsageState
+from spool_core.limits.model import (
+    Rescale,
+    ReservationPlan,
+    Settlement,
+    SettlementStale,
+    TenantLimits,
+    UsageState,
+)
 from spool_core.limits.service import ModelStats
 from spool_core.queue import JobMessage
 from spool_core.units import now_ms
@@ -174,8 +181,13 @@ class TenantLedger:
             usage = self._usage
             running = usage.get("concurrency", {}).get("running")
             ok = running is None or running < plan.max_running
+            versions = {place.bucket: place.rescales for place in plan.reservation.places}
             for take in plan.takes:
                 tat = usage.get(f"bucket#{take.bucket}", {}).get("tat_us")
+                # taken at the scale it was converted at (the bucket's scale version as read)
+                ok = ok and usage.get(f"bucket#{take.bucket}", {}).get("rescales", 0) == versions.get(
+                    take.bucket, 0
+                )
                 if take.kind == "restart":
                     ok = ok and (tat is None or tat <= take.now_us)
                 else:
@@ -337,20 +349,14 @@ class TenantLedger:
         return result
 
     def _check(self, settlement: Settlement) -> None:
-        """As the store's conditions: the limits and refund counters the settlement counted on."""
-        limits = self._usage.get("limits")
-        scale = settlement.scale
-        if scale is not None and (
-            (limits is not None) != scale.own
-            or (
-                limits is not None
-                and (limits["tokens_per_minute"], limits["tokens_per_day"])
-                != (scale.tokens_per_minute, scale.tokens_per_day)
-            )
-        ):
-            raise SettlementStale()
-        for name, seen in settlement.refunds_seen:
-            if self._usage.get(f"bucket#{name}", {}).get("refunded_us", 0) != seen:
+        """As the store's conditions: each moved bucket's scale version, and the refund counter of
+        each whose refund counted on its place."""
+        bounds = dict(settlement.refund_bounds)
+        for name, seen in settlement.rescales_seen:
+            bucket = self._usage.get(f"bucket#{name}", {})
+            if bucket.get("rescales", 0) != seen or bucket.get("refunded_us", 0) > bounds.get(
+                name, bucket.get("refunded_us", 0)
+            ):
                 raise SettlementStale()
 
     def _settle(self, settlement: Settlement) -> None:
@@ -482,6 +488,7 @@ class TenantLedger:
                 correction_milli=int(stats["correction_milli"]) if stats else 1000,
                 refunded={n: usage.get(f"bucket#{n}", {}).get("refunded_us", 0) for n in ("minute", "day")},
                 rescales={n: usage.get(f"bucket#{n}", {}).get("rescales", 0) for n in ("minute", "day")},
+                lowerings={n: usage.get(f"bucket#{n}", {}).get("lowerings", 0) for n in ("minute", "day")},
             )
 
     def stats(self, model_id: str) -> ModelStats:
@@ -511,6 +518,9 @@ class TenantLedger:
                 if sk.startswith("rollup#") and since <= item["date"] <= until
             ]
 
+    def bucket_state(self) -> UsageState:
+        return self.state(None, "")
+
     def limits(self) -> TenantLimits | None:
         with self.ledger.lock:
             item = self._usage.get("limits")
@@ -538,7 +548,7 @@ class TenantLedger:
         self,
         previous: TenantLimits | None,
         limits: TenantLimits | None,
-        moves: Sequence[tuple[str, int, int]],
+        moves: Sequence[Rescale],
     ) -> bool:
         with self.ledger.lock:
             current = self.limits()
@@ -547,16 +557,18 @@ class TenantLedger:
                 if previous is None
                 else (current is not None and current[:2] == previous[:2])
             )
-            buckets = [self._usage.get(f"bucket#{name}", {}) for name, _, _ in moves]
+            buckets = [self._usage.get(f"bucket#{move.bucket}", {}) for move in moves]
             if not same or any(
-                b.get("tat_us") != seen for b, (_, seen, _) in zip(buckets, moves, strict=True)
+                b.get("tat_us") != move.seen_tat for b, move in zip(buckets, moves, strict=True)
             ):
                 return False
-            for bucket, (_, _, tat) in zip(buckets, moves, strict=True):
-                bucket["tat_us"] = tat
+            for bucket, move in zip(buckets, moves, strict=True):
+                if move.tat is not None:
+                    bucket["tat_us"] = move.tat
                 bucket["rescales"] = bucket.get("rescales", 0) + 1
-            for (name, _, _), bucket in zip(moves, buckets, strict=True):
-                self._usage[f"bucket#{name}"] = bucket
+                bucket["lowerings"] = bucket.get("lowerings", 0) + move.lowered
+            for move, bucket in zip(moves, buckets, strict=True):
+                self._usage[f"bucket#{move.bucket}"] = bucket
             if limits is None:
                 self._usage.pop("limits", None)
             else:

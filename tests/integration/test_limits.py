@@ -307,20 +307,22 @@ def test_jobs_reserved_together_and_cancelled_in_order_leave_the_bucket_whole(
 
 
 @pytest.mark.parametrize("own", [True, False], ids=["own-limits", "defaults"])
-def test_a_settlement_raced_by_a_change_of_limits_is_settled_again_at_the_new_scale(
+def test_a_settlement_raced_by_a_change_of_limits_is_settled_again_on_the_scale_it_is_written_at(
     stack: StackDescription, own: bool
 ) -> None:
     """A change of limits that lands between a settlement's read of the limits and its write: the
     settlement, converted at the scale the bucket had left, gave back 225 of 4,500 tokens after a
-    lowering from 100,000 to 5,000 a day. The job's end transaction now holds only while the limits
-    it was computed against apply, and it is settled again when they do not, on the tenant's own
-    limits as on the deployment's defaults (no limits item at all)."""
+    lowering from 100,000 to 5,000 a day. The job's end transaction now holds only while each moved
+    bucket's scale version is the one read, on the tenant's own limits as on the deployment's
+    defaults, and settled again it refunds nothing: the reservation was taken at the old scale, and
+    the lowering carried it over whole."""
     tenant = Tenant(f"raced-{'own' if own else 'defaults'}")
-    jobs = service(tenant.id, Clock(), tokens_per_minute=1_000_000, tokens_per_day=100_000)
+    clock = Clock()
+    jobs = service(tenant.id, clock, tokens_per_minute=1_000_000, tokens_per_day=100_000)
     store = bootstrap.usage_store(tenant)
     deployment = TenantLimits(1_000_000, 100_000, 1000)
     if own:
-        set_tenant_limits(store, TenantLimits(1_000_000, 100_000, 500), defaults=deployment)
+        set_tenant_limits(store, TenantLimits(1_000_000, 100_000, 500), defaults=deployment, now=clock.ms())
     made = jobs.create("k", job(tokens=4_447)).job  # 4,500 tokens
     lowered = TenantLimits(1_000_000, 5_000, 1000)
     real_end = jobs._jobs.end
@@ -329,17 +331,14 @@ def test_a_settlement_raced_by_a_change_of_limits_is_settled_again_at_the_new_sc
     def end_after_the_change(*args: Any) -> Any:
         ends.append("end")
         if len(ends) == 1:  # the operator's command lands between the settlement's read and write
-            set_tenant_limits(store, lowered, defaults=deployment)
+            set_tenant_limits(store, lowered, defaults=deployment, now=clock.ms())
         return real_end(*args)
 
     jobs._jobs.end = end_after_the_change  # type: ignore[method-assign]
     assert jobs.cancel(made.job_id).status == "cancelled"
     assert len(ends) == 2  # refused once (nothing written), settled again
-    assert jobs._limiter.state()[1]["tokens_per_day"] == {
-        "limit": 5_000,
-        "remaining": 5_000,
-        "reset_seconds": 0,
-    }
+    day = jobs._limiter.state()[1]["tokens_per_day"]
+    assert (day["limit"], day["remaining"]) == (5_000, 500)  # not 725
     rollups = jobs._limiter.usage(None, None)["totals"]
     assert rollups["jobs"] == 1  # counted once
 
@@ -348,7 +347,8 @@ def test_a_withdrawal_raced_by_a_change_of_limits_is_settled_again(stack: StackD
     """The undo of an admission whose job could not be queued settles its reservation as a job's end
     does, on the same condition."""
     tenant = Tenant("withdraw-raced")
-    jobs = service(tenant.id, Clock(), tokens_per_minute=1_000_000, tokens_per_day=100_000)
+    clock = Clock()
+    jobs = service(tenant.id, clock, tokens_per_minute=1_000_000, tokens_per_day=100_000)
     store = bootstrap.usage_store(tenant)
     deployment = TenantLimits(1_000_000, 100_000, 1000)
     real_withdraw = jobs._jobs.withdraw
@@ -361,7 +361,9 @@ def test_a_withdrawal_raced_by_a_change_of_limits_is_settled_again(stack: StackD
     def withdraw_after_the_change(*args: Any) -> Any:
         calls.append("withdraw")
         if len(calls) == 1:
-            set_tenant_limits(store, TenantLimits(1_000_000, 5_000, 1000), defaults=deployment)
+            set_tenant_limits(
+                store, TenantLimits(1_000_000, 5_000, 1000), defaults=deployment, now=clock.ms()
+            )
         return real_withdraw(*args)
 
     jobs._queue = BrokenQueue()  # type: ignore[assignment]
@@ -370,4 +372,108 @@ def test_a_withdrawal_raced_by_a_change_of_limits_is_settled_again(stack: StackD
         jobs.create("k", job(tokens=4_447))
     assert calls == ["withdraw", "withdraw"]
     state = jobs._limiter.state()[1]
-    assert state["tokens_per_day"]["remaining"] == 5_000 and state["concurrent_jobs"]["running"] == 0
+    assert state["tokens_per_day"]["remaining"] == 500 and state["concurrent_jobs"]["running"] == 0
+
+
+def test_a_raise_and_a_return_between_a_settlements_read_and_write_is_seen(stack: StackDescription) -> None:
+    """Raised to 6,000 a minute and set back to the defaults between a cancel's settlement read and
+    its write, with a job of 1,000 admitted at the raised rate: the limits were the same at both ends
+    (no limits item at all), and the refund computed before gave back 500 tokens of a minute the new
+    job holds whole. The buckets' scale versions moved twice."""
+    clock = Clock()
+    tenant = Tenant("raise-and-return")
+    jobs = service(tenant.id, clock)  # 1,000 a minute, the deployment's defaults here
+    deployment = TenantLimits(1000, 1_000_000, 1000)
+    store = bootstrap.usage_store(tenant)
+    jobs.create("a", job(tokens=447))  # 500
+    second = jobs.create("b", job(tokens=447)).job
+    clock.now += 10
+    real_end = jobs._jobs.end
+    ends: list[str] = []
+
+    def end_after_a_raise_and_back(*args: Any) -> Any:
+        ends.append("end")
+        if len(ends) == 1:
+            set_tenant_limits(store, TenantLimits(6000, 1_000_000, 1000), defaults=deployment, now=clock.ms())
+            clock.now += 10
+            jobs.create("c", job(tokens=947))  # 1,000
+            set_tenant_limits(store, None, defaults=deployment, now=clock.ms())
+        return real_end(*args)
+
+    jobs._jobs.end = end_after_a_raise_and_back  # type: ignore[method-assign]
+    assert jobs.cancel(second.job_id).status == "cancelled"
+    assert len(ends) == 2
+    assert jobs._limiter.state()[1]["tokens_per_minute"]["remaining"] == 0
+
+
+def test_an_admission_raced_by_a_lowering_is_taken_at_the_new_scale(stack: StackDescription) -> None:
+    """Admission's takes held on the bucket's TAT alone: planned at 100,000 a minute (500 tokens, 0.3 s
+    of the bucket) and written after a lowering to 1,000, they took 5 tokens of the new bucket. They
+    hold on its scale version too: refused, admission reads again and takes 500."""
+    clock = Clock()
+    tenant = Tenant("admission-raced")
+    jobs = service(tenant.id, clock, tokens_per_minute=100_000, tokens_per_day=10_000_000)
+    deployment = TenantLimits(100_000, 10_000_000, 1000)
+    store = bootstrap.usage_store(tenant)
+    real_admit = jobs._jobs.admit
+    calls: list[str] = []
+
+    def admit_after_a_lowering(*args: Any) -> Any:
+        calls.append("admit")
+        if len(calls) == 1:
+            set_tenant_limits(
+                store, TenantLimits(1_000, 10_000_000, 1000), defaults=deployment, now=clock.ms()
+            )
+        return real_admit(*args)
+
+    jobs._jobs.admit = admit_after_a_lowering  # type: ignore[method-assign]
+    made = jobs.create("k", job(tokens=447)).job  # 500
+    assert calls == ["admit", "admit"]
+    remaining = jobs._limiter.state()[1]["tokens_per_minute"]["remaining"]
+    assert remaining == 1_000 - made.usage.estimated_tokens == 500
+
+
+def test_jobs_cancelled_at_once_are_refunded_between_their_own_takes_and_whole(
+    stack: StackDescription,
+) -> None:
+    """Sixteen cancels at once (a client cancelling its batch), each settlement read before any is
+    written: every refund holds on the bucket's refund counter covering what its place still does,
+    so they do not make each other stale. What comes back depends on the order they land in (a
+    refund counts the refunds of the jobs behind it as if they were ahead), never less than the
+    count from each job's own take (6,848 short) and never more than whole."""
+    clock = Clock()
+    jobs = service("cancelled-at-once", clock, tokens_per_minute=20_000)
+    created = [jobs.create(f"k{i}", job(tokens=1_000)).job for i in range(16)]
+    reserved = sum(made.usage.estimated_tokens for made in created)
+    clock.now += 30
+    barrier = threading.Barrier(16)
+    real_end = jobs._jobs.end
+    first: set[int] = set()
+    lock = threading.Lock()
+
+    def end_together(*args: Any) -> Any:
+        with lock:
+            wait = threading.get_ident() not in first
+            first.add(threading.get_ident())
+        if wait:  # every first settlement read before any is written
+            barrier.wait(timeout=60)
+        return real_end(*args)
+
+    jobs._jobs.end = end_together  # type: ignore[method-assign]
+    errors: list[BaseException] = []
+
+    def cancel(job_id: str) -> None:
+        try:
+            assert jobs.cancel(job_id).status == "cancelled"
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=cancel, args=(made.job_id,)) for made in created]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors
+    limits = jobs._limiter.state()[1]
+    assert limits["concurrent_jobs"]["running"] == 0
+    assert 20_000 - (reserved - 10_000) <= limits["tokens_per_minute"]["remaining"] <= 20_000

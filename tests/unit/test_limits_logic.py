@@ -129,7 +129,7 @@ def test_settlement_refunds_only_what_is_still_outstanding() -> None:
     assert soon.budget == (plan.reservation.day, 40)
     clock.now += 35  # the minute's 500 tokens have refilled; 95 of the day's are still out
     later = limits.settle("job_1", plan.reservation, used)
-    assert dict(later.bucket_deltas) == {"day": -8_208_000}  # 95 tokens back
+    assert dict(later.bucket_deltas) == {"day": -8_200_000}  # 94.9 tokens back
     clock.now += 26
     late = limits.settle("job_1", plan.reservation, used)
     assert dict(late.bucket_deltas) == {}
@@ -295,6 +295,33 @@ def exact_remaining(bucket: Bucket, takes: list[tuple[int, int]], now_us: int) -
     return bucket.remaining(tat, now_us)
 
 
+class Replay:
+    """GCRA replayed for one bucket as if each job had reserved what it used, at the moment it was
+    admitted, with the same changes of limits (rescaled at the same instants)."""
+
+    def __init__(self, bucket: Bucket) -> None:
+        self.bucket = bucket
+        self.ops: list[tuple[str, int, int]] = []  # ("take", at, job) | ("limit", at, new limit)
+        self.counted: dict[int, int] = {}  # job -> tokens: reserved until it settles, then used
+
+    def take(self, job: int, at_us: int, tokens: int) -> None:
+        self.ops.append(("take", at_us, job))
+        self.counted[job] = tokens
+
+    def limit(self, at_us: int, limit: int) -> None:
+        self.ops.append(("limit", at_us, limit))
+
+    def remaining(self, now_us: int) -> int:
+        bucket, tat = self.bucket, None
+        for kind, at_us, value in self.ops:
+            if kind == "take":
+                tat = max(tat or at_us, at_us) + bucket.cost_us(self.counted[value])
+            elif value != bucket.limit:
+                tat = bucket.rescaled(tat, at_us, value) or tat
+                bucket = bucket._replace(limit=value)
+        return bucket.remaining(tat, now_us)
+
+
 def test_jobs_reserved_together_and_ended_in_order_get_back_what_is_queued_behind_the_others() -> None:
     """A tester's 16 concurrent 12,000-token jobs, cancelled after 30 s having used little, left the
     per-minute bucket 54,082 tokens short of what it would hold had they reserved only what they
@@ -321,6 +348,23 @@ def test_jobs_reserved_together_and_ended_in_order_get_back_what_is_queued_behin
     # the bucket refilling from the front), so 10,857 short of exact, not 92,000.
     assert settled_in_order(1_551) == (189_143, 200_000)
     assert settled_in_order(1_551, placed=False) == (108_000, 200_000)
+
+
+def test_refunds_read_together_and_written_in_order_all_stand() -> None:
+    """Sixteen cancels at once (a client cancelling its batch): every settlement reads the refund
+    counter before any is written. Held on the counter being unchanged, each write made every other
+    one stale, and after five attempts they settled without their places (the bucket 92,000 short);
+    held on the counter covering what each place still does, they all stand."""
+    clock = Clock()
+    world = Bucketed(DEFAULTS, clock)
+    reservations = [world.admit(12_000) for _ in range(16)]
+    clock.now += 30
+    unused = (ModelUsage("sim-fast", 0, 0, 0),)
+    read = [world.limiter.settle("job", reservation, unused) for reservation in reservations]
+    for settlement in read:
+        world.store._check(settlement)  # SettlementStale would fail the test
+        world.store._settle(settlement)
+    assert world.remaining() == 200_000
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -355,11 +399,83 @@ def test_a_refund_among_other_jobs_never_grants_more_than_the_limit(seed: int) -
             admitted.append((reservation.reserved_at_ms * 1000, tokens))
 
 
-def test_a_settlement_raced_by_a_change_of_limits_is_settled_again_at_the_new_scale() -> None:
+@pytest.mark.parametrize("seed", range(60))
+def test_refunds_raced_by_other_jobs_and_changes_of_limits_never_grant_more_than_the_limit(seed: int) -> None:
+    """As above, both buckets, and with whatever may land between a settlement's read and its write:
+    other jobs' admissions and settlements (themselves raced in turn), time, and changes of the
+    tenant's limits (raises, lowerings that forgive, back to the defaults) replayed at the same
+    instants. After every settlement each bucket holds at most what the replay does."""
+    from spool_core.limits.service import set_tenant_limits
+
+    rng = random.Random(seed)
+    clock = Clock()
+    defaults = TenantLimits(tokens_per_minute=1_000, tokens_per_day=6_000, max_concurrent_jobs=100)
+    world = Bucketed(defaults, clock)
+    replays = [Replay(bucket) for bucket in RateLimiter.buckets(defaults)]
+    open_jobs: dict[int, Reservation] = {}
+    jobs = 0
+
+    def admit() -> None:
+        nonlocal jobs
+        try:
+            reservation = world.admit(rng.choice([50, 120, 300, 600]))
+        except TokenLimitExceeded:
+            return
+        for replay in replays:
+            replay.take(jobs, reservation.reserved_at_ms * 1000, reservation.tokens)
+        open_jobs[jobs] = reservation
+        jobs += 1
+
+    def change() -> None:
+        limits = rng.choice(
+            [
+                None,
+                defaults._replace(tokens_per_minute=3_000),
+                defaults._replace(tokens_per_minute=400, tokens_per_day=2_000),
+            ]
+        )
+        set_tenant_limits(world.store, limits, defaults=defaults, now=clock.ms())
+        for replay, bucket in zip(replays, RateLimiter.buckets(limits or defaults), strict=True):
+            replay.limit(clock.ms() * 1000, bucket.limit)
+
+    def settle() -> None:
+        if not open_jobs:
+            return
+        job = rng.choice(sorted(open_jobs))
+        reservation = open_jobs.pop(job)
+        used = rng.choice([0, reservation.tokens // 3, reservation.tokens, reservation.tokens + 40])
+        for _ in range(rng.choice([0, 0, 1, 2])):  # what lands between its read and its write
+            world.before_commit.append(
+                rng.choice(
+                    [admit, change, lambda: setattr(clock, "now", clock.now + 5)]
+                    + ([settle] if len(open_jobs) > 1 else [])
+                )
+            )
+        world.settle(reservation, used)
+        for replay in replays:
+            replay.counted[job] = used
+        now_us = clock.ms() * 1000
+        for replay in replays:
+            exact = replay.remaining(now_us)
+            assert world.remaining(replay.bucket.name) <= exact + jobs, (seed, replay.bucket.name, exact)
+
+    for _ in range(80):
+        clock.now += rng.choice([0, 0, 0.5, 2, 7, 20, 45])
+        step = rng.random()
+        if open_jobs and step < 0.45:
+            settle()
+        elif step < 0.52:
+            change()
+        else:
+            admit()
+
+
+def test_a_settlement_raced_by_a_change_of_limits_is_settled_again_on_the_scale_it_is_written_at() -> None:
     """A settlement read the limits, then wrote its bucket moves: a change that landed between the
     two (an operator's command in the job's last milliseconds) was converted at the scale the
     bucket had just left. Raised from 5,000 to 100,000 a day, a refund of 4,000 tokens at the old
-    scale gave back 80,000 at the new one."""
+    scale gave back 80,000 at the new one. Its write now holds on the bucket's scale version, and
+    settled again it gives back 4,000 at the new scale (raised only since the take: see ``Place``)."""
     from spool_core.limits.service import set_tenant_limits
 
     clock = Clock()
@@ -373,8 +489,61 @@ def test_a_settlement_raced_by_a_change_of_limits_is_settled_again_at_the_new_sc
         lambda: set_tenant_limits(world.store, raised, defaults=DEFAULTS, now=clock.ms())
     )
     world.settle(reservation, 500)
-    assert world.store.limits() == raised
-    assert world.remaining("day") == 100_000 - 500  # 4,000 back, as tokens: not 80,000
+    assert len(world.attempts) == 2 and world.store.limits() == raised
+    assert world.remaining("day") == 100_000 - 500  # 4,000 back as tokens: not 80,000 (all 100,000)
+
+
+def test_a_raise_and_a_return_between_a_settlements_read_and_write_is_seen() -> None:
+    """The limits' values were the same at the settlement's read and at its write: raised to 6,000 a
+    minute and set back meanwhile, with a job of 1,000 admitted at the raised rate. The return's
+    rescale capped the bucket's backlog at one period, and the refund computed before gave back 500
+    tokens of a minute the new job holds whole."""
+    from spool_core.limits.service import set_tenant_limits
+
+    clock = Clock()
+    limits = TenantLimits(tokens_per_minute=1_000, tokens_per_day=1_000_000, max_concurrent_jobs=10)
+    world = Bucketed(limits, clock)
+    world.admit(500)
+    reservation = world.admit(500)
+    clock.now += 10
+
+    def raise_and_return() -> None:
+        set_tenant_limits(
+            world.store, limits._replace(tokens_per_minute=6_000), defaults=limits, now=clock.ms()
+        )
+        clock.now += 10
+        world.admit(1_000)
+        set_tenant_limits(world.store, None, defaults=limits, now=clock.ms())
+
+    world.before_commit.append(raise_and_return)
+    world.settle(reservation, 0)
+    assert len(world.attempts) == 2
+    assert world.remaining() == 0  # exact: the 1,000 admitted at the raised rate fill the minute
+
+
+def test_no_refund_of_a_reservation_taken_before_its_buckets_limit_was_lowered() -> None:
+    """The count from the reservation's own take refilled it at the faster of two limits, the one it
+    was taken at and the one now, and a lowering's rescale forgives what is outstanding past one
+    period: a raise in between refilled faster than either (1,000 left where 700 are), a lowering
+    forgave half the backlog that the refund then gave back again (500 left where none are)."""
+    from spool_core.limits.service import set_tenant_limits
+
+    clock = Clock()
+    limits = TenantLimits(tokens_per_minute=1_000, tokens_per_day=1_000_000, max_concurrent_jobs=10)
+    raised = Bucketed(limits, clock)
+    reservation = raised.admit(600)
+    set_tenant_limits(raised.store, limits._replace(tokens_per_minute=2_000), defaults=limits, now=clock.ms())
+    clock.now += 18  # 600 refill at 2,000 a minute: the bucket is whole
+    set_tenant_limits(raised.store, None, defaults=limits, now=clock.ms())
+    raised.admit(300)
+    raised.settle(reservation, 0)
+    assert raised.remaining() == 700
+    lowered = Bucketed(limits, clock)
+    reservation = lowered.admit(500)
+    lowered.admit(500)
+    set_tenant_limits(lowered.store, limits._replace(tokens_per_minute=500), defaults=limits, now=clock.ms())
+    lowered.settle(reservation, 0)
+    assert lowered.remaining() == 0
 
 
 def test_a_refund_counts_the_refunds_of_the_jobs_ahead_of_it_since_its_take() -> None:
@@ -412,8 +581,8 @@ def test_a_refund_whose_counter_moved_before_it_was_written_is_settled_again() -
     world.settle(reservation, 0)
     first, _, second = world.attempts  # the one behind it settled in between
     assert (
-        dict(first.refunds_seen)["minute"] == 0 and dict(first.bucket_deltas)["minute"] == -24_960_000
+        dict(first.refund_bounds)["minute"] == 0 and dict(first.bucket_deltas)["minute"] == -24_980_000
     )  # 416 tokens
-    assert dict(second.refunds_seen)["minute"] == 9_960_000  # the refund behind it, 10 s, counted
-    assert dict(second.bucket_deltas)["minute"] == -15_000_000  # 250 tokens
-    assert world.store._usage["bucket#minute"]["refunded_us"] == 9_960_000 + 15_000_000
+    assert dict(second.refund_bounds)["minute"] == 9_960_000  # the refund behind it, 10 s, counted
+    assert dict(second.bucket_deltas)["minute"] == -15_020_000
+    assert world.store._usage["bucket#minute"]["refunded_us"] == 9_960_000 + 15_020_000

@@ -180,20 +180,6 @@ class ScopedTable:
         self._add_condition(request, condition, names, values)
         return {"Delete": request}
 
-    def condition_request(
-        self,
-        kind: str,
-        ident: str,
-        condition: str,
-        *,
-        sort: Mapping[str, Any] | None = None,
-        values: Mapping[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        """A check that ``condition`` holds on an item, as one entry of a ``transact`` call."""
-        request: dict[str, Any] = {"TableName": self._table, "Key": self.key(kind, ident, sort)}
-        self._add_condition(request, condition, None, values)
-        return {"ConditionCheck": request}
-
     def get(
         self,
         kind: str,

@@ -13,7 +13,7 @@ from typing import Any
 
 from spool_core.adapters.dynamodb import ConditionFailed, ScopedTable, transact
 from spool_core.errors import Conflict
-from spool_core.limits.model import ReservationPlan, Settlement, TenantLimits, UsageState
+from spool_core.limits.model import Rescale, ReservationPlan, Settlement, TenantLimits, UsageState
 from spool_core.limits.service import ModelStats
 
 KIND = "usage"
@@ -55,6 +55,9 @@ def state_from(items: Iterable[dict[str, Any]], day: str) -> UsageState:
         rescales={
             name: int(by_sk.get(f"bucket#{name}", {}).get("rescales", 0)) for name in ("minute", "day")
         },
+        lowerings={
+            name: int(by_sk.get(f"bucket#{name}", {}).get("lowerings", 0)) for name in ("minute", "day")
+        },
     )
 
 
@@ -93,7 +96,12 @@ def reservation_writes(table: ScopedTable, plan: ReservationPlan) -> list[dict[s
             values={":zero": 0, ":one": 1, ":max": plan.max_running},
         )
     ]
+    versions = {place.bucket: place.rescales for place in plan.reservation.places}
     for take in plan.takes:
+        # ...and on the bucket's scale version: a take converted at a limit changed since would
+        # take at the wrong scale (planned at 100,000 a minute and written after a lowering to
+        # 1,000, 500 tokens took 5).
+        scale, values = _scale_condition(versions.get(take.bucket, 0))
         if take.kind == "restart":
             writes.append(
                 table.update_request(
@@ -101,8 +109,8 @@ def reservation_writes(table: ScopedTable, plan: ReservationPlan) -> list[dict[s
                     IDENT,
                     "SET tat_us = :start",
                     sort=_sk(f"bucket#{take.bucket}"),
-                    condition="attribute_not_exists(tat_us) OR tat_us <= :now",
-                    values={":start": take.now_us + take.cost_us, ":now": take.now_us},
+                    condition=f"(attribute_not_exists(tat_us) OR tat_us <= :now) AND {scale}",
+                    values={":start": take.now_us + take.cost_us, ":now": take.now_us, **values},
                 )
             )
         else:
@@ -112,8 +120,8 @@ def reservation_writes(table: ScopedTable, plan: ReservationPlan) -> list[dict[s
                     IDENT,
                     "SET tat_us = tat_us + :cost",
                     sort=_sk(f"bucket#{take.bucket}"),
-                    condition="tat_us > :now AND tat_us <= :latest",
-                    values={":cost": take.cost_us, ":now": take.now_us, ":latest": take.latest},
+                    condition=f"tat_us > :now AND tat_us <= :latest AND {scale}",
+                    values={":cost": take.cost_us, ":now": take.now_us, ":latest": take.latest, **values},
                 )
             )
     if plan.budget_room_nanos is not None:
@@ -130,32 +138,32 @@ def reservation_writes(table: ScopedTable, plan: ReservationPlan) -> list[dict[s
     return writes
 
 
+def _scale_condition(rescales: int) -> tuple[str, dict[str, Any]]:
+    """That a bucket's scale version (``rescales``) is still the one seen."""
+    if not rescales:
+        return "attribute_not_exists(rescales)", {}
+    return "rescales = :rescales", {":rescales": rescales}
+
+
 def settlement_writes(table: ScopedTable, settlement: Settlement, now_ms: int) -> list[dict[str, Any]]:
     """Transaction entries that replace a reservation with the actual usage; they go in the same
     transaction as the job's final write, so they happen exactly once (the job's own condition
-    guards the whole transaction). The bucket moves also hold only while what they were computed
-    against does (``stale_settlement`` tells that failure from the job's): the tenant's token
-    limits, and the refund counter of each bucket whose refund counted on it. A refund adds to its
-    bucket's counter."""
+    guards the whole transaction). Each bucket move also holds only while what it was computed
+    against does (``stale_settlement`` tells that failure from the job's): the bucket's scale
+    version, and for a refund that counted on its place, its refund counter at most the bound. A
+    refund adds to its bucket's counter."""
     writes: list[dict[str, Any]] = []
-    if settlement.scale is not None:
-        if settlement.scale.own:
-            scale = "tokens_per_minute = :minute AND tokens_per_day = :day"
-            limits = {":minute": settlement.scale.tokens_per_minute, ":day": settlement.scale.tokens_per_day}
-        else:
-            scale, limits = "attribute_not_exists(tokens_per_minute)", {}
-        writes.append(table.condition_request(KIND, IDENT, scale, sort=_sk("limits"), values=limits))
-    seen = dict(settlement.refunds_seen)
+    versions, bounds = dict(settlement.rescales_seen), dict(settlement.refund_bounds)
     for name, delta in settlement.bucket_deltas:
         expression = "SET tat_us = if_not_exists(tat_us, :now) + :delta"
-        values: dict[str, Any] = {":now": now_ms * 1000, ":delta": delta}
+        condition, values = _scale_condition(versions.get(name, 0))
+        values.update({":now": now_ms * 1000, ":delta": delta})
         if delta < 0:
             expression += " ADD refunded_us :refund"
             values[":refund"] = -delta
-        condition = None
-        if name in seen:
-            condition = "refunded_us = :seen" if seen[name] else "attribute_not_exists(refunded_us)"
-            values.update({":seen": seen[name]} if seen[name] else {})
+        if name in bounds:
+            condition += " AND (attribute_not_exists(refunded_us) OR refunded_us <= :bound)"
+            values[":bound"] = bounds[name]
         writes.append(
             table.update_request(
                 KIND, IDENT, expression, sort=_sk(f"bucket#{name}"), condition=condition, values=values
@@ -252,6 +260,12 @@ class DynamoUsageStore:
         item = self._get("limits")
         return _limits(item) if item else None
 
+    def bucket_state(self) -> UsageState:
+        from spool_core.adapters.dynamodb import batch_get
+
+        keys = [self._table.key(KIND, IDENT, _sk(name)) for name in ("limits", "bucket#minute", "bucket#day")]
+        return state_from(batch_get(self._table.client, {self._table.name: keys})[self._table.name], "")
+
     def count_spend(self, day: str) -> None:
         for _ in range(COUNT_ATTEMPTS):
             # the count first, then the rollups: a budgeted job settling in between changes the count,
@@ -287,7 +301,7 @@ class DynamoUsageStore:
         self,
         previous: TenantLimits | None,
         limits: TenantLimits | None,
-        moves: Sequence[tuple[str, int, int]],
+        moves: Sequence[Rescale],
     ) -> bool:
         if previous is None:
             condition, values = "attribute_not_exists(tokens_per_minute)", {}
@@ -301,18 +315,27 @@ class DynamoUsageStore:
                 KIND, IDENT, sort=_sk("limits"), condition=condition, values=values
             )
         ]
-        writes += [
-            self._table.update_request(
-                KIND,
-                IDENT,
-                # counted: a reservation's place in the bucket is in the old scale (``Place``)
-                "SET tat_us = :tat ADD rescales :one",
-                sort=_sk(f"bucket#{name}"),
-                condition="tat_us = :seen",
-                values={":tat": tat, ":seen": seen, ":one": 1},
+        for move in moves:
+            # the scale version counted: a reservation's place, and a take or a settlement planned
+            # before, are in the old scale (``Place``)
+            unmoved = "attribute_not_exists(tat_us)" if move.seen_tat is None else "tat_us = :seen"
+            entries: dict[str, Any] = {":one": 1}
+            if move.seen_tat is not None:
+                entries[":seen"] = move.seen_tat
+            expression = "ADD rescales :one" + (", lowerings :one" if move.lowered else "")
+            if move.tat is not None:
+                expression = f"SET tat_us = :tat {expression}"
+                entries[":tat"] = move.tat
+            writes.append(
+                self._table.update_request(
+                    KIND,
+                    IDENT,
+                    expression,
+                    sort=_sk(f"bucket#{move.bucket}"),
+                    condition=unmoved,
+                    values=entries,
+                )
             )
-            for name, seen, tat in moves
-        ]
         try:
             transact(self._table.client, writes)
         except ConditionFailed:

@@ -32,6 +32,10 @@ class Bucket(NamedTuple):
         """How far ``tokens`` move the TAT (rounded up: never under-charged)."""
         return -(-tokens * self.period_us // self.limit)
 
+    def refund_us(self, tokens: int) -> int:
+        """How far giving ``tokens`` back moves the TAT (rounded down: never over-refunded)."""
+        return tokens * self.period_us // self.limit
+
     def remaining(self, tat: int | None, now: int) -> int:
         if tat is None or tat <= now:
             return self.limit
@@ -106,20 +110,38 @@ class UsageState(NamedTuple):
     # bucket's scale) and how many times a change of limits rescaled it: see ``Place``
     refunded: Mapping[str, int] = {}
     rescales: Mapping[str, int] = {}
+    lowerings: Mapping[str, int] = {}  # how many of those rescales lowered its limit
 
 
 class Place(NamedTuple):
-    """Where a reservation stands in one bucket, for the exact cap of its refund: GCRA refills the
-    bucket's whole backlog, not each reservation's share, so what of a reservation is still ahead of
-    now is bounded by ``end_us`` (the TAT right after its take, or a lower bound of it) less now,
-    less what the bucket refunded since (``refunded_us`` seen before the take). Takes after it only
-    push the backlog further; a refill that emptied the bucket since leaves nothing of it ahead.
-    Valid while the bucket was not rescaled (``rescales`` unchanged)."""
+    """Where a reservation stands in one bucket, for the cap of its refund: GCRA refills the
+    bucket's whole backlog in order, and a reservation made behind others is queued behind them. What
+    of it is still ahead of now is at least ``end_us`` (the TAT right after its take, or a lower bound
+    of it) less now, less what the bucket refunded since (its counter, ``refunded_us``, was read before
+    the take): after the take the TAT only rises but by refunds (counted) and rescales (``rescales``,
+    the bucket's scale version: a change of its limit since ends the place's use). A refill that
+    emptied the bucket since leaves the bound at or below zero.
+
+    ``lowerings``: how many of the rescales lowered the limit. Raised only since, the bucket refilled
+    at most at the limit now and carried over everything outstanding, so what has not refilled since
+    the take at that rate is still outstanding; a lowering may have forgiven part of the backlog (a
+    rescale keeps a debt of one period at most) and the bucket may have refilled faster than the limit
+    now: nothing is refunded."""
 
     bucket: str
     end_us: int
     refunded_us: int
     rescales: int
+    lowerings: int = 0
+
+
+class Rescale(NamedTuple):
+    """A change of one bucket's limit, as ``set_tenant_limits`` plans it against the TAT it read."""
+
+    bucket: str
+    seen_tat: int | None  # None: the bucket was never taken from
+    tat: int | None  # what is outstanding at the new scale; None: nothing is
+    lowered: bool
 
 
 class Reservation(NamedTuple):
@@ -150,8 +172,7 @@ class Reservation(NamedTuple):
             buckets=tuple((str(n), int(limit), int(period)) for n, limit, period in item.get("buckets", [])),
             budgeted=bool(item.get("budgeted", False)),
             places=tuple(
-                Place(str(name), int(end), int(refunded), int(rescales))
-                for name, end, refunded, rescales in item.get("places", [])
+                Place(str(place[0]), *(int(n) for n in place[1:])) for place in item.get("places", [])
             ),
         )
 
@@ -174,14 +195,6 @@ class ModelUsage(NamedTuple):
     cost_nanos: int
 
 
-class Scale(NamedTuple):
-    """The token limits a settlement's bucket moves are in."""
-
-    own: bool  # the tenant's own limits; False: it has none, the deployment's defaults apply
-    tokens_per_minute: int
-    tokens_per_day: int
-
-
 class Settlement(NamedTuple):
     """Replace a job's reservation with its actual usage: done once, in the same transaction as the
     job's final write. The limiter computes every number; a store only applies them."""
@@ -192,12 +205,13 @@ class Settlement(NamedTuple):
     bucket_deltas: tuple[tuple[str, int], ...]  # (bucket, microseconds) to move each TAT by
     budget: tuple[str, int] | None = None  # (day, nano-dollars) to move that day's commitments by
     release_slot: bool = True
-    # What the bucket moves were computed against, for the store to write them only if it still
-    # holds (else ``SettlementStale`` and the limiter settles again): the tenant's token limits
-    # (None: no condition; ``Scale.own`` False: the deployment's defaults, no limits of its own)...
-    scale: Scale | None = None
-    # ...and, per bucket whose refund counted on it, the bucket's refund counter as read.
-    refunds_seen: tuple[tuple[str, int], ...] = ()
+    # What the bucket moves were computed against, for the store to write them only while it still
+    # holds (else ``SettlementStale``, nothing written, and the limiter settles again): each moved
+    # bucket's rescale count as read (its limit has not changed since: the moves are in its scale)...
+    rescales_seen: tuple[tuple[str, int], ...] = ()
+    # ...and, per bucket whose refund counted on its place, the most its refund counter may hold for
+    # the refund to stand (the place less the refunds since still covers it: see ``Place``).
+    refund_bounds: tuple[tuple[str, int], ...] = ()
 
     @property
     def input_tokens(self) -> int:

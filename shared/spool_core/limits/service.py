@@ -21,9 +21,9 @@ from spool_core.limits.model import (
     Estimate,
     ModelUsage,
     Place,
+    Rescale,
     Reservation,
     ReservationPlan,
-    Scale,
     Settlement,
     SettlementStale,
     TenantLimits,
@@ -61,6 +61,10 @@ class UsageStore(Protocol):
 
     def limits(self) -> TenantLimits | None: ...
 
+    def bucket_state(self) -> UsageState:
+        """The limits and the buckets (TATs, refund counters, scale versions): what a settlement
+        reads, in one request."""
+
     def count_spend(self, day: str) -> None:
         """Make ``day``'s budget commitments hold what was spent that day and they do not hold yet:
         the settled spend (the rollups) beyond the part budgeted jobs settled into them."""
@@ -69,12 +73,13 @@ class UsageStore(Protocol):
         self,
         previous: TenantLimits | None,
         limits: TenantLimits | None,
-        moves: Sequence[tuple[str, int, int]],
+        moves: Sequence[Rescale],
     ) -> bool:
-        """Set the tenant's own limits (None: remove them, the deployment's defaults apply), and each
-        ``(bucket, seen TAT, TAT)`` of ``moves``, all or none: if the token limits are still
-        ``previous`` (None: the tenant has none of its own) and each bucket's TAT is still the one
-        seen. Whether they were."""
+        """Set the tenant's own limits (None: remove them, the deployment's defaults apply) and, for
+        each of ``moves`` (a bucket whose limit changes), count a change of its scale (and of a
+        lowering), and set its TAT when something outstanding is carried over, all or none: if the
+        token limits are still ``previous`` (None: the tenant has none of its own) and each bucket's
+        TAT is still the one seen. Whether they were."""
 
 
 RESCALE_ATTEMPTS = 5  # of moving a bucket's TAT against admissions and settlements meanwhile
@@ -107,10 +112,10 @@ def set_tenant_limits(
         moves = []
         before, after = RateLimiter.buckets(state.limits or defaults), RateLimiter.buckets(limits or defaults)
         for old, new in zip(before, after, strict=True):
-            seen = state.tats.get(old.name)
-            tat = old.rescaled(seen, now * 1000, new.limit) if old.limit != new.limit else None
-            if seen is not None and tat is not None:
-                moves.append((old.name, seen, tat))
+            if old.limit != new.limit:  # counted even with nothing outstanding: see ``Place``
+                seen = state.tats.get(old.name)
+                tat = old.rescaled(seen, now * 1000, new.limit)
+                moves.append(Rescale(old.name, seen, tat, lowered=new.limit < old.limit))
         if store.change_limits(state.limits, limits, moves):
             return
         state = store.state(None, day)
@@ -205,6 +210,7 @@ class RateLimiter:
                     start + take.cost_us,
                     state.refunded.get(bucket.name, 0),
                     state.rescales.get(bucket.name, 0),
+                    state.lowerings.get(bucket.name, 0),
                 )
             )
         if refusals:
@@ -319,62 +325,75 @@ class RateLimiter:
 
         What is outstanding is at least what of the reservation has not refilled since its own take,
         whatever other jobs did. With others in the bucket before it, more is: GCRA refills the whole
-        backlog, and the reservation's tokens were queued behind theirs (16 jobs reserving 12,000
-        together and cancelled after 30 s were refunded nothing on the first count, the bucket
-        54,000 tokens short). ``placed``: count that too, from the reservation's ``Place`` and the
-        bucket's refund counter, on condition that the counter has not moved when the settlement is
-        written (``settled`` settles again when it has).
+        backlog in order, and the reservation's tokens were queued behind theirs (16 jobs reserving
+        12,000 together and cancelled after 30 s were refunded nothing on the first count, the
+        bucket 92,000 tokens short). ``placed``: count that too, from the reservation's ``Place``,
+        on condition that the bucket's refund counter has not passed what the place still covers
+        when the settlement is written (``settled`` settles again when it has).
 
         The differences are in the scale of the limits that apply now, the tenant's own or the
-        deployment's defaults, on condition that they still apply when it is written: every change of
-        a tenant's limits moves each bucket's TAT to the new limits' scale in the same write
-        (``set_tenant_limits``); at the reservation's scale, a refund after a raise from 5,000 to
-        100,000 a day freed 76,000 tokens other jobs held."""
+        deployment's defaults, on condition that each moved bucket's limit has not changed when it is
+        written (its scale version, ``rescales``): every change of a tenant's limits moves each
+        bucket's TAT to the new limits' scale in the same write (``set_tenant_limits``), and a
+        settlement converted at the scale a bucket has left gave back 225 of 4,500 tokens after a
+        lowering from 100,000 to 5,000 a day (or, after a raise and a return, a refund the rescales
+        had forgiven already). A refund of a reservation taken before its bucket's limit was lowered
+        is none."""
         now = self.now_ms()
         actual = sum(u.input_tokens + u.output_tokens for u in usage)
         cost = sum(u.cost_nanos for u in usage)
         if reservation is None:  # nothing was reserved
             return Settlement(job_id, tuple(usage), utc_day(now), (), None, release_slot=False)
-        state = self._store.state(None, utc_day(now))
-        limits = self.limits(state)
-        scales = {b.name: b for b in self.buckets(limits)}
-        places = {p.bucket: p for p in reservation.places} if placed else {}
+        difference = actual - reservation.tokens
+        state = self._store.bucket_state() if difference else UsageState()
+        scales = {b.name: b for b in self.buckets(self.limits(state))}
+        places = {p.bucket: p for p in reservation.places}
         now_us = now * 1000
         elapsed_us = now_us - reservation.reserved_at_ms * 1000
-        difference = actual - reservation.tokens
-        deltas, seen = [], []
+        deltas, bounds = [], []
         for name, limit, period in reservation.buckets:
             bucket = scales.get(name) or Bucket(name, limit, period)
-            # What of the reservation has not refilled since its take, at the faster of the two
-            # rates: a refund never gives back what the bucket has given back already.
-            outstanding = reservation.tokens - elapsed_us * max(limit, bucket.limit) // period
             place = places.get(name)
-            if difference < 0 and -difference > outstanding and place and bucket.limit == limit:
-                refunded = state.refunded.get(name, 0)
-                if place.rescales == state.rescales.get(name, 0):
-                    ahead_us = place.end_us - now_us - (refunded - place.refunded_us)
-                    queued = min(reservation.tokens, ahead_us * bucket.limit // bucket.period_us)
-                    if queued > outstanding:
-                        outstanding = queued
-                        seen.append((name, refunded))
-            if difference > 0:  # a debt of at most one period: the bucket is never out for longer
-                deltas.append((bucket.name, min(bucket.cost_us(difference), bucket.period_us)))
-            elif difference < 0 and outstanding > 0:
-                deltas.append((bucket.name, -bucket.cost_us(min(-difference, outstanding))))
+            if difference > 0:
+                # A debt starts now at the earliest (added to a TAT in the past, part of it was
+                # refilled before it was run up), and is of at most one period: the bucket is never
+                # out for longer.
+                tat = state.tats.get(name)
+                behind_us = max(0, now_us - tat) if tat is not None else 0
+                deltas.append((name, min(bucket.cost_us(difference) + behind_us, bucket.period_us)))
+                continue
+            rescaled = place is not None and place.rescales != state.rescales.get(name, 0)
+            lowered = place is not None and place.lowerings != state.lowerings.get(name, 0)
+            if difference == 0 or lowered:
+                # Lowered since the take (see ``Place``): no refund. A tenant may lose one after a
+                # change of its limits, never gain past them.
+                continue
+            # What of the reservation has not refilled since its take, whatever other jobs did, at
+            # the faster of the two rates (a reservation without a place: admitted before places),
+            # in the bucket's time now (rounded down, as every refund).
+            outstanding_us = (
+                reservation.tokens * period - elapsed_us * max(limit, bucket.limit)
+            ) // bucket.limit
+            refund_us = max(0, min(bucket.refund_us(-difference), outstanding_us))
+            if placed and place is not None and not rescaled and bucket.limit == limit:
+                ahead_us = place.end_us - now_us - (state.refunded.get(name, 0) - place.refunded_us)
+                queued_us = min(bucket.refund_us(-difference), ahead_us)
+                if queued_us > refund_us:
+                    refund_us = queued_us
+                    bounds.append((name, place.refunded_us + place.end_us - now_us - refund_us))
+            if refund_us > 0:
+                deltas.append((name, -refund_us))
         # The day's spend, budgeted or not: a budget set while this job ran counts it once it settles
         # (set_tenant_limits counts only what had settled; this job's reservation committed nothing).
         committed = reservation.cost_nanos if reservation.budgeted else 0
-        moves = tuple((name, delta) for name, delta in deltas if delta)
         return Settlement(
             job_id,
             tuple(usage),
             utc_day(now),
-            moves,
+            tuple(deltas),
             (reservation.day, cost - committed),
-            scale=Scale(state.limits is not None, limits.tokens_per_minute, limits.tokens_per_day)
-            if moves
-            else None,
-            refunds_seen=tuple(seen),
+            rescales_seen=tuple((name, state.rescales.get(name, 0)) for name, _ in deltas),
+            refund_bounds=tuple(bounds),
         )
 
     def settled(
