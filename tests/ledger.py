@@ -352,6 +352,10 @@ class TenantLedger:
         """As the store's conditions: each moved bucket's scale version, and the refund counter of
         each whose refund counted on its place."""
         bounds = dict(settlement.refund_bounds)
+        for name, operator, tat in settlement.tat_guards:
+            current = self._usage.get(f"bucket#{name}", {}).get("tat_us")
+            if current is None or (current > tat if operator == "<=" else current != tat):
+                raise SettlementStale()
         for name, seen in settlement.rescales_seen:
             bucket = self._usage.get(f"bucket#{name}", {})
             if bucket.get("rescales", 0) != seen or bucket.get("refunded_us", 0) > bounds.get(

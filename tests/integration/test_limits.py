@@ -13,11 +13,13 @@ from spool.devstack.provision import StackDescription
 from spool_core import bootstrap
 from spool_core.clock import from_epoch, rfc3339
 from spool_core.errors import DependencyUnavailable
-from spool_core.jobs.model import JobRequest
+from spool_core.jobs.ending import reservation_of
+from spool_core.jobs.model import Job, JobRequest, Progress, Usage
+from spool_core.jobs.ports import EndGuard, JobEnd
 from spool_core.jobs.runner import Outcome
 from spool_core.jobs.service import JobService
 from spool_core.limits.errors import BudgetExceeded, TokenLimitExceeded, TooManyConcurrentJobs
-from spool_core.limits.model import TenantLimits
+from spool_core.limits.model import ModelUsage, Settlement, TenantLimits
 from spool_core.limits.service import RateLimiter, set_tenant_limits
 from spool_core.tenancy import Tenant
 from tests.integration.conftest import client
@@ -477,3 +479,63 @@ def test_jobs_cancelled_at_once_are_refunded_between_their_own_takes_and_whole(
     limits = jobs._limiter.state()[1]
     assert limits["concurrent_jobs"]["running"] == 0
     assert 20_000 - (reserved - 10_000) <= limits["tokens_per_minute"]["remaining"] <= 20_000
+
+
+def test_a_job_admitted_between_a_refunds_read_and_its_end_transaction_makes_it_settle_again(
+    stack: StackDescription,
+) -> None:
+    """A refund capped by time, computed at the settlement's read: 29 s passed before the end's
+    transaction (a conflict retried, a paused worker, the settling host's clock behind) and a job
+    was admitted, queued behind the time given back, most of which had refilled. The refund holds on
+    no take having landed since its read (DynamoDB's `tat_us <= :tat`): refused, settled again."""
+    clock = Clock()
+    jobs = service("refund-late", clock)  # 1,000 a minute
+    jobs.create("x", job(tokens=344))  # 400: 0-24 s of the minute
+    late = jobs.create("a", job(tokens=544)).job  # 600: 24-60 s
+    clock.now += 30
+    real_end = jobs._jobs.end
+    ends: list[str] = []
+    admitted: list[Job] = []
+
+    def end_later(*args: Any) -> Any:
+        ends.append("end")
+        if len(ends) == 1:
+            clock.now += 29
+            admitted.append(jobs.create("b", job(tokens=844)).job)  # 900
+        return real_end(*args)
+
+    jobs._jobs.end = end_later  # type: ignore[method-assign]
+    assert jobs.cancel(late.job_id).status == "cancelled"
+    assert len(ends) == 2
+    exact = 1_000 - admitted[0].usage.estimated_tokens  # x refilled; b alone (100; 583 before)
+    assert jobs._limiter.state()[1]["tokens_per_minute"]["remaining"] <= exact
+
+
+def test_a_debt_raced_by_a_restart_is_charged_from_now_once(stack: StackDescription) -> None:
+    """A debt charged from now (the bucket had refilled) holds on the TAT it read (`tat_us = :tat`):
+    a job admitted between its read and its write restarted the bucket, and the debt charged the
+    idle time on top of that job's take."""
+    clock = Clock()
+    jobs = service("debt-raced", clock)  # 1,000 a minute
+    first = jobs.create("a", job(tokens=44)).job  # 100
+    clock.now += 120  # whole again
+    ends: list[str] = []
+    end = JobEnd(
+        status="cancelled",
+        progress=Progress(),
+        usage=Usage(estimated_tokens=first.usage.estimated_tokens),
+        cost_nanos=0,
+        completed_at=rfc3339(from_epoch(clock())),
+        output="",
+    )
+
+    def end_after_a_restart(settlement: Settlement) -> Job:
+        ends.append("end")
+        if len(ends) == 1:
+            jobs.create("b", job(tokens=44))  # 100, restarting the bucket
+        return jobs._jobs.end(first.job_id, end, EndGuard("queued", "debt"), settlement)
+
+    used = (ModelUsage("sim-fast", 100, 100, 1),)  # 100 over its reservation
+    ended = jobs._limiter.settled(first.job_id, reservation_of(first), used, end_after_a_restart)
+    assert ended.status == "cancelled" and len(ends) == 2
+    assert jobs._limiter.state()[1]["tokens_per_minute"]["remaining"] == 800  # 100 taken, 100 owed

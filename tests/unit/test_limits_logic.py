@@ -586,3 +586,77 @@ def test_a_refund_whose_counter_moved_before_it_was_written_is_settled_again() -
     assert dict(second.refund_bounds)["minute"] == 9_960_000  # the refund behind it, 10 s, counted
     assert dict(second.bucket_deltas)["minute"] == -15_020_000
     assert world.store._usage["bucket#minute"]["refunded_us"] == 9_960_000 + 15_020_000
+
+
+def test_a_job_admitted_between_a_refunds_read_and_its_write_makes_it_settle_again() -> None:
+    """A refund capped by time was computed at its read: a job admitted before its write queued
+    behind the time it gave back, part of which had refilled between the two (30 s refunded, 29 of
+    them past at the write: 583 tokens left where 100 are)."""
+    clock = Clock()
+    limits = TenantLimits(tokens_per_minute=1_000, tokens_per_day=1_000_000, max_concurrent_jobs=10)
+    world = Bucketed(limits, clock)
+    ahead, reservation = world.admit(400), world.admit(600)  # 0-24 s, 24-60 s
+    clock.now += 30
+
+    def later_a_job() -> None:
+        clock.now += 29
+        world.admit(900)
+
+    world.before_commit.append(later_a_job)
+    world.settle(reservation, 0)
+    assert len(world.attempts) == 2  # the first write refused: a take landed since its read
+    taken = [(ahead.reserved_at_ms * 1000, 400), (reservation.reserved_at_ms * 1000, 0)]
+    taken.append(((clock.ms() * 1000), 900))
+    assert (
+        world.remaining() <= exact_remaining(RateLimiter.buckets(limits)[0], taken, clock.ms() * 1000) == 100
+    )
+
+
+def test_a_debt_run_up_while_the_bucket_refilled_is_charged_from_now_once() -> None:
+    """A debt added to a TAT in the past was partly refilled before it was run up; charged from now
+    it holds on the TAT it read, so a job admitted meanwhile (restarting the bucket) does not make
+    the tenant pay the idle time too."""
+    clock = Clock()
+    limits = TenantLimits(tokens_per_minute=1_000, tokens_per_day=1_000_000, max_concurrent_jobs=10)
+    world = Bucketed(limits, clock)
+    reservation = world.admit(100)
+    clock.now += 120  # the bucket is whole again
+    world.settle(reservation, 200)  # 100 over: charged from now
+    assert world.remaining() == 900
+    clock.now += 120
+    other = Bucketed(limits, clock)
+    late = other.admit(100)
+    clock.now += 120
+    other.before_commit.append(lambda: other.admit(100))  # restarts the bucket between read and write
+    other.settle(late, 200)
+    assert len(other.attempts) == 2 and other.remaining() == 800  # 100 taken, 100 of debt: no idle time
+
+
+def test_a_reservation_from_before_places_gets_no_refund_after_a_lowering() -> None:
+    """Jobs admitted before places were kept count from zero: a lowering counted since was after
+    their take (lowered to 500 and raised back, the old count refunded what the lowering forgave)."""
+    from spool_core.limits.service import set_tenant_limits
+
+    clock = Clock()
+    limits = TenantLimits(tokens_per_minute=1_000, tokens_per_day=1_000_000, max_concurrent_jobs=10)
+    world = Bucketed(limits, clock)
+    first = world.admit(500)._replace(places=())
+    world.admit(500)
+    set_tenant_limits(world.store, limits._replace(tokens_per_minute=500), defaults=limits, now=clock.ms())
+    set_tenant_limits(world.store, None, defaults=limits, now=clock.ms())
+    world.settle(first, 0)
+    assert world.remaining() == 500
+
+
+def test_a_redeploy_that_lowers_the_defaults_refunds_nothing_reserved_before_it() -> None:
+    """A redeploy rescales nothing: a reservation taken at 100,000 a minute and refunded at 1,000
+    gave back 1,200 s for the 12 s it took, the whole bucket each time."""
+    clock = Clock()
+    before = TenantLimits(tokens_per_minute=100_000, tokens_per_day=10_000_000, max_concurrent_jobs=10)
+    world = Bucketed(before, clock)
+    world.admit(40_000)
+    reservation = world.admit(20_000)
+    world.limiter = RateLimiter(world.store, before._replace(tokens_per_minute=1_000), clock_ms=clock.ms)
+    held = world.remaining()
+    world.settle(reservation, 0)
+    assert world.remaining() == held  # not the whole 1,000

@@ -150,10 +150,11 @@ def settlement_writes(table: ScopedTable, settlement: Settlement, now_ms: int) -
     transaction as the job's final write, so they happen exactly once (the job's own condition
     guards the whole transaction). Each bucket move also holds only while what it was computed
     against does (``stale_settlement`` tells that failure from the job's): the bucket's scale
-    version, and for a refund that counted on its place, its refund counter at most the bound. A
-    refund adds to its bucket's counter."""
+    version; for a refund that counted on its place, its refund counter at most the bound; where
+    guarded, its TAT. A refund adds to its bucket's counter."""
     writes: list[dict[str, Any]] = []
     versions, bounds = dict(settlement.rescales_seen), dict(settlement.refund_bounds)
+    guards = {name: (operator, tat) for name, operator, tat in settlement.tat_guards}
     for name, delta in settlement.bucket_deltas:
         expression = "SET tat_us = if_not_exists(tat_us, :now) + :delta"
         condition, values = _scale_condition(versions.get(name, 0))
@@ -164,6 +165,9 @@ def settlement_writes(table: ScopedTable, settlement: Settlement, now_ms: int) -
         if name in bounds:
             condition += " AND (attribute_not_exists(refunded_us) OR refunded_us <= :bound)"
             values[":bound"] = bounds[name]
+        if name in guards:
+            operator, values[":tat"] = guards[name]
+            condition += f" AND tat_us {operator} :tat"
         writes.append(
             table.update_request(
                 KIND, IDENT, expression, sort=_sk(f"bucket#{name}"), condition=condition, values=values

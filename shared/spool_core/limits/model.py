@@ -212,6 +212,10 @@ class Settlement(NamedTuple):
     # ...and, per bucket whose refund counted on its place, the most its refund counter may hold for
     # the refund to stand (the place less the refunds since still covers it: see ``Place``).
     refund_bounds: tuple[tuple[str, int], ...] = ()
+    # ...and, per bucket whose move counted on its TAT as read, that TAT: ``("<=", tat)`` for a refund
+    # capped by time (a take since would be pulled into time that refilled between the read and the
+    # write), ``("=", tat)`` for a debt that starts now (the TAT was in the past).
+    tat_guards: tuple[tuple[str, str, int], ...] = ()
 
     @property
     def input_tokens(self) -> int:
@@ -227,5 +231,6 @@ class Settlement(NamedTuple):
 
 
 class SettlementStale(Exception):
-    """The store did not write a settlement: the limits or a bucket's refund counter it was computed
-    against changed meanwhile (nothing was written; the limiter settles again)."""
+    """The store did not write a settlement: a bucket it was computed against changed meanwhile (its
+    limit, its refund counter past the bound, its TAT where guarded); nothing was written, and the
+    limiter settles again."""

@@ -33,7 +33,10 @@ from spool_core.units import now_ms, usd, usd_text
 
 T = TypeVar("T")
 DEFAULT_USAGE_DAYS = 7
-SETTLE_ATTEMPTS = 5  # of settling against limits and refund counters that moved meanwhile
+SETTLE_ATTEMPTS = 5  # of settling against buckets that moved meanwhile (the last refunds nothing)
+# A refund within this of its cap holds on no take having landed since its read (a refund further
+# from its cap stands if its write lands within this of its read).
+SETTLE_SLACK_US = 1_000_000
 MAX_USAGE_DAYS = 366  # one query reads one rollup per model and day
 
 
@@ -315,7 +318,7 @@ class RateLimiter:
         reservation: Reservation | None,
         usage: Sequence[ModelUsage],
         *,
-        placed: bool = True,
+        refunds: bool = True,
     ) -> Settlement:
         """Replace a reservation with what the job used. Each bucket's TAT moves by the difference
         (a charge may leave the bucket in debt); an unused part is refunded only as far as the
@@ -327,9 +330,11 @@ class RateLimiter:
         whatever other jobs did. With others in the bucket before it, more is: GCRA refills the whole
         backlog in order, and the reservation's tokens were queued behind theirs (16 jobs reserving
         12,000 together and cancelled after 30 s were refunded nothing on the first count, the
-        bucket 92,000 tokens short). ``placed``: count that too, from the reservation's ``Place``,
-        on condition that the bucket's refund counter has not passed what the place still covers
-        when the settlement is written (``settled`` settles again when it has).
+        bucket 92,000 tokens short). That is counted too, from the reservation's ``Place``, on
+        condition that the bucket's refund counter has not passed what the place still covers when
+        the settlement is written (``settled`` settles again when it has). A refund capped by time
+        also holds on no job having been admitted between its read and its write. ``refunds``
+        False: none at all (the last attempt).
 
         The differences are in the scale of the limits that apply now, the tenant's own or the
         deployment's defaults, on condition that each moved bucket's limit has not changed when it is
@@ -350,23 +355,29 @@ class RateLimiter:
         places = {p.bucket: p for p in reservation.places}
         now_us = now * 1000
         elapsed_us = now_us - reservation.reserved_at_ms * 1000
-        deltas, bounds = [], []
+        deltas, bounds, guards = [], [], []
         for name, limit, period in reservation.buckets:
             bucket = scales.get(name) or Bucket(name, limit, period)
-            place = places.get(name)
+            tat = state.tats.get(name)
             if difference > 0:
-                # A debt starts now at the earliest (added to a TAT in the past, part of it was
-                # refilled before it was run up), and is of at most one period: the bucket is never
-                # out for longer.
-                tat = state.tats.get(name)
-                behind_us = max(0, now_us - tat) if tat is not None else 0
-                deltas.append((name, min(bucket.cost_us(difference) + behind_us, bucket.period_us)))
+                # A debt of at most one period (the bucket is never out for longer), from now at the
+                # earliest: added to a TAT in the past, part of it was refilled before it was run up.
+                behind_us = 0
+                if tat is not None and tat < now_us:
+                    behind_us = now_us - tat
+                    guards.append((name, "=", tat))
+                deltas.append((name, min(bucket.cost_us(difference), bucket.period_us) + behind_us))
                 continue
-            rescaled = place is not None and place.rescales != state.rescales.get(name, 0)
-            lowered = place is not None and place.lowerings != state.lowerings.get(name, 0)
-            if difference == 0 or lowered:
+            # Jobs admitted before places were kept count from zero: any change counted since was
+            # after their take.
+            place = places.get(name) or Place(name, 0, 0, 0, 0)
+            rescaled = place.rescales != state.rescales.get(name, 0)
+            if difference == 0 or not refunds or place.lowerings != state.lowerings.get(name, 0):
                 # Lowered since the take (see ``Place``): no refund. A tenant may lose one after a
-                # change of its limits, never gain past them.
+                # change of its limits, never gain past them. Nor on the last attempt (``settled``).
+                continue
+            if bucket.limit < limit:
+                # The deployment's defaults lowered by a redeploy (which rescales nothing): as lowered.
                 continue
             # What of the reservation has not refilled since its take, whatever other jobs did, at
             # the faster of the two rates (a reservation without a place: admitted before places),
@@ -374,15 +385,21 @@ class RateLimiter:
             outstanding_us = (
                 reservation.tokens * period - elapsed_us * max(limit, bucket.limit)
             ) // bucket.limit
-            refund_us = max(0, min(bucket.refund_us(-difference), outstanding_us))
-            if placed and place is not None and not rescaled and bucket.limit == limit:
+            unused_us = bucket.refund_us(-difference)
+            cap_us = outstanding_us
+            if name in places and not rescaled and bucket.limit == limit:
                 ahead_us = place.end_us - now_us - (state.refunded.get(name, 0) - place.refunded_us)
-                queued_us = min(bucket.refund_us(-difference), ahead_us)
-                if queued_us > refund_us:
-                    refund_us = queued_us
-                    bounds.append((name, place.refunded_us + place.end_us - now_us - refund_us))
+                if ahead_us > cap_us and unused_us > cap_us:
+                    cap_us = ahead_us
+                    refund = min(unused_us, cap_us)
+                    bounds.append((name, place.refunded_us + place.end_us - now_us - refund))
+            refund_us = max(0, min(unused_us, cap_us))
             if refund_us > 0:
                 deltas.append((name, -refund_us))
+                if refund_us > cap_us - SETTLE_SLACK_US and tat is not None:
+                    # Capped by time: a job admitted between this read and the write would be
+                    # queued behind the time given back, some of it refilled meanwhile.
+                    guards.append((name, "<=", tat))
         # The day's spend, budgeted or not: a budget set while this job ran counts it once it settles
         # (set_tenant_limits counts only what had settled; this job's reservation committed nothing).
         committed = reservation.cost_nanos if reservation.budgeted else 0
@@ -394,6 +411,7 @@ class RateLimiter:
             (reservation.day, cost - committed),
             rescales_seen=tuple((name, state.rescales.get(name, 0)) for name, _ in deltas),
             refund_bounds=tuple(bounds),
+            tat_guards=tuple(guards),
         )
 
     def settled(
@@ -404,10 +422,10 @@ class RateLimiter:
         commit: Callable[[Settlement], T],
     ) -> T:
         """``commit(settlement)``, settled again each time the store finds what it was computed
-        against moved meanwhile (``SettlementStale``): the last attempt does without the refunds'
-        places, so only a change of limits at each attempt could refuse it."""
+        against moved meanwhile (``SettlementStale``): the last attempt refunds nothing, so only a
+        change of limits (or a take beside a debt) at each attempt could refuse it."""
         for attempt in range(1, SETTLE_ATTEMPTS + 1):
-            settlement = self.settle(job_id, reservation, usage, placed=attempt < SETTLE_ATTEMPTS)
+            settlement = self.settle(job_id, reservation, usage, refunds=attempt < SETTLE_ATTEMPTS)
             try:
                 return commit(settlement)
             except SettlementStale:
