@@ -4,6 +4,7 @@ an injected clock, refusals that write nothing, settlement exactly once, usage t
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,6 +39,22 @@ def service(tenant: str, clock: Clock | None = None, **limits: Any) -> JobServic
         built._limiter = RateLimiter(store, TenantLimits(**settings), clock_ms=clock.ms)
         built._clock = clock
     return built
+
+
+def before_the_first(target: Any, method: str, meanwhile: Callable[[], None]) -> list[str]:
+    """Run ``meanwhile`` before the first call of ``target.method`` (what lands between a read and
+    its write); the calls made, one entry each."""
+    real = getattr(target, method)
+    calls: list[str] = []
+
+    def call(*args: Any) -> Any:
+        calls.append(method)
+        if len(calls) == 1:
+            meanwhile()
+        return real(*args)
+
+    setattr(target, method, call)
+    return calls
 
 
 def job(tokens: int = 14, message: str = "x " * 45) -> JobRequest:
@@ -327,16 +344,10 @@ def test_a_settlement_raced_by_a_change_of_limits_is_settled_again_on_the_scale_
         set_tenant_limits(store, TenantLimits(1_000_000, 100_000, 500), defaults=deployment, now=clock.ms())
     made = jobs.create("k", job(tokens=4_447)).job  # 4,500 tokens
     lowered = TenantLimits(1_000_000, 5_000, 1000)
-    real_end = jobs._jobs.end
-    ends: list[str] = []
-
-    def end_after_the_change(*args: Any) -> Any:
-        ends.append("end")
-        if len(ends) == 1:  # the operator's command lands between the settlement's read and write
-            set_tenant_limits(store, lowered, defaults=deployment, now=clock.ms())
-        return real_end(*args)
-
-    jobs._jobs.end = end_after_the_change  # type: ignore[method-assign]
+    # the operator's command lands between the settlement's read and write
+    ends = before_the_first(
+        jobs._jobs, "end", lambda: set_tenant_limits(store, lowered, defaults=deployment, now=clock.ms())
+    )
     assert jobs.cancel(made.job_id).status == "cancelled"
     assert len(ends) == 2  # refused once (nothing written), settled again
     day = jobs._limiter.state()[1]["tokens_per_day"]
@@ -353,26 +364,21 @@ def test_a_withdrawal_raced_by_a_change_of_limits_is_settled_again(stack: StackD
     jobs = service(tenant.id, clock, tokens_per_minute=1_000_000, tokens_per_day=100_000)
     store = bootstrap.usage_store(tenant)
     deployment = TenantLimits(1_000_000, 100_000, 1000)
-    real_withdraw = jobs._jobs.withdraw
-    calls: list[str] = []
 
     class BrokenQueue:
         def send(self, job_id: str, tenant_id: str, **message: Any) -> None:
             raise ConnectionError("queue down")
 
-    def withdraw_after_the_change(*args: Any) -> Any:
-        calls.append("withdraw")
-        if len(calls) == 1:
-            set_tenant_limits(
-                store, TenantLimits(1_000_000, 5_000, 1000), defaults=deployment, now=clock.ms()
-            )
-        return real_withdraw(*args)
-
+    lowered = TenantLimits(1_000_000, 5_000, 1000)
     jobs._queue = BrokenQueue()  # type: ignore[assignment]
-    jobs._jobs.withdraw = withdraw_after_the_change  # type: ignore[method-assign]
+    calls = before_the_first(
+        jobs._jobs,
+        "withdraw",
+        lambda: set_tenant_limits(store, lowered, defaults=deployment, now=clock.ms()),
+    )
     with pytest.raises(DependencyUnavailable):
         jobs.create("k", job(tokens=4_447))
-    assert calls == ["withdraw", "withdraw"]
+    assert len(calls) == 2
     state = jobs._limiter.state()[1]
     assert state["tokens_per_day"]["remaining"] == 500 and state["concurrent_jobs"]["running"] == 0
 
@@ -390,19 +396,14 @@ def test_a_raise_and_a_return_between_a_settlements_read_and_write_is_seen(stack
     jobs.create("a", job(tokens=447))  # 500
     second = jobs.create("b", job(tokens=447)).job
     clock.now += 10
-    real_end = jobs._jobs.end
-    ends: list[str] = []
 
-    def end_after_a_raise_and_back(*args: Any) -> Any:
-        ends.append("end")
-        if len(ends) == 1:
-            set_tenant_limits(store, TenantLimits(6000, 1_000_000, 1000), defaults=deployment, now=clock.ms())
-            clock.now += 10
-            jobs.create("c", job(tokens=947))  # 1,000
-            set_tenant_limits(store, None, defaults=deployment, now=clock.ms())
-        return real_end(*args)
+    def raise_and_back() -> None:
+        set_tenant_limits(store, TenantLimits(6000, 1_000_000, 1000), defaults=deployment, now=clock.ms())
+        clock.now += 10
+        jobs.create("c", job(tokens=947))  # 1,000
+        set_tenant_limits(store, None, defaults=deployment, now=clock.ms())
 
-    jobs._jobs.end = end_after_a_raise_and_back  # type: ignore[method-assign]
+    ends = before_the_first(jobs._jobs, "end", raise_and_back)
     assert jobs.cancel(second.job_id).status == "cancelled"
     assert len(ends) == 2
     assert jobs._limiter.state()[1]["tokens_per_minute"]["remaining"] == 0
@@ -417,20 +418,12 @@ def test_an_admission_raced_by_a_lowering_is_taken_at_the_new_scale(stack: Stack
     jobs = service(tenant.id, clock, tokens_per_minute=100_000, tokens_per_day=10_000_000)
     deployment = TenantLimits(100_000, 10_000_000, 1000)
     store = bootstrap.usage_store(tenant)
-    real_admit = jobs._jobs.admit
-    calls: list[str] = []
-
-    def admit_after_a_lowering(*args: Any) -> Any:
-        calls.append("admit")
-        if len(calls) == 1:
-            set_tenant_limits(
-                store, TenantLimits(1_000, 10_000_000, 1000), defaults=deployment, now=clock.ms()
-            )
-        return real_admit(*args)
-
-    jobs._jobs.admit = admit_after_a_lowering  # type: ignore[method-assign]
+    lowered = TenantLimits(1_000, 10_000_000, 1000)
+    calls = before_the_first(
+        jobs._jobs, "admit", lambda: set_tenant_limits(store, lowered, defaults=deployment, now=clock.ms())
+    )
     made = jobs.create("k", job(tokens=447)).job  # 500
-    assert calls == ["admit", "admit"]
+    assert len(calls) == 2
     remaining = jobs._limiter.state()[1]["tokens_per_minute"]["remaining"]
     assert remaining == 1_000 - made.usage.estimated_tokens == 500
 
@@ -493,18 +486,13 @@ def test_a_job_admitted_between_a_refunds_read_and_its_end_transaction_makes_it_
     jobs.create("x", job(tokens=344))  # 400: 0-24 s of the minute
     late = jobs.create("a", job(tokens=544)).job  # 600: 24-60 s
     clock.now += 30
-    real_end = jobs._jobs.end
-    ends: list[str] = []
     admitted: list[Job] = []
 
-    def end_later(*args: Any) -> Any:
-        ends.append("end")
-        if len(ends) == 1:
-            clock.now += 29
-            admitted.append(jobs.create("b", job(tokens=844)).job)  # 900
-        return real_end(*args)
+    def later_a_job() -> None:
+        clock.now += 29
+        admitted.append(jobs.create("b", job(tokens=844)).job)  # 900
 
-    jobs._jobs.end = end_later  # type: ignore[method-assign]
+    ends = before_the_first(jobs._jobs, "end", later_a_job)
     assert jobs.cancel(late.job_id).status == "cancelled"
     assert len(ends) == 2
     exact = 1_000 - admitted[0].usage.estimated_tokens  # x refilled; b alone (100; 583 before)
