@@ -127,8 +127,8 @@ class JobStore(Protocol):
     # ------------------------------------------------------------------ the end
     def end(self, job_id: str, end: JobEnd, guard: EndGuard, settlement: Settlement) -> Job:
         """The terminal status and the settlement in one transaction; ``Conflict`` (with the current
-        item) when the guard does not hold, ``SettlementStale`` (nothing written) when it does but the
-        limits or a refund counter the settlement was computed against moved."""
+        item) when the guard does not hold, ``SettlementStale`` (nothing written) when it does but a
+        bucket the settlement was computed against moved (its limit, refund counter or TAT)."""
 
     def request_cancel(self, job_id: str) -> Job:
         """Flag a running job for cancellation (its worker stops at its next flush); ``Conflict`` if
