@@ -527,3 +527,98 @@ def test_a_debt_raced_by_a_restart_is_charged_from_now_once(stack: StackDescript
     ended = jobs._limiter.settled(first.job_id, reservation_of(first), used, end_after_a_restart)
     assert ended.status == "cancelled" and len(ends) == 2
     assert jobs._limiter.state()[1]["tokens_per_minute"]["remaining"] == 800  # 100 taken, 100 owed
+
+
+def a_change_lands_during_the_read(
+    monkeypatch: pytest.MonkeyPatch, client: Any, change: Callable[[], None]
+) -> list[str]:
+    """Run ``change`` (once) while a read of a tenant's limits item and other items is under way, as
+    DynamoDB would let it land: a BatchGetItem reads each item on its own, so the change may fall
+    between them (here: the limits read before it, the rest after); a TransactGetItems is one
+    serializable snapshot, so the change falls before or after the whole of it (here: after). The
+    reads made, one entry each."""
+    reads: list[str] = []
+    batch_get_item, transact_get_items = client.batch_get_item, client.transact_get_items
+
+    def is_limits(key: dict[str, Any]) -> bool:
+        return key.get("sk") == {"S": "limits"}
+
+    def batch(RequestItems: dict[str, Any], **rest: Any) -> Any:  # noqa: N803 (boto3's name)
+        reads.append("BatchGetItem")
+        wanted = [key for entry in RequestItems.values() for key in entry["Keys"]]
+        if len(reads) > 1 or not any(is_limits(key) for key in wanted) or len(wanted) == 1:
+            return batch_get_item(RequestItems=RequestItems, **rest)
+        first = {t: {**e, "Keys": [k for k in e["Keys"] if is_limits(k)]} for t, e in RequestItems.items()}
+        then = {t: {**e, "Keys": [k for k in e["Keys"] if not is_limits(k)]} for t, e in RequestItems.items()}
+        answers = batch_get_item(RequestItems={t: e for t, e in first.items() if e["Keys"]}, **rest)
+        change()
+        more = batch_get_item(RequestItems={t: e for t, e in then.items() if e["Keys"]}, **rest)
+        responses = answers.setdefault("Responses", {})
+        for table, items in more.get("Responses", {}).items():
+            responses.setdefault(table, []).extend(items)
+        return answers
+
+    def snapshot(TransactItems: list[dict[str, Any]], **rest: Any) -> Any:  # noqa: N803
+        reads.append("TransactGetItems")
+        answer = transact_get_items(TransactItems=TransactItems, **rest)
+        if len(reads) == 1 and any(is_limits(entry["Get"]["Key"]) for entry in TransactItems):
+            change()
+        return answer
+
+    monkeypatch.setattr(client, "batch_get_item", batch)
+    monkeypatch.setattr(client, "transact_get_items", snapshot)
+    return reads
+
+
+def test_a_settlement_reads_the_limits_and_buckets_of_one_instant(
+    stack: StackDescription, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A day raised from 5,000 to 100,000 while a cancel's settlement read the limits and the buckets:
+    read item by item, the settlement had the old limit and the new scale version, and its refund of
+    4,000 tokens, converted at 5,000 a day and written on condition of the new version, gave back
+    0.8 of a day on a bucket where 4,500 tokens were 0.045 of one: the other job's 500 were forgiven
+    too. Read as one snapshot, the settlement is converted at the scale its version stands for."""
+    tenant = Tenant("torn-settlement")
+    clock = Clock()
+    jobs = service(tenant.id, clock, tokens_per_minute=1_000_000, tokens_per_day=5_000)
+    store = bootstrap.usage_store(tenant)
+    deployment = TenantLimits(1_000_000, 5_000, 1000)
+    set_tenant_limits(store, TenantLimits(1_000_000, 5_000, 1000), defaults=deployment, now=clock.ms())
+    kept = jobs.create("kept", job(tokens=447)).job  # 500, still queued at the end
+    cancelled = jobs.create("cancelled", job(tokens=3_947)).job  # 4,000
+    raised = TenantLimits(1_000_000, 100_000, 1000)
+    reads = a_change_lands_during_the_read(
+        monkeypatch,
+        store._table.client,
+        lambda: set_tenant_limits(store, raised, defaults=deployment, now=clock.ms()),
+    )
+    assert jobs.cancel(cancelled.job_id).status == "cancelled"
+    assert reads and reads[0] == "TransactGetItems"
+    monkeypatch.undo()
+    day = jobs._limiter.state()[1]["tokens_per_day"]
+    assert (day["limit"], day["remaining"]) == (100_000, 100_000 - kept.usage.estimated_tokens)
+
+
+def test_an_admission_reads_the_limits_and_buckets_of_one_instant(
+    stack: StackDescription, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A minute lowered from 100,000 to 1,000 while admission read the limits and the buckets: read
+    item by item, it planned 500 tokens at 100,000 a minute on condition of the new scale version,
+    and took 5 of the new bucket's 1,000. Read as one snapshot, it takes 500."""
+    tenant = Tenant("torn-admission")
+    clock = Clock()
+    jobs = service(tenant.id, clock, tokens_per_minute=100_000, tokens_per_day=10_000_000)
+    store = bootstrap.usage_store(tenant)
+    deployment = TenantLimits(100_000, 10_000_000, 1000)
+    set_tenant_limits(store, TenantLimits(100_000, 10_000_000, 1000), defaults=deployment, now=clock.ms())
+    lowered = TenantLimits(1_000, 10_000_000, 1000)
+    reads = a_change_lands_during_the_read(
+        monkeypatch,
+        store._table.client,
+        lambda: set_tenant_limits(store, lowered, defaults=deployment, now=clock.ms()),
+    )
+    made = jobs.create("k", job(tokens=447)).job  # 500
+    assert reads and reads[0] == "TransactGetItems"
+    monkeypatch.undo()
+    minute = jobs._limiter.state()[1]["tokens_per_minute"]
+    assert (minute["limit"], minute["remaining"]) == (1_000, 1_000 - made.usage.estimated_tokens)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from spool_core.adapters.dynamodb import ConditionFailed, ScopedTable, transact
+from spool_core.adapters.dynamodb import ConditionFailed, ScopedTable, batch_get, snapshot_get, transact
 from spool_core.errors import Conflict
 from spool_core.limits.model import Rescale, ReservationPlan, Settlement, TenantLimits, UsageState
 from spool_core.limits.service import ModelStats
@@ -254,8 +254,6 @@ class DynamoUsageStore:
         return self._table.get(KIND, IDENT, sort=_sk(sk))
 
     def state(self, model_id: str | None, day: str) -> UsageState:
-        from spool_core.adapters.dynamodb import batch_get
-
         keys = state_keys(self._table, model_id, day)
         return state_from(batch_get(self._table.client, {self._table.name: keys})[self._table.name], day)
 
@@ -265,10 +263,10 @@ class DynamoUsageStore:
         return _limits(item) if item else None
 
     def bucket_state(self) -> UsageState:
-        from spool_core.adapters.dynamodb import batch_get
-
+        # One snapshot (``snapshot_get``): the limits and the buckets' scale versions of one instant,
+        # so the moves are converted at the scale the versions they hold on stand for.
         keys = [self._table.key(KIND, IDENT, _sk(name)) for name in ("limits", "bucket#minute", "bucket#day")]
-        return state_from(batch_get(self._table.client, {self._table.name: keys})[self._table.name], "")
+        return state_from(snapshot_get(self._table.client, {self._table.name: keys})[self._table.name], "")
 
     def count_spend(self, day: str) -> None:
         for _ in range(COUNT_ATTEMPTS):
