@@ -181,14 +181,13 @@ class TenantLedger:
             usage = self._usage
             running = usage.get("concurrency", {}).get("running")
             ok = running is None or running < plan.max_running
-            versions = {place.bucket: place.rescales for place in plan.reservation.places}
             for take in plan.takes:
                 tat = usage.get(f"bucket#{take.bucket}", {}).get("tat_us")
                 # taken at the scale it was converted at (the bucket's scale version as read)
-                ok = ok and usage.get(f"bucket#{take.bucket}", {}).get("rescales", 0) == versions.get(
-                    take.bucket, 0
-                )
-                if take.kind == "restart":
+                ok = ok and usage.get(f"bucket#{take.bucket}", {}).get("rescales", 0) == take.version
+                if take.rescale is not None:
+                    ok = ok and tat == take.rescale.seen_tat
+                elif take.kind == "restart":
                     ok = ok and (tat is None or tat <= take.now_us)
                 else:
                     ok = ok and tat is not None and take.now_us < tat <= take.latest
@@ -206,9 +205,15 @@ class TenantLedger:
             usage.setdefault("concurrency", {})["running"] = (running or 0) + 1
             for take in plan.takes:
                 bucket = usage.setdefault(f"bucket#{take.bucket}", {})
-                bucket["tat_us"] = (
-                    take.now_us + take.cost_us if take.kind == "restart" else bucket["tat_us"] + take.cost_us
-                )
+                if take.rescale is not None:
+                    apply_rescale(bucket, take.rescale)
+                else:
+                    bucket["tat_us"] = (
+                        take.now_us + take.cost_us
+                        if take.kind == "restart"
+                        else bucket["tat_us"] + take.cost_us
+                    )
+                    bucket["scale"] = take.limit
             if plan.budget_room_nanos is not None:
                 day = usage.setdefault(f"day#{plan.reservation.day}", {})
                 day["committed_nanos"] = day.get("committed_nanos", 0) + plan.reservation.cost_nanos
@@ -493,6 +498,11 @@ class TenantLedger:
                 refunded={n: usage.get(f"bucket#{n}", {}).get("refunded_us", 0) for n in ("minute", "day")},
                 rescales={n: usage.get(f"bucket#{n}", {}).get("rescales", 0) for n in ("minute", "day")},
                 lowerings={n: usage.get(f"bucket#{n}", {}).get("lowerings", 0) for n in ("minute", "day")},
+                scales={
+                    n: usage[f"bucket#{n}"]["scale"]
+                    for n in ("minute", "day")
+                    if "scale" in usage.get(f"bucket#{n}", {})
+                },
             )
 
     def stats(self, model_id: str) -> ModelStats:
@@ -563,14 +573,12 @@ class TenantLedger:
             )
             buckets = [self._usage.get(f"bucket#{move.bucket}", {}) for move in moves]
             if not same or any(
-                b.get("tat_us") != move.seen_tat for b, move in zip(buckets, moves, strict=True)
+                b.get("tat_us") != move.seen_tat or b.get("rescales", 0) != move.version
+                for b, move in zip(buckets, moves, strict=True)
             ):
                 return False
             for bucket, move in zip(buckets, moves, strict=True):
-                if move.tat is not None:
-                    bucket["tat_us"] = move.tat
-                bucket["rescales"] = bucket.get("rescales", 0) + 1
-                bucket["lowerings"] = bucket.get("lowerings", 0) + move.lowered
+                apply_rescale(bucket, move)
             for move, bucket in zip(moves, buckets, strict=True):
                 self._usage[f"bucket#{move.bucket}"] = bucket
             if limits is None:
@@ -608,6 +616,16 @@ class TenantLedger:
 
     def waiting(self) -> int:
         return self.ledger.waiting()
+
+
+def apply_rescale(bucket: dict[str, Any], move: Rescale) -> None:
+    """As the store applies a rescale: the TAT (when something is outstanding), the scale, the
+    counters."""
+    if move.tat is not None:
+        bucket["tat_us"] = move.tat
+    bucket["scale"] = move.limit
+    bucket["rescales"] = bucket.get("rescales", 0) + 1
+    bucket["lowerings"] = bucket.get("lowerings", 0) + move.lowered
 
 
 def running(ledger: MemoryLedger, tenant: str) -> int:

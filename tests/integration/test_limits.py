@@ -622,3 +622,44 @@ def test_an_admission_reads_the_limits_and_buckets_of_one_instant(
     monkeypatch.undo()
     minute = jobs._limiter.state()[1]["tokens_per_minute"]
     assert (minute["limit"], minute["remaining"]) == (1_000, 1_000 - made.usage.estimated_tokens)
+
+
+def test_a_redeploy_that_lowers_the_defaults_is_carried_over_by_the_next_take(
+    stack: StackDescription,
+) -> None:
+    """20,000 of 100,000 a minute reserved, then the deployment's defaults lowered to 1,000 (a redeploy,
+    which rescales nothing when it happens): read at 1,000, the bucket's time said 800 remaining
+    where the 20,000 outstanding leave none. The bucket records the limit its time is in: it is read
+    in that scale, and the next take converts it in its own conditional write."""
+    clock = Clock()
+    tenant = Tenant("redeployed-lower")
+    service(tenant.id, clock, tokens_per_minute=100_000).create("a", job(tokens=19_947))  # 20,000
+    redeployed = service(tenant.id, clock, tokens_per_minute=1_000)
+    assert redeployed._limiter.state()[1]["tokens_per_minute"]["remaining"] == 0
+    with pytest.raises(TokenLimitExceeded):
+        redeployed.create("b", job(tokens=47))  # 100
+    clock.now += 30  # 20,000 at the old rate have refilled: the take converts an empty bucket
+    redeployed.create("c", job(tokens=47))
+    assert redeployed._limiter.state()[1]["tokens_per_minute"]["remaining"] == 900
+    usage = bootstrap.usage_store(tenant).state(None, "")
+    assert (usage.scales["minute"], usage.rescales["minute"], usage.lowerings["minute"]) == (1_000, 1, 1)
+
+
+def test_limits_set_after_a_redeploy_carry_over_from_the_scale_the_bucket_is_in(
+    stack: StackDescription,
+) -> None:
+    """500 of 1,000 a minute reserved, the defaults raised to 100,000 by a redeploy, then the tenant
+    given 10,000 of its own before any take: converted from the defaults now, the bucket's 30 s of
+    time were 50,000 tokens, a minute's debt at 10,000. From the scale it is in, 500 are."""
+    clock = Clock()
+    tenant = Tenant("redeployed-then-set")
+    service(tenant.id, clock, tokens_per_minute=1_000).create("a", job(tokens=447))  # 500
+    raised = TenantLimits(100_000, 1_000_000, 1000)
+    store = bootstrap.usage_store(tenant)
+    set_tenant_limits(store, TenantLimits(10_000, 1_000_000, 1000), defaults=raised, now=clock.ms())
+    jobs = service(tenant.id, clock, tokens_per_minute=100_000)
+    assert jobs._limiter.state()[1]["tokens_per_minute"] == {
+        "limit": 10_000,
+        "remaining": 9_500,
+        "reset_seconds": 3,
+    }

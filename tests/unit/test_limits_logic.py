@@ -23,6 +23,7 @@ from spool_core.limits.model import (
 from spool_core.limits.service import RateLimiter
 from spool_core.units import usd_text
 from tests.ledger import Clock, MemoryLedger
+from tests.ledger import apply_rescale as rescale
 
 NOW_US = 1_800_000_000_000_000
 DEFAULTS = TenantLimits(tokens_per_minute=200_000, tokens_per_day=10_000_000, max_concurrent_jobs=16)
@@ -265,8 +266,12 @@ class Bucketed:
         with self.ledger.lock:
             for take in plan.takes:
                 bucket = self.store._usage.setdefault(f"bucket#{take.bucket}", {})
+                if take.rescale is not None:
+                    rescale(bucket, take.rescale)
+                    continue
                 restart = take.kind == "restart"
                 bucket["tat_us"] = take.now_us + take.cost_us if restart else bucket["tat_us"] + take.cost_us
+                bucket["scale"] = take.limit
         return plan.reservation
 
     def settle(self, reservation: Reservation, used: int) -> None:
@@ -281,10 +286,8 @@ class Bucketed:
         self.limiter.settled("job", reservation, (ModelUsage("sim-fast", used, 0, 0),), commit)
 
     def remaining(self, name: str = "minute") -> int:
-        bucket = {b.name: b for b in self.limiter.buckets(self.limiter.limits(self.store.state(None, "x")))}[
-            name
-        ]
-        return bucket.remaining(self.store.state(None, "x").tats[name], self.limiter.now_ms() * 1000)
+        """As ``GET /v1/usage`` says it (a bucket in another scale converted to the limit now)."""
+        return int(self.limiter.state()[1][f"tokens_per_{name}"]["remaining"])
 
 
 def exact_remaining(bucket: Bucket, takes: list[tuple[int, int]], now_us: int) -> int:
@@ -311,7 +314,9 @@ class Replay:
     def limit(self, at_us: int, limit: int) -> None:
         self.ops.append(("limit", at_us, limit))
 
-    def remaining(self, now_us: int) -> int:
+    def remaining(self, now_us: int, limit: int | None = None) -> int:
+        """What the bucket holds at ``now_us``, read at ``limit`` (the limit that applies then: a
+        bucket a redeploy left in the old scale is converted for the reading)."""
         bucket, tat = self.bucket, None
         for kind, at_us, value in self.ops:
             if kind == "take":
@@ -319,7 +324,15 @@ class Replay:
             elif value != bucket.limit:
                 tat = bucket.rescaled(tat, at_us, value) or tat
                 bucket = bucket._replace(limit=value)
+        if limit is not None and limit != bucket.limit:
+            tat = bucket.rescaled(tat, now_us, limit) or tat
+            bucket = bucket._replace(limit=limit)
         return bucket.remaining(tat, now_us)
+
+    @property
+    def limit_now(self) -> int:
+        """The limit of the scale the replayed bucket is in after its last op."""
+        return next((value for kind, _, value in reversed(self.ops) if kind == "limit"), self.bucket.limit)
 
 
 def test_jobs_reserved_together_and_ended_in_order_get_back_what_is_queued_behind_the_others() -> None:
@@ -404,7 +417,8 @@ def test_refunds_raced_by_other_jobs_and_changes_of_limits_never_grant_more_than
     """As above, both buckets, and with whatever may land between a settlement's read and its write:
     other jobs' admissions and settlements (themselves raced in turn), time, and changes of the
     tenant's limits (raises, lowerings that forgive, back to the defaults) replayed at the same
-    instants. After every settlement each bucket holds at most what the replay does."""
+    instants, and redeploys that change the defaults (replayed where the next take converts the
+    bucket). After every settlement each bucket holds at most what the replay does."""
     from spool_core.limits.service import set_tenant_limits
 
     rng = random.Random(seed)
@@ -421,10 +435,24 @@ def test_refunds_raced_by_other_jobs_and_changes_of_limits_never_grant_more_than
             reservation = world.admit(rng.choice([50, 120, 300, 600]))
         except TokenLimitExceeded:
             return
-        for replay in replays:
-            replay.take(jobs, reservation.reserved_at_ms * 1000, reservation.tokens)
+        for replay, (_, limit, _) in zip(replays, reservation.buckets, strict=True):
+            at_us = reservation.reserved_at_ms * 1000
+            if limit != replay.limit_now:  # a bucket a redeploy left in the old scale: the take converted it
+                replay.limit(at_us, limit)
+            replay.take(jobs, at_us, reservation.tokens)
         open_jobs[jobs] = reservation
         jobs += 1
+
+    def redeploy() -> None:
+        """New defaults: nothing is rescaled until a take (or a change of the tenant's limits)."""
+        nonlocal defaults
+        defaults = rng.choice(
+            [
+                defaults._replace(tokens_per_minute=m, tokens_per_day=d)
+                for m, d in ((1_000, 6_000), (250, 9_000), (5_000, 1_500))
+            ]
+        )
+        world.limiter = RateLimiter(world.store, defaults, clock_ms=clock.ms)
 
     def change() -> None:
         limits = rng.choice(
@@ -434,6 +462,8 @@ def test_refunds_raced_by_other_jobs_and_changes_of_limits_never_grant_more_than
                 defaults._replace(tokens_per_minute=400, tokens_per_day=2_000),
             ]
         )
+        if limits is None and world.store.limits() is None:
+            return  # on the defaults already: nothing changes (a bucket a redeploy left stays as it is)
         set_tenant_limits(world.store, limits, defaults=defaults, now=clock.ms())
         for replay, bucket in zip(replays, RateLimiter.buckets(limits or defaults), strict=True):
             replay.limit(clock.ms() * 1000, bucket.limit)
@@ -447,7 +477,7 @@ def test_refunds_raced_by_other_jobs_and_changes_of_limits_never_grant_more_than
         for _ in range(rng.choice([0, 0, 1, 2])):  # what lands between its read and its write
             world.before_commit.append(
                 rng.choice(
-                    [admit, change, lambda: setattr(clock, "now", clock.now + 5)]
+                    [admit, change, redeploy, lambda: setattr(clock, "now", clock.now + 5)]
                     + ([settle] if len(open_jobs) > 1 else [])
                 )
             )
@@ -455,8 +485,9 @@ def test_refunds_raced_by_other_jobs_and_changes_of_limits_never_grant_more_than
         for replay in replays:
             replay.counted[job] = used
         now_us = clock.ms() * 1000
-        for replay in replays:
-            exact = replay.remaining(now_us)
+        applied = RateLimiter.buckets(world.limiter.limits(world.store.state(None, "x")))
+        for replay, bucket in zip(replays, applied, strict=True):
+            exact = replay.remaining(now_us, bucket.limit)
             assert world.remaining(replay.bucket.name) <= exact + jobs, (seed, replay.bucket.name, exact)
 
     for _ in range(80):
@@ -466,6 +497,8 @@ def test_refunds_raced_by_other_jobs_and_changes_of_limits_never_grant_more_than
             settle()
         elif step < 0.52:
             change()
+        elif step < 0.56:
+            redeploy()
         else:
             admit()
 
@@ -660,3 +693,43 @@ def test_a_redeploy_that_lowers_the_defaults_refunds_nothing_reserved_before_it(
     held = world.remaining()
     world.settle(reservation, 0)
     assert world.remaining() == held  # not the whole 1,000
+
+
+def test_a_bucket_keeps_the_limit_its_time_is_in_and_the_next_take_after_a_redeploy_converts_it() -> None:
+    """A redeploy that changes the deployment's defaults rescales nothing when it happens: 20,000 of
+    100,000 a minute used, then the defaults lowered to 1,000, the bucket read at the new limit said
+    800 remaining where nothing is (the 20,000 outstanding are a minute's debt at 1,000, as a change
+    of a tenant's own limits carries them over). Each bucket records the limit its TAT is in, so it
+    is read in its own scale, and the next take converts it, counted as a rescale."""
+    clock = Clock()
+    before = TenantLimits(tokens_per_minute=100_000, tokens_per_day=10_000_000, max_concurrent_jobs=10)
+    world = Bucketed(before, clock)
+    world.admit(20_000)
+    assert world.store.state(None, "x").scales == {"minute": 100_000, "day": 10_000_000}
+    world.limiter = RateLimiter(world.store, before._replace(tokens_per_minute=1_000), clock_ms=clock.ms)
+    assert world.remaining() == 0  # read at 1,000 in its own scale's time: 800
+    with pytest.raises(TokenLimitExceeded) as refused:
+        world.admit(100)
+    assert refused.value.details["tokens_remaining"] == 0 and refused.value.retry_after_seconds == 6
+    clock.now += 30  # converted at the first take: until then it refilled at the old rate
+    world.admit(100)
+    usage = world.store.state(None, "x")
+    assert usage.scales["minute"] == 1_000 and usage.rescales["minute"] == usage.lowerings["minute"] == 1
+    assert world.remaining() == 900
+
+
+def test_a_raise_by_a_redeploy_gives_the_bucket_the_new_limit_at_once_and_refunds_at_the_old_scale() -> None:
+    """Raised from 100,000 to 200,000 a minute by a redeploy with 60,000 reserved: read at the new
+    limit the bucket said 80,000 remaining (36 s of its time), where 140,000 are; and a reservation's
+    refund, converted at the new limit, gave back half of what it took."""
+    clock = Clock()
+    before = TenantLimits(tokens_per_minute=100_000, tokens_per_day=10_000_000, max_concurrent_jobs=10)
+    world = Bucketed(before, clock)
+    world.admit(40_000)
+    reservation = world.admit(20_000)
+    world.limiter = RateLimiter(world.store, before._replace(tokens_per_minute=200_000), clock_ms=clock.ms)
+    assert world.remaining() == 140_000
+    world.settle(reservation, 0)  # at the scale it was taken at: the bucket's, until a take converts it
+    assert world.remaining() == 160_000
+    world.admit(150_000)  # fits: the take converts the bucket
+    assert world.remaining() == 10_000 and world.store.state(None, "x").scales["minute"] == 200_000

@@ -58,6 +58,11 @@ def state_from(items: Iterable[dict[str, Any]], day: str) -> UsageState:
         lowerings={
             name: int(by_sk.get(f"bucket#{name}", {}).get("lowerings", 0)) for name in ("minute", "day")
         },
+        scales={
+            name: int(by_sk[f"bucket#{name}"]["scale"])
+            for name in ("minute", "day")
+            if "scale" in by_sk.get(f"bucket#{name}", {})
+        },
     )
 
 
@@ -96,18 +101,21 @@ def reservation_writes(table: ScopedTable, plan: ReservationPlan) -> list[dict[s
             values={":zero": 0, ":one": 1, ":max": plan.max_running},
         )
     ]
-    versions = {place.bucket: place.rescales for place in plan.reservation.places}
     for take in plan.takes:
         # ...and on the bucket's scale version: a take converted at a limit changed since would
         # take at the wrong scale (planned at 100,000 a minute and written after a lowering to
-        # 1,000, 500 tokens took 5).
-        scale, values = _scale_condition(versions.get(take.bucket, 0))
+        # 1,000, 500 tokens took 5). Each records the limit the TAT is in after it.
+        if take.rescale is not None:
+            writes.append(_rescale_request(table, take.rescale))
+            continue
+        scale, values = _scale_condition(take.version)
+        values[":limit"] = take.limit
         if take.kind == "restart":
             writes.append(
                 table.update_request(
                     KIND,
                     IDENT,
-                    "SET tat_us = :start",
+                    "SET tat_us = :start, scale = :limit",
                     sort=_sk(f"bucket#{take.bucket}"),
                     condition=f"(attribute_not_exists(tat_us) OR tat_us <= :now) AND {scale}",
                     values={":start": take.now_us + take.cost_us, ":now": take.now_us, **values},
@@ -118,7 +126,7 @@ def reservation_writes(table: ScopedTable, plan: ReservationPlan) -> list[dict[s
                 table.update_request(
                     KIND,
                     IDENT,
-                    "SET tat_us = tat_us + :cost",
+                    "SET tat_us = tat_us + :cost, scale = :limit",
                     sort=_sk(f"bucket#{take.bucket}"),
                     condition=f"tat_us > :now AND tat_us <= :latest AND {scale}",
                     values={":cost": take.cost_us, ":now": take.now_us, ":latest": take.latest, **values},
@@ -136,6 +144,30 @@ def reservation_writes(table: ScopedTable, plan: ReservationPlan) -> list[dict[s
             )
         )
     return writes
+
+
+def _rescale_request(table: ScopedTable, move: Rescale) -> dict[str, Any]:
+    """A bucket moved to the scale of ``move.limit`` (and its TAT set when something is outstanding
+    there), its scale version counted (and its lowerings), if its TAT and version are still the ones
+    seen: a reservation's place, and a take or a settlement planned before, are in the old scale."""
+    unmoved = "attribute_not_exists(tat_us)" if move.seen_tat is None else "tat_us = :seen"
+    version, values = _scale_condition(move.version)
+    values.update({":one": 1, ":limit": move.limit})
+    if move.seen_tat is not None:
+        values[":seen"] = move.seen_tat
+    expression = "SET scale = :limit"
+    if move.tat is not None:
+        expression += ", tat_us = :tat"
+        values[":tat"] = move.tat
+    expression += " ADD rescales :one" + (", lowerings :one" if move.lowered else "")
+    return table.update_request(
+        KIND,
+        IDENT,
+        expression,
+        sort=_sk(f"bucket#{move.bucket}"),
+        condition=f"{unmoved} AND {version}",
+        values=values,
+    )
 
 
 def _scale_condition(rescales: int) -> tuple[str, dict[str, Any]]:
@@ -317,27 +349,7 @@ class DynamoUsageStore:
                 KIND, IDENT, sort=_sk("limits"), condition=condition, values=values
             )
         ]
-        for move in moves:
-            # the scale version counted: a reservation's place, and a take or a settlement planned
-            # before, are in the old scale (``Place``)
-            unmoved = "attribute_not_exists(tat_us)" if move.seen_tat is None else "tat_us = :seen"
-            entries: dict[str, Any] = {":one": 1}
-            if move.seen_tat is not None:
-                entries[":seen"] = move.seen_tat
-            expression = "ADD rescales :one" + (", lowerings :one" if move.lowered else "")
-            if move.tat is not None:
-                expression = f"SET tat_us = :tat {expression}"
-                entries[":tat"] = move.tat
-            writes.append(
-                self._table.update_request(
-                    KIND,
-                    IDENT,
-                    expression,
-                    sort=_sk(f"bucket#{move.bucket}"),
-                    condition=unmoved,
-                    values=entries,
-                )
-            )
+        writes += [_rescale_request(self._table, move) for move in moves]
         try:
             transact(self._table.client, writes)
         except ConditionFailed:

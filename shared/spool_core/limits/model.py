@@ -60,29 +60,60 @@ class Bucket(NamedTuple):
         outstanding = (tat - now) * self.limit  # tokens x period
         return now + min(self.period_us, -(-outstanding // limit))
 
-    def take(self, tat: int | None, now: int, tokens: int) -> BucketTake | None:
-        """The write that takes ``tokens`` from a bucket last seen at ``tat``, or None when they do not
-        fit. Its condition holds only while the bucket is in the state it was seen in, so a take that
-        raced another is refused by the store and retried, never applied twice or on a wrong base."""
+    def take(self, tat: int | None, now: int, tokens: int, version: int = 0) -> BucketTake | None:
+        """The write that takes ``tokens`` from a bucket last seen at ``tat`` (and at scale version
+        ``version``), or None when they do not fit. Its condition holds only while the bucket is in
+        the state it was seen in, so a take that raced another is refused by the store and retried,
+        never applied twice or on a wrong base."""
         cost = self.cost_us(tokens)
         if tokens > self.limit:
             return None
         if tat is None or tat <= now:
-            return BucketTake(self.name, "restart", cost, now)
+            return BucketTake(self.name, "restart", cost, now, limit=self.limit, version=version)
         if tat + cost > now + self.period_us:
             return None
-        return BucketTake(self.name, "advance", cost, now, latest=now + self.period_us - cost)
+        return BucketTake(
+            self.name,
+            "advance",
+            cost,
+            now,
+            latest=now + self.period_us - cost,
+            limit=self.limit,
+            version=version,
+        )
+
+    def take_rescaled(
+        self, scale: int, tat: int | None, now: int, tokens: int, version: int
+    ) -> tuple[BucketTake | None, int | None]:
+        """A take from a bucket whose TAT is in another limit's scale (``scale``: a redeploy changed
+        the deployment's defaults, which rescales nothing when it happens): converted to this limit
+        (``rescaled``) and taken from in one write, held on the TAT as seen. With the TAT it was
+        converted to (what a refusal reports)."""
+        converted = Bucket(self.name, scale, self.period_us).rescaled(tat, now, self.limit)
+        take = self.take(converted, now, tokens, version)
+        if take is None:
+            return None, converted
+        start = now if take.kind == "restart" or converted is None else converted
+        rescale = Rescale(self.name, tat, start + take.cost_us, self.limit, self.limit < scale, version)
+        return take._replace(kind="rescale", rescale=rescale), converted
 
 
 class BucketTake(NamedTuple):
     """``restart``: the bucket was full: TAT = now + cost, if it still is (TAT <= now or unset).
-    ``advance``: it was not: TAT += cost, if TAT is still in (now, latest]."""
+    ``advance``: it was not: TAT += cost, if TAT is still in (now, latest].
+    ``rescale``: its TAT was in another scale: TAT = ``rescale.tat`` (converted, then taken from), if
+    it is still ``rescale.seen_tat``; the bucket's scale version counted (and its lowerings).
+    Each holds on the bucket's scale version as read (``version``), and records the limit the TAT is
+    in after it (``limit``, the bucket's ``scale``)."""
 
     bucket: str
-    kind: Literal["restart", "advance"]
+    kind: Literal["restart", "advance", "rescale"]
     cost_us: int
     now_us: int
     latest: int = 0
+    limit: int = 0
+    version: int = 0
+    rescale: Rescale | None = None
 
 
 class Estimate(NamedTuple):
@@ -111,6 +142,10 @@ class UsageState(NamedTuple):
     refunded: Mapping[str, int] = {}
     rescales: Mapping[str, int] = {}
     lowerings: Mapping[str, int] = {}  # how many of those rescales lowered its limit
+    # bucket name -> the limit its TAT is in (set by every take and rescale; none on buckets written
+    # before it was kept: the limits that apply). It differs from the limits that apply only after a
+    # redeploy changed the deployment's defaults: the next take converts the bucket.
+    scales: Mapping[str, int] = {}
 
 
 class Place(NamedTuple):
@@ -136,12 +171,15 @@ class Place(NamedTuple):
 
 
 class Rescale(NamedTuple):
-    """A change of one bucket's limit, as ``set_tenant_limits`` plans it against the TAT it read."""
+    """A change of one bucket's limit, as ``set_tenant_limits`` (or a take, ``Bucket.take_rescaled``)
+    plans it against the TAT and the scale version it read."""
 
     bucket: str
     seen_tat: int | None  # None: the bucket was never taken from
     tat: int | None  # what is outstanding at the new scale; None: nothing is
+    limit: int  # the new scale (recorded on the bucket)
     lowered: bool
+    version: int = 0  # the bucket's scale version as read
 
 
 class Reservation(NamedTuple):

@@ -79,10 +79,10 @@ class UsageStore(Protocol):
         moves: Sequence[Rescale],
     ) -> bool:
         """Set the tenant's own limits (None: remove them, the deployment's defaults apply) and, for
-        each of ``moves`` (a bucket whose limit changes), count a change of its scale (and of a
-        lowering), and set its TAT when something outstanding is carried over, all or none: if the
+        each of ``moves`` (a bucket whose scale changes), record its new scale, count the change (and
+        a lowering), and set its TAT when something outstanding is carried over, all or none: if the
         token limits are still ``previous`` (None: the tenant has none of its own) and each bucket's
-        TAT is still the one seen. Whether they were."""
+        TAT and scale version are still the ones seen. Whether they were."""
 
 
 RESCALE_ATTEMPTS = 5  # of moving a bucket's TAT against admissions and settlements meanwhile
@@ -97,9 +97,10 @@ def set_tenant_limits(
     without a budget adds nothing to the day's commitments, so a budget set after $3 of spend would
     otherwise allow its whole amount again. Counted before the budget applies, and added, never set:
     a reservation made meanwhile is kept. A token limit that changes keeps the tokens outstanding in
-    its bucket (``Bucket.rescaled``), whichever limits apply before and after, the defaults included:
-    a bucket is always in the scale of the limits that apply, which is the scale a job's settlement
-    uses (``RateLimiter.settle``). A change of the defaults themselves (a redeploy) rescales nothing."""
+    its bucket (``Bucket.rescaled``), from the scale the bucket is in (the limit it records) to the
+    limits that apply after, the defaults included. A change of the defaults themselves (a redeploy)
+    rescales nothing when it happens: a bucket is read in the scale it records, converted by its next
+    take (``Bucket.take_rescaled``), and a settlement moves it in that scale (``RateLimiter.settle``)."""
     now = now_ms() if now is None else now
     day = utc_day(now)
     state = store.state(None, day)
@@ -114,11 +115,13 @@ def set_tenant_limits(
     for _ in range(RESCALE_ATTEMPTS):
         moves = []
         before, after = RateLimiter.buckets(state.limits or defaults), RateLimiter.buckets(limits or defaults)
-        for old, new in zip(before, after, strict=True):
+        for applied, new in zip(before, after, strict=True):
+            old = RateLimiter._at_scale(state, applied)  # the scale its TAT is in (a redeploy's defaults)
             if old.limit != new.limit:  # counted even with nothing outstanding: see ``Place``
                 seen = state.tats.get(old.name)
                 tat = old.rescaled(seen, now * 1000, new.limit)
-                moves.append(Rescale(old.name, seen, tat, lowered=new.limit < old.limit))
+                version = state.rescales.get(old.name, 0)
+                moves.append(Rescale(old.name, seen, tat, new.limit, new.limit < old.limit, version))
         if store.change_limits(state.limits, limits, moves):
             return
         state = store.state(None, day)
@@ -168,6 +171,18 @@ class RateLimiter:
             "day", limits.tokens_per_day, DAY_US
         )
 
+    @staticmethod
+    def _at_scale(state: UsageState, bucket: Bucket) -> Bucket:
+        """``bucket`` at the limit its TAT is in (``UsageState.scales``)."""
+        return bucket._replace(limit=state.scales.get(bucket.name, bucket.limit))
+
+    def _tat(self, state: UsageState, bucket: Bucket, now_us: int) -> int | None:
+        """The bucket's TAT as the limit that applies reads it: converted from the scale it is in
+        (after a redeploy changed the defaults, until the next take converts it)."""
+        tat = state.tats.get(bucket.name)
+        scale = self._at_scale(state, bucket)
+        return tat if scale.limit == bucket.limit else scale.rescaled(tat, now_us, bucket.limit)
+
     # ------------------------------------------------------------------ estimate
     def estimate(self, state: UsageState, input_raw: int, max_tokens: int) -> Estimate:
         """The input as counted, corrected by what this tenant's jobs on the model reported, and the
@@ -198,7 +213,12 @@ class RateLimiter:
         takes, refusals, places = [], [], []
         for bucket in self.buckets(limits):
             tat = state.tats.get(bucket.name)
-            take = bucket.take(tat, now_us, tokens)
+            version = state.rescales.get(bucket.name, 0)
+            scale = state.scales.get(bucket.name, bucket.limit)
+            if scale == bucket.limit:
+                take = bucket.take(tat, now_us, tokens, version)
+            else:  # its TAT is in the scale of defaults a redeploy changed since: converted first
+                take, tat = bucket.take_rescaled(scale, tat, now_us, tokens, version)
             if take is None:
                 refusals.append(self._token_limit(bucket, tokens, tat, now_us))
                 continue
@@ -207,13 +227,14 @@ class RateLimiter:
             # takes since the read only raised (refunds since the read are counted from the
             # counter read with it, a rescale since ends the place's use: see ``Place``).
             start = now_us if take.kind == "restart" or tat is None else tat
+            rescale = take.rescale  # counted by the take: the place is in the scale after it
             places.append(
                 Place(
                     bucket.name,
                     start + take.cost_us,
                     state.refunded.get(bucket.name, 0),
-                    state.rescales.get(bucket.name, 0),
-                    state.lowerings.get(bucket.name, 0),
+                    version + (rescale is not None),
+                    state.lowerings.get(bucket.name, 0) + (rescale is not None and rescale.lowered),
                 )
             )
         if refusals:
@@ -336,10 +357,12 @@ class RateLimiter:
         also holds on no job having been admitted between its read and its write. ``refunds``
         False: none at all (the last attempt).
 
-        The differences are in the scale of the limits that apply now, the tenant's own or the
-        deployment's defaults, on condition that each moved bucket's limit has not changed when it is
-        written (its scale version, ``rescales``): every change of a tenant's limits moves each
-        bucket's TAT to the new limits' scale in the same write (``set_tenant_limits``), and a
+        The differences are in the scale each bucket's TAT is in (the limit it records, read in one
+        snapshot with its scale version: the limits that apply for a bucket that records none), on
+        condition that the bucket's scale has not changed when they are written (its scale version,
+        ``rescales``): every change of a tenant's limits moves each bucket's TAT to the new limits'
+        scale in the same write (``set_tenant_limits``), as the first take after a redeploy that
+        changed the defaults does (``Bucket.take_rescaled``), and a
         settlement converted at the scale a bucket has left gave back 225 of 4,500 tokens after a
         lowering from 100,000 to 5,000 a day (or, after a raise and a return, a refund the rescales
         had forgiven already). A refund of a reservation taken before its bucket's limit was lowered
@@ -351,7 +374,9 @@ class RateLimiter:
             return Settlement(job_id, tuple(usage), utc_day(now), (), None, release_slot=False)
         difference = actual - reservation.tokens
         state = self._store.bucket_state() if difference else UsageState()
-        scales = {b.name: b for b in self.buckets(self.limits(state))}
+        # Each bucket's moves in the scale its TAT is in: the limit it records (read with its scale
+        # version, which the moves hold on), else the limits that apply.
+        scales = {b.name: self._at_scale(state, b) for b in self.buckets(self.limits(state))}
         places = {p.bucket: p for p in reservation.places}
         now_us = now * 1000
         elapsed_us = now_us - reservation.reserved_at_ms * 1000
@@ -377,7 +402,8 @@ class RateLimiter:
                 # change of its limits, never gain past them. Nor on the last attempt (``settled``).
                 continue
             if bucket.limit < limit:
-                # The deployment's defaults lowered by a redeploy (which rescales nothing): as lowered.
+                # In a scale below the reservation's, uncounted: a bucket written before buckets kept
+                # their scale, after a redeploy lowered the defaults (which rescales nothing). As lowered.
                 continue
             # What of the reservation has not refilled since its take, whatever other jobs did, at
             # the faster of the two rates (a reservation without a place: admitted before places),
@@ -459,9 +485,11 @@ class RateLimiter:
         for bucket in self.buckets(self.limits(state)):
             if window is not None and bucket.name != window:
                 continue
-            tat = state.tats.get(bucket.name)
+            tat = self._tat(state, bucket, now_us)
             for take in plan.takes if plan else ():
-                if take.bucket == bucket.name:
+                if take.bucket == bucket.name and take.rescale is not None:
+                    tat = take.rescale.tat
+                elif take.bucket == bucket.name:
                     tat = take.now_us + take.cost_us if take.kind == "restart" else (tat or 0) + take.cost_us
             remaining = bucket.remaining(tat, now_us)
             if tightest is None or remaining < tightest[0]:
@@ -480,11 +508,12 @@ class RateLimiter:
         state = self._store.state(None, today)
         limits = self.limits(state)
         now_us = now * 1000
+        tats = {bucket.name: self._tat(state, bucket, now_us) for bucket in self.buckets(limits)}
         buckets = {
             f"tokens_per_{bucket.name}": {
                 "limit": bucket.limit,
-                "remaining": bucket.remaining(state.tats.get(bucket.name), now_us),
-                "reset_seconds": math.ceil(bucket.reset_us(state.tats.get(bucket.name), now_us) / 1e6),
+                "remaining": bucket.remaining(tats[bucket.name], now_us),
+                "reset_seconds": math.ceil(bucket.reset_us(tats[bucket.name], now_us) / 1e6),
             }
             for bucket in self.buckets(limits)
         }
