@@ -375,7 +375,7 @@ class CapacityMeter:
         result = self._raw(client, "TransactGetItems", params)
         for entry, answer in zip(params["TransactItems"], result.get("Responses", []), strict=False):
             table = entry["Get"]["TableName"]
-            size = item_size(answer.get("Item"))
+            size = item_size((answer or {}).get("Item"))  # a missing item: null on AWS, {} on moto
             self.record(table, "read", read_units(size, consistent=True, transactional=True))
         return result
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from spool_core.adapters.usage import BUCKETS, state_from
 from spool_core.jobs.model import STORED, TERMINAL, Chunk, EndMark, Job, Progress, Segment, Status
 from spool_core.jobs.ports import (
     AdmissionRefused,
@@ -181,6 +182,7 @@ class TenantLedger:
             usage = self._usage
             running = usage.get("concurrency", {}).get("running")
             ok = running is None or running < plan.max_running
+            ok = ok and self.limits() == plan.limits_seen  # planned at the limits that still apply
             for take in plan.takes:
                 tat = usage.get(f"bucket#{take.bucket}", {}).get("tat_us")
                 # taken at the scale it was converted at (the bucket's scale version as read)
@@ -485,25 +487,12 @@ class TenantLedger:
 
     # ------------------------------------------------------------------ UsageStore
     def state(self, model_id: str | None, day: str) -> UsageState:
+        """As the store reads the same items (``adapters.usage.state_from``)."""
         with self.ledger.lock:
-            usage = self._usage
-            limits = usage.get("limits")
-            stats = usage.get(f"stats#{model_id}") if model_id else None
-            return UsageState(
-                limits=TenantLimits(**limits) if limits else None,
-                tats={name: usage.get(f"bucket#{name}", {}).get("tat_us") for name in ("minute", "day")},
-                running=int(usage.get("concurrency", {}).get("running", 0)),
-                committed_nanos=int(usage.get(f"day#{day}", {}).get("committed_nanos", 0)),
-                correction_milli=int(stats["correction_milli"]) if stats else 1000,
-                refunded={n: usage.get(f"bucket#{n}", {}).get("refunded_us", 0) for n in ("minute", "day")},
-                rescales={n: usage.get(f"bucket#{n}", {}).get("rescales", 0) for n in ("minute", "day")},
-                lowerings={n: usage.get(f"bucket#{n}", {}).get("lowerings", 0) for n in ("minute", "day")},
-                scales={
-                    n: usage[f"bucket#{n}"]["scale"]
-                    for n in ("minute", "day")
-                    if "scale" in usage.get(f"bucket#{n}", {})
-                },
-            )
+            wanted = {"limits", "concurrency", f"day#{day}", f"stats#{model_id}"}
+            wanted |= {f"bucket#{name}" for name in BUCKETS}
+            items = [{**item, "sk": sk} for sk, item in self._usage.items() if sk in wanted]
+            return state_from(items, day)
 
     def stats(self, model_id: str) -> ModelStats:
         with self.ledger.lock:

@@ -532,13 +532,12 @@ def test_a_debt_raced_by_a_restart_is_charged_from_now_once(stack: StackDescript
 def a_change_lands_during_the_read(
     monkeypatch: pytest.MonkeyPatch, client: Any, change: Callable[[], None]
 ) -> list[str]:
-    """Run ``change`` (once) while a read of a tenant's limits item and other items is under way, as
-    DynamoDB would let it land: a BatchGetItem reads each item on its own, so the change may fall
-    between them (here: the limits read before it, the rest after); a TransactGetItems is one
-    serializable snapshot, so the change falls before or after the whole of it (here: after). The
-    reads made, one entry each."""
+    """Run ``change`` (once) while a BatchGetItem of a tenant's limits item and other items is under
+    way, as DynamoDB may let it land: a BatchGetItem reads each item on its own, not a snapshot, so
+    the change may fall between them (here: the limits read before it, the rest after). The reads
+    made, one entry each."""
     reads: list[str] = []
-    batch_get_item, transact_get_items = client.batch_get_item, client.transact_get_items
+    batch_get_item = client.batch_get_item
 
     def is_limits(key: dict[str, Any]) -> bool:
         return key.get("sk") == {"S": "limits"}
@@ -558,26 +557,19 @@ def a_change_lands_during_the_read(
             responses.setdefault(table, []).extend(items)
         return answers
 
-    def snapshot(TransactItems: list[dict[str, Any]], **rest: Any) -> Any:  # noqa: N803
-        reads.append("TransactGetItems")
-        answer = transact_get_items(TransactItems=TransactItems, **rest)
-        if len(reads) == 1 and any(is_limits(entry["Get"]["Key"]) for entry in TransactItems):
-            change()
-        return answer
-
     monkeypatch.setattr(client, "batch_get_item", batch)
-    monkeypatch.setattr(client, "transact_get_items", snapshot)
     return reads
 
 
-def test_a_settlement_reads_the_limits_and_buckets_of_one_instant(
+def test_a_settlement_read_across_a_change_of_limits_moves_the_bucket_in_its_own_scale(
     stack: StackDescription, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A day raised from 5,000 to 100,000 while a cancel's settlement read the limits and the buckets:
     read item by item, the settlement had the old limit and the new scale version, and its refund of
     4,000 tokens, converted at 5,000 a day and written on condition of the new version, gave back
     0.8 of a day on a bucket where 4,500 tokens were 0.045 of one: the other job's 500 were forgiven
-    too. Read as one snapshot, the settlement is converted at the scale its version stands for."""
+    too. The bucket records the limit its time is in, read from the same item as its scale version:
+    the settlement is converted at that scale, whatever the limits item said."""
     tenant = Tenant("torn-settlement")
     clock = Clock()
     jobs = service(tenant.id, clock, tokens_per_minute=1_000_000, tokens_per_day=5_000)
@@ -593,18 +585,21 @@ def test_a_settlement_reads_the_limits_and_buckets_of_one_instant(
         lambda: set_tenant_limits(store, raised, defaults=deployment, now=clock.ms()),
     )
     assert jobs.cancel(cancelled.job_id).status == "cancelled"
-    assert reads and reads[0] == "TransactGetItems"
+    assert reads[:2] == ["BatchGetItem", "BatchGetItem"]  # torn, then the change's own read
     monkeypatch.undo()
     day = jobs._limiter.state()[1]["tokens_per_day"]
     assert (day["limit"], day["remaining"]) == (100_000, 100_000 - kept.usage.estimated_tokens)
 
 
-def test_an_admission_reads_the_limits_and_buckets_of_one_instant(
+def test_an_admission_read_across_a_change_of_limits_is_refused_and_read_again(
     stack: StackDescription, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A minute lowered from 100,000 to 1,000 while admission read the limits and the buckets: read
-    item by item, it planned 500 tokens at 100,000 a minute on condition of the new scale version,
-    and took 5 of the new bucket's 1,000. Read as one snapshot, it takes 500."""
+    item by item, it planned at 100,000 a minute on condition of the scale version the lowering had
+    just counted (500 tokens took 5 of the new bucket's 1,000). The bucket's recorded scale now
+    carries the tokens over, but the decision was the old limit's: a job of 5,000 tokens, which
+    never fits in 1,000, was admitted. The takes hold on the limits item as read: refused, admission
+    reads again and refuses the job, taking nothing."""
     tenant = Tenant("torn-admission")
     clock = Clock()
     jobs = service(tenant.id, clock, tokens_per_minute=100_000, tokens_per_day=10_000_000)
@@ -617,11 +612,14 @@ def test_an_admission_reads_the_limits_and_buckets_of_one_instant(
         store._table.client,
         lambda: set_tenant_limits(store, lowered, defaults=deployment, now=clock.ms()),
     )
-    made = jobs.create("k", job(tokens=447)).job  # 500
-    assert reads and reads[0] == "TransactGetItems"
+    with pytest.raises(TokenLimitExceeded) as refused:
+        jobs.create("k", job(tokens=4_947))  # 5,000
+    assert refused.value.headers["x-should-retry"] == "false"
+    assert reads[:2] == ["BatchGetItem", "BatchGetItem"]  # torn, then the change's own read
     monkeypatch.undo()
     minute = jobs._limiter.state()[1]["tokens_per_minute"]
-    assert (minute["limit"], minute["remaining"]) == (1_000, 1_000 - made.usage.estimated_tokens)
+    assert (minute["limit"], minute["remaining"]) == (1_000, 1_000)
+    assert bootstrap.usage_store(tenant).state(None, "").rescales["minute"] == 1  # the lowering's alone
 
 
 def test_a_redeploy_that_lowers_the_defaults_is_carried_over_by_the_next_take(

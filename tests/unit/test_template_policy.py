@@ -294,14 +294,12 @@ def test_every_function_logs_to_its_own_group_with_a_retention(template: Templat
 def test_every_function_that_ends_jobs_can_read_and_write_what_their_settlement_does(
     template: Template,
 ) -> None:
-    """A settlement reads the tenant's limits and buckets (one TransactGetItems, which IAM authorizes
-    as a GetItem of each item), then writes its moves in the job's final transaction. The dead-letter
-    role could only write: on AWS its settlements were refused and fell back to releasing the slot,
-    the job's tokens neither refunded nor counted (no tour reaches a dead letter, so the calls test
-    could not see it). Admission reads the same way, with the idempotency record beside them."""
+    """A settlement reads the tenant's limits and buckets (one BatchGetItem), then writes its moves in
+    the job's final transaction. The dead-letter role could only write: on AWS its settlements were
+    refused and fell back to releasing the slot, the job's tokens neither refunded nor counted (no
+    tour reaches a dead letter, so the calls test could not see it)."""
     grants = {(g.owner, g.action) for g in _grants(template) if g.resource == "${UsageTable.Arn}"}
     for owner in ("WorkerRole", "DeadLetterRole", "JobsFunction", "StreamFunction"):
-        assert {(owner, "dynamodb:GetItem"), (owner, "dynamodb:UpdateItem")} <= grants, owner
-    jobs = {(g.owner, g.action) for g in _grants(template) if g.resource == "${JobsTable.Arn}"}
-    for owner in ("JobsFunction", "StreamFunction"):  # the two that admit jobs
-        assert (owner, "dynamodb:GetItem") in jobs, owner
+        assert {(owner, "dynamodb:BatchGetItem"), (owner, "dynamodb:UpdateItem")} <= grants, owner
+    for owner in ("JobsFunction", "StreamFunction"):  # admission's takes hold on the limits item
+        assert (owner, "dynamodb:ConditionCheckItem") in grants, owner

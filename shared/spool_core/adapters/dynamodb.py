@@ -7,7 +7,6 @@ is built by the ``TenantScope``, so no call can name another tenant's item.
 from __future__ import annotations
 
 import hashlib
-import random
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
 
-from spool_core.errors import DependencyUnavailable
 from spool_core.tenancy import TenantScope
 
 if TYPE_CHECKING:
@@ -181,6 +179,20 @@ class ScopedTable:
         request: dict[str, Any] = {"TableName": self._table, "Key": self.key(kind, ident, sort)}
         self._add_condition(request, condition, names, values)
         return {"Delete": request}
+
+    def check_request(
+        self,
+        kind: str,
+        ident: str,
+        condition: str,
+        *,
+        sort: Mapping[str, Any] | None = None,
+        values: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """A condition on an item the transaction does not write, as one entry of a ``transact`` call."""
+        request: dict[str, Any] = {"TableName": self._table, "Key": self.key(kind, ident, sort)}
+        self._add_condition(request, condition, None, values)
+        return {"ConditionCheck": request}
 
     def get(
         self,
@@ -401,51 +413,6 @@ def transact(client: DynamoDBClient, items: Sequence[Mapping[str, Any]]) -> None
 class Unstorable(ValueError):
     """DynamoDB refused the request itself (an item over 400 KB, a value it cannot hold): the same
     request can never succeed, so it is not a lost reply to retry."""
-
-
-SNAPSHOT_ATTEMPTS = 8  # of a snapshot read refused because a write held one of its items
-
-
-def snapshot_get(
-    client: DynamoDBClient, keys: Mapping[str, Sequence[Mapping[str, Any]]]
-) -> dict[str, list[dict[str, Any]]]:
-    """Items by key from several tables as they stood at one instant (TransactGetItems), by table.
-    BatchGetItem reads each item on its own: a transaction landing meanwhile (a change of a tenant's
-    limits and its buckets' scales) can be half seen, its limits before and its buckets after. A
-    transactional read is serializable with every transactional write, so it sees all of one or
-    none. It is refused while a write holds one of its items (``TransactionConflict``), and sent
-    again after a short wait; it costs twice a strongly consistent read."""
-    entries: Any = [
-        {"Get": {"TableName": table, "Key": key}} for table, table_keys in keys.items() for key in table_keys
-    ]
-    found: dict[str, list[dict[str, Any]]] = {table: [] for table in keys}
-    if not entries:
-        return found
-    for attempt in range(1, SNAPSHOT_ATTEMPTS + 1):
-        try:
-            response = client.transact_get_items(TransactItems=entries)
-        except ClientError as exc:
-            error: Any = exc.response
-            reasons = [str(r.get("Code") or "None") for r in error.get("CancellationReasons", [])]
-            cancelled = error["Error"]["Code"] == "TransactionCanceledException"
-            if not (cancelled and "TransactionConflict" in reasons):
-                raise
-            if attempt == SNAPSHOT_ATTEMPTS:
-                busy = DependencyUnavailable(
-                    "The tenant's usage items were kept busy by other writes; the request did nothing",
-                    details={"attempts": attempt},
-                    suggestions=["Retry after a second (fewer requests at once from this tenant help)"],
-                )
-                busy.headers["Retry-After"] = "1"
-                raise busy from exc
-            time.sleep(random.uniform(0, min(0.2, 0.01 * 2**attempt)))  # jittered: the writer is brief
-            continue
-        # in the order asked; an item that does not exist answers null (moto: an empty map)
-        for entry, answer in zip(entries, response.get("Responses") or [], strict=False):
-            if answer and answer.get("Item"):
-                found[entry["Get"]["TableName"]].append(deserialize(answer["Item"]))
-        return found
-    raise AssertionError("unreachable")
 
 
 def batch_get(

@@ -20,7 +20,7 @@ from spool_core.adapters.dynamodb import (
     ConditionFailed,
     ScopedTable,
     ShardedIndex,
-    snapshot_get,
+    batch_get,
     transact,
 )
 from spool_core.adapters.listing import (
@@ -131,10 +131,7 @@ class DynamoJobStore:
 
     # ------------------------------------------------------------------ admission
     def admission_state(self, key_hash: str, model_id: str, day: str) -> tuple[Claim | None, UsageState]:
-        # One snapshot: a take is planned at the limits read and holds on the buckets' scale versions
-        # read, which a BatchGetItem could read on either side of a change of limits (a lowering to
-        # 1,000 a minute half seen: 500 tokens took 5).
-        found = snapshot_get(
+        found = batch_get(
             self._table.client,
             {
                 self._table.name: [self._table.key(IDEMPOTENCY_KIND, key_hash)],

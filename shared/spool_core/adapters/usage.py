@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from spool_core.adapters.dynamodb import ConditionFailed, ScopedTable, batch_get, snapshot_get, transact
+from spool_core.adapters.dynamodb import ConditionFailed, ScopedTable, batch_get, transact
 from spool_core.errors import Conflict
 from spool_core.limits.model import Rescale, ReservationPlan, Settlement, TenantLimits, UsageState
 from spool_core.limits.service import ModelStats
@@ -34,35 +34,31 @@ def state_keys(table: ScopedTable, model_id: str | None, day: str) -> list[dict[
     return [table.key(KIND, IDENT, _sk(name)) for name in names]
 
 
+BUCKETS = ("minute", "day")
+
+
 def state_from(items: Iterable[dict[str, Any]], day: str) -> UsageState:
+    """A usage partition's items (any of them: ``state_keys``) as the limiter reads them."""
     by_sk = {str(item["sk"]): item for item in items}
     limits = by_sk.get("limits")
     stats = next((item for sk, item in by_sk.items() if sk.startswith("stats#")), None)
+    buckets = {name: by_sk.get(f"bucket#{name}", {}) for name in BUCKETS}
+
+    def per_bucket(attribute: str) -> dict[str, int]:
+        """Each bucket's number ``attribute``, where it has one (a counter it lacks is 0 to readers)."""
+        return {name: int(item[attribute]) for name, item in buckets.items() if attribute in item}
+
+    tats = per_bucket("tat_us")
     return UsageState(
         limits=_limits(limits) if limits else None,
-        tats={
-            name: int(by_sk[f"bucket#{name}"]["tat_us"])
-            if "tat_us" in by_sk.get(f"bucket#{name}", {})
-            else None
-            for name in ("minute", "day")
-        },
+        tats={name: tats.get(name) for name in BUCKETS},
         running=int(by_sk.get("concurrency", {}).get("running", 0)),
         committed_nanos=int(by_sk.get(f"day#{day}", {}).get("committed_nanos", 0)),
         correction_milli=int(stats["correction_milli"]) if stats else 1000,
-        refunded={
-            name: int(by_sk.get(f"bucket#{name}", {}).get("refunded_us", 0)) for name in ("minute", "day")
-        },
-        rescales={
-            name: int(by_sk.get(f"bucket#{name}", {}).get("rescales", 0)) for name in ("minute", "day")
-        },
-        lowerings={
-            name: int(by_sk.get(f"bucket#{name}", {}).get("lowerings", 0)) for name in ("minute", "day")
-        },
-        scales={
-            name: int(by_sk[f"bucket#{name}"]["scale"])
-            for name in ("minute", "day")
-            if "scale" in by_sk.get(f"bucket#{name}", {})
-        },
+        refunded=per_bucket("refunded_us"),
+        rescales=per_bucket("rescales"),
+        lowerings=per_bucket("lowerings"),
+        scales=per_bucket("scale"),
     )
 
 
@@ -132,6 +128,9 @@ def reservation_writes(table: ScopedTable, plan: ReservationPlan) -> list[dict[s
                     values={":cost": take.cost_us, ":now": take.now_us, ":latest": take.latest, **values},
                 )
             )
+    # ...and on the limits they were planned at (``ReservationPlan.limits_seen``).
+    condition, values = limits_condition(plan.limits_seen, whole=True)
+    writes.append(table.check_request(KIND, IDENT, condition, sort=_sk("limits"), values=values))
     if plan.budget_room_nanos is not None:
         writes.append(
             table.update_request(
@@ -144,6 +143,24 @@ def reservation_writes(table: ScopedTable, plan: ReservationPlan) -> list[dict[s
             )
         )
     return writes
+
+
+def limits_condition(limits: TenantLimits | None, *, whole: bool = False) -> tuple[str, dict[str, Any]]:
+    """That the tenant's own token limits (``whole``: all its limits) are still ``limits`` (None:
+    that it still has none of its own)."""
+    if limits is None:
+        return "attribute_not_exists(tokens_per_minute)", {}
+    condition = "tokens_per_minute = :minute AND tokens_per_day = :day"
+    values: dict[str, Any] = {":minute": limits.tokens_per_minute, ":day": limits.tokens_per_day}
+    if whole:
+        condition += " AND max_concurrent_jobs = :jobs"
+        values[":jobs"] = limits.max_concurrent_jobs
+        if limits.daily_budget_nanos is None:
+            condition += " AND attribute_not_exists(daily_budget_nanos)"
+        else:
+            condition += " AND daily_budget_nanos = :budget"
+            values[":budget"] = limits.daily_budget_nanos
+    return condition, values
 
 
 def _rescale_request(table: ScopedTable, move: Rescale) -> dict[str, Any]:
@@ -295,10 +312,8 @@ class DynamoUsageStore:
         return _limits(item) if item else None
 
     def bucket_state(self) -> UsageState:
-        # One snapshot (``snapshot_get``): the limits and the buckets' scale versions of one instant,
-        # so the moves are converted at the scale the versions they hold on stand for.
         keys = [self._table.key(KIND, IDENT, _sk(name)) for name in ("limits", "bucket#minute", "bucket#day")]
-        return state_from(snapshot_get(self._table.client, {self._table.name: keys})[self._table.name], "")
+        return state_from(batch_get(self._table.client, {self._table.name: keys})[self._table.name], "")
 
     def count_spend(self, day: str) -> None:
         for _ in range(COUNT_ATTEMPTS):
@@ -337,11 +352,7 @@ class DynamoUsageStore:
         limits: TenantLimits | None,
         moves: Sequence[Rescale],
     ) -> bool:
-        if previous is None:
-            condition, values = "attribute_not_exists(tokens_per_minute)", {}
-        else:
-            condition = "tokens_per_minute = :minute AND tokens_per_day = :day"
-            values = {":minute": previous.tokens_per_minute, ":day": previous.tokens_per_day}
+        condition, values = limits_condition(previous)
         writes = [
             self._table.put_request(KIND, IDENT, _limits_item(limits), condition=condition, values=values)
             if limits is not None

@@ -222,6 +222,11 @@ class ReservationPlan(NamedTuple):
     takes: tuple[BucketTake, ...]
     max_running: int
     budget_room_nanos: int | None = None  # commit only if today's commitments are at most this
+    # The tenant's own limits as the plan read them (None: it had none, the defaults applied): the
+    # takes hold on them. The read is not a snapshot, and a change of limits landing between its item
+    # reads gave the limits before it and the buckets after: a take planned at 100,000 a minute, on
+    # condition of the scale version the lowering to 1,000 had just counted, took 5 of 500 tokens.
+    limits_seen: TenantLimits | None = None
 
 
 class ModelUsage(NamedTuple):

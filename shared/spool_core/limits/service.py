@@ -256,7 +256,7 @@ class RateLimiter:
             budgeted=budget is not None,
             places=tuple(places),
         )
-        return ReservationPlan(reservation, tuple(takes), limits.max_concurrent_jobs, room)
+        return ReservationPlan(reservation, tuple(takes), limits.max_concurrent_jobs, room, state.limits)
 
     def _token_limit(self, bucket: Bucket, tokens: int, tat: int | None, now_us: int) -> TokenLimitExceeded:
         remaining = bucket.remaining(tat, now_us)
