@@ -8,7 +8,7 @@ applied with its reply lost (the caller sees an error, the store has the write).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -215,7 +215,7 @@ class TenantLedger:
                         if take.kind == "restart"
                         else bucket["tat_us"] + take.cost_us
                     )
-                    bucket["scale"] = take.limit
+                    bucket["scale"], bucket["scale_at"] = take.limit, take.version
             if plan.budget_room_nanos is not None:
                 day = usage.setdefault(f"day#{plan.reservation.day}", {})
                 day["committed_nanos"] = day.get("committed_nanos", 0) + plan.reservation.cost_nanos
@@ -552,6 +552,7 @@ class TenantLedger:
         previous: TenantLimits | None,
         limits: TenantLimits | None,
         moves: Sequence[Rescale],
+        versions: Mapping[str, int],
     ) -> bool:
         with self.ledger.lock:
             current = self.limits()
@@ -565,6 +566,8 @@ class TenantLedger:
                 b.get("tat_us") != move.seen_tat or b.get("rescales", 0) != move.version
                 for b, move in zip(buckets, moves, strict=True)
             ):
+                return False
+            if any(self._usage.get(f"bucket#{n}", {}).get("rescales", 0) != v for n, v in versions.items()):
                 return False
             for bucket, move in zip(buckets, moves, strict=True):
                 apply_rescale(bucket, move)
@@ -612,7 +615,7 @@ def apply_rescale(bucket: dict[str, Any], move: Rescale) -> None:
     counters."""
     if move.tat is not None:
         bucket["tat_us"] = move.tat
-    bucket["scale"] = move.limit
+    bucket["scale"], bucket["scale_at"] = move.limit, move.version + 1
     bucket["rescales"] = bucket.get("rescales", 0) + 1
     bucket["lowerings"] = bucket.get("lowerings", 0) + move.lowered
 

@@ -529,6 +529,15 @@ def test_a_debt_raced_by_a_restart_is_charged_from_now_once(stack: StackDescript
     assert jobs._limiter.state()[1]["tokens_per_minute"]["remaining"] == 800  # 100 taken, 100 owed
 
 
+def own_limits(tenant: str, clock: Clock, minute: int, day: int) -> tuple[JobService, Any, TenantLimits]:
+    """A tenant whose own limits are the deployment's defaults (``minute`` and ``day`` tokens): its
+    jobs API, its usage store and those defaults."""
+    deployment = TenantLimits(minute, day, 1000)
+    store = bootstrap.usage_store(Tenant(tenant))
+    set_tenant_limits(store, deployment, defaults=deployment, now=clock.ms())
+    return service(tenant, clock, tokens_per_minute=minute, tokens_per_day=day), store, deployment
+
+
 def a_change_lands_during_the_read(
     monkeypatch: pytest.MonkeyPatch, client: Any, change: Callable[[], None]
 ) -> list[str]:
@@ -570,12 +579,8 @@ def test_a_settlement_read_across_a_change_of_limits_moves_the_bucket_in_its_own
     0.8 of a day on a bucket where 4,500 tokens were 0.045 of one: the other job's 500 were forgiven
     too. The bucket records the limit its time is in, read from the same item as its scale version:
     the settlement is converted at that scale, whatever the limits item said."""
-    tenant = Tenant("torn-settlement")
     clock = Clock()
-    jobs = service(tenant.id, clock, tokens_per_minute=1_000_000, tokens_per_day=5_000)
-    store = bootstrap.usage_store(tenant)
-    deployment = TenantLimits(1_000_000, 5_000, 1000)
-    set_tenant_limits(store, TenantLimits(1_000_000, 5_000, 1000), defaults=deployment, now=clock.ms())
+    jobs, store, deployment = own_limits("torn-settlement", clock, 1_000_000, 5_000)
     kept = jobs.create("kept", job(tokens=447)).job  # 500, still queued at the end
     cancelled = jobs.create("cancelled", job(tokens=3_947)).job  # 4,000
     raised = TenantLimits(1_000_000, 100_000, 1000)
@@ -600,12 +605,8 @@ def test_an_admission_read_across_a_change_of_limits_is_refused_and_read_again(
     carries the tokens over, but the decision was the old limit's: a job of 5,000 tokens, which
     never fits in 1,000, was admitted. The takes hold on the limits item as read: refused, admission
     reads again and refuses the job, taking nothing."""
-    tenant = Tenant("torn-admission")
     clock = Clock()
-    jobs = service(tenant.id, clock, tokens_per_minute=100_000, tokens_per_day=10_000_000)
-    store = bootstrap.usage_store(tenant)
-    deployment = TenantLimits(100_000, 10_000_000, 1000)
-    set_tenant_limits(store, TenantLimits(100_000, 10_000_000, 1000), defaults=deployment, now=clock.ms())
+    jobs, store, deployment = own_limits("torn-admission", clock, 100_000, 10_000_000)
     lowered = TenantLimits(1_000, 10_000_000, 1000)
     reads = a_change_lands_during_the_read(
         monkeypatch,
@@ -619,7 +620,7 @@ def test_an_admission_read_across_a_change_of_limits_is_refused_and_read_again(
     monkeypatch.undo()
     minute = jobs._limiter.state()[1]["tokens_per_minute"]
     assert (minute["limit"], minute["remaining"]) == (1_000, 1_000)
-    assert bootstrap.usage_store(tenant).state(None, "").rescales["minute"] == 1  # the lowering's alone
+    assert store.state(None, "").rescales["minute"] == 1  # the lowering's alone
 
 
 def test_a_redeploy_that_lowers_the_defaults_is_carried_over_by_the_next_take(
@@ -661,3 +662,23 @@ def test_limits_set_after_a_redeploy_carry_over_from_the_scale_the_bucket_is_in(
         "remaining": 9_500,
         "reset_seconds": 3,
     }
+
+
+def test_a_change_of_limits_holds_on_a_bucket_it_does_not_move(stack: StackDescription) -> None:
+    """900 of 1,000 a minute used, the defaults raised to 100,000 by a redeploy, and the tenant pinned
+    back at 1,000 (nothing to move: the bucket is in 1,000's scale) while an admission converts the
+    bucket to 100,000's: the change holds on the bucket's scale version, is refused once, and moves
+    the bucket back from the scale it found."""
+    clock = Clock()
+    tenant = Tenant("pinned-while-converted")
+    service(tenant.id, clock, tokens_per_minute=1_000).create("a", job(tokens=847))  # 900
+    redeployed = service(tenant.id, clock, tokens_per_minute=100_000)
+    store = bootstrap.usage_store(tenant)
+    calls = before_the_first(store, "change_limits", lambda: redeployed.create("b", job(tokens=59_947)))
+    pinned = TenantLimits(1_000, 1_000_000, 1000)
+    set_tenant_limits(store, pinned, defaults=TenantLimits(100_000, 1_000_000, 1000), now=clock.ms())
+    assert len(calls) == 2
+    usage = store.state(None, "")
+    assert usage.limits == pinned and usage.scales["minute"] == 1_000
+    clock.now += 37
+    assert redeployed._limiter.state()[1]["tokens_per_minute"]["remaining"] == 616

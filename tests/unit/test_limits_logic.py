@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -271,7 +272,7 @@ class Bucketed:
                     continue
                 restart = take.kind == "restart"
                 bucket["tat_us"] = take.now_us + take.cost_us if restart else bucket["tat_us"] + take.cost_us
-                bucket["scale"] = take.limit
+                bucket["scale"], bucket["scale_at"] = take.limit, take.version
         return plan.reservation
 
     def settle(self, reservation: Reservation, used: int) -> None:
@@ -710,12 +711,16 @@ def test_a_bucket_keeps_the_limit_its_time_is_in_and_the_next_take_after_a_redep
     assert world.remaining() == 0  # read at 1,000 in its own scale's time: 800
     with pytest.raises(TokenLimitExceeded) as refused:
         world.admit(100)
-    assert refused.value.details["tokens_remaining"] == 0 and refused.value.retry_after_seconds == 6
-    clock.now += 30  # converted at the first take: until then it refilled at the old rate
-    world.admit(100)
+    # It refills at the old rate until a take converts it: the 20,000 are 12 s there, and 100 fit
+    # once 900 are left, 0.54 s before (converted at the new rate, the wait said 6 s, refused again).
+    assert refused.value.details["tokens_remaining"] == 0 and refused.value.retry_after_seconds == 11.46
+    clock.now += refused.value.retry_after_seconds
+    world.admit(100)  # the take converts the bucket
     usage = world.store.state(None, "x")
     assert usage.scales["minute"] == 1_000 and usage.rescales["minute"] == usage.lowerings["minute"] == 1
-    assert world.remaining() == 900
+    assert world.remaining() == 0
+    clock.now += 30  # from now on it refills at 1,000 a minute
+    assert world.remaining() == 500
 
 
 def test_a_raise_by_a_redeploy_gives_the_bucket_the_new_limit_at_once_and_refunds_at_the_old_scale() -> None:
@@ -733,3 +738,115 @@ def test_a_raise_by_a_redeploy_gives_the_bucket_the_new_limit_at_once_and_refund
     assert world.remaining() == 160_000
     world.admit(150_000)  # fits: the take converts the bucket
     assert world.remaining() == 10_000 and world.store.state(None, "x").scales["minute"] == 200_000
+
+
+def test_a_raise_that_caps_what_is_outstanding_forgives_as_a_lowering_does() -> None:
+    """A rescale keeps a debt of one period at most, so a raise can forgive too: at 1,000 a minute,
+    jobs reserving 500, 400 and 100, the last using 700, left 1,600 outstanding; raised to 1,200, a
+    minute's debt. A raise counted as no lowering, so the first job, refunded unused, gave back its
+    500 on top of what the raise had forgiven: 500 remaining where the replay holds 100. A rescale
+    that caps counts as a lowering (outside review)."""
+    from spool_core.limits.service import set_tenant_limits
+
+    clock = Clock()
+    limits = TenantLimits(tokens_per_minute=1_000, tokens_per_day=10_000_000, max_concurrent_jobs=10)
+    world = Bucketed(limits, clock)
+    set_tenant_limits(world.store, limits, defaults=DEFAULTS, now=clock.ms())
+    first = world.admit(500)
+    world.admit(400)
+    world.settle(world.admit(100), 700)
+    lowerings = world.store.state(None, "x").lowerings["minute"]
+    set_tenant_limits(
+        world.store, limits._replace(tokens_per_minute=1_200), defaults=DEFAULTS, now=clock.ms()
+    )
+    assert world.store.state(None, "x").lowerings["minute"] == lowerings + 1
+    world.settle(first, 0)
+    assert world.remaining() == 0  # as the replay, at most: 1,100 outstanding at 1,200 a minute
+    assert Bucket("minute", 1_000, MINUTE_US).forgives(NOW_US + 96_000_000, NOW_US, 1_200)
+    assert not Bucket("minute", 1_000, MINUTE_US).forgives(NOW_US + 60_000_000, NOW_US, 1_000)
+
+
+def test_a_change_of_limits_holds_on_the_buckets_it_does_not_move() -> None:
+    """A change held only on the buckets it moved: one read as already in the new scale (a redeploy
+    had raised the defaults from 1,000 to 100,000 a minute, the tenant pinned back at 1,000) was
+    converted by an admission between the change's read and its write, and left at 100,000's scale
+    under the tenant's 1,000: 37 s later it held 1,000 where 616 are. The change holds on every
+    bucket's scale version, and settles again (outside review)."""
+    from spool_core.limits.service import set_tenant_limits
+
+    clock = Clock()
+    before = TenantLimits(tokens_per_minute=1_000, tokens_per_day=10_000_000, max_concurrent_jobs=10)
+    world = Bucketed(before, clock)
+    world.admit(900)
+    redeployed = before._replace(tokens_per_minute=100_000)
+    real = world.store.change_limits
+    tries = []
+
+    def admitted_meanwhile(*args: Any) -> bool:
+        if not tries:
+            world.limiter = RateLimiter(world.store, redeployed, clock_ms=clock.ms)
+            world.admit(60_000)  # converts the minute to 100,000's scale
+        tries.append(args)
+        return real(*args)
+
+    world.store.change_limits = admitted_meanwhile  # type: ignore[method-assign]
+    set_tenant_limits(world.store, before, defaults=redeployed, now=clock.ms())
+    assert len(tries) == 2  # refused once, then moved from the scale it was in
+    usage = world.store.state(None, "x")
+    assert usage.limits == before and usage.scales["minute"] == 1_000
+    clock.now += 37
+    assert world.remaining() == 616
+
+
+def test_a_scale_recorded_before_older_code_changed_the_limits_is_not_trusted() -> None:
+    """Code from before scales were kept (a rollback, an operator's older ``spool`` CLI) changes a
+    tenant's limits without recording one: raised from 1,000 to 100,000 a minute that way, with
+    90,500 then taken at 100,000, the stale scale read the bucket as 99,095 remaining where 9,500
+    are. A scale counts only at the version it was recorded at (outside review)."""
+    from spool_core.limits.service import set_tenant_limits
+
+    clock = Clock()
+    world = Bucketed(DEFAULTS, clock)
+    own = DEFAULTS._replace(tokens_per_minute=1_000)
+    set_tenant_limits(world.store, own, defaults=DEFAULTS, now=clock.ms())
+    world.admit(500)
+    bucket = world.store._usage["bucket#minute"]
+    assert (bucket["scale"], bucket["scale_at"], bucket["rescales"]) == (1_000, 1, 1)
+    # the older code's change: the TAT carried over, the version counted, no scale recorded
+    raised = own._replace(tokens_per_minute=100_000)
+    bucket["tat_us"] = Bucket("minute", 1_000, MINUTE_US).rescaled(
+        bucket["tat_us"], clock.ms() * 1000, 100_000
+    )
+    bucket["rescales"] += 1
+    world.store._set_limits(raised)
+    bucket["tat_us"] += Bucket("minute", 100_000, MINUTE_US).cost_us(90_000)  # and its take
+    assert world.store.state(None, "x").scales == {"day": DEFAULTS.tokens_per_day}
+    assert world.remaining() == 9_500
+    with pytest.raises(TokenLimitExceeded):
+        world.admit(90_000)
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "used", "tokens", "wait"),
+    [(100_000, 1_000, 20_000, 100, 11.46), (1_000, 100_000, 1_000, 99_500, 30.0)],
+    ids=["lowered", "raised"],
+)
+def test_a_refusal_from_a_bucket_in_the_old_scale_says_when_the_job_fits(
+    before: int, after: int, used: int, tokens: int, wait: float
+) -> None:
+    """A bucket a redeploy left in the old scale refills at the old rate until a take converts it,
+    and a refusal converts nothing: its wait, counted at the new rate, was wrong both ways (lowered,
+    6 s where 11.46 are, refused again; raised, 1 s thirty times over). Counted in the bucket's
+    scale, the wait it gives is the one (outside review)."""
+    clock = Clock()
+    world = Bucketed(DEFAULTS._replace(tokens_per_minute=before), clock)
+    world.admit(used)
+    world.limiter = RateLimiter(world.store, DEFAULTS._replace(tokens_per_minute=after), clock_ms=clock.ms)
+    with pytest.raises(TokenLimitExceeded) as refused:
+        world.admit(tokens)
+    assert refused.value.retry_after_seconds == wait
+    clock.now += wait - 0.01
+    with pytest.raises(TokenLimitExceeded):
+        world.admit(tokens)
+    clock.now += 0.01
+    world.admit(tokens)

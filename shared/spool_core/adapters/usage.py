@@ -8,7 +8,7 @@ job; this module builds their entries (``reservation_writes``, ``settlement_writ
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from spool_core.adapters.dynamodb import ConditionFailed, ScopedTable, batch_get, transact
@@ -48,7 +48,13 @@ def state_from(items: Iterable[dict[str, Any]], day: str) -> UsageState:
         """Each bucket's number ``attribute``, where it has one (a counter it lacks is 0 to readers)."""
         return {name: int(item[attribute]) for name, item in buckets.items() if attribute in item}
 
-    tats = per_bucket("tat_us")
+    tats, rescales = per_bucket("tat_us"), per_bucket("rescales")
+    # A scale is the TAT's only while the bucket's version is the one it was recorded at: code from
+    # before scales were kept (a rollback, an older CLI) counts rescales without recording one.
+    at = per_bucket("scale_at")
+    scales = {
+        name: scale for name, scale in per_bucket("scale").items() if at.get(name, 0) == rescales.get(name, 0)
+    }
     return UsageState(
         limits=_limits(limits) if limits else None,
         tats={name: tats.get(name) for name in BUCKETS},
@@ -56,9 +62,9 @@ def state_from(items: Iterable[dict[str, Any]], day: str) -> UsageState:
         committed_nanos=int(by_sk.get(f"day#{day}", {}).get("committed_nanos", 0)),
         correction_milli=int(stats["correction_milli"]) if stats else 1000,
         refunded=per_bucket("refunded_us"),
-        rescales=per_bucket("rescales"),
+        rescales=rescales,
         lowerings=per_bucket("lowerings"),
-        scales=per_bucket("scale"),
+        scales=scales,
     )
 
 
@@ -105,13 +111,13 @@ def reservation_writes(table: ScopedTable, plan: ReservationPlan) -> list[dict[s
             writes.append(_rescale_request(table, take.rescale))
             continue
         scale, values = _scale_condition(take.version)
-        values[":limit"] = take.limit
+        values.update({":limit": take.limit, ":at": take.version})
         if take.kind == "restart":
             writes.append(
                 table.update_request(
                     KIND,
                     IDENT,
-                    "SET tat_us = :start, scale = :limit",
+                    "SET tat_us = :start, scale = :limit, scale_at = :at",
                     sort=_sk(f"bucket#{take.bucket}"),
                     condition=f"(attribute_not_exists(tat_us) OR tat_us <= :now) AND {scale}",
                     values={":start": take.now_us + take.cost_us, ":now": take.now_us, **values},
@@ -122,7 +128,7 @@ def reservation_writes(table: ScopedTable, plan: ReservationPlan) -> list[dict[s
                 table.update_request(
                     KIND,
                     IDENT,
-                    "SET tat_us = tat_us + :cost, scale = :limit",
+                    "SET tat_us = tat_us + :cost, scale = :limit, scale_at = :at",
                     sort=_sk(f"bucket#{take.bucket}"),
                     condition=f"tat_us > :now AND tat_us <= :latest AND {scale}",
                     values={":cost": take.cost_us, ":now": take.now_us, ":latest": take.latest, **values},
@@ -169,10 +175,10 @@ def _rescale_request(table: ScopedTable, move: Rescale) -> dict[str, Any]:
     seen: a reservation's place, and a take or a settlement planned before, are in the old scale."""
     unmoved = "attribute_not_exists(tat_us)" if move.seen_tat is None else "tat_us = :seen"
     version, values = _scale_condition(move.version)
-    values.update({":one": 1, ":limit": move.limit})
+    values.update({":one": 1, ":limit": move.limit, ":at": move.version + 1})
     if move.seen_tat is not None:
         values[":seen"] = move.seen_tat
-    expression = "SET scale = :limit"
+    expression = "SET scale = :limit, scale_at = :at"
     if move.tat is not None:
         expression += ", tat_us = :tat"
         values[":tat"] = move.tat
@@ -351,6 +357,7 @@ class DynamoUsageStore:
         previous: TenantLimits | None,
         limits: TenantLimits | None,
         moves: Sequence[Rescale],
+        versions: Mapping[str, int],
     ) -> bool:
         condition, values = limits_condition(previous)
         writes = [
@@ -361,6 +368,13 @@ class DynamoUsageStore:
             )
         ]
         writes += [_rescale_request(self._table, move) for move in moves]
+        moved = {move.bucket for move in moves}
+        for name, version in versions.items():
+            if name not in moved:  # held on as read (a move holds on its own)
+                held, entries = _scale_condition(version)
+                writes.append(
+                    self._table.check_request(KIND, IDENT, held, sort=_sk(f"bucket#{name}"), values=entries)
+                )
         try:
             transact(self._table.client, writes)
         except ConditionFailed:

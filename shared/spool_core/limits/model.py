@@ -60,6 +60,11 @@ class Bucket(NamedTuple):
         outstanding = (tat - now) * self.limit  # tokens x period
         return now + min(self.period_us, -(-outstanding // limit))
 
+    def forgives(self, tat: int | None, now: int, limit: int) -> bool:
+        """Whether ``rescaled`` to ``limit`` caps what is outstanding (more than a period of the new
+        limit): the tokens past it are forgiven, as by a lowering, raised or not."""
+        return tat is not None and (tat - now) * self.limit > self.period_us * limit
+
     def take(self, tat: int | None, now: int, tokens: int, version: int = 0) -> BucketTake | None:
         """The write that takes ``tokens`` from a bucket last seen at ``tat`` (and at scale version
         ``version``), or None when they do not fit. Its condition holds only while the bucket is in
@@ -94,8 +99,42 @@ class Bucket(NamedTuple):
         if take is None:
             return None, converted
         start = now if take.kind == "restart" or converted is None else converted
-        rescale = Rescale(self.name, tat, start + take.cost_us, self.limit, self.limit < scale, version)
+        before = Bucket(self.name, scale, self.period_us)
+        lowered = self.limit < scale or before.forgives(tat, now, self.limit)
+        rescale = Rescale(self.name, tat, start + take.cost_us, self.limit, lowered, version)
         return take._replace(kind="rescale", rescale=rescale), converted
+
+
+class Reading(NamedTuple):
+    """A bucket as the limit that applies reads it (``bucket``), its TAT (``tat``) in the scale it is
+    in (``scale``, the limit it records): the same but after a redeploy changed the deployment's
+    defaults, until the bucket's next take converts it; it refills at that scale's rate meanwhile."""
+
+    bucket: Bucket
+    scale: int
+    tat: int | None
+
+    def converted(self, now: int) -> int | None:
+        """The TAT at the bucket's limit (what is outstanding carried over, as a take would)."""
+        if self.scale == self.bucket.limit:
+            return self.tat
+        return self.bucket._replace(limit=self.scale).rescaled(self.tat, now, self.bucket.limit)
+
+    def remaining(self, now: int) -> int:
+        return self.bucket.remaining(self.converted(now), now)
+
+    def reset_us(self, now: int) -> int:
+        """Microseconds until the bucket is full again, at the rate it refills at."""
+        return self.bucket.reset_us(self.tat, now)
+
+    def available_at(self, now: int, tokens: int) -> int:
+        """When ``tokens`` will fit (epoch microseconds), if nothing else is taken: in another scale,
+        when what is outstanding there, refilling at its rate, is at most the limit less ``tokens``."""
+        if self.scale == self.bucket.limit:
+            return self.bucket.available_at(self.tat, now, tokens)
+        if self.tat is None:
+            return now
+        return max(now, self.tat - (self.bucket.limit - tokens) * self.bucket.period_us // self.scale)
 
 
 class BucketTake(NamedTuple):

@@ -6,7 +6,7 @@ never exists without its job and is settled exactly once."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any, Protocol, TypeVar
@@ -21,6 +21,7 @@ from spool_core.limits.model import (
     Estimate,
     ModelUsage,
     Place,
+    Reading,
     Rescale,
     Reservation,
     ReservationPlan,
@@ -77,12 +78,14 @@ class UsageStore(Protocol):
         previous: TenantLimits | None,
         limits: TenantLimits | None,
         moves: Sequence[Rescale],
+        versions: Mapping[str, int],
     ) -> bool:
         """Set the tenant's own limits (None: remove them, the deployment's defaults apply) and, for
         each of ``moves`` (a bucket whose scale changes), record its new scale, count the change (and
         a lowering), and set its TAT when something outstanding is carried over, all or none: if the
-        token limits are still ``previous`` (None: the tenant has none of its own) and each bucket's
-        TAT and scale version are still the ones seen. Whether they were."""
+        token limits are still ``previous`` (None: the tenant has none of its own), each moved
+        bucket's TAT is still the one seen, and each bucket's scale version is still its entry in
+        ``versions``. Whether they were."""
 
 
 RESCALE_ATTEMPTS = 5  # of moving a bucket's TAT against admissions and settlements meanwhile
@@ -121,8 +124,13 @@ def set_tenant_limits(
                 seen = state.tats.get(old.name)
                 tat = old.rescaled(seen, now * 1000, new.limit)
                 version = state.rescales.get(old.name, 0)
-                moves.append(Rescale(old.name, seen, tat, new.limit, new.limit < old.limit, version))
-        if store.change_limits(state.limits, limits, moves):
+                # a raise that caps what is outstanding forgives too: as a lowering (see ``Place``)
+                lowered = new.limit < old.limit or old.forgives(seen, now * 1000, new.limit)
+                moves.append(Rescale(old.name, seen, tat, new.limit, lowered, version))
+        # ...holding on every bucket's scale version, moved or not: a bucket read as already in the
+        # new scale could be converted by a take meanwhile (a redeploy's) and be left in another.
+        versions = {bucket.name: state.rescales.get(bucket.name, 0) for bucket in after}
+        if store.change_limits(state.limits, limits, moves, versions):
             return
         state = store.state(None, day)
     raise Conflict(
@@ -176,12 +184,10 @@ class RateLimiter:
         """``bucket`` at the limit its TAT is in (``UsageState.scales``)."""
         return bucket._replace(limit=state.scales.get(bucket.name, bucket.limit))
 
-    def _tat(self, state: UsageState, bucket: Bucket, now_us: int) -> int | None:
-        """The bucket's TAT as the limit that applies reads it: converted from the scale it is in
-        (after a redeploy changed the defaults, until the next take converts it)."""
-        tat = state.tats.get(bucket.name)
-        scale = self._at_scale(state, bucket)
-        return tat if scale.limit == bucket.limit else scale.rescaled(tat, now_us, bucket.limit)
+    @staticmethod
+    def _reading(state: UsageState, bucket: Bucket) -> Reading:
+        """``bucket`` (at the limit that applies) as read, in the scale its TAT is in."""
+        return Reading(bucket, state.scales.get(bucket.name, bucket.limit), state.tats.get(bucket.name))
 
     # ------------------------------------------------------------------ estimate
     def estimate(self, state: UsageState, input_raw: int, max_tokens: int) -> Estimate:
@@ -212,15 +218,14 @@ class RateLimiter:
             )
         takes, refusals, places = [], [], []
         for bucket in self.buckets(limits):
-            tat = state.tats.get(bucket.name)
+            reading, tat = self._reading(state, bucket), state.tats.get(bucket.name)
             version = state.rescales.get(bucket.name, 0)
-            scale = state.scales.get(bucket.name, bucket.limit)
-            if scale == bucket.limit:
+            if reading.scale == bucket.limit:
                 take = bucket.take(tat, now_us, tokens, version)
             else:  # its TAT is in the scale of defaults a redeploy changed since: converted first
-                take, tat = bucket.take_rescaled(scale, tat, now_us, tokens, version)
+                take, tat = bucket.take_rescaled(reading.scale, tat, now_us, tokens, version)
             if take is None:
-                refusals.append(self._token_limit(bucket, tokens, tat, now_us))
+                refusals.append(self._token_limit(reading, tokens, now_us))
                 continue
             takes.append(take)
             # The TAT after the take, at least: an advance lands on the TAT as it is then, which
@@ -258,15 +263,16 @@ class RateLimiter:
         )
         return ReservationPlan(reservation, tuple(takes), limits.max_concurrent_jobs, room, state.limits)
 
-    def _token_limit(self, bucket: Bucket, tokens: int, tat: int | None, now_us: int) -> TokenLimitExceeded:
-        remaining = bucket.remaining(tat, now_us)
+    def _token_limit(self, reading: Reading, tokens: int, now_us: int) -> TokenLimitExceeded:
+        bucket = reading.bucket
+        remaining = reading.remaining(now_us)
         per = "minute" if bucket.period_us == MINUTE_US else "day"
         message = f"This job needs {tokens:,} tokens; {remaining:,} of {bucket.limit:,} per {per} remain"
         suggestions = None
         if tokens > bucket.limit:
             # It never fits, however long the caller waits: the reset named is when the bucket is
             # whole again (the buckets refill continuously), and the suggestions say what would fit.
-            reset_us = now_us + bucket.reset_us(tat, now_us)
+            reset_us = now_us + reading.reset_us(now_us)
             message = (
                 f"This job needs {tokens:,} tokens, more than the whole limit of {bucket.limit:,}"
                 f" per {per}: waiting will not help"
@@ -277,7 +283,7 @@ class RateLimiter:
                 "Ask for a higher limit",
             ]
         else:
-            reset_us = bucket.available_at(tat, now_us, tokens)
+            reset_us = reading.available_at(now_us, tokens)
         error = TokenLimitExceeded(
             message,
             retry_after_seconds=max(1.0, (reset_us - now_us) / 1e6),
@@ -357,8 +363,8 @@ class RateLimiter:
         also holds on no job having been admitted between its read and its write. ``refunds``
         False: none at all (the last attempt).
 
-        The differences are in the scale each bucket's TAT is in (the limit it records, read in one
-        snapshot with its scale version: the limits that apply for a bucket that records none), on
+        The differences are in the scale each bucket's TAT is in (the limit it records, read from the
+        same item as its scale version: the limits that apply for a bucket that records none), on
         condition that the bucket's scale has not changed when they are written (its scale version,
         ``rescales``): every change of a tenant's limits moves each bucket's TAT to the new limits'
         scale in the same write (``set_tenant_limits``), as the first take after a redeploy that
@@ -485,15 +491,16 @@ class RateLimiter:
         for bucket in self.buckets(self.limits(state)):
             if window is not None and bucket.name != window:
                 continue
-            tat = self._tat(state, bucket, now_us)
+            reading = self._reading(state, bucket)
             for take in plan.takes if plan else ():
                 if take.bucket == bucket.name and take.rescale is not None:
-                    tat = take.rescale.tat
+                    reading = Reading(bucket, bucket.limit, take.rescale.tat)  # converted by the take
                 elif take.bucket == bucket.name:
-                    tat = take.now_us + take.cost_us if take.kind == "restart" else (tat or 0) + take.cost_us
-            remaining = bucket.remaining(tat, now_us)
+                    start = take.now_us if take.kind == "restart" else (reading.tat or 0)
+                    reading = reading._replace(tat=start + take.cost_us)
+            remaining = reading.remaining(now_us)
             if tightest is None or remaining < tightest[0]:
-                tightest = (remaining, bucket.limit, math.ceil(bucket.reset_us(tat, now_us) / 1e6))
+                tightest = (remaining, bucket.limit, math.ceil(reading.reset_us(now_us) / 1e6))
         assert tightest is not None
         remaining, limit, reset = tightest
         return {
@@ -508,14 +515,14 @@ class RateLimiter:
         state = self._store.state(None, today)
         limits = self.limits(state)
         now_us = now * 1000
-        tats = {bucket.name: self._tat(state, bucket, now_us) for bucket in self.buckets(limits)}
+        readings = [self._reading(state, bucket) for bucket in self.buckets(limits)]
         buckets = {
-            f"tokens_per_{bucket.name}": {
-                "limit": bucket.limit,
-                "remaining": bucket.remaining(tats[bucket.name], now_us),
-                "reset_seconds": math.ceil(bucket.reset_us(tats[bucket.name], now_us) / 1e6),
+            f"tokens_per_{reading.bucket.name}": {
+                "limit": reading.bucket.limit,
+                "remaining": reading.remaining(now_us),
+                "reset_seconds": math.ceil(reading.reset_us(now_us) / 1e6),
             }
-            for bucket in self.buckets(limits)
+            for reading in readings
         }
         budget = limits.daily_budget_nanos
         return state, {
