@@ -850,3 +850,86 @@ def test_a_refusal_from_a_bucket_in_the_old_scale_says_when_the_job_fits(
         world.admit(tokens)
     clock.now += 0.01
     world.admit(tokens)
+
+
+def test_a_scale_recorded_without_its_version_is_the_buckets() -> None:
+    """8c366ef-7f87346 recorded a scale at every take and rescale, without the version it was at: on
+    a bucket rescaled since (a tenant once on limits of its own), reading such a scale as stale read
+    the TAT at the limits that apply: after the defaults were lowered from 100,000 to 1,000 a minute
+    by a redeploy, 800 remaining where the 20,000 used leave none (third review)."""
+    clock = Clock()
+    before = DEFAULTS._replace(tokens_per_minute=100_000)
+    world = Bucketed(before, clock)
+    world.admit(20_000)
+    minute = world.store._usage["bucket#minute"]
+    minute["rescales"] = 1  # rescaled once before; 7f87346 wrote no scale_at
+    minute["scale"] = 100_000
+    del minute["scale_at"]
+    world.limiter = RateLimiter(world.store, before._replace(tokens_per_minute=1_000), clock_ms=clock.ms)
+    assert world.store.state(None, "x").scales["minute"] == 100_000
+    assert world.remaining() == 0
+
+
+def test_a_refusal_from_a_bucket_in_the_old_scale_is_not_refused_again_when_it_said() -> None:
+    """The wait counted the converted backlog and the cost unrounded, where the converting take
+    rounds both up: 6,000 a minute used up, raised to 9,000 by a redeploy, a job of 4,000 was told
+    Retry-After: 10 and refused again 10 s later, 1 us short (third review)."""
+    clock = Clock()
+    before = DEFAULTS._replace(tokens_per_minute=6_000)
+    world = Bucketed(before, clock)
+    world.admit(6_000)
+    world.limiter = RateLimiter(world.store, before._replace(tokens_per_minute=9_000), clock_ms=clock.ms)
+    with pytest.raises(TokenLimitExceeded) as refused:
+        world.admit(4_000)
+    assert refused.value.headers["Retry-After"] == "11"  # it fits from 10.000001 s on
+    clock.now += 10
+    with pytest.raises(TokenLimitExceeded):
+        world.admit(4_000)
+    clock.now += 0.001  # the limiter's clock counts milliseconds
+    world.admit(4_000)
+
+
+def test_a_change_of_limits_that_lost_a_race_converts_at_the_moment_of_its_next_read() -> None:
+    """A raise from 1,000 to 1,000,000 a minute with the minute used up, which lost a race to an
+    admission 0.2 s later, was converted at the moment before its first read: those 0.2 s counted as
+    refilled at 1,000,000 a minute, though the admission in them was taken at 1,000 (third review)."""
+    from spool_core.limits.service import set_tenant_limits
+
+    clock = Clock()
+    limits = DEFAULTS._replace(tokens_per_minute=1_000)
+    world = Bucketed(limits, clock)
+    set_tenant_limits(world.store, limits, defaults=limits, clock=clock.ms)
+    world.admit(1_000)
+    replay = Replay(Bucket("minute", 1_000, MINUTE_US))
+    replay.take(0, clock.ms() * 1000, 1_000)
+    real, tries = world.store.change_limits, []
+
+    def raced(*args: Any) -> bool:
+        if not tries:
+            clock.now += 0.2
+            world.admit(3)  # refilled at 1,000 a minute meanwhile, taken at that limit
+            replay.take(1, clock.ms() * 1000, 3)
+        tries.append(args)
+        return real(*args)
+
+    world.store.change_limits = raced  # type: ignore[method-assign]
+    set_tenant_limits(
+        world.store, limits._replace(tokens_per_minute=1_000_000), defaults=limits, clock=clock.ms
+    )
+    assert len(tries) == 2
+    replay.limit(clock.ms() * 1000, 1_000_000)
+    assert world.remaining() <= replay.remaining(clock.ms() * 1000)
+
+
+def test_reset_at_is_when_the_job_fits_rounded_up() -> None:
+    """reset_at kept milliseconds by dropping the rest: 9,000 a minute used up, a job of 1 fits
+    6,667 us later and reset_at said 6 ms; a client waiting until then was refused (third review)."""
+    from datetime import datetime
+
+    clock = Clock()
+    world = Bucketed(DEFAULTS._replace(tokens_per_minute=9_000), clock)
+    world.admit(9_000)
+    with pytest.raises(TokenLimitExceeded) as refused:
+        world.admit(1)
+    clock.now = datetime.fromisoformat(refused.value.details["reset_at"]).timestamp()
+    world.admit(1)

@@ -50,10 +50,14 @@ def state_from(items: Iterable[dict[str, Any]], day: str) -> UsageState:
 
     tats, rescales = per_bucket("tat_us"), per_bucket("rescales")
     # A scale is the TAT's only while the bucket's version is the one it was recorded at: code from
-    # before scales were kept (a rollback, an older CLI) counts rescales without recording one.
+    # before scales were kept (a rollback, an older CLI) counts rescales without recording one. A
+    # scale without its version (recorded by 8c366ef-7f87346, which set one at every take and rescale)
+    # is the TAT's.
     at = per_bucket("scale_at")
     scales = {
-        name: scale for name, scale in per_bucket("scale").items() if at.get(name, 0) == rescales.get(name, 0)
+        name: scale
+        for name, scale in per_bucket("scale").items()
+        if at.get(name, rescales.get(name, 0)) == rescales.get(name, 0)
     }
     return UsageState(
         limits=_limits(limits) if limits else None,

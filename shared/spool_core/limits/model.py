@@ -129,12 +129,15 @@ class Reading(NamedTuple):
 
     def available_at(self, now: int, tokens: int) -> int:
         """When ``tokens`` will fit (epoch microseconds), if nothing else is taken: in another scale,
-        when what is outstanding there, refilling at its rate, is at most the limit less ``tokens``."""
+        when what is outstanding there, refilling at its rate, leaves room for them at the limit."""
         if self.scale == self.bucket.limit:
             return self.bucket.available_at(self.tat, now, tokens)
         if self.tat is None:
             return now
-        return max(now, self.tat - (self.bucket.limit - tokens) * self.bucket.period_us // self.scale)
+        # as the converting take counts it (both rounded up): the converted backlog and the cost
+        # must fit in a period, (tat - t) x scale <= (period - cost) x limit
+        room_us = (self.bucket.period_us - self.bucket.cost_us(tokens)) * self.bucket.limit // self.scale
+        return max(now, self.tat - room_us)
 
 
 class BucketTake(NamedTuple):

@@ -92,7 +92,12 @@ RESCALE_ATTEMPTS = 5  # of moving a bucket's TAT against admissions and settleme
 
 
 def set_tenant_limits(
-    store: UsageStore, limits: TenantLimits | None, *, defaults: TenantLimits, now: int | None = None
+    store: UsageStore,
+    limits: TenantLimits | None,
+    *,
+    defaults: TenantLimits,
+    now: int | None = None,
+    clock: Callable[[], int] = now_ms,
 ) -> None:
     """A tenant's own limits, or (``limits`` None) back to the deployment's ``defaults``.
 
@@ -103,9 +108,12 @@ def set_tenant_limits(
     its bucket (``Bucket.rescaled``), from the scale the bucket is in (the limit it records) to the
     limits that apply after, the defaults included. A change of the defaults themselves (a redeploy)
     rescales nothing when it happens: a bucket is read in the scale it records, converted by its next
-    take (``Bucket.take_rescaled``), and a settlement moves it in that scale (``RateLimiter.settle``)."""
-    now = now_ms() if now is None else now
-    day = utc_day(now)
+    take (``Bucket.take_rescaled``), and a settlement moves it in that scale (``RateLimiter.settle``).
+
+    Each attempt converts at the moment after its read (``clock``; ``now``: a fixed instant): a
+    moment taken before an attempt that lost a race counted the time since as refilled at the new
+    limit, though the admissions in it were taken at the old one."""
+    day = utc_day(clock() if now is None else now)
     state = store.state(None, day)
     if limits is None and state.limits is None:
         return  # on the defaults already
@@ -116,16 +124,16 @@ def set_tenant_limits(
     # The limits and the buckets they rescale in one write: a change applied in part and run again
     # would rescale a bucket twice.
     for _ in range(RESCALE_ATTEMPTS):
-        moves = []
+        moment_us, moves = (clock() if now is None else now) * 1000, []
         before, after = RateLimiter.buckets(state.limits or defaults), RateLimiter.buckets(limits or defaults)
         for applied, new in zip(before, after, strict=True):
             old = RateLimiter._at_scale(state, applied)  # the scale its TAT is in (a redeploy's defaults)
             if old.limit != new.limit:  # counted even with nothing outstanding: see ``Place``
                 seen = state.tats.get(old.name)
-                tat = old.rescaled(seen, now * 1000, new.limit)
+                tat = old.rescaled(seen, moment_us, new.limit)
                 version = state.rescales.get(old.name, 0)
                 # a raise that caps what is outstanding forgives too: as a lowering (see ``Place``)
-                lowered = new.limit < old.limit or old.forgives(seen, now * 1000, new.limit)
+                lowered = new.limit < old.limit or old.forgives(seen, moment_us, new.limit)
                 moves.append(Rescale(old.name, seen, tat, new.limit, lowered, version))
         # ...holding on every bucket's scale version, moved or not: a bucket read as already in the
         # new scale could be converted by a take meanwhile (a redeploy's) and be left in another.
@@ -292,7 +300,8 @@ class RateLimiter:
                 "tokens_remaining": remaining,
                 "limit": bucket.limit,
                 "window": per,
-                "reset_at": rfc3339(from_epoch(reset_us / 1e6)),
+                # rounded up: a client that waits until then finds the room (rfc3339 keeps milliseconds)
+                "reset_at": rfc3339(from_epoch(-(-reset_us // 1000) / 1000)),
             },
             suggestions=suggestions,
         )
