@@ -28,13 +28,9 @@ def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
             extra={"message_id": record.message_id, "reason": str(exc)[:500], "body": record.body[:500]},
         )
         return
-    outcome = bootstrap.dead_letters(tenant).handle(
-        message.job_id,
-        request_id=lambda_context.aws_request_id,
-        receives=int(record.attributes.approximate_receive_count),
-    )
+    outcome = bootstrap.dead_letters(tenant).handle(message.job_id, request_id=lambda_context.aws_request_id)
     if outcome is not Outcome.DONE:
-        raise MessageNotDone(f"job {message.job_id} is still leased or not settled yet; looking again later")
+        raise MessageNotDone(f"job {message.job_id} is still leased; looking again later")
 
 
 lambda_handler = sqs_batch_handler(record_handler)

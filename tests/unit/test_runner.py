@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 
 from spool_core.clock import from_epoch, rfc3339
-from spool_core.jobs.dead_letters import SETTLE_RECEIVES
 from spool_core.jobs.model import JobRequest
 from spool_core.jobs.ports import Signals
 from spool_core.jobs.runner import Outcome, build_messages
@@ -492,31 +491,11 @@ def test_dead_letters_end_every_job_once_whatever_happened() -> None:
     world.ledger.jobs[("acme", orphan)]["segments"] = [{"model": "gone-model"}]
     assert dead.handle(orphan) is Outcome.DONE
     stuck = create(world, "acme", "k3")  # its settled end is refused by the store: it still ends
-    world.ledger.faults.plan["end"] = ["error"] * SETTLE_RECEIVES
-    for receives in range(1, SETTLE_RECEIVES):  # looked at again: the refusal may pass
-        assert dead.handle(stuck, receives=receives) is Outcome.RETRY
-    assert dead.handle(stuck, receives=SETTLE_RECEIVES) is Outcome.DONE
+    world.ledger.faults.plan["end"] = ["error"]
+    assert dead.handle(stuck) is Outcome.DONE
     assert {world.ledger.tenant("acme").get(j).status for j in (orphan, stuck)} == {"failed"}  # type: ignore[union-attr]
     assert running(world.ledger, "acme") == 0
     world.ledger.messages.clear()
-
-
-def test_a_dead_letter_whose_settlement_failed_once_is_settled_when_it_comes_back() -> None:
-    """A dead letter whose settled end failed once (a throttled read after botocore's retries, a store
-    that did not answer) ended its job with the slot released only: the reservation never given
-    back, the job's usage never counted (outside review). It is looked at again, and settles."""
-    world = JobWorld()
-    dead = world.dead_letters("acme")
-    job_id = create(world, "acme", "k1")
-    world.ledger.messages.clear()
-    world.ledger.faults.plan["end"] = ["error"]
-    assert dead.handle(job_id, receives=1) is Outcome.RETRY
-    store = world.ledger.tenant("acme")
-    assert store.get(job_id).status == "queued" and running(world.ledger, "acme") == 1  # type: ignore[union-attr]
-    assert dead.handle(job_id, receives=2) is Outcome.DONE
-    assert store.get(job_id).status == "failed"  # type: ignore[union-attr]
-    assert [s.job_id for _, s in world.ledger.settlements] == [job_id]  # settled, once
-    assert running(world.ledger, "acme") == 0
 
 
 def test_a_job_whose_model_left_the_registry_fails_at_once() -> None:

@@ -1,8 +1,7 @@
 """The dead-letter path: a job whose message could not be processed ends ``failed`` with a structured
 error, its reservation settled, whatever input the message carries. It never loops and never leaves a
-job running: when the settled end cannot be written (a throttled read, a store that did not answer),
-the dead letter is looked at again, and at its ``SETTLE_RECEIVES``-th receive the job still ends,
-settling only its concurrency slot, and the reason is logged."""
+job running: when the settled end itself cannot be written, the job still ends, settling only its
+concurrency slot, and the reason is logged."""
 
 from __future__ import annotations
 
@@ -22,15 +21,6 @@ from spool_core.limits.service import RateLimiter, utc_day
 from spool_core.models import ModelCatalog
 from spool_core.observability import logger
 
-# Receives of a dead letter whose settled end could not be written before its job ends with its slot
-# released only (its usage never counted): the first failure was most often a passing one (a
-# throttled read after botocore's retries), and each receive waits out the queue's visibility (30 s).
-SETTLE_RECEIVES = 4
-
-
-class _SettleLater(Exception):
-    """The settled end could not be written this time; the dead letter comes back."""
-
 
 class DeadLetters:
     def __init__(
@@ -48,10 +38,10 @@ class DeadLetters:
         self._limiter = limiter
         self._clock = clock
 
-    def handle(self, job_id: str, *, request_id: str | None = None, receives: int = 1) -> Outcome:
+    def handle(self, job_id: str, *, request_id: str | None = None) -> Outcome:
         """End the job ``failed`` unless a live lease says an attempt still holds it (then look again
         later: the dead letter returns after its visibility timeout). ``request_id``: the invocation's,
-        named in the job's error; ``receives``: how many times the dead letter was received."""
+        named in the job's error."""
         token = uuid.uuid4().hex
         for _ in range(3):
             job = self._jobs.get(job_id)
@@ -61,15 +51,13 @@ class DeadLetters:
             if job.lease_live(now):
                 return Outcome.RETRY
             try:
-                self._end(job, token, now, request_id, last=receives >= SETTLE_RECEIVES)
+                self._end(job, token, now, request_id)
             except Conflict:
                 continue  # it moved (a late attempt ended it, or took it): decide again
-            except _SettleLater:
-                return Outcome.RETRY
             return Outcome.DONE
         return Outcome.RETRY
 
-    def _end(self, job: Job, token: str, now: int, request_id: str | None, *, last: bool) -> None:
+    def _end(self, job: Job, token: str, now: int, request_id: str | None) -> None:
         def error(progress: Progress) -> dict[str, Any]:
             return error_object(
                 "delivery_failed",
@@ -91,14 +79,7 @@ class DeadLetters:
             )
         except Conflict:
             raise
-        except Exception as exc:
-            if not last:
-                logger.warning(
-                    "could not settle a dead-lettered job; looking again later",
-                    exc_info=True,
-                    extra={"job_id": job.job_id},
-                )
-                raise _SettleLater from exc
+        except Exception:
             logger.exception(
                 "could not settle a dead-lettered job; ending it with its slot released only",
                 extra={"job_id": job.job_id},
