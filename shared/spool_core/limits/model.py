@@ -94,12 +94,12 @@ class Bucket(NamedTuple):
         the deployment's defaults, which rescales nothing when it happens): converted to this limit
         (``rescaled``) and taken from in one write, held on the TAT as seen. With the TAT it was
         converted to (what a refusal reports)."""
-        converted = Bucket(self.name, scale, self.period_us).rescaled(tat, now, self.limit)
+        before = self._replace(limit=scale)
+        converted = before.rescaled(tat, now, self.limit)
         take = self.take(converted, now, tokens, version)
         if take is None:
             return None, converted
         start = now if take.kind == "restart" or converted is None else converted
-        before = Bucket(self.name, scale, self.period_us)
         lowered = self.limit < scale or before.forgives(tat, now, self.limit)
         rescale = Rescale(self.name, tat, start + take.cost_us, self.limit, lowered, version)
         return take._replace(kind="rescale", rescale=rescale), converted
