@@ -19,13 +19,12 @@ _TRANSACT = {
     "Update": "UpdateItem",
     "Delete": "DeleteItem",
     "ConditionCheck": "ConditionCheckItem",
-    "Get": "GetItem",  # TransactGetItems: IAM authorizes each read as a GetItem
 }
 
 
 def _calls(operation: str, params: dict[str, Any]) -> Iterator[tuple[str, str | None, str | None]]:
     """(operation, resource, index) for each thing a call touches: a transaction's items one by one."""
-    if operation in ("TransactWriteItems", "TransactGetItems"):
+    if operation == "TransactWriteItems":
         for item in params.get("TransactItems") or []:
             for kind, body in item.items():
                 yield _TRANSACT.get(kind, kind), body.get("TableName"), None
