@@ -114,11 +114,16 @@ class Reading(NamedTuple):
     scale: int
     tat: int | None
 
+    @property
+    def in_scale(self) -> Bucket:
+        """The bucket at the limit its TAT is in (what its moves are counted at)."""
+        return self.bucket._replace(limit=self.scale)
+
     def converted(self, now: int) -> int | None:
         """The TAT at the bucket's limit (what is outstanding carried over, as a take would)."""
         if self.scale == self.bucket.limit:
             return self.tat
-        return self.bucket._replace(limit=self.scale).rescaled(self.tat, now, self.bucket.limit)
+        return self.in_scale.rescaled(self.tat, now, self.bucket.limit)
 
     def remaining(self, now: int) -> int:
         return self.bucket.remaining(self.converted(now), now)

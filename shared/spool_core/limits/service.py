@@ -127,7 +127,7 @@ def set_tenant_limits(
         moment_us, moves = (clock() if now is None else now) * 1000, []
         before, after = RateLimiter.buckets(state.limits or defaults), RateLimiter.buckets(limits or defaults)
         for applied, new in zip(before, after, strict=True):
-            old = RateLimiter._at_scale(state, applied)  # the scale its TAT is in (a redeploy's defaults)
+            old = RateLimiter._reading(state, applied).in_scale  # its TAT's scale (a redeploy's defaults)
             if old.limit != new.limit:  # counted even with nothing outstanding: see ``Place``
                 seen = state.tats.get(old.name)
                 tat = old.rescaled(seen, moment_us, new.limit)
@@ -188,13 +188,9 @@ class RateLimiter:
         )
 
     @staticmethod
-    def _at_scale(state: UsageState, bucket: Bucket) -> Bucket:
-        """``bucket`` at the limit its TAT is in (``UsageState.scales``)."""
-        return bucket._replace(limit=state.scales.get(bucket.name, bucket.limit))
-
-    @staticmethod
     def _reading(state: UsageState, bucket: Bucket) -> Reading:
-        """``bucket`` (at the limit that applies) as read, in the scale its TAT is in."""
+        """``bucket`` (at the limit that applies) as read, in the scale its TAT is in
+        (``UsageState.scales``; the limit that applies for a bucket that records none)."""
         return Reading(bucket, state.scales.get(bucket.name, bucket.limit), state.tats.get(bucket.name))
 
     # ------------------------------------------------------------------ estimate
@@ -226,7 +222,8 @@ class RateLimiter:
             )
         takes, refusals, places = [], [], []
         for bucket in self.buckets(limits):
-            reading, tat = self._reading(state, bucket), state.tats.get(bucket.name)
+            reading = self._reading(state, bucket)
+            tat = reading.tat
             version = state.rescales.get(bucket.name, 0)
             if reading.scale == bucket.limit:
                 take = bucket.take(tat, now_us, tokens, version)
@@ -391,7 +388,7 @@ class RateLimiter:
         state = self._store.bucket_state() if difference else UsageState()
         # Each bucket's moves in the scale its TAT is in: the limit it records (read with its scale
         # version, which the moves hold on), else the limits that apply.
-        scales = {b.name: self._at_scale(state, b) for b in self.buckets(self.limits(state))}
+        scales = {b.name: self._reading(state, b).in_scale for b in self.buckets(self.limits(state))}
         places = {p.bucket: p for p in reservation.places}
         now_us = now * 1000
         elapsed_us = now_us - reservation.reserved_at_ms * 1000
