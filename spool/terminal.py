@@ -182,7 +182,10 @@ class AnswerWriter:
                 redirect_stdout=False,
                 redirect_stderr=True,  # a stray line on stderr is printed above the status line
             )
-            self._live.start()
+            # Drawn once now, before any text: rich erases a status line before it prints above it,
+            # but decides how outside its lock, so a first drawing by its refresh thread at that
+            # moment would have the first row of the answer written after it on the same row.
+            self._live.start(refresh=True)
         return self
 
     def __exit__(self, *exc: object) -> None:

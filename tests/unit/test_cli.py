@@ -10,12 +10,14 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import tomllib
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from rich.console import Console
+from rich.text import Text
 
 from spool import cli
 from spool.admin import AdminError, AdminTarget, aws_errors
@@ -95,6 +97,43 @@ def test_the_answer_is_written_once_and_the_status_line_never_lands_in_it(column
     # In the byte stream, once the status line's redraws are taken out, the answer is there once,
     # whole: the status line was only ever drawn between two rows of it.
     assert answer_in(written) == ANSWER + "\n"
+
+
+def test_the_first_row_is_not_written_onto_a_status_line_drawn_at_that_moment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rich's refresh thread draws the status line while another thread prints: rich works out how
+    to erase the status line before it renders the printed text, outside its lock. A status line
+    that had never been drawn needs no erasing; if the refresh thread draws it for the first time
+    in between, the first row of the answer was written after it on the same row (CI saw the
+    first 80 columns of an answer lost that way). Forced here: the first redraw runs exactly then."""
+    from rich.live import Live
+
+    tty = Tty()
+    console = Console(file=tty, force_terminal=True, width=40, color_system=None, markup=False)
+    meter = JobMeter("job_test", Pricing(1.0, 2.0), 50, clock=Clock())
+    process = Live.process_renderables
+    raced: list[bool] = []
+
+    def refreshed_in_between(live: Live, renderables: list[Any]) -> list[Any]:
+        processed = process(live, renderables)
+        if not raced and any(isinstance(each, Text) for each in renderables):  # a print, not a redraw
+            raced.append(True)
+            other = threading.Thread(target=live.refresh)
+            other.start()
+            other.join()
+        return processed
+
+    monkeypatch.setattr(Live, "process_renderables", refreshed_in_between)
+    row = "The worker takes a job from the queue, "  # 39 cells, and the next one fills the row
+    with AnswerWriter(tty, meter, console=console) as writer:
+        writer.write(row + "l")
+        writer.write("eases it.")
+    assert raced
+    written = tty.getvalue().replace("\n", "\r\n")
+    plain = [line for line in screen_of(written, 40, 10) if line]
+    assert plain == [row + "l", "eases it."]
+    assert answer_in(written) == row + "leases it.\n"
 
 
 def test_without_a_terminal_the_answer_is_the_bare_text() -> None:
