@@ -81,13 +81,16 @@ def _dev(args: argparse.Namespace) -> int:
         workers=args.workers,
         state_dir=Path(args.state_dir) if args.state_dir else None,
     )
-    stopped = threading.Event()
+    # A plain flag, not a threading.Event: a second signal can arrive while the handler of the first is
+    # inside Event.set, holding the event's lock, and the nested call then waited for that lock for
+    # ever (two Ctrl-Cs at once hung `spool dev` in ~1 start in 25).
+    stopped = False
     starting = True
     moto_exit: int | None = None  # moto's exit code, when it died under the stack
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal starting
-        stopped.set()
+        nonlocal starting, stopped
+        stopped = True
         if starting:
             starting = False  # once: a second signal must not cut short the stop (and its save)
             raise KeyboardInterrupt  # abandon the start; start() stops what it began
@@ -119,11 +122,9 @@ def _dev(args: argparse.Namespace) -> int:
             flush=True,
         )
         print(f"spool: ready on {stack.base_url} (Ctrl-C to stop)", flush=True)
-        # Slept in short steps, not one untimed Event.wait: a test saw a SIGINT leave the main thread
-        # in that wait for good (2 stops in ~15; py-spy: no handler frame). A handler that is due runs
-        # when the main thread next wakes, and the handler's Event.set can never meet the event's
-        # lock held by this thread (a wait holds it on its way in and out).
-        while not stopped.is_set() and (moto_exit := stack.moto.exited()) is None:
+        # Slept in short steps: a handler that is due runs when the main thread next wakes, and sets
+        # the flag this loop looks at (the handler takes no lock, see ``stopped``).
+        while not stopped and (moto_exit := stack.moto.exited()) is None:
             time.sleep(STOP_CHECK_SECONDS)
     finally:
         _tell("spool: stopping...")
@@ -147,8 +148,7 @@ def _dev(args: argparse.Namespace) -> int:
 def _ignore_stop_signals() -> None:
     """Stopped and saved: a Ctrl-C pressed again (or a SIGTERM) while the process exits is ignored.
     Python puts the default action back on its own handlers as the interpreter finalizes, so such a
-    signal killed the stopped process (exit -2 instead of 130: an end-to-end test's second Ctrl-C,
-    0.2 s after the first, came that late twice on a loaded machine)."""
+    signal would kill the stopped process (exit -2 instead of 130; see also ``exit_with``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
@@ -1527,4 +1527,6 @@ def _cli_suggestions(exc: SpoolError, suggestions: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from spool.__main__ import exit_with
+
+    exit_with(main())
