@@ -262,22 +262,25 @@ class AskSession:
         stream: JobStream | None = None
         printed = 0  # the last chunk written out (the stream counts one earlier)
         try:
-            with writer:
-                try:
-                    stream = self.client.stream(
-                        self.job_id, transport=self.transport, on_progress=self._progress
-                    )
-                    for text in stream:
-                        with _ctrl_c_held():  # a chunk is printed and counted, or neither
-                            writer.write(text)
-                            printed = stream.last_sequence_id
-                except KeyboardInterrupt:
-                    # The stream takes a chunk before it hands its text over (and may poll the job in
-                    # between): the rest is read from the last chunk printed, never from the stream's.
-                    if stream is not None:
-                        stream.close()
-                    writer.pause()
-                    return self._interrupted(writer, printed)
+            try:
+                # Started inside the Ctrl-C handling, and whole: a Ctrl-C as the status line appeared
+                # went past the cancel (the job ran on, billed) and left the line and a hidden cursor.
+                with _ctrl_c_held():
+                    writer.start()
+                stream = self.client.stream(self.job_id, transport=self.transport, on_progress=self._progress)
+                for text in stream:
+                    with _ctrl_c_held():  # a chunk is printed and counted, or neither
+                        writer.write(text)
+                        printed = stream.last_sequence_id
+            except KeyboardInterrupt:
+                # The stream takes a chunk before it hands its text over (and may poll the job in
+                # between): the rest is read from the last chunk printed, never from the stream's.
+                if stream is not None:
+                    stream.close()
+                writer.pause()
+                return self._interrupted(writer, printed)
+            finally:
+                writer.finish()
         except BrokenPipeError:
             # Whoever read the answer stopped (``spool ask ... | head``): nobody reads the rest, so it
             # is not paid for either, as with Ctrl-C; the cancel is sent, not waited for.
@@ -1527,6 +1530,7 @@ def _cli_suggestions(exc: SpoolError, suggestions: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    from spool.__main__ import exit_with
+    from spool.__main__ import exit_with, ignore_ctrl_c_in_teardown
 
+    ignore_ctrl_c_in_teardown()
     exit_with(main())

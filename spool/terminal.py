@@ -171,9 +171,15 @@ class AnswerWriter:
         self._wrote_any = False
         self._ended_with_newline = True
         self._live: Live | None = None
+        self._finished = False
 
     def __enter__(self) -> AnswerWriter:
-        if self.live:
+        self.start()
+        return self
+
+    def start(self) -> None:
+        """Show the status line (on a terminal; once)."""
+        if self.live and self._live is None and not self._finished:
             self._live = Live(
                 StatusLine(self.meter),
                 console=self._console,
@@ -186,7 +192,6 @@ class AnswerWriter:
             # but decides how outside its lock, so a first drawing by its refresh thread at that
             # moment would have the first row of the answer written after it on the same row.
             self._live.start(refresh=True)
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self.finish()
@@ -227,6 +232,7 @@ class AnswerWriter:
 
     def finish(self) -> None:
         """Remove the status line, write the last partial row, and end the answer's line."""
+        self._finished = True
         if self._live is not None:
             self._live.stop()  # transient: the status line is erased, the cursor is where it began
             self._live = None

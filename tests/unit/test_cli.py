@@ -518,6 +518,37 @@ def test_ctrl_c_whose_cancel_cannot_get_through_says_the_job_may_still_run() -> 
     assert "job_fake may still run and be billed — cancel it with spool jobs cancel job_fake" in shown
 
 
+def test_ctrl_c_as_the_status_line_appears_cancels_the_job_and_removes_the_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Ctrl-C while rich started the status line (drawn at once since it may not race the first
+    row) went past the cancel: the job ran on, billed, and the status line and a hidden cursor stayed
+    on the terminal (an outside tester: 4 in 8 tries within ~3 ms of the line's first drawing)."""
+    from rich.live import Live
+
+    start = Live.start
+
+    def interrupted_in_start(live: Live, refresh: bool = False) -> None:
+        start(live, refresh)
+        signal.raise_signal(signal.SIGINT)  # a real Ctrl-C, its handler run here
+
+    monkeypatch.setattr(Live, "start", interrupted_in_start)
+    client = FakeClient()
+    ask, said = session(client)
+    tty = Tty()
+    try:
+        code = ask.run(tty)
+    except KeyboardInterrupt:  # not pytest's own: this test's Ctrl-C
+        pytest.fail("the Ctrl-C went past the cancel")
+    assert code == 130
+    assert client.cancelled == ["job_fake"]
+    assert "cancelled: stopped after" in said.getvalue()
+    written = tty.getvalue().replace("\n", "\r\n")
+    assert "\x1b[?25h" in written  # the cursor shown again
+    assert not any("job_fake" in line for line in screen_of(written, 80, 24))  # no status line left
+    assert answer_in(written) == "The answer comes in pieces.\n"  # what the job wrote until it stopped
+
+
 class ClosedAfter(io.StringIO):
     """stdout piped into ``head -c N``: the reader goes away after ``n`` characters."""
 
@@ -829,6 +860,38 @@ def test_a_handled_ctrl_c_exits_130_under_python_m(how: str, tmp_path: Path) -> 
         timeout=60,
     )
     assert done.returncode == (130 if how == "exit_with" else -signal.SIGINT), done.stderr
+
+
+CTRL_C_IN_TEARDOWN = """
+import os, signal, sys
+
+class PressedLate:
+    def __del__(self):  # run as the interpreter clears its modules, its own handlers already gone
+        os.kill(os.getpid(), signal.SIGINT)
+
+late = PressedLate()
+if sys.argv[1] == "ignored":
+    from spool.__main__ import ignore_ctrl_c_in_teardown
+    ignore_ctrl_c_in_teardown()
+sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize("how", ["ignored", "default"])
+def test_a_ctrl_c_in_the_interpreters_teardown_keeps_the_commands_exit_code(how: str, tmp_path: Path) -> None:
+    """Three quick Ctrl-Cs in ``spool ask``: the second ended it (130), the third landed in the
+    interpreter's teardown, where Python had put the default action back, and killed it (-2, 8 in 8
+    tries). The script as pip installs it (a file, not ``-m``)."""
+    (tmp_path / "late.py").write_text(CTRL_C_IN_TEARDOWN)
+    done = subprocess.run(
+        [sys.executable, "late.py", how],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == (130 if how == "ignored" else -signal.SIGINT), done.stderr
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
