@@ -34,7 +34,7 @@ def exit_with(code: int) -> NoReturn:
     interpreter as interrupted when a KeyboardInterrupt ends a string ``exec``/``eval`` (a dataclass's
     generated methods, say, being built as the Ctrl-C lands), even when a caller then handles it; under
     ``python -m`` it then exits by SIGINT (-2) whatever code it was given. Evaluating a string clears
-    that mark (an end-to-end test saw -2 after a handled Ctrl-C, 2 stops in ~25)."""
+    that mark (-2 in 3 of 18 `spool dev` starts stopped by two Ctrl-Cs at once)."""
     eval("None")  # noqa: S307 - a constant: clears the mark (see above), nothing else
     sys.exit(code)
 

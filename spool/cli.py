@@ -83,7 +83,7 @@ def _dev(args: argparse.Namespace) -> int:
     )
     # A plain flag, not a threading.Event: a second signal can arrive while the handler of the first is
     # inside Event.set, holding the event's lock, and the nested call then waited for that lock for
-    # ever (two Ctrl-Cs at once hung `spool dev` in ~1 start in 25).
+    # ever (two Ctrl-Cs at once hung `spool dev` once in ~19 starts).
     stopped = False
     starting = True
     moto_exit: int | None = None  # moto's exit code, when it died under the stack
