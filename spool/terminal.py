@@ -171,7 +171,6 @@ class AnswerWriter:
         self._wrote_any = False
         self._ended_with_newline = True
         self._live: Live | None = None
-        self._finished = False
 
     def __enter__(self) -> AnswerWriter:
         self.start()
@@ -179,7 +178,7 @@ class AnswerWriter:
 
     def start(self) -> None:
         """Show the status line (on a terminal; once)."""
-        if self.live and self._live is None and not self._finished:
+        if self.live and self._live is None:
             self._live = Live(
                 StatusLine(self.meter),
                 console=self._console,
@@ -232,7 +231,6 @@ class AnswerWriter:
 
     def finish(self) -> None:
         """Remove the status line, write the last partial row, and end the answer's line."""
-        self._finished = True
         if self._live is not None:
             self._live.stop()  # transient: the status line is erased, the cursor is where it began
             self._live = None
