@@ -451,6 +451,22 @@ class TenantLedger:
         result: bool = self.ledger._apply("requeue", write)
         return result
 
+    def count_dead_letter(self, job_id: str, now_ms: int) -> int:
+        def write() -> int:
+            item = self._job(job_id)
+            if (
+                item is None
+                or item["status"] not in {"queued", "running"}
+                or item.get("lease_expires_ms", 0) >= now_ms
+            ):
+                raise Conflict(item)
+            item["pending_since_ms"] = now_ms
+            item["dead_letter_receives"] = item.get("dead_letter_receives", 0) + 1
+            return int(item["dead_letter_receives"])
+
+        result: int = self.ledger._apply("count_dead_letter", write)
+        return result
+
     # ------------------------------------------------------------------ ChunkLog
     def append(self, job_id: str, chunk: Chunk) -> None:
         self.ledger.on_append()

@@ -400,6 +400,41 @@ def test_dead_letters_end_the_job_unless_still_leased(service: JobService, tenan
     assert running(tenant) == 0
 
 
+def test_a_dead_letter_counts_its_receives_and_settles_after_a_passing_failure(
+    service: JobService, tenant: Tenant
+) -> None:
+    created = service.create("k", job(metadata={"simulate": {"fault": "crash", "at_token": 100, "times": 9}}))
+    job_id = created.job.job_id
+    with pytest.raises(Crash):
+        runner_for(tenant).run(job_id)
+    expire_lease(tenant, job_id)
+    dead = bootstrap.dead_letters(tenant)
+    jobs, _ = bootstrap._job_tables(tenant, bootstrap.settings())
+    before = jobs._table.get("job", job_id)
+    assert before is not None
+    end = jobs.end
+    calls: list[str] = []
+
+    def timed_out_once(*args: Any, **kwargs: Any) -> Any:
+        calls.append(job_id)
+        if len(calls) == 1:
+            raise ReadTimeoutError(endpoint_url="http://dynamodb")  # after botocore's own retries
+        return end(*args, **kwargs)
+
+    dead._jobs.end = timed_out_once  # type: ignore[method-assign]
+    assert dead.handle(job_id) is Outcome.RETRY
+    item = jobs._table.get("job", job_id)
+    assert item is not None and item["dead_letter_receives"] == 1
+    assert item["pending_since_ms"] > before["pending_since_ms"]  # activity: the sweeper leaves it
+    assert dead.handle(job_id) is Outcome.DONE
+    ended = service.get(job_id)
+    assert ended.status == "failed"
+    assert ended.usage.output_tokens == ended.progress.tokens_generated > 0  # settled with its usage
+    assert running(tenant) == 0
+    with pytest.raises(Conflict):
+        jobs.count_dead_letter(job_id, 10**13)  # ended: nothing more to count
+
+
 def test_the_sweeper_finds_forgotten_jobs_in_the_pending_index(tenant: Tenant) -> None:
     service = bootstrap.job_service(tenant)
     service._queue = RecordingQueue()  # accepted, never delivered

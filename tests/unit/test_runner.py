@@ -8,10 +8,12 @@ import contextlib
 import itertools
 from collections.abc import Iterable
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 
 from spool_core.clock import from_epoch, rfc3339
+from spool_core.jobs.dead_letters import SETTLE_RECEIVES
 from spool_core.jobs.model import JobRequest
 from spool_core.jobs.ports import Signals
 from spool_core.jobs.runner import Outcome, build_messages
@@ -490,12 +492,78 @@ def test_dead_letters_end_every_job_once_whatever_happened() -> None:
     world.ledger.jobs[("acme", orphan)]["model_resolved"] = "gone-model"
     world.ledger.jobs[("acme", orphan)]["segments"] = [{"model": "gone-model"}]
     assert dead.handle(orphan) is Outcome.DONE
-    stuck = create(world, "acme", "k3")  # its settled end is refused by the store: it still ends
-    world.ledger.faults.plan["end"] = ["error"]
-    assert dead.handle(stuck) is Outcome.DONE
+    stuck = create(world, "acme", "k3")  # its settled end is refused at every receive: it still ends
+    world.ledger.faults.plan["end"] = ["error"] * SETTLE_RECEIVES
+    assert [dead.handle(stuck) for _ in range(SETTLE_RECEIVES)] == [Outcome.RETRY] * 2 + [Outcome.DONE]
     assert {world.ledger.tenant("acme").get(j).status for j in (orphan, stuck)} == {"failed"}  # type: ignore[union-attr]
+    (bare,) = [s for _, s in world.ledger.settlements if s.job_id == stuck]
+    assert bare.usage == () and bare.bucket_deltas == () and bare.release_slot  # the slot alone
     assert running(world.ledger, "acme") == 0
     world.ledger.messages.clear()
+
+
+def _dead_letter_of_a_crashed_job(world: JobWorld, key: str) -> str:
+    """A job whose worker died after writing part of its answer, its lease run out: its dead letter."""
+    job_id = create(world, "acme", key, metadata={"simulate": {"fault": "crash", "at_token": 50, "times": 9}})
+    with pytest.raises(BaseException, match="died"):
+        world.runner("acme").run(job_id)
+    world.clock.now += 31
+    world.ledger.messages.clear()
+    return job_id
+
+
+@pytest.mark.parametrize("fault", ["error", "lost", "crash", "crash_after"])
+def test_a_dead_letter_whose_settled_end_fails_once_settles_it_at_its_next_receive(fault: str) -> None:
+    """A passing failure (a throttled call after botocore's retries, a reply lost) is not the job's
+    end: the dead letter comes back, and the job's reservation is settled and its usage counted once.
+    Ending bare at once never gave the reservation back nor counted what the job wrote."""
+    world = JobWorld()
+    dead = world.dead_letters("acme")
+    job_id = _dead_letter_of_a_crashed_job(world, "k1")
+    world.ledger.faults.plan["end"] = [fault]
+    if fault.startswith("crash"):  # the function died: its dead letter comes back
+        with pytest.raises(Crash):
+            dead.handle(job_id)
+    else:  # refused, or applied with its reply lost (a retry of it finds its own end)
+        assert dead.handle(job_id) is Outcome.RETRY
+    world.clock.now += 30
+    assert dead.handle(job_id) is Outcome.DONE
+    job = assert_ended_once(world, job_id, status="failed")
+    assert job.error["code"] == "delivery_failed"
+    assert job.usage.output_tokens > 0  # what its log holds (assert_ended_once), counted and billed
+    (settlement,) = [s for _, s in world.ledger.settlements if s.job_id == job_id]
+    assert [u.output_tokens for u in settlement.usage] == [job.usage.output_tokens]  # not a bare end
+
+
+def test_a_dead_letter_whose_log_cannot_be_read_ends_the_job_bare_at_its_last_receive() -> None:
+    world = JobWorld()
+    dead = world.dead_letters("acme")
+    job_id = _dead_letter_of_a_crashed_job(world, "k1")
+    store = world.ledger.tenant("acme")
+    with patch.object(TenantLedger, "last", side_effect=ConnectionError("the store did not answer")):
+        outcomes = [dead.handle(job_id) for _ in range(SETTLE_RECEIVES)]
+    assert outcomes == [Outcome.RETRY] * (SETTLE_RECEIVES - 1) + [Outcome.DONE]
+    job = store.get(job_id)
+    assert job is not None and job.status == "failed" and job.error is not None
+    assert job.error["details"]["last_sequence_id"] == job.progress.last_sequence_id
+    assert running(world.ledger, "acme") == 0  # the slot released, whatever else could not be settled
+
+
+def test_the_sweeper_leaves_a_job_to_its_dead_letter_while_its_receives_last() -> None:
+    """The dead letter arrives about a lease after the last attempt, and the sweeper sends a running
+    job idle for a lease and a minute back to the workers: counted from the dead letter's first
+    receive, its retries would outlast that. Each receive is activity."""
+    world = JobWorld()
+    dead = world.dead_letters("acme")
+    job_id = _dead_letter_of_a_crashed_job(world, "k1")
+    sweeper = world.sweeper()
+    world.clock.now += sweeper.settings.running_grace_ms / 1000 - 40  # the dead letter comes late
+    world.ledger.faults.plan["end"] = ["error"]
+    assert dead.handle(job_id) is Outcome.RETRY
+    world.clock.now += 60  # past the grace counted from the last lease
+    assert sweeper.sweep() == []  # not sent to the workers again
+    assert dead.handle(job_id) is Outcome.DONE
+    assert_ended_once(world, job_id, status="failed")
 
 
 def test_a_job_whose_model_left_the_registry_fails_at_once() -> None:

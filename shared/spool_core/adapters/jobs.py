@@ -401,6 +401,20 @@ class DynamoJobStore:
             return bool(failed.item and failed.item.get("pending_since_ms") == now_ms)  # our own touch
         return True
 
+    def count_dead_letter(self, job_id: str, now_ms: int) -> int:
+        try:
+            item = self._update(
+                job_id,
+                {"pending_since_ms": now_ms},
+                "#status IN (:queued, :running) AND #lease_expires_ms < :now",
+                {":queued": "queued", ":now": now_ms, **_RUNNING},
+                extra="#dead_letter_receives = if_not_exists(#dead_letter_receives, :zero) + :one",
+                extra_values={":zero": 0, ":one": 1},
+            )
+        except ConditionFailed as failed:
+            raise Conflict(failed.item) from None
+        return int(item["dead_letter_receives"])
+
     # ------------------------------------------------------------------ update helpers
     def _update_request(
         self,

@@ -151,6 +151,12 @@ class JobStore(Protocol):
         """Claim the right to re-send a forgotten job's message (the sweeper): False when someone
         touched the job since ``seen_pending_ms``."""
 
+    def count_dead_letter(self, job_id: str, now_ms: int) -> int:
+        """Count a receive of the job's dead letter and touch its pending time (a dead letter is
+        activity: the sweeper leaves the job to it); the receives counted so far, this one included
+        (a retry after a lost reply counts again). ``Conflict`` when the job has ended or an
+        attempt's lease on it is live."""
+
 
 class LogPage(NamedTuple):
     """Chunks after a cursor, in order, and the job's end mark when the page reaches it (every chunk

@@ -1,8 +1,9 @@
 """The sweeper: no job is forgotten. A job whose admission committed but whose message was never
 sent (the function died in between), or whose message was lost, would otherwise stay queued or
 running forever, holding its tenant's concurrency slot. Every job not yet ended is in an index of
-pending jobs with the time of its last activity (admission, lease, renewal, hand-over); the sweeper
-re-sends the message of each one idle for longer than any healthy job can be.
+pending jobs with the time of its last activity (admission, lease, renewal, hand-over, a receive of
+its dead letter); the sweeper re-sends the message of each one idle for longer than any healthy job
+can be.
 
 Not while messages wait in the queue: a job queued behind a backlog (the workers busy at their
 concurrency limit) still has its message, and re-sending it would only lengthen the backlog (20 jobs
