@@ -255,6 +255,7 @@ class TenantLedger:
                 attempts=item.get("attempts", 0) + 1,
                 pending_since_ms=now_ms,
             )
+            item.pop("dead_lettered_ms", None)  # an attempt since: its dead letters start anew
             item.setdefault("started_at", "2026-01-01T00:00:00.000Z")
             return Job.model_validate(item, context=STORED)
 
@@ -451,20 +452,20 @@ class TenantLedger:
         result: bool = self.ledger._apply("requeue", write)
         return result
 
-    def count_dead_letter(self, job_id: str, now_ms: int) -> int:
+    def dead_lettered_since(self, job_id: str, now_ms: int) -> int:
         def write() -> int:
             item = self._job(job_id)
             if (
                 item is None
                 or item["status"] not in {"queued", "running"}
-                or item.get("lease_expires_ms", 0) >= now_ms
+                or "lease_expires_ms" not in item  # DynamoDB's ``<`` on a missing attribute is false
+                or item["lease_expires_ms"] >= now_ms
             ):
                 raise Conflict(item)
             item["pending_since_ms"] = now_ms
-            item["dead_letter_receives"] = item.get("dead_letter_receives", 0) + 1
-            return int(item["dead_letter_receives"])
+            return int(item.setdefault("dead_lettered_ms", now_ms))
 
-        result: int = self.ledger._apply("count_dead_letter", write)
+        result: int = self.ledger._apply("dead_lettered_since", write)
         return result
 
     # ------------------------------------------------------------------ ChunkLog

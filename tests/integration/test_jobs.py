@@ -400,7 +400,7 @@ def test_dead_letters_end_the_job_unless_still_leased(service: JobService, tenan
     assert running(tenant) == 0
 
 
-def test_a_dead_letter_counts_its_receives_and_settles_after_a_passing_failure(
+def test_a_dead_letter_keeps_its_window_and_settles_after_a_passing_failure(
     service: JobService, tenant: Tenant
 ) -> None:
     created = service.create("k", job(metadata={"simulate": {"fault": "crash", "at_token": 100, "times": 9}}))
@@ -424,15 +424,20 @@ def test_a_dead_letter_counts_its_receives_and_settles_after_a_passing_failure(
     dead._jobs.end = timed_out_once  # type: ignore[method-assign]
     assert dead.handle(job_id) is Outcome.RETRY
     item = jobs._table.get("job", job_id)
-    assert item is not None and item["dead_letter_receives"] == 1
+    assert item is not None and item["dead_lettered_ms"] == item["pending_since_ms"]
     assert item["pending_since_ms"] > before["pending_since_ms"]  # activity: the sweeper leaves it
+    with pytest.raises(Crash):  # sent to a worker again (a message it still had), which died again
+        runner_for(tenant).run(job_id)
+    item = jobs._table.get("job", job_id)
+    assert item is not None and "dead_lettered_ms" not in item  # the lease taken: a window anew
+    expire_lease(tenant, job_id)
     assert dead.handle(job_id) is Outcome.DONE
     ended = service.get(job_id)
     assert ended.status == "failed"
     assert ended.usage.output_tokens == ended.progress.tokens_generated > 0  # settled with its usage
     assert running(tenant) == 0
     with pytest.raises(Conflict):
-        jobs.count_dead_letter(job_id, 10**13)  # ended: nothing more to count
+        jobs.dead_lettered_since(job_id, 10**13)  # ended: nothing more to receive
 
 
 def test_the_sweeper_finds_forgotten_jobs_in_the_pending_index(tenant: Tenant) -> None:

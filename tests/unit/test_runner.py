@@ -13,7 +13,7 @@ from unittest.mock import patch
 import pytest
 
 from spool_core.clock import from_epoch, rfc3339
-from spool_core.jobs.dead_letters import SETTLE_RECEIVES
+from spool_core.jobs.dead_letters import SETTLE_WINDOW_MS
 from spool_core.jobs.model import JobRequest
 from spool_core.jobs.ports import Signals
 from spool_core.jobs.runner import Outcome, build_messages
@@ -493,13 +493,22 @@ def test_dead_letters_end_every_job_once_whatever_happened() -> None:
     world.ledger.jobs[("acme", orphan)]["segments"] = [{"model": "gone-model"}]
     assert dead.handle(orphan) is Outcome.DONE
     stuck = create(world, "acme", "k3")  # its settled end is refused at every receive: it still ends
-    world.ledger.faults.plan["end"] = ["error"] * SETTLE_RECEIVES
-    assert [dead.handle(stuck) for _ in range(SETTLE_RECEIVES)] == [Outcome.RETRY] * 2 + [Outcome.DONE]
+    world.ledger.faults.plan["end"] = ["error"] * 3
+    assert receives(world, dead, stuck, 3) == [Outcome.RETRY] * 2 + [Outcome.DONE]
     assert {world.ledger.tenant("acme").get(j).status for j in (orphan, stuck)} == {"failed"}  # type: ignore[union-attr]
     (bare,) = [s for _, s in world.ledger.settlements if s.job_id == stuck]
     assert bare.usage == () and bare.bucket_deltas == () and bare.release_slot  # the slot alone
     assert running(world.ledger, "acme") == 0
     world.ledger.messages.clear()
+
+
+def receives(world: JobWorld, dead: Any, job_id: str, count: int) -> list[Outcome]:
+    """The dead letter received ``count`` times, the dead-letter queue's visibility timeout apart."""
+    outcomes = []
+    for _ in range(count):
+        outcomes.append(dead.handle(job_id))
+        world.clock.now += 30
+    return outcomes
 
 
 def _dead_letter_of_a_crashed_job(world: JobWorld, key: str) -> str:
@@ -541,8 +550,8 @@ def test_a_dead_letter_whose_log_cannot_be_read_ends_the_job_bare_at_its_last_re
     job_id = _dead_letter_of_a_crashed_job(world, "k1")
     store = world.ledger.tenant("acme")
     with patch.object(TenantLedger, "last", side_effect=ConnectionError("the store did not answer")):
-        outcomes = [dead.handle(job_id) for _ in range(SETTLE_RECEIVES)]
-    assert outcomes == [Outcome.RETRY] * (SETTLE_RECEIVES - 1) + [Outcome.DONE]
+        outcomes = receives(world, dead, job_id, 3)
+    assert outcomes == [Outcome.RETRY] * 2 + [Outcome.DONE]
     job = store.get(job_id)
     assert job is not None and job.status == "failed" and job.error is not None
     assert job.error["details"]["last_sequence_id"] == job.progress.last_sequence_id
@@ -564,6 +573,53 @@ def test_the_sweeper_leaves_a_job_to_its_dead_letter_while_its_receives_last() -
     assert sweeper.sweep() == []  # not sent to the workers again
     assert dead.handle(job_id) is Outcome.DONE
     assert_ended_once(world, job_id, status="failed")
+
+
+def test_two_dead_letters_of_one_job_share_its_window() -> None:
+    """A hand-over that sent its continuation and died leaves two messages for one job, and both can
+    end in the dead letters: counted per receive, the two halved the time a failure had to pass."""
+    world = JobWorld()
+    dead = world.dead_letters("acme")
+    job_id = _dead_letter_of_a_crashed_job(world, "k1")
+    world.ledger.faults.plan["end"] = ["error"] * 4
+    for _ in range(2):  # both letters at each receive, a visibility timeout apart
+        assert [dead.handle(job_id), dead.handle(job_id)] == [Outcome.RETRY] * 2
+        world.clock.now += 30
+    assert dead.handle(job_id) is Outcome.DONE  # the window passed: settled, the failure gone
+    assert_ended_once(world, job_id, status="failed")
+    assert dead.handle(job_id) is Outcome.DONE
+
+
+def test_a_lease_taken_since_starts_the_window_anew() -> None:
+    """Dead letters, then the job sent to a worker again (a message it still had), which died: the
+    new dead letter has the whole window for a failure to pass, not what the last one left."""
+    world = JobWorld()
+    dead = world.dead_letters("acme")
+    job_id = _dead_letter_of_a_crashed_job(world, "k1")
+    world.ledger.faults.plan["end"] = ["error"] * 2
+    assert receives(world, dead, job_id, 2) == [Outcome.RETRY] * 2
+    with pytest.raises(BaseException, match="died"):
+        world.runner("acme").run(job_id)
+    world.ledger.messages.clear()
+    world.clock.now += 31
+    world.ledger.faults.plan["end"] = ["error"]
+    assert receives(world, dead, job_id, 2) == [Outcome.RETRY, Outcome.DONE]
+    assert_ended_once(world, job_id, status="failed")
+    (settlement,) = [s for _, s in world.ledger.settlements if s.job_id == job_id]
+    assert settlement.usage  # settled, not ended bare
+
+
+def test_the_window_is_the_settle_window() -> None:
+    world = JobWorld()
+    dead = world.dead_letters("acme")
+    job_id = _dead_letter_of_a_crashed_job(world, "k1")
+    world.ledger.faults.plan["end"] = ["error"] * 3
+    assert dead.handle(job_id) is Outcome.RETRY
+    world.clock.now += SETTLE_WINDOW_MS / 1000 - 0.01
+    assert dead.handle(job_id) is Outcome.RETRY
+    world.clock.now += 0.01
+    assert dead.handle(job_id) is Outcome.DONE  # its settled end refused again: bare
+    assert running(world.ledger, "acme") == 0
 
 
 def test_a_job_whose_model_left_the_registry_fails_at_once() -> None:

@@ -80,6 +80,8 @@ IDEMPOTENCY_KIND = "idem"
 PENDING = ShardedIndex("PendingIndex", "pending", 4, "pending_shard", "pending_since_ms")
 _NO_INDEX = {"ValidationException", "ResourceNotFoundException"}
 _RUNNING = {":running": "running"}
+# When the job's dead letters were first received since its last lease was taken (dead_letters.py).
+DEAD_LETTERED = "dead_lettered_ms"
 _HELD = "#lease_token = :me AND #status = :running"  # only the attempt holding the lease may write
 
 
@@ -218,6 +220,7 @@ class DynamoJobStore:
                     " #started_at = if_not_exists(#started_at, :started)"
                 ),
                 extra_values={":zero": 0, ":one": 1, ":started": _rfc3339(now_ms)},
+                remove=(DEAD_LETTERED,),  # an attempt since: its dead letters, if any, start anew
             )
         except ConditionFailed as failed:
             if failed.item and failed.item.get("lease_token") == token:
@@ -401,19 +404,18 @@ class DynamoJobStore:
             return bool(failed.item and failed.item.get("pending_since_ms") == now_ms)  # our own touch
         return True
 
-    def count_dead_letter(self, job_id: str, now_ms: int) -> int:
+    def dead_lettered_since(self, job_id: str, now_ms: int) -> int:
         try:
             item = self._update(
                 job_id,
                 {"pending_since_ms": now_ms},
                 "#status IN (:queued, :running) AND #lease_expires_ms < :now",
                 {":queued": "queued", ":now": now_ms, **_RUNNING},
-                extra="#dead_letter_receives = if_not_exists(#dead_letter_receives, :zero) + :one",
-                extra_values={":zero": 0, ":one": 1},
+                extra=f"#{DEAD_LETTERED} = if_not_exists(#{DEAD_LETTERED}, :now)",
             )
         except ConditionFailed as failed:
             raise Conflict(failed.item) from None
-        return int(item["dead_letter_receives"])
+        return int(item[DEAD_LETTERED])
 
     # ------------------------------------------------------------------ update helpers
     def _update_request(
@@ -453,10 +455,11 @@ class DynamoJobStore:
         *,
         extra: str | None = None,
         extra_values: Mapping[str, Any] | None = None,
+        remove: tuple[str, ...] = (),
     ) -> dict[str, Any]:
         """The same as one UpdateItem; ``ConditionFailed`` carries the current item."""
         request = self._update_request(
-            job_id, changes, condition, values, extra=extra, extra_values=extra_values
+            job_id, changes, condition, values, extra=extra, extra_values=extra_values, remove=remove
         )
         update = request["Update"]
         return self._table.update(

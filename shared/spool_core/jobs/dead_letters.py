@@ -1,16 +1,21 @@
 """The dead-letter path: a job whose message could not be processed ends ``failed`` with a structured
 error, its reservation settled, whatever input the message carries. It never loops and never leaves a
-job running: when the settled end cannot be written (a throttled or unanswered call, a log that cannot
-be read), the dead letter is looked at again after its visibility timeout, and at its
-``SETTLE_RECEIVES``-th receive the job still ends, settling only its concurrency slot, with the reason
-logged.
+job running.
 
-The receives are counted on the job item, not read from SQS: SQS does not reset a message's
-``ApproximateReceiveCount`` when it moves it to the dead-letter queue, so there it starts past the
-source queue's ``maxReceiveCount``, a number this function would need to know. Each receive also
-touches the job's pending time, so the sweeper, which sends a running job idle for 13 minutes back to
-the workers, leaves a dead-lettered one to its dead letter (which arrives ~12 minutes after the last
-lease) while the retries last; it is the backstop again 13 minutes after the last receive."""
+When the settled end fails (a throttled call after botocore's retries, a reply lost, a log read
+refused), the dead letter comes back after its visibility timeout (30 s) and the settled end is
+tried again, until ``SETTLE_WINDOW_MS`` after the job's first dead letter: from then on a settled
+end that fails is followed by a bare one, which releases the concurrency slot alone, with the reason
+logged. The window is kept on the job item (when its dead letters were first received since its
+last lease), not counted from SQS's ``ApproximateReceiveCount``, which SQS does not reset when it
+moves a message to the dead-letter queue; a job with two dead letters has one window, and a lease
+taken since (a message sent again) starts a new one. A call that hangs is not a failure that
+answers: it outlasts the function's timeout (botocore waits 10 s four times), the invocation is
+ended, and the settled end is tried first at every receive, so a slow store never ends a job bare.
+
+Each receive also touches the job's pending time, so the sweeper, which sends a running job idle
+for twice its lease and a minute back to the workers, leaves a dead-lettered one to its dead letter
+(which arrives about a lease after the last attempt) while its receives last."""
 
 from __future__ import annotations
 
@@ -30,9 +35,9 @@ from spool_core.limits.service import RateLimiter, utc_day
 from spool_core.models import ModelCatalog
 from spool_core.observability import logger
 
-# The receives of a dead letter whose settled end fails before the job ends bare: the dead-letter
-# queue's visibility timeout (30 s) apart, ~1 minute for a passing failure to pass.
-SETTLE_RECEIVES = 3
+# How long after a job's first dead letter a settled end that fails is followed by a bare one: the
+# third receive, the dead-letter queue's visibility timeout (30 s) apart, is the first past it.
+SETTLE_WINDOW_MS = 50_000
 
 
 class DeadLetters:
@@ -53,11 +58,11 @@ class DeadLetters:
 
     def handle(self, job_id: str, *, request_id: str | None = None) -> Outcome:
         """End the job ``failed`` unless a live lease says an attempt still holds it (then look again
-        later: the dead letter returns after its visibility timeout), or its settled end failed on a
-        receive before the ``SETTLE_RECEIVES``-th. ``request_id``: the invocation's, named in the
-        job's error."""
+        later: the dead letter returns after its visibility timeout), or its settled end failed
+        within ``SETTLE_WINDOW_MS`` of its first dead letter. ``request_id``: the invocation's, named
+        in the job's error."""
         token = uuid.uuid4().hex
-        receives: int | None = None
+        since: int | None = None
         for _ in range(3):
             job = self._jobs.get(job_id)
             if job is None or job.terminal:
@@ -66,9 +71,9 @@ class DeadLetters:
             if job.lease_live(now):
                 return Outcome.RETRY
             try:
-                if receives is None:
-                    receives = self._jobs.count_dead_letter(job_id, now)
-                self._end(job, token, now, request_id, last=receives >= SETTLE_RECEIVES)
+                if since is None:
+                    since = self._jobs.dead_lettered_since(job_id, now)
+                self._end(job, token, now, request_id, last=now - since >= SETTLE_WINDOW_MS)
             except Conflict:
                 continue  # it moved (a late attempt ended it, or took it): decide again
             except _SettleLater:
@@ -125,4 +130,4 @@ class DeadLetters:
 
 
 class _SettleLater(Exception):
-    """The settled end failed on a receive before the last: the dead letter comes back."""
+    """The settled end failed within the window: the dead letter comes back."""

@@ -151,11 +151,11 @@ class JobStore(Protocol):
         """Claim the right to re-send a forgotten job's message (the sweeper): False when someone
         touched the job since ``seen_pending_ms``."""
 
-    def count_dead_letter(self, job_id: str, now_ms: int) -> int:
-        """Count a receive of the job's dead letter and touch its pending time (a dead letter is
-        activity: the sweeper leaves the job to it); the receives counted so far, this one included
-        (a retry after a lost reply counts again). ``Conflict`` when the job has ended or an
-        attempt's lease on it is live."""
+    def dead_lettered_since(self, job_id: str, now_ms: int) -> int:
+        """Record a receive of the job's dead letter: when its dead letters were first received since
+        its last lease was taken (kept; a new lease starts again), returned; and touch its pending
+        time (a dead letter is activity: the sweeper leaves the job to it). ``Conflict`` when the
+        job has ended or an attempt's lease on it is live."""
 
 
 class LogPage(NamedTuple):
