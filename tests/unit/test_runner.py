@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 from unittest.mock import patch
 
@@ -1433,3 +1435,97 @@ def test_a_model_that_stalls_at_each_retry_of_one_invocation_is_not_said_to_have
         hangs.release.set()
     job = assert_ended_once(world, job_id, status="failed")
     assert "sim-fast sent nothing for 0.05 s, at each of its calls" in job.error["message"]
+
+
+class _Pauses:
+    """The simulated provider, whose first call stops after ``at_token`` tokens (before its first
+    token at 0) until ``resume`` is set, then goes on; later calls answer normally."""
+
+    def __init__(self, world: JobWorld, at_token: int) -> None:
+        self.inner = world.provider_for
+        self.at_token = at_token
+        self.calls = 0
+        self.paused = threading.Event()
+        self.resume = threading.Event()
+
+    def __call__(self, model: Any) -> Any:
+        provider = self.inner(model)
+        pauses = self
+
+        class Provider:
+            name, supports_prefill, resumes_by_index = "simulated", True, True
+
+            def stream(self, request: Any, resume: Any) -> Any:
+                pauses.calls += 1
+                for index, event in enumerate(provider.stream(request, resume)):
+                    if pauses.calls == 1 and index == pauses.at_token:
+                        pauses.paused.set()
+                        pauses.resume.wait(WAIT)
+                    yield event
+
+        return Provider()
+
+
+WAIT = 30  # seconds: a deadline for what the test waits on, never expected to be reached
+
+
+def _wait_for(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, "not within the deadline"
+        time.sleep(0.01)
+
+
+def _run_in_thread(world: JobWorld, job_id: str, **settings: Any) -> tuple[threading.Thread, list[Any]]:
+    assert world.ledger.receive() is not None
+    runner = world.runner("acme", **settings)
+    outcome: list[Any] = []
+    beats: list[int] = []
+    thread = threading.Thread(target=lambda: outcome.append(runner.run(job_id, heartbeat=beats.append)))
+    thread.start()
+    return thread, [outcome, beats]
+
+
+def test_tokens_that_came_before_a_pause_are_written_within_a_flush_interval() -> None:
+    """DESIGN.md: tokens are flushed every SPOOL_FLUSH_MS. The worker wrote its buffer only when the
+    next token came: a provider that paused after five tokens left four of them unwritten for the
+    whole pause (3 s, in an outside tester's run), and lost them to a stall's retry."""
+    world = JobWorld()
+    world.provider_for = pauses = _Pauses(world, at_token=5)
+    job_id = create(world, max_tokens=40)
+    thread, (outcome, _) = _run_in_thread(world, job_id, flush_tokens=64)
+    try:
+        assert pauses.paused.wait(WAIT)
+        _wait_for(lambda: world.ledger.tenant("acme").last(job_id).tokens_total == 5)  # type: ignore[union-attr]
+    finally:
+        pauses.resume.set()
+        thread.join(WAIT)
+    assert outcome == [Outcome.DONE] and pauses.calls == 1
+    assert_ended_once(world, job_id)
+
+
+def test_a_first_token_slower_than_the_lease_keeps_the_lease_and_sees_a_cancel() -> None:
+    """A model slow to its first token (a local model on a CPU, a reasoning model) held the lease
+    without renewing it: past the local stack's 5 s lease another attempt took the job, and the
+    provider was called three times before the job was dead-lettered. The worker now looks after
+    its job every flush interval while it waits: it renews the lease (and the message's visibility)
+    and sees a cancel."""
+    world = JobWorld()
+    world.provider_for = pauses = _Pauses(world, at_token=0)
+    job_id = create(world, max_tokens=40)
+    thread, (outcome, beats) = _run_in_thread(world, job_id, lease_ms=3_000)
+    try:
+        assert pauses.paused.wait(WAIT)
+        lease = world.ledger.jobs[("acme", job_id)]["lease_expires_ms"]
+        world.clock.now += 2  # past a third of the lease, and the signals' freshness
+        _wait_for(lambda: world.ledger.jobs[("acme", job_id)]["lease_expires_ms"] > lease)
+        assert beats  # the message's visibility kept with it
+        world.service("acme").cancel(job_id)
+        world.clock.now += 1
+        thread.join(WAIT)
+    finally:
+        pauses.resume.set()
+        thread.join(WAIT)
+    assert outcome == [Outcome.DONE] and pauses.calls == 1
+    job = assert_ended_once(world, job_id, status="cancelled")
+    assert job.progress.tokens_generated == 0

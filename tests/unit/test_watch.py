@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from spool_core.jobs.watch import OutOfTime, WatchedStream
+from spool_core.jobs.watch import TICK, OutOfTime, WatchedStream
 from spool_core.providers import ProviderError
 
 WAIT = 30  # seconds: a deadline for the reader's thread, never expected to be reached
@@ -128,3 +128,25 @@ def test_the_provider_is_read_only_as_far_as_asked() -> None:
         events._reader.join(0.2)  # time to run ahead, were it to: it is still waiting to be asked
         assert events._reader.is_alive() and produced == [0, 1, 2]
         assert next(events) == 3 and produced == [0, 1, 2, 3]
+
+
+def test_ticks_come_while_the_provider_pauses_and_do_not_put_off_the_stall() -> None:
+    """The waiting side gets a ``TICK`` each time its upkeep is due while nothing comes (the worker
+    writes its buffer and looks after its job then); the stall limit still counts from the ask."""
+    stream = Stalling(before=1)
+    ticks = 0
+    with WatchedStream(iter(stream), stall_seconds=WAIT, seconds_left=WAIT, upkeep=lambda: 0.01) as events:
+        assert next(events) == 0
+        while (event := next(events)) is TICK:
+            ticks += 1
+            if ticks == 3:
+                stream.release.set()
+        assert event == 1 and ticks >= 3
+    stalled = Stalling(before=0)
+    seen: list[object] = []
+    events = WatchedStream(iter(stalled), stall_seconds=0.3, upkeep=lambda: 0.01)
+    with events, pytest.raises(ProviderError, match="sent nothing"):
+        seen.extend(events)
+    assert seen and all(event is TICK for event in seen)  # until the stall, counted from the ask
+    stalled.release.set()
+    assert stalled.closed.wait(WAIT)

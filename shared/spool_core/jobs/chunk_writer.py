@@ -54,6 +54,17 @@ class ChunkWriter:
         """Every token given to ``add``: the written ones and those waiting for the next flush."""
         return self.tokens_total + self._buffered_tokens
 
+    def due_in(self) -> float | None:
+        """Seconds until the tokens waiting in the buffer are to be written, whether or not more come
+        (None: none wait)."""
+        if not self._buffer:
+            return None
+        return self._cadence.interval_ms(self.sequence_id) / 1000 - (self._clock() - self._last_flush)
+
+    @property
+    def last_flush_at(self) -> float:
+        return self._last_flush
+
     def add(self, text: str, tokens: int) -> None:
         self._buffer.append(text)
         self._buffered_tokens += tokens

@@ -29,7 +29,7 @@ from spool_core.jobs.model import TERMINAL, Job, Segment
 from spool_core.jobs.outcome import Outcome
 from spool_core.jobs.ports import ChunkLog, Conflict, EndGuard, JobQueue, JobStore, RequestStore
 from spool_core.jobs.stored import messages_of
-from spool_core.jobs.watch import OutOfTime, Stalled, WatchedStream
+from spool_core.jobs.watch import TICK, OutOfTime, Stalled, WatchedStream
 from spool_core.limits.model import Estimate
 from spool_core.limits.service import RateLimiter
 from spool_core.models import ModelCatalog, ModelSpec
@@ -250,6 +250,7 @@ class _Attempt:
         self.stalled_model: str | None = None
         self.stalled_again_by: set[str] = set()
         self.last_beat = runner._clock()
+        self.upkept_at = runner._clock()  # when the attempt last looked after its job with no flush
         self.signals_at = runner._clock()  # the lease's take read the job's cancel and subscribed
         settings = runner.settings
         self.writer = ChunkWriter(
@@ -409,9 +410,12 @@ class _Attempt:
                     provider.stream(request, resume),
                     stall_seconds=r.settings.stall_seconds,
                     seconds_left=left,
+                    upkeep=self._upkeep_in,
                 ) as events:
                     for event in events:
-                        if isinstance(event, TextDelta):
+                        if event is TICK:
+                            self._upkeep()
+                        elif isinstance(event, TextDelta):
                             if self.time_up:
                                 raise OutOfTime
                             if first_token_ms is None:
@@ -473,6 +477,24 @@ class _Attempt:
         return "".join(chunk.text for chunk in self.r._chunks.all(self.job.job_id))
 
     # ------------------------------------------------------------------ lease upkeep (at each flush)
+    def _upkeep_in(self) -> float:
+        """Seconds until the attempt next looks after its job while the provider sends nothing: the
+        tokens waiting in the buffer written when due (DESIGN.md: every flush interval), and, with
+        none waiting, the job's cancel, time and lease looked at every flush interval, as a flush
+        would (a first token that takes longer than the lease no longer loses it)."""
+        due = self.writer.due_in()
+        if due is not None:
+            return due
+        interval = self.r.settings.cadence.interval_ms(max(self.writer.sequence_id, 1)) / 1000
+        return interval - (self.r._clock() - max(self.upkept_at, self.writer.last_flush_at))
+
+    def _upkeep(self) -> None:
+        if self.writer.due_in() is not None:
+            self.writer.flush()  # runs the flush hook first
+        else:
+            self._on_flush()
+        self.upkept_at = self.r._clock()
+
     def _on_flush(self) -> None:
         r = self.r
         now = r._clock()

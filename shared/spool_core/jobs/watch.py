@@ -12,6 +12,10 @@ a simulated delay); no client exposes a read that can be interrupted from outsid
 side gives up, the reader is told to stop: it closes the provider's stream at its next event, or
 leaves with its call when the client's own timeout ends it.
 
+While nothing comes, the waiting side is handed a ``TICK`` whenever its ``upkeep`` says it is due
+(the worker writes the tokens that wait in its buffer every flush interval, and looks at the job's
+cancel and renews its lease, however long the provider pauses or takes to send its first token).
+
 The reader reads an event only when the waiting side asks for one, as a generator iterated in place
 would: the provider is never ahead of what the worker has taken. A reader that ran ahead let a
 simulated crash at token 40 (which ends the process from the provider's own code, as a Lambda kill
@@ -24,7 +28,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 
 from spool_core.providers import ProviderError
@@ -33,6 +37,18 @@ _END = object()
 # Past the deadline, what the provider has ready when asked is still taken (an answer read to its end
 # is ended, never handed over to be asked for again); this long is given to read it.
 READY_SECONDS = 0.1
+
+
+# The shortest wait for an event before a tick: an upkeep due now does not spin against a reader
+# about to hand over an event.
+MIN_TICK_SECONDS = 0.01
+
+
+class Tick:
+    """Nothing came, and the waiting side's upkeep is due (``WatchedStream``'s ``upkeep``)."""
+
+
+TICK = Tick()
 
 
 class OutOfTime(Exception):
@@ -51,8 +67,9 @@ class Stalled(ProviderError):
 class WatchedStream[T]:
     """Iterate ``events`` (a provider's stream), raising ``Stalled`` (a retryable ``ProviderError``)
     when nothing comes for ``stall_seconds`` and ``OutOfTime`` when the ``seconds_left`` (None: no
-    limit) run out first. Use it as a context manager, so the reader is told to stop however the
-    iteration ends."""
+    limit) run out first; ``TICK`` when nothing has come by the time ``upkeep`` (seconds until the
+    waiting side's next upkeep) says. Use it as a context manager, so the reader is told to stop
+    however the iteration ends."""
 
     def __init__(
         self,
@@ -60,9 +77,12 @@ class WatchedStream[T]:
         *,
         stall_seconds: float,
         seconds_left: float | None = None,
+        upkeep: Callable[[], float] | None = None,
     ) -> None:
         self._events = events
         self._stall_seconds = stall_seconds
+        self._upkeep = upkeep
+        self._asked_at = 0.0  # when the event waited for was asked for: the stall counts from then
         self._deadline = None if seconds_left is None else time.monotonic() + seconds_left
         self._queue: queue.SimpleQueue[tuple[object, BaseException | None]] = queue.SimpleQueue()
         self._asked = threading.Semaphore(0)  # released once per event the waiting side asks for
@@ -92,26 +112,33 @@ class WatchedStream[T]:
             if close is not None:
                 close()
 
-    def __iter__(self) -> Iterator[T]:
+    def __iter__(self) -> Iterator[T | Tick]:
         return self
 
-    def __next__(self) -> T:
+    def __next__(self) -> T | Tick:
         if self._done:
             raise StopIteration
-        wait, deadline = self._stall_seconds, False
-        left = None if self._deadline is None else self._deadline - time.monotonic()
+        now = time.monotonic()
+        if not self._pending:
+            self._pending, self._asked_at = True, now
+            self._asked.release()
+        wait, why = self._asked_at + self._stall_seconds - now, "stall"
+        left = None if self._deadline is None else self._deadline - now
         if left is not None and left < wait:
             # What is ready is taken however late: an answer read to its end (its usage included) is
             # ended, never handed over to be asked for again.
-            wait, deadline = max(READY_SECONDS, left), True
-        if not self._pending:
-            self._pending = True
-            self._asked.release()
+            wait, why = max(READY_SECONDS, left), "deadline"
+        if self._upkeep is not None:
+            upkeep = max(MIN_TICK_SECONDS, self._upkeep())
+            if upkeep < wait:
+                wait, why = upkeep, "upkeep"
         try:
-            item, error = self._queue.get(timeout=wait)
+            item, error = self._queue.get(timeout=max(0.0, wait))
         except queue.Empty:
+            if why == "upkeep":
+                return TICK  # the event asked for is still awaited
             self.close()
-            if deadline:
+            if why == "deadline":
                 raise OutOfTime from None
             raise Stalled(self._stall_seconds) from None
         self._pending = False
