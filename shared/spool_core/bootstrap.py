@@ -356,6 +356,14 @@ def secret(reference: str | None) -> str:
     elif kind == "secretsmanager":
         value = secret_value(name)
     elif kind == "env":
+        if name not in os.environ:
+            raise ConfigurationError(
+                f"The API key reference {reference!r} names a variable the function's environment lacks",
+                suggestions=[
+                    f"Set {name} where the function runs (make dev passes it on when it is set)",
+                    "On AWS, keep keys in ssm:/name or secretsmanager:name instead",
+                ],
+            )
         value = os.environ[name]
     else:
         raise ConfigurationError(

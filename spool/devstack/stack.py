@@ -43,6 +43,7 @@ DEFAULT_DEV_KEYS = "sk-local-dev:local"
 API_LOGICAL_ID = "SpoolApi"
 # Variables from the caller's environment that reach the handlers (Spool's knobs, Powertools' own).
 PASSTHROUGH_PREFIXES = ("SPOOL_", "POWERTOOLS_")
+ENV_REFERENCE = "env:"  # a secret read from the handlers' environment (spool_core.bootstrap.secret)
 REAP_INTERVAL_SECONDS = 10.0
 WARM_UP_JOB_ID = "job_" + "warmup" * 4 + "st"  # a job id no job has (ids are random base32)
 WARM_UP_TENANT = "spool-warm-up"  # the warm-up job's tenant: no key reads it once it has run
@@ -145,7 +146,30 @@ def local_overrides(environ: Mapping[str, str], template: Template) -> dict[str,
     overrides.update(
         {k: v for k, v in environ.items() if k.startswith(PASSTHROUGH_PREFIXES) and k not in computed}
     )
+    # A key given as ``env:VARIABLE`` (SPOOL_OPENAI_API_KEY_PARAMETER, a model's api_key_parameter)
+    # is read from the handlers' environment: the variable it names reaches them too.
+    overrides.update({k: environ[k] for k in referenced_variables(overrides) if k in environ})
     return overrides
+
+
+def referenced_variables(overrides: Mapping[str, str]) -> set[str]:
+    """The variables named by ``env:`` references in the passed-through values and in the models
+    file they name (``SPOOL_MODELS_FILE``); a file that cannot be read is the registry's to report."""
+    values: list[Any] = list(overrides.values())
+    models_file = overrides.get("SPOOL_MODELS_FILE")
+    if models_file:
+        with contextlib.suppress(OSError, ValueError):
+            values.append(json.loads(Path(models_file).read_text()))
+    names: set[str] = set()
+    while values:
+        value = values.pop()
+        if isinstance(value, dict):
+            values.extend(value.values())
+        elif isinstance(value, list):
+            values.extend(value)
+        elif isinstance(value, str) and value.startswith(ENV_REFERENCE):
+            names.add(value.removeprefix(ENV_REFERENCE))
+    return names
 
 
 def _references_resource(value: Any, resources: Mapping[str, Any]) -> bool:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,35 @@ def test_local_overrides_pass_knobs_but_never_resource_names(template: Template)
     assert parse_dev_keys("a:t1, b:t2") == {"a": "t1", "b": "t2"}
     with pytest.raises(ValueError, match="key:tenant"):
         parse_dev_keys("just-a-key")
+
+
+def test_variables_named_by_env_key_references_reach_the_handlers(template: Template, tmp_path: Path) -> None:
+    """README: ``SPOOL_OPENAI_API_KEY_PARAMETER=env:OPENAI_API_KEY make dev``. Only SPOOL_* and
+    POWERTOOLS_* reached the handlers, so the key's variable never did and every attempt of a job on
+    that model failed with a KeyError until the job was dead-lettered."""
+    from spool.devstack.stack import local_overrides
+
+    models = tmp_path / "models.json"
+    models.write_text(json.dumps({"models": [{"id": "m", "options": {"api_key_parameter": "env:VLLM_KEY"}}]}))
+    environ = {
+        "SPOOL_OPENAI_API_KEY_PARAMETER": "env:OPENAI_API_KEY",
+        "SPOOL_MODELS_FILE": str(models),
+        "OPENAI_API_KEY": "sk-x",
+        "VLLM_KEY": "v-1",
+        "OTHER_SECRET": "never",
+    }
+    overrides = local_overrides(environ, template)
+    assert overrides["OPENAI_API_KEY"] == "sk-x" and overrides["VLLM_KEY"] == "v-1"
+    assert "OTHER_SECRET" not in overrides
+
+
+def test_a_missing_env_key_says_which_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from spool_core.bootstrap import secret
+    from spool_core.errors import ConfigurationError
+
+    monkeypatch.delenv("SPOOL_TEST_ABSENT_KEY", raising=False)
+    with pytest.raises(ConfigurationError, match="SPOOL_TEST_ABSENT_KEY"):
+        secret("env:SPOOL_TEST_ABSENT_KEY")
 
 
 def test_a_push_to_a_connection_gives_up_well_before_a_subscription_lease_runs_out(
