@@ -32,6 +32,17 @@ TITLE = "Spool"
 VERSION = "1"
 PUBLIC = {("/v1/health", "get"), ("/v1/openapi.json", "get")}
 JSON = "application/json"
+# Routes whose success is not (only) a 200, as DESIGN.md and the handlers answer: a resolver's
+# document knows only 200, and a generated client would take these answers for errors.
+SUCCESS: dict[tuple[str, str], dict[str, str]] = {
+    ("/v1/jobs", "post"): {
+        "202": "Accepted: the job resource, queued (Location: /v1/jobs/{job_id})",
+        "200": "The job an earlier request with this key and body created, finished",
+    },
+    ("/v1/contexts", "post"): {"201": "Created: the context's first version"},
+    ("/v1/contexts/uploads", "post"): {"201": "Created: an upload URL for a large document"},
+    ("/v1/contexts/{context_id}", "delete"): {"204": "Deleted (no body)"},
+}
 
 
 def _load(name: str, module: str = "app") -> Any:
@@ -236,6 +247,12 @@ def build() -> dict[str, Any]:
                 responses["200"] = {"description": "OK", "content": {JSON: {"schema": {"type": "object"}}}}
             if not any(code.startswith("2") for code in responses):
                 responses["200"] = {"description": "OK"}
+            if (path, method) in SUCCESS:
+                for code in [c for c in responses if c.startswith("2")]:
+                    del responses[code]
+                for code, description in SUCCESS[path, method].items():
+                    content = {} if code == "204" else {"content": {JSON: {"schema": {"type": "object"}}}}
+                    responses[code] = {"description": description, **content}
             responses["default"] = error
             if (path, method) not in PUBLIC:
                 operation["security"] = [{"bearer": []}, {"apiKey": []}]

@@ -38,3 +38,20 @@ def test_bodies_and_errors_are_described() -> None:
                 "$ref": "#/components/schemas/Error"
             }, (method, path)
             assert ("security" in operation) != (path in {"/v1/health", "/v1/openapi.json"}), (method, path)
+
+
+def test_each_route_documents_the_statuses_it_succeeds_with() -> None:
+    """DESIGN.md: a job is accepted with 202, a context and an upload created with 201, a context
+    deleted with 204. The document said 200 for each, so a client generated from it (or a schema
+    checker) took every one of those answers for an error."""
+    document = json.loads(openapi.OUTPUT.read_text())
+
+    def success(path: str, method: str) -> set[str]:
+        responses = document["paths"][path][method]["responses"]
+        return {code for code in responses if code.startswith("2")}
+
+    assert success("/v1/jobs", "post") == {"202", "200"}
+    assert success("/v1/contexts", "post") == success("/v1/contexts/uploads", "post") == {"201"}
+    assert success("/v1/contexts/{context_id}", "delete") == {"204"}
+    assert "content" not in document["paths"]["/v1/contexts/{context_id}"]["delete"]["responses"]["204"]
+    assert success("/v1/contexts/{context_id}", "patch") == success("/v1/jobs/{job_id}", "get") == {"200"}
