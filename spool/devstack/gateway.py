@@ -814,7 +814,10 @@ class _RequestHandler(BaseHTTPRequestHandler):
         except OSError:  # an idle keep-alive connection timed out, or the client left: close quietly
             self.close_connection = True
             return
-        if not self.raw_requestline:
+        if not self.raw_requestline or self.server.closing:
+            # Stopping: the request is left unanswered and the connection closed, as a gateway going
+            # away does. A client retries that (an SDK, a browser's EventSource, which gives up for
+            # good on any answer but a stream); a 500 from functions already stopped it would not.
             self.close_connection = True
             return
         try:
@@ -851,6 +854,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
             }
         )
         response = self.server.emulator.handle(self.command, self.path, headers, body, self.client_address[0])
+        if self.server.closing and response.status >= 500:  # a function the stop ended answered it
+            self.close_connection = True
+            return
         self._send(response, started)
 
     # ------------------------------------------------------------------ request body
@@ -1045,3 +1051,4 @@ class GatewayHttpServer(ThreadingHTTPServer):
         self.server_address = sock.getsockname()
         self.emulator = emulator
         self.read_timeout = read_timeout
+        self.closing = False  # the stack is stopping: requests are no longer answered (see the handler)

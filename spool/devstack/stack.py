@@ -618,6 +618,8 @@ class EmbeddedStack:
         if self._stopping.is_set():
             return
         self._stopping.set()
+        if self._server is not None:
+            self._server.closing = True  # before any function stops: no request is answered by one
         for source in self._sources:
             source.stop()
         for poller in self._pollers:

@@ -64,8 +64,8 @@ class Connection:
     def __init__(self, emulator: RestApiEmulator, read_timeout: float) -> None:
         self.client, served = socket.socketpair()
         self.client.settimeout(30)  # a safety net only: every answer below comes long before
-        server = SimpleNamespace(
-            emulator=emulator, read_timeout=read_timeout, server_address=("127.0.0.1", 8000)
+        self.server = server = SimpleNamespace(
+            emulator=emulator, read_timeout=read_timeout, server_address=("127.0.0.1", 8000), closing=False
         )
 
         def serve() -> None:
@@ -144,6 +144,41 @@ def test_api_gateways_methods_reach_the_function(connect: Any) -> None:
         assert status == 200
         if method != "HEAD":
             assert body["method"] == method
+
+
+# ---------------------------------------------------------------------- the stack stopping
+def test_a_stopping_stack_leaves_requests_on_kept_alive_connections_unanswered(
+    connect: Any, functions: dict[str, FakeFunction]
+) -> None:
+    """An outside tester stopped the stack under a kept-alive connection: its next requests got 500
+    "The authorizer failed" (the functions were stopping), and a browser's EventSource, which gives
+    up for good on any answer but a stream, never came back. A closed connection is what a gateway
+    going away gives, and what clients retry."""
+    connection = connect()
+    request = b"GET /v1/health HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    connection.send(request)
+    assert connection.response()[0] == 200
+    invoked = sum(len(f.events) for f in functions.values())
+    connection.server.closing = True
+    connection.send(request)
+    assert connection.closed_by_server()
+    assert sum(len(f.events) for f in functions.values()) == invoked  # nothing reached a function
+    assert connection.finished()
+
+
+def test_an_error_from_a_function_the_stop_ended_is_not_answered(
+    connect: Any, functions: dict[str, FakeFunction]
+) -> None:
+    connection = connect()
+
+    def stopped_under_it(event: dict[str, Any]) -> dict[str, Any]:
+        connection.server.closing = True  # the stack began to stop while the request ran
+        raise RuntimeError("the container was stopped")
+
+    functions["AuthorizerFunction"].behaviour = stopped_under_it
+    connection.send(b"GET /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n\r\n")
+    assert connection.closed_by_server()
+    assert connection.finished()
 
 
 # ---------------------------------------------------------------------- malformed requests
