@@ -25,6 +25,7 @@ from typing import Any
 from rich.console import Console
 from rich_argparse import RichHelpFormatter
 
+from spool._core import DEFAULT_KEY
 from spool.client import (
     DEFAULT_URL,
     Client,
@@ -116,8 +117,10 @@ def _dev(args: argparse.Namespace) -> int:
         print(f"spool: WebSocket URL        {stack.websocket_url}", flush=True)
         print(f"spool: dev API key          {stack.api_key}", flush=True)
         print(f"spool: try  curl -s {stack.base_url}/v1/health", flush=True)
+        # The CLI sends the default dev key unless told another: name the stack's when it differs.
+        key = "" if stack.api_key == DEFAULT_KEY else f" SPOOL_API_KEY={stack.api_key}"
         print(
-            f"spool: try  SPOOL_URL={stack.base_url} {_spool_command()} ask 'What does the worker do?'"
+            f"spool: try  SPOOL_URL={stack.base_url}{key} {_spool_command()} ask 'What does the worker do?'"
             " --context ./worker",
             flush=True,
         )
