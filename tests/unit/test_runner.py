@@ -7,8 +7,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 from unittest.mock import patch
 
@@ -23,6 +22,7 @@ from spool_core.limits.model import TenantLimits
 from spool_core.providers import GenerationRequest
 from spool_core.providers.simulated import simulated_text
 from tests.ledger import Crash, JobWorld, TenantLedger, running
+from tests.support import wait_for
 
 
 def create(world: JobWorld, tenant: str = "acme", key: str = "k", **fields: Any) -> str:
@@ -1059,15 +1059,17 @@ def test_stored_messages_that_cannot_be_stored_or_read_are_clear_errors_and_a_re
 
 
 class _StallsOnce:
-    """The simulated provider, whose first call stops sending after ``at_token`` tokens (a provider
-    stream that hangs) until the test ends; later calls answer normally."""
+    """The simulated provider, whose first call stops sending after ``at_token`` tokens (before its
+    first token at 0; ``stalled`` is set then) until ``release`` is set, and then ends (a provider
+    stream that hangs) or, with ``goes_on``, goes on (a provider that pauses); later calls answer
+    normally."""
 
-    def __init__(self, world: JobWorld, at_token: int) -> None:
-        import threading
-
+    def __init__(self, world: JobWorld, at_token: int, *, goes_on: bool = False) -> None:
         self.inner = world.provider_for
         self.at_token = at_token
+        self.goes_on = goes_on
         self.calls = 0
+        self.stalled = threading.Event()
         self.release = threading.Event()
 
     def __call__(self, model: Any) -> Any:
@@ -1082,8 +1084,10 @@ class _StallsOnce:
                 first = stalls.calls == 1
                 for index, event in enumerate(provider.stream(request, resume)):
                     if first and index == stalls.at_token:
+                        stalls.stalled.set()
                         stalls.release.wait(30)
-                        return
+                        if not stalls.goes_on:
+                            return
                     yield event
 
         return Provider()
@@ -1437,53 +1441,20 @@ def test_a_model_that_stalls_at_each_retry_of_one_invocation_is_not_said_to_have
     assert "sim-fast sent nothing for 0.05 s, at each of its calls" in job.error["message"]
 
 
-class _Pauses:
-    """The simulated provider, whose first call stops after ``at_token`` tokens (before its first
-    token at 0) until ``resume`` is set, then goes on; later calls answer normally."""
-
-    def __init__(self, world: JobWorld, at_token: int) -> None:
-        self.inner = world.provider_for
-        self.at_token = at_token
-        self.calls = 0
-        self.paused = threading.Event()
-        self.resume = threading.Event()
-
-    def __call__(self, model: Any) -> Any:
-        provider = self.inner(model)
-        pauses = self
-
-        class Provider:
-            name, supports_prefill, resumes_by_index = "simulated", True, True
-
-            def stream(self, request: Any, resume: Any) -> Any:
-                pauses.calls += 1
-                for index, event in enumerate(provider.stream(request, resume)):
-                    if pauses.calls == 1 and index == pauses.at_token:
-                        pauses.paused.set()
-                        pauses.resume.wait(WAIT)
-                    yield event
-
-        return Provider()
-
-
 WAIT = 30  # seconds: a deadline for what the test waits on, never expected to be reached
 
 
-def _wait_for(condition: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, "not within the deadline"
-        time.sleep(0.01)
-
-
-def _run_in_thread(world: JobWorld, job_id: str, **settings: Any) -> tuple[threading.Thread, list[Any]]:
+def _run_in_thread(
+    world: JobWorld, job_id: str, **settings: Any
+) -> tuple[threading.Thread, list[Outcome], list[int]]:
+    """The job's message taken and its run started in a thread: its outcome and heartbeats, as they come."""
     assert world.ledger.receive() is not None
     runner = world.runner("acme", **settings)
-    outcome: list[Any] = []
+    outcome: list[Outcome] = []
     beats: list[int] = []
     thread = threading.Thread(target=lambda: outcome.append(runner.run(job_id, heartbeat=beats.append)))
     thread.start()
-    return thread, [outcome, beats]
+    return thread, outcome, beats
 
 
 def test_tokens_that_came_before_a_pause_are_written_within_a_flush_interval() -> None:
@@ -1491,14 +1462,14 @@ def test_tokens_that_came_before_a_pause_are_written_within_a_flush_interval() -
     next token came: a provider that paused after five tokens left four of them unwritten for the
     whole pause (3 s, in an outside tester's run), and lost them to a stall's retry."""
     world = JobWorld()
-    world.provider_for = pauses = _Pauses(world, at_token=5)
+    world.provider_for = pauses = _StallsOnce(world, at_token=5, goes_on=True)
     job_id = create(world, max_tokens=40)
-    thread, (outcome, _) = _run_in_thread(world, job_id, flush_tokens=64)
+    thread, outcome, _ = _run_in_thread(world, job_id, flush_tokens=64)
     try:
-        assert pauses.paused.wait(WAIT)
-        _wait_for(lambda: world.ledger.tenant("acme").last(job_id).tokens_total == 5)  # type: ignore[union-attr]
+        assert pauses.stalled.wait(WAIT)
+        wait_for(lambda: world.ledger.tenant("acme").last(job_id).tokens_total == 5)  # type: ignore[union-attr]
     finally:
-        pauses.resume.set()
+        pauses.release.set()
         thread.join(WAIT)
     assert outcome == [Outcome.DONE] and pauses.calls == 1
     assert_ended_once(world, job_id)
@@ -1511,20 +1482,20 @@ def test_a_first_token_slower_than_the_lease_keeps_the_lease_and_sees_a_cancel()
     its job every flush interval while it waits: it renews the lease (and the message's visibility)
     and sees a cancel."""
     world = JobWorld()
-    world.provider_for = pauses = _Pauses(world, at_token=0)
+    world.provider_for = pauses = _StallsOnce(world, at_token=0, goes_on=True)
     job_id = create(world, max_tokens=40)
-    thread, (outcome, beats) = _run_in_thread(world, job_id, lease_ms=3_000)
+    thread, outcome, beats = _run_in_thread(world, job_id, lease_ms=3_000)
     try:
-        assert pauses.paused.wait(WAIT)
+        assert pauses.stalled.wait(WAIT)
         lease = world.ledger.jobs[("acme", job_id)]["lease_expires_ms"]
         world.clock.now += 2  # past a third of the lease, and the signals' freshness
-        _wait_for(lambda: world.ledger.jobs[("acme", job_id)]["lease_expires_ms"] > lease)
+        wait_for(lambda: world.ledger.jobs[("acme", job_id)]["lease_expires_ms"] > lease)
         assert beats  # the message's visibility kept with it
         world.service("acme").cancel(job_id)
         world.clock.now += 1
         thread.join(WAIT)
     finally:
-        pauses.resume.set()
+        pauses.release.set()
         thread.join(WAIT)
     assert outcome == [Outcome.DONE] and pauses.calls == 1
     job = assert_ended_once(world, job_id, status="cancelled")
