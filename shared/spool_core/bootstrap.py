@@ -294,10 +294,16 @@ def provider_for(model: ModelSpec, config: Settings | None = None) -> Provider:
 
         return BedrockProvider(aws.bedrock(config), supports_prefill=model.family == "anthropic")
     if model.provider == "openai":
+        from spool_core.providers import ProviderMisconfigured
         from spool_core.providers.openai_compatible import OpenAICompatibleProvider
 
         base_url = str(model.options.get("base_url") or config.openai_base_url)
-        key = secret(model.options.get("api_key_parameter") or config.openai_api_key_parameter)
+        try:
+            key = secret(model.options.get("api_key_parameter") or config.openai_api_key_parameter)
+        except ConfigurationError as exc:  # the same at every attempt: not the provider's health
+            raise ProviderMisconfigured(
+                f"{model.id} cannot be called: {exc.message}", exc.suggestions
+            ) from exc
         return OpenAICompatibleProvider(_openai_client(base_url, key))
     raise ValueError(f"no provider named {model.provider!r}")
 

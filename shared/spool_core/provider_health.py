@@ -13,7 +13,14 @@ from spool_core.circuits import CircuitBreaker
 from spool_core.clock import rfc3339, utc_now
 from spool_core.health import Probe, Unhealthy
 from spool_core.models import ModelSpec
-from spool_core.providers import GenerationRequest, Provider, ProviderError, ResumePoint, TextDelta
+from spool_core.providers import (
+    GenerationRequest,
+    Provider,
+    ProviderError,
+    ProviderMisconfigured,
+    ResumePoint,
+    TextDelta,
+)
 
 # A provider is failing (health degraded) when its recent error rate reaches this, over at least
 # MIN_CALLS calls, well before its circuit opens.
@@ -109,6 +116,8 @@ def _deep(
         }
     except ProviderError as exc:
         result = {"status": "down", "model": model.id, "error": exc.code}
+        if isinstance(exc, ProviderMisconfigured):  # the operator's to fix: say what
+            result["message"] = str(exc)
     result["checked_at"] = rfc3339(utc_now())
     if cache:
         cache.put(key, result, cache_seconds)

@@ -417,13 +417,10 @@ def test_openai_stream_cut_mid_answer_then_resumed_with_an_instruction(chat_serv
     assert chat_server.requests[1]["max_tokens"] == 48
 
 
-@pytest.mark.parametrize("scenario", ["cut", "stall"])
-def test_a_job_on_an_openai_compatible_endpoint_survives_a_cut(
-    chat_server: ChatServer, stack: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, scenario: str
-) -> None:
-    """Through the worker's own wiring: registry file, provider factory, key from a secret reference.
-    A stall (the upstream stops sending and keeps the connection) is a cut once the stall limit has
-    passed: before, it held the worker until the HTTP client's timeout, the invocation's whole time."""
+def _run_on_local_llm(base_url: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, tenant_name: str) -> Any:
+    """One job on an OpenAI-compatible ``local-llm`` at ``base_url``, run through the worker's own
+    wiring (registry file, provider factory, key from ``env:LOCAL_LLM_KEY``) to its end: the job
+    resource, once the runner has said ``DONE``."""
     from spool_core import bootstrap
     from spool_core.jobs.model import JobRequest
     from spool_core.jobs.runner import JobRunner, Outcome, RunnerSettings
@@ -439,16 +436,14 @@ def test_a_job_on_an_openai_compatible_endpoint_survives_a_cut(
                 "context_window": 8192,
                 "max_output_tokens": 1024,
                 "pricing": {"input_per_mtok": 0, "output_per_mtok": 0},
-                "options": {"base_url": chat_server.base_url, "api_key_parameter": "env:LOCAL_LLM_KEY"},
+                "options": {"base_url": base_url, "api_key_parameter": "env:LOCAL_LLM_KEY"},
             }
         ]
     }
     (tmp_path / "models.json").write_text(json.dumps(models))
     monkeypatch.setenv("SPOOL_MODELS_FILE", str(tmp_path / "models.json"))
-    monkeypatch.setenv("LOCAL_LLM_KEY", "sk-local")
-    chat_server.scenarios += [scenario, "ok"]
     monkeypatch.setenv("SPOOL_PROVIDER_STALL_SECONDS", "0.5")
-    tenant = Tenant(f"openai-job-{scenario}")
+    tenant = Tenant(tenant_name)
     service = bootstrap.job_service(tenant)
     created = service.create(
         "k", JobRequest.model_validate({"message": "hi", "model": "local-llm", "max_tokens": 100})
@@ -475,11 +470,38 @@ def test_a_job_on_an_openai_compatible_endpoint_survives_a_cut(
     # watch: the stall limit here is 0.5 s.
     worker.join(100)
     assert outcomes == [Outcome.DONE]
-    done = service.view(service.get(created.job.job_id))
+    return service.view(service.get(created.job.job_id))
+
+
+@pytest.mark.parametrize("scenario", ["cut", "stall"])
+def test_a_job_on_an_openai_compatible_endpoint_survives_a_cut(
+    chat_server: ChatServer, stack: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, scenario: str
+) -> None:
+    """A stall (the upstream stops sending and keeps the connection) is a cut once the stall limit has
+    passed: before, it held the worker until the HTTP client's timeout, the invocation's whole time."""
+    monkeypatch.setenv("LOCAL_LLM_KEY", "sk-local")
+    chat_server.scenarios += [scenario, "ok"]
+    done = _run_on_local_llm(chat_server.base_url, tmp_path, monkeypatch, f"openai-job-{scenario}")
     assert done["status"] == "completed"
     assert done["output"] == "Hello" + "Hello there"  # the partial answer kept, then the continuation
     assert done["usage"]["input_tokens"] == 21
     assert chat_server.requests[1]["messages"][-1]["content"] == CONTINUE_INSTRUCTION
+
+
+def test_a_job_whose_models_key_variable_is_missing_fails_at_its_first_attempt_saying_which(
+    chat_server: ChatServer, stack: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key's ``env:`` reference names a variable the function lacks: every attempt raised it until
+    the dead letter ended the job bare. The first attempt ends it, naming the variable."""
+    monkeypatch.delenv("LOCAL_LLM_KEY", raising=False)
+    done = _run_on_local_llm(chat_server.base_url, tmp_path, monkeypatch, "openai-job-no-key")
+    assert done["status"] == "failed"
+    error = done["error"]
+    assert error["code"] == "model_unavailable"
+    assert error["details"]["last_error"] == "provider_misconfigured"
+    assert "env:LOCAL_LLM_KEY" in error["message"]
+    assert any("Set LOCAL_LLM_KEY" in fix for fix in error["suggestions"])
+    assert chat_server.requests == []  # the upstream was never called
 
 
 def test_the_providers_clients_share_no_cookies_across_upstreams(

@@ -73,6 +73,42 @@ def test_a_provider_failing_half_its_calls_degrades_health_before_its_circuit_op
     assert opened["models"][model.id]["retry_at"] == "2027-01-15T08:00:30.000Z"  # RFC 3339, not epoch
 
 
+def test_a_deep_probe_of_a_model_the_deployment_cannot_call_says_what_to_fix(monkeypatch: Any) -> None:
+    """A missing key variable (``bootstrap.provider_for``'s configuration error) raised past the deep
+    probe, which knew only the provider's own errors; it is the model's own error now, one the job's
+    chain handles too."""
+    import pytest
+
+    from spool_core import bootstrap
+    from spool_core.circuits import CircuitBreaker
+    from spool_core.models import registry
+    from spool_core.provider_health import provider_probes
+    from spool_core.providers import ProviderMisconfigured
+    from spool_core.settings import Settings
+    from tests.fakes import MemoryCircuitStore
+
+    monkeypatch.delenv("SPOOL_TEST_ABSENT_KEY", raising=False)
+    required = {f.alias: "x" for f in Settings.model_fields.values() if f.is_required() and f.alias}
+    config = Settings.from_env({**required, "SPOOL_OPENAI_API_KEY_PARAMETER": "env:SPOOL_TEST_ABSENT_KEY"})
+    model = registry().get("gpt-4o-2024-08-06")
+    assert model is not None
+    with pytest.raises(
+        ProviderMisconfigured, match=r"gpt-4o-2024-08-06 cannot be called.*SPOOL_TEST_ABSENT_KEY"
+    ) as e:
+        bootstrap.provider_for(model, config)
+    assert not e.value.retryable and e.value.code == "provider_misconfigured"
+    assert any("SPOOL_TEST_ABSENT_KEY" in fix for fix in e.value.suggestions)
+    breaker = CircuitBreaker(MemoryCircuitStore(), clock=lambda: 1_800_000_000.0)
+    probes = provider_probes(
+        [model], breaker, deep=True, provider_for=lambda m: bootstrap.provider_for(m, config)
+    )
+    report = HealthService(probes).report()
+    assert report.status == "degraded"
+    deep = report.checks["provider:openai"].facts["deep"]
+    assert deep["status"] == "down" and deep["error"] == "provider_misconfigured"
+    assert "SPOOL_TEST_ABSENT_KEY" in deep["message"]
+
+
 def test_a_cooled_circuit_is_reported_as_a_call_would_find_it_not_open_until_the_next_call() -> None:
     """Health read the stored circuit: once its cool-down had passed it still said ``open``, with a
     ``retry_at`` in the past and the provider down, until a job happened to call the model."""

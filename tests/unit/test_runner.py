@@ -1225,6 +1225,56 @@ def test_a_model_that_stalls_in_two_invocations_hands_the_job_to_its_fallback() 
     _assert_served_by(world, job_id, ["sim-realtime", "sim-fast"])
 
 
+def _cannot_call(world: JobWorld, *models: str) -> Any:
+    """``provider_for`` as a deployment that cannot call ``models`` has it (their key's variable is
+    missing): what ``bootstrap.provider_for`` raises then."""
+    from spool_core.providers import ProviderMisconfigured
+
+    inner = world.provider_for
+
+    def provider_for(model: Any) -> Any:
+        if model.id in models:
+            raise ProviderMisconfigured(
+                f"{model.id} cannot be called: The API key reference 'env:K' names a variable the "
+                "function's environment lacks",
+                ["Set K where the function runs"],
+            )
+        return inner(model)
+
+    return provider_for
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_a_model_the_deployment_cannot_call_fails_its_job_at_once_saying_what_to_fix(fallback: bool) -> None:
+    """A missing key failed every attempt, each message back after its visibility timeout, until the
+    dead letter ended the job with a bare internal error. It fails at the first attempt now, with the
+    fix, and the model's circuit is left alone: the provider is not at fault."""
+    world = JobWorld()
+    world.provider_for = _cannot_call(world, "sim-realtime", "sim-fast")
+    job_id = create(world, model="sim-realtime", max_tokens=50, fallback=fallback)
+    assert world.drain() == ["done"]
+    job = assert_ended_once(world, job_id, status="failed")
+    assert job.attempts == 1
+    error = job.error
+    assert error["code"] == "model_unavailable"
+    assert error["details"]["last_error"] == "provider_misconfigured"
+    assert "names a variable the function's environment lacks" in error["message"]
+    assert error["suggestions"] == ["Set K where the function runs"]  # no "retry later": it would not help
+    tried = [t["model"] for t in error["details"]["tried"]]
+    assert tried == (["sim-realtime", "sim-fast"] if fallback else ["sim-realtime"])
+    assert world.breaker.circuit("sim-realtime").failures == world.breaker.circuit("sim-fast").failures == 0
+
+
+def test_a_model_the_deployment_cannot_call_hands_its_job_to_the_fallback() -> None:
+    world = JobWorld()
+    world.provider_for = _cannot_call(world, "sim-realtime")
+    job_id = create(world, model="sim-realtime", max_tokens=50)
+    assert world.drain() == ["done"]
+    _assert_served_by(world, job_id, ["sim-realtime", "sim-fast"])  # the first wrote nothing
+    assert [s.job_id for _, s in world.ledger.settlements].count(job_id) == 1
+    assert world.breaker.circuit("sim-realtime").failures == 0
+
+
 def _assert_served_by(world: JobWorld, job_id: str, models: list[str]) -> None:
     job = world.ledger.tenant("acme").get(job_id)
     assert job is not None and job.status == "completed" and job.fallback_used

@@ -35,7 +35,15 @@ from spool_core.limits.service import RateLimiter
 from spool_core.models import ModelCatalog, ModelSpec
 from spool_core.observability import logger, record_usage
 from spool_core.prompt import CONTEXT_PREAMBLE, CONTEXT_ROLE, file_block, symbols_block
-from spool_core.providers import Finished, GenerationRequest, Provider, ProviderError, ResumePoint, TextDelta
+from spool_core.providers import (
+    Finished,
+    GenerationRequest,
+    Provider,
+    ProviderError,
+    ProviderMisconfigured,
+    ResumePoint,
+    TextDelta,
+)
 from spool_core.units import usd
 
 if TYPE_CHECKING:
@@ -254,6 +262,7 @@ class _Attempt:
         # that did so again from the log the invocation before this one stalled on (their turn ended).
         self.stalled_model: str | None = None
         self.stalled_again_by: set[str] = set()
+        self.misconfigured: list[ProviderMisconfigured] = []  # models the deployment cannot call
         self.last_beat = runner._clock()
         self.upkept_at = runner._clock()  # when the attempt last looked after its job with no flush
         self.signals_at = runner._clock()  # the lease's take read the job's cancel and subscribed
@@ -303,6 +312,12 @@ class _Attempt:
                     self._switch(model)
                 try:
                     first_token_ms = self._stream(model, messages)
+                except ProviderMisconfigured as exc:  # the deployment's fault, not the provider's health
+                    self.misconfigured.append(exc)
+                    tried.append(
+                        {"model": model.id, "error": exc.code, "retryable": False, "message": str(exc)}
+                    )
+                    continue
                 except ProviderError as exc:
                     if exc.retryable or exc.code == "provider_model_unavailable":
                         r._breaker.record_failure(model.id)  # the provider's health, never a refusal
@@ -660,6 +675,13 @@ class _Attempt:
                 'Retry later, or allow fallback (omit "fallback": false) to use the model\'s fallback chain',
                 "Check GET /v1/health for the model's circuit and error rate",
             ]
+        if last.get("error") == ProviderMisconfigured.CODE:
+            message += f": {last['message']}"
+        if self.misconfigured:  # what only the operator can fix comes first, alone if it was all
+            fixes = [fix for fault in self.misconfigured for fix in fault.suggestions]
+            if all(t.get("error") == ProviderMisconfigured.CODE for t in tried):
+                suggestions = []
+            suggestions = list(dict.fromkeys([*fixes, *suggestions]))
         if last.get("error") == Stalled.CODE:
             stall = self.r.settings.stall_seconds
             again = last["model"] in self.stalled_again_by

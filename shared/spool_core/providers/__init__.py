@@ -69,6 +69,18 @@ class ProviderError(Exception):
         self.code = code
 
 
+class ProviderMisconfigured(ProviderError):
+    """The deployment cannot call this model at all (its API key names a variable the function lacks,
+    or a reference of no known kind): no retry or later attempt can succeed, the operator must fix
+    it. The job goes on with the model's fallbacks, or fails saying what to fix."""
+
+    CODE = "provider_misconfigured"
+
+    def __init__(self, message: str, suggestions: list[str]) -> None:
+        super().__init__(message, retryable=False, code=self.CODE)
+        self.suggestions = suggestions
+
+
 class Provider(Protocol):
     name: str
     supports_prefill: bool
