@@ -1525,6 +1525,39 @@ def test_tokens_that_came_before_a_pause_are_written_within_a_flush_interval() -
     assert_ended_once(world, job_id)
 
 
+def test_a_silent_provider_is_looked_after_every_flush_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DESIGN.md: a cancelled job's worker stops within one flush interval, a provider that has not
+    sent its first token included. While it waits, the worker asks to be woken (the stream's
+    ``upkeep``) a flush interval after it last looked at its job, on its own clock, not later: a
+    second, to spare a signals read, let a cancel wait five flush intervals."""
+    from spool_core.jobs import runner as runner_module
+
+    upkeeps: list[Any] = []
+
+    class Watched(runner_module.WatchedStream):  # type: ignore[type-arg]
+        def __init__(self, events: Any, **kwargs: Any) -> None:
+            upkeeps.append(kwargs["upkeep"])
+            super().__init__(events, **kwargs)
+
+    monkeypatch.setattr(runner_module, "WatchedStream", Watched)
+    world = JobWorld()
+    world.provider_for = pauses = _StallsOnce(world, at_token=0, goes_on=True)
+    job_id = create(world, max_tokens=40)
+    thread, outcome, _ = _run_in_thread(world, job_id, flush_ms=200)
+    try:
+        assert pauses.stalled.wait(WAIT)
+        assert 0 < upkeeps[0]() <= 0.2
+        world.service("acme").cancel(job_id)
+        world.clock.now += 0.2  # one flush interval
+        assert upkeeps[0]() <= 0  # due: at its next wake it reads the cancel
+        thread.join(WAIT)
+    finally:
+        pauses.release.set()
+        thread.join(WAIT)
+    assert outcome == [Outcome.DONE] and pauses.calls == 1
+    assert_ended_once(world, job_id, status="cancelled")
+
+
 def test_a_first_token_slower_than_the_lease_keeps_the_lease_and_sees_a_cancel() -> None:
     """A model slow to its first token (a local model on a CPU, a reasoning model) held the lease
     without renewing it: past the local stack's 5 s lease another attempt took the job, and the

@@ -91,11 +91,6 @@ class _NoCircuits:
 
 # What the worker knows of a job's cancel and subscribers serves the flushes of the next 100 ms.
 SIGNALS_FRESH_SECONDS = 0.1
-# While the provider sends nothing and no token waits to be written (a slow first token, a pause),
-# the job's cancel, time and lease are looked at this often. Every flush interval (200 ms) was a
-# signals read five times a second per silent job: 20 streams whose first tokens waited on a busy
-# machine read worse by 20-40% at the p95 (docs/decisions.md).
-SILENT_UPKEEP_SECONDS = 1.0
 
 # The longest an SQS message may be delayed (DelaySeconds): a job waiting longer for a circuit is
 # picked up, finds it still open and waits again.
@@ -500,12 +495,15 @@ class _Attempt:
     def _upkeep_in(self) -> float:
         """Seconds until the attempt next looks after its job while the provider sends nothing: the
         tokens waiting in the buffer written when due (DESIGN.md: every flush interval), and, with
-        none waiting, the job's cancel, time and lease looked at every ``SILENT_UPKEEP_SECONDS``, as
-        a flush would (a first token that takes longer than the lease no longer loses it)."""
+        none waiting, the job's cancel, time and lease looked at every flush interval, as a flush
+        would: a cancel lands within one flush interval (DESIGN.md), and a first token that takes
+        longer than the lease no longer loses it. (A second instead, to spare a signals read, made no
+        difference an A/B could see: docs/decisions.md.)"""
         due = self.writer.due_in()
         if due is not None:
             return due
-        return SILENT_UPKEEP_SECONDS - (self.r._clock() - max(self.upkept_at, self.writer.last_flush_at))
+        interval = self.r.settings.cadence.interval_ms(max(self.writer.sequence_id, 1)) / 1000
+        return interval - (self.r._clock() - max(self.upkept_at, self.writer.last_flush_at))
 
     def _upkeep(self) -> None:
         if self.writer.due_in() is not None:
