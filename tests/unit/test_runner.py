@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 from unittest.mock import patch
 
@@ -1494,17 +1494,24 @@ def test_a_model_that_stalls_at_each_retry_of_one_invocation_is_not_said_to_have
 WAIT = 30  # seconds: a deadline for what the test waits on, never expected to be reached
 
 
-def _run_in_thread(
-    world: JobWorld, job_id: str, **settings: Any
-) -> tuple[threading.Thread, list[Outcome], list[int]]:
-    """The job's message taken and its run started in a thread: its outcome and heartbeats, as they come."""
+@contextlib.contextmanager
+def _paused(
+    world: JobWorld, job_id: str, pauses: _StallsOnce, **settings: Any
+) -> Iterator[tuple[list[Outcome], list[int]]]:
+    """The job's message taken and its run started in a thread, until its provider pauses: its outcome
+    and heartbeats, as they come. On leaving, the provider goes on and the run is waited for."""
     assert world.ledger.receive() is not None
     runner = world.runner("acme", **settings)
     outcome: list[Outcome] = []
     beats: list[int] = []
     thread = threading.Thread(target=lambda: outcome.append(runner.run(job_id, heartbeat=beats.append)))
     thread.start()
-    return thread, outcome, beats
+    try:
+        assert pauses.stalled.wait(WAIT)
+        yield outcome, beats
+    finally:
+        pauses.release.set()
+        thread.join(WAIT)
 
 
 def test_tokens_that_came_before_a_pause_are_written_within_a_flush_interval() -> None:
@@ -1514,13 +1521,8 @@ def test_tokens_that_came_before_a_pause_are_written_within_a_flush_interval() -
     world = JobWorld()
     world.provider_for = pauses = _StallsOnce(world, at_token=5, goes_on=True)
     job_id = create(world, max_tokens=40)
-    thread, outcome, _ = _run_in_thread(world, job_id, flush_tokens=64)
-    try:
-        assert pauses.stalled.wait(WAIT)
+    with _paused(world, job_id, pauses, flush_tokens=64) as (outcome, _):
         wait_for(lambda: world.ledger.tenant("acme").last(job_id).tokens_total == 5)  # type: ignore[union-attr]
-    finally:
-        pauses.release.set()
-        thread.join(WAIT)
     assert outcome == [Outcome.DONE] and pauses.calls == 1
     assert_ended_once(world, job_id)
 
@@ -1543,17 +1545,12 @@ def test_a_silent_provider_is_looked_after_every_flush_interval(monkeypatch: pyt
     world = JobWorld()
     world.provider_for = pauses = _StallsOnce(world, at_token=0, goes_on=True)
     job_id = create(world, max_tokens=40)
-    thread, outcome, _ = _run_in_thread(world, job_id, flush_ms=200)
-    try:
-        assert pauses.stalled.wait(WAIT)
+    with _paused(world, job_id, pauses, flush_ms=200) as (outcome, _):
         assert 0 < upkeeps[0]() <= 0.2
         world.service("acme").cancel(job_id)
         world.clock.now += 0.2  # one flush interval
         assert upkeeps[0]() <= 0  # due: at its next wake it reads the cancel
-        thread.join(WAIT)
-    finally:
-        pauses.release.set()
-        thread.join(WAIT)
+        wait_for(lambda: outcome)  # ended while its provider still pauses
     assert outcome == [Outcome.DONE] and pauses.calls == 1
     assert_ended_once(world, job_id, status="cancelled")
 
@@ -1567,19 +1564,14 @@ def test_a_first_token_slower_than_the_lease_keeps_the_lease_and_sees_a_cancel()
     world = JobWorld()
     world.provider_for = pauses = _StallsOnce(world, at_token=0, goes_on=True)
     job_id = create(world, max_tokens=40)
-    thread, outcome, beats = _run_in_thread(world, job_id, lease_ms=3_000)
-    try:
-        assert pauses.stalled.wait(WAIT)
+    with _paused(world, job_id, pauses, lease_ms=3_000) as (outcome, beats):
         lease = world.ledger.jobs[("acme", job_id)]["lease_expires_ms"]
         world.clock.now += 2  # past a third of the lease, and the signals' freshness
         wait_for(lambda: world.ledger.jobs[("acme", job_id)]["lease_expires_ms"] > lease)
         assert beats  # the message's visibility kept with it
         world.service("acme").cancel(job_id)
         world.clock.now += 1
-        thread.join(WAIT)
-    finally:
-        pauses.release.set()
-        thread.join(WAIT)
+        wait_for(lambda: outcome)  # ended while its provider still pauses
     assert outcome == [Outcome.DONE] and pauses.calls == 1
     job = assert_ended_once(world, job_id, status="cancelled")
     assert job.progress.tokens_generated == 0
