@@ -146,7 +146,7 @@ async def get_response(request: Request) -> Response:
     service = _service(request)
     job = await _response_job(request, service.get)
     headers = _job_headers(request, job)
-    if request.query_params.get("stream", "").lower() in {"true", "1"}:
+    if web.query_flag(request, "stream"):
         return await _response_stream(request, service, job, _starting_after(request), headers)
     return await _response_json(service, job, headers)
 

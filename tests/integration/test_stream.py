@@ -534,3 +534,36 @@ def test_a_cancel_sent_many_fields_names_at_most_twenty_as_the_other_functions_d
     assert len(fields) == 20 and error["details"]["more_fields"] == 4981
     assert fields[0]["field"] == ("body." + "x" * 100_000)[:200] and fields[1]["field"] == "body.k0"
     assert error["message"].endswith("and 4,981 more")
+
+
+@pytest.mark.parametrize(
+    ("value", "streams"), [("banana", None), ("TRUE", True), ("yes", True), ("0", False), ("", False)]
+)
+def test_a_responses_stream_flag_is_read_as_a_boolean_and_anything_else_is_named(
+    functions: dict[str, LocalFunction], service: JobService, tenant: Tenant, value: str, streams: bool | None
+) -> None:
+    """``GET /v1/responses/{id}?stream=banana`` answered the JSON resource, as if the caller had asked
+    for it, and ``stream=TRUE`` did too: the flag is read as the REST routes read one."""
+    from spool_core.openai_compat import responses
+
+    job_id = finished_job(service, tenant, max_tokens=20)
+    path = f"/v1/responses/{responses.response_id(job_id)}"
+    event = stream_event(job_id, tenant, query={"stream": value})
+    event.update(resource="/v1/responses/{response_id}", path=path, pathParameters=None)
+    event["requestContext"]["path"] = path
+    response = functions["StreamFunction"].open_stream(event)
+    raw = b"".join(response.chunks())
+    headers = {k.lower(): v for k, v in response.headers}
+    if streams is None:
+        error = json.loads(raw)["error"]
+        assert (response.status, error["code"], error["details"]["param"]) == (
+            400,
+            "invalid_request",
+            "stream",
+        )
+        assert error["details"]["fields"] == [{"field": "query.stream", "message": "must be true or false"}]
+    elif streams:
+        assert response.status == 200 and headers["content-type"].startswith("text/event-stream")
+        assert b"response.completed" in raw
+    else:
+        assert response.status == 200 and json.loads(raw)["status"] == "completed"

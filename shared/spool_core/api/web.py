@@ -119,6 +119,29 @@ def query(request: Request, name: str) -> str | None:
     return values[0] if values else None
 
 
+# What pydantic reads as a boolean, as the REST routes' validation reads a bool query parameter
+_TRUE = frozenset({"1", "true", "t", "yes", "y", "on"})
+_FALSE = frozenset({"", "0", "false", "f", "no", "n", "off"})
+
+
+def query_flag(request: Request, name: str) -> bool:
+    """A boolean query parameter (absent: false); a value that is neither is refused, not read as
+    false (``stream=ture`` answered the JSON resource, as if the caller had asked for it)."""
+    raw = query(request, name)
+    value = (raw or "").strip().lower()
+    if value in _TRUE or value in _FALSE:
+        return value in _TRUE
+    raise InvalidRequest(
+        f"The query parameter '{name}' must be true or false",
+        details={
+            "param": name,
+            "value": (raw or "")[:40],
+            "fields": [{"field": f"query.{name}", "message": "must be true or false"}],
+        },
+        suggestions=[f"Send {name}=true or {name}=false"],
+    )
+
+
 def caller(request: Request) -> Caller:
     authorizer = _request_context(request).get("authorizer") or {}
     rid = request_id(request)
