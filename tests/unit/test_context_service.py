@@ -474,6 +474,12 @@ def test_invalid_and_oversized_uploads() -> None:
     assert large.value.details == {"size_bytes": 201, "limit_bytes": 200, "context_limit_bytes": 100}
     assert not any("/v1/contexts/uploads" in s for s in large.value.suggestions)  # the caller just did
     assert h.uploads.objects == {}
+    h.uploads.objects[ticket["upload_id"]] = b""  # a PUT with no body: not blamed on the JSON
+    with pytest.raises(InvalidRequest) as empty:
+        h.service.create_from_upload(ticket["upload_id"])
+    assert "empty (0 bytes)" in empty.value.message and empty.value.details["size_bytes"] == 0
+    assert "PUT the JSON document itself" in empty.value.suggestions[0]
+    assert "same upload_url" in empty.value.suggestions[-1] and h.uploads.objects == {}
     h.uploads.objects[ticket["upload_id"]] = b'{"files": [{"path": "../x", "content": "y"}]}'
     with pytest.raises(InvalidPath):
         h.service.create_from_upload(ticket["upload_id"])

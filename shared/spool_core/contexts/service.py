@@ -579,6 +579,19 @@ class ContextService:
                 },
                 suggestions=TOO_LARGE_SUGGESTIONS,
             )
+        if head.size_bytes == 0:  # a PUT with no body, or one a client sent as a form
+            raise InvalidRequest(
+                f"The uploaded document is empty (0 bytes); {REFUSED}",
+                details={
+                    "upload_id": upload_id,
+                    "size_bytes": 0,
+                    "fields": [{"field": "upload", "message": "empty", "type": "missing"}],
+                },
+                suggestions=[
+                    "PUT the JSON document itself as the request body, with Content-Type: application/json"
+                    " (curl: --upload-file document.json, or --data-binary @document.json with that header)"
+                ],
+            )
         try:
             document = CreateContextRequest.model_validate_json(self._uploads.read(upload_id, head.etag))
         except ValidationError as exc:
