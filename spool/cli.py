@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -725,6 +725,7 @@ def _contexts_list(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(contexts)
         return EXIT_OK
+    now = datetime.now(UTC)
     rows = [
         (
             c["context_id"],
@@ -733,7 +734,7 @@ def _contexts_list(args: argparse.Namespace) -> int:
             f"{c.get('token_count', 0):,}",
             _size(c.get("size_bytes", 0)),
             c.get("updated_at") or c.get("created_at", ""),
-            c.get("expires_at", ""),
+            _expires(c.get("expires_at") or "", now),
         )
         for c in contexts
     ]
@@ -774,6 +775,16 @@ def _print_listing(
     out = output_console()
     keep = keep or (columns[0],)
     out.print(table(title, columns, rows, numbers=numbers, width=out.width, keep=keep, drop=drop))
+
+
+def _expires(expires_at: str, now: datetime) -> str:
+    """A context's expiry, marked once it has passed: an expired context stays listed until DynamoDB's
+    TTL deletes it (lazily), and answers 410 to every use meanwhile."""
+    try:
+        passed = datetime.fromisoformat(expires_at) <= now
+    except ValueError:  # none, or not a time: shown as it came
+        return expires_at
+    return f"{expires_at} (expired)" if passed else expires_at
 
 
 def _size(size: int) -> str:

@@ -402,7 +402,16 @@ class FakeClient:
                 "created_at": "2026-11-27T06:00:00.000Z",
                 "updated_at": "2026-11-27T06:30:00.000Z",
                 "expires_at": "2026-11-27T07:30:00.000Z",
-            }
+            },
+            {
+                "context_id": "ctx_two",
+                "version": 1,
+                "file_count": 1,
+                "token_count": 5,
+                "size_bytes": 20,
+                "created_at": "2026-11-27T06:00:00.000Z",
+                "expires_at": "2999-01-01T00:00:00.000Z",
+            },
         ]
 
     def list_contexts(self, *, limit: int = 20, cursor: str | None = None) -> dict[str, Any]:
@@ -693,6 +702,9 @@ def test_jobs_and_contexts_list(fake: FakeClient, capsys: pytest.CaptureFixture[
     assert len(json.loads(run(capsys, "jobs", "list", "--all", "--json")[1])) == 3
     code, out, _ = run(capsys, "contexts", "list")
     assert out.splitlines()[1].split()[:5] == ["ctx_one", "2", "3", "1,234", "2.5"]
+    # an expired context stays listed until its TTL deletes it: marked, as its uses answer 410
+    assert out.splitlines()[1].rstrip().endswith("2026-11-27T07:30:00.000Z (expired)")
+    assert out.splitlines()[2].rstrip().endswith("2999-01-01T00:00:00.000Z")
     assert json.loads(run(capsys, "contexts", "list", "--all", "--json")[1])[0]["context_id"] == "ctx_one"
     with pytest.raises(SystemExit):
         cli.main(["jobs", "list", "--limit", "500"])
