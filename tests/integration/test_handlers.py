@@ -191,6 +191,17 @@ def test_a_job_body_is_json_as_written_never_coerced(invoke: Any, field: str, se
     assert created["statusCode"] == 202, created
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_temperature_that_is_no_number_is_called_that(invoke: Any, value: float) -> None:
+    """``NaN`` and ``Infinity`` (which Python's json writes) were refused as over 2."""
+    body = {"message": "hi", "model": "sim-fast", "max_tokens": 20, "temperature": value}
+    key = {"Idempotency-Key": f"temperature-{value}"}
+    response = invoke("JobsFunction", api_event("POST", "/v1/jobs", body=body, headers=key))
+    assert response["statusCode"] == 400, response
+    (field,) = response_json(response)["error"]["details"]["fields"]
+    assert field["field"] == "body.temperature" and "finite number" in field["message"]
+
+
 def test_a_whole_number_is_a_number_however_json_writes_it(invoke: Any) -> None:
     """``200.0`` is what Python's json.dumps writes for a float holding 200 (``total_seconds()``):
     JSON has one number type, so it is 200, as a context's ``ttl_seconds`` always read it."""

@@ -644,3 +644,18 @@ def test_a_responses_instructions_are_read_from_where_its_messages_are() -> None
     none = in_s3.model_copy(update={"echo": {"background": False, "instructions": False}})
     assert responses.instructions_of(none, gone) is None
     assert responses.response_object(in_s3, "x", "long rules")["instructions"] == "long rules"
+
+
+@pytest.mark.parametrize("surface", ["chat", "responses"])
+def test_a_temperature_that_is_no_number_is_called_that_on_the_openai_surface(surface: str) -> None:
+    from pydantic import ValidationError
+
+    from spool_core.openai_compat import chat, responses
+
+    model = chat.ChatRequest if surface == "chat" else responses.ResponsesRequest
+    body = '{"model": "sim-fast", "temperature": NaN, "messages": [], "input": "hi"}'
+    with pytest.raises(ValidationError) as refused:
+        model.model_validate_json(body)
+    assert [(e["loc"], e["type"]) for e in refused.value.errors() if e["loc"] == ("temperature",)] == [
+        (("temperature",), "finite_number")
+    ]

@@ -35,7 +35,7 @@ class JobRequest(BaseModel):
     message: str | None = Field(default=None, max_length=2_000_000)
     model: str = Field(default="default", min_length=1, max_length=128)
     max_tokens: int = Field(default=1024, ge=1, le=1_000_000)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     metadata: Metadata = Field(default_factory=dict)
     fallback: JsonBool = True
 

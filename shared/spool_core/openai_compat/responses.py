@@ -58,7 +58,7 @@ class ResponsesRequest(BaseModel):
     input: str | Annotated[list[InputMessage], Field(max_length=1000)]
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
     # not passed on (README), but a value OpenAI refuses is refused
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     background: JsonBool = False
