@@ -697,9 +697,21 @@ class JobWorld:
         self.context_stores_made = 0  # how often the services made the tenant's context store
         self.requests: dict[str, MemoryRequestStore] = {}  # each tenant's messages too large for an item
 
+        world = self
+
+        class Counted(SimulatedProvider):
+            """The simulated provider, each call (a stream asked for) counted in ``provider_calls``."""
+
+            def __init__(self, model_id: str) -> None:
+                super().__init__(faults_enabled=faults_enabled, sleep=lambda _: None, crash=world._crash)
+                self.model_id = model_id
+
+            def stream(self, request: Any, resume: Any) -> Any:
+                world.provider_calls.append(self.model_id)
+                return super().stream(request, resume)
+
         def provider(model: Any) -> SimulatedProvider:
-            self.provider_calls.append(model.id)
-            return SimulatedProvider(faults_enabled=faults_enabled, sleep=lambda _: None, crash=self._crash)
+            return Counted(model.id)
 
         self.provider_for = provider
 

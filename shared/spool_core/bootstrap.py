@@ -357,10 +357,27 @@ def secret(reference: str | None) -> str:
     from aws_lambda_powertools.utilities import parameters
 
     kind, _, name = reference.partition(":")
-    if kind == "ssm":
-        value: Any = parameters.get_parameter(name, decrypt=True, max_age=300)
-    elif kind == "secretsmanager":
-        value = secret_value(name)
+    if kind in ("ssm", "secretsmanager"):
+        try:
+            value: Any = (
+                parameters.get_parameter(name, decrypt=True, max_age=300)
+                if kind == "ssm"
+                else secret_value(name)
+            )
+        except parameters.exceptions.GetParameterError as exc:
+            # Powertools wraps every failure alike; one that no retry can mend is the deployment's
+            code = _error_code(exc.__context__)
+            if code not in _UNREADABLE:
+                raise  # throttled, or the service unreachable: the attempt fails, a later one may not
+            raise ConfigurationError(
+                f"The API key reference {reference!r} names a {'parameter' if kind == 'ssm' else 'secret'}"
+                f" the function cannot read ({code})",
+                suggestions=[
+                    f"Create {name} in {'SSM Parameter Store' if kind == 'ssm' else 'Secrets Manager'},"
+                    " or point the reference at the one that holds the key",
+                    "Check that the function's role may read it (and decrypt it with its KMS key)",
+                ],
+            ) from exc
     elif kind == "env":
         if name not in os.environ:
             raise ConfigurationError(
@@ -371,12 +388,26 @@ def secret(reference: str | None) -> str:
                 ],
             )
         value = os.environ[name]
-    else:
+    else:  # never quoted: what was set may be the key itself
         raise ConfigurationError(
-            f"Unknown secret reference {reference!r}",
-            suggestions=["Use ssm:/parameter/name, secretsmanager:secret-name or env:VARIABLE"],
+            "The API key reference is of no known kind: it must begin ssm:, secretsmanager: or env:",
+            suggestions=[
+                "Use ssm:/parameter/name, secretsmanager:secret-name or env:VARIABLE",
+                "If the key itself was set there, keep it in SSM or Secrets Manager and name it instead",
+            ],
         )
     return str(value)
+
+
+# Errors of a parameter or secret read that the deployment's configuration causes, not the moment
+_UNREADABLE = frozenset(
+    {"ParameterNotFound", "ResourceNotFoundException", "AccessDeniedException", "AccessDenied"}
+)
+
+
+def _error_code(exc: BaseException | None) -> str | None:
+    response = getattr(exc, "response", None)
+    return response.get("Error", {}).get("Code") if isinstance(response, dict) else None
 
 
 def job_runner(tenant: Tenant, config: Settings | None = None) -> JobRunner:

@@ -518,3 +518,37 @@ def test_the_providers_clients_share_no_cookies_across_upstreams(
     own = f"session=from-{chat_server.server_address[1]}"
     assert chat_server.credentials == [("Bearer sk-first", None), ("Bearer sk-first", own)]
     assert other_chat_server.credentials == [("Bearer sk-second", None)]
+
+
+@pytest.mark.parametrize("kind", ["ssm", "secretsmanager"])
+def test_a_key_reference_to_a_parameter_that_does_not_exist_is_the_deployments_error(
+    stack: Any, kind: str
+) -> None:
+    """On moto as on AWS: a missing parameter or secret is a configuration error (the model cannot be
+    called: its job fails or falls back at once), where Powertools wraps it as it wraps a throttled
+    read. The one that exists is read."""
+    import boto3
+
+    from spool_core.errors import ConfigurationError
+
+    name = f"/spool-it/keys/{kind}"
+    with pytest.raises(ConfigurationError, match=r"names a .* the function cannot read") as missing:
+        bootstrap.secret(f"{kind}:{name}-absent")
+    assert any(f"{name}-absent" in fix for fix in missing.value.suggestions)
+    if kind == "ssm":
+        boto3.client("ssm").put_parameter(Name=name, Value="sk-ssm", Type="SecureString", Overwrite=True)
+    else:
+        boto3.client("secretsmanager").create_secret(Name=name, SecretString="sk-sm")
+    assert bootstrap.secret(f"{kind}:{name}") == ("sk-ssm" if kind == "ssm" else "sk-sm")
+
+
+def test_a_key_reference_of_no_known_kind_is_never_quoted() -> None:
+    """An operator who pasted the key itself where its reference goes: the error named it, and the
+    error reaches the job's tenant and the public deep health check."""
+    from spool_core.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError) as unknown:
+        bootstrap.secret("sk-proj-abcdef123456")
+    told = " ".join([unknown.value.message, *unknown.value.suggestions])
+    assert "abcdef" not in told and "sk-proj" not in told
+    assert "ssm:, secretsmanager: or env:" in unknown.value.message

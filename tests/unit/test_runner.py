@@ -270,12 +270,31 @@ def test_one_tenants_refused_requests_never_open_the_shared_circuit() -> None:
 SERVER_ERRORS = {"simulate": {"fault": "server_error", "at_token": 0, "times": 50}}
 
 
-def _open_the_circuit_of_sim_fast(world: JobWorld) -> None:
-    """Another tenant's jobs fail on sim-fast's 5xx until its shared circuit opens."""
+def _open_the_circuit_of_sim_fast(world: JobWorld, model: str = "sim-fast") -> None:
+    """Another tenant's jobs fail on the model's 5xx until its shared circuit opens."""
     for i in range(world.breaker.threshold):
-        create(world, "noisy", f"bad{i}", max_tokens=20, metadata=SERVER_ERRORS)
+        create(world, "noisy", f"bad{i}", model=model, fallback=False, max_tokens=20, metadata=SERVER_ERRORS)
     world.drain()
-    assert world.breaker.circuit("sim-fast").state == "open"
+    assert world.breaker.circuit(model).state == "open"
+
+
+def _calling(world: JobWorld, hook: Any) -> Any:
+    """``world.provider_for`` whose providers run ``hook`` as each call begins (a stream asked for):
+    the moment a probe's call is under way."""
+    make = world.provider_for
+
+    def provider_for(model: Any) -> Any:
+        provider = make(model)
+        stream = provider.stream
+
+        def calling(request: Any, resume: Any) -> Any:
+            hook()
+            return stream(request, resume)
+
+        provider.stream = calling
+        return provider
+
+    return provider_for
 
 
 def test_a_job_whose_every_circuit_is_open_waits_for_the_cool_down_instead_of_failing() -> None:
@@ -349,14 +368,12 @@ def test_the_jobs_waiting_on_a_circuit_send_one_probe_and_the_others_wait_for_it
     probe, *others = [world.ledger.receive() for _ in jobs]
     assert probe is not None and all(others)
     calls_before, during_probe = len(world.provider_calls), []
-    make_provider = world.provider_for
 
-    def provider(model: Any) -> Any:  # the others are picked up while the probe's call is under way
+    def others_picked_up() -> None:  # while the probe's call is under way
         if not during_probe:
             during_probe.extend(world.runner("quiet").run(m.job_id) for m in others)  # type: ignore[union-attr]
-        return make_provider(model)
 
-    world.provider_for = provider
+    world.provider_for = _calling(world, others_picked_up)
     assert world.runner("quiet").run(probe.job_id) is Outcome.DONE
     assert during_probe == [Outcome.YIELD, Outcome.YIELD]  # skipped, not called
     assert world.provider_calls[calls_before:] == ["sim-fast"]
@@ -382,18 +399,17 @@ def test_a_job_at_its_wait_bound_during_another_jobs_probe_waits_for_the_probes_
         assert m is not None and world.runner("quiet", circuit_wait_seconds=22).run(m.job_id) is Outcome.YIELD
     world.clock.now = cools_at / 1000
     messages = {m.job_id: m for m in (world.ledger.receive() for _ in range(2)) if m}
-    make_provider, during_probe = world.provider_for, []
+    during_probe: list[Outcome] = []
 
-    def provider(model: Any) -> Any:  # the late job is picked up at its bound, the probe's call under way
+    def late_picked_up() -> None:  # at its bound, the probe's call under way
         if not during_probe:
             world.clock.now += 2
             since = messages[late].circuit_wait_since_ms
             during_probe.append(
                 world.runner("quiet", circuit_wait_seconds=22).run(late, circuit_wait_since_ms=since)
             )
-        return make_provider(model)
 
-    world.provider_for = provider
+    world.provider_for = _calling(world, late_picked_up)
     assert world.runner("quiet").run(prober) is Outcome.DONE
     assert during_probe == [Outcome.YIELD]  # not failed: delayed to the probe's end
     [(visible_at, _)] = world.ledger.delayed
@@ -1273,6 +1289,59 @@ def test_a_model_the_deployment_cannot_call_hands_its_job_to_the_fallback() -> N
     _assert_served_by(world, job_id, ["sim-realtime", "sim-fast"])  # the first wrote nothing
     assert [s.job_id for _, s in world.ledger.settlements].count(job_id) == 1
     assert world.breaker.circuit("sim-realtime").failures == 0
+
+
+@pytest.mark.parametrize(
+    ("cannot_call", "open_"), [("sim-realtime", "sim-fast"), ("sim-fast", "sim-realtime")]
+)
+def test_a_model_the_deployment_cannot_call_leaves_its_job_to_wait_for_one_it_can(
+    cannot_call: str, open_: str
+) -> None:
+    """Every model of the chain the deployment can call had its circuit open, and the one it cannot
+    call made the job fail at once: it waits for the open one's probe, as a job whose whole chain is
+    open does, and the model it cannot call is never switched to."""
+    world = JobWorld()
+    _open_the_circuit_of_sim_fast(world, open_)
+    world.provider_for = _cannot_call(world, cannot_call)
+    job_id = create(world, "quiet", model="sim-realtime", max_tokens=20)
+    assert world.drain() == ["yield", "done"]
+    job = world.ledger.tenant("quiet").get(job_id)
+    assert job is not None and job.status == "completed" and job.model_resolved == open_
+    assert [s.model for s in job.segments] == list(dict.fromkeys(["sim-realtime", open_]))
+    assert [s.job_id for _, s in world.ledger.settlements].count(job_id) == 1
+    assert running(world.ledger, "quiet") == 0
+
+
+def test_a_job_at_its_wait_bound_says_which_model_the_deployment_cannot_call() -> None:
+    world = JobWorld()
+    _open_the_circuit_of_sim_fast(world)
+    world.provider_for = _cannot_call(world, "sim-realtime")
+    job_id = create(world, "quiet", model="sim-realtime", max_tokens=20)
+    message = world.ledger.receive()
+    assert message is not None
+    assert world.runner("quiet", circuit_wait_seconds=0).run(message.job_id) is Outcome.DONE
+    job = assert_ended_once(world, job_id, status="failed", tenant="quiet")
+    message_text = job.error["message"]
+    assert "sim-realtime cannot be called" in message_text
+    assert "every circuit of the models it can call is open, sim-fast (circuit open until" in message_text
+    assert (
+        job.error["suggestions"][0]
+        == "Retry after the circuits' retry_at, when the providers are probed again"
+    )
+    assert "Set K where the function runs" in job.error["suggestions"]
+
+
+def test_a_model_the_deployment_cannot_call_takes_no_probe_of_its_circuit() -> None:
+    """Its circuit open and cooled down, the model took the probe and never made the call that would
+    answer it: the circuit stayed half open, and the next jobs waited for a probe nobody made."""
+    world = JobWorld()
+    _open_the_circuit_of_sim_fast(world)
+    world.clock.now += world.breaker.cooldown + 1
+    world.provider_for = _cannot_call(world, "sim-fast")
+    job_id = create(world, "quiet", max_tokens=20)
+    assert world.drain() == ["done"]
+    assert_ended_once(world, job_id, status="failed", tenant="quiet")
+    assert world.breaker.circuit("sim-fast").state == "open"  # as it was: no probe taken
 
 
 def _assert_served_by(world: JobWorld, job_id: str, models: list[str]) -> None:

@@ -171,6 +171,25 @@ def test_a_missing_env_key_says_which_variable(monkeypatch: pytest.MonkeyPatch) 
         secret("env:SPOOL_TEST_ABSENT_KEY")
 
 
+def test_a_throttled_key_read_stays_a_passing_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a read that no retry can mend (a missing parameter, no permission) is the deployment's
+    error: Powertools wraps a throttled one alike, and that one fails only the attempt."""
+    from aws_lambda_powertools.utilities import parameters
+    from botocore.exceptions import ClientError
+
+    from spool_core.bootstrap import secret
+
+    def throttled(name: str, **_: object) -> str:
+        try:
+            raise ClientError({"Error": {"Code": "ThrottlingException"}}, "GetParameter")
+        except ClientError as exc:
+            raise parameters.exceptions.GetParameterError(str(exc))  # noqa: B904 - as Powertools does
+
+    monkeypatch.setattr(parameters, "get_parameter", throttled)
+    with pytest.raises(parameters.exceptions.GetParameterError):
+        secret("ssm:/spool/key")
+
+
 def test_a_push_to_a_connection_gives_up_well_before_a_subscription_lease_runs_out(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -257,7 +257,7 @@ class _Attempt:
         # that did so again from the log the invocation before this one stalled on (their turn ended).
         self.stalled_model: str | None = None
         self.stalled_again_by: set[str] = set()
-        self.misconfigured: list[ProviderMisconfigured] = []  # models the deployment cannot call
+        self.misconfigured: dict[str, ProviderMisconfigured] = {}  # models the deployment cannot call
         self.last_beat = runner._clock()
         self.upkept_at = runner._clock()  # when the attempt last looked after its job with no flush
         self.signals_at = runner._clock()  # the lease's take read the job's cancel and subscribed
@@ -300,19 +300,20 @@ class _Attempt:
         try:
             # model_resolved is the model serving the job: a fallback that took over goes on with it
             for model in r._models.chain(primary, fallback=allow_fallback):
+                # Made before its circuit is asked: a model the deployment cannot call takes no probe
+                # it would never answer, and is never switched to.
+                try:
+                    provider = r._provider_for(model)
+                except ProviderMisconfigured as exc:  # the deployment's fault, not the provider's health
+                    tried.append(self._misconfigured(model, exc))
+                    continue
                 if not r._breaker.allow(model.id):
                     tried.append(self._skipped(model))
                     continue
                 if model.id != self.segments[-1].model:
                     self._switch(model)
                 try:
-                    first_token_ms = self._stream(model, messages)
-                except ProviderMisconfigured as exc:  # the deployment's fault, not the provider's health
-                    self.misconfigured.append(exc)
-                    tried.append(
-                        {"model": model.id, "error": exc.code, "retryable": False, "message": str(exc)}
-                    )
-                    continue
+                    first_token_ms = self._stream(model, provider, messages)
                 except ProviderError as exc:
                     if exc.retryable or exc.code == "provider_model_unavailable":
                         r._breaker.record_failure(model.id)  # the provider's health, never a refusal
@@ -337,10 +338,21 @@ class _Attempt:
                 and self.writer.tokens_total == self.tokens_at_start
             )
             return self._yield(stalled_at=self.tokens_at_start if stalled else None)
-        if all("skipped" in entry for entry in tried):  # no model was called: every circuit was open
+        callable_ = [entry for entry in tried if entry["model"] not in self.misconfigured]
+        if callable_ and all("skipped" in entry for entry in callable_):
+            # no model was called: every circuit of those the deployment can call was open
             return self._wait_for_circuits(primary, tried, allow_fallback)
         self._fail_unavailable(primary, tried, allow_fallback)
         return Outcome.DONE
+
+    def _misconfigured(self, model: ModelSpec, exc: ProviderMisconfigured) -> dict[str, Any]:
+        """The chain's entry for a model the deployment cannot call (told to the operator's log too)."""
+        self.misconfigured[model.id] = exc
+        logger.error(
+            "a model of the job's chain cannot be called: the deployment's configuration",
+            extra={"job_id": self.job.job_id, "model": model.id, "reason": str(exc)},
+        )
+        return {"model": model.id, "error": exc.code, "retryable": False, "message": str(exc)}
 
     def _skipped(self, model: ModelSpec) -> dict[str, Any]:
         """The chain's entry for a model skipped for its open circuit, with when it may be probed: when
@@ -393,12 +405,11 @@ class _Attempt:
         )
         return Outcome.YIELD
 
-    def _stream(self, model: ModelSpec, messages: tuple[Message, ...]) -> float | None:
+    def _stream(self, model: ModelSpec, provider: Provider, messages: tuple[Message, ...]) -> float | None:
         """Stream one model into the log, retrying retryable errors with exponential backoff and
         jitter (each retry resumes from what is persisted); the time to its first token (ms). Raises
         the last ``ProviderError`` when the retries are spent."""
         r, job = self.r, self.job
-        provider = r._provider_for(model)
         request = GenerationRequest(
             provider_model_id=model.provider_model_id,
             messages=messages,
@@ -673,12 +684,11 @@ class _Attempt:
                 'Retry later, or allow fallback (omit "fallback": false) to use the model\'s fallback chain',
                 "Check GET /v1/health for the model's circuit and error rate",
             ]
-        if last.get("error") == ProviderMisconfigured.CODE:
-            message += f": {last['message']}"
-        if self.misconfigured:  # what only the operator can fix comes first, alone if it was all
-            fixes = [fix for fault in self.misconfigured for fix in fault.suggestions]
-            if all(t.get("error") == ProviderMisconfigured.CODE for t in tried):
-                suggestions = []
+        if self.misconfigured:  # said wherever in the chain; what only the operator can fix comes first
+            message += ": " + "; ".join(str(fault) for fault in self.misconfigured.values())
+            fixes = [fix for fault in self.misconfigured.values() for fix in fault.suggestions]
+            if all(t["model"] in self.misconfigured for t in tried):
+                suggestions = []  # no retry would help
             suggestions = list(dict.fromkeys([*fixes, *suggestions]))
         if last.get("error") == Stalled.CODE:
             stall = self.r.settings.stall_seconds
@@ -688,9 +698,12 @@ class _Attempt:
             details["stall_seconds"] = stall
         if waited_ms is not None:
             bound = self.r.settings.circuit_wait_seconds
-            circuits = ", ".join(f"{t['model']} (circuit open until {t['retry_at']})" for t in tried)
+            circuits = ", ".join(
+                f"{t['model']} (circuit open until {t['retry_at']})" for t in tried if "retry_at" in t
+            )
+            chain = "the models it can call" if self.misconfigured else "its chain"
             message += (
-                f": every circuit of its chain is open, {circuits}; the job waited {waited_ms / 1000:g} s"
+                f": every circuit of {chain} is open, {circuits}; the job waited {waited_ms / 1000:g} s"
             )
             message += f" for them (at most {bound:g} s, SPOOL_CIRCUIT_WAIT_SECONDS)"
             details["waited_seconds"] = round(waited_ms / 1000, 3)
