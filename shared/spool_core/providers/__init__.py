@@ -70,9 +70,10 @@ class ProviderError(Exception):
 
 
 class ProviderMisconfigured(ProviderError):
-    """The deployment cannot call this model at all (its API key names a variable the function lacks,
-    or a reference of no known kind): no retry or later attempt can succeed, the operator must fix
-    it. The job goes on with the model's fallbacks, or fails saying what to fix."""
+    """The deployment cannot call this model at all (its API key's reference names a variable, an SSM
+    parameter or a secret the function cannot read, or is of no known kind): no retry or later
+    attempt can succeed, the operator must fix it. The job goes on with the model's fallbacks, or
+    fails saying what to fix."""
 
     CODE = "provider_misconfigured"
 
