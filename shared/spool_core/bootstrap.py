@@ -401,7 +401,17 @@ def secret(reference: str | None) -> str:
 
 # Errors of a parameter or secret read that the deployment's configuration causes, not the moment
 _UNREADABLE = frozenset(
-    {"ParameterNotFound", "ResourceNotFoundException", "AccessDeniedException", "AccessDenied"}
+    {
+        "ParameterNotFound",  # SSM
+        "ParameterVersionNotFound",  # ssm:/name:7, a version that is not there
+        "InvalidKeyId",  # SSM: the parameter's KMS key is disabled or gone
+        "ResourceNotFoundException",  # Secrets Manager
+        "DecryptionFailure",  # Secrets Manager: its KMS key cannot decrypt the secret
+        "InvalidRequestException",  # Secrets Manager: the secret is scheduled for deletion
+        "ValidationException",  # a name the service refuses
+        "AccessDeniedException",
+        "AccessDenied",
+    }
 )
 
 

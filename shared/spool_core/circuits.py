@@ -133,12 +133,23 @@ class CircuitBreaker:
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
 
-    def allow(self, model_id: str) -> bool:
+    def _as_asked(self, model_id: str) -> Circuit:
         circuit = self._recent(model_id)
         if circuit.state == "half_open" and not self._probe_due(circuit) and self.fresh_seconds > 0:
             # Remembered with a probe under way, which may have closed it since: a skip reads it again
             # (a job skipped on memory was delayed to the end of a probe that had answered).
             circuit = self.circuit(model_id)
+        return circuit
+
+    def may_call(self, model_id: str) -> bool:
+        """Whether ``allow`` may let a call through now (closed, or a probe due), read without taking
+        the probe: a caller that must prepare the call first (and may find it cannot make it) asks
+        this, then ``allow``, which decides."""
+        circuit = self._as_asked(model_id)
+        return circuit.state == "closed" or self._probe_due(circuit)
+
+    def allow(self, model_id: str) -> bool:
+        circuit = self._as_asked(model_id)
         if circuit.state == "closed" or not self._probe_due(circuit):
             return circuit.state == "closed"
         # Cooled down, or the last probe's time is over: this call probes the model. The write is

@@ -1275,7 +1275,9 @@ def test_a_model_the_deployment_cannot_call_fails_its_job_at_once_saying_what_to
     assert error["code"] == "model_unavailable"
     assert error["details"]["last_error"] == "provider_misconfigured"
     assert "names a variable the function's environment lacks" in error["message"]
-    assert error["suggestions"] == ["Set K where the function runs"]  # no "retry later": it would not help
+    # no "retry later": it would not help; what would, with fallback off, is the model's fallbacks
+    allow = 'Allow fallback (omit "fallback": false) to use the model\'s fallback chain'
+    assert error["suggestions"] == ["Set K where the function runs"] + ([] if fallback else [allow])
     tried = [t["model"] for t in error["details"]["tried"]]
     assert tried == (["sim-realtime", "sim-fast"] if fallback else ["sim-realtime"])
     assert world.breaker.circuit("sim-realtime").failures == world.breaker.circuit("sim-fast").failures == 0
@@ -1310,6 +1312,28 @@ def test_a_model_the_deployment_cannot_call_leaves_its_job_to_wait_for_one_it_ca
     assert [s.model for s in job.segments] == list(dict.fromkeys(["sim-realtime", open_]))
     assert [s.job_id for _, s in world.ledger.settlements].count(job_id) == 1
     assert running(world.ledger, "quiet") == 0
+
+
+def test_a_model_skipped_for_its_open_circuit_is_not_made() -> None:
+    """Made before its circuit was asked, a model skipped for its open circuit cost a secret read at
+    each pickup, and one that failed to be made (a throttled read) ended the attempt where its
+    fallback would have served the job."""
+    world = JobWorld()
+    _open_the_circuit_of_sim_fast(world, "sim-realtime")
+    make, made = world.provider_for, []
+
+    def provider_for(model: Any) -> Any:
+        made.append(model.id)
+        if model.id == "sim-realtime":
+            raise RuntimeError("Rate exceeded (ThrottlingException)")
+        return make(model)
+
+    world.provider_for = provider_for
+    job_id = create(world, "quiet", model="sim-realtime", max_tokens=20)
+    assert world.drain() == ["done"]
+    assert made == ["sim-fast"]
+    job = world.ledger.tenant("quiet").get(job_id)
+    assert job is not None and job.status == "completed" and job.model_resolved == "sim-fast"
 
 
 def test_a_job_at_its_wait_bound_says_which_model_the_deployment_cannot_call() -> None:

@@ -171,22 +171,35 @@ def test_a_missing_env_key_says_which_variable(monkeypatch: pytest.MonkeyPatch) 
         secret("env:SPOOL_TEST_ABSENT_KEY")
 
 
-def test_a_throttled_key_read_stays_a_passing_failure(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only a read that no retry can mend (a missing parameter, no permission) is the deployment's
-    error: Powertools wraps a throttled one alike, and that one fails only the attempt."""
+@pytest.mark.parametrize(
+    ("code", "deployments"),
+    [
+        ("ThrottlingException", False),
+        ("InternalServerError", False),
+        ("InvalidKeyId", True),
+        ("ParameterVersionNotFound", True),
+        ("AccessDeniedException", True),
+    ],
+)
+def test_a_key_read_that_no_retry_mends_is_the_deployments_error_and_a_throttled_one_passes(
+    monkeypatch: pytest.MonkeyPatch, code: str, deployments: bool
+) -> None:
+    """Powertools wraps every failed read alike: the wrapped error's code tells one that no retry can
+    mend (a configuration error: the model cannot be called) from one that fails only the attempt."""
     from aws_lambda_powertools.utilities import parameters
     from botocore.exceptions import ClientError
 
     from spool_core.bootstrap import secret
+    from spool_core.errors import ConfigurationError
 
-    def throttled(name: str, **_: object) -> str:
+    def failing(name: str, **_: object) -> str:
         try:
-            raise ClientError({"Error": {"Code": "ThrottlingException"}}, "GetParameter")
+            raise ClientError({"Error": {"Code": code}}, "GetParameter")
         except ClientError as exc:
             raise parameters.exceptions.GetParameterError(str(exc))  # noqa: B904 - as Powertools does
 
-    monkeypatch.setattr(parameters, "get_parameter", throttled)
-    with pytest.raises(parameters.exceptions.GetParameterError):
+    monkeypatch.setattr(parameters, "get_parameter", failing)
+    with pytest.raises(ConfigurationError if deployments else parameters.exceptions.GetParameterError):
         secret("ssm:/spool/key")
 
 

@@ -300,14 +300,17 @@ class _Attempt:
         try:
             # model_resolved is the model serving the job: a fallback that took over goes on with it
             for model in r._models.chain(primary, fallback=allow_fallback):
-                # Made before its circuit is asked: a model the deployment cannot call takes no probe
-                # it would never answer, and is never switched to.
+                if not r._breaker.may_call(model.id):  # skipped, and not made (a secret read, maybe)
+                    tried.append(self._skipped(model))
+                    continue
+                # Made before a probe is taken: a model the deployment cannot call takes none it would
+                # never answer, and is never switched to.
                 try:
                     provider = r._provider_for(model)
                 except ProviderMisconfigured as exc:  # the deployment's fault, not the provider's health
                     tried.append(self._misconfigured(model, exc))
                     continue
-                if not r._breaker.allow(model.id):
+                if not r._breaker.allow(model.id):  # another caller took the probe meanwhile
                     tried.append(self._skipped(model))
                     continue
                 if model.id != self.segments[-1].model:
@@ -687,8 +690,13 @@ class _Attempt:
         if self.misconfigured:  # said wherever in the chain; what only the operator can fix comes first
             message += ": " + "; ".join(str(fault) for fault in self.misconfigured.values())
             fixes = [fix for fault in self.misconfigured.values() for fix in fault.suggestions]
-            if all(t["model"] in self.misconfigured for t in tried):
-                suggestions = []  # no retry would help
+            if all(t["model"] in self.misconfigured for t in tried):  # no retry would help
+                fallbacks = not fallback and primary.fallbacks
+                suggestions = (
+                    ['Allow fallback (omit "fallback": false) to use the model\'s fallback chain']
+                    if fallbacks
+                    else []
+                )
             suggestions = list(dict.fromkeys([*fixes, *suggestions]))
         if last.get("error") == Stalled.CODE:
             stall = self.r.settings.stall_seconds
