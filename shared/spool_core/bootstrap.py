@@ -358,23 +358,21 @@ def secret(reference: str | None) -> str:
 
     kind, _, name = reference.partition(":")
     if kind in ("ssm", "secretsmanager"):
+        ssm = kind == "ssm"
         try:
             value: Any = (
-                parameters.get_parameter(name, decrypt=True, max_age=300)
-                if kind == "ssm"
-                else secret_value(name)
+                parameters.get_parameter(name, decrypt=True, max_age=300) if ssm else secret_value(name)
             )
         except parameters.exceptions.GetParameterError as exc:
             # Powertools wraps every failure alike; one that no retry can mend is the deployment's
-            code = _error_code(exc.__context__)
+            code = aws.error_code(exc.__context__)
             if code not in _UNREADABLE:
                 raise  # throttled, or the service unreachable: the attempt fails, a later one may not
+            what, store = ("parameter", "SSM Parameter Store") if ssm else ("secret", "Secrets Manager")
             raise ConfigurationError(
-                f"The API key reference {reference!r} names a {'parameter' if kind == 'ssm' else 'secret'}"
-                f" the function cannot read ({code})",
+                f"The API key reference {reference!r} names a {what} the function cannot read ({code})",
                 suggestions=[
-                    f"Create {name} in {'SSM Parameter Store' if kind == 'ssm' else 'Secrets Manager'},"
-                    " or point the reference at the one that holds the key",
+                    f"Create {name} in {store}, or point the reference at the one that holds the key",
                     "Check that the function's role may read it (and decrypt it with its KMS key)",
                 ],
             ) from exc
@@ -413,11 +411,6 @@ _UNREADABLE = frozenset(
         "AccessDenied",
     }
 )
-
-
-def _error_code(exc: BaseException | None) -> str | None:
-    response = getattr(exc, "response", None)
-    return response.get("Error", {}).get("Code") if isinstance(response, dict) else None
 
 
 def job_runner(tenant: Tenant, config: Settings | None = None) -> JobRunner:

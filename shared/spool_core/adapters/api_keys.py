@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from botocore.exceptions import ClientError
 
+from spool_core.adapters.aws import error_code
 from spool_core.adapters.dynamodb import deserialize, serialize
 from spool_core.auth import ApiKeyRecord, ConnectionIdentity, usage_key
 from spool_core.errors import SpoolError
@@ -26,10 +27,6 @@ if TYPE_CHECKING:
 
 TENANT_INDEX = "TenantIndex"
 GONE = {"GoneException", "410"}
-
-
-def _error_code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
 
 
 class DynamoApiKeyStore:
@@ -156,7 +153,7 @@ class ManagementApiCloser:
             self._client.post_to_connection(ConnectionId=connection_id, Data=frame)
             self._client.delete_connection(ConnectionId=connection_id)
         except ClientError as exc:
-            if _error_code(exc) not in GONE:
+            if error_code(exc) not in GONE:
                 raise
 
 
@@ -182,7 +179,7 @@ class ApiGatewayUsageKeys:
             try:
                 key_id = self._client.create_api_key(name=name, value=value, enabled=True)["id"]
             except ClientError as exc:
-                if _error_code(exc) != "ConflictException":
+                if error_code(exc) != "ConflictException":
                     raise
                 found = self._find(value, None)  # there under another name, or a concurrent create
                 if found is None:
@@ -196,7 +193,7 @@ class ApiGatewayUsageKeys:
         try:
             self._client.create_usage_plan_key(usagePlanId=self._plan, keyId=key_id, keyType="API_KEY")
         except ClientError as exc:
-            if _error_code(exc) != "ConflictException":
+            if error_code(exc) != "ConflictException":
                 raise
         return key_id
 

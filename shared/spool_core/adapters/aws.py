@@ -96,3 +96,10 @@ def sqs(settings: Settings, *, probe: bool = False) -> SQSClient:
 def secretsmanager(settings: Settings) -> SecretsManagerClient:
     """Secrets Manager, for Powertools Parameters' provider (``bootstrap.secrets``)."""
     return _client("secretsmanager", settings.region, settings.endpoint_url, False)  # type: ignore[return-value]
+
+
+def error_code(exc: BaseException | None) -> str:
+    """The AWS error code of a botocore ``ClientError`` (and of anything carrying its ``response``);
+    "" for any other exception, or none."""
+    response = getattr(exc, "response", None)
+    return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
