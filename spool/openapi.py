@@ -218,11 +218,6 @@ def build() -> dict[str, Any]:
         ),
         ("/v1/chat/completions", "post", _param("Idempotency-Key", "header", idempotency, "one job per key")),
         ("/v1/responses", "post", _param("Idempotency-Key", "header", idempotency, "one job per key")),
-        (
-            "/v1/health",
-            "get",
-            _param("deep", "query", {"type": "boolean"}, "probe the providers (needs a key)"),
-        ),
     ]:
         document["paths"][path][method].setdefault("parameters", []).append(parameter)
     for (path, method), model in _bodies().items():

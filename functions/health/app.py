@@ -6,8 +6,10 @@ database, bucket or queue). ``?deep=true`` adds a real minimal provider call (on
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 from aws_lambda_powertools.event_handler import Response, content_types
+from aws_lambda_powertools.event_handler.openapi.params import Query
 
 import spool_core
 from spool_core import bootstrap
@@ -20,8 +22,9 @@ OPENAPI = Path(spool_core.__file__).with_name("openapi.json")
 
 
 @app.get("/v1/health")
-def health() -> Response[str]:
-    deep = (app.current_event.get_query_string_value("deep") or "").lower() in {"1", "true", "yes"}
+def health(
+    deep: Annotated[bool, Query(description="true: also a real call to each provider, cached")] = False,
+) -> Response[str]:
     report = bootstrap.health_service(deep=deep).report()
     body = report.as_dict()
     if report.status == "down":

@@ -218,10 +218,10 @@ def test_a_message_no_route_takes_is_told_what_is_wrong_with_it(
     assert "conn-talker" in recording.open  # told, not closed
 
 
-def _deep_health(headers: dict[str, str] | None = None) -> dict[str, Any]:
+def _deep_health(headers: dict[str, str] | None = None, deep: str = "true") -> dict[str, Any]:
     event = load_event("health")
-    event["queryStringParameters"] = {"deep": "true"}
-    event["multiValueQueryStringParameters"] = {"deep": ["true"]}
+    event["queryStringParameters"] = {"deep": deep}
+    event["multiValueQueryStringParameters"] = {"deep": [deep]}
     event["headers"].update(headers or {})
     return event
 
@@ -246,6 +246,16 @@ def test_deep_health_with_a_key_calls_the_providers(invoke: Any, header: str) ->
     response = invoke("HealthFunction", _deep_health({header: value}), environment=no_reuse)
     assert response["statusCode"] == 200
     assert response_json(response)["checks"]["provider:simulated"]["deep"]["status"] == "ok"
+
+
+def test_a_deep_flag_that_is_neither_true_nor_false_is_refused(invoke: Any) -> None:
+    """``deep=banana`` was a shallow check that looked like an answer to the deep one; it is refused as
+    every route refuses such a flag (``stream=banana`` on a response, ``output=banana`` on a job)."""
+    response = invoke("HealthFunction", _deep_health(deep="banana"))
+    assert response["statusCode"] == 400
+    error = response_json(response)["error"]
+    assert error["code"] == "invalid_request"
+    assert error["details"]["fields"][0]["field"] == "query.deep"
 
 
 def test_basic_health_still_needs_no_key(invoke: Any) -> None:
