@@ -97,7 +97,7 @@ def _subscribe(event: dict[str, Any], connection_id: str, context: LambdaContext
         return {"statusCode": 200}
     if not guard.allowed(connection_id, identity.key_hash):
         logger.info("closing a connection whose API key was revoked", extra={"connection_id": connection_id})
-        guard.close(connection_id, request_id)
+        guard.close(connection_id, request_id, job_id=request.job_id, last_sent=request.after)
         return {"statusCode": 200}
     fanout = bootstrap.fanout(Tenant(identity.tenant_id))
     # A backlog longer than the invocation can push is left to the chunk stream before the timeout.

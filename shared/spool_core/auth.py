@@ -428,10 +428,20 @@ class ConnectionGuard:
             return True  # opened before connections recorded their key; API Gateway ends it within 2 h
         return self._keys.check(key_hash) is not None
 
-    def close(self, connection_id: str, request_id: str | None) -> None:
+    def close(
+        self, connection_id: str, request_id: str | None, *, job_id: str | None = None, last_sent: int = 0
+    ) -> None:
         """Tell the connection its key was revoked, naming the request (a message's or the fanout
-        invocation's) whose check found it, then close it."""
-        self._closer.close(connection_id, revoked_key_error(), request_id)
+        invocation's) whose check found it and the job it asked for or was being sent (with the last
+        chunk sent of it), then close it."""
+        error = revoked_key_error()
+        if job_id is not None:
+            error.details.update(job_id=job_id, last_sequence_id=last_sent)
+            error.suggestions[:1] = [
+                f"Job {job_id} goes on: connect with an active key and send"
+                f' {{"action": "subscribe", "job_id": "{job_id}", "after": <the last sequence_id you hold>}}'
+            ]
+        self._closer.close(connection_id, error, request_id)
 
     def _memo(self, connection_id: str, identity: ConnectionIdentity | None) -> None:
         with self._lock:

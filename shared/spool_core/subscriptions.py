@@ -178,9 +178,11 @@ class ConnectionAccess(Protocol):
         """Whether the connection may still receive (its API key, ``key_hash`` when the subscription
         recorded it, is still active)."""
 
-    def close(self, connection_id: str, request_id: str | None) -> None:
-        """Tell the connection why (naming ``request_id``, the request whose check found it), then
-        close it."""
+    def close(
+        self, connection_id: str, request_id: str | None, *, job_id: str | None = None, last_sent: int = 0
+    ) -> None:
+        """Tell the connection why (naming ``request_id``, the request whose check found it, and the
+        job it was being sent with the last chunk sent of it), then close it."""
 
 
 def chunk_message(job_id: str, chunk: Chunk) -> dict[str, Any]:
@@ -313,7 +315,9 @@ class Fanout:
         subscriptions = self._subscriptions.for_job(job_id, consistent=ended is not None)
         for subscription in subscriptions:
             if access is not None and not access.allowed(subscription.connection_id, subscription.key_hash):
-                access.close(subscription.connection_id, request_id)
+                access.close(
+                    subscription.connection_id, request_id, job_id=job_id, last_sent=subscription.last_sent
+                )
                 self._subscriptions.delete(job_id, subscription.connection_id)
                 continue
             known = _Known(dict(batch), ended)

@@ -164,7 +164,8 @@ def test_the_fanout_closes_the_connection_of_a_revoked_key_and_serves_the_others
 
     revoked_frames = recording.frames["conn-revoked"]
     assert [f.get("sequence_id") for f in revoked_frames] == [1, None]  # no chunk 2: the error instead
-    revoked_frame(revoked_frames)
+    # the job it was being sent and the last chunk sent of it, as the SSE stream's error names them
+    assert revoked_frame(revoked_frames)["error"]["details"] == {"job_id": job.job_id, "last_sequence_id": 1}
     assert recording.closed == ["conn-revoked"]
     assert [f["sequence_id"] for f in recording.frames["conn-kept"]] == [1, 2]
     subscriptions = client("dynamodb", stack).get_item(
@@ -184,6 +185,7 @@ def test_subscribing_on_a_connection_whose_key_was_revoked_closes_it(
     subscribe(invoke, env, "conn-late", "job_anything")
     error = revoked_frame(recording.frames["conn-late"])
     assert error["error"]["request_id"] == load_event("websocket")["requestContext"]["requestId"]
+    assert error["error"]["details"] == {"job_id": "job_anything", "last_sequence_id": 0}
     assert recording.closed == ["conn-late"]
 
 

@@ -377,6 +377,10 @@ def test_the_fanout_closes_a_revoked_keys_connection_and_keeps_serving_the_other
     assert [(connection, request_id) for connection, _, request_id in closer.closed] == [
         ("conn-revoked", "invocation-2")
     ]
+    # as the SSE stream's error does: which job, the last chunk sent of it, and how to read the rest
+    error = closer.closed[0][1]
+    assert error.details == {"job_id": "job_1", "last_sequence_id": 2}
+    assert '"job_id": "job_1"' in error.suggestions[0] and "active key" in error.suggestions[0]
     assert set(subscriptions.items) == {("job_1", "conn-kept")}
 
 
