@@ -585,6 +585,20 @@ class Container:
         fresh, self._fresh = self._fresh, False
         return fresh
 
+    def alive(self) -> bool:
+        """Whether the process is still there to take an invocation: an idle container's channel has
+        nothing to read, and reads as closed once its process has died (killed, or out of memory)."""
+        try:
+            self._channel.setblocking(False)
+            try:
+                return bool(self._channel.recv(1, socket.MSG_PEEK))  # b"": the other end is gone
+            finally:
+                self._channel.setblocking(True)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+
     def stop(self) -> None:
         """Ask the container to end: it returns from its loop and exits through the interpreter (so a
         coverage run measuring it saves its data)."""
@@ -683,6 +697,10 @@ class LocalFunction:
                     raise InvocationError(f"{self.spec.logical_id} is shut down")
                 if self._idle:
                     container = self._idle.pop()  # the most recently used: warm, as Lambda reuses
+                    if not container.alive():  # died while idle: Lambda never hands a dead one a request
+                        container.kill()
+                        self._live -= 1
+                        continue
                     self._busy.add(container)
                     return container
                 now = time.monotonic()

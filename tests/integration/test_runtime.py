@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -138,6 +139,18 @@ def test_a_crash_or_a_timeout_kills_only_its_container(probe: LocalFunction) -> 
     assert [r.outcome for r in probe.reports][-3:] == ["result", "timeout", "result"]
 
 
+def test_a_container_that_died_while_idle_is_not_handed_the_next_invocation(probe: LocalFunction) -> None:
+    """Killed between invocations (an out-of-memory kill, a kill -9): the next invocation starts a
+    new container, as Lambda never hands a request to a dead environment; it answered a crash."""
+    pid = probe.invoke({})["pid"]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not running(pid), timeout=10)
+    answer = probe.invoke({})
+    assert answer["pid"] != pid and answer["invocations"] == 1
+    assert probe.containers == 1  # the dead one is not counted against the pool
+    assert [r.outcome for r in probe.reports][-1] == "result"
+
+
 def test_the_pool_is_bounded_and_a_caller_waits_for_a_free_container(probe: LocalFunction) -> None:
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda _: probe.invoke({"sleep": 0.2}), range(4)))
@@ -236,6 +249,15 @@ def test_a_container_that_dies_mid_stream_breaks_the_stream_off(web: Any) -> Non
     assert b"".join(received).startswith(b"line 0\n")
     assert function.reports[-1].outcome == "crash"
     assert json.loads(b"".join(get(function, "/whoami").chunks()))["variable"] == "web"  # the pool recovers
+
+
+def test_a_web_container_that_died_while_idle_is_replaced(web: Any) -> None:
+    function = web()
+    pid = json.loads(b"".join(get(function, "/whoami").chunks()))["pid"]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not running(pid), timeout=10)
+    response = get(function, "/whoami")
+    assert response.status == 200 and json.loads(b"".join(response.chunks()))["pid"] != pid
 
 
 def test_a_client_that_goes_away_frees_the_container(web: Any) -> None:
