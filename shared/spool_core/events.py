@@ -30,6 +30,10 @@ if TYPE_CHECKING:  # the fanout builds ``done`` here without loading the job ser
 
 DONE_ID = "done"  # the done event's id: a browser reconnecting after it sends this, and gets 204
 PING = ": ping\n\n"
+# A ping is sent this much before ``ping_seconds`` is up (a tenth of it at most), before the log's read:
+# "at least every 15 s" holds however late a wake-up or however slow a read (15.01-15.02 s apart when
+# the ping waited for the read that followed the wake-up).
+PING_EARLY_SECONDS = 1.0
 MIN_POLL_SECONDS = 0.05
 PAGE = 500
 RETRY_MS = 1000
@@ -130,7 +134,7 @@ class Wait:
 
 @dataclass(frozen=True)
 class Ping:
-    """Time to send a keep-alive: nothing was sent for ``ping_seconds``."""
+    """Time to send a keep-alive: nothing was sent for almost ``ping_seconds``."""
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,7 @@ def follow(
     when it is not, ``Revoked`` comes last (a stream must not outlive its revoked key)."""
     settings = settings or StreamSettings()
     watch = Watch(service.cadence, budget)  # look for the next chunk when it is due
+    ping_due = settings.ping_seconds - min(PING_EARLY_SECONDS, settings.ping_seconds / 10)
     started = last_sent = checked = clock()
     cursor = after
     while True:
@@ -181,6 +186,9 @@ def follow(
             if not allowed():
                 yield Revoked()
                 return
+        if clock() - last_sent >= ping_due:
+            yield Ping()
+            last_sent = clock()
         page = service.chunk_page(job_id, after=cursor, limit=PAGE)
         for chunk in page.chunks:
             yield chunk.public()
@@ -197,11 +205,8 @@ def follow(
             last_sent = now
             if len(page.chunks) == PAGE:
                 continue  # more of the backlog
-        elif now - last_sent >= settings.ping_seconds:
-            yield Ping()
-            last_sent = now
         wait = watch.wait_ms(wall_ms()) / 1000  # never past the time limit, nor a ping that is due
-        until_ping = settings.ping_seconds - (now - last_sent)
+        until_ping = ping_due - (now - last_sent)
         until_check = settings.access_seconds - (now - checked) if allowed is not None else until_ping
         yield Wait(max(0.0, min(wait, started + settings.max_seconds - now, until_ping, until_check)))
 
