@@ -31,6 +31,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from spool.devstack.gateway import Buckets
 from spool.devstack.runtime import DEFAULT_CONCURRENCY, LocalFunction
@@ -238,22 +239,32 @@ class WebSocketGateway:
             await self._error_frame(connection, "Internal server error", event)
 
     # ------------------------------------------------------------------ @connections
+    # API Gateway answers @connections at once: a message is taken (its delivery to the client is the
+    # gateway's business), a connection that is closing is gone (410), a disconnect is under way. A
+    # send to a closing connection waited here for its close (up to 10 s), and one to a client that
+    # does not read waited for its buffer: the function's call timed out instead (3 s), and retried.
+    ANSWER_WITHIN_SECONDS = 1.0
+
     def post(self, connection_id: str, data: bytes) -> bool:
         connection = self._connections.get(connection_id)
-        if connection is None:
+        if connection is None or connection.state is not State.OPEN:
             return False
         future: Future[None] = asyncio.run_coroutine_threadsafe(connection.send(data.decode()), self._loop)
         try:
-            future.result(timeout=10)
+            future.result(timeout=self.ANSWER_WITHIN_SECONDS)
         except ConnectionClosed:
             return False
+        except TimeoutError:  # written, waiting for the client to read it: sent, in order, or gone
+            return connection.state is State.OPEN
         return True
 
     def disconnect(self, connection_id: str) -> bool:
         connection = self._connections.get(connection_id)
         if connection is None:
             return False
-        asyncio.run_coroutine_threadsafe(connection.close(), self._loop).result(timeout=10)
+        closing = asyncio.run_coroutine_threadsafe(connection.close(), self._loop)
+        with contextlib.suppress(TimeoutError):  # the closing handshake goes on without the caller
+            closing.result(timeout=self.ANSWER_WITHIN_SECONDS)
         return True
 
     def is_connected(self, connection_id: str) -> bool:
@@ -296,8 +307,9 @@ class _ManagementHandler(BaseHTTPRequestHandler):
         if error:
             self.send_header("x-amzn-ErrorType", error)
         self.send_header("Content-Length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the caller gave up on it
+            self.end_headers()
+            self.wfile.write(raw)
 
     def do_POST(self) -> None:
         connection_id = self._connection_id()

@@ -22,6 +22,7 @@ from spool.devstack.runtime import InvocationTimeout
 from spool.devstack.template import Throttle, WebSocketThrottles
 from spool.devstack.websocket import WebSocketGateway
 from tests.fakes import FakeFunction
+from tests.support import wait_for
 
 
 class Clock:
@@ -182,6 +183,33 @@ def test_a_burst_of_messages_is_not_queued_behind_the_gateways_threads(stage: Ca
         for client in connections:
             client.send('{"action": "subscribe"}')
         assert [receive(client) for client in connections] == [{"route": "subscribe", "size": 23}] * clients
+
+
+def test_connections_answers_at_once_for_a_connection_that_is_closing(
+    stage: Callable[..., Stage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """API Gateway answers @connections at once: a disconnect is under way, and a message for a
+    closing connection is gone (410). Each waited for the client's side of the close (up to its close
+    timeout): the function's call timed out (3 s) and botocore sent it again (an outside tester's
+    client that stopped reading, and a ReadTimeoutError in the subscribe function)."""
+    monkeypatch.setattr(WebSocketGateway, "ANSWER_WITHIN_SECONDS", 0.2)
+    served = stage()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:  # a client that never answers a close
+        raw.connect(str(served.path))
+        raw.sendall(
+            b"GET /?api_key=k HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += raw.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 101")
+        connection_id = served.function.events[0]["requestContext"]["connectionId"]
+        wait_for(lambda: connection_id in served.gateway._connections, what="the connection to be open")
+        served.gateway._connections[connection_id].close_timeout = 600  # its close never completes
+        assert served.gateway.post(connection_id, b'{"n": 1}') is True
+        assert served.gateway.disconnect(connection_id) is True
+        assert served.gateway.post(connection_id, b'{"n": 2}') is False
 
 
 def test_a_failing_integration_answers_api_gateways_error_frame(stage: Callable[..., Stage]) -> None:
