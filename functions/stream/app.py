@@ -127,8 +127,9 @@ async def create_response(request: Request) -> Response:
         return await _response_stream(request, service, job, None, headers)
     if not body.background:
         ended = await web.last(await_end(service, job.job_id, _settings()))
-        # else still running, answered like a background response: as it stands now, not as created
-        job = ended.job if isinstance(ended, Ended) else await run_in_threadpool(service.get, job.job_id)
+        if not isinstance(ended, Ended):  # as a chat answer: never a cut-off text in a 200
+            raise StillRunning(job.job_id, response_id=responses.response_id(job.job_id))
+        job = ended.job
     return await _response_json(service, job, headers)
 
 

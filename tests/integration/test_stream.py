@@ -444,12 +444,12 @@ def test_a_stream_ends_once_the_key_it_was_opened_with_is_revoked(
     assert service.get(error["job_id"]).status == "queued"
 
 
-def test_a_response_out_of_time_is_answered_as_its_job_stands_then_not_as_created(
+def test_a_response_out_of_time_is_a_timeout_that_names_the_response_not_a_cut_off_answer(
     variants: Any, service: JobService, tenant: Tenant
 ) -> None:
-    """A non-background ``POST /v1/responses`` that waits out its time is answered like a background
-    one: it said ``queued`` with no output, from the job read at its creation, while the worker had
-    taken the job and written part of its answer."""
+    """A non-background ``POST /v1/responses`` that waits out its time was a 200 ``in_progress`` holding
+    the part written so far, which an SDK's ``output_text`` hands over as the answer. It is a 504, as a
+    chat answer out of time is, naming the response to read."""
     function = variants("StreamFunction", SPOOL_ANSWER_MAX_SECONDS="3")
     outcome: list[tuple[int, dict[str, str], dict[str, Any]]] = []
     body = {"model": "sim-fast", "input": "hi", "max_output_tokens": 50}
@@ -463,10 +463,14 @@ def test_a_response_out_of_time_is_answered_as_its_job_stands_then_not_as_create
     written = rfc3339(from_epoch(now / 1000))
     chunks.append(job_id, Chunk(sequence_id=1, text="Half an", tokens=2, tokens_total=2, created_at=written))
     waiting.join(timeout=120)
-    status, _, answer = outcome[0]
-    assert status == 200
-    assert (answer["status"], answer["spool"]["status"]) == ("in_progress", "running")
-    assert answer["output"][0]["content"][0]["text"] == "Half an"
+    status, headers, answer = outcome[0]
+    response_id = "resp_" + job_id.removeprefix("job_")
+    assert (status, answer["error"]["code"]) == (504, "timeout")
+    assert answer["error"]["details"] == {"job_id": job_id, "response_id": response_id}
+    assert headers["x-should-retry"] == "false" and headers["x-spool-job-id"] == job_id
+    assert f"GET /v1/responses/{response_id}" in answer["error"]["suggestions"][0]
+    assert "Half an" not in json.dumps(answer)
+    assert service.get(job_id).status == "running"  # it goes on
 
 
 def test_a_responses_refusal_names_max_output_tokens_not_the_jobs_max_tokens(

@@ -166,15 +166,20 @@ class StillRunning(_JobNotAnswered):
 
     code = "timeout"
 
-    def __init__(self, job_id: str) -> None:
+    def __init__(self, job_id: str, *, response_id: str | None = None) -> None:
+        """``response_id``: the answer is a Responses API response, read back by its own id."""
+        if response_id is None:
+            where, follow, instead = f"/v1/jobs/{job_id}", f"GET /v1/jobs/{job_id}/events", "stream: true"
+        else:
+            where = f"/v1/responses/{response_id}"
+            follow, instead = f"GET {where}?stream=true", "stream: true, or background: true"
         super().__init__(
             job_id,
-            f"Job {job_id} is still running; its answer will be at GET /v1/jobs/{job_id}",
-            details={"job_id": job_id},
+            f"Job {job_id} is still running; its answer will be at GET {where}",
+            details={"job_id": job_id} | ({"response_id": response_id} if response_id else {}),
             suggestions=[
-                f"Read the answer when the job ends at GET /v1/jobs/{job_id}, or follow it with "
-                f"GET /v1/jobs/{job_id}/events",
-                "Stream long answers instead (stream: true)",
+                f"Read the answer when the job ends at GET {where}, or follow it with {follow}",
+                f"Ask for long answers with {instead}",
             ],
         )
 
