@@ -115,6 +115,56 @@ def test_an_earlier_tool_call_in_the_conversation_is_refused_not_dropped(name: s
     assert [(m.role, m.content) for m in request.job_request().messages] == [("assistant", "y")]
 
 
+def test_a_message_without_content_is_refused_naming_it() -> None:
+    """``content: null`` on a user message was accepted and generated from nothing, where OpenAI
+    answers 400 (only a message of tool calls may have no content, and those are refused here)."""
+    for role in ("user", "system", "assistant"):
+        body = {
+            "model": "sim-fast",
+            "messages": [{"role": "user", "content": "x"}, {"role": role, "content": None}],
+        }
+        with pytest.raises(InvalidRequest) as caught:
+            parse(chat.ChatRequest, body, ChatPolicy)
+        assert caught.value.details["param"] == "messages[1].content" and "null" in caught.value.message
+
+
+def test_both_names_of_the_output_limit_must_agree() -> None:
+    """``max_tokens=30, max_completion_tokens=40`` was taken as 40 without a word; OpenAI refuses it."""
+    body = {"model": "sim-fast", "messages": [{"role": "user", "content": "x"}]}
+    with pytest.raises(InvalidRequest) as caught:
+        parse(chat.ChatRequest, {**body, "max_tokens": 30, "max_completion_tokens": 40}, ChatPolicy)
+    assert caught.value.details["param"] == "max_tokens" and "max_completion_tokens" in caught.value.message
+    same = parse(chat.ChatRequest, {**body, "max_tokens": 40, "max_completion_tokens": 40}, ChatPolicy)
+    assert same.job_request().max_tokens == 40
+
+
+@pytest.mark.parametrize("stop", ["", [], None])
+def test_an_empty_stop_changes_nothing_and_passes(stop: Any) -> None:
+    """README: an empty ``stop`` is accepted; ``stop: ""`` was refused as a stop sequence."""
+    body = {"model": "sim-fast", "messages": [{"role": "user", "content": "x"}], "stop": stop}
+    assert parse(chat.ChatRequest, body, ChatPolicy).job_request().max_tokens == 1024
+
+
+@pytest.mark.parametrize(
+    ("reasoning", "accepted"),
+    [
+        ({}, True),
+        ({"effort": None}, True),
+        ({"effort": None, "summary": None}, True),
+        ({"effort": "low"}, False),
+    ],
+)
+def test_responses_reasoning_passes_only_when_it_asks_for_nothing(reasoning: Any, accepted: bool) -> None:
+    """The SDKs send ``reasoning={"effort": None}`` for an effort left unset: it was refused."""
+    body = {"model": "sim-fast", "input": "x", "reasoning": reasoning}
+    if accepted:
+        parse(responses.ResponsesRequest, body, ResponsesPolicy)
+        return
+    with pytest.raises(UnsupportedParameter) as caught:
+        parse(responses.ResponsesRequest, body, ResponsesPolicy)
+    assert caught.value.details["param"] == "reasoning"
+
+
 def test_stream_options_without_a_stream_is_refused_as_openai_does() -> None:
     body = {"model": "sim-fast", "messages": [{"role": "user", "content": "x"}]}
     with pytest.raises(InvalidRequest) as caught:

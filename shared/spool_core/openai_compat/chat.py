@@ -64,7 +64,6 @@ class ChatRequest(BaseModel):
     @classmethod
     def _text_only(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
         for i, message in enumerate(messages):
-            text_of(message.content, f"messages[{i}].content")
             for name in ("tool_calls", "function_call"):  # dropped, the conversation would change
                 if (message.model_extra or {}).get(name):
                     raise UnsupportedParameter(
@@ -72,7 +71,37 @@ class ChatRequest(BaseModel):
                         details={"param": f"messages[{i}].{name}"},
                         suggestions=["Send the conversation as text messages, without tool calls"],
                     )
+            if message.content is None:  # as OpenAI: only a message of tool calls has no content
+                raise InvalidRequest(
+                    f"messages[{i}].content is null: a message needs its text",
+                    details={
+                        "param": f"messages[{i}].content",
+                        "fields": [{"field": f"messages[{i}].content", "message": "a string or text parts"}],
+                    },
+                    suggestions=[f"Send messages[{i}].content as a string, or leave the message out"],
+                )
+            text_of(message.content, f"messages[{i}].content")
         return messages
+
+    @model_validator(mode="after")
+    def _one_output_limit(self) -> ChatRequest:
+        """Both names of the output limit with different values: which one was meant is not Spool's to
+        guess (OpenAI refuses the pair; the same value twice is taken)."""
+        if None not in (self.max_tokens, self.max_completion_tokens) and (
+            self.max_tokens != self.max_completion_tokens
+        ):
+            raise InvalidRequest(
+                f"max_tokens ({self.max_tokens}) and max_completion_tokens ({self.max_completion_tokens})"
+                " disagree: send one of them",
+                details={
+                    "param": "max_tokens",
+                    "fields": [
+                        {"field": "max_tokens", "message": "sent with a different max_completion_tokens"}
+                    ],
+                },
+                suggestions=["Send max_completion_tokens alone (max_tokens is its older name)"],
+            )
+        return self
 
     @model_validator(mode="after")
     def _stream_options_with_a_stream(self) -> ChatRequest:

@@ -28,6 +28,17 @@ def _empty(value: Any) -> bool:
     return value in (None, [], {}, 0, False)
 
 
+def _no_stop(value: Any) -> bool:
+    """``stop`` left empty: ``null``, ``""`` or ``[]`` (a stop sequence would change the answer)."""
+    return value in (None, "", [])
+
+
+def _no_reasoning(value: Any) -> bool:
+    """``reasoning`` that asks for nothing: ``null``, ``{}``, or options all ``null`` (as the SDKs send
+    ``effort=None``); an effort or a summary would change what a reasoning model does."""
+    return value is None or (isinstance(value, Mapping) and all(v is None for v in value.values()))
+
+
 def _no_list(value: Any) -> bool:
     """A list parameter left empty: ``null`` or ``[]`` (``false`` is no list: OpenAI refuses it)."""
     return value is None or value == []
@@ -153,7 +164,7 @@ class ChatPolicy(Policy):
         "function_call": _absent_or("none", "auto"),
         "response_format": _text_format,
         "modalities": _absent_or(["text"]),
-        "stop": _empty,
+        "stop": _no_stop,
     }
 
 
@@ -196,7 +207,7 @@ class ResponsesPolicy(Policy):
         "previous_response_id": _absent_or(None),
         "conversation": _absent_or(None),
         "prompt": _absent_or(None),
-        "reasoning": _empty,
+        "reasoning": _no_reasoning,
     }
 
 
