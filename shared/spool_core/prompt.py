@@ -2,8 +2,10 @@
 then the symbols.
 
 The worker renders prompts with these functions and the token counter counts with them, so the
-count a client sees before a job is the count of what the model is sent (each file's tokens counted
-on their own: a few tokens more than the joined text, never fewer in practice).
+count a client sees before a job is the count of what the model is sent, each file's tokens counted
+on their own: an upper bound, a token or two a file above the joined text (a file's last newline and
+the closing tag's first are one token when joined). Admission counts the joined text when that bound
+alone puts a request over its model's window (``ContextService.exact_prompt_tokens``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,15 @@ CONTEXT_PREAMBLE = "Answer using the following context.\n\n"
 
 def file_block(path: str, content: str) -> str:
     return file_open(path) + content + FILE_CLOSE
+
+
+def context_text(files: Iterable[tuple[str, str]], symbols: Iterable[Mapping[str, Any]]) -> str:
+    """The context's message: the preamble, each (path, content) with its path, then the symbols."""
+    return (
+        CONTEXT_PREAMBLE
+        + "".join(file_block(path, content) for path, content in files)
+        + symbols_block(symbols)
+    )
 
 
 def symbols_block(symbols: Iterable[Mapping[str, Any]]) -> str:

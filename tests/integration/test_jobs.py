@@ -195,6 +195,32 @@ def test_admission_counts_context_and_messages_against_the_window(
     assert any(f"PATCH /v1/contexts/{ctx['context_id']}" in s for s in too_large.value.suggestions)
 
 
+def test_a_request_that_fits_the_window_as_the_model_is_sent_it_is_not_refused(
+    service: JobService, tenant: Tenant
+) -> None:
+    """Each file counted on its own is a token above the joined text for every file ending in a
+    newline (its newline and the closing tag's are one token joined): a request that fits exactly,
+    as the job is billed, was refused 100 tokens over for a context of 100 files. Near the window,
+    admission counts the joined text; ``tokens/count`` stays the upper bound."""
+    contexts = bootstrap.context_service(tenant)
+    files = [
+        {"path": f"m{i}.py", "content": "value = compute(alpha, beta, gamma) + 1\n" * 48} for i in range(100)
+    ]
+    ctx = contexts.create(CreateContextRequest.model_validate({"files": files}))
+    model = registry().resolve("sim-fast")
+    probe = service.create("probe", job(context_id=ctx["context_id"], max_tokens=1, message="hi")).job
+    assert runner_for(tenant).run(probe.job_id) is Outcome.DONE
+    billed = service.get(probe.job_id).usage.input_tokens  # what the model is sent, counted joined
+    counted = contexts.count_tokens(model, ctx["context_id"], job(message="hi").messages)["input_tokens"]
+    assert counted >= billed + 100  # the upper bound, a token a file above
+    room = model.context_window - billed
+    fits = service.create("fits", job(context_id=ctx["context_id"], max_tokens=room, message="hi")).job
+    assert fits.usage.estimated_tokens == billed + room  # the joined count, reserved
+    with pytest.raises(ContextTooLarge) as over:
+        service.create("over", job(context_id=ctx["context_id"], max_tokens=room + 1, message="hi"))
+    assert over.value.details["tokens_over"] == 1
+
+
 def test_a_request_over_the_window_is_context_too_large_whatever_else_it_exceeds(
     service: JobService, tenant: Tenant
 ) -> None:

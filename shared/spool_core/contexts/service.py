@@ -72,7 +72,14 @@ from spool_core.metadata import check as check_metadata
 from spool_core.metadata import size as metadata_size
 from spool_core.models import ModelSpec
 from spool_core.observability import logger
-from spool_core.prompt import CONTEXT_PREAMBLE, CONTEXT_ROLE, FILE_CLOSE, file_open, symbols_block
+from spool_core.prompt import (
+    CONTEXT_PREAMBLE,
+    CONTEXT_ROLE,
+    FILE_CLOSE,
+    context_text,
+    file_open,
+    symbols_block,
+)
 from spool_core.tenancy import Tenant
 
 DAY = 86_400.0
@@ -631,6 +638,24 @@ class ContextService:
         framing += len(manifest.files) * tokens.count(FILE_CLOSE, encoding)
         symbols = tokens.count(_symbols_text(manifest.symbols), encoding)
         return sum(per_file) + framing + symbols
+
+    @staticmethod
+    def joining_bound(manifest: Manifest) -> int:
+        """How far ``prompt_tokens`` may be above the joined text's count: a file's tokens counted on
+        their own can merge with the tags around it (at most a token at each of a file's two edges)."""
+        return 2 * len(manifest.files) + 2
+
+    def exact_prompt_tokens(self, manifest: Manifest, encoding: str) -> int:
+        """``prompt_tokens`` of the joined text the worker sends (every file read from S3)."""
+        message = {"role": CONTEXT_ROLE, "content": self.rendered(manifest)}
+        return tokens.count_messages([message], encoding) - tokens.TOKENS_PER_REPLY
+
+    def rendered(self, manifest: Manifest) -> str:
+        """The context's message as the model is sent it: its files, read at once, with their paths."""
+        with ThreadPoolExecutor(self.limits.workers) as pool:
+            contents = list(pool.map(lambda e: self.read_file(e, manifest.context_id), manifest.files))
+        paths = [entry.path for entry in manifest.files]
+        return context_text(zip(paths, contents, strict=True), (s.model_dump() for s in manifest.symbols))
 
     def count_tokens(
         self, model: ModelSpec, context_id: str | None, messages: Sequence[Message]

@@ -34,7 +34,7 @@ from spool_core.limits.model import Estimate
 from spool_core.limits.service import RateLimiter
 from spool_core.models import ModelCatalog, ModelSpec
 from spool_core.observability import logger, record_usage
-from spool_core.prompt import CONTEXT_PREAMBLE, CONTEXT_ROLE, file_block, symbols_block
+from spool_core.prompt import CONTEXT_ROLE
 from spool_core.providers import (
     Finished,
     GenerationRequest,
@@ -117,10 +117,7 @@ def build_messages(
             if job.context_manifest
             else store.load(context_id).manifest
         )
-        parts = [CONTEXT_PREAMBLE]
-        parts += [file_block(entry.path, store.read_file(entry, context_id)) for entry in manifest.files]
-        parts.append(symbols_block(s.model_dump() for s in manifest.symbols))
-        messages.insert(0, Message(role=CONTEXT_ROLE, content="".join(parts)))
+        messages.insert(0, Message(role=CONTEXT_ROLE, content=store.rendered(manifest)))
     return tuple(messages)
 
 

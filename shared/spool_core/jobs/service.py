@@ -340,12 +340,18 @@ class JobService:
         names ``context_too_large`` for any request over the window."""
         family = tokens.family_tokenizer(model.family)
         context_tokens, manifest = 0, None
+        message_tokens = tokens.count_messages((m.model_dump() for m in request.messages), family.encoding)
         if request.context_id:
             contexts = self._contexts()
             loaded = contexts.load(request.context_id)  # 404 / 410
             context_tokens = contexts.prompt_tokens(loaded, family.encoding)
             manifest = loaded.record.manifest_key
-        message_tokens = tokens.count_messages((m.model_dump() for m in request.messages), family.encoding)
+            # Each file counted on its own is an upper bound: over the window by no more than it can
+            # be above the joined text, the joined text decides (a request that fits is not refused).
+            over = tokens.calibrate(context_tokens + message_tokens, family.calibration) + request.max_tokens
+            over -= model.context_window
+            if 0 < over <= tokens.calibrate(contexts.joining_bound(loaded.manifest), family.calibration):
+                context_tokens = contexts.exact_prompt_tokens(loaded.manifest, family.encoding)
         input_tokens = tokens.calibrate(context_tokens + message_tokens, family.calibration)
         requested = input_tokens + request.max_tokens
         if requested > model.context_window:
