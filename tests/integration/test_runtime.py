@@ -36,6 +36,13 @@ def running(pid: int) -> bool:
     return state != "Z"
 
 
+def killed(function: LocalFunction, pid: int) -> None:
+    """Wait until the killed container is gone, its end of the channel closed with it: the kernel
+    closes a dead process's sockets a moment after it leaves the process table."""
+    wait_for(lambda: not running(pid), timeout=10)
+    wait_for(lambda: not any(c.alive() for c in function._idle if c.pid == pid), timeout=10)
+
+
 @pytest.fixture
 def probe() -> Iterator[LocalFunction]:
     function = LocalFunction(
@@ -144,7 +151,7 @@ def test_a_container_that_died_while_idle_is_not_handed_the_next_invocation(prob
     new container, as Lambda never hands a request to a dead environment; it answered a crash."""
     pid = probe.invoke({})["pid"]
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not running(pid), timeout=10)
+    killed(probe, pid)
     answer = probe.invoke({})
     assert answer["pid"] != pid and answer["invocations"] == 1
     assert probe.containers == 1  # the dead one is not counted against the pool
@@ -255,7 +262,7 @@ def test_a_web_container_that_died_while_idle_is_replaced(web: Any) -> None:
     function = web()
     pid = json.loads(b"".join(get(function, "/whoami").chunks()))["pid"]
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not running(pid), timeout=10)
+    killed(function, pid)
     response = get(function, "/whoami")
     assert response.status == 200 and json.loads(b"".join(response.chunks()))["pid"] != pid
 
