@@ -486,7 +486,8 @@ def test_a_responses_refusal_names_max_output_tokens_not_the_jobs_max_tokens(
     chat = chat_event(tenant, {**CHAT, "max_tokens": 100_000})  # the chat surface's own name stays
     _, _, refused = answered(functions["StreamFunction"].open_stream(chat))
     assert (refused["error"]["param"], refused["error"]["message"].split()[0]) == ("max_tokens", "max_tokens")
-    newer = chat_event(tenant, {**CHAT, "max_completion_tokens": 100_000})  # as the request named it
+    only_newer = {k: v for k, v in CHAT.items() if k != "max_tokens"}
+    newer = chat_event(tenant, {**only_newer, "max_completion_tokens": 100_000})  # as the request named it
     _, _, refused = answered(functions["StreamFunction"].open_stream(newer))
     error = refused["error"]
     assert (error["param"], error["message"].split()[0]) == ("max_completion_tokens", "max_completion_tokens")
