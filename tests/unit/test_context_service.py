@@ -267,6 +267,33 @@ def test_duplicate_paths_are_named(h: Harness) -> None:
     assert raised.value.details == {"paths": ["a"]}
 
 
+def test_one_name_in_two_unicode_forms_is_one_path_twice(h: Harness) -> None:
+    """``café.py`` composed (most tools) and decomposed (macOS) were two files that look alike, both
+    kept and both sent to the model; an upsert of the other form added a file instead of replacing."""
+    composed, decomposed = "caf\u00e9.py", "cafe\u0301.py"
+    with pytest.raises(DuplicatePath) as raised:
+        h.create({composed: "1", decomposed: "2"})
+    assert raised.value.details == {"paths": sorted([composed, decomposed])}
+    context_id = h.create({composed: "1"})["context_id"]
+    with pytest.raises(DuplicatePath):
+        h.patch(context_id, upsert=[{"path": decomposed, "content": "2"}])
+    assert h.patch(context_id, upsert=[{"path": composed, "content": "2"}])["version"] == 2  # the same form
+
+
+def test_a_file_that_is_also_a_folder_is_refused(h: Harness) -> None:
+    """No disk holds ``a`` as a file and ``a/b`` beside it: a client writing the context back failed."""
+    with pytest.raises(InvalidPath) as raised:
+        h.create({"a": "file", "a/b": "child"})
+    assert raised.value.details["path"] == "a" and "folder" in raised.value.details["reason"]
+    context_id = h.create({"a": "file", "c/d": "x"})["context_id"]
+    with pytest.raises(InvalidPath):
+        h.patch(context_id, upsert=[{"path": "a/b", "content": "child"}])
+    with pytest.raises(InvalidPath):
+        h.patch(context_id, upsert=[{"path": "c", "content": "file"}])
+    # a file replaced by a folder in one update is fine
+    assert h.patch(context_id, upsert=[{"path": "a/b", "content": "child"}], delete=["a"])["file_count"] == 2
+
+
 @pytest.mark.parametrize(("content", "reason"), [("bin\x00ary", "NUL"), ("lone \ud800 surrogate", "UTF-8")])
 def test_binary_and_non_utf8_content_is_rejected(h: Harness, content: str, reason: str) -> None:
     with pytest.raises(InvalidContent) as raised:

@@ -12,7 +12,7 @@ import hashlib
 import json
 import time
 import unicodedata
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -218,6 +218,41 @@ def validate_path(path: str) -> None:
         raise InvalidPath(f"Invalid path {path!r}: it {reason}", details={"path": path, "reason": reason})
 
 
+def check_clashes(new: Iterable[str], paths: Collection[str]) -> None:
+    """``new`` paths against every path of the version they go into: one name in two Unicode forms
+    (macOS writes ``café`` decomposed, most tools composed) or a file that is also a folder is two
+    files no disk holds, and both were sent to the model. Paths stored before are not checked again."""
+    forms: dict[str, list[str]] = {}
+    folders: dict[str, str] = {}  # a folder (composed) -> a path in it
+    for path in paths:
+        composed = unicodedata.normalize("NFC", path)
+        forms.setdefault(composed, []).append(path)
+        parts = composed.split("/")
+        for depth in range(1, len(parts)):
+            folders.setdefault("/".join(parts[:depth]), path)
+    for path in new:
+        composed = unicodedata.normalize("NFC", path)
+        twin = next((other for other in forms.get(composed, []) if other != path), None)
+        if twin is not None:
+            raise DuplicatePath(
+                f"Paths {path!r} and {twin!r} are one name written in two Unicode forms",
+                details={"paths": sorted([path, twin])},
+                suggestions=["Send each name in one Unicode form (NFC, as most tools write it)"],
+            )
+        parts = composed.split("/")
+        above = next(
+            (forms["/".join(parts[:d])][0] for d in range(1, len(parts)) if "/".join(parts[:d]) in forms),
+            None,
+        )
+        if above is not None:
+            name, reason = above, f"is a file and also the folder of {path!r}"
+        elif composed in folders:
+            name, reason = path, f"is a file and also the folder of {folders[composed]!r}"
+        else:
+            continue
+        raise InvalidPath(f"Invalid path {name!r}: it {reason}", details={"path": name, "reason": reason})
+
+
 class ContextService:
     def __init__(
         self,
@@ -327,6 +362,7 @@ class ContextService:
 
     def _create(self, request: CreateContextRequest, context_id: str) -> dict[str, Any]:
         prepared = self._prepare(request.files)
+        check_clashes([p.path for p in prepared], [p.path for p in prepared])
         self._check_symbols(request.symbols)
         self._check_limits(
             len(prepared),
@@ -378,6 +414,8 @@ class ContextService:
         upserts = self._prepare(request.upsert)
         self._check_patch_paths(current, upserts, request.delete)
         deleted = set(request.delete)
+        after = (set(current) - deleted) | {p.path for p in upserts}
+        check_clashes([p.path for p in upserts if p.path not in current], after)
         changed = [p for p in upserts if p.path not in current or current[p.path].sha256 != p.sha256]
         changed_paths = {p.path for p in changed}
         kept = {path: e for path, e in current.items() if path not in deleted and path not in changed_paths}
