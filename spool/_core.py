@@ -356,6 +356,9 @@ def create_job_steps(body: dict[str, Any], idempotency_key: str | None) -> Steps
     return created
 
 
+SYNC_ATTEMPTS = 6  # reads and diffs of a context that other clients keep changing meanwhile
+
+
 def sync_steps(
     snap: Snapshot,
     manifest: dict[str, Any] | None,
@@ -365,30 +368,52 @@ def sync_steps(
     progress: Progress | None,
 ) -> Steps[dict[str, Any]]:
     """Make the server's context match the directory, the cheapest way (see ``plan_sync``), then
-    remember what was sent."""
+    remember what was sent. A diff goes with ``If-Match``, the version it was made against; when the
+    context is not that version (changed by another client, or a stack restored from an older
+    snapshot), or nothing seems to have changed, what the context holds is read and compared file by
+    file, and the diff made against it: "unchanged" means the server holds the directory."""
     plan = plan_sync(snap, manifest, settings.base_url, ttl_seconds, settings.direct_upload_limit)
+    version = manifest.get("version") if manifest else None
     summary: dict[str, Any] | None = None
-    if plan.action == "none":
-        try:  # nothing changed: a cheap read confirms the context still lives
-            context = yield Call("GET", f"/v1/contexts/{segment(plan.context_id)}")
-            summary = {k: v for k, v in context.items() if k != "files"}
-        except (NotFound, Gone):
-            plan = plan_create(snap, ttl_seconds, settings.direct_upload_limit)
-    elif plan.action == "patch":
+    changed = plan.action != "none"
+    for _ in range(SYNC_ATTEMPTS):
+        if plan.action == "create":
+            break
+        path = f"/v1/contexts/{segment(plan.context_id)}"
         try:
-            summary = yield _upload_call("PATCH", f"/v1/contexts/{segment(plan.context_id)}", plan, progress)
+            if plan.action == "none" or not isinstance(version, int):
+                context = yield Call("GET", path)  # what the context holds, file by file
+                held = {f["path"]: f.get("sha256") for f in context.get("files", [])}
+                if held == snap.hashes:
+                    summary = {k: v for k, v in context.items() if k != "files"}
+                    break
+                version, changed = int(context["version"]), True
+                against = {"base_url": settings.base_url, "context_id": plan.context_id, "files": held}
+                plan = plan_sync(snap, against, settings.base_url, ttl_seconds, settings.direct_upload_limit)
+                continue
+            headers = {"If-Match": f'"{version}"'}
+            summary = yield _upload_call("PATCH", path, plan, progress, headers=headers)
+            break
         except (NotFound, Gone):  # expired or deleted: upload afresh
-            plan = plan_create(snap, ttl_seconds, settings.direct_upload_limit)
+            plan, changed = plan_create(snap, ttl_seconds, settings.direct_upload_limit), True
+        except Conflict as exc:  # not the version the diff was made against: read it, diff again
+            if exc.code != "context_conflict":
+                raise
+            version = None
         except InvalidRequest as exc:
-            # It no longer holds what was last sent: that PATCH went through but its answer was lost
-            # (its retry deletes paths already gone), or someone else changed it. Afresh, then.
+            # It no longer holds what was last sent (a PATCH without If-Match, sent by a client before
+            # this one kept versions, went through and its answer was lost). Afresh, then.
             if exc.code != "path_not_found":
                 raise
-            plan = plan_create(snap, ttl_seconds, settings.direct_upload_limit)
+            plan, changed = plan_create(snap, ttl_seconds, settings.direct_upload_limit), True
+    if summary is None and plan.action != "create":
+        raise SyncError(f"context {plan.context_id} kept changing while this sync ran; run it again")
     if summary is None:
         summary = yield from _create_steps(plan, progress)
-    save_manifest(manifest_path, settings.base_url, summary["context_id"], snap.hashes)
-    return {**summary, "skipped": snap.skipped, "changed": plan.action != "none", "uploaded_via": plan.via}
+    save_manifest(
+        manifest_path, settings.base_url, summary["context_id"], snap.hashes, summary.get("version")
+    )
+    return {**summary, "skipped": snap.skipped, "changed": changed, "uploaded_via": plan.via}
 
 
 def _create_steps(plan: SyncPlan, progress: Progress | None) -> Steps[dict[str, Any]]:
@@ -408,10 +433,16 @@ def _create_steps(plan: SyncPlan, progress: Progress | None) -> Steps[dict[str, 
 
 
 def _upload_call(
-    method: str, path: str, plan: SyncPlan, progress: Progress | None, *, auth: bool = True
+    method: str,
+    path: str,
+    plan: SyncPlan,
+    progress: Progress | None,
+    *,
+    auth: bool = True,
+    headers: Mapping[str, str] | None = None,
 ) -> Call:
     report = None if progress is None else (lambda done, total: progress("upload", done, total))
-    return Call(method, path, content=plan.body, auth=auth, progress=report)
+    return Call(method, path, content=plan.body, auth=auth, progress=report, headers=headers)
 
 
 # ---------------------------------------------------------------------- streams

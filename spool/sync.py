@@ -204,10 +204,15 @@ def load_manifest(path: Path) -> dict[str, Any] | None:
     return manifest
 
 
-def save_manifest(path: Path, base_url: str, context_id: str, hashes: dict[str, str]) -> None:
+def save_manifest(
+    path: Path, base_url: str, context_id: str, hashes: dict[str, str], version: int | None = None
+) -> None:
+    """What was last sent: the context, the version that holds it (the next diff's ``If-Match``) and
+    each file's hash."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps({"base_url": base_url, "context_id": context_id, "files": hashes}))
+    record = {"base_url": base_url, "context_id": context_id, "version": version, "files": hashes}
+    temporary.write_text(json.dumps(record))
     temporary.replace(path)
 
 

@@ -4,6 +4,7 @@ idempotency key, streams that end as the job ended, and the directory sync's pla
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -285,18 +286,19 @@ def test_a_completed_stream_just_stops_with_its_result() -> None:
 
 # ---------------------------------------------------------------------- directory sync
 class FakeContexts:
-    """Just enough of /v1/contexts and the presigned upload to follow what a sync sends."""
+    """Enough of /v1/contexts and the presigned upload to follow what a sync sends: one context,
+    holding each file's hash, its version moved by every write, and ``If-Match`` honoured."""
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, str, int]] = []
         self.version = 0
         self.uploaded = b""
         self.gone = False
+        self.files: dict[str, str] = {}  # path -> sha256 of the content, as GET lists them
 
     def __call__(self, request: httpx2.Request) -> httpx2.Response:
         body = request.read()
         self.requests.append((request.method, request.url.path, len(body)))
-        summary = {"context_id": "ctx_1", "version": self.version, "file_count": 1}
         if request.method == "PUT":
             assert "Authorization" not in request.headers  # a presigned URL carries its own
             self.uploaded = body
@@ -306,12 +308,33 @@ class FakeContexts:
                 201,
                 json={"upload_id": "upl_1", "upload_url": "http://s3.local/up/upl_1", "max_bytes": 50 << 20},
             )
+        if request.url.path.startswith("/v1/contexts/ctx_") and self.gone:
+            return error(410, "context_expired")
         if request.method == "GET":
-            if self.gone:
-                return error(410, "context_expired")
-            return httpx2.Response(200, json={**summary, "files": [{"path": "a.py"}]})
+            listed = [{"path": path, "sha256": sha} for path, sha in self.files.items()]
+            return httpx2.Response(200, json={**self.summary(), "files": listed})
+        document = json.loads(body)
+        if request.method == "PATCH":
+            expected = request.headers.get("If-Match")
+            if expected is not None and expected.strip('"') != str(self.version):
+                return error(409, "context_conflict")
+            self.edit(document.get("upsert", []), document.get("delete", []))
+            return httpx2.Response(200, json=self.summary())
+        if "upload_id" in document:
+            document = json.loads(self.uploaded)
+        self.files, self.gone = {}, False  # a new context
+        self.edit(document["files"], [])
+        return httpx2.Response(201, json=self.summary())
+
+    def edit(self, upsert: list[dict[str, str]], delete: list[str]) -> None:
+        """A write from elsewhere (another client), or the one a request asked for."""
+        self.files.update({f["path"]: hashlib.sha256(f["content"].encode()).hexdigest() for f in upsert})
+        for path in delete:
+            self.files.pop(path)
         self.version += 1
-        return httpx2.Response(201, json={**summary, "version": self.version})
+
+    def summary(self) -> dict[str, Any]:
+        return {"context_id": "ctx_1", "version": self.version, "file_count": len(self.files)}
 
 
 @pytest.fixture
@@ -372,6 +395,38 @@ def test_skipped_files_are_reported_and_an_unchanged_sync_sends_only_a_read(tmp_
     renewed = client.sync_directory(tmp_path)
     assert (renewed["changed"], renewed["uploaded_via"]) == (True, "direct")
     assert [r[0] for r in server.requests[3:]] == ["GET", "POST"]
+
+
+@pytest.mark.usefixtures("cache")
+def test_a_context_changed_elsewhere_is_brought_back_to_the_directory(tmp_path: Path) -> None:
+    """Another client patched the context (or the stack restored an older snapshot): a sync with no
+    local change said "unchanged" while the server held other files, and a diff was merged into
+    whatever the server held. Now what it holds is compared file by file, and a diff goes with the
+    version it was made against (If-Match)."""
+    tmp_path = tmp_path / "project"
+    tmp_path.mkdir()
+    (tmp_path / "a.py").write_text("a = 1\n")
+    (tmp_path / "b.py").write_text("b = 2\n")
+    server = FakeContexts()
+    client = client_for(server)
+    client.sync_directory(tmp_path)
+    local = dict(server.files)
+    server.edit([{"path": "a.py", "content": "a = 999\n"}], ["b.py"])  # another client, version 2
+    fixed = client.sync_directory(tmp_path)
+    assert (fixed["changed"], fixed["uploaded_via"], fixed["version"]) == (True, "patch", 3)
+    assert server.files == local
+    assert [m for m, _, _ in server.requests[1:]] == ["GET", "PATCH"]
+    # a local change while the server moved on: the diff is refused (409), read again, sent again
+    (tmp_path / "b.py").write_text("b = 3\n")
+    server.edit([{"path": "c.py", "content": "c"}], [])  # version 4, where the client last saw 3
+    again = client.sync_directory(tmp_path)
+    assert (again["changed"], again["version"]) == (True, 5)
+    assert server.files == {
+        p: hashlib.sha256(t.encode()).hexdigest() for p, t in [("a.py", "a = 1\n"), ("b.py", "b = 3\n")]
+    }
+    assert [m for m, _, _ in server.requests[3:]] == ["PATCH", "GET", "PATCH"]
+    unchanged = client.sync_directory(tmp_path)
+    assert (unchanged["changed"], unchanged["uploaded_via"]) == (False, "none")
 
 
 @pytest.mark.usefixtures("cache")
