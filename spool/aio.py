@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from spool import _core
 from spool._core import Call, ClientBase, Steps, StreamState, T
-from spool.errors import SpoolError
+from spool.errors import ConnectionFailed, SpoolError
 from spool.sync import Progress, load_manifest, manifest_for, snapshot
 
 ProgressCallback = Callable[[dict[str, Any]], None]
@@ -96,7 +96,7 @@ class AsyncClient(ClientBase):
     async def _wait_or_raise(self, attempt: int, error: SpoolError) -> int:
         delay = self.retry.delay(attempt, error)
         if delay is None:
-            raise error
+            raise error.after(attempt + 1) if isinstance(error, ConnectionFailed) else error
         await self._sleep(delay)
         return attempt + 1
 

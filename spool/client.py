@@ -122,7 +122,7 @@ class Client(ClientBase):
     def _wait_or_raise(self, attempt: int, error: SpoolError) -> int:
         delay = self.retry.delay(attempt, error)
         if delay is None:
-            raise error
+            raise error.after(attempt + 1) if isinstance(error, ConnectionFailed) else error
         self._sleep(delay)
         return attempt + 1
 

@@ -101,6 +101,14 @@ class ConnectionFailed(SpoolError):
         }
         super().__init__(0, body)
         self.url = url
+        self.reason = reason
+        self.answered = answered
+
+    def after(self, attempts: int) -> ConnectionFailed:
+        """This failure as a caller sees it after ``attempts`` tries: how many there were."""
+        if attempts <= 1:
+            return self
+        return ConnectionFailed(self.url, f"{self.reason} (asked {attempts} times)", answered=self.answered)
 
 
 class JobEnded(SpoolError):

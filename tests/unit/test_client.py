@@ -137,6 +137,19 @@ def test_an_unreachable_server_names_the_url_and_how_to_start_the_stack() -> Non
     assert not any("make dev" in s for s in far.value.suggestions)
 
 
+def test_a_server_that_never_answers_says_how_many_times_it_was_asked() -> None:
+    """Three 30 s waits (91 s) read "no answer within 30 s"."""
+    server, sleeps = Recorder(httpx2.ReadTimeout("no answer")), Sleeps()
+    with pytest.raises(ConnectionFailed) as raised:
+        client_for(server, sleeps, timeout=30).models()
+    assert len(server.requests) == 3
+    assert "no answer within 30 s (asked 3 times)" in raised.value.message
+    assert "did not answer" in raised.value.suggestions[0]
+    with pytest.raises(ConnectionFailed) as once:
+        client_for(server, sleeps, timeout=30, max_retries=0).models()
+    assert once.value.message.endswith("no answer within 30 s")
+
+
 def test_other_4xx_are_never_retried_and_carry_the_envelope() -> None:
     server, sleeps = Recorder(error(400, "invalid_request")), Sleeps()
     with pytest.raises(InvalidRequest) as raised:
