@@ -261,9 +261,11 @@ class MemoryApiKeyStore:
     def list_all(self) -> list[ApiKeyRecord]:
         return list(self.items.values())
 
-    def revoke(self, key_hash: str, revoked_at: str) -> ApiKeyRecord:
+    def revoke(self, key_hash: str, revoked_at: str, replaced_by: str | None = None) -> ApiKeyRecord:
         record = self.items[key_hash]
         update = {"status": "revoked", "revoked_at": record.revoked_at or revoked_at}
+        if replaced_by is not None:
+            update["replaced_by"] = replaced_by
         self.items[key_hash] = record.model_copy(update=update)
         return self.items[key_hash]
 

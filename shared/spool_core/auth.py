@@ -129,8 +129,9 @@ class ApiKeyStore(Protocol):
     def list_all(self) -> list[ApiKeyRecord]:
         """Every key of every tenant (an operator's listing; the only read that visits the whole table)."""
 
-    def revoke(self, key_hash: str, revoked_at: str) -> ApiKeyRecord:
-        """Mark the key revoked, keeping the record. A second revoke keeps the first ``revoked_at``."""
+    def revoke(self, key_hash: str, revoked_at: str, replaced_by: str | None = None) -> ApiKeyRecord:
+        """Mark the key revoked, keeping the record (and, for a rotation, which key replaced it). A
+        second revoke keeps the first ``revoked_at``."""
 
     def expire(self, key_hash: str, expires_at: str, replaced_by: str) -> ApiKeyRecord:
         """Set when the key stops working and which key replaced it."""
@@ -351,7 +352,7 @@ class ApiKeys:
                 until = min(until, _moment(old.expires_at))  # a grace period never grows
             old = self._store.expire(old.key_hash, rfc3339(until), new.key_id)
         else:
-            old = self._store.revoke(old.key_hash, rfc3339(now))
+            old = self._store.revoke(old.key_hash, rfc3339(now), new.key_id)
         self._cache.forget(old.key_hash)
         return Rotation(key, new, old)
 

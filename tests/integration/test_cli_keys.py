@@ -244,7 +244,7 @@ def test_keys_rotate_issues_a_new_key_and_ends_the_old_one_now_or_after_a_grace(
     assert by_id[new_id]["status"] == "active"
     assert by_id[new_id]["replaced_by"] == graced_id
     assert by_id[new_id]["expires_at"] > by_id[graced_id]["created_at"]
-    assert by_id[old_id]["status"] == "revoked"
+    assert (by_id[old_id]["status"], by_id[old_id]["replaced_by"]) == ("revoked", new_id)
     assert _uncached().authenticate(graced_key) is not None
     assert _keys(stack, "rotate", old_id) == 2  # a revoked key is not rotated
     assert "api_key_revoked" in capsys.readouterr().err

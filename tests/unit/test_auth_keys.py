@@ -219,6 +219,10 @@ def test_a_second_rotation_never_extends_the_first_grace(store: MemoryApiKeyStor
     keys.rotate(old.key_id, grace_seconds=60)
     again = keys.rotate(old.key_id, grace_seconds=3600)
     assert again.old.expires_at == "2026-11-27T04:01:00.000Z"
+    assert again.old.replaced_by == again.new.key_id
+    # rotated once more during its grace, without one: revoked, its record naming the latest key
+    last = keys.rotate(old.key_id)
+    assert (last.old.status, last.old.replaced_by) == ("revoked", last.new.key_id)
 
 
 def test_records_written_before_revocation_existed_still_read(clock: KeyClock) -> None:

@@ -81,12 +81,13 @@ class DynamoApiKeyStore:
             for item in page.get("Items", []):
                 yield ApiKeyRecord.model_validate(deserialize(item))
 
-    def revoke(self, key_hash: str, revoked_at: str) -> ApiKeyRecord:
-        return self._update(
-            key_hash,
-            "SET #status = :revoked, revoked_at = if_not_exists(revoked_at, :at)",
-            {":revoked": "revoked", ":at": revoked_at},
-        )
+    def revoke(self, key_hash: str, revoked_at: str, replaced_by: str | None = None) -> ApiKeyRecord:
+        expression = "SET #status = :revoked, revoked_at = if_not_exists(revoked_at, :at)"
+        values: dict[str, Any] = {":revoked": "revoked", ":at": revoked_at}
+        if replaced_by is not None:  # a rotation: its record names the key that replaced it last
+            expression += ", replaced_by = :by"
+            values[":by"] = replaced_by
+        return self._update(key_hash, expression, values)
 
     def expire(self, key_hash: str, expires_at: str, replaced_by: str) -> ApiKeyRecord:
         return self._update(
