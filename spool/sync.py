@@ -72,8 +72,10 @@ def snapshot(
             shown = relative.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
             skipped.append({"path": shown, "reason": "a name that is not UTF-8"})
             continue
-        if not path.is_file():  # a dangling link, a socket
-            continue
+        if not path.is_file():
+            if path.is_symlink():  # named: it looks like a file in a listing of the directory
+                skipped.append({"path": relative, "reason": "a link that leads to no file"})
+            continue  # a socket or a pipe: not a file anyone wrote
         if not path.resolve().is_relative_to(root):  # a link out of the directory: never uploaded
             skipped.append({"path": relative, "reason": "a link to a file outside the directory"})
             continue

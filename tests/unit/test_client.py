@@ -554,6 +554,10 @@ def test_unreadable_files_and_folders_and_links_out_are_skipped_and_said(
     (root / "x.txt").write_text("x")
     (root / "inside").symlink_to(root / "ok.txt")
     (root / "out").symlink_to(secret)
+    (root / "dangling").symlink_to(root / "nowhere")  # and links that lead to no file
+    (root / "loop1").symlink_to(root / "loop2")
+    (root / "loop2").symlink_to(root / "loop1")
+    os.mkfifo(root / "pipe")  # not a file anyone wrote: left out unsaid
     (root / ".git").mkdir()  # ignored folders are not entered
     denied = {root / "x.txt", root / "locked", root / ".git"}  # as a user without read permission
     read_bytes, scandir = Path.read_bytes, os.scandir
@@ -573,7 +577,10 @@ def test_unreadable_files_and_folders_and_links_out_are_skipped_and_said(
     snap = snapshot(root)
     assert snap.files == {"inside": "ok", "ok.txt": "ok"}
     assert sorted(snap.skipped, key=lambda s: s["path"]) == [
+        {"path": "dangling", "reason": "a link that leads to no file"},
         {"path": "locked/", "reason": "unreadable directory (Permission denied)"},
+        {"path": "loop1", "reason": "a link that leads to no file"},
+        {"path": "loop2", "reason": "a link that leads to no file"},
         {"path": "out", "reason": "a link to a file outside the directory"},
         {"path": "x.txt", "reason": "unreadable (Permission denied)"},
     ]
