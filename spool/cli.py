@@ -1484,7 +1484,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if debug:
             raise
-        return _report(exc)
+        return _report(exc, key_given=bool(getattr(args, "key", None) or os.environ.get("SPOOL_API_KEY")))
     return result
 
 
@@ -1499,7 +1499,7 @@ def _to_devnull(stream: Any) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
-def _report(exc: Exception) -> int:
+def _report(exc: Exception, *, key_given: bool = False) -> int:
     """One line for an error (what happened, then what to do), on stderr; the traceback only with --debug."""
     from spool_core.errors import SpoolError as DomainError
 
@@ -1512,7 +1512,7 @@ def _report(exc: Exception) -> int:
             headers = {k.lower(): v for k, v in exc.headers.items()}
             request_id = exc.request_id or headers.get("x-request-id")
             line += f" (request {request_id})" if request_id else ""  # what a report needs
-            suggestions = _cli_suggestions(exc, suggestions)
+            suggestions = _cli_suggestions(exc, suggestions, key_given=key_given)
     elif isinstance(exc, SyncError):
         line, suggestions = str(exc), []
     else:
@@ -1522,7 +1522,7 @@ def _report(exc: Exception) -> int:
     return EXIT_ERROR
 
 
-def _cli_suggestions(exc: SpoolError, suggestions: list[str]) -> list[str]:
+def _cli_suggestions(exc: SpoolError, suggestions: list[str], *, key_given: bool = False) -> list[str]:
     """The server's suggestions, as the CLI's user can follow them: the server tells an HTTP client
     which header carries the key, the CLI's user needs its option (and the dev key, which is not the
     default one when SPOOL_DEV_KEYS is set); an API URL given with its /v1, as an OpenAI client takes
@@ -1530,11 +1530,16 @@ def _cli_suggestions(exc: SpoolError, suggestions: list[str]) -> list[str]:
     if exc.code == "http_error" and not suggestions:  # no Spool envelope: not Spool answering
         return ["Check that SPOOL_URL (or --url) is a Spool API: GET /v1/health answers it"]
     if exc.status == 401:
-        return [
-            "Give your API key with --key or SPOOL_API_KEY (without them the CLI sends sk-local-dev,"
-            " the local stack's default dev key; with SPOOL_DEV_KEYS set, make dev prints the dev key)",
-            *(s for s in suggestions if "Authorization:" not in s),  # the header: the CLI sends it
-        ]
+        first = (
+            "The key given (--key or SPOOL_API_KEY) is not one this stack takes: check it, or ask the"
+            " operator for a new one ('spool keys create --tenant <tenant>')"
+            if key_given
+            else "Give your API key with --key or SPOOL_API_KEY (without them the CLI sends sk-local-dev,"
+            " the local stack's default dev key; with SPOOL_DEV_KEYS set, make dev prints the dev key)"
+        )
+        return [first, *(s for s in suggestions if "Authorization:" not in s and "--key" not in s)]
+    if any("?since=" in s for s in suggestions):  # the server's query, as the CLI's options
+        return [s.replace("?since=", "--since ").replace("&until=", " --until ") for s in suggestions]
     if exc.status == 404 and str(exc.details.get("path", "")).startswith("/v1/v1/"):
         return [
             "Drop the /v1 at the end of SPOOL_URL (or --url): the CLI adds it to every path"

@@ -23,7 +23,15 @@ from rich.text import Text
 
 from spool import cli
 from spool.admin import AdminError, AdminTarget, aws_errors
-from spool.client import ConnectionFailed, JobCancelled, JobFailed, NotFound, SyncError, Unauthorized
+from spool.client import (
+    ConnectionFailed,
+    InvalidRequest,
+    JobCancelled,
+    JobFailed,
+    NotFound,
+    SyncError,
+    Unauthorized,
+)
 from spool.terminal import (
     AnswerWriter,
     JobMeter,
@@ -1034,6 +1042,7 @@ def test_a_refused_key_or_a_doubled_v1_says_what_to_change_in_the_cli(
         raise answer["error"]
 
     monkeypatch.setattr(cli, "_client", failing)
+    monkeypatch.delenv("SPOOL_API_KEY", raising=False)
     answer["error"] = Unauthorized(401, refused)
     code, _, err = run(capsys, "models")
     assert code == 2
@@ -1041,9 +1050,20 @@ def test_a_refused_key_or_a_doubled_v1_says_what_to_change_in_the_cli(
     assert "--key or SPOOL_API_KEY" in err and "make dev prints the dev key" in err
     assert "Authorization: Bearer" not in err  # the CLI sends the header itself
     assert "spool keys create --tenant" in err
+    # a key was given: it is the key that is wrong, not its absence
+    monkeypatch.setenv("SPOOL_API_KEY", "sk-typo")
+    err = run(capsys, "models")[2]
+    assert "The key given (--key or SPOOL_API_KEY) is not one this stack takes" in err
+    assert "Give your API key" not in err
+    monkeypatch.delenv("SPOOL_API_KEY")
+    assert "The key given" in run(capsys, "models", "--key", "sk-typo")[2]
     answer["error"] = NotFound(404, no_route)
     err = run(capsys, "models")[2]
     assert "Drop the /v1 at the end of SPOOL_URL (or --url)" in err
+    hint = "Use ?since=2026-11-01&until=2026-11-30 (UTC dates); ask for a year at a time"
+    answer["error"] = InvalidRequest(400, {"error": {"code": "invalid_request", "suggestions": [hint]}})
+    err = run(capsys, "usage")[2]  # the server's query string, as the CLI's options
+    assert "Use --since 2026-11-01 --until 2026-11-30 (UTC dates)" in err and "?since=" not in err
     assert "the API lives under /v1" not in err
 
 
