@@ -35,6 +35,7 @@ from spool.client import (
     JobStream,
     SpoolError,
     SyncError,
+    Unauthorized,
 )
 from spool.terminal import (
     AnswerWriter,
@@ -308,6 +309,16 @@ class AskSession:
             if stream is not None:
                 stream.close()
             return self._interrupted(writer, printed)
+        except (ConnectionFailed, Unauthorized) as lost:
+            # The stream, not the job: it goes on (or on where the stack runs again), and what was
+            # not printed is read with the command below (a new key's, if this one was revoked).
+            lost.suggestions.insert(
+                0,
+                f"Job {self.job_id} goes on: read the rest with"
+                f" 'spool jobs chunks {self.job_id} --after {printed}'"
+                + (" and an active key" if isinstance(lost, Unauthorized) else " once the stack answers"),
+            )
+            raise
         except JobFailed as failed:
             self._failed(failed)
             return EXIT_FAILED
@@ -1537,7 +1548,9 @@ def _cli_suggestions(exc: SpoolError, suggestions: list[str], *, key_given: bool
             else "Give your API key with --key or SPOOL_API_KEY (without them the CLI sends sk-local-dev,"
             " the local stack's default dev key; with SPOOL_DEV_KEYS set, make dev prints the dev key)"
         )
-        return [first, *(s for s in suggestions if "Authorization:" not in s and "--key" not in s)]
+        # (the header, the frame and the link an HTTP or WebSocket client would send: the CLI sends them)
+        http_only = ("Authorization:", "--key", '{"action"', "links.events")
+        return [first, *(s for s in suggestions if not any(part in s for part in http_only))]
     if any("?since=" in s for s in suggestions):  # the server's query, as the CLI's options
         return [s.replace("?since=", "--since ").replace("&until=", " --until ") for s in suggestions]
     if exc.status == 404 and str(exc.details.get("path", "")).startswith("/v1/v1/"):

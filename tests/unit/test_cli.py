@@ -216,6 +216,8 @@ class FakeStream:
         for index, text in enumerate(self._client.texts, start=1):
             if self._client.interrupt_at == index:
                 raise KeyboardInterrupt
+            if self._client.lost_at == index:  # the stack stopped under the stream
+                raise ConnectionFailed("http://127.0.0.1:8000", "connection refused")
             self.last_sequence_id = index
             if self._on_progress:
                 self._on_progress({"sequence_id": index, "tokens_generated": None, "chunks": index})
@@ -258,6 +260,7 @@ class FakeClient:
     ) -> None:
         self.texts = ["The answer ", "comes in ", "pieces."]
         self.ending = ending
+        self.lost_at: int | None = None
         self.interrupt_at = interrupt_at
         self.interrupt_after_taking = interrupt_after_taking
         self.cancelled: list[str] = []
@@ -495,6 +498,24 @@ def test_a_failed_job_ends_with_its_error_suggestion_and_cost() -> None:
     assert lines[0] == "failed: provider_error: simulated permanent failure at token 20"
     assert lines[1] == "  - Try another model"
     assert "10 tokens in, 42 out, $0.000123 (the partial answer above ends at chunk 3)" in lines[2]
+
+
+def test_a_stream_lost_with_the_stack_says_the_job_goes_on_and_how_to_read_the_rest(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """It said only "Is the stack running?": nothing about the job, which carries on."""
+    client = FakeClient()
+    client.lost_at = 3
+    ask, _ = session(client)
+    out = io.StringIO()
+    with pytest.raises(ConnectionFailed) as lost:
+        ask.run(out)
+    assert out.getvalue() == "The answer comes in \n"
+    assert lost.value.suggestions[0] == (
+        "Job job_fake goes on: read the rest with 'spool jobs chunks job_fake --after 2' once the stack answers"
+    )
+    assert any("make dev" in s for s in lost.value.suggestions)
+    assert client.cancelled == []
 
 
 def test_a_job_cancelled_elsewhere_says_so_with_its_cost() -> None:
