@@ -512,7 +512,8 @@ def test_a_stream_lost_with_the_stack_says_the_job_goes_on_and_how_to_read_the_r
         ask.run(out)
     assert out.getvalue() == "The answer comes in \n"
     assert lost.value.suggestions[0] == (
-        "Job job_fake goes on: read the rest with 'spool jobs chunks job_fake --after 2' once the stack answers"
+        "Job job_fake goes on: read the rest with 'spool jobs chunks job_fake --after 2'"
+        " once the stack answers"
     )
     assert any("make dev" in s for s in lost.value.suggestions)
     assert client.cancelled == []
