@@ -963,26 +963,11 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
     def _send(self, response: HttpResponse, started: float) -> None:
         self._responding = True
-        self.send_response(response.status)
-        for name, value in response.headers.items():
-            if name.lower() not in {"content-length", "connection", "transfer-encoding"}:
-                self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        if response.stream is not None and (self.command == "HEAD" or response.status in (204, 304)):
-            # Headers only: a HEAD answer, a 204 and a 304 have no body, chunked or not (a 204 sent
-            # chunked left its "0" chunk to be read as the next answer's status line).
-            response.stream.close()
-            self.end_headers()
-            outcome = ""
-        elif response.stream is not None:
-            outcome = self._relay(response.stream)
-        else:
-            self.send_header("Content-Length", str(len(response.body)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(response.body)
-            outcome = ""
+        try:
+            outcome = self._answer(response)
+        except OSError:  # the answer was made (a context created, a job cancelled): the log says so
+            outcome = " (client went away)"
+            self.close_connection = True
         warm_up = self.headers.get("User-Agent") == WARM_UP_AGENT  # the stack's own, before ready
         log.log(
             logging.DEBUG if warm_up else logging.INFO,
@@ -994,6 +979,29 @@ class _RequestHandler(BaseHTTPRequestHandler):
             response.headers.get("X-Request-Id") or response.headers.get("x-amzn-RequestId", ""),
             outcome,
         )
+
+    def _answer(self, response: HttpResponse) -> str:
+        """Send the answer; what to add to its log line."""
+        self.send_response(response.status)
+        for name, value in response.headers.items():
+            if name.lower() not in {"content-length", "connection", "transfer-encoding"}:
+                self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        if response.stream is not None and (self.command == "HEAD" or response.status in (204, 304)):
+            # Headers only: a HEAD answer, a 204 and a 304 have no body, chunked or not (a 204 sent
+            # chunked left its "0" chunk to be read as the next answer's status line).
+            response.stream.close()
+            self.end_headers()
+            return ""
+        if response.stream is not None:
+            return self._relay(response.stream)
+        self.send_header("Content-Length", str(len(response.body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(response.body)
+            self.wfile.flush()  # a client gone shows here, in this request's line
+        return ""
 
     def _relay(self, stream: StreamedResponse) -> str:
         """Send a streaming integration's body as it comes (chunked). A broken stream (the function

@@ -146,6 +146,30 @@ def test_api_gateways_methods_reach_the_function(connect: Any) -> None:
             assert body["method"] == method
 
 
+def test_a_request_whose_client_went_away_still_has_its_log_line(
+    connect: Any, functions: dict[str, FakeFunction], caplog: pytest.LogCaptureFixture
+) -> None:
+    """What it did was done (a context created), but the line was lost with the answer: a request the
+    log never showed."""
+    gone = threading.Event()
+
+    def slow(event: dict[str, Any]) -> dict[str, Any]:
+        gone.wait(timeout=30)  # the client leaves before the answer
+        return {"statusCode": 201, "body": "{}"}
+
+    functions["ContextsFunction"].behaviour = slow
+    connection = connect()
+    with caplog.at_level("INFO", logger="devstack.gateway"):
+        connection.send(b"POST /v1/contexts HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        connection.client.close()
+        gone.set()
+        connection.thread.join(timeout=30)
+    assert any(
+        "POST /v1/contexts 201" in r.getMessage() and "(client went away)" in r.getMessage()
+        for r in caplog.records
+    ), [r.getMessage() for r in caplog.records]
+
+
 # ---------------------------------------------------------------------- the stack stopping
 def test_a_stopping_stack_leaves_requests_on_kept_alive_connections_unanswered(
     connect: Any, functions: dict[str, FakeFunction]
