@@ -785,7 +785,8 @@ def _print_listing(
     whatever the terminal's width (the columns in ``drop`` are left out first, in that order)."""
     out = output_console()
     keep = keep or (columns[0],)
-    out.print(table(title, columns, rows, numbers=numbers, width=out.width, keep=keep, drop=drop))
+    # never cropped: on a terminal narrower than the ids, a row goes on the next line, its ids whole
+    out.print(table(title, columns, rows, numbers=numbers, width=out.width, keep=keep, drop=drop), crop=False)
 
 
 def _expires(expires_at: str, now: datetime) -> str:

@@ -1260,6 +1260,15 @@ def test_a_listing_on_a_narrow_terminal_drops_columns_never_the_ids(width: int) 
     assert ("MODEL" in lines[0]) is (width >= natural - 26)
 
 
+def test_a_terminal_narrower_than_the_ids_still_shows_them_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 28 columns a job id lost its last characters: the row was cropped at the terminal's edge."""
+    shown = io.StringIO()
+    monkeypatch.setattr(cli, "output_console", lambda: Console(file=shown, width=28, color_system=None))
+    ids = [f"job_{c * 26}" for c in "ab"]
+    cli._print_listing(["JOB ID", "STATUS"], [(i, "completed") for i in ids], numbers=(), drop=())
+    assert all(job_id in line for job_id, line in zip(ids, shown.getvalue().splitlines()[1:], strict=True))
+
+
 @pytest.mark.parametrize("width", [40, 60, 100])
 def test_usage_on_a_narrow_terminal_drops_columns_and_never_cuts_a_number(
     fake: FakeClient, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, width: int
