@@ -49,6 +49,8 @@ from spool.terminal import (
     table,
 )
 
+DEFAULT_TTL = 3600  # seconds a context lives when --ttl is not given
+TTL_HELP = "seconds the context lives (default 3600); given, it also renews an unchanged context's expiry"
 EXIT_OK = 0
 EXIT_BROKEN_PIPE = 141  # stdout's reader went away: as a program that SIGPIPE ends, quietly
 EXIT_FAILED = 1  # the job failed or was cancelled elsewhere; a check said unhealthy
@@ -496,13 +498,21 @@ def _tokens(usage: dict[str, Any]) -> str:
     return f"{usage.get('input_tokens', 0):,} tokens in, {usage.get('output_tokens', 0):,} out"
 
 
-def _sync(client: Client, directory: str, ttl: int, say: Console) -> dict[str, Any]:
+def _sync(client: Client, directory: str, ttl: int | None, say: Console) -> dict[str, Any]:
     """A directory synced as a context, with progress bars on a terminal and a line saying what
-    happened: the version, what was skipped and why, or that nothing changed."""
+    happened: the version, what was skipped and why, or that nothing changed. ``ttl`` (given with
+    --ttl) also renews an unchanged context's expiry, which a sync otherwise keeps."""
     with SyncProgress(say) as progress:
-        summary = client.sync_directory(directory, ttl_seconds=ttl, progress=progress)
+        summary = client.sync_directory(directory, ttl_seconds=ttl or DEFAULT_TTL, progress=progress)
     files = f"{summary['file_count']:,} files, {summary['token_count']:,} tokens"
-    if summary.get("changed") is False:
+    if summary.get("changed") is False and ttl is not None:
+        renewed = client.patch_context(summary["context_id"], ttl_seconds=ttl)
+        summary = {**summary, **renewed}
+        say.print(
+            f"context {summary['context_id']} unchanged, its expiry renewed to {summary['expires_at']}"
+            f" (version {summary['version']}: {files})"
+        )
+    elif summary.get("changed") is False:
         say.print(f"context {summary['context_id']} unchanged (version {summary['version']}: {files})")
     else:
         via = summary.get("uploaded_via")
@@ -1294,7 +1304,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument(
         "--max-tokens", type=_bounded(1, 1_000_000), default=1024, help="longest answer, in tokens"
     )
-    ask.add_argument("--ttl", type=_bounded(1, 604_800), default=3600, help="seconds the context lives")
+    ask.add_argument("--ttl", type=_bounded(1, 604_800), default=None, help=TTL_HELP)
     ask.add_argument("--metadata", type=_json_object, default=None, help="the job's metadata, a JSON object")
     ask.add_argument(
         "--transport",
@@ -1373,7 +1383,7 @@ def build_parser() -> argparse.ArgumentParser:
         context_actions,
     )
     sync.add_argument("directory", help="the directory (.gitignore is honoured; binaries are skipped)")
-    sync.add_argument("--ttl", type=_bounded(1, 604_800), default=3600, help="seconds the context lives")
+    sync.add_argument("--ttl", type=_bounded(1, 604_800), default=None, help=TTL_HELP)
     sync.add_argument("--json", action="store_true", help="print the context's summary as JSON")
     sync.set_defaults(run=_contexts_sync)
     get = command("get", "one context with its file list, as JSON", [remote], context_actions)

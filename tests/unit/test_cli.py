@@ -449,6 +449,10 @@ class FakeClient:
             "uploaded_via": "direct" if directory == "fresh" else "none",
         }
 
+    def patch_context(self, context_id: str, **changes: Any) -> dict[str, Any]:
+        self.patched = [*getattr(self, "patched", []), (context_id, changes)]
+        return {"context_id": context_id, "version": 3, "expires_at": "2026-12-15T00:00:00.000Z"}
+
     def get_context(self, context_id: str) -> dict[str, Any]:
         error = {
             "code": "context_not_found",
@@ -773,6 +777,11 @@ def test_contexts_sync_reports_skipped_files_and_no_change(
     code, out, err = run(capsys, "contexts", "sync", "again", "--json")
     assert json.loads(out)["changed"] is False
     assert "context ctx_one unchanged (version 2" in err
+    assert not getattr(fake, "patched", [])  # an unchanged sync keeps the context's expiry
+    # ...unless a --ttl was given: the expiry is renewed (it was ignored without a word)
+    code, out, err = run(capsys, "contexts", "sync", "again", "--ttl", "604800")
+    assert fake.patched == [("ctx_one", {"ttl_seconds": 604800})]
+    assert "context ctx_one unchanged, its expiry renewed to 2026-12-15T00:00:00.000Z (version 3" in err
     code, _, err = run(capsys, "contexts", "sync", "missing")
     assert code == 2
     assert err == "error: missing: no such directory\n"
