@@ -1139,6 +1139,13 @@ def _seconds(text: str) -> int:
     return value
 
 
+def _question(text: str) -> str:
+    """A question with something in it: an empty one was a job, generated and billed, from nothing."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the question is empty")
+    return text
+
+
 def _bounded(low: int, high: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -1296,7 +1303,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask = command(
         "ask", "ask a question, about a directory if you give one, and watch the answer stream", [remote]
     )
-    ask.add_argument("question", help="what to ask")
+    ask.add_argument("question", type=_question, help="what to ask")
     ask.add_argument(
         "--context", metavar="DIR", help="directory to upload (or update by diff) as the question's context"
     )

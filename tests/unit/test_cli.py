@@ -787,6 +787,16 @@ def test_contexts_sync_reports_skipped_files_and_no_change(
     assert err == "error: missing: no such directory\n"
 
 
+def test_an_empty_question_is_refused_before_a_job_is_made(
+    fake: FakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for question in ("", "   "):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(["ask", question])
+        assert exited.value.code == 2 and "the question is empty" in capsys.readouterr().err
+    assert not hasattr(fake, "created")  # no job was asked for
+
+
 def test_ask_creates_the_job_with_its_options(fake: FakeClient, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(
         capsys, "ask", "why?", "--context", "fresh", "--model", "sim-fast", "--metadata", '{"team": "web"}'
