@@ -503,7 +503,16 @@ def _sync(client: Client, directory: str, ttl: int | None, say: Console) -> dict
     happened: the version, what was skipped and why, or that nothing changed. ``ttl`` (given with
     --ttl) also renews an unchanged context's expiry, which a sync otherwise keeps."""
     with SyncProgress(say) as progress:
-        summary = client.sync_directory(directory, ttl_seconds=ttl or DEFAULT_TTL, progress=progress)
+        try:
+            summary = client.sync_directory(directory, ttl_seconds=ttl or DEFAULT_TTL, progress=progress)
+        except KeyboardInterrupt:
+            if "upload" in progress.stages_seen:  # sent, maybe applied: its answer never came
+                say.print(
+                    "the upload was sent: a new context may have been made without this sync knowing"
+                    " it ('spool contexts list' shows it; delete it, or let it expire)",
+                    style="yellow",
+                )
+            raise
     files = f"{summary['file_count']:,} files, {summary['token_count']:,} tokens"
     if summary.get("changed") is False and ttl is not None:
         renewed = client.patch_context(summary["context_id"], ttl_seconds=ttl)

@@ -439,6 +439,8 @@ class FakeClient:
         if progress:
             progress("read", 1, 1)
             progress("upload", 100, 100)
+        if directory == "interrupted":  # Ctrl-C while the server answers the upload
+            raise KeyboardInterrupt
         return {
             "context_id": "ctx_one",
             "version": 1 if directory == "fresh" else 2,
@@ -785,6 +787,9 @@ def test_contexts_sync_reports_skipped_files_and_no_change(
     code, _, err = run(capsys, "contexts", "sync", "missing")
     assert code == 2
     assert err == "error: missing: no such directory\n"
+    # Ctrl-C once the upload was sent: a context may exist that the next sync does not know
+    code, _, err = run(capsys, "contexts", "sync", "interrupted")
+    assert code == 130 and "a new context may have been made" in err and "spool contexts list" in err
 
 
 def test_an_empty_question_is_refused_before_a_job_is_made(
