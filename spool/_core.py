@@ -375,7 +375,6 @@ def sync_steps(
     plan = plan_sync(snap, manifest, settings.base_url, ttl_seconds, settings.direct_upload_limit)
     version = manifest.get("version") if manifest else None
     summary: dict[str, Any] | None = None
-    changed = plan.action != "none"
     for _ in range(SYNC_ATTEMPTS):
         if plan.action == "create":
             break
@@ -384,10 +383,11 @@ def sync_steps(
             if plan.action == "none" or not isinstance(version, int):
                 context = yield Call("GET", path)  # what the context holds, file by file
                 held = {f["path"]: f.get("sha256") for f in context.get("files", [])}
-                if held == snap.hashes:
+                if held == snap.hashes:  # nothing to send (even if a diff was planned: it is there)
                     summary = {k: v for k, v in context.items() if k != "files"}
+                    plan = SyncPlan("none", context_id=plan.context_id, via="none")
                     break
-                version, changed = int(context["version"]), True
+                version = int(context["version"])
                 against = {"base_url": settings.base_url, "context_id": plan.context_id, "files": held}
                 plan = plan_sync(snap, against, settings.base_url, ttl_seconds, settings.direct_upload_limit)
                 continue
@@ -395,17 +395,20 @@ def sync_steps(
             summary = yield _upload_call("PATCH", path, plan, progress, headers=headers)
             break
         except (NotFound, Gone):  # expired or deleted: upload afresh
-            plan, changed = plan_create(snap, ttl_seconds, settings.direct_upload_limit), True
-        except Conflict as exc:  # not the version the diff was made against: read it, diff again
+            plan = plan_create(snap, ttl_seconds, settings.direct_upload_limit)
+        except Conflict as exc:
             if exc.code != "context_conflict":
                 raise
-            version = None
+            if "current_version" in exc.details:  # not the version the diff was made against
+                version = None  # read it, diff again
+            else:  # a file it keeps is no longer stored: a context made afresh stores it again
+                plan = plan_create(snap, ttl_seconds, settings.direct_upload_limit)
         except InvalidRequest as exc:
             # It no longer holds what was last sent (a PATCH without If-Match, sent by a client before
             # this one kept versions, went through and its answer was lost). Afresh, then.
             if exc.code != "path_not_found":
                 raise
-            plan, changed = plan_create(snap, ttl_seconds, settings.direct_upload_limit), True
+            plan = plan_create(snap, ttl_seconds, settings.direct_upload_limit)
     if summary is None and plan.action != "create":
         raise SyncError(f"context {plan.context_id} kept changing while this sync ran; run it again")
     if summary is None:
@@ -413,7 +416,7 @@ def sync_steps(
     save_manifest(
         manifest_path, settings.base_url, summary["context_id"], snap.hashes, summary.get("version")
     )
-    return {**summary, "skipped": snap.skipped, "changed": changed, "uploaded_via": plan.via}
+    return {**summary, "skipped": snap.skipped, "changed": plan.action != "none", "uploaded_via": plan.via}
 
 
 def _create_steps(plan: SyncPlan, progress: Progress | None) -> Steps[dict[str, Any]]:

@@ -50,7 +50,7 @@ from spool.terminal import (
 )
 
 DEFAULT_TTL = 3600  # seconds a context lives when --ttl is not given
-TTL_HELP = "seconds the context lives (default 3600); given, it also renews an unchanged context's expiry"
+TTL_HELP = "seconds the context lives from an upload (default 3600); given, an unchanged one's expiry too"
 EXIT_OK = 0
 EXIT_BROKEN_PIPE = 141  # stdout's reader went away: as a program that SIGPIPE ends, quietly
 EXIT_FAILED = 1  # the job failed or was cancelled elsewhere; a check said unhealthy
@@ -508,8 +508,9 @@ def _sync(client: Client, directory: str, ttl: int | None, say: Console) -> dict
         except KeyboardInterrupt:
             if "upload" in progress.stages_seen:  # sent, maybe applied: its answer never came
                 say.print(
-                    "the upload was sent: a new context may have been made without this sync knowing"
-                    " it ('spool contexts list' shows it; delete it, or let it expire)",
+                    "the upload was sent: the server may have applied it without this sync knowing"
+                    " (the next sync reads what the context holds; a context made afresh shows in"
+                    " 'spool contexts list': delete it, or let it expire)",
                     style="yellow",
                 )
             raise

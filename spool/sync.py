@@ -67,6 +67,7 @@ def snapshot(
     files: dict[str, str] = {}
     skipped: list[dict[str, str]] = []
     candidates = []
+    forms: dict[str, str] = {}  # each name composed (NFC) -> the file's name as the disk has it
     for path, relative in _walk(root, skipped):
         if not _utf8(relative):  # the server could not even be told its name
             shown = relative.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
@@ -83,6 +84,13 @@ def snapshot(
             # the server refuses such a path (it would show one name and hold another)
             skipped.append({"path": repr(relative), "reason": "a name with a control character"})
             continue
+        composed = unicodedata.normalize("NFC", relative)
+        if composed in forms:  # the server refuses the pair: the first (sorted) is kept, this one named
+            skipped.append(
+                {"path": relative, "reason": f"the name of {forms[composed]!r} in another Unicode form"}
+            )
+            continue
+        forms[composed] = relative
         candidates.append((path, relative))
     for done, (path, relative) in enumerate(candidates, 1):
         reason = _read(path, max_file_bytes, files, relative)

@@ -3,9 +3,10 @@ then the symbols.
 
 The worker renders prompts with these functions and the token counter counts with them, so the
 count a client sees before a job is the count of what the model is sent, each file's tokens counted
-on their own: an upper bound, a token or two a file above the joined text (a file's last newline and
-the closing tag's first are one token when joined). Admission counts the joined text when that bound
-alone puts a request over its model's window (``ContextService.exact_prompt_tokens``).
+on their own: about a token a file above the joined text (a file's last newline and the closing tag's
+first are one token when joined; rare endings move it a token or two either way). Admission counts the
+joined text when that difference could put a request over its model's window
+(``ContextService.exact_prompt_tokens``).
 """
 
 from __future__ import annotations

@@ -588,12 +588,13 @@ class Container:
     def alive(self) -> bool:
         """Whether the process is still there to take an invocation: an idle container's channel has
         nothing to read, and reads as closed once its process has died (killed, or out of memory)."""
+        timeout = self._channel.gettimeout()
         try:
             self._channel.setblocking(False)
             try:
                 return bool(self._channel.recv(1, socket.MSG_PEEK))  # b"": the other end is gone
             finally:
-                self._channel.setblocking(True)
+                self._channel.settimeout(timeout)
         except BlockingIOError:
             return True
         except OSError:

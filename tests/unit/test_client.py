@@ -308,6 +308,7 @@ class FakeContexts:
         self.uploaded = b""
         self.gone = False
         self.files: dict[str, str] = {}  # path -> sha256 of the content, as GET lists them
+        self.blob_missing = False
 
     def __call__(self, request: httpx2.Request) -> httpx2.Response:
         body = request.read()
@@ -330,7 +331,10 @@ class FakeContexts:
         if request.method == "PATCH":
             expected = request.headers.get("If-Match")
             if expected is not None and expected.strip('"') != str(self.version):
-                return error(409, "context_conflict")
+                envelope = {"code": "context_conflict", "details": {"current_version": self.version}}
+                return httpx2.Response(409, json={"error": envelope})
+            if self.blob_missing:  # a file it keeps is no longer stored (the server's other 409)
+                return httpx2.Response(409, json={"error": {"code": "context_conflict", "details": {}}})
             self.edit(document.get("upsert", []), document.get("delete", []))
             return httpx2.Response(200, json=self.summary())
         if "upload_id" in document:
@@ -440,6 +444,12 @@ def test_a_context_changed_elsewhere_is_brought_back_to_the_directory(tmp_path: 
     assert [m for m, _, _ in server.requests[3:]] == ["PATCH", "GET", "PATCH"]
     unchanged = client.sync_directory(tmp_path)
     assert (unchanged["changed"], unchanged["uploaded_via"]) == (False, "none")
+    # a 409 for a file whose stored content is gone is no version to catch up with: made afresh
+    (tmp_path / "a.py").write_text("a = 4\n")
+    server.blob_missing = True
+    made = client.sync_directory(tmp_path)
+    assert (made["changed"], made["uploaded_via"]) == (True, "direct")
+    assert [m for m, _, _ in server.requests[-2:]] == ["PATCH", "POST"]
 
 
 @pytest.mark.usefixtures("cache")
@@ -583,6 +593,23 @@ def test_unreadable_files_and_folders_and_links_out_are_skipped_and_said(
         {"path": "loop2", "reason": "a link that leads to no file"},
         {"path": "out", "reason": "a link to a file outside the directory"},
         {"path": "x.txt", "reason": "unreadable (Permission denied)"},
+    ]
+
+
+def test_one_name_in_two_unicode_forms_syncs_once_and_names_the_other(tmp_path: Path) -> None:
+    """The server refuses the pair (duplicate_path): a Linux directory holding both forms of
+    ``café.py`` failed its whole sync."""
+    composed, decomposed = "caf\u00e9.py", "cafe\u0301.py"
+    (tmp_path / composed).write_text("1")
+    (tmp_path / decomposed).write_text("2")
+    snap = snapshot(tmp_path)
+    assert list(snap.files) == [sorted([composed, decomposed])[0]]
+    other = sorted([composed, decomposed])[1]
+    assert snap.skipped == [
+        {
+            "path": other,
+            "reason": f"the name of {sorted([composed, decomposed])[0]!r} in another Unicode form",
+        }
     ]
 
 

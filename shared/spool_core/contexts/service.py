@@ -7,6 +7,7 @@ bucket's lifecycle rule reclaims; no metadata ever points at a missing blob.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import json
@@ -221,17 +222,15 @@ def validate_path(path: str) -> None:
 def check_clashes(new: Iterable[str], paths: Collection[str]) -> None:
     """``new`` paths against every path of the version they go into: one name in two Unicode forms
     (macOS writes ``café`` decomposed, most tools composed) or a file that is also a folder is two
-    files no disk holds, and both were sent to the model. Paths stored before are not checked again."""
+    files no disk holds, and both were sent to the model. Paths stored before are not checked again.
+    Sorted and bisected: every prefix of every path, as sets, cost seconds for deep paths."""
+    added = sorted({unicodedata.normalize("NFC", path): path for path in new}.items())
+    if not added:
+        return
     forms: dict[str, list[str]] = {}
-    folders: dict[str, str] = {}  # a folder (composed) -> a path in it
     for path in paths:
-        composed = unicodedata.normalize("NFC", path)
-        forms.setdefault(composed, []).append(path)
-        parts = composed.split("/")
-        for depth in range(1, len(parts)):
-            folders.setdefault("/".join(parts[:depth]), path)
-    for path in new:
-        composed = unicodedata.normalize("NFC", path)
+        forms.setdefault(unicodedata.normalize("NFC", path), []).append(path)
+    for composed, path in added:
         twin = next((other for other in forms.get(composed, []) if other != path), None)
         if twin is not None:
             raise DuplicatePath(
@@ -239,18 +238,22 @@ def check_clashes(new: Iterable[str], paths: Collection[str]) -> None:
                 details={"paths": sorted([path, twin])},
                 suggestions=["Send each name in one Unicode form (NFC, as most tools write it)"],
             )
-        parts = composed.split("/")
-        above = next(
-            (forms["/".join(parts[:d])][0] for d in range(1, len(parts)) if "/".join(parts[:d]) in forms),
-            None,
-        )
-        if above is not None:
-            name, reason = above, f"is a file and also the folder of {path!r}"
-        elif composed in folders:
-            name, reason = path, f"is a file and also the folder of {folders[composed]!r}"
-        else:
-            continue
-        raise InvalidPath(f"Invalid path {name!r}: it {reason}", details={"path": name, "reason": reason})
+    everything = sorted(forms)
+    added_names = [composed for composed, _ in added]
+    for composed, path in added:  # a new path that is the folder of another
+        at = bisect.bisect_left(everything, composed + "/")
+        if at < len(everything) and everything[at].startswith(composed + "/"):
+            inside = forms[everything[at]][0]
+            _folder_clash(path, inside)
+    for composed in everything:  # a file that is the folder of a new path
+        at = bisect.bisect_left(added_names, composed + "/")
+        if at < len(added) and added_names[at].startswith(composed + "/"):
+            _folder_clash(forms[composed][0], added[at][1])
+
+
+def _folder_clash(path: str, inside: str) -> None:
+    reason = f"is a file and also the folder of {inside!r}"
+    raise InvalidPath(f"Invalid path {path!r}: it {reason}", details={"path": path, "reason": reason})
 
 
 class ContextService:
@@ -680,8 +683,10 @@ class ContextService:
     @staticmethod
     def joining_bound(manifest: Manifest) -> int:
         """How far ``prompt_tokens`` may be above the joined text's count: a file's tokens counted on
-        their own can merge with the tags around it (at most a token at each of a file's two edges)."""
-        return 2 * len(manifest.files) + 2
+        their own merge with the tags around it, a token at each of its edges as code ends and starts
+        (a reviewer found three for a file that starts with a blank line and ends in a bare ``\r``;
+        and, for rare endings such as ``};\r\n``, one fewer: the joined text is then the larger)."""
+        return 4 * len(manifest.files) + 2
 
     def exact_prompt_tokens(self, manifest: Manifest, encoding: str) -> int:
         """``prompt_tokens`` of the joined text the worker sends (every file read from S3)."""
