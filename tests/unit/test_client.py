@@ -414,19 +414,25 @@ def test_skipped_files_are_reported_and_an_unchanged_sync_sends_only_a_read(tmp_
     assert [r[0] for r in server.requests[3:]] == ["GET", "POST"]
 
 
+def synced_project(tmp_path: Path, files: dict[str, str]) -> tuple[Path, FakeContexts, Client]:
+    """A directory (beside the client's cache) synced once to a fake server."""
+    root = tmp_path / "project"
+    root.mkdir()
+    for name, text in files.items():
+        (root / name).write_text(text)
+    server = FakeContexts()
+    client = client_for(server)
+    client.sync_directory(root)
+    return root, server, client
+
+
 @pytest.mark.usefixtures("cache")
 def test_a_context_changed_elsewhere_is_brought_back_to_the_directory(tmp_path: Path) -> None:
     """Another client patched the context (or the stack restored an older snapshot): a sync with no
     local change said "unchanged" while the server held other files, and a diff was merged into
     whatever the server held. Now what it holds is compared file by file, and a diff goes with the
     version it was made against (If-Match)."""
-    tmp_path = tmp_path / "project"
-    tmp_path.mkdir()
-    (tmp_path / "a.py").write_text("a = 1\n")
-    (tmp_path / "b.py").write_text("b = 2\n")
-    server = FakeContexts()
-    client = client_for(server)
-    client.sync_directory(tmp_path)
+    tmp_path, server, client = synced_project(tmp_path, {"a.py": "a = 1\n", "b.py": "b = 2\n"})
     local = dict(server.files)
     server.edit([{"path": "a.py", "content": "a = 999\n"}], ["b.py"])  # another client, version 2
     fixed = client.sync_directory(tmp_path)
@@ -457,13 +463,7 @@ def test_a_patch_whose_answer_was_lost_is_not_retried_into_a_stuck_sync(tmp_path
     """The PATCH went through, its answer was lost, and its retry deleted a path already gone: a 400
     path_not_found, and every later sync of the directory failed the same way. The context no longer
     holds what the client last sent, so it uploads afresh."""
-    tmp_path = tmp_path / "project"  # beside the cache
-    tmp_path.mkdir()
-    (tmp_path / "a.py").write_text("a")
-    (tmp_path / "b.py").write_text("b")
-    server = FakeContexts()
-    client = client_for(server)
-    client.sync_directory(tmp_path)
+    tmp_path, server, client = synced_project(tmp_path, {"a.py": "a", "b.py": "b"})
     (tmp_path / "b.py").unlink()
     lost = {"first": True}
 
