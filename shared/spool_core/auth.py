@@ -151,14 +151,17 @@ class ApiKeyRevoked(Conflict):
     )
 
 
-def revoked_key_error() -> Unauthorized:
-    """What a client still connected with a revoked key is told before its connection closes."""
+def revoked_key_error(job_id: str | None = None, last_sequence_id: int = 0, resume: str = "") -> Unauthorized:
+    """What a client still connected with a revoked key is told before its connection closes; with
+    ``job_id``, the job it was following, the last chunk it was sent, and how to ``resume`` (each
+    stream says it in its own terms): the job goes on."""
+    reconnect = (
+        f"Job {job_id} goes on: {resume}" if job_id is not None else "Reconnect with an active API key"
+    )
     return Unauthorized(
         REVOKED_MESSAGE,
-        suggestions=[
-            "Reconnect with an active API key",
-            "Ask the operator for a new key ('spool keys create --tenant <tenant>')",
-        ],
+        details={"job_id": job_id, "last_sequence_id": last_sequence_id} if job_id is not None else None,
+        suggestions=[reconnect, "Ask the operator for a new key ('spool keys create --tenant <tenant>')"],
     )
 
 
@@ -435,14 +438,11 @@ class ConnectionGuard:
         """Tell the connection its key was revoked, naming the request (a message's or the fanout
         invocation's) whose check found it and the job it asked for or was being sent (with the last
         chunk sent of it), then close it."""
-        error = revoked_key_error()
-        if job_id is not None:
-            error.details.update(job_id=job_id, last_sequence_id=last_sent)
-            error.suggestions[:1] = [
-                f"Job {job_id} goes on: connect with an active key and send"
-                f' {{"action": "subscribe", "job_id": "{job_id}", "after": <the last sequence_id you hold>}}'
-            ]
-        self._closer.close(connection_id, error, request_id)
+        resume = (
+            "connect with an active key and send"
+            f' {{"action": "subscribe", "job_id": "{job_id}", "after": <the last sequence_id you hold>}}'
+        )
+        self._closer.close(connection_id, revoked_key_error(job_id, last_sent, resume), request_id)
 
     def _memo(self, connection_id: str, identity: ConnectionIdentity | None) -> None:
         with self._lock:

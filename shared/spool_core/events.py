@@ -278,12 +278,11 @@ def revoked_event(job_id: str, last_sequence_id: int, request_id: str | None) ->
     from spool_core.api.errors import envelope  # loaded by the stream's web app already
     from spool_core.auth import revoked_key_error  # loaded by the stream's key check already
 
-    error = revoked_key_error()
-    error.details.update(job_id=job_id, last_sequence_id=last_sequence_id)
-    error.suggestions[:1] = [
-        f"Job {job_id} goes on: read the rest with an active key's links.events"
-        f" (GET /v1/jobs/{job_id}), with 'Last-Event-ID: {last_sequence_id}'"
-    ]
+    resume = (
+        f"read the rest with an active key's links.events (GET /v1/jobs/{job_id}),"
+        f" with 'Last-Event-ID: {last_sequence_id}'"
+    )
+    error = revoked_key_error(job_id, last_sequence_id, resume)
     data = json.dumps(envelope(error, request_id), separators=(",", ":"))
     return f"event: error\ndata: {data}\n\n"
 

@@ -339,21 +339,24 @@ class JobService:
         The window (input + ``max_tokens``) is checked before the model's output limit, as DESIGN.md
         names ``context_too_large`` for any request over the window."""
         family = tokens.family_tokenizer(model.family)
-        context_tokens, manifest = 0, None
-        message_tokens = tokens.count_messages((m.model_dump() for m in request.messages), family.encoding)
+        context_tokens, manifest, loaded = 0, None, None
         if request.context_id:
             contexts = self._contexts()
             loaded = contexts.load(request.context_id)  # 404 / 410
             context_tokens = contexts.prompt_tokens(loaded, family.encoding)
             manifest = loaded.record.manifest_key
-            # Each file counted on its own is an upper bound: over the window by no more than it can
-            # be above the joined text, the joined text decides (a request that fits is not refused).
-            over = tokens.calibrate(context_tokens + message_tokens, family.calibration) + request.max_tokens
-            over -= model.context_window
-            if 0 < over <= tokens.calibrate(contexts.joining_bound(loaded.manifest), family.calibration):
-                context_tokens = contexts.exact_prompt_tokens(loaded.manifest, family.encoding)
+        message_tokens = tokens.count_messages((m.model_dump() for m in request.messages), family.encoding)
         input_tokens = tokens.calibrate(context_tokens + message_tokens, family.calibration)
         requested = input_tokens + request.max_tokens
+        over = requested - model.context_window
+        if loaded is not None and 0 < over <= tokens.calibrate(
+            contexts.joining_bound(loaded.manifest), family.calibration
+        ):
+            # Each file counted on its own is about a token above the joined text: over the window by
+            # no more than that can be, the joined text decides (a request that fits is not refused).
+            context_tokens = contexts.exact_prompt_tokens(loaded.manifest, family.encoding)
+            input_tokens = tokens.calibrate(context_tokens + message_tokens, family.calibration)
+            requested = input_tokens + request.max_tokens
         if requested > model.context_window:
             over = requested - model.context_window
             raise ContextTooLarge(

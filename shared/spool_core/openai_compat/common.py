@@ -222,13 +222,11 @@ def key_revoked(job_id: str, last_sequence_id: int, request_id: str | None = Non
     """The key the stream was opened with was revoked (or expired) while it ran; the job goes on."""
     from spool_core.auth import revoked_key_error  # loaded by the stream's key check already
 
-    error = revoked_key_error()
-    error.suggestions = [
-        f"Job {job_id} goes on: read the rest with an active key, GET /v1/jobs/{job_id}/events"
-        f" and 'Last-Event-ID: {last_sequence_id}'",
-        *error.suggestions[1:],
-    ]
-    error.details = {"job_id": job_id, "last_sequence_id": last_sequence_id}
+    resume = (
+        f"read the rest with an active key, GET /v1/jobs/{job_id}/events"
+        f" and 'Last-Event-ID: {last_sequence_id}'"
+    )
+    error = revoked_key_error(job_id, last_sequence_id, resume)
     return _stream_error(error, request_id)
 
 
